@@ -1,0 +1,41 @@
+# The two commands: `make run` starts the whole system locally, `make test`
+# installs what the tests need and runs them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test venv system-packages migrate demo bench clean help
+
+help:
+	@echo "make run    - start the whole system locally (embedded PostgreSQL unless DATABASE_URL)"
+	@echo "make test   - install what the tests need and run the whole suite"
+	@echo "make demo   - send the seed's test alerts to a running 'make run'"
+	@echo "make bench  - benchmarks, reported as ratios to baselines measured in the same run"
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+
+system-packages:
+	@scripts/ensure-system-packages.sh
+
+test: venv system-packages
+	@url=$$(scripts/ensure-postgres.sh) && \
+	TEST_DATABASE_URL="$$url" $(PY) -m pytest $(PYTEST_ARGS)
+
+run: venv
+	$(PY) -m local.run
+
+migrate: venv
+	$(PY) -m shared.migrate
+
+demo: venv
+	$(PY) -m local.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

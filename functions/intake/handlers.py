@@ -1,0 +1,101 @@
+"""The intake's handlers: AlertManager webhooks and CloudEvent reports in,
+deduplicated incidents out. Nothing is answered 2xx before it is committed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from cloudevents.exceptions import GenericException as CloudEventError
+from cloudevents.http import from_http
+from flask import Request, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared import db, events, incidents
+from shared.alerts import Alert, parse_alertmanager, parse_report
+from shared.config import Settings
+from shared.errors import BadRequest, ServiceUnavailable
+from shared.http import check_bearer, parse_json_body, read_body
+from shared.publisher import Publisher
+
+log = logging.getLogger("intake")
+
+PING_EVENT_TYPE = "dev.knative.sources.ping"
+
+
+class Intake:
+    def __init__(self, config: Settings, publisher: Publisher):
+        self.config = config
+        self.publisher = publisher
+
+    def store(self, alerts: Sequence[Alert], actor: str, context: dict) -> incidents.RecordResult:
+        try:
+            with db.transaction() as conn:
+                result = incidents.record_alerts(conn, alerts, self.config.event_source, actor)
+        except SQLAlchemyError as exc:
+            transient = db.is_transient(exc)
+            log.error(
+                "Error creating incident",
+                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": transient},
+            )
+            if transient:
+                raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None
+            raise
+        for outcome in result.outcomes:
+            if outcome.action == "ignored":
+                log.info("Alert ignored", extra={**context, "fingerprint": outcome.fingerprint, "reason": outcome.reason})
+            elif outcome.action in ("created", "resolved"):
+                log.info(f"Incident {outcome.action}", extra={**context, "incident_id": outcome.incident_id, "fingerprint": outcome.fingerprint})
+        self.publisher.submit(result.event_ids)
+        return result
+
+    def webhook(self, request: Request) -> dict:
+        payload = parse_json_body(request, self.config.max_body_bytes)
+        hook = parse_alertmanager(payload, self.config)
+        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.alerts)}
+        log.info("Received webhook", extra={**context, "status": hook.status})
+        if hook.truncated_alerts:
+            log.warning(
+                "Webhook truncated by AlertManager max_alerts",
+                extra={**context, "truncated_alerts": hook.truncated_alerts},
+            )
+        result = self.store(hook.alerts, "alertmanager", context)
+        counts: dict[str, int] = {}
+        for outcome in result.outcomes:
+            counts[outcome.action] = counts.get(outcome.action, 0) + 1
+        return {
+            "status": "ok",
+            "receiver": hook.receiver,
+            "truncated_alerts": hook.truncated_alerts,
+            "counts": counts,
+            "results": [o.as_dict() for o in result.outcomes],
+        }
+
+    def cloudevent(self, request: Request) -> Response | dict:
+        if self.config.events_require_token:
+            check_bearer(request, self.config.api_token)
+        body = read_body(request, self.config.max_body_bytes)
+        try:
+            event = from_http(dict(request.headers), body)
+        except CloudEventError as exc:
+            raise BadRequest(f"not a valid CloudEvent: {exc}") from None
+        event_type = event["type"]
+        wants_ack_only = "reply" in request.headers.get("Prefer", "")
+        if event_type == PING_EVENT_TYPE:
+            report = self.publisher.sweep()
+            summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
+            log.info("Outbox sweep", extra=summary)
+            return Response(status=202) if wants_ack_only else summary
+        if event_type != events.INCIDENT_REPORT:
+            raise BadRequest(f"unsupported event type {event_type!r}; this function accepts {events.INCIDENT_REPORT}")
+        alert = parse_report(event.get_data(), self.config)
+        context = {"event_id": event["id"], "event_source": event["source"], "alerts": 1}
+        log.info("Received incident report", extra=context)
+        result = self.store([alert], f"cloudevent:{event['source']}"[:200], context)
+        if wants_ack_only:
+            return Response(status=202)
+        return {"status": "ok", "results": [o.as_dict() for o in result.outcomes]}
+
+    def sweep(self, request: Request) -> dict:
+        report = self.publisher.sweep()
+        return {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}

@@ -1,0 +1,1 @@
+"""Local development tooling: `make run`, the local Broker, the demo."""

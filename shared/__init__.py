@@ -1,0 +1,1 @@
+"""The data-access and support package every function imports."""

@@ -1,0 +1,33 @@
+"""What every function does when its process starts: read the settings (and
+fail fast with one line naming a bad variable), configure logging, and
+register secrets so no log line can show them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from shared import log as logs
+from shared.config import ConfigError, Settings, settings
+
+
+def start(service: str) -> Settings:
+    try:
+        config = settings()
+    except ConfigError as exc:
+        # One clear line, then stop: a function with bad settings must not serve.
+        print(f"{service}: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    logs.configure(config.log_level)
+    for secret in (config.api_token, config.pagerduty_routing_key, config.slack_webhook_url):
+        if secret:
+            logs.register_secret(secret.reveal())
+    logs.register_secret(_password_of(config.database_url))
+    logging.getLogger(service).info("Starting", extra={"service": service})
+    return config
+
+
+def _password_of(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password

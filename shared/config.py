@@ -1,0 +1,277 @@
+"""Every setting of the system, read from the environment.
+
+Twelve-factor: nothing is read from anywhere else. A secret may also come
+from the file named by ``<NAME>_FILE``, which is how Kubernetes mounts
+Secrets. Invalid values fail at start-up with one line naming the variable,
+and secrets are kept in :class:`Secret` so that a ``repr`` or a log line
+never shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import urlsplit
+
+PRIORITIES = ("P0", "P1", "P2")
+REMEDIATION_MODES = ("off", "dry-run", "live")
+
+# Severity label values as kube-prometheus and common rule sets use them.
+DEFAULT_SEVERITY_PRIORITY = {
+    "critical": "P0",
+    "page": "P0",
+    "high": "P1",
+    "error": "P1",
+    "warning": "P1",
+    "major": "P1",
+    "info": "P2",
+    "low": "P2",
+    "minor": "P2",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Secret:
+    """A secret value that does not print itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _get(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip()
+
+
+def read_secret(env: Mapping[str, str], name: str) -> Secret | None:
+    """``NAME`` or the contents of the file named by ``NAME_FILE``."""
+    direct = env.get(name, "")
+    path = env.get(f"{name}_FILE", "").strip()
+    if direct and path:
+        raise ConfigError(f"{name}: set either {name} or {name}_FILE, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                value = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{name}_FILE: {path} is empty")
+        return Secret(value)
+    value = direct.strip()
+    return Secret(value) if value else None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{name}: must be {bound}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _get(env, name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name).lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
+    raw = _get(env, name, default)
+    value = raw.upper() if upper else raw.lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _csv(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
+    raw = env.get(name, default)
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str = "") -> str:
+    raw = _get(env, name, default)
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def parse_database_url(raw: str, name: str = "DATABASE_URL") -> str:
+    """Accept ``postgresql+pg8000://`` (and plain ``postgresql://``, rewritten)."""
+    if not raw:
+        raise ConfigError(f"{name}: not set; expected postgresql+pg8000://user@host:port/database")
+    parts = urlsplit(raw)
+    if parts.scheme in ("postgresql", "postgres"):
+        raw = "postgresql+pg8000" + raw[len(parts.scheme):]
+        parts = urlsplit(raw)
+    if parts.scheme != "postgresql+pg8000":
+        raise ConfigError(
+            f"{name}: unsupported scheme {parts.scheme!r}; expected postgresql+pg8000://user@host:port/database"
+        )
+    if not parts.path.strip("/"):
+        raise ConfigError(f"{name}: no database name in the URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{name}: malformed port in the URL") from None
+    if not parts.hostname and "unix_sock=" not in parts.query:
+        raise ConfigError(f"{name}: no host in the URL (or unix_sock=... in the query)")
+    return raw
+
+
+def _severity_map(env: Mapping[str, str]) -> dict[str, str]:
+    mapping = dict(DEFAULT_SEVERITY_PRIORITY)
+    raw = _get(env, "SEVERITY_PRIORITY_MAP")
+    if not raw:
+        return mapping
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        severity, sep, priority = item.partition("=")
+        priority = priority.strip().upper()
+        if not sep or not severity.strip() or priority not in PRIORITIES:
+            raise ConfigError(
+                f"SEVERITY_PRIORITY_MAP: expected severity=P0|P1|P2 pairs separated by commas, got {item.strip()!r}"
+            )
+        mapping[severity.strip().lower()] = priority
+    return mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    api_token: Secret | None
+    k_sink: str
+    event_source: str
+    public_url: str
+    prometheus_url: str
+    pagerduty_events_url: str
+    pagerduty_routing_key: Secret | None
+    slack_webhook_url: Secret | None
+    remediation_mode: str
+    remediation_allowed_namespaces: tuple[str, ...]
+    playbooks_file: str
+    min_incident_priority: str
+    severity_priority: dict[str, str] = field(repr=False)
+    ignored_severities: tuple[str, ...] = ()
+    ignored_alertnames: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024
+    db_pool_size: int = 2
+    db_max_overflow: int = 3
+    db_timeout_seconds: float = 10.0
+    publish_timeout_seconds: float = 5.0
+    metrics_public: bool = False
+    events_require_token: bool = True
+    actor_header: str = "X-Actor"
+    log_level: str = "INFO"
+
+    def priority_opens_incident(self, priority: str) -> bool:
+        return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read every setting; raise :class:`ConfigError` naming the first bad one."""
+    env = os.environ if env is None else env
+    return Settings(
+        database_url=parse_database_url(_get(env, "DATABASE_URL")),
+        api_token=read_secret(env, "INCIDENT_API_TOKEN"),
+        k_sink=_http_url(env, "K_SINK"),
+        event_source=_get(env, "EVENT_SOURCE", "/incident-response") or "/incident-response",
+        public_url=_http_url(env, "PUBLIC_URL", "http://localhost:8080"),
+        prometheus_url=_http_url(env, "PROMETHEUS_URL"),
+        pagerduty_events_url=_http_url(env, "PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com/v2/enqueue"),
+        pagerduty_routing_key=read_secret(env, "PAGERDUTY_ROUTING_KEY"),
+        slack_webhook_url=_slack_url(env),
+        remediation_mode=_choice(env, "REMEDIATION_MODE", "dry-run", REMEDIATION_MODES),
+        remediation_allowed_namespaces=_csv(env, "REMEDIATION_ALLOWED_NAMESPACES"),
+        playbooks_file=_get(env, "PLAYBOOKS_FILE"),
+        min_incident_priority=_choice(env, "MIN_INCIDENT_PRIORITY", "P1", PRIORITIES, upper=True),
+        severity_priority=_severity_map(env),
+        ignored_severities=tuple(s.lower() for s in _csv(env, "IGNORED_SEVERITIES", "none")),
+        ignored_alertnames=_csv(env, "IGNORED_ALERTNAMES", "Watchdog,InfoInhibitor"),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 2, minimum=1, maximum=100),
+        db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 3, minimum=0, maximum=100),
+        db_timeout_seconds=_float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        publish_timeout_seconds=_float(env, "PUBLISH_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+        metrics_public=_bool(env, "METRICS_PUBLIC", False),
+        events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
+        actor_header=_get(env, "ACTOR_HEADER", "X-Actor") or "X-Actor",
+        log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+    )
+
+
+def _slack_url(env: Mapping[str, str]) -> Secret | None:
+    secret = read_secret(env, "SLACK_WEBHOOK_URL")
+    if secret is None:
+        return None
+    parts = urlsplit(secret.reveal())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        # The URL is the secret: name the variable, never the value.
+        raise ConfigError("SLACK_WEBHOOK_URL: expected an http(s) URL")
+    return secret
+
+
+_cached: Settings | None = None
+
+
+def settings() -> Settings:
+    """The process-wide settings, read once."""
+    global _cached
+    if _cached is None:
+        _cached = load_settings()
+    return _cached
+
+
+def reset_settings_cache() -> None:
+    global _cached
+    _cached = None

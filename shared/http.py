@@ -1,0 +1,156 @@
+"""The thin HTTP layer every function shares: routing, the bearer token,
+body limits, JSON, and the one place where typed errors become statuses.
+
+A function entry point is a functions-framework ``http`` function that calls
+:func:`dispatch` with its routes; handlers receive the Flask request and the
+path parameters and return a Flask response or a JSON-able value.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from flask import Request, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared import db
+from shared.config import Secret
+from shared.errors import (
+    ApiError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("http")
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    handler: Handler
+    auth: bool = True
+
+    def match(self, path: str) -> dict | None:
+        m = re.fullmatch(self._regex, path)
+        return m.groupdict() if m else None
+
+    @property
+    def _regex(self) -> str:
+        return "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$"
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps(body, default=_json_default, ensure_ascii=False),
+        status=status,
+        headers=headers or {},
+        mimetype="application/json",
+    )
+
+
+def _json_default(value: Any) -> Any:
+    from datetime import datetime
+
+    if isinstance(value, datetime):
+        return value.isoformat() + ("Z" if value.tzinfo is None else "")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_bearer(request: Request, token: Secret | None) -> None:
+    """Constant-time comparison; refuses everything when no token is set."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if token is None or scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("a valid bearer token is required")
+    if not hmac.compare_digest(presented.strip().encode(), token.reveal().encode()):
+        raise Unauthorized("a valid bearer token is required")
+
+
+def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them all."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    return data
+
+
+def parse_json_body(request: Request, limit: int) -> Any:
+    content_type = (request.mimetype or "").lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {request.mimetype}")
+    body = read_body(request, limit)
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def dispatch(request: Request, routes: list[Route], token: Secret | None, service: str) -> Response:
+    """Route the request, enforce auth, and map every error to its status."""
+    started = time.perf_counter()
+    path = request.path
+    try:
+        allowed_methods = []
+        for route in routes:
+            params = route.match(path)
+            if params is None:
+                continue
+            allowed_methods.append(route.method)
+            if route.method != request.method and not (route.method == "GET" and request.method == "HEAD"):
+                continue
+            if route.auth:
+                check_bearer(request, token)
+            result = route.handler(request, **params)
+            return result if isinstance(result, Response) else json_response(result)
+        if allowed_methods:
+            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; allowed: {', '.join(sorted(set(allowed_methods)))}")
+        raise NotFound(f"no such endpoint: {path}")
+    except Unauthorized as exc:
+        log.warning("Unauthorized", extra={"path": path, "method": request.method, "remote": request.remote_addr})
+        return json_response(exc.body(), exc.status, {"WWW-Authenticate": 'Bearer realm="incident-response"'})
+    except MethodNotAllowed as exc:
+        allow = ", ".join(sorted({r.method for r in routes if r.match(path) is not None}))
+        return json_response(exc.body(), exc.status, {"Allow": allow})
+    except ApiError as exc:
+        if exc.status >= 500:
+            log.error("Request failed", extra={"path": path, "error": exc.message, "status": exc.status})
+        return json_response(exc.body(), exc.status)
+    except SQLAlchemyError as exc:
+        status = ServiceUnavailable if db.is_transient(exc) else ApiError
+        log.error(
+            "Database error",
+            extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": status is ServiceUnavailable},
+        )
+        err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
+        return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
+    except Exception:  # noqa: BLE001 - last resort: log it, answer 500, keep serving
+        log.exception("Unhandled error", extra={"path": path, "service": service})
+        return json_response(ApiError("internal error").body(), 500)
+    finally:
+        log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def health(request: Request) -> Response:
+    """The seed's Test 1 answer; 503 when the database cannot be reached."""
+    if db.database_reachable():
+        return json_response({"status": "healthy", "database": "connected"})
+    return json_response({"status": "unhealthy", "database": "disconnected"}, 503)

@@ -1,0 +1,416 @@
+"""The incident service: every read and write of incidents goes through here.
+
+Functions take a ``Connection`` inside the caller's transaction, so a
+function entry point decides what commits together (for example an incident,
+its timeline entry and its outbox event).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from shared import events, outbox
+from shared.alerts import Alert
+from shared.errors import Conflict, InvalidTransition, NotFound
+from shared.models import ACTIVE_STATUSES, incident_timeline, incidents
+
+UTC_NOW = "timezone('utc', now())"
+
+# The seed's lifecycle: open -> investigating -> resolved -> closed. An alert
+# may resolve before anyone investigates; a resolved incident may reopen;
+# closed is final.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "open": ("investigating", "resolved"),
+    "investigating": ("resolved",),
+    "resolved": ("investigating", "closed"),
+    "closed": (),
+}
+
+INCIDENT_COLUMNS = [c for c in incidents.c]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one alert did: created, refreshed, resolved or ignored."""
+
+    fingerprint: str
+    action: str
+    incident_id: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        result = {"fingerprint": self.fingerprint, "incident_id": self.incident_id, "action": self.action}
+        if self.reason:
+            result["reason"] = self.reason
+        return result
+
+
+@dataclass
+class RecordResult:
+    outcomes: list[Outcome]
+    event_ids: list[str]
+
+
+def _rowdict(row) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+# --------------------------------------------------------------------------- writes
+
+_UPSERT_FIRING = sa.text(
+    f"""
+    INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
+                           remediation_actions, fingerprint, labels, annotations, source, starts_at,
+                           last_seen_at)
+    SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
+           '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
+           CAST(x.source AS incident_source), x.starts_at, {UTC_NOW}
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(
+        id text, alert_name text, priority text, summary text, description text, fingerprint text,
+        labels jsonb, annotations jsonb, source text, starts_at timestamp)
+    ORDER BY x.fingerprint
+    ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
+    DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
+                  repeat_count = incidents.repeat_count + 1
+    RETURNING incidents.*, (xmax = 0) AS created
+    """
+)
+
+_RESOLVE_BY_FINGERPRINT = sa.text(
+    f"""
+    UPDATE incidents AS i
+    SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW}
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, ends_at timestamp)
+          ORDER BY fingerprint) AS x
+    WHERE i.fingerprint = x.fingerprint AND i.status IN ('open', 'investigating')
+    RETURNING i.*
+    """
+)
+
+_INSERT_TIMELINE = sa.text(
+    """
+    INSERT INTO incident_timeline (incident_id, kind, actor, details, dedup_key)
+    SELECT x.incident_id, x.kind, x.actor, x.details, x.dedup_key
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS x(incident_id text, kind text, actor text, details jsonb, dedup_key text)
+    ON CONFLICT (dedup_key) DO NOTHING
+    """
+)
+
+
+def _alert_row(alert: Alert) -> dict:
+    return {
+        "id": str(uuid.uuid4()),
+        "alert_name": alert.alert_name,
+        "priority": alert.priority,
+        "summary": alert.summary,
+        "description": alert.description,
+        "fingerprint": alert.fingerprint,
+        "labels": alert.labels,
+        "annotations": alert.annotations,
+        "source": alert.source,
+        "starts_at": alert.starts_at.isoformat() if alert.starts_at else None,
+    }
+
+
+def record_alerts(conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str) -> RecordResult:
+    """Open, refresh or resolve incidents for a batch of alerts.
+
+    One statement per kind of change whatever the batch size. Within a batch
+    the last alert of a fingerprint wins (AlertManager never sends two, a
+    hand-written payload might). Rows are touched in fingerprint order so
+    that two concurrent batches lock in the same order and cannot deadlock.
+    """
+    latest: dict[str, Alert] = {}
+    for alert in alerts:
+        latest.pop(alert.fingerprint, None)
+        latest[alert.fingerprint] = alert
+    outcome_of: dict[str, Outcome] = {}
+    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason), key=lambda a: a.fingerprint)
+    resolving = sorted((a for a in latest.values() if a.status == "resolved"), key=lambda a: a.fingerprint)
+    for alert in latest.values():
+        if alert.status == "firing" and alert.ignored_reason:
+            outcome_of[alert.fingerprint] = Outcome(alert.fingerprint, "ignored", reason=alert.ignored_reason)
+
+    timeline: list[dict] = []
+    new_events: list[dict] = []
+    if firing:
+        rows = conn.execute(_UPSERT_FIRING, {"rows": json.dumps([_alert_row(a) for a in firing])}).mappings().all()
+        for row in rows:
+            created = row["created"]
+            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if created else "refreshed", row["id"])
+            if created:
+                timeline.append(_timeline_row(row["id"], "opened", actor, {"priority": row["priority"], "source": row["source"]}))
+                new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
+            else:
+                timeline.append(_timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"]}))
+    if resolving:
+        payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
+        rows = conn.execute(_RESOLVE_BY_FINGERPRINT, {"rows": json.dumps(payload)}).mappings().all()
+        for row in rows:
+            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "resolved", row["id"])
+            timeline.append(_timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
+            new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
+        for alert in resolving:
+            outcome_of.setdefault(
+                alert.fingerprint, Outcome(alert.fingerprint, "ignored", reason="no open incident with this fingerprint")
+            )
+    _insert_timeline(conn, timeline)
+    outbox.enqueue(conn, new_events)
+    _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
+    # Report in the order the alerts came, once per alert (duplicates share an outcome).
+    return RecordResult([outcome_of[a.fingerprint] for a in alerts], [e["id"] for e in new_events])
+
+
+_COUNT_IGNORED = sa.text(
+    f"""
+    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
+    SELECT x.alert_name, x.reason, x.n, {UTC_NOW}
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(alert_name text, reason text, n bigint)
+    ORDER BY x.alert_name, x.reason
+    ON CONFLICT (alert_name, reason)
+    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
+    """
+)
+
+
+def _count_ignored(conn: Connection, ignored: list[Alert]) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for alert in ignored:
+        key = (alert.alert_name, alert.ignored_reason or "")
+        counts[key] = counts.get(key, 0) + 1
+    if counts:
+        rows = [{"alert_name": k[0], "reason": k[1][:200], "n": n} for k, n in counts.items()]
+        conn.execute(_COUNT_IGNORED, {"rows": json.dumps(rows)})
+
+
+def _timeline_row(incident_id: str, kind: str, actor: str, details: dict, dedup_key: str | None = None) -> dict:
+    return {"incident_id": incident_id, "kind": kind, "actor": actor, "details": details, "dedup_key": dedup_key}
+
+
+def _insert_timeline(conn: Connection, rows: list[dict]) -> None:
+    if rows:
+        conn.execute(_INSERT_TIMELINE, {"rows": json.dumps(rows, default=_json_default)})
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def add_timeline(
+    conn: Connection,
+    incident_id: str,
+    kind: str,
+    details: dict | None = None,
+    actor: str = "system",
+    dedup_key: str | None = None,
+) -> bool:
+    """Append one entry; with a ``dedup_key``, only the first call inserts
+    (returns False for a repeat), which makes it a once-only claim."""
+    result = conn.execute(
+        sa.text(
+            "INSERT INTO incident_timeline (incident_id, kind, actor, details, dedup_key) "
+            "VALUES (:incident_id, :kind, :actor, CAST(:details AS jsonb), :dedup_key) "
+            "ON CONFLICT (dedup_key) DO NOTHING RETURNING id"
+        ),
+        {
+            "incident_id": incident_id,
+            "kind": kind,
+            "actor": actor,
+            "details": json.dumps(details or {}, default=_json_default),
+            "dedup_key": dedup_key,
+        },
+    )
+    return result.first() is not None
+
+
+def resolve_by_fingerprint(conn: Connection, fingerprint: str, event_source: str, actor: str, ends_at: datetime | None = None) -> str | None:
+    """Resolve the active incident of this fingerprint; its id, or None."""
+    alert = Alert(fingerprint, "resolved", "", "P2", "", "", {}, {}, None, ends_at, "api")
+    result = record_alerts(conn, [alert], event_source, actor)
+    return result.outcomes[0].incident_id
+
+
+def transition(
+    conn: Connection,
+    incident_id: str,
+    to_status: str,
+    actor: str,
+    event_source: str,
+    note: str | None = None,
+) -> tuple[dict, list[str]]:
+    """Move an incident along the lifecycle; refuses what the lifecycle forbids.
+
+    Returns the updated incident and the ids of the events to publish.
+    """
+    row = conn.execute(sa.select(*INCIDENT_COLUMNS).where(incidents.c.id == incident_id).with_for_update()).mappings().first()
+    if row is None:
+        raise NotFound(f"incident {incident_id} not found")
+    current = row["status"]
+    allowed = list(TRANSITIONS[current])
+    if to_status not in allowed:
+        raise InvalidTransition(current, to_status, allowed)
+    values: dict[str, Any] = {"status": to_status, "updated_at": sa.text(UTC_NOW)}
+    if to_status == "resolved":
+        values["resolved_at"] = sa.text(UTC_NOW)
+    reopening = current == "resolved" and to_status == "investigating"
+    if reopening:
+        values["resolved_at"] = None
+        values["generation"] = incidents.c.generation + 1
+    try:
+        with conn.begin_nested():
+            updated = conn.execute(
+                incidents.update().where(incidents.c.id == incident_id).values(**values).returning(*INCIDENT_COLUMNS)
+            ).mappings().one()
+    except IntegrityError:
+        other = conn.execute(
+            sa.select(incidents.c.id).where(
+                incidents.c.fingerprint == row["fingerprint"], incidents.c.status.in_(ACTIVE_STATUSES)
+            )
+        ).scalar()
+        raise Conflict(
+            f"cannot reopen: incident {other} is already active for the same alert fingerprint",
+            active_incident_id=other,
+        ) from None
+    details = {"from": current, "to": to_status}
+    if note:
+        details["note"] = note
+    add_timeline(conn, incident_id, "reopened" if reopening else "status_changed", details, actor)
+    event_ids: list[str] = []
+    if to_status == "resolved":
+        event = events.incident_event(events.INCIDENT_RESOLVED, updated, event_source)
+        outbox.enqueue(conn, [event])
+        event_ids.append(event["id"])
+    return dict(updated), event_ids
+
+
+def mark_investigating(conn: Connection, incident_id: str, actor: str) -> bool:
+    """open -> investigating if still open (a conditional update, safe to repeat)."""
+    result = conn.execute(
+        sa.text(
+            f"UPDATE incidents SET status = 'investigating', updated_at = {UTC_NOW} "
+            "WHERE id = :id AND status = 'open' RETURNING id"
+        ),
+        {"id": incident_id},
+    ).first()
+    if result is not None:
+        add_timeline(conn, incident_id, "status_changed", {"from": "open", "to": "investigating"}, actor)
+    return result is not None
+
+
+def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict) -> None:
+    conn.execute(
+        sa.text(f"UPDATE incidents SET diagnostics = CAST(:d AS json), updated_at = {UTC_NOW} WHERE id = :id"),
+        {"d": json.dumps(diagnostics, default=_json_default), "id": incident_id},
+    )
+
+
+def append_remediation_action(conn: Connection, incident_id: str, action: dict) -> None:
+    """Append one action record (the seed's shape) to ``remediation_actions``."""
+    conn.execute(
+        sa.text(
+            "UPDATE incidents SET remediation_actions = "
+            "CAST(COALESCE(CAST(remediation_actions AS jsonb), '[]'::jsonb) || jsonb_build_array(CAST(:a AS jsonb)) AS json), "
+            f"updated_at = {UTC_NOW} WHERE id = :id"
+        ),
+        {"a": json.dumps(action, default=_json_default), "id": incident_id},
+    )
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def get_incident(conn: Connection, incident_id: str) -> dict | None:
+    row = conn.execute(sa.select(*INCIDENT_COLUMNS).where(incidents.c.id == incident_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def require_incident(conn: Connection, incident_id: str) -> dict:
+    row = get_incident(conn, incident_id)
+    if row is None:
+        raise NotFound(f"incident {incident_id} not found")
+    return row
+
+
+def get_timeline(conn: Connection, incident_id: str) -> list[dict]:
+    rows = conn.execute(
+        sa.select(incident_timeline.c.at, incident_timeline.c.kind, incident_timeline.c.actor, incident_timeline.c.details)
+        .where(incident_timeline.c.incident_id == incident_id)
+        .order_by(incident_timeline.c.at, incident_timeline.c.id)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class IncidentFilter:
+    statuses: tuple[str, ...] = ()
+    priorities: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    alert_names: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Keyset position: the last (created_at, id) of the previous page."""
+
+    created_at: datetime
+    id: str
+
+
+def _conditions(flt: IncidentFilter) -> list:
+    conditions = []
+    if flt.statuses:
+        conditions.append(incidents.c.status.in_(flt.statuses))
+    if flt.priorities:
+        conditions.append(incidents.c.priority.in_(flt.priorities))
+    if flt.since:
+        conditions.append(incidents.c.created_at >= flt.since)
+    if flt.until:
+        conditions.append(incidents.c.created_at < flt.until)
+    if flt.alert_names:
+        conditions.append(incidents.c.alert_name.in_(flt.alert_names))
+    if flt.services:
+        conditions.append(incidents.c.labels["service"].astext.in_(flt.services))
+    if flt.fingerprints:
+        conditions.append(incidents.c.fingerprint.in_(flt.fingerprints))
+    return conditions
+
+
+def list_incidents(
+    conn: Connection, flt: IncidentFilter, limit: int = 50, after: Cursor | None = None
+) -> tuple[list[dict], Cursor | None]:
+    """Newest first; returns the page and the cursor of the next one (or None)."""
+    query = sa.select(*INCIDENT_COLUMNS).where(*_conditions(flt))
+    if after is not None:
+        query = query.where(sa.tuple_(incidents.c.created_at, incidents.c.id) < sa.tuple_(sa.literal(after.created_at), sa.literal(after.id)))
+    query = query.order_by(incidents.c.created_at.desc(), incidents.c.id.desc()).limit(limit + 1)
+    rows = [dict(r) for r in conn.execute(query).mappings()]
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        return rows, Cursor(last["created_at"], last["id"])
+    return rows, None
+
+
+def count_by(conn: Connection, *columns: str) -> list[dict]:
+    cols = [incidents.c[name] for name in columns]
+    rows = conn.execute(sa.select(*cols, sa.func.count().label("count")).group_by(*cols)).mappings()
+    return [dict(r) for r in rows]
+
+
+def incidents_by_ids(conn: Connection, ids: Iterable[str]) -> list[dict]:
+    rows = conn.execute(sa.select(*INCIDENT_COLUMNS).where(incidents.c.id.in_(list(ids)))).mappings()
+    return [dict(r) for r in rows]

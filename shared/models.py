@@ -1,0 +1,69 @@
+"""Table definitions as the migrations leave them (Alembic owns the schema;
+these are only for building statements, never for ``create_all``)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+PRIORITIES = ("P0", "P1", "P2")
+STATUSES = ("open", "investigating", "resolved", "closed")
+ACTIVE_STATUSES = ("open", "investigating")
+SOURCES = ("alertmanager", "cloudevent", "api")
+
+priority_enum = postgresql.ENUM(*PRIORITIES, name="incident_priority", create_type=False)
+status_enum = postgresql.ENUM(*STATUSES, name="incident_status", create_type=False)
+source_enum = postgresql.ENUM(*SOURCES, name="incident_source", create_type=False)
+
+incidents = sa.Table(
+    "incidents",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("alert_name", sa.String(100), nullable=False),
+    sa.Column("priority", priority_enum),
+    sa.Column("status", status_enum),
+    sa.Column("created_at", sa.DateTime),
+    sa.Column("updated_at", sa.DateTime),
+    sa.Column("resolved_at", sa.DateTime),
+    sa.Column("summary", sa.Text),
+    sa.Column("description", sa.Text),
+    sa.Column("diagnostics", sa.JSON),
+    sa.Column("remediation_actions", sa.JSON),
+    sa.Column("fingerprint", sa.String(128)),
+    sa.Column("labels", postgresql.JSONB),
+    sa.Column("annotations", postgresql.JSONB),
+    sa.Column("source", source_enum),
+    sa.Column("starts_at", sa.DateTime),
+    sa.Column("last_seen_at", sa.DateTime),
+    sa.Column("repeat_count", sa.Integer),
+    sa.Column("generation", sa.Integer),
+)
+
+incident_timeline = sa.Table(
+    "incident_timeline",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),
+    sa.Column("incident_id", sa.String(36), sa.ForeignKey("incidents.id")),
+    sa.Column("at", sa.DateTime),
+    sa.Column("kind", sa.String(40)),
+    sa.Column("actor", sa.String(200)),
+    sa.Column("details", postgresql.JSONB),
+    sa.Column("dedup_key", sa.String(200)),
+)
+
+event_outbox = sa.Table(
+    "event_outbox",
+    metadata,
+    sa.Column("id", sa.String(120), primary_key=True),
+    sa.Column("type", sa.String(200)),
+    sa.Column("source", sa.String(200)),
+    sa.Column("subject", sa.String(200)),
+    sa.Column("extensions", postgresql.JSONB),
+    sa.Column("data", postgresql.JSONB),
+    sa.Column("created_at", sa.DateTime),
+    sa.Column("published_at", sa.DateTime),
+    sa.Column("attempts", sa.Integer),
+    sa.Column("last_error", sa.Text),
+)

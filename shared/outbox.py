@@ -1,0 +1,133 @@
+"""Transactional outbox: events are written with the change they announce
+and published to the Broker (``K_SINK``) after the commit.
+
+Publishing claims rows with ``FOR UPDATE SKIP LOCKED``, so the post-commit
+drain and the periodic sweep (and any number of replicas) never send the
+same row at once; a row is marked published only after the Broker answered
+``2xx``. A crash between the send and the mark re-sends the same event id,
+which subscribers recognise as a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import requests
+import sqlalchemy as sa
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger("outbox")
+
+_INSERT = sa.text(
+    """
+    INSERT INTO event_outbox (id, type, source, subject, extensions, data)
+    SELECT x.id, x.type, x.source, x.subject, x.extensions, x.data
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS x(id text, type text, source text, subject text, extensions jsonb, data jsonb)
+    ON CONFLICT (id) DO NOTHING
+    """
+)
+
+
+def enqueue(conn: Connection, events: Iterable[dict]) -> None:
+    """Add events to the outbox inside the caller's transaction (one statement)."""
+    rows = list(events)
+    if rows:
+        conn.execute(_INSERT, {"rows": json.dumps(rows, default=str)})
+
+
+@dataclass
+class PublishReport:
+    published: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending_left: int = 0
+
+
+def to_cloudevent(row) -> CloudEvent:
+    attributes = {
+        "id": row.id,
+        "type": row.type,
+        "source": row.source,
+        "time": row.created_at.isoformat() + "Z",
+        "datacontenttype": "application/json",
+    }
+    if row.subject:
+        attributes["subject"] = row.subject
+    attributes.update(row.extensions or {})
+    return CloudEvent(attributes, row.data)
+
+
+def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
+    """Send one event in binary mode; raise on anything but ``2xx``."""
+    headers, body = to_binary(event)
+    response = http.post(sink, headers=headers, data=body, timeout=timeout)
+    if not 200 <= response.status_code < 300:
+        raise RuntimeError(f"broker answered {response.status_code}: {response.text[:200]}")
+
+
+def publish_pending(
+    bind: Engine,
+    sink: str,
+    timeout: float = 5.0,
+    ids: Iterable[str] | None = None,
+    limit: int = 200,
+    http: requests.Session | None = None,
+) -> PublishReport:
+    """Send unpublished events (all, or only ``ids``), oldest first."""
+    report = PublishReport()
+    id_list = list(ids) if ids is not None else None
+    if id_list == [] or not sink:
+        return report
+    where = "published_at IS NULL" + (" AND id = ANY(:ids)" if id_list is not None else "")
+    params: dict = {"limit": limit}
+    if id_list is not None:
+        params["ids"] = id_list
+    http = http or requests.Session()
+    with bind.begin() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"SELECT id, type, source, subject, extensions, data, created_at FROM event_outbox "
+                f"WHERE {where} ORDER BY created_at, id LIMIT :limit FOR UPDATE SKIP LOCKED"
+            ),
+            params,
+        ).all()
+        broker_down = False
+        for row in rows:
+            if broker_down:
+                report.failed[row.id] = "not attempted: the broker is unreachable"
+                continue
+            try:
+                post_event(http, sink, to_cloudevent(row), timeout)
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried by the sweep
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                report.failed[row.id] = error
+                broker_down = isinstance(exc, requests.ConnectionError | requests.Timeout)
+                conn.execute(
+                    sa.text("UPDATE event_outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
+                    {"e": error, "id": row.id},
+                )
+                continue
+            conn.execute(
+                sa.text(
+                    "UPDATE event_outbox SET attempts = attempts + 1, last_error = NULL, "
+                    "published_at = timezone('utc', now()) WHERE id = :id"
+                ),
+                {"id": row.id},
+            )
+            report.published.append(row.id)
+    if report.failed:
+        log.warning(
+            "Events not published; the sweep will retry",
+            extra={"failed": len(report.failed), "first_error": next(iter(report.failed.values()))},
+        )
+    return report
+
+
+def pending_count(bind: Engine) -> int:
+    with bind.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")).scalar_one()

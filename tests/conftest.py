@@ -1,0 +1,101 @@
+"""Test infrastructure: a private PostgreSQL database per test session.
+
+The suite talks to a real PostgreSQL server (``TEST_DATABASE_URL``, else
+``DATABASE_URL``, else the local server on 127.0.0.1:5432). It creates a
+database with a random name, migrates it, and drops it at the end, so it
+never shares state with ``make run`` or another run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import sqlalchemy as sa
+
+from shared import config as config_module
+from shared import db as db_module
+from shared import migrate
+from shared.config import parse_database_url
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = ROOT.parent / "shared"
+FIXTURES = SHARED_DIR / "fixtures"
+TEST_TOKEN = "test-token-" + "0123456789abcdef"
+
+
+def _server_url() -> str:
+    raw = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or (
+        "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"
+    )
+    return parse_database_url(raw)
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    server = _server_url()
+    name = f"ir_test_{uuid.uuid4().hex[:10]}"
+    admin = _with_database(server, "postgres")
+    db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    url = _with_database(server, name)
+    migrate.upgrade(url)
+    yield url
+    db_module.dispose_engine()
+    db_module.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def base_env(database_url):
+    """The environment every function process of the tests starts with."""
+    return {
+        "DATABASE_URL": database_url,
+        "INCIDENT_API_TOKEN": TEST_TOKEN,
+        "LOG_LEVEL": "INFO",
+        "REMEDIATION_MODE": "dry-run",
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _settings_env(base_env):
+    """In-process code (the service tests) reads the same settings."""
+    saved = dict(os.environ)
+    os.environ.update(base_env)
+    for name in ("K_SINK", "PROMETHEUS_URL", "PAGERDUTY_ROUTING_KEY", "SLACK_WEBHOOK_URL", "KUBECONFIG"):
+        os.environ.pop(name, None)
+    config_module.reset_settings_cache()
+    db_module.dispose_engine()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    config_module.reset_settings_cache()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url):
+    eng = db_module.create_engine_for(database_url, pool_size=5, max_overflow=20)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clean_db(engine):
+    """Each test that writes starts from empty tables."""
+    with engine.begin() as conn:
+        tables = conn.execute(
+            sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars().all()
+        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+    return engine
+
+
+@pytest.fixture(scope="session")
+def settings_obj(_settings_env):
+    return config_module.load_settings()

@@ -1,0 +1,96 @@
+"""Real processes for the tests: functions under functions-framework (its
+production gunicorn server), and helpers to wait on them by polling."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+@dataclass
+class FunctionProcess:
+    name: str
+    env: dict
+    port: int = field(default_factory=free_port)
+    threads: int = 8
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_path: str = "/health", timeout: float = 30.0) -> "FunctionProcess":
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        handle, path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(path)
+        self.process = subprocess.Popen(
+            [
+                str(VENV_BIN / "functions-framework"),
+                "--source", str(ROOT / "functions" / self.name / "main.py"),
+                "--target", self.name,
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+            env=env,
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+        )
+        wait_until(lambda: self._ready(wait_path), timeout, message=f"{self.name} to answer {wait_path}")
+        return self
+
+    def _ready(self, path: str) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()[-3000:]}")
+        try:
+            return requests.get(self.url + path, timeout=1).status_code < 500
+        except requests.ConnectionError:
+            return False
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.log_path:
+            self.log_path.unlink(missing_ok=True)

@@ -1,0 +1,193 @@
+"""The intake over real HTTP: the AlertManager webhook contract."""
+
+import json
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from tests.conftest import TEST_TOKEN
+from tests.factories import fixture_payload, raw_alert, webhook
+from tests.processes import FunctionProcess, wait_until
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def intake(base_env):
+    proc = FunctionProcess("intake", {**base_env, "MAX_BODY_BYTES": str(2 * 1024 * 1024)}).start()
+    yield proc
+    proc.stop()
+
+
+def post(intake, payload, headers=None, raw=None):
+    return requests.post(
+        intake.url + "/webhook/alert",
+        data=raw if raw is not None else json.dumps(payload),
+        headers={"Content-Type": "application/json", **AUTH, **(headers or {})},
+        timeout=30,
+    )
+
+
+def incidents_rows(engine, **where):
+    clause = " AND ".join(f"{k} = :{k}" for k in where) or "true"
+    with engine.connect() as conn:
+        return conn.execute(sa.text(f"SELECT * FROM incidents WHERE {clause} ORDER BY created_at"), where).mappings().all()
+
+
+def test_health_needs_no_token(intake):
+    response = requests.get(intake.url + "/health", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"status": "healthy", "database": "connected"}
+
+
+def test_seed_test2_alert_creates_p0_open_incident(intake, clean_db):
+    response = post(intake, fixture_payload("testincident-firing.json"))
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["action"] == "created" and result["fingerprint"] == "77984e54887cc579"
+    (row,) = incidents_rows(clean_db, alert_name="TestIncident")
+    assert (row["id"], row["priority"], row["status"]) == (result["incident_id"], "P0", "open")
+    assert row["summary"] == "Test incident creation" and row["description"] == "This is a test"
+    assert row["labels"] == {"alertname": "TestIncident", "service": "email", "severity": "critical"}
+    assert row["source"] == "alertmanager" and row["starts_at"] is not None
+    assert "Received webhook" in intake.logs()
+
+
+def test_repeat_and_resolve_follow_the_fingerprint(intake, clean_db):
+    first = post(intake, fixture_payload("testincident-firing.json")).json()["results"][0]
+    repeat = post(intake, fixture_payload("testincident-firing.json")).json()["results"][0]
+    assert repeat == {**first, "action": "refreshed"}
+    resolved = post(intake, fixture_payload("testincident-resolved.json")).json()["results"][0]
+    assert resolved["action"] == "resolved" and resolved["incident_id"] == first["incident_id"]
+    (row,) = incidents_rows(clean_db)
+    assert row["status"] == "resolved" and row["resolved_at"].isoformat() == "2026-11-27T21:54:14"
+    again = post(intake, fixture_payload("testincident-resolved.json")).json()["results"][0]
+    assert again["action"] == "ignored" and again["incident_id"] is None
+
+
+def test_each_alert_is_handled_by_its_own_status_not_the_groups(intake, clean_db):
+    post(intake, webhook([raw_alert("A", instance="1"), raw_alert("A", instance="2")]))
+    mixed = webhook([raw_alert("A", instance="1", status="resolved"), raw_alert("A", instance="2")], status="firing")
+    actions = [r["action"] for r in post(intake, mixed).json()["results"]]
+    assert actions == ["resolved", "refreshed"]
+
+
+def test_priority_label_wins_over_severity_and_low_priorities_are_ignored(intake, clean_db):
+    payload = webhook([
+        raw_alert("Explicit", severity="info", priority="p0"),
+        raw_alert("Warn", severity="warning"),
+        raw_alert("Info", severity="info"),
+        raw_alert("Watchdog", severity="none"),
+        raw_alert("NoSeverity", severity=""),
+    ])
+    results = post(intake, payload).json()["results"]
+    assert [r["action"] for r in results] == ["created", "created", "ignored", "ignored", "ignored"]
+    assert "MIN_INCIDENT_PRIORITY" in results[2]["reason"]
+    assert "Watchdog" in results[3]["reason"]
+    rows = {r["alert_name"]: r["priority"] for r in incidents_rows(clean_db)}
+    assert rows == {"Explicit": "P0", "Warn": "P1"}
+    with clean_db.connect() as conn:
+        counted = dict(conn.execute(sa.text("SELECT alert_name, count FROM ignored_alerts")).all())
+    assert counted == {"Info": 1, "Watchdog": 1, "NoSeverity": 1}
+
+
+def test_thousand_alert_webhook_in_one_request(intake, clean_db):
+    payload = webhook([raw_alert("Storm", pod=f"pod-{i}") for i in range(1000)])
+    response = post(intake, payload)
+    assert response.status_code == 200
+    assert response.json()["counts"] == {"created": 1000}
+    assert len(incidents_rows(clean_db)) == 1000
+    again = post(intake, payload)
+    assert again.json()["counts"] == {"refreshed": 1000}
+
+
+def test_unicode_labels_and_nul_characters_are_kept(intake, clean_db):
+    payload = webhook([raw_alert("Ünïcödé", service="почта", team="日本", note="a\u0000b")])
+    assert post(intake, payload).status_code == 200
+    (row,) = incidents_rows(clean_db)
+    assert row["alert_name"] == "Ünïcödé" and row["labels"]["service"] == "почта"
+    assert row["labels"]["note"] == "a\ufffdb"
+
+
+def test_truncated_alerts_are_logged(intake, clean_db):
+    response = post(intake, webhook([raw_alert("Trunc")], truncatedAlerts=7))
+    assert response.status_code == 200 and response.json()["truncated_alerts"] == 7
+    wait_until(lambda: '"truncated_alerts": 7' in intake.logs(), message="truncation log line")
+
+
+def test_missing_fingerprint_is_derived_like_alertmanager(intake, clean_db):
+    alert = raw_alert("TestIncident", fingerprint=False, service="email")
+    (result,) = post(intake, webhook([alert])).json()["results"]
+    assert result["fingerprint"] == "77984e54887cc579"
+
+
+def test_duplicate_alerts_inside_one_payload_make_one_incident(intake, clean_db):
+    results = post(intake, webhook([raw_alert("Dup"), raw_alert("Dup")])).json()["results"]
+    assert len(results) == 2 and results[0]["incident_id"] == results[1]["incident_id"]
+    assert len(incidents_rows(clean_db)) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (b"{not json", None),
+        (b"\xff\xfe", None),
+        (json.dumps([1, 2]).encode(), None),
+        (json.dumps({**webhook([]), "version": "3"}).encode(), "version"),
+        (json.dumps({k: v for k, v in webhook([]).items() if k != "version"}).encode(), "version"),
+        (json.dumps({**webhook([]), "alerts": {"a": 1}}).encode(), "alerts"),
+        (json.dumps(webhook(["x"])).encode(), "alerts[0]"),
+        (json.dumps(webhook([{**raw_alert(), "labels": {"severity": "critical"}}])).encode(), "alerts[0].labels.alertname"),
+        (json.dumps(webhook([{**raw_alert(), "labels": {"alertname": 5}}])).encode(), "alerts[0].labels.alertname"),
+        (json.dumps(webhook([{k: v for k, v in raw_alert().items() if k != "status"}])).encode(), "alerts[0].status"),
+        (json.dumps(webhook([{**raw_alert(), "status": "pending"}])).encode(), "alerts[0].status"),
+        (json.dumps(webhook([{**raw_alert(), "startsAt": "yesterday"}])).encode(), "alerts[0].startsAt"),
+        (json.dumps(webhook([raw_alert("X" * 101)])).encode(), "alerts[0].labels.alertname"),
+        (json.dumps({**webhook([]), "truncatedAlerts": "many"}).encode(), "truncatedAlerts"),
+    ],
+)
+def test_payload_that_can_never_succeed_is_400_naming_the_field(intake, clean_db, raw, field):
+    response = post(intake, None, raw=raw)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    if field:
+        assert body["field"] == field and body["message"].startswith(field)
+    assert incidents_rows(clean_db) == []
+
+
+def test_oversized_body_is_413(intake):
+    response = post(intake, None, raw=b"{" + b" " * (2 * 1024 * 1024 + 10) + b"}")
+    assert response.status_code == 413
+
+
+def test_non_json_content_type_is_415(intake):
+    response = post(intake, None, raw=b"a=b", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_other_methods_are_405_with_allow(intake, method):
+    response = requests.request(method, intake.url + "/webhook/alert", headers=AUTH, timeout=5)
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TEST_TOKEN}, {"Authorization": "Basic " + TEST_TOKEN}],
+)
+def test_missing_or_wrong_token_is_401_and_logged_without_the_token(intake, clean_db, headers):
+    response = requests.post(
+        intake.url + "/webhook/alert",
+        data=json.dumps(fixture_payload("testincident-firing.json")),
+        headers={"Content-Type": "application/json", **headers},
+        timeout=5,
+    )
+    assert response.status_code == 401
+    assert incidents_rows(clean_db) == []
+    logs = intake.logs()
+    assert "Unauthorized" in logs and TEST_TOKEN not in logs
+
+
+def test_unknown_path_is_404(intake):
+    assert requests.post(intake.url + "/nope", headers=AUTH, timeout=5).status_code == 404

@@ -1,0 +1,131 @@
+"""The schema Alembic builds, read back from PostgreSQL's own catalogue."""
+
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import sqlalchemy as sa
+
+from shared import db, migrate
+
+
+@pytest.fixture
+def scratch_url(database_url):
+    """An empty database of its own: the round trip must not disturb the session's."""
+    name = f"ir_mig_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(database_url)
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    db.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    yield urlunsplit(parts._replace(path="/" + name))
+    db.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _columns(conn, table):
+    rows = conn.execute(
+        sa.text(
+            "SELECT column_name, data_type, udt_name, character_maximum_length, is_nullable "
+            "FROM information_schema.columns WHERE table_name = :t"
+        ),
+        {"t": table},
+    ).mappings()
+    return {r["column_name"]: dict(r) for r in rows}
+
+
+def _enum(conn, name):
+    return conn.execute(
+        sa.text(
+            "SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
+            "WHERE t.typname = :n ORDER BY e.enumsortorder"
+        ),
+        {"n": name},
+    ).scalars().all()
+
+
+def _indexes(conn, table):
+    rows = conn.execute(sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"), {"t": table})
+    return {name: definition for name, definition in rows}
+
+
+def _tables(conn):
+    return set(conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
+
+
+def assert_seed_schema(conn):
+    columns = _columns(conn, "incidents")
+    expected = {
+        "id": ("character varying", 36),
+        "alert_name": ("character varying", 100),
+        "priority": ("USER-DEFINED", None),
+        "status": ("USER-DEFINED", None),
+        "created_at": ("timestamp without time zone", None),
+        "updated_at": ("timestamp without time zone", None),
+        "resolved_at": ("timestamp without time zone", None),
+        "summary": ("text", None),
+        "description": ("text", None),
+        "diagnostics": ("json", None),
+        "remediation_actions": ("json", None),
+    }
+    for name, (data_type, length) in expected.items():
+        assert columns[name]["data_type"] == data_type, name
+        assert columns[name]["character_maximum_length"] == length, name
+    assert columns["alert_name"]["is_nullable"] == "NO"
+    assert columns["priority"]["udt_name"] == "incident_priority"
+    assert columns["status"]["udt_name"] == "incident_status"
+    assert _enum(conn, "incident_priority") == ["P0", "P1", "P2"]
+    assert _enum(conn, "incident_status") == ["open", "investigating", "resolved", "closed"]
+    indexes = _indexes(conn, "incidents")
+    assert "(status)" in indexes["idx_incidents_status"]
+    assert "(priority)" in indexes["idx_incidents_priority"]
+    assert "(created_at)" in indexes["idx_incidents_created_at"]
+    assert "PRIMARY KEY" in conn.execute(
+        sa.text("SELECT constraint_type FROM information_schema.table_constraints WHERE table_name='incidents' AND constraint_type='PRIMARY KEY'")
+    ).scalar()
+
+
+def test_upgrade_downgrade_upgrade_round_trip(scratch_url):
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0001")
+        with engine.connect() as conn:
+            assert_seed_schema(conn)
+            assert set(_columns(conn, "incidents")) == {
+                "id", "alert_name", "priority", "status", "created_at", "updated_at", "resolved_at",
+                "summary", "description", "diagnostics", "remediation_actions",
+            }
+        migrate.upgrade(scratch_url)
+        with engine.connect() as conn:
+            assert_seed_schema(conn)
+            assert {"incident_timeline", "event_outbox"} <= _tables(conn)
+        migrate.downgrade(scratch_url, "base")
+        with engine.connect() as conn:
+            assert _tables(conn) == {"alembic_version"}
+            assert _enum(conn, "incident_status") == []
+            assert _enum(conn, "incident_source") == []
+        migrate.upgrade(scratch_url)
+        with engine.connect() as conn:
+            assert_seed_schema(conn)
+    finally:
+        engine.dispose()
+
+
+def test_head_adds_dedup_index_over_active_incidents_only(engine):
+    with engine.connect() as conn:
+        columns = _columns(conn, "incidents")
+        for name, udt in [("fingerprint", "varchar"), ("labels", "jsonb"), ("annotations", "jsonb"),
+                          ("source", "incident_source"), ("starts_at", "timestamp")]:
+            assert columns[name]["udt_name"] == udt
+        definition = _indexes(conn, "incidents")["uq_incidents_active_fingerprint"]
+        assert definition.startswith("CREATE UNIQUE INDEX")
+        assert "'open'" in definition and "'investigating'" in definition
+        assert "'resolved'" not in definition
+        assert _enum(conn, "incident_source") == ["alertmanager", "cloudevent", "api"]
+        timeline = _columns(conn, "incident_timeline")
+        assert timeline["details"]["udt_name"] == "jsonb"
+        assert "idx_incident_timeline_incident_at" in _indexes(conn, "incident_timeline")
+
+
+def test_server_fills_created_and_updated_at(clean_db):
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO incidents (id, alert_name, priority, status) VALUES ('x', 'A', 'P1', 'open')"))
+        row = conn.execute(sa.text("SELECT created_at, updated_at FROM incidents WHERE id = 'x'")).one()
+    assert row.created_at is not None and row.updated_at is not None
