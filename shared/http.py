@@ -133,7 +133,7 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
     except ApiError as exc:
         if exc.status >= 500:
             log.error("Request failed", extra={"path": path, "error": exc.message, "status": exc.status})
-        return json_response(exc.body(), exc.status)
+        return json_response(exc.body(), exc.status, {"Retry-After": "5"} if exc.status == 503 else None)
     except SQLAlchemyError as exc:
         status = ServiceUnavailable if db.is_transient(exc) else ApiError
         log.error(

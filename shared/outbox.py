@@ -65,7 +65,13 @@ def to_cloudevent(row) -> CloudEvent:
 def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
     """Send one event in binary mode; raise on anything but ``2xx``."""
     headers, body = to_binary(event)
-    response = http.post(sink, headers=headers, data=body, timeout=timeout)
+    try:
+        response = http.post(sink, headers=headers, data=body, timeout=timeout)
+    except requests.ConnectionError:
+        # A pooled keep-alive connection the Broker has closed fails on first
+        # use; one fresh attempt tells that apart from a Broker that is down.
+        # The event id is stable, so a rare double delivery is recognisable.
+        response = http.post(sink, headers=headers, data=body, timeout=timeout)
     if not 200 <= response.status_code < 300:
         raise RuntimeError(f"broker answered {response.status_code}: {response.text[:200]}")
 
