@@ -81,7 +81,7 @@ def _clean(text: str) -> str:
 
 
 def _string_map(value: Any, path: str, required: bool = False) -> dict[str, str]:
-    if value is None:
+    if value is _MISSING or (value is None and required):
         if required:
             raise InvalidPayload(path, "required")
         return {}
@@ -95,8 +95,12 @@ def _string_map(value: Any, path: str, required: bool = False) -> dict[str, str]
     return result
 
 
+_MISSING = object()
+
+
 def _optional_str(value: Any, path: str) -> str:
-    if value is None:
+    """Absent is empty; present must be a string (AlertManager never sends null)."""
+    if value is _MISSING:
         return ""
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be a string")
@@ -105,7 +109,7 @@ def _optional_str(value: Any, path: str) -> str:
 
 def parse_time(value: Any, path: str) -> datetime | None:
     """RFC 3339 to naive UTC; AlertManager's zero time means "not set"."""
-    if value in (None, ""):
+    if value is _MISSING:
         return None
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be an RFC 3339 time string")
@@ -150,7 +154,7 @@ def _alert_name(labels: Mapping[str, str], path: str) -> str:
 
 
 def _fingerprint(value: Any, labels: Mapping[str, str], path: str) -> str:
-    if value in (None, ""):
+    if value is _MISSING or value == "":
         return label_fingerprint(labels)
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be a string")
@@ -212,29 +216,36 @@ def parse_alertmanager(payload: Any, config: Settings) -> Webhook:
         path = f"alerts[{index}]"
         if not isinstance(raw, dict):
             raise InvalidPayload(path, "must be an object")
-        labels = _string_map(raw.get("labels"), f"{path}.labels", required=True)
-        annotations = _string_map(raw.get("annotations"), f"{path}.annotations")
+        labels = _string_map(raw.get("labels", _MISSING), f"{path}.labels", required=True)
+        annotations = _string_map(raw.get("annotations", _MISSING), f"{path}.annotations")
         alert_name = _alert_name(labels, f"{path}.labels.alertname")
+        _optional_str(raw.get("generatorURL", _MISSING), f"{path}.generatorURL")
         alerts.append(
             _build(
                 labels=labels,
                 annotations=annotations,
                 status=_status(raw.get("status"), f"{path}.status"),
-                fingerprint=_fingerprint(raw.get("fingerprint"), labels, f"{path}.fingerprint"),
+                fingerprint=_fingerprint(raw.get("fingerprint", _MISSING), labels, f"{path}.fingerprint"),
                 alert_name=alert_name,
                 priority=priority_of(labels, config),
                 summary=annotations.get("summary") or annotations.get("message", ""),
                 description=annotations.get("description", ""),
-                starts_at=parse_time(raw.get("startsAt"), f"{path}.startsAt"),
-                ends_at=parse_time(raw.get("endsAt"), f"{path}.endsAt"),
+                starts_at=parse_time(raw.get("startsAt", _MISSING), f"{path}.startsAt"),
+                ends_at=parse_time(raw.get("endsAt", _MISSING), f"{path}.endsAt"),
                 source="alertmanager",
                 config=config,
             )
         )
+    for name in ("groupLabels", "commonLabels", "commonAnnotations"):
+        _string_map(payload.get(name, _MISSING), name)
+    _optional_str(payload.get("externalURL", _MISSING), "externalURL")
+    group_status = payload.get("status", _MISSING)
+    if group_status is not _MISSING:
+        _status(group_status, "status")
     return Webhook(
-        receiver=_optional_str(payload.get("receiver"), "receiver"),
-        group_key=_optional_str(payload.get("groupKey"), "groupKey"),
-        status=_optional_str(payload.get("status"), "status"),
+        receiver=_optional_str(payload.get("receiver", _MISSING), "receiver"),
+        group_key=_optional_str(payload.get("groupKey", _MISSING), "groupKey"),
+        status=_optional_str(group_status, "status"),
         truncated_alerts=truncated,
         alerts=alerts,
     )
@@ -244,8 +255,9 @@ def parse_report(data: Any, config: Settings) -> Alert:
     """The data of an ``incident.report`` CloudEvent (schema in the README)."""
     if not isinstance(data, dict):
         raise InvalidPayload("data", "must be a JSON object")
-    labels = _string_map(data.get("labels"), "labels")
-    annotations = _string_map(data.get("annotations"), "annotations")
+    data = {k: v for k, v in data.items() if v is not None}
+    labels = _string_map(data.get("labels", _MISSING), "labels")
+    annotations = _string_map(data.get("annotations", _MISSING), "annotations")
     name = data.get("alert_name", labels.get("alertname"))
     if not isinstance(name, str):
         raise InvalidPayload("alert_name", "required, must be a string")
@@ -256,19 +268,19 @@ def parse_report(data: Any, config: Settings) -> Alert:
         priority = priority_of(labels, config)
     elif not isinstance(priority, str) or priority.upper() not in PRIORITIES:
         raise InvalidPayload("priority", f"must be one of {', '.join(PRIORITIES)}")
-    summary = _optional_str(data.get("summary"), "summary") or annotations.get("summary", "")
-    description = _optional_str(data.get("description"), "description") or annotations.get("description", "")
+    summary = _optional_str(data.get("summary", _MISSING), "summary") or annotations.get("summary", "")
+    description = _optional_str(data.get("description", _MISSING), "description") or annotations.get("description", "")
     return _build(
         labels=labels,
         annotations=annotations,
         status=_status(data.get("status", "firing"), "status"),
-        fingerprint=_fingerprint(data.get("fingerprint"), labels, "fingerprint"),
+        fingerprint=_fingerprint(data.get("fingerprint", _MISSING), labels, "fingerprint"),
         alert_name=alert_name,
         priority=priority.upper(),
         summary=summary,
         description=description,
-        starts_at=parse_time(data.get("starts_at"), "starts_at"),
-        ends_at=parse_time(data.get("ends_at"), "ends_at"),
+        starts_at=parse_time(data.get("starts_at", _MISSING), "starts_at"),
+        ends_at=parse_time(data.get("ends_at", _MISSING), "ends_at"),
         source="cloudevent",
         config=config,
     )

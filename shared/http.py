@@ -149,6 +149,25 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
         log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
+def install_json_errors() -> None:
+    """Errors raised by Flask before the function runs (a path its router
+    cannot match, such as one with a newline) get the same JSON body as ours.
+
+    functions-framework exposes the app's ``errorhandler`` while it imports the
+    function's source, so this must run at import time of ``main.py``.
+    """
+    import functions_framework
+    from werkzeug.exceptions import HTTPException
+
+    @functions_framework.errorhandler(HTTPException)
+    def _json_http_error(exc: HTTPException):
+        code = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge, 415: UnsupportedMediaType}.get(exc.code or 500)
+        if code is None:
+            err = BadRequest(exc.description or "bad request") if (exc.code or 500) < 500 else ApiError("internal error")
+            return json_response(err.body(), exc.code or 500)
+        return json_response(code(exc.description or code.code).body(), exc.code)
+
+
 def health(request: Request) -> Response:
     """The seed's Test 1 answer; 503 when the database cannot be reached."""
     if db.database_reachable():

@@ -7,10 +7,11 @@ import functions_framework
 
 from functions.intake.handlers import Intake
 from shared.bootstrap import start
-from shared.http import Route, dispatch, health
+from shared.http import Route, install_json_errors, dispatch, health
 from shared.publisher import Publisher
 
 config = start("intake")
+install_json_errors()
 _intake = Intake(config, Publisher(config))
 
 ROUTES = [

@@ -1,0 +1,185 @@
+"""The engineers' HTTP API over the incident service: declarative filters,
+keyset pagination, lifecycle changes refused with a clear error."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from datetime import datetime, timezone
+from urllib.parse import urlencode
+
+from flask import Request, Response
+
+from shared import db, incidents
+from shared.config import Settings
+from shared.errors import BadRequest
+from shared.http import json_response, parse_json_body
+from shared.models import PRIORITIES, STATUSES
+from shared.publisher import Publisher
+
+log = logging.getLogger("query")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+NOTE_MAX = 4000
+LIST_PARAMETERS = ("status", "priority", "since", "until", "alert_name", "service", "fingerprint", "limit", "cursor")
+
+PUBLIC_FIELDS = (
+    "id", "alert_name", "priority", "status", "created_at", "updated_at", "resolved_at", "summary",
+    "description", "diagnostics", "remediation_actions", "fingerprint", "labels", "annotations", "source",
+    "starts_at", "last_seen_at", "repeat_count", "generation",
+)
+
+
+def _iso(value):
+    return value.isoformat() + "Z" if isinstance(value, datetime) else value
+
+
+def present(row: dict) -> dict:
+    return {name: _iso(row.get(name)) for name in PUBLIC_FIELDS}
+
+
+def _values(request: Request, name: str) -> list[str]:
+    """Repeatable and comma-separated: ``?status=open&status=investigating``
+    and ``?status=open,investigating`` mean the same."""
+    result = []
+    for raw in request.args.getlist(name):
+        parts = [part.strip() for part in raw.split(",")]
+        if not all(parts):
+            raise BadRequest(f"{name}: empty value in {raw[:60]!r}", parameter=name)
+        result.extend(parts)
+    return result
+
+
+def _enum_values(request: Request, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
+    values = tuple(normalise(v) for v in _values(request, name))
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise BadRequest(f"{name}: unknown value {bad[0]!r}; allowed: {', '.join(allowed)}", parameter=name, allowed=list(allowed))
+    return values
+
+
+def parse_time_param(raw: str, name: str) -> datetime:
+    """RFC 3339 with or without a zone (naive means UTC) to naive UTC."""
+    if not raw.strip():
+        raise BadRequest(f"{name}: empty; give an RFC 3339 time (for example 2026-11-27T10:00:00Z)", parameter=name)
+    try:
+        value = datetime.fromisoformat(raw.strip().replace("z", "Z").replace(" ", "+") if "T" in raw else raw.strip())
+    except ValueError:
+        raise BadRequest(f"{name}: not an RFC 3339 time: {raw[:40]!r} (for example 2026-11-27T10:00:00Z)", parameter=name) from None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise BadRequest(f"{name}: give it once", parameter=name)
+    return values[0] if values else None
+
+
+def encode_cursor(cursor: incidents.Cursor) -> str:
+    raw = json.dumps([cursor.created_at.isoformat(), cursor.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> incidents.Cursor:
+    try:
+        created_at, incident_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return incidents.Cursor(datetime.fromisoformat(created_at), str(incident_id))
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
+
+
+def parse_filters(request: Request) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
+    unknown = sorted(set(request.args) - set(LIST_PARAMETERS))
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}",
+            parameter=unknown[0],
+            allowed=list(LIST_PARAMETERS),
+        )
+    for name in request.args:
+        if any("\x00" in value for value in request.args.getlist(name)):
+            raise BadRequest(f"{name}: contains a NUL character", parameter=name)
+    since = _single(request, "since")
+    until = _single(request, "until")
+    limit_raw = _single(request, "limit")
+    limit = DEFAULT_LIMIT
+    if limit_raw is not None:
+        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= MAX_LIMIT:
+            raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_raw[:20]!r}", parameter="limit")
+        limit = int(limit_raw)
+    cursor_raw = _single(request, "cursor")
+    flt = incidents.IncidentFilter(
+        statuses=_enum_values(request, "status", STATUSES, str.lower),
+        priorities=_enum_values(request, "priority", PRIORITIES, str.upper),
+        since=parse_time_param(since, "since") if since is not None else None,
+        until=parse_time_param(until, "until") if until is not None else None,
+        alert_names=tuple(_values(request, "alert_name")),
+        services=tuple(_values(request, "service")),
+        fingerprints=tuple(_values(request, "fingerprint")),
+    )
+    return flt, limit, decode_cursor(cursor_raw) if cursor_raw is not None else None
+
+
+def parse_incident_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise BadRequest(f"id: not a UUID: {raw[:60]!r}", parameter="id") from None
+
+
+class QueryApi:
+    def __init__(self, config: Settings, publisher: Publisher):
+        self.config = config
+        self.publisher = publisher
+
+    def list(self, request: Request) -> Response:
+        flt, limit, after = parse_filters(request)
+        with db.engine().connect() as conn:
+            rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
+        headers = {}
+        if next_cursor is not None:
+            params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
+            params.append(("cursor", encode_cursor(next_cursor)))
+            headers["Link"] = f'<{request.base_url}?{urlencode(params)}>; rel="next"'
+        return json_response([present(r) for r in rows], headers=headers)
+
+    def get(self, request: Request, incident_id: str) -> dict:
+        incident_id = parse_incident_id(incident_id)
+        with db.engine().connect() as conn:
+            row = incidents.require_incident(conn, incident_id)
+            timeline = incidents.get_timeline(conn, incident_id)
+        body = present(row)
+        body["timeline"] = [{**t, "at": _iso(t["at"])} for t in timeline]
+        return body
+
+    def patch(self, request: Request, incident_id: str) -> dict:
+        incident_id = parse_incident_id(incident_id)
+        body = parse_json_body(request, 64 * 1024)
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object like {\"status\": \"investigating\", \"note\": \"...\"}")
+        unknown = sorted(set(body) - {"status", "note"})
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}; allowed: status, note", field=unknown[0])
+        status = body.get("status")
+        if status not in STATUSES:
+            raise BadRequest(f"status: must be one of {', '.join(STATUSES)}", field="status", allowed=list(STATUSES))
+        note = body.get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > NOTE_MAX):
+            raise BadRequest(f"note: must be a string of at most {NOTE_MAX} characters", field="note")
+        actor = self.actor(request)
+        with db.transaction() as conn:
+            row, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
+        log.info("Incident status changed", extra={"incident_id": incident_id, "status": status, "actor": actor})
+        self.publisher.submit(event_ids)
+        return present(row)
+
+    def actor(self, request: Request) -> str:
+        named = request.headers.get(self.config.actor_header, "").strip()
+        return f"api:{named[:150]}" if named else "api"
