@@ -76,8 +76,15 @@ def label_fingerprint(labels: Mapping[str, str]) -> str:
 
 
 def _clean(text: str) -> str:
-    # PostgreSQL text and jsonb cannot hold NUL; keep the alert, mark the spot.
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    """Make any string storable without losing the alert: PostgreSQL cannot
+    hold NUL, and a lone UTF-16 surrogate (legal in JSON escapes) is not UTF-8."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
 
 
 def _string_map(value: Any, path: str, required: bool = False) -> dict[str, str]:
@@ -145,7 +152,7 @@ def ignored_reason(alert_name: str, labels: Mapping[str, str], priority: str, co
 
 
 def _alert_name(labels: Mapping[str, str], path: str) -> str:
-    name = labels.get("alertname", "").strip()
+    name = labels.get("alertname", "")
     if not name:
         raise InvalidPayload(path, "required")
     if len(name) > ALERT_NAME_MAX:

@@ -191,3 +191,11 @@ def test_missing_or_wrong_token_is_401_and_logged_without_the_token(intake, clea
 
 def test_unknown_path_is_404(intake):
     assert requests.post(intake.url + "/nope", headers=AUTH, timeout=5).status_code == 404
+
+
+def test_lone_surrogates_and_control_character_names_are_stored_not_refused(intake, clean_db):
+    raw = json.dumps(webhook([raw_alert("\u001d", note="x")])).replace('"x"', '"\\udb69"').encode()
+    response = post(intake, None, raw=raw)
+    assert response.status_code == 200, response.text
+    (row,) = incidents_rows(clean_db)
+    assert row["alert_name"] == "\u001d" and row["labels"]["note"] == "\ufffd"
