@@ -11,13 +11,17 @@ from shared import log as logs
 from shared.config import ConfigError, Settings, settings
 
 
+def fail(service: str, message: str) -> None:
+    """One clear line, then stop: a function with bad settings must not serve."""
+    print(f"{service}: configuration error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def start(service: str) -> Settings:
     try:
         config = settings()
     except ConfigError as exc:
-        # One clear line, then stop: a function with bad settings must not serve.
-        print(f"{service}: configuration error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(service, str(exc))
     logs.configure(config.log_level)
     for secret in (config.api_token, config.pagerduty_routing_key, config.slack_webhook_url):
         if secret:

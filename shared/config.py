@@ -211,6 +211,9 @@ class Settings:
     publish_timeout_seconds: float = 5.0
     metrics_public: bool = False
     events_require_token: bool = True
+    diagnostics_file: str = ""
+    probe_timeout_seconds: float = 3.0
+    diagnostics_deadline_seconds: float = 10.0
     actor_header: str = "X-Actor"
     log_level: str = "INFO"
 
@@ -245,6 +248,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         publish_timeout_seconds=_float(env, "PUBLISH_TIMEOUT_SECONDS", 5.0, minimum=0.1),
         metrics_public=_bool(env, "METRICS_PUBLIC", False),
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
+        diagnostics_file=_get(env, "DIAGNOSTICS_FILE"),
+        probe_timeout_seconds=_float(env, "PROBE_TIMEOUT_SECONDS", 3.0, minimum=0.1),
+        diagnostics_deadline_seconds=_float(env, "DIAGNOSTICS_DEADLINE_SECONDS", 10.0, minimum=0.5),
         actor_header=_get(env, "ACTOR_HEADER", "X-Actor") or "X-Actor",
         log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
     )

@@ -99,3 +99,23 @@ def clean_db(engine):
 @pytest.fixture(scope="session")
 def settings_obj(_settings_env):
     return config_module.load_settings()
+
+
+@pytest.fixture(scope="session")
+def prometheus():
+    """One real Prometheus for the whole session (it is slow to warm up)."""
+    from tests.prometheus import Prometheus
+
+    server = Prometheus().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_kube(tmp_path):
+    from tests.fake_kube import FakeKubernetes
+
+    server = FakeKubernetes().start()
+    server.kubeconfig_path = server.kubeconfig(tmp_path)
+    yield server
+    server.stop()

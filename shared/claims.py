@@ -1,0 +1,45 @@
+"""Once-only work across redeliveries, replicas and crashes (see migration 0004)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+UTC_NOW = "timezone('utc', now())"
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    acquired: bool  # this caller holds it now and must do the work
+    completed: bool  # the work is already done: replay its result
+
+
+def claim(conn: Connection, key: str, incident_id: str | None, stale_after_seconds: float) -> Claim:
+    row = conn.execute(
+        sa.text(
+            f"""
+            INSERT INTO work_claims (key, incident_id) VALUES (:key, :incident_id)
+            ON CONFLICT (key) DO UPDATE SET claimed_at = {UTC_NOW}, attempts = work_claims.attempts + 1
+            WHERE work_claims.completed_at IS NULL
+              AND work_claims.claimed_at < {UTC_NOW} - make_interval(secs => :stale)
+            RETURNING key
+            """
+        ),
+        {"key": key, "incident_id": incident_id, "stale": stale_after_seconds},
+    ).first()
+    if row is not None:
+        return Claim(key, acquired=True, completed=False)
+    completed = conn.execute(sa.text("SELECT completed_at IS NOT NULL FROM work_claims WHERE key = :key"), {"key": key}).scalar()
+    return Claim(key, acquired=False, completed=bool(completed))
+
+
+def complete(conn: Connection, key: str) -> None:
+    conn.execute(sa.text(f"UPDATE work_claims SET completed_at = {UTC_NOW} WHERE key = :key"), {"key": key})
+
+
+def release(conn: Connection, key: str) -> None:
+    """Give the work back (it failed) so a retry need not wait for staleness."""
+    conn.execute(sa.text("DELETE FROM work_claims WHERE key = :key AND completed_at IS NULL"), {"key": key})

@@ -1,0 +1,193 @@
+"""Diagnostics over real HTTP against a real Prometheus and a loopback
+Kubernetes API reached through the official client."""
+
+import threading
+
+import pytest
+import requests
+import sqlalchemy as sa
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent, from_http
+
+from shared import events
+from shared import incidents as svc
+from tests.factories import alert
+from tests.fake_kube import FakeKubernetes, deployment, pod
+from tests.processes import FunctionProcess, free_port
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory):
+    server = FakeKubernetes().start()
+    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(kube):
+    kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear()
+    kube.add_deployment(deployment("email-service", 3))
+    kube.pods.extend(pod(f"email-service-{i}", {"app": "email-service"}) for i in range(3))
+    return kube
+
+
+@pytest.fixture(scope="module")
+def diagnostics(base_env, kube, prometheus):
+    proc = FunctionProcess("diagnostics", {**base_env, "KUBECONFIG": str(kube.kubeconfig_path), "PROMETHEUS_URL": prometheus.url}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def degraded(base_env, kube):
+    """Prometheus unreachable, short probe timeouts."""
+    env = {**base_env, "KUBECONFIG": str(kube.kubeconfig_path), "PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}",
+           "PROBE_TIMEOUT_SECONDS": "1", "DIAGNOSTICS_DEADLINE_SECONDS": "3"}
+    proc = FunctionProcess("diagnostics", env).start()
+    yield proc
+    proc.stop()
+
+
+def open_incident(engine, name="EmailServiceDown", **labels):
+    labels = {"service": "email", "namespace": "production", **labels}
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
+        return svc.get_incident(conn, incident_id)
+
+
+def deliver(proc, incident):
+    spec = events.incident_event(events.INCIDENT_OPENED, incident, "/test")
+    attributes = {"id": spec["id"], "type": spec["type"], "source": spec["source"], **spec["extensions"]}
+    headers, body = to_binary(CloudEvent(attributes, spec["data"]))
+    return requests.post(proc.url + "/", data=body, headers={**headers, "Prefer": "reply"}, timeout=30)
+
+
+def stored(engine, incident_id):
+    with engine.connect() as conn:
+        return svc.get_incident(conn, incident_id), svc.get_timeline(conn, incident_id)
+
+
+def test_seed_test3_shape_with_values_promql_computes(diagnostics, cluster, clean_db, prometheus):
+    incident = open_incident(clean_db)
+    response = deliver(diagnostics, incident)
+    assert response.status_code == 200, response.text
+    reply = from_http(response.headers, response.content)
+    assert reply["type"] == events.INCIDENT_DIAGNOSED
+    assert reply["id"] == f"{incident['id']}.diagnosed.0"
+    assert reply["priority"] == "p0" and reply["alertname"] == "EmailServiceDown"
+
+    row, timeline = stored(clean_db, incident["id"])
+    d = row["diagnostics"]
+    assert d["pods"]["email-service"]["ready"] == "3/3"
+    assert d["pods"]["email-service"]["status"] == "Running"
+    assert d["pods"]["email-service"]["replicas"]["desired"] == 3
+    assert d["metrics"]["availability"] == pytest.approx(0.999)
+    assert d["metrics"]["latency_p95"] == pytest.approx(350.0)
+    assert d["metrics"]["kafka_consumer_lag"] == 15234
+    promql_p95 = float(prometheus.query(
+        '1000 * histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{service="email"}[5m])))')[0]["value"][1])
+    assert d["metrics"]["latency_p95"] == pytest.approx(promql_p95)
+    assert d["dependencies"] == {"kafka": "up", "postgres": "down"}
+    assert set(d["durations_ms"]) == {"pods", "metrics", "dependencies"} and d["collected_at"].endswith("Z")
+    assert row["status"] == "investigating"
+    assert [t["kind"] for t in timeline] == ["opened", "status_changed", "diagnosed"]
+    assert reply.data["diagnostics"]["pods"]["email-service"]["ready"] == "3/3"
+    assert "Running diagnostics" in diagnostics.logs()
+    assert cluster.calls("GET", "/pods")[0].headers["authorization"] == "Bearer fake-service-account-token"
+
+
+def test_crash_looping_and_oom_killed_pods_are_reported(diagnostics, cluster, clean_db):
+    cluster.pods[:] = [
+        pod("email-service-0", {"app": "email-service"}),
+        pod("email-service-1", {"app": "email-service"}, ready=False, restarts=7, waiting="CrashLoopBackOff", terminated="OOMKilled"),
+        pod("email-service-2", {"app": "email-service"}, ready=False, restarts=4, waiting="CrashLoopBackOff", terminated="OOMKilled", node="node-2"),
+    ]
+    cluster.deployments[("production", "email-service")]["status"]["readyReplicas"] = 1
+    incident = open_incident(clean_db, "KubePodCrashLooping")
+    assert deliver(diagnostics, incident).status_code == 200
+    pods = stored(clean_db, incident["id"])[0]["diagnostics"]["pods"]["email-service"]
+    assert pods["ready"] == "1/3" and pods["status"] == "CrashLoopBackOff"
+    assert pods["restarts"] == 11 and pods["last_terminated_reasons"] == ["OOMKilled"]
+    assert pods["nodes"] == ["node-1", "node-2"]
+
+
+def test_prometheus_down_and_kubernetes_403_are_recorded_and_the_function_answers(degraded, cluster, clean_db):
+    cluster.fail("GET", r"/deployments/email-service$", 403)
+    incident = open_incident(clean_db)
+    response = deliver(degraded, incident)
+    assert response.status_code == 200
+    d = stored(clean_db, incident["id"])[0]["diagnostics"]
+    assert "403" in d["pods"]["error"]
+    assert "ConnectionError" in d["metrics"]["availability"]["error"]
+    assert "error" in d["dependencies"]["kafka"]
+
+
+def test_a_hanging_probe_is_bounded_by_its_timeout(degraded, cluster, clean_db):
+    cluster.fail("GET", r"/pods$", "hang")
+    incident = open_incident(clean_db)
+    response = deliver(degraded, incident)
+    assert response.status_code == 200
+    d = stored(clean_db, incident["id"])[0]["diagnostics"]
+    assert "error" in d["pods"]
+    assert d["durations_ms"]["pods"] < 5000
+
+
+def test_without_kubernetes_or_prometheus_sections_say_not_configured(base_env, clean_db):
+    proc = FunctionProcess("diagnostics", {**base_env, "KUBECONFIG": "/nonexistent/kubeconfig"}).start()
+    try:
+        incident = open_incident(clean_db)
+        assert deliver(proc, incident).status_code == 200
+        d = stored(clean_db, incident["id"])[0]["diagnostics"]
+        assert d["pods"] == d["metrics"] == d["dependencies"] == "not configured"
+        assert "Kubernetes is not configured" in proc.logs()
+    finally:
+        proc.stop()
+
+
+def test_redelivery_replies_the_same_event_without_probing_again(diagnostics, cluster, clean_db):
+    incident = open_incident(clean_db)
+    first = deliver(diagnostics, incident)
+    calls = len(cluster.requests)
+    second = deliver(diagnostics, incident)
+    assert second.status_code == 200 and second.headers["ce-id"] == first.headers["ce-id"]
+    assert len(cluster.requests) == calls
+    kinds = [t["kind"] for t in stored(clean_db, incident["id"])[1]]
+    assert kinds.count("diagnosed") == 1
+
+
+def test_concurrent_deliveries_probe_once(diagnostics, cluster, clean_db):
+    incident = open_incident(clean_db)
+    barrier = threading.Barrier(3)
+    statuses = []
+
+    def go():
+        barrier.wait()
+        statuses.append(deliver(diagnostics, incident).status_code)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 200 in statuses and set(statuses) <= {200, 409}
+    assert len(cluster.calls("GET", "/deployments/email-service")) == 1
+    kinds = [t["kind"] for t in stored(clean_db, incident["id"])[1]]
+    assert kinds.count("diagnosed") == 1
+
+
+def test_resolved_incident_is_acknowledged_and_not_probed(diagnostics, cluster, clean_db):
+    incident = open_incident(clean_db)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident["id"], "resolved", "t", "/test")
+    response = deliver(diagnostics, incident)
+    assert response.status_code == 202 and response.content == b""
+    assert cluster.requests == []
+
+
+def test_events_it_does_not_handle_are_400(diagnostics):
+    headers, body = to_binary(CloudEvent({"type": "io.incidentresponse.incident.resolved", "source": "/t", "id": "1"}, {}))
+    assert requests.post(diagnostics.url + "/", data=body, headers=headers, timeout=5).status_code == 400
+    headers, body = to_binary(CloudEvent({"type": events.INCIDENT_OPENED, "source": "/t", "id": "1"}, {"incident_id": "nope"}))
+    assert requests.post(diagnostics.url + "/", data=body, headers=headers, timeout=5).status_code == 400
+    assert requests.post(diagnostics.url + "/", data=b"{}", headers={"Content-Type": "application/json"}, timeout=5).status_code == 400
