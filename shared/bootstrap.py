@@ -23,9 +23,11 @@ def start(service: str) -> Settings:
     except ConfigError as exc:
         fail(service, str(exc))
     logs.configure(config.log_level)
-    for secret in (config.api_token, config.pagerduty_routing_key, config.slack_webhook_url):
+    for secret in (config.api_token, config.pagerduty_routing_key, config.slack_webhook_url, config.remediation_db_dsn):
         if secret:
             logs.register_secret(secret.reveal())
+    if config.remediation_db_dsn:
+        logs.register_secret(_password_of(config.remediation_db_dsn.reveal()))
     logs.register_secret(_password_of(config.database_url))
     logging.getLogger(service).info("Starting", extra={"service": service})
     return config

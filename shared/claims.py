@@ -43,3 +43,7 @@ def complete(conn: Connection, key: str) -> None:
 def release(conn: Connection, key: str) -> None:
     """Give the work back (it failed) so a retry need not wait for staleness."""
     conn.execute(sa.text("DELETE FROM work_claims WHERE key = :key AND completed_at IS NULL"), {"key": key})
+
+
+def is_completed(conn: Connection, key: str) -> bool:
+    return bool(conn.execute(sa.text("SELECT completed_at IS NOT NULL FROM work_claims WHERE key = :key"), {"key": key}).scalar())

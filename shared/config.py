@@ -212,6 +212,14 @@ class Settings:
     metrics_public: bool = False
     events_require_token: bool = True
     diagnostics_file: str = ""
+    remediation_denied_targets: tuple[str, ...] = ()
+    remediation_max_replicas: int = 20
+    remediation_cooldown_seconds: int = 900
+    remediation_max_actions_per_hour: int = 20
+    remediation_verify_timeout_seconds: float = 120.0
+    remediation_allow_node_actions: bool = False
+    remediation_db_dsn: Secret | None = None
+    reopen_window_seconds: int = 1800
     probe_timeout_seconds: float = 3.0
     diagnostics_deadline_seconds: float = 10.0
     actor_header: str = "X-Actor"
@@ -249,6 +257,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_public=_bool(env, "METRICS_PUBLIC", False),
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
         diagnostics_file=_get(env, "DIAGNOSTICS_FILE"),
+        remediation_denied_targets=_csv(env, "REMEDIATION_DENIED_TARGETS", "kube-system/*"),
+        remediation_max_replicas=_int(env, "REMEDIATION_MAX_REPLICAS", 20, minimum=1, maximum=1000),
+        remediation_cooldown_seconds=_int(env, "REMEDIATION_COOLDOWN_SECONDS", 900, minimum=0),
+        remediation_max_actions_per_hour=_int(env, "REMEDIATION_MAX_ACTIONS_PER_HOUR", 20, minimum=0),
+        remediation_verify_timeout_seconds=_float(env, "REMEDIATION_VERIFY_TIMEOUT_SECONDS", 120.0, minimum=0.0),
+        remediation_allow_node_actions=_bool(env, "REMEDIATION_ALLOW_NODE_ACTIONS", False),
+        remediation_db_dsn=read_secret(env, "REMEDIATION_DB_DSN"),
+        reopen_window_seconds=_int(env, "REOPEN_WINDOW_SECONDS", 1800, minimum=0),
         probe_timeout_seconds=_float(env, "PROBE_TIMEOUT_SECONDS", 3.0, minimum=0.1),
         diagnostics_deadline_seconds=_float(env, "DIAGNOSTICS_DEADLINE_SECONDS", 10.0, minimum=0.5),
         actor_header=_get(env, "ACTOR_HEADER", "X-Actor") or "X-Actor",

@@ -31,7 +31,7 @@ _engine_lock = threading.Lock()
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58")
 
 
-def _split_unix_sock(url: str) -> tuple[str, dict]:
+def split_unix_sock(url: str) -> tuple[str, dict]:
     """pg8000 takes ``unix_sock`` as a connect argument, not a URL field."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query)
@@ -41,7 +41,7 @@ def _split_unix_sock(url: str) -> tuple[str, dict]:
 
 
 def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeout: float = 10.0, **options) -> Engine:
-    url, connect_args = _split_unix_sock(url)
+    url, connect_args = split_unix_sock(url)
     connect_args["timeout"] = timeout
     connect_args.setdefault("application_name", "incident-response")
     return sa.create_engine(
@@ -58,7 +58,7 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
 
 def run_outside_transaction(url: str, statement: str) -> None:
     """For CREATE/DROP DATABASE, which PostgreSQL refuses inside a transaction."""
-    url, connect_args = _split_unix_sock(url)
+    url, connect_args = split_unix_sock(url)
     eng = sa.create_engine(url, connect_args=connect_args, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:
         with eng.connect() as conn:

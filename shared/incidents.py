@@ -84,10 +84,50 @@ _UPSERT_FIRING = sa.text(
     """
 )
 
+# A re-fire soon after remediation "fixed" it means the fix did not hold:
+# reopen that incident (a new generation runs the pipeline again, and the
+# remediation cooldown then hands it to a human) instead of opening another.
+_REOPEN_AFTER_REMEDIATION = sa.text(
+    f"""
+    UPDATE incidents AS i
+    SET status = 'open', resolved_at = NULL, resolved_by = NULL, generation = i.generation + 1,
+        updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW}
+    FROM (SELECT DISTINCT fingerprint FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text)
+          ORDER BY fingerprint) AS x
+    WHERE i.fingerprint = x.fingerprint AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+      AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
+      AND i.id = (SELECT b.id FROM incidents b WHERE b.fingerprint = i.fingerprint AND b.status = 'resolved'
+                  ORDER BY b.resolved_at DESC LIMIT 1)
+      AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
+                      AND a.status IN ('open', 'investigating'))
+    RETURNING i.id
+    """
+)
+
+# AlertManager re-sends a still-firing alert (same startsAt) every
+# repeat_interval; after remediation resolved its incident that is the same
+# firing, not a new one: note it on that incident, open nothing.
+_STILL_FIRING_AFTER_REMEDIATION = sa.text(
+    f"""
+    UPDATE incidents AS i
+    SET last_seen_at = {UTC_NOW}, updated_at = {UTC_NOW}, repeat_count = i.repeat_count + 1
+    FROM (SELECT DISTINCT fingerprint, starts_at
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, starts_at timestamp)
+          ORDER BY fingerprint) AS x
+    WHERE i.fingerprint = x.fingerprint AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+      AND x.starts_at IS NOT NULL AND i.starts_at = x.starts_at
+      AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
+      AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
+                      AND a.status IN ('open', 'investigating'))
+    RETURNING i.id, i.fingerprint, i.repeat_count
+    """
+)
+
 _RESOLVE_BY_FINGERPRINT = sa.text(
     f"""
     UPDATE incidents AS i
-    SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW}
+    SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW},
+        resolved_by = 'alert'
     FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, ends_at timestamp)
           ORDER BY fingerprint) AS x
     WHERE i.fingerprint = x.fingerprint AND i.status IN ('open', 'investigating')
@@ -121,7 +161,9 @@ def _alert_row(alert: Alert) -> dict:
     }
 
 
-def record_alerts(conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str) -> RecordResult:
+def record_alerts(
+    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int = 0
+) -> RecordResult:
     """Open, refresh or resolve incidents for a batch of alerts.
 
     One statement per kind of change whatever the batch size. Within a batch
@@ -142,10 +184,28 @@ def record_alerts(conn: Connection, alerts: Sequence[Alert], event_source: str, 
 
     timeline: list[dict] = []
     new_events: list[dict] = []
+    reopened: set[str] = set()
+    if firing:
+        if reopen_window_seconds > 0:
+            keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in firing])
+            params = {"rows": keys, "window": reopen_window_seconds}
+            continuing = conn.execute(_STILL_FIRING_AFTER_REMEDIATION, params).mappings().all()
+            for row in continuing:
+                outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "refreshed", row["id"])
+                timeline.append(_timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"], "note": "still firing after remediation resolved it"}))
+            done = {row["fingerprint"] for row in continuing}
+            firing = [a for a in firing if a.fingerprint not in done]
+            if firing:
+                reopened = set(conn.execute(_REOPEN_AFTER_REMEDIATION, params).scalars())
     if firing:
         rows = conn.execute(_UPSERT_FIRING, {"rows": json.dumps([_alert_row(a) for a in firing])}).mappings().all()
         for row in rows:
             created = row["created"]
+            if row["id"] in reopened:
+                outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "reopened", row["id"])
+                timeline.append(_timeline_row(row["id"], "reopened", actor, {"from": "resolved", "to": "open", "generation": row["generation"], "reason": "the alert fired again soon after remediation resolved it"}))
+                new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
+                continue
             outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if created else "refreshed", row["id"])
             if created:
                 timeline.append(_timeline_row(row["id"], "opened", actor, {"priority": row["priority"], "source": row["source"]}))
@@ -248,6 +308,7 @@ def transition(
     actor: str,
     event_source: str,
     note: str | None = None,
+    resolved_by: str = "api",
 ) -> tuple[dict, list[str]]:
     """Move an incident along the lifecycle; refuses what the lifecycle forbids.
 
@@ -263,9 +324,11 @@ def transition(
     values: dict[str, Any] = {"status": to_status, "updated_at": sa.text(UTC_NOW)}
     if to_status == "resolved":
         values["resolved_at"] = sa.text(UTC_NOW)
+        values["resolved_by"] = resolved_by
     reopening = current == "resolved" and to_status == "investigating"
     if reopening:
         values["resolved_at"] = None
+        values["resolved_by"] = None
         values["generation"] = incidents.c.generation + 1
     try:
         with conn.begin_nested():

@@ -39,6 +39,7 @@ incidents = sa.Table(
     sa.Column("last_seen_at", sa.DateTime),
     sa.Column("repeat_count", sa.Integer),
     sa.Column("generation", sa.Integer),
+    sa.Column("resolved_by", sa.String(40)),
 )
 
 incident_timeline = sa.Table(

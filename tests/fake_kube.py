@@ -108,6 +108,9 @@ class FakeKubernetes:
                     return _status(504, "Timeout", "hung")
                 return _status(status, {403: "Forbidden", 409: "Conflict", 404: "NotFound"}.get(status, "InternalError"), f"injected {status}")
         body = json.loads(req.body) if req.body else None
+        if req.method == "PATCH" and req.headers.get("content-type") == "application/json-patch+json" and not isinstance(body, list):
+            # What a real API server says to a merge-style body sent as a JSON patch.
+            return _status(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
             return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)

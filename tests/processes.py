@@ -24,6 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessExited(RuntimeError):
+    """The process being waited for died: waiting longer cannot help."""
+
+
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -33,6 +37,8 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message
             result = predicate()
             if result:
                 return result
+        except ProcessExited:
+            raise
         except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
             last_error = exc
         time.sleep(interval)
@@ -75,7 +81,7 @@ class FunctionProcess:
 
     def _ready(self, path: str) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()[-3000:]}")
+            raise ProcessExited(f"{self.name} exited with {self.process.returncode}:\n{self.logs()[-3000:]}")
         try:
             return requests.get(self.url + path, timeout=1).status_code < 500
         except requests.ConnectionError:

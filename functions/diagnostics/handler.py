@@ -40,10 +40,13 @@ class DiagnosticsHandler:
             if incident is None:
                 log.warning("Diagnostics skipped: no such incident", extra={"incident_id": incident_id})
                 return eventio.ack()
+            key = f"diagnostics:{incident_id}:{incident['generation']}"
+            if claims.is_completed(conn, key):
+                log.info("Diagnostics already stored; replying again", extra={"incident_id": incident_id})
+                return self._reply(incident_id)
             if incident["status"] not in ("open", "investigating"):
                 log.info("Diagnostics skipped: incident already %s" % incident["status"], extra={"incident_id": incident_id})
                 return eventio.ack()
-            key = f"diagnostics:{incident_id}:{incident['generation']}"
             stale = self.config.diagnostics_deadline_seconds * 3
             claim = claims.claim(conn, key, incident_id, stale)
         if not claim.acquired:

@@ -31,7 +31,9 @@ class Intake:
     def store(self, alerts: Sequence[Alert], actor: str, context: dict) -> incidents.RecordResult:
         try:
             with db.transaction() as conn:
-                result = incidents.record_alerts(conn, alerts, self.config.event_source, actor)
+                result = incidents.record_alerts(
+                    conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds
+                )
         except SQLAlchemyError as exc:
             transient = db.is_transient(exc)
             log.error(
@@ -44,7 +46,7 @@ class Intake:
         for outcome in result.outcomes:
             if outcome.action == "ignored":
                 log.info("Alert ignored", extra={**context, "fingerprint": outcome.fingerprint, "reason": outcome.reason})
-            elif outcome.action in ("created", "resolved"):
+            elif outcome.action in ("created", "resolved", "reopened"):
                 log.info(f"Incident {outcome.action}", extra={**context, "incident_id": outcome.incident_id, "fingerprint": outcome.fingerprint})
         self.publisher.submit(result.event_ids)
         return result

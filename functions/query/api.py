@@ -30,7 +30,7 @@ LIST_PARAMETERS = ("status", "priority", "since", "until", "alert_name", "servic
 PUBLIC_FIELDS = (
     "id", "alert_name", "priority", "status", "created_at", "updated_at", "resolved_at", "summary",
     "description", "diagnostics", "remediation_actions", "fingerprint", "labels", "annotations", "source",
-    "starts_at", "last_seen_at", "repeat_count", "generation",
+    "starts_at", "last_seen_at", "repeat_count", "generation", "resolved_by",
 )
 
 

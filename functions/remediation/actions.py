@@ -1,0 +1,407 @@
+"""Remediation actions: small typed functions registered by name.
+
+Each action has a pydantic parameter model (validated when playbooks load),
+names its target so the rails can judge it before it runs, reads the current
+state even in dry-run (reading changes nothing), and verifies what it did:
+success means verified, not merely accepted by the API.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared import kube
+from shared.config import Settings
+
+MERGE_PATCH = "application/merge-patch+json"
+# What `kubectl rollout restart` sends.
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+# Every Kubernetes API call the actions make, for the RBAC Role (a test keeps
+# knative/ in step with this list).
+KUBERNETES_PERMISSIONS = {
+    ("apps", "deployments", "get"),
+    ("apps", "deployments", "patch"),
+    ("apps", "deployments/scale", "get"),
+    ("apps", "deployments/scale", "patch"),
+    ("", "pods", "list"),
+    ("", "pods", "delete"),
+    ("batch", "jobs", "create"),
+    ("", "nodes", "get"),
+    ("", "nodes", "patch"),
+}
+
+
+class ActionFailed(Exception):
+    """The action could not do (or verify) what it set out to do."""
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    kind: str
+    name: str
+    namespace: str | None = None  # None: cluster-scoped or outside Kubernetes
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass
+class ActionContext:
+    config: Settings
+    incident: dict
+    dry_run: bool
+    verify_timeout: float
+    poll_interval: float = 0.5
+
+    def kube(self):
+        api = kube.api_client()
+        if api is None:
+            raise ActionFailed(f"Kubernetes is not configured ({kube.not_configured_reason()})")
+        return api
+
+
+@dataclass
+class Outcome:
+    target: str
+    before: Any = None
+    after: Any = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    params: type[BaseModel]
+    run: Callable[[ActionContext, Any], Outcome]
+    target: Callable[[Any], TargetRef]
+    changes_replicas: bool = False
+
+
+REGISTRY: dict[str, ActionSpec] = {}
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def action(name: str, params: type[Params], target: Callable[[Any], TargetRef]):
+    def register(fn: Callable[[ActionContext, Any], Outcome]):
+        REGISTRY[name] = ActionSpec(name, params, fn, target)
+        return fn
+
+    return register
+
+
+def _k8s_error(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None)
+    if status:
+        body = getattr(exc, "body", "") or ""
+        message = ""
+        try:
+            import json
+
+            message = json.loads(body).get("message", "")
+        except Exception:  # noqa: BLE001 - the status line is enough
+            pass
+        return f"Kubernetes API {status} {reason}" + (f": {message}" if message else "")
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _call(fn, *args, **kwargs):
+    """A Kubernetes call whose failure becomes an ActionFailed with a clear error."""
+    try:
+        return fn(*args, **kwargs)
+    except ActionFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ApiException, timeouts, connection errors
+        raise ActionFailed(_k8s_error(exc)) from None
+
+
+def _wait(ctx: ActionContext, check: Callable[[], tuple[bool, str]]) -> None:
+    deadline = time.monotonic() + ctx.verify_timeout
+    while True:
+        done, state = check()
+        if done:
+            return
+        if time.monotonic() >= deadline:
+            raise ActionFailed(f"not verified after {ctx.verify_timeout:g}s: {state}")
+        time.sleep(ctx.poll_interval)
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+class DeploymentParams(Params):
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+
+
+class ScaleParams(DeploymentParams):
+    replicas: int = Field(ge=1, le=1000)
+
+
+def _deployment_target(p: DeploymentParams) -> TargetRef:
+    return TargetRef("deployment", p.name, p.namespace)
+
+
+def _apps(ctx: ActionContext):
+    from kubernetes import client
+
+    return client.AppsV1Api(ctx.kube())
+
+
+def _ready_replicas(apps, p: DeploymentParams, timeout: float) -> tuple[int, int]:
+    d = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
+    return (d.status.ready_replicas or 0) if d.status else 0, d.spec.replicas or 0
+
+
+@action("scale_deployment", ScaleParams, _deployment_target)
+def scale_deployment(ctx: ActionContext, p: ScaleParams) -> Outcome:
+    """Scale to an absolute count, never down, never above the ceiling."""
+    apps = _apps(ctx)
+    timeout = ctx.config.probe_timeout_seconds
+    current = _call(apps.read_namespaced_deployment_scale, p.name, p.namespace, _request_timeout=timeout).spec.replicas or 0
+    ceiling = ctx.config.remediation_max_replicas
+    wanted = min(p.replicas, ceiling)
+    details = {"requested": p.replicas, "ceiling": ceiling} if p.replicas > ceiling else {}
+    if wanted <= current:
+        # Never scale down: a human or an HPA may have had a reason.
+        return Outcome(p.name, current, current, {**details, "note": f"already at {current} replicas"})
+    if ctx.dry_run:
+        return Outcome(p.name, current, wanted, details)
+    _call(
+        apps.patch_namespaced_deployment_scale, p.name, p.namespace, {"spec": {"replicas": wanted}},
+        _content_type=MERGE_PATCH, _request_timeout=timeout,
+    )
+
+    def ready():
+        have, _ = _ready_replicas(apps, p, timeout)
+        return have >= wanted, f"{have}/{wanted} replicas ready"
+
+    _wait(ctx, ready)
+    return Outcome(p.name, current, wanted, details)
+
+
+@action("rollout_restart", DeploymentParams, _deployment_target)
+def rollout_restart(ctx: ActionContext, p: DeploymentParams) -> Outcome:
+    """What `kubectl rollout restart` does: bump the pod template annotation."""
+    apps = _apps(ctx)
+    timeout = ctx.config.probe_timeout_seconds
+    before = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
+    previous = ((before.spec.template.metadata.annotations or {}) if before.spec.template.metadata else {}).get(RESTARTED_AT)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if ctx.dry_run:
+        return Outcome(p.name, previous, stamp)
+    patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}
+    patched = _call(
+        apps.patch_namespaced_deployment, p.name, p.namespace, patch,
+        _content_type=STRATEGIC_MERGE_PATCH, _request_timeout=timeout,
+    )
+    generation = patched.metadata.generation or 0
+
+    def rolled_out():
+        d = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
+        s, want = d.status, d.spec.replicas or 0
+        observed = (s.observed_generation or 0) if s else 0
+        updated = (s.updated_replicas or 0) if s else 0
+        ready = (s.ready_replicas or 0) if s else 0
+        return observed >= generation and updated >= want and ready >= want, f"generation {observed}/{generation}, {updated} updated, {ready}/{want} ready"
+
+    _wait(ctx, rolled_out)
+    return Outcome(p.name, previous, stamp)
+
+
+# --------------------------------------------------------------------------- pods
+
+
+class DeletePodsParams(Params):
+    namespace: str = Field(min_length=1, max_length=63)
+    selector: str | None = Field(default=None, description="label selector, e.g. app=email-service")
+    pod: str | None = Field(default=None, description="one pod by name")
+    reasons: list[str] = Field(
+        default_factory=lambda: ["CrashLoopBackOff", "Evicted", "Failed"],
+        description="delete pods whose waiting reason, status reason or phase is one of these; ['*'] for any",
+    )
+    max_pods: int = Field(default=10, ge=1, le=100)
+
+
+def _pods_target(p: DeletePodsParams) -> TargetRef:
+    return TargetRef("pods", p.pod or p.selector or "*", p.namespace)
+
+
+def _pod_matches(pod, reasons: list[str]) -> bool:
+    if "*" in reasons:
+        return True
+    status = pod.status
+    found = {status.phase, status.reason} if status else set()
+    for cs in (status.container_statuses or []) if status else []:
+        if cs.state and cs.state.waiting:
+            found.add(cs.state.waiting.reason)
+        if cs.last_state and cs.last_state.terminated:
+            found.add(cs.last_state.terminated.reason)
+    return bool(found & set(reasons))
+
+
+@action("delete_pods", DeletePodsParams, _pods_target)
+def delete_pods(ctx: ActionContext, p: DeletePodsParams) -> Outcome:
+    """Delete crash-looping, evicted or failed pods; their controller replaces them."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(ctx.kube())
+    timeout = ctx.config.probe_timeout_seconds
+    selector = p.selector or ""
+    pods = _call(core.list_namespaced_pod, p.namespace, label_selector=selector, _request_timeout=timeout).items
+    if p.pod:
+        pods = [x for x in pods if x.metadata.name == p.pod]
+    matching = [x for x in pods if _pod_matches(x, p.reasons)][: p.max_pods]
+    names = [x.metadata.name for x in matching]
+    if not ctx.dry_run:
+        for name in names:
+            _call(core.delete_namespaced_pod, name, p.namespace, _request_timeout=timeout)
+    return Outcome(_pods_target(p).name, len(matching), 0, {"pods": names})
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class RunJobParams(Params):
+    namespace: str = Field(min_length=1, max_length=63)
+    name_prefix: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    template: dict = Field(description="the Job's spec (template, backoffLimit, ...)")
+
+
+@action("run_job", RunJobParams, lambda p: TargetRef("job", f"{p.name_prefix}-*", p.namespace))
+def run_job(ctx: ActionContext, p: RunJobParams) -> Outcome:
+    """Create a Job from the playbook's template (a log cleanup, a cache flush)."""
+    from kubernetes import client
+
+    incident_id = ctx.incident["id"]
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "generateName": f"{p.name_prefix}-",
+            "namespace": p.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "incident-response", "incident-response/incident": incident_id},
+        },
+        "spec": {"ttlSecondsAfterFinished": 3600, **p.template},
+    }
+    if ctx.dry_run:
+        return Outcome(f"{p.name_prefix}-*", None, "created", {"job": body})
+    batch = client.BatchV1Api(ctx.kube())
+    created = _call(batch.create_namespaced_job, p.namespace, body, _request_timeout=ctx.config.probe_timeout_seconds)
+    return Outcome(created.metadata.name, None, "created", {"job": created.metadata.name})
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class NodeParams(Params):
+    node: str = Field(min_length=1, max_length=253)
+
+
+@action("cordon_node", NodeParams, lambda p: TargetRef("node", p.node))
+def cordon_node(ctx: ActionContext, p: NodeParams) -> Outcome:
+    """Mark a node unschedulable (what `kubectl cordon` does); never drains."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(ctx.kube())
+    timeout = ctx.config.probe_timeout_seconds
+    node = _call(core.read_node, p.node, _request_timeout=timeout)
+    before = bool(node.spec.unschedulable) if node.spec else False
+    if ctx.dry_run or before:
+        return Outcome(p.node, before, True)
+    _call(core.patch_node, p.node, {"spec": {"unschedulable": True}}, _content_type=MERGE_PATCH, _request_timeout=timeout)
+    after = _call(core.read_node, p.node, _request_timeout=timeout)
+    if not (after.spec and after.spec.unschedulable):
+        raise ActionFailed("the node still reports schedulable after the patch")
+    return Outcome(p.node, before, True)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class IdleConnectionsParams(Params):
+    idle_seconds: float = Field(default=600, gt=0, description="terminate connections idle longer than this")
+    application_names: list[str] = Field(default_factory=list, description="only these application_name values (empty: any)")
+    users: list[str] = Field(default_factory=list, description="only these roles (empty: any)")
+    max_connections: int = Field(default=50, ge=1, le=1000)
+
+
+_IDLE_QUERY = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+      AND state = 'idle' AND state_change < now() - make_interval(secs => :idle)
+      AND (cardinality(CAST(:apps AS text[])) = 0 OR application_name = ANY(CAST(:apps AS text[])))
+      AND (cardinality(CAST(:users AS text[])) = 0 OR usename = ANY(CAST(:users AS text[])))
+    ORDER BY state_change LIMIT :limit
+"""
+
+
+@action("terminate_idle_db_connections", IdleConnectionsParams, lambda p: TargetRef("database", "REMEDIATION_DB_DSN"))
+def terminate_idle_db_connections(ctx: ActionContext, p: IdleConnectionsParams) -> Outcome:
+    """pg_terminate_backend on connections idle longer than the threshold, in
+    the database named by the REMEDIATION_DB_DSN secret."""
+    import sqlalchemy as sa
+
+    if ctx.config.remediation_db_dsn is None:
+        raise ActionFailed("REMEDIATION_DB_DSN is not set")
+    engine = _dsn_engine(ctx)
+    params = {"idle": p.idle_seconds, "apps": p.application_names, "users": p.users, "limit": p.max_connections}
+    try:
+        with engine.connect() as conn:
+            pids = list(conn.execute(sa.text(_IDLE_QUERY), params).scalars())
+            terminated = 0
+            if not ctx.dry_run:
+                for pid in pids:
+                    terminated += bool(conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar())
+                conn.commit()
+    except ActionFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the database said no, or is unreachable
+        raise ActionFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        engine.dispose()
+    remaining = len(pids) - (len(pids) if ctx.dry_run else terminated)
+    return Outcome("database", len(pids), remaining if not ctx.dry_run else 0, {"pids": pids, "terminated": 0 if ctx.dry_run else terminated})
+
+
+def _dsn_engine(ctx: ActionContext):
+    import sqlalchemy as sa
+
+    from shared.config import parse_database_url
+    from shared.db import split_unix_sock
+
+    url, connect_args = split_unix_sock(parse_database_url(ctx.config.remediation_db_dsn.reveal(), "REMEDIATION_DB_DSN"))
+    connect_args.update(timeout=ctx.config.probe_timeout_seconds * 3, application_name="incident-response-remediation")
+    return sa.create_engine(url, connect_args=connect_args, poolclass=sa.pool.NullPool)
+
+
+# --------------------------------------------------------------------------- humans
+
+
+class EscalateParams(Params):
+    reason: str = Field(default="this alert needs a human", max_length=500)
+
+
+@action("escalate", EscalateParams, lambda p: TargetRef("human", "on-call"))
+def escalate(ctx: ActionContext, p: EscalateParams) -> Outcome:
+    """No change to the system: hand the incident to the on-call human."""
+    return Outcome("on-call", None, None, {"reason": p.reason, "escalate": True})
+
+
+def denied(target: TargetRef, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(str(target), pattern):
+            return pattern
+    return None
+

@@ -1,0 +1,186 @@
+"""Playbooks are data: YAML mapping an alert (name plus label matchers) to an
+ordered list of actions with parameters. Invalid playbooks are refused at
+load with the file, the playbook and the field named."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from functions.remediation.actions import REGISTRY
+from shared.templating import PLACEHOLDER, TemplateError, lookup, render
+
+DEFAULT_FILE = Path(__file__).with_name("playbooks.yaml")
+MATCHER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$")
+
+
+class PlaybookError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Matcher:
+    label: str
+    op: str
+    value: str
+    regex: re.Pattern | None = None
+
+    def matches(self, labels: dict) -> bool:
+        actual = labels.get(self.label, "")
+        if self.op == "=":
+            return actual == self.value
+        if self.op == "!=":
+            return actual != self.value
+        # Anchored, as in PromQL and AlertManager matchers.
+        hit = self.regex.fullmatch(actual) is not None
+        return hit if self.op == "=~" else not hit
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class Playbook:
+    name: str
+    alertname: str
+    matchers: tuple[Matcher, ...]
+    steps: tuple[Step, ...]
+
+    def matches(self, alert_name: str, labels: dict) -> bool:
+        return alert_name == self.alertname and all(m.matches(labels) for m in self.matchers)
+
+
+def _parse_matcher(raw: Any, where: str) -> Matcher:
+    if not isinstance(raw, str) or not (m := MATCHER.match(raw)):
+        raise PlaybookError(f"{where}: matcher {raw!r} is not label=value, label!=value, label=~regex or label!~regex")
+    label, op, value = m.groups()
+    value = value.strip("'\"")
+    regex = None
+    if op in ("=~", "!~"):
+        try:
+            regex = re.compile(value)
+        except re.error as exc:
+            raise PlaybookError(f"{where}: matcher {raw!r}: bad regex: {exc}") from None
+    return Matcher(label, op, value, regex)
+
+
+def _has_placeholder(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(PLACEHOLDER.search(value))
+    if isinstance(value, dict):
+        return any(_has_placeholder(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_placeholder(v) for v in value)
+    return False
+
+
+def _validate_params(action: str, params: dict, where: str) -> None:
+    model = REGISTRY[action].params
+    fields = model.model_fields
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise PlaybookError(f"{where}: field {unknown[0]!r}: unknown parameter of {action}; known: {', '.join(fields)}")
+    for name, info in fields.items():
+        if name not in params:
+            if info.is_required():
+                raise PlaybookError(f"{where}: field {name!r}: required by {action}")
+            continue
+        value = params[name]
+        if _has_placeholder(value):
+            continue  # checked when rendered against the incident
+        try:
+            TypeAdapter(info.annotation).validate_python(value)
+        except ValidationError as exc:
+            raise PlaybookError(f"{where}: field {name!r}: {exc.errors()[0]['msg']}") from None
+    concrete = {k: v for k, v in params.items() if not _has_placeholder(v)}
+    if len(concrete) == len(params):
+        try:
+            model.model_validate(concrete)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise PlaybookError(f"{where}: field {'.'.join(map(str, error['loc']))!r}: {error['msg']}") from None
+
+
+def parse(spec: Any, source: str) -> list[Playbook]:
+    if not isinstance(spec, dict) or not isinstance(spec.get("playbooks"), list):
+        raise PlaybookError(f"{source}: expected a mapping with a 'playbooks' list")
+    result = []
+    names = set()
+    for index, raw in enumerate(spec["playbooks"]):
+        where = f"{source}: playbook #{index + 1}"
+        if not isinstance(raw, dict):
+            raise PlaybookError(f"{where}: must be a mapping")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise PlaybookError(f"{where}: field 'name': required")
+        where = f"{source}: playbook {name!r}"
+        if name in names:
+            raise PlaybookError(f"{where}: field 'name': used twice")
+        names.add(name)
+        match = raw.get("match")
+        if not isinstance(match, dict) or not isinstance(match.get("alertname"), str):
+            raise PlaybookError(f"{where}: field 'match.alertname': required")
+        unknown = sorted(set(raw) - {"name", "match", "actions", "description"})
+        if unknown:
+            raise PlaybookError(f"{where}: field {unknown[0]!r}: unknown; allowed: name, description, match, actions")
+        matchers = tuple(_parse_matcher(m, f"{where}: match.labels") for m in match.get("labels", []) or [])
+        steps_raw = raw.get("actions")
+        if not isinstance(steps_raw, list) or not steps_raw:
+            raise PlaybookError(f"{where}: field 'actions': at least one action is required")
+        steps = []
+        for j, step in enumerate(steps_raw):
+            at = f"{where}: actions[{j}]"
+            if not isinstance(step, dict) or not isinstance(step.get("action"), str):
+                raise PlaybookError(f"{at}: field 'action': required")
+            if step["action"] not in REGISTRY:
+                raise PlaybookError(f"{at}: field 'action': unknown action {step['action']!r}; known: {', '.join(sorted(REGISTRY))}")
+            params = step.get("params", {}) or {}
+            if not isinstance(params, dict):
+                raise PlaybookError(f"{at}: field 'params': must be a mapping")
+            _validate_params(step["action"], params, at)
+            steps.append(Step(step["action"], params))
+        result.append(Playbook(name, match["alertname"], matchers, tuple(steps)))
+    return result
+
+
+def load(path: str = "") -> list[Playbook]:
+    source = Path(path) if path else DEFAULT_FILE
+    try:
+        spec = yaml.safe_load(source.read_text())
+    except OSError as exc:
+        raise PlaybookError(f"{source}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise PlaybookError(f"{source}: not valid YAML: {exc}") from None
+    return parse(spec, str(source))
+
+
+def find(playbooks: list[Playbook], alert_name: str, labels: dict) -> Playbook | None:
+    """The first playbook that matches: put specific ones before general ones."""
+    return next((p for p in playbooks if p.matches(alert_name, labels)), None)
+
+
+def render_params(value: Any, context: dict) -> Any:
+    """Fill placeholders; a value that is exactly one placeholder keeps the
+    placeholder's type (so ``replicas: "{{ labels.replicas }}"`` can be an int
+    after validation)."""
+    if isinstance(value, str):
+        whole = PLACEHOLDER.fullmatch(value.strip())
+        if whole:
+            return lookup(context, whole.group(1))
+        return render(value, context)
+    if isinstance(value, dict):
+        return {k: render_params(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render_params(v, context) for v in value]
+    return value
+
+
+__all__ = ["Playbook", "PlaybookError", "Step", "TemplateError", "find", "load", "parse", "render_params"]

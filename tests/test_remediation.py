@@ -1,0 +1,426 @@
+"""Remediation over real HTTP, against a loopback Kubernetes API reached
+through the official client, and the real PostgreSQL."""
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+import sqlalchemy as sa
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent, from_http
+
+from functions.remediation import playbooks as pb
+from functions.remediation.actions import ActionContext, IdleConnectionsParams, terminate_idle_db_connections
+from shared import events
+from shared import incidents as svc
+from shared.config import load_settings
+from tests.factories import alert
+from tests.fake_kube import FakeKubernetes, deployment, pod
+from tests.processes import FunctionProcess
+
+REMEDIATED = events.INCIDENT_REMEDIATED
+FAILED = events.INCIDENT_REMEDIATION_FAILED
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory):
+    server = FakeKubernetes().start()
+    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(kube):
+    kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear(), kube.jobs.clear(), kube.nodes.clear()
+    kube.rollout_delay = 0.0
+    kube.add_deployment(deployment("email-service", 1))
+    kube.add_deployment(deployment("billing", 2))
+    kube.add_deployment(deployment("email-service", 1, namespace="staging"))
+    kube.pods.extend([
+        pod("email-service-a", {"app": "email-service"}),
+        pod("email-service-b", {"app": "email-service"}, ready=False, restarts=9, waiting="CrashLoopBackOff"),
+        pod("batch-1", {"app": "batch"}, phase="Failed", reason="Evicted"),
+        pod("batch-2", {"app": "batch"}, phase="Failed", reason="Evicted"),
+        pod("report-x", {"job-name": "report"}, phase="Failed", ready=False),
+    ])
+    kube.add_node("node-7")
+    return kube
+
+
+def _env(base_env, kube, database_url, **extra):
+    return {
+        **base_env,
+        "KUBECONFIG": str(kube.kubeconfig_path),
+        "REMEDIATION_ALLOWED_NAMESPACES": "production",
+        "REMEDIATION_VERIFY_TIMEOUT_SECONDS": "5",
+        "REMEDIATION_ALLOW_NODE_ACTIONS": "true",
+        "REMEDIATION_DB_DSN": database_url,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def live(base_env, kube, database_url):
+    proc = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="live")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def dry(base_env, kube, database_url):
+    proc = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="dry-run")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(base_env, kube, database_url):
+    """A ceiling of 4 replicas and one live action an hour."""
+    env = _env(base_env, kube, database_url, REMEDIATION_MODE="live", REMEDIATION_MAX_REPLICAS="4", REMEDIATION_MAX_ACTIONS_PER_HOUR="1")
+    proc = FunctionProcess("remediation", env).start()
+    yield proc
+    proc.stop()
+
+
+def incident(engine, name, **labels):
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
+        svc.mark_investigating(conn, incident_id, "diagnostics")
+        return svc.get_incident(conn, incident_id)
+
+
+def deliver(proc, row):
+    spec = events.incident_event(events.INCIDENT_DIAGNOSED, row, "/test")
+    headers, body = to_binary(CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", **spec["extensions"]}, spec["data"]))
+    response = requests.post(proc.url + "/", data=body, headers={**headers, "Prefer": "reply"}, timeout=60)
+    return response
+
+
+def reply_of(response):
+    assert response.status_code == 200, response.text
+    return from_http(response.headers, response.content)
+
+
+def actions_of(engine, incident_id):
+    with engine.connect() as conn:
+        return svc.get_incident(conn, incident_id)["remediation_actions"]
+
+
+def status_of(engine, incident_id):
+    with engine.connect() as conn:
+        return svc.get_incident(conn, incident_id)["status"]
+
+
+def test_seed_test4_scales_email_service_from_1_to_6_verified(live, cluster, clean_db):
+    cluster.rollout_delay = 1.0
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production", severity="warning")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == REMEDIATED and event["id"] == f"{row['id']}.remediated.0"
+    (record,) = actions_of(clean_db, row["id"])
+    assert {k: record[k] for k in ("action", "target", "from", "to", "success", "dry_run", "error")} == {
+        "action": "scale_deployment", "target": "email-service", "from": 1, "to": 6, "success": True, "dry_run": False, "error": None}
+    assert record["timestamp"].endswith("Z") and record["namespace"] == "production"
+    (patch,) = cluster.calls("PATCH", "/scale")
+    assert patch.path.startswith("/apis/apps/v1/namespaces/production/deployments/email-service/scale")
+    assert patch.headers["content-type"] == "application/merge-patch+json"
+    assert patch.json() == {"spec": {"replicas": 6}}
+    assert cluster.deployments[("production", "email-service")]["status"]["readyReplicas"] == 6
+    with clean_db.connect() as conn:
+        resolved = svc.get_incident(conn, row["id"])
+        kinds = [t["kind"] for t in svc.get_timeline(conn, row["id"])]
+    assert resolved["status"] == "resolved" and resolved["resolved_by"] == "remediation"
+    assert kinds[-3:] == ["remediation_action", "status_changed", "remediation_result"]
+
+
+def test_rollout_restart_patches_the_template_annotation_like_kubectl(live, cluster, clean_db):
+    row = incident(clean_db, "EmailServiceDown", namespace="production")
+    assert reply_of(deliver(live, row))["type"] == REMEDIATED
+    (patch,) = cluster.calls("PATCH", "/deployments/email-service")
+    assert patch.headers["content-type"] == "application/strategic-merge-patch+json"
+    stamp = patch.json()["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+    assert stamp.endswith("Z")
+    assert actions_of(clean_db, row["id"])[0]["to"] == stamp
+
+
+def test_crash_looping_pod_is_deleted_and_healthy_ones_are_not(live, cluster, clean_db):
+    row = incident(clean_db, "KubePodCrashLooping", namespace="production", pod="email-service-b")
+    assert reply_of(deliver(live, row))["type"] == REMEDIATED
+    assert [r.path.split("?")[0] for r in cluster.calls("DELETE")] == ["/api/v1/namespaces/production/pods/email-service-b"]
+    assert actions_of(clean_db, row["id"])[0]["pods"] == ["email-service-b"]
+
+
+def test_evicted_pods_are_cleaned_up(live, cluster, clean_db):
+    row = incident(clean_db, "PodEvicted", namespace="production")
+    reply_of(deliver(live, row))
+    assert sorted(r.path.rsplit("/", 1)[1] for r in cluster.calls("DELETE")) == ["batch-1", "batch-2"]
+
+
+def test_disk_space_low_creates_a_cleanup_job_on_the_node(live, cluster, clean_db):
+    row = incident(clean_db, "DiskSpaceLow", namespace="production", node="node-7")
+    assert reply_of(deliver(live, row))["type"] == REMEDIATED
+    (post,) = cluster.calls("POST", "/apis/batch/v1/namespaces/production/jobs")
+    job = post.json()
+    assert job["metadata"]["generateName"] == "log-cleanup-"
+    assert job["metadata"]["labels"]["incident-response/incident"] == row["id"]
+    assert job["spec"]["template"]["spec"]["nodeName"] == "node-7"
+
+
+def test_node_not_ready_cordons_then_hands_to_a_human(live, cluster, clean_db):
+    row = incident(clean_db, "KubeNodeNotReady", node="node-7")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED and "human" in event.data["remediation"]["reason"]
+    (patch,) = cluster.calls("PATCH", "/api/v1/nodes/node-7")
+    assert patch.headers["content-type"] == "application/merge-patch+json"
+    assert patch.json() == {"spec": {"unschedulable": True}}
+    assert [a["action"] for a in actions_of(clean_db, row["id"])] == ["cordon_node", "escalate"]
+    assert status_of(clean_db, row["id"]) == "investigating"
+
+
+def test_terminate_idle_connections_only_those_older_than_the_threshold(database_url):
+    victims = sa.create_engine(database_url, connect_args={"application_name": "idle-victim"}, pool_size=5, max_overflow=0)
+    old = [victims.connect() for _ in range(3)]
+    for c in old:
+        c.execute(sa.text("SELECT 1"))
+        c.commit()
+    time.sleep(1.5)
+    fresh = [victims.connect() for _ in range(2)]
+    for c in fresh:
+        c.execute(sa.text("SELECT 1"))
+        c.commit()
+    config = load_settings({"DATABASE_URL": database_url, "REMEDIATION_DB_DSN": database_url})
+    ctx = ActionContext(config, {"id": "x"}, dry_run=False, verify_timeout=1)
+    outcome = terminate_idle_db_connections(ctx, IdleConnectionsParams(idle_seconds=1.0, application_names=["idle-victim"]))
+    assert outcome.before == 3 and outcome.details["terminated"] == 3
+    alive = []
+    for c in old + fresh:
+        try:
+            c.execute(sa.text("SELECT 1"))
+            alive.append(True)
+        except Exception:
+            alive.append(False)
+    assert alive == [False, False, False, True, True]
+    victims.dispose()
+
+
+def test_dry_run_records_what_it_would_do_and_changes_nothing(dry, cluster, clean_db):
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    event = reply_of(deliver(dry, row))
+    assert event["type"] == FAILED and "dry-run" in event.data["remediation"]["reason"]
+    (record,) = actions_of(clean_db, row["id"])
+    assert (record["from"], record["to"], record["dry_run"], record["success"]) == (1, 6, True, True)
+    assert [r.method for r in cluster.requests] == ["GET"]
+    assert status_of(clean_db, row["id"]) == "investigating"
+
+
+def test_namespace_outside_the_allow_list_is_blocked(live, cluster, clean_db):
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="staging")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED
+    (record,) = actions_of(clean_db, row["id"])
+    assert record["success"] is False and record["blocked_by"] == "namespace_allow_list"
+    assert "staging" in record["error"] and cluster.requests == []
+
+
+def test_replica_ceiling_caps_the_scale(tight, cluster, clean_db):
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    reply_of(deliver(tight, row))
+    (record,) = actions_of(clean_db, row["id"])
+    assert (record["from"], record["to"], record["requested"], record["ceiling"]) == (1, 4, 6, 4)
+
+
+def test_hourly_cap_holds(tight, cluster, clean_db):
+    first = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    assert reply_of(deliver(tight, first))["type"] == REMEDIATED
+    second = incident(clean_db, "EmailServiceDown", namespace="production")
+    event = reply_of(deliver(tight, second))
+    assert event["type"] == FAILED
+    assert actions_of(clean_db, second["id"])[0]["blocked_by"] == "hourly_cap"
+
+
+def test_cooldown_blocks_the_second_attempt_on_one_target(live, cluster, clean_db):
+    first = incident(clean_db, "EmailServiceDown", namespace="production")
+    assert reply_of(deliver(live, first))["type"] == REMEDIATED
+    second = incident(clean_db, "EmailServiceDown", namespace="production", replica="b")
+    event = reply_of(deliver(live, second))
+    assert event["type"] == FAILED and "cooldown" in event.data["remediation"]["reason"]
+    assert len(cluster.calls("PATCH")) == 1
+
+
+def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(live, cluster, clean_db):
+    from datetime import datetime
+
+    fired = alert("EmailServiceDown", namespace="production")
+    fired = fired.__class__(**{**fired.__dict__, "starts_at": datetime(2026, 11, 27, 10, 0, 0)})
+    with clean_db.begin() as conn:
+        row_id = svc.record_alerts(conn, [fired], "/test", "am", reopen_window_seconds=1800).outcomes[0].incident_id
+        row = svc.get_incident(conn, row_id)
+    assert reply_of(deliver(live, row))["type"] == REMEDIATED
+
+    # AlertManager re-sends the same firing (same startsAt): noted, nothing opened.
+    with clean_db.begin() as conn:
+        same = svc.record_alerts(conn, [fired], "/test", "am", reopen_window_seconds=1800).outcomes[0]
+    assert (same.action, same.incident_id) == ("refreshed", row_id)
+    assert status_of(clean_db, row_id) == "resolved"
+
+    # It fires again (a new startsAt): the same incident reopens, a new generation.
+    again = fired.__class__(**{**fired.__dict__, "starts_at": datetime(2026, 11, 27, 10, 30, 0)})
+    with clean_db.begin() as conn:
+        reopened = svc.record_alerts(conn, [again], "/test", "am", reopen_window_seconds=1800)
+        row = svc.get_incident(conn, row_id)
+    assert (reopened.outcomes[0].action, reopened.outcomes[0].incident_id) == ("reopened", row_id)
+    assert (row["status"], row["generation"]) == ("open", 1)
+    assert reopened.event_ids == [f"{row_id}.opened.1"]
+
+    # The second attempt meets the cooldown: a human gets it, not a loop.
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED and "cooldown" in event.data["remediation"]["reason"]
+    assert len(cluster.calls("PATCH")) == 1
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar() == 1
+
+
+def test_three_concurrent_deliveries_run_one_set_of_actions(live, cluster, clean_db):
+    cluster.rollout_delay = 0.5
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    barrier = threading.Barrier(3)
+    statuses = []
+
+    def go():
+        barrier.wait()
+        statuses.append(deliver(live, row).status_code)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 200 in statuses and set(statuses) <= {200, 409}
+    assert len(cluster.calls("PATCH", "/scale")) == 1
+    assert len(actions_of(clean_db, row["id"])) == 1
+
+
+def test_redelivery_after_completion_replies_the_same_without_acting(live, cluster, clean_db):
+    row = incident(clean_db, "EmailServiceDown", namespace="production")
+    first = deliver(live, row)
+    again = deliver(live, row)
+    assert again.status_code == 200 and again.headers["ce-id"] == first.headers["ce-id"]
+    assert again.headers["ce-type"] == first.headers["ce-type"]
+    assert len(cluster.calls("PATCH")) == 1
+
+
+@pytest.mark.parametrize("status", [403, 409, "hang"])
+def test_failing_kubernetes_call_is_recorded_and_leads_to_remediation_failed(live, cluster, clean_db, status):
+    cluster.fail("PATCH", r"/scale$", status)
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED
+    (record,) = actions_of(clean_db, row["id"])
+    assert record["success"] is False and record["error"]
+    if status != "hang":
+        assert str(status) in record["error"]
+    assert status_of(clean_db, row["id"]) == "investigating"
+
+
+def test_resolved_incident_is_never_remediated(live, cluster, clean_db):
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "t", "/test")
+    response = deliver(live, row)
+    assert response.status_code == 202 and cluster.requests == []
+    assert actions_of(clean_db, row["id"]) == []
+
+
+def test_no_playbook_is_remediation_failed(live, cluster, clean_db):
+    row = incident(clean_db, "SomethingNobodyWroteAPlaybookFor", namespace="production")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED and "no playbook" in event.data["remediation"]["reason"]
+
+
+# Every shipped scenario, in dry-run: the playbook is found, its parameters
+# render from a realistic alert of that name, and the rails let it through.
+SCENARIOS = {
+    "KafkaConsumerLagHigh": {"namespace": "production"},
+    "PostgreSQLConnectionsHigh": {"namespace": "production"},
+    "DiskSpaceLow": {"namespace": "production", "node": "node-7"},
+    "EmailServiceDown": {"namespace": "production"},
+    "KubePodCrashLooping": {"namespace": "production", "pod": "email-service-b", "container": "app"},
+    "KubePodNotReady": {"namespace": "production", "pod": "email-service-a"},
+    "KubeDeploymentReplicasMismatch": {"namespace": "production", "deployment": "billing"},
+    "KubeDeploymentRolloutStuck": {"namespace": "production", "deployment": "billing"},
+    "HighMemoryUsage": {"namespace": "production", "deployment": "billing"},
+    "ContainerOOMKilled": {"namespace": "production", "pod": "email-service-b"},
+    "PodEvicted": {"namespace": "production"},
+    "KubeJobFailed": {"namespace": "production", "job_name": "report"},
+    "KubeNodeNotReady": {"node": "node-7"},
+    "NodeNotReady": {"node": "node-7"},
+    "NodeFilesystemSpaceFillingUp": {"namespace": "production", "instance": "node-7:9100", "mountpoint": "/"},
+    "HighErrorRate": {"service": "email"},
+    "CertificateExpiringSoon": {"service": "email"},
+    "KubeContainerWaiting": {"namespace": "production", "pod": "email-service-b"},
+    "KubeHpaMaxedOut": {"namespace": "production", "horizontalpodautoscaler": "email"},
+    "KubePersistentVolumeFillingUp": {"namespace": "production", "persistentvolumeclaim": "data"},
+    "TargetDown": {"job": "email"},
+}
+
+
+def test_every_shipped_playbook_has_a_scenario():
+    assert {p.alertname for p in pb.load()} == set(SCENARIOS)
+    assert len(SCENARIOS) > 12
+
+
+@pytest.mark.parametrize("alert_name", sorted(SCENARIOS))
+def test_shipped_scenario_runs_in_dry_run(dry, cluster, clean_db, alert_name):
+    playbook = pb.find(pb.load(), alert_name, SCENARIOS[alert_name])
+    row = incident(clean_db, alert_name, **SCENARIOS[alert_name])
+    event = reply_of(deliver(dry, row))
+    records = actions_of(clean_db, row["id"])
+    assert [r["action"] for r in records] == [s.action for s in playbook.steps]
+    assert all(r["success"] and r["dry_run"] for r in records), records
+    assert event["type"] == FAILED
+    assert not cluster.calls("PATCH") and not cluster.calls("DELETE") and not cluster.calls("POST")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({}, "'playbooks' list"),
+        ({"playbooks": [{"match": {"alertname": "A"}, "actions": [{"action": "escalate"}]}]}, "field 'name'"),
+        ({"playbooks": [{"name": "x", "actions": [{"action": "escalate"}]}]}, "playbook 'x': field 'match.alertname'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": []}]}, "field 'actions'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "reboot_cluster"}]}]}, "unknown action 'reboot_cluster'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "scale_deployment", "params": {"namespace": "a", "name": "b"}}]}]}, "field 'replicas': required"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "scale_deployment", "params": {"namespace": "a", "name": "b", "replicas": "many"}}]}]}, "field 'replicas'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "scale_deployment", "params": {"namespace": "a", "name": "b", "replicas": 0}}]}]}, "field 'replicas'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "escalate", "params": {"colour": "red"}}]}]}, "field 'colour'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A", "labels": ["sev~~x"]}, "actions": [{"action": "escalate"}]}]}, "matcher 'sev~~x'"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A", "labels": ["sev=~("]}, "actions": [{"action": "escalate"}]}]}, "bad regex"),
+        ({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "escalate"}]}] * 2}, "used twice"),
+    ],
+)
+def test_invalid_playbooks_are_refused_naming_file_playbook_and_field(spec, message):
+    with pytest.raises(pb.PlaybookError) as err:
+        pb.parse(spec, "custom.yaml")
+    assert str(err.value).startswith("custom.yaml") and message in str(err.value)
+
+
+def test_label_matchers_select_the_playbook():
+    books = pb.parse({"playbooks": [
+        {"name": "prod", "match": {"alertname": "A", "labels": ["namespace=~prod.*", "team!=payments"]}, "actions": [{"action": "escalate"}]},
+        {"name": "any", "match": {"alertname": "A"}, "actions": [{"action": "escalate"}]},
+    ]}, "x.yaml")
+    assert pb.find(books, "A", {"namespace": "production"}).name == "prod"
+    assert pb.find(books, "A", {"namespace": "production", "team": "payments"}).name == "any"
+    assert pb.find(books, "A", {"namespace": "preprod"}).name == "any"
+    assert pb.find(books, "B", {}) is None
+
+
+def test_bad_playbooks_file_stops_the_function_with_one_line(base_env, tmp_path):
+    bad = tmp_path / "playbooks.yaml"
+    bad.write_text(json.dumps({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "nope"}]}]}))
+    proc = FunctionProcess("remediation", {**base_env, "PLAYBOOKS_FILE": str(bad)})
+    with pytest.raises(RuntimeError) as err:
+        proc.start(timeout=20)
+    assert "PLAYBOOKS_FILE" in str(err.value) and "unknown action 'nope'" in str(err.value)
