@@ -220,6 +220,13 @@ class Settings:
     remediation_allow_node_actions: bool = False
     remediation_db_dsn: Secret | None = None
     reopen_window_seconds: int = 1800
+    cluster_name: str = "kubernetes"
+    pagerduty_severity: dict = field(default_factory=dict)
+    page_on_open_priorities: tuple[str, ...] = ("P0",)
+    page_on_failure_priorities: tuple[str, ...] = ("P0", "P1")
+    notify_timeout_seconds: float = 5.0
+    notify_max_attempts: int = 4
+    notify_max_retry_after_seconds: float = 30.0
     probe_timeout_seconds: float = 3.0
     diagnostics_deadline_seconds: float = 10.0
     actor_header: str = "X-Actor"
@@ -265,11 +272,41 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         remediation_allow_node_actions=_bool(env, "REMEDIATION_ALLOW_NODE_ACTIONS", False),
         remediation_db_dsn=read_secret(env, "REMEDIATION_DB_DSN"),
         reopen_window_seconds=_int(env, "REOPEN_WINDOW_SECONDS", 1800, minimum=0),
+        cluster_name=_get(env, "CLUSTER_NAME", "kubernetes") or "kubernetes",
+        pagerduty_severity=_pagerduty_severity(env),
+        page_on_open_priorities=_priorities(env, "PAGE_ON_OPEN_PRIORITIES", "P0"),
+        page_on_failure_priorities=_priorities(env, "PAGE_ON_FAILURE_PRIORITIES", "P0,P1"),
+        notify_timeout_seconds=_float(env, "NOTIFY_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+        notify_max_attempts=_int(env, "NOTIFY_MAX_ATTEMPTS", 4, minimum=1, maximum=20),
+        notify_max_retry_after_seconds=_float(env, "NOTIFY_MAX_RETRY_AFTER_SECONDS", 30.0, minimum=0.0),
         probe_timeout_seconds=_float(env, "PROBE_TIMEOUT_SECONDS", 3.0, minimum=0.1),
         diagnostics_deadline_seconds=_float(env, "DIAGNOSTICS_DEADLINE_SECONDS", 10.0, minimum=0.5),
         actor_header=_get(env, "ACTOR_HEADER", "X-Actor") or "X-Actor",
         log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
     )
+
+
+PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
+
+
+def _pagerduty_severity(env: Mapping[str, str]) -> dict[str, str]:
+    mapping = {"P0": "critical", "P1": "error", "P2": "warning"}
+    raw = _get(env, "PAGERDUTY_SEVERITY_MAP")
+    for item in filter(None, (i.strip() for i in raw.split(","))):
+        priority, sep, severity = item.partition("=")
+        priority, severity = priority.strip().upper(), severity.strip().lower()
+        if not sep or priority not in PRIORITIES or severity not in PAGERDUTY_SEVERITIES:
+            raise ConfigError(f"PAGERDUTY_SEVERITY_MAP: expected P0|P1|P2=critical|error|warning|info pairs, got {item!r}")
+        mapping[priority] = severity
+    return mapping
+
+
+def _priorities(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...]:
+    values = tuple(v.upper() for v in _csv(env, name, default))
+    bad = [v for v in values if v not in PRIORITIES]
+    if bad:
+        raise ConfigError(f"{name}: unknown priority {bad[0]!r}; allowed: {', '.join(PRIORITIES)}")
+    return values
 
 
 def _slack_url(env: Mapping[str, str]) -> Secret | None:

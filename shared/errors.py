@@ -73,3 +73,10 @@ class ServiceUnavailable(ApiError):
 
     status = 503
     code = "unavailable"
+
+
+class BadGateway(ApiError):
+    """A service we depend on did not accept the work; the Broker retries."""
+
+    status = 502
+    code = "bad_gateway"
