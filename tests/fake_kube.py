@@ -149,6 +149,12 @@ class FakeKubernetes:
             obj["spec"]["template"]["metadata"].setdefault("annotations", {}).update(annotations)
             obj["metadata"]["generation"] += 1
             obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
+            # The restarted pods come up healthy (after rollout_delay).
+            obj["status"]["updatedReplicas"] = obj["spec"]["replicas"]
+            if self.rollout_delay:
+                obj["_ready_at"] = time.monotonic() + self.rollout_delay
+            else:
+                obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = obj["spec"]["replicas"]
         if obj.get("_ready_at") and time.monotonic() >= obj["_ready_at"]:
             obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = obj["spec"]["replicas"]
             obj.pop("_ready_at")

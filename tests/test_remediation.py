@@ -424,3 +424,16 @@ def test_bad_playbooks_file_stops_the_function_with_one_line(base_env, tmp_path)
     with pytest.raises(RuntimeError) as err:
         proc.start(timeout=20)
     assert "PLAYBOOKS_FILE" in str(err.value) and "unknown action 'nope'" in str(err.value)
+
+
+def test_dry_run_without_kubernetes_records_the_intent(base_env, clean_db):
+    env = {**base_env, "KUBECONFIG": "/nonexistent", "REMEDIATION_MODE": "dry-run", "REMEDIATION_ALLOWED_NAMESPACES": "production"}
+    proc = FunctionProcess("remediation", env).start()
+    try:
+        row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+        event = reply_of(deliver(proc, row))
+        (record,) = actions_of(clean_db, row["id"])
+        assert record["success"] and record["dry_run"] and "'replicas': 6" in record["note"]
+        assert event["type"] == FAILED
+    finally:
+        proc.stop()

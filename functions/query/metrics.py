@@ -99,6 +99,11 @@ class DatabaseCollector:
         for name, reason, count in conn.execute(sa.text("SELECT alert_name, reason, count FROM ignored_alerts")):
             ignored.add_metric([name, reason], count)
         yield ignored
+        dead = CounterMetricFamily("dead_letters", "Events the Broker could not deliver, recorded by the dead-letter function.")
+        dead.add_metric([], conn.execute(sa.text(
+            "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM incident_timeline WHERE kind = 'dead_letter')"
+        )).scalar_one())
+        yield dead
         pending = GaugeMetricFamily("outbox_pending_events", "Incident events not yet accepted by the Broker.")
         pending.add_metric([], conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")).scalar_one())
         yield pending

@@ -43,6 +43,10 @@ class ActionFailed(Exception):
     """The action could not do (or verify) what it set out to do."""
 
 
+class NotConfigured(ActionFailed):
+    """What the action needs (Kubernetes, a DSN) is not configured."""
+
+
 @dataclass(frozen=True)
 class TargetRef:
     kind: str
@@ -64,7 +68,7 @@ class ActionContext:
     def kube(self):
         api = kube.api_client()
         if api is None:
-            raise ActionFailed(f"Kubernetes is not configured ({kube.not_configured_reason()})")
+            raise NotConfigured(f"Kubernetes is not configured ({kube.not_configured_reason()})")
         return api
 
 
@@ -354,7 +358,7 @@ def terminate_idle_db_connections(ctx: ActionContext, p: IdleConnectionsParams) 
     import sqlalchemy as sa
 
     if ctx.config.remediation_db_dsn is None:
-        raise ActionFailed("REMEDIATION_DB_DSN is not set")
+        raise NotConfigured("REMEDIATION_DB_DSN is not set")
     engine = _dsn_engine(ctx)
     params = {"idle": p.idle_seconds, "apps": p.application_names, "users": p.users, "limit": p.max_connections}
     try:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
-from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed
+from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, NotConfigured
 from shared import claims, db, events, eventio, incidents
 from shared.config import Settings
 from shared.errors import Conflict, InvalidTransition
@@ -152,6 +152,13 @@ class RemediationHandler:
             outcome = spec.run(ctx, params)
             record.update({"target": outcome.target, "from": outcome.before, "to": outcome.after, "success": True})
             record.update(outcome.details)
+        except NotConfigured as exc:
+            if dry_run:
+                # Nothing to read the current state from, but the intent is
+                # still worth recording: this is what live mode would try.
+                record.update(success=True, note=f"{exc}: would run with {params.model_dump()}")
+            else:
+                record["error"] = str(exc)
         except ActionFailed as exc:
             record["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - an action bug is a failed action, recorded

@@ -1,0 +1,255 @@
+"""The local Broker keeps the Knative data-plane contract the functions rely on."""
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent
+
+from local.broker import LocalBroker, ManifestError, load_brokers, parse_duration
+from tests.loopback import RecordingServer
+from tests.processes import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    (tmp_path / "manifests.yaml").write_text(text)
+    return tmp_path
+
+
+BROKER = """
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {{name: incidents}}
+spec:
+  delivery:
+    retry: 2
+    backoffPolicy: {policy}
+    backoffDelay: PT0.1S
+    timeout: PT1S
+    deadLetterSink: {{ref: {{apiVersion: serving.knative.dev/v1, kind: Service, name: dls}}}}
+"""
+
+
+def trigger(name, subscriber, body):
+    return f"""---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {{name: {name}}}
+spec:
+  broker: incidents
+{body}
+  subscriber: {{ref: {{apiVersion: serving.knative.dev/v1, kind: Service, name: {subscriber}}}}}
+"""
+
+
+@pytest.fixture
+def servers():
+    made = {name: RecordingServer().start() for name in ("a", "b", "dls")}
+    yield made
+    for s in made.values():
+        s.stop()
+
+
+def start(tmp_path, servers, manifests, duplicates=1):
+    brokers = load_brokers(write(tmp_path, manifests), {n: s.url for n, s in servers.items()})
+    broker = LocalBroker(brokers, port=0, duplicates=duplicates).start()
+    return broker
+
+
+def send(broker, event_type="t.x", structured=False, **extensions):
+    event = CloudEvent({"type": event_type, "source": "/test", "id": f"id-{time.monotonic_ns()}", **extensions}, {"k": "v"})
+    headers, body = (to_structured if structured else to_binary)(event)
+    return requests.post(broker.ingress_url("default", "incidents"), data=body, headers=headers, timeout=5)
+
+
+def test_the_shipped_manifests_load(servers):
+    services = {n: "http://127.0.0.1:1" for n in ("intake", "intake-events", "diagnostics", "remediation", "escalation", "deadletter")}
+    brokers = load_brokers(ROOT / "knative" / "base", services)
+    (spec,) = brokers.values()
+    assert spec.delivery.dead_letter == "http://127.0.0.1:1"
+    assert {t.name for t in spec.triggers} >= {"diagnose-opened-incidents", "page-p0-incidents", "remediate-diagnosed-incidents"}
+    page = next(t for t in spec.triggers if t.name == "page-p0-incidents")
+    assert page.matches({"type": "io.incidentresponse.incident.opened", "priority": "p0"})
+    assert not page.matches({"type": "io.incidentresponse.incident.opened", "priority": "p1"})
+
+
+@pytest.mark.parametrize(
+    "body, event, expected",
+    [
+        ("  filter: {attributes: {type: t.x, priority: p0}}", {"type": "t.x", "priority": "p0"}, True),
+        ("  filter: {attributes: {type: t.x, priority: p0}}", {"type": "t.x", "priority": "p1"}, False),
+        ("  filters: [{exact: {type: t.x}}]", {"type": "t.x"}, True),
+        ("  filters: [{prefix: {type: io.incident}}]", {"type": "io.incidentresponse.incident.opened"}, True),
+        ("  filters: [{prefix: {type: io.incident}}]", {"type": "t.x"}, False),
+        ("  filters: [{suffix: {type: .opened}}]", {"type": "a.opened"}, True),
+        ("  filters: [{all: [{exact: {type: t.x}}, {exact: {priority: p0}}]}]", {"type": "t.x", "priority": "p1"}, False),
+        ("  filters: [{any: [{exact: {priority: p0}}, {exact: {priority: p1}}]}]", {"type": "t.x", "priority": "p1"}, True),
+        ("  filters: [{not: {exact: {priority: p2}}}]", {"type": "t.x", "priority": "p2"}, False),
+        ("  filters: [{not: {exact: {priority: p2}}}]", {"type": "t.x", "priority": "p0"}, True),
+        ("  filter: {attributes: {type: t.other}}\n  filters: [{exact: {type: t.x}}]", {"type": "t.x"}, True),
+    ],
+)
+def test_filters(tmp_path, servers, body, event, expected):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", body))
+    try:
+        assert send(broker, **event).status_code == 202
+        if expected:
+            wait_until(lambda: servers["a"].requests, 5, message="delivery")
+        else:
+            time.sleep(0.3)
+            assert servers["a"].requests == []
+    finally:
+        broker.stop()
+
+
+def test_cesql_is_refused_at_load(tmp_path, servers):
+    with pytest.raises(ManifestError, match="cesql"):
+        load_brokers(write(tmp_path, BROKER.format(policy="linear") + trigger("t", "a", "  filters: [{cesql: \"type = 'x'\"}]")),
+                     {n: s.url for n, s in servers.items()})
+
+
+def test_unknown_subscriber_service_is_refused_at_load(tmp_path, servers):
+    with pytest.raises(ManifestError, match="no local address for Service 'zzz'"):
+        load_brokers(write(tmp_path, BROKER.format(policy="linear") + trigger("t", "zzz", "  filter: {}")), {n: s.url for n, s in servers.items()})
+
+
+@pytest.mark.parametrize("policy", ["linear", "exponential"])
+def test_retries_then_success(tmp_path, servers, policy):
+    answers = iter([(500, {}, b"no"), (503, {}, b"no")])
+    servers["a"].responder = lambda r: next(answers, (202, {}, b""))
+    broker = start(tmp_path, servers, BROKER.format(policy=policy) + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        send(broker)
+        wait_until(lambda: len(servers["a"].requests) == 3, 5, message="three attempts")
+        assert servers["dls"].requests == []
+        assert [s for (_, _, s) in broker.delivered] == [500, 503, 202]
+    finally:
+        broker.stop()
+
+
+def test_backoff_gaps_are_respected(tmp_path, servers):
+    times = []
+
+    def fail(req):
+        times.append(time.monotonic())
+        return 500, {}, b"down"
+
+    servers["a"].responder = fail
+    broker = start(tmp_path, servers, BROKER.format(policy="exponential") + trigger("t", "a", "  filter: {}"))
+    try:
+        send(broker)
+        wait_until(lambda: servers["dls"].requests, 5, message="dead letter")
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(times) == 3 and gaps[0] >= 0.2 and gaps[1] >= 0.4
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("status, attempts", [(400, 1), (401, 1), (404, 3), (409, 3), (429, 3), (500, 3)])
+def test_which_statuses_are_retried(tmp_path, servers, status, attempts):
+    servers["a"].responder = lambda r: (status, {}, b'{"error": "nope"}')
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}"))
+    try:
+        send(broker)
+        (dead,) = wait_until(lambda: servers["dls"].requests, 5, message="dead letter")
+        assert len(servers["a"].requests) == attempts
+        assert dead.headers["ce-knativeerrorcode"] == str(status)
+        assert dead.headers["ce-knativeerrordest"] == servers["a"].url
+        assert base64.b64decode(dead.headers["ce-knativeerrordata"]) == b'{"error": "nope"}'
+        assert dead.headers["ce-type"] == "t.x" and dead.json() == {"k": "v"}
+    finally:
+        broker.stop()
+
+
+def test_a_subscriber_that_hangs_times_out_and_is_dead_lettered(tmp_path, servers):
+    def hang(req):
+        time.sleep(3)
+        return 202, {}, b""
+
+    servers["a"].responder = hang
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}"))
+    try:
+        send(broker)
+        (dead,) = wait_until(lambda: servers["dls"].requests, 10, message="dead letter after timeouts")
+        assert dead.headers["ce-knativeerrorcode"] == "0"
+    finally:
+        broker.stop()
+
+
+def test_a_200_reply_event_reenters_the_broker(tmp_path, servers):
+    reply = CloudEvent({"type": "t.reply", "source": "/a", "id": "r1", "priority": "p0"}, {"from": "a"})
+    headers, body = to_binary(reply)
+    servers["a"].responder = lambda r: (200, dict(headers), body)
+    manifests = BROKER.format(policy="linear") + trigger("first", "a", "  filter: {attributes: {type: t.x}}") + \
+        trigger("second", "b", "  filter: {attributes: {type: t.reply, priority: p0}}")
+    broker = start(tmp_path, servers, manifests)
+    try:
+        send(broker)
+        (got,) = wait_until(lambda: servers["b"].requests, 5, message="reply delivered to the second trigger")
+        assert got.headers["ce-id"] == "r1" and got.json() == {"from": "a"}
+        assert got.headers["prefer"] == "reply"
+    finally:
+        broker.stop()
+
+
+def test_202_is_a_plain_acknowledgement(tmp_path, servers):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}") + trigger("u", "b", "  filter: {attributes: {type: never}}"))
+    try:
+        send(broker)
+        wait_until(lambda: servers["a"].requests, 5, message="delivery")
+        time.sleep(0.2)
+        assert servers["b"].requests == [] and servers["dls"].requests == []
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("missing", ["id", "source", "specversion", "type"])
+def test_ingress_names_the_missing_attribute(tmp_path, servers, missing):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear"))
+    try:
+        headers = {"ce-id": "1", "ce-source": "/s", "ce-specversion": "1.0", "ce-type": "t", "Content-Type": "application/json"}
+        del headers[f"ce-{missing}"]
+        response = requests.post(broker.ingress_url("default", "incidents"), data=b"{}", headers=headers, timeout=5)
+        assert response.status_code == 400 and missing in response.json()["error"]
+        structured = {"id": "1", "source": "/s", "specversion": "1.0", "type": "t"}
+        del structured[missing]
+        response = requests.post(broker.ingress_url("default", "incidents"), data=json.dumps(structured),
+                                 headers={"Content-Type": "application/cloudevents+json"}, timeout=5)
+        assert response.status_code == 400 and missing in response.json()["error"]
+    finally:
+        broker.stop()
+
+
+def test_structured_events_are_delivered_in_binary_mode(tmp_path, servers):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}"))
+    try:
+        assert send(broker, structured=True, priority="p1").status_code == 202
+        (got,) = wait_until(lambda: servers["a"].requests, 5, message="delivery")
+        assert got.headers["ce-type"] == "t.x" and got.headers["ce-priority"] == "p1"
+        assert got.json() == {"k": "v"}
+    finally:
+        broker.stop()
+
+
+def test_duplicates_switch_delivers_every_event_n_times(tmp_path, servers):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}"), duplicates=3)
+    try:
+        send(broker)
+        wait_until(lambda: len(servers["a"].requests) == 3, 5, message="three deliveries")
+        assert len({r.headers["ce-id"] for r in servers["a"].requests}) == 1
+    finally:
+        broker.stop()
+
+
+def test_iso_durations():
+    assert parse_duration("PT0.2S", 0) == 0.2
+    assert parse_duration("PT1M30S", 0) == 90
+    assert parse_duration("P1DT1H", 0) == 90000
+    with pytest.raises(ManifestError):
+        parse_duration("soon", 0)
