@@ -168,6 +168,12 @@ def parse_database_url(raw: str, name: str = "DATABASE_URL") -> str:
     return raw
 
 
+def _database_url(env: Mapping[str, str]) -> str:
+    """DATABASE_URL or DATABASE_URL_FILE: the URL carries the password."""
+    secret = read_secret(env, "DATABASE_URL")
+    return parse_database_url(secret.reveal() if secret else "")
+
+
 def _severity_map(env: Mapping[str, str]) -> dict[str, str]:
     mapping = dict(DEFAULT_SEVERITY_PRIORITY)
     raw = _get(env, "SEVERITY_PRIORITY_MAP")
@@ -240,7 +246,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read every setting; raise :class:`ConfigError` naming the first bad one."""
     env = os.environ if env is None else env
     return Settings(
-        database_url=parse_database_url(_get(env, "DATABASE_URL")),
+        database_url=_database_url(env),
         api_token=read_secret(env, "INCIDENT_API_TOKEN"),
         k_sink=_http_url(env, "K_SINK"),
         event_source=_get(env, "EVENT_SOURCE", "/incident-response") or "/incident-response",

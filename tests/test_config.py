@@ -90,3 +90,10 @@ def test_severity_map_extends_the_defaults():
 def test_secret_equality_and_bool():
     assert Secret("a") == Secret("a")
     assert not Secret("")
+
+
+def test_database_url_may_come_from_a_file(tmp_path):
+    path = tmp_path / "url"
+    path.write_text("postgresql://app:pw@db:5432/incidents\n")
+    s = load_settings({"DATABASE_URL_FILE": str(path)})
+    assert s.database_url == "postgresql+pg8000://app:pw@db:5432/incidents"

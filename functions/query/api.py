@@ -42,12 +42,13 @@ def present(row: dict) -> dict:
     return {name: _iso(row.get(name)) for name in PUBLIC_FIELDS}
 
 
-def _values(request: Request, name: str) -> list[str]:
+def _values(request: Request, name: str, strip: bool = False) -> list[str]:
     """Repeatable and comma-separated: ``?status=open&status=investigating``
-    and ``?status=open,investigating`` mean the same."""
+    and ``?status=open,investigating`` mean the same. Free-text values are
+    exact (not stripped); enum values may carry spaces around commas."""
     result = []
     for raw in request.args.getlist(name):
-        parts = [part.strip() for part in raw.split(",")]
+        parts = [part.strip() if strip else part for part in raw.split(",")]
         if not all(parts):
             raise BadRequest(f"{name}: empty value in {raw[:60]!r}", parameter=name)
         result.extend(parts)
@@ -55,7 +56,7 @@ def _values(request: Request, name: str) -> list[str]:
 
 
 def _enum_values(request: Request, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
-    values = tuple(normalise(v) for v in _values(request, name))
+    values = tuple(normalise(v) for v in _values(request, name, strip=True))
     bad = [v for v in values if v not in allowed]
     if bad:
         raise BadRequest(f"{name}: unknown value {bad[0]!r}; allowed: {', '.join(allowed)}", parameter=name, allowed=list(allowed))
