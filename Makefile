@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv system-packages migrate demo bench clean help
+.PHONY: run test venv system-packages migrate demo bench clean help manifests check-manifests deploy
 
 help:
 	@echo "make run    - start the whole system locally (embedded PostgreSQL unless DATABASE_URL)"
@@ -36,6 +36,21 @@ migrate: venv
 
 demo: venv
 	$(PY) -m local.demo
+
+manifests: venv
+	$(PY) -m local.manifests
+
+check-manifests: venv
+	$(PY) -m local.manifests --check
+	$(VENV)/bin/kubectl kustomize knative/overlays/production > /dev/null
+
+# Against a real cluster with Knative Serving and Eventing (docs/deploy.md):
+# migrate first, then roll out.
+deploy: check-manifests
+	$(VENV)/bin/kubectl kustomize knative/overlays/production > .run/production.yaml
+	kubectl apply -f .run/production.yaml --selector app.kubernetes.io/component=migrate
+	kubectl -n production wait --for=condition=complete job/incident-migrate --timeout=300s
+	kubectl apply -f .run/production.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -228,8 +228,10 @@ def main() -> None:
 
     embedded = None
     try:
-        if os.environ.get("DATABASE_URL"):
-            database_url = parse_database_url(os.environ["DATABASE_URL"])
+        if os.environ.get("DATABASE_URL") or os.environ.get("DATABASE_URL_FILE"):
+            from shared.config import read_secret
+
+            database_url = parse_database_url(read_secret(os.environ, "DATABASE_URL").reveal())
             say("using DATABASE_URL")
         else:
             from local.embedded_pg import EmbeddedPostgres

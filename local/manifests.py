@@ -1,0 +1,141 @@
+"""``make manifests``: writes the generated parts of ``knative/base`` from one
+table, so the seven Knative Services cannot drift apart; ``make
+check-manifests`` (and the test suite) fail when a generated file is stale.
+
+Generated: ``services.yaml`` and the ConfigMap copies of the shipped
+playbooks and probes under ``config/`` (kustomize may not read files outside
+its folder).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "knative" / "base"
+SECRETS = "/var/run/secrets/incident-response"
+
+# name: (function, service account, public?, publishes events?, concurrency, timeout s, memory)
+SERVICES = {
+    "intake": ("intake", "incident-response", True, True, 8, 30, "192Mi"),
+    "intake-events": ("intake", "incident-response", False, True, 8, 60, "192Mi"),
+    "query": ("query", "incident-response", True, True, 8, 30, "192Mi"),
+    "diagnostics": ("diagnostics", "incident-diagnostics", False, False, 4, 60, "256Mi"),
+    "remediation": ("remediation", "incident-remediation", False, True, 2, 300, "256Mi"),
+    "escalation": ("escalation", "incident-response", False, False, 4, 120, "192Mi"),
+    "deadletter": ("deadletter", "incident-response", False, False, 4, 30, "192Mi"),
+}
+
+# Secret name -> (key, env var of the *_FILE setting, who needs it).
+SECRET_MOUNTS = {
+    "incident-db": ("url", "DATABASE_URL_FILE", set(SERVICES)),
+    "incident-api-token": ("token", "INCIDENT_API_TOKEN_FILE", {"intake", "intake-events", "query"}),
+    "pagerduty-key": ("api_key", "PAGERDUTY_ROUTING_KEY_FILE", {"escalation"}),
+    "slack-webhook": ("url", "SLACK_WEBHOOK_URL_FILE", {"escalation"}),
+    "remediation-db": ("dsn", "REMEDIATION_DB_DSN_FILE", {"remediation"}),
+}
+CONFIG_FILES = {
+    "remediation": ("incident-playbooks", "playbooks.yaml", "PLAYBOOKS_FILE", "/etc/incident-response/playbooks"),
+    "diagnostics": ("incident-probes", "probes.yaml", "DIAGNOSTICS_FILE", "/etc/incident-response/probes"),
+}
+
+
+def service(name: str) -> dict:
+    function, account, public, publishes, concurrency, timeout, memory = SERVICES[name]
+    env = [
+        {"name": "FUNCTION_SOURCE", "value": f"functions/{function}/main.py"},
+        {"name": "FUNCTION_TARGET", "value": function},
+        {"name": "THREADS", "value": str(concurrency)},
+    ]
+    # gunicorn keeps its worker heartbeat files in /tmp; the root is read-only.
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}]
+    for secret, (key, variable, users) in SECRET_MOUNTS.items():
+        if name not in users:
+            continue
+        env.append({"name": variable, "value": f"{SECRETS}/{secret}/{key}"})
+        mounts.append({"name": secret, "mountPath": f"{SECRETS}/{secret}", "readOnly": True})
+        # Optional integrations may be absent: the function then says it is off.
+        optional = secret in ("pagerduty-key", "slack-webhook", "remediation-db")
+        volumes.append({"name": secret, "secret": {"secretName": secret, "optional": optional}})
+    if name in CONFIG_FILES:
+        configmap, filename, variable, path = CONFIG_FILES[name]
+        env.append({"name": variable, "value": f"{path}/{filename}"})
+        mounts.append({"name": configmap, "mountPath": path, "readOnly": True})
+        volumes.append({"name": configmap, "configMap": {"name": configmap}})
+    if name == "intake-events":
+        env.append({"name": "EVENTS_REQUIRE_TOKEN", "value": "false"})
+    labels = {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": name}
+    if publishes:
+        labels["incident-response/publishes-events"] = "true"
+    if not public:
+        labels["networking.knative.dev/visibility"] = "cluster-local"
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "template": {
+                "metadata": {
+                    "labels": {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": name},
+                    "annotations": {
+                        "autoscaling.knative.dev/min-scale": "0",
+                        "autoscaling.knative.dev/max-scale": "10",
+                        "autoscaling.knative.dev/target": str(concurrency),
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": account,
+                    "containerConcurrency": concurrency,
+                    "timeoutSeconds": timeout,
+                    "containers": [{
+                        "name": "function",
+                        "image": "incident-response",
+                        "ports": [{"containerPort": 8080}],
+                        "env": env,
+                        "envFrom": [{"configMapRef": {"name": "incident-response-config"}}],
+                        # TCP, not /health: a database blip must not take every
+                        # revision out of service (the functions answer 503 themselves).
+                        "readinessProbe": {"tcpSocket": {}, "periodSeconds": 5},
+                        "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "1", "memory": memory}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                                            "seccompProfile": {"type": "RuntimeDefault"}},
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            }
+        },
+    }
+
+
+HEADER = "# Generated by `make manifests` from local/manifests.py; edit the table there.\n"
+
+
+def rendered() -> dict[Path, str]:
+    docs = [service(name) for name in SERVICES]
+    files = {BASE / "services.yaml": HEADER + yaml.safe_dump_all(docs, sort_keys=False)}
+    files[BASE / "config" / "playbooks.yaml"] = (ROOT / "functions" / "remediation" / "playbooks.yaml").read_text()
+    files[BASE / "config" / "probes.yaml"] = (ROOT / "functions" / "diagnostics" / "probes.yaml").read_text()
+    return files
+
+
+def main(argv: list[str]) -> int:
+    stale = [path for path, text in rendered().items() if not path.exists() or path.read_text() != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"stale: {path.relative_to(ROOT)} (run make manifests)", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in rendered().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {len(rendered())} files under knative/base")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

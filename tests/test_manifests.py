@@ -1,0 +1,224 @@
+"""The Knative deployment, checked without a cluster: it builds, every object
+validates the way an API server with strict field validation would, the
+wiring names things that exist, the environment is what the code reads, and
+RBAC covers exactly the calls the code makes."""
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from functions.remediation.actions import KUBERNETES_PERMISSIONS
+from local import manifests
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT.parent / "shared" / "schemas" / "knative"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+CRD_FILES = {
+    ("serving.knative.dev/v1", "Service"): "serving-service.crd.yaml",
+    ("eventing.knative.dev/v1", "Broker"): "eventing-broker.crd.yaml",
+    ("eventing.knative.dev/v1", "Trigger"): "eventing-trigger.crd.yaml",
+    ("sources.knative.dev/v1", "SinkBinding"): "eventing-sinkbindings.crd.yaml",
+    ("sources.knative.dev/v1", "PingSource"): "eventing-pingsource.crd.yaml",
+}
+KNOWN_ANNOTATIONS = {
+    "autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/max-scale", "autoscaling.knative.dev/target",
+    "autoscaling.knative.dev/initial-scale", "autoscaling.knative.dev/metric", "autoscaling.knative.dev/class",
+    "autoscaling.knative.dev/scale-down-delay", "autoscaling.knative.dev/window", "autoscaling.knative.dev/target-utilization-percentage",
+}
+
+
+def build(path: str) -> list[dict]:
+    out = subprocess.run([str(KUBECTL), "kustomize", str(ROOT / path)], capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def production():
+    return build("knative/overlays/production")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build("knative/base")
+
+
+def strict(schema: dict) -> dict:
+    """An OpenAPI v3 structural schema as jsonschema, unknown fields refused
+    unless the CRD preserves them."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return
+        if node.pop("x-kubernetes-int-or-string", False):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        preserve = node.pop("x-kubernetes-preserve-unknown-fields", False)
+        for key in list(node):
+            if key.startswith("x-kubernetes-"):
+                node.pop(key)
+        if node.get("type") == "object" and "properties" in node and not preserve and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.get("properties", {}).values():
+            walk(value)
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key])
+        for key in ("allOf", "anyOf", "oneOf"):
+            for sub in node.get(key, []):
+                walk(sub)
+
+    walk(schema)
+    schema.get("properties", {}).pop("metadata", None)
+    schema.setdefault("properties", {}).update({"apiVersion": {"type": "string"}, "kind": {"type": "string"}})
+    return schema
+
+
+def crd_schema(api_version: str, kind: str) -> dict:
+    doc = next(d for d in yaml.safe_load_all((SCHEMAS / CRD_FILES[(api_version, kind)]).read_text()) if d)
+    version = api_version.split("/")[1]
+    (entry,) = [v for v in doc["spec"]["versions"] if v["name"] == version]
+    return strict(entry["schema"]["openAPIV3Schema"])
+
+
+def test_generated_manifests_are_current():
+    assert manifests.main(["--check"]) == 0, "run make manifests"
+
+
+def test_every_yaml_file_parses():
+    for path in list((ROOT / "knative").rglob("*.yaml")) + [ROOT / "prometheus" / "alertmanager.yml"]:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_both_kustomizations_build(base, production):
+    assert {d["kind"] for d in production} >= {"Service", "Broker", "Trigger", "SinkBinding", "PingSource", "Job",
+                                               "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap"}
+    assert all(d["metadata"].get("namespace") == "production" for d in production if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"))
+
+
+def test_knative_objects_validate_against_the_upstream_crds(production):
+    checked = 0
+    for doc in production:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_FILES:
+            jsonschema.validate({k: v for k, v in doc.items() if k != "metadata"}, crd_schema(*key))
+            checked += 1
+    assert checked >= 17
+
+
+def test_unknown_fields_are_caught_by_the_crd_check():
+    service = yaml.safe_load(manifests.rendered()[manifests.BASE / "services.yaml"].split("---")[0].split("\n", 1)[1])
+    service["spec"]["template"]["spec"]["containerConcurency"] = 8
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({k: v for k, v in service.items() if k != "metadata"}, crd_schema("serving.knative.dev/v1", "Service"))
+
+
+def test_core_objects_validate_against_the_kubernetes_schemas(production):
+    for doc in production:
+        if doc["apiVersion"].endswith("knative.dev/v1"):
+            continue
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+def test_knative_services_scale_to_zero_with_known_annotations(base, production):
+    for doc in base:
+        if doc["kind"] != "Service":
+            continue
+        template = doc["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert set(annotations) <= KNOWN_ANNOTATIONS
+        assert annotations["autoscaling.knative.dev/min-scale"] == "0"
+        spec = template["spec"]
+        container = spec["containers"][0]
+        assert spec["containerConcurrency"] == int(next(e["value"] for e in container["env"] if e["name"] == "THREADS"))
+        assert container["resources"]["limits"] and container["securityContext"]["runAsNonRoot"]
+    warm = {d["metadata"]["name"] for d in production if d["kind"] == "Service"
+            and d["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "2"}
+    assert warm == {"intake", "query"}
+
+
+def test_only_intake_and_query_are_reachable_from_outside_the_cluster(base):
+    public = {d["metadata"]["name"] for d in base if d["kind"] == "Service"
+              and d["metadata"]["labels"].get("networking.knative.dev/visibility") != "cluster-local"}
+    assert public == {"intake", "query"}
+
+
+def test_wiring_names_services_that_exist(base):
+    services = {d["metadata"]["name"]: d for d in base if d["kind"] == "Service"}
+    for doc in base:
+        if doc["kind"] == "Trigger":
+            assert doc["spec"]["subscriber"]["ref"]["name"] in services, doc["metadata"]["name"]
+            assert doc["spec"]["broker"] == "incidents"
+        if doc["kind"] == "PingSource":
+            assert doc["spec"]["sink"]["ref"]["name"] in services
+        if doc["kind"] == "Broker":
+            assert doc["spec"]["delivery"]["deadLetterSink"]["ref"]["name"] == "deadletter"
+    (binding,) = [d for d in base if d["kind"] == "SinkBinding"]
+    selector = binding["spec"]["subject"]["selector"]["matchLabels"]
+    bound = {n for n, s in services.items() if all(s["metadata"]["labels"].get(k) == v for k, v in selector.items())}
+    assert bound == {"intake", "intake-events", "query", "remediation"}
+    page = next(d for d in base if d["kind"] == "Trigger" and d["metadata"]["name"] == "page-p0-incidents")
+    assert page["spec"]["filter"]["attributes"] == {"type": "io.incidentresponse.incident.opened", "priority": "p0"}
+
+
+def settings_read_by_code() -> set[str]:
+    source = (ROOT / "shared" / "config.py").read_text()
+    names = set(re.findall(r'\(env, "([A-Z0-9_]+)"', source))
+    names |= {f"{n}_FILE" for n in re.findall(r'read_secret\(env, "([A-Z0-9_]+)"\)', source)}
+    return names | {"FUNCTION_SOURCE", "FUNCTION_TARGET", "THREADS"}  # read by the image's command / functions-framework
+
+
+def test_every_env_var_a_manifest_sets_is_read_by_the_code(production):
+    known = settings_read_by_code()
+    for doc in production:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith("incident-response-config"):
+            assert set(doc["data"]) <= known, set(doc["data"]) - known
+        if doc["kind"] in ("Service", "Job"):
+            spec = doc["spec"]["template"]["spec"]
+            for container in spec["containers"]:
+                names = {e["name"] for e in container.get("env", [])}
+                assert names <= known, (doc["metadata"]["name"], names - known)
+                assert "DATABASE_URL_FILE" in names
+                if doc["metadata"]["name"] in ("intake", "query", "intake-events"):
+                    assert "INCIDENT_API_TOKEN_FILE" in names
+
+
+def _rules(docs, role):
+    (doc,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return {(group, resource, verb) for rule in doc["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_rbac_covers_exactly_the_calls_the_code_makes(base):
+    namespaced = {p for p in KUBERNETES_PERMISSIONS if p[1] != "nodes"}
+    assert _rules(base, "incident-remediation") == namespaced
+    assert _rules(base, "incident-diagnostics") == {("", "pods", "get"), ("", "pods", "list"), ("apps", "deployments", "get")}
+    nodes = yaml.safe_load_all((ROOT / "knative" / "components" / "node-actions" / "node-rbac.yaml").read_text())
+    (cluster_role,) = [d for d in nodes if d["kind"] == "ClusterRole"]
+    assert {(g, r, v) for rule in cluster_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]} == {p for p in KUBERNETES_PERMISSIONS if p[1] == "nodes"}
+
+
+def test_secrets_are_placeholders_only(base):
+    for doc in base:
+        if doc["kind"] == "Secret":
+            assert all("REPLACE" in value for value in doc["stringData"].values()), doc["metadata"]["name"]
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool comes with prometheus-alertmanager (make test installs it)")
+def test_amtool_accepts_the_alertmanager_config():
+    result = subprocess.run(["amtool", "check-config", str(ROOT / "prometheus" / "alertmanager.yml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load((ROOT / "prometheus" / "alertmanager.yml").read_text())
+    (receiver,) = [r for r in config["receivers"] if r["name"] == "incident-webhook"]
+    hook = receiver["webhook_configs"][0]
+    assert hook["send_resolved"] is True and hook["url"].endswith("/webhook/alert")
+    assert hook["http_config"]["authorization"]["credentials_file"].endswith("incident-api-token/token")
