@@ -47,8 +47,11 @@ check-manifests: venv
 # Against a real cluster with Knative Serving and Eventing (docs/deploy.md):
 # migrate first, then roll out.
 deploy: check-manifests
+	@mkdir -p .run
 	$(VENV)/bin/kubectl kustomize knative/overlays/production > .run/production.yaml
-	kubectl apply -f .run/production.yaml --selector app.kubernetes.io/component=migrate
+	kubectl apply -f .run/production.yaml -l '!app.kubernetes.io/component'
+	kubectl -n production delete job incident-migrate --ignore-not-found
+	kubectl apply -f .run/production.yaml -l app.kubernetes.io/component=migrate
 	kubectl -n production wait --for=condition=complete job/incident-migrate --timeout=300s
 	kubectl apply -f .run/production.yaml
 

@@ -100,7 +100,7 @@ def test_every_yaml_file_parses():
 
 def test_both_kustomizations_build(base, production):
     assert {d["kind"] for d in production} >= {"Service", "Broker", "Trigger", "SinkBinding", "PingSource", "Job",
-                                               "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap"}
+                                               "ServiceAccount", "Role", "RoleBinding", "ConfigMap"}
     assert all(d["metadata"].get("namespace") == "production" for d in production if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"))
 
 
@@ -207,10 +207,13 @@ def test_rbac_covers_exactly_the_calls_the_code_makes(base):
             for v in rule["verbs"]} == {p for p in KUBERNETES_PERMISSIONS if p[1] == "nodes"}
 
 
-def test_secrets_are_placeholders_only(base):
-    for doc in base:
-        if doc["kind"] == "Secret":
-            assert all("REPLACE" in value for value in doc["stringData"].values()), doc["metadata"]["name"]
+def test_secret_templates_are_placeholders_and_never_applied(base):
+    assert not [d for d in base if d["kind"] == "Secret"]
+    templates = list(yaml.safe_load_all((ROOT / "knative" / "base" / "secrets.yaml").read_text()))
+    assert {d["metadata"]["name"] for d in templates} == set(manifests.SECRET_MOUNTS)
+    for doc in templates:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+        assert all("REPLACE" in value for value in doc["stringData"].values()), doc["metadata"]["name"]
 
 
 @pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool comes with prometheus-alertmanager (make test installs it)")
