@@ -126,9 +126,9 @@ def test_retries_then_success(tmp_path, servers, policy):
     broker = start(tmp_path, servers, BROKER.format(policy=policy) + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
     try:
         send(broker)
-        wait_until(lambda: len(servers["a"].requests) == 3, 5, message="three attempts")
-        assert servers["dls"].requests == []
+        wait_until(lambda: len(broker.delivered) == 3, 5, message="three attempts")
         assert [s for (_, _, s) in broker.delivered] == [500, 503, 202]
+        assert servers["dls"].requests == []
     finally:
         broker.stop()
 
