@@ -37,6 +37,9 @@ migrate: venv
 demo: venv
 	$(PY) -m local.demo
 
+bench: venv
+	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
+
 manifests: venv
 	$(PY) -m local.manifests
 

@@ -1,0 +1,377 @@
+"""``make bench``: every figure next to a baseline measured in the same run,
+because this machine is shared and noisy. Bounded (about four minutes), all
+traffic on loopback, stops by itself. Prints a Markdown report and writes it
+to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import requests
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from local.run import FUNCTIONS, Stack  # noqa: E402
+from shared import db, migrate  # noqa: E402
+from shared.alerts import label_fingerprint  # noqa: E402
+from tests.fake_kube import FakeKubernetes, deployment, pod  # noqa: E402
+from tests.fake_notify import pagerduty, slack  # noqa: E402
+from tests.processes import FunctionProcess, free_port, wait_until  # noqa: E402
+
+TOKEN = "bench-token-" + uuid.uuid4().hex
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+CONCURRENCY = 8
+DURATION = float(os.environ.get("BENCH_SECONDS", "15"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+THREADS = 8
+VENV_BIN = Path(sys.executable).parent
+
+
+def server_url() -> str:
+    raw = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"
+    from shared.config import parse_database_url
+
+    return parse_database_url(raw)
+
+
+def with_db(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+def alert(name: str, **labels) -> dict:
+    labels = {"alertname": name, "severity": "critical", **labels}
+    return {"status": "firing", "labels": labels, "annotations": {"summary": f"{name} bench"},
+            "startsAt": "2026-11-27T10:00:00Z", "fingerprint": label_fingerprint(labels)}
+
+
+def webhook(alerts: list[dict]) -> bytes:
+    return json.dumps({"version": "4", "status": "firing", "receiver": "bench", "groupKey": "{}", "alerts": alerts}).encode()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def _load(url: str, body_for, seconds: float, concurrency: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+    counter = iter(range(10**9))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def worker():
+            nonlocal errors
+            while time.monotonic() < deadline:
+                body = body_for(next(counter))
+                start = time.perf_counter()
+                async with session.post(url, data=body, headers=AUTH) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "n": len(latencies), "errors": errors}
+
+
+def load(url: str, body_for, seconds: float = DURATION) -> dict:
+    return asyncio.run(_load(url, body_for, seconds, CONCURRENCY))
+
+
+def gunicorn_env(extra: dict) -> dict:
+    return {**extra, "WORKERS": str(WORKERS), "THREADS": str(THREADS)}
+
+
+def reference_server(database_url: str) -> subprocess.Popen:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "gunicorn"), "--workers", str(WORKERS), "--threads", str(THREADS), "--bind", f"127.0.0.1:{port}",
+         "--chdir", str(ROOT / "bench"), "reference_app:app"],
+        env={**os.environ, "DATABASE_URL": database_url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    proc.url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: requests.post(proc.url + "/webhook/alert", data=webhook([]), headers=AUTH, timeout=1).ok, 30, message="reference")
+    return proc
+
+
+def pgbench(database_url: str, clients: int, seconds: int = 8) -> float:
+    binary = shutil.which("pgbench") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))), None)
+    if binary is None:
+        return float("nan")
+    parts = urlsplit(database_url)
+    script = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
+    script.write(
+        "\\set n random(1, 2000000000)\n"
+        "INSERT INTO incidents (id, alert_name, priority, status, summary, fingerprint, labels, source) "
+        "VALUES (gen_random_uuid()::text, 'Bench', 'P0', 'open', 'bench', 'pg-' || :n || '-' || :client_id, '{}'::jsonb, 'alertmanager') "
+        "ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating') DO UPDATE SET updated_at = now();\n"
+    )
+    script.close()
+    env = {**os.environ, "PGPASSWORD": parts.password or ""}
+    out = subprocess.run(
+        [str(binary), "-n", "-M", "prepared", "-c", str(clients), "-j", str(clients), "-T", str(seconds), "-f", script.name,
+         "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432), "-U", parts.username or "postgres", parts.path.strip("/")],
+        capture_output=True, text=True, env=env,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def throughput(database_url: str, engine) -> list[str]:
+    env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"})
+    intake = FunctionProcess("intake", env, threads=THREADS).start()
+    reference = reference_server(database_url)
+    try:
+        run = uuid.uuid4().hex[:6]
+        new = lambda i: webhook([alert("BenchNew", run=run, i=str(i))])  # noqa: E731
+        intake_new = load(intake.url + "/webhook/alert", new)
+        dup_body = webhook([alert("BenchDup", run=run)])
+        intake_dup = load(intake.url + "/webhook/alert", lambda i: dup_body)
+        run2 = uuid.uuid4().hex[:6]
+        ref_new = load(reference.url + "/webhook/alert", lambda i: webhook([alert("RefNew", run=run2, i=str(i))]))
+        ref_dup_body = webhook([alert("RefDup", run=run2)])
+        ref_dup = load(reference.url + "/webhook/alert", lambda i: ref_dup_body)
+    finally:
+        reference.terminate()
+        intake.stop()
+    pg1, pg4 = pgbench(database_url, 1), pgbench(database_url, 4)
+    rows = [
+        "## 1. Intake throughput and latency",
+        "",
+        f"Concurrency {CONCURRENCY}, {DURATION:g} s each, one alert per webhook; gunicorn with {WORKERS} workers × {THREADS} threads "
+        "for both the intake (functions-framework) and the reference (bench/reference_app.py: Flask + SQLAlchemy + pg8000, "
+        "one INSERT … ON CONFLICT per alert). PostgreSQL ceiling: the same INSERT … ON CONFLICT through `pgbench -M prepared`.",
+        "",
+        "| Case | req/s | p50 ms | p99 ms | errors | ÷ reference | ÷ pgbench 1 client | ÷ pgbench 4 clients |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, result, ref in (("intake, every alert new", intake_new, ref_new), ("intake, every alert a duplicate", intake_dup, ref_dup),
+                               ("reference, new", ref_new, ref_new), ("reference, duplicate", ref_dup, ref_dup)):
+        rows.append(f"| {label} | {result['rps']:.0f} | {result['p50']:.1f} | {result['p99']:.1f} | {result['errors']} | "
+                    f"{result['rps'] / ref['rps']:.2f} | {result['rps'] / pg1:.2f} | {result['rps'] / pg4:.2f} |")
+    rows += ["", f"pgbench: {pg1:.0f} tps with 1 client, {pg4:.0f} tps with 4 clients.", ""]
+    return rows
+
+
+def storm(database_url: str) -> list[str]:
+    env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"})
+    intake = FunctionProcess("intake", env, threads=THREADS).start()
+    try:
+        http = requests.Session()
+        times = {}
+        for label, make in (("1,000 new alerts", lambda run: [alert("Storm", run=run, i=str(i)) for i in range(1000)]),):
+            samples = []
+            for _ in range(5):
+                body = webhook(make(uuid.uuid4().hex))
+                start = time.perf_counter()
+                assert http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=60).status_code == 200
+                samples.append((time.perf_counter() - start) * 1000)
+            times[label] = samples
+        half = []
+        for _ in range(5):
+            run = uuid.uuid4().hex
+            http.post(intake.url + "/webhook/alert", data=webhook([alert("Half", run=run, i=str(i)) for i in range(500)]), headers=AUTH, timeout=60)
+            body = webhook([alert("Half", run=run, i=str(i)) for i in range(1000)])
+            start = time.perf_counter()
+            assert http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=60).status_code == 200
+            half.append((time.perf_counter() - start) * 1000)
+        times["1,000 alerts, half already open"] = half
+        single = []
+        for i in range(20):
+            body = webhook([alert("Single", run=uuid.uuid4().hex)])
+            start = time.perf_counter()
+            http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=10)
+            single.append((time.perf_counter() - start) * 1000)
+    finally:
+        intake.stop()
+    base = statistics.median(single)
+    rows = ["## 2. Alert storm", "", "Wall time from POST to the `200` (all alerts committed), median of 5; baseline: a one-alert webhook on the same server.", "",
+            "| Webhook | median ms | min ms | ÷ one-alert webhook |", "|---|---|---|---|"]
+    for label, samples in times.items():
+        rows.append(f"| {label} | {statistics.median(samples):.1f} | {min(samples):.1f} | {statistics.median(samples) / base:.1f} |")
+    rows += [f"| one alert (baseline) | {base:.1f} | {min(single):.1f} | 1.0 |", ""]
+    return rows
+
+
+def pipeline(database_url: str, engine, log_dir: Path) -> tuple[list[str], dict]:
+    kube = FakeKubernetes().start()
+    kube.add_deployment(deployment("email-service", 3))
+    kube.pods.extend(pod(f"email-service-{i}", {"app": "email-service"}) for i in range(3))
+    pd, hook = pagerduty(), slack()
+    pd.server.start(), hook.server.start()
+    env = {"KUBECONFIG": str(kube.kubeconfig(log_dir)), "REMEDIATION_MODE": "dry-run", "REMEDIATION_ALLOWED_NAMESPACES": "production",
+           "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": "B" * 32, "SLACK_WEBHOOK_URL": hook.url + "/x",
+           "LOG_LEVEL": "WARNING", "PROMETHEUS_URL": ""}
+    ports = {name: free_port() for name in FUNCTIONS}
+    stack = Stack(database_url, TOKEN, ports, free_port(), env=env, log_dir=log_dir).start()
+    posted: dict[str, float] = {}
+    try:
+        http = requests.Session()
+        for i in range(200):
+            body = webhook([alert("EmailServiceDown", service="email", namespace="production", i=str(i), run=uuid.uuid4().hex[:6])])
+            at = time.time()
+            r = http.post(stack.url("intake") + "/webhook/alert", data=body, headers=AUTH, timeout=10)
+            posted[r.json()["results"][0]["incident_id"]] = at
+            time.sleep(0.02)
+        ids = list(posted)
+
+        def finished():
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT count(DISTINCT incident_id) FROM incident_timeline WHERE kind = 'remediation_result' "
+                                            "AND incident_id = ANY(:ids)"), {"ids": ids}).scalar() == len(ids)
+
+        wait_until(finished, 120, interval=0.5, message="every pipeline")
+        wait_until(lambda: len(pd.requests) >= len(ids), 60, interval=0.5, message="every page")
+        time.sleep(1)
+        with engine.connect() as conn:
+            created = dict(conn.execute(sa.text("SELECT id, EXTRACT(EPOCH FROM created_at) FROM incidents WHERE id = ANY(:ids)"), {"ids": ids}).all())
+            steps = conn.execute(sa.text(
+                "SELECT incident_id, kind, details->>'channel', EXTRACT(EPOCH FROM min(at)) FROM incident_timeline "
+                "WHERE incident_id = ANY(:ids) AND kind IN ('diagnosed', 'remediation_action', 'notification') GROUP BY 1, 2, 3"), {"ids": ids}).all()
+        rss = {p.name: rss_of(p.popen.pid) for p in stack.processes}
+    finally:
+        stack.stop()
+        kube.stop(), pd.server.stop(), hook.server.stop()
+    stages = {"incident row": [], "diagnostics stored": [], "remediation recorded (dry-run)": [], "page sent": []}
+    for incident_id, t in created.items():
+        stages["incident row"].append((float(t) - posted[incident_id]) * 1000)
+    for incident_id, kind, channel, t in steps:
+        key = {"diagnosed": "diagnostics stored", "remediation_action": "remediation recorded (dry-run)"}.get(kind)
+        if kind == "notification" and channel == "pagerduty":
+            key = "page sent"
+        if key:
+            stages[key].append((float(t) - posted[incident_id]) * 1000)
+    rows = ["## 3. Pipeline latency", "",
+            "200 `EmailServiceDown` (P0) alerts through the local Broker with every function running; loopback Kubernetes, "
+            "PagerDuty and Slack; remediation in dry-run. Milliseconds from the POST to each record (database clock).", "",
+            "| Alert posted → | n | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for label, values in stages.items():
+        rows.append(f"| {label} | {len(values)} | {pct(values, 50):.0f} | {pct(values, 99):.0f} |")
+    rows.append("")
+    return rows, rss
+
+
+def rss_of(pid: int) -> float:
+    """Resident memory of a functions-framework process tree (gunicorn master + workers), MB."""
+    total = 0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def cold_starts(database_url: str) -> tuple[list[str], float]:
+    def measure(source: Path, target: str, env: dict) -> float:
+        port = free_port()
+        start = time.perf_counter()
+        proc = subprocess.Popen([str(VENV_BIN / "functions-framework"), "--source", str(source), "--target", target, "--port", str(port), "--host", "127.0.0.1"],
+                                env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code < 300:
+                        return (time.perf_counter() - start) * 1000
+                except requests.ConnectionError:
+                    time.sleep(0.005)
+                if time.perf_counter() - start > 30:
+                    return float("nan")
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN}
+    bare = statistics.median(measure(ROOT / "bench" / "bare" / "main.py", "bare", {}) for _ in range(5))
+    rows = ["## 4. Cold start", "", "Process start to the first `2xx` from `/health` (which also opens the first database connection), median of 5; "
+            "baseline: a bare functions-framework `http` function (bench/bare) in the same run.", "",
+            "| Function | median ms | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
+    for name in ("intake", "query", "diagnostics", "remediation", "escalation", "deadletter"):
+        value = statistics.median(measure(ROOT / "functions" / name / "main.py", name, env) for _ in range(5))
+        rows.append(f"| {name} | {value:.0f} | {value / bare:.2f} |")
+    rows.append("")
+    return rows, bare
+
+
+def bare_rss() -> float:
+    port = free_port()
+    popen = subprocess.Popen([str(VENV_BIN / "functions-framework"), "--source", str(ROOT / "bench" / "bare" / "main.py"), "--target", "bare",
+                              "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=1).ok, 30, message="bare function")
+        return rss_of(popen.pid)
+    finally:
+        popen.terminate()
+        popen.wait()
+
+
+def main() -> None:
+    from shared import log as logs
+
+    logs.configure("WARNING")
+    server = server_url()
+    name = f"ir_bench_{uuid.uuid4().hex[:8]}"
+    db.run_outside_transaction(with_db(server, "postgres"), f'CREATE DATABASE "{name}"')
+    database_url = with_db(server, name)
+    started = time.monotonic()
+    try:
+        migrate.upgrade(database_url)
+        engine = db.create_engine_for(database_url, pool_size=2, max_overflow=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = [
+                "# Benchmarks",
+                "",
+                f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                f"PostgreSQL {engine.connect().execute(sa.text('SHOW server_version')).scalar()}. The machine is shared, so compare "
+                "the ratios to the baselines of the same run, not the absolute numbers across runs.",
+                "",
+            ]
+            report += throughput(database_url, engine)
+            report += storm(database_url)
+            pipeline_rows, rss = pipeline(database_url, engine, Path(tmp))
+            report += pipeline_rows
+            cold, _ = cold_starts(database_url)
+            report += cold
+            bare = bare_rss()
+            report += ["## 5. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
+                       "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
+            report += [f"| {n} | {v:.0f} | {v / bare:.2f} |" for n, v in rss.items()]
+            report += ["", f"Whole run: {time.monotonic() - started:.0f} s.", ""]
+        engine.dispose()
+    finally:
+        db.run_outside_transaction(with_db(server, "postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    text = "\n".join(report)
+    print(text)
+    (ROOT / "docs" / "benchmarks.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
