@@ -211,8 +211,8 @@ class Settings:
     ignored_severities: tuple[str, ...] = ()
     ignored_alertnames: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
-    db_pool_size: int = 2
-    db_max_overflow: int = 3
+    db_pool_size: int = 4
+    db_max_overflow: int = 4
     db_timeout_seconds: float = 10.0
     publish_timeout_seconds: float = 5.0
     metrics_public: bool = False
@@ -263,8 +263,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ignored_severities=tuple(s.lower() for s in _csv(env, "IGNORED_SEVERITIES", "none")),
         ignored_alertnames=_csv(env, "IGNORED_ALERTNAMES", "Watchdog,InfoInhibitor"),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
-        db_pool_size=_int(env, "DB_POOL_SIZE", 2, minimum=1, maximum=100),
-        db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 3, minimum=0, maximum=100),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 4, minimum=1, maximum=100),
+        db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 4, minimum=0, maximum=100),
         db_timeout_seconds=_float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1),
         publish_timeout_seconds=_float(env, "PUBLISH_TIMEOUT_SECONDS", 5.0, minimum=0.1),
         metrics_public=_bool(env, "METRICS_PUBLIC", False),

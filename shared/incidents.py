@@ -8,6 +8,7 @@ its timeline entry and its outbox event).
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,34 +66,88 @@ def _rowdict(row) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- writes
 
-_UPSERT_FIRING = sa.text(
-    f"""
-    INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
-                           remediation_actions, fingerprint, labels, annotations, source, starts_at,
-                           last_seen_at)
-    SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
-           '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
-           CAST(x.source AS incident_source), x.starts_at, {UTC_NOW}
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(
-        id text, alert_name text, priority text, summary text, description text, fingerprint text,
-        labels jsonb, annotations jsonb, source text, starts_at timestamp)
-    ORDER BY x.fingerprint
-    ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
-    DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
-                  repeat_count = incidents.repeat_count + 1
-    RETURNING incidents.*, (xmax = 0) AS created
-    """
-)
+def compact(sql: str) -> str:
+    """One line of SQL: pg8000 rewrites the parameter style by scanning the
+    whole text on every execute, so long indented statements cost CPU."""
+    return re.sub(r"\s+", " ", sql).strip()
 
-# A re-fire soon after remediation "fixed" it means the fix did not hold:
-# reopen that incident (a new generation runs the pipeline again, and the
-# remediation cooldown then hands it to a human) instead of opening another.
-_REOPEN_AFTER_REMEDIATION = sa.text(
+
+# Opens or refreshes the batch's incidents in one statement. Fingerprints
+# whose last incident remediation resolved a moment ago are left out and
+# named (`after_fix`): record_alerts decides about those separately (rare).
+_UPSERT_FIRING = sa.text(compact(
+    f"""
+    WITH x AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+            id text, alert_name text, priority text, summary text, description text, fingerprint text,
+            labels jsonb, annotations jsonb, source text, starts_at timestamp)
+    ),
+    after_fix AS (
+        SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
+        WHERE :window > 0 AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+          AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
+          AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
+                          AND a.status IN ('open', 'investigating'))
+    ),
+    upserted AS (
+        INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
+                               remediation_actions, fingerprint, labels, annotations, source, starts_at,
+                               last_seen_at)
+        SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
+               '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
+               CAST(x.source AS incident_source), x.starts_at, {UTC_NOW}
+        FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
+        ORDER BY x.fingerprint
+        ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
+        DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
+                      repeat_count = incidents.repeat_count + 1
+        RETURNING incidents.*, (xmax = 0) AS created
+    )
+    SELECT to_jsonb(u) AS row FROM upserted u
+    UNION ALL
+    SELECT jsonb_build_object('after_fix', fingerprint) FROM after_fix
+    """
+))
+
+TIMESTAMP_COLUMNS = ("created_at", "updated_at", "resolved_at", "starts_at", "last_seen_at")
+
+
+def _row_from_json(row: dict) -> dict:
+    for name in TIMESTAMP_COLUMNS:
+        if isinstance(row.get(name), str):
+            row[name] = datetime.fromisoformat(row[name])
+    return row
+
+
+def _upsert(conn: Connection, alerts: list[Alert], window: int) -> tuple[list[dict], set[str]]:
+    rows, after_fix = [], set()
+    result = conn.execute(_UPSERT_FIRING, {"rows": json.dumps([_alert_row(a) for a in alerts]), "window": window})
+    for (row,) in result:
+        if "after_fix" in row:
+            after_fix.add(row["after_fix"])
+        else:
+            rows.append(_row_from_json(row))
+    return rows, after_fix
+
+# After remediation resolved an incident, its alert may still arrive:
+# - the same firing (same startsAt: AlertManager re-sends it every
+#   repeat_interval) is noted on that incident, and nothing opens;
+# - a new firing (the fix did not hold) reopens that incident as a new
+#   generation, which runs the pipeline again; the remediation cooldown then
+#   hands it to a human instead of looping.
+# One statement for both; `continuing` tells them apart.
+_AFTER_REMEDIATION = sa.text(compact(
     f"""
     UPDATE incidents AS i
-    SET status = 'open', resolved_at = NULL, resolved_by = NULL, generation = i.generation + 1,
+    SET status = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at
+                      THEN i.status ELSE CAST('open' AS incident_status) END,
+        resolved_at = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_at END,
+        resolved_by = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_by END,
+        generation = i.generation + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 0 ELSE 1 END,
+        repeat_count = i.repeat_count + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 1 ELSE 0 END,
         updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW}
-    FROM (SELECT DISTINCT fingerprint FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text)
+    FROM (SELECT DISTINCT ON (fingerprint) fingerprint, starts_at
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, starts_at timestamp)
           ORDER BY fingerprint) AS x
     WHERE i.fingerprint = x.fingerprint AND i.status = 'resolved' AND i.resolved_by = 'remediation'
       AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
@@ -100,30 +155,11 @@ _REOPEN_AFTER_REMEDIATION = sa.text(
                   ORDER BY b.resolved_at DESC LIMIT 1)
       AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
                       AND a.status IN ('open', 'investigating'))
-    RETURNING i.id
+    RETURNING i.id, i.fingerprint, i.repeat_count, i.status = 'resolved' AS continuing
     """
-)
+))
 
-# AlertManager re-sends a still-firing alert (same startsAt) every
-# repeat_interval; after remediation resolved its incident that is the same
-# firing, not a new one: note it on that incident, open nothing.
-_STILL_FIRING_AFTER_REMEDIATION = sa.text(
-    f"""
-    UPDATE incidents AS i
-    SET last_seen_at = {UTC_NOW}, updated_at = {UTC_NOW}, repeat_count = i.repeat_count + 1
-    FROM (SELECT DISTINCT fingerprint, starts_at
-          FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, starts_at timestamp)
-          ORDER BY fingerprint) AS x
-    WHERE i.fingerprint = x.fingerprint AND i.status = 'resolved' AND i.resolved_by = 'remediation'
-      AND x.starts_at IS NOT NULL AND i.starts_at = x.starts_at
-      AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
-      AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
-                      AND a.status IN ('open', 'investigating'))
-    RETURNING i.id, i.fingerprint, i.repeat_count
-    """
-)
-
-_RESOLVE_BY_FINGERPRINT = sa.text(
+_RESOLVE_BY_FINGERPRINT = sa.text(compact(
     f"""
     UPDATE incidents AS i
     SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW},
@@ -133,9 +169,9 @@ _RESOLVE_BY_FINGERPRINT = sa.text(
     WHERE i.fingerprint = x.fingerprint AND i.status IN ('open', 'investigating')
     RETURNING i.*
     """
-)
+))
 
-_INSERT_TIMELINE = sa.text(
+_INSERT_TIMELINE = sa.text(compact(
     """
     INSERT INTO incident_timeline (incident_id, kind, actor, details, dedup_key)
     SELECT x.incident_id, x.kind, x.actor, x.details, x.dedup_key
@@ -143,7 +179,7 @@ _INSERT_TIMELINE = sa.text(
          AS x(incident_id text, kind text, actor text, details jsonb, dedup_key text)
     ON CONFLICT (dedup_key) DO NOTHING
     """
-)
+))
 
 
 def _alert_row(alert: Alert) -> dict:
@@ -186,19 +222,20 @@ def record_alerts(
     new_events: list[dict] = []
     reopened: set[str] = set()
     if firing:
-        if reopen_window_seconds > 0:
-            keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in firing])
-            params = {"rows": keys, "window": reopen_window_seconds}
-            continuing = conn.execute(_STILL_FIRING_AFTER_REMEDIATION, params).mappings().all()
-            for row in continuing:
-                outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "refreshed", row["id"])
-                timeline.append(_timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"], "note": "still firing after remediation resolved it"}))
-            done = {row["fingerprint"] for row in continuing}
-            firing = [a for a in firing if a.fingerprint not in done]
-            if firing:
-                reopened = set(conn.execute(_REOPEN_AFTER_REMEDIATION, params).scalars())
-    if firing:
-        rows = conn.execute(_UPSERT_FIRING, {"rows": json.dumps([_alert_row(a) for a in firing])}).mappings().all()
+        rows, after_fix = _upsert(conn, firing, reopen_window_seconds)
+        if after_fix:
+            again = [a for a in firing if a.fingerprint in after_fix]
+            keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
+            touched = conn.execute(_AFTER_REMEDIATION, {"rows": keys, "window": reopen_window_seconds}).mappings().all()
+            for row in touched:
+                if row["continuing"]:
+                    outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "refreshed", row["id"])
+                    timeline.append(_timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"], "note": "still firing after remediation resolved it"}))
+                else:
+                    reopened.add(row["id"])
+            continuing = {row["fingerprint"] for row in touched if row["continuing"]}
+            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0)
+            rows += more
         for row in rows:
             created = row["created"]
             if row["id"] in reopened:
@@ -223,14 +260,13 @@ def record_alerts(
             outcome_of.setdefault(
                 alert.fingerprint, Outcome(alert.fingerprint, "ignored", reason="no open incident with this fingerprint")
             )
-    _insert_timeline(conn, timeline)
-    outbox.enqueue(conn, new_events)
+    _insert_timeline_and_events(conn, timeline, new_events)
     _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
     # Report in the order the alerts came, once per alert (duplicates share an outcome).
     return RecordResult([outcome_of[a.fingerprint] for a in alerts], [e["id"] for e in new_events])
 
 
-_COUNT_IGNORED = sa.text(
+_COUNT_IGNORED = sa.text(compact(
     f"""
     INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
     SELECT x.alert_name, x.reason, x.n, {UTC_NOW}
@@ -239,7 +275,7 @@ _COUNT_IGNORED = sa.text(
     ON CONFLICT (alert_name, reason)
     DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
     """
-)
+))
 
 
 def _count_ignored(conn: Connection, ignored: list[Alert]) -> None:
@@ -256,9 +292,19 @@ def _timeline_row(incident_id: str, kind: str, actor: str, details: dict, dedup_
     return {"incident_id": incident_id, "kind": kind, "actor": actor, "details": details, "dedup_key": dedup_key}
 
 
-def _insert_timeline(conn: Connection, rows: list[dict]) -> None:
-    if rows:
+_INSERT_TIMELINE_AND_EVENTS = sa.text(
+    "WITH timeline AS (" + _INSERT_TIMELINE.text.replace(":rows", ":timeline") + ")" + outbox.INSERT_SQL.format(rows="events")
+)
+
+
+def _insert_timeline_and_events(conn: Connection, rows: list[dict], new_events: list[dict]) -> None:
+    """The timeline entries and the outbox events of a batch, in one round trip."""
+    if rows and new_events:
+        conn.execute(_INSERT_TIMELINE_AND_EVENTS, {"timeline": json.dumps(rows, default=_json_default), "events": outbox.serialise(new_events)})
+    elif rows:
         conn.execute(_INSERT_TIMELINE, {"rows": json.dumps(rows, default=_json_default)})
+    elif new_events:
+        outbox.enqueue(conn, new_events)
 
 
 def _json_default(value: Any) -> Any:

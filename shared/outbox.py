@@ -23,22 +23,28 @@ from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger("outbox")
 
-_INSERT = sa.text(
-    """
+# {rows} names the bind parameter, so callers can fold this insert into a
+# larger statement (one round trip for an incident's records and its events).
+INSERT_SQL = """
     INSERT INTO event_outbox (id, type, source, subject, extensions, data)
     SELECT x.id, x.type, x.source, x.subject, x.extensions, x.data
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+    FROM jsonb_to_recordset(CAST(:{rows} AS jsonb))
          AS x(id text, type text, source text, subject text, extensions jsonb, data jsonb)
     ON CONFLICT (id) DO NOTHING
-    """
-)
+"""
+INSERT_SQL = " ".join(INSERT_SQL.split())
+_INSERT = sa.text(INSERT_SQL.format(rows="rows"))
+
+
+def serialise(events: Iterable[dict]) -> str:
+    return json.dumps(list(events), default=str)
 
 
 def enqueue(conn: Connection, events: Iterable[dict]) -> None:
     """Add events to the outbox inside the caller's transaction (one statement)."""
     rows = list(events)
     if rows:
-        conn.execute(_INSERT, {"rows": json.dumps(rows, default=str)})
+        conn.execute(_INSERT, {"rows": serialise(rows)})
 
 
 @dataclass

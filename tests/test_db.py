@@ -1,0 +1,38 @@
+"""The database helpers."""
+
+import pg8000.dbapi
+import pytest
+import sqlalchemy as sa
+
+from shared import db, incidents, outbox
+
+
+@pytest.mark.parametrize("statement", [
+    incidents._UPSERT_FIRING, incidents._AFTER_REMEDIATION, incidents._RESOLVE_BY_FINGERPRINT,
+    incidents._INSERT_TIMELINE_AND_EVENTS, outbox._INSERT,
+])
+def test_cached_paramstyle_rewrite_matches_pg8000(statement):
+    compiled = str(statement.compile(dialect=sa.dialects.postgresql.pg8000.dialect()))
+    original = pg8000.dbapi.convert_paramstyle.original
+    args = tuple(range(compiled.count("%s")))
+    assert pg8000.dbapi.convert_paramstyle("format", compiled, args) == original("format", compiled, args)
+
+
+def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, monkeypatch):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        with db.create_engine_for(database_url, pool_size=1, max_overflow=0).connect() as killer:
+            killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        monkeypatch.setattr(db, "IDLE_PING_SECONDS", 0.0)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("sqlstate, transient", [("40P01", True), ("40001", True), ("57P01", True), ("08006", True), ("23505", False), ("22P02", False)])
+def test_transient_errors_are_told_apart(sqlstate, transient):
+    err = sa.exc.DBAPIError("x", {}, Exception({"C": sqlstate, "M": "m"}))
+    assert db.is_transient(err) is transient
