@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from flask import Request, Response
+from werkzeug.datastructures import MultiDict
 
 from shared import db, incidents
 from shared.config import Settings
@@ -42,12 +43,12 @@ def present(row: dict) -> dict:
     return {name: _iso(row.get(name)) for name in PUBLIC_FIELDS}
 
 
-def _values(request: Request, name: str, strip: bool = False) -> list[str]:
+def _values(args: MultiDict, name: str, strip: bool = False) -> list[str]:
     """Repeatable and comma-separated: ``?status=open&status=investigating``
     and ``?status=open,investigating`` mean the same. Free-text values are
     exact (not stripped); enum values may carry spaces around commas."""
     result = []
-    for raw in request.args.getlist(name):
+    for raw in args.getlist(name):
         parts = [part.strip() if strip else part for part in raw.split(",")]
         if not all(parts):
             raise BadRequest(f"{name}: empty value in {raw[:60]!r}", parameter=name)
@@ -55,8 +56,8 @@ def _values(request: Request, name: str, strip: bool = False) -> list[str]:
     return result
 
 
-def _enum_values(request: Request, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
-    values = tuple(normalise(v) for v in _values(request, name, strip=True))
+def _enum_values(args: MultiDict, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
+    values = tuple(normalise(v) for v in _values(args, name, strip=True))
     bad = [v for v in values if v not in allowed]
     if bad:
         raise BadRequest(f"{name}: unknown value {bad[0]!r}; allowed: {', '.join(allowed)}", parameter=name, allowed=list(allowed))
@@ -76,8 +77,8 @@ def parse_time_param(raw: str, name: str) -> datetime:
     return value
 
 
-def _single(request: Request, name: str) -> str | None:
-    values = request.args.getlist(name)
+def _single(args: MultiDict, name: str) -> str | None:
+    values = args.getlist(name)
     if len(values) > 1:
         raise BadRequest(f"{name}: give it once", parameter=name)
     return values[0] if values else None
@@ -96,34 +97,35 @@ def decode_cursor(token: str) -> incidents.Cursor:
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
 
-def parse_filters(request: Request) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
-    unknown = sorted(set(request.args) - set(LIST_PARAMETERS))
+def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
+    """The list filters from query arguments; BadRequest names a bad one."""
+    unknown = sorted(set(args) - set(LIST_PARAMETERS))
     if unknown:
         raise BadRequest(
             f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}",
             parameter=unknown[0],
             allowed=list(LIST_PARAMETERS),
         )
-    for name in request.args:
-        if any("\x00" in value for value in request.args.getlist(name)):
+    for name in args:
+        if any("\x00" in value for value in args.getlist(name)):
             raise BadRequest(f"{name}: contains a NUL character", parameter=name)
-    since = _single(request, "since")
-    until = _single(request, "until")
-    limit_raw = _single(request, "limit")
+    since = _single(args, "since")
+    until = _single(args, "until")
+    limit_raw = _single(args, "limit")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
         if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= MAX_LIMIT:
             raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_raw[:20]!r}", parameter="limit")
         limit = int(limit_raw)
-    cursor_raw = _single(request, "cursor")
+    cursor_raw = _single(args, "cursor")
     flt = incidents.IncidentFilter(
-        statuses=_enum_values(request, "status", STATUSES, str.lower),
-        priorities=_enum_values(request, "priority", PRIORITIES, str.upper),
+        statuses=_enum_values(args, "status", STATUSES, str.lower),
+        priorities=_enum_values(args, "priority", PRIORITIES, str.upper),
         since=parse_time_param(since, "since") if since is not None else None,
         until=parse_time_param(until, "until") if until is not None else None,
-        alert_names=tuple(_values(request, "alert_name")),
-        services=tuple(_values(request, "service")),
-        fingerprints=tuple(_values(request, "fingerprint")),
+        alert_names=tuple(_values(args, "alert_name")),
+        services=tuple(_values(args, "service")),
+        fingerprints=tuple(_values(args, "fingerprint")),
     )
     return flt, limit, decode_cursor(cursor_raw) if cursor_raw is not None else None
 
@@ -141,7 +143,7 @@ class QueryApi:
         self.publisher = publisher
 
     def list(self, request: Request) -> Response:
-        flt, limit, after = parse_filters(request)
+        flt, limit, after = parse_filters(request.args)
         with db.engine().connect() as conn:
             rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
         headers = {}

@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.query import metrics
 from functions.query.api import QueryApi
+from functions.query.board import Board
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -20,7 +21,9 @@ from shared.publisher import Publisher
 
 config = start("query")
 install_json_errors()
-_api = QueryApi(config, Publisher(config))
+_publisher = Publisher(config)
+_api = QueryApi(config, _publisher)
+_board = Board(config, _publisher)
 _registry = metrics.build_registry()
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 _openapi_cache: dict = {}
@@ -53,6 +56,16 @@ ROUTES = [
     Route("GET", "/incidents", _api.list),
     Route("GET", "/incidents/{incident_id}", _api.get),
     Route("PATCH", "/incidents/{incident_id}", _api.patch),
+    # The board authenticates with its own session cookie (functions/query/board.py).
+    Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
+    Route("GET", "/ui", _board.index, auth=False),
+    Route("GET", "/ui/login", _board.login_form, auth=False),
+    Route("POST", "/ui/login", _board.login, auth=False),
+    Route("POST", "/ui/logout", _board.logout, auth=False),
+    Route("GET", "/ui/static/board.css", _board.stylesheet, auth=False),
+    Route("GET", "/ui/incidents/{incident_id}", _board.incident, auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/status", _board.transition, auth=False),
+    Route("GET", "/ui/incidents/{incident_id}/report.md", _board.report, auth=False),
 ]
 
 

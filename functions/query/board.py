@@ -1,0 +1,214 @@
+"""The incident board: server-rendered pages for engineers at 3 a.m.
+
+Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
+``SameSite=Strict`` session cookie (the token never goes into a URL); every
+form that changes state carries the session's CSRF token; Jinja2 escapes
+everything (labels come from alerts and may hold HTML); a strict
+Content-Security-Policy allows nothing but this origin's stylesheet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlencode
+
+from flask import Request, Response
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from werkzeug.datastructures import MultiDict
+
+from functions.query.api import encode_cursor, parse_filters, parse_incident_id, present
+from shared import db, incidents
+from shared.config import Settings
+from shared.errors import ApiError, BadRequest, NotFound
+from shared.models import PRIORITIES, STATUSES
+from shared.publisher import Publisher
+
+COOKIE = "ir_session"
+SESSION_SECONDS = 12 * 3600
+HERE = Path(__file__).parent
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+ACTION_LABELS = {"investigating": "Acknowledge", "resolved": "Resolve", "closed": "Close"}
+BOARD_FILTERS = ("status", "priority", "since", "until", "alert_name", "service", "limit", "cursor")
+
+
+def ago(value: datetime | None, now: datetime | None = None) -> str:
+    if value is None:
+        return "—"
+    seconds = int(((now or datetime.utcnow()) - value).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+def duration(start: datetime | None, end: datetime | None) -> str:
+    if not start or not end:
+        return "—"
+    seconds = int((end - start).total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
+
+
+def iso(value: datetime | None) -> str:
+    return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
+
+
+class Board:
+    def __init__(self, config: Settings, publisher: Publisher):
+        self.config = config
+        self.publisher = publisher
+        key = hmac.new((config.api_token.reveal() if config.api_token else secrets.token_hex(32)).encode(), b"board-session", hashlib.sha256).digest()
+        self.signer = URLSafeTimedSerializer(key, salt="incident-board")
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
+                                     trim_blocks=True, lstrip_blocks=True)
+        self.templates.filters.update(ago=ago, iso=iso)
+        self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS)
+
+    # ------------------------------------------------------------------ session
+
+    def session(self, request: Request) -> dict | None:
+        raw = request.cookies.get(COOKIE)
+        if not raw:
+            return None
+        try:
+            return self.signer.loads(raw, max_age=SESSION_SECONDS)
+        except (BadSignature, SignatureExpired):
+            return None
+
+    def _page(self, template: str, status: int = 200, **context) -> Response:
+        html = self.templates.get_template(template).render(**context)
+        return Response(html, status=status, mimetype="text/html", headers=self.security_headers())
+
+    @staticmethod
+    def security_headers() -> dict:
+        return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+    def _redirect(self, location: str) -> Response:
+        return Response(status=303, headers={"Location": location, **self.security_headers()})
+
+    def _signed_in(self, request: Request) -> dict | Response:
+        session = self.session(request)
+        if session is None:
+            return self._redirect("/ui/login?" + urlencode({"next": request.full_path.rstrip("?")}))
+        return session
+
+    # ------------------------------------------------------------------ sign-in
+
+    def login_form(self, request: Request) -> Response:
+        return self._page("login.html", next=_safe_next(request.args.get("next")), error=None)
+
+    def login(self, request: Request) -> Response:
+        token = request.form.get("token", "")
+        next_url = _safe_next(request.form.get("next"))
+        expected = self.config.api_token.reveal() if self.config.api_token else None
+        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+            import logging
+
+            logging.getLogger("http").warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr})
+            return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
+        session = {"csrf": secrets.token_urlsafe(24), "since": iso(datetime.utcnow())}
+        response = self._redirect(next_url)
+        response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
+                            secure=request.is_secure, path="/ui")
+        return response
+
+    def logout(self, request: Request) -> Response:
+        session = self.session(request)
+        if session is None or not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+            return self._redirect("/ui/login")
+        response = self._redirect("/ui/login")
+        response.delete_cookie(COOKIE, path="/ui")
+        return response
+
+    # ------------------------------------------------------------------ pages
+
+    def index(self, request: Request) -> Response:
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        form = {k: request.args.get(k, "") for k in BOARD_FILTERS}
+        try:
+            # An empty field of the filter form means "any".
+            flt, limit, after = parse_filters(MultiDict([(k, v) for k, v in request.args.items(multi=True) if v != ""]))
+            error = None
+        except BadRequest as exc:
+            flt, limit, after, error = incidents.IncidentFilter(), 50, None, exc.message
+        with db.engine().connect() as conn:
+            rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
+            by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
+            by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
+        next_url = None
+        if next_cursor is not None:
+            params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
+            next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
+        return self._page("index.html", incidents=rows, form=form, error=error, by_status=by_status, by_priority=by_priority,
+                          next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
+
+    def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
+        incident_id = parse_incident_id(incident_id)
+        with db.engine().connect() as conn:
+            row = incidents.require_incident(conn, incident_id)
+            timeline = incidents.get_timeline(conn, incident_id)
+        return row, timeline
+
+    def incident(self, request: Request, incident_id: str) -> Response:
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        try:
+            row, timeline = self._load(incident_id)
+        except (NotFound, BadRequest) as exc:
+            return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
+        notifications = [t for t in timeline if t["kind"] == "notification"]
+        return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
+                          allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
+                          error=request.args.get("error"), service=(row.get("labels") or {}).get("service"))
+
+    def transition(self, request: Request, incident_id: str) -> Response:
+        session = self.session(request)
+        if session is None:
+            return self._redirect("/ui/login")
+        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+            return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
+        incident_id = parse_incident_id(incident_id)
+        status = request.form.get("status", "")
+        note = (request.form.get("note") or "").strip()[:4000] or None
+        actor = f"board:{request.form.get('actor', '').strip()[:100]}" if request.form.get("actor", "").strip() else "board"
+        try:
+            with db.transaction() as conn:
+                _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
+        except ApiError as exc:
+            if exc.status >= 500:
+                raise
+            return self._redirect(f"/ui/incidents/{incident_id}?" + urlencode({"error": exc.message}))
+        self.publisher.submit(event_ids)
+        return self._redirect(f"/ui/incidents/{incident_id}")
+
+    def report(self, request: Request, incident_id: str) -> Response:
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        row, timeline = self._load(incident_id)
+        text = self.templates.get_template("report.md").render(i=row, p=present(row), timeline=timeline,
+                                                               ttr=duration(row["created_at"], row.get("resolved_at")))
+        return Response(text, mimetype="text/markdown", headers={**self.security_headers(),
+                        "Content-Disposition": f'inline; filename="incident-{row["id"]}.md"'})
+
+    def stylesheet(self, request: Request) -> Response:
+        return Response((HERE / "static" / "board.css").read_text(), mimetype="text/css",
+                        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+def _safe_next(value: str | None) -> str:
+    """Only paths of this board: never an open redirect."""
+    if value and value.startswith("/ui") and not value.startswith("//"):
+        return value
+    return "/ui"

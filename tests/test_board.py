@@ -1,0 +1,184 @@
+"""The incident board rendered through the query function's Flask app."""
+
+import re
+from pathlib import Path
+
+import functions_framework
+import pytest
+import sqlalchemy as sa
+
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def app(_settings_env):
+    return functions_framework.create_app("query", str(ROOT / "functions" / "query" / "main.py"))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def signed_in(client):
+    response = client.post("/ui/login", data={"token": TEST_TOKEN, "next": "/ui"})
+    assert response.status_code == 303
+    return client
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def seed(engine, name, priority="P0", to=(), **labels):
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, priority=priority, **labels)], "/t", "t").outcomes[0].incident_id
+        for status in to:
+            svc.transition(conn, incident_id, status, "t", "/t", note=f"to {status}")
+    return incident_id
+
+
+def test_pages_need_a_session(client, clean_db):
+    response = client.get("/ui?priority=P0")
+    assert response.status_code == 303 and response.headers["Location"] == "/ui/login?next=%2Fui%3Fpriority%3DP0"
+    assert client.get("/ui/incidents/00000000-0000-4000-8000-000000000000").status_code == 303
+    assert client.get("/").headers["Location"] == "/ui"
+
+
+def test_sign_in_sets_a_hardened_cookie_and_never_the_token(client):
+    bad = client.post("/ui/login", data={"token": "wrong", "next": "/ui"})
+    assert bad.status_code == 401 and "not valid" in bad.get_data(as_text=True)
+    good = client.post("/ui/login", data={"token": TEST_TOKEN, "next": "/ui?status=open"})
+    cookie = good.headers["Set-Cookie"]
+    assert good.headers["Location"] == "/ui?status=open"
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/ui" in cookie
+    assert TEST_TOKEN not in cookie
+
+
+def test_next_never_leaves_the_board(client):
+    response = client.post("/ui/login", data={"token": TEST_TOKEN, "next": "//evil.example/ui"})
+    assert response.headers["Location"] == "/ui"
+
+
+def test_list_shows_every_status_and_priority_with_counts(signed_in, clean_db):
+    paths = {"open": (), "investigating": ("investigating",), "resolved": ("resolved",), "closed": ("resolved", "closed")}
+    for priority in ("P0", "P1", "P2"):
+        for status, path in paths.items():
+            seed(clean_db, f"{status.title()}{priority}", priority=priority, to=path, service="email")
+    response = signed_in.get("/ui")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    for priority in ("P0", "P1", "P2"):
+        assert f'class="priority priority-{priority.lower()}" title="Priority {priority}">{priority}<' in html
+        for status in paths:
+            assert f"{status.title()}{priority}" in html
+    assert re.search(r'status-open">open</span> <strong>3</strong>', html)
+    assert re.search(r'priority-p0" title="Priority P0">P0</span> <strong>4</strong>', html)
+    assert 'http-equiv="refresh"' in html
+
+
+def test_filters_apply_and_empty_fields_mean_any(signed_in, clean_db):
+    seed(clean_db, "PageMe", priority="P0", service="email")
+    seed(clean_db, "TellMe", priority="P1", service="billing")
+    html = signed_in.get("/ui?status=&priority=P0&since=&service=&alert_name=").get_data(as_text=True)
+    assert "PageMe" in html and "TellMe" not in html
+    html = signed_in.get("/ui?service=billing").get_data(as_text=True)
+    assert "TellMe" in html and "PageMe" not in html
+    bad = signed_in.get("/ui?since=yesterday").get_data(as_text=True)
+    assert "since" in bad and 'role="alert"' in bad
+
+
+def test_list_pages_with_a_cursor(signed_in, clean_db):
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, [alert("Many", instance=str(i)) for i in range(60)], "/t", "t")
+    html = signed_in.get("/ui?limit=50").get_data(as_text=True)
+    assert html.count('href="/ui/incidents/') == 50
+    next_url = re.search(r'href="([^"]+)" rel="next"', html).group(1).replace("&amp;", "&")
+    assert signed_in.get(next_url).get_data(as_text=True).count('href="/ui/incidents/') == 10
+
+
+@pytest.mark.parametrize("path, buttons", [
+    ((), ["to-investigating", "to-resolved"]),
+    (("investigating",), ["to-resolved"]),
+    (("resolved",), ["to-investigating", "to-closed"]),
+    (("resolved", "closed"), []),
+])
+def test_incident_page_offers_only_the_allowed_transitions(signed_in, clean_db, path, buttons):
+    incident_id = seed(clean_db, "Detail", to=path, service="email", namespace="production")
+    with clean_db.begin() as conn:
+        svc.store_diagnostics(conn, incident_id, {"pods": {"email-service": {"ready": "1/3", "status": "CrashLoopBackOff", "restarts": 7,
+                                                                              "waiting_reasons": ["CrashLoopBackOff"], "last_terminated_reasons": ["OOMKilled"]}},
+                                                  "metrics": {"availability": 0.999, "latency_p95": {"error": "timed out"}},
+                                                  "dependencies": {"kafka": "up", "postgres": "down"}, "collected_at": "2026-11-27T10:00:00Z"})
+        svc.append_remediation_action(conn, incident_id, {"action": "scale_deployment", "target": "email-service", "from": 1, "to": 6,
+                                                          "timestamp": "2026-11-27T10:01:00Z", "success": True, "dry_run": True, "error": None})
+        svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": "opened", "outcome": "sent"})
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert sorted(re.findall(r'id="(to-[a-z]+)"', html)) == sorted(buttons)
+    assert "1/3" in html and "CrashLoopBackOff" in html and "OOMKilled" in html
+    assert "0.999" in html and "timed out" in html and 'dep-down">postgres: down' in html
+    assert "scale_deployment" in html and "1 → 6" in html and "dry-run" in html
+    assert "pagerduty trigger on opened: sent" in html
+
+
+def test_transition_needs_the_csrf_token(signed_in, clean_db):
+    incident_id = seed(clean_db, "Csrf")
+    assert signed_in.post(f"/ui/incidents/{incident_id}/status", data={"status": "resolved"}).status_code == 403
+    assert signed_in.post(f"/ui/incidents/{incident_id}/status", data={"status": "resolved", "csrf": "forged"}).status_code == 403
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, incident_id)["status"] == "open"
+
+
+def test_resolving_with_a_note_goes_on_the_timeline(signed_in, clean_db):
+    incident_id = seed(clean_db, "ResolveMe")
+    page = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    response = signed_in.post(f"/ui/incidents/{incident_id}/status",
+                              data={"status": "resolved", "note": "rolled back 1.4.2", "csrf": csrf_of(page)})
+    assert response.status_code == 303
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert "rolled back 1.4.2" in html and "by board" in html
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, incident_id)["status"] == "resolved"
+        assert conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE type LIKE '%resolved'")).scalar() == 1
+
+
+def test_an_invalid_transition_shows_the_reason(signed_in, clean_db):
+    incident_id = seed(clean_db, "Closed", to=("resolved", "closed"))
+    page = signed_in.get("/ui").get_data(as_text=True)
+    response = signed_in.post(f"/ui/incidents/{incident_id}/status", data={"status": "investigating", "csrf": csrf_of(page)})
+    html = signed_in.get(response.headers["Location"]).get_data(as_text=True)
+    assert "cannot move an incident from closed to investigating" in html
+
+
+def test_alert_html_is_rendered_as_text(signed_in, clean_db):
+    incident_id = seed(clean_db, "Xss", team="<script>alert(1)</script>", service="<b>svc</b>")
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<b>svc</b>" not in signed_in.get("/ui").get_data(as_text=True)
+
+
+def test_post_incident_report_draft(signed_in, clean_db):
+    incident_id = seed(clean_db, "EmailServiceDown", to=("investigating", "resolved"), service="email")
+    response = signed_in.get(f"/ui/incidents/{incident_id}/report.md")
+    text = response.get_data(as_text=True)
+    assert response.mimetype == "text/markdown"
+    assert text.startswith("# Post-incident report: EmailServiceDown (P0)")
+    assert "| opened |" in text and "to resolved" in text and "Time to resolve:" in text
+
+
+def test_unknown_and_malformed_incidents(signed_in, clean_db):
+    assert signed_in.get("/ui/incidents/00000000-0000-4000-8000-000000000000").status_code == 404
+    assert signed_in.get("/ui/incidents/nope").status_code == 400
+
+
+def test_sign_out_needs_csrf_and_ends_the_session(signed_in, clean_db):
+    page = signed_in.get("/ui").get_data(as_text=True)
+    response = signed_in.post("/ui/logout", data={"csrf": csrf_of(page)})
+    assert response.headers["Location"] == "/ui/login"
+    assert signed_in.get("/ui").status_code == 303
