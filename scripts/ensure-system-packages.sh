@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: AlertManager,
-# Prometheus (and amtool), and a PostgreSQL server when none is installed.
+# Prometheus (and amtool), Chromium and its driver, and a PostgreSQL server
+# when none is installed.
 # Needs root for apt-get; without root it says what is missing and goes on.
 set -euo pipefail
 
 need=()
 command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+# The board's browser test drives Debian's Chromium, never a downloaded one.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ -z "${TEST_DATABASE_URL:-}${DATABASE_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need+=(postgresql)
 fi

@@ -119,3 +119,9 @@ def fake_kube(tmp_path):
     server.kubeconfig_path = server.kubeconfig(tmp_path)
     yield server
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    artifacts = ROOT / "test-artifacts"
+    if artifacts.exists() and any(artifacts.iterdir()):
+        terminalreporter.write_line(f"test artefacts (board screenshots): {artifacts}")

@@ -1,0 +1,93 @@
+"""The board in a real headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium): sign in, filter to P0, open an
+incident the intake created, resolve it with a note, see the timeline."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import TEST_TOKEN
+from tests.factories import raw_alert, webhook
+from tests.processes import FunctionProcess
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian chromium and chromium-driver (make test installs them)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def stack(base_env):
+    query = FunctionProcess("query", dict(base_env)).start()
+    intake = FunctionProcess("intake", dict(base_env)).start()
+    yield query, intake
+    query.stop()
+    intake.stop()
+
+
+def screenshot(browser, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    browser.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_sign_in_filter_open_resolve_and_see_the_timeline(browser, stack, clean_db):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    query, intake = stack
+    auth = {"Authorization": f"Bearer {TEST_TOKEN}"}
+    page_me = raw_alert("EmailServiceDown", severity="critical", service="email", team="<script>alert('x')</script>")
+    page_me["annotations"] = {"summary": "Service completely down"}
+    tell_me = raw_alert("KafkaConsumerLagHigh", severity="warning", service="email")
+    created = requests.post(intake.url + "/webhook/alert", json=webhook([page_me, tell_me]), headers=auth, timeout=10).json()
+    p0_id = created["results"][0]["incident_id"]
+
+    wait = WebDriverWait(browser, 10)
+    browser.get(query.url + "/ui")
+    wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(ec.presence_of_element_located((By.ID, "filters")))
+    assert "token" not in browser.current_url and TEST_TOKEN not in browser.current_url
+
+    Select(browser.find_element(By.ID, "filter-priority")).select_by_value("P0")
+    browser.find_element(By.ID, "apply-filters").click()
+    wait.until(lambda d: "priority=P0" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.incidents tbody tr")
+    assert [r.find_element(By.TAG_NAME, "a").text for r in rows] == ["EmailServiceDown"]
+    screenshot(browser, "board.png")
+
+    browser.find_element(By.LINK_TEXT, "EmailServiceDown").click()
+    wait.until(ec.presence_of_element_located((By.ID, "transition-form")))
+    assert f"/ui/incidents/{p0_id}" in browser.current_url
+    assert "<script>alert('x')</script>" in browser.find_element(By.TAG_NAME, "body").text
+    browser.find_element(By.ID, "note").send_keys("rolled back the release")
+    browser.find_element(By.ID, "to-resolved").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "timeline"), "rolled back the release"))
+    assert "resolved" in browser.find_element(By.CSS_SELECTOR, "h1 .status").text
+    assert sorted(b.get_attribute("id") for b in browser.find_elements(By.CSS_SELECTOR, "#transition-form button")) == ["to-closed", "to-investigating"]
+    screenshot(browser, "incident.png")
+    logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
+    assert not [entry for entry in logs if "Content Security Policy" in entry.get("message", "")]
