@@ -11,6 +11,7 @@ from cloudevents.http import from_http
 from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
+from functions.intake.batching import GroupCommit
 from shared import db, events, incidents
 from shared.alerts import Alert, parse_alertmanager, parse_report
 from shared.config import Settings
@@ -27,13 +28,16 @@ class Intake:
     def __init__(self, config: Settings, publisher: Publisher):
         self.config = config
         self.publisher = publisher
+        # Concurrent AlertManager webhooks share transactions (batching.py).
+        self.webhooks = GroupCommit(lambda alerts: self._write(alerts, "alertmanager"))
+
+    def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
+        with db.transaction() as conn:
+            return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds)
 
     def store(self, alerts: Sequence[Alert], actor: str, context: dict) -> incidents.RecordResult:
         try:
-            with db.transaction() as conn:
-                result = incidents.record_alerts(
-                    conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds
-                )
+            result = self.webhooks.submit(alerts) if actor == "alertmanager" else self._write(alerts, actor)
         except SQLAlchemyError as exc:
             transient = db.is_transient(exc)
             log.error(
