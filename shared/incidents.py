@@ -80,7 +80,7 @@ _UPSERT_FIRING = sa.text(compact(
     WITH x AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
             id text, alert_name text, priority text, summary text, description text, fingerprint text,
-            labels jsonb, annotations jsonb, source text, starts_at timestamp)
+            labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer)
     ),
     after_fix AS (
         SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
@@ -92,15 +92,15 @@ _UPSERT_FIRING = sa.text(compact(
     upserted AS (
         INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
                                remediation_actions, fingerprint, labels, annotations, source, starts_at,
-                               last_seen_at)
+                               last_seen_at, repeat_count)
         SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
                '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
-               CAST(x.source AS incident_source), x.starts_at, {UTC_NOW}
+               CAST(x.source AS incident_source), x.starts_at, {UTC_NOW}, x.seen - 1
         FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
         ORDER BY x.fingerprint
         ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
         DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
-                      repeat_count = incidents.repeat_count + 1
+                      repeat_count = incidents.repeat_count + EXCLUDED.repeat_count + 1
         RETURNING incidents.*, (xmax = 0) AS created
     )
     SELECT to_jsonb(u) AS row FROM upserted u
@@ -119,9 +119,13 @@ def _row_from_json(row: dict) -> dict:
     return row
 
 
-def _upsert(conn: Connection, alerts: list[Alert], window: int) -> tuple[list[dict], set[str]]:
+def _upsert(conn: Connection, alerts: list[Alert], window: int, seen: dict[str, int] | None = None) -> tuple[list[dict], set[str]]:
+    """``seen`` counts the copies of each fingerprint the batch held (the
+    batch keeps one), so repeat_count still counts every delivery."""
     rows, after_fix = [], set()
-    result = conn.execute(_UPSERT_FIRING, {"rows": json.dumps([_alert_row(a) for a in alerts]), "window": window})
+    seen = seen or {}
+    payload = [_alert_row(a, seen.get(a.fingerprint, 1)) for a in alerts]
+    result = conn.execute(_UPSERT_FIRING, {"rows": json.dumps(payload), "window": window})
     for (row,) in result:
         if "after_fix" in row:
             after_fix.add(row["after_fix"])
@@ -182,8 +186,9 @@ _INSERT_TIMELINE = sa.text(compact(
 ))
 
 
-def _alert_row(alert: Alert) -> dict:
+def _alert_row(alert: Alert, seen: int = 1) -> dict:
     return {
+        "seen": seen,
         "id": str(uuid.uuid4()),
         "alert_name": alert.alert_name,
         "priority": alert.priority,
@@ -222,7 +227,11 @@ def record_alerts(
     new_events: list[dict] = []
     reopened: set[str] = set()
     if firing:
-        rows, after_fix = _upsert(conn, firing, reopen_window_seconds)
+        seen: dict[str, int] = {}
+        for alert in alerts:
+            if alert.status == "firing":
+                seen[alert.fingerprint] = seen.get(alert.fingerprint, 0) + 1
+        rows, after_fix = _upsert(conn, firing, reopen_window_seconds, seen)
         if after_fix:
             again = [a for a in firing if a.fingerprint in after_fix]
             keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
@@ -234,7 +243,7 @@ def record_alerts(
                 else:
                     reopened.add(row["id"])
             continuing = {row["fingerprint"] for row in touched if row["continuing"]}
-            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0)
+            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, seen)
             rows += more
         for row in rows:
             created = row["created"]

@@ -223,3 +223,10 @@ def test_list_filters_and_keyset_pages(clean_db):
             if cursor is None:
                 break
         assert seen == list(reversed(ids))
+
+
+def test_repeat_count_counts_every_copy_even_inside_one_batch(clean_db):
+    first = record(clean_db, alert("Copies"), alert("Copies"), alert("Copies")).outcomes[0]
+    record(clean_db, alert("Copies"), alert("Copies"))
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, first.incident_id)["repeat_count"] == 4
