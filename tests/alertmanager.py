@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.processes import free_port, wait_until
+from tests.processes import free_port, terminate, wait_until
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
@@ -86,10 +86,5 @@ class AlertManager:
         return (self.dir / "alertmanager.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)

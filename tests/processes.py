@@ -24,6 +24,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def at_once(action, times: int) -> list:
+    """Run ``action`` from ``times`` threads released together; their results."""
+    import threading
+
+    barrier = threading.Barrier(times)
+    results = []
+
+    def run():
+        barrier.wait()
+        results.append(action())
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 class ProcessExited(RuntimeError):
     """The process being waited for died: waiting longer cannot help."""
 
@@ -91,12 +122,6 @@ class FunctionProcess:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self.log_path:
             self.log_path.unlink(missing_ok=True)

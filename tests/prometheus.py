@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from tests.loopback import RecordingServer
-from tests.processes import free_port, wait_until
+from tests.processes import free_port, terminate, wait_until
 
 BINARY = shutil.which("prometheus")
 
@@ -100,11 +100,6 @@ class Prometheus:
         return self
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process)
         self.exporter.server.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

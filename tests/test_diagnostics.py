@@ -1,8 +1,6 @@
 """Diagnostics over real HTTP against a real Prometheus and a loopback
 Kubernetes API reached through the official client."""
 
-import threading
-
 import pytest
 import requests
 import sqlalchemy as sa
@@ -13,7 +11,7 @@ from shared import events
 from shared import incidents as svc
 from tests.factories import alert
 from tests.fake_kube import FakeKubernetes, deployment, pod
-from tests.processes import FunctionProcess, free_port
+from tests.processes import FunctionProcess, at_once, free_port
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +156,7 @@ def test_redelivery_replies_the_same_event_without_probing_again(diagnostics, cl
 
 def test_concurrent_deliveries_probe_once(diagnostics, cluster, clean_db):
     incident = open_incident(clean_db)
-    barrier = threading.Barrier(3)
-    statuses = []
-
-    def go():
-        barrier.wait()
-        statuses.append(deliver(diagnostics, incident).status_code)
-
-    threads = [threading.Thread(target=go) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = at_once(lambda: deliver(diagnostics, incident).status_code, 3)
     assert 200 in statuses and set(statuses) <= {200, 409}
     assert len(cluster.calls("GET", "/deployments/email-service")) == 1
     kinds = [t["kind"] for t in stored(clean_db, incident["id"])[1]]

@@ -2,7 +2,6 @@
 check every request against the documented shape."""
 
 import json
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
 from tests.fake_notify import pagerduty, slack
-from tests.processes import FunctionProcess, wait_until
+from tests.processes import FunctionProcess, at_once, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
@@ -158,18 +157,7 @@ def test_redelivered_event_sends_nothing_twice(escalation, receivers, clean_db):
 def test_concurrent_deliveries_page_once(escalation, receivers, clean_db):
     pd, hook = receivers
     row = open_incident(clean_db)
-    barrier = threading.Barrier(4)
-    statuses = []
-
-    def go():
-        barrier.wait()
-        statuses.append(deliver(escalation, events.INCIDENT_OPENED, row).status_code)
-
-    threads = [threading.Thread(target=go) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = at_once(lambda: deliver(escalation, events.INCIDENT_OPENED, row).status_code, 4)
     assert 202 in statuses and set(statuses) <= {202, 409}
     assert len(pd.requests) == 1 and len(hook.requests) == 1
 

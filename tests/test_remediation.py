@@ -2,7 +2,6 @@
 through the official client, and the real PostgreSQL."""
 
 import json
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
 from tests.fake_kube import FakeKubernetes, deployment, pod
-from tests.processes import FunctionProcess
+from tests.processes import FunctionProcess, at_once
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED
@@ -285,18 +284,7 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
 def test_three_concurrent_deliveries_run_one_set_of_actions(live, cluster, clean_db):
     cluster.rollout_delay = 0.5
     row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
-    barrier = threading.Barrier(3)
-    statuses = []
-
-    def go():
-        barrier.wait()
-        statuses.append(deliver(live, row).status_code)
-
-    threads = [threading.Thread(target=go) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = at_once(lambda: deliver(live, row).status_code, 3)
     assert 200 in statuses and set(statuses) <= {200, 409}
     assert len(cluster.calls("PATCH", "/scale")) == 1
     assert len(actions_of(clean_db, row["id"])) == 1
