@@ -111,12 +111,13 @@ def prometheus():
     server.stop()
 
 
-@pytest.fixture
-def fake_kube(tmp_path):
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory):
+    """A loopback Kubernetes API per test module, with a kubeconfig for it."""
     from tests.fake_kube import FakeKubernetes
 
     server = FakeKubernetes().start()
-    server.kubeconfig_path = server.kubeconfig(tmp_path)
+    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
     yield server
     server.stop()
 

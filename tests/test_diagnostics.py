@@ -10,16 +10,8 @@ from cloudevents.http import CloudEvent, from_http
 from shared import events
 from shared import incidents as svc
 from tests.factories import alert
-from tests.fake_kube import FakeKubernetes, deployment, pod
+from tests.fake_kube import deployment, pod
 from tests.processes import FunctionProcess, at_once, free_port
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    server = FakeKubernetes().start()
-    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

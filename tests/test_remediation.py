@@ -16,19 +16,11 @@ from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from tests.fake_kube import FakeKubernetes, deployment, pod
+from tests.fake_kube import deployment, pod
 from tests.processes import FunctionProcess, at_once
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory):
-    server = FakeKubernetes().start()
-    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

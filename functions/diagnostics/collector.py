@@ -181,18 +181,18 @@ def _scalar(result: list) -> float | None:
     return round(values[0], 6) if len(values) == 1 else round(sum(values), 6)
 
 
-def probe_metrics(target: Target, prometheus_url: str, timeout: float) -> Any:
+def _queries(queries: dict[str, str], target: Target, prometheus_url: str, timeout: float, interpret) -> Any:
+    """Run each PromQL template; one query failing must not hide the others."""
     if not prometheus_url:
         return NOT_CONFIGURED
     prom = _prometheus(prometheus_url, timeout)
     out: dict[str, Any] = {}
-    for name, template in sorted(target.metrics.items()):
+    for name, template in sorted(queries.items()):
         try:
-            query = render(template, target.context, promql_string)
-            out[name] = _scalar(prom.custom_query(query))
+            out[name] = interpret(prom.custom_query(render(template, target.context, promql_string)))
         except TemplateError as exc:
             out[name] = {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - one query failing must not hide the others
+        except Exception as exc:  # noqa: BLE001 - recorded in its place
             out[name] = {"error": _describe(exc)}
     return out
 
@@ -204,17 +204,12 @@ def dependency_state(result: list) -> str:
     return "down" if min(values) < 1 else "up"
 
 
+def probe_metrics(target: Target, prometheus_url: str, timeout: float) -> Any:
+    return _queries(target.metrics, target, prometheus_url, timeout, _scalar)
+
+
 def probe_dependencies(target: Target, prometheus_url: str, timeout: float) -> Any:
-    if not prometheus_url:
-        return NOT_CONFIGURED
-    prom = _prometheus(prometheus_url, timeout)
-    out: dict[str, Any] = {}
-    for name, template in sorted(target.dependencies.items()):
-        try:
-            out[name] = dependency_state(prom.custom_query(render(template, target.context, promql_string)))
-        except Exception as exc:  # noqa: BLE001
-            out[name] = {"error": _describe(exc)}
-    return out
+    return _queries(target.dependencies, target, prometheus_url, timeout, dependency_state)
 
 
 def _describe(exc: BaseException) -> str:
