@@ -81,6 +81,13 @@ def main() -> None:
     print("\nWhere each incident ended up:")
     for incident in incidents.values():
         show(incident)
+    # Resolve the demo's alerts, as AlertManager would when they clear, so the
+    # next `make demo` opens fresh incidents instead of refreshing these.
+    alerts = [{"status": "resolved", "labels": labels, "annotations": annotations,
+               "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for _, labels, annotations in SEED_ALERTS]
+    payload = {"version": "4", "status": "resolved", "receiver": "incident-webhook", "alerts": alerts}
+    results = requests.post(INTAKE + "/webhook/alert", json=payload, headers=headers, timeout=10).json()["results"]
+    print("\nResolved the demo alerts: " + ", ".join(f"{a['labels']['alertname']} {r['action']}" for a, r in zip(alerts, results)))
 
 
 if __name__ == "__main__":
