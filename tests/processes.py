@@ -90,6 +90,18 @@ class FunctionProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait_path: str = "/health", timeout: float = 30.0) -> "FunctionProcess":
+        # free_port() only finds a port that was free a moment ago; if another
+        # process took it meanwhile, gunicorn exits at once: try another one.
+        for attempt in range(3):
+            try:
+                return self._start(wait_path, timeout)
+            except ProcessExited as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, wait_path: str, timeout: float) -> "FunctionProcess":
         env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         handle, path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
         os.close(handle)
