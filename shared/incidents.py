@@ -351,7 +351,8 @@ def add_timeline(
 
 def resolve_by_fingerprint(conn: Connection, fingerprint: str, event_source: str, actor: str, ends_at: datetime | None = None) -> str | None:
     """Resolve the active incident of this fingerprint; its id, or None."""
-    alert = Alert(fingerprint, "resolved", "", "P2", "", "", {}, {}, None, ends_at, "api")
+    alert = Alert(fingerprint=fingerprint, status="resolved", alert_name="", priority="P2", summary="", description="",
+                  labels={}, annotations={}, starts_at=None, ends_at=ends_at, source="api")
     result = record_alerts(conn, [alert], event_source, actor)
     return result.outcomes[0].incident_id
 
@@ -528,7 +529,3 @@ def count_by(conn: Connection, *columns: str) -> list[dict]:
     rows = conn.execute(sa.select(*cols, sa.func.count().label("count")).group_by(*cols)).mappings()
     return [dict(r) for r in rows]
 
-
-def incidents_by_ids(conn: Connection, ids: Iterable[str]) -> list[dict]:
-    rows = conn.execute(sa.select(*INCIDENT_COLUMNS).where(incidents.c.id.in_(list(ids)))).mappings()
-    return [dict(r) for r in rows]

@@ -230,3 +230,12 @@ def test_repeat_count_counts_every_copy_even_inside_one_batch(clean_db):
     record(clean_db, alert("Copies"), alert("Copies"))
     with clean_db.connect() as conn:
         assert svc.get_incident(conn, first.incident_id)["repeat_count"] == 4
+
+
+def test_resolve_by_fingerprint(clean_db):
+    opened = record(clean_db, alert("ByFingerprint")).outcomes[0]
+    with clean_db.begin() as conn:
+        assert svc.resolve_by_fingerprint(conn, opened.fingerprint, SOURCE, "api", datetime(2026, 11, 27, 12, 0)) == opened.incident_id
+        assert svc.resolve_by_fingerprint(conn, opened.fingerprint, SOURCE, "api") is None
+        row = svc.get_incident(conn, opened.incident_id)
+    assert (row["status"], row["resolved_at"], row["resolved_by"]) == ("resolved", datetime(2026, 11, 27, 12, 0), "alert")
