@@ -72,9 +72,12 @@ def compact(sql: str) -> str:
     return re.sub(r"\s+", " ", sql).strip()
 
 
-# Opens or refreshes the batch's incidents in one statement. Fingerprints
-# whose last incident remediation resolved a moment ago are left out and
-# named (`after_fix`): record_alerts decides about those separately (rare).
+# Opens or refreshes the batch's incidents, records them on the timeline and
+# queues the events of the new ones, in one statement (one round trip, atomic
+# on its own). Fingerprints whose last incident remediation resolved a moment
+# ago are left out and named (`after_fix`): record_alerts decides about those
+# separately (rare). The events are built by Python beforehand for the id it
+# proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 _UPSERT_FIRING = sa.text(compact(
     f"""
     WITH x AS (
@@ -102,6 +105,22 @@ _UPSERT_FIRING = sa.text(compact(
         DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
                       repeat_count = incidents.repeat_count + EXCLUDED.repeat_count + 1
         RETURNING incidents.*, (xmax = 0) AS created
+    ),
+    timeline AS (
+        INSERT INTO incident_timeline (incident_id, kind, actor, details)
+        SELECT u.id, CASE WHEN u.created THEN 'opened' ELSE 'repeated' END, :actor,
+               CASE WHEN u.created THEN jsonb_build_object('priority', u.priority, 'source', u.source)
+                    ELSE jsonb_build_object('repeat_count', u.repeat_count) END
+        FROM upserted u
+    ),
+    outboxed AS (
+        INSERT INTO event_outbox (id, type, source, subject, extensions, data)
+        SELECT e.id, e.type, e.source, e.subject, e.extensions,
+               e.data || jsonb_build_object('created_at', to_char(u.created_at, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+        FROM jsonb_to_recordset(CAST(:events AS jsonb))
+             AS e(id text, type text, source text, subject text, extensions jsonb, data jsonb)
+        JOIN upserted u ON u.id = e.subject AND u.created
+        ON CONFLICT (id) DO NOTHING
     )
     SELECT to_jsonb(u) AS row FROM upserted u
     UNION ALL
@@ -119,13 +138,17 @@ def _row_from_json(row: dict) -> dict:
     return row
 
 
-def _upsert(conn: Connection, alerts: list[Alert], window: int, seen: dict[str, int] | None = None) -> tuple[list[dict], set[str]]:
+def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, event_source: str,
+            seen: dict[str, int] | None = None) -> tuple[list[dict], set[str]]:
     """``seen`` counts the copies of each fingerprint the batch held (the
     batch keeps one), so repeat_count still counts every delivery."""
     rows, after_fix = [], set()
     seen = seen or {}
     payload = [_alert_row(a, seen.get(a.fingerprint, 1)) for a in alerts]
-    result = conn.execute(_UPSERT_FIRING, {"rows": json.dumps(payload), "window": window})
+    proposed = [events.incident_event(events.INCIDENT_OPENED, {**row, "status": "open", "generation": 0}, event_source)
+                for row in payload]
+    result = conn.execute(_UPSERT_FIRING, {"rows": json.dumps(payload), "window": window, "actor": actor,
+                                           "events": outbox.serialise(proposed)})
     for (row,) in result:
         if "after_fix" in row:
             after_fix.add(row["after_fix"])
@@ -225,13 +248,14 @@ def record_alerts(
 
     timeline: list[dict] = []
     new_events: list[dict] = []
+    published: list[str] = []  # events the upsert itself queued
     reopened: set[str] = set()
     if firing:
         seen: dict[str, int] = {}
         for alert in alerts:
             if alert.status == "firing":
                 seen[alert.fingerprint] = seen.get(alert.fingerprint, 0) + 1
-        rows, after_fix = _upsert(conn, firing, reopen_window_seconds, seen)
+        rows, after_fix = _upsert(conn, firing, reopen_window_seconds, actor, event_source, seen)
         if after_fix:
             again = [a for a in firing if a.fingerprint in after_fix]
             keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
@@ -243,21 +267,18 @@ def record_alerts(
                 else:
                     reopened.add(row["id"])
             continuing = {row["fingerprint"] for row in touched if row["continuing"]}
-            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, seen)
+            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, actor, event_source, seen)
             rows += more
+        # The upsert already wrote the timeline and the new incidents' events.
         for row in rows:
-            created = row["created"]
             if row["id"] in reopened:
                 outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "reopened", row["id"])
                 timeline.append(_timeline_row(row["id"], "reopened", actor, {"from": "resolved", "to": "open", "generation": row["generation"], "reason": "the alert fired again soon after remediation resolved it"}))
                 new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
                 continue
-            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if created else "refreshed", row["id"])
-            if created:
-                timeline.append(_timeline_row(row["id"], "opened", actor, {"priority": row["priority"], "source": row["source"]}))
-                new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
-            else:
-                timeline.append(_timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"]}))
+            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])
+            if row["created"]:
+                published.append(f"{row['id']}.opened.0")
     if resolving:
         payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
         rows = conn.execute(_RESOLVE_BY_FINGERPRINT, {"rows": json.dumps(payload)}).mappings().all()
@@ -272,7 +293,7 @@ def record_alerts(
     _insert_timeline_and_events(conn, timeline, new_events)
     _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
     # Report in the order the alerts came, once per alert (duplicates share an outcome).
-    return RecordResult([outcome_of[a.fingerprint] for a in alerts], [e["id"] for e in new_events])
+    return RecordResult([outcome_of[a.fingerprint] for a in alerts], published + [e["id"] for e in new_events])
 
 
 _COUNT_IGNORED = sa.text(compact(
