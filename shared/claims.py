@@ -47,3 +47,11 @@ def release(conn: Connection, key: str) -> None:
 
 def is_completed(conn: Connection, key: str) -> bool:
     return bool(conn.execute(sa.text("SELECT completed_at IS NOT NULL FROM work_claims WHERE key = :key"), {"key": key}).scalar())
+
+
+def any_completed(conn: Connection, incident_id: str, key_prefix: str) -> bool:
+    """Was any work of this kind (``notify:pagerduty:trigger:`` …) done for the incident?"""
+    return bool(conn.execute(
+        sa.text("SELECT 1 FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL LIMIT 1"),
+        {"i": incident_id, "p": key_prefix.replace("%", r"\%").replace("_", r"\_") + "%"},
+    ).first())

@@ -11,12 +11,11 @@ import json
 import logging
 import uuid
 
-import sqlalchemy as sa
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import from_http
 from flask import Request, Response
 
-from shared import db, incidents
+from shared import db, dead_letters, incidents
 from shared.errors import BadRequest
 from shared.http import read_body
 
@@ -67,13 +66,6 @@ def handle(request: Request) -> Response:
             incidents.add_timeline(conn, incident_id, "dead_letter", details, "broker", dedup_key=key)
         else:
             text = data if isinstance(data, str) else (json.dumps(data) if data is not None and not isinstance(data, bytes) else (data or b"").decode("utf-8", "replace"))
-            conn.execute(
-                sa.text(
-                    "INSERT INTO dead_letters (event_id, event_source, event_type, error_destination, error_code, error_data, attributes, data) "
-                    "VALUES (:id, :src, :type, :dest, :code, :err, CAST(:attrs AS jsonb), :data) "
-                    "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO NOTHING"
-                ),
-                {"id": event["id"], "src": event["source"], "type": event["type"], "dest": details["destination"],
-                 "code": details["code"], "err": details["error"], "attrs": json.dumps(attributes, default=str), "data": text[:100000]},
-            )
+            dead_letters.record(conn, event["id"], event["source"], event["type"], details["destination"], details["code"],
+                                details["error"], attributes, text)
     return Response(status=202)

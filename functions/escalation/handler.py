@@ -86,7 +86,7 @@ class EscalationHandler:
             return None
         key = f"notify:{channel}:{what}:{incident_id}:{generation}:{transition}"
         with db.transaction() as conn:
-            if channel == "pagerduty" and what == "resolve" and not self._was_paged(conn, incident_id):
+            if channel == "pagerduty" and what == "resolve" and not claims.any_completed(conn, incident_id, f"notify:pagerduty:trigger:{incident_id}:"):
                 return None
             claim = claims.claim(conn, key, incident_id, CLAIM_STALE_SECONDS)
         if not claim.acquired:
@@ -120,12 +120,3 @@ class EscalationHandler:
                 claims.release(conn, key)
         log.info("Notification %s" % details["outcome"], extra={"incident_id": incident_id, **{k: v for k, v in details.items() if k != "error"}})
         return result
-
-    @staticmethod
-    def _was_paged(conn, incident_id: str) -> bool:
-        import sqlalchemy as sa
-
-        return bool(conn.execute(
-            sa.text("SELECT 1 FROM work_claims WHERE incident_id = :i AND key LIKE 'notify:pagerduty:trigger:%' AND completed_at IS NOT NULL LIMIT 1"),
-            {"i": incident_id},
-        ).first())

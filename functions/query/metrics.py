@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import db
+from shared import db, stats
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
@@ -30,9 +29,7 @@ class DatabaseCollector:
         total = GaugeMetricFamily("incidents_total", "Incidents by priority and current status.", labels=["priority", "status"])
         open_ = GaugeMetricFamily("incidents_open", "Incidents still open or investigating, by priority.", labels=["priority"])
         counts = {(p, s): 0 for p in ("P0", "P1", "P2") for s in ("open", "investigating", "resolved", "closed")}
-        for priority, status, count in conn.execute(
-            sa.text("SELECT priority, status, count(*) FROM incidents WHERE priority IS NOT NULL AND status IS NOT NULL GROUP BY 1, 2")
-        ):
+        for priority, status, count in stats.incidents_by_priority_status(conn):
             counts[(priority, status)] = count
         for (priority, status), count in sorted(counts.items()):
             total.add_metric([priority, status], count)
@@ -46,14 +43,7 @@ class DatabaseCollector:
             "remediation_actions", "Remediation actions recorded, by action, outcome and mode.", labels=["action", "success", "dry_run"]
         )
         live_total = live_ok = 0
-        rows = conn.execute(
-            sa.text(
-                "SELECT a->>'action', COALESCE(a->>'success', 'false'), COALESCE(a->>'dry_run', 'false'), count(*) "
-                "FROM incidents, jsonb_array_elements(CAST(remediation_actions AS jsonb)) AS a "
-                "WHERE remediation_actions IS NOT NULL AND json_typeof(remediation_actions) = 'array' GROUP BY 1, 2, 3"
-            )
-        )
-        for action, success, dry_run, count in rows:
+        for action, success, dry_run, count in stats.remediation_actions(conn):
             actions.add_metric([action or "unknown", success, dry_run], count)
             if dry_run != "true":
                 live_total += count
@@ -68,25 +58,12 @@ class DatabaseCollector:
 
     def _escalations(self, conn):
         family = CounterMetricFamily("escalations", "Notifications by channel and outcome.", labels=["channel", "outcome"])
-        for channel, outcome, count in conn.execute(
-            sa.text(
-                "SELECT details->>'channel', COALESCE(details->>'outcome', 'sent'), count(*) FROM incident_timeline "
-                "WHERE kind = 'notification' GROUP BY 1, 2"
-            )
-        ):
+        for channel, outcome, count in stats.notifications(conn):
             family.add_metric([channel or "unknown", outcome], count)
         yield family
 
     def _time_to_resolve(self, conn):
-        filters = ", ".join(f"count(*) FILTER (WHERE d <= {b})" for b in TIME_TO_RESOLVE_BUCKETS)
-        row = conn.execute(
-            sa.text(
-                f"SELECT count(*), COALESCE(sum(d), 0), {filters} FROM ("
-                "SELECT EXTRACT(EPOCH FROM (resolved_at - created_at)) AS d FROM incidents "
-                "WHERE resolved_at IS NOT NULL AND created_at IS NOT NULL) AS t"
-            )
-        ).one()
-        count, total, *cumulative = row
+        count, total, cumulative = stats.time_to_resolve(conn, TIME_TO_RESOLVE_BUCKETS)
         buckets = [(str(float(b)), c) for b, c in zip(TIME_TO_RESOLVE_BUCKETS, cumulative)] + [("+Inf", count)]
         family = HistogramMetricFamily(
             "incident_time_to_resolve_seconds", "Time from an incident's creation to its resolution."
@@ -96,16 +73,14 @@ class DatabaseCollector:
 
     def _intake(self, conn):
         ignored = CounterMetricFamily("alerts_ignored", "Alerts the intake answered 'ignored', by reason.", labels=["alertname", "reason"])
-        for name, reason, count in conn.execute(sa.text("SELECT alert_name, reason, count FROM ignored_alerts")):
+        for name, reason, count in stats.ignored_alerts(conn):
             ignored.add_metric([name, reason], count)
         yield ignored
         dead = CounterMetricFamily("dead_letters", "Events the Broker could not deliver, recorded by the dead-letter function.")
-        dead.add_metric([], conn.execute(sa.text(
-            "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM incident_timeline WHERE kind = 'dead_letter')"
-        )).scalar_one())
+        dead.add_metric([], stats.dead_letters(conn))
         yield dead
         pending = GaugeMetricFamily("outbox_pending_events", "Incident events not yet accepted by the Broker.")
-        pending.add_metric([], conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")).scalar_one())
+        pending.add_metric([], stats.pending_events(conn))
         yield pending
 
 
