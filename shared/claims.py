@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shared import incidents
+from shared.errors import Conflict
+
 UTC_NOW = "timezone('utc', now())"
 
 
@@ -55,3 +58,40 @@ def any_completed(conn: Connection, incident_id: str, key_prefix: str) -> bool:
         sa.text("SELECT 1 FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL LIMIT 1"),
         {"i": incident_id, "p": key_prefix.replace("%", r"\%").replace("_", r"\_") + "%"},
     ).first())
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a redelivered-at-least-once step stands for one incident."""
+
+    state: str  # run | replay | skip
+    incident: dict | None
+    key: str | None = None
+
+
+def begin_step(conn: Connection, step: str, incident_id: str, stale_after_seconds: float) -> Step:
+    """Decide what an event handler does with ``step`` for this incident:
+
+    - ``skip``: no such incident, or it no longer fires (never act on a
+      resolved alert);
+    - ``replay``: the step already ran for this generation (a redelivery, or
+      the first reply was lost): answer the same;
+    - ``run``: this caller now holds the claim and must do the work.
+
+    Raises Conflict while another delivery holds a fresh claim (the Broker
+    retries 409).
+    """
+    incident = incidents.get_incident(conn, incident_id)
+    if incident is None:
+        return Step("skip", None)
+    key = f"{step}:{incident_id}:{incident['generation']}"
+    if is_completed(conn, key):
+        return Step("replay", incident, key)
+    if incident["status"] not in ("open", "investigating"):
+        return Step("skip", incident, key)
+    held = claim(conn, key, incident_id, stale_after_seconds)
+    if held.acquired:
+        return Step("run", incident, key)
+    if held.completed:
+        return Step("replay", incident, key)
+    raise Conflict(f"{step} of this incident is running elsewhere; retry later")

@@ -10,7 +10,6 @@ from flask import Response
 from functions.diagnostics.collector import Collector
 from shared import claims, db, events, eventio, incidents
 from shared.config import Settings
-from shared.errors import Conflict
 
 log = logging.getLogger("diagnostics")
 
@@ -36,24 +35,15 @@ class DiagnosticsHandler:
     def handle(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
         with db.transaction() as conn:
-            incident = incidents.get_incident(conn, incident_id)
-            if incident is None:
-                log.warning("Diagnostics skipped: no such incident", extra={"incident_id": incident_id})
-                return eventio.ack()
-            key = f"diagnostics:{incident_id}:{incident['generation']}"
-            if claims.is_completed(conn, key):
-                log.info("Diagnostics already stored; replying again", extra={"incident_id": incident_id})
-                return self._reply(incident_id)
-            if incident["status"] not in ("open", "investigating"):
-                log.info("Diagnostics skipped: incident already %s" % incident["status"], extra={"incident_id": incident_id})
-                return eventio.ack()
-            stale = self.config.diagnostics_deadline_seconds * 3
-            claim = claims.claim(conn, key, incident_id, stale)
-        if not claim.acquired:
-            if claim.completed:
-                log.info("Diagnostics already stored; replying again", extra={"incident_id": incident_id})
-                return self._reply(incident_id)
-            raise Conflict("diagnostics for this incident are running elsewhere; retry later")
+            step = claims.begin_step(conn, "diagnostics", incident_id, self.config.diagnostics_deadline_seconds * 3)
+        if step.state == "skip":
+            status = step.incident["status"] if step.incident else "missing"
+            log.info("Diagnostics skipped: incident is %s" % status, extra={"incident_id": incident_id})
+            return eventio.ack()
+        if step.state == "replay":
+            log.info("Diagnostics already stored; replying again", extra={"incident_id": incident_id})
+            return self._reply(incident_id)
+        incident, key = step.incident, step.key
 
         log.info("Running diagnostics", extra={"incident_id": incident_id, "alert_name": incident["alert_name"]})
         try:

@@ -65,23 +65,16 @@ class RemediationHandler:
     def handle(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
         with db.transaction() as conn:
-            incident = incidents.get_incident(conn, incident_id)
-            if incident is None:
-                log.warning("Remediation skipped: no such incident", extra={"incident_id": incident_id})
-                return eventio.ack()
-            key = f"remediation:{incident_id}:{incident['generation']}"
-            if claims.is_completed(conn, key):
-                # A redelivery (the first reply may have been lost): same answer.
-                return self._replay(incident)
-            if incident["status"] not in ("open", "investigating"):
-                # Remediating after the alert resolved is how peers deleted healthy pods.
-                log.info("Remediation skipped: incident is %s" % incident["status"], extra={"incident_id": incident_id})
-                return eventio.ack()
-            claim = claims.claim(conn, key, incident_id, CLAIM_STALE_SECONDS)
-        if not claim.acquired:
-            if claim.completed:
-                return self._replay(incident)
-            raise Conflict("remediation of this incident is running elsewhere; retry later")
+            step = claims.begin_step(conn, "remediation", incident_id, CLAIM_STALE_SECONDS)
+        if step.state == "skip":
+            # Remediating after the alert resolved is how peers deleted healthy pods.
+            status = step.incident["status"] if step.incident else "missing"
+            log.info("Remediation skipped: incident is %s" % status, extra={"incident_id": incident_id})
+            return eventio.ack()
+        if step.state == "replay":
+            # A redelivery (the first reply may have been lost): same answer.
+            return self._replay(step.incident)
+        incident, key = step.incident, step.key
         log.info("Running remediation", extra={"incident_id": incident_id, "alert_name": incident["alert_name"], "mode": self.config.remediation_mode})
         try:
             result = self._run(incident)
