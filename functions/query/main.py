@@ -10,9 +10,7 @@ import functions_framework
 from flask import Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from functions.query import metrics
 from functions.query.api import QueryApi
-from functions.query.board import Board
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -23,17 +21,34 @@ config = start("query")
 install_json_errors()
 _publisher = Publisher(config)
 _api = QueryApi(config, _publisher)
-_board = Board(config, _publisher)
-_registry = metrics.build_registry()
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
-_openapi_cache: dict = {}
+# The board (Jinja2), the metrics registry (prometheus_client) and the
+# OpenAPI document (YAML) load on first use: a cold start serving the API or
+# an alert pays for none of them.
+_lazy: dict = {}
+
+
+def _board():
+    if "board" not in _lazy:
+        from functions.query.board import Board
+
+        _lazy["board"] = Board(config, _publisher)
+    return _lazy["board"]
+
+
+def _ui(method: str):
+    return lambda request, **params: getattr(_board(), method)(request, **params)
 
 
 def _metrics(request):
     if not config.metrics_public:
         check_bearer(request, config.api_token)
+    from functions.query import metrics
+
+    if "registry" not in _lazy:
+        _lazy["registry"] = metrics.build_registry()
     try:
-        body = metrics.render(_registry)
+        body = metrics.render(_lazy["registry"])
     except SQLAlchemyError as exc:
         if db.is_transient(exc):
             raise ServiceUnavailable("the database is unavailable; metrics cannot be computed") from None
@@ -42,11 +57,11 @@ def _metrics(request):
 
 
 def _openapi(request):
-    if "spec" not in _openapi_cache:
-        import yaml  # only this endpoint needs it; keep it off the cold start
+    if "openapi" not in _lazy:
+        import yaml
 
-        _openapi_cache["spec"] = yaml.safe_load(OPENAPI_FILE.read_text())
-    return json_response(_openapi_cache["spec"])
+        _lazy["openapi"] = yaml.safe_load(OPENAPI_FILE.read_text())
+    return json_response(_lazy["openapi"])
 
 
 ROUTES = [
@@ -58,14 +73,14 @@ ROUTES = [
     Route("PATCH", "/incidents/{incident_id}", _api.patch),
     # The board authenticates with its own session cookie (functions/query/board.py).
     Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
-    Route("GET", "/ui", _board.index, auth=False),
-    Route("GET", "/ui/login", _board.login_form, auth=False),
-    Route("POST", "/ui/login", _board.login, auth=False),
-    Route("POST", "/ui/logout", _board.logout, auth=False),
-    Route("GET", "/ui/static/board.css", _board.stylesheet, auth=False),
-    Route("GET", "/ui/incidents/{incident_id}", _board.incident, auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/status", _board.transition, auth=False),
-    Route("GET", "/ui/incidents/{incident_id}/report.md", _board.report, auth=False),
+    Route("GET", "/ui", _ui("index"), auth=False),
+    Route("GET", "/ui/login", _ui("login_form"), auth=False),
+    Route("POST", "/ui/login", _ui("login"), auth=False),
+    Route("POST", "/ui/logout", _ui("logout"), auth=False),
+    Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
+    Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
+    Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
 ]
 
 
