@@ -60,9 +60,9 @@ def main() -> None:
     except requests.ConnectionError:
         sys.exit("make demo needs a running `make run` (nothing answers on %s)" % QUERY)
     ids = []
-    for name, labels, annotations in SEED_ALERTS:
+    for name, labels, notes in SEED_ALERTS:
         payload = {"version": "4", "status": "firing", "receiver": "incident-webhook",
-                   "alerts": [{"status": "firing", "labels": labels, "annotations": annotations}]}
+                   "alerts": [{"status": "firing", "labels": labels, "annotations": notes}]}
         response = requests.post(INTAKE + "/webhook/alert", json=payload, headers=headers, timeout=10)
         response.raise_for_status()
         result = response.json()["results"][0]
@@ -83,8 +83,8 @@ def main() -> None:
         show(incident)
     # Resolve the demo's alerts, as AlertManager would when they clear, so the
     # next `make demo` opens fresh incidents instead of refreshing these.
-    alerts = [{"status": "resolved", "labels": labels, "annotations": annotations,
-               "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for _, labels, annotations in SEED_ALERTS]
+    alerts = [{"status": "resolved", "labels": labels, "annotations": notes,
+               "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for _, labels, notes in SEED_ALERTS]
     payload = {"version": "4", "status": "resolved", "receiver": "incident-webhook", "alerts": alerts}
     results = requests.post(INTAKE + "/webhook/alert", json=payload, headers=headers, timeout=10).json()["results"]
     print("\nResolved the demo alerts: " + ", ".join(f"{a['labels']['alertname']} {r['action']}" for a, r in zip(alerts, results)))

@@ -2,7 +2,6 @@
 chromium-driver, driven by Selenium): sign in, filter to P0, open an
 incident the intake created, resolve it with a note, see the timeline."""
 
-import os
 import shutil
 from pathlib import Path
 

@@ -3,7 +3,6 @@ Kubernetes API reached through the official client."""
 
 import pytest
 import requests
-import sqlalchemy as sa
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent, from_http
 

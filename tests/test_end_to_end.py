@@ -4,7 +4,6 @@ Kubernetes, PagerDuty and Slack."""
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from local.run import FUNCTIONS, Stack
 from shared import incidents as svc

@@ -4,7 +4,6 @@ its own slice, and one bad webhook fails nobody else."""
 import threading
 import time
 
-import pytest
 import sqlalchemy as sa
 
 from functions.intake.batching import GroupCommit

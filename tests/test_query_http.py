@@ -3,7 +3,6 @@ health, metrics."""
 
 import json
 import math
-import threading
 from datetime import datetime, timedelta
 
 import pytest
