@@ -67,4 +67,5 @@ event_outbox = sa.Table(
     sa.Column("published_at", sa.DateTime),
     sa.Column("attempts", sa.Integer),
     sa.Column("last_error", sa.Text),
+    sa.Column("claimed_until", sa.DateTime),
 )

@@ -82,6 +82,44 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
         raise RuntimeError(f"broker answered {response.status_code}: {response.text[:200]}")
 
 
+UTC_NOW = "timezone('utc', now())"
+
+
+def _claim(bind: Engine, ids: list[str] | None, limit: int, lease_seconds: float) -> list:
+    """Lease up to ``limit`` unpublished events (oldest first) in one short
+    transaction; rows another publisher leases are skipped, not waited for."""
+    where = f"published_at IS NULL AND (claimed_until IS NULL OR claimed_until < {UTC_NOW})"
+    params: dict = {"limit": limit, "lease": lease_seconds}
+    if ids is not None:
+        where += " AND id = ANY(:ids)"
+        params["ids"] = ids
+    with bind.begin() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"UPDATE event_outbox SET claimed_until = {UTC_NOW} + make_interval(secs => :lease) "
+                f"WHERE id IN (SELECT id FROM event_outbox WHERE {where} ORDER BY created_at, id "
+                "LIMIT :limit FOR UPDATE SKIP LOCKED) "
+                "RETURNING id, type, source, subject, extensions, data, created_at"
+            ),
+            params,
+        ).all()
+    return sorted(rows, key=lambda r: (r.created_at, r.id))
+
+
+def _settle(bind: Engine, event_id: str, error: str | None, attempted: bool = True) -> None:
+    """Record one outcome and give the lease back."""
+    with bind.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE event_outbox SET claimed_until = NULL, "
+                "attempts = attempts + CASE WHEN CAST(:attempted AS boolean) THEN 1 ELSE 0 END, "
+                f"last_error = CAST(:error AS text), published_at = CASE WHEN CAST(:error AS text) IS NULL THEN {UTC_NOW} END "
+                "WHERE id = :id"
+            ),
+            {"id": event_id, "error": error, "attempted": attempted},
+        )
+
+
 def publish_pending(
     bind: Engine,
     sink: str,
@@ -90,48 +128,35 @@ def publish_pending(
     limit: int = 200,
     http: requests.Session | None = None,
 ) -> PublishReport:
-    """Send unpublished events (all, or only ``ids``), oldest first."""
+    """Send unpublished events (all, or only ``ids``), oldest first.
+
+    The rows are leased in one transaction and posted outside it, so no
+    database transaction waits on the Broker. A publisher that dies keeps its
+    lease until it expires; the next sweep then sends those events (with the
+    same ids, which subscribers recognise as duplicates).
+    """
     report = PublishReport()
     id_list = list(ids) if ids is not None else None
     if id_list == [] or not sink:
         return report
-    where = "published_at IS NULL" + (" AND id = ANY(:ids)" if id_list is not None else "")
-    params: dict = {"limit": limit}
-    if id_list is not None:
-        params["ids"] = id_list
     http = http or requests.Session()
-    with bind.begin() as conn:
-        rows = conn.execute(
-            sa.text(
-                f"SELECT id, type, source, subject, extensions, data, created_at FROM event_outbox "
-                f"WHERE {where} ORDER BY created_at, id LIMIT :limit FOR UPDATE SKIP LOCKED"
-            ),
-            params,
-        ).all()
-        broker_down = False
-        for row in rows:
-            if broker_down:
-                report.failed[row.id] = "not attempted: the broker is unreachable"
-                continue
-            try:
-                post_event(http, sink, to_cloudevent(row), timeout)
-            except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried by the sweep
-                error = f"{type(exc).__name__}: {exc}"[:500]
-                report.failed[row.id] = error
-                broker_down = isinstance(exc, requests.ConnectionError | requests.Timeout)
-                conn.execute(
-                    sa.text("UPDATE event_outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
-                    {"e": error, "id": row.id},
-                )
-                continue
-            conn.execute(
-                sa.text(
-                    "UPDATE event_outbox SET attempts = attempts + 1, last_error = NULL, "
-                    "published_at = timezone('utc', now()) WHERE id = :id"
-                ),
-                {"id": row.id},
-            )
-            report.published.append(row.id)
+    rows = _claim(bind, id_list, limit, lease_seconds=30 + 2 * timeout * limit)
+    broker_down = False
+    for row in rows:
+        if broker_down:
+            report.failed[row.id] = "not attempted: the broker is unreachable"
+            _settle(bind, row.id, report.failed[row.id], attempted=False)
+            continue
+        try:
+            post_event(http, sink, to_cloudevent(row), timeout)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried by the sweep
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            report.failed[row.id] = error
+            broker_down = isinstance(exc, requests.ConnectionError | requests.Timeout)
+            _settle(bind, row.id, error)
+            continue
+        _settle(bind, row.id, None)
+        report.published.append(row.id)
     if report.failed:
         log.warning(
             "Events not published; the sweep will retry",

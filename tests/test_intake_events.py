@@ -3,6 +3,7 @@ outbox, and nothing lost when the Broker is down."""
 
 import json
 import threading
+import time
 
 import pytest
 import requests
@@ -182,3 +183,27 @@ def test_two_intake_processes_receiving_the_same_burst_make_one_incident_per_fin
         assert sum(r["repeat_count"] for r in rows) == 50 * 7
     finally:
         second.stop()
+
+
+def test_publishing_holds_no_transaction_open_while_it_waits_for_the_broker(intake, broker_port, clean_db):
+    """A Broker that answers slowly must not keep outbox rows locked in an
+    open transaction: the rows are leased, and a second sweep skips them."""
+    from shared import outbox as outbox_module
+
+    slow = RecordingServer(lambda r: (time.sleep(1.0), (202, {}, b""))[1], port=broker_port).start()
+    try:
+        response = requests.post(intake.url + "/webhook/alert", json=webhook([raw_alert("Slow")]), headers=AUTH, timeout=10)
+        assert response.status_code == 200
+        wait_until(lambda: slow.received(), 5, message="the first publish to reach the slow broker")
+        with clean_db.connect() as conn:
+            open_transactions = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction' AND application_name = 'incident-response'")).scalar()
+            leased = conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE claimed_until IS NOT NULL")).scalar()
+        assert open_transactions == 0 and leased == 1
+        assert outbox_module.publish_pending(clean_db, slow.url + "/default/default").published == []
+        wait_until(lambda: all(r["published_at"] for r in outbox(clean_db)), 5, message="the event published")
+        assert [r["claimed_until"] for r in outbox(clean_db)] == [None]
+        assert len(slow.received()) == 1
+    finally:
+        slow.stop()
