@@ -7,8 +7,9 @@ because Knative Trigger filters match attributes, never ``data``.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Mapping
+
+from shared.timefmt import rfc3339
 
 EVENT_TYPE_PREFIX = "io.incidentresponse"
 
@@ -34,12 +35,6 @@ def transition_of(event_type: str) -> str:
     return event_type.rsplit(".", 1)[-1]
 
 
-def _iso(value: Any) -> Any:
-    return value.isoformat() + "Z" if isinstance(value, datetime) and value.tzinfo is None else (
-        value.isoformat() if isinstance(value, datetime) else value
-    )
-
-
 def incident_data(row: Mapping[str, Any]) -> dict[str, Any]:
     """The ``data`` of every incident event: what a subscriber needs without a query."""
     return {
@@ -53,9 +48,9 @@ def incident_data(row: Mapping[str, Any]) -> dict[str, Any]:
         "annotations": row.get("annotations") or {},
         "fingerprint": row.get("fingerprint"),
         "source": row.get("source"),
-        "starts_at": _iso(row.get("starts_at")),
-        "created_at": _iso(row.get("created_at")),
-        "resolved_at": _iso(row.get("resolved_at")),
+        "starts_at": rfc3339(row.get("starts_at")),
+        "created_at": rfc3339(row.get("created_at")),
+        "resolved_at": rfc3339(row.get("resolved_at")),
         "generation": row.get("generation") or 0,
     }
 

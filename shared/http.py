@@ -31,6 +31,7 @@ from shared.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from shared.timefmt import json_default
 
 log = logging.getLogger("http")
 
@@ -55,19 +56,11 @@ class Route:
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
-        json.dumps(body, default=_json_default, ensure_ascii=False),
+        json.dumps(body, default=json_default, ensure_ascii=False),
         status=status,
         headers=headers or {},
         mimetype="application/json",
     )
-
-
-def _json_default(value: Any) -> Any:
-    from datetime import datetime
-
-    if isinstance(value, datetime):
-        return value.isoformat() + ("Z" if value.tzinfo is None else "")
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def check_bearer(request: Request, token: Secret | None) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from shared import events, outbox
 from shared.alerts import Alert
 from shared.errors import Conflict, InvalidTransition, NotFound
+from shared.timefmt import json_default
 from shared.models import ACTIVE_STATUSES, incident_timeline, incidents
 
 UTC_NOW = "timezone('utc', now())"
@@ -330,17 +331,11 @@ _INSERT_TIMELINE_AND_EVENTS = sa.text(
 def _insert_timeline_and_events(conn: Connection, rows: list[dict], new_events: list[dict]) -> None:
     """The timeline entries and the outbox events of a batch, in one round trip."""
     if rows and new_events:
-        conn.execute(_INSERT_TIMELINE_AND_EVENTS, {"timeline": json.dumps(rows, default=_json_default), "events": outbox.serialise(new_events)})
+        conn.execute(_INSERT_TIMELINE_AND_EVENTS, {"timeline": json.dumps(rows, default=json_default), "events": outbox.serialise(new_events)})
     elif rows:
-        conn.execute(_INSERT_TIMELINE, {"rows": json.dumps(rows, default=_json_default)})
+        conn.execute(_INSERT_TIMELINE, {"rows": json.dumps(rows, default=json_default)})
     elif new_events:
         outbox.enqueue(conn, new_events)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def add_timeline(
@@ -363,7 +358,7 @@ def add_timeline(
             "incident_id": incident_id,
             "kind": kind,
             "actor": actor,
-            "details": json.dumps(details or {}, default=_json_default),
+            "details": json.dumps(details or {}, default=json_default),
             "dedup_key": dedup_key,
         },
     )
@@ -451,7 +446,7 @@ def mark_investigating(conn: Connection, incident_id: str, actor: str) -> bool:
 def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict) -> None:
     conn.execute(
         sa.text(f"UPDATE incidents SET diagnostics = CAST(:d AS json), updated_at = {UTC_NOW} WHERE id = :id"),
-        {"d": json.dumps(diagnostics, default=_json_default), "id": incident_id},
+        {"d": json.dumps(diagnostics, default=json_default), "id": incident_id},
     )
 
 
@@ -463,7 +458,7 @@ def append_remediation_action(conn: Connection, incident_id: str, action: dict) 
             "CAST(COALESCE(CAST(remediation_actions AS jsonb), '[]'::jsonb) || jsonb_build_array(CAST(:a AS jsonb)) AS json), "
             f"updated_at = {UTC_NOW} WHERE id = :id"
         ),
-        {"a": json.dumps(action, default=_json_default), "id": incident_id},
+        {"a": json.dumps(action, default=json_default), "id": incident_id},
     )
 
 

@@ -3,10 +3,10 @@ from the incident as the database holds it now."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from shared.config import Settings
+from shared.timefmt import rfc3339
 
 SUMMARY_MAX = 1024
 TRANSITION_TITLES = {
@@ -16,10 +16,6 @@ TRANSITION_TITLES = {
     "resolved": "resolved",
 }
 PRIORITY_MARK = {"P0": ":red_circle: P0", "P1": ":large_orange_circle: P1", "P2": ":large_yellow_circle: P2"}
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() + "Z" if isinstance(value, datetime) else value
 
 
 def service_of(incident: dict) -> str | None:
@@ -56,7 +52,7 @@ def pagerduty_trigger(config: Settings, incident: dict, routing_key: str, transi
         "summary": summary_line(incident),
         "source": service_of(incident) or config.cluster_name,
         "severity": config.pagerduty_severity.get(incident["priority"], "warning"),
-        "timestamp": _iso(incident.get("created_at")),
+        "timestamp": rfc3339(incident.get("created_at")),
         "class": incident["alert_name"],
         "custom_details": {
             "incident_id": incident["id"],

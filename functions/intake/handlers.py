@@ -88,9 +88,7 @@ class Intake:
         event_type = event["type"]
         wants_ack_only = "reply" in request.headers.get("Prefer", "")
         if event_type == PING_EVENT_TYPE:
-            report = self.publisher.sweep()
-            summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
-            log.info("Outbox sweep", extra=summary)
+            summary = self.sweep(request)
             return Response(status=202) if wants_ack_only else summary
         if event_type != events.INCIDENT_REPORT:
             raise BadRequest(f"unsupported event type {event_type!r}; this function accepts {events.INCIDENT_REPORT}")
@@ -103,5 +101,8 @@ class Intake:
         return {"status": "ok", "results": [o.as_dict() for o in result.outcomes]}
 
     def sweep(self, request: Request) -> dict:
+        """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
         report = self.publisher.sweep()
-        return {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
+        summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
+        log.info("Outbox sweep", extra=summary)
+        return summary

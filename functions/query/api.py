@@ -20,6 +20,7 @@ from shared.errors import BadRequest
 from shared.http import json_response, parse_json_body
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
+from shared.timefmt import rfc3339
 
 log = logging.getLogger("query")
 
@@ -35,12 +36,8 @@ PUBLIC_FIELDS = (
 )
 
 
-def _iso(value):
-    return value.isoformat() + "Z" if isinstance(value, datetime) else value
-
-
 def present(row: dict) -> dict:
-    return {name: _iso(row.get(name)) for name in PUBLIC_FIELDS}
+    return {name: rfc3339(row.get(name)) for name in PUBLIC_FIELDS}
 
 
 def _values(args: MultiDict, name: str, strip: bool = False) -> list[str]:
@@ -159,7 +156,7 @@ class QueryApi:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
         body = present(row)
-        body["timeline"] = [{**t, "at": _iso(t["at"])} for t in timeline]
+        body["timeline"] = [{**t, "at": rfc3339(t["at"])} for t in timeline]
         return body
 
     def patch(self, request: Request, incident_id: str) -> dict:
