@@ -183,30 +183,22 @@ def storm(database_url: str) -> list[str]:
     intake = FunctionProcess("intake", env, threads=THREADS).start()
     try:
         http = requests.Session()
-        times = {}
-        for label, make in (("1,000 new alerts", lambda run: [alert("Storm", run=run, i=str(i)) for i in range(1000)]),):
-            samples = []
-            for _ in range(5):
-                body = webhook(make(uuid.uuid4().hex))
-                start = time.perf_counter()
-                assert http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=60).status_code == 200
-                samples.append((time.perf_counter() - start) * 1000)
-            times[label] = samples
-        half = []
-        for _ in range(5):
-            run = uuid.uuid4().hex
-            http.post(intake.url + "/webhook/alert", data=webhook([alert("Half", run=run, i=str(i)) for i in range(500)]), headers=AUTH, timeout=60)
-            body = webhook([alert("Half", run=run, i=str(i)) for i in range(1000)])
+
+        def timed_post(body: bytes) -> float:
             start = time.perf_counter()
             assert http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=60).status_code == 200
-            half.append((time.perf_counter() - start) * 1000)
-        times["1,000 alerts, half already open"] = half
-        single = []
-        for i in range(20):
-            body = webhook([alert("Single", run=uuid.uuid4().hex)])
-            start = time.perf_counter()
-            http.post(intake.url + "/webhook/alert", data=body, headers=AUTH, timeout=10)
-            single.append((time.perf_counter() - start) * 1000)
+            return (time.perf_counter() - start) * 1000
+
+        def half_open() -> float:
+            run = uuid.uuid4().hex
+            timed_post(webhook([alert("Half", run=run, i=str(i)) for i in range(500)]))
+            return timed_post(webhook([alert("Half", run=run, i=str(i)) for i in range(1000)]))
+
+        times = {
+            "1,000 new alerts": [timed_post(webhook([alert("Storm", run=uuid.uuid4().hex, i=str(i)) for i in range(1000)])) for _ in range(5)],
+            "1,000 alerts, half already open": [half_open() for _ in range(5)],
+        }
+        single = [timed_post(webhook([alert("Single", run=uuid.uuid4().hex)])) for _ in range(20)]
     finally:
         intake.stop()
     base = statistics.median(single)

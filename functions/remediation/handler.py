@@ -200,6 +200,5 @@ class RemediationHandler:
     def _reply(self, incident_id: str, result: Result) -> Response:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
-        incident = {**incident, "generation": incident["generation"]}
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
         return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()})
