@@ -122,6 +122,28 @@ def kube(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def pd():
+    """A loopback PagerDuty Events API v2 that checks every event it gets."""
+    from tests.fake_notify import pagerduty
+
+    receiver = pagerduty()
+    receiver.server.start()
+    yield receiver
+    receiver.server.stop()
+
+
+@pytest.fixture(scope="module")
+def slack_hook():
+    """A loopback Slack incoming webhook that checks every message it gets."""
+    from tests.fake_notify import slack
+
+    receiver = slack()
+    receiver.server.start()
+    yield receiver
+    receiver.server.stop()
+
+
 def pytest_terminal_summary(terminalreporter):
     artifacts = ROOT / "test-artifacts"
     if artifacts.exists() and any(artifacts.iterdir()):

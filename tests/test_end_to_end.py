@@ -8,8 +8,7 @@ import requests
 from local.run import FUNCTIONS, Stack
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
-from tests.fake_kube import FakeKubernetes, deployment, pod
-from tests.fake_notify import pagerduty, slack
+from tests.fake_kube import deployment, pod
 from tests.factories import raw_alert, webhook
 from tests.processes import free_port, wait_until
 
@@ -18,13 +17,9 @@ ROUTING_KEY = "E2EROUTINGKEY0123456789abcdefABC"
 
 
 @pytest.fixture(scope="module")
-def outside(tmp_path_factory):
-    kube = FakeKubernetes().start()
-    kube.kubeconfig_path = kube.kubeconfig(tmp_path_factory.mktemp("kube"))
-    pd, hook = pagerduty(), slack()
-    pd.server.start(), hook.server.start()
-    yield kube, pd, hook
-    kube.stop(), pd.server.stop(), hook.server.stop()
+def outside(kube, pd, slack_hook):
+    """What cannot run here: the Kubernetes API, PagerDuty and Slack."""
+    return kube, pd, slack_hook
 
 
 def make_stack(database_url, outside, prometheus, tmp_path, duplicates=1):

@@ -14,27 +14,10 @@ from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from tests.fake_notify import pagerduty, slack
 from tests.processes import FunctionProcess, at_once, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
-
-
-@pytest.fixture(scope="module")
-def pd():
-    receiver = pagerduty()
-    receiver.server.start()
-    yield receiver
-    receiver.server.stop()
-
-
-@pytest.fixture(scope="module")
-def slack_hook():
-    receiver = slack()
-    receiver.server.start()
-    yield receiver
-    receiver.server.stop()
 
 
 @pytest.fixture
