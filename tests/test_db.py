@@ -23,8 +23,10 @@ def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, m
     try:
         with engine.connect() as conn:
             pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
-        with db.create_engine_for(database_url, pool_size=1, max_overflow=0).connect() as killer:
-            killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        killer = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+        with killer.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        killer.dispose()
         monkeypatch.setattr(db, "IDLE_PING_SECONDS", 0.0)
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
