@@ -9,6 +9,7 @@ never shares state with ``make run`` or another run.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -87,13 +88,23 @@ def engine(database_url):
 
 @pytest.fixture
 def clean_db(engine):
-    """Each test that writes starts from empty tables."""
-    with engine.begin() as conn:
-        tables = conn.execute(
-            sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
-        ).scalars().all()
-        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
-    return engine
+    """Each test that writes starts from empty tables.
+
+    A function process of the previous test may still be finishing a write
+    (a sweep, a late redelivery); TRUNCATE can then deadlock with it, and
+    PostgreSQL aborts one side: try again, as any client of a deadlock would."""
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                tables = conn.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+                ).scalars().all()
+                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+            return engine
+        except sa.exc.DBAPIError as exc:
+            if attempt == 4 or not db_module.is_transient(exc):
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
