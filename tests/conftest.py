@@ -23,8 +23,7 @@ from shared import migrate
 from shared.config import parse_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = ROOT.parent / "shared"
-FIXTURES = SHARED_DIR / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 TEST_TOKEN = "test-token-" + "0123456789abcdef"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from shared.alerts import Alert, label_fingerprint
 from shared.config import load_settings
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SETTINGS = load_settings({"DATABASE_URL": "postgresql+pg8000://u@h/db"})
 
 

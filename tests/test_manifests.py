@@ -19,7 +19,7 @@ from functions.remediation.actions import KUBERNETES_PERMISSIONS
 from local import manifests
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "knative"
+SCHEMAS = ROOT / "tests" / "fixtures" / "knative-schemas"
 KUBECTL = Path(sys.executable).parent / "kubectl"
 CRD_FILES = {
     ("serving.knative.dev/v1", "Service"): "serving-service.crd.yaml",
