@@ -12,7 +12,13 @@ the Knative MT channel-based Broker as far as the functions can tell:
 - delivery in binary mode with ``Prefer: reply``, the Trigger's or else the
   Broker's ``delivery`` (``retry``, ``backoffPolicy``, ``backoffDelay``,
   ``timeout``); retries on transport errors, ``404 408 409 429`` and ``5xx``;
-- a ``200`` carrying a CloudEvent is a reply and re-enters the Broker;
+- binary-mode attribute headers are percent-decoded on the way in (HTTP
+  binding §3.1.3.2), filters see the decoded values, and they are encoded
+  again on the way out;
+- a ``2xx`` carrying a CloudEvent is a reply and re-enters the Broker; a
+  ``2xx`` whose body is not empty and not a valid CloudEvent is a failed
+  delivery, retried and dead-lettered with code ``502``, as Knative's
+  broker filter answers it;
 - after the last attempt, or on a failure that is not retried, the event goes
   to the ``deadLetterSink`` with ``knativeerrordest``, ``knativeerrorcode`` and
   ``knativeerrordata`` (the response body, truncated, base64);
@@ -41,10 +47,13 @@ from typing import Callable
 import requests
 import yaml
 
+from shared.eventio import decode_header_value, encode_header_value
+
 log = logging.getLogger("local-broker")
 
 REQUIRED_ATTRIBUTES = ("id", "source", "specversion", "type")
 RETRYABLE = {404, 408, 409, 429}
+BAD_REPLY_STATUS = 502
 ERROR_DATA_LIMIT = 1024
 
 
@@ -220,7 +229,7 @@ class Event:
     content_type: str | None
 
     def binary(self) -> tuple[dict, bytes]:
-        headers = {f"ce-{k}": str(v) for k, v in self.attributes.items() if k != "datacontenttype"}
+        headers = {f"ce-{k}": encode_header_value(v) for k, v in self.attributes.items() if k != "datacontenttype"}
         if self.content_type:
             headers["Content-Type"] = self.content_type
         return headers, self.data
@@ -252,13 +261,37 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
             data = b""
         attrs = {k: str(v) for k, v in doc.items()}
         return Event(attrs, data, attrs.get("datacontenttype", "application/json"))
-    attrs = {k[3:]: v for k, v in lower.items() if k.startswith("ce-")}
+    try:
+        attrs = {k[3:]: decode_header_value(v) for k, v in lower.items() if k.startswith("ce-")}
+    except ValueError as exc:
+        raise BadEvent(f"attribute header not decodable: {exc}") from None
     for name in REQUIRED_ATTRIBUTES:
         if not attrs.get(name):
             raise BadEvent(f"missing required attribute {name!r} (header ce-{name})")
     if content_type:
         attrs["datacontenttype"] = content_type
     return Event(attrs, body, content_type or None)
+
+
+def reply_of(response: requests.Response) -> Event | None:
+    """The event a ``2xx`` answer carries, or None for an empty answer.
+
+    As Knative's broker filter: an answer with ``ce-specversion`` or a
+    structured CloudEvents media type must be a valid event, and any other
+    non-empty body is not an acknowledgement either (``BadEvent``).
+    """
+    content_type = response.headers.get("Content-Type", "")
+    if response.headers.get("ce-specversion") or content_type.startswith("application/cloudevents"):
+        if content_type.startswith("application/cloudevents-batch"):
+            raise BadEvent("a batch of CloudEvents is not a reply")
+        reply = parse_event(dict(response.headers), response.content)
+        if reply.attributes.get("specversion") != "1.0":
+            raise BadEvent(f"unsupported specversion {reply.attributes.get('specversion')!r}")
+        return reply
+    if response.content:
+        raise BadEvent("received a non-empty response not recognized as CloudEvent; "
+                       "the response must be either empty or a valid CloudEvent")
+    return None
 
 
 # --------------------------------------------------------------------------- the broker
@@ -311,26 +344,23 @@ class LocalBroker:
                 status, body, error = None, b"", f"{type(exc).__name__}: {exc}"
                 continue
             status, body = response.status_code, response.content
+            reply = None
+            if 200 <= status < 300:
+                try:
+                    reply = reply_of(response)
+                except BadEvent as exc:
+                    # Knative's filter answers 502 for this, so the delivery is retried.
+                    status, body, error = BAD_REPLY_STATUS, str(exc).encode(), str(exc)
             with self._lock:
                 self.delivered.append((trigger.name, event.attributes["id"], status))
             if 200 <= status < 300:
-                self._reply(broker, trigger, response)
+                if reply is not None:
+                    self.accept(broker.namespace, broker.name, reply)
                 return
             if status not in RETRYABLE and status < 500:
                 break
         log.error("Delivery failed", extra={"trigger": trigger.name, "event_id": event.attributes.get("id"), "status": status, "error": error})
         self._dead_letter(trigger, event, status, body or error.encode())
-
-    def _reply(self, broker: BrokerSpec, trigger: Trigger, response: requests.Response) -> None:
-        if response.status_code != 200 or not (response.headers.get("ce-id") or
-                                               response.headers.get("Content-Type", "").startswith("application/cloudevents+json")):
-            return
-        try:
-            reply = parse_event(dict(response.headers), response.content)
-        except BadEvent as exc:
-            log.warning("Invalid reply ignored", extra={"trigger": trigger.name, "error": str(exc)})
-            return
-        self.accept(broker.namespace, broker.name, reply)
 
     def _dead_letter(self, trigger: Trigger, event: Event, status: int | None, body: bytes) -> None:
         sink = trigger.delivery.dead_letter

@@ -237,6 +237,8 @@ class Settings:
     diagnostics_deadline_seconds: float = 10.0
     actor_header: str = "X-Actor"
     log_level: str = "INFO"
+    # Event publishing (the outbox)
+    outbox_max_attempts: int = 8
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -289,6 +291,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         diagnostics_deadline_seconds=_float(env, "DIAGNOSTICS_DEADLINE_SECONDS", 10.0, minimum=0.5),
         actor_header=_get(env, "ACTOR_HEADER", "X-Actor") or "X-Actor",
         log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        # Event publishing (the outbox)
+        outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 8, minimum=1, maximum=100),
     )
 
 

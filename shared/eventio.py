@@ -1,12 +1,21 @@
-"""Receiving CloudEvents from the Broker and answering it.
+"""CloudEvents over HTTP: receiving them from the Broker, answering it, and
+the header encoding every sender and receiver of ours shares.
 
 A function behind a Trigger answers ``200`` with a binary-mode CloudEvent to
 reply (the Broker ingests it), or ``202`` with no body to acknowledge; a
-non-event body would be taken for a failed reply.
+non-event body is a failed delivery (Knative's broker answers ``502``).
+
+Binary mode carries attributes in ``ce-*`` headers, whose values the HTTP
+binding (§3.1.3.2) percent-encodes: space, ``"``, ``%`` and everything
+outside printable ASCII, as the bytes of its UTF-8 form. The cloudevents SDK
+(1.12) neither encodes nor decodes them, so every event leaves through
+:func:`to_http` and every received one is read by :func:`parse_event` (or
+its headers by :func:`decode_headers`).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Mapping
 
@@ -20,14 +29,77 @@ from shared.errors import BadRequest
 from shared.http import read_body
 
 MAX_EVENT_BYTES = 1024 * 1024
+ATTRIBUTE_PREFIX = "ce-"
+
+_SAFE = frozenset(range(0x21, 0x7F)) - {0x22, 0x25}
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def encode_header_value(value: Any) -> str:
+    """An attribute value as a binary-mode header value (§3.1.3.2)."""
+    data = str(value).encode("utf-8", "surrogatepass")
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in data)
+
+
+def decode_header_value(raw: str) -> str:
+    """The attribute value a binary-mode header carries.
+
+    A double-quoted value (older senders) is unquoted first, then one round
+    of percent-decoding; a ``%`` not followed by two hex digits is kept as
+    it is (senders that do not encode at all). Bytes that are not UTF-8 are
+    refused, as the binding requires: ``ValueError``.
+    """
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1])
+    try:
+        # WSGI hands header bytes over as Latin-1 text: a sender that put raw
+        # UTF-8 in a header is read back as it meant it.
+        data = raw.encode("latin-1")
+    except UnicodeEncodeError:
+        data = raw.encode("utf-8", "surrogatepass")
+    decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    try:
+        return decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("percent-encoded bytes are not valid UTF-8") from None
+
+
+def decode_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers with every ``ce-*`` value decoded; ``BadRequest`` naming
+    the header when one is not valid. Other headers are left as they are."""
+    result = {}
+    for name, value in headers.items():
+        if name.lower().startswith(ATTRIBUTE_PREFIX):
+            try:
+                value = decode_header_value(value)
+            except ValueError as exc:
+                raise BadRequest(f"header {name}: {exc}") from None
+        result[name] = value
+    return result
+
+
+def encode_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    return {name: encode_header_value(value) if name.lower().startswith(ATTRIBUTE_PREFIX) else value
+            for name, value in headers.items()}
+
+
+def to_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
+    """Binary mode, attribute headers encoded."""
+    headers, body = to_binary(event)
+    return encode_headers(headers), body
+
+
+def parse_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
+    """A received CloudEvent (binary or structured); ``BadRequest`` if it is not one."""
+    try:
+        return from_http(decode_headers(dict(headers)), body)
+    except CloudEventError as exc:
+        raise BadRequest(f"not a valid CloudEvent: {exc}") from None
 
 
 def receive(request: Request, accepted_types: tuple[str, ...]) -> CloudEvent:
-    body = read_body(request, MAX_EVENT_BYTES)
-    try:
-        event = from_http(dict(request.headers), body)
-    except CloudEventError as exc:
-        raise BadRequest(f"not a valid CloudEvent: {exc}") from None
+    event = parse_event(request.headers, read_body(request, MAX_EVENT_BYTES))
     if event["type"] not in accepted_types:
         raise BadRequest(f"unsupported event type {event['type']!r}; accepted: {', '.join(accepted_types)}")
     return event
@@ -50,7 +122,8 @@ def reply(event_type: str, row: Mapping[str, Any], source: str, extra: Mapping[s
     """``200`` carrying the next event of the chain, id stable per incident,
     transition and generation (a redelivery replies the very same event)."""
     spec = events.incident_event(event_type, row, source, extra)
-    attributes = {"id": spec["id"], "type": spec["type"], "source": spec["source"], "subject": spec["subject"]}
+    attributes = {"id": spec["id"], "type": spec["type"], "source": spec["source"], "subject": spec["subject"],
+                  "datacontenttype": "application/json"}
     attributes.update(spec["extensions"])
-    headers, body = to_binary(CloudEvent(attributes, spec["data"]))
+    headers, body = to_http(CloudEvent(attributes, spec["data"]))
     return Response(body, status=200, headers=headers)

@@ -25,6 +25,8 @@ from shared.timefmt import json_default
 from shared.models import ACTIVE_STATUSES, incident_timeline, incidents
 
 UTC_NOW = "timezone('utc', now())"
+# to_char of a naive UTC timestamp as RFC 3339 (shared.timefmt does the same in Python).
+RFC3339_UTC = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
 
 # The seed's lifecycle: open -> investigating -> resolved -> closed. An alert
 # may resolve before anyone investigates; a resolved incident may reopen;
@@ -117,7 +119,8 @@ _UPSERT_FIRING = sa.text(compact(
     outboxed AS (
         INSERT INTO event_outbox (id, type, source, subject, extensions, data)
         SELECT e.id, e.type, e.source, e.subject, e.extensions,
-               e.data || jsonb_build_object('created_at', to_char(u.created_at, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+               e.data || jsonb_build_object('created_at', to_char(u.created_at, '{RFC3339_UTC}'),
+                                            'starts_at', to_char(u.starts_at, '{RFC3339_UTC}'))
         FROM jsonb_to_recordset(CAST(:events AS jsonb))
              AS e(id text, type text, source text, subject text, extensions jsonb, data jsonb)
         JOIN upserted u ON u.id = e.subject AND u.created

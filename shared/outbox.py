@@ -1,11 +1,23 @@
 """Transactional outbox: events are written with the change they announce
 and published to the Broker (``K_SINK``) after the commit.
 
-Publishing claims rows with ``FOR UPDATE SKIP LOCKED``, so the post-commit
-drain and the periodic sweep (and any number of replicas) never send the
-same row at once; a row is marked published only after the Broker answered
-``2xx``. A crash between the send and the mark re-sends the same event id,
-which subscribers recognise as a duplicate.
+Publishing leases small batches of rows (``FOR UPDATE SKIP LOCKED``, then a
+short ``claimed_until``), so the post-commit drain and the periodic sweep (and
+any number of replicas) never send the same row at once, and a publisher
+that dies holds its rows for one short lease only. A row is marked published
+only after the Broker answered ``2xx``; a crash between the send and the mark
+re-sends the same event id, which subscribers recognise as a duplicate.
+
+Only due rows are claimed, P0 first, then oldest. A row that fails waits
+(exponential backoff in ``next_attempt_at``) behind the others, and after
+``OUTBOX_MAX_ATTEMPTS`` failed attempts it is parked (``parked_at``): no
+longer retried, logged at error level, counted and re-drivable (clearing
+``parked_at`` and ``next_attempt_at`` and zeroing ``attempts`` re-queues it).
+A Broker that cannot be reached at all says nothing about the event, so
+that is not counted against the row.
+
+    pending = published_at IS NULL AND parked_at IS NULL
+    parked  = published_at IS NULL AND parked_at IS NOT NULL
 """
 
 from __future__ import annotations
@@ -13,13 +25,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+import time
 from typing import Iterable
 
 import requests
 import sqlalchemy as sa
-from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 from sqlalchemy.engine import Connection, Engine
+
+from shared import eventio
 
 log = logging.getLogger("outbox")
 
@@ -47,11 +61,29 @@ def enqueue(conn: Connection, events: Iterable[dict]) -> None:
         conn.execute(_INSERT, {"rows": serialise(rows)})
 
 
+# Batches are small and leased briefly: a publisher that dies after leasing
+# delays those events by at most one lease. The lease covers a batch's sends
+# (each bounded by the timeout, twice when a kept-alive connection was
+# stale); a publisher stops sending from a batch whose lease is running out
+# and hands the rest back.
+BATCH_SIZE = 50
+MAX_ATTEMPTS = 8
+BACKOFF_BASE_SECONDS = 2.0
+BACKOFF_MAX_SECONDS = 300.0
+
+
+def lease_seconds(timeout: float) -> float:
+    """3 s plus three sends' worth: 18 s for the default 5 s timeout."""
+    return 3.0 + 3.0 * timeout
+
+
 @dataclass
 class PublishReport:
     published: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    parked: list[str] = field(default_factory=list)
     pending_left: int = 0
+    broker_unreachable: bool = False
 
 
 def to_cloudevent(row) -> CloudEvent:
@@ -68,9 +100,13 @@ def to_cloudevent(row) -> CloudEvent:
     return CloudEvent(attributes, row.data)
 
 
+class BrokerAnswered(RuntimeError):
+    """The Broker answered, but not ``2xx``."""
+
+
 def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
     """Send one event in binary mode; raise on anything but ``2xx``."""
-    headers, body = to_binary(event)
+    headers, body = eventio.to_http(event)
     try:
         response = http.post(sink, headers=headers, data=body, timeout=timeout)
     except requests.ConnectionError:
@@ -79,17 +115,21 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
         # The event id is stable, so a rare double delivery is recognisable.
         response = http.post(sink, headers=headers, data=body, timeout=timeout)
     if not 200 <= response.status_code < 300:
-        raise RuntimeError(f"broker answered {response.status_code}: {response.text[:200]}")
+        raise BrokerAnswered(f"broker answered {response.status_code}: {response.text[:200]}")
 
 
 UTC_NOW = "timezone('utc', now())"
+PENDING = "published_at IS NULL AND parked_at IS NULL"
+PARKED = "published_at IS NULL AND parked_at IS NOT NULL"
+_DUE = f"{PENDING} AND (claimed_until IS NULL OR claimed_until < {UTC_NOW}) " \
+       f"AND (next_attempt_at IS NULL OR next_attempt_at <= {UTC_NOW})"
 
 
-def _claim(bind: Engine, ids: list[str] | None, limit: int, lease_seconds: float) -> list:
-    """Lease up to ``limit`` unpublished events (oldest first) in one short
+def _claim(bind: Engine, ids: list[str] | None, limit: int, lease: float) -> list:
+    """Lease up to ``limit`` due events, P0 first, then oldest, in one short
     transaction; rows another publisher leases are skipped, not waited for."""
-    where = f"published_at IS NULL AND (claimed_until IS NULL OR claimed_until < {UTC_NOW})"
-    params: dict = {"limit": limit, "lease": lease_seconds}
+    where = _DUE
+    params: dict = {"limit": limit, "lease": lease}
     if ids is not None:
         where += " AND id = ANY(:ids)"
         params["ids"] = ids
@@ -97,27 +137,114 @@ def _claim(bind: Engine, ids: list[str] | None, limit: int, lease_seconds: float
         rows = conn.execute(
             sa.text(
                 f"UPDATE event_outbox SET claimed_until = {UTC_NOW} + make_interval(secs => :lease) "
-                f"WHERE id IN (SELECT id FROM event_outbox WHERE {where} ORDER BY created_at, id "
+                f"WHERE id IN (SELECT id FROM event_outbox WHERE {where} "
+                "ORDER BY (extensions->>'priority' = 'p0') IS NOT TRUE, created_at, id "
                 "LIMIT :limit FOR UPDATE SKIP LOCKED) "
-                "RETURNING id, type, source, subject, extensions, data, created_at"
+                "RETURNING id, type, source, subject, extensions, data, created_at, attempts"
             ),
             params,
         ).all()
-    return sorted(rows, key=lambda r: (r.created_at, r.id))
+    return sorted(rows, key=lambda r: ((r.extensions or {}).get("priority") != "p0", r.created_at, r.id))
 
 
-def _settle(bind: Engine, event_id: str, error: str | None, attempted: bool = True) -> None:
-    """Record one outcome and give the lease back."""
+def _mark_published(bind: Engine, ids: list[str]) -> None:
+    if ids:
+        with bind.begin() as conn:
+            conn.execute(
+                sa.text(f"UPDATE event_outbox SET claimed_until = NULL, last_error = NULL, next_attempt_at = NULL, "
+                        f"published_at = {UTC_NOW} WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            )
+
+
+def _release(bind: Engine, ids: list[str], error: str | None = None) -> None:
+    """Hand leased rows back untried (still due, nothing counted)."""
+    if ids:
+        with bind.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE event_outbox SET claimed_until = NULL, "
+                        "last_error = COALESCE(CAST(:error AS text), last_error) WHERE id = ANY(:ids)"),
+                {"ids": ids, "error": error},
+            )
+
+
+def _fail(bind: Engine, row, error: str, max_attempts: int) -> bool:
+    """Count one failed attempt: back off, or park at the limit. True if parked."""
     with bind.begin() as conn:
-        conn.execute(
+        parked = conn.execute(
             sa.text(
-                "UPDATE event_outbox SET claimed_until = NULL, "
-                "attempts = attempts + CASE WHEN CAST(:attempted AS boolean) THEN 1 ELSE 0 END, "
-                f"last_error = CAST(:error AS text), published_at = CASE WHEN CAST(:error AS text) IS NULL THEN {UTC_NOW} END "
-                "WHERE id = :id"
+                "UPDATE event_outbox SET claimed_until = NULL, attempts = attempts + 1, last_error = :error, "
+                f"parked_at = CASE WHEN attempts + 1 >= :max THEN {UTC_NOW} END, "
+                f"next_attempt_at = CASE WHEN attempts + 1 >= :max THEN NULL ELSE {UTC_NOW} + "
+                "make_interval(secs => LEAST(:cap, :base * power(2, LEAST(attempts, 30)))) END "
+                "WHERE id = :id RETURNING parked_at IS NOT NULL, attempts"
             ),
-            {"id": event_id, "error": error, "attempted": attempted},
+            {"id": row.id, "error": error, "max": max_attempts, "base": BACKOFF_BASE_SECONDS, "cap": BACKOFF_MAX_SECONDS},
+        ).first()
+    if parked and parked[0]:
+        log.error(
+            "Outbox event parked: not retried until re-driven",
+            extra={"event_id": row.id, "event_type": row.type, "incident_id": row.subject, "attempts": parked[1], "error": error},
         )
+        return True
+    return False
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class _Batch:
+    """Sends one leased batch and settles every row of it."""
+
+    def __init__(self, bind: Engine, sink: str, timeout: float, http: requests.Session, max_attempts: int,
+                 report: PublishReport, lease: float):
+        self.bind, self.sink, self.timeout, self.http = bind, sink, timeout, http
+        self.max_attempts, self.report, self.lease = max_attempts, report, lease
+
+    def _failed(self, row, error: str) -> None:
+        self.report.failed[row.id] = error
+        if _fail(self.bind, row, error, self.max_attempts):
+            self.report.parked.append(row.id)
+
+    def send(self, rows: list) -> None:
+        leased_at = time.monotonic()
+        published: list[str] = []
+        unreached: list = []  # refused before the Broker said anything about them
+        answered = False
+        for index, row in enumerate(rows):
+            if time.monotonic() - leased_at + 2 * self.timeout + 1 > self.lease:
+                _release(self.bind, [r.id for r in rows[index:]])
+                break
+            try:
+                post_event(self.http, self.sink, to_cloudevent(row), self.timeout)
+            except requests.ConnectionError as exc:
+                if answered:
+                    # The Broker took other events a moment ago: this one is the problem.
+                    self._failed(row, _describe(exc))
+                    continue
+                unreached.append((row, _describe(exc)))
+                if len(unreached) >= 2:
+                    self.report.broker_unreachable = True
+                    _release(self.bind, [r.id for r, _ in unreached], unreached[0][1])
+                    _release(self.bind, [r.id for r in rows[index + 1:]])
+                    unreached = []
+                    break
+                continue
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried later
+                answered = answered or isinstance(exc, BrokerAnswered)
+                self._failed(row, _describe(exc))
+                continue
+            answered = True
+            published.append(row.id)
+        for row, error in unreached:
+            if answered:  # refused while the Broker took the next event: the row's own failure
+                self._failed(row, error)
+            else:
+                _release(self.bind, [row.id], error)
+                self.report.broker_unreachable = True
+        _mark_published(self.bind, published)
+        self.report.published += published
 
 
 def publish_pending(
@@ -125,46 +252,50 @@ def publish_pending(
     sink: str,
     timeout: float = 5.0,
     ids: Iterable[str] | None = None,
-    limit: int = 200,
+    limit: int | None = None,
     http: requests.Session | None = None,
+    max_attempts: int = MAX_ATTEMPTS,
+    deadline: float | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> PublishReport:
-    """Send unpublished events (all, or only ``ids``), oldest first.
+    """Send due events (all, or only ``ids``) in leased batches, P0 first,
+    until none is due, ``limit`` were tried, the monotonic ``deadline``
+    passed, or the Broker cannot be reached.
 
-    The rows are leased in one transaction and posted outside it, so no
-    database transaction waits on the Broker. A publisher that dies keeps its
-    lease until it expires; the next sweep then sends those events (with the
-    same ids, which subscribers recognise as duplicates).
+    No database transaction is open while the Broker is waited for.
     """
     report = PublishReport()
     id_list = list(ids) if ids is not None else None
     if id_list == [] or not sink:
         return report
     http = http or requests.Session()
-    rows = _claim(bind, id_list, limit, lease_seconds=30 + 2 * timeout * limit)
-    broker_down = False
-    for row in rows:
-        if broker_down:
-            report.failed[row.id] = "not attempted: the broker is unreachable"
-            _settle(bind, row.id, report.failed[row.id], attempted=False)
-            continue
-        try:
-            post_event(http, sink, to_cloudevent(row), timeout)
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried by the sweep
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            report.failed[row.id] = error
-            broker_down = isinstance(exc, requests.ConnectionError | requests.Timeout)
-            _settle(bind, row.id, error)
-            continue
-        _settle(bind, row.id, None)
-        report.published.append(row.id)
+    lease = lease_seconds(timeout)
+    batch = _Batch(bind, sink, timeout, http, max_attempts, report, lease)
+    tried = 0
+    while limit is None or tried < limit:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        size = batch_size if limit is None else min(batch_size, limit - tried)
+        rows = _claim(bind, id_list, size, lease)
+        if not rows:
+            break
+        tried += len(rows)
+        batch.send(rows)
+        if report.broker_unreachable:
+            break
     if report.failed:
         log.warning(
-            "Events not published; the sweep will retry",
-            extra={"failed": len(report.failed), "first_error": next(iter(report.failed.values()))},
+            "Events not published; they are retried later",
+            extra={"failed": len(report.failed), "parked": len(report.parked), "first_error": next(iter(report.failed.values()))},
         )
     return report
 
 
 def pending_count(bind: Engine) -> int:
     with bind.connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")).scalar_one()
+        return conn.execute(sa.text(f"SELECT count(*) FROM event_outbox WHERE {PENDING}")).scalar_one()
+
+
+def parked_count(bind: Engine) -> int:
+    with bind.connect() as conn:
+        return conn.execute(sa.text(f"SELECT count(*) FROM event_outbox WHERE {PARKED}")).scalar_one()

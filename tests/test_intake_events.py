@@ -133,9 +133,11 @@ def test_new_and_resolved_incidents_are_published_in_binary_mode(intake, broker,
 def test_broker_down_then_sweep_publishes_each_missing_event_exactly_once(intake, broker_port, clean_db):
     response = requests.post(intake.url + "/webhook/alert", json=webhook([raw_alert("Lost", service="x")]), headers=AUTH, timeout=10)
     assert response.status_code == 200
-    wait_until(lambda: outbox(clean_db) and outbox(clean_db)[0]["attempts"] >= 1, 10, message="a failed publish attempt")
+    wait_until(lambda: outbox(clean_db) and outbox(clean_db)[0]["last_error"], 10, message="a failed publish attempt")
     (pending,) = outbox(clean_db)
     assert pending["published_at"] is None and "Connection" in pending["last_error"]
+    # An unreachable Broker says nothing about the event: not counted, not delayed.
+    assert pending["attempts"] == 0 and pending["next_attempt_at"] is None and pending["parked_at"] is None
 
     broker = RecordingServer(port=broker_port).start()
     try:
@@ -147,7 +149,7 @@ def test_broker_down_then_sweep_publishes_each_missing_event_exactly_once(intake
             t.start()
         for t in threads:
             t.join()
-        assert sweeps[0].json() == {"published": 1, "failed": 0, "pending": 0}
+        assert sweeps[0].json() == {"published": 1, "failed": 0, "parked": 0, "pending": 0}
         assert sweeps[1].json()["published"] == 0
         assert len(broker.received()) == 1
         assert broker.received()[0].headers["ce-id"] == pending["id"]

@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from cloudevents.exceptions import GenericException as CloudEventError
-from cloudevents.http import from_http
 from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, events, incidents
+from shared import db, eventio, events, incidents
 from shared.alerts import Alert, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
@@ -81,10 +79,7 @@ class Intake:
         if self.config.events_require_token:
             check_bearer(request, self.config.api_token)
         body = read_body(request, self.config.max_body_bytes)
-        try:
-            event = from_http(dict(request.headers), body)
-        except CloudEventError as exc:
-            raise BadRequest(f"not a valid CloudEvent: {exc}") from None
+        event = eventio.parse_event(request.headers, body)
         event_type = event["type"]
         wants_ack_only = "reply" in request.headers.get("Prefer", "")
         if event_type == PING_EVENT_TYPE:
@@ -103,6 +98,7 @@ class Intake:
     def sweep(self, request: Request) -> dict:
         """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
         report = self.publisher.sweep()
-        summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
+        summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
+                   "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)
         return summary
