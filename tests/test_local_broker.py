@@ -253,3 +253,76 @@ def test_iso_durations():
     assert parse_duration("P1DT1H", 0) == 90000
     with pytest.raises(ManifestError):
         parse_duration("soon", 0)
+
+
+# --------------------------------------------------------------------------- strict like Knative
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, {"Content-Type": "text/html; charset=utf-8"}, b"<p>done</p>"),
+        (200, {"Content-Type": "application/json"}, b'{"status": "ok"}'),
+        (202, {"Content-Type": "text/plain"}, b"accepted"),
+        # Looks like a binary-mode event but is not one: no ce-id, ce-source.
+        (200, {"ce-specversion": "1.0", "ce-type": "t.reply", "Content-Type": "application/json"}, b"{}"),
+        (200, {"Content-Type": "application/cloudevents+json"}, b'{"specversion": "1.0"}'),
+    ],
+)
+def test_a_2xx_whose_body_is_not_a_cloudevent_is_a_failed_delivery(tmp_path, servers, answer):
+    """Knative's broker filter answers 502 for a non-empty answer that is not a
+    valid CloudEvent, so the delivery is retried and finally dead-lettered."""
+    servers["a"].responder = lambda r: answer
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        send(broker)
+        (dead,) = wait_until(lambda: servers["dls"].requests, 5, message="dead letter")
+        assert len(servers["a"].requests) == 3
+        assert dead.headers["ce-knativeerrorcode"] == "502"
+        assert [s for (_, _, s) in broker.delivered] == [502, 502, 502]
+    finally:
+        broker.stop()
+
+
+def test_an_empty_2xx_is_an_acknowledgement_whatever_its_content_type(tmp_path, servers):
+    servers["a"].responder = lambda r: (200, {"Content-Type": "text/html"}, b"")
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}"))
+    try:
+        send(broker)
+        wait_until(lambda: broker.delivered, 5, message="delivery")
+        time.sleep(0.3)
+        assert [s for (_, _, s) in broker.delivered] == [200] and servers["dls"].requests == []
+    finally:
+        broker.stop()
+
+
+NAMES = ["ДискЗаполнен", "DiskFull€", "Überlast – Kafka", "line\nbreak", 'with space "quoted" 100%', "Euro € 😀"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_filters_match_decoded_attribute_values_and_deliveries_stay_encoded(tmp_path, servers, name):
+    from shared.eventio import encode_header_value, parse_event
+
+    body = f"  filters: [{{exact: {{alertname: {json.dumps(name, ensure_ascii=False)}}}}}]"
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", body))
+    try:
+        event = CloudEvent({"type": "t.x", "source": "/test", "id": "e1", "alertname": name}, {"k": "v"})
+        headers, data = to_binary(event)
+        headers["ce-alertname"] = encode_header_value(name)
+        assert requests.post(broker.ingress_url("default", "incidents"), data=data, headers=headers, timeout=5).status_code == 202
+        (got,) = wait_until(lambda: servers["a"].requests, 5, message="delivery to the filtered trigger")
+        assert got.headers["ce-alertname"] == encode_header_value(name)
+        assert parse_event(got.headers, got.body)["alertname"] == name
+    finally:
+        broker.stop()
+
+
+def test_an_attribute_header_that_is_not_utf8_is_refused_at_ingress(tmp_path, servers):
+    broker = start(tmp_path, servers, BROKER.format(policy="linear"))
+    try:
+        headers = {"ce-id": "1", "ce-source": "/s", "ce-specversion": "1.0", "ce-type": "t", "ce-alertname": "%C0%A0",
+                   "Content-Type": "application/json"}
+        response = requests.post(broker.ingress_url("default", "incidents"), data=b"{}", headers=headers, timeout=5)
+        assert response.status_code == 400 and "UTF-8" in response.json()["error"]
+    finally:
+        broker.stop()
