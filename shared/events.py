@@ -72,9 +72,13 @@ def bounded_labels(labels: Mapping[str, Any] | None) -> tuple[dict[str, str], in
     and how many were left out."""
     labels = labels or {}
     order = [k for k in _KEY_LABELS if k in labels] + sorted(k for k in labels if k not in _KEY_LABELS)
-    kept = order[:LABELS_MAX]
-    return ({bounded(k, LABEL_KEY_MAX_CHARS): bounded(labels[k], LABEL_VALUE_MAX_CHARS) for k in kept},
-            len(order) - len(kept))
+    kept: dict[str, str] = {}
+    for key in order:
+        short = bounded(key, LABEL_KEY_MAX_CHARS)
+        # Two long keys cut to the same text would silently merge: keep the first.
+        if len(kept) < LABELS_MAX and short not in kept:
+            kept[short] = bounded(labels[key], LABEL_VALUE_MAX_CHARS)
+    return kept, len(order) - len(kept)
 
 
 def _bounded_json(value: Any, depth: int = 0) -> Any:
