@@ -3,31 +3,91 @@
 Operators grep for fixed phrases (``Received webhook``, ``Error creating
 incident``, ``Unauthorized``, ``Running diagnostics``), so the message stays
 a plain phrase and the details go in fields. Known secret values are masked
-in every line as a last line of defence.
+in every line as a last line of defence: a secret URL (a Slack webhook) is
+masked by its significant parts too, because libraries quote a URL's path or
+a segment of it without the rest (``Max retries exceeded with url: /services/…``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
+from urllib.parse import parse_qsl, urlsplit
 
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_secrets: set[str] = set()
+_secrets: list[str] = []  # longest first, so a whole URL is masked before its parts
+MASK = "****"
+# A path segment or query value is taken for a token (Slack's T…/B…/<24
+# characters>) when it is long, or shorter but not a plain lowercase word
+# such as "services" or "hooks".
+_TOKEN_MIN = 8
+_ALWAYS_TOKEN = 16
+_PART_MIN = 6
+_PLAIN_WORD = re.compile(r"^[a-z][a-z-]*$")
+
+
+def _is_token(part: str) -> bool:
+    return len(part) >= _ALWAYS_TOKEN or (len(part) >= _TOKEN_MIN and not _PLAIN_WORD.match(part))
+_URL = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>()\[\]{}]+""")
 
 
 def register_secret(value: str | None) -> None:
-    """Mask this value wherever it would appear in a log line."""
-    if value and len(value) >= 4:
-        _secrets.add(value)
+    """Mask this value wherever it would appear in a log line; for an http(s)
+    URL also its path, the path's tails and every token-like segment."""
+    if not value or len(value) < 4:
+        return
+    parts = {value} | _url_parts(value)
+    for part in parts:
+        if part not in _secrets:
+            _secrets.append(part)
+    _secrets.sort(key=len, reverse=True)
 
 
-def _mask(text: str) -> str:
+def _url_parts(value: str) -> set[str]:
+    try:
+        url = urlsplit(value)
+    except ValueError:
+        return set()
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return set()
+    parts = {value.split("://", 1)[1]}
+    if url.password and len(url.password) >= 4:
+        parts.add(url.password)
+    path = url.path + (f"?{url.query}" if url.query else "")
+    segments = [s for s in url.path.split("/") if s]
+    if len(path.strip("/")) >= _PART_MIN:
+        parts.add(path)
+    for i in range(len(segments)):
+        tail = "/".join(segments[i:])
+        if "/" in tail and len(tail) >= _TOKEN_MIN:
+            parts.add(tail)
+    candidates = segments + [v for _, v in parse_qsl(url.query)]
+    parts |= {s for s in candidates if _is_token(s)}
+    return parts
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret, and every significant part of a
+    secret URL, replaced by ``****``."""
     for secret in _secrets:
         if secret in text:
-            text = text.replace(secret, "****")
+            text = text.replace(secret, MASK)
     return text
+
+
+def scrub(text: str | None, limit: int = 300) -> str | None:
+    """What may be stored (timeline, dead letters, API answers) of an error
+    text: no URL at all (an error may quote a secret one) and no secret."""
+    if text is None:
+        return None
+    cleaned = redact(_URL.sub("<url>", text))
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+_mask = redact
 
 
 class JsonFormatter(logging.Formatter):

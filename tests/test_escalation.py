@@ -18,6 +18,9 @@ from tests.processes import FunctionProcess, at_once, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
+# Shaped like a real incoming webhook: team, channel, token.
+SLACK_TEAM, SLACK_CHANNEL, SLACK_TOKEN = "T0AAAAAAA", "B0BBBBBBB", "Xq7cVb9TzLk2Wm4Rp8Ns1Jd5"
+SLACK_PATH = f"/services/{SLACK_TEAM}/{SLACK_CHANNEL}/{SLACK_TOKEN}"
 
 
 @pytest.fixture
@@ -33,7 +36,7 @@ def escalation(base_env, pd, slack_hook):
         **base_env,
         "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
         "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
-        "SLACK_WEBHOOK_URL": slack_hook.url + "/services/T000/B000/XXXX",
+        "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH,
         "NOTIFY_TIMEOUT_SECONDS": "1",
         "NOTIFY_MAX_ATTEMPTS": "3",
         "PUBLIC_URL": "http://incident-api.production:8080",
@@ -108,9 +111,22 @@ def test_p1_opened_is_announced_on_slack_without_paging(escalation, receivers, c
     assert hook.bodies()[0]["blocks"][0]["text"]["text"] == "[P1] KafkaConsumerLagHigh opened"
 
 
+def record_remediation(engine, row, outcome, reason):
+    """What remediation records before it replies (the escalation reads it)."""
+    with engine.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result",
+                         {"outcome": outcome, "reason": reason, "actions": [], "playbook": None, "generation": row["generation"]}, "remediation")
+
+
+def resolve(engine, row):
+    with engine.begin() as conn:
+        return svc.transition(conn, row["id"], "resolved", "test", "/test")[0]
+
+
 def test_remediation_failed_pages_p1_with_the_reason(escalation, receivers, clean_db):
     pd, hook = receivers
     row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
     deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row, {"remediation": {"outcome": "failed", "reason": "blocked by cooldown"}})
     (trigger,) = pd.bodies()
     assert trigger["payload"]["severity"] == "error"
@@ -121,8 +137,11 @@ def test_remediation_failed_pages_p1_with_the_reason(escalation, receivers, clea
 def test_one_slack_message_per_transition_and_no_resolve_without_a_page(escalation, receivers, clean_db):
     pd, hook = receivers
     row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
-    for event_type in (events.INCIDENT_OPENED, events.INCIDENT_REMEDIATED, events.INCIDENT_RESOLVED):
-        assert deliver(escalation, event_type, row).status_code == 202
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    record_remediation(clean_db, row, "remediated", "every action succeeded and was verified")
+    assert deliver(escalation, events.INCIDENT_REMEDIATED, row).status_code == 202
+    row = resolve(clean_db, row)
+    assert deliver(escalation, events.INCIDENT_RESOLVED, row).status_code == 202
     assert [b["blocks"][0]["text"]["text"] for b in hook.bodies()] == [
         "[P1] KafkaConsumerLagHigh opened", "[P1] KafkaConsumerLagHigh remediated automatically", "[P1] KafkaConsumerLagHigh resolved"]
     assert pd.requests == []
@@ -178,7 +197,7 @@ def test_400_is_not_retried_is_recorded_and_never_logs_the_key(escalation, recei
     (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == "pagerduty"]
     assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 400, 1)
     assert "Notification refused" in escalation.logs()
-    assert ROUTING_KEY not in escalation.logs() and "XXXX" not in escalation.logs()
+    assert ROUTING_KEY not in escalation.logs() and SLACK_TOKEN not in escalation.logs()
 
 
 def test_a_hanging_receiver_is_bounded_by_the_timeout(escalation, receivers, clean_db):
@@ -204,3 +223,284 @@ def test_without_settings_channels_are_off_and_say_so(base_env, clean_db):
             assert conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE kind = 'notification'")).scalar() == 0
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------- what is sent is always accepted and safe
+
+from dataclasses import replace  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+from shared.config import load_settings  # noqa: E402
+from tests.fake_notify import slack_control_sequences, u16  # noqa: E402
+from tests.loopback import TcpProxy  # noqa: E402
+from tests.processes import free_port  # noqa: E402
+
+HOSTILE = "<!channel> <!here> <@U123> <#C024BE7LR|general> <https://evil.example|login> & &amp; >quote"
+
+
+def incident_with(engine, name="DiskFull", priority="P0", summary="", description="", annotations=None, **labels):
+    a = alert(name, priority=priority, namespace="production", **labels)
+    a = replace(a, summary=summary, description=description, annotations=annotations or {})
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [a], "/test", "test").outcomes[0].incident_id
+        return svc.get_incident(conn, incident_id)
+
+
+def our_link_only(message, incident_id):
+    assert slack_control_sequences(message) == [
+        f"http://incident-api.production:8080/ui/incidents/{incident_id}|Open incident {incident_id}"]
+
+
+def test_hostile_alert_text_is_escaped_in_every_slack_field_and_bounded(escalation, receivers, clean_db):
+    pd, hook = receivers
+    row = incident_with(clean_db, "DiskFull<!channel>&", annotations={"title": HOSTILE}, service="&<>" * 900)
+    record_remediation(clean_db, row, "failed", HOSTILE)
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row).status_code == 202
+    assert len(hook.requests) == 2 and hook.invalid == []
+    for message in hook.bodies():
+        our_link_only(message, row["id"])
+        assert "&lt;!channel&gt; &lt;!here&gt; &lt;@U123&gt;" in message["text"]
+        assert "&lt;https://evil.example|login&gt; &amp; &amp;amp;" in json.dumps(message["blocks"])
+    # PagerDuty renders no Slack syntax: the same text goes as it is.
+    assert pd.bodies()[0]["payload"]["summary"] == f"DiskFull<!channel>& - {HOSTILE}"
+
+
+@pytest.mark.parametrize("annotations, stored", [
+    ({"title": "Disk /var is 97% full"}, {}),
+    ({"description": "Disk /var is 97% full\non node-3, growing 1%/h"}, {"description": "Disk /var is 97% full\non node-3, growing 1%/h"}),
+])
+def test_an_alert_with_only_a_title_or_a_description_gets_a_meaningful_summary(escalation, receivers, clean_db, annotations, stored):
+    pd, hook = receivers
+    row = incident_with(clean_db, annotations=annotations, **{})
+    if stored:
+        with clean_db.begin() as conn:
+            conn.execute(sa.text("UPDATE incidents SET description = :d WHERE id = :id"), {"d": stored["description"], "id": row["id"]})
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    (message,) = hook.bodies()
+    assert message["text"].startswith("[P0] DiskFull opened: Disk /var is 97% full (")
+    assert message["blocks"][1]["text"]["text"].startswith("Disk /var is 97% full")
+    assert pd.bodies()[0]["payload"]["summary"] == "DiskFull - Disk /var is 97% full"
+
+
+@pytest.mark.parametrize("unit", ["&", "<", "e\u0301", "👍🏽", "👨‍👩‍👧", "🇺🇦", "\U0001F525"])
+def test_truncation_never_cuts_an_entity_a_surrogate_pair_or_a_combining_sequence(unit):
+    from functions.escalation import messages
+
+    for limit in (150, 1999, 2000, 3000):
+        text = messages.fit(["x" * (limit % 7), unit * 3000], limit)
+        assert u16(text) <= limit and text.endswith(messages.ELLIPSIS)
+        body = text[limit % 7:-1]
+        escaped = messages.escape(unit)
+        assert body == escaped * (len(body) // len(escaped)), f"a {unit!r} was cut"
+
+
+def test_pagerduty_event_is_bounded_to_512_kb_and_valid_against_the_official_schema(escalation, receivers, clean_db):
+    pd, _ = receivers
+    labels = {f"label_{i}": "v" * 3000 for i in range(150)}
+    row = incident_with(clean_db, summary="s" * 5000, description="d" * 600_000, annotations={"summary": "s" * 5000}, **labels)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET diagnostics = CAST(:d AS json) WHERE id = :id"),
+                     {"d": json.dumps({"metrics": {f"m{i}": "x" * 2000 for i in range(200)}}), "id": row["id"]})
+    # The event carries a bounded projection; escalation reads the rest from the database.
+    assert deliver_forged(escalation, events.INCIDENT_OPENED, row, description="", summary="", labels={}, annotations={}).status_code == 202
+    (trigger,) = pd.bodies()
+    assert len(pd.requests[0].body) <= 512 * 1024
+    assert len(trigger["payload"]["summary"]) <= 1024 and trigger["payload"]["custom_details"]["incident_id"] == row["id"]
+
+
+# --------------------------------------------------------------------------- the database decides, not the event
+
+
+def deliver_forged(proc, event_type, row, **data):
+    spec = events.incident_event(event_type, row, "/test")
+    spec["data"].update(data)
+    headers, body = to_binary(CloudEvent({"id": f"forged-{time.monotonic_ns()}", "type": spec["type"], "source": "/test",
+                                          **spec["extensions"]}, spec["data"]))
+    return requests.post(proc.url + "/", data=body, headers=headers, timeout=60)
+
+
+def test_forged_generations_page_once(escalation, receivers, clean_db):
+    pd, hook = receivers
+    row = open_incident(clean_db)
+    for generation in (0, 1, 2, 3):
+        assert deliver_forged(escalation, events.INCIDENT_OPENED, row, generation=generation, priority="P0").status_code == 202
+    assert len(pd.requests) == 1 and len(hook.requests) == 1
+
+
+def test_forged_outcomes_and_resolutions_notify_nobody(escalation, receivers, clean_db):
+    pd, hook = receivers
+    row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+    # No remediation ran: a remediation_failed event is a lie.
+    assert deliver_forged(escalation, events.INCIDENT_REMEDIATION_FAILED, row,
+                          remediation={"outcome": "failed", "reason": "forged"}).status_code == 202
+    # Remediation succeeded: an event claiming it failed pages nobody either.
+    record_remediation(clean_db, row, "remediated", "every action succeeded and was verified")
+    assert deliver_forged(escalation, events.INCIDENT_REMEDIATION_FAILED, row,
+                          remediation={"outcome": "failed", "reason": "forged"}).status_code == 202
+    assert pd.requests == [] and hook.requests == []
+    # A P0 paged, then a forged "resolved" while it is still open: the page stays.
+    p0 = open_incident(clean_db)
+    assert deliver(escalation, events.INCIDENT_OPENED, p0).status_code == 202
+    assert deliver_forged(escalation, events.INCIDENT_RESOLVED, p0, status="resolved").status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger"]
+    assert "Escalation skipped: the event does not match the incident" in escalation.logs()
+
+
+def claim_rows(engine, prefix):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT key, completed_at IS NOT NULL AS done FROM work_claims WHERE key LIKE :p ORDER BY key"),
+                            {"p": prefix + "%"}).mappings().all()
+
+
+def test_a_completely_handled_event_records_its_escalated_claim(escalation, receivers, clean_db):
+    pd, _ = receivers
+    row = open_incident(clean_db)
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert [dict(r) for r in claim_rows(clean_db, "escalated:")] == [{"key": f"escalated:{row['id']}:0:opened", "done": True}]
+    failing = open_incident(clean_db, "OtherAlert")
+    pd.script.extend([(500, {}, b"oops")] * 3)
+    assert deliver(escalation, events.INCIDENT_OPENED, failing).status_code == 502
+    assert claim_rows(clean_db, f"escalated:{failing['id']}") == []
+
+
+# --------------------------------------------------------------------------- no secret in stored text or logs
+
+
+@pytest.fixture
+def blackhole():
+    """Accepts connections (the kernel's backlog) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("kind", ["refused", "timeout"])
+def test_an_unreachable_slack_url_never_reaches_the_timeline_the_api_or_the_logs(base_env, clean_db, blackhole, kind):
+    port = free_port() if kind == "refused" else blackhole
+    url = f"http://127.0.0.1:{port}{SLACK_PATH}"
+    env = {**base_env, "SLACK_WEBHOOK_URL": url, "NOTIFY_TIMEOUT_SECONDS": "0.5", "NOTIFY_MAX_ATTEMPTS": "2"}
+    proc = FunctionProcess("escalation", env).start()
+    query = FunctionProcess("query", dict(base_env)).start()
+    try:
+        row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+        response = deliver(proc, events.INCIDENT_OPENED, row)
+        assert response.status_code == 502
+        (failed,) = notifications(clean_db, row["id"])
+        assert failed["outcome"] == "failed" and ("refused" if kind == "refused" else "no answer") in failed["error"]
+        api = requests.get(f"{query.url}/incidents/{row['id']}", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10).text
+        wait_until(lambda: "Notification failed after retries" in proc.logs(), 10, message="the failure logged")
+        for where, text in {"timeline": json.dumps(failed), "api": api, "reply": response.text, "logs": proc.logs()}.items():
+            for secret in (url, SLACK_PATH, SLACK_PATH.lstrip("/"), SLACK_TOKEN, SLACK_TEAM, SLACK_CHANNEL):
+                assert secret not in text, (where, secret)
+    finally:
+        proc.stop(), query.stop()
+
+
+# --------------------------------------------------------------------------- claims: never stuck, never twice
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (gunicorn's worker would
+    otherwise finish the request its master was killed under)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_an_orphaned_claim_goes_stale_after_the_notification_budget_not_minutes(base_env, slack_hook, clean_db):
+    slack_hook.reset()
+    release = threading.Event()
+
+    def hang(_):
+        release.wait(30)
+        return 200, {}, b"ok"
+
+    from functions.escalation.handler import claim_stale_seconds
+
+    env = {**base_env, "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH, "NOTIFY_TIMEOUT_SECONDS": "3",
+           "NOTIFY_MAX_ATTEMPTS": "2", "DB_TIMEOUT_SECONDS": "2"}
+    stale = claim_stale_seconds(load_settings(env))
+    assert stale == 3 * 2 + 0.5 + 2
+    # The Broker (retry 6, exponential from 0.5 s) retries for about 63 s.
+    assert stale < 63 / 4
+    slack_hook.script.append(hang)
+    first = FunctionProcess("escalation", env).start()
+    second = FunctionProcess("escalation", env).start()
+    try:
+        row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+        def in_flight():
+            try:
+                deliver(first, events.INCIDENT_OPENED, row)
+            except requests.ConnectionError:
+                pass  # its process is killed under it
+
+        threading.Thread(target=in_flight, daemon=True).start()
+        wait_until(lambda: len(slack_hook.requests) == 1, 10, message="the Slack post in flight")
+        kill_tree(first.process.pid)  # dies holding the claim: nothing can release it
+        first.process.wait()
+        release.set()
+        with clean_db.connect() as conn:
+            claimed_at = conn.execute(sa.text("SELECT claimed_at, timezone('utc', now()) FROM work_claims WHERE key LIKE 'notify:slack:%'")).one()
+        assert deliver(second, events.INCIDENT_OPENED, row).status_code == 409
+        wait_until(lambda: deliver(second, events.INCIDENT_OPENED, row).status_code == 202, stale + 5, interval=0.2,
+                   message="the claim to go stale")
+        with clean_db.connect() as conn:
+            now = conn.execute(sa.text("SELECT timezone('utc', now())")).scalar()
+        assert stale - 0.5 <= (now - claimed_at[0]).total_seconds() <= stale + 5
+        assert len(slack_hook.requests) == 2
+        assert [n["outcome"] for n in notifications(clean_db, row["id"])] == ["sent"]
+    finally:
+        release.set()
+        first.stop(), second.stop()
+        slack_hook.reset()
+
+
+def test_a_database_blip_after_the_slack_post_is_ridden_out_without_a_second_post(base_env, database_url, slack_hook, clean_db):
+    from urllib.parse import urlsplit, urlunsplit
+
+    slack_hook.reset()
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname, parts.port).start()
+    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+
+    def accept_then_lose_the_database(_):
+        proxy.cut()
+        threading.Timer(0.7, proxy.restore).start()
+        return 200, {}, b"ok"
+
+    slack_hook.script.append(accept_then_lose_the_database)
+    env = {**base_env, "DATABASE_URL": proxied, "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH, "DB_TIMEOUT_SECONDS": "3"}
+    proc = FunctionProcess("escalation", env).start()
+    try:
+        row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+        assert deliver(proc, events.INCIDENT_OPENED, row).status_code == 202
+        assert deliver(proc, events.INCIDENT_OPENED, row).status_code == 202
+        assert len(slack_hook.requests) == 1
+        assert [n["outcome"] for n in notifications(clean_db, row["id"])] == ["sent"]
+    finally:
+        proc.stop()
+        proxy.stop()
+        slack_hook.reset()

@@ -32,6 +32,7 @@ KNOWN_ANNOTATIONS = {
     "autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/max-scale", "autoscaling.knative.dev/target",
     "autoscaling.knative.dev/initial-scale", "autoscaling.knative.dev/metric", "autoscaling.knative.dev/class",
     "autoscaling.knative.dev/scale-down-delay", "autoscaling.knative.dev/window", "autoscaling.knative.dev/target-utilization-percentage",
+    "autoscaling.knative.dev/target-burst-capacity",
 }
 
 
@@ -225,3 +226,59 @@ def test_amtool_accepts_the_alertmanager_config():
     hook = receiver["webhook_configs"][0]
     assert hook["send_resolved"] is True and hook["url"].endswith("/webhook/alert")
     assert hook["http_config"]["authorization"]["credentials_file"].endswith("incident-api-token/token")
+
+
+# Pod labels and namespaces as the upstream Knative manifests set them
+# (knative/eventing config/brokers/mt-channel-broker/deployments/*.yaml,
+# config/core/deployments/pingsource-mt-adapter.yaml; knative/serving
+# config/core/deployments/activator.yaml, autoscaler.yaml).
+BROKER_FILTER = ("knative-eventing", {"eventing.knative.dev/brokerRole": "filter", "eventing.knative.dev/release": "v1.22.0"})
+BROKER_INGRESS = ("knative-eventing", {"eventing.knative.dev/brokerRole": "ingress", "eventing.knative.dev/release": "v1.22.0"})
+PING_ADAPTER = ("knative-eventing", {"eventing.knative.dev/source": "ping-source-controller", "sources.knative.dev/role": "adapter"})
+ACTIVATOR = ("knative-serving", {"app": "activator", "role": "activator", "app.kubernetes.io/name": "activator"})
+AUTOSCALER = ("knative-serving", {"app": "autoscaler", "app.kubernetes.io/name": "autoscaler"})
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes LabelSelector (matchLabels, matchExpressions) against labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": present and value in e.get("values", []), "NotIn": not present or value not in e.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policy: dict, namespace: str, labels: dict, port: int) -> bool:
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule.get("ports", [])]:
+            continue
+        for peer in rule["from"]:
+            ns_ok = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+            if ns_ok and selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def test_network_policy_admits_only_knative_to_the_cluster_local_functions(production):
+    (policy,) = [d for d in production if d["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "production" and policy["spec"]["policyTypes"] == ["Ingress"]
+    services = {d["metadata"]["name"]: d for d in production if d["kind"] == "Service"}
+    guarded = {name for name, d in services.items() if selects(policy["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
+    assert guarded == {"diagnostics", "remediation", "escalation", "deadletter", "intake-events"}
+    for peer in (BROKER_FILTER, BROKER_INGRESS, PING_ADAPTER, ACTIVATOR):
+        assert admitted(policy, *peer, 8012), peer
+    assert admitted(policy, *AUTOSCALER, 9090) and not admitted(policy, *AUTOSCALER, 8012)
+    # Anything else in the cluster: the other functions, a pod with the
+    # Broker's labels outside knative-eventing, the shared ingress gateway.
+    for namespace, labels in [("production", services["query"]["spec"]["template"]["metadata"]["labels"]),
+                              ("production", BROKER_FILTER[1]), ("default", {"app": "curl"}),
+                              ("kourier-system", {"app": "3scale-kourier-gateway"}), ("knative-serving", {"app": "controller"})]:
+        assert not admitted(policy, namespace, labels, 8012), (namespace, labels)
+    # Without the gateway admitted, requests must always pass the activator.
+    for name in guarded:
+        annotations = services[name]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["autoscaling.knative.dev/target-burst-capacity"] == "-1", name

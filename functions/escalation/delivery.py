@@ -1,16 +1,27 @@
 """Sending one notification: a timeout on every call, exponential backoff on
 transport errors, ``429`` (honouring ``Retry-After``) and ``5xx``, and no
-retry on any other ``4xx`` (it will not get better)."""
+retry on any other ``4xx`` (it will not get better).
+
+Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
+so the claim that guards a notification can go stale right after the budget
+ends instead of after a guessed constant. Error texts are built from the
+failure's kind, never from the exception's message: requests quotes the URL,
+and a Slack webhook URL is the secret itself.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
 import requests
 
+from shared.log import scrub
+
 log = logging.getLogger("delivery")
+BASE_DELAY = 0.5
 
 
 @dataclass
@@ -20,6 +31,45 @@ class Delivery:
     attempts: int
     error: str | None = None
     body: str = ""
+
+
+def worst_case_seconds(timeout: float, max_attempts: int, base_delay: float = BASE_DELAY) -> float:
+    """How long :func:`send` may take at most: every attempt times out, and
+    the backoff between attempts (a ``Retry-After`` never extends it)."""
+    return timeout * max_attempts + sum(base_delay * 2 ** i for i in range(max_attempts - 1))
+
+
+def describe_failure(exc: BaseException, timeout: float) -> str:
+    """``ConnectionError: connection refused`` - the kind of failure, never
+    the message (which names the URL)."""
+    kind = type(exc).__name__
+    if isinstance(exc, requests.Timeout):
+        return f"{kind}: no answer within {timeout:g}s"
+    root = exc
+    seen = set()
+    while (nxt := root.__cause__ or root.__context__ or _reason(root)) is not None and id(nxt) not in seen:
+        seen.add(id(root))
+        root = nxt
+    if isinstance(root, ConnectionRefusedError):
+        return f"{kind}: connection refused"
+    if isinstance(root, ConnectionResetError):
+        return f"{kind}: connection reset"
+    if isinstance(root, socket.gaierror) or "NameResolution" in type(root).__name__:
+        return f"{kind}: the host name did not resolve"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"{kind}: TLS handshake failed"
+    if isinstance(root, OSError) and root.errno:
+        return f"{kind}: {scrub(root.strerror or '', 100)}"
+    return f"{kind}: {type(root).__name__}"
+
+
+def _reason(exc: BaseException) -> BaseException | None:
+    # urllib3 keeps the underlying error in .reason, requests in args[0].
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        return reason
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, BaseException) else None
 
 
 def _retry_after(response: requests.Response, fallback: float, cap: float) -> float:
@@ -38,21 +88,22 @@ def send(
     timeout: float,
     max_attempts: int,
     max_retry_after: float,
-    base_delay: float = 0.5,
+    base_delay: float = BASE_DELAY,
 ) -> Delivery:
+    deadline = time.monotonic() + worst_case_seconds(timeout, max_attempts, base_delay)
     delay = base_delay
     last = Delivery(False, None, 0, "not attempted")
     for attempt in range(1, max_attempts + 1):
         try:
             response = http.post(url, json=payload, timeout=timeout)
         except requests.RequestException as exc:
-            last = Delivery(False, None, attempt, f"{type(exc).__name__}: {str(exc)[:200]}")
+            last = Delivery(False, None, attempt, describe_failure(exc, timeout))
             wait = delay
         else:
             body = response.text[:500]
             if 200 <= response.status_code < 300:
                 return Delivery(True, response.status_code, attempt, None, body)
-            last = Delivery(False, response.status_code, attempt, f"HTTP {response.status_code}: {body[:200]}", body)
+            last = Delivery(False, response.status_code, attempt, scrub(f"HTTP {response.status_code}: {body[:200]}"), body)
             if response.status_code == 429:
                 wait = _retry_after(response, delay, max_retry_after)
             elif response.status_code >= 500:
@@ -60,8 +111,14 @@ def send(
             else:
                 # The URL is the secret for Slack, the key is in the body for
                 # PagerDuty: log the status, never the request.
-                log.error("Notification refused", extra={"channel": channel, "status": response.status_code, "response": body[:200]})
+                log.error("Notification refused", extra={"channel": channel, "status": response.status_code, "response": scrub(body, 200)})
                 return last
+        remaining = deadline - time.monotonic() - timeout
+        if attempt < max_attempts and wait > remaining:
+            # Waiting longer (a long Retry-After) would outlive the claim:
+            # give the event back to the Broker, which retries it.
+            log.warning("Notification retry would exceed its time budget", extra={"channel": channel, "attempt": attempt, "wait_s": wait})
+            break
         if attempt < max_attempts:
             log.warning("Notification failed, retrying", extra={"channel": channel, "attempt": attempt, "status": last.status, "wait_s": wait})
             time.sleep(wait)

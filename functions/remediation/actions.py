@@ -9,12 +9,13 @@ success means verified, not merely accepted by the API.
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared import kube
 from shared.config import Settings
@@ -236,6 +237,51 @@ class DeletePodsParams(Params):
         description="delete pods whose waiting reason, status reason or phase is one of these; ['*'] for any",
     )
     max_pods: int = Field(default=10, ge=1, le=100)
+
+    # Parameters are rendered from alert labels: a label that is present but
+    # empty ("pod": "") must never turn into "no filter", which would select
+    # every pod of the namespace.
+    @field_validator("pod")
+    @classmethod
+    def _pod_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("pod is empty (the alert's pod label is empty); refusing to select every pod")
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _selector_complete(cls, value: str | None) -> str | None:
+        if value is not None:
+            empty = selector_problem(value)
+            if empty:
+                raise ValueError(f"selector {value!r}: {empty}; refusing to widen the selection")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "DeletePodsParams":
+        if self.pod is None and self.selector is None and "*" in self.reasons:
+            raise ValueError("deleting pods in any state needs a pod or a selector, never a whole namespace")
+        return self
+
+
+def selector_problem(selector: str) -> str | None:
+    """Why this label selector would match more than it names, or None:
+    an empty selector, an empty term, or a term whose value is empty."""
+    terms = [t.strip() for t in re.split(r",(?![^()]*\))", selector)]
+    if not selector.strip() or any(not t for t in terms):
+        return "it has an empty term"
+    for term in terms:
+        m = re.fullmatch(r"(!?)\s*([^=!\s(]+)\s*(?:(==|=|!=)\s*(.*)|\s+(in|notin)\s*\((.*)\))?", term)
+        if m is None:
+            return f"term {term!r} is not understood"
+        op, value, set_op, values = m.group(3), m.group(4), m.group(5), m.group(6)
+        if op and not value.strip():
+            return f"term {term!r} has an empty value"
+        if set_op and not [v for v in (values or "").split(",") if v.strip()]:
+            return f"term {term!r} has an empty set"
+        if op == "!=" or set_op == "notin" or m.group(1):
+            return f"term {term!r} selects by exclusion"
+    return None
 
 
 def _pods_target(p: DeletePodsParams) -> TargetRef:
