@@ -187,13 +187,15 @@ class QueryApi:
 
 # --------------------------------------------------------------------------- dead letters and parked events
 
-from shared import backlog, dead_letters  # noqa: E402 - kept with the code that uses them
+import re  # noqa: E402 - kept with the code that uses it
+
+from shared import backlog, dead_letters  # noqa: E402
 from shared.errors import BadGateway  # noqa: E402
 
 DEAD_LETTER_PARAMETERS = ("event_type", "incident_id", "destination", "redelivered", "since", "until", "limit", "cursor")
 PARKED_PARAMETERS = ("event_type", "incident_id", "since", "until", "limit", "cursor")
 MAX_DEAD_LETTER_ID = 2**63 - 1
-YES, NO = ("yes", "true", "1"), ("no", "false", "0")
+CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def check_parameters(args: MultiDict, allowed: tuple[str, ...]) -> None:
@@ -215,15 +217,14 @@ def parse_limit(args: MultiDict) -> int:
     return int(raw)
 
 
-def parse_yes_no(args: MultiDict, name: str) -> bool | None:
+def parse_flag(args: MultiDict, name: str, true: str, false: str) -> bool | None:
+    """Exactly the two spellings the OpenAPI document names."""
     raw = _single(args, name)
     if raw is None:
         return None
-    if raw.strip().lower() in YES:
-        return True
-    if raw.strip().lower() in NO:
-        return False
-    raise BadRequest(f"{name}: must be yes or no, got {raw[:20]!r}", parameter=name)
+    if raw in (true, false):
+        return raw == true
+    raise BadRequest(f"{name}: must be {true} or {false}, got {raw[:20]!r}", parameter=name)
 
 
 def _time_range(args: MultiDict) -> tuple[datetime | None, datetime | None]:
@@ -233,7 +234,11 @@ def _time_range(args: MultiDict) -> tuple[datetime | None, datetime | None]:
 
 
 def _incident_ids(args: MultiDict) -> tuple[str, ...]:
-    return tuple(parse_incident_id(v) for v in _values(args, "incident_id", strip=True))
+    values = _values(args, "incident_id", strip=True)
+    bad = [v for v in values if not CANONICAL_UUID.fullmatch(v)]
+    if bad:
+        raise BadRequest(f"incident_id: not a UUID: {bad[0][:60]!r}", parameter="incident_id")
+    return tuple(v.lower() for v in values)
 
 
 def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int, tuple | None]:
@@ -243,7 +248,7 @@ def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int
         event_types=tuple(_values(args, "event_type")),
         incident_ids=_incident_ids(args),
         destinations=tuple(_values(args, "destination")),
-        redelivered=parse_yes_no(args, "redelivered"),
+        redelivered=parse_flag(args, "redelivered", "yes", "no"),
         since=since,
         until=until,
     )
@@ -336,7 +341,7 @@ class BacklogApi:
     def redeliver_dead_letter(self, request: Request, letter_id: str) -> Response:
         check_parameters(request.args, ("force",))
         letter_id_int = parse_dead_letter_id(letter_id)
-        force = bool(parse_yes_no(request.args, "force"))
+        force = bool(parse_flag(request.args, "force", "true", "false"))
         record, sent, error = backlog.redeliver(db.engine(), self.config.k_sink, letter_id_int, self.actor(request),
                                                 force, self.config.publish_timeout_seconds)
         body = present_dead_letter(record)
