@@ -239,6 +239,12 @@ class Settings:
     log_level: str = "INFO"
     # Event publishing (the outbox)
     outbox_max_attempts: int = 8
+    # Reconciliation of incidents stuck between steps (shared/reconcile.py).
+    reconcile_grace_seconds: float = 300.0
+    reconcile_max_reemits: int = 3
+    reconcile_backoff_seconds: float = 300.0
+    reconcile_horizon_seconds: float = 86400.0
+    reconcile_batch: int = 100
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -293,6 +299,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         # Event publishing (the outbox)
         outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 8, minimum=1, maximum=100),
+        # Reconciliation of incidents stuck between steps (shared/reconcile.py).
+        reconcile_grace_seconds=_float(env, "RECONCILE_GRACE_SECONDS", 300.0, minimum=0.0),
+        reconcile_max_reemits=_int(env, "RECONCILE_MAX_REEMITS", 3, minimum=0, maximum=20),
+        reconcile_backoff_seconds=_float(env, "RECONCILE_BACKOFF_SECONDS", 300.0, minimum=0.0),
+        reconcile_horizon_seconds=_float(env, "RECONCILE_HORIZON_SECONDS", 86400.0, minimum=60.0),
+        reconcile_batch=_int(env, "RECONCILE_BATCH", 100, minimum=1, maximum=10000),
     )
 
 

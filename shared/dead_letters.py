@@ -1,22 +1,233 @@
-"""Dead-lettered events that name no known incident."""
+"""Dead letters: every event the Broker could not deliver, kept with what it
+takes to send it again (attributes and data) and what each redelivery did.
+
+The dead-letter sink is reachable by anything inside the cluster, so what
+it stores is sanitised (no NUL, no lone surrogate, bounded key columns) and
+never trusted: a redelivery re-sends the stored event to the Broker, and the
+consumers decide from the database, by their claims, whether there is work.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+# The column sizes of migration 0006; the destination is bounded so that the
+# unique index over it can never overflow a btree entry.
+MAX_EVENT_ID = 200
+MAX_SOURCE = 300
+MAX_TYPE = 200
+MAX_DESTINATION = 500
+MAX_CODE = 10
+MAX_ERROR = 2000
+# Not a valid CloudEvents attribute name ([a-z0-9] only), so it can never
+# collide with one: marks data kept base64-encoded because it is not text.
+BASE64_MARK = "_data_base64"
+ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 
-def record(conn: Connection, event_id: str, source: str, event_type: str, destination: str | None, code: str | None,
-           error: str | None, attributes: dict, data: str) -> None:
-    """Once per event and destination: a redelivered dead letter is not recorded twice."""
-    conn.execute(
+SENT = "sent"
+FAILED = "failed"
+DEAD_AGAIN = "dead_again"
+
+COLUMNS = ("id", "event_id", "event_source", "event_type", "received_at", "error_destination", "error_code",
+           "error_data", "attributes", "incident_id", "redelivery_count", "redelivered_at", "redelivered_by",
+           "redelivery_status", "redelivery_error")
+
+
+def clean(text: str | None) -> str | None:
+    """Text PostgreSQL and pg8000 accept: NUL and lone surrogates replaced."""
+    if text is None:
+        return None
+    text = str(text)
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def clip(text: str | None, limit: int) -> str | None:
+    text = clean(text)
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip_unique(text: str, limit: int) -> str:
+    """Bounded but still distinct: a long value keeps a digest of the whole."""
+    text = clean(text) or ""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return text[: limit - 18] + "…~" + digest
+
+
+def clean_attributes(attributes: dict) -> dict:
+    return {clean(str(k)): (clean(v) if isinstance(v, str) else v) for k, v in attributes.items()}
+
+
+def encode_data(body: bytes) -> tuple[str, bool]:
+    """The data as stored: UTF-8 text when it is text, else base64 (flagged)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        return text, False
+    return base64.b64encode(body).decode("ascii"), True
+
+
+def decode_data(row: dict) -> bytes:
+    text = row.get("data") or ""
+    if (row.get("attributes") or {}).get(BASE64_MARK):
+        return base64.b64decode(text)
+    return text.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Letter:
+    event_id: str
+    source: str
+    event_type: str
+    destination: str | None
+    code: str | None
+    error: str | None
+    attributes: dict
+    body: bytes
+    incident_id: str | None = None
+
+
+_UPSERT = sa.text(
+    "INSERT INTO dead_letters (event_id, event_source, event_type, error_destination, error_code, error_data, "
+    "attributes, data, incident_id) "
+    "VALUES (:id, :src, :type, :dest, :code, :err, CAST(:attrs AS jsonb), :data, :incident) "
+    "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO UPDATE SET "
+    # The same event dead-lettered again after a redelivery: it needs a human again.
+    "error_code = EXCLUDED.error_code, error_data = EXCLUDED.error_data, "
+    f"redelivery_status = CASE WHEN dead_letters.redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' "
+    "ELSE dead_letters.redelivery_status END "
+    "RETURNING id, redelivery_count, (xmax = 0) AS inserted"
+)
+
+
+def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
+    """Store one dead letter; (row id, redeliveries so far, new row?).
+
+    Once per event and destination: the Broker may hand over the same dead
+    letter twice; a letter that fails again after a redelivery is marked so.
+    """
+    data, is_base64 = encode_data(letter.body)
+    attributes = clean_attributes(letter.attributes)
+    if is_base64:
+        attributes[BASE64_MARK] = True
+    row = conn.execute(_UPSERT, {
+        "id": clip_unique(letter.event_id, MAX_EVENT_ID),
+        "src": clip_unique(letter.source, MAX_SOURCE),
+        "type": clip_unique(letter.event_type, MAX_TYPE),
+        "dest": clip_unique(letter.destination, MAX_DESTINATION) if letter.destination is not None else None,
+        "code": clip(letter.code, MAX_CODE),
+        "err": clip(letter.error, MAX_ERROR),
+        "attrs": json.dumps(attributes, default=str),
+        "data": data,
+        "incident": letter.incident_id,
+    }).one()
+    return row.id, row.redelivery_count, row.inserted
+
+
+# --------------------------------------------------------------------------- reads
+
+
+@dataclass(frozen=True)
+class Filter:
+    event_types: tuple[str, ...] = ()
+    incident_ids: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    redelivered: bool | None = None  # True: successfully re-driven; False: not (yet)
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _where(flt: Filter) -> tuple[list[str], dict]:
+    clauses, params = [], {}
+    if flt.event_types:
+        clauses.append("event_type = ANY(:types)")
+        params["types"] = list(flt.event_types)
+    if flt.incident_ids:
+        clauses.append("incident_id = ANY(:incidents)")
+        params["incidents"] = list(flt.incident_ids)
+    if flt.destinations:
+        clauses.append("error_destination = ANY(:destinations)")
+        params["destinations"] = list(flt.destinations)
+    if flt.redelivered is True:
+        clauses.append(f"redelivery_status = '{SENT}'")
+    elif flt.redelivered is False:
+        clauses.append(f"redelivery_status IS DISTINCT FROM '{SENT}'")
+    if flt.since is not None:
+        clauses.append("received_at >= :since")
+        params["since"] = flt.since
+    if flt.until is not None:
+        clauses.append("received_at < :until")
+        params["until"] = flt.until
+    return clauses, params
+
+
+def list_letters(conn: Connection, flt: Filter, limit: int, after: tuple[datetime, int] | None = None,
+                 with_data: bool = False) -> tuple[list[dict], tuple[datetime, int] | None]:
+    """Newest first; the page and the (received_at, id) of the next one."""
+    clauses, params = _where(flt)
+    if after is not None:
+        clauses.append("(received_at, id) < (:after_at, :after_id)")
+        params.update(after_at=after[0], after_id=after[1])
+    columns = ", ".join(COLUMNS + (("data",) if with_data else ()))
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    rows = conn.execute(
+        sa.text(f"SELECT {columns} FROM dead_letters{where} ORDER BY received_at DESC, id DESC LIMIT :limit"),
+        {**params, "limit": limit + 1},
+    ).mappings().all()
+    rows = [dict(r) for r in rows]
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, (rows[-1]["received_at"], rows[-1]["id"])
+    return rows, None
+
+
+def get(conn: Connection, letter_id: int, for_update: bool = False) -> dict | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = conn.execute(
+        sa.text(f"SELECT {', '.join(COLUMNS)}, data FROM dead_letters WHERE id = :id{lock}"), {"id": letter_id}
+    ).mappings().first()
+    return dict(row) if row else None
+
+
+def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | None) -> dict:
+    """Record one redelivery attempt (who, when, how it went)."""
+    row = conn.execute(
         sa.text(
-            "INSERT INTO dead_letters (event_id, event_source, event_type, error_destination, error_code, error_data, attributes, data) "
-            "VALUES (:id, :src, :type, :dest, :code, :err, CAST(:attrs AS jsonb), :data) "
-            "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO NOTHING"
+            "UPDATE dead_letters SET redelivery_count = redelivery_count + 1, "
+            "redelivered_at = timezone('utc', now()), redelivered_by = :actor, "
+            "redelivery_status = :status, redelivery_error = :error "
+            f"WHERE id = :id RETURNING {', '.join(COLUMNS)}"
         ),
-        {"id": event_id, "src": source, "type": event_type, "dest": destination, "code": code, "err": error,
-         "attrs": json.dumps(attributes, default=str), "data": data[:100000]},
-    )
+        {"id": letter_id, "actor": clip(actor, 200), "status": FAILED if error else SENT, "error": clip(error, MAX_ERROR)},
+    ).mappings().one()
+    return dict(row)
+
+
+def counts(conn: Connection) -> tuple[int, int]:
+    """(every dead letter, those not successfully re-driven)."""
+    total, pending = conn.execute(sa.text(
+        f"SELECT count(*), count(*) FILTER (WHERE redelivery_status IS DISTINCT FROM '{SENT}') FROM dead_letters"
+    )).one()
+    return total, pending
+
+
+def timeline_entries(conn: Connection, incident_id: str) -> int:
+    return conn.execute(sa.text(
+        "SELECT count(*) FROM incident_timeline WHERE incident_id = :i AND kind = 'dead_letter'"
+    ), {"i": incident_id}).scalar_one()

@@ -10,7 +10,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, eventio, events, incidents
+from shared import db, eventio, events, incidents, reconcile
 from shared.alerts import Alert, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
@@ -97,6 +97,7 @@ class Intake:
 
     def sweep(self, request: Request) -> dict:
         """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
+        reconcile.run_safely(db.engine(), self.config)
         report = self.publisher.sweep()
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}

@@ -10,7 +10,7 @@ import functions_framework
 from flask import Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from functions.query.api import QueryApi
+from functions.query.api import BacklogApi, QueryApi
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -21,6 +21,7 @@ config = start("query")
 install_json_errors()
 _publisher = Publisher(config)
 _api = QueryApi(config, _publisher)
+_backlog = BacklogApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -38,6 +39,17 @@ def _board():
 
 def _ui(method: str):
     return lambda request, **params: getattr(_board(), method)(request, **params)
+
+
+def _backlog_ui(method: str):
+    def call(request, **params):
+        if "backlog_board" not in _lazy:
+            from functions.query.board import BacklogBoard
+
+            _lazy["backlog_board"] = BacklogBoard(_board())
+        return getattr(_lazy["backlog_board"], method)(request, **params)
+
+    return call
 
 
 def _metrics(request):
@@ -71,6 +83,10 @@ ROUTES = [
     Route("GET", "/incidents", _api.list),
     Route("GET", "/incidents/{incident_id}", _api.get),
     Route("PATCH", "/incidents/{incident_id}", _api.patch),
+    Route("GET", "/dead-letters", _backlog.dead_letters),
+    Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
+    Route("GET", "/outbox/parked", _backlog.parked),
+    Route("POST", "/outbox/parked/{event_id}/redeliver", _backlog.redeliver_parked),
     # The board authenticates with its own session cookie (functions/query/board.py).
     Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
     Route("GET", "/ui", _ui("index"), auth=False),
@@ -81,6 +97,9 @@ ROUTES = [
     Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
     Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
     Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
+    Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
+    Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
+    Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
 ]
 
 

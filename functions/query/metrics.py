@@ -11,7 +11,8 @@ import math
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import db, stats
+from shared import backlog, db, dead_letters, reconcile, stats
+from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
@@ -76,12 +77,36 @@ class DatabaseCollector:
         for name, reason, count in stats.ignored_alerts(conn):
             ignored.add_metric([name, reason], count)
         yield ignored
-        dead = CounterMetricFamily("dead_letters", "Events the Broker could not deliver, recorded by the dead-letter function.")
-        dead.add_metric([], stats.dead_letters(conn))
-        yield dead
-        pending = GaugeMetricFamily("outbox_pending_events", "Incident events not yet accepted by the Broker.")
-        pending.add_metric([], stats.pending_events(conn))
+        yield from self._backlog(conn)
+
+    def _backlog(self, conn):
+        """What has not reached its consumer: the outbox, dead letters, and
+        incidents stuck between steps (shared/reconcile.py)."""
+        count, oldest = backlog.pending(conn)
+        pending = GaugeMetricFamily("outbox_pending_events", "Incident events waiting for the Broker (not parked).")
+        pending.add_metric([], count)
         yield pending
+        age = GaugeMetricFamily("outbox_oldest_pending_age_seconds", "Age of the oldest event waiting for the Broker; 0 when none.")
+        age.add_metric([], oldest)
+        yield age
+        parked = GaugeMetricFamily("outbox_parked_events", "Outbox events parked after too many failed attempts, waiting for a person.")
+        parked.add_metric([], backlog.parked_count(conn))
+        yield parked
+        total, waiting = dead_letters.counts(conn)
+        dead = CounterMetricFamily("dead_letters", "Events the Broker could not deliver, recorded by the dead-letter function.")
+        dead.add_metric([], total)
+        yield dead
+        not_redriven = GaugeMetricFamily("dead_letters_not_redriven", "Dead letters not (yet) successfully re-driven.")
+        not_redriven.add_metric([], waiting)
+        yield not_redriven
+        counts = reconcile.assess(conn, settings())
+        stuck = GaugeMetricFamily("incidents_stuck", "Incidents whose step is still missing after every re-emission, by step.", labels=["step"])
+        overdue = GaugeMetricFamily("incidents_reconciling", "Incidents whose step is overdue and whose event is being re-emitted, by step.", labels=["step"])
+        for step in reconcile.STEPS:
+            stuck.add_metric([step], counts.get((step, "stuck"), 0))
+            overdue.add_metric([step], counts.get((step, "due"), 0) + counts.get((step, "waiting"), 0))
+        yield stuck
+        yield overdue
 
 
 def build_registry() -> CollectorRegistry:

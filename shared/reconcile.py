@@ -1,0 +1,211 @@
+"""Finds incidents stuck between steps and re-emits the event that drives
+the missing step.
+
+The Broker retries a delivery for about a minute, then hands it to the
+dead-letter sink; when the database is down longer than that, the sink
+cannot record it either and the event is gone. Every step records its work
+in the database (a completed claim in ``work_claims``), so the database
+knows what is missing:
+
+============================  ==========================================  ==================
+step                          missing when, after the grace period        re-emitted event
+============================  ==========================================  ==================
+``diagnostics``               opened (its event published), active,       ``opened``
+                              no completed ``diagnostics:`` claim
+``remediation``               diagnosed, active, no completed             ``diagnosed``
+                              ``remediation:`` claim
+``escalation:opened``         P0 opened, active, no completed             ``opened``
+                              ``escalated:…:opened`` claim
+``escalation:remediated``,    remediation finished with that outcome,     that outcome
+``escalation:remediation_     no completed ``escalated:…:<outcome>``
+failed``                      claim
+``escalation:resolved``       resolved (its event published), no         ``resolved``
+                              completed ``escalated:…:resolved`` claim
+============================  ==========================================  ==================
+
+A re-emission is an outbox row with its own id, ``<event id>.r<n>``, so the
+Broker and the consumers see a new delivery; the consumers' claims make a
+re-emission that was not needed change nothing. At most
+``RECONCILE_MAX_REEMITS`` per event, each waiting twice as long as the one
+before; then the step is *stuck*: counted in ``/metrics``, noted once on the
+incident's timeline and logged at error level, for a person.
+
+Cheap by construction: active incidents (status index) and incidents
+resolved within ``RECONCILE_HORIZON_SECONDS``, joined to claims and outbox
+rows by primary key, and at most ``RECONCILE_BATCH`` re-emissions a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from shared import events, incidents, outbox
+from shared.config import Settings
+
+log = logging.getLogger("reconcile")
+
+UTC_NOW = "timezone('utc', now())"
+EVENT_TYPES = {
+    "opened": events.INCIDENT_OPENED,
+    "diagnosed": events.INCIDENT_DIAGNOSED,
+    "remediated": events.INCIDENT_REMEDIATED,
+    "remediation_failed": events.INCIDENT_REMEDIATION_FAILED,
+    "resolved": events.INCIDENT_RESOLVED,
+}
+STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:remediated",
+         "escalation:remediation_failed", "escalation:resolved")
+REASON_MAX = 1000
+
+_ASSESSED = f"""
+WITH recent AS (
+    SELECT i.id, i.generation AS gen, i.priority, i.status FROM incidents i
+    WHERE i.status IN ('open', 'investigating')
+       OR (i.status = 'resolved' AND i.resolved_at > {UTC_NOW} - make_interval(secs => :horizon))
+),
+missing AS (
+    SELECT 'diagnostics' AS step, 'opened' AS transition, r.id, r.gen, o.published_at AS since,
+           'diagnostics:' || r.id || ':' || r.gen AS claim_key
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
+    WHERE r.status IN ('open', 'investigating') AND o.published_at IS NOT NULL
+    UNION ALL
+    SELECT 'escalation:opened', 'opened', r.id, r.gen, o.published_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || 'opened'
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
+    WHERE r.status IN ('open', 'investigating') AND r.priority = 'P0' AND o.published_at IS NOT NULL
+    UNION ALL
+    SELECT 'remediation', 'diagnosed', r.id, r.gen, d.completed_at, 'remediation:' || r.id || ':' || r.gen
+    FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen
+    WHERE r.status IN ('open', 'investigating') AND d.completed_at IS NOT NULL
+    UNION ALL
+    SELECT 'escalation:' || x.transition, x.transition, r.id, r.gen, m.completed_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || x.transition
+    FROM recent r JOIN work_claims m ON m.key = 'remediation:' || r.id || ':' || r.gen
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN t.details->>'outcome' = 'remediated' THEN 'remediated' ELSE 'remediation_failed' END AS transition
+        FROM incident_timeline t
+        WHERE t.incident_id = r.id AND t.kind = 'remediation_result' AND t.details->>'generation' = CAST(r.gen AS text)
+        ORDER BY t.at DESC, t.id DESC LIMIT 1
+    ) x
+    WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
+    UNION ALL
+    SELECT 'escalation:resolved', 'resolved', r.id, r.gen, o.published_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || 'resolved'
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.resolved.' || r.gen
+    WHERE r.status = 'resolved' AND o.published_at IS NOT NULL
+),
+assessed AS (
+    SELECT m.step, m.transition, m.id, m.gen, m.since, re.n, re.last,
+           CASE WHEN re.n > 0 AND re.last >= {UTC_NOW} - make_interval(secs => :backoff * power(2, re.n - 1)) THEN 'waiting'
+                WHEN re.n >= :k THEN 'stuck'
+                ELSE 'due' END AS state
+    FROM missing m
+    LEFT JOIN work_claims w ON w.key = m.claim_key
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, max(e.created_at) AS last FROM event_outbox e
+        WHERE e.id IN (SELECT m.id || '.' || m.transition || '.' || m.gen || '.r' || g FROM generate_series(1, :k) AS g)
+    ) re
+    WHERE m.since < {UTC_NOW} - make_interval(secs => :grace)
+      AND w.completed_at IS NULL
+      AND NOT (w.key IS NOT NULL AND w.claimed_at > {UTC_NOW} - make_interval(secs => :grace))
+)
+"""
+
+# The last condition of `assessed`: a step running now (a fresh claim) is not missing.
+_WORK = sa.text(" ".join((_ASSESSED + """
+SELECT a.step, a.transition, a.id, a.gen, a.n, a.state FROM assessed a
+WHERE a.state = 'due'
+   OR (a.state = 'stuck' AND NOT EXISTS (
+        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen))
+ORDER BY a.since, a.id LIMIT :batch
+""").split()))
+
+_COUNTS = sa.text(" ".join((_ASSESSED + "SELECT step, state, count(*) AS n FROM assessed GROUP BY 1, 2").split()))
+
+_REMEDIATION_RESULT = sa.text(
+    "SELECT details FROM incident_timeline WHERE incident_id = :id AND kind = 'remediation_result' "
+    "AND details->>'generation' = :gen ORDER BY at DESC, id DESC LIMIT 1"
+)
+
+
+def _params(config: Settings) -> dict:
+    return {"grace": config.reconcile_grace_seconds, "backoff": config.reconcile_backoff_seconds,
+            "k": config.reconcile_max_reemits, "horizon": config.reconcile_horizon_seconds}
+
+
+@dataclass
+class Report:
+    reemitted: list[str] = field(default_factory=list)
+    stuck: list[tuple[str, str, int]] = field(default_factory=list)  # (step, incident id, generation)
+
+    def as_dict(self) -> dict:
+        return {"reemitted": len(self.reemitted), "stuck": len(self.stuck)}
+
+
+def assess(conn: Connection, config: Settings) -> dict[tuple[str, str], int]:
+    """(step, state) -> incidents; state is ``due`` or ``waiting`` (being
+    re-driven) or ``stuck`` (re-emissions exhausted)."""
+    return {(r.step, r.state): r.n for r in conn.execute(_COUNTS, _params(config))}
+
+
+def run(bind: Engine, config: Settings) -> Report:
+    """One reconciliation pass; returns what it re-emitted and what it gave up on."""
+    report = Report()
+    with bind.begin() as conn:
+        rows = conn.execute(_WORK, {**_params(config), "batch": config.reconcile_batch}).mappings().all()
+        due: dict[tuple[str, str, int], list[dict]] = {}
+        for row in rows:
+            if row["state"] == "stuck":
+                _give_up(conn, row, report)
+            else:
+                due.setdefault((row["id"], row["transition"], row["gen"]), []).append(dict(row))
+        new_events = [e for e in (_reemission(conn, config, key, steps) for key, steps in due.items()) if e]
+        outbox.enqueue(conn, new_events)
+    report.reemitted = [e["id"] for e in new_events]
+    if report.reemitted:
+        log.warning("Re-emitted the events of incidents stuck between steps",
+                    extra={"events": len(report.reemitted), "first": report.reemitted[0]})
+    return report
+
+
+def run_safely(bind: Engine, config: Settings) -> Report | None:
+    """For the sweep: a failed reconciliation must not stop the outbox from draining."""
+    try:
+        return run(bind, config)
+    except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+        log.exception("Reconciliation failed; the next sweep retries")
+        return None
+
+
+def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int], steps: list[dict]) -> dict | None:
+    incident_id, transition, generation = key
+    incident = incidents.get_incident(conn, incident_id)
+    if incident is None or incident["generation"] != generation:
+        return None  # reopened or gone meanwhile: the next pass sees the new generation
+    extra = _remediation_extra(conn, incident_id, generation) if transition in ("remediated", "remediation_failed") else None
+    event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
+    event["id"] = f"{event['id']}.r{steps[0]['n'] + 1}"
+    log.warning("Incident stuck between steps; re-emitting its event", extra={
+        "incident_id": incident_id, "steps": [s["step"] for s in steps], "generation": generation,
+        "event_id": event["id"], "reemission": steps[0]["n"] + 1, "max_reemits": config.reconcile_max_reemits})
+    return event
+
+
+def _remediation_extra(conn: Connection, incident_id: str, generation: int) -> dict:
+    details = conn.execute(_REMEDIATION_RESULT, {"id": incident_id, "gen": str(generation)}).scalar() or {}
+    return {"remediation": {"outcome": details.get("outcome"), "reason": str(details.get("reason") or "")[:REASON_MAX],
+                            "playbook": details.get("playbook")}}
+
+
+def _give_up(conn: Connection, row, report: Report) -> None:
+    """Noted once on the timeline (the dedup key), logged once at error level."""
+    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}"
+    details = {"step": row["step"], "generation": row["gen"], "reemissions": row["n"],
+               "note": "re-emitting its event did not complete this step; a person must look"}
+    if incidents.add_timeline(conn, row["id"], "stuck", details, "reconcile", dedup_key=key):
+        report.stuck.append((row["step"], row["id"], row["gen"]))
+        log.error("Incident stuck between steps: re-emissions exhausted", extra={
+            "incident_id": row["id"], "step": row["step"], "generation": row["gen"], "reemissions": row["n"]})

@@ -1,0 +1,311 @@
+"""Dead letters and parked outbox events over real HTTP: recorded by the
+dead-letter function (hostile input included), listed and re-driven
+through the query API and the board, and counted in /metrics."""
+
+import base64
+import json
+import re
+
+import pytest
+import requests
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert
+from tests.loopback import RecordingServer
+from tests.processes import FunctionProcess, wait_until
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+ESCALATION = "http://escalation.default.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def broker():
+    server = RecordingServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def functions(base_env, broker):
+    deadletter = FunctionProcess("deadletter", dict(base_env)).start()
+    query = FunctionProcess("query", {**base_env, "K_SINK": broker.url + "/default/incidents"}).start()
+    yield deadletter, query
+    deadletter.stop()
+    query.stop()
+
+
+@pytest.fixture
+def world(functions, broker, clean_db):
+    broker.requests.clear()
+    broker.responder = lambda r: (202, {}, b"")
+    return functions
+
+
+def dead_letter(deadletter, event_id="ev-1", event_type="io.incidentresponse.incident.opened", data=None, subject=None,
+                dest=ESCALATION, code="502", error=b"pagerduty: 500", **extra_headers):
+    headers = {"ce-specversion": "1.0", "ce-id": event_id, "ce-source": "/incident-response", "ce-type": event_type,
+               "ce-priority": "p0", "ce-alertname": "DiskFull", "ce-knativeerrordest": dest, "ce-knativeerrorcode": code,
+               "ce-knativeerrordata": base64.b64encode(error).decode(), "Content-Type": "application/json", **extra_headers}
+    if subject:
+        headers["ce-subject"] = subject
+    body = json.dumps(data if data is not None else {"incident_id": subject, "alert_name": "DiskFull"}).encode()
+    return requests.post(deadletter.url + "/", data=body, headers=headers, timeout=10)
+
+
+def seed(engine, name="DiskFull"):
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, [alert(name)], "/test", "test").outcomes[0].incident_id
+
+
+def api(query, method, path, **kwargs):
+    return requests.request(method, query.url + path, headers={**AUTH, **kwargs.pop("headers", {})}, timeout=30, **kwargs)
+
+
+def test_a_dead_letter_is_recorded_listed_redelivered_once_and_recorded_with_its_actor(world, broker, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    assert dead_letter(deadletter, f"{incident_id}.opened.0", subject=incident_id).status_code == 202
+    assert dead_letter(deadletter, f"{incident_id}.opened.0", subject=incident_id).status_code == 202  # handed over twice
+
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert (letter["event_id"], letter["incident_id"], letter["code"], letter["error"]) == (
+        f"{incident_id}.opened.0", incident_id, "502", "pagerduty: 500")
+    assert letter["destination"] == ESCALATION and letter["redelivered"] is False
+    assert letter["attributes"]["priority"] == "p0"
+    with clean_db.connect() as conn:
+        (note,) = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter"]
+    assert note["details"]["dead_letter_id"] == letter["id"] and "not verified" in note["details"]["label"]
+
+    first = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})
+    assert first.status_code == 200, first.text
+    assert first.json()["sent"] is True and first.json()["redelivered_by"] == "api:alice"
+    (sent,) = broker.received()
+    assert sent.path == "/default/incidents" and sent.headers["content-type"].startswith("application/cloudevents+json")
+    event = sent.json()
+    assert {k: event[k] for k in ("id", "type", "source", "subject", "priority", "alertname")} == {
+        "id": f"{incident_id}.opened.0", "type": "io.incidentresponse.incident.opened", "source": "/incident-response",
+        "subject": incident_id, "priority": "p0", "alertname": "DiskFull"}
+    assert event["data"] == {"incident_id": incident_id, "alert_name": "DiskFull"}
+    assert not any(k.startswith("knativeerror") for k in event)
+
+    again = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    assert again.status_code == 200 and again.json()["sent"] is False and again.json()["redelivery_count"] == 1
+    assert len(broker.received()) == 1
+    forced = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver?force=true", headers={"X-Actor": "bob"})
+    assert forced.json()["sent"] is True and forced.json()["redelivery_count"] == 2 and forced.json()["redelivered_by"] == "api:bob"
+    assert len(broker.received()) == 2
+    assert [d["id"] for d in api(query, "GET", "/dead-letters", params={"redelivered": "yes"}).json()] == [letter["id"]]
+    assert api(query, "GET", "/dead-letters", params={"redelivered": "no"}).json() == []
+    with clean_db.connect() as conn:
+        actors = [t["actor"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter_redelivered"]
+    assert actors == ["api:alice", "api:bob"]
+
+    # Dead-lettered again after the redelivery: it needs a person again.
+    dead_letter(deadletter, f"{incident_id}.opened.0", subject=incident_id, code="503")
+    (back,) = api(query, "GET", "/dead-letters", params={"redelivered": "no"}).json()
+    assert back["redelivery_status"] == "dead_again" and back["code"] == "503"
+
+
+def test_a_broker_that_refuses_the_redelivery_is_a_502_and_recorded(world, broker, clean_db):
+    deadletter, query = world
+    dead_letter(deadletter, "ev-refused", data={"x": 1})
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    broker.responder = lambda r: (500, {}, b"broker down")
+    response = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    assert response.status_code == 502 and "500" in response.json()["message"]
+    assert response.json()["dead_letter"]["redelivery_status"] == "failed"
+    broker.responder = lambda r: (202, {}, b"")
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").json()["sent"] is True
+
+
+def test_filters_and_keyset_pages(world, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    for n in range(5):
+        dead_letter(deadletter, f"ev-{n}", event_type="io.incidentresponse.incident.resolved" if n % 2 else
+                    "io.incidentresponse.incident.opened", subject=incident_id if n == 0 else None)
+    dead_letter(deadletter, "ev-other-dest", dest="http://diagnostics")
+    opened = api(query, "GET", "/dead-letters", params={"event_type": "io.incidentresponse.incident.opened"}).json()
+    assert sorted(d["event_id"] for d in opened) == ["ev-0", "ev-2", "ev-4", "ev-other-dest"]
+    assert [d["event_id"] for d in api(query, "GET", "/dead-letters", params={"incident_id": incident_id}).json()] == ["ev-0"]
+    assert [d["event_id"] for d in api(query, "GET", "/dead-letters", params={"destination": "http://diagnostics"}).json()] == ["ev-other-dest"]
+    assert api(query, "GET", "/dead-letters", params={"since": "2999-01-01T00:00:00Z"}).json() == []
+
+    seen, url = [], query.url + "/dead-letters?limit=4"
+    while url:
+        page = requests.get(url, headers=AUTH, timeout=10)
+        seen += [d["id"] for d in page.json()]
+        match = re.search(r'<([^>]+)>; rel="next"', page.headers.get("Link", ""))
+        url = match.group(1) if match else None
+    assert len(seen) == 6 and seen == sorted(seen, reverse=True)
+    for bad in ({"limit": "0"}, {"redelivered": "maybe"}, {"incident_id": "nope"}, {"cursor": "x"}, {"bogus": "1"},
+                {"event_type": "a\x00b"}, {"since": "yesterday"}):
+        assert api(query, "GET", "/dead-letters", params=bad).status_code == 400, bad
+    assert api(query, "POST", "/dead-letters/abc/redeliver").status_code == 400
+    assert api(query, "POST", "/dead-letters/99999999999999999999/redeliver").status_code == 400
+    assert api(query, "POST", "/dead-letters/424242/redeliver").status_code == 404
+    assert requests.get(query.url + "/dead-letters", timeout=10).status_code == 401
+
+
+def test_hostile_dead_letters_are_stored_safely_or_refused_never_a_500(world, broker, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    cases = [
+        dead_letter(deadletter, "nul", data={"incident_id": incident_id, "text": "a\x00b\ud800c"}),
+        dead_letter(deadletter, "bad-base64", error=b"", **{"ce-knativeerrordata": "%%%not base64"}),
+        dead_letter(deadletter, "x" * 5000, subject=incident_id, dest="http://" + "d" * 6000, code="1234567890123"),
+        requests.post(deadletter.url + "/", data=b"\xff\xfe\x00binary", timeout=10, headers={
+            "ce-specversion": "1.0", "ce-id": "bin", "ce-source": "/s", "ce-type": "t", "Content-Type": "application/octet-stream"}),
+        requests.post(deadletter.url + "/", timeout=10, headers={"Content-Type": "application/cloudevents+json"}, data=json.dumps({
+            "specversion": "1.0", "id": "structured\u0000\ud800", "source": "/s\u0000", "type": "io.incidentresponse.incident.opened",
+            "subject": incident_id, "knativeerrordata": "!!", "data": {"incident_id": incident_id}})),
+    ]
+    assert [c.status_code for c in cases] == [202] * 5, [c.text for c in cases]
+    refused = [
+        requests.post(deadletter.url + "/", data=b"{}", headers={"Content-Type": "application/json"}, timeout=10),
+        requests.post(deadletter.url + "/", data=b"[" * 100000, timeout=10, headers={"Content-Type": "application/cloudevents+json"}),
+        requests.post(deadletter.url + "/", data=b"x" * (3 * 1024 * 1024), timeout=30, headers={"Content-Type": "application/json"}),
+    ]
+    assert [r.status_code for r in refused] == [400, 400, 413]
+    letters = {d["event_id"][:20]: d for d in api(query, "GET", "/dead-letters", params={"limit": 50}).json()}
+    assert len(letters) == 5
+    assert letters["bad-base64"]["error"] == "%%%not base64"
+    long = letters["x" * 20]
+    assert len(long["event_id"]) <= 200 and len(long["destination"]) <= 500 and len(long["code"]) <= 10
+    assert long["attributes"]["id"] == "x" * 5000  # the original, for the redelivery
+    with clean_db.connect() as conn:
+        notes = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter"]
+    assert notes and all(len(json.dumps(n)) < 1500 and "not verified" in n["label"] for n in notes)
+
+    binary = letters["bin"]
+    assert api(query, "POST", f"/dead-letters/{binary['id']}/redeliver").status_code == 200
+    assert base64.b64decode(broker.received()[-1].json()["data_base64"]) == b"\xff\xfe\x00binary"
+    nul = letters["nul"]
+    assert api(query, "POST", f"/dead-letters/{nul['id']}/redeliver").status_code == 200
+    assert broker.received()[-1].json()["data"] == {"incident_id": incident_id, "text": "a\x00b\ud800c"}
+    assert requests.get(query.url + "/health", timeout=10).status_code == 200
+
+
+def test_forged_dead_letters_cannot_flood_an_incident_timeline(world, clean_db):
+    deadletter, _ = world
+    incident_id = seed(clean_db)
+    for n in range(30):
+        assert dead_letter(deadletter, f"forged-{n}", subject=incident_id, error=b"<script>" + b"A" * 5000).status_code == 202
+    dead_letter(deadletter, "foreign-type", event_type="com.example.whatever", subject=incident_id)
+    with clean_db.connect() as conn:
+        notes = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter"]
+        stored = conn.execute(sa.text("SELECT count(*) FROM dead_letters")).scalar()
+    assert len(notes) == 20 and stored == 31
+    assert all(len(n["details"]["error"]) <= 300 and n["actor"] == "deadletter" for n in notes)
+
+
+def park(engine, event_id, subject, error="UnicodeEncodeError: 'latin-1' codec can't encode"):
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO event_outbox (id, type, source, subject, extensions, data, attempts, last_error, parked_at) VALUES "
+            "(:id, 'io.incidentresponse.incident.opened', '/incident-response', :s, CAST(:ext AS jsonb), CAST(:data AS jsonb), "
+            "8, :err, timezone('utc', now()))"
+        ), {"id": event_id, "s": subject, "ext": json.dumps({"priority": "p0", "alertname": "Disk"}),
+            "data": json.dumps({"incident_id": subject}), "err": error})
+
+
+def test_a_parked_outbox_event_is_listed_and_re_driven_once(world, broker, clean_db):
+    _, query = world
+    incident_id = seed(clean_db)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET published_at = timezone('utc', now())"))
+    park(clean_db, f"{incident_id}.opened.9", incident_id)
+    park(clean_db, "other.opened.0", None)
+    listed = api(query, "GET", "/outbox/parked").json()
+    assert {e["id"] for e in listed} == {f"{incident_id}.opened.9", "other.opened.0"}
+    assert all(e["state"] == "parked" and e["attempts"] == 8 for e in listed)
+    assert [e["id"] for e in api(query, "GET", "/outbox/parked", params={"incident_id": incident_id}).json()] == [f"{incident_id}.opened.9"]
+    page = api(query, "GET", "/outbox/parked", params={"limit": 1})
+    assert len(page.json()) == 1 and 'rel="next"' in page.headers["Link"]
+
+    response = api(query, "POST", f"/outbox/parked/{incident_id}.opened.9/redeliver", headers={"X-Actor": "carol"})
+    assert response.status_code == 200 and response.json()["requeued"] is True
+    assert response.json()["attempts"] == 0 and response.json()["last_error"].startswith("UnicodeEncodeError")
+    wait_until(lambda: [r for r in broker.received() if r.headers.get("ce-id") == f"{incident_id}.opened.9"], 10,
+               message="the re-driven event published")
+    with clean_db.connect() as conn:
+        row = wait_until(lambda: conn.execute(sa.text("SELECT published_at, parked_at FROM event_outbox WHERE id = :i"),
+                                              {"i": f"{incident_id}.opened.9"}).one().published_at is not None, 10,
+                         message="the row marked published")
+        assert row
+        (note,) = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "outbox_redriven"]
+    assert note["actor"] == "api:carol"
+    again = api(query, "POST", f"/outbox/parked/{incident_id}.opened.9/redeliver")
+    assert again.status_code == 200 and again.json()["requeued"] is False and again.json()["state"] == "published"
+    assert api(query, "GET", "/outbox/parked").json()[0]["id"] == "other.opened.0"
+    assert api(query, "POST", "/outbox/parked/nope/redeliver").status_code == 404
+
+
+def metrics(query):
+    response = requests.get(query.url + "/metrics", headers=AUTH, timeout=30)
+    assert response.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_count_the_backlog_dead_letters_and_stuck_incidents(world, broker, clean_db):
+    deadletter, query = world
+    seed(clean_db, "PendingOne")
+    seed(clean_db, "PendingTwo")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET created_at = created_at - interval '90 seconds'"))
+    park(clean_db, "parked.opened.0", None)
+    dead_letter(deadletter, "m-1")
+    dead_letter(deadletter, "m-2")
+    stuck_id = seed(clean_db, "Stuck")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET published_at = timezone('utc', now()) - interval '1 hour' WHERE subject = :i"),
+                     {"i": stuck_id})
+        svc.add_timeline(conn, stuck_id, "stuck", {}, "reconcile", dedup_key=f"reconcile-stuck:diagnostics:{stuck_id}:0")
+        for n in (1, 2, 3):
+            conn.execute(sa.text("INSERT INTO event_outbox (id, type, source, created_at, published_at) VALUES "
+                                 "(:id, 't', '/s', timezone('utc', now()) - interval '2 hours', timezone('utc', now()))"),
+                         {"id": f"{stuck_id}.opened.0.r{n}"})
+    values = metrics(query)
+    assert values[("outbox_pending_events", ())] == 2
+    assert 90 <= values[("outbox_oldest_pending_age_seconds", ())] < 150
+    assert values[("outbox_parked_events", ())] == 1
+    assert values[("dead_letters_total", ())] == 2 and values[("dead_letters_not_redriven", ())] == 2
+    assert values[("incidents_stuck", (("step", "diagnostics"),))] == 1
+    assert values[("incidents_stuck", (("step", "escalation:opened"),))] == 1  # a P0 never paged either
+    assert values[("incidents_reconciling", (("step", "diagnostics"),))] == 0
+
+    (letter, _) = api(query, "GET", "/dead-letters").json()
+    api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    assert metrics(query)[("dead_letters_not_redriven", ())] == 1
+
+
+def test_the_board_lists_and_redelivers_with_a_csrf_protected_form(world, broker, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "board-1", subject=incident_id, error=b"<b>escaped</b>")
+    park(clean_db, "board.parked.0", None)
+    session = requests.Session()
+    assert session.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, timeout=10).ok
+    index = session.get(query.url + "/ui", timeout=10).text
+    assert 'href="/ui/backlog"' in index
+    page = session.get(query.url + "/ui/backlog", timeout=10)
+    assert page.status_code == 200 and "board-1" in page.text and "board.parked.0" in page.text
+    assert "<b>escaped</b>" not in page.text and "&lt;b&gt;escaped&lt;/b&gt;" in page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+
+    forged = session.post(query.url + f"/ui/dead-letters/{letter['id']}/redeliver", data={"csrf": "wrong"}, timeout=10)
+    assert forged.status_code == 403 and broker.received() == []
+    done = session.post(query.url + f"/ui/dead-letters/{letter['id']}/redeliver", data={"csrf": csrf}, timeout=10)
+    assert done.status_code == 200 and "sent to the Broker again" in done.text
+    assert [r.json()["id"] for r in broker.received()] == ["board-1"]
+    assert api(query, "GET", "/dead-letters").json()[0]["redelivered_by"] == "board"
+    requeued = session.post(query.url + "/ui/outbox/parked/board.parked.0/redeliver", data={"csrf": csrf}, timeout=10)
+    assert "queued for the Broker again" in requeued.text
+    anonymous = requests.post(query.url + f"/ui/dead-letters/{letter['id']}/redeliver", data={"csrf": csrf},
+                              allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 303 and anonymous.headers["Location"] == "/ui/login"

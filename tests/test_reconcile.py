@@ -1,0 +1,173 @@
+"""Reconciliation: each kind of step an incident can be stuck before is
+found after the grace period, its event re-emitted with a distinct id, at
+most K times with backoff, then reported stuck once."""
+
+from dataclasses import replace
+
+import pytest
+import sqlalchemy as sa
+
+from shared import events, reconcile
+from shared import incidents as svc
+from tests.factories import alert
+
+
+@pytest.fixture
+def config(settings_obj):
+    return replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0, reconcile_max_reemits=2,
+                   event_source="/test")
+
+
+def open_incident(engine, name, priority="P1", published_ago=600):
+    """An incident whose opened event the Broker accepted ``published_ago`` seconds ago."""
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, priority=priority)], "/test", "test").outcomes[0].incident_id
+        publish(conn, f"{incident_id}.opened.0", published_ago)
+    return incident_id
+
+
+def publish(conn, event_id, ago):
+    conn.execute(sa.text(
+        "UPDATE event_outbox SET published_at = timezone('utc', now()) - make_interval(secs => :ago) WHERE id = :id"
+    ), {"id": event_id, "ago": ago})
+
+
+def complete(engine, key, incident_id, ago=600, done=True):
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO work_claims (key, incident_id, claimed_at, completed_at) VALUES "
+            "(:k, :i, timezone('utc', now()) - make_interval(secs => :ago), "
+            "CASE WHEN :done THEN timezone('utc', now()) - make_interval(secs => :ago) END)"
+        ), {"k": key, "i": incident_id, "ago": ago, "done": done})
+
+
+def remediation_result(engine, incident_id, outcome, reason="dry-run: a human must act"):
+    with engine.begin() as conn:
+        svc.add_timeline(conn, incident_id, "remediation_result",
+                         {"outcome": outcome, "reason": reason, "actions": [], "playbook": "p", "generation": 0}, "remediation")
+    complete(engine, f"remediation:{incident_id}:0", incident_id)
+
+
+def reemitted(engine):
+    with engine.connect() as conn:
+        return {r.id: r for r in conn.execute(sa.text(
+            "SELECT id, type, subject, extensions, data FROM event_outbox WHERE id LIKE '%.r_' ORDER BY id"))}
+
+
+def test_opened_but_never_diagnosed_is_reemitted_k_times_then_reported_stuck_once(clean_db, config, caplog):
+    incident_id = open_incident(clean_db, "NeverDiagnosed")
+    report = reconcile.run(clean_db, config)
+    assert report.reemitted == [f"{incident_id}.opened.0.r1"]
+    event = reemitted(clean_db)[f"{incident_id}.opened.0.r1"]
+    assert event.type == events.INCIDENT_OPENED and event.subject == incident_id
+    assert event.extensions == {"priority": "p1", "alertname": "NeverDiagnosed"}
+    assert event.data["incident_id"] == incident_id and event.data["generation"] == 0
+
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.r2"]
+    caplog.set_level("ERROR", logger="reconcile")
+    last = reconcile.run(clean_db, config)
+    assert last.reemitted == [] and last.stuck == [("diagnostics", incident_id, 0)]
+    assert any(r.levelname == "ERROR" and "stuck" in r.getMessage() for r in caplog.records)
+    assert reconcile.run(clean_db, config).stuck == []  # reported once
+    assert len(reemitted(clean_db)) == 2
+    with clean_db.connect() as conn:
+        stuck = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "stuck"]
+        assert [s["details"]["step"] for s in stuck] == ["diagnostics"]
+        assert reconcile.assess(conn, config) == {("diagnostics", "stuck"): 1}
+
+
+def test_backoff_waits_before_the_next_reemission(clean_db, config):
+    incident_id = open_incident(clean_db, "BackingOff")
+    slow = replace(config, reconcile_backoff_seconds=3600)
+    assert reconcile.run(clean_db, slow).reemitted == [f"{incident_id}.opened.0.r1"]
+    assert reconcile.run(clean_db, slow).reemitted == []
+    with clean_db.connect() as conn:
+        assert reconcile.assess(conn, slow) == {("diagnostics", "waiting"): 1}
+
+
+def test_diagnosed_but_never_remediated_reemits_diagnosed(clean_db, config):
+    incident_id = open_incident(clean_db, "NeverRemediated")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.diagnosed.0.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.diagnosed.0.r1"].type == events.INCIDENT_DIAGNOSED
+
+
+@pytest.mark.parametrize("outcome,transition", [("failed", "remediation_failed"), ("remediated", "remediated")])
+def test_remediation_outcome_never_escalated_reemits_that_outcome(clean_db, config, outcome, transition):
+    incident_id = open_incident(clean_db, f"NeverEscalated{outcome}")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    remediation_result(clean_db, incident_id, outcome)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.{transition}.0.r1"]
+    event = reemitted(clean_db)[f"{incident_id}.{transition}.0.r1"]
+    assert event.type == reconcile.EVENT_TYPES[transition]
+    assert event.data["remediation"] == {"outcome": outcome, "reason": "dry-run: a human must act", "playbook": "p"}
+    complete(clean_db, f"escalated:{incident_id}:0:{transition}", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_p0_whose_opened_escalation_never_completed_reemits_opened(clean_db, config):
+    incident_id = open_incident(clean_db, "NeverPaged", priority="P0")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    remediation_result(clean_db, incident_id, "failed")
+    complete(clean_db, f"escalated:{incident_id}:0:remediation_failed", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.r1"]
+    with clean_db.connect() as conn:
+        assert reconcile.assess(conn, config) == {("escalation:opened", "due"): 1}
+
+
+def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(clean_db, config):
+    incident_id = open_incident(clean_db, "NeverResolvedPage")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"remediation:{incident_id}:0", incident_id)  # ran, recorded no result: nothing to escalate
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].data["status"] == "resolved"
+
+
+def test_what_is_not_stuck_is_left_alone(clean_db, config):
+    recent = open_incident(clean_db, "WithinGrace", published_ago=5)
+    running = open_incident(clean_db, "DiagnosticsRunning")
+    complete(clean_db, f"diagnostics:{running}:0", running, ago=5, done=False)
+    done = open_incident(clean_db, "AllDone")
+    complete(clean_db, f"diagnostics:{done}:0", done)
+    complete(clean_db, f"remediation:{done}:0", done)
+    with clean_db.begin() as conn:
+        unsent = svc.record_alerts(conn, [alert("NotPublishedYet", priority="P0")], "/test", "test").outcomes[0].incident_id
+        # Reopened by a person: no opened event, so no pipeline to drive.
+        svc.transition(conn, done, "resolved", "t", "/test")
+        publish(conn, f"{done}.resolved.0", 5)
+        svc.transition(conn, done, "investigating", "t", "/test")
+    assert reconcile.run(clean_db, config).reemitted == []
+    assert {recent, running, unsent}  # named for the reader: each is a reason not to re-emit
+    with clean_db.connect() as conn:
+        assert reconcile.assess(conn, config) == {}
+
+
+def test_a_long_gone_resolution_is_beyond_the_horizon(clean_db, config):
+    incident_id = open_incident(clean_db, "Ancient")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"remediation:{incident_id}:0", incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+        conn.execute(sa.text("UPDATE incidents SET resolved_at = resolved_at - interval '2 days' WHERE id = :i"), {"i": incident_id})
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_the_batch_bounds_one_pass(clean_db, config):
+    for n in range(5):
+        open_incident(clean_db, f"Batch{n}")
+    assert len(reconcile.run(clean_db, replace(config, reconcile_batch=3)).reemitted) == 3
+    assert len(reconcile.run(clean_db, replace(config, reconcile_batch=3)).reemitted) == 3  # 2 left + 1 second round
+
+
+def test_the_query_uses_indexes(clean_db, config):
+    """Primary keys and the status index, never a scan of claims or the outbox."""
+    with clean_db.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + reconcile._WORK.text),
+                                                      {**reconcile._params(config), "batch": 10}))
+    for table in ("event_outbox", "work_claims", "incident_timeline"):
+        assert f"Seq Scan on {table}" not in plan, plan
