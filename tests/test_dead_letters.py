@@ -309,3 +309,14 @@ def test_the_board_lists_and_redelivers_with_a_csrf_protected_form(world, broker
     anonymous = requests.post(query.url + f"/ui/dead-letters/{letter['id']}/redeliver", data={"csrf": csrf},
                               allow_redirects=False, timeout=10)
     assert anonymous.status_code == 303 and anonymous.headers["Location"] == "/ui/login"
+
+
+def test_a_dead_letter_keeps_its_percent_encoded_attributes_decoded_and_redelivers_them_exactly(world, broker, clean_db):
+    deadletter, query = world
+    assert dead_letter(deadletter, "ev-encoded", **{"ce-alertname": "%D0%94%D0%B8%D1%81%D0%BA%20100%25"}).status_code == 202
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["attributes"]["alertname"] == "Диск 100%"
+
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    (sent,) = broker.requests
+    assert json.loads(sent.body)["alertname"] == "Диск 100%"

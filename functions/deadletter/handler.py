@@ -22,7 +22,7 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 from flask import Request, Response
 
-from shared import db, dead_letters, events, incidents
+from shared import db, dead_letters, eventio, events, incidents
 from shared.dead_letters import clip
 from shared.errors import BadRequest
 from shared.http import read_body
@@ -56,7 +56,13 @@ def parse(request: Request) -> tuple[CloudEvent, bytes]:
     """The event and its data as bytes, exactly as it would be sent again."""
     body = read_body(request, MAX_BYTES)
     try:
-        event = from_http(dict(request.headers), body)
+        # Attribute headers are percent-encoded (binding 3.1.3.2); a letter whose
+        # headers do not decode is still kept, as it came, rather than refused.
+        try:
+            headers = eventio.decode_headers(request.headers)
+        except BadRequest:
+            headers = dict(request.headers)
+        event = from_http(headers, body)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
     except (ValueError, TypeError, RecursionError):
