@@ -135,3 +135,38 @@ def test_every_acknowledged_p0_alert_pages_exactly_once_and_is_announced_on_slac
     assert len(json.dumps(opened).encode()) <= 512 * 1024
     for message in _slack_posts_for(slack_hook, incident_id):
         assert _foreign_slack_sequences(message) == []
+
+
+def test_a_page_pagerduty_kept_refusing_is_a_visible_dead_letter_that_re_drives_to_exactly_one_page(stack, pd, slack_hook):
+    pd.script.extend([(500, {}, b"pagerduty is having a bad day")] * 1000)
+    alert = {
+        "status": "firing",
+        "labels": {"alertname": "ДискЗаполнен – <!channel>", "severity": "critical", "example": uuid.uuid4().hex},
+        "annotations": {"summary": "Диск заполнен на 100% <https://evil.example|login>"},
+        "startsAt": "2026-11-27T21:54:18Z", "endsAt": "0001-01-01T00:00:00Z", "fingerprint": uuid.uuid4().hex[:16],
+    }
+    response = requests.post(stack.url("intake") + "/webhook/alert", json=webhook([alert]), headers=AUTH, timeout=30)
+    assert response.status_code == 200
+    incident_id = response.json()["results"][0]["incident_id"]
+
+    def letters():
+        found = requests.get(stack.url("query") + "/dead-letters", params={"incident_id": incident_id}, headers=AUTH, timeout=10)
+        found.raise_for_status()
+        return [letter for letter in found.json() if letter["event_type"].endswith(".incident.opened")]
+
+    (letter,) = wait_until(letters, 60, message="the refused page to be dead-lettered")
+    assert letter["code"] == "502" and letter["redelivered"] is False
+    pd.script.clear()
+    refused = len(pd.requests)
+
+    redelivered = requests.post(stack.url("query") + f"/dead-letters/{letter['id']}/redeliver",
+                                headers={**AUTH, "X-Actor": "oncall@example.test"}, timeout=30)
+    assert redelivered.status_code == 200, redelivered.text
+    wait_until(lambda: _pages_for(pd, incident_id), 30, message="the re-driven page")
+    again = requests.post(stack.url("query") + f"/dead-letters/{letter['id']}/redeliver", headers=AUTH, timeout=30)
+    assert again.status_code == 200 and again.json()["sent"] is False
+
+    accepted = [b for b in pd.bodies()[refused:] if b.get("dedup_key") == incident_id and b["event_action"] == "trigger"
+                and b["payload"]["custom_details"].get("transition") == "opened"]
+    assert len(accepted) == 1
+    assert [problems for _, problems in pd.invalid] == []
