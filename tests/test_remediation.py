@@ -417,3 +417,18 @@ def test_dry_run_without_kubernetes_records_the_intent(base_env, clean_db):
         assert event["type"] == FAILED
     finally:
         proc.stop()
+
+
+def test_a_claim_whose_holder_died_is_taken_over_after_the_playbooks_worst_case_not_half_an_hour(live, cluster, clean_db):
+    from functions.remediation.handler import claim_stale_seconds
+
+    settings = load_settings(live.env)
+    bound = claim_stale_seconds(settings, pb.load(settings.playbooks_file))
+    assert bound < 600  # well inside what reconciliation re-emits within
+    row = incident(clean_db, "EmailServiceDown", namespace="production")
+    with clean_db.begin() as conn:  # a remediation process that died holding the claim, just over the bound ago
+        conn.execute(sa.text("INSERT INTO work_claims (key, incident_id, claimed_at) "
+                             "VALUES (:key, :id, timezone('utc', now()) - make_interval(secs => :age))"),
+                     {"key": f"remediation:{row['id']}:{row['generation']}", "id": row["id"], "age": bound + 5})
+    assert reply_of(deliver(live, row))["type"].endswith("remediated")
+    assert len(cluster.calls("PATCH")) == 1

@@ -22,7 +22,19 @@ from shared.publisher import Publisher
 from shared.templating import TemplateError
 
 log = logging.getLogger("remediation")
-CLAIM_STALE_SECONDS = 1800
+# Kubernetes calls one action makes besides its verification (read, patch, re-read).
+CALLS_PER_ACTION = 3
+
+
+def claim_stale_seconds(config: Settings, playbooks: list[pb.Playbook]) -> float:
+    """How long a remediation claim protects a run: the worst case of the
+    longest playbook (every step's calls at their timeout, then its
+    verification), plus the database writes. A claim whose holder died is
+    taken over after that, not after a fixed half hour that outlives every
+    Broker retry and every reconciliation attempt."""
+    longest = max((len(p.steps) for p in playbooks), default=1)
+    per_step = config.remediation_verify_timeout_seconds + CALLS_PER_ACTION * config.probe_timeout_seconds
+    return longest * per_step + 2 * config.db_timeout_seconds
 
 
 @dataclass
@@ -61,11 +73,12 @@ class RemediationHandler:
         self.config = config
         self.playbooks = playbooks
         self.publisher = publisher
+        self.claim_stale_seconds = claim_stale_seconds(config, playbooks)
 
     def handle(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
         with db.transaction() as conn:
-            step = claims.begin_step(conn, "remediation", incident_id, CLAIM_STALE_SECONDS)
+            step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds)
         if step.state == "skip":
             # Remediating after the alert resolved is how peers deleted healthy pods.
             status = step.incident["status"] if step.incident else "missing"
