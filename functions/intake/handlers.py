@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
 from shared import db, events, incidents
-from shared.alerts import Alert, parse_alertmanager, parse_report
+from shared.alerts import Alert, InvalidPayload, Rejected, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 from shared.http import check_bearer, parse_json_body, read_body
@@ -57,25 +57,47 @@ class Intake:
 
     def webhook(self, request: Request) -> dict:
         payload = parse_json_body(request, self.config.max_body_bytes)
-        hook = parse_alertmanager(payload, self.config)
-        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.alerts)}
+        try:
+            hook = parse_alertmanager(payload, self.config)
+        except InvalidPayload as exc:
+            if "rejected" in exc.details:
+                self._log_rejected(exc.details["rejected"], {"alerts": len(exc.details["rejected"])})
+            raise
+        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.items)}
         log.info("Received webhook", extra={**context, "status": hook.status})
         if hook.truncated_alerts:
             log.warning(
                 "Webhook truncated by AlertManager max_alerts",
                 extra={**context, "truncated_alerts": hook.truncated_alerts},
             )
+        if hook.warnings:
+            log.warning("Webhook envelope fields ignored", extra={**context, "warnings": hook.warnings})
+        if hook.rejected:
+            self._log_rejected([r.as_dict() for r in hook.rejected], context)
         result = self.store(hook.alerts, "alertmanager", context)
+        results = _in_payload_order(hook.items, result.outcomes)
         counts: dict[str, int] = {}
-        for outcome in result.outcomes:
-            counts[outcome.action] = counts.get(outcome.action, 0) + 1
-        return {
+        for item in results:
+            counts[item["action"]] = counts.get(item["action"], 0) + 1
+        body = {
             "status": "ok",
             "receiver": hook.receiver,
             "truncated_alerts": hook.truncated_alerts,
             "counts": counts,
-            "results": [o.as_dict() for o in result.outcomes],
+            "results": results,
         }
+        if hook.warnings:
+            body["warnings"] = hook.warnings
+        return body
+
+    @staticmethod
+    def _log_rejected(rejected: list[dict], context: dict) -> None:
+        """One line per webhook: a storm of bad alerts must not flood the log.
+        "Alerts rejected" is the stable phrase to count and alert on."""
+        log.warning(
+            "Alerts rejected",
+            extra={**context, "rejected": len(rejected), "reasons": [f"alerts[{r['index']}] {r['reason']}"[:300] for r in rejected[:10]]},
+        )
 
     def cloudevent(self, request: Request) -> Response | dict:
         if self.config.events_require_token:
@@ -106,3 +128,9 @@ class Intake:
         summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)
         return summary
+
+
+def _in_payload_order(items: Sequence[Alert | Rejected], outcomes: Sequence[incidents.Outcome]) -> list[dict]:
+    """Stored outcomes and rejections merged back into the order of the payload."""
+    stored = iter(outcomes)
+    return [item.as_dict() if isinstance(item, Rejected) else next(stored).as_dict() for item in items]
