@@ -84,6 +84,9 @@ def read_body(request: Request, limit: int) -> bytes:
     return data
 
 
+TOO_DEEP = "the body is nested too deeply"
+
+
 def parse_json_body(request: Request, limit: int) -> Any:
     content_type = (request.mimetype or "").lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
@@ -95,6 +98,24 @@ def parse_json_body(request: Request, limit: int) -> Any:
         raise BadRequest("the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(value: str, name: str, max_length: int | None = None) -> str:
+    """Refuse text PostgreSQL cannot store before it reaches the driver: NUL,
+    and lone UTF-16 surrogates (legal in JSON escapes, not UTF-8), on which
+    pg8000 fails half-way through a message."""
+    match = _UNSTORABLE.search(value)
+    if match:
+        what = "a NUL character" if match.group() == "\x00" else f"a lone UTF-16 surrogate (U+{ord(match.group()):04X})"
+        raise BadRequest(f"{name}: contains {what}", field=name)
+    if max_length is not None and len(value) > max_length:
+        raise BadRequest(f"{name}: longer than {max_length} characters", field=name)
+    return value
 
 
 def dispatch(request: Request, routes: list[Route], token: Secret | None, service: str) -> Response:
@@ -120,6 +141,12 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
     except Unauthorized as exc:
         log.warning("Unauthorized", extra={"path": path, "method": request.method, "remote": request.remote_addr})
         return json_response(exc.body(), exc.status, {"WWW-Authenticate": 'Bearer realm="incident-response"'})
+    except RecursionError:
+        # Only input nested deeper than the interpreter's stack gets here (a
+        # JSON document or CloudEvent no parser above caught): never a 500.
+        log.warning("Request nested too deeply", extra={"path": path, "method": request.method})
+        err = BadRequest("the request is nested too deeply")
+        return json_response(err.body(), err.status)
     except MethodNotAllowed as exc:
         allow = ", ".join(sorted({r.method for r in routes if r.match(path) is not None}))
         return json_response(exc.body(), exc.status, {"Allow": allow})

@@ -16,7 +16,7 @@ from shared import db, events, incidents
 from shared.alerts import Alert, InvalidPayload, Rejected, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
-from shared.http import check_bearer, parse_json_body, read_body
+from shared.http import TOO_DEEP, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
 
 log = logging.getLogger("intake")
@@ -107,6 +107,10 @@ class Intake:
             event = from_http(dict(request.headers), body)
         except CloudEventError as exc:
             raise BadRequest(f"not a valid CloudEvent: {exc}") from None
+        except RecursionError:
+            raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+        for attribute in ("id", "source", "type"):
+            storable_text(str(event[attribute]), attribute)
         event_type = event["type"]
         wants_ack_only = "reply" in request.headers.get("Prefer", "")
         if event_type == PING_EVENT_TYPE:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +22,11 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import encode_cursor, parse_filters, parse_incident_id, present
+from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
 from shared import db, incidents
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
+from shared.http import storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 
@@ -180,8 +182,12 @@ class Board:
             return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
         incident_id = parse_incident_id(incident_id)
         status = request.form.get("status", "")
-        note = (request.form.get("note") or "").strip()[:4000] or None
-        actor = f"board:{request.form.get('actor', '').strip()[:100]}" if request.form.get("actor", "").strip() else "board"
+        try:
+            note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None
+            named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+        except BadRequest as exc:
+            return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
+        actor = f"board:{named}" if named else "board"
         try:
             with db.transaction() as conn:
                 _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
@@ -208,7 +214,12 @@ class Board:
 
 
 def _safe_next(value: str | None) -> str:
-    """Only paths of this board: never an open redirect."""
-    if value and value.startswith("/ui") and not value.startswith("//"):
+    """Only paths of this board: never an open redirect, and nothing that
+    could split or end the Location header (control characters) or that a
+    browser reads as another host (a backslash)."""
+    if value and value.startswith("/ui") and not _UNSAFE_IN_NEXT.search(value):
         return value
     return "/ui"
+
+
+_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x20\x7f\\]|^//")
