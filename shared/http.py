@@ -79,9 +79,65 @@ def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
     data = request.stream.read(limit + 1)
-    if len(data) > limit:
+    capped = request.environ.get("wsgi.input")
+    if len(data) > limit or getattr(capped, "truncated", False):
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
     return data
+
+
+# The largest body any function reads on its own fixed limit (the dead-letter
+# sink's 2 MiB); MAX_BODY_BYTES may raise the bound above it.
+LARGEST_FIXED_BODY = 2 * 1024 * 1024
+
+
+class CappedInput:
+    """``wsgi.input`` that ends after ``cap`` bytes, whoever reads it.
+
+    functions-framework reads the whole body into memory after every
+    response (its ``read_request`` hook), whatever the function answered:
+    a 300 MB POST without a token took 300 MB. Through this stream that read
+    stops at the cap; ``truncated`` says a larger body was cut, and the
+    server (gunicorn drains at most 64 KiB of leftover body, then closes
+    the connection) never buffers the rest."""
+
+    def __init__(self, raw, cap: int):
+        self._raw = raw
+        self._left = cap
+        self.truncated = False
+
+    def _allowance(self, size: int | None) -> int:
+        return self._left if size is None or size < 0 else min(size, self._left)
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left <= 0 and not self.truncated and self._raw.read(1):
+            self.truncated = True
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        allowance = self._allowance(size)
+        return self._take(self._raw.read(allowance)) if allowance > 0 else b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        allowance = self._allowance(size)
+        return self._take(self._raw.readline(allowance)) if allowance > 0 else b""
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+
+def bound_request_bodies(app, cap: int) -> None:
+    """Wrap the Flask app functions-framework created so no request body is
+    ever buffered beyond ``cap`` bytes (call while that app is being set up)."""
+    inner = app.wsgi_app
+
+    def capped(environ, start_response):
+        if "wsgi.input" in environ:
+            environ["wsgi.input"] = CappedInput(environ["wsgi.input"], cap)
+        return inner(environ, start_response)
+
+    app.wsgi_app = capped
 
 
 TOO_DEEP = "the body is nested too deeply"
