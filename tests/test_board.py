@@ -182,3 +182,37 @@ def test_sign_out_needs_csrf_and_ends_the_session(signed_in, clean_db):
     response = signed_in.post("/ui/logout", data={"csrf": csrf_of(page)})
     assert response.headers["Location"] == "/ui/login"
     assert signed_in.get("/ui").status_code == 303
+
+
+def test_a_cookie_captured_before_sign_out_is_refused_after_it(app, signed_in, clean_db):
+    captured = signed_in.get_cookie("ir_session", path="/ui").value
+    incident_id = seed(clean_db, "Captured")
+    page = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    csrf = csrf_of(page)
+    assert signed_in.post("/ui/logout", data={"csrf": csrf}).headers["Location"] == "/ui/login"
+
+    replay = app.test_client()
+    replay.set_cookie("ir_session", captured, path="/ui")
+    assert replay.get("/ui").status_code == 303
+    assert replay.get(f"/ui/incidents/{incident_id}").status_code == 303
+    assert replay.get(f"/ui/incidents/{incident_id}/report.md").status_code == 303
+    moved = replay.post(f"/ui/incidents/{incident_id}/status", data={"csrf": csrf, "status": "investigating"})
+    assert moved.headers["Location"] == "/ui/login"
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM incidents WHERE id = :id"), {"id": incident_id}).scalar() == "open"
+        (expires_at,) = conn.execute(sa.text("SELECT expires_at - timezone('utc', now()) FROM revoked_sessions")).one()
+    assert 11.9 * 3600 < expires_at.total_seconds() <= 12 * 3600
+
+
+def test_other_sessions_live_on_and_expired_revocations_are_purged(app, clean_db):
+    first, second = app.test_client(), app.test_client()
+    for client in (first, second):
+        assert client.post("/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}).status_code == 303
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO revoked_sessions (session_id, expires_at) VALUES ('old', timezone('utc', now()) - interval '1 minute')"))
+    first.post("/ui/logout", data={"csrf": csrf_of(first.get("/ui").get_data(as_text=True))})
+    assert first.get("/ui").status_code == 303
+    assert second.get("/ui").status_code == 200
+    with clean_db.connect() as conn:
+        ids = conn.execute(sa.text("SELECT session_id FROM revoked_sessions")).scalars().all()
+    assert len(ids) == 1 and ids[0] != "old"

@@ -1,7 +1,9 @@
 """The incident board: server-rendered pages for engineers at 3 a.m.
 
 Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
-``SameSite=Strict`` session cookie (the token never goes into a URL); every
+``SameSite=Strict`` session cookie (the token never goes into a URL) that
+carries a session id; sign-out revokes that id (``shared.sessions``), so a
+copy of the cookie is refused afterwards; every
 form that changes state carries the session's CSRF token; Jinja2 escapes
 everything (labels come from alerts and may hold HTML); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
@@ -23,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, incidents
+from shared import db, incidents, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import storable_text
@@ -76,13 +78,21 @@ class Board:
     # ------------------------------------------------------------------ session
 
     def session(self, request: Request) -> dict | None:
+        """The signed-in session, or None: unsigned, expired, from before
+        sessions had ids, or signed out (revoked_sessions)."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
         try:
-            return self.signer.loads(raw, max_age=SESSION_SECONDS)
+            session = self.signer.loads(raw, max_age=SESSION_SECONDS)
         except (BadSignature, SignatureExpired):
             return None
+        if not isinstance(session, dict) or not isinstance(session.get("sid"), str) or not isinstance(session.get("exp"), int):
+            return None
+        with db.engine().connect() as conn:
+            if sessions.is_revoked(conn, session["sid"]):
+                return None
+        return session
 
     def _page(self, template: str, status: int = 200, **context) -> Response:
         html = self.templates.get_template(template).render(**context)
@@ -116,7 +126,9 @@ class Board:
 
             logging.getLogger("http").warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr})
             return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
-        session = {"csrf": secrets.token_urlsafe(24), "since": iso(datetime.utcnow())}
+        now = datetime.utcnow()
+        session = {"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
+                   "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS}
         response = self._redirect(next_url)
         response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
@@ -126,6 +138,9 @@ class Board:
         session = self.session(request)
         if session is None or not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
             return self._redirect("/ui/login")
+        with db.transaction() as conn:
+            sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
+            sessions.purge_expired(conn)
         response = self._redirect("/ui/login")
         response.delete_cookie(COOKIE, path="/ui")
         return response
