@@ -60,6 +60,38 @@ def duration(start: datetime | None, end: datetime | None) -> str:
     return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
+# Every ASCII punctuation character may be backslash-escaped in CommonMark;
+# these few start no Markdown, GFM or HTML construct and stay readable.
+_MD_PLAIN_PUNCTUATION = set(",/;?@%'\":")
+_MD_ESCAPE = {ord(c): "\\" + c for c in "!#$&()*+-.<=>[\\]^_`{|}~" if c not in _MD_PLAIN_PUNCTUATION}
+_LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x85\u2028\u2029]")
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def md(value) -> str:
+    """Any value as inline Markdown text: one line, no construct (heading,
+    list, table cell, link, image, code, emphasis, raw HTML, entity) can
+    start or end inside it; a renderer shows exactly the characters."""
+    text = "" if value is None else str(value)
+    text = _CONTROLS.sub("\ufffd", _LINE_BREAKS.sub(" ", text))
+    return text.translate(_MD_ESCAPE)
+
+
+def md_block(value) -> str:
+    """Multi-line text as Markdown paragraphs: each line escaped as inline
+    text and without leading blanks (which would make a code block)."""
+    text = "" if value is None else str(value)
+    return "\n".join(md(line.lstrip()) for line in _LINE_BREAKS.split(text))
+
+
+def md_code(value) -> str:
+    """A value as a one-line code span, fenced by more backticks than it holds."""
+    text = _CONTROLS.sub("\ufffd", _LINE_BREAKS.sub(" ", "" if value is None else str(value)))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -72,7 +104,7 @@ class Board:
         self.signer = URLSafeTimedSerializer(key, salt="incident-board")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS)
 
     # ------------------------------------------------------------------ session
