@@ -283,11 +283,11 @@ def test_malformed_envelope_fields_are_ignored_and_reported(intake, clean_db):
 @pytest.mark.parametrize(
     "name, created",
     [
-        # Grafana OnCall's example of AlertManager's webhook (numFiring/numResolved extras).
+        # Shaped like Grafana OnCall's example of AlertManager's webhook (numFiring/numResolved extras).
         ("grafana-oncall-alertmanager-v2-example.json", 3),
-        # Grafana OnCall's demo alert: no fingerprint, no truncatedAlerts, an extra per-alert field.
+        # Shaped like Grafana OnCall's demo alert: no fingerprint, no truncatedAlerts, an extra per-alert field.
         ("grafana-oncall-alertmanager-demo.json", 0),
-        # Alerta's test payload: webhook version 3, numeric groupKey, a +03:00 startsAt.
+        # Shaped like Alerta's test payload: webhook version 3, numeric groupKey, a +03:00 startsAt.
         ("alerta-prometheus-webhook.json", 1),
     ],
 )
