@@ -82,8 +82,11 @@ class Rejected:
         return f"{self.field}: {self.problem}"
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "fingerprint": self.fingerprint, "incident_id": None, "action": "rejected",
-                "reason": self.reason, "field": self.field}
+        result = {"index": self.index, "fingerprint": self.fingerprint, "incident_id": None, "action": "rejected",
+                  "reason": self.reason, "field": self.field}
+        if self.alert_name:
+            result["alert_name"] = self.alert_name
+        return result
 
 
 @dataclass(frozen=True)
@@ -341,7 +344,7 @@ def parse_alertmanager(payload: Any, config: Settings) -> Webhook:
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
     version = payload.get("version")
-    if version is not None and str(version) not in ACCEPTED_VERSIONS:
+    if version is not None and version not in ACCEPTED_VERSIONS:
         raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4), got {version!r}")
     raw_alerts = payload.get("alerts")
     if not isinstance(raw_alerts, list):

@@ -234,6 +234,7 @@ def test_one_bad_alert_never_costs_the_group(intake, clean_db):
         (2, "alerts[2].startsAt"), (3, "alerts[3]"), (4, "alerts[4].labels"), (5, "alerts[5].status"),
     ]
     assert "out of range" in rejected[0]["reason"] and rejected[0]["incident_id"] is None
+    assert rejected[0]["alert_name"] == "OverflowingStart" and "alert_name" not in rejected[1]
     stored = {r["labels"]["alertname"]: r for r in incidents_rows(clean_db)}
     assert set(stored) == {"CriticalGood", LONG_NAME}
     long_row = stored[LONG_NAME]

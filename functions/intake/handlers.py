@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
 from shared import db, events, incidents
-from shared.alerts import Alert, InvalidPayload, Rejected, parse_alertmanager, parse_report
+from shared.alerts import Alert, InvalidPayload, Rejected, Webhook, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 from shared.http import TOO_DEEP, check_bearer, parse_json_body, read_body, storable_text
@@ -75,20 +75,7 @@ class Intake:
         if hook.rejected:
             self._log_rejected([r.as_dict() for r in hook.rejected], context)
         result = self.store(hook.alerts, "alertmanager", context)
-        results = _in_payload_order(hook.items, result.outcomes)
-        counts: dict[str, int] = {}
-        for item in results:
-            counts[item["action"]] = counts.get(item["action"], 0) + 1
-        body = {
-            "status": "ok",
-            "receiver": hook.receiver,
-            "truncated_alerts": hook.truncated_alerts,
-            "counts": counts,
-            "results": results,
-        }
-        if hook.warnings:
-            body["warnings"] = hook.warnings
-        return body
+        return _webhook_answer(hook, result.outcomes)
 
     @staticmethod
     def _log_rejected(rejected: list[dict], context: dict) -> None:
@@ -96,7 +83,7 @@ class Intake:
         "Alerts rejected" is the stable phrase to count and alert on."""
         log.warning(
             "Alerts rejected",
-            extra={**context, "rejected": len(rejected), "reasons": [f"alerts[{r['index']}] {r['reason']}"[:300] for r in rejected[:10]]},
+            extra={**context, "rejected": len(rejected), "reasons": [f"{r.get('alert_name') or '?'}: {r['reason']}"[:300] for r in rejected[:10]]},
         )
 
     def cloudevent(self, request: Request) -> Response | dict:
@@ -132,6 +119,17 @@ class Intake:
         summary = {"published": len(report.published), "failed": len(report.failed), "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)
         return summary
+
+
+def _webhook_answer(hook: Webhook, outcomes: Sequence[incidents.Outcome]) -> dict:
+    results = _in_payload_order(hook.items, outcomes)
+    counts: dict[str, int] = {}
+    for item in results:
+        counts[item["action"]] = counts.get(item["action"], 0) + 1
+    body = {"status": "ok", "receiver": hook.receiver, "truncated_alerts": hook.truncated_alerts, "counts": counts, "results": results}
+    if hook.warnings:
+        body["warnings"] = hook.warnings
+    return body
 
 
 def _in_payload_order(items: Sequence[Alert | Rejected], outcomes: Sequence[incidents.Outcome]) -> list[dict]:
