@@ -207,3 +207,23 @@ def test_hostile_cloudevent_attributes_are_400_and_the_pool_stays_healthy(intake
 def test_deeply_nested_binary_cloudevent_is_400(intake, clean_db):
     headers = {"ce-specversion": "1.0", "ce-type": REPORT, "ce-source": "/deep", "ce-id": "deep", **JSON, **AUTH}
     assert_4xx(requests.post(intake.url + "/", data=DEEP, headers=headers, timeout=30))
+
+
+# --------------------------------------------------------------------------- every other function
+
+@pytest.fixture(scope="module")
+def deadletter(base_env):
+    proc = FunctionProcess("deadletter", dict(base_env), threads=2).start()
+    yield proc
+    proc.stop()
+
+
+def test_deep_nesting_is_400_on_a_function_with_no_parser_of_its_own(deadletter, clean_db):
+    """The dead-letter sink hands a structured CloudEvent to the SDK as is
+    (which lets the RecursionError through): the one place that maps errors
+    to statuses answers 400, not 500."""
+    body = structured({"type": "io.incidentresponse.incident.opened", "source": "/deep", "id": "deep"}, data=[1])
+    body = body.replace(b'"data": [1]', b'"data": ' + DEEP)
+    response = requests.post(deadletter.url + "/", data=body, headers={"Content-Type": "application/cloudevents+json"}, timeout=30)
+    assert_4xx(response, "nested")
+    assert "Request nested too deeply" in deadletter.logs()
