@@ -25,8 +25,8 @@ ALERT_NAME_MAX = 100  # the seed's alert_name String(100)
 # A longer name (legal in Prometheus) is cut to ALERT_NAME_MAX with this
 # marker; the full name stays in labels["alertname"] and in the fingerprint.
 TRUNCATION_MARKER = "\u2026"
-# Version 3 (AlertManager before 0.16) carries the same alert objects; some
-# relays (KubeSphere's notification manager) leave the version out.
+# Version 3 (older AlertManagers) carries the same alert objects; relays that
+# re-send AlertManager's groups sometimes leave the version out.
 ACCEPTED_VERSIONS = ("3", "4")
 FINGERPRINT_MAX = 128
 _FNV64_OFFSET = 14695981039346656037
@@ -340,12 +340,13 @@ def parse_alertmanager(payload: Any, config: Settings) -> Webhook:
     """AlertManager webhook payload version 4, alert by alert.
 
     Raises :class:`InvalidPayload` only when nothing can be stored: not an
-    object, not version 4, no list of alerts, or every alert rejected."""
+    object, a version other than 3 or 4, no list of alerts, or every alert
+    rejected (``details["rejected"]`` then lists them)."""
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
     version = payload.get("version")
     if version is not None and version not in ACCEPTED_VERSIONS:
-        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4), got {version!r}")
+        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
     raw_alerts = payload.get("alerts")
     if not isinstance(raw_alerts, list):
         raise InvalidPayload("alerts", "required, must be a list")

@@ -60,10 +60,10 @@ def duration(start: datetime | None, end: datetime | None) -> str:
     return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
-# Every ASCII punctuation character may be backslash-escaped in CommonMark;
-# these few start no Markdown, GFM or HTML construct and stay readable.
-_MD_PLAIN_PUNCTUATION = set(",/;?@%'\":")
-_MD_ESCAPE = {ord(c): "\\" + c for c in "!#$&()*+-.<=>[\\]^_`{|}~" if c not in _MD_PLAIN_PUNCTUATION}
+# CommonMark lets any ASCII punctuation be backslash-escaped: this is all of
+# it but , / ; ? @ % ' " : which start no Markdown, GFM or HTML construct and
+# stay as they are, for a readable draft.
+_MD_ESCAPE = {ord(c): "\\" + c for c in "!#$&()*+-.<=>[\\]^_`{|}~"}
 _LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x85\u2028\u2029]")
 _CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 
