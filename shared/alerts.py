@@ -1,13 +1,19 @@
 """Alert sources: pure parse functions from a payload to :class:`Alert`.
 
 One parser per source (AlertManager webhook version 4, the CloudEvent
-``incident.report`` of other services). Parsing never touches the database;
-a payload that can never succeed raises :class:`InvalidPayload` naming the
-field, which the HTTP layer answers with ``400``.
+``incident.report`` of other services). Parsing never touches the database.
+
+An AlertManager group is validated alert by alert: AlertManager never retries
+a ``4xx``, so one malformed alert must not cost the others. A bad alert
+becomes a :class:`Rejected` entry naming the field; the envelope is read
+liberally (nulls, absent optional fields, extra fields, numbers where strings
+are expected). :class:`InvalidPayload` (``400``) is raised only when nothing
+in the payload can ever be stored.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -16,6 +22,12 @@ from shared.config import PRIORITIES, Settings
 from shared.errors import BadRequest
 
 ALERT_NAME_MAX = 100  # the seed's alert_name String(100)
+# A longer name (legal in Prometheus) is cut to ALERT_NAME_MAX with this
+# marker; the full name stays in labels["alertname"] and in the fingerprint.
+TRUNCATION_MARKER = "\u2026"
+# Version 3 (older AlertManagers) carries the same alert objects; relays that
+# re-send AlertManager's groups sometimes leave the version out.
+ACCEPTED_VERSIONS = ("3", "4")
 FINGERPRINT_MAX = 128
 _FNV64_OFFSET = 14695981039346656037
 _FNV64_PRIME = 1099511628211
@@ -56,12 +68,43 @@ class Alert:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """An alert of a group that can never be stored, and why."""
+
+    index: int
+    field: str
+    problem: str
+    alert_name: str | None = None
+    fingerprint: str | None = None
+
+    @property
+    def reason(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+    def as_dict(self) -> dict:
+        result = {"index": self.index, "fingerprint": self.fingerprint, "incident_id": None, "action": "rejected",
+                  "reason": self.reason, "field": self.field}
+        if self.alert_name:
+            result["alert_name"] = self.alert_name
+        return result
+
+
+@dataclass(frozen=True)
 class Webhook:
     receiver: str
     group_key: str
     status: str
     truncated_alerts: int
-    alerts: list[Alert]
+    items: list[Alert | Rejected]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return [item for item in self.items if isinstance(item, Alert)]
+
+    @property
+    def rejected(self) -> list[Rejected]:
+        return [item for item in self.items if isinstance(item, Rejected)]
 
 
 def label_fingerprint(labels: Mapping[str, str]) -> str:
@@ -87,8 +130,23 @@ def _clean(text: str) -> str:
     return text
 
 
-def _string_map(value: Any, path: str, required: bool = False) -> dict[str, str]:
-    if value is _MISSING or (value is None and required):
+def _scalar_text(value: Any) -> str | None:
+    """A JSON scalar as the text AlertManager would have sent; None for
+    anything that is not a scalar. Other senders put numbers and booleans
+    where AlertManager puts strings."""
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return None
+
+
+def _string_map(value: Any, path: str, required: bool = False, compound_as_json: bool = False) -> dict[str, str]:
+    """Labels or annotations. A null value drops the entry (Prometheus treats
+    an empty label as absent); a compound annotation is kept as JSON text."""
+    if value is _MISSING or value is None:
         if required:
             raise InvalidPayload(path, "required")
         return {}
@@ -96,9 +154,14 @@ def _string_map(value: Any, path: str, required: bool = False) -> dict[str, str]
         raise InvalidPayload(path, "must be an object of strings")
     result = {}
     for key, item in value.items():
-        if not isinstance(item, str):
-            raise InvalidPayload(f"{path}.{key}", "must be a string")
-        result[_clean(key)] = _clean(item)
+        if item is None:
+            continue
+        text = _scalar_text(item)
+        if text is None:
+            if not compound_as_json:
+                raise InvalidPayload(f"{path}.{_clean(key)[:100]}", "must be a string")
+            text = _clean(json.dumps(item, ensure_ascii=False))
+        result[_clean(key)] = text
     return result
 
 
@@ -106,17 +169,19 @@ _MISSING = object()
 
 
 def _optional_str(value: Any, path: str) -> str:
-    """Absent is empty; present must be a string (AlertManager never sends null)."""
-    if value is _MISSING:
+    """Absent or null is empty; numbers are taken as their text."""
+    if value is _MISSING or value is None:
         return ""
-    if not isinstance(value, str):
+    text = _scalar_text(value)
+    if text is None:
         raise InvalidPayload(path, "must be a string")
-    return _clean(value)
+    return text
 
 
 def parse_time(value: Any, path: str) -> datetime | None:
-    """RFC 3339 to naive UTC; AlertManager's zero time means "not set"."""
-    if value is _MISSING:
+    """RFC 3339 to naive UTC; absent, null, empty and AlertManager's zero
+    time mean "not set"."""
+    if value is _MISSING or value is None or value == "":
         return None
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be an RFC 3339 time string")
@@ -125,9 +190,12 @@ def parse_time(value: Any, path: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
-        raise InvalidPayload(path, f"not an RFC 3339 time: {value[:40]!r}") from None
+        raise InvalidPayload(path, f"not an RFC 3339 time: {_clean(value[:40])!r}") from None
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+        try:
+            parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:
+            raise InvalidPayload(path, f"out of range once converted to UTC: {_clean(value[:40])!r}") from None
     return parsed
 
 
@@ -151,29 +219,37 @@ def ignored_reason(alert_name: str, labels: Mapping[str, str], priority: str, co
     return None
 
 
+def bounded_alert_name(name: str) -> str:
+    """The name as the incidents table stores it (and events and pages show
+    it): at most ALERT_NAME_MAX characters, a cut one ending in the marker."""
+    if len(name) <= ALERT_NAME_MAX:
+        return name
+    return name[: ALERT_NAME_MAX - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
 def _alert_name(labels: Mapping[str, str], path: str) -> str:
     name = labels.get("alertname", "")
     if not name:
         raise InvalidPayload(path, "required")
-    if len(name) > ALERT_NAME_MAX:
-        raise InvalidPayload(path, f"longer than {ALERT_NAME_MAX} characters")
-    return name
+    return bounded_alert_name(name)
 
 
 def _fingerprint(value: Any, labels: Mapping[str, str], path: str) -> str:
-    if value is _MISSING or value == "":
+    if value is _MISSING or value is None or value == "":
         return label_fingerprint(labels)
-    if not isinstance(value, str):
+    text = _scalar_text(value)
+    if text is None:
         raise InvalidPayload(path, "must be a string")
-    if len(value) > FINGERPRINT_MAX:
+    if len(text) > FINGERPRINT_MAX:
         raise InvalidPayload(path, f"longer than {FINGERPRINT_MAX} characters")
-    return _clean(value)
+    return text
 
 
 def _status(value: Any, path: str) -> str:
-    if value not in ("firing", "resolved"):
+    normalised = value.strip().lower() if isinstance(value, str) else value
+    if normalised not in ("firing", "resolved"):
         raise InvalidPayload(path, "must be 'firing' or 'resolved'" + ("" if value is not None else " (required)"))
-    return value
+    return normalised
 
 
 def _build(
@@ -206,55 +282,102 @@ def _build(
     )
 
 
+def _non_negative_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _parse_group_alert(raw: Any, path: str, config: Settings) -> Alert:
+    if not isinstance(raw, dict):
+        raise InvalidPayload(path, "must be an object")
+    labels = _string_map(raw.get("labels", _MISSING), f"{path}.labels", required=True)
+    annotations = _string_map(raw.get("annotations", _MISSING), f"{path}.annotations", compound_as_json=True)
+    alert_name = _alert_name(labels, f"{path}.labels.alertname")
+    return _build(
+        labels=labels,
+        annotations=annotations,
+        status=_status(raw.get("status"), f"{path}.status"),
+        fingerprint=_fingerprint(raw.get("fingerprint", _MISSING), labels, f"{path}.fingerprint"),
+        alert_name=alert_name,
+        priority=priority_of(labels, config),
+        summary=annotations.get("summary") or annotations.get("message", ""),
+        description=annotations.get("description", ""),
+        starts_at=parse_time(raw.get("startsAt", _MISSING), f"{path}.startsAt"),
+        ends_at=parse_time(raw.get("endsAt", _MISSING), f"{path}.endsAt"),
+        source="alertmanager",
+        config=config,
+    )
+
+
+def _rejected(raw: Any, index: int, error: InvalidPayload) -> Rejected:
+    """What can still be said about a rejected alert, for the sender's logs."""
+    labels = raw.get("labels") if isinstance(raw, dict) else None
+    name = labels.get("alertname") if isinstance(labels, dict) else None
+    fingerprint = raw.get("fingerprint") if isinstance(raw, dict) else None
+    return Rejected(
+        index=index,
+        field=error.field,
+        problem=error.problem,
+        alert_name=bounded_alert_name(_clean(name)) if isinstance(name, str) else None,
+        fingerprint=_clean(fingerprint)[:FINGERPRINT_MAX] if isinstance(fingerprint, str) and fingerprint else None,
+    )
+
+
+def _envelope_text(payload: dict, name: str, warnings: list[str]) -> str:
+    try:
+        return _optional_str(payload.get(name, _MISSING), name)
+    except InvalidPayload as exc:
+        warnings.append(f"{exc.message}; ignored")
+        return ""
+
+
 def parse_alertmanager(payload: Any, config: Settings) -> Webhook:
-    """AlertManager webhook payload version 4."""
+    """AlertManager webhook payload version 4, alert by alert.
+
+    Raises :class:`InvalidPayload` only when nothing can be stored: not an
+    object, a version other than 3 or 4, no list of alerts, or every alert
+    rejected (``details["rejected"]`` then lists them)."""
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
-    if payload.get("version") != "4":
-        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4), got {payload.get('version')!r}")
+    version = payload.get("version")
+    if version is not None and version not in ACCEPTED_VERSIONS:
+        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
     raw_alerts = payload.get("alerts")
     if not isinstance(raw_alerts, list):
         raise InvalidPayload("alerts", "required, must be a list")
-    truncated = payload.get("truncatedAlerts", 0)
-    if not isinstance(truncated, int) or isinstance(truncated, bool) or truncated < 0:
-        raise InvalidPayload("truncatedAlerts", "must be a non-negative integer")
-    alerts = []
+    warnings: list[str] = []
+    truncated = 0
+    if payload.get("truncatedAlerts") is not None:
+        truncated = _non_negative_int(payload["truncatedAlerts"])
+        if truncated is None:
+            warnings.append("truncatedAlerts: not a non-negative integer; ignored")
+            truncated = 0
+    items: list[Alert | Rejected] = []
     for index, raw in enumerate(raw_alerts):
-        path = f"alerts[{index}]"
-        if not isinstance(raw, dict):
-            raise InvalidPayload(path, "must be an object")
-        labels = _string_map(raw.get("labels", _MISSING), f"{path}.labels", required=True)
-        annotations = _string_map(raw.get("annotations", _MISSING), f"{path}.annotations")
-        alert_name = _alert_name(labels, f"{path}.labels.alertname")
-        _optional_str(raw.get("generatorURL", _MISSING), f"{path}.generatorURL")
-        alerts.append(
-            _build(
-                labels=labels,
-                annotations=annotations,
-                status=_status(raw.get("status"), f"{path}.status"),
-                fingerprint=_fingerprint(raw.get("fingerprint", _MISSING), labels, f"{path}.fingerprint"),
-                alert_name=alert_name,
-                priority=priority_of(labels, config),
-                summary=annotations.get("summary") or annotations.get("message", ""),
-                description=annotations.get("description", ""),
-                starts_at=parse_time(raw.get("startsAt", _MISSING), f"{path}.startsAt"),
-                ends_at=parse_time(raw.get("endsAt", _MISSING), f"{path}.endsAt"),
-                source="alertmanager",
-                config=config,
-            )
-        )
-    for name in ("groupLabels", "commonLabels", "commonAnnotations"):
-        _string_map(payload.get(name, _MISSING), name)
-    _optional_str(payload.get("externalURL", _MISSING), "externalURL")
-    group_status = payload.get("status", _MISSING)
-    if group_status is not _MISSING:
-        _status(group_status, "status")
+        try:
+            items.append(_parse_group_alert(raw, f"alerts[{index}]", config))
+        except InvalidPayload as exc:
+            items.append(_rejected(raw, index, exc))
+    if items and not any(isinstance(item, Alert) for item in items):
+        first = items[0]
+        error = InvalidPayload(first.field, first.problem)
+        error.details["rejected"] = [item.as_dict() for item in items[:100]]
+        raise error
+    status = _envelope_text(payload, "status", warnings)
+    if status and status.lower() not in ("firing", "resolved"):
+        warnings.append("status: must be 'firing' or 'resolved'; ignored")
     return Webhook(
-        receiver=_optional_str(payload.get("receiver", _MISSING), "receiver"),
-        group_key=_optional_str(payload.get("groupKey", _MISSING), "groupKey"),
-        status=_optional_str(group_status, "status"),
+        receiver=_envelope_text(payload, "receiver", warnings),
+        group_key=_envelope_text(payload, "groupKey", warnings),
+        status=status,
         truncated_alerts=truncated,
-        alerts=alerts,
+        items=items,
+        warnings=warnings,
     )
 
 
@@ -264,7 +387,7 @@ def parse_report(data: Any, config: Settings) -> Alert:
         raise InvalidPayload("data", "must be a JSON object")
     data = {k: v for k, v in data.items() if v is not None}
     labels = _string_map(data.get("labels", _MISSING), "labels")
-    annotations = _string_map(data.get("annotations", _MISSING), "annotations")
+    annotations = _string_map(data.get("annotations", _MISSING), "annotations", compound_as_json=True)
     name = data.get("alert_name", labels.get("alertname"))
     if not isinstance(name, str):
         raise InvalidPayload("alert_name", "required, must be a string")

@@ -29,8 +29,20 @@ def start(service: str) -> Settings:
     if config.remediation_db_dsn:
         logs.register_secret(_password_of(config.remediation_db_dsn.reveal()))
     logs.register_secret(_password_of(config.database_url))
+    _bound_request_bodies(config)
     logging.getLogger(service).info("Starting", extra={"service": service})
     return config
+
+
+def _bound_request_bodies(config: Settings) -> None:
+    """functions-framework imports the function's module inside the context
+    of the app it created, so that app is reachable here, before it serves."""
+    import flask
+
+    from shared.http import LARGEST_FIXED_BODY, bound_request_bodies
+
+    if flask.has_app_context():
+        bound_request_bodies(flask.current_app, max(config.max_body_bytes, LARGEST_FIXED_BODY) + 1)
 
 
 def _password_of(url: str) -> str | None:

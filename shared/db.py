@@ -91,7 +91,29 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
         **options,
     )
     _ping_idle_connections(engine)
+    _discard_connections_out_of_step(engine)
     return engine
+
+
+def _discard_connections_out_of_step(engine: Engine) -> None:
+    """Never pool a connection whose protocol state is unknown.
+
+    pg8000 can fail half-way through writing a message (a lone surrogate it
+    cannot encode, a value it cannot pack, a socket error): what it already
+    buffered or sent is then out of step with the server, and every later use
+    of that connection fails in odd ways. Only an error the server reported
+    (it carries a SQLSTATE, and pg8000 read on to ReadyForQuery) leaves the
+    connection usable; anything else invalidates this one connection (not
+    the whole pool)."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _handle_error(context):
+        if context.is_disconnect or context.connection is None:
+            return
+        if _sqlstate(context.original_exception):
+            return
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
 
 
 IDLE_PING_SECONDS = 10.0

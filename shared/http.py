@@ -79,9 +79,68 @@ def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
     data = request.stream.read(limit + 1)
-    if len(data) > limit:
+    capped = request.environ.get("wsgi.input")
+    if len(data) > limit or getattr(capped, "truncated", False):
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
     return data
+
+
+# The largest body any function reads on its own fixed limit (the dead-letter
+# sink's 2 MiB); MAX_BODY_BYTES may raise the bound above it.
+LARGEST_FIXED_BODY = 2 * 1024 * 1024
+
+
+class CappedInput:
+    """``wsgi.input`` that ends after ``cap`` bytes, whoever reads it.
+
+    functions-framework reads the whole body into memory after every
+    response (its ``read_request`` hook), whatever the function answered:
+    a 300 MB POST without a token took 300 MB. Through this stream that read
+    stops at the cap; ``truncated`` says a larger body was cut, and the
+    server (gunicorn drains at most 64 KiB of leftover body, then closes
+    the connection) never buffers the rest."""
+
+    def __init__(self, raw, cap: int):
+        self._raw = raw
+        self._left = cap
+        self.truncated = False
+
+    def _allowance(self, size: int | None) -> int:
+        return self._left if size is None or size < 0 else min(size, self._left)
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left <= 0 and not self.truncated and self._raw.read(1):
+            self.truncated = True
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        allowance = self._allowance(size)
+        return self._take(self._raw.read(allowance)) if allowance > 0 else b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        allowance = self._allowance(size)
+        return self._take(self._raw.readline(allowance)) if allowance > 0 else b""
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+
+def bound_request_bodies(app, cap: int) -> None:
+    """Wrap the Flask app functions-framework created so no request body is
+    ever buffered beyond ``cap`` bytes (call while that app is being set up)."""
+    inner = app.wsgi_app
+
+    def capped(environ, start_response):
+        if "wsgi.input" in environ:
+            environ["wsgi.input"] = CappedInput(environ["wsgi.input"], cap)
+        return inner(environ, start_response)
+
+    app.wsgi_app = capped
+
+
+TOO_DEEP = "the body is nested too deeply"
 
 
 def parse_json_body(request: Request, limit: int) -> Any:
@@ -95,6 +154,24 @@ def parse_json_body(request: Request, limit: int) -> Any:
         raise BadRequest("the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(value: str, name: str, max_length: int | None = None) -> str:
+    """Refuse text PostgreSQL cannot store before it reaches the driver: NUL,
+    and lone UTF-16 surrogates (legal in JSON escapes, not UTF-8), on which
+    pg8000 fails half-way through a message."""
+    match = _UNSTORABLE.search(value)
+    if match:
+        what = "a NUL character" if match.group() == "\x00" else f"a lone UTF-16 surrogate (U+{ord(match.group()):04X})"
+        raise BadRequest(f"{name}: contains {what}", field=name)
+    if max_length is not None and len(value) > max_length:
+        raise BadRequest(f"{name}: longer than {max_length} characters", field=name)
+    return value
 
 
 def dispatch(request: Request, routes: list[Route], token: Secret | None, service: str) -> Response:
@@ -120,6 +197,12 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
     except Unauthorized as exc:
         log.warning("Unauthorized", extra={"path": path, "method": request.method, "remote": request.remote_addr})
         return json_response(exc.body(), exc.status, {"WWW-Authenticate": 'Bearer realm="incident-response"'})
+    except RecursionError:
+        # Only input nested deeper than the interpreter's stack gets here (a
+        # JSON document or CloudEvent no parser above caught): never a 500.
+        log.warning("Request nested too deeply", extra={"path": path, "method": request.method})
+        err = BadRequest("the request is nested too deeply")
+        return json_response(err.body(), err.status)
     except MethodNotAllowed as exc:
         allow = ", ".join(sorted({r.method for r in routes if r.match(path) is not None}))
         return json_response(exc.body(), exc.status, {"Allow": allow})

@@ -182,3 +182,120 @@ def test_sign_out_needs_csrf_and_ends_the_session(signed_in, clean_db):
     response = signed_in.post("/ui/logout", data={"csrf": csrf_of(page)})
     assert response.headers["Location"] == "/ui/login"
     assert signed_in.get("/ui").status_code == 303
+
+
+def test_a_cookie_captured_before_sign_out_is_refused_after_it(app, signed_in, clean_db):
+    captured = signed_in.get_cookie("ir_session", path="/ui").value
+    incident_id = seed(clean_db, "Captured")
+    page = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    csrf = csrf_of(page)
+    assert signed_in.post("/ui/logout", data={"csrf": csrf}).headers["Location"] == "/ui/login"
+
+    replay = app.test_client()
+    replay.set_cookie("ir_session", captured, path="/ui")
+    assert replay.get("/ui").status_code == 303
+    assert replay.get(f"/ui/incidents/{incident_id}").status_code == 303
+    assert replay.get(f"/ui/incidents/{incident_id}/report.md").status_code == 303
+    moved = replay.post(f"/ui/incidents/{incident_id}/status", data={"csrf": csrf, "status": "investigating"})
+    assert moved.headers["Location"] == "/ui/login"
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM incidents WHERE id = :id"), {"id": incident_id}).scalar() == "open"
+        (expires_at,) = conn.execute(sa.text("SELECT expires_at - timezone('utc', now()) FROM revoked_sessions")).one()
+    assert 11.9 * 3600 < expires_at.total_seconds() <= 12 * 3600
+
+
+def test_other_sessions_live_on_and_expired_revocations_are_purged(app, clean_db):
+    first, second = app.test_client(), app.test_client()
+    for client in (first, second):
+        assert client.post("/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}).status_code == 303
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO revoked_sessions (session_id, expires_at) VALUES ('old', timezone('utc', now()) - interval '1 minute')"))
+    first.post("/ui/logout", data={"csrf": csrf_of(first.get("/ui").get_data(as_text=True))})
+    assert first.get("/ui").status_code == 303
+    assert second.get("/ui").status_code == 200
+    with clean_db.connect() as conn:
+        ids = conn.execute(sa.text("SELECT session_id FROM revoked_sessions")).scalars().all()
+    assert len(ids) == 1 and ids[0] != "old"
+
+
+# --------------------------------------------------------------------------- the Markdown report is inert
+
+HOSTILE = {
+    "name": "Evil<script>alert(1)</script>*_`x`_*",
+    "summary": "[login](javascript:alert(1)) <img src=x onerror=alert(1)> **bold** <https://evil.example> &amp; ![i](javascript:x)",
+    "service": "a | b | c\n# Injected heading",
+    "description": (
+        "line one\n# Heading\n- item\n+ item\n1. one\n```\nfence\n```\n~~~\n    indented code\n\t\ttabbed\n"
+        "| a | b |\n|---|---|\n<div onclick=x>html</div>\n&lt;entity&gt; &#x3C;script&#x3E;\n> quote\n---\nsetext\n===\n"
+        "[ref]: javascript:alert(1)\n[ref]\ntrailing backslash \\\nend  \nx\u2028# after a line separator\r\n\r\n<!-- comment -->"
+    ),
+    "note": "note | with pipe\r\n## and <b>bold</b> and `code` and [x](javascript:y)",
+    "actor": "<script>who</script>|`",
+    "pod": "``evil`` <x>`",
+    "metric": "<script>m</script>",
+    "value": "[x](javascript:y) | *",
+    "action": "scale`x`",
+    "target": "<b>t</b>\n# t",
+    "error": "**e** <i>",
+}
+
+
+def benign_twin(value: str) -> str:
+    """The same shape (lines and blanks) with nothing Markdown could read."""
+    return re.sub(r"\S", "a", value)
+
+
+def report_with(client, engine, values: dict) -> str:
+    from dataclasses import replace
+
+    base = alert(values["name"][:100], priority="P0", service=values["service"])
+    hostile = replace(base, summary=values["summary"], description=values["description"])
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [hostile], "/t", "t").outcomes[0].incident_id
+        svc.transition(conn, incident_id, "investigating", values["actor"], "/t", note=values["note"])
+        svc.store_diagnostics(conn, incident_id, {"pods": {values["pod"]: {"ready": values["value"], "status": values["metric"], "restarts": 1}},
+                                                  "metrics": {values["metric"]: values["value"]},
+                                                  "dependencies": {values["metric"]: values["value"]}})
+        svc.append_remediation_action(conn, incident_id, {"action": values["action"], "target": values["target"], "from": values["value"],
+                                                          "to": values["value"], "success": False, "error": values["error"],
+                                                          "dry_run": True, "timestamp": "2026-11-27T10:00:00Z"})
+    response = client.get(f"/ui/incidents/{incident_id}/report.md")
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
+def structure(markdown: str) -> list:
+    """Block and inline token types as a GFM-like renderer (raw HTML on) sees them."""
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    return [(t.type, t.tag, [c.type for c in t.children or []]) for t in renderer.parse(markdown)]
+
+
+def test_the_markdown_report_renders_hostile_values_as_plain_text(signed_in, clean_db):
+    from markdown_it import MarkdownIt
+
+    hostile = report_with(signed_in, clean_db, HOSTILE)
+    benign = report_with(signed_in, clean_db, {k: benign_twin(v) for k, v in HOSTILE.items()})
+    # Hostile values make exactly the document benign values of the same shape make.
+    assert structure(hostile) == structure(benign)
+    html = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(hostile)
+    for tag in ("<script", "<img", "<a ", "<b>", "<i>", "<div", "<blockquote", "<pre", "<hr", "<h3", "<!--", "<strong>bold"):
+        assert tag not in html, tag
+    assert html.count("<h1>") == 1 and html.count("<table>") == 1 and html.count("<h2>") == 7
+    # The text itself survives, character for character.
+    assert "Evil&lt;script&gt;alert(1)&lt;/script&gt;*_<code>x</code>_*" not in html
+    assert "Evil&lt;script&gt;alert(1)&lt;/script&gt;*_`x`_*" in html
+    assert "[login](javascript:alert(1)) &lt;img src=x onerror=alert(1)&gt; **bold** &lt;https://evil.example&gt; &amp;amp;" in html
+    assert "note | with pipe ## and &lt;b&gt;bold&lt;/b&gt; and `code` and [x](javascript:y)" in html
+    assert "<code>``evil`` &lt;x&gt;`</code>" in html and "<code>scale`x`</code>" in html
+
+
+def test_markdown_escaping_keeps_inline_values_on_one_line():
+    from functions.query.board import md, md_block, md_code
+
+    assert md("a\r\nb\nc\u2028d\x00e") == "a b c d\ufffde"
+    assert md("<x> & [y](z) | # - + . ! _ * ` ~ = $ \\") == "\\<x\\> \\& \\[y\\]\\(z\\) \\| \\# \\- \\+ \\. \\! \\_ \\* \\` \\~ \\= \\$ \\\\"
+    assert md("user@example.com, 50% /path;q?:'\"") == "user@example\\.com, 50% /path;q?:'\""
+    assert md_block("  # a\n\n    b") == "\\# a\n\nb"
+    assert md_code("a``b") == "```a``b```" and md_code("`x") == "`` `x ``" and md_code(None) == "``"

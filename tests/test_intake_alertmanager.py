@@ -82,3 +82,16 @@ def test_database_outage_is_503_and_alertmanager_retry_stores_the_alert(stack, c
         proxy.restore()
     (row,) = wait_until(lambda: rows(clean_db, "OutageProbe"), 30, message="AlertManager's retry after the outage")
     assert row["status"] == "open"
+
+
+def test_an_alert_name_over_100_characters_from_alertmanager_is_stored(stack, clean_db):
+    """Prometheus allows any length; AlertManager never retries the 400 this used to get."""
+    intake, am, _ = stack
+    long_name = "PrometheusRuleWithAVeryLongDescriptiveNameThatTeamsReallyUseInProduction" * 2
+    am.fire({"alertname": long_name, "severity": "critical", "service": "billing"}, {"summary": "long"})
+    bounded = long_name[:99] + "\u2026"
+    (row,) = wait_until(lambda: rows(clean_db, bounded), 15, message="the long-named alert stored")
+    assert (row["priority"], row["status"]) == ("P0", "open")
+    with clean_db.connect() as conn:
+        labels = conn.execute(sa.text("SELECT labels FROM incidents WHERE id = :id"), {"id": row["id"]}).scalar()
+    assert labels["alertname"] == long_name

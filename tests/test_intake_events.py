@@ -209,3 +209,11 @@ def test_publishing_holds_no_transaction_open_while_it_waits_for_the_broker(inta
         assert len(slow.received()) == 1
     finally:
         slow.stop()
+
+
+def test_a_report_with_a_long_alert_name_is_bounded_like_a_webhook(intake, broker, clean_db):
+    long_name = "ReportedByAnAutomatonWithAnUnreasonablyLongAlertName" * 4
+    response = send(intake, report_event(alert_name=long_name, priority="P1"))
+    assert response.status_code == 200, response.text
+    (row,) = incidents(clean_db)
+    assert row["alert_name"] == long_name[:99] + "\u2026" and row["labels"]["alertname"] == long_name

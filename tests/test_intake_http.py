@@ -6,7 +6,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import TEST_TOKEN
+from tests.conftest import FIXTURES, TEST_TOKEN
 from tests.factories import fixture_payload, raw_alert, webhook
 from tests.processes import FunctionProcess, wait_until
 
@@ -134,17 +134,18 @@ def test_duplicate_alerts_inside_one_payload_make_one_incident(intake, clean_db)
         (b"{not json", None),
         (b"\xff\xfe", None),
         (json.dumps([1, 2]).encode(), None),
-        (json.dumps({**webhook([]), "version": "3"}).encode(), "version"),
-        (json.dumps({k: v for k, v in webhook([]).items() if k != "version"}).encode(), "version"),
+        (json.dumps({**webhook([]), "version": "5"}).encode(), "version"),
+        (json.dumps({**webhook([]), "version": 1}).encode(), "version"),
         (json.dumps({**webhook([]), "alerts": {"a": 1}}).encode(), "alerts"),
         (json.dumps(webhook(["x"])).encode(), "alerts[0]"),
         (json.dumps(webhook([{**raw_alert(), "labels": {"severity": "critical"}}])).encode(), "alerts[0].labels.alertname"),
-        (json.dumps(webhook([{**raw_alert(), "labels": {"alertname": 5}}])).encode(), "alerts[0].labels.alertname"),
         (json.dumps(webhook([{k: v for k, v in raw_alert().items() if k != "status"}])).encode(), "alerts[0].status"),
         (json.dumps(webhook([{**raw_alert(), "status": "pending"}])).encode(), "alerts[0].status"),
         (json.dumps(webhook([{**raw_alert(), "startsAt": "yesterday"}])).encode(), "alerts[0].startsAt"),
-        (json.dumps(webhook([raw_alert("X" * 101)])).encode(), "alerts[0].labels.alertname"),
-        (json.dumps({**webhook([]), "truncatedAlerts": "many"}).encode(), "truncatedAlerts"),
+        (json.dumps(webhook([{**raw_alert(), "labels": None}])).encode(), "alerts[0].labels"),
+        (json.dumps(webhook([{**raw_alert(), "labels": {"alertname": "A", "team": {"a": 1}}}])).encode(), "alerts[0].labels.team"),
+        (json.dumps(webhook([{**raw_alert(), "fingerprint": "f" * 129}])).encode(), "alerts[0].fingerprint"),
+        (json.dumps(webhook(["x", {**raw_alert(), "status": None}])).encode(), "alerts[0]"),
     ],
 )
 def test_payload_that_can_never_succeed_is_400_naming_the_field(intake, clean_db, raw, field):
@@ -153,6 +154,9 @@ def test_payload_that_can_never_succeed_is_400_naming_the_field(intake, clean_db
     body = response.json()
     if field:
         assert body["field"] == field and body["message"].startswith(field)
+    if field and field.startswith("alerts["):
+        # Every alert was rejected: each one is named, with its reason.
+        assert [r["action"] for r in body["rejected"]] == ["rejected"] * len(json.loads(raw)["alerts"])
     assert incidents_rows(clean_db) == []
 
 
@@ -199,3 +203,99 @@ def test_lone_surrogates_and_control_character_names_are_stored_not_refused(inta
     assert response.status_code == 200, response.text
     (row,) = incidents_rows(clean_db)
     assert row["alert_name"] == "\u001d" and row["labels"]["note"] == "\ufffd"
+
+
+# --------------------------------------------------------------------------- one bad alert never costs the group
+
+LONG_NAME = "KubePersistentVolumeFillingUpInTheDataNamespaceOfTheBillingClusterBecauseTheRetentionJobStoppedRunning" + "X" * 40
+
+
+def test_one_bad_alert_never_costs_the_group(intake, clean_db):
+    payload = webhook(
+        [
+            raw_alert("CriticalGood", service="billing"),
+            raw_alert(LONG_NAME, service="billing"),
+            {**raw_alert("OverflowingStart"), "startsAt": "9999-12-31T23:59:59-05:00"},
+            "not an alert",
+            {**raw_alert("NoLabels"), "labels": None},
+            {**raw_alert("BadStatus"), "status": "pending"},
+        ],
+        commonAnnotations=None,
+        groupLabels=None,
+        commonLabels=None,
+    )
+    response = post(intake, payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["action"] for r in body["results"]] == ["created", "created", "rejected", "rejected", "rejected", "rejected"]
+    assert body["counts"] == {"created": 2, "rejected": 4}
+    rejected = body["results"][2:]
+    assert [(r["index"], r["field"]) for r in rejected] == [
+        (2, "alerts[2].startsAt"), (3, "alerts[3]"), (4, "alerts[4].labels"), (5, "alerts[5].status"),
+    ]
+    assert "out of range" in rejected[0]["reason"] and rejected[0]["incident_id"] is None
+    assert rejected[0]["alert_name"] == "OverflowingStart" and "alert_name" not in rejected[1]
+    stored = {r["labels"]["alertname"]: r for r in incidents_rows(clean_db)}
+    assert set(stored) == {"CriticalGood", LONG_NAME}
+    long_row = stored[LONG_NAME]
+    assert len(long_row["alert_name"]) == 100 and long_row["alert_name"] == LONG_NAME[:99] + "\u2026"
+    assert long_row["priority"] == "P0" and long_row["fingerprint"] == body["results"][1]["fingerprint"]
+    wait_until(lambda: '"Alerts rejected"' in intake.logs() and '"rejected": 4' in intake.logs(), message="rejection log line")
+
+
+def test_long_names_are_bounded_the_same_way_on_repeat(intake, clean_db):
+    first = post(intake, webhook([raw_alert(LONG_NAME)])).json()["results"][0]
+    again = post(intake, webhook([raw_alert(LONG_NAME)])).json()["results"][0]
+    assert again == {**first, "action": "refreshed"}
+    (row,) = incidents_rows(clean_db)
+    assert row["repeat_count"] == 1 and row["labels"]["alertname"] == LONG_NAME
+
+
+def test_liberal_envelope_nulls_numbers_and_extra_fields(intake, clean_db):
+    alert = {
+        **raw_alert("Liberal", fingerprint=False),
+        "labels": {"alertname": "Liberal", "severity": "critical", "replicas": 3, "ready": False, "gone": None},
+        "annotations": {"summary": "s", "values": {"B0": 97.5}, "runbook_url": None},
+        "endsAt": None,
+        "generatorURL": None,
+        "silenceURL": "http://grafana/alerting/silence/new",
+        "valueString": "[ var='B0' value=97.5 ]",
+    }
+    payload = {**webhook([alert]), "truncatedAlerts": "3", "groupKey": 5615590933959184469, "receiver": None,
+               "externalURL": None, "numFiring": 1, "orgId": 1, "commonAnnotations": None, "status": None}
+    response = post(intake, payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["results"][0]["action"] == "created" and body["truncated_alerts"] == 3
+    (row,) = incidents_rows(clean_db)
+    assert row["labels"] == {"alertname": "Liberal", "severity": "critical", "replicas": "3", "ready": "false"}
+    assert row["annotations"]["values"] == '{"B0": 97.5}' and "runbook_url" not in row["annotations"]
+
+
+def test_malformed_envelope_fields_are_ignored_and_reported(intake, clean_db):
+    payload = {**webhook([raw_alert("EnvelopeOdd")]), "truncatedAlerts": "many", "receiver": {"a": 1}, "status": "pending"}
+    response = post(intake, payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["results"][0]["action"] == "created" and body["truncated_alerts"] == 0
+    assert [w.split(":")[0] for w in body["warnings"]] == ["truncatedAlerts", "status", "receiver"]
+
+
+@pytest.mark.parametrize(
+    "name, created",
+    [
+        # Shaped like Grafana OnCall's example of AlertManager's webhook (numFiring/numResolved extras).
+        ("grafana-oncall-alertmanager-v2-example.json", 3),
+        # Shaped like Grafana OnCall's demo alert: no fingerprint, no truncatedAlerts, an extra per-alert field.
+        ("grafana-oncall-alertmanager-demo.json", 0),
+        # Shaped like Alerta's test payload: webhook version 3, numeric groupKey, a +03:00 startsAt.
+        ("alerta-prometheus-webhook.json", 1),
+    ],
+)
+def test_payloads_of_other_projects_are_accepted(intake, clean_db, name, created):
+    payload = json.loads((FIXTURES / "senders" / name).read_text())
+    response = post(intake, payload)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(payload["alerts"]) and "rejected" not in {r["action"] for r in results}
+    assert len(incidents_rows(clean_db)) == created

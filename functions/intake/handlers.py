@@ -11,10 +11,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
 from shared import db, eventio, events, incidents, reconcile
-from shared.alerts import Alert, parse_alertmanager, parse_report
+from shared.alerts import Alert, InvalidPayload, Rejected, Webhook, parse_alertmanager, parse_report
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
-from shared.http import check_bearer, parse_json_body, read_body
+from shared.http import TOO_DEEP, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
 
 log = logging.getLogger("intake")
@@ -55,31 +55,45 @@ class Intake:
 
     def webhook(self, request: Request) -> dict:
         payload = parse_json_body(request, self.config.max_body_bytes)
-        hook = parse_alertmanager(payload, self.config)
-        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.alerts)}
+        try:
+            hook = parse_alertmanager(payload, self.config)
+        except InvalidPayload as exc:
+            if "rejected" in exc.details:
+                self._log_rejected(exc.details["rejected"], {"alerts": len(exc.details["rejected"])})
+            raise
+        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.items)}
         log.info("Received webhook", extra={**context, "status": hook.status})
         if hook.truncated_alerts:
             log.warning(
                 "Webhook truncated by AlertManager max_alerts",
                 extra={**context, "truncated_alerts": hook.truncated_alerts},
             )
+        if hook.warnings:
+            log.warning("Webhook envelope fields ignored", extra={**context, "warnings": hook.warnings})
+        if hook.rejected:
+            self._log_rejected([r.as_dict() for r in hook.rejected], context)
         result = self.store(hook.alerts, "alertmanager", context)
-        counts: dict[str, int] = {}
-        for outcome in result.outcomes:
-            counts[outcome.action] = counts.get(outcome.action, 0) + 1
-        return {
-            "status": "ok",
-            "receiver": hook.receiver,
-            "truncated_alerts": hook.truncated_alerts,
-            "counts": counts,
-            "results": [o.as_dict() for o in result.outcomes],
-        }
+        return _webhook_answer(hook, result.outcomes)
+
+    @staticmethod
+    def _log_rejected(rejected: list[dict], context: dict) -> None:
+        """One line per webhook: a storm of bad alerts must not flood the log.
+        "Alerts rejected" is the stable phrase to count and alert on."""
+        log.warning(
+            "Alerts rejected",
+            extra={**context, "rejected": len(rejected), "reasons": [f"{r.get('alert_name') or '?'}: {r['reason']}"[:300] for r in rejected[:10]]},
+        )
 
     def cloudevent(self, request: Request) -> Response | dict:
         if self.config.events_require_token:
             check_bearer(request, self.config.api_token)
         body = read_body(request, self.config.max_body_bytes)
-        event = eventio.parse_event(request.headers, body)
+        try:
+            event = eventio.parse_event(request.headers, body)
+        except RecursionError:
+            raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+        for attribute in ("id", "source", "type"):
+            storable_text(str(event[attribute]), attribute)
         event_type = event["type"]
         wants_ack_only = "reply" in request.headers.get("Prefer", "")
         if event_type == PING_EVENT_TYPE:
@@ -103,3 +117,20 @@ class Intake:
                    "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)
         return summary
+
+
+def _webhook_answer(hook: Webhook, outcomes: Sequence[incidents.Outcome]) -> dict:
+    results = _in_payload_order(hook.items, outcomes)
+    counts: dict[str, int] = {}
+    for item in results:
+        counts[item["action"]] = counts.get(item["action"], 0) + 1
+    body = {"status": "ok", "receiver": hook.receiver, "truncated_alerts": hook.truncated_alerts, "counts": counts, "results": results}
+    if hook.warnings:
+        body["warnings"] = hook.warnings
+    return body
+
+
+def _in_payload_order(items: Sequence[Alert | Rejected], outcomes: Sequence[incidents.Outcome]) -> list[dict]:
+    """Stored outcomes and rejections merged back into the order of the payload."""
+    stored = iter(outcomes)
+    return [item.as_dict() if isinstance(item, Rejected) else next(stored).as_dict() for item in items]

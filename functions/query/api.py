@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import uuid
 from datetime import datetime, timezone
 from urllib.parse import urlencode
@@ -17,7 +18,7 @@ from werkzeug.datastructures import MultiDict
 from shared import db, incidents
 from shared.config import Settings
 from shared.errors import BadRequest
-from shared.http import json_response, parse_json_body
+from shared.http import json_response, parse_json_body, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
@@ -27,6 +28,8 @@ log = logging.getLogger("query")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 NOTE_MAX = 4000
+_ASCII_NUMBER = re.compile(r"[0-9]{1,9}")
+_CURSOR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?")
 LIST_PARAMETERS = ("status", "priority", "since", "until", "alert_name", "service", "fingerprint", "limit", "cursor")
 
 PUBLIC_FIELDS = (
@@ -69,9 +72,16 @@ def parse_time_param(raw: str, name: str) -> datetime:
         value = datetime.fromisoformat(raw.strip().replace("z", "Z").replace(" ", "+") if "T" in raw else raw.strip())
     except ValueError:
         raise BadRequest(f"{name}: not an RFC 3339 time: {raw[:40]!r} (for example 2026-11-27T10:00:00Z)", parameter=name) from None
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value
+    return _naive_utc(value, name, raw)
+
+
+def _naive_utc(value: datetime, name: str, raw: str) -> datetime:
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError:
+        raise BadRequest(f"{name}: {raw[:40]!r} is out of range once converted to UTC", parameter=name) from None
 
 
 def _single(args: MultiDict, name: str) -> str | None:
@@ -87,10 +97,14 @@ def encode_cursor(cursor: incidents.Cursor) -> str:
 
 
 def decode_cursor(token: str) -> incidents.Cursor:
+    """Only what encode_cursor makes: a naive time and an incident UUID, so
+    nothing a client forged (NUL, a lone surrogate) reaches the driver."""
     try:
         created_at, incident_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return incidents.Cursor(datetime.fromisoformat(created_at), str(incident_id))
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        if not _CURSOR_TIME.fullmatch(created_at):
+            raise ValueError("cursors carry naive UTC times")
+        return incidents.Cursor(datetime.fromisoformat(created_at), str(uuid.UUID(incident_id)))
+    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
 
@@ -111,7 +125,8 @@ def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incid
     limit_raw = _single(args, "limit")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
-        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= MAX_LIMIT:
+        # ASCII digits only: str.isdigit() and int() accept "²" and "١٢".
+        if not _ASCII_NUMBER.fullmatch(limit_raw) or not 1 <= int(limit_raw) <= MAX_LIMIT:
             raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_raw[:20]!r}", parameter="limit")
         limit = int(limit_raw)
     cursor_raw = _single(args, "cursor")
@@ -173,6 +188,8 @@ class QueryApi:
         note = body.get("note")
         if note is not None and (not isinstance(note, str) or len(note) > NOTE_MAX):
             raise BadRequest(f"note: must be a string of at most {NOTE_MAX} characters", field="note")
+        if note is not None:
+            storable_text(note, "note")
         actor = self.actor(request)
         with db.transaction() as conn:
             row, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
@@ -182,7 +199,7 @@ class QueryApi:
 
     def actor(self, request: Request) -> str:
         named = request.headers.get(self.config.actor_header, "").strip()
-        return f"api:{named[:150]}" if named else "api"
+        return f"api:{storable_text(named, self.config.actor_header)[:150]}" if named else "api"
 
 
 # --------------------------------------------------------------------------- dead letters and parked events

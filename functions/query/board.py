@@ -1,7 +1,9 @@
 """The incident board: server-rendered pages for engineers at 3 a.m.
 
 Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
-``SameSite=Strict`` session cookie (the token never goes into a URL); every
+``SameSite=Strict`` session cookie (the token never goes into a URL) that
+carries a session id; sign-out revokes that id (``shared.sessions``), so a
+copy of the cookie is refused afterwards; every
 form that changes state carries the session's CSRF token; Jinja2 escapes
 everything (labels come from alerts and may hold HTML); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +24,11 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, incidents
+from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
+from shared import db, incidents, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
+from shared.http import storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 
@@ -56,6 +60,38 @@ def duration(start: datetime | None, end: datetime | None) -> str:
     return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
+# CommonMark lets any ASCII punctuation be backslash-escaped: this is all of
+# it but , / ; ? @ % ' " : which start no Markdown, GFM or HTML construct and
+# stay as they are, for a readable draft.
+_MD_ESCAPE = {ord(c): "\\" + c for c in "!#$&()*+-.<=>[\\]^_`{|}~"}
+_LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x85\u2028\u2029]")
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def md(value) -> str:
+    """Any value as inline Markdown text: one line, no construct (heading,
+    list, table cell, link, image, code, emphasis, raw HTML, entity) can
+    start or end inside it; a renderer shows exactly the characters."""
+    text = "" if value is None else str(value)
+    text = _CONTROLS.sub("\ufffd", _LINE_BREAKS.sub(" ", text))
+    return text.translate(_MD_ESCAPE)
+
+
+def md_block(value) -> str:
+    """Multi-line text as Markdown paragraphs: each line escaped as inline
+    text and without leading blanks (which would make a code block)."""
+    text = "" if value is None else str(value)
+    return "\n".join(md(line.lstrip()) for line in _LINE_BREAKS.split(text))
+
+
+def md_code(value) -> str:
+    """A value as a one-line code span, fenced by more backticks than it holds."""
+    text = _CONTROLS.sub("\ufffd", _LINE_BREAKS.sub(" ", "" if value is None else str(value)))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -68,19 +104,27 @@ class Board:
         self.signer = URLSafeTimedSerializer(key, salt="incident-board")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS)
 
     # ------------------------------------------------------------------ session
 
     def session(self, request: Request) -> dict | None:
+        """The signed-in session, or None: unsigned, expired, from before
+        sessions had ids, or signed out (revoked_sessions)."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
         try:
-            return self.signer.loads(raw, max_age=SESSION_SECONDS)
+            session = self.signer.loads(raw, max_age=SESSION_SECONDS)
         except (BadSignature, SignatureExpired):
             return None
+        if not isinstance(session, dict) or not isinstance(session.get("sid"), str) or not isinstance(session.get("exp"), int):
+            return None
+        with db.engine().connect() as conn:
+            if sessions.is_revoked(conn, session["sid"]):
+                return None
+        return session
 
     def _page(self, template: str, status: int = 200, **context) -> Response:
         html = self.templates.get_template(template).render(**context)
@@ -114,7 +158,9 @@ class Board:
 
             logging.getLogger("http").warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr})
             return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
-        session = {"csrf": secrets.token_urlsafe(24), "since": iso(datetime.utcnow())}
+        now = datetime.utcnow()
+        session = {"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
+                   "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS}
         response = self._redirect(next_url)
         response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
@@ -124,6 +170,9 @@ class Board:
         session = self.session(request)
         if session is None or not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
             return self._redirect("/ui/login")
+        with db.transaction() as conn:
+            sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
+            sessions.purge_expired(conn)
         response = self._redirect("/ui/login")
         response.delete_cookie(COOKIE, path="/ui")
         return response
@@ -180,8 +229,12 @@ class Board:
             return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
         incident_id = parse_incident_id(incident_id)
         status = request.form.get("status", "")
-        note = (request.form.get("note") or "").strip()[:4000] or None
-        actor = f"board:{request.form.get('actor', '').strip()[:100]}" if request.form.get("actor", "").strip() else "board"
+        try:
+            note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None
+            named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+        except BadRequest as exc:
+            return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
+        actor = f"board:{named}" if named else "board"
         try:
             with db.transaction() as conn:
                 _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
@@ -207,9 +260,14 @@ class Board:
                         headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
 
 
+_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x20\x7f\\]|^//")
+
+
 def _safe_next(value: str | None) -> str:
-    """Only paths of this board: never an open redirect."""
-    if value and value.startswith("/ui") and not value.startswith("//"):
+    """Only paths of this board: never an open redirect, and nothing that
+    could split or end the Location header (control characters) or that a
+    browser reads as another host (a backslash)."""
+    if value and value.startswith("/ui") and not _UNSAFE_IN_NEXT.search(value):
         return value
     return "/ui"
 

@@ -1,0 +1,115 @@
+"""No request body can grow a function's memory: a huge POST, with or
+without a token, is answered (401 or 413) and never buffered.
+
+Real function processes over real HTTP; the body (200 MB) is generated
+lazily and streamed, and the worker's peak resident memory is read from
+/proc while it is sent."""
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_TOKEN
+from tests.processes import FunctionProcess, wait_until
+
+BODY_BYTES = 200 * 1024 * 1024
+CHUNK = b"\0" * (1024 * 1024)
+# The worker may buffer up to the body limit (2 MiB) and the server's own
+# buffers; 200 MB buffered would be far over this.
+MAX_GROWTH = 40 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def functions(base_env):
+    procs = {name: FunctionProcess(name, dict(base_env), threads=2).start() for name in ("intake", "query", "deadletter")}
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+def worker_pid(proc: FunctionProcess) -> int:
+    """functions-framework runs gunicorn: the arbiter and one worker."""
+    children = Path(f"/proc/{proc.process.pid}/task/{proc.process.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def memory_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak(pid: int) -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def stream_huge_body(port: int, method: str, path: str, headers: dict, chunked: bool) -> tuple[int, bytes]:
+    """Send BODY_BYTES lazily while reading the answer; the status and the
+    start of the response once the server answered (or closed)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = {"Host": f"127.0.0.1:{port}", **headers}
+    head["Transfer-Encoding" if chunked else "Content-Length"] = "chunked" if chunked else str(BODY_BYTES)
+    sock.sendall((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n").encode())
+    stop = threading.Event()
+
+    def send():
+        sent = 0
+        try:
+            while sent < BODY_BYTES and not stop.is_set():
+                sock.sendall(b"%x\r\n" % len(CHUNK) + CHUNK + b"\r\n" if chunked else CHUNK)
+                sent += len(CHUNK)
+            if chunked and not stop.is_set():
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: exactly what is wanted
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    received = b""
+    try:
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    finally:
+        stop.set()
+        sender.join(60)
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 "), received[:200]
+    return int(received.split(b" ", 2)[1]), received
+
+
+CASES = [
+    ("intake", "POST", "/webhook/alert", {}, 401),
+    ("intake", "POST", "/webhook/alert", {"Authorization": f"Bearer {TEST_TOKEN}"}, 413),
+    ("intake", "POST", "/", {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.report", "ce-source": "/x", "ce-id": "1"}, 401),
+    ("query", "PATCH", "/incidents/00000000-0000-4000-8000-000000000000", {}, 401),
+    ("query", "PATCH", "/incidents/00000000-0000-4000-8000-000000000000", {"Authorization": f"Bearer {TEST_TOKEN}"}, 413),
+    # The form is cut at the bound, so it holds no token: refused like any wrong token.
+    ("query", "POST", "/ui/login", {"Content-Type": "application/x-www-form-urlencoded"}, 401),
+    ("deadletter", "POST", "/", {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.opened", "ce-source": "/x", "ce-id": "1"}, 413),
+]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("name, method, path, headers, status", CASES)
+def test_a_huge_body_is_refused_without_being_buffered(functions, name, method, path, headers, status, chunked):
+    proc = functions[name]
+    pid = worker_pid(proc)
+    reset_peak(pid)
+    before = memory_kb(pid, "VmRSS")
+    answered, raw = stream_huge_body(proc.port, method, path, {"Content-Type": "application/json", **headers}, chunked)
+    assert answered == status, raw[:300]
+    peak = memory_kb(pid, "VmHWM")
+    assert (peak - before) * 1024 < MAX_GROWTH, f"{name} grew by {(peak - before) // 1024} MB for a {BODY_BYTES // 2**20} MB body"
+    # And it still serves.
+    import requests
+
+    wait_until(lambda: requests.get(proc.url + "/health", timeout=5).status_code == 200, 10, message=f"{name} to serve again")
