@@ -292,6 +292,19 @@ def _non_negative_int(value: Any) -> int | None:
     return None
 
 
+SUMMARY_ANNOTATIONS = ("summary", "message", "title")
+
+
+def summary_from(annotations: dict[str, str]) -> str:
+    """What the alert says in one line. Rule sets write ``summary`` (kube-
+    prometheus), ``message`` (older mixins) or ``title`` (Grafana), some only a
+    ``description``: its first non-empty line beats an empty summary."""
+    for name in SUMMARY_ANNOTATIONS:
+        if annotations.get(name, "").strip():
+            return annotations[name]
+    return next((line.strip() for line in annotations.get("description", "").splitlines() if line.strip()), "")
+
+
 def _parse_group_alert(raw: Any, path: str, config: Settings) -> Alert:
     if not isinstance(raw, dict):
         raise InvalidPayload(path, "must be an object")
@@ -305,7 +318,7 @@ def _parse_group_alert(raw: Any, path: str, config: Settings) -> Alert:
         fingerprint=_fingerprint(raw.get("fingerprint", _MISSING), labels, f"{path}.fingerprint"),
         alert_name=alert_name,
         priority=priority_of(labels, config),
-        summary=annotations.get("summary") or annotations.get("message", ""),
+        summary=summary_from(annotations),
         description=annotations.get("description", ""),
         starts_at=parse_time(raw.get("startsAt", _MISSING), f"{path}.startsAt"),
         ends_at=parse_time(raw.get("endsAt", _MISSING), f"{path}.endsAt"),
@@ -398,8 +411,8 @@ def parse_report(data: Any, config: Settings) -> Alert:
         priority = priority_of(labels, config)
     elif not isinstance(priority, str) or priority.upper() not in PRIORITIES:
         raise InvalidPayload("priority", f"must be one of {', '.join(PRIORITIES)}")
-    summary = _optional_str(data.get("summary", _MISSING), "summary") or annotations.get("summary", "")
     description = _optional_str(data.get("description", _MISSING), "description") or annotations.get("description", "")
+    summary = _optional_str(data.get("summary", _MISSING), "summary") or summary_from({**annotations, "description": description})
     return _build(
         labels=labels,
         annotations=annotations,
