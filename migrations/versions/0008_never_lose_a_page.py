@@ -10,6 +10,9 @@
   so an operator can list and re-drive them.
 - ``revoked_sessions``: a signed-out board session stays signed out until
   the cookie would have expired anyway.
+- ``idx_incidents_resolved_at``: the reconciliation sweep looks at incidents
+  resolved recently (has their resolution been announced?) every minute;
+  without it that scan grows with the history.
 
 Revision ID: 0008
 Revises: 0007
@@ -59,8 +62,12 @@ def upgrade() -> None:
     )
     op.create_index("idx_revoked_sessions_expires_at", "revoked_sessions", ["expires_at"])
 
+    op.create_index("idx_incidents_resolved_at", "incidents", ["resolved_at"],
+                    postgresql_where=sa.text("status = 'resolved'"))
+
 
 def downgrade() -> None:
+    op.drop_index("idx_incidents_resolved_at", table_name="incidents")
     op.drop_table("revoked_sessions")
     op.drop_index("idx_dead_letters_incident_id", table_name="dead_letters")
     for column in ("redelivery_error", "redelivery_status", "redelivered_by", "redelivered_at", "redelivery_count", "incident_id"):
