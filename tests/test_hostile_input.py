@@ -219,11 +219,9 @@ def deadletter(base_env):
 
 
 def test_deep_nesting_is_400_on_a_function_with_no_parser_of_its_own(deadletter, clean_db):
-    """The dead-letter sink hands a structured CloudEvent to the SDK as is
-    (which lets the RecursionError through): the one place that maps errors
-    to statuses answers 400, not 500."""
+    """The dead-letter sink hands a structured CloudEvent to the SDK as is,
+    which lets the RecursionError through: 400 naming it, not 500."""
     body = structured({"type": "io.incidentresponse.incident.opened", "source": "/deep", "id": "deep"}, data=[1])
     body = body.replace(b'"data": [1]', b'"data": ' + DEEP)
     response = requests.post(deadletter.url + "/", data=body, headers={"Content-Type": "application/cloudevents+json"}, timeout=30)
     assert_4xx(response, "nested")
-    assert "Request nested too deeply" in deadletter.logs()

@@ -25,7 +25,7 @@ from flask import Request, Response
 from shared import db, dead_letters, eventio, events, incidents
 from shared.dead_letters import clip
 from shared.errors import BadRequest
-from shared.http import read_body
+from shared.http import TOO_DEEP, read_body
 
 log = logging.getLogger("deadletter")
 MAX_BYTES = 2 * 1024 * 1024
@@ -65,7 +65,9 @@ def parse(request: Request) -> tuple[CloudEvent, bytes]:
         event = from_http(headers, body)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
-    except (ValueError, TypeError, RecursionError):
+    except RecursionError:
+        raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+    except (ValueError, TypeError):
         raise BadRequest("not a valid CloudEvent: the body cannot be parsed") from None
     if (request.mimetype or "").startswith("application/cloudevents"):
         data = event.get_data()

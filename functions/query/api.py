@@ -96,14 +96,19 @@ def encode_cursor(cursor: incidents.Cursor) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(token: str) -> incidents.Cursor:
-    """Only what encode_cursor makes: a naive time and an incident UUID, so
-    nothing a client forged (NUL, a lone surrogate) reaches the driver."""
+def _incident_uuid(raw: str) -> str:
+    return str(uuid.UUID(raw))
+
+
+def decode_cursor(token: str, parse_id=_incident_uuid) -> incidents.Cursor:
+    """Only what encode_cursor makes: a naive time and an id of the listed
+    kind (``parse_id`` raises ValueError otherwise), so nothing a client
+    forged (NUL, a lone surrogate) reaches the driver."""
     try:
-        created_at, incident_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        created_at, row_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not _CURSOR_TIME.fullmatch(created_at):
             raise ValueError("cursors carry naive UTC times")
-        return incidents.Cursor(datetime.fromisoformat(created_at), str(uuid.UUID(incident_id)))
+        return incidents.Cursor(datetime.fromisoformat(created_at), parse_id(row_id))
     except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
@@ -272,9 +277,7 @@ def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int
     cursor = _single(args, "cursor")
     after = None
     if cursor is not None:
-        position = decode_cursor(cursor)
-        if not position.id.isdigit() or int(position.id) > MAX_DEAD_LETTER_ID:
-            raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor")
+        position = decode_cursor(cursor, lambda raw: str(parse_dead_letter_id(raw)))
         after = (position.created_at, int(position.id))
     return flt, parse_limit(args), after
 
@@ -287,13 +290,13 @@ def parse_parked_filters(args: MultiDict) -> tuple[backlog.ParkedFilter, int, tu
     cursor = _single(args, "cursor")
     after = None
     if cursor is not None:
-        position = decode_cursor(cursor)
+        position = decode_cursor(cursor, lambda raw: parse_outbox_id(raw))
         after = (position.created_at, position.id)
     return flt, parse_limit(args), after
 
 
 def parse_dead_letter_id(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_DEAD_LETTER_ID:
+    if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_DEAD_LETTER_ID:
         raise BadRequest(f"id: not a dead-letter id (a positive whole number): {raw[:60]!r}", parameter="id")
     return int(raw)
 
