@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from shared.config import PRIORITIES, Settings
+from shared.config import Settings
+from shared.domain import PRIORITIES, service_of
 from shared.errors import BadRequest
 
 ALERT_NAME_MAX = 100  # the seed's alert_name String(100)
@@ -64,7 +65,7 @@ class Alert:
 
     @property
     def service(self) -> str | None:
-        return self.labels.get("service") or self.labels.get("app") or self.labels.get("deployment")
+        return service_of(self.labels)
 
 
 @dataclass(frozen=True)

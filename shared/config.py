@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
 
-PRIORITIES = ("P0", "P1", "P2")
+from shared.domain import PRIORITIES
+
 REMEDIATION_MODES = ("off", "dry-run", "live")
 
 # Severity label values as kube-prometheus and common rule sets use them.

@@ -22,6 +22,7 @@ from shared import events, outbox
 from shared.alerts import Alert
 from shared.errors import Conflict, InvalidTransition, NotFound
 from shared.timefmt import json_default
+from shared.domain import service_sql
 from shared.models import ACTIVE_STATUSES, incident_timeline, incidents
 
 UTC_NOW = "timezone('utc', now())"
@@ -521,7 +522,7 @@ def _conditions(flt: IncidentFilter) -> list:
     if flt.alert_names:
         conditions.append(incidents.c.alert_name.in_(flt.alert_names))
     if flt.services:
-        conditions.append(incidents.c.labels["service"].astext.in_(flt.services))
+        conditions.append(service_sql(incidents.c.labels).in_(flt.services))
     if flt.fingerprints:
         conditions.append(incidents.c.fingerprint.in_(flt.fingerprints))
     return conditions

@@ -8,9 +8,8 @@ from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
-PRIORITIES = ("P0", "P1", "P2")
-STATUSES = ("open", "investigating", "resolved", "closed")
-ACTIVE_STATUSES = ("open", "investigating")
+from shared.domain import ACTIVE_STATUSES, PRIORITIES, STATUSES  # noqa: F401 - re-exported for statements
+
 SOURCES = ("alertmanager", "cloudevent", "api")
 
 priority_enum = postgresql.ENUM(*PRIORITIES, name="incident_priority", create_type=False)

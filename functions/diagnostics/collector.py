@@ -16,6 +16,7 @@ import yaml
 
 from shared import kube
 from shared.config import Settings
+from shared.domain import service_of
 from shared.templating import TemplateError, promql_string, render
 
 log = logging.getLogger("diagnostics")
@@ -60,7 +61,7 @@ def load_probes(path: str = "") -> dict:
 
 def resolve_target(labels: dict, alert_name: str, probes: dict) -> Target:
     defaults = probes.get("defaults", {}) or {}
-    service = labels.get("service") or labels.get("app") or labels.get("deployment") or labels.get("job") or ""
+    service = service_of(labels) or ""
     per_service = (probes.get("services", {}) or {}).get(service, {}) or {}
     namespace = labels.get("namespace") or per_service.get("namespace") or defaults.get("namespace") or "default"
     context = {"service": service, "namespace": namespace, "alertname": alert_name, "labels": labels}

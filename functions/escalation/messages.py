@@ -21,6 +21,7 @@ import unicodedata
 from typing import Any, Iterable, Iterator
 
 from shared.config import Settings
+from shared.domain import service_of as domain_service_of
 from shared.timefmt import rfc3339
 
 ELLIPSIS = "…"
@@ -139,7 +140,7 @@ def plain(text: str, limit: int) -> str:
 
 def service_of(incident: dict) -> str | None:
     labels = incident.get("labels") or {}
-    return labels.get("service") or labels.get("app") or labels.get("deployment") or labels.get("job")
+    return domain_service_of(labels)
 
 
 def incident_url(config: Settings, incident_id: str) -> str:

@@ -17,6 +17,7 @@ from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, NotConfigured
 from shared import claims, db, events, eventio, incidents
 from shared.config import Settings
+from shared.domain import service_of
 from shared.errors import Conflict, InvalidTransition
 from shared.publisher import Publisher
 from shared.templating import TemplateError
@@ -59,7 +60,7 @@ def template_context(incident: dict) -> dict:
     context = {"labels": labels, "annotations": incident.get("annotations") or {}, "alertname": incident["alert_name"]}
     candidates = {
         "namespace": labels.get("namespace") or target.get("namespace"),
-        "service": labels.get("service") or labels.get("app") or target.get("service"),
+        "service": service_of(labels) or target.get("service"),
         "deployment": labels.get("deployment") or target.get("deployment"),
         "pod": labels.get("pod") or target.get("pod"),
         "node": labels.get("node") or (labels.get("instance", "").rsplit(":", 1)[0] or None),

@@ -1,0 +1,30 @@
+"""One rule for which service an alert belongs to: the list filter finds
+exactly the service that Slack, PagerDuty, diagnostics and remediation use."""
+
+import pytest
+
+from functions.diagnostics.collector import resolve_target
+from functions.escalation.messages import service_of as shown_service
+from shared import incidents as svc
+from shared.domain import service_of
+from tests.factories import alert
+
+
+@pytest.mark.parametrize("labels, service", [
+    ({"service": "email", "app": "mail-app", "job": "mail-job"}, "email"),
+    ({"app": "checkout", "job": "kube-state-metrics"}, "checkout"),
+    ({"service": " ", "deployment": "billing-api"}, "billing-api"),
+    ({"job": "node-exporter"}, "node-exporter"),
+    ({"namespace": "shop"}, None),
+])
+def test_the_service_filter_finds_what_every_view_shows(clean_db, labels, service):
+    row = alert("SomethingBroke", **labels)
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [row], "/test", "test").outcomes[0].incident_id
+        incident = svc.get_incident(conn, incident_id)
+    assert service_of(incident["labels"]) == shown_service(incident) == service
+    assert resolve_target(incident["labels"], "SomethingBroke", {}).service == (service or "")
+    if service is not None:
+        with clean_db.connect() as conn:
+            found, _ = svc.list_incidents(conn, svc.IncidentFilter(services=(service,)))
+        assert [i["id"] for i in found] == [incident_id]
