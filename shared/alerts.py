@@ -1,14 +1,17 @@
-"""Alert sources: pure parse functions from a payload to :class:`Alert`.
+"""The alert model every source produces, and the rules all sources share.
 
-One parser per source (AlertManager webhook version 4, the CloudEvent
-``incident.report`` of other services). Parsing never touches the database.
+Each source parses its own payload (``functions/intake/sources/``); what
+does not depend on the sender lives here: the :class:`Alert` model, the
+per-alert validation of a group (:func:`parse_group`), fingerprints, times,
+priorities, the bounded alert name and the one-line summary. Parsing never
+touches the database.
 
-An AlertManager group is validated alert by alert: AlertManager never retries
-a ``4xx``, so one malformed alert must not cost the others. A bad alert
-becomes a :class:`Rejected` entry naming the field; the envelope is read
-liberally (nulls, absent optional fields, extra fields, numbers where strings
-are expected). :class:`InvalidPayload` (``400``) is raised only when nothing
-in the payload can ever be stored.
+A group is validated alert by alert: AlertManager and Grafana never retry a
+``4xx``, so one malformed alert must not cost the others. A bad alert becomes
+a :class:`Rejected` entry naming the field; envelopes are read liberally
+(nulls, absent optional fields, extra fields, numbers where strings are
+expected). :class:`InvalidPayload` (``400``) is raised only when nothing in
+the payload can ever be stored.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from shared.config import Settings
 from shared.domain import PRIORITIES, service_of
@@ -26,9 +29,6 @@ ALERT_NAME_MAX = 100  # the seed's alert_name String(100)
 # A longer name (legal in Prometheus) is cut to ALERT_NAME_MAX with this
 # marker; the full name stays in labels["alertname"] and in the fingerprint.
 TRUNCATION_MARKER = "\u2026"
-# Version 3 (older AlertManagers) carries the same alert objects; relays that
-# re-send AlertManager's groups sometimes leave the version out.
-ACCEPTED_VERSIONS = ("3", "4")
 FINGERPRINT_MAX = 128
 _FNV64_OFFSET = 14695981039346656037
 _FNV64_PRIME = 1099511628211
@@ -91,12 +91,15 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class Webhook:
-    receiver: str
-    group_key: str
-    status: str
-    truncated_alerts: int
+class Parsed:
+    """What a source made of one payload: its alerts and rejections in
+    payload order, and the envelope fields it had to ignore (``warnings``)."""
+
     items: list[Alert | Rejected]
+    receiver: str = ""
+    group_key: str = ""
+    status: str = ""
+    truncated_alerts: int = 0
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -119,7 +122,7 @@ def label_fingerprint(labels: Mapping[str, str]) -> str:
     return f"{value:016x}"
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """Make any string storable without losing the alert: PostgreSQL cannot
     hold NUL, and a lone UTF-16 surrogate (legal in JSON escapes) is not UTF-8."""
     if "\x00" in text:
@@ -131,12 +134,12 @@ def _clean(text: str) -> str:
     return text
 
 
-def _scalar_text(value: Any) -> str | None:
+def scalar_text(value: Any) -> str | None:
     """A JSON scalar as the text AlertManager would have sent; None for
     anything that is not a scalar. Other senders put numbers and booleans
     where AlertManager puts strings."""
     if isinstance(value, str):
-        return _clean(value)
+        return clean(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -144,10 +147,10 @@ def _scalar_text(value: Any) -> str | None:
     return None
 
 
-def _string_map(value: Any, path: str, required: bool = False, compound_as_json: bool = False) -> dict[str, str]:
+def string_map(value: Any, path: str, required: bool = False, compound_as_json: bool = False) -> dict[str, str]:
     """Labels or annotations. A null value drops the entry (Prometheus treats
     an empty label as absent); a compound annotation is kept as JSON text."""
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         if required:
             raise InvalidPayload(path, "required")
         return {}
@@ -157,23 +160,23 @@ def _string_map(value: Any, path: str, required: bool = False, compound_as_json:
     for key, item in value.items():
         if item is None:
             continue
-        text = _scalar_text(item)
+        text = scalar_text(item)
         if text is None:
             if not compound_as_json:
-                raise InvalidPayload(f"{path}.{_clean(key)[:100]}", "must be a string")
-            text = _clean(json.dumps(item, ensure_ascii=False))
-        result[_clean(key)] = text
+                raise InvalidPayload(f"{path}.{clean(key)[:100]}", "must be a string")
+            text = clean(json.dumps(item, ensure_ascii=False))
+        result[clean(key)] = text
     return result
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def _optional_str(value: Any, path: str) -> str:
+def optional_str(value: Any, path: str) -> str:
     """Absent or null is empty; numbers are taken as their text."""
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         return ""
-    text = _scalar_text(value)
+    text = scalar_text(value)
     if text is None:
         raise InvalidPayload(path, "must be a string")
     return text
@@ -182,7 +185,7 @@ def _optional_str(value: Any, path: str) -> str:
 def parse_time(value: Any, path: str) -> datetime | None:
     """RFC 3339 to naive UTC; absent, null, empty and AlertManager's zero
     time mean "not set"."""
-    if value is _MISSING or value is None or value == "":
+    if value is MISSING or value is None or value == "":
         return None
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be an RFC 3339 time string")
@@ -191,12 +194,12 @@ def parse_time(value: Any, path: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
-        raise InvalidPayload(path, f"not an RFC 3339 time: {_clean(value[:40])!r}") from None
+        raise InvalidPayload(path, f"not an RFC 3339 time: {clean(value[:40])!r}") from None
     if parsed.tzinfo is not None:
         try:
             parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
         except OverflowError:
-            raise InvalidPayload(path, f"out of range once converted to UTC: {_clean(value[:40])!r}") from None
+            raise InvalidPayload(path, f"out of range once converted to UTC: {clean(value[:40])!r}") from None
     return parsed
 
 
@@ -228,17 +231,17 @@ def bounded_alert_name(name: str) -> str:
     return name[: ALERT_NAME_MAX - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
 
 
-def _alert_name(labels: Mapping[str, str], path: str) -> str:
+def alert_name_of(labels: Mapping[str, str], path: str) -> str:
     name = labels.get("alertname", "")
     if not name:
         raise InvalidPayload(path, "required")
     return bounded_alert_name(name)
 
 
-def _fingerprint(value: Any, labels: Mapping[str, str], path: str) -> str:
-    if value is _MISSING or value is None or value == "":
+def fingerprint_of(value: Any, labels: Mapping[str, str], path: str) -> str:
+    if value is MISSING or value is None or value == "":
         return label_fingerprint(labels)
-    text = _scalar_text(value)
+    text = scalar_text(value)
     if text is None:
         raise InvalidPayload(path, "must be a string")
     if len(text) > FINGERPRINT_MAX:
@@ -246,14 +249,14 @@ def _fingerprint(value: Any, labels: Mapping[str, str], path: str) -> str:
     return text
 
 
-def _status(value: Any, path: str) -> str:
+def status_of(value: Any, path: str) -> str:
     normalised = value.strip().lower() if isinstance(value, str) else value
     if normalised not in ("firing", "resolved"):
         raise InvalidPayload(path, "must be 'firing' or 'resolved'" + ("" if value is not None else " (required)"))
     return normalised
 
 
-def _build(
+def build(
     labels: dict[str, str],
     annotations: dict[str, str],
     status: str,
@@ -283,7 +286,7 @@ def _build(
     )
 
 
-def _non_negative_int(value: Any) -> int | None:
+def non_negative_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -306,29 +309,7 @@ def summary_from(annotations: dict[str, str]) -> str:
     return next((line.strip() for line in annotations.get("description", "").splitlines() if line.strip()), "")
 
 
-def _parse_group_alert(raw: Any, path: str, config: Settings) -> Alert:
-    if not isinstance(raw, dict):
-        raise InvalidPayload(path, "must be an object")
-    labels = _string_map(raw.get("labels", _MISSING), f"{path}.labels", required=True)
-    annotations = _string_map(raw.get("annotations", _MISSING), f"{path}.annotations", compound_as_json=True)
-    alert_name = _alert_name(labels, f"{path}.labels.alertname")
-    return _build(
-        labels=labels,
-        annotations=annotations,
-        status=_status(raw.get("status"), f"{path}.status"),
-        fingerprint=_fingerprint(raw.get("fingerprint", _MISSING), labels, f"{path}.fingerprint"),
-        alert_name=alert_name,
-        priority=priority_of(labels, config),
-        summary=summary_from(annotations),
-        description=annotations.get("description", ""),
-        starts_at=parse_time(raw.get("startsAt", _MISSING), f"{path}.startsAt"),
-        ends_at=parse_time(raw.get("endsAt", _MISSING), f"{path}.endsAt"),
-        source="alertmanager",
-        config=config,
-    )
-
-
-def _rejected(raw: Any, index: int, error: InvalidPayload) -> Rejected:
+def rejected_entry(raw: Any, index: int, error: InvalidPayload) -> Rejected:
     """What can still be said about a rejected alert, for the sender's logs."""
     labels = raw.get("labels") if isinstance(raw, dict) else None
     name = labels.get("alertname") if isinstance(labels, dict) else None
@@ -337,94 +318,58 @@ def _rejected(raw: Any, index: int, error: InvalidPayload) -> Rejected:
         index=index,
         field=error.field,
         problem=error.problem,
-        alert_name=bounded_alert_name(_clean(name)) if isinstance(name, str) else None,
-        fingerprint=_clean(fingerprint)[:FINGERPRINT_MAX] if isinstance(fingerprint, str) and fingerprint else None,
+        alert_name=bounded_alert_name(clean(name)) if isinstance(name, str) else None,
+        fingerprint=clean(fingerprint)[:FINGERPRINT_MAX] if isinstance(fingerprint, str) and fingerprint else None,
     )
 
 
-def _envelope_text(payload: dict, name: str, warnings: list[str]) -> str:
+def envelope_text(payload: dict, name: str, warnings: list[str]) -> str:
     try:
-        return _optional_str(payload.get(name, _MISSING), name)
+        return optional_str(payload.get(name, MISSING), name)
     except InvalidPayload as exc:
         warnings.append(f"{exc.message}; ignored")
         return ""
 
 
-def parse_alertmanager(payload: Any, config: Settings) -> Webhook:
-    """AlertManager webhook payload version 4, alert by alert.
-
-    Raises :class:`InvalidPayload` only when nothing can be stored: not an
-    object, a version other than 3 or 4, no list of alerts, or every alert
-    rejected (``details["rejected"]`` then lists them)."""
-    if not isinstance(payload, dict):
-        raise InvalidPayload("", "the payload must be a JSON object")
-    version = payload.get("version")
-    if version is not None and version not in ACCEPTED_VERSIONS:
-        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
-    raw_alerts = payload.get("alerts")
+def parse_group(raw_alerts: Any, parse_one: Callable[[Any, str], Alert]) -> list[Alert | Rejected]:
+    """Every alert of a group through ``parse_one(raw, path)``, a bad one
+    becoming a :class:`Rejected` entry. Raises :class:`InvalidPayload` only
+    when there is no list, or when every alert is rejected
+    (``details["rejected"]`` then lists them)."""
     if not isinstance(raw_alerts, list):
         raise InvalidPayload("alerts", "required, must be a list")
-    warnings: list[str] = []
-    truncated = 0
-    if payload.get("truncatedAlerts") is not None:
-        truncated = _non_negative_int(payload["truncatedAlerts"])
-        if truncated is None:
-            warnings.append("truncatedAlerts: not a non-negative integer; ignored")
-            truncated = 0
     items: list[Alert | Rejected] = []
     for index, raw in enumerate(raw_alerts):
         try:
-            items.append(_parse_group_alert(raw, f"alerts[{index}]", config))
+            items.append(parse_one(raw, f"alerts[{index}]"))
         except InvalidPayload as exc:
-            items.append(_rejected(raw, index, exc))
+            items.append(rejected_entry(raw, index, exc))
     if items and not any(isinstance(item, Alert) for item in items):
         first = items[0]
         error = InvalidPayload(first.field, first.problem)
         error.details["rejected"] = [item.as_dict() for item in items[:100]]
         raise error
-    status = _envelope_text(payload, "status", warnings)
+    return items
+
+
+def group_envelope(payload: dict, items: list[Alert | Rejected]) -> Parsed:
+    """The envelope fields AlertManager-shaped groups share (AlertManager's
+    own, Grafana's), read liberally: a bad one is a warning, never a refusal."""
+    warnings: list[str] = []
+    truncated = 0
+    if payload.get("truncatedAlerts") is not None:
+        truncated = non_negative_int(payload["truncatedAlerts"])
+        if truncated is None:
+            warnings.append("truncatedAlerts: not a non-negative integer; ignored")
+            truncated = 0
+    status = envelope_text(payload, "status", warnings)
     if status and status.lower() not in ("firing", "resolved"):
         warnings.append("status: must be 'firing' or 'resolved'; ignored")
-    return Webhook(
-        receiver=_envelope_text(payload, "receiver", warnings),
-        group_key=_envelope_text(payload, "groupKey", warnings),
+    return Parsed(
+        items=items,
+        receiver=envelope_text(payload, "receiver", warnings),
+        group_key=envelope_text(payload, "groupKey", warnings),
         status=status,
         truncated_alerts=truncated,
-        items=items,
         warnings=warnings,
-    )
-
-
-def parse_report(data: Any, config: Settings) -> Alert:
-    """The data of an ``incident.report`` CloudEvent (schema in the README)."""
-    if not isinstance(data, dict):
-        raise InvalidPayload("data", "must be a JSON object")
-    data = {k: v for k, v in data.items() if v is not None}
-    labels = _string_map(data.get("labels", _MISSING), "labels")
-    annotations = _string_map(data.get("annotations", _MISSING), "annotations", compound_as_json=True)
-    name = data.get("alert_name", labels.get("alertname"))
-    if not isinstance(name, str):
-        raise InvalidPayload("alert_name", "required, must be a string")
-    labels = {**labels, "alertname": _clean(name.strip())}
-    alert_name = _alert_name(labels, "alert_name")
-    priority = data.get("priority")
-    if priority is None:
-        priority = priority_of(labels, config)
-    elif not isinstance(priority, str) or priority.upper() not in PRIORITIES:
-        raise InvalidPayload("priority", f"must be one of {', '.join(PRIORITIES)}")
-    description = _optional_str(data.get("description", _MISSING), "description") or annotations.get("description", "")
-    summary = _optional_str(data.get("summary", _MISSING), "summary") or summary_from({**annotations, "description": description})
-    return _build(
-        labels=labels,
-        annotations=annotations,
-        status=_status(data.get("status", "firing"), "status"),
-        fingerprint=_fingerprint(data.get("fingerprint", _MISSING), labels, "fingerprint"),
-        alert_name=alert_name,
-        priority=priority.upper(),
-        summary=summary,
-        description=description,
-        starts_at=parse_time(data.get("starts_at", _MISSING), "starts_at"),
-        ends_at=parse_time(data.get("ends_at", _MISSING), "ends_at"),
-        source="cloudevent",
-        config=config,
     )

@@ -3,7 +3,7 @@ from whatever the rule set writes, never empty while the alert says something.""
 
 import pytest
 
-from shared.alerts import parse_alertmanager, parse_report
+from functions.intake.sources import alertmanager, cloudevent
 from tests.factories import SETTINGS, webhook
 
 
@@ -21,11 +21,11 @@ def _group_alert(annotations):
     ({}, ""),
 ])
 def test_the_summary_falls_back_from_summary_to_message_title_and_the_descriptions_first_line(annotations, summary):
-    (alert,) = parse_alertmanager(webhook([_group_alert(annotations)]), SETTINGS).alerts
+    (alert,) = alertmanager.parse(webhook([_group_alert(annotations)]), SETTINGS).alerts
     assert alert.summary == summary
 
 
 def test_a_report_without_a_summary_takes_its_descriptions_first_line_over_the_annotations():
-    alert = parse_report({"alert_name": "DiskFull", "description": "Disk 99% full\nmore",
+    alert = cloudevent.parse_report({"alert_name": "DiskFull", "description": "Disk 99% full\nmore",
                           "annotations": {"description": "older text"}}, SETTINGS)
     assert alert.summary == "Disk 99% full"

@@ -4,12 +4,12 @@ import pg8000.dbapi
 import pytest
 import sqlalchemy as sa
 
-from shared import db, incidents, outbox
+from shared import db, ingest, outbox, timeline
 
 
 @pytest.mark.parametrize("statement", [
-    incidents._UPSERT_FIRING, incidents._AFTER_REMEDIATION, incidents._RESOLVE_BY_FINGERPRINT,
-    incidents._INSERT_TIMELINE_AND_EVENTS, outbox._INSERT,
+    ingest.UPSERT_FIRING, ingest.AFTER_REMEDIATION, ingest.RESOLVE_BY_FINGERPRINT, ingest.COUNT_IGNORED,
+    timeline.INSERT_TIMELINE, timeline.INSERT_TIMELINE_AND_EVENTS, timeline.ADD_ENTRY, outbox._INSERT,
 ])
 def test_cached_paramstyle_rewrite_matches_pg8000(statement):
     compiled = str(statement.compile(dialect=sa.dialects.postgresql.pg8000.dialect()))

@@ -112,13 +112,14 @@ def test_head_adds_dedup_index_over_active_incidents_only(engine):
     with engine.connect() as conn:
         columns = _columns(conn, "incidents")
         for name, udt in [("fingerprint", "varchar"), ("labels", "jsonb"), ("annotations", "jsonb"),
-                          ("source", "incident_source"), ("starts_at", "timestamp")]:
+                          ("source", "varchar"), ("starts_at", "timestamp")]:
             assert columns[name]["udt_name"] == udt
+        assert columns["source"]["character_maximum_length"] == 40
         definition = _indexes(conn, "incidents")["uq_incidents_active_fingerprint"]
         assert definition.startswith("CREATE UNIQUE INDEX")
         assert "'open'" in definition and "'investigating'" in definition
         assert "'resolved'" not in definition
-        assert _enum(conn, "incident_source") == ["alertmanager", "cloudevent", "api"]
+        assert _enum(conn, "incident_source") == []
         timeline = _columns(conn, "incident_timeline")
         assert timeline["details"]["udt_name"] == "jsonb"
         assert "idx_incident_timeline_incident_at" in _indexes(conn, "incident_timeline")
@@ -129,3 +130,49 @@ def test_server_fills_created_and_updated_at(clean_db):
         conn.execute(sa.text("INSERT INTO incidents (id, alert_name, priority, status) VALUES ('x', 'A', 'P1', 'open')"))
         row = conn.execute(sa.text("SELECT created_at, updated_at FROM incidents WHERE id = 'x'")).one()
     assert row.created_at is not None and row.updated_at is not None
+
+
+def _insert_sources(engine, sources):
+    with engine.begin() as conn:
+        for index, source in enumerate(sources):
+            conn.execute(
+                sa.text("INSERT INTO incidents (id, alert_name, priority, status, fingerprint, source) "
+                        "VALUES (:id, 'A', 'P1', 'resolved', :fp, :source)"),
+                {"id": f"id-{source}-{index}", "fp": f"fp-{index}", "source": source},
+            )
+
+
+def _sources(engine):
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT id, source::text FROM incidents")).all())
+
+
+def test_source_becomes_text_and_back_without_losing_rows(scratch_url):
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0008")
+        _insert_sources(engine, ["alertmanager", "cloudevent", "api"])
+        before = _sources(engine)
+        migrate.upgrade(scratch_url, "0009")
+        with engine.connect() as conn:
+            assert _columns(conn, "incidents")["source"]["udt_name"] == "varchar"
+            assert _enum(conn, "incident_source") == []
+        assert _sources(engine) == before
+        _insert_sources(engine, ["grafana"])
+        with pytest.raises(RuntimeError, match="'grafana' \\(1 rows\\)"):
+            migrate.downgrade(scratch_url, "0008")
+        assert _sources(engine)["id-grafana-0"] == "grafana"
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM incidents WHERE source = 'grafana'"))
+        migrate.downgrade(scratch_url, "0008")
+        with engine.connect() as conn:
+            assert _columns(conn, "incidents")["source"]["udt_name"] == "incident_source"
+            assert _enum(conn, "incident_source") == ["alertmanager", "cloudevent", "api"]
+            conn.execute(sa.text("INSERT INTO incidents (id, alert_name, priority, status) VALUES ('d', 'A', 'P1', 'open')"))
+            assert conn.execute(sa.text("SELECT source::text FROM incidents WHERE id = 'd'")).scalar() == "alertmanager"
+            conn.rollback()
+        assert _sources(engine) == before
+        migrate.upgrade(scratch_url)
+        assert _sources(engine) == before
+    finally:
+        engine.dispose()

@@ -1,4 +1,5 @@
-"""The intake's handlers: AlertManager webhooks and CloudEvent reports in,
+"""The intake's handlers: one thin route per alert source (the sources and
+their parse functions are in functions/intake/sources/) over one store path,
 deduplicated incidents out. Nothing is answered 2xx before it is committed."""
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
 from shared import db, eventio, events, incidents, reconcile
-from shared.alerts import Alert, InvalidPayload, Rejected, Webhook, parse_alertmanager, parse_report
+from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
+from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
-from shared.http import TOO_DEEP, check_bearer, parse_json_body, read_body, storable_text
+from shared.http import TOO_DEEP, Route, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
 
 log = logging.getLogger("intake")
@@ -23,19 +25,42 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 
 
 class Intake:
-    def __init__(self, config: Settings, publisher: Publisher):
+    def __init__(self, config: Settings, publisher: Publisher, sources: dict[str, Source] = REGISTRY):
         self.config = config
         self.publisher = publisher
-        # Concurrent AlertManager webhooks share transactions (batching.py).
-        self.webhooks = GroupCommit(lambda alerts: self._write(alerts, "alertmanager"))
+        self.sources = sources
+        # Concurrent payloads of a batching source share transactions (batching.py).
+        self.batches = {
+            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor))
+            for name, source in sources.items() if source.group_commit
+        }
+
+    def routes(self) -> list[Route]:
+        """A route per path each source declares; a CloudEvent route applies
+        EVENTS_REQUIRE_TOKEN itself (the Broker sends no token by default)."""
+        routes = []
+        for source in self.sources.values():
+            for path in source.routes:
+                if source.transport == CLOUDEVENT:
+                    routes.append(Route("POST", path, lambda r, s=source: self.cloudevent(r, s), auth=False))
+                else:
+                    routes.append(Route("POST", path, lambda r, s=source: self.webhook(r, s)))
+        return routes
 
     def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
         with db.transaction() as conn:
             return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds)
 
-    def store(self, alerts: Sequence[Alert], actor: str, context: dict) -> incidents.RecordResult:
+    def store(self, alerts: Sequence[Alert], source: Source, actor: str, context: dict) -> incidents.RecordResult:
+        """Through the source's group commit (whose actor is the source's
+        name) or a transaction of its own."""
+        stray = {a.source for a in alerts} - {source.name}
+        if stray:
+            # incidents.source is free text: only registered names reach it.
+            raise ValueError(f"source {source.name} produced alerts of {sorted(stray)}")
         try:
-            result = self.webhooks.submit(alerts) if actor == "alertmanager" else self._write(alerts, actor)
+            batch = self.batches.get(source.name)
+            result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
         except SQLAlchemyError as exc:
             transient = db.is_transient(exc)
             log.error(
@@ -53,26 +78,26 @@ class Intake:
         self.publisher.submit(result.event_ids)
         return result
 
-    def webhook(self, request: Request) -> dict:
-        payload = parse_json_body(request, self.config.max_body_bytes)
+    def webhook(self, request: Request, source: Source) -> dict:
+        payload = parse_json_body(request, source.body_limit(self.config))
         try:
-            hook = parse_alertmanager(payload, self.config)
+            hook = source.parse(payload, self.config)
         except InvalidPayload as exc:
             if "rejected" in exc.details:
-                self._log_rejected(exc.details["rejected"], {"alerts": len(exc.details["rejected"])})
+                self._log_rejected(exc.details["rejected"], {"source": source.name, "alerts": len(exc.details["rejected"])})
             raise
-        context = {"receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.items)}
+        context = {"source": source.name, "receiver": hook.receiver, "group_key": hook.group_key, "alerts": len(hook.items)}
         log.info("Received webhook", extra={**context, "status": hook.status})
         if hook.truncated_alerts:
             log.warning(
-                "Webhook truncated by AlertManager max_alerts",
+                "Webhook truncated by the sender's max_alerts",
                 extra={**context, "truncated_alerts": hook.truncated_alerts},
             )
         if hook.warnings:
             log.warning("Webhook envelope fields ignored", extra={**context, "warnings": hook.warnings})
         if hook.rejected:
             self._log_rejected([r.as_dict() for r in hook.rejected], context)
-        result = self.store(hook.alerts, "alertmanager", context)
+        result = self.store(hook.alerts, source, source.name, context)
         return _webhook_answer(hook, result.outcomes)
 
     @staticmethod
@@ -84,10 +109,10 @@ class Intake:
             extra={**context, "rejected": len(rejected), "reasons": [f"{r.get('alert_name') or '?'}: {r['reason']}"[:300] for r in rejected[:10]]},
         )
 
-    def cloudevent(self, request: Request) -> Response | dict:
+    def cloudevent(self, request: Request, source: Source) -> Response | dict:
         if self.config.events_require_token:
             check_bearer(request, self.config.api_token)
-        body = read_body(request, self.config.max_body_bytes)
+        body = read_body(request, source.body_limit(self.config))
         try:
             event = eventio.parse_event(request.headers, body)
         except RecursionError:
@@ -101,10 +126,10 @@ class Intake:
             return Response(status=202) if wants_ack_only else summary
         if event_type != events.INCIDENT_REPORT:
             raise BadRequest(f"unsupported event type {event_type!r}; this function accepts {events.INCIDENT_REPORT}")
-        alert = parse_report(event.get_data(), self.config)
-        context = {"event_id": event["id"], "event_source": event["source"], "alerts": 1}
+        parsed = source.parse(event.get_data(), self.config)
+        context = {"source": source.name, "event_id": event["id"], "event_source": event["source"], "alerts": len(parsed.items)}
         log.info("Received incident report", extra=context)
-        result = self.store([alert], f"cloudevent:{event['source']}"[:200], context)
+        result = self.store(parsed.alerts, source, f"{source.name}:{event['source']}"[:200], context)
         if wants_ack_only:
             return Response(status=202)
         return {"status": "ok", "results": [o.as_dict() for o in result.outcomes]}
@@ -119,7 +144,7 @@ class Intake:
         return summary
 
 
-def _webhook_answer(hook: Webhook, outcomes: Sequence[incidents.Outcome]) -> dict:
+def _webhook_answer(hook: Parsed, outcomes: Sequence[incidents.Outcome]) -> dict:
     results = _in_payload_order(hook.items, outcomes)
     counts: dict[str, int] = {}
     for item in results:

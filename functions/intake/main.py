@@ -1,4 +1,5 @@
-"""Intake function: AlertManager webhooks and CloudEvent incident reports.
+"""Intake function: every alert source of functions/intake/sources/
+(AlertManager and Grafana webhooks, CloudEvent incident reports).
 
     functions-framework --source functions/intake/main.py --target intake
 """
@@ -16,11 +17,9 @@ _intake = Intake(config, Publisher(config))
 
 ROUTES = [
     Route("GET", "/health", health, auth=False),
-    Route("POST", "/webhook/alert", lambda r: _intake.webhook(r)),
-    # CloudEvents from the Broker (incident.report) and the PingSource sweep;
-    # the handler applies EVENTS_REQUIRE_TOKEN itself.
-    Route("POST", "/", lambda r: _intake.cloudevent(r), auth=False),
-    Route("POST", "/events", lambda r: _intake.cloudevent(r), auth=False),
+    # One route per path each source declares; the CloudEvent routes also
+    # take the PingSource's sweep.
+    *_intake.routes(),
     Route("POST", "/outbox/sweep", lambda r: _intake.sweep(r)),
 ]
 

@@ -1,0 +1,155 @@
+"""Grafana-managed alerting webhooks (payload ``version: "1"``, Grafana 9-12),
+``POST /webhook/grafana``.
+
+Grafana's own Alertmanager posts AlertManager-shaped groups with extras per
+alert: links to the rule, dashboard, panel, silence and image, and the
+query values that fired. Grafana does not retry a ``4xx`` either, so the
+group is validated alert by alert like AlertManager's; the extras are kept
+when usable and dropped, never refused, when not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from functions.intake.sources.base import Source
+from shared.alerts import (
+    MISSING,
+    TRUNCATION_MARKER,
+    Alert,
+    InvalidPayload,
+    Parsed,
+    alert_name_of,
+    build,
+    clean,
+    fingerprint_of,
+    group_envelope,
+    parse_group,
+    parse_time,
+    priority_of,
+    status_of,
+    string_map,
+    summary_from,
+)
+from shared.config import Settings
+
+NAME = "grafana"
+ACCEPTED_VERSIONS = ("1",)
+# Grafana's link fields, kept as annotations (the board and the pages show
+# annotations); an annotation the rule itself set under that name wins.
+LINKS = {
+    "generatorURL": "generator_url",
+    "dashboardURL": "dashboard_url",
+    "panelURL": "panel_url",
+    "silenceURL": "silence_url",
+    "imageURL": "image_url",
+}
+LINK_MAX = 2048
+# The query values ("B": 44.2, "C": 1) and Grafana's text of them; a rule
+# over many series can make these long, and they are context, not identity.
+VALUES_MAX = 1000
+_TITLE_STATUS = re.compile(r"^\s*\[[A-Z]+(?::\d+)?\]\s*")
+
+
+def parse(payload: Any, config: Settings) -> Parsed:
+    if not isinstance(payload, dict):
+        raise InvalidPayload("", "the payload must be a JSON object")
+    version = payload.get("version")
+    if version is not None and version not in ACCEPTED_VERSIONS:
+        raise InvalidPayload(
+            "version",
+            f"must be \"1\" (Grafana-managed alerting webhook), got {version!r}; AlertManager posts to /webhook/alert",
+        )
+    fallback = _fallback_name(payload)
+    items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, fallback, config))
+    return group_envelope(payload, items)
+
+
+def _fallback_name(payload: dict) -> str:
+    """Grafana always sets labels.alertname; a relay that dropped it still
+    sent the group's common labels or its title ("[FIRING:1] Rule (team)")."""
+    common = payload.get("commonLabels")
+    if isinstance(common, dict) and isinstance(common.get("alertname"), str) and common["alertname"].strip():
+        return clean(common["alertname"].strip())
+    title = payload.get("title")
+    return clean(_TITLE_STATUS.sub("", title).strip()) if isinstance(title, str) else ""
+
+
+def parse_alert(raw: Any, path: str, fallback_name: str, config: Settings) -> Alert:
+    if not isinstance(raw, dict):
+        raise InvalidPayload(path, "must be an object")
+    labels = string_map(raw.get("labels", MISSING), f"{path}.labels", required=True)
+    if not labels.get("alertname") and fallback_name:
+        labels["alertname"] = fallback_name
+    annotations = string_map(raw.get("annotations", MISSING), f"{path}.annotations", compound_as_json=True)
+    alert_name = alert_name_of(labels, f"{path}.labels.alertname")
+    annotations = {**_extras(raw), **annotations}
+    return build(
+        labels=labels,
+        annotations=annotations,
+        status=status_of(raw.get("status"), f"{path}.status"),
+        fingerprint=fingerprint_of(raw.get("fingerprint", MISSING), labels, f"{path}.fingerprint"),
+        alert_name=alert_name,
+        priority=priority_of(labels, config),
+        summary=summary_from(annotations),
+        description=annotations.get("description", ""),
+        starts_at=parse_time(raw.get("startsAt", MISSING), f"{path}.startsAt"),
+        ends_at=parse_time(raw.get("endsAt", MISSING), f"{path}.endsAt"),
+        source=NAME,
+        config=config,
+    )
+
+
+def _extras(raw: dict) -> dict[str, str]:
+    extras = {}
+    for field_name, annotation in LINKS.items():
+        link = _link(raw.get(field_name))
+        if link:
+            extras[annotation] = link
+    values = _values(raw.get("values"))
+    if values:
+        extras["values"] = values
+    value_string = raw.get("valueString")
+    if isinstance(value_string, str) and value_string.strip():
+        extras["value_string"] = _bounded(clean(value_string.strip()), VALUES_MAX)
+    return extras
+
+
+def _link(value: Any) -> str | None:
+    """Only web links: the board renders these as links, and a
+    ``javascript:`` URL there would run in the reader's session."""
+    if not isinstance(value, str):
+        return None
+    value = clean(value.strip())
+    if len(value) > LINK_MAX or not value.lower().startswith(("https://", "http://")):
+        return None
+    return value
+
+
+def _values(value: Any) -> str | None:
+    """The numbers as JSON text, as many entries (by name) as fit the bound;
+    Grafana writes null for a value that is not a number."""
+    if not isinstance(value, dict):
+        return None
+    kept: dict[str, float | int | None] = {}
+    for name in sorted(value, key=str):
+        number = value[name]
+        if isinstance(number, bool) or not (number is None or isinstance(number, (int, float))):
+            continue
+        if isinstance(number, float) and not math.isfinite(number):
+            number = None
+        candidate = {**kept, clean(str(name))[:100]: number}
+        if len(json.dumps(candidate, ensure_ascii=False)) > VALUES_MAX:
+            break
+        kept = candidate
+    return json.dumps(kept, ensure_ascii=False) if kept else None
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+SOURCE = Source(name=NAME, parse=parse, routes=("/webhook/grafana",), group_commit=True)

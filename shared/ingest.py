@@ -1,0 +1,288 @@
+"""Recording alerts: open, refresh, resolve and reopen incidents by fingerprint.
+
+Every source's alerts arrive here (shared.alerts.Alert) through
+:func:`record_alerts`, inside the caller's transaction. One statement per
+kind of change whatever the batch size; each statement below reads on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared import events, outbox
+from shared.alerts import Alert
+from shared.sqltext import RFC3339_UTC, UTC_NOW, compact
+from shared.timeline import insert_timeline_and_events, timeline_row
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one alert did: created, refreshed, resolved or ignored."""
+
+    fingerprint: str
+    action: str
+    incident_id: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        result = {"fingerprint": self.fingerprint, "incident_id": self.incident_id, "action": self.action}
+        if self.reason:
+            result["reason"] = self.reason
+        return result
+
+
+@dataclass
+class RecordResult:
+    outcomes: list[Outcome]
+    event_ids: list[str]
+
+
+# Opens or refreshes the batch's incidents, records them on the timeline and
+# queues the events of the new ones, in one statement (one round trip, atomic
+# on its own). Fingerprints whose last incident remediation resolved a moment
+# ago are left out and named (`after_fix`): record_alerts decides about those
+# separately (rare). The events are built by Python beforehand for the id it
+# proposes; a repeat keeps its existing id, so its proposed event joins nothing.
+UPSERT_FIRING = sa.text(compact(
+    f"""
+    WITH x AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+            id text, alert_name text, priority text, summary text, description text, fingerprint text,
+            labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer)
+    ),
+    after_fix AS (
+        SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
+        WHERE :window > 0 AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+          AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
+          AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
+                          AND a.status IN ('open', 'investigating'))
+    ),
+    upserted AS (
+        INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
+                               remediation_actions, fingerprint, labels, annotations, source, starts_at,
+                               last_seen_at, repeat_count)
+        SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
+               '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
+               x.source, x.starts_at, {UTC_NOW}, x.seen - 1
+        FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
+        ORDER BY x.fingerprint
+        ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
+        DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
+                      repeat_count = incidents.repeat_count + EXCLUDED.repeat_count + 1
+        RETURNING incidents.*, (xmax = 0) AS created
+    ),
+    timeline AS (
+        INSERT INTO incident_timeline (incident_id, kind, actor, details)
+        SELECT u.id, CASE WHEN u.created THEN 'opened' ELSE 'repeated' END, :actor,
+               CASE WHEN u.created THEN jsonb_build_object('priority', u.priority, 'source', u.source)
+                    ELSE jsonb_build_object('repeat_count', u.repeat_count) END
+        FROM upserted u
+    ),
+    outboxed AS (
+        INSERT INTO event_outbox (id, type, source, subject, extensions, data)
+        SELECT e.id, e.type, e.source, e.subject, e.extensions,
+               e.data || jsonb_build_object('created_at', to_char(u.created_at, '{RFC3339_UTC}'),
+                                            'starts_at', to_char(u.starts_at, '{RFC3339_UTC}'))
+        FROM jsonb_to_recordset(CAST(:events AS jsonb))
+             AS e(id text, type text, source text, subject text, extensions jsonb, data jsonb)
+        JOIN upserted u ON u.id = e.subject AND u.created
+        ON CONFLICT (id) DO NOTHING
+    )
+    SELECT to_jsonb(u) AS row FROM upserted u
+    UNION ALL
+    SELECT jsonb_build_object('after_fix', fingerprint) FROM after_fix
+    """
+))
+
+TIMESTAMP_COLUMNS = ("created_at", "updated_at", "resolved_at", "starts_at", "last_seen_at")
+
+
+def _row_from_json(row: dict) -> dict:
+    for name in TIMESTAMP_COLUMNS:
+        if isinstance(row.get(name), str):
+            row[name] = datetime.fromisoformat(row[name])
+    return row
+
+
+def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, event_source: str,
+            seen: dict[str, int] | None = None) -> tuple[list[dict], set[str]]:
+    """``seen`` counts the copies of each fingerprint the batch held (the
+    batch keeps one), so repeat_count still counts every delivery."""
+    rows, after_fix = [], set()
+    seen = seen or {}
+    payload = [_alert_row(a, seen.get(a.fingerprint, 1)) for a in alerts]
+    proposed = [events.incident_event(events.INCIDENT_OPENED, {**row, "status": "open", "generation": 0}, event_source)
+                for row in payload]
+    result = conn.execute(UPSERT_FIRING, {"rows": json.dumps(payload), "window": window, "actor": actor,
+                                           "events": outbox.serialise(proposed)})
+    for (row,) in result:
+        if "after_fix" in row:
+            after_fix.add(row["after_fix"])
+        else:
+            rows.append(_row_from_json(row))
+    return rows, after_fix
+
+# After remediation resolved an incident, its alert may still arrive:
+# - the same firing (same startsAt: AlertManager re-sends it every
+#   repeat_interval) is noted on that incident, and nothing opens;
+# - a new firing (the fix did not hold) reopens that incident as a new
+#   generation, which runs the pipeline again; the remediation cooldown then
+#   hands it to a human instead of looping.
+# One statement for both; `continuing` tells them apart.
+AFTER_REMEDIATION = sa.text(compact(
+    f"""
+    UPDATE incidents AS i
+    SET status = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at
+                      THEN i.status ELSE CAST('open' AS incident_status) END,
+        resolved_at = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_at END,
+        resolved_by = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_by END,
+        generation = i.generation + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 0 ELSE 1 END,
+        repeat_count = i.repeat_count + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 1 ELSE 0 END,
+        updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW}
+    FROM (SELECT DISTINCT ON (fingerprint) fingerprint, starts_at
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, starts_at timestamp)
+          ORDER BY fingerprint) AS x
+    WHERE i.fingerprint = x.fingerprint AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+      AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
+      AND i.id = (SELECT b.id FROM incidents b WHERE b.fingerprint = i.fingerprint AND b.status = 'resolved'
+                  ORDER BY b.resolved_at DESC LIMIT 1)
+      AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
+                      AND a.status IN ('open', 'investigating'))
+    RETURNING i.id, i.fingerprint, i.repeat_count, i.status = 'resolved' AS continuing
+    """
+))
+
+RESOLVE_BY_FINGERPRINT = sa.text(compact(
+    f"""
+    UPDATE incidents AS i
+    SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW},
+        resolved_by = 'alert'
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, ends_at timestamp)
+          ORDER BY fingerprint) AS x
+    WHERE i.fingerprint = x.fingerprint AND i.status IN ('open', 'investigating')
+    RETURNING i.*
+    """
+))
+
+def _alert_row(alert: Alert, seen: int = 1) -> dict:
+    return {
+        "seen": seen,
+        "id": str(uuid.uuid4()),
+        "alert_name": alert.alert_name,
+        "priority": alert.priority,
+        "summary": alert.summary,
+        "description": alert.description,
+        "fingerprint": alert.fingerprint,
+        "labels": alert.labels,
+        "annotations": alert.annotations,
+        "source": alert.source,
+        "starts_at": alert.starts_at.isoformat() if alert.starts_at else None,
+    }
+
+
+def record_alerts(
+    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int = 0
+) -> RecordResult:
+    """Open, refresh or resolve incidents for a batch of alerts.
+
+    One statement per kind of change whatever the batch size. Within a batch
+    the last alert of a fingerprint wins (AlertManager never sends two, a
+    hand-written payload might). Rows are touched in fingerprint order so
+    that two concurrent batches lock in the same order and cannot deadlock.
+    """
+    latest: dict[str, Alert] = {}
+    for alert in alerts:
+        latest.pop(alert.fingerprint, None)
+        latest[alert.fingerprint] = alert
+    outcome_of: dict[str, Outcome] = {}
+    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason), key=lambda a: a.fingerprint)
+    resolving = sorted((a for a in latest.values() if a.status == "resolved"), key=lambda a: a.fingerprint)
+    for alert in latest.values():
+        if alert.status == "firing" and alert.ignored_reason:
+            outcome_of[alert.fingerprint] = Outcome(alert.fingerprint, "ignored", reason=alert.ignored_reason)
+
+    timeline: list[dict] = []
+    new_events: list[dict] = []
+    published: list[str] = []  # events the upsert itself queued
+    reopened: set[str] = set()
+    if firing:
+        seen: dict[str, int] = {}
+        for alert in alerts:
+            if alert.status == "firing":
+                seen[alert.fingerprint] = seen.get(alert.fingerprint, 0) + 1
+        rows, after_fix = _upsert(conn, firing, reopen_window_seconds, actor, event_source, seen)
+        if after_fix:
+            again = [a for a in firing if a.fingerprint in after_fix]
+            keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
+            touched = conn.execute(AFTER_REMEDIATION, {"rows": keys, "window": reopen_window_seconds}).mappings().all()
+            for row in touched:
+                if row["continuing"]:
+                    outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "refreshed", row["id"])
+                    timeline.append(timeline_row(row["id"], "repeated", actor, {"repeat_count": row["repeat_count"], "note": "still firing after remediation resolved it"}))
+                else:
+                    reopened.add(row["id"])
+            continuing = {row["fingerprint"] for row in touched if row["continuing"]}
+            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, actor, event_source, seen)
+            rows += more
+        # The upsert already wrote the timeline and the new incidents' events.
+        for row in rows:
+            if row["id"] in reopened:
+                outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "reopened", row["id"])
+                timeline.append(timeline_row(row["id"], "reopened", actor, {"from": "resolved", "to": "open", "generation": row["generation"], "reason": "the alert fired again soon after remediation resolved it"}))
+                new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
+                continue
+            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])
+            if row["created"]:
+                published.append(f"{row['id']}.opened.0")
+    if resolving:
+        payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
+        rows = conn.execute(RESOLVE_BY_FINGERPRINT, {"rows": json.dumps(payload)}).mappings().all()
+        for row in rows:
+            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "resolved", row["id"])
+            timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
+            new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
+        for alert in resolving:
+            outcome_of.setdefault(
+                alert.fingerprint, Outcome(alert.fingerprint, "ignored", reason="no open incident with this fingerprint")
+            )
+    insert_timeline_and_events(conn, timeline, new_events)
+    _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
+    # Report in the order the alerts came, once per alert (duplicates share an outcome).
+    return RecordResult([outcome_of[a.fingerprint] for a in alerts], published + [e["id"] for e in new_events])
+
+
+COUNT_IGNORED = sa.text(compact(
+    f"""
+    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
+    SELECT x.alert_name, x.reason, x.n, {UTC_NOW}
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(alert_name text, reason text, n bigint)
+    ORDER BY x.alert_name, x.reason
+    ON CONFLICT (alert_name, reason)
+    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
+    """
+))
+
+
+def _count_ignored(conn: Connection, ignored: list[Alert]) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for alert in ignored:
+        key = (alert.alert_name, alert.ignored_reason or "")
+        counts[key] = counts.get(key, 0) + 1
+    if counts:
+        rows = [{"alert_name": k[0], "reason": k[1][:200], "n": n} for k, n in counts.items()]
+        conn.execute(COUNT_IGNORED, {"rows": json.dumps(rows)})
+
+
+def resolve_by_fingerprint(conn: Connection, fingerprint: str, event_source: str, actor: str, ends_at: datetime | None = None) -> str | None:
+    """Resolve the active incident of this fingerprint; its id, or None."""
+    alert = Alert(fingerprint=fingerprint, status="resolved", alert_name="", priority="P2", summary="", description="",
+                  labels={}, annotations={}, starts_at=None, ends_at=ends_at, source="api")
+    result = record_alerts(conn, [alert], event_source, actor)
+    return result.outcomes[0].incident_id

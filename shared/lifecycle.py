@@ -1,0 +1,122 @@
+"""The incident lifecycle: status transitions and what the pipeline records
+on an incident (diagnostics, remediation actions).
+
+Functions take the caller's ``Connection``; a transition, its timeline entry
+and its outbox event commit together.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from shared import events, outbox
+from shared.errors import Conflict, InvalidTransition, NotFound
+from shared.incident_queries import INCIDENT_COLUMNS
+from shared.models import ACTIVE_STATUSES, incidents_table
+from shared.sqltext import UTC_NOW
+from shared.timefmt import json_default
+from shared.timeline import add_timeline
+
+# The seed's lifecycle: open -> investigating -> resolved -> closed. An alert
+# may resolve before anyone investigates; a resolved incident may reopen;
+# closed is final.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "open": ("investigating", "resolved"),
+    "investigating": ("resolved",),
+    "resolved": ("investigating", "closed"),
+    "closed": (),
+}
+
+
+def transition(
+    conn: Connection,
+    incident_id: str,
+    to_status: str,
+    actor: str,
+    event_source: str,
+    note: str | None = None,
+    resolved_by: str = "api",
+) -> tuple[dict, list[str]]:
+    """Move an incident along the lifecycle; refuses what the lifecycle forbids.
+
+    Returns the updated incident and the ids of the events to publish.
+    """
+    row = conn.execute(sa.select(*INCIDENT_COLUMNS).where(incidents_table.c.id == incident_id).with_for_update()).mappings().first()
+    if row is None:
+        raise NotFound(f"incident {incident_id} not found")
+    current = row["status"]
+    allowed = list(TRANSITIONS[current])
+    if to_status not in allowed:
+        raise InvalidTransition(current, to_status, allowed)
+    values: dict[str, Any] = {"status": to_status, "updated_at": sa.text(UTC_NOW)}
+    if to_status == "resolved":
+        values["resolved_at"] = sa.text(UTC_NOW)
+        values["resolved_by"] = resolved_by
+    reopening = current == "resolved" and to_status == "investigating"
+    if reopening:
+        values["resolved_at"] = None
+        values["resolved_by"] = None
+        values["generation"] = incidents_table.c.generation + 1
+    try:
+        with conn.begin_nested():
+            updated = conn.execute(
+                incidents_table.update().where(incidents_table.c.id == incident_id).values(**values).returning(*INCIDENT_COLUMNS)
+            ).mappings().one()
+    except IntegrityError:
+        other = conn.execute(
+            sa.select(incidents_table.c.id).where(
+                incidents_table.c.fingerprint == row["fingerprint"], incidents_table.c.status.in_(ACTIVE_STATUSES)
+            )
+        ).scalar()
+        raise Conflict(
+            f"cannot reopen: incident {other} is already active for the same alert fingerprint",
+            active_incident_id=other,
+        ) from None
+    details = {"from": current, "to": to_status}
+    if note:
+        details["note"] = note
+    add_timeline(conn, incident_id, "reopened" if reopening else "status_changed", details, actor)
+    event_ids: list[str] = []
+    if to_status == "resolved":
+        event = events.incident_event(events.INCIDENT_RESOLVED, updated, event_source)
+        outbox.enqueue(conn, [event])
+        event_ids.append(event["id"])
+    return dict(updated), event_ids
+
+
+def mark_investigating(conn: Connection, incident_id: str, actor: str) -> bool:
+    """open -> investigating if still open (a conditional update, safe to repeat)."""
+    result = conn.execute(
+        sa.text(
+            f"UPDATE incidents SET status = 'investigating', updated_at = {UTC_NOW} "
+            "WHERE id = :id AND status = 'open' RETURNING id"
+        ),
+        {"id": incident_id},
+    ).first()
+    if result is not None:
+        add_timeline(conn, incident_id, "status_changed", {"from": "open", "to": "investigating"}, actor)
+    return result is not None
+
+
+def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict) -> None:
+    conn.execute(
+        sa.text(f"UPDATE incidents SET diagnostics = CAST(:d AS json), updated_at = {UTC_NOW} WHERE id = :id"),
+        {"d": json.dumps(diagnostics, default=json_default), "id": incident_id},
+    )
+
+
+def append_remediation_action(conn: Connection, incident_id: str, action: dict) -> None:
+    """Append one action record (the seed's shape) to ``remediation_actions``."""
+    conn.execute(
+        sa.text(
+            "UPDATE incidents SET remediation_actions = "
+            "CAST(COALESCE(CAST(remediation_actions AS jsonb), '[]'::jsonb) || jsonb_build_array(CAST(:a AS jsonb)) AS json), "
+            f"updated_at = {UTC_NOW} WHERE id = :id"
+        ),
+        {"a": json.dumps(action, default=json_default), "id": incident_id},
+    )
