@@ -4,7 +4,6 @@
 Grafana does not retry a 4xx, so a group is validated alert by alert and
 refused only when nothing in it is usable."""
 
-import copy
 import json
 from datetime import datetime
 
