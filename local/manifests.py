@@ -36,6 +36,9 @@ SECRET_MOUNTS = {
     "incident-api-token": ("token", "INCIDENT_API_TOKEN_FILE", {"intake", "intake-events", "query"}),
     "pagerduty-key": ("api_key", "PAGERDUTY_ROUTING_KEY_FILE", {"escalation"}),
     "slack-webhook": ("url", "SLACK_WEBHOOK_URL_FILE", {"escalation"}),
+    "teams-webhook": ("url", "TEAMS_WEBHOOK_URL_FILE", {"escalation"}),
+    "outgoing-webhook": ("url", "OUTGOING_WEBHOOK_URL_FILE", {"escalation"}),
+    "outgoing-webhook-secret": ("secret", "OUTGOING_WEBHOOK_SECRET_FILE", {"escalation"}),
     "remediation-db": ("dsn", "REMEDIATION_DB_DSN_FILE", {"remediation"}),
 }
 CONFIG_FILES = {
@@ -60,7 +63,8 @@ def service(name: str) -> dict:
         env.append({"name": variable, "value": f"{SECRETS}/{secret}/{key}"})
         mounts.append({"name": secret, "mountPath": f"{SECRETS}/{secret}", "readOnly": True})
         # Optional integrations may be absent: the function then says it is off.
-        optional = secret in ("pagerduty-key", "slack-webhook", "remediation-db")
+        optional = secret in ("pagerduty-key", "slack-webhook", "teams-webhook", "outgoing-webhook",
+                              "outgoing-webhook-secret", "remediation-db")
         volumes.append({"name": secret, "secret": {"secretName": secret, "optional": optional}})
     if name in CONFIG_FILES:
         configmap, filename, variable, path = CONFIG_FILES[name]

@@ -5,13 +5,17 @@ from the file named by ``<NAME>_FILE``, which is how Kubernetes mounts
 Secrets. Invalid values fail at start-up with one line naming the variable,
 and secrets are kept in :class:`Secret` so that a ``repr`` or a log line
 never shows them.
+
+A secret is declared once, on its field (``field(metadata=secret("NAME"))``):
+:func:`load_settings` reads every declared secret from ``NAME`` or
+``NAME_FILE``, and ``shared.bootstrap`` masks every one of them in logs.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from shared.domain import PRIORITIES
@@ -60,6 +64,17 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def secret(env: str, url: bool = False) -> dict[str, Any]:
+    """Field metadata declaring a secret setting read from ``env`` (or
+    ``env_FILE``); ``url``: it must be an http(s) URL (the URL is the secret)."""
+    return {"secret": True, "env": env, "url": url}
+
+
+def secret_fields(settings_class: type) -> list[Field]:
+    """Every field declared with :func:`secret`, in declaration order."""
+    return [f for f in fields(settings_class) if f.metadata.get("secret")]
 
 
 def _get(env: Mapping[str, str], name: str, default: str = "") -> str:
@@ -196,14 +211,14 @@ def _severity_map(env: Mapping[str, str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class Settings:
     database_url: str
-    api_token: Secret | None
+    api_token: Secret | None = field(metadata=secret("INCIDENT_API_TOKEN"))
     k_sink: str
     event_source: str
     public_url: str
     prometheus_url: str
     pagerduty_events_url: str
-    pagerduty_routing_key: Secret | None
-    slack_webhook_url: Secret | None
+    pagerduty_routing_key: Secret | None = field(metadata=secret("PAGERDUTY_ROUTING_KEY"))
+    slack_webhook_url: Secret | None = field(metadata=secret("SLACK_WEBHOOK_URL", url=True))
     remediation_mode: str
     remediation_allowed_namespaces: tuple[str, ...]
     playbooks_file: str
@@ -225,7 +240,7 @@ class Settings:
     remediation_max_actions_per_hour: int = 20
     remediation_verify_timeout_seconds: float = 120.0
     remediation_allow_node_actions: bool = False
-    remediation_db_dsn: Secret | None = None
+    remediation_db_dsn: Secret | None = field(default=None, metadata=secret("REMEDIATION_DB_DSN"))
     reopen_window_seconds: int = 1800
     cluster_name: str = "kubernetes"
     pagerduty_severity: dict = field(default_factory=dict)
@@ -246,24 +261,27 @@ class Settings:
     reconcile_backoff_seconds: float = 300.0
     reconcile_horizon_seconds: float = 86400.0
     reconcile_batch: int = 100
+    # Notification channels (functions/escalation/channels/).
+    announce_on_open_priorities: tuple[str, ...] = ("P0", "P1")
+    teams_webhook_url: Secret | None = field(default=None, metadata=secret("TEAMS_WEBHOOK_URL", url=True))
+    outgoing_webhook_url: Secret | None = field(default=None, metadata=secret("OUTGOING_WEBHOOK_URL", url=True))
+    outgoing_webhook_secret: Secret | None = field(default=None, metadata=secret("OUTGOING_WEBHOOK_SECRET"))
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Settings] = Settings) -> Settings:
     """Read every setting; raise :class:`ConfigError` naming the first bad one."""
     env = os.environ if env is None else env
-    return Settings(
+    config = settings_class(
         database_url=_database_url(env),
-        api_token=read_secret(env, "INCIDENT_API_TOKEN"),
+        **_secrets(env, settings_class),
         k_sink=_http_url(env, "K_SINK"),
         event_source=_get(env, "EVENT_SOURCE", "/incident-response") or "/incident-response",
         public_url=_http_url(env, "PUBLIC_URL", "http://localhost:8080"),
         prometheus_url=_http_url(env, "PROMETHEUS_URL"),
         pagerduty_events_url=_http_url(env, "PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com/v2/enqueue"),
-        pagerduty_routing_key=read_secret(env, "PAGERDUTY_ROUTING_KEY"),
-        slack_webhook_url=_slack_url(env),
         remediation_mode=_choice(env, "REMEDIATION_MODE", "dry-run", REMEDIATION_MODES),
         remediation_allowed_namespaces=_csv(env, "REMEDIATION_ALLOWED_NAMESPACES"),
         playbooks_file=_get(env, "PLAYBOOKS_FILE"),
@@ -285,7 +303,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         remediation_max_actions_per_hour=_int(env, "REMEDIATION_MAX_ACTIONS_PER_HOUR", 20, minimum=0),
         remediation_verify_timeout_seconds=_float(env, "REMEDIATION_VERIFY_TIMEOUT_SECONDS", 120.0, minimum=0.0),
         remediation_allow_node_actions=_bool(env, "REMEDIATION_ALLOW_NODE_ACTIONS", False),
-        remediation_db_dsn=read_secret(env, "REMEDIATION_DB_DSN"),
         reopen_window_seconds=_int(env, "REOPEN_WINDOW_SECONDS", 1800, minimum=0),
         cluster_name=_get(env, "CLUSTER_NAME", "kubernetes") or "kubernetes",
         pagerduty_severity=_pagerduty_severity(env),
@@ -306,7 +323,38 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_backoff_seconds=_float(env, "RECONCILE_BACKOFF_SECONDS", 300.0, minimum=0.0),
         reconcile_horizon_seconds=_float(env, "RECONCILE_HORIZON_SECONDS", 86400.0, minimum=60.0),
         reconcile_batch=_int(env, "RECONCILE_BATCH", 100, minimum=1, maximum=10000),
+        # Notification channels (functions/escalation/channels/).
+        announce_on_open_priorities=_priorities(env, "ANNOUNCE_ON_OPEN_PRIORITIES", "P0,P1"),
     )
+    _check_paging(config)
+    return config
+
+
+def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret | None]:
+    """Every declared secret, read from its variable or its ``_FILE``."""
+    values = {}
+    for f in secret_fields(settings_class):
+        name = f.metadata["env"]
+        value = read_secret(env, name)
+        if value is not None and f.metadata.get("url"):
+            parts = urlsplit(value.reveal())
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                # The URL is the secret: name the variable, never the value.
+                raise ConfigError(f"{name}: expected an http(s) URL")
+        values[f.name] = value
+    return values
+
+
+def _check_paging(config: Settings) -> None:
+    """Paging is decided by the settings alone (every transition reaches
+    escalation), so a setting that can never take effect is an error, not a
+    silent no-op."""
+    never = [p for p in config.page_on_open_priorities if not config.priority_opens_incident(p)]
+    if never:
+        raise ConfigError(f"PAGE_ON_OPEN_PRIORITIES: {never[0]} incidents never open, because MIN_INCIDENT_PRIORITY is "
+                          f"{config.min_incident_priority}; lower MIN_INCIDENT_PRIORITY or drop {never[0]}")
+    if bool(config.outgoing_webhook_url) != bool(config.outgoing_webhook_secret):
+        raise ConfigError("OUTGOING_WEBHOOK_URL and OUTGOING_WEBHOOK_SECRET: set both (every request is signed) or neither")
 
 
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
@@ -330,17 +378,6 @@ def _priorities(env: Mapping[str, str], name: str, default: str) -> tuple[str, .
     if bad:
         raise ConfigError(f"{name}: unknown priority {bad[0]!r}; allowed: {', '.join(PRIORITIES)}")
     return values
-
-
-def _slack_url(env: Mapping[str, str]) -> Secret | None:
-    secret = read_secret(env, "SLACK_WEBHOOK_URL")
-    if secret is None:
-        return None
-    parts = urlsplit(secret.reveal())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        # The URL is the secret: name the variable, never the value.
-        raise ConfigError("SLACK_WEBHOOK_URL: expected an http(s) URL")
-    return secret
 
 
 _cached: Settings | None = None

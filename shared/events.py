@@ -20,6 +20,8 @@ INCIDENT_DIAGNOSED = f"{EVENT_TYPE_PREFIX}.incident.diagnosed"
 INCIDENT_REMEDIATED = f"{EVENT_TYPE_PREFIX}.incident.remediated"
 INCIDENT_REMEDIATION_FAILED = f"{EVENT_TYPE_PREFIX}.incident.remediation_failed"
 INCIDENT_RESOLVED = f"{EVENT_TYPE_PREFIX}.incident.resolved"
+# A person took the incident (open -> investigating through the API or the board).
+INCIDENT_ACKNOWLEDGED = f"{EVENT_TYPE_PREFIX}.incident.acknowledged"
 
 ALL_TYPES = (
     INCIDENT_REPORT,
@@ -28,6 +30,7 @@ ALL_TYPES = (
     INCIDENT_REMEDIATED,
     INCIDENT_REMEDIATION_FAILED,
     INCIDENT_RESOLVED,
+    INCIDENT_ACKNOWLEDGED,
 )
 
 

@@ -78,12 +78,19 @@ def transition(
             active_incident_id=other,
         ) from None
     details = {"from": current, "to": to_status}
+    # A person taking an open incident is an acknowledgement: the channels
+    # tell it (PagerDuty acknowledges its page). Diagnostics moves it with
+    # mark_investigating, which is not one.
+    acknowledged = current == "open" and to_status == "investigating"
+    if acknowledged:
+        details["acknowledged"] = True
     if note:
         details["note"] = note
     add_timeline(conn, incident_id, "reopened" if reopening else "status_changed", details, actor)
     event_ids: list[str] = []
-    if to_status == "resolved":
-        event = events.incident_event(events.INCIDENT_RESOLVED, updated, event_source)
+    announced = {"resolved": events.INCIDENT_RESOLVED}.get(to_status) or (events.INCIDENT_ACKNOWLEDGED if acknowledged else None)
+    if announced:
+        event = events.incident_event(announced, updated, event_source)
         outbox.enqueue(conn, [event])
         event_ids.append(event["id"])
     return dict(updated), event_ids

@@ -75,7 +75,8 @@ missing AS (
     SELECT 'escalation:opened', 'opened', r.id, r.gen, o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'opened'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
-    WHERE r.status IN ('open', 'investigating') AND r.priority = 'P0' AND o.published_at IS NOT NULL
+    WHERE r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
+      AND o.published_at IS NOT NULL
     UNION ALL
     SELECT 'remediation', 'diagnosed', r.id, r.gen, d.completed_at, 'remediation:' || r.id || ':' || r.gen
     FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen
@@ -133,7 +134,10 @@ _REMEDIATION_RESULT = sa.text(
 
 def _params(config: Settings) -> dict:
     return {"grace": config.reconcile_grace_seconds, "backoff": config.reconcile_backoff_seconds,
-            "k": config.reconcile_max_reemits, "horizon": config.reconcile_horizon_seconds}
+            "k": config.reconcile_max_reemits, "horizon": config.reconcile_horizon_seconds,
+            # The opening of an incident that pages must reach escalation: the
+            # same setting that decides the page decides what is watched.
+            "page_on_open": ",".join(config.page_on_open_priorities)}
 
 
 @dataclass

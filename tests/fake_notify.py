@@ -1,9 +1,12 @@
-"""Loopback PagerDuty Events API v2 and Slack incoming-webhook receivers that
-check every request against the documented shape and answer from a script."""
+"""Loopback PagerDuty Events API v2, Slack incoming-webhook, Microsoft Teams
+Workflows webhook and signed outgoing-webhook receivers that check every
+request against the documented shape and answer from a script."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -164,8 +167,10 @@ class ScriptedReceiver:
     when the script is empty, validates and accepts."""
 
     def __init__(self, validate, accept_status: int, accept_body: bytes, refuse=None, accepted_but_wrong=None,
-                 accept_type: str = "application/json"):
+                 accept_type: str = "application/json", validate_request=None):
         self.validate = validate
+        # Checks of the request itself (headers, signature, exact bytes).
+        self.validate_request = validate_request
         self.accept = (accept_status, accept_body)
         self.accept_type = accept_type
         self.refuse = refuse or _refuse_json
@@ -206,6 +211,8 @@ class ScriptedReceiver:
         except ValueError:
             message = None
         problems = self.validate(message) if message is not None else ["empty or malformed body"]
+        if self.validate_request:
+            problems = self.validate_request(req) + problems
         if problems:
             self.invalid.append((req, problems))
             return self.refuse(problems)
@@ -233,3 +240,172 @@ def pagerduty() -> ScriptedReceiver:
 def slack() -> ScriptedReceiver:
     return ScriptedReceiver(slack_problems, 200, b"ok", refuse=_refuse_slack, accepted_but_wrong=slack_escaping_problems,
                             accept_type="text/html")
+
+
+# --------------------------------------------------------------------------- Microsoft Teams
+# Workflows "Post to a channel when a webhook request is received" and the
+# incoming webhooks take {"type": "message", "attachments": [{"contentType":
+# "application/vnd.microsoft.card.adaptive", "content": <AdaptiveCard>}]}
+# (Microsoft Learn, "Create incoming webhooks with Workflows for Microsoft
+# Teams"); a message over about 28 KB is refused as too large.
+TEAMS_MAX_BYTES = 28 * 1024
+TEAMS_CARD_VERSIONS = {"1.0", "1.1", "1.2", "1.3", "1.4", "1.5"}
+TEAMS_ELEMENTS = {"TextBlock", "FactSet", "ColumnSet", "Container", "Image", "RichTextBlock"}
+# What a TextBlock's Markdown subset (and CommonMark below it) gives meaning
+# to; in alert text each must come escaped with a backslash.
+MARKDOWN_SIGNIFICANT = set("\\*_[]()~`#><-+!|{}&")
+MARKDOWN_ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
+
+
+def teams_card(message) -> dict | None:
+    try:
+        return message["attachments"][0]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def teams_texts(message) -> list[tuple[str, str]]:
+    """(where, text) of every text Teams renders as Markdown in the card."""
+    card = teams_card(message) or {}
+    texts = []
+    for i, element in enumerate(card.get("body") or []):
+        if element.get("type") == "TextBlock":
+            texts.append((f"body[{i}]", element.get("text", "")))
+        for j, fact in enumerate(element.get("facts") or []):
+            texts.append((f"body[{i}].facts[{j}]", fact.get("value", "")))
+    return texts
+
+
+def teams_unescaped(message) -> list[str]:
+    """Markdown a card's text would render (a link, emphasis, a heading):
+    Teams accepts it, so the receiver records it for the tests to fail."""
+    problems = []
+    for where, text in teams_texts(message):
+        rest = MARKDOWN_ESCAPE.sub("", text)
+        bad = sorted(set(rest) & MARKDOWN_SIGNIFICANT)
+        if bad:
+            problems.append(f"{where}: unescaped {''.join(bad)!r}")
+    return problems
+
+
+def teams_problems(message) -> list[str]:
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return ["type must be message"]
+    attachments = message.get("attachments")
+    if not isinstance(attachments, list) or len(attachments) != 1:
+        return ["attachments must hold exactly one card"]
+    if attachments[0].get("contentType") != "application/vnd.microsoft.card.adaptive":
+        return ["contentType must be application/vnd.microsoft.card.adaptive"]
+    card = attachments[0].get("content")
+    if not isinstance(card, dict) or card.get("type") != "AdaptiveCard":
+        return ["content must be an AdaptiveCard"]
+    problems = []
+    if card.get("$schema") != "http://adaptivecards.io/schemas/adaptive-card.json":
+        problems.append("$schema must be the Adaptive Card schema")
+    if card.get("version") not in TEAMS_CARD_VERSIONS:
+        problems.append(f"version {card.get('version')!r} is not one Teams renders")
+    body = card.get("body")
+    if not isinstance(body, list) or not body:
+        return problems + ["body must be a non-empty list"]
+    for i, element in enumerate(body):
+        kind = element.get("type") if isinstance(element, dict) else None
+        if kind not in TEAMS_ELEMENTS:
+            problems.append(f"body[{i}].type {kind!r} is unknown")
+        elif kind == "TextBlock" and (not isinstance(element.get("text"), str) or not element["text"]):
+            problems.append(f"body[{i}].text must be a non-empty string")
+        elif kind == "FactSet":
+            facts = element.get("facts")
+            if not isinstance(facts, list) or not facts or any(
+                    not isinstance(f, dict) or not isinstance(f.get("title"), str) or not isinstance(f.get("value"), str) for f in facts):
+                problems.append(f"body[{i}].facts must be title/value strings")
+    for i, action in enumerate(card.get("actions") or []):
+        if action.get("type") != "Action.OpenUrl" or not str(action.get("url", "")).startswith(("http://", "https://")) \
+                or not action.get("title"):
+            problems.append(f"actions[{i}] must be an Action.OpenUrl with a title and an http(s) url")
+    return problems
+
+
+def _teams_size(req: Recorded) -> list[str]:
+    return [f"the message is {len(req.body)} bytes, over 28 KB"] if len(req.body) > TEAMS_MAX_BYTES else []
+
+
+def _refuse_teams(problems: list[str]):
+    if problems and "over 28 KB" in problems[0]:
+        return 413, {"Content-Type": "text/plain"}, b"Request Entity Too Large"
+    return 400, {"Content-Type": "application/json"}, json.dumps({"error": {"code": "InvalidRequestContent", "message": problems[0]}}).encode()
+
+
+def teams() -> ScriptedReceiver:
+    # A workflow answers 202 Accepted with an empty body.
+    return ScriptedReceiver(teams_problems, 202, b"", refuse=_refuse_teams, accepted_but_wrong=teams_unescaped,
+                            accept_type="text/plain", validate_request=_teams_size)
+
+
+# --------------------------------------------------------------------------- a signed outgoing webhook
+# What a receiver is told to do (docs/extending.md, functions/escalation/channels/webhook.py):
+# X-Incident-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">, t within 5 minutes.
+WEBHOOK_TOLERANCE_SECONDS = 300
+WEBHOOK_TRANSITIONS = {"opened", "acknowledged", "remediated", "remediation_failed", "resolved"}
+WEBHOOK_INCIDENT_KEYS = {"id", "alert_name", "priority", "status", "summary", "service", "labels", "generation",
+                         "created_at", "resolved_at", "links"}
+WEBHOOK_MAX_BYTES = 64 * 1024
+
+
+def webhook_signature_problems(secret: str, req: Recorded) -> list[str]:
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    if not headers.get("content-type", "").startswith("application/json"):
+        return ["Content-Type must be application/json"]
+    fields: dict[str, list[str]] = {}
+    for item in headers.get("x-incident-signature", "").split(","):
+        key, _, value = item.strip().partition("=")
+        fields.setdefault(key, []).append(value)
+    try:
+        timestamp = int(fields["t"][0])
+    except (KeyError, ValueError):
+        return ["X-Incident-Signature has no t=<unix seconds>"]
+    if abs(time.time() - timestamp) > WEBHOOK_TOLERANCE_SECONDS:
+        return ["the signature's timestamp is outside the tolerance"]
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + req.body, hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, v) for v in fields.get("v1", [])):
+        return ["the signature does not match the body"]
+    problems = []
+    if len(req.body) > WEBHOOK_MAX_BYTES:
+        problems.append("the body is over 64 KB")
+    try:
+        delivery = json.loads(req.body).get("id")
+    except (ValueError, AttributeError):
+        delivery = None
+    if headers.get("x-incident-delivery") != delivery:
+        problems.append("X-Incident-Delivery must name the body's id")
+    return problems
+
+
+def webhook_problems(message) -> list[str]:
+    if not isinstance(message, dict):
+        return ["body must be an object"]
+    problems = []
+    transition = message.get("transition")
+    if transition not in WEBHOOK_TRANSITIONS:
+        problems.append(f"unknown transition {transition!r}")
+    if message.get("type") != f"incident.{transition}":
+        problems.append("type must be incident.<transition>")
+    incident = message.get("incident")
+    if not isinstance(incident, dict) or set(incident) != WEBHOOK_INCIDENT_KEYS:
+        return problems + [f"incident must hold exactly {sorted(WEBHOOK_INCIDENT_KEYS)}"]
+    if not str(message.get("id", "")).startswith(f"{incident['id']}.{transition}."):
+        problems.append("id must be <incident>.<transition>.<generation>")
+    if not isinstance(incident["labels"], dict) or len(incident["labels"]) > 32:
+        problems.append("labels must be an object of at most 32")
+    if not str(incident["links"].get("incident", "")).startswith(("http://", "https://")):
+        problems.append("links.incident must be a URL")
+    return problems
+
+
+def _refuse_webhook(problems: list[str]):
+    status = 401 if any("signature" in p for p in problems) else 400
+    return status, {"Content-Type": "application/json"}, json.dumps({"error": problems[0]}).encode()
+
+
+def signed_webhook(secret: str) -> ScriptedReceiver:
+    return ScriptedReceiver(webhook_problems, 204, b"", refuse=_refuse_webhook,
+                            validate_request=functools.partial(webhook_signature_problems, secret))

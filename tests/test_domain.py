@@ -4,7 +4,7 @@ exactly the service that Slack, PagerDuty, diagnostics and remediation use."""
 import pytest
 
 from functions.diagnostics.collector import resolve_target
-from functions.escalation.messages import service_of as shown_service
+from functions.escalation.channels.text import service_of as shown_service
 from shared import incidents as svc
 from shared.domain import service_of
 from tests.factories import alert

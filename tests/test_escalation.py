@@ -287,13 +287,14 @@ def test_an_alert_with_only_a_title_or_a_description_gets_a_meaningful_summary(e
 
 @pytest.mark.parametrize("unit", ["&", "<", "e\u0301", "👍🏽", "👨‍👩‍👧", "🇺🇦", "\U0001F525"])
 def test_truncation_never_cuts_an_entity_a_surrogate_pair_or_a_combining_sequence(unit):
-    from functions.escalation import messages
+    from functions.escalation.channels import slack
+    from functions.escalation.channels.text import ELLIPSIS
 
     for limit in (150, 1999, 2000, 3000):
-        text = messages.fit(["x" * (limit % 7), unit * 3000], limit)
-        assert u16(text) <= limit and text.endswith(messages.ELLIPSIS)
+        text = slack.fit(["x" * (limit % 7), unit * 3000], limit)
+        assert u16(text) <= limit and text.endswith(ELLIPSIS)
         body = text[limit % 7:-1]
-        escaped = messages.escape(unit)
+        escaped = slack.escape(unit)
         assert body == escaped * (len(body) // len(escaped)), f"a {unit!r} was cut"
 
 

@@ -137,7 +137,9 @@ def test_lifecycle_transition(clean_db, current, target, allowed):
             row, events = svc.transition(conn, incident_id, target, "alice", SOURCE, note="checked")
         assert row["status"] == target
         assert (row["resolved_at"] is not None) == (target in ("resolved", "closed"))
-        assert bool(events) == (target == "resolved")
+        # Resolving is announced, and so is a person taking an open incident.
+        expected = {"resolved": "resolved", "investigating": "acknowledged" if current == "open" else None}.get(target)
+        assert events == ([f"{incident_id}.{expected}.{row['generation']}"] if expected else [])
         with clean_db.connect() as conn:
             last = svc.get_timeline(conn, incident_id)[-1]
         assert last["actor"] == "alice" and last["details"]["note"] == "checked"

@@ -73,10 +73,11 @@ def test_the_shipped_manifests_load(servers):
     brokers = load_brokers(ROOT / "knative" / "base", services)
     (spec,) = brokers.values()
     assert spec.delivery.dead_letter == "http://127.0.0.1:1"
-    assert {t.name for t in spec.triggers} >= {"diagnose-opened-incidents", "page-p0-incidents", "remediate-diagnosed-incidents"}
-    page = next(t for t in spec.triggers if t.name == "page-p0-incidents")
-    assert page.matches({"type": "io.incidentresponse.incident.opened", "priority": "p0"})
-    assert not page.matches({"type": "io.incidentresponse.incident.opened", "priority": "p1"})
+    assert {t.name for t in spec.triggers} >= {"diagnose-opened-incidents", "escalate-opened-incidents", "remediate-diagnosed-incidents"}
+    escalate = next(t for t in spec.triggers if t.name == "escalate-opened-incidents")
+    # Every priority reaches escalation; PAGE_ON_OPEN_PRIORITIES decides who is paged.
+    for priority in ("p0", "p1", "p2"):
+        assert escalate.matches({"type": "io.incidentresponse.incident.opened", "priority": priority})
 
 
 @pytest.mark.parametrize(

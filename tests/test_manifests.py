@@ -166,14 +166,19 @@ def test_wiring_names_services_that_exist(base):
     selector = binding["spec"]["subject"]["selector"]["matchLabels"]
     bound = {n for n, s in services.items() if all(s["metadata"]["labels"].get(k) == v for k, v in selector.items())}
     assert bound == {"intake", "intake-events", "query", "remediation"}
-    page = next(d for d in base if d["kind"] == "Trigger" and d["metadata"]["name"] == "page-p0-incidents")
-    assert page["spec"]["filter"]["attributes"] == {"type": "io.incidentresponse.incident.opened", "priority": "p0"}
+    # Escalation gets every transition of every priority: the settings decide, not a filter.
+    to_escalation = [d["spec"]["filter"]["attributes"] for d in base
+                     if d["kind"] == "Trigger" and d["spec"]["subscriber"]["ref"]["name"] == "escalation"]
+    assert sorted(a["type"].rsplit(".", 1)[1] for a in to_escalation) == sorted(
+        ["opened", "acknowledged", "remediated", "remediation_failed", "resolved"])
+    assert all(set(a) == {"type"} for a in to_escalation)
 
 
 def settings_read_by_code() -> set[str]:
     source = (ROOT / "shared" / "config.py").read_text()
     names = set(re.findall(r'\(env, "([A-Z0-9_]+)"', source))
-    names |= {f"{n}_FILE" for n in re.findall(r'read_secret\(env, "([A-Z0-9_]+)"\)', source)}
+    secrets = re.findall(r'read_secret\(env, "([A-Z0-9_]+)"\)', source) + re.findall(r'secret\("([A-Z0-9_]+)"', source)
+    names |= set(secrets) | {f"{n}_FILE" for n in secrets}
     return names | {"FUNCTION_SOURCE", "FUNCTION_TARGET", "THREADS"}  # read by the image's command / functions-framework
 
 

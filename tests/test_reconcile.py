@@ -115,6 +115,15 @@ def test_p0_whose_opened_escalation_never_completed_reemits_opened(clean_db, con
         assert reconcile.assess(conn, config) == {("escalation:opened", "due"): 1}
 
 
+def test_which_openings_are_watched_follows_page_on_open_priorities(clean_db, config):
+    incident_id = open_incident(clean_db, "PagedP1", priority="P1")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"remediation:{incident_id}:0", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []  # P1 does not page by default
+    paging_p1 = replace(config, page_on_open_priorities=("P0", "P1"))
+    assert reconcile.run(clean_db, paging_p1).reemitted == [f"{incident_id}.opened.0.r1"]
+
+
 def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(clean_db, config):
     incident_id = open_incident(clean_db, "NeverResolvedPage")
     complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)

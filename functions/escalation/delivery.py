@@ -1,6 +1,7 @@
 """Sending one notification: a timeout on every call, exponential backoff on
-transport errors, ``429`` (honouring ``Retry-After``) and ``5xx``, and no
-retry on any other ``4xx`` (it will not get better).
+transport errors and on the answers the channel says are worth a retry
+(``429``, honouring ``Retry-After``, and ``5xx`` by default), and no retry on
+any other answer (it will not get better).
 
 Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
 so the claim that guards a notification can go stale right after the budget
@@ -15,6 +16,8 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+
+from typing import Callable
 
 import requests
 
@@ -80,22 +83,33 @@ def _retry_after(response: requests.Response, fallback: float, cap: float) -> fl
         return min(fallback, cap)
 
 
+def _retry_by_default(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
 def send(
     http: requests.Session,
     url: str,
-    payload: dict,
+    payload: dict | bytes,
     channel: str,
     timeout: float,
     max_attempts: int,
     max_retry_after: float,
     base_delay: float = BASE_DELAY,
+    headers: dict[str, str] | None = None,
+    retry: Callable[[int], bool] = _retry_by_default,
 ) -> Delivery:
+    """POST ``payload`` (a dict as JSON, or bytes as they are: a signature
+    may cover them) until it is accepted, refused, or the budget is spent."""
     deadline = time.monotonic() + worst_case_seconds(timeout, max_attempts, base_delay)
     delay = base_delay
     last = Delivery(False, None, 0, "not attempted")
     for attempt in range(1, max_attempts + 1):
         try:
-            response = http.post(url, json=payload, timeout=timeout)
+            if isinstance(payload, bytes):
+                response = http.post(url, data=payload, headers=headers, timeout=timeout)
+            else:
+                response = http.post(url, json=payload, headers=headers, timeout=timeout)
         except requests.RequestException as exc:
             last = Delivery(False, None, attempt, describe_failure(exc, timeout))
             wait = delay
@@ -104,13 +118,11 @@ def send(
             if 200 <= response.status_code < 300:
                 return Delivery(True, response.status_code, attempt, None, body)
             last = Delivery(False, response.status_code, attempt, scrub(f"HTTP {response.status_code}: {body[:200]}"), body)
-            if response.status_code == 429:
-                wait = _retry_after(response, delay, max_retry_after)
-            elif response.status_code >= 500:
-                wait = delay
+            if retry(response.status_code):
+                wait = _retry_after(response, delay, max_retry_after) if response.status_code == 429 else delay
             else:
-                # The URL is the secret for Slack, the key is in the body for
-                # PagerDuty: log the status, never the request.
+                # The URL is the secret for Slack and Teams, the key is in the
+                # body for PagerDuty: log the status, never the request.
                 log.error("Notification refused", extra={"channel": channel, "status": response.status_code, "response": scrub(body, 200)})
                 return last
         remaining = deadline - time.monotonic() - timeout

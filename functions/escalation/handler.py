@@ -1,8 +1,10 @@
-"""Incident events in, pages and Slack messages out, each exactly once per
-incident, channel and transition.
+"""Incident events in, notifications out, each exactly once per incident,
+channel and transition.
 
-The Triggers in ``knative/`` decide which events arrive; the database
-decides what they mean. An event only names an incident and a transition:
+Every incident transition arrives (the Triggers in ``knative/`` filter on
+the type only); each channel of :mod:`functions.escalation.channels`
+decides from the settings what the transition means to it, and the
+database decides what happened. An event only names an incident and a transition:
 its generation, priority, status and remediation outcome are read from the
 database, so a forged or stale event can at most repeat a notification that
 is due, never add one (``notify:…`` keys carry the stored generation).
@@ -27,11 +29,13 @@ import logging
 import time
 
 import requests
+import sqlalchemy as sa
 from cloudevents.http import CloudEvent
 from flask import Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from functions.escalation import messages
+from functions.escalation import channels as registry
+from functions.escalation.channels import Channel, Note, Outgoing
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import claims, db, events, eventio, incidents
 from shared.config import Settings
@@ -44,8 +48,8 @@ ACCEPTED = (
     events.INCIDENT_REMEDIATED,
     events.INCIDENT_REMEDIATION_FAILED,
     events.INCIDENT_RESOLVED,
+    events.INCIDENT_ACKNOWLEDGED,
 )
-ACTIVE = ("open", "investigating")
 RECORD_RETRY_INTERVAL = 0.25
 
 
@@ -68,41 +72,48 @@ def remediation_result(conn, incident: dict) -> dict | None:
     return results[-1] if results else None
 
 
+def acknowledgement(conn, incident: dict) -> dict | None:
+    """The latest time a person took the incident (its timeline entry)."""
+    entries = [t for t in incidents.get_timeline(conn, incident["id"])
+               if t["kind"] == "status_changed" and t["details"].get("acknowledged")]
+    return entries[-1] if entries else None
+
+
+def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
+    """The actions a channel completed for the incident, in any generation
+    (from the claim keys ``notify:{channel}:{action}:{incident}:…``)."""
+    rows = conn.execute(
+        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
+        {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
+    ).scalars()
+    return frozenset(key.split(":")[2] for key in rows)
+
+
 class EscalationHandler:
     def __init__(self, config: Settings):
         self.config = config
         self.http = requests.Session()
-        self.pagerduty = config.pagerduty_routing_key
-        self.slack = config.slack_webhook_url
+        self.channels: list[Channel] = registry.build(config)
         self.stale_seconds = claim_stale_seconds(config)
-        if not self.pagerduty:
-            log.warning("PagerDuty is off: PAGERDUTY_ROUTING_KEY is not set; incidents will not page anyone")
-        if not self.slack:
-            log.warning("Slack is off: SLACK_WEBHOOK_URL is not set; incidents will not be announced")
-
-    def plan(self, transition: str, incident: dict, page_triggered: bool = True) -> list[tuple[str, str]]:
-        """(channel, what) pairs this transition means for this incident, as
-        the database holds it."""
-        priority, active = incident["priority"], incident["status"] in ACTIVE
-        steps: list[tuple[str, str]] = []
-        if transition == "opened" and active and priority in self.config.page_on_open_priorities:
-            steps.append(("pagerduty", "trigger"))
-        if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
-            steps.append(("pagerduty", "trigger"))
-        if transition == "resolved" and page_triggered:
-            steps.append(("pagerduty", "resolve"))
-        steps.append(("slack", "message"))
-        return steps
+        for channel in self.channels:
+            if not channel.configured():
+                log.warning(f"{channel.title} is off: {channel.setting} is not set")
 
     def _state(self, transition: str, incident_id: str) -> tuple[dict | None, str | None, str | None]:
-        """The incident, the reason to tell (remediation's), and why the event
-        does not match the database (None when it does)."""
+        """The incident, the reason to tell (remediation's, or who
+        acknowledged), and why the event does not match the database (None
+        when it does)."""
         with db.engine().connect() as conn:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
                 return None, None, "no such incident"
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved"
+            if transition == "acknowledged":
+                entry = acknowledgement(conn, incident)
+                if entry is None:
+                    return incident, None, "nobody acknowledged the incident"
+                return incident, str(entry["actor"]), None
             if transition in ("remediated", "remediation_failed"):
                 result = remediation_result(conn, incident)
                 outcome = "remediated" if transition == "remediated" else "failed"
@@ -120,13 +131,11 @@ class EscalationHandler:
                 "incident_id": incident_id, "transition": transition, "reason": mismatch})
             return eventio.ack()
         generation = incident["generation"]
-        with db.engine().connect() as conn:
-            page_triggered = claims.any_completed(conn, incident_id, f"notify:pagerduty:trigger:{incident_id}:")
         failures = []
-        for channel, what in self.plan(transition, incident, page_triggered):
-            outcome = self._notify(channel, what, transition, generation, incident, reason)
+        for channel in self.channels:
+            outcome = self._notify(channel, transition, generation, incident, reason)
             if outcome is not None and not outcome.ok:
-                failures.append(f"{channel}: {outcome.error}")
+                failures.append(f"{channel.name}: {outcome.error}")
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
         with db.transaction() as conn:
@@ -135,43 +144,41 @@ class EscalationHandler:
             claims.complete(conn, key)
         return eventio.ack()
 
-    def _notify(self, channel: str, what: str, transition: str, generation: int, incident: dict, reason: str | None) -> Delivery | None:
+    def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None) -> Delivery | None:
         incident_id = incident["id"]
-        secret = self.pagerduty if channel == "pagerduty" else self.slack
-        if not secret:
-            log.info(f"{'PagerDuty' if channel == 'pagerduty' else 'Slack'} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
+        if not channel.configured():
+            log.info(f"{channel.title} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
             return None
-        key = f"notify:{channel}:{what}:{incident_id}:{generation}:{transition}"
+        with db.engine().connect() as conn:
+            sent = sent_by(conn, channel.name, incident_id)
+        outgoing = channel.message(Note(transition, incident, reason, sent))
+        if outgoing is None:
+            return None
+        key = f"notify:{channel.name}:{outgoing.action}:{incident_id}:{generation}:{transition}"
         with db.transaction() as conn:
             claim = claims.claim(conn, key, incident_id, self.stale_seconds)
         if not claim.acquired:
             if claim.completed:
-                log.info("Already notified", extra={"incident_id": incident_id, "channel": channel, "transition": transition})
+                log.info("Already notified", extra={"incident_id": incident_id, "channel": channel.name, "transition": transition})
                 return None
-            raise Conflict(f"{channel} notification for this transition is being sent elsewhere; retry later")
+            raise Conflict(f"{channel.name} notification for this transition is being sent elsewhere; retry later")
         try:
-            result = self._send(channel, what, transition, incident, reason, secret.reveal())
+            result = self._send(channel, outgoing)
         except Exception:
             self._release(key)
             raise
-        self._record(channel, what, transition, incident_id, key, result)
+        self._record(channel.name, outgoing.action, transition, incident_id, key, result)
         return result
 
-    def _send(self, channel: str, what: str, transition: str, incident: dict, reason: str | None, secret: str) -> Delivery:
-        if channel == "pagerduty":
-            body = (messages.pagerduty_trigger(self.config, incident, secret, transition, reason)
-                    if what == "trigger" else messages.pagerduty_resolve(incident, secret))
-            url = self.config.pagerduty_events_url
-        else:
-            body = messages.slack_message(self.config, incident, transition, reason)
-            url = secret
-        return send(self.http, url, body, channel, self.config.notify_timeout_seconds,
-                    self.config.notify_max_attempts, self.config.notify_max_retry_after_seconds)
+    def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
+        return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
+                    self.config.notify_max_attempts, self.config.notify_max_retry_after_seconds,
+                    headers=outgoing.headers or None, retry=channel.retry)
 
     def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
         """Timeline entry and claim in one transaction, retried through a
         database blip: a Slack message that was sent but not recorded is
-        posted again by the next delivery (Slack has no idempotency key),
+        posted again by the next delivery (chat webhooks have no idempotency key),
         so the window between the two is kept as short as the claim allows."""
         details = {"channel": channel, "action": what, "transition": transition, "outcome": "sent" if result.ok else "failed",
                    "status": result.status, "attempts": result.attempts}
@@ -191,7 +198,7 @@ class EscalationHandler:
                 if not db.is_transient(exc) or time.monotonic() >= deadline:
                     log.error("Notification outcome not recorded", extra={
                         "incident_id": incident_id, "channel": channel, "outcome": details["outcome"],
-                        "duplicate_risk": result.ok and channel == "slack"})
+                        "duplicate_risk": result.ok and what != "trigger"})
                     self._release(key)
                     raise ServiceUnavailable("the notification's outcome could not be recorded; retry later") from None
                 time.sleep(RECORD_RETRY_INTERVAL)

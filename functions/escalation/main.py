@@ -1,4 +1,4 @@
-"""Escalation function: PagerDuty Events API v2 and Slack.
+"""Escalation function: every notification channel of functions/escalation/channels/.
 
     functions-framework --source functions/escalation/main.py --target escalation
 """

@@ -1,0 +1,74 @@
+"""What a notification channel is: one small protocol the escalation handler
+loops over (:data:`functions.escalation.channels.REGISTRY`).
+
+A channel is built from the settings and answers four questions: its name,
+whether it is configured, what it sends for a transition (``None`` when the
+transition means nothing to it), and which answers mean "try again". The
+handler does everything else the same way for every channel: the claim per
+channel, action, incident, generation and transition, the timeline entry,
+the retries within one time budget, the ``502`` when a notification is not
+accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from shared.config import Settings
+
+TRANSITIONS = ("opened", "acknowledged", "remediated", "remediation_failed", "resolved")
+ACTIVE = ("open", "investigating")
+
+
+@dataclass(frozen=True)
+class Note:
+    """Everything a channel may use to build its message, read from the
+    database (never from the event).
+
+    ``sent`` is what this channel has already delivered for the incident in
+    any generation (its action names, ``trigger``…), so a channel can say
+    "resolve only what I paged" itself. ``reason`` is remediation's reason
+    (remediated, remediation_failed) or who acknowledged (acknowledged)."""
+
+    transition: str
+    incident: dict
+    reason: str | None = None
+    sent: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One HTTP POST: ``action`` names it in the claim key and the timeline
+    (``notify:{channel}:{action}:{incident}:{generation}:{transition}``).
+    ``body`` is a JSON-able dict, or the exact bytes when a signature covers them."""
+
+    action: str
+    url: str
+    body: dict | bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def retry_by_default(status: int) -> bool:
+    """Throttled or broken on their side: it may work later. Any other 4xx will not."""
+    return status == 429 or status >= 500
+
+
+@runtime_checkable
+class Channel(Protocol):
+    name: str
+    # How its name reads in a log line ("PagerDuty is off").
+    title: str
+    # The variable that switches it on, named when it is off.
+    setting: str
+
+    def __init__(self, config: Settings) -> None: ...
+
+    def configured(self) -> bool:
+        """Are its settings present? When not, it is off and says so once."""
+
+    def message(self, note: Note) -> Outgoing | None:
+        """What it sends for this transition, or None when it means nothing to it."""
+
+    def retry(self, status: int) -> bool:
+        """Does this HTTP answer mean "send it again"?"""

@@ -1,0 +1,155 @@
+"""PagerDuty Events API v2: pages (``trigger``), and follows up only what it
+paged (``acknowledge``, ``resolve``).
+
+``summary`` at most 1,024 characters and the whole event under the Events
+API's 512 KB, ``custom_details`` shrinking first. PagerDuty renders no
+markup: text goes as it is, only cut.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from functions.escalation.channels.base import ACTIVE, Note, Outgoing, retry_by_default
+from functions.escalation.channels.text import (
+    ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, runbook_url, service_of, summary_of,
+)
+from shared.config import Settings
+from shared.timefmt import rfc3339
+
+PAGERDUTY_SUMMARY_MAX = 1024
+PAGERDUTY_FIELD_MAX = 255  # source, component, group, class; dedup_key's documented limit
+PAGERDUTY_EVENT_MAX_BYTES = 512 * 1024
+
+
+def summary_line(incident: dict) -> str:
+    """The seed's Test 5 title: ``EmailServiceDown - Service completely down``."""
+    return plain(f"{incident['alert_name']} - {summary_of(incident)}", PAGERDUTY_SUMMARY_MAX)
+
+
+def _clip(value: Any, max_str: int, max_items: int, depth: int = 0) -> Any:
+    """``value`` with every string and collection bounded, for custom_details."""
+    if depth > 6:
+        return ELLIPSIS
+    if isinstance(value, str):
+        return plain(value, max_str)
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {plain(str(k), 200): _clip(v, max_str, max_items, depth + 1) for k, v in items[:max_items]}
+        if len(items) > max_items:
+            out[ELLIPSIS] = f"{len(items) - max_items} more"
+        return out
+    if isinstance(value, (list, tuple)):
+        out_list = [_clip(v, max_str, max_items, depth + 1) for v in value[:max_items]]
+        if len(value) > max_items:
+            out_list.append(f"{len(value) - max_items} more")
+        return out_list
+    return value
+
+
+def _size(event: dict) -> int:
+    # requests sends json= with ensure_ascii: count what goes on the wire.
+    return len(json.dumps(event, default=str).encode())
+
+
+def _bounded(event: dict) -> dict:
+    """Shrink custom_details until the event is under PagerDuty's 512 KB."""
+    details = event["payload"]["custom_details"]
+    for max_str, max_items in ((65536, 200), (8192, 50), (1024, 20), (256, 10), (64, 5)):
+        if _size(event) <= PAGERDUTY_EVENT_MAX_BYTES:
+            return event
+        event["payload"]["custom_details"] = _clip(details, max_str, max_items)
+    if _size(event) > PAGERDUTY_EVENT_MAX_BYTES:
+        event["payload"]["custom_details"] = {k: details[k] for k in ("incident_id", "priority", "status", "transition")}
+        event["payload"]["custom_details"]["truncated"] = "the details were too large for PagerDuty; see the incident link"
+    return event
+
+
+def trigger_event(config: Settings, incident: dict, routing_key: str, transition: str, reason: str | None) -> dict:
+    labels = incident.get("labels") or {}
+    links = [{"href": incident_url(config, incident["id"]), "text": "Incident"}]
+    runbook = runbook_url(incident)
+    if runbook:
+        links.append({"href": runbook, "text": "Runbook"})
+    service = service_of(incident)
+    payload = {
+        "summary": summary_line(incident),
+        "source": plain(service or config.cluster_name, PAGERDUTY_FIELD_MAX),
+        "severity": config.pagerduty_severity.get(incident["priority"], "warning"),
+        "timestamp": rfc3339(incident.get("created_at")),
+        "class": plain(incident["alert_name"], PAGERDUTY_FIELD_MAX),
+        "custom_details": {
+            "incident_id": incident["id"],
+            "priority": incident["priority"],
+            "status": incident["status"],
+            "transition": transition,
+            "summary": summary_of(incident),
+            "description": description_of(incident),
+            "labels": labels,
+            "diagnostics": diagnostics_summary(incident.get("diagnostics")),
+            "remediation_actions": incident.get("remediation_actions") or [],
+            **({"reason": reason} if reason else {}),
+        },
+    }
+    if service:
+        payload["component"] = plain(service, PAGERDUTY_FIELD_MAX)
+    if labels.get("namespace"):
+        payload["group"] = plain(labels["namespace"], PAGERDUTY_FIELD_MAX)
+    if payload["timestamp"] is None:
+        del payload["timestamp"]
+    return _bounded({
+        "routing_key": routing_key,
+        "event_action": "trigger",
+        "dedup_key": incident["id"],
+        "payload": payload,
+        "links": links,
+        "client": "Incident Response",
+        "client_url": f"{config.public_url}/ui",
+    })
+
+
+def follow_up_event(incident: dict, routing_key: str, action: str) -> dict:
+    """``acknowledge`` or ``resolve`` the alert the trigger opened (same dedup_key)."""
+    return {"routing_key": routing_key, "event_action": action, "dedup_key": incident["id"]}
+
+
+class PagerDuty:
+    name = "pagerduty"
+    title = "PagerDuty"
+    setting = "PAGERDUTY_ROUTING_KEY"
+
+    def __init__(self, config: Settings):
+        self.config = config
+        self.routing_key = config.pagerduty_routing_key
+
+    def configured(self) -> bool:
+        return bool(self.routing_key)
+
+    def retry(self, status: int) -> bool:
+        return retry_by_default(status)
+
+    def message(self, note: Note) -> Outgoing | None:
+        action = self._action(note)
+        if action is None:
+            return None
+        key = self.routing_key.reveal()
+        body = (trigger_event(self.config, note.incident, key, note.transition, note.reason) if action == "trigger"
+                else follow_up_event(note.incident, key, action))
+        return Outgoing(action, self.config.pagerduty_events_url, body)
+
+    def _action(self, note: Note) -> str | None:
+        """Page by priority; acknowledge and resolve only an alert this
+        channel triggered (PagerDuty would otherwise answer an unknown dedup_key)."""
+        incident, transition = note.incident, note.transition
+        priority, active = incident["priority"], incident["status"] in ACTIVE
+        if transition == "opened" and active and priority in self.config.page_on_open_priorities:
+            return "trigger"
+        if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
+            return "trigger"
+        paged = "trigger" in note.sent
+        if transition == "acknowledged" and paged and active:
+            return "acknowledge"
+        if transition == "resolved" and paged:
+            return "resolve"
+        return None

@@ -1,0 +1,158 @@
+"""Slack incoming webhook: a Block Kit message for every transition (the
+opening only for the priorities in ``ANNOUNCE_ON_OPEN_PRIORITIES``).
+
+Alert text is escaped per "Formatting text for app surfaces" (``&`` ``<``
+``>`` become entities, in every text field, the fallback ``text`` included)
+and bounded to Block Kit's limits; lengths are counted in UTF-16 code units,
+never fewer than Slack counts. The webhook URL is the secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.channels.text import (
+    TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, service_of, summary_of,
+)
+from functions.escalation.channels.text import fit as _fit
+from shared.config import Settings
+
+PRIORITY_MARK = {"P0": ":red_circle: P0", "P1": ":large_orange_circle: P1", "P2": ":large_yellow_circle: P2"}
+
+# Block Kit (docs.slack.dev/reference/block-kit): a header's plain_text at
+# most 150 characters, a section's text 3,000, a field 2,000 and at most 10
+# fields, a message at most 50 blocks. Slack truncates a message's `text`
+# past 40,000 characters and asks clients to keep it to 4,000; the fallback
+# is a one-line notification, so it is kept much shorter.
+SLACK_HEADER_MAX = 150
+SLACK_SECTION_MAX = 3000
+SLACK_FIELD_MAX = 2000
+SLACK_FIELDS_MAX = 10
+SLACK_BLOCKS_MAX = 50
+SLACK_FALLBACK_MAX = 3000
+# Our own shares, so the whole message stays far below the size at which
+# Slack refuses it as too long (about 13,000 characters of blocks, observed).
+FIELD_VALUE_MAX = 300
+DETAIL_SECTION_MAX = 2000
+REASON_MAX = 1000
+
+
+def escape(text: str) -> str:
+    """Slack's three control characters as the entities it decodes."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def fit(pieces: Iterable[str], limit: int) -> str:
+    return _fit(pieces, limit, escape)
+
+
+def _fmt_actions(actions: Any) -> list[str]:
+    pieces: list[str] = []
+    for a in actions if isinstance(actions, list) else []:
+        if not isinstance(a, dict):
+            continue
+        if pieces:
+            pieces.append(Raw("\n"))
+        pieces += [Raw(":white_check_mark: " if a.get("success") else ":x: "), Raw("`"), str(a.get("action")), Raw("` "),
+                   str(a.get("target") or "")]
+        if a.get("from") is not None or a.get("to") is not None:
+            pieces.append(f" {a.get('from')} → {a.get('to')}")
+        if a.get("dry_run"):
+            pieces.append(Raw(" (dry-run)"))
+        if a.get("error"):
+            pieces += [Raw(" — "), str(a["error"])]
+    return pieces or [Raw("none")]
+
+
+def _fmt_diagnostics(diagnostics: Any) -> list[str]:
+    d = diagnostics_summary(diagnostics)
+    if not d:
+        return [Raw("not collected yet")]
+    lines: list[list[str]] = []
+    pods = d.get("pods")
+    if isinstance(pods, dict):
+        lines += [[Raw("*"), str(name), Raw("*: "), f"{v.get('ready')} ready, {v.get('status')}"]
+                  for name, v in pods.items() if isinstance(v, dict) and "ready" in v]
+        if "error" in pods:
+            lines.append([Raw("pods: "), str(pods["error"])])
+    elif pods:
+        lines.append([Raw("pods: "), str(pods)])
+    metrics = d.get("metrics")
+    if isinstance(metrics, dict):
+        lines += [[f"{k}: {v}"] for k, v in metrics.items() if not isinstance(v, dict)]
+    deps = d.get("dependencies")
+    if isinstance(deps, dict) and deps:
+        lines.append([Raw("dependencies: "), ", ".join(f"{k} {v if isinstance(v, str) else 'error'}" for k, v in deps.items())])
+    pieces: list[str] = []
+    for line in lines:
+        if pieces:
+            pieces.append(Raw("\n"))
+        pieces += line
+    return pieces or [Raw("nothing found")]
+
+
+def _section(pieces: list[str], limit: int = SLACK_SECTION_MAX) -> dict:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": fit(pieces, min(limit, SLACK_SECTION_MAX))}}
+
+
+def _field(label: str, value: list[str]) -> dict:
+    return {"type": "mrkdwn", "text": fit([Raw(f"*{label}*\n"), *value], min(FIELD_VALUE_MAX + len(label) + 3, SLACK_FIELD_MAX))}
+
+
+def slack_message(config: Settings, incident: dict, transition: str, reason: str | None) -> dict:
+    name, priority = incident["alert_name"], incident["priority"]
+    title = TRANSITION_TITLES.get(transition, transition)
+    url = incident_url(config, incident["id"])
+    summary = summary_of(incident)
+    description = description_of(incident)
+    text = fit([Raw(f"[{priority}] "), name, Raw(f" {title}: "), summary, Raw(" ("), url, Raw(")")], SLACK_FALLBACK_MAX)
+    body: list[str] = [summary]
+    if description and description != summary:
+        body += [Raw("\n"), description]
+    fields = [
+        _field("Priority", [Raw(PRIORITY_MARK.get(priority, escape(str(priority))))]),
+        _field("Status", [str(incident["status"])]),
+        _field("Alert", [name]),
+        _field("Service", [service_of(incident) or "unknown"]),
+    ][:SLACK_FIELDS_MAX]
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": fit([Raw(f"[{priority}] "), name, Raw(f" {title}")], SLACK_HEADER_MAX)}},
+        _section(body),
+        {"type": "section", "fields": fields},
+        _section([Raw("*Diagnostics*\n"), *_fmt_diagnostics(incident.get("diagnostics"))], DETAIL_SECTION_MAX),
+        _section([Raw("*Remediation*\n"), *_fmt_actions(incident.get("remediation_actions"))], DETAIL_SECTION_MAX),
+    ]
+    if reason:
+        blocks.append(_section([Raw("*Acknowledged by*\n" if transition == "acknowledged" else "*Why*\n"), reason], REASON_MAX))
+    # The one control sequence we send: a link to our own board.
+    link = Raw(f"<{escape(url)}|Open incident {incident['id']}>")
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": fit([link], SLACK_SECTION_MAX)}]})
+    return {"text": text, "blocks": blocks[:SLACK_BLOCKS_MAX]}
+
+
+def announces(config: Settings, note: Note) -> bool:
+    """Chat channels tell every transition; an opening only for the
+    priorities ANNOUNCE_ON_OPEN_PRIORITIES names."""
+    return note.transition != "opened" or note.incident["priority"] in config.announce_on_open_priorities
+
+
+class Slack:
+    name = "slack"
+    title = "Slack"
+    setting = "SLACK_WEBHOOK_URL"
+
+    def __init__(self, config: Settings):
+        self.config = config
+        self.url = config.slack_webhook_url
+
+    def configured(self) -> bool:
+        return bool(self.url)
+
+    def retry(self, status: int) -> bool:
+        return retry_by_default(status)
+
+    def message(self, note: Note) -> Outgoing | None:
+        if not announces(self.config, note):
+            return None
+        return Outgoing("message", self.url.reveal(), slack_message(self.config, note.incident, note.transition, note.reason))

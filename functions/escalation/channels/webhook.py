@@ -1,0 +1,126 @@
+"""A generic outgoing webhook: every transition of every incident, as JSON,
+signed so that the receiver can tell it came from us and is fresh.
+
+Body (compact JSON, UTF-8, ASCII-escaped)::
+
+    {"id": "<incident>.<transition>.<generation>", "type": "incident.<transition>",
+     "transition": "...", "sent_at": "RFC 3339",
+     "incident": {"id", "alert_name", "priority", "status", "summary", "service",
+                  "labels", "generation", "created_at", "resolved_at",
+                  "links": {"incident": "...", "runbook": "..."}},
+     "reason": "..." (remediation's reason, or who acknowledged)}
+
+Headers: ``X-Incident-Signature: t=<unix seconds>,v1=<hex>`` where ``v1`` is
+HMAC-SHA256 keyed with ``OUTGOING_WEBHOOK_SECRET`` over ``<t>.<raw body>``
+(Stripe's scheme), and ``X-Incident-Delivery: <id>``, the same for every
+retry of one notification, for the receiver to drop a duplicate. A receiver
+verifies by recomputing the HMAC over the exact bytes it received, comparing
+in constant time, and refusing a ``t`` more than a few minutes from its clock
+(:func:`verify` is the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from datetime import datetime, timezone
+
+from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.channels.text import incident_url, runbook_url, service_of, summary_of
+from shared import events
+from shared.config import Settings
+from shared.timefmt import rfc3339
+
+SIGNATURE_HEADER = "X-Incident-Signature"
+DELIVERY_HEADER = "X-Incident-Delivery"
+TOLERANCE_SECONDS = 300
+REASON_MAX_CHARS = 1000
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify(secret: str, header: str, body: bytes, now: float | None = None, tolerance: float = TOLERANCE_SECONDS) -> bool:
+    """What a receiver does: parse ``t`` and every ``v1``, recompute, compare
+    in constant time, and refuse a stale (or future) timestamp."""
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        parts.setdefault(key, []).append(value)
+    try:
+        timestamp = int(parts["t"][0])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
+    return any(hmac.compare_digest(expected, candidate) for candidate in parts.get("v1", []))
+
+
+def projection(config: Settings, incident: dict) -> dict:
+    """The incident, bounded the way incident events are."""
+    labels, _ = events.bounded_labels(incident.get("labels"))
+    links = {"incident": incident_url(config, incident["id"])}
+    runbook = runbook_url(incident)
+    if runbook:
+        links["runbook"] = runbook
+    service = service_of(incident)
+    return {
+        "id": incident["id"],
+        "alert_name": events.bounded(incident["alert_name"], events.NAME_MAX_CHARS),
+        "priority": incident["priority"],
+        "status": incident["status"],
+        "summary": events.bounded(summary_of(incident), events.SUMMARY_MAX_CHARS),
+        "service": events.bounded(service, events.LABEL_VALUE_MAX_CHARS),
+        "labels": labels,
+        "generation": incident.get("generation") or 0,
+        "created_at": rfc3339(incident.get("created_at")),
+        "resolved_at": rfc3339(incident.get("resolved_at")),
+        "links": links,
+    }
+
+
+def payload(config: Settings, note: Note) -> dict:
+    incident = note.incident
+    body = {
+        "id": f"{incident['id']}.{note.transition}.{incident.get('generation') or 0}",
+        "type": f"incident.{note.transition}",
+        "transition": note.transition,
+        "sent_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "incident": projection(config, incident),
+    }
+    if note.reason:
+        body["reason"] = events.bounded(note.reason, REASON_MAX_CHARS)
+    return body
+
+
+class Webhook:
+    name = "webhook"
+    title = "The outgoing webhook"
+    setting = "OUTGOING_WEBHOOK_URL"
+
+    def __init__(self, config: Settings):
+        self.config = config
+        self.url = config.outgoing_webhook_url
+        self.secret = config.outgoing_webhook_secret
+
+    def configured(self) -> bool:
+        # Settings refuse a URL without a secret: an unsigned request is never sent.
+        return bool(self.url and self.secret)
+
+    def retry(self, status: int) -> bool:
+        return status == 408 or retry_by_default(status)
+
+    def message(self, note: Note) -> Outgoing | None:
+        body = payload(self.config, note)
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.secret.reveal(), int(time.time()), raw),
+            DELIVERY_HEADER: body["id"],
+        }
+        return Outgoing("event", self.url.reveal(), raw, headers)
