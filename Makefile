@@ -41,10 +41,10 @@ bench: venv
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
 
 manifests: venv
-	$(PY) -m local.manifests
+	$(PY) -m deploy.manifests
 
 check-manifests: venv
-	$(PY) -m local.manifests --check
+	$(PY) -m deploy.manifests --check
 	$(VENV)/bin/kubectl kustomize knative/overlays/production > /dev/null
 
 # Against a real cluster with Knative Serving and Eventing (docs/deploy.md):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from functions.remediation.actions import KUBERNETES_PERMISSIONS
-from local import manifests
+from deploy import manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "tests" / "fixtures" / "knative-schemas"
