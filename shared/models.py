@@ -8,7 +8,7 @@ from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
-from shared.domain import ACTIVE_STATUSES, PRIORITIES, STATUSES  # noqa: F401 - re-exported for statements
+from shared.domain import ACTIVE_STATUSES, PRIORITIES, STATUSES  # noqa: E402, F401 - re-exported for statements
 
 SOURCES = ("alertmanager", "cloudevent", "api")
 

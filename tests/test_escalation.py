@@ -98,7 +98,7 @@ def test_trigger_carries_context_links_and_runbook(escalation, receivers, clean_
     payload = trigger["payload"]
     assert payload["source"] == "email" and payload["component"] == "email" and payload["group"] == "production"
     assert payload["custom_details"]["priority"] == "P0" and payload["custom_details"]["labels"]["service"] == "email"
-    assert [l["text"] for l in trigger["links"]] == ["Incident", "Runbook"]
+    assert [link["text"] for link in trigger["links"]] == ["Incident", "Runbook"]
     assert trigger["links"][0]["href"] == f"http://incident-api.production:8080/ui/incidents/{row['id']}"
     assert trigger["client"] == "Incident Response"
 
@@ -228,7 +228,6 @@ def test_without_settings_channels_are_off_and_say_so(base_env, clean_db):
 # --------------------------------------------------------------------------- what is sent is always accepted and safe
 
 from dataclasses import replace  # noqa: E402
-import re  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 

@@ -7,7 +7,6 @@ lazily and streamed, and the worker's peak resident memory is read from
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -122,7 +122,7 @@ def fit(pieces: Iterable[str], limit: int, escaped: bool = True) -> str:
     if sum(lengths) <= limit:
         return "".join(units)
     budget, used, kept = limit - utf16_len(ELLIPSIS), 0, []
-    for unit, n in zip(units, lengths):
+    for unit, n in zip(units, lengths, strict=True):
         if used + n > budget:
             break
         kept.append(unit)
