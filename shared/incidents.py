@@ -19,10 +19,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from shared import events, outbox
+from shared import filters
 from shared.alerts import Alert
 from shared.errors import Conflict, InvalidTransition, NotFound
+from shared.filters import IncidentFilter
 from shared.timefmt import json_default
-from shared.domain import service_sql
 from shared.models import ACTIVE_STATUSES, incident_timeline, incidents
 
 UTC_NOW = "timezone('utc', now())"
@@ -491,17 +492,6 @@ def get_timeline(conn: Connection, incident_id: str) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class IncidentFilter:
-    statuses: tuple[str, ...] = ()
-    priorities: tuple[str, ...] = ()
-    since: datetime | None = None
-    until: datetime | None = None
-    alert_names: tuple[str, ...] = ()
-    services: tuple[str, ...] = ()
-    fingerprints: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Cursor:
     """Keyset position: the last (created_at, id) of the previous page."""
 
@@ -510,22 +500,7 @@ class Cursor:
 
 
 def _conditions(flt: IncidentFilter) -> list:
-    conditions = []
-    if flt.statuses:
-        conditions.append(incidents.c.status.in_(flt.statuses))
-    if flt.priorities:
-        conditions.append(incidents.c.priority.in_(flt.priorities))
-    if flt.since:
-        conditions.append(incidents.c.created_at >= flt.since)
-    if flt.until:
-        conditions.append(incidents.c.created_at < flt.until)
-    if flt.alert_names:
-        conditions.append(incidents.c.alert_name.in_(flt.alert_names))
-    if flt.services:
-        conditions.append(service_sql(incidents.c.labels).in_(flt.services))
-    if flt.fingerprints:
-        conditions.append(incidents.c.fingerprint.in_(flt.fingerprints))
-    return conditions
+    return filters.conditions(incidents, flt)
 
 
 def list_incidents(
