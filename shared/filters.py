@@ -131,6 +131,14 @@ def openapi_parameters() -> list[dict]:
     return [openapi_parameter(f) for f in FILTERS]
 
 
+def openapi_yaml(indent: str = "        ") -> str:
+    """The lines openapi.yaml lists under ``/incidents`` (``python -m shared.filters``)."""
+    import yaml
+
+    return "".join(f"{indent}- " + yaml.safe_dump(p, default_flow_style=True, sort_keys=False, width=1000)
+                   for p in openapi_parameters())
+
+
 # --------------------------------------------------------------------------- parsing query arguments
 
 
@@ -180,3 +188,7 @@ def _naive_utc(value: datetime, name: str, raw: str) -> datetime:
         return value.astimezone(timezone.utc).replace(tzinfo=None)
     except OverflowError:
         raise BadRequest(f"{name}: {raw[:40]!r} is out of range once converted to UTC", parameter=name) from None
+
+
+if __name__ == "__main__":
+    print(openapi_yaml(), end="")
