@@ -14,7 +14,7 @@ from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from tests.processes import FunctionProcess, at_once, wait_until
+from loopback.processes import FunctionProcess, at_once, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
@@ -232,9 +232,9 @@ import socket  # noqa: E402
 import threading  # noqa: E402
 
 from shared.config import load_settings  # noqa: E402
-from tests.fake_notify import slack_control_sequences, u16  # noqa: E402
-from tests.loopback import TcpProxy  # noqa: E402
-from tests.processes import free_port  # noqa: E402
+from loopback.notify import slack_control_sequences, u16  # noqa: E402
+from loopback.servers import TcpProxy  # noqa: E402
+from loopback.processes import free_port  # noqa: E402
 
 HOSTILE = "<!channel> <!here> <@U123> <#C024BE7LR|general> <https://evil.example|login> & &amp; >quote"
 

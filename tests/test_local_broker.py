@@ -11,8 +11,8 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
 from local.broker import LocalBroker, ManifestError, load_brokers, parse_duration
-from tests.loopback import RecordingServer
-from tests.processes import wait_until
+from loopback.servers import RecordingServer
+from loopback.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

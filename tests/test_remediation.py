@@ -16,8 +16,8 @@ from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from tests.fake_kube import deployment, pod
-from tests.processes import FunctionProcess, at_once
+from loopback.kube import deployment, pod
+from loopback.processes import FunctionProcess, at_once
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_TOKEN
-from tests.processes import FunctionProcess, wait_until
+from loopback.processes import FunctionProcess, wait_until
 
 BODY_BYTES = 200 * 1024 * 1024
 CHUNK = b"\0" * (1024 * 1024)
