@@ -6,7 +6,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /build
 COPY requirements.txt .
 # Runtime packages only: the test tools in requirements.txt stay out of the image.
-RUN grep -vE '^(pytest|pytest-timeout|schemathesis)==' requirements.txt > runtime.txt \
+RUN grep -vE '^(pytest|pytest-timeout|schemathesis|ruff)==' requirements.txt > runtime.txt \
  && python -m venv /venv && /venv/bin/pip install -r runtime.txt
 
 FROM python:3.11.10-slim-bookworm

@@ -6,11 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv system-packages migrate demo bench clean help manifests check-manifests deploy
+.PHONY: run test lint venv system-packages migrate demo bench clean help manifests check-manifests deploy
 
 help:
 	@echo "make run    - start the whole system locally (embedded PostgreSQL unless DATABASE_URL)"
-	@echo "make test   - install what the tests need and run the whole suite"
+	@echo "make test   - install what the tests need, lint (ruff) and run the whole suite"
 	@echo "make demo   - send the seed's test alerts to a running 'make run'"
 	@echo "make bench  - benchmarks, reported as ratios to baselines measured in the same run"
 
@@ -24,9 +24,13 @@ venv: $(VENV)/.installed
 system-packages:
 	@scripts/ensure-system-packages.sh
 
-test: venv system-packages
+# The linter runs first: a finding fails `make test`.
+test: lint system-packages
 	@url=$$(scripts/ensure-postgres.sh) && \
 	TEST_DATABASE_URL="$$url" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 run: venv
 	$(PY) -m local.run
@@ -41,10 +45,10 @@ bench: venv
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
 
 manifests: venv
-	$(PY) -m local.manifests
+	$(PY) -m deploy.manifests
 
 check-manifests: venv
-	$(PY) -m local.manifests --check
+	$(PY) -m deploy.manifests --check
 	$(VENV)/bin/kubectl kustomize knative/overlays/production > /dev/null
 
 # Against a real cluster with Knative Serving and Eventing (docs/deploy.md):

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from local.run import FUNCTIONS, Stack  # noqa: E402
 from shared import db, migrate  # noqa: E402
 from shared.alerts import label_fingerprint  # noqa: E402
-from tests.fake_kube import FakeKubernetes, deployment, pod  # noqa: E402
-from tests.fake_notify import pagerduty, slack  # noqa: E402
-from tests.processes import FunctionProcess, free_port, wait_until  # noqa: E402
+from loopback.kube import FakeKubernetes, deployment, pod  # noqa: E402
+from loopback.notify import pagerduty, slack  # noqa: E402
+from loopback.processes import FunctionProcess, free_port, wait_until  # noqa: E402
 
 TOKEN = "bench-token-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

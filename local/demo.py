@@ -87,7 +87,7 @@ def main() -> None:
                "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for _, labels, notes in SEED_ALERTS]
     payload = {"version": "4", "status": "resolved", "receiver": "incident-webhook", "alerts": alerts}
     results = requests.post(INTAKE + "/webhook/alert", json=payload, headers=headers, timeout=10).json()["results"]
-    print("\nResolved the demo alerts: " + ", ".join(f"{a['labels']['alertname']} {r['action']}" for a, r in zip(alerts, results)))
+    print("\nResolved the demo alerts: " + ", ".join(f"{a['labels']['alertname']} {r['action']}" for a, r in zip(alerts, results, strict=True)))
 
 
 if __name__ == "__main__":

@@ -22,24 +22,16 @@ from pathlib import Path
 import requests
 import yaml
 
+from deploy.services import SERVICES
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 MANIFESTS = ROOT / "knative" / "base"
 NAMESPACE = "default"
 BROKER = "incidents"
 
-# Knative Service name -> (function target, default port, port variable).
-FUNCTIONS = {
-    "query": ("query", 8080, "QUERY_PORT"),
-    "intake": ("intake", 8081, "INTAKE_PORT"),
-    "diagnostics": ("diagnostics", 8082, "DIAGNOSTICS_PORT"),
-    "remediation": ("remediation", 8083, "REMEDIATION_PORT"),
-    "escalation": ("escalation", 8084, "ESCALATION_PORT"),
-    "deadletter": ("deadletter", 8085, "DEADLETTER_PORT"),
-    "intake-events": ("intake", 8086, "INTAKE_EVENTS_PORT"),
-}
-# The services the SinkBinding gives K_SINK (they publish incident events).
-PUBLISHERS = {"intake", "intake-events", "query", "remediation"}
+# Every function as its own process, on the port the table gives it.
+FUNCTIONS = SERVICES
 
 
 def say(message: str) -> None:
@@ -81,11 +73,9 @@ class Stack:
                "INCIDENT_API_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
         env.pop("INCIDENT_API_TOKEN_FILE", None)
         env.setdefault("PUBLIC_URL", self.url("query"))
-        if service in PUBLISHERS:
+        if SERVICES[service].publishes:
             env["K_SINK"] = self.sink
-        if service == "intake-events":
-            # Only the Broker and the PingSource call it (cluster-local in Knative).
-            env["EVENTS_REQUIRE_TOKEN"] = "false"
+        env.update(SERVICES[service].env)
         return env
 
     def start_broker(self) -> None:
@@ -116,7 +106,8 @@ class Stack:
     def start_functions(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         binary = Path(sys.executable).parent / "functions-framework"
-        for service, (target, _, _) in FUNCTIONS.items():
+        for service, row in FUNCTIONS.items():
+            target = row.function
             log_path = self.log_dir / f"{service}.log"
             popen = subprocess.Popen(
                 [str(binary), "--source", str(ROOT / "functions" / target / "main.py"), "--target", target,
@@ -248,7 +239,7 @@ def main() -> None:
             embedded.stop()
         sys.exit(2)
 
-    ports = {name: int(os.environ.get(var, default)) for name, (_, default, var) in FUNCTIONS.items()}
+    ports = {name: int(os.environ.get(row.port_variable, row.port)) for name, row in FUNCTIONS.items()}
     stack = Stack(database_url, _token(), ports, int(os.environ.get("BROKER_PORT", "8090")))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -136,7 +136,7 @@ def _ping_idle_connections(engine: Engine) -> None:
         try:
             cursor.execute("SELECT 1")
             cursor.fetchall()
-        except Exception as exc:  # noqa: BLE001 - any failure means: use a new connection
+        except Exception as exc:  # any failure means: use a new connection
             raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
         finally:
             try:

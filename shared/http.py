@@ -218,7 +218,7 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
         )
         err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
         return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
-    except Exception:  # noqa: BLE001 - last resort: log it, answer 500, keep serving
+    except Exception:  # last resort: log it, answer 500, keep serving
         log.exception("Unhandled error", extra={"path": path, "service": service})
         return json_response(ApiError("internal error").body(), 500)
     finally:

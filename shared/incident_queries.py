@@ -8,8 +8,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared.domain import service_sql
+from shared import filters
 from shared.errors import NotFound
+from shared.filters import IncidentFilter
 from shared.models import incidents_table
 
 INCIDENT_COLUMNS = [c for c in incidents_table.c]
@@ -28,17 +29,6 @@ def require_incident(conn: Connection, incident_id: str) -> dict:
 
 
 @dataclass(frozen=True)
-class IncidentFilter:
-    statuses: tuple[str, ...] = ()
-    priorities: tuple[str, ...] = ()
-    since: datetime | None = None
-    until: datetime | None = None
-    alert_names: tuple[str, ...] = ()
-    services: tuple[str, ...] = ()
-    fingerprints: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Cursor:
     """Keyset position: the last (created_at, id) of the previous page."""
 
@@ -47,22 +37,7 @@ class Cursor:
 
 
 def _conditions(flt: IncidentFilter) -> list:
-    conditions = []
-    if flt.statuses:
-        conditions.append(incidents_table.c.status.in_(flt.statuses))
-    if flt.priorities:
-        conditions.append(incidents_table.c.priority.in_(flt.priorities))
-    if flt.since:
-        conditions.append(incidents_table.c.created_at >= flt.since)
-    if flt.until:
-        conditions.append(incidents_table.c.created_at < flt.until)
-    if flt.alert_names:
-        conditions.append(incidents_table.c.alert_name.in_(flt.alert_names))
-    if flt.services:
-        conditions.append(service_sql(incidents_table.c.labels).in_(flt.services))
-    if flt.fingerprints:
-        conditions.append(incidents_table.c.fingerprint.in_(flt.fingerprints))
-    return conditions
+    return filters.conditions(incidents_table, flt)
 
 
 def list_incidents(

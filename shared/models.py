@@ -8,7 +8,7 @@ from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
-from shared.domain import ACTIVE_STATUSES, PRIORITIES, STATUSES  # noqa: F401 - re-exported for statements
+from shared.domain import ACTIVE_STATUSES, PRIORITIES, STATUSES  # noqa: E402, F401 - re-exported for statements
 
 # incidents.source is text (migration 0009): the registry of alert sources
 # (functions/intake/sources/) names them, so a new source needs no migration.

@@ -58,7 +58,7 @@ class Publisher:
             self._wake.clear()
             try:
                 report = self._drain()
-            except Exception:  # noqa: BLE001 - the sweep will retry; never let the drainer die
+            except Exception:  # the sweep will retry; never let the drainer die
                 log.exception("Publishing events failed; the sweep will retry")
                 time.sleep(1.0)
                 continue

@@ -179,7 +179,7 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed reconciliation must not stop the outbox from draining."""
     try:
         return run(bind, config)
-    except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+    except Exception:  # logged; the next sweep tries again
         log.exception("Reconciliation failed; the next sweep retries")
         return None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.processes import free_port, terminate, wait_until
+from loopback.processes import free_port, terminate, wait_until
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 

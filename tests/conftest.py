@@ -124,7 +124,7 @@ def prometheus():
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory):
     """A loopback Kubernetes API per test module, with a kubeconfig for it."""
-    from tests.fake_kube import FakeKubernetes
+    from loopback.kube import FakeKubernetes
 
     server = FakeKubernetes().start()
     server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("kube"))
@@ -135,7 +135,7 @@ def kube(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pd():
     """A loopback PagerDuty Events API v2 that checks every event it gets."""
-    from tests.fake_notify import pagerduty
+    from loopback.notify import pagerduty
 
     receiver = pagerduty()
     receiver.server.start()
@@ -146,7 +146,7 @@ def pd():
 @pytest.fixture(scope="module")
 def slack_hook():
     """A loopback Slack incoming webhook that checks every message it gets."""
-    from tests.fake_notify import slack
+    from loopback.notify import slack
 
     receiver = slack()
     receiver.server.start()

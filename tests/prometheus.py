@@ -11,8 +11,8 @@ from pathlib import Path
 
 import requests
 
-from tests.loopback import RecordingServer
-from tests.processes import free_port, terminate, wait_until
+from loopback.servers import RecordingServer
+from loopback.processes import free_port, terminate, wait_until
 
 BINARY = shutil.which("prometheus")
 

@@ -299,3 +299,19 @@ def test_markdown_escaping_keeps_inline_values_on_one_line():
     assert md("user@example.com, 50% /path;q?:'\"") == "user@example\\.com, 50% /path;q?:'\""
     assert md_block("  # a\n\n    b") == "\\# a\n\nb"
     assert md_code("a``b") == "```a``b```" and md_code("`x") == "`` `x ``" and md_code(None) == "``"
+
+
+def test_the_filter_form_shows_the_declared_filters(signed_in, clean_db):
+    from shared.filters import BOARD_FILTERS, Kind
+
+    html = signed_in.get("/ui?status=investigating&service=email").get_data(as_text=True)
+    form = html[html.index('<form class="filters"'):html.index("</form>", html.index('<form class="filters"'))]
+    assert re.findall(r'<(?:select|input) name="([^"]+)"', form) == [f.name for f in BOARD_FILTERS]
+    for f in BOARD_FILTERS:
+        assert f">{f.widget.label} " in form or f">{f.widget.label}\n" in form, f.name
+        if f.kind is Kind.ENUM:
+            select = form[form.index(f'id="filter-{f.name}"'):]
+            select = select[:select.index("</select>")]
+            assert re.findall(r'<option value="([^"]*)"', select) == ["", *f.allowed]
+    assert '<option value="investigating" selected>' in form
+    assert 'name="service" id="filter-service" value="email"' in form

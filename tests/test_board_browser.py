@@ -10,7 +10,7 @@ import requests
 
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.processes import FunctionProcess
+from loopback.processes import FunctionProcess
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

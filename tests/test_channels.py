@@ -20,8 +20,8 @@ from shared import log as logs
 from shared.config import ConfigError, Secret, Settings, load_settings, secret
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from tests.fake_notify import TEAMS_MAX_BYTES, signed_webhook, teams
-from tests.processes import FunctionProcess, free_port, wait_until
+from loopback.notify import TEAMS_MAX_BYTES, signed_webhook, teams
+from loopback.processes import FunctionProcess, free_port, wait_until
 from tests.test_escalation import (
     HOSTILE, ROUTING_KEY, SLACK_PATH, deliver, notifications, open_incident, record_remediation, resolve,
 )
@@ -289,7 +289,7 @@ def test_a_p2_incident_is_paged_through_the_local_broker_when_the_settings_say_s
     PAGE_ON_OPEN_PRIORITIES decides that a P2 pages."""
     from local.broker import LocalBroker, load_brokers
     from local.manifests import SERVICES
-    from tests.loopback import RecordingServer
+    from loopback.servers import RecordingServer
 
     pd.reset(), slack_hook.reset()
     settings = {"MIN_INCIDENT_PRIORITY": "P2", "PAGE_ON_OPEN_PRIORITIES": "P0,P2", "ANNOUNCE_ON_OPEN_PRIORITIES": "P0"}

@@ -9,8 +9,8 @@ from cloudevents.http import CloudEvent, from_http
 from shared import events
 from shared import incidents as svc
 from tests.factories import alert
-from tests.fake_kube import deployment, pod
-from tests.processes import FunctionProcess, at_once, free_port
+from loopback.kube import deployment, pod
+from loopback.processes import FunctionProcess, at_once, free_port
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import requests
 from local.run import FUNCTIONS, Stack
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
-from tests.fake_kube import deployment, pod
+from loopback.kube import deployment, pod
 from tests.factories import raw_alert, webhook
-from tests.processes import free_port, wait_until
+from loopback.processes import free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ROUTING_KEY = "E2EROUTINGKEY0123456789abcdefABC"

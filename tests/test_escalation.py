@@ -14,7 +14,7 @@ from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from tests.processes import FunctionProcess, at_once, wait_until
+from loopback.processes import FunctionProcess, at_once, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
@@ -98,7 +98,7 @@ def test_trigger_carries_context_links_and_runbook(escalation, receivers, clean_
     payload = trigger["payload"]
     assert payload["source"] == "email" and payload["component"] == "email" and payload["group"] == "production"
     assert payload["custom_details"]["priority"] == "P0" and payload["custom_details"]["labels"]["service"] == "email"
-    assert [l["text"] for l in trigger["links"]] == ["Incident", "Runbook"]
+    assert [link["text"] for link in trigger["links"]] == ["Incident", "Runbook"]
     assert trigger["links"][0]["href"] == f"http://incident-api.production:8080/ui/incidents/{row['id']}"
     assert trigger["client"] == "Incident Response"
 
@@ -228,14 +228,13 @@ def test_without_settings_channels_are_off_and_say_so(base_env, clean_db):
 # --------------------------------------------------------------------------- what is sent is always accepted and safe
 
 from dataclasses import replace  # noqa: E402
-import re  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 
 from shared.config import load_settings  # noqa: E402
-from tests.fake_notify import slack_control_sequences, u16  # noqa: E402
-from tests.loopback import TcpProxy  # noqa: E402
-from tests.processes import free_port  # noqa: E402
+from loopback.notify import slack_control_sequences, u16  # noqa: E402
+from loopback.servers import TcpProxy  # noqa: E402
+from loopback.processes import free_port  # noqa: E402
 
 HOSTILE = "<!channel> <!here> <@U123> <#C024BE7LR|general> <https://evil.example|login> & &amp; >quote"
 

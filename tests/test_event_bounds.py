@@ -12,7 +12,7 @@ from shared import eventio, events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.processes import wait_until
+from loopback.processes import wait_until
 from tests.test_end_to_end import make_stack, outside, world  # noqa: F401 - fixtures
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}

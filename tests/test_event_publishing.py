@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from shared import eventio, events, outbox
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.loopback import RecordingServer
-from tests.processes import FunctionProcess, free_port, wait_until
+from loopback.servers import RecordingServer
+from loopback.processes import FunctionProcess, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 NAMES = ["ДискЗаполнен", "DiskFull€", "Überlast – Kafka", "line\nbreak", 'with space "quoted" 100%', "Euro € 😀", "100%25"]

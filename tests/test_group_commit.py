@@ -35,7 +35,7 @@ def test_concurrent_submissions_share_transactions_and_get_their_own_outcomes(cl
     for t in threads:
         t.join()
     assert sum(calls) == 20 and len(calls) < 10
-    for i, result in results.items():
+    for result in results.values():
         assert [o.action for o in result.outcomes] == ["created", "created"]
         assert len(result.event_ids) == 2
         assert all(e.split(".")[0] in {o.incident_id for o in result.outcomes} for e in result.event_ids)

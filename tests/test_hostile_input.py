@@ -15,8 +15,8 @@ from cloudevents.http import CloudEvent
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from tests.loopback import RecordingServer
-from tests.processes import FunctionProcess
+from loopback.servers import RecordingServer
+from loopback.processes import FunctionProcess
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 JSON = {"Content-Type": "application/json"}

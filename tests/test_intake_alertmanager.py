@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from tests.alertmanager import AlertManager
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.loopback import TcpProxy
-from tests.processes import FunctionProcess, wait_until
+from loopback.servers import TcpProxy
+from loopback.processes import FunctionProcess, wait_until
 
 SEED_TEST2 = (
     {"alertname": "TestIncident", "severity": "critical", "service": "email"},

@@ -13,8 +13,8 @@ from cloudevents.http import CloudEvent, from_http
 
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.loopback import RecordingServer
-from tests.processes import FunctionProcess, free_port, wait_until
+from loopback.servers import RecordingServer
+from loopback.processes import FunctionProcess, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 REPORT = "io.incidentresponse.incident.report"

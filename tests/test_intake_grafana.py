@@ -12,7 +12,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import FIXTURES, TEST_TOKEN
-from tests.processes import FunctionProcess
+from loopback.processes import FunctionProcess
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 

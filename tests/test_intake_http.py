@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from tests.conftest import FIXTURES, TEST_TOKEN
 from tests.factories import fixture_payload, raw_alert, webhook
-from tests.processes import FunctionProcess, wait_until
+from loopback.processes import FunctionProcess, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from functions.remediation.actions import KUBERNETES_PERMISSIONS
-from local import manifests
+from deploy import manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "tests" / "fixtures" / "knative-schemas"
@@ -287,3 +287,27 @@ def test_network_policy_admits_only_knative_to_the_cluster_local_functions(produ
     for name in guarded:
         annotations = services[name]["spec"]["template"]["metadata"]["annotations"]
         assert annotations["autoscaling.knative.dev/target-burst-capacity"] == "-1", name
+
+
+def test_generated_config_copies_say_where_they_come_from():
+    for name, source in manifests.COPIES.items():
+        text = (manifests.BASE / "config" / name).read_text()
+        assert text.startswith(manifests.copy_header(source)), name
+        assert source in text.splitlines()[0] and "make manifests" in text
+        assert yaml.safe_load(text) == yaml.safe_load((ROOT / source).read_text())
+
+
+def test_the_local_stack_and_the_manifests_read_one_service_table(base):
+    from deploy.services import SERVICES
+    from local.run import FUNCTIONS, Stack
+
+    assert set(FUNCTIONS) == set(SERVICES) == {d["metadata"]["name"] for d in base if d["kind"] == "Service"}
+    stack = Stack("postgresql://unused", "t", {name: 1 for name in SERVICES}, 2)
+    for doc in (d for d in base if d["kind"] == "Service"):
+        name = doc["metadata"]["name"]
+        env = {e["name"]: e.get("value") for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
+        local = stack.function_env(name)
+        for variable, value in SERVICES[name].env.items():
+            assert env[variable] == local[variable] == value, (name, variable)
+        assert ("K_SINK" in local) == SERVICES[name].publishes, name
+    assert SERVICES["intake-events"].env == {"EVENTS_REQUIRE_TOKEN": "false"}

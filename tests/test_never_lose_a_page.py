@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 from local.run import FUNCTIONS, Stack
 from tests.conftest import TEST_TOKEN
 from tests.factories import webhook
-from tests.processes import free_port, wait_until
+from loopback.processes import free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ROUTING_KEY = "PROPROUTINGKEY0123456789abcdefAB"

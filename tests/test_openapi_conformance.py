@@ -10,7 +10,7 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from tests.conftest import TEST_TOKEN
-from tests.processes import FunctionProcess
+from loopback.processes import FunctionProcess
 
 SPEC = Path(__file__).resolve().parent.parent / "functions" / "query" / "openapi.yaml"
 schema = schemathesis.openapi.from_path(str(SPEC))

@@ -15,8 +15,8 @@ from local.run import FUNCTIONS, Stack
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import raw_alert, webhook
-from tests.loopback import TcpProxy
-from tests.processes import free_port, wait_until
+from loopback.servers import TcpProxy
+from loopback.processes import free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ROUTING_KEY = "OUTAGEROUTINGKEY0123456789abcdef"

@@ -16,8 +16,8 @@ from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from tests.fake_kube import deployment, pod
-from tests.processes import FunctionProcess, at_once
+from loopback.kube import deployment, pod
+from loopback.processes import FunctionProcess, at_once
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED
@@ -190,7 +190,7 @@ def test_terminate_idle_connections_only_those_older_than_the_threshold(database
         try:
             c.execute(sa.text("SELECT 1"))
             alive.append(True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means the connection is gone
             alive.append(False)
     assert alive == [False, False, False, True, True]
     victims.dispose()

@@ -7,13 +7,12 @@ lazily and streamed, and the worker's peak resident memory is read from
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TEST_TOKEN
-from tests.processes import FunctionProcess, wait_until
+from loopback.processes import FunctionProcess, wait_until
 
 BODY_BYTES = 200 * 1024 * 1024
 CHUNK = b"\0" * (1024 * 1024)

@@ -9,17 +9,18 @@ import json
 import logging
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from urllib.parse import urlencode
 
 from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
-from shared import db, incidents
+from shared import db, filters, incidents
 from shared.config import Settings
 from shared.errors import BadRequest
+from shared.filters import parse_time_param, repeated as _values, single as _single
 from shared.http import json_response, parse_json_body, storable_text
-from shared.models import PRIORITIES, STATUSES
+from shared.models import STATUSES
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
 
@@ -30,7 +31,8 @@ MAX_LIMIT = 500
 NOTE_MAX = 4000
 _ASCII_NUMBER = re.compile(r"[0-9]{1,9}")
 _CURSOR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?")
-LIST_PARAMETERS = ("status", "priority", "since", "until", "alert_name", "service", "fingerprint", "limit", "cursor")
+# The declared filters (shared/filters.py), then paging.
+LIST_PARAMETERS = tuple(f.name for f in filters.FILTERS) + ("limit", "cursor")
 
 PUBLIC_FIELDS = (
     "id", "alert_name", "priority", "status", "created_at", "updated_at", "resolved_at", "summary",
@@ -41,54 +43,6 @@ PUBLIC_FIELDS = (
 
 def present(row: dict) -> dict:
     return {name: rfc3339(row.get(name)) for name in PUBLIC_FIELDS}
-
-
-def _values(args: MultiDict, name: str, strip: bool = False) -> list[str]:
-    """Repeatable and comma-separated: ``?status=open&status=investigating``
-    and ``?status=open,investigating`` mean the same. Free-text values are
-    exact (not stripped); enum values may carry spaces around commas."""
-    result = []
-    for raw in args.getlist(name):
-        parts = [part.strip() if strip else part for part in raw.split(",")]
-        if not all(parts):
-            raise BadRequest(f"{name}: empty value in {raw[:60]!r}", parameter=name)
-        result.extend(parts)
-    return result
-
-
-def _enum_values(args: MultiDict, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
-    values = tuple(normalise(v) for v in _values(args, name, strip=True))
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise BadRequest(f"{name}: unknown value {bad[0]!r}; allowed: {', '.join(allowed)}", parameter=name, allowed=list(allowed))
-    return values
-
-
-def parse_time_param(raw: str, name: str) -> datetime:
-    """RFC 3339 with or without a zone (naive means UTC) to naive UTC."""
-    if not raw.strip():
-        raise BadRequest(f"{name}: empty; give an RFC 3339 time (for example 2026-11-27T10:00:00Z)", parameter=name)
-    try:
-        value = datetime.fromisoformat(raw.strip().replace("z", "Z").replace(" ", "+") if "T" in raw else raw.strip())
-    except ValueError:
-        raise BadRequest(f"{name}: not an RFC 3339 time: {raw[:40]!r} (for example 2026-11-27T10:00:00Z)", parameter=name) from None
-    return _naive_utc(value, name, raw)
-
-
-def _naive_utc(value: datetime, name: str, raw: str) -> datetime:
-    if value.tzinfo is None:
-        return value
-    try:
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
-    except OverflowError:
-        raise BadRequest(f"{name}: {raw[:40]!r} is out of range once converted to UTC", parameter=name) from None
-
-
-def _single(args: MultiDict, name: str) -> str | None:
-    values = args.getlist(name)
-    if len(values) > 1:
-        raise BadRequest(f"{name}: give it once", parameter=name)
-    return values[0] if values else None
 
 
 def encode_cursor(cursor: incidents.Cursor) -> str:
@@ -125,8 +79,6 @@ def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incid
     for name in args:
         if any("\x00" in value for value in args.getlist(name)):
             raise BadRequest(f"{name}: contains a NUL character", parameter=name)
-    since = _single(args, "since")
-    until = _single(args, "until")
     limit_raw = _single(args, "limit")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
@@ -135,15 +87,7 @@ def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incid
             raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_raw[:20]!r}", parameter="limit")
         limit = int(limit_raw)
     cursor_raw = _single(args, "cursor")
-    flt = incidents.IncidentFilter(
-        statuses=_enum_values(args, "status", STATUSES, str.lower),
-        priorities=_enum_values(args, "priority", PRIORITIES, str.upper),
-        since=parse_time_param(since, "since") if since is not None else None,
-        until=parse_time_param(until, "until") if until is not None else None,
-        alert_names=tuple(_values(args, "alert_name")),
-        services=tuple(_values(args, "service")),
-        fingerprints=tuple(_values(args, "fingerprint")),
-    )
+    flt = filters.parse(args)
     return flt, limit, decode_cursor(cursor_raw) if cursor_raw is not None else None
 
 

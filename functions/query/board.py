@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, incidents, sessions
+from shared import db, filters, incidents, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import storable_text
@@ -38,7 +38,8 @@ HERE = Path(__file__).parent
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 ACTION_LABELS = {"investigating": "Acknowledge", "resolved": "Resolve", "closed": "Close"}
-BOARD_FILTERS = ("status", "priority", "since", "until", "alert_name", "service", "limit", "cursor")
+# The filter form shows the declared filters that have a widget (shared/filters.py).
+BOARD_FILTERS = filters.BOARD_FILTERS
 
 
 def ago(value: datetime | None, now: datetime | None = None) -> str:
@@ -105,7 +106,8 @@ class Board:
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code)
-        self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS)
+        self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
+                                     BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM)
 
     # ------------------------------------------------------------------ session
 
@@ -183,13 +185,13 @@ class Board:
         session = self._signed_in(request)
         if isinstance(session, Response):
             return session
-        form = {k: request.args.get(k, "") for k in BOARD_FILTERS}
+        form = {f.name: request.args.get(f.name, "") for f in BOARD_FILTERS}
         try:
             # An empty field of the filter form means "any".
             flt, limit, after = parse_filters(MultiDict([(k, v) for k, v in request.args.items(multi=True) if v != ""]))
             error = None
         except BadRequest as exc:
-            flt, limit, after, error = incidents.IncidentFilter(), 50, None, exc.message
+            flt, limit, after, error = filters.IncidentFilter(), 50, None, exc.message
         with db.engine().connect() as conn:
             rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}

@@ -65,7 +65,7 @@ class DatabaseCollector:
 
     def _time_to_resolve(self, conn):
         count, total, cumulative = stats.time_to_resolve(conn, TIME_TO_RESOLVE_BUCKETS)
-        buckets = [(str(float(b)), c) for b, c in zip(TIME_TO_RESOLVE_BUCKETS, cumulative)] + [("+Inf", count)]
+        buckets = [(str(float(b)), c) for b, c in zip(TIME_TO_RESOLVE_BUCKETS, cumulative, strict=True)] + [("+Inf", count)]
         family = HistogramMetricFamily(
             "incident_time_to_resolve_seconds", "Time from an incident's creation to its resolution."
         )

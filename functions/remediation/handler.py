@@ -168,7 +168,7 @@ class RemediationHandler:
                 record["error"] = str(exc)
         except ActionFailed as exc:
             record["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - an action bug is a failed action, recorded
+        except Exception as exc:  # an action bug is a failed action, recorded
             log.exception("Remediation action crashed", extra={"incident_id": incident["id"], "action": step.action})
             record["error"] = f"{type(exc).__name__}: {exc}"[:300]
         record["timestamp"] = now_rfc3339()

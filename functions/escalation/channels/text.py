@@ -90,7 +90,7 @@ def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is
     if sum(lengths) <= limit:
         return "".join(units)
     budget, used, kept = limit - utf16_len(ELLIPSIS), 0, []
-    for unit, n in zip(units, lengths):
+    for unit, n in zip(units, lengths, strict=True):
         if used + n > budget:
             break
         kept.append(unit)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import jsonschema
 
-from tests.loopback import Recorded, RecordingServer
+from loopback.servers import Recorded, RecordingServer
 
 PD_SEVERITIES = {"critical", "error", "warning", "info"}
 PD_ACTIONS = {"trigger", "acknowledge", "resolve"}
 PD_MAX_EVENT_BYTES = 512 * 1024
-PD_SCHEMA_FILE = Path(__file__).resolve().parent / "fixtures" / "pagerduty-events-v2.openapi.json"
+PD_SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "pagerduty-events-v2.openapi.json"
 SLACK_BLOCKS = {"header", "section", "context", "divider", "actions", "image"}
 # Block Kit limits (docs.slack.dev/reference/block-kit), counted in UTF-16
 # code units: never fewer than Slack counts.

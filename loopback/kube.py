@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from tests.loopback import Recorded, RecordingServer
+from loopback.servers import Recorded, RecordingServer
 
 
 def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, terminated=None, node="node-1", reason=None, namespace="production"):

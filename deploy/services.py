@@ -1,0 +1,37 @@
+"""The one table of the system's services: what the manifest generator writes
+as Knative Services and what ``make run`` starts as local processes, so the
+two cannot disagree about which functions exist, who publishes events or which
+service accepts events without the API token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Service:
+    function: str  # the functions/<function>/main.py it runs
+    account: str  # Kubernetes service account
+    public: bool  # reachable from outside the cluster (else cluster-local)
+    publishes: bool  # sends incident events to the Broker (gets K_SINK)
+    concurrency: int
+    timeout: int  # seconds
+    memory: str
+    port: int  # default local port of `make run`
+    port_variable: str  # env variable that overrides it
+    # Settings fixed per service, the same in Knative and in `make run`.
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SERVICES: dict[str, Service] = {
+    "intake": Service("intake", "incident-response", True, True, 8, 30, "192Mi", 8081, "INTAKE_PORT"),
+    # Only the Broker and the PingSource call it (cluster-local), so it
+    # accepts events without the API token.
+    "intake-events": Service("intake", "incident-response", False, True, 8, 60, "192Mi", 8086, "INTAKE_EVENTS_PORT",
+                             env={"EVENTS_REQUIRE_TOKEN": "false"}),
+    "query": Service("query", "incident-response", True, True, 8, 30, "192Mi", 8080, "QUERY_PORT"),
+    "diagnostics": Service("diagnostics", "incident-diagnostics", False, False, 4, 60, "256Mi", 8082, "DIAGNOSTICS_PORT"),
+    "remediation": Service("remediation", "incident-remediation", False, True, 2, 300, "256Mi", 8083, "REMEDIATION_PORT"),
+    "escalation": Service("escalation", "incident-response", False, False, 4, 120, "192Mi", 8084, "ESCALATION_PORT"),
+    "deadletter": Service("deadletter", "incident-response", False, False, 4, 30, "192Mi", 8085, "DEADLETTER_PORT"),
+}
