@@ -288,7 +288,7 @@ def test_a_p2_incident_is_paged_through_the_local_broker_when_the_settings_say_s
     """The shipped Triggers deliver every incident.opened to escalation; only
     PAGE_ON_OPEN_PRIORITIES decides that a P2 pages."""
     from local.broker import LocalBroker, load_brokers
-    from local.manifests import SERVICES
+    from deploy.services import SERVICES
     from loopback.servers import RecordingServer
 
     pd.reset(), slack_hook.reset()
