@@ -268,6 +268,66 @@ def pipeline(database_url: str, engine, log_dir: Path) -> tuple[list[str], dict]
     return rows, rss
 
 
+STORM_ALERTS = int(os.environ.get("BENCH_STORM_ALERTS", "10000"))
+STORM_GROUP = 500  # alerts per webhook, as AlertManager's max_alerts bounds a group
+
+
+def storm_to_pages(database_url: str, engine, log_dir: Path) -> list[str]:
+    """A storm through the whole pipeline: how long until every alert is an
+    incident, diagnosed, and paged. Baseline: the same pipeline for one alert."""
+    pd, hook = pagerduty(), slack()
+    pd.server.start(), hook.server.start()
+    env = {"REMEDIATION_MODE": "off", "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": "B" * 32,
+           "SLACK_WEBHOOK_URL": hook.url + "/x", "ANNOUNCE_ON_OPEN_PRIORITIES": "", "PAGE_ON_FAILURE_PRIORITIES": "",
+           "LOG_LEVEL": "WARNING", "PROMETHEUS_URL": ""}
+    ports = {name: free_port() for name in FUNCTIONS}
+    stack = Stack(database_url, TOKEN, ports, free_port(), env=env, log_dir=log_dir).start()
+    http = requests.Session()
+
+    def completed(keys: list[str]) -> int:
+        """Steps done, by the work claims each step completes once."""
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM work_claims WHERE key = ANY(:k) AND completed_at IS NOT NULL"),
+                                {"k": keys}).scalar()
+
+    def paged(ids: list[str]) -> int:
+        return completed([f"notify:pagerduty:trigger:{i}:0:opened" for i in ids])
+
+    def diagnosed(ids: list[str]) -> int:
+        return completed([f"diagnostics:{i}:0" for i in ids])
+
+    def run(n: int) -> dict[str, float]:
+        run_id, ids = uuid.uuid4().hex[:8], []
+        start = time.monotonic()
+        for first in range(0, n, STORM_GROUP):
+            body = webhook([alert("NodeDown", severity="critical", run=run_id, i=str(i)) for i in range(first, min(n, first + STORM_GROUP))])
+            response = http.post(stack.url("intake") + "/webhook/alert", data=body, headers=AUTH, timeout=120)
+            ids += [r["incident_id"] for r in response.json()["results"]]
+        times = {"committed": time.monotonic() - start}
+        wait_until(lambda: diagnosed(ids) == n, 3600, interval=1, message="every incident diagnosed")
+        times["diagnosed"] = time.monotonic() - start
+        wait_until(lambda: paged(ids) == n, 3600, interval=1, message="every incident paged")
+        times["paged"] = time.monotonic() - start
+        return times
+
+    try:
+        single = run(1)
+        storm = run(STORM_ALERTS)
+    finally:
+        stack.stop()
+        pd.server.stop(), hook.server.stop()
+    rows = ["## 4. A storm through the whole pipeline", "",
+            f"{STORM_ALERTS:,} P0 alerts in webhooks of {STORM_GROUP} through the local Broker with every function running "
+            "(loopback PagerDuty; remediation off, so each incident is diagnosed and paged). Seconds from the first POST until every "
+            "incident is committed, diagnosed and paged; per alert, against the same pipeline for one alert.", "",
+            "| Every incident … | one alert s | storm s | storm per alert ms | ÷ one alert |", "|---|---|---|---|---|"]
+    for stage in ("committed", "diagnosed", "paged"):
+        per_alert = storm[stage] / STORM_ALERTS
+        rows.append(f"| {stage} | {single[stage]:.2f} | {storm[stage]:.1f} | {per_alert * 1000:.1f} | {per_alert / single[stage]:.3f} |")
+    rows.append("")
+    return rows
+
+
 def rss_of(pid: int) -> float:
     """Resident memory of a functions-framework process tree (gunicorn master + workers), MB."""
     total = 0
@@ -303,7 +363,7 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
 
     env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN}
     bare = statistics.median(measure(ROOT / "bench" / "bare" / "main.py", "bare", {}) for _ in range(5))
-    rows = ["## 4. Cold start", "", "Process start to the first `2xx` from `/health` (which also opens the first database connection), median of 5; "
+    rows = ["## 5. Cold start", "", "Process start to the first `2xx` from `/health` (which also opens the first database connection), median of 5; "
             "baseline: a bare functions-framework `http` function (bench/bare) in the same run.", "",
             "| Function | median ms | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
     for name in ("intake", "query", "diagnostics", "remediation", "escalation", "deadletter"):
@@ -355,11 +415,13 @@ def main() -> None:
             if not only or "pipeline" in only:
                 pipeline_rows, rss = pipeline(database_url, engine, Path(tmp))
                 report += pipeline_rows
+            if not only or "storm-pipeline" in only:
+                report += storm_to_pages(database_url, engine, Path(tmp))
             if not only or "cold" in only:
                 cold, _ = cold_starts(database_url)
                 report += cold
             bare = bare_rss()
-            report += ["## 5. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
+            report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
                        "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
             report += [f"| {n} | {v:.0f} | {v / bare:.2f} |" for n, v in rss.items()]
             report += ["", f"Whole run: {time.monotonic() - started:.0f} s.", ""]
