@@ -10,7 +10,8 @@ import functions_framework
 from flask import Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from functions.query.api import BacklogApi, QueryApi
+from functions.query.api import QueryApi
+from functions.query.backlog_api import BacklogApi
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -44,7 +45,7 @@ def _ui(method: str):
 def _backlog_ui(method: str):
     def call(request, **params):
         if "backlog_board" not in _lazy:
-            from functions.query.board import BacklogBoard
+            from functions.query.backlog_board import BacklogBoard
 
             _lazy["backlog_board"] = BacklogBoard(_board())
         return getattr(_lazy["backlog_board"], method)(request, **params)
