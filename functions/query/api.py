@@ -45,6 +45,13 @@ def present(row: dict) -> dict:
     return {name: rfc3339(row.get(name)) for name in PUBLIC_FIELDS}
 
 
+def next_link(request: Request, cursor: str) -> str:
+    """The Link header of the next page: the same query, the next cursor."""
+    params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
+    params.append(("cursor", cursor))
+    return f'<{request.base_url}?{urlencode(params)}>; rel="next"'
+
+
 def encode_cursor(cursor: incidents.Cursor) -> str:
     raw = json.dumps([cursor.created_at.isoformat(), cursor.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -109,9 +116,7 @@ class QueryApi:
             rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
         headers = {}
         if next_cursor is not None:
-            params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
-            params.append(("cursor", encode_cursor(next_cursor)))
-            headers["Link"] = f'<{request.base_url}?{urlencode(params)}>; rel="next"'
+            headers["Link"] = next_link(request, encode_cursor(next_cursor))
         return json_response([present(r) for r in rows], headers=headers)
 
     def get(self, request: Request, incident_id: str) -> dict:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from urllib.parse import urlencode
 
 from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from functions.query.api import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, next_link
 from shared import backlog, db, dead_letters, incidents
 from shared.config import Settings
 from shared.errors import BadGateway, BadRequest
@@ -111,12 +110,6 @@ def parse_outbox_id(raw: str) -> str:
     if "\x00" in raw or len(raw) > 200:
         raise BadRequest("id: not an outbox event id", parameter="id")
     return dead_letters.clean(raw)
-
-
-def next_link(request: Request, cursor: str) -> str:
-    params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
-    params.append(("cursor", cursor))
-    return f'<{request.base_url}?{urlencode(params)}>; rel="next"'
 
 
 def present_dead_letter(row: dict) -> dict:
