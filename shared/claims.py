@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shared import incidents
+from shared.domain import ACTIVE_STATUSES
 from shared.errors import Conflict
 
 UTC_NOW = "timezone('utc', now())"
@@ -87,7 +88,7 @@ def begin_step(conn: Connection, step: str, incident_id: str, stale_after_second
     key = f"{step}:{incident_id}:{incident['generation']}"
     if is_completed(conn, key):
         return Step("replay", incident, key)
-    if incident["status"] not in ("open", "investigating"):
+    if incident["status"] not in ACTIVE_STATUSES:
         return Step("skip", incident, key)
     held = claim(conn, key, incident_id, stale_after_seconds)
     if held.acquired:

@@ -18,7 +18,6 @@ from typing import Protocol, runtime_checkable
 from shared.config import Settings
 
 TRANSITIONS = ("opened", "acknowledged", "remediated", "remediation_failed", "resolved")
-ACTIVE = ("open", "investigating")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from functions.escalation.channels.base import ACTIVE, Note, Outgoing, retry_by_default
+from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, runbook_url, service_of, summary_of,
 )
@@ -142,7 +143,7 @@ class PagerDuty:
         """Page by priority; acknowledge and resolve only an alert this
         channel triggered (PagerDuty would otherwise answer an unknown dedup_key)."""
         incident, transition = note.incident, note.transition
-        priority, active = incident["priority"], incident["status"] in ACTIVE
+        priority, active = incident["priority"], incident["status"] in ACTIVE_STATUSES
         if transition == "opened" and active and priority in self.config.page_on_open_priorities:
             return "trigger"
         if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
