@@ -29,8 +29,21 @@ def start(service: str) -> Settings:
     if config.remediation_db_dsn:
         logs.register_secret(_password_of(config.remediation_db_dsn.reveal()))
     logs.register_secret(_password_of(config.database_url))
+    if config.slack_webhook_url:
+        for part in _webhook_path_secrets(config.slack_webhook_url.reveal()):
+            logs.register_secret(part)
     logging.getLogger(service).info("Starting", extra={"service": service})
     return config
+
+
+def _webhook_path_secrets(url: str) -> list[str]:
+    """A Slack webhook's secret is its path: an HTTP client's error names the
+    path without the host, so masking the whole URL alone would miss it."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path
+    token = path.rstrip("/").rsplit("/", 1)[-1]
+    return [p for p in (path, token) if len(p) >= 8]
 
 
 def _password_of(url: str) -> str | None:
