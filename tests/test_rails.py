@@ -21,6 +21,7 @@ from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
 from tests.fake_kube import FakeKubernetes, deployment
+from tests.holding import HoldingKubernetes
 from tests.processes import FunctionProcess, wait_until
 
 DEPLOYMENT = TargetRef("deployment", "email-service", "production")
@@ -258,29 +259,12 @@ def test_scale_deployment_that_never_gets_ready_fails(database_url, kube_api):
 # --------------------------------------------------------------------------- through the function
 
 
-class HoldingKubernetes(FakeKubernetes):
-    """A loopback Kubernetes API that holds matching requests until released,
-    so a test knows one action is in flight while it sends the next."""
-
-    def __init__(self):
-        super().__init__()
-        self.hold_pattern: str | None = None
-        self.held = threading.Event()
-        self.release = threading.Event()
-
-    def _respond(self, req):
-        if self.hold_pattern and self.hold_pattern in req.path and not self.held.is_set():
-            self.held.set()
-            self.release.wait(30)
-        return super()._respond(req)
-
-
 @pytest.fixture(scope="module")
 def holding_kube(tmp_path_factory):
     server = HoldingKubernetes().start()
     server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("holdkube"))
     yield server
-    server.release.set()
+    server.gate.reset()
     server.stop()
 
 
@@ -288,19 +272,20 @@ def holding_kube(tmp_path_factory):
 def cluster(holding_kube):
     k = holding_kube
     k.deployments.clear(), k.requests.clear(), k.nodes.clear(), k.pods.clear(), k.failures.clear()
-    k.hold_pattern, k.rollout_delay = None, 0.0
-    k.held.clear(), k.release.clear()
+    k.rollout_delay = 0.0
+    k.gate.reset()
     k.add_deployment(deployment("email-service", 1))
     k.add_deployment(deployment("email-service", 1, namespace="kube-system"))
     k.add_node("node-7")
     yield k
-    k.release.set()
+    k.gate.reset()
 
 
 def _process(base_env, k, **env):
     full = {
         **base_env, "KUBECONFIG": str(k.kubeconfig_path), "REMEDIATION_MODE": "live",
         "REMEDIATION_ALLOWED_NAMESPACES": "production,kube-system", "REMEDIATION_VERIFY_TIMEOUT_SECONDS": "5",
+        "PROBE_TIMEOUT_SECONDS": "35",  # longer than any hold
         **env,
     }
     return FunctionProcess("remediation", full).start()
@@ -369,7 +354,7 @@ def test_the_function_never_scales_a_deployment_down(guarded, cluster, clean_db)
 def _race(proc, k, engine, first_name, second_name):
     """The first incident's action is held inside the Kubernetes API while the
     second one is judged: the overlap is certain, not likely."""
-    k.hold_pattern = "/deployments/email-service"
+    k.gate.arm("/deployments/email-service")
     first = diagnosed(engine, first_name, namespace="production")
     second = diagnosed(engine, second_name, namespace="production", replica="b")
     replies, errors = {}, []
@@ -382,11 +367,11 @@ def _race(proc, k, engine, first_name, second_name):
 
     thread = threading.Thread(target=send)
     thread.start()
-    assert k.held.wait(20), "the first action never reached the Kubernetes API"
+    k.gate.wait_held()
     try:
         replies["second"] = deliver(proc, second)
     finally:
-        k.release.set()
+        k.gate.release()
         thread.join(60)
     assert not errors, errors
     return first, second, replies
