@@ -21,6 +21,7 @@ from shared import config as config_module
 from shared import db as db_module
 from shared import migrate
 from shared.config import parse_database_url
+from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: CI=true turns skips into failures
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
