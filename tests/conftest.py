@@ -9,7 +9,6 @@ never shares state with ``make run`` or another run.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -86,25 +85,49 @@ def engine(database_url):
     eng.dispose()
 
 
+def _wait_for_quiet_database(engine, timeout: float = 15.0) -> None:
+    """Until no other session of this database is inside a transaction: a
+    function process of the previous test may still be finishing a write (a
+    sweep, a late redelivery), and TRUNCATE would deadlock with it."""
+    from tests.processes import wait_until
+
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND xact_start IS NOT NULL AND state <> 'idle'"
+    )
+
+    def quiet():
+        with engine.connect() as conn:
+            return conn.execute(query).scalar() == 0
+
+    wait_until(quiet, timeout, message="other sessions of the test database to finish their transactions")
+
+
 @pytest.fixture
 def clean_db(engine):
-    """Each test that writes starts from empty tables.
+    """Each test that writes starts from empty tables. Function processes a
+    test body started are stopped when it ends (the hook below); the ones
+    fixtures keep are waited for, so TRUNCATE never races their writes."""
+    _wait_for_quiet_database(engine)
+    with engine.begin() as conn:
+        tables = conn.execute(
+            sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars().all()
+        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+    return engine
 
-    A function process of the previous test may still be finishing a write
-    (a sweep, a late redelivery); TRUNCATE can then deadlock with it, and
-    PostgreSQL aborts one side: try again, as any client of a deadlock would."""
-    for attempt in range(5):
-        try:
-            with engine.begin() as conn:
-                tables = conn.execute(
-                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
-                ).scalars().all()
-                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
-            return engine
-        except sa.exc.DBAPIError as exc:
-            if attempt == 4 or not db_module.is_transient(exc):
-                raise
-            time.sleep(0.2)
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from tests import processes
+
+    processes.enter_test_body()
+    try:
+        return (yield)
+    finally:
+        leaked = processes.leave_test_body()
+        if leaked:
+            item.add_report_section("teardown", "processes", f"stopped function processes the test left running: {leaked}")
 
 
 @pytest.fixture(scope="session")
