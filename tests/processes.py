@@ -76,6 +76,32 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message
     raise AssertionError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
+def stays(predicate, duration: float, interval: float = 0.02, message: str = "condition") -> None:
+    """Assert that ``predicate`` holds throughout ``duration`` seconds, checked
+    continuously (for "nothing else arrives"), failing at the first breach."""
+    deadline = time.monotonic() + duration
+    while True:
+        assert predicate(), f"{message} stopped holding"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+def settled(snapshot, quiet: float = 1.5, timeout: float = 30.0, interval: float = 0.1, message: str = "state"):
+    """Poll ``snapshot()`` until it has not changed for ``quiet`` seconds (late
+    duplicates have landed); return it. Fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    raise AssertionError(f"{message} still changing after {timeout}s")
+
+
 @dataclass
 class FunctionProcess:
     name: str
