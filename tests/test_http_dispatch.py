@@ -185,7 +185,7 @@ def test_read_body_refuses_an_undeclared_oversized_stream():
 
     # A chunked upload: no Content-Length, the server marks the input terminated.
     with APP.test_request_context("/", method="POST", input_stream=io.BytesIO(b"x" * 16),
-                                  environ_overrides={"wsgi.input_terminated": True}):
+                                  environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""}):
         assert request.content_length is None
         with pytest.raises(errors.PayloadTooLarge, match="^body is over the limit of 10 bytes$"):
             read_body(request, 10)
