@@ -43,7 +43,7 @@ class Target:
 
 
 TARGETS = [
-    Target("rails", "functions/remediation/rails.py", 'tests/test_rails.py -k "not function and not racing"'),
+    Target("rails", "functions/remediation/rails.py", "tests/test_rails.py"),
     Target("actions", "functions/remediation/actions.py", "--noconftest tests/test_actions.py"),
     Target("batching", "functions/intake/batching.py", "tests/test_group_commit_slices.py tests/test_group_commit.py"),
     Target("delivery", "functions/escalation/delivery.py", "--noconftest tests/test_delivery.py"),

@@ -151,6 +151,58 @@ def test_error_text_without_a_status():
     assert act._k8s_error(Odd()) == "Kubernetes API 500 Internal"
 
 
+# --------------------------------------------------------------------------- scale_deployment: never down, never above the ceiling
+
+
+def scale(replicas, dry_run=False, ceiling=20):
+    return act.scale_deployment(ctx(dry_run, REMEDIATION_MAX_REPLICAS=str(ceiling)),
+                                act.ScaleParams(namespace="production", name="email-service", replicas=replicas))
+
+
+@pytest.mark.parametrize("current, requested", [(10, 6), (6, 6)])
+def test_scale_deployment_never_scales_down(k8s, current, requested):
+    k8s.add_deployment(deployment("email-service", current))
+    outcome = scale(requested)
+    assert (outcome.before, outcome.after) == (current, current) and f"already at {current}" in outcome.details["note"]
+    assert k8s.calls("PATCH") == []
+    assert k8s.deployments[("production", "email-service")]["spec"]["replicas"] == current
+
+
+def test_scale_deployment_scales_up_and_waits_for_ready(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    k8s.rollout_delay = 0.3
+    outcome = scale(3)
+    assert (outcome.before, outcome.after, outcome.details) == (1, 3, {})
+    (patch,) = k8s.calls("PATCH", "/scale")
+    assert patch.json() == {"spec": {"replicas": 3}} and patch.headers["content-type"] == "application/merge-patch+json"
+    assert k8s.deployments[("production", "email-service")]["status"]["readyReplicas"] == 3
+
+
+def test_scale_deployment_stops_at_the_ceiling(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    outcome = scale(9, ceiling=4)
+    assert (outcome.before, outcome.after, outcome.details) == (1, 4, {"requested": 9, "ceiling": 4})
+    assert k8s.calls("PATCH", "/scale")[0].json() == {"spec": {"replicas": 4}}
+    # At the ceiling already: nothing to do, and never down to it.
+    k8s.add_deployment(deployment("email-service", 7))
+    outcome = scale(9, ceiling=4)
+    assert (outcome.before, outcome.after) == (7, 7) and len(k8s.calls("PATCH")) == 1
+
+
+def test_scale_deployment_in_dry_run_reads_and_changes_nothing(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    outcome = scale(5, dry_run=True)
+    assert (outcome.before, outcome.after) == (1, 5)
+    assert [r.method for r in k8s.requests] == ["GET"]
+
+
+def test_scale_deployment_that_never_gets_ready_fails(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    k8s.rollout_delay = 60
+    with pytest.raises(ActionFailed, match="^not verified after 0.3s: 1/3 replicas ready$"):
+        act.scale_deployment(ctx(verify_timeout=0.3), act.ScaleParams(namespace="production", name="email-service", replicas=3))
+
+
 # --------------------------------------------------------------------------- rollout_restart
 
 

@@ -1,28 +1,20 @@
 """Every remediation rail, each in a test that fails when that rail is
-switched off: in-process against the real PostgreSQL (fast enough for the
-mutation run), then through a real remediation process whose loopback
-Kubernetes API can hold a request, so that two incidents overlap for certain."""
+switched off, in-process against the real PostgreSQL (fast enough for the
+mutation run). Through a real remediation process: tests/test_rails_function.py;
+``scale_deployment``'s own rails (never down, the ceiling): tests/test_actions.py."""
 
 from __future__ import annotations
 
-import os
 import threading
 
-import pytest
-import requests
 import sqlalchemy as sa
-from cloudevents.conversion import to_binary
-from cloudevents.http import CloudEvent, from_http
 
 from functions.remediation import rails
-from functions.remediation.actions import ActionContext, ScaleParams, TargetRef, scale_deployment
-from shared import events, kube as kube_module
+from functions.remediation.actions import TargetRef
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from tests.fake_kube import FakeKubernetes, deployment
-from tests.holding import HoldingKubernetes
-from tests.processes import FunctionProcess, wait_until
+from tests.processes import wait_until
 
 DEPLOYMENT = TargetRef("deployment", "email-service", "production")
 
@@ -182,212 +174,3 @@ def test_the_lock_makes_a_racing_judge_see_the_first_record(database_url, clean_
     thread.join(10)
     assert not errors, errors
     assert [v.blocked_by for v in verdicts] == ["hourly_cap"]
-
-
-# --------------------------------------------------------------------------- scale_deployment
-
-
-@pytest.fixture
-def kube_api(tmp_path):
-    server = FakeKubernetes().start()
-    saved = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(server.kubeconfig(tmp_path))
-    kube_module.reset()
-    yield server
-    server.stop()
-    if saved is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = saved
-    kube_module.reset()
-
-
-def scale(database_url, replicas, dry_run=False, **env):
-    config = settings(database_url, remediation_max_replicas=env.pop("ceiling", 20), probe_timeout_seconds=5)
-    ctx = ActionContext(config, {"id": "x"}, dry_run, verify_timeout=5, poll_interval=0.05)
-    return scale_deployment(ctx, ScaleParams(namespace="production", name="email-service", replicas=replicas))
-
-
-@pytest.mark.parametrize("current, requested", [(10, 6), (6, 6)])
-def test_scale_deployment_never_scales_down(database_url, kube_api, current, requested):
-    kube_api.add_deployment(deployment("email-service", current))
-    outcome = scale(database_url, requested)
-    assert (outcome.before, outcome.after) == (current, current) and f"already at {current}" in outcome.details["note"]
-    assert kube_api.calls("PATCH") == []
-    assert kube_api.deployments[("production", "email-service")]["spec"]["replicas"] == current
-
-
-def test_scale_deployment_scales_up_and_waits_for_ready(database_url, kube_api):
-    kube_api.add_deployment(deployment("email-service", 1))
-    kube_api.rollout_delay = 0.3
-    outcome = scale(database_url, 3)
-    assert (outcome.before, outcome.after, outcome.details) == (1, 3, {})
-    (patch,) = kube_api.calls("PATCH", "/scale")
-    assert patch.json() == {"spec": {"replicas": 3}} and patch.headers["content-type"] == "application/merge-patch+json"
-    assert kube_api.deployments[("production", "email-service")]["status"]["readyReplicas"] == 3
-
-
-def test_scale_deployment_stops_at_the_ceiling(database_url, kube_api):
-    kube_api.add_deployment(deployment("email-service", 1))
-    outcome = scale(database_url, 9, ceiling=4)
-    assert (outcome.before, outcome.after, outcome.details) == (1, 4, {"requested": 9, "ceiling": 4})
-    assert kube_api.calls("PATCH", "/scale")[0].json() == {"spec": {"replicas": 4}}
-    # At the ceiling already: nothing to do, and never down to it.
-    kube_api.add_deployment(deployment("email-service", 7))
-    outcome = scale(database_url, 9, ceiling=4)
-    assert (outcome.before, outcome.after) == (7, 7) and len(kube_api.calls("PATCH")) == 1
-
-
-def test_scale_deployment_in_dry_run_reads_and_changes_nothing(database_url, kube_api):
-    kube_api.add_deployment(deployment("email-service", 1))
-    outcome = scale(database_url, 5, dry_run=True)
-    assert (outcome.before, outcome.after) == (1, 5)
-    assert [r.method for r in kube_api.requests] == ["GET"]
-
-
-def test_scale_deployment_that_never_gets_ready_fails(database_url, kube_api):
-    from functions.remediation.actions import ActionFailed
-
-    kube_api.add_deployment(deployment("email-service", 1))
-    kube_api.rollout_delay = 60
-    config = settings(database_url, probe_timeout_seconds=5)
-    ctx = ActionContext(config, {"id": "x"}, False, verify_timeout=0.3, poll_interval=0.05)
-    with pytest.raises(ActionFailed, match="not verified after 0.3s: 1/3 replicas ready"):
-        scale_deployment(ctx, ScaleParams(namespace="production", name="email-service", replicas=3))
-
-
-# --------------------------------------------------------------------------- through the function
-
-
-@pytest.fixture(scope="module")
-def holding_kube(tmp_path_factory):
-    server = HoldingKubernetes().start()
-    server.kubeconfig_path = server.kubeconfig(tmp_path_factory.mktemp("holdkube"))
-    yield server
-    server.gate.reset()
-    server.stop()
-
-
-@pytest.fixture
-def cluster(holding_kube):
-    k = holding_kube
-    k.deployments.clear(), k.requests.clear(), k.nodes.clear(), k.pods.clear(), k.failures.clear()
-    k.rollout_delay = 0.0
-    k.gate.reset()
-    k.add_deployment(deployment("email-service", 1))
-    k.add_deployment(deployment("email-service", 1, namespace="kube-system"))
-    k.add_node("node-7")
-    yield k
-    k.gate.reset()
-
-
-def _process(base_env, k, **env):
-    full = {
-        **base_env, "KUBECONFIG": str(k.kubeconfig_path), "REMEDIATION_MODE": "live",
-        "REMEDIATION_ALLOWED_NAMESPACES": "production,kube-system", "REMEDIATION_VERIFY_TIMEOUT_SECONDS": "5",
-        "PROBE_TIMEOUT_SECONDS": "35",  # longer than any hold
-        **env,
-    }
-    return FunctionProcess("remediation", full).start()
-
-
-@pytest.fixture(scope="module")
-def guarded(base_env, holding_kube):
-    """The default rails: kube-system denied, node actions off, a cooldown."""
-    proc = _process(base_env, holding_kube)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def no_cooldown(base_env, holding_kube):
-    proc = _process(base_env, holding_kube, REMEDIATION_MAX_ACTIONS_PER_HOUR="1", REMEDIATION_COOLDOWN_SECONDS="0")
-    yield proc
-    proc.stop()
-
-
-def diagnosed(engine, name, **labels):
-    with engine.begin() as conn:
-        incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
-        svc.mark_investigating(conn, incident_id, "diagnostics")
-        return svc.get_incident(conn, incident_id)
-
-
-def deliver(proc, row):
-    spec = events.incident_event(events.INCIDENT_DIAGNOSED, row, "/test")
-    headers, body = to_binary(CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", **spec["extensions"]}, spec["data"]))
-    return requests.post(proc.url + "/", data=body, headers={**headers, "Prefer": "reply"}, timeout=60)
-
-
-def actions_of(engine, incident_id):
-    with engine.connect() as conn:
-        return svc.get_incident(conn, incident_id)["remediation_actions"]
-
-
-def test_kube_system_is_never_touched_by_the_function(guarded, cluster, clean_db):
-    row = diagnosed(clean_db, "KafkaConsumerLagHigh", namespace="kube-system")
-    response = deliver(guarded, row)
-    assert response.status_code == 200
-    assert from_http(response.headers, response.content)["type"] == events.INCIDENT_REMEDIATION_FAILED
-    (record,) = actions_of(clean_db, row["id"])
-    assert record["blocked_by"] == "denied_target" and record["success"] is False
-    assert cluster.requests == []
-
-
-def test_node_is_not_cordoned_without_the_opt_in(guarded, cluster, clean_db):
-    row = diagnosed(clean_db, "KubeNodeNotReady", node="node-7")
-    assert deliver(guarded, row).status_code == 200
-    (record,) = actions_of(clean_db, row["id"])
-    assert (record["action"], record["blocked_by"]) == ("cordon_node", "node_actions_disabled")
-    assert cluster.requests == [] and not cluster.nodes["node-7"]["spec"].get("unschedulable")
-
-
-def test_the_function_never_scales_a_deployment_down(guarded, cluster, clean_db):
-    cluster.add_deployment(deployment("email-service", 10))
-    row = diagnosed(clean_db, "KafkaConsumerLagHigh", namespace="production")
-    assert deliver(guarded, row).status_code == 200
-    (record,) = actions_of(clean_db, row["id"])
-    assert (record["from"], record["to"], record["success"]) == (10, 10, True)
-    assert cluster.calls("PATCH") == []
-
-
-def _race(proc, k, engine, first_name, second_name):
-    """The first incident's action is held inside the Kubernetes API while the
-    second one is judged: the overlap is certain, not likely."""
-    k.gate.arm("/deployments/email-service")
-    first = diagnosed(engine, first_name, namespace="production")
-    second = diagnosed(engine, second_name, namespace="production", replica="b")
-    replies, errors = {}, []
-
-    def send():
-        try:
-            replies["first"] = deliver(proc, first)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    k.gate.wait_held()
-    try:
-        replies["second"] = deliver(proc, second)
-    finally:
-        k.gate.release()
-        thread.join(60)
-    assert not errors, errors
-    return first, second, replies
-
-
-def test_two_incidents_racing_for_one_target_meet_the_cooldown(guarded, cluster, clean_db):
-    first, second, replies = _race(guarded, cluster, clean_db, "KafkaConsumerLagHigh", "KafkaConsumerLagHigh")
-    assert from_http(replies["second"].headers, replies["second"].content)["type"] == events.INCIDENT_REMEDIATION_FAILED
-    assert actions_of(clean_db, second["id"])[0]["blocked_by"] == "cooldown"
-    assert from_http(replies["first"].headers, replies["first"].content)["type"] == events.INCIDENT_REMEDIATED
-    assert len(cluster.calls("PATCH")) == 1
-
-
-def test_two_incidents_racing_under_the_hourly_cap_make_one_change(no_cooldown, cluster, clean_db):
-    first, second, replies = _race(no_cooldown, cluster, clean_db, "EmailServiceDown", "KafkaConsumerLagHigh")
-    (blocked,) = actions_of(clean_db, second["id"])
-    assert blocked["blocked_by"] == "hourly_cap"
-    assert actions_of(clean_db, first["id"])[0]["success"] is True
-    assert len(cluster.calls("PATCH")) == 1
