@@ -51,8 +51,8 @@ TARGETS = [
     Target("http", "shared/http.py", "--noconftest tests/test_http_dispatch.py"),
     Target("claims", "shared/claims.py", "tests/test_claims.py"),
     Target("log", "shared/log.py", "--noconftest tests/test_log_format.py"),
-    Target("outbox", "shared/outbox.py", "tests/test_ping_sweep.py tests/test_intake_events.py"),
-    Target("escalation", "functions/escalation/handler.py", "tests/test_claims_overlap.py -k escalation"),
+    Target("outbox", "shared/outbox.py", "tests/test_outbox_publish.py"),
+    Target("escalation", "functions/escalation/handler.py", "tests/test_escalation_handler.py"),
 ]
 
 
