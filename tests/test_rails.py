@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import sqlalchemy as sa
 
 from functions.remediation import rails
@@ -174,3 +175,44 @@ def test_the_lock_makes_a_racing_judge_see_the_first_record(database_url, clean_
     thread.join(10)
     assert not errors, errors
     assert [v.blocked_by for v in verdicts] == ["hourly_cap"]
+
+
+def test_only_nodes_need_the_node_opt_in(database_url, clean_db):
+    config = settings(database_url)
+    for kind, name in (("pods", "app=web"), ("job", "cleanup-*"), ("deployment", "web")):
+        assert judge(clean_db, config, "x", TargetRef(kind, name, "production")) == rails.ALLOWED, kind
+
+
+def test_kinds_are_compared_by_value(database_url, clean_db):
+    """A kind built at run time (not the interned literal) is judged the same."""
+    config = settings(database_url, remediation_max_actions_per_hour=0, remediation_denied_targets="*")
+    assert judge(clean_db, config, "escalate", TargetRef("".join(["hu", "man"]), "on-call")) == rails.ALLOWED
+    node = TargetRef("".join(["no", "de"]), "node-7")
+    assert judge(clean_db, settings(database_url), "cordon_node", node).blocked_by == "node_actions_disabled"
+
+
+def test_a_one_second_cooldown_still_counts(database_url, clean_db):
+    record(clean_db, new_incident(clean_db))
+    assert judge(clean_db, settings(database_url, remediation_cooldown_seconds=1)).blocked_by == "cooldown"
+
+
+def test_hourly_cap_holds_above_the_cap_and_for_large_counts(database_url, clean_db):
+    incident_id = new_incident(clean_db)
+    for name in ("a", "b", "c"):
+        record(clean_db, incident_id, target=TargetRef("deployment", name, "production"))
+    # Lowered below what already ran: still blocked, not only at equality.
+    assert judge(clean_db, settings(database_url, remediation_max_actions_per_hour=2, remediation_cooldown_seconds=0)).blocked_by == "hourly_cap"
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO remediation_runs (incident_id, action, target, dry_run) "
+            "SELECT :i, 'rollout_restart', 'production/w' || n, false FROM generate_series(1, 297) AS n"), {"i": incident_id})
+    # 300 runs, a cap of 300: equal values that are not the same int object.
+    config = settings(database_url, remediation_max_actions_per_hour=300, remediation_cooldown_seconds=0)
+    assert judge(clean_db, config).blocked_by == "hourly_cap"
+
+
+def test_a_verdict_cannot_be_changed_after_the_fact():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rails.ALLOWED.blocked_by = "changed"
