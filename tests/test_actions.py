@@ -82,6 +82,13 @@ def test_registry_names_every_action_with_its_target():
     (act.IdleConnectionsParams, {"idle_seconds": 0}),
     (act.IdleConnectionsParams, {"max_connections": 0}),
     (act.EscalateParams, {"reason": "x" * 501}),
+    (act.DeploymentParams, {"namespace": "p", "name": "x" * 254}),
+    (act.DeletePodsParams, {"namespace": "x" * 64}),
+    (act.DeletePodsParams, {"namespace": ""}),
+    (act.RunJobParams, {"namespace": "x" * 64, "name_prefix": "a", "template": {}}),
+    (act.RunJobParams, {"namespace": "p", "name_prefix": "", "template": {}}),
+    (act.NodeParams, {"node": ""}),
+    (act.NodeParams, {"node": "x" * 254}),
 ])
 def test_parameters_out_of_range_are_refused(model, fields):
     with pytest.raises(ValidationError):
@@ -94,6 +101,14 @@ def test_parameters_out_of_range_are_refused(model, fields):
     (act.DeletePodsParams, {"namespace": "p", "max_pods": 100}),
     (act.RunJobParams, {"namespace": "p", "name_prefix": "x" * 40, "template": {}}),
     (act.EscalateParams, {"reason": "x" * 500}),
+    (act.DeploymentParams, {"namespace": "x" * 63, "name": "x" * 253}),
+    (act.DeploymentParams, {"namespace": "p", "name": "x"}),
+    (act.DeletePodsParams, {"namespace": "x" * 63, "max_pods": 1}),
+    (act.RunJobParams, {"namespace": "x" * 63, "name_prefix": "a", "template": {}}),
+    (act.NodeParams, {"node": "x"}),
+    (act.NodeParams, {"node": "x" * 253}),
+    (act.IdleConnectionsParams, {"max_connections": 1}),
+    (act.IdleConnectionsParams, {"max_connections": 1000}),
 ])
 def test_parameters_at_the_limits_are_accepted(model, fields):
     model(**fields)
@@ -170,7 +185,7 @@ def test_scale_deployment_never_scales_down(k8s, current, requested):
 
 def test_scale_deployment_scales_up_and_waits_for_ready(k8s):
     k8s.add_deployment(deployment("email-service", 1))
-    k8s.rollout_delay = 0.3
+    k8s.rollout_delay = 0.1
     outcome = scale(3)
     assert (outcome.before, outcome.after, outcome.details) == (1, 3, {})
     (patch,) = k8s.calls("PATCH", "/scale")
@@ -199,8 +214,8 @@ def test_scale_deployment_in_dry_run_reads_and_changes_nothing(k8s):
 def test_scale_deployment_that_never_gets_ready_fails(k8s):
     k8s.add_deployment(deployment("email-service", 1))
     k8s.rollout_delay = 60
-    with pytest.raises(ActionFailed, match="^not verified after 0.3s: 1/3 replicas ready$"):
-        act.scale_deployment(ctx(verify_timeout=0.3), act.ScaleParams(namespace="production", name="email-service", replicas=3))
+    with pytest.raises(ActionFailed, match="^not verified after 0.1s: 1/3 replicas ready$"):
+        act.scale_deployment(ctx(verify_timeout=0.1), act.ScaleParams(namespace="production", name="email-service", replicas=3))
 
 
 # --------------------------------------------------------------------------- rollout_restart
@@ -229,8 +244,8 @@ def test_rollout_restart_reports_the_previous_restart(k8s):
 def test_rollout_restart_that_does_not_roll_out_fails(k8s):
     k8s.add_deployment(deployment("web", 2, ready=0))
     k8s.rollout_delay = 60
-    with pytest.raises(ActionFailed, match=r"^not verified after 0.2s: generation 2/2, 2 updated, 0/2 ready$"):
-        act.rollout_restart(ctx(verify_timeout=0.2), act.DeploymentParams(namespace="production", name="web"))
+    with pytest.raises(ActionFailed, match=r"^not verified after 0.1s: generation 2/2, 2 updated, 0/2 ready$"):
+        act.rollout_restart(ctx(verify_timeout=0.1), act.DeploymentParams(namespace="production", name="web"))
 
 
 def test_rollout_restart_waits_for_the_new_generation(k8s):
@@ -247,7 +262,7 @@ def test_rollout_restart_waits_for_the_new_generation(k8s):
 
     k8s._deployment = lagging
     with pytest.raises(ActionFailed, match="generation 1/2"):
-        act.rollout_restart(ctx(verify_timeout=0.2), act.DeploymentParams(namespace="production", name="web"))
+        act.rollout_restart(ctx(verify_timeout=0.1), act.DeploymentParams(namespace="production", name="web"))
 
 
 # --------------------------------------------------------------------------- delete_pods
@@ -386,13 +401,13 @@ def test_terminate_idle_db_connections_filters_and_terminates():
         for c in conns:
             c.execute(sa.text("SELECT 1"))
             c.commit()
-        time.sleep(0.3)
-        params = act.IdleConnectionsParams(idle_seconds=0.2, application_names=[name], max_connections=2)
+        time.sleep(0.15)
+        params = act.IdleConnectionsParams(idle_seconds=0.1, application_names=[name], max_connections=2)
         dry = act.terminate_idle_db_connections(ctx(dry_run=True, REMEDIATION_DB_DSN=SERVER_URL), params)
         assert (dry.before, dry.after, dry.details["terminated"], len(dry.details["pids"])) == (2, 0, 0, 2)
         live = act.terminate_idle_db_connections(ctx(REMEDIATION_DB_DSN=SERVER_URL), params)
         assert (live.before, live.after, live.details["terminated"]) == (2, 0, 2)
-        nobody = act.IdleConnectionsParams(idle_seconds=0.2, application_names=[name], users=["no-such-role"])
+        nobody = act.IdleConnectionsParams(idle_seconds=0.1, application_names=[name], users=["no-such-role"])
         assert act.terminate_idle_db_connections(ctx(REMEDIATION_DB_DSN=SERVER_URL), nobody).before == 0
         young = act.IdleConnectionsParams(idle_seconds=3600, application_names=[name])
         assert act.terminate_idle_db_connections(ctx(REMEDIATION_DB_DSN=SERVER_URL), young).before == 0
@@ -415,3 +430,62 @@ def test_terminate_idle_db_connections_filters_and_terminates():
 def test_unreachable_database_is_an_action_failure():
     with pytest.raises(ActionFailed, match="^(OperationalError|InterfaceError): "):
         act.terminate_idle_db_connections(ctx(REMEDIATION_DB_DSN="postgresql+pg8000://u@127.0.0.1:1/db", PROBE_TIMEOUT_SECONDS="0.5"), act.IdleConnectionsParams())
+
+
+
+# --------------------------------------------------------------------------- edges the mutation run found
+
+
+def test_verification_polls_until_ready_within_a_sub_second_timeout(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    k8s.rollout_delay = 0.1
+    outcome = act.scale_deployment(ctx(verify_timeout=0.8), act.ScaleParams(namespace="production", name="email-service", replicas=2))
+    assert outcome.after == 2 and len(k8s.calls("GET", "/deployments/email-service")) >= 2
+
+
+def test_a_deployment_scaled_to_zero_is_scaled_up(k8s):
+    k8s.add_deployment(deployment("email-service", 0))
+    outcome = act.scale_deployment(ctx(), act.ScaleParams(namespace="production", name="email-service", replicas=1))
+    assert (outcome.before, outcome.after) == (0, 1) and len(k8s.calls("PATCH")) == 1
+
+
+def test_restarting_a_deployment_scaled_to_zero_completes(k8s):
+    k8s.add_deployment(deployment("web", 0))
+    assert act.rollout_restart(ctx(verify_timeout=1), act.DeploymentParams(namespace="production", name="web")).after
+
+
+def test_large_replica_counts_and_generations_compare_by_value(k8s):
+    big = deployment("web", 300)
+    big["metadata"]["generation"] = 299
+    k8s.add_deployment(big)
+    assert act.rollout_restart(ctx(verify_timeout=1), act.DeploymentParams(namespace="production", name="web")).after
+
+
+def test_one_pod_by_name_is_exactly_that_pod(pods):
+    act.delete_pods(ctx(), act.DeletePodsParams(namespace="production", pod="loop-1", reasons=["*"]))
+    assert deleted(pods) == ["loop-1"]
+
+
+def test_a_database_error_is_cut_to_its_first_200_characters():
+    missing = SERVER_URL.rsplit("/", 1)[0] + "/no_such_database_" + "x" * 40
+    with pytest.raises(ActionFailed) as err:
+        act.terminate_idle_db_connections(ctx(REMEDIATION_DB_DSN=missing), act.IdleConnectionsParams())
+    kind, _, message = str(err.value).partition(": ")
+    assert kind in {"ProgrammingError", "OperationalError", "DatabaseError", "InterfaceError"} and len(message) == 200
+
+
+def test_the_database_connect_timeout_is_three_probe_timeouts():
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts, never answers: only the connect timeout ends the wait
+    port = silent.getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(ActionFailed):
+            act.terminate_idle_db_connections(
+                ctx(REMEDIATION_DB_DSN=f"postgresql+pg8000://u@127.0.0.1:{port}/db", PROBE_TIMEOUT_SECONDS="0.2"), act.IdleConnectionsParams())
+        assert 0.55 <= time.monotonic() - started < 3
+    finally:
+        silent.close()
