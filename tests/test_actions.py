@@ -89,6 +89,9 @@ def test_registry_names_every_action_with_its_target():
     (act.RunJobParams, {"namespace": "p", "name_prefix": "", "template": {}}),
     (act.NodeParams, {"node": ""}),
     (act.NodeParams, {"node": "x" * 254}),
+    (act.DeploymentParams, {"namespace": "x" * 64, "name": "d"}),
+    (act.RunJobParams, {"namespace": "", "name_prefix": "a", "template": {}}),
+    (act.IdleConnectionsParams, {"max_connections": 1001}),
 ])
 def test_parameters_out_of_range_are_refused(model, fields):
     with pytest.raises(ValidationError):
@@ -489,3 +492,33 @@ def test_the_database_connect_timeout_is_three_probe_timeouts():
         assert 0.55 <= time.monotonic() - started < 3
     finally:
         silent.close()
+
+
+def _surging(k8s, extra=1):
+    """Status reports more ready/updated replicas than wanted (a surge, or an
+    HPA that scaled further): that is rolled out, not short."""
+    original = k8s._deployment
+
+    def surge(method, ns, name, scale, body):
+        status, headers, payload = original(method, ns, name, scale, body)
+        obj = json.loads(payload)
+        if not scale and obj.get("status", {}).get("readyReplicas"):
+            obj["status"]["readyReplicas"] += extra
+            obj["status"]["updatedReplicas"] += extra
+        return status, headers, json.dumps(obj).encode()
+
+    k8s._deployment = surge
+
+
+def test_more_ready_replicas_than_wanted_is_verified(k8s):
+    k8s.add_deployment(deployment("web", 2))
+    _surging(k8s)
+    assert act.scale_deployment(ctx(verify_timeout=0.5), act.ScaleParams(namespace="production", name="web", replicas=3)).after == 3
+    assert act.rollout_restart(ctx(verify_timeout=0.5), act.DeploymentParams(namespace="production", name="web")).after
+
+
+def test_a_deployment_scaled_up_from_zero_is_verified_not_assumed(k8s):
+    k8s.add_deployment(deployment("web", 0))
+    k8s.rollout_delay = 60
+    with pytest.raises(ActionFailed, match="^not verified after 0.1s: 0/1 replicas ready$"):
+        act.scale_deployment(ctx(verify_timeout=0.1), act.ScaleParams(namespace="production", name="web", replicas=1))
