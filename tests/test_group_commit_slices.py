@@ -148,3 +148,49 @@ def test_a_transient_error_fails_the_whole_batch_without_retrying_each(clean_db)
     assert set(errors) == {"T1", "T2"} and all(isinstance(e, OperationalError) for e in errors.values())
     # Whatever the batching, no request was written twice for one failure.
     assert sum(call.count("T1") for call in writer.calls) == 1
+
+
+def test_a_batch_stops_at_max_alerts_and_a_big_request_goes_alone(clean_db):
+    def batched_sizes(max_alerts, sizes):
+        writer = HeldWriter(clean_db)
+        batcher = GroupCommit(writer, max_alerts=max_alerts)
+        lead, (_, lead_errors) = run_threads({"lead": lambda: batcher.submit([alert("Lead", instance=str(time.monotonic()))])})
+        assert writer.first_started.wait(DEADLINE)
+        requests = {f"m{max_alerts}-{i}": [alert(f"Max{max_alerts}x{i}", instance=str(j)) for j in range(n)] for i, n in enumerate(sizes)}
+        threads, (results, errors) = run_threads({name: (lambda a=a: batcher.submit(a)) for name, a in requests.items()})
+        time.sleep(0.05)
+        writer.release.set()
+        for t in [*lead.values(), *threads.values()]:
+            t.join(DEADLINE)
+        assert not errors and not lead_errors and set(results) == set(requests)
+        return [len(call) for call in writer.calls[1:]]
+
+    # Queued in an unknown order, so compare the multiset of batch sizes; a
+    # few tries, in case a thread was slow to queue behind the held write.
+    for _ in range(4):
+        exact = batched_sizes(4, [2, 2])  # 2 + 2 = 4: one batch, the limit is inclusive
+        over = batched_sizes(3, [2, 2])  # 2 + 2 > 3: two batches
+        big = batched_sizes(4, [5])  # more than the limit alone: still written, alone
+        if exact == [4]:
+            break
+    assert exact == [4] and sorted(over) == [2, 2] and big == [5]
+
+
+def test_the_batcher_serves_one_request_after_another(clean_db):
+    writer = HeldWriter(clean_db)
+    writer.release.set()
+    batcher = GroupCommit(writer)
+    results, errors = {}, []
+
+    def sequence():
+        try:
+            for i in range(3):
+                results[i] = batcher.submit([alert(f"Seq{i}")]).outcomes[0].action
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=sequence)
+    thread.start()
+    thread.join(DEADLINE)
+    assert not thread.is_alive(), "a later request waited for ever: the batcher never let go of the lead"
+    assert not errors and results == {0: "created", 1: "created", 2: "created"}
