@@ -62,7 +62,8 @@ def test_success_at_once(receiver):
 
 def test_5xx_is_retried_with_doubling_back_off(receiver):
     r = receiver((500, {}, b"down"), (503, {}, b"down"), (502, {}, b"down"), (202, {}, b"ok"))
-    result = deliver(r.server.url, attempts=4, base_delay=0.1)
+    # The Retry-After cap is for 429 only: it must not shorten a 5xx back-off.
+    result = deliver(r.server.url, attempts=4, base_delay=0.1, max_retry_after=0.3)
     assert (result.ok, result.status, result.attempts) == (True, 202, 4)
     g = r.gaps()
     assert 0.1 <= g[0] < 0.19 and 0.2 <= g[1] < 0.39 and 0.4 <= g[2] < 0.79, g
@@ -120,10 +121,19 @@ def test_other_4xx_is_not_retried(receiver, caplog, status):
     assert (record.channel, record.status, record.response) == ("slack", status, "invalid_payload")
 
 
-def test_3xx_is_not_a_success(receiver):
-    r = receiver((304, {}, b""))
+@pytest.mark.parametrize("status", [300, 304])
+def test_3xx_is_not_a_success(receiver, status):
+    r = receiver((status, {}, b""))
     result = deliver(r.server.url, attempts=1)
-    assert not result.ok and result.status == 304
+    assert not result.ok and result.status == status
+
+
+def test_a_refusal_logs_at_most_200_characters_of_the_answer(receiver, caplog):
+    r = receiver((400, {}, b"y" * 300))
+    with caplog.at_level(logging.ERROR, logger="delivery"):
+        result = deliver(r.server.url)
+    (record,) = [rec for rec in caplog.records if rec.getMessage() == "Notification refused"]
+    assert record.response == "y" * 200 and result.body == "y" * 300
 
 
 def test_transport_errors_are_retried_then_reported():
