@@ -228,3 +228,22 @@ def test_api_error_keeps_its_details():
     assert err.body() == {"error": "conflict", "message": "busy", "holder": "other"} and str(err) == "busy"
     assert errors.Unauthorized("x").status == 401 and errors.MethodNotAllowed("x").status == 405
     assert issubclass(errors.InvalidTransition, errors.Conflict) and issubclass(errors.ServiceUnavailable, errors.ApiError)
+
+
+def test_an_internal_error_is_logged_at_500_too(caplog):
+    with caplog.at_level(logging.ERROR, logger="http"):
+        call([Route("GET", "/x", raising(errors.ApiError("boom")), auth=False)], path="/x")
+    assert [(r.getMessage(), r.status) for r in caplog.records] == [("Request failed", 500)]
+
+
+def test_every_request_is_timed_in_milliseconds(caplog):
+    import time
+
+    def slow(req):
+        time.sleep(0.05)
+        return {"ok": True}
+
+    with caplog.at_level(logging.DEBUG, logger="http"):
+        call([Route("GET", "/x", slow, auth=False)], path="/x")
+    (record,) = [r for r in caplog.records if r.getMessage() == "request"]
+    assert record.path == "/x" and 50 <= record.ms < 1000 and record.ms == round(record.ms, 2)
