@@ -143,3 +143,24 @@ def test_each_generation_is_notified_again(handler, receivers, clean_db):
     handler.handle(event(events.INCIDENT_OPENED, row))
     handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
     assert sent(receivers) == ([], 2)
+
+
+def test_a_notification_being_sent_elsewhere_is_a_conflict_to_retry(handler, receivers, clean_db):
+    from shared import claims
+    from shared.errors import Conflict
+
+    row = incident(clean_db)
+    with clean_db.begin() as conn:
+        claims.claim(conn, f"notify:pagerduty:trigger:{row['id']}:0:opened", row["id"], 300)
+    with pytest.raises(Conflict, match="pagerduty notification for this transition is being sent elsewhere"):
+        handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 0)
+
+
+def test_an_event_without_a_generation_counts_as_the_first(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    spec = events.incident_event(events.INCIDENT_OPENED, row, "/test")
+    data = {k: v for k, v in spec["data"].items() if k != "generation"}
+    handler.handle(CloudEvent({"id": "g", "type": spec["type"], "source": "/test", "subject": row["id"]}, data))
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 1)
