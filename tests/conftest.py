@@ -9,6 +9,7 @@ never shares state with ``make run`` or another run.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -86,21 +87,25 @@ def engine(database_url):
 
 
 def _wait_for_quiet_database(engine, timeout: float = 15.0) -> None:
-    """Until no other session of this database is inside a transaction: a
-    function process of the previous test may still be finishing a write (a
-    sweep, a late redelivery), and TRUNCATE would deadlock with it."""
-    from tests.processes import wait_until
-
+    """Until no other session holds or awaits a lock on a table of this
+    database: a function process of the previous test may still be finishing
+    a write (a sweep, a late redelivery), and TRUNCATE would deadlock with it.
+    A session whose open transaction touched no table is no obstacle."""
     query = sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        "AND xact_start IS NOT NULL AND state <> 'idle'"
+        "SELECT DISTINCT a.application_name, a.state, left(a.query, 120) AS query "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.pid <> pg_backend_pid()"
     )
-
-    def quiet():
+    deadline = time.monotonic() + timeout
+    while True:
         with engine.connect() as conn:
-            return conn.execute(query).scalar() == 0
-
-    wait_until(quiet, timeout, message="other sessions of the test database to finish their transactions")
+            busy = conn.execute(query).mappings().all()
+        if not busy:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"other sessions of the test database still hold table locks after {timeout}s: {[dict(b) for b in busy]}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
