@@ -522,3 +522,87 @@ def test_a_deployment_scaled_up_from_zero_is_verified_not_assumed(k8s):
     k8s.rollout_delay = 60
     with pytest.raises(ActionFailed, match="^not verified after 0.1s: 0/1 replicas ready$"):
         act.scale_deployment(ctx(verify_timeout=0.1), act.ScaleParams(namespace="production", name="web", replicas=1))
+
+
+def test_targets_and_specs_are_values():
+    assert len({TargetRef("deployment", "a", "p"), TargetRef("deployment", "a", "p")}) == 1
+    assert hash(act.REGISTRY["escalate"]) == hash(act.REGISTRY["escalate"])
+
+
+def test_the_default_poll_is_half_a_second(k8s):
+    k8s.add_deployment(deployment("web", 1))
+    k8s.rollout_delay = 0.1
+    started = time.monotonic()
+    context = ActionContext(config(), {"id": "x"}, False, verify_timeout=3)
+    act.scale_deployment(context, act.ScaleParams(namespace="production", name="web", replicas=2))
+    assert 0.4 <= time.monotonic() - started < 1.3
+
+
+def test_requesting_exactly_the_ceiling_is_not_a_capped_request(k8s):
+    k8s.add_deployment(deployment("email-service", 1))
+    assert scale(4, ceiling=4).details == {}
+
+
+def test_scaling_to_hundreds_compares_counts_by_value(k8s):
+    k8s.add_deployment(deployment("web", 1))
+    context = ctx(REMEDIATION_MAX_REPLICAS="1000")
+    assert act.scale_deployment(context, act.ScaleParams(namespace="production", name="web", replicas=300)).after == 300
+
+
+def _reshape(k8s, change):
+    original = k8s._deployment
+
+    def reshaped(method, ns, name, scale, body):
+        status, headers, payload = original(method, ns, name, scale, body)
+        obj = json.loads(payload)
+        if not scale:
+            change(obj)
+        return status, headers, json.dumps(obj).encode()
+
+    k8s._deployment = reshaped
+
+
+def test_a_deployment_without_status_is_not_ready(k8s):
+    k8s.add_deployment(deployment("web", 0))
+    _reshape(k8s, lambda obj: obj.pop("status", None))
+    with pytest.raises(ActionFailed, match="0/1 replicas ready"):
+        act.scale_deployment(ctx(verify_timeout=0.1), act.ScaleParams(namespace="production", name="web", replicas=1))
+
+
+def test_a_rollout_without_updated_replicas_is_not_done(k8s):
+    """A real API server omits zero counts: no updatedReplicas means none."""
+    k8s.add_deployment(deployment("web", 1))
+    _reshape(k8s, lambda obj: obj["status"].pop("updatedReplicas", None))
+    with pytest.raises(ActionFailed, match="0 updated"):
+        act.rollout_restart(ctx(verify_timeout=0.1), act.DeploymentParams(namespace="production", name="web"))
+
+
+def test_a_newer_observed_generation_is_rolled_out(k8s):
+    k8s.add_deployment(deployment("web", 1))
+    _reshape(k8s, lambda obj: obj["status"].update(observedGeneration=obj["status"]["observedGeneration"] + 1))
+    assert act.rollout_restart(ctx(verify_timeout=0.5), act.DeploymentParams(namespace="production", name="web")).after
+
+
+def test_a_node_without_spec_is_schedulable_and_cordoned(k8s):
+    k8s.nodes["bare"] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bare"}}
+    original = k8s._respond
+
+    def patch_adds_spec(req):
+        if req.method == "PATCH" and req.path.startswith("/api/v1/nodes/bare"):
+            k8s.nodes["bare"]["spec"] = {}
+        return original(req)
+
+    k8s.server.responder = patch_adds_spec
+    outcome = act.cordon_node(ctx(dry_run=True), act.NodeParams(node="bare"))
+    assert (outcome.before, outcome.after) == (False, True)
+
+
+def test_an_already_cordoned_node_reports_cordoned(k8s):
+    k8s.add_node("n1")
+    k8s.nodes["n1"]["spec"]["unschedulable"] = True
+    assert act.cordon_node(ctx(), act.NodeParams(node="n1")).after is True
+
+
+def test_an_empty_deployment_name_is_refused():
+    with pytest.raises(ValidationError):
+        act.DeploymentParams(namespace="p", name="")
