@@ -100,6 +100,7 @@ def test_configure_installs_one_json_handler_and_quietens_werkzeug():
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     try:
+        root.handlers[:] = [logging.NullHandler()]  # whatever was there is replaced
         log.configure("WARNING")
         log.configure("DEBUG")
         handlers = [h for h in root.handlers if isinstance(h.formatter, log.JsonFormatter)]
