@@ -53,7 +53,8 @@ def run_threads(targets: dict) -> tuple[dict, dict]:
         except BaseException as exc:  # noqa: BLE001 - returned to the test, never swallowed
             errors[name] = exc
 
-    threads = {name: threading.Thread(target=wrap, args=(name, fn)) for name, fn in targets.items()}
+    # Daemons: a broken batcher leaves them blocked, and the run must still end.
+    threads = {name: threading.Thread(target=wrap, args=(name, fn), daemon=True) for name, fn in targets.items()}
     for t in threads.values():
         t.start()
     return threads, (results, errors)
@@ -189,7 +190,7 @@ def test_the_batcher_serves_one_request_after_another(clean_db):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    thread = threading.Thread(target=sequence)
+    thread = threading.Thread(target=sequence, daemon=True)
     thread.start()
     thread.join(DEADLINE)
     assert not thread.is_alive(), "a later request waited for ever: the batcher never let go of the lead"
