@@ -126,6 +126,13 @@ def test_a_failing_request_in_a_batch_fails_only_itself(clean_db):
     assert alert_names_of(clean_db, [results["Good1"].outcomes[0].incident_id]) == ["Good1"]
 
 
+def test_a_failing_request_in_a_batch_of_two_fails_only_itself(clean_db):
+    requests = {n: [alert(n)] for n in ("Good", "Poison")}
+    writer, results, errors = submit_behind_a_held_write(clean_db, requests, poison="Poison")
+    assert set(results) == {"Good"} and set(errors) == {"Poison"}
+    assert ["Good"] in writer.calls and ["Poison"] in writer.calls
+
+
 def test_a_transient_error_fails_the_whole_batch_without_retrying_each(clean_db):
     from sqlalchemy.exc import OperationalError
 
@@ -172,9 +179,10 @@ def test_a_batch_stops_at_max_alerts_and_a_big_request_goes_alone(clean_db):
         exact = batched_sizes(4, [2, 2])  # 2 + 2 = 4: one batch, the limit is inclusive
         over = batched_sizes(3, [2, 2])  # 2 + 2 > 3: two batches
         big = batched_sizes(4, [5])  # more than the limit alone: still written, alone
+        sums = batched_sizes(3, [1, 3])  # the sizes add up: 1 + 3 > 3
         if exact == [4]:
             break
-    assert exact == [4] and sorted(over) == [2, 2] and big == [5]
+    assert exact == [4] and sorted(over) == [2, 2] and big == [5] and sorted(sums) == [1, 3]
 
 
 def test_the_batcher_serves_one_request_after_another(clean_db):
