@@ -54,6 +54,24 @@ def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0):
         return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay)
 
 
+@pytest.mark.parametrize("status", [202, 299])
+def test_any_2xx_is_success(receiver, status):
+    r = receiver((status, {}, b""))
+    assert deliver(r.server.url, attempts=1).ok
+
+
+def test_the_default_back_off_starts_at_half_a_second(receiver):
+    r = receiver((500, {}, b""), (202, {}, b"ok"))
+    with requests.Session() as http:
+        assert send(http, r.server.url, {}, "slack", 2.0, 2, 1.0).ok
+    assert 0.5 <= r.gaps()[0] < 1.0
+
+
+def test_a_transport_error_is_cut_to_200_characters():
+    result = deliver(f"http://127.0.0.1:{free_port()}/{'p' * 300}", attempts=1)
+    assert len(result.error) == len("ConnectionError: ") + 200
+
+
 def test_success_at_once(receiver):
     r = receiver((200, {}, b"ok"))
     assert deliver(r.server.url) == Delivery(True, 200, 1, None, "ok")
@@ -110,7 +128,7 @@ def test_429_without_retry_after_is_capped_too(receiver):
     assert r.gaps()[0] < 0.3
 
 
-@pytest.mark.parametrize("status", [400, 403, 404])
+@pytest.mark.parametrize("status", [400, 403, 404, 499])
 def test_other_4xx_is_not_retried(receiver, caplog, status):
     r = receiver((status, {}, b"invalid_payload"))
     with caplog.at_level(logging.ERROR, logger="delivery"):
