@@ -6,13 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint venv system-packages migrate demo bench clean help manifests check-manifests deploy
+.PHONY: run test lint mutation venv system-packages migrate demo bench clean help manifests check-manifests deploy
 
 help:
 	@echo "make run    - start the whole system locally (embedded PostgreSQL unless DATABASE_URL)"
 	@echo "make test   - install what the tests need, lint (ruff) and run the whole suite"
 	@echo "make demo   - send the seed's test alerts to a running 'make run'"
 	@echo "make bench  - benchmarks, reported as ratios to baselines measured in the same run"
+	@echo "make mutation [MODULES=\"rails actions\"] - mutation score of the critical modules -> docs/mutation.md"
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,11 @@ demo: venv
 
 bench: venv
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
+
+# Mutation testing (cosmic-ray), one worker, each module against its fast
+# tests; under an hour on a 2-core machine. Not part of `make test`.
+mutation: venv
+	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) scripts/mutation.py $(MODULES)
 
 manifests: venv
 	$(PY) -m deploy.manifests

@@ -76,6 +76,32 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message
     raise AssertionError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
+def stays(predicate, duration: float, interval: float = 0.02, message: str = "condition") -> None:
+    """Assert that ``predicate`` holds throughout ``duration`` seconds, checked
+    continuously (for "nothing else arrives"), failing at the first breach."""
+    deadline = time.monotonic() + duration
+    while True:
+        assert predicate(), f"{message} stopped holding"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+def settled(snapshot, quiet: float = 1.5, timeout: float = 30.0, interval: float = 0.1, message: str = "state"):
+    """Poll ``snapshot()`` until it has not changed for ``quiet`` seconds (late
+    duplicates have landed); return it. Fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    raise AssertionError(f"{message} still changing after {timeout}s")
+
+
 @dataclass
 class FunctionProcess:
     name: str
@@ -94,11 +120,24 @@ class FunctionProcess:
         # process took it meanwhile, gunicorn exits at once: try another one.
         for attempt in range(3):
             try:
-                return self._start(wait_path, timeout)
+                started = self._start(wait_path, timeout)
+                RUNNING.add(self)
+                if _phase["in_test_body"]:
+                    STARTED_IN_TEST_BODY.append(self)
+                return started
             except ProcessExited as exc:
+                self.stop()
                 if "Address already in use" not in str(exc) or attempt == 2:
                     raise
                 self.port = free_port()
+            except BaseException as exc:
+                # Still starting after the timeout (or interrupted): nothing
+                # may outlive the test, and the log goes into the error.
+                tail = self.logs()[-3000:]
+                self.stop()
+                if isinstance(exc, AssertionError):
+                    raise AssertionError(f"{exc}\n{self.name} log:\n{tail}") from None
+                raise
         raise AssertionError("unreachable")
 
     def _start(self, wait_path: str, timeout: float) -> "FunctionProcess":
@@ -133,7 +172,38 @@ class FunctionProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
+        RUNNING.discard(self)
         terminate(self.process)
         if self.log_path:
             self.log_path.unlink(missing_ok=True)
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+# Every started function process, until stopped.
+RUNNING: set[FunctionProcess] = set()
+# Started by a test's own body (not a fixture, whose teardown stops it): the
+# test hook stops these as the test ends, so none can write while the next
+# test truncates the database.
+STARTED_IN_TEST_BODY: list[FunctionProcess] = []
+_phase = {"in_test_body": False}
+
+
+def enter_test_body() -> None:
+    _phase["in_test_body"] = True
+
+
+def leave_test_body() -> list[str]:
+    """Stop what the test body started and left running; their names."""
+    _phase["in_test_body"] = False
+    leaked = [p for p in STARTED_IN_TEST_BODY if p.running]
+    STARTED_IN_TEST_BODY.clear()
+    for proc in leaked:
+        proc.stop()
+    return [p.name for p in leaked]

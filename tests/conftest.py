@@ -21,6 +21,7 @@ from shared import config as config_module
 from shared import db as db_module
 from shared import migrate
 from shared.config import parse_database_url
+from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: CI=true turns skips into failures
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -85,25 +86,53 @@ def engine(database_url):
     eng.dispose()
 
 
+def _wait_for_quiet_database(engine, timeout: float = 15.0) -> None:
+    """Until no other session holds or awaits a lock on a table of this
+    database: a function process of the previous test may still be finishing
+    a write (a sweep, a late redelivery), and TRUNCATE would deadlock with it.
+    A session whose open transaction touched no table is no obstacle."""
+    query = sa.text(
+        "SELECT DISTINCT a.application_name, a.state, left(a.query, 120) AS query "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            busy = conn.execute(query).mappings().all()
+        if not busy:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"other sessions of the test database still hold table locks after {timeout}s: {[dict(b) for b in busy]}")
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def clean_db(engine):
-    """Each test that writes starts from empty tables.
+    """Each test that writes starts from empty tables. Function processes a
+    test body started are stopped when it ends (the hook below); the ones
+    fixtures keep are waited for, so TRUNCATE never races their writes."""
+    _wait_for_quiet_database(engine)
+    with engine.begin() as conn:
+        tables = conn.execute(
+            sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars().all()
+        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+    return engine
 
-    A function process of the previous test may still be finishing a write
-    (a sweep, a late redelivery); TRUNCATE can then deadlock with it, and
-    PostgreSQL aborts one side: try again, as any client of a deadlock would."""
-    for attempt in range(5):
-        try:
-            with engine.begin() as conn:
-                tables = conn.execute(
-                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
-                ).scalars().all()
-                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
-            return engine
-        except sa.exc.DBAPIError as exc:
-            if attempt == 4 or not db_module.is_transient(exc):
-                raise
-            time.sleep(0.2)
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from loopback import processes
+
+    processes.enter_test_body()
+    try:
+        return (yield)
+    finally:
+        leaked = processes.leave_test_body()
+        if leaked:
+            item.add_report_section("teardown", "processes", f"stopped function processes the test left running: {leaked}")
 
 
 @pytest.fixture(scope="session")

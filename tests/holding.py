@@ -1,0 +1,68 @@
+"""Loopback servers that hold a request until the test releases it, so that
+a concurrency test knows one delivery is in flight while it sends the others:
+the overlap is certain, not likely."""
+
+from __future__ import annotations
+
+import threading
+
+from loopback.kube import FakeKubernetes
+from loopback.servers import Recorded, RecordingServer
+
+HOLD_LIMIT = 30.0
+
+
+class Gate:
+    """Holds the first request that matches until ``release()``."""
+
+    def __init__(self):
+        self.pattern: str | None = None
+        self.held = threading.Event()
+        self.released = threading.Event()
+
+    def arm(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.held.clear()
+        self.released.clear()
+
+    def reset(self) -> None:
+        self.pattern = None
+        self.released.set()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def wait_held(self, timeout: float = 20.0) -> None:
+        assert self.held.wait(timeout), f"no request matching {self.pattern!r} arrived"
+
+    def pass_through(self, req: Recorded) -> None:
+        if self.pattern is not None and self.pattern in req.path and not self.held.is_set():
+            self.held.set()
+            self.released.wait(HOLD_LIMIT)
+
+
+class HoldingKubernetes(FakeKubernetes):
+    """The loopback Kubernetes API with a gate in front of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def _respond(self, req):
+        self.gate.pass_through(req)
+        return super()._respond(req)
+
+
+class HoldingReceiver(RecordingServer):
+    """A recording HTTP receiver (PagerDuty, Slack) with a gate; answers are
+    taken from ``script`` first, then ``default``."""
+
+    def __init__(self, default=(202, {"Content-Type": "application/json"}, b'{"status":"success"}')):
+        self.gate = Gate()
+        self.script: list[tuple[int, dict, bytes]] = []
+        self.default = default
+        super().__init__(self._answer)
+
+    def _answer(self, req: Recorded):
+        self.gate.pass_through(req)
+        return self.script.pop(0) if self.script else self.default

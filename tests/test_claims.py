@@ -1,0 +1,122 @@
+"""Claims in-process against the real PostgreSQL: taken once, completed,
+released, stale, and what a handler does for each state of its step. (The
+same under certain overlap through real functions: tests/test_claims_overlap.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from shared import claims
+from shared import incidents as svc
+from shared.errors import Conflict
+from tests.factories import alert
+
+
+def incident(engine, name="ClaimUnit", status=None) -> str:
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name)], "/t", "t").outcomes[0].incident_id
+        if status:
+            svc.transition(conn, incident_id, status, "t", "/t")
+    return incident_id
+
+
+def take(engine, key, incident_id=None, stale=60.0):
+    with engine.begin() as conn:
+        return claims.claim(conn, key, incident_id, stale)
+
+
+def age(engine, key, seconds):
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE work_claims SET claimed_at = claimed_at - make_interval(secs => :s) WHERE key = :k"), {"s": seconds, "k": key})
+
+
+def test_a_claim_is_taken_once_then_held(clean_db):
+    assert take(clean_db, "k") == claims.Claim("k", acquired=True, completed=False)
+    assert take(clean_db, "k") == claims.Claim("k", acquired=False, completed=False)
+
+
+def test_a_stale_claim_is_taken_again_and_counted(clean_db):
+    take(clean_db, "k", stale=60)
+    age(clean_db, "k", 59)
+    assert not take(clean_db, "k", stale=60).acquired
+    age(clean_db, "k", 2)
+    assert take(clean_db, "k", stale=60).acquired
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT attempts FROM work_claims WHERE key = 'k'")).scalar() == 2
+
+
+def test_a_completed_claim_is_never_taken_again_even_when_old(clean_db):
+    take(clean_db, "k")
+    with clean_db.begin() as conn:
+        assert not claims.is_completed(conn, "k")
+        claims.complete(conn, "k")
+        assert claims.is_completed(conn, "k")
+    age(clean_db, "k", 3600)
+    assert take(clean_db, "k", stale=1) == claims.Claim("k", acquired=False, completed=True)
+
+
+def test_release_gives_back_unfinished_work_only(clean_db):
+    take(clean_db, "open")
+    take(clean_db, "done")
+    with clean_db.begin() as conn:
+        claims.complete(conn, "done")
+        claims.release(conn, "open")
+        claims.release(conn, "done")
+        assert not claims.is_completed(conn, "missing")
+    assert take(clean_db, "open").acquired
+    assert take(clean_db, "done").completed
+
+
+def test_any_completed_matches_the_prefix_literally(clean_db):
+    first, other = incident(clean_db), incident(clean_db, "Other")
+    take(clean_db, "notify:pagerduty:trigger:x:0:opened", first)
+    take(clean_db, "notify_pagerduty_trigger_y", first)
+    with clean_db.begin() as conn:
+        assert not claims.any_completed(conn, first, "notify:pagerduty:trigger:")
+        claims.complete(conn, "notify_pagerduty_trigger_y")
+        # "_" is not a wildcard: the underscored key is not a trigger.
+        assert not claims.any_completed(conn, first, "notify:pagerduty:trigger:")
+        claims.complete(conn, "notify:pagerduty:trigger:x:0:opened")
+        assert claims.any_completed(conn, first, "notify:pagerduty:trigger:")
+        assert not claims.any_completed(conn, other, "notify:pagerduty:trigger:")
+        assert not claims.any_completed(conn, first, "notify:slack:")
+
+
+def step(engine, incident_id, stale=60.0):
+    with engine.begin() as conn:
+        return claims.begin_step(conn, "diagnostics", incident_id, stale)
+
+
+def test_begin_step_runs_once_then_conflicts_then_replays(clean_db):
+    incident_id = incident(clean_db)
+    first = step(clean_db, incident_id)
+    assert (first.state, first.key, first.incident["id"]) == ("run", f"diagnostics:{incident_id}:0", incident_id)
+    with pytest.raises(Conflict, match="diagnostics of this incident is running elsewhere; retry later"):
+        step(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        claims.complete(conn, first.key)
+    replay = step(clean_db, incident_id)
+    assert (replay.state, replay.key) == ("replay", first.key)
+
+
+def test_begin_step_skips_what_no_longer_fires_but_replays_what_ran(clean_db):
+    assert step(clean_db, "00000000-0000-4000-8000-000000000000") == claims.Step("skip", None)
+    resolved = incident(clean_db, "Gone", status="resolved")
+    skipped = step(clean_db, resolved)
+    assert skipped.state == "skip" and skipped.incident["status"] == "resolved"
+    done = incident(clean_db, "DoneThenResolved")
+    key = step(clean_db, done).key
+    with clean_db.begin() as conn:
+        claims.complete(conn, key)
+        svc.transition(conn, done, "resolved", "t", "/t")
+    assert step(clean_db, done).state == "replay"
+    investigating = incident(clean_db, "Investigating", status="investigating")
+    assert step(clean_db, investigating).state == "run"
+
+
+def test_begin_step_takes_over_a_stale_step(clean_db):
+    incident_id = incident(clean_db)
+    key = step(clean_db, incident_id, stale=30).key
+    age(clean_db, key, 31)
+    assert step(clean_db, incident_id, stale=30).state == "run"

@@ -1,0 +1,166 @@
+"""The escalation handler in-process, against the real PostgreSQL and
+loopback PagerDuty and Slack receivers: what each transition sends, once,
+and what the Broker is told when a channel refuses. (Over real HTTP:
+tests/test_escalation.py and tests/test_claims_overlap.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from cloudevents.http import CloudEvent
+
+from functions.escalation.handler import ACCEPTED, EscalationHandler
+from shared import events
+from shared import incidents as svc
+from shared.config import load_settings
+from shared.errors import BadGateway
+from tests.factories import alert
+from loopback.servers import RecordingServer
+
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
+
+
+class Receiver:
+    def __init__(self, ok=(202, {}, b'{"status":"success"}')):
+        self.script: list = []
+        self.ok = ok
+        self.server = RecordingServer(lambda req: self.script.pop(0) if self.script else self.ok).start()
+
+    def bodies(self):
+        return [r.json() for r in self.server.received()]
+
+
+@pytest.fixture(scope="module")
+def receivers():
+    pd, slack = Receiver(), Receiver((200, {}, b"ok"))
+    yield pd, slack
+    pd.server.stop(), slack.server.stop()
+
+
+@pytest.fixture
+def handler(receivers, database_url):
+    pd, slack = receivers
+    for r in receivers:
+        r.server.requests.clear(), r.script.clear()
+    config = load_settings({
+        "DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X", "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1",
+    })
+    return EscalationHandler(config)
+
+
+def incident(engine, priority="P0", name="EscalateUnit"):
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, priority=priority, service="email")], "/t", "t").outcomes[0].incident_id
+        return svc.get_incident(conn, incident_id)
+
+
+def event(event_type, row, **data):
+    spec = events.incident_event(event_type, row, "/test", data or None)
+    return CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", "subject": row["id"], **spec["extensions"]}, spec["data"])
+
+
+def sent(receivers):
+    pd, slack = receivers
+    return [b["event_action"] for b in pd.bodies()], len(slack.server.received())
+
+
+def notifications(engine, incident_id):
+    with engine.connect() as conn:
+        return [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "notification"]
+
+
+def test_the_plan_of_each_transition(handler):
+    p0, p1, p2 = ({"priority": p} for p in ("P0", "P1", "P2"))
+    assert handler.plan("opened", p0) == [("pagerduty", "trigger"), ("slack", "message")]
+    assert handler.plan("opened", p1) == [("slack", "message")]
+    assert handler.plan("remediation_failed", p1) == [("pagerduty", "trigger"), ("slack", "message")]
+    assert handler.plan("remediation_failed", p2) == [("slack", "message")]
+    assert handler.plan("resolved", p2) == [("pagerduty", "resolve"), ("slack", "message")]
+    assert handler.plan("remediated", p0) == [("slack", "message")]
+    assert set(ACCEPTED) >= {events.INCIDENT_OPENED, events.INCIDENT_RESOLVED, events.INCIDENT_REMEDIATION_FAILED}
+
+
+def test_opened_p0_pages_and_announces_once(handler, receivers, clean_db):
+    row = incident(clean_db)
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    assert receivers[0].bodies()[0]["routing_key"] == ROUTING_KEY and receivers[0].bodies()[0]["dedup_key"] == row["id"]
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    assert [(n["channel"], n["outcome"], n["status"], n["attempts"]) for n in notifications(clean_db, row["id"])] == [
+        ("pagerduty", "sent", 202, 1), ("slack", "sent", 200, 1)]
+
+
+def test_resolve_only_after_a_page_and_once(handler, receivers, clean_db):
+    quiet = incident(clean_db, "P1", "Quiet")
+    handler.handle(event(events.INCIDENT_RESOLVED, quiet))
+    assert sent(receivers) == ([], 1)
+    paged = incident(clean_db)
+    handler.handle(event(events.INCIDENT_OPENED, paged))
+    handler.handle(event(events.INCIDENT_RESOLVED, paged))
+    handler.handle(event(events.INCIDENT_RESOLVED, paged))
+    assert sent(receivers) == (["trigger", "resolve"], 3)
+
+
+def test_remediation_failed_pages_with_the_reason(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row, remediation={"reason": "blocked by cooldown"}))
+    (trigger,) = receivers[0].bodies()
+    assert "blocked by cooldown" in str(trigger["payload"]["custom_details"])
+
+
+def test_a_refused_page_is_a_502_and_the_retry_sends_it(handler, receivers, clean_db):
+    pd, _ = receivers
+    pd.script.append((500, {}, b"down"))
+    row = incident(clean_db)
+    with pytest.raises(BadGateway, match="^notification not accepted: pagerduty: HTTP 500: down$"):
+        handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == (["trigger"], 1)
+    assert [(n["channel"], n["outcome"]) for n in notifications(clean_db, row["id"])] == [("pagerduty", "failed"), ("slack", "sent")]
+    assert notifications(clean_db, row["id"])[0]["error"] == "HTTP 500: down"
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger", "trigger"], 1)
+
+
+def test_an_unknown_incident_is_acknowledged_and_nothing_is_sent(handler, receivers, clean_db):
+    row = incident(clean_db)
+    ghost = {**row, "id": "00000000-0000-4000-8000-000000000000"}
+    assert handler.handle(event(events.INCIDENT_OPENED, ghost)).status_code == 202
+    assert sent(receivers) == ([], 0)
+
+
+def test_channels_that_are_off_send_nothing(database_url, receivers, clean_db):
+    for r in receivers:
+        r.server.requests.clear()
+    off = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    row = incident(clean_db)
+    assert off.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == ([], 0) and notifications(clean_db, row["id"]) == []
+
+
+def test_each_generation_is_notified_again(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
+    assert sent(receivers) == ([], 2)
+
+
+def test_a_notification_being_sent_elsewhere_is_a_conflict_to_retry(handler, receivers, clean_db):
+    from shared import claims
+    from shared.errors import Conflict
+
+    row = incident(clean_db)
+    with clean_db.begin() as conn:
+        claims.claim(conn, f"notify:pagerduty:trigger:{row['id']}:0:opened", row["id"], 300)
+    with pytest.raises(Conflict, match="pagerduty notification for this transition is being sent elsewhere"):
+        handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 0)
+
+
+def test_an_event_without_a_generation_counts_as_the_first(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    spec = events.incident_event(events.INCIDENT_OPENED, row, "/test")
+    data = {k: v for k, v in spec["data"].items() if k != "generation"}
+    handler.handle(CloudEvent({"id": "g", "type": spec["type"], "source": "/test", "subject": row["id"]}, data))
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 1)

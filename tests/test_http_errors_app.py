@@ -1,0 +1,98 @@
+"""Errors Flask raises before a function runs get the same JSON body as
+ours (shared.http.install_json_errors), and /health says whether the
+database answers - in-process, on a function's real functions-framework app.
+(No conftest: the mutation run uses it with ``--noconftest``.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flask import abort
+
+from shared import config as config_module
+from shared import db
+from shared.http import health
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"
+UNREACHABLE = "postgresql+pg8000://postgres@127.0.0.1:1/nowhere"
+
+
+@pytest.fixture(scope="module")
+def app():
+    import functions_framework
+
+    saved = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = UNREACHABLE
+    config_module.reset_settings_cache()
+    db.dispose_engine()
+    application = functions_framework.create_app("deadletter", str(ROOT / "functions" / "deadletter" / "main.py"))
+    for code in (400, 413, 415, 418, 503):
+        application.add_url_rule(f"/raise-{code}", f"raise_{code}", lambda code=code: abort(code))
+    yield application
+    if saved is None:
+        os.environ.pop("DATABASE_URL", None)
+    else:
+        os.environ["DATABASE_URL"] = saved
+    config_module.reset_settings_cache()
+    db.dispose_engine()
+
+
+def answer(app, path, method="GET"):
+    response = app.test_client().open(path, method=method)
+    return response.status_code, response.get_json(), response.mimetype
+
+
+def test_a_path_flask_cannot_route_is_a_json_404(app):
+    status, body, mimetype = answer(app, "/a%0Ab")
+    assert (status, body["error"], mimetype) == (404, "not_found", "application/json")
+
+
+@pytest.mark.parametrize("code, error", [(413, "payload_too_large"), (415, "unsupported_media_type")])
+def test_flask_errors_with_a_type_of_ours_keep_their_status(app, code, error):
+    status, body, _ = answer(app, f"/raise-{code}")
+    assert (status, body["error"]) == (code, error) and body["message"]
+
+
+@pytest.mark.parametrize("code", [400, 418])
+def test_other_client_errors_are_bad_requests_with_their_status(app, code):
+    status, body, _ = answer(app, f"/raise-{code}")
+    assert (status, body["error"]) == (code, "bad_request") and body["message"]
+
+
+def test_a_server_error_from_flask_says_nothing_more(app):
+    status, body, _ = answer(app, "/raise-503")
+    assert (status, body) == (503, {"error": "internal_error", "message": "internal error"})
+
+
+def test_the_function_itself_still_answers_through_dispatch(app):
+    status, body, _ = answer(app, "/", "PROPFIND")
+    assert (status, body["message"]) == (405, "PROPFIND is not allowed on /; allowed: POST")
+
+
+def test_health_is_503_when_the_database_does_not_answer(app):
+    status, body, _ = answer(app, "/health")
+    assert (status, body) == (503, {"status": "unhealthy", "database": "disconnected"})
+
+
+def test_health_is_200_when_it_does(app):
+    engine = db.create_engine_for(SERVER_URL, pool_size=1, max_overflow=0)
+    try:
+        assert db.database_reachable(engine)
+        with app.test_request_context("/health"):
+            os.environ["DATABASE_URL"] = SERVER_URL
+            config_module.reset_settings_cache()
+            db.dispose_engine()
+            try:
+                from flask import request
+
+                response = health(request)
+            finally:
+                os.environ["DATABASE_URL"] = UNREACHABLE
+                config_module.reset_settings_cache()
+                db.dispose_engine()
+        assert (response.status_code, response.get_json()) == (200, {"status": "healthy", "database": "connected"})
+    finally:
+        engine.dispose()
