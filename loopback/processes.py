@@ -36,25 +36,6 @@ def terminate(process: subprocess.Popen | None, grace: float = 10.0) -> None:
         process.wait()
 
 
-def at_once(action, times: int) -> list:
-    """Run ``action`` from ``times`` threads released together; their results."""
-    import threading
-
-    barrier = threading.Barrier(times)
-    results = []
-
-    def run():
-        barrier.wait()
-        results.append(action())
-
-    threads = [threading.Thread(target=run) for _ in range(times)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 class ProcessExited(RuntimeError):
     """The process being waited for died: waiting longer cannot help."""
 

@@ -1,12 +1,8 @@
 """Claims under certain overlap: the first delivery is held inside the
 receiver (PagerDuty, the Kubernetes API) until the others have arrived and
 been answered, so a claim taken twice, or a held claim taken for done, fails
-every run rather than some.
-
-Supersedes the timing-dependent ``at_once`` tests:
-tests/test_escalation.py::test_concurrent_deliveries_page_once,
-tests/test_remediation.py::test_three_concurrent_deliveries_run_one_set_of_actions,
-tests/test_diagnostics.py::test_concurrent_deliveries_probe_once."""
+every run rather than some (the timing-dependent versions these replace
+caught a claim taken twice only some of the time)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from loopback.processes import FunctionProcess, at_once, wait_until
+from loopback.processes import FunctionProcess, wait_until
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 assert len(ROUTING_KEY) == 32
@@ -154,14 +154,6 @@ def test_redelivered_event_sends_nothing_twice(escalation, receivers, clean_db):
         assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
     assert len(pd.requests) == 1 and len(hook.requests) == 1
     assert [n["channel"] for n in notifications(clean_db, row["id"])] == ["pagerduty", "slack"]
-
-
-def test_concurrent_deliveries_page_once(escalation, receivers, clean_db):
-    pd, hook = receivers
-    row = open_incident(clean_db)
-    statuses = at_once(lambda: deliver(escalation, events.INCIDENT_OPENED, row).status_code, 4)
-    assert 202 in statuses and set(statuses) <= {202, 409}
-    assert len(pd.requests) == 1 and len(hook.requests) == 1
 
 
 def test_429_with_retry_after_then_success(escalation, receivers, clean_db):

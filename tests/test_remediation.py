@@ -17,7 +17,7 @@ from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
 from loopback.kube import deployment, pod
-from loopback.processes import FunctionProcess, at_once
+from loopback.processes import FunctionProcess
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED
@@ -271,15 +271,6 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     assert len(cluster.calls("PATCH")) == 1
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar() == 1
-
-
-def test_three_concurrent_deliveries_run_one_set_of_actions(live, cluster, clean_db):
-    cluster.rollout_delay = 0.5
-    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
-    statuses = at_once(lambda: deliver(live, row).status_code, 3)
-    assert 200 in statuses and set(statuses) <= {200, 409}
-    assert len(cluster.calls("PATCH", "/scale")) == 1
-    assert len(actions_of(clean_db, row["id"])) == 1
 
 
 def test_redelivery_after_completion_replies_the_same_without_acting(live, cluster, clean_db):
