@@ -84,6 +84,7 @@ class PublishReport:
     parked: list[str] = field(default_factory=list)
     pending_left: int = 0
     broker_unreachable: bool = False
+    broker_error: str | None = None  # why it could not be reached (failed leaves those events out)
 
 
 def to_cloudevent(row) -> CloudEvent:
@@ -207,6 +208,10 @@ class _Batch:
         if _fail(self.bind, row, error, self.max_attempts):
             self.report.parked.append(row.id)
 
+    def _unreachable(self, error: str) -> None:
+        self.report.broker_unreachable = True
+        self.report.broker_error = self.report.broker_error or error
+
     def send(self, rows: list) -> None:
         leased_at = time.monotonic()
         published: list[str] = []
@@ -225,7 +230,7 @@ class _Batch:
                     continue
                 unreached.append((row, _describe(exc)))
                 if len(unreached) >= 2:
-                    self.report.broker_unreachable = True
+                    self._unreachable(unreached[0][1])
                     _release(self.bind, [r.id for r, _ in unreached], unreached[0][1])
                     _release(self.bind, [r.id for r in rows[index + 1:]])
                     unreached = []
@@ -242,7 +247,7 @@ class _Batch:
                 self._failed(row, error)
             else:
                 _release(self.bind, [row.id], error)
-                self.report.broker_unreachable = True
+                self._unreachable(error)
         _mark_published(self.bind, published)
         self.report.published += published
 
@@ -283,6 +288,9 @@ def publish_pending(
         batch.send(rows)
         if report.broker_unreachable:
             break
+    if report.broker_unreachable:
+        # Not counted against any event, so not in failed: without this line an outage would be silent.
+        log.warning("Broker unreachable; events stay in the outbox", extra={"first_error": report.broker_error})
     if report.failed:
         log.warning(
             "Events not published; they are retried later",

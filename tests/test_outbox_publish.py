@@ -4,6 +4,8 @@ down stops the drain, leased rows are skipped, ids and limits are honoured."""
 
 from __future__ import annotations
 
+import logging
+
 import requests
 import sqlalchemy as sa
 
@@ -60,7 +62,9 @@ def test_pending_events_are_sent_oldest_first_as_binary_cloudevents_and_marked(c
         assert first.json()["incident_id"] == first.headers["ce-subject"]
         assert outbox.publish_pending(clean_db, broker.url).published == []
     stored = rows(clean_db)
-    assert all(r.published_at is not None and r.claimed_until is None and r.attempts == 1 and r.last_error is None for r in stored.values())
+    # attempts counts failed attempts only: a send that succeeds adds none.
+    assert all(r.published_at is not None and r.claimed_until is None and r.attempts == 0 and r.last_error is None
+               and r.next_attempt_at is None for r in stored.values())
     assert outbox.pending_count(clean_db) == 0
 
 
@@ -79,23 +83,48 @@ def test_a_refusal_is_recorded_and_retried_later(clean_db):
     with Broker((500, {}, b"broker trouble")) as broker:
         report = outbox.publish_pending(clean_db, broker.url)
         assert report.published == [ids[1]] and list(report.failed) == [ids[0]]
-        assert report.failed[ids[0]] == "RuntimeError: broker answered 500: broker trouble"
+        assert report.failed[ids[0]] == "BrokerAnswered: broker answered 500: broker trouble"
         failed = rows(clean_db)[ids[0]]
         assert (failed.published_at, failed.attempts, failed.last_error, failed.claimed_until) == (None, 1, report.failed[ids[0]], None)
+        assert failed.next_attempt_at is not None and failed.parked_at is None
+        # Backing off, it is not due yet.
+        assert outbox.publish_pending(clean_db, broker.url).published == []
         with clean_db.begin() as conn:  # whatever back-off applies, the next sweep is due now
             conn.execute(sa.text("UPDATE event_outbox SET next_attempt_at = NULL WHERE id = :i"), {"i": ids[0]})
         assert outbox.publish_pending(clean_db, broker.url).published == [ids[0]]
-    assert rows(clean_db)[ids[0]].attempts == 2
+    retried = rows(clean_db)[ids[0]]
+    assert (retried.attempts, retried.last_error, retried.next_attempt_at) == (1, None, None) and retried.published_at is not None
 
 
-def test_a_broker_that_is_down_stops_the_drain_without_counting_attempts(clean_db):
+class CountingSession(requests.Session):
+    """Notes the event id of every POST, answered or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.posted: list[str] = []
+
+    def post(self, *args, **kwargs):
+        self.posted.append(kwargs["headers"]["ce-id"])
+        return super().post(*args, **kwargs)
+
+
+def test_a_broker_that_is_down_stops_the_drain_without_counting_attempts(clean_db, caplog):
     ids = pending(clean_db, "OutA", "OutB", "OutC")
-    report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1)
-    assert report.published == [] and set(report.failed) == set(ids)
-    assert report.failed[ids[0]].startswith("ConnectionError: ")
-    assert report.failed[ids[1]] == report.failed[ids[2]] == "not attempted: the broker is unreachable"
+    http = CountingSession()
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http)
+    # Two events refused in a row (each tried twice: a stale keep-alive
+    # connection gets one fresh attempt) stop the drain; the third is not tried.
+    assert http.posted == [ids[0], ids[0], ids[1], ids[1]]
+    assert report.broker_unreachable and report.published == [] and report.failed == {} and report.parked == []
     stored = rows(clean_db)
-    assert [stored[i].attempts for i in ids] == [1, 0, 0] and all(stored[i].claimed_until is None for i in ids)
+    # Nothing is counted against the events: they stay due, unleased.
+    assert [stored[i].attempts for i in ids] == [0, 0, 0]
+    assert all(stored[i].claimed_until is None and stored[i].next_attempt_at is None for i in ids)
+    assert stored[ids[0]].last_error.startswith("ConnectionError: ") and stored[ids[1]].last_error == stored[ids[0]].last_error
+    assert stored[ids[2]].last_error is None and outbox.pending_count(clean_db) == 3
+    (record,) = [r for r in caplog.records if r.getMessage() == "Broker unreachable; events stay in the outbox"]
+    assert record.first_error == stored[ids[0]].last_error
 
 
 def test_leased_rows_are_skipped_by_another_publisher(clean_db):
