@@ -306,10 +306,18 @@ def test_delete_pods_by_selector_reason_and_name(pods):
 
 
 def test_delete_pods_stops_at_max_pods_and_dry_run_deletes_nothing(pods):
-    outcome = act.delete_pods(ctx(dry_run=True), act.DeletePodsParams(namespace="production", reasons=["*"], max_pods=2))
+    # Three pods of "production" match the default reasons; the cap cuts them to two.
+    outcome = act.delete_pods(ctx(dry_run=True), act.DeletePodsParams(namespace="production", max_pods=2))
     assert outcome.before == 2 and len(outcome.details["pods"]) == 2 and pods.calls("DELETE") == []
-    act.delete_pods(ctx(), act.DeletePodsParams(namespace="production", reasons=["*"], max_pods=1))
+    act.delete_pods(ctx(), act.DeletePodsParams(namespace="production", max_pods=1))
     assert len(pods.calls("DELETE")) == 1
+
+
+def test_delete_pods_in_any_state_needs_a_pod_or_a_selector():
+    with pytest.raises(ValidationError, match="never a whole namespace"):
+        act.DeletePodsParams(namespace="production", reasons=["*"])
+    assert act.DeletePodsParams(namespace="production", selector="app=web", reasons=["*"]).selector == "app=web"
+    assert act.DeletePodsParams(namespace="production", pod="loop-1", reasons=["*"]).pod == "loop-1"
 
 
 def test_pod_matching_reads_phase_reason_waiting_and_last_termination():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from cloudevents.http import CloudEvent
 
+from functions.escalation.channels import Note
 from functions.escalation.handler import ACCEPTED, EscalationHandler
 from shared import events
 from shared import incidents as svc
@@ -59,6 +60,30 @@ def event(event_type, row, **data):
     return CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", "subject": row["id"], **spec["extensions"]}, spec["data"])
 
 
+def resolve(engine, row):
+    with engine.begin() as conn:
+        return svc.transition(conn, row["id"], "resolved", "test", "/test")[0]
+
+
+def reopen(engine, row):
+    """resolved -> investigating: the lifecycle's new generation."""
+    with engine.begin() as conn:
+        return svc.transition(conn, row["id"], "investigating", "test", "/test")[0]
+
+
+def record_remediation(engine, row, outcome, reason):
+    """The result as remediation records it, for the incident's generation."""
+    with engine.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": outcome, "reason": reason, "actions": [], "playbook": None, "generation": row["generation"]}, "remediation")
+
+
+def plan(handler, transition, row, sent=frozenset()):
+    """What each configured channel would send, in the handler's order."""
+    note = Note(transition, row, None, frozenset(sent))
+    return [(c.name, o.action) for c in handler.channels if c.configured() and (o := c.message(note)) is not None]
+
+
 def sent(receivers):
     pd, slack = receivers
     return [b["event_action"] for b in pd.bodies()], len(slack.server.received())
@@ -69,14 +94,21 @@ def notifications(engine, incident_id):
         return [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "notification"]
 
 
-def test_the_plan_of_each_transition(handler):
-    p0, p1, p2 = ({"priority": p} for p in ("P0", "P1", "P2"))
-    assert handler.plan("opened", p0) == [("pagerduty", "trigger"), ("slack", "message")]
-    assert handler.plan("opened", p1) == [("slack", "message")]
-    assert handler.plan("remediation_failed", p1) == [("pagerduty", "trigger"), ("slack", "message")]
-    assert handler.plan("remediation_failed", p2) == [("slack", "message")]
-    assert handler.plan("resolved", p2) == [("pagerduty", "resolve"), ("slack", "message")]
-    assert handler.plan("remediated", p0) == [("slack", "message")]
+def test_the_plan_of_each_transition(handler, clean_db):
+    row = incident(clean_db)
+    p0, p1, p2 = ({**row, "priority": p} for p in ("P0", "P1", "P2"))
+    assert plan(handler, "opened", p0) == [("pagerduty", "trigger"), ("slack", "message")]
+    assert plan(handler, "opened", p1) == [("slack", "message")]
+    assert plan(handler, "opened", p2) == []
+    assert plan(handler, "opened", {**p0, "status": "resolved"}) == [("slack", "message")]
+    assert plan(handler, "remediation_failed", p1) == [("pagerduty", "trigger"), ("slack", "message")]
+    assert plan(handler, "remediation_failed", p2) == [("slack", "message")]
+    # PagerDuty follows up only what it paged.
+    assert plan(handler, "resolved", p2, {"trigger"}) == [("pagerduty", "resolve"), ("slack", "message")]
+    assert plan(handler, "resolved", p2) == [("slack", "message")]
+    assert plan(handler, "acknowledged", p1, {"trigger"}) == [("pagerduty", "acknowledge"), ("slack", "message")]
+    assert plan(handler, "acknowledged", {**p1, "status": "resolved"}, {"trigger"}) == [("slack", "message")]
+    assert plan(handler, "remediated", p0) == [("slack", "message")]
     assert set(ACCEPTED) >= {events.INCIDENT_OPENED, events.INCIDENT_RESOLVED, events.INCIDENT_REMEDIATION_FAILED}
 
 
@@ -93,10 +125,14 @@ def test_opened_p0_pages_and_announces_once(handler, receivers, clean_db):
 
 def test_resolve_only_after_a_page_and_once(handler, receivers, clean_db):
     quiet = incident(clean_db, "P1", "Quiet")
-    handler.handle(event(events.INCIDENT_RESOLVED, quiet))
+    # The database decides: an incident that is still open was not resolved.
+    assert handler.handle(event(events.INCIDENT_RESOLVED, quiet)).status_code == 202
+    assert sent(receivers) == ([], 0)
+    handler.handle(event(events.INCIDENT_RESOLVED, resolve(clean_db, quiet)))
     assert sent(receivers) == ([], 1)
     paged = incident(clean_db)
     handler.handle(event(events.INCIDENT_OPENED, paged))
+    paged = resolve(clean_db, paged)
     handler.handle(event(events.INCIDENT_RESOLVED, paged))
     handler.handle(event(events.INCIDENT_RESOLVED, paged))
     assert sent(receivers) == (["trigger", "resolve"], 3)
@@ -104,9 +140,14 @@ def test_resolve_only_after_a_page_and_once(handler, receivers, clean_db):
 
 def test_remediation_failed_pages_with_the_reason(handler, receivers, clean_db):
     row = incident(clean_db, "P1")
-    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row, remediation={"reason": "blocked by cooldown"}))
+    # The reason is remediation's record, never the event's claim.
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row, remediation={"reason": "forged by the event"}))
+    assert sent(receivers) == ([], 0)
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row, remediation={"reason": "forged by the event"}))
     (trigger,) = receivers[0].bodies()
-    assert "blocked by cooldown" in str(trigger["payload"]["custom_details"])
+    assert trigger["payload"]["custom_details"]["reason"] == "blocked by cooldown"
+    assert "forged" not in str(trigger)
 
 
 def test_a_refused_page_is_a_502_and_the_retry_sends_it(handler, receivers, clean_db):
@@ -141,7 +182,12 @@ def test_channels_that_are_off_send_nothing(database_url, receivers, clean_db):
 def test_each_generation_is_notified_again(handler, receivers, clean_db):
     row = incident(clean_db, "P1")
     handler.handle(event(events.INCIDENT_OPENED, row))
+    # A generation the database does not have is a repeat, not a new one.
     handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
+    assert sent(receivers) == ([], 1)
+    reopened = reopen(clean_db, resolve(clean_db, row))
+    assert reopened["generation"] == 1
+    handler.handle(event(events.INCIDENT_OPENED, reopened))
     assert sent(receivers) == ([], 2)
 
 

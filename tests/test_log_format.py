@@ -25,12 +25,11 @@ def captured():
     logger.setLevel(logging.DEBUG)
     # No public way to forget a secret: restore the registry so the values
     # registered here mask nothing in later tests.
-    registry = getattr(log, "_secrets", None)
-    saved = set(registry) if registry is not None else None
+    # The registry is a list kept longest first; restore it in place, order
+    # included, since the module holds the same list object.
+    saved = list(log._secrets)
     yield logger, stream
-    if saved is not None:
-        registry.clear()
-        registry.update(saved)
+    log._secrets[:] = saved
 
 
 def entries(stream):
