@@ -13,7 +13,7 @@ accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 from shared.config import Settings
 
@@ -71,3 +71,35 @@ class Channel(Protocol):
 
     def retry(self, status: int) -> bool:
         """Does this HTTP answer mean "send it again"?"""
+
+
+def announces(config: Settings, note: Note) -> bool:
+    """Chat channels tell every transition; an opening only for the
+    priorities ANNOUNCE_ON_OPEN_PRIORITIES names."""
+    return note.transition != "opened" or note.incident["priority"] in config.announce_on_open_priorities
+
+
+class ChatChannel:
+    """A chat room's incoming webhook (its URL is the secret): it posts the
+    message ``build`` makes for every transition it announces."""
+
+    name: str
+    title: str
+    setting: str
+    # (config, incident, transition, reason) -> the JSON body to post.
+    build: Callable[[Settings, dict, str, str | None], dict]
+
+    def __init__(self, config: Settings, url):
+        self.config = config
+        self.url = url
+
+    def configured(self) -> bool:
+        return bool(self.url)
+
+    def retry(self, status: int) -> bool:
+        return retry_by_default(status)
+
+    def message(self, note: Note) -> Outgoing | None:
+        if not announces(self.config, note):
+            return None
+        return Outgoing("message", self.url.reveal(), self.build(self.config, note.incident, note.transition, note.reason))

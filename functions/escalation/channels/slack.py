@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.channels.base import ChatChannel
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, service_of, summary_of,
 )
@@ -131,28 +131,11 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
     return {"text": text, "blocks": blocks[:SLACK_BLOCKS_MAX]}
 
 
-def announces(config: Settings, note: Note) -> bool:
-    """Chat channels tell every transition; an opening only for the
-    priorities ANNOUNCE_ON_OPEN_PRIORITIES names."""
-    return note.transition != "opened" or note.incident["priority"] in config.announce_on_open_priorities
-
-
-class Slack:
+class Slack(ChatChannel):
     name = "slack"
     title = "Slack"
     setting = "SLACK_WEBHOOK_URL"
+    build = staticmethod(slack_message)
 
     def __init__(self, config: Settings):
-        self.config = config
-        self.url = config.slack_webhook_url
-
-    def configured(self) -> bool:
-        return bool(self.url)
-
-    def retry(self, status: int) -> bool:
-        return retry_by_default(status)
-
-    def message(self, note: Note) -> Outgoing | None:
-        if not announces(self.config, note):
-            return None
-        return Outgoing("message", self.url.reveal(), slack_message(self.config, note.incident, note.transition, note.reason))
+        super().__init__(config, config.slack_webhook_url)

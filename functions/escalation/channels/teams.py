@@ -19,8 +19,7 @@ import json
 import re
 from typing import Any, Iterable
 
-from functions.escalation.channels.base import Note, Outgoing, retry_by_default
-from functions.escalation.channels.slack import announces
+from functions.escalation.channels.base import ChatChannel
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_lines, fit, incident_url, runbook_url, service_of, summary_of,
 )
@@ -123,22 +122,11 @@ def teams_message(config: Settings, incident: dict, transition: str, reason: str
     return message
 
 
-class Teams:
+class Teams(ChatChannel):
     name = "teams"
     title = "Microsoft Teams"
     setting = "TEAMS_WEBHOOK_URL"
+    build = staticmethod(teams_message)
 
     def __init__(self, config: Settings):
-        self.config = config
-        self.url = config.teams_webhook_url
-
-    def configured(self) -> bool:
-        return bool(self.url)
-
-    def retry(self, status: int) -> bool:
-        return retry_by_default(status)
-
-    def message(self, note: Note) -> Outgoing | None:
-        if not announces(self.config, note):
-            return None
-        return Outgoing("message", self.url.reveal(), teams_message(self.config, note.incident, note.transition, note.reason))
+        super().__init__(config, config.teams_webhook_url)
