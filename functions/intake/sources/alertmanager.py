@@ -47,12 +47,19 @@ def parse(payload: Any, config: Settings) -> Parsed:
     return group_envelope(payload, items)
 
 
-def parse_alert(raw: Any, path: str, config: Settings) -> Alert:
+def parse_alert(raw: Any, path: str, config: Settings, source: str = NAME, fallback_name: str = "",
+                extra_annotations=lambda raw: {}) -> Alert:
+    """One alert of AlertManager's shape. Grafana's own Alertmanager sends the
+    same shape: its source passes the group's name for alerts without one and
+    the links it adds, which an annotation of the rule's own overrides."""
     if not isinstance(raw, dict):
         raise InvalidPayload(path, "must be an object")
     labels = string_map(raw.get("labels", MISSING), f"{path}.labels", required=True)
+    if not labels.get("alertname") and fallback_name:
+        labels["alertname"] = fallback_name
     annotations = string_map(raw.get("annotations", MISSING), f"{path}.annotations", compound_as_json=True)
     alert_name = alert_name_of(labels, f"{path}.labels.alertname")
+    annotations = {**extra_annotations(raw), **annotations}
     return build(
         labels=labels,
         annotations=annotations,
@@ -64,7 +71,7 @@ def parse_alert(raw: Any, path: str, config: Settings) -> Alert:
         description=annotations.get("description", ""),
         starts_at=parse_time(raw.get("startsAt", MISSING), f"{path}.startsAt"),
         ends_at=parse_time(raw.get("endsAt", MISSING), f"{path}.endsAt"),
-        source=NAME,
+        source=source,
         config=config,
     )
 

@@ -15,24 +15,15 @@ import math
 import re
 from typing import Any
 
+from functions.intake.sources import alertmanager
 from functions.intake.sources.base import Source
 from shared.alerts import (
-    MISSING,
     TRUNCATION_MARKER,
-    Alert,
     InvalidPayload,
     Parsed,
-    alert_name_of,
-    build,
     clean,
-    fingerprint_of,
     group_envelope,
     parse_group,
-    parse_time,
-    priority_of,
-    status_of,
-    string_map,
-    summary_from,
 )
 from shared.config import Settings
 
@@ -64,7 +55,7 @@ def parse(payload: Any, config: Settings) -> Parsed:
             f"must be \"1\" (Grafana-managed alerting webhook), got {version!r}; AlertManager posts to /webhook/alert",
         )
     fallback = _fallback_name(payload)
-    items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, fallback, config))
+    items = parse_group(payload.get("alerts"), lambda raw, path: alertmanager.parse_alert(raw, path, config, NAME, fallback, _extras))
     return group_envelope(payload, items)
 
 
@@ -76,31 +67,6 @@ def _fallback_name(payload: dict) -> str:
         return clean(common["alertname"].strip())
     title = payload.get("title")
     return clean(_TITLE_STATUS.sub("", title).strip()) if isinstance(title, str) else ""
-
-
-def parse_alert(raw: Any, path: str, fallback_name: str, config: Settings) -> Alert:
-    if not isinstance(raw, dict):
-        raise InvalidPayload(path, "must be an object")
-    labels = string_map(raw.get("labels", MISSING), f"{path}.labels", required=True)
-    if not labels.get("alertname") and fallback_name:
-        labels["alertname"] = fallback_name
-    annotations = string_map(raw.get("annotations", MISSING), f"{path}.annotations", compound_as_json=True)
-    alert_name = alert_name_of(labels, f"{path}.labels.alertname")
-    annotations = {**_extras(raw), **annotations}
-    return build(
-        labels=labels,
-        annotations=annotations,
-        status=status_of(raw.get("status"), f"{path}.status"),
-        fingerprint=fingerprint_of(raw.get("fingerprint", MISSING), labels, f"{path}.fingerprint"),
-        alert_name=alert_name,
-        priority=priority_of(labels, config),
-        summary=summary_from(annotations),
-        description=annotations.get("description", ""),
-        starts_at=parse_time(raw.get("startsAt", MISSING), f"{path}.startsAt"),
-        ends_at=parse_time(raw.get("endsAt", MISSING), f"{path}.endsAt"),
-        source=NAME,
-        config=config,
-    )
 
 
 def _extras(raw: dict) -> dict[str, str]:
