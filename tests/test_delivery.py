@@ -5,13 +5,19 @@ with ``--noconftest``.)"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import struct
+import threading
 import time
 
 import pytest
 import requests
 
-from functions.escalation.delivery import Delivery, send
+from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+from functions.escalation.delivery import Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
 
@@ -171,3 +177,141 @@ def test_a_hanging_receiver_is_bounded_by_the_timeout(receiver):
     started = time.monotonic()
     result = deliver(r.server.url, attempts=1, timeout=0.3)
     assert not result.ok and "Timeout" in result.error and time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("timeout, attempts, base_delay, seconds", [
+    (2.0, 1, 0.5, 2.0),              # one attempt: no back-off at all
+    (2.0, 3, 0.5, 6.0 + 0.5 + 1.0),  # backs off twice, doubling
+    (1.0, 4, 0.25, 4.0 + 0.25 + 0.5 + 1.0),
+    (3.0, 2, 0.5, 6.0 + 0.5),
+])
+def test_the_worst_case_is_every_attempt_timing_out_plus_every_back_off(timeout, attempts, base_delay, seconds):
+    assert worst_case_seconds(timeout, attempts, base_delay) == seconds
+
+
+def test_no_attempt_allowed_sends_nothing_and_says_so(receiver):
+    r = receiver()
+    with requests.Session() as http:
+        result = send(http, r.server.url, {}, "slack", 2.0, 0, 1.0)
+    assert result == Delivery(False, None, 0, "not attempted") and r.server.requests == []
+
+
+def test_a_1xx_final_answer_is_not_a_success(receiver):
+    r = receiver((199, {}, b""))
+    result = deliver(r.server.url, attempts=1)
+    assert not result.ok and result.status == 199
+
+
+def test_a_retry_after_is_honoured_on_429_only(receiver):
+    # A webhook retries a 408 too; its Retry-After is not the rate limit's
+    # and must not replace the back-off.
+    r = receiver((408, {"Retry-After": "0.6"}, b""), (202, {}, b"ok"))
+    with requests.Session() as http:
+        result = send(http, r.server.url, {}, "webhook", 2.0, 2, 1.0, 0.05, retry=lambda s: s == 408)
+    assert result.ok and result.attempts == 2
+    assert r.gaps()[0] < 0.4
+
+
+# The budget below: two attempts of 0.5 s and one back-off of 0.05 s, so after
+# a quick first answer 0.55 s less what the answer took remain for the wait.
+def budget_send(url):
+    with requests.Session() as http:
+        return send(http, url, {}, "slack", 0.5, 2, 5.0, 0.05)
+
+
+def test_a_retry_after_longer_than_the_budget_left_ends_the_attempts(receiver, caplog):
+    r = receiver((429, {"Retry-After": "0.8"}, b"slow down"), (202, {}, b"ok"))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = budget_send(r.server.url)
+    assert result == Delivery(False, 429, 1, "HTTP 429: slow down", "slow down")
+    assert len(r.server.requests) == 1 and time.monotonic() - started < 0.5
+    (record,) = [rec for rec in caplog.records if rec.getMessage() == "Notification retry would exceed its time budget"]
+    assert (record.attempt, record.wait_s) == (1, 0.8)
+
+
+def test_a_retry_after_within_the_budget_left_is_waited(receiver):
+    r = receiver((429, {"Retry-After": "0.3"}, b""), (202, {}, b"ok"))
+    result = budget_send(r.server.url)
+    assert result.ok and result.attempts == 2
+    assert 0.3 <= r.gaps()[0] < 0.5
+
+
+def test_the_last_attempt_neither_waits_nor_warns_of_the_budget(receiver, caplog):
+    r = receiver((503, {}, b"down"))
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger="delivery"):
+        result = deliver(r.server.url, attempts=1, base_delay=0.3)
+    assert (result.status, result.attempts) == (503, 1) and time.monotonic() - started < 0.3
+    assert [rec.getMessage() for rec in caplog.records] == ["Notification failed after retries"]
+
+
+def resetting_receiver() -> int:
+    """A port whose server reads the request, then resets the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_a_reset_connection_is_named():
+    result = deliver(f"http://127.0.0.1:{resetting_receiver()}/hook", attempts=1)
+    assert result.error == "ConnectionError: connection reset"
+
+
+def test_a_tls_failure_is_named_without_the_url(receiver):
+    r = receiver()  # speaks plain HTTP to a TLS client
+    result = deliver(f"https://127.0.0.1:{r.server.port}/hook", attempts=1)
+    assert result.error == "SSLError: TLS handshake failed"
+
+
+def chained(exc: BaseException, cause: BaseException | None = None, context: BaseException | None = None) -> BaseException:
+    exc.__cause__, exc.__context__ = cause, context
+    return exc
+
+
+def unresolved() -> BaseException:
+    # How requests wraps urllib3's failure to resolve a host name.
+    lookup = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return requests.ConnectionError(MaxRetryError(None, "/hook", NameResolutionError("hooks.example", None, lookup)))
+
+
+@pytest.mark.parametrize("exc, described", [
+    (unresolved(), "ConnectionError: the host name did not resolve"),
+    # urllib3's error, named so, without the socket error below it.
+    (requests.ConnectionError(NameResolutionError("hooks.example", None, None)), "ConnectionError: the host name did not resolve"),
+    (requests.ConnectionError(OSError(errno.EHOSTUNREACH, "No route to host")), "ConnectionError: No route to host"),
+    (requests.ConnectionError(OSError(errno.EIO, "e" * 150)), "ConnectionError: " + "e" * 99 + "…"),
+    (requests.ConnectionError(OSError(errno.EIO, "see https://hooks.example/T0/B0/secret")), "ConnectionError: see <url>"),
+    # No errno: nothing better to say than the kind of the deepest error.
+    (requests.ConnectionError(OSError("boom")), "ConnectionError: OSError"),
+    (requests.ConnectionError(), "ConnectionError: ConnectionError"),
+    # A cause comes before a context (`raise ... from` over the error being handled).
+    (chained(requests.ConnectionError("x"), cause=ConnectionResetError()), "ConnectionError: connection reset"),
+    (chained(requests.ConnectionError("x"), context=ConnectionRefusedError()), "ConnectionError: connection refused"),
+    (chained(requests.ConnectionError("x"), ConnectionRefusedError(), ConnectionResetError()), "ConnectionError: connection refused"),
+    # The wrapped error is the first argument (requests passes it so).
+    (RuntimeError(ConnectionResetError(), "detail"), "RuntimeError: connection reset"),
+])
+def test_a_failure_is_described_by_its_kind(exc, described):
+    assert describe_failure(exc, 2.0) == described
+
+
+def test_an_errno_without_its_text_falls_back_to_the_kind():
+    root = OSError()
+    root.errno = errno.EIO
+    assert describe_failure(requests.ConnectionError(root), 2.0) == "ConnectionError: OSError"
+
+
+def test_a_cycle_of_causes_ends():
+    outer = requests.ConnectionError("x")
+    inner = chained(ValueError("y"), context=outer)
+    outer.__context__ = inner
+    assert describe_failure(outer, 2.0) == "ConnectionError: ValueError"
