@@ -61,7 +61,7 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
         return f"{kind}: the host name did not resolve"
     if isinstance(exc, requests.exceptions.SSLError):
         return f"{kind}: TLS handshake failed"
-    if isinstance(root, OSError) and root.errno and root.strerror:
+    if isinstance(root, OSError) and root.strerror:
         return f"{kind}: {scrub(root.strerror, 100)}"
     return f"{kind}: {type(root).__name__}"
 
