@@ -4,6 +4,8 @@ same under certain overlap through real functions: tests/test_claims_overlap.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sqlalchemy as sa
 
@@ -120,3 +122,15 @@ def test_begin_step_takes_over_a_stale_step(clean_db):
     key = step(clean_db, incident_id, stale=30).key
     age(clean_db, key, 31)
     assert step(clean_db, incident_id, stale=30).state == "run"
+
+
+def test_a_claim_and_a_step_cannot_be_changed_after_the_fact(clean_db):
+    """What a caller was told stays what it was told: no code path may turn a
+    held claim into an acquired one, or a replay into a run."""
+    held = take(clean_db, "k")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        held.acquired = False
+    assert {held, claims.Claim("k", acquired=True, completed=False)} == {held}
+    ran = step(clean_db, incident(clean_db))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ran.state = "replay"

@@ -14,7 +14,18 @@ from shared import log
 
 
 @pytest.fixture
-def captured():
+def registry():
+    """No public way to forget a secret: restore the registry so the values
+    registered here mask nothing in later tests. It is a list kept longest
+    first; restore it in place, order included, since the module holds the
+    same list object."""
+    saved = list(log._secrets)
+    yield
+    log._secrets[:] = saved
+
+
+@pytest.fixture
+def captured(registry):
     """A logger whose lines go to a buffer through the JSON formatter."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -23,13 +34,7 @@ def captured():
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
-    # No public way to forget a secret: restore the registry so the values
-    # registered here mask nothing in later tests.
-    # The registry is a list kept longest first; restore it in place, order
-    # included, since the module holds the same list object.
-    saved = list(log._secrets)
-    yield logger, stream
-    log._secrets[:] = saved
+    return logger, stream
 
 
 def entries(stream):
@@ -109,3 +114,164 @@ def test_configure_installs_one_json_handler_and_quietens_werkzeug():
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+def test_a_record_formatted_by_another_handler_first_keeps_its_fields(captured):
+    """A plain handler next to the JSON one sets ``message`` and ``asctime``
+    on the shared record: they are the formatter's, not fields."""
+    logger, stream = captured
+    plain = logging.StreamHandler(io.StringIO())
+    plain.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.handlers.insert(0, plain)
+    logger.info("Received %s", "webhook")
+    (entry,) = entries(stream)
+    assert entry["message"] == "Received webhook" and "asctime" not in entry
+
+
+SLACK = "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX"
+
+
+def test_a_secret_url_is_masked_whole_and_by_its_significant_parts(registry):
+    log.register_secret(SLACK)
+    assert log.redact(f"POST {SLACK} failed") == "POST **** failed"
+    assert log.redact("host hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "host ****"
+    assert log.redact("Max retries exceeded with url: /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX (x)") == "Max retries exceeded with url: **** (x)"
+    # The path's tails, as a library may quote them without the start.
+    assert log.redact("at T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
+    assert log.redact("at B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
+    assert log.redact("token XXXXXXXXXXXXXXXXXXXXXXXX alone") == "token **** alone"
+    # Short segments and plain words are not secrets on their own.
+    assert log.redact("T0001 B0002 services hooks.slack.com") == "T0001 B0002 services hooks.slack.com"
+
+
+def test_text_without_a_secret_is_returned_unchanged(registry):
+    log.register_secret(SLACK)
+    text = "Error creating incident: connection refused (127.0.0.1:5432) /services/"
+    assert log.redact(text) == text
+    assert log.scrub(text) == text
+
+
+@pytest.mark.parametrize(
+    ("segment", "masked"),
+    [
+        ("Ab1cd2E", False),  # 7, not a plain word: too short
+        ("Ab1cd2Ef", True),  # 8, not a plain word
+        ("Ab1cd2Efg", True),  # 9
+        ("services", False),  # 8, a plain word
+        ("q" * 15, False),  # a plain word under 16
+        ("with-dash-words", False),
+        ("r" * 16, True),  # any part of 16 is a token
+        ("s" * 17, True),
+        ("hooks", False),
+    ],
+)
+def test_a_path_segment_is_a_token_when_long_or_not_a_plain_word(registry, segment, masked):
+    log.register_secret(f"https://h.example/x/{segment}")
+    text = f"at {segment} end"
+    assert log.redact(text) == ("at **** end" if masked else text)
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [("Abc123XYZ", True), ("notatoken", False), ("q" * 16, True)],
+)
+def test_a_query_value_is_a_token_by_the_same_rule(registry, value, masked):
+    log.register_secret(f"https://h.example/hook?token={value}")
+    text = f"token={value};"
+    assert log.redact(f"v {value} .") == ("v **** ." if masked else f"v {value} .")
+    assert log.redact(text) == ("token=****;" if masked else text)
+
+
+def test_the_path_with_its_query_is_masked_from_six_characters(registry):
+    log.register_secret("https://h.example/hook?a=1")
+    log.register_secret("https://h.example/abcdef")
+    log.register_secret("https://h.example/abcdefg")
+    log.register_secret("https://h.example/abcde")
+    assert log.redact("url: /hook?a=1 (x)") == "url: **** (x)"
+    assert log.redact("GET /abcdef HTTP") == "GET **** HTTP"
+    assert log.redact("GET /abcdefg HTTP") == "GET **** HTTP"
+    assert log.redact("GET /abcde HTTP") == "GET /abcde HTTP"
+
+
+def test_a_path_without_a_query_is_masked_as_quoted(registry):
+    log.register_secret("https://h.example/services/abc")
+    assert log.redact("url: /services/abc failed") == "url: **** failed"
+
+
+@pytest.mark.parametrize(
+    ("url", "tail", "masked"),
+    [
+        ("https://h.example/x/ab/cdef", "ab/cdef", False),  # 7
+        ("https://h.example/x/ab/cdefg", "ab/cdefg", True),  # 8
+        ("https://h.example/x/ab/cdefgh", "ab/cdefgh", True),  # 9
+    ],
+)
+def test_a_tail_of_the_path_is_masked_from_eight_characters(registry, url, tail, masked):
+    log.register_secret(url)
+    text = f"at {tail} end"
+    assert log.redact(text) == ("at **** end" if masked else text)
+
+
+def test_the_url_without_its_scheme_is_masked_even_when_short(registry):
+    log.register_secret("https://h.example/ab")
+    assert log.redact("connect h.example/ab now") == "connect **** now"
+    assert log.redact("https and /ab and ab") == "https and /ab and ab"
+
+
+def test_a_url_quoting_another_url_is_masked_whole(registry):
+    log.register_secret("https://h.example/r?u=http://x")
+    assert log.redact("see h.example/r?u=http://x") == "see ****"
+
+
+@pytest.mark.parametrize(
+    ("password", "masked"),
+    [("abc", False), ("pass", True), ("passw", True)],
+)
+def test_a_url_password_is_masked_from_four_characters(registry, password, masked):
+    log.register_secret(f"https://user:{password}@h.example/x")
+    text = f"pw {password} ."
+    assert log.redact(text) == ("pw **** ." if masked else text)
+
+
+def test_only_http_urls_are_split_into_parts(registry):
+    log.register_secret("ftp://files.example/some/Secret123token")
+    log.register_secret("http:/no-host/Other456token")
+    assert log.redact("ftp://files.example/some/Secret123token") == "****"
+    assert log.redact("at /some/Secret123token Secret123token") == "at /some/Secret123token Secret123token"
+    assert log.redact("http:/no-host/Other456token") == "****"
+    assert log.redact("at Other456token") == "at Other456token"
+
+
+def test_a_url_that_cannot_be_parsed_is_still_masked_whole(registry):
+    log.register_secret("http://[::1/Bad123token")
+    assert log.redact("to http://[::1/Bad123token x") == "to **** x"
+    assert log.redact("Bad123token") == "Bad123token"
+
+
+def test_overlapping_secrets_are_masked_longest_first(registry):
+    log.register_secret("abcd")
+    log.register_secret("abcdefgh")
+    assert log.redact("abcdefgh abcd") == "**** ****"
+    log.register_secret(SLACK)
+    assert log.redact(SLACK) == "****"
+
+
+def test_scrub_removes_every_url_and_every_secret(registry):
+    log.register_secret("hunter2-secret")
+    text = "POST https://hooks.example/x?y=1 failed (timeout) with hunter2-secret; 'http://b.example/z'"
+    assert log.scrub(text) == "POST <url> failed (timeout) with ****; '<url>'"
+    assert log.scrub(None) is None
+    assert log.scrub("") == ""
+
+
+def test_scrub_cuts_at_the_limit_with_an_ellipsis(registry):
+    assert log.scrub("a" * 300) == "a" * 300
+    assert log.scrub("a" * 301) == "a" * 299 + "…"
+    assert log.scrub("abcde", limit=6) == "abcde"
+    assert log.scrub("abcdef", limit=6) == "abcdef"
+    assert log.scrub("abcdefg", limit=6) == "abcde…"
+
+
+def test_scrub_cuts_after_masking(registry):
+    log.register_secret("x" * 40)
+    assert log.scrub("x" * 40 + " tail", limit=10) == "**** tail"
