@@ -122,6 +122,16 @@ class CappedInput:
         allowance = self._allowance(size)
         return self._take(self._raw.readline(allowance)) if allowance > 0 else b""
 
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        # PEP 3333 requires it of wsgi.input; same hint rule as io.IOBase.
+        lines, total = [], 0
+        for line in self:
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
     def __iter__(self):
         while line := self.readline():
             yield line

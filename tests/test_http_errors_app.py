@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from flask import abort
+from werkzeug.exceptions import HTTPException, InternalServerError, default_exceptions
 
 from shared import config as config_module
 from shared import db
@@ -18,6 +19,15 @@ from shared.http import health
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"
 UNREACHABLE = "postgresql+pg8000://postgres@127.0.0.1:1/nowhere"
+
+
+class ClientClosedRequest(HTTPException):
+    code = 499
+    description = "the client went away"
+
+
+def _raise_499():
+    raise ClientClosedRequest()
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +39,9 @@ def app():
     config_module.reset_settings_cache()
     db.dispose_engine()
     application = functions_framework.create_app("deadletter", str(ROOT / "functions" / "deadletter" / "main.py"))
-    for code in (400, 413, 415, 418, 503):
+    for code in (400, 404, 405, 413, 415, 418, 503):
         application.add_url_rule(f"/raise-{code}", f"raise_{code}", lambda code=code: abort(code))
+    application.add_url_rule("/raise-499", "raise_499", _raise_499)
     yield application
     if saved is None:
         os.environ.pop("DATABASE_URL", None)
@@ -96,3 +107,39 @@ def test_health_is_200_when_it_does(app):
         assert (response.status_code, response.get_json()) == (200, {"status": "healthy", "database": "connected"})
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("code, error", [(404, "not_found"), (405, "method_not_allowed"), (413, "payload_too_large"),
+                                         (415, "unsupported_media_type"), (400, "bad_request"), (418, "bad_request")])
+def test_a_flask_error_keeps_werkzeugs_description_as_its_message(app, code, error):
+    status, body, _ = answer(app, f"/raise-{code}")
+    assert (status, body) == (code, {"error": error, "message": default_exceptions[code].description})
+
+
+def test_a_client_error_just_under_500_is_a_bad_request_with_its_status(app):
+    status, body, _ = answer(app, "/raise-499")
+    assert (status, body) == (499, {"error": "bad_request", "message": "the client went away"})
+
+
+def test_a_500_says_nothing_more(app):
+    # functions-framework answers a 500 Flask raises with its own crash
+    # handler (registered for the code, so it wins); ours covers any other use.
+    handler = app.error_handler_spec[None][None][HTTPException]
+    response = handler(InternalServerError("database password in a traceback"))
+    assert (response.status_code, response.get_json()) == (500, {"error": "internal_error", "message": "internal error"})
+
+
+def test_an_http_error_without_a_code_or_description_is_a_bare_500(app):
+    # Flask hands a codeless HTTPException back unhandled; the handler still
+    # answers it as an internal error should one ever reach it.
+    handler = app.error_handler_spec[None][None][HTTPException]
+    response = handler(HTTPException())
+    assert (response.status_code, response.get_json()) == (500, {"error": "internal_error", "message": "internal error"})
+
+
+def test_a_client_error_without_a_description_says_bad_request(app):
+    handler = app.error_handler_spec[None][None][HTTPException]
+    exc = ClientClosedRequest()
+    exc.description = None
+    response = handler(exc)
+    assert (response.status_code, response.get_json()) == (499, {"error": "bad_request", "message": "bad request"})
