@@ -174,8 +174,9 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
               http: requests.Session | None = None) -> tuple[dict, bool, str | None]:
     """Send a dead letter again: (its record, whether it was sent now, the error).
 
-    The row stays locked while the event is sent, so two operators pressing
-    the button at once send it once.
+    The letter is claimed in one short transaction and sent outside any, so
+    no database transaction waits on the Broker; two operators pressing the
+    button at once send it once (the second is told it is under way).
     """
     with bind.begin() as conn:
         row = dead_letters.get(conn, letter_id, for_update=True)
@@ -186,7 +187,11 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
             return row, False, None
         if not sink:
             raise Conflict("this function has no Broker to send to (K_SINK is not set)")
-        error = send(http or requests.Session(), sink, structured(row), timeout)
+        # Two tries of the send, each bounded by the timeout, and a margin.
+        if not dead_letters.claim_redelivery(conn, letter_id, actor, stale_seconds=2 * timeout + 10):
+            raise Conflict(f"a redelivery of dead letter {letter_id} is under way; look again in a moment")
+    error = send(http or requests.Session(), sink, structured(row), timeout)
+    with bind.begin() as conn:
         record = dead_letters.mark_redelivered(conn, letter_id, actor, error)
         if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
             incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered",

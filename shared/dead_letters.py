@@ -34,6 +34,8 @@ ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 SENT = "sent"
 FAILED = "failed"
 DEAD_AGAIN = "dead_again"
+# Claimed by an operator's redelivery that is talking to the Broker now.
+SENDING = "sending"
 
 COLUMNS = ("id", "event_id", "event_source", "event_type", "received_at", "error_destination", "error_code",
            "error_data", "attributes", "incident_id", "redelivery_count", "redelivered_at", "redelivered_by",
@@ -203,6 +205,20 @@ def get(conn: Connection, letter_id: int, for_update: bool = False) -> dict | No
         sa.text(f"SELECT {', '.join(COLUMNS)}, data FROM dead_letters WHERE id = :id{lock}"), {"id": letter_id}
     ).mappings().first()
     return dict(row) if row else None
+
+
+def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> bool:
+    """Mark the letter as being sent by ``actor``; False while another
+    redelivery holds a claim younger than ``stale_seconds`` (one that died
+    mid-send is taken over after that)."""
+    return conn.execute(
+        sa.text(
+            f"UPDATE dead_letters SET redelivery_status = '{SENDING}', redelivered_at = timezone('utc', now()), "
+            "redelivered_by = :actor WHERE id = :id AND (redelivery_status IS DISTINCT FROM :sending "
+            "OR redelivered_at < timezone('utc', now()) - make_interval(secs => :stale)) RETURNING id"
+        ),
+        {"id": letter_id, "actor": clip(actor, 200), "sending": SENDING, "stale": stale_seconds},
+    ).first() is not None
 
 
 def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | None) -> dict:

@@ -320,3 +320,34 @@ def test_a_dead_letter_keeps_its_percent_encoded_attributes_decoded_and_redelive
     assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
     (sent,) = broker.requests
     assert json.loads(sent.body)["alertname"] == "Диск 100%"
+
+
+def test_a_redelivery_holds_no_transaction_while_the_broker_answers_and_is_sent_once(world, broker, clean_db):
+    """Two operators press Redeliver while the Broker is slow: one send, the
+    other is told it is under way; no database transaction waits on the Broker."""
+    import threading
+
+    deadletter, query = world
+    release = threading.Event()
+    broker.responder = lambda r: (release.wait(10), (202, {}, b""))[1]
+    assert dead_letter(deadletter, "ev-slow").status_code == 202
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    first = {}
+    sender = threading.Thread(target=lambda: first.update(r=api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")))
+    sender.start()
+    try:
+        wait_until(lambda: broker.requests, 10, message="the redelivery to reach the Broker")
+        with clean_db.connect() as conn:
+            waiting = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%' AND application_name = 'incident-response'")).scalar()
+        assert waiting == 0
+        second = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+        assert second.status_code == 409 and "under way" in second.json()["message"]
+    finally:
+        release.set()
+        sender.join(15)
+    assert first["r"].status_code == 200 and first["r"].json()["sent"] is True
+    assert len(broker.requests) == 1
+    (after,) = api(query, "GET", "/dead-letters").json()
+    assert after["redelivery_status"] == "sent" and after["redelivery_count"] == 1
