@@ -15,9 +15,11 @@ help:
 	@echo "make bench  - benchmarks, reported as ratios to baselines measured in the same run"
 	@echo "make mutation [MODULES=\"rails actions\"] - mutation score of the critical modules -> docs/mutation.md"
 
-$(VENV)/.installed: requirements.txt
+# The tests and tools need requirements-dev.txt, which includes the runtime
+# requirements.txt (the only file the image installs).
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
 venv: $(VENV)/.installed
