@@ -111,7 +111,11 @@ def service(name: str) -> dict:
                     }],
                     "volumes": volumes,
                 },
-            }
+            },
+            # Explicit, so that `kubectl apply` (make deploy) undoes a
+            # rollback's `kn service update --traffic <revision>=100`: a
+            # field the manifest never set would be left as kn pinned it.
+            "traffic": [{"latestRevision": True, "percent": 100}],
         },
     }
 

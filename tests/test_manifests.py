@@ -406,3 +406,15 @@ def test_the_seeds_incident_api_reaches_the_warm_query_pods_on_8080(base, produc
     config = yaml.safe_load((ROOT / "prometheus" / "alertmanager.yml").read_text())
     urls = [h["url"] for r in config["receivers"] for h in r.get("webhook_configs", [])]
     assert urls == ["http://intake.production.svc.cluster.local/webhook/alert"]
+
+
+def test_make_deploy_returns_traffic_to_the_latest_revision(production):
+    """A rollback pins traffic with kn; `kubectl apply` of a manifest that
+    never named `traffic` would leave the pin (a three-way merge keeps
+    fields the last applied configuration did not have)."""
+    for doc in production:
+        if ksvc(doc):
+            assert doc["spec"]["traffic"] == [{"latestRevision": True, "percent": 100}], doc["metadata"]["name"]
+    makefile = (ROOT / "Makefile").read_text()
+    deploy = makefile[makefile.index("\ndeploy:"):]
+    assert "kubectl apply -f .run/production.yaml\n" in deploy
