@@ -5,8 +5,9 @@ check-manifests`` (and the test suite) fail when a generated file is stale.
 Generated: ``services.yaml``, ``networkpolicy.yaml`` (who may call the
 cluster-local functions), the ConfigMap copies of the shipped playbooks
 and probes under ``config/`` (kustomize may not read files outside its
-folder), and the production overlay (its warm replicas and the seed's
-``incident-api`` Service). deploy/kn.py writes the same table as ``kn``
+folder), the production overlay (its warm replicas and the seed's
+``incident-api`` Service), and knative/monitoring's PrometheusRule and
+Grafana dashboard (deploy/monitoring.py). deploy/kn.py writes the same table as ``kn``
 commands.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from deploy import monitoring
 from deploy.services import MAX_SCALE, SEED_API_FUNCTION, SEED_API_PORT, SEED_API_SERVICE, SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,6 +248,7 @@ def rendered() -> dict[Path, str]:
         files[BASE / "config" / name] = copy_header(source) + (ROOT / source).read_text()
     files[PRODUCTION / "kustomization.yaml"] = production_kustomization()
     files[PRODUCTION / "incident-api.yaml"] = HEADER + yaml.safe_dump(seed_api_service(), sort_keys=False)
+    files.update(monitoring.rendered())
     return files
 
 

@@ -12,6 +12,8 @@ missing() {
   command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 || out+=(prometheus-alertmanager)
   command -v amtool >/dev/null 2>&1 || out+=(prometheus-alertmanager)
   command -v prometheus >/dev/null 2>&1 || out+=(prometheus)
+  # promtool checks and unit-tests the shipped alert rules; Debian ships it with prometheus.
+  command -v promtool >/dev/null 2>&1 || out+=(prometheus)
   # The board's browser test drives Debian's Chromium, never a downloaded one.
   command -v chromium >/dev/null 2>&1 || out+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || out+=(chromium-driver)
