@@ -201,6 +201,11 @@ def test_the_image_runs_as_uid_10001_with_compiled_sources_and_no_dev_packages(e
     # The .pyc exists in the image (read-only /app: compiled at build time or never).
     check = engine("run", "--rm", *engine.run_flags(), *HARDENED, image, "test", "-f", cached, check=False)
     assert check.returncode == 0, f"{cached} is not in the image"
+    # The CA bundle the build was given (a build secret) stayed out of it.
+    if os.path.exists(CA_BUNDLE):
+        leftover = engine("run", "--rm", *engine.run_flags(), *HARDENED, image, "sh", "-c",
+                          "ls /run/secrets/ca /build 2>/dev/null; env | grep -i PIP_CERT", check=False)
+        assert leftover.stdout.strip() == "", leftover.stdout
 
 
 def test_without_function_variables_the_container_says_which_are_missing(engine, image):
