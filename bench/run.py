@@ -431,7 +431,14 @@ def main() -> None:
     text = "\n".join(report)
     print(text)
     if not os.environ.get("BENCH_ONLY"):
-        (ROOT / "docs" / "benchmarks.md").write_text(text)
+        path = ROOT / "docs" / "benchmarks.md"
+        # The image section is measured by hand (docs/deploy.md): keep it.
+        previous = path.read_text() if path.exists() else ""
+        kept = previous[previous.index(IMAGE_SECTION):] if IMAGE_SECTION in previous else ""
+        path.write_text(text + ("\n" + kept if kept else ""))
+
+
+IMAGE_SECTION = "## Image size"
 
 
 if __name__ == "__main__":

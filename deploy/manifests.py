@@ -3,9 +3,12 @@ table, so the seven Knative Services cannot drift apart; ``make
 check-manifests`` (and the test suite) fail when a generated file is stale.
 
 Generated: ``services.yaml``, ``networkpolicy.yaml`` (who may call the
-cluster-local functions) and the ConfigMap copies of the shipped playbooks
+cluster-local functions), the ConfigMap copies of the shipped playbooks
 and probes under ``config/`` (kustomize may not read files outside its
-folder).
+folder), the production overlay (its warm replicas and the seed's
+``incident-api`` Service), and knative/monitoring's PrometheusRule and
+Grafana dashboard (deploy/monitoring.py). deploy/kn.py writes the same table as ``kn``
+commands.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from deploy.services import SERVICES
+from deploy import monitoring
+from deploy.services import MAX_SCALE, SEED_API_FUNCTION, SEED_API_PORT, SEED_API_SERVICE, SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "knative" / "base"
+PRODUCTION = ROOT / "knative" / "overlays" / "production"
 SECRETS = "/var/run/secrets/incident-response"
 
 
@@ -33,6 +38,8 @@ SECRET_MOUNTS = {
     "outgoing-webhook-secret": ("secret", "OUTGOING_WEBHOOK_SECRET_FILE", {"escalation"}),
     "remediation-db": ("dsn", "REMEDIATION_DB_DSN_FILE", {"remediation"}),
 }
+OPTIONAL_SECRETS = ("pagerduty-key", "slack-webhook", "teams-webhook", "outgoing-webhook", "outgoing-webhook-secret",
+                    "remediation-db")
 CONFIG_FILES = {
     "remediation": ("incident-playbooks", "playbooks.yaml", "PLAYBOOKS_FILE", "/etc/incident-response/playbooks"),
     "diagnostics": ("incident-probes", "probes.yaml", "DIAGNOSTICS_FILE", "/etc/incident-response/probes"),
@@ -57,8 +64,7 @@ def service(name: str) -> dict:
         env.append({"name": variable, "value": f"{SECRETS}/{secret}/{key}"})
         mounts.append({"name": secret, "mountPath": f"{SECRETS}/{secret}", "readOnly": True})
         # Optional integrations may be absent: the function then says it is off.
-        optional = secret in ("pagerduty-key", "slack-webhook", "teams-webhook", "outgoing-webhook",
-                              "outgoing-webhook-secret", "remediation-db")
+        optional = secret in OPTIONAL_SECRETS
         volumes.append({"name": secret, "secret": {"secretName": secret, "optional": optional}})
     if name in CONFIG_FILES:
         configmap, filename, variable, path = CONFIG_FILES[name]
@@ -81,7 +87,7 @@ def service(name: str) -> dict:
                     "labels": {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": name},
                     "annotations": {
                         "autoscaling.knative.dev/min-scale": "0",
-                        "autoscaling.knative.dev/max-scale": "10",
+                        "autoscaling.knative.dev/max-scale": str(MAX_SCALE),
                         "autoscaling.knative.dev/target": str(concurrency),
                         # Keep the activator in every request's path, so the
                         # NetworkPolicy need not admit the shared ingress gateway.
@@ -98,9 +104,7 @@ def service(name: str) -> dict:
                         "ports": [{"containerPort": 8080}],
                         "env": env,
                         "envFrom": [{"configMapRef": {"name": "incident-response-config"}}],
-                        # TCP, not /health: a database blip must not take every
-                        # revision out of service (the functions answer 503 themselves).
-                        "readinessProbe": {"tcpSocket": {}, "periodSeconds": 5},
+                        **PROBES,
                         "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "1", "memory": memory}},
                         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
@@ -109,9 +113,27 @@ def service(name: str) -> dict:
                     }],
                     "volumes": volumes,
                 },
-            }
+            },
+            # Explicit, so that `kubectl apply` (make deploy) undoes a
+            # rollback's `kn service update --traffic <revision>=100`: a
+            # field the manifest never set would be left as kn pinned it.
+            "traffic": [{"latestRevision": True, "percent": 100}],
         },
     }
+
+
+# Both probes ask /health, which also checks the database. Readiness: a
+# replica that cannot reach PostgreSQL takes no requests (the activator
+# holds them, AlertManager and the Broker retry) instead of answering 503s.
+# Liveness restarts only a process that stays unhealthy for five minutes
+# (a wedged worker), so a database outage does not put every pod into
+# restart back-off just when the database returns. No port: Knative probes
+# the container port itself.
+HEALTH_PATH = "/health"
+PROBES = {
+    "readinessProbe": {"httpGet": {"path": HEALTH_PATH}, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+    "livenessProbe": {"httpGet": {"path": HEALTH_PATH}, "periodSeconds": 30, "timeoutSeconds": 5, "failureThreshold": 10},
+}
 
 
 # The pods that may call a cluster-local function, as the upstream
@@ -160,6 +182,50 @@ def network_policy() -> dict:
 
 HEADER = "# Generated by `make manifests` from deploy/manifests.py; edit the table there.\n"
 
+# Knative's queue-proxy, in front of every function container, serves HTTP
+# on 8012: a Service that selects the pods must go through it, so the
+# concurrency limit and the request timeout still hold.
+QUEUE_PROXY_HTTP_PORT = 8012
+
+
+def seed_api_service() -> dict:
+    """The seed's ``incident-api`` (ClusterIP, port 8080) in front of the
+    query function's pods, which the production overlay keeps warm."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": SEED_API_SERVICE,
+                     "labels": {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": SEED_API_SERVICE}},
+        "spec": {
+            "type": "ClusterIP",
+            # Knative labels every pod of a Service's revisions with it.
+            "selector": {"serving.knative.dev/service": SEED_API_FUNCTION},
+            "ports": [{"name": "http", "protocol": "TCP", "port": SEED_API_PORT, "targetPort": QUEUE_PROXY_HTTP_PORT}],
+        },
+    }
+
+
+def production_kustomization() -> str:
+    warm = sorted(name for name, row in SERVICES.items() if row.warm)
+    counts = {SERVICES[name].warm for name in warm}
+    assert len(counts) == 1, "one min-scale patch per replica count: extend production_kustomization"
+    doc = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "production",
+        "resources": ["../../base", "incident-api.yaml"],
+        "patches": [{
+            "target": {"group": "serving.knative.dev", "version": "v1", "kind": "Service", "name": "|".join(warm)},
+            "patch": yaml.safe_dump([{"op": "replace",
+                                      "path": "/spec/template/metadata/annotations/autoscaling.knative.dev~1min-scale",
+                                      "value": str(counts.pop())}], sort_keys=False),
+        }],
+    }
+    return (HEADER + "# Production: namespace `production`; the Services alerts and engineers hit keep\n"
+            "# warm replicas (no cold start between an alert and its incident; the seed's AC4\n"
+            "# asks for two running replicas), and the seed's `incident-api` Service.\n"
+            + yaml.safe_dump(doc, sort_keys=False))
+
 
 # kustomize may not read files outside its folder, so the shipped playbooks
 # and probes are copied next to the kustomization.
@@ -180,6 +246,9 @@ def rendered() -> dict[Path, str]:
     files[BASE / "networkpolicy.yaml"] = HEADER + yaml.safe_dump(network_policy(), sort_keys=False)
     for name, source in COPIES.items():
         files[BASE / "config" / name] = copy_header(source) + (ROOT / source).read_text()
+    files[PRODUCTION / "kustomization.yaml"] = production_kustomization()
+    files[PRODUCTION / "incident-api.yaml"] = HEADER + yaml.safe_dump(seed_api_service(), sort_keys=False)
+    files.update(monitoring.rendered())
     return files
 
 
@@ -192,7 +261,7 @@ def main(argv: list[str]) -> int:
     for path, text in rendered().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    print(f"wrote {len(rendered())} files under knative/base")
+    print(f"wrote {len(rendered())} files under knative/")
     return 0
 
 

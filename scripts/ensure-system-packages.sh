@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: AlertManager,
-# Prometheus (and amtool), Chromium and its driver, and a PostgreSQL server
-# when none is installed.
+# Prometheus (and amtool, promtool), Chromium and its driver, podman, runc
+# and mmdebstrap for the image test (unless a docker daemon answers), and a
+# PostgreSQL server when none is installed.
 # Needs root for apt-get. It exits non-zero, naming what is missing, when an
 # installation fails or leaves a binary missing; without root it does the
 # same under CI=true, and elsewhere only warns (those tests then skip).
@@ -12,6 +13,16 @@ missing() {
   command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 || out+=(prometheus-alertmanager)
   command -v amtool >/dev/null 2>&1 || out+=(prometheus-alertmanager)
   command -v prometheus >/dev/null 2>&1 || out+=(prometheus)
+  # promtool checks and unit-tests the shipped alert rules; Debian ships it with prometheus.
+  command -v promtool >/dev/null 2>&1 || out+=(prometheus)
+  # The image test builds and runs the image: podman (with runc) unless a
+  # docker daemon answers, and mmdebstrap for a base image from Debian
+  # packages when no registry is reachable.
+  if ! { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }; then
+    command -v podman >/dev/null 2>&1 || out+=(podman)
+    command -v runc >/dev/null 2>&1 || out+=(runc)
+    command -v mmdebstrap >/dev/null 2>&1 || out+=(mmdebstrap)
+  fi
   # The board's browser test drives Debian's Chromium, never a downloaded one.
   command -v chromium >/dev/null 2>&1 || out+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || out+=(chromium-driver)

@@ -166,7 +166,7 @@ def write_report(results: dict) -> None:
     lines = [
         "# Mutation testing",
         "",
-        "Measured with cosmic-ray (pinned in requirements.txt) by `make mutation` (scripts/mutation.py): every",
+        "Measured with cosmic-ray (pinned in requirements-dev.txt) by `make mutation` (scripts/mutation.py): every",
         "mutant of a module runs only that module's fast tests (column *tests*), one mutant at a time, in a copy of",
         "the tree. A mutant is *killed* when a test fails (or the mutated module cannot even be imported:",
         "*incompetent*, counted as killed). Left out: `**` unpacking taken for a power, and swaps to",

@@ -40,6 +40,16 @@ def time_to_resolve(conn: Connection, buckets: tuple[float, ...]) -> tuple[int, 
     return count, float(total), list(cumulative)
 
 
+def alerts_per_incident(conn: Connection, buckets: tuple[float, ...]) -> tuple[int, float, list[int]]:
+    """Alerts folded into each incident (the first plus its repeats): count
+    of incidents, sum of alerts, cumulative counts per upper bound."""
+    filters = ", ".join(f"count(*) FILTER (WHERE n <= {float(b)})" for b in buckets)
+    count, total, *cumulative = conn.execute(sa.text(
+        f"SELECT count(*), COALESCE(sum(n), 0), {filters} FROM (SELECT repeat_count + 1 AS n FROM incidents) AS t"
+    )).one()
+    return count, float(total), list(cumulative)
+
+
 def ignored_alerts(conn: Connection) -> list[tuple[str, str, int]]:
     return conn.execute(sa.text("SELECT alert_name, reason, count FROM ignored_alerts")).all()
 

@@ -36,6 +36,10 @@ KNOWN_ANNOTATIONS = {
 }
 
 
+def ksvc(doc: dict) -> bool:
+    return doc["kind"] == "Service" and doc["apiVersion"] == "serving.knative.dev/v1"
+
+
 def build(path: str) -> list[dict]:
     out = subprocess.run([str(KUBECTL), "kustomize", str(ROOT / path)], capture_output=True, text=True, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -131,7 +135,7 @@ def test_core_objects_validate_against_the_kubernetes_schemas(production):
 
 def test_knative_services_scale_to_zero_with_known_annotations(base, production):
     for doc in base:
-        if doc["kind"] != "Service":
+        if not ksvc(doc):
             continue
         template = doc["spec"]["template"]
         annotations = template["metadata"]["annotations"]
@@ -141,19 +145,19 @@ def test_knative_services_scale_to_zero_with_known_annotations(base, production)
         container = spec["containers"][0]
         assert spec["containerConcurrency"] == int(next(e["value"] for e in container["env"] if e["name"] == "THREADS"))
         assert container["resources"]["limits"] and container["securityContext"]["runAsNonRoot"]
-    warm = {d["metadata"]["name"] for d in production if d["kind"] == "Service"
+    warm = {d["metadata"]["name"] for d in production if ksvc(d)
             and d["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "2"}
     assert warm == {"intake", "query"}
 
 
 def test_only_intake_and_query_are_reachable_from_outside_the_cluster(base):
-    public = {d["metadata"]["name"] for d in base if d["kind"] == "Service"
+    public = {d["metadata"]["name"] for d in base if ksvc(d)
               and d["metadata"]["labels"].get("networking.knative.dev/visibility") != "cluster-local"}
     assert public == {"intake", "query"}
 
 
 def test_wiring_names_services_that_exist(base):
-    services = {d["metadata"]["name"]: d for d in base if d["kind"] == "Service"}
+    services = {d["metadata"]["name"]: d for d in base if ksvc(d)}
     for doc in base:
         if doc["kind"] == "Trigger":
             assert doc["spec"]["subscriber"]["ref"]["name"] in services, doc["metadata"]["name"]
@@ -187,7 +191,7 @@ def test_every_env_var_a_manifest_sets_is_read_by_the_code(production):
     for doc in production:
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith("incident-response-config"):
             assert set(doc["data"]) <= known, set(doc["data"]) - known
-        if doc["kind"] in ("Service", "Job"):
+        if ksvc(doc) or doc["kind"] == "Job":
             spec = doc["spec"]["template"]["spec"]
             for container in spec["containers"]:
                 names = {e["name"] for e in container.get("env", [])}
@@ -271,7 +275,7 @@ def admitted(policy: dict, namespace: str, labels: dict, port: int) -> bool:
 def test_network_policy_admits_only_knative_to_the_cluster_local_functions(production):
     (policy,) = [d for d in production if d["kind"] == "NetworkPolicy"]
     assert policy["metadata"]["namespace"] == "production" and policy["spec"]["policyTypes"] == ["Ingress"]
-    services = {d["metadata"]["name"]: d for d in production if d["kind"] == "Service"}
+    services = {d["metadata"]["name"]: d for d in production if ksvc(d)}
     guarded = {name for name, d in services.items() if selects(policy["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
     assert guarded == {"diagnostics", "remediation", "escalation", "deadletter", "intake-events"}
     for peer in (BROKER_FILTER, BROKER_INGRESS, PING_ADAPTER, ACTIVATOR):
@@ -301,9 +305,9 @@ def test_the_local_stack_and_the_manifests_read_one_service_table(base):
     from deploy.services import SERVICES
     from local.run import FUNCTIONS, Stack
 
-    assert set(FUNCTIONS) == set(SERVICES) == {d["metadata"]["name"] for d in base if d["kind"] == "Service"}
+    assert set(FUNCTIONS) == set(SERVICES) == {d["metadata"]["name"] for d in base if ksvc(d)}
     stack = Stack("postgresql://unused", "t", {name: 1 for name in SERVICES}, 2)
-    for doc in (d for d in base if d["kind"] == "Service"):
+    for doc in (d for d in base if ksvc(d)):
         name = doc["metadata"]["name"]
         env = {e["name"]: e.get("value") for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
         local = stack.function_env(name)
@@ -311,3 +315,106 @@ def test_the_local_stack_and_the_manifests_read_one_service_table(base):
             assert env[variable] == local[variable] == value, (name, variable)
         assert ("K_SINK" in local) == SERVICES[name].publishes, name
     assert SERVICES["intake-events"].env == {"EVENTS_REQUIRE_TOKEN": "false"}
+
+
+def iso_seconds(duration: str) -> float:
+    """An ISO 8601 duration as Knative's delivery fields take it (PT…H…M…S)."""
+    match = re.fullmatch(r"PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?", duration)
+    assert match and any(match.groups()), duration
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def delivery_of(trigger: dict, broker: dict) -> dict:
+    # A Trigger's own delivery replaces the Broker's as a whole.
+    return trigger["spec"].get("delivery") or broker["spec"]["delivery"]
+
+
+def test_probes_ask_health_over_http(production):
+    for doc in production:
+        if not ksvc(doc):
+            continue
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/health"}, (doc["metadata"]["name"], probe)
+            assert "tcpSocket" not in container[probe]
+        # A database outage must not restart every pod within a minute.
+        liveness = container["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 300
+
+
+def test_no_delivery_gives_up_while_its_subscriber_may_still_be_working(production):
+    (broker,) = [d for d in production if d["kind"] == "Broker"]
+    services = {d["metadata"]["name"]: d for d in production if ksvc(d)}
+    triggers = [d for d in production if d["kind"] == "Trigger"]
+    for trigger in triggers:
+        delivery = delivery_of(trigger, broker)
+        subscriber = services[trigger["spec"]["subscriber"]["ref"]["name"]]
+        limit = subscriber["spec"]["template"]["spec"]["timeoutSeconds"]
+        assert iso_seconds(delivery["timeout"]) >= limit, (trigger["metadata"]["name"], delivery["timeout"], limit)
+        assert delivery["deadLetterSink"]["ref"] == {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "deadletter"}
+    remediation = services["remediation"]["spec"]["template"]["spec"]["timeoutSeconds"]
+    assert remediation == 300 and iso_seconds(broker["spec"]["delivery"]["timeout"]) < remediation  # the case that needed a Trigger policy
+
+
+def retry_span_seconds(delivery: dict) -> tuple[float, float]:
+    """The least time Knative spends retrying before the dead-letter sink,
+    and the longest single back-off. Knative waits backoffDelay × 2^n before
+    retry n (exponential) or backoffDelay × n (linear); taking n from 0 is
+    the shorter reading of the two the versions have used."""
+    delay = iso_seconds(delivery["backoffDelay"])
+    retries = delivery["retry"]
+    if delivery.get("backoffPolicy", "exponential") == "exponential":
+        waits = [delay * 2 ** n for n in range(retries)]
+    else:
+        waits = [delay * (n + 1) for n in range(retries)]
+    return sum(waits), max(waits)
+
+
+def test_pages_outlive_a_ten_minute_outage_of_the_paging_providers(production):
+    (broker,) = [d for d in production if d["kind"] == "Broker"]
+    to_escalation = [d for d in production if d["kind"] == "Trigger" and d["spec"]["subscriber"]["ref"]["name"] == "escalation"]
+    assert len(to_escalation) == 5
+    for trigger in to_escalation:
+        assert "delivery" in trigger["spec"], trigger["metadata"]["name"]
+        span, longest = retry_span_seconds(trigger["spec"]["delivery"])
+        assert span >= 600, (trigger["metadata"]["name"], span)
+        assert longest >= 120, "minutes of back-off, as PagerDuty asks on 429"
+    # The Broker's own policy would not have: that is why escalation has its own.
+    assert retry_span_seconds(broker["spec"]["delivery"])[0] < 600
+
+
+def test_the_seeds_incident_api_reaches_the_warm_query_pods_on_8080(base, production):
+    assert not [d for d in base if d["metadata"]["name"] == "incident-api"]
+    (api,) = [d for d in production if d["kind"] == "Service" and d["apiVersion"] == "v1"]
+    assert api["metadata"] == {**api["metadata"], "name": "incident-api", "namespace": "production"}
+    assert api["spec"]["type"] == "ClusterIP"
+    (port,) = api["spec"]["ports"]
+    assert port["port"] == 8080 and port["protocol"] == "TCP"
+    (query,) = [d for d in production if ksvc(d) and d["metadata"]["name"] == "query" and "template" in d["spec"]]
+    # The labels Knative gives the pods of a Service's revisions: the
+    # template's, plus serving.knative.dev/{service,configuration,revision}.
+    pod_labels = {**query["spec"]["template"]["metadata"]["labels"], "serving.knative.dev/service": "query",
+                  "serving.knative.dev/configuration": "query", "serving.knative.dev/revision": "query-00001"}
+    assert selects({"matchLabels": api["spec"]["selector"]}, pod_labels)
+    for other in ("intake", "intake-events", "diagnostics"):
+        assert not selects({"matchLabels": api["spec"]["selector"]}, {**pod_labels, "serving.knative.dev/service": other})
+    # Through queue-proxy (its HTTP port), never straight to the function.
+    assert port["targetPort"] == manifests.QUEUE_PROXY_HTTP_PORT == 8012
+    assert query["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "2"
+    # The shipped AlertManager receiver keeps pointing at the intake.
+    config = yaml.safe_load((ROOT / "prometheus" / "alertmanager.yml").read_text())
+    urls = [h["url"] for r in config["receivers"] for h in r.get("webhook_configs", [])]
+    assert urls == ["http://intake.production.svc.cluster.local/webhook/alert"]
+
+
+def test_make_deploy_returns_traffic_to_the_latest_revision(production):
+    """A rollback pins traffic with kn; `kubectl apply` of a manifest that
+    never named `traffic` would leave the pin (a three-way merge keeps
+    fields the last applied configuration did not have)."""
+    for doc in production:
+        if ksvc(doc):
+            assert doc["spec"]["traffic"] == [{"latestRevision": True, "percent": 100}], doc["metadata"]["name"]
+    makefile = (ROOT / "Makefile").read_text()
+    deploy = makefile[makefile.index("\ndeploy:"):]
+    assert "kubectl apply -f .run/production.yaml\n" in deploy

@@ -62,8 +62,24 @@ def test_without_root_a_missing_package_fails_under_ci_and_warns_elsewhere(bin_d
 
 
 def test_nothing_missing_is_success(bin_dir, tmp_path):
-    for name in ("prometheus-alertmanager", "amtool", "prometheus", "chromium", "chromedriver"):
+    for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver",
+                 "podman", "runc", "mmdebstrap"):
         stub(bin_dir, name, "exit 0")
     result = run(bin_dir, tmp_path, ci="true")
     assert result.returncode == 0 and result.stderr == ""
     assert not (tmp_path / "apt.log").exists()
+
+
+@pytest.mark.parametrize("docker_info, wanted", [
+    ("exit 0", set()),                                   # a docker daemon answers: it builds and runs the image
+    ("exit 1", {"podman", "runc", "mmdebstrap"}),        # a docker client alone runs nothing
+    (None, {"podman", "runc", "mmdebstrap"}),
+])
+def test_a_container_tool_is_installed_unless_docker_works(bin_dir, tmp_path, docker_info, wanted):
+    for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver"):
+        stub(bin_dir, name, "exit 0")
+    if docker_info is not None:
+        stub(bin_dir, "docker", docker_info)
+    result = run(bin_dir, tmp_path, apt_status=0)
+    asked = set((tmp_path / "apt.log").read_text().split("install -y -qq --no-install-recommends")[1].split()) if wanted else set()
+    assert asked == wanted, result.stderr

@@ -15,6 +15,7 @@ from shared import backlog, db, dead_letters, reconcile, stats
 from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
+ALERTS_PER_INCIDENT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250)
 
 
 class DatabaseCollector:
@@ -24,6 +25,7 @@ class DatabaseCollector:
             yield from self._remediation(conn)
             yield from self._escalations(conn)
             yield from self._time_to_resolve(conn)
+            yield from self._alerts_per_incident(conn)
             yield from self._intake(conn)
 
     def _incidents(self, conn):
@@ -69,6 +71,13 @@ class DatabaseCollector:
         family = HistogramMetricFamily(
             "incident_time_to_resolve_seconds", "Time from an incident's creation to its resolution."
         )
+        family.add_metric([], buckets, float(total))
+        yield family
+
+    def _alerts_per_incident(self, conn):
+        count, total, cumulative = stats.alerts_per_incident(conn, ALERTS_PER_INCIDENT_BUCKETS)
+        buckets = [(str(float(b)), c) for b, c in zip(ALERTS_PER_INCIDENT_BUCKETS, cumulative, strict=True)] + [("+Inf", count)]
+        family = HistogramMetricFamily("incident_alerts", "Alerts folded into each incident: the first and its repeats.")
         family.add_metric([], buckets, float(total))
         yield family
 
