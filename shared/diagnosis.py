@@ -1,0 +1,66 @@
+"""Reading a stored diagnosis (functions/diagnostics writes it): its facts by
+id, and its probable causes, for the board, the report and the channels.
+docs/diagnosis.md describes the shape."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+CAUSES_SHOWN = 3
+
+
+def _items(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
+    """(id, section, one line describing it) of every fact, in stored order."""
+    d = diagnostics if isinstance(diagnostics, dict) else {}
+    pods = d.get("pods")
+    for section in (pods.values() if isinstance(pods, dict) else []):
+        for pod in _items(section.get("pods") if isinstance(section, dict) else None):
+            state = ", ".join(pod.get("waiting_reasons") or []) or pod.get("reason") or pod.get("phase") or "?"
+            last = f", last terminated {', '.join(pod['last_terminated_reasons'])}" if pod.get("last_terminated_reasons") else ""
+            yield pod["id"], "pods", f"{pod['name']}: {'ready' if pod.get('ready') else 'not ready'}, {state}, {pod.get('restarts', 0)} restarts{last}"
+    for section, prefix in (("metrics", "metric"), ("dependencies", "dependency")):
+        values = d.get(section)
+        if isinstance(values, dict):
+            for name, value in values.items():
+                text = value["error"] if isinstance(value, dict) and "error" in value else value
+                yield f"{prefix}/{name}", section, f"{name} = {text}"
+    for event in _items(d.get("events")):
+        yield event["id"], "events", f"{event.get('type')} {event.get('reason')} on {event.get('object')} ×{event.get('count')}: {event.get('message')}"
+    for entry in _items(d.get("logs")):
+        if "id" in entry:
+            which = "previous container" if entry.get("previous") else "container"
+            yield entry["id"], "logs", f"{entry.get('pod')}/{entry.get('container')} ({which}), {len(entry.get('lines') or [])} lines"
+    changes = d.get("changes") if isinstance(d.get("changes"), dict) else {}
+    for rev in _items(changes.get("revisions")):
+        cause = f" — {rev['change_cause']}" if rev.get("change_cause") else ""
+        yield rev["id"], "changes", f"revision {rev['revision']} created {rev.get('created')}{' (current)' if rev.get('current') else ''}{cause}"
+    diff = changes.get("diff")
+    if isinstance(diff, dict):
+        yield diff["id"], "changes", f"revision {diff['from']} → {diff['to']}: {'; '.join(diff.get('changes') or []) or 'no template change'}"
+    for item in _items(changes.get("config")):
+        yield item["id"], "changes", f"{item.get('kind')} {item.get('name')}: " + (
+            item["error"] if item.get("error") else f"changed {item.get('changed_at') or 'at an unknown time'}")
+    for hpa in _items(changes.get("scaling")):
+        yield hpa["id"], "changes", f"HPA {hpa.get('name')}: {hpa.get('current')} → {hpa.get('desired')} replicas (min {hpa.get('min')}, max {hpa.get('max')})"
+    for node in _items(d.get("nodes")):
+        if node.get("error"):
+            yield node["id"], "nodes", f"{node.get('name')}: {node['error']}"
+        else:
+            yield node["id"], "nodes", f"{node.get('name')}: " + ", ".join(f"{k}={v}" for k, v in (node.get("conditions") or {}).items())
+    for source in _items(d.get("sources")):
+        yield source["id"], "sources", f"{source.get('name')}: {source.get('state')}" + (f" ({source['error']})" if source.get("error") else "")
+
+
+def fact_ids(diagnostics: Any) -> set[str]:
+    return {fact_id for fact_id, _, _ in facts(diagnostics)}
+
+
+def probable_causes(diagnostics: Any, limit: int | None = None) -> list[dict]:
+    """The stored causes that have the stored shape, best first."""
+    causes = diagnostics.get("probable_causes") if isinstance(diagnostics, dict) else None
+    good = [c for c in _items(causes) if isinstance(c, dict) and isinstance(c.get("cause"), str)]
+    return good[:limit] if limit else good
