@@ -4,9 +4,10 @@ docs/diagnosis.md describes the shape."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
-CAUSES_SHOWN = 3
+_NOT_ANCHOR = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def _items(value: Any) -> list:
@@ -14,7 +15,9 @@ def _items(value: Any) -> list:
 
 
 def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
-    """(id, section, one line describing it) of every fact, in stored order."""
+    """(id, section, one line describing it) of every fact, in stored order.
+    Written for diagnoses as collector.py stores them; older ones lack the
+    newer sections and yield fewer facts."""
     d = diagnostics if isinstance(diagnostics, dict) else {}
     pods = d.get("pods")
     for section in (pods.values() if isinstance(pods, dict) else []):
@@ -53,6 +56,17 @@ def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
             yield node["id"], "nodes", f"{node.get('name')}: " + ", ".join(f"{k}={v}" for k, v in (node.get("conditions") or {}).items())
     for source in _items(d.get("sources")):
         yield source["id"], "sources", f"{source.get('name')}: {source.get('state')}" + (f" ({source['error']})" if source.get("error") else "")
+
+
+def anchor(fact_id: Any) -> str:
+    """An HTML id / URL fragment for a fact (safe in raw HTML and Markdown)."""
+    return "fact-" + _NOT_ANCHOR.sub("-", str(fact_id))
+
+
+def log_lines(diagnostics: Any) -> dict[str, list[str]]:
+    """Log fact id → its (redacted) lines."""
+    d = diagnostics if isinstance(diagnostics, dict) else {}
+    return {e["id"]: [str(line) for line in _items(e.get("lines"))] for e in _items(d.get("logs")) if isinstance(e, dict) and "id" in e}
 
 
 def fact_ids(diagnostics: Any) -> set[str]:
