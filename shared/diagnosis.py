@@ -9,6 +9,14 @@ from typing import Any, Iterator
 
 _NOT_ANCHOR = re.compile(r"[^A-Za-z0-9_.-]")
 
+# What functions/diagnostics/causes.py may conclude (docs/diagnosis.md); the
+# order breaks ties between equally confident causes.
+VOCABULARY = (
+    "bad_rollout", "config_change", "image_pull_failure", "unschedulable", "node_not_ready", "disk_pressure",
+    "oom_killed", "liveness_failing", "dependency_down", "crash_loop", "evicted", "readiness_failing",
+    "resource_saturation", "unknown",
+)
+
 
 def _items(value: Any) -> list:
     return value if isinstance(value, list) else []
@@ -71,6 +79,12 @@ def log_lines(diagnostics: Any) -> dict[str, list[str]]:
 
 def fact_ids(diagnostics: Any) -> set[str]:
     return {fact_id for fact_id, _, _ in facts(diagnostics)}
+
+
+def top_cause(diagnostics: Any) -> str | None:
+    """The most likely cause, or None before a diagnosis."""
+    causes = probable_causes(diagnostics, 1)
+    return causes[0]["cause"] if causes else None
 
 
 def probable_causes(diagnostics: Any, limit: int | None = None) -> list[dict]:

@@ -14,11 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-VOCABULARY = (
-    "bad_rollout", "config_change", "image_pull_failure", "unschedulable", "node_not_ready", "disk_pressure",
-    "oom_killed", "liveness_failing", "dependency_down", "crash_loop", "evicted", "readiness_failing",
-    "resource_saturation", "unknown",
-)
+from shared.diagnosis import VOCABULARY
+
 CAUSES_MAX = 5
 EVIDENCE_MAX = 8
 SUMMARY_MAX_CHARS = 300
