@@ -6,6 +6,7 @@ Alone: ``python bench/diagnosis.py``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -35,6 +36,8 @@ def diagnosis_section() -> list[str]:
     from tests.prometheus import BINARY, Prometheus
 
     cases = load_cases()
+    # The cases whose source fails on purpose would print a warning per run.
+    logging.getLogger("diagnostics").setLevel(logging.ERROR)
     k8s = FakeKubernetes().start()
     prometheus = Prometheus().start() if BINARY else None
     previous = os.environ.get("KUBECONFIG")

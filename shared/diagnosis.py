@@ -19,7 +19,8 @@ VOCABULARY = (
 
 
 def _items(value: Any) -> list:
-    return value if isinstance(value, list) else []
+    """The dicts with an id in a stored list (older diagnoses have none)."""
+    return [v for v in value if isinstance(v, dict) and isinstance(v.get("id"), str)] if isinstance(value, list) else []
 
 
 def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
@@ -32,7 +33,7 @@ def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
         for pod in _items(section.get("pods") if isinstance(section, dict) else None):
             state = ", ".join(pod.get("waiting_reasons") or []) or pod.get("reason") or pod.get("phase") or "?"
             last = f", last terminated {', '.join(pod['last_terminated_reasons'])}" if pod.get("last_terminated_reasons") else ""
-            yield pod["id"], "pods", f"{pod['name']}: {'ready' if pod.get('ready') else 'not ready'}, {state}, {pod.get('restarts', 0)} restarts{last}"
+            yield pod["id"], "pods", f"{pod.get('name')}: {'ready' if pod.get('ready') else 'not ready'}, {state}, {pod.get('restarts', 0)} restarts{last}"
     for section, prefix in (("metrics", "metric"), ("dependencies", "dependency")):
         values = d.get(section)
         if isinstance(values, dict):
@@ -42,16 +43,15 @@ def facts(diagnostics: Any) -> Iterator[tuple[str, str, str]]:
     for event in _items(d.get("events")):
         yield event["id"], "events", f"{event.get('type')} {event.get('reason')} on {event.get('object')} ×{event.get('count')}: {event.get('message')}"
     for entry in _items(d.get("logs")):
-        if "id" in entry:
-            which = "previous container" if entry.get("previous") else "container"
-            yield entry["id"], "logs", f"{entry.get('pod')}/{entry.get('container')} ({which}), {len(entry.get('lines') or [])} lines"
+        which = "previous container" if entry.get("previous") else "container"
+        yield entry["id"], "logs", f"{entry.get('pod')}/{entry.get('container')} ({which}), {len(entry.get('lines') or [])} lines"
     changes = d.get("changes") if isinstance(d.get("changes"), dict) else {}
     for rev in _items(changes.get("revisions")):
         cause = f" — {rev['change_cause']}" if rev.get("change_cause") else ""
-        yield rev["id"], "changes", f"revision {rev['revision']} created {rev.get('created')}{' (current)' if rev.get('current') else ''}{cause}"
+        yield rev["id"], "changes", f"revision {rev.get('revision')} created {rev.get('created')}{' (current)' if rev.get('current') else ''}{cause}"
     diff = changes.get("diff")
-    if isinstance(diff, dict):
-        yield diff["id"], "changes", f"revision {diff['from']} → {diff['to']}: {'; '.join(diff.get('changes') or []) or 'no template change'}"
+    if isinstance(diff, dict) and isinstance(diff.get("id"), str):
+        yield diff["id"], "changes", f"revision {diff.get('from')} → {diff.get('to')}: {'; '.join(diff.get('changes') or []) or 'no template change'}"
     for item in _items(changes.get("config")):
         yield item["id"], "changes", f"{item.get('kind')} {item.get('name')}: " + (
             item["error"] if item.get("error") else f"changed {item.get('changed_at') or 'at an unknown time'}")
@@ -74,7 +74,7 @@ def anchor(fact_id: Any) -> str:
 def log_lines(diagnostics: Any) -> dict[str, list[str]]:
     """Log fact id → its (redacted) lines."""
     d = diagnostics if isinstance(diagnostics, dict) else {}
-    return {e["id"]: [str(line) for line in _items(e.get("lines"))] for e in _items(d.get("logs")) if isinstance(e, dict) and "id" in e}
+    return {e["id"]: [str(line) for line in e.get("lines") or [] if isinstance(e.get("lines"), list)] for e in _items(d.get("logs"))}
 
 
 def fact_ids(diagnostics: Any) -> set[str]:
@@ -90,5 +90,5 @@ def top_cause(diagnostics: Any) -> str | None:
 def probable_causes(diagnostics: Any, limit: int | None = None) -> list[dict]:
     """The stored causes that have the stored shape, best first."""
     causes = diagnostics.get("probable_causes") if isinstance(diagnostics, dict) else None
-    good = [c for c in _items(causes) if isinstance(c, dict) and isinstance(c.get("cause"), str)]
+    good = [c for c in (causes if isinstance(causes, list) else []) if isinstance(c, dict) and isinstance(c.get("cause"), str)]
     return good[:limit] if limit else good

@@ -102,3 +102,16 @@ def test_the_query_api_returns_the_causes(base_env, clean_db, collected):
 def test_the_api_schema_names_the_vocabulary():
     spec = yaml.safe_load((ROOT / "functions" / "query" / "openapi.yaml").read_text())
     assert spec["components"]["schemas"]["ProbableCause"]["properties"]["cause"]["enum"] == list(VOCABULARY)
+
+
+def test_a_diagnosis_stored_before_facts_had_ids_still_renders(signed_in, clean_db):  # noqa: F811
+    legacy = {"pods": {"email-service": {"ready": "1/3", "status": "CrashLoopBackOff", "restarts": 4,
+                                         "pods": [{"name": "email-service-0", "phase": "Running", "ready": False}]}},
+              "metrics": {"availability": 0.9}, "dependencies": {"kafka": "up"}, "collected_at": "2026-11-27T10:00:00Z",
+              "probable_causes": "garbage", "events": [{"reason": "no id"}], "changes": {"diff": {"from": 1}}}
+    assert list(diagnosis.facts(legacy)) == [("metric/availability", "metrics", "availability = 0.9"),
+                                             ("dependency/kafka", "dependencies", "kafka = up")]
+    row = store(clean_db, open_incident(clean_db), legacy)
+    page = signed_in.get(f"/ui/incidents/{row['id']}")
+    assert page.status_code == 200 and "Probable causes" not in page.get_data(as_text=True)
+    assert signed_in.get(f"/ui/incidents/{row['id']}/report.md").status_code == 200

@@ -289,7 +289,9 @@ class Collector:
                 log.warning("Probe failed", extra={"incident_id": incident["id"], "probe": source["name"], "error": source["error"]})
         diagnostics["probable_causes"] = rank(diagnostics)
         diagnostics["collected_at"] = iso(now)
-        diagnostics["durations_ms"] = {k: run.durations[k] for k in sorted(run.durations)}
+        # A call that outlived the deadline may still write its duration: copy first.
+        durations = dict(run.durations)
+        diagnostics["durations_ms"] = {k: durations[k] for k in sorted(durations)}
         return diagnostics
 
     def _collect(self, run: _Run, api, target: Target, window: Window, timeout: float) -> dict:
