@@ -122,37 +122,11 @@ def _scalar(result: list) -> float | None:
     return round(values[0], 6) if len(values) == 1 else round(sum(values), 6)
 
 
-def _queries(queries: dict[str, str], target: Target, prometheus_url: str, timeout: float, interpret) -> Any:
-    """Run each PromQL template; one query failing must not hide the others."""
-    if not prometheus_url:
-        return NOT_CONFIGURED
-    prom = _prometheus(prometheus_url, timeout)
-    out: dict[str, Any] = {}
-    for name, template in sorted(queries.items()):
-        try:
-            out[name] = interpret(prom.custom_query(render(template, target.context, promql_string)))
-        except TemplateError as exc:
-            out[name] = {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - recorded in its place
-            out[name] = {"error": describe(exc)}
-    return out
-
-
 def dependency_state(result: list) -> str:
     values = [float(s["value"][1]) for s in result if isinstance(s, dict) and s.get("value")]
     if not values:
         return "unknown"
     return "down" if min(values) < 1 else "up"
-
-
-def probe_metrics(target: Target, prometheus_url: str, timeout: float) -> Any:
-    return _queries(target.metrics, target, prometheus_url, timeout, _scalar)
-
-
-def probe_dependencies(target: Target, prometheus_url: str, timeout: float) -> Any:
-    return _queries(target.dependencies, target, prometheus_url, timeout, dependency_state)
-
-
 
 
 # --------------------------------------------------------------------------- the run
@@ -242,23 +216,28 @@ def _configmap(reader: Reader, namespace: str, name: str, window: Window) -> dic
         raise
 
 
-def _queries_each(run: _Run, section: str, queries: dict[str, str], target: Target, prometheus_url: str,
-                  timeout: float, interpret) -> dict[str, Future] | str:
-    if not prometheus_url:
+def _queries_each(run: _Run, section: str, queries: dict[str, str], target: Target, prom, interpret) -> dict[str, Any] | str:
+    """name → the future of its query, or the text of its template's error."""
+    if prom is None:
         return NOT_CONFIGURED
-    prom = _prometheus(prometheus_url, timeout)
-
-    def one(template):
-        return interpret(prom.custom_query(render(template, target.context, promql_string)))
-    return {name: run.submit(section, one, template) for name, template in sorted(queries.items())}
+    out: dict[str, Any] = {}
+    for name, template in sorted(queries.items()):
+        try:
+            promql = render(template, target.context, promql_string)
+        except TemplateError as exc:
+            out[name] = str(exc)
+            continue
+        out[name] = run.submit(section, lambda q=promql: interpret(prom.custom_query(q)))
+    return out
 
 
 def _gather_queries(run: _Run, section: str, futures) -> Any:
+    """One query failing must not hide the others."""
     if isinstance(futures, str):
         return futures
     out = {}
     for name, future in futures.items():
-        value, error = run.result(section, future)
+        value, error = (None, future) if isinstance(future, str) else run.result(section, future)
         out[name] = {"error": error} if error else value
     return out
 
@@ -275,13 +254,15 @@ class Collector:
         now = datetime.now(timezone.utc)
         onset = parse_time(incident.get("starts_at")) or now
         window = Window.before(min(onset, now), self.limits)
-        # Configured (and imported) once per process, before the clock starts:
-        # the deadline bounds the calls, not a cold start.
+        # Clients are configured (and their modules imported) before the clock
+        # starts: the deadline bounds the calls, not a cold start.
         api = kube.api_client()
+        reader = Reader(api, timeout) if api is not None else None
+        prom = _prometheus(self.config.prometheus_url, timeout) if self.config.prometheus_url else None
         executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="probe")
         run = _Run(executor, time.monotonic() + self.config.diagnostics_deadline_seconds)
         try:
-            diagnostics = self._collect(run, api, target, window, timeout)
+            diagnostics = self._collect(run, reader, prom, target, window)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
         for source in diagnostics["sources"]:
@@ -294,17 +275,18 @@ class Collector:
         diagnostics["durations_ms"] = {k: durations[k] for k in sorted(durations)}
         return diagnostics
 
-    def _collect(self, run: _Run, api, target: Target, window: Window, timeout: float) -> dict:
-        url = self.config.prometheus_url
-        metrics = _queries_each(run, "metrics", target.metrics, target, url, timeout, _scalar)
-        dependencies = _queries_each(run, "dependencies", target.dependencies, target, url, timeout, dependency_state)
+    def _collect(self, run: _Run, reader: Reader | None, prom, target: Target, window: Window) -> dict:
         out: dict[str, Any] = {}
         errors: dict[str, str] = {}
-        if api is None:
+        # The workload is read first: the second round of Kubernetes calls waits for it.
+        workload = run.submit("pods", _workload, reader, target) if reader else None
+        metrics = _queries_each(run, "metrics", target.metrics, target, prom, _scalar)
+        dependencies = _queries_each(run, "dependencies", target.dependencies, target, prom, dependency_state)
+        if reader is None:
             for name in KUBE_SECTIONS:
                 out[name] = NOT_CONFIGURED
         else:
-            self._kube(run, Reader(api, timeout), target, window, out, errors)
+            self._kube(run, reader, workload, target, window, out, errors)
         out["metrics"] = _gather_queries(run, "metrics", metrics)
         out["dependencies"] = _gather_queries(run, "dependencies", dependencies)
         for section in ("metrics", "dependencies"):
@@ -316,9 +298,8 @@ class Collector:
         out["target"] = {"service": target.service, "namespace": target.namespace, "deployment": target.deployment, "pod": target.pod}
         return {k: out[k] for k in ORDER if k in out}
 
-    def _kube(self, run: _Run, reader: Reader, target: Target, window: Window, out: dict, errors: dict) -> None:
+    def _kube(self, run: _Run, reader: Reader, workload: Future, target: Target, window: Window, out: dict, errors: dict) -> None:
         limits, ns = self.limits, target.namespace
-        workload = run.submit("pods", _workload, reader, target)
         events = run.submit("events", reader.events, ns, EVENTS_READ_MAX)
         hpas = run.submit("scaling", reader.hpas, ns) if target.deployment else None
         value, error = run.result("pods", workload)
