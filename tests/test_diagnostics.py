@@ -168,3 +168,24 @@ def test_events_it_does_not_handle_are_400(diagnostics):
     headers, body = to_binary(CloudEvent({"type": events.INCIDENT_OPENED, "source": "/t", "id": "1"}, {"incident_id": "nope"}))
     assert requests.post(diagnostics.url + "/", data=body, headers=headers, timeout=5).status_code == 400
     assert requests.post(diagnostics.url + "/", data=b"{}", headers={"Content-Type": "application/json"}, timeout=5).status_code == 400
+
+
+def test_log_lines_are_stored_redacted_and_the_probable_cause_cites_them(diagnostics, cluster, clean_db):
+    cluster.pods[:] = [pod("email-service-0", {"app": "email-service"}, ready=False, restarts=5, waiting="CrashLoopBackOff", terminated="Error")]
+    cluster.deployments[("production", "email-service")]["status"]["readyReplicas"] = 0
+    cluster.add_log("production", "email-service-0", "app", previous=True, text=(
+        "calling billing with Authorization: Bearer sk-live-8f3kQ29xLmP0aZ77bT\n"
+        "db url postgres://email:Wint3r-Is-Coming@db.production:5432/email\n"
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n-----END OPENSSH PRIVATE KEY-----\n"
+        "fatal: cannot start\n"))
+    incident = open_incident(clean_db, "KubePodCrashLooping")
+    assert deliver(diagnostics, incident).status_code == 200
+    with clean_db.connect() as conn:
+        raw = conn.exec_driver_sql("SELECT diagnostics::text FROM incidents WHERE id = %s", (incident["id"],)).scalar()
+    for secret in ("sk-live-8f3kQ29xLmP0aZ77bT", "Wint3r-Is-Coming", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"):
+        assert secret not in raw
+    d = stored(clean_db, incident["id"])[0]["diagnostics"]
+    (entry,) = d["logs"]
+    assert entry["id"] == "log/email-service-0/app/previous" and entry["lines"][-1] == "fatal: cannot start"
+    crash = next(c for c in d["probable_causes"] if c["cause"] == "crash_loop")
+    assert "log/email-service-0/app/previous" in crash["evidence"] and "fatal: cannot start" in crash["summary"]
