@@ -32,6 +32,7 @@ from shared.alerts import label_fingerprint  # noqa: E402
 from loopback.kube import FakeKubernetes, deployment, pod  # noqa: E402
 from loopback.notify import pagerduty, slack  # noqa: E402
 from loopback.processes import FunctionProcess, free_port, wait_until  # noqa: E402
+from bench.diagnosis import diagnosis_section  # noqa: E402
 
 TOKEN = "bench-token-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -420,6 +421,8 @@ def main() -> None:
             if not only or "cold" in only:
                 cold, _ = cold_starts(database_url)
                 report += cold
+            if not only or "diagnosis" in only:
+                report += diagnosis_section()
             bare = bare_rss()
             report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
                        "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]

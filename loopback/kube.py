@@ -48,10 +48,46 @@ def deployment(name, replicas, ready=None, namespace="production", labels=None):
     }
 
 
+def _json(code, obj):
+    return code, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+
 def _status(code, reason, message):
     return code, {"Content-Type": "application/json"}, json.dumps(
         {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code}
     ).encode()
+
+
+# Read-only kinds kept in one generic store: (API path prefix, plural, namespaced).
+# Add a kind here and `add()` and GET/list (with label and field selectors)
+# work for it.
+READ_ONLY_KINDS = {
+    "Event": ("/api/v1", "events", True),
+    "ReplicaSet": ("/apis/apps/v1", "replicasets", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers", True),
+}
+_PLURALS = {(prefix, plural): kind for kind, (prefix, plural, _) in READ_ONLY_KINDS.items()}
+
+
+def _field(obj: dict, dotted: str):
+    value = obj
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else str(value)
+
+
+def _selected(obj: dict, query: dict) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for part in filter(None, query.get("labelSelector", [""])[0].split(",")):
+        key, _, value = part.partition("=")
+        if labels.get(key) != value:
+            return False
+    for part in filter(None, query.get("fieldSelector", [""])[0].split(",")):
+        key, _, value = part.partition("=")
+        if _field(obj, key) != value:
+            return False
+    return True
 
 
 class FakeKubernetes:
@@ -59,6 +95,10 @@ class FakeKubernetes:
         self.deployments: dict[tuple[str, str], dict] = {}
         self.pods: list[dict] = []
         self.nodes: dict[str, dict] = {}
+        # kind -> {(namespace, name): object}, for READ_ONLY_KINDS
+        self.objects: dict[str, dict[tuple[str, str], dict]] = {kind: {} for kind in READ_ONLY_KINDS}
+        # (namespace, pod, container, previous) -> log text
+        self.logs: dict[tuple[str, str, str, bool], str] = {}
         self.jobs: list[dict] = []
         self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
@@ -89,8 +129,36 @@ class FakeKubernetes:
     def add_deployment(self, obj):
         self.deployments[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
 
-    def add_node(self, name):
-        self.nodes[name] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {}}, "spec": {}, "status": {}}
+    def add_node(self, name, conditions: dict[str, str] | None = None):
+        """A node; ``conditions`` maps a type (Ready, DiskPressure...) to its status."""
+        status = {"conditions": [{"type": t, "status": v, "reason": f"Kubelet{t}" if v == "True" else "", "message": "",
+                                  "lastTransitionTime": "2026-11-27T09:00:00Z"}
+                                 for t, v in sorted((conditions or {}).items())]}
+        self.nodes[name] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {}}, "spec": {}, "status": status}
+
+    def add(self, obj: dict) -> dict:
+        """Store any object: a Deployment, Pod or Node in its own table (they
+        have write paths), any of READ_ONLY_KINDS in the generic store."""
+        kind, meta = obj["kind"], obj.setdefault("metadata", {})
+        if kind == "Deployment":
+            self.add_deployment(obj)
+        elif kind == "Pod":
+            self.pods.append(obj)
+        elif kind == "Node":
+            self.nodes[meta["name"]] = obj
+        else:
+            self.objects[kind][(meta.get("namespace", ""), meta["name"])] = obj
+        return obj
+
+    def add_log(self, namespace: str, pod_name: str, container: str, text: str, previous: bool = False):
+        self.logs[(namespace, pod_name, container, previous)] = text
+
+    def clear(self):
+        """Forget every object and log (failures and recorded requests too)."""
+        self.deployments.clear(), self.pods.clear(), self.nodes.clear(), self.logs.clear()
+        self.failures.clear(), self.requests.clear(), self.jobs.clear()
+        for table in self.objects.values():
+            table.clear()
 
     def fail(self, method: str, path_regex: str, status: int | str):
         self.failures.append((method, path_regex, status))
@@ -114,9 +182,18 @@ class FakeKubernetes:
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
             return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
+        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
+        if m and req.method == "GET":
+            return self._log(m.group(1), m.group(2), query)
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?", path)
         if m:
             return self._pods(req.method, m.group(1), m.group(2), query)
+        m = re.fullmatch(r"(/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/([^/]+))?/([a-z]+)(?:/([^/]+))?", path)
+        if m and req.method == "GET" and (m.group(1), m.group(3)) in _PLURALS:
+            return self._read(_PLURALS[(m.group(1), m.group(3))], m.group(2), m.group(4), query, req.headers.get("accept", ""))
+        if path == "/api/v1/nodes" and req.method == "GET":
+            items = [n for _, n in sorted(self.nodes.items()) if _selected(n, query)]
+            return _json(200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": items})
         m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs", path)
         if m and req.method == "POST":
             job = copy.deepcopy(body)
@@ -131,6 +208,38 @@ class FakeKubernetes:
                 node["spec"].update((body or {}).get("spec", {}))
             return 200, {"Content-Type": "application/json"}, json.dumps(node).encode()
         return _status(404, "NotFound", f"{path} not found")
+
+    def _read(self, kind, ns, name, query, accept):
+        table = self.objects[kind]
+        if name:
+            obj = table.get((ns or "", name))
+            if obj is None:
+                return _status(404, "NotFound", f'{READ_ONLY_KINDS[kind][1]} "{name}" not found')
+            if "as=PartialObjectMetadata" in accept:
+                # What a metadata-only GET answers: never the data.
+                return _json(200, {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
+            return _json(200, obj)
+        items = [o for (namespace, _), o in sorted(table.items()) if (ns is None or namespace == ns) and _selected(o, query)]
+        limit = int(query.get("limit", ["0"])[0] or 0)
+        api_version = "v1" if READ_ONLY_KINDS[kind][0] == "/api/v1" else READ_ONLY_KINDS[kind][0][len("/apis/"):]
+        return _json(200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items[:limit] if limit else items})
+
+    def _log(self, ns, name, query):
+        if not any(p["metadata"]["namespace"] == ns and p["metadata"]["name"] == name for p in self.pods):
+            return _status(404, "NotFound", f'pods "{name}" not found')
+        container = query.get("container", ["app"])[0]
+        previous = query.get("previous", ["false"])[0] == "true"
+        text = self.logs.get((ns, name, container, previous))
+        if text is None:
+            which = "previous terminated container" if previous else "container"
+            return _status(400, "BadRequest", f'{which} "{container}" in pod "{name}" not found')
+        lines = text.splitlines(keepends=True)
+        if "tailLines" in query:
+            lines = lines[-int(query["tailLines"][0]):] if int(query["tailLines"][0]) else []
+        body = "".join(lines).encode()
+        if "limitBytes" in query:
+            body = body[: int(query["limitBytes"][0])]
+        return 200, {"Content-Type": "text/plain"}, body
 
     def _deployment(self, method, ns, name, scale, body):
         obj = self.deployments.get((ns, name))

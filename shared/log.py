@@ -87,6 +87,39 @@ def scrub(text: str | None, limit: int = 300) -> str | None:
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
+# Secrets recognised by their shape, for text we did not write and whose
+# secrets we cannot know in advance (a container's log lines): each pattern
+# keeps what says what the value was and masks the value.
+_SECRET_PATTERNS = [
+    # A PEM private key, whole (the body spans lines); an unterminated one to the end.
+    (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY-----|.*)", re.S), "[private key " + MASK + "]"),
+    # A line of key material alone (a PEM body whose BEGIN line was cut off).
+    (re.compile(r"(?m)^[A-Za-z0-9+/]{40,}={0,2}$"), MASK),
+    (re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----"), "[private key " + MASK + "]"),
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + MASK),
+    # user:password@ in any URL
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@"), r"\1" + MASK + "@"),
+    # password=..., token: ..., "secret": "...", api_key=..., and friends
+    (re.compile(r"""(?i)((?:pass(?:word|wd)?|pwd|token|secret|api[_-]?key|access[_-]?key|client[_-]?secret|credentials?)["']?\s*[=:]\s*["']?)[^\s"',;&]+"""),
+     r"\1" + MASK),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), MASK),  # AWS access key id
+    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), MASK),  # Google API key
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), MASK),  # GitHub tokens
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"), MASK),  # Slack tokens
+    (re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9]{16,}\b"), MASK),  # Stripe keys
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b"), MASK),  # a JWT anywhere
+]
+
+
+def redact_patterns(text: str) -> str:
+    """``text`` with secrets recognised by their shape masked (bearer tokens,
+    passwords in URLs, ``password=``/``token=``/``secret=`` values, private
+    keys, common cloud keys), then every registered secret as ``redact``."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return redact(text)
+
+
 _mask = redact
 
 

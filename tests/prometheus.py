@@ -25,6 +25,9 @@ class Exporter:
     def __init__(self):
         self.scrapes = 0
         self.lag = 15234
+        # Series a test adds, by key: exposition lines whose value may be
+        # "+X", a counter that grows by X every scrape (so rate() is X/s).
+        self.extra: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self.server = RecordingServer(self._respond)
 
@@ -47,7 +50,13 @@ http_request_duration_seconds_count{{service="email"}} {100 * n}
 # TYPE kafka_consumergroup_lag gauge
 kafka_consumergroup_lag{{consumergroup="email-service",partition="0"}} {self.lag}
 """
+        text += "".join(_line(line, n) + "\n" for key in sorted(self.extra) for line in self.extra[key])
         return 200, {"Content-Type": "text/plain; version=0.0.4"}, text.encode()
+
+
+def _line(line: str, scrapes: int) -> str:
+    series, _, value = line.rpartition(" ")
+    return f"{series} {float(value[1:]) * scrapes:g}" if value.startswith("+") else line
 
 
 CONFIG = """\

@@ -15,7 +15,9 @@ from loopback.processes import FunctionProcess, free_port
 
 @pytest.fixture
 def cluster(kube):
-    kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear()
+    kube.clear()
+    kube.add_node("node-1", {"Ready": "True", "DiskPressure": "False"})
+    kube.add_node("node-2", {"Ready": "True", "DiskPressure": "False"})
     kube.add_deployment(deployment("email-service", 3))
     kube.pods.extend(pod(f"email-service-{i}", {"app": "email-service"}) for i in range(3))
     return kube
@@ -78,7 +80,13 @@ def test_seed_test3_shape_with_values_promql_computes(diagnostics, cluster, clea
         '1000 * histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{service="email"}[5m])))')[0]["value"][1])
     assert d["metrics"]["latency_p95"] == pytest.approx(promql_p95)
     assert d["dependencies"] == {"kafka": "up", "postgres": "down"}
-    assert set(d["durations_ms"]) == {"pods", "metrics", "dependencies"} and d["collected_at"].endswith("Z")
+    assert {"pods", "metrics", "dependencies", "events", "nodes"} <= set(d["durations_ms"]) and d["collected_at"].endswith("Z")
+    # Healthy pods and Postgres down: the probable cause, citing the fact.
+    assert d["probable_causes"][0] == {"cause": "dependency_down", "confidence": 0.82,
+                                       "summary": "Dependency postgres is down.", "evidence": ["dependency/postgres"]}
+    assert [s["state"] for s in d["sources"]] == ["ok"] * len(d["sources"])
+    assert reply.data["diagnostics"]["probable_causes"] == d["probable_causes"]
+    assert timeline[-1]["details"]["summary"]["probable_causes"][0]["cause"] == "dependency_down"
     assert row["status"] == "investigating"
     assert [t["kind"] for t in timeline] == ["opened", "status_changed", "diagnosed"]
     assert reply.data["diagnostics"]["pods"]["email-service"]["ready"] == "3/3"
@@ -107,7 +115,7 @@ def test_prometheus_down_and_kubernetes_403_are_recorded_and_the_function_answer
     response = deliver(degraded, incident)
     assert response.status_code == 200
     d = stored(clean_db, incident["id"])[0]["diagnostics"]
-    assert "403" in d["pods"]["error"]
+    assert "403" in d["pods"]["error"], d
     assert "ConnectionError" in d["metrics"]["availability"]["error"]
     assert "error" in d["dependencies"]["kafka"]
 
@@ -160,3 +168,24 @@ def test_events_it_does_not_handle_are_400(diagnostics):
     headers, body = to_binary(CloudEvent({"type": events.INCIDENT_OPENED, "source": "/t", "id": "1"}, {"incident_id": "nope"}))
     assert requests.post(diagnostics.url + "/", data=body, headers=headers, timeout=5).status_code == 400
     assert requests.post(diagnostics.url + "/", data=b"{}", headers={"Content-Type": "application/json"}, timeout=5).status_code == 400
+
+
+def test_log_lines_are_stored_redacted_and_the_probable_cause_cites_them(diagnostics, cluster, clean_db):
+    cluster.pods[:] = [pod("email-service-0", {"app": "email-service"}, ready=False, restarts=5, waiting="CrashLoopBackOff", terminated="Error")]
+    cluster.deployments[("production", "email-service")]["status"]["readyReplicas"] = 0
+    cluster.add_log("production", "email-service-0", "app", previous=True, text=(
+        "calling billing with Authorization: Bearer sk-live-8f3kQ29xLmP0aZ77bT\n"
+        "db url postgres://email:Wint3r-Is-Coming@db.production:5432/email\n"
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n-----END OPENSSH PRIVATE KEY-----\n"
+        "fatal: cannot start\n"))
+    incident = open_incident(clean_db, "KubePodCrashLooping")
+    assert deliver(diagnostics, incident).status_code == 200
+    with clean_db.connect() as conn:
+        raw = conn.exec_driver_sql("SELECT diagnostics::text FROM incidents WHERE id = %s", (incident["id"],)).scalar()
+    for secret in ("sk-live-8f3kQ29xLmP0aZ77bT", "Wint3r-Is-Coming", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"):
+        assert secret not in raw
+    d = stored(clean_db, incident["id"])[0]["diagnostics"]
+    (entry,) = d["logs"]
+    assert entry["id"] == "log/email-service-0/app/previous" and entry["lines"][-1] == "fatal: cannot start"
+    crash = next(c for c in d["probable_causes"] if c["cause"] == "crash_loop")
+    assert "log/email-service-0/app/previous" in crash["evidence"] and "fatal: cannot start" in crash["summary"]

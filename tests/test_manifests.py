@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from functions.diagnostics.facts import CLUSTER_PERMISSIONS, NAMESPACED_PERMISSIONS
 from functions.remediation.actions import KUBERNETES_PERMISSIONS
 from deploy import manifests
 
@@ -210,7 +211,13 @@ def _rules(docs, role):
 def test_rbac_covers_exactly_the_calls_the_code_makes(base):
     namespaced = {p for p in KUBERNETES_PERMISSIONS if p[1] != "nodes"}
     assert _rules(base, "incident-remediation") == namespaced
-    assert _rules(base, "incident-diagnostics") == {("", "pods", "get"), ("", "pods", "list"), ("apps", "deployments", "get")}
+    assert _rules(base, "incident-diagnostics") == NAMESPACED_PERMISSIONS
+    (diagnostics_nodes,) = [d for d in base if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "incident-diagnostics-nodes"]
+    assert {(g, r, v) for rule in diagnostics_nodes["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]} == CLUSTER_PERMISSIONS
+    # Diagnostics only reads, and never Secrets.
+    assert {v for _, _, v in NAMESPACED_PERMISSIONS | CLUSTER_PERMISSIONS} <= {"get", "list", "watch"}
+    assert not [p for p in NAMESPACED_PERMISSIONS | CLUSTER_PERMISSIONS if p[1] == "secrets"]
     nodes = yaml.safe_load_all((ROOT / "knative" / "components" / "node-actions" / "node-rbac.yaml").read_text())
     (cluster_role,) = [d for d in nodes if d["kind"] == "ClusterRole"]
     assert {(g, r, v) for rule in cluster_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]

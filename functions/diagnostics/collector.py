@@ -1,19 +1,27 @@
-"""Diagnostics of one incident: pods, metrics and dependencies, probed
-concurrently, each probe bounded by its own timeout and all by a deadline.
-A probe that fails is recorded as ``{"error": ...}`` and the rest still run."""
+"""Diagnostics of one incident: facts from Kubernetes (pods, events, logs,
+rollout history, configuration, nodes) and Prometheus (metrics,
+dependencies), read concurrently, each call bounded by its own timeout and
+all by a deadline, then the probable causes ranked by functions.diagnostics.
+causes. A source that fails is recorded as ``{"error": ...}`` (and as a
+``source/<name>`` fact) and the others still count."""
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from functions.diagnostics.causes import rank
+from functions.diagnostics.facts import (
+    Limits, Reader, Window, config_refs, configmap_fact, describe, event_facts, hpa_fact, iso, log_fact, log_targets,
+    node_fact, owned_by, parse_time, rollout_facts, secret_fact, summarise_pods,
+)
 from shared import kube
 from shared.config import Settings
 from shared.domain import service_of
@@ -22,6 +30,14 @@ from shared.templating import TemplateError, promql_string, render
 log = logging.getLogger("diagnostics")
 
 NOT_CONFIGURED = "not configured"
+KUBE_SECTIONS = ("pods", "events", "logs", "changes", "nodes")
+# Each source is a fact of its own (``source/<name>``): ok, error or not configured.
+SOURCES = ("pods", "events", "logs", "changes", "config", "scaling", "nodes", "metrics", "dependencies")
+# Key order of the stored diagnosis (it is compared byte for byte).
+ORDER = ("target", "window", "pods", "metrics", "dependencies", "events", "logs", "changes", "nodes", "sources")
+WORKERS = 8
+# Events listed per call before filtering to the target's objects.
+EVENTS_READ_MAX = 500
 DEFAULT_PROBES_FILE = Path(__file__).with_name("probes.yaml")
 
 
@@ -51,6 +67,12 @@ def load_probes(path: str = "") -> dict:
         raise ProbeConfigError(f"{source}: cannot read probes: {exc}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("defaults", {}), dict) or not isinstance(spec.get("services", {}), dict):
         raise ProbeConfigError(f"{source}: expected mappings 'defaults' and 'services'")
+    if not isinstance(spec.get("diagnosis") or {}, dict):
+        raise ProbeConfigError(f"{source}: 'diagnosis' must be a mapping of bounds")
+    try:
+        Limits.from_spec(spec.get("diagnosis"))
+    except ValueError as exc:
+        raise ProbeConfigError(f"{source}: {exc}") from None
     for section in ("metrics", "dependencies"):
         for scope, body in [("defaults", spec.get("defaults", {}))] + [(f"services.{k}", v) for k, v in spec.get("services", {}).items()]:
             queries = (body or {}).get(section, {})
@@ -77,88 +99,6 @@ def resolve_target(labels: dict, alert_name: str, probes: dict) -> Target:
     return Target(service, namespace, deployment, labels.get("pod"), selector, metrics, dependencies, context)
 
 
-# --------------------------------------------------------------------------- Kubernetes
-
-
-def _container_summary(pod) -> dict:
-    statuses = (pod.status.container_statuses or []) if pod.status else []
-    waiting = [s.state.waiting.reason for s in statuses if s.state and s.state.waiting and s.state.waiting.reason]
-    terminated = [
-        s.last_state.terminated.reason
-        for s in statuses
-        if s.last_state and s.last_state.terminated and s.last_state.terminated.reason
-    ]
-    return {
-        "name": pod.metadata.name,
-        "phase": pod.status.phase if pod.status else None,
-        "ready": bool(statuses) and all(s.ready for s in statuses),
-        "restarts": sum(s.restart_count or 0 for s in statuses),
-        "waiting_reasons": waiting,
-        "last_terminated_reasons": terminated,
-        "node": pod.spec.node_name if pod.spec else None,
-        "reason": pod.status.reason if pod.status else None,
-    }
-
-
-def summarise_pods(pods: list) -> dict:
-    details = [_container_summary(p) for p in pods]
-    ready = sum(1 for d in details if d["ready"])
-    waiting = [r for d in details for r in d["waiting_reasons"]]
-    evicted = [d for d in details if d["reason"] == "Evicted"]
-    if waiting:
-        status = max(set(waiting), key=waiting.count)
-    elif not details:
-        status = "NoPods"
-    elif evicted:
-        status = "Evicted"
-    elif all(d["phase"] == "Running" for d in details):
-        status = "Running"
-    else:
-        phases = [d["phase"] or "Unknown" for d in details if d["phase"] != "Running"]
-        status = max(set(phases), key=phases.count)
-    return {
-        "ready": f"{ready}/{len(details)}",
-        "status": status,
-        "restarts": sum(d["restarts"] for d in details),
-        "waiting_reasons": sorted(set(waiting)),
-        "last_terminated_reasons": sorted({r for d in details for r in d["last_terminated_reasons"]}),
-        "nodes": sorted({d["node"] for d in details if d["node"]}),
-        "pods": details,
-    }
-
-
-def probe_pods(target: Target, timeout: float) -> Any:
-    api = kube.api_client()
-    if api is None:
-        return NOT_CONFIGURED
-    from kubernetes import client
-
-    core = client.CoreV1Api(api)
-    if target.pod:
-        pod = core.read_namespaced_pod(target.pod, target.namespace, _request_timeout=timeout)
-        return {target.pod: summarise_pods([pod])}
-    if target.deployment:
-        apps = client.AppsV1Api(api)
-        deployment = apps.read_namespaced_deployment(target.deployment, target.namespace, _request_timeout=timeout)
-        match = (deployment.spec.selector.match_labels or {}) if deployment.spec and deployment.spec.selector else {}
-        selector = ",".join(f"{k}={v}" for k, v in sorted(match.items()))
-        pods = core.list_namespaced_pod(target.namespace, label_selector=selector, _request_timeout=timeout).items
-        summary = summarise_pods(pods)
-        status = deployment.status
-        summary["replicas"] = {
-            "desired": deployment.spec.replicas if deployment.spec else None,
-            "ready": (status.ready_replicas or 0) if status else 0,
-            "available": (status.available_replicas or 0) if status else 0,
-            "updated": (status.updated_replicas or 0) if status else 0,
-        }
-        summary["ready"] = f"{summary['replicas']['ready']}/{summary['replicas']['desired']}" if summary["replicas"]["desired"] is not None else summary["ready"]
-        return {target.deployment: summary}
-    if target.selector:
-        pods = core.list_namespaced_pod(target.namespace, label_selector=target.selector, _request_timeout=timeout).items
-        return {target.selector.split("=", 1)[1]: summarise_pods(pods)}
-    return {"error": "the alert names no workload (labels deployment, service, app or pod)"}
-
-
 # --------------------------------------------------------------------------- Prometheus
 
 
@@ -182,22 +122,6 @@ def _scalar(result: list) -> float | None:
     return round(values[0], 6) if len(values) == 1 else round(sum(values), 6)
 
 
-def _queries(queries: dict[str, str], target: Target, prometheus_url: str, timeout: float, interpret) -> Any:
-    """Run each PromQL template; one query failing must not hide the others."""
-    if not prometheus_url:
-        return NOT_CONFIGURED
-    prom = _prometheus(prometheus_url, timeout)
-    out: dict[str, Any] = {}
-    for name, template in sorted(queries.items()):
-        try:
-            out[name] = interpret(prom.custom_query(render(template, target.context, promql_string)))
-        except TemplateError as exc:
-            out[name] = {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - recorded in its place
-            out[name] = {"error": _describe(exc)}
-    return out
-
-
 def dependency_state(result: list) -> str:
     values = [float(s["value"][1]) for s in result if isinstance(s, dict) and s.get("value")]
     if not values:
@@ -205,70 +129,295 @@ def dependency_state(result: list) -> str:
     return "down" if min(values) < 1 else "up"
 
 
-def probe_metrics(target: Target, prometheus_url: str, timeout: float) -> Any:
-    return _queries(target.metrics, target, prometheus_url, timeout, _scalar)
-
-
-def probe_dependencies(target: Target, prometheus_url: str, timeout: float) -> Any:
-    return _queries(target.dependencies, target, prometheus_url, timeout, dependency_state)
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", None)
-    if status and reason:
-        return f"HTTP {status} {reason}"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
 # --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """Futures of one diagnosis, each waited for no longer than the deadline
+    leaves; a call whose client ignores its timeout cannot stall the run."""
+
+    def __init__(self, executor: ThreadPoolExecutor, deadline: float):
+        self.executor = executor
+        self.deadline = deadline
+        self.durations: dict[str, float] = {}
+        self.started = time.monotonic()
+
+    def submit(self, name: str, job, *args) -> Future:
+        def timed():
+            begin = time.monotonic()
+            try:
+                return job(*args)
+            finally:
+                # Several calls make one source: its duration is the longest.
+                self.durations[name] = max(self.durations.get(name, 0.0), round((time.monotonic() - begin) * 1000, 1))
+        return self.executor.submit(timed)
+
+    def result(self, name: str, future: Future) -> tuple[Any, str | None]:
+        """(value, None) or (None, error text)."""
+        try:
+            return future.result(timeout=max(0.0, self.deadline - time.monotonic())), None
+        except FutureTimeout:
+            self.durations.setdefault(name, round((time.monotonic() - self.started) * 1000, 1))
+            return None, "timed out: the diagnosis deadline passed"
+        except Exception as exc:  # noqa: BLE001 - recorded in its place
+            return None, describe(exc)
+
+
+def _selector_of(deployment: dict) -> str:
+    match = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(match.items()))
+
+
+def _workload(reader: Reader, target: Target) -> tuple[dict | None, list[dict], str | None]:
+    """(Deployment, pods, selector) of the target."""
+    if target.pod:
+        return None, [reader.pod(target.namespace, target.pod)], None
+    if target.deployment:
+        deployment = reader.deployment(target.namespace, target.deployment)
+        selector = _selector_of(deployment)
+        return deployment, reader.pods(target.namespace, selector), selector
+    if target.selector:
+        return None, reader.pods(target.namespace, target.selector), target.selector
+    raise LookupError("the alert names no workload (labels deployment, service, app or pod)")
+
+
+def _pods_section(target: Target, deployment: dict | None, pods: list[dict]) -> dict:
+    summary = summarise_pods(pods)
+    if deployment is not None:
+        spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+        summary["replicas"] = {
+            "desired": spec.get("replicas"),
+            "ready": status.get("readyReplicas") or 0,
+            "available": status.get("availableReplicas") or 0,
+            "updated": status.get("updatedReplicas") or 0,
+        }
+        if spec.get("replicas") is not None:
+            summary["ready"] = f"{summary['replicas']['ready']}/{spec['replicas']}"
+    name = target.pod or target.deployment or (target.selector or "=").split("=", 1)[1]
+    return {name: summary}
+
+
+def _read_log(reader: Reader, namespace: str, pod: str, container: str, previous: bool, limits: Limits) -> dict | None:
+    try:
+        text = reader.log(namespace, pod, container, previous, limits.log_lines, limits.log_bytes)
+    except Exception as exc:
+        if getattr(exc, "status", None) == 400:
+            return None  # the container is waiting, or never ran before
+        raise
+    return log_fact(pod, container, previous, text, limits)
+
+
+def _configmap(reader: Reader, namespace: str, name: str, window: Window) -> dict:
+    try:
+        return configmap_fact(name, reader.configmap_metadata(namespace, name), window)
+    except Exception as exc:
+        if getattr(exc, "status", None) == 404:
+            return configmap_fact(name, None, window, error="not found")
+        raise
+
+
+def _queries_each(run: _Run, section: str, queries: dict[str, str], target: Target, prom, interpret) -> dict[str, Any] | str:
+    """name → the future of its query, or the text of its template's error."""
+    if prom is None:
+        return NOT_CONFIGURED
+    out: dict[str, Any] = {}
+    for name, template in sorted(queries.items()):
+        try:
+            promql = render(template, target.context, promql_string)
+        except TemplateError as exc:
+            out[name] = str(exc)
+            continue
+        out[name] = run.submit(section, lambda q=promql: interpret(prom.custom_query(q)))
+    return out
+
+
+def _gather_queries(run: _Run, section: str, futures) -> Any:
+    """One query failing must not hide the others."""
+    if isinstance(futures, str):
+        return futures
+    out = {}
+    for name, future in futures.items():
+        value, error = (None, future) if isinstance(future, str) else run.result(section, future)
+        out[name] = {"error": error} if error else value
+    return out
 
 
 class Collector:
     def __init__(self, config: Settings, probes: dict):
         self.config = config
         self.probes = probes
+        self.limits = Limits.from_spec(probes.get("diagnosis"))
 
     def collect(self, incident: dict) -> dict:
         target = resolve_target(incident.get("labels") or {}, incident["alert_name"], self.probes)
         timeout = self.config.probe_timeout_seconds
-        jobs: dict[str, Callable[[], Any]] = {
-            "pods": lambda: probe_pods(target, timeout),
-            "metrics": lambda: probe_metrics(target, self.config.prometheus_url, timeout),
-            "dependencies": lambda: probe_dependencies(target, self.config.prometheus_url, timeout),
-        }
-        results: dict[str, Any] = {}
-        durations: dict[str, float] = {}
-        started = time.monotonic()
-        executor = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="probe")
+        now = datetime.now(timezone.utc)
+        onset = parse_time(incident.get("starts_at")) or now
+        window = Window.before(min(onset, now), self.limits)
+        # Clients are configured (and their modules imported) before the clock
+        # starts: the deadline bounds the calls, not a cold start.
+        api = kube.api_client()
+        reader = Reader(api, timeout) if api is not None else None
+        prom = _prometheus(self.config.prometheus_url, timeout) if self.config.prometheus_url else None
+        executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="probe")
+        run = _Run(executor, time.monotonic() + self.config.diagnostics_deadline_seconds)
+        try:
+            diagnostics = self._collect(run, reader, prom, target, window)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+        for source in diagnostics["sources"]:
+            if source["state"] == "error":
+                log.warning("Probe failed", extra={"incident_id": incident["id"], "probe": source["name"], "error": source["error"]})
+        diagnostics["probable_causes"] = rank(diagnostics)
+        diagnostics["collected_at"] = iso(now)
+        # A call that outlived the deadline may still write its duration: copy first.
+        durations = dict(run.durations)
+        diagnostics["durations_ms"] = {k: durations[k] for k in sorted(durations)}
+        return diagnostics
 
-        def timed(name, job):
-            begin = time.monotonic()
-            try:
-                return job()
-            finally:
-                durations[name] = round((time.monotonic() - begin) * 1000, 1)
+    def _collect(self, run: _Run, reader: Reader | None, prom, target: Target, window: Window) -> dict:
+        out: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        # The workload is read first: the second round of Kubernetes calls waits for it.
+        workload = run.submit("pods", _workload, reader, target) if reader else None
+        metrics = _queries_each(run, "metrics", target.metrics, target, prom, _scalar)
+        dependencies = _queries_each(run, "dependencies", target.dependencies, target, prom, dependency_state)
+        if reader is None:
+            for name in KUBE_SECTIONS:
+                out[name] = NOT_CONFIGURED
+        else:
+            self._kube(run, reader, workload, target, window, out, errors)
+        out["metrics"] = _gather_queries(run, "metrics", metrics)
+        out["dependencies"] = _gather_queries(run, "dependencies", dependencies)
+        for section in ("metrics", "dependencies"):
+            value = out[section]
+            if isinstance(value, dict) and value and all(isinstance(v, dict) and "error" in v for v in value.values()):
+                errors[section] = sorted({v["error"] for v in value.values()})[0]
+        out["sources"] = [_source_fact(name, out, errors) for name in SOURCES]
+        out["window"] = {"from": iso(window.start), "to": iso(window.onset)}
+        out["target"] = {"service": target.service, "namespace": target.namespace, "deployment": target.deployment, "pod": target.pod}
+        return {k: out[k] for k in ORDER if k in out}
 
-        futures = {name: executor.submit(timed, name, job) for name, job in jobs.items()}
-        deadline = started + self.config.diagnostics_deadline_seconds
-        for name, future in futures.items():
-            try:
-                # Each probe has its own timeout; this bounds a probe whose
-                # client ignores it, so one hang cannot stall the run.
-                results[name] = future.result(timeout=max(0.0, min(deadline, time.monotonic() + timeout * 2) - time.monotonic()))
-            except FutureTimeout:
-                results[name] = {"error": f"timed out after {timeout:g}s"}
-                durations.setdefault(name, round((time.monotonic() - started) * 1000, 1))
-            except Exception as exc:  # noqa: BLE001 - recorded in its place
-                results[name] = {"error": _describe(exc)}
-        executor.shutdown(wait=False, cancel_futures=True)
-        for name, value in results.items():
-            if isinstance(value, dict) and "error" in value:
-                log.warning("Probe failed", extra={"incident_id": incident["id"], "probe": name, "error": value["error"]})
-        return {
-            **results,
-            "target": {"service": target.service, "namespace": target.namespace, "deployment": target.deployment, "pod": target.pod},
-            "collected_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "durations_ms": durations,
-        }
+    def _kube(self, run: _Run, reader: Reader, workload: Future, target: Target, window: Window, out: dict, errors: dict) -> None:
+        limits, ns = self.limits, target.namespace
+        events = run.submit("events", reader.events, ns, EVENTS_READ_MAX)
+        hpas = run.submit("scaling", reader.hpas, ns) if target.deployment else None
+        value, error = run.result("pods", workload)
+        if error:
+            deployment, pods, selector = None, [], None
+            errors["pods"] = error
+            out["pods"] = {"error": error}
+        else:
+            deployment, pods, selector = value
+            out["pods"] = _pods_section(target, deployment, pods)
+        pod_facts = [p for section in out["pods"].values() if isinstance(section, dict) for p in section.get("pods", [])] if not error else []
+
+        # The second round needs the workload: its ReplicaSets, logs, nodes, configuration.
+        replicasets = run.submit("changes", reader.replicasets, ns, selector) if deployment is not None and selector else None
+        logs = [run.submit("logs", _read_log, reader, ns, pod, container, previous, limits)
+                for pod, container, previous in log_targets(pod_facts, limits.logged_pods_max)]
+        node_names = sorted({p["node"] for p in pod_facts if p["node"]})[: limits.nodes_max]
+        nodes = {n: run.submit("nodes", reader.node, n) for n in node_names}
+        node_events = {n: run.submit("events", reader.node_events, n, EVENTS_READ_MAX) for n in node_names}
+        template_spec = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") \
+            or ((pods[0].get("spec") or {}) if pods else {})
+        map_names, secret_names = config_refs(template_spec)
+        configmaps = [run.submit("config", _configmap, reader, ns, name, window) for name in map_names[: limits.config_max]]
+
+        # Logs
+        log_facts, log_errors = [], []
+        for future in logs:
+            value, error = run.result("logs", future)
+            if error:
+                log_errors.append(error)
+            elif value is not None:
+                log_facts.append(value)
+        out["logs"] = {"error": log_errors[0]} if log_errors and not log_facts else log_facts
+        if log_errors:
+            errors["logs"] = log_errors[0]
+
+        # Rollout history, configuration, scaling
+        changes: dict[str, Any] = {"revisions": [], "diff": None, "config": [], "scaling": []}
+        rs_items: list[dict] = []
+        if replicasets is not None:
+            value, error = run.result("changes", replicasets)
+            if error:
+                changes["revisions"] = {"error": error}
+                errors["changes"] = error
+            else:
+                rs_items = value
+                changes["revisions"], changes["diff"] = rollout_facts(value, target.deployment, window, limits.revisions_max)
+        config_facts, config_error = [], None
+        for future in configmaps:
+            value, error = run.result("config", future)
+            if error:
+                config_error = config_error or error
+            else:
+                config_facts.append(value)
+        changes["config"] = config_facts + [secret_fact(n) for n in secret_names[: limits.config_max]]
+        if config_error:
+            changes["config"] = {"error": config_error}
+            errors["config"] = config_error
+        hpa_names: list[str] = []
+        if hpas is not None:
+            value, error = run.result("scaling", hpas)
+            if error:
+                changes["scaling"] = {"error": error}
+                errors["scaling"] = error
+            else:
+                mine = [h for h in value if ((h.get("spec") or {}).get("scaleTargetRef") or {}).get("name") == target.deployment]
+                changes["scaling"] = sorted((hpa_fact(h) for h in mine), key=lambda f: f["id"])
+                hpa_names = [h["metadata"]["name"] for h in mine]
+        out["changes"] = changes
+
+        # Nodes
+        node_facts, node_error = [], None
+        for name, future in nodes.items():
+            value, error = run.result("nodes", future)
+            if error:
+                node_error = node_error or error
+                node_facts.append({"id": f"node/{name}", "name": name, "error": error})
+            else:
+                node_facts.append(node_fact(value))
+        out["nodes"] = node_facts
+        if node_error:
+            errors["nodes"] = node_error
+
+        # Events: of the pods, their ReplicaSets, the Deployment, its HPAs and the nodes.
+        objects = {("Pod", p["name"]) for p in pod_facts}
+        objects |= {("ReplicaSet", o.get("name")) for p in pods for o in (p.get("metadata") or {}).get("ownerReferences") or []
+                    if o.get("kind") == "ReplicaSet"}
+        objects |= {("ReplicaSet", (rs.get("metadata") or {}).get("name")) for rs in rs_items if owned_by(rs, target.deployment)}
+        objects |= {("HorizontalPodAutoscaler", n) for n in hpa_names} | {("Node", n) for n in node_names}
+        if target.deployment:
+            objects.add(("Deployment", target.deployment))
+        raw, events_error = [], None
+        value, error = run.result("events", events)
+        if error:
+            events_error = error
+        else:
+            raw += value
+        for future in node_events.values():
+            value, error = run.result("events", future)
+            if error:
+                events_error = events_error or error
+            else:
+                raw += value
+        if events_error and not raw:
+            out["events"] = {"error": events_error}
+        else:
+            out["events"], _ = event_facts(raw, objects, window, limits.events_max)
+        if events_error:
+            errors["events"] = events_error
+
+
+def _source_fact(name: str, out: dict, errors: dict) -> dict:
+    value = out.get(name if name in out else "changes")
+    if value == NOT_CONFIGURED or (name in ("metrics", "dependencies") and value == NOT_CONFIGURED):
+        state = "not configured"
+    else:
+        state = "error" if name in errors else "ok"
+    fact = {"id": f"source/{name}", "name": name, "state": state}
+    if state == "error":
+        fact["error"] = errors[name]
+    return fact

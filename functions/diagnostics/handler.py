@@ -14,17 +14,31 @@ from shared.config import Settings
 log = logging.getLogger("diagnostics")
 
 
+TIMELINE_CAUSES = 3
+
+
+def _pods_view(pods, keys) -> dict:
+    if isinstance(pods, dict) and "error" not in pods:
+        return {name: {k: v.get(k) for k in keys if k in v} for name, v in pods.items() if isinstance(v, dict)}
+    return pods
+
+
 def summarise(diagnostics: dict) -> dict:
     """A short view for the timeline and for the people paged."""
-    summary: dict = {}
-    pods = diagnostics.get("pods")
-    if isinstance(pods, dict) and "error" not in pods:
-        summary["pods"] = {name: {k: v.get(k) for k in ("ready", "status")} for name, v in pods.items() if isinstance(v, dict)}
-    else:
-        summary["pods"] = pods
+    summary: dict = {"pods": _pods_view(diagnostics.get("pods"), ("ready", "status"))}
     for section in ("metrics", "dependencies"):
         summary[section] = diagnostics.get(section)
+    summary["probable_causes"] = [{k: c[k] for k in ("cause", "confidence", "summary")}
+                                  for c in (diagnostics.get("probable_causes") or [])[:TIMELINE_CAUSES]]
     return summary
+
+
+def event_view(diagnostics: dict) -> dict:
+    """What ``incident.diagnosed`` carries: the conclusions and the small
+    sections, not the logs and events (every consumer reads the incident)."""
+    view = {k: diagnostics[k] for k in ("target", "window", "metrics", "dependencies", "probable_causes", "sources") if k in diagnostics}
+    view["pods"] = _pods_view(diagnostics.get("pods"), ("ready", "status", "restarts", "replicas"))
+    return view
 
 
 class DiagnosticsHandler:
@@ -70,5 +84,5 @@ class DiagnosticsHandler:
             events.INCIDENT_DIAGNOSED,
             incident,
             self.config.event_source,
-            {"diagnostics": incident.get("diagnostics") or {}},
+            {"diagnostics": event_view(incident.get("diagnostics") or {})},
         )

@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, filters, incidents, sessions
+from shared import db, diagnosis, filters, incidents, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import storable_text
@@ -105,9 +105,10 @@ class Board:
         self.signer = URLSafeTimedSerializer(key, salt="incident-board")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
-                                     BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM)
+                                     BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM, diagnosis_facts=diagnosis.facts,
+                                     probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines)
 
     # ------------------------------------------------------------------ session
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, NotConfigured
-from shared import claims, db, events, eventio, incidents
+from shared import claims, db, diagnosis, events, eventio, incidents
 from shared.config import Settings
 from shared.domain import service_of
 from shared.errors import Conflict, InvalidTransition
@@ -106,7 +106,7 @@ class RemediationHandler:
     def _run(self, incident: dict) -> Result:
         if self.config.remediation_mode == "off":
             return Result("failed", "REMEDIATION_MODE is off: a human decides")
-        playbook = pb.find(self.playbooks, incident["alert_name"], incident.get("labels") or {})
+        playbook = pb.find(self.playbooks, incident["alert_name"], incident.get("labels") or {}, diagnosis.top_cause(incident.get("diagnostics")))
         if playbook is None:
             return Result("failed", f"no playbook matches {incident['alert_name']}")
         dry_run = self.config.remediation_mode == "dry-run"

@@ -13,6 +13,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from functions.remediation.actions import REGISTRY
+from shared.diagnosis import VOCABULARY
 from shared.templating import PLACEHOLDER, TemplateError, lookup, render
 
 DEFAULT_FILE = Path(__file__).with_name("playbooks.yaml")
@@ -50,12 +51,14 @@ class Step:
 @dataclass(frozen=True)
 class Playbook:
     name: str
-    alertname: str
+    alertname: str | None  # None: any alert (only with a cause)
     matchers: tuple[Matcher, ...]
     steps: tuple[Step, ...]
+    cause: str | None = None  # the diagnosis' most likely cause must be this one
 
-    def matches(self, alert_name: str, labels: dict) -> bool:
-        return alert_name == self.alertname and all(m.matches(labels) for m in self.matchers)
+    def matches(self, alert_name: str, labels: dict, cause: str | None = None) -> bool:
+        return ((self.alertname is None or alert_name == self.alertname) and all(m.matches(labels) for m in self.matchers)
+                and (self.cause is None or cause == self.cause))
 
 
 def _parse_matcher(raw: Any, where: str) -> Matcher:
@@ -126,8 +129,13 @@ def parse(spec: Any, source: str) -> list[Playbook]:
             raise PlaybookError(f"{where}: field 'name': used twice")
         names.add(name)
         match = raw.get("match")
-        if not isinstance(match, dict) or not isinstance(match.get("alertname"), str):
+        if not isinstance(match, dict):
             raise PlaybookError(f"{where}: field 'match.alertname': required")
+        cause = match.get("cause")
+        if cause is not None and cause not in VOCABULARY:
+            raise PlaybookError(f"{where}: field 'match.cause': unknown cause {cause!r}; known: {', '.join(VOCABULARY)}")
+        if not isinstance(match.get("alertname"), str) and not (cause and "alertname" not in match):
+            raise PlaybookError(f"{where}: field 'match.alertname': required (unless match.cause is given)")
         unknown = sorted(set(raw) - {"name", "match", "actions", "description"})
         if unknown:
             raise PlaybookError(f"{where}: field {unknown[0]!r}: unknown; allowed: name, description, match, actions")
@@ -147,7 +155,7 @@ def parse(spec: Any, source: str) -> list[Playbook]:
                 raise PlaybookError(f"{at}: field 'params': must be a mapping")
             _validate_params(step["action"], params, at)
             steps.append(Step(step["action"], params))
-        result.append(Playbook(name, match["alertname"], matchers, tuple(steps)))
+        result.append(Playbook(name, match.get("alertname"), matchers, tuple(steps), cause))
     return result
 
 
@@ -162,9 +170,10 @@ def load(path: str = "") -> list[Playbook]:
     return parse(spec, str(source))
 
 
-def find(playbooks: list[Playbook], alert_name: str, labels: dict) -> Playbook | None:
-    """The first playbook that matches: put specific ones before general ones."""
-    return next((p for p in playbooks if p.matches(alert_name, labels)), None)
+def find(playbooks: list[Playbook], alert_name: str, labels: dict, cause: str | None = None) -> Playbook | None:
+    """The first playbook that matches: put specific ones before general ones.
+    ``cause`` is the diagnosis' most likely cause, for playbooks that name one."""
+    return next((p for p in playbooks if p.matches(alert_name, labels, cause)), None)
 
 
 def render_params(value: Any, context: dict) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
-    ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, runbook_url, service_of, summary_of,
+    ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
 )
 from shared.config import Settings
 from shared.timefmt import rfc3339
@@ -89,6 +89,7 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
             "description": description_of(incident),
             "labels": labels,
             "diagnostics": diagnostics_summary(incident.get("diagnostics")),
+            "probable_causes": probable_causes_brief(incident.get("diagnostics")),
             "remediation_actions": incident.get("remediation_actions") or [],
             **({"reason": reason} if reason else {}),
         },

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from functions.escalation.channels.base import ChatChannel
 from functions.escalation.channels.text import (
-    TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, service_of, summary_of,
+    TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, probable_causes_brief, service_of, summary_of,
 )
 from functions.escalation.channels.text import fit as _fit
 from shared.config import Settings
@@ -92,6 +92,14 @@ def _fmt_diagnostics(diagnostics: Any) -> list[str]:
     return pieces or [Raw("nothing found")]
 
 
+def _fmt_causes(causes: list[dict]) -> list[str]:
+    pieces: list[str] = []
+    for n, c in enumerate(causes, 1):
+        confidence = c["confidence"] if isinstance(c["confidence"], (int, float)) else 0
+        pieces += [Raw(f"{'' if n == 1 else chr(10)}{n}. *"), c["cause"], Raw(f"* ({confidence:.0%}) "), c["summary"]]
+    return pieces
+
+
 def _section(pieces: list[str], limit: int = SLACK_SECTION_MAX) -> dict:
     return {"type": "section", "text": {"type": "mrkdwn", "text": fit(pieces, min(limit, SLACK_SECTION_MAX))}}
 
@@ -106,6 +114,7 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
     url = incident_url(config, incident["id"])
     summary = summary_of(incident)
     description = description_of(incident)
+    causes = probable_causes_brief(incident.get("diagnostics"))
     text = fit([Raw(f"[{priority}] "), name, Raw(f" {title}: "), summary, Raw(" ("), url, Raw(")")], SLACK_FALLBACK_MAX)
     body: list[str] = [summary]
     if description and description != summary:
@@ -120,6 +129,7 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
         {"type": "header", "text": {"type": "plain_text", "text": fit([Raw(f"[{priority}] "), name, Raw(f" {title}")], SLACK_HEADER_MAX)}},
         _section(body),
         {"type": "section", "fields": fields},
+        *([_section([Raw("*Probable cause*\n"), *_fmt_causes(causes)], DETAIL_SECTION_MAX)] if causes else []),
         _section([Raw("*Diagnostics*\n"), *_fmt_diagnostics(incident.get("diagnostics"))], DETAIL_SECTION_MAX),
         _section([Raw("*Remediation*\n"), *_fmt_actions(incident.get("remediation_actions"))], DETAIL_SECTION_MAX),
     ]

@@ -150,6 +150,27 @@ def diagnostics_summary(diagnostics: Any) -> dict:
     return {"pods": pods, "metrics": diagnostics.get("metrics"), "dependencies": diagnostics.get("dependencies")}
 
 
+# The people paged see the few most likely causes, each summary bounded; the
+# board has the rest and the evidence.
+CAUSES_SHOWN = 3
+CAUSE_SUMMARY_MAX = 300
+CAUSE_EVIDENCE_MAX = 5
+
+
+def probable_causes_brief(diagnostics: Any) -> list[dict]:
+    """The first CAUSES_SHOWN probable causes, bounded, for a page or a message."""
+    causes = diagnostics.get("probable_causes") if isinstance(diagnostics, dict) else None
+    out = []
+    for c in (causes if isinstance(causes, list) else [])[:CAUSES_SHOWN]:
+        if not isinstance(c, dict) or not isinstance(c.get("cause"), str):
+            continue
+        evidence = c.get("evidence") if isinstance(c.get("evidence"), list) else []
+        out.append({"cause": plain(c["cause"], 40), "confidence": c.get("confidence"),
+                    "summary": plain(str(c.get("summary") or ""), CAUSE_SUMMARY_MAX),
+                    "evidence": [plain(str(e), 120) for e in evidence[:CAUSE_EVIDENCE_MAX]]})
+    return out
+
+
 def diagnostics_lines(diagnostics: Any) -> list[tuple[str, str]]:
     """(name, value) lines of the diagnostics summary, as chat channels show
     them; empty when nothing was collected."""
