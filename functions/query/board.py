@@ -219,7 +219,9 @@ class Board:
         except (NotFound, BadRequest) as exc:
             return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
         notifications = [t for t in timeline if t["kind"] == "notification"]
-        return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
+        from functions.query.noise_board import incident_extras  # flapping, silences
+
+        return self._page("incident.html", i=row, noise=incident_extras(self.config, row), timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
                           error=request.args.get("error"), service=(row.get("labels") or {}).get("service"))
 
