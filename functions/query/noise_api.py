@@ -78,7 +78,11 @@ def parse_window(body, now: datetime) -> tuple[list[str], datetime, datetime, st
     if ("ends_at" in body) == ("duration_minutes" in body):
         raise BadRequest("give exactly one of ends_at and duration_minutes", field="ends_at")
     if "duration_minutes" in body:
-        ends_at = starts_at + timedelta(minutes=parse_minutes(body["duration_minutes"], "duration_minutes"))
+        minutes = parse_minutes(body["duration_minutes"], "duration_minutes")
+        try:
+            ends_at = starts_at + timedelta(minutes=minutes)
+        except OverflowError:
+            raise BadRequest("starts_at: too far in the future", field="starts_at") from None
     else:
         if not isinstance(body["ends_at"], str):
             raise BadRequest("ends_at: an RFC 3339 time", field="ends_at")
