@@ -26,13 +26,13 @@ def stack(base_env):
     query.stop(), intake.stop(), am.stop()
 
 
-def sign_in(browser, query, wait):
+def sign_in(driver, query, wait):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
-    browser.get(query.url + "/ui/maintenance")
+    driver.get(query.url + "/ui/maintenance")
     wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
-    browser.find_element(By.ID, "sign-in").click()
+    driver.find_element(By.ID, "sign-in").click()
     wait.until(ec.presence_of_element_located((By.ID, "window-form")))
 
 
