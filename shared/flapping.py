@@ -140,6 +140,16 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> list[Ale
     return resolutions
 
 
+def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
+    """Forget fingerprints that are resolved, not flapping and have not
+    flipped within the window: their next firing is a first sighting, which
+    loses nothing (an older flip would not count anyway). Keeps the table to
+    the alerts of the last window instead of every alert ever seen."""
+    return conn.execute(sa.text(
+        "DELETE FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
+        "AND (last_flip_at IS NULL OR last_flip_at < :cutoff)"), {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+
+
 def flapping_since(conn: Connection, incident_id: str) -> datetime | None:
     return conn.execute(sa.text("SELECT flapping_since FROM alert_flaps WHERE incident_id = :i AND flapping_since IS NOT NULL"),
                         {"i": incident_id}).scalar()

@@ -76,6 +76,7 @@ def _release(conn: Connection, config: Settings, record) -> list[str]:
 
 def _clear_flapping(conn: Connection, config: Settings, record) -> list[str]:
     resolutions = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
+    flapping.prune(conn, clock.now(), config.flap_window_seconds)
     return record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else []
 
 

@@ -18,8 +18,8 @@ from shared import incidents as svc
 from shared.config import load_settings
 from tests.alertmanager import AlertManager
 from tests.conftest import TEST_TOKEN
-from tests.factories import alert
-from loopback.processes import FunctionProcess
+from tests.factories import alert, raw_alert, webhook
+from loopback.processes import FunctionProcess, wait_until
 from loopback.servers import RecordingServer
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
@@ -94,6 +94,43 @@ def test_acknowledge_refuses_what_it_cannot_do(query, clean_db):
     assert call(query, "POST", "/incidents/not-a-uuid/acknowledge").status_code == 400
     assert requests.post(query.url + f"/incidents/{row['id']}/acknowledge", timeout=10).status_code == 401
     assert call(query, "POST", f"/incidents/{row['id']}/acknowledge", json={"status": "x"}).status_code == 400
+
+
+def test_a_flapping_incident_says_so_in_the_api(query, database_url, clean_db):
+    from dataclasses import replace
+
+    config = load_settings({"DATABASE_URL": database_url, "FLAP_THRESHOLD": "2"})
+    a = alert("Flappy", service="email")
+    for status in ("firing", "resolved", "firing"):
+        with clean_db.begin() as conn:
+            outcome = svc.record_alerts(conn, [replace(a, status=status)], "/t", "t", config=config).outcomes[0]
+    body = call(query, "GET", f"/incidents/{outcome.incident_id}").json()
+    assert body["flapping_since"] is not None and body["status"] == "open"
+    assert "flapping" in [t["kind"] for t in body["timeline"]]
+    quiet = open_incident(clean_db, name="Quiet")
+    assert call(query, "GET", f"/incidents/{quiet['id']}").json()["flapping_since"] is None
+
+
+def test_the_intake_records_the_watchdog_and_its_sweep_opens_and_resolves_the_silent_pipeline_incident(base_env, clean_db):
+    intake = FunctionProcess("intake", {**base_env, "HEARTBEAT_TIMEOUT_SECONDS": "1"}).start()
+    ping = {"ce-id": "ping", "ce-source": "/apis/v1/namespaces/default/pingsources/outbox-sweep",
+            "ce-type": "dev.knative.sources.ping", "ce-specversion": "1.0", "Content-Type": "application/json", **AUTH}
+    watchdog = webhook([raw_alert("Watchdog", severity="none", prometheus="monitoring/k8s")])
+
+    def silent_incidents():
+        requests.post(intake.url + "/", data=b"{}", headers={**ping, "ce-id": f"ping-{uuid.uuid4()}"}, timeout=30).raise_for_status()
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT status, priority FROM incidents WHERE alert_name = 'AlertingPipelineSilent'")).all()
+    try:
+        assert silent_incidents() == []  # never seen: off
+        result = requests.post(intake.url + "/webhook/alert", json=watchdog, headers=AUTH, timeout=10).json()
+        assert result["results"][0]["action"] == "ignored"
+        wait_until(lambda: [tuple(r) for r in silent_incidents()] == [("open", "P0")], 20, message="pipeline-silent incident")
+        requests.post(intake.url + "/webhook/alert", json=watchdog, headers=AUTH, timeout=10).raise_for_status()
+        with clean_db.connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM incidents")).scalars().all() == ["resolved"]
+    finally:
+        intake.stop()
 
 
 # ------------------------------------------------------------------ maintenance windows

@@ -280,3 +280,17 @@ def test_a_silent_pipeline_opens_a_p0_and_the_returning_watchdog_resolves_it(dat
     record(clean_db, config, wd)
     assert rows(clean_db, "SELECT status, resolved_by FROM incidents") == [{"status": "resolved", "resolved_by": "alert"}]
     assert rows(clean_db, "SELECT count(*) AS n FROM event_outbox WHERE type LIKE '%.resolved'")[0]["n"] == 1
+
+
+def test_the_sweep_forgets_settled_fingerprints_but_not_flapping_or_firing_ones(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_WINDOW_SECONDS="600", FLAP_QUIET_SECONDS="3600")
+    settled, firing, flappy = alert("Settled"), alert("StillFiring"), alert("Flappy")
+    record(clean_db, config, settled, firing, flappy)
+    clock.advance(10)
+    record(clean_db, config, replace(settled, status="resolved"), replace(flappy, status="resolved"))
+    clock.advance(10)
+    record(clean_db, config, flappy)  # second flip: flapping
+    clock.advance(601)
+    sweep(clean_db, config)
+    kept = {r["fingerprint"] for r in rows(clean_db, "SELECT fingerprint FROM alert_flaps")}
+    assert kept == {firing.fingerprint, flappy.fingerprint}
