@@ -113,31 +113,54 @@ def _keep_active(conn: Connection, fp: str, incident_id: str | None, alert: Aler
     """While it flaps the flagged incident stays the fingerprint's one
     active incident; a flip is noted on it."""
     active = conn.execute(_ACTIVE, {"f": fp}).scalar()
+    reopened = False
     if active is None and incident_id:
         if conn.execute(_SILENT_REOPEN, {"id": incident_id, "now": now}).first() is not None:
-            active = incident_id
-    if active and flipped:
-        add_timeline(conn, active, "flap", {"alert": alert.status}, ACTOR)
+            active, reopened = incident_id, True
+    if active and (flipped or reopened):
+        add_timeline(conn, active, "flap", {"alert": alert.status, **({"reopened": True} if reopened else {})}, ACTOR)
     return active
 
 
-def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> list[Alert]:
-    """Lower the flag of fingerprints quiet for ``quiet_seconds``; returns
-    the resolutions to record for those whose alert last said resolved."""
+# Whether the incident was reopened silently during the flapping episode
+# that started at :since (its page was resolved, and nobody was told since).
+_REOPENED_SILENTLY = sa.text("SELECT EXISTS (SELECT 1 FROM incident_timeline WHERE incident_id = :i AND kind = 'flap' "
+                             "AND details->>'reopened' = 'true' AND at >= :since)")
+_REPAGE = sa.text("UPDATE incidents SET generation = generation + 1, updated_at = :now "
+                  "WHERE id = :i AND status IN ('open', 'investigating') RETURNING *")
+
+
+def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[list[Alert], list[dict]]:
+    """Lower the flag of fingerprints quiet for ``quiet_seconds``. Returns
+    the resolutions to record for those whose alert last said resolved, and
+    the incidents to open again as a new generation (the caller queues their
+    ``opened`` events): still firing after a flapping episode during which
+    their incident was reopened silently, so the page PagerDuty holds was
+    resolved. They are paged now, once, and run the pipeline again."""
     rows = conn.execute(sa.text(
-        "UPDATE alert_flaps SET flapping_since = NULL, flips = '[]'::jsonb "
-        "WHERE flapping_since IS NOT NULL AND COALESCE(last_flip_at, flapping_since) < :cutoff "
-        "RETURNING fingerprint, last_status, incident_id"), {"cutoff": now - timedelta(seconds=quiet_seconds)}).mappings().all()
-    resolutions = []
+        "UPDATE alert_flaps f SET flapping_since = NULL, flips = '[]'::jsonb "
+        "FROM (SELECT fingerprint, flapping_since AS since FROM alert_flaps "
+        "      WHERE flapping_since IS NOT NULL AND COALESCE(last_flip_at, flapping_since) < :cutoff) o "
+        "WHERE f.fingerprint = o.fingerprint "
+        "RETURNING f.fingerprint, f.last_status, f.incident_id, o.since"),
+        {"cutoff": now - timedelta(seconds=quiet_seconds)}).mappings().all()
+    resolutions, repaged = [], []
     for row in sorted(rows, key=lambda r: r["fingerprint"]):
         if row["incident_id"]:
             add_timeline(conn, row["incident_id"], "flapping_cleared",
                          {"quiet_seconds": quiet_seconds, "alert": row["last_status"]}, ACTOR)
+        if row["last_status"] == "firing" and row["incident_id"] and conn.execute(
+                _REOPENED_SILENTLY, {"i": row["incident_id"], "since": row["since"]}).scalar():
+            incident = conn.execute(_REPAGE, {"i": row["incident_id"], "now": now}).mappings().first()
+            if incident is not None:
+                add_timeline(conn, incident["id"], "reopened", {"generation": incident["generation"],
+                             "reason": "still firing after it stopped flapping"}, ACTOR)
+                repaged.append(dict(incident))
         if row["last_status"] == "resolved":
             resolutions.append(Alert(fingerprint=row["fingerprint"], status="resolved", alert_name="", priority="P2",
                                      summary="", description="", labels={}, annotations={}, starts_at=None, ends_at=now,
                                      source="api"))
-    return resolutions
+    return resolutions, repaged
 
 
 def prune(conn: Connection, now: datetime, window_seconds: int) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection, Engine
 
-from shared import clock, flapping, heartbeat, maintenance
+from shared import clock, events, flapping, heartbeat, maintenance, outbox
 from shared.alerts import Alert
 from shared.config import Settings
 
@@ -75,9 +75,11 @@ def _release(conn: Connection, config: Settings, record) -> list[str]:
 
 
 def _clear_flapping(conn: Connection, config: Settings, record) -> list[str]:
-    resolutions = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
+    resolutions, repaged = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
     flapping.prune(conn, clock.now(), config.flap_window_seconds)
-    return record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else []
+    opened = [events.incident_event(events.INCIDENT_OPENED, row, config.event_source) for row in repaged]
+    outbox.enqueue(conn, opened)
+    return [e["id"] for e in opened] + (record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else [])
 
 
 def _heartbeats(conn: Connection, config: Settings, record) -> list[str]:

@@ -294,3 +294,36 @@ def test_the_sweep_forgets_settled_fingerprints_but_not_flapping_or_firing_ones(
     sweep(clean_db, config)
     kept = {r["fingerprint"] for r in rows(clean_db, "SELECT fingerprint FROM alert_flaps")}
     assert kept == {firing.fingerprint, flappy.fingerprint}
+
+
+def test_an_alert_that_settles_firing_after_its_incident_was_reopened_silently_is_paged_once_more(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    flips(clean_db, config, a, 4)  # fire, resolve (page resolved), fire (flag, silent reopen), resolve, fire
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert incident["status"] == "open" and len(opened_events(clean_db)) == 1
+    clock.advance(901)
+    # PagerDuty was told "resolved" before the flag: the still-firing alert must page again, once.
+    assert sweep(clean_db, config) == [f"{incident['id']}.opened.1"]
+    assert incidents_of(clean_db, a.fingerprint)[0]["generation"] == 1
+    assert timeline_kinds(clean_db, incident["id"])[-2:] == ["flapping_cleared", "reopened"]
+    clock.advance(60)
+    assert sweep(clean_db, config) == []
+
+
+def test_an_incident_that_stayed_open_while_flapping_is_not_paged_again_when_it_settles_firing(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="3", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    record(clean_db, config, a)
+    clock.advance(60)
+    record(clean_db, config, replace(a, status="resolved"))  # flip 1: resolves the first incident
+    clock.advance(60)
+    record(clean_db, config, a)  # flip 2: a second incident, paged
+    clock.advance(60)
+    record(clean_db, config, replace(a, status="resolved"))  # flip 3: flag; the second stays open
+    clock.advance(60)
+    record(clean_db, config, a)  # flip 4: refreshes it
+    assert [i["status"] for i in incidents_of(clean_db, a.fingerprint)] == ["resolved", "open"]
+    clock.advance(901)
+    assert sweep(clean_db, config) == []  # its page was never resolved: nothing to say
+    assert len(opened_events(clean_db)) == 2
