@@ -22,8 +22,9 @@ import logging
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from shared import clock, events, flapping, heartbeat, maintenance, outbox
+from shared import clock, db, events, flapping, heartbeat, maintenance, outbox
 from shared.alerts import Alert
 from shared.config import Settings
 
@@ -65,6 +66,12 @@ def sweep(bind: Engine, config: Settings, record) -> list[str]:
         try:
             with bind.begin() as conn:
                 event_ids += part(conn, config, record)
+        except SQLAlchemyError as exc:
+            if db.is_transient(exc):
+                # The database is away: the other parts would only wait for it too.
+                log.warning("Noise-control sweep skipped: the database is unavailable", extra={"part": name})
+                break
+            log.exception("Noise-control sweep failed; the next sweep retries", extra={"part": name})
         except Exception:  # logged; the next sweep tries again
             log.exception("Noise-control sweep failed; the next sweep retries", extra={"part": name})
     return event_ids

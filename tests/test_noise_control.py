@@ -327,3 +327,17 @@ def test_an_incident_that_stayed_open_while_flapping_is_not_paged_again_when_it_
     clock.advance(901)
     assert sweep(clean_db, config) == []  # its page was never resolved: nothing to say
     assert len(opened_events(clean_db)) == 2
+
+
+def test_a_sweep_without_the_database_gives_up_at_once_and_stops_nothing_else(database_url, caplog):
+    from loopback.processes import free_port
+    from shared import db
+
+    gone = db.create_engine_for(f"postgresql+pg8000://postgres@127.0.0.1:{free_port()}/nowhere", pool_size=1, max_overflow=0)
+    try:
+        with caplog.at_level("WARNING", logger="noise"):
+            assert noise.sweep(gone, settings(database_url), lambda *a: pytest.fail("nothing to record")) == []
+    finally:
+        gone.dispose()
+    assert [r.getMessage() for r in caplog.records if r.name == "noise"] == [
+        "Noise-control sweep skipped: the database is unavailable"]

@@ -49,8 +49,7 @@ class Intake:
 
     def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
         with db.transaction() as conn:
-            return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds,
-                                           config=self.config)
+            return self._record_swept(conn, alerts, actor)
 
     def _record_swept(self, conn, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
         return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds,

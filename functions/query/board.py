@@ -221,8 +221,8 @@ class Board:
         notifications = [t for t in timeline if t["kind"] == "notification"]
         from functions.query.noise_board import incident_extras  # flapping, silences
 
-        return self._page("incident.html", i=row, noise=incident_extras(self.config, row), timeline=timeline, notifications=notifications, now=datetime.utcnow(),
-                          allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
+        return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
+                          noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
                           error=request.args.get("error"), service=(row.get("labels") or {}).get("service"))
 
     def transition(self, request: Request, incident_id: str) -> Response:
