@@ -266,6 +266,13 @@ class Settings:
     teams_webhook_url: Secret | None = field(default=None, metadata=secret("TEAMS_WEBHOOK_URL", url=True))
     outgoing_webhook_url: Secret | None = field(default=None, metadata=secret("OUTGOING_WEBHOOK_URL", url=True))
     outgoing_webhook_secret: Secret | None = field(default=None, metadata=secret("OUTGOING_WEBHOOK_SECRET"))
+    # Noise control (docs/noise-control.md).
+    flap_threshold: int = 4
+    flap_window_seconds: int = 600
+    flap_quiet_seconds: int = 900
+    heartbeat_alertnames: tuple[str, ...] = ("Watchdog",)
+    heartbeat_timeout_seconds: int = 600
+    alertmanager_url: str = ""
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -325,6 +332,13 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         reconcile_batch=_int(env, "RECONCILE_BATCH", 100, minimum=1, maximum=10000),
         # Notification channels (functions/escalation/channels/).
         announce_on_open_priorities=_priorities(env, "ANNOUNCE_ON_OPEN_PRIORITIES", "P0,P1"),
+        # Noise control (docs/noise-control.md).
+        flap_threshold=_int(env, "FLAP_THRESHOLD", 4, minimum=2, maximum=1000),
+        flap_window_seconds=_int(env, "FLAP_WINDOW_SECONDS", 600, minimum=1),
+        flap_quiet_seconds=_int(env, "FLAP_QUIET_SECONDS", 900, minimum=1),
+        heartbeat_alertnames=_csv(env, "HEARTBEAT_ALERTNAMES", "Watchdog"),
+        heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
+        alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
     )
     _check_paging(config)
     return config

@@ -16,8 +16,9 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events, outbox
+from shared import events, noise, outbox
 from shared.alerts import Alert
+from shared.config import Settings, settings
 from shared.sqltext import RFC3339_UTC, UTC_NOW, compact
 from shared.timeline import insert_timeline_and_events, timeline_row
 
@@ -188,7 +189,8 @@ def _alert_row(alert: Alert, seen: int = 1) -> dict:
 
 
 def record_alerts(
-    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int = 0
+    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int = 0,
+    config: Settings | None = None,
 ) -> RecordResult:
     """Open, refresh or resolve incidents for a batch of alerts.
 
@@ -201,9 +203,15 @@ def record_alerts(
     for alert in alerts:
         latest.pop(alert.fingerprint, None)
         latest[alert.fingerprint] = alert
-    outcome_of: dict[str, Outcome] = {}
-    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason), key=lambda a: a.fingerprint)
-    resolving = sorted((a for a in latest.values() if a.status == "resolved"), key=lambda a: a.fingerprint)
+    # Noise control (shared/noise.py): heartbeats, maintenance windows, flapping.
+    screened = noise.screen(conn, list(latest.values()), config or settings())
+    outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
+    for extra in screened.extra:
+        latest.setdefault(extra.fingerprint, extra)
+    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason and a.fingerprint not in outcome_of),
+                    key=lambda a: a.fingerprint)
+    resolving = sorted((a for a in latest.values() if a.status == "resolved" and a.fingerprint not in outcome_of),
+                       key=lambda a: a.fingerprint)
     for alert in latest.values():
         if alert.status == "firing" and alert.ignored_reason:
             outcome_of[alert.fingerprint] = Outcome(alert.fingerprint, "ignored", reason=alert.ignored_reason)

@@ -49,4 +49,9 @@ def test_every_response_conforms_and_none_is_a_server_error(case, servers):
     # accepted by design, and refused only when no alert is usable.
     if case.path.startswith("/webhook/") and isinstance(case.body, dict) and isinstance(case.body.get("alerts"), list) and case.body["alerts"]:
         excluded.append(negative_data_rejection)
+    # A maintenance window's matchers must be valid regexes, must not all
+    # match the empty label set, and its end must lie ahead: no JSON Schema
+    # can say so, so schema-valid windows may be refused (400, naming the field).
+    if case.path == "/maintenance-windows" and case.method.upper() == "POST":
+        excluded.append(positive_data_acceptance)
     case.call_and_validate(base_url=server.url, headers=headers, excluded_checks=excluded)

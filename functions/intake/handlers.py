@@ -11,7 +11,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, eventio, events, incidents, reconcile
+from shared import db, eventio, events, incidents, noise, reconcile
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
@@ -49,7 +49,11 @@ class Intake:
 
     def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
         with db.transaction() as conn:
-            return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds)
+            return self._record_swept(conn, alerts, actor)
+
+    def _record_swept(self, conn, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
+        return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds,
+                                       config=self.config)
 
     def store(self, alerts: Sequence[Alert], source: Source, actor: str, context: dict) -> incidents.RecordResult:
         """Through the source's group commit (whose actor is the source's
@@ -137,6 +141,8 @@ class Intake:
     def sweep(self, request: Request) -> dict:
         """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
         reconcile.run_safely(db.engine(), self.config)
+        # Held alerts whose window ended, flapping that settled, silent pipelines.
+        self.publisher.submit(noise.sweep(db.engine(), self.config, self._record_swept))
         report = self.publisher.sweep()
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}

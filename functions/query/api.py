@@ -16,6 +16,7 @@ from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
 from shared import db, filters, incidents
+from shared import flapping as noise_flapping
 from shared.config import Settings
 from shared.errors import BadRequest
 from shared.filters import single as _single
@@ -124,7 +125,9 @@ class QueryApi:
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
+            flapping = noise_flapping.flapping_since(conn, incident_id)
         body = present(row)
+        body["flapping_since"] = rfc3339(flapping)  # shared/flapping.py
         body["timeline"] = [{**t, "at": rfc3339(t["at"])} for t in timeline]
         return body
 

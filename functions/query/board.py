@@ -220,8 +220,10 @@ class Board:
         except (NotFound, BadRequest) as exc:
             return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
         notifications = [t for t in timeline if t["kind"] == "notification"]
+        from functions.query.noise_board import incident_extras  # flapping, silences
+
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
-                          allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
+                          noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
                           error=request.args.get("error"), service=(row.get("labels") or {}).get("service"))
 
     def transition(self, request: Request, incident_id: str) -> Response:

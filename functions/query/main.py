@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.query.api import QueryApi
 from functions.query.backlog_api import BacklogApi
+from functions.query.noise_api import NoiseApi
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -23,6 +24,7 @@ install_json_errors()
 _publisher = Publisher(config)
 _api = QueryApi(config, _publisher)
 _backlog = BacklogApi(config, _publisher, _api.actor)
+_noise = NoiseApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -49,6 +51,17 @@ def _backlog_ui(method: str):
 
             _lazy["backlog_board"] = BacklogBoard(_board())
         return getattr(_lazy["backlog_board"], method)(request, **params)
+
+    return call
+
+
+def _noise_ui(method: str):
+    def call(request, **params):
+        if "noise_board" not in _lazy:
+            from functions.query.noise_board import NoiseBoard
+
+            _lazy["noise_board"] = NoiseBoard(_board(), _noise)
+        return getattr(_lazy["noise_board"], method)(request, **params)
 
     return call
 
@@ -84,6 +97,17 @@ ROUTES = [
     Route("GET", "/incidents", _api.list),
     Route("GET", "/incidents/{incident_id}", _api.get),
     Route("PATCH", "/incidents/{incident_id}", _api.patch),
+    # Noise control (functions/query/noise_api.py).
+    Route("POST", "/incidents/{incident_id}/acknowledge", _noise.acknowledge),
+    Route("GET", "/incidents/{incident_id}/silences", _noise.list_silences),
+    Route("POST", "/incidents/{incident_id}/silences", _noise.create_silence),
+    Route("DELETE", "/incidents/{incident_id}/silences/{silence_id}", _noise.expire_silence),
+    Route("GET", "/maintenance-windows", _noise.list_windows),
+    Route("POST", "/maintenance-windows", _noise.create_window),
+    Route("GET", "/maintenance-windows/{window_id}", _noise.get_window),
+    Route("POST", "/maintenance-windows/{window_id}/end", _noise.end_window),
+    Route("DELETE", "/maintenance-windows/{window_id}", _noise.delete_window),
+    Route("GET", "/suppressed-alerts", _noise.suppressed),
     Route("GET", "/dead-letters", _backlog.dead_letters),
     Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
     Route("GET", "/outbox/parked", _backlog.parked),
@@ -101,6 +125,12 @@ ROUTES = [
     Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
     Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
     Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
+    Route("GET", "/ui/maintenance", _noise_ui("page"), auth=False),
+    Route("POST", "/ui/maintenance", _noise_ui("create_window"), auth=False),
+    Route("POST", "/ui/maintenance/{window_id}/end", _noise_ui("end_window"), auth=False),
+    Route("POST", "/ui/maintenance/{window_id}/delete", _noise_ui("delete_window"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/silences", _noise_ui("silence"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/silences/{silence_id}/expire", _noise_ui("expire_silence"), auth=False),
 ]
 
 

@@ -1,0 +1,178 @@
+"""Flapping: an alert that keeps changing between firing and resolved.
+
+Every change of an alert's status is a *flip* (``alert_flaps``: its last
+status and the times of its flips within ``FLAP_WINDOW_SECONDS``). At
+``FLAP_THRESHOLD`` flips inside the window the fingerprint is *flapping*,
+and its incident is flagged (timeline ``flapping``). While it flaps:
+
+- its incident stays active: a resolution is noted on the timeline (kind
+  ``flap``) instead of resolving it, and a firing refreshes it; if the flag
+  is raised while the incident is resolved, it is reopened *silently*
+  (same generation, no event);
+- so no new incident, no new generation and no event: nothing is paged
+  again and remediation, which runs once per generation, cannot loop.
+
+The sweep (:func:`clear_quiet`) lowers the flag after ``FLAP_QUIET_SECONDS``
+without a flip, noting it on the timeline; if the alert's last word was
+"resolved", the incident is then resolved the ordinary way (one resolve
+notification).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared.alerts import Alert
+from shared.sqltext import compact
+from shared.timeline import add_timeline
+
+ACTOR = "flapping"
+
+_LOCK = sa.text("SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps "
+                "WHERE fingerprint IN (SELECT jsonb_array_elements_text(CAST(:f AS jsonb))) ORDER BY fingerprint FOR UPDATE")
+
+_SAVE = sa.text(compact(
+    """
+    INSERT INTO alert_flaps (fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id)
+    SELECT x.fingerprint, x.last_status, x.flips, x.last_flip_at, x.flapping_since, x.incident_id
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS x(fingerprint text, last_status text, flips jsonb, last_flip_at timestamp, flapping_since timestamp, incident_id text)
+    ORDER BY x.fingerprint
+    ON CONFLICT (fingerprint) DO UPDATE SET last_status = EXCLUDED.last_status, flips = EXCLUDED.flips,
+        last_flip_at = EXCLUDED.last_flip_at, flapping_since = EXCLUDED.flapping_since, incident_id = EXCLUDED.incident_id
+    """
+))
+
+_ACTIVE = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status IN ('open', 'investigating')")
+_LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' "
+                           "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
+# Back to open without a new generation or an event: nobody is paged again.
+_SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NULL, resolved_by = NULL, "
+                         "updated_at = :now WHERE id = :id AND status = 'resolved' "
+                         "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = incidents.fingerprint "
+                         "AND a.status IN ('open', 'investigating')) RETURNING id")
+
+
+def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int) -> dict[str, str]:
+    """Count the flips of this batch (one alert per fingerprint); returns the
+    fingerprints whose resolution is withheld because they flap, with the
+    id of the flagged incident."""
+    if not alerts:
+        return {}
+    by_fp = {a.fingerprint: a for a in alerts}
+    stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(by_fp))}).mappings()}
+    cutoff = now - timedelta(seconds=window_seconds)
+    rows, withheld = [], {}
+    for fp in sorted(by_fp):
+        alert = by_fp[fp]
+        row = stored.get(fp)
+        if row is None:
+            rows.append({"fingerprint": fp, "last_status": alert.status, "flips": [], "last_flip_at": None,
+                         "flapping_since": None, "incident_id": None})
+            continue
+        if row["last_status"] == alert.status and row["flapping_since"] is None:
+            continue
+        flips = [t for t in row["flips"] if datetime.fromisoformat(t) > cutoff]
+        flipped = row["last_status"] != alert.status
+        if flipped:
+            flips.append(now.isoformat())
+        since, incident_id = row["flapping_since"], row["incident_id"]
+        if since is None and len(flips) >= threshold:
+            since = now
+            incident_id = _flag(conn, fp, alert, len(flips), window_seconds, now)
+        if since is not None:
+            incident_id = _keep_active(conn, fp, incident_id, alert, now, flipped) or incident_id
+            if alert.status == "resolved" and incident_id:
+                withheld[fp] = incident_id
+        rows.append({"fingerprint": fp, "last_status": alert.status, "flips": flips,
+                     "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
+                     "flapping_since": since.isoformat() if since else None, "incident_id": incident_id})
+    if rows:
+        conn.execute(_SAVE, {"rows": json.dumps(rows)})
+    return withheld
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _flag(conn: Connection, fp: str, alert: Alert, flips: int, window_seconds: int, now: datetime) -> str | None:
+    incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
+    if incident_id:
+        add_timeline(conn, incident_id, "flapping", {"flips": flips, "window_seconds": window_seconds,
+                                                      "note": "paging and remediation paused until the alert settles"}, ACTOR)
+    return incident_id
+
+
+def _keep_active(conn: Connection, fp: str, incident_id: str | None, alert: Alert, now: datetime, flipped: bool) -> str | None:
+    """While it flaps the flagged incident stays the fingerprint's one
+    active incident; a flip is noted on it."""
+    active = conn.execute(_ACTIVE, {"f": fp}).scalar()
+    reopened = False
+    if active is None and incident_id:
+        if conn.execute(_SILENT_REOPEN, {"id": incident_id, "now": now}).first() is not None:
+            active, reopened = incident_id, True
+    if active and (flipped or reopened):
+        add_timeline(conn, active, "flap", {"alert": alert.status, **({"reopened": True} if reopened else {})}, ACTOR)
+    return active
+
+
+# Whether the incident was reopened silently during the flapping episode
+# that started at :since (its page was resolved, and nobody was told since).
+_REOPENED_SILENTLY = sa.text("SELECT EXISTS (SELECT 1 FROM incident_timeline WHERE incident_id = :i AND kind = 'flap' "
+                             "AND details->>'reopened' = 'true' AND at >= :since)")
+_REPAGE = sa.text("UPDATE incidents SET generation = generation + 1, updated_at = :now "
+                  "WHERE id = :i AND status IN ('open', 'investigating') RETURNING *")
+
+
+def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[list[Alert], list[dict]]:
+    """Lower the flag of fingerprints quiet for ``quiet_seconds``. Returns
+    the resolutions to record for those whose alert last said resolved, and
+    the incidents to open again as a new generation (the caller queues their
+    ``opened`` events): still firing after a flapping episode during which
+    their incident was reopened silently, so the page PagerDuty holds was
+    resolved. They are paged now, once, and run the pipeline again."""
+    rows = conn.execute(sa.text(
+        "UPDATE alert_flaps f SET flapping_since = NULL, flips = '[]'::jsonb "
+        "FROM (SELECT fingerprint, flapping_since AS since FROM alert_flaps "
+        "      WHERE flapping_since IS NOT NULL AND COALESCE(last_flip_at, flapping_since) < :cutoff) o "
+        "WHERE f.fingerprint = o.fingerprint "
+        "RETURNING f.fingerprint, f.last_status, f.incident_id, o.since"),
+        {"cutoff": now - timedelta(seconds=quiet_seconds)}).mappings().all()
+    resolutions, repaged = [], []
+    for row in sorted(rows, key=lambda r: r["fingerprint"]):
+        if row["incident_id"]:
+            add_timeline(conn, row["incident_id"], "flapping_cleared",
+                         {"quiet_seconds": quiet_seconds, "alert": row["last_status"]}, ACTOR)
+        if row["last_status"] == "firing" and row["incident_id"] and conn.execute(
+                _REOPENED_SILENTLY, {"i": row["incident_id"], "since": row["since"]}).scalar():
+            incident = conn.execute(_REPAGE, {"i": row["incident_id"], "now": now}).mappings().first()
+            if incident is not None:
+                add_timeline(conn, incident["id"], "reopened", {"generation": incident["generation"],
+                             "reason": "still firing after it stopped flapping"}, ACTOR)
+                repaged.append(dict(incident))
+        if row["last_status"] == "resolved":
+            resolutions.append(Alert(fingerprint=row["fingerprint"], status="resolved", alert_name="", priority="P2",
+                                     summary="", description="", labels={}, annotations={}, starts_at=None, ends_at=now,
+                                     source="api"))
+    return resolutions, repaged
+
+
+def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
+    """Forget fingerprints that are resolved, not flapping and have not
+    flipped within the window: their next firing is a first sighting, which
+    loses nothing (an older flip would not count anyway). Keeps the table to
+    the alerts of the last window instead of every alert ever seen."""
+    return conn.execute(sa.text(
+        "DELETE FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
+        "AND (last_flip_at IS NULL OR last_flip_at < :cutoff)"), {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+
+
+def flapping_since(conn: Connection, incident_id: str) -> datetime | None:
+    return conn.execute(sa.text("SELECT flapping_since FROM alert_flaps WHERE incident_id = :i AND flapping_since IS NOT NULL"),
+                        {"i": incident_id}).scalar()

@@ -1,0 +1,216 @@
+"""Maintenance windows: label matchers and a time span during which matching
+alerts are held back instead of opening incidents.
+
+A held alert is **kept** (``suppressed_alerts``: the whole alert, the windows
+that held it, how often it came), never dropped. When no window holds it any
+more, the sweep (:func:`release`) replays it through the ordinary intake path
+if it is still firing, as if it had just arrived; a held alert that resolved
+meanwhile is simply marked released. Every change to a window is written to
+``maintenance_audit`` in the same transaction as the change.
+
+Times come from :mod:`shared.clock` so tests can move through a window.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict
+from datetime import datetime
+from typing import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared import clock, matchers as matcher_syntax
+from shared.alerts import Alert
+from shared.errors import Conflict, NotFound
+from shared.sqltext import compact
+from shared.timefmt import json_default
+
+ACTOR = "maintenance"
+WINDOW_COLUMNS = "id, matchers, starts_at, ends_at, reason, created_by, created_at, ended_by"
+
+_ACTIVE = sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now ORDER BY id")
+
+_HOLD = sa.text(compact(
+    """
+    INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, window_ids, count, first_suppressed_at, last_seen_at)
+    SELECT x.fingerprint, x.alert_name, 'firing', x.alert, x.window_ids, 1, :now, :now
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(fingerprint text, alert_name text, alert jsonb, window_ids jsonb)
+    ORDER BY x.fingerprint
+    ON CONFLICT (fingerprint) DO UPDATE SET
+        status = 'firing', alert = EXCLUDED.alert, window_ids = EXCLUDED.window_ids, last_seen_at = :now,
+        count = CASE WHEN suppressed_alerts.released_at IS NULL THEN suppressed_alerts.count + 1 ELSE 1 END,
+        first_suppressed_at = CASE WHEN suppressed_alerts.released_at IS NULL
+                                   THEN suppressed_alerts.first_suppressed_at ELSE :now END,
+        released_at = NULL, incident_id = NULL
+    """
+))
+
+_NOTE_RESOLVED = sa.text(compact(
+    """
+    UPDATE suppressed_alerts SET status = 'resolved', last_seen_at = :now
+    WHERE released_at IS NULL AND fingerprint IN (SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))
+    """
+))
+
+_HELD = sa.text("SELECT fingerprint, status, alert FROM suppressed_alerts WHERE released_at IS NULL "
+                "ORDER BY fingerprint LIMIT :batch FOR UPDATE SKIP LOCKED")
+
+
+def _labels(alert_labels: dict, alert_name: str) -> dict:
+    # AlertManager's labels always carry alertname; other sources may not.
+    return {"alertname": alert_name, **alert_labels}
+
+
+def _windows_matching(windows: list[dict], labels: dict) -> list[str]:
+    return [w["id"] for w in windows if matcher_syntax.match_all([matcher_syntax.parse(t) for t in w["matchers"]], labels)]
+
+
+def active_windows(conn: Connection, now: datetime) -> list[dict]:
+    return [dict(r) for r in conn.execute(_ACTIVE, {"now": now}).mappings()]
+
+
+def alert_to_json(alert: Alert) -> dict:
+    data = asdict(alert)
+    return json.loads(json.dumps(data, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v)))
+
+
+def alert_from_json(data: dict) -> Alert:
+    values = dict(data)
+    for name in ("starts_at", "ends_at"):
+        if values.get(name):
+            values[name] = datetime.fromisoformat(values[name])
+    return Alert(**values)
+
+
+def hold(conn: Connection, firing: Sequence[Alert], now: datetime) -> dict[str, list[str]]:
+    """Record the firing alerts an active window matches; fingerprint ->
+    the ids of the windows holding it."""
+    if not firing:
+        return {}
+    windows = active_windows(conn, now)
+    if not windows:
+        return {}
+    held = {}
+    for alert in firing:
+        ids = _windows_matching(windows, _labels(alert.labels, alert.alert_name))
+        if ids:
+            held[alert.fingerprint] = ids
+    if held:
+        rows = [{"fingerprint": a.fingerprint, "alert_name": a.alert_name, "alert": alert_to_json(a), "window_ids": held[a.fingerprint]}
+                for a in firing if a.fingerprint in held]
+        conn.execute(_HOLD, {"rows": json.dumps(rows), "now": now})
+    return held
+
+
+def note_resolved(conn: Connection, resolving: Sequence[Alert], now: datetime) -> None:
+    """A held alert that resolves is not replayed when its window ends."""
+    if resolving:
+        conn.execute(_NOTE_RESOLVED, {"fps": json.dumps([a.fingerprint for a in resolving]), "now": now})
+
+
+def release(conn: Connection, record, now: datetime, batch: int = 500) -> list[str]:
+    """Replay held alerts no window holds any more; ``record(conn, alerts)``
+    is the intake's store path (returns its RecordResult). Returns the ids of
+    the events to publish."""
+    held = conn.execute(_HELD, {"batch": batch}).mappings().all()
+    if not held:
+        return []
+    windows = active_windows(conn, now)
+    replay, done = [], []
+    for row in held:
+        alert = alert_from_json(row["alert"])
+        ids = _windows_matching(windows, _labels(alert.labels, alert.alert_name))
+        if ids:
+            continue  # an overlapping window still holds it
+        done.append(row["fingerprint"])
+        if row["status"] == "firing":
+            replay.append(alert)
+    event_ids: list[str] = []
+    incident_of: dict[str, str | None] = {}
+    if replay:
+        result = record(conn, replay)
+        event_ids = result.event_ids
+        incident_of = {o.fingerprint: o.incident_id for o in result.outcomes}
+    if done:
+        conn.execute(sa.text(compact(
+            """
+            UPDATE suppressed_alerts s SET released_at = :now, incident_id = x.incident_id
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(fingerprint text, incident_id text)
+            WHERE s.fingerprint = x.fingerprint
+            """)), {"now": now, "rows": json.dumps([{"fingerprint": f, "incident_id": incident_of.get(f)} for f in done])})
+    return event_ids
+
+
+# ---------------------------------------------------------------- windows
+
+
+def _audit(conn: Connection, window_id: str, action: str, actor: str, details: dict) -> None:
+    conn.execute(sa.text("INSERT INTO maintenance_audit (window_id, action, actor, at, details) "
+                         "VALUES (:w, :a, :actor, :at, CAST(:d AS jsonb))"),
+                 {"w": window_id, "a": action, "actor": actor, "at": clock.now(), "d": json.dumps(details, default=json_default)})
+
+
+def create(conn: Connection, matchers: list[str], starts_at: datetime, ends_at: datetime, reason: str, actor: str) -> dict:
+    parsed = matcher_syntax.parse_all(matchers)
+    texts = [m.text() for m in parsed]
+    window_id = str(uuid.uuid4())
+    conn.execute(sa.text(
+        "INSERT INTO maintenance_windows (id, matchers, starts_at, ends_at, reason, created_by, created_at) "
+        "VALUES (:id, CAST(:m AS jsonb), :s, :e, :r, :by, :now)"),
+        {"id": window_id, "m": json.dumps(texts), "s": starts_at, "e": ends_at, "r": reason, "by": actor, "now": clock.now()})
+    _audit(conn, window_id, "created", actor, {"matchers": texts, "starts_at": starts_at, "ends_at": ends_at, "reason": reason})
+    return get(conn, window_id)
+
+
+def get(conn: Connection, window_id: str, lock: bool = False) -> dict:
+    row = conn.execute(sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE id = :id" + (" FOR UPDATE" if lock else "")),
+                       {"id": window_id}).mappings().first()
+    if row is None:
+        raise NotFound(f"maintenance window {window_id} not found")
+    return dict(row)
+
+
+def list_windows(conn: Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute(sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows ORDER BY starts_at DESC, id"))
+            .mappings()]
+
+
+def suppressed(conn: Connection, window_id: str | None = None, limit: int = 200) -> list[dict]:
+    """Held alerts (and, for a window, those it held that were released since)."""
+    where = "WHERE window_ids ? :id" if window_id else "WHERE released_at IS NULL"
+    rows = conn.execute(sa.text(
+        "SELECT fingerprint, alert_name, status, alert->'labels' AS labels, window_ids, count, first_suppressed_at, "
+        f"last_seen_at, released_at, incident_id FROM suppressed_alerts {where} ORDER BY last_seen_at DESC LIMIT :limit"),
+        {"id": window_id, "limit": limit}).mappings()
+    return [dict(r) for r in rows]
+
+
+def audit_of(conn: Connection, window_id: str) -> list[dict]:
+    rows = conn.execute(sa.text("SELECT action, actor, at, details FROM maintenance_audit WHERE window_id = :w ORDER BY id"),
+                        {"w": window_id}).mappings()
+    return [dict(r) for r in rows]
+
+
+def end(conn: Connection, window_id: str, actor: str) -> dict:
+    """End a window now. Ending one that already ended changes nothing; one
+    that has not started is deleted instead (it never held anything)."""
+    window = get(conn, window_id, lock=True)
+    now = clock.now()
+    if window["ends_at"] <= now:
+        return window
+    if window["starts_at"] >= now:
+        raise Conflict("this window has not started; delete it instead", starts_at=window["starts_at"].isoformat() + "Z")
+    conn.execute(sa.text("UPDATE maintenance_windows SET ends_at = :now, ended_by = :by WHERE id = :id"),
+                 {"now": now, "by": actor, "id": window_id})
+    _audit(conn, window_id, "ended", actor, {"ends_at": now, "was": window["ends_at"]})
+    return get(conn, window_id)
+
+
+def delete(conn: Connection, window_id: str, actor: str) -> None:
+    window = get(conn, window_id, lock=True)
+    conn.execute(sa.text("DELETE FROM maintenance_windows WHERE id = :id"), {"id": window_id})
+    _audit(conn, window_id, "deleted", actor, {"matchers": window["matchers"], "starts_at": window["starts_at"],
+                                                "ends_at": window["ends_at"], "reason": window["reason"]})

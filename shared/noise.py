@@ -1,0 +1,98 @@
+"""Noise control at the door: what happens to a batch of alerts before the
+ordinary recording (shared/ingest.py), and what the sweep does for it.
+
+In this order, for one batch inside the caller's transaction:
+
+1. heartbeats (shared/heartbeat.py): a ``Watchdog`` records that its
+   pipeline is alive and resolves a "pipeline silent" incident of it; the
+   Watchdog itself still opens nothing (IGNORED_ALERTNAMES);
+2. maintenance windows (shared/maintenance.py): a firing alert an active
+   window matches is held (``suppressed``) instead of opening anything;
+3. flapping (shared/flapping.py): flips are counted; a flapping alert's
+   resolution is withheld so its one incident stays active.
+
+The sweep (:func:`sweep`) releases held alerts whose windows ended, lowers
+the flapping flag after a quiet period and opens "pipeline silent"
+incidents, each through the same recording path as a real alert.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared import clock, db, events, flapping, heartbeat, maintenance, outbox
+from shared.alerts import Alert
+from shared.config import Settings
+
+log = logging.getLogger("noise")
+
+
+@dataclass
+class Screened:
+    # fingerprint -> (action, incident id, reason) for the alerts settled here
+    settled: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
+    # resolutions to record with the batch (silent pipelines that spoke again)
+    extra: list[Alert] = field(default_factory=list)
+
+
+def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
+    """``latest``: one alert per fingerprint, the batch's last word on it."""
+    now = clock.now()
+    result = Screened()
+    result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
+    firing = [a for a in latest if a.status == "firing" and not a.ignored_reason]
+    resolving = [a for a in latest if a.status == "resolved"]
+    held = maintenance.hold(conn, firing, now)
+    for fp, window_ids in held.items():
+        result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
+    maintenance.note_resolved(conn, resolving, now)
+    observed = [a for a in firing if a.fingerprint not in held] + resolving
+    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds)
+    for fp, incident_id in withheld.items():
+        result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
+    return result
+
+
+def sweep(bind: Engine, config: Settings, record) -> list[str]:
+    """One pass; ``record(conn, alerts, actor)`` is the intake's recording path.
+    Returns the ids of the events to publish. Each part commits on its own,
+    so one failing does not hold back the others."""
+    event_ids: list[str] = []
+    for name, part in (("maintenance", _release), ("flapping", _clear_flapping), ("heartbeat", _heartbeats)):
+        try:
+            with bind.begin() as conn:
+                event_ids += part(conn, config, record)
+        except SQLAlchemyError as exc:
+            if db.is_transient(exc):
+                # The database is away: the other parts would only wait for it too.
+                log.warning("Noise-control sweep skipped: the database is unavailable", extra={"part": name})
+                break
+            log.exception("Noise-control sweep failed; the next sweep retries", extra={"part": name})
+        except Exception:  # logged; the next sweep tries again
+            log.exception("Noise-control sweep failed; the next sweep retries", extra={"part": name})
+    return event_ids
+
+
+def _release(conn: Connection, config: Settings, record) -> list[str]:
+    return maintenance.release(conn, lambda c, alerts: record(c, alerts, maintenance.ACTOR), clock.now())
+
+
+def _clear_flapping(conn: Connection, config: Settings, record) -> list[str]:
+    resolutions, repaged = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
+    flapping.prune(conn, clock.now(), config.flap_window_seconds)
+    opened = [events.incident_event(events.INCIDENT_OPENED, row, config.event_source) for row in repaged]
+    outbox.enqueue(conn, opened)
+    return [e["id"] for e in opened] + (record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else [])
+
+
+def _heartbeats(conn: Connection, config: Settings, record) -> list[str]:
+    silent = heartbeat.silent(conn, clock.now(), config.heartbeat_timeout_seconds)
+    if not silent:
+        return []
+    log.error("Alerting pipeline silent: no Watchdog within HEARTBEAT_TIMEOUT_SECONDS",
+              extra={"pipelines": [a.labels.get("heartbeat") for a in silent]})
+    return record(conn, silent, heartbeat.ACTOR).event_ids

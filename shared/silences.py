@@ -1,0 +1,87 @@
+"""AlertManager silences through its API v2 (``ALERTMANAGER_URL``).
+
+A silence made from an incident matches the alert's own labels exactly
+(``isEqual``, not a regex), so it silences that alert and nothing broader.
+AlertManager is the record of its silences: they are read back from it,
+never copied into our database (the incident's timeline notes who created
+or expired one).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+import requests
+
+from shared.errors import BadGateway, NotFound, ServiceUnavailable
+from shared.timefmt import rfc3339
+
+ACTIVE_STATES = ("active", "pending")
+SILENCE_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def matchers_for(labels: dict) -> list[dict]:
+    return [{"name": k, "value": str(v), "isRegex": False, "isEqual": True} for k, v in sorted(labels.items())]
+
+
+def _matches(matcher: dict, labels: dict) -> bool:
+    actual = labels.get(matcher.get("name"), "")
+    if matcher.get("isRegex"):
+        try:
+            hit = re.fullmatch(matcher.get("value", ""), actual, re.DOTALL) is not None
+        except re.error:
+            return False
+    else:
+        hit = actual == matcher.get("value")
+    return hit if matcher.get("isEqual", True) else not hit
+
+
+def silences_labels(silence: dict, labels: dict) -> bool:
+    """Does this silence mute an alert with these labels (AlertManager's rule)?"""
+    matchers = silence.get("matchers") or []
+    return bool(matchers) and all(_matches(m, labels) for m in matchers)
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=None)
+
+
+class AlertManager:
+    def __init__(self, base_url: str, timeout: float = 5.0):
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+        self.http = requests.Session()
+
+    def _call(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            response = self.http.request(method, self.base + path, timeout=self.timeout, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
+        if response.status_code == 404 and method == "DELETE":
+            raise NotFound("AlertManager has no such silence")
+        if response.status_code >= 400:
+            raise BadGateway(f"AlertManager refused the request ({response.status_code}): {response.text[:300].strip()}")
+        return response
+
+    def create(self, labels: dict, starts_at: datetime, ends_at: datetime, created_by: str, comment: str) -> str:
+        body = {"matchers": matchers_for(labels), "startsAt": rfc3339(starts_at), "endsAt": rfc3339(ends_at),
+                "createdBy": created_by, "comment": comment}
+        return self._call("POST", "/api/v2/silences", json=body).json()["silenceID"]
+
+    def for_labels(self, labels: dict) -> list[dict]:
+        """The active and pending silences that mute these labels, soonest expiry first."""
+        found = [s for s in self._call("GET", "/api/v2/silences").json()
+                 if (s.get("status") or {}).get("state") in ACTIVE_STATES and silences_labels(s, labels)]
+        return sorted(({"id": s["id"], "state": s["status"]["state"], "starts_at": _time(s.get("startsAt")),
+                        "ends_at": _time(s.get("endsAt")), "created_by": s.get("createdBy"), "comment": s.get("comment"),
+                        "matchers": s.get("matchers")} for s in found), key=lambda s: (s["ends_at"] or datetime.max, s["id"]))
+
+    def expire(self, silence_id: str) -> None:
+        self._call("DELETE", f"/api/v2/silence/{silence_id}")
+
+
+def duration_of(minutes) -> timedelta:
+    return timedelta(minutes=minutes)

@@ -1,0 +1,231 @@
+"""Noise control over the query function's real HTTP API: acknowledge (and
+the one PagerDuty acknowledge it causes), maintenance windows, and
+AlertManager silences on the real AlertManager binary."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+import sqlalchemy as sa
+from cloudevents.http import CloudEvent
+
+from functions.escalation.handler import EscalationHandler
+from shared import events
+from shared import incidents as svc
+from shared.config import load_settings
+from tests.alertmanager import AlertManager
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert, raw_alert, webhook
+from loopback.processes import FunctionProcess, wait_until
+from loopback.servers import RecordingServer
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
+
+
+@pytest.fixture(scope="module")
+def alertmanager():
+    # The webhook receiver is never reached here: these tests only use the silences API.
+    am = AlertManager("http://127.0.0.1:9/unused", TEST_TOKEN).start()
+    yield am
+    am.stop()
+
+
+@pytest.fixture(scope="module")
+def query(base_env, alertmanager):
+    proc = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": alertmanager.url}).start()
+    yield proc
+    proc.stop()
+
+
+def call(query, method, path, **kwargs):
+    return requests.request(method, query.url + path, headers={**AUTH, **kwargs.pop("headers", {})}, timeout=30, **kwargs)
+
+
+def open_incident(engine, name="EmailServiceDown", **labels):
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, service="email", namespace="production", **labels)], "/t", "t").outcomes[0].incident_id
+        return svc.get_incident(conn, incident_id)
+
+
+# ------------------------------------------------------------------ acknowledge
+
+
+def test_acknowledge_twice_sends_exactly_one_pagerduty_acknowledge_and_names_the_actor(query, database_url, clean_db):
+    pd, slack = RecordingServer(lambda r: (202, {}, b'{"status":"success"}')).start(), RecordingServer(lambda r: (200, {}, b"ok")).start()
+    try:
+        handler = EscalationHandler(load_settings({
+            "DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+            "SLACK_WEBHOOK_URL": slack.url + "/services/T/B/X", "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1"}))
+        row = open_incident(clean_db)
+        deliver = lambda event_id, event_type: handler.handle(CloudEvent(  # noqa: E731
+            {"id": event_id, "type": event_type, "source": "/test", "subject": row["id"], "incidentid": row["id"]}, {"incident_id": row["id"]}))
+        assert deliver(f"{row['id']}.opened.0", events.INCIDENT_OPENED).status_code == 202
+        first = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "alice"}, json={"note": "on it"})
+        again = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "bob"})
+        assert (first.status_code, again.status_code) == (200, 200), (first.text, again.text)
+        assert (first.json()["acknowledged"], first.json()["status"]) == (True, "investigating")
+        assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
+        with clean_db.connect() as conn:
+            acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
+            entries = [t for t in svc.get_timeline(conn, row["id"]) if t["details"].get("acknowledged")]
+        assert acks == [f"{row['id']}.acknowledged.0"]
+        assert [(e["actor"], e["details"]["note"]) for e in entries] == [("api:alice", "on it")]
+        for _ in range(2):  # the Broker redelivers: still one acknowledge
+            assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
+        bodies = [r.json() for r in pd.received()]
+        assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]
+        assert bodies[1] == {"routing_key": ROUTING_KEY, "event_action": "acknowledge", "dedup_key": row["id"]}
+        notes = [r.json() for r in slack.received()]
+        assert len(notes) == 2 and "api:alice" in str(notes[1])
+    finally:
+        pd.stop(), slack.stop()
+
+
+def test_acknowledge_refuses_what_it_cannot_do(query, clean_db):
+    row = open_incident(clean_db)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "t", "/t")
+    assert call(query, "POST", f"/incidents/{row['id']}/acknowledge").status_code == 409
+    assert call(query, "POST", f"/incidents/{uuid.uuid4()}/acknowledge").status_code == 404
+    assert call(query, "POST", "/incidents/not-a-uuid/acknowledge").status_code == 400
+    assert requests.post(query.url + f"/incidents/{row['id']}/acknowledge", timeout=10).status_code == 401
+    assert call(query, "POST", f"/incidents/{row['id']}/acknowledge", json={"status": "x"}).status_code == 400
+
+
+def test_a_flapping_incident_says_so_in_the_api(query, database_url, clean_db):
+    from dataclasses import replace
+
+    config = load_settings({"DATABASE_URL": database_url, "FLAP_THRESHOLD": "2"})
+    a = alert("Flappy", service="email")
+    for status in ("firing", "resolved", "firing"):
+        with clean_db.begin() as conn:
+            outcome = svc.record_alerts(conn, [replace(a, status=status)], "/t", "t", config=config).outcomes[0]
+    body = call(query, "GET", f"/incidents/{outcome.incident_id}").json()
+    assert body["flapping_since"] is not None and body["status"] == "open"
+    assert "flapping" in [t["kind"] for t in body["timeline"]]
+    quiet = open_incident(clean_db, name="Quiet")
+    assert call(query, "GET", f"/incidents/{quiet['id']}").json()["flapping_since"] is None
+
+
+def test_the_intake_records_the_watchdog_and_its_sweep_opens_and_resolves_the_silent_pipeline_incident(base_env, clean_db):
+    intake = FunctionProcess("intake", {**base_env, "HEARTBEAT_TIMEOUT_SECONDS": "1"}).start()
+    ping = {"ce-id": "ping", "ce-source": "/apis/v1/namespaces/default/pingsources/outbox-sweep",
+            "ce-type": "dev.knative.sources.ping", "ce-specversion": "1.0", "Content-Type": "application/json", **AUTH}
+    watchdog = webhook([raw_alert("Watchdog", severity="none", prometheus="monitoring/k8s")])
+
+    def silent_incidents():
+        requests.post(intake.url + "/", data=b"{}", headers={**ping, "ce-id": f"ping-{uuid.uuid4()}"}, timeout=30).raise_for_status()
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT status, priority FROM incidents WHERE alert_name = 'AlertingPipelineSilent'")).all()
+    try:
+        assert silent_incidents() == []  # never seen: off
+        result = requests.post(intake.url + "/webhook/alert", json=watchdog, headers=AUTH, timeout=10).json()
+        assert result["results"][0]["action"] == "ignored"
+        wait_until(lambda: [tuple(r) for r in silent_incidents()] == [("open", "P0")], 20, message="pipeline-silent incident")
+        requests.post(intake.url + "/webhook/alert", json=watchdog, headers=AUTH, timeout=10).raise_for_status()
+        with clean_db.connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM incidents")).scalars().all() == ["resolved"]
+    finally:
+        intake.stop()
+
+
+# ------------------------------------------------------------------ maintenance windows
+
+
+def test_maintenance_windows_are_created_listed_ended_deleted_and_audited(query, clean_db):
+    created = call(query, "POST", "/maintenance-windows", headers={"X-Actor": "alice"},
+                   json={"matchers": ['namespace="db"', 'alertname=~"Postgres.*"'], "duration_minutes": 60, "reason": "upgrade"})
+    assert created.status_code == 201, created.text
+    window = created.json()
+    assert created.headers["Location"] == f"/maintenance-windows/{window['id']}"
+    assert (window["state"], window["created_by"], window["matchers"]) == ("active", "api:alice", ['namespace="db"', 'alertname=~"Postgres.*"'])
+    assert [w["id"] for w in call(query, "GET", "/maintenance-windows").json()] == [window["id"]]
+
+    with clean_db.begin() as conn:
+        outcome = svc.record_alerts(conn, [alert("PostgresDown", namespace="db")], "/t", "t").outcomes[0]
+    assert outcome.action == "suppressed"
+    detail = call(query, "GET", f"/maintenance-windows/{window['id']}").json()
+    assert detail["suppressed_count"] == 1 and detail["suppressed"][0]["alert_name"] == "PostgresDown"
+    assert [s["alert_name"] for s in call(query, "GET", "/suppressed-alerts").json()] == ["PostgresDown"]
+
+    ended = call(query, "POST", f"/maintenance-windows/{window['id']}/end", headers={"X-Actor": "bob"})
+    assert ended.status_code == 200 and ended.json()["state"] == "ended" and ended.json()["ended_by"] == "api:bob"
+    assert call(query, "DELETE", f"/maintenance-windows/{window['id']}").status_code == 204
+    assert call(query, "GET", f"/maintenance-windows/{window['id']}").status_code == 404
+    with clean_db.connect() as conn:
+        audit = conn.execute(sa.text("SELECT action, actor FROM maintenance_audit WHERE window_id = :w ORDER BY id"),
+                             {"w": window["id"]}).all()
+    assert [tuple(a) for a in audit] == [("created", "api:alice"), ("ended", "api:bob"), ("deleted", "api")]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"matchers": ['a="b"'], "duration_minutes": 60}, "reason"),
+    ({"matchers": [], "duration_minutes": 60, "reason": "r"}, "matchers"),
+    ({"matchers": ['a=~"("'], "duration_minutes": 60, "reason": "r"}, "matchers"),
+    ({"matchers": ['a=~".*"'], "duration_minutes": 60, "reason": "r"}, "matchers"),
+    ({"matchers": ['a="b"'], "reason": "r"}, "ends_at"),
+    ({"matchers": ['a="b"'], "duration_minutes": 0, "reason": "r"}, "duration_minutes"),
+    ({"matchers": ['a="b"'], "ends_at": "2020-01-01T00:00:00Z", "reason": "r"}, "ends_at"),
+    ({"matchers": ['a="b"'], "duration_minutes": 5, "reason": "r", "owner": "x"}, "owner"),
+])
+def test_a_bad_window_is_refused_with_the_field_named(query, clean_db, body, field):
+    response = call(query, "POST", "/maintenance-windows", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field
+    assert call(query, "GET", "/maintenance-windows").json() == []
+
+
+# ------------------------------------------------------------------ silences on the real AlertManager
+
+
+def when(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def am_silences(alertmanager):
+    return {s["id"]: s for s in requests.get(alertmanager.url + "/api/v2/silences", timeout=5).json()}
+
+
+def test_silences_are_created_shown_and_expired_on_the_real_alertmanager(query, alertmanager, clean_db):
+    row = open_incident(clean_db, pod="email-7f9c")
+    created = call(query, "POST", f"/incidents/{row['id']}/silences", headers={"X-Actor": "alice"},
+                   json={"duration_minutes": 120, "comment": "known, fix rolling out"})
+    assert created.status_code == 201, created.text
+    silence = created.json()
+    stored = am_silences(alertmanager)[silence["id"]]
+    assert stored["status"]["state"] == "active" and stored["createdBy"] == "api:alice"
+    assert {m["name"]: (m["value"], m["isRegex"], m["isEqual"]) for m in stored["matchers"]} == {
+        k: (v, False, True) for k, v in row["labels"].items()}
+    assert "known, fix rolling out" in stored["comment"]
+
+    shown = call(query, "GET", f"/incidents/{row['id']}/silences").json()
+    assert [(s["id"], s["state"], s["created_by"]) for s in shown] == [(silence["id"], "active", "api:alice")]
+    assert abs(when(shown[0]["ends_at"]) - when(silence["ends_at"])) < timedelta(seconds=1)
+    assert timedelta(minutes=119) < when(shown[0]["ends_at"]) - datetime.now(timezone.utc) <= timedelta(minutes=120)
+    other = open_incident(clean_db, name="WebDown")
+    assert call(query, "GET", f"/incidents/{other['id']}/silences").json() == []  # exact labels: nothing broader
+
+    assert call(query, "DELETE", f"/incidents/{row['id']}/silences/{silence['id']}", headers={"X-Actor": "bob"}).status_code == 204
+    assert am_silences(alertmanager)[silence["id"]]["status"]["state"] == "expired"
+    assert call(query, "GET", f"/incidents/{row['id']}/silences").json() == []
+    assert call(query, "DELETE", f"/incidents/{row['id']}/silences/{silence['id']}").status_code == 404
+    with clean_db.connect() as conn:
+        kinds = [(t["kind"], t["actor"]) for t in svc.get_timeline(conn, row["id"]) if t["kind"].startswith("silence")]
+    assert kinds == [("silenced", "api:alice"), ("silence_expired", "api:bob")]
+
+
+def test_silence_input_is_checked_and_an_unset_alertmanager_is_named(query, base_env, clean_db):
+    row = open_incident(clean_db)
+    for body in ({"duration_minutes": 0}, {"duration_minutes": "60"}, {"duration_minutes": 60, "comment": 5}, {"minutes": 5}):
+        assert call(query, "POST", f"/incidents/{row['id']}/silences", json=body).status_code == 400
+    assert call(query, "DELETE", f"/incidents/{row['id']}/silences/nope").status_code == 400
+    bare = FunctionProcess("query", dict(base_env)).start()
+    try:
+        response = call(bare, "POST", f"/incidents/{row['id']}/silences", json={"duration_minutes": 60})
+        assert response.status_code == 409 and "ALERTMANAGER_URL" in response.json()["message"]
+    finally:
+        bare.stop()

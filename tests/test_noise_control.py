@@ -1,0 +1,343 @@
+"""Noise control on an injected clock, against the real PostgreSQL: flapping,
+maintenance windows, the pipeline heartbeat. Nothing sleeps: the tests set
+shared.clock and run the sweep themselves."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from shared import clock, maintenance, noise
+from shared import incidents as svc
+from shared.config import load_settings
+from shared.errors import BadRequest, Conflict
+from tests.factories import alert
+
+T0 = datetime(2026, 11, 28, 3, 0, 0)
+
+
+@pytest.fixture
+def at():
+    clock.set_now(T0)
+    yield clock
+    clock.set_now(None)
+
+
+def settings(database_url, **env):
+    return load_settings({"DATABASE_URL": database_url, **env})
+
+
+def record(engine, config, *alerts, actor="alertmanager"):
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, list(alerts), "/t", actor, 0, config=config)
+
+
+def sweep(engine, config):
+    def store(conn, alerts, actor):
+        return svc.record_alerts(conn, alerts, "/t", actor, 0, config=config)
+    return noise.sweep(engine, config, store)
+
+
+def rows(engine, sql, **params):
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
+
+
+def opened_events(engine):
+    return [r["id"] for r in rows(engine, "SELECT id FROM event_outbox WHERE type LIKE '%.opened' ORDER BY created_at")]
+
+
+def incidents_of(engine, fingerprint):
+    return rows(engine, "SELECT id, status, generation, resolved_by FROM incidents WHERE fingerprint = :f ORDER BY created_at",
+                f=fingerprint)
+
+
+def timeline_kinds(engine, incident_id):
+    with engine.connect() as conn:
+        return [t["kind"] for t in svc.get_timeline(conn, incident_id)]
+
+
+def flips(engine, config, a, count, every_seconds=60):
+    """The alert fires, then changes state ``count`` times."""
+    outcomes = [record(engine, config, a).outcomes[0]]
+    for n in range(count):
+        clock.advance(every_seconds)
+        status = "resolved" if n % 2 == 0 else "firing"
+        outcomes.append(record(engine, config, replace(a, status=status)).outcomes[0])
+    return outcomes
+
+
+# ------------------------------------------------------------------ flapping
+
+
+def test_six_flips_in_ten_minutes_flag_one_incident_that_is_paged_once(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2")
+    a = alert("Flappy", service="email")
+    outcomes = flips(clean_db, config, a, 6)
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert incident["status"] == "open" and incident["generation"] == 0
+    assert len(opened_events(clean_db)) == 1  # P0 pages on open: one page
+    kinds = timeline_kinds(clean_db, incident["id"])
+    assert kinds.count("flapping") == 1 and kinds.count("flap") >= 4
+    assert [o.action for o in outcomes].count("flapping") == 2  # the resolutions after the flag are withheld
+    assert rows(clean_db, "SELECT count(*) AS n FROM event_outbox WHERE type LIKE '%.resolved'")[0]["n"] == 1
+
+
+def test_with_the_default_threshold_nothing_is_paged_after_the_flag(database_url, clean_db, at):
+    config = settings(database_url)
+    assert (config.flap_threshold, config.flap_window_seconds) == (4, 600)
+    a = alert("Flappy", service="email")
+    record(clean_db, config, a)
+    for n in range(6):
+        clock.advance(60)
+        record(clean_db, config, replace(a, status="resolved" if n % 2 == 0 else "firing"))
+        if n == 3:
+            pages_at_flag = len(opened_events(clean_db))
+    flagged = [i for i in incidents_of(clean_db, a.fingerprint) if "flapping" in timeline_kinds(clean_db, i["id"])]
+    assert len(flagged) == 1 and flagged[0]["status"] == "open"
+    assert len(opened_events(clean_db)) == pages_at_flag == 2
+    # ... and a dozen more flips change nothing either: no page, no new generation for remediation.
+    for n in range(12):
+        clock.advance(30)
+        record(clean_db, config, replace(a, status="resolved" if n % 2 == 0 else "firing"))
+    assert len(opened_events(clean_db)) == 2
+    assert [i["generation"] for i in incidents_of(clean_db, a.fingerprint)] == [0, 0]
+
+
+def test_flips_spread_wider_than_the_window_are_not_flapping(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="3", FLAP_WINDOW_SECONDS="600")
+    a = alert("Slow")
+    flips(clean_db, config, a, 6, every_seconds=400)
+    assert all("flapping" not in timeline_kinds(clean_db, i["id"]) for i in incidents_of(clean_db, a.fingerprint))
+    assert len(incidents_of(clean_db, a.fingerprint)) == 4
+
+
+def test_the_flag_clears_after_a_quiet_period_and_a_resolved_alert_then_resolves_its_incident(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    flips(clean_db, config, a, 5)  # ends resolved, withheld
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert incident["status"] == "open"
+    clock.advance(899)
+    assert sweep(clean_db, config) == []
+    assert incidents_of(clean_db, a.fingerprint)[0]["status"] == "open"
+    clock.advance(2)
+    event_ids = sweep(clean_db, config)
+    assert event_ids == [f"{incident['id']}.resolved.0"]
+    assert incidents_of(clean_db, a.fingerprint)[0]["status"] == "resolved"
+    assert timeline_kinds(clean_db, incident["id"])[-2:] == ["flapping_cleared", "resolved"]
+    # Settled: the next firing is an ordinary new incident again.
+    clock.advance(60)
+    assert record(clean_db, config, a).outcomes[0].action == "created"
+
+
+# ------------------------------------------------------------------ maintenance windows
+
+
+def window(engine, matchers, start, end, reason="node upgrade", actor="api:alice"):
+    with engine.begin() as conn:
+        return maintenance.create(conn, matchers, start, end, reason, actor)
+
+
+def test_a_window_suppresses_then_releases_a_still_firing_alert_within_one_sweep(database_url, clean_db, at):
+    config = settings(database_url)
+    w = window(clean_db, ['service="email"', 'severity=~"crit.*"'], T0, T0 + timedelta(minutes=30))
+    a = alert("EmailDown", service="email", severity="critical")
+    other = alert("WebDown", service="web", severity="critical")
+    outcomes = record(clean_db, config, a, other).outcomes
+    assert [o.action for o in outcomes] == ["suppressed", "created"]
+    assert w["id"] in outcomes[0].reason
+    clock.advance(60)
+    assert record(clean_db, config, a).outcomes[0].action == "suppressed"
+    (held,) = rows(clean_db, "SELECT fingerprint, status, count, released_at FROM suppressed_alerts")
+    assert (held["fingerprint"], held["status"], held["count"], held["released_at"]) == (a.fingerprint, "firing", 2, None)
+    assert incidents_of(clean_db, a.fingerprint) == []
+    assert sweep(clean_db, config) == []  # the window still runs
+    clock.set_now(T0 + timedelta(minutes=30))
+    event_ids = sweep(clean_db, config)
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert event_ids == [f"{incident['id']}.opened.0"] and incident["status"] == "open"
+    (held,) = rows(clean_db, "SELECT released_at, incident_id FROM suppressed_alerts")
+    assert held == {"released_at": T0 + timedelta(minutes=30), "incident_id": incident["id"]}
+    assert sweep(clean_db, config) == []  # released once
+
+
+def test_a_held_alert_that_resolved_during_the_window_opens_nothing(database_url, clean_db, at):
+    config = settings(database_url)
+    window(clean_db, ['alertname="Blip"'], T0, T0 + timedelta(minutes=10))
+    a = alert("Blip")
+    assert record(clean_db, config, a).outcomes[0].action == "suppressed"
+    record(clean_db, config, replace(a, status="resolved"))
+    clock.advance(600)
+    assert sweep(clean_db, config) == []
+    assert incidents_of(clean_db, a.fingerprint) == []
+    assert rows(clean_db, "SELECT status, released_at IS NOT NULL AS released FROM suppressed_alerts") == [
+        {"status": "resolved", "released": True}]
+
+
+def test_overlapping_windows_suppress_until_the_last_one_ends(database_url, clean_db, at):
+    config = settings(database_url)
+    window(clean_db, ['namespace="db"'], T0, T0 + timedelta(minutes=20))
+    window(clean_db, ['alertname=~"Postgres.*"', 'team!="web"'], T0 + timedelta(minutes=10), T0 + timedelta(minutes=40))
+    a = alert("PostgresDown", namespace="db")
+    assert record(clean_db, config, a).outcomes[0].action == "suppressed"
+    clock.set_now(T0 + timedelta(minutes=25))  # the first ended, the second holds it
+    assert sweep(clean_db, config) == []
+    assert record(clean_db, config, a).outcomes[0].action == "suppressed"
+    clock.set_now(T0 + timedelta(minutes=40))
+    assert len(sweep(clean_db, config)) == 1
+    assert [i["status"] for i in incidents_of(clean_db, a.fingerprint)] == ["open"]
+
+
+def test_an_expired_or_future_window_never_suppresses(database_url, clean_db, at):
+    config = settings(database_url)
+    window(clean_db, ['alertname="Late"'], T0 - timedelta(hours=2), T0 - timedelta(hours=1))
+    window(clean_db, ['alertname="Late"'], T0 + timedelta(hours=1), T0 + timedelta(hours=2))
+    assert record(clean_db, config, alert("Late")).outcomes[0].action == "created"
+    assert rows(clean_db, "SELECT * FROM suppressed_alerts") == []
+
+
+def test_ending_and_deleting_windows_is_audited_and_releases_at_the_next_sweep(database_url, clean_db, at):
+    config = settings(database_url)
+    w = window(clean_db, ['service="email"'], T0, T0 + timedelta(hours=4))
+    a = alert("EmailDown", service="email")
+    record(clean_db, config, a)
+    clock.advance(120)
+    with clean_db.begin() as conn:
+        ended = maintenance.end(conn, w["id"], "board:bob")
+        assert ended["ends_at"] == T0 + timedelta(seconds=120) and ended["ended_by"] == "board:bob"
+        assert maintenance.end(conn, w["id"], "board:bob") == ended  # harmless again
+    assert len(sweep(clean_db, config)) == 1
+    future = window(clean_db, ['service="web"'], T0 + timedelta(days=1), T0 + timedelta(days=2))
+    with clean_db.begin() as conn, pytest.raises(Conflict):
+        maintenance.end(conn, future["id"], "api")
+    with clean_db.begin() as conn:
+        maintenance.delete(conn, future["id"], "api:carol")
+        assert [e["action"] for e in maintenance.audit_of(conn, w["id"])] == ["created", "ended"]
+        assert [(e["action"], e["actor"]) for e in maintenance.audit_of(conn, future["id"])] == [
+            ("created", "api:alice"), ("deleted", "api:carol")]
+
+
+@pytest.mark.parametrize("text, labels, expected", [
+    ('service="email"', {"service": "email"}, True),
+    ('service="email"', {"service": "email2"}, False),
+    ('service!="email"', {}, True),
+    ('service=~"e.*"', {"service": "email"}, True),
+    ('service=~"mail"', {"service": "email"}, False),  # anchored, like AlertManager
+    ('service!~"web|api"', {"service": "email"}, True),
+    ('service!~"web|api"', {"service": "api"}, False),
+    ('summary="a \\"quoted\\" word"', {"summary": 'a "quoted" word'}, True),
+    ("team=ops", {"team": "ops"}, True),
+])
+def test_matchers_follow_alertmanager(text, labels, expected):
+    from shared import matchers
+
+    assert matchers.parse(text).matches(labels) is expected
+
+
+@pytest.mark.parametrize("bad", [[], ["service"], ['service=~"("'], ['x=~"(a)\\\\1"'], ['service=~".*"'], ['a!="b"']])
+def test_matchers_that_mean_nothing_or_everything_are_refused(bad):
+    from shared import matchers
+
+    with pytest.raises(BadRequest):
+        matchers.parse_all(bad)
+
+
+# ------------------------------------------------------------------ heartbeat
+
+
+def watchdog(**labels):
+    return alert("Watchdog", priority="P2", severity="none", **labels)
+
+
+def test_the_heartbeat_is_off_until_the_first_watchdog(database_url, clean_db, at):
+    config = settings(database_url, HEARTBEAT_TIMEOUT_SECONDS="600")
+    clock.advance(86400)
+    assert sweep(clean_db, config) == []
+    assert rows(clean_db, "SELECT * FROM incidents") == []
+
+
+def test_a_silent_pipeline_opens_a_p0_and_the_returning_watchdog_resolves_it(database_url, clean_db, at):
+    config = settings(database_url, HEARTBEAT_TIMEOUT_SECONDS="600")
+    wd = replace(watchdog(prometheus="monitoring/k8s"), ignored_reason="alertname Watchdog is in IGNORED_ALERTNAMES")
+    other = replace(watchdog(prometheus="monitoring/other", cluster="b"), ignored_reason="ignored")
+    assert record(clean_db, config, wd, other).outcomes[0].action == "ignored"  # still opens nothing itself
+    clock.advance(300)
+    record(clean_db, config, other)
+    clock.advance(300)
+    assert sweep(clean_db, config) == []  # exactly at the timeout: not yet
+    clock.advance(1)
+    (event_id,) = sweep(clean_db, config)
+    (incident,) = rows(clean_db, "SELECT id, priority, status, alert_name, summary, labels FROM incidents")
+    assert event_id == f"{incident['id']}.opened.0"
+    assert (incident["priority"], incident["status"], incident["alert_name"]) == ("P0", "open", "AlertingPipelineSilent")
+    assert "alerting pipeline silent" in incident["summary"] and incident["labels"]["prometheus"] == "monitoring/k8s"
+    clock.advance(60)
+    assert sweep(clean_db, config) == []  # one incident, not one per sweep
+    record(clean_db, config, wd)
+    assert rows(clean_db, "SELECT status, resolved_by FROM incidents") == [{"status": "resolved", "resolved_by": "alert"}]
+    assert rows(clean_db, "SELECT count(*) AS n FROM event_outbox WHERE type LIKE '%.resolved'")[0]["n"] == 1
+
+
+def test_the_sweep_forgets_settled_fingerprints_but_not_flapping_or_firing_ones(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_WINDOW_SECONDS="600", FLAP_QUIET_SECONDS="3600")
+    settled, firing, flappy = alert("Settled"), alert("StillFiring"), alert("Flappy")
+    record(clean_db, config, settled, firing, flappy)
+    clock.advance(10)
+    record(clean_db, config, replace(settled, status="resolved"), replace(flappy, status="resolved"))
+    clock.advance(10)
+    record(clean_db, config, flappy)  # second flip: flapping
+    clock.advance(601)
+    sweep(clean_db, config)
+    kept = {r["fingerprint"] for r in rows(clean_db, "SELECT fingerprint FROM alert_flaps")}
+    assert kept == {firing.fingerprint, flappy.fingerprint}
+
+
+def test_an_alert_that_settles_firing_after_its_incident_was_reopened_silently_is_paged_once_more(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    flips(clean_db, config, a, 4)  # fire, resolve (page resolved), fire (flag, silent reopen), resolve, fire
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert incident["status"] == "open" and len(opened_events(clean_db)) == 1
+    clock.advance(901)
+    # PagerDuty was told "resolved" before the flag: the still-firing alert must page again, once.
+    assert sweep(clean_db, config) == [f"{incident['id']}.opened.1"]
+    assert incidents_of(clean_db, a.fingerprint)[0]["generation"] == 1
+    assert timeline_kinds(clean_db, incident["id"])[-2:] == ["flapping_cleared", "reopened"]
+    clock.advance(60)
+    assert sweep(clean_db, config) == []
+
+
+def test_an_incident_that_stayed_open_while_flapping_is_not_paged_again_when_it_settles_firing(database_url, clean_db, at):
+    config = settings(database_url, FLAP_THRESHOLD="3", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    record(clean_db, config, a)
+    clock.advance(60)
+    record(clean_db, config, replace(a, status="resolved"))  # flip 1: resolves the first incident
+    clock.advance(60)
+    record(clean_db, config, a)  # flip 2: a second incident, paged
+    clock.advance(60)
+    record(clean_db, config, replace(a, status="resolved"))  # flip 3: flag; the second stays open
+    clock.advance(60)
+    record(clean_db, config, a)  # flip 4: refreshes it
+    assert [i["status"] for i in incidents_of(clean_db, a.fingerprint)] == ["resolved", "open"]
+    clock.advance(901)
+    assert sweep(clean_db, config) == []  # its page was never resolved: nothing to say
+    assert len(opened_events(clean_db)) == 2
+
+
+def test_a_sweep_without_the_database_gives_up_at_once_and_stops_nothing_else(database_url, caplog):
+    from loopback.processes import free_port
+    from shared import db
+
+    gone = db.create_engine_for(f"postgresql+pg8000://postgres@127.0.0.1:{free_port()}/nowhere", pool_size=1, max_overflow=0)
+    try:
+        with caplog.at_level("WARNING", logger="noise"):
+            assert noise.sweep(gone, settings(database_url), lambda *a: pytest.fail("nothing to record")) == []
+    finally:
+        gone.dispose()
+    assert [r.getMessage() for r in caplog.records if r.name == "noise"] == [
+        "Noise-control sweep skipped: the database is unavailable"]
