@@ -333,9 +333,9 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         # Notification channels (functions/escalation/channels/).
         announce_on_open_priorities=_priorities(env, "ANNOUNCE_ON_OPEN_PRIORITIES", "P0,P1"),
         # Noise control (docs/noise-control.md).
-        flap_threshold=_int(env, "FLAP_THRESHOLD", 4, minimum=2, maximum=1000),
+        flap_threshold=_int(env, "FLAP_THRESHOLD", 2, minimum=2, maximum=1000),
         flap_window_seconds=_int(env, "FLAP_WINDOW_SECONDS", 600, minimum=1),
-        flap_quiet_seconds=_int(env, "FLAP_QUIET_SECONDS", 900, minimum=1),
+        flap_quiet_seconds=_int(env, "FLAP_QUIET_SECONDS", 600, minimum=1),
         heartbeat_alertnames=_csv(env, "HEARTBEAT_ALERTNAMES", "Watchdog"),
         heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
         alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),

@@ -49,6 +49,13 @@ _SAVE = sa.text(compact(
 ))
 
 _ACTIVE = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status IN ('open', 'investigating')")
+# The alert's last incident was resolved by remediation and none is active:
+# a re-firing now means the fix did not hold, which the ingest's after-fix
+# rule reopens and pages at once. That is news for a human, not flapping.
+_AFTER_A_FIX = sa.text("SELECT resolved_by = 'remediation' FROM incidents i WHERE fingerprint = :f "
+                       "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = :f "
+                       "AND a.status IN ('open', 'investigating')) "
+                       "ORDER BY created_at DESC LIMIT 1")
 _LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' "
                            "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
 # Back to open without a new generation or an event: nobody is paged again.
@@ -82,7 +89,8 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         if flipped:
             flips.append(now.isoformat())
         since, incident_id = row["flapping_since"], row["incident_id"]
-        if since is None and len(flips) >= threshold:
+        if since is None and len(flips) >= threshold and not (
+                alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar()):
             since = now
             incident_id = _flag(conn, fp, alert, len(flips), window_seconds, now)
         if since is not None:

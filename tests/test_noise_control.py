@@ -86,25 +86,41 @@ def test_six_flips_in_ten_minutes_flag_one_incident_that_is_paged_once(database_
     assert rows(clean_db, "SELECT count(*) AS n FROM event_outbox WHERE type LIKE '%.resolved'")[0]["n"] == 1
 
 
-def test_with_the_default_threshold_nothing_is_paged_after_the_flag(database_url, clean_db, at):
+def test_with_the_defaults_six_flips_in_ten_minutes_page_once(database_url, clean_db, at):
     config = settings(database_url)
-    assert (config.flap_threshold, config.flap_window_seconds) == (4, 600)
+    assert (config.flap_threshold, config.flap_window_seconds, config.flap_quiet_seconds) == (2, 600, 600)
     a = alert("Flappy", service="email")
     record(clean_db, config, a)
     for n in range(6):
-        clock.advance(60)
+        clock.advance(100)
         record(clean_db, config, replace(a, status="resolved" if n % 2 == 0 else "firing"))
-        if n == 3:
-            pages_at_flag = len(opened_events(clean_db))
-    flagged = [i for i in incidents_of(clean_db, a.fingerprint) if "flapping" in timeline_kinds(clean_db, i["id"])]
-    assert len(flagged) == 1 and flagged[0]["status"] == "open"
-    assert len(opened_events(clean_db)) == pages_at_flag == 2
+    (incident,) = incidents_of(clean_db, a.fingerprint)
+    assert incident["status"] == "open" and "flapping" in timeline_kinds(clean_db, incident["id"])
+    assert len(opened_events(clean_db)) == 1
     # ... and a dozen more flips change nothing either: no page, no new generation for remediation.
     for n in range(12):
         clock.advance(30)
         record(clean_db, config, replace(a, status="resolved" if n % 2 == 0 else "firing"))
-    assert len(opened_events(clean_db)) == 2
-    assert [i["generation"] for i in incidents_of(clean_db, a.fingerprint)] == [0, 0]
+    assert len(opened_events(clean_db)) == 1
+    assert [i["generation"] for i in incidents_of(clean_db, a.fingerprint)] == [0]
+
+
+def test_a_fix_that_does_not_hold_is_paged_at_once_not_taken_for_flapping(database_url, clean_db, at):
+    config = settings(database_url)
+    a = alert("EmailServiceDown", service="email")
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [a], "/t", "alertmanager", 1800, config=config).outcomes[0].incident_id
+        svc.transition(conn, incident_id, "investigating", "remediation", "/t")
+        svc.transition(conn, incident_id, "resolved", "remediation", "/t", resolved_by="remediation")
+    clock.advance(60)
+    record(clean_db, config, replace(a, status="resolved"))
+    clock.advance(60)
+    again = replace(a, starts_at=T0 + timedelta(minutes=2))
+    with clean_db.begin() as conn:
+        outcome = svc.record_alerts(conn, [again], "/t", "alertmanager", 1800, config=config).outcomes[0]
+    assert (outcome.action, outcome.incident_id) == ("reopened", incident_id)
+    assert f"{incident_id}.opened.1" in opened_events(clean_db)
+    assert "flapping" not in timeline_kinds(clean_db, incident_id)
 
 
 def test_flips_spread_wider_than_the_window_are_not_flapping(database_url, clean_db, at):
