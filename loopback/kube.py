@@ -48,6 +48,39 @@ def deployment(name, replicas, ready=None, namespace="production", labels=None):
     }
 
 
+REVISION = "deployment.kubernetes.io/revision"
+HASH_LABEL = "pod-template-hash"
+
+
+def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=None):
+    """A ReplicaSet the deployment controller made for one revision of
+    ``owner``'s pod template, with the ``image`` its containers ran."""
+    meta = owner["metadata"]
+    pod_hash = pod_hash or f"h{revision:04d}"
+    template = copy.deepcopy(owner["spec"]["template"])
+    template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), HASH_LABEL: pod_hash}
+    for container in template["spec"]["containers"]:
+        container["image"] = image
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {
+            "name": f"{meta['name']}-{pod_hash}", "namespace": meta["namespace"], "uid": f"uid-rs-{meta['name']}-{pod_hash}",
+            "labels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash},
+            "annotations": {REVISION: str(revision), **(annotations or {})},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"], "uid": meta["uid"], "controller": True}],
+        },
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash}},
+                 "template": template},
+        "status": {"replicas": replicas},
+    }
+
+
+def _without_hash(template):
+    template = copy.deepcopy(template)
+    template.get("metadata", {}).get("labels", {}).pop(HASH_LABEL, None)
+    return template
+
+
 def _status(code, reason, message):
     return code, {"Content-Type": "application/json"}, json.dumps(
         {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code}
@@ -60,6 +93,7 @@ class FakeKubernetes:
         self.pods: list[dict] = []
         self.nodes: dict[str, dict] = {}
         self.jobs: list[dict] = []
+        self.replicasets: list[dict] = []
         self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
         self.server = RecordingServer(self._respond)
@@ -111,9 +145,14 @@ class FakeKubernetes:
         if req.method == "PATCH" and req.headers.get("content-type") == "application/json-patch+json" and not isinstance(body, list):
             # What a real API server says to a merge-style body sent as a JSON patch.
             return _status(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
+        if req.method == "PATCH" and isinstance(body, list) and req.headers.get("content-type") != "application/json-patch+json":
+            return _status(400, "BadRequest", "json: cannot unmarshal array into Go value of type map[string]interface {}")
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
             return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
+        m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/replicasets", path)
+        if m and req.method == "GET":
+            return self._replicasets(m.group(1), query)
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?", path)
         if m:
             return self._pods(req.method, m.group(1), m.group(2), query)
@@ -144,6 +183,8 @@ class FakeKubernetes:
                 obj["_ready_at"] = time.monotonic() + self.rollout_delay
             else:
                 obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = replicas
+        elif method == "PATCH" and isinstance(body, list):
+            self._json_patch(obj, body)
         elif method == "PATCH":
             annotations = (body or {}).get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
             obj["spec"]["template"]["metadata"].setdefault("annotations", {}).update(annotations)
@@ -167,6 +208,39 @@ class FakeKubernetes:
                 "status": {"replicas": obj["status"]["replicas"]},
             }
         return 200, {"Content-Type": "application/json"}, json.dumps(public).encode()
+
+    def _replicasets(self, ns, query):
+        selector = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if "=" in part)
+        items = [r for r in self.replicasets if r["metadata"]["namespace"] == ns
+                 and all(r["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"apiVersion": "apps/v1", "kind": "ReplicaSetList", "metadata": {}, "items": items}).encode()
+
+    def _json_patch(self, obj, ops):
+        """RFC 6902 ``replace`` (what `kubectl rollout undo` sends), then what
+        the deployment controller does with a changed template: the
+        ReplicaSet whose template matches becomes the newest revision."""
+        for op in ops:
+            assert op["op"] == "replace", op
+            parts = op["path"].strip("/").split("/")
+            target = obj
+            for part in parts[:-1]:
+                target = target[part]
+            target[parts[-1]] = copy.deepcopy(op["value"])
+        obj["metadata"]["generation"] += 1
+        owned = [r for r in self.replicasets if any(o.get("uid") == obj["metadata"]["uid"] for o in r["metadata"].get("ownerReferences", []))]
+        newest = max((int(r["metadata"]["annotations"].get(REVISION, 0)) for r in owned), default=0)
+        for r in owned:
+            if _without_hash(r["spec"]["template"]) == _without_hash(obj["spec"]["template"]):
+                r["metadata"]["annotations"][REVISION] = str(newest + 1)
+        obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
+        obj["status"]["updatedReplicas"] = obj["spec"]["replicas"]
+        if self.rollout_delay:
+            # The restored template's pods start from scratch.
+            obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = 0
+            obj["_ready_at"] = time.monotonic() + self.rollout_delay
+        else:
+            obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = obj["spec"]["replicas"]
 
     def _pods(self, method, ns, name, query):
         if name:

@@ -55,7 +55,7 @@ def paths(server, method):
 
 def test_registry_names_every_action_with_its_target():
     assert set(act.REGISTRY) == {"scale_deployment", "rollout_restart", "delete_pods", "run_job", "cordon_node",
-                                 "terminate_idle_db_connections", "escalate"}
+                                 "terminate_idle_db_connections", "escalate", "rollback_deployment"}
     spec = act.REGISTRY["scale_deployment"]
     params = spec.params(namespace="production", name="email", replicas=3)
     assert spec.target(params) == TargetRef("deployment", "email", "production") and str(spec.target(params)) == "production/email"

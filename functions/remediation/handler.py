@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
-from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, NotConfigured
+from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
 from shared import claims, db, events, eventio, incidents
 from shared.config import Settings
 from shared.domain import service_of
@@ -159,6 +159,9 @@ class RemediationHandler:
             outcome = spec.run(ctx, params)
             record.update({"target": outcome.target, "from": outcome.before, "to": outcome.after, "success": True})
             record.update(outcome.details)
+        except BlastRadiusExceeded as exc:
+            record.update(error=f"blocked by blast_radius: {exc}", blocked_by="blast_radius")
+            log.warning("Remediation action blocked", extra={"incident_id": incident["id"], "action": step.action, "target": str(target), "rail": "blast_radius"})
         except NotConfigured as exc:
             if dry_run:
                 # Nothing to read the current state from, but the intent is
@@ -180,7 +183,7 @@ class RemediationHandler:
             incidents.append_remediation_action(conn, incident_id, record)
             incidents.add_timeline(conn, incident_id, "remediation_action", record, "remediation")
             if run_id is not None:
-                rails.finish(conn, run_id, record["success"])
+                rails.finish(conn, run_id, record["success"], record.get("blocked_by"), record.get("error"))
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         event_ids: list[str] = []
