@@ -16,7 +16,7 @@ from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from loopback.kube import deployment, pod
+from loopback.kube import deployment, pod, replicaset
 from loopback.processes import FunctionProcess
 
 REMEDIATED = events.INCIDENT_REMEDIATED
@@ -26,9 +26,12 @@ FAILED = events.INCIDENT_REMEDIATION_FAILED
 @pytest.fixture
 def cluster(kube):
     kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear(), kube.jobs.clear(), kube.nodes.clear()
+    kube.replicasets.clear()
     kube.rollout_delay = 0.0
     kube.add_deployment(deployment("email-service", 1))
-    kube.add_deployment(deployment("billing", 2))
+    kube.add_deployment(billing := deployment("billing", 2))
+    # billing's rollout history: revision 1, then the current revision 2.
+    kube.replicasets.extend([replicaset(billing, 1, "registry.local/billing:1"), replicaset(billing, 2, "registry.local/app:1", replicas=2)])
     kube.add_deployment(deployment("email-service", 1, namespace="staging"))
     kube.pods.extend([
         pod("email-service-a", {"app": "email-service"}),

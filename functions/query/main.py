@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.query.api import QueryApi
 from functions.query.backlog_api import BacklogApi
+from functions.query.proposals_api import ProposalsApi
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -23,6 +24,7 @@ install_json_errors()
 _publisher = Publisher(config)
 _api = QueryApi(config, _publisher)
 _backlog = BacklogApi(config, _publisher, _api.actor)
+_proposals = ProposalsApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -84,6 +86,10 @@ ROUTES = [
     Route("GET", "/incidents", _api.list),
     Route("GET", "/incidents/{incident_id}", _api.get),
     Route("PATCH", "/incidents/{incident_id}", _api.patch),
+    Route("GET", "/incidents/{incident_id}/proposals", _proposals.list),
+    Route("GET", "/incidents/{incident_id}/proposals/{proposal_id}", _proposals.get),
+    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals.approve),
+    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals.reject),
     Route("GET", "/dead-letters", _backlog.dead_letters),
     Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
     Route("GET", "/outbox/parked", _backlog.parked),

@@ -1,6 +1,13 @@
 """``incident.diagnosed`` in, the playbook run once, ``incident.remediated``
 or ``incident.remediation_failed`` out. Every action is committed as it
-finishes, so a crash mid-playbook leaves an honest record."""
+finishes, so a crash mid-playbook leaves an honest record.
+
+A playbook that needs approval records a proposal instead (its actions,
+rendered, with a dry-run preview) and replies ``remediation_failed`` saying
+so, which tells the humans; ``incident.remediation_approved`` then executes
+the proposal once, with the rails judged again. After live actions the
+result is verified against Prometheus; not verified, what can be undone is
+undone and a human is told."""
 
 from __future__ import annotations
 
@@ -12,10 +19,13 @@ from cloudevents.http import CloudEvent
 from flask import Response
 from pydantic import ValidationError
 
+from functions.remediation import actions as act
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
-from shared import claims, db, events, eventio, incidents
+from functions.remediation.verify import Verifier
+from shared import claims, db, events, eventio, incidents, proposals
+from shared import remediation_runs as runs
 from shared.config import Settings
 from shared.domain import service_of
 from shared.errors import Conflict, InvalidTransition
@@ -35,7 +45,10 @@ def claim_stale_seconds(config: Settings, playbooks: list[pb.Playbook]) -> float
     Broker retry and every reconciliation attempt."""
     longest = max((len(p.steps) for p in playbooks), default=1)
     per_step = config.remediation_verify_timeout_seconds + CALLS_PER_ACTION * config.probe_timeout_seconds
-    return longest * per_step + 2 * config.db_timeout_seconds
+    # Verification waits its window, then a revert may undo every step.
+    window = max([config.remediation_verify_window_seconds] + [p.verify.within_seconds for p in playbooks
+                                                                if p.verify and p.verify.within_seconds])
+    return 2 * longest * per_step + window + 2 * config.db_timeout_seconds
 
 
 @dataclass
@@ -44,9 +57,20 @@ class Result:
     reason: str
     actions: list[dict] = field(default_factory=list)
     playbook: str | None = None
+    proposal: dict | None = None  # awaiting approval, or the approved one that ran
+    verification: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"outcome": self.outcome, "reason": self.reason, "actions": self.actions, "playbook": self.playbook}
+        out = {"outcome": self.outcome, "reason": self.reason, "actions": self.actions, "playbook": self.playbook}
+        if self.proposal:
+            out["proposal"] = self.proposal
+        if self.verification:
+            out["verification"] = self.verification
+        return out
+
+
+def proposal_url(config: Settings, incident_id: str, proposal_id: str) -> str:
+    return f"{config.public_url}/ui/incidents/{incident_id}#proposal-{proposal_id}"
 
 
 def now_rfc3339() -> str:
@@ -69,14 +93,26 @@ def template_context(incident: dict) -> dict:
     return context
 
 
+def _revertible(record: dict) -> bool:
+    """Live, successful, and changed something that has a recorded before."""
+    if record.get("revert") or record.get("dry_run") or not record.get("success") or record.get("from") == record.get("to"):
+        return False
+    if record["action"] == "scale_deployment":
+        return isinstance(record.get("from"), int) and record.get("from", 0) >= 1
+    return record["action"] == "rollback_deployment" and isinstance((record.get("revision") or {}).get("from"), int)
+
+
 class RemediationHandler:
     def __init__(self, config: Settings, playbooks: list[pb.Playbook], publisher: Publisher):
         self.config = config
         self.playbooks = playbooks
         self.publisher = publisher
         self.claim_stale_seconds = claim_stale_seconds(config, playbooks)
+        self.verifier = Verifier(config)
 
     def handle(self, event: CloudEvent) -> Response:
+        if event["type"] == events.INCIDENT_REMEDIATION_APPROVED:
+            return self.handle_approved(event)
         incident_id = eventio.incident_id_of(event)
         with db.transaction() as conn:
             step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds)
@@ -110,6 +146,11 @@ class RemediationHandler:
         if playbook is None:
             return Result("failed", f"no playbook matches {incident['alert_name']}")
         dry_run = self.config.remediation_mode == "dry-run"
+        if not dry_run and playbook.needs_approval(self.config.remediation_mode):
+            return self._propose(incident, playbook)
+        return self._execute(incident, playbook, dry_run)
+
+    def _execute(self, incident: dict, playbook: pb.Playbook, dry_run: bool) -> Result:
         context = template_context(incident)
         result = Result("remediated", "", playbook=playbook.name)
         escalation = None
@@ -128,7 +169,195 @@ class RemediationHandler:
             result.outcome, result.reason = "failed", "dry-run: nothing was changed, a human must act"
         else:
             result.reason = "every action succeeded and was verified"
+            self._verify(incident, playbook, context, result)
         return result
+
+    # ------------------------------------------------------------------ verification and revert
+
+    def _verify(self, incident: dict, playbook: pb.Playbook, context: dict, result: Result) -> None:
+        verdict = self.verifier.check(incident, playbook, context)
+        if verdict.verified is None and not verdict.reason:
+            return  # nothing to ask (no PROMETHEUS_URL, no verify declared): readiness was the check
+        result.verification = {"verified": verdict.verified, "reason": verdict.reason, "query": verdict.query}
+        with db.transaction() as conn:
+            incidents.add_timeline(conn, incident["id"], "remediation_verification", result.verification, "remediation")
+        if verdict.verified:
+            result.reason = f"every action succeeded; {verdict.reason}"
+            return
+        result.outcome, result.reason = "failed", verdict.reason
+        if verdict.verified is False:
+            reverted = [self._revert(incident, record) for record in reversed(result.actions) if _revertible(record)]
+            result.actions.extend(r for r in reverted if r)
+            if reverted:
+                result.reason += "; reverted " + ", ".join(f"{r['action']} on {r['target']}" for r in reverted if r and r["success"])
+
+    def _revert(self, incident: dict, record: dict) -> dict:
+        """Undo one verified-but-unhelpful action to the state recorded before it."""
+        out = {"action": record["action"], "revert": True, "target": record["target"], "namespace": record.get("namespace"),
+               "from": record["to"], "to": record["from"], "timestamp": now_rfc3339(), "success": False, "dry_run": False, "error": None}
+        ctx = ActionContext(self.config, incident, False, self.config.remediation_verify_timeout_seconds)
+        target = act.DeploymentParams(namespace=record["namespace"], name=record["target"])
+        with db.transaction() as conn:
+            run_id = runs.record(conn, incident["id"], f"revert:{record['action']}", f"{target.namespace}/{target.name}", False, None, "")
+        try:
+            if record["action"] == "scale_deployment":
+                done = act.revert_scale(ctx, target, record["from"])
+                out.update({"from": done.before, "to": done.after})
+            else:
+                revision = record["revision"]["from"]
+                done = act.rollback_deployment(ctx, act.RollbackParams(namespace=target.namespace, name=target.name, to_revision=revision))
+                out.update({"from": done.before, "to": revision, "revision": done.details.get("revision")})
+            out["success"] = True
+        except ActionFailed as exc:
+            out["error"] = str(exc)
+        except Exception as exc:  # a revert bug is a failed revert, recorded
+            log.exception("Remediation revert crashed", extra={"incident_id": incident["id"], "action": record["action"]})
+            out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        out["timestamp"] = now_rfc3339()
+        self._record(incident["id"], out, run_id)
+        return out
+
+    # ------------------------------------------------------------------ approval
+
+    def _propose(self, incident: dict, playbook: pb.Playbook) -> Result:
+        """Render every action, preview it in dry-run (the blast radius and the
+        current state are read now), and record the proposal."""
+        context = template_context(incident)
+        planned, preview, records = [], [], []
+        for step in playbook.steps:
+            spec = REGISTRY[step.action]
+            record = {"action": step.action, "target": None, "from": None, "to": None, "timestamp": now_rfc3339(),
+                      "success": False, "dry_run": True, "error": None}
+            try:
+                params = spec.params.model_validate(pb.render_params(step.params, context))
+            except (TemplateError, ValidationError) as exc:
+                record["error"] = f"parameters: {str(exc) if isinstance(exc, TemplateError) else exc.errors()[0]['msg']}"
+                self._record(incident["id"], record, None)
+                return Result("failed", record["error"], records + [record], playbook.name)
+            target = spec.target(params)
+            record.update(target=target.name, **({"namespace": target.namespace} if target.namespace else {}))
+            with db.engine().connect() as conn:
+                verdict = rails.judge(conn, self.config, step.action, target, False)
+            ctx = ActionContext(self.config, incident, True, self.config.remediation_verify_timeout_seconds)
+            try:
+                outcome = spec.run(ctx, params)
+                record.update({"target": outcome.target, "from": outcome.before, "to": outcome.after, "success": True, **outcome.details})
+            except BlastRadiusExceeded as exc:
+                record.update(error=f"blocked by blast_radius: {exc}", blocked_by="blast_radius")
+            except NotConfigured as exc:
+                record.update(success=True, note=f"{exc}: would run with {params.model_dump()}")
+            except ActionFailed as exc:
+                record["error"] = str(exc)
+            if verdict.blocked_by:
+                record["rails_now"] = f"blocked by {verdict.blocked_by}: {verdict.reason} (judged again when approved)"
+            if not record["success"]:
+                # A proposal that cannot work is not worth a human's approval.
+                self._record(incident["id"], record, None)
+                return Result("failed", record["error"], records + [record], playbook.name)
+            records.append(record)
+            planned.append({"action": step.action, "target": str(target), "params": params.model_dump(mode="json")})
+            preview.append(record)
+        with db.transaction() as conn:
+            proposal = proposals.create(conn, incident, playbook.name, planned, preview, self.config.remediation_approval_ttl_seconds)
+        url = proposal_url(self.config, incident["id"], proposal["id"])
+        summary = "; ".join(f"{a['action']} {a['target']}" for a in planned)
+        reason = f"awaiting approval: {summary}. Approve or reject proposal {proposal['id']} at {url}"
+        log.info("Remediation proposed", extra={"incident_id": incident["id"], "proposal_id": proposal["id"], "playbook": playbook.name})
+        return Result("failed", reason, [], playbook.name,
+                      proposal={"id": proposal["id"], "hash": proposal["hash"], "url": url, "status": "pending",
+                                "expires_at": proposals.present(proposal)["expires_at"]})
+
+    def handle_approved(self, event: CloudEvent) -> Response:
+        incident_id = eventio.incident_id_of(event)
+        data = event.get_data() if isinstance(event.get_data(), dict) else {}
+        proposal_id = str(data.get("proposal_id") or "")
+        with db.transaction() as conn:
+            proposal = proposals.claim_execution(conn, incident_id, proposal_id)
+            current = proposal or proposals.get(conn, incident_id, proposal_id)
+        if current is None:
+            log.warning("Approval names no proposal", extra={"incident_id": incident_id, "proposal_id": proposal_id})
+            return eventio.ack()
+        if proposal is None:
+            return self._replay_approved(current)
+        log.info("Executing approved remediation", extra={"incident_id": incident_id, "proposal_id": proposal_id})
+        try:
+            result = self._run_approved(proposal)
+            event_ids = self._finish_approved(proposal, result)
+        except Exception:
+            with db.transaction() as conn:
+                proposals.finish(conn, proposal_id, False, "remediation crashed while executing; see the logs")
+            raise
+        self.publisher.submit(event_ids)
+        return self._reply(incident_id, result, self._approved_event_id(proposal, result))
+
+    def _run_approved(self, proposal: dict) -> Result:
+        with db.engine().connect() as conn:
+            incident = incidents.require_incident(conn, proposal["incident_id"])
+        approved = {"id": proposal["id"], "hash": proposal["hash"], "approved_by": proposal["decided_by"]}
+        if incident["status"] not in ("open", "investigating") or incident["generation"] != proposal["generation"]:
+            return Result("failed", f"not executed: the incident is {incident['status']} (generation {incident['generation']}) "
+                                    f"since the proposal (generation {proposal['generation']})", playbook=proposal["playbook"], proposal=approved)
+        playbook = next((p for p in self.playbooks if p.name == proposal["playbook"]), None)
+        if playbook is None:
+            return Result("failed", f"not executed: playbook {proposal['playbook']} is no longer loaded", proposal=approved)
+        current = self._planned(incident, playbook)
+        if current is None or proposals.fingerprint(incident["id"], current) != proposal["hash"]:
+            # The approval was for other parameters: it does not carry over.
+            fresh = self._propose(incident, playbook)
+            fresh.reason = "not executed: the actions or parameters changed since the approval; " + fresh.reason
+            return fresh
+        result = self._execute(incident, playbook, dry_run=False)
+        result.proposal = approved
+        return result
+
+    def _planned(self, incident: dict, playbook: pb.Playbook) -> list[dict] | None:
+        context = template_context(incident)
+        planned = []
+        for step in playbook.steps:
+            spec = REGISTRY[step.action]
+            try:
+                params = spec.params.model_validate(pb.render_params(step.params, context))
+            except (TemplateError, ValidationError):
+                return None
+            planned.append({"action": step.action, "target": str(spec.target(params)), "params": params.model_dump(mode="json")})
+        return planned
+
+    def _finish_approved(self, proposal: dict, result: Result) -> list[str]:
+        event_ids: list[str] = []
+        with db.engine().connect() as conn:
+            incident = incidents.require_incident(conn, proposal["incident_id"])
+        with db.transaction() as conn:
+            if result.outcome == "remediated":
+                try:
+                    _, event_ids = incidents.transition(
+                        conn, incident["id"], "resolved", "remediation", self.config.event_source,
+                        note=result.reason, resolved_by="remediation",
+                    )
+                except InvalidTransition:
+                    pass
+            executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
+            proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
+            incidents.add_timeline(conn, incident["id"], "remediation_result", {
+                **result.as_dict(), "generation": incident["generation"], "approved_proposal": proposal["id"]}, "remediation")
+        return event_ids
+
+    def _approved_event_id(self, proposal: dict, result: Result) -> str:
+        transition = "remediated" if result.outcome == "remediated" else "remediation_failed"
+        return f"{proposal['incident_id']}.{transition}.{proposal['generation']}.{proposal['id']}"
+
+    def _replay_approved(self, proposal: dict) -> Response:
+        if proposal["status"] in ("pending", "rejected", "expired", "superseded"):
+            log.warning("Approval event for a proposal that is not approved", extra={
+                "incident_id": proposal["incident_id"], "proposal_id": proposal["id"], "status": proposal["status"]})
+            return eventio.ack()
+        with db.engine().connect() as conn:
+            entries = [t for t in incidents.get_timeline(conn, proposal["incident_id"])
+                       if t["kind"] == "remediation_result" and t["details"].get("approved_proposal") == proposal["id"]]
+        if not entries:
+            raise Conflict(f"proposal {proposal['id']} is {proposal['status']}; its result is not recorded yet; retry")
+        d = entries[-1]["details"]
+        result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"))
+        return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result))
 
     def _step(self, incident: dict, step: pb.Step, context: dict, dry_run: bool) -> dict:
         spec = REGISTRY[step.action]
@@ -212,10 +441,11 @@ class RemediationHandler:
             raise Conflict("remediation finished but its result is not recorded yet; retry")
         d = entries[-1]["details"]
         log.info("Remediation already ran; replying again", extra={"incident_id": incident["id"]})
-        return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook")))
+        return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"),
+                                                  d.get("proposal"), d.get("verification")))
 
-    def _reply(self, incident_id: str, result: Result) -> Response:
+    def _reply(self, incident_id: str, result: Result, event_id: str | None = None) -> Response:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
-        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()})
+        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()}, event_id)
