@@ -209,3 +209,28 @@ def test_unknown_proposal_and_bad_ids(remediation, query, cluster, clean_db):
     assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"force": True}).status_code == 400
     unauthenticated = requests.post(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}/approve", timeout=10)
     assert unauthenticated.status_code == 401
+
+
+def test_the_board_buttons_need_the_forms_csrf_token_and_a_listed_approver(remediation, query, cluster, clean_db):
+    import re as _re
+
+    row, summary = proposed(clean_db, remediation)
+    base = f"{query.url}/ui/incidents/{row['id']}/proposals/{summary['id']}"
+    anonymous = requests.post(base + "/approve", data={"actor": "alice"}, allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 303 and anonymous.headers["Location"].startswith("/ui/login")
+    browser = requests.Session()
+    assert browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, allow_redirects=False, timeout=10).status_code == 303
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    csrf = _re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert f'id="approve-{summary["id"]}"' in page and summary["hash"] in page
+    forged = browser.post(base + "/approve", data={"actor": "alice", "csrf": "forged"}, allow_redirects=False, timeout=10)
+    assert forged.status_code == 403
+    stranger = browser.post(base + "/approve", data={"actor": "mallory", "csrf": csrf}, allow_redirects=False, timeout=10)
+    assert stranger.status_code == 303 and "error=" in stranger.headers["Location"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    with clean_db.connect() as conn:
+        assert [t["actor"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"] == ["board:mallory"]
+    rejected = browser.post(base + "/reject", data={"actor": "bob", "csrf": csrf, "hash": summary["hash"]}, allow_redirects=False, timeout=10)
+    assert rejected.status_code == 303 and "notice=" in rejected.headers["Location"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["decided_by"] == "board:bob"
+    assert not cluster.calls("PATCH")

@@ -153,7 +153,21 @@ def test_deleting_too_large_a_share_of_the_workload_is_refused(k8s):
     k8s.pods.extend(pod(f"w-{i}", {"app": "w"}, ready=False, waiting="CrashLoopBackOff") for i in range(3))
     k8s.pods.append(pod("w-ok", {"app": "w"}))
     params = act.DeletePodsParams(namespace="production", selector="app=w", reasons=["CrashLoopBackOff"])
-    with pytest.raises(BlastRadiusExceeded, match="deleting 3 of the 4 pods of the workload \\(75%\\); REMEDIATION_MAX_PODS_DELETED_SHARE allows 50%"):
+    with pytest.raises(BlastRadiusExceeded, match="deleting 3 of the 4 live pods of the workload \\(75%\\); REMEDIATION_MAX_PODS_DELETED_SHARE allows 50%"):
         act.delete_pods(ctx(False), params)
     assert not k8s.calls("DELETE")
     assert act.delete_pods(ctx(False, REMEDIATION_MAX_PODS_DELETED_SHARE="0.8"), params).details["pods"] == ["w-0", "w-1", "w-2"]
+
+
+def test_the_share_counts_live_pods_per_workload(k8s):
+    # Evicted pods serve nothing: clearing all of them costs no capacity.
+    k8s.pods.extend(pod(f"e-{i}", {"app": "w"}, phase="Failed", reason="Evicted") for i in range(4))
+    k8s.pods.extend(pod(f"x-{i}", {"app": "x"}, ready=False, waiting="CrashLoopBackOff") for i in range(2))
+    k8s.pods.extend(pod(f"x-ok-{i}", {"app": "x"}) for i in range(2))
+    evicted = act.DeletePodsParams(namespace="production", reasons=["Evicted"])
+    assert len(act.delete_pods(ctx(True), evicted).details["pods"]) == 4
+    # Half of workload x's live pods: allowed at 50 %, refused below.
+    looping = act.DeletePodsParams(namespace="production", reasons=["CrashLoopBackOff"])
+    assert act.delete_pods(ctx(True), looping).details["pods"] == ["x-0", "x-1"]
+    with pytest.raises(BlastRadiusExceeded, match="deleting 2 of the 4 live pods"):
+        act.delete_pods(ctx(True, REMEDIATION_MAX_PODS_DELETED_SHARE="0.4"), looping)

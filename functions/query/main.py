@@ -55,6 +55,17 @@ def _backlog_ui(method: str):
     return call
 
 
+def _proposals_ui(method: str):
+    def call(request, **params):
+        if "proposals_board" not in _lazy:
+            from functions.query.proposals_board import ProposalsBoard
+
+            _lazy["proposals_board"] = ProposalsBoard(_board())
+        return getattr(_lazy["proposals_board"], method)(request, **params)
+
+    return call
+
+
 def _metrics(request):
     if not config.metrics_public:
         check_bearer(request, config.api_token)
@@ -104,6 +115,8 @@ ROUTES = [
     Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
     Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
     Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals_ui("approve"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals_ui("reject"), auth=False),
     Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
     Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
     Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),

@@ -447,24 +447,29 @@ def _pods_target(p: DeletePodsParams) -> TargetRef:
     return TargetRef("pods", p.pod or p.selector or "*", p.namespace)
 
 
-def _workload_of(pod, pods: list) -> list:
-    """The pods of the named pod's workload: those with its controller, or
-    (a bare pod) those with exactly its labels."""
+def _workload_key(pod) -> tuple:
+    """Which workload a pod belongs to: its controller, or (a bare pod) its labels."""
     owner = next((o.uid for o in pod.metadata.owner_references or [] if o.controller), None)
-    if owner:
-        return [x for x in pods if any(o.controller and o.uid == owner for o in x.metadata.owner_references or [])]
-    return [x for x in pods if (x.metadata.labels or {}) == (pod.metadata.labels or {})]
+    return ("owner", owner) if owner else ("labels", tuple(sorted((pod.metadata.labels or {}).items())))
 
 
-def _pod_blast_radius(ctx: ActionContext, p: DeletePodsParams, deleting: int, workload: int) -> None:
+def _live(pod) -> bool:
+    # A Failed or Succeeded pod serves nothing: removing it costs no capacity.
+    return not (pod.status and pod.status.phase in ("Failed", "Succeeded"))
+
+
+def _pod_blast_radius(ctx: ActionContext, p: DeletePodsParams, deleting: list, population: list) -> None:
     limit, share = ctx.config.remediation_max_pods_deleted, ctx.config.remediation_max_pods_deleted_share
-    if deleting > limit:
-        raise BlastRadiusExceeded(f"deleting {deleting} pods in {p.namespace}; REMEDIATION_MAX_PODS_DELETED allows {limit}")
-    # One pod of a one-pod workload is the whole workload, but a replaced
-    # pod is what delete_pods is for; the share guards the many-pod case.
-    if deleting > 1 and workload and deleting / workload > share:
-        raise BlastRadiusExceeded(f"deleting {deleting} of the {workload} pods of the workload ({deleting / workload:.0%}); "
-                                  f"REMEDIATION_MAX_PODS_DELETED_SHARE allows {share:.0%}")
+    if len(deleting) > limit:
+        raise BlastRadiusExceeded(f"deleting {len(deleting)} pods in {p.namespace}; REMEDIATION_MAX_PODS_DELETED allows {limit}")
+    # The share is of each workload's live pods. One pod is always allowed:
+    # replacing a single crash-looping replica is what delete_pods is for.
+    for key in {_workload_key(x) for x in deleting if _live(x)}:
+        live = [x for x in population if _live(x) and _workload_key(x) == key]
+        gone = [x for x in deleting if _live(x) and _workload_key(x) == key]
+        if len(gone) > 1 and live and len(gone) / len(live) > share:
+            raise BlastRadiusExceeded(f"deleting {len(gone)} of the {len(live)} live pods of the workload ({len(gone) / len(live):.0%}); "
+                                      f"REMEDIATION_MAX_PODS_DELETED_SHARE allows {share:.0%}")
 
 
 def _pod_matches(pod, reasons: list[str]) -> bool:
@@ -489,14 +494,12 @@ def delete_pods(ctx: ActionContext, p: DeletePodsParams) -> Outcome:
     timeout = ctx.config.probe_timeout_seconds
     selector = p.selector or ""
     pods = _call(core.list_namespaced_pod, p.namespace, label_selector=selector, _request_timeout=timeout).items
-    workload = pods
+    population = pods
     if p.pod:
-        named = [x for x in pods if x.metadata.name == p.pod]
-        workload = _workload_of(named[0], pods) if named else named
-        pods = named
+        pods = [x for x in pods if x.metadata.name == p.pod]
     matching = [x for x in pods if _pod_matches(x, p.reasons)][: p.max_pods]
     names = [x.metadata.name for x in matching]
-    _pod_blast_radius(ctx, p, len(matching), len(workload))
+    _pod_blast_radius(ctx, p, matching, population)
     if not ctx.dry_run:
         for name in names:
             _call(core.delete_namespaced_pod, name, p.namespace, _request_timeout=timeout)
