@@ -13,7 +13,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -145,6 +145,11 @@ def finish(conn: Connection, proposal_id: str, executed: bool, reason: str) -> d
 
 def present(proposal: dict) -> dict:
     out = {k: proposal[k] for k in COLUMNS}
+    # A pending proposal past its TTL can no longer be approved: show it as
+    # what it is (the stored status follows at the first decision attempt).
+    expires = out["expires_at"]
+    if out["status"] == "pending" and isinstance(expires, datetime) and expires <= datetime.now(timezone.utc).replace(tzinfo=None):
+        out["status"] = "expired"
     for key in ("created_at", "expires_at", "decided_at", "finished_at"):
         value = out[key]
         out[key] = value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else value

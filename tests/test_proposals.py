@@ -234,3 +234,26 @@ def test_the_board_buttons_need_the_forms_csrf_token_and_a_listed_approver(remed
     assert rejected.status_code == 303 and "notice=" in rejected.headers["Location"]
     assert proposal_row(clean_db, row["id"], summary["id"])["decided_by"] == "board:bob"
     assert not cluster.calls("PATCH")
+
+
+def test_a_proposal_past_its_ttl_shows_as_expired_before_anyone_decides(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET expires_at = timezone('utc', now()) - interval '1 second' WHERE id = :id"),
+                     {"id": summary["id"]})
+    shown = requests.get(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10)
+    assert shown.status_code == 200 and shown.json()["status"] == "expired"
+    browser = requests.Session()
+    browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, timeout=10)
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert f'id="proposal-status-{summary["id"]}">expired<' in page and f'id="approve-{summary["id"]}"' not in page
+
+
+def test_an_incident_resolved_before_the_approval_runs_is_not_remediated(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "test", "/test")
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is resolved")
+    assert not cluster.calls("PATCH")

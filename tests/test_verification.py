@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
+from functions.remediation import playbooks as pb
+from functions.remediation.verify import alerts_query
 from loopback.kube import deployment, replicaset
 from loopback.processes import FunctionProcess, wait_until
 from shared import events
@@ -185,3 +187,45 @@ def test_a_rollback_that_did_not_help_is_rolled_forward_again(remediation, clust
     action, revert = actions_of(clean_db, row["id"])
     assert action["revision"] == {"from": 3, "to": 2}
     assert revert["revert"] and revert["success"] and revert["to"] == 3
+
+
+# --------------------------------------------------------------------------- the playbook fields
+
+
+def _book(**extra):
+    return {"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "escalate"}], **extra}]}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"approval": "maybe"}, "field 'approval': must be 'required' or 'none'"),
+    ({"verify": "up"}, "field 'verify': must be a mapping"),
+    ({"verify": {}}, "exactly one of promql and alert_stops_firing"),
+    ({"verify": {"promql": "up", "alert_stops_firing": "A"}}, "exactly one of promql and alert_stops_firing"),
+    ({"verify": {"promql": " "}}, "field 'verify.promql': must be a non-empty string"),
+    ({"verify": {"promql": "up", "within_seconds": 0}}, "field 'verify.within_seconds'"),
+    ({"verify": {"promql": "up", "within_seconds": True}}, "field 'verify.within_seconds'"),
+    ({"verify": {"promql": "up", "window": 3}}, "field 'verify.window': unknown"),
+])
+def test_invalid_approval_and_verify_are_refused_naming_the_field(extra, message):
+    with pytest.raises(pb.PlaybookError, match="custom.yaml: playbook 'x': ") as err:
+        pb.parse(_book(**extra), "custom.yaml")
+    assert message in str(err.value)
+
+
+def test_approval_on_one_action_or_the_playbook_and_by_mode():
+    (plain,) = pb.parse(_book(), "p.yaml")
+    (whole,) = pb.parse(_book(approval="required"), "p.yaml")
+    (one,) = pb.parse({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [
+        {"action": "escalate"}, {"action": "escalate", "approval": "required"}]}]}, "p.yaml")
+    assert [plain.needs_approval("live"), whole.needs_approval("live"), one.needs_approval("live")] == [False, True, True]
+    assert plain.needs_approval("approve")
+    with pytest.raises(pb.PlaybookError, match="actions\\[0\\]: field 'approve': unknown"):
+        pb.parse({"playbooks": [{"name": "x", "match": {"alertname": "A"}, "actions": [{"action": "escalate", "approve": True}]}]}, "p.yaml")
+    (shipped,) = [p for p in pb.load() if p.name == "deployment-rollout-stuck"]
+    assert shipped.approval and shipped.steps[0].action == "rollback_deployment"
+    assert shipped.verify == pb.Verify(alert_stops_firing="KubeDeploymentRolloutStuck")
+
+
+def test_the_alerts_query_names_the_alert_by_its_identifying_labels_escaped():
+    query = alerts_query("Kube\"Pod", {"namespace": "prod", "pod": 'a"b', "cluster": "eu-1", "severity": "critical"})
+    assert query == 'ALERTS{alertname="Kube\\"Pod", alertstate="firing", namespace="prod", pod="a\\"b"}'

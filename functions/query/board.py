@@ -220,7 +220,7 @@ class Board:
             return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
         notifications = [t for t in timeline if t["kind"] == "notification"]
         with db.engine().connect() as conn:
-            pending = proposals.of_incident(conn, row["id"])
+            pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"], proposals=pending,
                           error=request.args.get("error"), notice=request.args.get("notice"),
