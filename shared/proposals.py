@@ -25,7 +25,7 @@ from shared.timeline import add_timeline
 UTC_NOW = "timezone('utc', now())"
 INCIDENT_REMEDIATION_APPROVED = events.INCIDENT_REMEDIATION_APPROVED
 COLUMNS = ("id", "incident_id", "generation", "playbook", "actions", "preview", "hash", "status",
-           "created_at", "expires_at", "decided_by", "decided_at", "finished_at", "reason")
+           "created_at", "expires_at", "decided_by", "decided_at", "started_at", "finished_at", "reason")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM remediation_proposals"
 
 
@@ -130,12 +130,17 @@ def _set(conn: Connection, proposal_id: str, status: str, decided_by: str | None
     return dict(row)
 
 
-def claim_execution(conn: Connection, incident_id: str, proposal_id: str) -> dict | None:
+def claim_execution(conn: Connection, incident_id: str, proposal_id: str, stale_after_seconds: float) -> dict | None:
     """The one transition that lets an approved proposal run: a redelivered
-    or duplicated approval event finds it no longer approved."""
+    or duplicated approval event finds it no longer approved. An execution
+    whose process died (still ``executing`` after the playbook's worst case)
+    is taken over; the rails then judge each action again, so what already
+    ran is not run twice within its cooldown."""
     row = conn.execute(sa.text(
-        f"UPDATE remediation_proposals SET status = 'executing' WHERE id = :id AND incident_id = :i AND status = 'approved' "
-        f"RETURNING {', '.join(COLUMNS)}"), {"id": proposal_id, "i": incident_id}).mappings().first()
+        f"UPDATE remediation_proposals SET status = 'executing', started_at = {UTC_NOW} "
+        "WHERE id = :id AND incident_id = :i AND (status = 'approved' OR "
+        f"(status = 'executing' AND started_at < {UTC_NOW} - make_interval(secs => :stale))) "
+        f"RETURNING {', '.join(COLUMNS)}"), {"id": proposal_id, "i": incident_id, "stale": stale_after_seconds}).mappings().first()
     return dict(row) if row else None
 
 
@@ -150,7 +155,7 @@ def present(proposal: dict) -> dict:
     expires = out["expires_at"]
     if out["status"] == "pending" and isinstance(expires, datetime) and expires <= datetime.now(timezone.utc).replace(tzinfo=None):
         out["status"] = "expired"
-    for key in ("created_at", "expires_at", "decided_at", "finished_at"):
+    for key in ("created_at", "expires_at", "decided_at", "started_at", "finished_at"):
         value = out[key]
         out[key] = value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else value
     return out

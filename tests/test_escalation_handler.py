@@ -6,6 +6,7 @@ tests/test_escalation.py and tests/test_claims_overlap.py.)"""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 from cloudevents.http import CloudEvent
 
 from functions.escalation.channels import Note
@@ -236,3 +237,7 @@ def test_a_proposal_awaiting_approval_pages_with_its_link_and_its_outcome_is_tol
     second = receivers[0].bodies()[1]
     assert second["payload"]["custom_details"]["reason"] == "not verified: the alert is still firing"
     assert [link["text"] for link in second["links"]] == ["Incident"]
+    with clean_db.connect() as conn:
+        keys = conn.execute(sa.text("SELECT key FROM work_claims WHERE key LIKE 'escalated:%' AND completed_at IS NOT NULL")).scalars().all()
+    # Reconciliation watches the plain key of the latest outcome.
+    assert sorted(keys) == sorted(f"escalated:{row['id']}:0:{t}" for t in ("remediation_failed", "remediation_failed.p1"))

@@ -257,3 +257,37 @@ def test_an_incident_resolved_before_the_approval_runs_is_not_remediated(remedia
     p = settled(clean_db, row["id"], summary["id"])
     assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is resolved")
     assert not cluster.calls("PATCH")
+
+
+def deliver_approval(remediation, row, proposal_id):
+    from cloudevents.conversion import to_binary
+    from cloudevents.http import CloudEvent
+
+    spec = events.incident_event(events.INCIDENT_REMEDIATION_APPROVED, row, "/test", {"proposal_id": proposal_id})
+    headers, body = to_binary(CloudEvent({"id": f"{row['id']}.remediation_approved.{proposal_id}", "type": spec["type"],
+                                          "source": "/test", **spec["extensions"]}, spec["data"]))
+    return requests.post(remediation.url + "/", data=body, headers=headers, timeout=60)
+
+
+def test_an_execution_whose_process_died_is_taken_over_only_after_the_worst_case(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+
+    def executing_since(interval):
+        with clean_db.begin() as conn:
+            conn.execute(sa.text("UPDATE remediation_proposals SET status = 'executing', decided_by = 'api:alice', "
+                                 f"started_at = timezone('utc', now()) - interval '{interval}' WHERE id = :id"), {"id": summary["id"]})
+
+    executing_since("1 second")
+    busy = deliver_approval(remediation, row, summary["id"])
+    assert busy.status_code == 409 and "executing" in busy.json()["message"]
+    assert not cluster.calls("PATCH")
+    executing_since("1 day")
+    taken = deliver_approval(remediation, row, summary["id"])
+    assert taken.status_code == 200 and taken.headers["ce-type"] == events.INCIDENT_REMEDIATED
+    assert taken.headers["ce-id"] == f"{row['id']}.remediated.0.{summary['id']}"
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "executed"
+    assert len(cluster.calls("PATCH", "/scale")) == 1
+    # A redelivery now replies the recorded result, without acting.
+    again = deliver_approval(remediation, row, summary["id"])
+    assert again.status_code == 200 and again.headers["ce-id"] == taken.headers["ce-id"]
+    assert len(cluster.calls("PATCH", "/scale")) == 1

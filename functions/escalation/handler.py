@@ -157,9 +157,10 @@ class EscalationHandler:
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
         with db.transaction() as conn:
-            key = escalated_key(incident_id, generation, occasion)
-            claims.claim(conn, key, incident_id, 0)
-            claims.complete(conn, key)
+            # Reconciliation watches the plain key of the latest outcome.
+            for key in dict.fromkeys((escalated_key(incident_id, generation, occasion), escalated_key(incident_id, generation, transition))):
+                if not claims.claim(conn, key, incident_id, 0).completed:
+                    claims.complete(conn, key)
         return eventio.ack()
 
     def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None,

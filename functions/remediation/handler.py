@@ -272,7 +272,7 @@ class RemediationHandler:
         data = event.get_data() if isinstance(event.get_data(), dict) else {}
         proposal_id = str(data.get("proposal_id") or "")
         with db.transaction() as conn:
-            proposal = proposals.claim_execution(conn, incident_id, proposal_id)
+            proposal = proposals.claim_execution(conn, incident_id, proposal_id, self.claim_stale_seconds)
             current = proposal or proposals.get(conn, incident_id, proposal_id)
         if current is None:
             log.warning("Approval names no proposal", extra={"incident_id": incident_id, "proposal_id": proposal_id})

@@ -5,7 +5,8 @@ dry-run preview of each, and the hash of (incident, actions, targets,
 parameters) an approval is bound to. Its status moves once, under a row
 lock: pending -> approved -> executing -> executed | failed, or pending ->
 rejected | expired | superseded. ``decided_by`` records who approved or
-rejected it.
+rejected it; ``started_at`` when an execution began (one whose process died
+is taken over after the playbook's worst case).
 
 Revision ID: 0012
 Revises: 0009
@@ -38,6 +39,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime, nullable=False),
         sa.Column("decided_by", sa.String(200), nullable=True),
         sa.Column("decided_at", sa.DateTime, nullable=True),
+        sa.Column("started_at", sa.DateTime, nullable=True),
         sa.Column("finished_at", sa.DateTime, nullable=True),
         sa.Column("reason", sa.Text, nullable=True),
         sa.CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")", name="ck_remediation_proposals_status"),
