@@ -229,3 +229,18 @@ def test_approval_on_one_action_or_the_playbook_and_by_mode():
 def test_the_alerts_query_names_the_alert_by_its_identifying_labels_escaped():
     query = alerts_query("Kube\"Pod", {"namespace": "prod", "pod": 'a"b', "cluster": "eu-1", "severity": "critical"})
     assert query == 'ALERTS{alertname="Kube\\"Pod", alertstate="firing", namespace="prod", pod="a\\"b"}'
+
+
+def test_a_revert_that_fails_is_recorded_and_said(remediation, cluster, prom, clean_db):
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production", consumergroup="email-service")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(deliver, remediation, row)
+        wait_until(lambda: cluster.calls("PATCH", "/scale"), 30, message="the scale-out")
+        # The scale-out went through; the scale back is refused.
+        cluster.fail("PATCH", r"/deployments/email-service/scale$", 403)
+        event = reply_of(pending.result(timeout=60))
+    reason = event.data["remediation"]["reason"]
+    assert reason.startswith("not verified:") and "could not revert scale_deployment on email-service (Kubernetes API 403" in reason
+    action, revert = actions_of(clean_db, row["id"])
+    assert revert["revert"] and not revert["success"] and "403" in revert["error"]
+    assert cluster.deployments[("production", "email-service")]["spec"]["replicas"] == 6

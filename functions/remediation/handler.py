@@ -187,9 +187,13 @@ class RemediationHandler:
         result.outcome, result.reason = "failed", verdict.reason
         if verdict.verified is False:
             reverted = [self._revert(incident, record) for record in reversed(result.actions) if _revertible(record)]
-            result.actions.extend(r for r in reverted if r)
-            if reverted:
-                result.reason += "; reverted " + ", ".join(f"{r['action']} on {r['target']}" for r in reverted if r and r["success"])
+            result.actions.extend(reverted)
+            done = [f"{r['action']} on {r['target']}" for r in reverted if r["success"]]
+            failed = [f"{r['action']} on {r['target']} ({r['error']})" for r in reverted if not r["success"]]
+            if done:
+                result.reason += "; reverted " + ", ".join(done)
+            if failed:
+                result.reason += "; could not revert " + ", ".join(failed)
 
     def _revert(self, incident: dict, record: dict) -> dict:
         """Undo one verified-but-unhelpful action to the state recorded before it."""
