@@ -244,3 +244,20 @@ def test_a_revert_that_fails_is_recorded_and_said(remediation, cluster, prom, cl
     action, revert = actions_of(clean_db, row["id"])
     assert revert["revert"] and not revert["success"] and "403" in revert["error"]
     assert cluster.deployments[("production", "email-service")]["spec"]["replicas"] == 6
+
+
+def test_prometheus_unreachable_is_inconclusive_never_a_reason_to_revert():
+    from loopback.processes import free_port
+    from shared.config import load_settings
+    from functions.remediation.verify import Verifier
+
+    base = {"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db", "REMEDIATION_VERIFY_WINDOW_SECONDS": "0"}
+    (book,) = pb.parse(_book(verify={"promql": "up", "within_seconds": 1}), "p.yaml")
+    (plain,) = pb.parse(_book(), "p.yaml")
+    row = {"alert_name": "A", "labels": {"namespace": "prod"}}
+    dead = Verifier(load_settings({**base, "PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}", "PROBE_TIMEOUT_SECONDS": "1"}))
+    verdict = dead.check(row, book, {})
+    assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked")
+    unset = Verifier(load_settings(base))
+    assert unset.check(row, book, {}).reason == "not verified: the playbook declares verify but PROMETHEUS_URL is not set"
+    assert (unset.check(row, plain, {}).verified, unset.check(row, plain, {}).reason) == (None, "")
