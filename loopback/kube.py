@@ -52,7 +52,7 @@ REVISION = "deployment.kubernetes.io/revision"
 HASH_LABEL = "pod-template-hash"
 
 
-def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=None):
+def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=None, created="2026-11-27T10:00:00Z"):
     """A ReplicaSet the deployment controller made for one revision of
     ``owner``'s pod template, with the ``image`` its containers ran."""
     meta = owner["metadata"]
@@ -65,6 +65,7 @@ def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=No
         "apiVersion": "apps/v1", "kind": "ReplicaSet",
         "metadata": {
             "name": f"{meta['name']}-{pod_hash}", "namespace": meta["namespace"], "uid": f"uid-rs-{meta['name']}-{pod_hash}",
+            "creationTimestamp": created,
             "labels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash},
             "annotations": {REVISION: str(revision), **(annotations or {})},
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"], "uid": meta["uid"], "controller": True}],

@@ -171,3 +171,18 @@ def test_the_share_counts_live_pods_per_workload(k8s):
     assert act.delete_pods(ctx(True), looping).details["pods"] == ["x-0", "x-1"]
     with pytest.raises(BlastRadiusExceeded, match="deleting 2 of the 4 live pods"):
         act.delete_pods(ctx(True, REMEDIATION_MAX_PODS_DELETED_SHARE="0.4"), looping)
+
+
+def test_only_a_fresh_release_is_rolled_back_when_asked(k8s):
+    from datetime import datetime, timedelta, timezone
+
+    d = released(k8s)
+    newest = next(rs for rs in k8s.replicasets if rs["metadata"]["name"] == "checkout-h0003")
+    params = act.RollbackParams(namespace="production", name="checkout", rolled_out_within_seconds=1800)
+    newest["metadata"]["creationTimestamp"] = (datetime.now(timezone.utc) - timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with pytest.raises(ActionFailed, match=r"revision 3 of 'checkout' was rolled out 1800\d s ago|not a fresh release"):
+        act.rollback_deployment(ctx(), params)
+    assert not k8s.calls("PATCH")
+    newest["metadata"]["creationTimestamp"] = (datetime.now(timezone.utc) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert act.rollback_deployment(ctx(), params).after == 2
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/app:2"

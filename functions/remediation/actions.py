@@ -273,6 +273,9 @@ def _wait_rolled_out(ctx: ActionContext, apps, p: DeploymentParams, generation: 
 
 class RollbackParams(DeploymentParams):
     to_revision: int | None = Field(default=None, ge=1, description="a named revision; none: the previous one")
+    rolled_out_within_seconds: float | None = Field(
+        default=None, gt=0, le=7 * 86400,
+        description="only when the current revision was rolled out this recently (a fresh release); else refused")
 
 
 def _raw(fn, *args, **kwargs) -> dict:
@@ -353,6 +356,20 @@ def _current_revision(owned: list[dict]) -> int | None:
     return max(revisions) if revisions else None
 
 
+def _fresh_release(deployment: dict, owned: list[dict], current: int | None, window: float) -> None:
+    """Refuse unless the current revision's ReplicaSet was created within the
+    window: a crash loop that began long after the last release is not the
+    release's fault, and rolling back would undo a good one."""
+    newest = next((rs for rs in owned if _revision(rs) == current), None)
+    created = (newest or {}).get("metadata", {}).get("creationTimestamp")
+    if not created:
+        raise ActionFailed(f"cannot tell when revision {current} of {deployment['metadata']['name']!r} was rolled out")
+    age = (datetime.now(timezone.utc) - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    if age > window:
+        raise ActionFailed(f"revision {current} of {deployment['metadata']['name']!r} was rolled out {age:.0f}s ago, "
+                           f"before the {window:g}s window: not a fresh release, not rolling back")
+
+
 @action("rollback_deployment", RollbackParams, _deployment_target)
 def rollback_deployment(ctx: ActionContext, p: RollbackParams) -> Outcome:
     """What `kubectl rollout undo` does: the previous (or named) revision's
@@ -364,6 +381,8 @@ def rollback_deployment(ctx: ActionContext, p: RollbackParams) -> Outcome:
     target_revision = _revision(rs)
     details = {"revision": {"from": current, "to": target_revision}, "replicaset": rs["metadata"]["name"],
                "images": {"from": _images(deployment["spec"]["template"]), "to": _images(rs["spec"]["template"])}}
+    if p.rolled_out_within_seconds is not None:
+        _fresh_release(deployment, owned, current, p.rolled_out_within_seconds)
     if deployment["spec"].get("paused"):
         raise ActionFailed(f"deployment {p.name!r} is paused; resume it first (kubectl rollout resume deployment/{p.name})")
     if _without_hash(rs["spec"]["template"]) == _without_hash(deployment["spec"]["template"]):
