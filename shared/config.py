@@ -254,7 +254,7 @@ class Settings:
     # Approval and verification (functions/remediation/proposals.py, verify.py).
     remediation_approval_ttl_seconds: int = 3600
     remediation_approvers: tuple[str, ...] = ()
-    remediation_verify_window_seconds: float = 120.0
+    remediation_verify_window_seconds: float = 60.0
     remediation_db_dsn: Secret | None = field(default=None, metadata=secret("REMEDIATION_DB_DSN"))
     reopen_window_seconds: int = 1800
     cluster_name: str = "kubernetes"
@@ -323,7 +323,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         remediation_max_pods_deleted_share=_share(env, "REMEDIATION_MAX_PODS_DELETED_SHARE", 0.5),
         remediation_approval_ttl_seconds=_int(env, "REMEDIATION_APPROVAL_TTL_SECONDS", 3600, minimum=1),
         remediation_approvers=_csv(env, "REMEDIATION_APPROVERS"),
-        remediation_verify_window_seconds=_float(env, "REMEDIATION_VERIFY_WINDOW_SECONDS", 120.0, minimum=0.0),
+        remediation_verify_window_seconds=_float(env, "REMEDIATION_VERIFY_WINDOW_SECONDS", 60.0, minimum=0.0),
         reopen_window_seconds=_int(env, "REOPEN_WINDOW_SECONDS", 1800, minimum=0),
         cluster_name=_get(env, "CLUSTER_NAME", "kubernetes") or "kubernetes",
         pagerduty_severity=_pagerduty_severity(env),
