@@ -50,6 +50,38 @@ def deployment(name, replicas, ready=None, namespace="production", labels=None):
 
 def _json(code, obj):
     return code, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+REVISION = "deployment.kubernetes.io/revision"
+HASH_LABEL = "pod-template-hash"
+
+
+def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=None, created="2026-11-27T10:00:00Z"):
+    """A ReplicaSet the deployment controller made for one revision of
+    ``owner``'s pod template, with the ``image`` its containers ran."""
+    meta = owner["metadata"]
+    pod_hash = pod_hash or f"h{revision:04d}"
+    template = copy.deepcopy(owner["spec"]["template"])
+    template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), HASH_LABEL: pod_hash}
+    for container in template["spec"]["containers"]:
+        container["image"] = image
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {
+            "name": f"{meta['name']}-{pod_hash}", "namespace": meta["namespace"], "uid": f"uid-rs-{meta['name']}-{pod_hash}",
+            "creationTimestamp": created,
+            "labels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash},
+            "annotations": {REVISION: str(revision), **(annotations or {})},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"], "uid": meta["uid"], "controller": True}],
+        },
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash}},
+                 "template": template},
+        "status": {"replicas": replicas},
+    }
+
+
+def _without_hash(template):
+    template = copy.deepcopy(template)
+    template.get("metadata", {}).get("labels", {}).pop(HASH_LABEL, None)
+    return template
 
 
 def _status(code, reason, message):
@@ -100,6 +132,7 @@ class FakeKubernetes:
         # (namespace, pod, container, previous) -> log text
         self.logs: dict[tuple[str, str, str, bool], str] = {}
         self.jobs: list[dict] = []
+        self.replicasets: list[dict] = []
         self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
         self.server = RecordingServer(self._respond)
@@ -146,6 +179,8 @@ class FakeKubernetes:
             self.pods.append(obj)
         elif kind == "Node":
             self.nodes[meta["name"]] = obj
+        elif kind == "ReplicaSet":
+            self.replicasets.append(obj)
         else:
             self.objects[kind][(meta.get("namespace", ""), meta["name"])] = obj
         return obj
@@ -156,7 +191,7 @@ class FakeKubernetes:
     def clear(self):
         """Forget every object and log (failures and recorded requests too)."""
         self.deployments.clear(), self.pods.clear(), self.nodes.clear(), self.logs.clear()
-        self.failures.clear(), self.requests.clear(), self.jobs.clear()
+        self.failures.clear(), self.requests.clear(), self.jobs.clear(), self.replicasets.clear()
         for table in self.objects.values():
             table.clear()
 
@@ -179,6 +214,8 @@ class FakeKubernetes:
         if req.method == "PATCH" and req.headers.get("content-type") == "application/json-patch+json" and not isinstance(body, list):
             # What a real API server says to a merge-style body sent as a JSON patch.
             return _status(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
+        if req.method == "PATCH" and isinstance(body, list) and req.headers.get("content-type") != "application/json-patch+json":
+            return _status(400, "BadRequest", "json: cannot unmarshal array into Go value of type map[string]interface {}")
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
             return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
@@ -210,7 +247,9 @@ class FakeKubernetes:
         return _status(404, "NotFound", f"{path} not found")
 
     def _read(self, kind, ns, name, query, accept):
-        table = self.objects[kind]
+        # ReplicaSets live in one list: rollbacks rewrite their revisions.
+        table = ({(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in self.replicasets}
+                 if kind == "ReplicaSet" else self.objects[kind])
         if name:
             obj = table.get((ns or "", name))
             if obj is None:
@@ -253,6 +292,8 @@ class FakeKubernetes:
                 obj["_ready_at"] = time.monotonic() + self.rollout_delay
             else:
                 obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = replicas
+        elif method == "PATCH" and isinstance(body, list):
+            self._json_patch(obj, body)
         elif method == "PATCH":
             annotations = (body or {}).get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
             obj["spec"]["template"]["metadata"].setdefault("annotations", {}).update(annotations)
@@ -276,6 +317,32 @@ class FakeKubernetes:
                 "status": {"replicas": obj["status"]["replicas"]},
             }
         return 200, {"Content-Type": "application/json"}, json.dumps(public).encode()
+
+    def _json_patch(self, obj, ops):
+        """RFC 6902 ``replace`` (what `kubectl rollout undo` sends), then what
+        the deployment controller does with a changed template: the
+        ReplicaSet whose template matches becomes the newest revision."""
+        for op in ops:
+            assert op["op"] == "replace", op
+            parts = op["path"].strip("/").split("/")
+            target = obj
+            for part in parts[:-1]:
+                target = target[part]
+            target[parts[-1]] = copy.deepcopy(op["value"])
+        obj["metadata"]["generation"] += 1
+        owned = [r for r in self.replicasets if any(o.get("uid") == obj["metadata"]["uid"] for o in r["metadata"].get("ownerReferences", []))]
+        newest = max((int(r["metadata"]["annotations"].get(REVISION, 0)) for r in owned), default=0)
+        for r in owned:
+            if _without_hash(r["spec"]["template"]) == _without_hash(obj["spec"]["template"]):
+                r["metadata"]["annotations"][REVISION] = str(newest + 1)
+        obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
+        obj["status"]["updatedReplicas"] = obj["spec"]["replicas"]
+        if self.rollout_delay:
+            # The restored template's pods start from scratch.
+            obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = 0
+            obj["_ready_at"] = time.monotonic() + self.rollout_delay
+        else:
+            obj["status"]["readyReplicas"] = obj["status"]["availableReplicas"] = obj["spec"]["replicas"]
 
     def _pods(self, method, ns, name, query):
         if name:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from shared.domain import PRIORITIES
 
-REMEDIATION_MODES = ("off", "dry-run", "live")
+REMEDIATION_MODES = ("off", "dry-run", "approve", "live")
 
 # Severity label values as kube-prometheus and common rule sets use them.
 DEFAULT_SEVERITY_PRIORITY = {
@@ -146,6 +146,13 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     return value
 
 
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, minimum=0.0)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name}: must be a share above 0 and at most 1 (0.5 is half), got {value:g}")
+    return value
+
+
 def _csv(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
     raw = env.get(name, default)
     return tuple(item.strip() for item in raw.split(",") if item.strip())
@@ -240,6 +247,14 @@ class Settings:
     remediation_max_actions_per_hour: int = 20
     remediation_verify_timeout_seconds: float = 120.0
     remediation_allow_node_actions: bool = False
+    # Blast radius: the most one action may change (functions/remediation/actions.py).
+    remediation_max_replica_change: int = 10
+    remediation_max_pods_deleted: int = 10
+    remediation_max_pods_deleted_share: float = 0.5
+    # Approval and verification (functions/remediation/proposals.py, verify.py).
+    remediation_approval_ttl_seconds: int = 3600
+    remediation_approvers: tuple[str, ...] = ()
+    remediation_verify_window_seconds: float = 60.0
     remediation_db_dsn: Secret | None = field(default=None, metadata=secret("REMEDIATION_DB_DSN"))
     reopen_window_seconds: int = 1800
     cluster_name: str = "kubernetes"
@@ -310,6 +325,12 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         remediation_max_actions_per_hour=_int(env, "REMEDIATION_MAX_ACTIONS_PER_HOUR", 20, minimum=0),
         remediation_verify_timeout_seconds=_float(env, "REMEDIATION_VERIFY_TIMEOUT_SECONDS", 120.0, minimum=0.0),
         remediation_allow_node_actions=_bool(env, "REMEDIATION_ALLOW_NODE_ACTIONS", False),
+        remediation_max_replica_change=_int(env, "REMEDIATION_MAX_REPLICA_CHANGE", 10, minimum=1, maximum=1000),
+        remediation_max_pods_deleted=_int(env, "REMEDIATION_MAX_PODS_DELETED", 10, minimum=1, maximum=1000),
+        remediation_max_pods_deleted_share=_share(env, "REMEDIATION_MAX_PODS_DELETED_SHARE", 0.5),
+        remediation_approval_ttl_seconds=_int(env, "REMEDIATION_APPROVAL_TTL_SECONDS", 3600, minimum=1),
+        remediation_approvers=_csv(env, "REMEDIATION_APPROVERS"),
+        remediation_verify_window_seconds=_float(env, "REMEDIATION_VERIFY_WINDOW_SECONDS", 60.0, minimum=0.0),
         reopen_window_seconds=_int(env, "REOPEN_WINDOW_SECONDS", 1800, minimum=0),
         cluster_name=_get(env, "CLUSTER_NAME", "kubernetes") or "kubernetes",
         pagerduty_severity=_pagerduty_severity(env),

@@ -118,10 +118,15 @@ def ack() -> Response:
     return Response(status=202)
 
 
-def reply(event_type: str, row: Mapping[str, Any], source: str, extra: Mapping[str, Any] | None = None) -> Response:
+def reply(event_type: str, row: Mapping[str, Any], source: str, extra: Mapping[str, Any] | None = None,
+          event_id: str | None = None) -> Response:
     """``200`` carrying the next event of the chain, id stable per incident,
-    transition and generation (a redelivery replies the very same event)."""
+    transition and generation (a redelivery replies the very same event);
+    ``event_id`` names a second reply of one generation (an approved
+    proposal's execution) so it is not taken for the first."""
     spec = events.incident_event(event_type, row, source, extra)
+    if event_id:
+        spec["id"] = event_id
     attributes = {"id": spec["id"], "type": spec["type"], "source": spec["source"], "subject": spec["subject"],
                   "datacontenttype": "application/json"}
     attributes.update(spec["extensions"])

@@ -22,6 +22,8 @@ INCIDENT_REMEDIATION_FAILED = f"{EVENT_TYPE_PREFIX}.incident.remediation_failed"
 INCIDENT_RESOLVED = f"{EVENT_TYPE_PREFIX}.incident.resolved"
 # A person took the incident (open -> investigating through the API or the board).
 INCIDENT_ACKNOWLEDGED = f"{EVENT_TYPE_PREFIX}.incident.acknowledged"
+# An engineer approved a remediation proposal; remediation executes it.
+INCIDENT_REMEDIATION_APPROVED = f"{EVENT_TYPE_PREFIX}.incident.remediation_approved"
 
 ALL_TYPES = (
     INCIDENT_REPORT,
@@ -31,6 +33,7 @@ ALL_TYPES = (
     INCIDENT_REMEDIATION_FAILED,
     INCIDENT_RESOLVED,
     INCIDENT_ACKNOWLEDGED,
+    INCIDENT_REMEDIATION_APPROVED,
 )
 
 

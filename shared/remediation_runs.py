@@ -47,5 +47,12 @@ def record(conn: Connection, incident_id: str, action: str, target: str, dry_run
     ).scalar_one()
 
 
-def finish(conn: Connection, run_id: int, success: bool) -> None:
-    conn.execute(sa.text("UPDATE remediation_runs SET success = :s WHERE id = :id"), {"s": success, "id": run_id})
+def finish(conn: Connection, run_id: int, success: bool, blocked_by: str | None = None, reason: str | None = None) -> None:
+    """A rail judged inside the action (the blast radius reads the target
+    first) marks the run blocked, so it counts toward no cooldown or cap."""
+    if blocked_by:
+        conn.execute(sa.text("UPDATE remediation_runs SET success = false, blocked_by = :b, "
+                             "details = details || jsonb_build_object('reason', CAST(:r AS text)) WHERE id = :id"),
+                     {"b": blocked_by, "r": reason or "", "id": run_id})
+    else:
+        conn.execute(sa.text("UPDATE remediation_runs SET success = :s WHERE id = :id"), {"s": success, "id": run_id})

@@ -75,7 +75,10 @@ scrape_configs:
 
 
 class Prometheus:
-    def __init__(self):
+    def __init__(self, rules: str = ""):
+        """``rules``: an alerting rules file (YAML), evaluated every second,
+        so ALERTS carries what the test's series make fire."""
+        self.rules = rules
         if BINARY is None:
             raise RuntimeError("prometheus is not installed (make test installs it)")
         self.exporter = Exporter()
@@ -95,7 +98,11 @@ class Prometheus:
     def start(self) -> "Prometheus":
         self.exporter.server.start()
         config = self.dir / "prometheus.yml"
-        config.write_text(CONFIG.format(exporter=self.exporter.server.port, dead=free_port()))
+        text = CONFIG.format(exporter=self.exporter.server.port, dead=free_port())
+        if self.rules:
+            (self.dir / "rules.yml").write_text(self.rules)
+            text += f"rule_files: ['{self.dir / 'rules.yml'}']\n"
+        config.write_text(text)
         self.log = (self.dir / "prometheus.log").open("w")
         self.process = subprocess.Popen(
             [BINARY, f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",

@@ -55,7 +55,7 @@ def paths(server, method):
 
 def test_registry_names_every_action_with_its_target():
     assert set(act.REGISTRY) == {"scale_deployment", "rollout_restart", "delete_pods", "run_job", "cordon_node",
-                                 "terminate_idle_db_connections", "escalate"}
+                                 "terminate_idle_db_connections", "escalate", "rollback_deployment"}
     spec = act.REGISTRY["scale_deployment"]
     params = spec.params(namespace="production", name="email", replicas=3)
     assert spec.target(params) == TargetRef("deployment", "email", "production") and str(spec.target(params)) == "production/email"
@@ -553,7 +553,7 @@ def test_requesting_exactly_the_ceiling_is_not_a_capped_request(k8s):
 
 def test_scaling_to_hundreds_compares_counts_by_value(k8s):
     k8s.add_deployment(deployment("web", 1))
-    context = ctx(REMEDIATION_MAX_REPLICAS="1000")
+    context = ctx(REMEDIATION_MAX_REPLICAS="1000", REMEDIATION_MAX_REPLICA_CHANGE="1000")
     assert act.scale_deployment(context, act.ScaleParams(namespace="production", name="web", replicas=300)).after == 300
 
 

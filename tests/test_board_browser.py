@@ -98,3 +98,62 @@ def test_sign_in_filter_open_resolve_and_see_the_timeline(browser, stack, clean_
     screenshot(browser, "incident.png")
     logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
     assert not [entry for entry in logs if "Content Security Policy" in entry.get("message", "")]
+
+
+@pytest.fixture(scope="module")
+def approving(base_env, kube, database_url):
+    """Remediation in approve mode, and a query function whose outbox
+    publishes to it (the Broker's trigger in the cluster)."""
+    from tests.test_remediation import _env
+
+    remediation = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="approve")).start()
+    query = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "REMEDIATION_APPROVERS": "alice"}).start()
+    yield query, remediation
+    query.stop()
+    remediation.stop()
+
+
+def test_approve_a_proposal_on_the_incident_page(browser, approving, kube, clean_db):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from loopback.kube import deployment
+    from loopback.processes import wait_until
+    from shared import proposals
+    from tests.test_remediation import deliver, incident, reply_of
+
+    query, remediation = approving
+    kube.deployments.clear(), kube.requests.clear(), kube.failures.clear()
+    kube.add_deployment(deployment("email-service", 1))
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
+    proposal = reply_of(deliver(remediation, row)).data["remediation"]["proposal"]
+
+    wait = WebDriverWait(browser, 10)
+    browser.delete_all_cookies()
+    browser.get(query.url + "/ui/login")
+    wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(ec.presence_of_element_located((By.ID, "filters")))
+    # The link the Slack message and the page carry.
+    browser.get(proposal["url"].replace("http://localhost:8080", query.url))
+    wait.until(ec.presence_of_element_located((By.ID, f"proposal-{proposal['id']}")))
+    card = browser.find_element(By.ID, f"proposal-{proposal['id']}").text
+    assert "scale_deployment" in card and "production/email-service" in card and "1 → 6" in card
+    screenshot(browser, "proposal.png")
+    browser.find_element(By.ID, f"actor-{proposal['id']}").send_keys("alice")
+    browser.find_element(By.ID, f"approve-{proposal['id']}").click()
+    wait.until(ec.presence_of_element_located((By.ID, "proposal-notice")))
+    assert "approved" in browser.find_element(By.ID, "proposal-notice").text
+
+    def status():
+        with clean_db.connect() as conn:
+            return proposals.get(conn, row["id"], proposal["id"])["status"]
+
+    wait_until(lambda: status() == "executed", 30, message="the approved proposal executed")
+    assert [p.json() for p in kube.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]
+    browser.refresh()
+    wait.until(ec.text_to_be_present_in_element((By.ID, f"proposal-status-{proposal['id']}"), "executed"))
+    assert "approved by board:alice" not in card  # decided after the first render
+    assert "board:alice" in browser.find_element(By.ID, f"proposal-{proposal['id']}").text
+    assert not browser.find_elements(By.ID, f"approve-{proposal['id']}")

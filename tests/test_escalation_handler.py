@@ -6,6 +6,7 @@ tests/test_escalation.py and tests/test_claims_overlap.py.)"""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 from cloudevents.http import CloudEvent
 
 from functions.escalation.channels import Note
@@ -210,3 +211,33 @@ def test_an_event_without_a_generation_counts_as_the_first(handler, receivers, c
     handler.handle(CloudEvent({"id": "g", "type": spec["type"], "source": "/test", "subject": row["id"]}, data))
     handler.handle(event(events.INCIDENT_OPENED, row))
     assert sent(receivers) == ([], 1)
+
+
+def test_a_proposal_awaiting_approval_pages_with_its_link_and_its_outcome_is_told_again(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    url = f"http://localhost:8080/ui/incidents/{row['id']}#proposal-p1"
+    with clean_db.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "failed", "reason": f"awaiting approval: scale_deployment production/email. Approve or reject proposal p1 at {url}",
+            "actions": [], "playbook": "p", "generation": row["generation"],
+            "proposal": {"id": "p1", "url": url, "status": "pending"}}, "remediation")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    (trigger,) = receivers[0].bodies()
+    assert {"href": url, "text": "Approve or reject the proposed remediation"} in trigger["links"]
+    assert url in str(receivers[1].bodies()[0])
+    # The approved proposal ran and was not verified: a second outcome of
+    # the same generation, told again (and no link to a decided proposal).
+    with clean_db.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "failed", "reason": "not verified: the alert is still firing", "actions": [], "playbook": "p",
+            "generation": row["generation"], "approved_proposal": "p1", "proposal": {"id": "p1"}}, "remediation")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))  # a redelivery: once
+    assert sent(receivers) == (["trigger", "trigger"], 2)
+    second = receivers[0].bodies()[1]
+    assert second["payload"]["custom_details"]["reason"] == "not verified: the alert is still firing"
+    assert [link["text"] for link in second["links"]] == ["Incident"]
+    with clean_db.connect() as conn:
+        keys = conn.execute(sa.text("SELECT key FROM work_claims WHERE key LIKE 'escalated:%' AND completed_at IS NOT NULL")).scalars().all()
+    # Reconciliation watches the plain key of the latest outcome.
+    assert sorted(keys) == sorted(f"escalated:{row['id']}:0:{t}" for t in ("remediation_failed", "remediation_failed.p1"))

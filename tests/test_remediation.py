@@ -16,7 +16,7 @@ from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
 from tests.factories import alert
-from loopback.kube import deployment, pod
+from loopback.kube import deployment, pod, replicaset
 from loopback.processes import FunctionProcess
 
 REMEDIATED = events.INCIDENT_REMEDIATED
@@ -26,9 +26,12 @@ FAILED = events.INCIDENT_REMEDIATION_FAILED
 @pytest.fixture
 def cluster(kube):
     kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear(), kube.jobs.clear(), kube.nodes.clear()
+    kube.replicasets.clear()
     kube.rollout_delay = 0.0
     kube.add_deployment(deployment("email-service", 1))
-    kube.add_deployment(deployment("billing", 2))
+    kube.add_deployment(billing := deployment("billing", 2))
+    # billing's rollout history: revision 1, then the current revision 2.
+    kube.replicasets.extend([replicaset(billing, 1, "registry.local/billing:1"), replicaset(billing, 2, "registry.local/app:1", replicas=2)])
     kube.add_deployment(deployment("email-service", 1, namespace="staging"))
     kube.pods.extend([
         pod("email-service-a", {"app": "email-service"}),
@@ -423,3 +426,33 @@ def test_a_claim_whose_holder_died_is_taken_over_after_the_playbooks_worst_case_
                      {"key": f"remediation:{row['id']}:{row['generation']}", "id": row["id"], "age": bound + 5})
     assert reply_of(deliver(live, row))["type"].endswith("remediated")
     assert len(cluster.calls("PATCH")) == 1
+
+
+def test_a_playbook_that_requires_approval_proposes_even_in_live_mode(live, cluster, clean_db):
+    row = incident(clean_db, "KubeDeploymentRolloutStuck", namespace="production", deployment="billing")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED
+    remediation = event.data["remediation"]
+    assert remediation["reason"].startswith("awaiting approval: rollback_deployment production/billing")
+    assert remediation["proposal"]["status"] == "pending" and remediation["proposal"]["url"] in remediation["reason"]
+    assert not cluster.calls("PATCH") and actions_of(clean_db, row["id"]) == []
+    from shared import proposals
+
+    with clean_db.connect() as conn:
+        (proposal,) = proposals.of_incident(conn, row["id"])
+    (preview,) = proposal["preview"]
+    assert (preview["from"], preview["to"], preview["dry_run"]) == (2, 1, True)
+    assert preview["images"] == {"from": ["registry.local/app:1"], "to": ["registry.local/billing:1"]}
+    assert status_of(clean_db, row["id"]) == "investigating"
+
+
+def test_an_action_over_the_blast_radius_is_blocked_and_recorded(live, cluster, clean_db):
+    cluster.pods.extend(pod(f"batch-{i}", {"app": "batch"}, phase="Failed", reason="Evicted") for i in range(3, 12))
+    row = incident(clean_db, "PodEvicted", namespace="production")
+    event = reply_of(deliver(live, row))
+    assert event["type"] == FAILED
+    (record,) = actions_of(clean_db, row["id"])
+    assert record["blocked_by"] == "blast_radius" and "REMEDIATION_MAX_PODS_DELETED allows 10" in record["error"]
+    assert not cluster.calls("DELETE")
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT blocked_by FROM remediation_runs WHERE incident_id = :i"), {"i": row["id"]}).scalar() == "blast_radius"

@@ -26,6 +26,7 @@ the reconciliation sweep looks for incidents without it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import time
 
 import requests
@@ -89,6 +90,18 @@ def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
     return frozenset(key.split(":")[2] for key in rows)
 
 
+@dataclass(frozen=True)
+class Round:
+    """Which remediation outcome an event tells: the approved proposal it
+    executed (None: the playbook's own run), and the link to a proposal
+    still awaiting approval."""
+    approved_proposal: str | None = None
+    proposal_url: str | None = None
+
+
+NO_ROUND = Round()
+
+
 class EscalationHandler:
     def __init__(self, config: Settings):
         self.config = config
@@ -99,62 +112,69 @@ class EscalationHandler:
             if not channel.configured():
                 log.warning(f"{channel.title} is off: {channel.setting} is not set")
 
-    def _state(self, transition: str, incident_id: str) -> tuple[dict | None, str | None, str | None]:
+    def _state(self, transition: str, incident_id: str) -> tuple[dict | None, str | None, str | None, Round]:
         """The incident, the reason to tell (remediation's, or who
-        acknowledged), and why the event does not match the database (None
-        when it does)."""
+        acknowledged), why the event does not match the database (None when
+        it does), and which remediation round this is."""
         with db.engine().connect() as conn:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
-                return None, None, "no such incident"
+                return None, None, "no such incident", NO_ROUND
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
-                return incident, None, f"the incident is {incident['status']}, not resolved"
+                return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
             if transition == "acknowledged":
                 entry = acknowledgement(conn, incident)
                 if entry is None:
-                    return incident, None, "nobody acknowledged the incident"
-                return incident, str(entry["actor"]), None
+                    return incident, None, "nobody acknowledged the incident", NO_ROUND
+                return incident, str(entry["actor"]), None, NO_ROUND
             if transition in ("remediated", "remediation_failed"):
                 result = remediation_result(conn, incident)
                 outcome = "remediated" if transition == "remediated" else "failed"
                 if result is None or result.get("outcome") != outcome:
-                    return incident, None, f"remediation recorded no {outcome} outcome for generation {incident['generation']}"
-                return incident, result.get("reason"), None
-        return incident, None, None
+                    return incident, None, f"remediation recorded no {outcome} outcome for generation {incident['generation']}", NO_ROUND
+                proposal = result.get("proposal") or {}
+                pending = proposal.get("url") if proposal.get("status") == "pending" else None
+                return incident, result.get("reason"), None, Round(result.get("approved_proposal"), pending)
+        return incident, None, None, NO_ROUND
 
     def handle(self, event: CloudEvent) -> Response:
         transition = events.transition_of(event["type"])
         incident_id = eventio.incident_id_of(event)
-        incident, reason, mismatch = self._state(transition, incident_id)
+        incident, reason, mismatch, round_ = self._state(transition, incident_id)
         if mismatch:
             log.warning("Escalation skipped: the event does not match the incident", extra={
                 "incident_id": incident_id, "transition": transition, "reason": mismatch})
             return eventio.ack()
         generation = incident["generation"]
+        # The outcome of an approved proposal is a second remediation outcome
+        # of this generation: its own claim keys, so it is told too.
+        occasion = f"{transition}.{round_.approved_proposal}" if round_.approved_proposal else transition
         failures = []
         for channel in self.channels:
-            outcome = self._notify(channel, transition, generation, incident, reason)
+            outcome = self._notify(channel, transition, generation, incident, reason, occasion, round_.proposal_url)
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
         with db.transaction() as conn:
-            key = escalated_key(incident_id, generation, transition)
-            claims.claim(conn, key, incident_id, 0)
-            claims.complete(conn, key)
+            # Reconciliation watches the plain key of the latest outcome.
+            for key in dict.fromkeys((escalated_key(incident_id, generation, occasion), escalated_key(incident_id, generation, transition))):
+                if not claims.claim(conn, key, incident_id, 0).completed:
+                    claims.complete(conn, key)
         return eventio.ack()
 
-    def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None) -> Delivery | None:
+    def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None,
+                occasion: str | None = None, proposal_url: str | None = None) -> Delivery | None:
         incident_id = incident["id"]
         if not channel.configured():
             log.info(f"{channel.title} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
             return None
         with db.engine().connect() as conn:
             sent = sent_by(conn, channel.name, incident_id)
-        outgoing = channel.message(Note(transition, incident, reason, sent))
+        outgoing = channel.message(Note(transition, incident, reason, sent, proposal_url))
         if outgoing is None:
             return None
-        key = f"notify:{channel.name}:{outgoing.action}:{incident_id}:{generation}:{transition}"
+        key = f"notify:{channel.name}:{outgoing.action}:{incident_id}:{generation}:{occasion or transition}"
         with db.transaction() as conn:
             claim = claims.claim(conn, key, incident_id, self.stale_seconds)
         if not claim.acquired:

@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, diagnosis, filters, incidents, sessions
+from shared import db, diagnosis, filters, incidents, proposals, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import storable_text
@@ -222,9 +222,13 @@ class Board:
         notifications = [t for t in timeline if t["kind"] == "notification"]
         from functions.query.noise_board import incident_extras  # flapping, silences
 
+        with db.engine().connect() as conn:
+            pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
-                          noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]), csrf=session["csrf"],
-                          error=request.args.get("error"), service=(row.get("labels") or {}).get("service"))
+                          noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]),
+                          csrf=session["csrf"], proposals=pending,
+                          error=request.args.get("error"), notice=request.args.get("notice"),
+                          service=(row.get("labels") or {}).get("service"))
 
     def transition(self, request: Request, incident_id: str) -> Response:
         session = self.session(request)

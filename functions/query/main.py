@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from functions.query.api import QueryApi
 from functions.query.backlog_api import BacklogApi
 from functions.query.noise_api import NoiseApi
+from functions.query.proposals_api import ProposalsApi
 from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
@@ -25,6 +26,7 @@ _publisher = Publisher(config)
 _api = QueryApi(config, _publisher)
 _backlog = BacklogApi(config, _publisher, _api.actor)
 _noise = NoiseApi(config, _publisher, _api.actor)
+_proposals = ProposalsApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -62,6 +64,17 @@ def _noise_ui(method: str):
 
             _lazy["noise_board"] = NoiseBoard(_board(), _noise)
         return getattr(_lazy["noise_board"], method)(request, **params)
+
+    return call
+
+
+def _proposals_ui(method: str):
+    def call(request, **params):
+        if "proposals_board" not in _lazy:
+            from functions.query.proposals_board import ProposalsBoard
+
+            _lazy["proposals_board"] = ProposalsBoard(_board())
+        return getattr(_lazy["proposals_board"], method)(request, **params)
 
     return call
 
@@ -108,6 +121,10 @@ ROUTES = [
     Route("POST", "/maintenance-windows/{window_id}/end", _noise.end_window),
     Route("DELETE", "/maintenance-windows/{window_id}", _noise.delete_window),
     Route("GET", "/suppressed-alerts", _noise.suppressed),
+    Route("GET", "/incidents/{incident_id}/proposals", _proposals.list),
+    Route("GET", "/incidents/{incident_id}/proposals/{proposal_id}", _proposals.get),
+    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals.approve),
+    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals.reject),
     Route("GET", "/dead-letters", _backlog.dead_letters),
     Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
     Route("GET", "/outbox/parked", _backlog.parked),
@@ -122,6 +139,8 @@ ROUTES = [
     Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
     Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
     Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals_ui("approve"), auth=False),
+    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals_ui("reject"), auth=False),
     Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
     Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
     Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),

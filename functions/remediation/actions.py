@@ -21,6 +21,20 @@ from shared import kube
 from shared.config import Settings
 
 MERGE_PATCH = "application/merge-patch+json"
+# What `kubectl rollout undo` sends: an RFC 6902 patch replacing the template.
+JSON_PATCH = "application/json-patch+json"
+REVISION = "deployment.kubernetes.io/revision"
+HASH_LABEL = "pod-template-hash"
+# Deployment annotations `kubectl rollout undo` keeps from the deployment
+# instead of copying them from the ReplicaSet (kubectl's annotationsToSkip).
+ANNOTATIONS_TO_SKIP = frozenset({
+    "kubectl.kubernetes.io/last-applied-configuration",
+    "deprecated.deployment.rollback.to",
+    REVISION,
+    "deployment.kubernetes.io/revision-history",
+    "deployment.kubernetes.io/desired-replicas",
+    "deployment.kubernetes.io/max-replicas",
+})
 # What `kubectl rollout restart` sends.
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -32,6 +46,7 @@ KUBERNETES_PERMISSIONS = {
     ("apps", "deployments", "patch"),
     ("apps", "deployments/scale", "get"),
     ("apps", "deployments/scale", "patch"),
+    ("apps", "replicasets", "list"),
     ("", "pods", "list"),
     ("", "pods", "delete"),
     ("batch", "jobs", "create"),
@@ -46,6 +61,11 @@ class ActionFailed(Exception):
 
 class NotConfigured(ActionFailed):
     """What the action needs (Kubernetes, a DSN) is not configured."""
+
+
+class BlastRadiusExceeded(ActionFailed):
+    """The action would change more than one action may (judged on the
+    state read before acting, in dry-run too)."""
 
 
 @dataclass(frozen=True)
@@ -181,8 +201,18 @@ def scale_deployment(ctx: ActionContext, p: ScaleParams) -> Outcome:
     if wanted <= current:
         # Never scale down: a human or an HPA may have had a reason.
         return Outcome(p.name, current, current, {**details, "note": f"already at {current} replicas"})
+    limit = ctx.config.remediation_max_replica_change
+    if wanted - current > limit:
+        raise BlastRadiusExceeded(f"scaling {p.namespace}/{p.name} from {current} to {wanted} changes {wanted - current} replicas; "
+                                  f"REMEDIATION_MAX_REPLICA_CHANGE allows {limit}")
     if ctx.dry_run:
         return Outcome(p.name, current, wanted, details)
+    _scale_to(ctx, apps, p, wanted)
+    return Outcome(p.name, current, wanted, details)
+
+
+def _scale_to(ctx: ActionContext, apps, p: DeploymentParams, wanted: int) -> None:
+    timeout = ctx.config.probe_timeout_seconds
     _call(
         apps.patch_namespaced_deployment_scale, p.name, p.namespace, {"spec": {"replicas": wanted}},
         _content_type=MERGE_PATCH, _request_timeout=timeout,
@@ -193,7 +223,17 @@ def scale_deployment(ctx: ActionContext, p: ScaleParams) -> Outcome:
         return have >= wanted, f"{have}/{wanted} replicas ready"
 
     _wait(ctx, ready)
-    return Outcome(p.name, current, wanted, details)
+
+
+def revert_scale(ctx: ActionContext, p: DeploymentParams, replicas: int) -> Outcome:
+    """Back to the count recorded before the action: the one scale-down
+    remediation makes, because it only undoes its own scale-up."""
+    apps = _apps(ctx)
+    current = _call(apps.read_namespaced_deployment_scale, p.name, p.namespace,
+                    _request_timeout=ctx.config.probe_timeout_seconds).spec.replicas or 0
+    if current != replicas:
+        _scale_to(ctx, apps, p, replicas)
+    return Outcome(p.name, current, replicas)
 
 
 @action("rollout_restart", DeploymentParams, _deployment_target)
@@ -211,7 +251,14 @@ def rollout_restart(ctx: ActionContext, p: DeploymentParams) -> Outcome:
         apps.patch_namespaced_deployment, p.name, p.namespace, patch,
         _content_type=STRATEGIC_MERGE_PATCH, _request_timeout=timeout,
     )
-    generation = patched.metadata.generation or 0
+    _wait_rolled_out(ctx, apps, p, patched.metadata.generation or 0)
+    return Outcome(p.name, previous, stamp)
+
+
+def _wait_rolled_out(ctx: ActionContext, apps, p: DeploymentParams, generation: int) -> None:
+    """What `kubectl rollout status` waits for: the controller saw the new
+    generation and every replica is updated and ready."""
+    timeout = ctx.config.probe_timeout_seconds
 
     def rolled_out():
         d = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
@@ -222,7 +269,138 @@ def rollout_restart(ctx: ActionContext, p: DeploymentParams) -> Outcome:
         return observed >= generation and updated >= want and ready >= want, f"generation {observed}/{generation}, {updated} updated, {ready}/{want} ready"
 
     _wait(ctx, rolled_out)
-    return Outcome(p.name, previous, stamp)
+
+
+class RollbackParams(DeploymentParams):
+    to_revision: int | None = Field(default=None, ge=1, description="a named revision; none: the previous one")
+    rolled_out_within_seconds: float | None = Field(
+        default=None, gt=0, le=7 * 86400,
+        description="only when the current revision was rolled out this recently (a fresh release); else refused")
+
+
+def _raw(fn, *args, **kwargs) -> dict:
+    """The API server's JSON as sent: the generated models drop fields they do
+    not know, and a rollback must restore the template whole."""
+    import json
+
+    response = _call(fn, *args, _preload_content=False, **kwargs)
+    return json.loads(response.data)
+
+
+def _selector(match: dict) -> str:
+    terms = [f"{k}={v}" for k, v in sorted((match.get("matchLabels") or {}).items())]
+    for e in match.get("matchExpressions") or []:
+        op = {"In": "in", "NotIn": "notin"}.get(e["operator"])
+        if op:
+            terms.append(f"{e['key']} {op} ({','.join(e.get('values') or [])})")
+        else:
+            terms.append(e["key"] if e["operator"] == "Exists" else f"!{e['key']}")
+    return ",".join(terms)
+
+
+def _revision(obj: dict) -> int | None:
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(REVISION)
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        return None
+
+
+def _without_hash(template: dict) -> dict:
+    import copy
+
+    template = copy.deepcopy(template)
+    ((template.get("metadata") or {}).get("labels") or {}).pop(HASH_LABEL, None)
+    return template
+
+
+def _images(template: dict) -> list[str]:
+    return [c.get("image", "") for c in ((template.get("spec") or {}).get("containers") or [])]
+
+
+def rollout_history(ctx: ActionContext, apps, p: DeploymentParams) -> tuple[dict, list[dict]]:
+    """The deployment and the ReplicaSets it controls, as `kubectl rollout
+    undo` finds them: listed by the deployment's selector, kept when their
+    controller reference is this deployment."""
+    timeout = ctx.config.probe_timeout_seconds
+    deployment = _raw(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
+    selector = _selector(deployment["spec"].get("selector") or {})
+    listed = _raw(apps.list_namespaced_replica_set, p.namespace, label_selector=selector, _request_timeout=timeout)["items"]
+    uid = deployment["metadata"].get("uid")
+    owned = [rs for rs in listed if any(o.get("controller") and o.get("uid") == uid for o in rs["metadata"].get("ownerReferences") or [])]
+    return deployment, owned
+
+
+def _revision_to(deployment: dict, owned: list[dict], to_revision: int | None) -> tuple[dict, int | None]:
+    latest, previous = (None, -1), (None, -1)
+    for rs in owned:
+        v = _revision(rs)
+        if v is None:
+            continue
+        if to_revision is not None:
+            if v == to_revision:
+                return rs, _current_revision(owned)
+        elif v > latest[1]:
+            previous, latest = latest, (rs, v)
+        elif v > previous[1]:
+            previous = (rs, v)
+    if to_revision is not None:
+        raise ActionFailed(f"unable to find specified revision {to_revision} in history of deployment {deployment['metadata']['name']!r}")
+    if previous[0] is None:
+        raise ActionFailed(f"no rollout history found for deployment {deployment['metadata']['name']!r}: there is no previous revision to roll back to")
+    return previous[0], latest[1]
+
+
+def _current_revision(owned: list[dict]) -> int | None:
+    revisions = [v for v in (_revision(rs) for rs in owned) if v is not None]
+    return max(revisions) if revisions else None
+
+
+def _fresh_release(deployment: dict, owned: list[dict], current: int | None, window: float) -> None:
+    """Refuse unless the current revision's ReplicaSet was created within the
+    window: a crash loop that began long after the last release is not the
+    release's fault, and rolling back would undo a good one."""
+    newest = next((rs for rs in owned if _revision(rs) == current), None)
+    created = (newest or {}).get("metadata", {}).get("creationTimestamp")
+    if not created:
+        raise ActionFailed(f"cannot tell when revision {current} of {deployment['metadata']['name']!r} was rolled out")
+    age = (datetime.now(timezone.utc) - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    if age > window:
+        raise ActionFailed(f"revision {current} of {deployment['metadata']['name']!r} was rolled out {age:.0f}s ago, "
+                           f"before the {window:g}s window: not a fresh release, not rolling back")
+
+
+@action("rollback_deployment", RollbackParams, _deployment_target)
+def rollback_deployment(ctx: ActionContext, p: RollbackParams) -> Outcome:
+    """What `kubectl rollout undo` does: the previous (or named) revision's
+    ReplicaSet template, without its pod-template-hash label, replaces the
+    deployment's template in one JSON patch; then readiness is awaited."""
+    apps = _apps(ctx)
+    deployment, owned = rollout_history(ctx, apps, p)
+    rs, current = _revision_to(deployment, owned, p.to_revision)
+    target_revision = _revision(rs)
+    details = {"revision": {"from": current, "to": target_revision}, "replicaset": rs["metadata"]["name"],
+               "images": {"from": _images(deployment["spec"]["template"]), "to": _images(rs["spec"]["template"])}}
+    if p.rolled_out_within_seconds is not None:
+        _fresh_release(deployment, owned, current, p.rolled_out_within_seconds)
+    if deployment["spec"].get("paused"):
+        raise ActionFailed(f"deployment {p.name!r} is paused; resume it first (kubectl rollout resume deployment/{p.name})")
+    if _without_hash(rs["spec"]["template"]) == _without_hash(deployment["spec"]["template"]):
+        return Outcome(p.name, current, current, {**details, "note": f"skipped: the template already matches revision {target_revision}"})
+    if ctx.dry_run:
+        return Outcome(p.name, current, target_revision, details)
+    template = _without_hash(rs["spec"]["template"])
+    kept = (deployment["metadata"].get("annotations") or {})
+    annotations = {k: v for k, v in kept.items() if k in ANNOTATIONS_TO_SKIP}
+    annotations.update({k: v for k, v in (rs["metadata"].get("annotations") or {}).items() if k not in ANNOTATIONS_TO_SKIP})
+    patch = [
+        {"op": "replace", "path": "/spec/template", "value": template},
+        {"op": "replace", "path": "/metadata/annotations", "value": annotations},
+    ]
+    patched = _call(apps.patch_namespaced_deployment, p.name, p.namespace, patch,
+                    _content_type=JSON_PATCH, _request_timeout=ctx.config.probe_timeout_seconds)
+    _wait_rolled_out(ctx, apps, p, patched.metadata.generation or 0)
+    return Outcome(p.name, current, target_revision, details)
 
 
 # --------------------------------------------------------------------------- pods
@@ -288,6 +466,31 @@ def _pods_target(p: DeletePodsParams) -> TargetRef:
     return TargetRef("pods", p.pod or p.selector or "*", p.namespace)
 
 
+def _workload_key(pod) -> tuple:
+    """Which workload a pod belongs to: its controller, or (a bare pod) its labels."""
+    owner = next((o.uid for o in pod.metadata.owner_references or [] if o.controller), None)
+    return ("owner", owner) if owner else ("labels", tuple(sorted((pod.metadata.labels or {}).items())))
+
+
+def _live(pod) -> bool:
+    # A Failed or Succeeded pod serves nothing: removing it costs no capacity.
+    return not (pod.status and pod.status.phase in ("Failed", "Succeeded"))
+
+
+def _pod_blast_radius(ctx: ActionContext, p: DeletePodsParams, deleting: list, population: list) -> None:
+    limit, share = ctx.config.remediation_max_pods_deleted, ctx.config.remediation_max_pods_deleted_share
+    if len(deleting) > limit:
+        raise BlastRadiusExceeded(f"deleting {len(deleting)} pods in {p.namespace}; REMEDIATION_MAX_PODS_DELETED allows {limit}")
+    # The share is of each workload's live pods. One pod is always allowed:
+    # replacing a single crash-looping replica is what delete_pods is for.
+    for key in {_workload_key(x) for x in deleting if _live(x)}:
+        live = [x for x in population if _live(x) and _workload_key(x) == key]
+        gone = [x for x in deleting if _live(x) and _workload_key(x) == key]
+        if len(gone) > 1 and live and len(gone) / len(live) > share:
+            raise BlastRadiusExceeded(f"deleting {len(gone)} of the {len(live)} live pods of the workload ({len(gone) / len(live):.0%}); "
+                                      f"REMEDIATION_MAX_PODS_DELETED_SHARE allows {share:.0%}")
+
+
 def _pod_matches(pod, reasons: list[str]) -> bool:
     if "*" in reasons:
         return True
@@ -310,10 +513,12 @@ def delete_pods(ctx: ActionContext, p: DeletePodsParams) -> Outcome:
     timeout = ctx.config.probe_timeout_seconds
     selector = p.selector or ""
     pods = _call(core.list_namespaced_pod, p.namespace, label_selector=selector, _request_timeout=timeout).items
+    population = pods
     if p.pod:
         pods = [x for x in pods if x.metadata.name == p.pod]
     matching = [x for x in pods if _pod_matches(x, p.reasons)][: p.max_pods]
     names = [x.metadata.name for x in matching]
+    _pod_blast_radius(ctx, p, matching, population)
     if not ctx.dry_run:
         for name in names:
             _call(core.delete_namespaced_pod, name, p.namespace, _request_timeout=timeout)

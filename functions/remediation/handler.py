@@ -1,23 +1,32 @@
 """``incident.diagnosed`` in, the playbook run once, ``incident.remediated``
 or ``incident.remediation_failed`` out. Every action is committed as it
-finishes, so a crash mid-playbook leaves an honest record."""
+finishes, so a crash mid-playbook leaves an honest record.
+
+A playbook that needs approval records a proposal instead (its actions,
+rendered, with a dry-run preview) and replies ``remediation_failed`` saying
+so, which tells the humans; ``incident.remediation_approved`` then executes
+the proposal once, with the rails judged again. After live actions the
+result is verified against Prometheus; not verified, what can be undone is
+undone and a human is told."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from cloudevents.http import CloudEvent
 from flask import Response
 from pydantic import ValidationError
 
+from functions.remediation import actions as act
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
-from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, NotConfigured
+from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
+from functions.remediation.approval import ApprovalFlow
+from functions.remediation.result import Result, now_rfc3339, template_context
+from functions.remediation.verify import Verifier
 from shared import claims, db, diagnosis, events, eventio, incidents
+from shared import remediation_runs as runs
 from shared.config import Settings
-from shared.domain import service_of
 from shared.errors import Conflict, InvalidTransition
 from shared.publisher import Publisher
 from shared.templating import TemplateError
@@ -35,48 +44,32 @@ def claim_stale_seconds(config: Settings, playbooks: list[pb.Playbook]) -> float
     Broker retry and every reconciliation attempt."""
     longest = max((len(p.steps) for p in playbooks), default=1)
     per_step = config.remediation_verify_timeout_seconds + CALLS_PER_ACTION * config.probe_timeout_seconds
-    return longest * per_step + 2 * config.db_timeout_seconds
+    # Verification waits its window, then a revert may undo every step.
+    window = max([config.remediation_verify_window_seconds] + [p.verify.within_seconds for p in playbooks
+                                                                if p.verify and p.verify.within_seconds])
+    return 2 * longest * per_step + window + 2 * config.db_timeout_seconds
 
 
-@dataclass
-class Result:
-    outcome: str  # remediated | failed
-    reason: str
-    actions: list[dict] = field(default_factory=list)
-    playbook: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"outcome": self.outcome, "reason": self.reason, "actions": self.actions, "playbook": self.playbook}
+def _revertible(record: dict) -> bool:
+    """Live, successful, and changed something that has a recorded before."""
+    if record.get("revert") or record.get("dry_run") or not record.get("success") or record.get("from") == record.get("to"):
+        return False
+    if record["action"] == "scale_deployment":
+        return isinstance(record.get("from"), int) and record.get("from", 0) >= 1
+    return record["action"] == "rollback_deployment" and isinstance((record.get("revision") or {}).get("from"), int)
 
 
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def template_context(incident: dict) -> dict:
-    """What playbook placeholders may name; only what this incident has."""
-    labels = incident.get("labels") or {}
-    target = ((incident.get("diagnostics") or {}).get("target") or {}) if isinstance(incident.get("diagnostics"), dict) else {}
-    context = {"labels": labels, "annotations": incident.get("annotations") or {}, "alertname": incident["alert_name"]}
-    candidates = {
-        "namespace": labels.get("namespace") or target.get("namespace"),
-        "service": service_of(labels) or target.get("service"),
-        "deployment": labels.get("deployment") or target.get("deployment"),
-        "pod": labels.get("pod") or target.get("pod"),
-        "node": labels.get("node") or (labels.get("instance", "").rsplit(":", 1)[0] or None),
-    }
-    context.update({k: v for k, v in candidates.items() if v})
-    return context
-
-
-class RemediationHandler:
+class RemediationHandler(ApprovalFlow):
     def __init__(self, config: Settings, playbooks: list[pb.Playbook], publisher: Publisher):
         self.config = config
         self.playbooks = playbooks
         self.publisher = publisher
         self.claim_stale_seconds = claim_stale_seconds(config, playbooks)
+        self.verifier = Verifier(config)
 
     def handle(self, event: CloudEvent) -> Response:
+        if event["type"] == events.INCIDENT_REMEDIATION_APPROVED:
+            return self.handle_approved(event)
         incident_id = eventio.incident_id_of(event)
         with db.transaction() as conn:
             step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds)
@@ -110,6 +103,11 @@ class RemediationHandler:
         if playbook is None:
             return Result("failed", f"no playbook matches {incident['alert_name']}")
         dry_run = self.config.remediation_mode == "dry-run"
+        if not dry_run and playbook.needs_approval(self.config.remediation_mode):
+            return self._propose(incident, playbook)
+        return self._execute(incident, playbook, dry_run)
+
+    def _execute(self, incident: dict, playbook: pb.Playbook, dry_run: bool) -> Result:
         context = template_context(incident)
         result = Result("remediated", "", playbook=playbook.name)
         escalation = None
@@ -128,7 +126,57 @@ class RemediationHandler:
             result.outcome, result.reason = "failed", "dry-run: nothing was changed, a human must act"
         else:
             result.reason = "every action succeeded and was verified"
+            self._verify(incident, playbook, context, result)
         return result
+
+    # ------------------------------------------------------------------ verification and revert
+
+    def _verify(self, incident: dict, playbook: pb.Playbook, context: dict, result: Result) -> None:
+        verdict = self.verifier.check(incident, playbook, context)
+        if verdict.verified is None and not verdict.reason:
+            return  # nothing to ask (no PROMETHEUS_URL, no verify declared): readiness was the check
+        result.verification = {"verified": verdict.verified, "reason": verdict.reason, "query": verdict.query}
+        with db.transaction() as conn:
+            incidents.add_timeline(conn, incident["id"], "remediation_verification", result.verification, "remediation")
+        if verdict.verified:
+            result.reason = f"every action succeeded; {verdict.reason}"
+            return
+        result.outcome, result.reason = "failed", verdict.reason
+        if verdict.verified is False:
+            reverted = [self._revert(incident, record) for record in reversed(result.actions) if _revertible(record)]
+            result.actions.extend(reverted)
+            done = [f"{r['action']} on {r['target']}" for r in reverted if r["success"]]
+            failed = [f"{r['action']} on {r['target']} ({r['error']})" for r in reverted if not r["success"]]
+            if done:
+                result.reason += "; reverted " + ", ".join(done)
+            if failed:
+                result.reason += "; could not revert " + ", ".join(failed)
+
+    def _revert(self, incident: dict, record: dict) -> dict:
+        """Undo one verified-but-unhelpful action to the state recorded before it."""
+        out = {"action": record["action"], "revert": True, "target": record["target"], "namespace": record.get("namespace"),
+               "from": record["to"], "to": record["from"], "timestamp": now_rfc3339(), "success": False, "dry_run": False, "error": None}
+        ctx = ActionContext(self.config, incident, False, self.config.remediation_verify_timeout_seconds)
+        target = act.DeploymentParams(namespace=record["namespace"], name=record["target"])
+        with db.transaction() as conn:
+            run_id = runs.record(conn, incident["id"], f"revert:{record['action']}", f"{target.namespace}/{target.name}", False, None, "")
+        try:
+            if record["action"] == "scale_deployment":
+                done = act.revert_scale(ctx, target, record["from"])
+                out.update({"from": done.before, "to": done.after})
+            else:
+                revision = record["revision"]["from"]
+                done = act.rollback_deployment(ctx, act.RollbackParams(namespace=target.namespace, name=target.name, to_revision=revision))
+                out.update({"from": done.before, "to": revision, "revision": done.details.get("revision")})
+            out["success"] = True
+        except ActionFailed as exc:
+            out["error"] = str(exc)
+        except Exception as exc:  # a revert bug is a failed revert, recorded
+            log.exception("Remediation revert crashed", extra={"incident_id": incident["id"], "action": record["action"]})
+            out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        out["timestamp"] = now_rfc3339()
+        self._record(incident["id"], out, run_id)
+        return out
 
     def _step(self, incident: dict, step: pb.Step, context: dict, dry_run: bool) -> dict:
         spec = REGISTRY[step.action]
@@ -159,6 +207,9 @@ class RemediationHandler:
             outcome = spec.run(ctx, params)
             record.update({"target": outcome.target, "from": outcome.before, "to": outcome.after, "success": True})
             record.update(outcome.details)
+        except BlastRadiusExceeded as exc:
+            record.update(error=f"blocked by blast_radius: {exc}", blocked_by="blast_radius")
+            log.warning("Remediation action blocked", extra={"incident_id": incident["id"], "action": step.action, "target": str(target), "rail": "blast_radius"})
         except NotConfigured as exc:
             if dry_run:
                 # Nothing to read the current state from, but the intent is
@@ -180,7 +231,7 @@ class RemediationHandler:
             incidents.append_remediation_action(conn, incident_id, record)
             incidents.add_timeline(conn, incident_id, "remediation_action", record, "remediation")
             if run_id is not None:
-                rails.finish(conn, run_id, record["success"])
+                rails.finish(conn, run_id, record["success"], record.get("blocked_by"), record.get("error"))
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         event_ids: list[str] = []
@@ -209,10 +260,11 @@ class RemediationHandler:
             raise Conflict("remediation finished but its result is not recorded yet; retry")
         d = entries[-1]["details"]
         log.info("Remediation already ran; replying again", extra={"incident_id": incident["id"]})
-        return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook")))
+        return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"),
+                                                  d.get("proposal"), d.get("verification")))
 
-    def _reply(self, incident_id: str, result: Result) -> Response:
+    def _reply(self, incident_id: str, result: Result, event_id: str | None = None) -> Response:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
-        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()})
+        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()}, event_id)

@@ -1,5 +1,6 @@
-"""Remediation function: triggered by incident.diagnosed, replies
-incident.remediated or incident.remediation_failed.
+"""Remediation function: triggered by incident.diagnosed (and
+incident.remediation_approved), replies incident.remediated or
+incident.remediation_failed.
 
     functions-framework --source functions/remediation/main.py --target remediation
 """
@@ -24,7 +25,7 @@ _handler = RemediationHandler(config, _playbooks, Publisher(config))
 ROUTES = [
     Route("GET", "/health", health, auth=False),
     # Called by the Broker only (a cluster-local Service): no bearer token.
-    Route("POST", "/", lambda r: _handler.handle(eventio.receive(r, (events.INCIDENT_DIAGNOSED,))), auth=False),
+    Route("POST", "/", lambda r: _handler.handle(eventio.receive(r, (events.INCIDENT_DIAGNOSED, events.INCIDENT_REMEDIATION_APPROVED))), auth=False),
 ]
 
 

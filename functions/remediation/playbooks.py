@@ -46,6 +46,18 @@ class Matcher:
 class Step:
     action: str
     params: dict
+    approval: bool = False  # `approval: required` on the action
+
+
+@dataclass(frozen=True)
+class Verify:
+    """What must hold after the actions: a PromQL expression that must return
+    a result (become true), or the named alert no longer firing, within
+    ``within_seconds``. ``promql`` and ``alert_stops_firing`` may use the
+    same placeholders as parameters."""
+    promql: str | None = None
+    alert_stops_firing: str | None = None
+    within_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,11 @@ class Playbook:
     matchers: tuple[Matcher, ...]
     steps: tuple[Step, ...]
     cause: str | None = None  # the diagnosis' most likely cause must be this one
+    approval: bool = False  # `approval: required` on the playbook
+    verify: Verify | None = None
+
+    def needs_approval(self, mode: str) -> bool:
+        return mode == "approve" or self.approval or any(s.approval for s in self.steps)
 
     def matches(self, alert_name: str, labels: dict, cause: str | None = None) -> bool:
         return ((self.alertname is None or alert_name == self.alertname) and all(m.matches(labels) for m in self.matchers)
@@ -136,9 +153,9 @@ def parse(spec: Any, source: str) -> list[Playbook]:
             raise PlaybookError(f"{where}: field 'match.cause': unknown cause {cause!r}; known: {', '.join(VOCABULARY)}")
         if not isinstance(match.get("alertname"), str) and not (cause and "alertname" not in match):
             raise PlaybookError(f"{where}: field 'match.alertname': required (unless match.cause is given)")
-        unknown = sorted(set(raw) - {"name", "match", "actions", "description"})
+        unknown = sorted(set(raw) - {"name", "match", "actions", "description", "approval", "verify"})
         if unknown:
-            raise PlaybookError(f"{where}: field {unknown[0]!r}: unknown; allowed: name, description, match, actions")
+            raise PlaybookError(f"{where}: field {unknown[0]!r}: unknown; allowed: name, description, match, actions, approval, verify")
         matchers = tuple(_parse_matcher(m, f"{where}: match.labels") for m in match.get("labels", []) or [])
         steps_raw = raw.get("actions")
         if not isinstance(steps_raw, list) or not steps_raw:
@@ -153,10 +170,42 @@ def parse(spec: Any, source: str) -> list[Playbook]:
             params = step.get("params", {}) or {}
             if not isinstance(params, dict):
                 raise PlaybookError(f"{at}: field 'params': must be a mapping")
+            unknown = sorted(set(step) - {"action", "params", "approval"})
+            if unknown:
+                raise PlaybookError(f"{at}: field {unknown[0]!r}: unknown; allowed: action, params, approval")
             _validate_params(step["action"], params, at)
-            steps.append(Step(step["action"], params))
-        result.append(Playbook(name, match.get("alertname"), matchers, tuple(steps), cause))
+            steps.append(Step(step["action"], params, _approval(step.get("approval"), at)))
+        result.append(Playbook(name, match.get("alertname"), matchers, tuple(steps), cause,
+                               _approval(raw.get("approval"), where), _verify(raw.get("verify"), where)))
     return result
+
+
+def _approval(raw: Any, where: str) -> bool:
+    if raw is None or raw == "none":
+        return False
+    if raw == "required":
+        return True
+    raise PlaybookError(f"{where}: field 'approval': must be 'required' or 'none', got {raw!r}")
+
+
+def _verify(raw: Any, where: str) -> Verify | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PlaybookError(f"{where}: field 'verify': must be a mapping with promql or alert_stops_firing")
+    unknown = sorted(set(raw) - {"promql", "alert_stops_firing", "within_seconds"})
+    if unknown:
+        raise PlaybookError(f"{where}: field 'verify.{unknown[0]}': unknown; allowed: promql, alert_stops_firing, within_seconds")
+    promql, alert = raw.get("promql"), raw.get("alert_stops_firing")
+    if (promql is None) == (alert is None):
+        raise PlaybookError(f"{where}: field 'verify': exactly one of promql and alert_stops_firing is required")
+    for key, value in (("promql", promql), ("alert_stops_firing", alert)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise PlaybookError(f"{where}: field 'verify.{key}': must be a non-empty string")
+    within = raw.get("within_seconds")
+    if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 < within <= 3600):
+        raise PlaybookError(f"{where}: field 'verify.within_seconds': must be a number of seconds from 1 to 3600")
+    return Verify(promql, alert, float(within) if within is not None else None)
 
 
 def load(path: str = "") -> list[Playbook]:
@@ -192,4 +241,4 @@ def render_params(value: Any, context: dict) -> Any:
     return value
 
 
-__all__ = ["Playbook", "PlaybookError", "Step", "TemplateError", "find", "load", "parse", "render_params"]
+__all__ = ["Playbook", "PlaybookError", "Step", "Verify", "TemplateError", "find", "load", "parse", "render_params"]

@@ -34,6 +34,8 @@ class Note:
     incident: dict
     reason: str | None = None
     sent: frozenset[str] = frozenset()
+    # A remediation proposal waiting for approval: where to decide on it.
+    proposal_url: str | None = None
 
 
 @dataclass(frozen=True)

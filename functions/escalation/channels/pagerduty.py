@@ -67,9 +67,12 @@ def _bounded(event: dict) -> dict:
     return event
 
 
-def trigger_event(config: Settings, incident: dict, routing_key: str, transition: str, reason: str | None) -> dict:
+def trigger_event(config: Settings, incident: dict, routing_key: str, transition: str, reason: str | None,
+                  proposal_url: str | None = None) -> dict:
     labels = incident.get("labels") or {}
     links = [{"href": incident_url(config, incident["id"]), "text": "Incident"}]
+    if proposal_url:
+        links.append({"href": proposal_url, "text": "Approve or reject the proposed remediation"})
     runbook = runbook_url(incident)
     if runbook:
         links.append({"href": runbook, "text": "Runbook"})
@@ -136,7 +139,7 @@ class PagerDuty:
         if action is None:
             return None
         key = self.routing_key.reveal()
-        body = (trigger_event(self.config, note.incident, key, note.transition, note.reason) if action == "trigger"
+        body = (trigger_event(self.config, note.incident, key, note.transition, note.reason, note.proposal_url) if action == "trigger"
                 else follow_up_event(note.incident, key, action))
         return Outgoing(action, self.config.pagerduty_events_url, body)
 

@@ -1,0 +1,93 @@
+"""Remediation proposals over the API: list them, approve or reject one
+(the actor recorded, an approver list applied, each decision taken once).
+
+The decision and its audit entries commit before the answer: a refused
+approver (403) and an expiry found by a late approval (409) stay on the
+incident's timeline."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Request
+
+from functions.query.api import parse_incident_id
+from shared import db, incidents, proposals
+from shared.config import Settings
+from shared.errors import BadRequest, Conflict, Forbidden, NotFound
+from shared.http import parse_json_body
+from shared.publisher import Publisher
+
+HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_proposal_id(raw: str) -> str:
+    try:
+        return parse_incident_id(raw)
+    except BadRequest:
+        raise BadRequest(f"proposal_id: not a UUID: {raw[:60]!r}", parameter="proposal_id") from None
+
+
+def decide(config: Settings, publisher: Publisher, incident_id: str, proposal_id: str, approve: bool,
+           actor: str, expected_hash: str | None) -> dict:
+    """Shared by the API and the board: raises the typed error of a refusal
+    after its audit entry is committed."""
+    with db.transaction() as conn:
+        if incidents.get_incident(conn, incident_id) is None:
+            raise NotFound(f"incident {incident_id} not found")
+        decision = proposals.decide(conn, incident_id, proposal_id, approve, actor, config.remediation_approvers,
+                                    expected_hash, config.event_source)
+    if decision.refusal == "not_found":
+        raise NotFound(decision.message)
+    if decision.refusal == "forbidden":
+        raise Forbidden(decision.message, actor=actor)
+    if decision.refusal == "conflict":
+        raise Conflict(decision.message, proposal_status=decision.proposal["status"])
+    if decision.refusal == "changed":
+        raise Conflict(decision.message, proposal_status=decision.proposal["status"], hash=decision.proposal["hash"])
+    publisher.submit(list(decision.event_ids))
+    return proposals.present(decision.proposal)
+
+
+class ProposalsApi:
+    def __init__(self, config: Settings, publisher: Publisher, actor):
+        self.config = config
+        self.publisher = publisher
+        self.actor = actor
+
+    def list(self, request: Request, incident_id: str) -> dict:
+        incident_id = parse_incident_id(incident_id)
+        with db.engine().connect() as conn:
+            incidents.require_incident(conn, incident_id)
+            rows = proposals.of_incident(conn, incident_id)
+        return {"items": [proposals.present(r) for r in rows]}
+
+    def get(self, request: Request, incident_id: str, proposal_id: str) -> dict:
+        incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+        with db.engine().connect() as conn:
+            incidents.require_incident(conn, incident_id)
+            row = proposals.get(conn, incident_id, proposal_id)
+        if row is None:
+            raise NotFound(f"incident {incident_id} has no proposal {proposal_id}")
+        return proposals.present(row)
+
+    def approve(self, request: Request, incident_id: str, proposal_id: str) -> dict:
+        return self._decide(request, incident_id, proposal_id, True)
+
+    def reject(self, request: Request, incident_id: str, proposal_id: str) -> dict:
+        return self._decide(request, incident_id, proposal_id, False)
+
+    def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> dict:
+        incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+        expected = None
+        if request.content_length or request.data:
+            body = parse_json_body(request, 4096)
+            if not isinstance(body, dict):
+                raise BadRequest('the body must be a JSON object like {"hash": "..."} (or empty)')
+            unknown = sorted(set(body) - {"hash"})
+            if unknown:
+                raise BadRequest(f"unknown field {unknown[0][:60]!r}; allowed: hash", field=unknown[0][:60])
+            expected = body.get("hash")
+            if expected is not None and (not isinstance(expected, str) or not HASH.fullmatch(expected)):
+                raise BadRequest("hash: must be the proposal's 64 hex digit hash", field="hash")
+        return decide(self.config, self.publisher, incident_id, proposal_id, approve, self.actor(request), expected)

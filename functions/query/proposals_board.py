@@ -1,0 +1,53 @@
+"""The board's approve and reject buttons for a remediation proposal
+(CSRF-protected like every form of the board). The decision is the API's:
+same approver list, same single use, same hash binding (the form carries
+the hash the engineer saw)."""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import urlencode
+
+from flask import Request, Response
+
+from functions.query.api import parse_incident_id
+from functions.query.board import Board
+from functions.query.proposals_api import decide, parse_proposal_id
+from shared.errors import ApiError, BadRequest
+from shared.http import storable_text
+
+
+class ProposalsBoard:
+    def __init__(self, board: Board):
+        self.board = board
+
+    def approve(self, request: Request, incident_id: str, proposal_id: str) -> Response:
+        return self._decide(request, incident_id, proposal_id, True)
+
+    def reject(self, request: Request, incident_id: str, proposal_id: str) -> Response:
+        return self._decide(request, incident_id, proposal_id, False)
+
+    def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> Response:
+        session = self.board.session(request)
+        if session is None:
+            return self.board._redirect("/ui/login")
+        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+            return self.board._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.",
+                                    csrf=session["csrf"])
+        try:
+            incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+            named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+            expected = request.form.get("hash") or None
+            if expected is not None and len(expected) != 64:
+                raise BadRequest("hash: must be the proposal's 64 hex digit hash")
+            actor = f"board:{named}" if named else "board"
+            proposal = decide(self.board.config, self.board.publisher, incident_id, proposal_id, approve, actor, expected)
+        except ApiError as exc:
+            if exc.status >= 500:
+                raise
+            return self._back(incident_id, proposal_id, error=exc.message)
+        verb = "approved: remediation runs it now" if approve else "rejected"
+        return self._back(incident_id, proposal["id"], notice=f"Proposal {proposal['id']} {verb}.")
+
+    def _back(self, incident_id: str, proposal_id: str, **message) -> Response:
+        return self.board._redirect(f"/ui/incidents/{incident_id}?{urlencode(message)}#proposal-{proposal_id}")

@@ -1,0 +1,52 @@
+"""What one remediation run produces, and what its playbook's placeholders
+may name: shared by the playbook run and the approval flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from shared.config import Settings
+from shared.domain import service_of
+
+
+@dataclass
+class Result:
+    outcome: str  # remediated | failed
+    reason: str
+    actions: list[dict] = field(default_factory=list)
+    playbook: str | None = None
+    proposal: dict | None = None  # awaiting approval, or the approved one that ran
+    verification: dict | None = None
+
+    def as_dict(self) -> dict:
+        out = {"outcome": self.outcome, "reason": self.reason, "actions": self.actions, "playbook": self.playbook}
+        if self.proposal:
+            out["proposal"] = self.proposal
+        if self.verification:
+            out["verification"] = self.verification
+        return out
+
+
+def proposal_url(config: Settings, incident_id: str, proposal_id: str) -> str:
+    return f"{config.public_url}/ui/incidents/{incident_id}#proposal-{proposal_id}"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def template_context(incident: dict) -> dict:
+    """What playbook placeholders may name; only what this incident has."""
+    labels = incident.get("labels") or {}
+    target = ((incident.get("diagnostics") or {}).get("target") or {}) if isinstance(incident.get("diagnostics"), dict) else {}
+    context = {"labels": labels, "annotations": incident.get("annotations") or {}, "alertname": incident["alert_name"]}
+    candidates = {
+        "namespace": labels.get("namespace") or target.get("namespace"),
+        "service": service_of(labels) or target.get("service"),
+        "deployment": labels.get("deployment") or target.get("deployment"),
+        "pod": labels.get("pod") or target.get("pod"),
+        "node": labels.get("node") or (labels.get("instance", "").rsplit(":", 1)[0] or None),
+    }
+    context.update({k: v for k, v in candidates.items() if v})
+    return context

@@ -1,0 +1,161 @@
+"""Remediation proposals: the exact actions a playbook would run, waiting
+for a human to approve or reject them.
+
+An approval is single-use and bound to the proposal's hash of (incident,
+actions, targets, parameters): its status moves once, under a row lock, so
+a hundred concurrent approvals produce one ``incident.remediation_approved``
+event and one execution. Data functions take the caller's connection, so a
+decision, its timeline entry and its event commit together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared import events, outbox
+from shared.incident_queries import get_incident
+from shared.timeline import add_timeline
+
+UTC_NOW = "timezone('utc', now())"
+INCIDENT_REMEDIATION_APPROVED = events.INCIDENT_REMEDIATION_APPROVED
+COLUMNS = ("id", "incident_id", "generation", "playbook", "actions", "preview", "hash", "status",
+           "created_at", "expires_at", "decided_by", "decided_at", "started_at", "finished_at", "reason")
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM remediation_proposals"
+
+
+def fingerprint(incident_id: str, actions: list[dict]) -> str:
+    """The hash an approval is bound to: the incident and, in order, each
+    action's name, target and parameters (canonical JSON)."""
+    canonical = json.dumps({"incident": incident_id, "actions": [
+        {"action": a["action"], "target": a["target"], "params": a["params"]} for a in actions]},
+        sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create(conn: Connection, incident: dict, playbook: str, actions: list[dict], preview: list[dict], ttl_seconds: int) -> dict:
+    """A pending proposal; an earlier pending one of the incident is superseded
+    (only the newest can be approved)."""
+    superseded = conn.execute(sa.text(
+        "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()) "
+        "WHERE incident_id = :i AND status = 'pending' RETURNING id"), {"i": incident["id"]}).scalars().all()
+    row = conn.execute(sa.text(
+        "INSERT INTO remediation_proposals (id, incident_id, generation, playbook, actions, preview, hash, expires_at) "
+        "VALUES (:id, :i, :g, :p, CAST(:a AS jsonb), CAST(:pv AS jsonb), :h, "
+        f"{UTC_NOW} + make_interval(secs => :ttl)) RETURNING {', '.join(COLUMNS)}"),
+        {"id": str(uuid.uuid4()), "i": incident["id"], "g": incident["generation"], "p": playbook,
+         "a": json.dumps(actions, default=str), "pv": json.dumps(preview, default=str),
+         "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds}).mappings().one()
+    proposal = dict(row)
+    add_timeline(conn, incident["id"], "remediation_proposed", {
+        "proposal_id": proposal["id"], "playbook": playbook, "hash": proposal["hash"], "actions": actions,
+        "preview": preview, "expires_at": proposal["expires_at"], "superseded": superseded}, "remediation")
+    return proposal
+
+
+def get(conn: Connection, incident_id: str, proposal_id: str, lock: bool = False) -> dict | None:
+    row = conn.execute(sa.text(f"{_SELECT} WHERE id = :id AND incident_id = :i" + (" FOR UPDATE" if lock else "")),
+                       {"id": proposal_id, "i": incident_id}).mappings().first()
+    return dict(row) if row else None
+
+
+def of_incident(conn: Connection, incident_id: str) -> list[dict]:
+    rows = conn.execute(sa.text(f"{_SELECT} WHERE incident_id = :i ORDER BY created_at DESC, id"), {"i": incident_id}).mappings()
+    return [dict(r) for r in rows]
+
+
+def bare_name(actor: str) -> str:
+    """``api:alice`` and ``board:alice`` are both alice to an approver list."""
+    return actor.split(":", 1)[1] if ":" in actor else ""
+
+
+@dataclass
+class Decision:
+    proposal: dict | None
+    refusal: str | None = None  # not_found | forbidden | conflict | changed
+    message: str = ""
+    event_ids: tuple[str, ...] = ()
+
+
+def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, actor: str, approvers: tuple[str, ...],
+           expected_hash: str | None, source: str) -> Decision:
+    """Approve or reject a pending proposal, once. A refusal that must be
+    remembered (an expiry found now, an approver not allowed) is written
+    here and committed by the caller before it answers."""
+    proposal = get(conn, incident_id, proposal_id, lock=True)
+    if proposal is None:
+        return Decision(None, "not_found", f"incident {incident_id} has no proposal {proposal_id}")
+    verb = "approve" if approve else "reject"
+    if approvers and bare_name(actor) not in approvers:
+        add_timeline(conn, incident_id, "remediation_approval_refused", {
+            "proposal_id": proposal_id, "decision": verb, "actor": actor,
+            "reason": "not in REMEDIATION_APPROVERS"}, actor)
+        return Decision(proposal, "forbidden", f"{actor} may not {verb} remediation proposals (REMEDIATION_APPROVERS)")
+    if proposal["status"] == "pending" and _expired(conn, proposal):
+        proposal = _set(conn, proposal_id, "expired", reason="approval TTL passed before a decision")
+        add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
+    if proposal["status"] != "pending":
+        return Decision(proposal, "conflict", f"proposal {proposal_id} is {proposal['status']}; only a pending proposal can be {verb}d")
+    if expected_hash is not None and expected_hash != proposal["hash"]:
+        return Decision(proposal, "changed", f"proposal {proposal_id} has hash {proposal['hash']}, not {expected_hash}: "
+                                              "review the current proposal and approve that")
+    status = "approved" if approve else "rejected"
+    proposal = _set(conn, proposal_id, status, decided_by=actor)
+    add_timeline(conn, incident_id, f"remediation_{status}", {"proposal_id": proposal_id, "hash": proposal["hash"]}, actor)
+    if not approve:
+        return Decision(proposal)
+    incident = get_incident(conn, incident_id)
+    event = events.incident_event(INCIDENT_REMEDIATION_APPROVED, incident, source,
+                                  {"proposal_id": proposal_id, "hash": proposal["hash"], "approved_by": actor})
+    event["id"] = f"{incident_id}.remediation_approved.{proposal_id}"
+    outbox.enqueue(conn, [event])
+    return Decision(proposal, event_ids=(event["id"],))
+
+
+def _expired(conn: Connection, proposal: dict) -> bool:
+    return bool(conn.execute(sa.text(f"SELECT CAST(:e AS timestamp) <= {UTC_NOW}"), {"e": proposal["expires_at"]}).scalar())
+
+
+def _set(conn: Connection, proposal_id: str, status: str, decided_by: str | None = None, reason: str | None = None) -> dict:
+    decided = ", decided_by = :by, decided_at = timezone('utc', now())" if decided_by else ""
+    finished = ", finished_at = timezone('utc', now())" if status in ("executed", "failed", "rejected", "expired", "superseded") else ""
+    row = conn.execute(sa.text(
+        f"UPDATE remediation_proposals SET status = :s, reason = coalesce(:r, reason){decided}{finished} "
+        f"WHERE id = :id RETURNING {', '.join(COLUMNS)}"), {"s": status, "r": reason, "by": decided_by, "id": proposal_id}).mappings().one()
+    return dict(row)
+
+
+def claim_execution(conn: Connection, incident_id: str, proposal_id: str, stale_after_seconds: float) -> dict | None:
+    """The one transition that lets an approved proposal run: a redelivered
+    or duplicated approval event finds it no longer approved. An execution
+    whose process died (still ``executing`` after the playbook's worst case)
+    is taken over; the rails then judge each action again, so what already
+    ran is not run twice within its cooldown."""
+    row = conn.execute(sa.text(
+        f"UPDATE remediation_proposals SET status = 'executing', started_at = {UTC_NOW} "
+        "WHERE id = :id AND incident_id = :i AND (status = 'approved' OR "
+        f"(status = 'executing' AND started_at < {UTC_NOW} - make_interval(secs => :stale))) "
+        f"RETURNING {', '.join(COLUMNS)}"), {"id": proposal_id, "i": incident_id, "stale": stale_after_seconds}).mappings().first()
+    return dict(row) if row else None
+
+
+def finish(conn: Connection, proposal_id: str, executed: bool, reason: str) -> dict:
+    return _set(conn, proposal_id, "executed" if executed else "failed", reason=reason)
+
+
+def present(proposal: dict) -> dict:
+    out = {k: proposal[k] for k in COLUMNS}
+    # A pending proposal past its TTL can no longer be approved: show it as
+    # what it is (the stored status follows at the first decision attempt).
+    expires = out["expires_at"]
+    if out["status"] == "pending" and isinstance(expires, datetime) and expires <= datetime.now(timezone.utc).replace(tzinfo=None):
+        out["status"] = "expired"
+    for key in ("created_at", "expires_at", "decided_at", "started_at", "finished_at"):
+        value = out[key]
+        out[key] = value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else value
+    return out

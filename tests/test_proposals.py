@@ -1,0 +1,293 @@
+"""Approval before acting: remediation records a proposal, an engineer
+approves or rejects it through the query API, and the approval reaches
+remediation as ``incident.remediation_approved`` (the query function's
+outbox publishes to the remediation function), which executes it once with
+the rails judged again. Real processes, real PostgreSQL, the loopback
+Kubernetes API."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from loopback.kube import deployment
+from loopback.processes import FunctionProcess, wait_until
+from shared import events, proposals
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN
+from tests.test_remediation import _env, deliver, incident, reply_of
+
+FAILED = events.INCIDENT_REMEDIATION_FAILED
+
+
+@pytest.fixture
+def cluster(kube):
+    kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear(), kube.replicasets.clear()
+    kube.rollout_delay = 0.0
+    kube.add_deployment(deployment("email-service", 1))
+    kube.add_deployment(deployment("email-service", 1, namespace="staging"))
+    return kube
+
+
+@pytest.fixture(scope="module")
+def remediation(base_env, kube, database_url):
+    proc = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="approve")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def query(base_env, remediation):
+    # The outbox publishes straight to remediation, as the Broker's trigger would.
+    proc = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "REMEDIATION_APPROVERS": "alice,bob",
+                                     "REMEDIATION_APPROVAL_TTL_SECONDS": "600"}).start()
+    yield proc
+    proc.stop()
+
+
+def post(query, path, actor="alice", json=None):
+    headers = {"Authorization": f"Bearer {TEST_TOKEN}", "X-Actor": actor}
+    return requests.post(query.url + path, headers=headers, json=json, timeout=30)
+
+
+def proposed(engine, remediation, name="KafkaConsumerLagHigh", **labels):
+    row = incident(engine, name, **{"namespace": "production", **labels})
+    event = reply_of(deliver(remediation, row))
+    assert event["type"] == FAILED
+    result = event.data["remediation"]
+    assert result["reason"].startswith("awaiting approval: scale_deployment production/email-service")
+    return row, result["proposal"]
+
+
+def proposal_row(engine, incident_id, proposal_id):
+    with engine.connect() as conn:
+        return proposals.get(conn, incident_id, proposal_id)
+
+
+def kinds(engine, incident_id):
+    with engine.connect() as conn:
+        return [t["kind"] for t in svc.get_timeline(conn, incident_id)]
+
+
+def settled(engine, incident_id, proposal_id):
+    wait_until(lambda: proposal_row(engine, incident_id, proposal_id)["status"] in ("executed", "failed"), 30,
+               message="the approved proposal ran")
+    return proposal_row(engine, incident_id, proposal_id)
+
+
+def test_proposal_records_the_exact_actions_and_a_preview_and_changes_nothing(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    assert summary["url"].endswith(f"/ui/incidents/{row['id']}#proposal-{summary['id']}")
+    p = proposal_row(clean_db, row["id"], summary["id"])
+    assert p["status"] == "pending" and p["playbook"] == "kafka-consumer-lag-scale-out"
+    assert p["actions"] == [{"action": "scale_deployment", "target": "production/email-service",
+                             "params": {"namespace": "production", "name": "email-service", "replicas": 6}}]
+    assert {k: p["preview"][0][k] for k in ("action", "from", "to", "dry_run")} == {"action": "scale_deployment", "from": 1, "to": 6, "dry_run": True}
+    assert p["hash"] == proposals.fingerprint(row["id"], p["actions"]) == summary["hash"]
+    assert not cluster.calls("PATCH")
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, row["id"])["status"] == "investigating"
+    listed = requests.get(f"{query.url}/incidents/{row['id']}/proposals", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10)
+    assert listed.status_code == 200 and [x["id"] for x in listed.json()["items"]] == [summary["id"]]
+
+
+def test_approve_executes_once_through_the_event_and_resolves(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    response = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"hash": summary["hash"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "approved" and response.json()["decided_by"] == "api:alice"
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "executed"
+    (patch,) = cluster.calls("PATCH", "/scale")
+    assert patch.json() == {"spec": {"replicas": 6}}
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, row["id"])["status"] == "resolved"
+        timeline = svc.get_timeline(conn, row["id"])
+    approved = next(t for t in timeline if t["kind"] == "remediation_approved")
+    assert approved["actor"] == "api:alice" and approved["details"]["proposal_id"] == summary["id"]
+    assert [k for k in (t["kind"] for t in timeline) if k.startswith("remediation_")][-3:] == [
+        "remediation_approved", "remediation_action", "remediation_result"]
+    # Approving again is refused, naming the state.
+    again = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
+    assert again.status_code == 409 and again.json()["proposal_status"] == "executed"
+
+
+def test_reject_records_the_actor_and_a_later_approval_is_409_rejected(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    rejected = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/reject", actor="bob")
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected" and rejected.json()["decided_by"] == "api:bob"
+    late = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
+    assert late.status_code == 409 and late.json()["proposal_status"] == "rejected" and "rejected" in late.json()["message"]
+    assert not cluster.calls("PATCH")
+
+
+def test_an_expired_proposal_is_refused_with_409_expired(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET expires_at = timezone('utc', now()) - interval '1 second' WHERE id = :id"),
+                     {"id": summary["id"]})
+    late = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
+    assert late.status_code == 409 and late.json()["proposal_status"] == "expired"
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "expired"
+    assert "remediation_proposal_expired" in kinds(clean_db, row["id"])
+    assert not cluster.calls("PATCH")
+
+
+def test_an_approver_not_on_the_list_gets_403_and_an_audit_entry(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    for actor in ("mallory", ""):
+        refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", actor=actor)
+        assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    with clean_db.connect() as conn:
+        audit = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"]
+    assert [a["actor"] for a in audit] == ["api:mallory", "api"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    assert not cluster.calls("PATCH")
+
+
+def test_a_hash_that_is_not_the_proposals_is_409(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    stale = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"hash": "0" * 64})
+    assert stale.status_code == 409 and stale.json()["hash"] == summary["hash"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+
+
+def test_changed_parameters_invalidate_the_approval_and_propose_anew(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    # The incident's labels changed after the proposal: the actions now
+    # render for another namespace, which the approval did not cover.
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET labels = labels || '{\"namespace\": \"staging\"}'::jsonb WHERE id = :id"), {"id": row["id"]})
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and "changed since the approval" in p["reason"]
+    assert not cluster.calls("PATCH")
+    with clean_db.connect() as conn:
+        fresh = [x for x in proposals.of_incident(conn, row["id"]) if x["id"] != summary["id"]]
+    assert [x["status"] for x in fresh] == ["pending"] and fresh[0]["actions"][0]["target"] == "staging/email-service"
+
+
+def test_a_hundred_concurrent_approvals_execute_once(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    path = f"/incidents/{row['id']}/proposals/{summary['id']}/approve"
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        codes = list(pool.map(lambda i: post(query, path, actor="alice" if i % 2 else "bob").status_code, range(100)))
+    assert codes.count(200) == 1 and codes.count(409) == 99
+    assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
+    assert len(cluster.calls("PATCH", "/scale")) == 1
+    with clean_db.connect() as conn:
+        runs = conn.execute(sa.text("SELECT count(*) FROM remediation_runs WHERE incident_id = :i AND NOT dry_run"), {"i": row["id"]}).scalar()
+        results = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_result" and t["details"].get("approved_proposal")]
+    assert runs == 1 and len(results) == 1
+
+
+def test_a_rail_that_tripped_since_the_proposal_still_blocks(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    # Another incident's live scale of the same target, after the proposal:
+    # the cooldown now holds.
+    other = incident(clean_db, "KafkaConsumerLagHigh", namespace="production", instance="other")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO remediation_runs (incident_id, action, target, dry_run, success) "
+                             "VALUES (:i, 'scale_deployment', 'production/email-service', false, true)"), {"i": other["id"]})
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and "blocked by cooldown" in p["reason"]
+    assert not cluster.calls("PATCH")
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, row["id"])["status"] == "investigating"
+
+
+def test_unknown_proposal_and_bad_ids(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    missing = post(query, f"/incidents/{row['id']}/proposals/00000000-0000-4000-8000-000000000000/approve")
+    assert missing.status_code == 404
+    assert post(query, f"/incidents/{row['id']}/proposals/nope/approve").status_code == 400
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"hash": 3}).status_code == 400
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"force": True}).status_code == 400
+    unauthenticated = requests.post(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}/approve", timeout=10)
+    assert unauthenticated.status_code == 401
+
+
+def test_the_board_buttons_need_the_forms_csrf_token_and_a_listed_approver(remediation, query, cluster, clean_db):
+    import re as _re
+
+    row, summary = proposed(clean_db, remediation)
+    base = f"{query.url}/ui/incidents/{row['id']}/proposals/{summary['id']}"
+    anonymous = requests.post(base + "/approve", data={"actor": "alice"}, allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 303 and anonymous.headers["Location"].startswith("/ui/login")
+    browser = requests.Session()
+    assert browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, allow_redirects=False, timeout=10).status_code == 303
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    csrf = _re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert f'id="approve-{summary["id"]}"' in page and summary["hash"] in page
+    forged = browser.post(base + "/approve", data={"actor": "alice", "csrf": "forged"}, allow_redirects=False, timeout=10)
+    assert forged.status_code == 403
+    stranger = browser.post(base + "/approve", data={"actor": "mallory", "csrf": csrf}, allow_redirects=False, timeout=10)
+    assert stranger.status_code == 303 and "error=" in stranger.headers["Location"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    with clean_db.connect() as conn:
+        assert [t["actor"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"] == ["board:mallory"]
+    rejected = browser.post(base + "/reject", data={"actor": "bob", "csrf": csrf, "hash": summary["hash"]}, allow_redirects=False, timeout=10)
+    assert rejected.status_code == 303 and "notice=" in rejected.headers["Location"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["decided_by"] == "board:bob"
+    assert not cluster.calls("PATCH")
+
+
+def test_a_proposal_past_its_ttl_shows_as_expired_before_anyone_decides(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET expires_at = timezone('utc', now()) - interval '1 second' WHERE id = :id"),
+                     {"id": summary["id"]})
+    shown = requests.get(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10)
+    assert shown.status_code == 200 and shown.json()["status"] == "expired"
+    browser = requests.Session()
+    browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, timeout=10)
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert f'id="proposal-status-{summary["id"]}">expired<' in page and f'id="approve-{summary["id"]}"' not in page
+
+
+def test_an_incident_resolved_before_the_approval_runs_is_not_remediated(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "test", "/test")
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is resolved")
+    assert not cluster.calls("PATCH")
+
+
+def deliver_approval(remediation, row, proposal_id):
+    from cloudevents.conversion import to_binary
+    from cloudevents.http import CloudEvent
+
+    spec = events.incident_event(events.INCIDENT_REMEDIATION_APPROVED, row, "/test", {"proposal_id": proposal_id})
+    headers, body = to_binary(CloudEvent({"id": f"{row['id']}.remediation_approved.{proposal_id}", "type": spec["type"],
+                                          "source": "/test", **spec["extensions"]}, spec["data"]))
+    return requests.post(remediation.url + "/", data=body, headers=headers, timeout=60)
+
+
+def test_an_execution_whose_process_died_is_taken_over_only_after_the_worst_case(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+
+    def executing_since(interval):
+        with clean_db.begin() as conn:
+            conn.execute(sa.text("UPDATE remediation_proposals SET status = 'executing', decided_by = 'api:alice', "
+                                 f"started_at = timezone('utc', now()) - interval '{interval}' WHERE id = :id"), {"id": summary["id"]})
+
+    executing_since("1 second")
+    busy = deliver_approval(remediation, row, summary["id"])
+    assert busy.status_code == 409 and "executing" in busy.json()["message"]
+    assert not cluster.calls("PATCH")
+    executing_since("1 day")
+    taken = deliver_approval(remediation, row, summary["id"])
+    assert taken.status_code == 200 and taken.headers["ce-type"] == events.INCIDENT_REMEDIATED
+    assert taken.headers["ce-id"] == f"{row['id']}.remediated.0.{summary['id']}"
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "executed"
+    assert len(cluster.calls("PATCH", "/scale")) == 1
+    # A redelivery now replies the recorded result, without acting.
+    again = deliver_approval(remediation, row, summary["id"])
+    assert again.status_code == 200 and again.headers["ce-id"] == taken.headers["ce-id"]
+    assert len(cluster.calls("PATCH", "/scale")) == 1
