@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 from loopback.servers import Recorded, RecordingServer
 
 
-def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, terminated=None, node="node-1", reason=None, namespace="production"):
+def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, terminated=None, node="node-1", reason=None, namespace="production",
+        owner=None):
     state = {"waiting": {"reason": waiting}} if waiting else {"running": {"startedAt": "2026-11-27T10:00:00Z"}}
     last = {"terminated": {"reason": terminated, "exitCode": 137}} if terminated else {}
     status = {
@@ -25,9 +26,12 @@ def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, ter
     }
     if reason:
         status["reason"] = reason
+    metadata = {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"}
+    if owner:
+        metadata["ownerReferences"] = [_owner_ref(*owner)]
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"},
+        "metadata": metadata,
         "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.local/app:1"}]},
         "status": status,
     }
@@ -48,6 +52,33 @@ def deployment(name, replicas, ready=None, namespace="production", labels=None):
     }
 
 
+def _owner_ref(kind, name):
+    api = "v1" if kind in ("Node",) else "apps/v1"
+    return {"apiVersion": api, "kind": kind, "name": name, "uid": f"uid-{name}", "controller": True, "blockOwnerDeletion": True}
+
+
+def replicaset(name, deployment, namespace="production", labels=None):
+    """A ReplicaSet a Deployment owns (pods name it as their owner)."""
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}, "uid": f"uid-{name}",
+                     "ownerReferences": [_owner_ref("Deployment", deployment)]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels or {}}},
+        "status": {"replicas": 1},
+    }
+
+
+def statefulset(name, replicas, namespace="production", labels=None):
+    labels = labels or {"app": name}
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"},
+        "spec": {"replicas": replicas, "serviceName": name, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]}}},
+        "status": {"replicas": replicas},
+    }
+
+
 def _status(code, reason, message):
     return code, {"Content-Type": "application/json"}, json.dumps(
         {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code}
@@ -60,6 +91,8 @@ class FakeKubernetes:
         self.pods: list[dict] = []
         self.nodes: dict[str, dict] = {}
         self.jobs: list[dict] = []
+        self.replicasets: dict[tuple[str, str], dict] = {}
+        self.statefulsets: dict[tuple[str, str], dict] = {}
         self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
         self.server = RecordingServer(self._respond)
@@ -89,6 +122,12 @@ class FakeKubernetes:
     def add_deployment(self, obj):
         self.deployments[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
 
+    def add_replicaset(self, obj):
+        self.replicasets[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+
+    def add_statefulset(self, obj):
+        self.statefulsets[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+
     def add_node(self, name):
         self.nodes[name] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {}}, "spec": {}, "status": {}}
 
@@ -114,6 +153,13 @@ class FakeKubernetes:
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
             return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
+        m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/(replicasets|statefulsets)/([^/]+)", path)
+        if m and req.method == "GET":
+            store = self.replicasets if m.group(2) == "replicasets" else self.statefulsets
+            obj = store.get((m.group(1), m.group(3)))
+            if obj is None:
+                return _status(404, "NotFound", f'{m.group(2)}.apps "{m.group(3)}" not found')
+            return 200, {"Content-Type": "application/json"}, json.dumps(obj).encode()
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?", path)
         if m:
             return self._pods(req.method, m.group(1), m.group(2), query)
