@@ -46,7 +46,7 @@ class Item:
 
     def alert(self) -> Alert:
         name = self.labels["alertname"]
-        rule = KUBE_PROMETHEUS[name]
+        rule = KUBE_PROMETHEUS.get(name, {})
         return Alert(
             fingerprint=self.fingerprint, status=self.status, alert_name=name,
             priority=PRIORITY[self.labels["severity"]], summary=rule.get("summary") or name,

@@ -1,0 +1,40 @@
+"""Reading an incident's member alerts (migration 0010): the alerts it
+groups, each with its own status and why it joined, and the counts the lists
+show. Writing them is shared.ingest's and shared.correlation.store's job."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared.models import incident_members as m
+
+MEMBER_FIELDS = ("fingerprint", "alert_name", "labels", "status", "starts_at", "ends_at", "last_seen_at", "joined_at",
+                 "correlation_reason", "is_root", "priority")
+
+
+def members_of(conn: Connection, incident_id: str) -> list[dict]:
+    """The root first, then in the order they joined."""
+    rows = conn.execute(
+        sa.select(*(m.c[name] for name in MEMBER_FIELDS)).where(m.c.incident_id == incident_id)
+        .order_by(m.c.is_root.desc(), m.c.joined_at, m.c.fingerprint)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def alert_counts(conn: Connection, incident_ids: Sequence[str]) -> dict[str, int]:
+    """Members per incident, in one query for a page of incidents."""
+    if not incident_ids:
+        return {}
+    rows = conn.execute(
+        sa.select(m.c.incident_id, sa.func.count()).where(m.c.incident_id.in_(list(incident_ids))).group_by(m.c.incident_id)
+    )
+    return {incident_id: count for incident_id, count in rows}
+
+
+def firing_count(conn: Connection, incident_id: str) -> int:
+    return conn.execute(
+        sa.select(sa.func.count()).where(m.c.incident_id == incident_id, m.c.status == "firing")
+    ).scalar_one()
