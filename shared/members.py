@@ -38,3 +38,18 @@ def firing_count(conn: Connection, incident_id: str) -> int:
     return conn.execute(
         sa.select(sa.func.count()).where(m.c.incident_id == incident_id, m.c.status == "firing")
     ).scalar_one()
+
+
+CORRELATION_COUNTS = sa.text(
+    "SELECT (SELECT count(*) FROM incident_members) AS alerts, "
+    "(SELECT count(*) FROM incidents) AS incidents, "
+    "(SELECT count(*) FROM incidents WHERE merged_into IS NOT NULL) AS merged"
+)
+
+
+def correlation_counts(conn: Connection) -> tuple[int, int, int]:
+    """Alerts received (distinct alerts stored as members), incidents opened
+    (merged ones included: they were opened, and paged, before their root
+    came) and incidents merged."""
+    row = conn.execute(CORRELATION_COUNTS).one()
+    return row.alerts, row.incidents, row.merged
