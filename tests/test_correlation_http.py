@@ -10,6 +10,7 @@ from loopback.servers import RecordingServer
 from tests import storms
 from tests.conftest import TEST_TOKEN
 from tests.storms import Cluster, kp
+from tests.test_board import app, client  # noqa: F401 - the board's fixtures
 from tests.test_correlation import correlator, record
 from tests.test_query_http import scrape
 
@@ -67,3 +68,29 @@ def test_members_counts_lookup_merge_and_metrics(query, clean_db, kube):
     assert samples[("incidents_opened_total", ())] == 3
     assert samples[("incidents_merged_total", ())] == 1
     assert samples[("alerts_per_incident", ())] == pytest.approx(5 / 3)
+
+
+@pytest.fixture
+def board(client):  # noqa: F811 - the board's fixture
+    response = client.post("/ui/login", data={"token": TEST_TOKEN, "next": "/ui"})
+    assert response.status_code == 303
+    return client
+
+
+def test_board_shows_members_with_reasons_and_counts(clean_db, kube, board):
+    signed_in = board
+    c = Cluster(kube, "board")
+    node = c.node("ip-10-0-31-1")
+    pods = c.deployment("cart", [node, node])
+    corr = correlator(kube)
+    early = record(clean_db, corr, [kp("KubePodNotReady", "n", namespace="board", pod=pods[0])]).outcomes[0]
+    root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node),
+                                   kp("KubePodNotReady", "n", namespace="board", pod=pods[1])]).outcomes[0]
+    page = signed_in.get(f"/ui/incidents/{root.incident_id}").get_data(as_text=True)
+    assert '<dd id="alert-count">3</dd>' in page
+    assert f"pod runs on node {node}, where KubeNodeNotReady fires" in page
+    assert page.count('class="member-firing"') == 3 and "(root)" in page
+    merged = signed_in.get(f"/ui/incidents/{early.incident_id}").get_data(as_text=True)
+    assert f'<a id="merged-into" href="/ui/incidents/{root.incident_id}">' in merged
+    listing = signed_in.get("/ui?status=open").get_data(as_text=True)
+    assert '<td class="alert-count">3</td>' in listing
