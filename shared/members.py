@@ -53,3 +53,18 @@ def correlation_counts(conn: Connection) -> tuple[int, int, int]:
     came) and incidents merged."""
     row = conn.execute(CORRELATION_COUNTS).one()
     return row.alerts, row.incidents, row.merged
+
+
+PAGE_SUMMARY = sa.text(
+    "SELECT count(*) AS alerts, count(*) FILTER (WHERE status = 'firing') AS firing, "
+    "(SELECT correlation_reason FROM incident_members r WHERE r.incident_id = :id AND NOT r.is_root "
+    " ORDER BY r.joined_at DESC, r.fingerprint LIMIT 1) AS latest_reason "
+    "FROM incident_members WHERE incident_id = :id"
+)
+
+
+def page_summary(conn: Connection, incident_id: str) -> dict:
+    """What a page says of the incident's members: how many alerts it groups
+    (how many still fire) and why the latest one joined."""
+    row = conn.execute(PAGE_SUMMARY, {"id": incident_id}).one()
+    return {"alert_count": row.alerts, "firing": row.firing, "latest_reason": row.latest_reason}

@@ -2,6 +2,8 @@
 resolve, late roots merging, priority, the common path left alone; against
 real PostgreSQL and the loopback Kubernetes API."""
 
+import json
+
 import sqlalchemy as sa
 
 from shared import incidents as svc
@@ -125,6 +127,9 @@ def test_a_member_raises_the_incident_priority(clean_db, kube):
     row, timeline, _ = incident(clean_db, root.incident_id)
     assert row["priority"] == "P0"
     assert [t["details"]["to"] for t in timeline if t["kind"] == "priority_raised"] == ["P0"]
+    raised = [e for e in outbox(clean_db) if e["data"].get("raised_to")]
+    assert [(e["subject"], e["type"], e["data"]["priority"]) for e in raised] == [
+        (root.incident_id, "io.incidentresponse.incident.opened", "P0")]
 
 
 def test_alerts_no_rule_concerns_never_call_kubernetes(clean_db, kube):
@@ -183,3 +188,28 @@ def test_seed_alerts_keep_their_own_incidents_under_the_shipped_rules(clean_db, 
     with clean_db.begin() as conn:
         outcomes = svc.record_alerts(conn, alerts, SOURCE, "alertmanager", plan=corr.plan(alerts)).outcomes
     assert [o.action for o in outcomes] == ["created"] * 3 and len({o.incident_id for o in outcomes}) == 3
+
+
+def test_a_page_carries_the_member_count_and_the_reason(clean_db, kube, settings_obj):
+    from functions.escalation.channels.pagerduty import trigger_event
+    from functions.escalation.channels.slack import slack_message
+    from shared.members import page_summary
+
+    c = Cluster(kube, "page")
+    node = c.node("ip-10-0-24-1")
+    pods = c.deployment("mail", [node, node])
+    corr = correlator(kube)
+    root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node)]).outcomes[0]
+    record(clean_db, corr, [kp("KubePodNotReady", "n", namespace="page", pod=p) for p in pods])
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, root.incident_id)
+        row["correlation"] = page_summary(conn, root.incident_id)
+    assert row["correlation"]["alert_count"] == 3 and row["correlation"]["firing"] == 3
+    details = trigger_event(settings_obj, row, "key", "opened", None)["payload"]["custom_details"]
+    assert details["alert_count"] == 3
+    assert details["correlation_reason"].endswith(f"pod runs on node {node}, where KubeNodeNotReady fires")
+    text = json.dumps(slack_message(settings_obj, row, "opened", None))
+    assert "3 alerts in this incident, 3 firing" in text and "where KubeNodeNotReady fires" in text
+    # A lone alert's page is as before.
+    lone = {**row, "correlation": {"alert_count": 1, "firing": 1, "latest_reason": None}}
+    assert "alert_count" not in trigger_event(settings_obj, lone, "key", "opened", None)["payload"]["custom_details"]

@@ -88,9 +88,19 @@ RAISE_PRIORITY = sa.text(compact(
           WHERE incident_id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb))))
           GROUP BY incident_id) AS p
     WHERE i.id = p.incident_id AND CAST(p.top AS incident_priority) < i.priority
-    RETURNING i.id, i.priority
+    RETURNING i.*
     """
 ))
+
+
+def raised_to_p0_event(row, event_source: str) -> dict:
+    """An incident a member raised to P0 is announced as opened again, under
+    an id of its own: escalation reads the priority from the database, so a
+    channel that pages on P0 pages now, and one that already told this
+    generation's opening (its notification claim is taken) says nothing twice."""
+    event = events.incident_event(events.INCIDENT_OPENED, row, event_source, {"raised_to": "P0"})
+    event["id"] = f"{event['id']}.raised-p0"
+    return event
 
 
 def lock_id(text: str) -> int:
@@ -237,4 +247,6 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
     if touched_incidents:
         for row in conn.execute(RAISE_PRIORITY, {"ids": json.dumps(sorted(touched_incidents))}).mappings():
             timeline.append(timeline_row(row["id"], "priority_raised", actor, {"to": row["priority"], "reason": "a member's priority"}))
+            if row["priority"] == "P0":
+                new_events.append(raised_to_p0_event(row, event_source))
     return Applied(joined, timeline, new_events)

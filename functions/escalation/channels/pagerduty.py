@@ -67,6 +67,15 @@ def _bounded(event: dict) -> dict:
     return event
 
 
+def _correlation(incident: dict) -> dict:
+    """The member count, and why the latest member joined, when there are several."""
+    summary = incident.get("correlation") or {}
+    if summary.get("alert_count", 0) < 2:
+        return {}
+    return {"alert_count": summary["alert_count"], "alerts_firing": summary.get("firing"),
+            "correlation_reason": summary.get("latest_reason")}
+
+
 def trigger_event(config: Settings, incident: dict, routing_key: str, transition: str, reason: str | None) -> dict:
     labels = incident.get("labels") or {}
     links = [{"href": incident_url(config, incident["id"]), "text": "Incident"}]
@@ -91,6 +100,7 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
             "diagnostics": diagnostics_summary(incident.get("diagnostics")),
             "remediation_actions": incident.get("remediation_actions") or [],
             **({"reason": reason} if reason else {}),
+            **_correlation(incident),
         },
     }
     if service:
