@@ -65,3 +65,26 @@ def test_without_kubernetes_topology_rules_say_so_once_and_label_rules_still_app
     (links,) = correlator.plan([pod.alert()]).values()
     assert list(links.seeks) == ["labels:s:s"]  # the label rule; no node lookup
     assert DEFAULT_FILE.name == "correlation.yaml"
+
+
+def test_the_intake_reads_topology_with_read_only_rights_and_mounts_the_rules():
+    from pathlib import Path
+
+    import yaml
+
+    base = Path(__file__).resolve().parent.parent / "knative" / "base"
+    docs = list(yaml.safe_load_all((base / "rbac.yaml").read_text()))
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "incident-correlation-reader"]
+    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    # What shared/correlation/topology.py calls, and nothing that writes.
+    assert granted == {("", "pods"): {"get", "list"}, **{("apps", r): {"get"} for r in
+                       ("replicasets", "deployments", "statefulsets", "daemonsets")}}
+    (binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"]]
+    assert [s["name"] for s in binding["subjects"]] == ["incident-intake"]
+    services = {d["metadata"]["name"]: d for d in yaml.safe_load_all((base / "services.yaml").read_text())}
+    for name in ("intake", "intake-events"):
+        spec = services[name]["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == "incident-intake"
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["CORRELATION_FILE"] == "/etc/incident-response/correlation/correlation.yaml"
+    assert load(str(base / "config" / "correlation.yaml")) == load()
