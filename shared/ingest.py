@@ -50,7 +50,12 @@ class RecordResult:
 # queues the events of the new ones, in one statement (one round trip, atomic
 # on its own). Fingerprints whose last incident remediation resolved a moment
 # ago are left out and named (`after_fix`): record_alerts decides about those
-# separately (rare). The events are built by Python beforehand for the id it
+# separately (rare). The root's member row is written only for an alert some
+# correlation rule concerns: a lone alert's incident is its own single member
+# (shared.members shows it so), and the common path writes nothing more than
+# before. Memberships are looked up with = ANY(ARRAY(...)): an
+# index lookup per fingerprint, whatever the planner guesses of the batch's
+# size (a join would scan every member). The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 UPSERT_FIRING = sa.text(compact(
     f"""
@@ -62,12 +67,13 @@ UPSERT_FIRING = sa.text(compact(
     ),
     member_of AS (
         SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-        WHERE m.fingerprint IN (SELECT fingerprint FROM x) AND i.status IN ('open', 'investigating')
+        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND i.status IN ('open', 'investigating')
           AND i.fingerprint IS DISTINCT FROM m.fingerprint
     ),
     member_refreshed AS (
         UPDATE incident_members m SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
-        FROM member_of o WHERE m.incident_id = o.incident_id AND m.fingerprint = o.fingerprint
+        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
+          AND (m.incident_id, m.fingerprint) IN (SELECT incident_id, fingerprint FROM member_of)
         RETURNING m.incident_id, m.fingerprint
     ),
     after_fix AS (
@@ -100,6 +106,7 @@ UPSERT_FIRING = sa.text(compact(
                ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.provides, '[]'::jsonb))),
                ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.seeks, '[]'::jsonb)))
         FROM upserted u JOIN x ON x.fingerprint = u.fingerprint
+        WHERE jsonb_array_length(COALESCE(x.provides, '[]'::jsonb)) > 0 OR jsonb_array_length(COALESCE(x.seeks, '[]'::jsonb)) > 0
         ORDER BY u.id
         ON CONFLICT (incident_id, fingerprint)
         DO UPDATE SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
@@ -208,21 +215,23 @@ RESOLVE_MEMBERS = sa.text(compact(
     locked AS (
         SELECT i.id, i.fingerprint FROM incidents i
         WHERE i.status IN ('open', 'investigating')
-          AND (i.fingerprint IN (SELECT fingerprint FROM x)
-               OR i.id IN (SELECT m.incident_id FROM incident_members m WHERE m.fingerprint IN (SELECT fingerprint FROM x)))
+          AND i.id = ANY(ARRAY(
+              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+              UNION
+              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))))
         ORDER BY i.id
         FOR UPDATE
     ),
     resolved AS (
         UPDATE incident_members m SET status = 'resolved', ends_at = COALESCE(x.ends_at, {UTC_NOW}), last_seen_at = {UTC_NOW}
-        FROM x WHERE m.fingerprint = x.fingerprint AND m.incident_id IN (SELECT id FROM locked)
+        FROM x WHERE m.fingerprint = x.fingerprint AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+          AND m.incident_id = ANY(ARRAY(SELECT id FROM locked))
         RETURNING m.incident_id, m.fingerprint
     )
-    SELECT incident_id, fingerprint FROM resolved
+    SELECT incident_id, fingerprint, CAST(NULL AS timestamp) AS ends_at FROM resolved
     UNION ALL
-    SELECT l.id, l.fingerprint FROM locked l
-    WHERE l.fingerprint IN (SELECT fingerprint FROM x)
-      AND NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = l.id AND m.fingerprint = l.fingerprint)
+    SELECT l.id, l.fingerprint, x.ends_at FROM locked l JOIN x ON x.fingerprint = l.fingerprint
+    WHERE NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = l.id AND m.fingerprint = l.fingerprint)
     """
 ))
 
@@ -231,9 +240,9 @@ RESOLVE_WHEN_ALL_RESOLVED = sa.text(compact(
     UPDATE incidents AS i
     SET status = 'resolved', updated_at = {UTC_NOW}, resolved_by = 'alert',
         resolved_at = COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
-                               {UTC_NOW})
-    WHERE i.id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb))))
-      AND i.status IN ('open', 'investigating')
+                               x.ends_at, {UTC_NOW})
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id text, ends_at timestamp) ORDER BY id) AS x
+    WHERE i.id = x.id AND i.status IN ('open', 'investigating')
       AND NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = i.id AND m.status = 'firing')
     RETURNING i.*
     """
@@ -335,8 +344,13 @@ def record_alerts(
         hits = conn.execute(RESOLVE_MEMBERS, {"rows": json.dumps(payload)}).mappings().all()
         for hit in hits:
             outcome_of[hit["fingerprint"]] = Outcome(hit["fingerprint"], "resolved", hit["incident_id"])
-        ids = sorted({hit["incident_id"] for hit in hits})
-        done = conn.execute(RESOLVE_WHEN_ALL_RESOLVED, {"ids": json.dumps(ids)}).mappings().all() if ids else []
+        # A lone incident's own alert (no member row) brings its ends_at.
+        ends: dict[str, str | None] = {}
+        for hit in hits:
+            if hit["ends_at"] is not None or hit["incident_id"] not in ends:
+                ends[hit["incident_id"]] = hit["ends_at"].isoformat() if hit["ends_at"] else None
+        rows = [{"id": incident_id, "ends_at": end} for incident_id, end in sorted(ends.items())]
+        done = conn.execute(RESOLVE_WHEN_ALL_RESOLVED, {"rows": json.dumps(rows)}).mappings().all() if rows else []
         finished = {row["id"] for row in done}
         for row in done:
             timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))

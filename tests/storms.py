@@ -320,10 +320,17 @@ def feed(engine, correlator: Correlator, steps: list[list[Item]]) -> None:
             record_alerts(conn, alerts, "/test", "alertmanager", plan=plan)
 
 
+# An alert's incident now: its latest membership, or the incident it opened
+# alone (no member row: no rule concerned it).
 GROUPING = sa.text(
-    "SELECT DISTINCT ON (fingerprint) fingerprint, incident_id FROM incident_members "
-    "WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))) "
-    "ORDER BY fingerprint, joined_at DESC"
+    "SELECT DISTINCT ON (fingerprint) fingerprint, incident_id FROM ("
+    " SELECT fingerprint, incident_id, joined_at FROM incident_members"
+    " WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))"
+    " UNION ALL"
+    " SELECT i.fingerprint, i.id, i.created_at FROM incidents i"
+    " WHERE i.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))) AND i.merged_into IS NULL"
+    "  AND NOT EXISTS (SELECT 1 FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint)"
+    ") AS a ORDER BY fingerprint, joined_at DESC"
 )
 
 

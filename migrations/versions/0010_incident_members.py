@@ -3,15 +3,16 @@
 - ``incident_members``: every alert of an incident (its root included), each
   with its own status and times, when and why it joined
   (``correlation_reason``), and the correlation keys it offers to others
-  (``provides``) and looks for (``seeks``); a GIN index answers "which
-  active member offers one of these keys".
+  (``provides``) and looks for (``seeks``); partial GIN indexes (over the
+  rows that have keys) answer "which active member offers one of these keys".
 - ``idx_incident_members_fingerprint``: the one lookup the common intake
   path adds (is this fingerprint already a member of an incident?).
 - ``incidents.merged_into``: an incident absorbed into another when its root
   arrived late keeps its id and points at the survivor.
 
-Existing incidents get their one member (their own alert), so that resolving
-by members behaves for them exactly as before.
+An incident whose alert no correlation rule concerns has no member row: it
+is its own single member (shared/members.py shows it so). Existing
+incidents are such incidents, so nothing is copied.
 
 Revision ID: 0010
 Revises: 0009
@@ -50,20 +51,12 @@ def upgrade() -> None:
         sa.CheckConstraint("status IN ('firing', 'resolved')", name="ck_incident_members_status"),
     )
     op.create_index("idx_incident_members_fingerprint", "incident_members", ["fingerprint"])
-    op.create_index("idx_incident_members_provides", "incident_members", ["provides"], postgresql_using="gin")
-    op.create_index("idx_incident_members_seeks", "incident_members", ["seeks"], postgresql_using="gin")
+    # Partial: most alerts relate to nothing, and their rows never enter these.
+    op.create_index("idx_incident_members_provides", "incident_members", ["provides"], postgresql_using="gin",
+                    postgresql_where=sa.text("provides <> '{}'"))
+    op.create_index("idx_incident_members_seeks", "incident_members", ["seeks"], postgresql_using="gin",
+                    postgresql_where=sa.text("seeks <> '{}'"))
     op.add_column("incidents", sa.Column("merged_into", sa.String(36), nullable=True))
-    op.execute(
-        """
-        INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at,
-                                      ends_at, last_seen_at, joined_at, is_root, correlation_reason)
-        SELECT id, fingerprint, alert_name, COALESCE(labels, '{}'::jsonb), COALESCE(priority::text, 'P2'),
-               CASE WHEN status IN ('open', 'investigating') THEN 'firing' ELSE 'resolved' END,
-               starts_at, resolved_at, COALESCE(last_seen_at, created_at, timezone('utc', now())),
-               COALESCE(created_at, timezone('utc', now())), true, 'root'
-        FROM incidents WHERE fingerprint IS NOT NULL
-        """
-    )
 
 
 def downgrade() -> None:

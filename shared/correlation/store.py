@@ -40,12 +40,17 @@ CANDIDATES = sa.text(compact(
     FROM incident_members m JOIN incidents i ON i.id = m.incident_id
     WHERE i.status IN ('open', 'investigating')
       AND (m.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
-           OR m.provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb)))
-           OR m.seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb))))
+           OR (m.provides <> '{{}}' AND m.provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
+           OR (m.seeks <> '{{}}' AND m.seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb)))))
     ORDER BY i.id
     FOR UPDATE OF i
     """
 ))
+
+ACTIVE_ROOTS = sa.text(
+    "SELECT fingerprint FROM incidents WHERE status IN ('open', 'investigating') "
+    "AND fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))"
+)
 
 INSERT_MEMBERS = sa.text(compact(
     f"""
@@ -143,6 +148,8 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
                                      "provides": json.dumps(provides)}).mappings().all()
     wanted = set(fps)
     decision.touched = {r["fingerprint"] for r in rows if r["fingerprint"] in wanted}
+    # A lone incident's alert has no member row: it is touched all the same.
+    decision.touched |= set(conn.execute(ACTIVE_ROOTS, {"fps": json.dumps(fps)}).scalars())
     providers: dict[str, list[_Provider]] = {}
     for r in rows:
         for key in r["provides"] or ():
