@@ -4,12 +4,14 @@ real PostgreSQL and the loopback Kubernetes API."""
 
 import json
 
+import pytest
 import sqlalchemy as sa
 
 from shared import incidents as svc
 from shared.correlation.plan import Correlator
 from shared.correlation.rules import RuleSet, load, parse
 from shared.correlation.topology import Topology
+from shared.errors import Conflict
 from shared.members import members_of
 from tests import storms
 from tests.storms import Cluster, kp
@@ -107,6 +109,9 @@ def test_late_root_merges_the_incidents_its_pods_opened(clean_db, kube):
     resolved = [e for e in outbox(clean_db) if e["type"].endswith("resolved")]
     assert sorted(e["subject"] for e in resolved) == sorted(o.incident_id for o in early)
     assert all(e["data"]["merged_into"] == root.incident_id for e in resolved)
+    # A merged incident cannot be reopened: its alerts belong to the survivor.
+    with pytest.raises(Conflict, match=f"merged into {root.incident_id}"), clean_db.begin() as conn:
+        svc.transition(conn, early[0].incident_id, "investigating", "api", SOURCE)
     # The pods' fingerprints now find the node's incident.
     with clean_db.connect() as conn:
         found, _ = svc.list_incidents(conn, svc.IncidentFilter(statuses=("open",), fingerprints=(storms.kp(
