@@ -215,6 +215,10 @@ def test_a_page_carries_the_member_count_and_the_reason(clean_db, kube, settings
     assert details["correlation_reason"].endswith(f"pod runs on node {node}, where KubeNodeNotReady fires")
     text = json.dumps(slack_message(settings_obj, row, "opened", None))
     assert "3 alerts in this incident, 3 firing" in text and "where KubeNodeNotReady fires" in text
+    from functions.escalation.channels.teams import teams_message
+
+    card = json.dumps(teams_message(settings_obj, row, "opened", None))
+    assert "3 alerts in this incident, 3 firing" in card and "where KubeNodeNotReady fires" in card
     # A lone alert's page is as before.
     lone = {**row, "correlation": {"alert_count": 1, "firing": 1, "latest_reason": None}}
     assert "alert_count" not in trigger_event(settings_obj, lone, "key", "opened", None)["payload"]["custom_details"]
