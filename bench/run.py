@@ -386,6 +386,34 @@ def bare_rss() -> float:
         popen.wait()
 
 
+def correlation(engine) -> list[str]:
+    """The labelled storms of tests/storms.py (kube-prometheus alerts, the
+    loopback Kubernetes API as the cluster) through correlation, scored by
+    pairwise precision and recall."""
+    from tests import storms
+
+    kube = FakeKubernetes().start()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            kubeconfig = kube.kubeconfig(Path(tmp))
+            for scenario in storms.SCENARIOS:
+                with engine.begin() as conn:
+                    conn.execute(sa.text("TRUNCATE incident_members, incident_timeline, event_outbox, incidents CASCADE"))
+                steps = storms.prepare(scenario, kube)
+                storms.feed(engine, storms.correlator_for(scenario, kubeconfig), steps)
+                rows.append((scenario, storms.score(steps, storms.grouping(engine, steps))))
+    finally:
+        kube.stop()
+    total = storms.overall(rows)
+    alerts, opened = sum(s.alerts for _, s in rows), sum(s.incidents for _, s in rows)
+    return ["## 8. Correlation", "",
+            "Labelled storms (tests/storms.py) scored over alert pairs: precision = pairs grouped that belong together / pairs grouped; "
+            f"recall = pairs grouped / pairs that belong together. Across all: precision {total.precision:.3f}, recall {total.recall:.3f}; "
+            f"{alerts} alerts became {opened} incidents ({alerts / opened:.1f} alerts per incident).", "",
+            *storms.table(rows), ""]
+
+
 def main() -> None:
     from shared import log as logs
 
@@ -423,10 +451,15 @@ def main() -> None:
                 report += cold
             if not only or "diagnosis" in only:
                 report += diagnosis_section()
+            if not only or "correlation" in only:
+                correlation_rows = correlation(engine)
+            else:
+                correlation_rows = []
             bare = bare_rss()
             report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
                        "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
             report += [f"| {n} | {v:.0f} | {v / bare:.2f} |" for n, v in rss.items()]
+            report += [""] + correlation_rows
             report += ["", f"Whole run: {time.monotonic() - started:.0f} s.", ""]
         engine.dispose()
     finally:

@@ -43,6 +43,8 @@ OPTIONAL_SECRETS = ("pagerduty-key", "slack-webhook", "teams-webhook", "outgoing
 CONFIG_FILES = {
     "remediation": ("incident-playbooks", "playbooks.yaml", "PLAYBOOKS_FILE", "/etc/incident-response/playbooks"),
     "diagnostics": ("incident-probes", "probes.yaml", "DIAGNOSTICS_FILE", "/etc/incident-response/probes"),
+    "intake": ("incident-correlation", "correlation.yaml", "CORRELATION_FILE", "/etc/incident-response/correlation"),
+    "intake-events": ("incident-correlation", "correlation.yaml", "CORRELATION_FILE", "/etc/incident-response/correlation"),
 }
 
 
@@ -232,6 +234,7 @@ def production_kustomization() -> str:
 COPIES = {
     "playbooks.yaml": "functions/remediation/playbooks.yaml",
     "probes.yaml": "functions/diagnostics/probes.yaml",
+    "correlation.yaml": "functions/intake/correlation.yaml",
 }
 
 

@@ -26,10 +26,11 @@ class Service:
 
 
 SERVICES: dict[str, Service] = {
-    "intake": Service("intake", "incident-response", True, True, 8, 30, "192Mi", 8081, "INTAKE_PORT", warm=2),
+    # incident-intake reads pods and their owners for topology correlation.
+    "intake": Service("intake", "incident-intake", True, True, 8, 30, "192Mi", 8081, "INTAKE_PORT", warm=2),
     # Only the Broker and the PingSource call it (cluster-local), so it
     # accepts events without the API token.
-    "intake-events": Service("intake", "incident-response", False, True, 8, 60, "192Mi", 8086, "INTAKE_EVENTS_PORT",
+    "intake-events": Service("intake", "incident-intake", False, True, 8, 60, "192Mi", 8086, "INTAKE_EVENTS_PORT",
                              env={"EVENTS_REQUIRE_TOKEN": "false"}),
     # The seed's AC4: two running replicas of what alerts and engineers hit.
     "query": Service("query", "incident-response", True, True, 8, 30, "192Mi", 8080, "QUERY_PORT", warm=2),

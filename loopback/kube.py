@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 from loopback.servers import Recorded, RecordingServer
 
 
-def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, terminated=None, node="node-1", reason=None, namespace="production"):
+def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, terminated=None, node="node-1", reason=None, namespace="production",
+        owner=None):
     state = {"waiting": {"reason": waiting}} if waiting else {"running": {"startedAt": "2026-11-27T10:00:00Z"}}
     last = {"terminated": {"reason": terminated, "exitCode": 137}} if terminated else {}
     status = {
@@ -25,9 +26,12 @@ def pod(name, labels, phase="Running", ready=True, restarts=0, waiting=None, ter
     }
     if reason:
         status["reason"] = reason
+    metadata = {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"}
+    if owner:
+        metadata["ownerReferences"] = [_owner_ref(*owner)]
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"},
+        "metadata": metadata,
         "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.local/app:1"}]},
         "status": status,
     }
@@ -50,6 +54,8 @@ def deployment(name, replicas, ready=None, namespace="production", labels=None):
 
 def _json(code, obj):
     return code, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+
 REVISION = "deployment.kubernetes.io/revision"
 HASH_LABEL = "pod-template-hash"
 
@@ -74,6 +80,30 @@ def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=No
         },
         "spec": {"replicas": replicas, "selector": {"matchLabels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash}},
                  "template": template},
+def _owner_ref(kind, name):
+    api = "v1" if kind in ("Node",) else "apps/v1"
+    return {"apiVersion": api, "kind": kind, "name": name, "uid": f"uid-{name}", "controller": True, "blockOwnerDeletion": True}
+
+
+def owned_replicaset(name, deployment, namespace="production", labels=None):
+    """A ReplicaSet a Deployment owns (pods name it as their owner), for
+    topology; ``replicaset`` makes one revision of a rollout history."""
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}, "uid": f"uid-{name}",
+                     "ownerReferences": [_owner_ref("Deployment", deployment)]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels or {}}},
+        "status": {"replicas": 1},
+    }
+
+
+def statefulset(name, replicas, namespace="production", labels=None):
+    labels = labels or {"app": name}
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": f"uid-{name}"},
+        "spec": {"replicas": replicas, "serviceName": name, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]}}},
         "status": {"replicas": replicas},
     }
 
@@ -133,6 +163,7 @@ class FakeKubernetes:
         self.logs: dict[tuple[str, str, str, bool], str] = {}
         self.jobs: list[dict] = []
         self.replicasets: list[dict] = []
+        self.statefulsets: dict[tuple[str, str], dict] = {}
         self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
         self.server = RecordingServer(self._respond)
@@ -191,9 +222,15 @@ class FakeKubernetes:
     def clear(self):
         """Forget every object and log (failures and recorded requests too)."""
         self.deployments.clear(), self.pods.clear(), self.nodes.clear(), self.logs.clear()
-        self.failures.clear(), self.requests.clear(), self.jobs.clear(), self.replicasets.clear()
+        self.failures.clear(), self.requests.clear(), self.jobs.clear(), self.replicasets.clear(), self.statefulsets.clear()
         for table in self.objects.values():
             table.clear()
+
+    def add_replicaset(self, obj):
+        self.replicasets.append(obj)
+
+    def add_statefulset(self, obj):
+        self.statefulsets[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
 
     def fail(self, method: str, path_regex: str, status: int | str):
         self.failures.append((method, path_regex, status))
@@ -222,6 +259,12 @@ class FakeKubernetes:
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
         if m and req.method == "GET":
             return self._log(m.group(1), m.group(2), query)
+        m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/statefulsets/([^/]+)", path)
+        if m and req.method == "GET":
+            obj = self.statefulsets.get((m.group(1), m.group(2)))
+            if obj is None:
+                return _status(404, "NotFound", f'statefulsets.apps "{m.group(2)}" not found')
+            return _json(200, obj)
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?", path)
         if m:
             return self._pods(req.method, m.group(1), m.group(2), query)

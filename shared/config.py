@@ -241,6 +241,7 @@ class Settings:
     metrics_public: bool = False
     events_require_token: bool = True
     diagnostics_file: str = ""
+    correlation_file: str = ""
     remediation_denied_targets: tuple[str, ...] = ()
     remediation_max_replicas: int = 20
     remediation_cooldown_seconds: int = 900
@@ -319,6 +320,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         metrics_public=_bool(env, "METRICS_PUBLIC", False),
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
         diagnostics_file=_get(env, "DIAGNOSTICS_FILE"),
+        correlation_file=_get(env, "CORRELATION_FILE"),
         remediation_denied_targets=_csv(env, "REMEDIATION_DENIED_TARGETS", "kube-system/*"),
         remediation_max_replicas=_int(env, "REMEDIATION_MAX_REPLICAS", 20, minimum=1, maximum=1000),
         remediation_cooldown_seconds=_int(env, "REMEDIATION_COOLDOWN_SECONDS", 900, minimum=0),

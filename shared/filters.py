@@ -21,6 +21,7 @@ from werkzeug.datastructures import MultiDict
 
 from shared.domain import PRIORITIES, SERVICE_LABELS, STATUSES, service_sql
 from shared.errors import BadRequest
+from shared.models import incident_members
 
 
 class Kind(enum.Enum):
@@ -75,8 +76,10 @@ FILTERS: tuple[Filter, ...] = (
     # ?service= finds exactly what Slack and PagerDuty show.
     Filter("service", "services", Kind.TEXT, f"the alert's service: its first non-empty label of {', '.join(SERVICE_LABELS)}",
            lambda t, v: service_sql(t.c.labels).in_(v), widget=Widget("Service")),
-    Filter("fingerprint", "fingerprints", Kind.TEXT, "the alert's fingerprint",
-           lambda t, v: t.c.fingerprint.in_(v)),
+    # An alert that joined an incident is found through its membership.
+    Filter("fingerprint", "fingerprints", Kind.TEXT, "an alert's fingerprint: the incidents it is a member of (root or joined)",
+           lambda t, v: sa.or_(t.c.fingerprint.in_(v), t.c.id.in_(
+               sa.select(incident_members.c.incident_id).where(incident_members.c.fingerprint.in_(v))))),
 )
 BY_NAME = {f.name: f for f in FILTERS}
 BOARD_FILTERS = tuple(f for f in FILTERS if f.widget is not None)

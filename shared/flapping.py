@@ -56,11 +56,12 @@ _AFTER_A_FIX = sa.text("SELECT resolved_by = 'remediation' FROM incidents i WHER
                        "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = :f "
                        "AND a.status IN ('open', 'investigating')) "
                        "ORDER BY created_at DESC LIMIT 1")
-_LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' "
+# A merged incident lives on in its survivor and is never reopened.
+_LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' AND merged_into IS NULL "
                            "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
 # Back to open without a new generation or an event: nobody is paged again.
 _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NULL, resolved_by = NULL, "
-                         "updated_at = :now WHERE id = :id AND status = 'resolved' "
+                         "updated_at = :now WHERE id = :id AND status = 'resolved' AND merged_into IS NULL "
                          "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = incidents.fingerprint "
                          "AND a.status IN ('open', 'investigating')) RETURNING id")
 

@@ -19,6 +19,8 @@ from sqlalchemy.engine import Connection
 from shared import events, noise, outbox
 from shared.alerts import Alert
 from shared.config import Settings, settings
+from shared.correlation import store as correlation_store
+from shared.correlation.plan import Links
 from shared.sqltext import RFC3339_UTC, UTC_NOW, compact
 from shared.timeline import insert_timeline_and_events, timeline_row
 
@@ -49,14 +51,31 @@ class RecordResult:
 # queues the events of the new ones, in one statement (one round trip, atomic
 # on its own). Fingerprints whose last incident remediation resolved a moment
 # ago are left out and named (`after_fix`): record_alerts decides about those
-# separately (rare). The events are built by Python beforehand for the id it
+# separately (rare). The root's member row is written only for an alert some
+# correlation rule concerns: a lone alert's incident is its own single member
+# (shared.members shows it so), and the common path writes nothing more than
+# before. Memberships are looked up with = ANY(ARRAY(...)): an
+# index lookup per fingerprint, whatever the planner guesses of the batch's
+# size (a join would scan every member). The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 UPSERT_FIRING = sa.text(compact(
     f"""
     WITH x AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
             id text, alert_name text, priority text, summary text, description text, fingerprint text,
-            labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer)
+            labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer,
+            rank integer, provides jsonb, seeks jsonb)
+    ),
+    member_of AS (
+        SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND i.status IN ('open', 'investigating')
+          AND i.fingerprint IS DISTINCT FROM m.fingerprint
+    ),
+    member_refreshed AS (
+        UPDATE incident_members m SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
+        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
+          AND (m.incident_id, m.fingerprint) IN (SELECT incident_id, fingerprint FROM member_of)
+        RETURNING m.incident_id, m.fingerprint
     ),
     after_fix AS (
         SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
@@ -73,11 +92,25 @@ UPSERT_FIRING = sa.text(compact(
                '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
                x.source, x.starts_at, {UTC_NOW}, x.seen - 1
         FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
+          AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
         ORDER BY x.fingerprint
         ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
         DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
                       repeat_count = incidents.repeat_count + EXCLUDED.repeat_count + 1
         RETURNING incidents.*, (xmax = 0) AS created
+    ),
+    root_member AS (
+        INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at,
+                                      last_seen_at, joined_at, is_root, rank, correlation_reason, provides, seeks)
+        SELECT u.id, u.fingerprint, x.alert_name, COALESCE(x.labels, '{{}}'::jsonb), x.priority, 'firing', x.starts_at,
+               {UTC_NOW}, {UTC_NOW}, true, COALESCE(x.rank, 0), 'root',
+               ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.provides, '[]'::jsonb))),
+               ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.seeks, '[]'::jsonb)))
+        FROM upserted u JOIN x ON x.fingerprint = u.fingerprint
+        WHERE jsonb_array_length(COALESCE(x.provides, '[]'::jsonb)) > 0 OR jsonb_array_length(COALESCE(x.seeks, '[]'::jsonb)) > 0
+        ORDER BY u.id
+        ON CONFLICT (incident_id, fingerprint)
+        DO UPDATE SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
     ),
     timeline AS (
         INSERT INTO incident_timeline (incident_id, kind, actor, details)
@@ -99,6 +132,8 @@ UPSERT_FIRING = sa.text(compact(
     SELECT to_jsonb(u) AS row FROM upserted u
     UNION ALL
     SELECT jsonb_build_object('after_fix', fingerprint) FROM after_fix
+    UNION ALL
+    SELECT jsonb_build_object('member_of', fingerprint, 'incident_id', incident_id) FROM member_refreshed
     """
 ))
 
@@ -113,18 +148,25 @@ def _row_from_json(row: dict) -> dict:
 
 
 def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, event_source: str,
-            seen: dict[str, int] | None = None) -> tuple[list[dict], set[str]]:
+            seen: dict[str, int] | None = None, plan: dict[str, Links] | None = None,
+            members: dict[str, str] | None = None) -> tuple[list[dict], set[str]]:
     """``seen`` counts the copies of each fingerprint the batch held (the
-    batch keeps one), so repeat_count still counts every delivery."""
+    batch keeps one), so repeat_count still counts every delivery. An alert
+    already a (non-root) member of an active incident refreshes its
+    membership instead, and lands in ``members`` (fingerprint -> incident)."""
     rows, after_fix = [], set()
     seen = seen or {}
-    payload = [_alert_row(a, seen.get(a.fingerprint, 1)) for a in alerts]
+    plan = plan or {}
+    payload = [_alert_row(a, seen.get(a.fingerprint, 1), plan.get(a.fingerprint)) for a in alerts]
     proposed = [events.incident_event(events.INCIDENT_OPENED, {**row, "status": "open", "generation": 0}, event_source)
                 for row in payload]
     result = conn.execute(UPSERT_FIRING, {"rows": json.dumps(payload), "window": window, "actor": actor,
                                            "events": outbox.serialise(proposed)})
     for (row,) in result:
-        if "after_fix" in row:
+        if "member_of" in row:
+            if members is not None:
+                members[row["member_of"]] = row["incident_id"]
+        elif "after_fix" in row:
             after_fix.add(row["after_fix"])
         else:
             rows.append(_row_from_json(row))
@@ -160,20 +202,59 @@ AFTER_REMEDIATION = sa.text(compact(
     """
 ))
 
-RESOLVE_BY_FINGERPRINT = sa.text(compact(
+# A resolved alert resolves its membership; the incident resolves (by alert)
+# only when no member still fires. The incidents are locked first, in id
+# order, so two replicas resolving the last two members of one incident
+# cannot each see the other's member still firing.
+RESOLVE_MEMBERS = sa.text(compact(
+    f"""
+    WITH x AS (
+        SELECT DISTINCT ON (fingerprint) fingerprint, ends_at
+        FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, ends_at timestamp)
+        ORDER BY fingerprint
+    ),
+    locked AS (
+        SELECT i.id, i.fingerprint FROM incidents i
+        WHERE i.status IN ('open', 'investigating')
+          AND i.id = ANY(ARRAY(
+              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+              UNION
+              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))))
+        ORDER BY i.id
+        FOR UPDATE
+    ),
+    resolved AS (
+        UPDATE incident_members m SET status = 'resolved', ends_at = COALESCE(x.ends_at, {UTC_NOW}), last_seen_at = {UTC_NOW}
+        FROM x WHERE m.fingerprint = x.fingerprint AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+          AND m.incident_id = ANY(ARRAY(SELECT id FROM locked))
+        RETURNING m.incident_id, m.fingerprint
+    )
+    SELECT incident_id, fingerprint, CAST(NULL AS timestamp) AS ends_at FROM resolved
+    UNION ALL
+    SELECT l.id, l.fingerprint, x.ends_at FROM locked l JOIN x ON x.fingerprint = l.fingerprint
+    WHERE NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = l.id AND m.fingerprint = l.fingerprint)
+    """
+))
+
+RESOLVE_WHEN_ALL_RESOLVED = sa.text(compact(
     f"""
     UPDATE incidents AS i
-    SET status = 'resolved', resolved_at = COALESCE(x.ends_at, {UTC_NOW}), updated_at = {UTC_NOW},
-        resolved_by = 'alert'
-    FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, ends_at timestamp)
-          ORDER BY fingerprint) AS x
-    WHERE i.fingerprint = x.fingerprint AND i.status IN ('open', 'investigating')
+    SET status = 'resolved', updated_at = {UTC_NOW}, resolved_by = 'alert',
+        resolved_at = COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
+                               x.ends_at, {UTC_NOW})
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id text, ends_at timestamp) ORDER BY id) AS x
+    WHERE i.id = x.id AND i.status IN ('open', 'investigating')
+      AND NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = i.id AND m.status = 'firing')
     RETURNING i.*
     """
 ))
 
-def _alert_row(alert: Alert, seen: int = 1) -> dict:
+
+def _alert_row(alert: Alert, seen: int = 1, links: Links | None = None) -> dict:
     return {
+        "rank": links.rank if links else 0,
+        "provides": sorted(links.provides) if links else [],
+        "seeks": sorted(links.seeks) if links else [],
         "seen": seen,
         "id": str(uuid.uuid4()),
         "alert_name": alert.alert_name,
@@ -190,14 +271,17 @@ def _alert_row(alert: Alert, seen: int = 1) -> dict:
 
 def record_alerts(
     conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int = 0,
-    config: Settings | None = None,
+    config: Settings | None = None, plan: dict[str, Links] | None = None,
 ) -> RecordResult:
-    """Open, refresh or resolve incidents for a batch of alerts.
+    """Open, refresh, join or resolve incidents for a batch of alerts.
 
     One statement per kind of change whatever the batch size. Within a batch
     the last alert of a fingerprint wins (AlertManager never sends two, a
     hand-written payload might). Rows are touched in fingerprint order so
     that two concurrent batches lock in the same order and cannot deadlock.
+    ``plan`` (shared.correlation.plan, made before the transaction) names
+    what the correlation rules relate; alerts outside it take the common
+    path, whose only addition is the indexed membership lookup.
     """
     latest: dict[str, Alert] = {}
     for alert in alerts:
@@ -221,13 +305,17 @@ def record_alerts(
     published: list[str] = []  # events the upsert itself queued
     reopened: set[str] = set()
     if firing:
+        decision = correlation_store.decide(conn, firing, plan) if plan else None
+        joining = set(decision.joins) if decision else set()
+        members: dict[str, str] = {}
         seen: dict[str, int] = {}
         for alert in alerts:
             if alert.status == "firing":
                 seen[alert.fingerprint] = seen.get(alert.fingerprint, 0) + 1
-        rows, after_fix = _upsert(conn, firing, reopen_window_seconds, actor, event_source, seen)
+        opening = [a for a in firing if a.fingerprint not in joining]
+        rows, after_fix = _upsert(conn, opening, reopen_window_seconds, actor, event_source, seen, plan, members) if opening else ([], set())
         if after_fix:
-            again = [a for a in firing if a.fingerprint in after_fix]
+            again = [a for a in opening if a.fingerprint in after_fix]
             keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
             touched = conn.execute(AFTER_REMEDIATION, {"rows": keys, "window": reopen_window_seconds}).mappings().all()
             for row in touched:
@@ -237,8 +325,10 @@ def record_alerts(
                 else:
                     reopened.add(row["id"])
             continuing = {row["fingerprint"] for row in touched if row["continuing"]}
-            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, actor, event_source, seen)
+            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, actor, event_source, seen, plan, members)
             rows += more
+        for fingerprint, incident_id in members.items():
+            outcome_of[fingerprint] = Outcome(fingerprint, "refreshed", incident_id)
         # The upsert already wrote the timeline and the new incidents' events.
         for row in rows:
             if row["id"] in reopened:
@@ -249,13 +339,33 @@ def record_alerts(
             outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])
             if row["created"]:
                 published.append(f"{row['id']}.opened.0")
+        if decision is not None and (decision.joins or decision.merges):
+            opened = {fp: o.incident_id for fp, o in outcome_of.items() if o.incident_id}
+            applied = correlation_store.apply(conn, decision, firing, plan, opened, actor, event_source)
+            for fingerprint, incident_id in applied.joined.items():
+                outcome_of[fingerprint] = Outcome(fingerprint, "joined", incident_id)
+            timeline += applied.timeline
+            new_events += applied.new_events
     if resolving:
         payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
-        rows = conn.execute(RESOLVE_BY_FINGERPRINT, {"rows": json.dumps(payload)}).mappings().all()
-        for row in rows:
-            outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "resolved", row["id"])
+        hits = conn.execute(RESOLVE_MEMBERS, {"rows": json.dumps(payload)}).mappings().all()
+        for hit in hits:
+            outcome_of[hit["fingerprint"]] = Outcome(hit["fingerprint"], "resolved", hit["incident_id"])
+        # A lone incident's own alert (no member row) brings its ends_at.
+        ends: dict[str, str | None] = {}
+        for hit in hits:
+            if hit["ends_at"] is not None or hit["incident_id"] not in ends:
+                ends[hit["incident_id"]] = hit["ends_at"].isoformat() if hit["ends_at"] else None
+        rows = [{"id": incident_id, "ends_at": end} for incident_id, end in sorted(ends.items())]
+        done = conn.execute(RESOLVE_WHEN_ALL_RESOLVED, {"rows": json.dumps(rows)}).mappings().all() if rows else []
+        finished = {row["id"] for row in done}
+        for row in done:
             timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
             new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
+        for hit in hits:
+            if hit["incident_id"] not in finished:
+                timeline.append(timeline_row(hit["incident_id"], "alert_resolved", actor,
+                                             {"fingerprint": hit["fingerprint"], "note": "other members still fire"}))
         for alert in resolving:
             outcome_of.setdefault(
                 alert.fingerprint, Outcome(alert.fingerprint, "ignored", reason="no open incident with this fingerprint")

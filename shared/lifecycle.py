@@ -58,6 +58,11 @@ def transition(
         values["resolved_at"] = sa.text(UTC_NOW)
         values["resolved_by"] = resolved_by
     reopening = current == "resolved" and to_status == "investigating"
+    if reopening and row.get("merged_into"):
+        # Its alerts are members of the survivor now; reopening it would put
+        # a fingerprint in two active incidents.
+        raise Conflict(f"cannot reopen: incident {incident_id} was merged into {row['merged_into']}; reopen that one",
+                       merged_into=row["merged_into"])
     if reopening:
         values["resolved_at"] = None
         values["resolved_by"] = None

@@ -40,6 +40,8 @@ incidents_table = sa.Table(
     sa.Column("repeat_count", sa.Integer),
     sa.Column("generation", sa.Integer),
     sa.Column("resolved_by", sa.String(40)),
+    # Migration 0010: the incident this one was merged into (its root arrived late).
+    sa.Column("merged_into", sa.String(36)),
 )
 
 incident_timeline = sa.Table(
@@ -68,4 +70,25 @@ event_outbox = sa.Table(
     sa.Column("attempts", sa.Integer),
     sa.Column("last_error", sa.Text),
     sa.Column("claimed_until", sa.DateTime),
+)
+
+# Migration 0010: the alerts of an incident (its root and the ones that joined).
+incident_members = sa.Table(
+    "incident_members",
+    metadata,
+    sa.Column("incident_id", sa.String(36), sa.ForeignKey("incidents.id"), primary_key=True),
+    sa.Column("fingerprint", sa.String(128), primary_key=True),
+    sa.Column("alert_name", sa.String(100)),
+    sa.Column("labels", postgresql.JSONB),
+    sa.Column("priority", sa.String(2)),
+    sa.Column("status", sa.String(10)),
+    sa.Column("starts_at", sa.DateTime),
+    sa.Column("ends_at", sa.DateTime),
+    sa.Column("last_seen_at", sa.DateTime),
+    sa.Column("joined_at", sa.DateTime),
+    sa.Column("is_root", sa.Boolean),
+    sa.Column("rank", sa.Integer),
+    sa.Column("correlation_reason", sa.Text),
+    sa.Column("provides", postgresql.ARRAY(sa.Text)),
+    sa.Column("seeks", postgresql.ARRAY(sa.Text)),
 )

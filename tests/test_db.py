@@ -5,10 +5,13 @@ import pytest
 import sqlalchemy as sa
 
 from shared import db, ingest, outbox, timeline
+from shared.correlation import store
 
 
 @pytest.mark.parametrize("statement", [
-    ingest.UPSERT_FIRING, ingest.AFTER_REMEDIATION, ingest.RESOLVE_BY_FINGERPRINT, ingest.COUNT_IGNORED,
+    ingest.UPSERT_FIRING, ingest.AFTER_REMEDIATION, ingest.RESOLVE_MEMBERS, ingest.RESOLVE_WHEN_ALL_RESOLVED, ingest.COUNT_IGNORED,
+    store.LOCK_KEYS, store.CANDIDATES, store.ACTIVE_ROOTS, store.INSERT_MEMBERS, store.MOVE_MEMBERS, store.RESOLVE_MERGED,
+    store.RAISE_PRIORITY,
     timeline.INSERT_TIMELINE, timeline.INSERT_TIMELINE_AND_EVENTS, timeline.ADD_ENTRY, outbox._INSERT,
 ])
 def test_cached_paramstyle_rewrite_matches_pg8000(statement):

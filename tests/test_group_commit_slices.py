@@ -203,3 +203,17 @@ def test_the_batcher_serves_one_request_after_another(clean_db):
     thread.join(DEADLINE)
     assert not thread.is_alive(), "a later request waited for ever: the batcher never let go of the lead"
     assert not errors and results == {0: "created", 1: "created", 2: "created"}
+
+
+def test_an_event_no_outcome_names_is_still_published_once():
+    """A merged incident's resolution names no alert of the batch (its
+    members moved to the late root): the first request publishes it."""
+    from shared.incidents import Outcome, RecordResult
+
+    def write(alerts):
+        outcomes = [Outcome(a.fingerprint, "created", f"inc-{a.alert_name}") for a in alerts]
+        return RecordResult(outcomes, [f"inc-{a.alert_name}.opened.0" for a in alerts] + ["merged-1.resolved.0"])
+
+    batcher = GroupCommit(write)
+    result = batcher.submit([alert("A"), alert("B")])
+    assert sorted(result.event_ids) == ["inc-A.opened.0", "inc-B.opened.0", "merged-1.resolved.0"]

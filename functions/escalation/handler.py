@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
-from shared import claims, db, events, eventio, incidents
+from shared import claims, db, events, eventio, incidents, members
 from shared.config import Settings
 from shared.errors import BadGateway, Conflict, ServiceUnavailable
 
@@ -120,6 +120,8 @@ class EscalationHandler:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
                 return None, None, "no such incident", NO_ROUND
+            # The page tells how many alerts the incident groups, and why.
+            incident["correlation"] = members.page_summary(conn, incident_id)
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
             if transition == "acknowledged":

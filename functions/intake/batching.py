@@ -82,12 +82,18 @@ class GroupCommit:
                 entry.done.set()
             return
         start = 0
+        slices = []
         for entry in batch:
             outcomes: list[Outcome] = result.outcomes[start:start + len(entry.alerts)]
             start += len(entry.alerts)
             # Every event id of the batch is published once, by the request
             # whose alerts produced it.
             ids = {o.incident_id for o in outcomes}
-            events = [e for e in result.event_ids if e.split(".", 1)[0] in ids]
+            slices.append((outcomes, [e for e in result.event_ids if e.split(".", 1)[0] in ids]))
+        # An incident merged into a late root is named by no outcome: the
+        # first request publishes its event.
+        named = {e for _, events in slices for e in events}
+        slices[0][1].extend(e for e in result.event_ids if e not in named)
+        for entry, (outcomes, events) in zip(batch, slices, strict=True):
             entry.result = RecordResult(outcomes, events)
             entry.done.set()

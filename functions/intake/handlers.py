@@ -15,6 +15,7 @@ from shared import db, eventio, events, incidents, noise, reconcile
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
+from shared.correlation.plan import Correlator
 from shared.errors import BadRequest, ServiceUnavailable
 from shared.http import TOO_DEEP, Route, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
@@ -25,8 +26,10 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 
 
 class Intake:
-    def __init__(self, config: Settings, publisher: Publisher, sources: dict[str, Source] = REGISTRY):
+    def __init__(self, config: Settings, publisher: Publisher, sources: dict[str, Source] = REGISTRY,
+                 correlator: Correlator | None = None):
         self.config = config
+        self.correlator = correlator
         self.publisher = publisher
         self.sources = sources
         # Concurrent payloads of a batching source share transactions (batching.py).
@@ -48,12 +51,15 @@ class Intake:
         return routes
 
     def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
+        # Topology is read before the transaction: no Kubernetes call ever
+        # holds a connection, and alerts no rule concerns cost nothing here.
+        plan = self.correlator.plan(alerts) if self.correlator is not None and self.correlator.active else None
         with db.transaction() as conn:
-            return self._record_swept(conn, alerts, actor)
+            return self._record_swept(conn, alerts, actor, plan)
 
-    def _record_swept(self, conn, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
+    def _record_swept(self, conn, alerts: Sequence[Alert], actor: str, plan=None) -> incidents.RecordResult:
         return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds,
-                                       config=self.config)
+                                       config=self.config, plan=plan)
 
     def store(self, alerts: Sequence[Alert], source: Source, actor: str, context: dict) -> incidents.RecordResult:
         """Through the source's group commit (whose actor is the source's
@@ -77,7 +83,7 @@ class Intake:
         for outcome in result.outcomes:
             if outcome.action == "ignored":
                 log.info("Alert ignored", extra={**context, "fingerprint": outcome.fingerprint, "reason": outcome.reason})
-            elif outcome.action in ("created", "resolved", "reopened"):
+            elif outcome.action in ("created", "resolved", "reopened", "joined"):
                 log.info(f"Incident {outcome.action}", extra={**context, "incident_id": outcome.incident_id, "fingerprint": outcome.fingerprint})
         self.publisher.submit(result.event_ids)
         return result

@@ -7,13 +7,21 @@
 import functions_framework
 
 from functions.intake.handlers import Intake
-from shared.bootstrap import start
+from shared import kube
+from shared.bootstrap import fail, start
+from shared.correlation.plan import Correlator
+from shared.correlation.rules import CorrelationConfigError, load
+from shared.correlation.topology import Topology
 from shared.http import Route, install_json_errors, dispatch, health
 from shared.publisher import Publisher
 
 config = start("intake")
 install_json_errors()
-_intake = Intake(config, Publisher(config))
+try:
+    _rules = load(config.correlation_file)
+except CorrelationConfigError as exc:
+    fail("intake", f"CORRELATION_FILE: {exc}")
+_intake = Intake(config, Publisher(config), correlator=Correlator(_rules, Topology(kube.api_client)))
 
 ROUTES = [
     Route("GET", "/health", health, auth=False),

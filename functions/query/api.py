@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
-from shared import db, filters, incidents
+from shared import db, filters, incidents, members
 from shared import flapping as noise_flapping
 from shared.config import Settings
 from shared.errors import BadRequest
@@ -38,12 +38,16 @@ LIST_PARAMETERS = tuple(f.name for f in filters.FILTERS) + ("limit", "cursor")
 PUBLIC_FIELDS = (
     "id", "alert_name", "priority", "status", "created_at", "updated_at", "resolved_at", "summary",
     "description", "diagnostics", "remediation_actions", "fingerprint", "labels", "annotations", "source",
-    "starts_at", "last_seen_at", "repeat_count", "generation", "resolved_by",
+    "starts_at", "last_seen_at", "repeat_count", "generation", "resolved_by", "merged_into",
 )
 
 
 def present(row: dict) -> dict:
     return {name: rfc3339(row.get(name)) for name in PUBLIC_FIELDS}
+
+
+def present_member(member: dict) -> dict:
+    return {name: rfc3339(value) for name, value in member.items()}
 
 
 def next_link(request: Request, cursor: str) -> str:
@@ -115,10 +119,11 @@ class QueryApi:
         flt, limit, after = parse_filters(request.args)
         with db.engine().connect() as conn:
             rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
+            counts = members.alert_counts(conn, [r["id"] for r in rows])
         headers = {}
         if next_cursor is not None:
             headers["Link"] = next_link(request, encode_cursor(next_cursor))
-        return json_response([present(r) for r in rows], headers=headers)
+        return json_response([{**present(r), "alert_count": counts.get(r["id"], 0)} for r in rows], headers=headers)
 
     def get(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_incident_id(incident_id)
@@ -126,8 +131,11 @@ class QueryApi:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
             flapping = noise_flapping.flapping_since(conn, incident_id)
+            alerts = members.members_of(conn, incident_id)
         body = present(row)
         body["flapping_since"] = rfc3339(flapping)  # shared/flapping.py
+        body["alert_count"] = len(alerts)
+        body["alerts"] = [present_member(a) for a in alerts]
         body["timeline"] = [{**t, "at": rfc3339(t["at"])} for t in timeline]
         return body
 

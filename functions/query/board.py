@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
-from shared import db, diagnosis, filters, incidents, proposals, sessions
+from shared import db, diagnosis, filters, incidents, members, proposals, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import storable_text
@@ -195,13 +195,14 @@ class Board:
             flt, limit, after, error = filters.IncidentFilter(), 50, None, exc.message
         with db.engine().connect() as conn:
             rows, next_cursor = incidents.list_incidents(conn, flt, limit, after)
+            counts = members.alert_counts(conn, [r["id"] for r in rows])
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
             by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
         next_url = None
         if next_cursor is not None:
             params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
             next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
-        return self._page("index.html", incidents=rows, form=form, error=error, by_status=by_status, by_priority=by_priority,
+        return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
     def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
@@ -209,6 +210,7 @@ class Board:
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
+            row["alerts"] = members.members_of(conn, incident_id)
         return row, timeline
 
     def incident(self, request: Request, incident_id: str) -> Response:

@@ -11,7 +11,7 @@ import math
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import backlog, db, dead_letters, reconcile, stats
+from shared import backlog, db, dead_letters, members, reconcile, stats
 from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
@@ -27,6 +27,7 @@ class DatabaseCollector:
             yield from self._time_to_resolve(conn)
             yield from self._alerts_per_incident(conn)
             yield from self._intake(conn)
+            yield from self._correlation(conn)
 
     def _incidents(self, conn):
         total = GaugeMetricFamily("incidents_total", "Incidents by priority and current status.", labels=["priority", "status"])
@@ -87,6 +88,22 @@ class DatabaseCollector:
             ignored.add_metric([name, reason], count)
         yield ignored
         yield from self._backlog(conn)
+
+    def _correlation(self, conn):
+        """The noise reduction, measured: alerts in, incidents out."""
+        alerts, opened, merged = members.correlation_counts(conn)
+        received = CounterMetricFamily("alerts_received", "Distinct firing alerts stored as members of an incident.")
+        received.add_metric([], alerts)
+        yield received
+        incidents = CounterMetricFamily("incidents_opened", "Incidents opened, those merged into a later root included.")
+        incidents.add_metric([], opened)
+        yield incidents
+        absorbed = CounterMetricFamily("incidents_merged", "Incidents merged into the incident of a root alert that arrived after them.")
+        absorbed.add_metric([], merged)
+        yield absorbed
+        ratio = GaugeMetricFamily("alerts_per_incident", "alerts_received / incidents_opened (the noise reduction); NaN before any incident.")
+        ratio.add_metric([], alerts / opened if opened else math.nan)
+        yield ratio
 
     def _backlog(self, conn):
         """What has not reached its consumer: the outbox, dead letters, and

@@ -67,6 +67,15 @@ def _bounded(event: dict) -> dict:
     return event
 
 
+def _correlation(incident: dict) -> dict:
+    """The member count, and why the latest member joined, when there are several."""
+    summary = incident.get("correlation") or {}
+    if summary.get("alert_count", 0) < 2:
+        return {}
+    return {"alert_count": summary["alert_count"], "alerts_firing": summary.get("firing"),
+            "correlation_reason": summary.get("latest_reason")}
+
+
 def trigger_event(config: Settings, incident: dict, routing_key: str, transition: str, reason: str | None,
                   proposal_url: str | None = None) -> dict:
     labels = incident.get("labels") or {}
@@ -95,6 +104,7 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
             "probable_causes": probable_causes_brief(incident.get("diagnostics")),
             "remediation_actions": incident.get("remediation_actions") or [],
             **({"reason": reason} if reason else {}),
+            **_correlation(incident),
         },
     }
     if service:

@@ -133,6 +133,11 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
         _section([Raw("*Diagnostics*\n"), *_fmt_diagnostics(incident.get("diagnostics"))], DETAIL_SECTION_MAX),
         _section([Raw("*Remediation*\n"), *_fmt_actions(incident.get("remediation_actions"))], DETAIL_SECTION_MAX),
     ]
+    grouped = incident.get("correlation") or {}
+    if grouped.get("alert_count", 0) > 1:
+        counts = f"*Alerts*\n{grouped['alert_count']} alerts in this incident, {grouped.get('firing', 0)} firing"
+        blocks.append(_section([Raw(counts), *([Raw("; latest: "), grouped["latest_reason"]] if grouped.get("latest_reason") else [])],
+                               REASON_MAX))
     if reason:
         blocks.append(_section([Raw("*Acknowledged by*\n" if transition == "acknowledged" else "*Why*\n"), reason], REASON_MAX))
     # The one control sequence we send: a link to our own board.

@@ -96,6 +96,11 @@ def card(config: Settings, incident: dict, transition: str, reason: str | None, 
         _block("Remediation", weight="Bolder", spacing="Medium"),
         _block(_text(_actions_text(incident.get("remediation_actions")), details_max), isSubtle=True),
     ]
+    grouped = incident.get("correlation") or {}
+    if grouped.get("alert_count", 0) > 1:
+        counts = f"{grouped['alert_count']} alerts in this incident, {grouped.get('firing', 0)} firing"
+        latest = [Raw("; latest: "), grouped["latest_reason"]] if grouped.get("latest_reason") else []
+        body += [_block("Alerts", weight="Bolder", spacing="Medium"), _block(_text([Raw(counts), *latest], reason_max))]
     if reason:
         body += [_block("Acknowledged by" if transition == "acknowledged" else "Why", weight="Bolder", spacing="Medium"),
                  _block(_text([reason], reason_max))]

@@ -1,0 +1,259 @@
+"""Joins and merges, inside the intake's transaction.
+
+:func:`decide` runs only for alerts some rule concerns (the plan). It first
+takes transaction-scoped advisory locks on every key and fingerprint the
+batch touches, in one sorted statement, so two intake replicas receiving the
+same storm decide one after the other and reach the grouping one would
+alone; then it reads, in one statement, the active incidents that offer or
+look for those keys (locking them, so no incident resolves under a join).
+:func:`apply` writes what was decided once the batch's new incidents exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared import events
+from shared.alerts import Alert
+from shared.correlation.plan import Links, subject
+from shared.sqltext import UTC_NOW, compact
+from shared.timeline import timeline_row
+
+LOCK_KEYS = sa.text(
+    "SELECT count(pg_advisory_xact_lock(k)) FROM "
+    "(SELECT DISTINCT k FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS s"
+)
+
+CANDIDATES = sa.text(compact(
+    f"""
+    SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks,
+           (i.fingerprint = m.fingerprint) AS is_root,
+           COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
+               AS root_rank,
+           EXTRACT(EPOCH FROM ({UTC_NOW} - m.last_seen_at)) AS idle,
+           EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
+    FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+    WHERE i.status IN ('open', 'investigating')
+      AND (m.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
+           OR (m.provides <> '{{}}' AND m.provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
+           OR (m.seeks <> '{{}}' AND m.seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb)))))
+    ORDER BY i.id
+    FOR UPDATE OF i
+    """
+))
+
+ACTIVE_ROOTS = sa.text(
+    "SELECT fingerprint FROM incidents WHERE status IN ('open', 'investigating') "
+    "AND fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))"
+)
+
+INSERT_MEMBERS = sa.text(compact(
+    f"""
+    INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at,
+                                  last_seen_at, joined_at, is_root, rank, correlation_reason, provides, seeks)
+    SELECT x.incident_id, x.fingerprint, x.alert_name, x.labels, x.priority, 'firing', x.starts_at,
+           {UTC_NOW}, {UTC_NOW}, false, x.rank, x.reason,
+           ARRAY(SELECT jsonb_array_elements_text(x.provides)), ARRAY(SELECT jsonb_array_elements_text(x.seeks))
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(
+        incident_id text, fingerprint text, alert_name text, labels jsonb, priority text, starts_at timestamp,
+        rank integer, reason text, provides jsonb, seeks jsonb)
+    ORDER BY x.incident_id, x.fingerprint
+    ON CONFLICT (incident_id, fingerprint) DO UPDATE SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
+    """
+))
+
+MOVE_MEMBERS = sa.text(compact(
+    """
+    UPDATE incident_members SET incident_id = :into, is_root = false,
+           correlation_reason = :reason || ' (was ' || incident_members.alert_name || ' of incident ' || :old || ')'
+    WHERE incident_id = :old
+    RETURNING fingerprint, alert_name
+    """
+))
+
+RESOLVE_MERGED = sa.text(compact(
+    f"""
+    UPDATE incidents SET status = 'resolved', resolved_by = 'merged', resolved_at = {UTC_NOW},
+           updated_at = {UTC_NOW}, merged_into = :into
+    WHERE id = :old AND status IN ('open', 'investigating')
+    RETURNING *
+    """
+))
+
+# The incident's priority is its highest member's (P0 sorts first).
+RAISE_PRIORITY = sa.text(compact(
+    f"""
+    UPDATE incidents AS i SET priority = CAST(p.top AS incident_priority), updated_at = {UTC_NOW}
+    FROM (SELECT incident_id, min(priority) AS top FROM incident_members
+          WHERE incident_id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb))))
+          GROUP BY incident_id) AS p
+    WHERE i.id = p.incident_id AND CAST(p.top AS incident_priority) < i.priority
+    RETURNING i.*
+    """
+))
+
+
+def raised_to_p0_event(row, event_source: str) -> dict:
+    """An incident a member raised to P0 is announced as opened again, under
+    an id of its own: escalation reads the priority from the database, so a
+    channel that pages on P0 pages now, and one that already told this
+    generation's opening (its notification claim is taken) says nothing twice."""
+    event = events.incident_event(events.INCIDENT_OPENED, row, event_source, {"raised_to": "P0"})
+    event["id"] = f"{event['id']}.raised-p0"
+    return event
+
+
+def lock_id(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@dataclass
+class _Provider:
+    target: str  # an incident id, or "new:<fingerprint>" for one this batch opens
+    alert_name: str
+    root_rank: int
+    age: float
+    idle: float
+
+
+@dataclass
+class Decision:
+    joins: dict[str, tuple[str, str]] = field(default_factory=dict)  # fingerprint -> (target, reason)
+    merges: dict[str, tuple[str, str]] = field(default_factory=dict)  # incident id -> (target, reason)
+    touched: set[str] = field(default_factory=set)  # fingerprints already members of an active incident
+
+
+def _provider_text(key: str, alert_name: str) -> str:
+    if key.startswith("labels:"):
+        return f"as {alert_name} (rule {key.split(':', 2)[1]})"
+    return f"where {alert_name} fires"
+
+
+def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Decision:
+    decision = Decision()
+    keyed = [a for a in alerts if a.fingerprint in plan]
+    if not keyed:
+        return decision
+    seeks = sorted({k for a in keyed for k in plan[a.fingerprint].seeks})
+    provides = sorted({k for a in keyed for k in plan[a.fingerprint].provides})
+    fps = sorted(a.fingerprint for a in keyed)
+    lock = [lock_id("key:" + k) for k in set(seeks) | set(provides)] + [lock_id("fp:" + fp) for fp in fps]
+    conn.execute(LOCK_KEYS, {"keys": sorted(set(lock))})
+    rows = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
+                                     "provides": json.dumps(provides)}).mappings().all()
+    wanted = set(fps)
+    decision.touched = {r["fingerprint"] for r in rows if r["fingerprint"] in wanted}
+    # A lone incident's alert has no member row: it is touched all the same.
+    decision.touched |= set(conn.execute(ACTIVE_ROOTS, {"fps": json.dumps(fps)}).scalars())
+    providers: dict[str, list[_Provider]] = {}
+    for r in rows:
+        for key in r["provides"] or ():
+            providers.setdefault(key, []).append(
+                _Provider(r["incident_id"], r["alert_name"], r["root_rank"], float(r["age"]), float(r["idle"])))
+    roots_seeking: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["is_root"]:
+            for key in r["seeks"] or ():
+                roots_seeking.setdefault(key, []).append(r)
+    # Roots first (node, then workload, then the rest), so a batch holding a
+    # node and its pods opens the node's incident and the pods join it.
+    for alert in sorted(keyed, key=lambda a: (-plan[a.fingerprint].rank, a.fingerprint)):
+        if alert.fingerprint in decision.touched:
+            continue
+        links = plan[alert.fingerprint]
+        best: tuple | None = None
+        for key, why in sorted(links.seeks.items()):
+            for p in providers.get(key, ()):
+                if key in links.join_window and p.idle > links.join_window[key]:
+                    continue
+                # The strongest root wins; among equals, the oldest incident.
+                rank = (-p.root_rank, -p.age, p.target)
+                if best is None or rank < best[0]:
+                    best = (rank, p, key, why)
+        if best is not None:
+            _, p, key, why = best
+            decision.joins[alert.fingerprint] = (p.target, f"{subject(alert)} joined: {why}, {_provider_text(key, p.alert_name)}")
+            target, root_rank = p.target, p.root_rank
+        else:
+            target, root_rank = f"new:{alert.fingerprint}", links.rank
+        # A late root: the incidents its symptoms opened (their root seeks
+        # what this alert provides) within the rule's window merge into the
+        # incident this alert is now in.
+        for key in sorted(links.provides):
+            window = links.merge_window.get(key, 0)
+            for r in roots_seeking.get(key, ()):
+                if window and r["root_rank"] < root_rank and float(r["age"]) <= window \
+                        and r["incident_id"] not in decision.merges and r["incident_id"] != target:
+                    decision.merges[r["incident_id"]] = (
+                        target, f"{r['alert_name']} joined when {subject(alert)} arrived: {_provider_text(key, alert.alert_name)}")
+        for key in links.provides:
+            providers.setdefault(key, []).append(_Provider(target, alert.alert_name, root_rank, 0.0, 0.0))
+    return decision
+
+
+@dataclass
+class Applied:
+    joined: dict[str, str]  # fingerprint -> incident id
+    timeline: list[dict]
+    new_events: list[dict]
+
+
+def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[str, Links], opened: dict[str, str],
+          actor: str, event_source: str) -> Applied:
+    """``opened``: the incident id each fingerprint of the batch ended in
+    (the upsert's outcome), which names the incidents the batch opened."""
+
+    def resolve(target: str) -> str | None:
+        seen = set()
+        while target.startswith("new:") or target in decision.merges:
+            if target in seen:
+                return None
+            seen.add(target)
+            target = opened.get(target[4:]) if target.startswith("new:") else decision.merges[target][0]
+            if target is None:
+                return None
+        return target
+
+    by_fp = {a.fingerprint: a for a in alerts}
+    timeline: list[dict] = []
+    new_events: list[dict] = []
+    joined: dict[str, str] = {}
+    rows = []
+    for fp, (target, reason) in sorted(decision.joins.items()):
+        incident_id = resolve(target)
+        if incident_id is None:
+            continue
+        alert, links = by_fp[fp], plan[fp]
+        joined[fp] = incident_id
+        rows.append({"incident_id": incident_id, "fingerprint": fp, "alert_name": alert.alert_name, "labels": alert.labels,
+                     "priority": alert.priority, "starts_at": alert.starts_at.isoformat() if alert.starts_at else None,
+                     "rank": links.rank, "reason": reason, "provides": sorted(links.provides), "seeks": sorted(links.seeks)})
+        timeline.append(timeline_row(incident_id, "alert_joined", actor,
+                                     {"fingerprint": fp, "alert_name": alert.alert_name, "reason": reason}))
+    if rows:
+        conn.execute(INSERT_MEMBERS, {"rows": json.dumps(rows)})
+    touched_incidents = set(joined.values())
+    for old, (target, reason) in sorted(decision.merges.items()):
+        into = resolve(target)
+        if into is None or into == old:
+            continue
+        moved = conn.execute(MOVE_MEMBERS, {"into": into, "old": old, "reason": reason}).mappings().all()
+        merged = conn.execute(RESOLVE_MERGED, {"into": into, "old": old}).mappings().first()
+        touched_incidents.add(into)
+        for member in moved:
+            timeline.append(timeline_row(into, "alert_joined", actor, {
+                "fingerprint": member["fingerprint"], "alert_name": member["alert_name"], "reason": reason, "merged_from": old}))
+        if merged is not None:
+            timeline.append(timeline_row(old, "merged", actor, {"into": into, "reason": reason, "members": len(moved)}))
+            new_events.append(events.incident_event(events.INCIDENT_RESOLVED, merged, event_source, {"merged_into": into}))
+    if touched_incidents:
+        for row in conn.execute(RAISE_PRIORITY, {"ids": json.dumps(sorted(touched_incidents))}).mappings():
+            timeline.append(timeline_row(row["id"], "priority_raised", actor, {"to": row["priority"], "reason": "a member's priority"}))
+            if row["priority"] == "P0":
+                new_events.append(raised_to_p0_event(row, event_source))
+    return Applied(joined, timeline, new_events)

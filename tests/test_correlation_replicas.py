@@ -1,0 +1,83 @@
+"""Two intake replicas receiving the same storm at once (AlertManager in HA
+sends every alert to both) group it exactly as one replica does."""
+
+import random
+import threading
+
+import requests
+import sqlalchemy as sa
+
+from loopback.processes import FunctionProcess
+from tests import storms
+from tests.conftest import TEST_TOKEN
+from tests.factories import webhook
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
+def post(url, items):
+    response = requests.post(url + "/webhook/alert", json=webhook([i.raw() for i in items]), headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def partition(engine, steps):
+    got = storms.grouping(engine, steps)
+    groups = {}
+    for fingerprint, incident_id in got.items():
+        groups.setdefault(incident_id, set()).add(fingerprint)
+    return sorted(sorted(g) for g in groups.values()), got
+
+
+def truncate(engine):
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE incident_members, incident_timeline, event_outbox, incidents, ignored_alerts CASCADE"))
+
+
+def storm(steps, shuffled_seed):
+    """Every alert of the storm, its batches in a replica's own order and sizes."""
+    items = [i for step in steps for i in step]
+    random.Random(shuffled_seed).shuffle(items)
+    return [items[n:n + 7] for n in range(0, len(items), 7)]
+
+
+def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env):
+    scenario = next(s for s in storms.SCENARIOS if s.name == "node-lost")
+    steps = storms.prepare(scenario, kube)
+    env = {**base_env, "KUBECONFIG": str(kube.kubeconfig_path)}
+    one = FunctionProcess("intake", env).start()
+    two = FunctionProcess("intake", env).start()
+    try:
+        for step in steps:
+            post(one.url, step)
+        alone, alone_got = partition(clean_db, steps)
+        assert storms.score(steps, alone_got).precision == 1.0 and storms.score(steps, alone_got).recall == 1.0
+
+        truncate(clean_db)
+        # Each replica in its own order (pods before their node, too), at once.
+        errors = []
+
+        def replay(url, seed):
+            try:
+                for batch in storm(steps, seed):
+                    post(url, batch)
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=replay, args=(p.url, seed)) for p, seed in ((one, 1), (two, 2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        together, _ = partition(clean_db, steps)
+        assert together == alone
+        with clean_db.connect() as conn:
+            # A fingerprint is a member of at most one active incident.
+            doubled = conn.execute(sa.text(
+                "SELECT m.fingerprint FROM incident_members m JOIN incidents i ON i.id = m.incident_id "
+                "WHERE i.status IN ('open', 'investigating') GROUP BY m.fingerprint HAVING count(*) > 1")).all()
+        assert doubled == []
+    finally:
+        one.stop()
+        two.stop()
