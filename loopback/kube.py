@@ -80,6 +80,10 @@ def replicaset(owner, revision, image, pod_hash=None, replicas=0, annotations=No
         },
         "spec": {"replicas": replicas, "selector": {"matchLabels": {**owner["spec"]["selector"]["matchLabels"], HASH_LABEL: pod_hash}},
                  "template": template},
+        "status": {"replicas": replicas},
+    }
+
+
 def _owner_ref(kind, name):
     api = "v1" if kind in ("Node",) else "apps/v1"
     return {"apiVersion": api, "kind": kind, "name": name, "uid": f"uid-{name}", "controller": True, "blockOwnerDeletion": True}
