@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from shared import clock
 from shared import incidents as svc
 from shared.errors import Conflict, InvalidTransition, NotFound
 from tests.factories import alert
@@ -49,7 +50,7 @@ def test_repeat_of_active_fingerprint_refreshes_instead_of_opening(clean_db):
         assert conn.execute(sa.text("SELECT count(*) FROM event_outbox")).scalar() == 1
 
 
-def test_resolved_alert_resolves_then_a_new_firing_opens_a_new_incident(clean_db):
+def test_resolved_alert_resolves_then_a_later_firing_opens_a_new_incident(clean_db):
     first = record(clean_db, alert()).outcomes[0]
     ends = datetime(2026, 11, 27, 22, 0, 0)
     resolved_alert = alert(status="resolved")
@@ -59,7 +60,13 @@ def test_resolved_alert_resolves_then_a_new_firing_opens_a_new_incident(clean_db
     with clean_db.connect() as conn:
         row = svc.get_incident(conn, first.incident_id)
     assert row["status"] == "resolved" and row["resolved_at"] == ends
-    again = record(clean_db, alert()).outcomes[0]
+    # Past the flap window (FLAP_WINDOW_SECONDS): a new outage, not flapping
+    # (within it, see tests/test_noise_control.py).
+    clock.advance(601)
+    try:
+        again = record(clean_db, alert()).outcomes[0]
+    finally:
+        clock.set_now(None)
     assert again.action == "created" and again.incident_id != first.incident_id
 
 
