@@ -102,6 +102,22 @@ def mount_flags(secrets: dict) -> list[str]:
             for flag in ("-v", f"{folder}:{manifests.SECRETS}/{secret}:ro")]
 
 
+def config_mount_flags(name: str) -> list[str]:
+    """The ConfigMaps the service mounts (the correlation rules, for one), as
+    files from what kustomize generates them from, at the manifest's paths."""
+    kustomization = yaml.safe_load((manifests.BASE / "kustomization.yaml").read_text())
+    generated = {g["name"]: g.get("files", []) for g in kustomization["configMapGenerator"]}
+    spec = manifests.service(name)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v}
+    flags = []
+    for mount in spec["containers"][0].get("volumeMounts", []):
+        for entry in generated.get(volumes.get(mount["name"]), []):
+            key, _, source = entry.rpartition("=") if "=" in entry else (None, "", entry)
+            path = manifests.BASE / source
+            flags += ["-v", f"{path}:{mount['mountPath']}/{key or path.name}:ro"]
+    return flags
+
+
 def config_env() -> dict[str, str]:
     kustomization = yaml.safe_load((manifests.BASE / "kustomization.yaml").read_text())
     (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "incident-response-config"]
@@ -138,7 +154,8 @@ def running(engine, image, secrets, broker):
         env = {**config_env(), **service_env(name), "PORT": str(port), "K_SINK": broker.url + "/default/incidents"}
         env_flags = [flag for k, v in env.items() for flag in ("-e", f"{k}={v}")]
         container_name = f"ir-test-{name}-{uuid.uuid4().hex[:8]}"
-        engine("run", "-d", "--name", container_name, *engine.run_flags(), *HARDENED, *mount_flags(secrets), *env_flags, image)
+        engine("run", "-d", "--name", container_name, *engine.run_flags(), *HARDENED, *mount_flags(secrets),
+               *config_mount_flags(name), *env_flags, image)
         names[name] = (container_name, f"http://127.0.0.1:{port}")
     yield {"migrate": result, **names}
     for container_name, _ in names.values():
