@@ -59,6 +59,47 @@ def _cache_pg8000_paramstyle() -> None:
 
 _cache_pg8000_paramstyle()
 
+
+def _execute_in_one_round_trip() -> None:
+    """pg8000 runs a statement with parameters in three round trips (Parse
+    and wait; Describe and wait; Bind, Execute and wait). The extended
+    query protocol lets a client send Parse, Bind, Describe (portal),
+    Execute and Sync together and read the answers once: the same unnamed
+    statement and portal, the same text formats, one round trip. A
+    transaction of the intake was seven round trips, each a wake-up of the
+    database backend and of this thread (the tail under load came largely
+    from those); now it is three (BEGIN, the statement, COMMIT).
+
+    Unnamed statements last until the next Parse, so nothing outlives the
+    transaction: safe behind PgBouncer in transaction pooling mode. The
+    parameters are converted before anything is written, so a value pg8000
+    cannot send leaves nothing half-written on the socket.
+    tests/test_db.py checks the answers and counts the round trips."""
+    import pg8000.core as core
+
+    if getattr(core.CoreConnection.execute_unnamed, "one_round_trip", False):
+        return
+
+    def execute_unnamed(self, statement, vals=(), oids=(), stream=None):
+        context = core.Context(statement, stream=stream)
+        params = core.make_params(self.py_types, vals)
+        if self._sock is None:
+            raise core.InterfaceError("connection is closed")
+        self.send_PARSE(core.NULL_BYTE, statement, oids)
+        self.send_BIND(core.NULL_BYTE, params)
+        self._send_message(core.DESCRIBE, core.PORTAL + core.NULL_BYTE)
+        self.send_EXECUTE()
+        core._write(self._sock, core.SYNC_MSG)
+        core._flush(self._sock)
+        self.handle_messages(context)
+        return context
+
+    execute_unnamed.one_round_trip = True
+    core.CoreConnection.execute_unnamed = execute_unnamed
+
+
+_execute_in_one_round_trip()
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 

@@ -22,6 +22,9 @@ from shared.publisher import Publisher
 log = logging.getLogger("intake")
 
 PING_EVENT_TYPE = "dev.knative.sources.ping"
+# Transactions of one source's group commit in flight at once: the next
+# batch is written while the last one waits for its commit to reach the disk.
+WRITE_CONCURRENCY = 2
 
 
 class Intake:
@@ -31,7 +34,7 @@ class Intake:
         self.sources = sources
         # Concurrent payloads of a batching source share transactions (batching.py).
         self.batches = {
-            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor))
+            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor), writers=WRITE_CONCURRENCY)
             for name, source in sources.items() if source.group_commit
         }
 
