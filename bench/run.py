@@ -98,6 +98,29 @@ def load(url: str, body_for, seconds: float = DURATION) -> dict:
     return asyncio.run(_load(url, body_for, seconds, CONCURRENCY))
 
 
+WRK_SCRIPT = ROOT / "bench" / "wrk_new_alert.lua"
+WRK_CONNECTIONS = (1, 8, 32)
+WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
+WRK_ROUNDS = int(os.environ.get("BENCH_WRK_ROUNDS", "2"))
+
+
+def wrk(url: str, connections: int, seconds: float = WRK_SECONDS) -> dict:
+    """wrk, one thread, ``connections`` kept-alive connections, one new alert
+    per webhook (bench/wrk_new_alert.lua); percentiles from wrk's own
+    histogram, which records every request (no coordinated sampling)."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("make bench needs wrk (scripts/ensure-system-packages.sh installs it)")
+    out = subprocess.run([binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url],
+                         capture_output=True, text=True, env={**os.environ, "WRK_TOKEN": TOKEN}, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
+    data = json.loads(line.split(" ", 1)[1])
+    return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50": data["p50_us"] / 1000, "p99": data["p99_us"] / 1000,
+            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"]}
+
+
 def gunicorn_env(extra: dict) -> dict:
     return {**extra, "WORKERS": str(WORKERS), "THREADS": str(THREADS)}
 
@@ -147,6 +170,13 @@ def throughput(database_url: str, engine) -> list[str]:
     intake = FunctionProcess("intake", env, threads=THREADS).start()
     reference = reference_server(database_url)
     try:
+        # wrk first: rounds alternate intake and reference at each connection
+        # count, so both see the same machine load; the median round is kept.
+        by_wrk: dict[tuple[str, int], list[dict]] = {}
+        for _ in range(WRK_ROUNDS):
+            for connections in WRK_CONNECTIONS:
+                for label, server in (("intake", intake), ("reference", reference)):
+                    by_wrk.setdefault((label, connections), []).append(wrk(server.url + "/webhook/alert", connections))
         run = uuid.uuid4().hex[:6]
         new = lambda i: webhook([alert("BenchNew", run=run, i=str(i))])  # noqa: E731
         intake_new = load(intake.url + "/webhook/alert", new)
@@ -175,7 +205,25 @@ def throughput(database_url: str, engine) -> list[str]:
         rows.append(f"| {label} | {result['rps']:.0f} | {result['p50']:.1f} | {result['p99']:.1f} | {result['errors']} | "
                     f"{result['rps'] / ref['rps']:.2f} | {result['rps'] / pg1:.2f} | {result['rps'] / pg4:.2f} |")
     rows += ["", f"pgbench: {pg1:.0f} tps with 1 client, {pg4:.0f} tps with 4 clients.", ""]
+    rows += ["### With wrk", "",
+             f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating intake and reference at each N; the round "
+             "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
+             "(bench/wrk_new_alert.lua), same servers as above.", "",
+             "| Connections | intake req/s | intake p50 ms | intake p99 ms | reference req/s | reference p99 ms | errors | intake ÷ reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for connections in WRK_CONNECTIONS:
+        mine, theirs = by_wrk[("intake", connections)], by_wrk[("reference", connections)]
+        a, b = _median_run(mine), _median_run(theirs)
+        errors = sum(r["errors"] for r in mine + theirs)
+        rows.append(f"| {connections} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in mine):.1f} | {b['rps']:.0f} | "
+                    f"{max(r['p99'] for r in theirs):.1f} | {errors} | {a['rps'] / b['rps']:.2f} |")
+    rows += ["", "Every round: " + "; ".join(
+        f"{label} N={c}: " + ", ".join(f"{r['rps']:.0f}/s p99 {r['p99']:.0f} ms" for r in runs) for (label, c), runs in by_wrk.items()), ""]
     return rows
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
 def storm(database_url: str) -> list[str]:
