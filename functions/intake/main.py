@@ -6,22 +6,26 @@
 
 import functions_framework
 
-from functions.intake.handlers import Intake
 from shared.bootstrap import start
-from shared.http import Route, install_json_errors, dispatch, health
-from shared.publisher import Publisher
+from shared.http import Route, built_on_first_request, dispatch, health, install_json_errors
 
 config = start("intake")
 install_json_errors()
-_intake = Intake(config, Publisher(config))
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    # One route per path each source declares; the CloudEvent routes also
-    # take the PingSource's sweep.
-    *_intake.routes(),
-    Route("POST", "/outbox/sweep", lambda r: _intake.sweep(r)),
-]
+
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.intake.handlers import Intake
+    from shared.publisher import Publisher
+
+    intake_ = Intake(config, Publisher(config))
+    return [
+        Route("GET", "/health", health, auth=False),
+        # One route per path each source declares; the CloudEvent routes also
+        # take the PingSource's sweep.
+        *intake_.routes(),
+        Route("POST", "/outbox/sweep", intake_.sweep),
+    ]
 
 
 @functions_framework.http

@@ -6,23 +6,17 @@ metrics, OpenAPI).
 
 from pathlib import Path
 
+from functools import cache
+
 import functions_framework
 from flask import Response
-from sqlalchemy.exc import SQLAlchemyError
 
-from functions.query.api import QueryApi
-from functions.query.backlog_api import BacklogApi
-from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
-from shared.http import Route, install_json_errors, check_bearer, dispatch, health, json_response
-from shared.publisher import Publisher
+from shared.http import Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health, json_response
 
 config = start("query")
 install_json_errors()
-_publisher = Publisher(config)
-_api = QueryApi(config, _publisher)
-_backlog = BacklogApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -30,11 +24,18 @@ OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 _lazy: dict = {}
 
 
+@cache
+def _publisher():
+    from shared.publisher import Publisher
+
+    return Publisher(config)
+
+
 def _board():
     if "board" not in _lazy:
         from functions.query.board import Board
 
-        _lazy["board"] = Board(config, _publisher)
+        _lazy["board"] = Board(config, _publisher())
     return _lazy["board"]
 
 
@@ -60,6 +61,10 @@ def _metrics(request):
 
     if "registry" not in _lazy:
         _lazy["registry"] = metrics.build_registry()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared import db
+
     try:
         body = metrics.render(_lazy["registry"])
     except SQLAlchemyError as exc:
@@ -77,31 +82,38 @@ def _openapi(request):
     return json_response(_lazy["openapi"])
 
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    Route("GET", "/metrics", _metrics, auth=False),  # the handler applies METRICS_PUBLIC
-    Route("GET", "/openapi.json", _openapi),
-    Route("GET", "/incidents", _api.list),
-    Route("GET", "/incidents/{incident_id}", _api.get),
-    Route("PATCH", "/incidents/{incident_id}", _api.patch),
-    Route("GET", "/dead-letters", _backlog.dead_letters),
-    Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
-    Route("GET", "/outbox/parked", _backlog.parked),
-    Route("POST", "/outbox/parked/{event_id}/redeliver", _backlog.redeliver_parked),
-    # The board authenticates with its own session cookie (functions/query/board.py).
-    Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
-    Route("GET", "/ui", _ui("index"), auth=False),
-    Route("GET", "/ui/login", _ui("login_form"), auth=False),
-    Route("POST", "/ui/login", _ui("login"), auth=False),
-    Route("POST", "/ui/logout", _ui("logout"), auth=False),
-    Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
-    Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
-    Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
-    Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
-    Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
-    Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
-]
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.query.api import QueryApi
+    from functions.query.backlog_api import BacklogApi
+
+    api = QueryApi(config, _publisher())
+    backlog = BacklogApi(config, _publisher(), api.actor)
+    return [
+        Route("GET", "/health", health, auth=False),
+        Route("GET", "/metrics", _metrics, auth=False),  # the handler applies METRICS_PUBLIC
+        Route("GET", "/openapi.json", _openapi),
+        Route("GET", "/incidents", api.list),
+        Route("GET", "/incidents/{incident_id}", api.get),
+        Route("PATCH", "/incidents/{incident_id}", api.patch),
+        Route("GET", "/dead-letters", backlog.dead_letters),
+        Route("POST", "/dead-letters/{letter_id}/redeliver", backlog.redeliver_dead_letter),
+        Route("GET", "/outbox/parked", backlog.parked),
+        Route("POST", "/outbox/parked/{event_id}/redeliver", backlog.redeliver_parked),
+        # The board authenticates with its own session cookie (functions/query/board.py).
+        Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
+        Route("GET", "/ui", _ui("index"), auth=False),
+        Route("GET", "/ui/login", _ui("login_form"), auth=False),
+        Route("POST", "/ui/login", _ui("login"), auth=False),
+        Route("POST", "/ui/logout", _ui("logout"), auth=False),
+        Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
+        Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
+        Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
+        Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
+        Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
+        Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
+    ]
 
 
 @functions_framework.http
