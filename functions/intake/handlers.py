@@ -11,7 +11,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, eventio, events, incidents, reconcile
+from shared import db, eventio, events, incidents, reconcile, retention
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
@@ -141,6 +141,8 @@ class Intake:
         """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
         reconcile.run_safely(db.engine(), self.config)
         report = self.publisher.sweep()
+        # After publishing, so what was just sent is not waiting behind a delete.
+        retention.run_safely(db.engine(), self.config)
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)
