@@ -447,9 +447,10 @@ def incident_list(server: str) -> list[str]:
     url = with_db(server, name)
     try:
         migrate.upgrade(url)
-        engine = db.create_engine_for(url, pool_size=1, max_overflow=0)
+        # A generous socket timeout: one seeding statement writes 100,000 rows.
+        engine = db.create_engine_for(url, pool_size=1, max_overflow=0, timeout=900)
         started = time.monotonic()
-        step = 250_000
+        step = 100_000
         for first in range(1, LIST_ROWS + 1, step):
             with engine.begin() as conn:
                 conn.execute(sa.text(LIST_SEED), {"a": first, "b": min(LIST_ROWS, first + step - 1)})

@@ -40,13 +40,19 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+THROUGH_PGBOUNCER = os.environ.get("TEST_THROUGH_PGBOUNCER", "").lower() in ("1", "true", "yes")
+# A test about one PostgreSQL backend (its pid, how long it sat idle) means
+# nothing when a pooler hands out backends transaction by transaction.
+needs_own_backend = pytest.mark.skipif(THROUGH_PGBOUNCER, reason="about one server backend; PgBouncer pools them per transaction")
+
+
 @pytest.fixture(scope="session")
 def pgbouncer_for_session():
     """``TEST_THROUGH_PGBOUNCER=1``: the whole session (the tests, the
     migrations and every function process they start) reaches PostgreSQL
     through a PgBouncer in transaction pooling mode with a small server pool,
     as a scaled-out deployment does (docs/deploy.md)."""
-    if os.environ.get("TEST_THROUGH_PGBOUNCER", "").lower() not in ("1", "true", "yes"):
+    if not THROUGH_PGBOUNCER:
         yield None
         return
     from loopback.pgbouncer import PgBouncer

@@ -5,6 +5,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared import db, ingest, outbox, timeline
+from tests.conftest import needs_own_backend
 
 
 @pytest.mark.parametrize("statement", [
@@ -18,6 +19,7 @@ def test_cached_paramstyle_rewrite_matches_pg8000(statement):
     assert pg8000.dbapi.convert_paramstyle("format", compiled, args) == original("format", compiled, args)
 
 
+@needs_own_backend
 def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, monkeypatch):
     engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
     try:
