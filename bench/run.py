@@ -606,7 +606,8 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
         try:
             while True:
                 try:
-                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code < 300:
+                    # A long read timeout: the first request imports the handlers.
+                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code < 300:
                         return (time.perf_counter() - start) * 1000
                 except requests.ConnectionError:
                     time.sleep(0.005)
