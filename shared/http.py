@@ -13,9 +13,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Callable
 
 from flask import Request, Response
@@ -67,8 +67,19 @@ def built_on_first_request(build: Callable[[], list[Route]]) -> Callable[[], lis
     function whose handlers need SQLAlchemy, pg8000, requests or the
     kubernetes client keeps them out of the master this way: the instance
     holds one copy instead of two (docs/benchmarks.md, resident memory).
-    Settings are still read, and bad ones still refused, at import time."""
-    return cache(build)
+    Settings are still read, and bad ones still refused, at import time.
+    Requests that arrive together wait for one build (not one each)."""
+    lock = threading.Lock()
+    built: list[list[Route]] = []
+
+    def routes() -> list[Route]:
+        if not built:
+            with lock:
+                if not built:
+                    built.append(build())
+        return built[0]
+
+    return routes
 
 
 def _database_error(exc: BaseException) -> bool:

@@ -86,3 +86,32 @@ def test_an_error_in_a_one_round_trip_statement_leaves_the_connection_usable(dat
             assert conn.execute(sa.text("SELECT pg_backend_pid() = :p"), {"p": pid}).scalar() is True
     finally:
         engine.dispose()
+
+
+def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(database_url, monkeypatch):
+    engine = db.create_engine_for(database_url, pool_size=3, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS begin_rt (n int)"))
+            conn.commit()
+            with engine.begin() as warm:  # the pool's second connection, opened before counting
+                warm.execute(sa.text("SELECT 1"))
+            flushes = _count_round_trips(monkeypatch)
+            with engine.begin() as tx:
+                tx.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 1})
+            assert len(flushes) == 2  # BEGIN + INSERT, then COMMIT
+            del flushes[:]
+            with engine.begin():
+                pass
+            assert flushes == []  # nothing ran: nothing to begin or commit
+            # Rolled back means it was inside a transaction (autocommit would have kept it).
+            with engine.connect() as other:
+                other.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 2})
+                first = other.execute(sa.text("SELECT now()")).scalar()
+                assert other.execute(sa.text("SELECT pg_sleep(0.01), now()")).one()[1] == first
+                other.rollback()
+            assert sorted(conn.execute(sa.text("SELECT n FROM begin_rt")).scalars()) == [1]
+            conn.execute(sa.text("DROP TABLE begin_rt"))
+            conn.commit()
+    finally:
+        engine.dispose()
