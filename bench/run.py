@@ -700,10 +700,6 @@ def main() -> None:
                 report += pipeline_rows
             if not only or "storm-pipeline" in only:
                 report += storm_to_pages(database_url, engine, Path(tmp))
-            if not only or "scaleout" in only:
-                report += scale_out(database_url)
-            if not only or "list" in only:
-                report += incident_list(server)
             if not only or "cold" in only:
                 cold, _ = cold_starts(database_url)
                 report += cold
@@ -711,6 +707,11 @@ def main() -> None:
             report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
                        "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
             report += [f"| {n} | {v:.0f} | {v / bare:.2f} |" for n, v in rss.items()]
+            report.append("")
+            if not only or "scaleout" in only:
+                report += scale_out(database_url)
+            if not only or "list" in only:
+                report += incident_list(server)
             report += ["", f"Whole run: {time.monotonic() - started:.0f} s.", ""]
         engine.dispose()
     finally:
