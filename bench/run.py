@@ -286,8 +286,8 @@ def pipeline(database_url: str, engine, log_dir: Path) -> tuple[list[str], dict]
                 return conn.execute(sa.text("SELECT count(DISTINCT incident_id) FROM incident_timeline WHERE kind = 'remediation_result' "
                                             "AND incident_id = ANY(:ids)"), {"ids": ids}).scalar() == len(ids)
 
-        wait_until(finished, 120, interval=0.5, message="every pipeline")
-        wait_until(lambda: len(pd.requests) >= len(ids), 60, interval=0.5, message="every page")
+        wait_until(finished, 600, interval=0.5, message="every pipeline")
+        wait_until(lambda: len(pd.requests) >= len(ids), 300, interval=0.5, message="every page")
         time.sleep(1)
         with engine.connect() as conn:
             created = dict(conn.execute(sa.text("SELECT id, EXTRACT(EPOCH FROM created_at) FROM incidents WHERE id = ANY(:ids)"), {"ids": ids}).all())
