@@ -63,7 +63,7 @@ def test_without_root_a_missing_package_fails_under_ci_and_warns_elsewhere(bin_d
 
 def test_nothing_missing_is_success(bin_dir, tmp_path):
     for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver",
-                 "podman", "runc", "mmdebstrap"):
+                 "podman", "runc", "mmdebstrap", "pgbouncer", "wrk"):
         stub(bin_dir, name, "exit 0")
     result = run(bin_dir, tmp_path, ci="true")
     assert result.returncode == 0 and result.stderr == ""
