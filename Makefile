@@ -46,7 +46,7 @@ migrate: venv
 demo: venv
 	$(PY) -m local.demo
 
-bench: venv
+bench: venv system-packages
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
 
 # Mutation testing (cosmic-ray), one worker, each module against its fast

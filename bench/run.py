@@ -6,6 +6,7 @@ to docs/benchmarks.md."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import platform
@@ -99,6 +100,29 @@ def load(url: str, body_for, seconds: float = DURATION) -> dict:
     return asyncio.run(_load(url, body_for, seconds, CONCURRENCY))
 
 
+WRK_SCRIPT = ROOT / "bench" / "wrk_new_alert.lua"
+WRK_CONNECTIONS = (1, 8, 32)
+WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
+WRK_ROUNDS = int(os.environ.get("BENCH_WRK_ROUNDS", "2"))
+
+
+def wrk(url: str, connections: int, seconds: float = WRK_SECONDS) -> dict:
+    """wrk, one thread, ``connections`` kept-alive connections, one new alert
+    per webhook (bench/wrk_new_alert.lua); percentiles from wrk's own
+    histogram, which records every request (no coordinated sampling)."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("make bench needs wrk (scripts/ensure-system-packages.sh installs it)")
+    out = subprocess.run([binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url],
+                         capture_output=True, text=True, env={**os.environ, "WRK_TOKEN": TOKEN}, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
+    data = json.loads(line.split(" ", 1)[1])
+    return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50": data["p50_us"] / 1000, "p99": data["p99_us"] / 1000,
+            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"]}
+
+
 def gunicorn_env(extra: dict) -> dict:
     return {**extra, "WORKERS": str(WORKERS), "THREADS": str(THREADS)}
 
@@ -148,6 +172,13 @@ def throughput(database_url: str, engine) -> list[str]:
     intake = FunctionProcess("intake", env, threads=THREADS).start()
     reference = reference_server(database_url)
     try:
+        # wrk first: rounds alternate intake and reference at each connection
+        # count, so both see the same machine load; the median round is kept.
+        by_wrk: dict[tuple[str, int], list[dict]] = {}
+        for _ in range(WRK_ROUNDS):
+            for connections in WRK_CONNECTIONS:
+                for label, server in (("intake", intake), ("reference", reference)):
+                    by_wrk.setdefault((label, connections), []).append(wrk(server.url + "/webhook/alert", connections))
         run = uuid.uuid4().hex[:6]
         new = lambda i: webhook([alert("BenchNew", run=run, i=str(i))])  # noqa: E731
         intake_new = load(intake.url + "/webhook/alert", new)
@@ -176,7 +207,25 @@ def throughput(database_url: str, engine) -> list[str]:
         rows.append(f"| {label} | {result['rps']:.0f} | {result['p50']:.1f} | {result['p99']:.1f} | {result['errors']} | "
                     f"{result['rps'] / ref['rps']:.2f} | {result['rps'] / pg1:.2f} | {result['rps'] / pg4:.2f} |")
     rows += ["", f"pgbench: {pg1:.0f} tps with 1 client, {pg4:.0f} tps with 4 clients.", ""]
+    rows += ["### With wrk", "",
+             f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating intake and reference at each N; the round "
+             "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
+             "(bench/wrk_new_alert.lua), same servers as above.", "",
+             "| Connections | intake req/s | intake p50 ms | intake p99 ms | reference req/s | reference p99 ms | errors | intake ÷ reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for connections in WRK_CONNECTIONS:
+        mine, theirs = by_wrk[("intake", connections)], by_wrk[("reference", connections)]
+        a, b = _median_run(mine), _median_run(theirs)
+        errors = sum(r["errors"] for r in mine + theirs)
+        rows.append(f"| {connections} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in mine):.1f} | {b['rps']:.0f} | "
+                    f"{max(r['p99'] for r in theirs):.1f} | {errors} | {a['rps'] / b['rps']:.2f} |")
+    rows += ["", "Every round: " + "; ".join(
+        f"{label} N={c}: " + ", ".join(f"{r['rps']:.0f}/s p99 {r['p99']:.0f} ms" for r in runs) for (label, c), runs in by_wrk.items()), ""]
     return rows
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
 def storm(database_url: str) -> list[str]:
@@ -238,8 +287,8 @@ def pipeline(database_url: str, engine, log_dir: Path) -> tuple[list[str], dict]
                 return conn.execute(sa.text("SELECT count(DISTINCT incident_id) FROM incident_timeline WHERE kind = 'remediation_result' "
                                             "AND incident_id = ANY(:ids)"), {"ids": ids}).scalar() == len(ids)
 
-        wait_until(finished, 120, interval=0.5, message="every pipeline")
-        wait_until(lambda: len(pd.requests) >= len(ids), 60, interval=0.5, message="every page")
+        wait_until(finished, 600, interval=0.5, message="every pipeline")
+        wait_until(lambda: len(pd.requests) >= len(ids), 300, interval=0.5, message="every page")
         time.sleep(1)
         with engine.connect() as conn:
             created = dict(conn.execute(sa.text("SELECT id, EXTRACT(EPOCH FROM created_at) FROM incidents WHERE id = ANY(:ids)"), {"ids": ids}).all())
@@ -329,6 +378,238 @@ def storm_to_pages(database_url: str, engine, log_dir: Path) -> list[str]:
     return rows
 
 
+SCALE_PROCESSES = int(os.environ.get("BENCH_SCALE_PROCESSES", "8"))
+SCALE_POOL = int(os.environ.get("BENCH_SCALE_POOL", "4"))
+SCALE_CONNECTIONS = 8  # the single process's load; the burst is ten times this
+
+
+def scale_out(database_url: str) -> list[str]:
+    """8 intake processes (one Knative pod each, WORKERS=1) through one
+    PgBouncer in transaction pooling mode with a small server pool, hit by a
+    10x burst; baseline: one intake process straight to PostgreSQL at the
+    normal load, in the same run."""
+    from loopback.pgbouncer import PgBouncer
+
+    base_env = {"INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING", "WORKERS": "1"}
+    single = FunctionProcess("intake", {**base_env, "DATABASE_URL": database_url}, threads=THREADS).start()
+    try:
+        one = wrk(single.url + "/webhook/alert", SCALE_CONNECTIONS)
+    finally:
+        single.stop()
+    bouncer = PgBouncer(database_url, pool_size=SCALE_POOL, max_client_conn=SCALE_PROCESSES * 20).start()
+    procs: list[FunctionProcess] = []
+    try:
+        url = bouncer.url(urlsplit(database_url).path.strip("/"))
+        procs = [FunctionProcess("intake", {**base_env, "DATABASE_URL": url}, threads=THREADS).start() for _ in range(SCALE_PROCESSES)]
+        burst = SCALE_CONNECTIONS * 10
+        per_process = burst // SCALE_PROCESSES
+        with concurrent.futures.ThreadPoolExecutor(SCALE_PROCESSES) as pool:
+            runs = list(pool.map(lambda p: wrk(p.url + "/webhook/alert", per_process), procs))
+        probe = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+        with probe.connect() as conn:
+            # PgBouncer's server connections carry the clients' application_name.
+            servers = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND application_name = 'incident-response' AND pid <> pg_backend_pid()")).scalar()
+        probe.dispose()
+        process_logs = "".join(p.logs() for p in procs)
+    finally:
+        for proc in procs:
+            proc.stop()
+        bouncer.stop()
+    total_rps = sum(r["rps"] for r in runs)
+    errors = sum(r["errors"] for r in runs)
+    rows = ["## 9. Scale-out through PgBouncer", "",
+            f"{SCALE_PROCESSES} intake processes (WORKERS=1, THREADS={THREADS}, each its own pool of DB_POOL_SIZE 4 + DB_MAX_OVERFLOW 4) "
+            f"through one PgBouncer in transaction pooling mode with `default_pool_size = {SCALE_POOL}`, hit by a 10x burst: "
+            f"{burst} wrk connections ({per_process} per process, {WRK_SECONDS:g} s), one new AlertManager alert per webhook. "
+            f"Baseline: one intake process straight to PostgreSQL at {SCALE_CONNECTIONS} connections, same run.", "",
+            "| Case | connections | req/s | p50 ms | p99 ms | max ms | errors | ÷ one process |", "|---|---|---|---|---|---|---|---|",
+            f"| one process, direct | {SCALE_CONNECTIONS} | {one['rps']:.0f} | {one['p50']:.1f} | {one['p99']:.1f} | {one['max']:.0f} | "
+            f"{one['errors']} | 1.00 |",
+            f"| {SCALE_PROCESSES} processes via PgBouncer | {burst} | {total_rps:.0f} | {statistics.median(r['p50'] for r in runs):.1f} | "
+            f"{max(r['p99'] for r in runs):.1f} | {max(r['max'] for r in runs):.0f} | {errors} | {total_rps / one['rps']:.2f} |",
+            "",
+            f"Server connections PostgreSQL saw from PgBouncer at the end: {servers} (pool {SCALE_POOL}; the {SCALE_PROCESSES} processes "
+            f"held up to {SCALE_PROCESSES * 8} client connections). Tracebacks in the processes' logs: {process_logs.count('Traceback')}.", ""]
+    return rows
+
+
+LIST_ROWS = int(os.environ.get("BENCH_LIST_ROWS", "1000000"))
+LIST_REQUESTS = int(os.environ.get("BENCH_LIST_REQUESTS", "60"))
+
+
+def incident_list(server: str) -> list[str]:
+    """GET /incidents at a million incidents, through the query function:
+    first pages with each filter and keyset pages deep into the list, p50/p99
+    over repeated requests; the same requests once more without the list
+    indexes of migration 0014, as the in-run baseline."""
+    name = f"ir_bench_list_{uuid.uuid4().hex[:8]}"
+    db.run_outside_transaction(with_db(server, "postgres"), f'CREATE DATABASE "{name}"')
+    url = with_db(server, name)
+    try:
+        migrate.upgrade(url)
+        # A generous socket timeout: one seeding statement writes 100,000 rows.
+        engine = db.create_engine_for(url, pool_size=1, max_overflow=0, timeout=900)
+        started = time.monotonic()
+        step = 100_000
+        for first in range(1, LIST_ROWS + 1, step):
+            with engine.begin() as conn:
+                conn.execute(sa.text(LIST_SEED), {"a": first, "b": min(LIST_ROWS, first + step - 1)})
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE incidents")
+        seeded = time.monotonic() - started
+        query = FunctionProcess("query", {"DATABASE_URL": url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"}, threads=4).start()
+        try:
+            with_indexes = _list_cases(query.url)
+            sql_with = _sql_cases(engine)
+            index_names = ("idx_incidents_status_created", "idx_incidents_priority_created", "idx_incidents_alert_name_created")
+            with engine.begin() as conn:
+                definitions = {n: conn.execute(sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"), {"n": n}).scalar()
+                               for n in index_names}
+                for n in index_names:
+                    conn.exec_driver_sql(f"DROP INDEX {n}")
+            without = _list_cases(query.url)
+            sql_without = _sql_cases(engine)
+            with engine.begin() as conn:
+                for definition in definitions.values():
+                    conn.exec_driver_sql(definition)
+        finally:
+            query.stop()
+        engine.dispose()
+    finally:
+        db.run_outside_transaction(with_db(server, "postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    rows = ["## 10. The incident list at a million incidents", "",
+            f"{LIST_ROWS:,} incidents over a year (1 % open, 1 % investigating, the rest resolved or closed; 200 alert names, 50 services; "
+            f"seeded in {seeded:.0f} s), `GET /incidents` through the query function, {LIST_REQUESTS} requests per case, 50 per page. "
+            "Baseline: the same requests in the same run without the list indexes of migration 0014 "
+            "(status, priority, alert name each followed by created_at DESC, id DESC).", "",
+            "HTTP: the whole request through the query function; SQL: `list_incidents` alone (the page's query and its rows), "
+            "in this process; rows read: the incidents rows PostgreSQL read for the page (20 pages for the cursor cases), from its "
+            "own per-transaction counters, which the machine's load does not change.", "",
+            "| Request | HTTP p50 ms | HTTP p99 ms | SQL p50 ms | SQL p99 ms | rows read | without 0014: HTTP p99 ms | SQL p99 ms | rows read |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for label in with_indexes:
+        a, b = with_indexes[label], without[label]
+        c, d = sql_with.get(label, []), sql_without.get(label, [])
+        rows.append(f"| {label} | {pct(a, 50):.1f} | {pct(a, 99):.1f} | {pct(c, 50):.1f} | {pct(c, 99):.1f} | {sql_with['rows:' + label]:,} | "
+                    f"{pct(b, 99):.1f} | {pct(d, 99):.1f} | {sql_without['rows:' + label]:,} |")
+    rows.append("")
+    return rows
+
+
+# Deterministic rows a..b: created every 30 s back from now, so 1M rows span 347 days.
+LIST_SEED = """
+INSERT INTO incidents (id, alert_name, priority, status, created_at, updated_at, resolved_at, summary, fingerprint, labels, source)
+SELECT md5('bench' || g)::uuid::text, 'Alert' || (mod(g, 200)), (ARRAY['P0','P1','P2'])[1 + mod(g, 3)]::incident_priority,
+       (CASE WHEN mod(g, 100) = 0 THEN 'open' WHEN mod(g, 100) = 1 THEN 'investigating' WHEN mod(g, 2) = 0 THEN 'resolved' ELSE 'closed' END)::incident_status,
+       t.at, t.at, CASE WHEN mod(g, 100) > 1 THEN t.at + interval '1 hour' END, 'bench incident', 'bench-' || g,
+       jsonb_build_object('service', 'svc-' || (mod(g, 50)), 'severity', 'critical'), 'alertmanager'
+FROM generate_series(CAST(:a AS int), CAST(:b AS int)) AS g, LATERAL (SELECT timezone('utc', now()) - g * interval '30 seconds') AS t(at)
+"""
+
+LIST_CASES = {
+    "no filter, first page": "",
+    "status=open": "status=open",
+    "status=investigating,open": "status=investigating,open",
+    "priority=P0": "priority=P0",
+    "alert_name=Alert7": "alert_name=Alert7",
+    "status=open&priority=P0": "status=open&priority=P0",
+    "service=svc-7": "service=svc-7",
+    "since=7 days ago": "since=" + "{since}",
+}
+
+
+def _list_cases(base: str) -> dict[str, list[float]]:
+    http = requests.Session()
+    http.headers.update(AUTH)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 7 * 86400))
+    results: dict[str, list[float]] = {}
+
+    def timed(url: str) -> requests.Response:
+        start = time.perf_counter()
+        response = http.get(url, timeout=60)
+        elapsed = (time.perf_counter() - start) * 1000
+        assert response.status_code == 200, (url, response.status_code, response.text[:300])
+        return response, elapsed
+
+    for label, params in LIST_CASES.items():
+        url = f"{base}/incidents?limit=50&{params.format(since=since)}"
+        timed(url)  # warm
+        results[label] = [timed(url)[1] for _ in range(LIST_REQUESTS)]
+    # Keyset pages: follow the Link header 20 pages deep, and time each page.
+    for label, params in (("status=resolved, pages 1-20 by cursor", "status=resolved"), ("alert_name=Alert7, pages 1-20 by cursor", "alert_name=Alert7")):
+        samples = []
+        for _ in range(max(1, LIST_REQUESTS // 20)):
+            url = f"{base}/incidents?limit=50&{params}"
+            for _ in range(20):
+                response, elapsed = timed(url)
+                samples.append(elapsed)
+                link = response.headers.get("Link", "")
+                if not link:
+                    break
+                url = link[link.index("<") + 1:link.index(">")]
+        results[label] = samples
+    return results
+
+
+TUPLES_READ = sa.text("SELECT COALESCE(sum(seq_tup_read + COALESCE(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables "
+                      "WHERE relname = 'incidents'")
+
+
+def _tuples_read(conn, flt, after=None, pages: int = 1) -> int:
+    """Rows of ``incidents`` PostgreSQL read for ``pages`` pages: its own
+    counters for this transaction, so the figure does not depend on the
+    machine's load."""
+    from shared import incident_queries
+
+    conn.rollback()
+    # The view also shows what earlier transactions read and the backend
+    # has not reported yet: the difference is this page's.
+    before = conn.execute(TUPLES_READ).scalar()
+    for _ in range(pages):
+        _, after = incident_queries.list_incidents(conn, flt, 50, after)
+        if after is None:
+            break
+    read = conn.execute(TUPLES_READ).scalar() - before
+    conn.rollback()
+    return int(read)
+
+
+def _sql_cases(engine) -> dict[str, list[float]]:
+    from werkzeug.datastructures import MultiDict
+
+    from shared import filters, incident_queries
+
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 7 * 86400))
+    results: dict[str, list[float]] = {}
+    with engine.connect() as conn:
+        for label, params in LIST_CASES.items():
+            flt = filters.parse(MultiDict([tuple(p.split("=", 1)) for p in params.format(since=since).split("&") if p]))
+            incident_queries.list_incidents(conn, flt, 50)
+            samples = []
+            for _ in range(LIST_REQUESTS):
+                start = time.perf_counter()
+                incident_queries.list_incidents(conn, flt, 50)
+                samples.append((time.perf_counter() - start) * 1000)
+            results[label] = samples
+            results["rows:" + label] = _tuples_read(conn, flt)
+        for label, params in (("status=resolved, pages 1-20 by cursor", "status=resolved"), ("alert_name=Alert7, pages 1-20 by cursor", "alert_name=Alert7")):
+            flt = filters.parse(MultiDict([tuple(params.split("=", 1))]))
+            samples = []
+            for _ in range(max(1, LIST_REQUESTS // 20)):
+                after = None
+                for _ in range(20):
+                    start = time.perf_counter()
+                    _, after = incident_queries.list_incidents(conn, flt, 50, after)
+                    samples.append((time.perf_counter() - start) * 1000)
+                    if after is None:
+                        break
+            results[label] = samples
+            results["rows:" + label] = _tuples_read(conn, flt, pages=20)
+        conn.rollback()
+    return results
+
+
 def rss_of(pid: int) -> float:
     """Resident memory of a functions-framework process tree (gunicorn master + workers), MB."""
     total = 0
@@ -352,7 +633,8 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
         try:
             while True:
                 try:
-                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code < 300:
+                    # A long read timeout: the first request imports the handlers.
+                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code < 300:
                         return (time.perf_counter() - start) * 1000
                 except requests.ConnectionError:
                     time.sleep(0.005)
@@ -412,6 +694,14 @@ def correlation(engine) -> list[str]:
             f"recall = pairs grouped / pairs that belong together. Across all: precision {total.precision:.3f}, recall {total.recall:.3f}; "
             f"{alerts} alerts became {opened} incidents ({alerts / opened:.1f} alerts per incident).", "",
             *storms.table(rows), ""]
+def fresh_tables(engine) -> None:
+    """Empty the tables between sections: the throughput sections leave tens
+    of thousands of open P0 incidents whose events were never published (no
+    Broker then), which the pipeline's publisher would otherwise send first."""
+    with engine.begin() as conn:
+        tables = conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                      "AND tablename <> 'alembic_version'")).scalars().all()
+        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
 
 
 def main() -> None:
@@ -432,7 +722,8 @@ def main() -> None:
                 "",
                 f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                 f"PostgreSQL {engine.connect().execute(sa.text('SHOW server_version')).scalar()}. The machine is shared, so compare "
-                "the ratios to the baselines of the same run, not the absolute numbers across runs.",
+                "the ratios to the baselines of the same run, not the absolute numbers across runs. "
+                f"Load average when the run started (other work on the machine): {' '.join(f'{x:.1f}' for x in os.getloadavg())}.",
                 "",
             ]
             only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
@@ -441,25 +732,29 @@ def main() -> None:
             if not only or "storm" in only:
                 report += storm(database_url)
             rss = {}
+            fresh_tables(engine)
             if not only or "pipeline" in only:
                 pipeline_rows, rss = pipeline(database_url, engine, Path(tmp))
                 report += pipeline_rows
+            fresh_tables(engine)
             if not only or "storm-pipeline" in only:
                 report += storm_to_pages(database_url, engine, Path(tmp))
             if not only or "cold" in only:
                 cold, _ = cold_starts(database_url)
                 report += cold
-            if not only or "diagnosis" in only:
-                report += diagnosis_section()
-            if not only or "correlation" in only:
-                correlation_rows = correlation(engine)
-            else:
-                correlation_rows = []
             bare = bare_rss()
             report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function.", "",
                        "| Function | RSS MB | ÷ bare |", "|---|---|---|", f"| bare function | {bare:.0f} | 1.00 |"]
             report += [f"| {n} | {v:.0f} | {v / bare:.2f} |" for n, v in rss.items()]
-            report += [""] + correlation_rows
+            report.append("")
+            if not only or "diagnosis" in only:
+                report += diagnosis_section()
+            if not only or "correlation" in only:
+                report += correlation(engine)
+            if not only or "scaleout" in only:
+                report += scale_out(database_url)
+            if not only or "list" in only:
+                report += incident_list(server)
             report += ["", f"Whole run: {time.monotonic() - started:.0f} s.", ""]
         engine.dispose()
     finally:

@@ -48,6 +48,19 @@ CONFIG_FILES = {
 }
 
 
+PROCESS_MODEL = "incident-response/process-model"
+
+
+def process_model(concurrency: int) -> str:
+    """Why each instance runs one process: said in the manifest itself."""
+    return (f"One gunicorn worker (WORKERS=1) with {concurrency} threads (THREADS = containerConcurrency): Knative sends an "
+            "instance at most containerConcurrency requests and scales out by adding pods, so a second worker would only "
+            "double the memory and the database pool of every pod and split the intake's group commit in two. The work is "
+            "I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL; the handlers are "
+            "imported by the worker on its first request, not by the gunicorn master (shared/http.py built_on_first_request). "
+            "DB_POOL_SIZE + DB_MAX_OVERFLOW cover the threads; docs/deploy.md sizes pools, PgBouncer and max-scale together.")
+
+
 def service(name: str) -> dict:
     row = SERVICES[name]
     function, account, public, publishes = row.function, row.account, row.public, row.publishes
@@ -55,6 +68,8 @@ def service(name: str) -> dict:
     env = [
         {"name": "FUNCTION_SOURCE", "value": f"functions/{function}/main.py"},
         {"name": "FUNCTION_TARGET", "value": function},
+        # One gunicorn worker, one thread per request Knative may send.
+        {"name": "WORKERS", "value": "1"},
         {"name": "THREADS", "value": str(concurrency)},
     ]
     # gunicorn keeps its worker heartbeat files in /tmp; the root is read-only.
@@ -82,7 +97,7 @@ def service(name: str) -> dict:
     return {
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
-        "metadata": {"name": name, "labels": labels},
+        "metadata": {"name": name, "labels": labels, "annotations": {PROCESS_MODEL: process_model(concurrency)}},
         "spec": {
             "template": {
                 "metadata": {

@@ -27,16 +27,17 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine_for(url, pool_size=1, max_overflow=0, timeout=60)
     with engine.connect() as connection:
-        # Two replicas starting at once must not both migrate.
-        connection.exec_driver_sql("SELECT pg_advisory_lock(727005)")
-        try:
-            context.configure(connection=connection, transaction_per_migration=True)
-            with context.begin_transaction():
-                context.run_migrations()
-            connection.commit()
-        finally:
-            connection.exec_driver_sql("SELECT pg_advisory_unlock(727005)")
-            connection.commit()
+        # Every pending migration in one transaction, which first takes a
+        # transaction-scoped advisory lock: two replicas starting at once do
+        # not both migrate, and nothing outlives the transaction, so this
+        # works through PgBouncer in transaction pooling mode too (a session
+        # lock could be taken on one server connection and "released" on
+        # another). PostgreSQL's DDL is transactional: a failure rolls back all.
+        context.configure(connection=connection, transaction_per_migration=False)
+        with context.begin_transaction():
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727005)")
+            context.run_migrations()
+        connection.commit()
     engine.dispose()
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: AlertManager,
 # Prometheus (and amtool, promtool), Chromium and its driver, podman, runc
-# and mmdebstrap for the image test (unless a docker daemon answers), and a
-# PostgreSQL server when none is installed.
+# and mmdebstrap for the image test (unless a docker daemon answers),
+# PgBouncer, wrk (for `make bench`), and a PostgreSQL server when none is
+# installed.
 # Needs root for apt-get. It exits non-zero, naming what is missing, when an
 # installation fails or leaves a binary missing; without root it does the
 # same under CI=true, and elsewhere only warns (those tests then skip).
@@ -26,6 +27,10 @@ missing() {
   # The board's browser test drives Debian's Chromium, never a downloaded one.
   command -v chromium >/dev/null 2>&1 || out+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || out+=(chromium-driver)
+  # PgBouncer (transaction pooling) for the tests and the bench's scale-out
+  # scenario; wrk, the bench's HTTP load generator.
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || out+=(pgbouncer)
+  command -v wrk >/dev/null 2>&1 || out+=(wrk)
   if [ -z "${TEST_DATABASE_URL:-}${DATABASE_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     out+=(postgresql)
   fi

@@ -277,6 +277,12 @@ class Settings:
     reconcile_backoff_seconds: float = 300.0
     reconcile_horizon_seconds: float = 86400.0
     reconcile_batch: int = 100
+    # Retention of what grows with every event (shared/retention.py); 0 keeps forever.
+    retention_outbox_hours: float = 168.0
+    retention_claims_hours: float = 168.0
+    retention_timeline_days: float = 365.0
+    retention_batch: int = 1000
+    retention_max_batches: int = 20
     # Notification channels (functions/escalation/channels/).
     announce_on_open_priorities: tuple[str, ...] = ("P0", "P1")
     teams_webhook_url: Secret | None = field(default=None, metadata=secret("TEAMS_WEBHOOK_URL", url=True))
@@ -353,6 +359,12 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         reconcile_backoff_seconds=_float(env, "RECONCILE_BACKOFF_SECONDS", 300.0, minimum=0.0),
         reconcile_horizon_seconds=_float(env, "RECONCILE_HORIZON_SECONDS", 86400.0, minimum=60.0),
         reconcile_batch=_int(env, "RECONCILE_BATCH", 100, minimum=1, maximum=10000),
+        # Retention (shared/retention.py, run by the sweep; docs/configuration.md).
+        retention_outbox_hours=_float(env, "RETENTION_OUTBOX_HOURS", 168.0, minimum=0.0),
+        retention_claims_hours=_float(env, "RETENTION_CLAIMS_HOURS", 168.0, minimum=0.0),
+        retention_timeline_days=_float(env, "RETENTION_TIMELINE_DAYS", 365.0, minimum=0.0),
+        retention_batch=_int(env, "RETENTION_BATCH", 1000, minimum=1, maximum=100000),
+        retention_max_batches=_int(env, "RETENTION_MAX_BATCHES", 20, minimum=1, maximum=10000),
         # Notification channels (functions/escalation/channels/).
         announce_on_open_priorities=_priorities(env, "ANNOUNCE_ON_OPEN_PRIORITIES", "P0,P1"),
         # Noise control (docs/noise-control.md).
@@ -390,6 +402,9 @@ def _check_paging(config: Settings) -> None:
     if never:
         raise ConfigError(f"PAGE_ON_OPEN_PRIORITIES: {never[0]} incidents never open, because MIN_INCIDENT_PRIORITY is "
                           f"{config.min_incident_priority}; lower MIN_INCIDENT_PRIORITY or drop {never[0]}")
+    if 0 < config.retention_claims_hours * 3600 < config.reconcile_horizon_seconds:
+        raise ConfigError("RETENTION_CLAIMS_HOURS: shorter than RECONCILE_HORIZON_SECONDS; reconciliation would take a pruned "
+                          "step for a missing one and re-emit its event; keep claims at least as long as the horizon")
     if bool(config.outgoing_webhook_url) != bool(config.outgoing_webhook_secret):
         raise ConfigError("OUTGOING_WEBHOOK_URL and OUTGOING_WEBHOOK_SECRET: set both (every request is signed) or neither")
 

@@ -59,6 +59,120 @@ def _cache_pg8000_paramstyle() -> None:
 
 _cache_pg8000_paramstyle()
 
+
+def _execute_in_one_round_trip() -> None:
+    """pg8000 runs a statement with parameters in three round trips (Parse
+    and wait; Describe and wait; Bind, Execute and wait). The extended
+    query protocol lets a client send Parse, Bind, Describe (portal),
+    Execute and Sync together and read the answers once: the same unnamed
+    statement and portal, the same text formats, one round trip. A
+    transaction of the intake was seven round trips, each a wake-up of the
+    database backend and of this thread (the tail under load came largely
+    from those); now it is three (BEGIN, the statement, COMMIT).
+
+    Unnamed statements last until the next Parse, so nothing outlives the
+    transaction: safe behind PgBouncer in transaction pooling mode. The
+    parameters are converted before anything is written, so a value pg8000
+    cannot send leaves nothing half-written on the socket.
+
+    The BEGIN pg8000 sends before a transaction's first statement travels
+    in the same write as that statement, so a transaction of one statement
+    is two round trips (the statement, COMMIT), not three.
+    tests/test_db.py checks the answers and counts the round trips."""
+    import pg8000.core as core
+
+    if getattr(core.CoreConnection.execute_unnamed, "one_round_trip", False):
+        return
+
+    def execute_unnamed(self, statement, vals=(), oids=(), stream=None):
+        context = core.Context(statement, stream=stream)
+        if _ends_an_empty_transaction(self, statement):
+            return context
+        params = core.make_params(self.py_types, vals)
+        if self._sock is None:
+            raise core.InterfaceError("connection is closed")
+        begin = _send_pending_begin(self)
+        self.send_PARSE(core.NULL_BYTE, statement, oids)
+        self.send_BIND(core.NULL_BYTE, params)
+        self._send_message(core.DESCRIBE, core.PORTAL + core.NULL_BYTE)
+        self.send_EXECUTE()
+        core._write(self._sock, core.SYNC_MSG)
+        core._flush(self._sock)
+        _read_answers(self, begin, context)
+        return context
+
+    def execute_simple(self, statement):
+        context = core.Context(statement)
+        if statement == BEGIN:
+            # Sent with the transaction's first statement (below).
+            self._begin_pending = True
+            self._transaction_status = core.IN_TRANSACTION
+            return context
+        if _ends_an_empty_transaction(self, statement):
+            return context
+        begin = _send_pending_begin(self)
+        self.send_QUERY(statement)
+        core._flush(self._sock)
+        _read_answers(self, begin, context)
+        return context
+
+    execute_unnamed.one_round_trip = True
+    core.CoreConnection.execute_unnamed = execute_unnamed
+    core.CoreConnection.execute_simple = execute_simple
+    core.CoreConnection._begin_pending = False
+
+
+# What pg8000's DB-API cursor sends before the first statement of a transaction.
+BEGIN = "begin transaction"
+
+
+def _send_pending_begin(conn):
+    """BEGIN is not a round trip of its own: it goes out in the same write
+    as the transaction's first statement, and its answer is read first. (A
+    BEGIN cannot fail on a working connection; on a broken one the
+    statement fails with it.)"""
+    if not conn._begin_pending:
+        return None
+    import pg8000.core as core
+
+    conn._begin_pending = False
+    conn.send_QUERY(BEGIN)
+    return core.Context(BEGIN)
+
+
+def _read_answers(conn, begin, context) -> None:
+    """Read BEGIN's answer (if it was sent) and the statement's, always both,
+    so the connection stays in step whichever fails."""
+    failure = None
+    if begin is not None:
+        try:
+            conn.handle_messages(begin)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the statement's answer is read
+            failure = exc
+    try:
+        conn.handle_messages(context)
+    finally:
+        if failure is not None:
+            raise failure
+
+
+def _ends_an_empty_transaction(conn, statement: str) -> bool:
+    """COMMIT or ROLLBACK with no transaction open on the server (its BEGIN
+    was never sent because no statement ran, or the server said it is idle)
+    has nothing to end there: PostgreSQL would only warn."""
+    import pg8000.core as core
+
+    if statement.strip().lower() not in ("commit", "rollback"):
+        return False
+    if not conn._begin_pending and conn._transaction_status != core.IDLE:
+        return False
+    conn._begin_pending = False
+    conn._transaction_status = core.IDLE
+    return True
+
+
+_execute_in_one_round_trip()
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 

@@ -6,9 +6,10 @@ probes what remediation acts on, and a priority means one thing everywhere.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import sqlalchemy as sa
+if TYPE_CHECKING:  # SQLAlchemy is imported by whoever builds a statement
+    import sqlalchemy as sa
 
 PRIORITIES = ("P0", "P1", "P2")
 STATUSES = ("open", "investigating", "resolved", "closed")
@@ -33,5 +34,7 @@ def service_of(labels: Mapping[str, str] | None) -> str | None:
 def service_sql(labels_column: sa.ColumnElement) -> sa.ColumnElement:
     """:func:`service_of` as a SQL expression over a JSONB labels column, so
     the list filter finds exactly the service every message shows."""
+    import sqlalchemy as sa
+
     whens = [(sa.func.btrim(labels_column[name].astext) != "", labels_column[name].astext) for name in SERVICE_LABELS]
     return sa.case(*whens, else_=None)

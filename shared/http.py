@@ -12,14 +12,14 @@ import hmac
 import json
 import logging
 import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from flask import Request, Response
-from sqlalchemy.exc import SQLAlchemyError
 
-from shared import db
 from shared.config import Secret
 from shared.errors import (
     ApiError,
@@ -52,6 +52,41 @@ class Route:
     @property
     def _regex(self) -> str:
         return "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$"
+
+
+Routes = list[Route] | Callable[[], list[Route]]
+
+
+def built_on_first_request(build: Callable[[], list[Route]]) -> Callable[[], list[Route]]:
+    """Routes whose handlers are imported by the first request that needs
+    them, in the gunicorn worker.
+
+    functions-framework imports ``main.py`` in the gunicorn master, which
+    then forks the worker that serves: whatever ``main.py`` imports is
+    resident twice per instance (the master never serves a request). A
+    function whose handlers need SQLAlchemy, pg8000, requests or the
+    kubernetes client keeps them out of the master this way: the instance
+    holds one copy instead of two (docs/benchmarks.md, resident memory).
+    Settings are still read, and bad ones still refused, at import time.
+    Requests that arrive together wait for one build (not one each)."""
+    lock = threading.Lock()
+    built: list[list[Route]] = []
+
+    def routes() -> list[Route]:
+        if not built:
+            with lock:
+                if not built:
+                    built.append(build())
+        return built[0]
+
+    return routes
+
+
+def _database_error(exc: BaseException) -> bool:
+    # SQLAlchemy is imported by whatever touched the database; if nothing
+    # has, no exception can be one of its errors.
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.SQLAlchemyError)
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -184,11 +219,13 @@ def storable_text(value: str, name: str, max_length: int | None = None) -> str:
     return value
 
 
-def dispatch(request: Request, routes: list[Route], token: Secret | None, service: str) -> Response:
+def dispatch(request: Request, routes: Routes, token: Secret | None, service: str) -> Response:
     """Route the request, enforce auth, and map every error to its status."""
     started = time.perf_counter()
     path = request.path
     try:
+        if callable(routes):
+            routes = routes()
         allowed_methods = []
         for route in routes:
             params = route.match(path)
@@ -220,7 +257,12 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
         if exc.status >= 500:
             log.error("Request failed", extra={"path": path, "error": exc.message, "status": exc.status})
         return json_response(exc.body(), exc.status, {"Retry-After": "5"} if exc.status == 503 else None)
-    except SQLAlchemyError as exc:
+    except Exception as exc:  # last resort: log it, answer 500 (503 if transient), keep serving
+        if not _database_error(exc):
+            log.exception("Unhandled error", extra={"path": path, "service": service})
+            return json_response(ApiError("internal error").body(), 500)
+        from shared import db
+
         status = ServiceUnavailable if db.is_transient(exc) else ApiError
         log.error(
             "Database error",
@@ -228,9 +270,6 @@ def dispatch(request: Request, routes: list[Route], token: Secret | None, servic
         )
         err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
         return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
-    except Exception:  # last resort: log it, answer 500, keep serving
-        log.exception("Unhandled error", extra={"path": path, "service": service})
-        return json_response(ApiError("internal error").body(), 500)
     finally:
         log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})
 
@@ -256,6 +295,8 @@ def install_json_errors() -> None:
 
 def health(request: Request) -> Response:
     """The seed's Test 1 answer; 503 when the database cannot be reached."""
+    from shared import db
+
     if db.database_reachable():
         return json_response({"status": "healthy", "database": "connected"})
     return json_response({"status": "unhealthy", "database": "disconnected"}, 503)

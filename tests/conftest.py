@@ -40,13 +40,35 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+THROUGH_PGBOUNCER = os.environ.get("TEST_THROUGH_PGBOUNCER", "").lower() in ("1", "true", "yes")
+# A test about one PostgreSQL backend (its pid, how long it sat idle) means
+# nothing when a pooler hands out backends transaction by transaction.
+needs_own_backend = pytest.mark.skipif(THROUGH_PGBOUNCER, reason="about one server backend; PgBouncer pools them per transaction")
+
+
 @pytest.fixture(scope="session")
-def database_url():
+def pgbouncer_for_session():
+    """``TEST_THROUGH_PGBOUNCER=1``: the whole session (the tests, the
+    migrations and every function process they start) reaches PostgreSQL
+    through a PgBouncer in transaction pooling mode with a small server pool,
+    as a scaled-out deployment does (docs/deploy.md)."""
+    if not THROUGH_PGBOUNCER:
+        yield None
+        return
+    from loopback.pgbouncer import PgBouncer
+
+    bouncer = PgBouncer(_server_url(), pool_size=int(os.environ.get("TEST_PGBOUNCER_POOL_SIZE", "8"))).start()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pgbouncer_for_session):
     server = _server_url()
     name = f"ir_test_{uuid.uuid4().hex[:10]}"
     admin = _with_database(server, "postgres")
     db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
-    url = _with_database(server, name)
+    url = pgbouncer_for_session.url(name) if pgbouncer_for_session else _with_database(server, name)
     migrate.upgrade(url)
     yield url
     db_module.dispose_engine()

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from shared import db, ingest, outbox, timeline
 from shared.correlation import store
+from tests.conftest import needs_own_backend
 
 
 @pytest.mark.parametrize("statement", [
@@ -21,6 +22,7 @@ def test_cached_paramstyle_rewrite_matches_pg8000(statement):
     assert pg8000.dbapi.convert_paramstyle("format", compiled, args) == original("format", compiled, args)
 
 
+@needs_own_backend
 def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, monkeypatch):
     engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
     try:
@@ -41,3 +43,78 @@ def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, m
 def test_transient_errors_are_told_apart(sqlstate, transient):
     err = sa.exc.DBAPIError("x", {}, Exception({"C": sqlstate, "M": "m"}))
     assert db.is_transient(err) is transient
+
+
+def _count_round_trips(monkeypatch) -> list:
+    """Each flush of pg8000's socket buffer, i.e. each round trip."""
+    import pg8000.core as core
+
+    flushes = []
+    real = core._flush
+    monkeypatch.setattr(core, "_flush", lambda sock: (flushes.append(1), real(sock))[1])
+    return flushes
+
+
+def test_a_statement_with_parameters_is_one_round_trip_with_the_same_answers(database_url, monkeypatch):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            flushes = _count_round_trips(monkeypatch)
+            rows = conn.execute(sa.text("SELECT CAST(:a AS int) + 1 AS n, CAST(:b AS text) AS t, CAST(:c AS text) IS NULL AS isnull, now() IS NOT NULL AS ts"),
+                                {"a": 41, "b": "ünï", "c": None}).mappings().all()
+            assert [dict(r) for r in rows] == [{"n": 42, "t": "ünï", "isnull": True, "ts": True}]
+            assert len(flushes) == 1
+            conn.execute(sa.text("CREATE TEMP TABLE rt (n int)"))
+            del flushes[:]
+            result = conn.execute(sa.text("INSERT INTO rt SELECT generate_series(1, :n)"), {"n": 5})
+            assert result.rowcount == 5 and len(flushes) == 1
+            assert conn.execute(sa.text("SELECT count(*) FROM rt WHERE n > :m"), {"m": 2}).scalar() == 3
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_an_error_in_a_one_round_trip_statement_leaves_the_connection_usable(database_url):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            for bad in ("SELECT CAST(:a AS int) / 0", "SELECT nosuchcolumn FROM pg_class WHERE relname = :a", "SELEC :a"):
+                with pytest.raises(sa.exc.DBAPIError) as err:
+                    conn.execute(sa.text(bad), {"a": "1"})
+                assert db._sqlstate(err.value.orig), "the server's error, read to the end"
+                conn.rollback()
+            # The same connection, in step with the server.
+            assert conn.execute(sa.text("SELECT pg_backend_pid() = :p"), {"p": pid}).scalar() is True
+    finally:
+        engine.dispose()
+
+
+def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(database_url, monkeypatch):
+    engine = db.create_engine_for(database_url, pool_size=3, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS begin_rt (n int)"))
+            conn.commit()
+            with engine.begin() as warm:  # the pool's second connection, opened before counting
+                warm.execute(sa.text("SELECT 1"))
+            flushes = _count_round_trips(monkeypatch)
+            with engine.begin() as tx:
+                tx.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 1})
+            assert len(flushes) == 2  # BEGIN + INSERT, then COMMIT
+            del flushes[:]
+            with engine.begin():
+                pass
+            assert flushes == []  # nothing ran: nothing to begin or commit
+            # Rolled back means it was inside a transaction (autocommit would have kept it).
+            with engine.connect() as other:
+                other.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 2})
+                first = other.execute(sa.text("SELECT now()")).scalar()
+                assert other.execute(sa.text("SELECT pg_sleep(0.01), now()")).one()[1] == first
+                other.rollback()
+            assert sorted(conn.execute(sa.text("SELECT n FROM begin_rt")).scalars()) == [1]
+            conn.execute(sa.text("DROP TABLE begin_rt"))
+            conn.commit()
+    finally:
+        engine.dispose()

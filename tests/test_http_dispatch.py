@@ -250,3 +250,27 @@ def test_every_request_is_timed_in_milliseconds(caplog):
         call([Route("GET", "/x", slow, auth=False)], path="/x")
     (record,) = [r for r in caplog.records if r.getMessage() == "request"]
     assert record.path == "/x" and 50 <= record.ms < 1000 and record.ms == round(record.ms, 2)
+
+
+def test_routes_built_on_first_request_are_built_once_for_concurrent_requests():
+    import threading as _threading
+
+    from shared.http import Route, built_on_first_request
+
+    calls = []
+    gate = _threading.Event()
+
+    def build():
+        calls.append(1)
+        gate.wait(5)
+        return [Route("GET", "/x", lambda r: {"ok": True}, auth=False)]
+
+    routes = built_on_first_request(build)
+    results = []
+    threads = [_threading.Thread(target=lambda: results.append(routes())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert calls == [1] and len(results) == 8 and all(r is results[0] for r in results)

@@ -18,6 +18,7 @@ from shared.config import load_settings
 from tests.factories import alert
 from loopback.kube import deployment, pod, replicaset
 from loopback.processes import FunctionProcess
+from tests.conftest import needs_own_backend
 
 REMEDIATED = events.INCIDENT_REMEDIATED
 FAILED = events.INCIDENT_REMEDIATION_FAILED
@@ -173,6 +174,7 @@ def test_node_not_ready_cordons_then_hands_to_a_human(live, cluster, clean_db):
     assert status_of(clean_db, row["id"]) == "investigating"
 
 
+@needs_own_backend
 def test_terminate_idle_connections_only_those_older_than_the_threshold(database_url):
     victims = sa.create_engine(database_url, connect_args={"application_name": "idle-victim"}, pool_size=5, max_overflow=0)
     old = [victims.connect() for _ in range(3)]

@@ -63,7 +63,7 @@ def test_without_root_a_missing_package_fails_under_ci_and_warns_elsewhere(bin_d
 
 def test_nothing_missing_is_success(bin_dir, tmp_path):
     for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver",
-                 "podman", "runc", "mmdebstrap"):
+                 "podman", "runc", "mmdebstrap", "pgbouncer", "wrk"):
         stub(bin_dir, name, "exit 0")
     result = run(bin_dir, tmp_path, ci="true")
     assert result.returncode == 0 and result.stderr == ""
@@ -76,7 +76,7 @@ def test_nothing_missing_is_success(bin_dir, tmp_path):
     (None, {"podman", "runc", "mmdebstrap"}),
 ])
 def test_a_container_tool_is_installed_unless_docker_works(bin_dir, tmp_path, docker_info, wanted):
-    for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver"):
+    for name in ("prometheus-alertmanager", "amtool", "prometheus", "promtool", "chromium", "chromedriver", "pgbouncer", "wrk"):
         stub(bin_dir, name, "exit 0")
     if docker_info is not None:
         stub(bin_dir, "docker", docker_info)

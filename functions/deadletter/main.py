@@ -5,18 +5,23 @@
 
 import functions_framework
 
-from functions.deadletter.handler import handle
 from shared.bootstrap import start
-from shared.http import Route, dispatch, health, install_json_errors
+from shared.http import Route, built_on_first_request, dispatch, health, install_json_errors
 
 config = start("deadletter")
 install_json_errors()
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    # Called by the Broker only (a cluster-local Service): no bearer token.
-    Route("POST", "/", handle, auth=False),
-]
+
+
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.deadletter.handler import handle
+
+    return [
+        Route("GET", "/health", health, auth=False),
+        # Called by the Broker only (a cluster-local Service): no bearer token.
+        Route("POST", "/", handle, auth=False),
+    ]
 
 
 @functions_framework.http

@@ -10,6 +10,13 @@ transaction in flight writes at once. Each request still gets ``2xx`` only
 after its alerts are committed, and an error fails only the requests of the
 batch that hit it (a non-transient error is retried request by request, so
 one bad webhook cannot fail its neighbours).
+
+The thread that writes a batch writes exactly one, the one that carries its
+own request, and then hands the lead to the oldest waiting request. A leader
+that kept writing until the queue ran dry would, under steady load, never
+get back to its own client: its request was answered in the database long
+ago, yet its response waited behind everyone else's batches (p99 of seconds
+at 8 connections; tests/test_group_commit_slices.py holds the hand-off).
 """
 
 from __future__ import annotations
@@ -25,49 +32,80 @@ from shared.incidents import Outcome, RecordResult
 Writer = Callable[[Sequence[Alert]], RecordResult]
 
 
-@dataclass
+# eq=False: entries are told apart by identity (two webhooks may carry equal alerts).
+@dataclass(eq=False)
 class _Entry:
     alerts: Sequence[Alert]
-    done: threading.Event = field(default_factory=threading.Event)
+    # Set when the entry is answered (result or error) or made a leader.
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
     result: RecordResult | None = None
     error: BaseException | None = None
 
+    def answer(self, result: RecordResult | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.wake.set()
+
 
 class GroupCommit:
-    def __init__(self, write: Writer, max_alerts: int = 5000):
+    """``writers`` transactions may be in flight at once: a commit waits
+    for the disk, and the next batch can be written meanwhile (PostgreSQL
+    flushes concurrent commits together). Two batches never deadlock: each
+    locks its incidents in fingerprint order (shared/ingest.py)."""
+
+    def __init__(self, write: Writer, max_alerts: int = 5000, writers: int = 1):
         self.write = write
         self.max_alerts = max_alerts
+        self.writers = max(1, writers)
         self._lock = threading.Lock()
         self._queue: list[_Entry] = []
-        self._flushing = False
+        self._leaders = 0
 
     def submit(self, alerts: Sequence[Alert]) -> RecordResult:
         entry = _Entry(alerts)
         with self._lock:
             self._queue.append(entry)
-            lead = not self._flushing
-            self._flushing = True
-        if lead:
-            self._drain()
-        entry.done.wait()
+            if self._leaders < self.writers:
+                self._leaders += 1
+                self._promote(entry)
+        entry.wake.wait()
+        if entry.lead:
+            try:
+                self._write(self._take(entry))
+            finally:
+                self._hand_off()
         if entry.error is not None:
             raise entry.error
         return entry.result
 
-    def _take(self) -> list[_Entry]:
+    @staticmethod
+    def _promote(entry: _Entry) -> None:
+        entry.lead = True
+        entry.wake.set()
+
+    def _hand_off(self) -> None:
         with self._lock:
-            batch, size = [], 0
-            while self._queue and (not batch or size + len(self._queue[0].alerts) <= self.max_alerts):
-                entry = self._queue.pop(0)
+            successor = next((e for e in self._queue if not e.lead), None)
+            if successor is None:
+                self._leaders -= 1
+            else:
+                self._promote(successor)
+
+    def _take(self, own: _Entry) -> list[_Entry]:
+        """The leader's own entry and the oldest waiting ones after it, but
+        no other leader's."""
+        with self._lock:
+            self._queue.remove(own)
+            batch, size = [own], len(own.alerts)
+            for entry in list(self._queue):
+                if entry.lead:
+                    continue
+                if size + len(entry.alerts) > self.max_alerts:
+                    break
+                self._queue.remove(entry)
                 batch.append(entry)
                 size += len(entry.alerts)
-            if not batch:
-                self._flushing = False
             return batch
-
-    def _drain(self) -> None:
-        while batch := self._take():
-            self._write(batch)
 
     def _write(self, batch: list[_Entry]) -> None:
         try:
@@ -78,8 +116,7 @@ class GroupCommit:
                     self._write([entry])
                 return
             for entry in batch:
-                entry.error = exc
-                entry.done.set()
+                entry.answer(error=exc)
             return
         start = 0
         slices = []
@@ -95,5 +132,4 @@ class GroupCommit:
         named = {e for _, events in slices for e in events}
         slices[0][1].extend(e for e in result.event_ids if e not in named)
         for entry, (outcomes, events) in zip(batch, slices, strict=True):
-            entry.result = RecordResult(outcomes, events)
-            entry.done.set()
+            entry.answer(RecordResult(outcomes, events))

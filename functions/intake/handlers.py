@@ -11,7 +11,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, eventio, events, incidents, noise, reconcile
+from shared import db, eventio, events, incidents, noise, reconcile, retention
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
@@ -23,6 +23,9 @@ from shared.publisher import Publisher
 log = logging.getLogger("intake")
 
 PING_EVENT_TYPE = "dev.knative.sources.ping"
+# Transactions of one source's group commit in flight at once: the next
+# batch is written while the last one waits for its commit to reach the disk.
+WRITE_CONCURRENCY = 2
 
 
 class Intake:
@@ -34,7 +37,7 @@ class Intake:
         self.sources = sources
         # Concurrent payloads of a batching source share transactions (batching.py).
         self.batches = {
-            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor))
+            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor), writers=WRITE_CONCURRENCY)
             for name, source in sources.items() if source.group_commit
         }
 
@@ -150,6 +153,8 @@ class Intake:
         # Held alerts whose window ended, flapping that settled, silent pipelines.
         self.publisher.submit(noise.sweep(db.engine(), self.config, self._record_swept))
         report = self.publisher.sweep()
+        # After publishing, so what was just sent is not waiting behind a delete.
+        retention.run_safely(db.engine(), self.config)
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)

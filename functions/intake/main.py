@@ -6,30 +6,36 @@
 
 import functions_framework
 
-from functions.intake.handlers import Intake
-from shared import kube
 from shared.bootstrap import fail, start
-from shared.correlation.plan import Correlator
 from shared.correlation.rules import CorrelationConfigError, load
-from shared.correlation.topology import Topology
-from shared.http import Route, install_json_errors, dispatch, health
-from shared.publisher import Publisher
+from shared.http import Route, built_on_first_request, dispatch, health, install_json_errors
 
 config = start("intake")
 install_json_errors()
+# The correlation rules are checked at start: a wrong file stops the intake
+# with one line naming file, rule and field, before it takes any alert.
 try:
     _rules = load(config.correlation_file)
 except CorrelationConfigError as exc:
     fail("intake", f"CORRELATION_FILE: {exc}")
-_intake = Intake(config, Publisher(config), correlator=Correlator(_rules, Topology(kube.api_client)))
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    # One route per path each source declares; the CloudEvent routes also
-    # take the PingSource's sweep.
-    *_intake.routes(),
-    Route("POST", "/outbox/sweep", lambda r: _intake.sweep(r)),
-]
+
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.intake.handlers import Intake
+    from shared import kube
+    from shared.correlation.plan import Correlator
+    from shared.correlation.topology import Topology
+    from shared.publisher import Publisher
+
+    intake_ = Intake(config, Publisher(config), correlator=Correlator(_rules, Topology(kube.api_client)))
+    return [
+        Route("GET", "/health", health, auth=False),
+        # One route per path each source declares; the CloudEvent routes also
+        # take the PingSource's sweep.
+        *intake_.routes(),
+        Route("POST", "/outbox/sweep", intake_.sweep),
+    ]
 
 
 @functions_framework.http

@@ -6,27 +6,17 @@ metrics, OpenAPI).
 
 from pathlib import Path
 
+from functools import cache
+
 import functions_framework
 from flask import Response
-from sqlalchemy.exc import SQLAlchemyError
 
-from functions.query.api import QueryApi
-from functions.query.backlog_api import BacklogApi
-from functions.query.noise_api import NoiseApi
-from functions.query.proposals_api import ProposalsApi
-from shared import db
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
-from shared.http import Route, install_json_errors, check_bearer, dispatch, health, json_response
-from shared.publisher import Publisher
+from shared.http import Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health, json_response
 
 config = start("query")
 install_json_errors()
-_publisher = Publisher(config)
-_api = QueryApi(config, _publisher)
-_backlog = BacklogApi(config, _publisher, _api.actor)
-_noise = NoiseApi(config, _publisher, _api.actor)
-_proposals = ProposalsApi(config, _publisher, _api.actor)
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -34,11 +24,26 @@ OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 _lazy: dict = {}
 
 
+@cache
+def _publisher():
+    from shared.publisher import Publisher
+
+    return Publisher(config)
+
+
+@cache
+def _noise_api():
+    from functions.query.api import QueryApi
+    from functions.query.noise_api import NoiseApi
+
+    return NoiseApi(config, _publisher(), QueryApi(config, _publisher()).actor)
+
+
 def _board():
     if "board" not in _lazy:
         from functions.query.board import Board
 
-        _lazy["board"] = Board(config, _publisher)
+        _lazy["board"] = Board(config, _publisher())
     return _lazy["board"]
 
 
@@ -62,7 +67,7 @@ def _noise_ui(method: str):
         if "noise_board" not in _lazy:
             from functions.query.noise_board import NoiseBoard
 
-            _lazy["noise_board"] = NoiseBoard(_board(), _noise)
+            _lazy["noise_board"] = NoiseBoard(_board(), _noise_api())
         return getattr(_lazy["noise_board"], method)(request, **params)
 
     return call
@@ -86,6 +91,10 @@ def _metrics(request):
 
     if "registry" not in _lazy:
         _lazy["registry"] = metrics.build_registry()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared import db
+
     try:
         body = metrics.render(_lazy["registry"])
     except SQLAlchemyError as exc:
@@ -103,54 +112,64 @@ def _openapi(request):
     return json_response(_lazy["openapi"])
 
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    Route("GET", "/metrics", _metrics, auth=False),  # the handler applies METRICS_PUBLIC
-    Route("GET", "/openapi.json", _openapi),
-    Route("GET", "/incidents", _api.list),
-    Route("GET", "/incidents/{incident_id}", _api.get),
-    Route("PATCH", "/incidents/{incident_id}", _api.patch),
-    # Noise control (functions/query/noise_api.py).
-    Route("POST", "/incidents/{incident_id}/acknowledge", _noise.acknowledge),
-    Route("GET", "/incidents/{incident_id}/silences", _noise.list_silences),
-    Route("POST", "/incidents/{incident_id}/silences", _noise.create_silence),
-    Route("DELETE", "/incidents/{incident_id}/silences/{silence_id}", _noise.expire_silence),
-    Route("GET", "/maintenance-windows", _noise.list_windows),
-    Route("POST", "/maintenance-windows", _noise.create_window),
-    Route("GET", "/maintenance-windows/{window_id}", _noise.get_window),
-    Route("POST", "/maintenance-windows/{window_id}/end", _noise.end_window),
-    Route("DELETE", "/maintenance-windows/{window_id}", _noise.delete_window),
-    Route("GET", "/suppressed-alerts", _noise.suppressed),
-    Route("GET", "/incidents/{incident_id}/proposals", _proposals.list),
-    Route("GET", "/incidents/{incident_id}/proposals/{proposal_id}", _proposals.get),
-    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals.approve),
-    Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals.reject),
-    Route("GET", "/dead-letters", _backlog.dead_letters),
-    Route("POST", "/dead-letters/{letter_id}/redeliver", _backlog.redeliver_dead_letter),
-    Route("GET", "/outbox/parked", _backlog.parked),
-    Route("POST", "/outbox/parked/{event_id}/redeliver", _backlog.redeliver_parked),
-    # The board authenticates with its own session cookie (functions/query/board.py).
-    Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
-    Route("GET", "/ui", _ui("index"), auth=False),
-    Route("GET", "/ui/login", _ui("login_form"), auth=False),
-    Route("POST", "/ui/login", _ui("login"), auth=False),
-    Route("POST", "/ui/logout", _ui("logout"), auth=False),
-    Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
-    Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
-    Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals_ui("approve"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals_ui("reject"), auth=False),
-    Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
-    Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
-    Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
-    Route("GET", "/ui/maintenance", _noise_ui("page"), auth=False),
-    Route("POST", "/ui/maintenance", _noise_ui("create_window"), auth=False),
-    Route("POST", "/ui/maintenance/{window_id}/end", _noise_ui("end_window"), auth=False),
-    Route("POST", "/ui/maintenance/{window_id}/delete", _noise_ui("delete_window"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/silences", _noise_ui("silence"), auth=False),
-    Route("POST", "/ui/incidents/{incident_id}/silences/{silence_id}/expire", _noise_ui("expire_silence"), auth=False),
-]
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.query.api import QueryApi
+    from functions.query.backlog_api import BacklogApi
+    from functions.query.proposals_api import ProposalsApi
+
+    api = QueryApi(config, _publisher())
+    backlog = BacklogApi(config, _publisher(), api.actor)
+    noise = _noise_api()
+    proposals = ProposalsApi(config, _publisher(), api.actor)
+    return [
+        Route("GET", "/health", health, auth=False),
+        Route("GET", "/metrics", _metrics, auth=False),  # the handler applies METRICS_PUBLIC
+        Route("GET", "/openapi.json", _openapi),
+        Route("GET", "/incidents", api.list),
+        Route("GET", "/incidents/{incident_id}", api.get),
+        Route("PATCH", "/incidents/{incident_id}", api.patch),
+        # Noise control (functions/query/noiseapi.py).
+        Route("POST", "/incidents/{incident_id}/acknowledge", noise.acknowledge),
+        Route("GET", "/incidents/{incident_id}/silences", noise.list_silences),
+        Route("POST", "/incidents/{incident_id}/silences", noise.create_silence),
+        Route("DELETE", "/incidents/{incident_id}/silences/{silence_id}", noise.expire_silence),
+        Route("GET", "/maintenance-windows", noise.list_windows),
+        Route("POST", "/maintenance-windows", noise.create_window),
+        Route("GET", "/maintenance-windows/{window_id}", noise.get_window),
+        Route("POST", "/maintenance-windows/{window_id}/end", noise.end_window),
+        Route("DELETE", "/maintenance-windows/{window_id}", noise.delete_window),
+        Route("GET", "/suppressed-alerts", noise.suppressed),
+        Route("GET", "/incidents/{incident_id}/proposals", proposals.list),
+        Route("GET", "/incidents/{incident_id}/proposals/{proposal_id}", proposals.get),
+        Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/approve", proposals.approve),
+        Route("POST", "/incidents/{incident_id}/proposals/{proposal_id}/reject", proposals.reject),
+        Route("GET", "/dead-letters", backlog.dead_letters),
+        Route("POST", "/dead-letters/{letter_id}/redeliver", backlog.redeliver_dead_letter),
+        Route("GET", "/outbox/parked", backlog.parked),
+        Route("POST", "/outbox/parked/{event_id}/redeliver", backlog.redeliver_parked),
+        # The board authenticates with its own session cookie (functions/query/board.py).
+        Route("GET", "/", lambda r: Response(status=303, headers={"Location": "/ui"}), auth=False),
+        Route("GET", "/ui", _ui("index"), auth=False),
+        Route("GET", "/ui/login", _ui("login_form"), auth=False),
+        Route("POST", "/ui/login", _ui("login"), auth=False),
+        Route("POST", "/ui/logout", _ui("logout"), auth=False),
+        Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
+        Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
+        Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals_ui("approve"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals_ui("reject"), auth=False),
+        Route("GET", "/ui/backlog", _backlog_ui("page"), auth=False),
+        Route("POST", "/ui/dead-letters/{letter_id}/redeliver", _backlog_ui("redeliver_dead_letter"), auth=False),
+        Route("POST", "/ui/outbox/parked/{event_id}/redeliver", _backlog_ui("redeliver_parked"), auth=False),
+        Route("GET", "/ui/maintenance", _noise_ui("page"), auth=False),
+        Route("POST", "/ui/maintenance", _noise_ui("create_window"), auth=False),
+        Route("POST", "/ui/maintenance/{window_id}/end", _noise_ui("end_window"), auth=False),
+        Route("POST", "/ui/maintenance/{window_id}/delete", _noise_ui("delete_window"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/silences", _noise_ui("silence"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/silences/{silence_id}/expire", _noise_ui("expire_silence"), auth=False),
+    ]
 
 
 @functions_framework.http

@@ -1,0 +1,103 @@
+"""Retention: what grows with every event bounds itself; incidents stay.
+
+Run by the outbox sweep (the PingSource, every minute; POST /outbox/sweep).
+Each kind of row is deleted oldest first in batches of ``RETENTION_BATCH``,
+one short transaction per batch, at most ``RETENTION_MAX_BATCHES`` batches
+per kind and sweep, so a sweep never holds locks for long and a backlog
+after a long outage drains over a few sweeps instead of in one huge delete.
+The partial indexes of migration 0014 find each batch without a scan.
+
+- Published outbox rows, ``RETENTION_OUTBOX_HOURS`` (168) after publishing.
+  Unpublished and parked rows are never pruned: they are work to do or for
+  an operator to look at.
+- Completed work claims, ``RETENTION_CLAIMS_HOURS`` (168) after completion,
+  and only of incidents that are no longer active: a claim is how a
+  redelivered event finds its step already done and how reconciliation
+  knows an open incident went through diagnostics, so it outlives the
+  Broker's redelivery and RECONCILE_HORIZON_SECONDS (the settings refuse a
+  shorter retention). Unfinished claims are never pruned.
+- Timeline entries, ``RETENTION_TIMELINE_DAYS`` (365) old, of incidents
+  that are resolved or closed. /metrics counts notifications and dead
+  letters from the timeline, so those counts cover the retained period.
+
+0 keeps a kind forever. Incidents themselves are never pruned: they are the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from shared.config import Settings
+from shared.sqltext import UTC_NOW
+
+log = logging.getLogger("retention")
+
+# Each statement deletes one batch, oldest first; SKIP LOCKED leaves rows a
+# concurrent transaction holds (a publisher marking an event) to a later sweep.
+PRUNE = {
+    "outbox": f"""
+        DELETE FROM event_outbox WHERE id IN (
+            SELECT id FROM event_outbox
+            WHERE published_at IS NOT NULL AND published_at < {UTC_NOW} - make_interval(secs => :age)
+            ORDER BY published_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+        """,
+    "claims": f"""
+        DELETE FROM work_claims WHERE key IN (
+            SELECT w.key FROM work_claims w LEFT JOIN incidents i ON i.id = w.incident_id
+            WHERE w.completed_at IS NOT NULL AND w.completed_at < {UTC_NOW} - make_interval(secs => :age)
+              AND (i.id IS NULL OR i.status NOT IN ('open', 'investigating'))
+            ORDER BY w.completed_at LIMIT :batch FOR UPDATE OF w SKIP LOCKED)
+        """,
+    "timeline": f"""
+        DELETE FROM incident_timeline WHERE id IN (
+            SELECT t.id FROM incident_timeline t JOIN incidents i ON i.id = t.incident_id
+            WHERE t.at < {UTC_NOW} - make_interval(secs => :age) AND i.status IN ('resolved', 'closed')
+            ORDER BY t.at LIMIT :batch FOR UPDATE OF t SKIP LOCKED)
+        """,
+}
+
+
+@dataclass
+class Report:
+    pruned: dict[str, int]
+    seconds: float
+
+
+def ages(config: Settings) -> dict[str, float]:
+    """Seconds each kind is kept (0: forever)."""
+    return {"outbox": config.retention_outbox_hours * 3600, "claims": config.retention_claims_hours * 3600,
+            "timeline": config.retention_timeline_days * 86400}
+
+
+def run(bind: Engine, config: Settings) -> Report:
+    started = time.monotonic()
+    pruned: dict[str, int] = {}
+    for kind, age in ages(config).items():
+        if age <= 0:
+            continue
+        total = 0
+        for _ in range(config.retention_max_batches):
+            with bind.begin() as conn:
+                deleted = conn.execute(sa.text(PRUNE[kind]), {"age": age, "batch": config.retention_batch}).rowcount
+            total += deleted
+            if deleted < config.retention_batch:
+                break
+        pruned[kind] = total
+    report = Report(pruned, time.monotonic() - started)
+    if any(pruned.values()):
+        log.info("Retention pruned old rows", extra={"pruned": pruned, "seconds": round(report.seconds, 3)})
+    return report
+
+
+def run_safely(bind: Engine, config: Settings) -> Report | None:
+    """For the sweep: a failed pruning must not stop the outbox from draining."""
+    try:
+        return run(bind, config)
+    except Exception:  # logged; the next sweep tries again
+        log.exception("Retention failed; the next sweep retries")
+        return None

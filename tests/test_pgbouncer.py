@@ -1,0 +1,105 @@
+"""The functions through a real PgBouncer in transaction pooling mode with a
+server pool smaller than the function's own pool and threads (always run;
+``TEST_THROUGH_PGBOUNCER=1`` runs the whole suite through one as well).
+
+In transaction pooling every transaction may get another server
+connection: whatever outlived a transaction (a named prepared statement, a
+session setting, a session advisory lock) would fail here or be left
+behind on a server connection that someone else gets next."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from loopback import pgbouncer
+from loopback.pgbouncer import PgBouncer
+from loopback.processes import FunctionProcess
+from shared import db, migrate
+from tests.conftest import TEST_TOKEN, _server_url, _with_database
+
+pytestmark = pytest.mark.skipif(pgbouncer.binary() is None, reason="pgbouncer is not installed (scripts/ensure-system-packages.sh)")
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
+@pytest.fixture
+def bouncer():
+    proxy = PgBouncer(_server_url(), pool_size=2).start()
+    yield proxy
+    proxy.stop()
+
+
+def _webhook(run: str, i: int) -> dict:
+    labels = {"alertname": "Bounced", "severity": "critical", "run": run, "i": str(i)}
+    return {"version": "4", "status": "firing", "receiver": "t", "groupKey": "{}",
+            "alerts": [{"status": "firing", "labels": labels, "annotations": {"summary": "through PgBouncer"},
+                        "startsAt": "2026-11-28T10:00:00Z"}]}
+
+
+def test_intake_and_query_work_through_transaction_pooling_with_two_server_connections(clean_db, database_url, base_env, bouncer):
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    # Eight request threads and a pool of 4 + 4 per function, two server connections.
+    env = {**base_env, "DATABASE_URL": url, "DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "4"}
+    intake = FunctionProcess("intake", env, threads=8).start()
+    query = FunctionProcess("query", env, threads=8).start()
+    run, statuses, errors = uuid.uuid4().hex[:8], [], []
+
+    def client(n: int) -> None:
+        http = requests.Session()
+        try:
+            for i in range(10):
+                response = http.post(intake.url + "/webhook/alert", json=_webhook(run, n * 100 + i), headers=AUTH, timeout=30)
+                statuses.append(response.status_code)
+                # A read right after the write, maybe on another server connection.
+                incident_id = response.json()["results"][0]["incident_id"]
+                got = http.get(f"{query.url}/incidents/{incident_id}", headers=AUTH, timeout=30)
+                statuses.append(got.status_code)
+                if got.status_code == 200:
+                    patched = http.patch(f"{query.url}/incidents/{incident_id}", json={"status": "investigating"}, headers=AUTH, timeout=30)
+                    statuses.append(patched.status_code)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    with clean_db.connect() as conn:
+        counts = conn.execute(sa.text("SELECT count(*), count(*) FILTER (WHERE status = 'investigating') FROM incidents "
+                                      "WHERE labels->>'run' = :r"), {"r": run}).one()
+    assert tuple(counts) == (80, 80)
+    log = bouncer.log()
+    assert "prepared statement" not in log and "ERROR" not in log, log[-2000:]
+    for process in (intake, query):
+        assert "Traceback" not in process.logs(), process.logs()[-3000:]
+    intake.stop(), query.stop()
+
+
+def test_migrations_run_through_transaction_pooling_and_leave_no_lock_behind(bouncer):
+    name = f"ir_bounce_{uuid.uuid4().hex[:8]}"
+    admin = _with_database(_server_url(), "postgres")
+    db.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    try:
+        url = bouncer.url(name)
+        migrate.upgrade(url)
+        migrate.upgrade(url)  # a second replica's run: nothing to do, and it is not blocked
+        direct = db.create_engine_for(_with_database(_server_url(), name), pool_size=1, max_overflow=0)
+        try:
+            with direct.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar() == 1
+                held = conn.execute(sa.text("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                                            "WHERE l.locktype = 'advisory' AND d.datname = :n"), {"n": name}).scalar()
+                assert held == 0
+        finally:
+            direct.dispose()
+    finally:
+        db.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

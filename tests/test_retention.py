@@ -1,0 +1,110 @@
+"""Retention (shared/retention.py): published outbox rows, completed claims
+and old timeline entries go, oldest first, in bounded batches; what is still
+work, still active or recent stays; incidents stay. And the sweep runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from loopback.processes import FunctionProcess
+from shared import incidents as svc
+from shared import retention
+from shared.config import ConfigError, load_settings
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert
+
+DAY = "interval '1 day'"
+
+
+def _aged(conn, sql: str, **params) -> None:
+    conn.execute(sa.text(sql), params)
+
+
+def seed(engine) -> dict:
+    """Two incidents, one resolved 30 days ago and one open, each with
+    outbox rows, claims and timeline entries of every age and state."""
+    with engine.begin() as conn:
+        result = svc.record_alerts(conn, [alert("Old", instance="a"), alert("Open", instance="b")], "/t", "test")
+        old, active = (o.incident_id for o in result.outcomes)
+        _aged(conn, "UPDATE incidents SET status = 'resolved', resolved_at = now() - 30 * interval '1 day', "
+                    "created_at = now() - 31 * interval '1 day' WHERE id = :i", i=old)
+        conn.execute(sa.text("DELETE FROM event_outbox"))
+        for n in range(5):  # published 10 days ago: pruned
+            _aged(conn, "INSERT INTO event_outbox (id, type, source, published_at) VALUES (:id, 't', '/s', now() - 10 * interval '1 day')",
+                  id=f"old-published-{n}")
+        _aged(conn, "INSERT INTO event_outbox (id, type, source, published_at) VALUES ('recent-published', 't', '/s', now())")
+        _aged(conn, "INSERT INTO event_outbox (id, type, source, created_at) VALUES ('old-pending', 't', '/s', now() - 10 * interval '1 day')")
+        _aged(conn, "INSERT INTO event_outbox (id, type, source, created_at, parked_at) VALUES "
+                    "('old-parked', 't', '/s', now() - 10 * interval '1 day', now() - 10 * interval '1 day')")
+        for key, incident, completed in (("done-old-resolved", old, "now() - 10 * interval '1 day'"),
+                                         ("done-old-open", active, "now() - 10 * interval '1 day'"),
+                                         ("done-recent-resolved", old, "now()"),
+                                         ("unfinished-old-resolved", old, "NULL"),
+                                         ("done-old-no-incident", None, "now() - 10 * interval '1 day'")):
+            _aged(conn, f"INSERT INTO work_claims (key, incident_id, claimed_at, completed_at) "
+                        f"VALUES (:k, :i, now() - 10 * interval '1 day', {completed})", k=key, i=incident)
+        conn.execute(sa.text("DELETE FROM incident_timeline"))
+        for incident, days, kind in ((old, 400, "old-of-resolved"), (old, 400, "old-of-resolved"), (old, 10, "recent-of-resolved"),
+                                     (active, 400, "old-of-open")):
+            _aged(conn, f"INSERT INTO incident_timeline (incident_id, at, kind) VALUES (:i, now() - {days} * interval '1 day', :k)",
+                  i=incident, k=kind)
+    return {"old": old, "active": active}
+
+
+def remaining(engine) -> dict:
+    with engine.connect() as conn:
+        return {
+            "outbox": sorted(conn.execute(sa.text("SELECT id FROM event_outbox")).scalars()),
+            "claims": sorted(conn.execute(sa.text("SELECT key FROM work_claims")).scalars()),
+            "timeline": sorted(conn.execute(sa.text("SELECT kind FROM incident_timeline")).scalars()),
+            "incidents": conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar(),
+        }
+
+
+def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(clean_db, settings_obj):
+    seed(clean_db)
+    config = dataclasses.replace(settings_obj, retention_batch=2, retention_max_batches=2)
+    first = retention.run(clean_db, config)
+    # Two batches of two at most per kind and sweep: one old published row is left.
+    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2}
+    assert len([i for i in remaining(clean_db)["outbox"] if i.startswith("old-published")]) == 1
+    second = retention.run(clean_db, config)
+    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0}
+    assert remaining(clean_db) == {
+        "outbox": ["old-parked", "old-pending", "recent-published"],
+        "claims": ["done-old-open", "done-recent-resolved", "unfinished-old-resolved"],
+        "timeline": ["old-of-open", "recent-of-resolved"],
+        "incidents": 2,
+    }
+
+
+def test_zero_keeps_a_kind_forever(clean_db, settings_obj):
+    seed(clean_db)
+    config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0)
+    assert retention.run(clean_db, config).pruned == {}
+    left = remaining(clean_db)
+    assert len(left["outbox"]) == 8 and len(left["claims"]) == 5 and len(left["timeline"]) == 4
+
+
+def test_claims_may_not_be_pruned_before_reconciliation_is_done_with_them():
+    with pytest.raises(ConfigError, match="RETENTION_CLAIMS_HOURS"):
+        load_settings({"DATABASE_URL": "postgresql://x@h/d", "RETENTION_CLAIMS_HOURS": "12", "RECONCILE_HORIZON_SECONDS": "86400"})
+    assert load_settings({"DATABASE_URL": "postgresql://x@h/d", "RETENTION_CLAIMS_HOURS": "24"}).retention_claims_hours == 24
+
+
+def test_the_sweep_prunes(clean_db, base_env):
+    seed(clean_db)
+    intake = FunctionProcess("intake", {**base_env, "RETENTION_BATCH": "2", "RETENTION_MAX_BATCHES": "100"}, threads=2).start()
+    try:
+        response = requests.post(intake.url + "/outbox/sweep", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
+        assert response.status_code == 200
+    finally:
+        intake.stop()
+    left = remaining(clean_db)
+    assert not [i for i in left["outbox"] if i.startswith("old-published")]
+    assert "done-old-resolved" not in left["claims"] and "old-of-resolved" not in left["timeline"]
+    assert left["incidents"] == 2
