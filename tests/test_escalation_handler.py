@@ -210,3 +210,154 @@ def test_an_event_without_a_generation_counts_as_the_first(handler, receivers, c
     handler.handle(CloudEvent({"id": "g", "type": spec["type"], "source": "/test", "subject": row["id"]}, data))
     handler.handle(event(events.INCIDENT_OPENED, row))
     assert sent(receivers) == ([], 1)
+
+
+def test_a_claim_goes_stale_one_database_timeout_after_the_sends_worst_case(handler):
+    from functions.escalation.delivery import worst_case_seconds
+    from functions.escalation.handler import claim_stale_seconds
+
+    config = handler.config
+    worst = worst_case_seconds(config.notify_timeout_seconds, config.notify_max_attempts)
+    assert claim_stale_seconds(config) == worst + config.db_timeout_seconds == handler.stale_seconds
+
+
+def acknowledge(engine, row, actor):
+    """A person takes the open incident (open -> investigating)."""
+    with engine.begin() as conn:
+        return svc.transition(conn, row["id"], "investigating", actor, "/test")[0]
+
+
+def test_an_acknowledgement_is_told_with_who_took_the_incident(handler, receivers, clean_db):
+    row = incident(clean_db)
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    # Nobody took it yet: the event does not match the incident.
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    taken = acknowledge(clean_db, row, "alice@example.org")
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, taken)).status_code == 202
+    assert sent(receivers) == (["trigger", "acknowledge"], 2)
+    assert "alice@example.org" in str(receivers[1].bodies()[-1])
+
+
+def test_the_latest_remediation_result_of_the_generation_decides(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    # A failure is no remediation.
+    handler.handle(event(events.INCIDENT_REMEDIATED, row))
+    assert sent(receivers) == ([], 0)
+    record_remediation(clean_db, row, "remediated", "restarted the pod")
+    # The later success overrides the earlier failure: nothing to page.
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    assert sent(receivers) == ([], 0)
+    handler.handle(event(events.INCIDENT_REMEDIATED, row))
+    assert sent(receivers) == ([], 1)
+    assert "restarted the pod" in str(receivers[1].bodies()[-1])
+
+
+def test_a_result_of_an_earlier_generation_does_not_count(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    reopened = reopen(clean_db, resolve(clean_db, row))
+    receivers[1].server.requests.clear()
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, reopened))
+    assert sent(receivers) == ([], 0)
+
+
+def test_a_later_entry_of_the_same_generation_does_not_hide_the_result(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    with clean_db.begin() as conn:  # as the reconciliation notes a step it gave up re-emitting
+        svc.add_timeline(conn, row["id"], "stuck", {"step": "remediation", "generation": row["generation"], "reemissions": 3}, "reconcile")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    assert sent(receivers) == (["trigger"], 1)
+    assert receivers[0].bodies()[0]["payload"]["custom_details"]["reason"] == "blocked by cooldown"
+
+
+@pytest.fixture
+def failing_records(clean_db):
+    """Makes PostgreSQL refuse the next ``times`` notification entries with
+    the SQLSTATE ``code``; ``attempts()`` counts the inserts tried."""
+    import sqlalchemy as sa
+
+    def fail(code: str, times: int):
+        with clean_db.begin() as conn:
+            conn.exec_driver_sql("DROP SEQUENCE IF EXISTS notification_record_attempts")
+            conn.exec_driver_sql("CREATE SEQUENCE notification_record_attempts")
+            conn.exec_driver_sql(f"""
+                CREATE OR REPLACE FUNCTION refuse_notification_entries() RETURNS trigger AS $$
+                BEGIN
+                    IF NEW.kind = 'notification' AND nextval('notification_record_attempts') <= {int(times)} THEN
+                        RAISE EXCEPTION 'refused by the test' USING ERRCODE = '{code}';
+                    END IF;
+                    RETURN NEW;
+                END $$ LANGUAGE plpgsql""")
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_notification_entries ON incident_timeline")
+            conn.exec_driver_sql("CREATE TRIGGER refuse_notification_entries BEFORE INSERT ON incident_timeline "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse_notification_entries()")
+
+    def attempts() -> int:
+        with clean_db.connect() as conn:
+            value, called = conn.execute(sa.text("SELECT last_value, is_called FROM notification_record_attempts")).one()
+            return value if called else 0
+
+    fail.attempts = attempts
+    yield fail
+    with clean_db.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_notification_entries ON incident_timeline")
+        conn.exec_driver_sql("DROP FUNCTION IF EXISTS refuse_notification_entries()")
+        conn.exec_driver_sql("DROP SEQUENCE IF EXISTS notification_record_attempts")
+
+
+def quick_handler(database_url, receivers, **env):
+    pd, slack = receivers
+    return EscalationHandler(load_settings({
+        "DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X", "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1", **env}))
+
+
+def test_a_database_blip_while_recording_is_retried_and_the_message_is_sent_once(handler, receivers, failing_records, clean_db):
+    row = incident(clean_db, "P1")
+    failing_records("40001", times=2)  # serialization failures: transient
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert failing_records.attempts() == 3
+    assert [n["outcome"] for n in notifications(clean_db, row["id"])] == ["sent"]
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 1)
+
+
+@pytest.mark.timeout(30)
+def test_an_outcome_that_cannot_be_recorded_is_a_503_and_frees_the_claim(database_url, receivers, failing_records, clean_db, caplog):
+    import logging
+
+    from shared.errors import ServiceUnavailable
+
+    for r in receivers:
+        r.server.requests.clear()
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="0.6")
+    chat, page = incident(clean_db, "P1", "ChatOnly"), incident(clean_db, "P0", "Paged")
+    failing_records("40001", times=1000)  # the database keeps failing: give up after its timeout
+    with caplog.at_level(logging.ERROR, logger="escalation"), pytest.raises(ServiceUnavailable, match="could not be recorded"):
+        quick.handle(event(events.INCIDENT_OPENED, chat))
+    retries = failing_records.attempts()
+    assert 2 <= retries <= 10
+    with caplog.at_level(logging.ERROR, logger="escalation"), pytest.raises(ServiceUnavailable):
+        quick.handle(event(events.INCIDENT_OPENED, page))
+    # A chat message sent but not recorded is posted again by the retry; a
+    # PagerDuty trigger is deduplicated by PagerDuty itself.
+    records = [r for r in caplog.records if r.getMessage() == "Notification outcome not recorded"]
+    assert [(r.channel, r.duplicate_risk) for r in records] == [("slack", True), ("pagerduty", False)]
+    failing_records("40001", times=0)
+    # The claims were given back at once: the retry sends again, no waiting for staleness.
+    assert quick.handle(event(events.INCIDENT_OPENED, chat)).status_code == 202
+    assert sent(receivers) == (["trigger"], 2)
+
+
+def test_a_permanent_error_while_recording_is_not_retried(database_url, receivers, failing_records, clean_db):
+    from shared.errors import ServiceUnavailable
+
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="5")
+    row = incident(clean_db, "P1")
+    failing_records("23514", times=1000)  # a check violation: the same insert fails every time
+    with pytest.raises(ServiceUnavailable):
+        quick.handle(event(events.INCIDENT_OPENED, row))
+    assert failing_records.attempts() == 1
