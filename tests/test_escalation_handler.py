@@ -361,3 +361,32 @@ def test_a_permanent_error_while_recording_is_not_retried(database_url, receiver
     with pytest.raises(ServiceUnavailable):
         quick.handle(event(events.INCIDENT_OPENED, row))
     assert failing_records.attempts() == 1
+
+
+def test_diagnostics_taking_the_incident_is_no_acknowledgement(handler, receivers, clean_db):
+    from shared import lifecycle
+
+    row = incident(clean_db)
+    with clean_db.begin() as conn:  # what diagnostics does when it starts looking
+        assert lifecycle.mark_investigating(conn, row["id"], "diagnostics")
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, {**row, "status": "investigating"})).status_code == 202
+    assert sent(receivers) == ([], 0)
+
+
+def test_every_refused_attempt_is_on_the_timeline_and_logged_without_its_error(handler, receivers, clean_db, caplog):
+    import logging
+
+    pd, _ = receivers
+    pd.script += [(500, {}, b"down"), (500, {}, b"still down")]
+    row = incident(clean_db)
+    with caplog.at_level(logging.INFO, logger="escalation"):
+        for _ in range(2):
+            with pytest.raises(BadGateway):
+                handler.handle(event(events.INCIDENT_OPENED, row))
+        assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert [(n["channel"], n["outcome"]) for n in notifications(clean_db, row["id"])] == [
+        ("pagerduty", "failed"), ("slack", "sent"), ("pagerduty", "failed"), ("pagerduty", "sent")]
+    failed = [r for r in caplog.records if r.getMessage() == "Notification failed"]
+    assert [(r.channel, r.action, r.transition, r.status, r.attempts) for r in failed] == [("pagerduty", "trigger", "opened", 500, 1)] * 2
+    # The failure's text is on the timeline (scrubbed), not repeated in the log line.
+    assert not any(hasattr(r, "error") for r in failed)
