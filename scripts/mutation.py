@@ -39,6 +39,10 @@ EXCLUDED_OPERATORS = [
     r"core/ReplaceBinaryOperator_Pow_.*",
     r"core/ReplaceBinaryOperator_.*_(Pow|Mod|FloorDiv|RShift|LShift|BitAnd|BitXor)$",
 ]
+# Two test sessions at once on this 2-core machine: each mutant's run is
+# mostly start-up and waiting on PostgreSQL and loopback servers, so a second
+# worker nearly halves the wall time. MUTATION_WORKERS=1 runs one at a time.
+WORKERS = int(os.environ.get("MUTATION_WORKERS", "2"))
 PYTEST = "-m pytest -x -q -p no:cacheprovider -p pytest_timeout"
 ANNOTATION_REASON = "in an annotation that is never evaluated (from __future__ import annotations)"
 
@@ -101,6 +105,64 @@ def drop_template(name: str, env: dict) -> None:
     db.run_outside_transaction(_database_url(env, "postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# `cosmic-ray http-worker` listens on every interface; this one on loopback only.
+WORKER = """
+from aiohttp import web
+from cosmic_ray.distribution.http import handle_mutate_and_test
+app = web.Application()
+app.add_routes([web.post("/", handle_mutate_and_test)])
+web.run_app(app, host="127.0.0.1", port={port}, print=None)
+"""
+
+
+class Workers:
+    """cosmic-ray's http workers, each in a copy of the tree of its
+    own (a worker mutates the module in place), fed by the http distributor.
+    Every test session makes its own database, so two mutants never share
+    one."""
+
+    def __init__(self, work: Path, env: dict, count: int):
+        import socket
+
+        self.processes: list[subprocess.Popen] = []
+        self.urls: list[str] = []
+        for i in range(count if count > 1 else 0):
+            copy = work / f"worker-{i}"
+            shutil.copytree(work / "tree", copy, symlinks=True)
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            log = (work / f"worker-{i}.log").open("w")
+            self.processes.append(subprocess.Popen([str(BIN / "python"), "-c", WORKER.format(port=port)], cwd=copy,
+                                                   env={**env, "PYTHONPATH": str(copy)}, stdout=log, stderr=subprocess.STDOUT))
+            self.urls.append(f"http://127.0.0.1:{port}")
+        for url, process in zip(self.urls, self.processes, strict=True):
+            self._wait(url, process)
+
+    @staticmethod
+    def _wait(url: str, process: subprocess.Popen) -> None:
+        import socket
+
+        host, port = url.removeprefix("http://").split(":")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit(f"mutation: the worker at {url} did not start")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def copy_tree() -> Path:
     work = Path(tempfile.mkdtemp(prefix="mutation-"))
     ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "test-artifacts", ".run", "mutation-*")
@@ -116,17 +178,20 @@ def run(cmd: list[str], cwd: Path, env: dict, check=True, capture=True) -> subpr
     return result
 
 
-def config_text(tree: Path, target: Target) -> str:
+def config_text(target: Target, workers: list[str]) -> str:
+    # Relative paths: each worker mutates and tests the copy it runs in.
     test_command = f"{BIN / 'python'} {PYTEST} {target.tests}"
+    distributor = ['name = "http"', "", "[cosmic-ray.distributor.http]", f"worker-urls = {json.dumps(workers)}"] \
+        if workers else ['name = "local"']
     return "\n".join([
         "[cosmic-ray]",
-        f'module-path = "{tree / target.module}"',
+        f'module-path = "{target.module}"',
         f"timeout = {TIMEOUT_SECONDS}.0",
         "excluded-modules = []",
         f"test-command = {json.dumps(test_command)}",
         "",
         "[cosmic-ray.distributor]",
-        'name = "local"',
+        *distributor,
         "",
         "[cosmic-ray.filters.operators-filter]",
         f"exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}",
@@ -134,11 +199,11 @@ def config_text(tree: Path, target: Target) -> str:
     ])
 
 
-def measure(work: Path, target: Target, env: dict) -> dict:
+def measure(work: Path, target: Target, env: dict, workers: list[str]) -> dict:
     tree = work / "tree"
     config = work / f"{target.name}.toml"
     session = work / f"{target.name}.sqlite"
-    config.write_text(config_text(tree, target))
+    config.write_text(config_text(target, workers))
     started = time.monotonic()
     # The selection must pass on the unmutated code, or every mutant "dies".
     run([str(BIN / "python"), *PYTEST.split(), *_split(target.tests)], tree, env)
@@ -191,7 +256,7 @@ def skip_annotations(session: Path, module: Path) -> None:
 
     spans = annotation_spans(module.read_text())
     with use_db(str(session)) as db:
-        for item in db.work_items:
+        for item in db.pending_work_items:  # not those an operator filter already left out
             inside = [any(start <= tuple(m.start_pos) and tuple(m.end_pos) <= end for start, end in spans) for m in item.mutations]
             if all(inside):
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=ANNOTATION_REASON))
@@ -301,12 +366,13 @@ def main(argv: list[str]) -> None:
     # triple each run's start-up.
     env = {**os.environ, "PYTHONPATH": str(work / "tree"), "PYTHONDONTWRITEBYTECODE": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     template = migrated_template(work, env)
+    workers = Workers(work, env, WORKERS)
     try:
         for target in TARGETS:
             if target.name not in wanted:
                 continue
             print(f"mutation: {target.module} with {target.tests}", file=sys.stderr, flush=True)
-            r = measure(work, target, env)
+            r = measure(work, target, env, workers.urls)
             # Read again: another run (other modules) may have written meanwhile.
             results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
             results[target.name] = r
@@ -315,6 +381,7 @@ def main(argv: list[str]) -> None:
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
             write_report(results)
     finally:
+        workers.stop()
         if template:
             drop_template(template, env)
         shutil.rmtree(work, ignore_errors=True)

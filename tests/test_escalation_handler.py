@@ -390,3 +390,18 @@ def test_every_refused_attempt_is_on_the_timeline_and_logged_without_its_error(h
     assert [(r.channel, r.action, r.transition, r.status, r.attempts) for r in failed] == [("pagerduty", "trigger", "opened", 500, 1)] * 2
     # The failure's text is on the timeline (scrubbed), not repeated in the log line.
     assert not any(hasattr(r, "error") for r in failed)
+
+
+def test_the_channels_own_headers_go_out_with_the_request(database_url, receivers, clean_db):
+    from functions.escalation.channels.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, verify
+
+    hook = Receiver((204, {}, b""))
+    try:
+        signed = quick_handler(database_url, receivers, OUTGOING_WEBHOOK_URL=hook.server.url + "/hooks", OUTGOING_WEBHOOK_SECRET="s3cret-for-signing")
+        row = incident(clean_db, "P2")
+        assert signed.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+        (request,) = hook.server.received()
+        assert verify("s3cret-for-signing", request.headers[SIGNATURE_HEADER.lower()], request.body)
+        assert request.headers[DELIVERY_HEADER.lower()] == request.json()["id"]
+    finally:
+        hook.server.stop()
