@@ -360,6 +360,12 @@ def main(argv: list[str]) -> None:
     unknown = set(wanted) - {t.name for t in TARGETS}
     if unknown:
         raise SystemExit(f"mutation: unknown module(s) {sorted(unknown)}; known: {[t.name for t in TARGETS]}")
+    import signal
+
+    # Stopped (SIGTERM, or SIGINT in the background where it is ignored by
+    # default): still stop the workers, drop the template and the copies.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda number, _frame: sys.exit(128 + number))
     work = copy_tree()
     # Stale bytecode could hide a mutant of the same size written in the same
     # second; the plugins installed for other tools (schemathesis, ...) would
