@@ -184,11 +184,11 @@ def make_due(engine, event_id, attempts=None):
 
 
 def test_any_2xx_publishes_and_anything_else_is_a_refusal_with_the_start_of_its_body(clean_db):
-    ids = events_at(clean_db, 2)
-    with Broker((200, {}, b""), (300, {}, b"m" * 500)) as broker:
+    ids = events_at(clean_db, 3)
+    with Broker((200, {}, b""), (299, {}, b""), (300, {}, b"m" * 500)) as broker:
         report = outbox.publish_pending(clean_db, broker.url)
-    assert report.published == [ids[0]]
-    assert report.failed == {ids[1]: "BrokerAnswered: broker answered 300: " + "m" * 200}
+    assert report.published == ids[:2]
+    assert report.failed == {ids[2]: "BrokerAnswered: broker answered 300: " + "m" * 200}
 
 
 def test_the_back_off_doubles_from_two_seconds_up_to_five_minutes(clean_db):
@@ -313,3 +313,20 @@ def test_a_batch_whose_lease_runs_short_hands_its_other_rows_back(clean_db):
     # Handed back untried: unleased, nothing counted, due for the next publisher.
     assert all(stored[i].claimed_until is None and stored[i].attempts == 0 and stored[i].published_at is None for i in ids[sent:])
     assert outbox.pending_count(clean_db) == 30 - sent
+
+
+def test_a_refusal_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db):
+    ids = events_at(clean_db, 2)
+    with Broker((500, {}, b"no")) as broker:
+        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[1]))
+    assert sorted(report.failed) == ids and not report.broker_unreachable
+    assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
+
+
+def test_an_event_without_a_priority_is_not_a_p0(clean_db):
+    with clean_db.begin() as conn:
+        outbox.enqueue(conn, [{"id": "plain", "type": "t", "source": "/s", "subject": None, "extensions": {}, "data": {}}])
+    with clean_db.begin() as conn:
+        outbox.enqueue(conn, [{"id": "urgent", "type": "t", "source": "/s", "subject": None, "extensions": {"priority": "p0"}, "data": {}}])
+    with Broker() as broker:
+        assert outbox.publish_pending(clean_db, broker.url).published == ["urgent", "plain"]
