@@ -405,3 +405,26 @@ def test_the_channels_own_headers_go_out_with_the_request(database_url, receiver
         assert request.headers[DELIVERY_HEADER.lower()] == request.json()["id"]
     finally:
         hook.server.stop()
+
+
+def test_an_incident_reopened_and_taken_again_names_the_latest_person(handler, receivers, clean_db):
+    row = acknowledge(clean_db, incident(clean_db, "P1", "TakenTwice"), "alice@example.org")
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        # The alert fires again soon after remediation resolved it: open again, next generation.
+        again = svc.record_alerts(conn, [alert("TakenTwice", priority="P1", service="email")], "/t", "t", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+    again = acknowledge(clean_db, {**row}, "bob@example.org")
+    assert again["generation"] == 1
+    handler.handle(event(events.INCIDENT_ACKNOWLEDGED, again))
+    (message,) = receivers[1].bodies()
+    assert "bob@example.org" in str(message) and "alice@example.org" not in str(message)
+
+
+def test_each_channel_that_is_off_is_named_once_at_start(handler, database_url, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="escalation"):
+        EscalationHandler(handler.config)
+    off = sorted(r.getMessage() for r in caplog.records if r.name == "escalation")
+    assert off == ["Microsoft Teams is off: TEAMS_WEBHOOK_URL is not set", "The outgoing webhook is off: OUTGOING_WEBHOOK_URL is not set"]
