@@ -242,7 +242,7 @@ class DroppingSession(requests.Session):
 
     def post(self, *args, **kwargs):
         if kwargs["headers"]["ce-id"] in self.lost:
-            raise requests.ConnectionError("connection reset by peer")
+            raise requests.ConnectionError(f"connection reset by peer while sending {kwargs['headers']['ce-id']}")
         return super().post(*args, **kwargs)
 
 
@@ -330,3 +330,13 @@ def test_an_event_without_a_priority_is_not_a_p0(clean_db):
         outbox.enqueue(conn, [{"id": "urgent", "type": "t", "source": "/s", "subject": None, "extensions": {"priority": "p0"}, "data": {}}])
     with Broker() as broker:
         assert outbox.publish_pending(clean_db, broker.url).published == ["urgent", "plain"]
+
+
+def test_an_outage_is_reported_and_stored_by_its_first_error(clean_db):
+    ids = events_at(clean_db, 3)
+    with Broker() as broker:
+        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(*ids))
+    first = "ConnectionError: connection reset by peer while sending ev-0"
+    assert report.broker_unreachable and report.broker_error == first
+    stored = rows(clean_db)
+    assert [stored[i].last_error for i in ids] == [first, first, None]
