@@ -428,3 +428,28 @@ def test_each_channel_that_is_off_is_named_once_at_start(handler, database_url, 
         EscalationHandler(handler.config)
     off = sorted(r.getMessage() for r in caplog.records if r.name == "escalation")
     assert off == ["Microsoft Teams is off: TEAMS_WEBHOOK_URL is not set", "The outgoing webhook is off: OUTGOING_WEBHOOK_URL is not set"]
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_that_cannot_be_given_back_is_left_to_go_stale(database_url, receivers, failing_records, clean_db, caplog):
+    import logging
+
+    from shared.errors import ServiceUnavailable
+
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="0.3")
+    row = incident(clean_db, "P1")
+    failing_records("40001", times=1000)
+    with clean_db.begin() as conn:  # the database refuses giving the claim back too
+        conn.exec_driver_sql("""
+            CREATE OR REPLACE FUNCTION refuse_claim_release() RETURNS trigger AS $$
+            BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '57P01'; END $$ LANGUAGE plpgsql""")
+        conn.exec_driver_sql("CREATE TRIGGER refuse_claim_release BEFORE DELETE ON work_claims FOR EACH ROW EXECUTE FUNCTION refuse_claim_release()")
+    try:
+        with caplog.at_level(logging.WARNING, logger="escalation"), pytest.raises(ServiceUnavailable, match="could not be recorded"):
+            quick.handle(event(events.INCIDENT_OPENED, row))
+    finally:
+        with clean_db.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_claim_release ON work_claims")
+            conn.exec_driver_sql("DROP FUNCTION refuse_claim_release()")
+    (kept,) = [r for r in caplog.records if r.getMessage() == "Claim not released; it goes stale"]
+    assert kept.key.startswith("notify:slack:message:") and kept.stale_after_s == quick.stale_seconds
