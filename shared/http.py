@@ -292,6 +292,11 @@ def install_json_errors() -> None:
             return json_response(err.body(), exc.code or 500)
         return json_response(code(exc.description or code.code).body(), exc.code)
 
+    # functions-framework registers a crash handler for the code 500 (plain
+    # text, the exception's own words), and Flask prefers a handler by code
+    # to one by class: ours must take the code too.
+    functions_framework.errorhandler(500)(_json_http_error)
+
 
 def health(request: Request) -> Response:
     """The seed's Test 1 answer; 503 when the database cannot be reached."""

@@ -67,9 +67,13 @@ def database_url(pgbouncer_for_session):
     server = _server_url()
     name = f"ir_test_{uuid.uuid4().hex[:10]}"
     admin = _with_database(server, "postgres")
-    db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    # A copy of an already migrated database is ready in a fraction of the
+    # migrations' time: the mutation run starts thousands of short sessions.
+    template = os.environ.get("TEST_DATABASE_TEMPLATE")
+    db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     url = pgbouncer_for_session.url(name) if pgbouncer_for_session else _with_database(server, name)
-    migrate.upgrade(url)
+    if not template:
+        migrate.upgrade(url)
     yield url
     db_module.dispose_engine()
     db_module.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -241,3 +241,244 @@ def test_a_proposal_awaiting_approval_pages_with_its_link_and_its_outcome_is_tol
         keys = conn.execute(sa.text("SELECT key FROM work_claims WHERE key LIKE 'escalated:%' AND completed_at IS NOT NULL")).scalars().all()
     # Reconciliation watches the plain key of the latest outcome.
     assert sorted(keys) == sorted(f"escalated:{row['id']}:0:{t}" for t in ("remediation_failed", "remediation_failed.p1"))
+def test_a_claim_goes_stale_one_database_timeout_after_the_sends_worst_case(handler):
+    from functions.escalation.delivery import worst_case_seconds
+    from functions.escalation.handler import claim_stale_seconds
+
+    config = handler.config
+    worst = worst_case_seconds(config.notify_timeout_seconds, config.notify_max_attempts)
+    assert claim_stale_seconds(config) == worst + config.db_timeout_seconds == handler.stale_seconds
+
+
+def acknowledge(engine, row, actor):
+    """A person takes the open incident (open -> investigating)."""
+    with engine.begin() as conn:
+        return svc.transition(conn, row["id"], "investigating", actor, "/test")[0]
+
+
+def test_an_acknowledgement_is_told_with_who_took_the_incident(handler, receivers, clean_db):
+    row = incident(clean_db)
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    # Nobody took it yet: the event does not match the incident.
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    taken = acknowledge(clean_db, row, "alice@example.org")
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, taken)).status_code == 202
+    assert sent(receivers) == (["trigger", "acknowledge"], 2)
+    assert "alice@example.org" in str(receivers[1].bodies()[-1])
+
+
+def test_the_latest_remediation_result_of_the_generation_decides(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    # A failure is no remediation.
+    handler.handle(event(events.INCIDENT_REMEDIATED, row))
+    assert sent(receivers) == ([], 0)
+    record_remediation(clean_db, row, "remediated", "restarted the pod")
+    # The later success overrides the earlier failure: nothing to page.
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    assert sent(receivers) == ([], 0)
+    handler.handle(event(events.INCIDENT_REMEDIATED, row))
+    assert sent(receivers) == ([], 1)
+    assert "restarted the pod" in str(receivers[1].bodies()[-1])
+
+
+def test_a_result_of_an_earlier_generation_does_not_count(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    reopened = reopen(clean_db, resolve(clean_db, row))
+    receivers[1].server.requests.clear()
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, reopened))
+    assert sent(receivers) == ([], 0)
+
+
+def test_a_later_entry_of_the_same_generation_does_not_hide_the_result(handler, receivers, clean_db):
+    row = incident(clean_db, "P1")
+    record_remediation(clean_db, row, "failed", "blocked by cooldown")
+    with clean_db.begin() as conn:  # as the reconciliation notes a step it gave up re-emitting
+        svc.add_timeline(conn, row["id"], "stuck", {"step": "remediation", "generation": row["generation"], "reemissions": 3}, "reconcile")
+    handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
+    assert sent(receivers) == (["trigger"], 1)
+    assert receivers[0].bodies()[0]["payload"]["custom_details"]["reason"] == "blocked by cooldown"
+
+
+@pytest.fixture
+def failing_records(clean_db):
+    """Makes PostgreSQL refuse the next ``times`` notification entries with
+    the SQLSTATE ``code``; ``attempts()`` counts the inserts tried."""
+    import sqlalchemy as sa
+
+    def fail(code: str, times: int):
+        with clean_db.begin() as conn:
+            conn.exec_driver_sql("DROP SEQUENCE IF EXISTS notification_record_attempts")
+            conn.exec_driver_sql("CREATE SEQUENCE notification_record_attempts")
+            conn.exec_driver_sql(f"""
+                CREATE OR REPLACE FUNCTION refuse_notification_entries() RETURNS trigger AS $$
+                BEGIN
+                    IF NEW.kind = 'notification' AND nextval('notification_record_attempts') <= {int(times)} THEN
+                        RAISE EXCEPTION 'refused by the test' USING ERRCODE = '{code}';
+                    END IF;
+                    RETURN NEW;
+                END $$ LANGUAGE plpgsql""")
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_notification_entries ON incident_timeline")
+            conn.exec_driver_sql("CREATE TRIGGER refuse_notification_entries BEFORE INSERT ON incident_timeline "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse_notification_entries()")
+
+    def attempts() -> int:
+        with clean_db.connect() as conn:
+            value, called = conn.execute(sa.text("SELECT last_value, is_called FROM notification_record_attempts")).one()
+            return value if called else 0
+
+    fail.attempts = attempts
+    yield fail
+    with clean_db.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_notification_entries ON incident_timeline")
+        conn.exec_driver_sql("DROP FUNCTION IF EXISTS refuse_notification_entries()")
+        conn.exec_driver_sql("DROP SEQUENCE IF EXISTS notification_record_attempts")
+
+
+def quick_handler(database_url, receivers, **env):
+    pd, slack = receivers
+    return EscalationHandler(load_settings({
+        "DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X", "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1", **env}))
+
+
+def test_a_database_blip_while_recording_is_retried_and_the_message_is_sent_once(handler, receivers, failing_records, clean_db):
+    row = incident(clean_db, "P1")
+    failing_records("40001", times=2)  # serialization failures: transient
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert failing_records.attempts() == 3
+    assert [n["outcome"] for n in notifications(clean_db, row["id"])] == ["sent"]
+    handler.handle(event(events.INCIDENT_OPENED, row))
+    assert sent(receivers) == ([], 1)
+
+
+@pytest.mark.timeout(30)
+def test_an_outcome_that_cannot_be_recorded_is_a_503_and_frees_the_claim(database_url, receivers, failing_records, clean_db, caplog):
+    import logging
+
+    from shared.errors import ServiceUnavailable
+
+    for r in receivers:
+        r.server.requests.clear()
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="0.6")
+    chat, page = incident(clean_db, "P1", "ChatOnly"), incident(clean_db, "P0", "Paged")
+    failing_records("40001", times=1000)  # the database keeps failing: give up after its timeout
+    with caplog.at_level(logging.ERROR, logger="escalation"), pytest.raises(ServiceUnavailable, match="could not be recorded"):
+        quick.handle(event(events.INCIDENT_OPENED, chat))
+    retries = failing_records.attempts()
+    assert 2 <= retries <= 10
+    with caplog.at_level(logging.ERROR, logger="escalation"), pytest.raises(ServiceUnavailable):
+        quick.handle(event(events.INCIDENT_OPENED, page))
+    # A chat message sent but not recorded is posted again by the retry; a
+    # PagerDuty trigger is deduplicated by PagerDuty itself.
+    records = [r for r in caplog.records if r.getMessage() == "Notification outcome not recorded"]
+    assert [(r.channel, r.duplicate_risk) for r in records] == [("slack", True), ("pagerduty", False)]
+    failing_records("40001", times=0)
+    # The claims were given back at once: the retry sends again, no waiting for staleness.
+    assert quick.handle(event(events.INCIDENT_OPENED, chat)).status_code == 202
+    assert sent(receivers) == (["trigger"], 2)
+
+
+def test_a_permanent_error_while_recording_is_not_retried(database_url, receivers, failing_records, clean_db):
+    from shared.errors import ServiceUnavailable
+
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="5")
+    row = incident(clean_db, "P1")
+    failing_records("23514", times=1000)  # a check violation: the same insert fails every time
+    with pytest.raises(ServiceUnavailable):
+        quick.handle(event(events.INCIDENT_OPENED, row))
+    assert failing_records.attempts() == 1
+
+
+def test_diagnostics_taking_the_incident_is_no_acknowledgement(handler, receivers, clean_db):
+    from shared import lifecycle
+
+    row = incident(clean_db)
+    with clean_db.begin() as conn:  # what diagnostics does when it starts looking
+        assert lifecycle.mark_investigating(conn, row["id"], "diagnostics")
+    assert handler.handle(event(events.INCIDENT_ACKNOWLEDGED, {**row, "status": "investigating"})).status_code == 202
+    assert sent(receivers) == ([], 0)
+
+
+def test_every_refused_attempt_is_on_the_timeline_and_logged_without_its_error(handler, receivers, clean_db, caplog):
+    import logging
+
+    pd, _ = receivers
+    pd.script += [(500, {}, b"down"), (500, {}, b"still down")]
+    row = incident(clean_db)
+    with caplog.at_level(logging.INFO, logger="escalation"):
+        for _ in range(2):
+            with pytest.raises(BadGateway):
+                handler.handle(event(events.INCIDENT_OPENED, row))
+        assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert [(n["channel"], n["outcome"]) for n in notifications(clean_db, row["id"])] == [
+        ("pagerduty", "failed"), ("slack", "sent"), ("pagerduty", "failed"), ("pagerduty", "sent")]
+    failed = [r for r in caplog.records if r.getMessage() == "Notification failed"]
+    assert [(r.channel, r.action, r.transition, r.status, r.attempts) for r in failed] == [("pagerduty", "trigger", "opened", 500, 1)] * 2
+    # The failure's text is on the timeline (scrubbed), not repeated in the log line.
+    assert not any(hasattr(r, "error") for r in failed)
+
+
+def test_the_channels_own_headers_go_out_with_the_request(database_url, receivers, clean_db):
+    from functions.escalation.channels.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, verify
+
+    hook = Receiver((204, {}, b""))
+    try:
+        signed = quick_handler(database_url, receivers, OUTGOING_WEBHOOK_URL=hook.server.url + "/hooks", OUTGOING_WEBHOOK_SECRET="s3cret-for-signing")
+        row = incident(clean_db, "P2")
+        assert signed.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+        (request,) = hook.server.received()
+        assert verify("s3cret-for-signing", request.headers[SIGNATURE_HEADER.lower()], request.body)
+        assert request.headers[DELIVERY_HEADER.lower()] == request.json()["id"]
+    finally:
+        hook.server.stop()
+
+
+def test_an_incident_reopened_and_taken_again_names_the_latest_person(handler, receivers, clean_db):
+    row = acknowledge(clean_db, incident(clean_db, "P1", "TakenTwice"), "alice@example.org")
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        # The alert fires again soon after remediation resolved it: open again, next generation.
+        again = svc.record_alerts(conn, [alert("TakenTwice", priority="P1", service="email")], "/t", "t", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+    again = acknowledge(clean_db, {**row}, "bob@example.org")
+    assert again["generation"] == 1
+    handler.handle(event(events.INCIDENT_ACKNOWLEDGED, again))
+    (message,) = receivers[1].bodies()
+    assert "bob@example.org" in str(message) and "alice@example.org" not in str(message)
+
+
+def test_each_channel_that_is_off_is_named_once_at_start(handler, database_url, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="escalation"):
+        EscalationHandler(handler.config)
+    off = sorted(r.getMessage() for r in caplog.records if r.name == "escalation")
+    assert off == ["Microsoft Teams is off: TEAMS_WEBHOOK_URL is not set", "The outgoing webhook is off: OUTGOING_WEBHOOK_URL is not set"]
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_that_cannot_be_given_back_is_left_to_go_stale(database_url, receivers, failing_records, clean_db, caplog):
+    import logging
+
+    from shared.errors import ServiceUnavailable
+
+    quick = quick_handler(database_url, receivers, DB_TIMEOUT_SECONDS="0.3")
+    row = incident(clean_db, "P1")
+    failing_records("40001", times=1000)
+    with clean_db.begin() as conn:  # the database refuses giving the claim back too
+        conn.exec_driver_sql("""
+            CREATE OR REPLACE FUNCTION refuse_claim_release() RETURNS trigger AS $$
+            BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '57P01'; END $$ LANGUAGE plpgsql""")
+        conn.exec_driver_sql("CREATE TRIGGER refuse_claim_release BEFORE DELETE ON work_claims FOR EACH ROW EXECUTE FUNCTION refuse_claim_release()")
+    try:
+        with caplog.at_level(logging.WARNING, logger="escalation"), pytest.raises(ServiceUnavailable, match="could not be recorded"):
+            quick.handle(event(events.INCIDENT_OPENED, row))
+    finally:
+        with clean_db.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_claim_release ON work_claims")
+            conn.exec_driver_sql("DROP FUNCTION refuse_claim_release()")
+    (kept,) = [r for r in caplog.records if r.getMessage() == "Claim not released; it goes stale"]
+    assert kept.key.startswith("notify:slack:message:") and kept.stale_after_s == quick.stale_seconds

@@ -30,6 +30,10 @@ def _raise_499():
     raise ClientClosedRequest()
 
 
+def _crash():
+    raise RuntimeError("database password in a traceback")
+
+
 @pytest.fixture(scope="module")
 def app():
     import functions_framework
@@ -42,6 +46,7 @@ def app():
     for code in (400, 404, 405, 413, 415, 418, 503):
         application.add_url_rule(f"/raise-{code}", f"raise_{code}", lambda code=code: abort(code))
     application.add_url_rule("/raise-499", "raise_499", _raise_499)
+    application.add_url_rule("/crash", "crash", _crash)
     yield application
     if saved is None:
         os.environ.pop("DATABASE_URL", None)
@@ -122,11 +127,16 @@ def test_a_client_error_just_under_500_is_a_bad_request_with_its_status(app):
 
 
 def test_a_500_says_nothing_more(app):
-    # functions-framework answers a 500 Flask raises with its own crash
-    # handler (registered for the code, so it wins); ours covers any other use.
     handler = app.error_handler_spec[None][None][HTTPException]
     response = handler(InternalServerError("database password in a traceback"))
     assert (response.status_code, response.get_json()) == (500, {"error": "internal_error", "message": "internal error"})
+
+
+def test_a_crash_outside_dispatch_is_a_json_500_that_says_nothing_more(app):
+    # Flask turns the exception into a 500, for which functions-framework
+    # registered its own plain-text crash handler; ours replaces it.
+    status, body, mimetype = answer(app, "/crash")
+    assert (status, body, mimetype) == (500, {"error": "internal_error", "message": "internal error"}, "application/json")
 
 
 def test_an_http_error_without_a_code_or_description_is_a_bare_500(app):

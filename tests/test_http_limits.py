@@ -173,6 +173,14 @@ def test_readlines_returns_the_lines_up_to_the_cap():
     assert stream.readlines(0) == [b"ccc\n"] and stream.readlines() == [] and stream.truncated is False
 
 
+def test_readlines_stops_once_the_hint_is_reached_as_io_does():
+    body = b"a\nbb\nccc\n"
+    for hint in (None, -1, 0):  # no hint: every line
+        assert capped(body, 100)[0].readlines(hint) == io.BytesIO(body).readlines(hint) == [b"a\n", b"bb\n", b"ccc\n"]
+    for hint, lines in ((2, [b"a\n"]), (3, [b"a\n", b"bb\n"]), (5, [b"a\n", b"bb\n"]), (6, [b"a\n", b"bb\n", b"ccc\n"])):
+        assert capped(body, 100)[0].readlines(hint) == io.BytesIO(body).readlines(hint) == lines, hint
+
+
 def test_bound_request_bodies_caps_what_any_reader_of_the_app_gets():
     app = Flask("capped")
 

@@ -75,7 +75,9 @@ def test_only_the_named_ids_and_at_most_the_limit(clean_db):
         assert outbox.publish_pending(clean_db, broker.url, ids=[]).published == []
         assert outbox.publish_pending(clean_db, broker.url, limit=1).published == [ids[0]]
         assert broker.ids() == [ids[2], ids[0]]
-    assert outbox.publish_pending(clean_db, "").published == [] and outbox.pending_count(clean_db) == 1
+    # Without a sink nothing is tried, so nothing is counted against the event.
+    assert outbox.publish_pending(clean_db, "") == outbox.PublishReport() and outbox.pending_count(clean_db) == 1
+    assert [r.attempts for r in rows(clean_db).values() if r.published_at is None] == [0]
 
 
 def test_a_refusal_is_recorded_and_retried_later(clean_db):
@@ -164,3 +166,180 @@ def test_enqueue_is_idempotent_per_event_id(clean_db):
     assert (row.id, row.type, row.subject, row.extensions, row.data) == ("e-1", "t", None, {"priority": "p0"}, {"k": 1})
     ce = outbox.to_cloudevent(row)
     assert ce["priority"] == "p0" and "subject" not in ce.get_attributes() and ce.get_data() == {"k": 1}
+
+
+def events_at(engine, n, priority="p2"):
+    """``n`` bare outbox events, oldest first (one transaction each)."""
+    ids = []
+    for i in range(n):
+        with engine.begin() as conn:
+            outbox.enqueue(conn, [{"id": f"ev-{i}", "type": "t", "source": "/s", "subject": f"inc-{i}",
+                                   "extensions": {"priority": priority}, "data": {"i": i}}])
+        ids.append(f"ev-{i}")
+    return ids
+
+
+def make_due(engine, event_id, attempts=None):
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET next_attempt_at = NULL, attempts = COALESCE(:a, attempts) WHERE id = :i"),
+                     {"i": event_id, "a": attempts})
+
+
+def test_any_2xx_publishes_and_anything_else_is_a_refusal_with_the_start_of_its_body(clean_db):
+    ids = events_at(clean_db, 3)
+    with Broker((200, {}, b""), (299, {}, b""), (300, {}, b"m" * 500)) as broker:
+        report = outbox.publish_pending(clean_db, broker.url)
+    assert report.published == ids[:2]
+    assert report.failed == {ids[2]: "BrokerAnswered: broker answered 300: " + "m" * 200}
+
+
+def test_the_back_off_doubles_from_two_seconds_up_to_five_minutes(clean_db):
+    (event_id,) = events_at(clean_db, 1)
+
+    def wait_after_failure(attempts_before):
+        make_due(clean_db, event_id, attempts_before)
+        with Broker((503, {}, b"busy")) as broker:
+            outbox.publish_pending(clean_db, broker.url, max_attempts=100)
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT extract(epoch FROM next_attempt_at - timezone('utc', now())) FROM event_outbox")).scalar()
+
+    assert 1.0 < wait_after_failure(0) <= 2.0
+    assert 15.0 < wait_after_failure(3) <= 16.0
+    assert 299.0 < wait_after_failure(20) <= 300.0
+
+
+def test_the_eighth_failed_attempt_parks_the_event_by_default(clean_db, caplog):
+    (event_id,) = events_at(clean_db, 1)
+    make_due(clean_db, event_id, 6)
+    with Broker((400, {}, b"no"), (400, {}, b"no")) as broker:
+        first = outbox.publish_pending(clean_db, broker.url)
+        assert first.parked == [] and outbox.parked_count(clean_db) == 0 and outbox.pending_count(clean_db) == 1
+        make_due(clean_db, event_id)
+        with caplog.at_level(logging.WARNING, logger="outbox"):
+            second = outbox.publish_pending(clean_db, broker.url)
+    assert second.parked == [event_id] and list(second.failed) == [event_id]
+    assert outbox.parked_count(clean_db) == 1 and outbox.pending_count(clean_db) == 0
+    (row,) = rows(clean_db).values()
+    assert (row.attempts, row.next_attempt_at, row.published_at) == (8, None, None) and row.parked_at is not None
+    (parked,) = [r for r in caplog.records if r.getMessage() == "Outbox event parked: not retried until re-driven"]
+    assert (parked.levelno, parked.event_id, parked.incident_id, parked.attempts) == (logging.ERROR, event_id, "inc-0", 8)
+    summary = [r for r in caplog.records if r.getMessage() == "Events not published; they are retried later"][-1]
+    assert (summary.failed, summary.parked, summary.first_error) == (1, 1, "BrokerAnswered: broker answered 400: no")
+
+
+def test_an_error_is_stored_at_most_500_characters_long(clean_db):
+    (event_id,) = events_at(clean_db, 1)
+    # A sink that cannot even be parsed: every event fails on its own, at once.
+    report = outbox.publish_pending(clean_db, "http://127.0.0.1:99999/" + "p" * 600)
+    assert list(report.failed) == [event_id] and not report.broker_unreachable
+    assert len(report.failed[event_id]) == 500 and rows(clean_db)[event_id].last_error == report.failed[event_id]
+
+
+class DroppingSession(requests.Session):
+    """The connection drops (twice: the retry too) when one of ``lost`` is sent."""
+
+    def __init__(self, *lost):
+        super().__init__()
+        self.lost = set(lost)
+
+    def post(self, *args, **kwargs):
+        if kwargs["headers"]["ce-id"] in self.lost:
+            raise requests.ConnectionError(f"connection reset by peer while sending {kwargs['headers']['ce-id']}")
+        return super().post(*args, **kwargs)
+
+
+def test_a_dropped_connection_while_the_broker_takes_other_events_counts_against_the_event(clean_db):
+    ids = events_at(clean_db, 4)
+    with Broker() as broker:
+        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[0], ids[2]))
+    # The first drop alone could be an outage; the next event went through, so
+    # it was not; and a drop does not stop the events after it.
+    assert report.published == [ids[1], ids[3]] and sorted(report.failed) == [ids[0], ids[2]]
+    assert not report.broker_unreachable and report.broker_error is None
+    stored = rows(clean_db)
+    assert [stored[i].attempts for i in ids] == [1, 0, 1, 0]
+    assert stored[ids[0]].next_attempt_at is not None and stored[ids[0]].claimed_until is None
+
+
+def test_a_lone_event_the_broker_cannot_take_stays_due_and_the_outage_is_reported(clean_db, caplog):
+    (event_id,) = events_at(clean_db, 1)
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1)
+    assert report.broker_unreachable and report.failed == {} and report.broker_error.startswith("ConnectionError: ")
+    (row,) = rows(clean_db).values()
+    assert (row.attempts, row.claimed_until, row.next_attempt_at, row.last_error) == (0, None, None, report.broker_error)
+    assert [r.first_error for r in caplog.records if r.getMessage().startswith("Broker unreachable")] == [report.broker_error]
+
+
+def test_batches_respect_the_batch_size_and_the_limit(clean_db):
+    ids = events_at(clean_db, 5)
+    with Broker() as broker:
+        assert outbox.publish_pending(clean_db, broker.url, batch_size=2, limit=3).published == ids[:3]
+        assert outbox.publish_pending(clean_db, broker.url, batch_size=1).published == ids[3:]
+        assert broker.ids() == ids
+
+
+def test_an_outage_stops_at_the_first_batch(clean_db):
+    ids = events_at(clean_db, 5)
+    http = CountingSession()
+    report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http, batch_size=2)
+    assert report.broker_unreachable and http.posted == [ids[0], ids[0], ids[1], ids[1]]
+
+
+def test_nothing_is_sent_after_the_deadline(clean_db):
+    import time
+
+    ids = events_at(clean_db, 2)
+    with Broker() as broker:
+        assert outbox.publish_pending(clean_db, broker.url, deadline=time.monotonic() - 0.001).published == []
+        assert broker.ids() == []
+        assert outbox.publish_pending(clean_db, broker.url, deadline=time.monotonic() + 30).published == ids
+
+
+def test_the_lease_is_three_seconds_plus_three_sends():
+    assert (outbox.lease_seconds(5.0), outbox.lease_seconds(1.0), outbox.lease_seconds(0.0)) == (18.0, 6.0, 3.0)
+
+
+def test_a_batch_whose_lease_runs_short_hands_its_other_rows_back(clean_db):
+    import time
+
+    ids = events_at(clean_db, 30)
+    # A slow Broker: with a 0.3 s timeout the lease is 3.9 s, and a batch
+    # stops sending once fewer than two timeouts and a second are left.
+    slow = Broker()
+    slow.server.responder = lambda req: (time.sleep(0.1), (202, {}, b""))[1]
+    with slow:
+        report = outbox.publish_pending(clean_db, slow.url, timeout=0.3, limit=30)
+    sent = len(report.published)
+    assert 1 <= sent < 30 and report.published == ids[:sent] and report.failed == {}
+    stored = rows(clean_db)
+    # Handed back untried: unleased, nothing counted, due for the next publisher.
+    assert all(stored[i].claimed_until is None and stored[i].attempts == 0 and stored[i].published_at is None for i in ids[sent:])
+    assert outbox.pending_count(clean_db) == 30 - sent
+
+
+def test_a_refusal_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db):
+    ids = events_at(clean_db, 2)
+    with Broker((500, {}, b"no")) as broker:
+        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[1]))
+    assert sorted(report.failed) == ids and not report.broker_unreachable
+    assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
+
+
+def test_an_event_without_a_priority_is_not_a_p0(clean_db):
+    with clean_db.begin() as conn:
+        outbox.enqueue(conn, [{"id": "plain", "type": "t", "source": "/s", "subject": None, "extensions": {}, "data": {}}])
+    with clean_db.begin() as conn:
+        outbox.enqueue(conn, [{"id": "urgent", "type": "t", "source": "/s", "subject": None, "extensions": {"priority": "p0"}, "data": {}}])
+    with Broker() as broker:
+        assert outbox.publish_pending(clean_db, broker.url).published == ["urgent", "plain"]
+
+
+def test_an_outage_is_reported_and_stored_by_its_first_error(clean_db):
+    ids = events_at(clean_db, 3)
+    with Broker() as broker:
+        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(*ids))
+    first = "ConnectionError: connection reset by peer while sending ev-0"
+    assert report.broker_unreachable and report.broker_error == first
+    stored = rows(clean_db)
+    assert [stored[i].last_error for i in ids] == [first, first, None]

@@ -27,7 +27,7 @@ def test_an_empty_job_name_label_never_becomes_a_selector(live, cluster, clean_d
 
 @pytest.mark.parametrize("params", [
     {"pod": ""}, {"pod": "  "}, {"selector": ""}, {"selector": "job-name="}, {"selector": "app=x,"},
-    {"selector": "app in ()"}, {"selector": "app!=x"}, {"selector": "!app"}, {"reasons": ["*"]},
+    {"selector": "app in ()"}, {"selector": "app!=x"}, {"selector": "app notin (a)"}, {"selector": "!app"}, {"reasons": ["*"]},
 ])
 def test_parameters_that_would_select_a_whole_namespace_are_refused(params):
     with pytest.raises(ValidationError):
@@ -43,3 +43,14 @@ def test_narrow_parameters_are_accepted(params):
 
     DeletePodsParams(namespace="production", **params)
     assert selector_problem(params.get("selector", "app")) is None
+
+
+@pytest.mark.parametrize("selector, problem", [
+    ("", "it has an empty term"), ("app=x,", "it has an empty term"), ("app=x,,tier=db", "it has an empty term"),
+    ("job-name=", "term 'job-name=' has an empty value"), ("app in ( , )", "term 'app in ( , )' has an empty set"),
+    ("app notin (a)", "term 'app notin (a)' selects by exclusion"),
+])
+def test_a_refused_selector_says_why(selector, problem):
+    from functions.remediation.actions import selector_problem
+
+    assert selector_problem(selector) == problem
