@@ -26,6 +26,16 @@ def test_a_playbook_naming_a_cause_matches_only_when_it_is_the_most_likely_one()
     assert pb.find(books, "HighErrorRate", {}, "crash_loop") is None
 
 
+def test_the_shipped_playbooks_roll_back_a_crash_loop_only_when_a_release_caused_it():
+    shipped = pb.load()
+    after_release = pb.find(shipped, "KubePodCrashLooping", {"namespace": "shop", "pod": "checkout-1"}, "bad_rollout")
+    assert [s.action for s in after_release.steps] == ["rollback_deployment"]
+    assert after_release.needs_approval("live") and after_release.verify is not None
+    for other in ("crash_loop", "oom_killed", None):
+        crash = pb.find(shipped, "KubePodCrashLooping", {"namespace": "shop", "pod": "checkout-1"}, other)
+        assert [s.action for s in crash.steps] == ["delete_pods"], other
+
+
 @pytest.mark.parametrize("match, message", [
     ({"alertname": "A", "cause": "gremlins"}, "field 'match.cause': unknown cause 'gremlins'"),
     ({"labels": ["a=b"]}, "field 'match.alertname': required"),
