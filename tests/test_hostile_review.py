@@ -122,3 +122,39 @@ def test_window_regexes_keep_their_meaning():
     assert not matchers.parse('service=~"db.*"').matches({"service": "mydb"})
     assert matchers.parse('service!~"a|b"').matches({"service": "c"})
     assert matchers.parse('service=~"\\\\d+"').matches({"service": "42"})
+
+
+# ------------------------------------------------------------------ secrets in what Kubernetes reports
+
+SECRET = "hunter2hunter2"
+LEAKY = f"panic: cannot connect to postgres://app:{SECRET}@db:5432/app (DB_PASSWORD={SECRET})"
+
+
+def test_a_container_termination_message_is_redacted():
+    # terminationMessagePolicy FallbackToLogsOnError makes this the tail of
+    # the container's log, which the log facts redact.
+    from functions.diagnostics import facts
+
+    pod = {"metadata": {"name": "api-1"}, "status": {
+        "message": LEAKY,
+        "containerStatuses": [{"name": "api", "restartCount": 3, "state": {"terminated": {"reason": "Error", "exitCode": 1, "message": LEAKY}}}]}}
+    fact = facts.pod_fact(pod)
+    assert SECRET not in repr(fact)
+    assert "DB_PASSWORD=" in fact["containers"][0]["message"]
+
+
+def test_a_rollout_change_cause_is_redacted():
+    # kubectl --record writes the command line, secrets and all.
+    from datetime import datetime, timedelta, timezone
+
+    from functions.diagnostics import facts
+
+    now = datetime.now(timezone.utc)
+    rs = {"metadata": {"name": "api-7f", "creationTimestamp": now.isoformat(),
+                       "ownerReferences": [{"kind": "Deployment", "name": "api"}],
+                       "annotations": {"deployment.kubernetes.io/revision": "2",
+                                       "kubernetes.io/change-cause": f"kubectl set env deployment/api DB_PASSWORD={SECRET} --record=true"}},
+          "spec": {"replicas": 1}, "status": {}}
+    revisions, _ = facts.rollout_facts([rs], "api", facts.Window(now - timedelta(hours=1), now + timedelta(minutes=1)), 5)
+    assert revisions and SECRET not in repr(revisions)
+
