@@ -158,3 +158,33 @@ def test_a_rollout_change_cause_is_redacted():
     revisions, _ = facts.rollout_facts([rs], "api", facts.Window(now - timedelta(hours=1), now + timedelta(minutes=1)), 5)
     assert revisions and SECRET not in repr(revisions)
 
+
+# ------------------------------------------------------------------ secret shapes in container logs
+
+LOG_SECRETS = [
+    ("Authorization: Token 0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+    ("psql --password hunter2hunter2 -h db", "hunter2hunter2"),
+    ('secretKey: "abcdEFGH12345678"', "abcdEFGH12345678"),
+    ('private_key: "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"', "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"),
+    ("passphrase=correcthorsebattery", "correcthorsebattery"),
+    ("POST https://hooks.slack.com/services/T0AAAAAAA/B0BBBBBBB/abcdefghijklmnopqrstuvwx failed",
+     "abcdefghijklmnopqrstuvwx"),
+    ("using glpat-AbCdEfGhIjKlMnOpQrSt", "glpat-AbCdEfGhIjKlMnOpQrSt"),
+    ("npm token npm_abcdefghijklmnopqrstuvwxyz0123456789", "npm_abcdefghijklmnopqrstuvwxyz0123456789"),
+    ("OPENAI key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD", "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD"),
+]
+
+
+@pytest.mark.parametrize("line,secret", LOG_SECRETS, ids=[s[:20] for _, s in LOG_SECRETS])
+def test_common_secret_shapes_in_log_lines_are_masked(line, secret):
+    from shared.log import redact_patterns
+
+    assert secret not in redact_patterns(line)
+
+
+def test_ordinary_log_lines_are_left_alone():
+    from shared.log import redact_patterns
+
+    for line in ("GET /healthz 200 in 3ms", "connection refused: db:5432", "retrying task-sk-1 in 5s",
+                 "token bucket refilled", "user password reset email sent"):
+        assert redact_patterns(line) == line
