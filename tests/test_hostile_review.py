@@ -188,3 +188,49 @@ def test_ordinary_log_lines_are_left_alone():
     for line in ("GET /healthz 200 in 3ms", "connection refused: db:5432", "retrying task-sk-1 in 5s",
                  "token bucket refilled", "user password reset email sent"):
         assert redact_patterns(line) == line
+
+
+# ------------------------------------------------------------------ an AlertManager URL that answers something else
+
+@pytest.fixture(scope="module")
+def not_alertmanager():
+    # What a wrong ALERTMANAGER_URL finds at 3 a.m.: a proxy's login page.
+    from loopback.servers import RecordingServer
+
+    server = RecordingServer(lambda r: (200, {"Content-Type": "text/html"}, b"<html>Sign in</html>")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def misdirected_query(base_env, not_alertmanager):
+    proc = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": not_alertmanager.url}).start()
+    yield proc
+    proc.stop()
+
+
+def _incident_with_labels(engine):
+    from shared import incidents as svc
+    from tests.factories import alert
+
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, [alert("EmailServiceDown", service="email", namespace="production")], "/t", "t").outcomes[0].incident_id
+
+
+def test_an_alertmanager_answering_html_is_a_502_not_a_500(misdirected_query, clean_db):
+    incident_id = _incident_with_labels(clean_db)
+    listed = requests.get(f"{misdirected_query.url}/incidents/{incident_id}/silences", headers=AUTH, timeout=30)
+    assert listed.status_code == 502, (listed.status_code, listed.text[:200])
+    created = requests.post(f"{misdirected_query.url}/incidents/{incident_id}/silences", headers=AUTH, timeout=30,
+                            json={"duration_minutes": 30})
+    assert created.status_code == 502, (created.status_code, created.text[:200])
+
+
+def test_the_incident_page_survives_an_alertmanager_answering_html(misdirected_query, clean_db):
+    incident_id = _incident_with_labels(clean_db)
+    board = requests.Session()
+    assert board.post(misdirected_query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"},
+                      allow_redirects=False, timeout=10).status_code == 303
+    page = board.get(f"{misdirected_query.url}/ui/incidents/{incident_id}", timeout=30)
+    assert page.status_code == 200, (page.status_code, page.text[:200])
+    assert "AlertManager" in page.text
