@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from loopback.processes import FunctionProcess
 from tests.conftest import TEST_TOKEN
@@ -234,3 +235,21 @@ def test_the_incident_page_survives_an_alertmanager_answering_html(misdirected_q
     page = board.get(f"{misdirected_query.url}/ui/incidents/{incident_id}", timeout=30)
     assert page.status_code == 200, (page.status_code, page.text[:200])
     assert "AlertManager" in page.text
+
+
+def test_a_stored_window_whose_regex_no_longer_compiles_holds_nothing_and_breaks_no_intake(clean_db):
+    # Written before regexes were RE2's (Python accepted a possessive a++):
+    # such a window must not turn every alert of the intake into an error.
+    import json as _json
+    from datetime import timedelta
+
+    from shared import clock, maintenance
+    from tests.factories import alert
+
+    now = clock.now()
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO maintenance_windows (id, matchers, starts_at, ends_at, reason, created_by, created_at) "
+                             "VALUES (:id, CAST(:m AS jsonb), :s, :e, 'old', 'api', :s)"),
+                     {"id": str(uuid.uuid4()), "m": _json.dumps(['service=~"a++"']), "s": now - timedelta(minutes=5),
+                      "e": now + timedelta(hours=1)})
+        assert maintenance.hold(conn, [alert("EmailServiceDown", service="aaa")], now) == {}
