@@ -253,3 +253,28 @@ def test_a_stored_window_whose_regex_no_longer_compiles_holds_nothing_and_breaks
                      {"id": str(uuid.uuid4()), "m": _json.dumps(['service=~"a++"']), "s": now - timedelta(minutes=5),
                       "e": now + timedelta(hours=1)})
         assert maintenance.hold(conn, [alert("EmailServiceDown", service="aaa")], now) == {}
+
+
+def _chunked(data: bytes):
+    yield data
+
+
+def test_a_chunked_acknowledge_keeps_its_note(query, clean_db):
+    # No Content-Length (Transfer-Encoding: chunked): the note is still read.
+    from shared import incidents as svc
+
+    incident_id = _incident_with_labels(clean_db)
+    r = requests.post(f"{query.url}/incidents/{incident_id}/acknowledge", timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json"}, data=_chunked(b'{"note": "on it, chunked"}'))
+    assert r.status_code == 200, r.text
+    with clean_db.connect() as conn:
+        notes = [t["details"].get("note") for t in svc.get_timeline(conn, incident_id)]
+    assert "on it, chunked" in notes
+
+
+def test_a_chunked_approval_body_is_read(query, clean_db):
+    incident_id = _incident_with_labels(clean_db)
+    r = requests.post(f"{query.url}/incidents/{incident_id}/proposals/{Z}/approve", timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json"}, data=_chunked(b'{"hash": 5}'))
+    # The body is read and refused for its bad hash, not taken as empty or as invalid JSON.
+    assert r.status_code == 400 and "hash" in r.json()["message"], r.text
