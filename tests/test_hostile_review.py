@@ -4,6 +4,7 @@ in what Kubernetes reports are masked before they are stored."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -278,3 +279,34 @@ def test_a_chunked_approval_body_is_read(query, clean_db):
                       headers={**AUTH, "Content-Type": "application/json"}, data=_chunked(b'{"hash": 5}'))
     # The body is read and refused for its bad hash, not taken as empty or as invalid JSON.
     assert r.status_code == 400 and "hash" in r.json()["message"], r.text
+
+
+@pytest.fixture
+def board(query):
+    session = requests.Session()
+    assert session.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, allow_redirects=False,
+                        timeout=10).status_code == 303
+    page = session.get(query.url + "/ui/maintenance", timeout=10)
+    session.csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    return session
+
+
+HUGE = "9" * 5000  # int() refuses more than 4300 digits with ValueError
+
+
+def test_a_huge_window_duration_on_the_board_is_refused_not_a_500(query, board, clean_db):
+    r = board.post(query.url + "/ui/maintenance", allow_redirects=False, timeout=30,
+                   data={"csrf": board.csrf, "matchers": 'service="email"', "reason": "r", "duration_minutes": HUGE})
+    assert r.status_code == 303 and "error=" in r.headers["Location"], (r.status_code, r.text[:200])
+
+
+def test_a_huge_silence_duration_on_the_board_is_refused_not_a_500(query, board, clean_db):
+    incident_id = _incident_with_labels(clean_db)
+    r = board.post(f"{query.url}/ui/incidents/{incident_id}/silences", allow_redirects=False, timeout=30,
+                   data={"csrf": board.csrf, "duration_minutes": HUGE})
+    assert r.status_code == 303 and "error=" in r.headers["Location"], (r.status_code, r.text[:200])
+
+
+def test_a_huge_backlog_limit_is_400(query, clean_db):
+    r = requests.get(f"{query.url}/dead-letters?limit={HUGE}", headers=AUTH, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text[:200])
