@@ -310,3 +310,11 @@ def test_a_huge_silence_duration_on_the_board_is_refused_not_a_500(query, board,
 def test_a_huge_backlog_limit_is_400(query, clean_db):
     r = requests.get(f"{query.url}/dead-letters?limit={HUGE}", headers=AUTH, timeout=30)
     assert r.status_code == 400, (r.status_code, r.text[:200])
+
+
+@pytest.mark.parametrize("raw", ["%0d%0aSet-Cookie:%20x=1", "%00", "not-a-uuid"])
+def test_a_bad_incident_id_on_the_proposal_buttons_is_4xx_or_a_redirect_never_a_500(query, board, clean_db, raw):
+    r = board.post(f"{query.url}/ui/incidents/{raw}/proposals/{Z}/approve", allow_redirects=False, timeout=30,
+                   data={"csrf": board.csrf})
+    assert r.status_code in (303, 400, 404), (r.status_code, r.text[:200])
+    assert "x=1" not in r.headers.get("Set-Cookie", "")
