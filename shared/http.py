@@ -188,11 +188,20 @@ def bound_request_bodies(app, cap: int) -> None:
 TOO_DEEP = "the body is nested too deeply"
 
 
-def parse_json_body(request: Request, limit: int) -> Any:
+def has_body(request: Request) -> bool:
+    """A body was sent: a Content-Length above 0, or a chunked one (which has
+    no Content-Length, so testing that alone drops it)."""
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def parse_json_body(request: Request, limit: int, allow_empty: bool = False) -> Any:
+    """The JSON body; ``None`` for an empty one when ``allow_empty``."""
     content_type = (request.mimetype or "").lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"expected Content-Type application/json, got {request.mimetype}")
     body = read_body(request, limit)
+    if allow_empty and not body.strip():
+        return None
     try:
         return json.loads(body)
     except UnicodeDecodeError:

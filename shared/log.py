@@ -97,16 +97,26 @@ _SECRET_PATTERNS = [
     (re.compile(r"(?m)^[A-Za-z0-9+/]{40,}={0,2}$"), MASK),
     (re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----"), "[private key " + MASK + "]"),
     (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + MASK),
+    # "Authorization: Token <key>" (Django REST, GitHub): long and with a digit,
+    # so "token refreshed" stays readable.
+    (re.compile(r"(?i)\b(token)(\s+)(?=[A-Za-z0-9._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{16,}"), r"\1\2" + MASK),
+    # A secret passed as a command-line flag's separate argument.
+    (re.compile(r"(?i)(--(?:pass(?:word|wd|phrase)?|token|secret|api[_-]?key)\s+)[^\s-][^\s]*"), r"\1" + MASK),
+    # A Slack incoming webhook URL is its own secret.
+    (re.compile(r"(hooks\.slack\.com/(?:services|workflows|triggers)/)[A-Za-z0-9/_-]+"), r"\1" + MASK),
     # user:password@ in any URL
     (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@"), r"\1" + MASK + "@"),
     # password=..., token: ..., "secret": "...", api_key=..., and friends
-    (re.compile(r"""(?i)((?:pass(?:word|wd)?|pwd|token|secret|api[_-]?key|access[_-]?key|client[_-]?secret|credentials?)["']?\s*[=:]\s*["']?)[^\s"',;&]+"""),
+    (re.compile(r"""(?i)((?:passphrase|pass(?:word|wd)?|pwd|token|(?:secret|private|signing|encryption)[_-]?key|secret|api[_-]?key|access[_-]?key|client[_-]?secret|credentials?)["']?\s*[=:]\s*["']?)[^\s"',;&]+"""),
      r"\1" + MASK),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), MASK),  # AWS access key id
     (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), MASK),  # Google API key
     (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), MASK),  # GitHub tokens
     (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"), MASK),  # Slack tokens
     (re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9]{16,}\b"), MASK),  # Stripe keys
+    (re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), MASK),  # GitLab personal access tokens
+    (re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), MASK),  # npm tokens
+    (re.compile(r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{32,}"), MASK),  # OpenAI-style keys
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b"), MASK),  # a JWT anywhere
 ]
 

@@ -14,6 +14,7 @@ Times come from :mod:`shared.clock` so tests can move through a window.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import asdict
 from datetime import datetime
@@ -24,11 +25,12 @@ from sqlalchemy.engine import Connection
 
 from shared import clock, matchers as matcher_syntax
 from shared.alerts import Alert
-from shared.errors import Conflict, NotFound
+from shared.errors import BadRequest, Conflict, NotFound
 from shared.sqltext import compact
 from shared.timefmt import json_default
 
 ACTOR = "maintenance"
+log = logging.getLogger("maintenance")
 WINDOW_COLUMNS = "id, matchers, starts_at, ends_at, reason, created_by, created_at, ended_by"
 
 _ACTIVE = sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now ORDER BY id")
@@ -64,8 +66,23 @@ def _labels(alert_labels: dict, alert_name: str) -> dict:
     return {"alertname": alert_name, **alert_labels}
 
 
+def _parsed(window: dict) -> list | None:
+    try:
+        return [matcher_syntax.parse(t) for t in window["matchers"]]
+    except BadRequest as exc:
+        # A window stored under older rules: it holds nothing (the alert
+        # pages) rather than failing the intake for every alert.
+        log.warning("Maintenance window matcher no longer parses", extra={"window_id": window["id"], "error": exc.message})
+        return None
+
+
 def _windows_matching(windows: list[dict], labels: dict) -> list[str]:
-    return [w["id"] for w in windows if matcher_syntax.match_all([matcher_syntax.parse(t) for t in w["matchers"]], labels)]
+    found = []
+    for w in windows:
+        parsed = _parsed(w)
+        if parsed is not None and matcher_syntax.match_all(parsed, labels):
+            found.append(w["id"])
+    return found
 
 
 def active_windows(conn: Connection, now: datetime) -> list[dict]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
+import re2
 import requests
 
 from shared.errors import BadGateway, NotFound, ServiceUnavailable
+from shared.matchers import compile_regex
 from shared.timefmt import rfc3339
 
 ACTIVE_STATES = ("active", "pending")
@@ -29,8 +31,10 @@ def _matches(matcher: dict, labels: dict) -> bool:
     actual = labels.get(matcher.get("name"), "")
     if matcher.get("isRegex"):
         try:
-            hit = re.fullmatch(matcher.get("value", ""), actual, re.DOTALL) is not None
-        except re.error:
+            # RE2, as AlertManager: any silence's regex, whoever made it, is
+            # matched in linear time.
+            hit = compile_regex(str(matcher.get("value", ""))).fullmatch(actual) is not None
+        except re2.error:
             return False
     else:
         hit = actual == matcher.get("value")
@@ -43,10 +47,23 @@ def silences_labels(silence: dict, labels: dict) -> bool:
     return bool(matchers) and all(_matches(m, labels) for m in matchers)
 
 
+def _json(response: requests.Response):
+    # A wrong ALERTMANAGER_URL (a proxy's login page) answers 200 with HTML:
+    # a bad gateway, not our crash, and never the incident page's.
+    try:
+        return response.json()
+    except ValueError:
+        raise BadGateway(f"AlertManager answered {response.headers.get('Content-Type') or 'no content type'}, "
+                         "not JSON; is ALERTMANAGER_URL AlertManager?") from None
+
+
 def _time(value: str | None) -> datetime | None:
     if not value:
         return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=None)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).replace(tzinfo=None)
+    except ValueError:
+        return None
 
 
 class AlertManager:
@@ -69,12 +86,20 @@ class AlertManager:
     def create(self, labels: dict, starts_at: datetime, ends_at: datetime, created_by: str, comment: str) -> str:
         body = {"matchers": matchers_for(labels), "startsAt": rfc3339(starts_at), "endsAt": rfc3339(ends_at),
                 "createdBy": created_by, "comment": comment}
-        return self._call("POST", "/api/v2/silences", json=body).json()["silenceID"]
+        answer = _json(self._call("POST", "/api/v2/silences", json=body))
+        if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
+            raise BadGateway("AlertManager's answer names no silenceID; is ALERTMANAGER_URL AlertManager?")
+        return answer["silenceID"]
 
     def for_labels(self, labels: dict) -> list[dict]:
         """The active and pending silences that mute these labels, soonest expiry first."""
-        found = [s for s in self._call("GET", "/api/v2/silences").json()
-                 if (s.get("status") or {}).get("state") in ACTIVE_STATES and silences_labels(s, labels)]
+        answer = _json(self._call("GET", "/api/v2/silences"))
+        if not isinstance(answer, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
+                                                   and isinstance(s.get("status") or {}, dict)
+                                                   and isinstance(s.get("matchers") or [], list) for s in answer):
+            raise BadGateway("AlertManager's answer is not a list of silences; is ALERTMANAGER_URL AlertManager?")
+        found = [s for s in answer if (s.get("status") or {}).get("state") in ACTIVE_STATES
+                 and all(isinstance(m, dict) for m in s.get("matchers") or []) and silences_labels(s, labels)]
         return sorted(({"id": s["id"], "state": s["status"]["state"], "starts_at": _time(s.get("startsAt")),
                         "ends_at": _time(s.get("endsAt")), "created_by": s.get("createdBy"), "comment": s.get("comment"),
                         "matchers": s.get("matchers")} for s in found), key=lambda s: (s["ends_at"] or datetime.max, s["id"]))

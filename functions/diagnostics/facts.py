@@ -192,6 +192,8 @@ def _state(state: dict) -> tuple[str | None, str | None, str | None, int | None,
 
 
 def container_facts(pod: dict) -> list[dict]:
+    # A termination message is the log's tail under FallbackToLogsOnError:
+    # redacted like the log, before it is cut (a cut secret escapes a pattern).
     out = []
     for status in sorted((pod.get("status") or {}).get("containerStatuses") or [], key=lambda s: s.get("name", "")):
         state, reason, message, code, _ = _state(status.get("state") or {})
@@ -199,7 +201,7 @@ def container_facts(pod: dict) -> list[dict]:
         out.append({
             "name": status.get("name"), "image": status.get("image"), "ready": bool(status.get("ready")),
             "restarts": status.get("restartCount") or 0, "state": state, "reason": reason,
-            "message": _cut(message, MESSAGE_MAX_CHARS) if message else None, "exit_code": code,
+            "message": _cut(redact_patterns(str(message)), MESSAGE_MAX_CHARS) if message else None, "exit_code": code,
             "last_reason": last_reason, "last_exit_code": last_code, "last_finished": last_finished,
         })
     return out
@@ -222,7 +224,7 @@ def pod_fact(pod: dict) -> dict:
         "last_terminated_reasons": [c["last_reason"] for c in containers if c["last_reason"]],
         "node": spec.get("nodeName"),
         "reason": status.get("reason"),
-        "message": _cut(status.get("message"), MESSAGE_MAX_CHARS) if status.get("message") else None,
+        "message": _cut(redact_patterns(str(status["message"])), MESSAGE_MAX_CHARS) if status.get("message") else None,
         "unschedulable": unschedulable,
         "template_hash": (meta.get("labels") or {}).get(TEMPLATE_HASH),
         "created": meta.get("creationTimestamp"),
@@ -287,7 +289,7 @@ def event_facts(events: Iterable[dict], objects: set[tuple[str, str]], window: W
             "type": event.get("type") or "Normal",
             "reason": event.get("reason"),
             "object": f"{involved.get('kind')}/{involved.get('name')}",
-            "message": redact_patterns(_cut(event.get("message"), MESSAGE_MAX_CHARS)),
+            "message": _cut(redact_patterns(str(event.get("message") or "")), MESSAGE_MAX_CHARS),
             "count": event.get("count") or (event.get("series") or {}).get("count") or 1,
             "first": iso(parse_time(event.get("firstTimestamp") or event.get("eventTime")) or last),
             "last": iso(last),
@@ -414,7 +416,7 @@ def rollout_facts(replicasets: list[dict], deployment: str, window: Window, limi
             "template_hash": (meta.get("labels") or {}).get(TEMPLATE_HASH),
             "created": iso(created),
             "in_window": window.holds(created) and created <= window.onset,
-            "change_cause": _cut((meta.get("annotations") or {}).get(CHANGE_CAUSE), MESSAGE_MAX_CHARS) or None,
+            "change_cause": _cut(redact_patterns(str((meta.get("annotations") or {}).get(CHANGE_CAUSE) or "")), MESSAGE_MAX_CHARS) or None,
             "replicas": (rs.get("spec") or {}).get("replicas", 0),
             "ready_replicas": status.get("readyReplicas") or 0,
             "current": index == 0,

@@ -39,7 +39,8 @@ def parse_limit(args: MultiDict) -> int:
     raw = _single(args, "limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+    # int() raises ValueError past 4300 digits: the length is bounded first.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {raw[:20]!r}", parameter="limit")
     return int(raw)
 
@@ -101,7 +102,8 @@ def parse_parked_filters(args: MultiDict) -> tuple[backlog.ParkedFilter, int, tu
 
 
 def parse_dead_letter_id(raw: str) -> int:
-    if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_DEAD_LETTER_ID:
+    if (not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or len(raw) > 19
+            or not 1 <= int(raw) <= MAX_DEAD_LETTER_ID):
         raise BadRequest(f"id: not a dead-letter id (a positive whole number): {raw[:60]!r}", parameter="id")
     return int(raw)
 

@@ -16,7 +16,7 @@ from shared import acknowledge, clock, db, flapping, incidents, maintenance, sil
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.filters import parse_time_param
-from shared.http import json_response, parse_json_body, storable_text
+from shared.http import has_body, json_response, parse_json_body, storable_text
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
 
@@ -126,8 +126,8 @@ class NoiseApi:
         incident_id = parse_incident_id(incident_id)
         check_parameters(request.args, ())
         note = None
-        if request.content_length:
-            body = parse_json_body(request, BODY_LIMIT)
+        body = parse_json_body(request, BODY_LIMIT, allow_empty=True) if has_body(request) else None
+        if body is not None:
             if not isinstance(body, dict) or set(body) - {"note"}:
                 raise BadRequest('the body, when given, must be {"note": "..."}', field="note")
             note = body.get("note")

@@ -15,7 +15,7 @@ from functions.query.api import parse_incident_id
 from shared import db, incidents, proposals
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, Forbidden, NotFound
-from shared.http import parse_json_body
+from shared.http import has_body, parse_json_body
 from shared.publisher import Publisher
 
 HASH = re.compile(r"[0-9a-f]{64}")
@@ -80,8 +80,8 @@ class ProposalsApi:
     def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> dict:
         incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
         expected = None
-        if request.content_length or request.data:
-            body = parse_json_body(request, 4096)
+        body = parse_json_body(request, 4096, allow_empty=True) if has_body(request) else None
+        if body is not None:
             if not isinstance(body, dict):
                 raise BadRequest('the body must be a JSON object like {"hash": "..."} (or empty)')
             unknown = sorted(set(body) - {"hash"})
