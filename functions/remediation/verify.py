@@ -17,6 +17,7 @@ import requests
 
 from functions.remediation.playbooks import Playbook
 from shared.config import Settings
+from shared.log import scrub
 from shared.templating import promql_string, render
 
 # Labels that name what is alerting; external labels a Prometheus or
@@ -79,7 +80,8 @@ class Verifier:
                 return Verdict(False, f"not verified: {incident['alert_name']} is still firing {window:g}s after the actions", query)
             return Verdict(True, f"verified: {incident['alert_name']} stopped firing", query)
         except (requests.RequestException, RuntimeError, ValueError, KeyError) as exc:
-            return Verdict(None, f"not verified: Prometheus could not be asked ({str(exc)[:200]})")
+            # The reason is stored and sent to people: no URL credentials in it.
+            return Verdict(None, f"not verified: Prometheus could not be asked ({scrub(str(exc), 200)})")
 
     def _until(self, query: str, window: float, want_result: bool) -> Verdict:
         deadline = time.monotonic() + window
