@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from deploy.manifests import BASE, CONFIG_FILES, COPIES, HEALTH_PATH, OPTIONAL_SECRETS, PROBES, SECRET_MOUNTS, SECRETS
+from deploy.manifests import (BASE, CONFIG_FILES, COPIES, HEALTH_PATH, OPTIONAL_SECRETS, PROBES, PROCESS_MODEL, SECRET_MOUNTS,
+                              SECRETS, process_model)
 from deploy.services import MAX_SCALE, SERVICES
 
 BROKER = "incidents"
@@ -52,7 +53,7 @@ def service_flags(name: str, image: str, namespace: str, production: bool, skip:
     row = SERVICES[name]
     flags = ["--namespace", namespace, "--image", image, "--port", "8080", "--service-account", row.account]
     env = {"FUNCTION_SOURCE": f"functions/{row.function}/main.py", "FUNCTION_TARGET": row.function,
-           "THREADS": str(row.concurrency)}
+           "WORKERS": "1", "THREADS": str(row.concurrency)}
     volumes = [("tmp", "emptyDir:tmp:type=Memory,size=16Mi", "/tmp")]
     for secret, (key, variable, users) in SECRET_MOUNTS.items():
         if name in users and secret not in skip:
@@ -84,6 +85,8 @@ def service_flags(name: str, image: str, namespace: str, production: bool, skip:
         service_labels["incident-response/publishes-events"] = "true"  # the SinkBinding's selector
     for label, value in service_labels.items():
         flags += ["--label-service", f"{label}={value}"]
+    # Why one worker with containerConcurrency threads, said on the Service.
+    flags += ["--annotation-service", f"{PROCESS_MODEL}={process_model(row.concurrency)}"]
     flags += ["--request", "cpu=50m,memory=96Mi", "--limit", f"cpu=1,memory={row.memory}"]
     for kind, probe in (("readiness", PROBES["readinessProbe"]), ("liveness", PROBES["livenessProbe"])):
         flags += [f"--probe-{kind}", f"http:::{HEALTH_PATH}", f"--probe-{kind}-opts", _probe_opts(probe)]

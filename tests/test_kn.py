@@ -112,6 +112,9 @@ def kn_service(argv, existing: dict | None = None) -> dict:
         elif flag == "--annotation-revision":
             key, _, val = value.partition("=")
             annotations[key] = val
+        elif flag == "--annotation-service":
+            key, _, val = value.partition("=")
+            svc["metadata"].setdefault("annotations", {})[key] = val
         elif flag in ("--label-revision", "--label-service"):
             key, _, val = value.partition("=")
             (template["metadata"] if flag == "--label-revision" else svc["metadata"])["labels"][key] = val
