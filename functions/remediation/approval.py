@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
-from functions.remediation.result import Result, now_rfc3339, proposal_url, template_context
+from functions.remediation.result import Result, now_rfc3339, proposal_url, resolve_if_remediated, template_context
 from shared import db, eventio, incidents, proposals
-from shared.errors import Conflict, InvalidTransition
+from shared.errors import Conflict
 from shared.templating import TemplateError
 
 log = logging.getLogger("remediation")
@@ -132,18 +132,10 @@ class ApprovalFlow:
         return planned
 
     def _finish_approved(self, proposal: dict, result: Result) -> list[str]:
-        event_ids: list[str] = []
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, proposal["incident_id"])
         with db.transaction() as conn:
-            if result.outcome == "remediated":
-                try:
-                    _, event_ids = incidents.transition(
-                        conn, incident["id"], "resolved", "remediation", self.config.event_source,
-                        note=result.reason, resolved_by="remediation",
-                    )
-                except InvalidTransition:
-                    pass
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
             incidents.add_timeline(conn, incident["id"], "remediation_result", {

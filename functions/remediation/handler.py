@@ -22,12 +22,12 @@ from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
 from functions.remediation.approval import ApprovalFlow
-from functions.remediation.result import Result, now_rfc3339, template_context
+from functions.remediation.result import Result, now_rfc3339, resolve_if_remediated, template_context
 from functions.remediation.verify import Verifier
 from shared import claims, db, diagnosis, events, eventio, incidents
 from shared import remediation_runs as runs
 from shared.config import Settings
-from shared.errors import Conflict, InvalidTransition
+from shared.errors import Conflict
 from shared.publisher import Publisher
 from shared.templating import TemplateError
 
@@ -234,16 +234,8 @@ class RemediationHandler(ApprovalFlow):
                 rails.finish(conn, run_id, record["success"], record.get("blocked_by"), record.get("error"))
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
-        event_ids: list[str] = []
         with db.transaction() as conn:
-            if result.outcome == "remediated":
-                try:
-                    _, event_ids = incidents.transition(
-                        conn, incident["id"], "resolved", "remediation", self.config.event_source,
-                        note=result.reason, resolved_by="remediation",
-                    )
-                except InvalidTransition:
-                    pass  # resolved meanwhile by its alert or a person: nothing to change
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
             incidents.add_timeline(
                 conn, incident["id"], "remediation_result", {**result.as_dict(), "generation": incident["generation"]}, "remediation"
             )

@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from sqlalchemy.engine import Connection
+
+from shared import incidents
 from shared.config import Settings
 from shared.domain import service_of
+from shared.errors import InvalidTransition
 
 
 @dataclass
@@ -26,6 +30,19 @@ class Result:
         if self.verification:
             out["verification"] = self.verification
         return out
+
+
+def resolve_if_remediated(conn: Connection, incident_id: str, result: Result, event_source: str) -> list[str]:
+    """A remediated incident is resolved by remediation, in the caller's
+    transaction; returns the events to publish."""
+    if result.outcome != "remediated":
+        return []
+    try:
+        _, event_ids = incidents.transition(conn, incident_id, "resolved", "remediation", event_source,
+                                            note=result.reason, resolved_by="remediation")
+    except InvalidTransition:
+        return []  # resolved meanwhile by its alert or a person: nothing to change
+    return event_ids
 
 
 def proposal_url(config: Settings, incident_id: str, proposal_id: str) -> str:
