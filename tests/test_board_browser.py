@@ -62,6 +62,7 @@ def screenshot(browser, name):
 def test_sign_in_filter_open_resolve_and_see_the_timeline(browser, stack, clean_db):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     query, intake = stack
@@ -72,7 +73,10 @@ def test_sign_in_filter_open_resolve_and_see_the_timeline(browser, stack, clean_
     created = requests.post(intake.url + "/webhook/alert", json=webhook([page_me, tell_me]), headers=auth, timeout=10).json()
     p0_id = created["results"][0]["incident_id"]
 
-    wait = WebDriverWait(browser, 10)
+    # A click that submits a form replaces the page while the wait reads it:
+    # Chromium may then answer "node does not belong to the document", which
+    # only means "not yet"; a page that never comes still times out.
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,))
     browser.get(query.url + "/ui")
     wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
     browser.find_element(By.ID, "sign-in").click()
@@ -115,6 +119,7 @@ def approving(base_env, kube, database_url):
 
 def test_approve_a_proposal_on_the_incident_page(browser, approving, kube, clean_db):
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -129,7 +134,10 @@ def test_approve_a_proposal_on_the_incident_page(browser, approving, kube, clean
     row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production")
     proposal = reply_of(deliver(remediation, row)).data["remediation"]["proposal"]
 
-    wait = WebDriverWait(browser, 10)
+    # A click that submits a form replaces the page while the wait reads it:
+    # Chromium may then answer "node does not belong to the document", which
+    # only means "not yet"; a page that never comes still times out.
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,))
     browser.delete_all_cookies()
     browser.get(query.url + "/ui/login")
     wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
