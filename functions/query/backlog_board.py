@@ -3,7 +3,6 @@ button (CSRF-protected like every form of the board)."""
 
 from __future__ import annotations
 
-import hmac
 from datetime import datetime
 from urllib.parse import urlencode
 
@@ -56,19 +55,11 @@ class BacklogBoard:
                                 next_url=next_url, error=error, notice=request.args.get("notice"), now=datetime.utcnow(),
                                 csrf=session["csrf"], SENT=dead_letters.SENT)
 
-    def _checked(self, request: Request) -> dict | Response:
-        session = self.board.session(request)
-        if session is None:
-            return self.board._redirect("/ui/login")
-        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
-            return self.board._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
-        return session
-
     def _back(self, **message) -> Response:
         return self.board._redirect(BACKLOG_PAGE + "?" + urlencode(message))
 
     def redeliver_dead_letter(self, request: Request, letter_id: str) -> Response:
-        session = self._checked(request)
+        session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
         try:
@@ -84,7 +75,7 @@ class BacklogBoard:
         return self._back(notice=f"Dead letter {number} sent to the Broker again." if sent else f"Dead letter {number} was already re-driven.")
 
     def redeliver_parked(self, request: Request, event_id: str) -> Response:
-        session = self._checked(request)
+        session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
         try:

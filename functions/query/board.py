@@ -147,6 +147,23 @@ class Board:
             return self._redirect("/ui/login?" + urlencode({"next": request.full_path.rstrip("?")}))
         return session
 
+    def form_session(self, request: Request) -> dict | Response:
+        """The session of a form post, or the answer to give instead: every
+        board form needs a session and its CSRF token."""
+        session = self.session(request)
+        if session is None:
+            return self._redirect("/ui/login")
+        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+            return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.",
+                              csrf=session["csrf"])
+        return session
+
+    @staticmethod
+    def form_actor(request: Request) -> str:
+        """Who a form says acted: the board, and the name typed, if any."""
+        named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+        return f"board:{named}" if named else "board"
+
     # ------------------------------------------------------------------ sign-in
 
     def login_form(self, request: Request) -> Response:
@@ -233,19 +250,16 @@ class Board:
                           service=(row.get("labels") or {}).get("service"))
 
     def transition(self, request: Request, incident_id: str) -> Response:
-        session = self.session(request)
-        if session is None:
-            return self._redirect("/ui/login")
-        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
-            return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
+        session = self.form_session(request)
+        if isinstance(session, Response):
+            return session
         incident_id = parse_incident_id(incident_id)
         status = request.form.get("status", "")
         try:
             note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None
-            named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+            actor = self.form_actor(request)
         except BadRequest as exc:
             return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
-        actor = f"board:{named}" if named else "board"
         try:
             with db.transaction() as conn:
                 _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)

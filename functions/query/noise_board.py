@@ -5,7 +5,6 @@ the session's CSRF token like the rest of the board."""
 
 from __future__ import annotations
 
-import hmac
 from urllib.parse import urlencode
 
 from flask import Request, Response
@@ -15,7 +14,6 @@ from functions.query.noise_api import NoiseApi, window_state
 from shared import clock, db, flapping, maintenance
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest
-from shared.http import storable_text
 
 MAINTENANCE_PAGE = "/ui/maintenance"
 SILENCE_DURATIONS = ((30, "30 minutes"), (60, "1 hour"), (120, "2 hours"), (240, "4 hours"), (480, "8 hours"), (1440, "1 day"))
@@ -51,19 +49,6 @@ class NoiseBoard:
         self.board = board
         self.api = api
 
-    def _checked(self, request: Request) -> dict | Response:
-        session = self.board.session(request)
-        if session is None:
-            return self.board._redirect("/ui/login")
-        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
-            return self.board._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.", csrf=session["csrf"])
-        return session
-
-    @staticmethod
-    def _actor(request: Request) -> str:
-        named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
-        return f"board:{named}" if named else "board"
-
     def _back(self, location: str, **message) -> Response:
         return self.board._redirect(location + ("?" + urlencode(message) if message else ""))
 
@@ -83,7 +68,7 @@ class NoiseBoard:
                                 error=request.args.get("error"), notice=request.args.get("notice"))
 
     def create_window(self, request: Request) -> Response:
-        session = self._checked(request)
+        session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
         form = request.form
@@ -93,7 +78,7 @@ class NoiseBoard:
             body["duration_minutes"] = form_minutes(form.get("duration_minutes", ""))
             if form.get("starts_at", "").strip():
                 body["starts_at"] = form["starts_at"].strip()
-            created = self.api.do_create_window(body, self._actor(request))
+            created = self.api.do_create_window(body, self.board.form_actor(request))
         except ApiError as exc:
             if exc.status >= 500:
                 raise
@@ -107,7 +92,7 @@ class NoiseBoard:
         return self._window_change(request, window_id, "delete")
 
     def _window_change(self, request: Request, window_id: str, what: str) -> Response:
-        session = self._checked(request)
+        session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
         from functions.query.noise_api import parse_window_id
@@ -115,7 +100,7 @@ class NoiseBoard:
         try:
             window_id = parse_window_id(window_id)
             with db.transaction() as conn:
-                (maintenance.end if what == "end" else maintenance.delete)(conn, window_id, self._actor(request))
+                (maintenance.end if what == "end" else maintenance.delete)(conn, window_id, self.board.form_actor(request))
         except ApiError as exc:
             if exc.status >= 500:
                 raise
@@ -126,14 +111,14 @@ class NoiseBoard:
     # ------------------------------------------------------------ incident page
 
     def _incident_action(self, request: Request, incident_id: str, action) -> Response:
-        session = self._checked(request)
+        session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
         from functions.query.api import parse_incident_id
 
         incident_id = parse_incident_id(incident_id)
         try:
-            action(incident_id, self._actor(request))
+            action(incident_id, self.board.form_actor(request))
         except ApiError as exc:
             if exc.status >= 500 and exc.status not in (502, 503):
                 raise

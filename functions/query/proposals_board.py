@@ -5,7 +5,6 @@ the hash the engineer saw)."""
 
 from __future__ import annotations
 
-import hmac
 from urllib.parse import urlencode
 
 from flask import Request, Response
@@ -14,7 +13,6 @@ from functions.query.api import parse_incident_id
 from functions.query.board import Board
 from functions.query.proposals_api import decide, parse_proposal_id
 from shared.errors import ApiError, BadRequest
-from shared.http import storable_text
 
 
 class ProposalsBoard:
@@ -28,19 +26,15 @@ class ProposalsBoard:
         return self._decide(request, incident_id, proposal_id, False)
 
     def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> Response:
-        session = self.board.session(request)
-        if session is None:
-            return self.board._redirect("/ui/login")
-        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
-            return self.board._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.",
-                                    csrf=session["csrf"])
+        session = self.board.form_session(request)
+        if isinstance(session, Response):
+            return session
         try:
             incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
-            named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
+            actor = self.board.form_actor(request)
             expected = request.form.get("hash") or None
             if expected is not None and len(expected) != 64:
                 raise BadRequest("hash: must be the proposal's 64 hex digit hash")
-            actor = f"board:{named}" if named else "board"
             proposal = decide(self.board.config, self.board.publisher, incident_id, proposal_id, approve, actor, expected)
         except ApiError as exc:
             if exc.status >= 500:
