@@ -32,11 +32,17 @@ def _publisher():
 
 
 @cache
-def _noise_api():
+def _query_api():
     from functions.query.api import QueryApi
+
+    return QueryApi(config, _publisher())
+
+
+@cache
+def _noise_api():
     from functions.query.noise_api import NoiseApi
 
-    return NoiseApi(config, _publisher(), QueryApi(config, _publisher()).actor)
+    return NoiseApi(config, _publisher(), _query_api().actor)
 
 
 def _board():
@@ -114,11 +120,10 @@ def _openapi(request):
 
 @built_on_first_request
 def ROUTES() -> list[Route]:
-    from functions.query.api import QueryApi
     from functions.query.backlog_api import BacklogApi
     from functions.query.proposals_api import ProposalsApi
 
-    api = QueryApi(config, _publisher())
+    api = _query_api()
     backlog = BacklogApi(config, _publisher(), api.actor)
     noise = _noise_api()
     proposals = ProposalsApi(config, _publisher(), api.actor)
