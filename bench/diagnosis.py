@@ -31,7 +31,7 @@ def diagnosis_section() -> list[str]:
     from functions.diagnostics.collector import Collector, load_probes
     from loopback.kube import FakeKubernetes
     from loopback.processes import wait_until
-    from shared import config, kube as kube_client
+    from shared import config
     from tests.diagnosis_cases import PROBES, build, load_cases, load_into
     from tests.prometheus import BINARY, Prometheus
 
@@ -40,11 +40,8 @@ def diagnosis_section() -> list[str]:
     logging.getLogger("diagnostics").setLevel(logging.ERROR)
     k8s = FakeKubernetes().start()
     prometheus = Prometheus().start() if BINARY else None
-    previous = os.environ.get("KUBECONFIG")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["KUBECONFIG"] = str(k8s.kubeconfig(Path(tmp)))
-            kube_client.reset()
+        with tempfile.TemporaryDirectory() as tmp, k8s.as_cluster(Path(tmp)):
             if prometheus:
                 prometheus.exporter.extra["diagnosis"] = [line for case in cases for line in build(case)[2]]
                 wait_until(lambda: prometheus.query('sum by (namespace) (rate(container_cpu_cfs_periods_total[5m])) > 0')
@@ -70,11 +67,6 @@ def diagnosis_section() -> list[str]:
                 if ranked[:1] != [case.expected]:
                     misses.append(f"`{case.name}`: labelled `{case.expected}`, ranked {', '.join(f'`{c}`' for c in ranked[:3])}")
     finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
-        kube_client.reset()
         k8s.stop()
         if prometheus:
             prometheus.stop()

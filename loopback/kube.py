@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -193,6 +195,24 @@ class FakeKubernetes:
             "current-context: fake\n"
         )
         return path
+
+    @contextmanager
+    def as_cluster(self, directory: Path):
+        """This process's Kubernetes client (shared.kube) talks to this
+        server until the block ends; KUBECONFIG is then as it was."""
+        from shared import kube as kube_client
+
+        saved = os.environ.get("KUBECONFIG")
+        os.environ["KUBECONFIG"] = str(self.kubeconfig(directory))
+        kube_client.reset()
+        try:
+            yield self
+        finally:
+            if saved is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = saved
+            kube_client.reset()
 
     def add_deployment(self, obj):
         self.deployments[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj

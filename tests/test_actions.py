@@ -34,16 +34,9 @@ def ctx(dry_run=False, verify_timeout=3.0, **env):
 @pytest.fixture
 def k8s(tmp_path):
     server = FakeKubernetes().start()
-    saved = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(server.kubeconfig(tmp_path))
-    kube_module.reset()
-    yield server
+    with server.as_cluster(tmp_path):
+        yield server
     server.stop()
-    if saved is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = saved
-    kube_module.reset()
 
 
 def paths(server, method):

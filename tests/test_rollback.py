@@ -6,14 +6,12 @@ Also the blast-radius limits, judged on the state read before acting."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 
 from functions.remediation import actions as act
 from functions.remediation.actions import ActionContext, ActionFailed, BlastRadiusExceeded
 from loopback.kube import FakeKubernetes, deployment, pod, replicaset
-from shared import kube as kube_module
 from shared.config import load_settings
 
 
@@ -25,16 +23,9 @@ def ctx(dry_run=False, **env):
 @pytest.fixture
 def k8s(tmp_path):
     server = FakeKubernetes().start()
-    saved = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(server.kubeconfig(tmp_path))
-    kube_module.reset()
-    yield server
+    with server.as_cluster(tmp_path):
+        yield server
     server.stop()
-    if saved is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = saved
-    kube_module.reset()
 
 
 def released(server, revisions=("app:1", "app:2", "app:3"), ns="production"):
