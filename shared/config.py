@@ -281,6 +281,7 @@ class Settings:
     retention_outbox_hours: float = 168.0
     retention_claims_hours: float = 168.0
     retention_timeline_days: float = 365.0
+    retention_suppressed_days: float = 30.0
     retention_batch: int = 1000
     retention_max_batches: int = 20
     # Notification channels (functions/escalation/channels/).
@@ -363,6 +364,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         retention_outbox_hours=_float(env, "RETENTION_OUTBOX_HOURS", 168.0, minimum=0.0),
         retention_claims_hours=_float(env, "RETENTION_CLAIMS_HOURS", 168.0, minimum=0.0),
         retention_timeline_days=_float(env, "RETENTION_TIMELINE_DAYS", 365.0, minimum=0.0),
+        retention_suppressed_days=_float(env, "RETENTION_SUPPRESSED_DAYS", 30.0, minimum=0.0),
         retention_batch=_int(env, "RETENTION_BATCH", 1000, minimum=1, maximum=100000),
         retention_max_batches=_int(env, "RETENTION_MAX_BATCHES", 20, minimum=1, maximum=10000),
         # Notification channels (functions/escalation/channels/).

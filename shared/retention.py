@@ -5,7 +5,7 @@ Each kind of row is deleted oldest first in batches of ``RETENTION_BATCH``,
 one short transaction per batch, at most ``RETENTION_MAX_BATCHES`` batches
 per kind and sweep, so a sweep never holds locks for long and a backlog
 after a long outage drains over a few sweeps instead of in one huge delete.
-The partial indexes of migration 0014 find each batch without a scan.
+The partial indexes of migrations 0014 and 0016 find each batch without a scan.
 
 - Published outbox rows, ``RETENTION_OUTBOX_HOURS`` (168) after publishing.
   Unpublished and parked rows are never pruned: they are work to do or for
@@ -19,6 +19,10 @@ The partial indexes of migration 0014 find each batch without a scan.
 - Timeline entries, ``RETENTION_TIMELINE_DAYS`` (365) old, of incidents
   that are resolved or closed. /metrics counts notifications and dead
   letters from the timeline, so those counts cover the retained period.
+- Alerts a maintenance window held, ``RETENTION_SUPPRESSED_DAYS`` (30)
+  after the window released them (one row per fingerprint, and pod names
+  make fingerprints endless). Alerts still held are never pruned: the
+  window's end replays them.
 
 0 keeps a kind forever. Incidents themselves are never pruned: they are the record.
 """
@@ -59,6 +63,12 @@ PRUNE = {
             WHERE t.at < {UTC_NOW} - make_interval(secs => :age) AND i.status IN ('resolved', 'closed')
             ORDER BY t.at LIMIT :batch FOR UPDATE OF t SKIP LOCKED)
         """,
+    "suppressed": f"""
+        DELETE FROM suppressed_alerts WHERE fingerprint IN (
+            SELECT fingerprint FROM suppressed_alerts
+            WHERE released_at IS NOT NULL AND released_at < {UTC_NOW} - make_interval(secs => :age)
+            ORDER BY released_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+        """,
 }
 
 
@@ -71,7 +81,7 @@ class Report:
 def ages(config: Settings) -> dict[str, float]:
     """Seconds each kind is kept (0: forever)."""
     return {"outbox": config.retention_outbox_hours * 3600, "claims": config.retention_claims_hours * 3600,
-            "timeline": config.retention_timeline_days * 86400}
+            "timeline": config.retention_timeline_days * 86400, "suppressed": config.retention_suppressed_days * 86400}
 
 
 def run(bind: Engine, config: Settings) -> Report:

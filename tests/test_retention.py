@@ -47,6 +47,11 @@ def seed(engine) -> dict:
                                          ("done-old-no-incident", None, "now() - 10 * interval '1 day'")):
             _aged(conn, f"INSERT INTO work_claims (key, incident_id, claimed_at, completed_at) "
                         f"VALUES (:k, :i, now() - 10 * interval '1 day', {completed})", k=key, i=incident)
+        for fingerprint, released in (("released-40-days", "now() - 40 * interval '1 day'"), ("released-40-days-2", "now() - 40 * interval '1 day'"),
+                                      ("released-today", "now()"), ("held-since-40-days", "NULL")):
+            _aged(conn, f"INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, first_suppressed_at, last_seen_at, released_at) "
+                        f"VALUES (:f, 'Held', 'firing', '{{}}', now() - 41 * interval '1 day', now() - 40 * interval '1 day', {released})",
+                  f=fingerprint)
         conn.execute(sa.text("DELETE FROM incident_timeline"))
         for incident, days, kind in ((old, 400, "old-of-resolved"), (old, 400, "old-of-resolved"), (old, 10, "recent-of-resolved"),
                                      (active, 400, "old-of-open")):
@@ -61,6 +66,7 @@ def remaining(engine) -> dict:
             "outbox": sorted(conn.execute(sa.text("SELECT id FROM event_outbox")).scalars()),
             "claims": sorted(conn.execute(sa.text("SELECT key FROM work_claims")).scalars()),
             "timeline": sorted(conn.execute(sa.text("SELECT kind FROM incident_timeline")).scalars()),
+            "suppressed": sorted(conn.execute(sa.text("SELECT fingerprint FROM suppressed_alerts")).scalars()),
             "incidents": conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar(),
         }
 
@@ -70,24 +76,26 @@ def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(cle
     config = dataclasses.replace(settings_obj, retention_batch=2, retention_max_batches=2)
     first = retention.run(clean_db, config)
     # Two batches of two at most per kind and sweep: one old published row is left.
-    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2}
+    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2, "suppressed": 2}
     assert len([i for i in remaining(clean_db)["outbox"] if i.startswith("old-published")]) == 1
     second = retention.run(clean_db, config)
-    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0}
+    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0, "suppressed": 0}
     assert remaining(clean_db) == {
         "outbox": ["old-parked", "old-pending", "recent-published"],
         "claims": ["done-old-open", "done-recent-resolved", "unfinished-old-resolved"],
         "timeline": ["old-of-open", "recent-of-resolved"],
+        "suppressed": ["held-since-40-days", "released-today"],
         "incidents": 2,
     }
 
 
 def test_zero_keeps_a_kind_forever(clean_db, settings_obj):
     seed(clean_db)
-    config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0)
+    config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0,
+                                 retention_suppressed_days=0)
     assert retention.run(clean_db, config).pruned == {}
     left = remaining(clean_db)
-    assert len(left["outbox"]) == 8 and len(left["claims"]) == 5 and len(left["timeline"]) == 4
+    assert len(left["outbox"]) == 8 and len(left["claims"]) == 5 and len(left["timeline"]) == 4 and len(left["suppressed"]) == 4
 
 
 def test_claims_may_not_be_pruned_before_reconciliation_is_done_with_them():
@@ -107,4 +115,5 @@ def test_the_sweep_prunes(clean_db, base_env):
     left = remaining(clean_db)
     assert not [i for i in left["outbox"] if i.startswith("old-published")]
     assert "done-old-resolved" not in left["claims"] and "old-of-resolved" not in left["timeline"]
+    assert left["suppressed"] == ["held-since-40-days", "released-today"]
     assert left["incidents"] == 2
