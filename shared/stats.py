@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -62,3 +64,18 @@ def dead_letters(conn: Connection) -> int:
 
 def pending_events(conn: Connection) -> int:
     return conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")).scalar_one()
+
+
+def noise(conn: Connection, now: datetime) -> tuple[int, int, int]:
+    """(alerts held by maintenance windows, alerts flapping, windows in force)
+    now: what noise control keeps from a human at this moment."""
+    return tuple(conn.execute(sa.text(
+        "SELECT (SELECT count(*) FROM suppressed_alerts WHERE released_at IS NULL), "
+        "(SELECT count(*) FROM alert_flaps WHERE flapping_since IS NOT NULL), "
+        "(SELECT count(*) FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now)"), {"now": now}).one())
+
+
+def heartbeats(conn: Connection, now: datetime) -> list[tuple[str, float]]:
+    """(pipeline key, seconds since its Watchdog was last seen)."""
+    return [(key, max(0.0, float(age))) for key, age in conn.execute(sa.text(
+        "SELECT key, EXTRACT(EPOCH FROM (:now - last_seen_at)) FROM heartbeats ORDER BY key"), {"now": now})]

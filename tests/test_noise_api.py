@@ -229,3 +229,37 @@ def test_silence_input_is_checked_and_an_unset_alertmanager_is_named(query, base
         assert response.status_code == 409 and "ALERTMANAGER_URL" in response.json()["message"]
     finally:
         bare.stop()
+
+
+# ------------------------------------------------------------------ /metrics
+
+
+def test_metrics_show_what_noise_control_keeps_from_a_human_now(query, clean_db):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with clean_db.begin() as conn:
+        for fingerprint, released in (("held-1", "NULL"), ("held-2", "NULL"), ("released", "timezone('utc', now())")):
+            conn.execute(sa.text(
+                "INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, first_suppressed_at, last_seen_at, released_at) "
+                f"VALUES (:f, 'NodeDown', 'firing', '{{}}', timezone('utc', now()), timezone('utc', now()), {released})"), {"f": fingerprint})
+        for fingerprint, since in (("flapping", "timezone('utc', now())"), ("calm", "NULL")):
+            conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status, flapping_since) "
+                                 f"VALUES (:f, 'firing', {since})"), {"f": fingerprint})
+        for starts, ends in (("- interval '1 hour'", "+ interval '1 hour'"), ("- interval '2 hours'", "- interval '1 hour'"),
+                             ("+ interval '1 hour'", "+ interval '2 hours'")):
+            conn.execute(sa.text(
+                "INSERT INTO maintenance_windows (id, matchers, starts_at, ends_at, reason, created_by) "
+                f"VALUES (:id, '[\"env=staging\"]', timezone('utc', now()) {starts}, timezone('utc', now()) {ends}, 'upgrade', 'api:alice')"),
+                {"id": str(uuid.uuid4())})
+        conn.execute(sa.text("INSERT INTO heartbeats (key, labels, source, first_seen_at, last_seen_at) VALUES "
+                             "('alertmanager|prometheus=monitoring/k8s', '{}', 'alertmanager', timezone('utc', now()) - interval '1 day', "
+                             "timezone('utc', now()) - interval '120 seconds')"))
+    response = call(query, "GET", "/metrics")
+    assert response.status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    assert samples[("alerts_held_by_maintenance", ())] == 2
+    assert samples[("alerts_flapping", ())] == 1
+    assert samples[("maintenance_windows_active", ())] == 1
+    age = samples[("alerting_pipeline_heartbeat_age_seconds", (("pipeline", "alertmanager|prometheus=monitoring/k8s"),))]
+    assert 120 <= age < 180

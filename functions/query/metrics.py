@@ -11,7 +11,7 @@ import math
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import backlog, db, dead_letters, members, reconcile, stats
+from shared import backlog, clock, db, dead_letters, members, reconcile, stats
 from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
@@ -28,6 +28,7 @@ class DatabaseCollector:
             yield from self._alerts_per_incident(conn)
             yield from self._intake(conn)
             yield from self._correlation(conn)
+            yield from self._noise(conn)
 
     def _incidents(self, conn):
         total = GaugeMetricFamily("incidents_total", "Incidents by priority and current status.", labels=["priority", "status"])
@@ -104,6 +105,26 @@ class DatabaseCollector:
         ratio = GaugeMetricFamily("alerts_per_incident", "alerts_received / incidents_opened (the noise reduction); NaN before any incident.")
         ratio.add_metric([], alerts / opened if opened else math.nan)
         yield ratio
+
+    def _noise(self, conn):
+        """What noise control keeps from a human right now, so a window left
+        open or a storm of flapping alerts shows on a dashboard, and a
+        pipeline whose Watchdog stopped shows before the sweep pages."""
+        now = clock.now()
+        held, flapping, windows = stats.noise(conn, now)
+        for name, doc, value in (
+            ("alerts_held_by_maintenance", "Alerts a maintenance window holds now (replayed when it ends).", held),
+            ("alerts_flapping", "Alerts flapping now: their flips are on one incident's timeline instead of paging.", flapping),
+            ("maintenance_windows_active", "Maintenance windows in force now.", windows),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        silence = GaugeMetricFamily("alerting_pipeline_heartbeat_age_seconds",
+                                    "Seconds since each alerting pipeline's Watchdog (HEARTBEAT_ALERTNAMES) last arrived.", labels=["pipeline"])
+        for key, age in stats.heartbeats(conn, now):
+            silence.add_metric([key], age)
+        yield silence
 
     def _backlog(self, conn):
         """What has not reached its consumer: the outbox, dead letters, and
