@@ -261,3 +261,28 @@ def test_prometheus_unreachable_is_inconclusive_never_a_reason_to_revert():
     unset = Verifier(load_settings(base))
     assert unset.check(row, book, {}).reason == "not verified: the playbook declares verify but PROMETHEUS_URL is not set"
     assert (unset.check(row, plain, {}).verified, unset.check(row, plain, {}).reason) == (None, "")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"status": "success", "data": null}',
+    b'{"status": "success", "data": {"resultType": "vector", "result": null}}',
+    b'{"status": "success", "data": {"resultType": "vector"}}',
+    b'["success"]',
+])
+def test_an_answer_without_a_result_list_is_inconclusive_never_verified(body):
+    from loopback.servers import RecordingServer
+    from shared.config import load_settings
+    from functions.remediation.verify import Verifier
+
+    prometheus = RecordingServer(lambda request: (200, {"Content-Type": "application/json"}, body)).start()
+    try:
+        config = load_settings({"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db", "REMEDIATION_VERIFY_WINDOW_SECONDS": "0",
+                                "PROMETHEUS_URL": prometheus.url, "PROBE_TIMEOUT_SECONDS": "2"})
+        (stops,) = pb.parse(_book(verify={"alert_stops_firing": "A", "within_seconds": 1}), "p.yaml")
+        (plain,) = pb.parse(_book(), "p.yaml")
+        row = {"alert_name": "A", "labels": {"namespace": "prod"}}
+        for book in (stops, plain):
+            verdict = Verifier(config, poll_interval=0.1).check(row, book, {})
+            assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked"), verdict
+    finally:
+        prometheus.stop()

@@ -54,9 +54,16 @@ class Verifier:
         response = requests.get(self.config.prometheus_url.rstrip("/") + "/api/v1/query", params={"query": promql},
                                 timeout=self.config.probe_timeout_seconds)
         body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        body = body if isinstance(body, dict) else {}
         if response.status_code != 200 or body.get("status") != "success":
             raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
-        return body["data"]["result"]
+        # An answer without a result list is no answer: read as "nothing
+        # returned", it would verify an alert as stopped and end a page.
+        data = body.get("data")
+        result = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(result, list):
+            raise RuntimeError(f"Prometheus answered without a result list: {response.text[:200]}")
+        return result
 
     def check(self, incident: dict, playbook: Playbook, context: dict) -> Verdict:
         spec = playbook.verify
