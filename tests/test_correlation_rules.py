@@ -1,8 +1,12 @@
 """Loading correlation.yaml: the shipped rules, and errors that name the
 file, the rule and the field."""
 
+import os
+
 import pytest
 
+from shared.config import load_settings
+from shared.correlation import topology
 from shared.correlation.plan import Correlator
 from shared.correlation.rules import DEFAULT_FILE, CorrelationConfigError, LabelsRule, TopologyRule, load, parse
 from tests.storms import KUBE_PROMETHEUS
@@ -47,24 +51,30 @@ def test_missing_file_is_named(tmp_path):
         load(str(tmp_path / "nope.yaml"))
 
 
-def test_without_kubernetes_topology_rules_say_so_once_and_label_rules_still_apply(caplog):
+def test_without_kubernetes_or_prometheus_topology_rules_say_so_once_and_label_rules_still_apply(caplog, monkeypatch, tmp_path):
     rules = parse("rules:\n  - {name: n, kind: topology, scope: node, root_alerts: [KubeNodeNotReady]}\n"
                   "  - {name: s, kind: labels, labels: [service]}\n", "x")
     assert isinstance(rules.rules[0], TopologyRule)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    said = "Topology correlation rules have neither a Kubernetes API nor kube-state-metrics (PROMETHEUS_URL) to read; only label rules apply"
 
-    class NoKube:
-        def configured(self):
-            return False
+    def never():
+        raise AssertionError("no Kubernetes client is made without a configuration")
 
-    correlator = Correlator(rules, NoKube())
-    assert [r.message for r in caplog.records].count(
-        "Topology correlation rules have no Kubernetes API to read; only label rules apply") == 1
+    correlator = Correlator(rules, topology.from_settings(load_settings({**os.environ, "PROMETHEUS_URL": ""}), never))
     from tests.storms import Item
 
     pod = Item({"alertname": "KubePodNotReady", "severity": "warning", "namespace": "a", "pod": "p", "service": "s"}, "g")
-    (links,) = correlator.plan([pod.alert()]).values()
-    assert list(links.seeks) == ["labels:s:s"]  # the label rule; no node lookup
+    for _ in range(3):
+        (links,) = correlator.plan([pod.alert()]).values()
+        assert list(links.seeks) == ["labels:s:s"]  # the label rule; no node lookup
+    assert [r.message for r in caplog.records].count(said) == 1
     assert DEFAULT_FILE.name == "correlation.yaml"
+    # With PROMETHEUS_URL, kube-state-metrics is a source: nothing to say.
+    caplog.clear()
+    Correlator(rules, topology.from_settings(load_settings({**os.environ, "PROMETHEUS_URL": "http://127.0.0.1:9"}), never))
+    assert said not in [r.message for r in caplog.records]
 
 
 def test_the_intake_reads_topology_with_read_only_rights_and_mounts_the_rules():

@@ -31,7 +31,7 @@ LOCK_KEYS = sa.text(
 
 CANDIDATES = sa.text(compact(
     f"""
-    SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks,
+    SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks, i.alert_name AS root_name,
            (i.fingerprint = m.fingerprint) AS is_root,
            COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
                AS root_rank,
@@ -85,6 +85,30 @@ RESOLVE_MERGED = sa.text(compact(
     """
 ))
 
+# A member that ranks above the root takes over: the incident's fingerprint,
+# name, summary, description, labels and annotations become its (diagnostics,
+# remediation and pages read them), the old root stays a member. The
+# fingerprint moves with the root, so the root's resolve still finds it.
+TAKE_OVER = sa.text(compact(
+    f"""
+    WITH old_root AS (
+        UPDATE incident_members m SET is_root = false, correlation_reason = :old_reason
+        FROM incidents i
+        WHERE i.id = :id AND m.incident_id = i.id AND m.fingerprint = i.fingerprint AND m.fingerprint <> :fp
+        RETURNING m.fingerprint, m.alert_name
+    ),
+    new_root AS (
+        UPDATE incident_members SET is_root = true, correlation_reason = :new_reason
+        WHERE incident_id = :id AND fingerprint = :fp
+        RETURNING fingerprint
+    )
+    UPDATE incidents SET fingerprint = :fp, alert_name = :alert_name, summary = :summary, description = :description,
+           labels = CAST(:labels AS jsonb), annotations = CAST(:annotations AS jsonb), updated_at = {UTC_NOW}
+    WHERE id = :id AND status IN ('open', 'investigating') AND EXISTS (SELECT 1 FROM new_root)
+    RETURNING (SELECT fingerprint FROM old_root) AS old_fingerprint, (SELECT alert_name FROM old_root) AS old_alert_name
+    """
+))
+
 # The incident's priority is its highest member's (P0 sorts first).
 RAISE_PRIORITY = sa.text(compact(
     f"""
@@ -119,12 +143,14 @@ class _Provider:
     root_rank: int
     age: float
     idle: float
+    root_name: str = ""
 
 
 @dataclass
 class Decision:
     joins: dict[str, tuple[str, str]] = field(default_factory=dict)  # fingerprint -> (target, reason)
     merges: dict[str, tuple[str, str]] = field(default_factory=dict)  # incident id -> (target, reason)
+    takeovers: dict[str, tuple[str, str]] = field(default_factory=dict)  # incident id -> (new root's fingerprint, reason)
     touched: set[str] = field(default_factory=set)  # fingerprints already members of an active incident
 
 
@@ -154,7 +180,7 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     for r in rows:
         for key in r["provides"] or ():
             providers.setdefault(key, []).append(
-                _Provider(r["incident_id"], r["alert_name"], r["root_rank"], float(r["age"]), float(r["idle"])))
+                _Provider(r["incident_id"], r["alert_name"], r["root_rank"], float(r["age"]), float(r["idle"]), r["root_name"]))
     roots_seeking: dict[str, list[dict]] = {}
     for r in rows:
         if r["is_root"]:
@@ -179,6 +205,16 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
             _, p, key, why = best
             decision.joins[alert.fingerprint] = (p.target, f"{subject(alert)} joined: {why}, {_provider_text(key, p.alert_name)}")
             target, root_rank = p.target, p.root_rank
+            if links.rank > root_rank and not target.startswith("new:"):
+                # It ranks above the root it joins (a labels rule's root list,
+                # a dependency over its dependents): it becomes the root.
+                decision.takeovers[target] = (
+                    alert.fingerprint, f"{subject(alert)} took over as root from {p.root_name}: {links.rank_reason}")
+                root_rank = links.rank
+                for listed in providers.values():
+                    for other in listed:
+                        if other.target == target:
+                            other.root_rank, other.root_name = root_rank, alert.alert_name
         else:
             target, root_rank = f"new:{alert.fingerprint}", links.rank
         # A late root: the incidents its symptoms opened (their root seeks
@@ -237,6 +273,18 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
                                      {"fingerprint": fp, "alert_name": alert.alert_name, "reason": reason}))
     if rows:
         conn.execute(INSERT_MEMBERS, {"rows": json.dumps(rows)})
+    for incident_id, (fp, reason) in sorted(decision.takeovers.items()):
+        if resolve(incident_id) != incident_id or joined.get(fp) != incident_id:
+            continue  # merged away in this batch: the survivor's root stands
+        alert = by_fp[fp]
+        done = conn.execute(TAKE_OVER, {
+            "id": incident_id, "fp": fp, "alert_name": alert.alert_name, "summary": alert.summary,
+            "description": alert.description, "labels": json.dumps(alert.labels), "annotations": json.dumps(alert.annotations),
+            "new_reason": f"root: {reason}", "old_reason": f"root until {subject(alert)} took over"}).mappings().first()
+        if done is not None:
+            timeline.append(timeline_row(incident_id, "root_changed", actor, {
+                "from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
+                "alert_name": alert.alert_name, "reason": reason}))
     touched_incidents = set(joined.values())
     for old, (target, reason) in sorted(decision.merges.items()):
         into = resolve(target)
