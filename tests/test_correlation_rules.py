@@ -36,6 +36,17 @@ def test_correlation_file_replaces_the_shipped_rules(tmp_path):
     ("rules:\n  - {name: d, kind: topology, scope: node, root_alerts: [X], nodes: [y]}\n",
      "rule 'd' (rules[0]), field nodes: Extra inputs are not permitted"),
     ("rules:\n  - {name: e, kind: labels, labels: [x]}\n  - {name: e, kind: labels, labels: [y]}\n", "rule 'e', field name: defined twice"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {workloads: [shop/StatefulSet/db]}}, depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field depends_on: Value error, app: names 'app', which is not under services"),
+    ("rules:\n  - {name: d, kind: dependency, services: {a: {labels: [{job: a}]}, b: {labels: [{job: b}]}},"
+     " depends_on: {a: [b], b: [a]}}\n", "rule 'd' (rules[0]), field depends_on: Value error, a cycle: a -> b -> a"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {workloads: [shop/Pod/db-0]}, app: {labels: [{job: app}]}},"
+     " depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field services.db.workloads: Value error, 'shop/Pod/db-0' is not namespace/Kind/name"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {}, app: {labels: [{job: app}]}}, depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field services.db: Value error, names neither workloads nor labels"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {labels: [{job: ''}]}}, depends_on: {db: []}}\n",
+     "rule 'd' (rules[0]), field services.db.labels: Value error, every label set needs at least one label"),
     ("rules: [\n", "not YAML"),
     ("- a\n", "expected a mapping with 'rules'"),
 ])
@@ -98,3 +109,11 @@ def test_the_intake_reads_topology_with_read_only_rights_and_mounts_the_rules():
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert env["CORRELATION_FILE"] == "/etc/incident-response/correlation/correlation.yaml"
     assert load(str(base / "config" / "correlation.yaml")) == load()
+
+
+def test_dependency_levels_put_the_deepest_dependency_first():
+    from tests.storms import dependency_rules
+
+    (rule,) = parse(dependency_rules("shop"), "test").dependency
+    assert rule.levels() == {"postgres": 2, "accounts": 1, "orders": 0, "frontend": 0}
+    assert rule.needs("frontend") == [("accounts", ["frontend", "accounts"]), ("postgres", ["frontend", "accounts", "postgres"])]

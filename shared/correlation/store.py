@@ -160,6 +160,20 @@ def _provider_text(key: str, alert_name: str) -> str:
     return f"where {alert_name} fires"
 
 
+def _sought_text(key: str) -> str:
+    """Why an incident's root looked for ``key`` (its member row keeps the
+    key, not the sentence)."""
+    kind, _, rest = key.partition(":")
+    if kind == "node":
+        return f"it runs on node {rest}"
+    if kind == "workload":
+        namespace, workload_kind, name = rest.split("/", 2)
+        return f"it belongs to {workload_kind.lower()} {namespace}/{name}"
+    if kind == "dependency":
+        return f"it depends on {rest.split(':', 1)[1]}"
+    return f"same {rest.split(':', 1)[1]}"
+
+
 def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Decision:
     decision = Decision()
     keyed = [a for a in alerts if a.fingerprint in plan]
@@ -225,8 +239,8 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
             for r in roots_seeking.get(key, ()):
                 if window and r["root_rank"] < root_rank and float(r["age"]) <= window \
                         and r["incident_id"] not in decision.merges and r["incident_id"] != target:
-                    decision.merges[r["incident_id"]] = (
-                        target, f"{r['alert_name']} joined when {subject(alert)} arrived: {_provider_text(key, alert.alert_name)}")
+                    decision.merges[r["incident_id"]] = (target, f"{r['alert_name']} joined when {subject(alert)} arrived: "
+                                                                 f"{_sought_text(key)}, {_provider_text(key, alert.alert_name)}")
         for key in links.provides:
             providers.setdefault(key, []).append(_Provider(target, alert.alert_name, root_rank, 0.0, 0.0))
     return decision
