@@ -372,12 +372,13 @@ def prepare(scenario: Scenario, kube: FakeKubernetes) -> list[list[Item]]:
     return scenario.build(Cluster(kube, scenario.name))
 
 
-def feed(engine, correlator: Correlator, steps: list[list[Item]]) -> None:
+def feed(engine, correlator: Correlator, steps: list[list[Item]], config=None) -> None:
+    """``config``: the Settings noise control reads (default: the process's)."""
     for step in steps:
         alerts = [i.alert() for i in step]
         plan = correlator.plan(alerts)
         with engine.begin() as conn:
-            record_alerts(conn, alerts, "/test", "alertmanager", plan=plan)
+            record_alerts(conn, alerts, "/test", "alertmanager", plan=plan, config=config)
 
 
 # An alert's incident now: its latest membership, or the incident it opened
