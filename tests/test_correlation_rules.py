@@ -117,3 +117,12 @@ def test_dependency_levels_put_the_deepest_dependency_first():
     (rule,) = parse(dependency_rules("shop"), "test").dependency
     assert rule.levels() == {"postgres": 2, "accounts": 1, "orders": 0, "frontend": 0}
     assert rule.needs("frontend") == [("accounts", ["frontend", "accounts"]), ("postgres", ["frontend", "accounts", "postgres"])]
+
+
+def test_the_dependency_example_in_the_shipped_file_is_a_valid_rule():
+    lines = DEFAULT_FILE.read_text().splitlines()
+    start = lines.index("  # - name: dependencies")
+    example = [line.replace("  # ", "  ", 1) for line in lines[start:] if line.startswith("  # ")]
+    (rule,) = parse("rules:\n" + "\n".join(example) + "\n", "example").dependency
+    assert rule.levels() == {"postgres": 1, "kafka": 1, "email": 0}
+    assert load().dependency == []  # the edges are a site's own: none ship
