@@ -80,7 +80,7 @@ class Correlator:
         # A pod's placement is looked up only when a rule can use it.
         self._placing = bool(self._node_roots or self._workload_roots or any(d.by_workload for d in self._dependencies))
         self._topology_on: bool | None = None
-        if (rules.topology or self._dependencies) and (topology is None or not topology.configured()):
+        if self._placing and (topology is None or not topology.configured()):
             # Said once, at start: only label rules (and `node` labels on alerts) apply.
             self._topology_on = False
             log.warning("Topology correlation rules have neither a Kubernetes API nor kube-state-metrics "
