@@ -5,7 +5,8 @@ takes transaction-scoped advisory locks on every key and fingerprint the
 batch touches, in one sorted statement, so two intake replicas receiving the
 same storm decide one after the other and reach the grouping one would
 alone; then it reads, in one statement, the active incidents that offer or
-look for those keys (locking them, so no incident resolves under a join).
+look for those keys (locking them, so no incident resolves under a join)
+and the batch's alerts that already are an incident's root.
 :func:`apply` writes what was decided once the batch's new incidents exist.
 """
 
@@ -29,28 +30,39 @@ LOCK_KEYS = sa.text(
     "(SELECT DISTINCT k FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS s"
 )
 
+# The members of active incidents that offer or look for the batch's keys,
+# or are the batch's alerts, their incidents locked in id order; then the
+# batch's alerts that are an active incident's own (member-less) root. One
+# statement. The members are found first (the CTE is materialized), then
+# each one's incident by primary key, locked in id order, and each alert's
+# active incident by fingerprint: never a pass over every active incident,
+# whatever the planner's statistics say of tables a storm has just filled.
 CANDIDATES = sa.text(compact(
     f"""
-    SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks, i.alert_name AS root_name,
-           (i.fingerprint = m.fingerprint) AS is_root,
-           COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
-               AS root_rank,
-           EXTRACT(EPOCH FROM ({UTC_NOW} - m.last_seen_at)) AS idle,
-           EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
-    FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-    WHERE i.status IN ('open', 'investigating')
-      AND (m.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
-           OR (m.provides <> '{{}}' AND m.provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
-           OR (m.seeks <> '{{}}' AND m.seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb)))))
-    ORDER BY i.id
-    FOR UPDATE OF i
+    WITH found AS MATERIALIZED (
+        SELECT incident_id, fingerprint, alert_name, provides, seeks, last_seen_at FROM incident_members
+        WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
+           OR (provides <> '{{}}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
+           OR (seeks <> '{{}}' AND seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb))))
+    ),
+    locked AS (
+        SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks, i.alert_name AS root_name,
+               (i.fingerprint = m.fingerprint) AS is_root,
+               COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
+                   AS root_rank,
+               EXTRACT(EPOCH FROM ({UTC_NOW} - m.last_seen_at)) AS idle,
+               EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
+        FROM (SELECT * FROM found ORDER BY incident_id) AS m
+        CROSS JOIN LATERAL (SELECT id, fingerprint, alert_name, created_at FROM incidents
+                            WHERE id = m.incident_id AND status IN ('open', 'investigating') FOR UPDATE) AS i
+    )
+    SELECT *, false AS lone_root FROM locked
+    UNION ALL
+    SELECT NULL, f.fp, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+    FROM unnest(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))) AS f(fp)
+    CROSS JOIN LATERAL (SELECT 1 FROM incidents WHERE fingerprint = f.fp AND status IN ('open', 'investigating') LIMIT 1) AS a
     """
 ))
-
-ACTIVE_ROOTS = sa.text(
-    "SELECT fingerprint FROM incidents WHERE status IN ('open', 'investigating') "
-    "AND fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))"
-)
 
 INSERT_MEMBERS = sa.text(compact(
     f"""
@@ -184,12 +196,12 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     fps = sorted(a.fingerprint for a in keyed)
     lock = [lock_id("key:" + k) for k in set(seeks) | set(provides)] + [lock_id("fp:" + fp) for fp in fps]
     conn.execute(LOCK_KEYS, {"keys": sorted(set(lock))})
-    rows = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
-                                     "provides": json.dumps(provides)}).mappings().all()
+    found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
+                                      "provides": json.dumps(provides)}).mappings().all()
+    rows = [r for r in found if not r["lone_root"]]
     wanted = set(fps)
-    decision.touched = {r["fingerprint"] for r in rows if r["fingerprint"] in wanted}
     # A lone incident's alert has no member row: it is touched all the same.
-    decision.touched |= set(conn.execute(ACTIVE_ROOTS, {"fps": json.dumps(fps)}).scalars())
+    decision.touched = {r["fingerprint"] for r in found if r["fingerprint"] in wanted}
     providers: dict[str, list[_Provider]] = {}
     for r in rows:
         for key in r["provides"] or ():
