@@ -668,12 +668,19 @@ def bare_rss() -> float:
         popen.wait()
 
 
-def correlation(engine) -> list[str]:
+CORRELATION_SECONDS = float(os.environ.get("BENCH_CORRELATION_SECONDS", "4"))
+CORRELATION_ROUNDS = int(os.environ.get("BENCH_CORRELATION_ROUNDS", "5"))
+
+
+def correlation(engine, database_url: str) -> list[str]:
     """The labelled storms of tests/storms.py (kube-prometheus alerts, the
     loopback Kubernetes API as the cluster) through correlation, scored by
-    pairwise precision and recall."""
+    pairwise precision and recall; then single-alert intake throughput with
+    the shipped rules against correlation switched off, in the same run."""
+    from shared.config import load_settings
     from tests import storms
 
+    config = load_settings({"DATABASE_URL": database_url})
     kube = FakeKubernetes().start()
     rows = []
     try:
@@ -683,7 +690,7 @@ def correlation(engine) -> list[str]:
                 with engine.begin() as conn:
                     conn.execute(sa.text("TRUNCATE incident_members, incident_timeline, event_outbox, incidents CASCADE"))
                 steps = storms.prepare(scenario, kube)
-                storms.feed(engine, storms.correlator_for(scenario, kubeconfig), steps)
+                storms.feed(engine, storms.correlator_for(scenario, kubeconfig), steps, config)
                 rows.append((scenario, storms.score(steps, storms.grouping(engine, steps))))
     finally:
         kube.stop()
@@ -693,7 +700,65 @@ def correlation(engine) -> list[str]:
             "Labelled storms (tests/storms.py) scored over alert pairs: precision = pairs grouped that belong together / pairs grouped; "
             f"recall = pairs grouped / pairs that belong together. Across all: precision {total.precision:.3f}, recall {total.recall:.3f}; "
             f"{alerts} alerts became {opened} incidents ({alerts / opened:.1f} alerts per incident).", "",
-            *storms.table(rows), ""]
+            *storms.table(rows), "", *correlation_cost(database_url)]
+
+
+def correlation_cost(database_url: str) -> list[str]:
+    """Single-alert intake with the shipped rules ÷ with an empty rules file
+    (correlation off). Both intake processes are loaded **at the same
+    time**, each by its own clients, so both meet the same machine load (it
+    drifts a lot here, from one second to the next); each round's ratio is
+    on ÷ off, and the median round is the figure. Two kinds of alert: one no
+    rule concerns (the common path), and a kube-prometheus pod alert with a
+    `node` label, which the node rule concerns (advisory locks, the
+    candidate query, a member row; no topology source is configured, so no
+    Kubernetes call is in the figure)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "no-rules.yaml"
+        empty.write_text("rules: []\n")
+        env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING",
+                            "PROMETHEUS_URL": "", "KUBECONFIG": str(Path(tmp) / "none")})
+        servers = {"on": FunctionProcess("intake", env, threads=THREADS).start(),
+                   "off": FunctionProcess("intake", {**env, "CORRELATION_FILE": str(empty)}, threads=THREADS).start()}
+        run = uuid.uuid4().hex[:6]
+        kinds = {
+            "alert no rule concerns": lambda i, by: webhook([alert("BenchPlain", run=run, by=by, i=str(i))]),
+            "pod alert (node rule)": lambda i, by: webhook([alert(
+                "KubePodNotReady", run=run, by=by, namespace="bench", pod=f"web-{by}-{i}", node=f"ip-10-9-{i % 50}-1")]),
+        }
+        results: dict[str, list[tuple[dict, dict]]] = {}
+
+        async def both(body, n: int) -> tuple[dict, dict]:
+            on, off = await asyncio.gather(*(
+                _load(servers[label].url + "/webhook/alert", lambda i, x=f"{label}{n}": body(i, x), CORRELATION_SECONDS, CONCURRENCY)
+                for label in ("on", "off")))
+            return on, off
+
+        try:
+            for n in range(CORRELATION_ROUNDS):
+                for kind, body in kinds.items():
+                    results.setdefault(kind, []).append(asyncio.run(both(body, n)))
+        finally:
+            for server in servers.values():
+                server.stop()
+    rows = ["### Single-alert intake: correlation on ÷ off", "",
+            f"Both intakes loaded at once (concurrency {CONCURRENCY} each, one new alert per webhook), {CORRELATION_ROUNDS} rounds "
+            f"of {CORRELATION_SECONDS:g} s per kind of alert; the round with the median on ÷ off is shown. The same gunicorn settings "
+            "as section 1; \"off\" is CORRELATION_FILE with `rules: []`. No topology source is configured: Kubernetes lookups are "
+            "not in the figure.", "",
+            "| Alert | shipped rules req/s | p99 ms | correlation off req/s | p99 ms | errors | on ÷ off (median round) |",
+            "|---|---|---|---|---|---|---|"]
+    for kind, pairs in results.items():
+        on, off = sorted(pairs, key=lambda p: p[0]["rps"] / p[1]["rps"])[len(pairs) // 2]
+        errors = sum(r["errors"] for pair in pairs for r in pair)
+        rows.append(f"| {kind} | {on['rps']:.0f} | {on['p99']:.1f} | {off['rps']:.0f} | {off['p99']:.1f} | {errors} | "
+                    f"{on['rps'] / off['rps']:.2f} |")
+    rows += ["", "Every round, on ÷ off: " + "; ".join(
+        f"{kind}: " + ", ".join(f"{on['rps']:.0f}/{off['rps']:.0f} = {on['rps'] / off['rps']:.2f}" for on, off in pairs)
+        for kind, pairs in results.items()), ""]
+    return rows
+
+
 def fresh_tables(engine) -> None:
     """Empty the tables between sections: the throughput sections leave tens
     of thousands of open P0 incidents whose events were never published (no
@@ -750,7 +815,7 @@ def main() -> None:
             if not only or "diagnosis" in only:
                 report += diagnosis_section()
             if not only or "correlation" in only:
-                report += correlation(engine)
+                report += correlation(engine, database_url)
             if not only or "scaleout" in only:
                 report += scale_out(database_url)
             if not only or "list" in only:

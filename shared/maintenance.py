@@ -59,6 +59,8 @@ _NOTE_RESOLVED = sa.text(compact(
 
 _HELD = sa.text("SELECT fingerprint, status, alert FROM suppressed_alerts WHERE released_at IS NULL "
                 "ORDER BY fingerprint LIMIT :batch FOR UPDATE SKIP LOCKED")
+_HELD_FIRING = sa.text("SELECT fingerprint, status, alert FROM suppressed_alerts WHERE released_at IS NULL "
+                       "AND status = 'firing' ORDER BY fingerprint LIMIT :batch")
 
 
 def _labels(alert_labels: dict, alert_name: str) -> dict:
@@ -135,16 +137,7 @@ def release(conn: Connection, record, now: datetime, batch: int = 500) -> list[s
     held = conn.execute(_HELD, {"batch": batch}).mappings().all()
     if not held:
         return []
-    windows = active_windows(conn, now)
-    replay, done = [], []
-    for row in held:
-        alert = alert_from_json(row["alert"])
-        ids = _windows_matching(windows, _labels(alert.labels, alert.alert_name))
-        if ids:
-            continue  # an overlapping window still holds it
-        done.append(row["fingerprint"])
-        if row["status"] == "firing":
-            replay.append(alert)
+    replay, done = _released(held, active_windows(conn, now))
     event_ids: list[str] = []
     incident_of: dict[str, str | None] = {}
     if replay:
@@ -159,6 +152,28 @@ def release(conn: Connection, record, now: datetime, batch: int = 500) -> list[s
             WHERE s.fingerprint = x.fingerprint
             """)), {"now": now, "rows": json.dumps([{"fingerprint": f, "incident_id": incident_of.get(f)} for f in done])})
     return event_ids
+
+
+def _released(held, windows: list[dict]) -> tuple[list[Alert], list[str]]:
+    """Of the held rows, the firing alerts to replay and every fingerprint
+    no window holds any more."""
+    replay, done = [], []
+    for row in held:
+        alert = alert_from_json(row["alert"])
+        if _windows_matching(windows, _labels(alert.labels, alert.alert_name)):
+            continue  # an overlapping window still holds it
+        done.append(row["fingerprint"])
+        if row["status"] == "firing":
+            replay.append(alert)
+    return replay, done
+
+
+def due(conn: Connection, now: datetime, batch: int = 500) -> list[Alert]:
+    """The firing alerts the next :func:`release` would replay, read without
+    locking: the intake looks up their topology before the sweep's
+    transaction, so the replay is correlated like a fresh alert."""
+    held = conn.execute(_HELD_FIRING, {"batch": batch}).mappings().all()
+    return _released(held, active_windows(conn, now))[0] if held else []
 
 
 # ---------------------------------------------------------------- windows

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from loopback.kube import FakeKubernetes, deployment, pod, owned_replicaset, statefulset
 from shared.alerts import Alert, label_fingerprint
 from shared.correlation.plan import Correlator
-from shared.correlation.rules import RuleSet, load, parse
+from shared.correlation.rules import DEFAULT_FILE, RuleSet, load, parse
 from shared.correlation.topology import Topology
 from shared.ingest import record_alerts
 
@@ -166,20 +166,77 @@ def bad_rollout(c: Cluster) -> list[list[Item]]:
     return [crash[:2], root, crash[2:] + unrelated]
 
 
+def load_text() -> str:
+    """The shipped rules file, as text."""
+    return DEFAULT_FILE.read_text()
+
+
+def dependency_rules(namespace: str) -> str:
+    """The shipped rules plus declared dependencies of the scenario's
+    services: accounts and orders need the postgres database, frontend
+    needs accounts (so, through it, postgres too)."""
+    return load_text() + f"""
+  - name: dependencies
+    kind: dependency
+    window: 15m
+    services:
+      postgres:
+        workloads: [{namespace}/StatefulSet/postgres]
+        labels: [{{job: postgres, namespace: {namespace}}}]
+      accounts:
+        workloads: [{namespace}/Deployment/accounts]
+      orders:
+        workloads: [{namespace}/Deployment/orders]
+      frontend:
+        workloads: [{namespace}/Deployment/frontend]
+    depends_on:
+      accounts: [postgres]
+      orders: [postgres]
+      frontend: [accounts]
+"""
+
+
 def database_down(c: Cluster) -> list[list[Item]]:
-    """The database's StatefulSet is the root of its pods; its dependents'
-    own Deployment is the root of theirs (a separate incident: nothing in
-    their labels or ownership names the database)."""
+    """The database's StatefulSet is the root of its pods and, by the
+    declared dependencies, of its dependents' alerts too; a Deployment that
+    needs no database, failing at the same moment, stays apart."""
     ns = c.ns
     n1, n2 = c.node("ip-10-0-6-1"), c.node("ip-10-0-6-2")
     db = c.statefulset("postgres", [n1, n2, n1])
     app = c.deployment("accounts", [n1, n2])
+    other = c.deployment("reports", [n2])
     storm = [kp("KubeStatefulSetReplicasMismatch", "db", namespace=ns, statefulset="postgres")]
     storm += [kp("KubePodNotReady", "db", namespace=ns, pod=p) for p in db]
     storm += [kp("KubeContainerWaiting", "db", namespace=ns, pod=db[0], container="app")]
-    dependents = [kp("KubeDeploymentReplicasMismatch", "accounts", namespace=ns, deployment="accounts")]
-    dependents += [kp("KubePodCrashLooping", "accounts", namespace=ns, pod=p, container="app") for p in app]
+    storm += [kp("TargetDown", "db", namespace=ns, job="postgres", service="postgres")]
+    dependents = [kp("KubeDeploymentReplicasMismatch", "db", namespace=ns, deployment="accounts")]
+    dependents += [kp("KubePodCrashLooping", "db", namespace=ns, pod=p, container="app") for p in app]
+    dependents += [kp("KubePodCrashLooping", "reports", namespace=ns, pod=other[0], container="app")]
     return [storm, dependents]
+
+
+def dependency_late(c: Cluster) -> list[list[Item]]:
+    """The dependents fail first (their own incidents open, accounts' pods
+    and then its Deployment, frontend's pods through accounts), then the
+    database's alert arrives: their incidents merge into its incident, the
+    database the root. An application with no declared dependency crashing
+    at the same time stays apart."""
+    ns = c.ns
+    n1, n2 = c.node("ip-10-0-14-1"), c.node("ip-10-0-14-2")
+    db = c.statefulset("postgres", [n1, n2])
+    accounts = c.deployment("accounts", [n1, n2])
+    orders = c.deployment("orders", [n2])
+    frontend = c.deployment("frontend", [n1, n2])
+    lone = c.deployment("search", [n1])
+    first = [kp("KubePodCrashLooping", "db", namespace=ns, pod=p, container="app") for p in accounts]
+    first += [kp("KubePodCrashLooping", "db", namespace=ns, pod=orders[0], container="app")]
+    second = [kp("KubePodNotReady", "db", namespace=ns, pod=p) for p in frontend]
+    second += [kp("KubePodCrashLooping", "search", namespace=ns, pod=lone[0], container="app")]
+    third = [kp("KubeDeploymentReplicasMismatch", "db", namespace=ns, deployment="accounts")]
+    root = [kp("KubeStatefulSetReplicasMismatch", "db", namespace=ns, statefulset="postgres")]
+    later = [kp("KubePodNotReady", "db", namespace=ns, pod=p) for p in db]
+    later += [kp("TargetDown", "db", namespace=ns, job="postgres", service="postgres")]
+    return [first, second, third, root, later]
 
 
 def two_independent(c: Cluster) -> list[list[Item]]:
@@ -277,7 +334,10 @@ SCENARIOS = [
     Scenario("node-lost", "a node lost: 40 pods of 8 deployments, 3 deployments below replicas, 3 unrelated alerts", node_lost),
     Scenario("pods-before-node", "pod alerts arrive first; the node alert merges their incidents", pods_before_node),
     Scenario("bad-rollout", "a rollout stuck, its crash-looping pods before and after it, another deployment crashing", bad_rollout),
-    Scenario("database-down", "a StatefulSet down with its pods; a dependent Deployment crashing", database_down),
+    Scenario("database-down", "a database StatefulSet down with its pods and its dependents; an independent crash apart",
+             database_down, rules=dependency_rules("database-down")),
+    Scenario("dependency-late", "dependents fail first; the database's alert merges their incidents and becomes the root",
+             dependency_late, rules=dependency_rules("dependency-late")),
     Scenario("two-independent", "a node lost and an unrelated rollout, in one batch", two_independent),
     Scenario("flapping-member", "a member resolves and fires again twice while its node is down", flapping_member),
     Scenario("member-resolves", "two members resolve while the others fire", member_resolves),
@@ -312,12 +372,13 @@ def prepare(scenario: Scenario, kube: FakeKubernetes) -> list[list[Item]]:
     return scenario.build(Cluster(kube, scenario.name))
 
 
-def feed(engine, correlator: Correlator, steps: list[list[Item]]) -> None:
+def feed(engine, correlator: Correlator, steps: list[list[Item]], config=None) -> None:
+    """``config``: the Settings noise control reads (default: the process's)."""
     for step in steps:
         alerts = [i.alert() for i in step]
         plan = correlator.plan(alerts)
         with engine.begin() as conn:
-            record_alerts(conn, alerts, "/test", "alertmanager", plan=plan)
+            record_alerts(conn, alerts, "/test", "alertmanager", plan=plan, config=config)
 
 
 # An alert's incident now: its latest membership, or the incident it opened

@@ -14,7 +14,7 @@ from shared.correlation.topology import Topology
 from shared.errors import Conflict
 from shared.members import members_of
 from tests import storms
-from tests.storms import Cluster, kp
+from tests.storms import KUBE_PROMETHEUS, Cluster, kp
 
 SOURCE = "/test"
 
@@ -222,3 +222,109 @@ def test_a_page_carries_the_member_count_and_the_reason(clean_db, kube, settings
     # A lone alert's page is as before.
     lone = {**row, "correlation": {"alert_count": 1, "firing": 1, "latest_reason": None}}
     assert "alert_count" not in trigger_event(settings_obj, lone, "key", "opened", None)["payload"]["custom_details"]
+
+
+def test_a_late_dependency_merges_its_dependents_incidents_and_becomes_the_root(clean_db, kube):
+    ns = "dep"
+    c = Cluster(kube, ns)
+    n1 = c.node("ip-10-0-25-1")
+    db = c.statefulset("postgres", [n1])
+    accounts = c.deployment("accounts", [n1])
+    frontend = c.deployment("frontend", [n1])
+    corr = correlator(kube, parse(storms.dependency_rules(ns), "test"))
+    early = [record(clean_db, corr, [kp("KubePodCrashLooping", "d", namespace=ns, pod=accounts[0], container="app")]).outcomes[0],
+             record(clean_db, corr, [kp("KubePodNotReady", "d", namespace=ns, pod=frontend[0])]).outcomes[0]]
+    # frontend needs accounts: its pod joins the incident of accounts' pod.
+    assert [o.action for o in early] == ["created", "joined"] and early[0].incident_id == early[1].incident_id
+    root = record(clean_db, corr, [kp("KubeStatefulSetReplicasMismatch", "d", namespace=ns, statefulset="postgres")]).outcomes[0]
+    assert root.action == "created"
+    row, timeline, members = incident(clean_db, root.incident_id)
+    assert (row["alert_name"], members[0]["alert_name"], members[0]["is_root"]) == ("KubeStatefulSetReplicasMismatch",) * 2 + (True,)
+    assert len(members) == 3
+    merged_reason = (f"KubePodCrashLooping joined when KubeStatefulSetReplicasMismatch {ns}/postgres arrived: "
+                     "it depends on postgres, where KubeStatefulSetReplicasMismatch fires")
+    assert sorted(m["correlation_reason"] for m in members[1:]) == [
+        f"{merged_reason} (was {name} of incident {early[0].incident_id})" for name in ("KubePodCrashLooping", "KubePodNotReady")]
+    old_row, old_timeline, old_members = incident(clean_db, early[0].incident_id)
+    assert (old_row["status"], old_row["resolved_by"], old_row["merged_into"]) == ("resolved", "merged", root.incident_id)
+    # Its history is kept: the chain frontend -> accounts -> postgres is on it.
+    assert old_members == [] and [t["kind"] for t in old_timeline] == ["opened", "alert_joined", "merged"]
+    assert old_timeline[1]["details"]["reason"] == (f"KubePodNotReady {ns}/{frontend[0]} joined: frontend depends on accounts, "
+                                                    f"where KubePodCrashLooping fires")
+    assert old_timeline[-1]["details"]["reason"] == merged_reason
+    (resolved,) = [e for e in outbox(clean_db) if e["type"].endswith("resolved")]
+    assert (resolved["subject"], resolved["data"]["merged_into"]) == (early[0].incident_id, root.incident_id)
+    # The database's own pod joins the database's incident; the root stays.
+    pod = record(clean_db, corr, [kp("KubePodNotReady", "d", namespace=ns, pod=db[0])]).outcomes[0]
+    assert (pod.action, pod.incident_id) == ("joined", root.incident_id)
+    assert incident(clean_db, root.incident_id)[0]["alert_name"] == "KubeStatefulSetReplicasMismatch"
+
+
+def test_a_dependency_alert_that_joins_takes_over_the_root(clean_db, kube):
+    """The database's pod opened the incident; its StatefulSet's alert joins
+    it (same service) and, ranking higher, becomes the root."""
+    ns = "dep-take"
+    c = Cluster(kube, ns)
+    n1 = c.node("ip-10-0-26-1")
+    db = c.statefulset("postgres", [n1])
+    corr = correlator(kube, parse(storms.dependency_rules(ns), "test"))
+    pod = kp("KubePodNotReady", "d", namespace=ns, pod=db[0])
+    first = record(clean_db, corr, [pod]).outcomes[0]
+    workload = kp("KubeStatefulSetReplicasMismatch", "d", namespace=ns, statefulset="postgres")
+    second = record(clean_db, corr, [workload]).outcomes[0]
+    assert (second.action, second.incident_id) == ("joined", first.incident_id)
+    row, timeline, members = incident(clean_db, first.incident_id)
+    assert (row["alert_name"], row["fingerprint"]) == ("KubeStatefulSetReplicasMismatch", workload.fingerprint)
+    (change,) = [t["details"] for t in timeline if t["kind"] == "root_changed"]
+    assert change["reason"] == (f"KubeStatefulSetReplicasMismatch {ns}/postgres took over as root from KubePodNotReady: "
+                                f"a workload alert (statefulset {ns}/postgres), and postgres is a dependency of accounts, orders "
+                                "(rule dependencies)")
+
+
+LABEL_ROOT_RULES = """
+rules:
+  - name: same-service
+    kind: labels
+    labels: [namespace, service]
+    alerts: [TargetDown, KubeHpaMaxedOut, KubeDeploymentReplicasMismatch]
+    root: [TargetDown, KubeDeploymentReplicasMismatch]
+    window: 10m
+"""
+
+
+def test_a_labels_join_that_ranks_above_the_root_takes_it_over(clean_db, kube):
+    corr = correlator(kube, parse(LABEL_ROOT_RULES, "test"))
+    hpa = kp("KubeHpaMaxedOut", "a", namespace="lbl", horizontalpodautoscaler="svc", service="svc")
+    first = record(clean_db, corr, [hpa]).outcomes[0]
+    mismatch = kp("KubeDeploymentReplicasMismatch", "a", namespace="lbl", deployment="svc", service="svc")
+    target = kp("TargetDown", "a", namespace="lbl", job="svc-metrics", service="svc")
+    target.labels["severity"] = "critical"
+    assert [o.action for o in record(clean_db, corr, [mismatch]).outcomes] == ["joined"]
+    row = incident(clean_db, first.incident_id)[0]
+    assert (row["alert_name"], row["summary"]) == ("KubeDeploymentReplicasMismatch", KUBE_PROMETHEUS["KubeDeploymentReplicasMismatch"]["summary"])
+    out = record(clean_db, corr, [target]).outcomes[0]
+    assert (out.action, out.incident_id) == ("joined", first.incident_id)
+    row, timeline, members = incident(clean_db, first.incident_id)
+    assert (row["alert_name"], row["summary"], row["fingerprint"], row["priority"]) == (
+        "TargetDown", KUBE_PROMETHEUS["TargetDown"]["summary"], target.fingerprint, "P0")
+    assert row["labels"] == target.labels
+    assert [(m["alert_name"], m["is_root"]) for m in members] == [
+        ("TargetDown", True), ("KubeHpaMaxedOut", False), ("KubeDeploymentReplicasMismatch", False)]
+    changes = [t["details"] for t in timeline if t["kind"] == "root_changed"]
+    assert [(c["from_alert_name"], c["alert_name"]) for c in changes] == [
+        ("KubeHpaMaxedOut", "KubeDeploymentReplicasMismatch"), ("KubeDeploymentReplicasMismatch", "TargetDown")]
+    assert changes[-1]["reason"] == ("TargetDown svc took over as root from KubeDeploymentReplicasMismatch: "
+                                     "TargetDown is first in rule same-service's root list")
+    assert changes[-1]["from"] == mismatch.fingerprint and changes[-1]["to"] == target.fingerprint
+    # A lower-ranked peer joining later leaves the root alone.
+    peer = kp("KubeHpaMaxedOut", "a", namespace="lbl", horizontalpodautoscaler="svc-2", service="svc")
+    assert record(clean_db, corr, [peer]).outcomes[0].action == "joined"
+    assert incident(clean_db, first.incident_id)[0]["alert_name"] == "TargetDown"
+    # Each member still resolves on its own, the new root and the old ones alike.
+    again = record(clean_db, corr, [hpa]).outcomes[0]
+    assert (again.action, again.incident_id) == ("refreshed", first.incident_id)
+    for item in (target, hpa, mismatch):
+        assert record(clean_db, corr, [storms.Item(item.labels, "a", "resolved")]).outcomes[0].incident_id == first.incident_id
+        assert incident(clean_db, first.incident_id)[0]["status"] == "open"
+    record(clean_db, corr, [storms.Item(peer.labels, "a", "resolved")])
+    assert incident(clean_db, first.incident_id)[0]["status"] == "resolved"

@@ -4,6 +4,7 @@ sends every alert to both) group it exactly as one replica does."""
 import random
 import threading
 
+import pytest
 import requests
 import sqlalchemy as sa
 
@@ -41,10 +42,20 @@ def storm(steps, shuffled_seed):
     return [items[n:n + 7] for n in range(0, len(items), 7)]
 
 
-def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env):
-    scenario = next(s for s in storms.SCENARIOS if s.name == "node-lost")
+def roots(engine) -> list[str]:
+    """The root alert of every active incident."""
+    with engine.connect() as conn:
+        return sorted(conn.execute(sa.text("SELECT alert_name FROM incidents WHERE status IN ('open', 'investigating')")).scalars())
+
+
+@pytest.mark.parametrize("name", ["node-lost", "dependency-late"])
+def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env, tmp_path, name):
+    scenario = next(s for s in storms.SCENARIOS if s.name == name)
     steps = storms.prepare(scenario, kube)
     env = {**base_env, "KUBECONFIG": str(kube.kubeconfig_path)}
+    if scenario.rules:
+        (tmp_path / "correlation.yaml").write_text(scenario.rules)
+        env["CORRELATION_FILE"] = str(tmp_path / "correlation.yaml")
     one = FunctionProcess("intake", env).start()
     two = FunctionProcess("intake", env).start()
     try:
@@ -52,6 +63,7 @@ def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env):
             post(one.url, step)
         alone, alone_got = partition(clean_db, steps)
         assert storms.score(steps, alone_got).precision == 1.0 and storms.score(steps, alone_got).recall == 1.0
+        alone_roots = roots(clean_db)
 
         truncate(clean_db)
         # Each replica in its own order (pods before their node, too), at once.
@@ -72,6 +84,8 @@ def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env):
         assert not errors
         together, _ = partition(clean_db, steps)
         assert together == alone
+        # The same cause is the root, whichever replica saw what first.
+        assert roots(clean_db) == alone_roots
         with clean_db.connect() as conn:
             # A fingerprint is a member of at most one active incident.
             doubled = conn.execute(sa.text(

@@ -1,8 +1,12 @@
 """Loading correlation.yaml: the shipped rules, and errors that name the
 file, the rule and the field."""
 
+import os
+
 import pytest
 
+from shared.config import load_settings
+from shared.correlation import topology
 from shared.correlation.plan import Correlator
 from shared.correlation.rules import DEFAULT_FILE, CorrelationConfigError, LabelsRule, TopologyRule, load, parse
 from tests.storms import KUBE_PROMETHEUS
@@ -32,6 +36,17 @@ def test_correlation_file_replaces_the_shipped_rules(tmp_path):
     ("rules:\n  - {name: d, kind: topology, scope: node, root_alerts: [X], nodes: [y]}\n",
      "rule 'd' (rules[0]), field nodes: Extra inputs are not permitted"),
     ("rules:\n  - {name: e, kind: labels, labels: [x]}\n  - {name: e, kind: labels, labels: [y]}\n", "rule 'e', field name: defined twice"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {workloads: [shop/StatefulSet/db]}}, depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field depends_on: Value error, app: names 'app', which is not under services"),
+    ("rules:\n  - {name: d, kind: dependency, services: {a: {labels: [{job: a}]}, b: {labels: [{job: b}]}},"
+     " depends_on: {a: [b], b: [a]}}\n", "rule 'd' (rules[0]), field depends_on: Value error, a cycle: a -> b -> a"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {workloads: [shop/Pod/db-0]}, app: {labels: [{job: app}]}},"
+     " depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field services.db.workloads: Value error, 'shop/Pod/db-0' is not namespace/Kind/name"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {}, app: {labels: [{job: app}]}}, depends_on: {app: [db]}}\n",
+     "rule 'd' (rules[0]), field services.db: Value error, names neither workloads nor labels"),
+    ("rules:\n  - {name: d, kind: dependency, services: {db: {labels: [{job: ''}]}}, depends_on: {db: []}}\n",
+     "rule 'd' (rules[0]), field services.db.labels: Value error, every label set needs at least one label"),
     ("rules: [\n", "not YAML"),
     ("- a\n", "expected a mapping with 'rules'"),
 ])
@@ -47,24 +62,30 @@ def test_missing_file_is_named(tmp_path):
         load(str(tmp_path / "nope.yaml"))
 
 
-def test_without_kubernetes_topology_rules_say_so_once_and_label_rules_still_apply(caplog):
+def test_without_kubernetes_or_prometheus_topology_rules_say_so_once_and_label_rules_still_apply(caplog, monkeypatch, tmp_path):
     rules = parse("rules:\n  - {name: n, kind: topology, scope: node, root_alerts: [KubeNodeNotReady]}\n"
                   "  - {name: s, kind: labels, labels: [service]}\n", "x")
     assert isinstance(rules.rules[0], TopologyRule)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    said = "Topology correlation rules have neither a Kubernetes API nor kube-state-metrics (PROMETHEUS_URL) to read; only label rules apply"
 
-    class NoKube:
-        def configured(self):
-            return False
+    def never():
+        raise AssertionError("no Kubernetes client is made without a configuration")
 
-    correlator = Correlator(rules, NoKube())
-    assert [r.message for r in caplog.records].count(
-        "Topology correlation rules have no Kubernetes API to read; only label rules apply") == 1
+    correlator = Correlator(rules, topology.from_settings(load_settings({**os.environ, "PROMETHEUS_URL": ""}), never))
     from tests.storms import Item
 
     pod = Item({"alertname": "KubePodNotReady", "severity": "warning", "namespace": "a", "pod": "p", "service": "s"}, "g")
-    (links,) = correlator.plan([pod.alert()]).values()
-    assert list(links.seeks) == ["labels:s:s"]  # the label rule; no node lookup
+    for _ in range(3):
+        (links,) = correlator.plan([pod.alert()]).values()
+        assert list(links.seeks) == ["labels:s:s"]  # the label rule; no node lookup
+    assert [r.message for r in caplog.records].count(said) == 1
     assert DEFAULT_FILE.name == "correlation.yaml"
+    # With PROMETHEUS_URL, kube-state-metrics is a source: nothing to say.
+    caplog.clear()
+    Correlator(rules, topology.from_settings(load_settings({**os.environ, "PROMETHEUS_URL": "http://127.0.0.1:9"}), never))
+    assert said not in [r.message for r in caplog.records]
 
 
 def test_the_intake_reads_topology_with_read_only_rights_and_mounts_the_rules():
@@ -88,3 +109,20 @@ def test_the_intake_reads_topology_with_read_only_rights_and_mounts_the_rules():
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert env["CORRELATION_FILE"] == "/etc/incident-response/correlation/correlation.yaml"
     assert load(str(base / "config" / "correlation.yaml")) == load()
+
+
+def test_dependency_levels_put_the_deepest_dependency_first():
+    from tests.storms import dependency_rules
+
+    (rule,) = parse(dependency_rules("shop"), "test").dependency
+    assert rule.levels() == {"postgres": 2, "accounts": 1, "orders": 0, "frontend": 0}
+    assert rule.needs("frontend") == [("accounts", ["frontend", "accounts"]), ("postgres", ["frontend", "accounts", "postgres"])]
+
+
+def test_the_dependency_example_in_the_shipped_file_is_a_valid_rule():
+    lines = DEFAULT_FILE.read_text().splitlines()
+    start = lines.index("  # - name: dependencies")
+    example = [line.replace("  # ", "  ", 1) for line in lines[start:] if line.startswith("  # ")]
+    (rule,) = parse("rules:\n" + "\n".join(example) + "\n", "example").dependency
+    assert rule.levels() == {"postgres": 1, "kafka": 1, "email": 0}
+    assert load().dependency == []  # the edges are a site's own: none ship

@@ -176,3 +176,30 @@ def test_source_becomes_text_and_back_without_losing_rows(scratch_url):
         assert _sources(engine) == before
     finally:
         engine.dispose()
+
+
+def test_stored_node_roots_take_the_node_rank_and_back(scratch_url):
+    from shared.correlation.plan import RANK_NODE
+
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+
+    def ranks():
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.text("SELECT fingerprint, rank FROM incident_members ORDER BY fingerprint")).all())
+
+    try:
+        migrate.upgrade(scratch_url, "0014")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO incidents (id, alert_name, priority, status, fingerprint) "
+                                 "VALUES ('i', 'KubeNodeNotReady', 'P1', 'open', 'node')"))
+            conn.execute(sa.text(
+                "INSERT INTO incident_members (incident_id, fingerprint, alert_name, priority, status, is_root, rank, provides, seeks) "
+                "VALUES ('i', 'node', 'KubeNodeNotReady', 'P1', 'firing', true, 30, '{node:n1}', '{node:n1}'), "
+                "       ('i', 'pod', 'KubePodNotReady', 'P1', 'firing', false, 0, '{}', '{node:n1}'), "
+                "       ('i', 'labels', 'TargetDown', 'P1', 'firing', false, 30, '{labels:r:x}', '{labels:r:x}')"))
+        migrate.upgrade(scratch_url, "0015")
+        assert ranks() == {"labels": 30, "node": RANK_NODE, "pod": 0}
+        migrate.downgrade(scratch_url, "0014")
+        assert ranks() == {"labels": 30, "node": 30, "pod": 0}
+    finally:
+        engine.dispose()

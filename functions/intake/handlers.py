@@ -15,6 +15,7 @@ from shared import db, eventio, events, incidents, noise, reconcile, retention
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
+from shared.correlation import replay
 from shared.correlation.plan import Correlator
 from shared.errors import BadRequest, ServiceUnavailable
 from shared.http import TOO_DEEP, Route, check_bearer, parse_json_body, read_body, storable_text
@@ -61,6 +62,11 @@ class Intake:
             return self._record_swept(conn, alerts, actor, plan)
 
     def _record_swept(self, conn, alerts: Sequence[Alert], actor: str, plan=None) -> incidents.RecordResult:
+        if plan is None and self.correlator is not None and self.correlator.active:
+            # A replay of the noise-control sweep (a held alert released, a
+            # silent pipeline) is correlated like a fresh alert; inside the
+            # sweep's transaction, topology only from what sweep() looked up.
+            plan = self.correlator.plan(alerts, fetch=False)
         return incidents.record_alerts(conn, alerts, self.config.event_source, actor, self.config.reopen_window_seconds,
                                        config=self.config, plan=plan)
 
@@ -150,6 +156,8 @@ class Intake:
     def sweep(self, request: Request) -> dict:
         """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
         reconcile.run_safely(db.engine(), self.config)
+        if self.correlator is not None and self.correlator.active:
+            replay.look_up_topology(db.engine(), self.correlator)
         # Held alerts whose window ended, flapping that settled, silent pipelines.
         self.publisher.submit(noise.sweep(db.engine(), self.config, self._record_swept))
         report = self.publisher.sweep()

@@ -25,10 +25,10 @@ def ROUTES() -> list[Route]:
     from functions.intake.handlers import Intake
     from shared import kube
     from shared.correlation.plan import Correlator
-    from shared.correlation.topology import Topology
+    from shared.correlation import topology
     from shared.publisher import Publisher
 
-    intake_ = Intake(config, Publisher(config), correlator=Correlator(_rules, Topology(kube.api_client)))
+    intake_ = Intake(config, Publisher(config), correlator=Correlator(_rules, topology.from_settings(config, kube.api_client)))
     return [
         Route("GET", "/health", health, auth=False),
         # One route per path each source declares; the CloudEvent routes also

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "functions" / "intake" / "correlation.yaml"
 _DURATION = re.compile(r"^([0-9]+)(s|m|h)$")
@@ -57,7 +57,8 @@ class LabelsRule(_Rule):
     kind: Literal["labels"]
     labels: list[str] = Field(min_length=1)
     alerts: list[str] = Field(default_factory=list)
-    root: list[str] = Field(default_factory=list)
+    # At most nine: a labels root ranks below a workload root (plan.py).
+    root: list[str] = Field(default_factory=list, max_length=9)
 
 
 class TopologyRule(_Rule):
@@ -75,7 +76,127 @@ class TopologyRule(_Rule):
     node_labels: list[str] = Field(default_factory=lambda: ["node", "instance"])
 
 
-Rule = Annotated[Union[LabelsRule, TopologyRule], Field(discriminator="kind")]
+WORKLOAD = re.compile(r"^[a-z0-9][a-z0-9.-]*/(Deployment|StatefulSet|DaemonSet)/[a-z0-9][a-z0-9.-]*$")
+
+
+class Service(BaseModel):
+    """How the alerts of one service of a ``dependency`` rule are known: by
+    its workloads (``namespace/Kind/name``: the workload's own alerts and,
+    through topology, its pods' alerts) and/or by label sets (an alert with
+    every label of one set equal is about the service)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workloads: list[str] = Field(default_factory=list)
+    labels: list[dict[str, str]] = Field(default_factory=list)
+
+    @field_validator("workloads")
+    @classmethod
+    def _workloads(cls, value: list[str]) -> list[str]:
+        for text in value:
+            if not WORKLOAD.match(text):
+                raise ValueError(f"{text!r} is not namespace/Kind/name with Kind Deployment, StatefulSet or DaemonSet")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        for matcher in value:
+            if not matcher or not all(k.strip() and v.strip() for k, v in matcher.items()):
+                raise ValueError("every label set needs at least one label, each with a value")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> "Service":
+        if not (self.workloads or self.labels):
+            raise ValueError("names neither workloads nor labels, so no alert is about it")
+        return self
+
+
+class DependencyRule(_Rule):
+    """Declared edges between services: ``depends_on`` maps a service to the
+    services it needs, each described under ``services``. An alert about a
+    dependency is the root over the alerts of its dependents (a database
+    down over the applications that need it), and a dependent's alert joins
+    the incident of its dependency's alert. ``window``: how long before the
+    dependency's alert its dependents' own incidents may be merged into it."""
+
+    kind: Literal["dependency"]
+    services: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")], Service] = Field(min_length=1, max_length=500)
+    depends_on: dict[str, list[str]] = Field(min_length=1)
+
+    @field_validator("depends_on")
+    @classmethod
+    def _edges(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        services = info.data.get("services")
+        if services is None:
+            return value  # `services` failed already; that error is the one to read
+        for dependent, needs in value.items():
+            for name in [dependent, *needs]:
+                if name not in services:
+                    raise ValueError(f"{dependent}: names {name!r}, which is not under services")
+            if dependent in needs:
+                raise ValueError(f"{dependent}: depends on itself")
+        cycle = _cycle(value)
+        if cycle:
+            raise ValueError("a cycle: " + " -> ".join(cycle))
+        return value
+
+    def levels(self) -> dict[str, int]:
+        """How many dependency steps lie below each service: 0 for a service
+        nothing depends on, 1 for what those need, and so on. The root of an
+        incident is the alert of the deepest dependency among its members."""
+        dependents: dict[str, list[str]] = {}
+        for dependent, needs in self.depends_on.items():
+            for name in needs:
+                dependents.setdefault(name, []).append(dependent)
+        memo: dict[str, int] = {}
+
+        def level(name: str) -> int:
+            if name not in memo:
+                memo[name] = 1 + max((level(d) for d in dependents[name]), default=-1) if name in dependents else 0
+            return memo[name]
+
+        return {name: level(name) for name in self.services}
+
+    def needs(self, service: str) -> list[tuple[str, list[str]]]:
+        """Every service ``service`` depends on, directly or not, each with
+        the chain that leads to it (for the reason a person reads)."""
+        found: dict[str, list[str]] = {}
+        todo = [(service, [service])]
+        while todo:
+            name, chain = todo.pop(0)
+            for need in self.depends_on.get(name, []):
+                if need not in found:
+                    found[need] = chain + [need]
+                    todo.append((need, chain + [need]))
+        return sorted(found.items())
+
+
+def _cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if state.get(name) == 1:
+            return path[path.index(name):] + [name]
+        if state.get(name) == 2:
+            return None
+        state[name] = 1
+        for need in edges.get(name, []):
+            found = visit(need, path + [name])
+            if found:
+                return found
+        state[name] = 2
+        return None
+
+    for start in sorted(edges):
+        found = visit(start, [])
+        if found:
+            return found
+    return None
+
+
+Rule = Annotated[Union[LabelsRule, TopologyRule, DependencyRule], Field(discriminator="kind")]
 
 
 class RuleSet(BaseModel):
@@ -91,6 +212,10 @@ class RuleSet(BaseModel):
     def labels(self) -> list[LabelsRule]:
         return [r for r in self.rules if isinstance(r, LabelsRule)]
 
+    @property
+    def dependency(self) -> list[DependencyRule]:
+        return [r for r in self.rules if isinstance(r, DependencyRule)]
+
 
 def _where(error: dict, raw: dict) -> str:
     """``rule 'node-lost' (rules[0]), field window`` from a pydantic error location."""
@@ -102,7 +227,7 @@ def _where(error: dict, raw: dict) -> str:
         name = rule.get("name") if isinstance(rule, dict) else None
         rest = loc[2:]
         # The discriminated union adds the kind to the path; it is not a field.
-        if rest and rest[0] in ("labels", "topology"):
+        if rest and rest[0] in ("labels", "topology", "dependency"):
             rest = rest[1:]
         field = ".".join(str(p) for p in rest) or "kind"
         return f"rule {name!r} (rules[{index}]), field {field}" if name else f"rules[{index}], field {field}"

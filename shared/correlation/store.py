@@ -5,7 +5,8 @@ takes transaction-scoped advisory locks on every key and fingerprint the
 batch touches, in one sorted statement, so two intake replicas receiving the
 same storm decide one after the other and reach the grouping one would
 alone; then it reads, in one statement, the active incidents that offer or
-look for those keys (locking them, so no incident resolves under a join).
+look for those keys (locking them, so no incident resolves under a join)
+and the batch's alerts that already are an incident's root.
 :func:`apply` writes what was decided once the batch's new incidents exist.
 """
 
@@ -29,28 +30,39 @@ LOCK_KEYS = sa.text(
     "(SELECT DISTINCT k FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS s"
 )
 
+# The members of active incidents that offer or look for the batch's keys,
+# or are the batch's alerts, their incidents locked in id order; then the
+# batch's alerts that are an active incident's own (member-less) root. One
+# statement. The members are found first (the CTE is materialized), then
+# each one's incident by primary key, locked in id order, and each alert's
+# active incident by fingerprint: never a pass over every active incident,
+# whatever the planner's statistics say of tables a storm has just filled.
 CANDIDATES = sa.text(compact(
     f"""
-    SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks,
-           (i.fingerprint = m.fingerprint) AS is_root,
-           COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
-               AS root_rank,
-           EXTRACT(EPOCH FROM ({UTC_NOW} - m.last_seen_at)) AS idle,
-           EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
-    FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-    WHERE i.status IN ('open', 'investigating')
-      AND (m.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
-           OR (m.provides <> '{{}}' AND m.provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
-           OR (m.seeks <> '{{}}' AND m.seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb)))))
-    ORDER BY i.id
-    FOR UPDATE OF i
+    WITH found AS MATERIALIZED (
+        SELECT incident_id, fingerprint, alert_name, provides, seeks, last_seen_at FROM incident_members
+        WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
+           OR (provides <> '{{}}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
+           OR (seeks <> '{{}}' AND seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb))))
+    ),
+    locked AS (
+        SELECT m.incident_id, m.fingerprint, m.alert_name, m.provides, m.seeks, i.alert_name AS root_name,
+               (i.fingerprint = m.fingerprint) AS is_root,
+               COALESCE((SELECT r.rank FROM incident_members r WHERE r.incident_id = i.id AND r.fingerprint = i.fingerprint), 0)
+                   AS root_rank,
+               EXTRACT(EPOCH FROM ({UTC_NOW} - m.last_seen_at)) AS idle,
+               EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
+        FROM (SELECT * FROM found ORDER BY incident_id) AS m
+        CROSS JOIN LATERAL (SELECT id, fingerprint, alert_name, created_at FROM incidents
+                            WHERE id = m.incident_id AND status IN ('open', 'investigating') FOR UPDATE) AS i
+    )
+    SELECT *, false AS lone_root FROM locked
+    UNION ALL
+    SELECT NULL, f.fp, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+    FROM unnest(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))) AS f(fp)
+    CROSS JOIN LATERAL (SELECT 1 FROM incidents WHERE fingerprint = f.fp AND status IN ('open', 'investigating') LIMIT 1) AS a
     """
 ))
-
-ACTIVE_ROOTS = sa.text(
-    "SELECT fingerprint FROM incidents WHERE status IN ('open', 'investigating') "
-    "AND fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))"
-)
 
 INSERT_MEMBERS = sa.text(compact(
     f"""
@@ -82,6 +94,30 @@ RESOLVE_MERGED = sa.text(compact(
            updated_at = {UTC_NOW}, merged_into = :into
     WHERE id = :old AND status IN ('open', 'investigating')
     RETURNING *
+    """
+))
+
+# A member that ranks above the root takes over: the incident's fingerprint,
+# name, summary, description, labels and annotations become its (diagnostics,
+# remediation and pages read them), the old root stays a member. The
+# fingerprint moves with the root, so the root's resolve still finds it.
+TAKE_OVER = sa.text(compact(
+    f"""
+    WITH old_root AS (
+        UPDATE incident_members m SET is_root = false, correlation_reason = :old_reason
+        FROM incidents i
+        WHERE i.id = :id AND m.incident_id = i.id AND m.fingerprint = i.fingerprint AND m.fingerprint <> :fp
+        RETURNING m.fingerprint, m.alert_name
+    ),
+    new_root AS (
+        UPDATE incident_members SET is_root = true, correlation_reason = :new_reason
+        WHERE incident_id = :id AND fingerprint = :fp
+        RETURNING fingerprint
+    )
+    UPDATE incidents SET fingerprint = :fp, alert_name = :alert_name, summary = :summary, description = :description,
+           labels = CAST(:labels AS jsonb), annotations = CAST(:annotations AS jsonb), updated_at = {UTC_NOW}
+    WHERE id = :id AND status IN ('open', 'investigating') AND EXISTS (SELECT 1 FROM new_root)
+    RETURNING (SELECT fingerprint FROM old_root) AS old_fingerprint, (SELECT alert_name FROM old_root) AS old_alert_name
     """
 ))
 
@@ -119,12 +155,14 @@ class _Provider:
     root_rank: int
     age: float
     idle: float
+    root_name: str = ""
 
 
 @dataclass
 class Decision:
     joins: dict[str, tuple[str, str]] = field(default_factory=dict)  # fingerprint -> (target, reason)
     merges: dict[str, tuple[str, str]] = field(default_factory=dict)  # incident id -> (target, reason)
+    takeovers: dict[str, tuple[str, str]] = field(default_factory=dict)  # incident id -> (new root's fingerprint, reason)
     touched: set[str] = field(default_factory=set)  # fingerprints already members of an active incident
 
 
@@ -132,6 +170,20 @@ def _provider_text(key: str, alert_name: str) -> str:
     if key.startswith("labels:"):
         return f"as {alert_name} (rule {key.split(':', 2)[1]})"
     return f"where {alert_name} fires"
+
+
+def _sought_text(key: str) -> str:
+    """Why an incident's root looked for ``key`` (its member row keeps the
+    key, not the sentence)."""
+    kind, _, rest = key.partition(":")
+    if kind == "node":
+        return f"it runs on node {rest}"
+    if kind == "workload":
+        namespace, workload_kind, name = rest.split("/", 2)
+        return f"it belongs to {workload_kind.lower()} {namespace}/{name}"
+    if kind == "dependency":
+        return f"it depends on {rest.split(':', 1)[1]}"
+    return f"same {rest.split(':', 1)[1]}"
 
 
 def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Decision:
@@ -144,17 +196,17 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     fps = sorted(a.fingerprint for a in keyed)
     lock = [lock_id("key:" + k) for k in set(seeks) | set(provides)] + [lock_id("fp:" + fp) for fp in fps]
     conn.execute(LOCK_KEYS, {"keys": sorted(set(lock))})
-    rows = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
-                                     "provides": json.dumps(provides)}).mappings().all()
+    found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
+                                      "provides": json.dumps(provides)}).mappings().all()
+    rows = [r for r in found if not r["lone_root"]]
     wanted = set(fps)
-    decision.touched = {r["fingerprint"] for r in rows if r["fingerprint"] in wanted}
     # A lone incident's alert has no member row: it is touched all the same.
-    decision.touched |= set(conn.execute(ACTIVE_ROOTS, {"fps": json.dumps(fps)}).scalars())
+    decision.touched = {r["fingerprint"] for r in found if r["fingerprint"] in wanted}
     providers: dict[str, list[_Provider]] = {}
     for r in rows:
         for key in r["provides"] or ():
             providers.setdefault(key, []).append(
-                _Provider(r["incident_id"], r["alert_name"], r["root_rank"], float(r["age"]), float(r["idle"])))
+                _Provider(r["incident_id"], r["alert_name"], r["root_rank"], float(r["age"]), float(r["idle"]), r["root_name"]))
     roots_seeking: dict[str, list[dict]] = {}
     for r in rows:
         if r["is_root"]:
@@ -179,6 +231,16 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
             _, p, key, why = best
             decision.joins[alert.fingerprint] = (p.target, f"{subject(alert)} joined: {why}, {_provider_text(key, p.alert_name)}")
             target, root_rank = p.target, p.root_rank
+            if links.rank > root_rank and not target.startswith("new:"):
+                # It ranks above the root it joins (a labels rule's root list,
+                # a dependency over its dependents): it becomes the root.
+                decision.takeovers[target] = (
+                    alert.fingerprint, f"{subject(alert)} took over as root from {p.root_name}: {links.rank_reason}")
+                root_rank = links.rank
+                for listed in providers.values():
+                    for other in listed:
+                        if other.target == target:
+                            other.root_rank, other.root_name = root_rank, alert.alert_name
         else:
             target, root_rank = f"new:{alert.fingerprint}", links.rank
         # A late root: the incidents its symptoms opened (their root seeks
@@ -189,8 +251,8 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
             for r in roots_seeking.get(key, ()):
                 if window and r["root_rank"] < root_rank and float(r["age"]) <= window \
                         and r["incident_id"] not in decision.merges and r["incident_id"] != target:
-                    decision.merges[r["incident_id"]] = (
-                        target, f"{r['alert_name']} joined when {subject(alert)} arrived: {_provider_text(key, alert.alert_name)}")
+                    decision.merges[r["incident_id"]] = (target, f"{r['alert_name']} joined when {subject(alert)} arrived: "
+                                                                 f"{_sought_text(key)}, {_provider_text(key, alert.alert_name)}")
         for key in links.provides:
             providers.setdefault(key, []).append(_Provider(target, alert.alert_name, root_rank, 0.0, 0.0))
     return decision
@@ -237,6 +299,18 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
                                      {"fingerprint": fp, "alert_name": alert.alert_name, "reason": reason}))
     if rows:
         conn.execute(INSERT_MEMBERS, {"rows": json.dumps(rows)})
+    for incident_id, (fp, reason) in sorted(decision.takeovers.items()):
+        if resolve(incident_id) != incident_id or joined.get(fp) != incident_id:
+            continue  # merged away in this batch: the survivor's root stands
+        alert = by_fp[fp]
+        done = conn.execute(TAKE_OVER, {
+            "id": incident_id, "fp": fp, "alert_name": alert.alert_name, "summary": alert.summary,
+            "description": alert.description, "labels": json.dumps(alert.labels), "annotations": json.dumps(alert.annotations),
+            "new_reason": f"root: {reason}", "old_reason": f"root until {subject(alert)} took over"}).mappings().first()
+        if done is not None:
+            timeline.append(timeline_row(incident_id, "root_changed", actor, {
+                "from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
+                "alert_name": alert.alert_name, "reason": reason}))
     touched_incidents = set(joined.values())
     for old, (target, reason) in sorted(decision.merges.items()):
         into = resolve(target)

@@ -1,10 +1,13 @@
-"""Where a pod runs and which workload owns it, from the Kubernetes API.
+"""Where a pod runs and which workload owns it: from the Kubernetes API
+(:class:`Topology`) and/or from kube-state-metrics series in Prometheus
+(:class:`KubeStateMetrics`), the first answering of :class:`Sources`.
 
-Read-only (get pods, replicasets, deployments, statefulsets, daemonsets;
-list pods), every call bounded by a timeout, every answer cached briefly:
-a storm of a node's pods asks about each pod once, and a workload once.
-A failed call makes that alert fall back to label rules; it never fails the
-intake. Called before the intake's transaction, never inside it.
+Read-only, every call bounded by a timeout, every answer cached briefly: a
+storm of a node's pods asks about each pod once (the API) or about each
+namespace once (Prometheus). A failed call makes that alert fall back to
+label rules; it never fails the intake. Called before the intake's
+transaction; inside one (the sweep's replays) only what is cached is read
+(``fetch=False``), so no network call ever holds a transaction open.
 """
 
 from __future__ import annotations
@@ -67,12 +70,14 @@ class Topology:
         client (its import costs a cold start ~0.4 s; the first lookup pays it)."""
         return self._configured()
 
-    def _cached(self, key: tuple, fetch: Callable[[], object]):
+    def _cached(self, key: tuple, fetch: Callable[[], object], lookup: bool = True):
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
             if hit and hit[0] > now:
                 return hit[1]
+        if not lookup:
+            return None
         try:
             value, ttl = fetch(), self.ttl
         except Exception as exc:  # noqa: BLE001 - topology is best effort; label rules still apply
@@ -92,13 +97,13 @@ class Topology:
                 return ref.kind, ref.name
         return None
 
-    def placement(self, namespace: str, pod: str) -> Placement | None:
+    def placement(self, namespace: str, pod: str, fetch: bool = True) -> Placement | None:
         apis = self._api()
         if apis is None:
             return None
         core, apps = apis
 
-        def fetch():
+        def read():
             obj = core.read_namespaced_pod(pod, namespace, _request_timeout=self.timeout)
             owner = self._owner(obj.metadata)
             if owner and owner[0] == "ReplicaSet":
@@ -108,9 +113,9 @@ class Topology:
             workload = owner if owner and owner[0] in WORKLOAD_KINDS else None
             return Placement(obj.spec.node_name if obj.spec else None, workload)
 
-        return self._cached(("pod", namespace, pod), fetch)
+        return self._cached(("pod", namespace, pod), read, fetch)
 
-    def workload_nodes(self, namespace: str, kind: str, name: str) -> set[str]:
+    def workload_nodes(self, namespace: str, kind: str, name: str, fetch: bool = True) -> set[str]:
         """The nodes the workload's pods run on (its selector's pods)."""
         apis = self._api()
         if apis is None:
@@ -119,7 +124,7 @@ class Topology:
         readers = {"Deployment": apps.read_namespaced_deployment, "StatefulSet": apps.read_namespaced_stateful_set,
                    "DaemonSet": apps.read_namespaced_daemon_set}
 
-        def fetch():
+        def read():
             obj = readers[kind](name, namespace, _request_timeout=self.timeout)
             selector = (obj.spec.selector.match_labels or {}) if obj.spec and obj.spec.selector else {}
             if not selector:
@@ -128,4 +133,142 @@ class Topology:
                                             _request_timeout=self.timeout)
             return frozenset(p.spec.node_name for p in pods.items if p.spec and p.spec.node_name)
 
-        return set(self._cached(("workload", namespace, kind, name), fetch) or ())
+        return set(self._cached(("workload", namespace, kind, name), read, fetch) or ())
+
+
+# kube-state-metrics: pod -> node and pod -> owner, ReplicaSet -> Deployment.
+KSM_SERIES = ("kube_pod_info", "kube_pod_owner", "kube_replicaset_owner")
+
+
+class KubeStateMetrics:
+    """The same answers from kube-state-metrics series in Prometheus
+    (``PROMETHEUS_URL``, as diagnostics reads it): ``kube_pod_info`` (the
+    pod's node), ``kube_pod_owner`` (ReplicaSet, StatefulSet or DaemonSet)
+    and ``kube_replicaset_owner`` (ReplicaSet -> Deployment). One instant
+    query per namespace fetches all three for every pod of it, cached like
+    the API's answers, so a storm of one namespace's pods costs one query."""
+
+    def __init__(self, url: str, timeout: float = TIMEOUT_SECONDS, ttl: float = CACHE_SECONDS):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, dict | None]] = {}
+        self._lock = threading.Lock()
+
+    available = True
+
+    def configured(self) -> bool:
+        return bool(self.url)
+
+    def _query(self, namespace: str) -> list[dict]:
+        import requests
+
+        from shared.templating import promql_string
+
+        promql = '{__name__=~"%s",namespace="%s"}' % ("|".join(KSM_SERIES), promql_string(namespace))
+        response = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=self.timeout)
+        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if response.status_code != 200 or body.get("status") != "success":
+            raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
+        return [series["metric"] for series in body["data"]["result"]]
+
+    def _namespace(self, namespace: str, fetch: bool) -> dict | None:
+        """pod -> Placement for every pod kube-state-metrics knows in it."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(namespace)
+            if hit and hit[0] > now:
+                return hit[1]
+        if not fetch:
+            return None
+        try:
+            value, ttl = _placements(self._query(namespace)), self.ttl
+        except Exception as exc:  # noqa: BLE001 - topology is best effort; label rules still apply
+            value, ttl = None, FAILURE_CACHE_SECONDS
+            log.warning("kube-state-metrics topology lookup failed",
+                        extra={"lookup": namespace, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        with self._lock:
+            if len(self._cache) > 5_000:
+                self._cache.clear()
+            self._cache[namespace] = (now + ttl, value)
+        return value
+
+    def placement(self, namespace: str, pod: str, fetch: bool = True) -> Placement | None:
+        return (self._namespace(namespace, fetch) or {}).get(pod)
+
+    def workload_nodes(self, namespace: str, kind: str, name: str, fetch: bool = True) -> set[str]:
+        pods = self._namespace(namespace, fetch) or {}
+        return {p.node for p in pods.values() if p.workload == (kind, name) and p.node}
+
+
+def _placements(series: list[dict]) -> dict[str, Placement]:
+    nodes: dict[str, str] = {}
+    owners: dict[str, tuple[str, str]] = {}
+    replicasets: dict[str, tuple[str, str]] = {}
+    for labels in series:
+        name = labels.get("__name__")
+        if name == "kube_pod_info" and labels.get("pod") and labels.get("node"):
+            nodes[labels["pod"]] = labels["node"]
+        elif name == "kube_pod_owner" and labels.get("pod") and labels.get("owner_kind") not in (None, "", "<none>"):
+            # The controller's reference wins over any other owner.
+            if labels.get("owner_is_controller") == "true" or labels["pod"] not in owners:
+                owners[labels["pod"]] = (labels["owner_kind"], labels.get("owner_name", ""))
+        elif name == "kube_replicaset_owner" and labels.get("replicaset") and labels.get("owner_kind") not in (None, "", "<none>"):
+            if labels.get("owner_is_controller") == "true" or labels["replicaset"] not in replicasets:
+                replicasets[labels["replicaset"]] = (labels["owner_kind"], labels.get("owner_name", ""))
+    placements = {}
+    for pod in set(nodes) | set(owners):
+        owner = owners.get(pod)
+        if owner and owner[0] == "ReplicaSet":
+            owner = replicasets.get(owner[1])
+        workload = owner if owner and owner[0] in WORKLOAD_KINDS and owner[1] else None
+        placements[pod] = Placement(nodes.get(pod), workload)
+    return placements
+
+
+class Sources:
+    """The topology sources in order: the Kubernetes API when a
+    configuration exists, then kube-state-metrics when ``PROMETHEUS_URL`` is
+    set. A pod the first cannot place (a failed call, or a pod already
+    deleted, as a lost node's pods soon are) is asked of the next."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self._usable: list | None = None
+
+    def configured(self) -> bool:
+        return any(s.configured() for s in self.sources)
+
+    def names(self) -> list[str]:
+        return [type(s).__name__ for s in self.sources if s.configured()]
+
+    def usable(self) -> list:
+        if self._usable is None:
+            self._usable = [s for s in self.sources if s.configured() and s.available]
+        return self._usable
+
+    @property
+    def available(self) -> bool:
+        return bool(self.usable())
+
+    def placement(self, namespace: str, pod: str, fetch: bool = True) -> Placement | None:
+        for source in self.usable():
+            found = source.placement(namespace, pod, fetch)
+            if found is not None and (found.node or found.workload):
+                return found
+        return None
+
+    def workload_nodes(self, namespace: str, kind: str, name: str, fetch: bool = True) -> set[str]:
+        for source in self.usable():
+            nodes = source.workload_nodes(namespace, kind, name, fetch)
+            if nodes:
+                return nodes
+        return set()
+
+
+def from_settings(config, kube_client_factory: Callable[[], object | None]) -> Sources:
+    """What the intake reads topology from (docs/correlation.md)."""
+    sources: list = [Topology(kube_client_factory)]
+    if config.prometheus_url:
+        sources.append(KubeStateMetrics(config.prometheus_url))
+    return Sources(sources)
