@@ -8,13 +8,13 @@ each batch through this partial index instead of a scan. Held rows are
 never pruned: the window's end replays them.
 
 Revision ID: 0016
-Revises: 0014
+Revises: 0015
 """
 
 from alembic import op
 
 revision = "0016"
-down_revision = "0014"
+down_revision = "0015"
 branch_labels = None
 depends_on = None
 
