@@ -336,8 +336,8 @@ def install_json_errors() -> None:
 
 def health(request: Request) -> Response:
     """The seed's Test 1 answer; 503 when the database cannot be reached."""
-    from shared import db
+    from shared import dbcheck
 
-    if db.database_reachable():
+    if dbcheck.database_reachable():
         return json_response({"status": "healthy", "database": "connected"})
     return json_response({"status": "unhealthy", "database": "disconnected"}, 503)
