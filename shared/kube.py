@@ -8,7 +8,6 @@ integration is off and says so.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -35,8 +34,16 @@ def _package_without_extras() -> None:
     spec = importlib.util.find_spec("kubernetes")
     if spec is not None:
         package = importlib.util.module_from_spec(spec)
-        package.__version__ = importlib.metadata.version("kubernetes")  # the dynamic client's discovery cache reads it
+        package.__getattr__ = _version  # the dynamic client's discovery cache reads kubernetes.__version__
         sys.modules["kubernetes"] = package
+
+
+def _version(name: str) -> str:
+    if name != "__version__":
+        raise AttributeError(f"module 'kubernetes' has no attribute {name!r}")
+    from importlib.metadata import version  # ~0.1 s of import: only when asked
+
+    return version("kubernetes")
 
 
 _package_without_extras()
