@@ -56,8 +56,10 @@ def process_model(concurrency: int) -> str:
     return (f"One gunicorn worker (WORKERS=1) with {concurrency} threads (THREADS = containerConcurrency): Knative sends an "
             "instance at most containerConcurrency requests and scales out by adding pods, so a second worker would only "
             "double the memory and the database pool of every pod and split the intake's group commit in two. The work is "
-            "I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL; the handlers are "
-            "imported by the worker on its first request, not by the gunicorn master (shared/http.py built_on_first_request). "
+            "I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL. The gunicorn master "
+            "imports main.py only (settings, the config file check) and forks the worker; the worker answers /health with "
+            "the database alone and imports the handlers on the first other request (shared/http.py built_on_first_request), "
+            "so what the master holds is resident twice and the handlers once. "
             "DB_POOL_SIZE + DB_MAX_OVERFLOW cover the threads; docs/deploy.md sizes pools, PgBouncer and max-scale together.")
 
 

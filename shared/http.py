@@ -54,32 +54,57 @@ class Route:
         return "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$"
 
 
-Routes = list[Route] | Callable[[], list[Route]]
-
-
-def built_on_first_request(build: Callable[[], list[Route]]) -> Callable[[], list[Route]]:
+class LazyRoutes:
     """Routes whose handlers are imported by the first request that needs
-    them, in the gunicorn worker.
+    them, in the gunicorn worker; ``/health`` is answered without them.
 
     functions-framework imports ``main.py`` in the gunicorn master, which
     then forks the worker that serves: whatever ``main.py`` imports is
     resident twice per instance (the master never serves a request). A
-    function whose handlers need SQLAlchemy, pg8000, requests or the
-    kubernetes client keeps them out of the master this way: the instance
+    function whose handlers need requests, the kubernetes client or its own
+    handler modules keeps them out of the master this way: the instance
     holds one copy instead of two (docs/benchmarks.md, resident memory).
-    Settings are still read, and bad ones still refused, at import time.
-    Requests that arrive together wait for one build (not one each)."""
-    lock = threading.Lock()
-    built: list[list[Route]] = []
 
-    def routes() -> list[Route]:
-        if not built:
-            with lock:
-                if not built:
-                    built.append(build())
-        return built[0]
+    ``/health`` is the request a new instance answers first (the readiness
+    probe, the cold-start measure): it needs the database and nothing else,
+    so it is served from ``ready`` and does not build the rest; the first
+    other request builds it. Settings are still read, and bad ones still
+    refused, at import time. Requests that arrive together wait for one
+    build (not one each)."""
 
-    return routes
+    def __init__(self, build: Callable[[], list[Route]], ready: list[Route]):
+        self._build = build
+        self.ready = ready
+        self._lock = threading.Lock()
+        self._built: list[list[Route]] = []
+
+    @property
+    def built(self) -> bool:
+        return bool(self._built)
+
+    def __call__(self) -> list[Route]:
+        if not self._built:
+            with self._lock:
+                if not self._built:
+                    self._built.append(self._build())
+        return self._built[0]
+
+    def for_request(self, method: str, path: str) -> list[Route]:
+        """``ready`` when one of its routes answers this request, else every route."""
+        if not self._built:
+            for route in self.ready:
+                if route.match(path) is not None and (route.method == method or (route.method == "GET" and method == "HEAD")):
+                    return self.ready
+        return self()
+
+
+Routes = list[Route] | Callable[[], list[Route]]
+
+
+def built_on_first_request(build: Callable[[], list[Route]]) -> LazyRoutes:
+    """Decorate the function that returns a function's routes: they are built
+    by the first request other than ``GET /health`` (:class:`LazyRoutes`)."""
+    return LazyRoutes(build, [Route("GET", "/health", health, auth=False)])
 
 
 def _database_error(exc: BaseException) -> bool:
@@ -233,7 +258,9 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
     started = time.perf_counter()
     path = request.path
     try:
-        if callable(routes):
+        if isinstance(routes, LazyRoutes):
+            routes = routes.for_request(request.method, path)
+        elif callable(routes):
             routes = routes()
         allowed_methods = []
         for route in routes:
@@ -309,8 +336,8 @@ def install_json_errors() -> None:
 
 def health(request: Request) -> Response:
     """The seed's Test 1 answer; 503 when the database cannot be reached."""
-    from shared import db
+    from shared import dbcheck
 
-    if db.database_reachable():
+    if dbcheck.database_reachable():
         return json_response({"status": "healthy", "database": "connected"})
     return json_response({"status": "unhealthy", "database": "disconnected"}, 503)

@@ -8,12 +8,45 @@ integration is off and says so.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
 log = logging.getLogger("kube")
+
+
+def _package_without_extras() -> None:
+    """Make ``kubernetes`` a bare package, so that ``from kubernetes import
+    client, config`` loads those two and not the rest.
+
+    The package's ``__init__`` imports every subpackage: the dynamic client
+    (with kubernetes-validate and jsonschema where installed), watch,
+    stream (websocket-client), leaderelection, informer. Nothing here uses
+    them; they added ~75 modules, ~3.5 MB per process and ~0.3 s to the
+    first request that needs the cluster. A subpackage is still imported
+    normally by whoever names it (``from kubernetes import watch``). Does
+    nothing when the package is already imported (or not installed)."""
+    if "kubernetes" in sys.modules:
+        return
+    spec = importlib.util.find_spec("kubernetes")
+    if spec is not None:
+        package = importlib.util.module_from_spec(spec)
+        package.__getattr__ = _version  # the dynamic client's discovery cache reads kubernetes.__version__
+        sys.modules["kubernetes"] = package
+
+
+def _version(name: str) -> str:
+    if name != "__version__":
+        raise AttributeError(f"module 'kubernetes' has no attribute {name!r}")
+    from importlib.metadata import version  # ~0.1 s of import: only when asked
+
+    return version("kubernetes")
+
+
+_package_without_extras()
 _lock = threading.Lock()
 _client = None
 _state = {"checked": False, "configured": False, "reason": ""}

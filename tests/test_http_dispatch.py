@@ -274,3 +274,22 @@ def test_routes_built_on_first_request_are_built_once_for_concurrent_requests():
     for t in threads:
         t.join(5)
     assert calls == [1] and len(results) == 8 and all(r is results[0] for r in results)
+
+
+def test_health_is_answered_before_the_routes_are_built_and_any_other_request_builds_them(database_url):
+    from shared.http import built_on_first_request
+
+    builds = []
+
+    @built_on_first_request
+    def routes():
+        builds.append(1)
+        return [Route("GET", "/things", lambda r: {"built": True}, auth=False)]
+
+    for method in ("GET", "HEAD"):
+        assert call(routes, method=method, path="/health").status_code == 200
+    assert builds == [] and not routes.built
+    # Another method on /health is not the health check: the routes answer it.
+    assert call(routes, method="POST", path="/health").status_code == 404
+    assert builds == [1]
+    assert body(call(routes, path="/things")) == {"built": True} and builds == [1]

@@ -40,6 +40,10 @@ WORKERS = 8
 EVENTS_READ_MAX = 500
 DEFAULT_PROBES_FILE = Path(__file__).with_name("probes.yaml")
 
+# libyaml's safe loader (PyYAML's wheels include it): the pure-Python one
+# took most of the start's check of this file.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class ProbeConfigError(ValueError):
     pass
@@ -62,7 +66,7 @@ class Target:
 def load_probes(path: str = "") -> dict:
     source = Path(path) if path else DEFAULT_PROBES_FILE
     try:
-        spec = yaml.safe_load(source.read_text()) or {}
+        spec = yaml.load(source.read_text(), Loader=SAFE_LOADER) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ProbeConfigError(f"{source}: cannot read probes: {exc}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("defaults", {}), dict) or not isinstance(spec.get("services", {}), dict):

@@ -5,25 +5,33 @@
 
 import functions_framework
 
-from functions.diagnostics.collector import Collector, ProbeConfigError, load_probes
-from functions.diagnostics.handler import DiagnosticsHandler
-from shared import eventio, events
+from functions.diagnostics.collector import ProbeConfigError, load_probes
 from shared.bootstrap import fail, start
-from shared.http import Route, dispatch, health, install_json_errors
+from shared.http import Route, built_on_first_request, dispatch, health, install_json_errors
 
 config = start("diagnostics")
 install_json_errors()
+# The probes are checked at start (PyYAML only): a wrong file stops the
+# function before it takes any event. The handler (SQLAlchemy, the
+# kubernetes client, requests) is built by the first event.
 try:
     _probes = load_probes(config.diagnostics_file)
 except ProbeConfigError as exc:
     fail("diagnostics", f"DIAGNOSTICS_FILE: {exc}")
-_handler = DiagnosticsHandler(config, Collector(config, _probes))
 
-ROUTES = [
-    Route("GET", "/health", health, auth=False),
-    # Called by the Broker only (a cluster-local Service): no bearer token.
-    Route("POST", "/", lambda r: _handler.handle(eventio.receive(r, (events.INCIDENT_OPENED,))), auth=False),
-]
+
+@built_on_first_request
+def ROUTES() -> list[Route]:
+    from functions.diagnostics.collector import Collector
+    from functions.diagnostics.handler import DiagnosticsHandler
+    from shared import eventio, events
+
+    handler = DiagnosticsHandler(config, Collector(config, _probes))
+    return [
+        Route("GET", "/health", health, auth=False),
+        # Called by the Broker only (a cluster-local Service): no bearer token.
+        Route("POST", "/", lambda r: handler.handle(eventio.receive(r, (events.INCIDENT_OPENED,))), auth=False),
+    ]
 
 
 @functions_framework.http

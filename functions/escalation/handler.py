@@ -103,14 +103,16 @@ NO_ROUND = Round()
 
 
 class EscalationHandler:
-    def __init__(self, config: Settings):
+    def __init__(self, config: Settings, channels: list[Channel] | None = None):
+        """``channels``: built (and the ones that are off named) by the
+        caller already, as the function does at start."""
         self.config = config
         self.http = requests.Session()
-        self.channels: list[Channel] = registry.build(config)
+        if channels is None:
+            channels = registry.build(config)
+            registry.name_the_ones_off(channels, log)
+        self.channels: list[Channel] = channels
         self.stale_seconds = claim_stale_seconds(config)
-        for channel in self.channels:
-            if not channel.configured():
-                log.warning(f"{channel.title} is off: {channel.setting} is not set")
 
     def _state(self, transition: str, incident_id: str) -> tuple[dict | None, str | None, str | None, Round]:
         """The incident, the reason to tell (remediation's, or who

@@ -19,6 +19,10 @@ from shared.templating import PLACEHOLDER, TemplateError, lookup, render
 DEFAULT_FILE = Path(__file__).with_name("playbooks.yaml")
 MATCHER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$")
 
+# libyaml's safe loader (PyYAML's wheels include it): the pure-Python one
+# took most of the start's check of this file.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class PlaybookError(ValueError):
     pass
@@ -211,7 +215,7 @@ def _verify(raw: Any, where: str) -> Verify | None:
 def load(path: str = "") -> list[Playbook]:
     source = Path(path) if path else DEFAULT_FILE
     try:
-        spec = yaml.safe_load(source.read_text())
+        spec = yaml.load(source.read_text(), Loader=SAFE_LOADER)
     except OSError as exc:
         raise PlaybookError(f"{source}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:

@@ -1,0 +1,72 @@
+"""A cold start imports only what its first answer needs.
+
+functions-framework imports a function's ``main.py`` in the gunicorn master
+(which never serves, and forks the worker: what it imports is resident
+twice), and the first request of a new instance is ``GET /health``, which
+opens a database connection and nothing else. Each function is started here
+in a fresh interpreter the way functions-framework starts it, and the
+modules present are read after the import, after ``/health`` and after the
+first other request (docs/benchmarks.md, cold start and resident memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Imported by no function's main.py, nor by /health: what the handlers need.
+HEAVY = ("requests", "kubernetes.client", "prometheus_client", "jinja2.sandbox")
+# Each function's own handler module and a request that is not /health.
+FUNCTIONS = {
+    "intake": ("functions.intake.handlers", "POST", "/webhook/alert"),
+    "query": ("functions.query.api", "GET", "/incidents"),
+    "diagnostics": ("functions.diagnostics.handler", "POST", "/"),
+    "remediation": ("functions.remediation.handler", "POST", "/"),
+    "escalation": ("functions.escalation.handler", "POST", "/"),
+    "deadletter": ("functions.deadletter.handler", "POST", "/"),
+}
+
+PROBE = """
+import json, sys
+import functions_framework
+
+name, method, path, watched = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+present = lambda: [m for m in watched if m in sys.modules]
+app = functions_framework.create_app(name, f"functions/{name}/main.py")
+seen = {"imported": present()}
+client = app.test_client()
+seen["health"] = client.get("/health").status_code
+seen["after health"] = present()
+seen["other"] = client.open(path, method=method).status_code
+seen["after another request"] = present()
+print(json.dumps(seen))
+"""
+
+
+def modules_seen(name: str, env: dict) -> dict:
+    handler, method, path = FUNCTIONS[name]
+    watched = [*HEAVY, "sqlalchemy", "pg8000", handler]
+    done = subprocess.run([sys.executable, "-c", PROBE, name, method, path, json.dumps(watched)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_a_function_imports_its_handlers_on_the_first_request_that_needs_them(name, base_env):
+    handler = FUNCTIONS[name][0]
+    seen = modules_seen(name, base_env)
+    # main.py (the gunicorn master): settings, config files, routing.
+    assert seen["imported"] == []
+    # /health: a database connection, through pg8000 alone (shared/dbcheck.py).
+    assert seen["health"] == 200
+    assert seen["after health"] == ["pg8000"]
+    # Any other request builds the routes: the handler module comes in then.
+    assert seen["other"] < 500 and handler in seen["after another request"]
