@@ -652,8 +652,30 @@ def cpu_ms_of(pid: int) -> float:
 COLD_ROUNDS = 5
 
 
+def _first_request(name: str, base: str) -> requests.Response:
+    """Each function's first real request: what Knative's activator holds
+    until the readiness probe (/health) passes, and then forwards. An event
+    of an incident that does not exist still builds the handler, imports
+    SQLAlchemy and asks the database, as any first event does."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    if name == "bare":
+        return requests.get(base + "/", timeout=30)
+    if name == "intake":
+        return requests.post(base + "/webhook/alert", data=webhook([alert("ColdStart", instance=uuid.uuid4().hex)]),
+                             headers=AUTH, timeout=30)
+    if name == "query":
+        return requests.get(base + "/incidents?limit=1", headers=auth, timeout=30)
+    event_type = {"diagnostics": "opened", "remediation": "diagnosed", "escalation": "opened", "deadletter": "opened"}[name]
+    incident = str(uuid.uuid4())
+    headers = {**auth, "Content-Type": "application/json", "ce-specversion": "1.0", "ce-id": f"{incident}.{event_type}.0",
+               "ce-type": f"io.incidentresponse.incident.{event_type}", "ce-source": "/bench", "ce-subject": incident,
+               "ce-incidentid": incident}
+    return requests.post(base + "/", data=json.dumps({"incident_id": incident}), headers=headers, timeout=30)
+
+
 def cold_starts(database_url: str) -> tuple[list[str], float]:
-    def measure(source: Path, target: str, env: dict) -> tuple[float, float]:
+    def measure(name: str, source: Path, target: str, env: dict) -> tuple[float, float, float]:
+        """(ms to /health's first 2xx, CPU ms then, ms to the first real request's answer)."""
         port = free_port()
         start = time.perf_counter()
         proc = subprocess.Popen([str(VENV_BIN / "functions-framework"), "--source", str(source), "--target", target, "--port", str(port), "--host", "127.0.0.1"],
@@ -663,11 +685,14 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
                 try:
                     # A long read timeout: the first request imports the handlers.
                     if requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code < 300:
-                        return (time.perf_counter() - start) * 1000, cpu_ms_of(proc.pid)
+                        ready, cpu = (time.perf_counter() - start) * 1000, cpu_ms_of(proc.pid)
+                        answered = _first_request(name, f"http://127.0.0.1:{port}")
+                        served = (time.perf_counter() - start) * 1000 if answered.status_code < 500 else float("nan")
+                        return ready, cpu, served
                 except requests.ConnectionError:
                     time.sleep(0.005)
                 if time.perf_counter() - start > 30:
-                    return float("nan"), float("nan")
+                    return float("nan"), float("nan"), float("nan")
         finally:
             proc.terminate()
             proc.wait()
@@ -677,29 +702,33 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
     # Round by round (the bare function, then each function): on a shared
     # machine the load drifts, and a round keeps every start of it under
     # the same conditions as its own baseline.
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ("bare", *names)}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ("bare", *names)}
     for _ in range(COLD_ROUNDS):
-        samples["bare"].append(measure(ROOT / "bench" / "bare" / "main.py", "bare", {}))
+        samples["bare"].append(measure("bare", ROOT / "bench" / "bare" / "main.py", "bare", {}))
         for name in names:
-            samples[name].append(measure(ROOT / "functions" / name / "main.py", name, env))
+            samples[name].append(measure(name, ROOT / "functions" / name / "main.py", name, env))
 
-    def medians(name: str) -> tuple[float, float]:
-        return statistics.median(w for w, _ in samples[name]), statistics.median(c for _, c in samples[name])
+    def median(name: str, index: int) -> float:
+        return statistics.median(s[index] for s in samples[name])
 
     def ratio(name: str, index: int) -> float:
         # The median of the per-round ratios: each start against the bare start of its own round.
         return statistics.median(s[index] / b[index] for s, b in zip(samples[name], samples["bare"], strict=True))
 
-    bare, bare_cpu = medians("bare")
-    rows = ["## 5. Cold start", "", "Process start to the first `2xx` from `/health` (which also opens the first database connection), "
-            f"{COLD_ROUNDS} rounds, each starting the bare functions-framework `http` function (bench/bare) and then every function; "
-            "medians, and the median of each round's ratio to its bare start. CPU ms: user + system time of the gunicorn master "
-            "and worker at that answer, which other work on the machine changes less than the wall time.", "",
-            "| Function | median ms | ÷ bare | CPU ms | CPU ÷ bare |", "|---|---|---|---|---|",
-            f"| bare function | {bare:.0f} | 1.00 | {bare_cpu:.0f} | 1.00 |"]
+    bare = median("bare", 0)
+    rows = ["## 5. Cold start", "", "Process start to the first `2xx` from `/health` (the readiness probe; it also opens the first database "
+            f"connection), and to the answer of the first real request right after it, {COLD_ROUNDS} rounds, each starting the bare "
+            "functions-framework `http` function (bench/bare) and then every function; medians, and the median of each round's ratio to "
+            "its bare start. The first real request is what Knative's activator holds until the probe passes: a one-alert webhook for "
+            "the intake, `GET /incidents?limit=1` for the query, an event for the others (of an incident that does not exist, which "
+            "still builds the handler and asks the database), `GET /` for the bare function. Imports deferred past `/health` are paid "
+            "there. CPU ms: user + system time of the gunicorn master and worker at the `/health` answer, which other work on the "
+            "machine changes less than the wall time.", "",
+            "| Function | /health ms | ÷ bare | CPU ms | CPU ÷ bare | first request answered ms | ÷ bare |", "|---|---|---|---|---|---|---|",
+            f"| bare function | {bare:.0f} | 1.00 | {median('bare', 1):.0f} | 1.00 | {median('bare', 2):.0f} | 1.00 |"]
     for name in names:
-        wall, cpu = medians(name)
-        rows.append(f"| {name} | {wall:.0f} | {ratio(name, 0):.2f} | {cpu:.0f} | {ratio(name, 1):.2f} |")
+        rows.append(f"| {name} | {median(name, 0):.0f} | {ratio(name, 0):.2f} | {median(name, 1):.0f} | {ratio(name, 1):.2f} "
+                    f"| {median(name, 2):.0f} | {ratio(name, 2):.2f} |")
     rows.append("")
     return rows, bare
 
