@@ -29,7 +29,8 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 # connections), and on two cores shared with PostgreSQL the CPU each
 # transaction costs (its planning in the database, its round trips here)
 # is what bounds throughput: one writer served 8 connections with 12-23%
-# less CPU per webhook and a lower p99 (docs/benchmarks.md, section 1).
+# less CPU per webhook and a lower p99 (wrk, `make bench` section 1's CPU
+# per request).
 WRITE_CONCURRENCY = 1
 
 
