@@ -106,10 +106,27 @@ WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
 WRK_ROUNDS = int(os.environ.get("BENCH_WRK_ROUNDS", "2"))
 
 
-def wrk(url: str, connections: int, seconds: float = WRK_SECONDS) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a server's process tree: gunicorn master and workers."""
+    total = 0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | None = None) -> dict:
     """wrk, one thread, ``connections`` kept-alive connections, one new alert
     per webhook (bench/wrk_new_alert.lua); percentiles from wrk's own
-    histogram, which records every request (no coordinated sampling)."""
+    histogram, which records every request (no coordinated sampling). With
+    the server's ``pid``, also its CPU milliseconds per request: on a shared
+    machine the share of the CPU a run gets varies from run to run, the CPU
+    each request costs much less."""
+    before = cpu_seconds(pid) if pid else None
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("make bench needs wrk (scripts/ensure-system-packages.sh installs it)")
@@ -119,8 +136,9 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS) -> dict:
     if line is None:
         raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
     data = json.loads(line.split(" ", 1)[1])
+    cpu_ms = (cpu_seconds(pid) - before) * 1000 / max(1, data["requests"]) if pid else float("nan")
     return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50": data["p50_us"] / 1000, "p99": data["p99_us"] / 1000,
-            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"]}
+            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms}
 
 
 def gunicorn_env(extra: dict) -> dict:
@@ -177,8 +195,8 @@ def throughput(database_url: str, engine) -> list[str]:
         by_wrk: dict[tuple[str, int], list[dict]] = {}
         for _ in range(WRK_ROUNDS):
             for connections in WRK_CONNECTIONS:
-                for label, server in (("intake", intake), ("reference", reference)):
-                    by_wrk.setdefault((label, connections), []).append(wrk(server.url + "/webhook/alert", connections))
+                for label, server, pid in (("intake", intake, intake.process.pid), ("reference", reference, reference.pid)):
+                    by_wrk.setdefault((label, connections), []).append(wrk(server.url + "/webhook/alert", connections, pid=pid))
         run = uuid.uuid4().hex[:6]
         new = lambda i: webhook([alert("BenchNew", run=run, i=str(i))])  # noqa: E731
         intake_new = load(intake.url + "/webhook/alert", new)
@@ -210,15 +228,18 @@ def throughput(database_url: str, engine) -> list[str]:
     rows += ["### With wrk", "",
              f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating intake and reference at each N; the round "
              "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
-             "(bench/wrk_new_alert.lua), same servers as above.", "",
-             "| Connections | intake req/s | intake p50 ms | intake p99 ms | reference req/s | reference p99 ms | errors | intake ÷ reference |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(bench/wrk_new_alert.lua), same servers as above. CPU ms/req: the server's processes' CPU time during the run "
+             "÷ its requests, the median of the rounds (steadier than req/s on a shared machine).", "",
+             "| Connections | intake req/s | intake p50 ms | intake p99 ms | reference req/s | reference p99 ms | errors | intake ÷ reference "
+             "| intake CPU ms/req | reference CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for connections in WRK_CONNECTIONS:
         mine, theirs = by_wrk[("intake", connections)], by_wrk[("reference", connections)]
         a, b = _median_run(mine), _median_run(theirs)
         errors = sum(r["errors"] for r in mine + theirs)
         rows.append(f"| {connections} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in mine):.1f} | {b['rps']:.0f} | "
-                    f"{max(r['p99'] for r in theirs):.1f} | {errors} | {a['rps'] / b['rps']:.2f} |")
+                    f"{max(r['p99'] for r in theirs):.1f} | {errors} | {a['rps'] / b['rps']:.2f} | "
+                    f"{statistics.median(r['cpu_ms'] for r in mine):.2f} | {statistics.median(r['cpu_ms'] for r in theirs):.2f} |")
     rows += ["", "Every round: " + "; ".join(
         f"{label} N={c}: " + ", ".join(f"{r['rps']:.0f}/s p99 {r['p99']:.0f} ms" for r in runs) for (label, c), runs in by_wrk.items()), ""]
     return rows

@@ -77,7 +77,8 @@ def _execute_in_one_round_trip() -> None:
 
     The BEGIN pg8000 sends before a transaction's first statement travels
     in the same write as that statement, so a transaction of one statement
-    is two round trips (the statement, COMMIT), not three.
+    is two round trips (the statement, COMMIT), not three. Statements whose
+    answer the caller does not need travel the same way (:func:`later`).
     tests/test_db.py checks the answers and counts the round trips."""
     import pg8000.core as core
 
@@ -89,16 +90,17 @@ def _execute_in_one_round_trip() -> None:
         if _ends_an_empty_transaction(self, statement):
             return context
         params = core.make_params(self.py_types, vals)
+        if self._defer_next:
+            # db.later(): sent with the next statement (its answer is read then).
+            self._defer_next = False
+            self._deferred += ((statement, params, oids),)
+            return context
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
-        begin = _send_pending_begin(self)
-        self.send_PARSE(core.NULL_BYTE, statement, oids)
-        self.send_BIND(core.NULL_BYTE, params)
-        self._send_message(core.DESCRIBE, core.PORTAL + core.NULL_BYTE)
-        self.send_EXECUTE()
-        core._write(self._sock, core.SYNC_MSG)
+        ahead = _send_ahead(self)
+        _send_extended(self, statement, params, oids)
         core._flush(self._sock)
-        _read_answers(self, begin, context)
+        _read_answers(self, ahead, context)
         return context
 
     def execute_simple(self, statement):
@@ -110,59 +112,96 @@ def _execute_in_one_round_trip() -> None:
             return context
         if _ends_an_empty_transaction(self, statement):
             return context
-        begin = _send_pending_begin(self)
+        if self._defer_next:
+            self._defer_next = False
+            self._deferred += ((statement, None, None),)
+            return context
+        ahead = _send_ahead(self)
         self.send_QUERY(statement)
         core._flush(self._sock)
-        _read_answers(self, begin, context)
+        _read_answers(self, ahead, context)
         return context
 
     execute_unnamed.one_round_trip = True
     core.CoreConnection.execute_unnamed = execute_unnamed
     core.CoreConnection.execute_simple = execute_simple
     core.CoreConnection._begin_pending = False
+    core.CoreConnection._defer_next = False
+    # Statements put aside by later(); a tuple, replaced (never changed in
+    # place), so the class-level default is never shared.
+    core.CoreConnection._deferred = ()
 
 
 # What pg8000's DB-API cursor sends before the first statement of a transaction.
 BEGIN = "begin transaction"
 
 
-def _send_pending_begin(conn):
-    """BEGIN is not a round trip of its own: it goes out in the same write
-    as the transaction's first statement, and its answer is read first. (A
-    BEGIN cannot fail on a working connection; on a broken one the
-    statement fails with it.)"""
-    if not conn._begin_pending:
-        return None
+def _send_extended(conn, statement, params, oids) -> None:
     import pg8000.core as core
 
-    conn._begin_pending = False
-    conn.send_QUERY(BEGIN)
-    return core.Context(BEGIN)
+    conn.send_PARSE(core.NULL_BYTE, statement, oids)
+    conn.send_BIND(core.NULL_BYTE, params)
+    conn._send_message(core.DESCRIBE, core.PORTAL + core.NULL_BYTE)
+    conn.send_EXECUTE()
+    core._write(conn._sock, core.SYNC_MSG)
 
 
-def _read_answers(conn, begin, context) -> None:
-    """Read BEGIN's answer (if it was sent) and the statement's, always both,
-    so the connection stays in step whichever fails."""
+def _send_ahead(conn) -> list:
+    """BEGIN is not a round trip of its own: it goes out in the same write
+    as the transaction's first statement, and so do the statements
+    :func:`later` put aside; their answers are read first, in order. (A
+    BEGIN cannot fail on a working connection; on a broken one the
+    statement fails with it.)"""
+    import pg8000.core as core
+
+    ahead = []
+    if conn._begin_pending:
+        conn._begin_pending = False
+        conn.send_QUERY(BEGIN)
+        ahead.append(core.Context(BEGIN))
+    deferred, conn._deferred = conn._deferred, ()
+    for statement, params, oids in deferred:
+        if params is None:
+            conn.send_QUERY(statement)
+        else:
+            _send_extended(conn, statement, params, oids)
+        ahead.append(core.Context(statement))
+    return ahead
+
+
+def _read_answers(conn, ahead, context) -> None:
+    """Read the answers of what was sent ahead and the statement's, always
+    all of them, so the connection stays in step whichever fails; the first
+    failure is raised (after a failed statement the server refuses the
+    rest of the transaction, so later failures only repeat it)."""
     failure = None
-    if begin is not None:
+    for earlier in ahead:
         try:
-            conn.handle_messages(begin)
-        except Exception as exc:  # noqa: BLE001 - raised below, after the statement's answer is read
-            failure = exc
+            conn.handle_messages(earlier)
+        except Exception as exc:  # noqa: BLE001 - raised below, after every answer is read
+            failure = failure or exc
     try:
         conn.handle_messages(context)
-    finally:
-        if failure is not None:
-            raise failure
+    except Exception:
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure
 
 
 def _ends_an_empty_transaction(conn, statement: str) -> bool:
     """COMMIT or ROLLBACK with no transaction open on the server (its BEGIN
     was never sent because no statement ran, or the server said it is idle)
-    has nothing to end there: PostgreSQL would only warn."""
+    has nothing to end there: PostgreSQL would only warn. A ROLLBACK drops
+    the statements put aside for the next round trip (never sent)."""
     import pg8000.core as core
 
-    if statement.strip().lower() not in ("commit", "rollback"):
+    verb = statement.strip().lower()
+    if verb not in ("commit", "rollback"):
+        return False
+    if verb == "rollback":
+        conn._deferred = ()
+    elif conn._deferred:
         return False
     if not conn._begin_pending and conn._transaction_status != core.IDLE:
         return False
@@ -289,6 +328,24 @@ def dispose_engine() -> None:
         if _engine is not None:
             _engine.dispose()
         _engine = None
+
+
+def later(conn: Connection, statement, params: dict | None = None) -> None:
+    """Execute ``statement`` (one that returns no rows) in the same round
+    trip as the transaction's next statement, or its COMMIT, instead of one
+    of its own: a write whose answer nothing waits for costs no wake-up of
+    the database and of this thread. Its failure is raised by that next
+    statement (or the COMMIT), which fails the transaction as it would have;
+    a rollback drops it unsent. Not on an autocommit connection: nothing
+    would be sure to send it."""
+    raw = conn.connection.dbapi_connection
+    if raw.autocommit:
+        raise RuntimeError("db.later() needs a transaction, not an autocommit connection")
+    raw._defer_next = True
+    try:
+        conn.execute(statement, params or {})
+    finally:
+        raw._defer_next = False
 
 
 @contextmanager

@@ -8,6 +8,7 @@ path parameters and return a Flask response or a JSON-able value.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -46,12 +47,13 @@ class Route:
     auth: bool = True
 
     def match(self, path: str) -> dict | None:
-        m = re.fullmatch(self._regex, path)
+        m = self._regex.fullmatch(path)
         return m.groupdict() if m else None
 
-    @property
-    def _regex(self) -> str:
-        return "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$"
+    # Every request tries every route: the pattern is translated once.
+    @functools.cached_property
+    def _regex(self) -> re.Pattern:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$")
 
 
 class LazyRoutes:

@@ -118,3 +118,63 @@ def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(data
             conn.commit()
     finally:
         engine.dispose()
+
+
+def test_a_later_statement_travels_with_the_next_one_and_takes_effect(database_url, monkeypatch):
+    engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS later_rt (n int)"))
+        flushes = _count_round_trips(monkeypatch)
+        with engine.begin() as tx:
+            db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 1})
+            db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 2})
+            assert flushes == []  # nothing sent yet
+            # The next statement sees what was put aside before it, in order.
+            assert tx.execute(sa.text("SELECT array_agg(n ORDER BY n) FROM later_rt WHERE n < :m"), {"m": 10}).scalar() == [1, 2]
+            assert len(flushes) == 1  # BEGIN, both inserts and the SELECT in one write
+            db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 3})
+        assert len(flushes) == 2  # the last insert went with the COMMIT
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.text("SELECT n FROM later_rt")).scalars()) == [1, 2, 3]
+            conn.execute(sa.text("DROP TABLE later_rt"))
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+def test_a_failing_later_statement_fails_the_next_one_and_a_rollback_drops_what_is_unsent(database_url):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            conn.commit()
+            db.later(conn, sa.text("SELECT CAST(:a AS int) / 0"), {"a": 1})
+            with pytest.raises(sa.exc.DBAPIError) as err:
+                conn.execute(sa.text("SELECT CAST(:a AS int)"), {"a": 2})
+            assert db._sqlstate(err.value.orig) == "22012"  # division by zero: the later statement's own error
+            conn.rollback()
+            # The same connection, in step with the server.
+            assert conn.execute(sa.text("SELECT pg_backend_pid() = :p"), {"p": pid}).scalar() is True
+            conn.commit()
+            db.later(conn, sa.text("SELECT CAST(:a AS int) / 0"), {"a": 1})
+            with pytest.raises(sa.exc.DBAPIError):
+                conn.commit()  # the COMMIT carries it, and fails with it
+            conn.rollback()
+            db.later(conn, sa.text("SELECT CAST(:a AS int) / 0"), {"a": 1})
+            conn.rollback()  # never sent: nothing fails
+            assert conn.execute(sa.text("SELECT CAST(:a AS int) + 1"), {"a": 1}).scalar() == 2
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_later_needs_a_transaction(database_url):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(RuntimeError):
+                db.later(conn, sa.text("SELECT CAST(:a AS int)"), {"a": 1})
+            assert conn.execute(sa.text("SELECT CAST(:a AS int) + 1"), {"a": 1}).scalar() == 2
+    finally:
+        engine.dispose()

@@ -24,9 +24,15 @@ from shared.publisher import Publisher
 log = logging.getLogger("intake")
 
 PING_EVENT_TYPE = "dev.knative.sources.ping"
-# Transactions of one source's group commit in flight at once: the next
-# batch is written while the last one waits for its commit to reach the disk.
-WRITE_CONCURRENCY = 2
+# Transactions of one source's group commit in flight at once. One: a
+# second writer overlapped a batch with the previous one's commit, but
+# halved the batches (2.2 webhooks per transaction instead of 3 at 8
+# connections), and on two cores shared with PostgreSQL the CPU each
+# transaction costs (its planning in the database, its round trips here)
+# is what bounds throughput: one writer served 8 connections with 12-23%
+# less CPU per webhook and a lower p99 (wrk, `make bench` section 1's CPU
+# per request).
+WRITE_CONCURRENCY = 1
 
 
 class Intake:
