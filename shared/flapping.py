@@ -34,10 +34,8 @@ from shared.timeline import add_timeline
 
 ACTOR = "flapping"
 
-# :f, a JSON array of fingerprints.
-LOCK_SQL = ("SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps "
-            "WHERE fingerprint IN (SELECT jsonb_array_elements_text(CAST(:f AS jsonb))) ORDER BY fingerprint FOR UPDATE")
-_LOCK = sa.text(LOCK_SQL)
+_LOCK = sa.text("SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps "
+                "WHERE fingerprint IN (SELECT jsonb_array_elements_text(CAST(:f AS jsonb))) ORDER BY fingerprint FOR UPDATE")
 
 _SAVE = sa.text(compact(
     """
@@ -69,28 +67,14 @@ _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NU
                          "AND a.status IN ('open', 'investigating')) RETURNING id")
 
 
-def lock(conn: Connection, fingerprints) -> dict[str, dict]:
-    """The stored rows of these fingerprints, locked until the transaction ends."""
-    return {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(fingerprints))}).mappings()}
-
-
-def stored_from_json(row: dict) -> dict:
-    """A row of LOCK_SQL read as JSON (shared/noise.py reads it so), as :func:`lock` returns it."""
-    since = row.get("flapping_since")
-    return {**row, "flapping_since": datetime.fromisoformat(since) if isinstance(since, str) else since}
-
-
-def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int,
-            stored: dict[str, dict] | None = None) -> dict[str, str]:
+def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int) -> dict[str, str]:
     """Count the flips of this batch (one alert per fingerprint); returns the
     fingerprints whose resolution is withheld because they flap, with the
-    id of the flagged incident. ``stored``: their rows, when the caller
-    locked them already (:func:`lock`; it may hold more fingerprints)."""
+    id of the flagged incident."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
-    if stored is None:
-        stored = lock(conn, by_fp)
+    stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(by_fp))}).mappings()}
     cutoff = now - timedelta(seconds=window_seconds)
     rows, withheld = [], {}
     for fp in sorted(by_fp):

@@ -33,9 +33,7 @@ ACTOR = "maintenance"
 log = logging.getLogger("maintenance")
 WINDOW_COLUMNS = "id, matchers, starts_at, ends_at, reason, created_by, created_at, ended_by"
 
-ACTIVE_SQL = f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now ORDER BY id"
-_ACTIVE = sa.text(ACTIVE_SQL)
-_WINDOW_TIMES = ("starts_at", "ends_at", "created_at")
+_ACTIVE = sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now ORDER BY id")
 
 _HOLD = sa.text(compact(
     """
@@ -93,12 +91,6 @@ def active_windows(conn: Connection, now: datetime) -> list[dict]:
     return [dict(r) for r in conn.execute(_ACTIVE, {"now": now}).mappings()]
 
 
-def window_from_json(row: dict) -> dict:
-    """A row of ACTIVE_SQL read as JSON (shared/noise.py reads it so), as
-    :func:`active_windows` returns it."""
-    return {**row, **{k: datetime.fromisoformat(row[k]) for k in _WINDOW_TIMES if isinstance(row.get(k), str)}}
-
-
 def alert_to_json(alert: Alert) -> dict:
     data = asdict(alert)
     return json.loads(json.dumps(data, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v)))
@@ -112,14 +104,12 @@ def alert_from_json(data: dict) -> Alert:
     return Alert(**values)
 
 
-def hold(conn: Connection, firing: Sequence[Alert], now: datetime, windows: list[dict] | None = None) -> dict[str, list[str]]:
+def hold(conn: Connection, firing: Sequence[Alert], now: datetime) -> dict[str, list[str]]:
     """Record the firing alerts an active window matches; fingerprint ->
-    the ids of the windows holding it. ``windows``: the active windows, when
-    the caller read them already."""
+    the ids of the windows holding it."""
     if not firing:
         return {}
-    if windows is None:
-        windows = active_windows(conn, now)
+    windows = active_windows(conn, now)
     if not windows:
         return {}
     held = {}

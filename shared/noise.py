@@ -18,19 +18,15 @@ incidents, each through the same recording path as a real alert.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared import clock, db, events, flapping, heartbeat, maintenance, outbox
 from shared.alerts import Alert
 from shared.config import Settings
-from shared.sqltext import compact
 
 log = logging.getLogger("noise")
 
@@ -43,30 +39,6 @@ class Screened:
     extra: list[Alert] = field(default_factory=list)
 
 
-# What the screen reads, in one round trip instead of two: the active
-# maintenance windows, and the flapping rows of the batch's fingerprints,
-# locked (shared/maintenance.py and shared/flapping.py own the queries). A
-# held alert's row is locked too, and left alone.
-_READ = sa.text(compact(
-    f"""
-    WITH windows AS ({maintenance.ACTIVE_SQL}), flaps AS ({flapping.LOCK_SQL})
-    SELECT 'window' AS kind, to_jsonb(w) AS row FROM windows w
-    UNION ALL
-    SELECT 'flap', to_jsonb(f) FROM flaps f
-    """
-))
-
-
-def _read(conn: Connection, fingerprints: list[str], now: datetime) -> tuple[list[dict], dict[str, dict]]:
-    windows, stored = [], {}
-    for kind, row in conn.execute(_READ, {"now": now, "f": json.dumps(sorted(fingerprints))}):
-        if kind == "window":
-            windows.append(maintenance.window_from_json(row))
-        else:
-            stored[row["fingerprint"]] = flapping.stored_from_json(row)
-    return sorted(windows, key=lambda w: w["id"]), stored
-
-
 def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     """``latest``: one alert per fingerprint, the batch's last word on it."""
     now = clock.now()
@@ -74,15 +46,15 @@ def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
     firing = [a for a in latest if a.status == "firing" and not a.ignored_reason]
     resolving = [a for a in latest if a.status == "resolved"]
-    if not firing and not resolving:
-        return result
-    windows, stored = _read(conn, [a.fingerprint for a in firing + resolving], now)
-    held = maintenance.hold(conn, firing, now, windows)
+    # Lock order: held alerts (suppressed_alerts) before flapping rows
+    # (alert_flaps), as the sweep's release does (it locks the held rows,
+    # then replays them through here); the other order deadlocks the two.
+    held = maintenance.hold(conn, firing, now)
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
     maintenance.note_resolved(conn, resolving, now)
     observed = [a for a in firing if a.fingerprint not in held] + resolving
-    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds, stored)
+    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds)
     for fp, incident_id in withheld.items():
         result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
     return result

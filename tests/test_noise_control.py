@@ -4,6 +4,8 @@ shared.clock and run the sweep themselves."""
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -14,6 +16,7 @@ from shared import clock, maintenance, noise
 from shared import incidents as svc
 from shared.config import load_settings
 from shared.errors import BadRequest, Conflict
+from loopback.processes import wait_until
 from tests.factories import alert
 
 T0 = datetime(2026, 11, 28, 3, 0, 0)
@@ -357,3 +360,41 @@ def test_a_sweep_without_the_database_gives_up_at_once_and_stops_nothing_else(da
         gone.dispose()
     assert [r.getMessage() for r in caplog.records if r.name == "noise"] == [
         "Noise-control sweep skipped: the database is unavailable"]
+
+
+def test_an_alert_resolving_while_the_sweep_releases_it_waits_instead_of_deadlocking(database_url, clean_db):
+    """The sweep locks a held alert, then replays it through the screen,
+    which locks its flapping row; an intake batch resolving the same alert
+    must take the two locks in the same order, or PostgreSQL aborts one."""
+
+    config = settings(database_url)
+    firing, resolved = alert("HeldDuringUpgrade", instance="a"), alert("HeldDuringUpgrade", status="resolved", instance="a")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status) VALUES (:f, 'firing')"), {"f": firing.fingerprint})
+        conn.execute(sa.text(
+            "INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, first_suppressed_at, last_seen_at) "
+            "VALUES (:f, :n, 'firing', CAST(:a AS jsonb), timezone('utc', now()), timezone('utc', now()))"),
+            {"f": firing.fingerprint, "n": firing.alert_name, "a": json.dumps(maintenance.alert_to_json(firing))})
+    errors = []
+    with clean_db.connect() as sweeping:
+        with sweeping.begin():
+            assert len(sweeping.execute(maintenance._HELD, {"batch": 500}).all()) == 1  # the sweep holds the alert
+
+            def intake():
+                try:
+                    with clean_db.begin() as conn:
+                        noise.screen(conn, [resolved], config)
+                except Exception as exc:  # noqa: BLE001 - the assertion below names it
+                    errors.append(exc)
+
+            worker = threading.Thread(target=intake)
+            worker.start()
+            # The intake now waits on one of the sweep's locks.
+            wait_until(lambda: rows(clean_db, "SELECT 1 AS x FROM pg_stat_activity WHERE datname = current_database() "
+                                              "AND wait_event_type = 'Lock'"), 10, message="the intake waiting on a lock")
+            try:
+                noise.screen(sweeping, [firing], config)  # the replay's screen
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        worker.join(30)
+    assert errors == []
