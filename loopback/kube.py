@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,7 +171,9 @@ class FakeKubernetes:
         self.jobs: list[dict] = []
         self.replicasets: list[dict] = []
         self.statefulsets: dict[tuple[str, str], dict] = {}
-        self.failures: list[tuple[str, str, int | str]] = []  # (method, path regex, status or "hang")
+        # (method, path regex, status, "hang", or "hold": answered normally once ``released`` is set)
+        self.failures: list[tuple[str, str, int | str]] = []
+        self.released = threading.Event()
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
         self.server = RecordingServer(self._respond)
 
@@ -247,6 +250,7 @@ class FakeKubernetes:
         """Forget every object and log (failures and recorded requests too)."""
         self.deployments.clear(), self.pods.clear(), self.nodes.clear(), self.logs.clear()
         self.failures.clear(), self.requests.clear(), self.jobs.clear(), self.replicasets.clear(), self.statefulsets.clear()
+        self.released.clear()
         for table in self.objects.values():
             table.clear()
 
@@ -267,6 +271,9 @@ class FakeKubernetes:
         path, query = url.path, parse_qs(url.query)
         for method, pattern, status in self.failures:
             if method == req.method and re.search(pattern, path):
+                if status == "hold":
+                    self.released.wait(60)
+                    break
                 if status == "hang":
                     time.sleep(30)
                     return _status(504, "Timeout", "hung")

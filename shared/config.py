@@ -242,6 +242,7 @@ class Settings:
     events_require_token: bool = True
     diagnostics_file: str = ""
     correlation_file: str = ""
+    correlation_topology_timeout_seconds: float = 2.0
     remediation_denied_targets: tuple[str, ...] = ()
     remediation_max_replicas: int = 20
     remediation_cooldown_seconds: int = 900
@@ -328,6 +329,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
         diagnostics_file=_get(env, "DIAGNOSTICS_FILE"),
         correlation_file=_get(env, "CORRELATION_FILE"),
+        correlation_topology_timeout_seconds=_float(env, "CORRELATION_TOPOLOGY_TIMEOUT_SECONDS", 2.0, minimum=0.1),
         remediation_denied_targets=_csv(env, "REMEDIATION_DENIED_TARGETS", "kube-system/*"),
         remediation_max_replicas=_int(env, "REMEDIATION_MAX_REPLICAS", 20, minimum=1, maximum=1000),
         remediation_cooldown_seconds=_int(env, "REMEDIATION_COOLDOWN_SECONDS", 900, minimum=0),

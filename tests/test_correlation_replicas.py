@@ -8,7 +8,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from loopback.processes import FunctionProcess
+from loopback.processes import FunctionProcess, wait_until
 from tests import storms
 from tests.conftest import TEST_TOKEN
 from tests.factories import webhook
@@ -16,8 +16,8 @@ from tests.factories import webhook
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
-def post(url, items):
-    response = requests.post(url + "/webhook/alert", json=webhook([i.raw() for i in items]), headers=AUTH, timeout=60)
+def post(url, items, timeout=60):
+    response = requests.post(url + "/webhook/alert", json=webhook([i.raw() for i in items]), headers=AUTH, timeout=timeout)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -95,3 +95,31 @@ def test_two_replicas_group_a_storm_as_one_does(clean_db, kube, base_env, tmp_pa
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_slow_topology_look_up_delays_only_the_webhook_that_needs_it(clean_db, kube, base_env):
+    """The intake's group commit has one writer: a Kubernetes API that takes
+    its time over one pod must hold up that pod's webhook, not every other
+    AlertManager batch queued behind the writer."""
+    c = storms.Cluster(kube, "slow-api")
+    node = c.node("ip-10-0-40-1")
+    (pod,) = c.deployment("ledger", [node])
+    kube.fail("GET", f"/namespaces/slow-api/pods/{pod}$", "hold")
+    env = {**base_env, "KUBECONFIG": str(kube.kubeconfig_path), "CORRELATION_TOPOLOGY_TIMEOUT_SECONDS": "30"}
+    intake = FunctionProcess("intake", env).start()
+    slow = {}
+    try:
+        def pod_alert():
+            slow["response"] = post(intake.url, [storms.kp("KubePodNotReady", "n", namespace="slow-api", pod=pod)])
+
+        waiting = threading.Thread(target=pod_alert)
+        waiting.start()
+        wait_until(lambda: kube.calls("GET", f"/pods/{pod}"), 30, message="the pod's look-up under way")
+        unrelated = post(intake.url, [storms.kp("KubeNodeNotReady", "n", node="ip-10-0-40-9")], timeout=20)
+        assert unrelated["results"][0]["action"] == "created"
+        assert "response" not in slow  # still waiting on the API
+    finally:
+        kube.released.set()
+        waiting.join(60)
+        intake.stop()
+    assert slow["response"]["results"][0]["action"] in ("created", "joined")

@@ -59,3 +59,23 @@ def test_alerts_released_by_the_sweep_join_their_node_incident(clean_db, kube, r
     assert sorted(m["correlation_reason"] for m in members[1:]) == [
         f"KubePodNotReady held/{p} joined: pod runs on node {node}, where KubeNodeNotReady fires" for p in sorted(pods)]
     assert opened == 1
+
+
+def test_the_sweeps_look_up_stops_at_its_budget_so_missed_pages_are_not_held_up(clean_db, kube):
+    """A slow API: what is not looked up in time replays on label rules;
+    the sweep goes on to republish the outbox."""
+    from shared.correlation import replay
+    from tests.test_correlation import correlator
+
+    c = Cluster(kube, "budget")
+    node = c.node("ip-10-0-51-1")
+    pods = c.deployment("ledger", [node] * (replay.CHUNK + 5))
+    with clean_db.begin() as conn:
+        window = maintenance.create(conn, ['namespace="budget"'], clock.now(), clock.now().replace(year=2100), "upgrade", "api:test")
+        maintenance.hold(conn, [kp("KubePodNotReady", "n", namespace="budget", pod=p).alert() for p in pods], clock.now())
+        maintenance.end(conn, window["id"], "api:test")
+    corr = correlator(kube)
+    assert replay.look_up_topology(clean_db, corr, budget=0) == 0
+    assert not kube.calls("GET", "/namespaces/budget/pods/")
+    assert replay.look_up_topology(clean_db, corr) == len(pods)
+    assert len({r.path for r in kube.calls("GET", "/namespaces/budget/pods/")}) == len(pods)

@@ -44,7 +44,7 @@ class Intake:
         self.sources = sources
         # Concurrent payloads of a batching source share transactions (batching.py).
         self.batches = {
-            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor), writers=WRITE_CONCURRENCY)
+            name: GroupCommit(lambda alerts, actor=name: self._write(alerts, actor, fetch=False), writers=WRITE_CONCURRENCY)
             for name, source in sources.items() if source.group_commit
         }
 
@@ -60,10 +60,12 @@ class Intake:
                     routes.append(Route("POST", path, lambda r, s=source: self.webhook(r, s)))
         return routes
 
-    def _write(self, alerts: Sequence[Alert], actor: str) -> incidents.RecordResult:
+    def _write(self, alerts: Sequence[Alert], actor: str, fetch: bool = True) -> incidents.RecordResult:
         # Topology is read before the transaction: no Kubernetes call ever
         # holds a connection, and alerts no rule concerns cost nothing here.
-        plan = self.correlator.plan(alerts) if self.correlator is not None and self.correlator.active else None
+        # In a group commit (fetch=False) each request looked its own up
+        # before joining (store), so the one writer plans from the cache.
+        plan = self.correlator.plan(alerts, fetch=fetch) if self.correlator is not None and self.correlator.active else None
         with db.transaction() as conn:
             return self._record_swept(conn, alerts, actor, plan)
 
@@ -83,8 +85,13 @@ class Intake:
         if stray:
             # incidents.source is free text: only registered names reach it.
             raise ValueError(f"source {source.name} produced alerts of {sorted(stray)}")
+        batch = self.batches.get(source.name)
+        if batch is not None and self.correlator is not None and self.correlator.active:
+            # Each request's own thread waits for its topology (cached for
+            # the writer), so a slow Kubernetes API delays only the alerts
+            # that need it, never every other webhook queued behind the writer.
+            self.correlator.plan(alerts)
         try:
-            batch = self.batches.get(source.name)
             result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
         except SQLAlchemyError as exc:
             transient = db.is_transient(exc)

@@ -268,7 +268,8 @@ class Sources:
 
 def from_settings(config, kube_client_factory: Callable[[], object | None]) -> Sources:
     """What the intake reads topology from (docs/correlation.md)."""
-    sources: list = [Topology(kube_client_factory)]
+    timeout = config.correlation_topology_timeout_seconds
+    sources: list = [Topology(kube_client_factory, timeout=timeout)]
     if config.prometheus_url:
-        sources.append(KubeStateMetrics(config.prometheus_url))
+        sources.append(KubeStateMetrics(config.prometheus_url, timeout=timeout))
     return Sources(sources)
