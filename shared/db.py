@@ -97,6 +97,7 @@ def _execute_in_one_round_trip() -> None:
             return context
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
+        _settle_before_savepoint(self, statement)
         ahead = _send_ahead(self)
         _send_extended(self, statement, params, oids)
         core._flush(self._sock)
@@ -116,6 +117,7 @@ def _execute_in_one_round_trip() -> None:
             self._defer_next = False
             self._deferred += ((statement, None, None),)
             return context
+        _settle_before_savepoint(self, statement)
         ahead = _send_ahead(self)
         self.send_QUERY(statement)
         core._flush(self._sock)
@@ -167,6 +169,25 @@ def _send_ahead(conn) -> list:
             _send_extended(conn, statement, params, oids)
         ahead.append(core.Context(statement))
     return ahead
+
+
+def _settle_before_savepoint(conn, statement: str) -> None:
+    """Statements :func:`later` put aside belong to the transaction level
+    they were made in. Before a SAVEPOINT or its RELEASE they are sent on
+    their own (a failure is theirs, not the savepoint's); a ROLLBACK TO
+    SAVEPOINT drops them unsent, as the rollback would undo them (they were
+    made inside the savepoint: anything earlier was sent at its SAVEPOINT)."""
+    import pg8000.core as core
+
+    if not conn._deferred:
+        return
+    verb = statement.lstrip()[:12].lower()
+    if verb.startswith("rollback to"):
+        conn._deferred = ()
+    elif verb.startswith(("savepoint", "release")):
+        ahead = _send_ahead(conn)
+        core._flush(conn._sock)
+        _read_answers(conn, ahead[:-1], ahead[-1])
 
 
 def _read_answers(conn, ahead, context) -> None:

@@ -178,3 +178,25 @@ def test_later_needs_a_transaction(database_url):
             assert conn.execute(sa.text("SELECT CAST(:a AS int) + 1"), {"a": 1}).scalar() == 2
     finally:
         engine.dispose()
+
+
+def test_later_statements_keep_to_their_savepoint(database_url):
+    """Put aside before a SAVEPOINT: sent before it, so its failure is its
+    own and not the savepoint block's. Put aside inside one that is rolled
+    back: dropped with it, unsent, and the transaction goes on."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("CREATE TEMP TABLE later_sp (n int UNIQUE)"))
+            db.later(conn, sa.text("INSERT INTO later_sp VALUES (:n)"), {"n": 1})
+            nested = conn.begin_nested()
+            db.later(conn, sa.text("SELECT CAST(:a AS int) / 0"), {"a": 1})
+            nested.rollback()
+            assert conn.execute(sa.text("SELECT array_agg(n) FROM later_sp")).scalar() == [1]
+
+            db.later(conn, sa.text("INSERT INTO later_sp VALUES (:n)"), {"n": 1})  # a duplicate
+            with pytest.raises(sa.exc.IntegrityError):
+                conn.begin_nested()  # its SAVEPOINT is never sent: the insert failed first
+            conn.rollback()
+    finally:
+        engine.dispose()
