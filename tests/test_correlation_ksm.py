@@ -114,3 +114,28 @@ def test_an_unreachable_prometheus_leaves_label_rules_and_never_fails_the_intake
     assert list(links.seeks) == ["node:ip-10-0-42-1"]  # the alert's own `node` label still counts
     assert record(clean_db, corr, [item]).outcomes[0].action == "created"
     assert [r.message for r in caplog.records].count("kube-state-metrics topology lookup failed") == 1  # cached briefly
+
+
+def test_series_scraped_without_honor_labels_are_read_by_their_exported_labels(clean_db, prometheus, no_kubernetes):
+    """A Prometheus that scrapes kube-state-metrics without honor_labels
+    keeps the target's namespace and pod and renames the object's to
+    exported_namespace and exported_pod (stored as such here)."""
+    ns, node = "ksm-exported", "ip-10-0-43-1"
+    pods = [f"ledger-6f7a8-{i:05d}" for i in range(2)]
+    target = 'namespace="monitoring",pod="kube-state-metrics-0"'
+    SERIES["kube_replicaset_owner"].append(
+        f'kube_replicaset_owner{{{target},exported_namespace="{ns}",replicaset="ledger-6f7a8",owner_kind="Deployment",'
+        f'owner_name="ledger",owner_is_controller="true"}} 1')
+    for pod in pods:
+        SERIES["kube_pod_info"].append(f'kube_pod_info{{{target},exported_namespace="{ns}",exported_pod="{pod}",node="{node}"}} 1')
+        SERIES["kube_pod_owner"].append(f'kube_pod_owner{{{target},exported_namespace="{ns}",exported_pod="{pod}",'
+                                        'owner_kind="ReplicaSet",owner_name="ledger-6f7a8",owner_is_controller="true"} 1')
+    prometheus.exporter.extra["kube-state-metrics"] = [line for name in sorted(SERIES) for line in SERIES[name]]
+    wait_until(lambda: len(prometheus.query(f'kube_pod_info{{exported_namespace="{ns}"}}')) == 2, 30, interval=0.2,
+               message="kube-state-metrics series scraped")
+    corr = Correlator(load(), Sources([KubeStateMetrics(prometheus.url)]))
+    root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node)]).outcomes[0]
+    outcomes = record(clean_db, corr, [kp("KubePodNotReady", "n", namespace=ns, pod=p) for p in pods]).outcomes
+    assert [(o.action, o.incident_id) for o in outcomes] == [("joined", root.incident_id)] * 2
+    # The monitoring namespace's own pods are not confused with them.
+    assert KubeStateMetrics(prometheus.url).placement("monitoring", "kube-state-metrics-0") is None

@@ -165,12 +165,20 @@ class KubeStateMetrics:
 
         from shared.templating import promql_string
 
-        promql = '{__name__=~"%s",namespace="%s"}' % ("|".join(KSM_SERIES), promql_string(namespace))
+        # A scrape without honor_labels renames kube-state-metrics' own
+        # namespace and pod labels to exported_*: ask for both spellings.
+        series, ns = "|".join(KSM_SERIES), promql_string(namespace)
+        promql = f'{{__name__=~"{series}",namespace="{ns}"}} or {{__name__=~"{series}",exported_namespace="{ns}"}}'
+
         response = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=self.timeout)
         body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         if response.status_code != 200 or body.get("status") != "success":
             raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
-        return [series["metric"] for series in body["data"]["result"]]
+        data = body.get("data")
+        result = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(result, list):
+            raise RuntimeError(f"Prometheus answered without a result list: {response.text[:200]}")
+        return [own_labels(series.get("metric") or {}) for series in result if isinstance(series, dict)]
 
     def _namespace(self, namespace: str, fetch: bool) -> dict | None:
         """pod -> Placement for every pod kube-state-metrics knows in it."""
@@ -182,7 +190,7 @@ class KubeStateMetrics:
         if not fetch:
             return None
         try:
-            value, ttl = _placements(self._query(namespace)), self.ttl
+            value, ttl = _placements([m for m in self._query(namespace) if m.get("namespace") == namespace]), self.ttl
         except Exception as exc:  # noqa: BLE001 - topology is best effort; label rules still apply
             value, ttl = None, FAILURE_CACHE_SECONDS
             log.warning("kube-state-metrics topology lookup failed",
@@ -199,6 +207,17 @@ class KubeStateMetrics:
     def workload_nodes(self, namespace: str, kind: str, name: str, fetch: bool = True) -> set[str]:
         pods = self._namespace(namespace, fetch) or {}
         return {p.node for p in pods.values() if p.workload == (kind, name) and p.node}
+
+
+def own_labels(metric: dict) -> dict:
+    """kube-state-metrics' labels as it wrote them: where the scrape kept
+    the target's ``namespace``/``pod`` and renamed its own ``exported_*``
+    (no honor_labels), the exported one is the object's."""
+    labels = dict(metric)
+    for key, value in metric.items():
+        if key.startswith("exported_") and value:
+            labels[key[len("exported_"):]] = value
+    return labels
 
 
 def _placements(series: list[dict]) -> dict[str, Placement]:
