@@ -19,7 +19,6 @@ import sqlalchemy as sa
 
 from shared import config as config_module
 from shared import db as db_module
-from shared import migrate
 from shared.config import parse_database_url
 from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: CI=true turns skips into failures
 
@@ -65,6 +64,14 @@ def pgbouncer_for_session():
 @pytest.fixture(scope="session")
 def database_url(pgbouncer_for_session):
     server = _server_url()
+    reused = os.environ.get("TEST_DATABASE_NAME")
+    if reused:
+        # Given, migrated and emptied test by test (clean_db): the mutation
+        # run gives each of its workers one, so none of its thousands of short
+        # sessions pays for creating and dropping a database.
+        yield pgbouncer_for_session.url(reused) if pgbouncer_for_session else _with_database(server, reused)
+        db_module.dispose_engine()
+        return
     name = f"ir_test_{uuid.uuid4().hex[:10]}"
     admin = _with_database(server, "postgres")
     # A copy of an already migrated database is ready in a fraction of the
@@ -73,6 +80,8 @@ def database_url(pgbouncer_for_session):
     db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     url = pgbouncer_for_session.url(name) if pgbouncer_for_session else _with_database(server, name)
     if not template:
+        from shared import migrate  # alembic: half a second of start-up a copied database does without
+
         migrate.upgrade(url)
     yield url
     db_module.dispose_engine()
