@@ -1,7 +1,11 @@
 """Mutation testing of the modules where a wrong line costs the most, with
-cosmic-ray: each mutant runs only the fast tests that concern its module,
-one at a time, in a copy of the tree (the working tree is never mutated).
-Writes the score and every surviving mutant to docs/mutation.md.
+cosmic-ray. Each module's fast tests run once unmutated under a line tracer
+(scripts/mutation_trace.py); then each mutant runs only the tests that reach
+the lines it changed, fastest first, until one fails (scripts/mutation_run.py),
+two mutants at a time, each worker in a copy of the tree of its own (the
+working tree is never mutated) with its own database and a fork server of
+preloaded libraries (scripts/mutation_forkserver.py). Writes the score and
+every surviving mutant to docs/mutation.md.
 
     make mutation                                  # every module below
     make mutation MODULES="rails batching"         # some of them (by short name)
