@@ -296,7 +296,8 @@ def write_plan(work: Path, target: Target, trace: dict) -> Path:
     plan.write_text(json.dumps({
         "module": target.module, "original": str(original), "lines": trace["lines"], "durations": trace["durations"],
         "import_time": sorted(import_time), "statement_of": {str(k): v for k, v in statement_of.items()},
-        "pytest": PYTEST.split()[2:], "all": _split(target.tests),
+        "pytest": PYTEST.split()[2:], "all": _split(target.tests), "kills": str(work / f"{target.name}.kills"),
+        "options": [a for a in _split(target.tests) if a.startswith("-")],
     }))
     return plan
 

@@ -1,8 +1,9 @@
 """The test command cosmic-ray runs for each mutant (scripts/mutation.py):
 finds the lines the mutant changed, by comparing the module in the working
 directory (a worker's copy, mutated in place) with the original, and runs
-only the tests that reach those lines (scripts/mutation_trace.py), fastest
-first, stopping at the first failure.
+only the tests that reach those lines (scripts/mutation_trace.py), those
+that killed most mutants so far first, then the fastest, stopping at the
+first failure.
 
     python scripts/mutation_run.py /path/to/plan.json
 
@@ -22,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from difflib import SequenceMatcher
 from pathlib import Path
 
@@ -40,43 +42,58 @@ def changed_lines(original: list[str], mutated: list[str]) -> set[int]:
     return lines
 
 
-def choose(plan: dict, mutated: list[str]) -> list[str] | None:
-    """The tests to run, fastest first; [] for none; None for all of them."""
+def ordered(plan: dict, tests) -> list[str]:
+    """The tests that killed most of this module's mutants so far first (a
+    mutant of a line is often killed by the test that killed its
+    neighbour's), then the fastest."""
+    kills = Counter(Path(plan["kills"]).read_text().splitlines()) if Path(plan["kills"]).exists() else Counter()
+    durations = plan["durations"]
+    return sorted(tests, key=lambda t: (-kills[t], durations.get(t, float("inf")), t))
+
+
+def choose(plan: dict, mutated: list[str]) -> list[str]:
+    """The tests to run, in order; [] for none."""
     original = Path(plan["original"]).read_text().splitlines()
     lines = changed_lines(original, mutated)
-    if not lines:
-        return None
-    import_time = set(plan["import_time"])
-    if lines & import_time:
-        return None
+    if not lines or lines & set(plan["import_time"]):
+        return ordered(plan, plan["durations"])
     reached: set[str] = set()
     for line in lines:
         # A statement over several lines may report only its first one.
         for candidate in {line, plan["statement_of"].get(str(line), line)}:
             reached.update(plan["lines"].get(str(candidate), []))
     if "" in reached:  # reached outside any test: no telling which tests depend on it
-        return None
-    durations = plan["durations"]
-    return sorted(reached, key=lambda t: (durations.get(t, float("inf")), t))
+        return ordered(plan, plan["durations"])
+    return ordered(plan, reached)
 
 
-def pytest(args: list[str]) -> int:
+def pytest(args: list[str]) -> tuple[int, str]:
     """A pytest session: forked from the worker's server of preloaded
     libraries (scripts/mutation_forkserver.py) when there is one."""
     server = os.environ.get("MUTATION_FORKSERVER")
-    if not server:
-        return subprocess.call([sys.executable, "-m", "pytest", *args])
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(server)
-            conn.sendall((json.dumps({"args": args}) + "\n").encode())
-            answer = conn.makefile("r", errors="replace")
-            status = int(answer.readline())
-            print(answer.read(), flush=True)
-            return status
-    except (OSError, ValueError) as exc:  # the server's fault, not the mutant's: a session of its own
-        print(f"mutation-run: no answer from {server} ({exc}); running pytest itself", flush=True)
-        return subprocess.call([sys.executable, "-m", "pytest", *args])
+    if server:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(server)
+                conn.sendall((json.dumps({"args": args}) + "\n").encode())
+                answer = conn.makefile("r", errors="replace")
+                status = int(answer.readline())
+                output = answer.read()
+            print(output, flush=True)
+            return status, output
+        except (OSError, ValueError) as exc:  # the server's fault, not the mutant's: a session of its own
+            print(f"mutation-run: no answer from {server} ({exc}); running pytest itself", flush=True)
+    done = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, errors="replace")
+    print(done.stdout[-3000:], done.stderr[-3000:], flush=True)
+    return done.returncode, done.stdout
+
+
+def record_kill(plan: dict, output: str) -> None:
+    """The test that failed (pytest's summary line ``FAILED <node id> - ...``)."""
+    for line in output.splitlines():
+        if line.startswith("FAILED "):
+            with open(plan["kills"], "a") as kills:
+                kills.write(line.removeprefix("FAILED ").split(" - ")[0].strip() + "\n")
 
 
 def main(plan_path: str) -> int:
@@ -86,16 +103,16 @@ def main(plan_path: str) -> int:
         tests = choose(plan, Path(plan["module"]).read_text().splitlines())
     except Exception as exc:  # noqa: BLE001 - a fault of the selection: run everything
         print(f"mutation-run: selection failed ({type(exc).__name__}: {exc}); running every test", flush=True)
-        tests = None
-    if tests == []:
+        return pytest([*options, *plan["all"]])[0]
+    if not tests:
         print(NOT_COVERED, flush=True)
         return 0
-    if tests is None:
-        return pytest([*options, *plan["all"]])
-    status = pytest([*options, *tests])
+    status, output = pytest([*options, *plan["options"], *tests])
     if status in SELECTION_FAILED:
         print(f"mutation-run: pytest could not run the selection ({status}); running every test", flush=True)
-        status = pytest([*options, *plan["all"]])
+        status, output = pytest([*options, *plan["all"]])
+    if status == 1:
+        record_kill(plan, output)
     return status
 
 
