@@ -298,8 +298,18 @@ def write_plan(work: Path, target: Target, trace: dict) -> Path:
         "import_time": sorted(import_time), "statement_of": {str(k): v for k, v in statement_of.items()},
         "pytest": PYTEST.split()[2:], "all": _split(target.tests), "kills": str(work / f"{target.name}.kills"),
         "options": [a for a in _split(target.tests) if a.startswith("-")],
+        "test_timeout": test_timeout(trace["durations"]),
     }))
     return plan
+
+
+def test_timeout(durations: dict[str, float]) -> int:
+    """Each test's limit in a mutant's run (pytest-timeout): a mutant that
+    makes a loop endless fails its test after this instead of holding the
+    worker until cosmic-ray's TIMEOUT_SECONDS. Five times the slowest test of
+    the unmutated run, at least 20 s, so a slow moment of the machine does
+    not fail a test; the check run (Workers.check) runs under it too."""
+    return max(20, round(5 * max(durations.values(), default=0)))
 
 
 def module_lines(source: str) -> tuple[set[int], dict[int, int]]:

@@ -98,7 +98,7 @@ def record_kill(plan: dict, output: str) -> None:
 
 def main(plan_path: str) -> int:
     plan = json.loads(Path(plan_path).read_text())
-    options = plan["pytest"]
+    options = [*plan["pytest"], f"--timeout={plan['test_timeout']}"]
     try:
         tests = choose(plan, Path(plan["module"]).read_text().splitlines())
     except Exception as exc:  # noqa: BLE001 - a fault of the selection: run everything
