@@ -60,7 +60,7 @@ class Target:
 
 TARGETS = [
     Target("rails", "functions/remediation/rails.py", "tests/test_rails.py"),
-    Target("actions", "functions/remediation/actions.py", "--noconftest tests/test_actions.py "
+    Target("actions", "functions/remediation/actions.py", "--noconftest tests/test_actions.py tests/test_rollback.py "
            "tests/test_remediation_selectors.py::test_parameters_that_would_select_a_whole_namespace_are_refused "
            "tests/test_remediation_selectors.py::test_narrow_parameters_are_accepted "
            "tests/test_remediation_selectors.py::test_a_refused_selector_says_why"),

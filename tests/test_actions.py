@@ -189,6 +189,19 @@ def test_scale_deployment_scales_up_and_waits_for_ready(k8s):
     assert k8s.deployments[("production", "email-service")]["status"]["readyReplicas"] == 3
 
 
+def test_revert_scale_returns_to_the_recorded_count_and_leaves_it_when_already_there(k8s):
+    """The one scale-down remediation makes: undoing its own scale-up after
+    a verification failed."""
+    k8s.add_deployment(deployment("email-service", 6))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    outcome = act.revert_scale(ctx(), target, 2)
+    assert (outcome.target, outcome.before, outcome.after) == ("email-service", 6, 2)
+    assert [p.json() for p in k8s.calls("PATCH", "/scale")] == [{"spec": {"replicas": 2}}]
+    assert k8s.deployments[("production", "email-service")]["spec"]["replicas"] == 2
+    # Already at the recorded count: nothing is sent.
+    assert (act.revert_scale(ctx(), target, 2).before, len(k8s.calls("PATCH"))) == (2, 1)
+
+
 def test_scale_deployment_stops_at_the_ceiling(k8s):
     k8s.add_deployment(deployment("email-service", 1))
     outcome = scale(9, ceiling=4)
