@@ -64,7 +64,8 @@ TARGETS = [
            "tests/test_remediation_selectors.py::test_parameters_that_would_select_a_whole_namespace_are_refused "
            "tests/test_remediation_selectors.py::test_narrow_parameters_are_accepted "
            "tests/test_remediation_selectors.py::test_a_refused_selector_says_why"),
-    Target("batching", "functions/intake/batching.py", "tests/test_group_commit_slices.py tests/test_group_commit.py"),
+    Target("batching", "functions/intake/batching.py", "tests/test_group_commit_slices.py tests/test_group_commit.py "
+           "tests/test_group_commit_fairness.py"),
     Target("delivery", "functions/escalation/delivery.py", "--noconftest tests/test_delivery.py"),
     Target("errors", "shared/errors.py", "--noconftest tests/test_http_dispatch.py"),
     Target("http", "shared/http.py", "--noconftest tests/test_http_dispatch.py tests/test_http_errors_app.py tests/test_http_limits.py"),
