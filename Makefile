@@ -49,8 +49,10 @@ demo: venv
 bench: venv system-packages
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) bench/run.py
 
-# Mutation testing (cosmic-ray), one worker, each module against its fast
-# tests; under an hour on a 2-core machine. Not part of `make test`.
+# Mutation testing (cosmic-ray), two workers (MUTATION_WORKERS); each mutant
+# runs only the tests that reach the lines it changed (scripts/mutation.py,
+# docs/mutation-notes.md). Under an hour on a 2-core machine; not part of
+# `make test`.
 mutation: venv
 	@url=$$(scripts/ensure-postgres.sh) && TEST_DATABASE_URL="$$url" $(PY) scripts/mutation.py $(MODULES)
 

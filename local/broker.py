@@ -310,6 +310,15 @@ class LocalBroker:
         self.dead_lettered: list[tuple[str, dict]] = []
         self.delivered: list[tuple[str, str, int]] = []  # (trigger, event id, status)
         self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Deliveries accepted and not finished yet (queued, being sent,
+        retried or being dead-lettered); a reply counts before its parent's
+        delivery ends, so 0 means the broker is idle. /health reports it."""
+        with self._lock:
+            return self._pending
 
     @property
     def url(self) -> str:
@@ -328,9 +337,18 @@ class LocalBroker:
         for trigger in broker.triggers:
             if trigger.matches(event.attributes):
                 for _ in range(self.duplicates):
+                    with self._lock:
+                        self._pending += 1
                     self.executor.submit(self._deliver, broker, trigger, event)
 
     def _deliver(self, broker: BrokerSpec, trigger: Trigger, event: Event) -> None:
+        try:
+            self._try_deliver(broker, trigger, event)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _try_deliver(self, broker: BrokerSpec, trigger: Trigger, event: Event) -> None:
         delivery = trigger.delivery
         status, body, error = None, b"", ""
         for attempt in range(delivery.retry + 1):
@@ -407,7 +425,7 @@ class LocalBroker:
 
             def do_GET(self):
                 if self.path in ("/health", "/healthz"):
-                    return self._answer(200, {"status": "healthy"})
+                    return self._answer(200, {"status": "healthy", "pending_deliveries": outer.pending})
                 return self._answer(404, {"error": "not found"})
 
             def do_POST(self):
@@ -434,6 +452,8 @@ class LocalBroker:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+        if self.pending:
+            log.warning("Broker stopped with deliveries pending", extra={"pending": self.pending})
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

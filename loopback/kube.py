@@ -175,7 +175,8 @@ class FakeKubernetes:
         self.failures: list[tuple[str, str, int | str]] = []
         self.released = threading.Event()
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
-        self.server = RecordingServer(self._respond)
+        self.deployment_changes: list = []  # reshape_deployments
+        self.server = RecordingServer(self.respond)
 
     @property
     def requests(self) -> list[Recorded]:
@@ -266,7 +267,15 @@ class FakeKubernetes:
     def calls(self, method=None, contains=""):
         return [r for r in self.requests if (method is None or r.method == method) and contains in r.path]
 
-    def _respond(self, req: Recorded):
+    def reshape_deployments(self, change) -> None:
+        """``change(method, deployment)`` edits every Deployment the API
+        answers with (not its scale subresource) before it is sent: a
+        controller that lags behind a write, a server that omits a field."""
+        self.deployment_changes.append(change)
+
+    def respond(self, req: Recorded):
+        """The API server's answer to one request (a test that needs the
+        server to ignore a write wraps this as ``server.responder``)."""
         url = urlsplit(req.path)
         path, query = url.path, parse_qs(url.query)
         for method, pattern, status in self.failures:
@@ -286,7 +295,13 @@ class FakeKubernetes:
             return _status(400, "BadRequest", "json: cannot unmarshal array into Go value of type map[string]interface {}")
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(/scale)?", path)
         if m:
-            return self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
+            answer = self._deployment(req.method, m.group(1), m.group(2), bool(m.group(3)), body)
+            if m.group(3) or not self.deployment_changes or answer[0] >= 300:
+                return answer
+            obj = json.loads(answer[2])
+            for change in self.deployment_changes:
+                change(req.method, obj)
+            return answer[0], answer[1], json.dumps(obj).encode()
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
         if m and req.method == "GET":
             return self._log(m.group(1), m.group(2), query)

@@ -19,7 +19,6 @@ import sqlalchemy as sa
 
 from shared import config as config_module
 from shared import db as db_module
-from shared import migrate
 from shared.config import parse_database_url
 from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: CI=true turns skips into failures
 
@@ -65,6 +64,14 @@ def pgbouncer_for_session():
 @pytest.fixture(scope="session")
 def database_url(pgbouncer_for_session):
     server = _server_url()
+    reused = os.environ.get("TEST_DATABASE_NAME")
+    if reused:
+        # Given, migrated and emptied test by test (clean_db): the mutation
+        # run gives each of its workers one, so none of its thousands of short
+        # sessions pays for creating and dropping a database.
+        yield pgbouncer_for_session.url(reused) if pgbouncer_for_session else _with_database(server, reused)
+        db_module.dispose_engine()
+        return
     name = f"ir_test_{uuid.uuid4().hex[:10]}"
     admin = _with_database(server, "postgres")
     # A copy of an already migrated database is ready in a fraction of the
@@ -73,6 +80,8 @@ def database_url(pgbouncer_for_session):
     db_module.run_outside_transaction(admin, f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     url = pgbouncer_for_session.url(name) if pgbouncer_for_session else _with_database(server, name)
     if not template:
+        from shared import migrate  # alembic: half a second of start-up a copied database does without
+
         migrate.upgrade(url)
     yield url
     db_module.dispose_engine()
@@ -140,11 +149,25 @@ def clean_db(engine):
     test body started are stopped when it ends (the hook below); the ones
     fixtures keep are waited for, so TRUNCATE never races their writes."""
     _wait_for_quiet_database(engine)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         tables = conn.execute(
             sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
         ).scalars().all()
-        conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+        big = set(conn.execute(sa.text("SELECT relname FROM pg_stat_user_tables WHERE n_live_tup > 10000")).scalars())
+    # DELETE takes milliseconds on the few rows a test leaves, TRUNCATE a few
+    # tenths of a second (new files for every table), paid by every test that
+    # writes; a big table (a benchmark's) is truncated. A foreign key that
+    # does not cascade would need an order: then everything is truncated.
+    try:
+        with engine.begin() as conn:
+            if big:
+                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+            else:
+                for table in tables:
+                    conn.exec_driver_sql(f'DELETE FROM "{table}"')
+    except sa.exc.IntegrityError:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
     return engine
 
 

@@ -48,9 +48,9 @@ class HoldingKubernetes(FakeKubernetes):
         super().__init__()
         self.gate = Gate()
 
-    def _respond(self, req):
+    def respond(self, req):
         self.gate.pass_through(req)
-        return super()._respond(req)
+        return super().respond(req)
 
 
 class HoldingReceiver(RecordingServer):

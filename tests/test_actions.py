@@ -189,6 +189,19 @@ def test_scale_deployment_scales_up_and_waits_for_ready(k8s):
     assert k8s.deployments[("production", "email-service")]["status"]["readyReplicas"] == 3
 
 
+def test_revert_scale_returns_to_the_recorded_count_and_leaves_it_when_already_there(k8s):
+    """The one scale-down remediation makes: undoing its own scale-up after
+    a verification failed."""
+    k8s.add_deployment(deployment("email-service", 6))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    outcome = act.revert_scale(ctx(), target, 2)
+    assert (outcome.target, outcome.before, outcome.after) == ("email-service", 6, 2)
+    assert [p.json() for p in k8s.calls("PATCH", "/scale")] == [{"spec": {"replicas": 2}}]
+    assert k8s.deployments[("production", "email-service")]["spec"]["replicas"] == 2
+    # Already at the recorded count: nothing is sent.
+    assert (act.revert_scale(ctx(), target, 2).before, len(k8s.calls("PATCH"))) == (2, 1)
+
+
 def test_scale_deployment_stops_at_the_ceiling(k8s):
     k8s.add_deployment(deployment("email-service", 1))
     outcome = scale(9, ceiling=4)
@@ -247,16 +260,12 @@ def test_rollout_restart_that_does_not_roll_out_fails(k8s):
 def test_rollout_restart_waits_for_the_new_generation(k8s):
     """A deployment whose status still shows the old generation is not rolled out."""
     k8s.add_deployment(deployment("web", 1))
-    original = k8s._deployment
 
-    def lagging(method, ns, name, scale, body):
-        status, headers, payload = original(method, ns, name, scale, body)
-        obj = json.loads(payload)
-        if method == "GET" and not scale:
+    def lagging(method, obj):
+        if method == "GET":
             obj["status"]["observedGeneration"] = 1
-        return status, headers, json.dumps(obj).encode()
 
-    k8s._deployment = lagging
+    k8s.reshape_deployments(lagging)
     with pytest.raises(ActionFailed, match="generation 1/2"):
         act.rollout_restart(ctx(verify_timeout=0.1), act.DeploymentParams(namespace="production", name="web"))
 
@@ -372,12 +381,11 @@ def test_cordon_node_already_cordoned_or_dry_run_sends_nothing(k8s):
 
 def test_cordon_that_does_not_stick_fails(k8s):
     k8s.add_node("n1")
-    original = k8s._respond
 
     def ignore_patch(req):
         if req.method == "PATCH":
             return 200, {"Content-Type": "application/json"}, json.dumps(k8s.nodes["n1"]).encode()
-        return original(req)
+        return k8s.respond(req)
 
     k8s.server.responder = ignore_patch
     with pytest.raises(ActionFailed, match="still reports schedulable"):
@@ -498,17 +506,13 @@ def test_the_database_connect_timeout_is_three_probe_timeouts():
 def _surging(k8s, extra=1):
     """Status reports more ready/updated replicas than wanted (a surge, or an
     HPA that scaled further): that is rolled out, not short."""
-    original = k8s._deployment
 
-    def surge(method, ns, name, scale, body):
-        status, headers, payload = original(method, ns, name, scale, body)
-        obj = json.loads(payload)
-        if not scale and obj.get("status", {}).get("readyReplicas"):
+    def surge(_method, obj):
+        if obj.get("status", {}).get("readyReplicas"):
             obj["status"]["readyReplicas"] += extra
             obj["status"]["updatedReplicas"] += extra
-        return status, headers, json.dumps(obj).encode()
 
-    k8s._deployment = surge
+    k8s.reshape_deployments(surge)
 
 
 def test_more_ready_replicas_than_wanted_is_verified(k8s):
@@ -551,16 +555,7 @@ def test_scaling_to_hundreds_compares_counts_by_value(k8s):
 
 
 def _reshape(k8s, change):
-    original = k8s._deployment
-
-    def reshaped(method, ns, name, scale, body):
-        status, headers, payload = original(method, ns, name, scale, body)
-        obj = json.loads(payload)
-        if not scale:
-            change(obj)
-        return status, headers, json.dumps(obj).encode()
-
-    k8s._deployment = reshaped
+    k8s.reshape_deployments(lambda _method, obj: change(obj))
 
 
 def test_a_deployment_without_status_is_not_ready(k8s):
@@ -586,12 +581,11 @@ def test_a_newer_observed_generation_is_rolled_out(k8s):
 
 def test_a_node_without_spec_is_schedulable_and_cordoned(k8s):
     k8s.nodes["bare"] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bare"}}
-    original = k8s._respond
 
     def patch_adds_spec(req):
         if req.method == "PATCH" and req.path.startswith("/api/v1/nodes/bare"):
             k8s.nodes["bare"]["spec"] = {}
-        return original(req)
+        return k8s.respond(req)
 
     k8s.server.responder = patch_adds_spec
     outcome = act.cordon_node(ctx(dry_run=True), act.NodeParams(node="bare"))

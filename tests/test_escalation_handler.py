@@ -230,7 +230,8 @@ def test_a_proposal_awaiting_approval_pages_with_its_link_and_its_outcome_is_tol
     with clean_db.begin() as conn:
         svc.add_timeline(conn, row["id"], "remediation_result", {
             "outcome": "failed", "reason": "not verified: the alert is still firing", "actions": [], "playbook": "p",
-            "generation": row["generation"], "approved_proposal": "p1", "proposal": {"id": "p1"}}, "remediation")
+            "generation": row["generation"], "approved_proposal": "p1", "proposal": {"id": "p1", "url": url, "status": "approved"}},
+            "remediation")
     handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))
     handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row))  # a redelivery: once
     assert sent(receivers) == (["trigger", "trigger"], 2)

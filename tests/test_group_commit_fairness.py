@@ -12,6 +12,7 @@ import time
 
 from functions.intake.batching import GroupCommit
 from shared.incidents import Outcome, RecordResult
+from loopback.processes import wait_until
 from tests.factories import alert
 
 DEADLINE = 5.0
@@ -47,6 +48,24 @@ def submit_in_thread(batcher, name, done: dict):
     return thread
 
 
+def assert_idle(batcher, writer) -> None:
+    """Nothing queued, and every lead given back: as many new requests as
+    there are writers all start a transaction at once (a leaked lead would
+    leave one of them waiting for ever)."""
+    assert batcher.waiting == 0
+    before = len(writer.calls) if isinstance(writer, GatedWriter) else 0
+    done: dict = {}
+    names = [f"Idle{i}" for i in range(batcher.writers)]
+    threads = [submit_in_thread(batcher, n, done) for n in names]
+    if isinstance(writer, GatedWriter):
+        writer.wait_for_calls(before + len(names))
+        for gate in writer.gates:
+            gate.set()
+    for t in threads:
+        t.join(DEADLINE)
+    assert done == {n: n for n in names}, "a lead was never given back"
+
+
 def test_the_leader_answers_its_client_before_the_next_batch_is_written():
     writer = GatedWriter()
     batcher = GroupCommit(writer, writers=1)
@@ -54,9 +73,7 @@ def test_the_leader_answers_its_client_before_the_next_batch_is_written():
     lead = submit_in_thread(batcher, "Lead", done)
     writer.wait_for_calls(1)
     followers = [submit_in_thread(batcher, f"F{i}", done) for i in range(3)]
-    deadline = time.monotonic() + DEADLINE
-    while len(batcher._queue) < 3 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: batcher.waiting == 3, DEADLINE, interval=0.005, message="the followers to queue behind the lead")
     writer.gates[0].set()
     # The followers' batch starts and is held; the lead request is answered
     # meanwhile (a leader that drained the queue would still be writing it).
@@ -79,7 +96,8 @@ def test_two_writers_have_two_batches_in_flight_and_never_more():
     second = submit_in_thread(batcher, "B", done)
     writer.wait_for_calls(2)  # B did not wait for A's commit
     third = submit_in_thread(batcher, "C", done)
-    time.sleep(0.05)
+    # C has queued (and was not made a leader: a leader is not waiting).
+    wait_until(lambda: batcher.waiting == 1, DEADLINE, interval=0.005, message="C to queue behind the two in flight")
     assert len(writer.calls) == 2, "a third transaction started while two were in flight"
     writer.gates[0].set()
     writer.wait_for_calls(3)  # A's finish hands the lead to C
@@ -88,7 +106,7 @@ def test_two_writers_have_two_batches_in_flight_and_never_more():
     for t in (first, second, third):
         t.join(DEADLINE)
     assert done == {"A": "A", "B": "B", "C": "C"}
-    assert batcher._leaders == 0 and not batcher._queue
+    assert_idle(batcher, writer)
 
 
 def test_many_requests_each_get_their_own_answer_and_the_lead_is_never_lost():
@@ -118,4 +136,4 @@ def test_many_requests_each_get_their_own_answer_and_the_lead_is_never_lost():
             t.join(30)
         assert not errors and not any(t.is_alive() for t in threads), f"writers={writers}: a request hung or failed: {errors[:1]}"
         assert len(done) == 8 * 40
-        assert batcher._leaders == 0 and not batcher._queue
+        assert_idle(batcher, batcher.write)

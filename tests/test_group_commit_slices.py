@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from functions.intake.batching import GroupCommit
 from shared import incidents as svc
+from loopback.processes import wait_until
 from tests.factories import alert
 
 DEADLINE = 5.0  # generous for a held write released at once; a broken batcher hangs
@@ -60,35 +61,35 @@ def run_threads(targets: dict) -> tuple[dict, dict]:
     return threads, (results, errors)
 
 
+def queued_behind(batcher: GroupCommit, n: int) -> None:
+    """Until all n requests wait behind the held write: then the next
+    transaction can carry them together."""
+    wait_until(lambda: batcher.waiting == n, DEADLINE, interval=0.005, message=f"{n} requests to queue behind the held write")
+
+
 def batched(writer: HeldWriter, names: set[str]) -> bool:
     """Whether one transaction after the first carried all these requests."""
     return any(names <= set(call) for call in writer.calls[1:])
 
 
 def submit_behind_a_held_write(engine, requests: dict[str, list], poison=None):
-    """The lead request's write is held while the others submit. Repeats until
-    the others really shared one transaction (a thread may be slow to queue),
-    so the case under test happens for certain, not by luck."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        writer = HeldWriter(engine, poison)
-        batcher = GroupCommit(writer)
-        lead, (lead_results, lead_errors) = run_threads({"lead": lambda b=batcher: b.submit([alert("Lead", instance=str(time.monotonic()))])})
-        assert writer.first_started.wait(DEADLINE)
-        threads, (results, errors) = run_threads({name: (lambda a=alerts, b=batcher: b.submit(a)) for name, alerts in requests.items()})
-        # Give them every chance to queue behind the held write.
-        time.sleep(0.05)
-        writer.release.set()
-        for t in [*lead.values(), *threads.values()]:
-            t.join(DEADLINE)
-            assert not t.is_alive(), "a request never got its answer"
-        assert not lead_errors, lead_errors
-        names = {a.alert_name for alerts in requests.values() for a in alerts}
-        if batched(writer, names) or time.monotonic() > deadline:
-            assert batched(writer, names), f"the requests never shared a transaction: {writer.calls}"
-            return writer, results, errors
-        with engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE incidents CASCADE"))
+    """The lead request's write is held until every other request waits
+    behind it, so the next transaction carries them all: the case under
+    test happens for certain, not by luck."""
+    writer = HeldWriter(engine, poison)
+    batcher = GroupCommit(writer)
+    lead, (lead_results, lead_errors) = run_threads({"lead": lambda: batcher.submit([alert("Lead", instance=str(time.monotonic()))])})
+    assert writer.first_started.wait(DEADLINE)
+    threads, (results, errors) = run_threads({name: (lambda a=alerts: batcher.submit(a)) for name, alerts in requests.items()})
+    queued_behind(batcher, len(requests))
+    writer.release.set()
+    for t in [*lead.values(), *threads.values()]:
+        t.join(DEADLINE)
+        assert not t.is_alive(), "a request never got its answer"
+    assert not lead_errors, lead_errors
+    names = {a.alert_name for alerts in requests.values() for a in alerts}
+    assert batched(writer, names), f"the queued requests did not share a transaction: {writer.calls}"
+    return writer, results, errors
 
 
 def alert_names_of(engine, incident_ids) -> list[str]:
@@ -148,7 +149,7 @@ def test_a_transient_error_fails_the_whole_batch_without_retrying_each(clean_db)
     lead, (_, lead_errors) = run_threads({"lead": lambda: batcher.submit([alert("Lead")])})
     assert writer.first_started.wait(DEADLINE)
     threads, (results, errors) = run_threads({n: (lambda n=n: batcher.submit([alert(n)])) for n in ("T1", "T2")})
-    time.sleep(0.05)
+    queued_behind(batcher, 2)
     writer.release.set()
     for t in [*lead.values(), *threads.values()]:
         t.join(DEADLINE)
@@ -166,22 +167,18 @@ def test_a_batch_stops_at_max_alerts_and_a_big_request_goes_alone(clean_db):
         assert writer.first_started.wait(DEADLINE)
         requests = {f"m{max_alerts}-{i}": [alert(f"Max{max_alerts}x{i}", instance=str(j)) for j in range(n)] for i, n in enumerate(sizes)}
         threads, (results, errors) = run_threads({name: (lambda a=a: batcher.submit(a)) for name, a in requests.items()})
-        time.sleep(0.05)
+        queued_behind(batcher, len(requests))
         writer.release.set()
         for t in [*lead.values(), *threads.values()]:
             t.join(DEADLINE)
         assert not errors and not lead_errors and set(results) == set(requests)
         return [len(call) for call in writer.calls[1:]]
 
-    # Queued in an unknown order, so compare the multiset of batch sizes; a
-    # few tries, in case a thread was slow to queue behind the held write.
-    for _ in range(4):
-        exact = batched_sizes(4, [2, 2])  # 2 + 2 = 4: one batch, the limit is inclusive
-        over = batched_sizes(3, [2, 2])  # 2 + 2 > 3: two batches
-        big = batched_sizes(4, [5])  # more than the limit alone: still written, alone
-        sums = batched_sizes(3, [1, 3])  # the sizes add up: 1 + 3 > 3
-        if exact == [4]:
-            break
+    # Queued in an unknown order, so compare the multiset of batch sizes.
+    exact = batched_sizes(4, [2, 2])  # 2 + 2 = 4: one batch, the limit is inclusive
+    over = batched_sizes(3, [2, 2])  # 2 + 2 > 3: two batches
+    big = batched_sizes(4, [5])  # more than the limit alone: still written, alone
+    sums = batched_sizes(3, [1, 3])  # the sizes add up: 1 + 3 > 3
     assert exact == [4] and sorted(over) == [2, 2] and big == [5] and sorted(sums) == [1, 3]
 
 

@@ -109,6 +109,7 @@ def test_check_bearer_alone():
 
 @pytest.mark.parametrize("exc, status, code", [
     (errors.BadRequest("bad"), 400, "bad_request"),
+    (errors.Forbidden("not an approver"), 403, "forbidden"),
     (errors.NotFound("gone"), 404, "not_found"),
     (errors.Conflict("busy"), 409, "conflict"),
     (errors.PayloadTooLarge("big"), 413, "payload_too_large"),

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -325,4 +326,53 @@ def test_an_attribute_header_that_is_not_utf8_is_refused_at_ingress(tmp_path, se
         response = requests.post(broker.ingress_url("default", "incidents"), data=b"{}", headers=headers, timeout=5)
         assert response.status_code == 400 and "UTF-8" in response.json()["error"]
     finally:
+        broker.stop()
+
+
+def test_pending_counts_a_delivery_until_it_is_answered_and_health_reports_it(tmp_path, servers):
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_request):
+        held.set()
+        assert release.wait(10), "the test never released the delivery"
+        return 202, {}, b""
+
+    servers["a"].responder = hold
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        assert broker.pending == 0
+        send(broker)
+        assert held.wait(5), "the delivery never reached the subscriber"
+        # Being sent: accepted and not finished, whatever the executor's queue says.
+        assert broker.pending == 1
+        assert requests.get(broker.url + "/health", timeout=5).json()["pending_deliveries"] == 1
+        release.set()
+        wait_until(lambda: broker.pending == 0, 5, message="the delivery to finish")
+        assert [s for (_, _, s) in broker.delivered] == [202]
+        assert requests.get(broker.url + "/health", timeout=5).json() == {"status": "healthy", "pending_deliveries": 0}
+    finally:
+        release.set()
+        broker.stop()
+
+
+def test_pending_includes_retries_and_the_dead_letter(tmp_path, servers):
+    servers["a"].responder = lambda r: (500, {}, b"no")
+    dead, release = threading.Event(), threading.Event()
+
+    def hold_dead_letter(_request):
+        dead.set()
+        assert release.wait(10), "the test never released the dead letter"
+        return 202, {}, b""
+
+    servers["dls"].responder = hold_dead_letter
+    broker = start(tmp_path, servers, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        send(broker)
+        assert dead.wait(5), "the failed delivery was never dead-lettered"
+        assert broker.pending == 1, "a delivery being dead-lettered is not finished"
+        release.set()
+        wait_until(lambda: broker.pending == 0, 5, message="the dead letter to be sent")
+        assert len(servers["dls"].requests) == 1 and [s for (_, _, s) in broker.delivered] == [500, 500, 500]
+    finally:
+        release.set()
         broker.stop()

@@ -343,3 +343,43 @@ def test_an_outage_is_reported_and_stored_by_its_first_error(clean_db):
     assert report.broker_unreachable and report.broker_error == first
     stored = rows(clean_db)
     assert [stored[i].last_error for i in ids] == [first, first, None]
+
+
+def test_a_drain_leases_one_batch_of_fifty_for_three_sends_of_the_default_timeout(clean_db):
+    """While the first send of a drain is held, exactly one batch is leased
+    (another publisher can take the rest at once), for 3 s plus three
+    sends of the default 5 s timeout; released, the drain goes on."""
+    import threading
+
+    with clean_db.begin() as conn:
+        started = conn.execute(sa.text(f"SELECT {outbox.UTC_NOW}")).scalar()
+        outbox.enqueue(conn, [{"id": f"b-{i:02d}", "type": "t", "source": "/s", "subject": None, "extensions": {}, "data": {}}
+                              for i in range(60)])
+    held, release = threading.Event(), threading.Event()
+
+    def answer(_request):
+        if not held.is_set():
+            held.set()
+            assert release.wait(10), "the test never released the first send"
+        return 202, {}, b""
+
+    server = RecordingServer(answer).start()
+    reports = []
+    drain = threading.Thread(target=lambda: reports.append(outbox.publish_pending(clean_db, server.url + "/ns/default")), daemon=True)
+    try:
+        drain.start()
+        assert held.wait(10), "nothing was sent"
+        with clean_db.connect() as conn:
+            leased = conn.execute(sa.text(f"SELECT count(*), max(claimed_until) - CAST(:started AS timestamp), {outbox.UTC_NOW} - "
+                                          "CAST(:started AS timestamp) FROM event_outbox WHERE claimed_until IS NOT NULL"),
+                                  {"started": started}).one()
+        count, lease_from_start, elapsed = leased[0], leased[1].total_seconds(), leased[2].total_seconds()
+        assert count == outbox.BATCH_SIZE == 50
+        # Leased at some moment between the start and now, for 18 s.
+        assert outbox.lease_seconds(5.0) == 18.0
+        assert 18.0 <= lease_from_start <= 18.0 + elapsed, (lease_from_start, elapsed)
+    finally:
+        release.set()
+        drain.join(30)
+        server.stop()
+    assert not drain.is_alive() and len(reports[0].published) == 60 and outbox.pending_count(clean_db) == 0

@@ -61,6 +61,12 @@ class GroupCommit:
         self._queue: list[_Entry] = []
         self._leaders = 0
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a transaction that has not started yet."""
+        with self._lock:
+            return sum(1 for e in self._queue if not e.lead)
+
     def submit(self, alerts: Sequence[Alert]) -> RecordResult:
         entry = _Entry(alerts)
         with self._lock:
