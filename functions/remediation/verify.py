@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import requests
 
 from functions.remediation.playbooks import Playbook
+from shared import promapi
 from shared.config import Settings
 from shared.log import scrub
 from shared.templating import promql_string, render
@@ -51,19 +52,7 @@ class Verifier:
         self.poll_interval = poll_interval
 
     def _query(self, promql: str) -> list:
-        response = requests.get(self.config.prometheus_url.rstrip("/") + "/api/v1/query", params={"query": promql},
-                                timeout=self.config.probe_timeout_seconds)
-        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-        body = body if isinstance(body, dict) else {}
-        if response.status_code != 200 or body.get("status") != "success":
-            raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
-        # An answer without a result list is no answer: read as "nothing
-        # returned", it would verify an alert as stopped and end a page.
-        data = body.get("data")
-        result = data.get("result") if isinstance(data, dict) else None
-        if not isinstance(result, list):
-            raise RuntimeError(f"Prometheus answered without a result list: {response.text[:200]}")
-        return result
+        return promapi.instant(self.config.prometheus_url, promql, self.config.probe_timeout_seconds)
 
     def check(self, incident: dict, playbook: Playbook, context: dict) -> Verdict:
         spec = playbook.verify

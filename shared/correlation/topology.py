@@ -161,24 +161,15 @@ class KubeStateMetrics:
         return bool(self.url)
 
     def _query(self, namespace: str) -> list[dict]:
-        import requests
-
+        from shared import promapi
         from shared.templating import promql_string
 
         # A scrape without honor_labels renames kube-state-metrics' own
         # namespace and pod labels to exported_*: ask for both spellings.
         series, ns = "|".join(KSM_SERIES), promql_string(namespace)
         promql = f'{{__name__=~"{series}",namespace="{ns}"}} or {{__name__=~"{series}",exported_namespace="{ns}"}}'
-
-        response = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=self.timeout)
-        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-        if response.status_code != 200 or body.get("status") != "success":
-            raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
-        data = body.get("data")
-        result = data.get("result") if isinstance(data, dict) else None
-        if not isinstance(result, list):
-            raise RuntimeError(f"Prometheus answered without a result list: {response.text[:200]}")
-        return [own_labels(series.get("metric") or {}) for series in result if isinstance(series, dict)]
+        return [own_labels(found.get("metric") or {}) for found in promapi.instant(self.url, promql, self.timeout)
+                if isinstance(found, dict)]
 
     def _namespace(self, namespace: str, fetch: bool) -> dict | None:
         """pod -> Placement for every pod kube-state-metrics knows in it."""

@@ -1,0 +1,24 @@
+"""Prometheus' instant-query API (``/api/v1/query``), read by remediation's
+verification and by correlation's kube-state-metrics topology: one place
+that decides what counts as an answer. An answer without a result list is
+no answer: read as "nothing returned", it would verify an alert as stopped
+or place no pod, so it raises like a refused query."""
+
+from __future__ import annotations
+
+
+def instant(url: str, promql: str, timeout: float) -> list:
+    """The ``result`` list of an instant query; RuntimeError when Prometheus
+    refuses or answers something else, requests' errors when unreachable."""
+    import requests
+
+    response = requests.get(url.rstrip("/") + "/api/v1/query", params={"query": promql}, timeout=timeout)
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    body = body if isinstance(body, dict) else {}
+    if response.status_code != 200 or body.get("status") != "success":
+        raise RuntimeError(f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:200]}")
+    data = body.get("data")
+    result = data.get("result") if isinstance(data, dict) else None
+    if not isinstance(result, list):
+        raise RuntimeError(f"Prometheus answered without a result list: {response.text[:200]}")
+    return result
