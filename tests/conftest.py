@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -86,6 +87,21 @@ def database_url(pgbouncer_for_session):
     yield url
     db_module.dispose_engine()
     db_module.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def proxied_database(database_url: str):
+    """A TCP proxy in front of PostgreSQL (``proxy.cut()`` takes the database
+    away, ``restore()`` brings it back) and the database URL through it."""
+    from loopback.servers import TcpProxy
+
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{proxy.port}"
+    try:
+        yield proxy, urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture(scope="session")

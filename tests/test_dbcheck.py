@@ -4,7 +4,6 @@ connection arguments as the engine's, and the same answers."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -12,9 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.pg8000 import PGDialect_pg8000
 
 from loopback.processes import FunctionProcess
-from loopback.servers import TcpProxy
 from shared import db, dbcheck
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, proxied_database
 
 
 @pytest.mark.parametrize("url", [
@@ -34,11 +32,8 @@ def test_the_drivers_arguments_are_the_engines(url):
 
 @pytest.fixture
 def proxied(database_url):
-    parts = urlsplit(database_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
-    netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{proxy.port}"
-    yield proxy, urlunsplit(parts._replace(netloc=netloc))
-    proxy.stop()
+    with proxied_database(database_url) as proxied:
+        yield proxied
 
 
 def test_health_before_the_first_real_request_follows_the_database(base_env, proxied):

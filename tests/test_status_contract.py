@@ -6,7 +6,6 @@ once it is back."""
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -15,9 +14,8 @@ from cloudevents.http import CloudEvent
 
 from shared import events
 from shared import incidents as svc
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, proxied_database
 from tests.factories import alert
-from loopback.servers import TcpProxy
 from loopback.processes import FunctionProcess, wait_until
 
 FUNCTIONS = ("query", "diagnostics", "remediation", "escalation", "deadletter")
@@ -25,11 +23,8 @@ FUNCTIONS = ("query", "diagnostics", "remediation", "escalation", "deadletter")
 
 @pytest.fixture(scope="module")
 def db_proxy(database_url):
-    parts = urlsplit(database_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
-    netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{proxy.port}"
-    yield proxy, urlunsplit(parts._replace(netloc=netloc))
-    proxy.stop()
+    with proxied_database(database_url) as proxied:
+        yield proxied
 
 
 @pytest.fixture(scope="module")
