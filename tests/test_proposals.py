@@ -291,3 +291,42 @@ def test_an_execution_whose_process_died_is_taken_over_only_after_the_worst_case
     again = deliver_approval(remediation, row, summary["id"])
     assert again.status_code == 200 and again.headers["ce-id"] == taken.headers["ce-id"]
     assert len(cluster.calls("PATCH", "/scale")) == 1
+
+
+ONE_SHOT_FAULT = (
+    "CREATE SEQUENCE approval_fault_once",
+    # A sequence is not rolled back with the transaction the fault aborts, so
+    # only the first remediation_result entry is refused.
+    "CREATE FUNCTION approval_fault_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF NEW.kind = 'remediation_result' AND nextval('approval_fault_once') = 1 THEN RAISE EXCEPTION 'injected fault'; END IF; "
+    "RETURN NEW; END $$",
+    "CREATE TRIGGER approval_fault_once BEFORE INSERT ON incident_timeline FOR EACH ROW EXECUTE FUNCTION approval_fault_once()",
+)
+
+
+def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_never_acts_twice(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET status = 'approved', decided_by = 'api:alice' WHERE id = :id"),
+                     {"id": summary["id"]})
+        for statement in ONE_SHOT_FAULT:
+            conn.exec_driver_sql(statement)
+    try:
+        crashed = deliver_approval(remediation, row, summary["id"])
+        again = deliver_approval(remediation, row, summary["id"])
+    finally:
+        with clean_db.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER approval_fault_once ON incident_timeline")
+            conn.exec_driver_sql("DROP FUNCTION approval_fault_once()")
+            conn.exec_driver_sql("DROP SEQUENCE approval_fault_once")
+    # The scale ran, then recording its result failed: running the playbook
+    # again could act twice, so the run is a failure that escalation pages on.
+    assert crashed.status_code == 200, crashed.text
+    assert crashed.headers["ce-type"] == FAILED
+    assert "crashed" in reply_of(crashed).data["remediation"]["reason"]
+    assert len(cluster.calls("PATCH", "/scale")) == 1
+    p = proposal_row(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and "crashed" in p["reason"]
+    # A redelivery replies the recorded failure instead of 409 until the dead letter.
+    assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
+    assert len(cluster.calls("PATCH", "/scale")) == 1

@@ -92,17 +92,24 @@ class ApprovalFlow:
         try:
             result = self._run_approved(proposal)
             event_ids = self._finish_approved(proposal, result)
-        except Exception:
-            with db.transaction() as conn:
-                proposals.finish(conn, proposal_id, False, "remediation crashed while executing; see the logs")
-            raise
+        except Exception as exc:
+            # Some actions may have run: executing again could act twice. The
+            # run becomes a recorded failure, which escalation pages on and a
+            # redelivery replays. If even that cannot be written (the database
+            # is gone), the 5xx leaves the proposal executing, to be taken over
+            # after the playbook's worst case.
+            log.exception("Approved remediation crashed", extra={"incident_id": incident_id, "proposal_id": proposal_id})
+            result = Result("failed", f"remediation crashed while executing ({type(exc).__name__}); the actions it ran are on the "
+                                      "timeline; a human must check the target",
+                            playbook=proposal["playbook"], proposal=approved_summary(proposal))
+            event_ids = self._finish_approved(proposal, result)
         self.publisher.submit(event_ids)
         return self._reply(incident_id, result, self._approved_event_id(proposal, result))
 
     def _run_approved(self, proposal: dict) -> Result:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, proposal["incident_id"])
-        approved = {"id": proposal["id"], "hash": proposal["hash"], "approved_by": proposal["decided_by"]}
+        approved = approved_summary(proposal)
         if incident["status"] not in ("open", "investigating") or incident["generation"] != proposal["generation"]:
             return Result("failed", f"not executed: the incident is {incident['status']} (generation {incident['generation']}) "
                                     f"since the proposal (generation {proposal['generation']})", playbook=proposal["playbook"], proposal=approved)
@@ -159,3 +166,8 @@ class ApprovalFlow:
         d = entries[-1]["details"]
         result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"))
         return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result))
+
+
+def approved_summary(proposal: dict) -> dict:
+    """How a result names the approved proposal it ran."""
+    return {"id": proposal["id"], "hash": proposal["hash"], "approved_by": proposal["decided_by"]}
