@@ -87,7 +87,8 @@ def projection(config: Settings, incident: dict) -> dict:
 def payload(config: Settings, note: Note) -> dict:
     incident = note.incident
     body = {
-        "id": f"{incident['id']}.{note.transition}.{incident.get('generation') or 0}",
+        "id": f"{incident['id']}.{note.transition}.{incident.get('generation') or 0}"
+              + (f".root{incident['root_generation']}" if note.transition == "root_changed" else ""),
         "type": f"incident.{note.transition}",
         "transition": note.transition,
         "sent_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
