@@ -808,9 +808,10 @@ def correlation_cost(database_url: str) -> list[str]:
     drifts a lot here, from one second to the next); each round's ratio is
     on ÷ off, and the median round is the figure. Two kinds of alert: one no
     rule concerns (the common path), and a kube-prometheus pod alert with a
-    `node` label, which the node rule concerns (advisory locks, the
-    candidate query, a member row; no topology source is configured, so no
-    Kubernetes call is in the figure)."""
+    `node` label, which the node rule concerns (advisory locks sent with the
+    upsert, the upsert's look-up of an incident offering its node, a member
+    row; no topology source is configured, so no Kubernetes call is in the
+    figure)."""
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "no-rules.yaml"
         empty.write_text("rules: []\n")

@@ -345,7 +345,7 @@ def teams() -> ScriptedReceiver:
 # What a receiver is told to do (docs/extending.md, functions/escalation/channels/webhook.py):
 # X-Incident-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">, t within 5 minutes.
 WEBHOOK_TOLERANCE_SECONDS = 300
-WEBHOOK_TRANSITIONS = {"opened", "acknowledged", "remediated", "remediation_failed", "resolved"}
+WEBHOOK_TRANSITIONS = {"opened", "root_changed", "acknowledged", "remediated", "remediation_failed", "resolved"}
 WEBHOOK_INCIDENT_KEYS = {"id", "alert_name", "priority", "status", "summary", "service", "labels", "generation",
                          "created_at", "resolved_at", "links"}
 WEBHOOK_MAX_BYTES = 64 * 1024

@@ -70,13 +70,23 @@ class Step:
     key: str | None = None
 
 
+def step_key(step: str, incident: dict) -> str:
+    """The claim of ``step`` for the incident as it stands: one per
+    generation, and one more each time a stronger alert took over as root
+    (migration 0017), so the new root gets its own diagnosis and
+    remediation. The first root's key is the plain one, as before."""
+    key = f"{step}:{incident['id']}:{incident['generation']}"
+    return f"{key}.root{incident['root_generation']}" if incident.get("root_generation") else key
+
+
 def begin_step(conn: Connection, step: str, incident_id: str, stale_after_seconds: float) -> Step:
     """Decide what an event handler does with ``step`` for this incident:
 
     - ``skip``: no such incident, or it no longer fires (never act on a
       resolved alert);
-    - ``replay``: the step already ran for this generation (a redelivery, or
-      the first reply was lost): answer the same;
+    - ``replay``: the step already ran for this generation and root (a
+      redelivery, or the first reply was lost; also an event from before
+      a root change once the new root's step ran): answer the same;
     - ``run``: this caller now holds the claim and must do the work.
 
     Raises Conflict while another delivery holds a fresh claim (the Broker
@@ -85,7 +95,7 @@ def begin_step(conn: Connection, step: str, incident_id: str, stale_after_second
     incident = incidents.get_incident(conn, incident_id)
     if incident is None:
         return Step("skip", None)
-    key = f"{step}:{incident_id}:{incident['generation']}"
+    key = step_key(step, incident)
     if is_completed(conn, key):
         return Step("replay", incident, key)
     if incident["status"] not in ACTIVE_STATUSES:

@@ -134,6 +134,15 @@ def incident_data(row: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def step_event_id(event_type: str, row: Mapping[str, Any]) -> str:
+    """The id of a step's reply (``incident.diagnosed``…): stable per
+    incident, transition and generation, and per root once another alert
+    took over as root (migration 0017), so the new root's diagnosis is not
+    taken for a redelivery of the first one's."""
+    base = f"{row['id']}.{transition_of(event_type)}.{row.get('generation') or 0}"
+    return f"{base}.root{row['root_generation']}" if row.get("root_generation") else base
+
+
 def incident_event(event_type: str, row: Mapping[str, Any], source: str, extra: Mapping[str, Any] | None = None) -> dict:
     """An outbox row for an incident event; the id is stable per incident,
     transition and generation, so a re-publish is recognisably the same event."""

@@ -56,7 +56,14 @@ class RecordResult:
 # (shared.members shows it so), and the common path writes nothing more than
 # before. Memberships are looked up with = ANY(ARRAY(...)): an
 # index lookup per fingerprint, whatever the planner guesses of the batch's
-# size (a join would scan every member). The events are built by Python beforehand for the id it
+# size (a join would scan every member). With ``defer_joins`` (a batch whose
+# alerts only look for a root: shared.correlation.store.seekers_only), an
+# alert some active incident offers a key it seeks is left out and named
+# (`joinable`): only those need the correlation decision, so the common
+# case (no root fires) costs no candidate statement. The offers are found
+# as the candidate statement finds them: the members first (one scan of the
+# provides index for all the batch's keys), then each one's incident by
+# primary key, never a pass over the active incidents. The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 UPSERT_FIRING = sa.text(compact(
     f"""
@@ -84,6 +91,22 @@ UPSERT_FIRING = sa.text(compact(
           AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
                           AND a.status IN ('open', 'investigating'))
     ),
+    providers AS MATERIALIZED (
+        SELECT incident_id, provides FROM incident_members
+        WHERE provides <> '{{}}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:sought AS jsonb)))
+    ),
+    offered AS MATERIALIZED (
+        SELECT DISTINCT k.key FROM providers p
+        CROSS JOIN LATERAL (SELECT 1 FROM incidents pi WHERE pi.id = p.incident_id
+                            AND pi.status IN ('open', 'investigating') LIMIT 1) AS active
+        CROSS JOIN LATERAL unnest(p.provides) AS k(key)
+    ),
+    joinable AS (
+        SELECT x.fingerprint FROM x
+        WHERE EXISTS (SELECT 1 FROM offered) AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
+          AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(COALESCE(x.seeks, '[]'::jsonb)) AS s(key)
+                      WHERE s.key IN (SELECT key FROM offered))
+    ),
     upserted AS (
         INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
                                remediation_actions, fingerprint, labels, annotations, source, starts_at,
@@ -93,6 +116,7 @@ UPSERT_FIRING = sa.text(compact(
                x.source, x.starts_at, {UTC_NOW}, x.seen - 1
         FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
           AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
+          AND x.fingerprint NOT IN (SELECT fingerprint FROM joinable)
         ORDER BY x.fingerprint
         ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
         DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
@@ -134,6 +158,8 @@ UPSERT_FIRING = sa.text(compact(
     SELECT jsonb_build_object('after_fix', fingerprint) FROM after_fix
     UNION ALL
     SELECT jsonb_build_object('member_of', fingerprint, 'incident_id', incident_id) FROM member_refreshed
+    UNION ALL
+    SELECT jsonb_build_object('joinable', fingerprint) FROM joinable
     """
 ))
 
@@ -149,21 +175,28 @@ def _row_from_json(row: dict) -> dict:
 
 def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, event_source: str,
             seen: dict[str, int] | None = None, plan: dict[str, Links] | None = None,
-            members: dict[str, str] | None = None) -> tuple[list[dict], set[str]]:
+            members: dict[str, str] | None = None, joinable: set[str] | None = None) -> tuple[list[dict], set[str]]:
     """``seen`` counts the copies of each fingerprint the batch held (the
     batch keeps one), so repeat_count still counts every delivery. An alert
     already a (non-root) member of an active incident refreshes its
-    membership instead, and lands in ``members`` (fingerprint -> incident)."""
+    membership instead, and lands in ``members`` (fingerprint -> incident).
+    ``joinable``: when given, alerts an active incident offers a key to are
+    left for the correlation decision and land in it."""
     rows, after_fix = [], set()
     seen = seen or {}
     plan = plan or {}
     payload = [_alert_row(a, seen.get(a.fingerprint, 1), plan.get(a.fingerprint)) for a in alerts]
     proposed = [events.incident_event(events.INCIDENT_OPENED, {**row, "status": "open", "generation": 0}, event_source)
                 for row in payload]
+    # The keys the batch seeks, when the joinable are to be left out: one
+    # array, so the lookup is one scan of the provides index.
+    sought = sorted({key for row in payload for key in row["seeks"]}) if joinable is not None else []
     result = conn.execute(UPSERT_FIRING, {"rows": json.dumps(payload), "window": window, "actor": actor,
-                                           "events": outbox.serialise(proposed)})
+                                           "events": outbox.serialise(proposed), "sought": json.dumps(sought)})
     for (row,) in result:
-        if "member_of" in row:
+        if "joinable" in row:
+            joinable.add(row["joinable"])
+        elif "member_of" in row:
             if members is not None:
                 members[row["member_of"]] = row["incident_id"]
         elif "after_fix" in row:
@@ -305,19 +338,23 @@ def record_alerts(
     published: list[str] = []  # events the upsert itself queued
     reopened: set[str] = set()
     if firing:
-        decision = correlation_store.decide(conn, firing, plan) if plan else None
-        joining = set(decision.joins) if decision else set()
         members: dict[str, str] = {}
         seen: dict[str, int] = {}
         for alert in alerts:
             if alert.status == "firing":
                 seen[alert.fingerprint] = seen.get(alert.fingerprint, 0) + 1
-        opening = [a for a in firing if a.fingerprint not in joining]
-        rows, after_fix = _upsert(conn, opening, reopen_window_seconds, actor, event_source, seen, plan, members) if opening else ([], set())
-        if after_fix:
-            again = [a for a in opening if a.fingerprint in after_fix]
+        rows: list[dict] = []
+
+        def open_incidents(opening: list[Alert], joinable: set[str] | None = None) -> None:
+            """Open or refresh incidents for ``opening`` (reopening what
+            remediation resolved a moment ago)."""
+            found, after_fix = _upsert(conn, opening, reopen_window_seconds, actor, event_source, seen, plan, members, joinable)
+            rows.extend(found)
+            if not after_fix:
+                return
+            again = [a for a in opening if a.fingerprint in after_fix and a.fingerprint not in (joinable or ())]
             keys = json.dumps([{"fingerprint": a.fingerprint, "starts_at": a.starts_at.isoformat() if a.starts_at else None} for a in again])
-            touched = conn.execute(AFTER_REMEDIATION, {"rows": keys, "window": reopen_window_seconds}).mappings().all()
+            touched = conn.execute(AFTER_REMEDIATION, {"rows": keys, "window": reopen_window_seconds}).mappings().all() if again else []
             for row in touched:
                 if row["continuing"]:
                     outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "refreshed", row["id"])
@@ -325,8 +362,31 @@ def record_alerts(
                 else:
                     reopened.add(row["id"])
             continuing = {row["fingerprint"] for row in touched if row["continuing"]}
-            more, _ = _upsert(conn, [a for a in again if a.fingerprint not in continuing], 0, actor, event_source, seen, plan, members)
-            rows += more
+            rest = [a for a in again if a.fingerprint not in continuing]
+            if rest:
+                more, _ = _upsert(conn, rest, 0, actor, event_source, seen, plan, members)
+                rows.extend(more)
+
+        decision = None
+        if plan and correlation_store.seekers_only(firing, plan):
+            # Only alerts that look for a root: the upsert opens those no
+            # active incident offers a key to, and the decision is taken for
+            # the others alone (none, unless a root fires).
+            correlation_store.lock(conn, firing, plan)
+            joinable: set[str] = set()
+            open_incidents(firing, joinable)
+            if joinable:
+                waiting = [a for a in firing if a.fingerprint in joinable]
+                decision = correlation_store.decide(conn, waiting, plan)
+                left = [a for a in waiting if a.fingerprint not in decision.joins]
+                if left:
+                    open_incidents(left)
+        else:
+            decision = correlation_store.decide(conn, firing, plan) if plan else None
+            joining = set(decision.joins) if decision else set()
+            opening = [a for a in firing if a.fingerprint not in joining]
+            if opening:
+                open_incidents(opening)
         for fingerprint, incident_id in members.items():
             outcome_of[fingerprint] = Outcome(fingerprint, "refreshed", incident_id)
         # The upsert already wrote the timeline and the new incidents' events.

@@ -42,6 +42,8 @@ incidents_table = sa.Table(
     sa.Column("resolved_by", sa.String(40)),
     # Migration 0010: the incident this one was merged into (its root arrived late).
     sa.Column("merged_into", sa.String(36)),
+    # Migration 0017: how many times a stronger alert took over as root.
+    sa.Column("root_generation", sa.Integer),
 )
 
 incident_timeline = sa.Table(

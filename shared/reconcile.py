@@ -23,6 +23,10 @@ failed``                      claim
                               completed ``escalated:…:resolved`` claim
 ============================  ==========================================  ==================
 
+After another alert took over as root (migration 0017), the diagnostics,
+remediation and outcome steps watched are the new root's (their claim keys
+and events end in ``.root<n>``, shared.claims.step_key).
+
 A re-emission is an outbox row with its own id, ``<event id>.r<n>``, so the
 Broker and the consumers see a new delivery; the consumers' claims make a
 re-emission that was not needed change nothing. At most
@@ -59,32 +63,36 @@ EVENT_TYPES = {
 STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:remediated",
          "escalation:remediation_failed", "escalation:resolved")
 REASON_MAX = 1000
+# Steps done again for a new root (their claims end in ``.root<n>``).
+ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:remediated", "escalation:remediation_failed")
 
 _ASSESSED = f"""
 WITH recent AS (
-    SELECT i.id, i.generation AS gen, i.priority, i.status FROM incidents i
+    SELECT i.id, i.generation AS gen, i.priority, i.status,
+           CASE WHEN i.root_generation > 0 THEN '.root' || i.root_generation ELSE '' END AS rs
+    FROM incidents i
     WHERE i.status IN ('open', 'investigating')
        OR (i.status = 'resolved' AND i.resolved_at > {UTC_NOW} - make_interval(secs => :horizon))
 ),
 missing AS (
-    SELECT 'diagnostics' AS step, 'opened' AS transition, r.id, r.gen, o.published_at AS since,
-           'diagnostics:' || r.id || ':' || r.gen AS claim_key
-    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
+    SELECT 'diagnostics' AS step, 'opened' AS transition, r.id, r.gen, r.rs, o.published_at AS since,
+           'diagnostics:' || r.id || ':' || r.gen || r.rs AS claim_key
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen || r.rs
     WHERE r.status IN ('open', 'investigating') AND o.published_at IS NOT NULL
     UNION ALL
-    SELECT 'escalation:opened', 'opened', r.id, r.gen, o.published_at,
+    SELECT 'escalation:opened', 'opened', r.id, r.gen, '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'opened'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
     WHERE r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
       AND o.published_at IS NOT NULL
     UNION ALL
-    SELECT 'remediation', 'diagnosed', r.id, r.gen, d.completed_at, 'remediation:' || r.id || ':' || r.gen
-    FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen
+    SELECT 'remediation', 'diagnosed', r.id, r.gen, r.rs, d.completed_at, 'remediation:' || r.id || ':' || r.gen || r.rs
+    FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen || r.rs
     WHERE r.status IN ('open', 'investigating') AND d.completed_at IS NOT NULL
     UNION ALL
-    SELECT 'escalation:' || x.transition, x.transition, r.id, r.gen, m.completed_at,
-           'escalated:' || r.id || ':' || r.gen || ':' || x.transition
-    FROM recent r JOIN work_claims m ON m.key = 'remediation:' || r.id || ':' || r.gen
+    SELECT 'escalation:' || x.transition, x.transition, r.id, r.gen, r.rs, m.completed_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || x.transition || r.rs
+    FROM recent r JOIN work_claims m ON m.key = 'remediation:' || r.id || ':' || r.gen || r.rs
     CROSS JOIN LATERAL (
         SELECT CASE WHEN t.details->>'outcome' = 'remediated' THEN 'remediated' ELSE 'remediation_failed' END AS transition
         FROM incident_timeline t
@@ -93,13 +101,13 @@ missing AS (
     ) x
     WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
     UNION ALL
-    SELECT 'escalation:resolved', 'resolved', r.id, r.gen, o.published_at,
+    SELECT 'escalation:resolved', 'resolved', r.id, r.gen, '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'resolved'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.resolved.' || r.gen
     WHERE r.status = 'resolved' AND o.published_at IS NOT NULL
 ),
 assessed AS (
-    SELECT m.step, m.transition, m.id, m.gen, m.since, re.n, re.last,
+    SELECT m.step, m.transition, m.id, m.gen, m.rs, m.since, re.n, re.last,
            CASE WHEN re.n > 0 AND re.last >= {UTC_NOW} - make_interval(secs => :backoff * power(2, re.n - 1)) THEN 'waiting'
                 WHEN re.n >= :k THEN 'stuck'
                 ELSE 'due' END AS state
@@ -107,7 +115,7 @@ assessed AS (
     LEFT JOIN work_claims w ON w.key = m.claim_key
     CROSS JOIN LATERAL (
         SELECT count(*) AS n, max(e.created_at) AS last FROM event_outbox e
-        WHERE e.id IN (SELECT m.id || '.' || m.transition || '.' || m.gen || '.r' || g FROM generate_series(1, :k) AS g)
+        WHERE e.id IN (SELECT m.id || '.' || m.transition || '.' || m.gen || m.rs || '.r' || g FROM generate_series(1, :k) AS g)
     ) re
     WHERE m.since < {UTC_NOW} - make_interval(secs => :grace)
       AND w.completed_at IS NULL
@@ -117,7 +125,7 @@ assessed AS (
 
 # The last condition of `assessed`: a step running now (a fresh claim) is not missing.
 _WORK = sa.text(" ".join((_ASSESSED + """
-SELECT a.step, a.transition, a.id, a.gen, a.n, a.state FROM assessed a
+SELECT a.step, a.transition, a.id, a.gen, a.rs, a.n, a.state FROM assessed a
 WHERE a.state = 'due'
    OR (a.state = 'stuck' AND NOT EXISTS (
         SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen))
@@ -165,7 +173,7 @@ def run(bind: Engine, config: Settings) -> Report:
             if row["state"] == "stuck":
                 _give_up(conn, row, report)
             else:
-                due.setdefault((row["id"], row["transition"], row["gen"]), []).append(dict(row))
+                due.setdefault((row["id"], row["transition"], row["gen"], row["rs"]), []).append(dict(row))
         new_events = [e for e in (_reemission(conn, config, key, steps) for key, steps in due.items()) if e]
         outbox.enqueue(conn, new_events)
     report.reemitted = [e["id"] for e in new_events]
@@ -184,14 +192,17 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
         return None
 
 
-def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int], steps: list[dict]) -> dict | None:
-    incident_id, transition, generation = key
+def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, str], steps: list[dict]) -> dict | None:
+    incident_id, transition, generation, root = key
     incident = incidents.get_incident(conn, incident_id)
     if incident is None or incident["generation"] != generation:
         return None  # reopened or gone meanwhile: the next pass sees the new generation
+    current = f".root{incident['root_generation']}" if incident.get("root_generation") else ""
+    if root != current and any(s["step"] in ROOT_SCOPED_STEPS for s in steps):
+        return None  # another alert took over as root meanwhile: the next pass sees the new root's steps
     extra = _remediation_extra(conn, incident_id, generation) if transition in ("remediated", "remediation_failed") else None
     event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
-    event["id"] = f"{event['id']}.r{steps[0]['n'] + 1}"
+    event["id"] = f"{event['id']}{root}.r{steps[0]['n'] + 1}"
     log.warning("Incident stuck between steps; re-emitting its event", extra={
         "incident_id": incident_id, "steps": [s["step"] for s in steps], "generation": generation,
         "event_id": event["id"], "reemission": steps[0]["n"] + 1, "max_reemits": config.reconcile_max_reemits})

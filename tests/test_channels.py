@@ -318,3 +318,38 @@ def test_a_p2_incident_is_paged_through_the_local_broker_when_the_settings_say_s
     finally:
         intake.stop(), broker.stop(), escalation.stop(), others.stop()
         pd.reset(), slack_hook.reset()
+
+
+def test_a_new_root_updates_what_each_channel_sent_once_and_never_pages_again(escalation, hooks, clean_db):
+    """A labels rule's stronger alert takes over as root: PagerDuty's alert
+    is updated under the same dedup_key, the chat rooms get one follow-up
+    each, the webhook one incident.root_changed; a redelivery sends nothing."""
+    from shared.correlation.plan import Correlator
+    from shared.correlation.rules import parse
+    from tests.storms import kp
+
+    pd, slack, teams_hook, outgoing = hooks
+    corr = Correlator(parse("rules:\n  - {name: svc, kind: labels, labels: [namespace, service], "
+                            "alerts: [TargetDown, KubeHpaMaxedOut], root: [TargetDown], window: 10m}\n", "test"))
+    hpa = kp("KubeHpaMaxedOut", "r", namespace="prod", horizontalpodautoscaler="web", service="web")
+    hpa.labels["severity"] = "critical"
+    target = kp("TargetDown", "r", namespace="prod", job="web-metrics", service="web")
+    with clean_db.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager", plan=corr.plan([hpa.alert()])).outcomes
+        row = svc.get_incident(conn, first.incident_id)
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, [target.alert()], "/test", "alertmanager", plan=corr.plan([target.alert()]))
+        changed = svc.get_incident(conn, first.incident_id)
+    for _ in range(2):  # the root change's event, then a redelivery of it
+        assert deliver(escalation, events.INCIDENT_OPENED, changed).status_code == 202
+    assert [(b["event_action"], b["dedup_key"], b["payload"]["custom_details"]["transition"]) for b in pd.bodies()] == [
+        ("trigger", row["id"], "opened"), ("trigger", row["id"], "root_changed")]
+    assert pd.bodies()[1]["payload"]["summary"].startswith("TargetDown - ")
+    assert [b["blocks"][0]["text"]["text"] for b in slack.bodies()] == [
+        "[P0] KubeHpaMaxedOut opened", "[P0] TargetDown is now the root of the incident"]
+    assert "TargetDown web took over as root from KubeHpaMaxedOut" in str(slack.bodies()[1]["blocks"])
+    assert [teams_header(b) for b in teams_hook.bodies()] == [
+        r"\[P0\] KubeHpaMaxedOut opened", r"\[P0\] TargetDown is now the root of the incident"]
+    assert [(b["type"], b["id"]) for b in outgoing.bodies()] == [
+        ("incident.opened", f"{row['id']}.opened.0"), ("incident.root_changed", f"{row['id']}.root_changed.0.root1")]

@@ -328,3 +328,38 @@ def test_a_labels_join_that_ranks_above_the_root_takes_it_over(clean_db, kube):
         assert incident(clean_db, first.incident_id)[0]["status"] == "open"
     record(clean_db, corr, [storms.Item(peer.labels, "a", "resolved")])
     assert incident(clean_db, first.incident_id)[0]["status"] == "resolved"
+
+
+def test_pod_alerts_cost_no_candidate_statement_until_a_root_offers_their_node(clean_db, kube):
+    """A batch of alerts that only look for a root sends the statements a
+    batch without correlation sends (its advisory locks travel with the
+    upsert); the candidate statement is sent only for alerts some active
+    incident offers a key to."""
+    c = Cluster(kube, "cost")
+    node = c.node("ip-10-0-50-1")
+    pods = c.deployment("shop", [node, node, node])
+    corr = correlator(kube)
+    sent: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        sent.append(statement)
+
+    sa.event.listen(clean_db, "before_cursor_execute", seen)
+    try:
+        def statements(items, plan=True):
+            sent.clear()
+            alerts = [i.alert() for i in items]
+            with clean_db.begin() as conn:
+                outcomes = svc.record_alerts(conn, alerts, SOURCE, "alertmanager", plan=corr.plan(alerts) if plan else None).outcomes
+            return [s for s in sent if not s.startswith("SELECT count(pg_advisory_xact_lock")], outcomes
+
+        plain, _ = statements([kp("KubePodNotReady", "c", namespace="cost", pod=pods[0])], plan=False)
+        lone, outcomes = statements([kp("KubePodNotReady", "c", namespace="cost", pod=pods[1])])
+        assert [o.action for o in outcomes] == ["created"]
+        assert len(lone) == len(plain) and not any("WITH found AS" in s for s in lone)
+        statements([kp("KubeNodeNotReady", "c", node=node)])
+        joined, outcomes = statements([kp("KubePodNotReady", "c", namespace="cost", pod=pods[2])])
+        assert [o.action for o in outcomes] == ["joined"]
+        assert sum("WITH found AS" in s for s in joined) == 1
+    finally:
+        sa.event.remove(clean_db, "before_cursor_execute", seen)

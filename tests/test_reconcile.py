@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import sqlalchemy as sa
 
-from shared import events, reconcile
+from shared import events, outbox, reconcile
 from shared import incidents as svc
 from tests.factories import alert
 
@@ -180,3 +180,25 @@ def test_the_query_uses_indexes(clean_db, config):
                                                       {**reconcile._params(config), "batch": 10}))
     for table in ("event_outbox", "work_claims", "incident_timeline"):
         assert f"Seq Scan on {table}" not in plan, plan
+
+
+def test_after_a_root_takes_over_the_new_roots_diagnosis_and_remediation_are_watched(clean_db, config):
+    """The first root was diagnosed and remediated; another alert took over
+    as root (migration 0017) and its own opening was published: its
+    diagnosis is what is missing now, then its remediation."""
+    incident_id = open_incident(clean_db, "FirstRoot")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    remediation_result(clean_db, incident_id, "failed")
+    complete(clean_db, f"escalated:{incident_id}:0:remediation_failed", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
+        row = svc.get_incident(conn, incident_id)
+        event = events.incident_event(events.INCIDENT_OPENED, row, "/test")
+        event["id"] += ".root1"
+        outbox.enqueue(conn, [event])
+        publish(conn, event["id"], 600)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
+    complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.diagnosed.0.root1.r1"]

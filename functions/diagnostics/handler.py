@@ -36,9 +36,17 @@ def summarise(diagnostics: dict) -> dict:
 def event_view(diagnostics: dict) -> dict:
     """What ``incident.diagnosed`` carries: the conclusions and the small
     sections, not the logs and events (every consumer reads the incident)."""
-    view = {k: diagnostics[k] for k in ("target", "window", "metrics", "dependencies", "probable_causes", "sources") if k in diagnostics}
+    view = {k: diagnostics[k] for k in ("target", "window", "metrics", "dependencies", "probable_causes", "sources", "root")
+            if k in diagnostics}
     view["pods"] = _pods_view(diagnostics.get("pods"), ("ready", "status", "restarts", "replicas"))
     return view
+
+
+def root_of(incident: dict) -> dict:
+    """The root alert a diagnosis is of: a stronger alert taking over as
+    root (shared.correlation.store) raises ``root_generation``."""
+    return {"alert_name": incident["alert_name"], "fingerprint": incident.get("fingerprint"),
+            "root_generation": incident.get("root_generation") or 0}
 
 
 class DiagnosticsHandler:
@@ -64,10 +72,14 @@ class DiagnosticsHandler:
             with db.transaction() as conn:
                 incidents.mark_investigating(conn, incident_id, "diagnostics")
             diagnostics = self.collector.collect(incident)
+            # Which root this diagnosis is of: remediation acts only on the
+            # diagnosis of the incident's current root.
+            diagnostics["root"] = root_of(incident)
             with db.transaction() as conn:
                 incidents.store_diagnostics(conn, incident_id, diagnostics)
                 incidents.add_timeline(
-                    conn, incident_id, "diagnosed", {"summary": summarise(diagnostics), "durations_ms": diagnostics["durations_ms"]}, "diagnostics"
+                    conn, incident_id, "diagnosed", {"summary": summarise(diagnostics), "durations_ms": diagnostics["durations_ms"],
+                                                     "root": diagnostics["root"]}, "diagnostics"
                 )
                 claims.complete(conn, key)
         except Exception:
@@ -85,4 +97,5 @@ class DiagnosticsHandler:
             incident,
             self.config.event_source,
             {"diagnostics": event_view(incident.get("diagnostics") or {})},
+            events.step_event_id(events.INCIDENT_DIAGNOSED, incident),
         )

@@ -18,6 +18,16 @@ releases it at once. A notification that still fails after its retries
 answers ``502`` so the Broker redelivers and finally dead-letters: a page
 that was not accepted is never acknowledged.
 
+A root change (another alert took over as the incident's root) arrives as
+``incident.opened`` again; the incident's ``root_generation`` tells it
+apart. It is never a second page: PagerDuty gets a ``trigger`` under the
+same ``dedup_key`` (the incident id), which PagerDuty folds into the alert
+it opened, its summary and details now the new root's; chat channels post a
+follow-up naming the new root, why and the member count; the outgoing
+webhook sends ``incident.root_changed``. An opening not told yet is told
+once, with the new root. Remediation outcomes of the new root are told
+under claim keys of their own (``….root{n}``).
+
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
 the reconciliation sweep looks for incidents without it.
@@ -52,6 +62,9 @@ ACCEPTED = (
     events.INCIDENT_ACKNOWLEDGED,
 )
 RECORD_RETRY_INTERVAL = 0.25
+# The transitions whose work is done again for a new root (diagnostics and
+# remediation claim per root generation): told again, once per root.
+ROOT_SCOPED = ("opened", "remediated", "remediation_failed")
 
 
 def claim_stale_seconds(config: Settings) -> float:
@@ -71,6 +84,16 @@ def remediation_result(conn, incident: dict) -> dict | None:
     results = [t["details"] for t in incidents.get_timeline(conn, incident["id"])
                if t["kind"] == "remediation_result" and t["details"].get("generation") == incident["generation"]]
     return results[-1] if results else None
+
+
+def root_change(conn, incident: dict) -> str | None:
+    """Why the incident's root is what it is now: the reason of its latest
+    root change (shared.correlation.store), with how many alerts it groups."""
+    entries = [t for t in incidents.get_timeline(conn, incident["id"]) if t["kind"] == "root_changed"]
+    if not entries:
+        return None
+    count = (incident.get("correlation") or {}).get("alert_count")
+    return entries[-1]["details"].get("reason", "") + (f" ({count} alerts in this incident)" if count else "")
 
 
 def acknowledgement(conn, incident: dict) -> dict | None:
@@ -124,6 +147,8 @@ class EscalationHandler:
                 return None, None, "no such incident", NO_ROUND
             # The page tells how many alerts the incident groups, and why.
             incident["correlation"] = members.page_summary(conn, incident_id)
+            if incident.get("root_generation"):
+                incident["root_change"] = root_change(conn, incident)
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
             if transition == "acknowledged":
@@ -153,9 +178,20 @@ class EscalationHandler:
         # The outcome of an approved proposal is a second remediation outcome
         # of this generation: its own claim keys, so it is told too.
         occasion = f"{transition}.{round_.approved_proposal}" if round_.approved_proposal else transition
+        told = transition
+        root_generation = incident.get("root_generation") or 0
+        if root_generation and transition in ROOT_SCOPED:
+            # Another alert took over as root (the database says so, not the
+            # event): the channels tell it as a follow-up of what they sent,
+            # once per root (its own claim keys); an opening still untold is
+            # told with the new root.
+            occasion = f"{occasion}.root{root_generation}"
+            if transition == "opened":
+                told = "root_changed"
+                reason = incident["root_change"]
         failures = []
         for channel in self.channels:
-            outcome = self._notify(channel, transition, generation, incident, reason, occasion, round_.proposal_url)
+            outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
         if failures:

@@ -82,6 +82,16 @@ class RemediationHandler(ApprovalFlow):
             # A redelivery (the first reply may have been lost): same answer.
             return self._replay(step.incident)
         incident, key = step.incident, step.key
+        diagnosed = ((incident.get("diagnostics") or {}).get("root") or {}).get("root_generation", 0)
+        if diagnosed != (incident.get("root_generation") or 0):
+            # The diagnosis is of a root another alert has since taken over
+            # from (the old root's incident.diagnosed arriving late): the
+            # new root's diagnosis follows, and remediation acts on that one.
+            with db.transaction() as conn:
+                claims.release(conn, key)
+            log.info("Remediation waits for the new root's diagnosis", extra={
+                "incident_id": incident_id, "diagnosed_root_generation": diagnosed, "root_generation": incident.get("root_generation")})
+            return eventio.ack()
         log.info("Running remediation", extra={"incident_id": incident_id, "alert_name": incident["alert_name"], "mode": self.config.remediation_mode})
         try:
             result = self._run(incident)
@@ -237,7 +247,9 @@ class RemediationHandler(ApprovalFlow):
         with db.transaction() as conn:
             event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
             incidents.add_timeline(
-                conn, incident["id"], "remediation_result", {**result.as_dict(), "generation": incident["generation"]}, "remediation"
+                conn, incident["id"], "remediation_result",
+                {**result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,
+                 "root": incident["alert_name"]}, "remediation"
             )
             claims.complete(conn, key)
         return event_ids
@@ -259,4 +271,5 @@ class RemediationHandler(ApprovalFlow):
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
-        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()}, event_id)
+        return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()},
+                             event_id or events.step_event_id(event_type, incident))

@@ -2,12 +2,17 @@
 
 :func:`decide` runs only for alerts some rule concerns (the plan). It first
 takes transaction-scoped advisory locks on every key and fingerprint the
-batch touches, in one sorted statement, so two intake replicas receiving the
-same storm decide one after the other and reach the grouping one would
-alone; then it reads, in one statement, the active incidents that offer or
-look for those keys (locking them, so no incident resolves under a join)
-and the batch's alerts that already are an incident's root.
-:func:`apply` writes what was decided once the batch's new incidents exist.
+batch touches (:func:`lock`, one sorted statement sent in the next
+statement's round trip), so two intake replicas receiving the same storm
+decide one after the other and reach the grouping one would alone; then it
+reads, in one statement, the active incidents that offer or look for those
+keys (locking them, so no incident resolves under a join) and the batch's
+alerts that already are an incident's root. A batch whose alerts only look
+for a root (:func:`seekers_only`: pod alerts) skips that statement: the
+locks travel with the ingest upsert, which opens what no active incident
+offers a key to and leaves the rest to :func:`decide`.
+:func:`apply` writes what was decided once the batch's new incidents exist,
+and announces a take-over (:func:`root_changed_event`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events
+from shared import db, events
 from shared.alerts import Alert
 from shared.correlation.plan import Links, subject
 from shared.sqltext import UTC_NOW, compact
@@ -101,6 +106,8 @@ RESOLVE_MERGED = sa.text(compact(
 # name, summary, description, labels and annotations become its (diagnostics,
 # remediation and pages read them), the old root stays a member. The
 # fingerprint moves with the root, so the root's resolve still finds it.
+# The root generation counts the take-overs: diagnostics and remediation
+# claim their step per root generation (shared.claims.step_key).
 TAKE_OVER = sa.text(compact(
     f"""
     WITH old_root AS (
@@ -115,9 +122,11 @@ TAKE_OVER = sa.text(compact(
         RETURNING fingerprint
     )
     UPDATE incidents SET fingerprint = :fp, alert_name = :alert_name, summary = :summary, description = :description,
-           labels = CAST(:labels AS jsonb), annotations = CAST(:annotations AS jsonb), updated_at = {UTC_NOW}
+           labels = CAST(:labels AS jsonb), annotations = CAST(:annotations AS jsonb), updated_at = {UTC_NOW},
+           root_generation = root_generation + 1
     WHERE id = :id AND status IN ('open', 'investigating') AND EXISTS (SELECT 1 FROM new_root)
-    RETURNING (SELECT fingerprint FROM old_root) AS old_fingerprint, (SELECT alert_name FROM old_root) AS old_alert_name
+    RETURNING incidents.*, (SELECT fingerprint FROM old_root) AS old_fingerprint,
+              (SELECT alert_name FROM old_root) AS old_alert_name
     """
 ))
 
@@ -141,6 +150,19 @@ def raised_to_p0_event(row, event_source: str) -> dict:
     generation's opening (its notification claim is taken) says nothing twice."""
     event = events.incident_event(events.INCIDENT_OPENED, row, event_source, {"raised_to": "P0"})
     event["id"] = f"{event['id']}.raised-p0"
+    return event
+
+
+def root_changed_event(row, event_source: str, change: dict) -> dict:
+    """A new root is announced as the incident opened again, under an id of
+    its own per root generation (``{id}.opened.{generation}.root{n}``), in
+    the take-over's transaction: diagnostics, which listens to openings,
+    diagnoses the new root under a fresh claim (shared.claims.step_key),
+    remediation follows its diagnosis, and escalation, reading the root
+    generation from the database, follows up the page it sent instead of
+    paging again (functions/escalation/handler.py)."""
+    event = events.incident_event(events.INCIDENT_OPENED, row, event_source, {"root_changed": change})
+    event["id"] = f"{event['id']}.root{row['root_generation']}"
     return event
 
 
@@ -186,6 +208,30 @@ def _sought_text(key: str) -> str:
     return f"same {rest.split(':', 1)[1]}"
 
 
+def seekers_only(alerts: list[Alert], plan: dict[str, Links]) -> bool:
+    """Does no alert of the batch offer anything to others (pod alerts,
+    which only look for their node, workload or dependency)? Such a batch
+    needs no candidate statement of its own: the ingest upsert opens every
+    alert no active incident offers a key to and hands back the others
+    (shared/ingest.py, ``joinable``), and only those go through
+    :func:`decide`."""
+    return not any(plan[a.fingerprint].provides for a in alerts if a.fingerprint in plan)
+
+
+def lock(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> None:
+    """Transaction-scoped advisory locks on every key and fingerprint the
+    batch touches, in one sorted statement. It travels in the next
+    statement's round trip, ahead of it (db.later): the server still takes
+    the locks before that statement's snapshot (under READ COMMITTED each
+    statement takes its own), so the statement sees whatever the replica
+    that held them committed. Taking them again is harmless (they nest)."""
+    keyed = [a for a in alerts if a.fingerprint in plan]
+    keys = {k for a in keyed for k in plan[a.fingerprint].seeks} | {k for a in keyed for k in plan[a.fingerprint].provides}
+    ids = {lock_id("key:" + k) for k in keys} | {lock_id("fp:" + a.fingerprint) for a in keyed}
+    if ids:
+        db.later(conn, LOCK_KEYS, {"keys": sorted(ids)})
+
+
 def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Decision:
     decision = Decision()
     keyed = [a for a in alerts if a.fingerprint in plan]
@@ -194,8 +240,7 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     seeks = sorted({k for a in keyed for k in plan[a.fingerprint].seeks})
     provides = sorted({k for a in keyed for k in plan[a.fingerprint].provides})
     fps = sorted(a.fingerprint for a in keyed)
-    lock = [lock_id("key:" + k) for k in set(seeks) | set(provides)] + [lock_id("fp:" + fp) for fp in fps]
-    conn.execute(LOCK_KEYS, {"keys": sorted(set(lock))})
+    lock(conn, keyed, plan)
     found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
                                       "provides": json.dumps(provides)}).mappings().all()
     rows = [r for r in found if not r["lone_root"]]
@@ -308,9 +353,10 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
             "description": alert.description, "labels": json.dumps(alert.labels), "annotations": json.dumps(alert.annotations),
             "new_reason": f"root: {reason}", "old_reason": f"root until {subject(alert)} took over"}).mappings().first()
         if done is not None:
-            timeline.append(timeline_row(incident_id, "root_changed", actor, {
-                "from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
-                "alert_name": alert.alert_name, "reason": reason}))
+            change = {"from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
+                      "alert_name": alert.alert_name, "reason": reason, "root_generation": done["root_generation"]}
+            timeline.append(timeline_row(incident_id, "root_changed", actor, change))
+            new_events.append(root_changed_event(dict(done), event_source, change))
     touched_incidents = set(joined.values())
     for old, (target, reason) in sorted(decision.merges.items()):
         into = resolve(target)

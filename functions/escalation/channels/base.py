@@ -17,7 +17,9 @@ from typing import Callable, Protocol, runtime_checkable
 
 from shared.config import Settings
 
-TRANSITIONS = ("opened", "acknowledged", "remediated", "remediation_failed", "resolved")
+TRANSITIONS = ("opened", "root_changed", "acknowledged", "remediated", "remediation_failed", "resolved")
+# Told as an opening is: only for the priorities a channel announces or pages on.
+OPENINGS = ("opened", "root_changed")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class Note:
     ``sent`` is what this channel has already delivered for the incident in
     any generation (its action names, ``trigger``…), so a channel can say
     "resolve only what I paged" itself. ``reason`` is remediation's reason
-    (remediated, remediation_failed) or who acknowledged (acknowledged)."""
+    (remediated, remediation_failed), who acknowledged (acknowledged) or
+    why another alert took over as root (root_changed)."""
 
     transition: str
     incident: dict
@@ -76,9 +79,10 @@ class Channel(Protocol):
 
 
 def announces(config: Settings, note: Note) -> bool:
-    """Chat channels tell every transition; an opening only for the
-    priorities ANNOUNCE_ON_OPEN_PRIORITIES names."""
-    return note.transition != "opened" or note.incident["priority"] in config.announce_on_open_priorities
+    """Chat channels tell every transition; an opening (or a new root, a
+    follow-up of the opening) only for the priorities
+    ANNOUNCE_ON_OPEN_PRIORITIES names."""
+    return note.transition not in OPENINGS or note.incident["priority"] in config.announce_on_open_priorities
 
 
 class ChatChannel:

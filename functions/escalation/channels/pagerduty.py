@@ -160,6 +160,10 @@ class PagerDuty:
         priority, active = incident["priority"], incident["status"] in ACTIVE_STATUSES
         if transition == "opened" and active and priority in self.config.page_on_open_priorities:
             return "trigger"
+        if transition == "root_changed" and active and (priority in self.config.page_on_open_priorities or "trigger" in note.sent):
+            # The same dedup_key: PagerDuty folds it into the alert it
+            # opened (no second page), which now reads as the new root.
+            return "trigger"
         if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
             return "trigger"
         paged = "trigger" in note.sent

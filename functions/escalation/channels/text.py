@@ -20,6 +20,7 @@ from shared.domain import service_of as domain_service_of
 ELLIPSIS = "…"
 TRANSITION_TITLES = {
     "opened": "opened",
+    "root_changed": "is now the root of the incident",
     "acknowledged": "acknowledged",
     "remediated": "remediated automatically",
     "remediation_failed": "needs a human: remediation did not fix it",

@@ -3,12 +3,12 @@ signed so that the receiver can tell it came from us and is fresh.
 
 Body (compact JSON, UTF-8, ASCII-escaped)::
 
-    {"id": "<incident>.<transition>.<generation>", "type": "incident.<transition>",
+    {"id": "<incident>.<transition>.<generation>" (root_changed: "….root<n>"), "type": "incident.<transition>",
      "transition": "...", "sent_at": "RFC 3339",
      "incident": {"id", "alert_name", "priority", "status", "summary", "service",
                   "labels", "generation", "created_at", "resolved_at",
                   "links": {"incident": "...", "runbook": "..."}},
-     "reason": "..." (remediation's reason, or who acknowledged)}
+     "reason": "..." (remediation's reason, who acknowledged, or why the root changed)}
 
 Headers: ``X-Incident-Signature: t=<unix seconds>,v1=<hex>`` where ``v1`` is
 HMAC-SHA256 keyed with ``OUTGOING_WEBHOOK_SECRET`` over ``<t>.<raw body>``
@@ -87,7 +87,8 @@ def projection(config: Settings, incident: dict) -> dict:
 def payload(config: Settings, note: Note) -> dict:
     incident = note.incident
     body = {
-        "id": f"{incident['id']}.{note.transition}.{incident.get('generation') or 0}",
+        "id": f"{incident['id']}.{note.transition}.{incident.get('generation') or 0}"
+              + (f".root{incident['root_generation']}" if note.transition == "root_changed" else ""),
         "type": f"incident.{note.transition}",
         "transition": note.transition,
         "sent_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
