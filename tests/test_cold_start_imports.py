@@ -109,3 +109,26 @@ def test_the_worker_inherits_the_masters_objects_frozen_so_its_collections_leave
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     # Importing main.py freezes nothing (a test process keeps collecting); the fork does.
     assert seen["imported"] == 0 and seen["worker"] > 10_000
+
+
+KUBE_PROBE = """
+import json, sys
+from shared import kube
+
+kube.api_client()
+loaded = sorted(m for m in ("kubernetes.config.kube_config", "requests", "oauthlib", "yaml") if m in sys.modules)
+from kubernetes import config  # the documented import still works, its loaders on first use
+
+print(json.dumps({"reason": kube.not_configured_reason(), "loaded": loaded, "public": callable(config.load_kube_config)}))
+"""
+
+
+def test_a_pod_reads_its_service_account_without_the_kubeconfig_loader_and_its_dependencies():
+    # The in-cluster path; the service account files are absent here, so the configuration fails, loudly.
+    done = subprocess.run([sys.executable, "-c", KUBE_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+                               "KUBERNETES_SERVICE_PORT": "443", "LOG_LEVEL": "ERROR"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["reason"].startswith("configuration failed") and "token" in seen["reason"]
+    assert seen["loaded"] == [] and seen["public"]
