@@ -115,33 +115,18 @@ class Window:
 
 
 class Reader:
-    """Raw-JSON reads through the official client's ApiClient (its
-    configuration, credentials, TLS and ``ApiException``), each bounded by
-    ``timeout``.
-
-    The generated ``CoreV1Api`` / ``AppsV1Api`` classes are not used: their
-    modules import the pydantic model of every type their methods name
-    (CoreV1Api alone ~1 s of CPU and ~20 MB per process), and nothing here
-    reads a model. A call is what the generated method sends with
-    ``_preload_content=False``: the same path, query names and ``Accept``,
-    and a non-``2xx`` answer raised as ``ApiException``."""
+    """Raw-JSON reads through the official client's ApiClient
+    (shared/kuberaw.py: no generated API class, no model), each bounded by
+    ``timeout``."""
 
     def __init__(self, api, timeout: float):
         self.api = api
         self.timeout = max(timeout, 0.05)
 
     def _get(self, path: str, path_params: dict, query: dict | None = None, accept: str = "application/json") -> bytes:
-        from kubernetes.client.exceptions import ApiException
+        from shared import kuberaw
 
-        request = self.api.param_serialize(
-            method="GET", resource_path=path, path_params=path_params,
-            query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
-            header_params={"Accept": accept}, auth_settings=["BearerToken"])
-        response = self.api.call_api(*request, _request_timeout=self.timeout)
-        response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.data
+        return kuberaw.request(self.api, "GET", path, path_params, query=query, accept=accept, timeout=self.timeout)
 
     def _json(self, path: str, path_params: dict, query: dict | None = None, accept: str = "application/json") -> dict:
         return json.loads(self._get(path, path_params, query, accept))
