@@ -59,7 +59,8 @@ def process_model(concurrency: int) -> str:
             "I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL. The gunicorn master "
             "imports main.py only (settings, the config file check) and forks the worker; the worker answers /health with "
             "the database alone and imports the handlers on the first other request (shared/http.py built_on_first_request), "
-            "so what the master holds is resident twice and the handlers once. "
+            "so what the master holds is resident twice and the handlers once; the master's objects are frozen at the "
+            "fork (gc.freeze) so the worker's collections leave the pages they share unwritten. "
             "DB_POOL_SIZE + DB_MAX_OVERFLOW cover the threads; docs/deploy.md sizes pools, PgBouncer and max-scale together.")
 
 

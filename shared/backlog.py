@@ -19,14 +19,17 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import requests
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from shared import dead_letters, incidents
 from shared.dead_letters import clip
 from shared.errors import Conflict, NotFound
+
+if TYPE_CHECKING:  # sent by a redelivery only: the query's other requests never load requests
+    import requests
 
 log = logging.getLogger("backlog")
 
@@ -156,6 +159,8 @@ def structured(row: dict) -> bytes:
 
 def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str | None:
     """Post one structured event; None when the Broker accepted it, else why not."""
+    import requests
+
     headers = {"Content-Type": STRUCTURED}
     try:
         try:
@@ -190,7 +195,11 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
         # Two tries of the send, each bounded by the timeout, and a margin.
         if not dead_letters.claim_redelivery(conn, letter_id, actor, stale_seconds=2 * timeout + 10):
             raise Conflict(f"a redelivery of dead letter {letter_id} is under way; look again in a moment")
-    error = send(http or requests.Session(), sink, structured(row), timeout)
+    if http is None:
+        import requests
+
+        http = requests.Session()
+    error = send(http, sink, structured(row), timeout)
     with bind.begin() as conn:
         record = dead_letters.mark_redelivered(conn, letter_id, actor, error)
         if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:

@@ -11,6 +11,8 @@ function entry point decides what commits together (for example an incident,
 its timeline entry and its outbox event).
 """
 
+from typing import TYPE_CHECKING
+
 from shared.incident_queries import (
     INCIDENT_COLUMNS,
     Cursor,
@@ -20,9 +22,27 @@ from shared.incident_queries import (
     list_incidents,
     require_incident,
 )
-from shared.ingest import Outcome, RecordResult, record_alerts, resolve_by_fingerprint
 from shared.lifecycle import TRANSITIONS, append_remediation_action, mark_investigating, store_diagnostics, transition
 from shared.timeline import add_timeline, get_timeline
+
+# Recording alerts (shared.ingest) brings in the correlation rules and their
+# pydantic models, which only the intake uses: imported on first use, so a
+# function that only reads or transitions incidents does not load them.
+if TYPE_CHECKING:
+    from shared.ingest import Outcome, RecordResult, record_alerts, resolve_by_fingerprint
+
+_FROM_INGEST = ("Outcome", "RecordResult", "record_alerts", "resolve_by_fingerprint")
+
+
+def __getattr__(name: str):
+    if name not in _FROM_INGEST:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from shared import ingest
+
+    value = getattr(ingest, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "INCIDENT_COLUMNS", "TRANSITIONS", "Cursor", "IncidentFilter", "Outcome", "RecordResult", "add_timeline",

@@ -38,6 +38,31 @@ def _package_without_extras() -> None:
         sys.modules["kubernetes"] = package
 
 
+def _config_without_both_loaders() -> None:
+    """Make ``kubernetes.config`` a package whose ``__init__`` runs on first
+    use of one of its names, so that ``_configure`` loads only the loader it
+    uses. The ``__init__`` imports both: a pod reads its service account
+    (incluster_config, a few lines), but the kubeconfig loader brings
+    requests, requests-oauthlib, oauthlib and YAML with it (~5 MB per
+    process, which diagnostics otherwise never loads). ``from kubernetes
+    import config`` still works as documented: its first attribute runs the
+    real ``__init__``. Does nothing when the package is already imported."""
+    if "kubernetes.config" in sys.modules or importlib.util.find_spec("kubernetes") is None:
+        return
+    spec = importlib.util.find_spec("kubernetes.config")
+    package = importlib.util.module_from_spec(spec)
+
+    def initialise(name: str):
+        if package.__dict__.pop("__getattr__", None) is None:
+            raise AttributeError(f"module 'kubernetes.config' has no attribute {name!r}")
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = initialise
+    sys.modules["kubernetes.config"] = package
+    sys.modules["kubernetes"].config = package
+
+
 def _version(name: str) -> str:
     if name != "__version__":
         raise AttributeError(f"module 'kubernetes' has no attribute {name!r}")
@@ -47,22 +72,27 @@ def _version(name: str) -> str:
 
 
 _package_without_extras()
+_config_without_both_loaders()
 _lock = threading.Lock()
 _client = None
 _state = {"checked": False, "configured": False, "reason": ""}
 
 
 def _configure():
-    from kubernetes import client, config
+    from kubernetes import client
 
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
+        from kubernetes.config.incluster_config import load_incluster_config
+
+        load_incluster_config()
         return client.ApiClient(), "in-cluster service account"
     path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(path).exists():
         return None, f"no in-cluster config and no kubeconfig at {path}"
+    from kubernetes.config.kube_config import load_kube_config
+
     configuration = client.Configuration()
-    config.load_kube_config(config_file=path, client_configuration=configuration)
+    load_kube_config(config_file=path, client_configuration=configuration)
     return client.ApiClient(configuration), f"kubeconfig {path}"
 
 

@@ -26,14 +26,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import requests
 import sqlalchemy as sa
 from cloudevents.http import CloudEvent
 from sqlalchemy.engine import Connection, Engine
 
 from shared import eventio
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("outbox")
 
@@ -107,6 +109,8 @@ class BrokerAnswered(RuntimeError):
 
 def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
     """Send one event in binary mode; raise on anything but ``2xx``."""
+    import requests  # a sending process only: the others write the outbox and never send
+
     headers, body = eventio.to_http(event)
     try:
         response = http.post(sink, headers=headers, data=body, timeout=timeout)
@@ -213,6 +217,8 @@ class _Batch:
         self.report.broker_error = self.report.broker_error or error
 
     def send(self, rows: list) -> None:
+        import requests
+
         leased_at = time.monotonic()
         published: list[str] = []
         unreached: list = []  # refused before the Broker said anything about them
@@ -273,7 +279,10 @@ def publish_pending(
     id_list = list(ids) if ids is not None else None
     if id_list == [] or not sink:
         return report
-    http = http or requests.Session()
+    if http is None:
+        import requests
+
+        http = requests.Session()
     lease = lease_seconds(timeout)
     batch = _Batch(bind, sink, timeout, http, max_attempts, report, lease)
     tried = 0

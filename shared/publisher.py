@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
-import requests
+from typing import TYPE_CHECKING
 
 from shared import db, outbox
 from shared.config import Settings
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("publisher")
 
@@ -45,6 +47,8 @@ class Publisher:
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
+            import requests  # by the drainer thread that sends first, off the request path
+
             self._local.session = requests.Session()
         return self._local.session
 

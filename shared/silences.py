@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import re2
-import requests
 
 from shared.errors import BadGateway, NotFound, ServiceUnavailable
 from shared.matchers import compile_regex
 from shared.timefmt import rfc3339
+
+if TYPE_CHECKING:
+    import requests
 
 ACTIVE_STATES = ("active", "pending")
 SILENCE_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -70,9 +73,13 @@ class AlertManager:
     def __init__(self, base_url: str, timeout: float = 5.0):
         self.base = base_url.rstrip("/")
         self.timeout = timeout
+        import requests  # an AlertManager client only when a silence is read or made
+
         self.http = requests.Session()
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
+        import requests
+
         try:
             response = self.http.request(method, self.base + path, timeout=self.timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:

@@ -601,3 +601,32 @@ def test_an_already_cordoned_node_reports_cordoned(k8s):
 def test_an_empty_deployment_name_is_refused():
     with pytest.raises(ValidationError):
         act.DeploymentParams(namespace="p", name="")
+
+
+SCALE_IN_A_FRESH_PROCESS = """
+import json, sys
+from functions.remediation import actions as act
+from shared.config import load_settings
+
+config = load_settings({"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db", "PROBE_TIMEOUT_SECONDS": "5"})
+context = act.ActionContext(config, {"id": "11111111-2222-4333-8444-555555555555"}, False, 3.0, poll_interval=0.02)
+outcome = act.scale_deployment(context, act.ScaleParams(namespace="production", name="email-service", replicas=3))
+print(json.dumps({"outcome": [outcome.before, outcome.after],
+                  "generated": sorted(m for m in sys.modules if m.startswith(("kubernetes.client.api.", "kubernetes.client.models.")))}))
+"""
+
+
+def test_the_deployment_actions_load_no_generated_api_class_nor_model(k8s):
+    # AppsV1Api's module loads a pydantic model for every apps/v1 type
+    # (~0.5 s and ~11 MB on a cold instance's first action).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    k8s.add_deployment(deployment("email-service", 1))
+    done = subprocess.run([sys.executable, "-c", SCALE_IN_A_FRESH_PROCESS], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"],
+                               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["outcome"] == [1, 3] and seen["generated"] == []

@@ -32,6 +32,19 @@ FUNCTIONS = {
     "escalation": ("functions.escalation.handler", "POST", "/"),
     "deadletter": ("functions.deadletter.handler", "POST", "/"),
 }
+# Not even the first other request loads these where that function has no
+# use for them on it: recording alerts (shared.ingest, with the correlation
+# rules' pydantic models and YAML) is the intake's alone, and requests is
+# loaded by whatever sends (the publisher's drainer, a redelivery, a silence,
+# a page), not by a request that only reads or writes the database.
+NOT_ON_FIRST_REQUEST = {
+    "intake": ("requests",),
+    "query": ("requests", "shared.ingest", "pydantic"),
+    "diagnostics": ("requests", "shared.ingest", "pydantic", "kubernetes.client"),
+    "remediation": ("requests", "shared.ingest"),
+    "escalation": ("shared.ingest", "pydantic"),
+    "deadletter": ("requests", "shared.ingest", "pydantic", "yaml"),
+}
 
 PROBE = """
 import json, sys
@@ -52,7 +65,7 @@ print(json.dumps(seen))
 
 def modules_seen(name: str, env: dict) -> dict:
     handler, method, path = FUNCTIONS[name]
-    watched = [*HEAVY, "sqlalchemy", "pg8000", handler]
+    watched = [*dict.fromkeys([*HEAVY, *NOT_ON_FIRST_REQUEST[name], "sqlalchemy", "pg8000", handler])]
     done = subprocess.run([sys.executable, "-c", PROBE, name, method, path, json.dumps(watched)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **env, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -70,3 +83,52 @@ def test_a_function_imports_its_handlers_on_the_first_request_that_needs_them(na
     assert seen["after health"] == ["pg8000"]
     # Any other request builds the routes: the handler module comes in then.
     assert seen["other"] < 500 and handler in seen["after another request"]
+    assert not set(NOT_ON_FIRST_REQUEST[name]) & set(seen["after another request"])
+
+
+FORK_PROBE = """
+import gc, json, os
+import functions_framework
+
+app = functions_framework.create_app("deadletter", "functions/deadletter/main.py")
+imported = gc.get_freeze_count()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, str(gc.get_freeze_count()).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(json.dumps({"imported": imported, "worker": int(os.read(read, 64))}))
+"""
+
+
+def test_the_worker_inherits_the_masters_objects_frozen_so_its_collections_leave_them_shared(base_env):
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **base_env, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # Importing main.py freezes nothing (a test process keeps collecting); the fork does.
+    assert seen["imported"] == 0 and seen["worker"] > 10_000
+
+
+KUBE_PROBE = """
+import json, sys
+from shared import kube
+
+kube.api_client()
+loaded = sorted(m for m in ("kubernetes.config.kube_config", "requests", "oauthlib", "yaml") if m in sys.modules)
+from kubernetes import config  # the documented import still works, its loaders on first use
+
+print(json.dumps({"reason": kube.not_configured_reason(), "loaded": loaded, "public": callable(config.load_kube_config)}))
+"""
+
+
+def test_a_pod_reads_its_service_account_without_the_kubeconfig_loader_and_its_dependencies():
+    # The in-cluster path; the service account files are absent here, so the configuration fails, loudly.
+    done = subprocess.run([sys.executable, "-c", KUBE_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+                               "KUBERNETES_SERVICE_PORT": "443", "LOG_LEVEL": "ERROR"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["reason"].startswith("configuration failed") and "token" in seen["reason"]
+    assert seen["loaded"] == [] and seen["public"]

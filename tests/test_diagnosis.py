@@ -8,8 +8,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -238,3 +242,27 @@ def test_the_cases_are_data_files_with_the_fields_they_need():
         assert case.spec.get("description") and case.spec["alert"]["starts_at"], case.name
         assert re.fullmatch(r"[a-z0-9-]+", case.name)
     assert yaml.safe_load(PROBES.read_text())["diagnosis"]["lookback_minutes"] == 60
+
+
+READ_IN_A_FRESH_PROCESS = """
+import json, sys
+from functions.diagnostics.facts import Reader
+from shared import kube
+
+reader = Reader(kube.api_client(), 5.0)
+pods = reader.pods(sys.argv[1], sys.argv[2])
+print(json.dumps({"pods": [p["metadata"]["name"] for p in pods],
+                  "generated": sorted(m for m in sys.modules if m.startswith(("kubernetes.client.api.", "kubernetes.client.models.")))}))
+"""
+
+
+def test_the_cluster_is_read_without_the_generated_api_classes_and_their_models(kube):
+    # CoreV1Api's module imports the pydantic model of every type it names
+    # (~1 s and ~20 MB per process); diagnostics reads JSON and needs none.
+    (case,) = [c for c in CASES if c.name == "dependency-postgres"]
+    load_into(kube, case)
+    done = subprocess.run([sys.executable, "-c", READ_IN_A_FRESH_PROCESS, case.namespace, ""], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KUBECONFIG": str(kube.kubeconfig_path), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["pods"] and seen["generated"] == []

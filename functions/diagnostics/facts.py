@@ -4,9 +4,9 @@ ReplicaSets, Deployment, HPAs and nodes, the last log lines of failing
 containers (redacted), its rollout history and the ConfigMaps it reads, and
 the conditions of its nodes.
 
-Every call is bounded by ``timeout``; raw JSON is read (``_preload_content=
-False``) because the client's model deserialisation would spend most of the
-diagnosis budget. Ids derive from names Kubernetes gives (``event/<name>``,
+Every call is bounded by ``timeout``; raw JSON is read (what
+``_preload_content=False`` returns) because the client's model
+deserialisation would spend most of the diagnosis budget. Ids derive from names Kubernetes gives (``event/<name>``,
 ``revision/<n>``), never from positions, so the same cluster state gives the
 same ids.
 """
@@ -115,54 +115,57 @@ class Window:
 
 
 class Reader:
-    """Raw-JSON reads through the official client, each bounded by ``timeout``."""
+    """Raw-JSON reads through the official client's ApiClient
+    (shared/kuberaw.py: no generated API class, no model), each bounded by
+    ``timeout``."""
 
     def __init__(self, api, timeout: float):
-        from kubernetes import client
-
-        self.core = client.CoreV1Api(api)
-        self.apps = client.AppsV1Api(api)
-        self.autoscaling = client.AutoscalingV2Api(api)
+        self.api = api
         self.timeout = max(timeout, 0.05)
 
-    def _json(self, call, *args, **kwargs) -> dict:
-        response = call(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
-        return json.loads(response.data)
+    def _get(self, path: str, path_params: dict, query: dict | None = None, accept: str = "application/json") -> bytes:
+        from shared import kuberaw
+
+        return kuberaw.request(self.api, "GET", path, path_params, query=query, accept=accept, timeout=self.timeout)
+
+    def _json(self, path: str, path_params: dict, query: dict | None = None, accept: str = "application/json") -> dict:
+        return json.loads(self._get(path, path_params, query, accept))
 
     def deployment(self, namespace: str, name: str) -> dict:
-        return self._json(self.apps.read_namespaced_deployment, name, namespace)
+        return self._json("/apis/apps/v1/namespaces/{namespace}/deployments/{name}", {"name": name, "namespace": namespace})
 
     def pod(self, namespace: str, name: str) -> dict:
-        return self._json(self.core.read_namespaced_pod, name, namespace)
+        return self._json("/api/v1/namespaces/{namespace}/pods/{name}", {"name": name, "namespace": namespace})
 
     def pods(self, namespace: str, selector: str) -> list[dict]:
-        return self._json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
+        return self._json("/api/v1/namespaces/{namespace}/pods", {"namespace": namespace}, {"labelSelector": selector})["items"]
 
     def events(self, namespace: str, limit: int) -> list[dict]:
-        return self._json(self.core.list_namespaced_event, namespace, limit=limit)["items"]
+        return self._json("/api/v1/namespaces/{namespace}/events", {"namespace": namespace}, {"limit": limit})["items"]
 
     def node_events(self, node: str, limit: int) -> list[dict]:
         selector = f"involvedObject.kind=Node,involvedObject.name={node}"
-        return self._json(self.core.list_event_for_all_namespaces, field_selector=selector, limit=limit)["items"]
+        return self._json("/api/v1/events", {}, {"fieldSelector": selector, "limit": limit})["items"]
 
     def replicasets(self, namespace: str, selector: str) -> list[dict]:
-        return self._json(self.apps.list_namespaced_replica_set, namespace, label_selector=selector)["items"]
+        return self._json("/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
+                          {"labelSelector": selector})["items"]
 
     def hpas(self, namespace: str) -> list[dict]:
-        return self._json(self.autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace)["items"]
+        return self._json("/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers", {"namespace": namespace})["items"]
 
     def node(self, name: str) -> dict:
-        return self._json(self.core.read_node, name)
+        return self._json("/api/v1/nodes/{name}", {"name": name})
 
     def configmap_metadata(self, namespace: str, name: str) -> dict:
         # Metadata only: a ConfigMap's data is never transferred.
-        return self._json(self.core.read_namespaced_config_map, name, namespace, _headers={"Accept": METADATA_ONLY})
+        return self._json("/api/v1/namespaces/{namespace}/configmaps/{name}", {"name": name, "namespace": namespace},
+                          accept=METADATA_ONLY)
 
     def log(self, namespace: str, pod: str, container: str, previous: bool, lines: int, max_bytes: int) -> str:
-        response = self.core.read_namespaced_pod_log(
-            pod, namespace, container=container, previous=previous, tail_lines=lines, limit_bytes=max_bytes,
-            _preload_content=False, _request_timeout=self.timeout)
-        return response.data.decode("utf-8", "replace")
+        query = {"container": container, "limitBytes": max_bytes, "previous": previous, "tailLines": lines}
+        data = self._get("/api/v1/namespaces/{namespace}/pods/{name}/log", {"name": pod, "namespace": namespace}, query)
+        return data.decode("utf-8", "replace")
 
 
 def describe(exc: BaseException) -> str:

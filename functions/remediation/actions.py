@@ -178,23 +178,60 @@ def _deployment_target(p: DeploymentParams) -> TargetRef:
     return TargetRef("deployment", p.name, p.namespace)
 
 
-def _apps(ctx: ActionContext):
-    from kubernetes import client
+class _Deployments:
+    """The Deployment calls of the actions, as the API server's JSON through
+    the client's ApiClient (shared/kuberaw.py): AppsV1Api's module would load
+    a pydantic model for every apps/v1 type on a cold instance's first
+    action, and a rollback must restore a template whole, with fields a
+    model would drop. Each failure is an ActionFailed (``_call``)."""
 
-    return client.AppsV1Api(ctx.kube())
+    PATH = "/apis/apps/v1/namespaces/{namespace}/deployments/{name}"
+
+    def __init__(self, api, timeout: float):
+        self.api, self.timeout = api, timeout
+
+    def _call(self, method: str, path: str, params: dict, **options) -> dict:
+        from shared import kuberaw
+
+        return _call(kuberaw.call, self.api, method, path, params, timeout=self.timeout, **options)
+
+    def read(self, p: DeploymentParams) -> dict:
+        return self._call("GET", self.PATH, {"name": p.name, "namespace": p.namespace})
+
+    def patch(self, p: DeploymentParams, body, content_type: str) -> dict:
+        return self._call("PATCH", self.PATH, {"name": p.name, "namespace": p.namespace}, body=body, content_type=content_type)
+
+    def replicas(self, p: DeploymentParams) -> int:
+        scale = self._call("GET", self.PATH + "/scale", {"name": p.name, "namespace": p.namespace})
+        return (scale.get("spec") or {}).get("replicas") or 0
+
+    def scale(self, p: DeploymentParams, replicas: int) -> None:
+        self._call("PATCH", self.PATH + "/scale", {"name": p.name, "namespace": p.namespace},
+                   body={"spec": {"replicas": replicas}}, content_type=MERGE_PATCH)
+
+    def replica_sets(self, namespace: str, selector: str) -> list[dict]:
+        return self._call("GET", "/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
+                          query={"labelSelector": selector})["items"]
 
 
-def _ready_replicas(apps, p: DeploymentParams, timeout: float) -> tuple[int, int]:
-    d = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
-    return (d.status.ready_replicas or 0) if d.status else 0, d.spec.replicas or 0
+def _apps(ctx: ActionContext) -> _Deployments:
+    return _Deployments(ctx.kube(), ctx.config.probe_timeout_seconds)
+
+
+def _status(d: dict, field_name: str) -> int:
+    return (d.get("status") or {}).get(field_name) or 0
+
+
+def _ready_replicas(apps: _Deployments, p: DeploymentParams) -> tuple[int, int]:
+    d = apps.read(p)
+    return _status(d, "readyReplicas"), (d.get("spec") or {}).get("replicas") or 0
 
 
 @action("scale_deployment", ScaleParams, _deployment_target)
 def scale_deployment(ctx: ActionContext, p: ScaleParams) -> Outcome:
     """Scale to an absolute count, never down, never above the ceiling."""
     apps = _apps(ctx)
-    timeout = ctx.config.probe_timeout_seconds
-    current = _call(apps.read_namespaced_deployment_scale, p.name, p.namespace, _request_timeout=timeout).spec.replicas or 0
+    current = apps.replicas(p)
     ceiling = ctx.config.remediation_max_replicas
     wanted = min(p.replicas, ceiling)
     details = {"requested": p.replicas, "ceiling": ceiling} if p.replicas > ceiling else {}
@@ -211,15 +248,11 @@ def scale_deployment(ctx: ActionContext, p: ScaleParams) -> Outcome:
     return Outcome(p.name, current, wanted, details)
 
 
-def _scale_to(ctx: ActionContext, apps, p: DeploymentParams, wanted: int) -> None:
-    timeout = ctx.config.probe_timeout_seconds
-    _call(
-        apps.patch_namespaced_deployment_scale, p.name, p.namespace, {"spec": {"replicas": wanted}},
-        _content_type=MERGE_PATCH, _request_timeout=timeout,
-    )
+def _scale_to(ctx: ActionContext, apps: _Deployments, p: DeploymentParams, wanted: int) -> None:
+    apps.scale(p, wanted)
 
     def ready():
-        have, _ = _ready_replicas(apps, p, timeout)
+        have, _ = _ready_replicas(apps, p)
         return have >= wanted, f"{have}/{wanted} replicas ready"
 
     _wait(ctx, ready)
@@ -229,8 +262,7 @@ def revert_scale(ctx: ActionContext, p: DeploymentParams, replicas: int) -> Outc
     """Back to the count recorded before the action: the one scale-down
     remediation makes, because it only undoes its own scale-up."""
     apps = _apps(ctx)
-    current = _call(apps.read_namespaced_deployment_scale, p.name, p.namespace,
-                    _request_timeout=ctx.config.probe_timeout_seconds).spec.replicas or 0
+    current = apps.replicas(p)
     if current != replicas:
         _scale_to(ctx, apps, p, replicas)
     return Outcome(p.name, current, replicas)
@@ -240,32 +272,25 @@ def revert_scale(ctx: ActionContext, p: DeploymentParams, replicas: int) -> Outc
 def rollout_restart(ctx: ActionContext, p: DeploymentParams) -> Outcome:
     """What `kubectl rollout restart` does: bump the pod template annotation."""
     apps = _apps(ctx)
-    timeout = ctx.config.probe_timeout_seconds
-    before = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
-    previous = ((before.spec.template.metadata.annotations or {}) if before.spec.template.metadata else {}).get(RESTARTED_AT)
+    before = apps.read(p)
+    previous = (((before["spec"]["template"].get("metadata") or {}).get("annotations")) or {}).get(RESTARTED_AT)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     if ctx.dry_run:
         return Outcome(p.name, previous, stamp)
     patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}
-    patched = _call(
-        apps.patch_namespaced_deployment, p.name, p.namespace, patch,
-        _content_type=STRATEGIC_MERGE_PATCH, _request_timeout=timeout,
-    )
-    _wait_rolled_out(ctx, apps, p, patched.metadata.generation or 0)
+    patched = apps.patch(p, patch, STRATEGIC_MERGE_PATCH)
+    _wait_rolled_out(ctx, apps, p, patched["metadata"].get("generation") or 0)
     return Outcome(p.name, previous, stamp)
 
 
-def _wait_rolled_out(ctx: ActionContext, apps, p: DeploymentParams, generation: int) -> None:
+def _wait_rolled_out(ctx: ActionContext, apps: _Deployments, p: DeploymentParams, generation: int) -> None:
     """What `kubectl rollout status` waits for: the controller saw the new
     generation and every replica is updated and ready."""
-    timeout = ctx.config.probe_timeout_seconds
 
     def rolled_out():
-        d = _call(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
-        s, want = d.status, d.spec.replicas or 0
-        observed = (s.observed_generation or 0) if s else 0
-        updated = (s.updated_replicas or 0) if s else 0
-        ready = (s.ready_replicas or 0) if s else 0
+        d = apps.read(p)
+        want = (d.get("spec") or {}).get("replicas") or 0
+        observed, updated, ready = _status(d, "observedGeneration"), _status(d, "updatedReplicas"), _status(d, "readyReplicas")
         return observed >= generation and updated >= want and ready >= want, f"generation {observed}/{generation}, {updated} updated, {ready}/{want} ready"
 
     _wait(ctx, rolled_out)
@@ -276,15 +301,6 @@ class RollbackParams(DeploymentParams):
     rolled_out_within_seconds: float | None = Field(
         default=None, gt=0, le=7 * 86400,
         description="only when the current revision was rolled out this recently (a fresh release); else refused")
-
-
-def _raw(fn, *args, **kwargs) -> dict:
-    """The API server's JSON as sent: the generated models drop fields they do
-    not know, and a rollback must restore the template whole."""
-    import json
-
-    response = _call(fn, *args, _preload_content=False, **kwargs)
-    return json.loads(response.data)
 
 
 def _selector(match: dict) -> str:
@@ -318,14 +334,13 @@ def _images(template: dict) -> list[str]:
     return [c.get("image", "") for c in ((template.get("spec") or {}).get("containers") or [])]
 
 
-def rollout_history(ctx: ActionContext, apps, p: DeploymentParams) -> tuple[dict, list[dict]]:
+def rollout_history(ctx: ActionContext, apps: _Deployments, p: DeploymentParams) -> tuple[dict, list[dict]]:
     """The deployment and the ReplicaSets it controls, as `kubectl rollout
     undo` finds them: listed by the deployment's selector, kept when their
     controller reference is this deployment."""
-    timeout = ctx.config.probe_timeout_seconds
-    deployment = _raw(apps.read_namespaced_deployment, p.name, p.namespace, _request_timeout=timeout)
+    deployment = apps.read(p)
     selector = _selector(deployment["spec"].get("selector") or {})
-    listed = _raw(apps.list_namespaced_replica_set, p.namespace, label_selector=selector, _request_timeout=timeout)["items"]
+    listed = apps.replica_sets(p.namespace, selector)
     uid = deployment["metadata"].get("uid")
     owned = [rs for rs in listed if any(o.get("controller") and o.get("uid") == uid for o in rs["metadata"].get("ownerReferences") or [])]
     return deployment, owned
@@ -397,9 +412,8 @@ def rollback_deployment(ctx: ActionContext, p: RollbackParams) -> Outcome:
         {"op": "replace", "path": "/spec/template", "value": template},
         {"op": "replace", "path": "/metadata/annotations", "value": annotations},
     ]
-    patched = _call(apps.patch_namespaced_deployment, p.name, p.namespace, patch,
-                    _content_type=JSON_PATCH, _request_timeout=ctx.config.probe_timeout_seconds)
-    _wait_rolled_out(ctx, apps, p, patched.metadata.generation or 0)
+    patched = apps.patch(p, patch, JSON_PATCH)
+    _wait_rolled_out(ctx, apps, p, patched["metadata"].get("generation") or 0)
     return Outcome(p.name, current, target_revision, details)
 
 

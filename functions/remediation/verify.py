@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import requests
-
 from functions.remediation.playbooks import Playbook
 from shared import promapi
 from shared.config import Settings
@@ -61,6 +59,8 @@ class Verifier:
             if spec:
                 return Verdict(None, "not verified: the playbook declares verify but PROMETHEUS_URL is not set")
             return Verdict(None, "")
+        import requests  # Prometheus is asked only when PROMETHEUS_URL is set
+
         labels = incident.get("labels") or {}
         try:
             if spec and spec.promql:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from shared.alerts import Alert
-from shared.correlation.rules import DependencyRule, RuleSet, TopologyRule
+
+if TYPE_CHECKING:  # the rules' pydantic models are the intake's; annotations only here
+    from shared.correlation.rules import DependencyRule, RuleSet, TopologyRule
 
 log = logging.getLogger("correlation")
 
