@@ -37,7 +37,6 @@ import logging
 import re
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -311,6 +310,9 @@ class LocalBroker:
         self.delivered: list[tuple[str, str, int]] = []  # (trigger, event id, status)
         self._lock = threading.Lock()
         self._pending = 0
+        # Set by stop(): a delivery waiting to retry ends instead of keeping
+        # the process alive (the interpreter joins the pool's threads at exit).
+        self._stopped = threading.Event()
 
     @property
     def pending(self) -> int:
@@ -352,8 +354,9 @@ class LocalBroker:
         delivery = trigger.delivery
         status, body, error = None, b"", ""
         for attempt in range(delivery.retry + 1):
-            if attempt:
-                time.sleep(delivery.delay(attempt))
+            if attempt and self._stopped.wait(delivery.delay(attempt)):
+                log.warning("Delivery abandoned: the broker stopped", extra={"trigger": trigger.name, "event_id": event.attributes.get("id")})
+                return
             headers, data = event.binary()
             headers["Prefer"] = "reply"
             try:
@@ -400,7 +403,8 @@ class LocalBroker:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(0.2 * (attempt + 1))
+            if self._stopped.wait(0.2 * (attempt + 1)):
+                break
         log.error("Dead-letter sink refused the event", extra={"trigger": trigger.name, "event_id": attrs.get("id")})
 
     # ------------------------------------------------------------------ HTTP
@@ -449,6 +453,7 @@ class LocalBroker:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         if self.server:
             self.server.shutdown()
             self.server.server_close()

@@ -376,3 +376,18 @@ def test_pending_includes_retries_and_the_dead_letter(tmp_path, servers):
     finally:
         release.set()
         broker.stop()
+
+
+def test_stopping_ends_deliveries_waiting_to_retry_so_the_process_can_exit(tmp_path, servers):
+    servers["a"].responder = lambda r: (500, {}, b"no")
+    slow_retries = BROKER.format(policy="linear").replace("PT0.1S", "PT60S")
+    broker = start(tmp_path, servers, slow_retries + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        send(broker)
+        wait_until(lambda: broker.delivered, 5, message="the first attempt")
+    finally:
+        broker.stop()
+    # The delivery thread would otherwise sleep a minute before each retry,
+    # and the interpreter joins it at exit.
+    wait_until(lambda: broker.pending == 0, 5, message="the waiting delivery to end")
+    assert len(servers["a"].requests) == 1 and servers["dls"].requests == []
