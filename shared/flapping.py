@@ -73,14 +73,17 @@ _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NU
                          "AND a.status IN ('open', 'investigating')) RETURNING id")
 
 
-def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int) -> dict[str, str]:
+def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int,
+            stored: dict[str, dict] | None = None) -> dict[str, str]:
     """Count the flips of this batch (one alert per fingerprint); returns the
     fingerprints whose resolution is withheld because they flap, with the
-    id of the flagged incident."""
+    id of the flagged incident. ``stored``: the batch's rows, already locked
+    (shared/noise.py reads them with the maintenance windows)."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
-    stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(by_fp))}).mappings()}
+    if stored is None:
+        stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(by_fp))}).mappings()}
     cutoff = now - timedelta(seconds=window_seconds)
     rows, withheld = [], {}
     for fp in sorted(by_fp):
