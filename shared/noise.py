@@ -18,15 +18,18 @@ incidents, each through the same recording path as a real alert.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared import clock, db, events, flapping, heartbeat, maintenance, outbox
 from shared.alerts import Alert
 from shared.config import Settings
+from shared.sqltext import compact
 
 log = logging.getLogger("noise")
 
@@ -39,6 +42,34 @@ class Screened:
     extra: list[Alert] = field(default_factory=list)
 
 
+# The common batch (firing alerts, no maintenance window active) in one
+# round trip: whether any window is active, and the batch's flapping rows,
+# locked only when none is. Locking them before a window holds an alert
+# would reverse the lock order below, so with a window active nothing is
+# locked here and the batch takes the steps one by one.
+_UNLESS_WINDOWED = sa.text(compact(
+    """
+    WITH w AS (SELECT 1 FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now LIMIT 1),
+    f AS (SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps
+          WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb))))
+            AND NOT EXISTS (SELECT 1 FROM w)
+          ORDER BY fingerprint FOR UPDATE)
+    SELECT false AS windowed, fingerprint, last_status, flips, flapping_since, incident_id FROM f
+    UNION ALL
+    SELECT true, NULL, NULL, NULL, NULL, NULL FROM w
+    """
+))
+
+
+def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[str, dict] | None:
+    """The firing alerts' flapping rows, locked; None if a window is active."""
+    rows = conn.execute(_UNLESS_WINDOWED, {"now": now, "f": json.dumps(sorted(a.fingerprint for a in firing))}).mappings().all()
+    if any(r["windowed"] for r in rows):
+        return None
+    return {r["fingerprint"]: {k: r[k] for k in ("fingerprint", "last_status", "flips", "flapping_since", "incident_id")}
+            for r in rows}
+
+
 def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     """``latest``: one alert per fingerprint, the batch's last word on it."""
     now = clock.now()
@@ -46,6 +77,15 @@ def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
     firing = [a for a in latest if a.status == "firing" and not a.ignored_reason]
     resolving = [a for a in latest if a.status == "resolved"]
+    if firing and not resolving:
+        # A resolution locks held alerts (note_resolved below) before the
+        # flapping rows, so only an all-firing batch takes this way.
+        stored = _flaps_unless_windowed(conn, firing, now)
+        if stored is not None:
+            withheld = flapping.observe(conn, firing, now, config.flap_threshold, config.flap_window_seconds, stored)
+            for fp, incident_id in withheld.items():
+                result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
+            return result
     # Lock order: held alerts (suppressed_alerts) before flapping rows
     # (alert_flaps), as the sweep's release does (it locks the held rows,
     # then replays them through here); the other order deadlocks the two.

@@ -398,3 +398,37 @@ def test_an_alert_resolving_while_the_sweep_releases_it_waits_instead_of_deadloc
                 errors.append(exc)
         worker.join(30)
     assert errors == []
+
+
+def _statements_of(engine, config, *alerts) -> list[str]:
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        record(engine, config, *alerts)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    return seen
+
+
+def test_a_firing_batch_with_no_window_reads_the_windows_and_locks_its_flapping_rows_in_one_statement(database_url, clean_db, at):
+    config = settings(database_url)
+    first = _statements_of(clean_db, config, alert("Quiet", fingerprint="quiet-1"))
+    # The maintenance windows and the alert's flapping row together, its
+    # flapping row saved, the upsert: three statements for a new alert.
+    assert len(first) == 3, first
+    assert "maintenance_windows" in first[0] and "alert_flaps" in first[0] and "FOR UPDATE" in first[0]
+
+
+def test_with_a_window_active_elsewhere_a_flapping_alert_is_still_flagged(database_url, clean_db, at):
+    """The batch then takes the steps one by one (no flapping row locked
+    before the windows are matched), and flapping works as without a window."""
+    config = settings(database_url, FLAP_THRESHOLD="2")
+    window(clean_db, ['service="web"'], T0, T0 + timedelta(hours=1))
+    a = alert("Flappy", service="email")
+    outcomes = flips(clean_db, config, a, 6)
+    assert [o.action for o in outcomes].count("flapping") == 2
+    assert [o.action for o in outcomes].count("suppressed") == 0
