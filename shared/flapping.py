@@ -39,7 +39,7 @@ ACTOR = "flapping"
 # list; `IN (SELECT jsonb_array_elements_text(...))` was planned for 100
 # fingerprints, as a hash join over a scan of the whole table, in every
 # intake transaction (milliseconds at 20,000 rows, growing with the table).
-_LOCK = sa.text("SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps "
+_LOCK = sa.text("SELECT fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM alert_flaps "
                 "WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
                 "ORDER BY fingerprint FOR UPDATE")
 
@@ -150,6 +150,23 @@ _REPAGE = sa.text("UPDATE incidents SET generation = generation + 1, updated_at 
                   "WHERE id = :i AND status IN ('open', 'investigating') RETURNING *")
 
 
+_QUIET = sa.text("SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NOT NULL "
+                 "AND COALESCE(last_flip_at, flapping_since) < :cutoff ORDER BY fingerprint")
+_LOCK_HELD = sa.text("SELECT 1 FROM suppressed_alerts WHERE released_at IS NULL "
+                     "AND fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
+                     "ORDER BY fingerprint FOR UPDATE")
+# Locked in fingerprint order (as the intake locks them), and judged again
+# once locked: a flip committed meanwhile keeps the flag.
+_CLEAR = sa.text(
+    "UPDATE alert_flaps f SET flapping_since = NULL, flips = '[]'::jsonb "
+    "FROM (SELECT fingerprint, flapping_since AS since FROM alert_flaps "
+    "      WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
+    "        AND flapping_since IS NOT NULL AND COALESCE(last_flip_at, flapping_since) < :cutoff "
+    "      ORDER BY fingerprint FOR UPDATE) o "
+    "WHERE f.fingerprint = o.fingerprint "
+    "RETURNING f.fingerprint, f.last_status, f.incident_id, o.since")
+
+
 def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[list[Alert], list[dict]]:
     """Lower the flag of fingerprints quiet for ``quiet_seconds``. Returns
     the resolutions to record for those whose alert last said resolved, and
@@ -157,13 +174,15 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     ``opened`` events): still firing after a flapping episode during which
     their incident was reopened silently, so the page PagerDuty holds was
     resolved. They are paged now, once, and run the pipeline again."""
-    rows = conn.execute(sa.text(
-        "UPDATE alert_flaps f SET flapping_since = NULL, flips = '[]'::jsonb "
-        "FROM (SELECT fingerprint, flapping_since AS since FROM alert_flaps "
-        "      WHERE flapping_since IS NOT NULL AND COALESCE(last_flip_at, flapping_since) < :cutoff) o "
-        "WHERE f.fingerprint = o.fingerprint "
-        "RETURNING f.fingerprint, f.last_status, f.incident_id, o.since"),
-        {"cutoff": now - timedelta(seconds=quiet_seconds)}).mappings().all()
+    cutoff = now - timedelta(seconds=quiet_seconds)
+    quiet = conn.execute(_QUIET, {"cutoff": cutoff}).scalars().all()
+    if not quiet:
+        return [], []
+    # The intake's lock order: held alerts, then flapping rows, each by
+    # fingerprint. The resolutions recorded below lock the held alerts; taken
+    # after the flapping rows, an intake resolving the same alert deadlocked.
+    conn.execute(_LOCK_HELD, {"f": json.dumps(quiet)})
+    rows = conn.execute(_CLEAR, {"f": json.dumps(quiet), "cutoff": cutoff}).mappings().all()
     resolutions, repaged = [], []
     for row in sorted(rows, key=lambda r: r["fingerprint"]):
         if row["incident_id"]:

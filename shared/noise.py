@@ -50,13 +50,13 @@ class Screened:
 _UNLESS_WINDOWED = sa.text(compact(
     """
     WITH w AS (SELECT 1 FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now LIMIT 1),
-    f AS (SELECT fingerprint, last_status, flips, flapping_since, incident_id FROM alert_flaps
+    f AS (SELECT fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM alert_flaps
           WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb))))
             AND NOT EXISTS (SELECT 1 FROM w)
           ORDER BY fingerprint FOR UPDATE)
-    SELECT false AS windowed, fingerprint, last_status, flips, flapping_since, incident_id FROM f
+    SELECT false AS windowed, fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM f
     UNION ALL
-    SELECT true, NULL, NULL, NULL, NULL, NULL FROM w
+    SELECT true, NULL, NULL, NULL, NULL, NULL, NULL FROM w
     """
 ))
 
@@ -66,7 +66,7 @@ def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[s
     rows = conn.execute(_UNLESS_WINDOWED, {"now": now, "f": json.dumps(sorted(a.fingerprint for a in firing))}).mappings().all()
     if any(r["windowed"] for r in rows):
         return None
-    return {r["fingerprint"]: {k: r[k] for k in ("fingerprint", "last_status", "flips", "flapping_since", "incident_id")}
+    return {r["fingerprint"]: {k: r[k] for k in ("fingerprint", "last_status", "flips", "last_flip_at", "flapping_since", "incident_id")}
             for r in rows}
 
 

@@ -432,3 +432,57 @@ def test_with_a_window_active_elsewhere_a_flapping_alert_is_still_flagged(databa
     outcomes = flips(clean_db, config, a, 6)
     assert [o.action for o in outcomes].count("flapping") == 2
     assert [o.action for o in outcomes].count("suppressed") == 0
+
+
+@pytest.mark.parametrize("last", ["firing", "resolved"])
+def test_a_repeat_of_a_flapping_alert_keeps_its_last_flip_so_the_flag_stays_until_it_is_quiet(database_url, clean_db, at, last):
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="600")
+    a = alert("Flappy", service="email")
+    flips(clean_db, config, a, 8 if last == "firing" else 9)  # one flip a minute, flagged early on
+    (before,) = rows(clean_db, "SELECT last_flip_at, last_status FROM alert_flaps WHERE fingerprint = :f", f=a.fingerprint)
+    assert before["last_status"] == last
+    clock.advance(20)
+    record(clean_db, config, replace(a, status=last))  # AlertManager re-sends the group: same status
+    (after,) = rows(clean_db, "SELECT last_flip_at FROM alert_flaps WHERE fingerprint = :f", f=a.fingerprint)
+    assert after["last_flip_at"] == before["last_flip_at"]
+    clock.advance(300)  # quiet for 5 minutes of the 10 it needs, flagged for longer than 10
+    sweep(clean_db, config)
+    (swept,) = rows(clean_db, "SELECT flapping_since FROM alert_flaps WHERE fingerprint = :f", f=a.fingerprint)
+    assert swept["flapping_since"] is not None
+
+
+def test_the_sweep_clearing_a_held_flapping_alert_and_the_intake_resolving_it_do_not_deadlock(database_url, clean_db):
+    from shared import flapping
+
+    config = settings(database_url)
+    resolved = alert("HeldFlappy", status="resolved", instance="a")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status, flips, last_flip_at, flapping_since) "
+                             "VALUES (:f, 'resolved', '[]', timezone('utc', now()) - interval '2 hours', "
+                             "timezone('utc', now()) - interval '3 hours')"), {"f": resolved.fingerprint})
+        conn.execute(sa.text(
+            "INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, first_suppressed_at, last_seen_at) "
+            "VALUES (:f, :n, 'firing', CAST(:a AS jsonb), timezone('utc', now()), timezone('utc', now()))"),
+            {"f": resolved.fingerprint, "n": resolved.alert_name, "a": json.dumps(maintenance.alert_to_json(replace(resolved, status="firing")))})
+    errors = []
+
+    def intake():
+        try:
+            with clean_db.begin() as conn:
+                noise.screen(conn, [resolved], config)
+        except Exception as exc:  # noqa: BLE001 - the deadlock, reported below
+            errors.append(exc)
+
+    with clean_db.connect() as sweeping, sweeping.begin():
+        resolutions, _ = flapping.clear_quiet(sweeping, clock.now(), config.flap_quiet_seconds)
+        assert [a.fingerprint for a in resolutions] == [resolved.fingerprint]
+        worker = threading.Thread(target=intake)
+        worker.start()
+        wait_until(lambda: rows(clean_db, "SELECT 1 AS x FROM pg_stat_activity WHERE datname = current_database() "
+                                          "AND wait_event_type = 'Lock'"), 10, message="the intake waiting on the sweep's lock")
+        try:
+            svc.record_alerts(sweeping, resolutions, "/t", flapping.ACTOR, 0, config=config)  # the sweep records them
+        except Exception as exc:  # noqa: BLE001 - the deadlock, reported below
+            errors.append(exc)
+    worker.join(30)
+    assert errors == []
