@@ -210,7 +210,9 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 #   repeat_interval) is noted on that incident, and nothing opens;
 # - a new firing (the fix did not hold) reopens that incident as a new
 #   generation, which runs the pipeline again; the remediation cooldown then
-#   hands it to a human instead of looping.
+#   hands it to a human instead of looping. The new generation starts from
+#   its first root (root_generation 0): its claims and events are the plain
+#   ones reconciliation and escalation expect of an opening.
 # One statement for both; `continuing` tells them apart.
 AFTER_REMEDIATION = sa.text(compact(
     f"""
@@ -220,6 +222,7 @@ AFTER_REMEDIATION = sa.text(compact(
         resolved_at = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_at END,
         resolved_by = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_by END,
         generation = i.generation + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 0 ELSE 1 END,
+        root_generation = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.root_generation ELSE 0 END,
         repeat_count = i.repeat_count + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 1 ELSE 0 END,
         updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW}
     FROM (SELECT DISTINCT ON (fingerprint) fingerprint, starts_at

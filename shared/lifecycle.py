@@ -67,6 +67,9 @@ def transition(
         values["resolved_at"] = None
         values["resolved_by"] = None
         values["generation"] = incidents_table.c.generation + 1
+        # Root generations count take-overs within a generation: the
+        # reopened one starts from its first root's claims and events.
+        values["root_generation"] = 0
     try:
         with conn.begin_nested():
             updated = conn.execute(

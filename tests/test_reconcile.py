@@ -202,3 +202,37 @@ def test_after_a_root_takes_over_the_new_roots_diagnosis_and_remediation_are_wat
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
     complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.diagnosed.0.root1.r1"]
+
+
+def took_over_then_fixed(engine, name):
+    """An incident whose root another alert took over, then resolved by
+    remediation: its generation's root generation is 1."""
+    incident_id = open_incident(engine, name)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1, status = 'resolved', resolved_by = 'remediation', "
+                             "resolved_at = timezone('utc', now()) WHERE id = :id"), {"id": incident_id})
+    return incident_id
+
+
+@pytest.mark.parametrize("how", ["the alert fires again", "a person reopens it"])
+def test_a_reopened_incident_starts_from_its_first_root_and_its_diagnosis_is_watched(clean_db, config, how):
+    """A reopen (the fix did not hold, or a person) is a new generation: its
+    root generation starts at 0 again, so its plain ``opened.1`` event and
+    claims are the ones reconciliation watches."""
+    import datetime
+    from dataclasses import replace as with_
+    incident_id = took_over_then_fixed(clean_db, "FixDidNotHold")
+    with clean_db.begin() as conn:
+        if how == "the alert fires again":
+            again = with_(alert("FixDidNotHold", priority="P1"),
+                          starts_at=datetime.datetime(2026, 11, 29, 11, 0, tzinfo=datetime.timezone.utc))
+            (outcome,) = svc.record_alerts(conn, [again], "/test", "test", reopen_window_seconds=3600).outcomes
+            assert outcome.action == "reopened"
+        else:
+            svc.transition(conn, incident_id, "investigating", "alice", "/test")
+            event = events.incident_event(events.INCIDENT_OPENED, svc.get_incident(conn, incident_id), "/test")
+            outbox.enqueue(conn, [event])
+        row = svc.get_incident(conn, incident_id)
+        publish(conn, f"{incident_id}.opened.1", 600)
+    assert (row["generation"], row["root_generation"]) == (1, 0)
+    assert f"{incident_id}.opened.1.r1" in reconcile.run(clean_db, config).reemitted
