@@ -68,7 +68,7 @@ ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:remediated", "esc
 
 _ASSESSED = f"""
 WITH recent AS (
-    SELECT i.id, i.generation AS gen, i.priority, i.status,
+    SELECT i.id, i.generation AS gen, i.priority, i.status, i.root_generation AS rg,
            CASE WHEN i.root_generation > 0 THEN '.root' || i.root_generation ELSE '' END AS rs
     FROM incidents i
     WHERE i.status IN ('open', 'investigating')
@@ -97,6 +97,7 @@ missing AS (
         SELECT CASE WHEN t.details->>'outcome' = 'remediated' THEN 'remediated' ELSE 'remediation_failed' END AS transition
         FROM incident_timeline t
         WHERE t.incident_id = r.id AND t.kind = 'remediation_result' AND t.details->>'generation' = CAST(r.gen AS text)
+          AND COALESCE(t.details->>'root_generation', '0') = CAST(r.rg AS text)
         ORDER BY t.at DESC, t.id DESC LIMIT 1
     ) x
     WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
@@ -136,7 +137,7 @@ _COUNTS = sa.text(" ".join((_ASSESSED + "SELECT step, state, count(*) AS n FROM 
 
 _REMEDIATION_RESULT = sa.text(
     "SELECT details FROM incident_timeline WHERE incident_id = :id AND kind = 'remediation_result' "
-    "AND details->>'generation' = :gen ORDER BY at DESC, id DESC LIMIT 1"
+    "AND details->>'generation' = :gen AND COALESCE(details->>'root_generation', '0') = :root ORDER BY at DESC, id DESC LIMIT 1"
 )
 
 
@@ -200,7 +201,11 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     current = f".root{incident['root_generation']}" if incident.get("root_generation") else ""
     if root != current and any(s["step"] in ROOT_SCOPED_STEPS for s in steps):
         return None  # another alert took over as root meanwhile: the next pass sees the new root's steps
-    extra = _remediation_extra(conn, incident_id, generation) if transition in ("remediated", "remediation_failed") else None
+    # The event names the root its step is of (the plain opening still
+    # untold is the first root's), as the consumers scope their claims by it.
+    incident["root_generation"] = int(root.removeprefix(".root")) if root else 0
+    extra = (_remediation_extra(conn, incident_id, generation, incident["root_generation"])
+             if transition in ("remediated", "remediation_failed") else None)
     event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
     event["id"] = f"{event['id']}{root}.r{steps[0]['n'] + 1}"
     log.warning("Incident stuck between steps; re-emitting its event", extra={
@@ -209,8 +214,9 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     return event
 
 
-def _remediation_extra(conn: Connection, incident_id: str, generation: int) -> dict:
-    details = conn.execute(_REMEDIATION_RESULT, {"id": incident_id, "gen": str(generation)}).scalar() or {}
+def _remediation_extra(conn: Connection, incident_id: str, generation: int, root_generation: int) -> dict:
+    details = conn.execute(_REMEDIATION_RESULT, {"id": incident_id, "gen": str(generation),
+                                                 "root": str(root_generation)}).scalar() or {}
     return {"remediation": {"outcome": details.get("outcome"), "reason": str(details.get("reason") or "")[:REASON_MAX],
                             "playbook": details.get("playbook")}}
 
