@@ -63,7 +63,11 @@ class RecordResult:
 # case (no root fires) costs no candidate statement. The offers are found
 # as the candidate statement finds them: the members first (one scan of the
 # provides index for all the batch's keys), then each one's incident by
-# primary key, never a pass over the active incidents. The events are built by Python beforehand for the id it
+# primary key, never a pass over the active incidents. (The status is
+# compared as text so that the planner cannot take the partial index of
+# active fingerprints, filtered on the id, for that lookup: after a storm
+# its statistics say few incidents are active, and that index then visits
+# every one of them for each member.) The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 UPSERT_FIRING = sa.text(compact(
     f"""
@@ -98,7 +102,7 @@ UPSERT_FIRING = sa.text(compact(
     offered AS MATERIALIZED (
         SELECT DISTINCT k.key FROM providers p
         CROSS JOIN LATERAL (SELECT 1 FROM incidents pi WHERE pi.id = p.incident_id
-                            AND pi.status IN ('open', 'investigating') LIMIT 1) AS active
+                            AND CAST(pi.status AS text) IN ('open', 'investigating') LIMIT 1) AS active
         CROSS JOIN LATERAL unnest(p.provides) AS k(key)
     ),
     joinable AS (

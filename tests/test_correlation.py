@@ -363,3 +363,55 @@ def test_pod_alerts_cost_no_candidate_statement_until_a_root_offers_their_node(c
         assert sum("WITH found AS" in s for s in joined) == 1
     finally:
         sa.event.remove(clean_db, "before_cursor_execute", seen)
+
+
+@pytest.fixture
+def long_history(clean_db):
+    """40 000 resolved incidents whose members offer nodes (the statistics
+    know them), then a storm of 20 000 active incidents the statistics do
+    not know yet."""
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions,
+                                   fingerprint, labels, annotations, source, resolved_at)
+            SELECT 'h' || g, 'Hist', 'P2', 'resolved', 's', 'd', '{}'::json, '[]'::json, 'fp' || g, '{}'::jsonb, '{}'::jsonb,
+                   'alertmanager', timezone('utc', now())
+            FROM generate_series(1, 40000) g"""))
+        conn.execute(sa.text("""
+            INSERT INTO incident_members (incident_id, fingerprint, alert_name, provides, seeks, is_root)
+            SELECT 'h' || g, 'fp' || g, 'Hist', ARRAY['node:n' || (g % 50)], '{}', true FROM generate_series(1, 40000) g"""))
+        conn.execute(sa.text("ANALYZE incidents; ANALYZE incident_members"))
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions,
+                                   fingerprint, labels, annotations, source)
+            SELECT 's' || g, 'Storm', 'P2', 'open', 's', 'd', '{}'::json, '[]'::json, 'sfp' || g, '{}'::jsonb, '{}'::jsonb,
+                   'alertmanager'
+            FROM generate_series(1, 20000) g"""))
+    return clean_db
+
+
+def explain(engine, statement, params) -> str:
+    with engine.connect() as conn:
+        return "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + statement.text), params))
+
+
+def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history):
+    """Whether a member's incident is active is one primary-key lookup per
+    member, in the upsert's check for offers and in the candidate
+    statement: never the active-fingerprint index filtered on the id, which
+    visits every active incident for each member after a storm."""
+    from shared import ingest
+    from shared.correlation import store
+    row = {"id": "new1", "alert_name": "A", "priority": "P2", "summary": "s", "description": "d", "fingerprint": "zz",
+           "labels": {}, "annotations": {}, "source": "alertmanager", "starts_at": None, "seen": 1, "rank": 0,
+           "provides": [], "seeks": ["node:n8"]}
+    upsert = explain(long_history, ingest.UPSERT_FIRING, {"rows": json.dumps([row]), "window": 0, "actor": "t", "events": "[]",
+                                                          "sought": json.dumps(["node:n8"])})
+    candidates = explain(long_history, store.CANDIDATES, {"fps": json.dumps(["zz"]), "seeks": json.dumps(["node:n8"]),
+                                                          "provides": "[]"})
+    for plan in (upsert, candidates):
+        lookups = [line for line in plan.splitlines() if " on incidents pi" in line or " on incidents incidents_1" in line
+                   or " on incidents i" in line]
+        assert any("incidents_pkey" in line for line in lookups), plan
+        assert not any("Filter: (id = " in line or "Filter: ((id)::text = " in line for line in plan.splitlines()), plan
