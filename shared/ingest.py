@@ -67,7 +67,13 @@ class RecordResult:
 # compared as text so that the planner cannot take the partial index of
 # active fingerprints, filtered on the id, for that lookup: after a storm
 # its statistics say few incidents are active, and that index then visits
-# every one of them for each member.) The events are built by Python beforehand for the id it
+# every one of them for each member.) Those incidents and the batch's own
+# active ones are locked together in id order (`held`) before anything is
+# written, as the resolve statement and the candidate statement lock
+# theirs: the upsert refreshing a batch's incident before the candidate
+# statement locks a node incident of a lower id deadlocked against a
+# resolve. `held` gates every write of the statement (a one-time filter),
+# so it is taken first. The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 UPSERT_FIRING = sa.text(compact(
     f"""
@@ -79,12 +85,31 @@ UPSERT_FIRING = sa.text(compact(
     ),
     member_of AS (
         SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND i.status IN ('open', 'investigating')
+        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND CAST(i.status AS text) IN ('open', 'investigating')
           AND i.fingerprint IS DISTINCT FROM m.fingerprint
+    ),
+    providers AS MATERIALIZED (
+        SELECT incident_id, provides FROM incident_members
+        WHERE provides <> '{{}}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:sought AS jsonb)))
+    ),
+    held AS MATERIALIZED (
+        SELECT i.id FROM incidents i
+        WHERE jsonb_array_length(CAST(:sought AS jsonb)) > 0
+          AND i.id = ANY(ARRAY(
+              SELECT incident_id FROM providers
+              UNION
+              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+              UNION
+              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+                AND CAST(a.status AS text) IN ('open', 'investigating')))
+          AND CAST(i.status AS text) IN ('open', 'investigating')
+        ORDER BY i.id
+        FOR UPDATE
     ),
     member_refreshed AS (
         UPDATE incident_members m SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
-        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
+        WHERE (SELECT count(*) FROM held) >= 0
+          AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
           AND (m.incident_id, m.fingerprint) IN (SELECT incident_id, fingerprint FROM member_of)
         RETURNING m.incident_id, m.fingerprint
     ),
@@ -95,15 +120,10 @@ UPSERT_FIRING = sa.text(compact(
           AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
                           AND a.status IN ('open', 'investigating'))
     ),
-    providers AS MATERIALIZED (
-        SELECT incident_id, provides FROM incident_members
-        WHERE provides <> '{{}}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:sought AS jsonb)))
-    ),
     offered AS MATERIALIZED (
         SELECT DISTINCT k.key FROM providers p
-        CROSS JOIN LATERAL (SELECT 1 FROM incidents pi WHERE pi.id = p.incident_id
-                            AND CAST(pi.status AS text) IN ('open', 'investigating') LIMIT 1) AS active
         CROSS JOIN LATERAL unnest(p.provides) AS k(key)
+        WHERE p.incident_id IN (SELECT id FROM held)
     ),
     joinable AS (
         SELECT x.fingerprint FROM x
@@ -118,7 +138,8 @@ UPSERT_FIRING = sa.text(compact(
         SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
                '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
                x.source, x.starts_at, {UTC_NOW}, x.seen - 1
-        FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
+        FROM x WHERE (SELECT count(*) FROM held) >= 0
+          AND x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
           AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
           AND x.fingerprint NOT IN (SELECT fingerprint FROM joinable)
         ORDER BY x.fingerprint
