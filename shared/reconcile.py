@@ -16,6 +16,9 @@ step                          missing when, after the grace period        re-emi
                               ``remediation:`` claim
 ``escalation:opened``         P0 opened, active, no completed             ``opened``
                               ``escalated:…:opened`` claim
+``escalation:root_changed``   P0, a new root's opening published,         its ``opened``
+                              active, no completed                        (``….root<n>``)
+                              ``escalated:…:opened.root<n>`` claim
 ``escalation:remediated``,    remediation finished with that outcome,     that outcome
 ``escalation:remediation_     no completed ``escalated:…:<outcome>``
 failed``                      claim
@@ -25,7 +28,9 @@ failed``                      claim
 
 After another alert took over as root (migration 0017), the diagnostics,
 remediation and outcome steps watched are the new root's (their claim keys
-and events end in ``.root<n>``, shared.claims.step_key).
+and events end in ``.root<n>``, shared.claims.step_key), and so is the
+escalation of its opening (told as ``root_changed``). A step still stuck is
+reported once per generation and root.
 
 A re-emission is an outbox row with its own id, ``<event id>.r<n>``, so the
 Broker and the consumers see a new delivery; the consumers' claims make a
@@ -60,11 +65,13 @@ EVENT_TYPES = {
     "remediation_failed": events.INCIDENT_REMEDIATION_FAILED,
     "resolved": events.INCIDENT_RESOLVED,
 }
-STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:remediated",
+STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:root_changed", "escalation:remediated",
          "escalation:remediation_failed", "escalation:resolved")
 REASON_MAX = 1000
-# Steps done again for a new root (their claims end in ``.root<n>``).
-ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:remediated", "escalation:remediation_failed")
+# Steps done again for a new root (their claims end in ``.root<n>``); the
+# new root's opening is told as ``root_changed``.
+ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:root_changed", "escalation:remediated",
+                     "escalation:remediation_failed")
 
 _ASSESSED = f"""
 WITH recent AS (
@@ -84,6 +91,12 @@ missing AS (
            'escalated:' || r.id || ':' || r.gen || ':' || 'opened'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
     WHERE r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
+      AND o.published_at IS NOT NULL
+    UNION ALL
+    SELECT 'escalation:root_changed', 'opened', r.id, r.gen, r.rs, o.published_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || 'opened' || r.rs
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen || r.rs
+    WHERE r.rs <> '' AND r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
       AND o.published_at IS NOT NULL
     UNION ALL
     SELECT 'remediation', 'diagnosed', r.id, r.gen, r.rs, d.completed_at, 'remediation:' || r.id || ':' || r.gen || r.rs
@@ -129,7 +142,7 @@ _WORK = sa.text(" ".join((_ASSESSED + """
 SELECT a.step, a.transition, a.id, a.gen, a.rs, a.n, a.state FROM assessed a
 WHERE a.state = 'due'
    OR (a.state = 'stuck' AND NOT EXISTS (
-        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen))
+        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen || a.rs))
 ORDER BY a.since, a.id LIMIT :batch
 """).split()))
 
@@ -223,8 +236,10 @@ def _remediation_extra(conn: Connection, incident_id: str, generation: int, root
 
 def _give_up(conn: Connection, row, report: Report) -> None:
     """Noted once on the timeline (the dedup key), logged once at error level."""
-    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}"
-    details = {"step": row["step"], "generation": row["gen"], "reemissions": row["n"],
+    # One report per step, generation and root (a new root's step can be stuck too).
+    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}{row['rs']}"
+    details = {"step": row["step"], "generation": row["gen"], "root_generation": int(row["rs"].removeprefix(".root") or 0),
+               "reemissions": row["n"],
                "note": "re-emitting its event did not complete this step; a person must look"}
     if incidents.add_timeline(conn, row["id"], "stuck", details, "reconcile", dedup_key=key):
         report.stuck.append((row["step"], row["id"], row["gen"]))

@@ -236,3 +236,29 @@ def test_a_reopened_incident_starts_from_its_first_root_and_its_diagnosis_is_wat
         publish(conn, f"{incident_id}.opened.1", 600)
     assert (row["generation"], row["root_generation"]) == (1, 0)
     assert f"{incident_id}.opened.1.r1" in reconcile.run(clean_db, config).reemitted
+
+
+def test_a_new_roots_opening_not_told_is_reemitted_and_reported_stuck_per_root(clean_db, config):
+    """The escalation of a new root's opening (``root_changed``) failed:
+    its ``.root1`` opening is re-emitted, and once the re-emissions are
+    spent it is reported stuck as that root's."""
+    incident_id = open_incident(clean_db, "PagedRoot", priority="P0")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
+        row = svc.get_incident(conn, incident_id)
+        event = events.incident_event(events.INCIDENT_OPENED, row, "/test")
+        event["id"] += ".root1"
+        outbox.enqueue(conn, [event])
+        publish(conn, event["id"], 600)
+    complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
+    complete(clean_db, f"remediation:{incident_id}:0.root1", incident_id, ago=0, done=False)  # running: not missing yet
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.opened.0.root1.r1"].data["root_generation"] == 1
+    reconcile.run(clean_db, config)
+    report = reconcile.run(clean_db, config)
+    assert report.stuck == [("escalation:root_changed", incident_id, 0)]
+    with clean_db.connect() as conn:
+        (stuck,) = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "stuck"]
+    assert stuck["details"]["root_generation"] == 1
