@@ -544,3 +544,29 @@ def test_a_reopen_after_a_take_over_is_told_as_an_opening(handler, receivers, cl
     assert handler.handle(event(events.INCIDENT_OPENED, reopened)).status_code == 202
     assert "is now the root" not in slack.bodies()[-1]["text"]
     assert slack.bodies()[-1]["text"].count("opened") >= 1
+
+
+def test_a_root_change_updates_only_a_page_of_its_own_generation(handler, receivers, clean_db):
+    """A P1 incident paged when its remediation failed, then resolved (the
+    page too) and reopened: a root change in the new generation pages no
+    one. Paged again in this generation, the next root change updates it."""
+    pd, slack = receivers
+    row = incident(clean_db, priority="P1", name="PagedBefore")
+    record_remediation(clean_db, row, "failed", "dry-run: a human must act")
+    assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row)).status_code == 202
+    assert handler.handle(event(events.INCIDENT_RESOLVED, resolve(clean_db, row))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+    reopened = reopen(clean_db, row)
+    assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, reopened))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+    with clean_db.begin() as conn:
+        current = svc.get_incident(conn, row["id"])
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "failed", "reason": "still failing", "actions": [], "playbook": None,
+            "generation": 1, "root_generation": 1}, "remediation")
+    assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, current)).status_code == 202
+    assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, current, "KubeNodeNotReady"))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve", "trigger", "trigger"]
+    assert "KubeNodeNotReady" in pd.bodies()[-1]["payload"]["summary"]

@@ -108,12 +108,14 @@ def acknowledgement(conn, incident: dict) -> dict | None:
 
 def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
     """The actions a channel completed for the incident, in any generation
-    (from the claim keys ``notify:{channel}:{action}:{incident}:…``)."""
+    (``trigger``), and each with its generation (``trigger:1``), from the
+    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``."""
     rows = conn.execute(
         sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
         {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
     ).scalars()
-    return frozenset(key.split(":")[2] for key in rows)
+    parts = [key.split(":") for key in rows]
+    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
 
 
 @dataclass(frozen=True)
