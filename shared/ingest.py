@@ -266,7 +266,9 @@ AFTER_REMEDIATION = sa.text(compact(
 # A resolved alert resolves its membership; the incident resolves (by alert)
 # only when no member still fires. The incidents are locked first, in id
 # order, so two replicas resolving the last two members of one incident
-# cannot each see the other's member still firing.
+# cannot each see the other's member still firing. Each by primary key (the
+# status compared as text, as in UPSERT_FIRING): never the partial index of
+# active fingerprints filtered on the id.
 RESOLVE_MEMBERS = sa.text(compact(
     f"""
     WITH x AS (
@@ -276,7 +278,7 @@ RESOLVE_MEMBERS = sa.text(compact(
     ),
     locked AS (
         SELECT i.id, i.fingerprint FROM incidents i
-        WHERE i.status IN ('open', 'investigating')
+        WHERE CAST(i.status AS text) IN ('open', 'investigating')
           AND i.id = ANY(ARRAY(
               SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
               UNION
