@@ -114,6 +114,17 @@ def incident_id_of(event: CloudEvent) -> str:
         raise BadRequest("the event names no incident (data.incident_id or subject must be a UUID)") from None
 
 
+def root_generation_of(event: CloudEvent) -> int:
+    """The root generation an incident event is of (shared.events); an
+    event sent before migration 0017 names none and is of the first root."""
+    data = event.get_data()
+    value = data.get("root_generation") if isinstance(data, dict) else None
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        raise BadRequest("data.root_generation must be a whole number") from None
+
+
 def ack() -> Response:
     return Response(status=202)
 

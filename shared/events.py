@@ -128,6 +128,10 @@ def incident_data(row: Mapping[str, Any]) -> dict[str, Any]:
         "created_at": bounded(rfc3339(row.get("created_at")), TEXT_MAX_CHARS),
         "resolved_at": bounded(rfc3339(row.get("resolved_at")), TEXT_MAX_CHARS),
         "generation": row.get("generation") or 0,
+        # Which root of the generation the event is of (migration 0017): the
+        # consumers scope their claims by it. Events from before it carry
+        # none and are of the first root (0).
+        "root_generation": row.get("root_generation") or 0,
     }
     if labels_omitted:
         data["labels_omitted"] = labels_omitted

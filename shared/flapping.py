@@ -146,7 +146,7 @@ def _keep_active(conn: Connection, fp: str, incident_id: str | None, alert: Aler
 # that started at :since (its page was resolved, and nobody was told since).
 _REOPENED_SILENTLY = sa.text("SELECT EXISTS (SELECT 1 FROM incident_timeline WHERE incident_id = :i AND kind = 'flap' "
                              "AND details->>'reopened' = 'true' AND at >= :since)")
-_REPAGE = sa.text("UPDATE incidents SET generation = generation + 1, updated_at = :now "
+_REPAGE = sa.text("UPDATE incidents SET generation = generation + 1, root_generation = 0, updated_at = :now "
                   "WHERE id = :i AND status IN ('open', 'investigating') RETURNING *")
 
 

@@ -63,7 +63,17 @@ class RecordResult:
 # case (no root fires) costs no candidate statement. The offers are found
 # as the candidate statement finds them: the members first (one scan of the
 # provides index for all the batch's keys), then each one's incident by
-# primary key, never a pass over the active incidents. The events are built by Python beforehand for the id it
+# primary key, never a pass over the active incidents. (The status is
+# compared as text so that the planner cannot take the partial index of
+# active fingerprints, filtered on the id, for that lookup: after a storm
+# its statistics say few incidents are active, and that index then visits
+# every one of them for each member.) Those incidents and the batch's own
+# active ones are locked together in id order (`held`) before anything is
+# written, as the resolve statement and the candidate statement lock
+# theirs: the upsert refreshing a batch's incident before the candidate
+# statement locks a node incident of a lower id deadlocked against a
+# resolve. `held` gates every write of the statement (a one-time filter),
+# so it is taken first. The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 #
 # The statement is the server-side function ingest_firing (migration 0018):
@@ -121,7 +131,9 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 #   repeat_interval) is noted on that incident, and nothing opens;
 # - a new firing (the fix did not hold) reopens that incident as a new
 #   generation, which runs the pipeline again; the remediation cooldown then
-#   hands it to a human instead of looping.
+#   hands it to a human instead of looping. The new generation starts from
+#   its first root (root_generation 0): its claims and events are the plain
+#   ones reconciliation and escalation expect of an opening.
 # One statement for both; `continuing` tells them apart.
 AFTER_REMEDIATION = sa.text(compact(
     f"""
@@ -131,6 +143,7 @@ AFTER_REMEDIATION = sa.text(compact(
         resolved_at = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_at END,
         resolved_by = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.resolved_by END,
         generation = i.generation + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 0 ELSE 1 END,
+        root_generation = CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN i.root_generation ELSE 0 END,
         repeat_count = i.repeat_count + CASE WHEN x.starts_at IS NOT NULL AND i.starts_at = x.starts_at THEN 1 ELSE 0 END,
         updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW}
     FROM (SELECT DISTINCT ON (fingerprint) fingerprint, starts_at
@@ -149,7 +162,9 @@ AFTER_REMEDIATION = sa.text(compact(
 # A resolved alert resolves its membership; the incident resolves (by alert)
 # only when no member still fires. The incidents are locked first, in id
 # order, so two replicas resolving the last two members of one incident
-# cannot each see the other's member still firing.
+# cannot each see the other's member still firing. Each by primary key (the
+# status compared as text, as in UPSERT_FIRING): never the partial index of
+# active fingerprints filtered on the id.
 RESOLVE_MEMBERS = sa.text(compact(
     f"""
     WITH x AS (
@@ -159,7 +174,7 @@ RESOLVE_MEMBERS = sa.text(compact(
     ),
     locked AS (
         SELECT i.id, i.fingerprint FROM incidents i
-        WHERE i.status IN ('open', 'investigating')
+        WHERE CAST(i.status AS text) IN ('open', 'investigating')
           AND i.id = ANY(ARRAY(
               SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
               UNION

@@ -67,6 +67,9 @@ def transition(
         values["resolved_at"] = None
         values["resolved_by"] = None
         values["generation"] = incidents_table.c.generation + 1
+        # Root generations count take-overs within a generation: the
+        # reopened one starts from its first root's claims and events.
+        values["root_generation"] = 0
     try:
         with conn.begin_nested():
             updated = conn.execute(
@@ -115,11 +118,20 @@ def mark_investigating(conn: Connection, incident_id: str, actor: str) -> bool:
     return result is not None
 
 
-def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict) -> None:
-    conn.execute(
-        sa.text(f"UPDATE incidents SET diagnostics = CAST(:d AS json), updated_at = {UTC_NOW} WHERE id = :id"),
-        {"d": json.dumps(diagnostics, default=json_default), "id": incident_id},
-    )
+def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict, of: dict | None = None) -> bool:
+    """Store ``diagnostics``; with ``of`` (the incident as the diagnosis
+    read it) only while the incident is still at that generation and root
+    generation. A slow diagnosis of a root another alert has since taken
+    over from must not overwrite the new root's. Returns whether it was stored."""
+    condition = ""
+    params = {"d": json.dumps(diagnostics, default=json_default), "id": incident_id}
+    if of is not None:
+        condition = " AND generation = :generation AND root_generation = :root_generation"
+        params.update(generation=of["generation"], root_generation=of.get("root_generation") or 0)
+    return conn.execute(
+        sa.text(f"UPDATE incidents SET diagnostics = CAST(:d AS json), updated_at = {UTC_NOW} WHERE id = :id{condition} RETURNING id"),
+        params,
+    ).first() is not None
 
 
 def append_remediation_action(conn: Connection, incident_id: str, action: dict) -> None:

@@ -16,6 +16,9 @@ step                          missing when, after the grace period        re-emi
                               ``remediation:`` claim
 ``escalation:opened``         P0 opened, active, no completed             ``opened``
                               ``escalated:…:opened`` claim
+``escalation:root_changed``   P0, a new root's opening published,         its ``opened``
+                              active, no completed                        (``….root<n>``)
+                              ``escalated:…:opened.root<n>`` claim
 ``escalation:remediated``,    remediation finished with that outcome,     that outcome
 ``escalation:remediation_     no completed ``escalated:…:<outcome>``
 failed``                      claim
@@ -25,7 +28,9 @@ failed``                      claim
 
 After another alert took over as root (migration 0017), the diagnostics,
 remediation and outcome steps watched are the new root's (their claim keys
-and events end in ``.root<n>``, shared.claims.step_key).
+and events end in ``.root<n>``, shared.claims.step_key), and so is the
+escalation of its opening (told as ``root_changed``). A step still stuck is
+reported once per generation and root.
 
 A re-emission is an outbox row with its own id, ``<event id>.r<n>``, so the
 Broker and the consumers see a new delivery; the consumers' claims make a
@@ -60,15 +65,17 @@ EVENT_TYPES = {
     "remediation_failed": events.INCIDENT_REMEDIATION_FAILED,
     "resolved": events.INCIDENT_RESOLVED,
 }
-STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:remediated",
+STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:root_changed", "escalation:remediated",
          "escalation:remediation_failed", "escalation:resolved")
 REASON_MAX = 1000
-# Steps done again for a new root (their claims end in ``.root<n>``).
-ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:remediated", "escalation:remediation_failed")
+# Steps done again for a new root (their claims end in ``.root<n>``); the
+# new root's opening is told as ``root_changed``.
+ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:root_changed", "escalation:remediated",
+                     "escalation:remediation_failed")
 
 _ASSESSED = f"""
 WITH recent AS (
-    SELECT i.id, i.generation AS gen, i.priority, i.status,
+    SELECT i.id, i.generation AS gen, i.priority, i.status, i.root_generation AS rg,
            CASE WHEN i.root_generation > 0 THEN '.root' || i.root_generation ELSE '' END AS rs
     FROM incidents i
     WHERE i.status IN ('open', 'investigating')
@@ -86,6 +93,12 @@ missing AS (
     WHERE r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
       AND o.published_at IS NOT NULL
     UNION ALL
+    SELECT 'escalation:root_changed', 'opened', r.id, r.gen, r.rs, o.published_at,
+           'escalated:' || r.id || ':' || r.gen || ':' || 'opened' || r.rs
+    FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen || r.rs
+    WHERE r.rs <> '' AND r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
+      AND o.published_at IS NOT NULL
+    UNION ALL
     SELECT 'remediation', 'diagnosed', r.id, r.gen, r.rs, d.completed_at, 'remediation:' || r.id || ':' || r.gen || r.rs
     FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen || r.rs
     WHERE r.status IN ('open', 'investigating') AND d.completed_at IS NOT NULL
@@ -97,6 +110,7 @@ missing AS (
         SELECT CASE WHEN t.details->>'outcome' = 'remediated' THEN 'remediated' ELSE 'remediation_failed' END AS transition
         FROM incident_timeline t
         WHERE t.incident_id = r.id AND t.kind = 'remediation_result' AND t.details->>'generation' = CAST(r.gen AS text)
+          AND COALESCE(t.details->>'root_generation', '0') = CAST(r.rg AS text)
         ORDER BY t.at DESC, t.id DESC LIMIT 1
     ) x
     WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
@@ -128,7 +142,7 @@ _WORK = sa.text(" ".join((_ASSESSED + """
 SELECT a.step, a.transition, a.id, a.gen, a.rs, a.n, a.state FROM assessed a
 WHERE a.state = 'due'
    OR (a.state = 'stuck' AND NOT EXISTS (
-        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen))
+        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen || a.rs))
 ORDER BY a.since, a.id LIMIT :batch
 """).split()))
 
@@ -136,7 +150,7 @@ _COUNTS = sa.text(" ".join((_ASSESSED + "SELECT step, state, count(*) AS n FROM 
 
 _REMEDIATION_RESULT = sa.text(
     "SELECT details FROM incident_timeline WHERE incident_id = :id AND kind = 'remediation_result' "
-    "AND details->>'generation' = :gen ORDER BY at DESC, id DESC LIMIT 1"
+    "AND details->>'generation' = :gen AND COALESCE(details->>'root_generation', '0') = :root ORDER BY at DESC, id DESC LIMIT 1"
 )
 
 
@@ -200,7 +214,11 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     current = f".root{incident['root_generation']}" if incident.get("root_generation") else ""
     if root != current and any(s["step"] in ROOT_SCOPED_STEPS for s in steps):
         return None  # another alert took over as root meanwhile: the next pass sees the new root's steps
-    extra = _remediation_extra(conn, incident_id, generation) if transition in ("remediated", "remediation_failed") else None
+    # The event names the root its step is of (the plain opening still
+    # untold is the first root's), as the consumers scope their claims by it.
+    incident["root_generation"] = int(root.removeprefix(".root")) if root else 0
+    extra = (_remediation_extra(conn, incident_id, generation, incident["root_generation"])
+             if transition in ("remediated", "remediation_failed") else None)
     event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
     event["id"] = f"{event['id']}{root}.r{steps[0]['n'] + 1}"
     log.warning("Incident stuck between steps; re-emitting its event", extra={
@@ -209,16 +227,19 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     return event
 
 
-def _remediation_extra(conn: Connection, incident_id: str, generation: int) -> dict:
-    details = conn.execute(_REMEDIATION_RESULT, {"id": incident_id, "gen": str(generation)}).scalar() or {}
+def _remediation_extra(conn: Connection, incident_id: str, generation: int, root_generation: int) -> dict:
+    details = conn.execute(_REMEDIATION_RESULT, {"id": incident_id, "gen": str(generation),
+                                                 "root": str(root_generation)}).scalar() or {}
     return {"remediation": {"outcome": details.get("outcome"), "reason": str(details.get("reason") or "")[:REASON_MAX],
                             "playbook": details.get("playbook")}}
 
 
 def _give_up(conn: Connection, row, report: Report) -> None:
     """Noted once on the timeline (the dedup key), logged once at error level."""
-    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}"
-    details = {"step": row["step"], "generation": row["gen"], "reemissions": row["n"],
+    # One report per step, generation and root (a new root's step can be stuck too).
+    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}{row['rs']}"
+    details = {"step": row["step"], "generation": row["gen"], "root_generation": int(row["rs"].removeprefix(".root") or 0),
+               "reemissions": row["n"],
                "note": "re-emitting its event did not complete this step; a person must look"}
     if incidents.add_timeline(conn, row["id"], "stuck", details, "reconcile", dedup_key=key):
         report.stuck.append((row["step"], row["id"], row["gen"]))

@@ -363,3 +363,69 @@ def test_pod_alerts_cost_no_candidate_statement_until_a_root_offers_their_node(c
         assert sum("WITH found AS" in s for s in joined) == 1
     finally:
         sa.event.remove(clean_db, "before_cursor_execute", seen)
+
+
+@pytest.fixture
+def long_history(clean_db):
+    """40 000 resolved incidents whose members offer nodes (the statistics
+    know them), then a storm of 20 000 active incidents the statistics do
+    not know yet."""
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions,
+                                   fingerprint, labels, annotations, source, resolved_at)
+            SELECT 'h' || g, 'Hist', 'P2', 'resolved', 's', 'd', '{}'::json, '[]'::json, 'fp' || g, '{}'::jsonb, '{}'::jsonb,
+                   'alertmanager', timezone('utc', now())
+            FROM generate_series(1, 40000) g"""))
+        conn.execute(sa.text("""
+            INSERT INTO incident_members (incident_id, fingerprint, alert_name, provides, seeks, is_root)
+            SELECT 'h' || g, 'fp' || g, 'Hist', ARRAY['node:n' || (g % 50)], '{}', true FROM generate_series(1, 40000) g"""))
+        conn.execute(sa.text("ANALYZE incidents; ANALYZE incident_members"))
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions,
+                                   fingerprint, labels, annotations, source)
+            SELECT 's' || g, 'Storm', 'P2', 'open', 's', 'd', '{}'::json, '[]'::json, 'sfp' || g, '{}'::jsonb, '{}'::jsonb,
+                   'alertmanager'
+            FROM generate_series(1, 20000) g"""))
+    return clean_db
+
+
+def explain(engine, statement, params) -> str:
+    """The plans the server runs for ``statement``, the statements of a
+    function it calls included (the firing upsert is one): auto_explain's,
+    in a transaction rolled back."""
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.exec_driver_sql("LOAD 'auto_explain'")
+        for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
+                        "auto_explain.log_level = notice", "client_min_messages = notice"):
+            conn.exec_driver_sql(f"SET LOCAL {setting}")
+        notices = conn.connection.dbapi_connection.notices
+        notices.clear()
+        conn.execute(statement, params).fetchall()
+        conn.exec_driver_sql("SELECT 1")  # a plan reaches the client with the next exchange
+        plans = [n.get(b"M", b"").decode() for n in notices]
+        transaction.rollback()
+    assert plans, "auto_explain reported no plan"
+    return "\n".join(plans)
+
+
+def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history):
+    """Whether a member's incident is active is one primary-key lookup per
+    member, in the upsert's check for offers, the candidate statement and
+    the resolve statement: never the active-fingerprint index filtered on the id, which
+    visits every active incident for each member after a storm."""
+    from shared import ingest
+    from shared.correlation import store
+    row = {"id": "new1", "alert_name": "A", "priority": "P2", "summary": "s", "description": "d", "fingerprint": "zz",
+           "labels": {}, "annotations": {}, "source": "alertmanager", "starts_at": None, "seen": 1, "rank": 0,
+           "provides": [], "seeks": ["node:n8"]}
+    upsert = explain(long_history, ingest.UPSERT_FIRING, {"rows": json.dumps([row]), "window": 0, "actor": "t", "events": "[]",
+                                                          "sought": json.dumps(["node:n8"])})
+    candidates = explain(long_history, store.CANDIDATES, {"fps": json.dumps(["zz"]), "seeks": json.dumps(["node:n8"]),
+                                                          "provides": "[]"})
+    resolve = explain(long_history, ingest.RESOLVE_MEMBERS, {"rows": json.dumps([{"fingerprint": "zz", "ends_at": None}])})
+    for plan in (upsert, candidates, resolve):
+        assert "incidents_pkey" in plan, plan
+        assert "Filter: ((id)::text = " not in plan, plan
+        assert "idx_incidents_status" not in plan, plan  # nor a pass over the active incidents by status

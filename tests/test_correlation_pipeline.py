@@ -220,3 +220,107 @@ def test_remediation_acts_only_on_a_diagnosis_of_the_current_root(remediation, c
     assert deliver(remediation, row).status_code == 200
     (result,) = timeline(clean_db, first.incident_id, "remediation_result")
     assert (result["details"]["root"], result["details"]["root_generation"]) == ("TargetDown", 1)
+
+
+def ce(spec):
+    from cloudevents.http import CloudEvent
+    return CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", "subject": spec["subject"],
+                       **spec["extensions"]}, spec["data"])
+
+
+class SlowCollector:
+    """A collection during which something else happens (``during``)."""
+    def __init__(self):
+        self.during = None
+
+    def collect(self, incident):
+        if self.during:
+            hook, self.during = self.during, None
+            hook()
+        return {"durations_ms": {}, "alert": incident["alert_name"]}
+
+
+def test_a_late_diagnosis_of_the_old_root_is_dropped_and_the_new_roots_is_remediated(clean_db, settings_obj):
+    """The first root's diagnosis is slow: meanwhile TargetDown takes over
+    and its own diagnosis is stored. The late one neither overwrites it nor
+    replies; remediation then runs once, on the new root's diagnosis."""
+    from dataclasses import replace
+
+    from functions.diagnostics.handler import DiagnosticsHandler
+    from functions.remediation import playbooks as pb
+    from functions.remediation.handler import RemediationHandler
+    from shared import events
+    from shared.publisher import Publisher
+    from shared import incidents as svc
+    from shared.correlation.plan import Correlator
+    from shared.correlation.rules import parse
+
+    corr = Correlator(parse("rules:" + SAME_SERVICE, "test"))
+    hpa = kp("KubeHpaMaxedOut", "s", namespace="late", horizontalpodautoscaler="svc", service="svc")
+    target = kp("TargetDown", "s", namespace="late", job="svc-metrics", service="svc")
+    with clean_db.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager", plan=corr.plan([hpa.alert()])).outcomes
+        old_root = svc.get_incident(conn, first.incident_id)
+    collector = SlowCollector()
+    diagnostics = DiagnosticsHandler(settings_obj, collector)
+
+    def take_over_and_diagnose_the_new_root():
+        with clean_db.begin() as conn:
+            svc.record_alerts(conn, [target.alert()], "/test", "alertmanager", plan=corr.plan([target.alert()]))
+            new_root = svc.get_incident(conn, first.incident_id)
+        assert new_root["root_generation"] == 1
+        reply = diagnostics.handle(ce(events.incident_event(events.INCIDENT_OPENED, new_root, "/test")))
+        assert reply.status_code == 200 and reply.headers["ce-id"] == f"{first.incident_id}.diagnosed.0.root1"
+
+    collector.during = take_over_and_diagnose_the_new_root
+    late = diagnostics.handle(ce(events.incident_event(events.INCIDENT_OPENED, old_root, "/test")))
+    assert late.status_code == 202  # dropped: nothing replied for a root that no longer is
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, first.incident_id)
+        done = conn.execute(sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND completed_at IS NOT NULL ORDER BY key"),
+                            {"i": first.incident_id}).scalars().all()
+    assert row["diagnostics"]["root"] == {"alert_name": "TargetDown", "fingerprint": target.alert().fingerprint, "root_generation": 1}
+    assert done == [f"diagnostics:{first.incident_id}:0", f"diagnostics:{first.incident_id}:0.root1"]
+    assert [t["details"]["root"]["root_generation"] for t in timeline(clean_db, first.incident_id, "diagnosed")] == [1]
+
+    config = replace(settings_obj, remediation_mode="off", k_sink=None)  # events stay in the outbox
+    remediation = RemediationHandler(config, pb.load(), Publisher(config))
+    for _ in range(2):  # a redelivery replays
+        reply = remediation.handle(ce(events.incident_event(events.INCIDENT_DIAGNOSED, row, "/test")))
+        assert reply.status_code == 200 and reply.headers["ce-id"] == f"{first.incident_id}.remediation_failed.0.root1"
+    (result,) = timeline(clean_db, first.incident_id, "remediation_result")
+    assert (result["details"]["root"], result["details"]["root_generation"]) == ("TargetDown", 1)
+
+
+def test_a_diagnosis_from_before_root_generations_is_taken_as_the_current_roots(clean_db, settings_obj):
+    """Rolling upgrade: a diagnostics replica of the previous release stores
+    a diagnosis naming no root. Remediation does not wait for one that
+    replica will never write: it acts on it, as of the root the incident has."""
+    from dataclasses import replace
+
+    from functions.remediation import playbooks as pb
+    from functions.remediation.handler import RemediationHandler
+    from shared import events
+    from shared.publisher import Publisher
+    from shared import incidents as svc
+    from shared.correlation.plan import Correlator
+    from shared.correlation.rules import parse
+
+    corr = Correlator(parse("rules:" + SAME_SERVICE, "test"))
+    hpa = kp("KubeHpaMaxedOut", "s", namespace="upgrade", horizontalpodautoscaler="svc", service="svc")
+    target = kp("TargetDown", "s", namespace="upgrade", job="svc-metrics", service="svc")
+    with clean_db.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager", plan=corr.plan([hpa.alert()])).outcomes
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, [target.alert()], "/test", "alertmanager", plan=corr.plan([target.alert()]))
+        svc.store_diagnostics(conn, first.incident_id, {"durations_ms": {}, "alert": "TargetDown"})
+        row = svc.get_incident(conn, first.incident_id)
+    assert row["root_generation"] == 1
+    old_style = events.incident_event(events.INCIDENT_DIAGNOSED, row, "/test")
+    old_style["data"].pop("root_generation", None)  # and the old replica's event names none either
+    config = replace(settings_obj, remediation_mode="off", k_sink=None)  # events stay in the outbox
+    remediation = RemediationHandler(config, pb.load(), Publisher(config))
+    reply = remediation.handle(ce(old_style))
+    assert reply.status_code == 200 and reply.headers["ce-id"] == f"{first.incident_id}.remediation_failed.0.root1"
+    (result,) = timeline(clean_db, first.incident_id, "remediation_result")
+    assert result["details"]["root_generation"] == 1

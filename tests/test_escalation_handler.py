@@ -483,3 +483,90 @@ def test_a_claim_that_cannot_be_given_back_is_left_to_go_stale(database_url, rec
             conn.exec_driver_sql("DROP FUNCTION refuse_claim_release()")
     (kept,) = [r for r in caplog.records if r.getMessage() == "Claim not released; it goes stale"]
     assert kept.key.startswith("notify:slack:message:") and kept.stale_after_s == quick.stale_seconds
+
+
+def take_over(engine, row, name="TargetDown"):
+    """Another alert takes over as the incident's root, as
+    shared.correlation.store records it."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET alert_name = :n, root_generation = root_generation + 1 WHERE id = :id"),
+                     {"n": name, "id": row["id"]})
+        svc.add_timeline(conn, row["id"], "root_changed", {"alert_name": name, "reason": f"{name} explains the others"}, "intake")
+        return svc.get_incident(conn, row["id"])
+
+
+def test_each_roots_events_are_told_once_under_that_roots_claims(handler, receivers, clean_db):
+    """An old root's outcome redelivered after a take-over is not told
+    again as the new root's; the new root's opening is a follow-up, and
+    its own outcome, once remediation records it, is told once."""
+    pd, slack = receivers
+    row = incident(clean_db, name="FirstRoot")
+    record_remediation(clean_db, row, "failed", "dry-run: a human must act")
+    old_outcome = event(events.INCIDENT_REMEDIATION_FAILED, row)
+    assert handler.handle(old_outcome).status_code == 202
+    told = len(pd.bodies()), len(slack.bodies())
+    assert told == (1, 1)
+
+    new_root = take_over(clean_db, row)
+    assert handler.handle(old_outcome).status_code == 202  # the Broker redelivers it
+    assert (len(pd.bodies()), len(slack.bodies())) == told
+
+    opening = event(events.INCIDENT_OPENED, new_root)
+    assert opening.get_data()["root_generation"] == 1
+    assert handler.handle(opening).status_code == 202
+    assert handler.handle(opening).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "trigger"]
+    assert "is now the root of the incident" in slack.bodies()[-1]["text"]
+
+    new_outcome = event(events.INCIDENT_REMEDIATION_FAILED, new_root)
+    assert handler.handle(new_outcome).status_code == 202  # its result is not recorded yet: nothing to tell
+    assert len(slack.bodies()) == 2
+    with clean_db.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "failed", "reason": "TargetDown: no playbook", "actions": [], "playbook": None,
+            "generation": 0, "root_generation": 1}, "remediation")
+    for _ in range(2):
+        assert handler.handle(new_outcome).status_code == 202
+    assert len(slack.bodies()) == 3 and "TargetDown: no playbook" in str(slack.bodies()[-1])
+    assert handler.handle(old_outcome).status_code == 202
+    assert len(slack.bodies()) == 3
+
+
+def test_a_reopen_after_a_take_over_is_told_as_an_opening(handler, receivers, clean_db):
+    """The fix did not hold: the reopened generation starts from its first
+    root, so its opening is told as one, not as a root change."""
+    pd, slack = receivers
+    row = incident(clean_db, name="Reopened")
+    take_over(clean_db, row)
+    resolve(clean_db, row)
+    reopened = reopen(clean_db, row)
+    assert (reopened["generation"], reopened["root_generation"]) == (1, 0)
+    assert handler.handle(event(events.INCIDENT_OPENED, reopened)).status_code == 202
+    assert "is now the root" not in slack.bodies()[-1]["text"]
+    assert slack.bodies()[-1]["text"].count("opened") >= 1
+
+
+def test_a_root_change_updates_only_a_page_of_its_own_generation(handler, receivers, clean_db):
+    """A P1 incident paged when its remediation failed, then resolved (the
+    page too) and reopened: a root change in the new generation pages no
+    one. Paged again in this generation, the next root change updates it."""
+    pd, slack = receivers
+    row = incident(clean_db, priority="P1", name="PagedBefore")
+    record_remediation(clean_db, row, "failed", "dry-run: a human must act")
+    assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row)).status_code == 202
+    assert handler.handle(event(events.INCIDENT_RESOLVED, resolve(clean_db, row))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+    reopened = reopen(clean_db, row)
+    assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, reopened))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+    with clean_db.begin() as conn:
+        current = svc.get_incident(conn, row["id"])
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "failed", "reason": "still failing", "actions": [], "playbook": None,
+            "generation": 1, "root_generation": 1}, "remediation")
+    assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, current)).status_code == 202
+    assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, current, "KubeNodeNotReady"))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve", "trigger", "trigger"]
+    assert "KubeNodeNotReady" in pd.bodies()[-1]["payload"]["summary"]

@@ -202,3 +202,63 @@ def test_after_a_root_takes_over_the_new_roots_diagnosis_and_remediation_are_wat
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
     complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.diagnosed.0.root1.r1"]
+
+
+def took_over_then_fixed(engine, name):
+    """An incident whose root another alert took over, then resolved by
+    remediation: its generation's root generation is 1."""
+    incident_id = open_incident(engine, name)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1, status = 'resolved', resolved_by = 'remediation', "
+                             "resolved_at = timezone('utc', now()) WHERE id = :id"), {"id": incident_id})
+    return incident_id
+
+
+@pytest.mark.parametrize("how", ["the alert fires again", "a person reopens it"])
+def test_a_reopened_incident_starts_from_its_first_root_and_its_diagnosis_is_watched(clean_db, config, how):
+    """A reopen (the fix did not hold, or a person) is a new generation: its
+    root generation starts at 0 again, so its plain ``opened.1`` event and
+    claims are the ones reconciliation watches."""
+    import datetime
+    from dataclasses import replace as with_
+    incident_id = took_over_then_fixed(clean_db, "FixDidNotHold")
+    with clean_db.begin() as conn:
+        if how == "the alert fires again":
+            again = with_(alert("FixDidNotHold", priority="P1"),
+                          starts_at=datetime.datetime(2026, 11, 29, 11, 0, tzinfo=datetime.timezone.utc))
+            (outcome,) = svc.record_alerts(conn, [again], "/test", "test", reopen_window_seconds=3600).outcomes
+            assert outcome.action == "reopened"
+        else:
+            svc.transition(conn, incident_id, "investigating", "alice", "/test")
+            event = events.incident_event(events.INCIDENT_OPENED, svc.get_incident(conn, incident_id), "/test")
+            outbox.enqueue(conn, [event])
+        row = svc.get_incident(conn, incident_id)
+        publish(conn, f"{incident_id}.opened.1", 600)
+    assert (row["generation"], row["root_generation"]) == (1, 0)
+    assert f"{incident_id}.opened.1.r1" in reconcile.run(clean_db, config).reemitted
+
+
+def test_a_new_roots_opening_not_told_is_reemitted_and_reported_stuck_per_root(clean_db, config):
+    """The escalation of a new root's opening (``root_changed``) failed:
+    its ``.root1`` opening is re-emitted, and once the re-emissions are
+    spent it is reported stuck as that root's."""
+    incident_id = open_incident(clean_db, "PagedRoot", priority="P0")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
+        row = svc.get_incident(conn, incident_id)
+        event = events.incident_event(events.INCIDENT_OPENED, row, "/test")
+        event["id"] += ".root1"
+        outbox.enqueue(conn, [event])
+        publish(conn, event["id"], 600)
+    complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
+    complete(clean_db, f"remediation:{incident_id}:0.root1", incident_id, ago=0, done=False)  # running: not missing yet
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.opened.0.root1.r1"].data["root_generation"] == 1
+    reconcile.run(clean_db, config)
+    report = reconcile.run(clean_db, config)
+    assert report.stuck == [("escalation:root_changed", incident_id, 0)]
+    with clean_db.connect() as conn:
+        (stuck,) = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "stuck"]
+    assert stuck["details"]["root_generation"] == 1

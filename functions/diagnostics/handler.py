@@ -49,6 +49,18 @@ def root_of(incident: dict) -> dict:
             "root_generation": incident.get("root_generation") or 0}
 
 
+def diagnosed_root_generation(diagnostics: dict, incident: dict) -> int:
+    """The root generation a stored diagnosis is of. One written before
+    migration 0017 (a diagnostics replica of the previous release during a
+    rolling upgrade) names no root: it read the incident as it stood, so it
+    is taken as of the incident's current root rather than left waiting
+    for a diagnosis that replica will never write."""
+    root = diagnostics.get("root") if isinstance(diagnostics, dict) else None
+    if not isinstance(root, dict):
+        return incident.get("root_generation") or 0
+    return root.get("root_generation") or 0
+
+
 class DiagnosticsHandler:
     def __init__(self, config: Settings, collector: Collector):
         self.config = config
@@ -76,26 +88,39 @@ class DiagnosticsHandler:
             # diagnosis of the incident's current root.
             diagnostics["root"] = root_of(incident)
             with db.transaction() as conn:
-                incidents.store_diagnostics(conn, incident_id, diagnostics)
-                incidents.add_timeline(
-                    conn, incident_id, "diagnosed", {"summary": summarise(diagnostics), "durations_ms": diagnostics["durations_ms"],
-                                                     "root": diagnostics["root"]}, "diagnostics"
-                )
+                # Stored only while the incident is still at the root it
+                # read: another alert taking over (or a reopen) while this
+                # ran has its own diagnosis, which this one must not
+                # overwrite. A stale one is dropped and nothing is replied.
+                stored = incidents.store_diagnostics(conn, incident_id, diagnostics, of=incident)
+                if stored:
+                    incidents.add_timeline(
+                        conn, incident_id, "diagnosed", {"summary": summarise(diagnostics), "durations_ms": diagnostics["durations_ms"],
+                                                         "root": diagnostics["root"]}, "diagnostics"
+                    )
                 claims.complete(conn, key)
         except Exception:
             with db.transaction() as conn:
                 claims.release(conn, key)
             raise
+        if not stored:
+            log.info("Diagnostics dropped: the incident's root changed while they ran", extra={
+                "incident_id": incident_id, "root_generation": diagnostics["root"]["root_generation"]})
+            return eventio.ack()
         log.info("Diagnostics stored", extra={"incident_id": incident_id, "durations_ms": diagnostics["durations_ms"]})
         return self._reply(incident_id)
 
     def _reply(self, incident_id: str) -> Response:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
+        diagnostics = incident.get("diagnostics") or {}
+        # The reply is of the root the stored diagnosis is of (its id and
+        # root_generation), whatever root the incident has by now.
+        incident["root_generation"] = diagnosed_root_generation(diagnostics, incident)
         return eventio.reply(
             events.INCIDENT_DIAGNOSED,
             incident,
             self.config.event_source,
-            {"diagnostics": event_view(incident.get("diagnostics") or {})},
+            {"diagnostics": event_view(diagnostics)},
             events.step_event_id(events.INCIDENT_DIAGNOSED, incident),
         )

@@ -19,8 +19,9 @@ answers ``502`` so the Broker redelivers and finally dead-letters: a page
 that was not accepted is never acknowledged.
 
 A root change (another alert took over as the incident's root) arrives as
-``incident.opened`` again; the incident's ``root_generation`` tells it
-apart. It is never a second page: PagerDuty gets a ``trigger`` under the
+``incident.opened`` again, its ``data.root_generation`` above 0 (the
+``….root{n}`` opening); every incident event names the root it is of, and
+claims are scoped to it (an event from before migration 0017 is of root 0). It is never a second page: PagerDuty gets a ``trigger`` under the
 same ``dedup_key`` (the incident id), which PagerDuty folds into the alert
 it opened, its summary and details now the new root's; chat channels post a
 follow-up naming the new root, why and the member count; the outgoing
@@ -78,11 +79,13 @@ def escalated_key(incident_id: str, generation: int, transition: str) -> str:
     return f"escalated:{incident_id}:{generation}:{transition}"
 
 
-def remediation_result(conn, incident: dict) -> dict | None:
-    """The remediation result of the incident's current generation, as
-    remediation recorded it (never as an event claims it)."""
+def remediation_result(conn, incident: dict, root_generation: int = 0) -> dict | None:
+    """The remediation result of the incident's current generation and of
+    the root the event is of, as remediation recorded it (never as an event
+    claims it). A result recorded before migration 0017 is of the first root."""
     results = [t["details"] for t in incidents.get_timeline(conn, incident["id"])
-               if t["kind"] == "remediation_result" and t["details"].get("generation") == incident["generation"]]
+               if t["kind"] == "remediation_result" and t["details"].get("generation") == incident["generation"]
+               and (t["details"].get("root_generation") or 0) == root_generation]
     return results[-1] if results else None
 
 
@@ -105,12 +108,14 @@ def acknowledgement(conn, incident: dict) -> dict | None:
 
 def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
     """The actions a channel completed for the incident, in any generation
-    (from the claim keys ``notify:{channel}:{action}:{incident}:…``)."""
+    (``trigger``), and each with its generation (``trigger:1``), from the
+    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``."""
     rows = conn.execute(
         sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
         {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
     ).scalars()
-    return frozenset(key.split(":")[2] for key in rows)
+    parts = [key.split(":") for key in rows]
+    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ class EscalationHandler:
         self.channels: list[Channel] = channels
         self.stale_seconds = claim_stale_seconds(config)
 
-    def _state(self, transition: str, incident_id: str) -> tuple[dict | None, str | None, str | None, Round]:
+    def _state(self, transition: str, incident_id: str, root_generation: int = 0) -> tuple[dict | None, str | None, str | None, Round]:
         """The incident, the reason to tell (remediation's, or who
         acknowledged), why the event does not match the database (None when
         it does), and which remediation round this is."""
@@ -147,7 +152,7 @@ class EscalationHandler:
                 return None, None, "no such incident", NO_ROUND
             # The page tells how many alerts the incident groups, and why.
             incident["correlation"] = members.page_summary(conn, incident_id)
-            if incident.get("root_generation"):
+            if root_generation and transition == "opened":
                 incident["root_change"] = root_change(conn, incident)
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
@@ -157,10 +162,11 @@ class EscalationHandler:
                     return incident, None, "nobody acknowledged the incident", NO_ROUND
                 return incident, str(entry["actor"]), None, NO_ROUND
             if transition in ("remediated", "remediation_failed"):
-                result = remediation_result(conn, incident)
+                result = remediation_result(conn, incident, root_generation)
                 outcome = "remediated" if transition == "remediated" else "failed"
                 if result is None or result.get("outcome") != outcome:
-                    return incident, None, f"remediation recorded no {outcome} outcome for generation {incident['generation']}", NO_ROUND
+                    return incident, None, (f"remediation recorded no {outcome} outcome for generation {incident['generation']}"
+                                            f" (root {root_generation})"), NO_ROUND
                 proposal = result.get("proposal") or {}
                 pending = proposal.get("url") if proposal.get("status") == "pending" else None
                 return incident, result.get("reason"), None, Round(result.get("approved_proposal"), pending)
@@ -169,7 +175,11 @@ class EscalationHandler:
     def handle(self, event: CloudEvent) -> Response:
         transition = events.transition_of(event["type"])
         incident_id = eventio.incident_id_of(event)
-        incident, reason, mismatch, round_ = self._state(transition, incident_id)
+        # Which root the event is of: its claims are that root's, so an old
+        # root's outcome redelivered after a take-over is not told again
+        # as the new root's.
+        root_generation = eventio.root_generation_of(event)
+        incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation)
         if mismatch:
             log.warning("Escalation skipped: the event does not match the incident", extra={
                 "incident_id": incident_id, "transition": transition, "reason": mismatch})
@@ -179,13 +189,14 @@ class EscalationHandler:
         # of this generation: its own claim keys, so it is told too.
         occasion = f"{transition}.{round_.approved_proposal}" if round_.approved_proposal else transition
         told = transition
-        root_generation = incident.get("root_generation") or 0
         if root_generation and transition in ROOT_SCOPED:
-            # Another alert took over as root (the database says so, not the
-            # event): the channels tell it as a follow-up of what they sent,
-            # once per root (its own claim keys); an opening still untold is
-            # told with the new root.
+            # An event of a root that took over (``….root{n}`` opening, or
+            # that root's remediation outcome): told once per root, under its
+            # own claim keys; the opening as a follow-up of what the
+            # channels sent. An opening still untold is told with the root
+            # the incident has now.
             occasion = f"{occasion}.root{root_generation}"
+            incident["root_generation"] = root_generation
             if transition == "opened":
                 told = "root_changed"
                 reason = incident["root_change"]

@@ -91,7 +91,7 @@ class ApprovalFlow:
         log.info("Executing approved remediation", extra={"incident_id": incident_id, "proposal_id": proposal_id})
         try:
             result = self._run_approved(proposal)
-            event_ids = self._finish_approved(proposal, result)
+            event_ids, root_generation = self._finish_approved(proposal, result)
         except Exception as exc:
             # Some actions may have run: executing again could act twice. The
             # run becomes a recorded failure, which escalation pages on and a
@@ -102,9 +102,9 @@ class ApprovalFlow:
             result = Result("failed", f"remediation crashed while executing ({type(exc).__name__}); the actions it ran are on the "
                                       "timeline; a human must check the target",
                             playbook=proposal["playbook"], proposal=approved_summary(proposal))
-            event_ids = self._finish_approved(proposal, result)
+            event_ids, root_generation = self._finish_approved(proposal, result)
         self.publisher.submit(event_ids)
-        return self._reply(incident_id, result, self._approved_event_id(proposal, result))
+        return self._reply(incident_id, result, self._approved_event_id(proposal, result), root_generation)
 
     def _run_approved(self, proposal: dict) -> Result:
         with db.engine().connect() as conn:
@@ -138,7 +138,8 @@ class ApprovalFlow:
             planned.append({"action": step.action, "target": str(spec.target(params)), "params": params.model_dump(mode="json")})
         return planned
 
-    def _finish_approved(self, proposal: dict, result: Result) -> list[str]:
+    def _finish_approved(self, proposal: dict, result: Result) -> tuple[list[str], int]:
+        """The events to publish, and the root generation the outcome is of."""
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, proposal["incident_id"])
         with db.transaction() as conn:
@@ -146,8 +147,9 @@ class ApprovalFlow:
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
             incidents.add_timeline(conn, incident["id"], "remediation_result", {
-                **result.as_dict(), "generation": incident["generation"], "approved_proposal": proposal["id"]}, "remediation")
-        return event_ids
+                **result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,
+                "approved_proposal": proposal["id"]}, "remediation")
+        return event_ids, incident.get("root_generation") or 0
 
     def _approved_event_id(self, proposal: dict, result: Result) -> str:
         transition = "remediated" if result.outcome == "remediated" else "remediation_failed"
@@ -165,7 +167,7 @@ class ApprovalFlow:
             raise Conflict(f"proposal {proposal['id']} is {proposal['status']}; its result is not recorded yet; retry")
         d = entries[-1]["details"]
         result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"))
-        return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result))
+        return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result), d.get("root_generation") or 0)
 
 
 def approved_summary(proposal: dict) -> dict:

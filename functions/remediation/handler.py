@@ -21,6 +21,7 @@ from functions.remediation import actions as act
 from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
+from functions.diagnostics.handler import diagnosed_root_generation
 from functions.remediation.approval import ApprovalFlow
 from functions.remediation.result import Result, now_rfc3339, resolve_if_remediated, template_context
 from functions.remediation.verify import Verifier
@@ -82,7 +83,7 @@ class RemediationHandler(ApprovalFlow):
             # A redelivery (the first reply may have been lost): same answer.
             return self._replay(step.incident)
         incident, key = step.incident, step.key
-        diagnosed = ((incident.get("diagnostics") or {}).get("root") or {}).get("root_generation", 0)
+        diagnosed = diagnosed_root_generation(incident.get("diagnostics") or {}, incident)
         if diagnosed != (incident.get("root_generation") or 0):
             # The diagnosis is of a root another alert has since taken over
             # from (the old root's incident.diagnosed arriving late): the
@@ -102,7 +103,7 @@ class RemediationHandler(ApprovalFlow):
             raise
         self.publisher.submit(event_ids)
         log.info("Remediation finished", extra={"incident_id": incident_id, "outcome": result.outcome, "reason": result.reason})
-        return self._reply(incident_id, result)
+        return self._reply(incident_id, result, root_generation=incident.get("root_generation") or 0)
 
     # ------------------------------------------------------------------ the run
 
@@ -259,17 +260,22 @@ class RemediationHandler(ApprovalFlow):
     def _replay(self, incident: dict) -> Response:
         with db.engine().connect() as conn:
             entries = [t for t in incidents.get_timeline(conn, incident["id"]) if t["kind"] == "remediation_result"
-                       and t["details"].get("generation") == incident["generation"]]
+                       and t["details"].get("generation") == incident["generation"]
+                       and (t["details"].get("root_generation") or 0) == (incident.get("root_generation") or 0)]
         if not entries:
             raise Conflict("remediation finished but its result is not recorded yet; retry")
         d = entries[-1]["details"]
         log.info("Remediation already ran; replying again", extra={"incident_id": incident["id"]})
         return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"),
-                                                  d.get("proposal"), d.get("verification")))
+                                                  d.get("proposal"), d.get("verification")), root_generation=d.get("root_generation") or 0)
 
-    def _reply(self, incident_id: str, result: Result, event_id: str | None = None) -> Response:
+    def _reply(self, incident_id: str, result: Result, event_id: str | None = None, root_generation: int = 0) -> Response:
+        """The outcome of the root the run acted on (``root_generation``,
+        in the reply's id and data), whatever root the incident has by now:
+        escalation tells it under that root's claims."""
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
+        incident["root_generation"] = root_generation
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
         return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()},
                              event_id or events.step_event_id(event_type, incident))

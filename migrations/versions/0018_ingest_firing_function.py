@@ -17,8 +17,8 @@ connection, not the client's session, so nothing outlives a transaction on
 the client's side: any client whose transaction lands on that server
 connection reuses it.
 
-The statement is the one ``UPSERT_FIRING`` sent as text until this revision
-(with the correlation's ``joinable`` check of revision 0017's time); a change to it is a new migration (``CREATE OR REPLACE
+The statement is the one shared/ingest.py sent as text until this revision
+(with correlation's ``joinable`` check and its lock step, ``held``); a change to it is a new migration (``CREATE OR REPLACE
 FUNCTION``).
 
 Revision ID: 0018
@@ -48,12 +48,31 @@ WITH x AS (
 ),
 member_of AS (
     SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-    WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND i.status IN ('open', 'investigating')
+    WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND CAST(i.status AS text) IN ('open', 'investigating')
       AND i.fingerprint IS DISTINCT FROM m.fingerprint
+),
+providers AS MATERIALIZED (
+    SELECT incident_id, provides FROM incident_members
+    WHERE provides <> '{}' AND provides && ARRAY(SELECT jsonb_array_elements_text(p_sought))
+),
+held AS MATERIALIZED (
+    SELECT i.id FROM incidents i
+    WHERE jsonb_array_length(p_sought) > 0
+      AND i.id = ANY(ARRAY(
+          SELECT incident_id FROM providers
+          UNION
+          SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+          UNION
+          SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+            AND CAST(a.status AS text) IN ('open', 'investigating')))
+      AND CAST(i.status AS text) IN ('open', 'investigating')
+    ORDER BY i.id
+    FOR UPDATE
 ),
 member_refreshed AS (
     UPDATE incident_members m SET last_seen_at = timezone('utc', now()), status = 'firing', ends_at = NULL
-    WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
+    WHERE (SELECT count(*) FROM held) >= 0
+      AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
       AND (m.incident_id, m.fingerprint) IN (SELECT incident_id, fingerprint FROM member_of)
     RETURNING m.incident_id, m.fingerprint
 ),
@@ -64,17 +83,10 @@ after_fix AS (
       AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
                       AND a.status IN ('open', 'investigating'))
 ),
-providers AS MATERIALIZED (
-    SELECT incident_id, provides FROM incident_members
-    WHERE provides <> '{}' AND provides && ARRAY(SELECT jsonb_array_elements_text(p_sought))
-),
 offered AS MATERIALIZED (
-    -- status::text keeps the planner off the partial unique index (a filter
-    -- on id over every active incident, once per provider): by primary key.
     SELECT DISTINCT k.key FROM providers p
-    CROSS JOIN LATERAL (SELECT 1 FROM incidents pi WHERE pi.id = p.incident_id
-                        AND pi.status::text IN ('open', 'investigating') LIMIT 1) AS active
     CROSS JOIN LATERAL unnest(p.provides) AS k(key)
+    WHERE p.incident_id IN (SELECT id FROM held)
 ),
 joinable AS (
     SELECT x.fingerprint FROM x
@@ -89,7 +101,8 @@ upserted AS (
     SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
            '{}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
            x.source, x.starts_at, timezone('utc', now()), x.seen - 1
-    FROM x WHERE x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
+    FROM x WHERE (SELECT count(*) FROM held) >= 0
+      AND x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
       AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
       AND x.fingerprint NOT IN (SELECT fingerprint FROM joinable)
     ORDER BY x.fingerprint

@@ -41,7 +41,9 @@ LOCK_KEYS = sa.text(
 # statement. The members are found first (the CTE is materialized), then
 # each one's incident by primary key, locked in id order, and each alert's
 # active incident by fingerprint: never a pass over every active incident,
-# whatever the planner's statistics say of tables a storm has just filled.
+# whatever the planner's statistics say of tables a storm has just filled
+# (the status is compared as text so that the partial index of active
+# fingerprints, filtered on the id, is never taken for the primary key).
 CANDIDATES = sa.text(compact(
     f"""
     WITH found AS MATERIALIZED (
@@ -59,7 +61,8 @@ CANDIDATES = sa.text(compact(
                EXTRACT(EPOCH FROM ({UTC_NOW} - i.created_at)) AS age
         FROM (SELECT * FROM found ORDER BY incident_id) AS m
         CROSS JOIN LATERAL (SELECT id, fingerprint, alert_name, created_at FROM incidents
-                            WHERE id = m.incident_id AND status IN ('open', 'investigating') FOR UPDATE) AS i
+                            WHERE id = m.incident_id AND CAST(status AS text) IN ('open', 'investigating')
+                            FOR UPDATE) AS i
     )
     SELECT *, false AS lone_root FROM locked
     UNION ALL

@@ -29,7 +29,8 @@ class Note:
 
     ``sent`` is what this channel has already delivered for the incident in
     any generation (its action names, ``trigger``…), so a channel can say
-    "resolve only what I paged" itself. ``reason`` is remediation's reason
+    "resolve only what I paged" itself, and in which generation
+    (``trigger:1``: the action, a colon, the generation). ``reason`` is remediation's reason
     (remediated, remediation_failed), who acknowledged (acknowledged) or
     why another alert took over as root (root_changed)."""
 

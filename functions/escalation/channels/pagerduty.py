@@ -160,9 +160,12 @@ class PagerDuty:
         priority, active = incident["priority"], incident["status"] in ACTIVE_STATUSES
         if transition == "opened" and active and priority in self.config.page_on_open_priorities:
             return "trigger"
-        if transition == "root_changed" and active and (priority in self.config.page_on_open_priorities or "trigger" in note.sent):
+        paged_now = f"trigger:{incident.get('generation') or 0}" in note.sent
+        if transition == "root_changed" and active and (priority in self.config.page_on_open_priorities or paged_now):
             # The same dedup_key: PagerDuty folds it into the alert it
-            # opened (no second page), which now reads as the new root.
+            # opened in this generation (no second page), which now reads
+            # as the new root. A page of an earlier generation was
+            # resolved: updating it would page again.
             return "trigger"
         if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
             return "trigger"
