@@ -202,6 +202,22 @@ def test_revert_scale_returns_to_the_recorded_count_and_leaves_it_when_already_t
     assert (act.revert_scale(ctx(), target, 2).before, len(k8s.calls("PATCH"))) == (2, 1)
 
 
+def test_revert_scale_also_scales_back_up_to_the_recorded_count(k8s):
+    # Scaled down by someone after the action: the revert restores the
+    # recorded count, whichever side of it the deployment is on.
+    k8s.add_deployment(deployment("email-service", 1))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    assert (act.revert_scale(ctx(), target, 3).before, act.revert_scale(ctx(), target, 3).before) == (1, 3)
+    assert [p.json() for p in k8s.calls("PATCH", "/scale")] == [{"spec": {"replicas": 3}}]
+
+
+def test_revert_scale_reads_a_deployment_scaled_to_zero_as_zero(k8s):
+    k8s.add_deployment(deployment("email-service", 0))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    assert act.revert_scale(ctx(), target, 0).before == 0
+    assert not k8s.calls("PATCH")
+
+
 def test_scale_deployment_stops_at_the_ceiling(k8s):
     k8s.add_deployment(deployment("email-service", 1))
     outcome = scale(9, ceiling=4)
