@@ -153,13 +153,20 @@ def test_api_errors_become_action_failures_with_status_and_message(k8s):
         act.rollout_restart(ctx(), act.DeploymentParams(namespace="production", name="nope"))
 
 
-def test_error_text_without_a_status():
-    assert act._k8s_error(ValueError("x" * 400)) == ("ValueError: " + "x" * 400)[:300]
+def test_an_api_answer_whose_body_is_not_a_status_is_told_by_its_status_line(k8s):
+    k8s.add_deployment(deployment("web", 1))
+    k8s.server.responder = lambda req: (500, {"Content-Type": "text/plain"}, b"not json")
+    with pytest.raises(ActionFailed, match=r"^Kubernetes API 500 Internal Server Error$"):
+        act.rollout_restart(ctx(), act.DeploymentParams(namespace="production", name="web"))
 
-    class Odd(Exception):
-        status, reason, body = 500, "Internal", "not json"
 
-    assert act._k8s_error(Odd()) == "Kubernetes API 500 Internal"
+def test_an_error_without_an_http_status_is_named_by_its_type_and_cut_to_300_characters(k8s):
+    # The API server is gone: the client's connection error has no status.
+    k8s.stop()
+    with pytest.raises(ActionFailed) as err:
+        act.rollout_restart(ctx(PROBE_TIMEOUT_SECONDS="1"), act.DeploymentParams(namespace="production", name="web-" + "x" * 55))
+    text = str(err.value)
+    assert text.startswith("MaxRetryError: HTTPConnectionPool(host='127.0.0.1'") and "web-xxxx" in text and len(text) == 300, text
 
 
 # --------------------------------------------------------------------------- scale_deployment: never down, never above the ceiling
@@ -338,20 +345,29 @@ def test_delete_pods_in_any_state_needs_a_pod_or_a_selector():
     assert act.DeletePodsParams(namespace="production", pod="loop-1", reasons=["*"]).pod == "loop-1"
 
 
-def test_pod_matching_reads_phase_reason_waiting_and_last_termination():
-    from kubernetes.client import V1ContainerState, V1ContainerStateTerminated, V1ContainerStateWaiting, V1ContainerStatus, V1Pod, V1PodStatus
+def test_pods_are_matched_by_phase_status_reason_waiting_reason_and_last_termination(k8s):
+    bare = pod("no-status", {"app": "w"})
+    del bare["status"]
+    k8s.pods.extend([
+        pod("failed", {"app": "w"}, phase="Failed"),
+        pod("evicted", {"app": "w"}, reason="Evicted"),
+        pod("pulling", {"app": "w"}, ready=False, waiting="ImagePullBackOff"),
+        pod("errored", {"app": "w"}, terminated="Error"),
+        pod("waiting", {"app": "w"}, ready=False, waiting="X"),
+        bare,
+    ])
 
-    def status(**kw):
-        return V1Pod(status=V1PodStatus(**kw))
+    def matching(*reasons):
+        return act.delete_pods(ctx(True, REMEDIATION_MAX_PODS_DELETED_SHARE="1"), act.DeletePodsParams(namespace="production", selector="app=w", reasons=list(reasons),
+                                                               max_pods=100)).details["pods"]
 
-    cs = lambda **kw: V1ContainerStatus(name="a", image="i", image_id="", ready=False, restart_count=0, **kw)  # noqa: E731
-    assert act._pod_matches(status(phase="Failed"), ["Failed"])
-    assert act._pod_matches(status(phase="Running", reason="Evicted"), ["Evicted"])
-    assert act._pod_matches(status(phase="Running", container_statuses=[cs(state=V1ContainerState(waiting=V1ContainerStateWaiting(reason="ImagePullBackOff")))]), ["ImagePullBackOff"])
-    assert act._pod_matches(status(phase="Running", container_statuses=[cs(last_state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=1, reason="Error")))]), ["Error"])
-    assert not act._pod_matches(status(phase="Running", container_statuses=[cs(state=V1ContainerState(waiting=V1ContainerStateWaiting(reason="X")))]), ["Failed"])
-    assert not act._pod_matches(V1Pod(status=None), ["Failed"])
-    assert act._pod_matches(V1Pod(status=None), ["*"])
+    assert matching("Failed") == ["failed"]
+    assert matching("Evicted") == ["evicted"]
+    assert matching("ImagePullBackOff") == ["pulling"]
+    assert matching("Error") == ["errored"]
+    # A pod without a status matches nothing but "any state".
+    assert "no-status" not in matching("Failed", "Evicted", "ImagePullBackOff", "Error", "X", "Running")
+    assert "no-status" in matching("*")
 
 
 # --------------------------------------------------------------------------- run_job

@@ -119,8 +119,8 @@ def test_dry_run_previews_the_revision_and_images_and_patches_nothing(k8s):
 def test_not_ready_after_the_rollback_fails_the_action(k8s):
     released(k8s)
     k8s.rollout_delay = 60
-    with pytest.raises(ActionFailed, match="not verified after"):
-        act.rollback_deployment(ctx(), act.RollbackParams(namespace="production", name="checkout"))
+    with pytest.raises(ActionFailed, match="not verified after 0.2s"):
+        act.rollback_deployment(ctx(verify_timeout=0.2), act.RollbackParams(namespace="production", name="checkout"))
 
 
 # --------------------------------------------------------------------------- blast radius
