@@ -275,3 +275,12 @@ def test_scrub_cuts_at_the_limit_with_an_ellipsis(registry):
 def test_scrub_cuts_after_masking(registry):
     log.register_secret("x" * 40)
     assert log.scrub("x" * 40 + " tail", limit=10) == "**** tail"
+
+
+def test_secrets_are_masked_by_their_shape_without_being_registered():
+    # Text from outside (a pod's termination message, an event) may carry a
+    # credential nobody registered: its shape gives it away.
+    line = "login failed: Authorization: Bearer abcdefghijklmnopqrstuvwx0123456789 for sk-proj-" + "a" * 40
+    masked = log.redact_patterns(line)
+    assert "abcdefghijklmnopqrstuvwx0123456789" not in masked and "a" * 40 not in masked
+    assert masked.startswith("login failed: ")
