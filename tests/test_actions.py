@@ -568,11 +568,22 @@ def test_targets_and_specs_are_values():
 
 def test_the_default_poll_is_half_a_second(k8s):
     k8s.add_deployment(deployment("web", 1))
-    k8s.rollout_delay = 0.1
-    started = time.monotonic()
-    context = ActionContext(config(), {"id": "x"}, False, verify_timeout=3)
+    k8s.rollout_delay = 0.8
+    reads = []
+
+    def timed(req):
+        if req.method == "GET" and req.path.split("?")[0].endswith("/deployments/web"):
+            reads.append(time.monotonic())
+        return k8s.respond(req)
+
+    k8s.server.responder = timed
+    context = ActionContext(config(), {"id": "x"}, False, verify_timeout=30)
+    assert context.poll_interval == 0.5
     act.scale_deployment(context, act.ScaleParams(namespace="production", name="web", replicas=2))
-    assert 0.4 <= time.monotonic() - started < 1.3
+    # A sleep never ends early: each read comes at least the interval after
+    # the one before, however loaded the machine (no upper bound is safe).
+    gaps = [b - a for a, b in zip(reads, reads[1:], strict=False)]
+    assert len(reads) >= 2 and min(gaps) >= 0.5, gaps
 
 
 def test_requesting_exactly_the_ceiling_is_not_a_capped_request(k8s):
