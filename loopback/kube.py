@@ -146,11 +146,25 @@ def _field(obj: dict, dotted: str):
     return "" if value is None else str(value)
 
 
+def _label_term(labels: dict, term: str) -> bool:
+    """One term of a label selector, equality- or set-based, as the API
+    server reads it: ``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``,
+    ``k notin (a)``, ``k`` (exists), ``!k`` (does not exist)."""
+    sets = re.fullmatch(r"(\S+)\s+(in|notin)\s*\((.*)\)", term)
+    if sets:
+        key, op, values = sets.group(1), sets.group(2), {v.strip() for v in sets.group(3).split(",")}
+        return (key in labels and labels[key] in values) if op == "in" else labels.get(key) not in values
+    equality = re.fullmatch(r"([^=!\s]+)\s*(==|=|!=)\s*(.*)", term)
+    if equality:
+        key, op, value = equality.groups()
+        return (labels.get(key) == value) != (op == "!=")
+    return term[1:].strip() not in labels if term.startswith("!") else term in labels
+
+
 def _selected(obj: dict, query: dict) -> bool:
     labels = obj.get("metadata", {}).get("labels") or {}
-    for part in filter(None, query.get("labelSelector", [""])[0].split(",")):
-        key, _, value = part.partition("=")
-        if labels.get(key) != value:
+    for part in filter(None, re.split(r",(?![^()]*\))", query.get("labelSelector", [""])[0])):
+        if not _label_term(labels, part.strip()):
             return False
     for part in filter(None, query.get("fieldSelector", [""])[0].split(",")):
         key, _, value = part.partition("=")

@@ -112,7 +112,9 @@ class RecordingServer:
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection
-    and refuses new ones until ``restore()``."""
+    and refuses new ones until ``restore()``. ``round_trips`` counts the
+    times a client spoke first or again after the target answered: what a
+    protocol that pipelines its messages saves, seen on the wire."""
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
@@ -123,6 +125,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopped = False
+        self.round_trips = 0
 
     def start(self) -> "TcpProxy":
         self._listen()
@@ -157,6 +160,7 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
 
     def _pipe(self, a: socket.socket, b: socket.socket):
+        client_spoke_last = False
         try:
             while True:
                 ready, _, _ = select.select([a, b], [], [], 0.5)
@@ -164,8 +168,12 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if src is a and not client_spoke_last:
+                        with self._lock:
+                            self.round_trips += 1
+                    client_spoke_last = src is a
                     (b if src is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket cut() closed
             return
         finally:
             for s in (a, b):

@@ -67,8 +67,8 @@ TARGETS = [
     Target("batching", "functions/intake/batching.py", "tests/test_group_commit_slices.py tests/test_group_commit.py "
            "tests/test_group_commit_fairness.py"),
     Target("delivery", "functions/escalation/delivery.py", "--noconftest tests/test_delivery.py"),
-    Target("errors", "shared/errors.py", "--noconftest tests/test_http_dispatch.py"),
-    Target("http", "shared/http.py", "--noconftest tests/test_http_dispatch.py tests/test_http_errors_app.py tests/test_http_limits.py"),
+    Target("errors", "shared/errors.py", "tests/test_http_dispatch.py"),
+    Target("http", "shared/http.py", "tests/test_http_dispatch.py tests/test_http_errors_app.py tests/test_http_limits.py"),
     Target("claims", "shared/claims.py", "tests/test_claims.py"),
     Target("log", "shared/log.py", "--noconftest tests/test_log_format.py"),
     Target("outbox", "shared/outbox.py", "tests/test_outbox_publish.py "

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qsl, urlsplit
 
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_secrets: list[str] = []  # longest first, so a whole URL is masked before its parts
 MASK = "****"
 # A path segment or query value is taken for a token (Slack's T…/B…/<24
 # characters>) when it is long, or shorter but not a plain lowercase word
@@ -34,16 +33,40 @@ def _is_token(part: str) -> bool:
 _URL = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>()\[\]{}]+""")
 
 
+class Secrets:
+    """Values masked wherever they would appear. The process has one,
+    ``SECRETS``: ``register_secret`` and ``redact`` use it, and so does every
+    ``JsonFormatter`` not given another (a test's own, which it can drop)."""
+
+    def __init__(self) -> None:
+        self._values: list[str] = []  # longest first, so a whole URL is masked before its parts
+
+    def register(self, value: str | None) -> None:
+        """Mask this value wherever it would appear in a log line; for an http(s)
+        URL also its path, the path's tails and every token-like segment."""
+        if not value or len(value) < 4:
+            return
+        parts = {value} | _url_parts(value)
+        for part in parts:
+            if part not in self._values:
+                self._values.append(part)
+        self._values.sort(key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every registered secret, and every significant part of a
+        secret URL, replaced by ``****``."""
+        for secret in self._values:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
+SECRETS = Secrets()
+
+
 def register_secret(value: str | None) -> None:
-    """Mask this value wherever it would appear in a log line; for an http(s)
-    URL also its path, the path's tails and every token-like segment."""
-    if not value or len(value) < 4:
-        return
-    parts = {value} | _url_parts(value)
-    for part in parts:
-        if part not in _secrets:
-            _secrets.append(part)
-    _secrets.sort(key=len, reverse=True)
+    """Mask this value in every log line of the process (``Secrets.register``)."""
+    SECRETS.register(value)
 
 
 def _url_parts(value: str) -> set[str]:
@@ -70,20 +93,16 @@ def _url_parts(value: str) -> set[str]:
 
 
 def redact(text: str) -> str:
-    """``text`` with every registered secret, and every significant part of a
-    secret URL, replaced by ``****``."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
+    """``text`` with the process's registered secrets masked (``Secrets.redact``)."""
+    return SECRETS.redact(text)
 
 
-def scrub(text: str | None, limit: int = 300) -> str | None:
+def scrub(text: str | None, limit: int = 300, secrets: Secrets = SECRETS) -> str | None:
     """What may be stored (timeline, dead letters, API answers) of an error
     text: no URL at all (an error may quote a secret one) and no secret."""
     if text is None:
         return None
-    cleaned = redact(_URL.sub("<url>", text))
+    cleaned = secrets.redact(_URL.sub("<url>", text))
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
@@ -130,10 +149,11 @@ def redact_patterns(text: str) -> str:
     return redact(text)
 
 
-_mask = redact
-
-
 class JsonFormatter(logging.Formatter):
+    def __init__(self, *args, secrets: Secrets = SECRETS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.secrets = secrets
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
@@ -146,7 +166,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return _mask(json.dumps(entry, default=str, ensure_ascii=False))
+        return self.secrets.redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 def configure(level: str = "INFO") -> None:

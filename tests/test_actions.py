@@ -153,13 +153,20 @@ def test_api_errors_become_action_failures_with_status_and_message(k8s):
         act.rollout_restart(ctx(), act.DeploymentParams(namespace="production", name="nope"))
 
 
-def test_error_text_without_a_status():
-    assert act._k8s_error(ValueError("x" * 400)) == ("ValueError: " + "x" * 400)[:300]
+def test_an_api_answer_whose_body_is_not_a_status_is_told_by_its_status_line(k8s):
+    k8s.add_deployment(deployment("web", 1))
+    k8s.server.responder = lambda req: (500, {"Content-Type": "text/plain"}, b"not json")
+    with pytest.raises(ActionFailed, match=r"^Kubernetes API 500 Internal Server Error$"):
+        act.rollout_restart(ctx(), act.DeploymentParams(namespace="production", name="web"))
 
-    class Odd(Exception):
-        status, reason, body = 500, "Internal", "not json"
 
-    assert act._k8s_error(Odd()) == "Kubernetes API 500 Internal"
+def test_an_error_without_an_http_status_is_named_by_its_type_and_cut_to_300_characters(k8s):
+    # The API server is gone: the client's connection error has no status.
+    k8s.stop()
+    with pytest.raises(ActionFailed) as err:
+        act.rollout_restart(ctx(PROBE_TIMEOUT_SECONDS="1"), act.DeploymentParams(namespace="production", name="web-" + "x" * 55))
+    text = str(err.value)
+    assert text.startswith("MaxRetryError: HTTPConnectionPool(host='127.0.0.1'") and "web-xxxx" in text and len(text) == 300, text
 
 
 # --------------------------------------------------------------------------- scale_deployment: never down, never above the ceiling
@@ -200,6 +207,22 @@ def test_revert_scale_returns_to_the_recorded_count_and_leaves_it_when_already_t
     assert k8s.deployments[("production", "email-service")]["spec"]["replicas"] == 2
     # Already at the recorded count: nothing is sent.
     assert (act.revert_scale(ctx(), target, 2).before, len(k8s.calls("PATCH"))) == (2, 1)
+
+
+def test_revert_scale_also_scales_back_up_to_the_recorded_count(k8s):
+    # Scaled down by someone after the action: the revert restores the
+    # recorded count, whichever side of it the deployment is on.
+    k8s.add_deployment(deployment("email-service", 1))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    assert (act.revert_scale(ctx(), target, 3).before, act.revert_scale(ctx(), target, 3).before) == (1, 3)
+    assert [p.json() for p in k8s.calls("PATCH", "/scale")] == [{"spec": {"replicas": 3}}]
+
+
+def test_revert_scale_reads_a_deployment_scaled_to_zero_as_zero(k8s):
+    k8s.add_deployment(deployment("email-service", 0))
+    target = act.DeploymentParams(namespace="production", name="email-service")
+    assert act.revert_scale(ctx(), target, 0).before == 0
+    assert not k8s.calls("PATCH")
 
 
 def test_scale_deployment_stops_at_the_ceiling(k8s):
@@ -322,20 +345,29 @@ def test_delete_pods_in_any_state_needs_a_pod_or_a_selector():
     assert act.DeletePodsParams(namespace="production", pod="loop-1", reasons=["*"]).pod == "loop-1"
 
 
-def test_pod_matching_reads_phase_reason_waiting_and_last_termination():
-    from kubernetes.client import V1ContainerState, V1ContainerStateTerminated, V1ContainerStateWaiting, V1ContainerStatus, V1Pod, V1PodStatus
+def test_pods_are_matched_by_phase_status_reason_waiting_reason_and_last_termination(k8s):
+    bare = pod("no-status", {"app": "w"})
+    del bare["status"]
+    k8s.pods.extend([
+        pod("failed", {"app": "w"}, phase="Failed"),
+        pod("evicted", {"app": "w"}, reason="Evicted"),
+        pod("pulling", {"app": "w"}, ready=False, waiting="ImagePullBackOff"),
+        pod("errored", {"app": "w"}, terminated="Error"),
+        pod("waiting", {"app": "w"}, ready=False, waiting="X"),
+        bare,
+    ])
 
-    def status(**kw):
-        return V1Pod(status=V1PodStatus(**kw))
+    def matching(*reasons):
+        return act.delete_pods(ctx(True, REMEDIATION_MAX_PODS_DELETED_SHARE="1"), act.DeletePodsParams(namespace="production", selector="app=w", reasons=list(reasons),
+                                                               max_pods=100)).details["pods"]
 
-    cs = lambda **kw: V1ContainerStatus(name="a", image="i", image_id="", ready=False, restart_count=0, **kw)  # noqa: E731
-    assert act._pod_matches(status(phase="Failed"), ["Failed"])
-    assert act._pod_matches(status(phase="Running", reason="Evicted"), ["Evicted"])
-    assert act._pod_matches(status(phase="Running", container_statuses=[cs(state=V1ContainerState(waiting=V1ContainerStateWaiting(reason="ImagePullBackOff")))]), ["ImagePullBackOff"])
-    assert act._pod_matches(status(phase="Running", container_statuses=[cs(last_state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=1, reason="Error")))]), ["Error"])
-    assert not act._pod_matches(status(phase="Running", container_statuses=[cs(state=V1ContainerState(waiting=V1ContainerStateWaiting(reason="X")))]), ["Failed"])
-    assert not act._pod_matches(V1Pod(status=None), ["Failed"])
-    assert act._pod_matches(V1Pod(status=None), ["*"])
+    assert matching("Failed") == ["failed"]
+    assert matching("Evicted") == ["evicted"]
+    assert matching("ImagePullBackOff") == ["pulling"]
+    assert matching("Error") == ["errored"]
+    # A pod without a status matches nothing but "any state".
+    assert "no-status" not in matching("Failed", "Evicted", "ImagePullBackOff", "Error", "X", "Running")
+    assert "no-status" in matching("*")
 
 
 # --------------------------------------------------------------------------- run_job
@@ -536,11 +568,22 @@ def test_targets_and_specs_are_values():
 
 def test_the_default_poll_is_half_a_second(k8s):
     k8s.add_deployment(deployment("web", 1))
-    k8s.rollout_delay = 0.1
-    started = time.monotonic()
-    context = ActionContext(config(), {"id": "x"}, False, verify_timeout=3)
+    k8s.rollout_delay = 0.8
+    reads = []
+
+    def timed(req):
+        if req.method == "GET" and req.path.split("?")[0].endswith("/deployments/web"):
+            reads.append(time.monotonic())
+        return k8s.respond(req)
+
+    k8s.server.responder = timed
+    context = ActionContext(config(), {"id": "x"}, False, verify_timeout=30)
+    assert context.poll_interval == 0.5
     act.scale_deployment(context, act.ScaleParams(namespace="production", name="web", replicas=2))
-    assert 0.4 <= time.monotonic() - started < 1.3
+    # A sleep never ends early: each read comes at least the interval after
+    # the one before, however loaded the machine (no upper bound is safe).
+    gaps = [b - a for a, b in zip(reads, reads[1:], strict=False)]
+    assert len(reads) >= 2 and min(gaps) >= 0.5, gaps
 
 
 def test_requesting_exactly_the_ceiling_is_not_a_capped_request(k8s):

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from shared import db, ingest, outbox, timeline
 from shared.correlation import store
-from tests.conftest import needs_own_backend
+from tests.conftest import needs_own_backend, proxied_database
 
 
 @pytest.mark.parametrize("statement", [
@@ -45,30 +45,37 @@ def test_transient_errors_are_told_apart(sqlstate, transient):
     assert db.is_transient(err) is transient
 
 
-def _count_round_trips(monkeypatch) -> list:
-    """Each flush of pg8000's socket buffer, i.e. each round trip."""
-    import pg8000.core as core
+@pytest.fixture
+def counted(database_url):
+    """The database through a TCP proxy that counts round trips on the wire
+    (loopback/servers.py): the URL, and a function that answers how many
+    round trips there were since it was last asked."""
+    with proxied_database(database_url) as (proxy, url):
+        seen = [0]
 
-    flushes = []
-    real = core._flush
-    monkeypatch.setattr(core, "_flush", lambda sock: (flushes.append(1), real(sock))[1])
-    return flushes
+        def since():
+            now = proxy.round_trips
+            seen[0], taken = now, now - seen[0]
+            return taken
+
+        yield url, since
 
 
-def test_a_statement_with_parameters_is_one_round_trip_with_the_same_answers(database_url, monkeypatch):
-    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+def test_a_statement_with_parameters_is_one_round_trip_with_the_same_answers(counted):
+    url, round_trips = counted
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-            flushes = _count_round_trips(monkeypatch)
+            round_trips()
             rows = conn.execute(sa.text("SELECT CAST(:a AS int) + 1 AS n, CAST(:b AS text) AS t, CAST(:c AS text) IS NULL AS isnull, now() IS NOT NULL AS ts"),
                                 {"a": 41, "b": "ünï", "c": None}).mappings().all()
             assert [dict(r) for r in rows] == [{"n": 42, "t": "ünï", "isnull": True, "ts": True}]
-            assert len(flushes) == 1
+            assert round_trips() == 1
             conn.execute(sa.text("CREATE TEMP TABLE rt (n int)"))
-            del flushes[:]
+            round_trips()
             result = conn.execute(sa.text("INSERT INTO rt SELECT generate_series(1, :n)"), {"n": 5})
-            assert result.rowcount == 5 and len(flushes) == 1
+            assert result.rowcount == 5 and round_trips() == 1
             assert conn.execute(sa.text("SELECT count(*) FROM rt WHERE n > :m"), {"m": 2}).scalar() == 3
             conn.rollback()
     finally:
@@ -93,22 +100,22 @@ def test_an_error_in_a_one_round_trip_statement_leaves_the_connection_usable(dat
         engine.dispose()
 
 
-def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(database_url, monkeypatch):
-    engine = db.create_engine_for(database_url, pool_size=3, max_overflow=0)
+def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(counted):
+    url, round_trips = counted
+    engine = db.create_engine_for(url, pool_size=3, max_overflow=0)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("CREATE TABLE IF NOT EXISTS begin_rt (n int)"))
             conn.commit()
             with engine.begin() as warm:  # the pool's second connection, opened before counting
                 warm.execute(sa.text("SELECT 1"))
-            flushes = _count_round_trips(monkeypatch)
+            round_trips()
             with engine.begin() as tx:
                 tx.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 1})
-            assert len(flushes) == 2  # BEGIN + INSERT, then COMMIT
-            del flushes[:]
+            assert round_trips() == 2  # BEGIN + INSERT, then COMMIT
             with engine.begin():
                 pass
-            assert flushes == []  # nothing ran: nothing to begin or commit
+            assert round_trips() == 0  # nothing ran: nothing to begin or commit
             # Rolled back means it was inside a transaction (autocommit would have kept it).
             with engine.connect() as other:
                 other.execute(sa.text("INSERT INTO begin_rt VALUES (:n)"), {"n": 2})
@@ -122,21 +129,22 @@ def test_begin_travels_with_the_first_statement_and_the_transaction_is_real(data
         engine.dispose()
 
 
-def test_a_later_statement_travels_with_the_next_one_and_takes_effect(database_url, monkeypatch):
-    engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0)
+def test_a_later_statement_travels_with_the_next_one_and_takes_effect(counted):
+    url, round_trips = counted
+    engine = db.create_engine_for(url, pool_size=2, max_overflow=0)
     try:
         with engine.begin() as conn:
             conn.execute(sa.text("CREATE TABLE IF NOT EXISTS later_rt (n int)"))
-        flushes = _count_round_trips(monkeypatch)
+        round_trips()
         with engine.begin() as tx:
             db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 1})
             db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 2})
-            assert flushes == []  # nothing sent yet
+            assert round_trips() == 0  # nothing sent yet
             # The next statement sees what was put aside before it, in order.
             assert tx.execute(sa.text("SELECT array_agg(n ORDER BY n) FROM later_rt WHERE n < :m"), {"m": 10}).scalar() == [1, 2]
-            assert len(flushes) == 1  # BEGIN, both inserts and the SELECT in one write
+            assert round_trips() == 1  # BEGIN, both inserts and the SELECT in one write
             db.later(tx, sa.text("INSERT INTO later_rt VALUES (:n)"), {"n": 3})
-        assert len(flushes) == 2  # the last insert went with the COMMIT
+        assert round_trips() == 1  # the last insert went with the COMMIT
         with engine.connect() as conn:
             assert sorted(conn.execute(sa.text("SELECT n FROM later_rt")).scalars()) == [1, 2, 3]
             conn.execute(sa.text("DROP TABLE later_rt"))

@@ -137,3 +137,97 @@ def test_many_requests_each_get_their_own_answer_and_the_lead_is_never_lost():
         assert not errors and not any(t.is_alive() for t in threads), f"writers={writers}: a request hung or failed: {errors[:1]}"
         assert len(done) == 8 * 40
         assert_idle(batcher, batcher.write)
+
+
+def submit_many_in_thread(batcher, names, done: dict):
+    """One request carrying one alert per name; the answer is kept under the first name."""
+    def run():
+        done[names[0]] = batcher.submit([alert(n) for n in names])
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_one_writer_stays_one_batch_in_flight_after_the_queue_has_run_dry():
+    # The first request finds the queue empty when it is done and gives the
+    # lead back; the next two must again go one transaction at a time.
+    writer = GatedWriter()
+    batcher = GroupCommit(writer, writers=1)
+    done: dict = {}
+    first = submit_in_thread(batcher, "A", done)
+    writer.wait_for_calls(1)
+    writer.gates[0].set()
+    first.join(DEADLINE)
+    assert done == {"A": "A"}
+    second = submit_in_thread(batcher, "B", done)
+    writer.wait_for_calls(2)
+    third = submit_in_thread(batcher, "C", done)
+    wait_until(lambda: batcher.waiting == 1 or len(writer.calls) == 3, DEADLINE, interval=0.005,
+               message="C to queue or to start a transaction")
+    assert len(writer.calls) == 2, "a second transaction started beside B's with one writer"
+    writer.gates[1].set()
+    writer.wait_for_calls(3)
+    writer.gates[2].set()
+    for t in (second, third):
+        t.join(DEADLINE)
+    assert done == {"A": "A", "B": "B", "C": "C"}
+
+
+def test_a_request_that_does_not_fit_ends_the_batch_and_the_ones_behind_it_wait_their_turn():
+    writer = GatedWriter()
+    batcher = GroupCommit(writer, max_alerts=3)
+    done: dict = {}
+    threads = [submit_many_in_thread(batcher, ["A"], done)]
+    writer.wait_for_calls(1)
+    for queued, names in enumerate((["X"], ["Y1", "Y2", "Y3"], ["Z"]), start=1):
+        threads.append(submit_many_in_thread(batcher, names, done))
+        wait_until(lambda n=queued: batcher.waiting == n, DEADLINE, interval=0.005, message=f"{names} to queue")
+    writer.gates[0].set()
+    writer.wait_for_calls(2)
+    # Y (3 alerts) does not fit beside X under a limit of 3: X goes alone,
+    # and Z, which would fit, is not taken past Y.
+    assert writer.calls[1] == ["X"]
+    for i in (1, 2, 3):
+        writer.wait_for_calls(i + 1)
+        writer.gates[i].set()
+    for t in threads:
+        t.join(DEADLINE)
+    assert writer.calls == [["A"], ["X"], ["Y1", "Y2", "Y3"], ["Z"]]
+    assert sorted(done) == ["A", "X", "Y1", "Z"]
+
+
+def test_an_event_no_outcome_names_is_published_by_the_first_request_of_the_batch():
+    # An incident merged into a late root has an event but no outcome of
+    # its own: exactly one request of the batch, the first, publishes it.
+    class WithAMergedRoot(GatedWriter):
+        def __call__(self, alerts):
+            result = super().__call__(alerts)
+            return RecordResult(result.outcomes, [f"{a.alert_name}.opened" for a in alerts] + ["Root.merged"])
+
+    writer = WithAMergedRoot()
+    batcher = GroupCommit(writer, writers=1)
+    done: dict = {}
+    threads = [submit_many_in_thread(batcher, ["A"], done)]
+    writer.wait_for_calls(1)
+    for queued, name in enumerate(("B", "C"), start=1):
+        threads.append(submit_many_in_thread(batcher, [name], done))
+        wait_until(lambda n=queued: batcher.waiting == n, DEADLINE, interval=0.005, message=f"{name} to queue")
+    writer.gates[0].set()
+    writer.wait_for_calls(2)
+    writer.gates[1].set()
+    for t in threads:
+        t.join(DEADLINE)
+    assert writer.calls[1] == ["B", "C"]
+    assert done["B"].event_ids == ["B.opened", "Root.merged"]
+    assert done["C"].event_ids == ["C.opened"]
+
+
+def test_writers_below_one_still_write():
+    def write(alerts):
+        return RecordResult([Outcome(a.fingerprint, "created", a.alert_name) for a in alerts], [])
+
+    batcher = GroupCommit(write, writers=0)
+    assert batcher.writers == 1
+    done: dict = {}
+    submit_in_thread(batcher, "A", done).join(DEADLINE)
+    assert done == {"A": "A"}, "with no writer allowed the request was never written"

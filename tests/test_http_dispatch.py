@@ -294,3 +294,18 @@ def test_health_is_answered_before_the_routes_are_built_and_any_other_request_bu
     assert call(routes, method="POST", path="/health").status_code == 404
     assert builds == [1]
     assert body(call(routes, path="/things")) == {"built": True} and builds == [1]
+
+
+@pytest.mark.parametrize("method", ["DELETE", "CONNECT", "POST", "PUT", "PATCH", "OPTIONS"])
+def test_any_method_on_health_but_get_and_head_builds_the_routes(method):
+    from shared.http import built_on_first_request
+
+    builds = []
+
+    @built_on_first_request
+    def routes():
+        builds.append(1)
+        return []
+
+    call(routes, method=method, path="/health")
+    assert builds == [1]

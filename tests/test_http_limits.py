@@ -397,3 +397,19 @@ def test_json_response_bodies_are_json_with_the_status_and_headers():
     assert response.get_data() == '{"a": [1, "é"]}'.encode()
     assert "Retry-After" not in json_response(None, 503).headers
     assert json_response(None, 204, {}).status_code == 204
+
+
+def test_a_body_is_a_content_length_above_zero_or_a_chunked_one():
+    from shared.http import has_body
+
+    def request(headers, data=b""):
+        environ = EnvironBuilder(method="POST", path="/", data=data, headers=headers).get_environ()
+        if "Content-Length" not in headers:
+            environ.pop("CONTENT_LENGTH", None)
+        return Request(environ)
+
+    assert has_body(request({"Content-Length": "2"}, b"{}"))
+    # Chunked: no Content-Length at all, and still a body.
+    assert has_body(request({"Transfer-Encoding": "Chunked"}))
+    assert not has_body(request({"Content-Length": "0"}))
+    assert not has_body(request({}))

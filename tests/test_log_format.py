@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 
 import pytest
 
@@ -15,13 +16,9 @@ from shared import log
 
 @pytest.fixture
 def registry():
-    """No public way to forget a secret: restore the registry so the values
-    registered here mask nothing in later tests. It is a list kept longest
-    first; restore it in place, order included, since the module holds the
-    same list object."""
-    saved = list(log._secrets)
-    yield
-    log._secrets[:] = saved
+    """A registry of secrets of the test's own: the values registered here
+    mask nothing in later tests."""
+    return log.Secrets()
 
 
 @pytest.fixture
@@ -29,7 +26,7 @@ def captured(registry):
     """A logger whose lines go to a buffer through the JSON formatter."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(log.JsonFormatter())
+    handler.setFormatter(log.JsonFormatter(secrets=registry))
     logger = logging.getLogger("test-log-format")
     logger.handlers[:] = [handler]
     logger.propagate = False
@@ -70,9 +67,9 @@ def test_unicode_and_odd_values_survive(captured):
     assert "café" in stream.getvalue()
 
 
-def test_registered_secrets_are_masked_in_message_fields_and_tracebacks(captured):
+def test_registered_secrets_are_masked_in_message_fields_and_tracebacks(captured, registry):
     logger, stream = captured
-    log.register_secret("hunter2-secret")
+    registry.register("hunter2-secret")
     logger.info("token hunter2-secret in message", extra={"path": "/x/hunter2-secret", "nested": {"k": "hunter2-secret"}})
     try:
         raise RuntimeError("failed with hunter2-secret")
@@ -83,19 +80,19 @@ def test_registered_secrets_are_masked_in_message_fields_and_tracebacks(captured
     assert entries(stream)[0]["message"] == "token **** in message"
 
 
-def test_short_or_empty_values_are_not_registered(captured):
+def test_short_or_empty_values_are_not_registered(captured, registry):
     logger, stream = captured
     for value in (None, "", "abc"):
-        log.register_secret(value)
-    log.register_secret("abcd")
+        registry.register(value)
+    registry.register("abcd")
     logger.info("abc abcd")
     assert entries(stream)[0]["message"] == "abc ****"
 
 
-def test_every_registered_secret_is_masked(captured):
+def test_every_registered_secret_is_masked(captured, registry):
     logger, stream = captured
-    log.register_secret("first-secret")
-    log.register_secret("second-secret")
+    registry.register("first-secret")
+    registry.register("second-secret")
     logger.info("first-secret and second-secret")
     assert entries(stream)[0]["message"] == "**** and ****"
 
@@ -132,23 +129,23 @@ SLACK = "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX"
 
 
 def test_a_secret_url_is_masked_whole_and_by_its_significant_parts(registry):
-    log.register_secret(SLACK)
-    assert log.redact(f"POST {SLACK} failed") == "POST **** failed"
-    assert log.redact("host hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "host ****"
-    assert log.redact("Max retries exceeded with url: /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX (x)") == "Max retries exceeded with url: **** (x)"
+    registry.register(SLACK)
+    assert registry.redact(f"POST {SLACK} failed") == "POST **** failed"
+    assert registry.redact("host hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "host ****"
+    assert registry.redact("Max retries exceeded with url: /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX (x)") == "Max retries exceeded with url: **** (x)"
     # The path's tails, as a library may quote them without the start.
-    assert log.redact("at T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
-    assert log.redact("at B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
-    assert log.redact("token XXXXXXXXXXXXXXXXXXXXXXXX alone") == "token **** alone"
+    assert registry.redact("at T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
+    assert registry.redact("at B0002/XXXXXXXXXXXXXXXXXXXXXXXX") == "at ****"
+    assert registry.redact("token XXXXXXXXXXXXXXXXXXXXXXXX alone") == "token **** alone"
     # Short segments and plain words are not secrets on their own.
-    assert log.redact("T0001 B0002 services hooks.slack.com") == "T0001 B0002 services hooks.slack.com"
+    assert registry.redact("T0001 B0002 services hooks.slack.com") == "T0001 B0002 services hooks.slack.com"
 
 
 def test_text_without_a_secret_is_returned_unchanged(registry):
-    log.register_secret(SLACK)
+    registry.register(SLACK)
     text = "Error creating incident: connection refused (127.0.0.1:5432) /services/"
-    assert log.redact(text) == text
-    assert log.scrub(text) == text
+    assert registry.redact(text) == text
+    assert log.scrub(text, secrets=registry) == text
 
 
 @pytest.mark.parametrize(
@@ -166,9 +163,9 @@ def test_text_without_a_secret_is_returned_unchanged(registry):
     ],
 )
 def test_a_path_segment_is_a_token_when_long_or_not_a_plain_word(registry, segment, masked):
-    log.register_secret(f"https://h.example/x/{segment}")
+    registry.register(f"https://h.example/x/{segment}")
     text = f"at {segment} end"
-    assert log.redact(text) == ("at **** end" if masked else text)
+    assert registry.redact(text) == ("at **** end" if masked else text)
 
 
 @pytest.mark.parametrize(
@@ -176,26 +173,26 @@ def test_a_path_segment_is_a_token_when_long_or_not_a_plain_word(registry, segme
     [("Abc123XYZ", True), ("notatoken", False), ("q" * 16, True)],
 )
 def test_a_query_value_is_a_token_by_the_same_rule(registry, value, masked):
-    log.register_secret(f"https://h.example/hook?token={value}")
+    registry.register(f"https://h.example/hook?token={value}")
     text = f"token={value};"
-    assert log.redact(f"v {value} .") == ("v **** ." if masked else f"v {value} .")
-    assert log.redact(text) == ("token=****;" if masked else text)
+    assert registry.redact(f"v {value} .") == ("v **** ." if masked else f"v {value} .")
+    assert registry.redact(text) == ("token=****;" if masked else text)
 
 
 def test_the_path_with_its_query_is_masked_from_six_characters(registry):
-    log.register_secret("https://h.example/hook?a=1")
-    log.register_secret("https://h.example/abcdef")
-    log.register_secret("https://h.example/abcdefg")
-    log.register_secret("https://h.example/abcde")
-    assert log.redact("url: /hook?a=1 (x)") == "url: **** (x)"
-    assert log.redact("GET /abcdef HTTP") == "GET **** HTTP"
-    assert log.redact("GET /abcdefg HTTP") == "GET **** HTTP"
-    assert log.redact("GET /abcde HTTP") == "GET /abcde HTTP"
+    registry.register("https://h.example/hook?a=1")
+    registry.register("https://h.example/abcdef")
+    registry.register("https://h.example/abcdefg")
+    registry.register("https://h.example/abcde")
+    assert registry.redact("url: /hook?a=1 (x)") == "url: **** (x)"
+    assert registry.redact("GET /abcdef HTTP") == "GET **** HTTP"
+    assert registry.redact("GET /abcdefg HTTP") == "GET **** HTTP"
+    assert registry.redact("GET /abcde HTTP") == "GET /abcde HTTP"
 
 
 def test_a_path_without_a_query_is_masked_as_quoted(registry):
-    log.register_secret("https://h.example/services/abc")
-    assert log.redact("url: /services/abc failed") == "url: **** failed"
+    registry.register("https://h.example/services/abc")
+    assert registry.redact("url: /services/abc failed") == "url: **** failed"
 
 
 @pytest.mark.parametrize(
@@ -207,20 +204,20 @@ def test_a_path_without_a_query_is_masked_as_quoted(registry):
     ],
 )
 def test_a_tail_of_the_path_is_masked_from_eight_characters(registry, url, tail, masked):
-    log.register_secret(url)
+    registry.register(url)
     text = f"at {tail} end"
-    assert log.redact(text) == ("at **** end" if masked else text)
+    assert registry.redact(text) == ("at **** end" if masked else text)
 
 
 def test_the_url_without_its_scheme_is_masked_even_when_short(registry):
-    log.register_secret("https://h.example/ab")
-    assert log.redact("connect h.example/ab now") == "connect **** now"
-    assert log.redact("https and /ab and ab") == "https and /ab and ab"
+    registry.register("https://h.example/ab")
+    assert registry.redact("connect h.example/ab now") == "connect **** now"
+    assert registry.redact("https and /ab and ab") == "https and /ab and ab"
 
 
 def test_a_url_quoting_another_url_is_masked_whole(registry):
-    log.register_secret("https://h.example/r?u=http://x")
-    assert log.redact("see h.example/r?u=http://x") == "see ****"
+    registry.register("https://h.example/r?u=http://x")
+    assert registry.redact("see h.example/r?u=http://x") == "see ****"
 
 
 @pytest.mark.parametrize(
@@ -228,50 +225,71 @@ def test_a_url_quoting_another_url_is_masked_whole(registry):
     [("abc", False), ("pass", True), ("passw", True)],
 )
 def test_a_url_password_is_masked_from_four_characters(registry, password, masked):
-    log.register_secret(f"https://user:{password}@h.example/x")
+    registry.register(f"https://user:{password}@h.example/x")
     text = f"pw {password} ."
-    assert log.redact(text) == ("pw **** ." if masked else text)
+    assert registry.redact(text) == ("pw **** ." if masked else text)
 
 
 def test_only_http_urls_are_split_into_parts(registry):
-    log.register_secret("ftp://files.example/some/Secret123token")
-    log.register_secret("http:/no-host/Other456token")
-    assert log.redact("ftp://files.example/some/Secret123token") == "****"
-    assert log.redact("at /some/Secret123token Secret123token") == "at /some/Secret123token Secret123token"
-    assert log.redact("http:/no-host/Other456token") == "****"
-    assert log.redact("at Other456token") == "at Other456token"
+    registry.register("ftp://files.example/some/Secret123token")
+    registry.register("http:/no-host/Other456token")
+    assert registry.redact("ftp://files.example/some/Secret123token") == "****"
+    assert registry.redact("at /some/Secret123token Secret123token") == "at /some/Secret123token Secret123token"
+    assert registry.redact("http:/no-host/Other456token") == "****"
+    assert registry.redact("at Other456token") == "at Other456token"
 
 
 def test_a_url_that_cannot_be_parsed_is_still_masked_whole(registry):
-    log.register_secret("http://[::1/Bad123token")
-    assert log.redact("to http://[::1/Bad123token x") == "to **** x"
-    assert log.redact("Bad123token") == "Bad123token"
+    registry.register("http://[::1/Bad123token")
+    assert registry.redact("to http://[::1/Bad123token x") == "to **** x"
+    assert registry.redact("Bad123token") == "Bad123token"
 
 
 def test_overlapping_secrets_are_masked_longest_first(registry):
-    log.register_secret("abcd")
-    log.register_secret("abcdefgh")
-    assert log.redact("abcdefgh abcd") == "**** ****"
-    log.register_secret(SLACK)
-    assert log.redact(SLACK) == "****"
+    registry.register("abcd")
+    registry.register("abcdefgh")
+    assert registry.redact("abcdefgh abcd") == "**** ****"
+    registry.register(SLACK)
+    assert registry.redact(SLACK) == "****"
 
 
 def test_scrub_removes_every_url_and_every_secret(registry):
-    log.register_secret("hunter2-secret")
+    registry.register("hunter2-secret")
     text = "POST https://hooks.example/x?y=1 failed (timeout) with hunter2-secret; 'http://b.example/z'"
-    assert log.scrub(text) == "POST <url> failed (timeout) with ****; '<url>'"
-    assert log.scrub(None) is None
-    assert log.scrub("") == ""
+    assert log.scrub(text, secrets=registry) == "POST <url> failed (timeout) with ****; '<url>'"
+    assert log.scrub(None, secrets=registry) is None
+    assert log.scrub("", secrets=registry) == ""
 
 
 def test_scrub_cuts_at_the_limit_with_an_ellipsis(registry):
-    assert log.scrub("a" * 300) == "a" * 300
-    assert log.scrub("a" * 301) == "a" * 299 + "…"
-    assert log.scrub("abcde", limit=6) == "abcde"
-    assert log.scrub("abcdef", limit=6) == "abcdef"
-    assert log.scrub("abcdefg", limit=6) == "abcde…"
+    assert log.scrub("a" * 300, secrets=registry) == "a" * 300
+    assert log.scrub("a" * 301, secrets=registry) == "a" * 299 + "…"
+    assert log.scrub("abcde", limit=6, secrets=registry) == "abcde"
+    assert log.scrub("abcdef", limit=6, secrets=registry) == "abcdef"
+    assert log.scrub("abcdefg", limit=6, secrets=registry) == "abcde…"
 
 
 def test_scrub_cuts_after_masking(registry):
-    log.register_secret("x" * 40)
-    assert log.scrub("x" * 40 + " tail", limit=10) == "**** tail"
+    registry.register("x" * 40)
+    assert log.scrub("x" * 40 + " tail", limit=10, secrets=registry) == "**** tail"
+
+
+def test_secrets_are_masked_by_their_shape_without_being_registered():
+    # Text from outside (a pod's termination message, an event) may carry a
+    # credential nobody registered: its shape gives it away.
+    line = "login failed: Authorization: Bearer abcdefghijklmnopqrstuvwx0123456789 for sk-proj-" + "a" * 40
+    masked = log.redact_patterns(line)
+    assert "abcdefghijklmnopqrstuvwx0123456789" not in masked and "a" * 40 not in masked
+    assert masked.startswith("login failed: ")
+
+
+def test_the_process_registry_masks_in_every_formatter_not_given_another():
+    # A value of its own (random): registered for the rest of the process,
+    # it can appear in no other test's text.
+    secret = f"process-secret-{uuid.uuid4().hex}"
+    log.register_secret(secret)
+    assert log.redact(f"x {secret} y") == "x **** y"
+    assert log.scrub(f"x {secret} y") == "x **** y"
+    record = logging.makeLogRecord({"msg": f"leaked {secret}", "levelno": logging.INFO, "levelname": "INFO"})
+    assert json.loads(log.JsonFormatter().format(record))["message"] == "leaked ****"
+    assert json.loads(log.JsonFormatter(secrets=log.Secrets()).format(record))["message"] == f"leaked {secret}"
