@@ -55,6 +55,13 @@ def receiver():
         r.server.stop()
 
 
+def waits(caplog) -> list[float]:
+    """The back-offs send() chose, as its retry log lines name them: what
+    it waits is checked exactly, without timing a loaded machine (the gaps
+    between attempts are only checked to be at least as long)."""
+    return [rec.wait_s for rec in caplog.records if rec.getMessage() == "Notification failed, retrying"]
+
+
 def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0):
     with requests.Session() as http:
         return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay)
@@ -66,11 +73,11 @@ def test_any_2xx_is_success(receiver, status):
     assert deliver(r.server.url, attempts=1).ok
 
 
-def test_the_default_back_off_starts_at_half_a_second(receiver):
+def test_the_default_back_off_starts_at_half_a_second(receiver, caplog):
     r = receiver((500, {}, b""), (202, {}, b"ok"))
-    with requests.Session() as http:
+    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
         assert send(http, r.server.url, {}, "slack", 2.0, 2, 1.0).ok
-    assert 0.5 <= r.gaps()[0] < 1.0
+    assert waits(caplog) == [0.5] and r.gaps()[0] >= 0.5
 
 
 def test_a_transport_error_names_the_kind_of_failure_never_the_url():
@@ -86,54 +93,59 @@ def test_success_at_once(receiver):
     assert r.server.requests[0].json() == {"text": "hi"}
 
 
-def test_5xx_is_retried_with_doubling_back_off(receiver):
+def test_5xx_is_retried_with_doubling_back_off(receiver, caplog):
     r = receiver((500, {}, b"down"), (503, {}, b"down"), (502, {}, b"down"), (202, {}, b"ok"))
     # The Retry-After cap is for 429 only: it must not shorten a 5xx back-off.
-    result = deliver(r.server.url, attempts=4, base_delay=0.1, max_retry_after=0.3)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = deliver(r.server.url, attempts=4, base_delay=0.1, max_retry_after=0.3)
     assert (result.ok, result.status, result.attempts) == (True, 202, 4)
+    assert waits(caplog) == [0.1, 0.2, 0.4]
     g = r.gaps()
-    assert 0.1 <= g[0] < 0.19 and 0.2 <= g[1] < 0.39 and 0.4 <= g[2] < 0.79, g
+    assert g[0] >= 0.1 and g[1] >= 0.2 and g[2] >= 0.4, g
 
 
 def test_attempts_are_bounded_and_the_last_failure_is_reported(receiver, caplog):
     r = receiver(*[(500, {}, b"x" * 600)] * 5)
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="delivery"):
         result = deliver(r.server.url, attempts=3, base_delay=0.1)
     assert len(r.server.requests) == 3
     assert (result.ok, result.status, result.attempts) == (False, 500, 3)
     assert result.error == "HTTP 500: " + "x" * 200 and result.body == "x" * 500
-    # No wait after the last attempt.
-    assert time.monotonic() - started < 0.3 + 0.25
+    # No wait after the last attempt: two back-offs for three attempts.
+    assert waits(caplog) == [0.1, 0.2]
     messages = [rec.getMessage() for rec in caplog.records]
     assert messages.count("Notification failed, retrying") == 2 and messages[-1] == "Notification failed after retries"
     assert caplog.records[-1].error == result.error and caplog.records[-1].attempts == 3
 
 
-def test_429_honours_retry_after(receiver):
+def test_429_honours_retry_after(receiver, caplog):
     r = receiver((429, {"Retry-After": "0.4"}, b"slow down"), (202, {}, b"ok"))
-    result = deliver(r.server.url, base_delay=0.01)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = deliver(r.server.url, base_delay=0.01)
     assert result.ok and result.attempts == 2
-    assert 0.4 <= r.gaps()[0] < 0.6
+    assert waits(caplog) == [0.4] and r.gaps()[0] >= 0.4
 
 
-def test_429_retry_after_is_capped(receiver):
+def test_429_retry_after_is_capped(receiver, caplog):
     r = receiver((429, {"Retry-After": "3600"}, b""), (202, {}, b"ok"))
-    assert deliver(r.server.url, base_delay=0.01, max_retry_after=0.2).ok
-    assert 0.2 <= r.gaps()[0] < 0.4
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        assert deliver(r.server.url, base_delay=0.01, max_retry_after=0.2).ok
+    assert waits(caplog) == [0.2] and r.gaps()[0] >= 0.2
 
 
-@pytest.mark.parametrize("header, low, high", [("soon", 0.15, 0.3), ("-5", 0.0, 0.1)])
-def test_429_with_an_unusable_retry_after_waits_the_back_off_or_not_at_all(receiver, header, low, high):
+@pytest.mark.parametrize("header, wait", [("soon", 0.15), ("-5", 0.0)])
+def test_429_with_an_unusable_retry_after_waits_the_back_off_or_not_at_all(receiver, caplog, header, wait):
     r = receiver((429, {"Retry-After": header}, b""), (202, {}, b"ok"))
-    assert deliver(r.server.url, base_delay=0.15).ok
-    assert low <= r.gaps()[0] < high
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        assert deliver(r.server.url, base_delay=0.15).ok
+    assert waits(caplog) == [wait] and r.gaps()[0] >= wait
 
 
-def test_429_without_retry_after_is_capped_too(receiver):
+def test_429_without_retry_after_is_capped_too(receiver, caplog):
     r = receiver((429, {}, b""), (202, {}, b"ok"))
-    assert deliver(r.server.url, base_delay=5, max_retry_after=0.1).ok
-    assert r.gaps()[0] < 0.3
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        assert deliver(r.server.url, base_delay=5, max_retry_after=0.1).ok
+    assert waits(caplog) == [0.1]
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 499])
@@ -163,20 +175,18 @@ def test_a_refusal_logs_at_most_200_characters_of_the_answer(receiver, caplog):
     assert record.response == "y" * 199 + "…" and result.body == "y" * 300
 
 
-def test_transport_errors_are_retried_then_reported():
-    started = time.monotonic()
-    result = deliver(f"http://127.0.0.1:{free_port()}/hook", attempts=3, base_delay=0.1)
-    elapsed = time.monotonic() - started
+def test_transport_errors_are_retried_then_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = deliver(f"http://127.0.0.1:{free_port()}/hook", attempts=3, base_delay=0.1)
     assert (result.ok, result.status, result.attempts) == (False, None, 3)
     assert result.error.startswith("ConnectionError: ") and len(result.error) <= len("ConnectionError: ") + 200
-    assert 0.3 <= elapsed < 1.5
+    assert waits(caplog) == [0.1, 0.2]
 
 
 def test_a_hanging_receiver_is_bounded_by_the_timeout(receiver):
-    r = receiver("hang")
-    started = time.monotonic()
+    r = receiver("hang")  # answers after 2 s
     result = deliver(r.server.url, attempts=1, timeout=0.3)
-    assert not result.ok and "Timeout" in result.error and time.monotonic() - started < 1.5
+    assert not result.ok and "Timeout" in result.error
 
 
 @pytest.mark.parametrize("timeout, attempts, base_delay, seconds", [
@@ -202,14 +212,14 @@ def test_a_1xx_final_answer_is_not_a_success(receiver):
     assert not result.ok and result.status == 199
 
 
-def test_a_retry_after_is_honoured_on_429_only(receiver):
+def test_a_retry_after_is_honoured_on_429_only(receiver, caplog):
     # A webhook retries a 408 too; its Retry-After is not the rate limit's
     # and must not replace the back-off.
     r = receiver((408, {"Retry-After": "0.6"}, b""), (202, {}, b"ok"))
-    with requests.Session() as http:
+    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
         result = send(http, r.server.url, {}, "webhook", 2.0, 2, 1.0, 0.05, retry=lambda s: s == 408)
     assert result.ok and result.attempts == 2
-    assert r.gaps()[0] < 0.4
+    assert waits(caplog) == [0.05]
 
 
 # The budget below: two attempts of 0.5 s and one back-off of 0.05 s, so after
@@ -224,28 +234,27 @@ def budget_send(url):
 
 def test_a_retry_after_longer_than_the_budget_left_ends_the_attempts(receiver, caplog):
     r = receiver((429, {"Retry-After": "3"}, b"slow down"), (202, {}, b"ok"))
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="delivery"):
         result = budget_send(r.server.url)
     assert result == Delivery(False, 429, 1, "HTTP 429: slow down", "slow down")
-    assert len(r.server.requests) == 1 and time.monotonic() - started < 2.0
+    assert len(r.server.requests) == 1 and waits(caplog) == []
     (record,) = [rec for rec in caplog.records if rec.getMessage() == "Notification retry would exceed its time budget"]
     assert (record.attempt, record.wait_s) == (1, 3.0)
 
 
-def test_a_retry_after_within_the_budget_left_is_waited(receiver):
+def test_a_retry_after_within_the_budget_left_is_waited(receiver, caplog):
     r = receiver((429, {"Retry-After": "0.3"}, b""), (202, {}, b"ok"))
-    result = budget_send(r.server.url)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = budget_send(r.server.url)
     assert result.ok and result.attempts == 2
-    assert 0.3 <= r.gaps()[0] < 1.0
+    assert waits(caplog) == [0.3] and r.gaps()[0] >= 0.3
 
 
 def test_the_last_attempt_neither_waits_nor_warns_of_the_budget(receiver, caplog):
     r = receiver((503, {}, b"down"))
-    started = time.monotonic()
     with caplog.at_level(logging.DEBUG, logger="delivery"):
         result = deliver(r.server.url, attempts=1, base_delay=0.3)
-    assert (result.status, result.attempts) == (503, 1) and time.monotonic() - started < 0.3
+    assert (result.status, result.attempts) == (503, 1)
     assert [rec.getMessage() for rec in caplog.records] == ["Notification failed after retries"]
 
 
