@@ -203,22 +203,3 @@ def test_stored_node_roots_take_the_node_rank_and_back(scratch_url):
         assert ranks() == {"labels": 30, "node": 30, "pod": 0}
     finally:
         engine.dispose()
-
-
-def _ingest_firing_settings(conn) -> list[str] | None:
-    row = conn.execute(sa.text("SELECT proconfig FROM pg_proc WHERE proname = 'ingest_firing'")).first()
-    return None if row is None else list(row[0] or [])
-
-
-def test_the_firing_upsert_is_a_function_planned_once_per_connection_and_leaves_with_0018(scratch_url):
-    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
-    try:
-        migrate.upgrade(scratch_url, "0018")
-        with engine.connect() as conn:
-            # One generic plan kept by the server connection, not one plan per call.
-            assert _ingest_firing_settings(conn) == ["plan_cache_mode=force_generic_plan"]
-        migrate.downgrade(scratch_url, "0017")
-        with engine.connect() as conn:
-            assert _ingest_firing_settings(conn) is None
-    finally:
-        engine.dispose()

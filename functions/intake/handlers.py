@@ -31,7 +31,7 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 # transaction costs (its planning in the database, its round trips here)
 # is what bounds throughput: one writer served 8 connections with 12-23%
 # less CPU per webhook and a lower p99 (wrk, `make bench` section 1's CPU
-# per request). Measured again once the upsert's planning (migration 0018)
+# per request). Measured again once the upsert's planning (then a function)
 # and the scan of alert_flaps were gone, on a loaded machine, two runs
 # each: at 8 connections the ratios to the reference overlapped (wrk 0.41
 # and 0.78 with two writers, 0.64 and 0.42 with one), and at 32 two writers
