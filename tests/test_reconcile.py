@@ -221,6 +221,17 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
         assert _whole_scans(p["Plan"]) == [], p["Query Text"]
 
 
+def root_took_over(engine, incident_id):
+    """Another alert took over as root (migration 0017), and the opening it
+    queued for its root was published."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
+        event = events.incident_event(events.INCIDENT_OPENED, svc.get_incident(conn, incident_id), "/test")
+        event["id"] += ".root1"
+        outbox.enqueue(conn, [event])
+        publish(conn, event["id"], 600)
+
+
 def test_after_a_root_takes_over_the_new_roots_diagnosis_and_remediation_are_watched(clean_db, config):
     """The first root was diagnosed and remediated; another alert took over
     as root (migration 0017) and its own opening was published: its
@@ -231,13 +242,7 @@ def test_after_a_root_takes_over_the_new_roots_diagnosis_and_remediation_are_wat
     complete(clean_db, f"escalated:{incident_id}:0:remediation_failed", incident_id)
     complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
     assert reconcile.run(clean_db, config).reemitted == []
-    with clean_db.begin() as conn:
-        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
-        row = svc.get_incident(conn, incident_id)
-        event = events.incident_event(events.INCIDENT_OPENED, row, "/test")
-        event["id"] += ".root1"
-        outbox.enqueue(conn, [event])
-        publish(conn, event["id"], 600)
+    root_took_over(clean_db, incident_id)
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
     complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.diagnosed.0.root1.r1"]
@@ -284,13 +289,7 @@ def test_a_new_roots_opening_not_told_is_reemitted_and_reported_stuck_per_root(c
     incident_id = open_incident(clean_db, "PagedRoot", priority="P0")
     complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
     complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
-    with clean_db.begin() as conn:
-        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": incident_id})
-        row = svc.get_incident(conn, incident_id)
-        event = events.incident_event(events.INCIDENT_OPENED, row, "/test")
-        event["id"] += ".root1"
-        outbox.enqueue(conn, [event])
-        publish(conn, event["id"], 600)
+    root_took_over(clean_db, incident_id)
     complete(clean_db, f"diagnostics:{incident_id}:0.root1", incident_id)
     complete(clean_db, f"remediation:{incident_id}:0.root1", incident_id, ago=0, done=False)  # running: not missing yet
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.root1.r1"]
