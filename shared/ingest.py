@@ -72,7 +72,10 @@ class RecordResult:
 # written, as the resolve statement and the candidate statement lock
 # theirs: the upsert refreshing a batch's incident before the candidate
 # statement locks a node incident of a lower id deadlocked against a
-# resolve. `held` gates every write of the statement (a one-time filter),
+# resolve. Every batch takes them, not only one that seeks a root: a plain
+# refresh of two incidents locked them in fingerprint order (the order the
+# insert walks) against a resolve of both in id order, and each held the
+# incident the other waited for. `held` gates every write of the statement (a one-time filter),
 # so it is taken first. The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 #
@@ -100,8 +103,7 @@ UPSERT_FIRING = sa.text(compact(
     ),
     held AS MATERIALIZED (
         SELECT i.id FROM incidents i
-        WHERE jsonb_array_length(CAST(:sought AS jsonb)) > 0
-          AND i.id = ANY(ARRAY(
+        WHERE i.id = ANY(ARRAY(
               SELECT incident_id FROM providers
               UNION
               SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))

@@ -248,3 +248,54 @@ def test_resolve_by_fingerprint(clean_db):
         assert svc.resolve_by_fingerprint(conn, opened.fingerprint, SOURCE, "api") is None
         row = svc.get_incident(conn, opened.incident_id)
     assert (row["status"], row["resolved_at"], row["resolved_by"]) == ("resolved", datetime(2026, 11, 27, 12, 0), "alert")
+
+
+def test_a_refresh_and_a_resolve_of_the_same_incidents_lock_them_in_one_order(clean_db):
+    """Two replicas: one refreshes two open incidents (their alerts fire
+    again), the other resolves both. The resolve locks incidents in id
+    order; the refresh must too, whatever order its fingerprints sort in,
+    or each holds the incident the other waits for (40P01, a 503 and a
+    retry of both webhooks)."""
+    from loopback.processes import wait_until
+
+    # Two incidents whose fingerprints sort the opposite way to their ids.
+    for attempt in range(40):
+        first, second = alert("LockOrder", fingerprint=f"lo-{attempt}-a"), alert("LockOrder", fingerprint=f"lo-{attempt}-b")
+        (one,), (two,) = record(clean_db, first).outcomes, record(clean_db, second).outcomes
+        if one.incident_id > two.incident_id:
+            break
+    assert one.incident_id > two.incident_id
+    lower, higher = two.incident_id, one.incident_id
+
+    resolver = clean_db.connect()
+    resolving = resolver.begin()
+    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
+    resolver.execute(lock, {"i": lower})  # a resolve of both, in id order: the lower first
+    errors = []
+
+    def refresh():
+        try:
+            record(clean_db, first, second)
+        except sa.exc.DBAPIError as exc:
+            errors.append(exc)
+
+    def refresh_waits_for_a_lock():
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")).scalar()
+
+    worker = threading.Thread(target=refresh)
+    worker.start()
+    wait_until(refresh_waits_for_a_lock, message="the refresh waiting for a lock the resolve holds")
+    try:
+        resolver.execute(lock, {"i": higher})
+        resolving.commit()
+    except sa.exc.DBAPIError as exc:
+        errors.append(exc)
+        resolving.rollback()
+    worker.join(30)
+    resolver.close()
+    assert not worker.is_alive()
+    assert not errors, [str(e).splitlines()[0] for e in errors]
+    with clean_db.connect() as conn:
+        counts = conn.execute(sa.text("SELECT repeat_count FROM incidents WHERE id IN (:a, :b)"), {"a": lower, "b": higher}).scalars().all()
+    assert counts == [1, 1]
