@@ -412,8 +412,8 @@ def explain(engine, statement, params) -> str:
 
 def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history):
     """Whether a member's incident is active is one primary-key lookup per
-    member, in the upsert's check for offers, the candidate statement and
-    the resolve statement: never the active-fingerprint index filtered on the id, which
+    member, in the upsert's check for offers, the candidate statement, the
+    lock taken before it and the resolve statement: never the active-fingerprint index filtered on the id, which
     visits every active incident for each member after a storm."""
     from shared import ingest
     from shared.correlation import store
@@ -424,8 +424,9 @@ def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history)
                                                           "sought": json.dumps(["node:n8"])})
     candidates = explain(long_history, store.CANDIDATES, {"fps": json.dumps(["zz"]), "seeks": json.dumps(["node:n8"]),
                                                           "provides": "[]"})
+    held = explain(long_history, store.HOLD, {"fps": json.dumps(["zz", "sfp7"]), "seeks": json.dumps(["node:n8"]), "provides": "[]"})
     resolve = explain(long_history, ingest.RESOLVE_MEMBERS, {"rows": json.dumps([{"fingerprint": "zz", "ends_at": None}])})
-    for plan in (upsert, candidates, resolve):
+    for plan in (upsert, candidates, held, resolve):
         assert "incidents_pkey" in plan, plan
         assert "Filter: ((id)::text = " not in plan, plan
         assert "idx_incidents_status" not in plan, plan  # nor a pass over the active incidents by status

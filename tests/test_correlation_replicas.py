@@ -191,3 +191,73 @@ def test_a_pod_batch_and_a_resolve_lock_incidents_in_one_order(clean_db):
         joined = conn.execute(sa.text("SELECT incident_id FROM incident_members WHERE fingerprint = :f"),
                               {"f": batch[1].fingerprint}).scalar()
     assert joined == node_incident.incident_id
+
+
+def test_a_batch_with_a_root_and_a_resolve_lock_incidents_in_one_order(clean_db):
+    """A batch that holds a root (so correlation decides before the upsert)
+    joins a pod to a node incident and refreshes a lone incident of a lower
+    id, while a resolve of both locks them in id order: the batch locks the
+    node incident with its own, in id order, before either, so the two wait
+    for each other instead of deadlocking."""
+    from pathlib import Path
+
+    from shared import incidents as svc
+    from shared.correlation import store
+    from shared.correlation.plan import Correlator
+    from shared.correlation.rules import parse
+    from tests.factories import alert
+    from tests.storms import kp
+
+    root = Path(__file__).resolve().parent.parent
+    corr = Correlator(parse((root / "functions/intake/correlation.yaml").read_text(), "test"))
+
+    def record(alerts):
+        with clean_db.begin() as conn:
+            return svc.record_alerts(conn, alerts, "/t", "alertmanager", plan=corr.plan(alerts, fetch=False)).outcomes
+
+    (node_incident,) = record([kp("KubeNodeNotReady", "m", node="n-mx-1").alert()])
+    for i in range(40):  # a lone incident (no rule concerns it) of a lower id than the node's
+        lone = alert("DiskQuotaLow", volume=f"v-{i}")
+        (own,) = record([lone])
+        if own.incident_id < node_incident.incident_id:
+            break
+    assert own.incident_id < node_incident.incident_id
+    batch = [lone, kp("KubePodNotReady", "m", namespace="mx", pod="web-1", node="n-mx-1").alert(),
+             kp("KubeNodeNotReady", "m", node="n-mx-2").alert()]
+    plan = corr.plan(batch, fetch=False)
+    assert not store.seekers_only(batch, plan)
+
+    resolver = clean_db.connect()
+    resolving = resolver.begin()
+    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
+    resolver.execute(lock, {"i": own.incident_id})  # the resolve locks in id order: the lone one first
+    errors = []
+
+    def intake():
+        try:
+            with clean_db.begin() as conn:
+                svc.record_alerts(conn, batch, "/t", "alertmanager", plan=plan)
+        except sa.exc.DBAPIError as exc:
+            errors.append(exc)
+
+    def intake_waits_for_a_lock():
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")).scalar()
+
+    worker = threading.Thread(target=intake)
+    worker.start()
+    wait_until(intake_waits_for_a_lock, message="the batch waiting for a lock the resolve holds")
+    try:
+        resolver.execute(lock, {"i": node_incident.incident_id})
+        resolving.commit()
+    except sa.exc.DBAPIError as exc:
+        errors.append(exc)
+        resolving.rollback()
+    worker.join(30)
+    resolver.close()
+    assert not worker.is_alive()
+    assert not errors, [str(e).splitlines()[0] for e in errors]
+    with clean_db.connect() as conn:
+        joined = conn.execute(sa.text("SELECT incident_id FROM incident_members WHERE fingerprint = :f"),
+                              {"f": batch[1].fingerprint}).scalar()
+    assert joined == node_incident.incident_id

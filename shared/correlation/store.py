@@ -72,6 +72,33 @@ CANDIDATES = sa.text(compact(
     """
 ))
 
+# Taken just before CANDIDATES, in its round trip: the incidents it will
+# lock and every active incident of the batch's own alerts (rule-less ones
+# too), together, in id order. CANDIDATES locks only the first, and the
+# upsert that follows the decision locks the second: two id-ordered runs,
+# not one, so a batch holding a root that locked a node incident, then
+# waited for its lone incident of a lower id, deadlocked against a resolve
+# of both (which locks in id order). Found as CANDIDATES finds them: members
+# first, then each incident by primary key.
+HOLD = sa.text(compact(
+    """
+    SELECT count(*) FROM (
+        SELECT i.id FROM incidents i
+        WHERE i.id = ANY(ARRAY(
+              SELECT incident_id FROM incident_members
+              WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
+                 OR (provides <> '{}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:seeks AS jsonb))))
+                 OR (seeks <> '{}' AND seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb))))
+              UNION
+              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
+                AND CAST(a.status AS text) IN ('open', 'investigating')))
+          AND CAST(i.status AS text) IN ('open', 'investigating')
+        ORDER BY i.id
+        FOR UPDATE
+    ) AS held
+    """
+))
+
 INSERT_MEMBERS = sa.text(compact(
     f"""
     INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at,
@@ -244,6 +271,8 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     provides = sorted({k for a in keyed for k in plan[a.fingerprint].provides})
     fps = sorted(a.fingerprint for a in keyed)
     lock(conn, keyed, plan)
+    db.later(conn, HOLD, {"fps": json.dumps(sorted({a.fingerprint for a in alerts})), "seeks": json.dumps(seeks),
+                          "provides": json.dumps(provides)})
     found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
                                       "provides": json.dumps(provides)}).mappings().all()
     rows = [r for r in found if not r["lone_root"]]
