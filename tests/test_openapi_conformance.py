@@ -32,7 +32,7 @@ def servers(base_env, engine):
 
 
 @schema.parametrize()
-@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 def test_every_response_conforms_and_none_is_a_server_error(case, servers):
     server = servers["intake"] if case.path.startswith("/webhook/") else servers["query"]
