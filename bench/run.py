@@ -111,8 +111,11 @@ WARM_UP_SECONDS = 3.0
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a server's process tree: gunicorn master and workers."""
+    return _proc_cpu([pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()])
+
+
+def _proc_cpu(pids) -> float:
     total = 0
-    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
@@ -122,7 +125,25 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | None = None) -> dict:
+def database_cpu(engine) -> dict[int, float]:
+    """CPU seconds so far of every server process connected to the bench's
+    database (this connection's aside), by pid: PostgreSQL's share of what
+    a request costs, which the server's own CPU leaves out."""
+    with engine.connect() as conn:
+        pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND pid <> pg_backend_pid()")).scalars().all()
+    return {p: _proc_cpu([p]) for p in pids}
+
+
+def database_cpu_since(engine, before: dict[int, float]) -> float:
+    """CPU seconds the database's server processes used since ``before``
+    (a process that started since counts whole; one that ended is lost,
+    which the pools' steady connections make rare)."""
+    now = database_cpu(engine)
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
+
+
+def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | None = None, engine=None) -> dict:
     """wrk, one thread, ``connections`` kept-alive connections, one new alert
     per webhook (bench/wrk_new_alert.lua); percentiles from wrk's own
     histogram, which records every request (no coordinated sampling). With
@@ -130,6 +151,7 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
     machine the share of the CPU a run gets varies from run to run, the CPU
     each request costs much less."""
     before = cpu_seconds(pid) if pid else None
+    db_before = database_cpu(engine) if engine is not None else None
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("make bench needs wrk (scripts/ensure-system-packages.sh installs it)")
@@ -140,8 +162,9 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
         raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
     data = json.loads(line.split(" ", 1)[1])
     cpu_ms = (cpu_seconds(pid) - before) * 1000 / max(1, data["requests"]) if pid else float("nan")
+    db_ms = database_cpu_since(engine, db_before) * 1000 / max(1, data["requests"]) if engine is not None else float("nan")
     return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50": data["p50_us"] / 1000, "p99": data["p99_us"] / 1000,
-            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms}
+            "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms, "db_ms": db_ms}
 
 
 def gunicorn_env(extra: dict) -> dict:
@@ -191,6 +214,8 @@ def pgbench(database_url: str, clients: int, seconds: int = 8) -> float:
 def throughput(database_url: str, engine) -> list[str]:
     env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"})
     intake = FunctionProcess("intake", env, threads=THREADS).start()
+    # As knative/base/services.yaml runs it: one worker, THREADS threads.
+    deployed = FunctionProcess("intake", {**env, "WORKERS": "1"}, threads=THREADS).start()
     reference = reference_server(database_url)
     try:
         # Warm-up, not measured: gunicorn's workers each build their handlers
@@ -201,15 +226,19 @@ def throughput(database_url: str, engine) -> list[str]:
         # connection wrk's latency correction turned one such request into a
         # p99 of half a second, and its CPU into double the CPU per request.
         # Cold start is section 5's measure; this one is the steady state.
-        for server in (intake, reference):
+        for server in (intake, deployed, reference):
             wrk(server.url + "/webhook/alert", WARM_UP_CONNECTIONS, WARM_UP_SECONDS)
         # wrk first: rounds alternate intake and reference at each connection
         # count, so both see the same machine load; the median round is kept.
         by_wrk: dict[tuple[str, int], list[dict]] = {}
         for _ in range(WRK_ROUNDS):
             for connections in WRK_CONNECTIONS:
-                for label, server, pid in (("intake", intake, intake.process.pid), ("reference", reference, reference.pid)):
-                    by_wrk.setdefault((label, connections), []).append(wrk(server.url + "/webhook/alert", connections, pid=pid))
+                servers = [("intake", intake, intake.process.pid), ("reference", reference, reference.pid)]
+                if connections == CONCURRENCY:
+                    servers.insert(1, ("intake, 1 worker", deployed, deployed.process.pid))
+                for label, server, pid in servers:
+                    by_wrk.setdefault((label, connections), []).append(
+                        wrk(server.url + "/webhook/alert", connections, pid=pid, engine=engine))
         run = uuid.uuid4().hex[:6]
         new = lambda i: webhook([alert("BenchNew", run=run, i=str(i))])  # noqa: E731
         intake_new = load(intake.url + "/webhook/alert", new)
@@ -221,6 +250,7 @@ def throughput(database_url: str, engine) -> list[str]:
         ref_dup = load(reference.url + "/webhook/alert", lambda i: ref_dup_body)
     finally:
         reference.terminate()
+        deployed.stop()
         intake.stop()
     pg1, pg4 = pgbench(database_url, 1), pgbench(database_url, 4)
     rows = [
@@ -243,18 +273,25 @@ def throughput(database_url: str, engine) -> list[str]:
              f"{WARM_UP_SECONDS:g} s of warm-up at {WARM_UP_CONNECTIONS} connections for each server, not counted, so every worker "
              "has built its handlers and opened its connections; the round "
              "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
-             "(bench/wrk_new_alert.lua), same servers as above. CPU ms/req: the server's processes' CPU time during the run "
-             "÷ its requests, the median of the rounds (steadier than req/s on a shared machine).", "",
-             "| Connections | intake req/s | intake p50 ms | intake p99 ms | reference req/s | reference p99 ms | errors | intake ÷ reference "
-             "| intake CPU ms/req | reference CPU ms/req |",
+             "(bench/wrk_new_alert.lua), same servers as above; at "
+             f"{CONCURRENCY} connections also the intake as the Knative manifests run it, one worker of {THREADS} threads. "
+             "CPU ms/req, the median of the rounds (steadier than req/s on a shared machine): *server*, its processes' CPU "
+             "time during the run ÷ its requests; *database*, the CPU time of the PostgreSQL server processes connected to the "
+             "bench's database over the same run ÷ the same requests. On 2 cores the two together bound the throughput.", "",
+             "| Connections | server | req/s | p50 ms | p99 ms | errors | ÷ reference | server CPU ms/req | database CPU ms/req "
+             "| all CPU ms/req |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for connections in WRK_CONNECTIONS:
-        mine, theirs = by_wrk[("intake", connections)], by_wrk[("reference", connections)]
-        a, b = _median_run(mine), _median_run(theirs)
-        errors = sum(r["errors"] for r in mine + theirs)
-        rows.append(f"| {connections} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in mine):.1f} | {b['rps']:.0f} | "
-                    f"{max(r['p99'] for r in theirs):.1f} | {errors} | {a['rps'] / b['rps']:.2f} | "
-                    f"{statistics.median(r['cpu_ms'] for r in mine):.2f} | {statistics.median(r['cpu_ms'] for r in theirs):.2f} |")
+        theirs = _median_run(by_wrk[("reference", connections)])
+        for label in ("intake", "intake, 1 worker", "reference"):
+            runs = by_wrk.get((label, connections))
+            if not runs:
+                continue
+            a = _median_run(runs)
+            server_ms, db_ms = statistics.median(r["cpu_ms"] for r in runs), statistics.median(r["db_ms"] for r in runs)
+            rows.append(f"| {connections} | {label} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in runs):.1f} | "
+                        f"{sum(r['errors'] for r in runs)} | {a['rps'] / theirs['rps']:.2f} | {server_ms:.2f} | {db_ms:.2f} | "
+                        f"{server_ms + db_ms:.2f} |")
     rows += ["", "Every round: " + "; ".join(
         f"{label} N={c}: " + ", ".join(f"{r['rps']:.0f}/s p99 {r['p99']:.0f} ms" for r in runs) for (label, c), runs in by_wrk.items()), ""]
     return rows
