@@ -64,6 +64,25 @@ def test_pods_join_their_node_with_a_reason_on_the_timeline(clean_db, kube):
     assert len(incident(clean_db, root.incident_id)[2]) == 3
 
 
+
+def test_a_member_stays_a_member_once_no_rule_concerns_it(clean_db, kube):
+    """Rules change between deliveries: a pod that joined its node's
+    incident, delivered again when no rule concerns it any more (the plain
+    upsert, without the offers), still refreshes its membership instead of
+    opening an incident of its own."""
+    c = Cluster(kube, "unruled")
+    node = c.node("ip-10-0-3-40")
+    (pod,) = c.deployment("cart", [node])
+    corr = correlator(kube)
+    root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node)]).outcomes[0]
+    member = kp("KubePodNotReady", "n", namespace="unruled", pod=pod)
+    assert record(clean_db, corr, [member]).outcomes[0].action == "joined"
+    with clean_db.begin() as conn:
+        (again,) = svc.record_alerts(conn, [member.alert()], SOURCE, "alertmanager", plan=None).outcomes
+    assert (again.action, again.incident_id) == ("refreshed", root.incident_id)
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar() == 1
+
 def test_incident_resolves_only_when_every_member_has(clean_db, kube):
     c = Cluster(kube, "resolve")
     node = c.node("ip-10-0-20-1")
