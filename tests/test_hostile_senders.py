@@ -1,0 +1,123 @@
+"""What other senders and hostile ones post to every function, over real
+HTTP: a CloudEvent the SDK cannot read, JSON no parser limit was set for,
+numbers out of every range. Each is a 4xx naming the problem (the Broker
+drops a 400 for good instead of retrying it into the dead-letter sink), never
+a 500 with a traceback."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import requests
+
+from loopback.processes import FunctionProcess
+from loopback.servers import RecordingServer
+from shared import events
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert, raw_alert, webhook
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+JSON = {"Content-Type": "application/json"}
+STRUCTURED = {"Content-Type": "application/cloudevents+json"}
+# The event type each function's Trigger delivers to it.
+EVENT_TYPES = {
+    "intake": events.INCIDENT_REPORT,
+    "diagnostics": events.INCIDENT_OPENED,
+    "remediation": events.INCIDENT_DIAGNOSED,
+    "escalation": events.INCIDENT_OPENED,
+}
+HUGE_INTEGER = "9" * 5000  # json.loads refuses more than 4300 digits with a bare ValueError
+
+
+@pytest.fixture(scope="module")
+def broker():
+    server = RecordingServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def functions(base_env, broker):
+    env = {**base_env, "K_SINK": broker.url + "/default/default", "REMEDIATION_MODE": "off"}
+    started = {}
+    try:
+        for name in (*EVENT_TYPES, "query"):
+            started[name] = FunctionProcess(name, env, threads=2).start()
+        yield started
+    finally:
+        for proc in started.values():
+            proc.stop()
+
+
+@pytest.fixture
+def incident_id(clean_db):
+    with clean_db.begin() as conn:
+        return svc.record_alerts(conn, [alert("HostileSender", priority="P0")], "/t", "t").outcomes[0].incident_id
+
+
+def assert_4xx(response, *words):
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    message = response.json()["message"]
+    for word in words:
+        assert word in message, message
+
+
+def good_data(name: str, incident_id: str) -> dict:
+    return {"alert_name": "HostileSender", "priority": "P1"} if name == "intake" else {"incident_id": incident_id}
+
+
+def structured_event(name: str, incident_id: str, **attributes) -> dict:
+    return {"specversion": "1.0", "type": EVENT_TYPES[name], "source": "/hostile", "id": str(uuid.uuid4()),
+            "datacontenttype": "application/json", "data": good_data(name, incident_id), **attributes}
+
+
+# --------------------------------------------------------------------------- CloudEvents the SDK lets through
+
+@pytest.mark.parametrize("name", list(EVENT_TYPES))
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("null id", ("id",)),
+        ("not UTF-8", ()),
+        ("huge integer", ("digits",)),
+    ],
+)
+def test_a_structured_event_the_sdk_cannot_read_is_400(functions, incident_id, name, case, words):
+    event = structured_event(name, incident_id)
+    if case == "null id":
+        body = json.dumps({**event, "id": None}).encode()
+    elif case == "not UTF-8":
+        body = b"\xff\xfe{"
+    else:
+        body = json.dumps(event)[:-1].encode() + b', "x": ' + HUGE_INTEGER.encode() + b"}"
+    response = requests.post(functions[name].url + "/", data=body, headers={**AUTH, **STRUCTURED}, timeout=30)
+    assert_4xx(response, "CloudEvent", *words)
+    assert "Traceback" not in functions[name].logs()
+
+
+@pytest.mark.parametrize("name", list(EVENT_TYPES))
+@pytest.mark.parametrize("attribute", ["id", "source"])
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_empty_required_attribute_is_400(functions, incident_id, name, attribute, mode):
+    """CloudEvents 1.0: id and source are non-empty strings (an event with
+    an empty id cannot be told from another of the same source); the SDK
+    takes both empty."""
+    event = structured_event(name, incident_id, **{attribute: ""})
+    if mode == "structured":
+        response = requests.post(functions[name].url + "/", data=json.dumps(event), headers={**AUTH, **STRUCTURED}, timeout=30)
+    else:
+        headers = {f"ce-{k}": v for k, v in event.items() if k not in ("data", "datacontenttype")}
+        response = requests.post(functions[name].url + "/", data=json.dumps(event["data"]), headers={**AUTH, **JSON, **headers},
+                                 timeout=30)
+    assert_4xx(response, attribute, "empty")
+
+
+def test_an_infinite_root_generation_is_400(functions, incident_id):
+    # Python's json reads 1e400 as float('inf'), which int() refuses with OverflowError.
+    body = '{"incident_id": "%s", "root_generation": 1e400}' % incident_id
+    headers = {"ce-specversion": "1.0", "ce-type": events.INCIDENT_OPENED, "ce-source": "/hostile", "ce-id": "inf", **JSON}
+    response = requests.post(functions["escalation"].url + "/", data=body, headers=headers, timeout=30)
+    assert_4xx(response, "root_generation")
