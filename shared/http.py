@@ -237,6 +237,10 @@ def parse_json_body(request: Request, limit: int, allow_empty: bool = False) -> 
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
+    except ValueError as exc:
+        # An integer of more digits than int() converts (4300): json.loads
+        # raises a plain ValueError, not a JSONDecodeError.
+        raise BadRequest(f"the body is not valid JSON: {str(exc).split(';')[0]}") from None
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

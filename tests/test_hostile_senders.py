@@ -121,3 +121,19 @@ def test_an_infinite_root_generation_is_400(functions, incident_id):
     headers = {"ce-specversion": "1.0", "ce-type": events.INCIDENT_OPENED, "ce-source": "/hostile", "ce-id": "inf", **JSON}
     response = requests.post(functions["escalation"].url + "/", data=body, headers=headers, timeout=30)
     assert_4xx(response, "root_generation")
+
+
+# --------------------------------------------------------------------------- JSON bodies
+
+def test_a_webhook_with_an_over_long_integer_is_400_naming_it(functions, clean_db):
+    payload = json.dumps(webhook([raw_alert("HugeNumber")]))
+    body = payload.replace('"alerts": [', '"padding": ' + HUGE_INTEGER + ', "alerts": [', 1).encode()
+    assert b"padding" in body
+    response = requests.post(functions["intake"].url + "/webhook/alert", data=body, headers={**AUTH, **JSON}, timeout=30)
+    assert_4xx(response, "JSON", "digits")
+
+
+def test_a_patch_with_an_over_long_integer_is_400_naming_it(functions, incident_id):
+    body = b'{"status": "investigating", "note": ' + HUGE_INTEGER.encode() + b"}"
+    response = requests.patch(functions["query"].url + f"/incidents/{incident_id}", data=body, headers={**AUTH, **JSON}, timeout=30)
+    assert_4xx(response, "JSON", "digits")
