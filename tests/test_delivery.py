@@ -133,7 +133,7 @@ def test_429_retry_after_is_capped(receiver, caplog):
     assert waits(caplog) == [0.2] and r.gaps()[0] >= 0.2
 
 
-@pytest.mark.parametrize("header, wait", [("soon", 0.15), ("-5", 0.0)])
+@pytest.mark.parametrize("header, wait", [("soon", 0.15), ("-5", 0.0), ("nan", 0.15), ("NaN", 0.15)])
 def test_429_with_an_unusable_retry_after_waits_the_back_off_or_not_at_all(receiver, caplog, header, wait):
     r = receiver((429, {"Retry-After": header}, b""), (202, {}, b"ok"))
     with caplog.at_level(logging.WARNING, logger="delivery"):

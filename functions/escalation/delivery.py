@@ -13,6 +13,7 @@ and a Slack webhook URL is the secret itself.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -78,9 +79,13 @@ def _reason(exc: BaseException) -> BaseException | None:
 def _retry_after(response: requests.Response, fallback: float, cap: float) -> float:
     raw = response.headers.get("Retry-After", "")
     try:
-        return min(max(float(raw), 0.0), cap)
+        seconds = float(raw)
     except ValueError:
+        seconds = math.nan
+    if math.isnan(seconds):
+        # "nan" parses, and time.sleep() refuses it: unusable, like "soon".
         return min(fallback, cap)
+    return min(max(seconds, 0.0), cap)
 
 
 def _retry_by_default(status: int) -> bool:
