@@ -166,6 +166,17 @@ def test_3xx_is_not_a_success(receiver, status):
     assert not result.ok and result.status == status
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_an_answer_never_followed_into_a_success(receiver, status):
+    # Followed, a 302 turned the POST into a GET whose 200 (a proxy's sign-in
+    # page) counted as the page accepted, and a 307 re-posted the payload
+    # (PagerDuty's routing key is in it) to wherever Location pointed.
+    r = receiver((status, {"Location": "/elsewhere"}, b""), (200, {}, b"<html>Sign in</html>"))
+    result = deliver(r.server.url, attempts=1)
+    assert not result.ok and result.status == status
+    assert [(req.method, req.path) for req in r.server.received()] == [("POST", "/")]
+
+
 def test_a_refusal_logs_at_most_200_characters_of_the_answer(receiver, caplog):
     r = receiver((400, {}, b"y" * 300))
     with caplog.at_level(logging.ERROR, logger="delivery"):

@@ -111,10 +111,13 @@ def send(
     last = Delivery(False, None, 0, "not attempted")
     for attempt in range(1, max_attempts + 1):
         try:
+            # Never follow a redirect: requests turns a POST answered 301/302
+            # into a GET, whose 200 (a login page) is no page accepted, and a
+            # 307 re-posts the routing key in the body to wherever it points.
             if isinstance(payload, bytes):
-                response = http.post(url, data=payload, headers=headers, timeout=timeout)
+                response = http.post(url, data=payload, headers=headers, timeout=timeout, allow_redirects=False)
             else:
-                response = http.post(url, json=payload, headers=headers, timeout=timeout)
+                response = http.post(url, json=payload, headers=headers, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
             last = Delivery(False, None, attempt, describe_failure(exc, timeout))
             wait = delay
