@@ -137,3 +137,18 @@ def test_a_patch_with_an_over_long_integer_is_400_naming_it(functions, incident_
     body = b'{"status": "investigating", "note": ' + HUGE_INTEGER.encode() + b"}"
     response = requests.patch(functions["query"].url + f"/incidents/{incident_id}", data=body, headers={**AUTH, **JSON}, timeout=30)
     assert_4xx(response, "JSON", "digits")
+
+
+# --------------------------------------------------------------------------- times from other senders
+
+@pytest.mark.parametrize("field, value", [("endsAt", "0000-12-31T19:03:58-04:56"), ("startsAt", "0000-12-31T19:00:00-05:00")])
+def test_go_zero_time_written_west_of_utc_means_not_set(functions, clean_db, field, value):
+    """A relay that re-marshals AlertManager's zero endsAt in its local zone
+    writes year 0, which Python cannot hold: the firing alert was rejected
+    (400, never retried), not stored."""
+    response = requests.post(functions["intake"].url + "/webhook/alert", headers={**AUTH, **JSON}, timeout=30,
+                             data=json.dumps(webhook([{**raw_alert("ZeroTimeWest"), field: value}])))
+    assert response.status_code == 200 and response.json()["counts"] == {"created": 1}, response.text
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, response.json()["results"][0]["incident_id"])
+    assert row["status"] == "open"
