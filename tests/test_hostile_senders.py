@@ -7,7 +7,9 @@ a 500 with a traceback."""
 from __future__ import annotations
 
 import json
+import socket
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -44,7 +46,7 @@ def functions(base_env, broker):
     env = {**base_env, "K_SINK": broker.url + "/default/default", "REMEDIATION_MODE": "off"}
     started = {}
     try:
-        for name in (*EVENT_TYPES, "query"):
+        for name in (*EVENT_TYPES, "query", "deadletter"):
             started[name] = FunctionProcess(name, env, threads=2).start()
         yield started
     finally:
@@ -152,3 +154,39 @@ def test_go_zero_time_written_west_of_utc_means_not_set(functions, clean_db, fie
     with clean_db.connect() as conn:
         row = svc.get_incident(conn, response.json()["results"][0]["incident_id"])
     assert row["status"] == "open"
+
+
+# --------------------------------------------------------------------------- malformed HTTP framing
+
+def raw_status(url: str, request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library frames a body this badly),
+    then half-close: the status code and the body of the answer."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+BAD_CHUNKS = {
+    "chunk size not hex": b"ZZ\r\nabc\r\n0\r\n\r\n",
+    "stream ends before the last chunk": b"5\r\nabcde\r\n",
+    "chunk without its terminator": b"3\r\nabcXY0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name, path", [("intake", "/webhook/alert"), ("intake", "/webhook/grafana"), ("query", "/incidents/{id}"),
+                                        ("escalation", "/"), ("deadletter", "/")])
+@pytest.mark.parametrize("chunks", list(BAD_CHUNKS), ids=list(BAD_CHUNKS))
+def test_a_malformed_chunked_body_is_400_not_500(functions, incident_id, name, path, chunks):
+    method = "PATCH" if name == "query" else "POST"
+    head = (f"{method} {path.format(id=incident_id)} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+            "Content-Type: application/json\r\nce-specversion: 1.0\r\nce-id: chunked\r\nce-source: /hostile\r\n"
+            f"ce-type: {events.INCIDENT_OPENED}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    status, body = raw_status(functions[name].url, head + BAD_CHUNKS[chunks])
+    assert 400 <= status < 500, (status, body[:300])
+    assert "Unhandled error" not in functions[name].logs()
