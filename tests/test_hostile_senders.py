@@ -7,7 +7,9 @@ a 500 with a traceback."""
 from __future__ import annotations
 
 import json
+import random
 import socket
+import string
 import uuid
 from urllib.parse import urlsplit
 
@@ -154,6 +156,33 @@ def test_go_zero_time_written_west_of_utc_means_not_set(functions, clean_db, fie
     with clean_db.connect() as conn:
         row = svc.get_incident(conn, response.json()["results"][0]["incident_id"])
     assert row["status"] == "open"
+
+
+# --------------------------------------------------------------------------- labels no Kubernetes object has
+
+def incompressible(length: int) -> str:
+    # PostgreSQL compresses a long index entry: a run of one letter fits.
+    rng = random.Random(length)
+    return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(length))
+
+
+@pytest.mark.parametrize("name, labels", [
+    ("KubeNodeNotReady", {"node": incompressible(5000)}),
+    ("NodeFilesystemAlmostOutOfSpace", {"instance": incompressible(5000) + ":9100"}),
+    ("KubeDeploymentReplicasMismatch", {"namespace": "production", "deployment": incompressible(5000)}),
+    ("KubePodCrashLooping", {"namespace": "production", "pod": "api-1", "node": incompressible(5000)}),
+])
+def test_a_correlation_label_longer_than_any_kubernetes_name_is_stored_not_retried_forever(functions, clean_db, name, labels):
+    """The shipped correlation rules make a key of the node or workload
+    label; one over the GIN index's 2712 bytes failed the transaction
+    (500), and AlertManager retried the alert forever without it ever
+    opening an incident."""
+    response = requests.post(functions["intake"].url + "/webhook/alert", headers={**AUTH, **JSON}, timeout=30,
+                             data=json.dumps(webhook([raw_alert(name, **labels)])))
+    assert response.status_code == 200 and response.json()["counts"] == {"created": 1}, response.text[:300]
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, response.json()["results"][0]["incident_id"])
+    assert row["alert_name"] == name and row["labels"] == {"alertname": name, "severity": "critical", **labels}
 
 
 # --------------------------------------------------------------------------- malformed HTTP framing
