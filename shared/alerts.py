@@ -189,7 +189,10 @@ def parse_time(value: Any, path: str) -> datetime | None:
         return None
     if not isinstance(value, str):
         raise InvalidPayload(path, "must be an RFC 3339 time string")
-    if value.startswith("0001-01-01"):
+    if value.startswith(("0001-01-01", "0000-")):
+        # Go's zero time; a relay that writes it in a zone west of UTC puts it
+        # in year 0 ("0000-12-31T19:03:58-04:56", New York's local mean
+        # time), which Python cannot hold.
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("z", "Z"))

@@ -162,12 +162,13 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
     import requests
 
     headers = {"Content-Type": STRUCTURED}
+    # Redirects are not followed (shared.outbox.post_event says why).
     try:
         try:
-            response = http.post(sink, data=body, headers=headers, timeout=timeout)
+            response = http.post(sink, data=body, headers=headers, timeout=timeout, allow_redirects=False)
         except requests.ConnectionError:
             # A kept-alive connection the Broker closed fails on first use.
-            response = http.post(sink, data=body, headers=headers, timeout=timeout)
+            response = http.post(sink, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         return clip(f"{type(exc).__name__}: the Broker could not be reached", 300)
     if 200 <= response.status_code < 300:

@@ -93,9 +93,17 @@ def to_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
 def parse_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     """A received CloudEvent (binary or structured); ``BadRequest`` if it is not one."""
     try:
-        return from_http(decode_headers(dict(headers)), body)
+        event = from_http(decode_headers(dict(headers)), body)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {exc}") from None
+    except ValueError as exc:
+        # The SDK lets these through for a structured event: a null required
+        # attribute, a body that is not UTF-8, an integer over int()'s digits.
+        raise BadRequest(f"not a valid CloudEvent: {str(exc).split(';')[0][:200]}") from None
+    for attribute in ("id", "source", "type"):
+        if not str(event[attribute]):
+            raise BadRequest(f"not a valid CloudEvent: the {attribute} attribute is empty")
+    return event
 
 
 def receive(request: Request, accepted_types: tuple[str, ...]) -> CloudEvent:
@@ -121,7 +129,7 @@ def root_generation_of(event: CloudEvent) -> int:
     value = data.get("root_generation") if isinstance(data, dict) else None
     try:
         return max(int(value or 0), 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequest("data.root_generation must be a whole number") from None
 
 

@@ -116,6 +116,14 @@ def _database_error(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.SQLAlchemyError)
 
 
+def _malformed_body(exc: BaseException) -> bool:
+    # gunicorn parses a chunked body as the handler reads it: a chunk size
+    # that is not hex, a missing terminator, or a stream that ends before its
+    # last chunk is raised from request.stream.read(), the sender's fault.
+    errors = sys.modules.get("gunicorn.http.errors")
+    return errors is not None and isinstance(exc, (errors.ParseException, errors.NoMoreData))
+
+
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
         json.dumps(body, default=json_default, ensure_ascii=False),
@@ -237,6 +245,10 @@ def parse_json_body(request: Request, limit: int, allow_empty: bool = False) -> 
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
+    except ValueError as exc:
+        # An integer of more digits than int() converts (4300): json.loads
+        # raises a plain ValueError, not a JSONDecodeError.
+        raise BadRequest(f"the body is not valid JSON: {str(exc).split(';')[0]}") from None
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -296,6 +308,10 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             log.error("Request failed", extra={"path": path, "error": exc.message, "status": exc.status})
         return json_response(exc.body(), exc.status, {"Retry-After": "5"} if exc.status == 503 else None)
     except Exception as exc:  # last resort: log it, answer 500 (503 if transient), keep serving
+        if _malformed_body(exc):
+            log.warning("Malformed request body", extra={"path": path, "method": request.method, "error": type(exc).__name__})
+            err = BadRequest(f"the request body is malformed ({type(exc).__name__}): its chunked encoding cannot be read")
+            return json_response(err.body(), err.status)
         if not _database_error(exc):
             log.exception("Unhandled error", extra={"path": path, "service": service})
             return json_response(ApiError("internal error").body(), 500)

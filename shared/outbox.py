@@ -112,13 +112,16 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
     import requests  # a sending process only: the others write the outbox and never send
 
     headers, body = eventio.to_http(event)
+    # A redirect is an answer, not a delivery: followed, a 302 would turn the
+    # POST into a GET whose 200 marked the event published though no Broker
+    # took it.
     try:
-        response = http.post(sink, headers=headers, data=body, timeout=timeout)
+        response = http.post(sink, headers=headers, data=body, timeout=timeout, allow_redirects=False)
     except requests.ConnectionError:
         # A pooled keep-alive connection the Broker has closed fails on first
         # use; one fresh attempt tells that apart from a Broker that is down.
         # The event id is stable, so a rare double delivery is recognisable.
-        response = http.post(sink, headers=headers, data=body, timeout=timeout)
+        response = http.post(sink, headers=headers, data=body, timeout=timeout, allow_redirects=False)
     if not 200 <= response.status_code < 300:
         raise BrokerAnswered(f"broker answered {response.status_code}: {response.text[:200]}")
 

@@ -243,6 +243,13 @@ def test_the_reference_verification_refuses_tampering_and_stale_timestamps():
     assert not webhook_channel.verify("k", "v1=" + header.split("v1=")[1], body, now=1_700_000_000)
 
 
+@pytest.mark.parametrize("forged", ["t=1700000000,v1=\u00e9", "t=1700000000,v1=\ud800", "t=" + "9" * 5000 + ",v1=00", "t=1e3,v1=00"])
+def test_the_reference_verification_refuses_a_forged_header_without_raising(forged):
+    # compare_digest raised TypeError on a non-ASCII signature: a receiver
+    # built on it answered 500 to a forger instead of refusing.
+    assert not webhook_channel.verify("k", forged, b"{}", now=1_700_000_000)
+
+
 # --------------------------------------------------------------------------- settings
 
 

@@ -121,6 +121,19 @@ def test_a_broker_that_refuses_the_redelivery_is_a_502_and_recorded(world, broke
     assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").json()["sent"] is True
 
 
+def test_a_broker_that_redirects_the_redelivery_is_a_502_not_a_redelivery(world, broker, clean_db):
+    # Followed, the 302 made the POST a GET, and the sign-in page's 200
+    # marked the letter redelivered though no Broker took it.
+    deadletter, query = world
+    dead_letter(deadletter, "ev-redirected", data={"x": 1})
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    broker.responder = lambda r: (302, {"Location": "/sign-in"}, b"") if r.method == "POST" else (200, {}, b"<html>Sign in</html>")
+    response = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    assert response.status_code == 502 and "302" in response.json()["message"], response.text
+    assert response.json()["dead_letter"]["redelivery_status"] == "failed"
+    assert [r.method for r in broker.received()] == ["POST"]
+
+
 def test_filters_and_keyset_pages(world, clean_db):
     deadletter, query = world
     incident_id = seed(clean_db)

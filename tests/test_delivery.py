@@ -133,7 +133,7 @@ def test_429_retry_after_is_capped(receiver, caplog):
     assert waits(caplog) == [0.2] and r.gaps()[0] >= 0.2
 
 
-@pytest.mark.parametrize("header, wait", [("soon", 0.15), ("-5", 0.0)])
+@pytest.mark.parametrize("header, wait", [("soon", 0.15), ("-5", 0.0), ("nan", 0.15), ("NaN", 0.15)])
 def test_429_with_an_unusable_retry_after_waits_the_back_off_or_not_at_all(receiver, caplog, header, wait):
     r = receiver((429, {"Retry-After": header}, b""), (202, {}, b"ok"))
     with caplog.at_level(logging.WARNING, logger="delivery"):
@@ -164,6 +164,17 @@ def test_3xx_is_not_a_success(receiver, status):
     r = receiver((status, {}, b""))
     result = deliver(r.server.url, attempts=1)
     assert not result.ok and result.status == status
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_an_answer_never_followed_into_a_success(receiver, status):
+    # Followed, a 302 turned the POST into a GET whose 200 (a proxy's sign-in
+    # page) counted as the page accepted, and a 307 re-posted the payload
+    # (PagerDuty's routing key is in it) to wherever Location pointed.
+    r = receiver((status, {"Location": "/elsewhere"}, b""), (200, {}, b"<html>Sign in</html>"))
+    result = deliver(r.server.url, attempts=1)
+    assert not result.ok and result.status == status
+    assert [(req.method, req.path) for req in r.server.received()] == [("POST", "/")]
 
 
 def test_a_refusal_logs_at_most_200_characters_of_the_answer(receiver, caplog):

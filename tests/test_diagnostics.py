@@ -1,6 +1,9 @@
 """Diagnostics over real HTTP against a real Prometheus and a loopback
 Kubernetes API reached through the official client."""
 
+from dataclasses import replace
+from datetime import datetime
+
 import pytest
 import requests
 from cloudevents.conversion import to_binary
@@ -118,6 +121,19 @@ def test_prometheus_down_and_kubernetes_403_are_recorded_and_the_function_answer
     assert "403" in d["pods"]["error"], d
     assert "ConnectionError" in d["metrics"]["availability"]["error"]
     assert "error" in d["dependencies"]["kafka"]
+
+
+def test_an_alert_that_started_in_the_first_hour_of_year_one_is_diagnosed_not_a_500(degraded, cluster, clean_db):
+    # A zero time written in a zone east of UTC ("0001-01-02T00:10:00+23:59")
+    # is 00:11 UTC on 1 January of year 1, and the lookback before it was out
+    # of range: an OverflowError's 500 on every redelivery, never a diagnosis.
+    ancient = replace(alert("EmailServiceDown", service="email", namespace="production"), starts_at=datetime(1, 1, 1, 0, 11))
+    with clean_db.begin() as conn:
+        incident = svc.get_incident(conn, svc.record_alerts(conn, [ancient], "/test", "test").outcomes[0].incident_id)
+    response = deliver(degraded, incident)
+    assert response.status_code == 200, response.text
+    row, _ = stored(clean_db, incident["id"])
+    assert row["diagnostics"]["window"]["from"].startswith("0001-01-01T00:00:00"), row["diagnostics"]["window"]
 
 
 def test_a_hanging_probe_is_bounded_by_its_timeout(degraded, cluster, clean_db):

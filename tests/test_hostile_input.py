@@ -151,6 +151,17 @@ def test_a_bad_board_note_is_4xx_and_changes_nothing(query, board, incident_id, 
     assert_still_serving(query)
 
 
+@pytest.mark.parametrize("path", ["/ui/incidents/{id}/status", "/ui/logout", "/ui/maintenance", "/ui/incidents/{id}/silences",
+                                  "/ui/dead-letters/1/redeliver"])
+def test_a_csrf_field_that_is_not_ascii_is_refused_not_a_500(query, board, incident_id, clean_db, path):
+    # compare_digest raised TypeError on a str that is not ASCII.
+    response = board.post(query.url + path.format(id=incident_id), data={"csrf": "\u00e9", "status": "resolved"},
+                          allow_redirects=False, timeout=10)
+    assert response.status_code in (303, 403), (response.status_code, response.text[:300])
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM incidents WHERE id = :id"), {"id": incident_id}).scalar() == "open"
+
+
 @pytest.mark.parametrize("next_url", ["/ui\r\nSet-Cookie: evil=1", "/ui\nLocation: https://evil.example", "/ui\r", "/ui\x00"])
 def test_control_characters_in_next_never_reach_a_header(query, next_url):
     login = requests.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": next_url}, allow_redirects=False, timeout=10)

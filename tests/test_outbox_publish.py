@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import requests
 import sqlalchemy as sa
 
@@ -191,6 +192,18 @@ def test_any_2xx_publishes_and_anything_else_is_a_refusal_with_the_start_of_its_
         report = outbox.publish_pending(clean_db, broker.url)
     assert report.published == ids[:2]
     assert report.failed == {ids[2]: "BrokerAnswered: broker answered 300: " + "m" * 200}
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_a_refusal_never_followed_into_a_publish(clean_db, status):
+    # Followed, a 302 made the POST a GET whose 200 marked the event
+    # published, though no Broker ever took it.
+    ids = pending(clean_db, "Redirected")
+    with Broker((status, {"Location": "/sign-in"}, b""), (200, {}, b"<html>Sign in</html>")) as broker:
+        report = outbox.publish_pending(clean_db, broker.url)
+        assert [(r.method, r.path) for r in broker.server.received()] == [("POST", "/ns/default")]
+    assert report.published == [] and list(report.failed) == ids
+    assert outbox.pending_count(clean_db) == len(ids)
 
 
 def test_the_back_off_doubles_from_two_seconds_up_to_five_minutes(clean_db):

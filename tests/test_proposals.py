@@ -18,6 +18,7 @@ from loopback.processes import FunctionProcess, wait_until
 from shared import events, proposals
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
+from tests.factories import alert
 from tests.test_remediation import _env, deliver, incident, reply_of
 
 FAILED = events.INCIDENT_REMEDIATION_FAILED
@@ -267,6 +268,22 @@ def deliver_approval(remediation, row, proposal_id):
     headers, body = to_binary(CloudEvent({"id": f"{row['id']}.remediation_approved.{proposal_id}", "type": spec["type"],
                                           "source": "/test", **spec["extensions"]}, spec["data"]))
     return requests.post(remediation.url + "/", data=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("proposal_id", ["a\x00b", "\ud800", "not-a-proposal"])
+def test_an_approval_event_naming_a_malformed_proposal_id_is_400(remediation, clean_db, proposal_id):
+    # A NUL or a lone surrogate reached the driver, which failed on it: 500,
+    # retried by the Broker until dead-lettered.
+    from cloudevents.conversion import to_binary
+    from cloudevents.http import CloudEvent
+
+    with clean_db.begin() as conn:
+        row = svc.get_incident(conn, svc.record_alerts(conn, [alert("KafkaConsumerLagHigh")], "/t", "t").outcomes[0].incident_id)
+    spec = events.incident_event(events.INCIDENT_REMEDIATION_APPROVED, row, "/test", {"proposal_id": proposal_id})
+    headers, body = to_binary(CloudEvent({"id": "malformed-approval", "type": spec["type"], "source": "/test", **spec["extensions"]},
+                                         spec["data"]))
+    response = requests.post(remediation.url + "/", data=body, headers=headers, timeout=60)
+    assert response.status_code == 400 and "proposal_id" in response.json()["message"], response.text
 
 
 def test_an_execution_whose_process_died_is_taken_over_only_after_the_worst_case(remediation, query, cluster, clean_db):

@@ -105,7 +105,11 @@ class Window:
 
     @classmethod
     def before(cls, onset: datetime, limits: Limits) -> "Window":
-        return cls(onset - timedelta(minutes=limits.lookback_minutes), onset)
+        lookback = timedelta(minutes=limits.lookback_minutes)
+        # An onset within the lookback of year 1 (a sender's zero time written
+        # in a zone east of UTC) has nothing before it: the window starts there.
+        floor = datetime.min.replace(tzinfo=onset.tzinfo)
+        return cls(onset - lookback if onset - floor > lookback else floor, onset)
 
     def holds(self, moment: datetime | None) -> bool:
         return moment is not None and moment >= self.start

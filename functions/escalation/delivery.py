@@ -13,6 +13,7 @@ and a Slack webhook URL is the secret itself.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -78,9 +79,13 @@ def _reason(exc: BaseException) -> BaseException | None:
 def _retry_after(response: requests.Response, fallback: float, cap: float) -> float:
     raw = response.headers.get("Retry-After", "")
     try:
-        return min(max(float(raw), 0.0), cap)
+        seconds = float(raw)
     except ValueError:
+        seconds = math.nan
+    if math.isnan(seconds):
+        # "nan" parses, and time.sleep() refuses it: unusable, like "soon".
         return min(fallback, cap)
+    return min(max(seconds, 0.0), cap)
 
 
 def _retry_by_default(status: int) -> bool:
@@ -106,10 +111,13 @@ def send(
     last = Delivery(False, None, 0, "not attempted")
     for attempt in range(1, max_attempts + 1):
         try:
+            # Never follow a redirect: requests turns a POST answered 301/302
+            # into a GET, whose 200 (a login page) is no page accepted, and a
+            # 307 re-posts the routing key in the body to wherever it points.
             if isinstance(payload, bytes):
-                response = http.post(url, data=payload, headers=headers, timeout=timeout)
+                response = http.post(url, data=payload, headers=headers, timeout=timeout, allow_redirects=False)
             else:
-                response = http.post(url, json=payload, headers=headers, timeout=timeout)
+                response = http.post(url, json=payload, headers=headers, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
             last = Delivery(False, None, attempt, describe_failure(exc, timeout))
             wait = delay

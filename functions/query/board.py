@@ -97,6 +97,13 @@ def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
 
+def same_csrf(request: Request, session: dict) -> bool:
+    """The form's CSRF token is the session's, compared in constant time as
+    bytes: compare_digest raises TypeError on a str that is not ASCII, and a
+    form field can be anything."""
+    return hmac.compare_digest(request.form.get("csrf", "").encode("utf-8", "surrogatepass"), session["csrf"].encode())
+
+
 class Board:
     def __init__(self, config: Settings, publisher: Publisher):
         self.config = config
@@ -153,7 +160,7 @@ class Board:
         session = self.session(request)
         if session is None:
             return self._redirect("/ui/login")
-        if not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+        if not same_csrf(request, session):
             return self._page("error.html", status=403, message="The form expired or did not come from this board; reload and try again.",
                               csrf=session["csrf"])
         return session
@@ -188,7 +195,7 @@ class Board:
 
     def logout(self, request: Request) -> Response:
         session = self.session(request)
-        if session is None or not hmac.compare_digest(request.form.get("csrf", ""), session["csrf"]):
+        if session is None or not same_csrf(request, session):
             return self._redirect("/ui/login")
         with db.transaction() as conn:
             sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))

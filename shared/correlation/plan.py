@@ -118,6 +118,7 @@ class Correlator:
                 workload = self._topology(alert, links, fetch)
             for rule in self._dependencies:
                 rule.link(alert, workload, links)
+            _drop_oversized_keys(alert, links)
             if links:
                 result[alert.fingerprint] = links
         return result
@@ -188,6 +189,24 @@ class Correlator:
             kind, owner = workload
             links.seeks[f"workload:{namespace}/{kind}/{owner}"] = f"pod belongs to {kind.lower()} {namespace}/{owner}"
         return (namespace, *workload) if workload else None
+
+
+# Keys are entries of GIN indexes on incident_members, whose entries hold at
+# most 2712 bytes: a longer one failed the alert's whole transaction, and
+# the sender retried it forever. No Kubernetes name comes near this bound
+# (a workload key is at most ~340 characters); what passes it is a label no
+# object can have, so the alert is stored without that key.
+KEY_MAX_BYTES = 1024
+
+
+def _drop_oversized_keys(alert: Alert, links: Links) -> None:
+    oversized = [key for key in {*links.provides, *links.seeks} if len(key.encode("utf-8")) > KEY_MAX_BYTES]
+    for key in oversized:
+        for table in (links.provides, links.seeks, links.join_window, links.merge_window):
+            table.pop(key, None)
+    if oversized:
+        log.warning("Correlation keys over the size bound dropped", extra={
+            "alert_name": alert.alert_name, "fingerprint": alert.fingerprint, "keys": len(oversized), "max_bytes": KEY_MAX_BYTES})
 
 
 def _ordinal(position: int) -> str:

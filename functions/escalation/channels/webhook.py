@@ -57,8 +57,9 @@ def verify(secret: str, header: str, body: bytes, now: float | None = None, tole
         return False
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         return False
-    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
-    return any(hmac.compare_digest(expected, candidate) for candidate in parts.get("v1", []))
+    expected = sign(secret, timestamp, body).split("v1=", 1)[1].encode()
+    # As bytes: compare_digest raises TypeError on a non-ASCII str.
+    return any(hmac.compare_digest(expected, candidate.encode("utf-8", "surrogatepass")) for candidate in parts.get("v1", []))
 
 
 def projection(config: Settings, incident: dict) -> dict:
