@@ -368,12 +368,43 @@ def record_alerts(
 
     One statement per kind of change whatever the batch size. Within a batch
     the last alert of a fingerprint wins (AlertManager never sends two, a
-    hand-written payload might). Rows are touched in fingerprint order so
-    that two concurrent batches lock in the same order and cannot deadlock.
-    ``plan`` (shared.correlation.plan, made before the transaction) names
-    what the correlation rules relate; alerts outside it take the common
-    path, whose only addition is the indexed membership lookup.
+    hand-written payload might), except that a resolution never swallows a
+    firing before it: the batch is recorded in runs, cut where an alert
+    resolves after firing in the same run, so the firing opens (and pages)
+    its incident and the resolution then resolves it. Rows are touched in
+    fingerprint order so that two concurrent batches lock in the same order
+    and cannot deadlock. ``plan`` (shared.correlation.plan, made before the
+    transaction) names what the correlation rules relate; alerts outside it
+    take the common path, whose only addition is the indexed membership lookup.
     """
+    runs = _runs(alerts)
+    if len(runs) == 1:
+        return _record_run(conn, alerts, event_source, actor, reopen_window_seconds, config, plan)
+    results = [_record_run(conn, run, event_source, actor, reopen_window_seconds, config, plan) for run in runs]
+    return RecordResult([o for r in results for o in r.outcomes], [e for r in results for e in r.event_ids])
+
+
+def _runs(alerts: Sequence[Alert]) -> list[Sequence[Alert]]:
+    """The batch in consecutive runs, a new one from each alert that
+    resolves a fingerprint the current run saw firing. (A firing after a
+    resolution stays in the run: the last one wins, and the incident stays
+    open, refreshed, as when the two arrive apart.)"""
+    runs: list[Sequence[Alert]] = []
+    start, firing = 0, set()
+    for i, alert in enumerate(alerts):
+        if alert.status == "resolved" and alert.fingerprint in firing:
+            runs.append(alerts[start:i])
+            start, firing = i, set()
+        if alert.status == "firing" and not alert.ignored_reason:
+            firing.add(alert.fingerprint)
+    runs.append(alerts[start:])
+    return runs
+
+
+def _record_run(
+    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int,
+    config: Settings | None, plan: dict[str, Links] | None,
+) -> RecordResult:
     latest: dict[str, Alert] = {}
     for alert in alerts:
         latest.pop(alert.fingerprint, None)

@@ -128,6 +128,29 @@ def test_duplicate_alerts_inside_one_payload_make_one_incident(intake, clean_db)
     assert len(incidents_rows(clean_db)) == 1
 
 
+
+def test_an_alert_that_fires_and_resolves_within_one_payload_opens_and_resolves_its_incident(intake, clean_db):
+    """A relay, or two AlertManager notifications that share a group commit,
+    can carry an alert's firing and then its resolution: the firing was
+    acknowledged, so it is an incident (opened, paged, then resolved), not
+    dropped for the resolution that followed it."""
+    results = post(intake, webhook([raw_alert("Blip"), raw_alert("Blip", status="resolved")])).json()["results"]
+    assert [r["action"] for r in results] == ["created", "resolved"]
+    assert results[0]["incident_id"] == results[1]["incident_id"]
+    (row,) = incidents_rows(clean_db)
+    assert row["status"] == "resolved"
+    with clean_db.connect() as conn:
+        kinds = conn.execute(sa.text("SELECT type FROM event_outbox ORDER BY created_at, id")).scalars().all()
+    assert kinds == ["io.incidentresponse.incident.opened", "io.incidentresponse.incident.resolved"]
+
+
+def test_a_resolution_followed_by_a_firing_within_one_payload_keeps_the_incident_open(intake, clean_db):
+    post(intake, webhook([raw_alert("Bounce")]))
+    results = post(intake, webhook([raw_alert("Bounce", status="resolved"), raw_alert("Bounce")])).json()["results"]
+    assert [r["action"] for r in results] == ["refreshed", "refreshed"]
+    (row,) = incidents_rows(clean_db)
+    assert row["status"] == "open"
+
 @pytest.mark.parametrize(
     "raw, field",
     [
