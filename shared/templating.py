@@ -32,5 +32,26 @@ def promql_string(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# An opening regex matcher (`label=~"` or `label!~"`) and, after it, the
+# text up to the placeholder: still inside the matcher's string while no
+# unescaped quote has closed it.
+_REGEX_MATCHER_OPEN = re.compile(r'[=!]~\s*"((?:[^"\\]|\\.)*)$')
+
+
+def render_promql(template: str, context: Mapping[str, Any]) -> str:
+    """A PromQL template with its placeholders filled in as literals: inside
+    a regex matcher (`pod=~"{{ deployment }}-.*"`) a value's regex
+    metacharacters are escaped first, so a deployment named `web.v2` or a
+    label `x|.*` matches itself, not every pod of the namespace; everywhere
+    the value is then safe inside the double-quoted string."""
+    def fill(match: re.Match) -> str:
+        value = str(lookup(context, match.group(1)))
+        if _REGEX_MATCHER_OPEN.search(template, 0, match.start()):
+            value = re.escape(value)
+        return promql_string(value)
+
+    return PLACEHOLDER.sub(fill, template)
+
+
 def placeholders(template: str) -> list[str]:
     return PLACEHOLDER.findall(template)

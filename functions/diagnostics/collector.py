@@ -25,7 +25,7 @@ from functions.diagnostics.facts import (
 from shared import kube
 from shared.config import Settings
 from shared.domain import service_of
-from shared.templating import TemplateError, promql_string, render
+from shared.templating import TemplateError, render, render_promql
 
 log = logging.getLogger("diagnostics")
 
@@ -227,7 +227,7 @@ def _queries_each(run: _Run, section: str, queries: dict[str, str], target: Targ
     out: dict[str, Any] = {}
     for name, template in sorted(queries.items()):
         try:
-            promql = render(template, target.context, promql_string)
+            promql = render_promql(template, target.context)
         except TemplateError as exc:
             out[name] = str(exc)
             continue

@@ -17,7 +17,7 @@ from functions.remediation.playbooks import Playbook
 from shared import promapi
 from shared.config import Settings
 from shared.log import scrub
-from shared.templating import promql_string, render
+from shared.templating import promql_string, render, render_promql
 
 # Labels that name what is alerting; external labels a Prometheus or
 # AlertManager adds (cluster, replica) are not on ALERTS and would make the
@@ -36,12 +36,6 @@ def alerts_query(alertname: str, labels: dict) -> str:
     matchers = [f'alertname="{promql_string(alertname)}"', 'alertstate="firing"']
     matchers += [f'{k}="{promql_string(str(labels[k]))}"' for k in IDENTITY_LABELS if labels.get(k)]
     return "ALERTS{" + ", ".join(matchers) + "}"
-
-
-def _escaped(context):
-    if isinstance(context, dict):
-        return {k: _escaped(v) for k, v in context.items()}
-    return promql_string(context) if isinstance(context, str) else context
 
 
 class Verifier:
@@ -64,7 +58,7 @@ class Verifier:
         labels = incident.get("labels") or {}
         try:
             if spec and spec.promql:
-                query = render(spec.promql, _escaped(context))
+                query = render_promql(spec.promql, context)
                 return self._until(query, window, want_result=True)
             if spec and spec.alert_stops_firing:
                 query = alerts_query(render(spec.alert_stops_firing, context), labels)
