@@ -129,6 +129,15 @@ def test_duplicate_alerts_inside_one_payload_make_one_incident(intake, clean_db)
 
 
 
+
+@pytest.mark.parametrize("version", [4, 3])
+def test_a_version_written_as_a_number_is_the_same_version(intake, clean_db, version):
+    """A relay re-marshalling AlertManager's group may write "4" as 4: a 400
+    is never retried, and the group would be lost."""
+    response = post(intake, {**webhook([raw_alert("NumericVersion")]), "version": version})
+    assert response.status_code == 200, response.text
+    assert len(incidents_rows(clean_db, alert_name="NumericVersion")) == 1
+
 def test_an_alert_that_fires_and_resolves_within_one_payload_opens_and_resolves_its_incident(intake, clean_db):
     """A relay, or two AlertManager notifications that share a group commit,
     can carry an alert's firing and then its resolution: the firing was

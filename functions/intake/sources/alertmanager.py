@@ -41,6 +41,9 @@ def parse(payload: Any, config: Settings) -> Parsed:
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
     version = payload.get("version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        # A relay that re-marshals the group may write the version as a number.
+        version = str(version)
     if version is not None and version not in ACCEPTED_VERSIONS:
         raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
     items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, config))
