@@ -137,6 +137,9 @@ def _upsert_firing(correlated: bool) -> sa.TextClause:
             labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer,
             rank integer, provides jsonb, seeks jsonb)
     ),
+    locking AS (
+        SELECT fingerprint FROM x UNION SELECT jsonb_array_elements_text(CAST(:lock_also AS jsonb))
+    ),
     member_of AS (
         SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
         WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND CAST(i.status AS text) IN ('open', 'investigating')
@@ -146,9 +149,9 @@ def _upsert_firing(correlated: bool) -> sa.TextClause:
         SELECT i.id FROM incidents i
         WHERE i.id = ANY(ARRAY(
               {'SELECT incident_id FROM providers UNION' if correlated else ''}
-              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM locking))
               UNION
-              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM locking))
                 AND CAST(a.status AS text) IN ('open', 'investigating')))
           AND CAST(i.status AS text) IN ('open', 'investigating')
         ORDER BY i.id
@@ -227,13 +230,16 @@ def _row_from_json(row: dict) -> dict:
 
 def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, event_source: str,
             seen: dict[str, int] | None = None, plan: dict[str, Links] | None = None,
-            members: dict[str, str] | None = None, joinable: set[str] | None = None) -> tuple[list[dict], set[str]]:
+            members: dict[str, str] | None = None, joinable: set[str] | None = None,
+            lock_also: Sequence[str] = ()) -> tuple[list[dict], set[str]]:
     """``seen`` counts the copies of each fingerprint the batch held (the
     batch keeps one), so repeat_count still counts every delivery. An alert
     already a (non-root) member of an active incident refreshes its
     membership instead, and lands in ``members`` (fingerprint -> incident).
     ``joinable``: when given, alerts an active incident offers a key to are
-    left for the correlation decision and land in it."""
+    left for the correlation decision and land in it. ``lock_also``: the
+    fingerprints the batch resolves, whose incidents are locked with the
+    batch's own (in one id order) before anything is written."""
     rows, after_fix = [], set()
     seen = seen or {}
     plan = plan or {}
@@ -245,7 +251,8 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
     sought = sorted({key for row in payload for key in row["seeks"]}) if joinable is not None else []
     correlated = bool(sought) or any(row["provides"] or row["seeks"] for row in payload)
     result = conn.execute(UPSERT_FIRING if correlated else UPSERT_FIRING_PLAIN, {"rows": json.dumps(payload), "window": window, "actor": actor,
-                                           "events": outbox.serialise(proposed), "sought": json.dumps(sought)})
+                                           "events": outbox.serialise(proposed), "sought": json.dumps(sought),
+                                           "lock_also": json.dumps(sorted(lock_also))})
     for (row,) in result:
         if "joinable" in row:
             joinable.add(row["joinable"])
@@ -368,59 +375,41 @@ def record_alerts(
 
     One statement per kind of change whatever the batch size. Within a batch
     the last alert of a fingerprint wins (AlertManager never sends two, a
-    hand-written payload might), except that a resolution never swallows a
-    firing before it: the batch is recorded in runs, cut where an alert
-    resolves after firing in the same run, so the firing opens (and pages)
-    its incident and the resolution then resolves it. Rows are touched in
-    fingerprint order so that two concurrent batches lock in the same order
-    and cannot deadlock. ``plan`` (shared.correlation.plan, made before the
-    transaction) names what the correlation rules relate; alerts outside it
-    take the common path, whose only addition is the indexed membership lookup.
+    hand-written payload might), except that a resolution never swallows
+    the firing before it (a *blip*: a relay's payload, or two notifications
+    sharing a group commit): its incident is opened and then resolved, and
+    the firing is held like any other by a maintenance window. Rows are
+    touched in fingerprint order, and a batch's incidents are locked in id
+    order by its first statement that locks any, so that two concurrent
+    batches lock in the same order and cannot deadlock. ``plan``
+    (shared.correlation.plan, made before the transaction) names what the
+    correlation rules relate; alerts outside it take the common path, whose
+    only addition is the indexed membership lookup.
     """
-    runs = _runs(alerts)
-    if len(runs) == 1:
-        return _record_run(conn, alerts, event_source, actor, reopen_window_seconds, config, plan)
-    results = [_record_run(conn, run, event_source, actor, reopen_window_seconds, config, plan) for run in runs]
-    return RecordResult([o for r in results for o in r.outcomes], [e for r in results for e in r.event_ids])
-
-
-def _runs(alerts: Sequence[Alert]) -> list[Sequence[Alert]]:
-    """The batch in consecutive runs, a new one from each alert that
-    resolves a fingerprint the current run saw firing. (A firing after a
-    resolution stays in the run: the last one wins, and the incident stays
-    open, refreshed, as when the two arrive apart.)"""
-    runs: list[Sequence[Alert]] = []
-    start, firing = 0, set()
-    for i, alert in enumerate(alerts):
-        if alert.status == "resolved" and alert.fingerprint in firing:
-            runs.append(alerts[start:i])
-            start, firing = i, set()
-        if alert.status == "firing" and not alert.ignored_reason:
-            firing.add(alert.fingerprint)
-    runs.append(alerts[start:])
-    return runs
-
-
-def _record_run(
-    conn: Connection, alerts: Sequence[Alert], event_source: str, actor: str, reopen_window_seconds: int,
-    config: Settings | None, plan: dict[str, Links] | None,
-) -> RecordResult:
     latest: dict[str, Alert] = {}
+    blips: dict[str, Alert] = {}  # fingerprint -> the firing a later resolution in the batch follows
     for alert in alerts:
-        latest.pop(alert.fingerprint, None)
+        before = latest.pop(alert.fingerprint, None)
+        if alert.status == "resolved" and before is not None and before.status == "firing" and not before.ignored_reason:
+            blips[alert.fingerprint] = before
+        elif alert.status == "firing":
+            blips.pop(alert.fingerprint, None)
         latest[alert.fingerprint] = alert
     # Noise control (shared/noise.py): heartbeats, maintenance windows, flapping.
-    screened = noise.screen(conn, list(latest.values()), config or settings())
+    screened = noise.screen(conn, list(latest.values()), config or settings(), blips=list(blips.values()))
     outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
     for extra in screened.extra:
         latest.setdefault(extra.fingerprint, extra)
-    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason and a.fingerprint not in outcome_of),
-                    key=lambda a: a.fingerprint)
+    firing = sorted([a for a in latest.values() if a.status == "firing" and not a.ignored_reason and a.fingerprint not in outcome_of]
+                    + [a for fp, a in blips.items() if fp not in outcome_of], key=lambda a: a.fingerprint)
     resolving = sorted((a for a in latest.values() if a.status == "resolved" and a.fingerprint not in outcome_of),
                        key=lambda a: a.fingerprint)
     for alert in latest.values():
         if alert.status == "firing" and alert.ignored_reason:
             outcome_of[alert.fingerprint] = Outcome(alert.fingerprint, "ignored", reason=alert.ignored_reason)
+    # The resolutions' incidents are locked with the firing alerts' (one id-ordered statement).
+    resolving_fps = [a.fingerprint for a in resolving]
+    opened_as: dict[str, Outcome] = {}  # a blip's firing: its outcome before the resolution's
 
     timeline: list[dict] = []
     new_events: list[dict] = []
@@ -437,7 +426,8 @@ def _record_run(
         def open_incidents(opening: list[Alert], joinable: set[str] | None = None) -> None:
             """Open or refresh incidents for ``opening`` (reopening what
             remediation resolved a moment ago)."""
-            found, after_fix = _upsert(conn, opening, reopen_window_seconds, actor, event_source, seen, plan, members, joinable)
+            found, after_fix = _upsert(conn, opening, reopen_window_seconds, actor, event_source, seen, plan, members, joinable,
+                                       lock_also=resolving_fps)
             rows.extend(found)
             if not after_fix:
                 return
@@ -471,7 +461,7 @@ def _record_run(
                 if left:
                     open_incidents(left)
         else:
-            decision = correlation_store.decide(conn, firing, plan) if plan else None
+            decision = correlation_store.decide(conn, firing, plan, lock_also=resolving_fps) if plan else None
             joining = set(decision.joins) if decision else set()
             opening = [a for a in firing if a.fingerprint not in joining]
             if opening:
@@ -495,6 +485,7 @@ def _record_run(
                 outcome_of[fingerprint] = Outcome(fingerprint, "joined", incident_id)
             timeline += applied.timeline
             new_events += applied.new_events
+        opened_as = {fp: outcome_of[fp] for fp in blips if fp in outcome_of}
     if resolving:
         payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
         hits = conn.execute(RESOLVE_MEMBERS, {"rows": json.dumps(payload)}).mappings().all()
@@ -521,8 +512,10 @@ def _record_run(
             )
     insert_timeline_and_events(conn, timeline, new_events)
     _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
-    # Report in the order the alerts came, once per alert (duplicates share an outcome).
-    return RecordResult([outcome_of[a.fingerprint] for a in alerts], published + [e["id"] for e in new_events])
+    # Report in the order the alerts came, once per alert (duplicates share
+    # an outcome; a blip's firings share the one they opened with).
+    return RecordResult([opened_as[a.fingerprint] if a.status == "firing" and a.fingerprint in opened_as else outcome_of[a.fingerprint]
+                         for a in alerts], published + [e["id"] for e in new_events])
 
 
 COUNT_IGNORED = sa.text(compact(

@@ -66,3 +66,15 @@ class HoldingReceiver(RecordingServer):
     def _answer(self, req: Recorded):
         self.gate.pass_through(req)
         return self.script.pop(0) if self.script else self.default
+
+
+def waits_for_a_lock(engine) -> bool:
+    """Whether another session of this test's database is waiting for a row
+    lock: the other side of a lock-order test has reached the lock it needs.
+    (Sessions of other databases on the same server, a benchmark's, never count.)"""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return bool(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND pid <> pg_backend_pid()")).scalar())

@@ -440,7 +440,7 @@ def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history)
            "labels": {}, "annotations": {}, "source": "alertmanager", "starts_at": None, "seen": 1, "rank": 0,
            "provides": [], "seeks": ["node:n8"]}
     upsert = explain(long_history, ingest.UPSERT_FIRING, {"rows": json.dumps([row]), "window": 0, "actor": "t", "events": "[]",
-                                                          "sought": json.dumps(["node:n8"])})
+                                                          "sought": json.dumps(["node:n8"]), "lock_also": json.dumps(["sfp7"])})
     candidates = explain(long_history, store.CANDIDATES, {"fps": json.dumps(["zz"]), "seeks": json.dumps(["node:n8"]),
                                                           "provides": "[]"})
     held = explain(long_history, store.HOLD, {"fps": json.dumps(["zz", "sfp7"]), "seeks": json.dumps(["node:n8"]), "provides": "[]"})

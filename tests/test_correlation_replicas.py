@@ -12,6 +12,7 @@ from loopback.processes import FunctionProcess, wait_until
 from tests import storms
 from tests.conftest import TEST_TOKEN
 from tests.factories import webhook
+from tests.holding import waits_for_a_lock
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
@@ -170,13 +171,10 @@ def test_a_pod_batch_and_a_resolve_lock_incidents_in_one_order(clean_db):
         except sa.exc.DBAPIError as exc:
             errors.append(exc)
 
-    def intake_waits_for_a_lock():
-        with clean_db.connect() as conn:
-            return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")).scalar()
 
     worker = threading.Thread(target=intake)
     worker.start()
-    wait_until(intake_waits_for_a_lock, message="the batch waiting for a lock the resolve holds")
+    wait_until(lambda: waits_for_a_lock(clean_db), message="the batch waiting for a lock the resolve holds")
     try:
         resolver.execute(lock, {"i": own.incident_id})
         resolving.commit()
@@ -240,13 +238,10 @@ def test_a_batch_with_a_root_and_a_resolve_lock_incidents_in_one_order(clean_db)
         except sa.exc.DBAPIError as exc:
             errors.append(exc)
 
-    def intake_waits_for_a_lock():
-        with clean_db.connect() as conn:
-            return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")).scalar()
 
     worker = threading.Thread(target=intake)
     worker.start()
-    wait_until(intake_waits_for_a_lock, message="the batch waiting for a lock the resolve holds")
+    wait_until(lambda: waits_for_a_lock(clean_db), message="the batch waiting for a lock the resolve holds")
     try:
         resolver.execute(lock, {"i": node_incident.incident_id})
         resolving.commit()

@@ -10,6 +10,7 @@ from shared import clock
 from shared import incidents as svc
 from shared.errors import Conflict, InvalidTransition, NotFound
 from tests.factories import alert
+from tests.holding import waits_for_a_lock
 
 SOURCE = "/test"
 
@@ -279,13 +280,10 @@ def test_a_refresh_and_a_resolve_of_the_same_incidents_lock_them_in_one_order(cl
         except sa.exc.DBAPIError as exc:
             errors.append(exc)
 
-    def refresh_waits_for_a_lock():
-        with clean_db.connect() as conn:
-            return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")).scalar()
 
     worker = threading.Thread(target=refresh)
     worker.start()
-    wait_until(refresh_waits_for_a_lock, message="the refresh waiting for a lock the resolve holds")
+    wait_until(lambda: waits_for_a_lock(clean_db), message="the refresh waiting for a lock the resolve holds")
     try:
         resolver.execute(lock, {"i": higher})
         resolving.commit()

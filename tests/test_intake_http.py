@@ -141,8 +141,9 @@ def test_a_version_written_as_a_number_is_the_same_version(intake, clean_db, ver
 def test_an_alert_that_fires_and_resolves_within_one_payload_opens_and_resolves_its_incident(intake, clean_db):
     """A relay, or two AlertManager notifications that share a group commit,
     can carry an alert's firing and then its resolution: the firing was
-    acknowledged, so it is an incident (opened, paged, then resolved), not
-    dropped for the resolution that followed it."""
+    acknowledged, so it is an incident on the record, opened and resolved
+    (both events published; escalation announces it, and pages no one for
+    an incident already resolved), not dropped for the resolution after it."""
     results = post(intake, webhook([raw_alert("Blip"), raw_alert("Blip", status="resolved")])).json()["results"]
     assert [r["action"] for r in results] == ["created", "resolved"]
     assert results[0]["incident_id"] == results[1]["incident_id"]

@@ -18,6 +18,7 @@ from shared.config import load_settings
 from shared.errors import BadRequest, Conflict
 from loopback.processes import wait_until
 from tests.factories import alert
+from tests.holding import waits_for_a_lock
 
 T0 = datetime(2026, 11, 28, 3, 0, 0)
 
@@ -196,6 +197,57 @@ def test_a_held_alert_that_resolved_during_the_window_opens_nothing(database_url
     assert rows(clean_db, "SELECT status, released_at IS NOT NULL AS released FROM suppressed_alerts") == [
         {"status": "resolved", "released": True}]
 
+
+
+def test_an_alert_that_fires_and_resolves_in_one_batch_during_a_window_is_held_and_opens_nothing(database_url, clean_db, at):
+    """A firing the batch's own resolution follows is still a firing: the
+    window holds it, the resolution is noted on it, and the window's end
+    replays nothing."""
+    config = settings(database_url)
+    window(clean_db, ['alertname="Blip"'], T0, T0 + timedelta(minutes=10))
+    a = alert("Blip")
+    outcomes = record(clean_db, config, a, replace(a, status="resolved")).outcomes
+    assert [o.action for o in outcomes] == ["suppressed", "suppressed"]
+    clock.advance(600)
+    assert sweep(clean_db, config) == []
+    assert incidents_of(clean_db, a.fingerprint) == []
+    assert rows(clean_db, "SELECT status FROM suppressed_alerts") == [{"status": "resolved"}]
+
+
+def test_a_batch_that_fires_and_resolves_an_alert_and_a_resolve_of_two_do_not_deadlock(database_url, clean_db, at):
+    """One batch fires and resolves B and resolves A and C; another resolves
+    A and B. The first waits (here for C's held row, which the window
+    release sweep locks while it replays) after it has touched B: had it
+    locked B's rows before A's, the second would hold A and wait for B."""
+    config = settings(database_url)
+    a, b, c = (alert("LockRun", priority="P2", service=s) for s in ("a", "b", "c"))
+    record(clean_db, config, a, b)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, first_suppressed_at, last_seen_at) "
+            "VALUES (:f, :n, 'firing', CAST(:a AS jsonb), timezone('utc', now()), timezone('utc', now()))"),
+            {"f": c.fingerprint, "n": c.alert_name, "a": json.dumps(maintenance.alert_to_json(c))})
+    resolved = {x.labels["service"]: replace(x, status="resolved") for x in (a, b, c)}
+    errors = {}
+
+    def run(name, alerts):
+        try:
+            record(clean_db, config, *alerts)
+        except Exception as exc:  # noqa: BLE001 - a deadlock, reported below
+            errors[name] = exc
+
+    with clean_db.connect() as sweeping, sweeping.begin():
+        sweeping.execute(sa.text("SELECT 1 FROM suppressed_alerts WHERE fingerprint = :f FOR UPDATE"), {"f": c.fingerprint})
+        first = threading.Thread(target=run, args=("first", [b, resolved["b"], resolved["a"], resolved["c"]]))
+        first.start()
+        wait_until(lambda: waits_for_a_lock(clean_db), 20, message="the first batch waiting for C's held row")
+        second = threading.Thread(target=run, args=("second", [resolved["a"], resolved["b"]]))
+        second.start()
+        second.join(10)
+    first.join(30)
+    second.join(30)
+    assert not errors, {k: str(v).splitlines()[0] for k, v in errors.items()}
+    assert {i["status"] for fp in (a.fingerprint, b.fingerprint) for i in incidents_of(clean_db, fp)} == {"resolved"}
 
 def test_overlapping_windows_suppress_until_the_last_one_ends(database_url, clean_db, at):
     config = settings(database_url)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -262,7 +263,9 @@ def lock(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> None:
         db.later(conn, LOCK_KEYS, {"keys": sorted(ids)})
 
 
-def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Decision:
+def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links], lock_also: Sequence[str] = ()) -> Decision:
+    """``lock_also``: fingerprints the batch resolves, whose incidents are
+    locked with the others (HOLD) before any candidate is read."""
     decision = Decision()
     keyed = [a for a in alerts if a.fingerprint in plan]
     if not keyed:
@@ -271,7 +274,7 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> Dec
     provides = sorted({k for a in keyed for k in plan[a.fingerprint].provides})
     fps = sorted(a.fingerprint for a in keyed)
     lock(conn, keyed, plan)
-    db.later(conn, HOLD, {"fps": json.dumps(sorted({a.fingerprint for a in alerts})), "seeks": json.dumps(seeks),
+    db.later(conn, HOLD, {"fps": json.dumps(sorted({a.fingerprint for a in alerts} | set(lock_also))), "seeks": json.dumps(seeks),
                           "provides": json.dumps(provides)})
     found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
                                       "provides": json.dumps(provides)}).mappings().all()
