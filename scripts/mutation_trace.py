@@ -11,6 +11,11 @@ a single comparison. Threads started after the session starts are traced
 too (group commit, the outbox's sender pool); a module that runs in another
 process (a function started over HTTP) is not seen, so a target's tests
 must exercise its module in the pytest process.
+
+A fixture wider than a function (module, session) is set up inside the
+first test that uses it; the lines its setup reaches are given to every
+test that uses it, since each of them, run alone, sets it up and depends
+on it.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import pytest
 TARGET = os.path.realpath(os.environ.get("MUTATION_TRACE_MODULE", ""))
 OUT = os.environ.get("MUTATION_TRACE_OUT", "")
 OUTSIDE = ""  # lines run outside any test (collection imports the module)
+FIXTURE = "fixture:"  # a context while a wider fixture is set up: "fixture:<baseid>::<name>"
 
 _context = OUTSIDE
 _lines: dict[int, set[str]] = defaultdict(set)
 _durations: dict[str, float] = {}
 _files: dict[str, bool] = {}
+_fixtures_of: dict[str, list[str]] = {}  # each test's fixture names
 
 
 def _local(frame, event, _arg):
@@ -58,9 +65,31 @@ def pytest_configure(config):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    global _context
+    if fixturedef.scope == "function":
+        yield
+        return
+    saved = _context
+    _context = f"{FIXTURE}{fixturedef.baseid}::{fixturedef.argname}"
+    try:
+        yield
+    finally:
+        _context = saved
+
+
+def _users(context: str) -> list[str]:
+    """The tests that use the fixture a FIXTURE context names (defined at
+    ``baseid``: a test under that node id, with the fixture's name)."""
+    baseid, name = context.removeprefix(FIXTURE).rsplit("::", 1)
+    return [t for t, names in _fixtures_of.items() if t.startswith(baseid) and name in names]
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     global _context
     _context = item.nodeid
+    _fixtures_of[item.nodeid] = list(getattr(item, "fixturenames", []))
     started = time.monotonic()
     try:
         yield
@@ -74,6 +103,11 @@ def pytest_unconfigure(config):
         return
     sys.settrace(None)
     threading.settrace(None)
-    lines = {str(n): sorted(c) for n, c in sorted(_lines.items())}
+    lines = {}
+    for n, contexts in sorted(_lines.items()):
+        tests = {c for c in contexts if not c.startswith(FIXTURE)}
+        for c in contexts - tests:
+            tests.update(_users(c) or [OUTSIDE])  # no user known: every test
+        lines[str(n)] = sorted(tests)
     with open(OUT, "w") as out:
         json.dump({"module": TARGET, "lines": lines, "durations": _durations}, out, indent=0)

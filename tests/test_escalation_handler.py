@@ -570,3 +570,46 @@ def test_a_root_change_updates_only_a_page_of_its_own_generation(handler, receiv
     assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, current, "KubeNodeNotReady"))).status_code == 202
     assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve", "trigger", "trigger"]
     assert "KubeNodeNotReady" in pd.bodies()[-1]["payload"]["summary"]
+
+
+def why(body):
+    """The *Why* section of a Slack message, or None when it has none."""
+    sections = [b["text"]["text"] for b in body["blocks"] if b.get("type") == "section" and "text" in b]
+    told = [s.removeprefix("*Why*\n") for s in sections if s.startswith("*Why*\n")]
+    return told[0] if told else None
+
+
+def test_a_root_change_is_told_with_why_the_latest_root_took_over(handler, receivers, clean_db):
+    """The follow-up says why the root is what it is now: the reason of the
+    latest take-over with how many alerts the incident groups, whatever the
+    timeline holds after it (a person taking the incident, a result of the
+    old root recorded late: kinds that sort after and before
+    ``root_changed``)."""
+    _, slack = receivers
+    row = incident(clean_db, name="FirstRoot")
+    assert handler.handle(event(events.INCIDENT_OPENED, take_over(clean_db, row))).status_code == 202
+    assert why(slack.bodies()[-1]) == "TargetDown explains the others (1 alerts in this incident)"
+
+    second = take_over(clean_db, row, "KubeNodeNotReady")
+    acknowledge(clean_db, row, "alice@example.org")
+    record_remediation(clean_db, row, "failed", "dry-run: a human must act")
+    assert handler.handle(event(events.INCIDENT_OPENED, second)).status_code == 202
+    assert len(slack.bodies()) == 2
+    assert why(slack.bodies()[-1]) == "KubeNodeNotReady explains the others (1 alerts in this incident)"
+
+
+def test_an_old_roots_outcome_delivered_after_the_new_roots_result_is_the_old_roots(handler, receivers, clean_db):
+    """The Broker delivers the first root's failure only after the new root
+    was remediated: it is told with the first root's result, which the new
+    root's does not hide."""
+    _, slack = receivers
+    row = incident(clean_db, name="SlowDelivery")
+    record_remediation(clean_db, row, "failed", "dry-run: a human must act")
+    old_outcome = event(events.INCIDENT_REMEDIATION_FAILED, row)
+    take_over(clean_db, row)
+    with clean_db.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": "remediated", "reason": "TargetDown: restarted", "actions": [], "playbook": None,
+            "generation": 0, "root_generation": 1}, "remediation")
+    assert handler.handle(old_outcome).status_code == 202
+    assert len(slack.bodies()) == 1 and why(slack.bodies()[-1]) == "dry-run: a human must act"

@@ -197,9 +197,19 @@ def test_bound_request_bodies_caps_what_any_reader_of_the_app_gets():
 
 # --- parse_json_body -----------------------------------------------------------
 
-def _json_of(data, content_type="application/json", limit=1000):
+def _json_of(data, content_type="application/json", limit=1000, allow_empty=False):
     with APP.test_request_context("/", method="POST", data=data, content_type=content_type):
-        return parse_json_body(request, limit)
+        return parse_json_body(request, limit, allow_empty=allow_empty)
+
+
+def test_a_blank_body_is_no_body_only_where_the_caller_allows_one():
+    """An optional body (the noise and proposal endpoints): blank is None
+    there, and a body is still parsed; elsewhere blank is not JSON."""
+    for blank in (b"", b" \r\n\t"):
+        assert _json_of(blank, allow_empty=True) is None
+        with pytest.raises(errors.BadRequest, match="^the body is not valid JSON"):
+            _json_of(blank)
+    assert _json_of(b' {"a": 1} ', allow_empty=True) == {"a": 1}
 
 
 @pytest.mark.parametrize("content_type", ["application/javascript", "application/jsonx", "text/json"])
