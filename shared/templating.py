@@ -32,22 +32,47 @@ def promql_string(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-# An opening regex matcher (`label=~"` or `label!~"`) and, after it, the
-# text up to the placeholder: still inside the matcher's string while no
-# unescaped quote has closed it.
-_REGEX_MATCHER_OPEN = re.compile(r'[=!]~\s*"((?:[^"\\]|\\.)*)$')
+_QUOTES = "\"'`"
+
+
+def _string_around(template: str, position: int) -> tuple[str | None, bool]:
+    """The quote of the PromQL string ``position`` lies in (None outside
+    any), and whether that string is a regex matcher's (``=~`` / ``!~``).
+    Double- and single-quoted strings take backslash escapes; backquoted
+    (raw) ones do not."""
+    quote, opened, i = None, 0, 0
+    while i < position:
+        c = template[i]
+        if quote is None:
+            if c in _QUOTES:
+                quote, opened = c, i
+        elif c == "\\" and quote != "`":
+            i += 1
+        elif c == quote:
+            quote = None
+        i += 1
+    regex = quote is not None and re.search(r"[=!]~\s*$", template[:opened]) is not None
+    return quote, regex
 
 
 def render_promql(template: str, context: Mapping[str, Any]) -> str:
     """A PromQL template with its placeholders filled in as literals: inside
     a regex matcher (`pod=~"{{ deployment }}-.*"`) a value's regex
     metacharacters are escaped first, so a deployment named `web.v2` or a
-    label `x|.*` matches itself, not every pod of the namespace; everywhere
-    the value is then safe inside the double-quoted string."""
+    label `x|.*` matches itself, not every pod of the namespace; then the
+    value is escaped for the string it sits in (double, single or back
+    quotes), so no value can end that string."""
     def fill(match: re.Match) -> str:
         value = str(lookup(context, match.group(1)))
-        if _REGEX_MATCHER_OPEN.search(template, 0, match.start()):
+        quote, regex = _string_around(template, match.start())
+        if regex:
             value = re.escape(value)
+        if quote == "`":
+            if "`" in value:
+                raise TemplateError(f"{{{{ {match.group(1)} }}}}: a value with a backquote cannot be put in a raw string")
+            return value
+        if quote == "'":
+            return value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
         return promql_string(value)
 
     return PLACEHOLDER.sub(fill, template)

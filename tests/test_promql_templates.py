@@ -8,7 +8,7 @@ import re
 import pytest
 
 from functions.diagnostics.collector import load_probes
-from shared.templating import render_promql
+from shared.templating import TemplateError, render_promql
 
 THROTTLING = 'sum(rate(x{namespace="{{ namespace }}",pod=~"{{ deployment }}-.*",container!=""}[5m]))'
 
@@ -66,3 +66,24 @@ def test_every_shipped_probe_renders_a_literal_deployment():
         for pattern in matcher_values(promql, "pod"):
             pods = re.compile(pattern)
             assert pods.fullmatch("web.v2-7d9f-abcde") and not pods.fullmatch("webxv2-7d9f-abcde"), promql
+
+
+@pytest.mark.parametrize("template, expected", [
+    ('pod=~"{{ deployment }}-.*"', 'pod=~"web\\\\.v2-.*"'),
+    ("pod=~'{{ deployment }}-.*'", "pod=~'web\\\\.v2-.*'"),
+    ("pod!~ `{{ deployment }}-.*`", "pod!~ `web\\.v2-.*`"),  # a raw string keeps one backslash
+    ('up{job="{{ deployment }}"}', 'up{job="web.v2"}'),
+    ("up{job='{{ deployment }}'}", "up{job='web.v2'}"),
+])
+def test_every_kind_of_promql_string_gets_a_literal(template, expected):
+    assert render_promql(template, {"deployment": "web.v2"}) == expected
+
+
+def test_a_single_quoted_value_cannot_close_its_string():
+    promql = render_promql("up{job='{{ j }}'}", {"j": "a'} or vector(1) or up{x='"})
+    assert promql == "up{job='a\\'} or vector(1) or up{x=\\''}"
+
+
+def test_a_backquote_cannot_go_into_a_raw_string():
+    with pytest.raises(TemplateError, match="backquote"):
+        render_promql("up{job=`{{ j }}`}", {"j": "a`b"})
