@@ -104,6 +104,17 @@ def proxied_database(database_url: str):
         proxy.stop()
 
 
+@pytest.fixture(scope="module")
+def broker():
+    """A loopback Broker that records every event sent to it (the K_SINK of
+    the functions a module starts); a module may define its own."""
+    from loopback.servers import RecordingServer
+
+    server = RecordingServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def base_env(database_url):
     """The environment every function process of the tests starts with."""

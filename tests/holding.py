@@ -78,3 +78,39 @@ def waits_for_a_lock(engine) -> bool:
         return bool(conn.execute(sa.text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
             "AND pid <> pg_backend_pid()")).scalar())
+
+
+def against_a_resolve(engine, first: str, then: str, write) -> list[str]:
+    """Run ``write()`` (a batch's transaction) while another session, as a
+    resolve does, has locked incident ``first``; once the batch waits for a
+    lock, that session locks ``then`` and commits. The database errors
+    either side met, first lines (a deadlock is one); [] when the two only
+    waited for each other."""
+    import sqlalchemy as sa
+
+    from loopback.processes import wait_until
+
+    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
+    errors: list[BaseException] = []
+
+    def batch():
+        try:
+            write()
+        except sa.exc.DBAPIError as exc:
+            errors.append(exc)
+
+    with engine.connect() as resolver:
+        resolving = resolver.begin()
+        resolver.execute(lock, {"i": first})
+        worker = threading.Thread(target=batch)
+        worker.start()
+        wait_until(lambda: waits_for_a_lock(engine), message="the batch waiting for a lock the resolve holds")
+        try:
+            resolver.execute(lock, {"i": then})
+            resolving.commit()
+        except sa.exc.DBAPIError as exc:
+            errors.append(exc)
+            resolving.rollback()
+        worker.join(HOLD_LIMIT)
+    assert not worker.is_alive(), "the batch never finished"
+    return [str(e).splitlines()[0] for e in errors]

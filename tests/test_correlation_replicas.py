@@ -12,7 +12,7 @@ from loopback.processes import FunctionProcess, wait_until
 from tests import storms
 from tests.conftest import TEST_TOKEN
 from tests.factories import webhook
-from tests.holding import waits_for_a_lock
+from tests.holding import against_a_resolve
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
@@ -158,33 +158,12 @@ def test_a_pod_batch_and_a_resolve_lock_incidents_in_one_order(clean_db):
     plan = corr.plan(batch, fetch=False)
     assert store.seekers_only(batch, plan)
 
-    resolver = clean_db.connect()
-    resolving = resolver.begin()
-    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
-    resolver.execute(lock, {"i": node_incident.incident_id})  # the resolve locks in id order: the node's first
-    errors = []
-
     def intake():
-        try:
-            with clean_db.begin() as conn:
-                svc.record_alerts(conn, batch, "/t", "alertmanager", plan=plan)
-        except sa.exc.DBAPIError as exc:
-            errors.append(exc)
+        with clean_db.begin() as conn:
+            svc.record_alerts(conn, batch, "/t", "alertmanager", plan=plan)
 
-
-    worker = threading.Thread(target=intake)
-    worker.start()
-    wait_until(lambda: waits_for_a_lock(clean_db), message="the batch waiting for a lock the resolve holds")
-    try:
-        resolver.execute(lock, {"i": own.incident_id})
-        resolving.commit()
-    except sa.exc.DBAPIError as exc:
-        errors.append(exc)
-        resolving.rollback()
-    worker.join(30)
-    resolver.close()
-    assert not worker.is_alive()
-    assert not errors, [str(e).splitlines()[0] for e in errors]
+    # The resolve locks in id order: the node's first.
+    assert against_a_resolve(clean_db, node_incident.incident_id, own.incident_id, intake) == []
     with clean_db.connect() as conn:
         joined = conn.execute(sa.text("SELECT incident_id FROM incident_members WHERE fingerprint = :f"),
                               {"f": batch[1].fingerprint}).scalar()
@@ -225,33 +204,12 @@ def test_a_batch_with_a_root_and_a_resolve_lock_incidents_in_one_order(clean_db)
     plan = corr.plan(batch, fetch=False)
     assert not store.seekers_only(batch, plan)
 
-    resolver = clean_db.connect()
-    resolving = resolver.begin()
-    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
-    resolver.execute(lock, {"i": own.incident_id})  # the resolve locks in id order: the lone one first
-    errors = []
-
     def intake():
-        try:
-            with clean_db.begin() as conn:
-                svc.record_alerts(conn, batch, "/t", "alertmanager", plan=plan)
-        except sa.exc.DBAPIError as exc:
-            errors.append(exc)
+        with clean_db.begin() as conn:
+            svc.record_alerts(conn, batch, "/t", "alertmanager", plan=plan)
 
-
-    worker = threading.Thread(target=intake)
-    worker.start()
-    wait_until(lambda: waits_for_a_lock(clean_db), message="the batch waiting for a lock the resolve holds")
-    try:
-        resolver.execute(lock, {"i": node_incident.incident_id})
-        resolving.commit()
-    except sa.exc.DBAPIError as exc:
-        errors.append(exc)
-        resolving.rollback()
-    worker.join(30)
-    resolver.close()
-    assert not worker.is_alive()
-    assert not errors, [str(e).splitlines()[0] for e in errors]
+    # The resolve locks in id order: the lone one first.
+    assert against_a_resolve(clean_db, own.incident_id, node_incident.incident_id, intake) == []
     with clean_db.connect() as conn:
         joined = conn.execute(sa.text("SELECT incident_id FROM incident_members WHERE fingerprint = :f"),
                               {"f": batch[1].fingerprint}).scalar()

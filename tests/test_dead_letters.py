@@ -14,18 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
-from loopback.servers import RecordingServer
 from loopback.processes import FunctionProcess, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ESCALATION = "http://escalation.default.svc.cluster.local"
-
-
-@pytest.fixture(scope="module")
-def broker():
-    server = RecordingServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from cloudevents.http import CloudEvent
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
-from loopback.servers import RecordingServer
 from loopback.processes import FunctionProcess
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
@@ -24,13 +23,6 @@ REPORT = "io.incidentresponse.incident.report"
 DEEP = b"[" * 100_000 + b"]" * 100_000
 DEEP_OBJECT = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
 SMALL_DEEP = b"[" * 30_000 + b"]" * 30_000  # under the 64 KiB PATCH limit, still past the parser's stack
-
-
-@pytest.fixture(scope="module")
-def broker():
-    server = RecordingServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 import requests
 
 from loopback.processes import FunctionProcess
-from loopback.servers import RecordingServer
 from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
@@ -34,13 +33,6 @@ EVENT_TYPES = {
     "escalation": events.INCIDENT_OPENED,
 }
 HUGE_INTEGER = "9" * 5000  # json.loads refuses more than 4300 digits with a bare ValueError
-
-
-@pytest.fixture(scope="module")
-def broker():
-    server = RecordingServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ import yaml
 
 from deploy import manifests
 from loopback.processes import free_port, wait_until
-from loopback.servers import RecordingServer
 from shared import db as db_module
 from tests import container
 from tests.conftest import TEST_TOKEN, _server_url, _with_database
@@ -129,13 +128,6 @@ def config_env() -> dict[str, str]:
 def service_env(name: str) -> dict[str, str]:
     (container_spec,) = manifests.service(name)["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in container_spec["env"]}
-
-
-@pytest.fixture(scope="module")
-def broker():
-    server = RecordingServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

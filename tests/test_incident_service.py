@@ -10,7 +10,7 @@ from shared import clock
 from shared import incidents as svc
 from shared.errors import Conflict, InvalidTransition, NotFound
 from tests.factories import alert
-from tests.holding import waits_for_a_lock
+from tests.holding import against_a_resolve
 
 SOURCE = "/test"
 
@@ -257,7 +257,6 @@ def test_a_refresh_and_a_resolve_of_the_same_incidents_lock_them_in_one_order(cl
     order; the refresh must too, whatever order its fingerprints sort in,
     or each holds the incident the other waits for (40P01, a 503 and a
     retry of both webhooks)."""
-    from loopback.processes import wait_until
 
     # Two incidents whose fingerprints sort the opposite way to their ids.
     for attempt in range(40):
@@ -268,32 +267,8 @@ def test_a_refresh_and_a_resolve_of_the_same_incidents_lock_them_in_one_order(cl
     assert one.incident_id > two.incident_id
     lower, higher = two.incident_id, one.incident_id
 
-    resolver = clean_db.connect()
-    resolving = resolver.begin()
-    lock = sa.text("SELECT id FROM incidents WHERE id = :i FOR UPDATE")
-    resolver.execute(lock, {"i": lower})  # a resolve of both, in id order: the lower first
-    errors = []
-
-    def refresh():
-        try:
-            record(clean_db, first, second)
-        except sa.exc.DBAPIError as exc:
-            errors.append(exc)
-
-
-    worker = threading.Thread(target=refresh)
-    worker.start()
-    wait_until(lambda: waits_for_a_lock(clean_db), message="the refresh waiting for a lock the resolve holds")
-    try:
-        resolver.execute(lock, {"i": higher})
-        resolving.commit()
-    except sa.exc.DBAPIError as exc:
-        errors.append(exc)
-        resolving.rollback()
-    worker.join(30)
-    resolver.close()
-    assert not worker.is_alive()
-    assert not errors, [str(e).splitlines()[0] for e in errors]
+    # A resolve of both locks in id order: the lower first.
+    assert against_a_resolve(clean_db, lower, higher, lambda: record(clean_db, first, second)) == []
     with clean_db.connect() as conn:
         counts = conn.execute(sa.text("SELECT repeat_count FROM incidents WHERE id IN (:a, :b)"), {"a": lower, "b": higher}).scalars().all()
     assert counts == [1, 1]

@@ -14,17 +14,9 @@ from shared import filters
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
-from loopback.servers import RecordingServer
 from loopback.processes import FunctionProcess, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def broker():
-    server = RecordingServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
