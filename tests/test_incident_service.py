@@ -272,3 +272,48 @@ def test_a_refresh_and_a_resolve_of_the_same_incidents_lock_them_in_one_order(cl
     with clean_db.connect() as conn:
         counts = conn.execute(sa.text("SELECT repeat_count FROM incidents WHERE id IN (:a, :b)"), {"a": lower, "b": higher}).scalars().all()
     assert counts == [1, 1]
+
+
+def test_the_plain_upsert_writes_what_the_full_one_writes_for_alerts_no_rule_concerns(clean_db):
+    """Without correlation keys the firing upsert drops the offers, the
+    joinable and the root member: on the same state it must return and
+    write exactly what the full statement does (a repeat seen twice, a
+    member from an earlier rule, an incident remediation just resolved, a
+    new alert)."""
+    import json
+
+    from shared import ingest
+
+    repeat, member, fixed, new, root = (alert("Eq", priority="P2", service=s) for s in ("a", "m", "f", "n", "r"))
+    record(clean_db, repeat, root, fixed)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at, last_seen_at, "
+            "joined_at, is_root, rank, correlation_reason, provides, seeks) SELECT id, :m, 'Eq', '{}'::jsonb, 'P2', 'resolved', "
+            "now(), now(), now(), false, 0, 'labels', '{}', '{}' FROM incidents WHERE fingerprint = :r"),
+            {"m": member.fingerprint, "r": root.fingerprint})
+        conn.execute(sa.text("UPDATE incidents SET status = 'resolved', resolved_by = 'remediation', "
+                             "resolved_at = timezone('utc', now()) WHERE fingerprint = :f"), {"f": fixed.fingerprint})
+    rows = [{"id": f"new-{a.fingerprint}", "alert_name": a.alert_name, "priority": a.priority, "summary": a.summary,
+             "description": a.description, "fingerprint": a.fingerprint, "labels": a.labels, "annotations": a.annotations,
+             "source": a.source, "starts_at": None, "seen": 2 if a is repeat else 1, "rank": 0, "provides": [], "seeks": []}
+            for a in (repeat, member, fixed, new)]
+    opened = [{"id": f"new-{a.fingerprint}.opened.0", "type": "io.incidentresponse.incident.opened", "source": "/t",
+               "subject": f"new-{a.fingerprint}", "extensions": {}, "data": {}} for a in (repeat, member, fixed, new)]
+    params = {"rows": json.dumps(rows), "window": 600, "actor": "t", "events": json.dumps(opened), "sought": "[]", "lock_also": "[]"}
+
+    def written_by(statement):
+        with clean_db.connect() as conn, conn.begin() as transaction:
+            answer = sorted(json.dumps({k: v for k, v in row.items() if not k.endswith("_at")}, sort_keys=True)
+                            for (row,) in conn.execute(statement, params))
+            tables = [conn.execute(sa.text(query)).all() for query in (
+                "SELECT incident_id, fingerprint, status FROM incident_members ORDER BY 1, 2",
+                "SELECT incident_id, kind, details::text FROM incident_timeline ORDER BY 1, 2, 3",
+                "SELECT id, repeat_count, status FROM incidents ORDER BY 1",
+                "SELECT id, type FROM event_outbox ORDER BY 1")]
+            transaction.rollback()
+        return answer, tables
+
+    full = written_by(ingest.UPSERT_FIRING)
+    assert len(full[0]) == 4  # the repeat, the new alert, the member and the remediated one all answer
+    assert written_by(ingest.UPSERT_FIRING_PLAIN) == full
