@@ -132,7 +132,15 @@ def database_cpu(engine) -> dict[int, float]:
     with engine.connect() as conn:
         pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                                     "AND pid <> pg_backend_pid()")).scalars().all()
-    return {p: _proc_cpu([p]) for p in pids}
+    # Only a server on this machine: a remote one's pids name other processes here.
+    return {p: _proc_cpu([p]) for p in pids if _is_postgres(p)}
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith(("postgres", "postmaster"))
+    except OSError:
+        return False
 
 
 def database_cpu_since(engine, before: dict[int, float]) -> float:
@@ -162,7 +170,7 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
         raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
     data = json.loads(line.split(" ", 1)[1])
     cpu_ms = (cpu_seconds(pid) - before) * 1000 / max(1, data["requests"]) if pid else float("nan")
-    db_ms = database_cpu_since(engine, db_before) * 1000 / max(1, data["requests"]) if engine is not None else float("nan")
+    db_ms = database_cpu_since(engine, db_before) * 1000 / max(1, data["requests"]) if db_before else float("nan")
     return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50": data["p50_us"] / 1000, "p99": data["p99_us"] / 1000,
             "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms, "db_ms": db_ms}
 
