@@ -375,33 +375,26 @@ def record_alerts(
 
     One statement per kind of change whatever the batch size. Within a batch
     the last alert of a fingerprint wins (AlertManager never sends two, a
-    hand-written payload might), except that a resolution never swallows
-    the firing before it (a *blip*: a relay's payload, or two notifications
-    sharing a group commit): its incident is opened and then resolved, and
-    the firing is held like any other by a maintenance window. Rows are
-    touched in fingerprint order, and a batch's incidents are locked in id
-    order by its first statement that locks any, so that two concurrent
-    batches lock in the same order and cannot deadlock. ``plan``
+    hand-written payload might; a firing its own resolution follows in the
+    same batch is answered with the resolution's outcome). Rows are touched
+    in fingerprint order, and a batch's incidents are locked in id order by
+    its first statement that locks any, so that two concurrent batches lock
+    in the same order and cannot deadlock. ``plan``
     (shared.correlation.plan, made before the transaction) names what the
     correlation rules relate; alerts outside it take the common path, whose
     only addition is the indexed membership lookup.
     """
     latest: dict[str, Alert] = {}
-    blips: dict[str, Alert] = {}  # fingerprint -> the firing a later resolution in the batch follows
     for alert in alerts:
-        before = latest.pop(alert.fingerprint, None)
-        if alert.status == "resolved" and before is not None and before.status == "firing" and not before.ignored_reason:
-            blips[alert.fingerprint] = before
-        elif alert.status == "firing":
-            blips.pop(alert.fingerprint, None)
+        latest.pop(alert.fingerprint, None)
         latest[alert.fingerprint] = alert
     # Noise control (shared/noise.py): heartbeats, maintenance windows, flapping.
-    screened = noise.screen(conn, list(latest.values()), config or settings(), blips=list(blips.values()))
+    screened = noise.screen(conn, list(latest.values()), config or settings())
     outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
     for extra in screened.extra:
         latest.setdefault(extra.fingerprint, extra)
-    firing = sorted([a for a in latest.values() if a.status == "firing" and not a.ignored_reason and a.fingerprint not in outcome_of]
-                    + [a for fp, a in blips.items() if fp not in outcome_of], key=lambda a: a.fingerprint)
+    firing = sorted((a for a in latest.values() if a.status == "firing" and not a.ignored_reason and a.fingerprint not in outcome_of),
+                    key=lambda a: a.fingerprint)
     resolving = sorted((a for a in latest.values() if a.status == "resolved" and a.fingerprint not in outcome_of),
                        key=lambda a: a.fingerprint)
     for alert in latest.values():
@@ -409,7 +402,6 @@ def record_alerts(
             outcome_of[alert.fingerprint] = Outcome(alert.fingerprint, "ignored", reason=alert.ignored_reason)
     # The resolutions' incidents are locked with the firing alerts' (one id-ordered statement).
     resolving_fps = [a.fingerprint for a in resolving]
-    opened_as: dict[str, Outcome] = {}  # a blip's firing: its outcome before the resolution's
 
     timeline: list[dict] = []
     new_events: list[dict] = []
@@ -485,7 +477,6 @@ def record_alerts(
                 outcome_of[fingerprint] = Outcome(fingerprint, "joined", incident_id)
             timeline += applied.timeline
             new_events += applied.new_events
-        opened_as = {fp: outcome_of[fp] for fp in blips if fp in outcome_of}
     if resolving:
         payload = [{"fingerprint": a.fingerprint, "ends_at": a.ends_at.isoformat() if a.ends_at else None} for a in resolving]
         hits = conn.execute(RESOLVE_MEMBERS, {"rows": json.dumps(payload)}).mappings().all()
@@ -512,10 +503,8 @@ def record_alerts(
             )
     insert_timeline_and_events(conn, timeline, new_events)
     _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
-    # Report in the order the alerts came, once per alert (duplicates share
-    # an outcome; a blip's firings share the one they opened with).
-    return RecordResult([opened_as[a.fingerprint] if a.status == "firing" and a.fingerprint in opened_as else outcome_of[a.fingerprint]
-                         for a in alerts], published + [e["id"] for e in new_events])
+    # Report in the order the alerts came, once per alert (duplicates share an outcome).
+    return RecordResult([outcome_of[a.fingerprint] for a in alerts], published + [e["id"] for e in new_events])
 
 
 COUNT_IGNORED = sa.text(compact(

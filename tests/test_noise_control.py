@@ -199,26 +199,11 @@ def test_a_held_alert_that_resolved_during_the_window_opens_nothing(database_url
 
 
 
-def test_an_alert_that_fires_and_resolves_in_one_batch_during_a_window_is_held_and_opens_nothing(database_url, clean_db, at):
-    """A firing the batch's own resolution follows is still a firing: the
-    window holds it, the resolution is noted on it, and the window's end
-    replays nothing."""
-    config = settings(database_url)
-    window(clean_db, ['alertname="Blip"'], T0, T0 + timedelta(minutes=10))
-    a = alert("Blip")
-    outcomes = record(clean_db, config, a, replace(a, status="resolved")).outcomes
-    assert [o.action for o in outcomes] == ["suppressed", "suppressed"]
-    clock.advance(600)
-    assert sweep(clean_db, config) == []
-    assert incidents_of(clean_db, a.fingerprint) == []
-    assert rows(clean_db, "SELECT status FROM suppressed_alerts") == [{"status": "resolved"}]
-
-
 def test_a_batch_that_fires_and_resolves_an_alert_and_a_resolve_of_two_do_not_deadlock(database_url, clean_db, at):
     """One batch fires and resolves B and resolves A and C; another resolves
     A and B. The first waits (here for C's held row, which the window
-    release sweep locks while it replays) after it has touched B: had it
-    locked B's rows before A's, the second would hold A and wait for B."""
+    release sweep locks while it replays): had it locked B's rows before
+    A's on the way, the second would hold A and wait for B."""
     config = settings(database_url)
     a, b, c = (alert("LockRun", priority="P2", service=s) for s in ("a", "b", "c"))
     record(clean_db, config, a, b)
