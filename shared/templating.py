@@ -39,11 +39,16 @@ def _string_around(template: str, position: int) -> tuple[str | None, bool]:
     """The quote of the PromQL string ``position`` lies in (None outside
     any), and whether that string is a regex matcher's (``=~`` / ``!~``).
     Double- and single-quoted strings take backslash escapes; backquoted
-    (raw) ones do not."""
+    (raw) ones do not; a ``#`` outside a string starts a comment."""
     quote, opened, i = None, 0, 0
     while i < position:
         c = template[i]
         if quote is None:
+            if c == "#":
+                # A comment runs to the end of its line; its quotes open nothing.
+                end = template.find("\n", i)
+                i = position if end < 0 else end
+                continue
             if c in _QUOTES:
                 quote, opened = c, i
         elif c == "\\" and quote != "`":

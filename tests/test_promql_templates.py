@@ -87,3 +87,10 @@ def test_a_single_quoted_value_cannot_close_its_string():
 def test_a_backquote_cannot_go_into_a_raw_string():
     with pytest.raises(TemplateError, match="backquote"):
         render_promql("up{job=`{{ j }}`}", {"j": "a`b"})
+
+
+def test_a_quote_in_a_comment_opens_no_string():
+    template = '# the pod\'s restarts\nsum(x{pod=~"{{ deployment }}-.*"}) or y{pod="{{ pod }}"}'
+    promql = render_promql(template, {"deployment": "web.v2", "pod": 'x"} or up{a="'})
+    assert re.compile(matcher_values(promql, "pod")[0]).fullmatch("web.v2-1")
+    assert matcher_values(promql, "pod")[1] == 'x"} or up{a="'
