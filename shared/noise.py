@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -71,12 +70,8 @@ def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[s
             for r in rows}
 
 
-def screen(conn: Connection, latest: list[Alert], config: Settings, blips: Sequence[Alert] = ()) -> Screened:
-    """``latest``: one alert per fingerprint, the batch's last word on it.
-    ``blips``: firings a resolution of ``latest`` follows in the batch; a
-    window holds them as it holds any firing (and the resolution is then
-    noted on the held alert), otherwise they are opened before the
-    resolution is recorded."""
+def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
+    """``latest``: one alert per fingerprint, the batch's last word on it."""
     now = clock.now()
     result = Screened()
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
@@ -94,7 +89,7 @@ def screen(conn: Connection, latest: list[Alert], config: Settings, blips: Seque
     # Lock order: held alerts (suppressed_alerts) before flapping rows
     # (alert_flaps), as the sweep's release does (it locks the held rows,
     # then replays them through here); the other order deadlocks the two.
-    held = maintenance.hold(conn, firing + list(blips), now)
+    held = maintenance.hold(conn, firing, now)
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
     maintenance.note_resolved(conn, resolving, now)
