@@ -250,9 +250,9 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
     # array, so the lookup is one scan of the provides index.
     sought = sorted({key for row in payload for key in row["seeks"]}) if joinable is not None else []
     correlated = bool(sought) or any(row["provides"] or row["seeks"] for row in payload)
-    result = conn.execute(UPSERT_FIRING if correlated else UPSERT_FIRING_PLAIN, {"rows": json.dumps(payload), "window": window, "actor": actor,
-                                           "events": outbox.serialise(proposed), "sought": json.dumps(sought),
-                                           "lock_also": json.dumps(sorted(lock_also))})
+    result = conn.execute(UPSERT_FIRING if correlated else UPSERT_FIRING_PLAIN, {
+        "rows": json.dumps(payload), "window": window, "actor": actor, "events": outbox.serialise(proposed),
+        "sought": json.dumps(sought), "lock_also": json.dumps(sorted(lock_also))})
     for (row,) in result:
         if "joinable" in row:
             joinable.add(row["joinable"])
