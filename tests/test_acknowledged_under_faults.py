@@ -87,8 +87,5 @@ def test_every_acknowledged_webhook_is_stored_while_the_database_drops_away(inta
     assert statuses <= {200, 503}, statuses
     with clean_db.connect() as conn:
         stored = set(conn.execute(sa.text("SELECT fingerprint FROM incidents WHERE alert_name = 'FaultProbe'")).scalars())
-        duplicates = conn.execute(sa.text("SELECT fingerprint FROM incidents WHERE alert_name = 'FaultProbe' "
-                                          "GROUP BY fingerprint HAVING count(*) > 1")).scalars().all()
     acknowledged = {fp for fps, s in answers if s == 200 for fp in fps}
     assert acknowledged - stored == set()
-    assert duplicates == []
