@@ -104,13 +104,13 @@ WRK_SCRIPT = ROOT / "bench" / "wrk_new_alert.lua"
 WRK_CONNECTIONS = (1, 8, 32)
 WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
 WRK_ROUNDS = int(os.environ.get("BENCH_WRK_ROUNDS", "2"))
-# Enough connections that every gunicorn worker of a server takes some.
+# Enough connections that every worker of the reference's gunicorn takes some.
 WARM_UP_CONNECTIONS = 32
 WARM_UP_SECONDS = 3.0
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a server's process tree: gunicorn master and workers."""
+    """CPU time (user + system) of a server's process tree (the reference's gunicorn master and workers)."""
     return _proc_cpu([pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()])
 
 
@@ -175,10 +175,6 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
             "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms, "db_ms": db_ms}
 
 
-def gunicorn_env(extra: dict) -> dict:
-    return {**extra, "WORKERS": str(WORKERS), "THREADS": str(THREADS)}
-
-
 def reference_server(database_url: str) -> subprocess.Popen:
     port = free_port()
     proc = subprocess.Popen(
@@ -220,21 +216,20 @@ def pgbench(database_url: str, clients: int, seconds: int = 8) -> float:
 
 
 def throughput(database_url: str, engine) -> list[str]:
-    env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"})
+    env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"}
+    # As knative/base/services.yaml runs it: one process, THREADS threads.
     intake = FunctionProcess("intake", env, threads=THREADS).start()
-    # As knative/base/services.yaml runs it: one worker, THREADS threads.
-    deployed = FunctionProcess("intake", {**env, "WORKERS": "1"}, threads=THREADS).start()
     reference = reference_server(database_url)
     try:
-        # Warm-up, not measured: gunicorn's workers each build their handlers
-        # on their first request (the intake's routes are imported by the
-        # worker, shared/http.py LazyRoutes) and open their pool's database
+        # Warm-up, not measured: the intake builds its handlers on its first
+        # request (shared/http.py LazyRoutes), the reference's gunicorn
+        # workers import theirs, and both open their pool's database
         # connections as requests need them. Measured from a cold start, the
         # first round paid a second or so of that inside its 8 s: at one
         # connection wrk's latency correction turned one such request into a
         # p99 of half a second, and its CPU into double the CPU per request.
         # Cold start is section 5's measure; this one is the steady state.
-        for server in (intake, deployed, reference):
+        for server in (intake, reference):
             wrk(server.url + "/webhook/alert", WARM_UP_CONNECTIONS, WARM_UP_SECONDS)
         # wrk first: rounds alternate intake and reference at each connection
         # count, so both see the same machine load; the median round is kept.
@@ -242,8 +237,6 @@ def throughput(database_url: str, engine) -> list[str]:
         for _ in range(WRK_ROUNDS):
             for connections in WRK_CONNECTIONS:
                 servers = [("intake", intake, intake.process.pid), ("reference", reference, reference.pid)]
-                if connections == CONCURRENCY:
-                    servers.insert(1, ("intake, 1 worker", deployed, deployed.process.pid))
                 for label, server, pid in servers:
                     by_wrk.setdefault((label, connections), []).append(
                         wrk(server.url + "/webhook/alert", connections, pid=pid, engine=engine))
@@ -258,15 +251,15 @@ def throughput(database_url: str, engine) -> list[str]:
         ref_dup = load(reference.url + "/webhook/alert", lambda i: ref_dup_body)
     finally:
         reference.terminate()
-        deployed.stop()
         intake.stop()
     pg1, pg4 = pgbench(database_url, 1), pgbench(database_url, 4)
     rows = [
         "## 1. Intake throughput and latency",
         "",
-        f"Concurrency {CONCURRENCY}, {DURATION:g} s each, one alert per webhook; gunicorn with {WORKERS} workers × {THREADS} threads "
-        "for both the intake (functions-framework) and the reference (bench/reference_app.py: Flask + SQLAlchemy + pg8000, "
-        "one INSERT … ON CONFLICT per alert). PostgreSQL ceiling: the same INSERT … ON CONFLICT through `pgbench -M prepared`.",
+        f"Concurrency {CONCURRENCY}, {DURATION:g} s each, one alert per webhook; the intake as the Knative manifests run it "
+        f"(shared/serve.py: one process, waitress with {THREADS} threads), the reference (bench/reference_app.py: Flask + "
+        f"SQLAlchemy + pg8000, one INSERT … ON CONFLICT per alert) in gunicorn with {WORKERS} workers × {THREADS} threads. "
+        "PostgreSQL ceiling: the same INSERT … ON CONFLICT through `pgbench -M prepared`.",
         "",
         "| Case | req/s | p50 ms | p99 ms | errors | ÷ reference | ÷ pgbench 1 client | ÷ pgbench 4 clients |",
         "|---|---|---|---|---|---|---|---|",
@@ -278,11 +271,10 @@ def throughput(database_url: str, engine) -> list[str]:
     rows += ["", f"pgbench: {pg1:.0f} tps with 1 client, {pg4:.0f} tps with 4 clients.", ""]
     rows += ["### With wrk", "",
              f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating intake and reference at each N, after "
-             f"{WARM_UP_SECONDS:g} s of warm-up at {WARM_UP_CONNECTIONS} connections for each server, not counted, so every worker "
+             f"{WARM_UP_SECONDS:g} s of warm-up at {WARM_UP_CONNECTIONS} connections for each server, not counted, so every process "
              "has built its handlers and opened its connections; the round "
              "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
-             "(bench/wrk_new_alert.lua), same servers as above; at "
-             f"{CONCURRENCY} connections also the intake as the Knative manifests run it, one worker of {THREADS} threads. "
+             "(bench/wrk_new_alert.lua), same servers as above. "
              "CPU ms/req, the median of the rounds (steadier than req/s on a shared machine): *server*, its processes' CPU "
              "time during the run ÷ its requests; *database*, the CPU time of the PostgreSQL server processes connected to the "
              "bench's database over the same run ÷ the same requests. On 2 cores the two together bound the throughput.", "",
@@ -291,7 +283,7 @@ def throughput(database_url: str, engine) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for connections in WRK_CONNECTIONS:
         theirs = _median_run(by_wrk[("reference", connections)])
-        for label in ("intake", "intake, 1 worker", "reference"):
+        for label in ("intake", "reference"):
             runs = by_wrk.get((label, connections))
             if not runs:
                 continue
@@ -310,7 +302,7 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def storm(database_url: str) -> list[str]:
-    env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"})
+    env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"}
     intake = FunctionProcess("intake", env, threads=THREADS).start()
     try:
         http = requests.Session()
@@ -465,13 +457,13 @@ SCALE_CONNECTIONS = 8  # the single process's load; the burst is ten times this
 
 
 def scale_out(database_url: str) -> list[str]:
-    """8 intake processes (one Knative pod each, WORKERS=1) through one
+    """8 intake processes (one Knative pod each) through one
     PgBouncer in transaction pooling mode with a small server pool, hit by a
     10x burst; baseline: one intake process straight to PostgreSQL at the
     normal load, in the same run."""
     from loopback.pgbouncer import PgBouncer
 
-    base_env = {"INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING", "WORKERS": "1"}
+    base_env = {"INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"}
     single = FunctionProcess("intake", {**base_env, "DATABASE_URL": database_url}, threads=THREADS).start()
     try:
         one = wrk(single.url + "/webhook/alert", SCALE_CONNECTIONS)
@@ -500,7 +492,7 @@ def scale_out(database_url: str) -> list[str]:
     total_rps = sum(r["rps"] for r in runs)
     errors = sum(r["errors"] for r in runs)
     rows = ["## 9. Scale-out through PgBouncer", "",
-            f"{SCALE_PROCESSES} intake processes (WORKERS=1, THREADS={THREADS}, each its own pool of DB_POOL_SIZE 4 + DB_MAX_OVERFLOW 4) "
+            f"{SCALE_PROCESSES} intake processes (THREADS={THREADS}, each its own pool of DB_POOL_SIZE 4 + DB_MAX_OVERFLOW 4) "
             f"through one PgBouncer in transaction pooling mode with `default_pool_size = {SCALE_POOL}`, hit by a 10x burst: "
             f"{burst} wrk connections ({per_process} per process, {WRK_SECONDS:g} s), one new AlertManager alert per webhook. "
             f"Baseline: one intake process straight to PostgreSQL at {SCALE_CONNECTIONS} connections, same run.", "",
@@ -703,9 +695,9 @@ def _kb(path: str, key: str) -> int:
 
 
 def memory_of(pid: int) -> tuple[float, float]:
-    """RSS and PSS of a functions-framework process tree (gunicorn master +
-    workers), MB. RSS counts a page the forked worker shares with the master
-    in both; PSS splits it between them, so the PSS sum is what the instance
+    """RSS and PSS of a process tree (a function's one process; the bare
+    function's gunicorn master and worker), MB. RSS counts a page a forked
+    worker shares with its master in both; PSS splits it between them, so the PSS sum is what the instance
     takes from the machine. Both are reported."""
     rss = pss = 0
     for p in _tree(pid):
@@ -759,8 +751,13 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
         """(ms to /health's first 2xx, CPU ms then, ms to the first real request's answer)."""
         port = free_port()
         start = time.perf_counter()
-        proc = subprocess.Popen([str(VENV_BIN / "functions-framework"), "--source", str(source), "--target", target, "--port", str(port), "--host", "127.0.0.1"],
-                                env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The bare function as functions-framework serves it (gunicorn); the
+        # functions as the image does (shared/serve.py).
+        command = ([str(VENV_BIN / "functions-framework"), "--source", str(source), "--target", target, "--port", str(port),
+                    "--host", "127.0.0.1"] if name == "bare" else [sys.executable, "-m", "shared.serve"])
+        proc = subprocess.Popen(command, env={**os.environ, **env, "PYTHONPATH": str(ROOT), "FUNCTION_SOURCE": str(source),
+                                              "FUNCTION_TARGET": target, "HOST": "127.0.0.1", "PORT": str(port)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while True:
                 try:
@@ -799,11 +796,12 @@ def cold_starts(database_url: str) -> tuple[list[str], float]:
     bare = median("bare", 0)
     rows = ["## 5. Cold start", "", "Process start to the first `2xx` from `/health` (the readiness probe; it also opens the first database "
             f"connection), and to the answer of the first real request right after it, {COLD_ROUNDS} rounds, each starting the bare "
-            "functions-framework `http` function (bench/bare) and then every function; medians, and the median of each round's ratio to "
+            "functions-framework `http` function (bench/bare, as `functions-framework --target` serves it: gunicorn's master and one "
+            "worker) and then every function (as the image serves it: shared/serve.py, one process); medians, and the median of each round's ratio to "
             "its bare start. The first real request is what Knative's activator holds until the probe passes: a one-alert webhook for "
             "the intake, `GET /incidents?limit=1` for the query, an event for the others (of an incident that does not exist, which "
             "still builds the handler and asks the database), `GET /` for the bare function. Imports deferred past `/health` are paid "
-            "there. CPU ms: user + system time of the gunicorn master and worker at the `/health` answer, which other work on the "
+            "there. CPU ms: user + system time of the process tree at the `/health` answer, which other work on the "
             "machine changes less than the wall time. The sources are byte-compiled first, as in the image.", "",
             "| Function | /health ms | ÷ bare | CPU ms | CPU ÷ bare | first request answered ms | ÷ bare |", "|---|---|---|---|---|---|---|",
             f"| bare function | {bare:.0f} | 1.00 | {median('bare', 1):.0f} | 1.00 | {median('bare', 2):.0f} | 1.00 |"]
@@ -875,8 +873,8 @@ def correlation_cost(database_url: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "no-rules.yaml"
         empty.write_text("rules: []\n")
-        env = gunicorn_env({"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING",
-                            "PROMETHEUS_URL": "", "KUBECONFIG": str(Path(tmp) / "none")})
+        env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING",
+               "PROMETHEUS_URL": "", "KUBECONFIG": str(Path(tmp) / "none")}
         servers = {"on": FunctionProcess("intake", env, threads=THREADS).start(),
                    "off": FunctionProcess("intake", {**env, "CORRELATION_FILE": str(empty)}, threads=THREADS).start()}
         run = uuid.uuid4().hex[:6]
@@ -902,8 +900,8 @@ def correlation_cost(database_url: str) -> list[str]:
                 server.stop()
     rows = ["### Single-alert intake: correlation on ÷ off", "",
             f"Both intakes loaded at once (concurrency {CONCURRENCY} each, one new alert per webhook), {CORRELATION_ROUNDS} rounds "
-            f"of {CORRELATION_SECONDS:g} s per kind of alert; the round with the median on ÷ off is shown. The same gunicorn settings "
-            "as section 1; \"off\" is CORRELATION_FILE with `rules: []`. No topology source is configured: Kubernetes lookups are "
+            f"of {CORRELATION_SECONDS:g} s per kind of alert; the round with the median on ÷ off is shown. The same process "
+            "settings as section 1; \"off\" is CORRELATION_FILE with `rules: []`. No topology source is configured: Kubernetes lookups are "
             "not in the figure.", "",
             "| Alert | shipped rules req/s | p99 ms | correlation off req/s | p99 ms | errors | on ÷ off (median round) |",
             "|---|---|---|---|---|---|---|"]
@@ -980,9 +978,10 @@ def main() -> None:
                 cold, _ = cold_starts(database_url)
                 report += cold
             bare, bare_pss = bare_memory()
-            report += ["## 6. Resident memory", "", "After the pipeline run, gunicorn master + worker of each function; baseline: the bare function "
-                       "(after its first request). RSS counts the pages the forked worker shares with the master twice; PSS counts each "
-                       "page once, split between the processes that map it (`/proc/PID/smaps_rollup`): the memory the instance takes.", "",
+            report += ["## 6. Resident memory", "", "After the pipeline run, each function's process (shared/serve.py: one process per instance); baseline: the "
+                       "bare function as functions-framework serves it, gunicorn's master and one worker, after its first request. RSS sums "
+                       "the processes' resident pages, counting the pages the forked worker shares with its master twice; PSS counts each "
+                       "page once, split between the processes that map it (`/proc/PID/smaps_rollup`).", "",
                        "| Function | RSS MB | ÷ bare | PSS MB | ÷ bare |", "|---|---|---|---|---|",
                        f"| bare function | {bare:.0f} | 1.00 | {bare_pss:.0f} | 1.00 |"]
             report += [f"| {n} | {r:.0f} | {r / bare:.2f} | {p:.0f} | {p / bare_pss:.2f} |" for n, (r, p) in rss.items()]

@@ -53,7 +53,7 @@ def service_flags(name: str, image: str, namespace: str, production: bool, skip:
     row = SERVICES[name]
     flags = ["--namespace", namespace, "--image", image, "--port", "8080", "--service-account", row.account]
     env = {"FUNCTION_SOURCE": f"functions/{row.function}/main.py", "FUNCTION_TARGET": row.function,
-           "WORKERS": "1", "THREADS": str(row.concurrency)}
+           "THREADS": str(row.concurrency)}
     volumes = [("tmp", "emptyDir:tmp:type=Memory,size=16Mi", "/tmp")]
     for secret, (key, variable, users) in SECRET_MOUNTS.items():
         if name in users and secret not in skip:

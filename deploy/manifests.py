@@ -53,14 +53,14 @@ PROCESS_MODEL = "incident-response/process-model"
 
 def process_model(concurrency: int) -> str:
     """Why each instance runs one process: said in the manifest itself."""
-    return (f"One gunicorn worker (WORKERS=1) with {concurrency} threads (THREADS = containerConcurrency): Knative sends an "
-            "instance at most containerConcurrency requests and scales out by adding pods, so a second worker would only "
-            "double the memory and the database pool of every pod and split the intake's group commit in two. The work is "
-            "I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL. The gunicorn master "
-            "imports main.py only (settings, the config file check) and forks the worker; the worker answers /health with "
-            "the database alone and imports the handlers on the first other request (shared/http.py built_on_first_request), "
-            "so what the master holds is resident twice and the handlers once; the master's objects are frozen at the "
-            "fork (gc.freeze) so the worker's collections leave the pages they share unwritten. "
+    return (f"One process (shared/serve.py: functions-framework's app in waitress) with {concurrency} threads (THREADS = "
+            "containerConcurrency): Knative sends an instance at most containerConcurrency requests and scales out by adding "
+            "pods, and Kubernetes restarts a container whose process dies, so neither a second worker nor gunicorn's master "
+            "(a second copy of Flask and main.py, and a fork at every start) would add anything but memory and start time; "
+            "a second worker would also double the database pool of every pod and split the intake's group commit in two. "
+            "The work is I/O-bound (PostgreSQL, the Broker, the Kubernetes API), so threads overlap it under one GIL. "
+            "/health is answered with the database alone; the handlers are imported by the first other request "
+            "(shared/http.py built_on_first_request). "
             "DB_POOL_SIZE + DB_MAX_OVERFLOW cover the threads; docs/deploy.md sizes pools, PgBouncer and max-scale together.")
 
 
@@ -71,11 +71,10 @@ def service(name: str) -> dict:
     env = [
         {"name": "FUNCTION_SOURCE", "value": f"functions/{function}/main.py"},
         {"name": "FUNCTION_TARGET", "value": function},
-        # One gunicorn worker, one thread per request Knative may send.
-        {"name": "WORKERS", "value": "1"},
+        # One thread per request Knative may send.
         {"name": "THREADS", "value": str(concurrency)},
     ]
-    # gunicorn keeps its worker heartbeat files in /tmp; the root is read-only.
+    # waitress spools an answer over 1 MB to a temporary file; the root is read-only.
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}]
     for secret, (key, variable, users) in SECRET_MOUNTS.items():

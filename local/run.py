@@ -1,7 +1,8 @@
 """``make run``: the whole system on one machine, wired like production.
 
 An embedded PostgreSQL (unless DATABASE_URL is set), the migrations, every
-function as its own functions-framework process on its own port, the local
+function as its own process on its own port (shared/serve.py, as the image
+runs it), the local
 Broker reading the real Trigger manifests in knative/, and the outbox sweep
 the PingSource drives in Kubernetes. Ctrl-C stops everything it started.
 """
@@ -105,14 +106,14 @@ class Stack:
 
     def start_functions(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        binary = Path(sys.executable).parent / "functions-framework"
         for service, row in FUNCTIONS.items():
             target = row.function
             log_path = self.log_dir / f"{service}.log"
+            env = {**self.function_env(service), "FUNCTION_SOURCE": str(ROOT / "functions" / target / "main.py"),
+                   "FUNCTION_TARGET": target, "HOST": "127.0.0.1", "PORT": str(self.ports[service])}
             popen = subprocess.Popen(
-                [str(binary), "--source", str(ROOT / "functions" / target / "main.py"), "--target", target,
-                 "--host", "127.0.0.1", "--port", str(self.ports[service])],
-                env=self.function_env(service), stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
+                [sys.executable, "-m", "shared.serve"],
+                env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
                 start_new_session=True,
             )
             self.processes.append(Process(service, self.ports[service], popen, log_path))

@@ -1,5 +1,6 @@
-"""Real processes for the tests: functions under functions-framework (its
-production gunicorn server), and helpers to wait on them by polling."""
+"""Real processes for the tests: functions served as the image serves them
+(shared/serve.py: functions-framework's app in one waitress process), and
+helpers to wait on them by polling."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class FunctionProcess:
 
     def start(self, wait_path: str = "/health", timeout: float = 30.0) -> "FunctionProcess":
         # free_port() only finds a port that was free a moment ago; if another
-        # process took it meanwhile, gunicorn exits at once: try another one.
+        # process took it meanwhile, the server exits at once: try another one.
         for attempt in range(3):
             try:
                 started = self._start(wait_path, timeout)
@@ -122,18 +123,14 @@ class FunctionProcess:
         raise AssertionError("unreachable")
 
     def _start(self, wait_path: str, timeout: float) -> "FunctionProcess":
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "THREADS": str(self.threads), "PYTHONUNBUFFERED": "1",
+               "FUNCTION_SOURCE": str(ROOT / "functions" / self.name / "main.py"), "FUNCTION_TARGET": self.name,
+               "HOST": "127.0.0.1", "PORT": str(self.port)}
         handle, path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
         os.close(handle)
         self.log_path = Path(path)
         self.process = subprocess.Popen(
-            [
-                str(VENV_BIN / "functions-framework"),
-                "--source", str(ROOT / "functions" / self.name / "main.py"),
-                "--target", self.name,
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
-            ],
+            [sys.executable, "-m", "shared.serve"],
             env=env,
             stdout=self.log_path.open("w"),
             stderr=subprocess.STDOUT,

@@ -4,9 +4,7 @@ register secrets so no log line can show them."""
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import sys
 
 from shared import log as logs
@@ -27,7 +25,6 @@ def start(service: str) -> Settings:
     logs.configure(config.log_level)
     register_secrets(config)
     _bound_request_bodies(config)
-    _freeze_at_fork()
     logging.getLogger(service).info("Starting", extra={"service": service})
     return config
 
@@ -61,22 +58,3 @@ def _password_of(url: str) -> str | None:
         return urlsplit(url).password
     except ValueError:
         return None
-
-
-def _freeze_at_fork() -> None:
-    """The gunicorn master imports main.py and forks the worker: everything
-    the master made then moves to the collector's permanent generation
-    (gc.freeze, run by the fork itself), so the worker's collections, which
-    write to the header of each object they traverse, leave the pages it
-    shares with the master shared: ~5-8 MB less per instance (PSS) measured
-    on intake and deadletter. Those objects live as long as the process.
-    Registered at the fork, not called here, so a process that imports a
-    main.py and never forks (a test) keeps collecting everything; subprocess
-    spawns do not run these hooks."""
-    global _frozen_at_fork
-    if not _frozen_at_fork:
-        _frozen_at_fork = True
-        os.register_at_fork(before=gc.freeze)
-
-
-_frozen_at_fork = False

@@ -58,14 +58,7 @@ class Route:
 
 class LazyRoutes:
     """Routes whose handlers are imported by the first request that needs
-    them, in the gunicorn worker; ``/health`` is answered without them.
-
-    functions-framework imports ``main.py`` in the gunicorn master, which
-    then forks the worker that serves: whatever ``main.py`` imports is
-    resident twice per instance (the master never serves a request). A
-    function whose handlers need requests, the kubernetes client or its own
-    handler modules keeps them out of the master this way: the instance
-    holds one copy instead of two (docs/benchmarks.md, resident memory).
+    them; ``/health`` is answered without them.
 
     ``/health`` is the request a new instance answers first (the readiness
     probe, the cold-start measure): it needs the database and nothing else,
@@ -116,14 +109,6 @@ def _database_error(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.SQLAlchemyError)
 
 
-def _malformed_body(exc: BaseException) -> bool:
-    # gunicorn parses a chunked body as the handler reads it: a chunk size
-    # that is not hex, a missing terminator, or a stream that ends before its
-    # last chunk is raised from request.stream.read(), the sender's fault.
-    errors = sys.modules.get("gunicorn.http.errors")
-    return errors is not None and isinstance(exc, (errors.ParseException, errors.NoMoreData))
-
-
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
         json.dumps(body, default=json_default, ensure_ascii=False),
@@ -166,9 +151,10 @@ class CappedInput:
     functions-framework reads the whole body into memory after every
     response (its ``read_request`` hook), whatever the function answered:
     a 300 MB POST without a token took 300 MB. Through this stream that read
-    stops at the cap; ``truncated`` says a larger body was cut, and the
-    server (gunicorn drains at most 64 KiB of leftover body, then closes
-    the connection) never buffers the rest."""
+    stops at the cap; ``truncated`` says a larger body was cut. The image's
+    server (shared/serve.py) already refuses such a body before reading it;
+    this keeps the bound under any other server that streams the body
+    (``functions-framework --target``'s gunicorn, a developer's)."""
 
     def __init__(self, raw, cap: int):
         self._raw = raw
@@ -209,7 +195,10 @@ class CappedInput:
 
 def bound_request_bodies(app, cap: int) -> None:
     """Wrap the Flask app functions-framework created so no request body is
-    ever buffered beyond ``cap`` bytes (call while that app is being set up)."""
+    ever buffered beyond ``cap`` bytes (call while that app is being set up).
+    The cap is also left in the app's config for the server, which refuses
+    a larger body before reading it (shared/serve.py)."""
+    app.config["BODY_CAP"] = cap
     inner = app.wsgi_app
 
     def capped(environ, start_response):
@@ -308,10 +297,6 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             log.error("Request failed", extra={"path": path, "error": exc.message, "status": exc.status})
         return json_response(exc.body(), exc.status, {"Retry-After": "5"} if exc.status == 503 else None)
     except Exception as exc:  # last resort: log it, answer 500 (503 if transient), keep serving
-        if _malformed_body(exc):
-            log.warning("Malformed request body", extra={"path": path, "method": request.method, "error": type(exc).__name__})
-            err = BadRequest(f"the request body is malformed ({type(exc).__name__}): its chunked encoding cannot be read")
-            return json_response(err.body(), err.status)
         if not _database_error(exc):
             log.exception("Unhandled error", extra={"path": path, "service": service})
             return json_response(ApiError("internal error").body(), 500)

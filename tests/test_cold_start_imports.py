@@ -1,10 +1,10 @@
 """A cold start imports only what its first answer needs.
 
-functions-framework imports a function's ``main.py`` in the gunicorn master
-(which never serves, and forks the worker: what it imports is resident
-twice), and the first request of a new instance is ``GET /health``, which
-opens a database connection and nothing else. Each function is started here
-in a fresh interpreter the way functions-framework starts it, and the
+A function's process (shared/serve.py) imports its ``main.py`` as it
+starts, and the first request of a new instance is ``GET /health``, which
+opens a database connection and nothing else: Knative's readiness probe
+passes after that much. Each function is started here in a fresh
+interpreter the way functions-framework builds its app, and the
 modules present are read after the import, after ``/health`` and after the
 first other request (docs/benchmarks.md, cold start and resident memory).
 """
@@ -76,7 +76,7 @@ def modules_seen(name: str, env: dict) -> dict:
 def test_a_function_imports_its_handlers_on_the_first_request_that_needs_them(name, base_env):
     handler = FUNCTIONS[name][0]
     seen = modules_seen(name, base_env)
-    # main.py (the gunicorn master): settings, config files, routing.
+    # main.py: settings, config files, routing.
     assert seen["imported"] == []
     # /health: a database connection, through pg8000 alone (shared/dbcheck.py).
     assert seen["health"] == 200
@@ -84,31 +84,6 @@ def test_a_function_imports_its_handlers_on_the_first_request_that_needs_them(na
     # Any other request builds the routes: the handler module comes in then.
     assert seen["other"] < 500 and handler in seen["after another request"]
     assert not set(NOT_ON_FIRST_REQUEST[name]) & set(seen["after another request"])
-
-
-FORK_PROBE = """
-import gc, json, os
-import functions_framework
-
-app = functions_framework.create_app("deadletter", "functions/deadletter/main.py")
-imported = gc.get_freeze_count()
-read, write = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.write(write, str(gc.get_freeze_count()).encode())
-    os._exit(0)
-os.waitpid(pid, 0)
-print(json.dumps({"imported": imported, "worker": int(os.read(read, 64))}))
-"""
-
-
-def test_the_worker_inherits_the_masters_objects_frozen_so_its_collections_leave_them_shared(base_env):
-    done = subprocess.run([sys.executable, "-c", FORK_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **base_env, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    # Importing main.py freezes nothing (a test process keeps collecting); the fork does.
-    assert seen["imported"] == 0 and seen["worker"] > 10_000
 
 
 KUBE_PROBE = """

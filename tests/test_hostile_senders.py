@@ -179,9 +179,10 @@ def test_a_correlation_label_longer_than_any_kubernetes_name_is_stored_not_retri
 
 # --------------------------------------------------------------------------- malformed HTTP framing
 
-def raw_status(url: str, request: bytes) -> tuple[int, bytes]:
+def raw_status(url: str, request: bytes) -> tuple[int | None, bytes]:
     """Send bytes as they are (no client library frames a body this badly),
-    then half-close: the status code and the body of the answer."""
+    then half-close: the status code and the body of the answer (``None``
+    when the server closed without one)."""
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         sock.sendall(request)
@@ -189,6 +190,8 @@ def raw_status(url: str, request: bytes) -> tuple[int, bytes]:
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
+    if not answer:
+        return None, b""
     head, _, body = answer.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
 
@@ -209,5 +212,10 @@ def test_a_malformed_chunked_body_is_400_not_500(functions, incident_id, name, p
             "Content-Type: application/json\r\nce-specversion: 1.0\r\nce-id: chunked\r\nce-source: /hostile\r\n"
             f"ce-type: {events.INCIDENT_OPENED}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
     status, body = raw_status(functions[name].url, head + BAD_CHUNKS[chunks])
-    assert 400 <= status < 500, (status, body[:300])
+    if chunks == "stream ends before the last chunk":
+        # The request never ended, so no handler ever saw it: the server may
+        # close without an answer, which the sender retries; never a 5xx.
+        assert status is None or 400 <= status < 500, (status, body[:300])
+    else:
+        assert status is not None and 400 <= status < 500, (status, body[:300])
     assert "Unhandled error" not in functions[name].logs()

@@ -1,5 +1,6 @@
 """No request body can grow a function's memory: a huge POST, with or
-without a token, is answered (401 or 413) and never buffered.
+without a token, is answered 413 by the server (shared/serve.py) before any
+handler runs, and never buffered.
 
 Real function processes over real HTTP; the body (200 MB) is generated
 lazily and streamed, and the worker's peak resident memory is read from
@@ -36,11 +37,11 @@ def functions(base_env):
         proc.stop()
 
 
-def worker_pid(proc: FunctionProcess) -> int:
-    """functions-framework runs gunicorn: the arbiter and one worker."""
+def server_pid(proc: FunctionProcess) -> int:
+    """One process serves: no worker forked from it."""
     children = Path(f"/proc/{proc.process.pid}/task/{proc.process.pid}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
+    assert children == [], children
+    return proc.process.pid
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -92,14 +93,15 @@ def stream_huge_body(port: int, method: str, path: str, headers: dict, chunked: 
     return int(received.split(b" ", 2)[1]), received
 
 
+# Without a token too: the body is over every bound, so the server refuses
+# it before a handler (and its token check) runs.
 CASES = [
-    ("intake", "POST", "/webhook/alert", {}, 401),
+    ("intake", "POST", "/webhook/alert", {}, 413),
     ("intake", "POST", "/webhook/alert", {"Authorization": f"Bearer {TEST_TOKEN}"}, 413),
-    ("intake", "POST", "/", {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.report", "ce-source": "/x", "ce-id": "1"}, 401),
-    ("query", "PATCH", "/incidents/00000000-0000-4000-8000-000000000000", {}, 401),
+    ("intake", "POST", "/", {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.report", "ce-source": "/x", "ce-id": "1"}, 413),
+    ("query", "PATCH", "/incidents/00000000-0000-4000-8000-000000000000", {}, 413),
     ("query", "PATCH", "/incidents/00000000-0000-4000-8000-000000000000", {"Authorization": f"Bearer {TEST_TOKEN}"}, 413),
-    # The form is cut at the bound, so it holds no token: refused like any wrong token.
-    ("query", "POST", "/ui/login", {"Content-Type": "application/x-www-form-urlencoded"}, 401),
+    ("query", "POST", "/ui/login", {"Content-Type": "application/x-www-form-urlencoded"}, 413),
     ("deadletter", "POST", "/", {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.opened", "ce-source": "/x", "ce-id": "1"}, 413),
 ]
 
@@ -108,7 +110,7 @@ CASES = [
 @pytest.mark.parametrize("name, method, path, headers, status", CASES)
 def test_a_huge_body_is_refused_without_being_buffered(functions, name, method, path, headers, status, chunked):
     proc = functions[name]
-    pid = worker_pid(proc)
+    pid = server_pid(proc)
     reset_peak(pid)
     before = memory_kb(pid, "VmRSS")
     answered, raw = stream_huge_body(proc.port, method, path, {"Content-Type": "application/json", **headers}, chunked)

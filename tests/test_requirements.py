@@ -50,7 +50,7 @@ def test_runtime_requirements_pin_every_transitive_dependency():
     runtime = pins(ROOT / "requirements.txt")
     roots = [name for name in runtime]
     needed = closure(roots)
-    assert "gunicorn" in needed  # what functions-framework serves with
+    assert "waitress" in needed  # what every function is served with (shared/serve.py)
     unpinned = sorted(needed - set(runtime))
     assert not unpinned, f"runtime dependencies missing from requirements.txt: {unpinned}"
     for name in needed:

@@ -1,12 +1,17 @@
-"""The image's entry point (shared/serve.py) without its two variables: one
+"""The entry point every function runs in (shared/serve.py): one process;
+SIGTERM answers what is in hand, then exits; without its two variables, one
 line naming what is missing, no traceback, exit status 2."""
 
+import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +30,64 @@ def test_a_missing_function_variable_is_named_in_one_line(given, absent):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert all(name in lines[0] for name in absent)
     assert all(name not in lines[0].split("(")[0] for name in {"FUNCTION_SOURCE", "FUNCTION_TARGET"} - set(absent))
+
+
+# --------------------------------------------------------------------------- one process, drained on SIGTERM
+
+SLOW = ROOT / "tests" / "fixtures" / "serve" / "main.py"
+
+
+@pytest.fixture
+def served():
+    from loopback.processes import free_port, terminate, wait_until
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUNCTION_SOURCE": str(SLOW), "FUNCTION_TARGET": "slow",
+           "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "shared.serve"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: requests.get(url + "/", timeout=1).ok, 30, message="the served function")
+    yield process, url
+    terminate(process)
+
+
+def test_one_process_serves_with_no_worker_forked(served):
+    process, _ = served
+    assert Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split() == []
+
+
+def test_sigterm_answers_the_request_in_hand_then_exits(served):
+    process, url = served
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.get, url + "/?sleep=1.5", timeout=30)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert answer.result().status_code == 200
+    assert process.wait(10) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_sigterm_with_nothing_in_hand_exits_at_once(served):
+    process, url = served
+    session = requests.Session()
+    assert session.get(url + "/").ok  # a kept-alive connection, idle
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert time.monotonic() - started < 3
+
+
+def test_only_the_loopback_proxy_may_say_the_request_came_over_tls(served):
+    _, url = served
+    # Knative's queue-proxy connects from 127.0.0.1 and forwards the scheme.
+    assert requests.get(url + "/", headers={"X-Forwarded-Proto": "https"}, timeout=10).json() == {"scheme": "https"}
+    assert requests.get(url + "/", timeout=10).json() == {"scheme": "http"}
+
+
+def test_only_loopback_is_trusted_and_a_body_over_the_cap_is_refused_unread():
+    from shared.serve import server_settings
+
+    settings = server_settings({"THREADS": "4"}, body_cap=1024)
+    assert settings["trusted_proxy"] == "127.0.0.1" and settings["trusted_proxy_headers"] == "x-forwarded-proto"
+    assert settings["max_request_body_size"] == settings["inbuf_overflow"] == 1024

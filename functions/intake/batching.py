@@ -1,7 +1,7 @@
 """Group commit: webhooks that arrive while a transaction is in flight share
 the next one.
 
-An intake process serves several requests at once (gunicorn threads). Each
+An intake process serves several requests at once (its server's threads). Each
 webhook costs a few round trips to PostgreSQL whatever its size, so while
 one thread commits, the webhooks that queue up behind it are written
 together by the next transaction, and every request is answered from its own
