@@ -29,9 +29,17 @@ Two settings on each function, both needed:
   one: 1.3-1.6 ms from 2,000 to 12,000 incidents. The setting is the
   function's own, not the session's.
 
-The statements are the ones the intake sent as text until this revision,
-unchanged (the upsert's lock step, ``held``, still locks the batch's
-incidents in id order before anything is written). This file is now their
+The statements are the ones the intake sent as text until this revision
+(the upsert's lock step, ``held``, still locks the batch's incidents in id
+order before anything is written), with one change: the upsert's
+``after_fix`` finds the batch's fingerprints by index (``= ANY``) and
+compares the status as text. Planned on empty tables it read every
+resolved incident through the status index in every transaction (the
+reopen window is on by default); now the fingerprint index is the only
+one it can use. The upsert serves both kinds of batch: planning is no
+longer paid per transaction, so the reduced statement for batches without
+correlation keys has nothing left to save (with no keys the correlation
+parts find nothing). This file is now their
 source: a change to one is a new revision that runs ``CREATE OR REPLACE
 FUNCTION`` with the whole new body (docs/deploy.md, "Statements that live
 in the database").
@@ -102,8 +110,9 @@ RETURN QUERY
         RETURNING m.incident_id, m.fingerprint
     ),
     after_fix AS (
-        SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
-        WHERE p_window > 0 AND i.status = 'resolved' AND i.resolved_by = 'remediation'
+        SELECT DISTINCT i.fingerprint FROM incidents i
+        WHERE p_window > 0 AND i.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
+          AND CAST(i.status AS text) = 'resolved' AND i.resolved_by = 'remediation'
           AND i.resolved_at > timezone('utc', now()) - make_interval(secs => p_window)
           AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
                           AND a.status IN ('open', 'investigating'))
