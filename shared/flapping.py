@@ -29,7 +29,6 @@ from sqlalchemy.engine import Connection
 
 from shared import db
 from shared.alerts import Alert
-from shared.sqltext import compact
 from shared.timeline import add_timeline
 
 ACTOR = "flapping"
@@ -43,17 +42,10 @@ _LOCK = sa.text("SELECT fingerprint, last_status, flips, last_flip_at, flapping_
                 "WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
                 "ORDER BY fingerprint FOR UPDATE")
 
-_SAVE = sa.text(compact(
-    """
-    INSERT INTO alert_flaps (fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id)
-    SELECT x.fingerprint, x.last_status, x.flips, x.last_flip_at, x.flapping_since, x.incident_id
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS x(fingerprint text, last_status text, flips jsonb, last_flip_at timestamp, flapping_since timestamp, incident_id text)
-    ORDER BY x.fingerprint
-    ON CONFLICT (fingerprint) DO UPDATE SET last_status = EXCLUDED.last_status, flips = EXCLUDED.flips,
-        last_flip_at = EXCLUDED.last_flip_at, flapping_since = EXCLUDED.flapping_since, incident_id = EXCLUDED.incident_id
-    """
-))
+# Upserts the batch's rows. The procedure flaps_save (migration 0018 holds its
+# SQL) is planned once per server connection instead of once per transaction,
+# as the intake's other write-cycle statements.
+_SAVE = sa.text("CALL flaps_save(CAST(:rows AS jsonb))")
 
 _ACTIVE = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status IN ('open', 'investigating')")
 # The alert's last incident was resolved by remediation and none is active:

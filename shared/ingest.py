@@ -21,7 +21,7 @@ from shared.alerts import Alert
 from shared.config import Settings, settings
 from shared.correlation import store as correlation_store
 from shared.correlation.plan import Links
-from shared.sqltext import RFC3339_UTC, UTC_NOW, compact
+from shared.sqltext import UTC_NOW, compact
 from shared.timeline import insert_timeline_and_events, timeline_row
 
 
@@ -79,144 +79,17 @@ class RecordResult:
 # so it is taken first. The events are built by Python beforehand for the id it
 # proposes; a repeat keeps its existing id, so its proposed event joins nothing.
 #
-# It stays text, planned for each batch. As a PL/pgSQL function with one
-# generic plan per server connection it saved about 1 ms of planning, but
-# the plan made on small tables was kept as they grew: pod alerts' intake
-# fell to 0.57× of correlation off within a minute of load (make bench,
-# section 8), against 0.9–1.0 as text. A batch no rule concerns (the common
-# case) gets the statement without the offers and the root member: planning
-# it took 1.0–1.2 ms instead of 1.5–1.7, out of the 3.5 ms the database
-# spends on a transaction.
-
-# The parts of the firing upsert only a batch with correlation keys needs.
-_PROVIDERS = """
-    providers AS MATERIALIZED (
-        SELECT incident_id, provides FROM incident_members
-        WHERE provides <> '{}' AND provides && ARRAY(SELECT jsonb_array_elements_text(CAST(:sought AS jsonb)))
-    ),
-"""
-_OFFERED_JOINABLE = """
-    offered AS MATERIALIZED (
-        SELECT DISTINCT k.key FROM providers p
-        CROSS JOIN LATERAL unnest(p.provides) AS k(key)
-        WHERE p.incident_id IN (SELECT id FROM held)
-    ),
-    joinable AS (
-        SELECT x.fingerprint FROM x
-        WHERE EXISTS (SELECT 1 FROM offered) AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
-          AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(COALESCE(x.seeks, '[]'::jsonb)) AS s(key)
-                      WHERE s.key IN (SELECT key FROM offered))
-    ),
-"""
-_ROOT_MEMBER = f"""
-    root_member AS (
-        INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, starts_at,
-                                      last_seen_at, joined_at, is_root, rank, correlation_reason, provides, seeks)
-        SELECT u.id, u.fingerprint, x.alert_name, COALESCE(x.labels, '{{}}'::jsonb), x.priority, 'firing', x.starts_at,
-               {UTC_NOW}, {UTC_NOW}, true, COALESCE(x.rank, 0), 'root',
-               ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.provides, '[]'::jsonb))),
-               ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.seeks, '[]'::jsonb)))
-        FROM upserted u JOIN x ON x.fingerprint = u.fingerprint
-        WHERE jsonb_array_length(COALESCE(x.provides, '[]'::jsonb)) > 0 OR jsonb_array_length(COALESCE(x.seeks, '[]'::jsonb)) > 0
-        ORDER BY u.id
-        ON CONFLICT (incident_id, fingerprint)
-        DO UPDATE SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
-    ),
-"""
-
-
-def _upsert_firing(correlated: bool) -> sa.TextClause:
-    """The firing upsert; without ``correlated`` for a batch in which no
-    alert provides or seeks a key (no rule concerns it): no offers to find,
-    no root member to write, and a third less to plan in every transaction."""
-    return sa.text(compact(
-    f"""
-    WITH x AS (
-        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
-            id text, alert_name text, priority text, summary text, description text, fingerprint text,
-            labels jsonb, annotations jsonb, source text, starts_at timestamp, seen integer,
-            rank integer, provides jsonb, seeks jsonb)
-    ),
-    locking AS (
-        SELECT fingerprint FROM x UNION SELECT jsonb_array_elements_text(CAST(:lock_also AS jsonb))
-    ),
-    member_of AS (
-        SELECT m.fingerprint, m.incident_id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
-        WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x)) AND CAST(i.status AS text) IN ('open', 'investigating')
-          AND i.fingerprint IS DISTINCT FROM m.fingerprint
-    ),
-{_PROVIDERS if correlated else ''}    held AS MATERIALIZED (
-        SELECT i.id FROM incidents i
-        WHERE i.id = ANY(ARRAY(
-              {'SELECT incident_id FROM providers UNION' if correlated else ''}
-              SELECT m.incident_id FROM incident_members m WHERE m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM locking))
-              UNION
-              SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT fingerprint FROM locking))
-                AND CAST(a.status AS text) IN ('open', 'investigating')))
-          AND CAST(i.status AS text) IN ('open', 'investigating')
-        ORDER BY i.id
-        FOR UPDATE
-    ),
-    member_refreshed AS (
-        UPDATE incident_members m SET last_seen_at = {UTC_NOW}, status = 'firing', ends_at = NULL
-        WHERE (SELECT count(*) FROM held) >= 0
-          AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM member_of))
-          AND (m.incident_id, m.fingerprint) IN (SELECT incident_id, fingerprint FROM member_of)
-        RETURNING m.incident_id, m.fingerprint
-    ),
-    after_fix AS (
-        SELECT DISTINCT i.fingerprint FROM incidents i JOIN x ON x.fingerprint = i.fingerprint
-        WHERE :window > 0 AND i.status = 'resolved' AND i.resolved_by = 'remediation'
-          AND i.resolved_at > {UTC_NOW} - make_interval(secs => :window)
-          AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = i.fingerprint
-                          AND a.status IN ('open', 'investigating'))
-    ),
-{_OFFERED_JOINABLE if correlated else ''}    upserted AS (
-        INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics,
-                               remediation_actions, fingerprint, labels, annotations, source, starts_at,
-                               last_seen_at, repeat_count)
-        SELECT x.id, x.alert_name, CAST(x.priority AS incident_priority), 'open', x.summary, x.description,
-               '{{}}'::json, '[]'::json, x.fingerprint, x.labels, x.annotations,
-               x.source, x.starts_at, {UTC_NOW}, x.seen - 1
-        FROM x WHERE (SELECT count(*) FROM held) >= 0
-          AND x.fingerprint NOT IN (SELECT fingerprint FROM after_fix)
-          AND x.fingerprint NOT IN (SELECT fingerprint FROM member_of)
-          {'AND x.fingerprint NOT IN (SELECT fingerprint FROM joinable)' if correlated else ''}
-        ORDER BY x.fingerprint
-        ON CONFLICT (fingerprint) WHERE status IN ('open', 'investigating')
-        DO UPDATE SET updated_at = {UTC_NOW}, last_seen_at = {UTC_NOW},
-                      repeat_count = incidents.repeat_count + EXCLUDED.repeat_count + 1
-        RETURNING incidents.*, (xmax = 0) AS created
-    ),
-{_ROOT_MEMBER if correlated else ''}    timeline AS (
-        INSERT INTO incident_timeline (incident_id, kind, actor, details)
-        SELECT u.id, CASE WHEN u.created THEN 'opened' ELSE 'repeated' END, :actor,
-               CASE WHEN u.created THEN jsonb_build_object('priority', u.priority, 'source', u.source)
-                    ELSE jsonb_build_object('repeat_count', u.repeat_count) END
-        FROM upserted u
-    ),
-    outboxed AS (
-        INSERT INTO event_outbox (id, type, source, subject, extensions, data)
-        SELECT e.id, e.type, e.source, e.subject, e.extensions,
-               e.data || jsonb_build_object('created_at', to_char(u.created_at, '{RFC3339_UTC}'),
-                                            'starts_at', to_char(u.starts_at, '{RFC3339_UTC}'))
-        FROM jsonb_to_recordset(CAST(:events AS jsonb))
-             AS e(id text, type text, source text, subject text, extensions jsonb, data jsonb)
-        JOIN upserted u ON u.id = e.subject AND u.created
-        ON CONFLICT (id) DO NOTHING
-    )
-    SELECT to_jsonb(u) AS row FROM upserted u
-    UNION ALL
-    SELECT jsonb_build_object('after_fix', fingerprint) FROM after_fix
-    UNION ALL
-    SELECT jsonb_build_object('member_of', fingerprint, 'incident_id', incident_id) FROM member_refreshed
-    {"UNION ALL SELECT jsonb_build_object('joinable', fingerprint) FROM joinable" if correlated else ''}
-    """
-))
-
-
-UPSERT_FIRING = _upsert_firing(correlated=True)
-UPSERT_FIRING_PLAIN = _upsert_firing(correlated=False)
+# The statement is the server-side function ingest_firing (its SQL is in
+# migrations/versions/0018_intake_statements_as_functions.py; a change to it
+# is a new migration, docs/deploy.md says how): sent as text it was parsed
+# and planned on every batch, about 2 ms of database CPU, more than running
+# it. The function's one plan is made once per server connection, which
+# PgBouncer's transaction pooling leaves alone, and planned with sequential
+# scans priced out, so that a plan made on nearly empty tables stays an
+# index plan as they grow. A batch without correlation keys passes no
+# sought keys and no provides or seeks: the correlation parts find nothing.
+UPSERT_FIRING = sa.text("SELECT r FROM ingest_firing(CAST(:rows AS jsonb), CAST(:lock_also AS jsonb), :window, :actor, "
+                        "CAST(:events AS jsonb), CAST(:sought AS jsonb)) AS r")
 
 TIMESTAMP_COLUMNS = ("created_at", "updated_at", "resolved_at", "starts_at", "last_seen_at")
 
@@ -249,8 +122,7 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
     # The keys the batch seeks, when the joinable are to be left out: one
     # array, so the lookup is one scan of the provides index.
     sought = sorted({key for row in payload for key in row["seeks"]}) if joinable is not None else []
-    correlated = bool(sought) or any(row["provides"] or row["seeks"] for row in payload)
-    result = conn.execute(UPSERT_FIRING if correlated else UPSERT_FIRING_PLAIN, {
+    result = conn.execute(UPSERT_FIRING, {
         "rows": json.dumps(payload), "window": window, "actor": actor, "events": outbox.serialise(proposed),
         "sought": json.dumps(sought), "lock_also": json.dumps(sorted(lock_also))})
     for (row,) in result:

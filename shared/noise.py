@@ -29,7 +29,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import clock, db, events, flapping, heartbeat, maintenance, outbox
 from shared.alerts import Alert
 from shared.config import Settings
-from shared.sqltext import compact
 
 log = logging.getLogger("noise")
 
@@ -47,18 +46,11 @@ class Screened:
 # locked only when none is. Locking them before a window holds an alert
 # would reverse the lock order below, so with a window active nothing is
 # locked here and the batch takes the steps one by one.
-_UNLESS_WINDOWED = sa.text(compact(
-    """
-    WITH w AS (SELECT 1 FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now LIMIT 1),
-    f AS (SELECT fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM alert_flaps
-          WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb))))
-            AND NOT EXISTS (SELECT 1 FROM w)
-          ORDER BY fingerprint FOR UPDATE)
-    SELECT false AS windowed, fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM f
-    UNION ALL
-    SELECT true, NULL, NULL, NULL, NULL, NULL, NULL FROM w
-    """
-))
+# The statement is the server-side function noise_flaps_unless_windowed
+# (migration 0018 holds its SQL): planned once per server connection instead
+# of once per transaction, as the intake's other write-cycle statements.
+_UNLESS_WINDOWED = sa.text("SELECT windowed, fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id "
+                           "FROM noise_flaps_unless_windowed(CAST(:now AS timestamp), CAST(:f AS jsonb))")
 
 
 def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[str, dict] | None:
