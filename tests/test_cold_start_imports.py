@@ -22,7 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Imported by no function's main.py, nor by /health: what the handlers need.
-HEAVY = ("requests", "kubernetes.client", "prometheus_client", "jinja2.sandbox")
+# pydantic too: the intake's correlation rules and the remediation's
+# playbooks are checked at start without their models (rulefile.py,
+# paramcheck.py), which the first request builds.
+HEAVY = ("requests", "kubernetes.client", "prometheus_client", "jinja2.sandbox", "pydantic")
 # Each function's own handler module and a request that is not /health.
 FUNCTIONS = {
     "intake": ("functions.intake.handlers", "POST", "/webhook/alert"),
