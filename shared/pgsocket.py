@@ -7,10 +7,11 @@ certificate checks off (``CERT_NONE``, no host name check); a server that
 refuses gets a plain connection. Building that context reads and parses the
 whole CA bundle (about 56 ms of CPU here), for certificates a context
 that verifies nothing never looks at: a new instance paid it on its first
-``/health``. :func:`connect_socket` does what pg8000 does (the same request,
-the same answer handling, a context with the same settings) without the
-bundle; pg8000 is handed the result with ``ssl_context=False`` so it does
-not ask again.
+``/health``, and the engine on each connection it opened. :func:`connect_socket`
+does what pg8000 does (the same request, the same answer handling, a
+context with the same settings, the same error when the host cannot be
+reached) without the bundle; pg8000 is handed the result with
+``ssl_context=False`` so it does not ask again.
 """
 
 from __future__ import annotations
@@ -47,11 +48,26 @@ def tls_context() -> ssl.SSLContext:
 
 
 def connect_socket(host: str, port: int, timeout: float | None) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout)
+    from pg8000.exceptions import InterfaceError
+
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.sendall(SSL_REQUEST)
-        if sock.recv(1) == b"S":
+        sock = socket.create_connection((host, port), timeout)
+    except OSError as exc:
+        # pg8000's own error, word for word: SQLAlchemy wraps it as a driver error.
+        raise InterfaceError(f"Can't create a connection to host {host} and port {port} "
+                             f"(timeout is {timeout} and source_address is None).") from exc
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.sendall(SSL_REQUEST)
+            accepted = sock.recv(1) == b"S"
+        except OSError as exc:
+            # A server (or proxy) that drops the connection at once: pg8000,
+            # slower to get here, met the drop on its first message, "network
+            # error", a driver error SQLAlchemy wraps (503); a bare
+            # ConnectionResetError would be a 500.
+            raise InterfaceError("network error") from exc
+        if accepted:
             sock = tls_context().wrap_socket(sock, server_hostname=host)
     except BaseException:
         sock.close()

@@ -116,3 +116,63 @@ def test_health_connects_without_building_a_default_tls_context(base_env):
                           env={**os.environ, **base_env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
+
+
+ENGINE_PROBE = """
+import ssl, sys
+def refuse(*args, **kwargs):
+    raise AssertionError("the CA bundle was loaded")
+ssl.create_default_context = refuse
+import sqlalchemy as sa
+from shared import db
+engine = db.create_engine_for(sys.argv[1])
+with engine.connect() as conn:
+    print(conn.execute(sa.text("SELECT 1")).scalar())
+"""
+
+
+def test_the_engine_connects_without_building_a_default_tls_context(database_url):
+    done = subprocess.run([sys.executable, "-c", ENGINE_PROBE, database_url], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"
+
+
+def test_an_unreachable_database_is_the_error_pg8000_gives():
+    import sqlalchemy as sa
+
+    from shared import db
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    url = f"postgresql+pg8000://postgres@127.0.0.1:{port}/x"
+    errors = []
+    for engine in (db.create_engine_for(url, timeout=2), sa.create_engine(url, connect_args={"timeout": 2})):
+        with pytest.raises(sa.exc.DBAPIError) as err:
+            engine.connect()
+        errors.append((type(err.value), type(err.value.orig), str(err.value.orig), db.is_transient(err.value)))
+        engine.dispose()
+    assert errors[0] == errors[1]
+
+
+def test_a_database_that_drops_new_connections_is_the_driver_error_pg8000_gives(database_url):
+    """Through a proxy that accepts and closes at once, pg8000 (slowed by
+    its CA bundle) wrote its first message into the closed connection:
+    "network error", which the functions answer 503. Without the bundle the
+    drop came at the TLS request, a bare ConnectionResetError (a 500)."""
+    import sqlalchemy as sa
+
+    from shared import db
+    from tests.conftest import proxied_database
+
+    with proxied_database(database_url) as (proxy, url):
+        proxy.cut()
+        errors = []
+        for engine in (db.create_engine_for(url, timeout=2), sa.create_engine(url, connect_args={"timeout": 2})):
+            for _ in range(3):
+                with pytest.raises(sa.exc.DBAPIError) as err:
+                    engine.connect()
+                errors.append((type(err.value), type(err.value.orig), str(err.value.orig), db.is_transient(err.value)))
+            engine.dispose()
+    assert set(errors) == {(sa.exc.InterfaceError, errors[0][1], "network error", True)}
