@@ -266,7 +266,25 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
     )
     _ping_idle_connections(engine)
     _discard_connections_out_of_step(engine)
+    _connect_without_the_ca_bundle(engine)
     return engine
+
+
+def _connect_without_the_ca_bundle(engine: Engine) -> None:
+    """Each new connection's socket made by shared/pgsocket.py: pg8000's
+    own, without the ~50 ms of CPU its TLS context spends loading a CA
+    bundle it never reads."""
+    from shared import pgsocket
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _connect(dialect, connection_record, cargs, cparams):
+        args = pgsocket.driver_args(cparams)
+        if args is cparams:
+            return None  # a connection pg8000 makes its own way (unix_sock, ...): SQLAlchemy's connect
+        # The dialect's pg8000.connect() passes its keywords on to this class, whose
+        # keyword sock it does not take itself. A connection returned here is the one
+        # the pool keeps; cparams is left as it is.
+        return dialect.loaded_dbapi.Connection(*cargs, **args)
 
 
 def _discard_connections_out_of_step(engine: Engine) -> None:

@@ -55,8 +55,12 @@ def database_reachable() -> bool:
             if not _parked:
                 import pg8000.dbapi
 
+                from shared import pgsocket
+
                 config = settings()
-                _parked.append(pg8000.dbapi.connect(**connect_args(config.database_url, config.db_timeout_seconds)))
+                args = connect_args(config.database_url, config.db_timeout_seconds)
+                # pg8000's socket without the CA bundle its TLS context loads and never reads (shared/pgsocket.py).
+                _parked.append(pg8000.dbapi.connect(**pgsocket.driver_args(args)))
             cursor = _parked[0].cursor()
             cursor.execute("SELECT 1")
             cursor.fetchall()

@@ -22,7 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Imported by no function's main.py, nor by /health: what the handlers need.
-HEAVY = ("requests", "kubernetes.client", "prometheus_client", "jinja2.sandbox")
+# pydantic too: the intake's correlation rules and the remediation's
+# playbooks are checked at start without their models (rulefile.py,
+# paramcheck.py), which the first request builds.
+HEAVY = ("requests", "kubernetes.client", "prometheus_client", "jinja2.sandbox", "pydantic")
 # Each function's own handler module and a request that is not /health.
 FUNCTIONS = {
     "intake": ("functions.intake.handlers", "POST", "/webhook/alert"),
@@ -46,6 +49,14 @@ NOT_ON_FIRST_REQUEST = {
     "deadletter": ("requests", "shared.ingest", "pydantic", "yaml"),
 }
 
+# Each function's own modules that its start does without: the models of
+# the intake's rules, the remediation's actions, the diagnostics' collector.
+NOT_BEFORE_HEALTH = {
+    "intake": ("shared.correlation.rules",),
+    "remediation": ("functions.remediation.actions",),
+    "diagnostics": ("functions.diagnostics.collector",),
+}
+
 PROBE = """
 import json, sys
 import functions_framework
@@ -65,7 +76,7 @@ print(json.dumps(seen))
 
 def modules_seen(name: str, env: dict) -> dict:
     handler, method, path = FUNCTIONS[name]
-    watched = [*dict.fromkeys([*HEAVY, *NOT_ON_FIRST_REQUEST[name], "sqlalchemy", "pg8000", handler])]
+    watched = [*dict.fromkeys([*HEAVY, *NOT_ON_FIRST_REQUEST[name], *NOT_BEFORE_HEALTH.get(name, ()), "sqlalchemy", "pg8000", handler])]
     done = subprocess.run([sys.executable, "-c", PROBE, name, method, path, json.dumps(watched)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **env, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"})
     assert done.returncode == 0, done.stderr[-3000:]

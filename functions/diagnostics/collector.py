@@ -12,16 +12,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from functions.diagnostics.causes import rank
 from functions.diagnostics.facts import (
     Limits, Reader, Window, config_refs, configmap_fact, describe, event_facts, hpa_fact, iso, log_fact, log_targets,
     node_fact, owned_by, parse_time, rollout_facts, secret_fact, summarise_pods,
 )
+from functions.diagnostics.probes import DEFAULT_PROBES_FILE, SAFE_LOADER, ProbeConfigError, load_probes  # noqa: F401 - this module's API too
 from shared import kube
 from shared.config import Settings
 from shared.domain import service_of
@@ -38,17 +36,6 @@ ORDER = ("target", "window", "pods", "metrics", "dependencies", "events", "logs"
 WORKERS = 8
 # Events listed per call before filtering to the target's objects.
 EVENTS_READ_MAX = 500
-DEFAULT_PROBES_FILE = Path(__file__).with_name("probes.yaml")
-
-# libyaml's safe loader (PyYAML's wheels include it): the pure-Python one
-# took most of the start's check of this file.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class ProbeConfigError(ValueError):
-    pass
-
-
 @dataclass(frozen=True)
 class Target:
     """What the alert points at, resolved from its labels and probes.yaml."""
@@ -61,28 +48,6 @@ class Target:
     metrics: dict[str, str] = field(default_factory=dict)
     dependencies: dict[str, str] = field(default_factory=dict)
     context: dict = field(default_factory=dict)
-
-
-def load_probes(path: str = "") -> dict:
-    source = Path(path) if path else DEFAULT_PROBES_FILE
-    try:
-        spec = yaml.load(source.read_text(), Loader=SAFE_LOADER) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ProbeConfigError(f"{source}: cannot read probes: {exc}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("defaults", {}), dict) or not isinstance(spec.get("services", {}), dict):
-        raise ProbeConfigError(f"{source}: expected mappings 'defaults' and 'services'")
-    if not isinstance(spec.get("diagnosis") or {}, dict):
-        raise ProbeConfigError(f"{source}: 'diagnosis' must be a mapping of bounds")
-    try:
-        Limits.from_spec(spec.get("diagnosis"))
-    except ValueError as exc:
-        raise ProbeConfigError(f"{source}: {exc}") from None
-    for section in ("metrics", "dependencies"):
-        for scope, body in [("defaults", spec.get("defaults", {}))] + [(f"services.{k}", v) for k, v in spec.get("services", {}).items()]:
-            queries = (body or {}).get(section, {})
-            if not isinstance(queries, dict) or not all(isinstance(q, str) for q in queries.values()):
-                raise ProbeConfigError(f"{source}: {scope}.{section} must map names to PromQL strings")
-    return spec
 
 
 def resolve_target(labels: dict, alert_name: str, probes: dict) -> Target:

@@ -5,15 +5,16 @@
 
 import functions_framework
 
-from functions.diagnostics.collector import ProbeConfigError, load_probes
+from functions.diagnostics.probes import ProbeConfigError, load_probes
 from shared.bootstrap import fail, start
 from shared.http import Route, built_on_first_request, dispatch, health, install_json_errors
 
 config = start("diagnostics")
 install_json_errors()
-# The probes are checked at start (PyYAML only): a wrong file stops the
-# function before it takes any event. The handler (SQLAlchemy, the
-# kubernetes client, requests) is built by the first event.
+# The probes are checked at start (PyYAML only, functions/diagnostics/
+# probes.py): a wrong file stops the function before it takes any event.
+# The collector and the handler (SQLAlchemy, the kubernetes client,
+# requests) are built by the first event.
 try:
     _probes = load_probes(config.diagnostics_file)
 except ProbeConfigError as exc:

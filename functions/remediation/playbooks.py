@@ -1,6 +1,12 @@
 """Playbooks are data: YAML mapping an alert (name plus label matchers) to an
 ordered list of actions with parameters. Invalid playbooks are refused at
-load with the file, the playbook and the field named."""
+load with the file, the playbook and the field named.
+
+The actions' parameters are checked against their pydantic models only
+when paramcheck.py's plain checks cannot tell they are valid: a function's
+start checks the usual file without importing pydantic or the actions, and
+an invalid one gets the models' verdict and error as ever.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
 
-from functions.remediation.actions import REGISTRY
+from functions.remediation import paramcheck
 from shared.diagnosis import VOCABULARY
 from shared.templating import PLACEHOLDER, TemplateError, lookup, render
 
@@ -26,6 +31,10 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class PlaybookError(ValueError):
     pass
+
+
+class _AskTheModels(Exception):
+    """The plain checks cannot tell: parse again with the actions' models."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,10 @@ def _has_placeholder(value: Any) -> bool:
 
 
 def _validate_params(action: str, params: dict, where: str) -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    from functions.remediation.actions import REGISTRY
+
     model = REGISTRY[action].params
     fields = model.model_fields
     unknown = sorted(set(params) - set(fields))
@@ -134,6 +147,24 @@ def _validate_params(action: str, params: dict, where: str) -> None:
 
 
 def parse(spec: Any, source: str) -> list[Playbook]:
+    try:
+        return _parse(spec, source, plain=True)
+    except _AskTheModels:
+        return _parse(spec, source, plain=False)
+
+
+def _known_actions(plain: bool) -> set[str]:
+    if plain:
+        return paramcheck.actions()
+    from functions.remediation.actions import REGISTRY
+
+    return set(REGISTRY)
+
+
+def _parse(spec: Any, source: str, plain: bool) -> list[Playbook]:
+    """``plain``: the parameters by paramcheck.py, and _AskTheModels where it
+    cannot tell (before any later error, so that the models' pass raises the
+    first error in the file, as it would alone)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("playbooks"), list):
         raise PlaybookError(f"{source}: expected a mapping with a 'playbooks' list")
     result = []
@@ -169,15 +200,21 @@ def parse(spec: Any, source: str) -> list[Playbook]:
             at = f"{where}: actions[{j}]"
             if not isinstance(step, dict) or not isinstance(step.get("action"), str):
                 raise PlaybookError(f"{at}: field 'action': required")
-            if step["action"] not in REGISTRY:
-                raise PlaybookError(f"{at}: field 'action': unknown action {step['action']!r}; known: {', '.join(sorted(REGISTRY))}")
+            known = _known_actions(plain)
+            if step["action"] not in known:
+                if plain:
+                    raise _AskTheModels
+                raise PlaybookError(f"{at}: field 'action': unknown action {step['action']!r}; known: {', '.join(sorted(known))}")
             params = step.get("params", {}) or {}
             if not isinstance(params, dict):
                 raise PlaybookError(f"{at}: field 'params': must be a mapping")
             unknown = sorted(set(step) - {"action", "params", "approval"})
             if unknown:
                 raise PlaybookError(f"{at}: field {unknown[0]!r}: unknown; allowed: action, params, approval")
-            _validate_params(step["action"], params, at)
+            if not plain:
+                _validate_params(step["action"], params, at)
+            elif not paramcheck.plainly_valid(step["action"], params, {k for k, v in params.items() if not _has_placeholder(v)}):
+                raise _AskTheModels
             steps.append(Step(step["action"], params, _approval(step.get("approval"), at)))
         result.append(Playbook(name, match.get("alertname"), matchers, tuple(steps), cause,
                                _approval(raw.get("approval"), where), _verify(raw.get("verify"), where)))

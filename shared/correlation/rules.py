@@ -2,32 +2,27 @@
 intake) or the file ``CORRELATION_FILE`` names (a ConfigMap in Kubernetes).
 
 Loading validates every rule; an error names the file, the rule and the
-field, so a bad ConfigMap fails the start-up with one readable line.
+field, so a bad ConfigMap fails the start-up with one readable line. The
+intake's start checks the file without these models (rulefile.py) and
+builds them on its first request that correlates.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-DEFAULT_FILE = Path(__file__).resolve().parents[2] / "functions" / "intake" / "correlation.yaml"
-_DURATION = re.compile(r"^([0-9]+)(s|m|h)$")
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-class CorrelationConfigError(ValueError):
-    """The rules file cannot be used; the message names file, rule and field."""
-
-
-def seconds(text: str) -> int:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise ValueError(f"must be a duration like 90s, 15m or 2h, got {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+from shared.correlation.rulefile import (  # noqa: F401 - DEFAULT_FILE, seconds and the error are this module's API too
+    DEFAULT_FILE,
+    WORKLOAD,
+    CorrelationConfigError,
+    edges_problem,
+    label_sets_problem,
+    mapping,
+    read,
+    seconds,
+)
 
 
 class _Rule(BaseModel):
@@ -76,9 +71,6 @@ class TopologyRule(_Rule):
     node_labels: list[str] = Field(default_factory=lambda: ["node", "instance"])
 
 
-WORKLOAD = re.compile(r"^[a-z0-9][a-z0-9.-]*/(Deployment|StatefulSet|DaemonSet)/[a-z0-9][a-z0-9.-]*$")
-
-
 class Service(BaseModel):
     """How the alerts of one service of a ``dependency`` rule are known: by
     its workloads (``namespace/Kind/name``: the workload's own alerts and,
@@ -101,9 +93,9 @@ class Service(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
-        for matcher in value:
-            if not matcher or not all(k.strip() and v.strip() for k, v in matcher.items()):
-                raise ValueError("every label set needs at least one label, each with a value")
+        problem = label_sets_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -131,15 +123,9 @@ class DependencyRule(_Rule):
         services = info.data.get("services")
         if services is None:
             return value  # `services` failed already; that error is the one to read
-        for dependent, needs in value.items():
-            for name in [dependent, *needs]:
-                if name not in services:
-                    raise ValueError(f"{dependent}: names {name!r}, which is not under services")
-            if dependent in needs:
-                raise ValueError(f"{dependent}: depends on itself")
-        cycle = _cycle(value)
-        if cycle:
-            raise ValueError("a cycle: " + " -> ".join(cycle))
+        problem = edges_problem(services, value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     def levels(self) -> dict[str, int]:
@@ -171,29 +157,6 @@ class DependencyRule(_Rule):
                     found[need] = chain + [need]
                     todo.append((need, chain + [need]))
         return sorted(found.items())
-
-
-def _cycle(edges: dict[str, list[str]]) -> list[str] | None:
-    state: dict[str, int] = {}  # 1 on the path, 2 done
-
-    def visit(name: str, path: list[str]) -> list[str] | None:
-        if state.get(name) == 1:
-            return path[path.index(name):] + [name]
-        if state.get(name) == 2:
-            return None
-        state[name] = 1
-        for need in edges.get(name, []):
-            found = visit(need, path + [name])
-            if found:
-                return found
-        state[name] = 2
-        return None
-
-    for start in sorted(edges):
-        found = visit(start, [])
-        if found:
-            return found
-    return None
 
 
 Rule = Annotated[Union[LabelsRule, TopologyRule, DependencyRule], Field(discriminator="kind")]
@@ -235,12 +198,11 @@ def _where(error: dict, raw: dict) -> str:
 
 
 def parse(text: str, source: str) -> RuleSet:
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise CorrelationConfigError(f"{source}: not YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise CorrelationConfigError(f"{source}: expected a mapping with 'rules'")
+    return validate(mapping(text, source), source)
+
+
+def validate(raw: dict, source: str) -> RuleSet:
+    """The rules of a file's YAML mapping ``raw``."""
     try:
         ruleset = RuleSet.model_validate(raw)
     except ValidationError as exc:
@@ -254,9 +216,4 @@ def parse(text: str, source: str) -> RuleSet:
 
 
 def load(path: str = "") -> RuleSet:
-    source = Path(path) if path else DEFAULT_FILE
-    try:
-        text = source.read_text()
-    except OSError as exc:
-        raise CorrelationConfigError(f"{source}: cannot read the correlation rules: {exc.strerror or exc}") from None
-    return parse(text, str(source))
+    return parse(*read(path))
