@@ -29,34 +29,52 @@ import time
 from collections.abc import Mapping
 
 REQUIRED = ("FUNCTION_SOURCE", "FUNCTION_TARGET")
-# How long a stopping instance keeps answering the requests it has: Knative
-# drains the pod before its SIGTERM, so this is a bound, not a wait.
-DRAIN_SECONDS = 20.0
+# How long a stopping instance keeps answering the requests it has. Knative
+# drains the pod before its SIGTERM, so this is a bound, not a wait: the
+# longest revision timeout of any function (knative/base/services.yaml).
+DRAIN_SECONDS = 60.0
 # The default before the function's own limit is known (shared/http.py).
 DEFAULT_BODY_CAP = 2 * 1024 * 1024 + 1
+# An answer up to this size is kept in memory, not spooled to a file in the
+# image's small in-memory /tmp; the API's pages are far below it.
+ANSWER_IN_MEMORY = 32 * 1024 * 1024
+
+log = logging.getLogger("serve")
 
 
 def missing(env: Mapping[str, str]) -> list[str]:
     return [name for name in REQUIRED if not env.get(name, "").strip()]
 
 
+def server_limit(body_cap: int) -> int:
+    """The server's own bound on a request body. waitress counts a chunked
+    body's bytes as sent, with each chunk's size line, so the bound leaves
+    room for that framing (chunks of 8 bytes and up, as senders write them)
+    and the function's own check (shared/http.py read_body) refuses a body
+    over its limit exactly, with its JSON error."""
+    return 2 * body_cap + 64 * 1024
+
+
 def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     """waitress's settings for one instance.
 
-    A body over the function's cap is refused (413) by the server before it
-    is buffered, and a body under it stays in memory instead of a temporary
-    file (the image's /tmp is a small in-memory volume). The connection
-    limit bounds what those buffers can add up to. Only the proxy in front
-    on loopback (Knative's queue-proxy) may say the request came over TLS,
-    as gunicorn's default let it, so the board's cookie stays Secure."""
+    A body far over the function's cap is refused (413) by the server
+    without being read past its bound, and a body under it stays in memory
+    instead of a temporary file (the image's /tmp is a small in-memory
+    volume); answers are kept in memory too. The connection limit bounds
+    what those buffers can add up to. Only the proxy in front on loopback
+    (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
+    default let it, so the board's cookie stays Secure."""
     threads = int(env.get("THREADS", "8"))
+    limit = server_limit(body_cap)
     return {
         "host": env.get("HOST", "0.0.0.0"),
         "port": int(env.get("PORT", "8080")),
         "threads": threads,
         "connection_limit": max(32, 4 * threads),
-        "max_request_body_size": body_cap,
-        "inbuf_overflow": body_cap,
+        "max_request_body_size": limit,
+        "inbuf_overflow": limit,
+        "outbuf_overflow": ANSWER_IN_MEMORY,
         "trusted_proxy": "127.0.0.1",
         "trusted_proxy_headers": "x-forwarded-proto",
         "clear_untrusted_proxy_headers": True,
@@ -64,33 +82,52 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     }
 
 
+def _in_hand(channel) -> bool:
+    """A request read in part, read and not answered, or an answer not sent."""
+    return bool(channel.request is not None or channel.requests or channel.total_outbufs_len)
+
+
 def _busy(server) -> bool:
-    queued = server.task_dispatcher.queue
-    return bool(queued) or any(channel.requests or channel.total_outbufs_len
-                               for channel in list(server.active_channels.values()))
+    return bool(server.task_dispatcher.queue) or any(_in_hand(c) for c in list(server.active_channels.values()))
 
 
-def run_until_stopped(server, stop: threading.Event, drain_seconds: float = DRAIN_SECONDS) -> None:
+def _stop_listening(server) -> None:
+    # The listening socket closes at once: a new connection is refused, so
+    # its client goes elsewhere, instead of waiting in the backlog for a
+    # reset. (waitress's own close() would also close the loop's wake-up.)
+    server.accepting = False
+    server.del_channel()
+    server.socket.close()
+
+
+def run_until_stopped(server, stop: threading.Event, drain_seconds: float = DRAIN_SECONDS) -> bool:
     """waitress's loop, one turn at a time, until ``stop`` is set; then no
     new connection is taken, and the loop turns on until the requests in
-    hand are answered and sent (or ``drain_seconds`` pass)."""
+    hand are answered and sent (or ``drain_seconds`` pass). Whether every
+    request in hand was answered."""
     adj = server.adj
     deadline = None
     while True:
         if stop.is_set():
             if deadline is None:
-                server.accepting = False
+                _stop_listening(server)
                 deadline = time.monotonic() + drain_seconds
             # A kept-alive connection between requests is closed, so its
             # client asks again elsewhere rather than keep this one busy.
             for channel in list(server.active_channels.values()):
-                if not channel.requests and not channel.total_outbufs_len:
+                if not _in_hand(channel):
                     channel.will_close = True
-            if not _busy(server) or time.monotonic() >= deadline:
+            if not _busy(server):
                 break
+            if time.monotonic() >= deadline:
+                cut = sum(1 for c in list(server.active_channels.values()) if _in_hand(c))
+                log.error("Stopped with requests unanswered", extra={"connections": cut, "drain_seconds": drain_seconds})
+                server.task_dispatcher.shutdown(timeout=1)
+                return False
         server.asyncore.loop(timeout=0.05 if deadline else adj.asyncore_loop_timeout, map=server._map,
                              use_poll=adj.asyncore_use_poll, count=1)
     server.task_dispatcher.shutdown()
+    return True
 
 
 def main(env: Mapping[str, str] = os.environ) -> int:
@@ -110,12 +147,20 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     # intake's threads wait on the group commit, so it is routine, not news.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     stop = threading.Event()
+
+    def stopping(*_):
+        stop.set()
+        # Wake the loop from the poll it waits in (up to a second otherwise),
+        # from a thread: the trigger's lock may be held by the very frame
+        # this handler interrupted.
+        threading.Thread(target=server.pull_trigger, daemon=True).start()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stopping)
     print(f"incident-response: {env['FUNCTION_TARGET']} serving on {server.effective_host}:{server.effective_port}",
           file=sys.stderr, flush=True)
-    run_until_stopped(server, stop)
-    return 0
+    # Exit status 1 when the drain's bound cut requests off, for the record.
+    return 0 if run_until_stopped(server, stop) else 1
 
 
 if __name__ == "__main__":

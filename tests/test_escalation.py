@@ -397,8 +397,8 @@ def test_an_unreachable_slack_url_never_reaches_the_timeline_the_api_or_the_logs
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and its descendants (gunicorn's worker would
-    otherwise finish the request its master was killed under)."""
+    """SIGKILL a process and any descendants, so that nothing finishes the
+    request it was killed under."""
     import os
     import signal
     from pathlib import Path

@@ -5,8 +5,10 @@ line naming what is missing, no traceback, exit status 2."""
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,9 +87,66 @@ def test_only_the_loopback_proxy_may_say_the_request_came_over_tls(served):
     assert requests.get(url + "/", timeout=10).json() == {"scheme": "http"}
 
 
-def test_only_loopback_is_trusted_and_a_body_over_the_cap_is_refused_unread():
+def test_only_loopback_is_trusted_and_bodies_and_answers_stay_in_memory():
     from shared.serve import server_settings
 
     settings = server_settings({"THREADS": "4"}, body_cap=1024)
     assert settings["trusted_proxy"] == "127.0.0.1" and settings["trusted_proxy_headers"] == "x-forwarded-proto"
-    assert settings["max_request_body_size"] == settings["inbuf_overflow"] == 1024
+    # Room for a chunked body's framing; the function's own check is exact.
+    assert 2 * 1024 <= settings["max_request_body_size"] == settings["inbuf_overflow"] <= 128 * 1024
+    # An answer is not spooled to the small in-memory /tmp.
+    assert settings["outbuf_overflow"] >= 16 * 1024 * 1024
+
+
+def test_a_body_still_arriving_at_sigterm_is_read_and_answered(served):
+    process, url = served
+    port = int(url.rsplit(":", 1)[1])
+    body = b'{"x": "' + b"y" * 4000 + b'"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /?sleep=0.2 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:100])
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        sock.sendall(body[100:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert process.wait(10) == 0
+
+
+def test_a_stopping_process_refuses_new_connections_at_once(served):
+    process, url = served
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.get, url + "/?sleep=2", timeout=30)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # Still answering the first request, but no longer listening: a new
+        # client is refused and goes elsewhere, instead of a reset later.
+        with pytest.raises(requests.ConnectionError) as refused:
+            requests.get(url + "/", timeout=5)
+        assert "refused" in str(refused.value).lower()
+        assert answer.result().status_code == 200
+    assert process.wait(10) == 0
+
+
+def test_a_drain_cut_short_by_its_bound_says_so():
+    from waitress.server import create_server
+
+    from shared.serve import run_until_stopped
+
+    def slow(environ, start_response):
+        time.sleep(3)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"late"]
+
+    server = create_server(slow, host="127.0.0.1", port=0, threads=1)
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        loop = pool.submit(run_until_stopped, server, stop, 0.5)
+        pool.submit(lambda: requests.get(f"http://127.0.0.1:{server.effective_port}/", timeout=10))
+        time.sleep(0.5)
+        stop.set()
+        assert loop.result(timeout=10) is False
