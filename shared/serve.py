@@ -61,8 +61,12 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     A body far over the function's cap is refused (413) by the server
     without being read past its bound, and a body under it stays in memory
     instead of a temporary file (the image's /tmp is a small in-memory
-    volume); answers are kept in memory too. The connection limit bounds
-    what those buffers can add up to. Only the proxy in front on loopback
+    volume); answers are kept in memory too. In Knative the queue-proxy in
+    front lets at most containerConcurrency requests through at once, which
+    bounds what those buffers add up to; the connection limit is gunicorn's
+    (1,000), for a sender that keeps many idle connections (at 32, a
+    Broker's pool of them stopped new deliveries until waitress closed idle
+    ones, two minutes later). Only the proxy in front on loopback
     (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
     default let it, so the board's cookie stays Secure."""
     threads = int(env.get("THREADS", "8"))
@@ -71,7 +75,7 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
         "host": env.get("HOST", "0.0.0.0"),
         "port": int(env.get("PORT", "8080")),
         "threads": threads,
-        "connection_limit": max(32, 4 * threads),
+        "connection_limit": 1000,
         "max_request_body_size": limit,
         "inbuf_overflow": limit,
         "outbuf_overflow": ANSWER_IN_MEMORY,

@@ -150,3 +150,20 @@ def test_a_drain_cut_short_by_its_bound_says_so():
         time.sleep(0.5)
         stop.set()
         assert loop.result(timeout=10) is False
+
+
+def test_many_idle_connections_do_not_stall_a_new_one(served):
+    # A Broker keeps a pool of kept-alive connections, idle between
+    # deliveries; with a limit of 32 the next delivery waited until the
+    # server closed idle ones, two minutes later.
+    _, url = served
+    sessions = []
+    try:
+        for _ in range(40):
+            session = requests.Session()
+            assert session.get(url + "/", timeout=10).ok
+            sessions.append(session)
+        assert requests.get(url + "/", timeout=5).ok
+    finally:
+        for session in sessions:
+            session.close()
