@@ -174,8 +174,23 @@ def _wait_for_quiet_database(engine, timeout: float = 15.0) -> None:
 def clean_db(engine):
     """Each test that writes starts from empty tables. Function processes a
     test body started are stopped when it ends (the hook below); the ones
-    fixtures keep are waited for, so TRUNCATE never races their writes."""
-    _wait_for_quiet_database(engine)
+    fixtures keep are waited for, so TRUNCATE never races their writes. A
+    module's running pipeline may still start a write after that wait (a
+    late delivery, a sweep): a deadlock with it rolls the clean-up back, and
+    it is tried again."""
+    for attempt in range(5):
+        _wait_for_quiet_database(engine)
+        try:
+            _empty_tables(engine)
+            return engine
+        except sa.exc.DBAPIError as exc:
+            if not db_module.is_transient(exc) or attempt == 4:
+                raise
+            time.sleep(0.2)
+    return engine
+
+
+def _empty_tables(engine) -> None:
     with engine.connect() as conn:
         tables = conn.execute(
             sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
@@ -195,7 +210,6 @@ def clean_db(engine):
     except sa.exc.IntegrityError:
         with engine.begin() as conn:
             conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
-    return engine
 
 
 @pytest.hookimpl(wrapper=True)
