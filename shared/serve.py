@@ -33,8 +33,6 @@ REQUIRED = ("FUNCTION_SOURCE", "FUNCTION_TARGET")
 # drains the pod before its SIGTERM, so this is a bound, not a wait: the
 # longest revision timeout of any function (knative/base/services.yaml).
 DRAIN_SECONDS = 60.0
-# The default before the function's own limit is known (shared/http.py).
-DEFAULT_BODY_CAP = 2 * 1024 * 1024 + 1
 # An answer up to this size is kept in memory, not spooled to a file in the
 # image's small in-memory /tmp; the API's pages are far below it.
 ANSWER_IN_MEMORY = 32 * 1024 * 1024
@@ -145,7 +143,11 @@ def main(env: Mapping[str, str] = os.environ) -> int:
 
     app = functions_framework.create_app(env["FUNCTION_TARGET"], env["FUNCTION_SOURCE"],
                                          env.get("FUNCTION_SIGNATURE_TYPE", "http"))
-    server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", DEFAULT_BODY_CAP)))
+    from shared.http import LARGEST_FIXED_BODY
+
+    # BODY_CAP is set by the function's start (shared/bootstrap.py); an app
+    # that has none gets the bound a function without settings would.
+    server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", LARGEST_FIXED_BODY + 1)))
     # One line per request that waits for a thread: Knative's
     # containerConcurrency already bounds an instance's requests, and the
     # intake's threads wait on the group commit, so it is routine, not news.

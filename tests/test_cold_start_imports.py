@@ -97,6 +97,21 @@ def test_a_function_imports_its_handlers_on_the_first_request_that_needs_them(na
     assert not set(NOT_ON_FIRST_REQUEST[name]) & set(seen["after another request"])
 
 
+# The checks a start runs on a function's config file, each alone.
+START_CHECKS = {
+    "correlation rules": "from shared.correlation import rulefile\nrulefile.check()",
+    "playbooks": "from functions.remediation import playbooks\nplaybooks.load()",
+}
+
+
+@pytest.mark.parametrize("check", START_CHECKS)
+def test_a_config_file_is_checked_at_start_without_pydantic(check):
+    done = subprocess.run([sys.executable, "-c", f"import sys\n{START_CHECKS[check]}\nprint('pydantic' in sys.modules)"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 KUBE_PROBE = """
 import json, sys
 from shared import kube
