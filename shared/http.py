@@ -9,6 +9,7 @@ path parameters and return a Flask response or a JSON-able value.
 from __future__ import annotations
 
 import functools
+import gc
 import hmac
 import json
 import logging
@@ -82,6 +83,9 @@ class LazyRoutes:
             with self._lock:
                 if not self._built:
                     self._built.append(self._build())
+                    # The handlers and what they imported live as long as
+                    # the process: kept out of the collector's full passes.
+                    gc.freeze()
         return self._built[0]
 
     def for_request(self, method: str, path: str) -> list[Route]:

@@ -83,8 +83,20 @@ def test_sigterm_with_nothing_in_hand_exits_at_once(served):
 def test_only_the_loopback_proxy_may_say_the_request_came_over_tls(served):
     _, url = served
     # Knative's queue-proxy connects from 127.0.0.1 and forwards the scheme.
-    assert requests.get(url + "/", headers={"X-Forwarded-Proto": "https"}, timeout=10).json() == {"scheme": "https"}
-    assert requests.get(url + "/", timeout=10).json() == {"scheme": "http"}
+    assert requests.get(url + "/", headers={"X-Forwarded-Proto": "https"}, timeout=10).json()["scheme"] == "https"
+    assert requests.get(url + "/", timeout=10).json()["scheme"] == "http"
+
+
+def test_threads_take_turns_every_millisecond_and_the_start_is_kept_out_of_collections(served):
+    from shared.serve import SWITCH_INTERVAL_SECONDS
+
+    _, url = served
+    runtime = requests.get(url + "/", timeout=10).json()
+    # The group commit's writer waits at most this long for the interpreter
+    # after each round trip to the database (CPython's default is 5 ms).
+    assert runtime["switch_interval"] == pytest.approx(SWITCH_INTERVAL_SECONDS) and SWITCH_INTERVAL_SECONDS < 0.005
+    # Flask, functions-framework and the function's module, frozen once built.
+    assert runtime["frozen"] > 10_000
 
 
 def test_only_loopback_is_trusted_and_bodies_and_answers_stay_in_memory():
