@@ -1,0 +1,82 @@
+"""Every endpoint that takes an id which is a UUID answers a bad one with
+400 and a JSON error naming the parameter, never a 404 for an id read as
+some other incident, nor a 500. Only the canonical form is an id: Python's
+uuid.UUID also reads " 2345678-…", "1_345678-…" and "+2345678-…" (int()'s
+whitespace, underscores and sign) as ids of other incidents."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from loopback.processes import FunctionProcess
+from shared.errors import BadRequest
+from shared.http import parse_uuid
+from tests.conftest import TEST_TOKEN
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+Z = str(uuid.uuid4())
+
+BAD = [
+    "not-a-uuid",
+    "1_345678-1234-1234-1234-123456789abc",
+    "+2345678-1234-1234-1234-123456789abc",
+    "%202345678-1234-1234-1234-123456789abc",
+    "urn:uuid:12345678-1234-1234-1234-123456789abc",
+    "%00",
+]
+
+# (method, path with {bad} where the bad id goes, the parameter named, request body)
+ENDPOINTS = [
+    ("GET", "/incidents/{bad}", "incident_id", None),
+    ("PATCH", "/incidents/{bad}", "incident_id", {"status": "resolved"}),
+    ("POST", "/incidents/{bad}/acknowledge", "incident_id", None),
+    ("GET", "/incidents/{bad}/silences", "incident_id", None),
+    ("POST", "/incidents/{bad}/silences", "incident_id", {"duration_minutes": 10}),
+    ("DELETE", "/incidents/{bad}/silences/" + "a" * 36, "incident_id", None),
+    ("GET", "/incidents/{bad}/proposals", "incident_id", None),
+    ("GET", "/incidents/{bad}/proposals/" + Z, "incident_id", None),
+    ("GET", f"/incidents/{Z}/proposals/{{bad}}", "proposal_id", None),
+    ("POST", f"/incidents/{Z}/proposals/{{bad}}/approve", "proposal_id", None),
+    ("POST", f"/incidents/{Z}/proposals/{{bad}}/reject", "proposal_id", None),
+    ("GET", "/maintenance-windows/{bad}", "window_id", None),
+    ("POST", "/maintenance-windows/{bad}/end", "window_id", None),
+    ("DELETE", "/maintenance-windows/{bad}", "window_id", None),
+    ("GET", "/dead-letters?incident_id={bad}", "incident_id", None),
+    ("GET", "/outbox/parked?incident_id={bad}", "incident_id", None),
+]
+
+
+@pytest.fixture(scope="module")
+def query(base_env):
+    proc = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": "http://127.0.0.1:9"}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("method, path, parameter, body", ENDPOINTS, ids=[f"{m} {p}" for m, p, _, _ in ENDPOINTS])
+def test_a_bad_uuid_is_a_400_naming_the_parameter(query, clean_db, method, path, parameter, body, bad):
+    r = requests.request(method, query.url + path.format(bad=bad), headers=AUTH, json=body, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    error = r.json()
+    assert error["error"] == "bad_request" and error["parameter"] == parameter, error
+    # A query string's NUL is refused before any parameter is read, naming it too.
+    said = "contains a NUL character" if bad == "%00" and "?" in path else "not a UUID"
+    assert error["message"].startswith(f"{parameter}: {said}"), error
+
+
+@pytest.mark.parametrize("raw", ["12345678-1234-1234-1234-123456789ABC", "12345678-1234-1234-1234-123456789abc"])
+def test_the_canonical_form_in_either_case_is_an_id(raw):
+    assert parse_uuid(raw, "incident_id") == "12345678-1234-1234-1234-123456789abc"
+
+
+@pytest.mark.parametrize("raw", [None, 5, "", "x" * 10000, "12345678-1234-1234-1234-123456789abc\n", "１２345678-1234-1234-1234-123456789abc",
+                                 "12345678123412341234123456789abc", "{12345678-1234-1234-1234-123456789abc}", "\ud800"])
+def test_anything_else_is_a_bad_request_naming_the_field(raw):
+    with pytest.raises(BadRequest) as caught:
+        parse_uuid(raw, "data.proposal_id", detail="field")
+    assert caught.value.body()["field"] == "data.proposal_id"
+    assert caught.value.message.startswith("data.proposal_id: not a UUID") and len(caught.value.message) < 150
