@@ -1,0 +1,105 @@
+"""Counts of the alerts the intake answered ``ignored``, bounded.
+
+Every alert name would otherwise be a row here and a series of
+``alerts_ignored_total{alertname, reason}`` on ``/metrics`` forever, so an
+AlertManager that sends many distinct names (misconfigured, or someone with
+the token) would grow the table and Prometheus' cardinality without end.
+At most ``IGNORED_ALERTS_MAX_NAMES`` names are counted apart; the others are
+counted under ``OTHER`` with their reason (the reasons come from the
+settings, so they are few).
+
+A name keeps its row once it has one: rank the names by count at every
+scrape instead and a name moving into or out of the top would make the
+``OTHER`` series go down, which Prometheus reads as a counter reset and
+turns into an increase of the whole ``OTHER`` count. So the table admits
+names while it has room, and room is made by the retention sweep: the
+counts of a name not ignored for ``RETENTION_IGNORED_DAYS`` are deleted
+(Prometheus has already scraped them; the series just ends), and names past
+the bound (two intake transactions admitting names at once can each see the
+last free place) are folded into ``OTHER``, the smallest counts first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared.sqltext import UTC_NOW, compact
+
+# The alertname of everything counted beyond the bound. An alert really named
+# so is counted there too, which is where it would be looked for.
+OTHER = "__other__"
+REASON_MAX = 200  # the column's length
+
+COUNT = sa.text(compact(
+    f"""
+    WITH x AS (
+        SELECT x.alert_name, x.reason, x.n
+        FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(alert_name text, reason text, n bigint)
+    ), known AS (
+        SELECT DISTINCT alert_name FROM ignored_alerts WHERE alert_name <> :other
+    ), room AS (
+        SELECT GREATEST(:max_names - count(*), 0) AS free FROM known
+    ), newcomers AS (
+        SELECT alert_name, row_number() OVER (ORDER BY sum(n) DESC, alert_name) AS rank
+        FROM x WHERE alert_name <> :other AND alert_name NOT IN (SELECT alert_name FROM known)
+        GROUP BY alert_name
+    ), admitted AS (
+        SELECT alert_name FROM known
+        UNION ALL
+        SELECT alert_name FROM newcomers, room WHERE rank <= free
+    ), placed AS (
+        SELECT CASE WHEN x.alert_name IN (SELECT alert_name FROM admitted) THEN x.alert_name ELSE :other END AS alert_name,
+               x.reason, sum(x.n) AS n
+        FROM x GROUP BY 1, 2
+    )
+    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
+    SELECT alert_name, reason, n, {UTC_NOW} FROM placed
+    ORDER BY alert_name, reason
+    ON CONFLICT (alert_name, reason)
+    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
+    """
+))
+
+# The names past the bound, smallest total first, folded into OTHER in one
+# statement: what is deleted is what is added, so no count is lost.
+FOLD_EXTRA = sa.text(compact(
+    """
+    WITH extra AS (
+        SELECT alert_name FROM ignored_alerts WHERE alert_name <> :other
+        GROUP BY alert_name ORDER BY sum(count) DESC, alert_name OFFSET :max_names
+    ), gone AS (
+        DELETE FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra)
+        RETURNING reason, count, last_seen_at
+    )
+    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
+    SELECT :other, reason, sum(count), max(last_seen_at) FROM gone GROUP BY reason
+    ORDER BY reason
+    ON CONFLICT (alert_name, reason)
+    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count,
+                  last_seen_at = GREATEST(ignored_alerts.last_seen_at, EXCLUDED.last_seen_at)
+    """
+))
+
+
+def count(conn: Connection, ignored: list[tuple[str, str]], max_names: int) -> None:
+    """Count each (alert name, reason) once, in the caller's transaction."""
+    counts: dict[tuple[str, str], int] = {}
+    for name, reason in ignored:
+        key = (name, reason[:REASON_MAX])
+        counts[key] = counts.get(key, 0) + 1
+    if counts:
+        rows = [{"alert_name": name, "reason": reason, "n": n} for (name, reason), n in counts.items()]
+        conn.execute(COUNT, {"rows": json.dumps(rows), "other": OTHER, "max_names": max_names})
+
+
+def fold_extra(conn: Connection, max_names: int) -> int:
+    """Fold the names past ``max_names`` into OTHER; the OTHER rows written (0: none was past it)."""
+    return conn.execute(FOLD_EXTRA, {"other": OTHER, "max_names": max_names}).rowcount
+
+
+def counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(alert name, reason, count) of every row: at most the bound's names and OTHER."""
+    return conn.execute(sa.text("SELECT alert_name, reason, count FROM ignored_alerts ORDER BY 1, 2")).all()
