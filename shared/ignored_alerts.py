@@ -63,14 +63,28 @@ COUNT = sa.text(compact(
     """
 ))
 
+_EXTRA = """
+    extra AS (
+        SELECT alert_name FROM ignored_alerts WHERE alert_name <> :other
+        GROUP BY alert_name ORDER BY sum(count) DESC, alert_name OFFSET :max_names
+    )"""
+
+# The rows the fold writes, locked in COUNT's order (alert name, reason), so
+# that an intake transaction counting one of those names cannot deadlock
+# with it, whichever way the database's collation sorts "__other__".
+LOCK_EXTRA = sa.text(compact(
+    f"""
+    WITH {_EXTRA}
+    SELECT 1 FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra) OR alert_name = :other
+    ORDER BY alert_name, reason FOR UPDATE
+    """
+))
+
 # The names past the bound, smallest total first, folded into OTHER in one
 # statement: what is deleted is what is added, so no count is lost.
 FOLD_EXTRA = sa.text(compact(
-    """
-    WITH extra AS (
-        SELECT alert_name FROM ignored_alerts WHERE alert_name <> :other
-        GROUP BY alert_name ORDER BY sum(count) DESC, alert_name OFFSET :max_names
-    ), gone AS (
+    f"""
+    WITH {_EXTRA}, gone AS (
         DELETE FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra)
         RETURNING reason, count, last_seen_at
     )
@@ -97,7 +111,9 @@ def count(conn: Connection, ignored: list[tuple[str, str]], max_names: int) -> N
 
 def fold_extra(conn: Connection, max_names: int) -> int:
     """Fold the names past ``max_names`` into OTHER; the OTHER rows written (0: none was past it)."""
-    return conn.execute(FOLD_EXTRA, {"other": OTHER, "max_names": max_names}).rowcount
+    params = {"other": OTHER, "max_names": max_names}
+    conn.execute(LOCK_EXTRA, params)
+    return conn.execute(FOLD_EXTRA, params).rowcount
 
 
 def counts(conn: Connection) -> list[tuple[str, str, int]]:

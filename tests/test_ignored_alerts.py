@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import requests
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from functions.query.metrics import DatabaseCollector
+from loopback.processes import FunctionProcess
 from shared import incidents as svc
 from shared import retention
 from shared.config import load_settings
-from tests.factories import alert
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert, raw_alert, webhook
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 REASON = "priority P2 is below MIN_INCIDENT_PRIORITY P1"
 OTHER = "__other__"
@@ -96,3 +102,21 @@ def test_the_sweep_folds_names_past_the_bound_smallest_first(clean_db):
             {"r": REASON, "other": OTHER})
     retention.run(clean_db, settings(IGNORED_ALERTS_MAX_NAMES="2"))
     assert counted(clean_db) == {("Big", REASON): 9, ("Mid", REASON): 5, (OTHER, REASON): 6, (OTHER, "other reason"): 1}
+
+
+def test_a_webhook_of_many_distinct_ignored_names_adds_a_bounded_number_of_series(base_env, clean_db):
+    """Over HTTP, as AlertManager and Prometheus see it: the intake with its
+    setting from the environment, /metrics of the query function."""
+    env = {**base_env, "IGNORED_ALERTS_MAX_NAMES": "5", "METRICS_PUBLIC": "true"}
+    intake, query = FunctionProcess("intake", env).start(), FunctionProcess("query", env).start()
+    try:
+        payload = webhook([raw_alert(f"Spray{i}", severity="info") for i in range(200)])
+        response = requests.post(intake.url + "/webhook/alert", json=payload, headers=AUTH, timeout=30)
+        assert response.status_code == 200 and response.json()["counts"] == {"ignored": 200}, response.text[:300]
+        metrics = requests.get(query.url + "/metrics", timeout=30).text
+    finally:
+        intake.stop()
+        query.stop()
+    (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "alerts_ignored"]
+    series = {s.labels["alertname"]: s.value for s in family.samples if s.name == "alerts_ignored_total"}
+    assert len(series) == 6 and series[OTHER] == 195 and sum(series.values()) == 200, series
