@@ -80,3 +80,30 @@ def test_anything_else_is_a_bad_request_naming_the_field(raw):
         parse_uuid(raw, "data.proposal_id", detail="field")
     assert caught.value.body()["field"] == "data.proposal_id"
     assert caught.value.message.startswith("data.proposal_id: not a UUID") and len(caught.value.message) < 150
+
+
+@pytest.mark.parametrize("data, subject, field", [
+    ({"incident_id": "1_345678-1234-1234-1234-123456789abc"}, None, "data.incident_id"),
+    ({"incident_id": 5}, None, "data.incident_id"),
+    ({}, "not-a-uuid", "subject"),
+    (None, None, "subject"),
+])
+def test_an_event_naming_no_incident_is_a_bad_request_naming_where_it_looked(data, subject, field):
+    from cloudevents.http import CloudEvent
+
+    from shared import eventio
+
+    attributes = {"type": "x", "source": "/test", **({"subject": subject} if subject else {})}
+    with pytest.raises(BadRequest) as caught:
+        eventio.incident_id_of(CloudEvent(attributes, data))
+    assert caught.value.body()["field"] == field and caught.value.message.startswith(f"{field}: not a UUID")
+
+
+def test_an_event_names_its_incident_in_either_case():
+    from cloudevents.http import CloudEvent
+
+    from shared import eventio
+
+    upper = "12345678-1234-1234-1234-123456789ABC"
+    assert eventio.incident_id_of(CloudEvent({"type": "x", "source": "/t"}, {"incident_id": upper})) == upper.lower()
+    assert eventio.incident_id_of(CloudEvent({"type": "x", "source": "/t", "subject": upper}, {})) == upper.lower()
