@@ -69,23 +69,51 @@ _EXTRA = """
         GROUP BY alert_name ORDER BY sum(count) DESC, alert_name OFFSET :max_names
     )"""
 
-# The rows the fold writes, locked in COUNT's order (alert name, reason), so
-# that an intake transaction counting one of those names cannot deadlock
-# with it, whichever way the database's collation sorts "__other__".
-LOCK_EXTRA = sa.text(compact(
+# The fold runs as three statements, and only the last writes counts:
+#
+# 1. PREPARE_FOLD, in a short transaction of its own, gives OTHER a row (of
+#    count 0) for each reason of the names past the bound, in COUNT's order.
+#    Had the fold inserted such a row itself, an intake transaction that had
+#    inserted the same (OTHER, reason) and then waited for a row the fold
+#    holds would deadlock with it.
+# 2. LOCK_EXTRA locks, in COUNT's order (alert name, reason), the rows of
+#    the names past the bound whose reason has an OTHER row, and the OTHER
+#    rows, and returns the rows it locked: those are what the fold writes.
+#    Recomputing the names past the bound in the next statement (a fresh
+#    snapshot under READ COMMITTED) could pick rows never locked.
+# 3. FOLD_EXTRA deletes exactly those rows and adds them to OTHER's (locked)
+#    rows in one statement: what is deleted is what is added.
+#
+# The fold runs under a short lock_timeout: when it meets a lock anyway, it
+# is the one that gives way (the next sweep tries again), never the intake.
+PREPARE_FOLD = sa.text(compact(
     f"""
     WITH {_EXTRA}
-    SELECT 1 FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra) OR alert_name = :other
-    ORDER BY alert_name, reason FOR UPDATE
+    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
+    SELECT DISTINCT :other, reason, 0, {UTC_NOW} FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra)
+    ORDER BY 2
+    ON CONFLICT (alert_name, reason) DO NOTHING
     """
 ))
 
-# The names past the bound, smallest total first, folded into OTHER in one
-# statement: what is deleted is what is added, so no count is lost.
-FOLD_EXTRA = sa.text(compact(
+LOCK_EXTRA = sa.text(compact(
     f"""
-    WITH {_EXTRA}, gone AS (
-        DELETE FROM ignored_alerts WHERE alert_name IN (SELECT alert_name FROM extra)
+    WITH {_EXTRA}, locked AS (
+        SELECT alert_name, reason FROM ignored_alerts i
+        WHERE alert_name = :other
+           OR (alert_name IN (SELECT alert_name FROM extra)
+               AND EXISTS (SELECT 1 FROM ignored_alerts o WHERE o.alert_name = :other AND o.reason = i.reason))
+        ORDER BY alert_name, reason FOR UPDATE
+    )
+    SELECT alert_name, reason FROM locked WHERE alert_name <> :other
+    """
+))
+
+FOLD_EXTRA = sa.text(compact(
+    """
+    WITH gone AS (
+        DELETE FROM ignored_alerts
+        WHERE (alert_name, reason) IN (SELECT * FROM unnest(CAST(:names AS text[]), CAST(:reasons AS text[])))
         RETURNING reason, count, last_seen_at
     )
     INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
@@ -96,6 +124,10 @@ FOLD_EXTRA = sa.text(compact(
                   last_seen_at = GREATEST(ignored_alerts.last_seen_at, EXCLUDED.last_seen_at)
     """
 ))
+
+# Long enough for an intake transaction to finish its few statements, short
+# enough that the intake never waits long behind a fold.
+FOLD_LOCK_TIMEOUT = "200ms"
 
 
 def count(conn: Connection, ignored: list[tuple[str, str]], max_names: int) -> None:
@@ -109,11 +141,23 @@ def count(conn: Connection, ignored: list[tuple[str, str]], max_names: int) -> N
         conn.execute(COUNT, {"rows": json.dumps(rows), "other": OTHER, "max_names": max_names})
 
 
+def prepare_fold(conn: Connection, max_names: int) -> None:
+    """Give OTHER a row for each reason of the names past ``max_names``; in its own transaction, before ``fold_extra``."""
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{FOLD_LOCK_TIMEOUT}'"))
+    conn.execute(PREPARE_FOLD, {"other": OTHER, "max_names": max_names})
+
+
 def fold_extra(conn: Connection, max_names: int) -> int:
-    """Fold the names past ``max_names`` into OTHER; the OTHER rows written (0: none was past it)."""
-    params = {"other": OTHER, "max_names": max_names}
-    conn.execute(LOCK_EXTRA, params)
-    return conn.execute(FOLD_EXTRA, params).rowcount
+    """Fold the names past ``max_names`` into OTHER; the OTHER rows written (0: none was past it).
+
+    Raises the database's lock_not_available (55P03) when a row it needs is
+    held longer than FOLD_LOCK_TIMEOUT; the caller leaves it to the next sweep."""
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{FOLD_LOCK_TIMEOUT}'"))
+    rows = conn.execute(LOCK_EXTRA, {"other": OTHER, "max_names": max_names}).all()
+    if not rows:
+        return 0
+    return conn.execute(FOLD_EXTRA, {"other": OTHER, "names": [r.alert_name for r in rows],
+                                     "reasons": [r.reason for r in rows]}).rowcount
 
 
 def counts(conn: Connection) -> list[tuple[str, str, int]]:
