@@ -86,7 +86,8 @@ def test_metrics_expose_the_bounded_series(clean_db):
 
 def test_retention_frees_the_place_of_a_name_no_longer_ignored_and_keeps_other(clean_db):
     config = settings(IGNORED_ALERTS_MAX_NAMES="1", RETENTION_IGNORED_DAYS="1")
-    record(clean_db, config, ignored("Old") + ignored("Folded"))
+    record(clean_db, config, ignored("Old", 2) + ignored("Folded"))
+    assert counted(clean_db) == {("Old", REASON): 2, (OTHER, REASON): 1}
     with clean_db.begin() as conn:
         conn.execute(sa.text("UPDATE ignored_alerts SET last_seen_at = last_seen_at - interval '2 days'"))
     retention.run(clean_db, config)
