@@ -266,8 +266,10 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 def parse_uuid(value: Any, name: str, detail: str = "parameter") -> str:
     """``value`` as the lower-case UUID it spells, or BadRequest naming
     ``name`` (under ``detail``: ``parameter`` for a path or query value,
-    ``field`` for one in a body or event). Anything refused never reaches
-    the driver, which fails half-way on a NUL or a lone surrogate."""
+    ``field`` for one in a body or event). A path or query parameter is
+    named as functions/query/openapi.yaml names it: ``id`` for the id of the
+    resource the path names, ``proposal_id`` for the one nested in it. Anything
+    refused never reaches the driver, which fails half-way on a NUL or a lone surrogate."""
     if isinstance(value, str) and _UUID.fullmatch(value):
         return value.lower()
     shown = repr(value[:60]) if isinstance(value, str) else type(value).__name__

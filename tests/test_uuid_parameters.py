@@ -7,9 +7,11 @@ whitespace, underscores and sign) as ids of other incidents."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from loopback.processes import FunctionProcess
 from shared.errors import BadRequest
@@ -28,25 +30,47 @@ BAD = [
     "%00",
 ]
 
-# (method, path with {bad} where the bad id goes, the parameter named, request body)
+SPEC = Path(__file__).resolve().parent.parent / "functions" / "query" / "openapi.yaml"
+PATHS = yaml.safe_load(SPEC.read_text())["paths"]
+
+
+def named_by_the_spec(method: str, path: str) -> str:
+    """The name functions/query/openapi.yaml gives the parameter where
+    ``path`` puts {bad}: a query parameter's key, or the path parameter of
+    the operation's template at that segment."""
+    path, _, query = path.partition("?")
+    if "{bad}" in query:
+        return query.split("=")[0]
+    segments = path.strip("/").split("/")
+    for template, operations in PATHS.items():
+        parts = template.strip("/").split("/")
+        if method.lower() in operations and len(parts) == len(segments) and all(
+                p == s or p.startswith("{") for p, s in zip(parts, segments, strict=True)):
+            return parts[segments.index("{bad}")].strip("{}")
+    raise AssertionError(f"{method} {path} is not in the OpenAPI document")
+
+
+# (method, path with {bad} where the bad id goes, request body); the
+# parameter a 400 names is the one the OpenAPI document names there.
 ENDPOINTS = [
-    ("GET", "/incidents/{bad}", "incident_id", None),
-    ("PATCH", "/incidents/{bad}", "incident_id", {"status": "resolved"}),
-    ("POST", "/incidents/{bad}/acknowledge", "incident_id", None),
-    ("GET", "/incidents/{bad}/silences", "incident_id", None),
-    ("POST", "/incidents/{bad}/silences", "incident_id", {"duration_minutes": 10}),
-    ("DELETE", "/incidents/{bad}/silences/" + "a" * 36, "incident_id", None),
-    ("GET", "/incidents/{bad}/proposals", "incident_id", None),
-    ("GET", "/incidents/{bad}/proposals/" + Z, "incident_id", None),
-    ("GET", f"/incidents/{Z}/proposals/{{bad}}", "proposal_id", None),
-    ("POST", f"/incidents/{Z}/proposals/{{bad}}/approve", "proposal_id", None),
-    ("POST", f"/incidents/{Z}/proposals/{{bad}}/reject", "proposal_id", None),
-    ("GET", "/maintenance-windows/{bad}", "window_id", None),
-    ("POST", "/maintenance-windows/{bad}/end", "window_id", None),
-    ("DELETE", "/maintenance-windows/{bad}", "window_id", None),
-    ("GET", "/dead-letters?incident_id={bad}", "incident_id", None),
-    ("GET", "/outbox/parked?incident_id={bad}", "incident_id", None),
+    ("GET", "/incidents/{bad}", None),
+    ("PATCH", "/incidents/{bad}", {"status": "resolved"}),
+    ("POST", "/incidents/{bad}/acknowledge", None),
+    ("GET", "/incidents/{bad}/silences", None),
+    ("POST", "/incidents/{bad}/silences", {"duration_minutes": 10}),
+    ("DELETE", "/incidents/{bad}/silences/" + "a" * 36, None),
+    ("GET", "/incidents/{bad}/proposals", None),
+    ("GET", "/incidents/{bad}/proposals/" + Z, None),
+    ("GET", f"/incidents/{Z}/proposals/{{bad}}", None),
+    ("POST", f"/incidents/{Z}/proposals/{{bad}}/approve", None),
+    ("POST", f"/incidents/{Z}/proposals/{{bad}}/reject", None),
+    ("GET", "/maintenance-windows/{bad}", None),
+    ("POST", "/maintenance-windows/{bad}/end", None),
+    ("DELETE", "/maintenance-windows/{bad}", None),
+    ("GET", "/dead-letters?incident_id={bad}", None),
+    ("GET", "/outbox/parked?incident_id={bad}", None),
 ]
+ENDPOINTS = [(method, path, named_by_the_spec(method, path), body) for method, path, body in ENDPOINTS]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +94,7 @@ def test_a_bad_uuid_is_a_400_naming_the_parameter(query, clean_db, method, path,
 
 @pytest.mark.parametrize("raw", ["12345678-1234-1234-1234-123456789ABC", "12345678-1234-1234-1234-123456789abc"])
 def test_the_canonical_form_in_either_case_is_an_id(raw):
-    assert parse_uuid(raw, "incident_id") == "12345678-1234-1234-1234-123456789abc"
+    assert parse_uuid(raw, "id") == "12345678-1234-1234-1234-123456789abc"
 
 
 @pytest.mark.parametrize("raw", [None, 5, "", "x" * 10000, "12345678-1234-1234-1234-123456789abc\n", "１２345678-1234-1234-1234-123456789abc",

@@ -118,7 +118,7 @@ class QueryApi:
         return json_response([{**present(r), "alert_count": counts.get(r["id"], 0)} for r in rows], headers=headers)
 
     def get(self, request: Request, incident_id: str) -> dict:
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -132,7 +132,7 @@ class QueryApi:
         return body
 
     def patch(self, request: Request, incident_id: str) -> dict:
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         body = parse_json_body(request, 64 * 1024)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object like {\"status\": \"investigating\", \"note\": \"...\"}")

@@ -230,7 +230,7 @@ class Board:
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
     def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -260,7 +260,7 @@ class Board:
         session = self.form_session(request)
         if isinstance(session, Response):
             return session
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         status = request.form.get("status", "")
         try:
             note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None

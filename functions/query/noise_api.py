@@ -115,7 +115,7 @@ class NoiseApi:
     # ------------------------------------------------------------ acknowledge
 
     def acknowledge(self, request: Request, incident_id: str) -> Response:
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         check_parameters(request.args, ())
         note = None
         body = parse_json_body(request, BODY_LIMIT, allow_empty=True) if has_body(request) else None
@@ -162,7 +162,7 @@ class NoiseApi:
 
     def get_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_uuid(window_id, "window_id")
+        window_id = parse_uuid(window_id, "id")
         with db.engine().connect() as conn:
             window = maintenance.get(conn, window_id)
             held = maintenance.suppressed(conn, window_id)
@@ -171,14 +171,14 @@ class NoiseApi:
 
     def end_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_uuid(window_id, "window_id")
+        window_id = parse_uuid(window_id, "id")
         with db.transaction() as conn:
             window = maintenance.end(conn, window_id, self.actor(request))
         return json_response(present_window(window, clock.now()))
 
     def delete_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_uuid(window_id, "window_id")
+        window_id = parse_uuid(window_id, "id")
         with db.transaction() as conn:
             maintenance.delete(conn, window_id, self.actor(request))
         return Response(status=204)
@@ -202,12 +202,12 @@ class NoiseApi:
 
     def list_silences(self, request: Request, incident_id: str) -> Response:
         check_parameters(request.args, ())
-        incident = self._incident(parse_uuid(incident_id, "incident_id"))
+        incident = self._incident(parse_uuid(incident_id, "id"))
         return json_response([present_silence(s) for s in self.alertmanager().for_labels(incident["labels"] or {})])
 
     def create_silence(self, request: Request, incident_id: str) -> Response:
         check_parameters(request.args, ())
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         body = parse_json_body(request, BODY_LIMIT)
         if not isinstance(body, dict) or set(body) - {"duration_minutes", "comment"}:
             raise BadRequest('the body must be {"duration_minutes": 60, "comment": "..."}', field="duration_minutes")
@@ -235,7 +235,7 @@ class NoiseApi:
 
     def expire_silence(self, request: Request, incident_id: str, silence_id: str) -> Response:
         check_parameters(request.args, ())
-        self.do_expire(parse_uuid(incident_id, "incident_id"), parse_silence_id(silence_id), self.actor(request))
+        self.do_expire(parse_uuid(incident_id, "id"), parse_silence_id(silence_id), self.actor(request))
         return Response(status=204)
 
     def do_expire(self, incident_id: str, silence_id: str, actor: str) -> None:

@@ -97,7 +97,7 @@ class NoiseBoard:
         if isinstance(session, Response):
             return session
         try:
-            window_id = parse_uuid(window_id, "window_id")
+            window_id = parse_uuid(window_id, "id")
             with db.transaction() as conn:
                 (maintenance.end if what == "end" else maintenance.delete)(conn, window_id, self.board.form_actor(request))
         except ApiError as exc:
@@ -113,7 +113,7 @@ class NoiseBoard:
         session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
-        incident_id = parse_uuid(incident_id, "incident_id")
+        incident_id = parse_uuid(incident_id, "id")
         try:
             action(incident_id, self.board.form_actor(request))
         except ApiError as exc:

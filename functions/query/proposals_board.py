@@ -30,7 +30,7 @@ class ProposalsBoard:
         if isinstance(session, Response):
             return session
         try:
-            incident_id, proposal_id = parse_uuid(incident_id, "incident_id"), parse_uuid(proposal_id, "proposal_id")
+            incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
             actor = self.board.form_actor(request)
             expected = request.form.get("hash") or None
             if expected is not None and len(expected) != 64:
