@@ -33,35 +33,12 @@ from shared.sqltext import UTC_NOW, compact
 OTHER = "__other__"
 REASON_MAX = 200  # the column's length
 
-COUNT = sa.text(compact(
-    f"""
-    WITH x AS (
-        SELECT x.alert_name, x.reason, x.n
-        FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(alert_name text, reason text, n bigint)
-    ), known AS (
-        SELECT DISTINCT alert_name FROM ignored_alerts WHERE alert_name <> :other
-    ), room AS (
-        SELECT GREATEST(:max_names - count(*), 0) AS free FROM known
-    ), newcomers AS (
-        SELECT alert_name, row_number() OVER (ORDER BY sum(n) DESC, alert_name) AS rank
-        FROM x WHERE alert_name <> :other AND alert_name NOT IN (SELECT alert_name FROM known)
-        GROUP BY alert_name
-    ), admitted AS (
-        SELECT alert_name FROM known
-        UNION ALL
-        SELECT alert_name FROM newcomers, room WHERE rank <= free
-    ), placed AS (
-        SELECT CASE WHEN x.alert_name IN (SELECT alert_name FROM admitted) THEN x.alert_name ELSE :other END AS alert_name,
-               x.reason, sum(x.n) AS n
-        FROM x GROUP BY 1, 2
-    )
-    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
-    SELECT alert_name, reason, n, {UTC_NOW} FROM placed
-    ORDER BY alert_name, reason
-    ON CONFLICT (alert_name, reason)
-    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
-    """
-))
+# The procedure ignored_alerts_count (migration 0019 holds its SQL): planned
+# once per server connection instead of in every intake transaction that
+# holds an ignored alert. Its names are admitted while there is room, the
+# batch's biggest first; the rest go to OTHER; rows written in (alert name,
+# reason) order, the order the fold below locks them in.
+COUNT = sa.text("CALL ignored_alerts_count(CAST(:rows AS jsonb), :other, :max_names)")
 
 _EXTRA = """
     extra AS (
