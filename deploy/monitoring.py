@@ -59,7 +59,7 @@ PANELS = [
       ("maintenance windows", "max(maintenance_windows_active)")]),
     ("Alerting pipelines: time since the Watchdog", "s", "timeseries",
      [("{{pipeline}}", "max by (pipeline) (alerting_pipeline_heartbeat_age_seconds)")]),
-    ("Alerts ignored per hour, by reason", "short", "timeseries",
+    ("Alerts ignored per hour, by name and reason (__other__: names past IGNORED_ALERTS_MAX_NAMES)", "short", "timeseries",
      [("{{alertname}} {{reason}}", "max by (alertname, reason) (increase(alerts_ignored_total[1h]))")]),
     ("Outbox: oldest event waiting for the Broker", "s", "timeseries",
      [("oldest pending", "max(outbox_oldest_pending_age_seconds)")]),

@@ -470,7 +470,8 @@ def write_report(results: dict) -> None:
                      f"**{100.0 * total_killed / total_mutants:.1f} %** | | | {_minutes(sum(r['seconds'] for r in rows))} | | |")
     if NOTES.exists():
         lines += ["", NOTES.read_text().strip()]
-    lines += ["", "## Surviving mutants", ""]
+    lines += ["", "## Surviving mutants", "",
+              "Line numbers are those of the file as the run measured it (column *measured*), not necessarily today's.", ""]
     for r in rows:
         lines.append(f"### `{r['module']}` ({r['survived']})")
         lines.append("")

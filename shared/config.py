@@ -233,6 +233,8 @@ class Settings:
     severity_priority: dict[str, str] = field(repr=False)
     ignored_severities: tuple[str, ...] = ()
     ignored_alertnames: tuple[str, ...] = ()
+    # Alert names counted apart in ignored_alerts / alerts_ignored_total (shared/ignored_alerts.py).
+    ignored_alerts_max_names: int = 50
     max_body_bytes: int = 1024 * 1024
     db_pool_size: int = 4
     db_max_overflow: int = 4
@@ -283,6 +285,7 @@ class Settings:
     retention_claims_hours: float = 168.0
     retention_timeline_days: float = 365.0
     retention_suppressed_days: float = 30.0
+    retention_ignored_days: float = 30.0
     retention_batch: int = 1000
     retention_max_batches: int = 20
     # Notification channels (functions/escalation/channels/).
@@ -320,6 +323,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         severity_priority=_severity_map(env),
         ignored_severities=tuple(s.lower() for s in _csv(env, "IGNORED_SEVERITIES", "none")),
         ignored_alertnames=_csv(env, "IGNORED_ALERTNAMES", "Watchdog,InfoInhibitor"),
+        ignored_alerts_max_names=_int(env, "IGNORED_ALERTS_MAX_NAMES", 50, minimum=1, maximum=10000),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, minimum=1, maximum=100),
         db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 4, minimum=0, maximum=100),
@@ -367,6 +371,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         retention_claims_hours=_float(env, "RETENTION_CLAIMS_HOURS", 168.0, minimum=0.0),
         retention_timeline_days=_float(env, "RETENTION_TIMELINE_DAYS", 365.0, minimum=0.0),
         retention_suppressed_days=_float(env, "RETENTION_SUPPRESSED_DAYS", 30.0, minimum=0.0),
+        retention_ignored_days=_float(env, "RETENTION_IGNORED_DAYS", 30.0, minimum=0.0),
         retention_batch=_int(env, "RETENTION_BATCH", 1000, minimum=1, maximum=100000),
         retention_max_batches=_int(env, "RETENTION_MAX_BATCHES", 20, minimum=1, maximum=10000),
         # Notification channels (functions/escalation/channels/).

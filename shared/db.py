@@ -406,6 +406,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError))
 
 
+def sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE the server reported for ``exc`` ('' when it reported none)."""
+    return _sqlstate(exc.orig) if isinstance(exc, DBAPIError) else ""
+
+
 def _sqlstate(orig: BaseException | None) -> str:
     # pg8000 puts the server's error fields in a dict as the first argument.
     if orig is not None and orig.args and isinstance(orig.args[0], dict):

@@ -16,7 +16,6 @@ its headers by :func:`decode_headers`).
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any, Mapping
 
 from cloudevents.conversion import to_binary
@@ -26,7 +25,7 @@ from flask import Request, Response
 
 from shared import events
 from shared.errors import BadRequest
-from shared.http import read_body
+from shared.http import parse_uuid, read_body
 
 MAX_EVENT_BYTES = 1024 * 1024
 ATTRIBUTE_PREFIX = "ce-"
@@ -115,11 +114,10 @@ def receive(request: Request, accepted_types: tuple[str, ...]) -> CloudEvent:
 
 def incident_id_of(event: CloudEvent) -> str:
     data = event.get_data()
-    raw = (data.get("incident_id") if isinstance(data, dict) else None) or event.get("subject")
-    try:
-        return str(uuid.UUID(str(raw)))
-    except ValueError:
-        raise BadRequest("the event names no incident (data.incident_id or subject must be a UUID)") from None
+    named = data.get("incident_id") if isinstance(data, dict) else None
+    if named:
+        return parse_uuid(named, "data.incident_id", detail="field")
+    return parse_uuid(event.get("subject"), "subject", detail="field")
 
 
 def root_generation_of(event: CloudEvent) -> int:

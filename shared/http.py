@@ -260,6 +260,26 @@ def storable_text(value: str, name: str, max_length: int | None = None) -> str:
     return value
 
 
+# The canonical text form only, ASCII hex in either case. uuid.UUID reads
+# far more (braces, "urn:uuid:", no hyphens, and through int() surrounding
+# whitespace, underscores, a sign and non-ASCII digits), so " 2345678-…" or
+# "1_345678-…" named another incident's id instead of being refused.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(value: Any, name: str, detail: str = "parameter") -> str:
+    """``value`` as the lower-case UUID it spells, or BadRequest naming
+    ``name`` (under ``detail``: ``parameter`` for a path or query value,
+    ``field`` for one in a body or event). A path or query parameter is
+    named as functions/query/openapi.yaml names it: ``id`` for the id of the
+    resource the path names, ``proposal_id`` for the one nested in it. Anything
+    refused never reaches the driver, which fails half-way on a NUL or a lone surrogate."""
+    if isinstance(value, str) and _UUID.fullmatch(value):
+        return value.lower()
+    shown = repr(value[:60]) if isinstance(value, str) else type(value).__name__
+    raise BadRequest(f"{name}: not a UUID: {shown}", **{detail: name})
+
+
 def dispatch(request: Request, routes: Routes, token: Secret | None, service: str) -> Response:
     """Route the request, enforce auth, and map every error to its status."""
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events, noise, outbox
+from shared import events, ignored_alerts, noise, outbox
 from shared.alerts import Alert
 from shared.config import Settings, settings
 from shared.correlation import store as correlation_store
@@ -374,31 +374,10 @@ def record_alerts(
                 alert.fingerprint, Outcome(alert.fingerprint, "ignored", reason="no open incident with this fingerprint")
             )
     insert_timeline_and_events(conn, timeline, new_events)
-    _count_ignored(conn, [a for a in alerts if a.status == "firing" and a.ignored_reason])
+    ignored_alerts.count(conn, [(a.alert_name, a.ignored_reason) for a in alerts if a.status == "firing" and a.ignored_reason],
+                         (config or settings()).ignored_alerts_max_names)
     # Report in the order the alerts came, once per alert (duplicates share an outcome).
     return RecordResult([outcome_of[a.fingerprint] for a in alerts], published + [e["id"] for e in new_events])
-
-
-COUNT_IGNORED = sa.text(compact(
-    f"""
-    INSERT INTO ignored_alerts (alert_name, reason, count, last_seen_at)
-    SELECT x.alert_name, x.reason, x.n, {UTC_NOW}
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(alert_name text, reason text, n bigint)
-    ORDER BY x.alert_name, x.reason
-    ON CONFLICT (alert_name, reason)
-    DO UPDATE SET count = ignored_alerts.count + EXCLUDED.count, last_seen_at = EXCLUDED.last_seen_at
-    """
-))
-
-
-def _count_ignored(conn: Connection, ignored: list[Alert]) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for alert in ignored:
-        key = (alert.alert_name, alert.ignored_reason or "")
-        counts[key] = counts.get(key, 0) + 1
-    if counts:
-        rows = [{"alert_name": k[0], "reason": k[1][:200], "n": n} for k, n in counts.items()]
-        conn.execute(COUNT_IGNORED, {"rows": json.dumps(rows)})
 
 
 def resolve_by_fingerprint(conn: Connection, fingerprint: str, event_source: str, actor: str, ends_at: datetime | None = None) -> str | None:

@@ -23,6 +23,12 @@ The partial indexes of migrations 0014 and 0016 find each batch without a scan.
   after the window released them (one row per fingerprint, and pod names
   make fingerprints endless). Alerts still held are never pruned: the
   window's end replays them.
+- The ignored-alert counts of a name not ignored for
+  ``RETENTION_IGNORED_DAYS`` (30), which frees its place among the
+  ``IGNORED_ALERTS_MAX_NAMES`` counted apart; then any names past that bound
+  are folded into ``__other__`` (shared/ignored_alerts.py). The
+  ``__other__`` counts are never pruned. The fold gives way to the intake:
+  a row lock held past its 200 ms lock_timeout leaves it to the next sweep.
 
 0 keeps a kind forever. Incidents themselves are never pruned: they are the record.
 """
@@ -36,10 +42,14 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from shared import ignored_alerts
 from shared.config import Settings
+from shared.db import sqlstate
 from shared.sqltext import UTC_NOW
 
 log = logging.getLogger("retention")
+
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 
 # Each statement deletes one batch, oldest first; SKIP LOCKED leaves rows a
 # concurrent transaction holds (a publisher marking an event) to a later sweep.
@@ -69,6 +79,12 @@ PRUNE = {
             WHERE released_at IS NOT NULL AND released_at < {UTC_NOW} - make_interval(secs => :age)
             ORDER BY released_at LIMIT :batch FOR UPDATE SKIP LOCKED)
         """,
+    "ignored": f"""
+        DELETE FROM ignored_alerts WHERE (alert_name, reason) IN (
+            SELECT alert_name, reason FROM ignored_alerts
+            WHERE alert_name <> '{ignored_alerts.OTHER}' AND last_seen_at < {UTC_NOW} - make_interval(secs => :age)
+            ORDER BY last_seen_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+        """,
 }
 
 
@@ -81,7 +97,8 @@ class Report:
 def ages(config: Settings) -> dict[str, float]:
     """Seconds each kind is kept (0: forever)."""
     return {"outbox": config.retention_outbox_hours * 3600, "claims": config.retention_claims_hours * 3600,
-            "timeline": config.retention_timeline_days * 86400, "suppressed": config.retention_suppressed_days * 86400}
+            "timeline": config.retention_timeline_days * 86400, "suppressed": config.retention_suppressed_days * 86400,
+            "ignored": config.retention_ignored_days * 86400}
 
 
 def run(bind: Engine, config: Settings) -> Report:
@@ -98,10 +115,27 @@ def run(bind: Engine, config: Settings) -> Report:
             if deleted < config.retention_batch:
                 break
         pruned[kind] = total
+    folded = _fold_ignored(bind, config.ignored_alerts_max_names)
+    if folded:
+        pruned["ignored_past_bound"] = folded
     report = Report(pruned, time.monotonic() - started)
     if any(pruned.values()):
         log.info("Retention pruned old rows", extra={"pruned": pruned, "seconds": round(report.seconds, 3)})
     return report
+
+
+def _fold_ignored(bind: Engine, max_names: int) -> int:
+    """Fold the ignored-alert names past the bound; a lock it met is left to the next sweep."""
+    try:
+        with bind.begin() as conn:
+            ignored_alerts.prepare_fold(conn, max_names)
+        with bind.begin() as conn:
+            return ignored_alerts.fold_extra(conn, max_names)
+    except sa.exc.DBAPIError as exc:
+        if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            raise
+        log.info("Folding ignored-alert names met a lock held by the intake; the next sweep folds them")
+        return 0
 
 
 def run_safely(bind: Engine, config: Settings) -> Report | None:

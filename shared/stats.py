@@ -52,10 +52,6 @@ def alerts_per_incident(conn: Connection, buckets: tuple[float, ...]) -> tuple[i
     return count, float(total), list(cumulative)
 
 
-def ignored_alerts(conn: Connection) -> list[tuple[str, str, int]]:
-    return conn.execute(sa.text("SELECT alert_name, reason, count FROM ignored_alerts")).all()
-
-
 def dead_letters(conn: Connection) -> int:
     return conn.execute(sa.text(
         "SELECT (SELECT count(*) FROM dead_letters) + (SELECT count(*) FROM incident_timeline WHERE kind = 'dead_letter')"

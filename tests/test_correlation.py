@@ -421,7 +421,9 @@ def explain(engine, statement, params) -> str:
             conn.exec_driver_sql(f"SET LOCAL {setting}")
         notices = conn.connection.dbapi_connection.notices
         notices.clear()
-        conn.execute(statement, params).fetchall()
+        result = conn.execute(statement, params)
+        if result.returns_rows:  # a CALL of a procedure returns none
+            result.fetchall()
         conn.exec_driver_sql("SELECT 1")  # a plan reaches the client with the next exchange
         plans = [n.get(b"M", b"").decode() for n in notices]
         transaction.rollback()

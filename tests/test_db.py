@@ -4,13 +4,14 @@ import pg8000.dbapi
 import pytest
 import sqlalchemy as sa
 
-from shared import db, ingest, outbox, timeline
+from shared import db, ignored_alerts, ingest, outbox, timeline
 from shared.correlation import store
 from tests.conftest import needs_own_backend, proxied_database
 
 
 @pytest.mark.parametrize("statement", [
-    ingest.UPSERT_FIRING, ingest.AFTER_REMEDIATION, ingest.RESOLVE_MEMBERS, ingest.RESOLVE_WHEN_ALL_RESOLVED, ingest.COUNT_IGNORED,
+    ingest.UPSERT_FIRING, ingest.AFTER_REMEDIATION, ingest.RESOLVE_MEMBERS, ingest.RESOLVE_WHEN_ALL_RESOLVED, ignored_alerts.COUNT,
+    ignored_alerts.FOLD_EXTRA, ignored_alerts.LOCK_EXTRA,
     store.LOCK_KEYS, store.HOLD, store.CANDIDATES, store.TAKE_OVER, store.INSERT_MEMBERS, store.MOVE_MEMBERS, store.RESOLVE_MERGED,
     store.RAISE_PRIORITY,
     timeline.INSERT_TIMELINE, timeline.INSERT_TIMELINE_AND_EVENTS, timeline.ADD_ENTRY, outbox._INSERT,

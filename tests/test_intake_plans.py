@@ -11,7 +11,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from shared import db, ingest, noise
+from shared import db, ignored_alerts, ingest, noise
 from tests.test_correlation import explain
 
 ROWS = 20_000
@@ -84,3 +84,28 @@ def test_the_plans_made_on_empty_tables_stay_index_plans_as_they_grow(one_connec
     assert "idx_incidents_fingerprint" in upsert or "uq_incidents_active_fingerprint" in upsert, upsert
     assert "idx_incident_members_fingerprint" in upsert, upsert
     assert "alert_flaps_pkey" in flaps, flaps
+
+
+def _count_params(name: str) -> dict:
+    return {"rows": json.dumps([{"alert_name": name, "reason": "r", "n": 1}]), "other": ignored_alerts.OTHER, "max_names": 50}
+
+
+def test_the_ignored_count_goes_through_its_procedure_with_one_generic_plan(one_connection):
+    """Migration 0019: the count of ignored alerts (the Watchdog's, every
+    repeat_interval) is planned once per server connection, not per call."""
+    for _ in range(2):
+        plan = explain(one_connection, ignored_alerts.COUNT, _count_params("Watchdog"))
+    assert "jsonb_to_recordset(p_rows)" in plan, plan  # the procedure's statement, not text sent by the client
+    # A custom plan folds the bound into a constant; the generic plan keeps the parameter.
+    assert "(50 - count(*))" not in plan, plan
+    assert "($3 - count(*))" in plan, plan
+
+
+def test_the_ignored_count_planned_on_an_empty_table_stays_an_index_plan(one_connection):
+    explain(one_connection, ignored_alerts.COUNT, _count_params("First"))
+    with one_connection.begin() as conn:
+        conn.execute(sa.text("INSERT INTO ignored_alerts (alert_name, reason, count) "
+                             "SELECT 'Grown' || mod(g, 50), 'reason ' || g, 1 FROM generate_series(1, :n) g"), {"n": ROWS})
+    plan = explain(one_connection, ignored_alerts.COUNT, _count_params("Grown7"))
+    assert "Seq Scan on ignored_alerts" not in plan, plan
+    assert "ignored_alerts_pkey" in plan, plan

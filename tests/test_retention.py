@@ -76,10 +76,10 @@ def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(cle
     config = dataclasses.replace(settings_obj, retention_batch=2, retention_max_batches=2)
     first = retention.run(clean_db, config)
     # Two batches of two at most per kind and sweep: one old published row is left.
-    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2, "suppressed": 2}
+    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2, "suppressed": 2, "ignored": 0}
     assert len([i for i in remaining(clean_db)["outbox"] if i.startswith("old-published")]) == 1
     second = retention.run(clean_db, config)
-    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0, "suppressed": 0}
+    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0, "suppressed": 0, "ignored": 0}
     assert remaining(clean_db) == {
         "outbox": ["old-parked", "old-pending", "recent-published"],
         "claims": ["done-old-open", "done-recent-resolved", "unfinished-old-resolved"],
@@ -92,7 +92,7 @@ def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(cle
 def test_zero_keeps_a_kind_forever(clean_db, settings_obj):
     seed(clean_db)
     config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0,
-                                 retention_suppressed_days=0)
+                                 retention_suppressed_days=0, retention_ignored_days=0)
     assert retention.run(clean_db, config).pruned == {}
     left = remaining(clean_db)
     assert len(left["outbox"]) == 8 and len(left["claims"]) == 5 and len(left["timeline"]) == 4 and len(left["suppressed"]) == 4

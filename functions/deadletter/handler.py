@@ -15,7 +15,6 @@ import base64
 import binascii
 import json
 import logging
-import uuid
 from dataclasses import replace
 
 from cloudevents.exceptions import GenericException as CloudEventError
@@ -25,7 +24,7 @@ from flask import Request, Response
 from shared import db, dead_letters, eventio, events, incidents
 from shared.dead_letters import clip
 from shared.errors import BadRequest
-from shared.http import TOO_DEEP, read_body
+from shared.http import TOO_DEEP, parse_uuid, read_body
 
 log = logging.getLogger("deadletter")
 MAX_BYTES = 2 * 1024 * 1024
@@ -47,8 +46,8 @@ def error_data(raw: str | None) -> str | None:
 def incident_id_of(data, attributes: dict) -> str | None:
     candidate = (data.get("incident_id") if isinstance(data, dict) else None) or attributes.get("subject")
     try:
-        return str(uuid.UUID(str(candidate))) if candidate else None
-    except ValueError:
+        return parse_uuid(candidate, "incident_id") if candidate else None
+    except BadRequest:
         return None
 
 

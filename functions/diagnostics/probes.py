@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from functions.diagnostics.facts import Limits
+from shared.templating import TemplateError, check_promql
 
 DEFAULT_PROBES_FILE = Path(__file__).with_name("probes.yaml")
 
@@ -41,4 +42,9 @@ def load_probes(path: str = "") -> dict:
             queries = (body or {}).get(section, {})
             if not isinstance(queries, dict) or not all(isinstance(q, str) for q in queries.values()):
                 raise ProbeConfigError(f"{source}: {scope}.{section} must map names to PromQL strings")
+            for name, template in queries.items():
+                try:
+                    check_promql(template)
+                except TemplateError as exc:
+                    raise ProbeConfigError(f"{source}: {scope}.{section}.{name}: {exc}") from None
     return spec

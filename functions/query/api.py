@@ -8,7 +8,6 @@ import binascii
 import json
 import logging
 import re
-import uuid
 from datetime import datetime
 from urllib.parse import urlencode
 
@@ -20,7 +19,7 @@ from shared import flapping as noise_flapping
 from shared.config import Settings
 from shared.errors import BadRequest
 from shared.filters import single as _single
-from shared.http import json_response, parse_json_body, storable_text
+from shared.http import json_response, parse_json_body, parse_uuid, storable_text
 from shared.models import STATUSES
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
@@ -62,20 +61,20 @@ def encode_cursor(cursor: incidents.Cursor) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _incident_uuid(raw: str) -> str:
-    return str(uuid.UUID(raw))
+def _incident_uuid(raw) -> str:
+    return parse_uuid(raw, "cursor")
 
 
 def decode_cursor(token: str, parse_id=_incident_uuid) -> incidents.Cursor:
     """Only what encode_cursor makes: a naive time and an id of the listed
-    kind (``parse_id`` raises ValueError otherwise), so nothing a client
-    forged (NUL, a lone surrogate) reaches the driver."""
+    kind (``parse_id`` raises ValueError or BadRequest otherwise), so nothing
+    a client forged (NUL, a lone surrogate) reaches the driver."""
     try:
         created_at, row_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not _CURSOR_TIME.fullmatch(created_at):
             raise ValueError("cursors carry naive UTC times")
         return incidents.Cursor(datetime.fromisoformat(created_at), parse_id(row_id))
-    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError):
+    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError, BadRequest):
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
 
@@ -103,13 +102,6 @@ def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incid
     return flt, limit, decode_cursor(cursor_raw) if cursor_raw is not None else None
 
 
-def parse_incident_id(raw: str) -> str:
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise BadRequest(f"id: not a UUID: {raw[:60]!r}", parameter="id") from None
-
-
 class QueryApi:
     def __init__(self, config: Settings, publisher: Publisher):
         self.config = config
@@ -126,7 +118,7 @@ class QueryApi:
         return json_response([{**present(r), "alert_count": counts.get(r["id"], 0)} for r in rows], headers=headers)
 
     def get(self, request: Request, incident_id: str) -> dict:
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -140,7 +132,7 @@ class QueryApi:
         return body
 
     def patch(self, request: Request, incident_id: str) -> dict:
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         body = parse_json_body(request, 64 * 1024)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object like {\"status\": \"investigating\", \"note\": \"...\"}")

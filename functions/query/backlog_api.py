@@ -4,7 +4,6 @@ by a person (recorded with the actor)."""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 
 from flask import Request, Response
@@ -15,14 +14,13 @@ from shared import backlog, db, dead_letters, incidents
 from shared.config import Settings
 from shared.errors import BadGateway, BadRequest
 from shared.filters import parse_time_param, repeated as _values, single as _single
-from shared.http import json_response
+from shared.http import json_response, parse_uuid
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
 
 DEAD_LETTER_PARAMETERS = ("event_type", "incident_id", "destination", "redelivered", "since", "until", "limit", "cursor")
 PARKED_PARAMETERS = ("event_type", "incident_id", "since", "until", "limit", "cursor")
 MAX_DEAD_LETTER_ID = 2**63 - 1
-CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def check_parameters(args: MultiDict, allowed: tuple[str, ...]) -> None:
@@ -62,11 +60,7 @@ def _time_range(args: MultiDict) -> tuple[datetime | None, datetime | None]:
 
 
 def _incident_ids(args: MultiDict) -> tuple[str, ...]:
-    values = _values(args, "incident_id", strip=True)
-    bad = [v for v in values if not CANONICAL_UUID.fullmatch(v)]
-    if bad:
-        raise BadRequest(f"incident_id: not a UUID: {bad[0][:60]!r}", parameter="incident_id")
-    return tuple(v.lower() for v in values)
+    return tuple(parse_uuid(v, "incident_id") for v in _values(args, "incident_id", strip=True))
 
 
 def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int, tuple | None]:

@@ -24,11 +24,11 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, parse_incident_id, present
+from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
 from shared import db, diagnosis, filters, incidents, members, proposals, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
-from shared.http import storable_text
+from shared.http import parse_uuid, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 
@@ -230,7 +230,7 @@ class Board:
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
     def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -260,7 +260,7 @@ class Board:
         session = self.form_session(request)
         if isinstance(session, Response):
             return session
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         status = request.form.get("status", "")
         try:
             note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None

@@ -11,7 +11,7 @@ import math
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import backlog, clock, db, dead_letters, members, reconcile, stats
+from shared import backlog, clock, db, dead_letters, ignored_alerts, members, reconcile, stats
 from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
@@ -84,8 +84,11 @@ class DatabaseCollector:
         yield family
 
     def _intake(self, conn):
-        ignored = CounterMetricFamily("alerts_ignored", "Alerts the intake answered 'ignored', by reason.", labels=["alertname", "reason"])
-        for name, reason, count in stats.ignored_alerts(conn):
+        ignored = CounterMetricFamily(
+            "alerts_ignored",
+            f"Alerts the intake answered 'ignored', by reason; names past IGNORED_ALERTS_MAX_NAMES count as alertname=\"{ignored_alerts.OTHER}\".",
+            labels=["alertname", "reason"])
+        for name, reason, count in ignored_alerts.counts(conn):
             ignored.add_metric([name, reason], count)
         yield ignored
         yield from self._backlog(conn)

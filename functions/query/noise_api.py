@@ -5,18 +5,17 @@ maintenance windows, and AlertManager silences of an incident's alert
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import datetime, timedelta
 
 from flask import Request, Response
 
-from functions.query.api import NOTE_MAX, parse_incident_id, present
+from functions.query.api import NOTE_MAX, present
 from functions.query.backlog_api import check_parameters
 from shared import acknowledge, clock, db, flapping, incidents, maintenance, silences
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.filters import parse_time_param
-from shared.http import has_body, json_response, parse_json_body, storable_text
+from shared.http import has_body, json_response, parse_json_body, parse_uuid, storable_text
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
 
@@ -101,13 +100,6 @@ def parse_window(body, now: datetime) -> tuple[list[str], datetime, datetime, st
     return matchers, starts_at, ends_at, reason.strip()
 
 
-def parse_window_id(raw: str) -> str:
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise BadRequest(f"id: not a maintenance window id (a UUID): {raw[:60]!r}", parameter="id") from None
-
-
 def parse_silence_id(raw: str) -> str:
     if not silences.SILENCE_ID.fullmatch(raw or ""):
         raise BadRequest(f"silence_id: not an AlertManager silence id: {raw[:60]!r}", parameter="silence_id")
@@ -123,7 +115,7 @@ class NoiseApi:
     # ------------------------------------------------------------ acknowledge
 
     def acknowledge(self, request: Request, incident_id: str) -> Response:
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         check_parameters(request.args, ())
         note = None
         body = parse_json_body(request, BODY_LIMIT, allow_empty=True) if has_body(request) else None
@@ -170,7 +162,7 @@ class NoiseApi:
 
     def get_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_window_id(window_id)
+        window_id = parse_uuid(window_id, "id")
         with db.engine().connect() as conn:
             window = maintenance.get(conn, window_id)
             held = maintenance.suppressed(conn, window_id)
@@ -179,14 +171,14 @@ class NoiseApi:
 
     def end_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_window_id(window_id)
+        window_id = parse_uuid(window_id, "id")
         with db.transaction() as conn:
             window = maintenance.end(conn, window_id, self.actor(request))
         return json_response(present_window(window, clock.now()))
 
     def delete_window(self, request: Request, window_id: str) -> Response:
         check_parameters(request.args, ())
-        window_id = parse_window_id(window_id)
+        window_id = parse_uuid(window_id, "id")
         with db.transaction() as conn:
             maintenance.delete(conn, window_id, self.actor(request))
         return Response(status=204)
@@ -210,12 +202,12 @@ class NoiseApi:
 
     def list_silences(self, request: Request, incident_id: str) -> Response:
         check_parameters(request.args, ())
-        incident = self._incident(parse_incident_id(incident_id))
+        incident = self._incident(parse_uuid(incident_id, "id"))
         return json_response([present_silence(s) for s in self.alertmanager().for_labels(incident["labels"] or {})])
 
     def create_silence(self, request: Request, incident_id: str) -> Response:
         check_parameters(request.args, ())
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         body = parse_json_body(request, BODY_LIMIT)
         if not isinstance(body, dict) or set(body) - {"duration_minutes", "comment"}:
             raise BadRequest('the body must be {"duration_minutes": 60, "comment": "..."}', field="duration_minutes")
@@ -243,7 +235,7 @@ class NoiseApi:
 
     def expire_silence(self, request: Request, incident_id: str, silence_id: str) -> Response:
         check_parameters(request.args, ())
-        self.do_expire(parse_incident_id(incident_id), parse_silence_id(silence_id), self.actor(request))
+        self.do_expire(parse_uuid(incident_id, "id"), parse_silence_id(silence_id), self.actor(request))
         return Response(status=204)
 
     def do_expire(self, incident_id: str, silence_id: str, actor: str) -> None:

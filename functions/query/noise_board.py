@@ -14,6 +14,7 @@ from functions.query.noise_api import NoiseApi, window_state
 from shared import clock, db, flapping, maintenance
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest
+from shared.http import parse_uuid
 
 MAINTENANCE_PAGE = "/ui/maintenance"
 SILENCE_DURATIONS = ((30, "30 minutes"), (60, "1 hour"), (120, "2 hours"), (240, "4 hours"), (480, "8 hours"), (1440, "1 day"))
@@ -95,10 +96,8 @@ class NoiseBoard:
         session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
-        from functions.query.noise_api import parse_window_id
-
         try:
-            window_id = parse_window_id(window_id)
+            window_id = parse_uuid(window_id, "id")
             with db.transaction() as conn:
                 (maintenance.end if what == "end" else maintenance.delete)(conn, window_id, self.board.form_actor(request))
         except ApiError as exc:
@@ -114,9 +113,7 @@ class NoiseBoard:
         session = self.board.form_session(request)
         if isinstance(session, Response):
             return session
-        from functions.query.api import parse_incident_id
-
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         try:
             action(incident_id, self.board.form_actor(request))
         except ApiError as exc:

@@ -11,21 +11,13 @@ import re
 
 from flask import Request
 
-from functions.query.api import parse_incident_id
 from shared import db, incidents, proposals
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, Forbidden, NotFound
-from shared.http import has_body, parse_json_body
+from shared.http import has_body, parse_json_body, parse_uuid
 from shared.publisher import Publisher
 
 HASH = re.compile(r"[0-9a-f]{64}")
-
-
-def parse_proposal_id(raw: str) -> str:
-    try:
-        return parse_incident_id(raw)
-    except BadRequest:
-        raise BadRequest(f"proposal_id: not a UUID: {raw[:60]!r}", parameter="proposal_id") from None
 
 
 def decide(config: Settings, publisher: Publisher, incident_id: str, proposal_id: str, approve: bool,
@@ -56,14 +48,14 @@ class ProposalsApi:
         self.actor = actor
 
     def list(self, request: Request, incident_id: str) -> dict:
-        incident_id = parse_incident_id(incident_id)
+        incident_id = parse_uuid(incident_id, "id")
         with db.engine().connect() as conn:
             incidents.require_incident(conn, incident_id)
             rows = proposals.of_incident(conn, incident_id)
         return {"items": [proposals.present(r) for r in rows]}
 
     def get(self, request: Request, incident_id: str, proposal_id: str) -> dict:
-        incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+        incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
         with db.engine().connect() as conn:
             incidents.require_incident(conn, incident_id)
             row = proposals.get(conn, incident_id, proposal_id)
@@ -78,7 +70,7 @@ class ProposalsApi:
         return self._decide(request, incident_id, proposal_id, False)
 
     def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> dict:
-        incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+        incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
         expected = None
         body = parse_json_body(request, 4096, allow_empty=True) if has_body(request) else None
         if body is not None:

@@ -9,10 +9,10 @@ from urllib.parse import urlencode
 
 from flask import Request, Response
 
-from functions.query.api import parse_incident_id
 from functions.query.board import Board
-from functions.query.proposals_api import decide, parse_proposal_id
+from functions.query.proposals_api import decide
 from shared.errors import ApiError, BadRequest
+from shared.http import parse_uuid
 
 
 class ProposalsBoard:
@@ -30,7 +30,7 @@ class ProposalsBoard:
         if isinstance(session, Response):
             return session
         try:
-            incident_id, proposal_id = parse_incident_id(incident_id), parse_proposal_id(proposal_id)
+            incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
             actor = self.board.form_actor(request)
             expected = request.form.get("hash") or None
             if expected is not None and len(expected) != 64:

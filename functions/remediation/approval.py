@@ -8,7 +8,6 @@ the same way as the playbook's own run."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 from cloudevents.http import CloudEvent
 from flask import Response
@@ -19,7 +18,8 @@ from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
 from functions.remediation.result import Result, now_rfc3339, proposal_url, resolve_if_remediated, template_context
 from shared import db, eventio, incidents, proposals
-from shared.errors import BadRequest, Conflict
+from shared.errors import Conflict
+from shared.http import parse_uuid
 from shared.templating import TemplateError
 
 log = logging.getLogger("remediation")
@@ -80,12 +80,7 @@ class ApprovalFlow:
     def handle_approved(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
         data = event.get_data() if isinstance(event.get_data(), dict) else {}
-        try:
-            # Proposal ids are UUIDs; anything else (a NUL, a lone surrogate)
-            # must not reach the driver, which fails on it half-way.
-            proposal_id = str(uuid.UUID(str(data.get("proposal_id"))))
-        except ValueError:
-            raise BadRequest("the event names no proposal (data.proposal_id must be a UUID)") from None
+        proposal_id = parse_uuid(data.get("proposal_id"), "data.proposal_id", detail="field")
         with db.transaction() as conn:
             proposal = proposals.claim_execution(conn, incident_id, proposal_id, self.claim_stale_seconds)
             current = proposal or proposals.get(conn, incident_id, proposal_id)

@@ -19,7 +19,7 @@ import yaml
 
 from functions.remediation import paramcheck
 from shared.diagnosis import VOCABULARY
-from shared.templating import PLACEHOLDER, TemplateError, lookup, render
+from shared.templating import PLACEHOLDER, TemplateError, check_promql, lookup, render
 
 DEFAULT_FILE = Path(__file__).with_name("playbooks.yaml")
 MATCHER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$")
@@ -243,6 +243,11 @@ def _verify(raw: Any, where: str) -> Verify | None:
     for key, value in (("promql", promql), ("alert_stops_firing", alert)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise PlaybookError(f"{where}: field 'verify.{key}': must be a non-empty string")
+    if promql is not None:
+        try:
+            check_promql(promql)
+        except TemplateError as exc:
+            raise PlaybookError(f"{where}: field 'verify.promql': {exc}") from None
     within = raw.get("within_seconds")
     if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 < within <= 3600):
         raise PlaybookError(f"{where}: field 'verify.within_seconds': must be a number of seconds from 1 to 3600")
