@@ -175,13 +175,18 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
             "max": data["max_us"] / 1000, "n": data["requests"], "errors": data["errors"], "cpu_ms": cpu_ms, "db_ms": db_ms}
 
 
-def reference_server(database_url: str) -> subprocess.Popen:
+def reference_server(database_url: str, one_process: bool = False) -> subprocess.Popen:
+    """The reference in gunicorn (WORKERS workers × THREADS threads), or
+    with ``one_process`` as the functions are served: one process, waitress
+    with THREADS threads."""
     port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "gunicorn"), "--workers", str(WORKERS), "--threads", str(THREADS), "--bind", f"127.0.0.1:{port}",
-         "--chdir", str(ROOT / "bench"), "reference_app:app"],
-        env={**os.environ, "DATABASE_URL": database_url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    if one_process:
+        command = [str(VENV_BIN / "waitress-serve"), "--threads", str(THREADS), "--listen", f"127.0.0.1:{port}", "reference_app:app"]
+    else:
+        command = [str(VENV_BIN / "gunicorn"), "--workers", str(WORKERS), "--threads", str(THREADS), "--bind", f"127.0.0.1:{port}",
+                   "reference_app:app"]
+    proc = subprocess.Popen(command, cwd=ROOT / "bench", env={**os.environ, "DATABASE_URL": database_url},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.url = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.post(proc.url + "/webhook/alert", data=webhook([]), headers=AUTH, timeout=1).ok, 30, message="reference")
     return proc
@@ -215,11 +220,17 @@ def pgbench(database_url: str, clients: int, seconds: int = 8) -> float:
 # --------------------------------------------------------------------------- sections
 
 
+REFERENCE_ONE = "reference, one process"
+
+
 def throughput(database_url: str, engine) -> list[str]:
     env = {"DATABASE_URL": database_url, "INCIDENT_API_TOKEN": TOKEN, "LOG_LEVEL": "WARNING"}
     # As knative/base/services.yaml runs it: one process, THREADS threads.
     intake = FunctionProcess("intake", env, threads=THREADS).start()
     reference = reference_server(database_url)
+    # The same service in the functions' process model: what one process's
+    # interpreter allows a one-INSERT Flask service on this machine.
+    reference_one = reference_server(database_url, one_process=True)
     try:
         # Warm-up, not measured: the intake builds its handlers on its first
         # request (shared/http.py LazyRoutes), the reference's gunicorn
@@ -229,14 +240,15 @@ def throughput(database_url: str, engine) -> list[str]:
         # connection wrk's latency correction turned one such request into a
         # p99 of half a second, and its CPU into double the CPU per request.
         # Cold start is section 5's measure; this one is the steady state.
-        for server in (intake, reference):
+        for server in (intake, reference, reference_one):
             wrk(server.url + "/webhook/alert", WARM_UP_CONNECTIONS, WARM_UP_SECONDS)
         # wrk first: rounds alternate intake and reference at each connection
         # count, so both see the same machine load; the median round is kept.
         by_wrk: dict[tuple[str, int], list[dict]] = {}
         for _ in range(WRK_ROUNDS):
             for connections in WRK_CONNECTIONS:
-                servers = [("intake", intake, intake.process.pid), ("reference", reference, reference.pid)]
+                servers = [("intake", intake, intake.process.pid), ("reference", reference, reference.pid),
+                           (REFERENCE_ONE, reference_one, reference_one.pid)]
                 for label, server, pid in servers:
                     by_wrk.setdefault((label, connections), []).append(
                         wrk(server.url + "/webhook/alert", connections, pid=pid, engine=engine))
@@ -251,6 +263,7 @@ def throughput(database_url: str, engine) -> list[str]:
         ref_dup = load(reference.url + "/webhook/alert", lambda i: ref_dup_body)
     finally:
         reference.terminate()
+        reference_one.terminate()
         intake.stop()
     pg1, pg4 = pgbench(database_url, 1), pgbench(database_url, 4)
     rows = [
@@ -270,11 +283,13 @@ def throughput(database_url: str, engine) -> list[str]:
                     f"{result['rps'] / ref['rps']:.2f} | {result['rps'] / pg1:.2f} | {result['rps'] / pg4:.2f} |")
     rows += ["", f"pgbench: {pg1:.0f} tps with 1 client, {pg4:.0f} tps with 4 clients.", ""]
     rows += ["### With wrk", "",
-             f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating intake and reference at each N, after "
+             f"`wrk -t1 -cN` ({WRK_SECONDS:g} s per run, {WRK_ROUNDS} rounds alternating the servers at each N, after "
              f"{WARM_UP_SECONDS:g} s of warm-up at {WARM_UP_CONNECTIONS} connections for each server, not counted, so every process "
              "has built its handlers and opened its connections; the round "
              "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
-             "(bench/wrk_new_alert.lua), same servers as above. "
+             "(bench/wrk_new_alert.lua), same servers as above, and the reference once more as the functions are served "
+             f"(*{REFERENCE_ONE}*: one process, waitress with {THREADS} threads), for what one interpreter allows a one-INSERT "
+             "Flask service on this machine. "
              "CPU ms/req, the median of the rounds (steadier than req/s on a shared machine): *server*, its processes' CPU "
              "time during the run ÷ its requests; *database*, the CPU time of the PostgreSQL server processes connected to the "
              "bench's database over the same run ÷ the same requests. On 2 cores the two together bound the throughput.", "",
@@ -283,7 +298,7 @@ def throughput(database_url: str, engine) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for connections in WRK_CONNECTIONS:
         theirs = _median_run(by_wrk[("reference", connections)])
-        for label in ("intake", "reference"):
+        for label in ("intake", "reference", REFERENCE_ONE):
             runs = by_wrk.get((label, connections))
             if not runs:
                 continue
@@ -292,6 +307,9 @@ def throughput(database_url: str, engine) -> list[str]:
             rows.append(f"| {connections} | {label} | {a['rps']:.0f} | {a['p50']:.1f} | {max(r['p99'] for r in runs):.1f} | "
                         f"{sum(r['errors'] for r in runs)} | {a['rps'] / theirs['rps']:.2f} | {server_ms:.2f} | {db_ms:.2f} | "
                         f"{server_ms + db_ms:.2f} |")
+    rows += ["", f"Intake ÷ {REFERENCE_ONE}: " + ", ".join(
+        f"N={c} {_median_run(by_wrk[('intake', c)])['rps'] / _median_run(by_wrk[(REFERENCE_ONE, c)])['rps']:.2f}"
+        for c in WRK_CONNECTIONS) + "."]
     rows += ["", "Every round: " + "; ".join(
         f"{label} N={c}: " + ", ".join(f"{r['rps']:.0f}/s p99 {r['p99']:.0f} ms" for r in runs) for (label, c), runs in by_wrk.items()), ""]
     return rows
