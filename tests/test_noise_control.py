@@ -234,6 +234,53 @@ def test_a_batch_that_fires_and_resolves_an_alert_and_a_resolve_of_two_do_not_de
     assert not errors, {k: str(v).splitlines()[0] for k, v in errors.items()}
     assert {i["status"] for fp in (a.fingerprint, b.fingerprint) for i in incidents_of(clean_db, fp)} == {"resolved"}
 
+def _lock_waiters(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")).scalar()
+
+
+@pytest.mark.parametrize("x_first", [True, False], ids=["x-sorts-first", "y-sorts-first"])
+def test_holding_one_held_alert_and_resolving_another_against_the_opposite_batch_does_not_deadlock(
+        database_url, clean_db, at, x_first):
+    """Both alerts are held by a window. Batch A fires X and resolves Y,
+    batch B fires Y and resolves X, at the same moment. Had the held alerts
+    been written by two statements (the firing ones, then the resolved
+    ones), A would lock X then wait for Y while B locked Y then waited for X:
+    a deadlock, whatever the fingerprints' order. A third session (the
+    sweep's release, which locks held rows too) holds X until both batches
+    wait, so the interleaving is certain: A queues for X first, B takes Y
+    and queues for X behind A, then X is let go."""
+    config = settings(database_url)
+    window(clean_db, ['alertname="OppositeOrder"'], T0, T0 + timedelta(minutes=30))
+    x, y = (alert("OppositeOrder", fingerprint=fp) for fp in (("held-x", "held-y") if x_first else ("held-y", "held-x")))
+    assert [o.action for o in record(clean_db, config, x, y).outcomes] == ["suppressed", "suppressed"]
+    clock.advance(60)
+    errors: dict[str, str] = {}
+
+    def batch(name, *alerts):
+        try:
+            record(clean_db, config, *alerts)
+        except Exception as exc:  # noqa: BLE001 - the deadlock, reported below
+            errors[name] = str(exc).splitlines()[0]
+
+    a = threading.Thread(target=batch, args=("A", x, replace(y, status="resolved")))
+    b = threading.Thread(target=batch, args=("B", y, replace(x, status="resolved")))
+    with clean_db.connect() as sweeping, sweeping.begin():
+        sweeping.execute(sa.text("SELECT 1 FROM suppressed_alerts WHERE fingerprint = :f FOR UPDATE"), {"f": x.fingerprint})
+        a.start()
+        wait_until(lambda: _lock_waiters(clean_db) == 1, 20, message="batch A waiting for X")
+        b.start()
+        wait_until(lambda: _lock_waiters(clean_db) == 2, 20, message="batch B waiting too")
+    a.join(30)
+    b.join(30)
+    assert not a.is_alive() and not b.is_alive()
+    assert errors == {}
+    # A committed before B: X was resolved by B, Y fired again in B.
+    held = {r["fingerprint"]: (r["status"], r["count"]) for r in rows(clean_db, "SELECT fingerprint, status, count FROM suppressed_alerts")}
+    assert held == {x.fingerprint: ("resolved", 2), y.fingerprint: ("firing", 2)}
+
+
 def test_overlapping_windows_suppress_until_the_last_one_ends(database_url, clean_db, at):
     config = settings(database_url)
     window(clean_db, ['namespace="db"'], T0, T0 + timedelta(minutes=20))
