@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from shared import schema
 from shared.config import Settings, settings
 
 def _cache_pg8000_paramstyle() -> None:
@@ -395,22 +396,50 @@ def transaction(bind: Engine | None = None) -> Iterator[Connection]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Would the same statement succeed later (so the caller should retry)?"""
+    """Would the same statement succeed later (so the caller should retry)?
+    Also when it names what the migrations have yet to create
+    (:func:`schema_behind`)."""
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
         code = _sqlstate(exc.orig)
-        return bool(code) and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+        return bool(code) and (code.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or schema_behind(exc))
     return isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError))
 
 
+def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:
+    """Is ``exc`` an undefined function, table or column of a database whose
+    schema is older than this code (shared/schema.py)? Only those errors
+    read the revision (on a connection of the pool, at most every few
+    seconds); against an up-to-date schema they are bugs."""
+    if not isinstance(exc, DBAPIError) or _sqlstate(exc.orig) not in schema.MISSING_OBJECT_SQLSTATES:
+        return False
+
+    def read_revision():
+        with (bind or engine()).connect() as conn:
+            return conn.exec_driver_sql(schema.REVISION_SQL).scalar()
+
+    return schema.database_behind(read_revision)
+
+
 def _sqlstate(orig: BaseException | None) -> str:
-    # pg8000 puts the server's error fields in a dict as the first argument.
-    if orig is not None and orig.args and isinstance(orig.args[0], dict):
-        return str(orig.args[0].get("C", ""))
-    return ""
+    return schema.sqlstate(orig)
+
+
+def database_state(bind: Engine | None = None) -> str:
+    """``/health``'s answer about the database (shared/dbcheck.py)."""
+    try:
+        with (bind or engine()).connect() as conn:
+            revision = conn.exec_driver_sql(schema.REVISION_SQL).scalar()
+    except DBAPIError as exc:
+        if _sqlstate(exc.orig) == "42P01":
+            return "schema_behind"  # never migrated
+        return "disconnected"
+    except Exception:  # noqa: BLE001 - health reports any failure as disconnected
+        return "disconnected"
+    return "schema_behind" if schema.behind(revision) else "connected"
 
 
 def database_reachable(bind: Engine | None = None) -> bool:

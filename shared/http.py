@@ -28,6 +28,7 @@ from shared.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    SchemaBehind,
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
@@ -307,7 +308,10 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             "Database error",
             extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": status is ServiceUnavailable},
         )
-        err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
+        if db.schema_behind(exc):
+            err = SchemaBehind()
+        else:
+            err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
         return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
     finally:
         log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})
@@ -338,9 +342,13 @@ def install_json_errors() -> None:
 
 
 def health(request: Request) -> Response:
-    """The seed's Test 1 answer; 503 when the database cannot be reached."""
+    """The seed's Test 1 answer; 503 when the database cannot be reached, or
+    its schema is older than this code (the migrations have yet to run)."""
     from shared import dbcheck
 
-    if dbcheck.database_reachable():
-        return json_response({"status": "healthy", "database": "connected"})
-    return json_response({"status": "unhealthy", "database": "disconnected"}, 503)
+    state = dbcheck.database_state()
+    if state == dbcheck.CONNECTED:
+        return json_response({"status": "healthy", "database": state})
+    if state == dbcheck.SCHEMA_BEHIND:
+        return json_response({"status": "unhealthy", "database": state, "message": SchemaBehind().message}, 503)
+    return json_response({"status": "unhealthy", "database": state}, 503)

@@ -93,12 +93,13 @@ def test_health_is_503_when_the_database_does_not_answer(app):
     assert (status, body) == (503, {"status": "unhealthy", "database": "disconnected"})
 
 
-def test_health_is_200_when_it_does(app):
-    engine = db.create_engine_for(SERVER_URL, pool_size=1, max_overflow=0)
+def test_health_is_200_when_it_does(app, database_url):
+    # The session's database: migrated, so its schema is the code's (shared/schema.py).
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
     try:
         assert db.database_reachable(engine)
         with app.test_request_context("/health"):
-            os.environ["DATABASE_URL"] = SERVER_URL
+            os.environ["DATABASE_URL"] = database_url
             config_module.reset_settings_cache()
             db.dispose_engine()
             try:

@@ -17,7 +17,7 @@ from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
 from shared.correlation import replay
 from shared.correlation.plan import Correlator
-from shared.errors import BadRequest, ServiceUnavailable
+from shared.errors import BadRequest, SchemaBehind, ServiceUnavailable
 from shared.http import TOO_DEEP, Route, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
 
@@ -104,6 +104,9 @@ class Intake:
                 "Error creating incident",
                 extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": transient},
             )
+            if transient and db.schema_behind(exc):
+                raise SchemaBehind("the database schema is older than this code: run the migrations; "
+                                   "the alerts were not stored, retry") from None
             if transient:
                 raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None
             raise

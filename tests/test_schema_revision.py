@@ -1,0 +1,137 @@
+"""Code rolled out before its migrations: the intake answers 503 (the sender
+retries) and readiness fails while the schema is older than the code; the
+same errors against an up-to-date schema stay 500 (they are bugs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from shared import db, migrate, schema
+from tests.conftest import ROOT, TEST_TOKEN
+from tests.factories import fixture_payload
+from loopback.processes import FunctionProcess, wait_until
+
+
+def test_the_codes_head_revision_is_the_migrations_head():
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(migrate.alembic_config("postgresql+pg8000://unused/unused"))
+    assert scripts.get_heads() == [schema.HEAD_REVISION]
+
+
+def test_revision_ids_grow_along_the_chain_so_an_older_one_sorts_first():
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(migrate.alembic_config("postgresql+pg8000://unused/unused"))
+    chain = [s.revision for s in reversed(list(scripts.walk_revisions()))]
+    assert chain == sorted(chain) and all(len(r) == len(schema.HEAD_REVISION) and r.isdigit() for r in chain)
+    assert all(schema.behind(r) for r in chain[:-1]) and not schema.behind(chain[-1])
+    assert schema.behind(None) and not schema.behind(str(int(schema.HEAD_REVISION) + 1).zfill(len(schema.HEAD_REVISION)))
+
+
+@pytest.fixture
+def empty_url(database_url):
+    """A database of its own, never migrated."""
+    name = f"ir_schema_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(database_url)
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    db.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    yield urlunsplit(parts._replace(path="/" + name))
+    db.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def scratch_url(empty_url):
+    """A database of its own, migrated to the revision before the head."""
+    migrate.upgrade(empty_url, _previous_revision())
+    return empty_url
+
+
+def _previous_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(migrate.alembic_config("postgresql+pg8000://unused/unused"))
+    return scripts.get_revision(schema.HEAD_REVISION).down_revision
+
+
+def _post(proc, payload) -> requests.Response:
+    return requests.post(proc.url + "/webhook/alert", data=json.dumps(payload), timeout=30,
+                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {TEST_TOKEN}"})
+
+
+def test_the_intake_before_its_migration_answers_503_and_is_not_ready_then_serves_once_migrated(base_env, scratch_url):
+    # Readiness fails on purpose here, so the start waits for any answer.
+    intake = FunctionProcess("intake", {**base_env, "DATABASE_URL": scratch_url}, threads=2).start(wait_path="/no-such-path")
+    try:
+        health = requests.get(intake.url + "/health", timeout=10)
+        assert health.status_code == 503
+        assert health.json()["database"] == "schema_behind" and "run the migrations" in health.json()["message"]
+
+        answer = _post(intake, fixture_payload("testincident-firing.json"))
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"] == "schema_behind" and "run the migrations" in answer.json()["message"]
+        assert answer.headers["Retry-After"]
+        assert "Database schema older than this code: run the migrations" in intake.logs()
+
+        migrate.upgrade(scratch_url)
+        # The revision is read again within seconds (shared/schema.py RECHECK_SECONDS).
+        wait_until(lambda: requests.get(intake.url + "/health", timeout=10).status_code == 200, 30,
+                   message="readiness once migrated")
+        answer = _post(intake, fixture_payload("testincident-firing.json"))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["action"] == "created"
+    finally:
+        intake.stop()
+
+
+def test_a_missing_column_of_an_up_to_date_schema_is_a_bug_not_a_retry(engine):
+    schema.forget()
+    with pytest.raises(sa.exc.DBAPIError) as caught:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT no_such_column FROM incidents"))
+    assert schema.sqlstate(caught.value) == "42703"
+    assert not db.schema_behind(caught.value, engine)
+    assert not db.is_transient(caught.value)
+
+
+def test_the_same_error_against_an_older_schema_is_a_retry(scratch_url):
+    schema.forget()
+    older = db.create_engine_for(scratch_url)
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            with older.connect() as conn:
+                conn.execute(sa.text("SELECT noise_flaps_unless_windowed(CAST(NULL AS timestamp), CAST('[]' AS jsonb))"))
+        assert schema.sqlstate(caught.value) == "42883"
+        assert db.schema_behind(caught.value, older)
+        assert db.database_state(older) == "schema_behind"
+    finally:
+        older.dispose()
+        schema.forget()
+
+
+def _state_before_the_first_real_request(url: str) -> list[str]:
+    """What ``/health``'s check answers in a fresh process, on pg8000's own
+    connection (shared/dbcheck.py), and whether that imported the engine."""
+    code = "import sys; from shared import dbcheck; print(dbcheck.database_state(), 'shared.db' in sys.modules)"
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_readiness_on_the_drivers_own_connection_reads_the_revision(database_url, empty_url):
+    assert _state_before_the_first_real_request(database_url) == ["connected", "False"]
+    assert _state_before_the_first_real_request(empty_url) == ["schema_behind", "False"]  # never migrated
+    migrate.upgrade(empty_url, _previous_revision())
+    assert _state_before_the_first_real_request(empty_url) == ["schema_behind", "False"]
+    migrate.upgrade(empty_url)
+    assert _state_before_the_first_real_request(empty_url) == ["connected", "False"]
