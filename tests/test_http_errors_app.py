@@ -1,7 +1,8 @@
 """Errors Flask raises before a function runs get the same JSON body as
 ours (shared.http.install_json_errors), and /health says whether the
 database answers - in-process, on a function's real functions-framework app.
-(No conftest: the mutation run uses it with ``--noconftest``.)"""
+Only the healthy /health needs conftest (the session's migrated database:
+health reads the schema's revision); the rest runs without a database."""
 
 from __future__ import annotations
 

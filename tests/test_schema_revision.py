@@ -135,3 +135,39 @@ def test_readiness_on_the_drivers_own_connection_reads_the_revision(database_url
     assert _state_before_the_first_real_request(empty_url) == ["schema_behind", "False"]
     migrate.upgrade(empty_url)
     assert _state_before_the_first_real_request(empty_url) == ["connected", "False"]
+
+
+@pytest.mark.parametrize("migrated", [False, True], ids=["older-schema", "up-to-date"])
+def test_any_functions_undefined_function_is_503_only_while_the_schema_is_older(scratch_url, monkeypatch, migrated):
+    """shared.http's last resort (every function's routes): the engine is the
+    process's own (DATABASE_URL), as in a function."""
+    from flask import Flask, request
+
+    from shared import config as config_module
+    from shared.config import Secret
+    from shared.http import Route, dispatch
+
+    if migrated:
+        migrate.upgrade(scratch_url)
+    monkeypatch.setenv("DATABASE_URL", scratch_url)
+    config_module.reset_settings_cache()
+    db.dispose_engine()
+    schema.forget()
+
+    def calls_a_later_function(req):
+        with db.engine().connect() as conn:
+            conn.execute(sa.text("SELECT no_such_function_yet()"))
+
+    try:
+        with Flask(__name__).test_request_context("/later"):
+            answer = dispatch(request, [Route("GET", "/later", calls_a_later_function, auth=False)], Secret("t"), "test")
+    finally:
+        db.dispose_engine()
+        monkeypatch.undo()
+        config_module.reset_settings_cache()
+        schema.forget()
+    if migrated:
+        assert (answer.status_code, answer.get_json()["error"]) == (500, "internal_error")
+    else:
+        assert (answer.status_code, answer.get_json()["error"]) == (503, "schema_behind")
+        assert answer.headers["Retry-After"]
