@@ -117,8 +117,9 @@ def alert_from_json(data: dict) -> Alert:
 def hold(conn: Connection, firing: Sequence[Alert], now: datetime, resolving: Sequence[Alert] = ()) -> dict[str, list[str]]:
     """Record the firing alerts an active window matches, and that the
     ``resolving`` ones already held resolved (a held alert that resolves is
-    not replayed when its window ends), in one statement. Returns
-    fingerprint -> the ids of the windows holding it."""
+    not replayed when its window ends), in one statement: one alert per
+    fingerprint across both (the batch's last word on it, as noise.screen
+    passes them). Returns fingerprint -> the ids of the windows holding it."""
     held: dict[str, list[str]] = {}
     windows = active_windows(conn, now) if firing else []
     for alert in firing if windows else ():
