@@ -32,11 +32,18 @@ REVISION_SQL = "SELECT max(version_num) FROM alembic_version"
 # (every request while the schema is behind), the revision changes once per
 # deployment, and a migrated database should be served again within seconds.
 RECHECK_SECONDS = 5.0
+# A reading that failed (the pool exhausted, the database gone) is trusted
+# too, for less: otherwise every request meeting the missing object would
+# try again, each through the pool.
+FAILED_RECHECK_SECONDS = 1.0
 BEHIND_MESSAGE = "database schema older than this code: run the migrations"
 
 log = logging.getLogger("schema")
-_lock = threading.Lock()
-_last: dict = {}  # "at": monotonic time of the reading, "behind": its answer
+_monotonic = time.monotonic  # tests move it
+_changed = threading.Condition()
+# "at": monotonic time of the last reading, "trusted": for how long,
+# "behind": the answer; "reading": a thread is reading the revision now.
+_last: dict = {}
 
 
 def behind(revision: str | None) -> bool:
@@ -47,29 +54,41 @@ def behind(revision: str | None) -> bool:
 def database_behind(read_revision) -> bool:
     """Whether the database is behind, read with ``read_revision()`` (returns
     the revision; raises the missing-table error when there is no revision
-    table) at most once per ``RECHECK_SECONDS``. Logs the deployment error
-    with each reading that finds it behind; a reading that fails otherwise
-    answers False (the error the caller has stays what it was)."""
-    with _lock:
-        if _last and time.monotonic() - _last["at"] < RECHECK_SECONDS:
+    table) at most once per ``RECHECK_SECONDS``, by one thread at a time:
+    while it reads, the others take the last answer (or wait for its, when
+    there is none yet). The I/O holds no lock. Logs the deployment error with
+    each reading that finds it behind; a reading that fails otherwise keeps
+    the last answer (False if none: the error the caller has stays what it
+    was) for ``FAILED_RECHECK_SECONDS``."""
+    with _changed:
+        if "behind" not in _last and _last.get("reading"):
+            _changed.wait_for(lambda: not _last.get("reading"))
+        if "behind" in _last and (_last.get("reading") or _monotonic() - _last["at"] < _last["trusted"]):
             return _last["behind"]
+        _last["reading"] = True
+        found, trusted = _last.get("behind", False), FAILED_RECHECK_SECONDS
+    revision = None
+    try:
         try:
             revision = read_revision()
-        except Exception as exc:  # noqa: BLE001 - judged below; any other failure says nothing about the schema
-            if sqlstate(exc) != "42P01":
-                return False
-            revision = None
-        found = behind(revision)
-        _last.update(at=time.monotonic(), behind=found)
-    if found:
+            found, trusted = behind(revision), RECHECK_SECONDS
+        except Exception as exc:  # noqa: BLE001 - judged here; any other failure says nothing about the schema
+            if sqlstate(exc) == "42P01":
+                found, trusted = True, RECHECK_SECONDS  # never migrated
+    finally:
+        with _changed:
+            _last.update(at=_monotonic(), trusted=trusted, behind=found, reading=False)
+            _changed.notify_all()
+    if found and trusted == RECHECK_SECONDS:  # a reading that found it behind, not a failed one keeping that answer
         log.error(BEHIND_MESSAGE.capitalize(), extra={"database_revision": revision, "code_revision": HEAD_REVISION})
     return found
 
 
 def forget() -> None:
     """Read the revision again at the next question (tests)."""
-    with _lock:
+    with _changed:
         _last.clear()
+        _changed.notify_all()
 
 
 def sqlstate(exc: BaseException | None) -> str:

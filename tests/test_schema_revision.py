@@ -171,3 +171,99 @@ def test_any_functions_undefined_function_is_503_only_while_the_schema_is_older(
     else:
         assert (answer.status_code, answer.get_json()["error"]) == (503, "schema_behind")
         assert answer.headers["Retry-After"]
+
+
+class _Readings:
+    """A ``read_revision`` that counts its calls and answers ``outcome``
+    (a revision, or an exception to raise)."""
+
+    def __init__(self, outcome):
+        self.outcome, self.calls = outcome, 0
+
+    def __call__(self):
+        self.calls += 1
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.fixture
+def fresh_readings():
+    schema.forget()
+    yield
+    schema.forget()
+
+
+def test_a_failed_reading_of_the_revision_is_trusted_briefly_too(fresh_readings, monkeypatch):
+    """Every request meets the missing object while the schema is behind: a
+    reading that fails (the pool exhausted, the database gone) must not be
+    retried by each of them, one after another."""
+    now = [1000.0]
+    monkeypatch.setattr(schema, "_monotonic", lambda: now[0])
+    failing = _Readings(TimeoutError("pool exhausted"))
+    assert [schema.database_behind(failing) for _ in range(5)] == [False] * 5
+    assert failing.calls == 1
+    now[0] += schema.FAILED_RECHECK_SECONDS
+    assert not schema.database_behind(failing)
+    assert failing.calls == 2
+
+
+def test_a_failed_reading_keeps_the_last_answer(fresh_readings, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(schema, "_monotonic", lambda: now[0])
+    assert schema.database_behind(_Readings("0001"))
+    now[0] += schema.RECHECK_SECONDS
+    failing = _Readings(TimeoutError("pool exhausted"))
+    assert schema.database_behind(failing) and failing.calls == 1
+    assert schema.database_behind(failing) and failing.calls == 1
+
+
+def test_one_thread_reads_the_revision_while_the_others_take_the_last_answer(fresh_readings, monkeypatch):
+    import threading
+
+    now = [1000.0]
+    monkeypatch.setattr(schema, "_monotonic", lambda: now[0])
+    assert schema.database_behind(_Readings("0001"))
+    now[0] += schema.RECHECK_SECONDS
+    entered, let_go = threading.Event(), threading.Event()
+
+    def slow_reading():
+        entered.set()
+        let_go.wait(30)
+        return schema.HEAD_REVISION
+
+    reader = threading.Thread(target=schema.database_behind, args=(slow_reading,))
+    reader.start()
+    try:
+        assert entered.wait(30)
+        others = _Readings(schema.HEAD_REVISION)
+        assert schema.database_behind(others)  # the last answer, without waiting for the reading
+        assert others.calls == 0
+    finally:
+        let_go.set()
+        reader.join(30)
+    assert not schema.database_behind(others) and others.calls == 0  # the reader's answer, trusted from now
+
+
+def test_the_first_answer_waits_for_the_reading_in_flight(fresh_readings):
+    import threading
+
+    entered, let_go = threading.Event(), threading.Event()
+
+    def slow_reading():
+        entered.set()
+        let_go.wait(30)
+        return "0001"
+
+    reader = threading.Thread(target=schema.database_behind, args=(slow_reading,))
+    reader.start()
+    answers: list[bool] = []
+    assert entered.wait(30)
+    other = threading.Thread(target=lambda: answers.append(schema.database_behind(_Readings(schema.HEAD_REVISION))))
+    other.start()
+    other.join(0.5)
+    assert other.is_alive()  # no answer yet to take: it waits for the reader's
+    let_go.set()
+    reader.join(30)
+    other.join(30)
+    assert answers == [True]
