@@ -54,10 +54,6 @@ def connect_args(url: str, timeout: float) -> dict:
 CONNECTED, DISCONNECTED, SCHEMA_BEHIND = "connected", "disconnected", "schema_behind"
 
 
-def database_reachable() -> bool:
-    return database_state() == CONNECTED
-
-
 def database_state() -> str:
     """``connected``, ``disconnected``, or ``schema_behind`` (reachable, but
     the migrations this code needs have not run)."""
