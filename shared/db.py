@@ -395,18 +395,27 @@ def transaction(bind: Engine | None = None) -> Iterator[Connection]:
         yield conn
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Would the same statement succeed later (so the caller should retry)?
-    Also when it names what the migrations have yet to create
-    (:func:`schema_behind`)."""
+TRANSIENT, SCHEMA_BEHIND = "transient", "schema_behind"
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why the same statement would succeed later (so the caller should
+    retry): ``SCHEMA_BEHIND`` when it names what the migrations have yet to
+    create (:func:`schema_behind`), ``TRANSIENT`` for any other passing
+    failure; None when it would not (a bug). One call, so the schema is
+    judged once per error."""
     if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
+        return TRANSIENT
     if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        code = _sqlstate(exc.orig)
-        return bool(code) and (code.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or schema_behind(exc))
-    return isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError))
+        if exc.connection_invalidated or _sqlstate(exc.orig).startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return TRANSIENT
+        return SCHEMA_BEHIND if schema_behind(exc) else None
+    return TRANSIENT if isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError)) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Would the same statement succeed later (:func:`retry_reason`)?"""
+    return retry_reason(exc) is not None
 
 
 def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:

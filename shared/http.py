@@ -303,15 +303,17 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             return json_response(ApiError("internal error").body(), 500)
         from shared import db
 
-        status = ServiceUnavailable if db.is_transient(exc) else ApiError
+        reason = db.retry_reason(exc)
         log.error(
             "Database error",
-            extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": status is ServiceUnavailable},
+            extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None},
         )
-        if db.schema_behind(exc):
+        if reason == db.SCHEMA_BEHIND:
             err = SchemaBehind()
+        elif reason is not None:
+            err = ServiceUnavailable("the database is unavailable, retry later")
         else:
-            err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
+            err = ApiError("internal error")
         return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
     finally:
         log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})

@@ -99,15 +99,15 @@ class Intake:
         try:
             result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
         except SQLAlchemyError as exc:
-            transient = db.is_transient(exc)
+            reason = db.retry_reason(exc)
             log.error(
                 "Error creating incident",
-                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": transient},
+                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None},
             )
-            if transient and db.schema_behind(exc):
+            if reason == db.SCHEMA_BEHIND:
                 raise SchemaBehind("the database schema is older than this code: run the migrations; "
                                    "the alerts were not stored, retry") from None
-            if transient:
+            if reason is not None:
                 raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None
             raise
         for outcome in result.outcomes:
