@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from shared import schema
 from shared.config import Settings, settings
 
 def _cache_pg8000_paramstyle() -> None:
@@ -394,16 +395,42 @@ def transaction(bind: Engine | None = None) -> Iterator[Connection]:
         yield conn
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Would the same statement succeed later (so the caller should retry)?"""
+TRANSIENT, SCHEMA_BEHIND = "transient", "schema_behind"
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why the same statement would succeed later (so the caller should
+    retry): ``SCHEMA_BEHIND`` when it names what the migrations have yet to
+    create (:func:`schema_behind`), ``TRANSIENT`` for any other passing
+    failure; None when it would not (a bug). One call, so the schema is
+    judged once per error."""
     if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
+        return TRANSIENT
     if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        code = _sqlstate(exc.orig)
-        return bool(code) and code.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
-    return isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError))
+        if exc.connection_invalidated or _sqlstate(exc.orig).startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return TRANSIENT
+        return SCHEMA_BEHIND if schema_behind(exc) else None
+    return TRANSIENT if isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError)) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Would the same statement succeed later (:func:`retry_reason`)?"""
+    return retry_reason(exc) is not None
+
+
+def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:
+    """Is ``exc`` an undefined function, table or column of a database whose
+    schema is older than this code (shared/schema.py)? Only those errors
+    read the revision (on a connection of the pool, at most every few
+    seconds); against an up-to-date schema they are bugs."""
+    if not isinstance(exc, DBAPIError) or _sqlstate(exc.orig) not in schema.MISSING_OBJECT_SQLSTATES:
+        return False
+
+    def read_revision():
+        with (bind or engine()).connect() as conn:
+            return conn.exec_driver_sql(schema.REVISION_SQL).scalar()
+
+    return schema.database_behind(read_revision)
 
 
 def sqlstate(exc: BaseException) -> str:
@@ -412,10 +439,21 @@ def sqlstate(exc: BaseException) -> str:
 
 
 def _sqlstate(orig: BaseException | None) -> str:
-    # pg8000 puts the server's error fields in a dict as the first argument.
-    if orig is not None and orig.args and isinstance(orig.args[0], dict):
-        return str(orig.args[0].get("C", ""))
-    return ""
+    return schema.sqlstate(orig)
+
+
+def database_state(bind: Engine | None = None) -> str:
+    """``/health``'s answer about the database (shared/dbcheck.py)."""
+    try:
+        with (bind or engine()).connect() as conn:
+            revision = conn.exec_driver_sql(schema.REVISION_SQL).scalar()
+    except DBAPIError as exc:
+        if _sqlstate(exc.orig) == "42P01":
+            return "schema_behind"  # never migrated
+        return "disconnected"
+    except Exception:  # noqa: BLE001 - health reports any failure as disconnected
+        return "disconnected"
+    return "schema_behind" if schema.behind(revision) else "connected"
 
 
 def database_reachable(bind: Engine | None = None) -> bool:

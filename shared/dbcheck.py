@@ -10,6 +10,11 @@ connect arguments as the engine's), kept open for the next check. Once
 ``shared.db`` is imported (the first real request), the check asks the
 engine's pool, as every request then does, and the driver's connection is
 closed.
+
+The check reads the schema's revision rather than ``SELECT 1`` (the same one
+round trip): a database whose schema is older than this code
+(shared/schema.py) fails readiness too, so Knative keeps routing to the
+revision that still matches it until the migrations have run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import threading
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from shared import schema
 from shared.config import settings
 
 _lock = threading.Lock()
@@ -45,11 +51,16 @@ def connect_args(url: str, timeout: float) -> dict:
     return args
 
 
-def database_reachable() -> bool:
+CONNECTED, DISCONNECTED, SCHEMA_BEHIND = "connected", "disconnected", "schema_behind"
+
+
+def database_state() -> str:
+    """``connected``, ``disconnected``, or ``schema_behind`` (reachable, but
+    the migrations this code needs have not run)."""
     engine_db = sys.modules.get("shared.db")
     if engine_db is not None:
         _close_parked()
-        return engine_db.database_reachable()
+        return engine_db.database_state()
     with _lock:
         try:
             if not _parked:
@@ -62,13 +73,18 @@ def database_reachable() -> bool:
                 # pg8000's socket without the CA bundle its TLS context loads and never reads (shared/pgsocket.py).
                 _parked.append(pg8000.dbapi.connect(**pgsocket.driver_args(args)))
             cursor = _parked[0].cursor()
-            cursor.execute("SELECT 1")
-            cursor.fetchall()
+            try:
+                cursor.execute(schema.REVISION_SQL)
+                revision = cursor.fetchall()[0][0]
+            except Exception as exc:
+                if schema.sqlstate(exc) != "42P01":
+                    raise
+                revision = None  # never migrated
             _parked[0].rollback()
-            return True
+            return SCHEMA_BEHIND if schema.behind(revision) else CONNECTED
         except Exception:  # noqa: BLE001 - health reports any failure as disconnected
             _close_parked_locked()
-            return False
+            return DISCONNECTED
 
 
 def _close_parked() -> None:

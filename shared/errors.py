@@ -82,6 +82,16 @@ class ServiceUnavailable(ApiError):
     code = "unavailable"
 
 
+class SchemaBehind(ServiceUnavailable):
+    """The database's schema is older than this code (the migrations have
+    not run yet): a deployment state, not a bug, so the caller retries."""
+
+    code = "schema_behind"
+
+    def __init__(self, message: str = "the database schema is older than this code: run the migrations; retry later", **details):
+        super().__init__(message, **details)
+
+
 class BadGateway(ApiError):
     """A service we depend on did not accept the work; the Broker retries."""
 

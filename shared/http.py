@@ -29,6 +29,7 @@ from shared.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    SchemaBehind,
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
@@ -326,12 +327,17 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             return json_response(ApiError("internal error").body(), 500)
         from shared import db
 
-        status = ServiceUnavailable if db.is_transient(exc) else ApiError
+        reason = db.retry_reason(exc)
         log.error(
             "Database error",
-            extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": status is ServiceUnavailable},
+            extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None},
         )
-        err = status("the database is unavailable, retry later" if status is ServiceUnavailable else "internal error")
+        if reason == db.SCHEMA_BEHIND:
+            err = SchemaBehind()
+        elif reason is not None:
+            err = ServiceUnavailable("the database is unavailable, retry later")
+        else:
+            err = ApiError("internal error")
         return json_response(err.body(), err.status, {"Retry-After": "5"} if err.status == 503 else None)
     finally:
         log.debug("request", extra={"path": path, "ms": round((time.perf_counter() - started) * 1000, 2)})
@@ -362,9 +368,13 @@ def install_json_errors() -> None:
 
 
 def health(request: Request) -> Response:
-    """The seed's Test 1 answer; 503 when the database cannot be reached."""
+    """The seed's Test 1 answer; 503 when the database cannot be reached, or
+    its schema is older than this code (the migrations have yet to run)."""
     from shared import dbcheck
 
-    if dbcheck.database_reachable():
-        return json_response({"status": "healthy", "database": "connected"})
-    return json_response({"status": "unhealthy", "database": "disconnected"}, 503)
+    state = dbcheck.database_state()
+    if state == dbcheck.CONNECTED:
+        return json_response({"status": "healthy", "database": state})
+    if state == dbcheck.SCHEMA_BEHIND:
+        return json_response({"status": "unhealthy", "database": state, "message": SchemaBehind().message}, 503)
+    return json_response({"status": "unhealthy", "database": state}, 503)

@@ -35,25 +35,39 @@ WINDOW_COLUMNS = "id, matchers, starts_at, ends_at, reason, created_by, created_
 
 _ACTIVE = sa.text(f"SELECT {WINDOW_COLUMNS} FROM maintenance_windows WHERE starts_at <= :now AND ends_at > :now ORDER BY id")
 
+# A batch's held alerts in one statement, in fingerprint order: the firing
+# ones a window matches are held (kept, counted), the resolved ones already
+# held are marked resolved. Two statements (the firing, then the resolved)
+# deadlocked two batches that fire one held alert and resolve another in the
+# opposite way (A fires X and resolves Y, B fires Y and resolves X: each
+# locked its firing row, then waited for the other's). Every other statement
+# that locks held alerts takes them in fingerprint order too (the sweep's
+# release and its flapping clean-up).
+# A resolved alert only updates a row held now (the join; the conflict's
+# WHERE judges the row again once locked, so one the sweep released
+# meanwhile is left alone). It is sent without its alert, which the held row
+# keeps: serialising every resolution of a storm whole cost the group
+# commit's writer milliseconds per hundred alerts. Should the held row vanish
+# between the join and the insert, the row inserted takes the held one's
+# alert and windows as the join read them.
 _HOLD = sa.text(compact(
     """
-    INSERT INTO suppressed_alerts (fingerprint, alert_name, status, alert, window_ids, count, first_suppressed_at, last_seen_at)
-    SELECT x.fingerprint, x.alert_name, 'firing', x.alert, x.window_ids, 1, :now, :now
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(fingerprint text, alert_name text, alert jsonb, window_ids jsonb)
+    INSERT INTO suppressed_alerts AS s (fingerprint, alert_name, status, alert, window_ids, count, first_suppressed_at, last_seen_at)
+    SELECT x.fingerprint, x.alert_name, x.status, COALESCE(x.alert, h.alert), COALESCE(x.window_ids, h.window_ids), 1, :now, :now
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(fingerprint text, alert_name text, status text, alert jsonb, window_ids jsonb)
+    LEFT JOIN suppressed_alerts h ON h.fingerprint = x.fingerprint AND h.released_at IS NULL
+    WHERE x.status = 'firing' OR h.fingerprint IS NOT NULL
     ORDER BY x.fingerprint
     ON CONFLICT (fingerprint) DO UPDATE SET
-        status = 'firing', alert = EXCLUDED.alert, window_ids = EXCLUDED.window_ids, last_seen_at = :now,
-        count = CASE WHEN suppressed_alerts.released_at IS NULL THEN suppressed_alerts.count + 1 ELSE 1 END,
-        first_suppressed_at = CASE WHEN suppressed_alerts.released_at IS NULL
-                                   THEN suppressed_alerts.first_suppressed_at ELSE :now END,
-        released_at = NULL, incident_id = NULL
-    """
-))
-
-_NOTE_RESOLVED = sa.text(compact(
-    """
-    UPDATE suppressed_alerts SET status = 'resolved', last_seen_at = :now
-    WHERE released_at IS NULL AND fingerprint IN (SELECT jsonb_array_elements_text(CAST(:fps AS jsonb)))
+        status = EXCLUDED.status, last_seen_at = :now,
+        alert = CASE WHEN EXCLUDED.status = 'firing' THEN EXCLUDED.alert ELSE s.alert END,
+        window_ids = CASE WHEN EXCLUDED.status = 'firing' THEN EXCLUDED.window_ids ELSE s.window_ids END,
+        count = CASE WHEN EXCLUDED.status <> 'firing' THEN s.count WHEN s.released_at IS NULL THEN s.count + 1 ELSE 1 END,
+        first_suppressed_at = CASE WHEN EXCLUDED.status = 'firing' AND s.released_at IS NOT NULL
+                                   THEN :now ELSE s.first_suppressed_at END,
+        released_at = CASE WHEN EXCLUDED.status = 'firing' THEN NULL ELSE s.released_at END,
+        incident_id = CASE WHEN EXCLUDED.status = 'firing' THEN NULL ELSE s.incident_id END
+    WHERE EXCLUDED.status = 'firing' OR s.released_at IS NULL
     """
 ))
 
@@ -104,30 +118,24 @@ def alert_from_json(data: dict) -> Alert:
     return Alert(**values)
 
 
-def hold(conn: Connection, firing: Sequence[Alert], now: datetime) -> dict[str, list[str]]:
-    """Record the firing alerts an active window matches; fingerprint ->
-    the ids of the windows holding it."""
-    if not firing:
-        return {}
-    windows = active_windows(conn, now)
-    if not windows:
-        return {}
-    held = {}
-    for alert in firing:
+def hold(conn: Connection, firing: Sequence[Alert], now: datetime, resolving: Sequence[Alert] = ()) -> dict[str, list[str]]:
+    """Record the firing alerts an active window matches, and that the
+    ``resolving`` ones already held resolved (a held alert that resolves is
+    not replayed when its window ends), in one statement: one alert per
+    fingerprint across both (the batch's last word on it, as noise.screen
+    passes them). Returns fingerprint -> the ids of the windows holding it."""
+    held: dict[str, list[str]] = {}
+    windows = active_windows(conn, now) if firing else []
+    for alert in firing if windows else ():
         ids = _windows_matching(windows, _labels(alert.labels, alert.alert_name))
         if ids:
             held[alert.fingerprint] = ids
-    if held:
-        rows = [{"fingerprint": a.fingerprint, "alert_name": a.alert_name, "alert": alert_to_json(a), "window_ids": held[a.fingerprint]}
-                for a in firing if a.fingerprint in held]
+    rows = [{"fingerprint": a.fingerprint, "alert_name": a.alert_name, "status": "firing", "alert": alert_to_json(a),
+             "window_ids": held[a.fingerprint]} for a in firing if a.fingerprint in held]
+    rows += [{"fingerprint": a.fingerprint, "alert_name": a.alert_name, "status": "resolved"} for a in resolving]
+    if rows:
         conn.execute(_HOLD, {"rows": json.dumps(rows), "now": now})
     return held
-
-
-def note_resolved(conn: Connection, resolving: Sequence[Alert], now: datetime) -> None:
-    """A held alert that resolves is not replayed when its window ends."""
-    if resolving:
-        conn.execute(_NOTE_RESOLVED, {"fps": json.dumps([a.fingerprint for a in resolving]), "now": now})
 
 
 def release(conn: Connection, record, now: datetime, batch: int = 500) -> list[str]:

@@ -70,7 +70,7 @@ def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     firing = [a for a in latest if a.status == "firing" and not a.ignored_reason]
     resolving = [a for a in latest if a.status == "resolved"]
     if firing and not resolving:
-        # A resolution locks held alerts (note_resolved below) before the
+        # A resolution locks held alerts (maintenance.hold below) before the
         # flapping rows, so only an all-firing batch takes this way.
         stored = _flaps_unless_windowed(conn, firing, now)
         if stored is not None:
@@ -81,10 +81,9 @@ def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
     # Lock order: held alerts (suppressed_alerts) before flapping rows
     # (alert_flaps), as the sweep's release does (it locks the held rows,
     # then replays them through here); the other order deadlocks the two.
-    held = maintenance.hold(conn, firing, now)
+    held = maintenance.hold(conn, firing, now, resolving)
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
-    maintenance.note_resolved(conn, resolving, now)
     observed = [a for a in firing if a.fingerprint not in held] + resolving
     withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds)
     for fp, incident_id in withheld.items():

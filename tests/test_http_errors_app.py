@@ -1,7 +1,8 @@
 """Errors Flask raises before a function runs get the same JSON body as
 ours (shared.http.install_json_errors), and /health says whether the
 database answers - in-process, on a function's real functions-framework app.
-(No conftest: the mutation run uses it with ``--noconftest``.)"""
+Only the healthy /health needs conftest (the session's migrated database:
+health reads the schema's revision); the rest runs without a database."""
 
 from __future__ import annotations
 
@@ -93,12 +94,13 @@ def test_health_is_503_when_the_database_does_not_answer(app):
     assert (status, body) == (503, {"status": "unhealthy", "database": "disconnected"})
 
 
-def test_health_is_200_when_it_does(app):
-    engine = db.create_engine_for(SERVER_URL, pool_size=1, max_overflow=0)
+def test_health_is_200_when_it_does(app, database_url):
+    # The session's database: migrated, so its schema is the code's (shared/schema.py).
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
     try:
         assert db.database_reachable(engine)
         with app.test_request_context("/health"):
-            os.environ["DATABASE_URL"] = SERVER_URL
+            os.environ["DATABASE_URL"] = database_url
             config_module.reset_settings_cache()
             db.dispose_engine()
             try:

@@ -234,6 +234,125 @@ def test_a_batch_that_fires_and_resolves_an_alert_and_a_resolve_of_two_do_not_de
     assert not errors, {k: str(v).splitlines()[0] for k, v in errors.items()}
     assert {i["status"] for fp in (a.fingerprint, b.fingerprint) for i in incidents_of(clean_db, fp)} == {"resolved"}
 
+def _hold_rows_sent(engine, config, *alerts) -> list[dict]:
+    """The rows the batch's one held-alerts statement (maintenance.hold) sent."""
+    sent: list[dict] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        if "INSERT INTO suppressed_alerts" in statement:
+            values = parameters.values() if isinstance(parameters, dict) else parameters
+            sent.extend(row for v in values if isinstance(v, str) and v.startswith("[") for row in json.loads(v))
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        record(engine, config, *alerts)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    return sent
+
+
+def test_a_resolution_storm_sends_the_held_alerts_statement_only_each_fingerprint_and_status(database_url, clean_db, at):
+    """Resolved alerts only mark held rows resolved (the held row keeps its
+    alert), so the batch's writer does not serialise them whole: in a storm
+    of resolutions that cost it milliseconds per hundred alerts, inside the
+    group commit's transaction."""
+    config = settings(database_url)
+    window(clean_db, ['alertname="Storm"'], T0, T0 + timedelta(minutes=30))
+    held = alert("Storm", service="held")
+    assert record(clean_db, config, held).outcomes[0].action == "suppressed"
+    clock.advance(60)
+    resolved = [replace(held, status="resolved")] + [alert("Paged", status="resolved", service=f"s{n}") for n in range(20)]
+    sent = _hold_rows_sent(clean_db, config, alert("Storm", service="firing"), *resolved)
+    by_status = {}
+    for row in sent:
+        by_status.setdefault(row["status"], []).append(row)
+    assert sorted(r["fingerprint"] for r in by_status["resolved"]) == sorted(a.fingerprint for a in resolved)
+    assert all(set(r) == {"fingerprint", "alert_name", "status"} for r in by_status["resolved"]), by_status["resolved"][0]
+    (firing,) = by_status["firing"]
+    assert firing["alert"]["labels"]["service"] == "firing"
+    # The held alert resolved and kept what it held; the others hold nothing.
+    stored = rows(clean_db, "SELECT fingerprint, status, count, alert->'labels'->>'service' AS service FROM suppressed_alerts "
+                            "ORDER BY fingerprint")
+    assert {r["fingerprint"]: (r["status"], r["count"], r["service"]) for r in stored} == {
+        held.fingerprint: ("resolved", 1, "held"), firing["fingerprint"]: ("firing", 1, "firing")}
+
+
+def test_a_resolution_whose_held_row_is_deleted_meanwhile_keeps_the_held_alert(database_url, clean_db, at):
+    """The one way a resolution inserts a row: the held row it joined is
+    deleted before its insert. The row then takes the held alert and its
+    windows (the resolution sent neither)."""
+    config = settings(database_url)
+    w = window(clean_db, ['alertname="Gone"'], T0, T0 + timedelta(minutes=30))
+    a = alert("Gone")
+    assert record(clean_db, config, a).outcomes[0].action == "suppressed"
+    clock.advance(60)
+    errors: list[Exception] = []
+
+    def resolve():
+        try:
+            with clean_db.begin() as conn:
+                maintenance.hold(conn, [], T0 + timedelta(seconds=60), [replace(a, status="resolved")])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=resolve)
+    with clean_db.connect() as deleting, deleting.begin():
+        deleting.execute(sa.text("DELETE FROM suppressed_alerts WHERE fingerprint = :f"), {"f": a.fingerprint})
+        worker.start()
+        wait_until(lambda: errors or waits_for_a_lock(clean_db), 20, message="the resolution waiting for the deleted row")
+    worker.join(30)
+    assert errors == [], str(errors[0]).splitlines()[0]
+    (row,) = rows(clean_db, "SELECT status, alert->>'status' AS alert_status, window_ids, released_at FROM suppressed_alerts")
+    assert row == {"status": "resolved", "alert_status": "firing", "window_ids": [w["id"]], "released_at": None}
+
+
+def _lock_waiters(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")).scalar()
+
+
+@pytest.mark.parametrize("x_first", [True, False], ids=["x-sorts-first", "y-sorts-first"])
+def test_holding_one_held_alert_and_resolving_another_against_the_opposite_batch_does_not_deadlock(
+        database_url, clean_db, at, x_first):
+    """Both alerts are held by a window. Batch A fires X and resolves Y,
+    batch B fires Y and resolves X, at the same moment. Had the held alerts
+    been written by two statements (the firing ones, then the resolved
+    ones), A would lock X then wait for Y while B locked Y then waited for X:
+    a deadlock, whatever the fingerprints' order. A third session (the
+    sweep's release, which locks held rows too) holds X until both batches
+    wait, so the interleaving is certain: A queues for X first, B takes Y
+    and queues for X behind A, then X is let go."""
+    config = settings(database_url)
+    window(clean_db, ['alertname="OppositeOrder"'], T0, T0 + timedelta(minutes=30))
+    x, y = (alert("OppositeOrder", fingerprint=fp) for fp in (("held-x", "held-y") if x_first else ("held-y", "held-x")))
+    assert [o.action for o in record(clean_db, config, x, y).outcomes] == ["suppressed", "suppressed"]
+    clock.advance(60)
+    errors: dict[str, str] = {}
+
+    def batch(name, *alerts):
+        try:
+            record(clean_db, config, *alerts)
+        except Exception as exc:  # noqa: BLE001 - the deadlock, reported below
+            errors[name] = str(exc).splitlines()[0]
+
+    a = threading.Thread(target=batch, args=("A", x, replace(y, status="resolved")))
+    b = threading.Thread(target=batch, args=("B", y, replace(x, status="resolved")))
+    with clean_db.connect() as sweeping, sweeping.begin():
+        sweeping.execute(sa.text("SELECT 1 FROM suppressed_alerts WHERE fingerprint = :f FOR UPDATE"), {"f": x.fingerprint})
+        a.start()
+        wait_until(lambda: _lock_waiters(clean_db) == 1, 20, message="batch A waiting for X")
+        b.start()
+        wait_until(lambda: _lock_waiters(clean_db) == 2, 20, message="batch B waiting too")
+    a.join(30)
+    b.join(30)
+    assert not a.is_alive() and not b.is_alive()
+    assert errors == {}
+    # A committed before B: X was resolved by B, Y fired again in B.
+    held = {r["fingerprint"]: (r["status"], r["count"]) for r in rows(clean_db, "SELECT fingerprint, status, count FROM suppressed_alerts")}
+    assert held == {x.fingerprint: ("resolved", 2), y.fingerprint: ("firing", 2)}
+
+
 def test_overlapping_windows_suppress_until_the_last_one_ends(database_url, clean_db, at):
     config = settings(database_url)
     window(clean_db, ['namespace="db"'], T0, T0 + timedelta(minutes=20))

@@ -107,7 +107,7 @@ def refuse(*args, **kwargs):
     raise AssertionError("the CA bundle was loaded")
 ssl.create_default_context = refuse
 from shared import dbcheck
-print(dbcheck.database_reachable())
+print(dbcheck.database_state())
 """
 
 
@@ -115,7 +115,7 @@ def test_health_connects_without_building_a_default_tls_context(base_env):
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, **base_env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "True"
+    assert done.stdout.strip() == "connected"
 
 
 ENGINE_PROBE = """

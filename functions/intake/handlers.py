@@ -17,7 +17,7 @@ from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
 from shared.correlation import replay
 from shared.correlation.plan import Correlator
-from shared.errors import BadRequest, ServiceUnavailable
+from shared.errors import BadRequest, SchemaBehind, ServiceUnavailable
 from shared.http import TOO_DEEP, Route, check_bearer, parse_json_body, read_body, storable_text
 from shared.publisher import Publisher
 
@@ -99,12 +99,15 @@ class Intake:
         try:
             result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
         except SQLAlchemyError as exc:
-            transient = db.is_transient(exc)
+            reason = db.retry_reason(exc)
             log.error(
                 "Error creating incident",
-                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": transient},
+                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None},
             )
-            if transient:
+            if reason == db.SCHEMA_BEHIND:
+                raise SchemaBehind("the database schema is older than this code: run the migrations; "
+                                   "the alerts were not stored, retry") from None
+            if reason is not None:
                 raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None
             raise
         for outcome in result.outcomes:
