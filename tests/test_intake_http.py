@@ -327,3 +327,29 @@ def test_payloads_of_other_projects_are_accepted(intake, clean_db, name, created
     results = response.json()["results"]
     assert len(results) == len(payload["alerts"]) and "rejected" not in {r["action"] for r in results}
     assert len(incidents_rows(clean_db)) == created
+
+
+def test_a_webhook_is_written_while_another_transaction_waits_for_the_database(intake, clean_db):
+    """The intake keeps two transactions in flight: a webhook whose
+    transaction waits (here for a row lock; in production for its commit or
+    a slow statement) does not hold back the next one."""
+    import threading
+
+    assert post(intake, webhook([raw_alert("Held", fingerprint="held-1")])).json()["counts"] == {"created": 1}
+    blocked: dict = {}
+    with clean_db.connect() as holder:
+        holder.execute(sa.text("SELECT id FROM incidents WHERE fingerprint = 'held-1' FOR UPDATE"))
+        waiting = threading.Thread(target=lambda: blocked.update(answer=post(intake, webhook([raw_alert("Held", fingerprint="held-1")]))),
+                                   daemon=True)
+        waiting.start()
+        wait_until(lambda: holder.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")).scalar() >= 1,
+            10, message="the first webhook's transaction waiting for the row lock")
+        # With one transaction at a time this webhook would wait for the lock too.
+        answer = requests.post(intake.url + "/webhook/alert", data=json.dumps(webhook([raw_alert("Free", fingerprint="free-1")])),
+                               headers={"Content-Type": "application/json", **AUTH}, timeout=5)
+        assert answer.status_code == 200 and answer.json()["counts"] == {"created": 1}
+        assert "answer" not in blocked
+        holder.rollback()
+    waiting.join(10)
+    assert blocked["answer"].status_code == 200 and blocked["answer"].json()["counts"] == {"refreshed": 1}

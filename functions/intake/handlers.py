@@ -24,20 +24,20 @@ from shared.publisher import Publisher
 log = logging.getLogger("intake")
 
 PING_EVENT_TYPE = "dev.knative.sources.ping"
-# Transactions of one source's group commit in flight at once. One: a
-# second writer overlapped a batch with the previous one's commit, but
-# halved the batches (2.2 webhooks per transaction instead of 3 at 8
-# connections), and on two cores shared with PostgreSQL the CPU each
-# transaction costs (its planning in the database, its round trips here)
-# is what bounds throughput: one writer served 8 connections with 12-23%
-# less CPU per webhook and a lower p99 (wrk, `make bench` section 1's CPU
-# per request). Measured again once the upsert's planning (then a function)
-# and the scan of alert_flaps were gone, on a loaded machine, two runs
-# each: at 8 connections the ratios to the reference overlapped (wrk 0.41
-# and 0.78 with two writers, 0.64 and 0.42 with one), and at 32 two writers
-# cost 2.6-2.9 ms of CPU per webhook instead of 1.9-2.0, with a p99 of half
-# a second instead of 0.2-0.3 s.
-WRITE_CONCURRENCY = 1
+# Transactions of one source's group commit in flight at once. Two: while
+# one batch waits for PostgreSQL (its round trips, its commit), the next is
+# written, so a request arriving during a transaction no longer waits for
+# it to end and then for its own. Two writers halve the batches and cost
+# about 10% more CPU per webhook, which is why one writer was kept while
+# threads took turns every 5 ms: a writer whose answer had arrived then
+# waited for the interpreter behind the other writer's work. With the
+# 1 ms turns of shared/serve.py, measured with wrk against one writer in
+# the same run (4 rounds of 6 s): at 8 connections p99 27.5 ms instead of
+# 43 ms at 0.92x the throughput; at 32 connections 633 webhooks a second
+# instead of 450 and p99 72 ms instead of 187 ms. Three writers were no
+# better than two and cost more CPU. Two batches never deadlock: each locks
+# its incidents in one order (shared/ingest.py), as replicas' batches do.
+WRITE_CONCURRENCY = 2
 
 
 class Intake:
