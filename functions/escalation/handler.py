@@ -48,6 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
+from functions.escalation.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import claims, db, events, eventio, incidents, members
 from shared.config import Settings
@@ -135,7 +136,8 @@ class EscalationHandler:
         """``channels``: built (and the ones that are off named) by the
         caller already, as the function does at start."""
         self.config = config
-        self.http = requests.Session()
+        # Every attempt is bounded as a whole (connect, send, the whole answer).
+        self.http = bounded(requests.Session())
         if channels is None:
             channels = registry.build(config)
             registry.name_the_ones_off(channels, log)

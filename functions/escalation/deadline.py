@@ -1,0 +1,153 @@
+"""A wall-clock bound on a whole HTTP exchange made with ``requests``.
+
+``requests``' ``timeout`` bounds each socket operation, not the exchange: a
+peer (or a broken proxy) that sends its status line and then a byte every
+few seconds, of headers or of body, keeps a POST open for as long as it
+likes, past the claim that guards the notification. Inside :func:`within`,
+every send and every read on the connection waits at most what is left of
+the bound, and a read once the bound is spent raises :class:`DeadlinePassed`
+(a ``TimeoutError``, so urllib3 and requests report it as the timeout it
+is). No thread: the socket's own timeout is shortened before each call.
+
+The bound reaches the connection through a context variable, so a session
+needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
+adapter swaps each pool's connection class for a subclass that keeps the
+bound, whatever the pool is (direct, through a proxy, TLS or not).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import io
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
+
+import requests
+from requests.adapters import HTTPAdapter
+
+
+@dataclass(frozen=True)
+class _Bound:
+    at: float        # time.monotonic() when it is spent
+    seconds: float   # its length, to name it in an error
+
+
+_bound: ContextVar[_Bound | None] = ContextVar("http_exchange_bound", default=None)
+
+
+class DeadlinePassed(TimeoutError):
+    """The exchange was not over within its bound. The text is ours alone
+    (never a URL): errors are built from it."""
+
+    def __init__(self, seconds: float, answered: bool):
+        what = "answer not complete" if answered else "no answer"
+        super().__init__(f"{what} within {round(seconds, 2):g}s")
+        self.answered = answered
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Every exchange of a :func:`bounded` session inside the block ends
+    within ``seconds`` of entering it: connect, send and the whole answer."""
+    token = _bound.set(_Bound(time.monotonic() + seconds, seconds))
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def _socket_timeout(bound: _Bound, per_call: float | None, answered: bool) -> float:
+    """What one socket call may wait: the per-call timeout, never past the bound."""
+    left = bound.at - time.monotonic()
+    if left <= 0:
+        raise DeadlinePassed(bound.seconds, answered)
+    return left if per_call is None else min(per_call, left)
+
+
+class _BoundedSocketReader(io.RawIOBase):
+    """The socket reader http.client parses the answer from (status line,
+    headers, body, chunk sizes), each read shortened to the bound."""
+
+    def __init__(self, raw: io.RawIOBase, sock, bound: _Bound):
+        super().__init__()
+        self._raw = raw
+        self._sock = sock
+        self._bound = bound
+        # urllib3 set the per-read timeout just before the answer is read.
+        self._per_read = sock.gettimeout()
+        self._received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        self._sock.settimeout(_socket_timeout(self._bound, self._per_read, self._received > 0))
+        try:
+            n = self._raw.readinto(buffer)
+        except TimeoutError as exc:
+            if time.monotonic() >= self._bound.at:
+                raise DeadlinePassed(self._bound.seconds, self._received > 0) from exc
+            raise
+        self._received += n or 0
+        return n
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        bound = _bound.get()
+        if bound is not None:
+            # makefile("rb") is a BufferedReader over the socket's reader:
+            # the same, with the bound between them.
+            raw = self.fp.detach()
+            self.fp = io.BufferedReader(_BoundedSocketReader(raw, sock, bound))
+
+
+class _BoundedConnection:
+    """Mixed into urllib3's connection class of a pool."""
+
+    response_class = _BoundedResponse
+
+    def send(self, data) -> None:
+        bound = _bound.get()
+        if bound is not None and self.sock is not None:
+            # sendall() treats the socket timeout as the bound of the whole call.
+            self.sock.settimeout(_socket_timeout(bound, self.timeout, False))
+        super().send(data)
+
+
+@functools.cache
+def _bounded_class(connection_class: type) -> type:
+    if issubclass(connection_class, _BoundedConnection):
+        return connection_class
+    return type(f"Bounded{connection_class.__name__}", (_BoundedConnection, connection_class), {})
+
+
+class DeadlineAdapter(HTTPAdapter):
+    """An HTTPAdapter whose connections keep the bound of :func:`within`."""
+
+    def get_connection_with_tls_context(self, *args, **kwargs):
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        pool.ConnectionCls = _bounded_class(pool.ConnectionCls)
+        return pool
+
+
+def bounded(http: requests.Session) -> requests.Session:
+    """``http`` with :class:`DeadlineAdapter` for http:// and https://
+    (mounted once; the session's other adapters stay)."""
+    for prefix in ("https://", "http://"):
+        if not isinstance(http.adapters.get(prefix), DeadlineAdapter):
+            http.mount(prefix, DeadlineAdapter())
+    return http
