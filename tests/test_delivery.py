@@ -21,7 +21,7 @@ import requests
 
 from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-from functions.escalation.delivery import Delivery, describe_failure, send, worst_case_seconds
+from functions.escalation.delivery import ANSWER_MAX_BYTES, Answer, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
 
@@ -492,3 +492,56 @@ def test_a_silent_peer_is_still_named_as_giving_no_answer(receiver):
     r = receiver("hang")  # answers after 2 s
     result = deliver(r.server.url, attempts=1, timeout=0.3)
     assert not result.ok and result.error == "ReadTimeout: no answer within 0.3s"
+
+
+# --------------------------------------------------------------------------- a 2xx judged by the channel
+
+
+def judged(url, verdict: Answer, attempts=3, seen: list | None = None):
+    def accept(status, body):
+        if seen is not None:
+            seen.append((status, body))
+        return verdict
+
+    with requests.Session() as http:
+        return send(http, url, {"text": "hi"}, "slack", 2.0, attempts, 1.0, 0.01, accept=accept)
+
+
+def test_the_channel_judges_a_2xx_and_sees_the_whole_answer(receiver):
+    r = receiver((200, {"Content-Type": "text/plain"}, b"ok"))
+    seen: list = []
+    assert judged(r.server.url, Answer.ACCEPTED, seen=seen) == Delivery(True, 200, 1, None, "ok")
+    assert seen == [(200, "ok")]
+
+
+def test_a_2xx_that_is_not_the_services_answer_is_retried_then_reported(receiver, caplog):
+    r = receiver(*[(200, {}, b"<html>portal</html>")] * 3)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = judged(r.server.url, Answer.UNRECOGNISED)
+    assert result == Delivery(False, 200, 3, "HTTP 200, not slack's answer: <html>portal</html>", "<html>portal</html>")
+    assert len(r.server.requests) == 3 and waits(caplog) == [0.01, 0.02]
+    assert "Notification refused" not in [rec.getMessage() for rec in caplog.records]
+
+
+def test_a_2xx_the_service_says_no_in_is_a_refusal_not_retried(receiver, caplog):
+    r = receiver((200, {}, b'{"ok":false,"error":"channel_not_found"}'))
+    with caplog.at_level(logging.ERROR, logger="delivery"):
+        result = judged(r.server.url, Answer.REFUSED)
+    assert (result.ok, result.status, result.attempts) == (False, 200, 1)
+    assert result.error == 'HTTP 200: {"ok":false,"error":"channel_not_found"}'
+    (record,) = [rec for rec in caplog.records if rec.getMessage() == "Notification refused"]
+    assert (record.status, record.response) == (200, '{"ok":false,"error":"channel_not_found"}')
+
+
+def test_only_a_2xx_is_judged(receiver):
+    r = receiver((500, {}, b"down"), (404, {}, b"no_service"))
+    seen: list = []
+    result = judged(r.server.url, Answer.ACCEPTED, attempts=2, seen=seen)
+    assert (result.ok, result.status, result.attempts) == (False, 404, 2) and seen == []
+
+
+def test_the_channel_judges_at_most_the_answers_bound(receiver):
+    r = receiver((200, {}, b"y" * (ANSWER_MAX_BYTES * 3)))
+    seen: list = []
+    assert judged(r.server.url, Answer.ACCEPTED, seen=seen).ok
+    assert seen == [(200, "y" * ANSWER_MAX_BYTES)]

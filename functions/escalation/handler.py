@@ -246,7 +246,7 @@ class EscalationHandler:
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
                     self.config.notify_max_attempts, self.config.notify_max_retry_after_seconds,
-                    headers=outgoing.headers or None, retry=channel.retry)
+                    headers=outgoing.headers or None, retry=channel.retry, accept=channel.accept)
 
     def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
         """Timeline entry and claim in one transaction, retried through a
