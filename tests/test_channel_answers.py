@@ -14,7 +14,8 @@ import requests
 from functions.escalation.channels import pagerduty, slack
 from functions.escalation.channels.teams import Teams
 from functions.escalation.channels.webhook import Webhook
-from functions.escalation.delivery import Answer, send
+from functions.escalation.answer import Answer
+from functions.escalation.delivery import send
 from loopback import notify
 
 PORTAL = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Guest Wi-Fi</body></html>"

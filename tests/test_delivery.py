@@ -21,7 +21,8 @@ import requests
 
 from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-from functions.escalation.delivery import ANSWER_MAX_BYTES, Answer, Delivery, describe_failure, send, worst_case_seconds
+from functions.escalation.answer import Answer
+from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
 

@@ -22,7 +22,6 @@ and a Slack webhook URL is the secret itself.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import socket
@@ -34,6 +33,7 @@ from typing import Callable
 import requests
 import urllib3.exceptions
 
+from functions.escalation.answer import Answer, accept_any_2xx
 from functions.escalation.deadline import DeadlinePassed, bounded, within
 from shared.log import scrub
 
@@ -48,22 +48,6 @@ READ_CHUNK_BYTES = 16 * 1024
 # that much short of a full last attempt. Up to this share of the timeout,
 # the last attempt is made shorter rather than not made at all.
 OVERRUN_ALLOWANCE = 0.1
-
-
-class Answer(enum.Enum):
-    """What a channel makes of a ``2xx`` answer."""
-
-    ACCEPTED = "accepted"
-    # Not the service's answer (a proxy's or a portal's page, a wrong
-    # endpoint): the notification did not arrive, and may later.
-    UNRECOGNISED = "unrecognised"
-    # The service's own "no" (Slack's "ok": false): it will not get better.
-    REFUSED = "refused"
-
-
-def accept_any_2xx(status: int, body: str) -> Answer:
-    """For a receiver whose success has no body to check: the status decides."""
-    return Answer.ACCEPTED
 
 
 @dataclass

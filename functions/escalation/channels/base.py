@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
-from functions.escalation.delivery import Answer, accept_any_2xx
+from functions.escalation.answer import Answer, accept_any_2xx
 from shared.config import Settings
 
 TRANSITIONS = ("opened", "root_changed", "acknowledged", "remediated", "remediation_failed", "resolved")

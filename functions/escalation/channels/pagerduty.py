@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
-from functions.escalation.delivery import Answer
+from functions.escalation.answer import Answer
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,

@@ -13,7 +13,7 @@ import json
 from typing import Any, Iterable
 
 from functions.escalation.channels.base import ChatChannel
-from functions.escalation.delivery import Answer
+from functions.escalation.answer import Answer
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, probable_causes_brief, service_of, summary_of,
 )

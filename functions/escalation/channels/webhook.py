@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
-from functions.escalation.delivery import Answer, accept_any_2xx
+from functions.escalation.answer import Answer, accept_any_2xx
 from functions.escalation.channels.text import incident_url, runbook_url, service_of, summary_of
 from shared import events
 from shared.config import Settings
