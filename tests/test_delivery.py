@@ -546,3 +546,8 @@ def test_the_channel_judges_at_most_the_answers_bound(receiver):
     seen: list = []
     assert judged(r.server.url, Answer.ACCEPTED, seen=seen).ok
     assert seen == [(200, "y" * ANSWER_MAX_BYTES)]
+
+
+def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
+    r = receiver((200, {"Content-Type": "text/plain; charset=no-such-charset"}, b"ok \xff"))
+    assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")

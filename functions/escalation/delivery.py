@@ -141,7 +141,10 @@ def _read_answer(response: requests.Response) -> str:
         raise requests.ConnectionError(exc) from exc
     finally:
         response.close()
-    return data.decode(response.encoding or "utf-8", errors="replace")
+    try:
+        return data.decode(response.encoding or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", errors="replace")
 
 
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
