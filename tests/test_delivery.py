@@ -489,6 +489,16 @@ def test_an_endless_answer_is_read_only_up_to_its_bound(trickler):
     assert took < 3.0, took
 
 
+def test_an_endless_redirect_is_read_only_up_to_its_bound_too(trickler):
+    # requests reads a redirect's whole body itself (to release the
+    # connection), even when it does not follow it.
+    url = trickler(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 1000000000\r\n\r\n", b"x" * 65536, pause=0.001)
+    result, took = send_bounded(url, 10, attempts=1, timeout=3.0)
+    assert result is not None, "send() still reading an endless redirect after 10 s"
+    assert (result.ok, result.status, result.body) == (False, 302, "x" * 500)
+    assert took < 2.0, took
+
+
 def test_a_silent_peer_is_still_named_as_giving_no_answer(receiver):
     r = receiver("hang")  # answers after 2 s
     result = deliver(r.server.url, attempts=1, timeout=0.3)

@@ -119,11 +119,13 @@ def _retry_by_default(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def _read_answer(response: requests.Response) -> str:
-    """At most :data:`ANSWER_MAX_BYTES` of the answer's body, as text. A
-    failure while reading raises what requests would (a timeout as a
-    timeout). An answer read to its end leaves the connection to be reused;
-    one cut short closes it."""
+def _read_bounded(response: requests.Response, *args, **kwargs) -> requests.Response:
+    """A response hook: at most :data:`ANSWER_MAX_BYTES` of the answer's
+    body become its content. It runs before requests would read a redirect's
+    whole body itself (it does, to release the connection, even when it does
+    not follow the redirect). A failure while reading raises what requests
+    would (a timeout as a timeout). An answer read to its end leaves the
+    connection to be reused; one cut short closes it."""
     data = bytearray()
     try:
         while len(data) < ANSWER_MAX_BYTES:
@@ -141,10 +143,9 @@ def _read_answer(response: requests.Response) -> str:
         raise requests.ConnectionError(exc) from exc
     finally:
         response.close()
-    try:
-        return data.decode(response.encoding or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return data.decode("utf-8", errors="replace")
+    response._content = bytes(data)
+    response._content_consumed = True
+    return response
 
 
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
@@ -155,8 +156,9 @@ def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: d
         # into a GET, whose 200 (a login page) is no page accepted, and a
         # 307 re-posts the routing key in the body to wherever it points.
         body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
-        response = http.post(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True, **body)
-        return response, _read_answer(response)
+        response = http.post(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True,
+                             hooks={"response": _read_bounded}, **body)
+        return response, response.text
 
 
 def send(
