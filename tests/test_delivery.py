@@ -479,6 +479,24 @@ def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_
     assert time.monotonic() - started < 2.0
 
 
+def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
+    proxy = trickler(TRICKLED_BODY).rsplit("/", 1)[0]
+    out: list = []
+
+    def run():
+        with requests.Session() as http:
+            http.trust_env, http.proxies = False, {"http": proxy}
+            out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert out, "send() still reading an answer a proxy trickles after 10 s"
+    assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
+    assert time.monotonic() - started < 2.0
+
+
 def test_an_endless_answer_is_read_only_up_to_its_bound(trickler):
     # A 2xx whose body never ends (a misbehaving proxy streaming a page):
     # what is read is bounded, and the status still decides.
