@@ -4,7 +4,7 @@ transport errors and on the answers the channel says are worth a retry
 any other answer (it will not get better).
 
 The timeout bounds each attempt as a whole (connect, send and the whole
-answer, :mod:`functions.escalation.deadline`), not each socket read: a peer
+answer, :mod:`shared.deadline`), not each socket read: a peer
 that trickles its answer a byte at a time is cut off at the timeout, like
 one that says nothing. At most :data:`ANSWER_MAX_BYTES` of an answer are
 read. A ``2xx`` is not yet an acceptance: the channel judges the answer
@@ -34,7 +34,7 @@ import requests
 import urllib3.exceptions
 
 from functions.escalation.answer import Answer, accept_any_2xx
-from functions.escalation.deadline import DeadlinePassed, bounded, within
+from shared.deadline import DeadlinePassed, bounded, read_at_most, within
 from shared.log import scrub
 
 log = logging.getLogger("delivery")
@@ -42,7 +42,6 @@ BASE_DELAY = 0.5
 # Enough for any service's answer (PagerDuty's is under 200 bytes, Slack's
 # two): the rest of a longer one is never read.
 ANSWER_MAX_BYTES = 64 * 1024
-READ_CHUNK_BYTES = 16 * 1024
 # Each attempt that runs to its bound overruns it by a little (the timer's
 # and the scheduler's latency), so after timed-out attempts the budget is
 # that much short of a full last attempt. Up to this share of the timeout,
@@ -119,35 +118,6 @@ def _retry_by_default(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def _read_bounded(response: requests.Response, *args, **kwargs) -> requests.Response:
-    """A response hook: at most :data:`ANSWER_MAX_BYTES` of the answer's
-    body become its content. It runs before requests would read a redirect's
-    whole body itself (it does, to release the connection, even when it does
-    not follow the redirect). A failure while reading raises what requests
-    would (a timeout as a timeout). An answer read to its end leaves the
-    connection to be reused; one cut short closes it."""
-    data = bytearray()
-    try:
-        while len(data) < ANSWER_MAX_BYTES:
-            chunk = response.raw.read(min(READ_CHUNK_BYTES, ANSWER_MAX_BYTES - len(data)), decode_content=True)
-            if not chunk:
-                break
-            data += chunk
-    except urllib3.exceptions.ReadTimeoutError as exc:
-        raise requests.ReadTimeout(exc) from exc
-    except urllib3.exceptions.SSLError as exc:
-        raise requests.exceptions.SSLError(exc) from exc
-    except urllib3.exceptions.DecodeError as exc:
-        raise requests.exceptions.ContentDecodingError(exc) from exc
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise requests.ConnectionError(exc) from exc
-    finally:
-        response.close()
-    response._content = bytes(data)
-    response._content_consumed = True
-    return response
-
-
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
              timeout: float) -> tuple[requests.Response, str]:
     """One POST and its answer, all of it within ``timeout``."""
@@ -157,7 +127,7 @@ def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: d
         # 307 re-posts the routing key in the body to wherever it points.
         body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
         response = http.post(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True,
-                             hooks={"response": _read_bounded}, **body)
+                             hooks={"response": read_at_most(ANSWER_MAX_BYTES)}, **body)
         return response, response.text
 
 

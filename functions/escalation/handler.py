@@ -48,7 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
-from functions.escalation.deadline import bounded
+from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import claims, db, events, eventio, incidents, members
 from shared.config import Settings

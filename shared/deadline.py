@@ -13,6 +13,17 @@ The bound reaches the connection through a context variable, so a session
 needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
 adapter swaps each pool's connection class for a subclass that keeps the
 bound, whatever the pool is (direct, through a proxy, TLS or not).
+
+Every sender that waits on a peer uses it: the escalation's notifications,
+the outbox's and a redelivery's publishes to the Broker, the Prometheus
+queries, the AlertManager silences, the local Broker's deliveries. With
+``stream=True`` and the :func:`read_at_most` response hook, the body is
+read inside the bound too, at most so many bytes of it, and a bound spent
+while reading it is reported as the timeout it is (requests itself would
+call it a ConnectionError).
+
+Imported by whatever sends, never on a function's start path: it imports
+requests.
 """
 
 from __future__ import annotations
@@ -27,7 +38,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+
+READ_CHUNK_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -151,3 +165,39 @@ def bounded(http: requests.Session) -> requests.Session:
         if not isinstance(http.adapters.get(prefix), DeadlineAdapter):
             http.mount(prefix, DeadlineAdapter())
     return http
+
+
+def read_at_most(limit: int | None):
+    """A response hook (for a request made with ``stream=True``): at most
+    ``limit`` bytes of the answer's body (all of it for None) become its
+    content, read inside the bound of :func:`within`. It runs before
+    requests would read a redirect's whole body itself (it does, to release
+    the connection, even when it does not follow the redirect). A failure
+    while reading raises what requests would, a timeout as a timeout. An
+    answer read to its end leaves the connection to be reused; one cut
+    short closes it."""
+
+    def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
+        data = bytearray()
+        try:
+            while limit is None or len(data) < limit:
+                want = READ_CHUNK_BYTES if limit is None else min(READ_CHUNK_BYTES, limit - len(data))
+                chunk = response.raw.read(want, decode_content=True)
+                if not chunk:
+                    break
+                data += chunk
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except urllib3.exceptions.SSLError as exc:
+            raise requests.exceptions.SSLError(exc) from exc
+        except urllib3.exceptions.DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise requests.ConnectionError(exc) from exc
+        finally:
+            response.close()
+        response._content = bytes(data)
+        response._content_consumed = True
+        return response
+
+    return hook
