@@ -201,3 +201,17 @@ def read_at_most(limit: int | None):
         return response
 
     return hook
+
+
+def request(http: requests.Session, method: str, url: str, timeout: float, max_bytes: int | None = None,
+            **kwargs) -> requests.Response:
+    """One request and its answer (at most ``max_bytes`` of its body, all
+    for None) within ``timeout`` as a whole, on ``http`` made
+    :func:`bounded`; ``kwargs`` go to requests (``allow_redirects`` too:
+    each sender says whether it follows one). Raises requests' errors, a
+    bound spent as ``requests.Timeout``; the answer's content is read."""
+    bounded(http)
+    # Through the session's own get()/post()/..., which a subclass may extend.
+    send = getattr(http, method.lower())
+    with within(timeout):
+        return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes)}, **kwargs)

@@ -120,18 +120,16 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
     failed attempt) instead of holding the drain and every event behind it."""
     import requests  # a sending process only: the others write the outbox and never send
 
-    from shared.deadline import bounded, read_at_most, within
+    from shared import deadline
 
     headers, body = eventio.to_http(event)
-    bounded(http)
 
     def post() -> requests.Response:
         # A redirect is an answer, not a delivery: followed, a 302 would turn
         # the POST into a GET whose 200 marked the event published though no
         # Broker took it.
-        with within(timeout):
-            return http.post(sink, headers=headers, data=body, timeout=timeout, allow_redirects=False, stream=True,
-                             hooks={"response": read_at_most(ANSWER_MAX_BYTES)})
+        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, headers=headers, data=body,
+                                allow_redirects=False)
 
     try:
         response = post()

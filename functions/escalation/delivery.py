@@ -34,7 +34,7 @@ import requests
 import urllib3.exceptions
 
 from functions.escalation.answer import Answer, accept_any_2xx
-from shared.deadline import DeadlinePassed, bounded, read_at_most, within
+from shared.deadline import DeadlinePassed, request
 from shared.log import scrub
 
 log = logging.getLogger("delivery")
@@ -121,14 +121,12 @@ def _retry_by_default(status: int) -> bool:
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
              timeout: float) -> tuple[requests.Response, str]:
     """One POST and its answer, all of it within ``timeout``."""
-    with within(timeout):
-        # Never follow a redirect: requests turns a POST answered 301/302
-        # into a GET, whose 200 (a login page) is no page accepted, and a
-        # 307 re-posts the routing key in the body to wherever it points.
-        body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
-        response = http.post(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True,
-                             hooks={"response": read_at_most(ANSWER_MAX_BYTES)}, **body)
-        return response, response.text
+    # Never follow a redirect: requests turns a POST answered 301/302
+    # into a GET, whose 200 (a login page) is no page accepted, and a
+    # 307 re-posts the routing key in the body to wherever it points.
+    body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+    response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, headers=headers, allow_redirects=False, **body)
+    return response, response.text
 
 
 def send(
@@ -147,7 +145,6 @@ def send(
     """POST ``payload`` (a dict as JSON, or bytes as they are: a signature
     may cover them) until it is accepted, refused, or the budget is spent.
     ``timeout`` bounds each attempt as a whole; ``accept`` judges a ``2xx``."""
-    bounded(http)
     deadline = time.monotonic() + worst_case_seconds(timeout, max_attempts, base_delay)
     delay = base_delay
     last = Delivery(False, None, 0, "not attempted")
