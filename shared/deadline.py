@@ -4,10 +4,23 @@
 peer (or a broken proxy) that sends its status line and then a byte every
 few seconds, of headers or of body, keeps a POST open for as long as it
 likes, past the claim that guards the notification. Inside :func:`within`,
-every send and every read on the connection waits at most what is left of
-the bound, and a read once the bound is spent raises :class:`DeadlinePassed`
-(a ``TimeoutError``, so urllib3 and requests report it as the timeout it
-is). No thread: the socket's own timeout is shortened before each call.
+everything an exchange waits on fits in what is left of the bound: the
+name lookup, the connect, the TLS handshake, every send and every read. A
+wait once the bound is spent raises :class:`DeadlinePassed` (a
+``TimeoutError``, so urllib3 and requests report it as the timeout it is).
+The socket's own timeout is shortened before each call; the one wait a
+socket timeout cannot shorten, ``getaddrinfo``, runs on a small shared pool
+of resolver threads (:class:`_Resolver`) and is waited on at most what is
+left.
+
+A name with several addresses is connected to as RFC 8305 (Happy Eyeballs)
+says: the first address alone, the next one also after
+:data:`CONNECT_STAGGER_SECONDS` (at once when one is refused), and so on;
+the first to answer is used and the others are dropped. An address that
+stays silent (a host that is down) costs the stagger, not the bound, so a
+name whose first address is dead is still delivered to within the bound
+through a later one, and a name whose addresses are all dead fails at the
+bound, not at one bound per address.
 
 The bound reaches the connection through a context variable, so a session
 needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
@@ -28,10 +41,19 @@ requests.
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.client
 import io
+import ipaddress
+import os
+import queue
+import selectors
+import socket
+import sys
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -40,8 +62,15 @@ from typing import Iterator
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.util.connection import allowed_gai_family
 
 READ_CHUNK_BYTES = 16 * 1024
+# How long one address of a name is given alone before the next is tried
+# alongside it: RFC 8305's recommended 250 ms.
+CONNECT_STAGGER_SECONDS = 0.25
+# Lookups at once; a lookup past its bound keeps its thread until the
+# resolver gives up (its own timeout), so a few spare ones.
+RESOLVER_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -57,16 +86,18 @@ class DeadlinePassed(TimeoutError):
     """The exchange was not over within its bound. The text is ours alone
     (never a URL): errors are built from it."""
 
-    def __init__(self, seconds: float, answered: bool):
-        what = "answer not complete" if answered else "no answer"
+    def __init__(self, seconds: float, answered: bool, connected: bool = True):
+        what = "answer not complete" if answered else "no answer" if connected else "no connection"
         super().__init__(f"{what} within {round(seconds, 2):g}s")
         self.answered = answered
+        self.connected = connected
 
 
 @contextmanager
 def within(seconds: float) -> Iterator[None]:
     """Every exchange of a :func:`bounded` session inside the block ends
-    within ``seconds`` of entering it: connect, send and the whole answer."""
+    within ``seconds`` of entering it: name lookup, connect, TLS handshake,
+    send and the whole answer."""
     token = _bound.set(_Bound(time.monotonic() + seconds, seconds))
     try:
         yield
@@ -74,12 +105,135 @@ def within(seconds: float) -> Iterator[None]:
         _bound.reset(token)
 
 
-def _socket_timeout(bound: _Bound, per_call: float | None, answered: bool) -> float:
+def _socket_timeout(bound: _Bound, per_call: float | None, answered: bool, connected: bool = True) -> float:
     """What one socket call may wait: the per-call timeout, never past the bound."""
     left = bound.at - time.monotonic()
     if left <= 0:
-        raise DeadlinePassed(bound.seconds, answered)
+        raise DeadlinePassed(bound.seconds, answered, connected)
     return left if per_call is None else min(per_call, left)
+
+
+class _Resolver:
+    """At most a few daemon threads, started on demand and kept, that run
+    ``getaddrinfo`` for callers that wait on the answer at most so long.
+    Daemon threads, not a ThreadPoolExecutor: a lookup stuck in the
+    resolver must not hold the process at exit."""
+
+    def __init__(self, threads: int):
+        self._threads = threads
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def after_fork(self) -> None:
+        # A forked child has none of its parent's threads.
+        self.__init__(self._threads)
+
+    def submit(self, host: str, port: int, family: int) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, host, port, family))
+        with self._lock:
+            if self._started < self._threads:
+                self._started += 1
+                threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, host, port, family = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller stopped waiting before it started
+            try:
+                future.set_result(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+
+_resolver = _Resolver(RESOLVER_THREADS)
+os.register_at_fork(after_in_child=_resolver.after_fork)
+
+
+def _addresses(host: str, port: int, bound: _Bound) -> list:
+    """``getaddrinfo``'s answer for the connect, waited on at most what is
+    left of the bound (an address is its own answer: no lookup, no thread)."""
+    family = allowed_gai_family()
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    future = _resolver.submit(host, port, family)
+    try:
+        return future.result(timeout=_socket_timeout(bound, None, False, connected=False))
+    except TimeoutError:
+        future.cancel()
+        if time.monotonic() >= bound.at:
+            raise DeadlinePassed(bound.seconds, False, connected=False) from None
+        raise
+
+
+_CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
+
+
+def _connect_first(addresses: list, bound: _Bound, source_address, socket_options) -> socket.socket:
+    """A socket connected to the first of ``addresses`` to answer, tried
+    staggered (RFC 8305), all within the bound. Raises the last address's
+    error when none connects, :class:`DeadlinePassed` when the bound ends."""
+    waiting = list(addresses)
+    if not waiting:
+        raise OSError("getaddrinfo returns an empty list")
+    selector = selectors.DefaultSelector()
+    error: OSError | None = None
+    next_start = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= bound.at:
+                raise DeadlinePassed(bound.seconds, False, connected=False)
+            if waiting and (now >= next_start or not selector.get_map()):
+                family, kind, proto, _, address = waiting.pop(0)
+                sock = None
+                try:
+                    sock = socket.socket(family, kind, proto)
+                    for option in socket_options or ():
+                        sock.setsockopt(*option)
+                    if source_address:
+                        sock.bind(source_address)
+                    sock.setblocking(False)
+                    code = sock.connect_ex(address)
+                except OSError as exc:
+                    if sock is not None:
+                        sock.close()
+                    error = exc
+                    continue
+                if code == 0:
+                    return sock
+                if code not in _CONNECTING:
+                    sock.close()
+                    error = OSError(code, os.strerror(code))
+                    continue
+                selector.register(sock, selectors.EVENT_WRITE)
+                next_start = now + CONNECT_STAGGER_SECONDS
+                continue
+            if not selector.get_map():
+                raise error  # every address failed at once
+            wait = bound.at - now
+            if waiting:
+                wait = min(wait, next_start - now)
+            for key, _ in selector.select(max(wait, 0)):
+                sock = key.fileobj
+                selector.unregister(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0:
+                    return sock
+                sock.close()
+                error = OSError(code, os.strerror(code))
+                next_start = 0.0  # one refused: the next address now
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
 
 
 class _BoundedSocketReader(io.RawIOBase):
@@ -91,15 +245,15 @@ class _BoundedSocketReader(io.RawIOBase):
         self._raw = raw
         self._sock = sock
         self._bound = bound
-        # urllib3 set the per-read timeout just before the answer is read.
-        self._per_read = sock.gettimeout()
         self._received = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int | None:
-        self._sock.settimeout(_socket_timeout(self._bound, self._per_read, self._received > 0))
+        # What is left of the bound, whatever timeout the socket was left
+        # with: the caller's read timeout is the bound itself.
+        self._sock.settimeout(_socket_timeout(self._bound, None, self._received > 0))
         try:
             n = self._raw.readinto(buffer)
         except TimeoutError as exc:
@@ -133,6 +287,34 @@ class _BoundedConnection:
     """Mixed into urllib3's connection class of a pool."""
 
     response_class = _BoundedResponse
+
+    def _new_conn(self) -> socket.socket:
+        """The lookup and the connect within the bound, and the socket handed
+        on with only what is left of it, which is all a TLS handshake that
+        follows may wait."""
+        bound = _bound.get()
+        if bound is None:
+            return super()._new_conn()
+        host = self._dns_host.strip("[]")
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise urllib3.exceptions.LocationParseError(f"'{host}', label empty or too long") from None
+        try:
+            sock = _connect_first(_addresses(host, self.port, bound), bound, self.source_address, self.socket_options)
+            try:
+                sock.settimeout(_socket_timeout(bound, None, False, connected=False))
+            except BaseException:
+                sock.close()
+                raise
+        except socket.gaierror as exc:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, exc) from exc
+        except TimeoutError as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"Connection to {self.host} timed out: {exc}") from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+        sys.audit("http.client.connect", self, self.host, self.port)
+        return sock
 
     def send(self, data) -> None:
         bound = _bound.get()
@@ -211,6 +393,10 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     each sender says whether it follows one). Raises requests' errors, a
     bound spent as ``requests.Timeout``; the answer's content is read."""
     bounded(http)
+    if not isinstance(http.get_adapter(url), DeadlineAdapter):
+        # requests picks the adapter mounted with the longest matching prefix.
+        raise TypeError(f"an adapter mounted for this URL's prefix would carry the exchange without the bound "
+                        f"({type(http.get_adapter(url)).__name__})")
     # Through the session's own get()/post()/..., which a subclass may extend.
     send = getattr(http, method.lower())
     with within(timeout):
