@@ -68,9 +68,9 @@ READ_CHUNK_BYTES = 16 * 1024
 # How long one address of a name is given alone before the next is tried
 # alongside it: RFC 8305's recommended 250 ms.
 CONNECT_STAGGER_SECONDS = 0.25
-# Lookups at once; a lookup past its bound keeps its thread until the
-# resolver gives up (its own timeout), so a few spare ones.
-RESOLVER_THREADS = 4
+# Names looked up at once. A lookup past its bound keeps its thread until
+# the system resolver gives up (its own timeouts): one per stalled name.
+RESOLVER_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -114,39 +114,58 @@ def _socket_timeout(bound: _Bound, per_call: float | None, answered: bool, conne
 
 
 class _Resolver:
-    """At most a few daemon threads, started on demand and kept, that run
-    ``getaddrinfo`` for callers that wait on the answer at most so long.
-    Daemon threads, not a ThreadPoolExecutor: a lookup stuck in the
-    resolver must not hold the process at exit."""
+    """A few daemon threads that run ``getaddrinfo`` for callers that wait
+    on the answer at most so long. A thread is added only when a lookup
+    would otherwise wait for one (up to ``threads``), and a name already
+    being looked up is not looked up again: its callers share the one
+    lookup, so a name whose DNS stalls holds one thread however often it is
+    asked for, and the other names' lookups go on. Daemon threads, not a
+    ThreadPoolExecutor: a lookup stuck in the resolver must not hold the
+    process at exit."""
 
     def __init__(self, threads: int):
         self._threads = threads
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._started = 0
         self._lock = threading.Lock()
+        self._started = 0
+        self._idle = 0      # threads waiting for a job
+        self._queued = 0    # jobs no thread has taken yet
+        self._in_flight: dict[tuple, Future] = {}
 
     def after_fork(self) -> None:
         # A forked child has none of its parent's threads.
         self.__init__(self._threads)
 
     def submit(self, host: str, port: int, family: int) -> Future:
-        future: Future = Future()
-        self._jobs.put((future, host, port, family))
+        key = (host, port, family)
         with self._lock:
-            if self._started < self._threads:
+            future = self._in_flight.get(key)
+            if future is not None:
+                return future
+            future = self._in_flight[key] = Future()
+            self._queued += 1
+            if self._queued > self._idle and self._started < self._threads:
                 self._started += 1
                 threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
+        self._jobs.put((future, key))
         return future
 
     def _work(self) -> None:
         while True:
-            future, host, port, family = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue  # its caller stopped waiting before it started
+            with self._lock:
+                self._idle += 1
+            future, key = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
             try:
-                future.set_result(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_running_or_notify_cancel()
+                future.set_result(socket.getaddrinfo(*key, socket.SOCK_STREAM))
+            except BaseException as exc:  # noqa: BLE001 - handed to the callers
                 future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._in_flight.pop(key, None)
 
 
 _resolver = _Resolver(RESOLVER_THREADS)
@@ -165,9 +184,9 @@ def _addresses(host: str, port: int, bound: _Bound) -> list:
         return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
     future = _resolver.submit(host, port, family)
     try:
+        # Never cancelled: other callers may be waiting on the same lookup.
         return future.result(timeout=_socket_timeout(bound, None, False, connected=False))
     except TimeoutError:
-        future.cancel()
         if time.monotonic() >= bound.at:
             raise DeadlinePassed(bound.seconds, False, connected=False) from None
         raise

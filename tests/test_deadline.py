@@ -235,3 +235,29 @@ def test_an_adapter_mounted_closer_to_the_url_is_refused_not_sent_through_unboun
     with pytest.raises(TypeError, match="bound"):
         deadline.request(http, "GET", receiver.url + "/", 1.0)
     assert receiver.received() == []
+
+
+def test_a_name_whose_lookup_stalls_does_not_hold_up_the_lookups_of_others(names, receiver):
+    # Every attempt at a channel whose DNS stalls looks its name up again;
+    # the page channel's lookup must not queue behind all of them.
+    released = threading.Event()
+
+    def stalled(host, port):
+        released.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    names["stalled.test"] = stalled
+    names["good.test"] = [receiver.port]
+    callers = [threading.Thread(target=timed, args=(lambda: deadline.request(requests.Session(), "GET", "http://stalled.test/",
+                                                                             0.3),))
+               for _ in range(3 * deadline.RESOLVER_THREADS)]
+    try:
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"http://good.test:{receiver.port}/", 1.0))
+    finally:
+        released.set()
+    assert isinstance(result, requests.Response), describe_failure(result, 1.0)
+    assert result.status_code == 202
