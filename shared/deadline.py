@@ -22,6 +22,11 @@ name whose first address is dead is still delivered to within the bound
 through a later one, and a name whose addresses are all dead fails at the
 bound, not at one bound per address.
 
+What the bound does not shorten is local work between the waits: a new TLS
+connection loads the CA bundle after the connect and before the handshake
+(tens of milliseconds), and the handshake may wait what was left when the
+connect ended, so such an exchange can end that much past its bound.
+
 The bound reaches the connection through a context variable, so a session
 needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
 adapter swaps each pool's connection class for a subclass that keeps the

@@ -114,8 +114,8 @@ ANSWER_MAX_BYTES = 4096
 def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
     """Send one event in binary mode; raise on anything but ``2xx``.
 
-    ``timeout`` bounds each send as a whole (connect, send and the whole
-    answer, :mod:`shared.deadline`): a Broker, or a proxy before it, that
+    ``timeout`` bounds each send as a whole (name lookup, connect, TLS
+    handshake, send and the whole answer, :mod:`shared.deadline`): a Broker, or a proxy before it, that
     trickles its answer is cut off at the timeout (a ``ReadTimeout``, a
     failed attempt) instead of holding the drain and every event behind it."""
     import requests  # a sending process only: the others write the outbox and never send

@@ -3,8 +3,9 @@ transport errors and on the answers the channel says are worth a retry
 (``429``, honouring ``Retry-After``, and ``5xx`` by default), and no retry on
 any other answer (it will not get better).
 
-The timeout bounds each attempt as a whole (connect, send and the whole
-answer, :mod:`shared.deadline`), not each socket read: a peer
+The timeout bounds each attempt as a whole (name lookup, connect, TLS
+handshake, send and the whole answer, :mod:`shared.deadline`), not each
+socket read: a peer
 that trickles its answer a byte at a time is cut off at the timeout, like
 one that says nothing. At most :data:`ANSWER_MAX_BYTES` of an answer are
 read. A ``2xx`` is not yet an acceptance: the channel judges the answer

@@ -136,7 +136,7 @@ class EscalationHandler:
         """``channels``: built (and the ones that are off named) by the
         caller already, as the function does at start."""
         self.config = config
-        # Every attempt is bounded as a whole (connect, send, the whole answer).
+        # Every attempt is bounded as a whole (lookup, connect, TLS, send, the whole answer).
         self.http = bounded(requests.Session())
         if channels is None:
             channels = registry.build(config)
