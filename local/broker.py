@@ -11,7 +11,8 @@ the Knative MT channel-based Broker as far as the functions can tell:
   refused at load); when ``filters`` is set, ``filter`` is ignored;
 - delivery in binary mode with ``Prefer: reply``, the Trigger's or else the
   Broker's ``delivery`` (``retry``, ``backoffPolicy``, ``backoffDelay``,
-  ``timeout``); retries on transport errors, ``404 408 409 429`` and ``5xx``;
+  ``timeout``, which bounds a delivery as a whole, its answer included);
+  retries on transport errors, ``404 408 409 429`` and ``5xx``;
 - binary-mode attribute headers are percent-decoded on the way in (HTTP
   binding §3.1.3.2), filters see the decoded values, and they are encoded
   again on the way out;
@@ -46,6 +47,7 @@ from typing import Callable
 import requests
 import yaml
 
+from shared import deadline
 from shared.eventio import decode_header_value, encode_header_value
 
 log = logging.getLogger("local-broker")
@@ -360,7 +362,11 @@ class LocalBroker:
             headers, data = event.binary()
             headers["Prefer"] = "reply"
             try:
-                response = self._session().post(trigger.subscriber, headers=headers, data=data, timeout=delivery.timeout)
+                # The timeout bounds the whole delivery, its answer included,
+                # as Knative's does: a subscriber that trickles its answer is
+                # one that timed out, not a delivery thread held for good.
+                response = deadline.request(self._session(), "POST", trigger.subscriber, delivery.timeout,
+                                            headers=headers, data=data)
             except requests.RequestException as exc:
                 status, body, error = None, b"", f"{type(exc).__name__}: {exc}"
                 continue
@@ -398,7 +404,7 @@ class LocalBroker:
         for attempt in range(3):
             try:
                 headers, data = dead.binary()
-                r = self._session().post(sink, headers=headers, data=data, timeout=trigger.delivery.timeout)
+                r = deadline.request(self._session(), "POST", sink, trigger.delivery.timeout, headers=headers, data=data)
                 if r.status_code < 300:
                     return
             except requests.RequestException:

@@ -10,6 +10,7 @@ import hmac
 import json
 import re
 import time
+import uuid
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -164,9 +165,10 @@ def slack_problems(message) -> list[str]:
 
 class ScriptedReceiver:
     """Answers the next scripted response (status, headers, body) or 'hang:N';
-    when the script is empty, validates and accepts."""
+    when the script is empty, validates and accepts (``accept_body``: bytes,
+    or made from the request's JSON)."""
 
-    def __init__(self, validate, accept_status: int, accept_body: bytes, refuse=None, accepted_but_wrong=None,
+    def __init__(self, validate, accept_status: int, accept_body, refuse=None, accepted_but_wrong=None,
                  accept_type: str = "application/json", validate_request=None):
         self.validate = validate
         # Checks of the request itself (headers, signature, exact bytes).
@@ -220,7 +222,8 @@ class ScriptedReceiver:
             wrong = self.accepted_but_wrong(message)
             if wrong:
                 self.invalid.append((req, wrong))
-        return self.accept[0], {"Content-Type": self.accept_type}, self.accept[1]
+        status, body = self.accept
+        return status, {"Content-Type": self.accept_type}, body(message) if callable(body) else body
 
 
 def _refuse_json(problems: list[str]):
@@ -233,11 +236,19 @@ def _refuse_slack(problems: list[str]):
     return 400, {"Content-Type": "text/html"}, code
 
 
+def _pagerduty_accepted(event: dict) -> bytes:
+    # components.responses.Success of the Events API v2 OpenAPI document:
+    # the dedup_key is the event's, or one PagerDuty made for a trigger without one.
+    dedup_key = event.get("dedup_key") or uuid.uuid4().hex
+    return json.dumps({"status": "success", "message": "Event processed", "dedup_key": dedup_key}).encode()
+
+
 def pagerduty() -> ScriptedReceiver:
-    return ScriptedReceiver(pagerduty_problems, 202, b'{"status":"success","message":"Event processed"}')
+    return ScriptedReceiver(pagerduty_problems, 202, _pagerduty_accepted)
 
 
 def slack() -> ScriptedReceiver:
+    # An incoming webhook answers 200 with the text "ok" (as text/html).
     return ScriptedReceiver(slack_problems, 200, b"ok", refuse=_refuse_slack, accepted_but_wrong=slack_escaping_problems,
                             accept_type="text/html")
 

@@ -157,20 +157,34 @@ def structured(row: dict) -> bytes:
     return json.dumps(document).encode()
 
 
+# Only the start of a refusal is kept: the rest is not read.
+ANSWER_MAX_BYTES = 4096
+
+
 def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str | None:
-    """Post one structured event; None when the Broker accepted it, else why not."""
+    """Post one structured event; None when the Broker accepted it, else why
+    not. Each try ends within ``timeout`` as a whole (shared.deadline), so
+    a Broker that trickles its answer cannot outlive the redelivery's claim."""
     import requests
 
+    from shared import deadline
+
     headers = {"Content-Type": STRUCTURED}
-    # Redirects are not followed (shared.outbox.post_event says why).
+
+    def post() -> requests.Response:
+        # Redirects are not followed (shared.outbox.post_event says why).
+        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, data=body, headers=headers,
+                                allow_redirects=False)
+
     try:
         try:
-            response = http.post(sink, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+            response = post()
         except requests.ConnectionError:
             # A kept-alive connection the Broker closed fails on first use.
-            response = http.post(sink, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+            response = post()
     except requests.RequestException as exc:
-        return clip(f"{type(exc).__name__}: the Broker could not be reached", 300)
+        why = f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout) else "the Broker could not be reached"
+        return clip(f"{type(exc).__name__}: {why}", 300)
     if 200 <= response.status_code < 300:
         return None
     return clip(f"the Broker answered {response.status_code}: {response.text[:200]}", 300)

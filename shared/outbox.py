@@ -65,7 +65,7 @@ def enqueue(conn: Connection, events: Iterable[dict]) -> None:
 
 # Batches are small and leased briefly: a publisher that dies after leasing
 # delays those events by at most one lease. The lease covers a batch's sends
-# (each bounded by the timeout, twice when a kept-alive connection was
+# (each bounded as a whole by the timeout, twice when a kept-alive connection was
 # stale); a publisher stops sending from a batch whose lease is running out
 # and hands the rest back.
 BATCH_SIZE = 50
@@ -107,21 +107,37 @@ class BrokerAnswered(RuntimeError):
     """The Broker answered, but not ``2xx``."""
 
 
+# Only the start of a refusal is kept (in last_error): the rest is not read.
+ANSWER_MAX_BYTES = 4096
+
+
 def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: float) -> None:
-    """Send one event in binary mode; raise on anything but ``2xx``."""
+    """Send one event in binary mode; raise on anything but ``2xx``.
+
+    ``timeout`` bounds each send as a whole (name lookup, connect, TLS
+    handshake, send and the whole answer, :mod:`shared.deadline`): a Broker, or a proxy before it, that
+    trickles its answer is cut off at the timeout (a ``ReadTimeout``, a
+    failed attempt) instead of holding the drain and every event behind it."""
     import requests  # a sending process only: the others write the outbox and never send
 
+    from shared import deadline
+
     headers, body = eventio.to_http(event)
-    # A redirect is an answer, not a delivery: followed, a 302 would turn the
-    # POST into a GET whose 200 marked the event published though no Broker
-    # took it.
+
+    def post() -> requests.Response:
+        # A redirect is an answer, not a delivery: followed, a 302 would turn
+        # the POST into a GET whose 200 marked the event published though no
+        # Broker took it.
+        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, headers=headers, data=body,
+                                allow_redirects=False)
+
     try:
-        response = http.post(sink, headers=headers, data=body, timeout=timeout, allow_redirects=False)
+        response = post()
     except requests.ConnectionError:
         # A pooled keep-alive connection the Broker has closed fails on first
         # use; one fresh attempt tells that apart from a Broker that is down.
         # The event id is stable, so a rare double delivery is recognisable.
-        response = http.post(sink, headers=headers, data=body, timeout=timeout, allow_redirects=False)
+        response = post()
     if not 200 <= response.status_code < 300:
         raise BrokerAnswered(f"broker answered {response.status_code}: {response.text[:200]}")
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 def instant(url: str, promql: str, timeout: float) -> list:
     """The ``result`` list of an instant query; RuntimeError when Prometheus
-    refuses or answers something else, requests' errors when unreachable."""
+    refuses or answers something else, requests' errors when unreachable or
+    when the whole answer did not come within ``timeout`` (shared.deadline:
+    a Prometheus, or a proxy before it, that trickles its answer is a failed
+    query at the timeout, not a probe held open)."""
     import requests
 
-    response = requests.get(url.rstrip("/") + "/api/v1/query", params={"query": promql}, timeout=timeout)
+    from shared import deadline
+
+    with requests.Session() as http:
+        response = deadline.request(http, "GET", url.rstrip("/") + "/api/v1/query", timeout,
+                                    params={"query": promql}, allow_redirects=True)
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
     body = body if isinstance(body, dict) else {}
     if response.status_code != 200 or body.get("status") != "success":

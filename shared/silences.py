@@ -78,10 +78,15 @@ class AlertManager:
         self.http = requests.Session()
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call, its whole answer within the timeout (shared.deadline):
+        an AlertManager that trickles its answer is one that did not answer,
+        not a request of the board held open."""
         import requests
 
+        from shared import deadline
+
         try:
-            response = self.http.request(method, self.base + path, timeout=self.timeout, **kwargs)
+            response = deadline.request(self.http, method, self.base + path, self.timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
         if response.status_code == 404 and method == "DELETE":

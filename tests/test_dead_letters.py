@@ -15,6 +15,7 @@ from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
 from loopback.processes import FunctionProcess, wait_until
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ESCALATION = "http://escalation.default.svc.cluster.local"
@@ -356,3 +357,15 @@ def test_a_redelivery_holds_no_transaction_while_the_broker_answers_and_is_sent_
     assert len(broker.requests) == 1
     (after,) = api(query, "GET", "/dead-letters").json()
     assert after["redelivery_status"] == "sent" and after["redelivery_count"] == 1
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_broker_that_trickles_its_answer_to_a_redelivery_is_cut_at_the_timeout(start):
+    # requests' timeout bounds each read: a byte every 0.2 s would keep the
+    # redelivery (and the engineer's request) open past its claim.
+    from shared import backlog
+
+    with Trickler(start) as broker:
+        ended, error, took = run_bounded(lambda: backlog.send(requests.Session(), broker.url, b"{}", 0.5), 6)
+    assert ended, "the redelivery outlived its timeout"
+    assert took < 2.5 and error == "ReadTimeout: no whole answer within 0.5s", error

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 
@@ -17,7 +21,8 @@ import requests
 
 from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-from functions.escalation.delivery import Delivery, describe_failure, send, worst_case_seconds
+from functions.escalation.answer import Answer
+from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
 
@@ -338,3 +343,239 @@ def test_a_cycle_of_causes_ends():
     inner = chained(ValueError("y"), context=outer)
     outer.__context__ = inner
     assert describe_failure(outer, 2.0) == "ConnectionError: ValueError"
+
+
+# --------------------------------------------------------------------------- a total bound on every attempt
+# requests' timeout bounds each socket read, not the answer: a peer that
+# trickles a byte now and then kept a POST open for as long as it liked.
+
+
+def read_request(conn: socket.socket) -> None:
+    """Read one whole request (headers, then Content-Length bytes of body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+@pytest.fixture
+def trickler():
+    """A receiver that answers the start of an answer at once, then one
+    byte every 50 ms for as long as the client listens (or the test ends)."""
+    stop = threading.Event()
+    listeners = []
+
+    def make(start: bytes, byte: bytes = b"a", pause: float = 0.05, tls: ssl.SSLContext | None = None) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def answer(conn):
+            if tls is not None:
+                try:
+                    conn = tls.wrap_socket(conn, server_side=True)
+                except OSError:
+                    conn.close()
+                    return
+            with conn:
+                read_request(conn)
+                try:
+                    conn.sendall(start)
+                    while not stop.wait(pause):
+                        conn.sendall(byte)
+                except OSError:
+                    return  # the client gave up
+
+        def serve():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}/hook"
+
+    yield make
+    stop.set()
+    for listener in listeners:
+        listener.close()
+
+
+def send_bounded(url, wait: float, **kwargs) -> tuple[Delivery | None, float]:
+    """send() in a thread, waited for at most ``wait`` seconds: a send that
+    never ends fails the test instead of hanging it."""
+    out: list = []
+
+    def run():
+        out.append(deliver(url, **kwargs))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return (out[0] if out else None), time.monotonic() - started
+
+
+TRICKLED_BODY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n"
+TRICKLED_HEADERS = b"HTTP/1.1 200 OK\r\nX-Trickle: "
+
+
+@pytest.mark.parametrize("start", [TRICKLED_BODY, TRICKLED_HEADERS], ids=["body", "headers"])
+def test_an_answer_trickled_byte_by_byte_ends_at_the_attempts_timeout(trickler, start):
+    url = trickler(start)
+    result, took = send_bounded(url, 10, attempts=1, timeout=0.5)
+    assert result is not None, "send() still reading a trickled answer after 10 s"
+    assert not result.ok and result.attempts == 1
+    assert result.error.endswith(": answer not complete within 0.5s"), result.error
+    # The bound is the timeout; a loaded machine gets a generous margin.
+    assert took < 0.5 + 1.5, took
+
+
+def test_a_trickled_answer_is_retried_like_a_timeout_within_the_budget(trickler, caplog):
+    url = trickler(TRICKLED_BODY)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result, took = send_bounded(url, 15, attempts=2, timeout=0.5, base_delay=0.05)
+    assert result is not None, "send() still reading a trickled answer after 15 s"
+    assert (result.ok, result.attempts) == (False, 2)
+    # The last attempt may be a little shorter: the first overran its bound
+    # by a few milliseconds, and the two must fit the budget.
+    assert re.search(r": answer not complete within 0\.(5|4\d)s$", result.error), result.error
+    assert waits(caplog) == [0.05]
+    assert took < worst_case_seconds(0.5, 2, 0.05) + 1.5, took
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command for a certificate")
+def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    url = trickler(TRICKLED_BODY, tls=server_tls)
+    out: list = []
+
+    def run():
+        with requests.Session() as http:
+            # Not REQUESTS_CA_BUNDLE: it would take precedence over verify.
+            http.trust_env, http.verify = False, str(cert)
+            out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert out, "send() still reading a trickled answer over TLS after 10 s"
+    assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
+    assert time.monotonic() - started < 2.0
+
+
+def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
+    proxy = trickler(TRICKLED_BODY).rsplit("/", 1)[0]
+    out: list = []
+
+    def run():
+        with requests.Session() as http:
+            http.trust_env, http.proxies = False, {"http": proxy}
+            out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert out, "send() still reading an answer a proxy trickles after 10 s"
+    assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
+    assert time.monotonic() - started < 2.0
+
+
+def test_an_endless_answer_is_read_only_up_to_its_bound(trickler):
+    # A 2xx whose body never ends (a misbehaving proxy streaming a page):
+    # what is read is bounded, and the status still decides.
+    url = trickler(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 1000000000\r\n\r\n", b"x" * 65536, pause=0.001)
+    result, took = send_bounded(url, 10, attempts=1, timeout=3.0)
+    assert result is not None, "send() still reading an endless answer after 10 s"
+    assert result.ok and result.body == "x" * 500
+    assert took < 3.0, took
+
+
+def test_an_endless_redirect_is_read_only_up_to_its_bound_too(trickler):
+    # requests reads a redirect's whole body itself (to release the
+    # connection), even when it does not follow it.
+    url = trickler(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 1000000000\r\n\r\n", b"x" * 65536, pause=0.001)
+    result, took = send_bounded(url, 10, attempts=1, timeout=3.0)
+    assert result is not None, "send() still reading an endless redirect after 10 s"
+    assert (result.ok, result.status, result.body) == (False, 302, "x" * 500)
+    assert took < 2.0, took
+
+
+def test_a_silent_peer_is_still_named_as_giving_no_answer(receiver):
+    r = receiver("hang")  # answers after 2 s
+    result = deliver(r.server.url, attempts=1, timeout=0.3)
+    assert not result.ok and result.error == "ReadTimeout: no answer within 0.3s"
+
+
+# --------------------------------------------------------------------------- a 2xx judged by the channel
+
+
+def judged(url, verdict: Answer, attempts=3, seen: list | None = None):
+    def accept(status, body):
+        if seen is not None:
+            seen.append((status, body))
+        return verdict
+
+    with requests.Session() as http:
+        return send(http, url, {"text": "hi"}, "slack", 2.0, attempts, 1.0, 0.01, accept=accept)
+
+
+def test_the_channel_judges_a_2xx_and_sees_the_whole_answer(receiver):
+    r = receiver((200, {"Content-Type": "text/plain"}, b"ok"))
+    seen: list = []
+    assert judged(r.server.url, Answer.ACCEPTED, seen=seen) == Delivery(True, 200, 1, None, "ok")
+    assert seen == [(200, "ok")]
+
+
+def test_a_2xx_that_is_not_the_services_answer_is_retried_then_reported(receiver, caplog):
+    r = receiver(*[(200, {}, b"<html>portal</html>")] * 3)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = judged(r.server.url, Answer.UNRECOGNISED)
+    assert result == Delivery(False, 200, 3, "HTTP 200, not slack's answer: <html>portal</html>", "<html>portal</html>")
+    assert len(r.server.requests) == 3 and waits(caplog) == [0.01, 0.02]
+    assert "Notification refused" not in [rec.getMessage() for rec in caplog.records]
+
+
+def test_a_2xx_the_service_says_no_in_is_a_refusal_not_retried(receiver, caplog):
+    r = receiver((200, {}, b'{"ok":false,"error":"channel_not_found"}'))
+    with caplog.at_level(logging.ERROR, logger="delivery"):
+        result = judged(r.server.url, Answer.REFUSED)
+    assert (result.ok, result.status, result.attempts) == (False, 200, 1)
+    assert result.error == 'HTTP 200: {"ok":false,"error":"channel_not_found"}'
+    (record,) = [rec for rec in caplog.records if rec.getMessage() == "Notification refused"]
+    assert (record.status, record.response) == (200, '{"ok":false,"error":"channel_not_found"}')
+
+
+def test_only_a_2xx_is_judged(receiver):
+    r = receiver((500, {}, b"down"), (404, {}, b"no_service"))
+    seen: list = []
+    result = judged(r.server.url, Answer.ACCEPTED, attempts=2, seen=seen)
+    assert (result.ok, result.status, result.attempts) == (False, 404, 2) and seen == []
+
+
+def test_the_channel_judges_at_most_the_answers_bound(receiver):
+    r = receiver((200, {}, b"y" * (ANSWER_MAX_BYTES * 3)))
+    seen: list = []
+    assert judged(r.server.url, Answer.ACCEPTED, seen=seen).ok
+    assert seen == [(200, "y" * ANSWER_MAX_BYTES)]
+
+
+def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
+    r = receiver((200, {"Content-Type": "text/plain; charset=no-such-charset"}, b"ok \xff"))
+    assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")

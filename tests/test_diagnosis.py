@@ -23,6 +23,7 @@ from functions.diagnostics import facts as facts_module
 from functions.diagnostics.causes import VOCABULARY
 from functions.diagnostics.collector import Collector, load_probes
 from loopback.processes import wait_until
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler
 from shared import diagnosis, kube as kube_client
 from tests.diagnosis_cases import PROBES, Case, build, load_cases, load_into
 
@@ -188,6 +189,29 @@ def test_a_hanging_call_is_bounded_by_the_diagnosis_deadline(kube, prometheus, s
     assert sources["logs"]["state"] == "error"
     assert d["probable_causes"][0]["cause"] == "liveness_failing"
     kube_client.reset()
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_prometheus_that_trickles_its_answer_fails_its_queries_at_the_probe_timeout(kube, settings_obj, monkeypatch, start):
+    # requests' timeout bounds each read: a byte every 0.2 s would hold each
+    # query (and its probe thread) until the diagnosis deadline and past it.
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig_path))
+    kube_client.reset()
+    (case,) = [c for c in CASES if c.name == "liveness-deadlock"]
+    load_into(kube, case)
+    with Trickler(start) as prometheus:
+        config = dataclasses.replace(settings_obj, prometheus_url=prometheus.url, probe_timeout_seconds=0.5,
+                                     diagnostics_deadline_seconds=4.0)
+        started = time.monotonic()
+        d = Collector(config, load_probes(str(PROBES))).collect(case.incident())
+        took = time.monotonic() - started
+        asked = prometheus.requests
+    kube_client.reset()
+    assert asked > 0 and took < 2.5, (asked, took)
+    sources = {s["name"]: s for s in d["sources"]}
+    for name in ("metrics", "dependencies"):
+        assert sources[name]["state"] == "error" and "deadline" not in sources[name]["error"], sources[name]
+    assert sources["pods"]["state"] == "ok"
 
 
 def test_log_lines_are_stored_without_secrets(collector, kube):

@@ -192,6 +192,54 @@ def test_400_is_not_retried_is_recorded_and_never_logs_the_key(escalation, recei
     assert ROUTING_KEY not in escalation.logs() and SLACK_TOKEN not in escalation.logs()
 
 
+# --------------------------------------------------------------------------- a 2xx is not yet an acceptance
+# A captive portal, a proxy's error page or a wrong endpoint answers 200 with
+# a page of its own: nothing reached PagerDuty or Slack.
+PORTAL = (200, {"Content-Type": "text/html; charset=utf-8"}, b"<!DOCTYPE html><html><body>Sign in to the guest network</body></html>")
+
+
+@pytest.mark.parametrize("which", ["pagerduty", "slack"])
+def test_a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(escalation, receivers, clean_db, which):
+    pd, hook = receivers
+    receiver = pd if which == "pagerduty" else hook
+    receiver.script.extend([PORTAL] * 3)
+    row = open_incident(clean_db)
+    response = deliver(escalation, events.INCIDENT_OPENED, row)
+    assert response.status_code == 502 and which in response.text
+    assert len(receiver.requests) == 3  # NOTIFY_MAX_ATTEMPTS: retried like an error on their side
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == which]
+    assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 200, 3)
+    assert failed["error"].startswith(f"HTTP 200, not {which}'s answer: <!DOCTYPE html>")
+    assert claim_rows(clean_db, f"escalated:{row['id']}") == []
+    # The Broker's redelivery, once the portal is gone: sent, and only what was missing.
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert len(receiver.requests) == 4 and len(pd.requests) + len(hook.requests) == 5
+
+
+def test_slack_saying_ok_false_with_a_200_is_a_refusal_not_retried(escalation, receivers, clean_db):
+    _, hook = receivers
+    hook.script.append((200, {"Content-Type": "application/json"}, b'{"ok":false,"error":"channel_not_found"}'))
+    row = open_incident(clean_db)
+    response = deliver(escalation, events.INCIDENT_OPENED, row)
+    assert response.status_code == 502 and "channel_not_found" in response.text
+    assert len(hook.requests) == 1
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == "slack"]
+    assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 200, 1)
+    assert "Notification refused" in escalation.logs()
+
+
+@pytest.mark.parametrize("answer", [
+    (200, {"Content-Type": "application/json"}, b'{"ok":true}'),  # a workflow's webhook, the Web API
+    (200, {"Content-Type": "text/html"}, b"ok\n"),
+])
+def test_slacks_other_words_for_accepted_are_accepted(escalation, receivers, clean_db, answer):
+    _, hook = receivers
+    hook.script.append(answer)
+    row = open_incident(clean_db)
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert len(hook.requests) == 1
+
+
 def test_a_hanging_receiver_is_bounded_by_the_timeout(escalation, receivers, clean_db):
     pd, _ = receivers
     pd.script.extend(["hang:5"] * 3)

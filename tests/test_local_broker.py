@@ -14,6 +14,7 @@ from cloudevents.http import CloudEvent
 from local.broker import LocalBroker, ManifestError, load_brokers, parse_duration
 from loopback.servers import RecordingServer
 from loopback.processes import stays, wait_until
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -391,3 +392,20 @@ def test_stopping_ends_deliveries_waiting_to_retry_so_the_process_can_exit(tmp_p
     # and the interpreter joins it at exit.
     wait_until(lambda: broker.pending == 0, 5, message="the waiting delivery to end")
     assert len(servers["a"].requests) == 1 and servers["dls"].requests == []
+
+
+@pytest.mark.parametrize("start_of_answer", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_subscriber_that_trickles_its_answer_times_out_and_is_dead_lettered(tmp_path, servers, start_of_answer):
+    # requests' timeout bounds each read: a byte every 0.2 s would hold each
+    # delivery (and a thread of the broker) for good, never dead-lettered.
+    with Trickler(start_of_answer) as subscriber:
+        urls = {"a": subscriber.url, "b": servers["b"].url, "dls": servers["dls"].url}
+        brokers = load_brokers(write(tmp_path, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {}")), urls)
+        broker = LocalBroker(brokers, port=0).start()
+        try:
+            send(broker)
+            # Three attempts of at most 1 s each, and the backoff between them.
+            (dead,) = wait_until(lambda: servers["dls"].requests, 8, message="dead letter after three timed-out attempts")
+            assert dead.headers["ce-knativeerrorcode"] == "0" and subscriber.requests == 3
+        finally:
+            broker.stop()

@@ -21,6 +21,7 @@ from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
 from loopback.processes import FunctionProcess, wait_until
 from loopback.servers import RecordingServer
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
@@ -263,3 +264,17 @@ def test_metrics_show_what_noise_control_keeps_from_a_human_now(query, clean_db)
     assert samples[("maintenance_windows_active", ())] == 1
     age = samples[("alerting_pipeline_heartbeat_age_seconds", (("pipeline", "alertmanager|prometheus=monitoring/k8s"),))]
     assert 120 <= age < 180
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_an_alertmanager_that_trickles_its_answer_did_not_answer_within_the_timeout(start):
+    # requests' timeout bounds each read: a byte every 0.2 s would hold the
+    # engineer's request (and a worker of the query function) open for good.
+    from shared import silences
+    from shared.errors import ServiceUnavailable
+
+    with Trickler(start) as alertmanager:
+        ended, outcome, took = run_bounded(lambda: silences.AlertManager(alertmanager.url, 0.5).for_labels({"alertname": "A"}), 6)
+    assert ended, "the call to AlertManager outlived its timeout"
+    assert took < 2.5
+    assert isinstance(outcome, ServiceUnavailable) and "AlertManager did not answer: ReadTimeout" in str(outcome), outcome

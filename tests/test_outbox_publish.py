@@ -15,6 +15,7 @@ from shared import outbox
 from tests.factories import alert
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
 
 
 def pending(engine, *names) -> list[str]:
@@ -396,3 +397,20 @@ def test_a_drain_leases_one_batch_of_fifty_for_three_sends_of_the_default_timeou
         drain.join(30)
         server.stop()
     assert not drain.is_alive() and len(reports[0].published) == 60 and outbox.pending_count(clean_db) == 0
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_broker_that_trickles_its_answer_is_cut_at_the_timeout_and_the_event_stays_due(clean_db, start):
+    # requests' timeout bounds each read: a byte every 0.2 s would hold the
+    # drain (and every later event) for as long as the Broker likes.
+    (event_id,) = pending(clean_db, "OutA")
+    with Trickler(start) as broker:
+        ended, report, took = run_bounded(lambda: outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=0.5), 6)
+    assert ended, "the publish outlived its timeout"
+    assert took < 2.5
+    assert report.published == [] and not report.broker_unreachable
+    assert report.failed[event_id].startswith("ReadTimeout: "), report.failed
+    stored = rows(clean_db)[event_id]
+    # A failed attempt, retried at the next sweep: the event stays in the outbox.
+    assert stored.published_at is None and stored.attempts == 1 and stored.next_attempt_at is not None
+    assert outbox.pending_count(clean_db) == 1

@@ -17,6 +17,7 @@ from functions.remediation import playbooks as pb
 from functions.remediation.verify import alerts_query
 from loopback.kube import deployment, replicaset
 from loopback.processes import FunctionProcess, wait_until
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
 from shared import events
 from shared import incidents as svc
 from tests.prometheus import Prometheus
@@ -286,3 +287,21 @@ def test_an_answer_without_a_result_list_is_inconclusive_never_verified(body):
             assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked"), verdict
     finally:
         prometheus.stop()
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_prometheus_that_trickles_its_answer_is_a_failed_query_at_the_probe_timeout(start):
+    # requests' timeout bounds each read: a byte every 0.2 s would hold the
+    # verification (and the remediation's claim) for as long as the peer likes.
+    from shared.config import load_settings
+    from functions.remediation.verify import Verifier
+
+    (plain,) = pb.parse(_book(), "p.yaml")
+    row = {"alert_name": "A", "labels": {"namespace": "prod"}}
+    with Trickler(start) as prometheus:
+        config = load_settings({"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db", "REMEDIATION_VERIFY_WINDOW_SECONDS": "0",
+                                "PROMETHEUS_URL": prometheus.url, "PROBE_TIMEOUT_SECONDS": "0.5"})
+        ended, verdict, took = run_bounded(lambda: Verifier(config).check(row, plain, {}), 6)
+    assert ended, "the query outlived the probe timeout"
+    assert took < 2.5
+    assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked"), verdict

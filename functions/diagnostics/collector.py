@@ -71,11 +71,31 @@ def resolve_target(labels: dict, alert_name: str, probes: dict) -> Target:
 # --------------------------------------------------------------------------- Prometheus
 
 
-def _prometheus(url: str, timeout: float):
-    from prometheus_api_client import PrometheusConnect
-    from urllib3.util.retry import Retry
+class _Prometheus:
+    """Instant queries, each with its whole answer within ``timeout``
+    (shared.deadline): a Prometheus that trickles its answer fails that
+    query at the probe timeout instead of holding a probe thread past the
+    diagnosis."""
 
-    return PrometheusConnect(url=url, disable_ssl=False, retry=Retry(total=0), timeout=timeout)
+    def __init__(self, url: str, timeout: float):
+        import requests
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        from shared.deadline import DeadlineAdapter
+
+        self.timeout = timeout
+        http = requests.Session()
+        self.client = PrometheusConnect(url=url, disable_ssl=False, retry=Retry(total=0), timeout=timeout, session=http)
+        # The client mounts a plain adapter for its URL: the same one that
+        # keeps the bound replaces it.
+        http.mount(url, DeadlineAdapter(max_retries=Retry(total=0)))
+
+    def query(self, promql: str) -> list:
+        from shared.deadline import within
+
+        with within(self.timeout):
+            return self.client.custom_query(promql)
 
 
 def _scalar(result: list) -> float | None:
@@ -196,7 +216,7 @@ def _queries_each(run: _Run, section: str, queries: dict[str, str], target: Targ
         except TemplateError as exc:
             out[name] = str(exc)
             continue
-        out[name] = run.submit(section, lambda q=promql: interpret(prom.custom_query(q)))
+        out[name] = run.submit(section, lambda q=promql: interpret(prom.query(q)))
     return out
 
 
@@ -227,7 +247,7 @@ class Collector:
         # starts: the deadline bounds the calls, not a cold start.
         api = kube.api_client()
         reader = Reader(api, timeout) if api is not None else None
-        prom = _prometheus(self.config.prometheus_url, timeout) if self.config.prometheus_url else None
+        prom = _Prometheus(self.config.prometheus_url, timeout) if self.config.prometheus_url else None
         executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="probe")
         run = _Run(executor, time.monotonic() + self.config.diagnostics_deadline_seconds)
         try:

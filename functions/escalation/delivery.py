@@ -1,7 +1,18 @@
-"""Sending one notification: a timeout on every call, exponential backoff on
+"""Sending one notification: a bound on every attempt, exponential backoff on
 transport errors and on the answers the channel says are worth a retry
 (``429``, honouring ``Retry-After``, and ``5xx`` by default), and no retry on
 any other answer (it will not get better).
+
+The timeout bounds each attempt as a whole (name lookup, connect, TLS
+handshake, send and the whole answer, :mod:`shared.deadline`), not each
+socket read: a peer
+that trickles its answer a byte at a time is cut off at the timeout, like
+one that says nothing. At most :data:`ANSWER_MAX_BYTES` of an answer are
+read. A ``2xx`` is not yet an acceptance: the channel judges the answer
+(``accept``), because a proxy, a captive portal or a wrong endpoint answers
+``200`` with a page of its own, and Slack's Web API answers ``200`` with
+``"ok": false``. An answer the channel does not recognise is retried like
+an error on their side; a refusal in the service's own words is not.
 
 Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
 so the claim that guards a notification can go stale right after the budget
@@ -21,11 +32,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import requests
+import urllib3.exceptions
 
+from functions.escalation.answer import Answer, accept_any_2xx
+from shared.deadline import DeadlinePassed, request
 from shared.log import scrub
 
 log = logging.getLogger("delivery")
 BASE_DELAY = 0.5
+# Enough for any service's answer (PagerDuty's is under 200 bytes, Slack's
+# two): the rest of a longer one is never read.
+ANSWER_MAX_BYTES = 64 * 1024
+# Each attempt that runs to its bound overruns it by a little (the timer's
+# and the scheduler's latency), so after timed-out attempts the budget is
+# that much short of a full last attempt. Up to this share of the timeout,
+# the last attempt is made shorter rather than not made at all.
+OVERRUN_ALLOWANCE = 0.1
 
 
 @dataclass
@@ -47,13 +69,18 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
     """``ConnectionError: connection refused`` - the kind of failure, never
     the message (which names the URL)."""
     kind = type(exc).__name__
-    if isinstance(exc, requests.Timeout):
+    chain = [exc]
+    seen = {id(exc)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__ or _reason(chain[-1])) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        chain.append(nxt)
+    passed = next((e for e in chain if isinstance(e, DeadlinePassed)), None)
+    if passed is not None:
+        # Its text is ours: "answer not complete within 5s".
+        return f"{kind}: {passed}"
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
         return f"{kind}: no answer within {timeout:g}s"
-    root = exc
-    seen = set()
-    while (nxt := root.__cause__ or root.__context__ or _reason(root)) is not None and id(nxt) not in seen:
-        seen.add(id(root))
-        root = nxt
+    root = chain[-1]
     if isinstance(root, ConnectionRefusedError):
         return f"{kind}: connection refused"
     if isinstance(root, ConnectionResetError):
@@ -92,6 +119,17 @@ def _retry_by_default(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
+             timeout: float) -> tuple[requests.Response, str]:
+    """One POST and its answer, all of it within ``timeout``."""
+    # Never follow a redirect: requests turns a POST answered 301/302
+    # into a GET, whose 200 (a login page) is no page accepted, and a
+    # 307 re-posts the routing key in the body to wherever it points.
+    body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+    response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, headers=headers, allow_redirects=False, **body)
+    return response, response.text
+
+
 def send(
     http: requests.Session,
     url: str,
@@ -103,37 +141,42 @@ def send(
     base_delay: float = BASE_DELAY,
     headers: dict[str, str] | None = None,
     retry: Callable[[int], bool] = _retry_by_default,
+    accept: Callable[[int, str], Answer] = accept_any_2xx,
 ) -> Delivery:
     """POST ``payload`` (a dict as JSON, or bytes as they are: a signature
-    may cover them) until it is accepted, refused, or the budget is spent."""
+    may cover them) until it is accepted, refused, or the budget is spent.
+    ``timeout`` bounds each attempt as a whole; ``accept`` judges a ``2xx``."""
     deadline = time.monotonic() + worst_case_seconds(timeout, max_attempts, base_delay)
     delay = base_delay
     last = Delivery(False, None, 0, "not attempted")
     for attempt in range(1, max_attempts + 1):
+        # An attempt that used its whole timeout ends a little after it:
+        # the last one may be that much shorter, so the send stays in its budget.
+        bound = max(min(timeout, deadline - time.monotonic()), 0.001)
         try:
-            # Never follow a redirect: requests turns a POST answered 301/302
-            # into a GET, whose 200 (a login page) is no page accepted, and a
-            # 307 re-posts the routing key in the body to wherever it points.
-            if isinstance(payload, bytes):
-                response = http.post(url, data=payload, headers=headers, timeout=timeout, allow_redirects=False)
-            else:
-                response = http.post(url, json=payload, headers=headers, timeout=timeout, allow_redirects=False)
+            response, text = _attempt(http, url, payload, headers, bound)
         except requests.RequestException as exc:
             last = Delivery(False, None, attempt, describe_failure(exc, timeout))
             wait = delay
         else:
-            body = response.text[:500]
-            if 200 <= response.status_code < 300:
-                return Delivery(True, response.status_code, attempt, None, body)
-            last = Delivery(False, response.status_code, attempt, scrub(f"HTTP {response.status_code}: {body[:200]}"), body)
-            if retry(response.status_code):
-                wait = _retry_after(response, delay, max_retry_after) if response.status_code == 429 else delay
+            body = text[:500]
+            status = response.status_code
+            answer = accept(status, text) if 200 <= status < 300 else None
+            if answer is Answer.ACCEPTED:
+                return Delivery(True, status, attempt, None, body)
+            if answer is Answer.UNRECOGNISED:
+                last = Delivery(False, status, attempt, scrub(f"HTTP {status}, not {channel}'s answer: {body[:200]}"), body)
+                wait = delay
+            elif answer is None and retry(status):
+                last = Delivery(False, status, attempt, scrub(f"HTTP {status}: {body[:200]}"), body)
+                wait = _retry_after(response, delay, max_retry_after) if status == 429 else delay
             else:
+                # A refusal: a 4xx, or a 2xx saying no in the service's own words.
                 # The URL is the secret for Slack and Teams, the key is in the
                 # body for PagerDuty: log the status, never the request.
-                log.error("Notification refused", extra={"channel": channel, "status": response.status_code, "response": scrub(body, 200)})
-                return last
-        remaining = deadline - time.monotonic() - timeout
+                log.error("Notification refused", extra={"channel": channel, "status": status, "response": scrub(body, 200)})
+                return Delivery(False, status, attempt, scrub(f"HTTP {status}: {body[:200]}"), body)
+        remaining = deadline - time.monotonic() - timeout * (1 - OVERRUN_ALLOWANCE)
         if attempt < max_attempts and wait > remaining:
             # Waiting longer (a long Retry-After) would outlive the claim:
             # give the event back to the Broker, which retries it.

@@ -48,6 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
+from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import claims, db, events, eventio, incidents, members
 from shared.config import Settings
@@ -135,7 +136,8 @@ class EscalationHandler:
         """``channels``: built (and the ones that are off named) by the
         caller already, as the function does at start."""
         self.config = config
-        self.http = requests.Session()
+        # Every attempt is bounded as a whole (lookup, connect, TLS, send, the whole answer).
+        self.http = bounded(requests.Session())
         if channels is None:
             channels = registry.build(config)
             registry.name_the_ones_off(channels, log)
@@ -244,7 +246,7 @@ class EscalationHandler:
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
                     self.config.notify_max_attempts, self.config.notify_max_retry_after_seconds,
-                    headers=outgoing.headers or None, retry=channel.retry)
+                    headers=outgoing.headers or None, retry=channel.retry, accept=channel.accept)
 
     def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
         """Timeline entry and claim in one transaction, retried through a

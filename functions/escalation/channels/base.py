@@ -1,9 +1,11 @@
 """What a notification channel is: one small protocol the escalation handler
 loops over (:data:`functions.escalation.channels.REGISTRY`).
 
-A channel is built from the settings and answers four questions: its name,
+A channel is built from the settings and answers five questions: its name,
 whether it is configured, what it sends for a transition (``None`` when the
-transition means nothing to it), and which answers mean "try again". The
+transition means nothing to it), which answers mean "try again", and whether
+a ``2xx`` answer is the service saying "accepted" (a proxy's or a captive
+portal's page answers ``200`` too, and nothing arrived). The
 handler does everything else the same way for every channel: the claim per
 channel, action, incident, generation and transition, the timeline entry,
 the retries within one time budget, the ``502`` when a notification is not
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
+from functions.escalation.answer import Answer, accept_any_2xx
 from shared.config import Settings
 
 TRANSITIONS = ("opened", "root_changed", "acknowledged", "remediated", "remediation_failed", "resolved")
@@ -78,6 +81,11 @@ class Channel(Protocol):
     def retry(self, status: int) -> bool:
         """Does this HTTP answer mean "send it again"?"""
 
+    def accept(self, status: int, body: str) -> Answer:
+        """What a ``2xx`` answer means: accepted, not the service's answer
+        (retried), or the service's own refusal (not retried). ``body`` is
+        the answer's text (at most 64 KiB of it)."""
+
 
 def announces(config: Settings, note: Note) -> bool:
     """Chat channels tell every transition; an opening (or a new root, a
@@ -105,6 +113,9 @@ class ChatChannel:
 
     def retry(self, status: int) -> bool:
         return retry_by_default(status)
+
+    def accept(self, status: int, body: str) -> Answer:
+        return accept_any_2xx(status, body)
 
     def message(self, note: Note) -> Outgoing | None:
         if not announces(self.config, note):

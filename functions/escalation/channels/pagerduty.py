@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.answer import Answer
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
@@ -129,6 +130,20 @@ def follow_up_event(incident: dict, routing_key: str, action: str) -> dict:
     return {"routing_key": routing_key, "event_action": action, "dedup_key": incident["id"]}
 
 
+def judge(status: int, body: str) -> Answer:
+    """The Events API v2 accepts an event with ``202`` and JSON
+    ``{"status": "success", "message": "Event processed", "dedup_key": …}``
+    (its OpenAPI document, ``components.responses.Success``). Any other
+    ``2xx`` body is not PagerDuty speaking (a proxy's or a portal's page, a
+    wrong endpoint): retried, which is harmless, as a repeated event with the
+    same ``dedup_key`` changes nothing."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return Answer.UNRECOGNISED
+    return Answer.ACCEPTED if isinstance(answer, dict) and answer.get("status") == "success" else Answer.UNRECOGNISED
+
+
 class PagerDuty:
     name = "pagerduty"
     title = "PagerDuty"
@@ -143,6 +158,9 @@ class PagerDuty:
 
     def retry(self, status: int) -> bool:
         return retry_by_default(status)
+
+    def accept(self, status: int, body: str) -> Answer:
+        return judge(status, body)
 
     def message(self, note: Note) -> Outgoing | None:
         action = self._action(note)

@@ -9,9 +9,11 @@ never fewer than Slack counts. The webhook URL is the secret.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 from functions.escalation.channels.base import ChatChannel
+from functions.escalation.answer import Answer
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, probable_causes_brief, service_of, summary_of,
 )
@@ -146,6 +148,35 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
     return {"text": text, "blocks": blocks[:SLACK_BLOCKS_MAX]}
 
 
+# Slack's errors that say "not now" rather than "no" (its Web API's common
+# errors: internal_error and fatal_error "likely due to a transient issue on
+# our end", ratelimited, service_unavailable, request_timeout, and
+# team_added_to_org while a workspace migrates).
+SLACK_TRANSIENT_ERRORS = frozenset(
+    {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout", "team_added_to_org"})
+
+
+def judge(status: int, body: str) -> Answer:
+    """An incoming webhook accepts with ``200`` and the text ``ok``; a
+    workflow's webhook trigger and the Web API answer JSON ``{"ok": true}``.
+    ``{"ok": false, "error": "channel_not_found"}`` (with a ``200``) is
+    Slack's own refusal: not retried, unless its error is a transient one.
+    Anything else is not Slack speaking (a proxy's or a portal's page, a
+    wrong endpoint): retried."""
+    text = body.strip()
+    if text == "ok":
+        return Answer.ACCEPTED
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return Answer.UNRECOGNISED
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        return Answer.UNRECOGNISED
+    if answer["ok"]:
+        return Answer.ACCEPTED
+    return Answer.UNRECOGNISED if answer.get("error") in SLACK_TRANSIENT_ERRORS else Answer.REFUSED
+
+
 class Slack(ChatChannel):
     name = "slack"
     title = "Slack"
@@ -154,3 +185,6 @@ class Slack(ChatChannel):
 
     def __init__(self, config: Settings):
         super().__init__(config, config.slack_webhook_url)
+
+    def accept(self, status: int, body: str) -> Answer:
+        return judge(status, body)

@@ -11,6 +11,10 @@ punctuation be escaped that way): an alert cannot make a link, a heading or
 a list. The whole request stays under Teams' 28 KB message limit, measured
 as the bytes sent (JSON with ``\\uXXXX`` escapes); text shrinks until it fits.
 The URL carries the workflow's signature: it is the secret.
+
+Success is the status: a workflow answers ``202 Accepted`` with no body and
+a (retiring) Microsoft 365 connector ``200`` with the text ``1``; neither
+gives a body that says more, so no ``2xx`` is second-guessed.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import time
 from datetime import datetime, timezone
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.answer import Answer, accept_any_2xx
 from functions.escalation.channels.text import incident_url, runbook_url, service_of, summary_of
 from shared import events
 from shared.config import Settings
@@ -116,6 +117,10 @@ class Webhook:
 
     def retry(self, status: int) -> bool:
         return status == 408 or retry_by_default(status)
+
+    def accept(self, status: int, body: str) -> Answer:
+        # Our own receivers' contract: any 2xx, whatever its body.
+        return accept_any_2xx(status, body)
 
     def message(self, note: Note) -> Outgoing | None:
         body = payload(self.config, note)

@@ -1,0 +1,263 @@
+"""shared.deadline: the bound covers the name lookup and the connect too,
+not only what is sent and read once connected.
+
+A "dead" address on loopback: a listening socket with a backlog of 0 whose
+one queue place is taken by a connection never accepted, so Linux drops
+every further SYN and a connect to it waits in silence, like a host that is
+down (a closed port would refuse at once, which no one waits for). The
+fixture checks that it does stay silent. More than one address for a name:
+``socket.getaddrinfo`` patched in-process for the test's own names."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from functions.escalation.delivery import describe_failure
+from loopback.servers import RecordingServer
+from shared import deadline
+
+
+@pytest.fixture
+def dead_port():
+    """A loopback port a connect to waits on, unanswered."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    for _ in range(8):
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except TimeoutError:
+            probe.close()
+            break
+        held.append(probe)
+    else:
+        pytest.skip("this kernel answers a full listen queue: no silent address on loopback")
+    yield port
+    for sock in held:
+        sock.close()
+    listener.close()
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts the TCP connection and never says a word (a TLS
+    handshake to it stalls)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.fixture
+def names(monkeypatch):
+    """The test's own host names: a name maps to a list of loopback ports
+    (its addresses, in order) or to a callable standing in for the lookup."""
+    table: dict = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if host not in table:
+            return real(host, port, family, type, proto, flags)
+        entry = table[host]
+        if callable(entry):
+            return entry(host, port)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", p)) for p in entry]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture
+def receiver():
+    server = RecordingServer().start()
+    yield server
+    server.stop()
+
+
+def pools(adapter: HTTPAdapter) -> list:
+    """The connection pools an adapter has sent through."""
+    return [adapter.poolmanager.pools[key] for key in adapter.poolmanager.pools.keys()]
+
+
+def timed(call):
+    start = time.monotonic()
+    try:
+        return call(), time.monotonic() - start
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc, time.monotonic() - start
+
+
+def test_a_dead_first_address_still_delivers_within_the_bound(names, dead_port, receiver):
+    names["two.test"] = [dead_port, receiver.port]
+    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"http://two.test:{receiver.port}/x", 1.0,
+                                                  data=b"{}"))
+    assert isinstance(result, requests.Response), describe_failure(result, 1.0)
+    assert result.status_code == 202 and took < 1.0
+    assert len(receiver.received()) == 1
+
+
+def test_three_dead_addresses_before_a_working_one_still_deliver_within_the_bound(names, dead_port, receiver):
+    names["four.test"] = [dead_port, dead_port, dead_port, receiver.port]
+    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"http://four.test:{receiver.port}/x", 2.0,
+                                                  data=b"{}"))
+    assert isinstance(result, requests.Response), describe_failure(result, 2.0)
+    assert result.status_code == 202 and took < 2.0
+
+
+def test_addresses_that_all_stay_silent_fail_at_the_bound_not_one_bound_each(names, dead_port):
+    names["dead.test"] = [dead_port, dead_port, dead_port]
+    result, took = timed(lambda: deadline.request(requests.Session(), "POST", "http://dead.test/x", 1.0, data=b"{}"))
+    assert isinstance(result, requests.ConnectTimeout), result
+    assert 0.9 < took < 1.3
+    assert describe_failure(result, 1.0) == "ConnectTimeout: no connection within 1s"
+
+
+def test_a_tls_handshake_gets_only_what_the_connect_left_of_the_bound(names, dead_port, silent_port):
+    # The dead address takes its share of the bound; the handshake with a
+    # peer that never answers it must not start a whole bound of its own.
+    names["tls.test"] = [dead_port, silent_port]
+    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"https://tls.test:{silent_port}/x", 1.5,
+                                                  data=b"{}", verify=False))
+    assert isinstance(result, requests.Timeout), result
+    assert took < 1.8
+
+
+def test_a_slow_lookup_leaves_the_tls_handshake_only_the_rest_of_the_bound(names, silent_port):
+    def slow(host, port):
+        time.sleep(0.8)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", silent_port))]
+
+    names["slowtls.test"] = slow
+    result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"https://slowtls.test:{silent_port}/", 1.5,
+                                                  verify=False))
+    assert isinstance(result, requests.Timeout), result
+    assert took < 1.8
+
+
+def test_a_stalled_name_lookup_ends_at_the_bound(names):
+    released = threading.Event()
+
+    def stalled(host, port):
+        released.wait(5)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    names["stalled.test"] = stalled
+    try:
+        result, took = timed(lambda: deadline.request(requests.Session(), "GET", "http://stalled.test/", 1.0))
+    finally:
+        released.set()
+    assert isinstance(result, requests.ConnectTimeout), result
+    assert 0.9 < took < 1.3
+    assert describe_failure(result, 1.0) == "ConnectTimeout: no connection within 1s"
+
+
+def test_a_lookup_that_fails_is_still_named_as_one(names):
+    def unknown(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    names["nowhere.test"] = unknown
+    result, _ = timed(lambda: deadline.request(requests.Session(), "GET", "http://nowhere.test/", 1.0))
+    assert isinstance(result, requests.ConnectionError), result
+    assert describe_failure(result, 1.0) == "ConnectionError: the host name did not resolve"
+
+
+def test_a_refused_first_address_moves_on_to_the_next_at_once(names, receiver):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    names["refused.test"] = [refused_port, receiver.port]
+    result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"http://refused.test:{receiver.port}/", 2.0))
+    assert isinstance(result, requests.Response), result
+    assert result.status_code == 202 and took < 0.2
+
+
+def test_a_read_waits_what_is_left_of_the_bound_whatever_the_sockets_timeout():
+    # The per-read wait comes from the bound alone: a socket left with a
+    # short timeout (by an earlier exchange on a kept-alive connection, say)
+    # must not make a read give up long before the bound.
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(0.01)
+        bound = deadline._Bound(time.monotonic() + 2.0, 2.0)
+        reader = deadline._BoundedSocketReader(ours.makefile("rb").detach(), ours, bound)
+        answer = threading.Timer(0.2, theirs.sendall, (b"x",))
+        answer.start()
+        buffer = bytearray(4)
+        assert reader.readinto(buffer) == 1 and buffer[:1] == b"x"
+    finally:
+        answer.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_kept_alive_connection_serves_exchange_after_exchange(receiver):
+    # The first answer comes late, so its reads wait less than the bound;
+    # the connection is kept and every later exchange on it succeeds.
+    def late_then_quick(recorded):
+        time.sleep(0.6 if recorded.path == "/late" else 0.2)
+        return 200, {}, b"{}"
+
+    receiver.responder = late_then_quick
+    http = requests.Session()
+    for path in ("/late", "/1", "/2", "/3"):
+        response = deadline.request(http, "GET", receiver.url + path, 1.0)
+        assert response.status_code == 200 and response.content == b"{}"
+    assert [pool.num_connections for pool in pools(http.get_adapter(receiver.url))] == [1]
+
+
+def test_a_session_given_to_request_sends_through_the_bounded_adapter(receiver):
+    http = requests.Session()
+    assert deadline.request(http, "GET", receiver.url + "/", 1.0).status_code == 202
+    adapter = http.get_adapter(receiver.url)
+    assert isinstance(adapter, deadline.DeadlineAdapter)
+    (pool,) = pools(adapter)
+    assert issubclass(pool.ConnectionCls, deadline._BoundedConnection)
+    assert pool.num_connections == 1
+
+
+def test_an_adapter_mounted_closer_to_the_url_is_refused_not_sent_through_unbounded(receiver):
+    # requests picks the adapter with the longest matching prefix: one
+    # mounted for this very host would carry the exchange without the bound.
+    http = requests.Session()
+    http.mount(receiver.url, HTTPAdapter())
+    with pytest.raises(TypeError, match="bound"):
+        deadline.request(http, "GET", receiver.url + "/", 1.0)
+    assert receiver.received() == []
+
+
+def test_a_name_whose_lookup_stalls_does_not_hold_up_the_lookups_of_others(names, receiver):
+    # Every attempt at a channel whose DNS stalls looks its name up again;
+    # the page channel's lookup must not queue behind all of them.
+    released = threading.Event()
+
+    def stalled(host, port):
+        released.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    names["stalled.test"] = stalled
+    names["good.test"] = [receiver.port]
+    callers = [threading.Thread(target=timed, args=(lambda: deadline.request(requests.Session(), "GET", "http://stalled.test/",
+                                                                             0.3),))
+               for _ in range(3 * deadline.RESOLVER_THREADS)]
+    try:
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"http://good.test:{receiver.port}/", 1.0))
+    finally:
+        released.set()
+    assert isinstance(result, requests.Response), describe_failure(result, 1.0)
+    assert result.status_code == 202
