@@ -209,7 +209,7 @@ def test_a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502
     assert len(receiver.requests) == 3  # NOTIFY_MAX_ATTEMPTS: retried like an error on their side
     (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == which]
     assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 200, 3)
-    assert failed["error"].startswith(f"HTTP 200, not {which}'s answer: <!DOCTYPE html>")
+    assert failed["error"].startswith("HTTP 200, not accepted: <!DOCTYPE html>")
     assert claim_rows(clean_db, f"escalated:{row['id']}") == []
     # The Broker's redelivery, once the portal is gone: sent, and only what was missing.
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202

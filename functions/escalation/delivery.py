@@ -11,7 +11,12 @@ read. A ``2xx`` is not yet an acceptance: the channel judges the answer
 (``accept``), because a proxy, a captive portal or a wrong endpoint answers
 ``200`` with a page of its own, and Slack's Web API answers ``200`` with
 ``"ok": false``. An answer the channel does not recognise is retried like
-an error on their side; a refusal in the service's own words is not.
+an error on their side; a refusal in the service's own words is not retried
+here (the handler answers ``502``, so the Broker's redelivery tries again).
+A judge that fails on an answer counts it as unrecognised. A ``2xx`` whose
+body is cut off by the bound is judged on what arrived: a channel judged by
+the status alone has its notification accepted (sending it again would post
+it twice); any other retries it as the timeout it is.
 
 Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
 so the claim that guards a notification can go stale right after the budget
@@ -67,7 +72,8 @@ def worst_case_seconds(timeout: float, max_attempts: int, base_delay: float = BA
 
 def describe_failure(exc: BaseException, timeout: float) -> str:
     """``ConnectionError: connection refused`` - the kind of failure, never
-    the message (which names the URL)."""
+    the message (which names the URL). ``timeout``: the bound of the attempt
+    that failed (the last one may be shorter than the others)."""
     kind = type(exc).__name__
     chain = [exc]
     seen = {id(exc)}
@@ -79,7 +85,7 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
         # Its text is ours: "answer not complete within 5s".
         return f"{kind}: {passed}"
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return f"{kind}: no answer within {timeout:g}s"
+        return f"{kind}: no answer within {round(timeout, 2):g}s"
     root = chain[-1]
     if isinstance(root, ConnectionRefusedError):
         return f"{kind}: connection refused"
@@ -129,12 +135,21 @@ def _read_bounded(response: requests.Response, *args, **kwargs) -> requests.Resp
     data = bytearray()
     try:
         while len(data) < ANSWER_MAX_BYTES:
-            chunk = response.raw.read(min(READ_CHUNK_BYTES, ANSWER_MAX_BYTES - len(data)), decode_content=True)
+            # read1: what has arrived, so a read cut off by the bound keeps
+            # what came before it (read() would wait for the whole chunk).
+            chunk = response.raw.read1(min(READ_CHUNK_BYTES, ANSWER_MAX_BYTES - len(data)), decode_content=True)
             if not chunk:
                 break
             data += chunk
     except urllib3.exceptions.ReadTimeoutError as exc:
-        raise requests.ReadTimeout(exc) from exc
+        timeout = requests.ReadTimeout(exc)
+        if not 200 <= response.status_code < 300:
+            raise timeout from exc
+        # The receiver said 2xx and its body is still coming: the channel
+        # judges what arrived (for one judged by the status, it is accepted;
+        # sending it again would post it twice), :func:`send` decides.
+        timeout.__cause__ = exc
+        response.cut_short = timeout
     except urllib3.exceptions.SSLError as exc:
         raise requests.exceptions.SSLError(exc) from exc
     except urllib3.exceptions.DecodeError as exc:
@@ -146,6 +161,18 @@ def _read_bounded(response: requests.Response, *args, **kwargs) -> requests.Resp
     response._content = bytes(data)
     response._content_consumed = True
     return response
+
+
+def _judge(accept: Callable[[int, str], Answer], channel: str, status: int, text: str) -> Answer:
+    """The channel's judgement of a ``2xx``; one that fails (a body it could
+    not parse) is no judgement: the answer is unrecognised and retried, so
+    that no receiver's answer becomes our own 4xx or 5xx to the Broker."""
+    try:
+        answer = accept(status, text)
+    except Exception as exc:  # noqa: BLE001 - any judge's failure: the answer is unrecognised, retried
+        log.error("Notification answer could not be judged", extra={"channel": channel, "status": status, "error": type(exc).__name__})
+        return Answer.UNRECOGNISED
+    return answer if isinstance(answer, Answer) else Answer.UNRECOGNISED
 
 
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
@@ -188,16 +215,22 @@ def send(
         try:
             response, text = _attempt(http, url, payload, headers, bound)
         except requests.RequestException as exc:
-            last = Delivery(False, None, attempt, describe_failure(exc, timeout))
+            last = Delivery(False, None, attempt, describe_failure(exc, bound))
             wait = delay
         else:
             body = text[:500]
             status = response.status_code
-            answer = accept(status, text) if 200 <= status < 300 else None
+            answer = _judge(accept, channel, status, text) if 200 <= status < 300 else None
             if answer is Answer.ACCEPTED:
                 return Delivery(True, status, attempt, None, body)
-            if answer is Answer.UNRECOGNISED:
-                last = Delivery(False, status, attempt, scrub(f"HTTP {status}, not {channel}'s answer: {body[:200]}"), body)
+            cut_short = getattr(response, "cut_short", None)
+            if cut_short is not None:
+                # Not accepted from what arrived: a timeout, retried as one.
+                last = Delivery(False, None, attempt, describe_failure(cut_short, bound))
+                wait = delay
+            elif answer is Answer.UNRECOGNISED:
+                # A page that is not the service's, or the service's "not now".
+                last = Delivery(False, status, attempt, scrub(f"HTTP {status}, not accepted: {body[:200]}"), body)
                 wait = delay
             elif answer is None and retry(status):
                 last = Delivery(False, status, attempt, scrub(f"HTTP {status}: {body[:200]}"), body)
