@@ -106,10 +106,10 @@ def scrub(text: str | None, limit: int = 300, secrets: Secrets = SECRETS) -> str
     text: no URL at all (an error may quote a secret one) and no secret."""
     if text is None:
         return None
-    # Control characters go too: PostgreSQL stores no NUL in text or JSONB
-    # (an answer quoting one could not be recorded at all).
-    text = _CONTROL.sub("\ufffd", text)
-    cleaned = secrets.redact(_URL.sub("<url>", text))
+    # Control characters go too, after the secrets (one may hold one):
+    # PostgreSQL stores no NUL in text or JSONB (an answer quoting one could
+    # not be recorded at all), and a terminal obeys the others.
+    cleaned = _CONTROL.sub("\ufffd", secrets.redact(_URL.sub("<url>", text)))
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
