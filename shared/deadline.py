@@ -373,7 +373,7 @@ def bounded(http: requests.Session) -> requests.Session:
     return http
 
 
-def read_at_most(limit: int | None):
+def read_at_most(limit: int | None, partial_2xx: bool = False):
     """A response hook (for a request made with ``stream=True``): at most
     ``limit`` bytes of the answer's body (all of it for None) become its
     content, read inside the bound of :func:`within`. It runs before
@@ -381,19 +381,28 @@ def read_at_most(limit: int | None):
     the connection, even when it does not follow the redirect). A failure
     while reading raises what requests would, a timeout as a timeout. An
     answer read to its end leaves the connection to be reused; one cut
-    short closes it."""
+    short closes it. With ``partial_2xx``, a ``2xx`` whose body the bound
+    cuts off keeps what arrived, and the timeout is left on the response as
+    ``cut_short`` for the caller to judge (a receiver that said ``2xx`` may
+    have acted on the request: sending it again could do it twice)."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
         data = bytearray()
         try:
             while limit is None or len(data) < limit:
                 want = READ_CHUNK_BYTES if limit is None else min(READ_CHUNK_BYTES, limit - len(data))
-                chunk = response.raw.read(want, decode_content=True)
+                # read1: what has arrived, so a read cut off by the bound
+                # keeps what came before it (read() waits for the whole chunk).
+                chunk = response.raw.read1(want, decode_content=True)
                 if not chunk:
                     break
                 data += chunk
         except urllib3.exceptions.ReadTimeoutError as exc:
-            raise requests.ReadTimeout(exc) from exc
+            timeout = requests.ReadTimeout(exc)
+            if not (partial_2xx and 200 <= response.status_code < 300):
+                raise timeout from exc
+            timeout.__cause__ = exc
+            response.cut_short = timeout
         except urllib3.exceptions.SSLError as exc:
             raise requests.exceptions.SSLError(exc) from exc
         except urllib3.exceptions.DecodeError as exc:
@@ -410,7 +419,7 @@ def read_at_most(limit: int | None):
 
 
 def request(http: requests.Session, method: str, url: str, timeout: float, max_bytes: int | None = None,
-            **kwargs) -> requests.Response:
+            partial_2xx: bool = False, **kwargs) -> requests.Response:
     """One request and its answer (at most ``max_bytes`` of its body, all
     for None) within ``timeout`` as a whole, on ``http`` made
     :func:`bounded`; ``kwargs`` go to requests (``allow_redirects`` too:
@@ -424,4 +433,4 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     # Through the session's own get()/post()/..., which a subclass may extend.
     send = getattr(http, method.lower())
     with within(timeout):
-        return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes)}, **kwargs)
+        return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes, partial_2xx)}, **kwargs)

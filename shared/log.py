@@ -97,12 +97,19 @@ def redact(text: str) -> str:
     return SECRETS.redact(text)
 
 
+# C0 controls and DEL, but the newline and the tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def scrub(text: str | None, limit: int = 300, secrets: Secrets = SECRETS) -> str | None:
     """What may be stored (timeline, dead letters, API answers) of an error
     text: no URL at all (an error may quote a secret one) and no secret."""
     if text is None:
         return None
-    cleaned = secrets.redact(_URL.sub("<url>", text))
+    # Control characters go too, after the secrets (one may hold one):
+    # PostgreSQL stores no NUL in text or JSONB (an answer quoting one could
+    # not be recorded at all), and a terminal obeys the others.
+    cleaned = _CONTROL.sub("\ufffd", secrets.redact(_URL.sub("<url>", text)))
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 

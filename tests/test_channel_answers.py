@@ -12,11 +12,13 @@ import pytest
 import requests
 
 from functions.escalation.channels import pagerduty, slack
+from functions.escalation.channels.slack import Slack
 from functions.escalation.channels.teams import Teams
 from functions.escalation.channels.webhook import Webhook
 from functions.escalation.answer import Answer
 from functions.escalation.delivery import send
 from loopback import notify
+from shared.config import load_settings
 
 PORTAL = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Guest Wi-Fi</body></html>"
 
@@ -70,6 +72,61 @@ def test_slack_accepts_ok_or_ok_true_and_refuses_ok_false(body, answer):
     assert slack.judge(200, body) is answer
 
 
+# JSON nested deeper than the parser goes: json.loads raises RecursionError,
+# not ValueError, and it fits in the 64 KiB of an answer that are read.
+TOO_DEEP = "[" * 60000
+
+
+@pytest.mark.parametrize("judge", [pagerduty.judge, slack.judge], ids=["pagerduty", "slack"])
+@pytest.mark.parametrize("body", [TOO_DEEP, '{"ok": ' + "[" * 60000, '{"status": ' + "{\"a\": " * 30000])
+def test_an_answer_nested_too_deep_to_parse_is_unrecognised_not_an_error(judge, body):
+    assert judge(200, body) is Answer.UNRECOGNISED
+
+
+@pytest.mark.parametrize("body", [
+    '{"ok":false,"error":["internal_error"]}',  # unhashable: no `in` a frozenset
+    '{"ok":false,"error":{"code":"internal_error"}}',
+    '{"ok":false,"error":5}',
+    '{"ok":false,"error":null}',
+])
+def test_slack_saying_no_with_an_error_that_is_not_a_string_is_a_refusal(body):
+    assert slack.judge(200, body) is Answer.REFUSED
+
+
+def slack_at(url: str) -> Slack:
+    return Slack(load_settings({"DATABASE_URL": "postgresql://u@h/d", "SLACK_WEBHOOK_URL": url}))
+
+
+@pytest.mark.parametrize("url", [
+    "https://hooks.slack.com/services/T0/B0/X",
+    "https://hooks.slack.com/triggers/T0/1/abc",
+    "https://HOOKS.SLACK.COM/services/T0/B0/X",
+    "https://hooks.slack-gov.com/services/T0/B0/X",  # GovSlack
+])
+def test_slacks_own_webhooks_are_judged_by_their_answer(url):
+    channel = slack_at(url)
+    assert channel.accept(200, "ok") is Answer.ACCEPTED
+    assert channel.accept(200, PORTAL) is Answer.UNRECOGNISED
+    assert channel.accept(200, '{"ok":false,"error":"channel_not_found"}') is Answer.REFUSED
+
+
+@pytest.mark.parametrize("url", [
+    "https://mattermost.example.com/hooks/xxxgenerated",
+    "https://chat.example.com/hooks/abc/def",  # Rocket.Chat
+    "https://hooks.slack.com.evil.example/services/T0/B0/X",
+    "https://slack-proxy.internal/services/T0/B0/X",
+])
+@pytest.mark.parametrize("body", [
+    "ok",                # Mattermost (as text/plain)
+    '{"success":true}',  # Rocket.Chat
+    "",
+])
+def test_a_slack_compatible_receiver_elsewhere_is_judged_by_the_status_alone(url, body):
+    # Its own words for "accepted" are not Slack's: judged by Slack's, every
+    # message would be posted again and again, then dead-lettered.
+    assert slack_at(url).accept(200, body) is Answer.ACCEPTED
+
+
 @pytest.mark.parametrize("channel", [Teams, Webhook])
 @pytest.mark.parametrize("status, body", [(202, ""), (200, "1"), (204, ""), (200, PORTAL)])
 def test_teams_and_the_webhook_are_judged_by_the_status_alone(channel, status, body):
@@ -120,5 +177,5 @@ def test_a_portal_answering_200_is_never_delivered(receivers, which):
     receiver.script.extend([(200, {"Content-Type": "text/html"}, PORTAL.encode())] * 3)
     result = post(receiver.url + "/x", body, which, judge, attempts=3)
     assert (result.ok, result.status, result.attempts) == (False, 200, 3)
-    assert result.error == f"HTTP 200, not {which}'s answer: {PORTAL}"
+    assert result.error == f"HTTP 200, not accepted: {PORTAL}"
     assert len(receiver.requests) == 3

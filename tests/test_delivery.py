@@ -21,7 +21,10 @@ import requests
 
 from urllib3.exceptions import MaxRetryError, NameResolutionError
 
-from functions.escalation.answer import Answer
+from functions.escalation.answer import Answer, accept_any_2xx
+from functions.escalation.channels import pagerduty
+from functions.escalation.channels.teams import Teams
+from functions.escalation.channels.webhook import Webhook
 from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
@@ -67,9 +70,9 @@ def waits(caplog) -> list[float]:
     return [rec.wait_s for rec in caplog.records if rec.getMessage() == "Notification failed, retrying"]
 
 
-def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0):
+def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0, accept=accept_any_2xx):
     with requests.Session() as http:
-        return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay)
+        return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay, accept=accept)
 
 
 @pytest.mark.parametrize("status", [202, 299])
@@ -433,7 +436,8 @@ TRICKLED_HEADERS = b"HTTP/1.1 200 OK\r\nX-Trickle: "
 @pytest.mark.parametrize("start", [TRICKLED_BODY, TRICKLED_HEADERS], ids=["body", "headers"])
 def test_an_answer_trickled_byte_by_byte_ends_at_the_attempts_timeout(trickler, start):
     url = trickler(start)
-    result, took = send_bounded(url, 10, attempts=1, timeout=0.5)
+    # Judged by its body: what arrived of it ("aaa…") is no acceptance.
+    result, took = send_bounded(url, 10, attempts=1, timeout=0.5, accept=pagerduty.judge)
     assert result is not None, "send() still reading a trickled answer after 10 s"
     assert not result.ok and result.attempts == 1
     assert result.error.endswith(": answer not complete within 0.5s"), result.error
@@ -444,7 +448,7 @@ def test_an_answer_trickled_byte_by_byte_ends_at_the_attempts_timeout(trickler, 
 def test_a_trickled_answer_is_retried_like_a_timeout_within_the_budget(trickler, caplog):
     url = trickler(TRICKLED_BODY)
     with caplog.at_level(logging.WARNING, logger="delivery"):
-        result, took = send_bounded(url, 15, attempts=2, timeout=0.5, base_delay=0.05)
+        result, took = send_bounded(url, 15, attempts=2, timeout=0.5, base_delay=0.05, accept=pagerduty.judge)
     assert result is not None, "send() still reading a trickled answer after 15 s"
     assert (result.ok, result.attempts) == (False, 2)
     # The last attempt may be a little shorter: the first overran its bound
@@ -468,7 +472,7 @@ def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_
         with requests.Session() as http:
             # Not REQUESTS_CA_BUNDLE: it would take precedence over verify.
             http.trust_env, http.verify = False, str(cert)
-            out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0))
+            out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0, accept=pagerduty.judge))
 
     started = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
@@ -486,7 +490,8 @@ def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
     def run():
         with requests.Session() as http:
             http.trust_env, http.proxies = False, {"http": proxy}
-            out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0))
+            out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0,
+                            accept=pagerduty.judge))
 
     started = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
@@ -495,6 +500,41 @@ def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
     assert out, "send() still reading an answer a proxy trickles after 10 s"
     assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_body_is_still_coming_at_the_timeout_is_accepted_by_a_channel_judged_by_the_status(trickler, channel):
+    # The receiver said 200 and took the card or the event: trying again
+    # would post it twice. What arrived of the body is handed to the judge.
+    url = trickler(TRICKLED_BODY)
+    seen: list = []
+
+    def accept(status, body):
+        seen.append((status, body))
+        return channel.accept(object.__new__(channel), status, body)
+
+    result, took = send_bounded(url, 15, attempts=3, timeout=0.5, accept=accept)
+    assert result is not None, "send() still reading a trickled answer after 15 s"
+    assert (result.ok, result.status, result.attempts, result.error) == (True, 200, 1, None)
+    assert len(seen) == 1 and seen[0][0] == 200 and set(seen[0][1]) <= {"a"}
+    assert took < 0.5 + 1.5, took
+
+
+def test_a_2xx_cut_off_at_the_timeout_that_its_judge_does_not_accept_is_a_timeout(trickler, caplog):
+    url = trickler(TRICKLED_BODY)
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result, _ = send_bounded(url, 15, attempts=2, timeout=0.5, base_delay=0.05, accept=pagerduty.judge)
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (False, None, 2)
+    assert re.search(r"^ReadTimeout: answer not complete within 0\.(5|4\d)s$", result.error), result.error
+
+
+def test_a_non_2xx_cut_off_at_the_timeout_is_never_judged(trickler):
+    url = trickler(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100000\r\n\r\n")
+    seen: list = []
+    result, _ = send_bounded(url, 10, attempts=1, timeout=0.5, accept=lambda status, body: seen.append(status) or Answer.ACCEPTED)
+    assert result is not None and not result.ok and seen == []
+    assert result.error.endswith(": answer not complete within 0.5s"), result.error
 
 
 def test_an_endless_answer_is_read_only_up_to_its_bound(trickler):
@@ -547,7 +587,7 @@ def test_a_2xx_that_is_not_the_services_answer_is_retried_then_reported(receiver
     r = receiver(*[(200, {}, b"<html>portal</html>")] * 3)
     with caplog.at_level(logging.WARNING, logger="delivery"):
         result = judged(r.server.url, Answer.UNRECOGNISED)
-    assert result == Delivery(False, 200, 3, "HTTP 200, not slack's answer: <html>portal</html>", "<html>portal</html>")
+    assert result == Delivery(False, 200, 3, "HTTP 200, not accepted: <html>portal</html>", "<html>portal</html>")
     assert len(r.server.requests) == 3 and waits(caplog) == [0.01, 0.02]
     assert "Notification refused" not in [rec.getMessage() for rec in caplog.records]
 
@@ -574,6 +614,25 @@ def test_the_channel_judges_at_most_the_answers_bound(receiver):
     seen: list = []
     assert judged(r.server.url, Answer.ACCEPTED, seen=seen).ok
     assert seen == [(200, "y" * ANSWER_MAX_BYTES)]
+
+
+@pytest.mark.parametrize("failure", [RecursionError("maximum recursion depth exceeded"), TypeError("unhashable type: 'list'"),
+                                     ValueError("x")])
+def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(receiver, caplog, failure):
+    # Whatever a receiver answers, its judge must not turn it into our own
+    # 4xx (the Broker drops the event: a page lost) or 5xx without a record.
+    r = receiver(*[(200, {}, b"[[[[")] * 3)
+
+    def accept(status, body):
+        raise failure
+
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        with requests.Session() as http:
+            result = send(http, r.server.url, {"text": "hi"}, "slack", 2.0, 3, 1.0, 0.01, accept=accept)
+    assert result == Delivery(False, 200, 3, "HTTP 200, not accepted: [[[[", "[[[[")
+    assert len(r.server.requests) == 3
+    judged_badly = [rec for rec in caplog.records if rec.getMessage() == "Notification answer could not be judged"]
+    assert [rec.error for rec in judged_badly] == [type(failure).__name__] * 3
 
 
 def test_an_answer_in_an_unknown_charset_is_still_read(receiver):

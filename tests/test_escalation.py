@@ -198,46 +198,130 @@ def test_400_is_not_retried_is_recorded_and_never_logs_the_key(escalation, recei
 PORTAL = (200, {"Content-Type": "text/html; charset=utf-8"}, b"<!DOCTYPE html><html><body>Sign in to the guest network</body></html>")
 
 
+@pytest.fixture(scope="module")
+def escalation_at_slack(base_env, pd, slack_hook):
+    """The escalation posting to Slack's own host (whose answers are judged
+    by their body), through an HTTP proxy that is the loopback Slack."""
+    env = {
+        **base_env,
+        "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
+        "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": "http://hooks.slack.com" + SLACK_PATH,
+        "HTTP_PROXY": slack_hook.url, "http_proxy": slack_hook.url,
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        "NOTIFY_TIMEOUT_SECONDS": "1",
+        "NOTIFY_MAX_ATTEMPTS": "3",
+        "PUBLIC_URL": "http://incident-api.production:8080",
+    }
+    proc = FunctionProcess("escalation", env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def at_slack(escalation_at_slack, receivers):
+    """The process, and that its Slack posts did reach Slack's host."""
+    yield escalation_at_slack
+    _, hook = receivers
+    assert all(r.path.startswith("http://hooks.slack.com/services/") for r in hook.requests), [r.path for r in hook.requests]
+
+
 @pytest.mark.parametrize("which", ["pagerduty", "slack"])
-def test_a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(escalation, receivers, clean_db, which):
+def test_a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(at_slack, receivers, clean_db, which):
     pd, hook = receivers
     receiver = pd if which == "pagerduty" else hook
     receiver.script.extend([PORTAL] * 3)
     row = open_incident(clean_db)
-    response = deliver(escalation, events.INCIDENT_OPENED, row)
+    response = deliver(at_slack, events.INCIDENT_OPENED, row)
     assert response.status_code == 502 and which in response.text
     assert len(receiver.requests) == 3  # NOTIFY_MAX_ATTEMPTS: retried like an error on their side
     (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == which]
     assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 200, 3)
-    assert failed["error"].startswith(f"HTTP 200, not {which}'s answer: <!DOCTYPE html>")
+    assert failed["error"].startswith("HTTP 200, not accepted: <!DOCTYPE html>")
     assert claim_rows(clean_db, f"escalated:{row['id']}") == []
     # The Broker's redelivery, once the portal is gone: sent, and only what was missing.
-    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert deliver(at_slack, events.INCIDENT_OPENED, row).status_code == 202
     assert len(receiver.requests) == 4 and len(pd.requests) + len(hook.requests) == 5
 
 
-def test_slack_saying_ok_false_with_a_200_is_a_refusal_not_retried(escalation, receivers, clean_db):
+def test_slack_saying_ok_false_with_a_200_is_a_refusal_not_retried(at_slack, receivers, clean_db):
     _, hook = receivers
     hook.script.append((200, {"Content-Type": "application/json"}, b'{"ok":false,"error":"channel_not_found"}'))
     row = open_incident(clean_db)
-    response = deliver(escalation, events.INCIDENT_OPENED, row)
+    response = deliver(at_slack, events.INCIDENT_OPENED, row)
     assert response.status_code == 502 and "channel_not_found" in response.text
     assert len(hook.requests) == 1
     (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == "slack"]
     assert (failed["outcome"], failed["status"], failed["attempts"]) == ("failed", 200, 1)
-    assert "Notification refused" in escalation.logs()
+    assert "Notification refused" in at_slack.logs()
 
 
 @pytest.mark.parametrize("answer", [
     (200, {"Content-Type": "application/json"}, b'{"ok":true}'),  # a workflow's webhook, the Web API
     (200, {"Content-Type": "text/html"}, b"ok\n"),
 ])
-def test_slacks_other_words_for_accepted_are_accepted(escalation, receivers, clean_db, answer):
+def test_slacks_other_words_for_accepted_are_accepted(at_slack, receivers, clean_db, answer):
+    _, hook = receivers
+    hook.script.append(answer)
+    row = open_incident(clean_db)
+    assert deliver(at_slack, events.INCIDENT_OPENED, row).status_code == 202
+    assert len(hook.requests) == 1
+
+
+# JSON nested deeper than the parser goes: json.loads raises RecursionError.
+TOO_DEEP = b"[" * 60000
+
+
+@pytest.mark.parametrize("which, answer", [
+    ("pagerduty", (200, {"Content-Type": "application/json"}, TOO_DEEP)),
+    ("slack", (200, {"Content-Type": "application/json"}, TOO_DEEP)),
+    ("slack", (200, {"Content-Type": "application/json"}, b'{"ok":false,"error":["internal_error"]}')),
+], ids=["pagerduty-too-deep", "slack-too-deep", "slack-error-not-a-string"])
+def test_no_answer_to_a_notification_drops_the_event_or_goes_unrecorded(at_slack, receivers, clean_db, which, answer):
+    # Before: the judge raised (RecursionError, mapped to 400: the Broker
+    # dropped the event, the page was lost and Slack never tried; TypeError:
+    # 500 and no timeline entry).
+    pd, hook = receivers
+    receiver = pd if which == "pagerduty" else hook
+    receiver.script.extend([answer] * 3)
+    row = open_incident(clean_db)
+    response = deliver(at_slack, events.INCIDENT_OPENED, row)
+    assert response.status_code == 502, (response.status_code, response.text)
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == which]
+    assert (failed["outcome"], failed["status"]) == ("failed", 200)
+    # Every channel was tried: the other one was sent.
+    assert [n["outcome"] for n in notifications(clean_db, row["id"]) if n["channel"] != which] == ["sent"]
+    # The Broker's redelivery, once the receiver answers as it should: sent.
+    receiver.script.clear()
+    assert deliver(at_slack, events.INCIDENT_OPENED, row).status_code == 202
+
+
+# A Slack-compatible receiver that is not Slack (Mattermost answers the text
+# "ok", Rocket.Chat {"success": true}): judged by the status alone, so its
+# own word for "accepted" is not taken for a portal's page.
+@pytest.mark.parametrize("answer", [
+    (200, {"Content-Type": "text/plain"}, b"ok"),                             # Mattermost
+    (200, {"Content-Type": "application/json"}, b'{"success":true}'),          # Rocket.Chat
+], ids=["mattermost", "rocket.chat"])
+def test_a_slack_compatible_receiver_elsewhere_is_accepted_at_its_first_answer(escalation, receivers, clean_db, answer):
     _, hook = receivers
     hook.script.append(answer)
     row = open_incident(clean_db)
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
     assert len(hook.requests) == 1
+    (sent,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == "slack"]
+    assert (sent["outcome"], sent["attempts"]) == ("sent", 1)
+
+
+def test_an_answer_quoting_a_nul_is_still_recorded(escalation, receivers, clean_db):
+    # PostgreSQL keeps no NUL in JSONB: the failure went unrecorded (503).
+    pd, _ = receivers
+    pd.script.append((400, {"Content-Type": "application/json"}, b'{"status":"invalid event","message":"bad\x00key"}'))
+    row = open_incident(clean_db)
+    response = deliver(escalation, events.INCIDENT_OPENED, row)
+    assert response.status_code == 502, (response.status_code, response.text)
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == "pagerduty"]
+    assert failed["outcome"] == "failed" and "\x00" not in failed["error"] and "bad\ufffdkey" in failed["error"]
 
 
 def test_a_hanging_receiver_is_bounded_by_the_timeout(escalation, receivers, clean_db):

@@ -269,6 +269,17 @@ def test_scrub_cuts_at_the_limit_with_an_ellipsis(registry):
     assert log.scrub("abcdefg", limit=6, secrets=registry) == "abcde…"
 
 
+def test_scrub_replaces_control_characters_but_the_newline_and_the_tab(registry):
+    # PostgreSQL refuses a NUL in JSONB: an error quoting one could not be recorded.
+    text = "bad\x00key\x1b[31m red\x7f\r\nline two\tcolumn"
+    assert log.scrub(text, secrets=registry) == "bad\ufffdkey\ufffd[31m red\ufffd\ufffd\nline two\tcolumn"
+
+
+def test_scrub_masks_a_secret_holding_a_control_character(registry):
+    registry.register("pass\x01word-secret")
+    assert log.scrub("auth with pass\x01word-secret failed", secrets=registry) == "auth with **** failed"
+
+
 def test_scrub_cuts_after_masking(registry):
     registry.register("x" * 40)
     assert log.scrub("x" * 40 + " tail", limit=10, secrets=registry) == "**** tail"

@@ -12,7 +12,12 @@ read. A ``2xx`` is not yet an acceptance: the channel judges the answer
 (``accept``), because a proxy, a captive portal or a wrong endpoint answers
 ``200`` with a page of its own, and Slack's Web API answers ``200`` with
 ``"ok": false``. An answer the channel does not recognise is retried like
-an error on their side; a refusal in the service's own words is not.
+an error on their side; a refusal in the service's own words is not retried
+here (the handler answers ``502``, so the Broker's redelivery tries again).
+A judge that fails on an answer counts it as unrecognised. A ``2xx`` whose
+body is cut off by the bound is judged on what arrived: a channel judged by
+the status alone has its notification accepted (sending it again would post
+it twice); any other retries it as the timeout it is.
 
 Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
 so the claim that guards a notification can go stale right after the budget
@@ -67,7 +72,8 @@ def worst_case_seconds(timeout: float, max_attempts: int, base_delay: float = BA
 
 def describe_failure(exc: BaseException, timeout: float) -> str:
     """``ConnectionError: connection refused`` - the kind of failure, never
-    the message (which names the URL)."""
+    the message (which names the URL). ``timeout``: the bound of the attempt
+    that failed (the last one may be shorter than the others)."""
     kind = type(exc).__name__
     chain = [exc]
     seen = {id(exc)}
@@ -79,7 +85,7 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
         # Its text is ours: "answer not complete within 5s".
         return f"{kind}: {passed}"
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return f"{kind}: no answer within {timeout:g}s"
+        return f"{kind}: no answer within {round(timeout, 2):g}s"
     root = chain[-1]
     if isinstance(root, ConnectionRefusedError):
         return f"{kind}: connection refused"
@@ -119,6 +125,18 @@ def _retry_by_default(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+def _judge(accept: Callable[[int, str], Answer], channel: str, status: int, text: str) -> Answer:
+    """The channel's judgement of a ``2xx``; one that fails (a body it could
+    not parse) is no judgement: the answer is unrecognised and retried, so
+    that no receiver's answer becomes our own 4xx or 5xx to the Broker."""
+    try:
+        answer = accept(status, text)
+    except Exception as exc:  # noqa: BLE001 - any judge's failure: the answer is unrecognised, retried
+        log.error("Notification answer could not be judged", extra={"channel": channel, "status": status, "error": type(exc).__name__})
+        return Answer.UNRECOGNISED
+    return answer if isinstance(answer, Answer) else Answer.UNRECOGNISED
+
+
 def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: dict[str, str] | None,
              timeout: float) -> tuple[requests.Response, str]:
     """One POST and its answer, all of it within ``timeout``."""
@@ -126,7 +144,10 @@ def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: d
     # into a GET, whose 200 (a login page) is no page accepted, and a
     # 307 re-posts the routing key in the body to wherever it points.
     body = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
-    response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, headers=headers, allow_redirects=False, **body)
+    # A 2xx whose body the bound cuts off comes back with what arrived and
+    # ``cut_short`` set: the channel judges it (send).
+    response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, partial_2xx=True, headers=headers,
+                       allow_redirects=False, **body)
     return response, response.text
 
 
@@ -156,16 +177,22 @@ def send(
         try:
             response, text = _attempt(http, url, payload, headers, bound)
         except requests.RequestException as exc:
-            last = Delivery(False, None, attempt, describe_failure(exc, timeout))
+            last = Delivery(False, None, attempt, describe_failure(exc, bound))
             wait = delay
         else:
             body = text[:500]
             status = response.status_code
-            answer = accept(status, text) if 200 <= status < 300 else None
+            answer = _judge(accept, channel, status, text) if 200 <= status < 300 else None
             if answer is Answer.ACCEPTED:
                 return Delivery(True, status, attempt, None, body)
-            if answer is Answer.UNRECOGNISED:
-                last = Delivery(False, status, attempt, scrub(f"HTTP {status}, not {channel}'s answer: {body[:200]}"), body)
+            cut_short = getattr(response, "cut_short", None)
+            if cut_short is not None:
+                # Not accepted from what arrived: a timeout, retried as one.
+                last = Delivery(False, None, attempt, describe_failure(cut_short, bound))
+                wait = delay
+            elif answer is Answer.UNRECOGNISED:
+                # A page that is not the service's, or the service's "not now".
+                last = Delivery(False, status, attempt, scrub(f"HTTP {status}, not accepted: {body[:200]}"), body)
                 wait = delay
             elif answer is None and retry(status):
                 last = Delivery(False, status, attempt, scrub(f"HTTP {status}: {body[:200]}"), body)

@@ -83,8 +83,11 @@ class Channel(Protocol):
 
     def accept(self, status: int, body: str) -> Answer:
         """What a ``2xx`` answer means: accepted, not the service's answer
-        (retried), or the service's own refusal (not retried). ``body`` is
-        the answer's text (at most 64 KiB of it)."""
+        (retried), or the service's own refusal (not retried within the
+        attempt; the handler answers 502 and the Broker redelivers). ``body``
+        is the answer's text (at most 64 KiB of it, or what arrived of it
+        within the attempt's bound). It should not raise: an answer its
+        judge fails on counts as not the service's."""
 
 
 def announces(config: Settings, note: Note) -> bool:

@@ -139,7 +139,8 @@ def judge(status: int, body: str) -> Answer:
     same ``dedup_key`` changes nothing."""
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: JSON nested deeper than the parser goes ("[[[[…").
         return Answer.UNRECOGNISED
     return Answer.ACCEPTED if isinstance(answer, dict) and answer.get("status") == "success" else Answer.UNRECOGNISED
 
