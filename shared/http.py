@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from flask import Request, Response
 
+from shared import content_coding
 from shared.config import Secret
 from shared.errors import (
     ApiError,
@@ -223,14 +224,26 @@ def has_body(request: Request) -> bool:
     return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
 
 
-def parse_json_body(request: Request, limit: int, allow_empty: bool = False) -> Any:
-    """The JSON body; ``None`` for an empty one when ``allow_empty``."""
+def parse_json_body(request: Request, limit: int, allow_empty: bool = False, text_plain: bool = False) -> Any:
+    """The JSON body; ``None`` for an empty one when ``allow_empty``.
+
+    ``text_plain``: a body labelled ``text/plain`` is read as JSON too (relays
+    and scripts in front of a webhook label what they forward so). Off where
+    a browser could post: a cross-site form may send text/plain without a
+    preflight. A gzip or deflate ``Content-Encoding`` is undone within
+    ``limit`` (shared/content_coding.py)."""
     content_type = (request.mimetype or "").lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+    json_type = not content_type or content_type == "application/json" or content_type.endswith("+json")
+    if not json_type and not (text_plain and content_type == "text/plain"):
         raise UnsupportedMediaType(f"expected Content-Type application/json, got {request.mimetype}")
-    body = read_body(request, limit)
+    body = content_coding.decode(read_body(request, limit), request.headers.get("Content-Encoding"), limit)
     if allow_empty and not body.strip():
         return None
+    if not body:
+        # HTTP/1.0 without a Content-Length has no body (RFC 9112 6.3): the
+        # sender meant one, and "Expecting value at line 1" would not say so.
+        raise BadRequest("the body is not valid JSON: it is empty (a request body needs a Content-Length "
+                         "or chunked Transfer-Encoding)")
     try:
         return json.loads(body)
     except UnicodeDecodeError:

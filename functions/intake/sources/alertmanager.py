@@ -25,6 +25,7 @@ from shared.alerts import (
     status_of,
     string_map,
     summary_from,
+    version_text,
 )
 from shared.config import Settings
 
@@ -32,6 +33,7 @@ NAME = "alertmanager"
 # Version 3 (older AlertManagers) carries the same alert objects; relays that
 # re-send AlertManager's groups sometimes leave the version out.
 ACCEPTED_VERSIONS = ("3", "4")
+LEGACY_GRAFANA_FIELDS = {"ruleName", "state"}
 
 
 def parse(payload: Any, config: Settings) -> Parsed:
@@ -40,10 +42,9 @@ def parse(payload: Any, config: Settings) -> Parsed:
     alerts, or every alert rejected."""
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
-    version = payload.get("version")
-    if isinstance(version, int) and not isinstance(version, bool):
-        # A relay that re-marshals the group may write the version as a number.
-        version = str(version)
+    if LEGACY_GRAFANA_FIELDS <= payload.keys() and "alerts" not in payload:
+        raise InvalidPayload("", "this is a legacy Grafana alerting notification (ruleName, state): post it to /webhook/grafana")
+    version = version_text(payload.get("version"))
     if version is not None and version not in ACCEPTED_VERSIONS:
         raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
     items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, config))
