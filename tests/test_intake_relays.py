@@ -228,3 +228,26 @@ def test_legacy_grafana_sent_to_the_alertmanager_route_is_told_the_right_route(i
     response = post(intake, json.dumps(legacy("alerting")).encode())
     assert response.status_code == 400, response.text
     assert "/webhook/grafana" in response.json()["message"]
+
+
+def test_a_blank_alertname_from_grafana_takes_the_groups_name(intake, clean_db):
+    """Blank is as good as missing: an incident named "  " cannot be read on
+    the board or in a page."""
+    alert = raw_alert("x")
+    alert["labels"]["alertname"] = "  "
+    payload = {**webhook([alert]), "version": "1", "commonLabels": {"alertname": "FromTheGroup"}}
+    response = post(intake, json.dumps(payload).encode(), path="/webhook/grafana")
+    assert response.status_code == 200, response.text
+    assert names(clean_db) == {"FromTheGroup": "open"}
+
+
+# --------------------------------------------------------------------------- CloudEvents
+
+
+def test_a_compressed_cloudevent_is_decompressed(intake, clean_db):
+    headers = {"ce-specversion": "1.0", "ce-type": "io.incidentresponse.incident.report", "ce-source": "/relay",
+               "ce-id": "gz-1", "Content-Encoding": "gzip"}
+    body = gzip.compress(json.dumps({"alert_name": "CompressedReport", "priority": "P1"}).encode())
+    response = post(intake, body, path="/events", **headers)
+    assert response.status_code == 200, response.text
+    assert names(clean_db) == {"CompressedReport": "open"}

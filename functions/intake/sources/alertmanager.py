@@ -59,7 +59,7 @@ def parse_alert(raw: Any, path: str, config: Settings, source: str = NAME, fallb
     if not isinstance(raw, dict):
         raise InvalidPayload(path, "must be an object")
     labels = string_map(raw.get("labels", MISSING), f"{path}.labels", required=True)
-    if not labels.get("alertname") and fallback_name:
+    if not labels.get("alertname", "").strip() and fallback_name:
         labels["alertname"] = fallback_name
     annotations = string_map(raw.get("annotations", MISSING), f"{path}.annotations", compound_as_json=True)
     alert_name = alert_name_of(labels, f"{path}.labels.alertname")
