@@ -251,3 +251,38 @@ def test_a_compressed_cloudevent_is_decompressed(intake, clean_db):
     response = post(intake, body, path="/events", **headers)
     assert response.status_code == 200, response.text
     assert names(clean_db) == {"CompressedReport": "open"}
+
+
+# --------------------------------------------------------------------------- times that cannot be a resolution
+
+
+def resolved_at(engine, name: str):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT resolved_at, starts_at, timezone('utc', now()) AS now FROM incidents "
+                                    "WHERE alert_name = :name"), {"name": name}).mappings().one()
+
+
+def fire_then_resolve(intake, name: str, starts_at: str, ends_at: str) -> None:
+    firing = {**raw_alert(name), "startsAt": starts_at}
+    assert post(intake, json.dumps(webhook([firing])).encode()).json()["counts"] == {"created": 1}
+    resolved = {**raw_alert(name, status="resolved"), "startsAt": starts_at, "endsAt": ends_at}
+    assert post(intake, json.dumps(webhook([resolved])).encode()).json()["counts"] == {"resolved": 1}
+
+
+def test_a_resolution_dated_in_the_far_future_is_resolved_now(intake, clean_db):
+    """An endsAt of 9999 stored as it is would hold the incident inside the
+    reopen window for ever and push the mean time to resolve out by millennia."""
+    fire_then_resolve(intake, "EndsInFuture", "2026-11-27T22:00:00Z", "9999-12-31T23:59:59Z")
+    row = resolved_at(clean_db, "EndsInFuture")
+    assert row["resolved_at"] <= row["now"]
+
+
+def test_a_resolution_dated_before_the_alert_started_is_resolved_when_it_started(intake, clean_db):
+    fire_then_resolve(intake, "EndsBeforeStart", "2026-11-27T22:00:00Z", "2026-11-27T21:00:00Z")
+    row = resolved_at(clean_db, "EndsBeforeStart")
+    assert row["resolved_at"] == row["starts_at"]
+
+
+def test_a_resolution_in_the_past_keeps_its_time(intake, clean_db):
+    fire_then_resolve(intake, "EndsInPast", "2026-11-27T22:00:00Z", "2026-11-27T23:30:00Z")
+    assert resolved_at(clean_db, "EndsInPast")["resolved_at"].isoformat() == "2026-11-27T23:30:00"
