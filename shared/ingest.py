@@ -207,15 +207,16 @@ RESOLVE_MEMBERS = sa.text(compact(
     """
 ))
 
-# A sender's endsAt is kept, within what a resolution can be: not before the
-# alert started (a clock skewed the other way) and not after now (an endsAt of
-# 9999 would hold the incident inside the reopen window for ever).
+# A sender's endsAt is kept, but never after now: an endsAt of 9999 would hold
+# the incident inside the reopen window for ever. An endsAt before the firing's
+# startsAt is kept: AlertManager sends one when a resolution is posted to its
+# API with its own startsAt (tests/fixtures/alertmanager/testincident-*.json).
 RESOLVE_WHEN_ALL_RESOLVED = sa.text(compact(
     f"""
     UPDATE incidents AS i
     SET status = 'resolved', updated_at = {UTC_NOW}, resolved_by = 'alert',
-        resolved_at = LEAST(GREATEST(COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
-                                              x.ends_at, {UTC_NOW}), i.starts_at), {UTC_NOW})
+        resolved_at = LEAST(COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
+                                     x.ends_at, {UTC_NOW}), {UTC_NOW})
     FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id text, ends_at timestamp) ORDER BY id) AS x
     WHERE i.id = x.id AND i.status IN ('open', 'investigating')
       AND NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = i.id AND m.status = 'firing')
