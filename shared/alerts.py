@@ -214,10 +214,23 @@ def parse_time(value: Any, path: str) -> datetime | None:
 
 def version_text(value: Any) -> Any:
     """A payload's ``version`` as the string its producer writes; a relay
-    that re-marshals the group may write "4" as 4."""
+    that re-marshals the group may write "4" as 4, or as 4.0 (JavaScript and
+    Go's interface{} read every JSON number as a float)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
+
+
+# Legacy Grafana alerting's one-rule notification has no "alerts" list and
+# carries at least one of these; both webhook sources tell it apart by this
+# one rule (it is stored on /webhook/grafana, pointed there from /webhook/alert).
+LEGACY_GRAFANA_FIELDS = frozenset({"ruleName", "ruleId", "evalMatches"})
+
+
+def is_legacy_grafana(payload: dict) -> bool:
+    return "alerts" not in payload and not LEGACY_GRAFANA_FIELDS.isdisjoint(payload)
 
 
 def priority_of(labels: Mapping[str, str], config: Settings) -> str:

@@ -2,6 +2,7 @@
 (shared/content_coding.py), in-process; over HTTP in tests/test_intake_relays.py."""
 
 import gzip
+import tracemalloc
 import zlib
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 from shared import content_coding, errors
 
 BODY = b'{"alerts": []}' * 50
+
+
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(data) + packer.flush()
 
 
 def test_every_member_of_a_multi_member_gzip_body_is_read():
@@ -47,3 +53,63 @@ def test_an_empty_body_stays_empty_whatever_its_coding():
 def test_the_coding_named_unsupported_is_the_one_that_cannot_be_read():
     with pytest.raises(errors.UnsupportedMediaType, match="'br'"):
         content_coding.decode(b"x", "gzip, br", 100)
+
+
+def test_a_body_of_thousands_of_empty_gzip_members_is_refused_at_the_member_cap():
+    """Each member is a new decompressor: 1 MiB of 20-byte empty members was
+    52,000 of them and most of a second of CPU (2 MiB, six seconds)."""
+    empty = gzip.compress(b"")
+    members = empty * (1024 * 1024 // len(empty))
+    with pytest.raises(errors.BadRequest, match=f"more than {content_coding.MAX_GZIP_MEMBERS} gzip members"):
+        content_coding.decode(members, "gzip", 1024 * 1024)
+
+
+def test_gzip_members_up_to_the_cap_are_all_read():
+    body = b"".join(gzip.compress(b"%d," % n) for n in range(content_coding.MAX_GZIP_MEMBERS))
+    assert content_coding.decode(body, "gzip", 1000) == b"".join(b"%d," % n for n in range(content_coding.MAX_GZIP_MEMBERS))
+
+
+@pytest.mark.parametrize("stream", [zlib.compress(b""), raw_deflate(b"")], ids=["zlib", "raw"])
+def test_a_deflate_body_is_one_stream_and_data_after_it_is_refused(stream):
+    """RFC 9110 8.4.1.2: deflate is one zlib stream. A second stream after it
+    was read like a gzip member (1 MiB of empty zlib streams: 2.4 s)."""
+    with pytest.raises(errors.BadRequest, match="^the body is not valid deflate"):
+        content_coding.decode(stream * 2, "deflate", 1000)
+
+
+def test_a_corrupt_deflate_body_is_reported_with_the_zlib_error_not_the_raw_fallbacks():
+    with pytest.raises(errors.BadRequest, match="incorrect header check"):
+        content_coding.decode(b"\x00\x01\x02 not deflate", "deflate", 1000)
+
+
+@pytest.mark.parametrize("header", ["UTF-8", "utf8", "text", "chunked", "gzip, utf-8"])
+def test_a_header_value_that_is_not_a_compression_leaves_the_body_as_it_is(header, caplog):
+    """Senders put a charset or a transfer coding in Content-Encoding
+    (expressjs/body-parser #100, #108); the body was stored before codings
+    were read, and a 415 is never retried."""
+    body = gzip.compress(BODY) if header.startswith("gzip") else BODY
+    assert content_coding.decode(body, header, len(BODY)) == BODY
+    assert "not a content coding" in caplog.text
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "x-compress", "dcb", "dcz", "aes128gcm", "exi", "pack200-gzip"])
+def test_every_registered_compression_that_cannot_be_undone_is_unsupported(coding):
+    with pytest.raises(errors.UnsupportedMediaType, match=repr(coding)):
+        content_coding.decode(b"x", coding, 100)
+
+
+def test_a_gzip_bomb_is_refused_holding_little_more_than_the_limit():
+    """A gzip of 1 GiB of spaces (about 1 MB of input) at a 1 MiB limit: the
+    decoded body held is bounded by the limit plus one chunk, not by what
+    the input could become."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    spaces = b" " * (1024 * 1024)
+    bomb = b"".join(packer.compress(spaces) for _ in range(1024)) + packer.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.PayloadTooLarge):
+            content_coding.decode(bomb, "gzip", 1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, peak

@@ -104,6 +104,31 @@ def test_a_content_coding_the_intake_cannot_read_is_415_naming_it(intake, clean_
     assert names(clean_db) == {}
 
 
+@pytest.mark.parametrize("coding", ["UTF-8", "utf8", "text", "chunked"])
+def test_a_content_encoding_that_is_not_a_compression_is_read_as_it_is(intake, clean_db, coding):
+    """Senders put a charset or a transfer coding there (expressjs/body-parser
+    #100, #108); such a group was stored before codings were read, and a 415
+    is never retried."""
+    response = post(intake, group("NotACoding"), **{"Content-Encoding": coding})
+    assert response.status_code == 200, response.text
+    assert names(clean_db) == {"NotACoding": "open"}
+
+
+def test_a_body_of_thousands_of_empty_gzip_members_is_400_naming_the_cap(intake, clean_db):
+    """Each member costs a decompressor; the body limit's worth of empty
+    20-byte members was 3,000 of them here, 52,000 at the default limit."""
+    empty = gzip.compress(b"")
+    response = post(intake, empty * (LIMIT // len(empty)), **{"Content-Encoding": "gzip"})
+    assert response.status_code == 400, response.text
+    assert "gzip members" in response.json()["message"]
+
+
+def test_a_gzip_of_nothing_is_400_saying_the_body_is_empty(intake, clean_db):
+    response = post(intake, gzip.compress(b""), **{"Content-Encoding": "gzip"})
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == "the body is not valid JSON: it is empty"
+
+
 @pytest.mark.parametrize("coding, broken", [("gzip", b"\x1f\x8b\x08\x00not gzip at all"), ("gzip", gzip.compress(b"{}")[:-6]),
                                             ("deflate", b"\x00\x01\x02 not deflate")])
 def test_a_corrupt_compressed_body_is_400_naming_the_coding(intake, clean_db, coding, broken):
@@ -139,7 +164,8 @@ def test_a_body_without_framing_is_400_saying_it_arrived_empty(intake, clean_db)
             answer += chunk
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400"), answer[:300]
-    assert "empty" in json.loads(payload)["message"]
+    message = json.loads(payload)["message"]
+    assert "empty" in message and "Content-Length" in message
     assert names(clean_db) == {}
 
 
@@ -206,21 +232,39 @@ def test_legacy_grafana_alerting_opens_an_incident_and_ok_resolves_it(intake, cl
     assert names(clean_db) == {"Disk latency": "resolved"}
 
 
-def test_legacy_grafana_no_data_is_a_firing_alert(intake, clean_db):
-    response = post(intake, json.dumps(legacy("no_data")).encode(), path="/webhook/grafana")
-    assert response.status_code == 200, response.text
+def test_legacy_grafana_no_data_opens_an_incident_that_ok_resolves(intake, clean_db):
+    """The rule's data is gone: an incident. Grafana notifies no_data -> ok
+    (it does not notify no_data -> pending -> ok; README says so)."""
+    opened = post(intake, json.dumps(legacy("no_data")).encode(), path="/webhook/grafana")
+    assert opened.status_code == 200, opened.text
+    assert opened.json()["results"][0]["action"] == "created"
     assert names(clean_db) == {"Disk latency": "open"}
+    resolved = post(intake, json.dumps(legacy("ok")).encode(), path="/webhook/grafana")
+    assert resolved.json()["results"][0]["action"] == "resolved"
+    assert names(clean_db) == {"Disk latency": "resolved"}
+
+
+def test_legacy_grafana_alerting_then_no_data_then_ok_is_one_incident_resolved(intake, clean_db):
+    """no_data after alerting is the same rule: it refreshes the open
+    incident rather than opening a second, and the ok that follows resolves it."""
+    actions = [post(intake, json.dumps(legacy(state)).encode(), path="/webhook/grafana").json()["results"][0]
+               for state in ("alerting", "no_data", "ok")]
+    assert [a["action"] for a in actions] == ["created", "refreshed", "resolved"]
+    assert len({a["incident_id"] for a in actions}) == 1
+    assert names(clean_db) == {"Disk latency": "resolved"}
 
 
 @pytest.mark.parametrize(
     "change, field",
     [({"state": "paused"}, "state"), ({"state": None}, "state"), ({"ruleName": "", "title": "[Alerting] "}, "ruleName"),
-     ({"ruleName": None, "title": None}, "ruleName"), ({"tags": ["a"]}, "tags")],
+     ({"ruleName": None, "title": None}, "ruleName"), ({"tags": ["a"]}, "tags"), ({"state": ["x"]}, "state"),
+     ({"state": {}}, "state"), ({"state": "x" * 5000}, "state")],
 )
 def test_a_legacy_grafana_notification_that_can_never_be_stored_is_400_naming_the_field(intake, clean_db, change, field):
     response = post(intake, json.dumps({**legacy("alerting"), **change}).encode(), path="/webhook/grafana")
     assert response.status_code == 400, response.text
     assert response.json()["field"] == field
+    assert len(response.json()["message"]) < 200
     assert names(clean_db) == {}
 
 

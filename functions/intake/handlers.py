@@ -119,7 +119,7 @@ class Intake:
         return result
 
     def webhook(self, request: Request, source: Source) -> dict:
-        payload = parse_json_body(request, source.body_limit(self.config), text_plain=True)
+        payload = parse_json_body(request, source.body_limit(self.config), webhook=True)
         try:
             hook = source.parse(payload, self.config)
         except InvalidPayload as exc:

@@ -19,6 +19,7 @@ from shared.alerts import (
     build,
     fingerprint_of,
     group_envelope,
+    is_legacy_grafana,
     parse_group,
     parse_time,
     priority_of,
@@ -33,7 +34,6 @@ NAME = "alertmanager"
 # Version 3 (older AlertManagers) carries the same alert objects; relays that
 # re-send AlertManager's groups sometimes leave the version out.
 ACCEPTED_VERSIONS = ("3", "4")
-LEGACY_GRAFANA_FIELDS = {"ruleName", "state"}
 
 
 def parse(payload: Any, config: Settings) -> Parsed:
@@ -42,7 +42,7 @@ def parse(payload: Any, config: Settings) -> Parsed:
     alerts, or every alert rejected."""
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
-    if LEGACY_GRAFANA_FIELDS <= payload.keys() and "alerts" not in payload:
+    if is_legacy_grafana(payload):
         raise InvalidPayload("", "this is a legacy Grafana alerting notification (ruleName, state): post it to /webhook/grafana")
     version = version_text(payload.get("version"))
     if version is not None and version not in ACCEPTED_VERSIONS:
