@@ -6,8 +6,9 @@ labelled with a compression coding nobody here reads, it must be a 415
 naming it (RFC 9110 15.5.16), not parsed as if plain. Some senders put a
 charset or a transfer coding there (``UTF-8``, ``chunked``): those are not
 compressions, and the body is read as it is, as it was before codings were
-looked at. The decoded body held is bounded by the route's limit plus one
-chunk: a few kilobytes of gzip can hold gigabytes. The work done is bounded
+looked at. No more than the route's limit plus one byte is ever decoded
+(a few kilobytes of gzip can hold gigabytes), from input fed one chunk at
+a time. The work done is bounded
 too: a gzip body may hold at most MAX_GZIP_MEMBERS members, and a deflate
 body exactly one stream.
 """
@@ -45,7 +46,7 @@ def codings(header: str) -> list[str]:
 
 def decode(body: bytes, header: str | None, limit: int) -> bytes:
     """``body`` with every compression of ``header`` undone, last applied
-    first; each decoding holds at most ``limit`` bytes plus one chunk."""
+    first; each decoding yields at most ``limit`` + 1 bytes (then a 413)."""
     applied = codings(header or "")
     unreadable = [coding for coding in applied if coding in UNREADABLE]
     if unreadable:
@@ -74,9 +75,11 @@ def _inflate(data: bytes, coding: str, limit: int) -> bytes:
 
 def _inflate_with(data: bytes, window: int, limit: int) -> bytes:
     """Every stream of ``data``: up to MAX_GZIP_MEMBERS gzip members, or the
-    one zlib or raw deflate stream. Input is fed a chunk at a time and output
-    taken a chunk at a time, so what is held besides the input is the output
-    so far (at most ``limit`` + 1 bytes) and one chunk."""
+    one zlib or raw deflate stream. Input is fed a chunk at a time (zlib then
+    copies at most that chunk into ``unconsumed_tail`` or ``unused_data``) and
+    each read is at most min(chunk, ``limit`` + 1 - decoded so far), so
+    besides the input what is held is at most ``limit`` + 1 decoded bytes,
+    one chunk of input, and, while they are joined, one copy of the output."""
     view = memoryview(data)
     parts: list[bytes] = []
     size = 0
