@@ -17,6 +17,7 @@ the payload can ever be stored.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
@@ -182,6 +183,11 @@ def optional_str(value: Any, path: str) -> str:
     return text
 
 
+# RFC 3339 allows second 60 (a leap second); datetime cannot hold it, so it
+# is read as the last instant of the second before.
+_LEAP_SECOND = re.compile(r"^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:)60(?:[.,]\d+)?")
+
+
 def parse_time(value: Any, path: str) -> datetime | None:
     """RFC 3339 to naive UTC; absent, null, empty and AlertManager's zero
     time mean "not set"."""
@@ -195,7 +201,7 @@ def parse_time(value: Any, path: str) -> datetime | None:
         # time), which Python cannot hold.
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("z", "Z"))
+        parsed = datetime.fromisoformat(_LEAP_SECOND.sub(r"\g<1>59.999999", value.replace("z", "Z"), count=1))
     except ValueError:
         raise InvalidPayload(path, f"not an RFC 3339 time: {clean(value[:40])!r}") from None
     if parsed.tzinfo is not None:
@@ -204,6 +210,27 @@ def parse_time(value: Any, path: str) -> datetime | None:
         except OverflowError:
             raise InvalidPayload(path, f"out of range once converted to UTC: {clean(value[:40])!r}") from None
     return parsed
+
+
+def version_text(value: Any) -> Any:
+    """A payload's ``version`` as the string its producer writes; a relay
+    that re-marshals the group may write "4" as 4, or as 4.0 (JavaScript and
+    Go's interface{} read every JSON number as a float)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+# Legacy Grafana alerting's one-rule notification has no "alerts" list and
+# carries at least one of these; both webhook sources tell it apart by this
+# one rule (it is stored on /webhook/grafana, pointed there from /webhook/alert).
+LEGACY_GRAFANA_FIELDS = frozenset({"ruleName", "ruleId", "evalMatches"})
+
+
+def is_legacy_grafana(payload: dict) -> bool:
+    return "alerts" not in payload and not LEGACY_GRAFANA_FIELDS.isdisjoint(payload)
 
 
 def priority_of(labels: Mapping[str, str], config: Settings) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from flask import Request, Response
 
+from shared import content_coding
 from shared.config import Secret
 from shared.errors import (
     ApiError,
@@ -223,14 +224,33 @@ def has_body(request: Request) -> bool:
     return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
 
 
-def parse_json_body(request: Request, limit: int, allow_empty: bool = False) -> Any:
-    """The JSON body; ``None`` for an empty one when ``allow_empty``."""
+def parse_json_body(request: Request, limit: int, allow_empty: bool = False, webhook: bool = False) -> Any:
+    """The JSON body; ``None`` for an empty one when ``allow_empty``.
+
+    ``webhook``: what relays in front of a webhook do is undone. A body
+    labelled ``text/plain`` is read as JSON too (relays and scripts label
+    what they forward so), and a gzip or deflate ``Content-Encoding`` is
+    undone within ``limit`` (shared/content_coding.py). Off for the query
+    API: there a browser could post, and a cross-site form may send
+    text/plain without a preflight; nobody compresses those small bodies,
+    so the header is not read there, as before."""
     content_type = (request.mimetype or "").lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"expected Content-Type application/json, got {request.mimetype}")
+    json_type = not content_type or content_type == "application/json" or content_type.endswith("+json")
+    if not json_type and not (webhook and content_type == "text/plain"):
+        expected = "application/json or text/plain" if webhook else "application/json"
+        raise UnsupportedMediaType(f"expected Content-Type {expected}, got {request.mimetype}")
     body = read_body(request, limit)
+    if webhook:
+        body = content_coding.decode(body, request.headers.get("Content-Encoding"), limit)
     if allow_empty and not body.strip():
         return None
+    if not body:
+        if "Content-Length" in request.headers or "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise BadRequest("the body is not valid JSON: it is empty")
+        # HTTP/1.0 without a Content-Length has no body (RFC 9112 6.3): the
+        # sender meant one, and "Expecting value at line 1" would not say so.
+        raise BadRequest("the body is not valid JSON: it is empty (a request body needs a Content-Length "
+                         "or chunked Transfer-Encoding)")
     try:
         return json.loads(body)
     except UnicodeDecodeError:

@@ -194,7 +194,8 @@ RESOLVE_MEMBERS = sa.text(compact(
         FOR UPDATE
     ),
     resolved AS (
-        UPDATE incident_members m SET status = 'resolved', ends_at = COALESCE(x.ends_at, {UTC_NOW}), last_seen_at = {UTC_NOW}
+        UPDATE incident_members m SET status = 'resolved', ends_at = LEAST(COALESCE(x.ends_at, {UTC_NOW}), {UTC_NOW}),
+            last_seen_at = {UTC_NOW}
         FROM x WHERE m.fingerprint = x.fingerprint AND m.fingerprint = ANY(ARRAY(SELECT fingerprint FROM x))
           AND m.incident_id = ANY(ARRAY(SELECT id FROM locked))
         RETURNING m.incident_id, m.fingerprint
@@ -206,12 +207,16 @@ RESOLVE_MEMBERS = sa.text(compact(
     """
 ))
 
+# A sender's endsAt is kept, but never after now: an endsAt of 9999 would hold
+# the incident inside the reopen window for ever. An endsAt before the firing's
+# startsAt is kept: AlertManager sends one when a resolution is posted to its
+# API with its own startsAt (tests/fixtures/alertmanager/testincident-*.json).
 RESOLVE_WHEN_ALL_RESOLVED = sa.text(compact(
     f"""
     UPDATE incidents AS i
     SET status = 'resolved', updated_at = {UTC_NOW}, resolved_by = 'alert',
-        resolved_at = COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
-                               x.ends_at, {UTC_NOW})
+        resolved_at = LEAST(COALESCE((SELECT max(m.ends_at) FROM incident_members m WHERE m.incident_id = i.id),
+                                     x.ends_at, {UTC_NOW}), {UTC_NOW})
     FROM (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id text, ends_at timestamp) ORDER BY id) AS x
     WHERE i.id = x.id AND i.status IN ('open', 'investigating')
       AND NOT EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = i.id AND m.status = 'firing')

@@ -212,6 +212,33 @@ def test_a_blank_body_is_no_body_only_where_the_caller_allows_one():
     assert _json_of(b' {"a": 1} ', allow_empty=True) == {"a": 1}
 
 
+def test_an_empty_body_sent_with_a_content_length_is_not_told_to_send_one():
+    """Content-Length: 0 is framed: the framing hint is for a request with
+    neither a Content-Length nor chunked coding (HTTP/1.0 without a length)."""
+    with APP.test_request_context("/", method="POST", data=b"", content_type="application/json",
+                                  environ_overrides={"CONTENT_LENGTH": "0"}):
+        with pytest.raises(errors.BadRequest) as caught:
+            parse_json_body(request, 1000)
+    assert caught.value.message == "the body is not valid JSON: it is empty"
+
+
+def test_query_routes_do_not_read_text_plain_or_content_codings():
+    """Only webhook routes undo what relays do; a query route reads the body
+    as sent, as before codings were read at all."""
+    with APP.test_request_context("/", method="POST", data=b"{}", content_type="text/plain"):
+        with pytest.raises(errors.UnsupportedMediaType, match="expected Content-Type application/json, got text/plain$"):
+            parse_json_body(request, 1000)
+    with APP.test_request_context("/", method="POST", data=b'{"a": 1}', content_type="application/json",
+                                  headers={"Content-Encoding": "br"}):
+        assert parse_json_body(request, 1000) == {"a": 1}
+
+
+def test_a_webhook_route_names_both_media_types_it_reads():
+    with APP.test_request_context("/", method="POST", data=b"{}", content_type="text/csv"):
+        with pytest.raises(errors.UnsupportedMediaType, match="expected Content-Type application/json or text/plain, got text/csv$"):
+            parse_json_body(request, 1000, webhook=True)
+
+
 @pytest.mark.parametrize("content_type", ["application/javascript", "application/jsonx", "text/json"])
 def test_a_media_type_that_is_not_json_is_refused_whatever_its_spelling(content_type):
     with pytest.raises(errors.UnsupportedMediaType, match=f"got {content_type}$"):

@@ -11,7 +11,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import db, eventio, events, incidents, noise, reconcile, retention
+from shared import content_coding, db, eventio, events, incidents, noise, reconcile, retention
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
@@ -119,7 +119,7 @@ class Intake:
         return result
 
     def webhook(self, request: Request, source: Source) -> dict:
-        payload = parse_json_body(request, source.body_limit(self.config))
+        payload = parse_json_body(request, source.body_limit(self.config), webhook=True)
         try:
             hook = source.parse(payload, self.config)
         except InvalidPayload as exc:
@@ -152,7 +152,8 @@ class Intake:
     def cloudevent(self, request: Request, source: Source) -> Response | dict:
         if self.config.events_require_token:
             check_bearer(request, self.config.api_token)
-        body = read_body(request, source.body_limit(self.config))
+        limit = source.body_limit(self.config)
+        body = content_coding.decode(read_body(request, limit), request.headers.get("Content-Encoding"), limit)
         try:
             event = eventio.parse_event(request.headers, body)
         except RecursionError:

@@ -19,12 +19,14 @@ from shared.alerts import (
     build,
     fingerprint_of,
     group_envelope,
+    is_legacy_grafana,
     parse_group,
     parse_time,
     priority_of,
     status_of,
     string_map,
     summary_from,
+    version_text,
 )
 from shared.config import Settings
 
@@ -40,10 +42,9 @@ def parse(payload: Any, config: Settings) -> Parsed:
     alerts, or every alert rejected."""
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
-    version = payload.get("version")
-    if isinstance(version, int) and not isinstance(version, bool):
-        # A relay that re-marshals the group may write the version as a number.
-        version = str(version)
+    if is_legacy_grafana(payload):
+        raise InvalidPayload("", "this is a legacy Grafana alerting notification (ruleName, state): post it to /webhook/grafana")
+    version = version_text(payload.get("version"))
     if version is not None and version not in ACCEPTED_VERSIONS:
         raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
     items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, config))
@@ -58,7 +59,7 @@ def parse_alert(raw: Any, path: str, config: Settings, source: str = NAME, fallb
     if not isinstance(raw, dict):
         raise InvalidPayload(path, "must be an object")
     labels = string_map(raw.get("labels", MISSING), f"{path}.labels", required=True)
-    if not labels.get("alertname") and fallback_name:
+    if not labels.get("alertname", "").strip() and fallback_name:
         labels["alertname"] = fallback_name
     annotations = string_map(raw.get("annotations", MISSING), f"{path}.annotations", compound_as_json=True)
     alert_name = alert_name_of(labels, f"{path}.labels.alertname")

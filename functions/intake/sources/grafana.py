@@ -1,5 +1,7 @@
 """Grafana-managed alerting webhooks (payload ``version: "1"``, Grafana 9-12),
-``POST /webhook/grafana``.
+``POST /webhook/grafana``; on the same route, legacy Grafana alerting's
+one-rule notification (``ruleName``, ``state``, ``evalMatches``; Grafana 4-10:
+Grafana 4 wrote ``rule_url`` and ``image_url`` and no tags, org or message).
 
 Grafana's own Alertmanager posts AlertManager-shaped groups with extras per
 alert: links to the rule, dashboard, panel, silence and image, and the
@@ -18,12 +20,23 @@ from typing import Any
 from functions.intake.sources import alertmanager
 from functions.intake.sources.base import Source
 from shared.alerts import (
+    MISSING,
     TRUNCATION_MARKER,
+    Alert,
     InvalidPayload,
     Parsed,
+    alert_name_of,
+    build,
     clean,
+    fingerprint_of,
     group_envelope,
+    is_legacy_grafana,
     parse_group,
+    priority_of,
+    scalar_text,
+    string_map,
+    summary_from,
+    version_text,
 )
 from shared.config import Settings
 
@@ -48,7 +61,9 @@ _TITLE_STATUS = re.compile(r"^\s*\[[A-Z]+(?::\d+)?\]\s*")
 def parse(payload: Any, config: Settings) -> Parsed:
     if not isinstance(payload, dict):
         raise InvalidPayload("", "the payload must be a JSON object")
-    version = payload.get("version")
+    if is_legacy_grafana(payload):
+        return Parsed(items=[parse_legacy(payload, config)])
+    version = version_text(payload.get("version"))
     if version is not None and version not in ACCEPTED_VERSIONS:
         raise InvalidPayload(
             "version",
@@ -57,6 +72,83 @@ def parse(payload: Any, config: Settings) -> Parsed:
     fallback = _fallback_name(payload)
     items = parse_group(payload.get("alerts"), lambda raw, path: alertmanager.parse_alert(raw, path, config, NAME, fallback, _extras))
     return group_envelope(payload, items)
+
+
+# Legacy alerting: one notification per rule and state change. "no_data" is
+# sent only when the rule is set to "If no data: No Data"; the data a rule
+# reads is gone, which is worth an incident, so it fires like "alerting" (the
+# same rule, so the same fingerprint: after "alerting" it joins that incident).
+# Grafana sends "ok" after "no_data" (no_data -> ok), which resolves it, but
+# not when the data comes back firing and clears within the rule's "For"
+# (no_data -> pending -> ok: pending -> ok is never notified, grafana#18940),
+# nor in Grafana 6.2 (grafana#17780); such an incident stays open until it is
+# resolved through the API or the board. "paused" and "pending" are states,
+# never notifications, so they are refused, not guessed at.
+LEGACY_STATES = {"alerting": "firing", "no_data": "firing", "ok": "resolved"}
+_LEGACY_TITLE_STATE = re.compile(r"^\s*\[[^\]]*\]\s*")
+
+
+def parse_legacy(payload: dict, config: Settings) -> Alert:
+    """The rule is the alert: its name, tags, org and id are the labels (so
+    its fingerprint is the same when it fires and when it is ok again), its
+    message the description, its link, image and matched values the extras."""
+    state = payload.get("state")
+    status = LEGACY_STATES.get(state.strip().lower()) if isinstance(state, str) else None
+    if status is None:
+        raise InvalidPayload("state", f"must be one of {', '.join(LEGACY_STATES)} (legacy Grafana alerting), "
+                                      f"got {_shown(state)}")
+    name = payload.get("ruleName")
+    if not (isinstance(name, str) and name.strip()):
+        title = payload.get("title")
+        name = _LEGACY_TITLE_STATE.sub("", title) if isinstance(title, str) else ""
+    labels = string_map(payload.get("tags", MISSING), "tags")
+    labels["alertname"] = clean(name.strip())
+    for field_name, label in (("orgId", "grafana_org_id"), ("ruleId", "grafana_rule_id")):
+        identity = scalar_text(payload.get(field_name))
+        if identity:
+            labels[label] = identity
+    alert_name = alert_name_of(labels, "ruleName")
+    message = payload.get("message")
+    annotations = {"description": clean(message.strip())} if isinstance(message, str) and message.strip() else {}
+    annotations.update(_legacy_extras(payload))
+    return build(
+        labels=labels,
+        annotations=annotations,
+        status=status,
+        fingerprint=fingerprint_of(MISSING, labels, "fingerprint"),
+        alert_name=alert_name,
+        priority=priority_of(labels, config),
+        summary=summary_from(annotations) or alert_name,
+        description=annotations.get("description", ""),
+        starts_at=None,
+        ends_at=None,
+        source=NAME,
+        config=config,
+    )
+
+
+def _legacy_extras(payload: dict) -> dict[str, str]:
+    extras = {}
+    # Grafana 5 on writes ruleUrl and imageUrl; Grafana 4 wrote rule_url and image_url.
+    for field_names, annotation in ((("ruleUrl", "rule_url"), "generator_url"), (("imageUrl", "image_url"), "image_url")):
+        link = next(filter(None, (_link(payload.get(name)) for name in field_names)), None)
+        if link:
+            extras[annotation] = link
+    matches = payload.get("evalMatches")
+    if isinstance(matches, list):
+        values = _values({m["metric"]: m.get("value") for m in matches if isinstance(m, dict) and isinstance(m.get("metric"), str)})
+        if values:
+            extras["values"] = values
+    return extras
+
+
+def _shown(value: Any) -> str:
+    """A refused JSON value as the message shows it: short, whatever was sent."""
+    if isinstance(value, str):
+        return repr(clean(value[:40]))
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "an array"
+    return json.dumps(value)[:40]
 
 
 def _fallback_name(payload: dict) -> str:
