@@ -87,6 +87,16 @@ class _Bound:
 _bound: ContextVar[_Bound | None] = ContextVar("http_exchange_bound", default=None)
 
 
+class _Heard:
+    """The status line of an answer whose headers never came whole (a
+    timeout or a dropped connection after it), for :func:`request`."""
+
+    status: int | None = None
+
+
+_heard: ContextVar[_Heard | None] = ContextVar("http_exchange_heard", default=None)
+
+
 class DeadlinePassed(TimeoutError):
     """The exchange was not over within its bound. The text is ours alone
     (never a URL): errors are built from it."""
@@ -306,6 +316,17 @@ class _BoundedResponse(http.client.HTTPResponse):
             raw = self.fp.detach()
             self.fp = io.BufferedReader(_BoundedSocketReader(raw, sock, bound))
 
+    def begin(self) -> None:
+        try:
+            super().begin()
+        except BaseException:
+            # http.client sets the status before it reads the headers: a
+            # receiver that said 2xx may have acted on the request already.
+            heard = _heard.get()
+            if heard is not None and isinstance(self.status, int):
+                heard.status = self.status
+            raise
+
 
 class _BoundedConnection:
     """Mixed into urllib3's connection class of a pool."""
@@ -373,6 +394,28 @@ def bounded(http: requests.Session) -> requests.Session:
     return http
 
 
+def _cut_short(response: requests.Response, error: requests.RequestException, cause: BaseException,
+               partial_2xx: bool) -> None:
+    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as ``cut_short``."""
+    if not (partial_2xx and 200 <= response.status_code < 300):
+        raise error from cause
+    error.__cause__ = cause
+    response.cut_short = error
+
+
+def _status_only(url: str, status: int, error: requests.RequestException) -> requests.Response:
+    """The answer of a receiver that sent a ``2xx`` status line and no whole
+    headers: its status, no headers, no body, ``cut_short``."""
+    response = requests.Response()
+    response.status_code = status
+    response.url = url
+    response.request = error.request
+    response._content = b""
+    response._content_consumed = True
+    response.cut_short = error
+    return response
+
+
 def read_at_most(limit: int | None, partial_2xx: bool = False):
     """A response hook (for a request made with ``stream=True``): at most
     ``limit`` bytes of the answer's body (all of it for None) become its
@@ -384,7 +427,9 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
     short closes it. With ``partial_2xx``, a ``2xx`` whose body the bound
     cuts off keeps what arrived, and the timeout is left on the response as
     ``cut_short`` for the caller to judge (a receiver that said ``2xx`` may
-    have acted on the request: sending it again could do it twice)."""
+    have acted on the request: sending it again could do it twice); so does
+    one whose connection drops inside the body (``ChunkedEncodingError``,
+    as requests names it, raised otherwise)."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
         data = bytearray()
@@ -398,15 +443,16 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
                     break
                 data += chunk
         except urllib3.exceptions.ReadTimeoutError as exc:
-            timeout = requests.ReadTimeout(exc)
-            if not (partial_2xx and 200 <= response.status_code < 300):
-                raise timeout from exc
-            timeout.__cause__ = exc
-            response.cut_short = timeout
+            _cut_short(response, requests.ReadTimeout(exc), exc, partial_2xx)
         except urllib3.exceptions.SSLError as exc:
             raise requests.exceptions.SSLError(exc) from exc
         except urllib3.exceptions.DecodeError as exc:
             raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead) as exc:
+            # The connection dropped inside the body: requests' own name for
+            # it. Not a ConnectionError: the peer was reached and answered,
+            # so a caller does not take it for a stale kept-alive connection.
+            _cut_short(response, requests.exceptions.ChunkedEncodingError(exc), exc, partial_2xx)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise requests.ConnectionError(exc) from exc
         finally:
@@ -424,7 +470,13 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     for None) within ``timeout`` as a whole, on ``http`` made
     :func:`bounded`; ``kwargs`` go to requests (``allow_redirects`` too:
     each sender says whether it follows one). Raises requests' errors, a
-    bound spent as ``requests.Timeout``; the answer's content is read."""
+    bound spent as ``requests.Timeout``; the answer's content is read.
+
+    With ``partial_2xx``, a ``2xx`` cut off after its status line (headers
+    or body still coming at the bound, or the connection dropped) comes
+    back as an answer with what arrived of it and the error as
+    ``cut_short`` (see :func:`read_at_most`): for a sender that judges by
+    the status, the receiver has acted on the request."""
     bounded(http)
     if not isinstance(http.get_adapter(url), DeadlineAdapter):
         # requests picks the adapter mounted with the longest matching prefix.
@@ -432,5 +484,14 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
                         f"({type(http.get_adapter(url)).__name__})")
     # Through the session's own get()/post()/..., which a subclass may extend.
     send = getattr(http, method.lower())
-    with within(timeout):
-        return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes, partial_2xx)}, **kwargs)
+    heard = _Heard()
+    token = _heard.set(heard)
+    try:
+        with within(timeout):
+            return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes, partial_2xx)}, **kwargs)
+    except (requests.Timeout, requests.ConnectionError) as exc:
+        if partial_2xx and heard.status is not None and 200 <= heard.status < 300:
+            return _status_only(url, heard.status, exc)
+        raise
+    finally:
+        _heard.reset(token)

@@ -638,3 +638,116 @@ def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(re
 def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
     r = receiver((200, {"Content-Type": "text/plain; charset=no-such-charset"}, b"ok \xff"))
     assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")
+
+
+# --------------------------------------------------------------------------- a 2xx cut off before its body
+# A receiver judged by its status that said 2xx has acted on the POST:
+# whatever goes wrong after the status line (headers that trickle past
+# the bound, a connection closed before the body's end), sending it again
+# would post it twice.
+
+
+@pytest.fixture
+def closer():
+    """A receiver that answers ``answer`` and closes the connection (counting the requests)."""
+    listeners = []
+    requests_seen: list[int] = []
+
+    def make(answer: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    read_request(conn)
+                    requests_seen.append(1)
+                    try:
+                        conn.sendall(answer)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+
+    make.requests = requests_seen
+    yield make
+    for listener in listeners:
+        listener.close()
+
+
+def counting_trickler(trickler, start: bytes) -> tuple[str, list]:
+    """The trickler's URL behind a counter of the connections made to it."""
+    url = trickler(start)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    counter = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def relay():
+        while True:
+            try:
+                conn, _ = counter.accept()
+            except OSError:
+                return
+            seen.append(1)
+            upstream = socket.create_connection((host, int(port)))
+
+            def pipe(a, b):
+                try:
+                    while chunk := a.recv(65536):
+                        b.sendall(chunk)
+                except OSError:
+                    pass
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+            threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    return f"http://127.0.0.1:{counter.getsockname()[1]}/hook", seen
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_headers_are_still_coming_at_the_timeout_is_accepted_by_a_channel_judged_by_the_status(trickler, channel):
+    url, posts = counting_trickler(trickler, TRICKLED_HEADERS)
+    result, took = send_bounded(url, 15, attempts=3, timeout=0.5,
+                                accept=lambda status, body: channel.accept(object.__new__(channel), status, body))
+    assert result is not None, "send() still reading trickled headers after 15 s"
+    assert (result.ok, result.status, result.attempts, result.error) == (True, 200, 1, None)
+    assert len(posts) == 1
+    assert took < 0.5 + 1.5, took
+
+
+def test_a_2xx_whose_headers_are_still_coming_at_the_timeout_is_retried_by_a_channel_judged_by_the_body(trickler):
+    result, _ = send_bounded(trickler(TRICKLED_HEADERS), 15, attempts=2, timeout=0.5, base_delay=0.05, accept=pagerduty.judge)
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (False, None, 2)
+    assert result.error.startswith("ReadTimeout: "), result.error
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_connection_closes_before_the_body_ends_is_accepted_by_a_channel_judged_by_the_status(closer, channel):
+    url = closer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nok")
+    result, _ = send_bounded(url, 15, attempts=3, timeout=2.0,
+                             accept=lambda status, body: channel.accept(object.__new__(channel), status, body))
+    assert result is not None
+    assert (result.ok, result.status, result.attempts, result.error, result.body) == (True, 200, 1, None, "ok")
+    assert len(closer.requests) == 1
+
+
+def test_a_2xx_whose_connection_closes_before_the_body_ends_is_retried_by_a_channel_judged_by_the_body(closer):
+    url = closer(b'HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{"status": "succ')
+    result, _ = send_bounded(url, 15, attempts=2, timeout=2.0, base_delay=0.05, accept=pagerduty.judge)
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (False, None, 2)
+    assert len(closer.requests) == 2
+    assert result.error.startswith("ChunkedEncodingError: "), result.error
+
