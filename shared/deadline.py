@@ -74,8 +74,11 @@ READ_CHUNK_BYTES = 16 * 1024
 # alongside it: RFC 8305's recommended 250 ms.
 CONNECT_STAGGER_SECONDS = 0.25
 # Names looked up at once. A lookup past its bound keeps its thread until
-# the system resolver gives up (its own timeouts): one per stalled name.
-RESOLVER_THREADS = 8
+# the system resolver gives up (its own timeouts): one per stalled name, so
+# this many distinct names whose DNS stalls at once leave the next name
+# waiting for a thread (at most its bound). Threads are started only when
+# a lookup would wait for one and live on idle (a few KiB resident each).
+RESOLVER_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,20 @@ class _Resolver:
             if future is not None:
                 return future
             future = self._in_flight[key] = Future()
+            # Queued before a thread is started for it: a thread finds it.
+            self._jobs.put((future, key))
             self._queued += 1
             if self._queued > self._idle and self._started < self._threads:
                 self._started += 1
-                threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
-        self._jobs.put((future, key))
+                try:
+                    threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
+                except BaseException as exc:  # noqa: BLE001 - handed to the callers
+                    # No thread for it: fail this lookup now rather than
+                    # leave every caller of the name waiting out its bound.
+                    # The job stays queued, done: a thread skips it.
+                    self._started -= 1
+                    del self._in_flight[key]
+                    future.set_exception(OSError(errno.EAGAIN, f"no thread for the name lookup ({type(exc).__name__})"))
         return future
 
     def _work(self) -> None:
@@ -173,6 +185,8 @@ class _Resolver:
             with self._lock:
                 self._idle -= 1
                 self._queued -= 1
+            if future.done():
+                continue  # failed when no thread could be started for it
             try:
                 future.set_running_or_notify_cancel()
                 future.set_result(socket.getaddrinfo(*key, socket.SOCK_STREAM))
@@ -180,7 +194,8 @@ class _Resolver:
                 future.set_exception(exc)
             finally:
                 with self._lock:
-                    self._in_flight.pop(key, None)
+                    if self._in_flight.get(key) is future:
+                        del self._in_flight[key]
 
 
 _resolver = _Resolver(RESOLVER_THREADS)

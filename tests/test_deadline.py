@@ -261,3 +261,46 @@ def test_a_name_whose_lookup_stalls_does_not_hold_up_the_lookups_of_others(names
         released.set()
     assert isinstance(result, requests.Response), describe_failure(result, 1.0)
     assert result.status_code == 202
+
+
+def test_lookups_stalled_on_more_names_than_the_old_eight_threads_do_not_hold_up_another_name(monkeypatch):
+    # Each stalled name holds one resolver thread until the system resolver
+    # gives up: nine of them must not leave a tenth name waiting its bound.
+    released = threading.Event()
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if host.startswith("stalled"):
+            released.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolver = deadline._Resolver(deadline.RESOLVER_THREADS)
+    try:
+        stalled = [resolver.submit(f"stalled{n}.test", 80, socket.AF_INET) for n in range(9)]
+        time.sleep(0.1)
+        answer = resolver.submit("good.test", 80, socket.AF_INET).result(timeout=1.0)
+    finally:
+        released.set()
+    assert answer[0][4] == ("127.0.0.1", 80)
+    for future in stalled:
+        with pytest.raises(socket.gaierror):
+            future.result(timeout=5)
+
+
+def test_a_lookup_whose_thread_cannot_start_fails_at_once_and_the_next_one_is_looked_up(monkeypatch):
+    resolver = deadline._Resolver(deadline.RESOLVER_THREADS)
+    real_start = threading.Thread.start
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    future = resolver.submit("localhost", 80, socket.AF_INET)
+    assert future.done()
+    with pytest.raises(OSError):
+        future.result(timeout=0)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    again = resolver.submit("localhost", 80, socket.AF_INET)
+    assert again is not future
+    assert again.result(timeout=5)
