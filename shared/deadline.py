@@ -30,7 +30,10 @@ connect ended, so such an exchange can end that much past its bound.
 The bound reaches the connection through a context variable, so a session
 needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
 adapter swaps each pool's connection class for a subclass that keeps the
-bound, whatever the pool is (direct, through a proxy, TLS or not).
+bound: direct or through an HTTP(S) proxy, TLS or not. A connection class
+with a connect of its own (a SOCKS proxy's) is refused with a
+``TypeError``: the bounded connect would replace it and go straight to the
+target, past the proxy.
 
 Every sender that waits on a peer uses it: the escalation's notifications,
 the outbox's and a redelivery's publishes to the Broker, the Prometheus
@@ -65,6 +68,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import requests
+import urllib3.connection
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.connection import allowed_gai_family
@@ -388,6 +392,11 @@ class _BoundedConnection:
 def _bounded_class(connection_class: type) -> type:
     if issubclass(connection_class, _BoundedConnection):
         return connection_class
+    if connection_class._new_conn is not urllib3.connection.HTTPConnection._new_conn:
+        # Its own connect (a SOCKS proxy's): the bounded one would replace
+        # it and go straight to the target, past the proxy.
+        raise TypeError(f"{connection_class.__name__} connects in its own way (a SOCKS proxy?): "
+                        "the bound cannot keep it, and would bypass it")
     return type(f"Bounded{connection_class.__name__}", (_BoundedConnection, connection_class), {})
 
 

@@ -304,3 +304,19 @@ def test_a_lookup_whose_thread_cannot_start_fails_at_once_and_the_next_one_is_lo
     again = resolver.submit("localhost", 80, socket.AF_INET)
     assert again is not future
     assert again.result(timeout=5)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_socks_proxy_is_refused_not_bypassed(receiver, scheme):
+    # The bounded connect goes straight to the target: through a SOCKS
+    # proxy's connection class it would skip the proxy without a word.
+    pytest.importorskip("socks")
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        http = requests.Session()
+        http.proxies = {scheme: f"socks5://127.0.0.1:{silent.getsockname()[1]}"}
+        with pytest.raises(TypeError, match="SOCKS"):
+            deadline.request(http, "GET", f"{scheme}://127.0.0.1:{receiver.port}/", 1.0)
+    finally:
+        silent.close()
+    assert receiver.received() == []
