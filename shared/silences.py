@@ -87,7 +87,8 @@ class AlertManager:
 
         try:
             response = deadline.request(self.http, method, self.base + path, self.timeout, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            # ChunkedEncodingError: the connection dropped inside the answer.
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
         if response.status_code == 404 and method == "DELETE":
             raise NotFound("AlertManager has no such silence")
