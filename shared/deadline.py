@@ -13,8 +13,11 @@ socket timeout cannot shorten, ``getaddrinfo``, runs on a small shared pool
 of resolver threads (:class:`_Resolver`) and is waited on at most what is
 left.
 
-A name with several addresses is connected to as RFC 8305 (Happy Eyeballs)
-says: the first address alone, the next one also after
+A name with several addresses is connected to staggered, in
+``getaddrinfo``'s order with the address families interleaved (its first
+IPv6 address, its first IPv4 one, its second IPv6 one…; the connection
+attempts of RFC 8305, Happy Eyeballs, without its parallel lookups): the
+first address alone, the next one also after
 :data:`CONNECT_STAGGER_SECONDS` (at once when one is refused), and so on;
 the first to answer is used and the others are dropped. An address that
 stays silent (a host that is down) costs the stagger, not the bound, so a
@@ -75,7 +78,7 @@ from urllib3.util.connection import allowed_gai_family
 
 READ_CHUNK_BYTES = 16 * 1024
 # How long one address of a name is given alone before the next is tried
-# alongside it: RFC 8305's recommended 250 ms.
+# alongside it: the 250 ms RFC 8305 recommends.
 CONNECT_STAGGER_SECONDS = 0.25
 # Names looked up at once. A lookup past its bound keeps its thread until
 # the system resolver gives up (its own timeouts): one per stalled name, so
@@ -226,12 +229,24 @@ def _addresses(host: str, port: int, bound: _Bound) -> list:
         raise
 
 
+def _interleaved(addresses: list) -> list:
+    """``getaddrinfo``'s answer with its address families taking turns, the
+    first family first (RFC 8305, section 4): a name whose IPv6 addresses
+    are all unreachable reaches its IPv4 one after one stagger, not after
+    one per IPv6 address."""
+    families: dict = {}
+    for address in addresses:
+        families.setdefault(address[0], []).append(address)
+    turns = list(families.values())
+    return [group[i] for i in range(max(map(len, turns), default=0)) for group in turns if i < len(group)]
+
+
 _CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 
 
 def _connect_first(addresses: list, bound: _Bound, source_address, socket_options) -> socket.socket:
     """A socket connected to the first of ``addresses`` to answer, tried
-    staggered (RFC 8305), all within the bound. Raises the last address's
+    staggered in the given order, all within the bound. Raises the last address's
     error when none connects, :class:`DeadlinePassed` when the bound ends."""
     waiting = list(addresses)
     if not waiting:
@@ -365,7 +380,7 @@ class _BoundedConnection:
         except UnicodeError:
             raise urllib3.exceptions.LocationParseError(f"'{host}', label empty or too long") from None
         try:
-            sock = _connect_first(_addresses(host, self.port, bound), bound, self.source_address, self.socket_options)
+            sock = _connect_first(_interleaved(_addresses(host, self.port, bound)), bound, self.source_address, self.socket_options)
             try:
                 sock.settimeout(_socket_timeout(bound, None, False, connected=False))
             except BaseException:

@@ -320,3 +320,13 @@ def test_a_socks_proxy_is_refused_not_bypassed(receiver, scheme):
     finally:
         silent.close()
     assert receiver.received() == []
+
+
+def test_the_address_families_take_turns_in_getaddrinfos_order():
+    # Three dead IPv6 addresses first must not cost three staggers before the
+    # IPv4 one is tried.
+    v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{n}", 443, 0, 0)) for n in (1, 2, 3)]
+    v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"192.0.2.{n}", 443)) for n in (1, 2)]
+    assert deadline._interleaved(v6 + v4) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert deadline._interleaved(v4 + v6) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert deadline._interleaved(v4) == v4 and deadline._interleaved([]) == []
