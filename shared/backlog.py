@@ -217,7 +217,9 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
     if http is None:
         import requests
 
-        http = requests.Session()
+        from shared.deadline import bounded
+
+        http = bounded(requests.Session())
     error = send(http, sink, structured(row), timeout)
     with bind.begin() as conn:
         record = dead_letters.mark_redelivered(conn, letter_id, actor, error)

@@ -31,7 +31,8 @@ connection loads the CA bundle after the connect and before the handshake
 connect ended, so such an exchange can end that much past its bound.
 
 The bound reaches the connection through a context variable, so a session
-needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
+needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once, when
+the session is built; :func:`request` refuses a session without it); the
 adapter swaps each pool's connection class for a subclass that keeps the
 bound: direct or through an HTTP(S) proxy, TLS or not. A connection class
 with a connect of its own (a SOCKS proxy's) is refused with a
@@ -507,7 +508,8 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
             partial_2xx: bool = False, **kwargs) -> requests.Response:
     """One request and its answer (at most ``max_bytes`` of its body, all
     for None) within ``timeout`` as a whole, on ``http`` made
-    :func:`bounded`; ``kwargs`` go to requests (``allow_redirects`` too:
+    :func:`bounded` when it was built (a session without it is refused,
+    ``TypeError``); ``kwargs`` go to requests (``allow_redirects`` too:
     each sender says whether it follows one). Raises requests' errors, a
     bound spent as ``requests.Timeout``; the answer's content is read.
 
@@ -516,11 +518,12 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     back as an answer with what arrived of it and the error as
     ``cut_short`` (see :func:`read_at_most`): for a sender that judges by
     the status, the receiver has acted on the request."""
-    bounded(http)
+    # Mounted when the session is built (bounded()), never here: a session
+    # may be shared by threads, and mounting is not safe while another sends.
     if not isinstance(http.get_adapter(url), DeadlineAdapter):
         # requests picks the adapter mounted with the longest matching prefix.
-        raise TypeError(f"an adapter mounted for this URL's prefix would carry the exchange without the bound "
-                        f"({type(http.get_adapter(url)).__name__})")
+        raise TypeError(f"the adapter for this URL's prefix would carry the exchange without the bound "
+                        f"({type(http.get_adapter(url)).__name__}; build the session with bounded())")
     # Through the session's own get()/post()/..., which a subclass may extend.
     send = getattr(http, method.lower())
     heard = _Heard()

@@ -312,7 +312,9 @@ def publish_pending(
     if http is None:
         import requests
 
-        http = requests.Session()
+        from shared.deadline import bounded
+
+        http = bounded(requests.Session())
     lease = lease_seconds(timeout)
     batch = _Batch(bind, sink, timeout, http, max_attempts, report, lease)
     tried = 0

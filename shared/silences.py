@@ -75,7 +75,9 @@ class AlertManager:
         self.timeout = timeout
         import requests  # an AlertManager client only when a silence is read or made
 
-        self.http = requests.Session()
+        from shared.deadline import bounded
+
+        self.http = bounded(requests.Session())
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
         """One call, its whole answer within the timeout (shared.deadline):

@@ -19,6 +19,7 @@ from functions.escalation.answer import Answer
 from functions.escalation.delivery import send
 from loopback import notify
 from shared.config import load_settings
+from shared.deadline import bounded
 
 PORTAL = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Guest Wi-Fi</body></html>"
 
@@ -150,7 +151,7 @@ def receivers():
 
 
 def post(url, body, channel, accept, attempts=1):
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, body, channel, 2.0, attempts, 1.0, 0.01, accept=accept)
 
 

@@ -27,6 +27,7 @@ from functions.escalation.channels.teams import Teams
 from functions.escalation.channels.webhook import Webhook
 from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
+from shared.deadline import bounded
 from loopback.processes import free_port
 
 
@@ -71,7 +72,7 @@ def waits(caplog) -> list[float]:
 
 
 def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0, accept=accept_any_2xx):
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay, accept=accept)
 
 
@@ -83,7 +84,7 @@ def test_any_2xx_is_success(receiver, status):
 
 def test_the_default_back_off_starts_at_half_a_second(receiver, caplog):
     r = receiver((500, {}, b""), (202, {}, b"ok"))
-    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
+    with bounded(requests.Session()) as http, caplog.at_level(logging.WARNING, logger="delivery"):
         assert send(http, r.server.url, {}, "slack", 2.0, 2, 1.0).ok
     assert waits(caplog) == [0.5] and r.gaps()[0] >= 0.5
 
@@ -220,7 +221,7 @@ def test_the_worst_case_is_every_attempt_timing_out_plus_every_back_off(timeout,
 
 def test_no_attempt_allowed_sends_nothing_and_says_so(receiver):
     r = receiver()
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         result = send(http, r.server.url, {}, "slack", 2.0, 0, 1.0)
     assert result == Delivery(False, None, 0, "not attempted") and r.server.requests == []
 
@@ -235,7 +236,7 @@ def test_a_retry_after_is_honoured_on_429_only(receiver, caplog):
     # A webhook retries a 408 too; its Retry-After is not the rate limit's
     # and must not replace the back-off.
     r = receiver((408, {"Retry-After": "0.6"}, b""), (202, {}, b"ok"))
-    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
+    with bounded(requests.Session()) as http, caplog.at_level(logging.WARNING, logger="delivery"):
         result = send(http, r.server.url, {}, "webhook", 2.0, 2, 1.0, 0.05, retry=lambda s: s == 408)
     assert result.ok and result.attempts == 2
     assert waits(caplog) == [0.05]
@@ -247,7 +248,7 @@ def budget_send(url):
     """Two attempts of at most 2 s: 4.05 s in all, so once the first answer
     is in (well under a second, even on a loaded machine) about 2 s remain
     for a wait before the last attempt."""
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {}, "slack", 2.0, 2, 5.0, 0.05)
 
 
@@ -469,7 +470,7 @@ def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_
     out: list = []
 
     def run():
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             # Not REQUESTS_CA_BUNDLE: it would take precedence over verify.
             http.trust_env, http.verify = False, str(cert)
             out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0, accept=pagerduty.judge))
@@ -488,7 +489,7 @@ def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
     out: list = []
 
     def run():
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             http.trust_env, http.proxies = False, {"http": proxy}
             out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0,
                             accept=pagerduty.judge))
@@ -572,7 +573,7 @@ def judged(url, verdict: Answer, attempts=3, seen: list | None = None):
             seen.append((status, body))
         return verdict
 
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {"text": "hi"}, "slack", 2.0, attempts, 1.0, 0.01, accept=accept)
 
 
@@ -627,7 +628,7 @@ def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(re
         raise failure
 
     with caplog.at_level(logging.WARNING, logger="delivery"):
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             result = send(http, r.server.url, {"text": "hi"}, "slack", 2.0, 3, 1.0, 0.01, accept=accept)
     assert result == Delivery(False, 200, 3, "HTTP 200, not accepted: [[[[", "[[[[")
     assert len(r.server.requests) == 3

@@ -11,7 +11,7 @@ import requests
 import sqlalchemy as sa
 
 from shared import incidents as svc
-from shared import outbox
+from shared import deadline, outbox
 from tests.factories import alert
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
@@ -114,7 +114,7 @@ class CountingSession(requests.Session):
 
 def test_a_broker_that_is_down_stops_the_drain_without_counting_attempts(clean_db, caplog):
     ids = pending(clean_db, "OutA", "OutB", "OutC")
-    http = CountingSession()
+    http = deadline.bounded(CountingSession())
     with caplog.at_level(logging.WARNING, logger="outbox"):
         report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http)
     # Two events refused in a row (each tried twice: a stale keep-alive
@@ -155,7 +155,7 @@ def test_a_closed_keep_alive_connection_is_retried_once(clean_db):
 
     (event_id,) = pending(clean_db, "OutA")
     with Broker() as broker:
-        assert outbox.publish_pending(clean_db, broker.url, http=FlakySession()).published == [event_id]
+        assert outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(FlakySession())).published == [event_id]
         assert broker.ids() == [event_id] and FlakySession.calls == 2
 
 
@@ -265,7 +265,7 @@ class DroppingSession(requests.Session):
 def test_a_dropped_connection_while_the_broker_takes_other_events_counts_against_the_event(clean_db):
     ids = events_at(clean_db, 4)
     with Broker() as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[0], ids[2]))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(ids[0], ids[2])))
     # The first drop alone could be an outage; the next event went through, so
     # it was not; and a drop does not stop the events after it.
     assert report.published == [ids[1], ids[3]] and sorted(report.failed) == [ids[0], ids[2]]
@@ -295,7 +295,7 @@ def test_batches_respect_the_batch_size_and_the_limit(clean_db):
 
 def test_an_outage_stops_at_the_first_batch(clean_db):
     ids = events_at(clean_db, 5)
-    http = CountingSession()
+    http = deadline.bounded(CountingSession())
     report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http, batch_size=2)
     assert report.broker_unreachable and http.posted == [ids[0], ids[0], ids[1], ids[1]]
 
@@ -335,7 +335,7 @@ def test_a_batch_whose_lease_runs_short_hands_its_other_rows_back(clean_db):
 def test_a_refusal_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db):
     ids = events_at(clean_db, 2)
     with Broker((500, {}, b"no")) as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[1]))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(ids[1])))
     assert sorted(report.failed) == ids and not report.broker_unreachable
     assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
 
@@ -352,7 +352,7 @@ def test_an_event_without_a_priority_is_not_a_p0(clean_db):
 def test_an_outage_is_reported_and_stored_by_its_first_error(clean_db):
     ids = events_at(clean_db, 3)
     with Broker() as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(*ids))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(*ids)))
     first = "ConnectionError: connection reset by peer while sending ev-0"
     assert report.broker_unreachable and report.broker_error == first
     stored = rows(clean_db)
