@@ -333,7 +333,7 @@ class LocalBroker:
 
     def _session(self) -> requests.Session:
         if not hasattr(self.http, "session"):
-            self.http.session = requests.Session()
+            self.http.session = deadline.bounded(requests.Session())
         return self.http.session
 
     def accept(self, namespace: str, broker_name: str, event: Event) -> None:

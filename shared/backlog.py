@@ -173,8 +173,10 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
 
     def post() -> requests.Response:
         # Redirects are not followed (shared.outbox.post_event says why).
-        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, data=body, headers=headers,
-                                allow_redirects=False)
+        # A 2xx is the Broker's yes however its answer ends (partial_2xx):
+        # reporting it failed would have the engineer send the event again.
+        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, partial_2xx=True, data=body,
+                                headers=headers, allow_redirects=False)
 
     try:
         try:
@@ -183,7 +185,9 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
             # A kept-alive connection the Broker closed fails on first use.
             response = post()
     except requests.RequestException as exc:
-        why = f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout) else "the Broker could not be reached"
+        why = (f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout)
+               else "the answer was cut off" if isinstance(exc, requests.exceptions.ChunkedEncodingError)
+               else "the Broker could not be reached")
         return clip(f"{type(exc).__name__}: {why}", 300)
     if 200 <= response.status_code < 300:
         return None
@@ -213,7 +217,9 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
     if http is None:
         import requests
 
-        http = requests.Session()
+        from shared.deadline import bounded
+
+        http = bounded(requests.Session())
     error = send(http, sink, structured(row), timeout)
     with bind.begin() as conn:
         record = dead_letters.mark_redelivered(conn, letter_id, actor, error)

@@ -13,8 +13,11 @@ socket timeout cannot shorten, ``getaddrinfo``, runs on a small shared pool
 of resolver threads (:class:`_Resolver`) and is waited on at most what is
 left.
 
-A name with several addresses is connected to as RFC 8305 (Happy Eyeballs)
-says: the first address alone, the next one also after
+A name with several addresses is connected to staggered, in
+``getaddrinfo``'s order with the address families interleaved (its first
+IPv6 address, its first IPv4 one, its second IPv6 one…; the connection
+attempts of RFC 8305, Happy Eyeballs, without its parallel lookups): the
+first address alone, the next one also after
 :data:`CONNECT_STAGGER_SECONDS` (at once when one is refused), and so on;
 the first to answer is used and the others are dropped. An address that
 stays silent (a host that is down) costs the stagger, not the bound, so a
@@ -28,9 +31,13 @@ connection loads the CA bundle after the connect and before the handshake
 connect ended, so such an exchange can end that much past its bound.
 
 The bound reaches the connection through a context variable, so a session
-needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once); the
+needs :class:`DeadlineAdapter` mounted (:func:`bounded` does it once, when
+the session is built; :func:`request` refuses a session without it); the
 adapter swaps each pool's connection class for a subclass that keeps the
-bound, whatever the pool is (direct, through a proxy, TLS or not).
+bound: direct or through an HTTP(S) proxy, TLS or not. A connection class
+with a connect of its own (a SOCKS proxy's) is refused with a
+``TypeError``: the bounded connect would replace it and go straight to the
+target, past the proxy.
 
 Every sender that waits on a peer uses it: the escalation's notifications,
 the outbox's and a redelivery's publishes to the Broker, the Prometheus
@@ -65,17 +72,21 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import requests
+import urllib3.connection
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.connection import allowed_gai_family
 
 READ_CHUNK_BYTES = 16 * 1024
 # How long one address of a name is given alone before the next is tried
-# alongside it: RFC 8305's recommended 250 ms.
+# alongside it: the 250 ms RFC 8305 recommends.
 CONNECT_STAGGER_SECONDS = 0.25
 # Names looked up at once. A lookup past its bound keeps its thread until
-# the system resolver gives up (its own timeouts): one per stalled name.
-RESOLVER_THREADS = 8
+# the system resolver gives up (its own timeouts): one per stalled name, so
+# this many distinct names whose DNS stalls at once leave the next name
+# waiting for a thread (at most its bound). Threads are started only when
+# a lookup would wait for one and live on idle (a few KiB resident each).
+RESOLVER_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,16 @@ class _Bound:
 
 
 _bound: ContextVar[_Bound | None] = ContextVar("http_exchange_bound", default=None)
+
+
+class _Heard:
+    """The status line of an answer whose headers never came whole (a
+    timeout or a dropped connection after it), for :func:`request`."""
+
+    status: int | None = None
+
+
+_heard: ContextVar[_Heard | None] = ContextVar("http_exchange_heard", default=None)
 
 
 class DeadlinePassed(TimeoutError):
@@ -148,11 +169,20 @@ class _Resolver:
             if future is not None:
                 return future
             future = self._in_flight[key] = Future()
+            # Queued before a thread is started for it: a thread finds it.
+            self._jobs.put((future, key))
             self._queued += 1
             if self._queued > self._idle and self._started < self._threads:
                 self._started += 1
-                threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
-        self._jobs.put((future, key))
+                try:
+                    threading.Thread(target=self._work, name="deadline-resolver", daemon=True).start()
+                except BaseException as exc:  # noqa: BLE001 - handed to the callers
+                    # No thread for it: fail this lookup now rather than
+                    # leave every caller of the name waiting out its bound.
+                    # The job stays queued, done: a thread skips it.
+                    self._started -= 1
+                    del self._in_flight[key]
+                    future.set_exception(OSError(errno.EAGAIN, f"no thread for the name lookup ({type(exc).__name__})"))
         return future
 
     def _work(self) -> None:
@@ -163,6 +193,8 @@ class _Resolver:
             with self._lock:
                 self._idle -= 1
                 self._queued -= 1
+            if future.done():
+                continue  # failed when no thread could be started for it
             try:
                 future.set_running_or_notify_cancel()
                 future.set_result(socket.getaddrinfo(*key, socket.SOCK_STREAM))
@@ -170,7 +202,8 @@ class _Resolver:
                 future.set_exception(exc)
             finally:
                 with self._lock:
-                    self._in_flight.pop(key, None)
+                    if self._in_flight.get(key) is future:
+                        del self._in_flight[key]
 
 
 _resolver = _Resolver(RESOLVER_THREADS)
@@ -197,12 +230,24 @@ def _addresses(host: str, port: int, bound: _Bound) -> list:
         raise
 
 
+def _interleaved(addresses: list) -> list:
+    """``getaddrinfo``'s answer with its address families taking turns, the
+    first family first (RFC 8305, section 4): a name whose IPv6 addresses
+    are all unreachable reaches its IPv4 one after one stagger, not after
+    one per IPv6 address."""
+    families: dict = {}
+    for address in addresses:
+        families.setdefault(address[0], []).append(address)
+    turns = list(families.values())
+    return [group[i] for i in range(max(map(len, turns), default=0)) for group in turns if i < len(group)]
+
+
 _CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 
 
 def _connect_first(addresses: list, bound: _Bound, source_address, socket_options) -> socket.socket:
     """A socket connected to the first of ``addresses`` to answer, tried
-    staggered (RFC 8305), all within the bound. Raises the last address's
+    staggered in the given order, all within the bound. Raises the last address's
     error when none connects, :class:`DeadlinePassed` when the bound ends."""
     waiting = list(addresses)
     if not waiting:
@@ -306,6 +351,17 @@ class _BoundedResponse(http.client.HTTPResponse):
             raw = self.fp.detach()
             self.fp = io.BufferedReader(_BoundedSocketReader(raw, sock, bound))
 
+    def begin(self) -> None:
+        try:
+            super().begin()
+        except BaseException:
+            # http.client sets the status before it reads the headers: a
+            # receiver that said 2xx may have acted on the request already.
+            heard = _heard.get()
+            if heard is not None and isinstance(self.status, int):
+                heard.status = self.status
+            raise
+
 
 class _BoundedConnection:
     """Mixed into urllib3's connection class of a pool."""
@@ -325,7 +381,7 @@ class _BoundedConnection:
         except UnicodeError:
             raise urllib3.exceptions.LocationParseError(f"'{host}', label empty or too long") from None
         try:
-            sock = _connect_first(_addresses(host, self.port, bound), bound, self.source_address, self.socket_options)
+            sock = _connect_first(_interleaved(_addresses(host, self.port, bound)), bound, self.source_address, self.socket_options)
             try:
                 sock.settimeout(_socket_timeout(bound, None, False, connected=False))
             except BaseException:
@@ -352,6 +408,11 @@ class _BoundedConnection:
 def _bounded_class(connection_class: type) -> type:
     if issubclass(connection_class, _BoundedConnection):
         return connection_class
+    if connection_class._new_conn is not urllib3.connection.HTTPConnection._new_conn:
+        # Its own connect (a SOCKS proxy's): the bounded one would replace
+        # it and go straight to the target, past the proxy.
+        raise TypeError(f"{connection_class.__name__} connects in its own way (a SOCKS proxy?): "
+                        "the bound cannot keep it, and would bypass it")
     return type(f"Bounded{connection_class.__name__}", (_BoundedConnection, connection_class), {})
 
 
@@ -373,6 +434,28 @@ def bounded(http: requests.Session) -> requests.Session:
     return http
 
 
+def _cut_short(response: requests.Response, error: requests.RequestException, cause: BaseException,
+               partial_2xx: bool) -> None:
+    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as ``cut_short``."""
+    if not (partial_2xx and 200 <= response.status_code < 300):
+        raise error from cause
+    error.__cause__ = cause
+    response.cut_short = error
+
+
+def _status_only(url: str, status: int, error: requests.RequestException) -> requests.Response:
+    """The answer of a receiver that sent a ``2xx`` status line and no whole
+    headers: its status, no headers, no body, ``cut_short``."""
+    response = requests.Response()
+    response.status_code = status
+    response.url = url
+    response.request = error.request
+    response._content = b""
+    response._content_consumed = True
+    response.cut_short = error
+    return response
+
+
 def read_at_most(limit: int | None, partial_2xx: bool = False):
     """A response hook (for a request made with ``stream=True``): at most
     ``limit`` bytes of the answer's body (all of it for None) become its
@@ -384,7 +467,9 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
     short closes it. With ``partial_2xx``, a ``2xx`` whose body the bound
     cuts off keeps what arrived, and the timeout is left on the response as
     ``cut_short`` for the caller to judge (a receiver that said ``2xx`` may
-    have acted on the request: sending it again could do it twice)."""
+    have acted on the request: sending it again could do it twice); so does
+    one whose connection drops inside the body (``ChunkedEncodingError``,
+    as requests names it, raised otherwise)."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
         data = bytearray()
@@ -398,15 +483,16 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
                     break
                 data += chunk
         except urllib3.exceptions.ReadTimeoutError as exc:
-            timeout = requests.ReadTimeout(exc)
-            if not (partial_2xx and 200 <= response.status_code < 300):
-                raise timeout from exc
-            timeout.__cause__ = exc
-            response.cut_short = timeout
+            _cut_short(response, requests.ReadTimeout(exc), exc, partial_2xx)
         except urllib3.exceptions.SSLError as exc:
             raise requests.exceptions.SSLError(exc) from exc
         except urllib3.exceptions.DecodeError as exc:
             raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead) as exc:
+            # The connection dropped inside the body: requests' own name for
+            # it. Not a ConnectionError: the peer was reached and answered,
+            # so a caller does not take it for a stale kept-alive connection.
+            _cut_short(response, requests.exceptions.ChunkedEncodingError(exc), exc, partial_2xx)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise requests.ConnectionError(exc) from exc
         finally:
@@ -422,15 +508,32 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
             partial_2xx: bool = False, **kwargs) -> requests.Response:
     """One request and its answer (at most ``max_bytes`` of its body, all
     for None) within ``timeout`` as a whole, on ``http`` made
-    :func:`bounded`; ``kwargs`` go to requests (``allow_redirects`` too:
+    :func:`bounded` when it was built (a session without it is refused,
+    ``TypeError``); ``kwargs`` go to requests (``allow_redirects`` too:
     each sender says whether it follows one). Raises requests' errors, a
-    bound spent as ``requests.Timeout``; the answer's content is read."""
-    bounded(http)
+    bound spent as ``requests.Timeout``; the answer's content is read.
+
+    With ``partial_2xx``, a ``2xx`` cut off after its status line (headers
+    or body still coming at the bound, or the connection dropped) comes
+    back as an answer with what arrived of it and the error as
+    ``cut_short`` (see :func:`read_at_most`): for a sender that judges by
+    the status, the receiver has acted on the request."""
+    # Mounted when the session is built (bounded()), never here: a session
+    # may be shared by threads, and mounting is not safe while another sends.
     if not isinstance(http.get_adapter(url), DeadlineAdapter):
         # requests picks the adapter mounted with the longest matching prefix.
-        raise TypeError(f"an adapter mounted for this URL's prefix would carry the exchange without the bound "
-                        f"({type(http.get_adapter(url)).__name__})")
+        raise TypeError(f"the adapter for this URL's prefix would carry the exchange without the bound "
+                        f"({type(http.get_adapter(url)).__name__}; build the session with bounded())")
     # Through the session's own get()/post()/..., which a subclass may extend.
     send = getattr(http, method.lower())
-    with within(timeout):
-        return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes, partial_2xx)}, **kwargs)
+    heard = _Heard()
+    token = _heard.set(heard)
+    try:
+        with within(timeout):
+            return send(url, timeout=timeout, stream=True, hooks={"response": read_at_most(max_bytes, partial_2xx)}, **kwargs)
+    except (requests.Timeout, requests.ConnectionError) as exc:
+        if partial_2xx and heard.status is not None and 200 <= heard.status < 300:
+            return _status_only(url, heard.status, exc)
+        raise
+    finally:
+        _heard.reset(token)

@@ -117,7 +117,11 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
     ``timeout`` bounds each send as a whole (name lookup, connect, TLS
     handshake, send and the whole answer, :mod:`shared.deadline`): a Broker, or a proxy before it, that
     trickles its answer is cut off at the timeout (a ``ReadTimeout``, a
-    failed attempt) instead of holding the drain and every event behind it."""
+    failed attempt) instead of holding the drain and every event behind it.
+    A ``2xx`` is a publish even when the rest of its answer is cut off: the
+    Broker has the event. An answer whose connection drops inside its body
+    is a ``ChunkedEncodingError``, a failed attempt (the Broker was reached),
+    not a dropped kept-alive connection to retry at once."""
     import requests  # a sending process only: the others write the outbox and never send
 
     from shared import deadline
@@ -128,8 +132,11 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
         # A redirect is an answer, not a delivery: followed, a 302 would turn
         # the POST into a GET whose 200 marked the event published though no
         # Broker took it.
-        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, headers=headers, data=body,
-                                allow_redirects=False)
+        # partial_2xx: a 2xx is the Broker's yes, however its answer ends
+        # (headers or body cut off at the bound, the connection dropped
+        # inside the body); sending the event again would publish it twice.
+        return deadline.request(http, "POST", sink, timeout, ANSWER_MAX_BYTES, partial_2xx=True, headers=headers,
+                                data=body, allow_redirects=False)
 
     try:
         response = post()
@@ -138,6 +145,10 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
         # use; one fresh attempt tells that apart from a Broker that is down.
         # The event id is stable, so a rare double delivery is recognisable.
         response = post()
+    cut_short = getattr(response, "cut_short", None)
+    if cut_short is not None:
+        log.info("Broker said 2xx and its answer was cut off; the event is published",
+                 extra={"event_id": event["id"], "status": response.status_code, "error": type(cut_short).__name__})
     if not 200 <= response.status_code < 300:
         raise BrokerAnswered(f"broker answered {response.status_code}: {response.text[:200]}")
 
@@ -301,7 +312,9 @@ def publish_pending(
     if http is None:
         import requests
 
-        http = requests.Session()
+        from shared.deadline import bounded
+
+        http = bounded(requests.Session())
     lease = lease_seconds(timeout)
     batch = _Batch(bind, sink, timeout, http, max_attempts, report, lease)
     tried = 0

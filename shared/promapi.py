@@ -17,7 +17,7 @@ def instant(url: str, promql: str, timeout: float) -> list:
 
     from shared import deadline
 
-    with requests.Session() as http:
+    with deadline.bounded(requests.Session()) as http:
         response = deadline.request(http, "GET", url.rstrip("/") + "/api/v1/query", timeout,
                                     params={"query": promql}, allow_redirects=True)
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}

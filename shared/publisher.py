@@ -49,7 +49,9 @@ class Publisher:
         if not hasattr(self._local, "session"):
             import requests  # by the drainer thread that sends first, off the request path
 
-            self._local.session = requests.Session()
+            from shared.deadline import bounded
+
+            self._local.session = bounded(requests.Session())
         return self._local.session
 
     def _drain(self, deadline: float | None = None) -> outbox.PublishReport:

@@ -75,7 +75,9 @@ class AlertManager:
         self.timeout = timeout
         import requests  # an AlertManager client only when a silence is read or made
 
-        self.http = requests.Session()
+        from shared.deadline import bounded
+
+        self.http = bounded(requests.Session())
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
         """One call, its whole answer within the timeout (shared.deadline):
@@ -87,7 +89,8 @@ class AlertManager:
 
         try:
             response = deadline.request(self.http, method, self.base + path, self.timeout, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            # ChunkedEncodingError: the connection dropped inside the answer.
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
         if response.status_code == 404 and method == "DELETE":
             raise NotFound("AlertManager has no such silence")

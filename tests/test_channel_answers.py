@@ -19,6 +19,7 @@ from functions.escalation.answer import Answer
 from functions.escalation.delivery import send
 from loopback import notify
 from shared.config import load_settings
+from shared.deadline import bounded
 
 PORTAL = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Guest Wi-Fi</body></html>"
 
@@ -150,7 +151,7 @@ def receivers():
 
 
 def post(url, body, channel, accept, attempts=1):
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, body, channel, 2.0, attempts, 1.0, 0.01, accept=accept)
 
 
@@ -179,3 +180,31 @@ def test_a_portal_answering_200_is_never_delivered(receivers, which):
     assert (result.ok, result.status, result.attempts) == (False, 200, 3)
     assert result.error == f"HTTP 200, not accepted: {PORTAL}"
     assert len(receiver.requests) == 3
+
+
+def pagerduty_at(url: str) -> pagerduty.PagerDuty:
+    return pagerduty.PagerDuty(load_settings({"DATABASE_URL": "postgresql://u@h/d", "PAGERDUTY_ROUTING_KEY": "k" * 32,
+                                              "PAGERDUTY_EVENTS_URL": url}))
+
+
+@pytest.mark.parametrize("url", [
+    "https://events.pagerduty.com/v2/enqueue",
+    "https://events.eu.pagerduty.com/v2/enqueue",
+    "https://EVENTS.PagerDuty.com/v2/enqueue",
+])
+def test_pagerdutys_own_events_api_is_judged_by_its_answer(url):
+    channel = pagerduty_at(url)
+    assert channel.accept(202, '{"status":"success","message":"Event processed","dedup_key":"x"}') is Answer.ACCEPTED
+    assert channel.accept(200, PORTAL) is Answer.UNRECOGNISED
+
+
+@pytest.mark.parametrize("url", [
+    "https://pd-relay.internal/v2/enqueue",
+    "https://events.pagerduty.com.evil.example/v2/enqueue",
+    "http://127.0.0.1:8080/v2/enqueue",
+])
+@pytest.mark.parametrize("body", ["", "accepted", '{"ok":true}'])
+def test_a_pagerduty_compatible_receiver_elsewhere_is_judged_by_the_status_alone(url, body):
+    # Its words for "accepted" are its own: judged by PagerDuty's, every page
+    # would be sent again and again, then dead-lettered.
+    assert pagerduty_at(url).accept(202, body) is Answer.ACCEPTED

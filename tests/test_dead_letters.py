@@ -359,13 +359,27 @@ def test_a_redelivery_holds_no_transaction_while_the_broker_answers_and_is_sent_
     assert after["redelivery_status"] == "sent" and after["redelivery_count"] == 1
 
 
-@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+@pytest.mark.parametrize("start", [STATUS_LINE.replace(b"200 OK", b"503 Service Unavailable"),
+                                   HEADERS_THEN_BODY.replace(b"200 OK", b"503 Service Unavailable")], ids=["headers", "body"])
 def test_a_broker_that_trickles_its_answer_to_a_redelivery_is_cut_at_the_timeout(start):
     # requests' timeout bounds each read: a byte every 0.2 s would keep the
     # redelivery (and the engineer's request) open past its claim.
-    from shared import backlog
+    from shared import backlog, deadline
 
     with Trickler(start) as broker:
-        ended, error, took = run_bounded(lambda: backlog.send(requests.Session(), broker.url, b"{}", 0.5), 6)
+        ended, error, took = run_bounded(lambda: backlog.send(deadline.bounded(requests.Session()), broker.url, b"{}", 0.5), 6)
     assert ended, "the redelivery outlived its timeout"
     assert took < 2.5 and error == "ReadTimeout: no whole answer within 0.5s", error
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+def test_a_2xx_still_coming_at_the_timeout_is_a_redelivery(start):
+    # The Broker said 2xx: it has the event; "failed" would have the
+    # engineer send it again.
+    from shared import backlog, deadline
+
+    with Trickler(start) as broker:
+        ended, error, took = run_bounded(lambda: backlog.send(deadline.bounded(requests.Session()), broker.url, b"{}", 0.5), 6)
+        sent = broker.requests
+    assert ended and took < 2.5
+    assert error is None and sent == 1

@@ -100,7 +100,7 @@ def timed(call):
 
 def test_a_dead_first_address_still_delivers_within_the_bound(names, dead_port, receiver):
     names["two.test"] = [dead_port, receiver.port]
-    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"http://two.test:{receiver.port}/x", 1.0,
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "POST", f"http://two.test:{receiver.port}/x", 1.0,
                                                   data=b"{}"))
     assert isinstance(result, requests.Response), describe_failure(result, 1.0)
     assert result.status_code == 202 and took < 1.0
@@ -109,7 +109,7 @@ def test_a_dead_first_address_still_delivers_within_the_bound(names, dead_port, 
 
 def test_three_dead_addresses_before_a_working_one_still_deliver_within_the_bound(names, dead_port, receiver):
     names["four.test"] = [dead_port, dead_port, dead_port, receiver.port]
-    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"http://four.test:{receiver.port}/x", 2.0,
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "POST", f"http://four.test:{receiver.port}/x", 2.0,
                                                   data=b"{}"))
     assert isinstance(result, requests.Response), describe_failure(result, 2.0)
     assert result.status_code == 202 and took < 2.0
@@ -117,7 +117,7 @@ def test_three_dead_addresses_before_a_working_one_still_deliver_within_the_boun
 
 def test_addresses_that_all_stay_silent_fail_at_the_bound_not_one_bound_each(names, dead_port):
     names["dead.test"] = [dead_port, dead_port, dead_port]
-    result, took = timed(lambda: deadline.request(requests.Session(), "POST", "http://dead.test/x", 1.0, data=b"{}"))
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "POST", "http://dead.test/x", 1.0, data=b"{}"))
     assert isinstance(result, requests.ConnectTimeout), result
     assert 0.9 < took < 1.3
     assert describe_failure(result, 1.0) == "ConnectTimeout: no connection within 1s"
@@ -127,7 +127,7 @@ def test_a_tls_handshake_gets_only_what_the_connect_left_of_the_bound(names, dea
     # The dead address takes its share of the bound; the handshake with a
     # peer that never answers it must not start a whole bound of its own.
     names["tls.test"] = [dead_port, silent_port]
-    result, took = timed(lambda: deadline.request(requests.Session(), "POST", f"https://tls.test:{silent_port}/x", 1.5,
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "POST", f"https://tls.test:{silent_port}/x", 1.5,
                                                   data=b"{}", verify=False))
     assert isinstance(result, requests.Timeout), result
     assert took < 1.8
@@ -139,7 +139,7 @@ def test_a_slow_lookup_leaves_the_tls_handshake_only_the_rest_of_the_bound(names
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", silent_port))]
 
     names["slowtls.test"] = slow
-    result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"https://slowtls.test:{silent_port}/", 1.5,
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", f"https://slowtls.test:{silent_port}/", 1.5,
                                                   verify=False))
     assert isinstance(result, requests.Timeout), result
     assert took < 1.8
@@ -154,7 +154,7 @@ def test_a_stalled_name_lookup_ends_at_the_bound(names):
 
     names["stalled.test"] = stalled
     try:
-        result, took = timed(lambda: deadline.request(requests.Session(), "GET", "http://stalled.test/", 1.0))
+        result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", "http://stalled.test/", 1.0))
     finally:
         released.set()
     assert isinstance(result, requests.ConnectTimeout), result
@@ -167,7 +167,7 @@ def test_a_lookup_that_fails_is_still_named_as_one(names):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     names["nowhere.test"] = unknown
-    result, _ = timed(lambda: deadline.request(requests.Session(), "GET", "http://nowhere.test/", 1.0))
+    result, _ = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", "http://nowhere.test/", 1.0))
     assert isinstance(result, requests.ConnectionError), result
     assert describe_failure(result, 1.0) == "ConnectionError: the host name did not resolve"
 
@@ -178,7 +178,7 @@ def test_a_refused_first_address_moves_on_to_the_next_at_once(names, receiver):
     refused_port = closed.getsockname()[1]
     closed.close()
     names["refused.test"] = [refused_port, receiver.port]
-    result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"http://refused.test:{receiver.port}/", 2.0))
+    result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", f"http://refused.test:{receiver.port}/", 2.0))
     assert isinstance(result, requests.Response), result
     assert result.status_code == 202 and took < 0.2
 
@@ -210,15 +210,15 @@ def test_a_kept_alive_connection_serves_exchange_after_exchange(receiver):
         return 200, {}, b"{}"
 
     receiver.responder = late_then_quick
-    http = requests.Session()
+    http = deadline.bounded(requests.Session())
     for path in ("/late", "/1", "/2", "/3"):
         response = deadline.request(http, "GET", receiver.url + path, 1.0)
         assert response.status_code == 200 and response.content == b"{}"
     assert [pool.num_connections for pool in pools(http.get_adapter(receiver.url))] == [1]
 
 
-def test_a_session_given_to_request_sends_through_the_bounded_adapter(receiver):
-    http = requests.Session()
+def test_a_bounded_session_sends_through_the_bounded_adapter(receiver):
+    http = deadline.bounded(requests.Session())
     assert deadline.request(http, "GET", receiver.url + "/", 1.0).status_code == 202
     adapter = http.get_adapter(receiver.url)
     assert isinstance(adapter, deadline.DeadlineAdapter)
@@ -230,7 +230,7 @@ def test_a_session_given_to_request_sends_through_the_bounded_adapter(receiver):
 def test_an_adapter_mounted_closer_to_the_url_is_refused_not_sent_through_unbounded(receiver):
     # requests picks the adapter with the longest matching prefix: one
     # mounted for this very host would carry the exchange without the bound.
-    http = requests.Session()
+    http = deadline.bounded(requests.Session())
     http.mount(receiver.url, HTTPAdapter())
     with pytest.raises(TypeError, match="bound"):
         deadline.request(http, "GET", receiver.url + "/", 1.0)
@@ -248,7 +248,7 @@ def test_a_name_whose_lookup_stalls_does_not_hold_up_the_lookups_of_others(names
 
     names["stalled.test"] = stalled
     names["good.test"] = [receiver.port]
-    callers = [threading.Thread(target=timed, args=(lambda: deadline.request(requests.Session(), "GET", "http://stalled.test/",
+    callers = [threading.Thread(target=timed, args=(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", "http://stalled.test/",
                                                                              0.3),))
                for _ in range(3 * deadline.RESOLVER_THREADS)]
     try:
@@ -256,8 +256,105 @@ def test_a_name_whose_lookup_stalls_does_not_hold_up_the_lookups_of_others(names
             caller.start()
         for caller in callers:
             caller.join()
-        result, took = timed(lambda: deadline.request(requests.Session(), "GET", f"http://good.test:{receiver.port}/", 1.0))
+        result, took = timed(lambda: deadline.request(deadline.bounded(requests.Session()), "GET", f"http://good.test:{receiver.port}/", 1.0))
     finally:
         released.set()
     assert isinstance(result, requests.Response), describe_failure(result, 1.0)
     assert result.status_code == 202
+
+
+def test_lookups_stalled_on_more_names_than_the_old_eight_threads_do_not_hold_up_another_name(monkeypatch):
+    # Each stalled name holds one resolver thread until the system resolver
+    # gives up: nine of them must not leave a tenth name waiting its bound.
+    released = threading.Event()
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if host.startswith("stalled"):
+            released.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolver = deadline._Resolver(deadline.RESOLVER_THREADS)
+    try:
+        stalled = [resolver.submit(f"stalled{n}.test", 80, socket.AF_INET) for n in range(9)]
+        time.sleep(0.1)
+        answer = resolver.submit("good.test", 80, socket.AF_INET).result(timeout=1.0)
+    finally:
+        released.set()
+    assert answer[0][4] == ("127.0.0.1", 80)
+    for future in stalled:
+        with pytest.raises(socket.gaierror):
+            future.result(timeout=5)
+
+
+def test_a_lookup_whose_thread_cannot_start_fails_at_once_and_the_next_one_is_looked_up(monkeypatch):
+    resolver = deadline._Resolver(deadline.RESOLVER_THREADS)
+    real_start = threading.Thread.start
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    future = resolver.submit("localhost", 80, socket.AF_INET)
+    assert future.done()
+    with pytest.raises(OSError):
+        future.result(timeout=0)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    again = resolver.submit("localhost", 80, socket.AF_INET)
+    assert again is not future
+    assert again.result(timeout=5)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_socks_proxy_is_refused_not_bypassed(receiver, scheme):
+    # The bounded connect goes straight to the target: through a SOCKS
+    # proxy's connection class it would skip the proxy without a word.
+    pytest.importorskip("socks")
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        http = deadline.bounded(requests.Session())
+        http.proxies = {scheme: f"socks5://127.0.0.1:{silent.getsockname()[1]}"}
+        with pytest.raises(TypeError, match="SOCKS"):
+            deadline.request(http, "GET", f"{scheme}://127.0.0.1:{receiver.port}/", 1.0)
+    finally:
+        silent.close()
+    assert receiver.received() == []
+
+
+def test_the_address_families_take_turns_in_getaddrinfos_order():
+    # Three dead IPv6 addresses first must not cost three staggers before the
+    # IPv4 one is tried.
+    v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{n}", 443, 0, 0)) for n in (1, 2, 3)]
+    v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"192.0.2.{n}", 443)) for n in (1, 2)]
+    assert deadline._interleaved(v6 + v4) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert deadline._interleaved(v4 + v6) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert deadline._interleaved(v4) == v4 and deadline._interleaved([]) == []
+
+
+def test_a_session_not_built_bounded_is_refused_not_mounted_behind_its_owners_back(receiver):
+    # Mounting inside request() changed a session other threads may be
+    # sending on; the sessions are made bounded where they are built.
+    http = requests.Session()
+    with pytest.raises(TypeError, match="bounded"):
+        deadline.request(http, "GET", receiver.url + "/", 1.0)
+    assert not isinstance(http.get_adapter(receiver.url), deadline.DeadlineAdapter)
+    assert receiver.received() == []
+
+
+def test_every_sender_builds_its_session_bounded():
+    from local.broker import LocalBroker
+    from shared.config import load_settings
+    from shared.publisher import Publisher
+    from shared.silences import AlertManager
+
+    publisher = Publisher(load_settings({"DATABASE_URL": "postgresql://u@h/d", "K_SINK": "http://broker.test/ns/default"}))
+    broker = LocalBroker({})
+    try:
+        sessions = {"publisher": publisher._session(), "silences": AlertManager("http://alertmanager.test").http,
+                    "local broker": broker._session()}
+    finally:
+        broker.executor.shutdown()
+    for who, http in sessions.items():
+        for url in ("http://elsewhere.test/", "https://elsewhere.test/"):
+            assert isinstance(http.get_adapter(url), deadline.DeadlineAdapter), who

@@ -27,6 +27,7 @@ from functions.escalation.channels.teams import Teams
 from functions.escalation.channels.webhook import Webhook
 from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
+from shared.deadline import bounded
 from loopback.processes import free_port
 
 
@@ -71,7 +72,7 @@ def waits(caplog) -> list[float]:
 
 
 def deliver(url, attempts=4, base_delay=0.05, max_retry_after=1.0, timeout=2.0, accept=accept_any_2xx):
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {"text": "hi"}, "slack", timeout, attempts, max_retry_after, base_delay, accept=accept)
 
 
@@ -83,7 +84,7 @@ def test_any_2xx_is_success(receiver, status):
 
 def test_the_default_back_off_starts_at_half_a_second(receiver, caplog):
     r = receiver((500, {}, b""), (202, {}, b"ok"))
-    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
+    with bounded(requests.Session()) as http, caplog.at_level(logging.WARNING, logger="delivery"):
         assert send(http, r.server.url, {}, "slack", 2.0, 2, 1.0).ok
     assert waits(caplog) == [0.5] and r.gaps()[0] >= 0.5
 
@@ -220,7 +221,7 @@ def test_the_worst_case_is_every_attempt_timing_out_plus_every_back_off(timeout,
 
 def test_no_attempt_allowed_sends_nothing_and_says_so(receiver):
     r = receiver()
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         result = send(http, r.server.url, {}, "slack", 2.0, 0, 1.0)
     assert result == Delivery(False, None, 0, "not attempted") and r.server.requests == []
 
@@ -235,7 +236,7 @@ def test_a_retry_after_is_honoured_on_429_only(receiver, caplog):
     # A webhook retries a 408 too; its Retry-After is not the rate limit's
     # and must not replace the back-off.
     r = receiver((408, {"Retry-After": "0.6"}, b""), (202, {}, b"ok"))
-    with requests.Session() as http, caplog.at_level(logging.WARNING, logger="delivery"):
+    with bounded(requests.Session()) as http, caplog.at_level(logging.WARNING, logger="delivery"):
         result = send(http, r.server.url, {}, "webhook", 2.0, 2, 1.0, 0.05, retry=lambda s: s == 408)
     assert result.ok and result.attempts == 2
     assert waits(caplog) == [0.05]
@@ -247,7 +248,7 @@ def budget_send(url):
     """Two attempts of at most 2 s: 4.05 s in all, so once the first answer
     is in (well under a second, even on a loaded machine) about 2 s remain
     for a wait before the last attempt."""
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {}, "slack", 2.0, 2, 5.0, 0.05)
 
 
@@ -469,7 +470,7 @@ def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_
     out: list = []
 
     def run():
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             # Not REQUESTS_CA_BUNDLE: it would take precedence over verify.
             http.trust_env, http.verify = False, str(cert)
             out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0, accept=pagerduty.judge))
@@ -488,7 +489,7 @@ def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
     out: list = []
 
     def run():
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             http.trust_env, http.proxies = False, {"http": proxy}
             out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0,
                             accept=pagerduty.judge))
@@ -572,7 +573,7 @@ def judged(url, verdict: Answer, attempts=3, seen: list | None = None):
             seen.append((status, body))
         return verdict
 
-    with requests.Session() as http:
+    with bounded(requests.Session()) as http:
         return send(http, url, {"text": "hi"}, "slack", 2.0, attempts, 1.0, 0.01, accept=accept)
 
 
@@ -627,7 +628,7 @@ def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(re
         raise failure
 
     with caplog.at_level(logging.WARNING, logger="delivery"):
-        with requests.Session() as http:
+        with bounded(requests.Session()) as http:
             result = send(http, r.server.url, {"text": "hi"}, "slack", 2.0, 3, 1.0, 0.01, accept=accept)
     assert result == Delivery(False, 200, 3, "HTTP 200, not accepted: [[[[", "[[[[")
     assert len(r.server.requests) == 3
@@ -638,3 +639,116 @@ def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(re
 def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
     r = receiver((200, {"Content-Type": "text/plain; charset=no-such-charset"}, b"ok \xff"))
     assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")
+
+
+# --------------------------------------------------------------------------- a 2xx cut off before its body
+# A receiver judged by its status that said 2xx has acted on the POST:
+# whatever goes wrong after the status line (headers that trickle past
+# the bound, a connection closed before the body's end), sending it again
+# would post it twice.
+
+
+@pytest.fixture
+def closer():
+    """A receiver that answers ``answer`` and closes the connection (counting the requests)."""
+    listeners = []
+    requests_seen: list[int] = []
+
+    def make(answer: bytes) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    read_request(conn)
+                    requests_seen.append(1)
+                    try:
+                        conn.sendall(answer)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+
+    make.requests = requests_seen
+    yield make
+    for listener in listeners:
+        listener.close()
+
+
+def counting_trickler(trickler, start: bytes) -> tuple[str, list]:
+    """The trickler's URL behind a counter of the connections made to it."""
+    url = trickler(start)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    counter = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def relay():
+        while True:
+            try:
+                conn, _ = counter.accept()
+            except OSError:
+                return
+            seen.append(1)
+            upstream = socket.create_connection((host, int(port)))
+
+            def pipe(a, b):
+                try:
+                    while chunk := a.recv(65536):
+                        b.sendall(chunk)
+                except OSError:
+                    pass
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+            threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    return f"http://127.0.0.1:{counter.getsockname()[1]}/hook", seen
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_headers_are_still_coming_at_the_timeout_is_accepted_by_a_channel_judged_by_the_status(trickler, channel):
+    url, posts = counting_trickler(trickler, TRICKLED_HEADERS)
+    result, took = send_bounded(url, 15, attempts=3, timeout=0.5,
+                                accept=lambda status, body: channel.accept(object.__new__(channel), status, body))
+    assert result is not None, "send() still reading trickled headers after 15 s"
+    assert (result.ok, result.status, result.attempts, result.error) == (True, 200, 1, None)
+    assert len(posts) == 1
+    assert took < 0.5 + 1.5, took
+
+
+def test_a_2xx_whose_headers_are_still_coming_at_the_timeout_is_retried_by_a_channel_judged_by_the_body(trickler):
+    result, _ = send_bounded(trickler(TRICKLED_HEADERS), 15, attempts=2, timeout=0.5, base_delay=0.05, accept=pagerduty.judge)
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (False, None, 2)
+    assert result.error.startswith("ReadTimeout: "), result.error
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_connection_closes_before_the_body_ends_is_accepted_by_a_channel_judged_by_the_status(closer, channel):
+    url = closer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nok")
+    result, _ = send_bounded(url, 15, attempts=3, timeout=2.0,
+                             accept=lambda status, body: channel.accept(object.__new__(channel), status, body))
+    assert result is not None
+    assert (result.ok, result.status, result.attempts, result.error, result.body) == (True, 200, 1, None, "ok")
+    assert len(closer.requests) == 1
+
+
+def test_a_2xx_whose_connection_closes_before_the_body_ends_is_retried_by_a_channel_judged_by_the_body(closer):
+    url = closer(b'HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{"status": "succ')
+    result, _ = send_bounded(url, 15, attempts=2, timeout=2.0, base_delay=0.05, accept=pagerduty.judge)
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (False, None, 2)
+    assert len(closer.requests) == 2
+    assert result.error.startswith("ChunkedEncodingError: "), result.error
+

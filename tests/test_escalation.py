@@ -226,8 +226,43 @@ def at_slack(escalation_at_slack, receivers):
     assert all(r.path.startswith("http://hooks.slack.com/services/") for r in hook.requests), [r.path for r in hook.requests]
 
 
-@pytest.mark.parametrize("which", ["pagerduty", "slack"])
-def test_a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(at_slack, receivers, clean_db, which):
+@pytest.fixture(scope="module")
+def escalation_at_pagerduty(base_env, pd, slack_hook):
+    """The escalation posting to PagerDuty's own host (whose answers are
+    judged by their body), through an HTTP proxy that is the loopback PagerDuty."""
+    env = {
+        **base_env,
+        "PAGERDUTY_EVENTS_URL": "http://events.pagerduty.com/v2/enqueue",
+        "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH,
+        "HTTP_PROXY": pd.url, "http_proxy": pd.url,
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        "NOTIFY_TIMEOUT_SECONDS": "1",
+        "NOTIFY_MAX_ATTEMPTS": "3",
+        "PUBLIC_URL": "http://incident-api.production:8080",
+    }
+    proc = FunctionProcess("escalation", env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def at_pagerduty(escalation_at_pagerduty, receivers):
+    """The process, and that its pages did reach PagerDuty's host."""
+    yield escalation_at_pagerduty
+    pd, _ = receivers
+    assert all(r.path == "http://events.pagerduty.com/v2/enqueue" for r in pd.requests), [r.path for r in pd.requests]
+
+
+def test_a_200_page_that_is_not_pagerdutys_answer_is_retried_then_answered_502(at_pagerduty, receivers, clean_db):
+    a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(at_pagerduty, receivers, clean_db, "pagerduty")
+
+
+def test_a_200_page_that_is_not_slacks_answer_is_retried_then_answered_502(at_slack, receivers, clean_db):
+    a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(at_slack, receivers, clean_db, "slack")
+
+
+def a_200_page_that_is_not_the_services_answer_is_retried_then_answered_502(at_slack, receivers, clean_db, which):
     pd, hook = receivers
     receiver = pd if which == "pagerduty" else hook
     receiver.script.extend([PORTAL] * 3)
@@ -272,12 +307,20 @@ def test_slacks_other_words_for_accepted_are_accepted(at_slack, receivers, clean
 TOO_DEEP = b"[" * 60000
 
 
-@pytest.mark.parametrize("which, answer", [
-    ("pagerduty", (200, {"Content-Type": "application/json"}, TOO_DEEP)),
-    ("slack", (200, {"Content-Type": "application/json"}, TOO_DEEP)),
-    ("slack", (200, {"Content-Type": "application/json"}, b'{"ok":false,"error":["internal_error"]}')),
-], ids=["pagerduty-too-deep", "slack-too-deep", "slack-error-not-a-string"])
-def test_no_answer_to_a_notification_drops_the_event_or_goes_unrecorded(at_slack, receivers, clean_db, which, answer):
+def test_no_answer_from_pagerduty_drops_the_event_or_goes_unrecorded(at_pagerduty, receivers, clean_db):
+    no_answer_to_a_notification_drops_the_event_or_goes_unrecorded(
+        at_pagerduty, receivers, clean_db, "pagerduty", (200, {"Content-Type": "application/json"}, TOO_DEEP))
+
+
+@pytest.mark.parametrize("answer", [
+    (200, {"Content-Type": "application/json"}, TOO_DEEP),
+    (200, {"Content-Type": "application/json"}, b'{"ok":false,"error":["internal_error"]}'),
+], ids=["too-deep", "error-not-a-string"])
+def test_no_answer_from_slack_drops_the_event_or_goes_unrecorded(at_slack, receivers, clean_db, answer):
+    no_answer_to_a_notification_drops_the_event_or_goes_unrecorded(at_slack, receivers, clean_db, "slack", answer)
+
+
+def no_answer_to_a_notification_drops_the_event_or_goes_unrecorded(at_slack, receivers, clean_db, which, answer):
     # Before: the judge raised (RecursionError, mapped to 400: the Broker
     # dropped the event, the page was lost and Slack never tried; TypeError:
     # 500 and no timeline entry).

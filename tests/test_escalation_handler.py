@@ -613,3 +613,37 @@ def test_an_old_roots_outcome_delivered_after_the_new_roots_result_is_the_old_ro
             "generation": 0, "root_generation": 1}, "remediation")
     assert handler.handle(old_outcome).status_code == 202
     assert len(slack.bodies()) == 1 and why(slack.bodies()[-1]) == "dry-run: a human must act"
+
+
+class Pager:
+    """A channel of someone's own, written before channels had ``accept``:
+    judged by the status, as the Channel protocol's default."""
+
+    name = "pager"
+    title = "Pager"
+    setting = "PAGER_URL"
+
+    def __init__(self, url):
+        self.url = url
+
+    def configured(self) -> bool:
+        return True
+
+    def message(self, note: Note):
+        from functions.escalation.channels import Outgoing
+
+        return Outgoing("page", self.url, {"incident": note.incident["id"]}) if note.transition == "opened" else None
+
+    def retry(self, status: int) -> bool:
+        return status >= 500
+
+
+def test_a_channel_without_accept_is_judged_by_the_status_not_a_500(receivers, database_url, clean_db):
+    pd, _ = receivers
+    pd.server.requests.clear(), pd.script.clear()
+    config = load_settings({"DATABASE_URL": database_url, "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1"})
+    handler = EscalationHandler(config, [Pager(pd.server.url + "/page")])
+    row = incident(clean_db)
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert len(pd.server.received()) == 1
+    assert [(n["channel"], n["outcome"], n["status"]) for n in notifications(clean_db, row["id"])] == [("pager", "sent", 202)]

@@ -278,3 +278,28 @@ def test_an_alertmanager_that_trickles_its_answer_did_not_answer_within_the_time
     assert ended, "the call to AlertManager outlived its timeout"
     assert took < 2.5
     assert isinstance(outcome, ServiceUnavailable) and "AlertManager did not answer: ReadTimeout" in str(outcome), outcome
+
+
+def test_an_alertmanager_whose_connection_drops_inside_its_answer_did_not_answer():
+    # A dropped body is requests' ChunkedEncodingError: an AlertManager that
+    # did not answer (503), never an error of ours (500).
+    import socket
+    import threading
+
+    from shared import silences
+    from shared.errors import ServiceUnavailable
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(ServiceUnavailable, match="AlertManager did not answer: ChunkedEncodingError"):
+            silences.AlertManager(f"http://127.0.0.1:{listener.getsockname()[1]}", 2.0).for_labels({"alertname": "A"})
+    finally:
+        listener.close()

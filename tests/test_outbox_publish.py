@@ -11,7 +11,7 @@ import requests
 import sqlalchemy as sa
 
 from shared import incidents as svc
-from shared import outbox
+from shared import deadline, outbox
 from tests.factories import alert
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
@@ -114,7 +114,7 @@ class CountingSession(requests.Session):
 
 def test_a_broker_that_is_down_stops_the_drain_without_counting_attempts(clean_db, caplog):
     ids = pending(clean_db, "OutA", "OutB", "OutC")
-    http = CountingSession()
+    http = deadline.bounded(CountingSession())
     with caplog.at_level(logging.WARNING, logger="outbox"):
         report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http)
     # Two events refused in a row (each tried twice: a stale keep-alive
@@ -155,7 +155,7 @@ def test_a_closed_keep_alive_connection_is_retried_once(clean_db):
 
     (event_id,) = pending(clean_db, "OutA")
     with Broker() as broker:
-        assert outbox.publish_pending(clean_db, broker.url, http=FlakySession()).published == [event_id]
+        assert outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(FlakySession())).published == [event_id]
         assert broker.ids() == [event_id] and FlakySession.calls == 2
 
 
@@ -265,7 +265,7 @@ class DroppingSession(requests.Session):
 def test_a_dropped_connection_while_the_broker_takes_other_events_counts_against_the_event(clean_db):
     ids = events_at(clean_db, 4)
     with Broker() as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[0], ids[2]))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(ids[0], ids[2])))
     # The first drop alone could be an outage; the next event went through, so
     # it was not; and a drop does not stop the events after it.
     assert report.published == [ids[1], ids[3]] and sorted(report.failed) == [ids[0], ids[2]]
@@ -295,7 +295,7 @@ def test_batches_respect_the_batch_size_and_the_limit(clean_db):
 
 def test_an_outage_stops_at_the_first_batch(clean_db):
     ids = events_at(clean_db, 5)
-    http = CountingSession()
+    http = deadline.bounded(CountingSession())
     report = outbox.publish_pending(clean_db, f"http://127.0.0.1:{free_port()}/ns/default", timeout=1, http=http, batch_size=2)
     assert report.broker_unreachable and http.posted == [ids[0], ids[0], ids[1], ids[1]]
 
@@ -335,7 +335,7 @@ def test_a_batch_whose_lease_runs_short_hands_its_other_rows_back(clean_db):
 def test_a_refusal_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db):
     ids = events_at(clean_db, 2)
     with Broker((500, {}, b"no")) as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(ids[1]))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(ids[1])))
     assert sorted(report.failed) == ids and not report.broker_unreachable
     assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
 
@@ -352,7 +352,7 @@ def test_an_event_without_a_priority_is_not_a_p0(clean_db):
 def test_an_outage_is_reported_and_stored_by_its_first_error(clean_db):
     ids = events_at(clean_db, 3)
     with Broker() as broker:
-        report = outbox.publish_pending(clean_db, broker.url, http=DroppingSession(*ids))
+        report = outbox.publish_pending(clean_db, broker.url, http=deadline.bounded(DroppingSession(*ids)))
     first = "ConnectionError: connection reset by peer while sending ev-0"
     assert report.broker_unreachable and report.broker_error == first
     stored = rows(clean_db)
@@ -399,7 +399,11 @@ def test_a_drain_leases_one_batch_of_fifty_for_three_sends_of_the_default_timeou
     assert not drain.is_alive() and len(reports[0].published) == 60 and outbox.pending_count(clean_db) == 0
 
 
-@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
+REFUSAL_HEADERS = STATUS_LINE.replace(b"200 OK", b"503 Service Unavailable")
+REFUSAL_THEN_BODY = HEADERS_THEN_BODY.replace(b"200 OK", b"503 Service Unavailable")
+
+
+@pytest.mark.parametrize("start", [REFUSAL_HEADERS, REFUSAL_THEN_BODY], ids=["headers", "body"])
 def test_a_broker_that_trickles_its_answer_is_cut_at_the_timeout_and_the_event_stays_due(clean_db, start):
     # requests' timeout bounds each read: a byte every 0.2 s would hold the
     # drain (and every later event) for as long as the Broker likes.
@@ -414,3 +418,66 @@ def test_a_broker_that_trickles_its_answer_is_cut_at_the_timeout_and_the_event_s
     # A failed attempt, retried at the next sweep: the event stays in the outbox.
     assert stored.published_at is None and stored.attempts == 1 and stored.next_attempt_at is not None
     assert outbox.pending_count(clean_db) == 1
+
+
+@pytest.mark.parametrize("start", [STATUS_LINE, HEADERS_THEN_BODY.replace(b"200 OK", b"202 Accepted")], ids=["headers", "body"])
+def test_a_2xx_whose_answer_is_still_coming_at_the_timeout_is_a_publish(clean_db, start):
+    # The Broker said 2xx: it has the event. Sending it again (and parking it
+    # after eight such "failures") would publish it over and over.
+    (event_id,) = pending(clean_db, "OutA")
+    with Trickler(start) as broker:
+        ended, report, took = run_bounded(lambda: outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=0.5), 6)
+        sent = broker.requests
+    assert ended and took < 2.5
+    assert report.published == [event_id] and report.failed == {}, report.failed
+    assert sent == 1
+    stored = rows(clean_db)[event_id]
+    assert stored.published_at is not None and stored.attempts == 0
+
+
+def one_answer_then_close(answer: bytes) -> tuple[str, list]:
+    """A Broker that answers every request ``answer`` and closes the connection."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                seen.append(1)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/ns/default", seen
+
+
+def test_a_2xx_whose_connection_drops_inside_the_body_is_a_publish(clean_db):
+    (event_id,) = pending(clean_db, "OutA")
+    sink, seen = one_answer_then_close(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\nok")
+    report = outbox.publish_pending(clean_db, sink, timeout=2.0)
+    assert report.published == [event_id] and report.failed == {}, report.failed
+    assert len(seen) == 1
+
+
+def test_a_refusal_whose_connection_drops_inside_the_body_is_one_failed_attempt_not_an_outage(clean_db):
+    # A Broker that answered was reached: no second POST at once, and the
+    # attempt counts against the event instead of reporting the Broker down.
+    (event_id,) = pending(clean_db, "OutA")
+    sink, seen = one_answer_then_close(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nno")
+    report = outbox.publish_pending(clean_db, sink, timeout=2.0)
+    assert report.published == [] and not report.broker_unreachable
+    assert report.failed[event_id].startswith("ChunkedEncodingError"), report.failed
+    assert len(seen) == 1
+    assert rows(clean_db)[event_id].attempts == 1

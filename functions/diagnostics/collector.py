@@ -82,7 +82,7 @@ class _Prometheus:
         from prometheus_api_client import PrometheusConnect
         from urllib3.util.retry import Retry
 
-        from shared.deadline import DeadlineAdapter
+        from shared.deadline import DeadlineAdapter, bounded
 
         self.timeout = timeout
         http = requests.Session()
@@ -90,6 +90,8 @@ class _Prometheus:
         # The client mounts a plain adapter for its URL: the same one that
         # keeps the bound replaces it.
         http.mount(url, DeadlineAdapter(max_retries=Retry(total=0)))
+        # And for every other URL: a redirect to another host keeps the bound too.
+        bounded(http)
 
     def query(self, promql: str) -> list:
         from shared.deadline import within

@@ -14,10 +14,11 @@ read. A ``2xx`` is not yet an acceptance: the channel judges the answer
 ``"ok": false``. An answer the channel does not recognise is retried like
 an error on their side; a refusal in the service's own words is not retried
 here (the handler answers ``502``, so the Broker's redelivery tries again).
-A judge that fails on an answer counts it as unrecognised. A ``2xx`` whose
-body is cut off by the bound is judged on what arrived: a channel judged by
-the status alone has its notification accepted (sending it again would post
-it twice); any other retries it as the timeout it is.
+A judge that fails on an answer counts it as unrecognised. A ``2xx`` cut
+off after its status line (headers or body still coming at the bound, or
+the connection dropped before the body's end) is judged on what arrived: a
+channel judged by the status alone has its notification accepted (sending
+it again would post it twice); any other retries it as the failure it is.
 
 Every attempt and every wait fits in one budget (:func:`worst_case_seconds`),
 so the claim that guards a notification can go stale right after the budget
@@ -187,7 +188,8 @@ def send(
                 return Delivery(True, status, attempt, None, body)
             cut_short = getattr(response, "cut_short", None)
             if cut_short is not None:
-                # Not accepted from what arrived: a timeout, retried as one.
+                # Not accepted from what arrived: a timeout or a dropped
+                # connection, retried as one.
                 last = Delivery(False, None, attempt, describe_failure(cut_short, bound))
                 wait = delay
             elif answer is Answer.UNRECOGNISED:

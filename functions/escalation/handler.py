@@ -46,6 +46,7 @@ from cloudevents.http import CloudEvent
 from flask import Response
 from sqlalchemy.exc import SQLAlchemyError
 
+from functions.escalation.answer import accept_any_2xx
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
 from shared.deadline import bounded
@@ -246,7 +247,9 @@ class EscalationHandler:
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
                     self.config.notify_max_attempts, self.config.notify_max_retry_after_seconds,
-                    headers=outgoing.headers or None, retry=channel.retry, accept=channel.accept)
+                    headers=outgoing.headers or None, retry=channel.retry,
+                    # A channel written without a judge of its own: the status decides.
+                    accept=getattr(channel, "accept", accept_any_2xx))
 
     def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
         """Timeline entry and claim in one transaction, retried through a

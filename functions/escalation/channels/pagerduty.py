@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
-from functions.escalation.answer import Answer
+from functions.escalation.answer import Answer, accept_any_2xx
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
@@ -145,6 +146,17 @@ def judge(status: int, body: str) -> Answer:
     return Answer.ACCEPTED if isinstance(answer, dict) and answer.get("status") == "success" else Answer.UNRECOGNISED
 
 
+# PagerDuty's own Events API hosts (US and EU service regions): only their
+# answers are judged by the body. PAGERDUTY_EVENTS_URL may point elsewhere
+# (a relay, a compatible receiver, a mock), whose words for "accepted" are
+# its own: judged by the status alone, as Slack-compatible receivers are.
+PAGERDUTY_EVENTS_HOSTS = frozenset({"events.pagerduty.com", "events.eu.pagerduty.com"})
+
+
+def is_pagerdutys_own(url: str) -> bool:
+    return (urlsplit(url).hostname or "").lower() in PAGERDUTY_EVENTS_HOSTS
+
+
 class PagerDuty:
     name = "pagerduty"
     title = "PagerDuty"
@@ -153,6 +165,7 @@ class PagerDuty:
     def __init__(self, config: Settings):
         self.config = config
         self.routing_key = config.pagerduty_routing_key
+        self.judged_by_body = is_pagerdutys_own(config.pagerduty_events_url)
 
     def configured(self) -> bool:
         return bool(self.routing_key)
@@ -161,7 +174,7 @@ class PagerDuty:
         return retry_by_default(status)
 
     def accept(self, status: int, body: str) -> Answer:
-        return judge(status, body)
+        return judge(status, body) if self.judged_by_body else accept_any_2xx(status, body)
 
     def message(self, note: Note) -> Outgoing | None:
         action = self._action(note)
