@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field, make_dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import sqlalchemy as sa
@@ -68,7 +68,7 @@ FILTERS: tuple[Filter, ...] = (
            lambda t, v: t.c.priority.in_(v), allowed=PRIORITIES, normalise=str.upper, widget=Widget("Priority")),
     Filter("since", "since", Kind.TIME, "RFC 3339; created at or after (naive means UTC)",
            lambda t, v: t.c.created_at >= v, widget=Widget("Since", "2026-11-27T00:00:00Z")),
-    Filter("until", "until", Kind.TIME, "RFC 3339; created before (naive means UTC)",
+    Filter("until", "until", Kind.TIME, "RFC 3339; created before (naive means UTC); after since when both are given",
            lambda t, v: t.c.created_at < v),
     Filter("alert_name", "alert_names", Kind.TEXT, "the alert's name (alertname label)",
            lambda t, v: t.c.alert_name.in_(v), widget=Widget("Alert")),
@@ -95,7 +95,12 @@ IncidentFilter.__module__ = __name__
 
 
 def parse(args: MultiDict) -> IncidentFilter:
-    return IncidentFilter(**{f.field: f.parse(args) for f in FILTERS})
+    flt = IncidentFilter(**{f.field: f.parse(args) for f in FILTERS})
+    if flt.since is not None and flt.until is not None and flt.until <= flt.since:
+        # Nothing is created in such a range: almost always the two swapped.
+        raise BadRequest(f"until: must be after since ({args['until'][:40]!r} is not after {args['since'][:40]!r})",
+                         parameter="until")
+    return flt
 
 
 def conditions(table: sa.Table, flt: IncidentFilter) -> list[sa.ColumnElement]:
@@ -145,17 +150,27 @@ def openapi_yaml(indent: str = "        ") -> str:
 # --------------------------------------------------------------------------- parsing query arguments
 
 
+# The distinct values one repeatable parameter may name. Each becomes a bind
+# parameter of the statement (twice for fingerprint), and the wire protocol
+# counts them in 16 bits: 100,000 alert names fit in a URL the server takes
+# and failed half-way into the driver with a 500.
+MAX_VALUES = 1000
+
+
 def repeated(args: MultiDict, name: str, strip: bool = False) -> list[str]:
     """Repeatable and comma-separated: ``?status=open&status=investigating``
     and ``?status=open,investigating`` mean the same. Free-text values are
-    exact (not stripped); enum values may carry spaces around commas."""
-    result = []
+    exact (not stripped); enum values may carry spaces around commas. A value
+    named twice counts once; more than MAX_VALUES distinct ones are refused."""
+    result: dict[str, None] = {}
     for raw in args.getlist(name):
         parts = [part.strip() if strip else part for part in raw.split(",")]
         if not all(parts):
             raise BadRequest(f"{name}: empty value in {raw[:60]!r}", parameter=name)
-        result.extend(parts)
-    return result
+        result.update(dict.fromkeys(parts))
+        if len(result) > MAX_VALUES:
+            raise BadRequest(f"{name}: more than {MAX_VALUES} values", parameter=name)
+    return list(result)
 
 
 def enum_values(args: MultiDict, name: str, allowed: tuple[str, ...], normalise=str) -> tuple[str, ...]:
@@ -173,15 +188,51 @@ def single(args: MultiDict, name: str) -> str | None:
     return values[0] if values else None
 
 
+# What RFC 3339 (section 5.6 and its notes) allows that fromisoformat does
+# not read as meant: a lower-case "t" or "z", a space for the "T", a leap
+# second (60), and, in a query string sent unencoded, the "+" of an offset
+# arriving as a space. The groups: date, separator, time to the minute,
+# seconds, the rest (fraction and offset).
+_RFC3339_PARTS = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})([Tt ])([0-9]{2}:[0-9]{2})(?::([0-9]{2}))?(.*)")
+
+
+def _fromisoformat(text: str) -> datetime:
+    parts = _RFC3339_PARTS.fullmatch(text)
+    if parts is None:
+        return datetime.fromisoformat(text)
+    date, _, minute, second, rest = parts.groups()
+    rest = rest.replace(" ", "+")
+    rest = rest[:-1] + "Z" if rest.endswith("z") else rest
+    if second != "60":
+        return datetime.fromisoformat(f"{date}T{minute}{':' + second if second else ''}{rest}")
+    # A leap second is the instant after :59 of its minute, as PostgreSQL reads it.
+    return datetime.fromisoformat(f"{date}T{minute}:59{rest}") + timedelta(seconds=1)
+
+
 def parse_time_param(raw: str, name: str) -> datetime:
     """RFC 3339 with or without a zone (naive means UTC) to naive UTC."""
     if not raw.strip():
         raise BadRequest(f"{name}: empty; give an RFC 3339 time (for example 2026-11-27T10:00:00Z)", parameter=name)
     try:
-        value = datetime.fromisoformat(raw.strip().replace("z", "Z").replace(" ", "+") if "T" in raw else raw.strip())
+        value = _fromisoformat(raw.strip())
     except ValueError:
         raise BadRequest(f"{name}: not an RFC 3339 time: {raw[:40]!r} (for example 2026-11-27T10:00:00Z)", parameter=name) from None
+    except OverflowError:
+        raise BadRequest(f"{name}: {raw[:40]!r} is out of range", parameter=name) from None
     return _naive_utc(value, name, raw)
+
+
+def time_range(args: MultiDict, since_name: str = "since", until_name: str = "until") -> tuple[datetime | None, datetime | None]:
+    """The ``since`` and ``until`` bounds; an ``until`` not after ``since`` is
+    refused (the range would hold nothing, and is almost always the two
+    swapped)."""
+    since_raw, until_raw = single(args, since_name), single(args, until_name)
+    since = parse_time_param(since_raw, since_name) if since_raw is not None else None
+    until = parse_time_param(until_raw, until_name) if until_raw is not None else None
+    if since is not None and until is not None and until <= since:
+        raise BadRequest(f"{until_name}: must be after {since_name} ({until_raw[:40]!r} is not after {since_raw[:40]!r})",
+                         parameter=until_name)
+    return since, until
 
 
 def _naive_utc(value: datetime, name: str, raw: str) -> datetime:

@@ -44,6 +44,10 @@ def test_every_response_conforms_and_none_is_a_server_error(case, servers):
     # A well-formed but forged cursor is refused (tested on its own); the
     # fuzzer cannot know which cursors the API issued.
     excluded = [positive_data_acceptance] if "cursor" in (case.query or {}) else []
+    # An until not after since is refused (400 naming until): a JSON Schema
+    # cannot relate two parameters, so schema-valid pairs may be refused.
+    if {"since", "until"} <= set(case.query or {}):
+        excluded.append(positive_data_acceptance)
     # The intake validates each alert on its own (one bad alert never costs
     # its group): a group holding a schema-violating alert next to others is
     # accepted by design, and refused only when no alert is usable.

@@ -78,18 +78,22 @@ def decode_cursor(token: str, parse_id=_incident_uuid) -> incidents.Cursor:
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
 
-def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
-    """The list filters from query arguments; BadRequest names a bad one."""
-    unknown = sorted(set(args) - set(LIST_PARAMETERS))
+def check_parameters(args: MultiDict, allowed: tuple[str, ...]) -> None:
+    """Refuse a query parameter the endpoint does not take (a misspelt filter
+    silently ignored answers more than was asked for) and a NUL in any value.
+    A name is echoed at most 60 characters long."""
+    unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise BadRequest(
-            f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}",
-            parameter=unknown[0],
-            allowed=list(LIST_PARAMETERS),
-        )
+        known = f"allowed: {', '.join(allowed)}" if allowed else "this endpoint takes no query parameters"
+        raise BadRequest(f"unknown parameter {unknown[0][:60]!r}; {known}", parameter=unknown[0][:60], allowed=list(allowed))
     for name in args:
         if any("\x00" in value for value in args.getlist(name)):
-            raise BadRequest(f"{name}: contains a NUL character", parameter=name)
+            raise BadRequest(f"{name[:60]}: contains a NUL character", parameter=name[:60])
+
+
+def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
+    """The list filters from query arguments; BadRequest names a bad one."""
+    check_parameters(args, LIST_PARAMETERS)
     limit_raw = _single(args, "limit")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
@@ -119,6 +123,7 @@ class QueryApi:
 
     def get(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_uuid(incident_id, "id")
+        check_parameters(request.args, ())
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -133,6 +138,7 @@ class QueryApi:
 
     def patch(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_uuid(incident_id, "id")
+        check_parameters(request.args, ())
         body = parse_json_body(request, 64 * 1024)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object like {\"status\": \"investigating\", \"note\": \"...\"}")

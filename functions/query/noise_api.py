@@ -9,8 +9,7 @@ from datetime import datetime, timedelta
 
 from flask import Request, Response
 
-from functions.query.api import NOTE_MAX, present
-from functions.query.backlog_api import check_parameters
+from functions.query.api import NOTE_MAX, check_parameters, present
 from shared import acknowledge, clock, db, flapping, incidents, maintenance, silences
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, NotFound

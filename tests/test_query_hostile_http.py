@@ -1,0 +1,210 @@
+"""The query function as a demanding outside client uses it, over real HTTP:
+more filter values than a statement can carry, time ranges that hold
+nothing, the forms of RFC 3339 the standard allows, query parameters an
+endpoint does not take, and connections the database drops under a request."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from loopback.processes import FunctionProcess, wait_until
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN, needs_own_backend
+from tests.factories import alert
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+Z = str(uuid.uuid4())
+# The distinct values one filter may name (shared/filters.py MAX_VALUES, as openapi.yaml says).
+MAX_VALUES = 1000
+
+
+@pytest.fixture(scope="module")
+def query(base_env):
+    # One pooled connection: the one the database terminates is the one the next request gets.
+    proc = FunctionProcess("query", {**base_env, "DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0"}, threads=2).start()
+    yield proc
+    proc.stop()
+
+
+def get(query, path: str, **kwargs) -> requests.Response:
+    return requests.get(query.url + path, headers=AUTH, timeout=60, **kwargs)
+
+
+def seed(engine, name: str = "Hostile") -> str:
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, [alert(name, service="email")], "/test", "test").outcomes[0].incident_id
+
+
+# ------------------------------------------------------------------ how many values one filter may name
+
+def test_more_fingerprints_than_a_statement_carries_is_400_not_500(query, clean_db):
+    # 33,000 fingerprints fit in a URL the server accepts; each is bound
+    # twice (root and member alerts), past the protocol's 65,535 parameters.
+    values = ",".join(f"f{i}" for i in range(33_000))
+    response = get(query, "/incidents?fingerprint=" + values)
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+    assert response.json()["parameter"] == "fingerprint" and str(MAX_VALUES) in response.json()["message"]
+
+
+@pytest.mark.parametrize("path, parameter, value", [
+    ("/incidents", "alert_name", lambda i: f"Alert{i}"),
+    ("/incidents", "service", lambda i: f"svc{i}"),
+    ("/dead-letters", "incident_id", lambda i: str(uuid.UUID(int=i + 1))),
+    ("/outbox/parked", "event_type", lambda i: f"type.{i}"),
+])
+def test_more_distinct_values_than_the_bound_is_400_naming_the_parameter(query, clean_db, path, parameter, value):
+    values = ",".join(value(i) for i in range(MAX_VALUES + 1))
+    response = get(query, f"{path}?{parameter}={values}")
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+    assert response.json()["parameter"] == parameter
+
+
+def test_a_value_named_many_times_counts_once(query, clean_db):
+    incident_id = seed(clean_db)
+    response = get(query, "/incidents", params=[("status", "open")] * 3000 + [("alert_name", "Hostile," * 2000 + "Hostile")])
+    assert response.status_code == 200 and [i["id"] for i in response.json()] == [incident_id]
+
+
+# ------------------------------------------------------------------ time ranges
+
+@pytest.mark.parametrize("path", ["/incidents", "/dead-letters", "/outbox/parked"])
+@pytest.mark.parametrize("since, until", [
+    ("2030-01-01T00:00:00Z", "2020-01-01T00:00:00Z"),
+    ("2026-11-27T10:00:00Z", "2026-11-27T12:00:00+02:00"),  # the same instant
+])
+def test_an_until_not_after_since_is_400_naming_until(query, clean_db, path, since, until):
+    response = get(query, path, params={"since": since, "until": until})
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+    assert response.json()["parameter"] == "until" and "since" in response.json()["message"]
+
+
+def test_the_board_shows_a_swapped_range_as_its_error(query, clean_db):
+    board = requests.Session()
+    board.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, timeout=10)
+    page = board.get(query.url + "/ui", params={"since": "2030-01-01T00:00:00Z", "until": "2020-01-01T00:00:00Z"}, timeout=10)
+    assert page.status_code == 200 and "until: must be after since" in page.text
+
+
+# ------------------------------------------------------------------ RFC 3339 as the standard writes it
+
+# The incident is created at 2026-11-27 23:59:59.5 UTC.
+RFC3339_FORMS = [
+    # Lower-case t and z (RFC 3339 5.6, note).
+    ({"since": "2026-11-27t23:59:59z"}, True),
+    ({"since": "2026-11-27t23:59:59.6z"}, False),
+    # A space for the T (same note).
+    ({"since": "2026-11-27 23:59:59Z"}, True),
+    # The + of an offset sent unencoded arrives as a space, with either separator.
+    ({"since": "2026-11-28 01:59:59 02:00"}, True),
+    ({"until": "2026-11-28T01:59:59 02:00"}, False),
+    # A leap second (time-second 60) is the instant after :59.
+    ({"since": "2026-11-27T23:59:60Z"}, False),
+    ({"until": "2026-11-27T23:59:60Z"}, True),
+    ({"until": "2026-11-28T00:59:60+01:00"}, True),
+]
+
+
+@pytest.mark.parametrize("params, found", RFC3339_FORMS, ids=[str(p) for p, _ in RFC3339_FORMS])
+def test_every_rfc3339_form_is_read_as_the_instant_it_names(query, clean_db, params, found):
+    incident_id = seed(clean_db)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET created_at = '2026-11-27 23:59:59.5' WHERE id = :id"), {"id": incident_id})
+    response = get(query, "/incidents", params=params)
+    assert response.status_code == 200, (response.status_code, response.text[:200])
+    assert [i["id"] for i in response.json()] == ([incident_id] if found else [])
+
+
+@pytest.mark.parametrize("value", ["2026-11-27T24:00:00Z", "2026-11-27T23:59:61Z", "9999-12-31T23:59:60Z", "2026-11-27T10:00:00 Z"])
+def test_what_rfc3339_does_not_allow_is_still_400(query, clean_db, value):
+    response = get(query, "/incidents", params={"since": value})
+    assert response.status_code == 400 and response.json()["parameter"] == "since", response.text[:200]
+
+
+# ------------------------------------------------------------------ query parameters an endpoint does not take
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/incidents/{id}?include=everything"),
+    ("PATCH", "/incidents/{id}?dry_run=true"),
+    ("GET", "/incidents/{id}/proposals?status=pending"),
+    ("GET", f"/incidents/{{id}}/proposals/{Z}?verbose=1"),
+    ("POST", f"/incidents/{{id}}/proposals/{Z}/approve?force=true"),
+    ("POST", f"/incidents/{{id}}/proposals/{Z}/reject?force=true"),
+])
+def test_a_parameter_the_endpoint_does_not_take_is_400_naming_it(query, clean_db, method, path):
+    incident_id = seed(clean_db)
+    response = requests.request(method, query.url + path.format(id=incident_id), headers=AUTH, timeout=30,
+                                json={"status": "resolved"} if method == "PATCH" else None)
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+    name = path.split("?")[1].split("=")[0]
+    assert response.json()["parameter"] == name and name in response.json()["message"]
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, incident_id)["status"] == "open"  # the refused PATCH changed nothing
+
+
+def test_an_unknown_parameter_name_is_echoed_bounded(query, clean_db):
+    response = get(query, "/incidents?" + "x" * 20_000 + "=1")
+    assert response.status_code == 400 and len(response.content) < 1000, len(response.content)
+
+
+# ------------------------------------------------------------------ connections the database drops
+
+def _local_ports(pid: int) -> list[int]:
+    """The local TCP ports of ``pid``'s sockets (Linux /proc): how the
+    database tells the function's connections from the test's own."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _terminate(engine, query, condition: str) -> int:
+    """Terminate the function's backends that meet ``condition``; how many."""
+    with engine.connect() as conn:
+        return len(conn.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            f"AND client_port = ANY(:ports) AND {condition}"), {"ports": _local_ports(query.process.pid)}).all())
+
+
+@needs_own_backend
+def test_a_pooled_connection_the_server_terminated_is_one_503_then_served_without_a_restart(query, clean_db):
+    seed(clean_db)
+    assert get(query, "/incidents").status_code == 200
+    assert _terminate(clean_db, query, "state = 'idle'") >= 1
+    answers = [get(query, "/incidents") for _ in range(3)]
+    assert [a.status_code for a in answers] == [503, 200, 200], [a.text[:200] for a in answers]
+    assert int(answers[0].headers["Retry-After"]) > 0 and answers[0].json()["error"] == "unavailable"
+
+
+@needs_own_backend
+def test_a_connection_terminated_mid_request_is_503_with_retry_after_then_served(query, clean_db):
+    seed(clean_db)
+    answer = {}
+    with clean_db.connect() as locker:
+        locker.execute(sa.text("LOCK TABLE incidents IN ACCESS EXCLUSIVE MODE"))
+        request = threading.Thread(target=lambda: answer.update(r=get(query, "/incidents")))
+        request.start()
+        wait_until(lambda: _terminate(clean_db, query, "wait_event_type = 'Lock'"), 10,
+                   message="the list request to wait on the lock, and its backend to be terminated")
+        request.join(30)
+        locker.rollback()
+    assert answer["r"].status_code == 503, answer["r"].text[:200]
+    assert int(answer["r"].headers["Retry-After"]) > 0 and answer["r"].json()["error"] == "unavailable"
+    assert get(query, "/incidents").status_code == 200
