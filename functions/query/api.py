@@ -50,8 +50,16 @@ def present_member(member: dict) -> dict:
 
 
 def next_link(request: Request, cursor: str) -> str:
-    """The Link header of the next page: the same query, the next cursor."""
-    params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
+    """The Link header of the next page: the same query, the next cursor.
+    Each parameter once, its values comma-separated and each named once (the
+    same filter): a query repeating a value thousands of times is accepted,
+    and echoing it made a header line past what clients read (64 KiB for
+    Python's http.client), so the page could not be read at all."""
+    params = []
+    for name in request.args:
+        if name != "cursor":
+            parts = dict.fromkeys(part for value in request.args.getlist(name) for part in value.split(","))
+            params.append((name, ",".join(parts)))
     params.append(("cursor", cursor))
     return f'<{request.base_url}?{urlencode(params)}>; rel="next"'
 
