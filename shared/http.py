@@ -301,11 +301,23 @@ def parse_uuid(value: Any, name: str, detail: str = "parameter") -> str:
     raise BadRequest(f"{name}: not a UUID: {shown}", **{detail: name})
 
 
-def dispatch(request: Request, routes: Routes, token: Secret | None, service: str) -> Response:
-    """Route the request, enforce auth, and map every error to its status."""
+# The longest query string the query function reads (bytes), on every
+# endpoint. The next page's Link repeats the query (functions/query/api.py)
+# and must stay a header line clients read (http.client stops at 64 KiB);
+# Knative's Envoy ingress refuses request headers of about 60 KiB anyway.
+MAX_QUERY_STRING = 16 * 1024
+
+
+def dispatch(request: Request, routes: Routes, token: Secret | None, service: str,
+             max_query_string: int | None = None) -> Response:
+    """Route the request, enforce auth, and map every error to its status.
+    A query string longer than ``max_query_string`` bytes is refused first."""
     started = time.perf_counter()
     path = request.path
     try:
+        if max_query_string is not None and len(request.query_string) > max_query_string:
+            raise BadRequest(f"the query string is {len(request.query_string)} bytes; at most {max_query_string}",
+                             limit=max_query_string)
         if isinstance(routes, LazyRoutes):
             routes = routes.for_request(request.method, path)
         elif callable(routes):

@@ -74,3 +74,50 @@ def test_an_empty_filter_adds_no_condition_and_each_given_one_adds_one():
     assert filters.conditions(incidents, filters.IncidentFilter()) == []
     given = {f.field: (datetime(2026, 1, 1) if f.kind is Kind.TIME else ("x",)) for f in FILTERS}
     assert len(filters.conditions(incidents, filters.IncidentFilter(**given))) == len(FILTERS)
+
+
+def test_enum_values_that_differ_only_in_case_are_one_value():
+    assert filters.parse(MultiDict([("status", "open,Open"), ("status", "OPEN")])).statuses == ("open",)
+    spellings = [f"{a}{b}{c}{d}" for a in "oO" for b in "pP" for c in "eE" for d in "nN"]
+    assert filters.enum_values(MultiDict({"status": ",".join(spellings * 100)}), "status", ("open",), str.lower) == ("open",)
+
+
+def test_a_time_range_is_compared_as_written_then_rounded_up_to_the_stored_microsecond():
+    def bounds(since, until):
+        return filters.time_range(MultiDict({"since": since, "until": until}))
+
+    assert bounds("2026-11-27T10:00:00Z", "2026-11-27T10:00:00Z") == (datetime(2026, 11, 27, 10), datetime(2026, 11, 27, 10))
+    assert bounds("2026-11-27T10:00:00Z", "2026-11-27T10:00:00.0000005Z") == (
+        datetime(2026, 11, 27, 10), datetime(2026, 11, 27, 10, 0, 0, 1))
+    assert bounds("2026-11-27T10:00:00.0000001Z", "2026-11-27T10:00:00.00000010Z")[0] == datetime(2026, 11, 27, 10, 0, 0, 1)
+    for since, until in [("2026-11-27T10:00:00.0000005Z", "2026-11-27T10:00:00Z"),
+                         ("2026-11-27T10:00:00.00000012Z", "2026-11-27T10:00:00.0000001Z"),
+                         ("2026-11-27T10:00:01Z", "2026-11-27T10:00:00.9999999Z")]:
+        with pytest.raises(BadRequest) as refused:
+            bounds(since, until)
+        assert refused.value.details["parameter"] == "until", (since, until)
+
+
+def test_the_list_filters_order_their_range_as_time_range_does():
+    with pytest.raises(BadRequest):
+        filters.parse(MultiDict({"since": "2026-11-27T10:00:00.0000005Z", "until": "2026-11-27T10:00:00Z"}))
+    flt = filters.parse(MultiDict({"since": "2026-11-27T10:00:00Z", "until": "2026-11-27T12:00:00+02:00"}))
+    assert flt.since == flt.until == datetime(2026, 11, 27, 10)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("2026-11-27T23:59:60Z", datetime(2026, 11, 28)),
+    ("2026-11-27T23:59:60.5Z", datetime(2026, 11, 28)),
+    ("2026-11-27T23:59:60.9999999Z", datetime(2026, 11, 28)),
+    ("2026-11-28T00:59:60.5+01:00", datetime(2026, 11, 28)),
+])
+def test_a_leap_second_drops_its_fraction(raw, expected):
+    assert filters.parse_time_param(raw, "since", in_query=True) == expected
+
+
+def test_a_space_reads_as_the_plus_of_an_offset_only_in_a_query():
+    raw = "2026-11-28T01:59:59 02:00"
+    assert filters.parse_time_param(raw, "since", in_query=True) == datetime(2026, 11, 27, 23, 59, 59)
+    with pytest.raises(BadRequest) as refused:
+        filters.parse_time_param(raw, "ends_at", in_query=False)
+    assert refused.value.details == {"field": "ends_at"}

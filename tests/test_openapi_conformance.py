@@ -1,6 +1,7 @@
 """schemathesis fuzzes the running functions from the shipped OpenAPI
 document: no 5xx, and every response conforms to the document."""
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,21 @@ def servers(base_env, engine):
     assert sent["count"] >= MIN_REQUESTS, f"only {sent['count']} generated requests were sent"
 
 
+def _instant(raw) -> datetime | None:
+    try:
+        value = datetime.fromisoformat(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def out_of_order(query: dict) -> bool:
+    """Both bounds given, both read, and until before since; a pair this
+    cannot read keeps the "valid input accepted" check."""
+    since, until = _instant(query.get("since")), _instant(query.get("until"))
+    return since is not None and until is not None and until < since
+
+
 @schema.parametrize()
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
@@ -44,6 +60,10 @@ def test_every_response_conforms_and_none_is_a_server_error(case, servers):
     # A well-formed but forged cursor is refused (tested on its own); the
     # fuzzer cannot know which cursors the API issued.
     excluded = [positive_data_acceptance] if "cursor" in (case.query or {}) else []
+    # An until before since is refused (400 naming until): a JSON Schema
+    # cannot relate two parameters, so such a schema-valid pair may be refused.
+    if out_of_order(case.query or {}):
+        excluded.append(positive_data_acceptance)
     # The intake validates each alert on its own (one bad alert never costs
     # its group): a group holding a schema-violating alert next to others is
     # accepted by design, and refused only when no alert is usable.

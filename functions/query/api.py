@@ -19,7 +19,7 @@ from shared import flapping as noise_flapping
 from shared.config import Settings
 from shared.errors import BadRequest
 from shared.filters import single as _single
-from shared.http import json_response, parse_json_body, parse_uuid, storable_text
+from shared.http import MAX_QUERY_STRING, json_response, parse_json_body, parse_uuid, storable_text
 from shared.models import STATUSES
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
@@ -28,6 +28,14 @@ log = logging.getLogger("query")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+# Room for the cursor the Link adds: the longest this API issues (an outbox
+# id of 120 characters, each JSON-escaped as a surrogate pair, in base64) is
+# under 2 KiB. So the Link's query, followed, is within MAX_QUERY_STRING.
+CURSOR_ROOM = 2048
+MAX_LINK_QUERY = MAX_QUERY_STRING - CURSOR_ROOM
+# Characters a query may carry as they are (RFC 3986) that a value can hold:
+# left unencoded, a value is no longer in the Link than in the query.
+_LINK_SAFE = "!$'()*,/:@"
 NOTE_MAX = 4000
 _ASCII_NUMBER = re.compile(r"[0-9]{1,9}")
 _CURSOR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?")
@@ -49,11 +57,24 @@ def present_member(member: dict) -> dict:
     return {name: rfc3339(value) for name, value in member.items()}
 
 
+def link_query(args: MultiDict) -> str:
+    """The query a next page's Link repeats, without its cursor: each
+    parameter once, its values comma-separated and each named once (the same
+    filter), so repetitions do not lengthen it."""
+    params = []
+    for name in args:
+        if name != "cursor":
+            parts = dict.fromkeys(part for value in args.getlist(name) for part in value.split(","))
+            params.append((name, ",".join(parts)))
+    return urlencode(params, safe=_LINK_SAFE)
+
+
 def next_link(request: Request, cursor: str) -> str:
-    """The Link header of the next page: the same query, the next cursor."""
-    params = [(k, v) for k in request.args for v in request.args.getlist(k) if k != "cursor"]
-    params.append(("cursor", cursor))
-    return f'<{request.base_url}?{urlencode(params)}>; rel="next"'
+    """The Link header of the next page: the same query, the next cursor.
+    check_parameters bounded the query, so the Link is a URL this API reads
+    and a header line clients read."""
+    query = link_query(request.args)
+    return f'<{request.base_url}?{query}{"&" if query else ""}{urlencode([("cursor", cursor)])}>; rel="next"'
 
 
 def encode_cursor(cursor: incidents.Cursor) -> str:
@@ -78,18 +99,30 @@ def decode_cursor(token: str, parse_id=_incident_uuid) -> incidents.Cursor:
         raise BadRequest("cursor: not a cursor this API issued; follow the Link header", parameter="cursor") from None
 
 
-def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
-    """The list filters from query arguments; BadRequest names a bad one."""
-    unknown = sorted(set(args) - set(LIST_PARAMETERS))
+def check_parameters(args: MultiDict, allowed: tuple[str, ...]) -> None:
+    """Refuse a query parameter the endpoint does not take (a misspelt filter
+    silently ignored answers more than was asked for) and a NUL in any value.
+    A name is echoed at most 60 characters long. An endpoint that pages (takes
+    a cursor) refuses a query its next page's Link could not repeat within
+    MAX_QUERY_STRING."""
+    unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise BadRequest(
-            f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}",
-            parameter=unknown[0],
-            allowed=list(LIST_PARAMETERS),
-        )
+        known = f"allowed: {', '.join(allowed)}" if allowed else "this endpoint takes no query parameters"
+        raise BadRequest(f"unknown parameter {unknown[0][:60]!r}; {known}", parameter=unknown[0][:60], allowed=list(allowed))
     for name in args:
         if any("\x00" in value for value in args.getlist(name)):
-            raise BadRequest(f"{name}: contains a NUL character", parameter=name)
+            raise BadRequest(f"{name[:60]}: contains a NUL character", parameter=name[:60])
+    if "cursor" in allowed:
+        length = len(link_query(args))
+        if length > MAX_LINK_QUERY:
+            raise BadRequest(f"the query is {length} bytes as the next page's link repeats it (each value once, no cursor); "
+                             f"at most {MAX_LINK_QUERY}, so that link stays within the {MAX_QUERY_STRING}-byte query string",
+                             limit=MAX_LINK_QUERY)
+
+
+def parse_filters(args: MultiDict) -> tuple[incidents.IncidentFilter, int, incidents.Cursor | None]:
+    """The list filters from query arguments; BadRequest names a bad one."""
+    check_parameters(args, LIST_PARAMETERS)
     limit_raw = _single(args, "limit")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
@@ -119,6 +152,7 @@ class QueryApi:
 
     def get(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_uuid(incident_id, "id")
+        check_parameters(request.args, ())
         with db.engine().connect() as conn:
             row = incidents.require_incident(conn, incident_id)
             timeline = incidents.get_timeline(conn, incident_id)
@@ -133,12 +167,13 @@ class QueryApi:
 
     def patch(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_uuid(incident_id, "id")
+        check_parameters(request.args, ())
         body = parse_json_body(request, 64 * 1024)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object like {\"status\": \"investigating\", \"note\": \"...\"}")
         unknown = sorted(set(body) - {"status", "note"})
         if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}; allowed: status, note", field=unknown[0])
+            raise BadRequest(f"unknown field {unknown[0][:60]!r}; allowed: status, note", field=unknown[0][:60])
         status = body.get("status")
         if status not in STATUSES:
             raise BadRequest(f"status: must be one of {', '.join(STATUSES)}", field="status", allowed=list(STATUSES))

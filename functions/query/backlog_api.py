@@ -4,16 +4,14 @@ by a person (recorded with the actor)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor, next_link
+from functions.query.api import DEFAULT_LIMIT, MAX_LIMIT, check_parameters, decode_cursor, encode_cursor, next_link
 from shared import backlog, db, dead_letters, incidents
 from shared.config import Settings
 from shared.errors import BadGateway, BadRequest
-from shared.filters import parse_time_param, repeated as _values, single as _single
+from shared.filters import repeated as _values, single as _single, time_range
 from shared.http import json_response, parse_uuid
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
@@ -21,16 +19,6 @@ from shared.timefmt import rfc3339
 DEAD_LETTER_PARAMETERS = ("event_type", "incident_id", "destination", "redelivered", "since", "until", "limit", "cursor")
 PARKED_PARAMETERS = ("event_type", "incident_id", "since", "until", "limit", "cursor")
 MAX_DEAD_LETTER_ID = 2**63 - 1
-
-
-def check_parameters(args: MultiDict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(args) - set(allowed))
-    if unknown:
-        raise BadRequest(f"unknown parameter {unknown[0][:60]!r}; allowed: {', '.join(allowed)}",
-                         parameter=unknown[0][:60], allowed=list(allowed))
-    for name in args:
-        if any("\x00" in value for value in args.getlist(name)):
-            raise BadRequest(f"{name}: contains a NUL character", parameter=name)
 
 
 def parse_limit(args: MultiDict) -> int:
@@ -53,19 +41,13 @@ def parse_flag(args: MultiDict, name: str, true: str, false: str) -> bool | None
     raise BadRequest(f"{name}: must be {true} or {false}, got {raw[:20]!r}", parameter=name)
 
 
-def _time_range(args: MultiDict) -> tuple[datetime | None, datetime | None]:
-    since, until = _single(args, "since"), _single(args, "until")
-    return (parse_time_param(since, "since") if since is not None else None,
-            parse_time_param(until, "until") if until is not None else None)
-
-
 def _incident_ids(args: MultiDict) -> tuple[str, ...]:
     return tuple(parse_uuid(v, "incident_id") for v in _values(args, "incident_id", strip=True))
 
 
 def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int, tuple | None]:
     check_parameters(args, DEAD_LETTER_PARAMETERS)
-    since, until = _time_range(args)
+    since, until = time_range(args)
     flt = dead_letters.Filter(
         event_types=tuple(_values(args, "event_type")),
         incident_ids=_incident_ids(args),
@@ -84,7 +66,7 @@ def parse_dead_letter_filters(args: MultiDict) -> tuple[dead_letters.Filter, int
 
 def parse_parked_filters(args: MultiDict) -> tuple[backlog.ParkedFilter, int, tuple | None]:
     check_parameters(args, PARKED_PARAMETERS)
-    since, until = _time_range(args)
+    since, until = time_range(args)
     flt = backlog.ParkedFilter(event_types=tuple(_values(args, "event_type")), incident_ids=_incident_ids(args),
                                since=since, until=until)
     cursor = _single(args, "cursor")

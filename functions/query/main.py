@@ -13,7 +13,8 @@ from flask import Response
 
 from shared.bootstrap import start
 from shared.errors import ServiceUnavailable
-from shared.http import Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health, json_response
+from shared.http import (MAX_QUERY_STRING, Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health,
+                         json_response)
 
 config = start("query")
 install_json_errors()
@@ -179,4 +180,4 @@ def ROUTES() -> list[Route]:
 
 @functions_framework.http
 def query(request):
-    return dispatch(request, ROUTES, config.api_token, "query")
+    return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING)

@@ -9,8 +9,7 @@ from datetime import datetime, timedelta
 
 from flask import Request, Response
 
-from functions.query.api import NOTE_MAX, present
-from functions.query.backlog_api import check_parameters
+from functions.query.api import NOTE_MAX, check_parameters, present
 from shared import acknowledge, clock, db, flapping, incidents, maintenance, silences
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, NotFound
@@ -73,7 +72,7 @@ def parse_window(body, now: datetime) -> tuple[list[str], datetime, datetime, st
     if body.get("starts_at") is not None:
         if not isinstance(body["starts_at"], str):
             raise BadRequest("starts_at: an RFC 3339 time", field="starts_at")
-        starts_at = parse_time_param(body["starts_at"], "starts_at")
+        starts_at = parse_time_param(body["starts_at"], "starts_at", in_query=False)
     if ("ends_at" in body) == ("duration_minutes" in body):
         raise BadRequest("give exactly one of ends_at and duration_minutes", field="ends_at")
     if "duration_minutes" in body:
@@ -85,7 +84,7 @@ def parse_window(body, now: datetime) -> tuple[list[str], datetime, datetime, st
     else:
         if not isinstance(body["ends_at"], str):
             raise BadRequest("ends_at: an RFC 3339 time", field="ends_at")
-        ends_at = parse_time_param(body["ends_at"], "ends_at")
+        ends_at = parse_time_param(body["ends_at"], "ends_at", in_query=False)
     if ends_at <= starts_at:
         raise BadRequest("ends_at: must be after starts_at", field="ends_at")
     if ends_at <= now:

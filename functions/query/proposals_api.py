@@ -11,6 +11,8 @@ import re
 
 from flask import Request
 
+from functions.query.api import check_parameters
+
 from shared import db, incidents, proposals
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -49,6 +51,7 @@ class ProposalsApi:
 
     def list(self, request: Request, incident_id: str) -> dict:
         incident_id = parse_uuid(incident_id, "id")
+        check_parameters(request.args, ())
         with db.engine().connect() as conn:
             incidents.require_incident(conn, incident_id)
             rows = proposals.of_incident(conn, incident_id)
@@ -56,6 +59,7 @@ class ProposalsApi:
 
     def get(self, request: Request, incident_id: str, proposal_id: str) -> dict:
         incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
+        check_parameters(request.args, ())
         with db.engine().connect() as conn:
             incidents.require_incident(conn, incident_id)
             row = proposals.get(conn, incident_id, proposal_id)
@@ -71,6 +75,7 @@ class ProposalsApi:
 
     def _decide(self, request: Request, incident_id: str, proposal_id: str, approve: bool) -> dict:
         incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
+        check_parameters(request.args, ())
         expected = None
         body = parse_json_body(request, 4096, allow_empty=True) if has_body(request) else None
         if body is not None:
