@@ -234,6 +234,38 @@ def _ends_an_empty_transaction(conn, statement: str) -> bool:
 
 _execute_in_one_round_trip()
 
+
+def _wrap_every_failed_read() -> None:
+    """pg8000 (1.31.6) turns an OSError of every read of a message into its
+    InterfaceError("network error") but the first: a connection the server
+    reset (a terminated backend, a restart, a proxy giving up) failed there
+    with a bare ConnectionResetError, which SQLAlchemy does not take for the
+    driver's, so the request answered 500 instead of 503 (caught by
+    tests/test_query_hostile_http.py under load). The same read, wrapped
+    whole."""
+    import pg8000.core as core
+
+    if getattr(core._read, "wraps_every_read", False):
+        return
+
+    def _read(sock, size):
+        try:
+            buff = bytearray(sock.read(size))
+            while len(buff) < size:
+                block = sock.read(size - len(buff))
+                if block == b"":
+                    raise core.InterfaceError("network error")
+                buff.extend(block)
+        except OSError as e:
+            raise core.InterfaceError("network error") from e
+        return bytes(buff)
+
+    _read.wraps_every_read = True
+    core._read = _read
+
+
+_wrap_every_failed_read()
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 

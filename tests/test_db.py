@@ -40,6 +40,35 @@ def test_idle_pooled_connection_is_pinged_and_replaced_when_dead(database_url, m
         engine.dispose()
 
 
+def test_a_connection_reset_on_the_first_read_of_an_answer_is_the_drivers_network_error(database_url):
+    """A connection the server reset fails on the first read of the answer:
+    it is the driver's error (SQLAlchemy's, transient, the connection
+    dropped), not a bare ConnectionResetError that a request answers 500."""
+
+    class ResetOnRead:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def read(self, size=-1):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            driver = conn.connection.dbapi_connection
+            driver._sock = ResetOnRead(driver._sock)
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+        assert isinstance(caught.value.orig, pg8000.dbapi.InterfaceError) and db.is_transient(caught.value)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("sqlstate, transient", [("40P01", True), ("40001", True), ("57P01", True), ("08006", True), ("23505", False), ("22P02", False)])
 def test_transient_errors_are_told_apart(sqlstate, transient):
     err = sa.exc.DBAPIError("x", {}, Exception({"C": sqlstate, "M": "m"}))
