@@ -177,16 +177,17 @@ def wrk(url: str, connections: int, seconds: float = WRK_SECONDS, pid: int | Non
 
 def reference_server(database_url: str, one_process: bool = False) -> subprocess.Popen:
     """The reference in gunicorn (WORKERS workers × THREADS threads), or
-    with ``one_process`` as the functions are served: one process, waitress
-    with THREADS threads."""
+    with ``one_process`` as the functions are served (bench/reference_served.py:
+    one process, waitress with THREADS threads and shared/serve.py's settings)."""
     port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
     if one_process:
-        command = [str(VENV_BIN / "waitress-serve"), "--threads", str(THREADS), "--listen", f"127.0.0.1:{port}", "reference_app:app"]
+        command = [str(VENV_BIN / "python"), "reference_served.py"]
+        env.update(HOST="127.0.0.1", PORT=str(port), THREADS=str(THREADS), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}")
     else:
         command = [str(VENV_BIN / "gunicorn"), "--workers", str(WORKERS), "--threads", str(THREADS), "--bind", f"127.0.0.1:{port}",
                    "reference_app:app"]
-    proc = subprocess.Popen(command, cwd=ROOT / "bench", env={**os.environ, "DATABASE_URL": database_url},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=ROOT / "bench", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.url = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.post(proc.url + "/webhook/alert", data=webhook([]), headers=AUTH, timeout=1).ok, 30, message="reference")
     return proc
@@ -288,7 +289,8 @@ def throughput(database_url: str, engine) -> list[str]:
              "has built its handlers and opened its connections; the round "
              "with the median throughput is shown, p99 is the worse of the rounds), one new alert per webhook "
              "(bench/wrk_new_alert.lua), same servers as above, and the reference once more as the functions are served "
-             f"(*{REFERENCE_ONE}*: one process, waitress with {THREADS} threads), for what one interpreter allows a one-INSERT "
+             f"(*{REFERENCE_ONE}*: one process, waitress with {THREADS} threads and shared/serve.py's settings, "
+             "bench/reference_served.py), for what one interpreter allows a one-INSERT "
              "Flask service on this machine. "
              "CPU ms/req, the median of the rounds (steadier than req/s on a shared machine): *server*, its processes' CPU "
              "time during the run ÷ its requests; *database*, the CPU time of the PostgreSQL server processes connected to the "

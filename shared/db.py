@@ -245,8 +245,8 @@ def _wrap_every_failed_read() -> None:
     whole."""
     import pg8000.core as core
 
-    if getattr(core._read, "wraps_every_read", False):
-        return
+    if not hasattr(core, "_read") or getattr(core._read, "wraps_every_read", False):
+        return  # another pg8000 than the pinned one reads its own way
 
     def _read(sock, size):
         try:

@@ -469,7 +469,8 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
     ``cut_short`` for the caller to judge (a receiver that said ``2xx`` may
     have acted on the request: sending it again could do it twice); so does
     one whose connection drops inside the body (``ChunkedEncodingError``,
-    as requests names it, raised otherwise)."""
+    as requests names it, raised otherwise), whose TLS fails there
+    (``SSLError``) or whose body cannot be decoded (``ContentDecodingError``)."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
         data = bytearray()
@@ -485,9 +486,11 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
         except urllib3.exceptions.ReadTimeoutError as exc:
             _cut_short(response, requests.ReadTimeout(exc), exc, partial_2xx)
         except urllib3.exceptions.SSLError as exc:
-            raise requests.exceptions.SSLError(exc) from exc
+            # After the status line and headers: the receiver answered, as
+            # for a connection dropped inside the body.
+            _cut_short(response, requests.exceptions.SSLError(exc), exc, partial_2xx)
         except urllib3.exceptions.DecodeError as exc:
-            raise requests.exceptions.ContentDecodingError(exc) from exc
+            _cut_short(response, requests.exceptions.ContentDecodingError(exc), exc, partial_2xx)
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead) as exc:
             # The connection dropped inside the body: requests' own name for
             # it. Not a ConnectionError: the peer was reached and answered,

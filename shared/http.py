@@ -59,6 +59,12 @@ class Route:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern.rstrip("/") or "/") + "/?$")
 
 
+# Set by the entry point (shared/serve.py): whether a build's objects are
+# frozen out of the collector's full passes. Off elsewhere, so that a test
+# process building routes in-process does not freeze its whole heap.
+FREEZE_AFTER_BUILD = False
+
+
 class LazyRoutes:
     """Routes whose handlers are imported by the first request that needs
     them; ``/health`` is answered without them.
@@ -85,9 +91,14 @@ class LazyRoutes:
             with self._lock:
                 if not self._built:
                     self._built.append(self._build())
-                    # The handlers and what they imported live as long as
-                    # the process: kept out of the collector's full passes.
-                    gc.freeze()
+                    if FREEZE_AFTER_BUILD:
+                        # The handlers and what they imported live as long
+                        # as the process: kept out of the collector's full
+                        # passes. (The few cycles already garbage then, such
+                        # as requests in flight, stay uncollected: a
+                        # collection first would cost the first request
+                        # tens of milliseconds.)
+                        gc.freeze()
         return self._built[0]
 
     def for_request(self, method: str, path: str) -> list[Route]:

@@ -154,18 +154,19 @@ def main(env: Mapping[str, str] = os.environ) -> int:
 
     app = functions_framework.create_app(env["FUNCTION_TARGET"], env["FUNCTION_SOURCE"],
                                          env.get("FUNCTION_SIGNATURE_TYPE", "http"))
-    from shared.http import LARGEST_FIXED_BODY
+    from shared import http as http_layer
 
     # What the start built lives as long as the process: the collector's
     # full passes need not walk it again (a pass over it held every thread
     # for 25-30 ms under load). Routes built by the first request are
     # frozen by shared/http.py LazyRoutes.
     gc.freeze()
+    http_layer.FREEZE_AFTER_BUILD = True
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     # BODY_CAP is set by the function's start (shared/bootstrap.py); an app
     # that has none gets the bound a function without settings would.
-    server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", LARGEST_FIXED_BODY + 1)))
+    server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", http_layer.LARGEST_FIXED_BODY + 1)))
     # One line per request that waits for a thread: Knative's
     # containerConcurrency already bounds an instance's requests, and the
     # intake's threads wait on the group commit, so it is routine, not news.

@@ -752,3 +752,13 @@ def test_a_2xx_whose_connection_closes_before_the_body_ends_is_retried_by_a_chan
     assert len(closer.requests) == 2
     assert result.error.startswith("ChunkedEncodingError: "), result.error
 
+
+
+@pytest.mark.parametrize("channel", [Teams, Webhook])
+def test_a_2xx_whose_body_cannot_be_decoded_is_accepted_by_a_channel_judged_by_the_status(closer, channel):
+    url = closer(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot gzip!")
+    result, _ = send_bounded(url, 15, attempts=3, timeout=2.0,
+                             accept=lambda status, body: channel.accept(object.__new__(channel), status, body))
+    assert result is not None
+    assert (result.ok, result.status, result.attempts) == (True, 200, 1)
+    assert len(closer.requests) == 1

@@ -342,9 +342,14 @@ def test_a_webhook_is_written_while_another_transaction_waits_for_the_database(i
         waiting = threading.Thread(target=lambda: blocked.update(answer=post(intake, webhook([raw_alert("Held", fingerprint="held-1")]))),
                                    daemon=True)
         waiting.start()
-        wait_until(lambda: holder.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")).scalar() >= 1,
-            10, message="the first webhook's transaction waiting for the row lock")
+        def lock_waiters() -> int:
+            # Each look on a connection of its own: within one transaction
+            # pg_stat_activity keeps the backends it listed first.
+            with clean_db.connect() as look:
+                return look.execute(sa.text("SELECT count(*) FROM pg_stat_activity "
+                                            "WHERE datname = current_database() AND wait_event_type = 'Lock'")).scalar()
+
+        wait_until(lambda: lock_waiters() >= 1, 10, message="the first webhook's transaction waiting for the row lock")
         # With one transaction at a time this webhook would wait for the lock too.
         answer = requests.post(intake.url + "/webhook/alert", data=json.dumps(webhook([raw_alert("Free", fingerprint="free-1")])),
                                headers={"Content-Type": "application/json", **AUTH}, timeout=5)

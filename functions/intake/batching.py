@@ -50,8 +50,9 @@ class _Entry:
 class GroupCommit:
     """``writers`` transactions may be in flight at once: a commit waits
     for the disk, and the next batch can be written meanwhile (PostgreSQL
-    flushes concurrent commits together). Two batches never deadlock: each
-    locks its incidents in fingerprint order (shared/ingest.py)."""
+    flushes concurrent commits together). Two batches lock their incidents
+    in one order, by id, and insert in fingerprint order (shared/ingest.py),
+    as two replicas' batches do."""
 
     def __init__(self, write: Writer, max_alerts: int = 5000, writers: int = 1):
         self.write = write

@@ -69,7 +69,7 @@ class Intake:
         # Topology is read before the transaction: no Kubernetes call ever
         # holds a connection, and alerts no rule concerns cost nothing here.
         # In a group commit (fetch=False) each request looked its own up
-        # before joining (store), so the one writer plans from the cache.
+        # before joining (store), so the writers plan from the cache.
         plan = self.correlator.plan(alerts, fetch=fetch) if self.correlator is not None and self.correlator.active else None
         with db.transaction() as conn:
             return self._record_swept(conn, alerts, actor, plan)
@@ -94,7 +94,7 @@ class Intake:
         if batch is not None and self.correlator is not None and self.correlator.active:
             # Each request's own thread waits for its topology (cached for
             # the writer), so a slow Kubernetes API delays only the alerts
-            # that need it, never every other webhook queued behind the writer.
+            # that need it, never every other webhook queued behind the writers.
             self.correlator.plan(alerts)
         try:
             result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
