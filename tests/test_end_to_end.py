@@ -128,16 +128,21 @@ def test_a_broker_that_delivers_everything_three_times_changes_nothing_twice(dat
     try:
         incident_id = fire(tripled, "EmailServiceDown", "critical", service="email", namespace="production")
         wait_until(lambda: len([b for b in pd.bodies() if b["event_action"] == "resolve"]) >= 1, 40, message="the whole flow")
-        wait_until(lambda: len(hook.requests) >= 3, 10, message="Slack messages")
+        # Slack's messages about this incident: the module's other stack may
+        # still be telling Slack about the previous test's incident.
+        def messages() -> list:
+            return [r for r in hook.requests if incident_id in r.body.decode(errors="replace")]
+
+        wait_until(lambda: len(messages()) >= 3, 10, message="Slack messages")
         # Let any late duplicates land before counting: what the system did
         # (timeline, Kubernetes, PagerDuty, Slack) stops changing.
-        settled(lambda: (kinds(clean_db, incident_id), len(kube.requests), len(pd.requests), len(hook.requests)),
+        settled(lambda: (kinds(clean_db, incident_id), len(kube.requests), len(pd.requests), len(messages())),
                 message="the flow under triplicate delivery")
         order = kinds(clean_db, incident_id)
         assert order.count("diagnosed") == 1
         assert order.count("remediation_action") == 1 and len(kube.calls("PATCH")) == 1
-        assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
-        assert len(hook.requests) == 3
+        assert [b["event_action"] for b in pd.bodies() if b.get("dedup_key") == incident_id] == ["trigger", "resolve"]
+        assert len(messages()) == 3
         notes = [t["details"] for t in timeline(clean_db, incident_id) if t["kind"] == "notification"]
         assert sorted((n["channel"], n["transition"]) for n in notes) == [
             ("pagerduty", "opened"), ("pagerduty", "resolved"), ("slack", "opened"), ("slack", "remediated"), ("slack", "resolved")]
