@@ -84,6 +84,24 @@ class Trickler:
         self.close()
 
 
+class OneAnswer(Trickler):
+    """Every request is answered ``answer`` at once and its connection
+    closed: an answer cut short (a Content-Length it never reaches), a body
+    that cannot be decoded, a redirect."""
+
+    def __init__(self, answer: bytes):
+        super().__init__(start=answer)
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if _read_request(conn):
+                    self.requests += 1
+                    conn.sendall(self.start)
+            except OSError:
+                return
+
+
 def run_bounded(call: Callable[[], Any], wait: float) -> tuple[bool, Any, float]:
     """``call()`` in a thread, waited for at most ``wait`` seconds:
     (whether it ended, what it returned or raised, seconds taken)."""

@@ -23,7 +23,7 @@ from functions.diagnostics import facts as facts_module
 from functions.diagnostics.causes import VOCABULARY
 from functions.diagnostics.collector import Collector, load_probes
 from loopback.processes import wait_until
-from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, OneAnswer, Trickler
 from shared import diagnosis, kube as kube_client
 from tests.diagnosis_cases import PROBES, Case, build, load_cases, load_into
 
@@ -295,32 +295,14 @@ def test_the_cluster_is_read_without_the_generated_api_classes_and_their_models(
 def test_a_prometheus_that_redirects_to_another_host_stays_within_the_probe_timeout():
     # The adapter that keeps the bound was mounted at the Prometheus URL
     # only: a redirect to another host went on without it, for good.
-    import socket
-    import threading
-
     from functions.diagnostics.collector import _Prometheus
     from loopback.trickle import run_bounded
 
     with Trickler(HEADERS_THEN_BODY) as elsewhere:
         target = elsewhere.url.replace("127.0.0.1", "localhost") + "/api/v1/query"
-        listener = socket.create_server(("127.0.0.1", 0))
-
-        def serve():
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode())
-
-        threading.Thread(target=serve, daemon=True).start()
-        try:
-            prometheus = _Prometheus(f"http://127.0.0.1:{listener.getsockname()[1]}", 0.5)
+        with OneAnswer(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode()) as redirect:
+            prometheus = _Prometheus(redirect.url, 0.5)
             ended, outcome, took = run_bounded(lambda: prometheus.query("up"), 6)
-        finally:
-            listener.close()
         followed = elsewhere.requests
     assert ended, "a query redirected to another host outlived its timeout"
     assert followed == 1 and took < 2.5 and isinstance(outcome, Exception), (followed, took, outcome)

@@ -15,7 +15,7 @@ from shared import deadline, outbox
 from tests.factories import alert
 from loopback.servers import RecordingServer
 from loopback.processes import free_port
-from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, OneAnswer, Trickler, run_bounded
 
 
 def pending(engine, *names) -> list[str]:
@@ -435,49 +435,21 @@ def test_a_2xx_whose_answer_is_still_coming_at_the_timeout_is_a_publish(clean_db
     assert stored.published_at is not None and stored.attempts == 0
 
 
-def one_answer_then_close(answer: bytes) -> tuple[str, list]:
-    """A Broker that answers every request ``answer`` and closes the connection."""
-    import socket
-    import threading
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    seen: list[int] = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                seen.append(1)
-                conn.sendall(answer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}/ns/default", seen
-
-
 def test_a_2xx_whose_connection_drops_inside_the_body_is_a_publish(clean_db):
     (event_id,) = pending(clean_db, "OutA")
-    sink, seen = one_answer_then_close(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\nok")
-    report = outbox.publish_pending(clean_db, sink, timeout=2.0)
+    with OneAnswer(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\nok") as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0)
     assert report.published == [event_id] and report.failed == {}, report.failed
-    assert len(seen) == 1
+    assert broker.requests == 1
 
 
 def test_a_refusal_whose_connection_drops_inside_the_body_is_one_failed_attempt_not_an_outage(clean_db):
     # A Broker that answered was reached: no second POST at once, and the
     # attempt counts against the event instead of reporting the Broker down.
     (event_id,) = pending(clean_db, "OutA")
-    sink, seen = one_answer_then_close(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nno")
-    report = outbox.publish_pending(clean_db, sink, timeout=2.0)
+    with OneAnswer(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nno") as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0)
     assert report.published == [] and not report.broker_unreachable
     assert report.failed[event_id].startswith("ChunkedEncodingError"), report.failed
-    assert len(seen) == 1
+    assert broker.requests == 1
     assert rows(clean_db)[event_id].attempts == 1
