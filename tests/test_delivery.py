@@ -27,7 +27,7 @@ from functions.escalation.channels.teams import Teams
 from functions.escalation.channels.webhook import Webhook
 from functions.escalation.delivery import ANSWER_MAX_BYTES, Delivery, describe_failure, send, worst_case_seconds
 from loopback.servers import RecordingServer
-from loopback.trickle import OneAnswer
+from loopback.trickle import OneAnswer, run_bounded
 from shared.deadline import bounded
 from loopback.processes import free_port
 
@@ -419,16 +419,10 @@ def trickler():
 def send_bounded(url, wait: float, **kwargs) -> tuple[Delivery | None, float]:
     """send() in a thread, waited for at most ``wait`` seconds: a send that
     never ends fails the test instead of hanging it."""
-    out: list = []
-
-    def run():
-        out.append(deliver(url, **kwargs))
-
-    started = time.monotonic()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(wait)
-    return (out[0] if out else None), time.monotonic() - started
+    ended, outcome, took = run_bounded(lambda: deliver(url, **kwargs), wait)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return (outcome if ended else None), took
 
 
 TRICKLED_BODY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n"
@@ -468,40 +462,32 @@ def test_an_answer_trickled_over_tls_ends_at_the_attempts_timeout(trickler, tmp_
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     url = trickler(TRICKLED_BODY, tls=server_tls)
-    out: list = []
 
     def run():
         with bounded(requests.Session()) as http:
             # Not REQUESTS_CA_BUNDLE: it would take precedence over verify.
             http.trust_env, http.verify = False, str(cert)
-            out.append(send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0, accept=pagerduty.judge))
+            return send(http, url, {"text": "hi"}, "slack", 0.5, 1, 1.0, accept=pagerduty.judge)
 
-    started = time.monotonic()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert out, "send() still reading a trickled answer over TLS after 10 s"
-    assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
-    assert time.monotonic() - started < 2.0
+    ended, result, took = run_bounded(run, 10)
+    assert ended, "send() still reading a trickled answer over TLS after 10 s"
+    assert not result.ok and result.error.endswith(": answer not complete within 0.5s"), result.error
+    assert took < 2.0
 
 
 def test_an_answer_trickled_by_a_proxy_ends_at_the_attempts_timeout(trickler):
     proxy = trickler(TRICKLED_BODY).rsplit("/", 1)[0]
-    out: list = []
 
     def run():
         with bounded(requests.Session()) as http:
             http.trust_env, http.proxies = False, {"http": proxy}
-            out.append(send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0,
-                            accept=pagerduty.judge))
+            return send(http, "http://hooks.example.test/services/T/B/X", {"text": "hi"}, "slack", 0.5, 1, 1.0,
+                        accept=pagerduty.judge)
 
-    started = time.monotonic()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert out, "send() still reading an answer a proxy trickles after 10 s"
-    assert not out[0].ok and out[0].error.endswith(": answer not complete within 0.5s"), out[0].error
-    assert time.monotonic() - started < 2.0
+    ended, result, took = run_bounded(run, 10)
+    assert ended, "send() still reading an answer a proxy trickles after 10 s"
+    assert not result.ok and result.error.endswith(": answer not complete within 0.5s"), result.error
+    assert took < 2.0
 
 
 @pytest.mark.parametrize("channel", [Teams, Webhook])

@@ -198,16 +198,16 @@ def test_400_is_not_retried_is_recorded_and_never_logs_the_key(escalation, recei
 PORTAL = (200, {"Content-Type": "text/html; charset=utf-8"}, b"<!DOCTYPE html><html><body>Sign in to the guest network</body></html>")
 
 
-@pytest.fixture(scope="module")
-def escalation_at_slack(base_env, pd, slack_hook):
-    """The escalation posting to Slack's own host (whose answers are judged
-    by their body), through an HTTP proxy that is the loopback Slack."""
+def _escalation_through_proxy(base_env, pagerduty_url: str, slack_url: str, proxy: str):
+    """The escalation posting to a service's own host through an HTTP proxy
+    that is that service's loopback receiver, so its answers are judged by
+    their body as the real host's are."""
     env = {
         **base_env,
-        "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
+        "PAGERDUTY_EVENTS_URL": pagerduty_url,
         "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
-        "SLACK_WEBHOOK_URL": "http://hooks.slack.com" + SLACK_PATH,
-        "HTTP_PROXY": slack_hook.url, "http_proxy": slack_hook.url,
+        "SLACK_WEBHOOK_URL": slack_url,
+        "HTTP_PROXY": proxy, "http_proxy": proxy,
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         "NOTIFY_TIMEOUT_SECONDS": "1",
         "NOTIFY_MAX_ATTEMPTS": "3",
@@ -216,6 +216,12 @@ def escalation_at_slack(base_env, pd, slack_hook):
     proc = FunctionProcess("escalation", env).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def escalation_at_slack(base_env, pd, slack_hook):
+    """Slack's own host, through the loopback Slack."""
+    yield from _escalation_through_proxy(base_env, pd.url + "/v2/enqueue", "http://hooks.slack.com" + SLACK_PATH, slack_hook.url)
 
 
 @pytest.fixture
@@ -228,22 +234,8 @@ def at_slack(escalation_at_slack, receivers):
 
 @pytest.fixture(scope="module")
 def escalation_at_pagerduty(base_env, pd, slack_hook):
-    """The escalation posting to PagerDuty's own host (whose answers are
-    judged by their body), through an HTTP proxy that is the loopback PagerDuty."""
-    env = {
-        **base_env,
-        "PAGERDUTY_EVENTS_URL": "http://events.pagerduty.com/v2/enqueue",
-        "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
-        "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH,
-        "HTTP_PROXY": pd.url, "http_proxy": pd.url,
-        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-        "NOTIFY_TIMEOUT_SECONDS": "1",
-        "NOTIFY_MAX_ATTEMPTS": "3",
-        "PUBLIC_URL": "http://incident-api.production:8080",
-    }
-    proc = FunctionProcess("escalation", env).start()
-    yield proc
-    proc.stop()
+    """PagerDuty's own host, through the loopback PagerDuty."""
+    yield from _escalation_through_proxy(base_env, "http://events.pagerduty.com/v2/enqueue", slack_hook.url + SLACK_PATH, pd.url)
 
 
 @pytest.fixture
