@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
-from functions.escalation.answer import Answer, accept_any_2xx
+from functions.escalation.answer import Answer, judged_on_own_hosts
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
@@ -153,10 +152,6 @@ def judge(status: int, body: str) -> Answer:
 PAGERDUTY_EVENTS_HOSTS = frozenset({"events.pagerduty.com", "events.eu.pagerduty.com"})
 
 
-def is_pagerdutys_own(url: str) -> bool:
-    return (urlsplit(url).hostname or "").lower() in PAGERDUTY_EVENTS_HOSTS
-
-
 class PagerDuty:
     name = "pagerduty"
     title = "PagerDuty"
@@ -165,16 +160,13 @@ class PagerDuty:
     def __init__(self, config: Settings):
         self.config = config
         self.routing_key = config.pagerduty_routing_key
-        self.judged_by_body = is_pagerdutys_own(config.pagerduty_events_url)
+        self.accept = judged_on_own_hosts(config.pagerduty_events_url, PAGERDUTY_EVENTS_HOSTS, judge)
 
     def configured(self) -> bool:
         return bool(self.routing_key)
 
     def retry(self, status: int) -> bool:
         return retry_by_default(status)
-
-    def accept(self, status: int, body: str) -> Answer:
-        return judge(status, body) if self.judged_by_body else accept_any_2xx(status, body)
 
     def message(self, note: Note) -> Outgoing | None:
         action = self._action(note)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 from typing import Any, Iterable
-from urllib.parse import urlsplit
 
 from functions.escalation.channels.base import ChatChannel
-from functions.escalation.answer import Answer, accept_any_2xx
+from functions.escalation.answer import Answer, judged_on_own_hosts
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_summary, incident_url, probable_causes_brief, service_of, summary_of,
 )
@@ -167,10 +166,6 @@ SLACK_TRANSIENT_ERRORS = frozenset(
 SLACK_WEBHOOK_HOSTS = frozenset({"hooks.slack.com", "hooks.slack-gov.com"})
 
 
-def is_slacks_own(url: str) -> bool:
-    return (urlsplit(url).hostname or "").lower() in SLACK_WEBHOOK_HOSTS
-
-
 def judge(status: int, body: str) -> Answer:
     """An incoming webhook accepts with ``200`` and the text ``ok``; a
     workflow's webhook trigger and the Web API answer JSON ``{"ok": true}``.
@@ -202,7 +197,5 @@ class Slack(ChatChannel):
 
     def __init__(self, config: Settings):
         super().__init__(config, config.slack_webhook_url)
-        self.judged_by_body = bool(self.url) and is_slacks_own(self.url.reveal())
+        self.accept = judged_on_own_hosts(self.url.reveal() if self.url else "", SLACK_WEBHOOK_HOSTS, judge)
 
-    def accept(self, status: int, body: str) -> Answer:
-        return judge(status, body) if self.judged_by_body else accept_any_2xx(status, body)
