@@ -203,10 +203,19 @@ def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
     """Forget fingerprints that are resolved, not flapping and have not
     flipped within the window: their next firing is a first sighting, which
     loses nothing (an older flip would not count anyway). Keeps the table to
-    the alerts of the last window instead of every alert ever seen."""
-    return conn.execute(sa.text(
-        "DELETE FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
-        "AND (last_flip_at IS NULL OR last_flip_at < :cutoff)"), {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+    the alerts of the last window instead of every alert ever seen.
+
+    A row a batch holds is skipped (the next sweep forgets it if it is
+    still settled): the prune never waits. Waiting, it deleted rows in the
+    table's order, not the batches' fingerprint order, and held them until
+    the sweep committed: a batch holding one row it wanted and waiting for
+    one it had deleted was a deadlock."""
+    return conn.execute(_PRUNE, {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+
+
+_PRUNE = sa.text("DELETE FROM alert_flaps WHERE fingerprint IN ("
+                 "SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
+                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) FOR UPDATE SKIP LOCKED)")
 
 
 def flapping_since(conn: Connection, incident_id: str) -> datetime | None:

@@ -175,3 +175,45 @@ def test_two_batches_flipping_a_fingerprint_at_once_count_both_flips(database_ur
     record(clean_db, config, firing)
     row = flap_row(clean_db, firing.fingerprint)
     assert len(row["flips"]) == 2 + seen_before and row["flapping_since"] is not None, row
+
+
+def test_the_sweep_forgetting_settled_fingerprints_waits_for_no_batch(database_url, clean_db, at):
+    """Two settled fingerprints the sweep may forget, S1 and S2 (S1 sorts
+    first, S2 lies first in the table), fire again in one batch. A third
+    session holds S1, so the batch waits for it; the sweep's prune deletes
+    S2 and would wait for S1 too. Once S1 is let go the batch takes it and
+    needs S2, which a prune that waited would keep until its commit: a
+    deadlock. The prune skips the rows a batch holds instead, so it never
+    waits, and the batch writes S2 again as a first sighting."""
+    from shared import flapping
+
+    config = settings(database_url)
+    first, second = alert("Settled", fingerprint="fp-s1"), alert("Settled", fingerprint="fp-s2")
+    with clean_db.begin() as conn:
+        for fp in (second.fingerprint, first.fingerprint):  # S2 first in the table: the prune's scan meets it first
+            conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status) VALUES (:f, 'resolved')"), {"f": fp})
+    errors: dict[str, str] = {}
+
+    def prune():
+        try:
+            with clean_db.begin() as conn:
+                flapping.prune(conn, clock.now(), config.flap_window_seconds)
+        except Exception as exc:  # noqa: BLE001 - a deadlock, asserted on below
+            errors["prune"] = str(exc).splitlines()[0]
+
+    batches = Batches(clean_db, config)
+    with clean_db.connect() as holding:
+        with holding.begin():
+            holding.execute(sa.text("SELECT 1 FROM alert_flaps WHERE fingerprint = :f FOR UPDATE"), {"f": first.fingerprint})
+            batches.start("batch", first, second)
+            wait_until(lambda: lock_waiters(clean_db) == 1, 20, message="the batch waiting for S1")
+            pruning = threading.Thread(target=prune)
+            pruning.start()
+            wait_until(lambda: not pruning.is_alive() or lock_waiters(clean_db) == 2, 20,
+                       message="the prune finished or waiting for S1")
+        pruning.join(HOLD_LIMIT)
+        batches.join()
+    assert not pruning.is_alive()
+    assert {**errors, **batches.errors} == {}
+    for fp in (first.fingerprint, second.fingerprint):
+        assert flap_row(clean_db, fp)["last_status"] == "firing"
