@@ -199,6 +199,11 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     return resolutions, repaged
 
 
+_PRUNE = sa.text("DELETE FROM alert_flaps WHERE fingerprint IN ("
+                 "SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
+                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) FOR UPDATE SKIP LOCKED)")
+
+
 def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
     """Forget fingerprints that are resolved, not flapping and have not
     flipped within the window: their next firing is a first sighting, which
@@ -211,11 +216,6 @@ def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
     the sweep committed: a batch holding one row it wanted and waiting for
     one it had deleted was a deadlock."""
     return conn.execute(_PRUNE, {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
-
-
-_PRUNE = sa.text("DELETE FROM alert_flaps WHERE fingerprint IN ("
-                 "SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
-                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) FOR UPDATE SKIP LOCKED)")
 
 
 def flapping_since(conn: Connection, incident_id: str) -> datetime | None:

@@ -63,6 +63,9 @@ ON CONFLICT (fingerprint) DO UPDATE SET last_status = a.last_status WHERE false;
 
 # Read after the lock step, in a statement of its own: its snapshot is
 # taken after the waits, so it sees the rows as they are locked.
+# `= ANY(ARRAY(...))` is a primary-key lookup per fingerprint whatever the
+# planner guesses of the list (`IN (SELECT ...)` was planned as a hash join
+# over the whole table, which keeps a row for every recent fingerprint).
 _READ = """
 SELECT {windowed}a.fingerprint, a.last_status, a.flips, a.last_flip_at, a.flapping_since, a.incident_id
 FROM alert_flaps a WHERE a.fingerprint = ANY(ARRAY({fingerprints}));
