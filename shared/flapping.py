@@ -199,23 +199,27 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     return resolutions, repaged
 
 
+# One bounded pass (LIMIT, as shared/retention.py deletes): after a storm
+# the settled rows are many, and the sweep's transaction should not lock and
+# delete them all at once; the next sweep continues. SKIP LOCKED: never waits.
 _PRUNE = sa.text("DELETE FROM alert_flaps WHERE fingerprint IN ("
                  "SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
-                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) FOR UPDATE SKIP LOCKED)")
+                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) LIMIT :batch FOR UPDATE SKIP LOCKED)")
 
 
-def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
+def prune(conn: Connection, now: datetime, window_seconds: int, batch: int) -> int:
     """Forget fingerprints that are resolved, not flapping and have not
     flipped within the window: their next firing is a first sighting, which
     loses nothing (an older flip would not count anyway). Keeps the table to
-    the alerts of the last window instead of every alert ever seen.
+    the alerts of the last window instead of every alert ever seen. At most
+    ``batch`` rows a pass (RETENTION_BATCH); the next sweep forgets the rest.
 
     A row a batch holds is skipped (the next sweep forgets it if it is
     still settled): the prune never waits. Waiting, it deleted rows in the
     table's order, not the batches' fingerprint order, and held them until
     the sweep committed: a batch holding one row it wanted and waiting for
     one it had deleted was a deadlock."""
-    return conn.execute(_PRUNE, {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+    return conn.execute(_PRUNE, {"cutoff": now - timedelta(seconds=window_seconds), "batch": batch}).rowcount
 
 
 def flapping_since(conn: Connection, incident_id: str) -> datetime | None:

@@ -119,7 +119,7 @@ def _release(conn: Connection, config: Settings, record) -> list[str]:
 
 def _clear_flapping(conn: Connection, config: Settings, record) -> list[str]:
     resolutions, repaged = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
-    flapping.prune(conn, clock.now(), config.flap_window_seconds)
+    flapping.prune(conn, clock.now(), config.flap_window_seconds, config.retention_batch)
     opened = [events.incident_event(events.INCIDENT_OPENED, row, config.event_source) for row in repaged]
     outbox.enqueue(conn, opened)
     return [e["id"] for e in opened] + (record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else [])

@@ -6,18 +6,18 @@ under those locks.
 The interleavings are made certain, not likely: one batch is held between
 reading its flapping rows and its next statement (the one that carries its
 save), and the others are let go only once each has finished or waits for
-a lock (pg_stat_activity). Nothing sleeps."""
+a lock (pg_blocking_pids of their own backends). Nothing sleeps."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from shared import clock
+from shared import clock, maintenance
 from shared import incidents as svc
 from shared.config import load_settings
 from loopback.processes import wait_until
@@ -49,10 +49,10 @@ def flap_row(engine, fingerprint) -> dict:
                                  {"f": fingerprint}).mappings().one())
 
 
-def lock_waiters(engine) -> int:
+def blocked(engine, pid: int) -> bool:
+    """Whether the backend ``pid`` waits for a lock another session holds."""
     with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")).scalar()
+        return conn.execute(sa.text("SELECT cardinality(pg_blocking_pids(:p)) > 0"), {"p": pid}).scalar()
 
 
 class HeldAfterItsFlaps:
@@ -87,17 +87,26 @@ class HeldAfterItsFlaps:
 
 
 class Batches:
-    """Batches recorded in threads of their own; their errors by name."""
+    """Batches recorded in threads of their own, each in one transaction
+    whose backend is known by its pid; their errors by name."""
 
     def __init__(self, engine, config):
         self.engine, self.config = engine, config
         self.errors: dict[str, str] = {}
         self.threads: dict[str, threading.Thread] = {}
+        self.pids: dict[str, int] = {}
 
     def start(self, name, *alerts) -> threading.Thread:
+        return self.run(name, lambda conn: svc.record_alerts(conn, list(alerts), "/t", "alertmanager", 0, config=self.config))
+
+    def run(self, name, work) -> threading.Thread:
+        """``work(conn)`` in a transaction of its own, in a thread named ``name``."""
         def run():
             try:
-                record(self.engine, self.config, *alerts)
+                with self.engine.begin() as conn:
+                    self.pids[name] = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                    work(conn)
+                    del self.pids[name]  # its backend may serve another batch once this one commits
             except Exception as exc:  # noqa: BLE001 - a deadlock, asserted on below
                 self.errors[name] = str(exc).splitlines()[0]
 
@@ -105,11 +114,16 @@ class Batches:
         thread.start()
         return thread
 
+    def waiting(self, name) -> bool:
+        """The named batch's own backend waits for a lock."""
+        pid = self.pids.get(name)
+        return pid is not None and blocked(self.engine, pid)
+
     def finished_or_waiting(self, *names) -> bool:
-        """Each named batch has committed or waits for a lock (and stays so
-        while the held batch is held)."""
-        alive = sum(self.threads[n].is_alive() for n in names)
-        return lock_waiters(self.engine) >= alive
+        """Each named batch has finished or waits for a lock (and stays so
+        while the held batch is held); a waiter of another session counts
+        for none of them."""
+        return all(not self.threads[n].is_alive() or self.waiting(n) for n in names)
 
     def join(self) -> None:
         for thread in self.threads.values():
@@ -192,28 +206,122 @@ def test_the_sweep_forgetting_settled_fingerprints_waits_for_no_batch(database_u
     with clean_db.begin() as conn:
         for fp in (second.fingerprint, first.fingerprint):  # S2 first in the table: the prune's scan meets it first
             conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status) VALUES (:f, 'resolved')"), {"f": fp})
-    errors: dict[str, str] = {}
-
-    def prune():
-        try:
-            with clean_db.begin() as conn:
-                flapping.prune(conn, clock.now(), config.flap_window_seconds)
-        except Exception as exc:  # noqa: BLE001 - a deadlock, asserted on below
-            errors["prune"] = str(exc).splitlines()[0]
-
     batches = Batches(clean_db, config)
     with clean_db.connect() as holding:
         with holding.begin():
             holding.execute(sa.text("SELECT 1 FROM alert_flaps WHERE fingerprint = :f FOR UPDATE"), {"f": first.fingerprint})
             batches.start("batch", first, second)
-            wait_until(lambda: lock_waiters(clean_db) == 1, 20, message="the batch waiting for S1")
-            pruning = threading.Thread(target=prune)
-            pruning.start()
-            wait_until(lambda: not pruning.is_alive() or lock_waiters(clean_db) == 2, 20,
-                       message="the prune finished or waiting for S1")
-        pruning.join(HOLD_LIMIT)
+            wait_until(lambda: batches.waiting("batch"), 20, message="the batch waiting for S1")
+            batches.run("prune", lambda conn: flapping.prune(conn, clock.now(), config.flap_window_seconds,
+                                                             config.retention_batch))
+            wait_until(lambda: batches.finished_or_waiting("prune"), 20, message="the prune finished or waiting for S1")
         batches.join()
-    assert not pruning.is_alive()
-    assert {**errors, **batches.errors} == {}
+    assert batches.errors == {}
     for fp in (first.fingerprint, second.fingerprint):
         assert flap_row(clean_db, fp)["last_status"] == "firing"
+
+
+def locked_elsewhere(engine, table: str, fingerprints) -> set[str]:
+    """The fingerprints whose rows of ``table`` another session holds."""
+    with engine.begin() as conn:
+        free = conn.execute(sa.text(f"SELECT fingerprint FROM {table} WHERE fingerprint = ANY(:f) FOR UPDATE SKIP LOCKED"),
+                            {"f": list(fingerprints)}).scalars().all()
+    return set(fingerprints) - set(free)
+
+
+class Holding:
+    """A session of the test's own holding one row, until ``release()``."""
+
+    def __init__(self, engine, statement: str, fingerprint: str):
+        self.conn = engine.connect()
+        self.conn.begin()
+        self.conn.execute(sa.text(statement), {"f": fingerprint})
+
+    def release(self) -> None:
+        self.conn.commit()
+        self.conn.close()
+
+
+FLAP_ROW = "SELECT 1 FROM alert_flaps WHERE fingerprint = :f FOR UPDATE"
+HELD_ROW = "SELECT 1 FROM suppressed_alerts WHERE fingerprint = :f FOR UPDATE"
+
+
+def test_a_batch_with_a_resolution_locks_its_flapping_rows_in_the_order_an_all_firing_batch_does(
+        database_url, clean_db, at):
+    """Batch F fires K1 and K2 (all firing: noise_flaps_unless_windowed locks
+    the rows); batch S fires K1 and resolves K2 (a resolution: flaps_lock
+    locks them, after maintenance.hold). A session holds K1; F waits for it,
+    then S queues behind F. When it lets go F takes K1, then needs K2: had S
+    locked K2 before waiting for K1 (any order but the fingerprint order), F
+    would wait for S and S for F, a deadlock (40P01, a 503)."""
+    config = settings(database_url)
+    k1, k2 = alert("Ordered", fingerprint="fp-k1"), alert("Ordered", fingerprint="fp-k2")
+    record(clean_db, config, k1, k2)
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, FLAP_ROW, k1.fingerprint)
+    try:
+        batches.start("F", k1, k2)
+        wait_until(lambda: batches.waiting("F"), 20, message="batch F waiting for K1")
+        batches.start("S", k1, replace(k2, status="resolved"))
+        wait_until(lambda: batches.waiting("S"), 20, message="batch S waiting for K1")
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flap_row(clean_db, k1.fingerprint)["last_status"] == "firing"
+    assert flap_row(clean_db, k2.fingerprint)["last_status"] == "resolved"
+
+
+@pytest.mark.parametrize("why", ["resolution", "window"])
+def test_a_batch_off_the_common_path_waits_for_its_first_flapping_row_before_it_locks_the_next(
+        database_url, clean_db, at, why):
+    """A batch with a resolution, or any batch while a maintenance window is
+    active, locks its flapping rows with flaps_lock: in fingerprint order,
+    so while it waits for its first row (K1, held by another session) it
+    holds none of the later ones (K2, K3); the new fingerprint it brings
+    (N) is written once it has them."""
+    config = settings(database_url)
+    k1, k2, k3 = (alert("Ordered", fingerprint=f"fp-k{i}") for i in (1, 2, 3))
+    new = alert("Ordered", fingerprint="fp-n")
+    record(clean_db, config, k1, k2, k3)
+    batch = [k1, k2, replace(k3, status="resolved") if why == "resolution" else k3, new]
+    if why == "window":
+        with clean_db.begin() as conn:
+            maintenance.create(conn, ['alertname="Elsewhere"'], T0, T0 + timedelta(hours=1), "upgrade", "api:alice")
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, FLAP_ROW, k1.fingerprint)
+    try:
+        batches.start("S", *batch)
+        wait_until(lambda: batches.waiting("S"), 20, message="the batch waiting for K1")
+        assert locked_elsewhere(clean_db, "alert_flaps", [k2.fingerprint, k3.fingerprint]) == set()
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flap_row(clean_db, new.fingerprint)["last_status"] == "firing"
+
+
+def test_during_a_window_a_batch_locks_its_flapping_rows_only_after_its_held_alerts(database_url, clean_db, at):
+    """The lock order is held alerts (suppressed_alerts), then flapping rows,
+    as the sweep's release takes them. A batch during a window refires a
+    held alert H, whose row another session holds, and fires K1 and K2:
+    while it waits for H it holds neither flapping row."""
+    config = settings(database_url)
+    with clean_db.begin() as conn:
+        maintenance.create(conn, ['alertname="Held"'], T0, T0 + timedelta(hours=1), "upgrade", "api:alice")
+    held = alert("Held", fingerprint="fp-h")
+    k1, k2 = alert("Ordered", fingerprint="fp-k1"), alert("Ordered", fingerprint="fp-k2")
+    record(clean_db, config, held, k1, k2)
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, HELD_ROW, held.fingerprint)
+    try:
+        batches.start("W", held, k1, k2)
+        wait_until(lambda: batches.waiting("W"), 20, message="the batch waiting for its held alert")
+        assert locked_elsewhere(clean_db, "alert_flaps", [k1.fingerprint, k2.fingerprint]) == set()
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count FROM suppressed_alerts WHERE fingerprint = :f"),
+                            {"f": held.fingerprint}).scalar() == 2

@@ -471,6 +471,22 @@ def test_the_sweep_forgets_settled_fingerprints_but_not_flapping_or_firing_ones(
     assert kept == {firing.fingerprint, flappy.fingerprint}
 
 
+def test_the_sweep_forgets_at_most_a_retention_batch_of_settled_fingerprints_and_the_next_sweep_the_rest(
+        database_url, clean_db, at):
+    """After a storm the settled rows are many: one sweep's transaction
+    forgets RETENTION_BATCH of them, not all at once."""
+    config = settings(database_url, FLAP_WINDOW_SECONDS="600", RETENTION_BATCH="2")
+    settled = [alert("Settled", pod=f"p{i}") for i in range(3)]
+    record(clean_db, config, *settled)
+    clock.advance(10)
+    record(clean_db, config, *(replace(a, status="resolved") for a in settled))
+    clock.advance(601)
+    sweep(clean_db, config)
+    assert rows(clean_db, "SELECT count(*) AS n FROM alert_flaps")[0]["n"] == 1
+    sweep(clean_db, config)
+    assert rows(clean_db, "SELECT count(*) AS n FROM alert_flaps")[0]["n"] == 0
+
+
 def test_an_alert_that_settles_firing_after_its_incident_was_reopened_silently_is_paged_once_more(database_url, clean_db, at):
     config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
     a = alert("Flappy")
