@@ -36,6 +36,36 @@ DEFAULT_SEVERITY_PRIORITY = {
 }
 
 
+# How long a transaction of each function may wait on the database, in
+# seconds (shared/db.py Bounds; docs/deploy.md): lock_timeout,
+# statement_timeout, idle_in_transaction_session_timeout, by the function
+# the process serves (FUNCTION_TARGET). Each is below DB_TIMEOUT_SECONDS
+# (10), the client's own socket timeout, so the server ends the wait and
+# says why (a 503 on a connection still usable) before the client would
+# give up on it. The intake answers AlertManager: a lock held by a
+# migration or a stuck transaction gets a 503 within seconds, well inside
+# AlertManager's notification timeout, and AlertManager retries. The query
+# API's reads include /metrics (computed at scrape time: Prometheus's
+# scrape timeout is 10 s) and the board's pages. The functions the Broker
+# calls wait longer for a lock: the Broker retries them a few times with a
+# backoff, then dead-letters, so a short maintenance lock should not cost
+# them a retry; their Knative timeouts (30 to 300 s) leave room. No
+# transaction of any function waits on anything but the database (no HTTP
+# call holds one), so 10 s idle in a transaction means a request stuck in
+# this process, whose row locks the other replicas are waiting for.
+DB_BOUNDS = {
+    "intake": (2.0, 5.0, 10.0),
+    "query": (2.0, 8.0, 10.0),
+}
+DB_BOUNDS_BROKER_CALLED = (5.0, 8.0, 10.0)
+# The sweep (PingSource, POST /outbox/sweep): retention's batched deletes,
+# reconciliation's scan and the noise sweep may take longer per statement
+# than a request's, but must not sit waiting on a lock while holding their
+# own, which requests are waiting for: the next sweep (a minute later) tries
+# again.
+DB_SWEEP_BOUNDS = (1.0, 9.0)
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -239,6 +269,12 @@ class Settings:
     db_pool_size: int = 4
     db_max_overflow: int = 4
     db_timeout_seconds: float = 10.0
+    # Bounds on each transaction's waits (DB_BOUNDS above); 0 leaves the server's setting.
+    db_lock_timeout_seconds: float = 2.0
+    db_statement_timeout_seconds: float = 5.0
+    db_idle_in_transaction_timeout_seconds: float = 10.0
+    db_sweep_lock_timeout_seconds: float = 1.0
+    db_sweep_statement_timeout_seconds: float = 9.0
     publish_timeout_seconds: float = 5.0
     metrics_public: bool = False
     events_require_token: bool = True
@@ -328,6 +364,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, minimum=1, maximum=100),
         db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 4, minimum=0, maximum=100),
         db_timeout_seconds=_float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        **_db_bounds(env),
         publish_timeout_seconds=_float(env, "PUBLISH_TIMEOUT_SECONDS", 5.0, minimum=0.1),
         metrics_public=_bool(env, "METRICS_PUBLIC", False),
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
@@ -386,6 +423,25 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
     )
     _check_paging(config)
     return config
+
+
+def _db_bounds(env: Mapping[str, str]) -> dict[str, float]:
+    """The transaction bounds, each defaulting to the one of the function
+    this process serves (DB_BOUNDS). One set explicitly at or above
+    DB_TIMEOUT_SECONDS could never take effect (the client's socket timeout
+    ends the wait first, and the server goes on waiting): an error."""
+    lock, statement, idle = DB_BOUNDS.get(_get(env, "FUNCTION_TARGET"), DB_BOUNDS_BROKER_CALLED)
+    sweep_lock, sweep_statement = DB_SWEEP_BOUNDS
+    defaults = {"DB_LOCK_TIMEOUT_SECONDS": lock, "DB_STATEMENT_TIMEOUT_SECONDS": statement,
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": idle,
+                "DB_SWEEP_LOCK_TIMEOUT_SECONDS": sweep_lock, "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": sweep_statement}
+    client_timeout = _float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+    for name in ("DB_LOCK_TIMEOUT_SECONDS", "DB_STATEMENT_TIMEOUT_SECONDS", "DB_SWEEP_LOCK_TIMEOUT_SECONDS",
+                 "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS"):
+        if _get(env, name) and _float(env, name, 0.0) >= client_timeout:
+            raise ConfigError(f"{name}: {_float(env, name, 0.0):g} s is not below DB_TIMEOUT_SECONDS ({client_timeout:g} s), "
+                              "the client's own timeout, which would end the wait first; lower it (0 leaves the server's setting)")
+    return {name[:-len("_SECONDS")].lower() + "_seconds": _float(env, name, default) for name, default in defaults.items()}
 
 
 def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret | None]:

@@ -18,6 +18,8 @@ import functools
 import threading
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -108,8 +110,10 @@ def _execute_in_one_round_trip() -> None:
     def execute_simple(self, statement):
         context = core.Context(statement)
         if statement == BEGIN:
-            # Sent with the transaction's first statement (below).
+            # Sent with the transaction's first statement (below), with the
+            # transaction's bounds (begin_statement) in the same message.
             self._begin_pending = True
+            self._begin = begin_statement(self._bounds)
             self._transaction_status = core.IN_TRANSACTION
             return context
         if _ends_an_empty_transaction(self, statement):
@@ -129,6 +133,10 @@ def _execute_in_one_round_trip() -> None:
     core.CoreConnection.execute_unnamed = execute_unnamed
     core.CoreConnection.execute_simple = execute_simple
     core.CoreConnection._begin_pending = False
+    core.CoreConnection._begin = BEGIN
+    # The bounds of the engine that opened the connection (create_engine_for);
+    # None: no bounds (the migrations' engine, a remediation target's).
+    core.CoreConnection._bounds = None
     core.CoreConnection._defer_next = False
     # Statements put aside by later(); a tuple, replaced (never changed in
     # place), so the class-level default is never shared.
@@ -137,6 +145,63 @@ def _execute_in_one_round_trip() -> None:
 
 # What pg8000's DB-API cursor sends before the first statement of a transaction.
 BEGIN = "begin transaction"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long one transaction may wait on the database, in seconds (0
+    leaves the server's own setting): ``lock_timeout`` bounds each wait for
+    a lock (a migration's ACCESS EXCLUSIVE, another replica's row lock),
+    ``statement_timeout`` each statement, ``idle_in_transaction`` how long
+    the transaction may sit open with nothing sent (the server then ends
+    the session, so a stuck request of this process frees the rows it
+    locked for the other replicas).
+
+    They are ``SET LOCAL``: they end with the transaction, so a pooled
+    connection, or a PgBouncer server connection in transaction pooling
+    that another client gets next, carries none of them (a session ``SET``
+    would leak there, and PgBouncer forwards no ``options`` startup
+    parameter). They travel in the BEGIN's own message, which is itself
+    sent with the transaction's first statement: no round trip of their
+    own (:func:`begin_statement`)."""
+
+    lock_timeout: float
+    statement_timeout: float
+    idle_in_transaction: float = 0.0
+    begin: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        settings_ = (("lock_timeout", self.lock_timeout), ("statement_timeout", self.statement_timeout),
+                     ("idle_in_transaction_session_timeout", self.idle_in_transaction))
+        sets = "".join(f"; set local {name} = '{max(1, round(seconds * 1000))}ms'" for name, seconds in settings_ if seconds > 0)
+        object.__setattr__(self, "begin", BEGIN + sets)
+
+
+# The bounds that replace an engine's own for the transactions begun inside
+# bounded() (the sweep's), in this thread or task only.
+_bounds_in_effect: ContextVar[Bounds | None] = ContextVar("db_bounds", default=None)
+
+
+@contextmanager
+def bounded(bounds: Bounds) -> Iterator[None]:
+    """Transactions begun inside the block, on an engine that has bounds,
+    take ``bounds`` instead of the engine's (an engine without bounds, such
+    as the migrations', stays without)."""
+    token = _bounds_in_effect.set(bounds)
+    try:
+        yield
+    finally:
+        _bounds_in_effect.reset(token)
+
+
+def begin_statement(own: Bounds | None) -> str:
+    """What begins a transaction on a connection whose engine has ``own``
+    bounds: one simple-query message, ``begin transaction; set local ...``
+    (PostgreSQL runs the statements of one message in order and answers
+    them together)."""
+    if own is None:
+        return BEGIN
+    return (_bounds_in_effect.get() or own).begin
 
 
 def _send_extended(conn, statement, params, oids) -> None:
@@ -160,8 +225,8 @@ def _send_ahead(conn) -> list:
     ahead = []
     if conn._begin_pending:
         conn._begin_pending = False
-        conn.send_QUERY(BEGIN)
-        ahead.append(core.Context(BEGIN))
+        conn.send_QUERY(conn._begin)
+        ahead.append(core.Context(conn._begin))
     deferred, conn._deferred = conn._deferred, ()
     for statement, params, oids in deferred:
         if params is None:
@@ -271,8 +336,13 @@ _engine_lock = threading.Lock()
 
 # SQLSTATE classes that a retry can cure: connection exceptions (08),
 # serialization failure and deadlock (40), insufficient resources (53),
-# operator intervention such as a shutdown (57), system errors (58).
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58")
+# operator intervention such as a shutdown or a statement_timeout (57),
+# system errors (58); and of their classes, a lock_timeout (55P03) and an
+# idle_in_transaction_session_timeout (25P03).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58", "55P03", "25P03")
+
+# The SQLSTATEs of a Bounds that ran out, named as the setting that did it.
+LOCK_TIMEOUT, STATEMENT_TIMEOUT, IDLE_TIMEOUT = "lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"
 
 
 def split_unix_sock(url: str) -> tuple[str, dict]:
@@ -284,7 +354,10 @@ def split_unix_sock(url: str) -> tuple[str, dict]:
     return urlunsplit(parts._replace(query=urlencode(rest))), connect_args
 
 
-def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeout: float = 10.0, **options) -> Engine:
+def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeout: float = 10.0,
+                      bounds: Bounds | None = None, **options) -> Engine:
+    """``bounds``: every transaction of the engine begins with them (the
+    functions' engine, :func:`engine`); none for the migrations' engine."""
     url, connect_args = split_unix_sock(url)
     connect_args["timeout"] = timeout
     connect_args.setdefault("application_name", "incident-response")
@@ -300,7 +373,19 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
     _ping_idle_connections(engine)
     _discard_connections_out_of_step(engine)
     _connect_without_the_ca_bundle(engine)
+    if bounds is not None:
+        _bound_every_transaction(engine, bounds)
     return engine
+
+
+def _bound_every_transaction(engine: Engine, bounds: Bounds) -> None:
+    """Each connection of the engine begins its transactions with
+    ``bounds`` (begin_statement), however SQLAlchemy began them (``begin()``,
+    or ``connect()`` and its first statement)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connected(dbapi_connection, connection_record):
+        dbapi_connection._bounds = bounds
 
 
 def _connect_without_the_ca_bundle(engine: Engine) -> None:
@@ -335,10 +420,17 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
     def _handle_error(context):
         if context.is_disconnect or context.connection is None:
             return
-        if _sqlstate(context.original_exception):
+        if _sqlstate(context.original_exception) and not _ends_the_session(context.original_exception):
             return
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
+
+
+def _ends_the_session(orig: BaseException | None) -> bool:
+    """A FATAL error (an idle_in_transaction_session_timeout, a terminated
+    backend): the server closed the session after reporting it."""
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return fields.get("S") in ("FATAL", "PANIC") or fields.get("V") in ("FATAL", "PANIC")
 
 
 IDLE_PING_SECONDS = 10.0
@@ -389,9 +481,23 @@ def engine(config: Settings | None = None) -> Engine:
             if _engine is None:
                 cfg = config or settings()
                 _engine = create_engine_for(
-                    cfg.database_url, cfg.db_pool_size, cfg.db_max_overflow, cfg.db_timeout_seconds
+                    cfg.database_url, cfg.db_pool_size, cfg.db_max_overflow, cfg.db_timeout_seconds,
+                    bounds=request_bounds(cfg),
                 )
     return _engine
+
+
+def request_bounds(config: Settings) -> Bounds:
+    """The bounds of a function's transactions (``DB_LOCK_TIMEOUT_SECONDS``
+    and the rest; their defaults depend on the function, shared/config.py)."""
+    return Bounds(config.db_lock_timeout_seconds, config.db_statement_timeout_seconds,
+                  config.db_idle_in_transaction_timeout_seconds)
+
+
+def sweep_bounds(config: Settings) -> Bounds:
+    """The sweep's (``DB_SWEEP_*``), for :func:`bounded`."""
+    return Bounds(config.db_sweep_lock_timeout_seconds, config.db_sweep_statement_timeout_seconds,
+                  config.db_idle_in_transaction_timeout_seconds)
 
 
 def dispose_engine() -> None:
@@ -463,6 +569,21 @@ def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:
             return conn.exec_driver_sql(schema.REVISION_SQL).scalar()
 
     return schema.database_behind(read_revision)
+
+
+def bound_reached(exc: BaseException) -> str | None:
+    """Which of a transaction's :class:`Bounds` ``exc`` is (LOCK_TIMEOUT,
+    STATEMENT_TIMEOUT, IDLE_TIMEOUT), for the log line; None for any other
+    error. A statement cancelled otherwise (pg_cancel_backend) has the same
+    SQLSTATE as a statement_timeout: the server's message tells them apart."""
+    state = sqlstate(exc)
+    if state == "55P03":
+        return LOCK_TIMEOUT
+    if state == "25P03":
+        return IDLE_TIMEOUT
+    if state == "57014" and "statement timeout" in str(exc.orig.args[0].get("M", "")):
+        return STATEMENT_TIMEOUT
+    return None
 
 
 def sqlstate(exc: BaseException) -> str:

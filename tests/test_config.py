@@ -48,6 +48,10 @@ def test_bad_database_url_names_the_variable(url, phrase):
         ("K_SINK", "not a url"),
         ("SEVERITY_PRIORITY_MAP", "critical=P7"),
         ("METRICS_PUBLIC", "maybe"),
+        ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
+        # At or above DB_TIMEOUT_SECONDS (10), the client's own timeout: it could never take effect.
+        ("DB_STATEMENT_TIMEOUT_SECONDS", "10"),
+        ("DB_SWEEP_STATEMENT_TIMEOUT_SECONDS", "30"),
     ],
 )
 def test_each_bad_value_fails_with_its_name(name, value):
@@ -97,3 +101,16 @@ def test_database_url_may_come_from_a_file(tmp_path):
     path.write_text("postgresql://app:pw@db:5432/incidents\n")
     s = load_settings({"DATABASE_URL_FILE": str(path)})
     assert s.database_url == "postgresql+pg8000://app:pw@db:5432/incidents"
+
+
+@pytest.mark.parametrize("target, lock, statement", [("intake", 2.0, 5.0), ("query", 2.0, 8.0), ("escalation", 5.0, 8.0),
+                                                     ("remediation", 5.0, 8.0), ("", 5.0, 8.0)])
+def test_the_database_bounds_default_by_function_and_are_set_by_name(target, lock, statement):
+    s = load_settings({**BASE, "FUNCTION_TARGET": target})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (lock, statement, 10.0)
+    assert (s.db_sweep_lock_timeout_seconds, s.db_sweep_statement_timeout_seconds) == (1.0, 9.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_LOCK_TIMEOUT_SECONDS": "0.5", "DB_STATEMENT_TIMEOUT_SECONDS": "0",
+                       "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": "30", "DB_TIMEOUT_SECONDS": "20",
+                       "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": "15"})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (0.5, 0.0, 30.0)
+    assert s.db_sweep_statement_timeout_seconds == 15.0

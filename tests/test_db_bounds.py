@@ -1,0 +1,179 @@
+"""How long a request waits on the database (shared/db.py Bounds): a lock
+held elsewhere (a migration's ACCESS EXCLUSIVE, another replica's stuck
+transaction) or a runaway statement gets a prompt 503 with Retry-After, so
+AlertManager and the Broker retry, instead of a request that waits for as
+long as the client's socket timeout (or Knative's request timeout); nothing
+of it is committed, and the bounds end with each transaction, pooled or
+behind PgBouncer.
+
+Each test holds the lock from a connection of its own and sets the bound
+small through the function's environment; nothing sleeps but the bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import requests
+import sqlalchemy as sa
+
+from loopback.processes import FunctionProcess
+from shared import db
+from tests.conftest import TEST_TOKEN, needs_own_backend, proxied_database
+from tests.factories import raw_alert, webhook
+
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+# Small, so a test waits for it; far below DB_TIMEOUT_SECONDS (10), the
+# client's socket timeout, which answered such a request before (after 10 s).
+LOCK_TIMEOUT = 0.3
+# What a prompt answer is: the bound, a batch or two queued behind it, and a loaded machine.
+PROMPT = 4.0
+
+
+@contextmanager
+def incidents_locked(engine):
+    """``incidents`` locked ACCESS EXCLUSIVE, as a migration altering it
+    locks it, by a transaction of another connection until the block ends."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE incidents IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def post_webhook(url: str, payload: dict) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = requests.post(url + "/webhook/alert", json=payload, headers=AUTH, timeout=60)
+    return response, time.monotonic() - started
+
+
+def assert_prompt_503(response: requests.Response, took: float, bound: str) -> None:
+    assert took < PROMPT, f"answered {response.status_code} after {took:.1f} s"
+    assert response.status_code == 503, response.text
+    assert response.headers.get("Retry-After") == "5"
+    assert response.json()["bound"] == bound, response.text
+
+
+def _incidents_named(engine, name: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM incidents WHERE alert_name = :n"), {"n": name}).scalar()
+
+
+def bounded_intake(env: dict) -> FunctionProcess:
+    intake = FunctionProcess("intake", {**env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}).start()
+    # The routes are built (and the pool opened) before the table is locked.
+    assert post_webhook(intake.url, webhook([raw_alert("Warm", run=uuid.uuid4().hex)]))[0].status_code == 200
+    return intake
+
+
+def test_the_intake_answers_503_promptly_while_incidents_is_locked_and_takes_the_same_webhook_after(base_env, clean_db):
+    intake = bounded_intake(base_env)
+    # Several webhooks at once: the group commit writes them in shared
+    # transactions, and every request of a batch that met the bound gets it.
+    payloads = [webhook([raw_alert("Locked", run=str(i))]) for i in range(6)]
+    answers: list = [None] * len(payloads)
+
+    def send(i: int) -> None:
+        answers[i] = post_webhook(intake.url, payloads[i])
+
+    with incidents_locked(clean_db):
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for response, took in answers:
+        assert_prompt_503(response, took, "lock_timeout")
+    assert "database lock_timeout reached, rolled back" in intake.logs()
+    assert _incidents_named(clean_db, "Locked") == 0  # nothing of a 503 was committed
+
+    for payload in payloads:  # AlertManager's retry, once the lock is gone
+        response, _ = post_webhook(intake.url, payload)
+        assert response.status_code == 200, response.text
+        assert [r["action"] for r in response.json()["results"]] == ["created"]
+    assert _incidents_named(clean_db, "Locked") == len(payloads)
+    assert "Traceback" not in intake.logs()
+    intake.stop()
+
+
+def test_a_runaway_statement_is_cut_by_the_statement_timeout_with_a_503(base_env, clean_db):
+    # No lock_timeout (0 leaves the server's, none): the lock wait runs until
+    # the statement's own bound, as a slow statement would.
+    env = {**base_env, "DB_LOCK_TIMEOUT_SECONDS": "0", "DB_STATEMENT_TIMEOUT_SECONDS": "0.5"}
+    query = FunctionProcess("query", env, threads=2).start()
+    assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+    with incidents_locked(clean_db):
+        started = time.monotonic()
+        response = requests.get(query.url + "/incidents", headers=AUTH, timeout=60)
+        assert_prompt_503(response, time.monotonic() - started, "statement_timeout")
+    assert "Database statement_timeout reached; rolled back, answered 503" in query.logs()
+    assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+    query.stop()
+
+
+def test_a_query_endpoint_answers_503_promptly_while_incidents_is_locked(base_env, clean_db):
+    query = FunctionProcess("query", {**base_env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}, threads=2).start()
+    assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+    with incidents_locked(clean_db):
+        started = time.monotonic()
+        response = requests.get(query.url + "/incidents", headers=AUTH, timeout=60)
+        assert_prompt_503(response, time.monotonic() - started, "lock_timeout")
+    assert "Database lock_timeout reached; rolled back, answered 503" in query.logs()
+    assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+    query.stop()
+
+
+@needs_own_backend
+def test_the_bounds_end_with_the_transaction_on_the_pooled_connection(database_url):
+    bounds = db.Bounds(LOCK_TIMEOUT, 2.0, 5.0)
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=bounds)
+    try:
+        with engine.begin() as tx:
+            pid = tx.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            inside = [tx.execute(sa.text(f"SHOW {name}")).scalar()
+                      for name in ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")]
+        assert inside == ["300ms", "2s", "5s"]
+        # The same connection back from the pool, outside any transaction.
+        with engine.connect() as conn:
+            outside = conn.execution_options(isolation_level="AUTOCOMMIT")
+            assert outside.execute(sa.text("SELECT pg_backend_pid()")).scalar() == pid
+            assert outside.execute(sa.text("SHOW lock_timeout")).scalar() == "0"
+            assert outside.execute(sa.text("SHOW statement_timeout")).scalar() == "0"
+            assert outside.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "0"
+        # The sweep's bounds replace the engine's for the transactions begun inside the block only.
+        with db.bounded(db.Bounds(1.0, 9.0)), engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "9s"
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "2s"
+    finally:
+        engine.dispose()
+
+
+def test_the_bounds_cost_no_round_trip(database_url):
+    """They travel in the BEGIN's message, which travels with the first
+    statement: a transaction of one statement is still two round trips."""
+    with proxied_database(database_url) as (proxy, url):
+        engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(LOCK_TIMEOUT, 2.0, 5.0))
+        try:
+            with engine.begin() as tx:
+                tx.execute(sa.text("SELECT 1"))
+            before = proxy.round_trips
+            with engine.begin() as tx:
+                assert tx.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar() == "300ms"
+            assert proxy.round_trips - before == 2  # BEGIN + SET LOCALs + SELECT, then COMMIT
+        finally:
+            engine.dispose()
+
+
+def test_an_engine_without_bounds_has_none(database_url):
+    """The migrations' engine (migrations/env.py), and every one made
+    without ``bounds``, keeps the server's settings, even inside bounded()."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with db.bounded(db.Bounds(1.0, 9.0)), engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "0"
+    finally:
+        engine.dispose()
