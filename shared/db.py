@@ -420,17 +420,10 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
     def _handle_error(context):
         if context.is_disconnect or context.connection is None:
             return
-        if _sqlstate(context.original_exception) and not _ends_the_session(context.original_exception):
+        if _sqlstate(context.original_exception):
             return
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
-
-
-def _ends_the_session(orig: BaseException | None) -> bool:
-    """A FATAL error (an idle_in_transaction_session_timeout, a terminated
-    backend): the server closed the session after reporting it."""
-    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
-    return fields.get("S") in ("FATAL", "PANIC") or fields.get("V") in ("FATAL", "PANIC")
 
 
 IDLE_PING_SECONDS = 10.0

@@ -16,10 +16,11 @@ import time
 import uuid
 from contextlib import contextmanager
 
+import pytest
 import requests
 import sqlalchemy as sa
 
-from loopback.processes import FunctionProcess
+from loopback.processes import FunctionProcess, wait_until
 from shared import db
 from tests.conftest import TEST_TOKEN, needs_own_backend, proxied_database
 from tests.factories import raw_alert, webhook
@@ -177,3 +178,27 @@ def test_an_engine_without_bounds_has_none(database_url):
             assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "0"
     finally:
         engine.dispose()
+
+
+@needs_own_backend
+def test_a_transaction_left_idle_is_ended_by_the_server_and_its_connection_replaced(database_url, engine):
+    """A request stuck mid-transaction frees what it locked: the server ends
+    the session after the idle bound; the stuck request's next statement
+    fails as the transient error it is (a 503), and the pool opens another."""
+    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+    try:
+        with bounded_engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+
+            def gone() -> bool:
+                with engine.connect() as look:
+                    return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+            wait_until(gone, 10, message="the server to end the idle transaction's session")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        with bounded_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
+    finally:
+        bounded_engine.dispose()
