@@ -202,3 +202,20 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_connection_repla
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
     finally:
         bounded_engine.dispose()
+
+
+def test_the_largest_bound_the_settings_take_is_one_the_server_takes(database_url):
+    """A value past PostgreSQL's largest timeout made the server refuse every
+    BEGIN (22023: a 500 on every request); the settings stop at it."""
+    from shared.config import PG_MAX_TIMEOUT_SECONDS, ConfigError, load_settings
+
+    settings_ = load_settings({"DATABASE_URL": database_url,
+                               "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": str(PG_MAX_TIMEOUT_SECONDS)})
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.request_bounds(settings_))
+    try:
+        with engine.begin() as tx:
+            assert tx.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "2147483647ms"
+    finally:
+        engine.dispose()
+    with pytest.raises(ConfigError):
+        load_settings({"DATABASE_URL": database_url, "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": str(PG_MAX_TIMEOUT_SECONDS + 0.001)})
