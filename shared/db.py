@@ -111,23 +111,28 @@ def _execute_in_one_round_trip() -> None:
         context = core.Context(statement)
         if statement == BEGIN:
             # Sent with the transaction's first statement (below), with the
-            # transaction's bounds (begin_statement) in the same message.
+            # transaction's bounds (bounds_for) in the same message.
             self._begin_pending = True
-            self._begin = begin_statement(self._bounds)
+            self._in_effect = bounds_for(self._bounds)
+            self._begin = self._in_effect.begin if self._in_effect is not None else BEGIN
             self._transaction_status = core.IN_TRANSACTION
             return context
-        if _ends_an_empty_transaction(self, statement):
+        try:
+            if _ends_an_empty_transaction(self, statement):
+                return context
+            if self._defer_next:
+                self._defer_next = False
+                self._deferred += ((statement, None, None),)
+                return context
+            _settle_before_savepoint(self, statement)
+            ahead = _send_ahead(self)
+            self.send_QUERY(statement)
+            core._flush(self._sock)
+            _read_answers(self, ahead, context)
             return context
-        if self._defer_next:
-            self._defer_next = False
-            self._deferred += ((statement, None, None),)
-            return context
-        _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self)
-        self.send_QUERY(statement)
-        core._flush(self._sock)
-        _read_answers(self, ahead, context)
-        return context
+        finally:
+            if statement.strip().lower() in ("commit", "rollback"):
+                self._in_effect = None  # the SET LOCALs ended with the transaction
 
     execute_unnamed.one_round_trip = True
     core.CoreConnection.execute_unnamed = execute_unnamed
@@ -137,6 +142,9 @@ def _execute_in_one_round_trip() -> None:
     # The bounds of the engine that opened the connection (create_engine_for);
     # None: no bounds (the migrations' engine, a remediation target's).
     core.CoreConnection._bounds = None
+    # The bounds of the transaction open on the connection (None outside one,
+    # or on an engine without bounds): what bound_reached judges an error by.
+    core.CoreConnection._in_effect = None
     core.CoreConnection._defer_next = False
     # Statements put aside by later(); a tuple, replaced (never changed in
     # place), so the class-level default is never shared.
@@ -160,10 +168,11 @@ class Bounds:
     They are ``SET LOCAL``: they end with the transaction, so a pooled
     connection, or a PgBouncer server connection in transaction pooling
     that another client gets next, carries none of them (a session ``SET``
-    would leak there, and PgBouncer forwards no ``options`` startup
-    parameter). They travel in the BEGIN's own message, which is itself
-    sent with the transaction's first statement: no round trip of their
-    own (:func:`begin_statement`)."""
+    would stay there for the next client; a startup ``options=-c`` reaches
+    the server through PgBouncer only from 1.20 and only for a parameter it
+    tracks per client, ``track_extra_parameters``). They travel in the
+    BEGIN's own message, which is itself sent with the transaction's first
+    statement: no round trip of their own (:func:`bounds_for`)."""
 
     lock_timeout: float
     statement_timeout: float
@@ -194,14 +203,16 @@ def bounded(bounds: Bounds) -> Iterator[None]:
         _bounds_in_effect.reset(token)
 
 
-def begin_statement(own: Bounds | None) -> str:
-    """What begins a transaction on a connection whose engine has ``own``
-    bounds: one simple-query message, ``begin transaction; set local ...``
-    (PostgreSQL runs the statements of one message in order and answers
-    them together)."""
+def bounds_for(own: Bounds | None) -> Bounds | None:
+    """The bounds of a transaction begun on a connection whose engine has
+    ``own`` bounds: those of the enclosing :func:`bounded` block, else
+    ``own``; an engine without bounds stays without. They begin it in one
+    simple-query message, ``begin transaction; set local ...``
+    (``Bounds.begin``; PostgreSQL runs the statements of one message in
+    order and answers them together)."""
     if own is None:
-        return BEGIN
-    return (_bounds_in_effect.get() or own).begin
+        return None
+    return _bounds_in_effect.get() or own
 
 
 def _send_extended(conn, statement, params, oids) -> None:
@@ -331,6 +342,53 @@ def _wrap_every_failed_read() -> None:
 
 _wrap_every_failed_read()
 
+
+def _keep_the_servers_last_word() -> None:
+    """A server that ends a session sends an ErrorResponse of severity FATAL
+    and closes the socket: an idle_in_transaction_session_timeout (25P03),
+    pg_terminate_backend or a shutdown (57P01). pg8000 reads the FATAL, keeps
+    it until ReadyForQuery, which never comes, and raises only the
+    InterfaceError("network error") of the read that met the end: the
+    SQLSTATE was lost, so the idle bound could not be named (the 503 said
+    "the database is unavailable") and SQLAlchemy took it for a lost
+    database (the whole pool discarded). The FATAL is raised instead, with
+    the network error as its cause; :func:`_discard_connections_out_of_step`
+    still discards the connection.
+
+    Every error the server reports also carries the bounds of the
+    transaction it ended (``bounds``), so :func:`bound_reached` names a bound
+    only when one was set."""
+    import pg8000.core as core
+
+    if getattr(core.CoreConnection.handle_messages, "keeps_the_last_word", False):
+        return
+    original = core.CoreConnection.handle_messages
+
+    def handle_messages(self, context):
+        try:
+            original(self, context)
+        except core.InterfaceError as exc:
+            error = context.error
+            if isinstance(error, core.DatabaseError) and _severity(error) == "FATAL":
+                error.bounds = self._in_effect
+                raise error from exc
+            raise
+        except core.DatabaseError as exc:
+            exc.bounds = self._in_effect
+            raise
+
+    handle_messages.keeps_the_last_word = True
+    core.CoreConnection.handle_messages = handle_messages
+
+
+def _severity(orig: BaseException | None) -> str:
+    """The severity of a server's error (ERROR, FATAL, PANIC); '' for any other."""
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return str(fields.get("V") or fields.get("S") or "")
+
+
+_keep_the_servers_last_word()
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
@@ -380,7 +438,7 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
 
 def _bound_every_transaction(engine: Engine, bounds: Bounds) -> None:
     """Each connection of the engine begins its transactions with
-    ``bounds`` (begin_statement), however SQLAlchemy began them (``begin()``,
+    ``bounds`` (bounds_for), however SQLAlchemy began them (``begin()``,
     or ``connect()`` and its first statement)."""
 
     @sa.event.listens_for(engine, "connect")
@@ -420,10 +478,17 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
     def _handle_error(context):
         if context.is_disconnect or context.connection is None:
             return
-        if _sqlstate(context.original_exception):
+        orig = context.original_exception
+        state = _sqlstate(orig)
+        if state and _severity(orig) != "FATAL":
             return
+        # Out of step, or a session the server ended (FATAL: it has closed
+        # the socket). A session it ended for being idle in a transaction is
+        # this connection's alone; any other FATAL (a shutdown, a backend
+        # terminated) is taken, as before it was raised, for the database's.
         context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = False
+        if not state or state == "25P03":
+            context.invalidate_pool_on_disconnect = False
 
 
 IDLE_PING_SECONDS = 10.0
@@ -566,16 +631,38 @@ def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:
 
 def bound_reached(exc: BaseException) -> str | None:
     """Which of a transaction's :class:`Bounds` ``exc`` is (LOCK_TIMEOUT,
-    STATEMENT_TIMEOUT, IDLE_TIMEOUT), for the log line; None for any other
-    error. A statement cancelled otherwise (pg_cancel_backend) has the same
-    SQLSTATE as a statement_timeout: the server's message tells them apart."""
+    STATEMENT_TIMEOUT, IDLE_TIMEOUT), for the log line and the 503; None for
+    any other error. Judged by the SQLSTATE and the bounds the transaction
+    had (``bounds``, _keep_the_servers_last_word), not by the message's
+    (translatable) text: a 55P03 is a lock_timeout when the transaction had
+    one (no statement of ours locks NOWAIT); a 57014 is a statement_timeout
+    when it had one (an operator's pg_cancel_backend in such a transaction
+    is named so too); a 25P03 is only ever the idle bound. A bound the
+    server has from elsewhere (``ALTER ROLE ... SET``) is not named: the
+    error is transient all the same."""
     state = sqlstate(exc)
-    if state == "55P03":
-        return LOCK_TIMEOUT
     if state == "25P03":
         return IDLE_TIMEOUT
-    if state == "57014" and "statement timeout" in str(exc.orig.args[0].get("M", "")):
+    in_effect = _bounds_of(exc.orig) if isinstance(exc, DBAPIError) else None
+    if in_effect is None:
+        return None
+    if state == "55P03" and in_effect.lock_timeout > 0:
+        return LOCK_TIMEOUT
+    if state == "57014" and in_effect.statement_timeout > 0:
         return STATEMENT_TIMEOUT
+    return None
+
+
+def _bounds_of(orig: BaseException | None) -> Bounds | None:
+    """The bounds the failed transaction had. pg8000's DB-API cursor raises
+    its own exception with the server's fields, in the handling of the one
+    the connection raised (which has them): the chain is followed."""
+    for _ in range(3):
+        if orig is None:
+            return None
+        if hasattr(orig, "bounds"):
+            return orig.bounds
+        orig = orig.__context__
     return None
 
 

@@ -181,12 +181,16 @@ def test_an_engine_without_bounds_has_none(database_url):
 
 
 @needs_own_backend
-def test_a_transaction_left_idle_is_ended_by_the_server_and_its_connection_replaced(database_url, engine):
+def test_a_transaction_left_idle_is_ended_by_the_server_named_and_only_its_connection_replaced(database_url, engine):
     """A request stuck mid-transaction frees what it locked: the server ends
-    the session after the idle bound; the stuck request's next statement
-    fails as the transient error it is (a 503), and the pool opens another."""
-    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+    the session after the idle bound. Its FATAL (25P03), sent before the
+    socket closed, is what the stuck request's next statement raises (not a
+    bare network error): transient, named as the idle bound (the 503 and the
+    log say so), and only that connection is replaced, not the whole pool."""
+    bounded_engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
     try:
+        with bounded_engine.connect() as first, bounded_engine.connect() as second:
+            pooled = {c.execute(sa.text("SELECT pg_backend_pid()")).scalar() for c in (first, second)}
         with bounded_engine.connect() as conn:
             pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
 
@@ -197,11 +201,32 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_connection_repla
             wait_until(gone, 10, message="the server to end the idle transaction's session")
             with pytest.raises(sa.exc.DBAPIError) as caught:
                 conn.execute(sa.text("SELECT 1"))
+            assert db.sqlstate(caught.value) == "25P03"
+            assert db.bound_reached(caught.value) == db.IDLE_TIMEOUT
             assert db.is_transient(caught.value) and caught.value.connection_invalidated
-        with bounded_engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
+        with bounded_engine.connect() as first, bounded_engine.connect() as second:
+            now = {c.execute(sa.text("SELECT pg_backend_pid()")).scalar() for c in (first, second)}
+        assert pid not in now and now & (pooled - {pid}) == pooled - {pid}, (pooled, pid, now)
     finally:
         bounded_engine.dispose()
+
+
+def test_a_timeout_is_named_as_a_bound_only_when_the_transaction_had_that_bound(database_url):
+    """By SQLSTATE and the bounds the transaction began with, not by the
+    server's (translatable) message."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0.2))
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            tx.execute(sa.text("SELECT pg_sleep(2)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+        # The same SQLSTATE from a timeout the transaction set itself, not one of its bounds.
+        with db.bounded(db.Bounds(0, 0)), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            tx.execute(sa.text("SET LOCAL statement_timeout = 100"))
+            tx.execute(sa.text("SELECT pg_sleep(2)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", None)
+        assert db.is_transient(caught.value)
+    finally:
+        engine.dispose()
 
 
 def test_the_largest_bound_the_settings_take_is_one_the_server_takes(database_url):
