@@ -244,3 +244,85 @@ def test_the_largest_bound_the_settings_take_is_one_the_server_takes(database_ur
         engine.dispose()
     with pytest.raises(ConfigError):
         load_settings({"DATABASE_URL": database_url, "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": str(PG_MAX_TIMEOUT_SECONDS + 0.001)})
+
+
+def test_the_sweep_has_its_own_bounds_not_a_requests(base_env, clean_db):
+    """POST /outbox/sweep (the PingSource's) runs under DB_SWEEP_*: with no
+    lock bound for requests at all, a sweep meeting a lock still stops at
+    the sweep's, says so, and answers promptly."""
+    env = {**base_env, "DB_LOCK_TIMEOUT_SECONDS": "0", "DB_STATEMENT_TIMEOUT_SECONDS": "0",
+           "DB_SWEEP_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}
+    intake = FunctionProcess("intake", env).start()
+    assert requests.post(intake.url + "/outbox/sweep", headers=AUTH, timeout=30).status_code == 200
+    answer: dict = {}
+
+    def sweep() -> None:
+        started = time.monotonic()
+        answer["response"] = requests.post(intake.url + "/outbox/sweep", headers=AUTH, timeout=60)
+        answer["took"] = time.monotonic() - started
+
+    with incidents_locked(clean_db):  # what reconciliation reads first
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        sweeper.join(PROMPT)  # without its bounds it waits here until the lock goes
+    sweeper.join(60)
+    assert answer["took"] < PROMPT, f"answered after {answer['took']:.1f} s"
+    assert answer["response"].status_code == 200, answer["response"].text
+    assert "Reconciliation stopped at its database lock_timeout; the next sweep retries" in intake.logs()
+    assert "Traceback" not in intake.logs()
+    intake.stop()
+
+
+def test_bounded_in_one_thread_leaves_another_threads_transaction_with_the_engines_bounds(database_url):
+    """The sweep runs in one request thread while the others serve requests
+    on the same engine: only the sweep's transactions take its bounds."""
+    engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0, bounds=db.Bounds(LOCK_TIMEOUT, 2.0, 5.0))
+    inside_begun, other_done = threading.Event(), threading.Event()
+    seen: dict = {}
+
+    def sweep() -> None:
+        with db.bounded(db.Bounds(1.0, 9.0)), engine.begin() as tx:
+            seen["sweep"] = tx.execute(sa.text("SHOW statement_timeout")).scalar()
+            inside_begun.set()
+            other_done.wait(10)  # the other thread's transaction runs while this one is open
+            seen["sweep, after"] = tx.execute(sa.text("SHOW statement_timeout")).scalar()
+
+    def request() -> None:
+        inside_begun.wait(10)
+        with engine.begin() as tx:
+            seen["request"] = tx.execute(sa.text("SHOW statement_timeout")).scalar()
+        other_done.set()
+
+    try:
+        threads = [threading.Thread(target=sweep), threading.Thread(target=request)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert seen == {"sweep": "9s", "request": "2s", "sweep, after": "9s"}
+    finally:
+        engine.dispose()
+
+
+def test_a_cloudevent_of_the_broker_answers_503_naming_the_bound_while_its_table_is_locked(base_env, clean_db):
+    """A function the Broker calls (the dead-letter sink): the Broker retries a 503."""
+    deadletter = FunctionProcess("deadletter", {**base_env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}).start()
+
+    def letter(event_id: str) -> tuple[requests.Response, float]:
+        headers = {"ce-specversion": "1.0", "ce-id": event_id, "ce-source": "/incident-response",
+                   "ce-type": "io.incidentresponse.incident.opened", "ce-knativeerrordest": "http://escalation/",
+                   "ce-knativeerrorcode": "502", "Content-Type": "application/json"}
+        started = time.monotonic()
+        response = requests.post(deadletter.url + "/", data=b'{"alert_name": "DiskFull"}', headers=headers, timeout=60)
+        return response, time.monotonic() - started
+
+    assert letter("warm")[0].status_code == 202
+    with clean_db.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE dead_letters IN ACCESS EXCLUSIVE MODE"))
+        try:
+            assert_prompt_503(*letter("while-locked"), "lock_timeout")
+        finally:
+            conn.rollback()
+    assert "Database lock_timeout reached; rolled back, answered 503" in deadletter.logs()
+    assert letter("while-locked")[0].status_code == 202  # the Broker's retry
+    deadletter.stop()
