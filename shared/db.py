@@ -101,7 +101,7 @@ def _execute_in_one_round_trip() -> None:
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
         _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self)
+        ahead = _send_ahead(self) + _deadline_ahead(self, statement)
         _send_extended(self, statement, params, oids)
         core._flush(self._sock)
         _read_answers(self, ahead, context)
@@ -125,7 +125,7 @@ def _execute_in_one_round_trip() -> None:
                 self._deferred += ((statement, None, None),)
                 return context
             _settle_before_savepoint(self, statement)
-            ahead = _send_ahead(self)
+            ahead = _send_ahead(self) + _deadline_ahead(self, statement)
             self.send_QUERY(statement)
             core._flush(self._sock)
             _read_answers(self, ahead, context)
@@ -201,6 +201,47 @@ def bounded(bounds: Bounds) -> Iterator[None]:
         yield
     finally:
         _bounds_in_effect.reset(token)
+
+
+# When the statements of the transactions begun inside deadline() must end,
+# together (time.monotonic()), in this thread or task only.
+_deadline: ContextVar[float | None] = ContextVar("db_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """The statements run inside the block, on an engine that has bounds,
+    end ``seconds`` from now at the latest, all of them together: each is
+    sent with ``SET LOCAL statement_timeout`` set to what is left (or to the
+    transaction's own statement bound, if that is shorter), in the same
+    message (no round trip of its own). For a reply that is many statements
+    and has a deadline of its own (``/metrics``: Prometheus's scrape
+    timeout); PostgreSQL before 17 has no bound on a whole transaction.
+    Running out is a statement_timeout (57014). ``0``: no deadline."""
+    token = _deadline.set(time.monotonic() + seconds if seconds > 0 else None)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _deadline_ahead(conn, statement: str) -> list:
+    """The ``SET LOCAL statement_timeout`` of :func:`deadline`, sent ahead of
+    ``statement``; nothing outside a bounded transaction, in a failed one (the
+    server would refuse it), or before what ends a transaction or a savepoint."""
+    import pg8000.core as core
+
+    end = _deadline.get()
+    if end is None or conn._in_effect is None or conn._transaction_status == core.IN_FAILED_TRANSACTION:
+        return []
+    if statement.lstrip()[:9].lower().startswith(("commit", "rollback", "savepoint", "release", "end", "abort")):
+        return []
+    left = max(1, round((end - time.monotonic()) * 1000))
+    if conn._in_effect.statement_timeout > 0:
+        left = min(left, max(1, round(conn._in_effect.statement_timeout * 1000)))
+    text = f"set local statement_timeout = '{left}ms'"
+    conn.send_QUERY(text)
+    return [core.Context(text)]
 
 
 def bounds_for(own: Bounds | None) -> Bounds | None:

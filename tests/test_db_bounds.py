@@ -326,3 +326,33 @@ def test_a_cloudevent_of_the_broker_answers_503_naming_the_bound_while_its_table
     assert "Database lock_timeout reached; rolled back, answered 503" in deadletter.logs()
     assert letter("while-locked")[0].status_code == 202  # the Broker's retry
     deadletter.stop()
+
+
+def test_a_deadline_bounds_the_statements_of_a_transaction_together(database_url):
+    """/metrics' ~15 statements must end within Prometheus's scrape timeout
+    together, not 8 s each: under deadline() each statement gets what is
+    left, in the same message (no round trip of its own)."""
+    with proxied_database(database_url) as (proxy, url):
+        engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+        try:
+            with db.deadline(1.0), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+                before = proxy.round_trips
+                tx.execute(sa.text("SELECT pg_sleep(0.6)"))  # each well inside the 5 s statement bound
+                assert proxy.round_trips - before == 1
+                tx.execute(sa.text("SELECT pg_sleep(0.6)"))
+            assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+            with engine.begin() as tx:  # outside the block: the transaction's own bound
+                assert tx.execute(sa.text("SHOW statement_timeout")).scalar() == "5s"
+        finally:
+            engine.dispose()
+
+
+def test_metrics_answer_503_naming_the_bound_while_a_table_they_read_is_locked(base_env, clean_db):
+    query = FunctionProcess("query", {**base_env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}, threads=2).start()
+    assert requests.get(query.url + "/metrics", headers=AUTH, timeout=30).status_code == 200
+    with incidents_locked(clean_db):
+        started = time.monotonic()
+        response = requests.get(query.url + "/metrics", headers=AUTH, timeout=60)
+        assert_prompt_503(response, time.monotonic() - started, "lock_timeout")
+    assert requests.get(query.url + "/metrics", headers=AUTH, timeout=30).status_code == 200
+    query.stop()
