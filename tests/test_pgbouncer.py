@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from loopback import pgbouncer
 from loopback.pgbouncer import PgBouncer
-from loopback.processes import FunctionProcess
+from loopback.processes import FunctionProcess, wait_until
 from shared import db, migrate
 from tests.conftest import TEST_TOKEN, _server_url, _with_database
 from tests.factories import raw_alert, webhook
@@ -132,3 +132,24 @@ def test_the_bounds_hold_through_pgbouncer_and_no_server_connection_keeps_them(c
         plain.dispose()
     assert seen[0][0] != seen[1][0] and [values for _, *values in seen] == [["0", "0"], ["0", "0"]], seen
     assert "ERROR" not in bouncer.log(), bouncer.log()[-2000:]
+
+
+def test_a_transaction_left_idle_behind_pgbouncer_is_a_transient_error_and_its_connection_replaced(database_url, bouncer):
+    """The server ends the idle session; PgBouncer then closes its client
+    with a FATAL of its own (08P01, "server conn crashed?"), not the
+    server's 25P03: transient (a 503), the bound not named (docs/deploy.md),
+    and the next transaction is served."""
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 0.3))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            wait_until(lambda: "server conn crashed" in bouncer.log(), 10, message="the server to end the idle session")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+            assert db.bound_reached(caught.value) is None
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
