@@ -40,9 +40,36 @@ def _setting(attribute: str, variable: str, default: str) -> str:
     return str(value) if value is not None else (os.environ.get(variable) or default)
 
 
-# 0: no lock_timeout (wait as long as it takes, as before).
-LOCK_TIMEOUT_SECONDS = float(_setting("lock_timeout_seconds", "MIGRATION_LOCK_TIMEOUT_SECONDS", "3"))
-LOCK_ATTEMPTS = max(1, int(_setting("lock_attempts", "MIGRATION_LOCK_ATTEMPTS", "10")))
+def _seconds(attribute: str, variable: str, default: str) -> float:
+    raw = _setting(attribute, variable, default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{variable}: expected a number of seconds, got {raw!r}") from None
+    # PostgreSQL's largest lock_timeout is 2147483647 ms; nan would turn the bound off unseen.
+    if not (0 <= value <= 2147483.647):
+        raise ValueError(f"{variable}: must be between 0 and 2147483.647 seconds, got {raw!r}")
+    return value
+
+
+def _attempts(attribute: str, variable: str, default: str) -> int:
+    raw = _setting(attribute, variable, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{variable}: expected a whole number of attempts, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{variable}: must be at least 1, got {raw!r}")
+    return value
+
+
+# 0: no lock_timeout (wait as long as it takes, as before). 1 s is below the
+# requests' own lock bound (2 s for the intake and the query, 5 s for the
+# functions the Broker calls, shared/config.py): a request queued behind the
+# migration's pending ACCESS EXCLUSIVE is let through by the migration
+# stepping back before its own bound answers 503.
+LOCK_TIMEOUT_SECONDS = _seconds("lock_timeout_seconds", "MIGRATION_LOCK_TIMEOUT_SECONDS", "1")
+LOCK_ATTEMPTS = _attempts("lock_attempts", "MIGRATION_LOCK_ATTEMPTS", "10")
 # Pause before the next attempt: doubling from 1 s, at most 30 s (about 3 minutes
 # in all with the defaults); a test sets a fixed one.
 RETRY_PAUSE_SECONDS = config.attributes.get("lock_retry_seconds")

@@ -315,3 +315,22 @@ def test_a_migration_that_stepped_back_applies_once_the_reader_is_done(scratch_u
         assert _revision(engine) == schema.HEAD_REVISION
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"lock_timeout_seconds": "nan"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "-1"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "inf"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "3000000"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_attempts": "abc"}, "MIGRATION_LOCK_ATTEMPTS"),
+    ({"lock_attempts": "0"}, "MIGRATION_LOCK_ATTEMPTS"),
+])
+def test_a_migration_setting_out_of_range_stops_before_anything_runs_naming_it(scratch_url, settings, named):
+    with pytest.raises(ValueError, match=f"^{named}: "):
+        migrate.upgrade(scratch_url, **settings)
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None
+    finally:
+        engine.dispose()
