@@ -184,6 +184,10 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
         except requests.ConnectionError:
             # A kept-alive connection the Broker closed fails on first use.
             response = post()
+    except deadline.UNUSABLE_URL as exc:
+        # A setting to fix, not a Broker that is down: said so, and the
+        # letter stays failed, to be redelivered once K_SINK is fixed.
+        return clip(f"{type(exc).__name__}: K_SINK is not a URL an event can be sent to", 300)
     except requests.RequestException as exc:
         why = (f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout)
                else "the answer was cut off" if isinstance(exc, requests.exceptions.ChunkedEncodingError)

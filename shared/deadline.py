@@ -88,6 +88,14 @@ CONNECT_STAGGER_SECONDS = 0.25
 # a lookup would wait for one and live on idle (a few KiB resident each).
 RESOLVER_THREADS = 32
 
+# A URL no request can be made to: a host name urllib3 or the ssl module
+# cannot encode (a label empty or over 63 characters, refused by IDNA), one
+# requests cannot parse, no scheme, a scheme with no adapter. A setting to
+# fix, not a peer to wait for: :func:`request` raises one of these (never
+# urllib3's ``LocationParseError`` or a bare ``UnicodeError``, which are no
+# ``requests.RequestException``), and each sender says what it means to it.
+UNUSABLE_URL = (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)
+
 
 @dataclass(frozen=True)
 class _Bound:
@@ -514,7 +522,8 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     :func:`bounded` when it was built (a session without it is refused,
     ``TypeError``); ``kwargs`` go to requests (``allow_redirects`` too:
     each sender says whether it follows one). Raises requests' errors, a
-    bound spent as ``requests.Timeout``; the answer's content is read.
+    bound spent as ``requests.Timeout``, a URL no request can be made to as
+    one of :data:`UNUSABLE_URL`; the answer's content is read.
 
     With ``partial_2xx``, a ``2xx`` cut off after its status line (headers
     or body still coming at the bound, or the connection dropped) comes
@@ -538,5 +547,11 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
         if partial_2xx and heard.status is not None and 200 <= heard.status < 300:
             return _status_only(url, heard.status, exc)
         raise
+    except (urllib3.exceptions.LocationValueError, UnicodeError) as exc:
+        # A host name with a label over 63 characters passes requests' own
+        # check and fails in urllib3 (LocationParseError) or, behind a proxy,
+        # in the TLS handshake's IDNA encoding (UnicodeError): neither is a
+        # requests error, and a sender catching those would crash on it.
+        raise requests.exceptions.InvalidURL(f"Failed to parse: {type(exc).__name__}: {exc}") from exc
     finally:
         _heard.reset(token)

@@ -14,7 +14,9 @@ Only due rows are claimed, P0 first, then oldest. A row that fails waits
 longer retried, logged at error level, counted and re-drivable (clearing
 ``parked_at`` and ``next_attempt_at`` and zeroing ``attempts`` re-queues it).
 A Broker that cannot be reached at all says nothing about the event, so
-that is not counted against the row.
+that is not counted against the row; neither is a ``K_SINK`` no request can
+be made to (a host name label over 63 characters, no scheme), which stops
+the drain at once and is logged at error level.
 
     pending = published_at IS NULL AND parked_at IS NULL
     parked  = published_at IS NULL AND parked_at IS NOT NULL
@@ -249,6 +251,8 @@ class _Batch:
     def send(self, rows: list) -> None:
         import requests
 
+        from shared.deadline import UNUSABLE_URL
+
         leased_at = time.monotonic()
         published: list[str] = []
         unreached: list = []  # refused before the Broker said anything about them
@@ -259,6 +263,19 @@ class _Batch:
                 break
             try:
                 post_event(self.http, self.sink, to_cloudevent(row), self.timeout)
+            except UNUSABLE_URL as exc:
+                # K_SINK is no URL a request can be made to (a host name
+                # label over 63 characters, no scheme): a setting to fix,
+                # nothing about the events. As with a Broker that cannot be
+                # reached, nothing is counted, the rows stay due and the
+                # drain stops; said at error level, since no retry mends it.
+                error = _describe(exc)
+                log.error("K_SINK is not a URL an event can be sent to; events stay in the outbox", extra={"error": error})
+                self._unreachable(error)
+                _release(self.bind, [r.id for r, _ in unreached] + [row.id], error)
+                _release(self.bind, [r.id for r in rows[index + 1:]])
+                unreached = []
+                break
             except requests.ConnectionError as exc:
                 if answered:
                     # The Broker took other events a moment ago: this one is the problem.

@@ -10,7 +10,9 @@ from __future__ import annotations
 def instant(url: str, promql: str, timeout: float) -> list:
     """The ``result`` list of an instant query; RuntimeError when Prometheus
     refuses or answers something else, requests' errors when unreachable or
-    when the whole answer did not come within ``timeout`` (shared.deadline:
+    when the whole answer did not come within ``timeout``, one of
+    ``shared.deadline.UNUSABLE_URL`` (requests' too) when ``url`` is no URL
+    a request can be made to (shared.deadline:
     a Prometheus, or a proxy before it, that trickles its answer is a failed
     query at the timeout, not a probe held open)."""
     import requests

@@ -9,6 +9,7 @@ or expired one).
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ from shared.timefmt import rfc3339
 
 if TYPE_CHECKING:
     import requests
+
+log = logging.getLogger("silences")
 
 ACTIVE_STATES = ("active", "pending")
 SILENCE_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -89,6 +92,12 @@ class AlertManager:
 
         try:
             response = deadline.request(self.http, method, self.base + path, self.timeout, **kwargs)
+        except deadline.UNUSABLE_URL as exc:
+            # A host name label over 63 characters, no scheme: a setting to
+            # fix, which no retry mends (and not our crash, a 500).
+            log.error("ALERTMANAGER_URL is not a URL a request can be made to", extra={"error": type(exc).__name__})
+            raise BadGateway(f"AlertManager cannot be called: {type(exc).__name__}; "
+                             "is ALERTMANAGER_URL a URL AlertManager answers at?") from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             # ChunkedEncodingError: the connection dropped inside the answer.
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None

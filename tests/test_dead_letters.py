@@ -383,3 +383,14 @@ def test_a_2xx_still_coming_at_the_timeout_is_a_redelivery(start):
         sent = broker.requests
     assert ended and took < 2.5
     assert error is None and sent == 1
+
+
+@pytest.mark.parametrize("sink", ["http://" + "b" * 64 + ".example/default/incidents", "broker.example/default/incidents"],
+                         ids=["label-over-63", "no-scheme"])
+def test_a_k_sink_no_request_can_be_made_to_is_a_failed_redelivery_that_says_so(sink):
+    # urllib3's LocationParseError is no requests error: it crashed the
+    # redelivery (a 500, the letter's claim held until it went stale).
+    from shared import backlog, deadline
+
+    error = backlog.send(deadline.bounded(requests.Session()), sink, b"{}", 0.5)
+    assert error is not None and error.endswith(": K_SINK is not a URL an event can be sent to"), error

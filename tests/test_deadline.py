@@ -358,3 +358,40 @@ def test_every_sender_builds_its_session_bounded():
     for who, http in sessions.items():
         for url in ("http://elsewhere.test/", "https://elsewhere.test/"):
             assert isinstance(http.get_adapter(url), deadline.DeadlineAdapter), who
+
+
+LONG_LABEL = "a" * 64  # one over the 63 characters a DNS label may have
+
+
+@pytest.mark.parametrize("url", [f"http://{LONG_LABEL}.example/", f"https://{LONG_LABEL}.example/", "http://hooks..example/",
+                                 f"http://{LONG_LABEL}:8080/", "http://hooks.example:99999/", "ftp://hooks.example/",
+                                 "hooks.example/services"])
+def test_a_url_no_request_can_be_made_to_is_one_of_requests_errors(url):
+    # urllib3 refuses a label over 63 characters with LocationParseError, a
+    # ValueError and no RequestException: a sender catching those crashed.
+    with deadline.bounded(requests.Session()) as http, pytest.raises(deadline.UNUSABLE_URL):
+        deadline.request(http, "POST", url, 1.0, json={})
+
+
+def test_a_host_name_only_the_tls_handshake_behind_a_proxy_encodes_is_one_of_requests_errors_too():
+    # Through a proxy the target's name is first encoded (IDNA) for the TLS
+    # handshake after the CONNECT: a bare UnicodeError there.
+    proxy = socket.create_server(("127.0.0.1", 0))
+
+    def tunnel():
+        conn, _ = proxy.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            conn.recv(65536)
+
+    thread = threading.Thread(target=tunnel, daemon=True)
+    thread.start()
+    try:
+        with deadline.bounded(requests.Session()) as http:
+            http.proxies = {"https": f"http://127.0.0.1:{proxy.getsockname()[1]}"}
+            with pytest.raises(requests.exceptions.InvalidURL, match="UnicodeError"):
+                deadline.request(http, "POST", f"https://{LONG_LABEL}.example/", 2.0, json={})
+    finally:
+        proxy.close()
+        thread.join(5)

@@ -97,6 +97,22 @@ def test_a_transport_error_names_the_kind_of_failure_never_the_url():
     assert result.error == "ConnectionError: connection refused"
 
 
+@pytest.mark.parametrize("url, kind", [
+    ("http://" + "h" * 64 + ".slack.example/services/T0001/B0002/secret", "InvalidURL"),  # a label over 63 characters
+    ("http://hooks..example/services/T0001/B0002/secret", "InvalidURL"),  # an empty label
+    ("ftp://hooks.example/services/T0001/B0002/secret", "InvalidSchema"),
+    ("hooks.example/services/T0001/B0002/secret", "InvalidSchema"),  # no scheme
+])
+def test_a_url_no_request_can_be_made_to_fails_at_once_logged_and_never_named(url, kind, caplog):
+    # A setting to fix: no retry makes it better, and it must not crash the send.
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = deliver(url, attempts=3)
+    assert result == Delivery(False, None, 1, f"{kind}: the configured URL cannot be used (check the channel's setting)")
+    assert [(r.levelname, r.getMessage(), r.error) for r in caplog.records] == [
+        ("ERROR", "Notification not sent: the channel's URL cannot be used", result.error)]
+    assert "secret" not in caplog.text
+
+
 def test_success_at_once(receiver):
     r = receiver((200, {}, b"ok"))
     assert deliver(r.server.url) == Delivery(True, 200, 1, None, "ok")

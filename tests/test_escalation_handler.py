@@ -5,6 +5,8 @@ tests/test_escalation.py and tests/test_claims_overlap.py.)"""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sqlalchemy as sa
 from cloudevents.http import CloudEvent
@@ -162,6 +164,28 @@ def test_a_refused_page_is_a_502_and_the_retry_sends_it(handler, receivers, clea
     assert notifications(clean_db, row["id"])[0]["error"] == "HTTP 500: down"
     assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
     assert sent(receivers) == (["trigger", "trigger"], 1)
+
+
+@pytest.mark.parametrize("setting, channel", [("PAGERDUTY_EVENTS_URL", "pagerduty"), ("SLACK_WEBHOOK_URL", "slack")])
+def test_a_url_with_a_host_label_over_63_characters_is_a_502_on_the_timeline_and_the_claim_is_free(
+        receivers, database_url, clean_db, setting, channel):
+    # Not a crash (urllib3's LocationParseError is no requests error): the
+    # notification failed, the Broker is told 502 and dead-letters the event,
+    # and once the setting is fixed a redelivery sends it.
+    for r in receivers:
+        r.server.requests.clear(), r.script.clear()
+    pd, slack = receivers
+    good = {"PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X"}
+    env = {"DATABASE_URL": database_url, "PAGERDUTY_ROUTING_KEY": ROUTING_KEY, "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "3"}
+    broken = EscalationHandler(load_settings({**env, **good, setting: "http://" + "a" * 64 + ".example/services/T/B/X"}))
+    row = incident(clean_db)
+    error = "InvalidURL: the configured URL cannot be used (check the channel's setting)"
+    with pytest.raises(BadGateway, match=f"^notification not accepted: {channel}: {re.escape(error)}$"):
+        broken.handle(event(events.INCIDENT_OPENED, row))
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == channel]
+    assert (failed["outcome"], failed["attempts"], failed["error"]) == ("failed", 1, error)
+    assert EscalationHandler(load_settings({**env, **good})).handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
 
 
 def test_an_unknown_incident_is_acknowledged_and_nothing_is_sent(handler, receivers, clean_db):

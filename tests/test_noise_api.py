@@ -314,3 +314,13 @@ def test_an_alertmanager_whose_connection_drops_inside_its_answer_did_not_answer
             silences.AlertManager(f"http://127.0.0.1:{listener.getsockname()[1]}", 2.0).for_labels({"alertname": "A"})
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("url", ["http://" + "a" * 64 + ".example:9093", "alertmanager.example:9093"], ids=["label-over-63", "no-scheme"])
+def test_an_alertmanager_url_no_request_can_be_made_to_is_a_bad_gateway_that_names_the_setting(url):
+    # urllib3's LocationParseError is no requests error: it was a 500.
+    from shared import silences
+    from shared.errors import BadGateway
+
+    with pytest.raises(BadGateway, match="ALERTMANAGER_URL"):
+        silences.AlertManager(url, 1.0).for_labels({"alertname": "A"})

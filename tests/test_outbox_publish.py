@@ -453,3 +453,24 @@ def test_a_refusal_whose_connection_drops_inside_the_body_is_one_failed_attempt_
     assert report.failed[event_id].startswith("ChunkedEncodingError"), report.failed
     assert broker.requests == 1
     assert rows(clean_db)[event_id].attempts == 1
+
+
+@pytest.mark.parametrize("sink", ["http://" + "b" * 64 + ".example/ns/default", "broker.example/ns/default"],
+                         ids=["label-over-63", "no-scheme"])
+def test_a_k_sink_no_request_can_be_made_to_stops_the_drain_counts_nothing_and_says_so(clean_db, caplog, sink):
+    # Not the events' fault and not mended by a retry: before, urllib3's
+    # LocationParseError was counted against every event until each parked.
+    ids = pending(clean_db, "OutA", "OutB", "OutC")
+    http = deadline.bounded(CountingSession())
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, sink, timeout=1, http=http)
+    # At most one try (no scheme is refused before the session's post).
+    assert http.posted in ([], [ids[0]])
+    assert report.broker_unreachable and report.failed == {} and report.published == [] and report.parked == []
+    assert report.broker_error.startswith(("InvalidURL: ", "InvalidSchema: ", "MissingSchema: ")), report.broker_error
+    stored = rows(clean_db)
+    assert [stored[i].attempts for i in ids] == [0, 0, 0] and outbox.pending_count(clean_db) == 3
+    assert all(stored[i].claimed_until is None and stored[i].next_attempt_at is None for i in ids)
+    assert stored[ids[0]].last_error == report.broker_error
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == "K_SINK is not a URL an event can be sent to; events stay in the outbox"
