@@ -101,6 +101,13 @@ class AlertManager:
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             # ChunkedEncodingError: the connection dropped inside the answer.
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
+        except requests.RequestException as exc:
+            # It answered, and the answer cannot be read: a body whose
+            # Content-Encoding it is not in (ContentDecodingError, a broken
+            # gzip), a redirect loop. An unreadable answer, as one that is
+            # not JSON (_json): a bad gateway, never our crash.
+            raise BadGateway(f"AlertManager's answer could not be read: {type(exc).__name__}; "
+                             "is ALERTMANAGER_URL AlertManager?") from None
         if response.status_code == 404 and method == "DELETE":
             raise NotFound("AlertManager has no such silence")
         if response.status_code >= 400:

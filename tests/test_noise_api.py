@@ -324,3 +324,25 @@ def test_an_alertmanager_url_no_request_can_be_made_to_is_a_bad_gateway_that_nam
 
     with pytest.raises(BadGateway, match="ALERTMANAGER_URL"):
         silences.AlertManager(url, 1.0).for_labels({"alertname": "A"})
+
+
+def test_an_alertmanager_answer_that_cannot_be_decoded_is_a_bad_gateway_like_any_unreadable_answer(base_env, clean_db):
+    # A broken gzip answer is requests' ContentDecodingError: it was a 500,
+    # while an answer that is not JSON was already a 502.
+    from loopback.servers import RecordingServer
+
+    answers = {"broken gzip": (200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, b"[not gzip at all]"),
+               "not JSON": (200, {"Content-Type": "text/html"}, b"<html>Sign in</html>")}
+    answer = {"now": answers["broken gzip"]}
+    alertmanager = RecordingServer(lambda request: answer["now"]).start()
+    query = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": alertmanager.url}).start()
+    try:
+        row = open_incident(clean_db)
+        for name, answer["now"] in answers.items():
+            for method, path, kwargs in (("GET", f"/incidents/{row['id']}/silences", {}),
+                                         ("POST", f"/incidents/{row['id']}/silences", {"json": {"duration_minutes": 60}})):
+                response = call(query, method, path, **kwargs)
+                assert (response.status_code, response.json()["error"]) == (502, "bad_gateway"), (name, method, response.text)
+                assert "ALERTMANAGER_URL" in response.json()["message"], (name, response.text)
+    finally:
+        query.stop(), alertmanager.stop()
