@@ -444,7 +444,10 @@ def bounded(http: requests.Session) -> requests.Session:
 
 def _cut_short(response: requests.Response, error: requests.RequestException, cause: BaseException,
                partial_2xx: bool) -> None:
-    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as ``cut_short``."""
+    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as
+    ``cut_short``. Either way it carries the answer as ``error.response``:
+    the receiver was reached and answered (its status line and headers)."""
+    error.response = response
     if not (partial_2xx and 200 <= response.status_code < 300):
         raise error from cause
     error.__cause__ = cause
@@ -478,7 +481,10 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
     have acted on the request: sending it again could do it twice); so does
     one whose connection drops inside the body (``ChunkedEncodingError``,
     as requests names it, raised otherwise), whose TLS fails there
-    (``SSLError``) or whose body cannot be decoded (``ContentDecodingError``)."""
+    (``SSLError``) or whose body cannot be decoded (``ContentDecodingError``).
+    Any of these raised carries the answer as its ``response`` (requests'
+    own attribute): a caller tells "reached, and the answer broke" from
+    "never answered" by it."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
         data = bytearray()

@@ -122,8 +122,9 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
     failed attempt) instead of holding the drain and every event behind it.
     A ``2xx`` is a publish even when the rest of its answer is cut off: the
     Broker has the event. An answer whose connection drops inside its body
-    is a ``ChunkedEncodingError``, a failed attempt (the Broker was reached),
-    not a dropped kept-alive connection to retry at once."""
+    is a ``ChunkedEncodingError``, a failed attempt (the Broker was reached,
+    for the batch as for a refusal), not a dropped kept-alive connection to
+    retry at once."""
     import requests  # a sending process only: the others write the outbox and never send
 
     from shared import deadline
@@ -290,7 +291,9 @@ class _Batch:
                     break
                 continue
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried later
-                answered = answered or isinstance(exc, BrokerAnswered)
+                # Reached: a refusal, or an answer whose body broke (dropped,
+                # undecodable, cut at the bound), which carries its response.
+                answered = answered or isinstance(exc, BrokerAnswered) or getattr(exc, "response", None) is not None
                 self._failed(row, _describe(exc))
                 continue
             answered = True

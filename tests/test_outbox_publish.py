@@ -475,3 +475,20 @@ def test_a_k_sink_no_request_can_be_made_to_stops_the_drain_counts_nothing_and_s
     assert stored[ids[0]].last_error == report.broker_error
     (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert record.getMessage() == "K_SINK is not a URL an event can be sent to; events stay in the outbox"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nno",  # dropped inside the body
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",  # undecodable
+], ids=["chunked", "decoding"])
+def test_a_refusal_whose_body_is_broken_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db, answer):
+    # The Broker answered (its status line and headers): reached, as a
+    # refusal with a whole body is. The next event's dropped connection is
+    # that event's failure, not an outage that hands it back uncounted.
+    ids = events_at(clean_db, 2)
+    with OneAnswer(answer) as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0,
+                                        http=deadline.bounded(DroppingSession(ids[1])))
+    assert sorted(report.failed) == ids and not report.broker_unreachable, report
+    assert report.failed[ids[0]].startswith(("ChunkedEncodingError", "ContentDecodingError")), report.failed
+    assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
