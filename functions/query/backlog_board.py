@@ -10,7 +10,7 @@ from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import encode_cursor
-from functions.query.board import Board
+from functions.query.board import Board, next_page_url
 from functions.query.backlog_api import DEAD_LETTER_PARAMETERS, parse_dead_letter_filters, parse_dead_letter_id, parse_outbox_id
 from shared import backlog, db, dead_letters, incidents
 from shared.errors import ApiError, BadRequest
@@ -48,8 +48,8 @@ class BacklogBoard:
             pending, oldest = backlog.pending(conn)
         next_url = None
         if following is not None:
-            params = [(k, v) for k, v in request.args.items(multi=True) if k in DEAD_LETTER_PARAMETERS and k != "cursor" and v != ""]
-            next_url = BACKLOG_PAGE + "?" + urlencode(params + [("cursor", encode_cursor(incidents.Cursor(following[0], str(following[1]))))])
+            next_url = next_page_url(BACKLOG_PAGE, request.args, encode_cursor(incidents.Cursor(following[0], str(following[1]))),
+                                     DEAD_LETTER_PARAMETERS)
         return self.board._page("backlog.html", letters=letters, parked=parked, parked_total=parked_total,
                                 dead_total=total, dead_waiting=waiting, pending=pending, oldest=oldest, shown=shown,
                                 next_url=next_url, error=error, notice=request.args.get("notice"), now=datetime.utcnow(),

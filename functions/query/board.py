@@ -24,7 +24,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
+from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
 from shared import db, diagnosis, filters, incidents, members, proposals, sessions
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
@@ -93,6 +93,17 @@ def md_code(value) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def next_page_url(page: str, args: MultiDict, cursor: str, names: tuple[str, ...] | None = None) -> str:
+    """The board's link to its next page: the query as the API's ``Link``
+    repeats it (each parameter once, each value once: ``link_query``; the
+    filters the page read bounded it), without the filter form's empty
+    fields or any parameter but ``names``, and the next ``cursor``."""
+    kept = MultiDict([(k, v) for k, v in args.items(multi=True)
+                      if k != "cursor" and v != "" and (names is None or k in names)])
+    query = link_query(kept)
+    return f"{page}?{query}{'&' if query else ''}{urlencode([('cursor', cursor)])}"
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -144,6 +155,15 @@ class Board:
     def security_headers() -> dict:
         return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+    def query_too_long(self, request: Request, limit: int) -> Response:
+        """A board page asked with a query string past the query function's
+        bound: the board's own error page (a person reads it), not the
+        API's JSON. Nothing of the query is read, and no session looked up
+        (the page shows no sign-out form: it needs the database)."""
+        return self._page("error.html", status=400, csrf=None,
+                          message=f"This address is too long: its query string is {len(request.query_string)} bytes, "
+                                  f"at most {limit}. Name fewer or shorter filter values.")
 
     def _redirect(self, location: str) -> Response:
         return Response(status=303, headers={"Location": location, **self.security_headers()})
@@ -222,10 +242,7 @@ class Board:
             counts = members.alert_counts(conn, [r["id"] for r in rows])
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
             by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
-        next_url = None
-        if next_cursor is not None:
-            params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
-            next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
+        next_url = next_page_url("/ui", request.args, encode_cursor(next_cursor)) if next_cursor is not None else None
         return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
