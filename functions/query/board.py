@@ -5,7 +5,8 @@ Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
 carries a session id; sign-out revokes that id (``shared.sessions``), so a
 copy of the cookie is refused afterwards; every
 form that changes state carries the session's CSRF token; Jinja2 escapes
-everything (labels come from alerts and may hold HTML); a strict
+everything (labels come from alerts and may hold HTML) and shows bidi
+controls and zero-width characters as ``‹U+202E›`` (:func:`shown`); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
 
@@ -22,6 +23,7 @@ from urllib.parse import urlencode
 from flask import Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
@@ -31,6 +33,7 @@ from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import parse_uuid, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
+from shared.visible import visible
 
 COOKIE = "ir_session"
 SESSION_SECONDS = 12 * 3600
@@ -104,6 +107,21 @@ def next_page_url(page: str, args: MultiDict, cursor: str, names: tuple[str, ...
     return f"{page}?{query}{'&' if query else ''}{urlencode([('cursor', cursor)])}"
 
 
+def shown(value):
+    """Every ``{{ … }}`` of the board's pages and report draft: text with its
+    bidi controls and zero-width characters shown as ``‹U+202E›``
+    (shared.visible), so an alert name cannot be reordered or hidden on the
+    board. Markup (a macro's output, ``tojson``, :func:`as_typed`) is ours
+    and left as it is."""
+    return visible(value) if isinstance(value, str) and not isinstance(value, Markup) else value
+
+
+def as_typed(value) -> Markup:
+    """A form field's value as the person typed it (escaped, not made
+    :func:`shown`): sent again, it must be what was sent."""
+    return escape("" if value is None else value)
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -122,8 +140,9 @@ class Board:
         key = hmac.new((config.api_token.reveal() if config.api_token else secrets.token_hex(32)).encode(), b"board-session", hashlib.sha256).digest()
         self.signer = URLSafeTimedSerializer(key, salt="incident-board")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
-                                     trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor)
+                                     trim_blocks=True, lstrip_blocks=True, finalize=shown)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor,
+                                      as_typed=as_typed)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
                                      BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM, diagnosis_facts=diagnosis.facts,
                                      probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines)
