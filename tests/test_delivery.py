@@ -644,6 +644,25 @@ def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
     assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")
 
 
+@pytest.mark.parametrize("charset", ["idna", "punycode", "IDNA"])
+def test_a_2xx_in_a_host_name_charset_is_accepted_once_never_a_crash(receiver, charset):
+    # requests' .text raised a bare UnicodeError on these after the receiver
+    # had said 200: out of send, the handler released the claim and answered
+    # 500, and every redelivery by the Broker posted the page again.
+    r = receiver((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok \xff"))
+    assert deliver(r.server.url, attempts=3) == Delivery(True, 200, 1, None, "ok \ufffd")
+    assert len(r.server.received()) == 1
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_slacks_yes_in_a_host_name_charset_is_read_as_its_words(receiver, charset):
+    # punycode "decodes" the ASCII "ok" into other letters: read as UTF-8.
+    from functions.escalation.channels.slack import judge
+
+    r = receiver((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok"))
+    assert deliver(r.server.url, attempts=3, accept=judge) == Delivery(True, 200, 1, None, "ok")
+
+
 # --------------------------------------------------------------------------- a 2xx cut off before its body
 # A receiver judged by its status that said 2xx has acted on the POST:
 # whatever goes wrong after the status line (headers that trickle past

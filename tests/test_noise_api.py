@@ -346,3 +346,39 @@ def test_an_alertmanager_answer_that_cannot_be_decoded_is_a_bad_gateway_like_any
                 assert "ALERTMANAGER_URL" in response.json()["message"], (name, response.text)
     finally:
         query.stop(), alertmanager.stop()
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_an_alertmanager_answer_in_a_host_name_charset_is_read_never_a_500(charset):
+    # requests' .json() and .text raised a bare UnicodeError for these.
+    from loopback.servers import RecordingServer
+    from shared import silences
+    from shared.errors import BadGateway
+
+    answer = {"now": (200, {"Content-Type": f"application/json; charset={charset}"}, b'[{"id": "s1", "matchers": []}]')}
+    alertmanager = RecordingServer(lambda request: answer["now"]).start()
+    try:
+        manager = silences.AlertManager(alertmanager.url, 2.0)
+        assert manager.for_labels({"alertname": "A"}) == []  # read; no matcher mutes anything
+        answer["now"] = (400, {"Content-Type": f"text/plain; charset={charset}"}, b"bad matcher \xff")
+        with pytest.raises(BadGateway, match="refused the request \\(400\\): bad matcher \ufffd"):
+            manager.for_labels({"alertname": "A"})
+    finally:
+        alertmanager.stop()
+
+
+def test_a_request_to_alertmanager_that_could_not_be_made_does_not_blame_its_answer():
+    # requests refuses to send a header with a line break (InvalidHeader)
+    # before anything is sent: no answer was read, so none is blamed.
+    from shared import silences
+    import socket
+
+    from shared.errors import BadGateway
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        manager = silences.AlertManager(f"http://127.0.0.1:{listener.getsockname()[1]}", 1.0)
+        with pytest.raises(BadGateway, match="was not called: the request could not be made \\(InvalidHeader\\)"):
+            manager._call("GET", "/api/v2/silences", headers={"X-Trace": "a\nb"})
+    finally:
+        listener.close()

@@ -44,7 +44,7 @@ import requests
 import urllib3.exceptions
 
 from functions.escalation.answer import Answer, accept_any_2xx
-from shared.deadline import UNUSABLE_URL, DeadlinePassed, request
+from shared.deadline import UNUSABLE_URL, DeadlinePassed, answer_text, request
 from shared.log import scrub
 
 log = logging.getLogger("delivery")
@@ -155,7 +155,11 @@ def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: d
     # ``cut_short`` set: the channel judges it (send).
     response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, partial_2xx=True, headers=headers,
                        allow_redirects=False, **body)
-    return response, response.text
+    # answer_text: requests' .text raises on a charset that cannot be
+    # decoded with replacement (idna, punycode), after the receiver said
+    # 2xx: raised here, it escaped send, the handler released the claim and
+    # every redelivery posted the notification again.
+    return response, answer_text(response)
 
 
 def send(
