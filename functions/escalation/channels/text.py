@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from shared.config import Settings
 from shared.domain import service_of as domain_service_of
-from shared.visible import visible
+from shared.visible import visible_parts
 
 ELLIPSIS = "…"
 TRANSITION_TITLES = {
@@ -84,16 +84,18 @@ def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is
     """Join ``pieces`` (data, or :class:`Raw` markup) into at most ``limit``
     UTF-16 units. Data is cut between clusters first and escaped after, one
     cluster at a time, so an escape is whole or absent; a cut ends in ``…``.
-    Its bidi controls and zero-width characters are shown as ``‹U+202E›``
+    Its characters that reorder or hide text are shown as ``‹U+202E›``
     (:mod:`shared.visible`): they could reorder or hide what a person reads."""
     units: list[str] = []
     for piece in pieces:
         if isinstance(piece, Raw):
             units.append(str(piece))
         else:
-            # Bidi controls and zero-width characters shown (‹U+202E›),
-            # each as one unit: a cut never splits one.
-            units.extend(escape(visible(c)) for c in clusters(piece))
+            # Characters that reorder or hide text shown (‹U+202E›), each
+            # as one unit: a cut never splits one. Judged on the whole piece
+            # (a ZWNJ between two Persian letters is kept: it needs both).
+            for part, shown in visible_parts(piece):
+                units.extend([escape(part)] if shown else (escape(c) for c in clusters(part)))
     lengths = [utf16_len(u) for u in units]
     if sum(lengths) <= limit:
         return "".join(units)
