@@ -401,3 +401,22 @@ def test_a_connection_terminated_mid_request_is_503_with_retry_after_then_served
     assert answer["r"].status_code == 503, answer["r"].text[:200]
     assert _unavailable_or_served(answer["r"])
     assert get(query, "/incidents").status_code == 200
+
+
+def test_a_backlog_query_the_board_refused_is_not_carried_by_the_next_page_link(query, clean_db):
+    # The page lists the default page and says why; its "Older" link carried
+    # the refused query with the cursor, refused again: the first page again.
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        for n in range(51):
+            dead_letters.record(conn, dead_letters.Letter(f"ev-{n:02d}", "/test", "io.incidentresponse.incident.opened",
+                                                          "http://escalation", "502", "pagerduty: 500", {}, b"{}"))
+    board = board_session(query)
+    page = board.get(query.url + "/ui/backlog?limit=many", timeout=30)
+    assert page.status_code == 200 and "limit" in page.text, page.text[:200]
+    following = _pager(page.text)
+    assert "limit" not in following, following
+    second = board.get(query.url + following, timeout=30).text
+    shown = set(re.findall(r"ev-\d\d", page.text)) | set(re.findall(r"ev-\d\d", second))
+    assert len(shown) == 51 and not set(re.findall(r"ev-\d\d", page.text)) & set(re.findall(r"ev-\d\d", second))

@@ -261,7 +261,11 @@ class Board:
             counts = members.alert_counts(conn, [r["id"] for r in rows])
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
             by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
-        next_url = next_page_url("/ui", request.args, encode_cursor(next_cursor)) if next_cursor is not None else None
+        # A refused query lists the first page unfiltered: its next page is
+        # that list's, not the refused query's (refused again, it showed the
+        # first page again, forever).
+        next_url = (next_page_url("/ui", MultiDict() if error else request.args, encode_cursor(next_cursor))
+                    if next_cursor is not None else None)
         return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
