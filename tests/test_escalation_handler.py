@@ -5,6 +5,7 @@ tests/test_escalation.py and tests/test_claims_overlap.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -15,7 +16,7 @@ from functions.escalation.channels import Note
 from functions.escalation.handler import ACCEPTED, EscalationHandler
 from shared import events
 from shared import incidents as svc
-from shared.config import load_settings
+from shared.config import Secret, load_settings
 from shared.errors import BadGateway
 from tests.factories import alert
 from loopback.servers import RecordingServer
@@ -177,7 +178,12 @@ def test_a_url_with_a_host_label_over_63_characters_is_a_502_on_the_timeline_and
     pd, slack = receivers
     good = {"PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X"}
     env = {"DATABASE_URL": database_url, "PAGERDUTY_ROUTING_KEY": ROUTING_KEY, "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "3"}
-    broken = EscalationHandler(load_settings({**env, **good, setting: "http://" + "a" * 64 + ".example/services/T/B/X"}))
+    # Such a setting fails the start (shared.config); a URL no request can
+    # be made to is still refused by the sender, whatever let it through.
+    bad = "http://" + "a" * 64 + ".example/services/T/B/X"
+    config = load_settings({**env, **good})
+    broken = EscalationHandler(dataclasses.replace(config, **({"pagerduty_events_url": bad} if channel == "pagerduty"
+                                                                else {"slack_webhook_url": Secret(bad)})))
     row = incident(clean_db)
     error = "InvalidURL: the configured URL cannot be used (check the channel's setting)"
     with pytest.raises(BadGateway, match=f"^notification not accepted: {channel}: {re.escape(error)}$"):

@@ -173,35 +173,21 @@ def test_a_page_pagerduty_kept_refusing_is_a_visible_dead_letter_that_re_drives_
     assert [problems for _, problems in pd.invalid] == []
 
 
-def test_a_pagerduty_url_with_a_host_label_over_63_characters_ends_as_a_visible_dead_letter(database_url, slack_hook, tmp_path_factory):
-    # urllib3 refused the name with LocationParseError, no requests error:
-    # the escalation crashed (500) with nothing on the timeline. Now the page
-    # fails at once, unretried (a setting to fix), is on the timeline, and
-    # the Broker's retries end in a dead letter to re-drive once it is fixed.
-    env = {"PUBLIC_URL": PUBLIC_URL, "REMEDIATION_MODE": "dry-run",
-           "PAGERDUTY_EVENTS_URL": "https://" + "e" * 64 + ".pagerduty.example/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
-           "SLACK_WEBHOOK_URL": slack_hook.url + "/services/T0/B0/XXXXXXXXXXXXXXXX",
-           "LOCAL_BROKER_RETRY": "2", "LOCAL_BROKER_BACKOFF_SECONDS": "0.1", "NOTIFY_MAX_ATTEMPTS": "3"}
-    ports = {name: free_port() for name in FUNCTIONS}
-    stack = Stack(database_url, TEST_TOKEN, ports, free_port(), env=env, log_dir=tmp_path_factory.mktemp("logs")).start()
-    try:
-        alert = {"status": "firing", "labels": {"alertname": "PagerDutyMisconfigured", "severity": "critical", "example": uuid.uuid4().hex},
-                 "annotations": {"summary": "paged through a broken URL"}, "startsAt": "2026-11-27T21:54:18Z",
-                 "endsAt": "0001-01-01T00:00:00Z", "fingerprint": uuid.uuid4().hex[:16]}
-        response = requests.post(stack.url("intake") + "/webhook/alert", json=webhook([alert]), headers=AUTH, timeout=30)
-        assert response.status_code == 200
-        incident_id = response.json()["results"][0]["incident_id"]
+@pytest.mark.parametrize("setting, url", [
+    ("PAGERDUTY_EVENTS_URL", "https://" + "e" * 64 + ".pagerduty.example/v2/enqueue"),
+    ("SLACK_WEBHOOK_URL", "https://hooks..slack.example/services/T0/B0/XXXXXXXXXXXXXXXX"),
+], ids=["label-over-63", "empty-label"])
+def test_a_channel_url_no_request_can_be_made_to_fails_the_escalations_start_naming_the_setting(base_env, setting, url):
+    # urllib3 refused the name with LocationParseError at the first page: the
+    # escalation crashed (500) with nothing on the timeline. Now such a
+    # setting fails the start (a revision that never becomes ready: the one
+    # before it keeps serving), and the senders still refuse one at run time
+    # (tests/test_escalation_handler.py: a 502, a dead letter to re-drive).
+    from loopback.processes import FunctionProcess, ProcessExited
 
-        def letters():
-            found = requests.get(stack.url("query") + "/dead-letters", params={"incident_id": incident_id}, headers=AUTH, timeout=10)
-            found.raise_for_status()
-            return [letter for letter in found.json() if letter["event_type"].endswith(".incident.opened")]
-
-        (letter,) = wait_until(letters, 60, message="the page to be dead-lettered")
-        assert letter["code"] == "502" and letter["redelivered"] is False
-        incident = requests.get(stack.url("query") + f"/incidents/{incident_id}", headers=AUTH, timeout=10).json()
-        failed = [t["details"] for t in incident["timeline"] if t["kind"] == "notification" and t["details"]["channel"] == "pagerduty"]
-        assert failed and all((n["outcome"], n["attempts"], n["error"]) == (
-            "failed", 1, "InvalidURL: the configured URL cannot be used (check the channel's setting)") for n in failed), failed
-    finally:
-        stack.stop()
+    env = {**base_env, "PAGERDUTY_ROUTING_KEY": ROUTING_KEY, "PAGERDUTY_EVENTS_URL": "http://127.0.0.1:9/v2/enqueue", setting: url}
+    with pytest.raises(ProcessExited) as exited:
+        FunctionProcess("escalation", env, threads=1).start(timeout=20)
+    assert f"{setting}: a host name label is empty or over 63 characters" in str(exited.value)
+    if setting == "SLACK_WEBHOOK_URL":
+        assert "XXXXXXXXXXXXXXXX" not in str(exited.value)  # the URL is the secret
