@@ -113,6 +113,13 @@ def test_a_url_no_request_can_be_made_to_fails_at_once_logged_and_never_named(ur
     assert "secret" not in caplog.text
 
 
+def test_a_proxy_url_no_request_can_be_made_to_names_the_proxy_setting_not_the_channels():
+    with bounded(requests.Session()) as http:
+        http.proxies = {"http": "http://"}
+        result = send(http, "http://hooks.example/services/T0001/B0002/secret", {"text": "hi"}, "slack", 1.0, 3, 1.0, 0.01)
+    assert result == Delivery(False, None, 1, "InvalidProxyURL: the proxy URL cannot be used (check HTTP_PROXY/HTTPS_PROXY)")
+
+
 def test_success_at_once(receiver):
     r = receiver((200, {}, b"ok"))
     assert deliver(r.server.url) == Delivery(True, 200, 1, None, "ok")

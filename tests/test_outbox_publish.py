@@ -562,3 +562,14 @@ def test_tls_failing_inside_a_refusal_to_a_redelivery_says_the_broker_answered()
     http = deadline.bounded(TlsBrokenInsideRefusalSession())
     error = backlog.send(http, "http://broker.invalid/ns/default", b'{"id": "ev-1"}', 1.0)
     assert error == "SSLError: the Broker answered 503 and its answer could not be read", error
+
+
+def test_an_unusable_proxy_url_is_named_as_the_proxy_setting_not_k_sink(clean_db, caplog):
+    ids = pending(clean_db, "OutA")
+    http = deadline.bounded(requests.Session())
+    http.proxies = {"http": "http://"}
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, "http://broker.example/ns/default", timeout=1, http=http)
+    assert report.sink_unusable and report.failed == {} and rows(clean_db)[ids[0]].attempts == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "HTTP_PROXY/HTTPS_PROXY is not a URL an event can be sent to; events stay in the outbox"]

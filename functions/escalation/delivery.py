@@ -84,6 +84,9 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
     while (nxt := chain[-1].__cause__ or chain[-1].__context__ or _reason(chain[-1])) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         chain.append(nxt)
+    if isinstance(exc, requests.exceptions.InvalidProxyURL):
+        # The proxy's setting, not the channel's.
+        return f"{kind}: the proxy URL cannot be used (check HTTP_PROXY/HTTPS_PROXY)"
     if isinstance(exc, UNUSABLE_URL):
         # Its message quotes the URL (and a Slack URL is the secret).
         return f"{kind}: the configured URL cannot be used (check the channel's setting)"
