@@ -167,6 +167,22 @@ def test_a_refused_page_is_a_502_and_the_retry_sends_it(handler, receivers, clea
     assert sent(receivers) == (["trigger", "trigger"], 1)
 
 
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_a_page_answered_2xx_in_a_host_name_charset_is_sent_once_and_the_redelivery_sends_nothing(handler, receivers, clean_db,
+                                                                                                  charset):
+    # requests' .text raised a bare UnicodeError after PagerDuty and Slack
+    # had said yes: the handler released the claim and answered 500, and
+    # every redelivery by the Broker paged again.
+    pd, slack = receivers
+    pd.script.append((202, {"Content-Type": f"text/plain; charset={charset}"}, b"queued \xff"))
+    slack.script.append((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok"))
+    row = incident(clean_db)
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert [(n["channel"], n["outcome"]) for n in notifications(clean_db, row["id"])] == [("pagerduty", "sent"), ("slack", "sent")]
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+
+
 @pytest.mark.parametrize("setting, channel", [("PAGERDUTY_EVENTS_URL", "pagerduty"), ("SLACK_WEBHOOK_URL", "slack")])
 def test_a_url_with_a_host_label_over_63_characters_is_a_502_on_the_timeline_and_the_claim_is_free(
         receivers, database_url, clean_db, setting, channel):
