@@ -5,8 +5,8 @@ Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
 carries a session id; sign-out revokes that id (``shared.sessions``), so a
 copy of the cookie is refused afterwards; every
 form that changes state carries the session's CSRF token; Jinja2 escapes
-everything (labels come from alerts and may hold HTML) and shows bidi
-controls and zero-width characters as ``‹U+202E›`` (:func:`shown`); a strict
+everything (labels come from alerts and may hold HTML) and shows the
+characters that reorder or hide text as ``‹U+202E›`` (:func:`shown`); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
 
@@ -108,8 +108,8 @@ def next_page_url(page: str, args: MultiDict, cursor: str, names: tuple[str, ...
 
 
 def shown(value):
-    """Every ``{{ … }}`` of the board's pages and report draft: text with its
-    bidi controls and zero-width characters shown as ``‹U+202E›``
+    """Every ``{{ … }}`` of the board's pages and report draft: text with the
+    characters that reorder or hide it shown as ``‹U+202E›``
     (shared.visible), so an alert name cannot be reordered or hidden on the
     board. Markup (a macro's output, ``tojson``, :func:`as_typed`) is ours
     and left as it is."""
