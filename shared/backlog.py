@@ -181,17 +181,26 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
     try:
         try:
             response = post()
-        except requests.ConnectionError:
-            # A kept-alive connection the Broker closed fails on first use.
+        except requests.ConnectionError as exc:
+            # A kept-alive connection the Broker closed fails on first use;
+            # an error inside an answer (an SSLError is a ConnectionError)
+            # is that answer's, not sent again.
+            if deadline.answered(exc):
+                raise
             response = post()
+    except deadline.UNUSABLE_URL as exc:
+        # A setting to fix, not a Broker that is down: said so, and the
+        # letter stays failed, to be redelivered once it is fixed.
+        return clip(f"{type(exc).__name__}: {deadline.unusable_setting(exc, 'K_SINK')} is not a URL an event can be sent to", 300)
     except requests.RequestException as exc:
         why = (f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout)
                else "the answer was cut off" if isinstance(exc, requests.exceptions.ChunkedEncodingError)
-               else "the Broker could not be reached")
+               else f"the Broker answered {exc.response.status_code} and its answer could not be read"
+               if deadline.answered(exc) else "the Broker could not be reached")
         return clip(f"{type(exc).__name__}: {why}", 300)
     if 200 <= response.status_code < 300:
         return None
-    return clip(f"the Broker answered {response.status_code}: {response.text[:200]}", 300)
+    return clip(f"the Broker answered {response.status_code}: {deadline.answer_text(response)[:200]}", 300)
 
 
 def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool = False, timeout: float = 5.0,

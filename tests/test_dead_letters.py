@@ -15,7 +15,7 @@ from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
 from loopback.processes import FunctionProcess, wait_until
-from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler, run_bounded
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, OneAnswer, Trickler, run_bounded
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 ESCALATION = "http://escalation.default.svc.cluster.local"
@@ -383,3 +383,33 @@ def test_a_2xx_still_coming_at_the_timeout_is_a_redelivery(start):
         sent = broker.requests
     assert ended and took < 2.5
     assert error is None and sent == 1
+
+
+@pytest.mark.parametrize("sink", ["http://" + "b" * 64 + ".example/default/incidents", "broker.example/default/incidents"],
+                         ids=["label-over-63", "no-scheme"])
+def test_a_k_sink_no_request_can_be_made_to_is_a_failed_redelivery_that_says_so(sink):
+    # urllib3's LocationParseError is no requests error: it crashed the
+    # redelivery (a 500, the letter's claim held until it went stale).
+    from shared import backlog, deadline
+
+    error = backlog.send(deadline.bounded(requests.Session()), sink, b"{}", 0.5)
+    assert error is not None and error.endswith(": K_SINK is not a URL an event can be sent to"), error
+
+
+@pytest.mark.parametrize("answer, said", [
+    # requests decodes a Location it does not follow: the UnicodeDecodeError
+    # was taken for the URL's ("K_SINK is not a URL").
+    (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /\xff\xfe\r\nContent-Length: 0\r\n\r\n", "the Broker answered 307: "),
+    # It answered: not "the Broker could not be reached".
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",
+     "ContentDecodingError: the Broker answered 503 and its answer could not be read"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=idna\r\nContent-Length: 5\r\n\r\nbusy\xff",
+     "the Broker answered 503: busy\ufffd"),
+], ids=["redirect-not-utf8", "refusal-undecodable", "refusal-idna"])
+def test_a_redelivery_says_what_the_broker_answered_whatever_broke_in_its_answer(answer, said):
+    from shared import backlog, deadline
+
+    with OneAnswer(answer) as broker:
+        error = backlog.send(deadline.bounded(requests.Session()), broker.url + "/default/incidents", b"{}", 2.0)
+        assert broker.requests == 1
+    assert error == said, error
