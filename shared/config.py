@@ -249,8 +249,18 @@ def _http_url(env: Mapping[str, str], name: str, default: str = "") -> str:
         return ""
     why = unrequestable(raw)
     if why:
-        raise ConfigError(f"{name}: {why}, got {raw!r}")
+        raise ConfigError(f"{name}: {why}, got {_without_password(raw)!r}")
     return raw.rstrip("/")
+
+
+def _without_password(url: str) -> str:
+    """``url`` to quote in an error: a password in it (Prometheus or
+    AlertManager behind basic auth) never reaches a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
 
 
 def parse_database_url(raw: str, name: str = "DATABASE_URL") -> str:

@@ -146,6 +146,13 @@ def test_a_url_a_request_can_be_made_to_is_taken(url):
     assert load_settings({**BASE, "K_SINK": url}).k_sink == url.rstrip("/")
 
 
+def test_a_url_setting_refused_at_start_never_quotes_its_password():
+    with pytest.raises(ConfigError) as err:
+        load_settings({**BASE, "PROMETHEUS_URL": "http://scraper:hunter2@" + "p" * 64 + ".example:9090"})
+    assert "hunter2" not in str(err.value)
+    assert str(err.value).startswith("PROMETHEUS_URL: ") and "scraper:***@" in str(err.value)
+
+
 def test_slack_url_error_does_not_echo_the_secret():
     with pytest.raises(ConfigError) as err:
         load_settings({**BASE, "SLACK_WEBHOOK_URL": "hooks-secret-123"})
