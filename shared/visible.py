@@ -146,7 +146,9 @@ def _kept(text: str, at: int) -> bool:
         return bool(before) and (_pictographic(before) or (before in _KEYCAP_BASES and after == _KEYCAP))
     if ch not in (_ZWJ, _ZWNJ) or not before or not after:
         return False
-    if ch == _ZWJ and _emoji(after):
+    # After the joiner, a pictograph below U+2600 joins only in emoji
+    # presentation (🙂‍↔️: U+2194 U+FE0F, Emoji 15.1); bare, it is an arrow.
+    if ch == _ZWJ and (_emoji(after) or (_pictographic(after) and text[at + 2:at + 3] == _VS16)):
         # A single VS16 or skin tone may come between the emoji and its joiner.
         base = text[at - 2] if (before == _VS16 or _skin_tone(before)) and at > 1 else before
         if _emoji(base):

@@ -67,6 +67,7 @@ def test_a_character_drawn_as_nothing_is_shown(text, shown):
     ("Disk\ufe0f\u200d\ufe0fFull", "Disk‹U+FE0F›‹U+200D›‹U+FE0F›Full"),
     ("Disk" + tags("A") + "\u200d" + tags("B") + "Full", "Disk‹U+E0041›‹U+200D›‹U+E0042›Full"),
     ("Disk\u2192\u200d\u2192Full", "Disk→‹U+200D›→Full"),  # arrows are no emoji
+    ("Disk\u2194\u200d\u2194\ufe0f", "Disk↔‹U+200D›↔️"),  # not even before an arrow in emoji presentation
     ("Disk\u2200\u200d\u2211", "Disk∀‹U+200D›∑"),  # nor mathematical operators
     ("Disk\u200dFull", "Disk‹U+200D›Full"),
     ("👩\u200d\u200d🚒", "👩‹U+200D›‹U+200D›🚒"),  # one joiner, not two
@@ -75,7 +76,7 @@ def test_a_character_drawn_as_nothing_is_shown(text, shown):
     ("👩\u200d" + tags("x"), "👩‹U+200D›‹U+E0078›"),
     ("Disk\u200d", "Disk‹U+200D›"),
     ("1\ufe0f", "1‹U+FE0F›"),  # a keycap's selector only before the keycap
-], ids=["vs16-joined", "tags-joined", "arrows", "math", "letters", "two-joiners", "joiner-then-override", "two-selectors",
+], ids=["vs16-joined", "tags-joined", "arrows", "arrow-to-emoji-arrow", "math", "letters", "two-joiners", "joiner-then-override", "two-selectors",
         "joiner-then-tag", "trailing", "vs16-no-keycap"])
 def test_a_joiner_or_selector_next_to_anything_but_an_emoji_is_shown(text, shown):
     assert visible(text) == shown
@@ -90,6 +91,7 @@ def test_a_joiner_or_selector_next_to_anything_but_an_emoji_is_shown(text, shown
     "🏳️\u200d🌈",
     "🐈\u200d⬛",
     "🏃\u200d➡️",
+    "🙂\u200d↔\ufe0f", "🙂\u200d↕\ufe0f",  # head shaking (Emoji 15.1): an arrow in emoji presentation
     "⚠️ disk full", "ℹ️", "✅", "1️⃣", "#️⃣",
     "🇫🇷",  # a flag is two regional indicators, nothing hidden
 ])
