@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +30,12 @@ MAX_ERROR = 2000
 # Not a valid CloudEvents attribute name ([a-z0-9] only), so it can never
 # collide with one: marks data kept base64-encoded because it is not text.
 BASE64_MARK = "_data_base64"
+# Not a valid attribute name either: what had to change for the letter to be
+# stored at all (a value jsonb cannot hold), one line per place, for the
+# engineer reading it; never sent on a redelivery.
+CLEANED_MARK = "_cleaned"
+MAX_CLEANED_NOTES = 20
+NOTE_PATH = 120
 ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 
 SENT = "sent"
@@ -70,8 +77,94 @@ def clip_unique(text: str, limit: int) -> str:
     return text[: limit - 18] + "…~" + digest
 
 
-def clean_attributes(attributes: dict) -> dict:
-    return {clean(str(k)): (clean(v) if isinstance(v, str) else v) for k, v in attributes.items()}
+class NumberText(str):
+    """A JSON number no int or finite float holds (``1e400``, ``NaN``, an
+    integer of more digits than Python converts), kept as its text: jsonb
+    and strict JSON refuse NaN and Infinity, and the rest would turn into
+    them or fail to parse."""
+
+
+def _non_finite(number: float) -> str:
+    return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
+
+
+def _child(path: str, key) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+
+
+def storable(value, notes: list[str], path: str = "", text: bool = True):
+    """``value`` as jsonb (or strict JSON) can hold it, and a note in
+    ``notes`` for each place changed: a number no JSON parser keeps (NaN,
+    ±Infinity, :class:`NumberText`) becomes its text; with ``text``, a
+    string or key holding a NUL or a lone surrogate has it replaced
+    (:func:`clean`), a key that then collides with another gets ``~2``,
+    ``~3``. Everything else stays as it is, so a letter is still re-drivable.
+
+    Iterative, not recursive: the document was parsed at whatever depth the
+    parser allowed, and walking it must not fail where parsing did not."""
+    root: list = [None]
+    stack = [(value, root, 0, path)]
+    while stack:
+        item, parent, key, where = stack.pop()
+        if isinstance(item, dict):
+            out: dict = {}
+            parent[key] = out
+            for name, child in item.items():
+                name = name if isinstance(name, str) else str(name)
+                safe = clean(name) if text else name
+                if safe != name:
+                    _note(notes, _child(where, safe), "a NUL or lone surrogate in the key replaced")
+                unique, n = safe, 1
+                while unique in out:
+                    n += 1
+                    unique = f"{safe}~{n}"
+                if unique != safe:
+                    _note(notes, _child(where, unique), f"key renamed from {safe!r}: it collided once cleaned")
+                out[unique] = None
+                stack.append((child, out, unique, _child(where, unique)))
+        elif isinstance(item, (list, tuple)):
+            out_list: list = [None] * len(item)
+            parent[key] = out_list
+            stack.extend((child, out_list, i, _child(where, i)) for i, child in enumerate(item))
+        elif isinstance(item, NumberText):
+            parent[key] = str(item)
+            _note(notes, where, f"the number {clip(item, 40)} kept as a string")
+        elif isinstance(item, float) and not math.isfinite(item):
+            parent[key] = _non_finite(item)
+            _note(notes, where, f"the number {_non_finite(item)} kept as a string")
+        elif isinstance(item, str):
+            safe = clean(item) if text else item
+            if safe != item:
+                _note(notes, where, "a NUL or lone surrogate replaced")
+            parent[key] = safe
+        elif item is None or isinstance(item, (bool, int, float)):
+            parent[key] = item
+        else:
+            parent[key] = clean(str(item))
+    return root[0]
+
+
+def _note(notes: list[str], path: str, what: str) -> None:
+    notes.append(f"{clip(path, NOTE_PATH) or '(the value)'}: {what}")
+
+
+def bounded_notes(notes: list[str]) -> list[str]:
+    if len(notes) <= MAX_CLEANED_NOTES:
+        return notes
+    return notes[:MAX_CLEANED_NOTES] + [f"… and {len(notes) - MAX_CLEANED_NOTES} more"]
+
+
+def clean_attributes(attributes: dict, notes: list[str]) -> dict:
+    """The attributes as jsonb holds them (see :func:`storable`), the notes
+    of what changed (``notes`` and this call's) under ``CLEANED_MARK``."""
+    notes = list(notes)
+    cleaned = storable(attributes, notes)
+    for mark in (BASE64_MARK, CLEANED_MARK):  # only this module writes them
+        if cleaned.pop(mark, None) is not None:
+            _note(notes, mark, "dropped: the sink's own mark, not a CloudEvents attribute name")
+    if notes:
+        cleaned[CLEANED_MARK] = bounded_notes(notes)
+    return cleaned
 
 
 def encode_data(body: bytes) -> tuple[str, bool]:
@@ -103,13 +196,18 @@ class Letter:
     attributes: dict
     body: bytes
     incident_id: str | None = None
+    # What the sink already changed for the letter to be stored (numbers in
+    # the data no strict JSON holds), as notes; see storable.
+    cleaned: tuple[str, ...] = ()
 
 
 _UPSERT = sa.text(
     "INSERT INTO dead_letters (event_id, event_source, event_type, error_destination, error_code, error_data, "
     "attributes, data, incident_id) "
     "VALUES (:id, :src, :type, :dest, :code, :err, CAST(:attrs AS jsonb), :data, :incident) "
-    "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO UPDATE SET "
+    # The unique index of migration 0023: a missing destination is one value,
+    # so a letter handed over twice without one is still one row.
+    "ON CONFLICT (event_source, event_id, (COALESCE(error_destination, ''))) DO UPDATE SET "
     # The same event dead-lettered again after a redelivery: it needs a human again.
     "error_code = EXCLUDED.error_code, error_data = EXCLUDED.error_data, "
     f"redelivery_status = CASE WHEN dead_letters.redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' "
@@ -121,11 +219,13 @@ _UPSERT = sa.text(
 def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
     """Store one dead letter; (row id, redeliveries so far, new row?).
 
-    Once per event and destination: the Broker may hand over the same dead
-    letter twice; a letter that fails again after a redelivery is marked so.
+    Once per event and destination (none being one destination): the Broker
+    may hand over the same dead letter twice; a letter that fails again after
+    a redelivery is marked so. Values jsonb or a text column cannot hold are
+    stored as :func:`storable` says, noted under ``CLEANED_MARK``.
     """
     data, is_base64 = encode_data(letter.body)
-    attributes = clean_attributes(letter.attributes)
+    attributes = clean_attributes(letter.attributes, list(letter.cleaned))
     if is_base64:
         attributes[BASE64_MARK] = True
     row = conn.execute(_UPSERT, {
@@ -135,7 +235,9 @@ def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
         "dest": clip_unique(letter.destination, MAX_DESTINATION) if letter.destination is not None else None,
         "code": clip(letter.code, MAX_CODE),
         "err": clip(letter.error, MAX_ERROR),
-        "attrs": json.dumps(attributes, default=str),
+        # Strict JSON: what storable left is all jsonb holds, and a NaN
+        # slipping through is a bug to see, not a letter to half-store.
+        "attrs": json.dumps(attributes, allow_nan=False),
         "data": data,
         "incident": letter.incident_id,
     }).one()

@@ -195,6 +195,102 @@ def test_hostile_dead_letters_are_stored_safely_or_refused_never_a_500(world, br
     assert requests.get(query.url + "/health", timeout=10).status_code == 200
 
 
+def post_structured(deadletter, document: str):
+    """A structured-mode letter as raw JSON text: json.dumps cannot write 1e400."""
+    return requests.post(deadletter.url + "/", data=document.encode(), timeout=10,
+                         headers={"Content-Type": "application/cloudevents+json"})
+
+
+def strict_json(body: bytes):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+# An extension attribute PostgreSQL cannot store as it came (jsonb refuses
+# NaN and Infinity, NUL and lone surrogates; Python reads 1e400 as Infinity
+# and a 5000-digit integer not at all): the JSON text sent, what is stored
+# and re-sent instead.
+UNSTORABLE_EXTENSIONS = {
+    "nan": ("NaN", "NaN"),
+    "infinity": ("Infinity", "Infinity"),
+    "minus-infinity": ("-Infinity", "-Infinity"),
+    "1e400": ("1e400", "1e400"),
+    "5000-digits": ("9" * 5000, "9" * 5000),
+    "nul-in-object": ('{"a": "x\\u0000"}', {"a": "x\ufffd"}),
+    "nul-in-array": ('["x\\u0000", 1.5]', ["x\ufffd", 1.5]),
+    "surrogate-in-object": ('{"a": "x\\ud800"}', {"a": "x?"}),
+    "nul-in-key": ('{"k\\u0000": 1, "k\\ufffd": 2}', {"k\ufffd": 1, "k\ufffd~2": 2}),
+    "nested": ('{"a": [{"b": NaN}]}', {"a": [{"b": "NaN"}]}),
+}
+
+
+@pytest.mark.parametrize("sent, stored", UNSTORABLE_EXTENSIONS.values(), ids=UNSTORABLE_EXTENSIONS.keys())
+def test_an_attribute_postgresql_cannot_store_is_kept_cleaned_noted_and_redelivered(world, broker, sent, stored):
+    # It was a 500 (invalid input syntax for type json): the Broker retried,
+    # then dropped the letter, the last copy of a page.
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "odd", "source": "/s", '
+                                         '"type": "io.incidentresponse.incident.opened", "custom": ' + sent + ', '
+                                         '"knativeerrordest": "http://escalation", "data": {"n": 1}}')
+    assert answer.status_code == 202, answer.text
+    assert post_structured(deadletter, '{"specversion": "1.0", "id": "odd", "source": "/s", '
+                                       '"type": "io.incidentresponse.incident.opened", "custom": ' + sent + ', '
+                                       '"knativeerrordest": "http://escalation", "data": {"n": 1}}').status_code == 202
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["attributes"]["custom"] == stored and "_cleaned" not in letter["attributes"]
+    assert letter["cleaned"] and all(note.startswith("custom") for note in letter["cleaned"]), letter["cleaned"]
+
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    event = strict_json(broker.received()[-1].body)
+    assert event["custom"] == stored and event["data"] == {"n": 1}
+    assert not any(k.startswith("_") or k.startswith("knativeerror") for k in event)
+
+
+def test_structured_data_with_numbers_no_json_parser_keeps_is_stored_as_text_and_noted(world, broker):
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "odd-data", "source": "/s", "type": "t", '
+                                         '"datacontenttype": "application/json", '
+                                         '"data": {"x": NaN, "y": 1e400, "z": ' + "7" * 5000 + ', "w": 2.5}}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert sorted(letter["cleaned"]) == ["data.x: the number NaN kept as a string",
+                                         "data.y: the number 1e400 kept as a string",
+                                         f"data.z: the number {'7' * 39}… kept as a string"]
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert strict_json(broker.received()[-1].body)["data"] == {"x": "NaN", "y": "1e400", "z": "7" * 5000, "w": 2.5}
+
+
+def test_binary_data_that_is_not_strict_json_is_kept_and_redelivered_byte_for_byte(world, broker):
+    # The SDK refused the 5000-digit integer (a 400: the letter lost), and the
+    # NaN went out again as JSON no Broker reads.
+    deadletter, query = world
+    body = b'{"x": NaN, "n": ' + b"9" * 5000 + b"}"
+    answer = requests.post(deadletter.url + "/", data=body, timeout=10, headers={
+        "ce-specversion": "1.0", "ce-id": "binary-odd", "ce-source": "/s", "ce-type": "t", "Content-Type": "application/json"})
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == []  # the data column keeps the bytes as they came
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    event = strict_json(broker.received()[-1].body)
+    assert "data" not in event and base64.b64decode(event["data_base64"]) == body
+
+
+def test_a_dead_letter_handed_over_twice_without_a_destination_is_recorded_once(world, clean_db):
+    # The destination was in the unique key and NULLs are distinct: two rows.
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    for code in ("502", "503"):
+        assert dead_letter(deadletter, "no-dest", subject=incident_id, dest=None, code=code).status_code == 202
+    dead_letter(deadletter, "no-dest", subject=incident_id, dest=ESCALATION)
+    letters = api(query, "GET", "/dead-letters").json()
+    assert [(d["destination"], d["code"]) for d in letters] == [(ESCALATION, "502"), (None, "503")], letters  # newest first
+    with clean_db.connect() as conn:
+        notes = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter"]
+    assert len(notes) == 2
+
+
 def test_forged_dead_letters_cannot_flood_an_incident_timeline(world, clean_db):
     deadletter, _ = world
     incident_id = seed(clean_db)

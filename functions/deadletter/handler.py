@@ -15,10 +15,12 @@ import base64
 import binascii
 import json
 import logging
+import math
 from dataclasses import replace
 
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
+from cloudevents.sdk.converters import is_binary
 from flask import Request, Response
 
 from shared import db, dead_letters, eventio, events, incidents
@@ -32,11 +34,14 @@ MAX_TIMELINE_NOTES = 20
 LABEL = "reported by the Broker's dead-letter sink (not verified)"
 
 
-def error_data(raw: str | None) -> str | None:
+def error_data(raw) -> str | None:
     """Knative sends the subscriber's response body base64-encoded; anything
-    that is not valid base64 is kept as it came."""
+    that is not valid base64 is kept as it came (a structured event may send
+    any JSON value: kept as its JSON text)."""
     if not raw:
-        return raw
+        return None if raw is None else str(raw)
+    if not isinstance(raw, str):
+        return json.dumps(raw)
     try:
         return base64.b64decode(raw, validate=True).decode("utf-8", "replace")
     except (binascii.Error, ValueError):
@@ -51,9 +56,46 @@ def incident_id_of(data, attributes: dict) -> str | None:
         return None
 
 
-def parse(request: Request) -> tuple[CloudEvent, bytes]:
-    """The event and its data as bytes, exactly as it would be sent again."""
+def _number(text: str):
+    """A JSON number as Python holds it, or as its text when Python cannot
+    (NaN, ±Infinity, 1e400, more digits than int() converts)."""
+    if text in ("NaN", "Infinity", "-Infinity"):
+        return dead_letters.NumberText(text)
+    try:
+        number = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return dead_letters.NumberText(text)
+    return number if math.isfinite(number) else dead_letters.NumberText(text)
+
+
+def storable_document(body: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """A structured event's JSON with every number strict JSON and jsonb can
+    hold, and notes of those kept as text instead. The CloudEvents SDK reads
+    NaN, Infinity and 1e400 as floats PostgreSQL refuses, and a 5000-digit
+    integer not at all (a 400: the letter lost); parsed here first, each
+    becomes its own text and the letter is stored, noted as cleaned."""
+    try:
+        document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
+    except ValueError:
+        return body, ()  # not JSON: the SDK says why
+    notes: list[str] = []
+    # Strings are left alone: the SDK reads them back exactly, and the
+    # attributes' NUL and lone surrogates are replaced when stored.
+    document = dead_letters.storable(document, notes, text=False)
+    if not notes:
+        return body, ()
+    return json.dumps(document).encode(), tuple(notes)
+
+
+def keep_bytes(data: bytes) -> bytes:
+    return data
+
+
+def parse(request: Request) -> tuple[CloudEvent, bytes, tuple[str, ...]]:
+    """The event, its data as bytes, exactly as it would be sent again, and
+    notes of what had to change for the letter to be stored."""
     body = read_body(request, MAX_BYTES)
+    notes: tuple[str, ...] = ()
     try:
         # Attribute headers are percent-encoded (binding 3.1.3.2); a letter whose
         # headers do not decode is still kept, as it came, rather than refused.
@@ -61,7 +103,13 @@ def parse(request: Request) -> tuple[CloudEvent, bytes]:
             headers = eventio.decode_headers(request.headers)
         except BadRequest:
             headers = dict(request.headers)
-        event = from_http(headers, body)
+        if is_binary(headers):
+            # The data is kept as bytes: the SDK would parse JSON data only to
+            # refuse what Python cannot hold (a 5000-digit integer), losing the letter.
+            event = from_http(headers, body, data_unmarshaller=keep_bytes)
+        else:
+            body, notes = storable_document(body)
+            event = from_http(headers, body)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
     except RecursionError:
@@ -78,7 +126,18 @@ def parse(request: Request) -> tuple[CloudEvent, bytes]:
             body = data.encode("utf-8", "surrogatepass")
         else:
             body = json.dumps(data).encode()
-    return event, body
+    return event, body, notes
+
+
+def data_of(event: CloudEvent, body: bytes):
+    """The event's data as JSON if it is any, to find the incident it names."""
+    data = event.get_data()
+    if not isinstance(data, bytes):
+        return data
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 def attributes_of(event: CloudEvent) -> dict:
@@ -87,7 +146,7 @@ def attributes_of(event: CloudEvent) -> dict:
 
 
 def handle(request: Request) -> Response:
-    event, body = parse(request)
+    event, body, cleaned = parse(request)
     attributes = attributes_of(event)
     letter = dead_letters.Letter(
         event_id=str(event["id"]),
@@ -98,8 +157,9 @@ def handle(request: Request) -> Response:
         error=error_data(attributes.get("knativeerrordata")),
         attributes=attributes,
         body=body,
+        cleaned=cleaned,
     )
-    candidate = incident_id_of(event.get_data(), attributes)
+    candidate = incident_id_of(data_of(event, body), attributes)
     with db.transaction() as conn:
         known = candidate if candidate and incidents.get_incident(conn, candidate) is not None else None
         letter = replace(letter, incident_id=known)
