@@ -1,9 +1,11 @@
 """Dead letters: every event the Broker could not deliver, kept with what it
 takes to send it again (attributes and data) and what each redelivery did.
 
-The dead-letter sink is reachable by anything inside the cluster, so what
-it stores is sanitised (no NUL, no lone surrogate, bounded key columns) and
-never trusted: a redelivery re-sends the stored event to the Broker, and the
+The dead-letter sink is the last place a page can be saved, so a letter is
+stored even when PostgreSQL cannot hold it as it came: what it stores is
+sanitised (no NUL, no lone surrogate at any depth, no NaN or Infinity,
+bounded key columns; each change noted, see :func:`storable`). It is
+reachable by anything inside the cluster, so what it stores is never trusted: a redelivery re-sends the stored event to the Broker, and the
 consumers decide from the database, by their claims, whether there is work.
 """
 

@@ -413,6 +413,16 @@ def test_the_board_lists_and_redelivers_with_a_csrf_protected_form(world, broker
     assert anonymous.status_code == 303 and anonymous.headers["Location"] == "/ui/login"
 
 
+def test_the_board_says_which_letters_were_stored_cleaned(world):
+    deadletter, query = world
+    post_structured(deadletter, '{"specversion": "1.0", "id": "board-nan", "source": "/s", "type": "t", "custom": NaN}')
+    dead_letter(deadletter, "board-plain")
+    session = requests.Session()
+    assert session.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, timeout=10).ok
+    page = session.get(query.url + "/ui/backlog", timeout=10).text
+    assert page.count("stored cleaned") == 1 and "custom: the number NaN kept as a string" in page
+
+
 def test_a_dead_letter_keeps_its_percent_encoded_attributes_decoded_and_redelivers_them_exactly(world, broker, clean_db):
     deadletter, query = world
     assert dead_letter(deadletter, "ev-encoded", **{"ce-alertname": "%D0%94%D0%B8%D1%81%D0%BA%20100%25"}).status_code == 202

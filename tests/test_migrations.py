@@ -203,3 +203,70 @@ def test_stored_node_roots_take_the_node_rank_and_back(scratch_url):
         assert ranks() == {"labels": 30, "node": 30, "pod": 0}
     finally:
         engine.dispose()
+
+
+def test_dead_letters_without_a_destination_merge_into_the_oldest_and_are_then_kept_once(scratch_url):
+    # Before 0023 the destination was in the unique key and NULLs are
+    # distinct: one letter handed over three times without it was three rows,
+    # the second re-driven by an engineer, the third arriving after that.
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+
+    def letters():
+        with engine.connect() as conn:
+            return {r.id: r for r in conn.execute(sa.text(
+                "SELECT id, event_id, error_destination, error_code, error_data, incident_id, redelivery_count, "
+                "redelivered_by, redelivery_status, redelivery_error FROM dead_letters ORDER BY id"))}
+
+    def pointers():
+        with engine.connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT kind, (details ->> 'dead_letter_id')::int FROM incident_timeline ORDER BY id")).all()
+
+    def add(event_id, dest, received, code, **redelivery):
+        columns = {"event_id": event_id, "event_source": "/s", "event_type": "t", "error_destination": dest,
+                   "received_at": received, "error_code": code, "error_data": f"answer {code}", **redelivery}
+        with engine.begin() as conn:
+            return conn.execute(sa.text(
+                f"INSERT INTO dead_letters ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)}) RETURNING id"
+            ), columns).scalar_one()
+
+    try:
+        migrate.upgrade(scratch_url, "0019")
+        first = add("ev", None, "2026-01-01 10:00", "502")
+        second = add("ev", None, "2026-01-01 10:01", "503", incident_id="i", redelivery_count=1,
+                     redelivered_at="2026-01-01 10:05", redelivered_by="api:alice", redelivery_status="sent")
+        third = add("ev", None, "2026-01-01 10:09", "504")
+        routed = add("ev", "http://escalation", "2026-01-01 10:02", "500")
+        other = add("other", None, "2026-01-01 10:03", "500")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO incidents (id, alert_name, priority, status) VALUES ('i', 'A', 'P1', 'open')"))
+            for kind, letter in [("dead_letter", second), ("dead_letter_redelivered", second), ("dead_letter", third),
+                                 ("dead_letter", routed)]:
+                conn.execute(sa.text("INSERT INTO incident_timeline (incident_id, kind, details) "
+                                     "VALUES ('i', :kind, jsonb_build_object('dead_letter_id', CAST(:letter AS bigint)))"),
+                             {"kind": kind, "letter": letter})
+
+        migrate.upgrade(scratch_url, "0023")
+        kept = letters()
+        assert set(kept) == {first, routed, other}
+        merged = kept[first]
+        assert (merged.error_code, merged.error_data, merged.incident_id) == ("504", "answer 504", "i")
+        assert (merged.redelivery_count, merged.redelivered_by, merged.redelivery_status) == (1, "api:alice", "dead_again")
+        assert kept[routed].error_code == "500" and kept[other].redelivery_count == 0
+        assert pointers() == [("dead_letter", first), ("dead_letter_redelivered", first), ("dead_letter", first),
+                              ("dead_letter", routed)]
+        with pytest.raises(sa.exc.IntegrityError, match="uq_dead_letters_letter"):
+            add("ev", "", "2026-01-01 11:00", "502")  # an empty destination names none either
+
+        migrate.downgrade(scratch_url, "0019")
+        with engine.connect() as conn:
+            assert "uq_dead_letters_letter" not in _indexes(conn, "dead_letters")
+            assert "uq_dead_letters_event" in _indexes(conn, "dead_letters")
+        assert letters() == kept
+        add("ev", None, "2026-01-01 11:00", "502")  # the old key again: NULLs distinct
+        with pytest.raises(sa.exc.IntegrityError):
+            add("ev", "http://escalation", "2026-01-01 11:00", "502")
+        migrate.upgrade(scratch_url)
+        assert len(letters()) == 3
+    finally:
+        engine.dispose()
