@@ -74,16 +74,24 @@ def storable_document(body: bytes) -> tuple[bytes, tuple[str, ...]]:
     NaN, Infinity and 1e400 as floats PostgreSQL refuses, and a 5000-digit
     integer not at all (a 400: the letter lost); parsed here first, each
     becomes its own text and the letter is stored, noted as cleaned."""
+    kept_as_text = []
+
+    def number(text: str):
+        value = _number(text)
+        if isinstance(value, dead_letters.NumberText):
+            kept_as_text.append(value)
+        return value
+
     try:
-        document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
+        document = json.loads(body, parse_int=number, parse_float=number, parse_constant=number)
     except ValueError:
         return body, ()  # not JSON: the SDK says why
+    if not kept_as_text:
+        return body, ()  # the usual event: nothing to walk
     notes: list[str] = []
     # Strings are left alone: the SDK reads them back exactly, and the
     # attributes' NUL and lone surrogates are replaced when stored.
     document = dead_letters.storable(document, notes, text=False)
-    if not notes:
-        return body, ()
     return json.dumps(document).encode(), tuple(notes)
 
 
