@@ -262,6 +262,19 @@ def test_structured_data_with_numbers_no_json_parser_keeps_is_stored_as_text_and
     assert strict_json(broker.received()[-1].body)["data"] == {"x": "NaN", "y": "1e400", "z": "7" * 5000, "w": 2.5}
 
 
+def test_error_attributes_that_are_not_strings_are_kept_as_their_json_text(world):
+    # A structured event may send any JSON value where Knative sends a
+    # string; base64-decoding an object was a TypeError, a 500.
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": {"n": 1}, "source": "/s", "type": "t", '
+                                         '"knativeerrordest": ["http://x"], "knativeerrorcode": 502, '
+                                         '"knativeerrordata": {"why": "down"}}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert (letter["event_id"], letter["destination"], letter["code"], letter["error"]) == (
+        '{"n": 1}', '["http://x"]', "502", '{"why": "down"}')
+
+
 def test_binary_data_that_is_not_strict_json_is_kept_and_redelivered_byte_for_byte(world, broker):
     # The SDK refused the 5000-digit integer (a 400: the letter lost), and the
     # NaN went out again as JSON no Broker reads.

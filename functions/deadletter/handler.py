@@ -34,14 +34,20 @@ MAX_TIMELINE_NOTES = 20
 LABEL = "reported by the Broker's dead-letter sink (not verified)"
 
 
+def text_of(value) -> str | None:
+    """An attribute for a text column: a structured event may send any JSON
+    value where a string belongs, kept as its JSON text."""
+    return value if value is None or isinstance(value, str) else json.dumps(value, default=str)
+
+
 def error_data(raw) -> str | None:
     """Knative sends the subscriber's response body base64-encoded; anything
     that is not valid base64 is kept as it came (a structured event may send
     any JSON value: kept as its JSON text)."""
-    if not raw:
-        return None if raw is None else str(raw)
     if not isinstance(raw, str):
-        return json.dumps(raw)
+        return text_of(raw)
+    if not raw:
+        return raw
     try:
         return base64.b64decode(raw, validate=True).decode("utf-8", "replace")
     except (binascii.Error, ValueError):
@@ -157,11 +163,11 @@ def handle(request: Request) -> Response:
     event, body, cleaned = parse(request)
     attributes = attributes_of(event)
     letter = dead_letters.Letter(
-        event_id=str(event["id"]),
-        source=str(event["source"]),
-        event_type=str(event["type"]),
-        destination=attributes.get("knativeerrordest"),
-        code=attributes.get("knativeerrorcode"),
+        event_id=text_of(event["id"]),
+        source=text_of(event["source"]),
+        event_type=text_of(event["type"]),
+        destination=text_of(attributes.get("knativeerrordest")),
+        code=text_of(attributes.get("knativeerrorcode")),
         error=error_data(attributes.get("knativeerrordata")),
         attributes=attributes,
         body=body,
