@@ -231,7 +231,7 @@ def test_dead_letters_without_a_destination_merge_into_the_oldest_and_are_then_k
             ), columns).scalar_one()
 
     try:
-        migrate.upgrade(scratch_url, "0019")
+        migrate.upgrade(scratch_url, "0020")
         first = add("ev", None, "2026-01-01 10:00", "502")
         second = add("ev", None, "2026-01-01 10:01", "503", incident_id="i", redelivery_count=1,
                      redelivered_at="2026-01-01 10:05", redelivered_by="api:alice", redelivery_status="sent")
@@ -258,7 +258,7 @@ def test_dead_letters_without_a_destination_merge_into_the_oldest_and_are_then_k
         with pytest.raises(sa.exc.IntegrityError, match="uq_dead_letters_letter"):
             add("ev", "", "2026-01-01 11:00", "502")  # an empty destination names none either
 
-        migrate.downgrade(scratch_url, "0019")
+        migrate.downgrade(scratch_url, "0020")
         with engine.connect() as conn:
             assert "uq_dead_letters_letter" not in _indexes(conn, "dead_letters")
             assert "uq_dead_letters_event" in _indexes(conn, "dead_letters")
@@ -268,5 +268,39 @@ def test_dead_letters_without_a_destination_merge_into_the_oldest_and_are_then_k
             add("ev", "http://escalation", "2026-01-01 11:00", "502")
         migrate.upgrade(scratch_url)
         assert len(letters()) == 3
+    finally:
+        engine.dispose()
+
+
+def _function_body(conn, name):
+    return conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE proname = :n"), {"n": name}).scalar()
+
+
+def _revision_module(revision):
+    import importlib.util
+
+    (path,) = (migrate.PROJECT_ROOT / "migrations" / "versions").glob(f"{revision}_*.py")
+    spec = importlib.util.spec_from_file_location(f"revision_{revision}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flapping_lock_step_upgrades_and_downgrades_to_the_previous_body(scratch_url):
+    """0020 replaces a function body and adds flaps_lock; its downgrade puts
+    0018's body back (the previous release calls it) and drops flaps_lock."""
+    def body(statement):
+        return statement.split("$fn$")[1]
+
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0020")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0020").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") == body(_revision_module("0020").FLAPS_LOCK)
+        migrate.downgrade(scratch_url, "0019")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0018").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") is None
     finally:
         engine.dispose()

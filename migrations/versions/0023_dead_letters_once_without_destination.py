@@ -31,13 +31,13 @@ Downgrade drops the index; the merged rows stay merged (the old key allows
 one row as well as two).
 
 Revision ID: 0023
-Revises: 0019
+Revises: 0020
 """
 
 from alembic import op
 
 revision = "0023"
-down_revision = "0019"
+down_revision = "0020"
 branch_labels = None
 depends_on = None
 
