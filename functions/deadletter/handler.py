@@ -16,11 +16,11 @@ import binascii
 import json
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
-from cloudevents.sdk.converters import is_binary
+from cloudevents.sdk.converters.util import has_binary_headers
 from flask import Request, Response
 
 from shared import db, dead_letters, eventio, events, incidents
@@ -32,6 +32,7 @@ log = logging.getLogger("deadletter")
 MAX_BYTES = 2 * 1024 * 1024
 MAX_TIMELINE_NOTES = 20
 LABEL = "reported by the Broker's dead-letter sink (not verified)"
+REQUIRED = ("specversion", "id", "source", "type")
 
 
 def text_of(value) -> str | None:
@@ -74,84 +75,136 @@ def _number(text: str):
     return number if math.isfinite(number) else dead_letters.NumberText(text)
 
 
-def storable_document(body: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """A structured event's JSON with every number strict JSON and jsonb can
-    hold, and notes of those kept as text instead. The CloudEvents SDK reads
-    NaN, Infinity and 1e400 as floats PostgreSQL refuses, and a 5000-digit
-    integer not at all (a 400: the letter lost); parsed here first, each
-    becomes its own text and the letter is stored, noted as cleaned."""
-    kept_as_text = []
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is no finite number")
+    return number
 
-    def number(text: str):
-        value = _number(text)
-        if isinstance(value, dead_letters.NumberText):
-            kept_as_text.append(value)
-        return value
 
+def _not_json(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
+    """A structured event's JSON, with every number strict JSON and jsonb
+    can hold, and notes of those kept as text instead.
+
+    Parsed strictly first (the C parser; only floats go through Python, to
+    refuse one that overflows to Infinity): the usual letter costs that one
+    parse. Only when it fails is the body parsed again keeping each number
+    as Python reads it or, when Python cannot (NaN, Infinity, 1e400, a
+    5000-digit integer: a 400 from the SDK, the letter lost), as its text."""
     try:
-        document = json.loads(body, parse_int=number, parse_float=number, parse_constant=number)
+        try:
+            document, notes = json.loads(body, parse_float=_finite, parse_constant=_not_json), ()
+        except ValueError:
+            document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
+            notes = []
+            # Strings are left alone here: the attributes' NUL and lone
+            # surrogates are replaced when stored, the data's are kept.
+            document = dead_letters.storable(document, notes, text=False)
+    except RecursionError:
+        raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
     except ValueError:
-        return body, ()  # not JSON: the SDK says why
-    if not kept_as_text:
-        return body, ()  # the usual event: nothing to walk
-    notes: list[str] = []
-    # Strings are left alone: the SDK reads them back exactly, and the
-    # attributes' NUL and lone surrogates are replaced when stored.
-    document = dead_letters.storable(document, notes, text=False)
-    return json.dumps(document).encode(), tuple(notes)
+        raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("not a valid CloudEvent: the body is not a JSON object")
+    return document, tuple(notes)
 
 
 def keep_bytes(data: bytes) -> bytes:
     return data
 
 
-def parse(request: Request) -> tuple[CloudEvent, bytes, tuple[str, ...]]:
-    """The event, its data as bytes, exactly as it would be sent again, and
-    notes of what had to change for the letter to be stored."""
+@dataclass(frozen=True)
+class Parsed:
+    event: CloudEvent
+    body: bytes  # the data, as it would be sent again
+    data: object  # the data as JSON when it is any, to find the incident it names
+    notes: tuple[str, ...] = ()  # what had to change for the letter to be stored
+    data_base64: bool = False
+
+
+def is_structured(request: Request, headers) -> bool:
+    """As the HTTP binding says (3.1): the media type
+    ``application/cloudevents`` (+json) is structured mode, whatever ce-*
+    headers come with it; otherwise binary, or structured after all when
+    the four required ce-* headers are missing (the SDK's leniency: such a
+    letter was always read so)."""
+    media = (request.mimetype or "").lower()
+    if media.startswith("application/cloudevents-batch"):
+        raise BadRequest("not a valid CloudEvent: batched mode is not accepted; the Broker sends one event")
+    if media.startswith("application/cloudevents+") and media != "application/cloudevents+json":
+        raise BadRequest(f"not a valid CloudEvent: event format {clip(media, 100)} is not supported")
+    return media.startswith("application/cloudevents") or not has_binary_headers(
+        {k.lower(): v for k, v in headers.items()})
+
+
+def parse(request: Request) -> Parsed:
     body = read_body(request, MAX_BYTES)
-    notes: tuple[str, ...] = ()
+    # Attribute headers are percent-encoded (binding 3.1.3.2); a letter whose
+    # headers do not decode is still kept, as it came, rather than refused.
     try:
-        # Attribute headers are percent-encoded (binding 3.1.3.2); a letter whose
-        # headers do not decode is still kept, as it came, rather than refused.
-        try:
-            headers = eventio.decode_headers(request.headers)
-        except BadRequest:
-            headers = dict(request.headers)
-        if is_binary(headers):
-            # The data is kept as bytes: the SDK would parse JSON data only to
-            # refuse what Python cannot hold (a 5000-digit integer), losing the letter.
-            event = from_http(headers, body, data_unmarshaller=keep_bytes)
-        else:
-            body, notes = storable_document(body)
-            event = from_http(headers, body)
+        headers = eventio.decode_headers(request.headers)
+    except BadRequest:
+        headers = dict(request.headers)
+    if is_structured(request, headers):
+        return parse_structured(body)
+    try:
+        # The data is kept as bytes: the SDK would parse JSON data only to
+        # refuse what Python cannot hold (a 5000-digit integer), losing the letter.
+        event = from_http(headers, body, data_unmarshaller=keep_bytes)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
-    except RecursionError:
-        raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
     except (ValueError, TypeError):
         raise BadRequest("not a valid CloudEvent: the body cannot be parsed") from None
-    if (request.mimetype or "").startswith("application/cloudevents"):
-        data = event.get_data()
-        if data is None:
-            body = b""
-        elif isinstance(data, bytes):
-            body = data
-        elif isinstance(data, str):
-            body = data.encode("utf-8", "surrogatepass")
-        else:
-            body = json.dumps(data).encode()
-    return event, body, notes
-
-
-def data_of(event: CloudEvent, body: bytes):
-    """The event's data as JSON if it is any, to find the incident it names."""
-    data = event.get_data()
-    if not isinstance(data, bytes):
-        return data
+    body = event.get_data() or b""
     try:
-        return json.loads(body)
+        data = json.loads(body) if body else None
     except (ValueError, RecursionError):
-        return None
+        data = None
+    return Parsed(event, body, data)
+
+
+def parse_structured(body: bytes) -> Parsed:
+    """The event from our one parse of the body (the SDK would parse it
+    twice more). ``data_base64`` is kept as the bytes it encodes, never read
+    as JSON: they are stored and sent again as they came."""
+    document, notes = read_document(body)
+    missing = [name for name in REQUIRED if name not in document]
+    if missing:
+        raise BadRequest(f"not a valid CloudEvent: missing required attributes: {', '.join(missing)}")
+    if document["specversion"] not in ("1.0", "0.3"):
+        raise BadRequest(f"not a valid CloudEvent: specversion {clip(text_of(document['specversion']), 40)} is not supported")
+    attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
+    data, is_base64 = document.get("data"), "data_base64" in document
+    if is_base64:
+        encoded = document["data_base64"]
+        try:
+            body = base64.b64decode(encoded) if isinstance(encoded, str) else None
+        except (binascii.Error, ValueError):
+            body = None
+        if body is None:
+            raise BadRequest("not a valid CloudEvent: data_base64 is not base64")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            data = None
+    elif data is None:
+        body = b""
+    elif isinstance(data, str):
+        body = data.encode("utf-8", "surrogatepass")
+    else:
+        try:
+            body = json.dumps(data, allow_nan=False).encode()
+        except RecursionError:
+            raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+    try:
+        event = CloudEvent(attributes, None)
+    except CloudEventError as exc:
+        raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
+    return Parsed(event, body, data, notes, is_base64)
 
 
 def attributes_of(event: CloudEvent) -> dict:
@@ -160,7 +213,8 @@ def attributes_of(event: CloudEvent) -> dict:
 
 
 def handle(request: Request) -> Response:
-    event, body, cleaned = parse(request)
+    parsed = parse(request)
+    event = parsed.event
     attributes = attributes_of(event)
     letter = dead_letters.Letter(
         event_id=text_of(event["id"]),
@@ -170,10 +224,11 @@ def handle(request: Request) -> Response:
         code=text_of(attributes.get("knativeerrorcode")),
         error=error_data(attributes.get("knativeerrordata")),
         attributes=attributes,
-        body=body,
-        cleaned=cleaned,
+        body=parsed.body,
+        cleaned=parsed.notes,
+        data_base64=parsed.data_base64,
     )
-    candidate = incident_id_of(data_of(event, body), attributes)
+    candidate = incident_id_of(parsed.data, attributes)
     with db.transaction() as conn:
         known = candidate if candidate and incidents.get_incident(conn, candidate) is not None else None
         letter = replace(letter, incident_id=known)
