@@ -201,6 +201,9 @@ def _json_text(item) -> str | None:
 
 
 def _note(notes: list[str], keys, what: str) -> None:
+    if len(notes) > MAX_CLEANED_NOTES:  # only counted (bounded_notes): no path to build
+        notes.append("")
+        return
     path = keys if isinstance(keys, str) else _path(keys)
     notes.append(f"{clip(path, NOTE_PATH) or '(the value)'}: {what}")
 

@@ -331,6 +331,13 @@ def test_a_wide_deeply_nested_attribute_is_cleaned_in_memory_near_its_size():
     assert nan == "bad: the number NaN kept as a string"
 
 
+def test_the_cleaned_notes_are_the_first_twenty_in_the_letters_order_and_a_count_of_the_rest():
+    from shared import dead_letters
+
+    cleaned = dead_letters.clean_attributes({"a": [float("nan")] * 30, "b": "x\x00"}, [])
+    assert cleaned["_cleaned"] == [f"a[{i}]: the number NaN kept as a string" for i in range(20)] + ["… and 11 more"]
+
+
 def test_an_attribute_nested_too_deeply_for_readers_is_stored_as_its_json_text_and_the_list_still_reads(world):
     # Stored as it came (~965 deep), it made GET /dead-letters and the board
     # answer 400 "nested too deeply" to everyone, for every page holding it.

@@ -99,7 +99,10 @@ def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
         try:
             document, notes = json.loads(body, parse_float=_finite, parse_constant=_not_json), ()
         except ValueError:
-            document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
+            try:  # integers in C still, unless one has more digits than int() converts
+                document = json.loads(body, parse_float=_number, parse_constant=_number)
+            except ValueError:
+                document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
             notes = []
             # Strings are left alone here: the attributes' NUL and lone
             # surrogates are replaced when stored, the data's are kept.
