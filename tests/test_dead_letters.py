@@ -379,6 +379,17 @@ def test_a_structured_letter_with_ce_headers_too_is_read_as_structured(world, cl
     assert letter["cleaned"] == [f"data.n: the number {'9' * 39}… kept as a string"]
 
 
+def test_a_binary_letter_labelled_structured_is_still_kept_from_its_headers(world):
+    # Its body is no event (no id, source, type): read as the media type
+    # says it was a 400, and the ce-* headers named the event all along.
+    deadletter, query = world
+    answer = requests.post(deadletter.url + "/", data=b'{"n": 1}', timeout=10, headers={
+        "Content-Type": "application/cloudevents+json",
+        "ce-specversion": "1.0", "ce-id": "mislabelled", "ce-source": "/h", "ce-type": "h"})
+    assert answer.status_code == 202, answer.text
+    assert [d["event_id"] for d in api(query, "GET", "/dead-letters").json()] == ["mislabelled"]
+
+
 def test_a_batch_of_events_is_refused():
     from flask import Flask
 

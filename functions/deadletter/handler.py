@@ -153,7 +153,15 @@ def parse(request: Request) -> Parsed:
     except BadRequest:
         headers = dict(request.headers)
     if is_structured(request, headers):
-        return parse_structured(body)
+        try:
+            return parse_structured(body)
+        except BadRequest:
+            # Not an event in its body, but the four ce-* headers name one: a
+            # sender that mislabelled a binary-mode letter. Kept, not lost.
+            if not has_binary_headers({k.lower(): v for k, v in headers.items()}):
+                raise
+            # Without the media type that is not the data's: the SDK reads by it.
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
     try:
         # The data is kept as bytes: the SDK would parse JSON data only to
         # refuse what Python cannot hold (a 5000-digit integer), losing the letter.
