@@ -452,8 +452,9 @@ def test_the_previous_release_and_this_one_store_the_same_letter_side_by_side(wo
     assert dead_letter(deadletter, "rolling", dest=dest, code="504").status_code == 202
     letters = api(query, "GET", "/dead-letters").json()
     # Without a destination the previous release adds a second row (NULLs are
-    # distinct to its key): nothing is lost, and this release updates the oldest.
-    assert [d["code"] for d in letters] == (["503", "504"] if dest is None else ["504"])
+    # distinct to its key): nothing is lost, and this release updates the
+    # oldest, which comes back to the top of the list.
+    assert [d["code"] for d in letters] == (["504", "503"] if dest is None else ["504"])
 
 
 def test_copies_of_a_letter_without_destination_arriving_together_are_one_row(world):
@@ -641,6 +642,83 @@ def test_a_redelivery_holds_no_transaction_while_the_broker_answers_and_is_sent_
     assert len(broker.requests) == 1
     (after,) = api(query, "GET", "/dead-letters").json()
     assert after["redelivery_status"] == "sent" and after["redelivery_count"] == 1
+
+
+def test_a_letter_dead_lettered_again_while_its_redelivery_is_sent_stays_for_a_person_and_is_sent_once(world, broker, clean_db):
+    """The Broker takes the redelivered event, its subscriber refuses it for
+    good (a 4xx) and the Broker dead-letters it again at once, before the
+    redelivery's request has ended. That repeat released the claim (a second
+    operator sent it again) and the redelivery then wrote "sent" over it:
+    shown delivered, counted done, hidden from the board's default view."""
+    import threading
+
+    deadletter, query = world
+    assert dead_letter(deadletter, "ev-refused-again", code="502").status_code == 202
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    repeated, release = threading.Event(), threading.Event()
+
+    def broker_then_subscriber(request):
+        if not repeated.is_set():  # the first send only: the subscriber refuses it, dead-lettered again
+            assert dead_letter(deadletter, "ev-refused-again", code="400", error=b"unknown field").status_code == 202
+            repeated.set()
+            release.wait(10)
+        return 202, {}, b""
+
+    broker.responder = broker_then_subscriber
+    alice = {}
+    sender = threading.Thread(target=lambda: alice.update(r=api(
+        query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})))
+    sender.start()
+    try:
+        assert repeated.wait(10), "the redelivery never reached the Broker"
+        bob = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "bob"})
+        assert bob.status_code == 409 and "under way" in bob.json()["message"], bob.text
+    finally:
+        release.set()
+        sender.join(15)
+    assert alice["r"].status_code == 200 and alice["r"].json()["sent"] is True
+    assert alice["r"].json()["redelivery_status"] == "dead_again"
+    assert len(broker.received()) == 1
+    (after,) = api(query, "GET", "/dead-letters", params={"redelivered": "no"}).json()
+    assert (after["redelivery_status"], after["code"], after["error"], after["redelivery_count"]) == (
+        "dead_again", "400", "unknown field", 1)
+    assert metrics(query)[("dead_letters_not_redriven", ())] == 1
+
+
+def test_a_letter_dead_lettered_again_comes_back_to_the_top_and_gets_the_incident_it_names(world, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-older", data={"x": 1})
+    dead_letter(deadletter, "ev-newer", data={"x": 2})
+    assert [d["event_id"] for d in api(query, "GET", "/dead-letters").json()] == ["ev-newer", "ev-older"]
+    # The first copy named no incident (it did not exist yet, or was not named).
+    dead_letter(deadletter, "ev-older", data={"incident_id": incident_id}, code="503")
+    listed = api(query, "GET", "/dead-letters").json()
+    assert [(d["event_id"], d["code"], d["incident_id"]) for d in listed] == [
+        ("ev-older", "503", incident_id), ("ev-newer", "502", None)]
+    assert listed[0]["received_at"] > listed[1]["received_at"]
+    # A later copy naming another incident does not move the link.
+    dead_letter(deadletter, "ev-older", data={"incident_id": seed(clean_db, "Other")})
+    assert api(query, "GET", "/dead-letters").json()[0]["incident_id"] == incident_id
+
+
+def test_a_repeat_of_a_letter_a_previous_release_stored_with_an_empty_destination_finds_it(world, clean_db):
+    # That release stored '' where this one stores NULL: the lookup missed
+    # the old row, and the repeat became a second letter.
+    deadletter, query = world
+    with clean_db.begin() as conn:
+        conn.execute(PREVIOUS_RELEASE_UPSERT, {"id": "empty-dest", "src": "/incident-response", "dest": "", "code": "502"})
+    assert dead_letter(deadletter, "empty-dest", dest="", code="503").status_code == 202
+    assert [(d["event_id"], d["code"]) for d in api(query, "GET", "/dead-letters").json()] == [("empty-dest", "503")]
+
+
+def test_the_repeat_lookup_uses_the_letters_unique_key(clean_db):
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(conn.execute(sa.text(
+            "EXPLAIN SELECT id FROM dead_letters WHERE event_source = 's' AND event_id = 'e' "
+            "AND COALESCE(error_destination, '') = COALESCE(NULL, '') ORDER BY id LIMIT 1")).scalars())
+    assert "uq_dead_letters_event" in plan and "Index Cond: (((event_source)::text = 's'::text) AND ((event_id)::text = 'e'::text))" in plan, plan
 
 
 @pytest.mark.parametrize("start", [STATUS_LINE.replace(b"200 OK", b"503 Service Unavailable"),
