@@ -156,9 +156,15 @@ def structured(row: dict) -> bytes:
     for name in dead_letters.ERROR_ATTRIBUTES:
         attributes.pop(name, None)
     document = {k: v for k, v in attributes.items() if v is not None}
+    if is_base64:
+        # As stored, not decoded and encoded again: the sink keeps a
+        # data_base64 that is not valid base64 as the text that came.
+        if row.get("data"):
+            document["data_base64"] = row["data"]
+        return json.dumps(document, allow_nan=False).encode()
     data = dead_letters.decode_data(row)
     content_type = str(attributes.get("datacontenttype") or "application/json").split(";")[0].strip().lower()
-    if data and not is_base64 and (content_type == "application/json" or content_type.endswith("+json")):
+    if data and (content_type == "application/json" or content_type.endswith("+json")):
         try:
             # Strict: data with NaN, Infinity or a number no float holds (as
             # a binary-mode letter keeps its bytes) would not go out as the
@@ -166,7 +172,7 @@ def structured(row: dict) -> bytes:
             document["data"] = json.loads(data, parse_constant=_not_json, parse_float=_finite)
         except (ValueError, RecursionError):
             document["data_base64"] = base64.b64encode(data).decode("ascii")
-    elif data and not is_base64 and content_type.startswith("text/"):
+    elif data and content_type.startswith("text/"):
         document["data"] = data.decode("utf-8")
     elif data:
         document["data_base64"] = base64.b64encode(data).decode("ascii")

@@ -279,6 +279,9 @@ class Letter:
     # The data came base64-encoded (structured mode's data_base64): stored
     # and sent again so, its bytes never read as JSON.
     data_base64: bool = False
+    # data_base64 that is not base64 (unpadded, stray characters): stored as
+    # this text, flagged base64 like the rest, and sent again as it came.
+    data_base64_text: str | None = None
 
 
 # One writer at a time per event: the key of migration 0006 counts a missing
@@ -350,7 +353,10 @@ def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
     conn.execute(_LOCK, {**key, "class": LOCK_CLASS})
     row = conn.execute(_AGAIN, key).first()
     if row is None:
-        data, is_base64 = encode_data(letter.body, force_base64=letter.data_base64)
+        if letter.data_base64_text is not None:
+            data, is_base64 = clean(letter.data_base64_text), True
+        else:
+            data, is_base64 = encode_data(letter.body, force_base64=letter.data_base64)
         attributes = clean_attributes(letter.attributes, list(letter.cleaned))
         if is_base64:
             attributes[BASE64_MARK] = True

@@ -427,6 +427,55 @@ def test_structured_data_base64_is_kept_as_its_bytes_and_redelivered_unchanged(w
     assert "data" not in event and event["data_base64"] == encoded
 
 
+NOT_BASE64 = {
+    # Unpadded: a 400, the letter lost.
+    "unpadded": ('"aGk"', "aGk"),
+    # Read without validation as "hi": the rest dropped, nothing said.
+    "stray-characters": ('"aGk=!!"', "aGk=!!"),
+    "not-a-string": ("5", "5"),
+}
+
+
+@pytest.mark.parametrize("sent, kept", NOT_BASE64.values(), ids=NOT_BASE64.keys())
+def test_data_base64_that_is_not_base64_is_kept_as_it_came_noted_and_redelivered_so(world, broker, sent, kept):
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "not-b64", "source": "/s", "type": "t", '
+                                         '"data_base64": ' + sent + '}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data_base64: not valid base64, kept as the text that came"]
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    event = strict_json(broker.received()[-1].body)
+    assert "data" not in event and event["data_base64"] == kept
+
+
+def test_data_dropped_for_data_base64_is_noted(world, broker):
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "both-data", "source": "/s", "type": "t", '
+                                         '"data": {"a": 1}, "data_base64": "aGk="}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data: dropped, the event had data_base64 too (a CloudEvent carries one of them)"]
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert strict_json(broker.received()[-1].body)["data_base64"] == "aGk="
+
+
+def test_a_media_type_that_only_begins_like_cloudevents_is_binary_mode(world, broker):
+    # startswith("application/cloudevents") read application/cloudeventsfoo
+    # as structured mode: the event in the body taken for the letter, the
+    # ce-* headers that named it ignored.
+    deadletter, query = world
+    body = b'{"specversion": "1.0", "id": "from-body", "source": "/b", "type": "b", "data": {"n": 1}}'
+    answer = requests.post(deadletter.url + "/", data=body, timeout=10, headers={
+        "Content-Type": "application/cloudeventsfoo", "ce-specversion": "1.0", "ce-id": "from-headers",
+        "ce-source": "/h", "ce-type": "h"})
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert (letter["event_id"], letter["attributes"]["datacontenttype"]) == ("from-headers", "application/cloudeventsfoo")
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert base64.b64decode(strict_json(broker.received()[-1].body)["data_base64"]) == body
+
+
 # The previous release's statement (shared/dead_letters.py before the
 # lookup): during a rolling update it runs beside this release's sink.
 PREVIOUS_RELEASE_UPSERT = sa.text(

@@ -127,6 +127,8 @@ class Parsed:
     data: object  # the data as JSON when it is any, to find the incident it names
     notes: tuple[str, ...] = ()  # what had to change for the letter to be stored
     data_base64: bool = False
+    # data_base64 that is not base64, as it came (body holds its text).
+    data_base64_text: str | None = None
 
 
 def is_structured(request: Request, headers) -> bool:
@@ -135,13 +137,15 @@ def is_structured(request: Request, headers) -> bool:
     headers come with it; otherwise binary, or structured after all when
     the four required ce-* headers are missing (the SDK's leniency: such a
     letter was always read so)."""
-    media = (request.mimetype or "").lower()
-    if media.startswith("application/cloudevents-batch"):
+    media = (request.mimetype or "").lower()  # the type/subtype alone, parameters dropped
+    kind, _, suffix = media.partition("+")
+    if kind == "application/cloudevents-batch":
         raise BadRequest("not a valid CloudEvent: batched mode is not accepted; the Broker sends one event")
-    if media.startswith("application/cloudevents+") and media != "application/cloudevents+json":
+    if kind != "application/cloudevents":  # application/cloudeventsfoo is no CloudEvents type
+        return not has_binary_headers({k.lower(): v for k, v in headers.items()})
+    if suffix not in ("", "json"):
         raise BadRequest(f"not a valid CloudEvent: event format {clip(media, 100)} is not supported")
-    return media.startswith("application/cloudevents") or not has_binary_headers(
-        {k.lower(): v for k, v in headers.items()})
+    return True
 
 
 def parse(request: Request) -> Parsed:
@@ -190,18 +194,28 @@ def parse_structured(body: bytes) -> Parsed:
         raise BadRequest(f"not a valid CloudEvent: specversion {clip(text_of(document['specversion']), 40)} is not supported")
     attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
     data, is_base64 = document.get("data"), "data_base64" in document
+    notes, as_sent = list(notes), None
+    if is_base64 and "data" in document:
+        # The format allows one of them; data_base64 is what is kept and sent again.
+        notes.append("data: dropped, the event had data_base64 too (a CloudEvent carries one of them)")
     if is_base64:
         encoded = document["data_base64"]
         try:
-            body = base64.b64decode(encoded) if isinstance(encoded, str) else None
+            # Strictly: without validate, "aGk=!!" was read as "hi" (the
+            # rest dropped unsaid), and unpadded "aGk" was a 400, the letter lost.
+            body = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
         except (binascii.Error, ValueError):
             body = None
         if body is None:
-            raise BadRequest("not a valid CloudEvent: data_base64 is not base64")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            data = None
+            # Kept as the text that came, and sent again so: not ours to repair.
+            as_sent = encoded if isinstance(encoded, str) else text_of(encoded)
+            notes.append("data_base64: not valid base64, kept as the text that came")
+            body, data = as_sent.encode("utf-8", "surrogatepass"), None
+        else:
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                data = None
     elif data is None:
         body = b""
     elif isinstance(data, str):
@@ -215,7 +229,7 @@ def parse_structured(body: bytes) -> Parsed:
         event = CloudEvent(attributes, None)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
-    return Parsed(event, body, data, notes, is_base64)
+    return Parsed(event, body, data, tuple(notes), is_base64, as_sent)
 
 
 def attributes_of(event: CloudEvent) -> dict:
@@ -238,6 +252,7 @@ def handle(request: Request) -> Response:
         body=parsed.body,
         cleaned=parsed.notes,
         data_base64=parsed.data_base64,
+        data_base64_text=parsed.data_base64_text,
     )
     candidate = incident_id_of(parsed.data, attributes)
     with db.transaction() as conn:
