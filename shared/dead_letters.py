@@ -241,6 +241,22 @@ def _plainly_storable(attributes: dict) -> bool:
     return "\\u0000" not in text and text.count("[") + text.count("{") <= MAX_DEPTH
 
 
+# What a letter may hold before the sink stops building it in memory: its
+# arrays and objects and (roughly) their elements, counted in the raw text
+# ('[', '{' and ',', those inside strings too: over-counting only chooses
+# the cheap way). Each becomes a Python object in every copy the sink makes;
+# the system's own events hold a few hundred. Past it, a member is kept as its
+# JSON text (functions/deadletter/shallow.py) and a redelivery sends such
+# data as its bytes (data_base64) rather than parsing it in the query function.
+MAX_ITEMS = 50_000
+
+
+def items(raw: bytes | str) -> int:
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{") + raw.count(",")
+    return raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+
+
 def encode_data(body: bytes, force_base64: bool = False) -> tuple[str, bool]:
     """The data as stored: UTF-8 text when it is text, else (or when it came
     base64-encoded) base64, flagged."""

@@ -23,6 +23,7 @@ from cloudevents.http import CloudEvent, from_http
 from cloudevents.sdk.converters.util import has_binary_headers
 from flask import Request, Response
 
+from functions.deadletter import shallow
 from shared import db, dead_letters, eventio, events, incidents
 from shared.dead_letters import clip
 from shared.errors import BadRequest
@@ -88,7 +89,23 @@ def _not_json(token: str):
 
 def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
     """A structured event's JSON, with every number strict JSON and jsonb
-    can hold, and notes of those kept as text instead.
+    can hold, and notes of those kept as text instead. A letter over
+    ``MAX_ITEMS`` is read member by member (:func:`read_large`)."""
+    if dead_letters.items(body) > dead_letters.MAX_ITEMS:
+        return read_large(body)
+    try:
+        document, notes = load(body)
+    except RecursionError:  # a member nested deeper than Python parses: kept as its text
+        return read_large(body)
+    except ValueError:
+        raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("not a valid CloudEvent: the body is not a JSON object")
+    return document, notes
+
+
+def load(text: bytes | str, name: str | None = None) -> tuple[object, tuple[str, ...]]:
+    """One JSON value (``name``: the member it is, for the notes' paths).
 
     Parsed strictly first (the C parser; only floats go through Python, to
     refuse one that overflows to Infinity): the usual letter costs that one
@@ -96,24 +113,55 @@ def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
     as Python reads it or, when Python cannot (NaN, Infinity, 1e400, a
     5000-digit integer: a 400 from the SDK, the letter lost), as its text."""
     try:
-        try:
-            document, notes = json.loads(body, parse_float=_finite, parse_constant=_not_json), ()
-        except ValueError:
-            try:  # integers in C still, unless one has more digits than int() converts
-                document = json.loads(body, parse_float=_number, parse_constant=_number)
-            except ValueError:
-                document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
-            notes = []
-            # Strings are left alone here: the attributes' NUL and lone
-            # surrogates are replaced when stored, the data's are kept.
-            document = dead_letters.storable(document, notes, text=False)
-    except RecursionError:
-        raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+        return json.loads(text, parse_float=_finite, parse_constant=_not_json), ()
     except ValueError:
+        pass
+    try:  # integers in C still, unless one has more digits than int() converts
+        value = json.loads(text, parse_float=_number, parse_constant=_number)
+    except ValueError:
+        value = json.loads(text, parse_int=_number, parse_float=_number, parse_constant=_number)
+    notes: list[str] = []
+    # Strings are left alone here: the attributes' NUL and lone
+    # surrogates are replaced when stored, the data's are kept.
+    if name is None:
+        return dead_letters.storable(value, notes, text=False), tuple(notes)
+    return dead_letters.storable({name: value}, notes, text=False)[name], tuple(notes)
+
+
+class JsonText(str):
+    """A member kept as its JSON text, not built: see :func:`read_large`."""
+
+
+def read_large(body: bytes) -> tuple[dict, tuple[str, ...]]:
+    """A letter over ``MAX_ITEMS`` (or nested deeper than the parser reads),
+    never built whole: its members found by a
+    scan (functions/deadletter/shallow.py), then each built in turn while
+    the bound allows (``data`` first: the letter's substance), the rest kept
+    as their JSON text, noted. Nothing is lost: the text is the member."""
+    try:
+        found = shallow.members(shallow.text_of(body))
+    except (ValueError, UnicodeDecodeError):
         raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
-    if not isinstance(document, dict):
-        raise BadRequest("not a valid CloudEvent: the body is not a JSON object")
-    return document, tuple(notes)
+    left, values, notes = dead_letters.MAX_ITEMS, {}, []
+    for name, text in sorted(found, key=lambda member: member[0] != "data"):  # stable: data first
+        cost = dead_letters.items(text) if text[:1] in ("[", "{") else 0
+        if cost > left:
+            values[name] = JsonText(text)
+            notes.append(f"{clip(name, 100)}: over {dead_letters.MAX_ITEMS} arrays, objects and elements: "
+                         "kept as its JSON text")
+            continue
+        try:
+            values[name], more = load(text, name)
+        except RecursionError:
+            values[name] = JsonText(text)
+            notes.append(f"{clip(name, 100)}: nested deeper than the parser reads: kept as its JSON text")
+            continue
+        except ValueError:
+            raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
+        left -= cost
+        notes += more
+    # In the letter's order, the last of a repeated name winning (as json.loads).
+    return {name: values[name] for name, _ in found}, tuple(notes)
 
 
 def keep_bytes(data: bytes) -> bytes:
@@ -176,7 +224,8 @@ def parse(request: Request) -> Parsed:
         raise BadRequest("not a valid CloudEvent: the body cannot be parsed") from None
     body = event.get_data() or b""
     try:
-        data = json.loads(body) if body else None
+        # Only to find the incident it names: not built past the bound.
+        data = json.loads(body) if body and dead_letters.items(body) <= dead_letters.MAX_ITEMS else None
     except (ValueError, RecursionError):
         data = None
     return Parsed(event, body, data)
