@@ -455,10 +455,16 @@ def get(conn: Connection, letter_id: int, for_update: bool = False) -> dict | No
 def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> bool:
     """Mark the letter as being sent by ``actor``; False while another
     redelivery holds a claim younger than ``stale_seconds`` (one that died
-    mid-send is taken over after that)."""
+    mid-send is taken over after that).
+
+    redelivered_at is the claim's own moment (clock_timestamp, the row
+    locked), not its transaction's start: a repeat recorded before it has
+    an earlier received_at, and one caused by this send, recorded once the
+    Broker took it, a later one (see mark_redelivered)."""
     return conn.execute(
         sa.text(
-            f"UPDATE dead_letters SET redelivery_status = '{SENDING}', redelivered_at = timezone('utc', now()), "
+            f"UPDATE dead_letters SET redelivery_status = '{SENDING}', "
+            "redelivered_at = timezone('utc', clock_timestamp()), "
             "redelivered_by = :actor WHERE id = :id AND (redelivery_status IS DISTINCT FROM :sending "
             "OR redelivered_at < timezone('utc', now()) - make_interval(secs => :stale)) RETURNING id"
         ),
