@@ -332,8 +332,10 @@ _AGAIN = sa.text(
     "UPDATE dead_letters SET " + _repeat("", ":code", ":err", ":incident") +
     "WHERE id = (SELECT id FROM dead_letters WHERE event_source = :src AND event_id = :id "
     # None and '' are one destination: a previous release stored '' for an
-    # empty one. The oldest row, when rows recorded twice before this lookup are there.
-    "AND COALESCE(error_destination, '') = COALESCE(:dest, '') ORDER BY id LIMIT 1) "
+    # empty one. Of rows a previous release recorded twice, the one last
+    # redelivered (whose redelivery this repeat may be), else the oldest.
+    "AND COALESCE(error_destination, '') = COALESCE(:dest, '') "
+    "ORDER BY redelivered_at DESC NULLS LAST, id LIMIT 1) "
     "RETURNING id, redelivery_count, false AS inserted"
 )
 

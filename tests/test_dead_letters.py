@@ -810,6 +810,19 @@ def test_a_letter_dead_lettered_again_comes_back_to_the_top_and_gets_the_inciden
     assert api(query, "GET", "/dead-letters").json()[0]["incident_id"] == incident_id
 
 
+def test_a_repeat_of_a_letter_recorded_twice_goes_to_the_copy_that_was_redelivered(world, broker, clean_db):
+    # It updated the oldest copy: the redelivered one kept showing "sent".
+    deadletter, query = world
+    dead_letter(deadletter, "twice", dest=None)
+    with clean_db.begin() as conn:  # a previous release's repeat without destination: a second row
+        conn.execute(PREVIOUS_RELEASE_UPSERT, {"id": "twice", "src": "/incident-response", "dest": None, "code": "503"})
+    newer, older = api(query, "GET", "/dead-letters").json()
+    assert api(query, "POST", f"/dead-letters/{newer['id']}/redeliver").json()["redelivery_status"] == "sent"
+    dead_letter(deadletter, "twice", dest=None, code="400")
+    assert [(d["id"], d["code"], d["redelivery_status"]) for d in api(query, "GET", "/dead-letters").json()] == [
+        (newer["id"], "400", "dead_again"), (older["id"], "502", None)]
+
+
 def test_a_repeat_of_a_letter_a_previous_release_stored_with_an_empty_destination_finds_it(world, clean_db):
     # That release stored '' where this one stores NULL: the lookup missed
     # the old row, and the repeat became a second letter.
@@ -825,7 +838,8 @@ def test_the_repeat_lookup_uses_the_letters_unique_key(clean_db):
         conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
         plan = "\n".join(conn.execute(sa.text(
             "EXPLAIN SELECT id FROM dead_letters WHERE event_source = 's' AND event_id = 'e' "
-            "AND COALESCE(error_destination, '') = COALESCE(NULL, '') ORDER BY id LIMIT 1")).scalars())
+            "AND COALESCE(error_destination, '') = COALESCE(NULL, '') ORDER BY redelivered_at DESC NULLS LAST, id LIMIT 1"
+        )).scalars())
     assert "uq_dead_letters_event" in plan and "Index Cond: (((event_source)::text = 's'::text) AND ((event_id)::text = 'e'::text))" in plan, plan
 
 
