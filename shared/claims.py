@@ -9,7 +9,7 @@ from sqlalchemy.engine import Connection
 
 from shared import incidents
 from shared.domain import ACTIVE_STATUSES
-from shared.errors import Conflict
+from shared.errors import BadRequest, Conflict
 
 UTC_NOW = "timezone('utc', now())"
 
@@ -61,13 +61,50 @@ def any_completed(conn: Connection, incident_id: str, key_prefix: str) -> bool:
     ).first())
 
 
+def judge_event(incident: dict, generation: int, root_generation: int = 0) -> str | None:
+    """Whether an event of ``generation`` (and ``root_generation``, as
+    shared.eventio reads them) still speaks of the incident the database has.
+
+    The database decides. An event of an earlier generation (the incident
+    was resolved and reopened since: a Broker redelivery, a dead letter
+    re-driven, a re-emission overtaken) is stale: the reason is returned and
+    the handler acknowledges it with nothing done. Nothing legitimate
+    carries a generation, or a root generation of the current generation,
+    above the database's: every event leaves through the outbox or a reply
+    after the transaction that made its generation committed, and the
+    counters only grow. So one that does is forged or from another database
+    (a restore): ``BadRequest``, dropped for good rather than retried.
+    """
+    current = incident.get("generation") or 0
+    if generation > current:
+        raise BadRequest(f"data.generation {generation} is above the incident's generation {current}")
+    if generation < current:
+        return f"the event is of generation {generation}; the incident is at generation {current} (reopened since)"
+    root = incident.get("root_generation") or 0
+    if root_generation > root:
+        raise BadRequest(f"data.root_generation {root_generation} is above the incident's root generation {root}")
+    return None
+
+
+def diagnosed(conn: Connection, incident: dict) -> bool:
+    """Did diagnostics finish for the incident's current generation (of any
+    root: which root the stored diagnosis is of is remediation's other
+    check)? Its completed claim commits with the diagnosis it stored."""
+    key = f"diagnostics:{incident['id']}:{incident['generation']}"
+    return bool(conn.execute(
+        sa.text("SELECT 1 FROM work_claims WHERE (key = :k OR key LIKE :p) AND completed_at IS NOT NULL LIMIT 1"),
+        {"k": key, "p": key.replace("%", r"\%").replace("_", r"\_") + ".root%"},
+    ).first())
+
+
 @dataclass(frozen=True)
 class Step:
     """Where a redelivered-at-least-once step stands for one incident."""
 
-    state: str  # run | replay | skip
+    state: str  # run | replay | skip | stale
     incident: dict | None
     key: str | None = None
+    reason: str | None = None  # why a stale event is stale
 
 
 def step_key(step: str, incident: dict) -> str:
@@ -79,11 +116,15 @@ def step_key(step: str, incident: dict) -> str:
     return f"{key}.root{incident['root_generation']}" if incident.get("root_generation") else key
 
 
-def begin_step(conn: Connection, step: str, incident_id: str, stale_after_seconds: float) -> Step:
+def begin_step(conn: Connection, step: str, incident_id: str, stale_after_seconds: float,
+               generation: int | None = None, root_generation: int = 0) -> Step:
     """Decide what an event handler does with ``step`` for this incident:
 
     - ``skip``: no such incident, or it no longer fires (never act on a
       resolved alert);
+    - ``stale``: the event (of ``generation``, ``root_generation``) is of a
+      generation the incident has left (:func:`judge_event`; ``BadRequest``
+      for one it never had): acknowledged, nothing done;
     - ``replay``: the step already ran for this generation and root (a
       redelivery, or the first reply was lost; also an event from before
       a root change once the new root's step ran): answer the same;
@@ -95,6 +136,10 @@ def begin_step(conn: Connection, step: str, incident_id: str, stale_after_second
     incident = incidents.get_incident(conn, incident_id)
     if incident is None:
         return Step("skip", None)
+    if generation is not None:
+        stale = judge_event(incident, generation, root_generation)
+        if stale:
+            return Step("stale", incident, reason=stale)
     key = step_key(step, incident)
     if is_completed(conn, key):
         return Step("replay", incident, key)

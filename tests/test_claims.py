@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from shared import claims
 from shared import incidents as svc
-from shared.errors import Conflict
+from shared.errors import BadRequest, Conflict
 from tests.factories import alert
 
 
@@ -115,6 +115,46 @@ def test_begin_step_skips_what_no_longer_fires_but_replays_what_ran(clean_db):
     assert step(clean_db, done).state == "replay"
     investigating = incident(clean_db, "Investigating", status="investigating")
     assert step(clean_db, investigating).state == "run"
+
+
+def test_begin_step_leaves_a_generation_the_incident_has_left_and_refuses_one_it_never_had(clean_db):
+    incident_id = incident(clean_db, "Reopened", status="resolved")
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "investigating", "t", "/t")  # a reopen: generation 1
+
+    def of(generation, root_generation=0):
+        with clean_db.begin() as conn:
+            return claims.begin_step(conn, "diagnostics", incident_id, 60.0, generation, root_generation)
+
+    stale = of(0, root_generation=5)  # the generation decides first: a stale one's root is not judged
+    assert (stale.state, stale.key) == ("stale", None)
+    assert stale.reason == "the event is of generation 0; the incident is at generation 1 (reopened since)"
+    with pytest.raises(BadRequest, match="data.generation 2 is above the incident's generation 1"):
+        of(2)
+    with pytest.raises(BadRequest, match="data.root_generation 1 is above the incident's root generation 0"):
+        of(1, root_generation=1)
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM work_claims WHERE incident_id = :i"), {"i": incident_id}).scalar() == 0
+    current = of(1)
+    assert (current.state, current.key) == ("run", f"diagnostics:{incident_id}:1")
+
+
+def test_diagnosed_is_of_the_current_generation_whatever_the_root(clean_db):
+    incident_id = incident(clean_db, "Diagnosed")
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, incident_id)
+    for key, expected in ((f"diagnostics:{incident_id}:1", False), (f"diagnostics:{incident_id}:10", False),
+                          (f"diagnostics:{incident_id}:0.root2", True)):
+        with clean_db.begin() as conn:
+            assert claims.claim(conn, key, incident_id, 60.0).acquired
+            claims.complete(conn, key)
+            assert claims.diagnosed(conn, row) is expected, key
+            conn.execute(sa.text("DELETE FROM work_claims WHERE key = :k"), {"k": key})
+    with clean_db.begin() as conn:
+        claims.claim(conn, f"diagnostics:{incident_id}:0", incident_id, 60.0)
+        assert not claims.diagnosed(conn, row)  # taken, not finished
+        claims.complete(conn, f"diagnostics:{incident_id}:0")
+        assert claims.diagnosed(conn, row)
 
 
 def test_begin_step_takes_over_a_stale_step(clean_db):

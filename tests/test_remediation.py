@@ -15,7 +15,7 @@ from functions.remediation.actions import ActionContext, IdleConnectionsParams, 
 from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
-from tests.factories import alert
+from tests.factories import alert, mark_diagnosed
 from loopback.kube import deployment, pod, replicaset
 from loopback.processes import FunctionProcess
 from tests.conftest import needs_own_backend
@@ -83,8 +83,7 @@ def tight(base_env, kube, database_url):
 def incident(engine, name, **labels):
     with engine.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
-        svc.mark_investigating(conn, incident_id, "diagnostics")
-        return svc.get_incident(conn, incident_id)
+        return mark_diagnosed(conn, incident_id)
 
 
 def deliver(proc, row):
@@ -252,7 +251,7 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     fired = fired.__class__(**{**fired.__dict__, "starts_at": datetime(2026, 11, 27, 10, 0, 0)})
     with clean_db.begin() as conn:
         row_id = svc.record_alerts(conn, [fired], "/test", "am", reopen_window_seconds=1800).outcomes[0].incident_id
-        row = svc.get_incident(conn, row_id)
+        row = mark_diagnosed(conn, row_id)
     assert reply_of(deliver(live, row))["type"] == REMEDIATED
 
     # AlertManager re-sends the same firing (same startsAt): noted, nothing opened.
@@ -270,7 +269,10 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     assert (row["status"], row["generation"]) == ("open", 1)
     assert reopened.event_ids == [f"{row_id}.opened.1"]
 
-    # The second attempt meets the cooldown: a human gets it, not a loop.
+    # Its opening diagnosed, the new generation's remediation meets the
+    # cooldown: a human gets it, not a loop.
+    with clean_db.begin() as conn:
+        row = mark_diagnosed(conn, row_id)
     event = reply_of(deliver(live, row))
     assert event["type"] == FAILED and "cooldown" in event.data["remediation"]["reason"]
     assert len(cluster.calls("PATCH")) == 1

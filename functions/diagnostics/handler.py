@@ -68,8 +68,14 @@ class DiagnosticsHandler:
 
     def handle(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
+        generation, root_generation = eventio.generation_of(event), eventio.root_generation_of(event)
         with db.transaction() as conn:
-            step = claims.begin_step(conn, "diagnostics", incident_id, self.config.diagnostics_deadline_seconds * 3)
+            step = claims.begin_step(conn, "diagnostics", incident_id, self.config.diagnostics_deadline_seconds * 3,
+                                     generation, root_generation)
+        if step.state == "stale":
+            # A late opening of a generation the incident has left: nothing to diagnose.
+            log.info("Diagnostics skipped: stale event", extra={"incident_id": incident_id, "reason": step.reason})
+            return eventio.ack()
         if step.state == "skip":
             status = step.incident["status"] if step.incident else "missing"
             log.info("Diagnostics skipped: incident is %s" % status, extra={"incident_id": incident_id})

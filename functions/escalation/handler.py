@@ -4,10 +4,13 @@ channel and transition.
 Every incident transition arrives (the Triggers in ``knative/`` filter on
 the type only); each channel of :mod:`functions.escalation.channels`
 decides from the settings what the transition means to it, and the
-database decides what happened. An event only names an incident and a transition:
-its generation, priority, status and remediation outcome are read from the
-database, so a forged or stale event can at most repeat a notification that
-is due, never add one (``notify:…`` keys carry the stored generation).
+database decides what happened. An event names an incident, a transition
+and the generation and root it is of: one of an earlier generation (the
+incident was reopened since) tells nothing, one the database never had is
+``400`` (shared.claims.judge_event). Priority, status and remediation
+outcome are read from the database, so a forged or stale event can at most
+repeat a notification that is due, never add one (``notify:…`` keys carry
+the stored generation).
 
 A notification is claimed before it is sent and recorded (with a unique key)
 in the same transaction as the claim completes, so a redelivered or
@@ -145,7 +148,8 @@ class EscalationHandler:
         self.channels: list[Channel] = channels
         self.stale_seconds = claim_stale_seconds(config)
 
-    def _state(self, transition: str, incident_id: str, root_generation: int = 0) -> tuple[dict | None, str | None, str | None, Round]:
+    def _state(self, transition: str, incident_id: str, root_generation: int = 0,
+               generation: int = 0) -> tuple[dict | None, str | None, str | None, Round]:
         """The incident, the reason to tell (remediation's, or who
         acknowledged), why the event does not match the database (None when
         it does), and which remediation round this is."""
@@ -153,6 +157,14 @@ class EscalationHandler:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
                 return None, None, "no such incident", NO_ROUND
+            # The event's generation and root are the database's or stale
+            # (shared.claims.judge_event; one it never had is a 400); a root
+            # change superseded by a later one is stale too.
+            stale = claims.judge_event(incident, generation, root_generation)
+            if not stale and transition == "opened" and 0 < root_generation < (incident.get("root_generation") or 0):
+                stale = f"the event is of root {root_generation}; the incident's root is {incident['root_generation']} since"
+            if stale:
+                return incident, None, stale, NO_ROUND
             # The page tells how many alerts the incident groups, and why.
             incident["correlation"] = members.page_summary(conn, incident_id)
             if root_generation and transition == "opened":
@@ -182,7 +194,7 @@ class EscalationHandler:
         # root's outcome redelivered after a take-over is not told again
         # as the new root's.
         root_generation = eventio.root_generation_of(event)
-        incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation)
+        incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation, eventio.generation_of(event))
         if mismatch:
             log.warning("Escalation skipped: the event does not match the incident", extra={
                 "incident_id": incident_id, "transition": transition, "reason": mismatch})

@@ -72,8 +72,23 @@ class RemediationHandler(ApprovalFlow):
         if event["type"] == events.INCIDENT_REMEDIATION_APPROVED:
             return self.handle_approved(event)
         incident_id = eventio.incident_id_of(event)
+        generation, root_generation = eventio.generation_of(event), eventio.root_generation_of(event)
         with db.transaction() as conn:
-            step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds)
+            step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds, generation, root_generation)
+            # The playbook acts on this generation's diagnosis only: a
+            # generation reopened by a person is never diagnosed, and the
+            # diagnosis stored is the previous generation's.
+            undiagnosed = step.state == "run" and not claims.diagnosed(conn, step.incident)
+            if undiagnosed:
+                claims.release(conn, step.key)
+        if step.state == "stale":
+            # A late diagnosis of a generation the incident has left.
+            log.info("Remediation skipped: stale event", extra={"incident_id": incident_id, "reason": step.reason})
+            return eventio.ack()
+        if undiagnosed:
+            log.info("Remediation skipped: the incident's generation was not diagnosed", extra={
+                "incident_id": incident_id, "generation": step.incident["generation"]})
+            return eventio.ack()
         if step.state == "skip":
             # Remediating after the alert resolved is how peers deleted healthy pods.
             status = step.incident["status"] if step.incident else "missing"

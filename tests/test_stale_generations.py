@@ -1,0 +1,223 @@
+"""Events of a generation the incident has left, and generations it never
+had, over real HTTP: the functions served, loopback PagerDuty, Slack and
+Kubernetes. The database decides which generation and root an incident is
+at; an event's ``data.generation`` / ``data.root_generation`` only say which
+one it is of. A stale one is acknowledged (2xx) with nothing done; one the
+database never had is forged and refused for good (400), as is one that is
+not a whole number in range."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import sqlalchemy as sa
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+
+from shared import events
+from shared import incidents as svc
+from tests.conftest import TEST_TOKEN
+from tests.factories import alert
+from tests.test_escalation import ROUTING_KEY, SLACK_PATH
+from loopback.kube import deployment, pod
+from loopback.processes import FunctionProcess
+
+
+@pytest.fixture
+def cluster(kube):
+    kube.clear()
+    kube.rollout_delay = 0.0
+    kube.add_deployment(deployment("email-service", 1))
+    kube.pods.extend([pod("email-service-a", {"app": "email-service"})])
+    return kube
+
+
+@pytest.fixture(scope="module")
+def functions(base_env, kube, pd, slack_hook):
+    """The chain's consumers and the query API, remediation live against
+    the loopback cluster so that a run is a Kubernetes call."""
+    env = {
+        **base_env,
+        "KUBECONFIG": str(kube.kubeconfig_path),
+        "REMEDIATION_MODE": "live",
+        "REMEDIATION_ALLOWED_NAMESPACES": "production",
+        "REMEDIATION_VERIFY_TIMEOUT_SECONDS": "5",
+        "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
+        "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "SLACK_WEBHOOK_URL": slack_hook.url + SLACK_PATH,
+        "NOTIFY_TIMEOUT_SECONDS": "2",
+        "NOTIFY_MAX_ATTEMPTS": "2",
+    }
+    started = {}
+    try:
+        for name in ("diagnostics", "remediation", "escalation", "query"):
+            started[name] = FunctionProcess(name, env, threads=2).start()
+        yield started
+    finally:
+        for proc in started.values():
+            proc.stop()
+
+
+@pytest.fixture
+def receivers(pd, slack_hook):
+    pd.reset(), slack_hook.reset()
+    yield pd, slack_hook
+    assert pd.invalid == [] and slack_hook.invalid == [], (pd.invalid, slack_hook.invalid)
+
+
+def open_incident(engine, name="EmailServiceDown"):
+    with engine.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert(name, priority="P0", service="email", namespace="production")],
+                                        "/test", "test").outcomes[0].incident_id
+        return svc.get_incident(conn, incident_id)
+
+
+def current(engine, incident_id):
+    with engine.connect() as conn:
+        return svc.get_incident(conn, incident_id)
+
+
+def timeline(engine, incident_id, kind):
+    with engine.connect() as conn:
+        return [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == kind]
+
+
+def event_of(event_type, row, **data):
+    """The event the outbox sends for ``row`` (its id, attributes and
+    data), with ``data`` changed as a sender might."""
+    spec = events.incident_event(event_type, row, "/test")
+    spec["data"].update(data)
+    return to_binary(CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", "subject": row["id"],
+                                 **spec["extensions"]}, spec["data"]))
+
+
+def post(proc, event):
+    headers, body = event
+    return requests.post(proc.url + "/", data=body, headers=headers, timeout=60)
+
+
+def as_redelivered(response):
+    """A function's reply as the Broker delivers it onward (binary mode)."""
+    headers = {k: v for k, v in response.headers.items() if k.lower().startswith("ce-") or k.lower() == "content-type"}
+    return headers, response.content
+
+
+def sent(receivers):
+    pd, slack = receivers
+    return [b["event_action"] for b in pd.bodies()], len(slack.requests)
+
+
+# --------------------------------------------------------------------------- a late generation 0 after a reopen
+
+
+def test_a_late_generation_after_a_reopen_runs_nothing_and_pages_no_one(functions, cluster, receivers, clean_db):
+    """Generation 0 goes opened -> diagnosed -> remediated (which resolves
+    it); a person reopens it: generation 1, never diagnosed. Generation 0's
+    events, redelivered by the Broker or re-driven from a dead letter, are
+    acknowledged with nothing done: no remediation on generation 0's
+    diagnosis, no page, no chat message, no second diagnosis."""
+    row = open_incident(clean_db)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    diagnosed = post(functions["diagnostics"], opened)
+    assert diagnosed.status_code == 200 and diagnosed.headers["ce-id"] == f"{row['id']}.diagnosed.0"
+    remediated = post(functions["remediation"], as_redelivered(diagnosed))
+    assert remediated.status_code == 200 and remediated.headers["ce-id"] == f"{row['id']}.remediated.0"
+    assert current(clean_db, row["id"])["status"] == "resolved"
+
+    reopened = requests.patch(f"{functions['query'].url}/incidents/{row['id']}", json={"status": "investigating", "note": "not fixed"},
+                              headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
+    assert reopened.status_code == 200, reopened.text
+    assert (current(clean_db, row["id"])["generation"], current(clean_db, row["id"])["status"]) == (1, "investigating")
+
+    receivers[0].reset(), receivers[1].reset()
+    kube_calls = len(cluster.requests)
+    before = {kind: len(timeline(clean_db, row["id"], kind)) for kind in ("diagnosed", "remediation_action", "remediation_result")}
+    late = {
+        "remediation": as_redelivered(diagnosed),
+        "escalation": opened,
+        "diagnostics": opened,
+    }
+    for name, event in late.items():
+        response = post(functions[name], event)
+        assert (response.status_code, response.content) == (202, b""), (name, response.status_code, response.text)
+    # Nor is generation 0's outcome told as generation 1's.
+    assert post(functions["escalation"], as_redelivered(remediated)).status_code == 202
+
+    assert sent(receivers) == ([], 0)
+    assert len(cluster.requests) == kube_calls
+    assert {kind: len(timeline(clean_db, row["id"], kind)) for kind in before} == before
+    assert [r["generation"] for r in timeline(clean_db, row["id"], "remediation_result")] == [0]
+    for name in late:
+        assert "the event is of generation 0; the incident is at generation 1" in functions[name].logs(), name
+
+
+def test_a_diagnosed_event_of_a_generation_never_diagnosed_runs_no_playbook(functions, cluster, receivers, clean_db):
+    row = open_incident(clean_db)
+    response = post(functions["remediation"], event_of(events.INCIDENT_DIAGNOSED, row))
+    assert (response.status_code, response.content) == (202, b"")
+    assert cluster.requests == [] and timeline(clean_db, row["id"], "remediation_result") == []
+    assert "the incident's generation was not diagnosed" in functions["remediation"].logs()
+    # Once diagnostics has run, the same event runs the playbook.
+    assert post(functions["diagnostics"], event_of(events.INCIDENT_OPENED, row)).status_code == 200
+    assert post(functions["remediation"], event_of(events.INCIDENT_DIAGNOSED, row)).status_code == 200
+    assert len(cluster.calls("PATCH")) == 1
+
+
+# --------------------------------------------------------------------------- generations the database never had
+
+
+@pytest.mark.parametrize("root_generation", [1, 2, 7])
+def test_a_forged_root_generation_sends_nothing(functions, receivers, clean_db, root_generation):
+    """Event routes carry no token: whatever can reach escalation could
+    claim a root change the database never recorded."""
+    row = open_incident(clean_db)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    response = post(functions["escalation"], event_of(events.INCIDENT_OPENED, row, root_generation=root_generation))
+    assert response.status_code == 400 and "data.root_generation" in response.json()["message"]
+    assert sent(receivers) == (["trigger"], 1)
+    assert timeline(clean_db, row["id"], "root_changed") == []
+
+
+@pytest.mark.parametrize("name, event_type", [("diagnostics", events.INCIDENT_OPENED), ("remediation", events.INCIDENT_DIAGNOSED),
+                                              ("escalation", events.INCIDENT_OPENED)])
+def test_a_generation_above_the_databases_is_400(functions, cluster, receivers, clean_db, name, event_type):
+    row = open_incident(clean_db)
+    for data in ({"generation": 1}, {"generation": 5, "root_generation": 0}, {"generation": 0, "root_generation": 3}):
+        response = post(functions[name], event_of(event_type, row, **data))
+        assert response.status_code == 400, (data, response.status_code, response.text)
+    assert sent(receivers) == ([], 0) and cluster.requests == []
+    assert current(clean_db, row["id"])["status"] == "open"
+
+
+@pytest.mark.parametrize("field", ["generation", "root_generation"])
+@pytest.mark.parametrize("value", [True, False, "5", "0", 1.0, 1.5, -1, 10**30, 2**31, [0], {"n": 0}])
+def test_a_generation_that_is_not_a_whole_number_in_range_is_400(functions, cluster, receivers, clean_db, field, value):
+    row = open_incident(clean_db)
+    for name, event_type in (("diagnostics", events.INCIDENT_OPENED), ("remediation", events.INCIDENT_DIAGNOSED),
+                             ("escalation", events.INCIDENT_OPENED)):
+        response = post(functions[name], event_of(event_type, row, **{field: value}))
+        assert response.status_code == 400, (name, response.status_code, response.text)
+        assert f"data.{field} must be a whole number" in response.json()["message"]
+    assert sent(receivers) == ([], 0) and cluster.requests == []
+
+
+# --------------------------------------------------------------------------- a root change superseded
+
+
+def test_a_root_change_superseded_by_a_later_one_is_not_told(functions, receivers, clean_db):
+    """Two take-overs in a row: the first one's opening arriving late tells
+    nothing; the database's current root's is told once."""
+    row = open_incident(clean_db)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row)).status_code == 202
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 2 WHERE id = :id"), {"id": row["id"]})
+        svc.add_timeline(conn, row["id"], "root_changed", {"reason": "TargetDown took over", "root_generation": 2}, "test")
+    receivers[0].reset(), receivers[1].reset()
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row, root_generation=1)).status_code == 202
+    assert sent(receivers) == ([], 0)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row, root_generation=2)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    assert "is now the root" in receivers[1].bodies()[0]["text"]
