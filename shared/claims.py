@@ -86,15 +86,24 @@ def judge_event(incident: dict, generation: int, root_generation: int = 0) -> st
     return None
 
 
+# The generation's first root's key, or one of its later roots' (``….root<n>``):
+# two primary-key lookups, an equality and a range, in begin_step's
+# transaction. ``key LIKE 'prefix%'`` cannot use the primary key unless the
+# database's collation is "C" (not "C.UTF-8", not en_US): it scanned every
+# claim ever taken. The LIKE keeps the range exact whatever the collation.
+_DIAGNOSED = sa.text(
+    "SELECT 1 FROM work_claims WHERE (key = :k OR (key >= :lo AND key < :hi AND key LIKE :p)) "
+    "AND completed_at IS NOT NULL LIMIT 1")
+
+
 def diagnosed(conn: Connection, incident: dict) -> bool:
     """Did diagnostics finish for the incident's current generation (of any
     root: which root the stored diagnosis is of is remediation's other
     check)? Its completed claim commits with the diagnosis it stored."""
     key = f"diagnostics:{incident['id']}:{incident['generation']}"
-    return bool(conn.execute(
-        sa.text("SELECT 1 FROM work_claims WHERE (key = :k OR key LIKE :p) AND completed_at IS NOT NULL LIMIT 1"),
-        {"k": key, "p": key.replace("%", r"\%").replace("_", r"\_") + ".root%"},
-    ).first())
+    # Every ``key.root<n>`` sorts from ``key.root`` up to ``key.roou`` (t + 1).
+    return bool(conn.execute(_DIAGNOSED, {"k": key, "lo": key + ".root", "hi": key + ".roou",
+                                          "p": key.replace("%", r"\%").replace("_", r"\_") + ".root%"}).first())
 
 
 @dataclass(frozen=True)

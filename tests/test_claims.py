@@ -157,6 +157,25 @@ def test_diagnosed_is_of_the_current_generation_whatever_the_root(clean_db):
         assert claims.diagnosed(conn, row)
 
 
+def test_diagnosed_looks_claims_up_by_primary_key_however_many_there_are(clean_db):
+    """Remediation asks it in begin_step's transaction for every
+    incident.diagnosed: with the statistics of a grown work_claims table,
+    the plan is the primary key's (an equality and a range), never a scan."""
+    incident_id = incident(clean_db, "ManyClaims")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO work_claims (key, completed_at) SELECT 'diagnostics:' || md5(g::text) || ':' || (g % 3), "
+                             "timezone('utc', now()) FROM generate_series(1, 20000) AS g"))
+    with clean_db.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE work_claims")
+    key = f"diagnostics:{incident_id}:0"
+    with clean_db.connect() as conn:
+        plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + claims._DIAGNOSED.text), {
+            "k": key, "lo": key + ".root", "hi": key + ".roou", "p": key + ".root%"}))
+        assert "Seq Scan" not in plan and "work_claims_pkey" in plan, plan
+        assert plan.count("Index Cond") == 2, plan
+        assert not claims.diagnosed(conn, svc.get_incident(conn, incident_id))
+
+
 def test_begin_step_takes_over_a_stale_step(clean_db):
     incident_id = incident(clean_db)
     key = step(clean_db, incident_id, stale=30).key
