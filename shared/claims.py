@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
+from typing import NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -10,6 +12,8 @@ from sqlalchemy.engine import Connection
 from shared import incidents
 from shared.domain import ACTIVE_STATUSES
 from shared.errors import BadRequest, Conflict
+
+log = logging.getLogger("claims")
 
 UTC_NOW = "timezone('utc', now())"
 
@@ -77,13 +81,21 @@ def judge_event(incident: dict, generation: int, root_generation: int = 0) -> st
     """
     current = incident.get("generation") or 0
     if generation > current:
-        raise BadRequest(f"data.generation {generation} is above the incident's generation {current}")
+        _refuse(incident, f"data.generation {generation} is above the incident's generation {current}")
     if generation < current:
         return f"the event is of generation {generation}; the incident is at generation {current} (reopened since)"
     root = incident.get("root_generation") or 0
     if root_generation > root:
-        raise BadRequest(f"data.root_generation {root_generation} is above the incident's root generation {root}")
+        _refuse(incident, f"data.root_generation {root_generation} is above the incident's root generation {root}")
     return None
+
+
+def _refuse(incident: dict, reason: str) -> NoReturn:
+    """A generation the database never had is a forged event or one from
+    another database (a restore): dropped for good, so it is logged here
+    (shared.http logs only the 5xx). The reason names numbers only."""
+    log.warning("Event refused: a generation the incident never had", extra={"incident_id": incident.get("id"), "reason": reason})
+    raise BadRequest(reason)
 
 
 # The generation's first root's key, or one of its later roots' (``….root<n>``):

@@ -188,6 +188,11 @@ def test_a_generation_above_the_databases_is_400(functions, cluster, receivers, 
     for data in ({"generation": 1}, {"generation": 5, "root_generation": 0}, {"generation": 0, "root_generation": 3}):
         response = post(functions[name], event_of(event_type, row, **data))
         assert response.status_code == 400, (data, response.status_code, response.text)
+    # Dropped for good, so logged with why (the 400s are not otherwise).
+    logs = functions[name].logs()
+    for reason in ("data.generation 1 is above the incident's generation 0", "data.generation 5 is above",
+                   "data.root_generation 3 is above the incident's root generation 0"):
+        assert f'"reason": "{reason}' in logs and row["id"] in logs, (name, reason)
     assert sent(receivers) == ([], 0) and cluster.requests == []
     assert current(clean_db, row["id"])["status"] == "open"
 
