@@ -330,3 +330,33 @@ def test_a_diagnosis_from_before_root_generations_is_taken_as_the_current_roots(
     assert reply.status_code == 200 and reply.headers["ce-id"] == f"{first.incident_id}.remediation_failed.0.root1"
     (result,) = timeline(clean_db, first.incident_id, "remediation_result")
     assert result["details"]["root_generation"] == 1
+
+
+def test_a_diagnosis_reply_is_of_the_generation_and_root_diagnosed_whatever_the_incident_is_at_by_then(clean_db, settings_obj):
+    """The reply leaves after the diagnosis committed; a person may have
+    reopened the incident in between (generation 1, first root). It names
+    the generation and root the diagnosis is of (0, root 2): stale to
+    remediation and escalation. Stamped with the incident's generation by
+    then it was (1, root 2), a pair that never existed: a 400 for good."""
+    import json
+
+    from functions.diagnostics.handler import DiagnosticsHandler
+    from shared import claims
+    from shared import incidents as svc
+
+    hpa = kp("KubeHpaMaxedOut", "s", namespace="reply", horizontalpodautoscaler="svc", service="svc")
+    with clean_db.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager").outcomes
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 2 WHERE id = :id"), {"id": first.incident_id})
+        diagnosed = svc.get_incident(conn, first.incident_id)
+    diagnosis = {"durations_ms": {}, "root": {"alert_name": "KubeHpaMaxedOut", "root_generation": 2}}
+    with clean_db.begin() as conn:
+        svc.transition(conn, first.incident_id, "resolved", "test", "/test")
+        svc.transition(conn, first.incident_id, "investigating", "test", "/test")
+        now = svc.get_incident(conn, first.incident_id)
+    assert (now["generation"], now["root_generation"]) == (1, 0)
+    reply = DiagnosticsHandler(settings_obj, SlowCollector())._reply(diagnosed, diagnosis)
+    data = json.loads(reply.get_data())
+    assert reply.headers["ce-id"] == f"{first.incident_id}.diagnosed.0.root2"
+    assert (data["generation"], data["root_generation"]) == (0, 2)
+    assert claims.judge_event(now, data["generation"], data["root_generation"]).startswith("the event is of generation 0")

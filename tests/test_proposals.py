@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from loopback.kube import deployment
 from loopback.processes import FunctionProcess, wait_until
-from shared import events, proposals
+from shared import claims, events, proposals
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
@@ -347,3 +347,54 @@ def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_nev
     # A redelivery replies the recorded failure instead of 409 until the dead letter.
     assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
     assert len(cluster.calls("PATCH", "/scale")) == 1
+
+
+def reopen(engine, incident_id):
+    """A person reopens the incident: generation 1, first root."""
+    with engine.begin() as conn:
+        if svc.get_incident(conn, incident_id)["status"] != "resolved":
+            svc.transition(conn, incident_id, "resolved", "test", "/test")
+        svc.transition(conn, incident_id, "investigating", "test", "/test")
+        return svc.get_incident(conn, incident_id)
+
+
+def test_a_proposal_approved_after_a_reopen_is_not_executed_and_its_outcome_is_of_its_own_generation(remediation, query, cluster, clean_db):
+    """The proposal is generation 0's; the approval arrives once a person
+    has reopened the incident (generation 1). Nothing runs, and the outcome
+    is recorded and replied as generation 0's: stale to escalation, not a
+    remediation failure of generation 1 to page about."""
+    row, summary = proposed(clean_db, remediation)
+    current = reopen(clean_db, row["id"])
+    assert current["generation"] == 1
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is investigating (generation 1)")
+    assert not cluster.calls("PATCH")
+    with clean_db.connect() as conn:
+        (result,) = [t["details"] for t in svc.get_timeline(conn, row["id"])
+                     if t["kind"] == "remediation_result" and t["details"].get("approved_proposal") == summary["id"]]
+    assert (result["generation"], result["root_generation"]) == (0, 0)
+    replayed = reply_of(deliver_approval(remediation, row, summary["id"]))
+    assert (replayed.data["generation"], replayed.data["root_generation"]) == (0, 0)
+    assert claims.judge_event(current, replayed.data["generation"], replayed.data["root_generation"]).startswith(
+        "the event is of generation 0; the incident is at generation 1")
+
+
+def test_an_approved_outcome_redelivered_after_a_reopen_is_stale_not_forged(remediation, query, cluster, clean_db):
+    """Executed at generation 0 under its second root, then reopened by a
+    person (generation 1, first root): the approval redelivered replies the
+    outcome as generation 0's, root 1, a pair that existed, so escalation
+    acknowledges it with nothing told. Stamped with the incident's new
+    generation it was (1, root 1), a pair that never existed: 400, a dead
+    letter no re-drive could deliver."""
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": row["id"]})
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
+    current = reopen(clean_db, row["id"])
+    assert (current["generation"], current["root_generation"]) == (1, 0)
+    replayed = reply_of(deliver_approval(remediation, row, summary["id"]))
+    assert replayed["id"] == f"{row['id']}.remediated.0.{summary['id']}"
+    assert (replayed.data["generation"], replayed.data["root_generation"]) == (0, 1)
+    assert claims.judge_event(current, replayed.data["generation"], replayed.data["root_generation"]) is not None

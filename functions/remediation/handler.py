@@ -118,7 +118,7 @@ class RemediationHandler(ApprovalFlow):
             raise
         self.publisher.submit(event_ids)
         log.info("Remediation finished", extra={"incident_id": incident_id, "outcome": result.outcome, "reason": result.reason})
-        return self._reply(incident_id, result, root_generation=incident.get("root_generation") or 0)
+        return self._reply(incident_id, result, root_generation=incident.get("root_generation") or 0, generation=incident["generation"])
 
     # ------------------------------------------------------------------ the run
 
@@ -282,15 +282,19 @@ class RemediationHandler(ApprovalFlow):
         d = entries[-1]["details"]
         log.info("Remediation already ran; replying again", extra={"incident_id": incident["id"]})
         return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"),
-                                                  d.get("proposal"), d.get("verification")), root_generation=d.get("root_generation") or 0)
+                                                  d.get("proposal"), d.get("verification")), root_generation=d.get("root_generation") or 0,
+                           generation=d["generation"])
 
-    def _reply(self, incident_id: str, result: Result, event_id: str | None = None, root_generation: int = 0) -> Response:
-        """The outcome of the root the run acted on (``root_generation``,
-        in the reply's id and data), whatever root the incident has by now:
-        escalation tells it under that root's claims."""
+    def _reply(self, incident_id: str, result: Result, event_id: str | None = None, root_generation: int = 0,
+               generation: int = 0) -> Response:
+        """The outcome of the generation and root the run acted on (in the
+        reply's id and data), whatever the incident is at by now: escalation
+        tells it under that root's claims, and a reply a reopen overtook is
+        stale to it (nothing told), never a pair of generation and root that
+        did not exist together (a 400 no re-drive could deliver)."""
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
-        incident["root_generation"] = root_generation
+        incident["generation"], incident["root_generation"] = generation, root_generation
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
         return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()},
                              event_id or events.step_event_id(event_type, incident))
