@@ -226,3 +226,93 @@ def test_a_root_change_superseded_by_a_later_one_is_not_told(functions, receiver
     assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row, root_generation=2)).status_code == 202
     assert sent(receivers) == (["trigger"], 1)
     assert "is now the root" in receivers[1].bodies()[0]["text"]
+
+
+# --------------------------------------------------------------------------- an opening nobody was told
+
+
+def test_an_opening_never_told_is_told_when_re_driven_into_a_later_generation_of_an_active_incident(functions, receivers, clean_db):
+    """Every alert the intake acknowledged reaches a human. PagerDuty is
+    down when the P0 opens (generation 0): escalation answers 502 and the
+    Broker dead-letters the opening (Slack did post it). The incident is
+    resolved, and a person reopens it: generation 1, and a reopen by hand
+    emits no opening. The dead letter re-driven is of generation 0, stale;
+    but nobody was paged in any generation, so PagerDuty pages now, as
+    generation 1's opening, once; Slack, which told it, says nothing again.
+    While the incident is resolved the same re-drive tells nothing."""
+    pd, slack = receivers
+    row = open_incident(clean_db)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    pd.script.extend([(503, {}, b"down")] * 2)  # NOTIFY_MAX_ATTEMPTS
+    assert post(functions["escalation"], opened).status_code == 502
+    assert (len(pd.requests), len(slack.requests)) == (2, 1)
+
+    def patch(status):
+        response = requests.patch(f"{functions['query'].url}/incidents/{row['id']}", json={"status": status},
+                                  headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
+        assert response.status_code == 200, response.text
+
+    patch("resolved"), patch("investigating"), patch("resolved")
+    pd.reset(), slack.reset()
+    assert post(functions["escalation"], opened).status_code == 202  # resolved: nothing to page about
+    assert sent(receivers) == ([], 0)
+
+    patch("investigating")
+    assert current(clean_db, row["id"])["generation"] == 2
+    for _ in range(2):  # re-driven twice: paged once
+        response = post(functions["escalation"], opened)
+        assert (response.status_code, response.content) == (202, b"")
+    assert sent(receivers) == (["trigger"], 0)
+    assert pd.bodies()[0]["dedup_key"] == row["id"] and pd.bodies()[0]["payload"]["custom_details"]["status"] == "investigating"
+    assert "told as the current generation's" in functions["escalation"].logs()
+    with clean_db.connect() as conn:
+        done = conn.execute(sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND completed_at IS NOT NULL "
+                                    "AND key LIKE 'notify:pagerduty:%'"), {"i": row["id"]}).scalars().all()
+    assert done == [f"notify:pagerduty:trigger:{row['id']}:2:opened"]
+
+    # The page is PagerDuty's alert of generation 2: resolving it resolves the page.
+    patch("resolved")
+    assert post(functions["escalation"], event_of(events.INCIDENT_RESOLVED, current(clean_db, row["id"]))).status_code == 202
+    assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+
+def test_an_opening_every_channel_told_stays_stale_after_a_reopen(functions, receivers, clean_db):
+    """Told in generation 0 by PagerDuty and Slack, then resolved and
+    reopened: the same opening redelivered tells nothing (the on-call was
+    paged in its generation)."""
+    row = open_incident(clean_db)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "test", "/test")
+        svc.transition(conn, row["id"], "investigating", "test", "/test")
+    receivers[0].reset(), receivers[1].reset()
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == ([], 0)
+
+
+def test_a_late_resolution_after_the_intake_reopened_the_incident_resolves_no_page(functions, receivers, clean_db):
+    """Remediation resolved generation 0; the alert fires again and the
+    intake reopens the incident as generation 1, which pages. Generation 0's
+    incident.resolved arriving only now (a Broker retry, a re-drive) is
+    stale: the page of generation 1 stays open, and Slack is not told the
+    incident is resolved."""
+    row = open_incident(clean_db)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row)).status_code == 202
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        resolved = event_of(events.INCIDENT_RESOLVED, svc.get_incident(conn, row["id"]))
+        again = svc.record_alerts(conn, [alert("EmailServiceDown", priority="P0", service="email", namespace="production")],
+                                  "/test", "test", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+    reopened = current(clean_db, row["id"])
+    assert (reopened["generation"], reopened["status"]) == (1, "open")
+    receivers[0].reset(), receivers[1].reset()
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, reopened)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+
+    response = post(functions["escalation"], resolved)
+    assert (response.status_code, response.content) == (202, b"")
+    assert sent(receivers) == (["trigger"], 1)
+    assert current(clean_db, row["id"])["status"] == "open"

@@ -7,7 +7,12 @@ decides from the settings what the transition means to it, and the
 database decides what happened. An event names an incident, a transition
 and the generation and root it is of: one of an earlier generation (the
 incident was reopened since) tells nothing, one the database never had is
-``400`` (shared.claims.judge_event). Priority, status and remediation
+``400`` (shared.claims.judge_event). One exception keeps every acknowledged
+alert reaching a human: an opening of an earlier generation that a channel
+never told (its page dead-lettered, then a person reopened the incident,
+which sends no opening) is told, while the incident is active, as the
+current generation's opening (:meth:`EscalationHandler._untold_opening`).
+Priority, status and remediation
 outcome are read from the database, so a forged or stale event can at most
 repeat a notification that is due, never add one (``notify:…`` keys carry
 the stored generation).
@@ -56,6 +61,7 @@ from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import claims, db, events, eventio, incidents, members
 from shared.config import Settings
+from shared.domain import ACTIVE_STATUSES
 from shared.errors import BadGateway, Conflict, ServiceUnavailable
 
 log = logging.getLogger("escalation")
@@ -123,6 +129,18 @@ def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
     return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
 
 
+def told_openings(conn, incident_id: str, generation: int) -> frozenset[str]:
+    """The channels that told an opening of the incident's ``generation``
+    (its first, a raise to P0, a new root's), from their completed claim
+    keys ``notify:{channel}:{action}:{incident}:{generation}:opened…``."""
+    rows = conn.execute(
+        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE 'notify:%' AND completed_at IS NOT NULL"),
+        {"i": incident_id},
+    ).scalars()
+    parts = [key.split(":") for key in rows]
+    return frozenset(p[1] for p in parts if len(p) > 5 and p[4] == str(generation) and p[5].split(".")[0] == "opened")
+
+
 @dataclass(frozen=True)
 class Round:
     """Which remediation outcome an event tells: the approved proposal it
@@ -187,6 +205,25 @@ class EscalationHandler:
                 return incident, result.get("reason"), None, Round(result.get("approved_proposal"), pending)
         return incident, None, None, NO_ROUND
 
+    def _untold_opening(self, transition: str, incident: dict | None, generation: int) -> frozenset[str] | None:
+        """Every alert the intake acknowledged reaches a human. An opening
+        of a generation the incident has left (a dead letter or a parked
+        outbox row re-driven, a Broker retry still in flight) is stale; but
+        when the incident is active again (a person reopened it, which
+        emits no opening) and a channel never told that generation's
+        opening (PagerDuty was down, the page dead-lettered), nobody was
+        paged: it is told now as the current generation's opening, under
+        that generation's claims (told once). Returns the channels that did
+        tell it, which say nothing again; None when it tells nothing."""
+        if (transition != "opened" or incident is None or incident["status"] not in ACTIVE_STATUSES
+                or generation >= (incident.get("generation") or 0)):
+            return None
+        with db.engine().connect() as conn:
+            told = told_openings(conn, incident["id"], generation)
+        if all(channel.name in told for channel in self.channels if channel.configured()):
+            return None
+        return told
+
     def handle(self, event: CloudEvent) -> Response:
         transition = events.transition_of(event["type"])
         incident_id = eventio.incident_id_of(event)
@@ -195,10 +232,19 @@ class EscalationHandler:
         # as the new root's.
         root_generation = eventio.root_generation_of(event)
         incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation, eventio.generation_of(event))
+        told_before: frozenset[str] = frozenset()
         if mismatch:
-            log.warning("Escalation skipped: the event does not match the incident", extra={
-                "incident_id": incident_id, "transition": transition, "reason": mismatch})
-            return eventio.ack()
+            told_before = self._untold_opening(transition, incident, eventio.generation_of(event))
+            if told_before is None:
+                log.warning("Escalation skipped: the event does not match the incident", extra={
+                    "incident_id": incident_id, "transition": transition, "reason": mismatch})
+                return eventio.ack()
+            log.warning("Escalation: an opening never told, of a generation the incident has left, is told as the current "
+                        "generation's", extra={"incident_id": incident_id, "reason": mismatch, "told_by": sorted(told_before)})
+            root_generation = 0
+            incident, reason, mismatch, round_ = self._state(transition, incident_id, 0, incident["generation"])
+            if mismatch:
+                raise Conflict(f"the incident changed while the event was judged ({mismatch}); retry")
         generation = incident["generation"]
         # The outcome of an approved proposal is a second remediation outcome
         # of this generation: its own claim keys, so it is told too.
@@ -216,7 +262,7 @@ class EscalationHandler:
                 told = "root_changed"
                 reason = incident["root_change"]
         failures = []
-        for channel in self.channels:
+        for channel in [c for c in self.channels if c.name not in told_before]:
             outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
