@@ -316,3 +316,27 @@ def test_a_late_resolution_after_the_intake_reopened_the_incident_resolves_no_pa
     assert (response.status_code, response.content) == (202, b"")
     assert sent(receivers) == (["trigger"], 1)
     assert current(clean_db, row["id"])["status"] == "open"
+
+
+def test_a_take_over_in_a_generation_reopened_by_hand_is_diagnosed_and_remediated(functions, cluster, receivers, clean_db):
+    """A reopen by hand sends no opening, so its generation is not
+    diagnosed at first; another alert taking over as root in it sends the
+    new root's opening, which is diagnosed, and remediation runs on that
+    diagnosis, once."""
+    row = open_incident(clean_db)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "test", "/test")
+        svc.transition(conn, row["id"], "investigating", "test", "/test")
+    assert post(functions["remediation"], event_of(events.INCIDENT_DIAGNOSED, current(clean_db, row["id"]))).status_code == 202
+    assert cluster.requests == []
+    with clean_db.begin() as conn:  # the take-over, as shared.correlation.store records it
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": row["id"]})
+    taken_over = current(clean_db, row["id"])
+    assert (taken_over["generation"], taken_over["root_generation"]) == (1, 1)
+    diagnosed = post(functions["diagnostics"], event_of(events.INCIDENT_OPENED, taken_over))
+    assert diagnosed.status_code == 200 and diagnosed.headers["ce-id"] == f"{row['id']}.diagnosed.1.root1"
+    for _ in range(2):  # a redelivery replays
+        remediated = post(functions["remediation"], as_redelivered(diagnosed))
+        assert remediated.status_code == 200 and remediated.headers["ce-id"] == f"{row['id']}.remediated.1.root1"
+    assert len(cluster.calls("PATCH")) == 1
+    assert [(r["generation"], r["root_generation"]) for r in timeline(clean_db, row["id"], "remediation_result")] == [(1, 1)]
