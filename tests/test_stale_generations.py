@@ -340,3 +340,28 @@ def test_a_take_over_in_a_generation_reopened_by_hand_is_diagnosed_and_remediate
         assert remediated.status_code == 200 and remediated.headers["ce-id"] == f"{row['id']}.remediated.1.root1"
     assert len(cluster.calls("PATCH")) == 1
     assert [(r["generation"], r["root_generation"]) for r in timeline(clean_db, row["id"], "remediation_result")] == [(1, 1)]
+
+
+def test_a_raise_to_p0_whose_page_dead_lettered_pages_when_re_driven_after_a_reopen(functions, receivers, clean_db):
+    """A P1 opens (Slack posts it; PagerDuty pages no P1), a member raises
+    it to P0 while PagerDuty is down: the raised opening dead-letters.
+    Resolved, reopened by a person, the letter re-driven pages now."""
+    pd, slack = receivers
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("EmailLatencyHigh", priority="P1", service="email", namespace="production")],
+                                        "/test", "test").outcomes[0].incident_id
+        row = svc.get_incident(conn, incident_id)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == ([], 1)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET priority = 'P0' WHERE id = :id"), {"id": incident_id})
+        raised = event_of(events.INCIDENT_OPENED, svc.get_incident(conn, incident_id), raised_to="P0")
+    pd.script.extend([(503, {}, b"down")] * 2)
+    assert post(functions["escalation"], raised).status_code == 502
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "test", "/test")
+        svc.transition(conn, incident_id, "investigating", "test", "/test")
+    pd.reset(), slack.reset()
+    assert post(functions["escalation"], raised).status_code == 202
+    assert sent(receivers) == (["trigger"], 0)
+    assert pd.bodies()[0]["payload"]["severity"] == "critical"
