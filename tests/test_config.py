@@ -48,6 +48,17 @@ def test_bad_database_url_names_the_variable(url, phrase):
         ("K_SINK", "not a url"),
         ("SEVERITY_PRIORITY_MAP", "critical=P7"),
         ("METRICS_PUBLIC", "maybe"),
+        ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
+        # At or above DB_TIMEOUT_SECONDS (10), the client's own timeout: it could never take effect.
+        ("DB_STATEMENT_TIMEOUT_SECONDS", "10"),
+        ("DB_SWEEP_STATEMENT_TIMEOUT_SECONDS", "30"),
+        # Below it but within the margin (1 s of 10 s) the server's answer needs to arrive first.
+        ("DB_LOCK_TIMEOUT_SECONDS", "9.5"),
+        # Not durations; above PostgreSQL's largest timeout (2147483647 ms) every BEGIN would fail.
+        ("DB_LOCK_TIMEOUT_SECONDS", "nan"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "inf"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "2147484"),
+        ("DB_BOUNDS_ROLE", "sweeper"),
     ],
 )
 def test_each_bad_value_fails_with_its_name(name, value):
@@ -65,13 +76,52 @@ def test_secret_from_file_and_never_printed(tmp_path):
 
 
 def test_secret_file_problems_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read"):
+    (tmp_path / "token").write_text("s3cr3t")
+    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read .*missing: no such file"):
         load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read"):
+        load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "no-such-directory" / "token")})
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="is empty"):
         load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match="not both"):
         load_settings({**BASE, "INCIDENT_API_TOKEN": "a", "INCIDENT_API_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def kubelet_secret_volume(root, name: str, keys: dict[str, str]):
+    """A directory laid out as the kubelet mounts a Secret: the keys in a
+    timestamped directory, reached through the ``..data`` link."""
+    volume = root / name
+    stamped = volume / "..2026_11_29_22_40_00.000000001"
+    stamped.mkdir(parents=True)
+    (volume / "..data").symlink_to(stamped.name)
+    for key, value in keys.items():
+        (stamped / key).write_text(value)
+        (volume / key).symlink_to(f"..data/{key}")
+    return volume
+
+
+def test_an_optional_secret_that_was_not_created_leaves_its_integration_off(tmp_path):
+    # The manifests mark the integrations' Secrets optional; one not created
+    # is mounted with no keys, and the function must still start.
+    pagerduty = kubelet_secret_volume(tmp_path, "pagerduty-key", {})
+    slack = kubelet_secret_volume(tmp_path, "slack-webhook", {"url": "https://hooks.slack.com/services/T/B/x"})
+    s = load_settings({**BASE, "PAGERDUTY_ROUTING_KEY_FILE": str(pagerduty / "api_key"),
+                       "SLACK_WEBHOOK_URL_FILE": str(slack / "url")})
+    assert s.pagerduty_routing_key is None
+    assert s.slack_webhook_url.reveal() == "https://hooks.slack.com/services/T/B/x"
+
+
+def test_a_created_secret_without_the_key_is_still_an_error(tmp_path):
+    pagerduty = kubelet_secret_volume(tmp_path, "pagerduty-key", {"routing_key": "R0123"})
+    with pytest.raises(ConfigError, match="^PAGERDUTY_ROUTING_KEY_FILE: cannot read"):
+        load_settings({**BASE, "PAGERDUTY_ROUTING_KEY_FILE": str(pagerduty / "api_key")})
+
+
+def test_a_required_secret_that_was_not_created_is_named_as_missing(tmp_path):
+    volume = kubelet_secret_volume(tmp_path, "incident-db", {})
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        load_settings({"DATABASE_URL_FILE": str(volume / "url")})
 
 
 def test_slack_url_error_does_not_echo_the_secret():
@@ -97,3 +147,48 @@ def test_database_url_may_come_from_a_file(tmp_path):
     path.write_text("postgresql://app:pw@db:5432/incidents\n")
     s = load_settings({"DATABASE_URL_FILE": str(path)})
     assert s.database_url == "postgresql+pg8000://app:pw@db:5432/incidents"
+
+
+@pytest.mark.parametrize("target, lock, statement", [("intake", 2.0, 5.0), ("query", 2.0, 8.0), ("escalation", 5.0, 8.0),
+                                                     ("remediation", 5.0, 8.0), ("diagnostics", 5.0, 8.0),
+                                                     ("deadletter", 5.0, 8.0), ("", 5.0, 8.0)])
+def test_the_database_bounds_default_by_function_and_are_set_by_name(target, lock, statement):
+    s = load_settings({**BASE, "FUNCTION_TARGET": target})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (lock, statement, 10.0)
+    assert (s.db_sweep_lock_timeout_seconds, s.db_sweep_statement_timeout_seconds) == (1.0, 9.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_LOCK_TIMEOUT_SECONDS": "0.5", "DB_STATEMENT_TIMEOUT_SECONDS": "0",
+                       "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": "30", "DB_TIMEOUT_SECONDS": "20",
+                       "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": "15"})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (0.5, 0.0, 30.0)
+    assert s.db_sweep_statement_timeout_seconds == 15.0
+
+
+def test_the_intake_events_service_has_the_bounds_of_a_function_the_broker_calls():
+    """It runs the intake's code (FUNCTION_TARGET=intake) for the Broker and
+    the PingSource, which retry: its row in deploy/services.py says so."""
+    from deploy.services import SERVICES
+
+    env = {**BASE, "FUNCTION_TARGET": SERVICES["intake-events"].function, **SERVICES["intake-events"].env}
+    s = load_settings(env)
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (5.0, 8.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": SERVICES["intake"].function, **SERVICES["intake"].env})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (2.0, 5.0)
+
+
+@pytest.mark.parametrize("target", ["intake", "query", "escalation"])
+@pytest.mark.parametrize("client_timeout", ["3", "2", "0.3"])
+def test_a_lowered_db_timeout_lowers_the_default_bounds_below_it(target, client_timeout):
+    """A default the client's socket timeout would cut first (the query's
+    8 s statements under DB_TIMEOUT_SECONDS=3) takes the largest value that
+    leaves the server's answer its margin; an explicit one is refused."""
+    from shared.config import bounds_margin
+
+    timeout = float(client_timeout)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout})
+    waits = (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_sweep_lock_timeout_seconds,
+             s.db_sweep_statement_timeout_seconds)
+    assert all(0 < wait <= timeout - bounds_margin(timeout) for wait in waits), waits
+    assert bounds_margin(timeout) >= min(0.5, timeout / 2)
+    with pytest.raises(ConfigError, match="^DB_STATEMENT_TIMEOUT_SECONDS: .* below DB_TIMEOUT_SECONDS"):
+        load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout,
+                       "DB_STATEMENT_TIMEOUT_SECONDS": str(timeout - bounds_margin(timeout) / 2)})

@@ -1,12 +1,14 @@
 """The schema Alembic builds, read back from PostgreSQL's own catalogue."""
 
+import threading
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
 
-from shared import db, migrate
+from loopback.processes import wait_until
+from shared import db, migrate, schema
 
 
 @pytest.fixture
@@ -201,5 +203,115 @@ def test_stored_node_roots_take_the_node_rank_and_back(scratch_url):
         assert ranks() == {"labels": 30, "node": RANK_NODE, "pod": 0}
         migrate.downgrade(scratch_url, "0014")
         assert ranks() == {"labels": 30, "node": 30, "pod": 0}
+    finally:
+        engine.dispose()
+
+
+def _function_body(conn, name):
+    return conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE proname = :n"), {"n": name}).scalar()
+
+
+def _revision_module(revision):
+    import importlib.util
+
+    (path,) = (migrate.PROJECT_ROOT / "migrations" / "versions").glob(f"{revision}_*.py")
+    spec = importlib.util.spec_from_file_location(f"revision_{revision}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flapping_lock_step_upgrades_and_downgrades_to_the_previous_body(scratch_url):
+    """0020 replaces a function body and adds flaps_lock; its downgrade puts
+    0018's body back (the previous release calls it) and drops flaps_lock."""
+    def body(statement):
+        return statement.split("$fn$")[1]
+
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0020")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0020").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") == body(_revision_module("0020").FLAPS_LOCK)
+        migrate.downgrade(scratch_url, "0019")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0018").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") is None
+    finally:
+        engine.dispose()
+
+
+def _lock_waits(engine) -> int:
+    """Lock requests waiting in this database (other databases of the server are not this test's)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")).scalar()
+
+
+def _revision(engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _reader(engine, release) -> threading.Thread:
+    """pg_dump's hold: ACCESS SHARE on incidents, until ``release()`` says so
+    (at most 30 s)."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        with engine.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE incidents IN ACCESS SHARE MODE"))
+            locked.set()
+            try:
+                release()
+            finally:
+                conn.rollback()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(30)
+    return thread
+
+
+def test_a_migration_behind_a_long_reader_steps_back_instead_of_queueing_every_request(scratch_url):
+    """pg_dump holds ACCESS SHARE on every table for the whole dump; a
+    migration waiting behind it for ACCESS EXCLUSIVE would queue every
+    request for the table behind itself. It waits lock_timeout, rolls back
+    whole and tries again; after its last attempt it fails, nothing applied."""
+    engine = db.create_engine_for(scratch_url, pool_size=2, max_overflow=0)
+    finished = threading.Event()
+    try:
+        migrate.upgrade(scratch_url, "0001")
+        reader = _reader(engine, lambda: finished.wait(30))
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                migrate.upgrade(scratch_url, lock_timeout_seconds=0.2, lock_attempts=2, lock_retry_seconds=0.1)
+        finally:
+            finished.set()
+            reader.join(30)
+        assert db.sqlstate(caught.value) == "55P03"
+        assert _revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_that_stepped_back_applies_once_the_reader_is_done(scratch_url):
+    engine = db.create_engine_for(scratch_url, pool_size=3, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0001")
+
+        stepped_back = threading.Event()
+
+        def once_the_migration_stepped_back() -> None:
+            wait_until(lambda: _lock_waits(engine) > 0, 30, message="the migration to wait for its lock")
+            wait_until(lambda: _lock_waits(engine) == 0, 30, message="the migration to step back")
+            stepped_back.set()
+
+        reader = _reader(engine, once_the_migration_stepped_back)
+        migrate.upgrade(scratch_url, lock_timeout_seconds=0.3, lock_attempts=100, lock_retry_seconds=0.2)
+        reader.join(30)
+        assert stepped_back.is_set()  # it let the reader's queue go, then applied
+        assert _revision(engine) == schema.HEAD_REVISION
     finally:
         engine.dispose()
