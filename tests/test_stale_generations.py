@@ -231,15 +231,43 @@ def test_a_root_change_superseded_by_a_later_one_is_not_told(functions, receiver
 # --------------------------------------------------------------------------- an opening nobody was told
 
 
-def test_an_opening_never_told_is_told_when_re_driven_into_a_later_generation_of_an_active_incident(functions, receivers, clean_db):
+def patch(functions, incident_id, status):
+    """A person moves the incident over the API (PATCH its status)."""
+    response = requests.patch(f"{functions['query'].url}/incidents/{incident_id}", json={"status": status},
+                              headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def reopened_by_the_intake(engine, row, name="EmailServiceDown", priority="P0"):
+    """Remediation resolves the incident and the alert fires again: the
+    intake reopens it as the next generation (open), whose own opening
+    the outbox has yet to deliver."""
+    with engine.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        again = svc.record_alerts(conn, [alert(name, priority=priority, service="email", namespace="production")],
+                                  "/test", "test", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+        return svc.get_incident(conn, row["id"])
+
+
+def completed(engine, incident_id, like):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND completed_at IS NOT NULL "
+                                    "AND key LIKE :k ORDER BY key"), {"i": incident_id, "k": like}).scalars().all()
+
+
+def test_an_opening_never_told_is_told_once_ever_when_re_driven_after_the_intake_reopened_the_incident(functions, receivers, clean_db):
     """Every alert the intake acknowledged reaches a human. PagerDuty is
     down when the P0 opens (generation 0): escalation answers 502 and the
-    Broker dead-letters the opening (Slack did post it). The incident is
-    resolved, and a person reopens it: generation 1, and a reopen by hand
-    emits no opening. The dead letter re-driven is of generation 0, stale;
-    but nobody was paged in any generation, so PagerDuty pages now, as
-    generation 1's opening, once; Slack, which told it, says nothing again.
-    While the incident is resolved the same re-drive tells nothing."""
+    Broker dead-letters the opening (Slack did post it). Remediation
+    resolves it, the alert fires again and the intake reopens it as
+    generation 1, whose opening is not delivered yet. The dead letter
+    re-driven is of generation 0, stale; but nobody was paged in any
+    generation, so PagerDuty pages now, as generation 1's opening, once;
+    Slack, which told it, says nothing again. Generation 1's own opening
+    then pages no one twice. Reopened again (generation 2) the same letter,
+    re-driven again, tells nothing: a letter pages at most once, ever.
+    While the incident is resolved it tells nothing either."""
     pd, slack = receivers
     row = open_incident(clean_db)
     opened = event_of(events.INCIDENT_OPENED, row)
@@ -247,33 +275,114 @@ def test_an_opening_never_told_is_told_when_re_driven_into_a_later_generation_of
     assert post(functions["escalation"], opened).status_code == 502
     assert (len(pd.requests), len(slack.requests)) == (2, 1)
 
-    def patch(status):
-        response = requests.patch(f"{functions['query'].url}/incidents/{row['id']}", json={"status": status},
-                                  headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
-        assert response.status_code == 200, response.text
-
-    patch("resolved"), patch("investigating"), patch("resolved")
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
     pd.reset(), slack.reset()
     assert post(functions["escalation"], opened).status_code == 202  # resolved: nothing to page about
     assert sent(receivers) == ([], 0)
 
-    patch("investigating")
-    assert current(clean_db, row["id"])["generation"] == 2
+    with clean_db.begin() as conn:
+        again = svc.record_alerts(conn, [alert("EmailServiceDown", priority="P0", service="email", namespace="production")],
+                                  "/test", "test", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+    reopened = current(clean_db, row["id"])
+    assert (reopened["generation"], reopened["status"]) == (1, "open")
+    logged = len(functions["escalation"].logs())
     for _ in range(2):  # re-driven twice: paged once
         response = post(functions["escalation"], opened)
         assert (response.status_code, response.content) == (202, b"")
     assert sent(receivers) == (["trigger"], 0)
-    assert pd.bodies()[0]["dedup_key"] == row["id"] and pd.bodies()[0]["payload"]["custom_details"]["status"] == "investigating"
-    assert "told as the current generation's" in functions["escalation"].logs()
-    with clean_db.connect() as conn:
-        done = conn.execute(sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND completed_at IS NOT NULL "
-                                    "AND key LIKE 'notify:pagerduty:%'"), {"i": row["id"]}).scalars().all()
-    assert done == [f"notify:pagerduty:trigger:{row['id']}:2:opened"]
+    assert pd.bodies()[0]["dedup_key"] == row["id"] and pd.bodies()[0]["payload"]["custom_details"]["status"] == "open"
+    assert "told as the current generation's" in functions["escalation"].logs()[logged:]
+    assert completed(clean_db, row["id"], "notify:pagerduty:%") == [f"notify:pagerduty:trigger:{row['id']}:1:opened"]
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, reopened)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)  # Slack tells generation 1's opening; PagerDuty paged it already
+
+    reopened = reopened_by_the_intake(clean_db, reopened)
+    assert reopened["generation"] == 2
+    pd.reset(), slack.reset()
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == ([], 0)
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, reopened)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)  # generation 2's own opening pages
 
     # The page is PagerDuty's alert of generation 2: resolving it resolves the page.
-    patch("resolved")
+    patch(functions, row["id"], "resolved")
     assert post(functions["escalation"], event_of(events.INCIDENT_RESOLVED, current(clean_db, row["id"]))).status_code == 202
     assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
+
+
+@pytest.mark.parametrize("taken", ["reopened by hand", "acknowledged"])
+def test_an_opening_never_told_stays_stale_when_a_person_has_the_generation(functions, receivers, clean_db, taken):
+    """The page of generation 0 dead-lettered; a person reopened the
+    incident by hand (resolved -> investigating), or acknowledged the
+    generation the intake reopened: a human has it, and a page now would be
+    one nobody ever acknowledges. The letter re-driven stays stale: 2xx,
+    nothing sent, logged."""
+    pd, slack = receivers
+    row = open_incident(clean_db)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    pd.script.extend([(503, {}, b"down")] * 2)
+    assert post(functions["escalation"], opened).status_code == 502
+    if taken == "reopened by hand":
+        patch(functions, row["id"], "resolved"), patch(functions, row["id"], "investigating")
+    else:
+        reopened_by_the_intake(clean_db, row)
+        acknowledged = requests.post(f"{functions['query'].url}/incidents/{row['id']}/acknowledge",
+                                     headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
+        assert acknowledged.status_code == 200, acknowledged.text
+    assert current(clean_db, row["id"])["generation"] == 1
+    pd.reset(), slack.reset()
+    logged = len(functions["escalation"].logs())
+    response = post(functions["escalation"], opened)
+    assert (response.status_code, response.content) == (202, b"")
+    assert sent(receivers) == ([], 0)
+    assert "a person has the incident" in functions["escalation"].logs()[logged:]
+    assert completed(clean_db, row["id"], "escalated:%:1:%") == []
+
+
+def test_a_stale_opening_of_a_priority_pagerduty_does_not_page_tells_nothing_and_escalates_nothing(functions, receivers, clean_db):
+    """A P1 (PagerDuty pages no P1) told by Slack in generation 0; the
+    intake reopens it. Its opening re-driven is simply stale: no channel
+    that would tell it left it untold, so nothing is told, and generation
+    1 is not marked escalated (reconciliation still looks for its own
+    opening)."""
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("EmailLatencyHigh", priority="P1", service="email", namespace="production")],
+                                        "/test", "test").outcomes[0].incident_id
+        row = svc.get_incident(conn, incident_id)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == ([], 1)
+    assert reopened_by_the_intake(clean_db, row, "EmailLatencyHigh", "P1")["generation"] == 1
+    receivers[0].reset(), receivers[1].reset()
+    logged = len(functions["escalation"].logs())
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == ([], 0)
+    assert "told as the current generation's" not in functions["escalation"].logs()[logged:]
+    assert completed(clean_db, incident_id, "escalated:%:1:%") == []
+
+
+def test_a_stale_opening_is_told_by_a_new_roots_opening_of_a_later_generation(functions, receivers, clean_db):
+    """The page of generation 0 dead-lettered; the intake reopened the
+    incident and another alert took over as root in generation 1, whose
+    opening PagerDuty and Slack told (``….root1``). The old letter re-driven
+    tells nothing: the on-call was paged for this generation already."""
+    pd, slack = receivers
+    row = open_incident(clean_db)
+    opened = event_of(events.INCIDENT_OPENED, row)
+    pd.script.extend([(503, {}, b"down")] * 2)
+    assert post(functions["escalation"], opened).status_code == 502
+    reopened_by_the_intake(clean_db, row)
+    with clean_db.begin() as conn:  # the take-over, as shared.correlation.store records it
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": row["id"]})
+        svc.add_timeline(conn, row["id"], "root_changed", {"reason": "TargetDown took over", "root_generation": 1}, "test")
+    pd.reset(), slack.reset()
+    assert post(functions["escalation"], event_of(events.INCIDENT_OPENED, current(clean_db, row["id"]))).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    pd.reset(), slack.reset()
+    assert post(functions["escalation"], opened).status_code == 202
+    assert sent(receivers) == ([], 0)
 
 
 def test_an_opening_every_channel_told_stays_stale_after_a_reopen(functions, receivers, clean_db):
@@ -342,10 +451,11 @@ def test_a_take_over_in_a_generation_reopened_by_hand_is_diagnosed_and_remediate
     assert [(r["generation"], r["root_generation"]) for r in timeline(clean_db, row["id"], "remediation_result")] == [(1, 1)]
 
 
-def test_a_raise_to_p0_whose_page_dead_lettered_pages_when_re_driven_after_a_reopen(functions, receivers, clean_db):
+def test_a_raise_to_p0_whose_page_dead_lettered_pages_when_re_driven_after_the_intake_reopened(functions, receivers, clean_db):
     """A P1 opens (Slack posts it; PagerDuty pages no P1), a member raises
     it to P0 while PagerDuty is down: the raised opening dead-letters.
-    Resolved, reopened by a person, the letter re-driven pages now."""
+    Remediated, the alert fires again and the intake reopens it (still
+    P0): the letter re-driven pages now."""
     pd, slack = receivers
     with clean_db.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert("EmailLatencyHigh", priority="P1", service="email", namespace="production")],
@@ -358,9 +468,8 @@ def test_a_raise_to_p0_whose_page_dead_lettered_pages_when_re_driven_after_a_reo
         raised = event_of(events.INCIDENT_OPENED, svc.get_incident(conn, incident_id), raised_to="P0")
     pd.script.extend([(503, {}, b"down")] * 2)
     assert post(functions["escalation"], raised).status_code == 502
-    with clean_db.begin() as conn:
-        svc.transition(conn, incident_id, "resolved", "test", "/test")
-        svc.transition(conn, incident_id, "investigating", "test", "/test")
+    reopened = reopened_by_the_intake(clean_db, row, "EmailLatencyHigh", "P1")
+    assert (reopened["generation"], reopened["priority"]) == (1, "P0")
     pd.reset(), slack.reset()
     assert post(functions["escalation"], raised).status_code == 202
     assert sent(receivers) == (["trigger"], 0)

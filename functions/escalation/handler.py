@@ -9,9 +9,10 @@ and the generation and root it is of: one of an earlier generation (the
 incident was reopened since) tells nothing, one the database never had is
 ``400`` (shared.claims.judge_event). One exception keeps every acknowledged
 alert reaching a human: an opening of an earlier generation that a channel
-never told (its page dead-lettered, then a person reopened the incident,
-which sends no opening) is told, while the incident is active, as the
-current generation's opening (:meth:`EscalationHandler._untold_opening`).
+never told (its page dead-lettered, then the alert fired again and the
+intake reopened the incident, its new opening not told either) is told, while the incident is active, as the
+current generation's opening, unless a person reopened or acknowledged it
+(:meth:`EscalationHandler._untold_opening`).
 Priority, status and remediation
 outcome are read from the database, so a forged or stale event can at most
 repeat a notification that is due, never add one (``notify:…`` keys carry
@@ -131,14 +132,35 @@ def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
 
 def told_openings(conn, incident_id: str, generation: int) -> frozenset[str]:
     """The channels that told an opening of the incident's ``generation``
-    (its first, a raise to P0, a new root's), from their completed claim
-    keys ``notify:{channel}:{action}:{incident}:{generation}:opened…``."""
+    or of any later one (its first, a raise to P0, a new root's, or this
+    opening told as a later generation's), from their completed claim keys
+    ``notify:{channel}:{action}:{incident}:{generation}:opened…``. A later
+    opening told means a human heard of the incident after this one, and an
+    opening told as a later generation's is recorded under that generation's
+    key: either way this one is not told again, in any generation."""
     rows = conn.execute(
         sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE 'notify:%' AND completed_at IS NOT NULL"),
         {"i": incident_id},
     ).scalars()
     parts = [key.split(":") for key in rows]
-    return frozenset(p[1] for p in parts if len(p) > 5 and p[4] == str(generation) and p[5].split(".")[0] == "opened")
+    return frozenset(p[1] for p in parts
+                     if len(p) > 5 and p[4].isdigit() and int(p[4]) >= generation and p[5].split(".")[0] == "opened")
+
+
+def taken_by_a_person(conn, incident: dict) -> str | None:
+    """Why a person already has the incident's current generation: they
+    reopened it by hand (resolved -> investigating; the intake's reopen,
+    the alert firing again, goes to open), or acknowledged it since the
+    reopen. None when nobody did."""
+    entries = incidents.get_timeline(conn, incident["id"])
+    reopens = [i for i, t in enumerate(entries) if t["kind"] == "reopened"]
+    since = reopens[-1] if reopens else 0
+    if reopens and entries[since]["details"].get("to") != "open":
+        return f"{entries[since]['actor']} reopened generation {incident['generation']} by hand"
+    for t in entries[since:]:
+        if t["kind"] == "status_changed" and t["details"].get("acknowledged"):
+            return f"{t['actor']} acknowledged generation {incident['generation']}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -209,20 +231,32 @@ class EscalationHandler:
         """Every alert the intake acknowledged reaches a human. An opening
         of a generation the incident has left (a dead letter or a parked
         outbox row re-driven, a Broker retry still in flight) is stale; but
-        when the incident is active again (a person reopened it, which
-        emits no opening) and a channel never told that generation's
-        opening (PagerDuty was down, the page dead-lettered), nobody was
-        paged: it is told now as the current generation's opening, under
-        that generation's claims (told once). Returns the channels that did
-        tell it, which say nothing again; None when it tells nothing."""
+        when the intake reopened the incident (the alert fired again) and a
+        channel that would tell the opening at the incident's priority told
+        no opening of that generation or any later one (PagerDuty was down,
+        the page dead-lettered, the new generation's opening not delivered
+        yet), nobody was paged: it is told now as the current generation's
+        opening, under the current generation's claims (told once, in any
+        generation). A generation a person reopened by hand or acknowledged
+        is theirs already: nothing is told. Returns the channels that say
+        nothing; None when it tells nothing."""
         if (transition != "opened" or incident is None or incident["status"] not in ACTIVE_STATUSES
                 or generation >= (incident.get("generation") or 0)):
             return None
         with db.engine().connect() as conn:
             told = told_openings(conn, incident["id"], generation)
-        if all(channel.name in told for channel in self.channels if channel.configured()):
+            sent = {c.name: sent_by(conn, c.name, incident["id"]) for c in self.channels if c.configured() and c.name not in told}
+            taken = taken_by_a_person(conn, incident)
+        # A channel that would not tell this opening anyway (PagerDuty pages
+        # no P1) was not owed it.
+        untold = [c.name for c in self.channels if c.name in sent and c.message(Note("opened", incident, None, sent[c.name])) is not None]
+        if not untold:
             return None
-        return told
+        if taken:
+            log.info("Escalation: an opening never told, of a generation the incident has left, stays untold: a person has the "
+                     "incident", extra={"incident_id": incident["id"], "generation": generation, "untold_by": untold, "reason": taken})
+            return None
+        return frozenset(c.name for c in self.channels if c.name not in untold)
 
     def handle(self, event: CloudEvent) -> Response:
         transition = events.transition_of(event["type"])
