@@ -171,8 +171,9 @@ def test_diagnosed_looks_claims_up_by_primary_key_however_many_there_are(clean_d
     with clean_db.connect() as conn:
         plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + claims._DIAGNOSED.text), {
             "k": key, "lo": key + ".root", "hi": key + ".roou", "p": key + ".root%"}))
-        assert "Seq Scan" not in plan and "work_claims_pkey" in plan, plan
-        assert plan.count("Index Cond") == 2, plan
+        # The planner may use the key twice (a BitmapOr of two index
+        # conditions) or once; what matters is that it never reads the table.
+        assert "Seq Scan on work_claims" not in plan and "work_claims_pkey" in plan, plan
         assert not claims.diagnosed(conn, svc.get_incident(conn, incident_id))
 
 
