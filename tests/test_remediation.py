@@ -460,3 +460,35 @@ def test_an_action_over_the_blast_radius_is_blocked_and_recorded(live, cluster, 
     assert not cluster.calls("DELETE")
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT blocked_by FROM remediation_runs WHERE incident_id = :i"), {"i": row["id"]}).scalar() == "blast_radius"
+
+
+def test_a_run_a_person_reopened_the_incident_during_resolves_only_its_own_generation(live, cluster, clean_db):
+    """The playbook is scaling generation 0 when a person resolves the
+    incident by hand and reopens it (generation 1: they think the fix did
+    not hold). The run then succeeds: its outcome is generation 0's, and
+    the generation the person reopened stays theirs, investigating."""
+    import threading
+
+    from loopback.processes import wait_until
+
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production", severity="warning")
+    cluster.released.clear()
+    cluster.fail("PATCH", "/deployments/email-service/scale$", "hold")
+    answer = {}
+    running = threading.Thread(target=lambda: answer.setdefault("response", deliver(live, row)))
+    running.start()
+    try:
+        wait_until(lambda: cluster.calls("PATCH", "/scale"), 30, message="the scale under way")
+        with clean_db.begin() as conn:
+            svc.transition(conn, row["id"], "resolved", "test", "/test")
+            svc.transition(conn, row["id"], "investigating", "test", "/test")
+    finally:
+        cluster.released.set()
+        running.join(60)
+    event = reply_of(answer["response"])
+    assert event["type"] == REMEDIATED and event["id"] == f"{row['id']}.remediated.0"
+    with clean_db.connect() as conn:
+        now = svc.get_incident(conn, row["id"])
+        results = [t["details"]["generation"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_result"]
+    assert (now["generation"], now["status"], now["resolved_by"]) == (1, "investigating", None)
+    assert results == [0]

@@ -261,7 +261,7 @@ class RemediationHandler(ApprovalFlow):
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         with db.transaction() as conn:
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"])
             incidents.add_timeline(
                 conn, incident["id"], "remediation_result",
                 {**result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,
