@@ -289,7 +289,7 @@ class Board:
         from functions.query.noise_board import incident_extras  # flapping, silences
 
         with db.engine().connect() as conn:
-            pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
+            pending = [proposals.present(p, row["generation"]) for p in proposals.of_incident(conn, row["id"])]
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]),
                           csrf=session["csrf"], proposals=pending,
