@@ -72,9 +72,12 @@ class ApprovalFlow:
         url = proposal_url(self.config, incident["id"], proposal["id"])
         summary = "; ".join(f"{a['action']} {a['target']}" for a in planned)
         reason = f"awaiting approval: {summary}. Approve or reject proposal {proposal['id']} at {url}"
+        if proposal["status"] != "pending":
+            # Planned for a generation the incident left meanwhile.
+            reason = f"not proposed: {summary}; proposal {proposal['id']} is {proposal['status']} ({proposal['reason']})"
         log.info("Remediation proposed", extra={"incident_id": incident["id"], "proposal_id": proposal["id"], "playbook": playbook.name})
         return Result("failed", reason, [], playbook.name,
-                      proposal={"id": proposal["id"], "hash": proposal["hash"], "url": url, "status": "pending",
+                      proposal={"id": proposal["id"], "hash": proposal["hash"], "url": url, "status": proposal["status"],
                                 "expires_at": proposals.present(proposal)["expires_at"]})
 
     def handle_approved(self, event: CloudEvent) -> Response:
