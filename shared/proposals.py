@@ -38,7 +38,7 @@ def fingerprint(incident_id: str, actions: list[dict]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def lock_incident(conn: Connection, incident_id: str) -> int | None:
+def lock_incident(conn: Connection, incident_id: str, for_update: bool = False) -> int | None:
     """Lock the incident row and return its generation (None: no such
     incident). Every transaction that writes proposals takes this first,
     then the proposals: a reopen (shared.lifecycle.transition) locks the
@@ -47,8 +47,11 @@ def lock_incident(conn: Connection, incident_id: str) -> int | None:
     foreign key takes a share lock on it) was a deadlock, lost by the
     reopen. FOR NO KEY UPDATE waits for the transition's FOR UPDATE and for
     every UPDATE of the incident (any reopen's new generation), but not for
-    the share locks of other writers' timeline entries."""
-    return conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i FOR NO KEY UPDATE"), {"i": incident_id}).scalar()
+    the share locks of other writers' timeline entries. ``for_update``: a
+    transaction that may go on to lock the row FOR UPDATE (resolving it)
+    takes that mode at once, never raising its own lock later."""
+    mode = "FOR UPDATE" if for_update else "FOR NO KEY UPDATE"
+    return conn.execute(sa.text(f"SELECT generation FROM incidents WHERE id = :i {mode}"), {"i": incident_id}).scalar()
 
 
 def create(conn: Connection, incident: dict, playbook: str, actions: list[dict], preview: list[dict], ttl_seconds: int) -> dict:

@@ -152,8 +152,9 @@ class ApprovalFlow:
         root_generation = (incident.get("root_generation") or 0) if incident["generation"] == proposal["generation"] else 0
         with db.transaction() as conn:
             # The incident before the proposal, as every writer of proposals
-            # locks them (shared.proposals.lock_incident).
-            proposals.lock_incident(conn, incident["id"])
+            # locks them (shared.proposals.lock_incident), in the mode
+            # resolve_if_remediated takes right after.
+            proposals.lock_incident(conn, incident["id"], for_update=True)
             event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, proposal["generation"])
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
