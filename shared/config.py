@@ -19,6 +19,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from shared.domain import PRIORITIES
+from shared.users import ApiUsers, UsersError, hash_token
+from shared.users import parse as parse_users
 
 REMEDIATION_MODES = ("off", "dry-run", "approve", "live")
 
@@ -300,6 +302,13 @@ class Settings:
     heartbeat_alertnames: tuple[str, ...] = ("Watchdog",)
     heartbeat_timeout_seconds: int = 600
     alertmanager_url: str = ""
+    # Personal API tokens (shared/users.py): hashes only, so not a masked secret.
+    api_users: ApiUsers = field(default_factory=ApiUsers)
+    # Failed board sign-ins (shared/login_throttle.py).
+    login_max_failures: int = 5
+    login_max_failures_total: int = 50
+    login_failure_window_seconds: int = 300
+    trusted_proxy_hops: int = 0
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -383,6 +392,11 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         heartbeat_alertnames=_csv(env, "HEARTBEAT_ALERTNAMES", "Watchdog"),
         heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
         alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
+        api_users=_api_users(env),
+        login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
+        login_max_failures_total=_int(env, "LOGIN_MAX_FAILURES_TOTAL", 50, minimum=1, maximum=100000),
+        login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, minimum=1, maximum=86400),
+        trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
     )
     _check_paging(config)
     return config
@@ -403,6 +417,15 @@ def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret |
     return values
 
 
+def _api_users(env: Mapping[str, str]) -> ApiUsers:
+    """INCIDENT_API_USERS or INCIDENT_API_USERS_FILE (shared/users.py)."""
+    raw = read_secret(env, "INCIDENT_API_USERS")
+    try:
+        return parse_users(raw.reveal()) if raw else ApiUsers()
+    except UsersError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_paging(config: Settings) -> None:
     """Paging is decided by the settings alone (every transition reaches
     escalation), so a setting that can never take effect is an error, not a
@@ -414,6 +437,9 @@ def _check_paging(config: Settings) -> None:
     if 0 < config.retention_claims_hours * 3600 < config.reconcile_horizon_seconds:
         raise ConfigError("RETENTION_CLAIMS_HOURS: shorter than RECONCILE_HORIZON_SECONDS; reconciliation would take a pruned "
                           "step for a missing one and re-emit its event; keep claims at least as long as the horizon")
+    if config.api_token and hash_token(config.api_token.reveal()) in config.api_users.hashes():
+        # The shared token's caller names itself; a person's token proves who it is: one token cannot be both.
+        raise ConfigError("INCIDENT_API_USERS: a personal token equals INCIDENT_API_TOKEN; give that person a token of their own")
     if bool(config.outgoing_webhook_url) != bool(config.outgoing_webhook_secret):
         raise ConfigError("OUTGOING_WEBHOOK_URL and OUTGOING_WEBHOOK_SECRET: set both (every request is signed) or neither")
 

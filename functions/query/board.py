@@ -1,9 +1,13 @@
 """The incident board: server-rendered pages for engineers at 3 a.m.
 
-Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
-``SameSite=Strict`` session cookie (the token never goes into a URL) that
-carries a session id; sign-out revokes that id (``shared.sessions``), so a
-copy of the cookie is refused afterwards; every
+Sign-in exchanges the API token, or a person's own token (shared/users.py),
+for a signed, expiring, ``HttpOnly``, ``SameSite=Strict`` session cookie (the
+token never goes into a URL) that carries a session id and, for a personal
+token, who signed in (a verified identity, ended when that person's token is
+changed or removed); sign-out revokes that id (``shared.sessions``), so a
+copy of the cookie is refused afterwards; failed sign-ins are limited
+(``shared.login_throttle``, with a device cookie that keeps a browser that
+signed in before out of everyone else's limit); every
 form that changes state carries the session's CSRF token; Jinja2 escapes
 everything (labels come from alerts and may hold HTML); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from datetime import datetime, timezone
@@ -26,6 +31,7 @@ from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
 from shared import db, diagnosis, filters, incidents, members, proposals, sessions
+from shared import login_throttle as throttle
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import parse_uuid, storable_text
@@ -34,6 +40,12 @@ from shared.publisher import Publisher
 
 COOKIE = "ir_session"
 SESSION_SECONDS = 12 * 3600
+# A browser that signed in here before: counted apart by the sign-in limit.
+DEVICE_COOKIE = "ir_device"
+DEVICE_SECONDS = 90 * 86400
+# Where session() leaves the request's session, for form_actor and verified_user.
+SESSION_ENVIRON = "incident_response.board_session"
+log = logging.getLogger("http")
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -108,8 +120,8 @@ class Board:
     def __init__(self, config: Settings, publisher: Publisher):
         self.config = config
         self.publisher = publisher
-        key = hmac.new((config.api_token.reveal() if config.api_token else secrets.token_hex(32)).encode(), b"board-session", hashlib.sha256).digest()
-        self.signer = URLSafeTimedSerializer(key, salt="incident-board")
+        self.signer = URLSafeTimedSerializer(session_key(config), salt="incident-board")
+        self.device_signer = URLSafeTimedSerializer(session_key(config), salt="incident-board-device")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor)
@@ -131,10 +143,20 @@ class Board:
             return None
         if not isinstance(session, dict) or not isinstance(session.get("sid"), str) or not isinstance(session.get("exp"), int):
             return None
+        if "user" in session and (not isinstance(session["user"], str) or not session.get("stamp")
+                                  or self.config.api_users.stamp(session["user"]) != session["stamp"]):
+            return None  # that person's token was changed or removed since the sign-in
         with db.engine().connect() as conn:
             if sessions.is_revoked(conn, session["sid"]):
                 return None
+        request.environ[SESSION_ENVIRON] = session
         return session
+
+    @staticmethod
+    def verified_user(request: Request) -> str | None:
+        """Who signed this request's session in with a personal token, or None
+        (a session of the shared token: names typed in forms are claims)."""
+        return (request.environ.get(SESSION_ENVIRON) or {}).get("user")
 
     def _page(self, template: str, status: int = 200, **context) -> Response:
         html = self.templates.get_template(template).render(**context)
@@ -165,9 +187,15 @@ class Board:
                               csrf=session["csrf"])
         return session
 
-    @staticmethod
-    def form_actor(request: Request) -> str:
-        """Who a form says acted: the board, and the name typed, if any."""
+    @classmethod
+    def form_actor(cls, request: Request) -> str:
+        """Who acted through a form: ``user:NAME`` when the session was signed
+        in with NAME's personal token (the form shows no name field then, and
+        one sent anyway is not read); else the board and the name typed, if
+        any, which is the person's word."""
+        person = cls.verified_user(request)
+        if person is not None:
+            return f"user:{person}"
         named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
         return f"board:{named}" if named else "board"
 
@@ -179,19 +207,54 @@ class Board:
     def login(self, request: Request) -> Response:
         token = request.form.get("token", "")
         next_url = _safe_next(request.form.get("next"))
+        limits = throttle.Limits.of(self.config)
+        device = self._device(request)
+        address = throttle.client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), self.config.trusted_proxy_hops)
+        clients = throttle.clients(address, device)
+        with db.engine().connect() as conn:
+            wait = throttle.held_for(conn, clients, limits)
+        if wait is not None:
+            # The token is not even looked at: a right guess while held back says nothing.
+            log.warning("Sign-in held back", extra={"path": request.path, "client": address, "device": bool(device),
+                                                    "retry_after": wait})
+            minutes = max(1, -(-wait // 60))
+            held = self._page("login.html", status=429, next=next_url, held=True,
+                              error=f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.")
+            held.headers["Retry-After"] = str(wait)
+            return held
+        users = self.config.api_users
+        person = users.identify(token) if users and token else None
         expected = self.config.api_token.reveal() if self.config.api_token else None
-        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
-            import logging
-
-            logging.getLogger("http").warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr})
+        shared = bool(expected) and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode())
+        if person is None and not shared:
+            with db.transaction() as conn:
+                throttle.record_failure(conn, clients, limits)
+            log.warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr, "client": address})
             return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
         now = datetime.utcnow()
         session = {"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
                    "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS}
+        if person is not None:
+            session.update(user=person, stamp=users.stamp(person))
         response = self._redirect(next_url)
         response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
+        # Renewed at every sign-in; sent only to the sign-in form.
+        response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps({"d": device or secrets.token_urlsafe(16)}), max_age=DEVICE_SECONDS,
+                            httponly=True, samesite="Strict", secure=request.is_secure, path="/ui/login")
         return response
+
+    def _device(self, request: Request) -> str | None:
+        """The id of this browser's device cookie, if it signed in here before."""
+        raw = request.cookies.get(DEVICE_COOKIE)
+        if not raw:
+            return None
+        try:
+            device = self.device_signer.loads(raw, max_age=DEVICE_SECONDS)
+        except (BadSignature, SignatureExpired):
+            return None
+        value = device.get("d") if isinstance(device, dict) else None
+        return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
     def logout(self, request: Request) -> Response:
         session = self.session(request)
@@ -226,7 +289,7 @@ class Board:
         if next_cursor is not None:
             params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
             next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
-        return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
+        return self._page("index.html", me=session.get("user"), incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
     def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
@@ -252,7 +315,7 @@ class Board:
             pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]),
-                          csrf=session["csrf"], proposals=pending,
+                          csrf=session["csrf"], proposals=pending, me=session.get("user"),
                           error=request.args.get("error"), notice=request.args.get("notice"),
                           service=(row.get("labels") or {}).get("service"))
 
@@ -290,6 +353,19 @@ class Board:
     def stylesheet(self, request: Request) -> Response:
         return Response((HERE / "static" / "board.css").read_text(), mimetype="text/css",
                         headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+def session_key(config: Settings) -> bytes:
+    """The key board cookies are signed with: from the shared token, so that
+    rotating it ends every session; with personal tokens alone, from their
+    hashes (changing the list then ends every session too)."""
+    if config.api_token:
+        material = config.api_token.reveal()
+    elif config.api_users:
+        material = "users:" + ",".join(config.api_users.hashes())
+    else:
+        material = secrets.token_hex(32)  # nobody can sign in anyway
+    return hmac.new(material.encode(), b"board-session", hashlib.sha256).digest()
 
 
 _UNSAFE_IN_NEXT = re.compile(r"[\x00-\x20\x7f\\]|^//")

@@ -93,7 +93,7 @@ def _proposals_ui(method: str):
 
 def _metrics(request):
     if not config.metrics_public:
-        check_bearer(request, config.api_token)
+        check_bearer(request, config.api_token, config.api_users)
     from functions.query import metrics
 
     if "registry" not in _lazy:
@@ -180,4 +180,4 @@ def ROUTES() -> list[Route]:
 
 @functions_framework.http
 def query(request):
-    return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING)
+    return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING, users=config.api_users)
