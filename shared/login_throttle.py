@@ -73,16 +73,11 @@ class Limits:
         return cls(config.login_max_failures, config.login_max_failures_total, config.login_failure_window_seconds)
 
 
-def client_address(remote_addr: str | None, forwarded_for: str | None, trusted_hops: int) -> str:
-    """The address failures are counted by. With ``trusted_hops`` proxies in
-    front that each append to X-Forwarded-For (as werkzeug's ProxyFix counts
-    them), the client is the entry that many places from the right; entries
-    further left are the client's own word. IPv6 by its /64."""
+def client_address(remote_addr: str | None) -> str:
+    """The address failures are counted by: the request's remote address,
+    which the server takes from X-Forwarded-For behind ``TRUSTED_PROXY_HOPS``
+    proxies (shared/serve.py). IPv6 by its /64."""
     address = remote_addr or "unknown"
-    if trusted_hops:
-        chain = [a.strip() for a in (forwarded_for or "").split(",") if a.strip()]
-        if len(chain) >= trusted_hops:
-            address = chain[-trusted_hops]
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:

@@ -77,9 +77,16 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     Broker's pool of them stopped new deliveries until waitress closed idle
     ones, two minutes later). Only the proxy in front on loopback
     (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
-    default let it, so the board's cookie stays Secure."""
+    default let it, so the board's cookie stays Secure. With
+    ``TRUSTED_PROXY_HOPS`` (validated by the function's start, which runs
+    first) it may also say who the client is: the X-Forwarded-For entry that
+    many places from the right becomes the request's remote address (what
+    the board's sign-in limit counts by, and what logs show); the entries
+    further left are the client's own word and are never read."""
     threads = int(env.get("THREADS", "8"))
     limit = server_limit(body_cap)
+    hops = env.get("TRUSTED_PROXY_HOPS", "").strip()
+    hops = int(hops) if hops.isdigit() else 0
     return {
         "host": env.get("HOST", "0.0.0.0"),
         "port": int(env.get("PORT", "8080")),
@@ -89,7 +96,8 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
         "inbuf_overflow": limit,
         "outbuf_overflow": ANSWER_IN_MEMORY,
         "trusted_proxy": "127.0.0.1",
-        "trusted_proxy_headers": "x-forwarded-proto",
+        "trusted_proxy_headers": "x-forwarded-proto x-forwarded-for" if hops else "x-forwarded-proto",
+        "trusted_proxy_count": max(hops, 1),
         "clear_untrusted_proxy_headers": True,
         "ident": "",
     }

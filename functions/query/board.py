@@ -209,7 +209,7 @@ class Board:
         next_url = _safe_next(request.form.get("next"))
         limits = throttle.Limits.of(self.config)
         device = self._device(request)
-        address = throttle.client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), self.config.trusted_proxy_hops)
+        address = throttle.client_address(request.remote_addr)
         clients = throttle.clients(address, device)
         with db.engine().connect() as conn:
             wait = throttle.held_for(conn, clients, limits)

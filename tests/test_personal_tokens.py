@@ -1,0 +1,178 @@
+"""Personal API tokens (INCIDENT_API_USERS, shared/users.py): a person's own
+token proves who acts; the shared INCIDENT_API_TOKEN keeps working, its actor
+the caller's word. The query function served as in production."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+
+from loopback.processes import FunctionProcess
+from shared import incidents as svc
+from shared.config import ConfigError, load_settings
+from shared.users import hash_token, new_token
+from shared.users import parse as parse_users
+from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
+from tests.factories import alert
+
+BASE = {"DATABASE_URL": "postgresql+pg8000://postgres@127.0.0.1:5432/app"}
+
+
+# --- the setting -----------------------------------------------------------------
+
+def test_the_list_holds_names_and_hashes_and_identifies_a_token():
+    users = parse_users(f"# on-call\nalice:sha256:{hash_token('a-token')}\n\nbob:sha256:{hash_token('b-token').upper()}  # lead\n")
+    assert users.names == ("alice", "bob")
+    assert users.identify("a-token") == "alice" and users.identify("b-token") == "bob"
+    assert users.identify("c-token") is None and users.identify("") is None
+    assert users.stamp("alice") != users.stamp("bob") and users.stamp("carol") is None
+
+
+def test_new_tokens_are_long_and_random():
+    tokens = {new_token() for _ in range(20)}
+    assert len(tokens) == 20 and all(len(t) >= 40 for t in tokens)
+
+
+def test_the_list_from_a_file_and_from_the_variable(tmp_path):
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice", "bob").replace(",", "\n") + "\n")
+    from_file = load_settings({**BASE, "INCIDENT_API_USERS_FILE": str(listing)})
+    assert from_file.api_users.names == ("alice", "bob")
+    assert load_settings({**BASE, "INCIDENT_API_USERS": api_users("carol")}).api_users.names == ("carol",)
+    assert not load_settings(BASE).api_users
+
+
+@pytest.mark.parametrize("value, phrase", [
+    ("alice:PLAINTEXT-TOKEN", "expected name:sha256:<64 hex digits>"),
+    ("alice:sha256:abc", "expected name:sha256"),
+    (f"alice:md5:{'0' * 64}", "expected name:sha256"),
+    (f"-x:sha256:{'0' * 64}", "a name is"),
+    (f"alice:sha256:{'0' * 64},alice:sha256:{'1' * 64}", "alice is listed twice"),
+    (f"alice:sha256:{'0' * 64},bob:sha256:{'0' * 64}", "bob has the same token as alice"),
+])
+def test_a_bad_list_stops_the_start_naming_the_variable_and_never_the_text(value, phrase):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({**BASE, "INCIDENT_API_USERS": value})
+    assert str(refused.value).startswith("INCIDENT_API_USERS:") and phrase in str(refused.value)
+    assert "PLAINTEXT-TOKEN" not in str(refused.value)
+
+
+def test_a_personal_token_cannot_be_the_shared_one():
+    with pytest.raises(ConfigError, match="equals INCIDENT_API_TOKEN"):
+        load_settings({**BASE, "INCIDENT_API_TOKEN": "same-token", "INCIDENT_API_USERS": f"alice:sha256:{hash_token('same-token')}"})
+
+
+# --- over HTTP ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def query(base_env):
+    proc = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": api_users("alice", "bob")}).start()
+    yield proc
+    proc.stop()
+
+
+def incident(engine):
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", priority="P1")], "/t", "t").outcomes[0].incident_id
+
+
+def bearer(token, **headers):
+    return {"Authorization": f"Bearer {token}", **headers}
+
+
+def actors(engine, incident_id):
+    with engine.connect() as conn:
+        return [t["actor"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "status_changed"]
+
+
+def test_a_personal_token_acts_as_its_owner(query, clean_db):
+    incident_id = incident(clean_db)
+    listed = requests.get(query.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10)
+    assert listed.status_code == 200 and [i["id"] for i in listed.json()] == [incident_id]
+    moved = requests.patch(f"{query.url}/incidents/{incident_id}", json={"status": "investigating"},
+                           headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10)
+    assert moved.status_code == 200, moved.text
+    assert actors(clean_db, incident_id)[-1] == "user:alice"
+    metrics = requests.get(query.url + "/metrics", headers=bearer(PERSONAL_TOKENS["bob"]), timeout=10)
+    assert metrics.status_code == 200
+    assert PERSONAL_TOKENS["alice"] not in query.logs() and PERSONAL_TOKENS["bob"] not in query.logs()
+
+
+def test_the_shared_token_still_works_and_its_actor_is_the_callers_word(query, clean_db):
+    incident_id = incident(clean_db)
+    moved = requests.patch(f"{query.url}/incidents/{incident_id}", json={"status": "investigating"},
+                           headers=bearer(TEST_TOKEN, **{"X-Actor": "alice"}), timeout=10)
+    assert moved.status_code == 200
+    assert actors(clean_db, incident_id)[-1] == "api:alice"
+
+
+def test_x_actor_naming_someone_else_than_the_tokens_owner_is_refused(query, clean_db):
+    incident_id = incident(clean_db)
+    refused = requests.patch(f"{query.url}/incidents/{incident_id}", json={"status": "investigating"},
+                             headers=bearer(PERSONAL_TOKENS["bob"], **{"X-Actor": "alice"}), timeout=10)
+    assert refused.status_code == 400 and refused.json()["header"] == "X-Actor"
+    assert "bob's personal token" in refused.json()["message"]
+    assert actors(clean_db, incident_id) == []
+    same = requests.patch(f"{query.url}/incidents/{incident_id}", json={"status": "investigating"},
+                          headers=bearer(PERSONAL_TOKENS["bob"], **{"X-Actor": "bob"}), timeout=10)
+    assert same.status_code == 200 and actors(clean_db, incident_id) == ["user:bob"]
+
+
+@pytest.mark.parametrize("token", [PERSONAL_TOKENS["carol"], PERSONAL_TOKENS["alice"] + "x", hash_token(PERSONAL_TOKENS["alice"])])
+def test_an_unlisted_token_or_the_hash_itself_is_401(query, token):
+    refused = requests.get(query.url + "/incidents", headers=bearer(token), timeout=10)
+    assert refused.status_code == 401
+
+
+def board_session(url, token):
+    browser = requests.Session()
+    signed = browser.post(url + "/ui/login", data={"token": token, "next": "/ui"}, allow_redirects=False, timeout=10)
+    assert signed.status_code == 303, signed.status_code
+    return browser
+
+
+def test_a_board_session_signed_in_with_a_personal_token_acts_as_that_person(query, clean_db):
+    incident_id = incident(clean_db)
+    alice = board_session(query.url, PERSONAL_TOKENS["alice"])
+    page = alice.get(f"{query.url}/ui/incidents/{incident_id}", timeout=10).text
+    assert 'id="signed-in-as">Signed in as <strong>alice</strong>' in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    moved = alice.post(f"{query.url}/ui/incidents/{incident_id}/status", data={"status": "investigating", "csrf": csrf, "actor": "bob"},
+                       allow_redirects=False, timeout=10)
+    assert moved.status_code == 303
+    assert actors(clean_db, incident_id) == ["user:alice"]
+    # The shared token's session keeps the typed name, as before.
+    shared = board_session(query.url, TEST_TOKEN)
+    page = shared.get(f"{query.url}/ui/maintenance", timeout=10).text
+    assert 'id="window-actor"' in page and "signed-in-as" not in page
+
+
+def test_a_session_ends_when_its_persons_token_is_changed_or_removed(base_env, query, clean_db):
+    alice = board_session(query.url, PERSONAL_TOKENS["alice"])
+    assert alice.get(query.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
+    # Another replica whose list gives alice a new token (same shared token, same cookie key).
+    rotated = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": f"alice:sha256:{hash_token('alices-new-token')},"
+                                                                        + api_users("bob")}).start()
+    try:
+        moved = alice.get(rotated.url + "/ui", allow_redirects=False, timeout=10)
+        assert moved.status_code == 303 and moved.headers["Location"].startswith("/ui/login")
+        bob = board_session(query.url, PERSONAL_TOKENS["bob"])
+        assert bob.get(rotated.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
+    finally:
+        rotated.stop()
+
+
+def test_personal_tokens_alone_sign_in_on_every_replica(base_env, clean_db):
+    """Without a shared token the cookie key derives from the list, so every
+    replica with the same list accepts the same session."""
+    env = {**base_env, "INCIDENT_API_TOKEN": "", "INCIDENT_API_USERS": api_users("alice")}
+    first, second = FunctionProcess("query", dict(env)).start(), FunctionProcess("query", dict(env)).start()
+    try:
+        alice = board_session(first.url, PERSONAL_TOKENS["alice"])
+        assert alice.get(second.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
+        assert requests.get(second.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10).status_code == 200
+        assert requests.get(second.url + "/incidents", headers=bearer(TEST_TOKEN), timeout=10).status_code == 401
+    finally:
+        first.stop(), second.stop()
