@@ -176,3 +176,12 @@ def test_personal_tokens_alone_sign_in_on_every_replica(base_env, clean_db):
         assert requests.get(second.url + "/incidents", headers=bearer(TEST_TOKEN), timeout=10).status_code == 401
     finally:
         first.stop(), second.stop()
+
+
+def test_an_approver_without_a_personal_token_is_named_at_start(base_env):
+    proc = FunctionProcess("query", {**base_env, "REMEDIATION_APPROVERS": "alice,dave", "INCIDENT_API_USERS": api_users("alice")}).start()
+    try:
+        warning = next(line for line in proc.logs().splitlines() if "REMEDIATION_APPROVERS names people without" in line)
+        assert '"approvers_without_token": ["dave"]' in warning
+    finally:
+        proc.stop()

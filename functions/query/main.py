@@ -4,6 +4,7 @@ metrics, OpenAPI).
     functions-framework --source functions/query/main.py --target query
 """
 
+import logging
 from pathlib import Path
 
 from functools import cache
@@ -18,6 +19,11 @@ from shared.http import (MAX_QUERY_STRING, Route, built_on_first_request, instal
 
 config = start("query")
 install_json_errors()
+# An approver with no personal token can never decide (only verified people do): say so now, not at 3 a.m.
+_tokenless = [name for name in config.remediation_approvers if name not in config.api_users.names]
+if _tokenless:
+    logging.getLogger("query").warning("REMEDIATION_APPROVERS names people without a personal token in INCIDENT_API_USERS: "
+                                       "they cannot approve or reject", extra={"approvers_without_token": _tokenless})
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
