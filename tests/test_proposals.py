@@ -286,6 +286,8 @@ def test_the_board_buttons_need_the_forms_csrf_token_and_a_listed_approver(remed
         refusals = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"]
     assert [t["actor"] for t in refusals] == ["board:mallory", "board:bob"]
     assert refusals[1]["details"]["reason"].startswith("unverified: bob is named by the caller")
+    shown = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert _re.search(r"by board:bob\s+— approve refused: unverified: bob is named by the caller, not proven", shown), shown[-800:]
     # Bob signs in with his own token: the page shows who he is instead of a name field.
     bob = requests.Session()
     assert bob.post(query.url + "/ui/login", data={"token": PERSONAL_TOKENS["bob"]}, allow_redirects=False, timeout=10).status_code == 303
