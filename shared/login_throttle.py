@@ -104,6 +104,19 @@ def held_for(conn: Connection, keys: list[str], limits: Limits) -> int | None:
     return wait
 
 
+def summary(conn: Connection, limits: Limits) -> tuple[int, int]:
+    """For /metrics: failed sign-ins counted in the current windows (each
+    once, by its client), and how many budgets are spent now (the overall one
+    included): a guesser at work shows as a rise in both."""
+    failures = held = 0
+    for row in conn.execute(sa.text(
+            f"SELECT client, failures FROM login_failures WHERE window_start > {UTC_NOW} - make_interval(secs => :window)"),
+            {"window": limits.window_seconds}).mappings():
+        failures += row["failures"] if row["client"] != OVERALL else 0
+        held += row["failures"] >= (limits.overall if row["client"] == OVERALL else limits.per_client)
+    return failures, held
+
+
 def record_failure(conn: Connection, keys: list[str], limits: Limits) -> None:
     conn.execute(_PURGE, {"window": limits.window_seconds})
     for key in keys:

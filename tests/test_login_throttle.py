@@ -74,6 +74,9 @@ def test_guesses_spread_over_many_addresses_meet_the_overall_limit_and_the_table
         assert conn.execute(sa.text("SELECT count(*) FROM login_failures")).scalar() == OVERALL + 1  # the addresses and "all"
     # An IPv6 host is one address for all of its /64.
     assert sign_in(query, TEST_TOKEN, client="2001:db8:1:2::5").status_code == 429
+    # /metrics shows the attack: the failures counted, and the overall budget spent.
+    metrics = requests.get(query.url + "/metrics", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10).text
+    assert f"board_sign_in_failures {float(OVERALL)}" in metrics and "board_sign_in_limits_reached 1.0" in metrics
 
 
 def test_a_browser_that_signed_in_before_keeps_its_own_budget_during_an_attack(query, clean_db):
