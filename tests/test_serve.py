@@ -110,6 +110,14 @@ def test_only_loopback_is_trusted_and_bodies_and_answers_stay_in_memory():
     assert settings["outbuf_overflow"] >= 16 * 1024 * 1024
 
 
+def test_trusted_proxy_hops_let_the_loopback_proxy_name_the_client():
+    from shared.serve import server_settings
+
+    settings = server_settings({"THREADS": "4", "TRUSTED_PROXY_HOPS": "2"}, body_cap=1024)
+    assert settings["trusted_proxy"] == "127.0.0.1" and settings["trusted_proxy_count"] == 2
+    assert settings["trusted_proxy_headers"] == "x-forwarded-proto x-forwarded-for"
+
+
 def test_a_body_still_arriving_at_sigterm_is_read_and_answered(served):
     process, url = served
     port = int(url.rsplit(":", 1)[1])
