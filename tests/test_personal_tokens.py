@@ -4,10 +4,13 @@ the caller's word. The query function served as in production."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from loopback.processes import FunctionProcess
 from shared import incidents as svc
@@ -152,28 +155,76 @@ def test_a_board_session_signed_in_with_a_personal_token_acts_as_that_person(que
 def test_a_session_ends_when_its_persons_token_is_changed_or_removed(base_env, query, clean_db):
     alice = board_session(query.url, PERSONAL_TOKENS["alice"])
     assert alice.get(query.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
-    # Another replica whose list gives alice a new token (same shared token, same cookie key).
+    # Another replica whose list gives alice a new token, and one whose list no longer has her.
     rotated = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": f"alice:sha256:{hash_token('alices-new-token')},"
                                                                         + api_users("bob")}).start()
+    removed = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": api_users("bob")}).start()
     try:
-        moved = alice.get(rotated.url + "/ui", allow_redirects=False, timeout=10)
-        assert moved.status_code == 303 and moved.headers["Location"].startswith("/ui/login")
+        for replica in (rotated, removed):
+            moved = alice.get(replica.url + "/ui", allow_redirects=False, timeout=10)
+            assert moved.status_code == 303 and moved.headers["Location"].startswith("/ui/login")
         bob = board_session(query.url, PERSONAL_TOKENS["bob"])
         assert bob.get(rotated.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
+        assert bob.get(removed.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
     finally:
-        rotated.stop()
+        rotated.stop(), removed.stop()
 
 
-def test_personal_tokens_alone_sign_in_on_every_replica(base_env, clean_db):
-    """Without a shared token the cookie key derives from the list, so every
-    replica with the same list accepts the same session."""
-    env = {**base_env, "INCIDENT_API_TOKEN": "", "INCIDENT_API_USERS": api_users("alice")}
+def test_a_personal_session_is_a_row_that_sign_out_deletes(query, clean_db):
+    alice = board_session(query.url, PERSONAL_TOKENS["alice"])
+    cookie = alice.cookies.get("ir_session", path="/ui")
+    with clean_db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id_hash, user_name, expires_at - created_at AS lasts FROM board_sessions")).all()
+    # The cookie holds the id, the table only its hash.
+    assert [(r.id_hash, r.user_name) for r in rows] == [(hashlib.sha256(cookie[2:].encode()).hexdigest(), "alice")]
+    assert rows[0].lasts.total_seconds() == 12 * 3600 and cookie[2:] not in query.logs()
+    page = alice.get(query.url + "/ui", timeout=10).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert alice.post(query.url + "/ui/logout", data={"csrf": csrf}, allow_redirects=False, timeout=10).status_code == 303
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM board_sessions")).scalar() == 0
+    copy = requests.Session()
+    copy.cookies.set("ir_session", cookie, path="/ui")
+    assert copy.get(query.url + "/ui", allow_redirects=False, timeout=10).status_code == 303
+    # An expired row is no session, and the next sign-in deletes it.
+    other = board_session(query.url, PERSONAL_TOKENS["bob"])
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE board_sessions SET expires_at = timezone('utc', now()) - interval '1 second'"))
+    assert other.get(query.url + "/ui", allow_redirects=False, timeout=10).status_code == 303
+    board_session(query.url, PERSONAL_TOKENS["alice"])
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT user_name FROM board_sessions")).scalars().all() == ["alice"]
+
+
+def forged(key_material: str, **claims) -> str:
+    """A board cookie signed the way shared-token sessions are, saying what the forger wants."""
+    import time
+
+    from itsdangerous import URLSafeTimedSerializer
+
+    key = hmac.new(key_material.encode(), b"board-session", hashlib.sha256).digest()
+    return URLSafeTimedSerializer(key, salt="incident-board").dumps(
+        {"sid": "s" * 32, "csrf": "c", "since": "x", "exp": int(time.time()) + 3600, **claims})
+
+
+def test_personal_tokens_alone_sign_in_on_every_replica_and_the_public_list_signs_nobody_in(base_env, clean_db):
+    """Without a shared token, sessions are rows every replica reads; the
+    list of hashes, which is no secret, gives no key to sign a cookie with."""
+    listing = api_users("alice")
+    env = {**base_env, "INCIDENT_API_TOKEN": "", "INCIDENT_API_USERS": listing}
     first, second = FunctionProcess("query", dict(env)).start(), FunctionProcess("query", dict(env)).start()
     try:
         alice = board_session(first.url, PERSONAL_TOKENS["alice"])
         assert alice.get(second.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
         assert requests.get(second.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10).status_code == 200
         assert requests.get(second.url + "/incidents", headers=bearer(TEST_TOKEN), timeout=10).status_code == 401
+        alice_hash = listing.split(":")[2]
+        stamp = hashlib.sha256(b"board-session:" + alice_hash.encode()).hexdigest()[:32]
+        for cookie in (forged("users:" + alice_hash, user="alice", stamp=stamp), forged("users:" + alice_hash)):
+            attacker = requests.Session()
+            attacker.cookies.set("ir_session", cookie, path="/ui")
+            refused = attacker.get(second.url + "/ui", allow_redirects=False, timeout=10)
+            assert refused.status_code == 303 and refused.headers["Location"].startswith("/ui/login")
     finally:
         first.stop(), second.stop()
 

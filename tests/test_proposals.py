@@ -412,3 +412,57 @@ def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_nev
     # A redelivery replies the recorded failure instead of 409 until the dead letter.
     assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
     assert len(cluster.calls("PATCH", "/scale")) == 1
+
+
+def forged_session(key_material: str, **claims) -> str:
+    """A board cookie signed as the board signs shared-token sessions, with what the forger wants in it."""
+    import hashlib
+    import hmac
+    import secrets
+    import time
+
+    from itsdangerous import URLSafeTimedSerializer
+
+    key = hmac.new(key_material.encode(), b"board-session", hashlib.sha256).digest()
+    return URLSafeTimedSerializer(key, salt="incident-board").dumps(
+        {"sid": secrets.token_urlsafe(24), "csrf": "c", "since": "x", "exp": int(time.time()) + 3600, **claims})
+
+
+def test_a_cookie_signed_with_the_shared_token_cannot_name_an_approver(remediation, query, cluster, clean_db):
+    """The shared token signs board cookies, and the list of token hashes is
+    no secret: a cookie that said who signed in would let any holder of the
+    shared token approve as alice. Only a session row made by alice's own
+    token names her."""
+    import hashlib
+
+    row, summary = proposed(clean_db, remediation)
+    alice_hash = api_users("alice").split(":")[2]
+    stamp = hashlib.sha256(b"board-session:" + alice_hash.encode()).hexdigest()[:32]
+    attacker = requests.Session()
+    attacker.cookies.set("ir_session", forged_session(TEST_TOKEN, user="alice", stamp=stamp), path="/ui")
+    approved = attacker.post(f"{query.url}/ui/incidents/{row['id']}/proposals/{summary['id']}/approve",
+                             data={"csrf": "c", "hash": summary["hash"]}, allow_redirects=False, timeout=30)
+    assert approved.status_code == 303 and approved.headers["Location"].startswith("/ui/login"), approved.headers
+    # A made-up personal session id is no session either.
+    attacker.cookies.set("ir_session", "p." + "A" * 43, path="/ui")
+    assert attacker.get(f"{query.url}/ui", allow_redirects=False, timeout=10).status_code == 303
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    assert not cluster.calls("PATCH")
+
+
+@pytest.fixture(scope="module")
+def open_query(base_env, remediation):
+    """No REMEDIATION_APPROVERS: who decides is the caller's word, as before personal tokens."""
+    proc = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "INCIDENT_API_USERS": api_users("alice")}).start()
+    yield proc
+    proc.stop()
+
+
+def test_without_an_approver_list_the_shared_token_and_x_actor_still_decide(remediation, open_query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    decided = requests.post(f"{open_query.url}/incidents/{row['id']}/proposals/{summary['id']}/approve",
+                            headers={"Authorization": f"Bearer {TEST_TOKEN}", "X-Actor": "ops-script"},
+                            json={"hash": summary["hash"]}, timeout=30)
+    assert decided.status_code == 200 and decided.json()["decided_by"] == "api:ops-script", decided.text
+    assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
+    assert [c.json() for c in cluster.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]

@@ -1,11 +1,13 @@
 """The incident board: server-rendered pages for engineers at 3 a.m.
 
-Sign-in exchanges the API token, or a person's own token (shared/users.py),
-for a signed, expiring, ``HttpOnly``, ``SameSite=Strict`` session cookie (the
-token never goes into a URL) that carries a session id and, for a personal
-token, who signed in (a verified identity, ended when that person's token is
-changed or removed); sign-out revokes that id (``shared.sessions``), so a
-copy of the cookie is refused afterwards; failed sign-ins are limited
+Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
+``SameSite=Strict`` session cookie (the token never goes into a URL) that
+carries a session id, and never a person: sign-out revokes that id
+(``shared.sessions``), so a copy of the cookie is refused afterwards. A
+person's own token (shared/users.py) gets a session kept in the database
+(``shared.board_sessions``): the cookie carries only its random id, the row
+says who (a verified identity, ended when that person's token is changed or
+removed, or at sign-out); failed sign-ins are limited
 (``shared.login_throttle``, with a device cookie that keeps a browser that
 signed in before out of everyone else's limit); every
 form that changes state carries the session's CSRF token; Jinja2 escapes
@@ -30,7 +32,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
-from shared import db, diagnosis, filters, incidents, members, proposals, sessions
+from shared import board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
 from shared import login_throttle as throttle
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
@@ -39,6 +41,8 @@ from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 
 COOKIE = "ir_session"
+# A personal session's cookie: this, then the session's id (shared/board_sessions.py).
+PERSONAL_PREFIX = "p."
 SESSION_SECONDS = 12 * 3600
 # A browser that signed in here before: counted apart by the sign-in limit.
 DEVICE_COOKIE = "ir_device"
@@ -133,24 +137,44 @@ class Board:
 
     def session(self, request: Request) -> dict | None:
         """The signed-in session, or None: unsigned, expired, from before
-        sessions had ids, or signed out (revoked_sessions)."""
+        sessions had ids, or signed out (revoked_sessions). A session of a
+        person's own token is a row of board_sessions (shared/board_sessions.py)
+        and is refused once that person's token is changed or removed."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
+        if raw.startswith(PERSONAL_PREFIX):
+            session = self._personal_session(raw[len(PERSONAL_PREFIX):])
+        else:
+            session = self._shared_session(raw)
+        if session is not None:
+            request.environ[SESSION_ENVIRON] = session
+        return session
+
+    def _shared_session(self, raw: str) -> dict | None:
         try:
             session = self.signer.loads(raw, max_age=SESSION_SECONDS)
         except (BadSignature, SignatureExpired):
             return None
         if not isinstance(session, dict) or not isinstance(session.get("sid"), str) or not isinstance(session.get("exp"), int):
             return None
-        if "user" in session and (not isinstance(session["user"], str) or not session.get("stamp")
-                                  or self.config.api_users.stamp(session["user"]) != session["stamp"]):
-            return None  # that person's token was changed or removed since the sign-in
+        if "user" in session:
+            # Whoever holds the shared token can sign a cookie: one never names a person.
+            return None
         with db.engine().connect() as conn:
             if sessions.is_revoked(conn, session["sid"]):
                 return None
-        request.environ[SESSION_ENVIRON] = session
         return session
+
+    def _personal_session(self, session_id: str) -> dict | None:
+        if not 0 < len(session_id) <= 64:
+            return None
+        with db.transaction() as conn:
+            found = board_sessions.find(conn, session_id)
+        if found is None or self.config.api_users.stamp(found.user) != found.token_stamp:
+            return None  # unknown, expired, signed out, or that person's token was changed or removed
+        return {"sid": session_id, "user": found.user, "personal": True, "csrf": personal_csrf(session_id),
+                "since": iso(found.created_at), "exp": int(found.expires_at.replace(tzinfo=timezone.utc).timestamp())}
 
     @staticmethod
     def verified_user(request: Request) -> str | None:
@@ -231,13 +255,16 @@ class Board:
                 throttle.record_failure(conn, clients, limits)
             log.warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr, "client": address})
             return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
-        now = datetime.utcnow()
-        session = {"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
-                   "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS}
-        if person is not None:
-            session.update(user=person, stamp=users.stamp(person))
         response = self._redirect(next_url)
-        response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
+        if person is not None:
+            with db.transaction() as conn:
+                session_id, _ = board_sessions.create(conn, person, users.stamp(person), SESSION_SECONDS)
+            value = PERSONAL_PREFIX + session_id
+        else:
+            now = datetime.utcnow()
+            value = self.signer.dumps({"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
+                                       "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS})
+        response.set_cookie(COOKIE, value, max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
         # Renewed at every sign-in; sent only to the sign-in form.
         response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps({"d": device or secrets.token_urlsafe(16)}), max_age=DEVICE_SECONDS,
@@ -261,8 +288,11 @@ class Board:
         if session is None or not same_csrf(request, session):
             return self._redirect("/ui/login")
         with db.transaction() as conn:
-            sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
-            sessions.purge_expired(conn)
+            if session.get("personal"):
+                board_sessions.end(conn, session["sid"])
+            else:
+                sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
+                sessions.purge_expired(conn)
         response = self._redirect("/ui/login")
         response.delete_cookie(COOKIE, path="/ui")
         return response
@@ -356,16 +386,19 @@ class Board:
 
 
 def session_key(config: Settings) -> bytes:
-    """The key board cookies are signed with: from the shared token, so that
-    rotating it ends every session; with personal tokens alone, from their
-    hashes (changing the list then ends every session too)."""
-    if config.api_token:
-        material = config.api_token.reveal()
-    elif config.api_users:
-        material = "users:" + ",".join(config.api_users.hashes())
-    else:
-        material = secrets.token_hex(32)  # nobody can sign in anyway
+    """The key shared-token session cookies (and device cookies) are signed
+    with: from the shared token, so that rotating it ends every such session.
+    Without a shared token there are no such sessions, and nothing public may
+    stand in for the key (the list of token hashes is no secret): a key of
+    this process alone. Personal sessions need no key: they are rows."""
+    material = config.api_token.reveal() if config.api_token else secrets.token_hex(32)
     return hmac.new(material.encode(), b"board-session", hashlib.sha256).digest()
+
+
+def personal_csrf(session_id: str) -> str:
+    """A personal session's CSRF token: derived from its id (which only the
+    HttpOnly cookie carries), one-way, so the page that shows it shows no id."""
+    return hmac.new(session_id.encode(), b"board-csrf", hashlib.sha256).hexdigest()[:32]
 
 
 _UNSAFE_IN_NEXT = re.compile(r"[\x00-\x20\x7f\\]|^//")

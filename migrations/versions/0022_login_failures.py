@@ -8,8 +8,11 @@ Rows exist only while their window lasts (each failure deletes the expired
 ones, through the index on ``window_start``), and a client is only counted
 while it is not yet held back, so the table stays as small as the limits.
 
-Board sessions need no column: a session is a signed cookie that already
-carries who signed in (functions/query/board.py).
+A board session signed in with a person's own token is a row of
+``board_sessions`` (shared/board_sessions.py): the cookie carries only a
+random id, the row says who, so no cookie, however it was signed, can make
+a personal identity. Only the SHA-256 of the id is stored: a read of the
+table does not give anyone a session.
 
 Revision ID: 0022
 Revises: 0019
@@ -32,7 +35,19 @@ def upgrade() -> None:
         sa.Column("failures", sa.Integer, nullable=False),
     )
     op.create_index("idx_login_failures_window_start", "login_failures", ["window_start"])
+    op.create_table(
+        "board_sessions",
+        sa.Column("id_hash", sa.String(64), primary_key=True),
+        sa.Column("user_name", sa.String(100), nullable=False),
+        # A mark of the person's token at sign-in: the session ends when the token changes.
+        sa.Column("token_stamp", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("expires_at", sa.DateTime, nullable=False),
+        sa.Column("last_seen", sa.DateTime, nullable=False),
+    )
+    op.create_index("idx_board_sessions_expires_at", "board_sessions", ["expires_at"])
 
 
 def downgrade() -> None:
+    op.drop_table("board_sessions")
     op.drop_table("login_failures")
