@@ -1,6 +1,7 @@
 """Failed board sign-ins are limited (shared/login_throttle.py): per address,
 for all new browsers together, and per browser that signed in before; a
-client held back gets 429 with Retry-After and its token is not looked at.
+client held back gets 429 with Retry-After and its token is not looked at,
+except a person's own token, which nobody guesses and which always signs in.
 The query function is served as in production, its counts in PostgreSQL."""
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def test_wrong_tokens_from_one_address_are_held_back_with_429_and_retry_after(qu
     assert right.status_code == 429 and "ir_session" not in right.cookies
     # Another address is not held by this one's failures.
     assert sign_in(query, TEST_TOKEN, client="192.0.2.11").status_code == 303
+    # A person's own token signs in even from the held address: 256 random bits are not guessed.
+    assert sign_in(query, PERSONAL_TOKENS["alice"]).status_code == 303
     # Nothing printed the tokens tried.
     assert "wrong-token" not in query.logs() and TEST_TOKEN not in query.logs()
 
@@ -72,33 +75,76 @@ def test_guesses_spread_over_many_addresses_meet_the_overall_limit_and_the_table
     assert codes == [401] * OVERALL + [429] * 20
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM login_failures")).scalar() == OVERALL + 1  # the addresses and "all"
-    # An IPv6 host is one address for all of its /64.
-    assert sign_in(query, TEST_TOKEN, client="2001:db8:1:2::5").status_code == 429
     # /metrics shows the attack: the failures counted, and the overall budget spent.
     metrics = requests.get(query.url + "/metrics", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10).text
     assert f"board_sign_in_failures {float(OVERALL)}" in metrics and "board_sign_in_limits_reached 1.0" in metrics
+    # Everyone's own token still signs in.
+    assert sign_in(query, PERSONAL_TOKENS["alice"], client="192.0.2.77").status_code == 303
+
+
+def test_an_ipv6_host_is_one_address_for_all_of_its_slash_64(query, clean_db):
+    assert [sign_in(query, "guess", client=f"2001:db8:1:2::{n}").status_code for n in (1, 2, 3)] == [401] * PER_CLIENT
+    assert sign_in(query, TEST_TOKEN, client="2001:db8:1:2:ffff::9").status_code == 429
+    assert sign_in(query, TEST_TOKEN, client="2001:db8:1:3::1").status_code == 303
+
+
+def test_concurrent_guesses_from_one_address_are_judged_no_more_than_the_limit(query, clean_db):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda n: sign_in(query, f"guess-{n}", client="198.51.100.7").status_code, range(32)))
+    assert sorted(codes) == [401] * PER_CLIENT + [429] * (32 - PER_CLIENT)
+    with clean_db.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT client, failures FROM login_failures")).all()) == {
+            "address:198.51.100.7": PER_CLIENT, "all": PER_CLIENT}
 
 
 def test_a_browser_that_signed_in_before_keeps_its_own_budget_during_an_attack(query, clean_db):
-    alice = requests.Session()
-    assert sign_in(query, PERSONAL_TOKENS["alice"], session=alice).status_code == 303
-    device = next(c for c in alice.cookies if c.name == "ir_device")
+    operator = requests.Session()
+    assert sign_in(query, TEST_TOKEN, client="192.0.2.30", session=operator).status_code == 303
+    device = next(c for c in operator.cookies if c.name == "ir_device")
     assert device.path == "/ui/login" and device.has_nonstandard_attr("HttpOnly")
-    # An attacker exhausts the address's budget and the overall one (the same address as alice's, too).
+    # An attacker exhausts the overall budget from other addresses: new browsers are held.
     for n in range(OVERALL + 3):
-        sign_in(query, f"guess-{n}", client=f"203.0.113.{n % 3}")
-    assert sign_in(query, TEST_TOKEN, client="203.0.113.200").status_code == 429
-    assert sign_in(query, TEST_TOKEN, client="203.0.113.0").status_code == 429
-    # Alice's browser still signs in, from the attacker's own address.
-    assert sign_in(query, PERSONAL_TOKENS["alice"], client="203.0.113.0", session=alice).status_code == 303
-    # Its own mistakes count against it alone.
-    for _ in range(PER_CLIENT):
-        assert sign_in(query, "typo", session=alice).status_code == 401
-    assert sign_in(query, PERSONAL_TOKENS["alice"], session=alice).status_code == 429
+        sign_in(query, f"guess-{n}", client=f"203.0.113.{n}")
+    assert sign_in(query, TEST_TOKEN, client="192.0.2.31").status_code == 429
+    # The operator's browser still signs in with the shared token.
+    assert sign_in(query, TEST_TOKEN, client="192.0.2.30", session=operator).status_code == 303
+    # Its own mistakes count against it, wherever it goes.
+    for n in range(PER_CLIENT):
+        assert sign_in(query, "typo", client=f"192.0.2.{40 + n}", session=operator).status_code == 401
+    assert sign_in(query, TEST_TOKEN, client="192.0.2.50", session=operator).status_code == 429
     # A forged device cookie is no device: it counts as a new browser (held by the overall limit).
     forged = requests.Session()
     forged.cookies.set("ir_device", "forged.value.here", path="/ui/login")
     assert sign_in(query, TEST_TOKEN, client="192.0.2.200", session=forged).status_code == 429
+
+
+def test_device_cookies_minted_by_signing_in_buy_no_guesses_beyond_the_address_budget(query, clean_db):
+    """Anyone who can sign in gets a new device cookie at each cookie-less
+    sign-in; each has its own budget, but its failures count against its
+    address's too."""
+    browsers = []
+    for _ in range(4):
+        browser = requests.Session()
+        assert sign_in(query, PERSONAL_TOKENS["alice"], client="198.51.100.5", session=browser).status_code == 303
+        browsers.append(browser)
+    assert len({b.cookies.get("ir_device", path="/ui/login") for b in browsers}) == 4
+    codes = [sign_in(query, f"guess-{n}", client="198.51.100.5", session=b).status_code for b in browsers for n in range(5)]
+    assert codes.count(401) == PER_CLIENT, codes
+    # A device held by its address is held whatever the token, the shared one too.
+    assert sign_in(query, TEST_TOKEN, client="198.51.100.5", session=browsers[0]).status_code == 429
+
+
+def test_held_back_sign_ins_are_logged_a_bounded_number_of_times(base_env, clean_db):
+    quiet = FunctionProcess("query", {**base_env, "LOGIN_MAX_FAILURES": str(PER_CLIENT), "TRUSTED_PROXY_HOPS": "1"}).start()
+    try:
+        codes = [sign_in(quiet, "wrong-token").status_code for _ in range(PER_CLIENT + 30)]
+        assert codes == [401] * PER_CLIENT + [429] * 30
+        held = [line for line in quiet.logs().splitlines() if "Sign-in held back" in line]
+        assert len(held) == 10
+    finally:
+        quiet.stop()
 
 
 def test_only_the_proxies_entry_names_the_client(query, clean_db):
