@@ -19,8 +19,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from shared.domain import PRIORITIES
-from shared.users import ApiUsers, UsersError, hash_token
-from shared.users import parse as parse_users
+from shared.users import UsersSource, hash_token
 
 REMEDIATION_MODES = ("off", "dry-run", "approve", "live")
 
@@ -303,7 +302,7 @@ class Settings:
     heartbeat_timeout_seconds: int = 600
     alertmanager_url: str = ""
     # Personal API tokens (shared/users.py): hashes only, so not a masked secret.
-    api_users: ApiUsers = field(default_factory=ApiUsers)
+    api_users: UsersSource = field(default_factory=UsersSource)
     # Failed board sign-ins (shared/login_throttle.py).
     login_max_failures: int = 5
     login_max_failures_total: int = 50
@@ -317,9 +316,10 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Settings] = Settings) -> Settings:
     """Read every setting; raise :class:`ConfigError` naming the first bad one."""
     env = os.environ if env is None else env
+    secrets = _secrets(env, settings_class)
     config = settings_class(
         database_url=_database_url(env),
-        **_secrets(env, settings_class),
+        **secrets,
         k_sink=_http_url(env, "K_SINK"),
         event_source=_get(env, "EVENT_SOURCE", "/incident-response") or "/incident-response",
         public_url=_http_url(env, "PUBLIC_URL", "http://localhost:8080"),
@@ -392,11 +392,11 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         heartbeat_alertnames=_csv(env, "HEARTBEAT_ALERTNAMES", "Watchdog"),
         heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
         alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
-        api_users=_api_users(env),
+        api_users=_api_users(env, secrets.get("api_token")),
         login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
         login_max_failures_total=_int(env, "LOGIN_MAX_FAILURES_TOTAL", 50, minimum=1, maximum=100000),
         login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, minimum=1, maximum=86400),
-        trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
+        trusted_proxy_hops=trusted_proxy_hops(env),
     )
     _check_paging(config)
     return config
@@ -417,13 +417,21 @@ def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret |
     return values
 
 
-def _api_users(env: Mapping[str, str]) -> ApiUsers:
-    """INCIDENT_API_USERS or INCIDENT_API_USERS_FILE (shared/users.py)."""
-    raw = read_secret(env, "INCIDENT_API_USERS")
-    try:
-        return parse_users(raw.reveal()) if raw else ApiUsers()
-    except UsersError as exc:
-        raise ConfigError(str(exc)) from None
+def trusted_proxy_hops(env: Mapping[str, str]) -> int:
+    """TRUSTED_PROXY_HOPS, read the one way both the settings and the server
+    (shared/serve.py, which reads it before any settings exist) read it."""
+    return _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
+
+
+def _api_users(env: Mapping[str, str], api_token: Secret | None) -> UsersSource:
+    """INCIDENT_API_USERS or INCIDENT_API_USERS_FILE (shared/users.py), not
+    parsed here: only the query function reads the list (at its start), so a
+    mistake in it stops that function alone."""
+    text = env.get("INCIDENT_API_USERS", "")
+    path = env.get("INCIDENT_API_USERS_FILE", "").strip()
+    if text.strip() and path:
+        raise ConfigError("INCIDENT_API_USERS: set either INCIDENT_API_USERS or INCIDENT_API_USERS_FILE, not both")
+    return UsersSource(text=text, path=path or None, forbidden=hash_token(api_token.reveal()) if api_token else None)
 
 
 def _check_paging(config: Settings) -> None:
@@ -437,9 +445,6 @@ def _check_paging(config: Settings) -> None:
     if 0 < config.retention_claims_hours * 3600 < config.reconcile_horizon_seconds:
         raise ConfigError("RETENTION_CLAIMS_HOURS: shorter than RECONCILE_HORIZON_SECONDS; reconciliation would take a pruned "
                           "step for a missing one and re-emit its event; keep claims at least as long as the horizon")
-    if config.api_token and hash_token(config.api_token.reveal()) in config.api_users.hashes():
-        # The shared token's caller names itself; a person's token proves who it is: one token cannot be both.
-        raise ConfigError("INCIDENT_API_USERS: a personal token equals INCIDENT_API_TOKEN; give that person a token of their own")
     if bool(config.outgoing_webhook_url) != bool(config.outgoing_webhook_secret):
         raise ConfigError("OUTGOING_WEBHOOK_URL and OUTGOING_WEBHOOK_SECRET: set both (every request is signed) or neither")
 

@@ -85,8 +85,9 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     further left are the client's own word and are never read."""
     threads = int(env.get("THREADS", "8"))
     limit = server_limit(body_cap)
-    hops = env.get("TRUSTED_PROXY_HOPS", "").strip()
-    hops = int(hops) if hops.isdigit() else 0
+    from shared.config import trusted_proxy_hops
+
+    hops = trusted_proxy_hops(env)
     return {
         "host": env.get("HOST", "0.0.0.0"),
         "port": int(env.get("PORT", "8080")),

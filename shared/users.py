@@ -17,17 +17,33 @@ person) and the line to add to the list (which holds no secret).
 
 The presented token is compared with every listed hash, each in constant
 time, and every comparison runs whoever matches, so the time taken says
-neither whether nor where a token matched."""
+neither whether nor where a token matched.
+
+The file named by ``INCIDENT_API_USERS_FILE`` is read again when it changes
+(:class:`UsersSource`, checked at most every ``CHECK_SECONDS``): Kubernetes
+updates a mounted Secret in place, without restarting anything, so removing
+a person from the Secret takes effect within about a minute (the kubelet's
+sync) and ends their board sessions. A new list that does not parse is not
+taken: the old one stays and an error names the entry's number.
+
+Only the query function reads the list (at its start, where a malformed
+one stops it); the other functions never parse it."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
 import secrets
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
+CHECK_SECONDS = 5.0
+log = logging.getLogger("users")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -80,7 +96,8 @@ class ApiUsers:
         return tuple(stored for _, stored in self.entries)
 
 
-def parse(text: str, source: str = "INCIDENT_API_USERS") -> ApiUsers:
+def parse(text: str, source: str = "INCIDENT_API_USERS", forbidden: str | None = None) -> ApiUsers:
+    """``forbidden``: the SHA-256 of the shared token, which no personal token may be."""
     entries: list[tuple[str, str]] = []
     for number, line in enumerate(re.split(r"[\n,]", text), start=1):
         line = line.split("#", 1)[0].strip()
@@ -100,8 +117,102 @@ def parse(text: str, source: str = "INCIDENT_API_USERS") -> ApiUsers:
             raise UsersError(f"{source}: {name} is listed twice")
         if digest in (d for _, d in entries):
             raise UsersError(f"{source}: {name} has the same token as {next(n for n, d in entries if d == digest)}")
+        if digest == forbidden:
+            # The shared token's caller names itself; a person's token proves who it is: one token cannot be both.
+            raise UsersError(f"{source}: entry {number}: a personal token equals INCIDENT_API_TOKEN; give that person a "
+                             "token of their own")
         entries.append((name, digest))
     return ApiUsers(tuple(entries))
+
+
+class UsersSource:
+    """The list as it is now: ``INCIDENT_API_USERS`` (fixed for the process)
+    or the file named by ``INCIDENT_API_USERS_FILE``, read again when its
+    status (inode, size, modification time) changes, looked at no more than
+    every ``check_seconds``: a request pays one clock read, and one stat now
+    and then. Parsed at first use, not when the settings are read: only the
+    query function uses it (:meth:`load` at its start)."""
+
+    def __init__(self, text: str | None = None, path: str | None = None, forbidden: str | None = None,
+                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic):
+        self._text, self._path, self._forbidden = text, path, forbidden
+        self._source = "INCIDENT_API_USERS_FILE" if path else "INCIDENT_API_USERS"
+        self._check_seconds, self._clock = check_seconds, clock
+        self._lock = threading.Lock()
+        self._users: ApiUsers | None = None
+        self._seen: tuple | None = None
+        self._checked = 0.0
+
+    def load(self) -> ApiUsers:
+        """The list, read now; raises UsersError when it is malformed or unreadable."""
+        with self._lock:
+            if self._users is None:
+                if self._path:
+                    self._seen, text = self._read()
+                else:
+                    text = self._text or ""
+                self._users = parse(text, self._source, self._forbidden)
+                self._checked = self._clock()
+            return self._users
+
+    def current(self) -> ApiUsers:
+        users = self._users if self._users is not None else self.load()
+        if not self._path or self._clock() - self._checked < self._check_seconds:
+            return users
+        with self._lock:
+            if self._clock() - self._checked >= self._check_seconds:
+                self._checked = self._clock()
+                self._refresh()
+            return self._users
+
+    def _refresh(self) -> None:
+        try:
+            if self._status() == self._seen:
+                return
+            seen, text = self._read()
+            users = parse(text, self._source, self._forbidden)
+        except UsersError as exc:
+            # The old list stays: a typo in the Secret must not sign everyone out, nor let anyone in.
+            log.error("Personal token list not reloaded; the previous one stays", extra={"error": str(exc)})
+            return
+        self._seen = seen
+        if users != self._users:
+            log.info("Personal token list reloaded", extra={"people": len(users.entries)})
+        self._users = users
+
+    def _status(self) -> tuple:
+        try:
+            status = os.stat(self._path)
+        except OSError as exc:
+            raise UsersError(f"{self._source}: cannot read {self._path}: {exc.strerror}") from None
+        return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+    def _read(self) -> tuple[tuple, str]:
+        """The file's status and text, the status taken first: a change while
+        reading shows as a new status at the next check and is read again."""
+        status = self._status()
+        try:
+            with open(self._path, encoding="utf-8") as handle:
+                return status, handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsersError(f"{self._source}: cannot read {self._path}: {getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
+
+    # The list's own questions, asked of the current list.
+    def __bool__(self) -> bool:
+        return bool(self.current())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.current().names
+
+    def identify(self, presented: str) -> str | None:
+        return self.current().identify(presented)
+
+    def stamp(self, name: str) -> str | None:
+        return self.current().stamp(name)
+
+    def hashes(self) -> tuple[str, ...]:
+        return self.current().hashes()
 
 
 def main(argv: list[str]) -> int:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import requests
 import sqlalchemy as sa
 
-from loopback.processes import FunctionProcess
+from loopback.processes import ROOT, FunctionProcess, wait_until
 from shared import incidents as svc
-from shared.config import ConfigError, load_settings
-from shared.users import hash_token, new_token
+from shared.config import load_settings
+from shared.users import UsersError, UsersSource, hash_token, new_token
 from shared.users import parse as parse_users
 from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
 from tests.factories import alert
@@ -48,23 +51,65 @@ def test_the_list_from_a_file_and_from_the_variable(tmp_path):
 
 
 @pytest.mark.parametrize("value, phrase", [
-    ("alice:PLAINTEXT-TOKEN", "expected name:sha256:<64 hex digits>"),
+    ("alice:PLAINTEXT-TOKEN", "entry 1: expected name:sha256:<64 hex digits>"),
     ("alice:sha256:abc", "expected name:sha256"),
     (f"alice:md5:{'0' * 64}", "expected name:sha256"),
     (f"-x:sha256:{'0' * 64}", "a name is"),
     (f"alice:sha256:{'0' * 64},alice:sha256:{'1' * 64}", "alice is listed twice"),
     (f"alice:sha256:{'0' * 64},bob:sha256:{'0' * 64}", "bob has the same token as alice"),
 ])
-def test_a_bad_list_stops_the_start_naming_the_variable_and_never_the_text(value, phrase):
-    with pytest.raises(ConfigError) as refused:
-        load_settings({**BASE, "INCIDENT_API_USERS": value})
+def test_a_bad_list_is_refused_naming_the_variable_and_never_the_text(value, phrase):
+    users = load_settings({**BASE, "INCIDENT_API_USERS": value}).api_users  # read by the query function alone
+    with pytest.raises(UsersError) as refused:
+        users.load()
     assert str(refused.value).startswith("INCIDENT_API_USERS:") and phrase in str(refused.value)
     assert "PLAINTEXT-TOKEN" not in str(refused.value)
 
 
+def test_a_bad_list_stops_the_query_function_and_no_other(base_env):
+    env = {**os.environ, **base_env, "PYTHONPATH": str(ROOT), "INCIDENT_API_USERS": "alice:PLAINTEXT-TOKEN"}
+    started = {}
+    for name in ("query", "intake"):
+        started[name] = subprocess.run([sys.executable, "-c", "import functions_framework\n"
+                                        f"functions_framework.create_app('{name}', 'functions/{name}/main.py')"],
+                                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert started["query"].returncode == 2 and "PLAINTEXT-TOKEN" not in started["query"].stderr
+    assert started["query"].stderr.strip().endswith("query: configuration error: INCIDENT_API_USERS: entry 1: expected "
+                                                    "name:sha256:<64 hex digits> (python -m shared.users NAME makes one)")
+    assert started["intake"].returncode == 0, started["intake"].stderr
+
+
 def test_a_personal_token_cannot_be_the_shared_one():
-    with pytest.raises(ConfigError, match="equals INCIDENT_API_TOKEN"):
-        load_settings({**BASE, "INCIDENT_API_TOKEN": "same-token", "INCIDENT_API_USERS": f"alice:sha256:{hash_token('same-token')}"})
+    users = load_settings({**BASE, "INCIDENT_API_TOKEN": "same-token",
+                           "INCIDENT_API_USERS": f"alice:sha256:{hash_token('same-token')}"}).api_users
+    with pytest.raises(UsersError, match="entry 1: a personal token equals INCIDENT_API_TOKEN"):
+        users.load()
+
+
+def test_the_file_is_read_again_when_it_changes_and_a_bad_new_list_keeps_the_old(tmp_path, caplog):
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice", "bob").replace(",", "\n"))
+    now = [0.0]
+    users = UsersSource(path=str(listing), check_seconds=5, clock=lambda: now[0])
+    assert users.identify(PERSONAL_TOKENS["alice"]) == "alice"
+    listing.write_text(api_users("bob") + "\n")
+    now[0] = 4.9
+    assert users.identify(PERSONAL_TOKENS["alice"]) == "alice"  # not looked at yet
+    now[0] = 5.0
+    assert users.identify(PERSONAL_TOKENS["alice"]) is None and users.names == ("bob",)
+    # A Kubernetes Secret update: a new file swapped in; this one holds a token pasted by mistake.
+    replacement = tmp_path / "users.new"
+    replacement.write_text(api_users("bob") + "\ncarol:" + PERSONAL_TOKENS["carol"] + "\n")
+    os.replace(replacement, listing)
+    now[0] = 10.0
+    with caplog.at_level("ERROR", logger="users"):
+        assert users.names == ("bob",)
+    (record,) = [r for r in caplog.records if r.name == "users"]
+    assert "entry 2" in record.error and PERSONAL_TOKENS["carol"] not in record.error + record.getMessage()
+    # Fixed: taken at the next look.
+    listing.write_text(api_users("bob", "carol"))
+    now[0] = 15.0
+    assert users.names == ("bob", "carol")
 
 
 # --- over HTTP ---------------------------------------------------------------------
@@ -168,6 +213,24 @@ def test_a_session_ends_when_its_persons_token_is_changed_or_removed(base_env, q
         assert bob.get(removed.url + "/ui", allow_redirects=False, timeout=10).status_code == 200
     finally:
         rotated.stop(), removed.stop()
+
+
+def test_removing_a_person_from_the_mounted_file_takes_effect_without_a_restart(base_env, tmp_path, clean_db):
+    """Kubernetes rewrites a mounted Secret in place and restarts nothing."""
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice", "bob").replace(",", "\n"))
+    proc = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS_FILE": str(listing)}).start()
+    try:
+        alice = board_session(proc.url, PERSONAL_TOKENS["alice"])
+        assert requests.get(proc.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10).status_code == 200
+        listing.write_text(api_users("bob"))
+        wait_until(lambda: requests.get(proc.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]),
+                                        timeout=10).status_code == 401, timeout=20, message="alice's token refused")
+        assert alice.get(proc.url + "/ui", allow_redirects=False, timeout=10).status_code == 303
+        assert requests.get(proc.url + "/incidents", headers=bearer(PERSONAL_TOKENS["bob"]), timeout=10).status_code == 200
+        assert "Personal token list reloaded" in proc.logs()
+    finally:
+        proc.stop()
 
 
 def test_a_personal_session_is_a_row_that_sign_out_deletes(query, clean_db):

@@ -118,6 +118,17 @@ def test_trusted_proxy_hops_let_the_loopback_proxy_name_the_client():
     assert settings["trusted_proxy_headers"] == "x-forwarded-proto x-forwarded-for"
 
 
+@pytest.mark.parametrize("raw, hops", [("+1", 1), (" 3 ", 3), ("", 0), ("0", 0)])
+def test_the_server_reads_trusted_proxy_hops_as_the_settings_do(raw, hops):
+    from shared.config import load_settings
+    from shared.serve import server_settings
+
+    env = {"THREADS": "4", "TRUSTED_PROXY_HOPS": raw}
+    assert load_settings({"DATABASE_URL": "postgresql+pg8000://u@h/d", **env}).trusted_proxy_hops == hops
+    assert server_settings(env, body_cap=1024)["trusted_proxy_count"] == max(hops, 1)
+    assert ("x-forwarded-for" in server_settings(env, body_cap=1024)["trusted_proxy_headers"]) == bool(hops)
+
+
 def test_a_body_still_arriving_at_sigterm_is_read_and_answered(served):
     process, url = served
     port = int(url.rsplit(":", 1)[1])

@@ -12,15 +12,21 @@ from functools import cache
 import functions_framework
 from flask import Response
 
-from shared.bootstrap import start
+from shared.bootstrap import fail, start
 from shared.errors import ServiceUnavailable
+from shared.users import UsersError
 from shared.http import (MAX_QUERY_STRING, Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health,
                          json_response)
 
 config = start("query")
 install_json_errors()
+try:
+    # Only this function reads the personal token list: a mistake in it stops the query alone.
+    _users = config.api_users.load()
+except UsersError as exc:
+    fail("query", str(exc))
 # An approver with no personal token can never decide (only verified people do): say so now, not at 3 a.m.
-_tokenless = [name for name in config.remediation_approvers if name not in config.api_users.names]
+_tokenless = [name for name in config.remediation_approvers if name not in _users.names]
 if _tokenless:
     logging.getLogger("query").warning("REMEDIATION_APPROVERS names people without a personal token in INCIDENT_API_USERS: "
                                        "they cannot approve or reject", extra={"approvers_without_token": _tokenless})
