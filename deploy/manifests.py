@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "knative" / "base"
 PRODUCTION = ROOT / "knative" / "overlays" / "production"
 SECRETS = "/var/run/secrets/incident-response"
+# The board's sign-in limit counts by the client's address, which the query
+# reads TRUSTED_PROXY_HOPS entries from the right of X-Forwarded-For. The
+# activator adds an entry when it is in the path, which with Knative's
+# default burst capacity (200 requests) it always is for a Service this
+# small, and then only sometimes as replicas are added: a burst capacity of
+# 0 keeps it out except at scale from zero, so the entries stay the same.
+STABLE_HOPS = {"query"}
 
 
 # Secret name -> (key, env var of the *_FILE setting, who needs it).
@@ -111,6 +118,7 @@ def service(name: str) -> dict:
                         # Keep the activator in every request's path, so the
                         # NetworkPolicy need not admit the shared ingress gateway.
                         **({} if public else {"autoscaling.knative.dev/target-burst-capacity": "-1"}),
+                        **({"autoscaling.knative.dev/target-burst-capacity": "0"} if name in STABLE_HOPS else {}),
                     },
                 },
                 "spec": {
