@@ -153,3 +153,25 @@ def test_only_the_proxies_entry_names_the_client(query, clean_db):
     for n in range(PER_CLIENT):
         sign_in(query, "wrong-token", client=f"10.9.9.{n}, 192.0.2.50")
     assert sign_in(query, TEST_TOKEN, client="10.9.9.77, 192.0.2.50").status_code == 429
+
+
+def test_concurrent_failures_over_expired_rows_all_get_answers_and_the_expired_rows_go(query, clean_db):
+    """Each failure deletes expired rows while other attempts lock the same
+    rows to start their windows again: every attempt gets its answer (no
+    deadlock, no 500), the overall budget is exact, and the expired row
+    nobody touched is gone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    addresses = [f"198.51.100.{n}" for n in range(24)]
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO login_failures (client, window_start, failures) SELECT 'address:' || a, "
+                             "timezone('utc', now()) - make_interval(secs => :w + 1), 1 FROM unnest(CAST(:a AS text[])) a"),
+                     {"w": WINDOW, "a": addresses})
+        conn.execute(sa.text("INSERT INTO login_failures (client, window_start, failures) VALUES ('address:192.0.2.250', "
+                             "timezone('utc', now()) - make_interval(secs => :w + 1), 1)"), {"w": WINDOW})
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda n: sign_in(query, f"guess-{n}", client=addresses[n % len(addresses)]).status_code,
+                              range(48)))
+    assert set(codes) <= {401, 429} and codes.count(401) == OVERALL, codes
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM login_failures WHERE client = 'address:192.0.2.250'")).scalar() == 0
