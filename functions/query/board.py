@@ -7,11 +7,11 @@ carries a session id, and never a person: sign-out revokes that id
 person's own token (shared/users.py) gets a session kept in the database
 (``shared.board_sessions``): the cookie carries only its random id, the row
 says who (a verified identity, ended when that person's token is changed or
-removed, or at sign-out); failed sign-ins are limited
+removed, or at sign-out); failed sign-ins of the shared token are limited
 (``shared.login_throttle``, with a device cookie that keeps a browser that
-signed in before out of everyone else's limit); every
-form that changes state carries the session's CSRF token; Jinja2 escapes
-everything (labels come from alerts and may hold HTML); a strict
+signed in before out of the overall limit; a personal token is never held);
+every form that changes state carries the session's CSRF token; Jinja2
+escapes everything (labels come from alerts and may hold HTML); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
 
