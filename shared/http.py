@@ -24,7 +24,7 @@ from flask import Request, Response
 
 from shared import content_coding
 from shared.config import Secret
-from shared.users import ApiUsers
+from shared.users import ApiUsers, UsersSource
 from shared.errors import (
     ApiError,
     BadRequest,
@@ -140,7 +140,7 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
 VERIFIED_USER = "incident_response.user"
 
 
-def check_bearer(request: Request, token: Secret | None, users: ApiUsers | None = None) -> str | None:
+def check_bearer(request: Request, token: Secret | None, users: ApiUsers | UsersSource | None = None) -> str | None:
     """The shared token or, with ``users``, a person's own token (shared/users.py),
     compared in constant time; refuses everything when neither is set. Returns
     the verified name for a personal token (also left in the request's
@@ -342,7 +342,7 @@ MAX_QUERY_STRING = 16 * 1024
 
 
 def dispatch(request: Request, routes: Routes, token: Secret | None, service: str,
-             max_query_string: int | None = None, users: ApiUsers | None = None) -> Response:
+             max_query_string: int | None = None, users: ApiUsers | UsersSource | None = None) -> Response:
     """Route the request, enforce auth, and map every error to its status.
     A query string longer than ``max_query_string`` bytes is refused first.
     ``users``: personal tokens are accepted too (the query function)."""
