@@ -15,14 +15,14 @@ a personal identity. Only the SHA-256 of the id is stored: a read of the
 table does not give anyone a session.
 
 Revision ID: 0022
-Revises: 0019
+Revises: 0020
 """
 
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0022"
-down_revision = "0019"
+down_revision = "0020"
 branch_labels = None
 depends_on = None
 
