@@ -21,6 +21,8 @@ exits 2, instead of functions-framework's traceback.
 from __future__ import annotations
 
 import gc
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -30,6 +32,8 @@ import time
 from collections.abc import Mapping
 
 REQUIRED = ("FUNCTION_SOURCE", "FUNCTION_TARGET")
+# The one proxy whose forwarded headers are read: Knative's queue-proxy, on loopback.
+TRUSTED_PROXY = "127.0.0.1"
 # How long a stopping instance keeps answering the requests it has. Knative
 # drains the pod before its SIGTERM, so this is a bound, not a wait: the
 # longest revision timeout of any function (knative/base/services.yaml).
@@ -96,12 +100,56 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
         "max_request_body_size": limit,
         "inbuf_overflow": limit,
         "outbuf_overflow": ANSWER_IN_MEMORY,
-        "trusted_proxy": "127.0.0.1",
+        "trusted_proxy": TRUSTED_PROXY,
         "trusted_proxy_headers": "x-forwarded-proto x-forwarded-for" if hops else "x-forwarded-proto",
         "trusted_proxy_count": max(hops, 1),
         "clear_untrusted_proxy_headers": True,
         "ident": "",
     }
+
+
+def _is_address(entry: str) -> bool:
+    """An X-Forwarded-For entry as proxies write it, in a form waitress makes
+    an address of: an IP address, an IPv4 one with a port, an IPv6 one in
+    brackets (with a port, waitress would keep the brackets and the port)."""
+    entry = entry.strip().strip('"')
+    if entry.startswith("["):
+        if not entry.endswith("]"):
+            return False
+        host = entry[1:-1]
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        if not port.isdigit():
+            return False
+    else:
+        host = entry
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY):
+    """Wrapped around waitress's own proxy-header translation (which
+    create_server puts around the function), so it runs first: the
+    X-Forwarded-For entry the translation would take as the client (``hops``
+    from the right, from the trusted proxy only) must be an address, or the
+    request is answered 400. waitress itself fails on some (``:.`` raises an
+    IndexError in it: a 500, and a traceback per request)."""
+    if not hops:
+        return app
+    refusal = json.dumps({"error": "bad_request", "message": "X-Forwarded-For: the client's entry is not an address"}).encode()
+
+    def guarded(environ, start_response):
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+        if forwarded is not None and environ.get("REMOTE_ADDR") == trusted_proxy \
+                and not _is_address(forwarded.split(",")[-hops:][0]):
+            start_response("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(refusal)))])
+            return [refusal]
+        return app(environ, start_response)
+
+    return guarded
 
 
 def _in_hand(channel) -> bool:
@@ -176,6 +224,9 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     # BODY_CAP is set by the function's start (shared/bootstrap.py); an app
     # that has none gets the bound a function without settings would.
     server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", http_layer.LARGEST_FIXED_BODY + 1)))
+    from shared.config import trusted_proxy_hops
+
+    server.application = checked_forwarded_for(server.application, trusted_proxy_hops(env))
     # One line per request that waits for a thread: Knative's
     # containerConcurrency already bounds an instance's requests, and the
     # intake's threads wait on the group commit, so it is routine, not news.

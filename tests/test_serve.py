@@ -39,17 +39,24 @@ def test_a_missing_function_variable_is_named_in_one_line(given, absent):
 SLOW = ROOT / "tests" / "fixtures" / "serve" / "main.py"
 
 
-@pytest.fixture
-def served():
-    from loopback.processes import free_port, terminate, wait_until
+def serve(**extra: str):
+    from loopback.processes import free_port, wait_until
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FUNCTION_SOURCE": str(SLOW), "FUNCTION_TARGET": "slow",
-           "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "2"}
+           "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "2", **extra}
     process = subprocess.Popen([sys.executable, "-m", "shared.serve"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.get(url + "/", timeout=1).ok, 30, message="the served function")
+    return process, url
+
+
+@pytest.fixture
+def served():
+    from loopback.processes import terminate
+
+    process, url = serve()
     yield process, url
     terminate(process)
 
@@ -85,6 +92,27 @@ def test_only_the_loopback_proxy_may_say_the_request_came_over_tls(served):
     # Knative's queue-proxy connects from 127.0.0.1 and forwards the scheme.
     assert requests.get(url + "/", headers={"X-Forwarded-Proto": "https"}, timeout=10).json()["scheme"] == "https"
     assert requests.get(url + "/", timeout=10).json()["scheme"] == "http"
+
+
+def test_the_client_entry_of_x_forwarded_for_must_be_an_address():
+    """waitress failed with an IndexError (a 500) on some entries it took as the client's."""
+    from loopback.processes import terminate
+
+    process, url = serve(TRUSTED_PROXY_HOPS="2")
+    try:
+        def remote(forwarded: str):
+            answer = requests.get(url + "/", headers={"X-Forwarded-For": forwarded}, timeout=10)
+            return answer.json().get("remote") if answer.ok else answer.status_code
+
+        assert remote(":., 203.0.113.7, 10.0.0.9") == "203.0.113.7"  # entries further left are never read
+        assert remote("[2001:db8::7], 10.0.0.9") == "2001:db8::7" and remote("203.0.113.7:5000, 10.0.0.9") == "203.0.113.7"
+        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "1.2.3.4:x, 10.0.0.9", "[::1]:443, 10.0.0.9"):
+            refused = requests.get(url + "/", headers={"X-Forwarded-For": bad}, timeout=10)
+            assert refused.status_code == 400 and refused.json()["error"] == "bad_request", bad
+        assert remote("203.0.113.8, 10.0.0.9") == "203.0.113.8"
+    finally:
+        terminate(process)
+    assert "Traceback" not in process.stderr.read()
 
 
 def test_threads_take_turns_every_millisecond_and_the_start_is_kept_out_of_collections(served):
