@@ -326,6 +326,8 @@ class Settings:
     login_max_failures_total: int = 50
     login_failure_window_seconds: int = 300
     trusted_proxy_hops: int = 0
+    # A personal board session unused this long ends (shared/board_sessions.py); 0: only the 12 h cap.
+    board_idle_timeout_minutes: int = 0
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -415,6 +417,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         login_max_failures_total=_int(env, "LOGIN_MAX_FAILURES_TOTAL", 50, minimum=1, maximum=100000),
         login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, minimum=1, maximum=86400),
         trusted_proxy_hops=trusted_proxy_hops(env),
+        board_idle_timeout_minutes=_idle_minutes(env),
     )
     _check_paging(config)
     return config
@@ -439,6 +442,16 @@ def trusted_proxy_hops(env: Mapping[str, str]) -> int:
     """TRUSTED_PROXY_HOPS, read the one way both the settings and the server
     (shared/serve.py, which reads it before any settings exist) read it."""
     return _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
+
+
+def _idle_minutes(env: Mapping[str, str]) -> int:
+    """BOARD_IDLE_TIMEOUT_MINUTES: 0 (none), or 5 minutes to the session's 12 hours."""
+    from shared.board_sessions import IDLE_MINIMUM_MINUTES
+
+    value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
+    if 0 < value < IDLE_MINIMUM_MINUTES:
+        raise ConfigError(f"BOARD_IDLE_TIMEOUT_MINUTES: 0 (none) or at least {IDLE_MINIMUM_MINUTES}, got {value}")
+    return value
 
 
 def _api_users(env: Mapping[str, str], api_token: Secret | None) -> UsersSource:

@@ -138,6 +138,21 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
 
 # Where check_bearer leaves the verified name of a personal token's owner.
 VERIFIED_USER = "incident_response.user"
+# Where request_users keeps the personal token list this request reads.
+REQUEST_USERS = "incident_response.users"
+
+
+def request_users(request: Request, users: ApiUsers | UsersSource | None) -> ApiUsers:
+    """The personal token list as this request sees it, taken once: the file
+    may be reloaded while the request runs (shared/users.py), and a sign-in
+    that identified a token with the old list must not stamp its session
+    from the new one (a rotated token's session would outlive the rotation)."""
+    if users is None or isinstance(users, ApiUsers):
+        return users or ApiUsers()
+    snapshot = request.environ.get(REQUEST_USERS)
+    if snapshot is None:
+        snapshot = request.environ[REQUEST_USERS] = users.current()
+    return snapshot
 
 
 def check_bearer(request: Request, token: Secret | None, users: ApiUsers | UsersSource | None = None) -> str | None:
@@ -148,6 +163,7 @@ def check_bearer(request: Request, token: Secret | None, users: ApiUsers | Users
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     presented = presented.strip()
+    users = request_users(request, users)
     if scheme.lower() != "bearer" or not presented or (token is None and not users):
         raise Unauthorized("a valid bearer token is required")
     # Both comparisons run whatever the first found: the time says nothing about which.

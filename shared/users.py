@@ -24,7 +24,10 @@ The file named by ``INCIDENT_API_USERS_FILE`` is read again when it changes
 updates a mounted Secret in place, without restarting anything, so removing
 a person from the Secret takes effect within about a minute (the kubelet's
 sync) and ends their board sessions. A new list that does not parse is not
-taken: the old one stays and an error names the entry's number.
+taken: the old one stays and an error names the entry's number. A file that
+is gone (its key or the Secret deleted) is an empty list: every personal
+token is refused, with an error naming the path, until it is back. At the
+start, a missing or unreadable file stops the query (a wrong path).
 
 Only the query function reads the list (at its start, where a malformed
 one stops it); the other functions never parse it."""
@@ -99,6 +102,8 @@ class ApiUsers:
 def parse(text: str, source: str = "INCIDENT_API_USERS", forbidden: str | None = None) -> ApiUsers:
     """``forbidden``: the SHA-256 of the shared token, which no personal token may be."""
     entries: list[tuple[str, str]] = []
+    names: set[str] = set()
+    owners: dict[str, str] = {}  # hash -> name
     for number, line in enumerate(re.split(r"[\n,]", text), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -113,15 +118,17 @@ def parse(text: str, source: str = "INCIDENT_API_USERS", forbidden: str | None =
         if not NAME.fullmatch(name):
             raise UsersError(f"{source}: entry {number}: a name is 1-100 letters, digits or . _ @ + - and starts with a "
                              "letter or digit")
-        if name in (n for n, _ in entries):
+        if name in names:
             raise UsersError(f"{source}: {name} is listed twice")
-        if digest in (d for _, d in entries):
-            raise UsersError(f"{source}: {name} has the same token as {next(n for n, d in entries if d == digest)}")
+        if digest in owners:
+            raise UsersError(f"{source}: {name} has the same token as {owners[digest]}")
         if digest == forbidden:
             # The shared token's caller names itself; a person's token proves who it is: one token cannot be both.
             raise UsersError(f"{source}: entry {number}: a personal token equals INCIDENT_API_TOKEN; give that person a "
                              "token of their own")
         entries.append((name, digest))
+        names.add(name)
+        owners[digest] = name
     return ApiUsers(tuple(entries))
 
 
@@ -156,6 +163,10 @@ class UsersSource:
             return self._users
 
     def current(self) -> ApiUsers:
+        """The list as it is now. A request takes it once and asks that one
+        list everything (shared/http.py request_users): two reads could
+        straddle a reload, and a token identified by the old list be stamped
+        from the new one."""
         users = self._users if self._users is not None else self.load()
         if not self._path or self._clock() - self._checked < self._check_seconds:
             return users
@@ -167,7 +178,14 @@ class UsersSource:
 
     def _refresh(self) -> None:
         try:
-            if self._status() == self._seen:
+            status = self._status()
+            if status == self._seen:
+                return
+            if status is None:
+                # The key or the Secret was removed: that revokes every personal token, as an empty list would.
+                log.error("Personal token list file is gone: no personal token is accepted until it is back",
+                          extra={"path": self._path})
+                self._seen, self._users = None, ApiUsers()
                 return
             seen, text = self._read()
             users = parse(text, self._source, self._forbidden)
@@ -180,9 +198,12 @@ class UsersSource:
             log.info("Personal token list reloaded", extra={"people": len(users.entries)})
         self._users = users
 
-    def _status(self) -> tuple:
+    def _status(self) -> tuple | None:
+        """The file's status, or None when there is no file at the path."""
         try:
             status = os.stat(self._path)
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise UsersError(f"{self._source}: cannot read {self._path}: {exc.strerror}") from None
         return (status.st_ino, status.st_size, status.st_mtime_ns)
@@ -192,27 +213,12 @@ class UsersSource:
         reading shows as a new status at the next check and is read again."""
         status = self._status()
         try:
+            if status is None:
+                raise FileNotFoundError(2, "No such file or directory")
             with open(self._path, encoding="utf-8") as handle:
                 return status, handle.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsersError(f"{self._source}: cannot read {self._path}: {getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
-
-    # The list's own questions, asked of the current list.
-    def __bool__(self) -> bool:
-        return bool(self.current())
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.current().names
-
-    def identify(self, presented: str) -> str | None:
-        return self.current().identify(presented)
-
-    def stamp(self, name: str) -> str | None:
-        return self.current().stamp(name)
-
-    def hashes(self) -> tuple[str, ...]:
-        return self.current().hashes()
 
 
 def main(argv: list[str]) -> int:

@@ -136,6 +136,25 @@ def test_device_cookies_minted_by_signing_in_buy_no_guesses_beyond_the_address_b
     assert sign_in(query, TEST_TOKEN, client="198.51.100.5", session=browsers[0]).status_code == 429
 
 
+def test_a_device_earned_with_a_personal_token_counts_apart_only_while_that_token_is_listed(query, base_env, clean_db):
+    """A device cookie lasts 90 days; the person who earned it may be
+    removed long before. Another replica (same database, same shared
+    token) whose list no longer has alice stands for the removal."""
+    removed = FunctionProcess("query", {**base_env, "LOGIN_MAX_FAILURES": str(PER_CLIENT), "LOGIN_MAX_FAILURES_TOTAL": str(OVERALL),
+                                        "LOGIN_FAILURE_WINDOW_SECONDS": str(WINDOW), "TRUSTED_PROXY_HOPS": "1",
+                                        "INCIDENT_API_USERS": api_users("bob")}).start()
+    try:
+        browser = requests.Session()
+        assert sign_in(query, PERSONAL_TOKENS["alice"], client="192.0.2.60", session=browser).status_code == 303
+        for n in range(OVERALL + 3):
+            sign_in(query, f"guess-{n}", client=f"203.0.113.{n}")
+        # Without alice, her device is no device: a new browser, held by the overall limit.
+        assert sign_in(removed, TEST_TOKEN, client="192.0.2.60", session=browser).status_code == 429
+        assert sign_in(query, TEST_TOKEN, client="192.0.2.60", session=browser).status_code == 303
+    finally:
+        removed.stop()
+
+
 def test_held_back_sign_ins_are_logged_a_bounded_number_of_times(base_env, clean_db):
     quiet = FunctionProcess("query", {**base_env, "LOGIN_MAX_FAILURES": str(PER_CLIENT), "TRUSTED_PROXY_HOPS": "1"}).start()
     try:

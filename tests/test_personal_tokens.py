@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from loopback.processes import ROOT, FunctionProcess, wait_until
 from shared import incidents as svc
-from shared.config import load_settings
+from shared.config import ConfigError, load_settings
 from shared.users import UsersError, UsersSource, hash_token, new_token
 from shared.users import parse as parse_users
 from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
@@ -45,9 +45,9 @@ def test_the_list_from_a_file_and_from_the_variable(tmp_path):
     listing = tmp_path / "users"
     listing.write_text(api_users("alice", "bob").replace(",", "\n") + "\n")
     from_file = load_settings({**BASE, "INCIDENT_API_USERS_FILE": str(listing)})
-    assert from_file.api_users.names == ("alice", "bob")
-    assert load_settings({**BASE, "INCIDENT_API_USERS": api_users("carol")}).api_users.names == ("carol",)
-    assert not load_settings(BASE).api_users
+    assert from_file.api_users.load().names == ("alice", "bob")
+    assert load_settings({**BASE, "INCIDENT_API_USERS": api_users("carol")}).api_users.load().names == ("carol",)
+    assert not load_settings(BASE).api_users.load()
 
 
 @pytest.mark.parametrize("value, phrase", [
@@ -91,25 +91,77 @@ def test_the_file_is_read_again_when_it_changes_and_a_bad_new_list_keeps_the_old
     listing.write_text(api_users("alice", "bob").replace(",", "\n"))
     now = [0.0]
     users = UsersSource(path=str(listing), check_seconds=5, clock=lambda: now[0])
-    assert users.identify(PERSONAL_TOKENS["alice"]) == "alice"
+    assert users.current().identify(PERSONAL_TOKENS["alice"]) == "alice"
     listing.write_text(api_users("bob") + "\n")
     now[0] = 4.9
-    assert users.identify(PERSONAL_TOKENS["alice"]) == "alice"  # not looked at yet
+    assert users.current().identify(PERSONAL_TOKENS["alice"]) == "alice"  # not looked at yet
     now[0] = 5.0
-    assert users.identify(PERSONAL_TOKENS["alice"]) is None and users.names == ("bob",)
+    assert users.current().identify(PERSONAL_TOKENS["alice"]) is None and users.current().names == ("bob",)
     # A Kubernetes Secret update: a new file swapped in; this one holds a token pasted by mistake.
     replacement = tmp_path / "users.new"
     replacement.write_text(api_users("bob") + "\ncarol:" + PERSONAL_TOKENS["carol"] + "\n")
     os.replace(replacement, listing)
     now[0] = 10.0
     with caplog.at_level("ERROR", logger="users"):
-        assert users.names == ("bob",)
+        assert users.current().names == ("bob",)
     (record,) = [r for r in caplog.records if r.name == "users"]
     assert "entry 2" in record.error and PERSONAL_TOKENS["carol"] not in record.error + record.getMessage()
     # Fixed: taken at the next look.
     listing.write_text(api_users("bob", "carol"))
     now[0] = 15.0
-    assert users.names == ("bob", "carol")
+    assert users.current().names == ("bob", "carol")
+
+
+def test_a_list_file_that_is_gone_refuses_every_personal_token_until_it_is_back(tmp_path, caplog):
+    """Its key deleted from the Secret: the file leaves the volume. Keeping
+    the last list would keep every token it held valid for as long as the
+    process runs."""
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice"))
+    now = [0.0]
+    users = UsersSource(path=str(listing), check_seconds=5, clock=lambda: now[0])
+    assert users.load().names == ("alice",)
+    listing.unlink()
+    with caplog.at_level("ERROR", logger="users"):
+        for now[0] in (5.0, 10.0, 15.0):
+            assert not users.current() and users.current().identify(PERSONAL_TOKENS["alice"]) is None
+    (gone,) = [r for r in caplog.records if r.name == "users"]  # said once, not at every look
+    assert gone.levelname == "ERROR" and gone.path == str(listing) and "no personal token is accepted" in gone.getMessage()
+    listing.write_text(api_users("bob"))
+    now[0] = 20.0
+    assert users.current().names == ("bob",)
+    # At the start, a file that is not there is a wrong path: the query does not start.
+    with pytest.raises(UsersError, match="cannot read"):
+        UsersSource(path=str(tmp_path / "nowhere")).load()
+
+
+def test_one_request_reads_one_list_even_when_the_file_is_reloaded_meanwhile(tmp_path):
+    """A sign-in identifies the token and stamps its session from the same
+    list: read twice, a rotation landing in between stamped a session made
+    with the old token with the new token's stamp, and it outlived the
+    rotation by 12 hours."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from shared.errors import Unauthorized
+    from shared.http import check_bearer, request_users
+
+    old, new = new_token(), new_token()
+    listing = tmp_path / "users"
+    listing.write_text(f"alice:sha256:{hash_token(old)}\n")
+    now = [0.0]
+    users = UsersSource(path=str(listing), check_seconds=5, clock=lambda: now[0])
+    users.load()
+    signing_in = Request(EnvironBuilder(headers=bearer(old)).get_environ())
+    assert check_bearer(signing_in, None, users) == "alice"
+    stamp = request_users(signing_in, users).stamp("alice")
+    listing.write_text(f"alice:sha256:{hash_token(new)}\n")  # the leaked token rotated while the request runs
+    now[0] = 5.0
+    assert request_users(signing_in, users).stamp("alice") == stamp
+    later = Request(EnvironBuilder(headers=bearer(old)).get_environ())
+    with pytest.raises(Unauthorized):
+        check_bearer(later, None, users)
+    assert request_users(later, users).stamp("alice") != stamp
 
 
 # --- over HTTP ---------------------------------------------------------------------
@@ -257,6 +309,103 @@ def test_a_personal_session_is_a_row_that_sign_out_deletes(query, clean_db):
     board_session(query.url, PERSONAL_TOKENS["alice"])
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT user_name FROM board_sessions")).scalars().all() == ["alice"]
+
+
+def session_rows(engine, user="alice") -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM board_sessions WHERE user_name = :u"), {"u": user}).scalar()
+
+
+def live(url, browser) -> bool:
+    return browser.get(url + "/ui", allow_redirects=False, timeout=10).status_code == 200
+
+
+def test_a_person_keeps_at_most_ten_sessions_the_newest(query, clean_db):
+    """Anyone with the token signing in in a loop (a personal token is never
+    held back) made one row per attempt; now a sign-in ends the person's
+    oldest sessions beyond ten."""
+    from shared.board_sessions import KEEP_PER_USER
+
+    browsers = [board_session(query.url, PERSONAL_TOKENS["alice"]) for _ in range(KEEP_PER_USER + 5)]
+    board_session(query.url, PERSONAL_TOKENS["bob"])
+    assert session_rows(clean_db) == KEEP_PER_USER == 10 and session_rows(clean_db, "bob") == 1
+    assert [live(query.url, b) for b in browsers] == [False] * 5 + [True] * KEEP_PER_USER
+
+
+def test_signing_in_again_ends_the_browsers_earlier_session(query, clean_db):
+    browser = board_session(query.url, PERSONAL_TOKENS["alice"])
+    earlier = browser.cookies.get("ir_session", path="/ui")
+    assert browser.post(query.url + "/ui/login", data={"token": PERSONAL_TOKENS["bob"]}, allow_redirects=False,
+                        timeout=10).status_code == 303
+    copy = requests.Session()
+    copy.cookies.set("ir_session", earlier, path="/ui")
+    assert not live(query.url, copy) and session_rows(clean_db) == 0 and live(query.url, browser)
+    # Signing in with the shared token ends a personal session too.
+    assert browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, allow_redirects=False, timeout=10).status_code == 303
+    assert session_rows(clean_db, "bob") == 0 and live(query.url, browser)
+
+
+def test_a_sign_in_is_logged_with_who_and_from_where_never_the_token(query, clean_db):
+    board_session(query.url, PERSONAL_TOKENS["alice"])
+    board_session(query.url, TEST_TOKEN)
+    lines = [line for line in query.logs().splitlines() if '"Signed in"' in line]
+    assert any('"user": "alice"' in line and '"token": "personal"' in line and '"client": "127.0.0.1"' in line for line in lines)
+    assert any('"user": null' in line and '"token": "shared"' in line for line in lines)
+    assert PERSONAL_TOKENS["alice"] not in query.logs() and TEST_TOKEN not in query.logs()
+
+
+def test_a_session_ended_by_a_removal_stays_ended_when_the_person_is_put_back(base_env, tmp_path, clean_db):
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice", "bob").replace(",", "\n"))
+    proc = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS_FILE": str(listing)}).start()
+    try:
+        alice = board_session(proc.url, PERSONAL_TOKENS["alice"])
+        listing.write_text(api_users("bob"))
+        wait_until(lambda: not live(proc.url, alice), timeout=20, message="alice's session ended")
+        assert session_rows(clean_db) == 0
+        listing.write_text(api_users("alice", "bob").replace(",", "\n"))
+        wait_until(lambda: requests.get(proc.url + "/incidents", headers=bearer(PERSONAL_TOKENS["alice"]), timeout=10).ok,
+                   timeout=20, message="alice listed again")
+        assert not live(proc.url, alice)
+    finally:
+        proc.stop()
+
+
+def test_a_session_unused_for_the_idle_timeout_ends(base_env, clean_db):
+    proc = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": api_users("alice", "bob"),
+                                     "BOARD_IDLE_TIMEOUT_MINUTES": "5"}).start()
+    try:
+        alice, bob = board_session(proc.url, PERSONAL_TOKENS["alice"]), board_session(proc.url, PERSONAL_TOKENS["bob"])
+        with clean_db.begin() as conn:
+            conn.execute(sa.text("UPDATE board_sessions SET last_seen = last_seen - interval '6 minutes' WHERE user_name = 'alice'"))
+            conn.execute(sa.text("UPDATE board_sessions SET last_seen = last_seen - interval '4 minutes' WHERE user_name = 'bob'"))
+        assert not live(proc.url, alice)
+        # Used within the timeout: it goes on, and the use is written down.
+        assert live(proc.url, bob)
+        with clean_db.connect() as conn:
+            idle = conn.execute(sa.text("SELECT timezone('utc', now()) - last_seen FROM board_sessions WHERE user_name = 'bob'")).scalar()
+        assert idle.total_seconds() < 60
+    finally:
+        proc.stop()
+
+
+def test_the_idle_timeout_setting():
+    assert load_settings(BASE).board_idle_timeout_minutes == 0
+    assert load_settings({**BASE, "BOARD_IDLE_TIMEOUT_MINUTES": "30"}).board_idle_timeout_minutes == 30
+    for wrong in ("2", "721", "x"):
+        with pytest.raises(ConfigError, match="BOARD_IDLE_TIMEOUT_MINUTES"):
+            load_settings({**BASE, "BOARD_IDLE_TIMEOUT_MINUTES": wrong})
+
+
+def test_a_short_shared_token_is_named_at_start(base_env):
+    proc = FunctionProcess("query", {**base_env, "INCIDENT_API_TOKEN": "short-token-" + "x" * 19}).start()
+    long = FunctionProcess("query", {**base_env, "INCIDENT_API_TOKEN": "long-token-" + "x" * 21}).start()
+    try:
+        assert "INCIDENT_API_TOKEN is shorter than 32 characters" in proc.logs()
+        assert "INCIDENT_API_TOKEN is shorter" not in long.logs()
+        assert "short-token-" not in proc.logs()
+    finally:
+        proc.stop(), long.stop()
 
 
 def forged(key_material: str, **claims) -> str:

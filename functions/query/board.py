@@ -36,9 +36,10 @@ from shared import board_sessions, db, diagnosis, filters, incidents, members, p
 from shared import login_throttle as throttle
 from shared.config import Settings
 from shared.errors import ApiError, BadRequest, NotFound
-from shared.http import parse_uuid, storable_text
+from shared.http import parse_uuid, request_users, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
+from shared.users import ApiUsers
 
 COOKIE = "ir_session"
 # A personal session's cookie: this, then the session's id (shared/board_sessions.py).
@@ -146,7 +147,7 @@ class Board:
         if not raw:
             return None
         if raw.startswith(PERSONAL_PREFIX):
-            session = self._personal_session(raw[len(PERSONAL_PREFIX):])
+            session = self._personal_session(request, raw[len(PERSONAL_PREFIX):])
         else:
             session = self._shared_session(raw)
         if session is not None:
@@ -168,13 +169,19 @@ class Board:
                 return None
         return session
 
-    def _personal_session(self, session_id: str) -> dict | None:
+    def _personal_session(self, request: Request, session_id: str) -> dict | None:
         if not 0 < len(session_id) <= 64:
             return None
+        users = request_users(request, self.config.api_users)
         with db.transaction() as conn:
-            found = board_sessions.find(conn, session_id)
-        if found is None or self.config.api_users.stamp(found.user) != found.token_stamp:
-            return None  # unknown, expired, signed out, or that person's token was changed or removed
+            found = board_sessions.find(conn, session_id, self._idle_seconds())
+            if found is None:
+                return None  # unknown, expired, idle too long, or signed out
+            if users.stamp(found.user) != found.token_stamp:
+                # That person's token was changed or removed: ended for good,
+                # so putting their old line back does not bring it back.
+                board_sessions.end(conn, session_id)
+                return None
         return {"sid": session_id, "user": found.user, "personal": True, "csrf": personal_csrf(session_id),
                 "since": iso(found.created_at), "exp": int(found.expires_at.replace(tzinfo=timezone.utc).timestamp())}
 
@@ -230,19 +237,24 @@ class Board:
     def login_form(self, request: Request) -> Response:
         return self._page("login.html", next=_safe_next(request.args.get("next")), error=None)
 
+    def _idle_seconds(self) -> int:
+        return self.config.board_idle_timeout_minutes * 60
+
     def login(self, request: Request) -> Response:
         token = request.form.get("token", "")
         next_url = _safe_next(request.form.get("next"))
-        users = self.config.api_users
+        # One list for the whole sign-in: the token is identified and its
+        # session stamped from the same one, even if the file is reloaded meanwhile.
+        users = request_users(request, self.config.api_users)
         # A person's own token first: 256 random bits nobody guesses, so it
         # signs in even while the sign-in limit holds this client back.
         person = users.identify(token) if users and token else None
-        device = self._device(request)
+        device = self._device(request, users)
+        address = throttle.client_address(request.remote_addr)
         if person is None:
             expected = self.config.api_token.reveal() if self.config.api_token else None
             shared = bool(expected) and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode())
             limits = throttle.Limits.of(self.config)
-            address = throttle.client_address(request.remote_addr)
             wait = throttle.judge(db.engine(), throttle.clients(address, device), limits, right=shared)
             if wait is not None:
                 # Refused whatever the token: a right guess while held back says nothing.
@@ -259,23 +271,38 @@ class Board:
                 log.warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr, "client": address})
                 return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
         response = self._redirect(next_url)
+        # The browser's earlier session, if any, ends: a sign-in replaces it.
+        earlier = request.cookies.get(COOKIE, "")
+        earlier_personal = earlier[len(PERSONAL_PREFIX):] if earlier.startswith(PERSONAL_PREFIX) else None
         if person is not None:
             with db.transaction() as conn:
-                session_id, _ = board_sessions.create(conn, person, users.stamp(person), SESSION_SECONDS)
+                session_id, _ = board_sessions.create(conn, person, users.stamp(person), SESSION_SECONDS,
+                                                      self._idle_seconds(), replaces=earlier_personal)
             value = PERSONAL_PREFIX + session_id
         else:
             now = datetime.utcnow()
             value = self.signer.dumps({"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
                                        "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS})
+            if earlier_personal:
+                with db.transaction() as conn:
+                    board_sessions.end(conn, earlier_personal)
+        # Who signed in and from where; never the token.
+        log.info("Signed in", extra={"path": request.path, "user": person, "token": "personal" if person else "shared",
+                                     "client": address})
         response.set_cookie(COOKIE, value, max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
-        # Renewed at every sign-in; sent only to the sign-in form.
-        response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps({"d": device or secrets.token_urlsafe(16)}), max_age=DEVICE_SECONDS,
-                            httponly=True, samesite="Strict", secure=request.is_secure, path="/ui/login")
+        # Renewed at every sign-in; sent only to the sign-in form. Bound to
+        # the token it was earned with: a person's (by its stamp) stops
+        # counting once that token is changed or removed; the shared token's
+        # ends with it (the signing key comes from it).
+        earned = {"u": person, "s": users.stamp(person)} if person is not None else {"u": None}
+        response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps({"d": device or secrets.token_urlsafe(16), **earned}),
+                            max_age=DEVICE_SECONDS, httponly=True, samesite="Strict", secure=request.is_secure, path="/ui/login")
         return response
 
-    def _device(self, request: Request) -> str | None:
-        """The id of this browser's device cookie, if it signed in here before."""
+    def _device(self, request: Request, users: ApiUsers) -> str | None:
+        """The id of this browser's device cookie, if it signed in here before
+        with the shared token, or with a personal token that is still listed."""
         raw = request.cookies.get(DEVICE_COOKIE)
         if not raw:
             return None
@@ -283,7 +310,12 @@ class Board:
             device = self.device_signer.loads(raw, max_age=DEVICE_SECONDS)
         except (BadSignature, SignatureExpired):
             return None
-        value = device.get("d") if isinstance(device, dict) else None
+        if not isinstance(device, dict) or "u" not in device:
+            return None
+        person = device["u"]
+        if person is not None and (not isinstance(person, str) or users.stamp(person) != device.get("s")):
+            return None  # earned with a token that is no longer listed
+        value = device.get("d")
         return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
     def logout(self, request: Request) -> Response:

@@ -19,6 +19,7 @@ from shared.http import (MAX_QUERY_STRING, Route, built_on_first_request, instal
                          json_response)
 
 config = start("query")
+MIN_TOKEN_LENGTH = 32
 install_json_errors()
 try:
     # Only this function reads the personal token list: a mistake in it stops the query alone.
@@ -30,6 +31,12 @@ _tokenless = [name for name in config.remediation_approvers if name not in _user
 if _tokenless:
     logging.getLogger("query").warning("REMEDIATION_APPROVERS names people without a personal token in INCIDENT_API_USERS: "
                                        "they cannot approve or reject", extra={"approvers_without_token": _tokenless})
+# The API answers every wrong bearer token (no limit: callers are scripts and
+# AlertManager), so only the shared token's length keeps it from being guessed.
+if config.api_token and len(config.api_token.reveal()) < MIN_TOKEN_LENGTH:
+    logging.getLogger("query").warning(f"INCIDENT_API_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: the API does not "
+                                       "limit wrong tokens, so a short one can be guessed; make a long random one "
+                                       "(python -m shared.users NAME prints one)")
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or

@@ -12,7 +12,9 @@ A board session signed in with a person's own token is a row of
 ``board_sessions`` (shared/board_sessions.py): the cookie carries only a
 random id, the row says who, so no cookie, however it was signed, can make
 a personal identity. Only the SHA-256 of the id is stored: a read of the
-table does not give anyone a session.
+table does not give anyone a session. A person keeps at most a few
+sessions (the index on ``user_name`` finds the ones a sign-in ends), and the
+retention sweep deletes expired ones.
 
 Revision ID: 0022
 Revises: 0020
@@ -46,6 +48,8 @@ def upgrade() -> None:
         sa.Column("last_seen", sa.DateTime, nullable=False),
     )
     op.create_index("idx_board_sessions_expires_at", "board_sessions", ["expires_at"])
+    # A sign-in keeps the person's newest sessions and deletes the others (shared/board_sessions.py KEEP_PER_USER).
+    op.create_index("idx_board_sessions_user_name", "board_sessions", ["user_name", "created_at"])
 
 
 def downgrade() -> None:
