@@ -32,6 +32,12 @@ SECRETS = "/var/run/secrets/incident-response"
 # small, and then only sometimes as replicas are added: a burst capacity of
 # 0 keeps it out except at scale from zero, so the entries stay the same.
 STABLE_HOPS = {"query"}
+# And the number of X-Forwarded-For entries on that path, so the sign-in
+# limit counts by the client's address instead of the queue-proxy's (one
+# address for everybody, with the default 0): a Knative ingress gateway that
+# appends (Kourier, Istio), then the queue-proxy (docs/deploy.md says how to
+# check it; a load balancer in front that appends needs one more).
+PROXY_HOPS = {"query": "2"}
 
 
 # Secret name -> (key, env var of the *_FILE setting, who needs it).
@@ -98,6 +104,8 @@ def service(name: str) -> dict:
         mounts.append({"name": configmap, "mountPath": path, "readOnly": True})
         volumes.append({"name": configmap, "configMap": {"name": configmap}})
     env.extend({"name": variable, "value": value} for variable, value in row.env.items())
+    if name in PROXY_HOPS:
+        env.append({"name": "TRUSTED_PROXY_HOPS", "value": PROXY_HOPS[name]})
     labels = {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": name}
     if publishes:
         labels["incident-response/publishes-events"] = "true"
