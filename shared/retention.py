@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import board_sessions, ignored_alerts
+from shared import board_sessions, db, ignored_alerts
 from shared.config import Settings
 from shared.db import sqlstate
 from shared.sqltext import UTC_NOW
@@ -152,6 +152,10 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed pruning must not stop the outbox from draining."""
     try:
         return run(bind, config)
-    except Exception:  # logged; the next sweep tries again
-        log.exception("Retention failed; the next sweep retries")
+    except Exception as exc:  # logged; the next sweep tries again
+        bound = db.bound_reached(exc)
+        if bound is not None:  # a lock held by a request or a migration: routine, no traceback
+            log.warning(f"Retention stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+        else:
+            log.exception("Retention failed; the next sweep retries")
         return None

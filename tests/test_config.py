@@ -46,8 +46,27 @@ def test_bad_database_url_names_the_variable(url, phrase):
         ("MAX_BODY_BYTES", "10"),
         ("PROMETHEUS_URL", "ftp://x"),
         ("K_SINK", "not a url"),
+        # No request can be made to these (urllib3's LocationParseError at
+        # the first send): refused at start, at deploy time.
+        ("K_SINK", "http://" + "b" * 64 + ".example/default/incidents"),
+        ("K_SINK", "http://broker..example/default/incidents"),
+        ("K_SINK", "http://broker.example:99999/"),
+        ("ALERTMANAGER_URL", "http://" + "a" * 64 + ".example:9093"),
+        ("PAGERDUTY_EVENTS_URL", "https://events..pagerduty.com/v2/enqueue"),
+        ("PROMETHEUS_URL", "http://" + "p" * 64 + ".example:9090"),
         ("SEVERITY_PRIORITY_MAP", "critical=P7"),
         ("METRICS_PUBLIC", "maybe"),
+        ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
+        # At or above DB_TIMEOUT_SECONDS (10), the client's own timeout: it could never take effect.
+        ("DB_STATEMENT_TIMEOUT_SECONDS", "10"),
+        ("DB_SWEEP_STATEMENT_TIMEOUT_SECONDS", "30"),
+        # Below it but within the margin (1 s of 10 s) the server's answer needs to arrive first.
+        ("DB_LOCK_TIMEOUT_SECONDS", "9.5"),
+        # Not durations; above PostgreSQL's largest timeout (2147483647 ms) every BEGIN would fail.
+        ("DB_LOCK_TIMEOUT_SECONDS", "nan"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "inf"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "2147484"),
+        ("DB_BOUNDS_ROLE", "sweeper"),
     ],
 )
 def test_each_bad_value_fails_with_its_name(name, value):
@@ -113,6 +132,27 @@ def test_a_required_secret_that_was_not_created_is_named_as_missing(tmp_path):
         load_settings({"DATABASE_URL_FILE": str(volume / "url")})
 
 
+@pytest.mark.parametrize("name", ["SLACK_WEBHOOK_URL", "TEAMS_WEBHOOK_URL"])
+def test_a_secret_url_no_request_can_be_made_to_fails_naming_the_variable_never_the_url(name):
+    with pytest.raises(ConfigError) as err:
+        load_settings({**BASE, name: "https://" + "s" * 64 + ".example/services/T/B/secret-123"})
+    assert str(err.value) == f"{name}: a host name label is empty or over 63 characters"
+
+
+@pytest.mark.parametrize("url", ["http://broker-ingress.knative-eventing.svc.cluster.local/default/incidents",
+                                 "http://" + "b" * 63 + ".example./x", "http://[::1]:8080/x", "http://bücher.example/x",
+                                 "http://10.0.0.1:80/x"])
+def test_a_url_a_request_can_be_made_to_is_taken(url):
+    assert load_settings({**BASE, "K_SINK": url}).k_sink == url.rstrip("/")
+
+
+def test_a_url_setting_refused_at_start_never_quotes_its_password():
+    with pytest.raises(ConfigError) as err:
+        load_settings({**BASE, "PROMETHEUS_URL": "http://scraper:hunter2@" + "p" * 64 + ".example:9090"})
+    assert "hunter2" not in str(err.value)
+    assert str(err.value).startswith("PROMETHEUS_URL: ") and "scraper:***@" in str(err.value)
+
+
 def test_slack_url_error_does_not_echo_the_secret():
     with pytest.raises(ConfigError) as err:
         load_settings({**BASE, "SLACK_WEBHOOK_URL": "hooks-secret-123"})
@@ -136,3 +176,48 @@ def test_database_url_may_come_from_a_file(tmp_path):
     path.write_text("postgresql://app:pw@db:5432/incidents\n")
     s = load_settings({"DATABASE_URL_FILE": str(path)})
     assert s.database_url == "postgresql+pg8000://app:pw@db:5432/incidents"
+
+
+@pytest.mark.parametrize("target, lock, statement", [("intake", 2.0, 5.0), ("query", 2.0, 8.0), ("escalation", 5.0, 8.0),
+                                                     ("remediation", 5.0, 8.0), ("diagnostics", 5.0, 8.0),
+                                                     ("deadletter", 5.0, 8.0), ("", 5.0, 8.0)])
+def test_the_database_bounds_default_by_function_and_are_set_by_name(target, lock, statement):
+    s = load_settings({**BASE, "FUNCTION_TARGET": target})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (lock, statement, 10.0)
+    assert (s.db_sweep_lock_timeout_seconds, s.db_sweep_statement_timeout_seconds) == (1.0, 9.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_LOCK_TIMEOUT_SECONDS": "0.5", "DB_STATEMENT_TIMEOUT_SECONDS": "0",
+                       "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": "30", "DB_TIMEOUT_SECONDS": "20",
+                       "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": "15"})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (0.5, 0.0, 30.0)
+    assert s.db_sweep_statement_timeout_seconds == 15.0
+
+
+def test_the_intake_events_service_has_the_bounds_of_a_function_the_broker_calls():
+    """It runs the intake's code (FUNCTION_TARGET=intake) for the Broker and
+    the PingSource, which retry: its row in deploy/services.py says so."""
+    from deploy.services import SERVICES
+
+    env = {**BASE, "FUNCTION_TARGET": SERVICES["intake-events"].function, **SERVICES["intake-events"].env}
+    s = load_settings(env)
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (5.0, 8.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": SERVICES["intake"].function, **SERVICES["intake"].env})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (2.0, 5.0)
+
+
+@pytest.mark.parametrize("target", ["intake", "query", "escalation"])
+@pytest.mark.parametrize("client_timeout", ["3", "2", "0.3"])
+def test_a_lowered_db_timeout_lowers_the_default_bounds_below_it(target, client_timeout):
+    """A default the client's socket timeout would cut first (the query's
+    8 s statements under DB_TIMEOUT_SECONDS=3) takes the largest value that
+    leaves the server's answer its margin; an explicit one is refused."""
+    from shared.config import bounds_margin
+
+    timeout = float(client_timeout)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout})
+    waits = (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_sweep_lock_timeout_seconds,
+             s.db_sweep_statement_timeout_seconds)
+    assert all(0 < wait <= timeout - bounds_margin(timeout) for wait in waits), waits
+    assert bounds_margin(timeout) >= min(0.5, timeout / 2)
+    with pytest.raises(ConfigError, match="^DB_STATEMENT_TIMEOUT_SECONDS: .* below DB_TIMEOUT_SECONDS"):
+        load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout,
+                       "DB_STATEMENT_TIMEOUT_SECONDS": str(timeout - bounds_margin(timeout) / 2)})

@@ -11,7 +11,8 @@ removed, or at sign-out); failed sign-ins of the shared token are limited
 (``shared.login_throttle``, with a device cookie that keeps a browser that
 signed in before out of the overall limit; a personal token is never held);
 every form that changes state carries the session's CSRF token; Jinja2
-escapes everything (labels come from alerts and may hold HTML); a strict
+escapes everything (labels come from alerts and may hold HTML) and shows the
+characters that reorder or hide text as ``‹U+202E›`` (:func:`shown`); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
 
@@ -29,9 +30,10 @@ from urllib.parse import urlencode
 from flask import Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
+from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
 from shared import board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
 from shared import login_throttle as throttle
 from shared.config import Settings
@@ -40,6 +42,7 @@ from shared.http import parse_uuid, request_users, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
 from shared.users import ApiUsers
+from shared.visible import visible
 
 COOKIE = "ir_session"
 # A personal session's cookie: this, then the session's id (shared/board_sessions.py).
@@ -112,6 +115,32 @@ def md_code(value) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def next_page_url(page: str, args: MultiDict, cursor: str, names: tuple[str, ...] | None = None) -> str:
+    """The board's link to its next page: the query as the API's ``Link``
+    repeats it (each parameter once, each value once: ``link_query``; the
+    filters the page read bounded it), without the filter form's empty
+    fields or any parameter but ``names``, and the next ``cursor``."""
+    kept = MultiDict([(k, v) for k, v in args.items(multi=True)
+                      if k != "cursor" and v != "" and (names is None or k in names)])
+    query = link_query(kept)
+    return f"{page}?{query}{'&' if query else ''}{urlencode([('cursor', cursor)])}"
+
+
+def shown(value):
+    """Every ``{{ … }}`` of the board's pages and report draft: text with the
+    characters that reorder or hide it shown as ``‹U+202E›``
+    (shared.visible), so an alert name cannot be reordered or hidden on the
+    board. Markup (a macro's output, ``tojson``, :func:`as_typed`) is ours
+    and left as it is."""
+    return visible(value) if isinstance(value, str) and not isinstance(value, Markup) else value
+
+
+def as_typed(value) -> Markup:
+    """A form field's value as the person typed it (escaped, not made
+    :func:`shown`): sent again, it must be what was sent."""
+    return escape("" if value is None else value)
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -130,8 +159,9 @@ class Board:
         self.signer = URLSafeTimedSerializer(session_key(config), salt="incident-board")
         self.device_signer = URLSafeTimedSerializer(session_key(config), salt="incident-board-device")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
-                                     trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor)
+                                     trim_blocks=True, lstrip_blocks=True, finalize=shown)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor,
+                                      as_typed=as_typed)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
                                      BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM, diagnosis_facts=diagnosis.facts,
                                      probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines)
@@ -199,6 +229,15 @@ class Board:
     def security_headers() -> dict:
         return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+    def query_too_long(self, request: Request, limit: int) -> Response:
+        """A board page asked with a query string past the query function's
+        bound: the board's own error page (a person reads it), not the
+        API's JSON. Nothing of the query is read, and no session looked up
+        (the page shows no sign-out form: it needs the database)."""
+        return self._page("error.html", status=400, csrf=None,
+                          message=f"This address is too long: its query string is {len(request.query_string)} bytes, "
+                                  f"at most {limit}. Name fewer or shorter filter values.")
 
     def _redirect(self, location: str) -> Response:
         return Response(status=303, headers={"Location": location, **self.security_headers()})
@@ -350,10 +389,11 @@ class Board:
             counts = members.alert_counts(conn, [r["id"] for r in rows])
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
             by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
-        next_url = None
-        if next_cursor is not None:
-            params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
-            next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
+        # A refused query lists the first page unfiltered: its next page is
+        # that list's, not the refused query's (refused again, it showed the
+        # first page again, forever).
+        next_url = (next_page_url("/ui", MultiDict() if error else request.args, encode_cursor(next_cursor))
+                    if next_cursor is not None else None)
         return self._page("index.html", me=session.get("user"), incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
@@ -377,7 +417,7 @@ class Board:
         from functions.query.noise_board import incident_extras  # flapping, silences
 
         with db.engine().connect() as conn:
-            pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
+            pending = [proposals.present(p, row["generation"]) for p in proposals.of_incident(conn, row["id"])]
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]),
                           csrf=session["csrf"], proposals=pending, me=session.get("user"),

@@ -122,8 +122,15 @@ def _metrics(request):
     from shared import db
 
     try:
-        body = metrics.render(_lazy["registry"])
+        # Its ~15 statements together within the query's statement bound (8 s),
+        # inside Prometheus's scrape timeout (10 s), not each of them.
+        with db.deadline(config.db_statement_timeout_seconds):
+            body = metrics.render(_lazy["registry"])
     except SQLAlchemyError as exc:
+        bound = db.bound_reached(exc)
+        if bound is not None:
+            raise ServiceUnavailable(f"the database did not answer within this request's {bound}; "
+                                     "metrics cannot be computed, retry later", bound=bound) from None
         if db.is_transient(exc):
             raise ServiceUnavailable("the database is unavailable; metrics cannot be computed") from None
         raise
@@ -199,4 +206,7 @@ def ROUTES() -> list[Route]:
 
 @functions_framework.http
 def query(request):
+    if len(request.query_string) > MAX_QUERY_STRING and (request.path == "/ui" or request.path.startswith("/ui/")):
+        # A person reads the board's answer: its error page, not the API's JSON 400.
+        return _board().query_too_long(request, MAX_QUERY_STRING)
     return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING, users=config.api_users)
