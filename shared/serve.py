@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -108,45 +107,70 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     }
 
 
-def _is_address(entry: str) -> bool:
-    """An X-Forwarded-For entry as proxies write it, in a form waitress makes
-    an address of: an IP address, an IPv4 one with a port, an IPv6 one in
-    brackets (with a port, waitress would keep the brackets and the port)."""
-    entry = entry.strip().strip('"')
-    if entry.startswith("["):
-        if not entry.endswith("]"):
-            return False
-        host = entry[1:-1]
-    elif entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        if not port.isdigit():
-            return False
-    else:
-        host = entry
+# The header's text in a warning: enough to recognise it, never a long one whole.
+FORWARDED_SHOWN = 120
+
+
+def _client_waitress_reads(environ, hops: int) -> str | None:
+    """The client address waitress's translation would make of this
+    request's X-Forwarded-For (its own code, on a copy), or None when it
+    would fail: refuse the request (quoting it cannot read, a 400) or raise
+    (``:.``: an IndexError, a 500)."""
+    from waitress.proxy_headers import parse_proxy_headers
+
+    probe = {"REMOTE_ADDR": environ.get("REMOTE_ADDR"), "HTTP_X_FORWARDED_FOR": environ["HTTP_X_FORWARDED_FOR"]}
     try:
-        ipaddress.ip_address(host)
+        parse_proxy_headers(probe, trusted_proxy_count=hops, trusted_proxy_headers={"x-forwarded-for"})
+    except Exception:  # noqa: BLE001 - whatever waitress would fail with, the request is served without the header
+        return None
+    return probe["REMOTE_ADDR"]
+
+
+def _usable(client: str | None, connection: str | None) -> bool:
+    """An IP address, or the connection's own (an empty entry: waitress
+    keeps it). Anything else (``unknown``, ``[2001:db8::1]:443`` kept with
+    its brackets and port) is no address to count sign-ins by or to log."""
+    if client is None:
+        return False
+    if client == connection:
+        return True
+    try:
+        ipaddress.ip_address(client)
     except ValueError:
         return False
     return True
 
 
-def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY):
+def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, budget=None):
     """Wrapped around waitress's own proxy-header translation (which
-    create_server puts around the function), so it runs first: the
-    X-Forwarded-For entry the translation would take as the client (``hops``
-    from the right, from the trusted proxy only) must be an address, or the
-    request is answered 400. waitress itself fails on some (``:.`` raises an
-    IndexError in it: a 500, and a traceback per request)."""
+    create_server puts around the function), so it runs first. A request is
+    never refused for its X-Forwarded-For: the intake's caller is
+    AlertManager, which does not retry a 4xx, so a refusal is a lost page.
+    When the entry the translation would take as the client (``hops`` from
+    the right, from the trusted proxy only) makes no address, or would make
+    the translation fail (``:.`` raised an IndexError in it: a 500), the
+    header is dropped for this request, which is then served with the
+    connection's own address, and a warning says so (at most ten a minute).
+    Every value that makes an address is left to waitress as it is."""
     if not hops:
         return app
-    refusal = json.dumps({"error": "bad_request", "message": "X-Forwarded-For: the client's entry is not an address"}).encode()
+    if budget is None:
+        from shared.login_throttle import LogBudget
+
+        budget = LogBudget()
 
     def guarded(environ, start_response):
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-        if forwarded is not None and environ.get("REMOTE_ADDR") == trusted_proxy \
-                and not _is_address(forwarded.split(",")[-hops:][0]):
-            start_response("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(refusal)))])
-            return [refusal]
+        connection = environ.get("REMOTE_ADDR")
+        if forwarded is not None and connection == trusted_proxy \
+                and not _usable(_client_waitress_reads(environ, hops), connection):
+            del environ["HTTP_X_FORWARDED_FOR"]
+            left_out = budget.take()
+            if left_out is not None:
+                shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
+                log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
+                            extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
+                                   "path": environ.get("PATH_INFO"), "left_out": left_out})
         return app(environ, start_response)
 
     return guarded

@@ -194,3 +194,17 @@ def test_concurrent_failures_over_expired_rows_all_get_answers_and_the_expired_r
     assert set(codes) <= {401, 429} and codes.count(401) == OVERALL, codes
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM login_failures WHERE client = 'address:192.0.2.250'")).scalar() == 0
+
+
+def test_an_x_forwarded_for_that_names_no_address_signs_in_by_the_connections_address(query, clean_db):
+    """``:.`` made waitress fail (a 500), and was then refused (400): the
+    board is served, and the attempt counts against the connection's own
+    address, as without the header."""
+    assert requests.get(query.url + "/ui/login", headers={"X-Forwarded-For": ":."}, timeout=10).status_code == 200
+    for _ in range(PER_CLIENT):
+        assert sign_in(query, "wrong-token", client=":.").status_code == 401
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT failures FROM login_failures WHERE client = 'address:127.0.0.1'")).scalar() == PER_CLIENT
+    assert sign_in(query, TEST_TOKEN, client="unknown").status_code == 429
+    assert sign_in(query, TEST_TOKEN).status_code == 303  # another client, by its address
+    assert "Traceback" not in query.logs()
