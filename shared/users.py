@@ -43,7 +43,8 @@ import secrets
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 CHECK_SECONDS = 5.0
 log = logging.getLogger("users")
@@ -59,6 +60,10 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
 def new_token() -> str:
     """256 random bits, URL-safe: never guessed, so SHA-256 alone protects the stored hash."""
     return "irp_" + secrets.token_urlsafe(32)
@@ -69,6 +74,8 @@ class ApiUsers:
     """Names and their token hashes; empty: no personal tokens."""
 
     entries: tuple[tuple[str, str], ...] = ()
+    # When this list was read (naive UTC, like the database's timestamps).
+    loaded_at: datetime = field(default_factory=_utc_now, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -94,6 +101,17 @@ class ApiUsers:
             if known == name:
                 return hashlib.sha256(b"board-session:" + stored.encode()).hexdigest()[:32]
         return None
+
+    def read_after(self, moment: datetime) -> bool:
+        """Whether this list was read after ``moment`` (naive UTC): then a
+        board session made before it with another stamp was made with a list
+        older than this one. One made later may come from a replica that
+        already has a newer list than this (the kubelet updates each pod's
+        copy of the Secret in its own time). The session's time is the
+        database's clock, this the replica's: NTP keeps them within
+        milliseconds, and a list read within that of a session's creation is
+        not one minutes behind."""
+        return self.loaded_at > moment
 
     def hashes(self) -> tuple[str, ...]:
         return tuple(stored for _, stored in self.entries)
@@ -195,8 +213,9 @@ class UsersSource:
             return
         self._seen = seen
         if users != self._users:
+            # The same list read again keeps the time it was first read: it is no newer.
             log.info("Personal token list reloaded", extra={"people": len(users.entries)})
-        self._users = users
+            self._users = users
 
     def _status(self) -> tuple | None:
         """The file's status, or None when there is no file at the path."""

@@ -448,3 +448,44 @@ def test_an_approver_without_a_personal_token_is_named_at_start(base_env):
         assert '"approvers_without_token": ["dave"]' in warning
     finally:
         proc.stop()
+
+
+def test_a_replica_whose_list_is_older_than_a_session_refuses_it_and_leaves_it_to_the_others(base_env, tmp_path, clean_db):
+    """During the kubelet's sync one replica has the new list (alice just
+    added), another still the old one. The session alice makes on the first
+    is refused by the second, which read its list before the session was
+    made, and not deleted: back on the first, it still works. A replica that
+    read its list after the session was made ends it for good."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.write_text(api_users("alice", "bob").replace(",", "\n"))
+    old.write_text(api_users("bob"))
+    ahead = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS_FILE": str(new)}).start()
+    behind = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS_FILE": str(old)}).start()
+    try:
+        alice = board_session(ahead.url, PERSONAL_TOKENS["alice"])
+        refused = alice.get(behind.url + "/ui", allow_redirects=False, timeout=10)
+        assert refused.status_code == 303 and refused.headers["Location"].startswith("/ui/login")
+        assert session_rows(clean_db) == 1 and live(ahead.url, alice)
+        later = FunctionProcess("query", {**base_env, "INCIDENT_API_USERS": api_users("bob")}).start()
+        try:
+            assert not live(later.url, alice)
+        finally:
+            later.stop()
+        assert session_rows(clean_db) == 0 and not live(ahead.url, alice)
+    finally:
+        ahead.stop(), behind.stop()
+
+
+def test_a_list_read_again_unchanged_keeps_the_time_it_was_first_read(tmp_path):
+    listing = tmp_path / "users"
+    listing.write_text(api_users("alice"))
+    now = [0.0]
+    users = UsersSource(path=str(listing), check_seconds=5, clock=lambda: now[0])
+    first = users.load()
+    listing.write_text(api_users("alice") + "\n")  # another status, the same list
+    now[0] += 5
+    assert users.current() is first
+    listing.write_text(api_users("bob"))
+    now[0] += 5
+    again = users.current()
+    assert again.names == ("bob",) and again.loaded_at > first.loaded_at

@@ -208,9 +208,14 @@ class Board:
             if found is None:
                 return None  # unknown, expired, idle too long, or signed out
             if users.stamp(found.user) != found.token_stamp:
-                # That person's token was changed or removed: ended for good,
-                # so putting their old line back does not bring it back.
-                board_sessions.end(conn, session_id)
+                # Made with another token of theirs than this list has. If this
+                # list was read after the session was made, the token was
+                # changed or removed: ended for good, so putting the old line
+                # back does not bring it back. Otherwise this replica may be
+                # the one behind (the session made by a replica whose copy of
+                # the Secret is newer): refused here, not deleted.
+                if users.read_after(found.created_at):
+                    board_sessions.end(conn, session_id)
                 return None
         return {"sid": session_id, "user": found.user, "personal": True, "csrf": personal_csrf(session_id),
                 "since": iso(found.created_at), "exp": int(found.expires_at.replace(tzinfo=timezone.utc).timestamp())}
