@@ -13,6 +13,7 @@ A secret is declared once, on its field (``field(metadata=secret("NAME"))``):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import Field, dataclass, field, fields
@@ -580,12 +581,25 @@ def trusted_proxy_hops(env: Mapping[str, str]) -> int:
 
 
 def _idle_minutes(env: Mapping[str, str]) -> int:
-    """BOARD_IDLE_TIMEOUT_MINUTES: 0 (none), or 5 minutes to the session's 12 hours."""
+    """BOARD_IDLE_TIMEOUT_MINUTES: 0 (none), or 5 minutes to the session's 12
+    hours. The query ends idle sessions by it, and the intake's retention
+    sweep deletes their rows by it: one value for both, in the shared
+    ConfigMap. A wrong value stops the query (whose setting it is) and no
+    other function: elsewhere it is only the sweep's, which then deletes
+    expired sessions alone (warned), and paging goes on."""
     from shared.board_sessions import IDLE_MINIMUM_MINUTES
 
-    value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
-    if 0 < value < IDLE_MINIMUM_MINUTES:
-        raise ConfigError(f"BOARD_IDLE_TIMEOUT_MINUTES: 0 (none) or at least {IDLE_MINIMUM_MINUTES}, got {value}")
+    try:
+        value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
+        if 0 < value < IDLE_MINIMUM_MINUTES:
+            raise ConfigError(f"BOARD_IDLE_TIMEOUT_MINUTES: 0 (none) or at least {IDLE_MINIMUM_MINUTES}, got {value}")
+    except ConfigError as exc:
+        if _get(env, "FUNCTION_TARGET") in ("", "query"):
+            raise
+        logging.getLogger("config").warning(
+            "BOARD_IDLE_TIMEOUT_MINUTES ignored here: the retention sweep deletes expired board sessions only",
+            extra={"error": str(exc)})
+        return 0
     return value
 
 

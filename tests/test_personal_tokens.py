@@ -21,7 +21,7 @@ from shared.config import ConfigError, load_settings
 from shared.users import UsersError, UsersSource, hash_token, new_token
 from shared.users import parse as parse_users
 from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
-from tests.factories import alert
+from tests.factories import alert, raw_alert, webhook
 
 BASE = {"DATABASE_URL": "postgresql+pg8000://postgres@127.0.0.1:5432/app"}
 
@@ -395,6 +395,24 @@ def test_the_idle_timeout_setting():
     for wrong in ("2", "721", "x"):
         with pytest.raises(ConfigError, match="BOARD_IDLE_TIMEOUT_MINUTES"):
             load_settings({**BASE, "BOARD_IDLE_TIMEOUT_MINUTES": wrong})
+        with pytest.raises(ConfigError, match="BOARD_IDLE_TIMEOUT_MINUTES"):
+            load_settings({**BASE, "FUNCTION_TARGET": "query", "BOARD_IDLE_TIMEOUT_MINUTES": wrong})
+
+
+def test_a_wrong_idle_timeout_in_the_shared_config_map_does_not_stop_paging(base_env, clean_db, caplog):
+    """The intake reads it only for its retention sweep: a wrong value there
+    is warned and left out (expired sessions are still deleted), the
+    intake starts and stores the alert."""
+    with caplog.at_level("WARNING", logger="config"):
+        config = load_settings({**BASE, "FUNCTION_TARGET": "intake", "BOARD_IDLE_TIMEOUT_MINUTES": "2"})
+    assert config.board_idle_timeout_minutes == 0 and "BOARD_IDLE_TIMEOUT_MINUTES ignored here" in caplog.text
+    proc = FunctionProcess("intake", {**base_env, "BOARD_IDLE_TIMEOUT_MINUTES": "2"}).start()
+    try:
+        stored = requests.post(proc.url + "/webhook/alert", json=webhook([raw_alert("IdleTimeoutTypo")]),
+                               headers=bearer(TEST_TOKEN), timeout=30)
+        assert stored.status_code == 200, stored.text
+    finally:
+        proc.stop()
 
 
 def test_a_short_shared_token_is_named_at_start(base_env):
