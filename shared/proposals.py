@@ -99,8 +99,27 @@ def of_incident(conn: Connection, incident_id: str) -> list[dict]:
 
 
 def bare_name(actor: str) -> str:
-    """``api:alice`` and ``board:alice`` are both alice to an approver list."""
+    """``user:alice`` (verified), ``api:alice`` and ``board:alice`` (claimed) all name alice."""
     return actor.split(":", 1)[1] if ":" in actor else ""
+
+
+def approver_refusal(actor: str, verified: bool, approvers: tuple[str, ...]) -> str | None:
+    """Why this actor may not decide (None: it may). With no approver list
+    anyone with a token decides, as before personal tokens. With one, only a
+    verified identity counts: a name in ACTOR_HEADER or the board's free text
+    field is the caller's word, and anyone holding the shared token could
+    write an approver's name there."""
+    if not approvers:
+        return None
+    name = bare_name(actor)
+    if not verified:
+        if name in approvers:
+            return (f"unverified: {name} is named by the caller, not proven; REMEDIATION_APPROVERS needs {name}'s "
+                    "personal token (INCIDENT_API_USERS) or a board session signed in with it")
+        return "unverified and not in REMEDIATION_APPROVERS"
+    if name not in approvers:
+        return "not in REMEDIATION_APPROVERS"
+    return None
 
 
 @dataclass
@@ -112,10 +131,11 @@ class Decision:
 
 
 def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, actor: str, approvers: tuple[str, ...],
-           expected_hash: str | None, source: str) -> Decision:
+           expected_hash: str | None, source: str, verified: bool = False) -> Decision:
     """Approve or reject a pending proposal, once. A refusal that must be
     remembered (an expiry found now, an approver not allowed) is written
-    here and committed by the caller before it answers.
+    here and committed by the caller before it answers. ``verified``: the
+    actor's name was proven (a personal token), not just claimed.
 
     The incident is locked before the proposal (lock_incident), and its
     generation read under that lock: a reopen either committed before
@@ -126,11 +146,11 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
     if proposal is None:
         return Decision(None, "not_found", f"incident {incident_id} has no proposal {proposal_id}")
     verb = "approve" if approve else "reject"
-    if approvers and bare_name(actor) not in approvers:
+    refusal = approver_refusal(actor, verified, approvers)
+    if refusal is not None:
         add_timeline(conn, incident_id, "remediation_approval_refused", {
-            "proposal_id": proposal_id, "decision": verb, "actor": actor,
-            "reason": "not in REMEDIATION_APPROVERS"}, actor)
-        return Decision(proposal, "forbidden", f"{actor} may not {verb} remediation proposals (REMEDIATION_APPROVERS)")
+            "proposal_id": proposal_id, "decision": verb, "actor": actor, "verified": verified, "reason": refusal}, actor)
+        return Decision(proposal, "forbidden", f"{actor} may not {verb} remediation proposals: {refusal}")
     if proposal["status"] == "pending" and _expired(conn, proposal):
         proposal = _set(conn, proposal_id, "expired", reason="approval TTL passed before a decision")
         add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
