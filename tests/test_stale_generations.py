@@ -21,7 +21,7 @@ from tests.conftest import TEST_TOKEN
 from tests.factories import alert
 from tests.test_escalation import ROUTING_KEY, SLACK_PATH
 from loopback.kube import deployment, pod
-from loopback.processes import FunctionProcess
+from loopback.processes import functions_running
 
 
 @pytest.fixture
@@ -49,14 +49,8 @@ def functions(base_env, kube, pd, slack_hook):
         "NOTIFY_TIMEOUT_SECONDS": "2",
         "NOTIFY_MAX_ATTEMPTS": "2",
     }
-    started = {}
-    try:
-        for name in ("diagnostics", "remediation", "escalation", "query"):
-            started[name] = FunctionProcess(name, env, threads=2).start()
+    with functions_running(("diagnostics", "remediation", "escalation", "query"), env) as started:
         yield started
-    finally:
-        for proc in started.values():
-            proc.stop()
 
 
 @pytest.fixture
