@@ -150,12 +150,4 @@ def _fold_ignored(bind: Engine, max_names: int) -> int:
 
 def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed pruning must not stop the outbox from draining."""
-    try:
-        return run(bind, config)
-    except Exception as exc:  # logged; the next sweep tries again
-        bound = db.bound_reached(exc)
-        if bound is not None:  # a lock held by a request or a migration: routine, no traceback
-            log.warning(f"Retention stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
-        else:
-            log.exception("Retention failed; the next sweep retries")
-        return None
+    return db.for_the_sweep("Retention", lambda: run(bind, config), log)
