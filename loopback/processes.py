@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,20 @@ class FunctionProcess:
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__
+
+
+@contextmanager
+def functions_running(names, env: dict, threads: int = 2):
+    """The named functions served with ``env``, by name; all stopped after,
+    also when one fails to start."""
+    started: dict[str, FunctionProcess] = {}
+    try:
+        for name in names:
+            started[name] = FunctionProcess(name, env, threads=threads).start()
+        yield started
+    finally:
+        for proc in started.values():
+            proc.stop()
 
 
 # Every started function process, until stopped.

@@ -636,6 +636,22 @@ def transaction(bind: Engine | None = None) -> Iterator[Connection]:
 TRANSIENT, SCHEMA_BEHIND = "transient", "schema_behind"
 
 
+def for_the_sweep(part: str, work, logger):
+    """``work()``'s result, or None when it failed: logged (a bound reached,
+    a lock held by a request or a migration, is routine: no traceback), as
+    the next sweep tries again. A failed part must not stop the sweep's
+    others (the outbox drains after them)."""
+    try:
+        return work()
+    except Exception as exc:  # logged; the next sweep tries again
+        bound = bound_reached(exc)
+        if bound is not None:
+            logger.warning(f"{part} stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+        else:
+            logger.exception(f"{part} failed; the next sweep retries")
+        return None
+
+
 def retry_reason(exc: BaseException) -> str | None:
     """Why the same statement would succeed later (so the caller should
     retry): ``SCHEMA_BEHIND`` when it names what the migrations have yet to

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from shared import events, outbox
+from shared import events, outbox, proposals
 from shared.errors import Conflict, InvalidTransition, NotFound
 from shared.incident_queries import INCIDENT_COLUMNS
 from shared.models import ACTIVE_STATUSES, incidents_table
@@ -85,7 +85,12 @@ def transition(
             f"cannot reopen: incident {other} is already active for the same alert fingerprint",
             active_incident_id=other,
         ) from None
-    details = {"from": current, "to": to_status}
+    details: dict[str, Any] = {"from": current, "to": to_status}
+    if reopening:
+        # Only a person reopens through a transition (the API, the board):
+        # said here, as escalation must not guess it from the statuses (the
+        # flapping re-page writes a reopened entry too).
+        details["by_hand"] = True
     # A person taking an open incident is an acknowledgement: the channels
     # tell it (PagerDuty acknowledges its page). Diagnostics moves it with
     # mark_investigating, which is not one.
@@ -95,6 +100,9 @@ def transition(
     if note:
         details["note"] = note
     add_timeline(conn, incident_id, "reopened" if reopening else "status_changed", details, actor)
+    if reopening:
+        # A proposal planned for the generation just left can no longer be approved.
+        proposals.supersede_on_reopen(conn, incident_id, updated["generation"])
     event_ids: list[str] = []
     announced = {"resolved": events.INCIDENT_RESOLVED}.get(to_status) or (events.INCIDENT_ACKNOWLEDGED if acknowledged else None)
     if announced:

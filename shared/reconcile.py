@@ -199,15 +199,7 @@ def run(bind: Engine, config: Settings) -> Report:
 
 def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed reconciliation must not stop the outbox from draining."""
-    try:
-        return run(bind, config)
-    except Exception as exc:  # logged; the next sweep tries again
-        bound = db.bound_reached(exc)
-        if bound is not None:  # a lock held by a request or a migration: routine, no traceback
-            log.warning(f"Reconciliation stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
-        else:
-            log.exception("Reconciliation failed; the next sweep retries")
-        return None
+    return db.for_the_sweep("Reconciliation", lambda: run(bind, config), log)
 
 
 def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, str], steps: list[dict]) -> dict | None:

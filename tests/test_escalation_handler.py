@@ -17,7 +17,7 @@ from functions.escalation.handler import ACCEPTED, EscalationHandler
 from shared import events
 from shared import incidents as svc
 from shared.config import Secret, load_settings
-from shared.errors import BadGateway
+from shared.errors import BadGateway, BadRequest
 from tests.factories import alert
 from loopback.servers import RecordingServer
 
@@ -229,8 +229,9 @@ def test_channels_that_are_off_send_nothing(database_url, receivers, clean_db):
 def test_each_generation_is_notified_again(handler, receivers, clean_db):
     row = incident(clean_db, "P1")
     handler.handle(event(events.INCIDENT_OPENED, row))
-    # A generation the database does not have is a repeat, not a new one.
-    handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
+    # A generation the database never had is refused for good (400), not told.
+    with pytest.raises(BadRequest, match="data.generation 1 is above the incident's generation 0"):
+        handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
     assert sent(receivers) == ([], 1)
     reopened = reopen(clean_db, resolve(clean_db, row))
     assert reopened["generation"] == 1

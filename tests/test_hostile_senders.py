@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from loopback.processes import FunctionProcess
+from loopback.processes import functions_running
 from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
@@ -38,14 +38,8 @@ HUGE_INTEGER = "9" * 5000  # json.loads refuses more than 4300 digits with a bar
 @pytest.fixture(scope="module")
 def functions(base_env, broker):
     env = {**base_env, "K_SINK": broker.url + "/default/default", "REMEDIATION_MODE": "off"}
-    started = {}
-    try:
-        for name in (*EVENT_TYPES, "query", "deadletter"):
-            started[name] = FunctionProcess(name, env, threads=2).start()
+    with functions_running((*EVENT_TYPES, "query", "deadletter"), env) as started:
         yield started
-    finally:
-        for proc in started.values():
-            proc.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from shared import events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN, proxied_database
 from tests.factories import alert
-from loopback.processes import FunctionProcess, wait_until
+from loopback.processes import functions_running, wait_until
 
 FUNCTIONS = ("query", "diagnostics", "remediation", "escalation", "deadletter")
 
@@ -31,14 +31,8 @@ def db_proxy(database_url):
 def functions(base_env, db_proxy):
     _, url = db_proxy
     env = {**base_env, "DATABASE_URL": url, "DB_TIMEOUT_SECONDS": "2", "REMEDIATION_MODE": "off"}
-    started = {}
-    try:
-        for name in FUNCTIONS:
-            started[name] = FunctionProcess(name, env, threads=2).start()
+    with functions_running(FUNCTIONS, env) as started:
         yield started
-    finally:
-        for proc in started.values():
-            proc.stop()
 
 
 @pytest.fixture
