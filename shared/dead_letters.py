@@ -296,7 +296,7 @@ class Letter:
     # and sent again so, its bytes never read as JSON.
     data_base64: bool = False
     # data_base64 that is not base64 (unpadded, stray characters): stored as
-    # this text, flagged base64 like the rest, and sent again as it came.
+    # this text, flagged base64 like the rest; a redelivery refuses it (409)
     data_base64_text: str | None = None
 
 
