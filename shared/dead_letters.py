@@ -241,6 +241,22 @@ def _plainly_storable(attributes: dict) -> bool:
     return "\\u0000" not in text and text.count("[") + text.count("{") <= MAX_DEPTH
 
 
+# What a letter may hold before the sink stops building it in memory: its
+# arrays and objects and (roughly) their elements, counted in the raw text
+# ('[', '{' and ',', those inside strings too: over-counting only chooses
+# the cheap way). Each becomes a Python object in every copy the sink makes;
+# the system's own events hold a few hundred. Past it, a member is kept as its
+# JSON text (functions/deadletter/shallow.py) and a redelivery sends such
+# data as its bytes (data_base64) rather than parsing it in the query function.
+MAX_ITEMS = 50_000
+
+
+def items(raw: bytes | str) -> int:
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{") + raw.count(",")
+    return raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+
+
 def encode_data(body: bytes, force_base64: bool = False) -> tuple[str, bool]:
     """The data as stored: UTF-8 text when it is text, else (or when it came
     base64-encoded) base64, flagged."""
@@ -279,24 +295,47 @@ class Letter:
     # The data came base64-encoded (structured mode's data_base64): stored
     # and sent again so, its bytes never read as JSON.
     data_base64: bool = False
+    # data_base64 that is not base64 (unpadded, stray characters): stored as
+    # this text, flagged base64 like the rest; a redelivery refuses it (409)
+    data_base64_text: str | None = None
 
 
 # One writer at a time per event: the key of migration 0006 counts a missing
 # destination as distinct (NULLs are), so a letter handed over twice without
 # one is found by this lookup, not by the key. A transaction-scoped advisory
 # lock (safe behind PgBouncer's transaction pooling) keeps two copies
-# arriving together from both missing it. The schema is 0006's: a previous
+# arriving together from both missing it. The two-integer form, under a class
+# of its own, cannot meet another lock of the system (they all take the
+# one-bigint form, a separate key space); the source's length in the key
+# keeps "a\nb"+"c" and "a"+"b\nc" apart. The schema is 0006's: a previous
 # release, which only knows its ON CONFLICT, keeps working beside this one.
-_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:src || chr(10) || :id, 0))")
+LOCK_CLASS = 0x444C  # "DL"
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(CAST(:class AS integer), "
+                "hashtext(length(CAST(:src AS text)) || ':' || CAST(:src AS text) || CAST(:id AS text)))")
+
+# A repeat: the same event dead-lettered again. It is the latest news of the
+# letter, so received_at moves (the list, newest first, shows it on top) and
+# an incident the first copy did not name is linked. After a redelivery it
+# needs a person again (dead_again); while a redelivery is being sent it
+# keeps the sender's claim (another operator must not send it a second time)
+# and mark_redelivered, seeing received_at past the claim, records dead_again.
+def _repeat(row: str, code: str, err: str, incident: str) -> str:
+    return (
+        f"error_code = {code}, error_data = {err}, received_at = timezone('utc', now()), "
+        f"incident_id = COALESCE({row}incident_id, {incident}), "
+        f"redelivery_status = CASE WHEN {row}redelivery_status = '{SENDING}' THEN '{SENDING}' "
+        f"WHEN {row}redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' ELSE {row}redelivery_status END "
+    )
+
 
 _AGAIN = sa.text(
-    "UPDATE dead_letters SET "
-    # The same event dead-lettered again after a redelivery: it needs a human again.
-    "error_code = :code, error_data = :err, "
-    f"redelivery_status = CASE WHEN redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' ELSE redelivery_status END "
+    "UPDATE dead_letters SET " + _repeat("", ":code", ":err", ":incident") +
     "WHERE id = (SELECT id FROM dead_letters WHERE event_source = :src AND event_id = :id "
-    # The oldest, when rows recorded twice before this lookup are there.
-    "AND error_destination IS NOT DISTINCT FROM :dest ORDER BY received_at, id LIMIT 1) "
+    # None and '' are one destination: a previous release stored '' for an
+    # empty one. Of rows a previous release recorded twice, the one last
+    # redelivered (whose redelivery this repeat may be), else the oldest.
+    "AND COALESCE(error_destination, '') = COALESCE(:dest, '') "
+    "ORDER BY redelivered_at DESC NULLS LAST, id LIMIT 1) "
     "RETURNING id, redelivery_count, false AS inserted"
 )
 
@@ -307,9 +346,7 @@ _INSERT = sa.text(
     # A previous release's sink, which takes no advisory lock, may have
     # stored the letter since the lookup (the constraint of migration 0006).
     "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO UPDATE SET "
-    "error_code = EXCLUDED.error_code, error_data = EXCLUDED.error_data, "
-    f"redelivery_status = CASE WHEN dead_letters.redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' "
-    "ELSE dead_letters.redelivery_status END "
+    + _repeat("dead_letters.", "EXCLUDED.error_code", "EXCLUDED.error_data", "EXCLUDED.incident_id") +
     "RETURNING id, redelivery_count, (xmax = 0) AS inserted"
 )
 
@@ -329,11 +366,15 @@ def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
         "dest": clip_unique(letter.destination, MAX_DESTINATION) if letter.destination else None,
         "code": clip(letter.code, MAX_CODE),
         "err": clip(letter.error, MAX_ERROR),
+        "incident": letter.incident_id,
     }
-    conn.execute(_LOCK, key)
+    conn.execute(_LOCK, {**key, "class": LOCK_CLASS})
     row = conn.execute(_AGAIN, key).first()
     if row is None:
-        data, is_base64 = encode_data(letter.body, force_base64=letter.data_base64)
+        if letter.data_base64_text is not None:
+            data, is_base64 = clean(letter.data_base64_text), True
+        else:
+            data, is_base64 = encode_data(letter.body, force_base64=letter.data_base64)
         attributes = clean_attributes(letter.attributes, list(letter.cleaned))
         if is_base64:
             attributes[BASE64_MARK] = True
@@ -344,7 +385,6 @@ def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
             # slipping through is a bug to see, not a letter to half-store.
             "attrs": json.dumps(attributes, allow_nan=False),
             "data": data,
-            "incident": letter.incident_id,
         }).one()
     return row.id, row.redelivery_count, row.inserted
 
@@ -417,10 +457,16 @@ def get(conn: Connection, letter_id: int, for_update: bool = False) -> dict | No
 def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> bool:
     """Mark the letter as being sent by ``actor``; False while another
     redelivery holds a claim younger than ``stale_seconds`` (one that died
-    mid-send is taken over after that)."""
+    mid-send is taken over after that).
+
+    redelivered_at is the claim's own moment (clock_timestamp, the row
+    locked), not its transaction's start: a repeat recorded before it has
+    an earlier received_at, and one caused by this send, recorded once the
+    Broker took it, a later one (see mark_redelivered)."""
     return conn.execute(
         sa.text(
-            f"UPDATE dead_letters SET redelivery_status = '{SENDING}', redelivered_at = timezone('utc', now()), "
+            f"UPDATE dead_letters SET redelivery_status = '{SENDING}', "
+            "redelivered_at = timezone('utc', clock_timestamp()), "
             "redelivered_by = :actor WHERE id = :id AND (redelivery_status IS DISTINCT FROM :sending "
             "OR redelivered_at < timezone('utc', now()) - make_interval(secs => :stale)) RETURNING id"
         ),
@@ -429,12 +475,20 @@ def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds
 
 
 def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | None) -> dict:
-    """Record one redelivery attempt (who, when, how it went)."""
+    """Record one redelivery attempt (who, when, how it went).
+
+    The Broker's yes is not the subscriber's: a subscriber that refuses the
+    event for good has it dead-lettered again at once, often before this
+    runs. That repeat moved received_at past the claim's start (claim
+    sets redelivered_at), and a previous release's sink may have set
+    dead_again meanwhile: either way the letter failed again, so it stays
+    for a person instead of showing as delivered."""
     row = conn.execute(
         sa.text(
             "UPDATE dead_letters SET redelivery_count = redelivery_count + 1, "
             "redelivered_at = timezone('utc', now()), redelivered_by = :actor, "
-            "redelivery_status = :status, redelivery_error = :error "
+            f"redelivery_status = CASE WHEN CAST(:status AS text) = '{SENT}' AND (redelivery_status = '{DEAD_AGAIN}' "
+            f"OR received_at >= redelivered_at) THEN '{DEAD_AGAIN}' ELSE :status END, redelivery_error = :error "
             f"WHERE id = :id RETURNING {', '.join(COLUMNS)}"
         ),
         {"id": letter_id, "actor": clip(actor, 200), "status": FAILED if error else SENT, "error": clip(error, MAX_ERROR)},

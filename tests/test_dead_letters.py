@@ -331,6 +331,133 @@ def test_a_wide_deeply_nested_attribute_is_cleaned_in_memory_near_its_size():
     assert nan == "bad: the number NaN kept as a string"
 
 
+def nested_letter(size: int, where: str = "ext") -> bytes:
+    """The reviewer's letter: arrays 60 deep, side by side, up to ``size`` bytes."""
+    head = '{"specversion": "1.0", "id": "nested", "source": "/s", "type": "t", "' + where + '": ['
+    unit = "[" * 60 + "]" * 60
+    return (head + ",".join([unit] * ((size - len(head) - 2) // (len(unit) + 1))) + "]}").encode()
+
+
+@pytest.mark.parametrize("where", ["ext", "data"])
+def test_a_letter_of_a_million_arrays_is_read_in_memory_near_its_size(where):
+    # Built whole, in each of the sink's copies, a 2 MiB letter of 17,000
+    # arrays 60 deep peaked the served sink at 262 MB (its limit is 192Mi
+    # for four letters at once) and took 5 s.
+    import tracemalloc
+
+    from functions.deadletter.handler import attributes_of, parse_structured
+    from shared import dead_letters
+
+    body = nested_letter(1024 * 1024, where)
+    tracemalloc.start()
+    try:
+        parsed = parse_structured(body)
+        dead_letters.clean_attributes(attributes_of(parsed.event), list(parsed.notes))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(body), f"{peak / 2**20:.0f} MiB to read a {len(body) / 2**20:.1f} MiB letter"
+    assert parsed.notes == (f"{where}: over 50000 arrays, objects and elements: kept as its JSON text",)
+
+
+def test_a_letter_over_the_bound_is_kept_whole_as_text_and_redelivered_as_its_bytes(world, broker, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    data = "[" + ",".join(["[[1]]"] * 60_000) + "]"
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "large", "source": "/s", "type": '
+                                         '"io.incidentresponse.incident.opened", "subject": "' + incident_id + '", '
+                                         '"datacontenttype": "application/json", "tags": ["a", "b"], "data": ' + data + '}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data: over 50000 arrays, objects and elements: kept as its JSON text"]
+    assert letter["attributes"]["tags"] == ["a", "b"] and letter["incident_id"] == incident_id  # built: within the bound
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    event = strict_json(broker.received()[-1].body)
+    assert "data" not in event and base64.b64decode(event["data_base64"]).decode() == data
+
+
+def test_a_member_nested_deeper_than_python_parses_is_kept_as_its_text_not_refused(world, broker):
+    # The whole letter was a 400 ("nested too deeply"): the Broker dropped it.
+    deadletter, query = world
+    nested = "[" * 20_000 + "]" * 20_000
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "deeper", "source": "/s", "type": "t", '
+                                         '"custom": ' + nested + ', "data": {"n": 1}}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["attributes"]["custom"] == nested
+    assert letter["cleaned"] == ["custom: nested deeper than the parser reads: kept as its JSON text"]
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert strict_json(broker.received()[-1].body)["data"] == {"n": 1}
+
+
+def unclosed_string_letter(size: int, commas: int = 50_001) -> str:
+    """Over the bound by its commas, then a string that never closes, full of
+    escaped quotes: a regex matching whole strings, retried by finditer at
+    each following character, took 12 s at 100 KiB and hours at 2 MiB."""
+    head = '{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "data": [' + "," * commas + '"'
+    return head + '\\"' * ((size - len(head) - 2) // 2) + "]}"
+
+
+def test_the_scan_of_a_large_letter_visits_each_character_once():
+    from functions.deadletter import shallow
+
+    text = '{"a": [1, {"b": "x]\\"}"}, [[]], "{"], "c": 2}'
+    start = text.index("[")
+    spans = list(shallow.scan(text, start))
+    # Each step starts where the last ended: linear, whatever the letter.
+    assert [s for s, _ in spans] == [start] + [e for _, e in spans[:-1]]
+    assert text[start:spans[-1][1]] == '[1, {"b": "x]\\"}"}, [[]], "{"]'
+    hostile = unclosed_string_letter(2 * 1024 * 1024)
+    start, steps = hostile.index("["), []
+    with pytest.raises(ValueError, match="Unterminated string"):
+        for span in shallow.scan(hostile, start):
+            steps.append(span)
+    assert steps == [(start, start + 1)]  # the string read once, refused where it began
+
+
+def test_a_large_letter_with_a_string_that_never_closes_is_refused_at_once_as_a_small_one_is():
+    from functions.deadletter.handler import read_document
+    from shared.errors import BadRequest
+
+    for body in (unclosed_string_letter(2 * 1024 * 1024), unclosed_string_letter(300, commas=3)):
+        with pytest.raises(BadRequest, match="the body is not JSON"):
+            read_document(body.encode())
+
+
+MALFORMED = {
+    "mismatched-bracket": "[1, 2}",
+    "mismatched-nested": "[{\"a\": 1]]",
+    "unclosed-string": '["abc]',
+    "closes-nothing": "[1]]",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_data_is_refused_the_same_over_the_bound_as_within_it(data):
+    # Over the bound, data kept as its JSON text was never checked: [1,2}
+    # counted as balanced and the letter was stored while the small one was a 400.
+    from functions.deadletter.handler import read_document
+    from shared.errors import BadRequest
+
+    for elements in (1, 50_001):
+        body = ('{"specversion": "1.0", "id": "x", "source": "s", "type": "t", "data": ['
+                + "0," * elements + data + "]}")
+        with pytest.raises(BadRequest, match="the body is not JSON"):
+            read_document(body.encode())
+
+
+def test_a_letter_over_the_bound_links_the_incident_its_data_names(world, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    data = '{"rows": [' + ",".join(["[1]"] * 60_000) + '], "incident_id": "' + incident_id + '"}'
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "large-linked", "source": "/s", "type": '
+                                         '"io.incidentresponse.incident.opened", "data": ' + data + '}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data: over 50000 arrays, objects and elements: kept as its JSON text"]
+    assert letter["incident_id"] == incident_id
+
+
 def test_the_cleaned_notes_are_the_first_twenty_in_the_letters_order_and_a_count_of_the_rest():
     from shared import dead_letters
 
@@ -427,6 +554,72 @@ def test_structured_data_base64_is_kept_as_its_bytes_and_redelivered_unchanged(w
     assert "data" not in event and event["data_base64"] == encoded
 
 
+NOT_BASE64 = {
+    # Unpadded: a 400, the letter lost.
+    "unpadded": '"aGk"',
+    # Read without validation as "hi": the rest dropped, nothing said.
+    "stray-characters": '"aGk=!!"',
+    "not-a-string": "5",
+}
+
+
+@pytest.mark.parametrize("sent", NOT_BASE64.values(), ids=NOT_BASE64.keys())
+def test_data_base64_that_is_not_base64_is_kept_noted_and_its_redelivery_refused_saying_why(world, broker, sent):
+    # It was sent again as it came, or a number as "5": an event the
+    # Broker (strict, padded base64) refuses, recorded as a failed redelivery.
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "not-b64", "source": "/s", "type": "t", '
+                                         '"data_base64": ' + sent + '}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data_base64: not valid base64, kept as the text that came"]
+    refused = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    assert refused.status_code == 409 and "data_base64 is not valid base64" in refused.json()["message"], refused.text
+    assert broker.received() == []
+    (still,) = api(query, "GET", "/dead-letters").json()
+    assert still["redelivery_status"] is None and still["redelivery_count"] == 0
+
+
+def test_line_wrapped_data_base64_is_decoded_as_the_broker_reads_it(world, broker):
+    # Go's base64 skips line breaks: the Broker takes it; it was kept as text.
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "wrapped", "source": "/s", "type": "t", '
+                                         '"data_base64": "aGVsbG8g\\r\\nd29ybGQ="}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == []
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    event = strict_json(broker.received()[-1].body)
+    assert base64.b64decode(event["data_base64"], validate=True) == b"hello world"
+
+
+def test_data_dropped_for_data_base64_is_noted(world, broker):
+    deadletter, query = world
+    answer = post_structured(deadletter, '{"specversion": "1.0", "id": "both-data", "source": "/s", "type": "t", '
+                                         '"data": {"a": 1}, "data_base64": "aGk="}')
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert letter["cleaned"] == ["data: dropped, the event had data_base64 too (a CloudEvent carries one of them)"]
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert strict_json(broker.received()[-1].body)["data_base64"] == "aGk="
+
+
+def test_a_media_type_that_only_begins_like_cloudevents_is_binary_mode(world, broker):
+    # startswith("application/cloudevents") read application/cloudeventsfoo
+    # as structured mode: the event in the body taken for the letter, the
+    # ce-* headers that named it ignored.
+    deadletter, query = world
+    body = b'{"specversion": "1.0", "id": "from-body", "source": "/b", "type": "b", "data": {"n": 1}}'
+    answer = requests.post(deadletter.url + "/", data=body, timeout=10, headers={
+        "Content-Type": "application/cloudeventsfoo", "ce-specversion": "1.0", "ce-id": "from-headers",
+        "ce-source": "/h", "ce-type": "h"})
+    assert answer.status_code == 202, answer.text
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    assert (letter["event_id"], letter["attributes"]["datacontenttype"]) == ("from-headers", "application/cloudeventsfoo")
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").status_code == 200
+    assert base64.b64decode(strict_json(broker.received()[-1].body)["data_base64"]) == body
+
+
 # The previous release's statement (shared/dead_letters.py before the
 # lookup): during a rolling update it runs beside this release's sink.
 PREVIOUS_RELEASE_UPSERT = sa.text(
@@ -452,8 +645,9 @@ def test_the_previous_release_and_this_one_store_the_same_letter_side_by_side(wo
     assert dead_letter(deadletter, "rolling", dest=dest, code="504").status_code == 202
     letters = api(query, "GET", "/dead-letters").json()
     # Without a destination the previous release adds a second row (NULLs are
-    # distinct to its key): nothing is lost, and this release updates the oldest.
-    assert [d["code"] for d in letters] == (["503", "504"] if dest is None else ["504"])
+    # distinct to its key): nothing is lost, and this release updates the
+    # oldest, which comes back to the top of the list.
+    assert [d["code"] for d in letters] == (["504", "503"] if dest is None else ["504"])
 
 
 def test_copies_of_a_letter_without_destination_arriving_together_are_one_row(world):
@@ -641,6 +835,97 @@ def test_a_redelivery_holds_no_transaction_while_the_broker_answers_and_is_sent_
     assert len(broker.requests) == 1
     (after,) = api(query, "GET", "/dead-letters").json()
     assert after["redelivery_status"] == "sent" and after["redelivery_count"] == 1
+
+
+def test_a_letter_dead_lettered_again_while_its_redelivery_is_sent_stays_for_a_person_and_is_sent_once(world, broker, clean_db):
+    """The Broker takes the redelivered event, its subscriber refuses it for
+    good (a 4xx) and the Broker dead-letters it again at once, before the
+    redelivery's request has ended. That repeat released the claim (a second
+    operator sent it again) and the redelivery then wrote "sent" over it:
+    shown delivered, counted done, hidden from the board's default view."""
+    import threading
+
+    deadletter, query = world
+    assert dead_letter(deadletter, "ev-refused-again", code="502").status_code == 202
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    repeated, release = threading.Event(), threading.Event()
+
+    def broker_then_subscriber(request):
+        if not repeated.is_set():  # the first send only: the subscriber refuses it, dead-lettered again
+            assert dead_letter(deadletter, "ev-refused-again", code="400", error=b"unknown field").status_code == 202
+            repeated.set()
+            release.wait(10)
+        return 202, {}, b""
+
+    broker.responder = broker_then_subscriber
+    alice = {}
+    sender = threading.Thread(target=lambda: alice.update(r=api(
+        query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})))
+    sender.start()
+    try:
+        assert repeated.wait(10), "the redelivery never reached the Broker"
+        bob = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "bob"})
+        assert bob.status_code == 409 and "under way" in bob.json()["message"], bob.text
+    finally:
+        release.set()
+        sender.join(15)
+    assert alice["r"].status_code == 200 and alice["r"].json()["sent"] is True
+    assert alice["r"].json()["redelivery_status"] == "dead_again"
+    assert len(broker.received()) == 1
+    (after,) = api(query, "GET", "/dead-letters", params={"redelivered": "no"}).json()
+    assert (after["redelivery_status"], after["code"], after["error"], after["redelivery_count"]) == (
+        "dead_again", "400", "unknown field", 1)
+    assert metrics(query)[("dead_letters_not_redriven", ())] == 1
+
+
+def test_a_letter_dead_lettered_again_comes_back_to_the_top_and_gets_the_incident_it_names(world, clean_db):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-older", data={"x": 1})
+    dead_letter(deadletter, "ev-newer", data={"x": 2})
+    assert [d["event_id"] for d in api(query, "GET", "/dead-letters").json()] == ["ev-newer", "ev-older"]
+    # The first copy named no incident (it did not exist yet, or was not named).
+    dead_letter(deadletter, "ev-older", data={"incident_id": incident_id}, code="503")
+    listed = api(query, "GET", "/dead-letters").json()
+    assert [(d["event_id"], d["code"], d["incident_id"]) for d in listed] == [
+        ("ev-older", "503", incident_id), ("ev-newer", "502", None)]
+    assert listed[0]["received_at"] > listed[1]["received_at"]
+    # A later copy naming another incident does not move the link.
+    dead_letter(deadletter, "ev-older", data={"incident_id": seed(clean_db, "Other")})
+    assert api(query, "GET", "/dead-letters").json()[0]["incident_id"] == incident_id
+
+
+def test_a_repeat_of_a_letter_recorded_twice_goes_to_the_copy_that_was_redelivered(world, broker, clean_db):
+    # It updated the oldest copy: the redelivered one kept showing "sent".
+    deadletter, query = world
+    dead_letter(deadletter, "twice", dest=None)
+    with clean_db.begin() as conn:  # a previous release's repeat without destination: a second row
+        conn.execute(PREVIOUS_RELEASE_UPSERT, {"id": "twice", "src": "/incident-response", "dest": None, "code": "503"})
+    newer, older = api(query, "GET", "/dead-letters").json()
+    assert api(query, "POST", f"/dead-letters/{newer['id']}/redeliver").json()["redelivery_status"] == "sent"
+    dead_letter(deadletter, "twice", dest=None, code="400")
+    assert [(d["id"], d["code"], d["redelivery_status"]) for d in api(query, "GET", "/dead-letters").json()] == [
+        (newer["id"], "400", "dead_again"), (older["id"], "502", None)]
+
+
+def test_a_repeat_of_a_letter_a_previous_release_stored_with_an_empty_destination_finds_it(world, clean_db):
+    # That release stored '' where this one stores NULL: the lookup missed
+    # the old row, and the repeat became a second letter.
+    deadletter, query = world
+    with clean_db.begin() as conn:
+        conn.execute(PREVIOUS_RELEASE_UPSERT, {"id": "empty-dest", "src": "/incident-response", "dest": "", "code": "502"})
+    assert dead_letter(deadletter, "empty-dest", dest="", code="503").status_code == 202
+    assert [(d["event_id"], d["code"]) for d in api(query, "GET", "/dead-letters").json()] == [("empty-dest", "503")]
+
+
+def test_the_repeat_lookup_uses_the_letters_unique_key(clean_db):
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(conn.execute(sa.text(
+            "EXPLAIN SELECT id FROM dead_letters WHERE event_source = 's' AND event_id = 'e' "
+            "AND COALESCE(error_destination, '') = COALESCE(NULL, '') ORDER BY redelivered_at DESC NULLS LAST, id LIMIT 1"
+        )).scalars())
+    assert "uq_dead_letters_event" in plan and "Index Cond: (((event_source)::text = 's'::text) AND ((event_id)::text = 'e'::text))" in plan, plan
 
 
 @pytest.mark.parametrize("start", [STATUS_LINE.replace(b"200 OK", b"503 Service Unavailable"),

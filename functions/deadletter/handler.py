@@ -23,6 +23,7 @@ from cloudevents.http import CloudEvent, from_http
 from cloudevents.sdk.converters.util import has_binary_headers
 from flask import Request, Response
 
+from functions.deadletter import shallow
 from shared import db, dead_letters, eventio, events, incidents
 from shared.dead_letters import clip
 from shared.errors import BadRequest
@@ -55,7 +56,21 @@ def error_data(raw) -> str | None:
         return raw
 
 
+def base64_bytes(encoded: str) -> bytes:
+    """Strict, padded base64 as the Broker reads it (Go's StdEncoding), which
+    skips line breaks: a line-wrapped data_base64 is base64, not text.
+    binascii.Error when it is not."""
+    return base64.b64decode(encoded.replace("\r", "").replace("\n", ""), validate=True)
+
+
 def incident_id_of(data, attributes: dict) -> str | None:
+    if isinstance(data, JsonText) and data[:1] == "{":
+        # Data past the bound: its incident_id found by a scan, nothing else built.
+        try:
+            data = {name: json.loads(text) for name, text in shallow.members(data)
+                    if name == "incident_id" and text[:1] == '"'}
+        except ValueError:
+            data = None
     candidate = (data.get("incident_id") if isinstance(data, dict) else None) or attributes.get("subject")
     try:
         return parse_uuid(candidate, "incident_id") if candidate else None
@@ -88,7 +103,23 @@ def _not_json(token: str):
 
 def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
     """A structured event's JSON, with every number strict JSON and jsonb
-    can hold, and notes of those kept as text instead.
+    can hold, and notes of those kept as text instead. A letter over
+    ``MAX_ITEMS`` is read member by member (:func:`read_large`)."""
+    if dead_letters.items(body) > dead_letters.MAX_ITEMS:
+        return read_large(body)
+    try:
+        document, notes = load(body)
+    except RecursionError:  # a member nested deeper than Python parses: kept as its text
+        return read_large(body)
+    except ValueError:
+        raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("not a valid CloudEvent: the body is not a JSON object")
+    return document, notes
+
+
+def load(text: bytes | str, name: str | None = None) -> tuple[object, tuple[str, ...]]:
+    """One JSON value (``name``: the member it is, for the notes' paths).
 
     Parsed strictly first (the C parser; only floats go through Python, to
     refuse one that overflows to Infinity): the usual letter costs that one
@@ -96,24 +127,55 @@ def read_document(body: bytes) -> tuple[dict, tuple[str, ...]]:
     as Python reads it or, when Python cannot (NaN, Infinity, 1e400, a
     5000-digit integer: a 400 from the SDK, the letter lost), as its text."""
     try:
-        try:
-            document, notes = json.loads(body, parse_float=_finite, parse_constant=_not_json), ()
-        except ValueError:
-            try:  # integers in C still, unless one has more digits than int() converts
-                document = json.loads(body, parse_float=_number, parse_constant=_number)
-            except ValueError:
-                document = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_number)
-            notes = []
-            # Strings are left alone here: the attributes' NUL and lone
-            # surrogates are replaced when stored, the data's are kept.
-            document = dead_letters.storable(document, notes, text=False)
-    except RecursionError:
-        raise BadRequest(f"not a valid CloudEvent: {TOO_DEEP}") from None
+        return json.loads(text, parse_float=_finite, parse_constant=_not_json), ()
     except ValueError:
+        pass
+    try:  # integers in C still, unless one has more digits than int() converts
+        value = json.loads(text, parse_float=_number, parse_constant=_number)
+    except ValueError:
+        value = json.loads(text, parse_int=_number, parse_float=_number, parse_constant=_number)
+    notes: list[str] = []
+    # Strings are left alone here: the attributes' NUL and lone
+    # surrogates are replaced when stored, the data's are kept.
+    if name is None:
+        return dead_letters.storable(value, notes, text=False), tuple(notes)
+    return dead_letters.storable({name: value}, notes, text=False)[name], tuple(notes)
+
+
+class JsonText(str):
+    """A member kept as its JSON text, not built: see :func:`read_large`."""
+
+
+def read_large(body: bytes) -> tuple[dict, tuple[str, ...]]:
+    """A letter over ``MAX_ITEMS`` (or nested deeper than the parser reads),
+    never built whole: its members found by a
+    scan (functions/deadletter/shallow.py), then each built in turn while
+    the bound allows (``data`` first: the letter's substance), the rest kept
+    as their JSON text, noted. Nothing is lost: the text is the member."""
+    try:
+        found = shallow.members(shallow.text_of(body))
+    except (ValueError, UnicodeDecodeError):
         raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
-    if not isinstance(document, dict):
-        raise BadRequest("not a valid CloudEvent: the body is not a JSON object")
-    return document, tuple(notes)
+    left, values, notes = dead_letters.MAX_ITEMS, {}, []
+    for name, text in sorted(found, key=lambda member: member[0] != "data"):  # stable: data first
+        cost = dead_letters.items(text) if text[:1] in ("[", "{") else 0
+        if cost > left:
+            values[name] = JsonText(text)
+            notes.append(f"{clip(name, 100)}: over {dead_letters.MAX_ITEMS} arrays, objects and elements: "
+                         "kept as its JSON text")
+            continue
+        try:
+            values[name], more = load(text, name)
+        except RecursionError:
+            values[name] = JsonText(text)
+            notes.append(f"{clip(name, 100)}: nested deeper than the parser reads: kept as its JSON text")
+            continue
+        except ValueError:
+            raise BadRequest("not a valid CloudEvent: the body is not JSON") from None
+        left -= cost
+        notes += more
+    # In the letter's order, the last of a repeated name winning (as json.loads).
+    return {name: values[name] for name, _ in found}, tuple(notes)
 
 
 def keep_bytes(data: bytes) -> bytes:
@@ -127,6 +189,8 @@ class Parsed:
     data: object  # the data as JSON when it is any, to find the incident it names
     notes: tuple[str, ...] = ()  # what had to change for the letter to be stored
     data_base64: bool = False
+    # data_base64 that is not base64, as it came (body holds its text).
+    data_base64_text: str | None = None
 
 
 def is_structured(request: Request, headers) -> bool:
@@ -135,13 +199,15 @@ def is_structured(request: Request, headers) -> bool:
     headers come with it; otherwise binary, or structured after all when
     the four required ce-* headers are missing (the SDK's leniency: such a
     letter was always read so)."""
-    media = (request.mimetype or "").lower()
-    if media.startswith("application/cloudevents-batch"):
+    media = (request.mimetype or "").lower()  # the type/subtype alone, parameters dropped
+    kind, _, suffix = media.partition("+")
+    if kind == "application/cloudevents-batch":
         raise BadRequest("not a valid CloudEvent: batched mode is not accepted; the Broker sends one event")
-    if media.startswith("application/cloudevents+") and media != "application/cloudevents+json":
+    if kind != "application/cloudevents":  # application/cloudeventsfoo is no CloudEvents type
+        return not has_binary_headers({k.lower(): v for k, v in headers.items()})
+    if suffix not in ("", "json"):
         raise BadRequest(f"not a valid CloudEvent: event format {clip(media, 100)} is not supported")
-    return media.startswith("application/cloudevents") or not has_binary_headers(
-        {k.lower(): v for k, v in headers.items()})
+    return True
 
 
 def parse(request: Request) -> Parsed:
@@ -172,7 +238,8 @@ def parse(request: Request) -> Parsed:
         raise BadRequest("not a valid CloudEvent: the body cannot be parsed") from None
     body = event.get_data() or b""
     try:
-        data = json.loads(body) if body else None
+        # Only to find the incident it names: not built past the bound.
+        data = json.loads(body) if body and dead_letters.items(body) <= dead_letters.MAX_ITEMS else None
     except (ValueError, RecursionError):
         data = None
     return Parsed(event, body, data)
@@ -190,18 +257,29 @@ def parse_structured(body: bytes) -> Parsed:
         raise BadRequest(f"not a valid CloudEvent: specversion {clip(text_of(document['specversion']), 40)} is not supported")
     attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
     data, is_base64 = document.get("data"), "data_base64" in document
+    notes, as_sent = list(notes), None
+    if is_base64 and "data" in document:
+        # The format allows one of them; data_base64 is what is kept and sent again.
+        notes.append("data: dropped, the event had data_base64 too (a CloudEvent carries one of them)")
     if is_base64:
         encoded = document["data_base64"]
         try:
-            body = base64.b64decode(encoded) if isinstance(encoded, str) else None
+            # Strictly: without validate, "aGk=!!" was read as "hi" (the
+            # rest dropped unsaid), and unpadded "aGk" was a 400, the letter lost.
+            body = base64_bytes(encoded) if isinstance(encoded, str) else None
         except (binascii.Error, ValueError):
             body = None
         if body is None:
-            raise BadRequest("not a valid CloudEvent: data_base64 is not base64")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            data = None
+            # Kept as the text that came (not ours to repair), never sent again:
+            # the Broker refuses it (shared.backlog.structured: a 409).
+            as_sent = encoded if isinstance(encoded, str) else text_of(encoded)
+            notes.append("data_base64: not valid base64, kept as the text that came")
+            body, data = as_sent.encode("utf-8", "surrogatepass"), None
+        else:
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                data = None
     elif data is None:
         body = b""
     elif isinstance(data, str):
@@ -215,7 +293,7 @@ def parse_structured(body: bytes) -> Parsed:
         event = CloudEvent(attributes, None)
     except CloudEventError as exc:
         raise BadRequest(f"not a valid CloudEvent: {clip(str(exc), 300)}") from None
-    return Parsed(event, body, data, notes, is_base64)
+    return Parsed(event, body, data, tuple(notes), is_base64, as_sent)
 
 
 def attributes_of(event: CloudEvent) -> dict:
@@ -238,6 +316,7 @@ def handle(request: Request) -> Response:
         body=parsed.body,
         cleaned=parsed.notes,
         data_base64=parsed.data_base64,
+        data_base64_text=parsed.data_base64_text,
     )
     candidate = incident_id_of(parsed.data, attributes)
     with db.transaction() as conn:
