@@ -36,7 +36,6 @@ UTC_NOW = "timezone('utc', now())"
 # last_seen is written at most this often per session: a board page is a read.
 SEEN_EVERY_SECONDS = 60
 # The shortest idle timeout: several times SEEN_EVERY_SECONDS, which it is only as exact as.
-IDLE_MINIMUM_MINUTES = 5
 KEEP_PER_USER = 10
 PURGE_BATCH = 100
 

@@ -580,6 +580,11 @@ def trusted_proxy_hops(env: Mapping[str, str]) -> int:
     return _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
 
 
+# The shortest idle timeout a board session may have (shared/board_sessions.py
+# reads it from here: the settings are loaded before SQLAlchemy is imported).
+IDLE_MINIMUM_MINUTES = 5
+
+
 def _idle_minutes(env: Mapping[str, str]) -> int:
     """BOARD_IDLE_TIMEOUT_MINUTES: 0 (none), or 5 minutes to the session's 12
     hours. The query ends idle sessions by it, and the intake's retention
@@ -587,8 +592,6 @@ def _idle_minutes(env: Mapping[str, str]) -> int:
     ConfigMap. A wrong value stops the query (whose setting it is) and no
     other function: elsewhere it is only the sweep's, which then deletes
     expired sessions alone (warned), and paging goes on."""
-    from shared.board_sessions import IDLE_MINIMUM_MINUTES
-
     try:
         value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
         if 0 < value < IDLE_MINIMUM_MINUTES:
