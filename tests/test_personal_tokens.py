@@ -104,7 +104,7 @@ def test_the_file_is_read_again_when_it_changes_and_a_bad_new_list_keeps_the_old
     now[0] = 10.0
     with caplog.at_level("ERROR", logger="users"):
         assert users.current().names == ("bob",)
-    (record,) = [r for r in caplog.records if r.name == "users"]
+    (record,) = [r for r in caplog.records if r.name == "users" and r.levelname == "ERROR"]
     assert "entry 2" in record.error and PERSONAL_TOKENS["carol"] not in record.error + record.getMessage()
     # Fixed: taken at the next look.
     listing.write_text(api_users("bob", "carol"))
@@ -125,7 +125,7 @@ def test_a_list_file_that_is_gone_refuses_every_personal_token_until_it_is_back(
     with caplog.at_level("ERROR", logger="users"):
         for now[0] in (5.0, 10.0, 15.0):
             assert not users.current() and users.current().identify(PERSONAL_TOKENS["alice"]) is None
-    (gone,) = [r for r in caplog.records if r.name == "users"]  # said once, not at every look
+    (gone,) = [r for r in caplog.records if r.name == "users" and r.levelname == "ERROR"]  # said once, not at every look
     assert gone.levelname == "ERROR" and gone.path == str(listing) and "no personal token is accepted" in gone.getMessage()
     listing.write_text(api_users("bob"))
     now[0] = 20.0
