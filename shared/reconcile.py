@@ -24,7 +24,21 @@ step                          missing when, after the grace period        re-emi
 failed``                      claim
 ``escalation:resolved``       resolved (its event published), no         ``resolved``
                               completed ``escalated:…:resolved`` claim
+``escalation:page_resolved``  resolved (its event published), PagerDuty   ``resolved``
+                              paged it (a ``trigger`` sent), no
+                              completed ``notify:pagerduty:resolve:…``
+                              claim of this generation
+``escalation:page_            acknowledged in this generation (its        ``acknowledged``
+acknowledged``                event published), active, PagerDuty paged
+                              it, no completed
+                              ``notify:pagerduty:acknowledge:…`` claim
 ============================  ==========================================  ==================
+
+The last two are the follow-ups of a page whose event came before its
+trigger was sent (the escalation handler tells them after the trigger,
+functions/escalation/handler.py, and this is what catches it when that did
+not get through). Their grace runs from the later of the event's
+publication and the trigger's timeline entry.
 
 After another alert took over as root (migration 0017), the diagnostics,
 remediation and outcome steps watched are the new root's (their claim keys
@@ -64,9 +78,10 @@ EVENT_TYPES = {
     "remediated": events.INCIDENT_REMEDIATED,
     "remediation_failed": events.INCIDENT_REMEDIATION_FAILED,
     "resolved": events.INCIDENT_RESOLVED,
+    "acknowledged": events.INCIDENT_ACKNOWLEDGED,
 }
 STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:root_changed", "escalation:remediated",
-         "escalation:remediation_failed", "escalation:resolved")
+         "escalation:remediation_failed", "escalation:resolved", "escalation:page_resolved", "escalation:page_acknowledged")
 REASON_MAX = 1000
 # Steps done again for a new root (their claims end in ``.root<n>``); the
 # new root's opening is told as ``root_changed``.
@@ -119,6 +134,21 @@ missing AS (
            'escalated:' || r.id || ':' || r.gen || ':' || 'resolved'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.resolved.' || r.gen
     WHERE r.status = 'resolved' AND o.published_at IS NOT NULL
+    UNION ALL
+    SELECT 'escalation:page_' || f.transition, f.transition, r.id, r.gen, '', GREATEST(o.published_at, p.at),
+           'notify:pagerduty:' || f.action || ':' || r.id || ':' || r.gen || ':' || f.transition
+    FROM recent r
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN r.status = 'resolved' THEN 'resolved' ELSE 'acknowledged' END AS transition,
+               CASE WHEN r.status = 'resolved' THEN 'resolve' ELSE 'acknowledge' END AS action
+    ) f
+    JOIN event_outbox o ON o.id = r.id || '.' || f.transition || '.' || r.gen
+    CROSS JOIN LATERAL (
+        SELECT max(t.at) AS at FROM incident_timeline t
+        WHERE t.incident_id = r.id AND t.kind = 'notification' AND t.details->>'channel' = 'pagerduty'
+          AND t.details->>'action' = 'trigger' AND t.details->>'outcome' = 'sent'
+    ) p
+    WHERE o.published_at IS NOT NULL AND p.at IS NOT NULL
 ),
 assessed AS (
     SELECT m.step, m.transition, m.id, m.gen, m.rs, m.since, re.n, re.last,

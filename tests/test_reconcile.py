@@ -136,6 +136,54 @@ def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(cle
     assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].data["status"] == "resolved"
 
 
+def paged(engine, incident_id, ago=600):
+    """PagerDuty accepted the incident's trigger ``ago`` seconds ago (its timeline entry)."""
+    with engine.begin() as conn:
+        svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": "opened",
+                                                             "outcome": "sent", "status": 202, "attempts": 1}, "escalation")
+        conn.execute(sa.text("UPDATE incident_timeline SET at = at - make_interval(secs => :ago) WHERE incident_id = :i"),
+                     {"i": incident_id, "ago": ago})
+
+
+def test_a_page_whose_resolution_came_before_its_trigger_reemits_resolved(clean_db, config):
+    """The resolution reached escalation before the page was sent: nothing
+    to resolve then, so its escalation completed; the page was sent after."""
+    incident_id = open_incident(clean_db, "PageLeftOpen", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+    complete(clean_db, f"escalated:{incident_id}:0:resolved", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []  # never paged: nothing to resolve
+    paged(clean_db, incident_id, ago=5)
+    assert reconcile.run(clean_db, config).reemitted == []  # paged just now: its own delivery resolves it
+    paged(clean_db, incident_id)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].type == events.INCIDENT_RESOLVED
+    complete(clean_db, f"notify:pagerduty:resolve:{incident_id}:0:resolved", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_whose_acknowledgement_came_before_its_trigger_reemits_acknowledged(clean_db, config):
+    from shared import acknowledge
+
+    incident_id = open_incident(clean_db, "PageNeverAcknowledged", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    paged(clean_db, incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []  # nobody acknowledged it
+    with clean_db.begin() as conn:
+        acknowledge.acknowledge(conn, incident_id, "alice", "/test")
+        publish(conn, f"{incident_id}.acknowledged.0", 600)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.acknowledged.0.r1"].type == events.INCIDENT_ACKNOWLEDGED
+    complete(clean_db, f"notify:pagerduty:acknowledge:{incident_id}:0:acknowledged", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
 def test_what_is_not_stuck_is_left_alone(clean_db, config):
     recent = open_incident(clean_db, "WithinGrace", published_ago=5)
     running = open_incident(clean_db, "DiagnosticsRunning")

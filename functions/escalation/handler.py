@@ -32,12 +32,24 @@ under claim keys of their own (``….root{n}``).
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
 the reconciliation sweep looks for incidents without it.
+
+A follow-up (``acknowledged``, ``resolved``) of a page is never lost to the
+order events arrive in. What a channel sends is decided again once its
+claim is held, from the incident's status then: an opening whose incident
+was resolved meanwhile pages no one. A follow-up that finds the page's
+trigger in flight answers ``409`` (the channel raises ``NotYet``) and the
+Broker retries it once the trigger is recorded. A follow-up that came before
+the trigger was claimed found nothing to follow up; after every other
+transition the handler tells the follow-up the incident's state is due for
+(``_follow_up``), under the follow-up's own claim key, so it is sent once
+whichever delivery gets there first. The reconciliation sweep re-emits the
+follow-up of a page that is still not followed up (shared/reconcile.py).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import time
 
 import requests
@@ -49,9 +61,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from functions.escalation.answer import accept_any_2xx
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
+from functions.escalation.channels.base import NotYet
 from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
-from shared import claims, db, events, eventio, incidents, members
+from shared import acknowledge, claims, db, events, eventio, incidents, members
 from shared.config import Settings
 from shared.errors import BadGateway, Conflict, ServiceUnavailable
 
@@ -68,6 +81,9 @@ RECORD_RETRY_INTERVAL = 0.25
 # The transitions whose work is done again for a new root (diagnostics and
 # remediation claim per root generation): told again, once per root.
 ROOT_SCOPED = ("opened", "remediated", "remediation_failed")
+# The transitions that follow up what a channel sent before (PagerDuty's
+# acknowledge and resolve of its trigger).
+FOLLOW_UPS = ("acknowledged", "resolved")
 
 
 def claim_stale_seconds(config: Settings) -> float:
@@ -115,6 +131,18 @@ def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
     rows = conn.execute(
         sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
         {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
+    ).scalars()
+    parts = [key.split(":") for key in rows]
+    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
+
+
+def sending_by(conn, channel: str, incident_id: str, stale_seconds: float) -> frozenset[str]:
+    """The actions a channel is sending for the incident right now: claimed,
+    not completed, not stale (its holder is alive), in the form of :func:`sent_by`."""
+    rows = conn.execute(
+        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NULL"
+                " AND claimed_at >= timezone('utc', now()) - make_interval(secs => :stale)"),
+        {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%", "stale": stale_seconds},
     ).scalars()
     parts = [key.split(":") for key in rows]
     return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
@@ -203,13 +231,21 @@ class EscalationHandler:
             if transition == "opened":
                 told = "root_changed"
                 reason = incident["root_change"]
-        failures = []
+        failures, waiting = [], []
         for channel in self.channels:
-            outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
+            try:
+                outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
+            except NotYet as exc:
+                waiting.append(exc)  # the other channels are told meanwhile
+                continue
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
+        if transition not in FOLLOW_UPS:
+            failures += self._follow_up(incident_id)
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
+        if waiting:
+            raise waiting[0]
         with db.transaction() as conn:
             # Reconciliation watches the plain key of the latest outcome.
             for key in dict.fromkeys((escalated_key(incident_id, generation, occasion), escalated_key(incident_id, generation, transition))):
@@ -225,7 +261,9 @@ class EscalationHandler:
             return None
         with db.engine().connect() as conn:
             sent = sent_by(conn, channel.name, incident_id)
-        outgoing = channel.message(Note(transition, incident, reason, sent, proposal_url))
+            sending = sending_by(conn, channel.name, incident_id, self.stale_seconds)
+        note = Note(transition, incident, reason, sent, proposal_url, sending)
+        outgoing = channel.message(note)
         if outgoing is None:
             return None
         key = f"notify:{channel.name}:{outgoing.action}:{incident_id}:{generation}:{occasion or transition}"
@@ -237,12 +275,61 @@ class EscalationHandler:
                 return None
             raise Conflict(f"{channel.name} notification for this transition is being sent elsewhere; retry later")
         try:
+            outgoing = self._still_due(channel, note, outgoing)
+            if outgoing is None:
+                self._release(key)
+                return None
             result = self._send(channel, outgoing)
         except Exception:
             self._release(key)
             raise
         self._record(channel.name, outgoing.action, transition, incident_id, key, result)
         return result
+
+    def _still_due(self, channel: Channel, note: Note, outgoing: Outgoing) -> Outgoing | None:
+        """What the channel sends, decided again from the incident's status
+        now that the claim is held. A follow-up whose incident changed
+        before this claim was visible is seen here (a trigger for an incident
+        resolved meanwhile is not sent); one that came after waits for the
+        claim (NotYet). None: nothing is due any more."""
+        with db.engine().connect() as conn:
+            status = conn.execute(sa.text("SELECT status FROM incidents WHERE id = :i"), {"i": note.incident["id"]}).scalar()
+        if status == note.incident["status"]:
+            return outgoing
+        again = channel.message(replace(note, incident={**note.incident, "status": status}))
+        return again if again is not None and again.action == outgoing.action else None
+
+    def _follow_up(self, incident_id: str) -> list[str]:
+        """Tell the follow-up the incident's state is due for (resolved, or
+        acknowledged by a person in this generation) on the channels whose
+        follow-ups depend on what they sent. Its delivery may have come
+        before the page was sent and found nothing to follow up; the claim
+        key is the follow-up's own, so it is sent once either way. Returns
+        the failures, as the handler's loop collects them."""
+        channels = [c for c in self.channels if getattr(c, "follows_up", False) and c.configured()]
+        if not channels:
+            return []
+        with db.engine().connect() as conn:
+            incident = incidents.get_incident(conn, incident_id)
+            if incident is None:
+                return []
+            if incident["status"] in ("resolved", "closed"):
+                due, reason = "resolved", None
+            else:
+                due, reason = "acknowledged", acknowledge.acknowledged_by(conn, incident_id)
+                if reason is None:
+                    return []
+        failures = []
+        for channel in channels:
+            try:
+                outcome = self._notify(channel, due, incident["generation"], incident, reason)
+            except Conflict:
+                # The follow-up's own delivery (or another trigger) holds it
+                # now: it finishes, or its caller's retry does.
+                continue
+            if outcome is not None and not outcome.ok:
+                failures.append(f"{channel.name}: {outcome.error}")
+        return failures
 
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
