@@ -124,28 +124,22 @@ def acknowledgement(conn, incident: dict) -> dict | None:
     return entries[-1] if entries else None
 
 
-def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
+def sent_by(conn, channel: str, incident_id: str, stale_seconds: float = 0) -> tuple[frozenset[str], frozenset[str]]:
     """The actions a channel completed for the incident, in any generation
     (``trigger``), and each with its generation (``trigger:1``), from the
-    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``."""
+    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``; and,
+    in the same form, the ones it is sending right now (claimed, not
+    completed, not yet stale after ``stale_seconds``: their holder is alive)."""
     rows = conn.execute(
-        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
-        {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
-    ).scalars()
-    parts = [key.split(":") for key in rows]
-    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
-
-
-def sending_by(conn, channel: str, incident_id: str, stale_seconds: float) -> frozenset[str]:
-    """The actions a channel is sending for the incident right now: claimed,
-    not completed, not stale (its holder is alive), in the form of :func:`sent_by`."""
-    rows = conn.execute(
-        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NULL"
-                " AND claimed_at >= timezone('utc', now()) - make_interval(secs => :stale)"),
+        sa.text("SELECT key, completed_at IS NOT NULL AS done FROM work_claims WHERE incident_id = :i AND key LIKE :p"
+                " AND (completed_at IS NOT NULL OR claimed_at >= timezone('utc', now()) - make_interval(secs => :stale))"),
         {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%", "stale": stale_seconds},
-    ).scalars()
-    parts = [key.split(":") for key in rows]
-    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
+    ).all()
+
+    def actions(keys: list[str]) -> frozenset[str]:
+        parts = [key.split(":") for key in keys]
+        return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
+    return actions([r.key for r in rows if r.done]), actions([r.key for r in rows if not r.done])
 
 
 @dataclass(frozen=True)
@@ -260,8 +254,7 @@ class EscalationHandler:
             log.info(f"{channel.title} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
             return None
         with db.engine().connect() as conn:
-            sent = sent_by(conn, channel.name, incident_id)
-            sending = sending_by(conn, channel.name, incident_id, self.stale_seconds)
+            sent, sending = sent_by(conn, channel.name, incident_id, self.stale_seconds)
         note = Note(transition, incident, reason, sent, proposal_url, sending)
         outgoing = channel.message(note)
         if outgoing is None:
