@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from shared import acknowledge, events
 from shared import incidents as svc
-from loopback.processes import FunctionProcess
+from loopback.processes import FunctionProcess, wait_until
 from tests.test_escalation import ROUTING_KEY, SLACK_PATH, deliver, open_incident
 
 HOLD_LIMIT = 30.0
@@ -145,3 +145,28 @@ def test_resolved_before_a_page_that_never_got_through_pages_no_one(escalation, 
     assert deliver(escalation, events.INCIDENT_RESOLVED, resolved).status_code == 202
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202  # re-driven from the dead letters
     assert actions(pagerduty) == ["trigger"]  # only the refused one
+
+
+def test_an_incident_resolved_before_its_trigger_is_claimed_pages_no_one(escalation, pagerduty, clean_db):
+    """The opening read the incident while it was open; it is resolved before
+    the trigger's claim is taken (held here by an uncommitted claim of the same
+    key), and the resolution finds nothing paged and nothing in flight. The
+    opening decides again once it holds the claim: no page."""
+    row = open_incident(clean_db, "ResolvedBeforeTheClaim")
+    with clean_db.connect() as blocker:
+        held = blocker.begin()
+        # No incident_id: its foreign key would lock the incident against being resolved.
+        blocker.execute(sa.text("INSERT INTO work_claims (key) VALUES (:k)"), {"k": f"notify:pagerduty:trigger:{row['id']}:0:opened"})
+        opened = in_background(lambda: deliver(escalation, events.INCIDENT_OPENED, row))
+        with clean_db.connect() as conn:
+            wait_until(lambda: conn.execute(sa.text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE NOT l.granted AND a.datname = current_database()")).scalar(), HOLD_LIMIT,
+                message="the opening waiting for its claim")
+        resolved = resolve(clean_db, row["id"])
+        assert deliver(escalation, events.INCIDENT_RESOLVED, resolved).status_code == 202
+        held.rollback()
+    assert opened().status_code == 202
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert actions(pagerduty) == []
+    assert not claim_done(clean_db, f"notify:pagerduty:trigger:{row['id']}:0:opened")
