@@ -81,8 +81,22 @@ def _get(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, default).strip()
 
 
+def _mount_without_keys(path: str) -> bool:
+    """Whether ``path``'s directory is a Secret volume with no keys: what
+    Kubernetes mounts for a Secret marked ``optional`` that was not created
+    (the manifests mark the integrations' Secrets so). Its only entries are
+    the kubelet's own ``..data`` and ``..<timestamp>``, if any. A directory
+    that holds other keys means a misspelt key, which stays an error."""
+    try:
+        entries = os.listdir(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return not any(not entry.startswith("..") for entry in entries)
+
+
 def read_secret(env: Mapping[str, str], name: str) -> Secret | None:
-    """``NAME`` or the contents of the file named by ``NAME_FILE``."""
+    """``NAME`` or the contents of the file named by ``NAME_FILE``; unset when
+    that file is in a Secret volume with no keys (_mount_without_keys)."""
     direct = env.get(name, "")
     path = env.get(f"{name}_FILE", "").strip()
     if direct and path:
@@ -91,6 +105,10 @@ def read_secret(env: Mapping[str, str], name: str) -> Secret | None:
         try:
             with open(path, encoding="utf-8") as handle:
                 value = handle.read().strip()
+        except FileNotFoundError:
+            if _mount_without_keys(path):
+                return None
+            raise ConfigError(f"{name}_FILE: cannot read {path}: no such file") from None
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
         if not value:

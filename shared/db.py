@@ -439,7 +439,8 @@ def retry_reason(exc: BaseException) -> str | None:
     if isinstance(exc, (OperationalError, InterfaceError)):
         return TRANSIENT
     if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated or _sqlstate(exc.orig).startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+        if (exc.connection_invalidated or _sqlstate(exc.orig).startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+                or _ends_the_session(exc.orig)):
             return TRANSIENT
         return SCHEMA_BEHIND if schema_behind(exc) else None
     return TRANSIENT if isinstance(exc, (ConnectionError, TimeoutError, sa.exc.TimeoutError)) else None
@@ -472,6 +473,16 @@ def sqlstate(exc: BaseException) -> str:
 
 def _sqlstate(orig: BaseException | None) -> str:
     return schema.sqlstate(orig)
+
+
+def _ends_the_session(orig: BaseException | None) -> bool:
+    """A FATAL (or PANIC) error ends the server session, so no statement of
+    it ran: the database refusing new connections (55000 "not currently
+    accepting connections", 3D000, 28P01 while a password is rotated) is a
+    database this function cannot reach, as a refused socket is, not a bug
+    of the request. ``V`` is the severity PostgreSQL never translates."""
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return str(fields.get("V") or fields.get("S") or "") in ("FATAL", "PANIC")
 
 
 def database_state(bind: Engine | None = None) -> str:

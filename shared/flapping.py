@@ -33,18 +33,19 @@ from shared.timeline import add_timeline
 
 ACTOR = "flapping"
 
-# alert_flaps holds a row for every fingerprint ever seen. `= ANY(ARRAY(...))`
-# is a primary-key lookup per fingerprint whatever the planner guesses of the
-# list; `IN (SELECT jsonb_array_elements_text(...))` was planned for 100
-# fingerprints, as a hash join over a scan of the whole table, in every
-# intake transaction (milliseconds at 20,000 rows, growing with the table).
-_LOCK = sa.text("SELECT fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id FROM alert_flaps "
-                "WHERE fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
-                "ORDER BY fingerprint FOR UPDATE")
+# Locks the batch's rows before they are read, in one statement and in
+# fingerprint order: a row not there yet is written as the alert's first
+# sighting, so it is locked as well (a row locked only after the decision,
+# by the save, let two batches deadlock or overwrite each other's flip).
+# The function flaps_lock (migration 0020 holds its SQL) is planned once per
+# server connection; it finds the rows by primary key, one per fingerprint.
+_LOCK = sa.text("SELECT fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id "
+                "FROM flaps_lock(CAST(:alerts AS jsonb))")
 
-# Upserts the batch's rows. The procedure flaps_save (migration 0018 holds its
-# SQL) is planned once per server connection instead of once per transaction,
-# as the intake's other write-cycle statements.
+# Saves the batch's rows, every one of them locked since it was read. The
+# procedure flaps_save (migration 0018 holds its SQL) is planned once per
+# server connection instead of once per transaction, as the intake's other
+# write-cycle statements.
 _SAVE = sa.text("CALL flaps_save(CAST(:rows AS jsonb))")
 
 _ACTIVE = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status IN ('open', 'investigating')")
@@ -70,18 +71,22 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
     """Count the flips of this batch (one alert per fingerprint); returns the
     fingerprints whose resolution is withheld because they flap, with the
     id of the flagged incident. ``stored``: the batch's rows, already locked
-    (shared/noise.py reads them with the maintenance windows)."""
+    (shared/noise.py reads them with the maintenance windows). Every row is
+    locked before it is read, a new fingerprint's included (the lock step
+    writes its first sighting), so the save updates what was read and no
+    concurrent batch's flip is overwritten."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
     if stored is None:
-        stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"f": json.dumps(sorted(by_fp))}).mappings()}
+        locking = [{"fingerprint": fp, "status": by_fp[fp].status} for fp in sorted(by_fp)]
+        stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"alerts": json.dumps(locking)}).mappings()}
     cutoff = now - timedelta(seconds=window_seconds)
     rows, withheld = [], {}
     for fp in sorted(by_fp):
         alert = by_fp[fp]
         row = stored.get(fp)
-        if row is None:
+        if row is None:  # not returned by a lock step older than migration 0020
             rows.append({"fingerprint": fp, "last_status": alert.status, "flips": [], "last_flip_at": None,
                          "flapping_since": None, "incident_id": None})
             continue
@@ -194,14 +199,27 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     return resolutions, repaged
 
 
-def prune(conn: Connection, now: datetime, window_seconds: int) -> int:
+# One bounded pass (LIMIT, as shared/retention.py deletes): after a storm
+# the settled rows are many, and the sweep's transaction should not lock and
+# delete them all at once; the next sweep continues. SKIP LOCKED: never waits.
+_PRUNE = sa.text("DELETE FROM alert_flaps WHERE fingerprint IN ("
+                 "SELECT fingerprint FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
+                 "AND (last_flip_at IS NULL OR last_flip_at < :cutoff) LIMIT :batch FOR UPDATE SKIP LOCKED)")
+
+
+def prune(conn: Connection, now: datetime, window_seconds: int, batch: int) -> int:
     """Forget fingerprints that are resolved, not flapping and have not
     flipped within the window: their next firing is a first sighting, which
     loses nothing (an older flip would not count anyway). Keeps the table to
-    the alerts of the last window instead of every alert ever seen."""
-    return conn.execute(sa.text(
-        "DELETE FROM alert_flaps WHERE flapping_since IS NULL AND last_status = 'resolved' "
-        "AND (last_flip_at IS NULL OR last_flip_at < :cutoff)"), {"cutoff": now - timedelta(seconds=window_seconds)}).rowcount
+    the alerts of the last window instead of every alert ever seen. At most
+    ``batch`` rows a pass (RETENTION_BATCH); the next sweep forgets the rest.
+
+    A row a batch holds is skipped (the next sweep forgets it if it is
+    still settled): the prune never waits. Waiting, it deleted rows in the
+    table's order, not the batches' fingerprint order, and held them until
+    the sweep committed: a batch holding one row it wanted and waiting for
+    one it had deleted was a deadlock."""
+    return conn.execute(_PRUNE, {"cutoff": now - timedelta(seconds=window_seconds), "batch": batch}).rowcount
 
 
 def flapping_since(conn: Connection, incident_id: str) -> datetime | None:

@@ -43,11 +43,13 @@ class Screened:
 
 # The common batch (firing alerts, no maintenance window active) in one
 # round trip: whether any window is active, and the batch's flapping rows,
-# locked only when none is. Locking them before a window holds an alert
-# would reverse the lock order below, so with a window active nothing is
-# locked here and the batch takes the steps one by one.
+# locked only when none is (all of them, in fingerprint order, a new
+# fingerprint's written as its first sighting: shared/flapping.py says why).
+# Locking them before a window holds an alert would reverse the lock order
+# below, so with a window active nothing is locked here and the batch takes
+# the steps one by one.
 # The statement is the server-side function noise_flaps_unless_windowed
-# (migration 0018 holds its SQL): planned once per server connection instead
+# (migration 0020 holds its SQL): planned once per server connection instead
 # of once per transaction, as the intake's other write-cycle statements.
 _UNLESS_WINDOWED = sa.text("SELECT windowed, fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id "
                            "FROM noise_flaps_unless_windowed(CAST(:now AS timestamp), CAST(:f AS jsonb))")
@@ -117,7 +119,7 @@ def _release(conn: Connection, config: Settings, record) -> list[str]:
 
 def _clear_flapping(conn: Connection, config: Settings, record) -> list[str]:
     resolutions, repaged = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
-    flapping.prune(conn, clock.now(), config.flap_window_seconds)
+    flapping.prune(conn, clock.now(), config.flap_window_seconds, config.retention_batch)
     opened = [events.incident_event(events.INCIDENT_OPENED, row, config.event_source) for row in repaged]
     outbox.enqueue(conn, opened)
     return [e["id"] for e in opened] + (record(conn, resolutions, flapping.ACTOR).event_ids if resolutions else [])

@@ -65,13 +65,52 @@ def test_secret_from_file_and_never_printed(tmp_path):
 
 
 def test_secret_file_problems_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read"):
+    (tmp_path / "token").write_text("s3cr3t")
+    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read .*missing: no such file"):
         load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="^INCIDENT_API_TOKEN_FILE: cannot read"):
+        load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "no-such-directory" / "token")})
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="is empty"):
         load_settings({**BASE, "INCIDENT_API_TOKEN_FILE": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match="not both"):
         load_settings({**BASE, "INCIDENT_API_TOKEN": "a", "INCIDENT_API_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def kubelet_secret_volume(root, name: str, keys: dict[str, str]):
+    """A directory laid out as the kubelet mounts a Secret: the keys in a
+    timestamped directory, reached through the ``..data`` link."""
+    volume = root / name
+    stamped = volume / "..2026_11_29_22_40_00.000000001"
+    stamped.mkdir(parents=True)
+    (volume / "..data").symlink_to(stamped.name)
+    for key, value in keys.items():
+        (stamped / key).write_text(value)
+        (volume / key).symlink_to(f"..data/{key}")
+    return volume
+
+
+def test_an_optional_secret_that_was_not_created_leaves_its_integration_off(tmp_path):
+    # The manifests mark the integrations' Secrets optional; one not created
+    # is mounted with no keys, and the function must still start.
+    pagerduty = kubelet_secret_volume(tmp_path, "pagerduty-key", {})
+    slack = kubelet_secret_volume(tmp_path, "slack-webhook", {"url": "https://hooks.slack.com/services/T/B/x"})
+    s = load_settings({**BASE, "PAGERDUTY_ROUTING_KEY_FILE": str(pagerduty / "api_key"),
+                       "SLACK_WEBHOOK_URL_FILE": str(slack / "url")})
+    assert s.pagerduty_routing_key is None
+    assert s.slack_webhook_url.reveal() == "https://hooks.slack.com/services/T/B/x"
+
+
+def test_a_created_secret_without_the_key_is_still_an_error(tmp_path):
+    pagerduty = kubelet_secret_volume(tmp_path, "pagerduty-key", {"routing_key": "R0123"})
+    with pytest.raises(ConfigError, match="^PAGERDUTY_ROUTING_KEY_FILE: cannot read"):
+        load_settings({**BASE, "PAGERDUTY_ROUTING_KEY_FILE": str(pagerduty / "api_key")})
+
+
+def test_a_required_secret_that_was_not_created_is_named_as_missing(tmp_path):
+    volume = kubelet_secret_volume(tmp_path, "incident-db", {})
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        load_settings({"DATABASE_URL_FILE": str(volume / "url")})
 
 
 def test_slack_url_error_does_not_echo_the_secret():

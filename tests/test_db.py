@@ -1,12 +1,16 @@
 """The database helpers."""
 
+import uuid
+
 import pg8000.dbapi
 import pytest
+import requests
 import sqlalchemy as sa
 
-from shared import db, ignored_alerts, ingest, outbox, timeline
+from loopback.processes import FunctionProcess
+from shared import db, ignored_alerts, ingest, migrate, outbox, timeline
 from shared.correlation import store
-from tests.conftest import needs_own_backend, proxied_database
+from tests.conftest import TEST_TOKEN, _server_url, _with_database, needs_own_backend, proxied_database
 
 
 @pytest.mark.parametrize("statement", [
@@ -73,6 +77,43 @@ def test_a_connection_reset_on_the_first_read_of_an_answer_is_the_drivers_networ
 def test_transient_errors_are_told_apart(sqlstate, transient):
     err = sa.exc.DBAPIError("x", {}, Exception({"C": sqlstate, "M": "m"}))
     assert db.is_transient(err) is transient
+
+
+@pytest.mark.parametrize("severity", ["FATAL", "PANIC"])
+def test_an_error_that_ends_the_session_is_transient_whatever_its_code(severity):
+    # 55000 is "object not in prerequisite state" for a statement, but as a
+    # FATAL at connect it is the database refusing connections.
+    err = sa.exc.DBAPIError(None, None, Exception({"S": severity, "V": severity, "C": "55000", "M": "m"}))
+    assert db.is_transient(err)
+
+
+def test_a_database_that_refuses_connections_is_answered_503_not_500(base_env):
+    """ALTER DATABASE … ALLOW_CONNECTIONS false (maintenance, a failover
+    drill) makes every new connection end in a FATAL 55000: the query API
+    answers 503 with Retry-After, as for a database that is down, and /health
+    fails so the instance takes no traffic."""
+    server = _server_url()
+    name = f"ir_refusing_{uuid.uuid4().hex[:8]}"
+    admin = _with_database(server, "postgres")
+    db.run_outside_transaction(admin, f'CREATE DATABASE "{name}"')
+    query = None
+    try:
+        url = _with_database(server, name)
+        migrate.upgrade(url)
+        query = FunctionProcess("query", {**base_env, "DATABASE_URL": url}).start()
+        auth = {"Authorization": f"Bearer {TEST_TOKEN}"}
+        assert requests.get(query.url + "/incidents", headers=auth, timeout=10).status_code == 200
+        db.run_outside_transaction(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        db.run_outside_transaction(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        answers = [requests.get(query.url + "/incidents", headers=auth, timeout=10) for _ in range(3)]
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert all(a.headers.get("Retry-After") for a in answers)
+        assert requests.get(query.url + "/health", timeout=10).status_code == 503
+    finally:
+        if query is not None:
+            query.stop()
+        db.run_outside_transaction(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        db.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from shared import db, ignored_alerts, ingest, noise
+from shared import db, flapping, ignored_alerts, ingest, noise
 from tests.test_correlation import explain
 
 ROWS = 20_000
@@ -71,10 +71,12 @@ def test_the_upsert_goes_through_its_function_with_one_generic_plan(one_connecti
 def test_the_plans_made_on_empty_tables_stay_index_plans_as_they_grow(one_connection):
     explain(one_connection, ingest.UPSERT_FIRING, _upsert_params("fp-1"))
     explain(one_connection, noise._UNLESS_WINDOWED, {"now": "2026-01-01 00:00:00", "f": json.dumps(["fp-1"])})
+    explain(one_connection, flapping._LOCK, _lock_params("fp-1"))
     _grow(one_connection)
     upsert = explain(one_connection, ingest.UPSERT_FIRING, _upsert_params("gfp7"))
     flaps = explain(one_connection, noise._UNLESS_WINDOWED, {"now": "2026-01-01 00:00:00", "f": json.dumps(["gfp7"])})
-    for plan in (upsert, flaps):
+    locked = explain(one_connection, flapping._LOCK, _lock_params("gfp7"))
+    for plan in (upsert, flaps, locked):
         assert "Seq Scan on incidents" not in plan, plan
         assert "Seq Scan on incident_members" not in plan, plan
         assert "Seq Scan on alert_flaps" not in plan, plan
@@ -84,6 +86,11 @@ def test_the_plans_made_on_empty_tables_stay_index_plans_as_they_grow(one_connec
     assert "idx_incidents_fingerprint" in upsert or "uq_incidents_active_fingerprint" in upsert, upsert
     assert "idx_incident_members_fingerprint" in upsert, upsert
     assert "alert_flaps_pkey" in flaps, flaps
+    assert "alert_flaps_pkey" in locked, locked
+
+
+def _lock_params(fingerprint: str) -> dict:
+    return {"alerts": json.dumps([{"fingerprint": fingerprint, "status": "resolved"}])}
 
 
 def _count_params(name: str) -> dict:

@@ -203,3 +203,37 @@ def test_stored_node_roots_take_the_node_rank_and_back(scratch_url):
         assert ranks() == {"labels": 30, "node": 30, "pod": 0}
     finally:
         engine.dispose()
+
+
+def _function_body(conn, name):
+    return conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE proname = :n"), {"n": name}).scalar()
+
+
+def _revision_module(revision):
+    import importlib.util
+
+    (path,) = (migrate.PROJECT_ROOT / "migrations" / "versions").glob(f"{revision}_*.py")
+    spec = importlib.util.spec_from_file_location(f"revision_{revision}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flapping_lock_step_upgrades_and_downgrades_to_the_previous_body(scratch_url):
+    """0020 replaces a function body and adds flaps_lock; its downgrade puts
+    0018's body back (the previous release calls it) and drops flaps_lock."""
+    def body(statement):
+        return statement.split("$fn$")[1]
+
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0020")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0020").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") == body(_revision_module("0020").FLAPS_LOCK)
+        migrate.downgrade(scratch_url, "0019")
+        with engine.connect() as conn:
+            assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0018").NOISE_FLAPS_UNLESS_WINDOWED)
+            assert _function_body(conn, "flaps_lock") is None
+    finally:
+        engine.dispose()

@@ -471,6 +471,22 @@ def test_the_sweep_forgets_settled_fingerprints_but_not_flapping_or_firing_ones(
     assert kept == {firing.fingerprint, flappy.fingerprint}
 
 
+def test_the_sweep_forgets_at_most_a_retention_batch_of_settled_fingerprints_and_the_next_sweep_the_rest(
+        database_url, clean_db, at):
+    """After a storm the settled rows are many: one sweep's transaction
+    forgets RETENTION_BATCH of them, not all at once."""
+    config = settings(database_url, FLAP_WINDOW_SECONDS="600", RETENTION_BATCH="2")
+    settled = [alert("Settled", pod=f"p{i}") for i in range(3)]
+    record(clean_db, config, *settled)
+    clock.advance(10)
+    record(clean_db, config, *(replace(a, status="resolved") for a in settled))
+    clock.advance(601)
+    sweep(clean_db, config)
+    assert rows(clean_db, "SELECT count(*) AS n FROM alert_flaps")[0]["n"] == 1
+    sweep(clean_db, config)
+    assert rows(clean_db, "SELECT count(*) AS n FROM alert_flaps")[0]["n"] == 0
+
+
 def test_an_alert_that_settles_firing_after_its_incident_was_reopened_silently_is_paged_once_more(database_url, clean_db, at):
     config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
     a = alert("Flappy")
@@ -573,11 +589,18 @@ def _statements_of(engine, config, *alerts) -> list[str]:
 def test_a_firing_batch_with_no_window_reads_the_windows_and_locks_its_flapping_rows_in_one_statement(database_url, clean_db, at):
     config = settings(database_url)
     first = _statements_of(clean_db, config, alert("Quiet", fingerprint="quiet-1"))
-    # The maintenance windows and the alert's flapping row together, its
-    # flapping row saved, the upsert: three statements for a new alert.
-    assert len(first) == 3, first
-    # The function (migration 0018) that reads the windows and locks the rows.
+    # The maintenance windows and the alert's flapping row together (the
+    # lock step writes a new alert's first sighting, so there is nothing to
+    # save), the upsert: two statements for a new alert.
+    assert len(first) == 2, first
+    # The function (migrations 0018, 0020) that reads the windows and locks the rows.
     assert "noise_flaps_unless_windowed(" in first[0], first
+    # A repeat that changes nothing saves nothing either; a flip saves its row.
+    clock.advance(60)
+    assert len(_statements_of(clean_db, config, alert("Quiet", fingerprint="quiet-1"))) == 2
+    clock.advance(60)
+    flipped = _statements_of(clean_db, config, alert("Quiet", fingerprint="quiet-1", status="resolved"))
+    assert any("flaps_save(" in s for s in flipped), flipped
 
 
 def test_with_a_window_active_elsewhere_a_flapping_alert_is_still_flagged(database_url, clean_db, at):

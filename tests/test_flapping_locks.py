@@ -1,0 +1,327 @@
+"""Concurrent batches and the flapping rows (alert_flaps), against the real
+PostgreSQL: each batch locks its rows, new fingerprints' included, in one
+step and in fingerprint order before it reads them, and saves what it read
+under those locks.
+
+The interleavings are made certain, not likely: one batch is held between
+reading its flapping rows and its next statement (the one that carries its
+save), and the others are let go only once each has finished or waits for
+a lock (pg_blocking_pids of their own backends). Nothing sleeps."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from shared import clock, maintenance
+from shared import incidents as svc
+from shared.config import load_settings
+from loopback.processes import wait_until
+from tests.factories import alert
+from tests.holding import HOLD_LIMIT
+
+T0 = datetime(2026, 11, 29, 3, 0, 0)
+
+
+@pytest.fixture
+def at():
+    clock.set_now(T0)
+    yield clock
+    clock.set_now(None)
+
+
+def settings(database_url, **env):
+    return load_settings({"DATABASE_URL": database_url, **env})
+
+
+def record(engine, config, *alerts):
+    with engine.begin() as conn:
+        return svc.record_alerts(conn, list(alerts), "/t", "alertmanager", 0, config=config)
+
+
+def flap_row(engine, fingerprint) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT last_status, flips, flapping_since FROM alert_flaps WHERE fingerprint = :f"),
+                                 {"f": fingerprint}).mappings().one())
+
+
+def blocked(engine, pid: int) -> bool:
+    """Whether the backend ``pid`` waits for a lock another session holds."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT cardinality(pg_blocking_pids(:p)) > 0"), {"p": pid}).scalar()
+
+
+class HeldAfterItsFlaps:
+    """Holds one thread's batch right after the statement that read (and
+    locked) its flapping rows, before the next one: the save of those rows
+    travels with that next statement (db.later), so the batch is held
+    between its reading and its writing, where a concurrent batch can
+    commit."""
+
+    def __init__(self, engine, thread_name: str):
+        self.engine, self.thread_name = engine, thread_name
+        self.read = False
+        self.held = threading.Event()
+        self.released = threading.Event()
+
+    def __enter__(self):
+        sa.event.listen(self.engine, "before_cursor_execute", self._pass)
+        return self
+
+    def __exit__(self, *exc):
+        self.released.set()
+        sa.event.remove(self.engine, "before_cursor_execute", self._pass)
+
+    def _pass(self, conn, cursor, statement, parameters, context, executemany):
+        if threading.current_thread().name != self.thread_name:
+            return
+        if self.read and not self.held.is_set():
+            self.held.set()
+            self.released.wait(HOLD_LIMIT)
+        if "noise_flaps_unless_windowed(" in statement:
+            self.read = True
+
+
+class Batches:
+    """Batches recorded in threads of their own, each in one transaction
+    whose backend is known by its pid; their errors by name."""
+
+    def __init__(self, engine, config):
+        self.engine, self.config = engine, config
+        self.errors: dict[str, str] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.pids: dict[str, int] = {}
+
+    def start(self, name, *alerts) -> threading.Thread:
+        return self.run(name, lambda conn: svc.record_alerts(conn, list(alerts), "/t", "alertmanager", 0, config=self.config))
+
+    def run(self, name, work) -> threading.Thread:
+        """``work(conn)`` in a transaction of its own, in a thread named ``name``."""
+        def run():
+            try:
+                with self.engine.begin() as conn:
+                    self.pids[name] = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                    work(conn)
+                    del self.pids[name]  # its backend may serve another batch once this one commits
+            except Exception as exc:  # noqa: BLE001 - a deadlock, asserted on below
+                self.errors[name] = str(exc).splitlines()[0]
+
+        thread = self.threads[name] = threading.Thread(target=run, name=name)
+        thread.start()
+        return thread
+
+    def waiting(self, name) -> bool:
+        """The named batch's own backend waits for a lock."""
+        pid = self.pids.get(name)
+        return pid is not None and blocked(self.engine, pid)
+
+    def finished_or_waiting(self, *names) -> bool:
+        """Each named batch has finished or waits for a lock (and stays so
+        while the held batch is held); a waiter of another session counts
+        for none of them."""
+        return all(not self.threads[n].is_alive() or self.waiting(n) for n in names)
+
+    def join(self) -> None:
+        for thread in self.threads.values():
+            thread.join(HOLD_LIMIT)
+        assert not any(t.is_alive() for t in self.threads.values()), "a batch never finished"
+
+
+def test_a_fingerprint_another_batch_commits_meanwhile_does_not_deadlock_two_batches(database_url, clean_db, at):
+    """Batch A fires a known alert K and a new one N (N sorts first). While
+    A is between reading its flapping rows and saving them, batch C, a
+    first sighting of N, commits N's row, and batch B fires N and K. Had A
+    locked only the rows that were there (K) and written N's with its save,
+    B would lock N and wait for K while A's save waited for N: a deadlock
+    (40P01), one of the batches answered 503. Locking N too, as an insert,
+    before reading makes C and B wait for A instead."""
+    config = settings(database_url)
+    known, new = alert("Relock", fingerprint="fp-2-known"), alert("Relock", fingerprint="fp-1-new")
+    record(clean_db, config, known)
+    batches = Batches(clean_db, config)
+    with HeldAfterItsFlaps(clean_db, "A") as gate:
+        batches.start("A", known, new)
+        assert gate.held.wait(20), "batch A never read its flapping rows"
+        batches.start("C", new)
+        wait_until(lambda: batches.finished_or_waiting("C"), 20, message="batch C committed or waiting for A")
+        batches.start("B", new, known)
+        wait_until(lambda: batches.finished_or_waiting("C", "B") and batches.threads["B"].is_alive(), 20,
+                   message="batch B waiting for a lock")
+        gate.released.set()
+        batches.join()
+    assert batches.errors == {}
+    for fp in (known.fingerprint, new.fingerprint):
+        assert flap_row(clean_db, fp) == {"last_status": "firing", "flips": [], "flapping_since": None}
+        with clean_db.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM incidents WHERE fingerprint = :f AND status = 'open'"),
+                                {"f": fp}).scalar() == 1
+
+
+@pytest.mark.parametrize("seen_before", [False, True], ids=["new", "known"])
+def test_two_batches_flipping_a_fingerprint_at_once_count_both_flips(database_url, clean_db, at, seen_before):
+    """Batch A fires an alert and batch B resolves it, at once. For a new
+    fingerprint both found no row; had each written its own first sighting,
+    the later save would overwrite the earlier and the flip would be lost,
+    so an alert that keeps flipping is flagged late or never. Now B waits
+    for A's row (new or known) and counts the flip, and the next firing
+    flags the alert as flapping."""
+    config = settings(database_url, FLAP_THRESHOLD="2")
+    firing = alert("FirstFlip", fingerprint="fp-flip")
+    if seen_before:
+        record(clean_db, config, replace(firing, status="resolved"))
+        clock.advance(60)
+    batches = Batches(clean_db, config)
+    with HeldAfterItsFlaps(clean_db, "A") as gate:
+        batches.start("A", firing)
+        assert gate.held.wait(20), "batch A never read its flapping rows"
+        batches.start("B", replace(firing, status="resolved"))
+        wait_until(lambda: batches.finished_or_waiting("B"), 20, message="batch B committed or waiting for A")
+        gate.released.set()
+        batches.join()
+    assert batches.errors == {}
+    row = flap_row(clean_db, firing.fingerprint)
+    assert (row["last_status"], len(row["flips"])) == ("resolved", 1 + seen_before), row
+    clock.advance(60)
+    record(clean_db, config, firing)
+    row = flap_row(clean_db, firing.fingerprint)
+    assert len(row["flips"]) == 2 + seen_before and row["flapping_since"] is not None, row
+
+
+def test_the_sweep_forgetting_settled_fingerprints_waits_for_no_batch(database_url, clean_db, at):
+    """Two settled fingerprints the sweep may forget, S1 and S2 (S1 sorts
+    first, S2 lies first in the table), fire again in one batch. A third
+    session holds S1, so the batch waits for it; the sweep's prune deletes
+    S2 and would wait for S1 too. Once S1 is let go the batch takes it and
+    needs S2, which a prune that waited would keep until its commit: a
+    deadlock. The prune skips the rows a batch holds instead, so it never
+    waits, and the batch writes S2 again as a first sighting."""
+    from shared import flapping
+
+    config = settings(database_url)
+    first, second = alert("Settled", fingerprint="fp-s1"), alert("Settled", fingerprint="fp-s2")
+    with clean_db.begin() as conn:
+        for fp in (second.fingerprint, first.fingerprint):  # S2 first in the table: the prune's scan meets it first
+            conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status) VALUES (:f, 'resolved')"), {"f": fp})
+    batches = Batches(clean_db, config)
+    with clean_db.connect() as holding:
+        with holding.begin():
+            holding.execute(sa.text("SELECT 1 FROM alert_flaps WHERE fingerprint = :f FOR UPDATE"), {"f": first.fingerprint})
+            batches.start("batch", first, second)
+            wait_until(lambda: batches.waiting("batch"), 20, message="the batch waiting for S1")
+            batches.run("prune", lambda conn: flapping.prune(conn, clock.now(), config.flap_window_seconds,
+                                                             config.retention_batch))
+            wait_until(lambda: batches.finished_or_waiting("prune"), 20, message="the prune finished or waiting for S1")
+        batches.join()
+    assert batches.errors == {}
+    for fp in (first.fingerprint, second.fingerprint):
+        assert flap_row(clean_db, fp)["last_status"] == "firing"
+
+
+def locked_elsewhere(engine, table: str, fingerprints) -> set[str]:
+    """The fingerprints whose rows of ``table`` another session holds."""
+    with engine.begin() as conn:
+        free = conn.execute(sa.text(f"SELECT fingerprint FROM {table} WHERE fingerprint = ANY(:f) FOR UPDATE SKIP LOCKED"),
+                            {"f": list(fingerprints)}).scalars().all()
+    return set(fingerprints) - set(free)
+
+
+class Holding:
+    """A session of the test's own holding one row, until ``release()``."""
+
+    def __init__(self, engine, statement: str, fingerprint: str):
+        self.conn = engine.connect()
+        self.conn.begin()
+        self.conn.execute(sa.text(statement), {"f": fingerprint})
+
+    def release(self) -> None:
+        self.conn.commit()
+        self.conn.close()
+
+
+FLAP_ROW = "SELECT 1 FROM alert_flaps WHERE fingerprint = :f FOR UPDATE"
+HELD_ROW = "SELECT 1 FROM suppressed_alerts WHERE fingerprint = :f FOR UPDATE"
+
+
+def test_a_batch_with_a_resolution_locks_its_flapping_rows_in_the_order_an_all_firing_batch_does(
+        database_url, clean_db, at):
+    """Batch F fires K1 and K2 (all firing: noise_flaps_unless_windowed locks
+    the rows); batch S fires K1 and resolves K2 (a resolution: flaps_lock
+    locks them, after maintenance.hold). A session holds K1; F waits for it,
+    then S queues behind F. When it lets go F takes K1, then needs K2: had S
+    locked K2 before waiting for K1 (any order but the fingerprint order), F
+    would wait for S and S for F, a deadlock (40P01, a 503)."""
+    config = settings(database_url)
+    k1, k2 = alert("Ordered", fingerprint="fp-k1"), alert("Ordered", fingerprint="fp-k2")
+    record(clean_db, config, k1, k2)
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, FLAP_ROW, k1.fingerprint)
+    try:
+        batches.start("F", k1, k2)
+        wait_until(lambda: batches.waiting("F"), 20, message="batch F waiting for K1")
+        batches.start("S", k1, replace(k2, status="resolved"))
+        wait_until(lambda: batches.waiting("S"), 20, message="batch S waiting for K1")
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flap_row(clean_db, k1.fingerprint)["last_status"] == "firing"
+    assert flap_row(clean_db, k2.fingerprint)["last_status"] == "resolved"
+
+
+@pytest.mark.parametrize("why", ["resolution", "window"])
+def test_a_batch_off_the_common_path_waits_for_its_first_flapping_row_before_it_locks_the_next(
+        database_url, clean_db, at, why):
+    """A batch with a resolution, or any batch while a maintenance window is
+    active, locks its flapping rows with flaps_lock: in fingerprint order,
+    so while it waits for its first row (K1, held by another session) it
+    holds none of the later ones (K2, K3); the new fingerprint it brings
+    (N) is written once it has them."""
+    config = settings(database_url)
+    k1, k2, k3 = (alert("Ordered", fingerprint=f"fp-k{i}") for i in (1, 2, 3))
+    new = alert("Ordered", fingerprint="fp-n")
+    record(clean_db, config, k1, k2, k3)
+    batch = [k1, k2, replace(k3, status="resolved") if why == "resolution" else k3, new]
+    if why == "window":
+        with clean_db.begin() as conn:
+            maintenance.create(conn, ['alertname="Elsewhere"'], T0, T0 + timedelta(hours=1), "upgrade", "api:alice")
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, FLAP_ROW, k1.fingerprint)
+    try:
+        batches.start("S", *batch)
+        wait_until(lambda: batches.waiting("S"), 20, message="the batch waiting for K1")
+        assert locked_elsewhere(clean_db, "alert_flaps", [k2.fingerprint, k3.fingerprint]) == set()
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flap_row(clean_db, new.fingerprint)["last_status"] == "firing"
+
+
+def test_during_a_window_a_batch_locks_its_flapping_rows_only_after_its_held_alerts(database_url, clean_db, at):
+    """The lock order is held alerts (suppressed_alerts), then flapping rows,
+    as the sweep's release takes them. A batch during a window refires a
+    held alert H, whose row another session holds, and fires K1 and K2:
+    while it waits for H it holds neither flapping row."""
+    config = settings(database_url)
+    with clean_db.begin() as conn:
+        maintenance.create(conn, ['alertname="Held"'], T0, T0 + timedelta(hours=1), "upgrade", "api:alice")
+    held = alert("Held", fingerprint="fp-h")
+    k1, k2 = alert("Ordered", fingerprint="fp-k1"), alert("Ordered", fingerprint="fp-k2")
+    record(clean_db, config, held, k1, k2)
+    batches = Batches(clean_db, config)
+    holding = Holding(clean_db, HELD_ROW, held.fingerprint)
+    try:
+        batches.start("W", held, k1, k2)
+        wait_until(lambda: batches.waiting("W"), 20, message="the batch waiting for its held alert")
+        assert locked_elsewhere(clean_db, "alert_flaps", [k1.fingerprint, k2.fingerprint]) == set()
+    finally:
+        holding.release()
+    batches.join()
+    assert batches.errors == {}
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count FROM suppressed_alerts WHERE fingerprint = :f"),
+                            {"f": held.fingerprint}).scalar() == 2
