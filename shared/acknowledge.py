@@ -3,13 +3,20 @@
 Acknowledgement is a person's act, not a status: an ``open`` incident moves
 to ``investigating`` (the lifecycle's ``open -> investigating``,
 shared/lifecycle.py), and an incident diagnostics already moved there
-(``mark_investigating``, which is no acknowledgement) stays as it is. Either
-way the timeline gets a ``status_changed`` entry with ``acknowledged: true``
-and the actor, and the ``incident.acknowledged`` event makes PagerDuty
+(``mark_investigating``, which is no acknowledgement) stays as it is. The
+timeline gets an entry with ``acknowledged: true`` and the actor: the
+lifecycle's ``status_changed`` open → investigating, or ``acknowledged``
+when the status does not change. The ``incident.acknowledged`` event makes PagerDuty
 acknowledge its page (the Events API v2 ``acknowledge`` for the incident's
 dedup key) and Slack carry a note naming who. Acknowledging again within the
 same generation is harmless: nothing changes and nothing is sent. A reopened
 incident (a new generation) is unacknowledged until someone takes it again.
+
+An acknowledgement covers the pages of its generation that it could have
+answered: the opening's page, and any other page whose trigger was claimed
+(decided, being sent) before the acknowledgement. A page decided after it
+(remediation failed since: "a human must act") is new news and is not
+acknowledged on the person's behalf (:func:`covered_page_sql`).
 """
 
 from __future__ import annotations
@@ -24,21 +31,57 @@ from shared.models import incidents_table
 from shared.sqltext import compact
 from shared.timeline import add_timeline
 
-# The entries of the current generation are the ones after the latest reopening.
-_ACKNOWLEDGED = sa.text(compact(
-    """
-    SELECT actor, at FROM incident_timeline
-    WHERE incident_id = :id AND kind = 'status_changed' AND details->>'acknowledged' = 'true'
-      AND id > COALESCE((SELECT max(id) FROM incident_timeline WHERE incident_id = :id AND kind = 'reopened'), 0)
-    ORDER BY id DESC LIMIT 1
-    """
-))
+# The timeline kinds that can carry ``acknowledged: true``.
+KINDS = ("status_changed", "acknowledged")
+
+
+def _acknowledgement_sql(incident: str) -> str:
+    """The acknowledgement entry of the incident's current generation (the
+    entries after its latest reopening), newest first; ``incident`` is a
+    SQL expression. One query text for the handler and the sweep."""
+    return (f"SELECT t.actor, t.at FROM incident_timeline t WHERE t.incident_id = {incident}"
+            f" AND t.kind IN ('status_changed', 'acknowledged') AND t.details->>'acknowledged' = 'true'"
+            f" AND t.id > COALESCE((SELECT max(r.id) FROM incident_timeline r WHERE r.incident_id = {incident}"
+            f" AND r.kind = 'reopened'), 0) ORDER BY t.id DESC LIMIT 1")
+
+
+def covered_page_sql(channel: str, incident: str, generation: str) -> str:
+    """SQL condition: the incident's current generation is acknowledged,
+    and the acknowledgement covers a page ``channel`` completed in that
+    generation: the opening's trigger, or one whose claim was taken before
+    the acknowledgement (it was in flight, or sent, when the person took
+    the incident). ``incident`` and ``generation`` are SQL expressions.
+    Escalation (whether to send ``acknowledge``) and the reconciliation
+    sweep (whether an ``acknowledge`` is missing) both read it, so the sweep
+    re-emits only what the handler acts on. Claims are found through their
+    incident (index of migration 0025), the key compared as text."""
+    prefix = f"'notify:{channel}:trigger:' || {incident} || ':' || {generation} || ':'"
+    return (f"EXISTS (SELECT 1 FROM work_claims c CROSS JOIN LATERAL ({_acknowledgement_sql(incident)}) a"
+            f" WHERE c.incident_id = {incident} AND starts_with(c.key, {prefix}) AND c.completed_at IS NOT NULL"
+            f" AND (c.key = {prefix} || 'opened' OR c.claimed_at <= a.at))")
+
+
+_ACKNOWLEDGED = sa.text(compact(_acknowledgement_sql(":id")))
+_COVERED = sa.text(compact("SELECT " + covered_page_sql("pagerduty", ":id", "CAST(:gen AS text)")))
+
+
+def acknowledgement(conn: Connection, incident_id: str) -> dict | None:
+    """Who took the incident in its current generation, and when (None: nobody yet)."""
+    row = conn.execute(_ACKNOWLEDGED, {"id": incident_id}).first()
+    return None if row is None else {"actor": str(row.actor), "at": row.at}
 
 
 def acknowledged_by(conn: Connection, incident_id: str) -> str | None:
     """Who took the incident in its current generation (None: nobody yet)."""
-    row = conn.execute(_ACKNOWLEDGED, {"id": incident_id}).first()
-    return None if row is None else str(row.actor)
+    entry = acknowledgement(conn, incident_id)
+    return None if entry is None else entry["actor"]
+
+
+def covers_page(conn: Connection, incident_id: str, generation: int, channel: str = "pagerduty") -> bool:
+    """Does the acknowledgement of this generation cover a page ``channel``
+    sent (:func:`covered_page_sql`)?"""
+    query = _COVERED if channel == "pagerduty" else sa.text(compact("SELECT " + covered_page_sql(channel, ":id", "CAST(:gen AS text)")))
+    return bool(conn.execute(query, {"id": incident_id, "gen": generation}).scalar())
 
 
 def acknowledge(conn: Connection, incident_id: str, actor: str, event_source: str, note: str | None = None) -> tuple[dict, list[str], bool]:
@@ -57,8 +100,10 @@ def acknowledge(conn: Connection, incident_id: str, actor: str, event_source: st
         return dict(row), [], False
     # Investigating, but nobody took it: diagnostics moved it. This is the
     # first acknowledgement, told as one.
-    details = {"from": "investigating", "to": "investigating", "acknowledged": True, **({"note": note} if note else {})}
-    add_timeline(conn, incident_id, "status_changed", details, actor)
+    # Not a status change: its own kind, so nothing reading status_changed
+    # sees an investigating -> investigating that never happened.
+    details = {"acknowledged": True, "status": "investigating", **({"note": note} if note else {})}
+    add_timeline(conn, incident_id, "acknowledged", details, actor)
     event = events.incident_event(events.INCIDENT_ACKNOWLEDGED, row, event_source)
     outbox.enqueue(conn, [event])
     return dict(row), [event["id"]], True

@@ -8,10 +8,10 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from shared import acknowledge, events
+from shared import acknowledge, events, lifecycle
 from shared import incidents as svc
 from loopback.processes import FunctionProcess, wait_until
-from tests.test_escalation import ROUTING_KEY, SLACK_PATH, deliver, open_incident
+from tests.test_escalation import ROUTING_KEY, SLACK_PATH, deliver, open_incident, record_remediation
 
 HOLD_LIMIT = 30.0
 PD_DOWN = (503, {"Content-Type": "application/json"}, b'{"status":"error"}')
@@ -69,6 +69,29 @@ def actions(pd):
 def claim_done(engine, key):
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT completed_at IS NOT NULL FROM work_claims WHERE key = :k"), {"k": key}).scalar()
+
+
+def waits_for(engine, blocker, message):
+    """Until a backend waits on a lock ``blocker`` (a connection of this
+    test) holds: the delivery got to its claim. Other backends' waits in the
+    database are not this test's."""
+    pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    with engine.connect() as conn:
+        wait_until(lambda: conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid}).scalar(),
+            HOLD_LIMIT, message=message)
+
+
+def failed_remediation(engine, row):
+    """Remediation recorded a failure for the incident's generation; the event it replies with."""
+    record_remediation(engine, row, "failed", "blocked by cooldown")
+    return {"remediation": {"outcome": "failed", "reason": "blocked by cooldown"}}
+
+
+def transition(engine, incident_id, status, actor="test"):
+    with engine.begin() as conn:
+        svc.transition(conn, incident_id, status, actor, "/test")
+        return svc.get_incident(conn, incident_id)
 
 
 def resolve(engine, incident_id):
@@ -158,11 +181,7 @@ def test_an_incident_resolved_before_its_trigger_is_claimed_pages_no_one(escalat
         # No incident_id: its foreign key would lock the incident against being resolved.
         blocker.execute(sa.text("INSERT INTO work_claims (key) VALUES (:k)"), {"k": f"notify:pagerduty:trigger:{row['id']}:0:opened"})
         opened = in_background(lambda: deliver(escalation, events.INCIDENT_OPENED, row))
-        with clean_db.connect() as conn:
-            wait_until(lambda: conn.execute(sa.text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE NOT l.granted AND a.datname = current_database()")).scalar(), HOLD_LIMIT,
-                message="the opening waiting for its claim")
+        waits_for(clean_db, blocker, "the opening waiting for its claim")
         resolved = resolve(clean_db, row["id"])
         assert deliver(escalation, events.INCIDENT_RESOLVED, resolved).status_code == 202
         held.rollback()
@@ -170,3 +189,105 @@ def test_an_incident_resolved_before_its_trigger_is_claimed_pages_no_one(escalat
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
     assert actions(pagerduty) == []
     assert not claim_done(clean_db, f"notify:pagerduty:trigger:{row['id']}:0:opened")
+
+
+def test_a_failure_page_decided_after_the_acknowledgement_is_not_acknowledged(escalation, pagerduty, clean_db):
+    """P1: no page at the opening. Diagnostics moves it to investigating,
+    alice takes it (nothing paged: nothing to acknowledge), then remediation
+    fails: the page that says a human must act is sent, and stays a page.
+    The acknowledgement's redelivery does not silence it either."""
+    row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    with clean_db.begin() as conn:
+        lifecycle.mark_investigating(conn, row["id"], "diagnostics")
+        taken, _, took = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    assert took
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == []
+    assert deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, taken, failed_remediation(clean_db, taken)).status_code == 202
+    assert actions(pagerduty) == ["trigger"]
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger"]
+
+
+def test_an_acknowledgement_that_races_a_failure_page_acknowledges_it(escalation, pagerduty, clean_db):
+    """The failure page is in flight (its claim taken) when alice takes the
+    incident: she answered that page, and it is acknowledged."""
+    row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+    with clean_db.begin() as conn:
+        lifecycle.mark_investigating(conn, row["id"], "diagnostics")
+        row = svc.get_incident(conn, row["id"])
+    answer = HeldAnswer()
+    pagerduty.script.append(answer)
+    failed = in_background(lambda: deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row, failed_remediation(clean_db, row)))
+    try:
+        assert answer.held.wait(HOLD_LIMIT), "the trigger never reached PagerDuty"
+        with clean_db.begin() as conn:
+            taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+        assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 409
+    finally:
+        answer.released.set()
+    assert failed().status_code == 202
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger", "acknowledge"]
+
+
+def test_a_reopened_incidents_acknowledgement_leaves_the_earlier_generations_page_alone(escalation, pagerduty, clean_db):
+    """Generation 0 was paged and its page resolved; after the reopening
+    nothing paged yet, so bob taking it acknowledges nothing at PagerDuty,
+    and resolving it again resolves nothing there."""
+    row = open_incident(clean_db, "EmailServiceDown", priority="P0")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    resolved = resolve(clean_db, row["id"])
+    assert deliver(escalation, events.INCIDENT_RESOLVED, resolved).status_code == 202
+    transition(clean_db, row["id"], "investigating", "carol")  # reopened: generation 1
+    with clean_db.begin() as conn:
+        taken, _, took = acknowledge.acknowledge(conn, row["id"], "bob", "/test")
+    assert took and taken["generation"] == 1
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger", "resolve"]
+    resolved = resolve(clean_db, row["id"])
+    assert deliver(escalation, events.INCIDENT_RESOLVED, resolved).status_code == 202
+    assert actions(pagerduty) == ["trigger", "resolve"]
+
+
+def test_a_resolve_held_up_until_a_reopening_does_not_resolve_the_next_generations_page(escalation, pagerduty, clean_db):
+    """Generation 0's resolve waits for its claim (held here by an
+    uncommitted claim of the same key); meanwhile the incident is reopened
+    and generation 1's failure pages. Once it holds the claim the resolve is
+    judged again: its generation is gone, so nothing is resolved."""
+    row = open_incident(clean_db, "EmailServiceDown", priority="P0")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    resolved = resolve(clean_db, row["id"])
+    with clean_db.connect() as blocker:
+        held = blocker.begin()
+        blocker.execute(sa.text("INSERT INTO work_claims (key) VALUES (:k)"), {"k": f"notify:pagerduty:resolve:{row['id']}:0:resolved"})
+        resolving = in_background(lambda: deliver(escalation, events.INCIDENT_RESOLVED, resolved))
+        waits_for(clean_db, blocker, "the resolve waiting for its claim")
+        reopened = transition(clean_db, row["id"], "investigating", "carol")
+        assert deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, reopened, failed_remediation(clean_db, reopened)).status_code == 202
+        held.rollback()
+    assert resolving().status_code == 202
+    assert actions(pagerduty) == ["trigger", "trigger"]
+    assert not claim_done(clean_db, f"notify:pagerduty:resolve:{row['id']}:0:resolved")
+
+
+def test_a_follow_up_that_fails_after_the_page_does_not_fail_the_pages_event(escalation, pagerduty, clean_db):
+    """PagerDuty refuses the opening's page; alice acknowledges meanwhile.
+    The opening's retry pages, then its catch-up acknowledge is refused: the
+    page went out, so the opening is done (202); the acknowledge is left to
+    its own delivery, which sends it."""
+    row = open_incident(clean_db, "AcknowledgeRefusedAfterThePage")
+    pagerduty.script.append(PD_DOWN)
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 502
+    with clean_db.begin() as conn:
+        taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    pagerduty.script.extend([(202, {"Content-Type": "application/json"}, b'{"status":"success"}'), PD_DOWN])
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
+    assert claim_done(clean_db, f"escalated:{row['id']}:0:opened")
+    assert not claim_done(clean_db, f"notify:pagerduty:acknowledge:{row['id']}:0:acknowledged")
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202  # the sweep's re-emission
+    assert actions(pagerduty) == ["trigger", "trigger", "acknowledge", "acknowledge"]
+    assert claim_done(clean_db, f"notify:pagerduty:acknowledge:{row['id']}:0:acknowledged")

@@ -73,7 +73,8 @@ def test_acknowledge_twice_sends_exactly_one_pagerduty_acknowledge_and_names_the
         assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
         with clean_db.connect() as conn:
             acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
-            entries = [t for t in svc.get_timeline(conn, row["id"]) if t["details"].get("acknowledged")]
+            timeline = svc.get_timeline(conn, row["id"])
+        entries = [t for t in timeline if t["details"].get("acknowledged")]
         assert acks == [f"{row['id']}.acknowledged.0"]
         assert [(e["actor"], e["details"]["note"]) for e in entries] == [("api:alice", "on it")]
         for _ in range(2):  # the Broker redelivers: still one acknowledge
@@ -114,9 +115,12 @@ def test_a_person_taking_an_incident_diagnostics_already_moved_acknowledges_its_
         assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
         with clean_db.connect() as conn:
             acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
-            entries = [t for t in svc.get_timeline(conn, row["id"]) if t["details"].get("acknowledged")]
+            timeline = svc.get_timeline(conn, row["id"])
+        entries = [t for t in timeline if t["details"].get("acknowledged")]
         assert acks == [f"{row['id']}.acknowledged.0"]
-        assert [(e["kind"], e["actor"], e["details"]["note"]) for e in entries] == [("status_changed", "api:alice", "on it")]
+        assert [(e["kind"], e["actor"], e["details"]["note"]) for e in entries] == [("acknowledged", "api:alice", "on it")]
+        # No status changed: no investigating -> investigating on the timeline.
+        assert [t["details"] for t in timeline if t["kind"] == "status_changed" and t["details"].get("from") == t["details"].get("to")] == []
         assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
         bodies = [r.json() for r in pd.received()]
         assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]

@@ -66,6 +66,7 @@ from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
 from shared import acknowledge, claims, db, events, eventio, incidents, members
 from shared.config import Settings
+from shared.domain import ACTIVE_STATUSES
 from shared.errors import BadGateway, Conflict, ServiceUnavailable
 
 log = logging.getLogger("escalation")
@@ -117,11 +118,11 @@ def root_change(conn, incident: dict) -> str | None:
     return entries[-1]["details"].get("reason", "") + (f" ({count} alerts in this incident)" if count else "")
 
 
-def acknowledgement(conn, incident: dict) -> dict | None:
-    """The latest time a person took the incident (its timeline entry)."""
-    entries = [t for t in incidents.get_timeline(conn, incident["id"])
-               if t["kind"] == "status_changed" and t["details"].get("acknowledged")]
-    return entries[-1] if entries else None
+# Through the index on work_claims.incident_id (migration 0025): the key is
+# compared as text, whatever the database's collation.
+_SENT_BY = sa.text(
+    "SELECT key, completed_at IS NOT NULL AS done FROM work_claims WHERE incident_id = :i AND starts_with(key, :p)"
+    " AND (completed_at IS NOT NULL OR claimed_at >= timezone('utc', now()) - make_interval(secs => :stale))")
 
 
 def sent_by(conn, channel: str, incident_id: str, stale_seconds: float = 0) -> tuple[frozenset[str], frozenset[str]]:
@@ -130,11 +131,7 @@ def sent_by(conn, channel: str, incident_id: str, stale_seconds: float = 0) -> t
     claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``; and,
     in the same form, the ones it is sending right now (claimed, not
     completed, not yet stale after ``stale_seconds``: their holder is alive)."""
-    rows = conn.execute(
-        sa.text("SELECT key, completed_at IS NOT NULL AS done FROM work_claims WHERE incident_id = :i AND key LIKE :p"
-                " AND (completed_at IS NOT NULL OR claimed_at >= timezone('utc', now()) - make_interval(secs => :stale))"),
-        {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%", "stale": stale_seconds},
-    ).all()
+    rows = conn.execute(_SENT_BY, {"i": incident_id, "p": f"notify:{channel}:", "stale": stale_seconds}).all()
 
     def actions(keys: list[str]) -> frozenset[str]:
         parts = [key.split(":") for key in keys]
@@ -182,10 +179,13 @@ class EscalationHandler:
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
             if transition == "acknowledged":
-                entry = acknowledgement(conn, incident)
+                if incident["status"] not in ACTIVE_STATUSES:
+                    return incident, None, f"the incident is {incident['status']}: nothing to acknowledge", NO_ROUND
+                # Per generation: an acknowledgement before a reopening is not this generation's.
+                entry = acknowledge.acknowledgement(conn, incident_id)
                 if entry is None:
-                    return incident, None, "nobody acknowledged the incident", NO_ROUND
-                return incident, str(entry["actor"]), None, NO_ROUND
+                    return incident, None, f"nobody acknowledged generation {incident['generation']} of the incident", NO_ROUND
+                return incident, entry["actor"], None, NO_ROUND
             if transition in ("remediated", "remediation_failed"):
                 result = remediation_result(conn, incident, root_generation)
                 outcome = "remediated" if transition == "remediated" else "failed"
@@ -225,17 +225,21 @@ class EscalationHandler:
             if transition == "opened":
                 told = "root_changed"
                 reason = incident["root_change"]
+        # What the event is due for, judged again once a claim is held.
+        judge = lambda: self._state(transition, incident_id, root_generation)  # noqa: E731
         failures, waiting = [], []
         for channel in self.channels:
             try:
-                outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
+                outcome = self._notify(channel, told, generation, incident, reason, judge, occasion, round_.proposal_url)
             except NotYet as exc:
                 waiting.append(exc)  # the other channels are told meanwhile
                 continue
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
         if transition not in FOLLOW_UPS:
-            failures += self._follow_up(incident_id)
+            # The follow-up has its own claim (and the sweep watches it): it
+            # failing does not undo what this event told.
+            self._follow_up(incident_id)
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
         if waiting:
@@ -248,14 +252,18 @@ class EscalationHandler:
         return eventio.ack()
 
     def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None,
-                occasion: str | None = None, proposal_url: str | None = None) -> Delivery | None:
+                judge, occasion: str | None = None, proposal_url: str | None = None) -> Delivery | None:
+        """``judge``: reads the event's state again (``_state``), once the claim is held."""
         incident_id = incident["id"]
         if not channel.configured():
             log.info(f"{channel.title} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
+            self._follow_up_off(channel, transition, generation, incident_id)
             return None
+        follows_up = getattr(channel, "follows_up", False)
         with db.engine().connect() as conn:
             sent, sending = sent_by(conn, channel.name, incident_id, self.stale_seconds)
-        note = Note(transition, incident, reason, sent, proposal_url, sending)
+            covered = follows_up and transition == "acknowledged" and acknowledge.covers_page(conn, incident_id, generation, channel.name)
+        note = Note(transition, incident, reason, sent, proposal_url, sending, covered)
         outgoing = channel.message(note)
         if outgoing is None:
             return None
@@ -268,7 +276,7 @@ class EscalationHandler:
                 return None
             raise Conflict(f"{channel.name} notification for this transition is being sent elsewhere; retry later")
         try:
-            outgoing = self._still_due(channel, note, outgoing)
+            outgoing = self._still_due(channel, note, outgoing, judge)
             if outgoing is None:
                 self._release(key)
                 return None
@@ -279,50 +287,80 @@ class EscalationHandler:
         self._record(channel.name, outgoing.action, transition, incident_id, key, result)
         return result
 
-    def _still_due(self, channel: Channel, note: Note, outgoing: Outgoing) -> Outgoing | None:
-        """What the channel sends, decided again from the incident's status
-        now that the claim is held. A follow-up whose incident changed
-        before this claim was visible is seen here (a trigger for an incident
-        resolved meanwhile is not sent); one that came after waits for the
+    def _still_due(self, channel: Channel, note: Note, outgoing: Outgoing, judge) -> Outgoing | None:
+        """What the channel sends, decided again now that the claim is held,
+        by the event's whole judgement (``_state``: the generation, the
+        status its transition needs, who acknowledged, the remediation
+        outcome). A change made before this claim was visible is seen here:
+        a trigger for an incident resolved meanwhile is not sent, nor a
+        resolve held up until the incident was reopened (the page it would
+        resolve is the new generation's). A change made after waits for the
         claim (NotYet). None: nothing is due any more."""
-        with db.engine().connect() as conn:
-            status = conn.execute(sa.text("SELECT status FROM incidents WHERE id = :i"), {"i": note.incident["id"]}).scalar()
-        if status == note.incident["status"]:
+        incident, _, mismatch, _ = judge()
+        if mismatch or incident is None or incident["generation"] != note.incident["generation"]:
+            log.info("Not notifying: the incident changed before the notification's claim was held", extra={
+                "incident_id": note.incident["id"], "channel": channel.name, "transition": note.transition,
+                "reason": mismatch or "reopened since"})
+            return None
+        if incident["status"] == note.incident["status"]:
             return outgoing
-        again = channel.message(replace(note, incident={**note.incident, "status": status}))
+        again = channel.message(replace(note, incident={**note.incident, "status": incident["status"]}))
         return again if again is not None and again.action == outgoing.action else None
 
-    def _follow_up(self, incident_id: str) -> list[str]:
+    def _follow_up(self, incident_id: str) -> None:
         """Tell the follow-up the incident's state is due for (resolved, or
         acknowledged by a person in this generation) on the channels whose
         follow-ups depend on what they sent. Its delivery may have come
         before the page was sent and found nothing to follow up; the claim
-        key is the follow-up's own, so it is sent once either way. Returns
-        the failures, as the handler's loop collects them."""
+        key is the follow-up's own, so it is sent once either way. An
+        acknowledgement is sent only for a page it covers
+        (shared.acknowledge.covered_page_sql): not for a page decided after
+        it. A follow-up that fails is logged and left to its own claim: the
+        event's own notifications went out, and the reconciliation sweep
+        re-emits the follow-up's event."""
         channels = [c for c in self.channels if getattr(c, "follows_up", False) and c.configured()]
         if not channels:
-            return []
+            return
         with db.engine().connect() as conn:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
-                return []
-            if incident["status"] in ("resolved", "closed"):
-                due, reason = "resolved", None
-            else:
-                due, reason = "acknowledged", acknowledge.acknowledged_by(conn, incident_id)
-                if reason is None:
-                    return []
-        failures = []
+                return
+            due = "resolved" if incident["status"] in ("resolved", "closed") else "acknowledged"
+        incident, reason, mismatch, _ = self._state(due, incident_id)
+        if mismatch:
+            return  # nobody acknowledged this generation, or it changed meanwhile
+        judge = lambda: self._state(due, incident_id)  # noqa: E731
         for channel in channels:
             try:
-                outcome = self._notify(channel, due, incident["generation"], incident, reason)
-            except Conflict:
-                # The follow-up's own delivery (or another trigger) holds it
-                # now: it finishes, or its caller's retry does.
+                outcome = self._notify(channel, due, incident["generation"], incident, reason, judge)
+            except (Conflict, ServiceUnavailable, SQLAlchemyError) as exc:
+                # Its own delivery (or another trigger) holds it now, or the
+                # database failed it: that delivery, or the sweep, finishes it.
+                log.warning("Follow-up not told after this event; left to its own delivery", extra={
+                    "incident_id": incident_id, "channel": channel.name, "transition": due, "reason": str(exc)[:200]})
                 continue
             if outcome is not None and not outcome.ok:
-                failures.append(f"{channel.name}: {outcome.error}")
-        return failures
+                log.warning("Follow-up not accepted after this event; left to its own delivery", extra={
+                    "incident_id": incident_id, "channel": channel.name, "transition": due, "error": outcome.error})
+
+    def _follow_up_off(self, channel: Channel, transition: str, generation: int, incident_id: str) -> None:
+        """A follow-up of a page for a channel that is off now (it paged
+        while it was on): nothing can be sent, so its claim is completed as
+        done-by-nothing, and the reconciliation sweep, which cannot see the
+        channel's settings, stops re-emitting it."""
+        action = (getattr(channel, "follow_up_actions", None) or {}).get(transition)
+        if action is None:
+            return
+        with db.transaction() as conn:
+            sent, _ = sent_by(conn, channel.name, incident_id)
+            if f"trigger:{generation}" not in sent:
+                return
+            key = f"notify:{channel.name}:{action}:{incident_id}:{generation}:{transition}"
+            if claims.claim(conn, key, incident_id, self.stale_seconds).acquired:
+                incidents.add_timeline(conn, incident_id, "notification", {
+                    "channel": channel.name, "action": action, "transition": transition, "outcome": "skipped",
+                    "reason": f"{channel.title} is off"}, "escalation", dedup_key=key)
+                claims.complete(conn, key)
 
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,

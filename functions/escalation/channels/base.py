@@ -38,7 +38,12 @@ class Note:
     (remediated, remediation_failed), who acknowledged (acknowledged) or
     why another alert took over as root (root_changed). ``sending`` names
     the actions this channel is sending for the incident right now (a
-    fresh claim, not yet recorded as sent), in the same form as ``sent``."""
+    fresh claim, not yet recorded as sent), in the same form as ``sent``.
+    ``covered`` (``acknowledged`` only, for a channel that ``follows_up``):
+    the person's acknowledgement of this generation covers a page this
+    channel sent: its opening's, or one claimed before the acknowledgement
+    (shared.acknowledge.covered_page_sql). A page decided after it is not
+    acknowledged on the person's behalf."""
 
     transition: str
     incident: dict
@@ -47,6 +52,7 @@ class Note:
     # A remediation proposal waiting for approval: where to decide on it.
     proposal_url: str | None = None
     sending: frozenset[str] = frozenset()
+    covered: bool = False
 
 
 @dataclass(frozen=True)

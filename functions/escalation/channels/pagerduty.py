@@ -165,6 +165,10 @@ class PagerDuty:
     # Its acknowledge and resolve depend on the trigger it sent: the
     # handler tells them after a trigger too (EscalationHandler._follow_up).
     follows_up = True
+    # The claim action of each follow-up (``notify:pagerduty:{action}:…``):
+    # completed with nothing sent when the channel is off now, so the sweep
+    # stops re-emitting a follow-up of a page sent while it was on.
+    follow_up_actions = {"acknowledged": "acknowledge", "resolved": "resolve"}
 
     def __init__(self, config: Settings):
         self.config = config
@@ -202,13 +206,16 @@ class PagerDuty:
             return "trigger"
         if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
             return "trigger"
-        paged = "trigger" in note.sent
-        if transition in ("acknowledged", "resolved") and "trigger" in note.sending:
+        if transition in ("acknowledged", "resolved") and f"trigger:{incident.get('generation') or 0}" in note.sending:
             # Not paged yet, or a trigger updating the page is on its way: a
             # resolve that overtook it would leave the alert it opens open.
             raise NotYet(f"the page is being sent; its {transition} follows once it is recorded (retry later)")
-        if transition == "acknowledged" and paged and active:
+        if transition == "acknowledged" and paged_now and note.covered and active:
+            # Only a page the person's acknowledgement covers: a failure
+            # page decided after it must still reach someone.
             return "acknowledge"
-        if transition == "resolved" and paged:
+        if transition == "resolved" and paged_now:
+            # This generation's page: an earlier one was resolved with its
+            # generation, and a reopened incident pages anew.
             return "resolve"
         return None
