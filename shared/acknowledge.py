@@ -38,11 +38,12 @@ KINDS = ("status_changed", "acknowledged")
 def _acknowledgement_sql(incident: str) -> str:
     """The acknowledgement entry of the incident's current generation (the
     entries after its latest reopening), newest first; ``incident`` is a
-    SQL expression. One query text for the handler and the sweep."""
-    return (f"SELECT t.actor, t.at FROM incident_timeline t WHERE t.incident_id = {incident}"
-            f" AND t.kind IN ('status_changed', 'acknowledged') AND t.details->>'acknowledged' = 'true'"
-            f" AND t.id > COALESCE((SELECT max(r.id) FROM incident_timeline r WHERE r.incident_id = {incident}"
-            f" AND r.kind = 'reopened'), 0) ORDER BY t.id DESC LIMIT 1")
+    SQL expression. One query text for the handler and the sweep (aliases
+    of their own: it is nested in the sweep's statement)."""
+    return (f"SELECT ack.actor, ack.at FROM incident_timeline ack WHERE ack.incident_id = {incident}"
+            f" AND ack.kind IN ('status_changed', 'acknowledged') AND ack.details->>'acknowledged' = 'true'"
+            f" AND ack.id > COALESCE((SELECT max(reo.id) FROM incident_timeline reo WHERE reo.incident_id = {incident}"
+            f" AND reo.kind = 'reopened'), 0) ORDER BY ack.id DESC LIMIT 1")
 
 
 def covered_page_sql(channel: str, incident: str, generation: str) -> str:
@@ -56,9 +57,9 @@ def covered_page_sql(channel: str, incident: str, generation: str) -> str:
     re-emits only what the handler acts on. Claims are found through their
     incident (index of migration 0025), the key compared as text."""
     prefix = f"'notify:{channel}:trigger:' || {incident} || ':' || {generation} || ':'"
-    return (f"EXISTS (SELECT 1 FROM work_claims c CROSS JOIN LATERAL ({_acknowledgement_sql(incident)}) a"
-            f" WHERE c.incident_id = {incident} AND starts_with(c.key, {prefix}) AND c.completed_at IS NOT NULL"
-            f" AND (c.key = {prefix} || 'opened' OR c.claimed_at <= a.at))")
+    return (f"EXISTS (SELECT 1 FROM work_claims page CROSS JOIN LATERAL ({_acknowledgement_sql(incident)}) taken"
+            f" WHERE page.incident_id = {incident} AND starts_with(page.key, {prefix}) AND page.completed_at IS NOT NULL"
+            f" AND (page.key = {prefix} || 'opened' OR page.claimed_at <= taken.at))")
 
 
 _ACKNOWLEDGED = sa.text(compact(_acknowledgement_sql(":id")))

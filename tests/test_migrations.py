@@ -237,3 +237,17 @@ def test_flapping_lock_step_upgrades_and_downgrades_to_the_previous_body(scratch
             assert _function_body(conn, "flaps_lock") is None
     finally:
         engine.dispose()
+
+
+def test_claims_are_indexed_by_incident_and_the_downgrade_drops_it(scratch_url):
+    """0025: escalation and the sweep look claims up by incident."""
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0025")
+        with engine.connect() as conn:
+            assert "idx_work_claims_incident" in _indexes(conn, "work_claims")
+        migrate.downgrade(scratch_url, "0020")
+        with engine.connect() as conn:
+            assert "idx_work_claims_incident" not in _indexes(conn, "work_claims")
+    finally:
+        engine.dispose()

@@ -136,13 +136,20 @@ def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(cle
     assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].data["status"] == "resolved"
 
 
-def paged(engine, incident_id, ago=600):
-    """PagerDuty accepted the incident's trigger ``ago`` seconds ago (its timeline entry)."""
+def paged(engine, incident_id, ago=600, generation=0, occasion="opened"):
+    """PagerDuty accepted the incident's trigger ``ago`` seconds ago: its
+    claim completed and its timeline entry, as escalation records them."""
+    key = f"notify:pagerduty:trigger:{incident_id}:{generation}:{occasion}"
     with engine.begin() as conn:
-        svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": "opened",
-                                                             "outcome": "sent", "status": 202, "attempts": 1}, "escalation")
-        conn.execute(sa.text("UPDATE incident_timeline SET at = at - make_interval(secs => :ago) WHERE incident_id = :i"),
-                     {"i": incident_id, "ago": ago})
+        svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": occasion,
+                                                             "outcome": "sent", "status": 202, "attempts": 1}, "escalation", dedup_key=key)
+        conn.execute(sa.text("UPDATE incident_timeline SET at = timezone('utc', now()) - make_interval(secs => :ago) WHERE dedup_key = :k"),
+                     {"k": key, "ago": ago})
+        conn.execute(sa.text(
+            "INSERT INTO work_claims (key, incident_id, claimed_at, completed_at) VALUES (:k, :i, "
+            "timezone('utc', now()) - make_interval(secs => :ago), timezone('utc', now()) - make_interval(secs => :ago))"
+            " ON CONFLICT (key) DO UPDATE SET claimed_at = excluded.claimed_at, completed_at = excluded.completed_at"),
+            {"k": key, "i": incident_id, "ago": ago})
 
 
 def test_a_page_whose_resolution_came_before_its_trigger_reemits_resolved(clean_db, config):
@@ -160,8 +167,9 @@ def test_a_page_whose_resolution_came_before_its_trigger_reemits_resolved(clean_
     paged(clean_db, incident_id, ago=5)
     assert reconcile.run(clean_db, config).reemitted == []  # paged just now: its own delivery resolves it
     paged(clean_db, incident_id)
-    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.r1"]
-    assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].type == events.INCIDENT_RESOLVED
+    # Its own id: the escalation:resolved step's re-emissions are counted apart.
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.resolved.0.page.r1"].type == events.INCIDENT_RESOLVED
     complete(clean_db, f"notify:pagerduty:resolve:{incident_id}:0:resolved", incident_id)
     assert reconcile.run(clean_db, config).reemitted == []
 
@@ -178,10 +186,85 @@ def test_a_page_whose_acknowledgement_came_before_its_trigger_reemits_acknowledg
     with clean_db.begin() as conn:
         acknowledge.acknowledge(conn, incident_id, "alice", "/test")
         publish(conn, f"{incident_id}.acknowledged.0", 600)
-    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.r1"]
-    assert reemitted(clean_db)[f"{incident_id}.acknowledged.0.r1"].type == events.INCIDENT_ACKNOWLEDGED
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.acknowledged.0.page.r1"].type == events.INCIDENT_ACKNOWLEDGED
     complete(clean_db, f"notify:pagerduty:acknowledge:{incident_id}:0:acknowledged", incident_id)
     assert reconcile.run(clean_db, config).reemitted == []
+
+
+def acknowledged(engine, incident_id, ago):
+    """alice took the incident ``ago`` seconds ago, and its event was published."""
+    from shared import acknowledge
+
+    with engine.begin() as conn:
+        acknowledge.acknowledge(conn, incident_id, "alice", "/test")
+        conn.execute(sa.text("UPDATE incident_timeline SET at = timezone('utc', now()) - make_interval(secs => :ago)"
+                             " WHERE incident_id = :i AND details->>'acknowledged' = 'true'"), {"i": incident_id, "ago": ago})
+        publish(conn, f"{incident_id}.acknowledged.0", ago)
+
+
+def test_a_failure_page_decided_after_the_acknowledgement_is_not_followed_up(clean_db, config):
+    """A P1 is not paged when it opens; alice takes it; then remediation
+    fails and PagerDuty is paged. That page is not hers to acknowledge
+    (the escalation handler sends no acknowledge for it): nothing is missing."""
+    incident_id = open_incident(clean_db, "FailedAfterTheAcknowledgement", priority="P1")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    acknowledged(clean_db, incident_id, 1200)
+    paged(clean_db, incident_id, ago=600, occasion="remediation_failed")
+    assert reconcile.run(clean_db, config).reemitted == []
+    # One claimed before she took it (it was in flight) is hers: missing.
+    paged(clean_db, incident_id, ago=1800, occasion="remediation_failed.p-1")
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+
+
+def test_a_page_of_an_earlier_generation_needs_no_follow_up_in_this_one(clean_db, config):
+    """Generation 0 was paged and resolved; its claims were pruned (they are
+    kept 168 h, the timeline a year), the incident reopened and resolved
+    again with no page. Nothing of generation 1 was paged: nothing to resolve,
+    nothing re-emitted, nothing stuck, however many passes."""
+    incident_id = open_incident(clean_db, "PagedLongAgo", priority="P0")
+    paged(clean_db, incident_id, ago=1200)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        conn.execute(sa.text("DELETE FROM work_claims WHERE incident_id = :i"), {"i": incident_id})  # retention
+        svc.transition(conn, incident_id, "investigating", "carol", "/test")  # reopened: generation 1
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.1", 600)
+    complete(clean_db, f"escalated:{incident_id}:1:resolved", incident_id)
+    for _ in range(4):
+        report = reconcile.run(clean_db, config)
+        assert (report.reemitted, report.stuck) == ([], [])
+
+
+def test_a_page_followed_up_while_pagerduty_is_off_stops_being_reemitted(clean_db, config, database_url):
+    """Paged while PagerDuty was on; it is off when the resolution arrives.
+    The sweep (in the intake) cannot see that: it re-emits the resolution,
+    and escalation completes the resolve's claim with nothing sent, which
+    ends it: no more re-emissions, nothing stuck."""
+    from functions.escalation.handler import EscalationHandler
+    from shared.config import load_settings
+    from cloudevents.http import CloudEvent
+
+    incident_id = open_incident(clean_db, "PagedThenPagerDutyOff", priority="P0")
+    paged(clean_db, incident_id, ago=1200)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+        row = svc.get_incident(conn, incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:resolved", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r1"]
+    handler = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    spec = events.incident_event(events.INCIDENT_RESOLVED, row, "/test")
+    event = CloudEvent({"id": f"{incident_id}.resolved.0.page.r1", "type": spec["type"], "source": "/test", **spec["extensions"]},
+                       spec["data"])
+    assert handler.handle(event).status_code == 202
+    for _ in range(3):
+        report = reconcile.run(clean_db, config)
+        assert (report.reemitted, report.stuck) == ([], [])
+    with clean_db.connect() as conn:
+        skipped = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "notification" and t["details"]["action"] == "resolve"]
+    assert [(d["outcome"], d["reason"]) for d in skipped] == [("skipped", "PagerDuty is off")]
 
 
 def test_what_is_not_stuck_is_left_alone(clean_db, config):
@@ -251,12 +334,29 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
                         "client_min_messages = notice", "enable_seqscan = off"):
             conn.exec_driver_sql(f"SET LOCAL {setting}")
 
+    from functions.escalation.handler import sent_by
+    from shared import acknowledge
+
     open_incident(clean_db, "Indexed")
+    # A page to acknowledge and one to resolve: the page steps read claims
+    # and the acknowledgement with data to read.
+    taken = open_incident(clean_db, "IndexedAcknowledged", priority="P0")
+    paged(clean_db, taken)
+    acknowledged(clean_db, taken, 300)
+    fixed = open_incident(clean_db, "IndexedResolved", priority="P0")
+    paged(clean_db, fixed)
+    with clean_db.begin() as conn:
+        svc.transition(conn, fixed, "resolved", "t", "/test")
+        publish(conn, f"{fixed}.resolved.0", 300)
     try:
-        reconcile.run(engine, config)  # the pool's one connection
+        assert reconcile.run(engine, config).reemitted  # the pool's one connection
         with engine.connect() as conn:
             with conn.begin():
                 reconcile.assess(conn, config)
+            with conn.begin():
+                # What escalation reads of a page: the same claims, by incident.
+                assert sent_by(conn, "pagerduty", taken)[0] >= {"trigger:0"}
+                assert acknowledge.covers_page(conn, taken, 0)
             # pg8000 keeps the server's notices as their raw fields; a plan
             # comes when its statement ends, the last one with the COMMIT.
             messages = [n.get(b"M", b"").decode() for n in conn.connection.dbapi_connection.notices]
@@ -265,6 +365,8 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
     plans = [json.loads(m.split("plan:", 1)[1]) for m in messages if "plan:" in m]
     passes = [p for p in plans if "FROM missing" in p["Query Text"]]
     assert len(passes) == 2, [p["Query Text"][:80] for p in plans]  # the pass and the counts
+    assert any("starts_with(key" in p["Query Text"] for p in plans) and any("EXISTS (SELECT 1 FROM work_claims page" in p["Query Text"]
+                                                                       and "FROM missing" not in p["Query Text"] for p in plans)
     for p in plans:
         assert _whole_scans(p["Plan"]) == [], p["Query Text"]
 
