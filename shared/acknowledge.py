@@ -31,10 +31,6 @@ from shared.models import incidents_table
 from shared.sqltext import compact
 from shared.timeline import add_timeline
 
-# The timeline kinds that can carry ``acknowledged: true``.
-KINDS = ("status_changed", "acknowledged")
-
-
 def _acknowledgement_sql(incident: str) -> str:
     """The acknowledgement entry of the incident's current generation (the
     entries after its latest reopening), newest first; ``incident`` is a

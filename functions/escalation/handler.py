@@ -35,15 +35,20 @@ the reconciliation sweep looks for incidents without it.
 
 A follow-up (``acknowledged``, ``resolved``) of a page is never lost to the
 order events arrive in. What a channel sends is decided again once its
-claim is held, from the incident's status then: an opening whose incident
-was resolved meanwhile pages no one. A follow-up that finds the page's
+claim is held, by the event's whole judgement then (``_state``: generation,
+status, who acknowledged, remediation outcome): an opening whose incident
+was resolved meanwhile pages no one, and a resolve held up until the
+incident was reopened resolves nothing. A follow-up follows up only this
+generation's page, and an acknowledgement only a page it covers (the
+opening's, or one claimed before it: shared.acknowledge). A follow-up that finds the page's
 trigger in flight answers ``409`` (the channel raises ``NotYet``) and the
 Broker retries it once the trigger is recorded. A follow-up that came before
 the trigger was claimed found nothing to follow up; after every other
 transition the handler tells the follow-up the incident's state is due for
 (``_follow_up``), under the follow-up's own claim key, so it is sent once
-whichever delivery gets there first. The reconciliation sweep re-emits the
-follow-up of a page that is still not followed up (shared/reconcile.py).
+whichever delivery gets there first; its failure does not fail the event
+that paged. The reconciliation sweep re-emits the follow-up of a page that
+is still not followed up (shared/reconcile.py), read from the same claims.
 """
 
 from __future__ import annotations
