@@ -29,9 +29,10 @@ SERVICES: dict[str, Service] = {
     # incident-intake reads pods and their owners for topology correlation.
     "intake": Service("intake", "incident-intake", True, True, 8, 30, "192Mi", 8081, "INTAKE_PORT", warm=2),
     # Only the Broker and the PingSource call it (cluster-local), so it
-    # accepts events without the API token.
+    # accepts events without the API token; both retry, so its transactions
+    # get the bounds of the functions the Broker calls (shared/config.py).
     "intake-events": Service("intake", "incident-intake", False, True, 8, 60, "192Mi", 8086, "INTAKE_EVENTS_PORT",
-                             env={"EVENTS_REQUIRE_TOKEN": "false"}),
+                             env={"EVENTS_REQUIRE_TOKEN": "false", "DB_BOUNDS_ROLE": "broker-called"}),
     # The seed's AC4: two running replicas of what alerts and engineers hit.
     "query": Service("query", "incident-response", True, True, 8, 30, "192Mi", 8080, "QUERY_PORT", warm=2),
     "diagnostics": Service("diagnostics", "incident-diagnostics", False, False, 4, 60, "256Mi", 8082, "DIAGNOSTICS_PORT"),

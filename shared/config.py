@@ -13,6 +13,7 @@ A secret is declared once, on its field (``field(metadata=secret("NAME"))``):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Mapping
@@ -34,6 +35,39 @@ DEFAULT_SEVERITY_PRIORITY = {
     "low": "P2",
     "minor": "P2",
 }
+
+
+# How long a transaction of each function may wait on the database, in
+# seconds (shared/db.py Bounds; docs/deploy.md): lock_timeout,
+# statement_timeout, idle_in_transaction_session_timeout, by the role of
+# the process (DB_BOUNDS_ROLE, else the function FUNCTION_TARGET names: the
+# intake-events service runs the intake's code but is called by the Broker
+# and the PingSource, deploy/services.py). The wait bounds stay below
+# DB_TIMEOUT_SECONDS (10), the client's own socket timeout, by a margin
+# (bounds_margin), so the server ends the wait and says why (a 503 on a
+# connection still usable) before the client would give up on it. The
+# intake answers AlertManager: a lock held by a migration or a stuck
+# transaction gets a 503 within seconds, well inside AlertManager's
+# notification timeout, and AlertManager retries. The query
+# API's reads include /metrics (computed at scrape time: Prometheus's
+# scrape timeout is 10 s) and the board's pages. The functions the Broker
+# calls wait longer for a lock: the Broker retries them a few times with a
+# backoff, then dead-letters, so a short maintenance lock should not cost
+# them a retry; their Knative timeouts (30 to 300 s) leave room. No
+# transaction of any function waits on anything but the database (no HTTP
+# call holds one), so 10 s idle in a transaction means a request stuck in
+# this process, whose row locks the other replicas are waiting for.
+DB_BOUNDS = {
+    "intake": (2.0, 5.0, 10.0),
+    "query": (2.0, 8.0, 10.0),
+}
+DB_BOUNDS_BROKER_CALLED = (5.0, 8.0, 10.0)
+# The sweep (PingSource, POST /outbox/sweep): retention's batched deletes,
+# reconciliation's scan and the noise sweep may take longer per statement
+# than a request's, but must not sit waiting on a lock while holding their
+# own, which requests are waiting for: the next sweep (a minute later) tries
+# again.
+DB_SWEEP_BOUNDS = (1.0, 9.0)
 
 
 class ConfigError(ValueError):
@@ -132,7 +166,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
+           maximum: float = math.inf) -> float:
     raw = _get(env, name)
     if not raw:
         return default
@@ -140,8 +175,12 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf"; neither is a duration
+        raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum:.15g}, got {value:.15g}")
     return value
 
 
@@ -257,6 +296,12 @@ class Settings:
     db_pool_size: int = 4
     db_max_overflow: int = 4
     db_timeout_seconds: float = 10.0
+    # Bounds on each transaction's waits (DB_BOUNDS above); 0 leaves the server's setting.
+    db_lock_timeout_seconds: float = 2.0
+    db_statement_timeout_seconds: float = 5.0
+    db_idle_in_transaction_timeout_seconds: float = 10.0
+    db_sweep_lock_timeout_seconds: float = 1.0
+    db_sweep_statement_timeout_seconds: float = 9.0
     publish_timeout_seconds: float = 5.0
     metrics_public: bool = False
     events_require_token: bool = True
@@ -346,6 +391,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, minimum=1, maximum=100),
         db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 4, minimum=0, maximum=100),
         db_timeout_seconds=_float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        **_db_bounds(env),
         publish_timeout_seconds=_float(env, "PUBLISH_TIMEOUT_SECONDS", 5.0, minimum=0.1),
         metrics_public=_bool(env, "METRICS_PUBLIC", False),
         events_require_token=_bool(env, "EVENTS_REQUIRE_TOKEN", True),
@@ -404,6 +450,57 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
     )
     _check_paging(config)
     return config
+
+
+# PostgreSQL's largest value for a timeout setting (an int of milliseconds):
+# a larger one makes the server refuse every BEGIN that sets it (22023).
+PG_MAX_TIMEOUT_SECONDS = 2147483.647
+
+
+def bounds_margin(client_timeout: float) -> float:
+    """How far below DB_TIMEOUT_SECONDS a wait bound must stay: 0.5 s or
+    10 % of it, whichever is larger, but at most half of it. The server's
+    error must travel back and be read before the client's socket timeout
+    gives up on the same read (a loaded replica's thread may wait for the
+    GIL for a while before it reads)."""
+    return min(max(0.5, 0.1 * client_timeout), 0.5 * client_timeout)
+
+
+DB_BOUNDS_ROLES = ("intake", "query", "broker-called")
+
+
+def _db_bounds(env: Mapping[str, str]) -> dict[str, float]:
+    """The transaction bounds, each defaulting to the one of the function's
+    role (DB_BOUNDS_ROLE, else the function FUNCTION_TARGET names; DB_BOUNDS).
+
+    The wait bounds (lock, statement, the sweep's) take effect only below
+    DB_TIMEOUT_SECONDS, the client's socket timeout, which would otherwise
+    end the wait first while the server goes on waiting: a default is
+    lowered to DB_TIMEOUT_SECONDS less :func:`bounds_margin`, and a value
+    set above that is refused. The idle bound is not a wait of the client
+    (it is how long the client may send nothing) and is not compared. Every
+    bound must be a finite number of seconds no larger than PostgreSQL's
+    maximum."""
+    role = _get(env, "DB_BOUNDS_ROLE")
+    if role and role not in DB_BOUNDS_ROLES:
+        raise ConfigError(f"DB_BOUNDS_ROLE: expected one of {', '.join(DB_BOUNDS_ROLES)}, got {role!r}")
+    lock, statement, idle = DB_BOUNDS.get(role or _get(env, "FUNCTION_TARGET"), DB_BOUNDS_BROKER_CALLED)
+    sweep_lock, sweep_statement = DB_SWEEP_BOUNDS
+    client_timeout = _float(env, "DB_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+    margin = bounds_margin(client_timeout)
+    limit = client_timeout - margin
+    waits = {"DB_LOCK_TIMEOUT_SECONDS": lock, "DB_STATEMENT_TIMEOUT_SECONDS": statement,
+             "DB_SWEEP_LOCK_TIMEOUT_SECONDS": sweep_lock, "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": sweep_statement}
+    values = {}
+    for name, default in waits.items():
+        value = _float(env, name, min(default, limit), maximum=PG_MAX_TIMEOUT_SECONDS)
+        if value > limit:
+            raise ConfigError(f"{name}: {value:g} s is not at least {margin:g} s below DB_TIMEOUT_SECONDS ({client_timeout:g} s), "
+                              "the client's own timeout, which would end the wait first; lower it (0 leaves the server's setting)")
+        values[name] = value
+    values["DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS"] = _float(env, "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", idle,
+                                                              maximum=PG_MAX_TIMEOUT_SECONDS)
+    return {name[:-len("_SECONDS")].lower() + "_seconds": value for name, value in values.items()}
 
 
 def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret | None]:

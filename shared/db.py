@@ -18,6 +18,8 @@ import functools
 import threading
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -99,7 +101,7 @@ def _execute_in_one_round_trip() -> None:
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
         _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self)
+        ahead = _send_ahead(self) + _deadline_ahead(self, statement)
         _send_extended(self, statement, params, oids)
         core._flush(self._sock)
         _read_answers(self, ahead, context)
@@ -108,27 +110,41 @@ def _execute_in_one_round_trip() -> None:
     def execute_simple(self, statement):
         context = core.Context(statement)
         if statement == BEGIN:
-            # Sent with the transaction's first statement (below).
+            # Sent with the transaction's first statement (below), with the
+            # transaction's bounds (bounds_for) in the same message.
             self._begin_pending = True
+            self._in_effect = bounds_for(self._bounds)
+            self._begin = self._in_effect.begin if self._in_effect is not None else BEGIN
             self._transaction_status = core.IN_TRANSACTION
             return context
-        if _ends_an_empty_transaction(self, statement):
+        try:
+            if _ends_an_empty_transaction(self, statement):
+                return context
+            if self._defer_next:
+                self._defer_next = False
+                self._deferred += ((statement, None, None),)
+                return context
+            _settle_before_savepoint(self, statement)
+            ahead = _send_ahead(self) + _deadline_ahead(self, statement)
+            self.send_QUERY(statement)
+            core._flush(self._sock)
+            _read_answers(self, ahead, context)
             return context
-        if self._defer_next:
-            self._defer_next = False
-            self._deferred += ((statement, None, None),)
-            return context
-        _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self)
-        self.send_QUERY(statement)
-        core._flush(self._sock)
-        _read_answers(self, ahead, context)
-        return context
+        finally:
+            if statement.strip().lower() in ("commit", "rollback"):
+                self._in_effect = None  # the SET LOCALs ended with the transaction
 
     execute_unnamed.one_round_trip = True
     core.CoreConnection.execute_unnamed = execute_unnamed
     core.CoreConnection.execute_simple = execute_simple
     core.CoreConnection._begin_pending = False
+    core.CoreConnection._begin = BEGIN
+    # The bounds of the engine that opened the connection (create_engine_for);
+    # None: no bounds (the migrations' engine, a remediation target's).
+    core.CoreConnection._bounds = None
+    # The bounds of the transaction open on the connection (None outside one,
+    # or on an engine without bounds): what bound_reached judges an error by.
+    core.CoreConnection._in_effect = None
     core.CoreConnection._defer_next = False
     # Statements put aside by later(); a tuple, replaced (never changed in
     # place), so the class-level default is never shared.
@@ -137,6 +153,107 @@ def _execute_in_one_round_trip() -> None:
 
 # What pg8000's DB-API cursor sends before the first statement of a transaction.
 BEGIN = "begin transaction"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long one transaction may wait on the database, in seconds (0
+    leaves the server's own setting): ``lock_timeout`` bounds each wait for
+    a lock (a migration's ACCESS EXCLUSIVE, another replica's row lock),
+    ``statement_timeout`` each statement, ``idle_in_transaction`` how long
+    the transaction may sit open with nothing sent (the server then ends
+    the session, so a stuck request of this process frees the rows it
+    locked for the other replicas).
+
+    They are ``SET LOCAL``: they end with the transaction, so a pooled
+    connection, or a PgBouncer server connection in transaction pooling
+    that another client gets next, carries none of them (a session ``SET``
+    would stay there for the next client; a startup ``options=-c`` reaches
+    the server through PgBouncer only from 1.20 and only for a parameter it
+    tracks per client, ``track_extra_parameters``). They travel in the
+    BEGIN's own message, which is itself sent with the transaction's first
+    statement: no round trip of their own (:func:`bounds_for`)."""
+
+    lock_timeout: float
+    statement_timeout: float
+    idle_in_transaction: float = 0.0
+    begin: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        settings_ = (("lock_timeout", self.lock_timeout), ("statement_timeout", self.statement_timeout),
+                     ("idle_in_transaction_session_timeout", self.idle_in_transaction))
+        sets = "".join(f"; set local {name} = '{max(1, round(seconds * 1000))}ms'" for name, seconds in settings_ if seconds > 0)
+        object.__setattr__(self, "begin", BEGIN + sets)
+
+
+# The bounds that replace an engine's own for the transactions begun inside
+# bounded() (the sweep's), in this thread or task only.
+_bounds_in_effect: ContextVar[Bounds | None] = ContextVar("db_bounds", default=None)
+
+
+@contextmanager
+def bounded(bounds: Bounds) -> Iterator[None]:
+    """Transactions begun inside the block, on an engine that has bounds,
+    take ``bounds`` instead of the engine's (an engine without bounds, such
+    as the migrations', stays without)."""
+    token = _bounds_in_effect.set(bounds)
+    try:
+        yield
+    finally:
+        _bounds_in_effect.reset(token)
+
+
+# When the statements of the transactions begun inside deadline() must end,
+# together (time.monotonic()), in this thread or task only.
+_deadline: ContextVar[float | None] = ContextVar("db_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """The statements run inside the block, on an engine that has bounds,
+    end ``seconds`` from now at the latest, all of them together: each is
+    sent with ``SET LOCAL statement_timeout`` set to what is left (or to the
+    transaction's own statement bound, if that is shorter), in the same
+    message (no round trip of its own). For a reply that is many statements
+    and has a deadline of its own (``/metrics``: Prometheus's scrape
+    timeout); PostgreSQL before 17 has no bound on a whole transaction.
+    Running out is a statement_timeout (57014). ``0``: no deadline."""
+    token = _deadline.set(time.monotonic() + seconds if seconds > 0 else None)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _deadline_ahead(conn, statement: str) -> list:
+    """The ``SET LOCAL statement_timeout`` of :func:`deadline`, sent ahead of
+    ``statement``; nothing outside a bounded transaction, in a failed one (the
+    server would refuse it), or before what ends a transaction or a savepoint."""
+    import pg8000.core as core
+
+    end = _deadline.get()
+    if end is None or conn._in_effect is None or conn._transaction_status == core.IN_FAILED_TRANSACTION:
+        return []
+    if statement.lstrip()[:9].lower().startswith(("commit", "rollback", "savepoint", "release", "end", "abort")):
+        return []
+    left = max(1, round((end - time.monotonic()) * 1000))
+    if conn._in_effect.statement_timeout > 0:
+        left = min(left, max(1, round(conn._in_effect.statement_timeout * 1000)))
+    text = f"set local statement_timeout = '{left}ms'"
+    conn.send_QUERY(text)
+    return [core.Context(text)]
+
+
+def bounds_for(own: Bounds | None) -> Bounds | None:
+    """The bounds of a transaction begun on a connection whose engine has
+    ``own`` bounds: those of the enclosing :func:`bounded` block, else
+    ``own``; an engine without bounds stays without. They begin it in one
+    simple-query message, ``begin transaction; set local ...``
+    (``Bounds.begin``; PostgreSQL runs the statements of one message in
+    order and answers them together)."""
+    if own is None:
+        return None
+    return _bounds_in_effect.get() or own
 
 
 def _send_extended(conn, statement, params, oids) -> None:
@@ -160,8 +277,8 @@ def _send_ahead(conn) -> list:
     ahead = []
     if conn._begin_pending:
         conn._begin_pending = False
-        conn.send_QUERY(BEGIN)
-        ahead.append(core.Context(BEGIN))
+        conn.send_QUERY(conn._begin)
+        ahead.append(core.Context(conn._begin))
     deferred, conn._deferred = conn._deferred, ()
     for statement, params, oids in deferred:
         if params is None:
@@ -266,13 +383,65 @@ def _wrap_every_failed_read() -> None:
 
 _wrap_every_failed_read()
 
+
+def _keep_the_servers_last_word() -> None:
+    """A server that ends a session sends an ErrorResponse of severity FATAL
+    and closes the socket: an idle_in_transaction_session_timeout (25P03),
+    pg_terminate_backend or a shutdown (57P01). pg8000 reads the FATAL, keeps
+    it until ReadyForQuery, which never comes, and raises only the
+    InterfaceError("network error") of the read that met the end: the
+    SQLSTATE was lost, so the idle bound could not be named (the 503 said
+    "the database is unavailable") and SQLAlchemy took it for a lost
+    database (the whole pool discarded). The FATAL is raised instead, with
+    the network error as its cause; :func:`_discard_connections_out_of_step`
+    still discards the connection.
+
+    Every error the server reports also carries the bounds of the
+    transaction it ended (``bounds``), so :func:`bound_reached` names a bound
+    only when one was set."""
+    import pg8000.core as core
+
+    if getattr(core.CoreConnection.handle_messages, "keeps_the_last_word", False):
+        return
+    original = core.CoreConnection.handle_messages
+
+    def handle_messages(self, context):
+        try:
+            original(self, context)
+        except core.InterfaceError as exc:
+            error = context.error
+            if isinstance(error, core.DatabaseError) and _severity(error) == "FATAL":
+                error.bounds = self._in_effect
+                raise error from exc
+            raise
+        except core.DatabaseError as exc:
+            exc.bounds = self._in_effect
+            raise
+
+    handle_messages.keeps_the_last_word = True
+    core.CoreConnection.handle_messages = handle_messages
+
+
+def _severity(orig: BaseException | None) -> str:
+    """The severity of a server's error (ERROR, FATAL, PANIC); '' for any other."""
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return str(fields.get("V") or fields.get("S") or "")
+
+
+_keep_the_servers_last_word()
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
 # SQLSTATE classes that a retry can cure: connection exceptions (08),
 # serialization failure and deadlock (40), insufficient resources (53),
-# operator intervention such as a shutdown (57), system errors (58).
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58")
+# operator intervention such as a shutdown or a statement_timeout (57),
+# system errors (58); and of their classes, a lock_timeout (55P03) and an
+# idle_in_transaction_session_timeout (25P03).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58", "55P03", "25P03")
+
+# The SQLSTATEs of a Bounds that ran out, named as the setting that did it.
+LOCK_TIMEOUT, STATEMENT_TIMEOUT, IDLE_TIMEOUT = "lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"
 
 
 def split_unix_sock(url: str) -> tuple[str, dict]:
@@ -284,7 +453,10 @@ def split_unix_sock(url: str) -> tuple[str, dict]:
     return urlunsplit(parts._replace(query=urlencode(rest))), connect_args
 
 
-def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeout: float = 10.0, **options) -> Engine:
+def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeout: float = 10.0,
+                      bounds: Bounds | None = None, **options) -> Engine:
+    """``bounds``: every transaction of the engine begins with them (the
+    functions' engine, :func:`engine`); none for the migrations' engine."""
     url, connect_args = split_unix_sock(url)
     connect_args["timeout"] = timeout
     connect_args.setdefault("application_name", "incident-response")
@@ -300,7 +472,19 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
     _ping_idle_connections(engine)
     _discard_connections_out_of_step(engine)
     _connect_without_the_ca_bundle(engine)
+    if bounds is not None:
+        _bound_every_transaction(engine, bounds)
     return engine
+
+
+def _bound_every_transaction(engine: Engine, bounds: Bounds) -> None:
+    """Each connection of the engine begins its transactions with
+    ``bounds`` (bounds_for), however SQLAlchemy began them (``begin()``,
+    or ``connect()`` and its first statement)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connected(dbapi_connection, connection_record):
+        dbapi_connection._bounds = bounds
 
 
 def _connect_without_the_ca_bundle(engine: Engine) -> None:
@@ -335,10 +519,17 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
     def _handle_error(context):
         if context.is_disconnect or context.connection is None:
             return
-        if _sqlstate(context.original_exception):
+        orig = context.original_exception
+        state = _sqlstate(orig)
+        if state and _severity(orig) != "FATAL":
             return
+        # Out of step, or a session the server ended (FATAL: it has closed
+        # the socket). A session it ended for being idle in a transaction is
+        # this connection's alone; any other FATAL (a shutdown, a backend
+        # terminated) is taken, as before it was raised, for the database's.
         context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = False
+        if not state or state == "25P03":
+            context.invalidate_pool_on_disconnect = False
 
 
 IDLE_PING_SECONDS = 10.0
@@ -389,9 +580,23 @@ def engine(config: Settings | None = None) -> Engine:
             if _engine is None:
                 cfg = config or settings()
                 _engine = create_engine_for(
-                    cfg.database_url, cfg.db_pool_size, cfg.db_max_overflow, cfg.db_timeout_seconds
+                    cfg.database_url, cfg.db_pool_size, cfg.db_max_overflow, cfg.db_timeout_seconds,
+                    bounds=request_bounds(cfg),
                 )
     return _engine
+
+
+def request_bounds(config: Settings) -> Bounds:
+    """The bounds of a function's transactions (``DB_LOCK_TIMEOUT_SECONDS``
+    and the rest; their defaults depend on the function, shared/config.py)."""
+    return Bounds(config.db_lock_timeout_seconds, config.db_statement_timeout_seconds,
+                  config.db_idle_in_transaction_timeout_seconds)
+
+
+def sweep_bounds(config: Settings) -> Bounds:
+    """The sweep's (``DB_SWEEP_*``), for :func:`bounded`."""
+    return Bounds(config.db_sweep_lock_timeout_seconds, config.db_sweep_statement_timeout_seconds,
+                  config.db_idle_in_transaction_timeout_seconds)
 
 
 def dispose_engine() -> None:
@@ -464,6 +669,43 @@ def schema_behind(exc: BaseException, bind: Engine | None = None) -> bool:
             return conn.exec_driver_sql(schema.REVISION_SQL).scalar()
 
     return schema.database_behind(read_revision)
+
+
+def bound_reached(exc: BaseException) -> str | None:
+    """Which of a transaction's :class:`Bounds` ``exc`` is (LOCK_TIMEOUT,
+    STATEMENT_TIMEOUT, IDLE_TIMEOUT), for the log line and the 503; None for
+    any other error. Judged by the SQLSTATE and the bounds the transaction
+    had (``bounds``, _keep_the_servers_last_word), not by the message's
+    (translatable) text: a 55P03 is a lock_timeout when the transaction had
+    one (no statement of ours locks NOWAIT); a 57014 is a statement_timeout
+    when it had one (an operator's pg_cancel_backend in such a transaction
+    is named so too); a 25P03 is only ever the idle bound. A bound the
+    server has from elsewhere (``ALTER ROLE ... SET``) is not named: the
+    error is transient all the same."""
+    state = sqlstate(exc)
+    if state == "25P03":
+        return IDLE_TIMEOUT
+    in_effect = _bounds_of(exc.orig) if isinstance(exc, DBAPIError) else None
+    if in_effect is None:
+        return None
+    if state == "55P03" and in_effect.lock_timeout > 0:
+        return LOCK_TIMEOUT
+    if state == "57014" and in_effect.statement_timeout > 0:
+        return STATEMENT_TIMEOUT
+    return None
+
+
+def _bounds_of(orig: BaseException | None) -> Bounds | None:
+    """The bounds the failed transaction had. pg8000's DB-API cursor raises
+    its own exception with the server's fields, in the handling of the one
+    the connection raised (which has them): the chain is followed."""
+    for _ in range(3):
+        if orig is None:
+            return None
+        if hasattr(orig, "bounds"):
+            return orig.bounds
+        orig = orig.__context__
+    return None
 
 
 def sqlstate(exc: BaseException) -> str:

@@ -103,6 +103,15 @@ def sweep(bind: Engine, config: Settings, record) -> list[str]:
             with bind.begin() as conn:
                 event_ids += part(conn, config, record)
         except SQLAlchemyError as exc:
+            bound = db.bound_reached(exc)
+            if bound is not None:
+                # A bound of the sweep's transaction (DB_SWEEP_*): a lock a
+                # request or a migration holds, a long statement. The database
+                # is there; the other parts may well not need what this one
+                # waited for.
+                log.warning(f"Noise-control sweep part stopped at its database {bound}; the next sweep retries",
+                            extra={"part": name, "bound": bound})
+                continue
             if db.is_transient(exc):
                 # The database is away: the other parts would only wait for it too.
                 log.warning("Noise-control sweep skipped: the database is unavailable", extra={"part": name})

@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from shared import acknowledge, events, incidents, outbox
+from shared import acknowledge, db, events, incidents, outbox
 from shared.config import Settings
 
 log = logging.getLogger("reconcile")
@@ -246,8 +246,12 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed reconciliation must not stop the outbox from draining."""
     try:
         return run(bind, config)
-    except Exception:  # logged; the next sweep tries again
-        log.exception("Reconciliation failed; the next sweep retries")
+    except Exception as exc:  # logged; the next sweep tries again
+        bound = db.bound_reached(exc)
+        if bound is not None:  # a lock held by a request or a migration: routine, no traceback
+            log.warning(f"Reconciliation stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+        else:
+            log.exception("Reconciliation failed; the next sweep retries")
         return None
 
 

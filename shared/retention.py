@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import ignored_alerts
+from shared import db, ignored_alerts
 from shared.config import Settings
 from shared.db import sqlstate
 from shared.sqltext import UTC_NOW
@@ -142,6 +142,10 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     """For the sweep: a failed pruning must not stop the outbox from draining."""
     try:
         return run(bind, config)
-    except Exception:  # logged; the next sweep tries again
-        log.exception("Retention failed; the next sweep retries")
+    except Exception as exc:  # logged; the next sweep tries again
+        bound = db.bound_reached(exc)
+        if bound is not None:  # a lock held by a request or a migration: routine, no traceback
+            log.warning(f"Retention stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+        else:
+            log.exception("Retention failed; the next sweep retries")
         return None

@@ -48,6 +48,17 @@ def test_bad_database_url_names_the_variable(url, phrase):
         ("K_SINK", "not a url"),
         ("SEVERITY_PRIORITY_MAP", "critical=P7"),
         ("METRICS_PUBLIC", "maybe"),
+        ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
+        # At or above DB_TIMEOUT_SECONDS (10), the client's own timeout: it could never take effect.
+        ("DB_STATEMENT_TIMEOUT_SECONDS", "10"),
+        ("DB_SWEEP_STATEMENT_TIMEOUT_SECONDS", "30"),
+        # Below it but within the margin (1 s of 10 s) the server's answer needs to arrive first.
+        ("DB_LOCK_TIMEOUT_SECONDS", "9.5"),
+        # Not durations; above PostgreSQL's largest timeout (2147483647 ms) every BEGIN would fail.
+        ("DB_LOCK_TIMEOUT_SECONDS", "nan"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "inf"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "2147484"),
+        ("DB_BOUNDS_ROLE", "sweeper"),
     ],
 )
 def test_each_bad_value_fails_with_its_name(name, value):
@@ -136,3 +147,48 @@ def test_database_url_may_come_from_a_file(tmp_path):
     path.write_text("postgresql://app:pw@db:5432/incidents\n")
     s = load_settings({"DATABASE_URL_FILE": str(path)})
     assert s.database_url == "postgresql+pg8000://app:pw@db:5432/incidents"
+
+
+@pytest.mark.parametrize("target, lock, statement", [("intake", 2.0, 5.0), ("query", 2.0, 8.0), ("escalation", 5.0, 8.0),
+                                                     ("remediation", 5.0, 8.0), ("diagnostics", 5.0, 8.0),
+                                                     ("deadletter", 5.0, 8.0), ("", 5.0, 8.0)])
+def test_the_database_bounds_default_by_function_and_are_set_by_name(target, lock, statement):
+    s = load_settings({**BASE, "FUNCTION_TARGET": target})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (lock, statement, 10.0)
+    assert (s.db_sweep_lock_timeout_seconds, s.db_sweep_statement_timeout_seconds) == (1.0, 9.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_LOCK_TIMEOUT_SECONDS": "0.5", "DB_STATEMENT_TIMEOUT_SECONDS": "0",
+                       "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": "30", "DB_TIMEOUT_SECONDS": "20",
+                       "DB_SWEEP_STATEMENT_TIMEOUT_SECONDS": "15"})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_idle_in_transaction_timeout_seconds) == (0.5, 0.0, 30.0)
+    assert s.db_sweep_statement_timeout_seconds == 15.0
+
+
+def test_the_intake_events_service_has_the_bounds_of_a_function_the_broker_calls():
+    """It runs the intake's code (FUNCTION_TARGET=intake) for the Broker and
+    the PingSource, which retry: its row in deploy/services.py says so."""
+    from deploy.services import SERVICES
+
+    env = {**BASE, "FUNCTION_TARGET": SERVICES["intake-events"].function, **SERVICES["intake-events"].env}
+    s = load_settings(env)
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (5.0, 8.0)
+    s = load_settings({**BASE, "FUNCTION_TARGET": SERVICES["intake"].function, **SERVICES["intake"].env})
+    assert (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds) == (2.0, 5.0)
+
+
+@pytest.mark.parametrize("target", ["intake", "query", "escalation"])
+@pytest.mark.parametrize("client_timeout", ["3", "2", "0.3"])
+def test_a_lowered_db_timeout_lowers_the_default_bounds_below_it(target, client_timeout):
+    """A default the client's socket timeout would cut first (the query's
+    8 s statements under DB_TIMEOUT_SECONDS=3) takes the largest value that
+    leaves the server's answer its margin; an explicit one is refused."""
+    from shared.config import bounds_margin
+
+    timeout = float(client_timeout)
+    s = load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout})
+    waits = (s.db_lock_timeout_seconds, s.db_statement_timeout_seconds, s.db_sweep_lock_timeout_seconds,
+             s.db_sweep_statement_timeout_seconds)
+    assert all(0 < wait <= timeout - bounds_margin(timeout) for wait in waits), waits
+    assert bounds_margin(timeout) >= min(0.5, timeout / 2)
+    with pytest.raises(ConfigError, match="^DB_STATEMENT_TIMEOUT_SECONDS: .* below DB_TIMEOUT_SECONDS"):
+        load_settings({**BASE, "FUNCTION_TARGET": target, "DB_TIMEOUT_SECONDS": client_timeout,
+                       "DB_STATEMENT_TIMEOUT_SECONDS": str(timeout - bounds_margin(timeout) / 2)})

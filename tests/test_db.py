@@ -73,7 +73,9 @@ def test_a_connection_reset_on_the_first_read_of_an_answer_is_the_drivers_networ
         engine.dispose()
 
 
-@pytest.mark.parametrize("sqlstate, transient", [("40P01", True), ("40001", True), ("57P01", True), ("08006", True), ("23505", False), ("22P02", False)])
+@pytest.mark.parametrize("sqlstate, transient", [("40P01", True), ("40001", True), ("57P01", True), ("08006", True), ("23505", False), ("22P02", False),
+                                                 # a lock_timeout, a statement_timeout, an idle_in_transaction_session_timeout
+                                                 ("55P03", True), ("57014", True), ("25P03", True), ("55000", False)])
 def test_transient_errors_are_told_apart(sqlstate, transient):
     err = sa.exc.DBAPIError("x", {}, Exception({"C": sqlstate, "M": "m"}))
     assert db.is_transient(err) is transient

@@ -324,7 +324,7 @@ def test_the_local_stack_and_the_manifests_read_one_service_table(base):
         for variable, value in SERVICES[name].env.items():
             assert env[variable] == local[variable] == value, (name, variable)
         assert ("K_SINK" in local) == SERVICES[name].publishes, name
-    assert SERVICES["intake-events"].env == {"EVENTS_REQUIRE_TOKEN": "false"}
+    assert SERVICES["intake-events"].env == {"EVENTS_REQUIRE_TOKEN": "false", "DB_BOUNDS_ROLE": "broker-called"}
 
 
 def iso_seconds(duration: str) -> float:

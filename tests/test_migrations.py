@@ -1,12 +1,14 @@
 """The schema Alembic builds, read back from PostgreSQL's own catalogue."""
 
+import threading
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
 
-from shared import db, migrate
+from loopback.processes import wait_until
+from shared import db, migrate, schema
 
 
 @pytest.fixture
@@ -235,6 +237,101 @@ def test_flapping_lock_step_upgrades_and_downgrades_to_the_previous_body(scratch
         with engine.connect() as conn:
             assert _function_body(conn, "noise_flaps_unless_windowed") == body(_revision_module("0018").NOISE_FLAPS_UNLESS_WINDOWED)
             assert _function_body(conn, "flaps_lock") is None
+    finally:
+        engine.dispose()
+
+
+def _lock_waits(engine) -> int:
+    """Lock requests waiting in this database (other databases of the server are not this test's)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")).scalar()
+
+
+def _revision(engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _reader(engine, release) -> threading.Thread:
+    """pg_dump's hold: ACCESS SHARE on incidents, until ``release()`` says so
+    (at most 30 s)."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        with engine.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE incidents IN ACCESS SHARE MODE"))
+            locked.set()
+            try:
+                release()
+            finally:
+                conn.rollback()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(30)
+    return thread
+
+
+def test_a_migration_behind_a_long_reader_steps_back_instead_of_queueing_every_request(scratch_url):
+    """pg_dump holds ACCESS SHARE on every table for the whole dump; a
+    migration waiting behind it for ACCESS EXCLUSIVE would queue every
+    request for the table behind itself. It waits lock_timeout, rolls back
+    whole and tries again; after its last attempt it fails, nothing applied."""
+    engine = db.create_engine_for(scratch_url, pool_size=2, max_overflow=0)
+    finished = threading.Event()
+    try:
+        migrate.upgrade(scratch_url, "0001")
+        reader = _reader(engine, lambda: finished.wait(30))
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                migrate.upgrade(scratch_url, lock_timeout_seconds=0.2, lock_attempts=2, lock_retry_seconds=0.1)
+        finally:
+            finished.set()
+            reader.join(30)
+        assert db.sqlstate(caught.value) == "55P03"
+        assert _revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_that_stepped_back_applies_once_the_reader_is_done(scratch_url):
+    engine = db.create_engine_for(scratch_url, pool_size=3, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0001")
+
+        stepped_back = threading.Event()
+
+        def once_the_migration_stepped_back() -> None:
+            wait_until(lambda: _lock_waits(engine) > 0, 30, message="the migration to wait for its lock")
+            wait_until(lambda: _lock_waits(engine) == 0, 30, message="the migration to step back")
+            stepped_back.set()
+
+        reader = _reader(engine, once_the_migration_stepped_back)
+        migrate.upgrade(scratch_url, lock_timeout_seconds=0.3, lock_attempts=100, lock_retry_seconds=0.2)
+        reader.join(30)
+        assert stepped_back.is_set()  # it let the reader's queue go, then applied
+        assert _revision(engine) == schema.HEAD_REVISION
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"lock_timeout_seconds": "nan"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "-1"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "inf"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_timeout_seconds": "3000000"}, "MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    ({"lock_attempts": "abc"}, "MIGRATION_LOCK_ATTEMPTS"),
+    ({"lock_attempts": "0"}, "MIGRATION_LOCK_ATTEMPTS"),
+])
+def test_a_migration_setting_out_of_range_stops_before_anything_runs_naming_it(scratch_url, settings, named):
+    with pytest.raises(ValueError, match=f"^{named}: "):
+        migrate.upgrade(scratch_url, **settings)
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None
     finally:
         engine.dispose()
 

@@ -666,3 +666,30 @@ def test_the_sweep_clearing_a_held_flapping_alert_and_the_intake_resolving_it_do
             errors.append(exc)
     worker.join(30)
     assert errors == []
+
+
+def test_a_part_stopped_at_its_lock_bound_is_logged_as_such_and_the_other_parts_still_run(database_url, clean_db, at, caplog):
+    """The sweep's transactions wait 1 s for a lock (DB_SWEEP_LOCK_TIMEOUT_SECONDS):
+    one part meeting a lock a request or a migration holds is routine, not
+    the database being away; the flapping and heartbeat parts still run."""
+    from shared import db
+
+    config = settings(database_url, HEARTBEAT_TIMEOUT_SECONDS="600")
+    record(clean_db, config, replace(watchdog(prometheus="monitoring/k8s"), ignored_reason="ignored"))
+    clock.advance(601)
+    swept = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0.2, 5.0))
+    try:
+        with clean_db.connect() as locker:
+            # What the maintenance part reads first: the held alerts.
+            locker.execute(sa.text("LOCK TABLE suppressed_alerts IN ACCESS EXCLUSIVE MODE"))
+            with caplog.at_level("WARNING", logger="noise"):
+                (event_id,) = noise.sweep(swept, config, lambda conn, alerts, actor: svc.record_alerts(
+                    conn, alerts, "/t", actor, 0, config=config))
+            locker.rollback()
+    finally:
+        swept.dispose()
+    assert event_id.endswith(".opened.0")  # the heartbeat part ran: the silent pipeline's P0
+    messages = [(r.getMessage(), getattr(r, "part", None), r.levelname) for r in caplog.records if r.name == "noise"]
+    assert messages == [("Noise-control sweep part stopped at its database lock_timeout; the next sweep retries",
+                         "maintenance", "WARNING"),
+                        ("Alerting pipeline silent: no Watchdog within HEARTBEAT_TIMEOUT_SECONDS", None, "ERROR")]

@@ -19,9 +19,11 @@ import sqlalchemy as sa
 
 from loopback import pgbouncer
 from loopback.pgbouncer import PgBouncer
-from loopback.processes import FunctionProcess
+from loopback.processes import FunctionProcess, wait_until
 from shared import db, migrate
 from tests.conftest import TEST_TOKEN, _server_url, _with_database
+from tests.factories import raw_alert, webhook
+from tests.test_db_bounds import assert_prompt_503, bounded_intake, incidents_locked, post_webhook
 
 pytestmark = pytest.mark.skipif(pgbouncer.binary() is None, reason="pgbouncer is not installed (scripts/ensure-system-packages.sh)")
 
@@ -103,3 +105,51 @@ def test_migrations_run_through_transaction_pooling_and_leave_no_lock_behind(bou
             direct.dispose()
     finally:
         db.run_outside_transaction(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_bounds_hold_through_pgbouncer_and_no_server_connection_keeps_them(clean_db, database_url, base_env, bouncer):
+    """The intake's lock_timeout (SET LOCAL, in its BEGIN's message) works
+    through transaction pooling, and ends with the transaction: the server
+    connections another client gets next carry none of it."""
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    intake = bounded_intake({**base_env, "DATABASE_URL": url})
+    payload = webhook([raw_alert("Bounced", run=uuid.uuid4().hex)])
+    with incidents_locked(clean_db):
+        response, took = post_webhook(intake.url, payload)
+    assert_prompt_503(response, took, "lock_timeout")
+    response, _ = post_webhook(intake.url, payload)
+    assert response.status_code == 200 and response.json()["results"][0]["action"] == "created"
+    intake.stop()
+    # Both server connections at once (two open transactions of a client
+    # without bounds): neither carries the intake's settings.
+    plain = db.create_engine_for(url, pool_size=2, max_overflow=0)
+    try:
+        with plain.connect() as one, plain.connect() as two:
+            seen = [(c.execute(sa.text("SELECT pg_backend_pid()")).scalar(), c.execute(sa.text("SHOW lock_timeout")).scalar(),
+                     c.execute(sa.text("SHOW statement_timeout")).scalar()) for c in (one, two)]
+            one.rollback(), two.rollback()
+    finally:
+        plain.dispose()
+    assert seen[0][0] != seen[1][0] and [values for _, *values in seen] == [["0", "0"], ["0", "0"]], seen
+    assert "ERROR" not in bouncer.log(), bouncer.log()[-2000:]
+
+
+def test_a_transaction_left_idle_behind_pgbouncer_is_a_transient_error_and_its_connection_replaced(database_url, bouncer):
+    """The server ends the idle session; PgBouncer then closes its client
+    with a FATAL of its own (08P01, "server conn crashed?"), not the
+    server's 25P03: transient (a 503), the bound not named (docs/deploy.md),
+    and the next transaction is served."""
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 0.3))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            wait_until(lambda: "server conn crashed" in bouncer.log(), 10, message="the server to end the idle session")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+            assert db.bound_reached(caught.value) is None
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()

@@ -450,3 +450,27 @@ def test_a_new_roots_opening_not_told_is_reemitted_and_reported_stuck_per_root(c
     with clean_db.connect() as conn:
         (stuck,) = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "stuck"]
     assert stuck["details"]["root_generation"] == 1
+
+
+@pytest.mark.parametrize("module, table, message", [
+    (reconcile, "incidents", "Reconciliation stopped at its database lock_timeout; the next sweep retries"),
+    ("retention", "event_outbox", "Retention stopped at its database lock_timeout; the next sweep retries"),
+])
+def test_a_sweep_step_stopped_at_its_lock_bound_is_a_warning_without_a_traceback(database_url, clean_db, config, caplog,
+                                                                                 module, table, message):
+    """A lock a request or a migration holds is routine for the sweep (it
+    waits 1 s for one, DB_SWEEP_LOCK_TIMEOUT_SECONDS): no ERROR traceback."""
+    if module == "retention":
+        from shared import retention as module
+    open_incident(clean_db, "Locked")
+    swept = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0.2, 5.0))
+    try:
+        with clean_db.connect() as locker:
+            locker.execute(sa.text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            with caplog.at_level("WARNING"):
+                assert module.run_safely(swept, config) is None
+            locker.rollback()
+    finally:
+        swept.dispose()
+    logged = [(r.getMessage(), r.levelname, r.exc_info) for r in caplog.records if r.name in ("reconcile", "retention")]
+    assert logged == [(message, "WARNING", None)]

@@ -100,13 +100,21 @@ class Intake:
             result = batch.submit(alerts) if batch is not None else self._write(alerts, actor)
         except SQLAlchemyError as exc:
             reason = db.retry_reason(exc)
+            # A bound of the transaction (shared/db.py Bounds) that ran out: a lock held elsewhere (a
+            # migration, another replica's transaction) or a runaway statement. Every request of the
+            # batch gets it (batching.py: a transient error is not retried request by request).
+            bound = db.bound_reached(exc)
             log.error(
-                "Error creating incident",
-                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None},
+                f"Error creating incident: database {bound} reached, rolled back" if bound else "Error creating incident",
+                extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None,
+                       **({"bound": bound} if bound else {})},
             )
             if reason == db.SCHEMA_BEHIND:
                 raise SchemaBehind("the database schema is older than this code: run the migrations; "
                                    "the alerts were not stored, retry") from None
+            if bound is not None:
+                raise ServiceUnavailable(f"the database did not answer within this request's {bound}; "
+                                         "the alerts were not stored, retry", bound=bound) from None
             if reason is not None:
                 raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None
             raise
@@ -176,15 +184,17 @@ class Intake:
         return {"status": "ok", "results": [o.as_dict() for o in result.outcomes]}
 
     def sweep(self, request: Request) -> dict:
-        """Publish what the Broker missed (the PingSource, or POST /outbox/sweep)."""
-        reconcile.run_safely(db.engine(), self.config)
-        if self.correlator is not None and self.correlator.active:
-            replay.look_up_topology(db.engine(), self.correlator)
-        # Held alerts whose window ended, flapping that settled, silent pipelines.
-        self.publisher.submit(noise.sweep(db.engine(), self.config, self._record_swept))
-        report = self.publisher.sweep()
-        # After publishing, so what was just sent is not waiting behind a delete.
-        retention.run_safely(db.engine(), self.config)
+        """Publish what the Broker missed (the PingSource, or POST /outbox/sweep).
+        Its transactions have the sweep's bounds (DB_SWEEP_*), not a request's."""
+        with db.bounded(db.sweep_bounds(self.config)):
+            reconcile.run_safely(db.engine(), self.config)
+            if self.correlator is not None and self.correlator.active:
+                replay.look_up_topology(db.engine(), self.correlator)
+            # Held alerts whose window ended, flapping that settled, silent pipelines.
+            self.publisher.submit(noise.sweep(db.engine(), self.config, self._record_swept))
+            report = self.publisher.sweep()
+            # After publishing, so what was just sent is not waiting behind a delete.
+            retention.run_safely(db.engine(), self.config)
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)

@@ -103,8 +103,15 @@ def _metrics(request):
     from shared import db
 
     try:
-        body = metrics.render(_lazy["registry"])
+        # Its ~15 statements together within the query's statement bound (8 s),
+        # inside Prometheus's scrape timeout (10 s), not each of them.
+        with db.deadline(config.db_statement_timeout_seconds):
+            body = metrics.render(_lazy["registry"])
     except SQLAlchemyError as exc:
+        bound = db.bound_reached(exc)
+        if bound is not None:
+            raise ServiceUnavailable(f"the database did not answer within this request's {bound}; "
+                                     "metrics cannot be computed, retry later", bound=bound) from None
         if db.is_transient(exc):
             raise ServiceUnavailable("the database is unavailable; metrics cannot be computed") from None
         raise
