@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -135,11 +136,23 @@ def redrive_parked(conn: Connection, event_id: str, actor: str) -> tuple[dict, b
 # --------------------------------------------------------------------------- dead letters
 
 
+def _not_json(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is no finite number")
+    return number
+
+
 def structured(row: dict) -> bytes:
     """The stored dead letter as a structured-mode CloudEvent (JSON), its
     attributes as they came (less the Broker's error attributes)."""
     attributes = dict(row.get("attributes") or {})
     is_base64 = bool(attributes.pop(dead_letters.BASE64_MARK, False))
+    attributes.pop(dead_letters.CLEANED_MARK, None)
     for name in dead_letters.ERROR_ATTRIBUTES:
         attributes.pop(name, None)
     document = {k: v for k, v in attributes.items() if v is not None}
@@ -147,14 +160,17 @@ def structured(row: dict) -> bytes:
     content_type = str(attributes.get("datacontenttype") or "application/json").split(";")[0].strip().lower()
     if data and not is_base64 and (content_type == "application/json" or content_type.endswith("+json")):
         try:
-            document["data"] = json.loads(data)
-        except ValueError:
+            # Strict: data with NaN, Infinity or a number no float holds (as
+            # a binary-mode letter keeps its bytes) would not go out as the
+            # JSON that came in, so its bytes go as they came, in data_base64.
+            document["data"] = json.loads(data, parse_constant=_not_json, parse_float=_finite)
+        except (ValueError, RecursionError):
             document["data_base64"] = base64.b64encode(data).decode("ascii")
     elif data and not is_base64 and content_type.startswith("text/"):
         document["data"] = data.decode("utf-8")
     elif data:
         document["data_base64"] = base64.b64encode(data).decode("ascii")
-    return json.dumps(document).encode()
+    return json.dumps(document, allow_nan=False).encode()
 
 
 # Only the start of a refusal is kept: the rest is not read.
@@ -181,17 +197,26 @@ def send(http: requests.Session, sink: str, body: bytes, timeout: float) -> str 
     try:
         try:
             response = post()
-        except requests.ConnectionError:
-            # A kept-alive connection the Broker closed fails on first use.
+        except requests.ConnectionError as exc:
+            # A kept-alive connection the Broker closed fails on first use;
+            # an error inside an answer (an SSLError is a ConnectionError)
+            # is that answer's, not sent again.
+            if deadline.answered(exc):
+                raise
             response = post()
+    except deadline.UNUSABLE_URL as exc:
+        # A setting to fix, not a Broker that is down: said so, and the
+        # letter stays failed, to be redelivered once it is fixed.
+        return clip(f"{type(exc).__name__}: {deadline.unusable_setting(exc, 'K_SINK')} is not a URL an event can be sent to", 300)
     except requests.RequestException as exc:
         why = (f"no whole answer within {timeout:g}s" if isinstance(exc, requests.Timeout)
                else "the answer was cut off" if isinstance(exc, requests.exceptions.ChunkedEncodingError)
-               else "the Broker could not be reached")
+               else f"the Broker answered {exc.response.status_code} and its answer could not be read"
+               if deadline.answered(exc) else "the Broker could not be reached")
         return clip(f"{type(exc).__name__}: {why}", 300)
     if 200 <= response.status_code < 300:
         return None
-    return clip(f"the Broker answered {response.status_code}: {response.text[:200]}", 300)
+    return clip(f"the Broker answered {response.status_code}: {deadline.answer_text(response)[:200]}", 300)
 
 
 def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool = False, timeout: float = 5.0,

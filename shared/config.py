@@ -215,14 +215,52 @@ def _csv(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def unrequestable(url: str) -> str | None:
+    """Why no request can be made to ``url``, or None: not http(s), no host,
+    a port out of range, a host name label empty or over 63 characters (its
+    IDNA form: what urllib3 and the TLS handshake refuse, a
+    ``LocationParseError`` or ``UnicodeError`` at the first send). The
+    senders say the same at run time (shared.deadline.UNUSABLE_URL); here a
+    setting fails the start, at deploy time. Standard library only: this
+    runs on every function's start path."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError:
+        return "its port (or IPv6 address) cannot be read"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "expected an http(s) URL"
+    host = parts.hostname or ""
+    if not host:
+        return "no host in the URL"
+    if ":" in host:
+        return None  # an IPv6 address: urlsplit has checked its brackets
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    for label in labels:
+        size = len(label) if label.isascii() else len("xn--") + len(label.encode("punycode"))
+        if not 1 <= size <= 63:
+            return "a host name label is empty or over 63 characters"
+    return None
+
+
 def _http_url(env: Mapping[str, str], name: str, default: str = "") -> str:
     raw = _get(env, name, default)
     if not raw:
         return ""
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
+    why = unrequestable(raw)
+    if why:
+        raise ConfigError(f"{name}: {why}, got {_without_password(raw)!r}")
     return raw.rstrip("/")
+
+
+def _without_password(url: str) -> str:
+    """``url`` to quote in an error: a password in it (Prometheus or
+    AlertManager behind basic auth) never reaches a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
 
 
 def parse_database_url(raw: str, name: str = "DATABASE_URL") -> str:
@@ -510,10 +548,10 @@ def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret |
         name = f.metadata["env"]
         value = read_secret(env, name)
         if value is not None and f.metadata.get("url"):
-            parts = urlsplit(value.reveal())
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            why = unrequestable(value.reveal())
+            if why:
                 # The URL is the secret: name the variable, never the value.
-                raise ConfigError(f"{name}: expected an http(s) URL")
+                raise ConfigError(f"{name}: {why}")
         values[f.name] = value
     return values
 

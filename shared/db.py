@@ -423,7 +423,8 @@ def _keep_the_servers_last_word() -> None:
 
 
 def _severity(orig: BaseException | None) -> str:
-    """The severity of a server's error (ERROR, FATAL, PANIC); '' for any other."""
+    """The severity of a server's error (ERROR, FATAL, PANIC); '' for any
+    other. ``V`` is the one PostgreSQL never translates."""
     fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
     return str(fields.get("V") or fields.get("S") or "")
 
@@ -722,9 +723,8 @@ def _ends_the_session(orig: BaseException | None) -> bool:
     it ran: the database refusing new connections (55000 "not currently
     accepting connections", 3D000, 28P01 while a password is rotated) is a
     database this function cannot reach, as a refused socket is, not a bug
-    of the request. ``V`` is the severity PostgreSQL never translates."""
-    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
-    return str(fields.get("V") or fields.get("S") or "") in ("FATAL", "PANIC")
+    of the request."""
+    return _severity(orig) in ("FATAL", "PANIC")
 
 
 def database_state(bind: Engine | None = None) -> str:

@@ -1,9 +1,12 @@
 """Dead letters: every event the Broker could not deliver, kept with what it
 takes to send it again (attributes and data) and what each redelivery did.
 
-The dead-letter sink is reachable by anything inside the cluster, so what
-it stores is sanitised (no NUL, no lone surrogate, bounded key columns) and
-never trusted: a redelivery re-sends the stored event to the Broker, and the
+The dead-letter sink is the last place a page can be saved, so a letter is
+stored even when PostgreSQL cannot hold it as it came: what it stores is
+sanitised (no NUL, no lone surrogate at any depth, no NaN or Infinity,
+no attribute nested deeper than every reader parses, bounded key columns;
+each change noted, see :func:`storable`). It is
+reachable by anything inside the cluster, so what it stores is never trusted: a redelivery re-sends the stored event to the Broker, and the
 consumers decide from the database, by their claims, whether there is work.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 # The column sizes of migration 0006; the destination is bounded so that the
-# unique index over it can never overflow a btree entry.
+# unique constraint over it can never overflow a btree entry.
 MAX_EVENT_ID = 200
 MAX_SOURCE = 300
 MAX_TYPE = 200
@@ -29,6 +33,12 @@ MAX_ERROR = 2000
 # Not a valid CloudEvents attribute name ([a-z0-9] only), so it can never
 # collide with one: marks data kept base64-encoded because it is not text.
 BASE64_MARK = "_data_base64"
+# Not a valid attribute name either: what had to change for the letter to be
+# stored at all (a value jsonb cannot hold), one line per place, for the
+# engineer reading it; never sent on a redelivery.
+CLEANED_MARK = "_cleaned"
+MAX_CLEANED_NOTES = 20
+NOTE_PATH = 120
 ERROR_ATTRIBUTES = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 
 SENT = "sent"
@@ -70,12 +80,172 @@ def clip_unique(text: str, limit: int) -> str:
     return text[: limit - 18] + "…~" + digest
 
 
-def clean_attributes(attributes: dict) -> dict:
-    return {clean(str(k)): (clean(v) if isinstance(v, str) else v) for k, v in attributes.items()}
+class NumberText(str):
+    """A JSON number no int or finite float holds (``1e400``, ``NaN``, an
+    integer of more digits than Python converts), kept as its text: jsonb
+    and strict JSON refuse NaN and Infinity, and the rest would turn into
+    them or fail to parse."""
 
 
-def encode_data(body: bytes) -> tuple[str, bool]:
-    """The data as stored: UTF-8 text when it is text, else base64 (flagged)."""
+def _non_finite(number: float) -> str:
+    return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
+
+
+def _path(keys) -> str:
+    """``custom.a[3]``: the place a note speaks of, from the keys leading
+    to it (built only for a note, which is rare)."""
+    path = ""
+    for key in keys:
+        path = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        if len(path) > 4 * NOTE_PATH:  # clipped when noted anyway
+            break
+    return path
+
+
+# How deep an attribute may nest: the objects and arrays a value is in,
+# counting the attributes (an attribute's own array is 1 deep). Deeper values are stored as their JSON text: every
+# reader of the row (the API, the board) parses it with a bounded depth, so
+# a value nested ~1000 deep stored as it came made the whole list a 400.
+MAX_DEPTH = 64
+_END = object()
+
+
+def storable(value, notes: list[str], text: bool = True, max_depth: int | None = None):
+    """``value`` as jsonb (or strict JSON) can hold it, and a note in
+    ``notes`` for each place changed, in document order: a number no JSON
+    parser keeps (NaN, ±Infinity, :class:`NumberText`) becomes its text;
+    with ``text``, a string or key holding a NUL or a lone surrogate has it
+    replaced (:func:`clean`), a key that then collides with another gets
+    ``~2``, ``~3``; with ``max_depth``, an object or array deeper than that
+    becomes its JSON text. Everything else stays as it is, so a letter is
+    still re-drivable.
+
+    Iterative, one frame per open object or array (not one per element, and
+    no path string per element: a 300 KiB letter of 150,000 elements nested
+    900 deep took half a gigabyte that way): the document was parsed at
+    whatever depth the parser allowed, and walking it must not fail, nor
+    take much more memory than the document, where parsing did not."""
+    root: list = []
+    keys: list = []  # from the top to the object or array being walked
+    frames = [(iter(((None, value),)), root)]  # (its remaining members, its copy)
+    while frames:
+        members, out = frames[-1]
+        member = next(members, _END)
+        if member is _END:
+            frames.pop()
+            if keys:
+                keys.pop()
+            continue
+        key, item = member
+        if isinstance(out, dict):
+            name = key if isinstance(key, str) else str(key)
+            safe = clean(name) if text else name
+            if safe != name:
+                _note(notes, keys + [safe], "a NUL or lone surrogate in the key replaced")
+            key, n = safe, 1
+            while key in out:
+                n += 1
+                key = f"{safe}~{n}"
+            if key != safe:
+                _note(notes, keys + [key], f"key renamed from {safe!r}: it collided once cleaned")
+        elif out is not root:
+            key = len(out)
+        depth = len(frames) - 1  # of item: the objects and arrays it is in
+        if isinstance(item, (dict, list, tuple)):
+            if max_depth is not None and depth > max_depth:
+                kept = _json_text(item)
+                _place(out, key, kept)
+                _note(notes, _keys(keys, key, out is root),
+                      f"nested deeper than {max_depth} levels: kept as its JSON text" if kept is not None
+                      else f"nested deeper than {max_depth} levels and too deep to write as JSON: dropped")
+                continue
+            copy: dict | list = {} if isinstance(item, dict) else []
+            _place(out, key, copy)
+            if out is not root:
+                keys.append(key)
+            frames.append((iter(item.items()) if isinstance(item, dict) else enumerate(item), copy))
+        elif isinstance(item, NumberText):
+            _place(out, key, str(item))
+            _note(notes, _keys(keys, key, out is root), f"the number {clip(item, 40)} kept as a string")
+        elif isinstance(item, float) and not math.isfinite(item):
+            _place(out, key, _non_finite(item))
+            _note(notes, _keys(keys, key, out is root), f"the number {_non_finite(item)} kept as a string")
+        elif isinstance(item, str):
+            safe = clean(item) if text else item
+            if safe != item:
+                _note(notes, _keys(keys, key, out is root), "a NUL or lone surrogate replaced")
+            _place(out, key, safe)
+        elif item is None or isinstance(item, (bool, int, float)):
+            _place(out, key, item)
+        else:
+            _place(out, key, clean(str(item)))
+    return root[0]
+
+
+def _place(out, key, value) -> None:
+    if isinstance(out, dict):
+        out[key] = value
+    else:
+        out.append(value)
+
+
+def _keys(keys: list, key, at_root: bool) -> list:
+    return keys if at_root else keys + [key]
+
+
+def _json_text(item) -> str | None:
+    try:
+        return clean(json.dumps(item, default=str))
+    except (RecursionError, ValueError):
+        return None
+
+
+def _note(notes: list[str], keys, what: str) -> None:
+    if len(notes) > MAX_CLEANED_NOTES:  # only counted (bounded_notes): no path to build
+        notes.append("")
+        return
+    path = keys if isinstance(keys, str) else _path(keys)
+    notes.append(f"{clip(path, NOTE_PATH) or '(the value)'}: {what}")
+
+
+def bounded_notes(notes: list[str]) -> list[str]:
+    if len(notes) <= MAX_CLEANED_NOTES:
+        return notes
+    return notes[:MAX_CLEANED_NOTES] + [f"… and {len(notes) - MAX_CLEANED_NOTES} more"]
+
+
+def clean_attributes(attributes: dict, notes: list[str]) -> dict:
+    """The attributes as jsonb holds them (see :func:`storable`; nothing
+    nested deeper than ``MAX_DEPTH``), the notes of what changed
+    (``notes`` and this call's) under ``CLEANED_MARK``."""
+    notes = list(notes)
+    cleaned = attributes if _plainly_storable(attributes) else storable(attributes, notes, max_depth=MAX_DEPTH)
+    cleaned = dict(cleaned)
+    for mark in (BASE64_MARK, CLEANED_MARK):  # only this module writes them
+        if cleaned.pop(mark, None) is not None:
+            _note(notes, mark, "dropped: the sink's own mark, not a CloudEvents attribute name")
+    if notes:
+        cleaned[CLEANED_MARK] = bounded_notes(notes)
+    return cleaned
+
+
+def _plainly_storable(attributes: dict) -> bool:
+    """True when the attributes need no walk (the usual letter): strict
+    JSON, no NUL, no lone surrogate, and fewer brackets than ``MAX_DEPTH``
+    (so none nested deeper). False only means: walk them."""
+    try:
+        text = json.dumps(attributes, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    return "\\u0000" not in text and text.count("[") + text.count("{") <= MAX_DEPTH
+
+
+def encode_data(body: bytes, force_base64: bool = False) -> tuple[str, bool]:
+    """The data as stored: UTF-8 text when it is text, else (or when it came
+    base64-encoded) base64, flagged."""
+    if force_base64:
+        return base64.b64encode(body).decode("ascii"), True
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -103,14 +273,40 @@ class Letter:
     attributes: dict
     body: bytes
     incident_id: str | None = None
+    # What the sink already changed for the letter to be stored (numbers in
+    # the data no strict JSON holds), as notes; see storable.
+    cleaned: tuple[str, ...] = ()
+    # The data came base64-encoded (structured mode's data_base64): stored
+    # and sent again so, its bytes never read as JSON.
+    data_base64: bool = False
 
 
-_UPSERT = sa.text(
+# One writer at a time per event: the key of migration 0006 counts a missing
+# destination as distinct (NULLs are), so a letter handed over twice without
+# one is found by this lookup, not by the key. A transaction-scoped advisory
+# lock (safe behind PgBouncer's transaction pooling) keeps two copies
+# arriving together from both missing it. The schema is 0006's: a previous
+# release, which only knows its ON CONFLICT, keeps working beside this one.
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:src || chr(10) || :id, 0))")
+
+_AGAIN = sa.text(
+    "UPDATE dead_letters SET "
+    # The same event dead-lettered again after a redelivery: it needs a human again.
+    "error_code = :code, error_data = :err, "
+    f"redelivery_status = CASE WHEN redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' ELSE redelivery_status END "
+    "WHERE id = (SELECT id FROM dead_letters WHERE event_source = :src AND event_id = :id "
+    # The oldest, when rows recorded twice before this lookup are there.
+    "AND error_destination IS NOT DISTINCT FROM :dest ORDER BY received_at, id LIMIT 1) "
+    "RETURNING id, redelivery_count, false AS inserted"
+)
+
+_INSERT = sa.text(
     "INSERT INTO dead_letters (event_id, event_source, event_type, error_destination, error_code, error_data, "
     "attributes, data, incident_id) "
     "VALUES (:id, :src, :type, :dest, :code, :err, CAST(:attrs AS jsonb), :data, :incident) "
+    # A previous release's sink, which takes no advisory lock, may have
+    # stored the letter since the lookup (the constraint of migration 0006).
     "ON CONFLICT ON CONSTRAINT uq_dead_letters_event DO UPDATE SET "
-    # The same event dead-lettered again after a redelivery: it needs a human again.
     "error_code = EXCLUDED.error_code, error_data = EXCLUDED.error_data, "
     f"redelivery_status = CASE WHEN dead_letters.redelivered_at IS NOT NULL THEN '{DEAD_AGAIN}' "
     "ELSE dead_letters.redelivery_status END "
@@ -121,24 +317,35 @@ _UPSERT = sa.text(
 def record(conn: Connection, letter: Letter) -> tuple[int, int, bool]:
     """Store one dead letter; (row id, redeliveries so far, new row?).
 
-    Once per event and destination: the Broker may hand over the same dead
-    letter twice; a letter that fails again after a redelivery is marked so.
+    Once per event and destination (none, or an empty one, being one
+    destination): the Broker may hand over the same dead letter twice; a
+    letter that fails again after a redelivery is marked so. Values jsonb or
+    a text column cannot hold are stored as :func:`storable` says, noted
+    under ``CLEANED_MARK``.
     """
-    data, is_base64 = encode_data(letter.body)
-    attributes = clean_attributes(letter.attributes)
-    if is_base64:
-        attributes[BASE64_MARK] = True
-    row = conn.execute(_UPSERT, {
+    key = {
         "id": clip_unique(letter.event_id, MAX_EVENT_ID),
         "src": clip_unique(letter.source, MAX_SOURCE),
-        "type": clip_unique(letter.event_type, MAX_TYPE),
-        "dest": clip_unique(letter.destination, MAX_DESTINATION) if letter.destination is not None else None,
+        "dest": clip_unique(letter.destination, MAX_DESTINATION) if letter.destination else None,
         "code": clip(letter.code, MAX_CODE),
         "err": clip(letter.error, MAX_ERROR),
-        "attrs": json.dumps(attributes, default=str),
-        "data": data,
-        "incident": letter.incident_id,
-    }).one()
+    }
+    conn.execute(_LOCK, key)
+    row = conn.execute(_AGAIN, key).first()
+    if row is None:
+        data, is_base64 = encode_data(letter.body, force_base64=letter.data_base64)
+        attributes = clean_attributes(letter.attributes, list(letter.cleaned))
+        if is_base64:
+            attributes[BASE64_MARK] = True
+        row = conn.execute(_INSERT, {
+            **key,
+            "type": clip_unique(letter.event_type, MAX_TYPE),
+            # Strict JSON: what storable left is all jsonb holds, and a NaN
+            # slipping through is a bug to see, not a letter to half-store.
+            "attrs": json.dumps(attributes, allow_nan=False),
+            "data": data,
+            "incident": letter.incident_id,
+        }).one()
     return row.id, row.redelivery_count, row.inserted
 
 

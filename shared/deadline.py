@@ -53,11 +53,13 @@ requests.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import functools
 import http.client
 import io
 import ipaddress
+import json
 import os
 import queue
 import selectors
@@ -88,6 +90,79 @@ CONNECT_STAGGER_SECONDS = 0.25
 # a lookup would wait for one and live on idle (a few KiB resident each).
 RESOLVER_THREADS = 32
 
+# A URL no request can be made to: a host name urllib3 or the ssl module
+# cannot encode (a label empty or over 63 characters, refused by IDNA), one
+# requests cannot parse, no scheme, a scheme with no adapter. A setting to
+# fix, not a peer to wait for: :func:`request` raises one of these (never
+# urllib3's ``LocationParseError`` or a bare ``UnicodeError``, which are no
+# ``requests.RequestException``), and each sender says what it means to it.
+# Only raised for what failed before any answer came: an answer that points
+# nowhere a request can go (a redirect's Location that is not UTF-8) is
+# :class:`UnusableAnswer`, the peer's fault, not the setting's.
+UNUSABLE_URL = (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)
+
+
+class UnusableAnswer(requests.exceptions.RequestException):
+    """An answer requests could not go on from (a redirect's ``Location``
+    that is not UTF-8 or no URL, raised while requests resolves it), when
+    the redirect was to be followed. Carries the answer as ``response``."""
+
+
+def answered(exc: BaseException) -> bool:
+    """Did the peer answer before ``exc`` (its status line and headers came:
+    a body that broke, a refusal, an answer requests could not go on from)?
+    One rule for every sender: an error that carries the answer as its
+    ``response`` was answered, whatever its class (an ``SSLError`` inside a
+    body is a ``ConnectionError`` too)."""
+    return getattr(exc, "response", None) is not None
+
+
+def unusable_setting(exc: BaseException, setting: str) -> str:
+    """The setting to fix for one of :data:`UNUSABLE_URL`: ``setting``
+    (K_SINK, a channel's URL), or the proxy's when it is the proxy URL that
+    cannot be used (``InvalidProxyURL``, from HTTP(S)_PROXY)."""
+    return "HTTP_PROXY/HTTPS_PROXY" if isinstance(exc, requests.exceptions.InvalidProxyURL) else setting
+
+
+# Codecs for host names, never a body's charset: punycode "decodes" ASCII
+# into other letters, idna cannot decode with replacement (UnicodeError).
+_HOST_NAME_CODECS = frozenset({"idna", "punycode"})
+
+
+def _named_charset_unusable(response: requests.Response) -> bool:
+    try:
+        return bool(response.encoding) and codecs.lookup(response.encoding).name in _HOST_NAME_CODECS
+    except LookupError:
+        return False  # an unknown charset: requests' .text reads it with replacement
+
+
+def answer_text(response: requests.Response) -> str:
+    """The answer's body as text, never an error: requests' ``text`` decodes
+    with the charset the answer names, and one that is a host name's codec
+    (``idna``: a ``UnicodeError``; ``punycode``: a ``UnicodeError``, or
+    other letters) would raise out of a sender after the receiver had said
+    ``2xx``. Such a body is read as UTF-8, what cannot be read replaced."""
+    try:
+        if not _named_charset_unusable(response):
+            return response.text
+    except (UnicodeError, LookupError, TypeError):
+        pass
+    return (response.content or b"").decode("utf-8", errors="replace")
+
+
+def answer_json(response: requests.Response):
+    """``response.json()``, the body read as :func:`answer_text` reads it
+    when its charset cannot be used; a body that is not JSON raises
+    ``ValueError`` as requests does."""
+    if _named_charset_unusable(response):
+        return json.loads(answer_text(response))
+    try:
+        return response.json()
+    except (UnicodeError, LookupError, TypeError) as exc:
+        if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+            raise  # requests' JSONDecodeError: not JSON
+        return json.loads(answer_text(response))
+
 
 @dataclass(frozen=True)
 class _Bound:
@@ -100,9 +175,13 @@ _bound: ContextVar[_Bound | None] = ContextVar("http_exchange_bound", default=No
 
 class _Heard:
     """The status line of an answer whose headers never came whole (a
-    timeout or a dropped connection after it), for :func:`request`."""
+    timeout or a dropped connection after it), and the last answer whose
+    headers did (``response``, set by :func:`read_at_most`), for
+    :func:`request`: an error raised after it is the answer's, never the
+    URL's."""
 
     status: int | None = None
+    response: requests.Response | None = None
 
 
 _heard: ContextVar[_Heard | None] = ContextVar("http_exchange_heard", default=None)
@@ -436,7 +515,10 @@ def bounded(http: requests.Session) -> requests.Session:
 
 def _cut_short(response: requests.Response, error: requests.RequestException, cause: BaseException,
                partial_2xx: bool) -> None:
-    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as ``cut_short``."""
+    """Raise ``error``, or with ``partial_2xx`` leave it on a ``2xx`` as
+    ``cut_short``. Either way it carries the answer as ``error.response``:
+    the receiver was reached and answered (its status line and headers)."""
+    error.response = response
     if not (partial_2xx and 200 <= response.status_code < 300):
         raise error from cause
     error.__cause__ = cause
@@ -470,9 +552,15 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
     have acted on the request: sending it again could do it twice); so does
     one whose connection drops inside the body (``ChunkedEncodingError``,
     as requests names it, raised otherwise), whose TLS fails there
-    (``SSLError``) or whose body cannot be decoded (``ContentDecodingError``)."""
+    (``SSLError``) or whose body cannot be decoded (``ContentDecodingError``).
+    Any of these raised carries the answer as its ``response`` (requests'
+    own attribute): a caller tells "reached, and the answer broke" from
+    "never answered" by it."""
 
     def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
+        heard = _heard.get()
+        if heard is not None:
+            heard.response = response
         data = bytearray()
         try:
             while limit is None or len(data) < limit:
@@ -497,7 +585,7 @@ def read_at_most(limit: int | None, partial_2xx: bool = False):
             # so a caller does not take it for a stale kept-alive connection.
             _cut_short(response, requests.exceptions.ChunkedEncodingError(exc), exc, partial_2xx)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise requests.ConnectionError(exc) from exc
+            raise requests.ConnectionError(exc, response=response) from exc
         finally:
             response.close()
         response._content = bytes(data)
@@ -514,7 +602,8 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
     :func:`bounded` when it was built (a session without it is refused,
     ``TypeError``); ``kwargs`` go to requests (``allow_redirects`` too:
     each sender says whether it follows one). Raises requests' errors, a
-    bound spent as ``requests.Timeout``; the answer's content is read.
+    bound spent as ``requests.Timeout``, a URL no request can be made to as
+    one of :data:`UNUSABLE_URL`; the answer's content is read.
 
     With ``partial_2xx``, a ``2xx`` cut off after its status line (headers
     or body still coming at the bound, or the connection dropped) comes
@@ -538,5 +627,24 @@ def request(http: requests.Session, method: str, url: str, timeout: float, max_b
         if partial_2xx and heard.status is not None and 200 <= heard.status < 300:
             return _status_only(url, heard.status, exc)
         raise
+    except ValueError as exc:
+        if heard.response is not None:
+            # Raised by requests after the answer came (resolving a redirect
+            # whose Location is not UTF-8 or not a URL, or its proxies): the
+            # answer's fault, never the URL's. Not followed, the answer is
+            # what it is (a 3xx each sender judges); followed, an error
+            # carrying it.
+            if not kwargs.get("allow_redirects", True):
+                return heard.response
+            raise UnusableAnswer(f"the answer could not be followed: {type(exc).__name__}",
+                                 response=heard.response) from exc
+        if isinstance(exc, requests.RequestException) or not isinstance(exc, (urllib3.exceptions.LocationValueError, UnicodeError)):
+            raise
+        # Before any answer: a host name with a label over 63 characters
+        # passes requests' own check and fails in urllib3
+        # (LocationParseError) or, behind a proxy, in the TLS handshake's
+        # IDNA encoding (UnicodeError): neither is a requests error, and a
+        # sender catching those would crash on it.
+        raise requests.exceptions.InvalidURL(f"Failed to parse: {type(exc).__name__}: {exc}") from exc
     finally:
         _heard.reset(token)

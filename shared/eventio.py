@@ -120,15 +120,35 @@ def incident_id_of(event: CloudEvent) -> str:
     return parse_uuid(event.get("subject"), "subject", detail="field")
 
 
+# Generations are PostgreSQL integers (incidents.generation, .root_generation).
+GENERATION_MAX = 2**31 - 1
+
+
+def _counter(event: CloudEvent, name: str) -> int:
+    """``data.<name>``, a generation counter: a whole JSON number from 0 to
+    GENERATION_MAX, never a bool, a string or a float (``BadRequest``). An
+    event that names none is of the first (0): events from before a counter
+    existed, and senders that do not know it."""
+    data = event.get_data()
+    value = data.get(name) if isinstance(data, dict) else None
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= GENERATION_MAX:
+        raise BadRequest(f"data.{name} must be a whole number from 0 to {GENERATION_MAX}")
+    return value
+
+
+def generation_of(event: CloudEvent) -> int:
+    """The incident generation an incident event is of (``data.generation``,
+    shared.events.incident_data): the consumers compare it with the
+    database's (shared.claims.judge_event) and do nothing for a stale one."""
+    return _counter(event, "generation")
+
+
 def root_generation_of(event: CloudEvent) -> int:
     """The root generation an incident event is of (shared.events); an
     event sent before migration 0017 names none and is of the first root."""
-    data = event.get_data()
-    value = data.get("root_generation") if isinstance(data, dict) else None
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest("data.root_generation must be a whole number") from None
+    return _counter(event, "root_generation")
 
 
 def ack() -> Response:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from shared import events, outbox
+from shared import events, outbox, proposals
 from shared.errors import Conflict, InvalidTransition, NotFound
 from shared.incident_queries import INCIDENT_COLUMNS
 from shared.models import ACTIVE_STATUSES, incidents_table
@@ -96,6 +96,9 @@ def transition(
     if note:
         details["note"] = note
     add_timeline(conn, incident_id, "reopened" if reopening else "status_changed", details, actor)
+    if reopening:
+        # A proposal planned for the generation just left can no longer be approved.
+        proposals.supersede_on_reopen(conn, incident_id, updated["generation"])
     event_ids: list[str] = []
     announced = {"resolved": events.INCIDENT_RESOLVED}.get(to_status) or (events.INCIDENT_ACKNOWLEDGED if acknowledged else None)
     if announced:

@@ -14,7 +14,9 @@ Only due rows are claimed, P0 first, then oldest. A row that fails waits
 longer retried, logged at error level, counted and re-drivable (clearing
 ``parked_at`` and ``next_attempt_at`` and zeroing ``attempts`` re-queues it).
 A Broker that cannot be reached at all says nothing about the event, so
-that is not counted against the row.
+that is not counted against the row; neither is a ``K_SINK`` no request can
+be made to (a host name label over 63 characters, no scheme), which stops
+the drain at once and is logged at error level.
 
     pending = published_at IS NULL AND parked_at IS NULL
     parked  = published_at IS NULL AND parked_at IS NOT NULL
@@ -87,6 +89,7 @@ class PublishReport:
     pending_left: int = 0
     broker_unreachable: bool = False
     broker_error: str | None = None  # why it could not be reached (failed leaves those events out)
+    sink_unusable: bool = False  # K_SINK (or the proxy setting) is no URL a request can be made to: logged as that
 
 
 def to_cloudevent(row) -> CloudEvent:
@@ -120,8 +123,9 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
     failed attempt) instead of holding the drain and every event behind it.
     A ``2xx`` is a publish even when the rest of its answer is cut off: the
     Broker has the event. An answer whose connection drops inside its body
-    is a ``ChunkedEncodingError``, a failed attempt (the Broker was reached),
-    not a dropped kept-alive connection to retry at once."""
+    is a ``ChunkedEncodingError``, a failed attempt (the Broker was reached,
+    for the batch as for a refusal), not a dropped kept-alive connection to
+    retry at once."""
     import requests  # a sending process only: the others write the outbox and never send
 
     from shared import deadline
@@ -140,17 +144,21 @@ def post_event(http: requests.Session, sink: str, event: CloudEvent, timeout: fl
 
     try:
         response = post()
-    except requests.ConnectionError:
+    except requests.ConnectionError as exc:
         # A pooled keep-alive connection the Broker has closed fails on first
         # use; one fresh attempt tells that apart from a Broker that is down.
         # The event id is stable, so a rare double delivery is recognisable.
+        # An error after an answer (TLS failing inside a refusal's body: an
+        # SSLError is a ConnectionError) is that answer's, not sent again.
+        if deadline.answered(exc):
+            raise
         response = post()
     cut_short = getattr(response, "cut_short", None)
     if cut_short is not None:
         log.info("Broker said 2xx and its answer was cut off; the event is published",
                  extra={"event_id": event["id"], "status": response.status_code, "error": type(cut_short).__name__})
     if not 200 <= response.status_code < 300:
-        raise BrokerAnswered(f"broker answered {response.status_code}: {response.text[:200]}")
+        raise BrokerAnswered(f"broker answered {response.status_code}: {deadline.answer_text(response)[:200]}")
 
 
 UTC_NOW = "timezone('utc', now())"
@@ -249,6 +257,8 @@ class _Batch:
     def send(self, rows: list) -> None:
         import requests
 
+        from shared.deadline import UNUSABLE_URL, answered as reached, unusable_setting
+
         leased_at = time.monotonic()
         published: list[str] = []
         unreached: list = []  # refused before the Broker said anything about them
@@ -259,9 +269,27 @@ class _Batch:
                 break
             try:
                 post_event(self.http, self.sink, to_cloudevent(row), self.timeout)
+            except UNUSABLE_URL as exc:
+                # K_SINK is no URL a request can be made to (a host name
+                # label over 63 characters, no scheme): a setting to fix,
+                # nothing about the events. As with a Broker that cannot be
+                # reached, nothing is counted, the rows stay due and the
+                # drain stops; said at error level, since no retry mends it.
+                error = _describe(exc)
+                setting = unusable_setting(exc, "K_SINK")
+                log.error(f"{setting} is not a URL an event can be sent to; events stay in the outbox", extra={"error": error})
+                self.report.sink_unusable = True
+                self._unreachable(error)
+                _release(self.bind, [r.id for r, _ in unreached] + [row.id], error)
+                _release(self.bind, [r.id for r in rows[index + 1:]])
+                unreached = []
+                break
             except requests.ConnectionError as exc:
-                if answered:
-                    # The Broker took other events a moment ago: this one is the problem.
+                if answered or reached(exc):
+                    # The Broker took other events a moment ago, or answered
+                    # this one (an SSLError inside its body is a
+                    # ConnectionError too): this one is the problem.
+                    answered = answered or reached(exc)
                     self._failed(row, _describe(exc))
                     continue
                 unreached.append((row, _describe(exc)))
@@ -273,7 +301,9 @@ class _Batch:
                     break
                 continue
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried later
-                answered = answered or isinstance(exc, BrokerAnswered)
+                # Reached: a refusal, or an answer whose body broke (dropped,
+                # undecodable, cut at the bound), which carries its response.
+                answered = answered or isinstance(exc, BrokerAnswered) or reached(exc)
                 self._failed(row, _describe(exc))
                 continue
             answered = True
@@ -329,8 +359,9 @@ def publish_pending(
         batch.send(rows)
         if report.broker_unreachable:
             break
-    if report.broker_unreachable:
-        # Not counted against any event, so not in failed: without this line an outage would be silent.
+    if report.broker_unreachable and not report.sink_unusable:
+        # Not counted against any event, so not in failed: without this line
+        # an outage would be silent. (An unusable K_SINK was logged as such.)
         log.warning("Broker unreachable; events stay in the outbox", extra={"first_error": report.broker_error})
     if report.failed:
         log.warning(

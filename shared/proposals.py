@@ -99,8 +99,19 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
     if proposal["status"] == "pending" and _expired(conn, proposal):
         proposal = _set(conn, proposal_id, "expired", reason="approval TTL passed before a decision")
         add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
+    if proposal["status"] == "pending":
+        generation = conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i"), {"i": incident_id}).scalar()
+        if proposal["generation"] != generation:
+            # Its actions were planned for a generation the incident has
+            # left: approved, remediation would only record "not executed".
+            reason = superseded_reason(proposal["generation"], generation)
+            proposal = _set(conn, proposal_id, "superseded", reason=reason)
+            add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
+            return Decision(proposal, "conflict", f"proposal {proposal_id} is superseded: {reason}; it cannot be {verb}d")
     if proposal["status"] != "pending":
-        return Decision(proposal, "conflict", f"proposal {proposal_id} is {proposal['status']}; only a pending proposal can be {verb}d")
+        return Decision(proposal, "conflict", f"proposal {proposal_id} is {proposal['status']}"
+                                              + (f" ({proposal['reason']})" if proposal.get("reason") else "")
+                                              + f"; only a pending proposal can be {verb}d")
     if expected_hash is not None and expected_hash != proposal["hash"]:
         return Decision(proposal, "changed", f"proposal {proposal_id} has hash {proposal['hash']}, not {expected_hash}: "
                                               "review the current proposal and approve that")
@@ -115,6 +126,23 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
     event["id"] = f"{incident_id}.remediation_approved.{proposal_id}"
     outbox.enqueue(conn, [event])
     return Decision(proposal, event_ids=(event["id"],))
+
+
+def superseded_reason(proposed_at: int, generation: int) -> str:
+    return f"the incident was reopened (generation {generation}) since it was proposed for generation {proposed_at}"
+
+
+def supersede_on_reopen(conn: Connection, incident_id: str, generation: int) -> list[str]:
+    """A reopen (the incident's ``generation`` is new) ends the pending
+    proposals of the generations before it: the board stops offering them."""
+    pending = conn.execute(sa.text(
+        "SELECT id, generation FROM remediation_proposals WHERE incident_id = :i AND status = 'pending' AND generation < :g "
+        "ORDER BY id FOR UPDATE"), {"i": incident_id, "g": generation}).all()
+    for proposal_id, proposed_at in pending:
+        reason = superseded_reason(proposed_at, generation)
+        _set(conn, proposal_id, "superseded", reason=reason)
+        add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
+    return [proposal_id for proposal_id, _ in pending]
 
 
 def _expired(conn: Connection, proposal: dict) -> bool:
@@ -148,8 +176,12 @@ def finish(conn: Connection, proposal_id: str, executed: bool, reason: str) -> d
     return _set(conn, proposal_id, "executed" if executed else "failed", reason=reason)
 
 
-def present(proposal: dict) -> dict:
+def present(proposal: dict, generation: int | None = None) -> dict:
+    """``generation``: the incident's; a pending proposal of an earlier one
+    shows as superseded (as a decision would find it)."""
     out = {k: proposal[k] for k in COLUMNS}
+    if out["status"] == "pending" and generation is not None and out["generation"] != generation:
+        out["status"], out["reason"] = "superseded", superseded_reason(out["generation"], generation)
     # A pending proposal past its TTL can no longer be approved: show it as
     # what it is (the stored status follows at the first decision attempt).
     expires = out["expires_at"]

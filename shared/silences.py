@@ -9,6 +9,7 @@ or expired one).
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ from shared.timefmt import rfc3339
 
 if TYPE_CHECKING:
     import requests
+
+log = logging.getLogger("silences")
 
 ACTIVE_STATES = ("active", "pending")
 SILENCE_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -52,9 +55,12 @@ def silences_labels(silence: dict, labels: dict) -> bool:
 
 def _json(response: requests.Response):
     # A wrong ALERTMANAGER_URL (a proxy's login page) answers 200 with HTML:
-    # a bad gateway, not our crash, and never the incident page's.
+    # a bad gateway, not our crash, and never the incident page's. A charset
+    # that cannot be decoded (idna) is read as UTF-8 (answer_json).
+    from shared.deadline import answer_json
+
     try:
-        return response.json()
+        return answer_json(response)
     except ValueError:
         raise BadGateway(f"AlertManager answered {response.headers.get('Content-Type') or 'no content type'}, "
                          "not JSON; is ALERTMANAGER_URL AlertManager?") from None
@@ -89,13 +95,34 @@ class AlertManager:
 
         try:
             response = deadline.request(self.http, method, self.base + path, self.timeout, **kwargs)
+        except deadline.UNUSABLE_URL as exc:
+            # A host name label over 63 characters, no scheme: a setting to
+            # fix, which no retry mends (and not our crash, a 500).
+            setting = deadline.unusable_setting(exc, "ALERTMANAGER_URL")
+            log.error(f"{setting} is not a URL a request can be made to", extra={"error": type(exc).__name__})
+            raise BadGateway(f"AlertManager cannot be called: {type(exc).__name__}; "
+                             f"is {setting} a URL a request can be made to?") from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             # ChunkedEncodingError: the connection dropped inside the answer.
             raise ServiceUnavailable(f"AlertManager did not answer: {type(exc).__name__}; retry later") from None
+        except requests.RequestException as exc:
+            if not deadline.answered(exc):
+                # Failed before any answer (a header requests refuses to
+                # send): nothing AlertManager said, so not blamed on it.
+                log.error("AlertManager request could not be made", extra={"error": type(exc).__name__})
+                raise BadGateway(f"AlertManager was not called: the request could not be made ({type(exc).__name__})") from None
+            # It answered, and the answer cannot be read: a body whose
+            # Content-Encoding it is not in (ContentDecodingError, a broken
+            # gzip), a redirect loop, a redirect that points nowhere. An
+            # unreadable answer, as one that is not JSON (_json): a bad
+            # gateway, never our crash.
+            raise BadGateway(f"AlertManager's answer could not be read: {type(exc).__name__}; "
+                             "is ALERTMANAGER_URL AlertManager?") from None
         if response.status_code == 404 and method == "DELETE":
             raise NotFound("AlertManager has no such silence")
         if response.status_code >= 400:
-            raise BadGateway(f"AlertManager refused the request ({response.status_code}): {response.text[:300].strip()}")
+            raise BadGateway(f"AlertManager refused the request ({response.status_code}): "
+                             f"{deadline.answer_text(response)[:300].strip()}")
         return response
 
     def create(self, labels: dict, starts_at: datetime, ends_at: datetime, created_by: str, comment: str) -> str:

@@ -63,3 +63,18 @@ def raw_alert(name="TestIncident", status="firing", severity="critical", fingerp
     if fingerprint is not False:
         body["fingerprint"] = fingerprint or label_fingerprint(labels)
     return body
+
+
+def mark_diagnosed(conn, incident_id: str) -> dict:
+    """What the diagnostics function leaves behind for the incident's
+    current generation and root: investigating, and its step's completed
+    claim (remediation acts only on a generation that was diagnosed).
+    Returns the incident as it stands."""
+    from shared import claims, incidents
+
+    incidents.mark_investigating(conn, incident_id, "diagnostics")
+    row = incidents.get_incident(conn, incident_id)
+    key = claims.step_key("diagnostics", row)
+    claims.claim(conn, key, incident_id, 0)
+    claims.complete(conn, key)
+    return incidents.get_incident(conn, incident_id)

@@ -361,3 +361,31 @@ def test_the_filter_form_shows_the_declared_filters(signed_in, clean_db):
             assert re.findall(r'<option value="([^"]*)"', select) == ["", *f.allowed]
     assert '<option value="investigating" selected>' in form
     assert 'name="service" id="filter-service" value="email"' in form
+
+
+def test_a_filter_the_board_refused_is_not_carried_by_the_next_page_link(signed_in, clean_db):
+    # The page lists what it could (the first page, unfiltered) and says
+    # why; its "Older" link carried the refused filter with the cursor, was
+    # refused the same way, and showed the first page again, forever.
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, [alert("Many", instance=str(i)) for i in range(60)], "/t", "t")
+    html = signed_in.get("/ui?priority=P9").get_data(as_text=True)
+    assert html.count('href="/ui/incidents/') == 50 and "P9" in html
+    next_url = re.search(r'href="([^"]+)" rel="next"', html).group(1).replace("&amp;", "&")
+    assert "priority" not in next_url
+    assert signed_in.get(next_url).get_data(as_text=True).count('href="/ui/incidents/') == 10
+
+
+def test_the_refresh_and_next_links_repeat_the_query_as_typed(signed_in, clean_db):
+    # A query sent unencoded (a link pasted from a terminal) keeps its
+    # characters in the page's own links: shown as ‹U+202E› there, the
+    # refresh 30 s later filtered for another name.
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, [alert("Disk\u202eFull", instance=str(i)) for i in range(3)], "/t", "t")
+    html = signed_in.get("/ui", environ_overrides={"QUERY_STRING": "alert_name=Disk\u202eFull&limit=2".encode().decode("latin-1")}
+                         ).get_data(as_text=True)
+    assert html.count('href="/ui/incidents/') == 2
+    assert 'content="30; url=/ui?alert_name=Disk\u202eFull&amp;limit=2"' in html
+    next_url = re.search(r'href="([^"]+)" rel="next"', html).group(1).replace("&amp;", "&")
+    assert "‹" not in next_url
+    assert signed_in.get(next_url).get_data(as_text=True).count('href="/ui/incidents/') == 1

@@ -109,3 +109,57 @@ def test_incident_page_escapes_diagnostics_errors(board, clean_db):
 def test_a_filter_value_is_escaped_in_the_form(board, clean_db):
     html = board.get("/ui", query_string={"service": payload("filter_service"), "alert_name": payload("filter_alert")}).get_data(as_text=True)
     check(html, ["filter_service", "filter_alert"])
+
+
+# Characters that reorder or hide text ("trojan source"): stored as they
+# came, shown on every page as ‹U+XXXX›.
+HIDDEN = "\u202e\u2066\u2069\u200b\u200c\u200d\u200e\ufeff\u2060"
+HIDDEN_SHOWN = "‹U+202E›‹U+2066›‹U+2069›‹U+200B›‹U+200C›‹U+200D›‹U+200E›‹U+FEFF›‹U+2060›"
+
+
+def spoofed(field: str) -> str:
+    return f"{field}{HIDDEN}tail"
+
+
+def spoofed_alert() -> Alert:
+    labels = {"alertname": spoofed("alert_name"), "service": spoofed("service"), "namespace": spoofed("label_value"),
+              spoofed("label_key"): "x"}
+    return Alert(
+        fingerprint=label_fingerprint(labels), status="firing", alert_name=spoofed("alert_name"), priority="P1",
+        summary=spoofed("summary"), description=spoofed("description"), labels=labels,
+        annotations={"summary": spoofed("summary")}, starts_at=None, ends_at=None, source="alertmanager",
+    )
+
+
+def hidden_in(text: str) -> list[str]:
+    return sorted({f"U+{ord(c):04X}" for c in text if c in HIDDEN})
+
+
+def test_bidi_controls_and_zero_width_characters_are_shown_on_the_board_and_kept_in_the_record(board, clean_db):
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [spoofed_alert()], "/t", "t").outcomes[0].incident_id
+        svc.transition(conn, incident_id, "investigating", spoofed("actor"), "/t", note=spoofed("timeline_note"))
+        svc.store_diagnostics(conn, incident_id, {"pods": {spoofed("pod_name"): {"ready": "1/1", "status": spoofed("pod_status"),
+                                                                                "restarts": 0}}})
+        svc.append_remediation_action(conn, incident_id, {**ACTION, "target": spoofed("action_target"), "error": spoofed("action_error")})
+    pages = {
+        "list": (board.get("/ui").get_data(as_text=True), ["alert_name", "service", "summary"]),
+        "incident": (board.get(f"/ui/incidents/{incident_id}").get_data(as_text=True), [
+            "alert_name", "service", "summary", "description", "label_key", "label_value", "actor", "timeline_note",
+            "pod_name", "pod_status", "action_target", "action_error"]),
+    }
+    for page, (html, fields) in pages.items():
+        assert hidden_in(html) == [], page
+        missing = [f for f in fields if f"{f}{HIDDEN_SHOWN}tail" not in html]
+        assert not missing, (page, missing)
+    report = board.get(f"/ui/incidents/{incident_id}/report.md").get_data(as_text=True)
+    assert hidden_in(report) == [] and report.count(HIDDEN_SHOWN) >= 4
+    # The record (and the API, which serves it) keeps what the alert said.
+    stored = board.get(f"/incidents/{incident_id}", headers={"Authorization": f"Bearer {TEST_TOKEN}"}).get_json()
+    assert stored["alert_name"] == spoofed("alert_name") and stored["summary"] == spoofed("summary")
+
+
+def test_a_filter_value_with_hidden_characters_stays_as_typed_in_the_form(board, clean_db):
+    html = board.get("/ui", query_string={"alert_name": spoofed("filter")}).get_data(as_text=True)
+    # Sent again, the form must search for what was typed.
+    assert f'value="{spoofed("filter")}"' in html

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from shared import claims
 from shared import incidents as svc
-from shared.errors import Conflict
+from shared.errors import BadRequest, Conflict
 from tests.factories import alert
 
 
@@ -115,6 +115,66 @@ def test_begin_step_skips_what_no_longer_fires_but_replays_what_ran(clean_db):
     assert step(clean_db, done).state == "replay"
     investigating = incident(clean_db, "Investigating", status="investigating")
     assert step(clean_db, investigating).state == "run"
+
+
+def test_begin_step_leaves_a_generation_the_incident_has_left_and_refuses_one_it_never_had(clean_db):
+    incident_id = incident(clean_db, "Reopened", status="resolved")
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "investigating", "t", "/t")  # a reopen: generation 1
+
+    def of(generation, root_generation=0):
+        with clean_db.begin() as conn:
+            return claims.begin_step(conn, "diagnostics", incident_id, 60.0, generation, root_generation)
+
+    stale = of(0, root_generation=5)  # the generation decides first: a stale one's root is not judged
+    assert (stale.state, stale.key) == ("stale", None)
+    assert stale.reason == "the event is of generation 0; the incident is at generation 1 (reopened since)"
+    with pytest.raises(BadRequest, match="data.generation 2 is above the incident's generation 1"):
+        of(2)
+    with pytest.raises(BadRequest, match="data.root_generation 1 is above the incident's root generation 0"):
+        of(1, root_generation=1)
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM work_claims WHERE incident_id = :i"), {"i": incident_id}).scalar() == 0
+    current = of(1)
+    assert (current.state, current.key) == ("run", f"diagnostics:{incident_id}:1")
+
+
+def test_diagnosed_is_of_the_current_generation_whatever_the_root(clean_db):
+    incident_id = incident(clean_db, "Diagnosed")
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, incident_id)
+    for key, expected in ((f"diagnostics:{incident_id}:1", False), (f"diagnostics:{incident_id}:10", False),
+                          (f"diagnostics:{incident_id}:0.root2", True)):
+        with clean_db.begin() as conn:
+            assert claims.claim(conn, key, incident_id, 60.0).acquired
+            claims.complete(conn, key)
+            assert claims.diagnosed(conn, row) is expected, key
+            conn.execute(sa.text("DELETE FROM work_claims WHERE key = :k"), {"k": key})
+    with clean_db.begin() as conn:
+        claims.claim(conn, f"diagnostics:{incident_id}:0", incident_id, 60.0)
+        assert not claims.diagnosed(conn, row)  # taken, not finished
+        claims.complete(conn, f"diagnostics:{incident_id}:0")
+        assert claims.diagnosed(conn, row)
+
+
+def test_diagnosed_looks_claims_up_by_primary_key_however_many_there_are(clean_db):
+    """Remediation asks it in begin_step's transaction for every
+    incident.diagnosed: with the statistics of a grown work_claims table,
+    the plan is the primary key's (an equality and a range), never a scan."""
+    incident_id = incident(clean_db, "ManyClaims")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("INSERT INTO work_claims (key, completed_at) SELECT 'diagnostics:' || md5(g::text) || ':' || (g % 3), "
+                             "timezone('utc', now()) FROM generate_series(1, 20000) AS g"))
+    with clean_db.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE work_claims")
+    key = f"diagnostics:{incident_id}:0"
+    with clean_db.connect() as conn:
+        plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + claims._DIAGNOSED.text), {
+            "k": key, "lo": key + ".root", "hi": key + ".roou", "p": key + ".root%"}))
+        # The planner may use the key twice (a BitmapOr of two index
+        # conditions) or once; what matters is that it never reads the table.
+        assert "Seq Scan on work_claims" not in plan and "work_claims_pkey" in plan, plan
+        assert not claims.diagnosed(conn, svc.get_incident(conn, incident_id))
 
 
 def test_begin_step_takes_over_a_stale_step(clean_db):

@@ -15,7 +15,7 @@ from cloudevents.http import CloudEvent
 
 from shared import events
 from shared import incidents as svc
-from tests.factories import alert
+from tests.factories import alert, mark_diagnosed
 from loopback.kube import deployment, pod
 from tests.holding import HoldingKubernetes, HoldingReceiver
 from loopback.processes import FunctionProcess, free_port
@@ -30,11 +30,11 @@ def deliver(proc, event_type, row):
     return requests.post(proc.url + "/", data=body, headers={**headers, "Prefer": "reply"}, timeout=60)
 
 
-def new_incident(engine, name, investigating=False, **labels):
+def new_incident(engine, name, diagnosed=False, **labels):
     with engine.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert(name, priority="P0", **labels)], "/test", "test").outcomes[0].incident_id
-        if investigating:
-            svc.mark_investigating(conn, incident_id, "diagnostics")
+        if diagnosed:
+            return mark_diagnosed(conn, incident_id)
         return svc.get_incident(conn, incident_id)
 
 
@@ -166,7 +166,7 @@ def diagnostics(base_env, holding_kube):
 
 
 def test_remediation_runs_once_while_others_are_told_to_retry(remediation, cluster, clean_db):
-    row = new_incident(clean_db, "KafkaConsumerLagHigh", investigating=True, namespace="production")
+    row = new_incident(clean_db, "KafkaConsumerLagHigh", diagnosed=True, namespace="production")
     cluster.gate.arm("/deployments/email-service")
     first, others = overlapping(cluster.gate, lambda: deliver(remediation, events.INCIDENT_DIAGNOSED, row),
                                 lambda: deliver(remediation, events.INCIDENT_DIAGNOSED, row))

@@ -46,6 +46,14 @@ def test_bad_database_url_names_the_variable(url, phrase):
         ("MAX_BODY_BYTES", "10"),
         ("PROMETHEUS_URL", "ftp://x"),
         ("K_SINK", "not a url"),
+        # No request can be made to these (urllib3's LocationParseError at
+        # the first send): refused at start, at deploy time.
+        ("K_SINK", "http://" + "b" * 64 + ".example/default/incidents"),
+        ("K_SINK", "http://broker..example/default/incidents"),
+        ("K_SINK", "http://broker.example:99999/"),
+        ("ALERTMANAGER_URL", "http://" + "a" * 64 + ".example:9093"),
+        ("PAGERDUTY_EVENTS_URL", "https://events..pagerduty.com/v2/enqueue"),
+        ("PROMETHEUS_URL", "http://" + "p" * 64 + ".example:9090"),
         ("SEVERITY_PRIORITY_MAP", "critical=P7"),
         ("METRICS_PUBLIC", "maybe"),
         ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
@@ -122,6 +130,27 @@ def test_a_required_secret_that_was_not_created_is_named_as_missing(tmp_path):
     volume = kubelet_secret_volume(tmp_path, "incident-db", {})
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         load_settings({"DATABASE_URL_FILE": str(volume / "url")})
+
+
+@pytest.mark.parametrize("name", ["SLACK_WEBHOOK_URL", "TEAMS_WEBHOOK_URL"])
+def test_a_secret_url_no_request_can_be_made_to_fails_naming_the_variable_never_the_url(name):
+    with pytest.raises(ConfigError) as err:
+        load_settings({**BASE, name: "https://" + "s" * 64 + ".example/services/T/B/secret-123"})
+    assert str(err.value) == f"{name}: a host name label is empty or over 63 characters"
+
+
+@pytest.mark.parametrize("url", ["http://broker-ingress.knative-eventing.svc.cluster.local/default/incidents",
+                                 "http://" + "b" * 63 + ".example./x", "http://[::1]:8080/x", "http://bücher.example/x",
+                                 "http://10.0.0.1:80/x"])
+def test_a_url_a_request_can_be_made_to_is_taken(url):
+    assert load_settings({**BASE, "K_SINK": url}).k_sink == url.rstrip("/")
+
+
+def test_a_url_setting_refused_at_start_never_quotes_its_password():
+    with pytest.raises(ConfigError) as err:
+        load_settings({**BASE, "PROMETHEUS_URL": "http://scraper:hunter2@" + "p" * 64 + ".example:9090"})
+    assert "hunter2" not in str(err.value)
+    assert str(err.value).startswith("PROMETHEUS_URL: ") and "scraper:***@" in str(err.value)
 
 
 def test_slack_url_error_does_not_echo_the_secret():

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from loopback.processes import FunctionProcess, wait_until
 from tests.conftest import TEST_TOKEN
-from tests.factories import webhook
+from tests.factories import mark_diagnosed, webhook
 from tests.storms import kp
 from tests.test_escalation import ROUTING_KEY, SLACK_PATH
 
@@ -207,6 +207,7 @@ def test_remediation_acts_only_on_a_diagnosis_of_the_current_root(remediation, c
     with clean_db.begin() as conn:
         (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager", plan=corr.plan([hpa.alert()])).outcomes
         svc.store_diagnostics(conn, first.incident_id, {"root": {"alert_name": "KubeHpaMaxedOut", "root_generation": 0}})
+        mark_diagnosed(conn, first.incident_id)
     with clean_db.begin() as conn:
         svc.record_alerts(conn, [target.alert()], "/test", "alertmanager", plan=corr.plan([target.alert()]))
         row = svc.get_incident(conn, first.incident_id)
@@ -214,9 +215,11 @@ def test_remediation_acts_only_on_a_diagnosis_of_the_current_root(remediation, c
     assert deliver(remediation, row).status_code == 202
     assert timeline(clean_db, first.incident_id, "remediation_result") == []
     with clean_db.connect() as conn:  # the claim is given back for the new root's run
-        assert conn.execute(sa.text("SELECT count(*) FROM work_claims WHERE incident_id = :id"), {"id": first.incident_id}).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM work_claims WHERE incident_id = :id AND key LIKE 'remediation:%'"),
+                            {"id": first.incident_id}).scalar() == 0
     with clean_db.begin() as conn:
         svc.store_diagnostics(conn, first.incident_id, {"root": {"alert_name": "TargetDown", "root_generation": 1}})
+        mark_diagnosed(conn, first.incident_id)
     assert deliver(remediation, row).status_code == 200
     (result,) = timeline(clean_db, first.incident_id, "remediation_result")
     assert (result["details"]["root"], result["details"]["root_generation"]) == ("TargetDown", 1)
@@ -314,6 +317,9 @@ def test_a_diagnosis_from_before_root_generations_is_taken_as_the_current_roots(
     with clean_db.begin() as conn:
         svc.record_alerts(conn, [target.alert()], "/test", "alertmanager", plan=corr.plan([target.alert()]))
         svc.store_diagnostics(conn, first.incident_id, {"durations_ms": {}, "alert": "TargetDown"})
+        # and completes its step under the key it knows, without a root
+        conn.execute(sa.text("INSERT INTO work_claims (key, incident_id, completed_at) VALUES (:k, :i, now())"),
+                     {"k": f"diagnostics:{first.incident_id}:0", "i": first.incident_id})
         row = svc.get_incident(conn, first.incident_id)
     assert row["root_generation"] == 1
     old_style = events.incident_event(events.INCIDENT_DIAGNOSED, row, "/test")
@@ -324,3 +330,33 @@ def test_a_diagnosis_from_before_root_generations_is_taken_as_the_current_roots(
     assert reply.status_code == 200 and reply.headers["ce-id"] == f"{first.incident_id}.remediation_failed.0.root1"
     (result,) = timeline(clean_db, first.incident_id, "remediation_result")
     assert result["details"]["root_generation"] == 1
+
+
+def test_a_diagnosis_reply_is_of_the_generation_and_root_diagnosed_whatever_the_incident_is_at_by_then(clean_db, settings_obj):
+    """The reply leaves after the diagnosis committed; a person may have
+    reopened the incident in between (generation 1, first root). It names
+    the generation and root the diagnosis is of (0, root 2): stale to
+    remediation and escalation. Stamped with the incident's generation by
+    then it was (1, root 2), a pair that never existed: a 400 for good."""
+    import json
+
+    from functions.diagnostics.handler import DiagnosticsHandler
+    from shared import claims
+    from shared import incidents as svc
+
+    hpa = kp("KubeHpaMaxedOut", "s", namespace="reply", horizontalpodautoscaler="svc", service="svc")
+    with clean_db.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa.alert()], "/test", "alertmanager").outcomes
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 2 WHERE id = :id"), {"id": first.incident_id})
+        diagnosed = svc.get_incident(conn, first.incident_id)
+    diagnosis = {"durations_ms": {}, "root": {"alert_name": "KubeHpaMaxedOut", "root_generation": 2}}
+    with clean_db.begin() as conn:
+        svc.transition(conn, first.incident_id, "resolved", "test", "/test")
+        svc.transition(conn, first.incident_id, "investigating", "test", "/test")
+        now = svc.get_incident(conn, first.incident_id)
+    assert (now["generation"], now["root_generation"]) == (1, 0)
+    reply = DiagnosticsHandler(settings_obj, SlowCollector())._reply(diagnosed, diagnosis)
+    data = json.loads(reply.get_data())
+    assert reply.headers["ce-id"] == f"{first.incident_id}.diagnosed.0.root2"
+    assert (data["generation"], data["root_generation"]) == (0, 2)
+    assert claims.judge_event(now, data["generation"], data["root_generation"]).startswith("the event is of generation 0")

@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 
 from functions.escalation.delivery import describe_failure
 from loopback.servers import RecordingServer
+from loopback.trickle import OneAnswer
 from shared import deadline
 
 
@@ -358,3 +359,80 @@ def test_every_sender_builds_its_session_bounded():
     for who, http in sessions.items():
         for url in ("http://elsewhere.test/", "https://elsewhere.test/"):
             assert isinstance(http.get_adapter(url), deadline.DeadlineAdapter), who
+
+
+LONG_LABEL = "a" * 64  # one over the 63 characters a DNS label may have
+
+
+# Each of these was urllib3's LocationParseError (requests already refuses
+# a port over 65535, another scheme or none with its own errors).
+@pytest.mark.parametrize("url", [f"http://{LONG_LABEL}.example/", f"https://{LONG_LABEL}.example/", "http://hooks..example/",
+                                 f"http://{LONG_LABEL}:8080/", "http://a..b/", f"http://hooks.{LONG_LABEL}/"])
+def test_a_url_no_request_can_be_made_to_is_one_of_requests_errors(url):
+    # urllib3 refuses a label over 63 characters with LocationParseError, a
+    # ValueError and no RequestException: a sender catching those crashed.
+    with deadline.bounded(requests.Session()) as http, pytest.raises(deadline.UNUSABLE_URL):
+        deadline.request(http, "POST", url, 1.0, json={})
+
+
+def test_a_host_name_only_the_tls_handshake_behind_a_proxy_encodes_is_one_of_requests_errors_too():
+    # Through a proxy the target's name is first encoded (IDNA) for the TLS
+    # handshake after the CONNECT: a bare UnicodeError there.
+    proxy = socket.create_server(("127.0.0.1", 0))
+
+    def tunnel():
+        conn, _ = proxy.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            conn.recv(65536)
+
+    thread = threading.Thread(target=tunnel, daemon=True)
+    thread.start()
+    try:
+        with deadline.bounded(requests.Session()) as http:
+            http.proxies = {"https": f"http://127.0.0.1:{proxy.getsockname()[1]}"}
+            with pytest.raises(requests.exceptions.InvalidURL, match="UnicodeError"):
+                deadline.request(http, "POST", f"https://{LONG_LABEL}.example/", 2.0, json={})
+    finally:
+        proxy.close()
+        thread.join(5)
+
+
+NOT_UTF8_REDIRECT = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /\xff\xfe\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_redirect_whose_location_is_not_utf8_is_the_answer_it_is_never_an_unusable_url():
+    # requests decodes a redirect's Location even when it does not follow
+    # it: the UnicodeDecodeError was taken for the URL's (InvalidURL), and
+    # the outbox stopped draining, blaming K_SINK, for what a peer answered.
+    with OneAnswer(NOT_UTF8_REDIRECT) as peer, deadline.bounded(requests.Session()) as http:
+        response = deadline.request(http, "POST", peer.url + "/x", 2.0, 4096, partial_2xx=True, json={}, allow_redirects=False)
+        assert response.status_code == 307
+        with pytest.raises(deadline.UnusableAnswer) as raised:
+            deadline.request(http, "GET", peer.url + "/x", 2.0, 4096, allow_redirects=True)
+    assert not isinstance(raised.value, deadline.UNUSABLE_URL)
+    assert deadline.answered(raised.value) and raised.value.response.status_code == 307
+
+
+def test_an_unusable_proxy_url_names_the_proxy_setting():
+    with deadline.bounded(requests.Session()) as http:
+        http.proxies = {"http": "http://"}
+        with pytest.raises(deadline.UNUSABLE_URL) as raised:
+            deadline.request(http, "POST", "http://hooks.example/", 1.0, json={})
+    assert deadline.unusable_setting(raised.value, "K_SINK") == "HTTP_PROXY/HTTPS_PROXY"
+    assert deadline.unusable_setting(requests.exceptions.InvalidURL("x"), "K_SINK") == "K_SINK"
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode", "no-such-charset"])
+def test_an_answer_in_a_charset_that_cannot_be_decoded_is_read_as_utf8_never_an_error(charset):
+    # requests' .text raises UnicodeError for idna (no replacement decoding)
+    # and punycode: raised out of a sender after the receiver said 2xx.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=" + charset.encode() + b"\r\nContent-Length: 13\r\n\r\n{\"ok\": true}\xff"
+    with OneAnswer(answer) as peer, deadline.bounded(requests.Session()) as http:
+        response = deadline.request(http, "POST", peer.url + "/x", 2.0, 4096, json={})
+    assert deadline.answer_text(response) == '{"ok": true}\ufffd'
+    with pytest.raises(ValueError):
+        deadline.answer_json(response)  # not JSON with the \xff: requests' ValueError, not a UnicodeError
+    response._content = b'{"ok": true}'
+    assert deadline.answer_json(response) == {"ok": True}

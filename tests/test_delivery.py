@@ -97,6 +97,29 @@ def test_a_transport_error_names_the_kind_of_failure_never_the_url():
     assert result.error == "ConnectionError: connection refused"
 
 
+@pytest.mark.parametrize("url, kind", [
+    ("http://" + "h" * 64 + ".slack.example/services/T0001/B0002/secret", "InvalidURL"),  # a label over 63 characters
+    ("http://hooks..example/services/T0001/B0002/secret", "InvalidURL"),  # an empty label
+    ("ftp://hooks.example/services/T0001/B0002/secret", "InvalidSchema"),
+    ("hooks.example/services/T0001/B0002/secret", "InvalidSchema"),  # no scheme
+])
+def test_a_url_no_request_can_be_made_to_fails_at_once_logged_and_never_named(url, kind, caplog):
+    # A setting to fix: no retry makes it better, and it must not crash the send.
+    with caplog.at_level(logging.WARNING, logger="delivery"):
+        result = deliver(url, attempts=3)
+    assert result == Delivery(False, None, 1, f"{kind}: the configured URL cannot be used (check the channel's setting)")
+    assert [(r.levelname, r.getMessage(), r.error) for r in caplog.records] == [
+        ("ERROR", "Notification not sent: the channel's URL cannot be used", result.error)]
+    assert "secret" not in caplog.text
+
+
+def test_a_proxy_url_no_request_can_be_made_to_names_the_proxy_setting_not_the_channels():
+    with bounded(requests.Session()) as http:
+        http.proxies = {"http": "http://"}
+        result = send(http, "http://hooks.example/services/T0001/B0002/secret", {"text": "hi"}, "slack", 1.0, 3, 1.0, 0.01)
+    assert result == Delivery(False, None, 1, "InvalidProxyURL: the proxy URL cannot be used (check HTTP_PROXY/HTTPS_PROXY)")
+
+
 def test_success_at_once(receiver):
     r = receiver((200, {}, b"ok"))
     assert deliver(r.server.url) == Delivery(True, 200, 1, None, "ok")
@@ -626,6 +649,25 @@ def test_a_judge_that_fails_on_an_answer_makes_it_unrecognised_never_an_error(re
 def test_an_answer_in_an_unknown_charset_is_still_read(receiver):
     r = receiver((200, {"Content-Type": "text/plain; charset=no-such-charset"}, b"ok \xff"))
     assert deliver(r.server.url, attempts=1) == Delivery(True, 200, 1, None, "ok \ufffd")
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode", "IDNA"])
+def test_a_2xx_in_a_host_name_charset_is_accepted_once_never_a_crash(receiver, charset):
+    # requests' .text raised a bare UnicodeError on these after the receiver
+    # had said 200: out of send, the handler released the claim and answered
+    # 500, and every redelivery by the Broker posted the page again.
+    r = receiver((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok \xff"))
+    assert deliver(r.server.url, attempts=3) == Delivery(True, 200, 1, None, "ok \ufffd")
+    assert len(r.server.received()) == 1
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_slacks_yes_in_a_host_name_charset_is_read_as_its_words(receiver, charset):
+    # punycode "decodes" the ASCII "ok" into other letters: read as UTF-8.
+    from functions.escalation.channels.slack import judge
+
+    r = receiver((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok"))
+    assert deliver(r.server.url, attempts=3, accept=judge) == Delivery(True, 200, 1, None, "ok")
 
 
 # --------------------------------------------------------------------------- a 2xx cut off before its body

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
-from shared import events
+from shared import eventio, events
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert, raw_alert, webhook
@@ -482,10 +482,14 @@ def deliver_forged(proc, event_type, row, **data):
 
 
 def test_forged_generations_page_once(escalation, receivers, clean_db):
+    """Generations the incident never had are refused for good (nothing
+    legitimate carries one: events leave after their commit)."""
     pd, hook = receivers
     row = open_incident(clean_db)
-    for generation in (0, 1, 2, 3):
-        assert deliver_forged(escalation, events.INCIDENT_OPENED, row, generation=generation, priority="P0").status_code == 202
+    assert deliver_forged(escalation, events.INCIDENT_OPENED, row, generation=0, priority="P0").status_code == 202
+    for generation in (1, 2, 3):
+        response = deliver_forged(escalation, events.INCIDENT_OPENED, row, generation=generation, priority="P0")
+        assert response.status_code == 400 and "data.generation" in response.json()["message"]
     assert len(pd.requests) == 1 and len(hook.requests) == 1
 
 
@@ -663,3 +667,60 @@ def test_a_database_blip_after_the_slack_post_is_ridden_out_without_a_second_pos
         proc.stop()
         proxy.stop()
         slack_hook.reset()
+
+
+# --------------------------------------------------------------------------- text that reorders or hides itself
+
+# A right-to-left override makes "DiskFull" followed by "lluFksiD" read as
+# anything; a zero-width space and a word joiner hide inside a name.
+SPOOFED_NAME = "Disk\u202eFull\u202c\u200bLow\u2066x\u2069\ufeff\u2060"
+SPOOFED_SHOWN = "Disk‹U+202E›Full‹U+202C›‹U+200B›Low‹U+2066›x‹U+2069›‹U+FEFF›‹U+2060›"
+HIDDEN_CHARACTERS = "\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
+
+
+def test_bidi_controls_and_zero_width_characters_are_shown_in_the_page_and_the_slack_message(escalation, receivers, clean_db):
+    pd, hook = receivers
+    row = incident_with(clean_db, SPOOFED_NAME, summary="Primary \u202edown\u202c, firefighter 👩\u200d🚒 paged",
+                        description="replica\u200b lag")
+    assert row["alert_name"] == SPOOFED_NAME  # the record keeps what the alert said
+    spec = events.incident_event(events.INCIDENT_OPENED, row, "/test", None)
+    # As the outbox sends it: the alertname attribute percent-encoded.
+    headers, body = eventio.to_http(CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", **spec["extensions"]},
+                                               spec["data"]))
+    assert requests.post(escalation.url + "/", data=body, headers={**headers, "Prefer": "reply"}, timeout=60).status_code == 202
+    (page,) = pd.bodies()
+    (message,) = hook.bodies()
+    assert page["payload"]["summary"] == f"{SPOOFED_SHOWN} - Primary ‹U+202E›down‹U+202C›, firefighter 👩\u200d🚒 paged"
+    assert page["payload"]["class"] == SPOOFED_SHOWN
+    assert page["payload"]["custom_details"]["labels"]["alertname"] == SPOOFED_SHOWN
+    assert page["payload"]["custom_details"]["description"] == "replica‹U+200B› lag"
+    assert message["text"].startswith(f"[P0] {SPOOFED_SHOWN} opened: Primary ‹U+202E›down‹U+202C›, firefighter 👩\u200d🚒 paged")
+    assert message["blocks"][0]["text"]["text"] == f"[P0] {SPOOFED_SHOWN} opened"
+    for sent in (page, message):
+        # Only the joiner of the emoji sequence is left, as it is written.
+        assert {c for c in json.dumps(sent, ensure_ascii=False) if c in HIDDEN_CHARACTERS} == {"\u200d"}
+        assert "🚒" in json.dumps(sent, ensure_ascii=False).split("\u200d", 1)[1][:1]
+
+
+def test_bidi_controls_and_zero_width_characters_are_shown_in_a_teams_card():
+    from functions.escalation.channels.teams import teams_message
+    from shared.config import load_settings
+
+    config = load_settings({"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db"})
+    incident = {"id": "00000000-0000-4000-8000-000000000000", "alert_name": SPOOFED_NAME, "priority": "P0", "status": "open",
+                "summary": "Primary \u202edown", "labels": {"alertname": SPOOFED_NAME, "service": "pay\u200bments"}}
+    card = json.dumps(teams_message(config, incident, "opened", "by \u2067ops\u2069"), ensure_ascii=False).replace("\\\\", "\\")
+    assert [c for c in card if c in HIDDEN_CHARACTERS] == []
+    # Teams' Markdown escape backslashes the punctuation of what is shown.
+    for shown in ("Disk‹U\\+202E›Full", "Primary ‹U\\+202E›down", "pay‹U\\+200B›ments", "by ‹U\\+2067›ops‹U\\+2069›"):
+        assert shown in card, shown
+
+
+@pytest.mark.parametrize("limit", range(150, 170))
+def test_a_shown_character_is_never_cut_in_half(limit):
+    from functions.escalation.channels import slack
+    from functions.escalation.channels.text import ELLIPSIS
+
+    text = slack.fit(["x" * 7, "\u202e" * 3000], limit)
+    assert u16(text) <= limit and text.endswith(ELLIPSIS)
+    assert text[7:-1] == "‹U+202E›" * ((len(text) - 8) // 8)

@@ -5,6 +5,9 @@ tests/test_escalation.py and tests/test_claims_overlap.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import sqlalchemy as sa
 from cloudevents.http import CloudEvent
@@ -13,8 +16,8 @@ from functions.escalation.channels import Note
 from functions.escalation.handler import ACCEPTED, EscalationHandler
 from shared import events
 from shared import incidents as svc
-from shared.config import load_settings
-from shared.errors import BadGateway
+from shared.config import Secret, load_settings
+from shared.errors import BadGateway, BadRequest
 from tests.factories import alert
 from loopback.servers import RecordingServer
 
@@ -168,6 +171,49 @@ def test_a_refused_page_is_a_502_and_the_retry_sends_it(handler, receivers, clea
     assert sent(receivers) == (["trigger", "trigger"], 1)
 
 
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_a_page_answered_2xx_in_a_host_name_charset_is_sent_once_and_the_redelivery_sends_nothing(handler, receivers, clean_db,
+                                                                                                  charset):
+    # requests' .text raised a bare UnicodeError after PagerDuty and Slack
+    # had said yes: the handler released the claim and answered 500, and
+    # every redelivery by the Broker paged again.
+    pd, slack = receivers
+    pd.script.append((202, {"Content-Type": f"text/plain; charset={charset}"}, b"queued \xff"))
+    slack.script.append((200, {"Content-Type": f"text/plain; charset={charset}"}, b"ok"))
+    row = incident(clean_db)
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert [(n["channel"], n["outcome"]) for n in notifications(clean_db, row["id"])] == [("pagerduty", "sent"), ("slack", "sent")]
+    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+
+
+@pytest.mark.parametrize("setting, channel", [("PAGERDUTY_EVENTS_URL", "pagerduty"), ("SLACK_WEBHOOK_URL", "slack")])
+def test_a_url_with_a_host_label_over_63_characters_is_a_502_on_the_timeline_and_the_claim_is_free(
+        receivers, database_url, clean_db, setting, channel):
+    # Not a crash (urllib3's LocationParseError is no requests error): the
+    # notification failed, the Broker is told 502 and dead-letters the event,
+    # and once the setting is fixed a redelivery sends it.
+    for r in receivers:
+        r.server.requests.clear(), r.script.clear()
+    pd, slack = receivers
+    good = {"PAGERDUTY_EVENTS_URL": pd.server.url + "/v2/enqueue", "SLACK_WEBHOOK_URL": slack.server.url + "/services/T/B/X"}
+    env = {"DATABASE_URL": database_url, "PAGERDUTY_ROUTING_KEY": ROUTING_KEY, "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "3"}
+    # Such a setting fails the start (shared.config); a URL no request can
+    # be made to is still refused by the sender, whatever let it through.
+    bad = "http://" + "a" * 64 + ".example/services/T/B/X"
+    config = load_settings({**env, **good})
+    broken = EscalationHandler(dataclasses.replace(config, **({"pagerduty_events_url": bad} if channel == "pagerduty"
+                                                                else {"slack_webhook_url": Secret(bad)})))
+    row = incident(clean_db)
+    error = "InvalidURL: the configured URL cannot be used (check the channel's setting)"
+    with pytest.raises(BadGateway, match=f"^notification not accepted: {channel}: {re.escape(error)}$"):
+        broken.handle(event(events.INCIDENT_OPENED, row))
+    (failed,) = [n for n in notifications(clean_db, row["id"]) if n["channel"] == channel]
+    assert (failed["outcome"], failed["attempts"], failed["error"]) == ("failed", 1, error)
+    assert EscalationHandler(load_settings({**env, **good})).handle(event(events.INCIDENT_OPENED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+
+
 def test_an_unknown_incident_is_acknowledged_and_nothing_is_sent(handler, receivers, clean_db):
     row = incident(clean_db)
     ghost = {**row, "id": "00000000-0000-4000-8000-000000000000"}
@@ -187,8 +233,9 @@ def test_channels_that_are_off_send_nothing(database_url, receivers, clean_db):
 def test_each_generation_is_notified_again(handler, receivers, clean_db):
     row = incident(clean_db, "P1")
     handler.handle(event(events.INCIDENT_OPENED, row))
-    # A generation the database does not have is a repeat, not a new one.
-    handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
+    # A generation the database never had is refused for good (400), not told.
+    with pytest.raises(BadRequest, match="data.generation 1 is above the incident's generation 0"):
+        handler.handle(event(events.INCIDENT_OPENED, {**row, "generation": 1}))
     assert sent(receivers) == ([], 1)
     reopened = reopen(clean_db, resolve(clean_db, row))
     assert reopened["generation"] == 1

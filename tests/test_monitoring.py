@@ -158,3 +158,12 @@ def test_the_service_monitor_scrapes_the_incident_api_service():
     # The job label the rules use is the Service's name (no jobLabel set).
     assert "jobLabel" not in monitor["spec"] and api["metadata"]["name"] == "incident-api"
     assert 'job="incident-api"' in monitoring.RULES.read_text()
+
+
+def test_the_stuck_outbox_alert_says_where_the_reason_is_and_that_it_needs_a_second_route():
+    # A K_SINK no request can be made to stops the drain for good: the alert
+    # sent the reader to the Broker, not to the error that names the setting.
+    (rule,) = [r for r in rules() if r["alert"] == "IncidentOutboxEventsOld"]
+    description = rule["annotations"]["description"]
+    for words in ("K_SINK", "last_error", "second receiver"):
+        assert words in description, words

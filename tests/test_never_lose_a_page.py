@@ -171,3 +171,23 @@ def test_a_page_pagerduty_kept_refusing_is_a_visible_dead_letter_that_re_drives_
     assert again.status_code == 200 and again.json()["sent"] is False
     assert len(accepted()) == 1
     assert [problems for _, problems in pd.invalid] == []
+
+
+@pytest.mark.parametrize("setting, url", [
+    ("PAGERDUTY_EVENTS_URL", "https://" + "e" * 64 + ".pagerduty.example/v2/enqueue"),
+    ("SLACK_WEBHOOK_URL", "https://hooks..slack.example/services/T0/B0/XXXXXXXXXXXXXXXX"),
+], ids=["label-over-63", "empty-label"])
+def test_a_channel_url_no_request_can_be_made_to_fails_the_escalations_start_naming_the_setting(base_env, setting, url):
+    # urllib3 refused the name with LocationParseError at the first page: the
+    # escalation crashed (500) with nothing on the timeline. Now such a
+    # setting fails the start (a revision that never becomes ready: the one
+    # before it keeps serving), and the senders still refuse one at run time
+    # (tests/test_escalation_handler.py: a 502, a dead letter to re-drive).
+    from loopback.processes import FunctionProcess, ProcessExited
+
+    env = {**base_env, "PAGERDUTY_ROUTING_KEY": ROUTING_KEY, "PAGERDUTY_EVENTS_URL": "http://127.0.0.1:9/v2/enqueue", setting: url}
+    with pytest.raises(ProcessExited) as exited:
+        FunctionProcess("escalation", env, threads=1).start(timeout=20)
+    assert f"{setting}: a host name label is empty or over 63 characters" in str(exited.value)
+    if setting == "SLACK_WEBHOOK_URL":
+        assert "XXXXXXXXXXXXXXXX" not in str(exited.value)  # the URL is the secret

@@ -373,3 +373,71 @@ def test_an_alertmanager_whose_connection_drops_inside_its_answer_did_not_answer
             silences.AlertManager(f"http://127.0.0.1:{listener.getsockname()[1]}", 2.0).for_labels({"alertname": "A"})
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("url", ["http://" + "a" * 64 + ".example:9093", "alertmanager.example:9093"], ids=["label-over-63", "no-scheme"])
+def test_an_alertmanager_url_no_request_can_be_made_to_is_a_bad_gateway_that_names_the_setting(url):
+    # urllib3's LocationParseError is no requests error: it was a 500.
+    from shared import silences
+    from shared.errors import BadGateway
+
+    with pytest.raises(BadGateway, match="ALERTMANAGER_URL"):
+        silences.AlertManager(url, 1.0).for_labels({"alertname": "A"})
+
+
+def test_an_alertmanager_answer_that_cannot_be_decoded_is_a_bad_gateway_like_any_unreadable_answer(base_env, clean_db):
+    # A broken gzip answer is requests' ContentDecodingError: it was a 500,
+    # while an answer that is not JSON was already a 502.
+    from loopback.servers import RecordingServer
+
+    answers = {"broken gzip": (200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, b"[not gzip at all]"),
+               "not JSON": (200, {"Content-Type": "text/html"}, b"<html>Sign in</html>")}
+    answer = {"now": answers["broken gzip"]}
+    alertmanager = RecordingServer(lambda request: answer["now"]).start()
+    query = FunctionProcess("query", {**base_env, "ALERTMANAGER_URL": alertmanager.url}).start()
+    try:
+        row = open_incident(clean_db)
+        for name, answer["now"] in answers.items():
+            for method, path, kwargs in (("GET", f"/incidents/{row['id']}/silences", {}),
+                                         ("POST", f"/incidents/{row['id']}/silences", {"json": {"duration_minutes": 60}})):
+                response = call(query, method, path, **kwargs)
+                assert (response.status_code, response.json()["error"]) == (502, "bad_gateway"), (name, method, response.text)
+                assert "ALERTMANAGER_URL" in response.json()["message"], (name, response.text)
+    finally:
+        query.stop(), alertmanager.stop()
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_an_alertmanager_answer_in_a_host_name_charset_is_read_never_a_500(charset):
+    # requests' .json() and .text raised a bare UnicodeError for these.
+    from loopback.servers import RecordingServer
+    from shared import silences
+    from shared.errors import BadGateway
+
+    answer = {"now": (200, {"Content-Type": f"application/json; charset={charset}"}, b'[{"id": "s1", "matchers": []}]')}
+    alertmanager = RecordingServer(lambda request: answer["now"]).start()
+    try:
+        manager = silences.AlertManager(alertmanager.url, 2.0)
+        assert manager.for_labels({"alertname": "A"}) == []  # read; no matcher mutes anything
+        answer["now"] = (400, {"Content-Type": f"text/plain; charset={charset}"}, b"bad matcher \xff")
+        with pytest.raises(BadGateway, match="refused the request \\(400\\): bad matcher \ufffd"):
+            manager.for_labels({"alertname": "A"})
+    finally:
+        alertmanager.stop()
+
+
+def test_a_request_to_alertmanager_that_could_not_be_made_does_not_blame_its_answer():
+    # requests refuses to send a header with a line break (InvalidHeader)
+    # before anything is sent: no answer was read, so none is blamed.
+    from shared import silences
+    import socket
+
+    from shared.errors import BadGateway
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        manager = silences.AlertManager(f"http://127.0.0.1:{listener.getsockname()[1]}", 1.0)
+        with pytest.raises(BadGateway, match="was not called: the request could not be made \\(InvalidHeader\\)"):
+            manager._call("GET", "/api/v2/silences", headers={"X-Trace": "a\nb"})
+    finally:
+        listener.close()

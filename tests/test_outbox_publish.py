@@ -243,10 +243,11 @@ def test_the_eighth_failed_attempt_parks_the_event_by_default(clean_db, caplog):
 
 def test_an_error_is_stored_at_most_500_characters_long(clean_db):
     (event_id,) = events_at(clean_db, 1)
-    # A sink that cannot even be parsed: every event fails on its own, at once.
+    # A sink that cannot even be parsed (a setting to fix, not counted
+    # against the event) and whose error quotes its long path.
     report = outbox.publish_pending(clean_db, "http://127.0.0.1:99999/" + "p" * 600)
-    assert list(report.failed) == [event_id] and not report.broker_unreachable
-    assert len(report.failed[event_id]) == 500 and rows(clean_db)[event_id].last_error == report.failed[event_id]
+    assert report.failed == {} and report.broker_unreachable
+    assert len(report.broker_error) == 500 and rows(clean_db)[event_id].last_error == report.broker_error
 
 
 class DroppingSession(requests.Session):
@@ -443,6 +444,42 @@ def test_a_2xx_whose_connection_drops_inside_the_body_is_a_publish(clean_db):
     assert broker.requests == 1
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\nok",  # dropped inside the body
+    b"HTTP/1.1 202 Accepted\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",  # undecodable
+    b"HTTP/1.1 202 Accepted\r\nContent-Type: text/plain; charset=idna\r\nContent-Length: 3\r\n\r\nok\xff",  # no charset to read
+], ids=["chunked", "decoding", "idna"])
+def test_a_2xx_whose_body_is_broken_is_a_publish_sent_once(clean_db, answer):
+    ids = events_at(clean_db, 2)
+    with OneAnswer(answer) as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0)
+    assert report.published == ids and report.failed == {} and not report.broker_unreachable, report
+    assert broker.requests == 2
+    assert [rows(clean_db)[i].attempts for i in ids] == [0, 0]
+
+
+def test_a_refusal_in_a_host_name_charset_is_the_brokers_answer_with_its_words(clean_db):
+    (event_id,) = pending(clean_db, "OutA")
+    answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=idna\r\nContent-Length: 7\r\n\r\nbusy \xff!"
+    with OneAnswer(answer) as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0)
+    assert report.failed == {event_id: "BrokerAnswered: broker answered 503: busy \ufffd!"} and not report.broker_unreachable
+
+
+def test_a_redirect_whose_location_is_not_utf8_is_a_refusal_not_an_unusable_k_sink(clean_db, caplog):
+    # requests decodes the Location even when it does not follow it: the
+    # UnicodeDecodeError was taken for K_SINK's fault, and the drain stopped
+    # on every run ("K_SINK is not a URL") for what the Broker answered.
+    ids = events_at(clean_db, 2)
+    redirect = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /\xff\xfe\r\nContent-Length: 0\r\n\r\n"
+    with caplog.at_level(logging.WARNING, logger="outbox"), OneAnswer(redirect) as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0)
+    assert not report.broker_unreachable and not report.sink_unusable, report
+    assert sorted(report.failed) == ids and all(e.startswith("BrokerAnswered: broker answered 307") for e in report.failed.values())
+    assert broker.requests == 2
+    assert not [r for r in caplog.records if "K_SINK" in r.getMessage()]
+
+
 def test_a_refusal_whose_connection_drops_inside_the_body_is_one_failed_attempt_not_an_outage(clean_db):
     # A Broker that answered was reached: no second POST at once, and the
     # attempt counts against the event instead of reporting the Broker down.
@@ -453,3 +490,86 @@ def test_a_refusal_whose_connection_drops_inside_the_body_is_one_failed_attempt_
     assert report.failed[event_id].startswith("ChunkedEncodingError"), report.failed
     assert broker.requests == 1
     assert rows(clean_db)[event_id].attempts == 1
+
+
+@pytest.mark.parametrize("sink", ["http://" + "b" * 64 + ".example/ns/default", "broker.example/ns/default"],
+                         ids=["label-over-63", "no-scheme"])
+def test_a_k_sink_no_request_can_be_made_to_stops_the_drain_counts_nothing_and_says_so(clean_db, caplog, sink):
+    # Not the events' fault and not mended by a retry: before, urllib3's
+    # LocationParseError was counted against every event until each parked.
+    ids = pending(clean_db, "OutA", "OutB", "OutC")
+    http = deadline.bounded(CountingSession())
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, sink, timeout=1, http=http)
+    # At most one try (no scheme is refused before the session's post).
+    assert http.posted in ([], [ids[0]])
+    assert report.broker_unreachable and report.failed == {} and report.published == [] and report.parked == []
+    assert report.broker_error.startswith(("InvalidURL: ", "InvalidSchema: ", "MissingSchema: ")), report.broker_error
+    stored = rows(clean_db)
+    assert [stored[i].attempts for i in ids] == [0, 0, 0] and outbox.pending_count(clean_db) == 3
+    assert all(stored[i].claimed_until is None and stored[i].next_attempt_at is None for i in ids)
+    assert stored[ids[0]].last_error == report.broker_error
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == "K_SINK is not a URL an event can be sent to; events stay in the outbox"
+    # Said once, as what it is: no "Broker unreachable" warning after it.
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nno",  # dropped inside the body
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",  # undecodable
+], ids=["chunked", "decoding"])
+def test_a_refusal_whose_body_is_broken_shows_the_broker_is_up_so_a_dropped_connection_after_it_is_the_events_own(clean_db, answer):
+    # The Broker answered (its status line and headers): reached, as a
+    # refusal with a whole body is. The next event's dropped connection is
+    # that event's failure, not an outage that hands it back uncounted.
+    ids = events_at(clean_db, 2)
+    with OneAnswer(answer) as broker:
+        report = outbox.publish_pending(clean_db, broker.url + "/ns/default", timeout=2.0,
+                                        http=deadline.bounded(DroppingSession(ids[1])))
+    assert sorted(report.failed) == ids and not report.broker_unreachable, report
+    assert report.failed[ids[0]].startswith(("ChunkedEncodingError", "ContentDecodingError")), report.failed
+    assert [rows(clean_db)[i].attempts for i in ids] == [1, 1]
+
+
+class TlsBrokenInsideRefusalSession(CountingSession):
+    """Each POST is answered 503, and TLS fails inside that answer's body:
+    requests' SSLError (a ConnectionError) carrying the answer."""
+
+    def post(self, *args, **kwargs):
+        self.posted.append(kwargs["headers"].get("ce-id", "structured"))
+        answer = requests.Response()
+        answer.status_code = 503
+        raise requests.exceptions.SSLError("decryption failed or bad record mac", response=answer)
+
+
+def test_tls_failing_inside_a_refusal_is_the_brokers_answer_not_an_outage_and_not_sent_again_at_once(clean_db):
+    # Caught as a ConnectionError first, it was "Broker not reached": posted
+    # again at once (a stale kept-alive connection's retry), and after two
+    # the drain stopped, reporting the Broker down, counting nothing.
+    ids = events_at(clean_db, 3)
+    http = deadline.bounded(TlsBrokenInsideRefusalSession())
+    report = outbox.publish_pending(clean_db, "http://broker.invalid/ns/default", timeout=1.0, http=http)
+    assert http.posted == ids  # once each
+    assert sorted(report.failed) == ids and not report.broker_unreachable, report
+    assert all(e.startswith("SSLError") for e in report.failed.values())
+    assert [rows(clean_db)[i].attempts for i in ids] == [1, 1, 1]
+
+
+def test_tls_failing_inside_a_refusal_to_a_redelivery_says_the_broker_answered():
+    from shared import backlog
+
+    http = deadline.bounded(TlsBrokenInsideRefusalSession())
+    error = backlog.send(http, "http://broker.invalid/ns/default", b'{"id": "ev-1"}', 1.0)
+    assert error == "SSLError: the Broker answered 503 and its answer could not be read", error
+
+
+def test_an_unusable_proxy_url_is_named_as_the_proxy_setting_not_k_sink(clean_db, caplog):
+    ids = pending(clean_db, "OutA")
+    http = deadline.bounded(requests.Session())
+    http.proxies = {"http": "http://"}
+    with caplog.at_level(logging.WARNING, logger="outbox"):
+        report = outbox.publish_pending(clean_db, "http://broker.example/ns/default", timeout=1, http=http)
+    assert report.sink_unusable and report.failed == {} and rows(clean_db)[ids[0]].attempts == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "HTTP_PROXY/HTTPS_PROXY is not a URL an event can be sent to; events stay in the outbox"]

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from loopback.kube import deployment
 from loopback.processes import FunctionProcess, wait_until
-from shared import events, proposals
+from shared import claims, events, proposals
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
@@ -347,3 +347,99 @@ def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_nev
     # A redelivery replies the recorded failure instead of 409 until the dead letter.
     assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
     assert len(cluster.calls("PATCH", "/scale")) == 1
+
+
+def reopen(engine, incident_id):
+    """A person reopens the incident: generation 1, first root."""
+    with engine.begin() as conn:
+        if svc.get_incident(conn, incident_id)["status"] != "resolved":
+            svc.transition(conn, incident_id, "resolved", "test", "/test")
+        svc.transition(conn, incident_id, "investigating", "test", "/test")
+        return svc.get_incident(conn, incident_id)
+
+
+def test_a_proposal_of_a_generation_a_person_reopened_since_is_superseded_and_refused_with_409(remediation, query, cluster, clean_db):
+    """The proposal is generation 0's; a person reopens the incident
+    (generation 1). Its actions were planned for a generation the incident
+    has left: the reopen supersedes it, the board no longer offers it, and
+    an approval or a rejection is 409 naming why. Nothing runs."""
+    row, summary = proposed(clean_db, remediation)
+    assert reopen(clean_db, row["id"])["generation"] == 1
+    for verb in ("approve", "reject"):
+        refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/{verb}")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["proposal_status"] == "superseded"
+        assert "reopened (generation 1) since it was proposed for generation 0" in refused.json()["message"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "superseded"
+    assert "remediation_proposal_superseded" in kinds(clean_db, row["id"])
+    browser = requests.Session()
+    browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, timeout=10)
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert f'id="proposal-status-{summary["id"]}">superseded<' in page and f'id="approve-{summary["id"]}"' not in page
+    assert not cluster.calls("PATCH")
+
+
+def test_a_pending_proposal_of_a_generation_the_intake_reopened_since_is_refused_with_409(remediation, query, cluster, clean_db):
+    """The intake's reopen (the alert fired again after remediation
+    resolved the incident) moves the generation too: the proposal shows as
+    superseded, and the first decision on it records that and is 409."""
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        again = svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", namespace="production")], "/test", "test",
+                                  reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+    shown = requests.get(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}",
+                         headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=10)
+    assert shown.status_code == 200 and shown.json()["status"] == "superseded"
+    refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
+    assert refused.status_code == 409 and refused.json()["proposal_status"] == "superseded", refused.text
+    assert "since it was proposed for generation 0" in refused.json()["message"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "superseded"
+    assert not cluster.calls("PATCH")
+
+
+def test_an_approval_still_in_flight_when_a_person_reopens_is_not_executed_and_its_outcome_is_of_its_own_generation(
+        remediation, query, cluster, clean_db):
+    """Approved at generation 0, its event still on its way when a person
+    reopens the incident (generation 1). Nothing runs, and the outcome is
+    recorded and replied as generation 0's: stale to escalation, not a
+    remediation failure of generation 1 to page about."""
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:  # approved; its event not delivered yet
+        conn.execute(sa.text("UPDATE remediation_proposals SET status = 'approved', decided_by = 'api:alice' WHERE id = :id"),
+                     {"id": summary["id"]})
+    current = reopen(clean_db, row["id"])
+    assert current["generation"] == 1
+    assert deliver_approval(remediation, row, summary["id"]).status_code == 200
+    p = settled(clean_db, row["id"], summary["id"])
+    assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is investigating (generation 1)")
+    assert not cluster.calls("PATCH")
+    with clean_db.connect() as conn:
+        (result,) = [t["details"] for t in svc.get_timeline(conn, row["id"])
+                     if t["kind"] == "remediation_result" and t["details"].get("approved_proposal") == summary["id"]]
+    assert (result["generation"], result["root_generation"]) == (0, 0)
+    replayed = reply_of(deliver_approval(remediation, row, summary["id"]))
+    assert (replayed.data["generation"], replayed.data["root_generation"]) == (0, 0)
+    assert claims.judge_event(current, replayed.data["generation"], replayed.data["root_generation"]).startswith(
+        "the event is of generation 0; the incident is at generation 1")
+
+
+def test_an_approved_outcome_redelivered_after_a_reopen_is_stale_not_forged(remediation, query, cluster, clean_db):
+    """Executed at generation 0 under its second root, then reopened by a
+    person (generation 1, first root): the approval redelivered replies the
+    outcome as generation 0's, root 1, a pair that existed, so escalation
+    acknowledges it with nothing told. Stamped with the incident's new
+    generation it was (1, root 1), a pair that never existed: 400, a dead
+    letter no re-drive could deliver."""
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": row["id"]})
+    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
+    current = reopen(clean_db, row["id"])
+    assert (current["generation"], current["root_generation"]) == (1, 0)
+    replayed = reply_of(deliver_approval(remediation, row, summary["id"]))
+    assert replayed["id"] == f"{row['id']}.remediated.0.{summary['id']}"
+    assert (replayed.data["generation"], replayed.data["root_generation"]) == (0, 1)
+    assert claims.judge_event(current, replayed.data["generation"], replayed.data["root_generation"]) is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -150,6 +151,59 @@ def test_the_next_link_names_each_value_once(query, clean_db):
     link = response.headers["Link"]
     assert len(link) < 500 and "?limit=1&status=open&alert_name=HostileA,HostileB&cursor=" in link, link[:300]
     assert len(requests.get(response.links["next"]["url"], headers=AUTH, timeout=30).json()) == 1
+
+
+def board_session(query) -> requests.Session:
+    board = requests.Session()
+    assert board.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, timeout=10).status_code == 200
+    return board
+
+
+@pytest.mark.parametrize("path", ["/ui", "/ui/backlog", "/ui/maintenance"])
+@pytest.mark.parametrize("signed_in", [True, False], ids=["signed-in", "signed-out"])
+def test_a_board_query_string_past_the_bound_is_the_boards_html_error_page(query, clean_db, path, signed_in):
+    # The JSON 400 of the API was shown to a person as raw JSON.
+    names = ",".join(f"{i:04d}" + "n" * 76 for i in range(MAX_VALUES))
+    client = board_session(query) if signed_in else requests.Session()
+    page = client.get(f"{query.url}{path}?alert_name={names}", timeout=30, allow_redirects=False)
+    assert page.status_code == 400 and page.headers["Content-Type"].startswith("text/html"), (page.status_code, page.text[:200])
+    assert "Something is wrong" in page.text and str(MAX_QUERY_STRING) in page.text and len(page.content) < 4000
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"] and page.headers["Cache-Control"] == "no-store"
+    # The API's own answer is still its JSON.
+    assert get(query, f"/incidents?alert_name={names}").headers["Content-Type"].startswith("application/json")
+
+
+def _pager(html: str) -> str:
+    return re.search(r'href="([^"]+)" rel="next"', html).group(1).replace("&amp;", "&")
+
+
+def test_the_boards_next_page_link_names_each_value_once_as_the_apis_link_does(query, clean_db):
+    seed(clean_db, "HostileA"), seed(clean_db, "HostileB")
+    board = board_session(query)
+    page = board.get(query.url + "/ui?limit=1&status=" + ",".join(["open"] * 3000) + "&status=open&service=&alert_name=HostileA,HostileB"
+                     "&alert_name=HostileB", timeout=30)
+    assert page.status_code == 200, page.text[:200]
+    following = _pager(page.text)
+    assert following.startswith("/ui?limit=1&status=open&alert_name=HostileA,HostileB&cursor="), following[:300]
+    api_link = get(query, "/incidents?limit=1&status=open&alert_name=HostileA,HostileB").links["next"]["url"]
+    assert following.split("?", 1)[1] == api_link.split("?", 1)[1]
+    assert board.get(query.url + following, timeout=30).text.count('href="/ui/incidents/') == 1
+
+
+def test_the_backlogs_next_page_link_names_each_value_once(query, clean_db):
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        for n in range(2):
+            dead_letters.record(conn, dead_letters.Letter(f"ev-{n}", "/test", "io.incidentresponse.incident.opened", "http://escalation",
+                                                          "502", "pagerduty: 500", {}, b"{}"))
+    board = board_session(query)
+    page = board.get(query.url + "/ui/backlog?limit=1&destination=" + ",".join(["http://escalation"] * 500)
+                     + "&destination=http://escalation&event_type=", timeout=30)
+    assert page.status_code == 200, page.text[:200]
+    following = _pager(page.text)
+    assert following.startswith("/ui/backlog?limit=1&destination=http://escalation&cursor="), following[:300]
+    assert board.get(query.url + following, timeout=30).status_code == 200
 
 
 # ------------------------------------------------------------------ time ranges
@@ -347,3 +401,22 @@ def test_a_connection_terminated_mid_request_is_503_with_retry_after_then_served
     assert answer["r"].status_code == 503, answer["r"].text[:200]
     assert _unavailable_or_served(answer["r"])
     assert get(query, "/incidents").status_code == 200
+
+
+def test_a_backlog_query_the_board_refused_is_not_carried_by_the_next_page_link(query, clean_db):
+    # The page lists the default page and says why; its "Older" link carried
+    # the refused query with the cursor, refused again: the first page again.
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        for n in range(51):
+            dead_letters.record(conn, dead_letters.Letter(f"ev-{n:02d}", "/test", "io.incidentresponse.incident.opened",
+                                                          "http://escalation", "502", "pagerduty: 500", {}, b"{}"))
+    board = board_session(query)
+    page = board.get(query.url + "/ui/backlog?limit=many", timeout=30)
+    assert page.status_code == 200 and "limit" in page.text, page.text[:200]
+    following = _pager(page.text)
+    assert "limit" not in following, following
+    second = board.get(query.url + following, timeout=30).text
+    shown = set(re.findall(r"ev-\d\d", page.text)) | set(re.findall(r"ev-\d\d", second))
+    assert len(shown) == 51 and not set(re.findall(r"ev-\d\d", page.text)) & set(re.findall(r"ev-\d\d", second))

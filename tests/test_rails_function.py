@@ -12,7 +12,7 @@ from cloudevents.http import CloudEvent, from_http
 
 from shared import events
 from shared import incidents as svc
-from tests.factories import alert
+from tests.factories import alert, mark_diagnosed
 from loopback.kube import deployment
 from tests.holding import HoldingKubernetes
 from loopback.processes import FunctionProcess
@@ -68,8 +68,7 @@ def no_cooldown(base_env, holding_kube):
 def diagnosed(engine, name, **labels):
     with engine.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
-        svc.mark_investigating(conn, incident_id, "diagnostics")
-        return svc.get_incident(conn, incident_id)
+        return mark_diagnosed(conn, incident_id)
 
 
 def deliver(proc, row):

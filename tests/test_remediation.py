@@ -15,7 +15,7 @@ from functions.remediation.actions import ActionContext, IdleConnectionsParams, 
 from shared import events
 from shared import incidents as svc
 from shared.config import load_settings
-from tests.factories import alert
+from tests.factories import alert, mark_diagnosed
 from loopback.kube import deployment, pod, replicaset
 from loopback.processes import FunctionProcess
 from tests.conftest import needs_own_backend
@@ -83,8 +83,7 @@ def tight(base_env, kube, database_url):
 def incident(engine, name, **labels):
     with engine.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert(name, **labels)], "/test", "test").outcomes[0].incident_id
-        svc.mark_investigating(conn, incident_id, "diagnostics")
-        return svc.get_incident(conn, incident_id)
+        return mark_diagnosed(conn, incident_id)
 
 
 def deliver(proc, row):
@@ -252,7 +251,7 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     fired = fired.__class__(**{**fired.__dict__, "starts_at": datetime(2026, 11, 27, 10, 0, 0)})
     with clean_db.begin() as conn:
         row_id = svc.record_alerts(conn, [fired], "/test", "am", reopen_window_seconds=1800).outcomes[0].incident_id
-        row = svc.get_incident(conn, row_id)
+        row = mark_diagnosed(conn, row_id)
     assert reply_of(deliver(live, row))["type"] == REMEDIATED
 
     # AlertManager re-sends the same firing (same startsAt): noted, nothing opened.
@@ -270,7 +269,10 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     assert (row["status"], row["generation"]) == ("open", 1)
     assert reopened.event_ids == [f"{row_id}.opened.1"]
 
-    # The second attempt meets the cooldown: a human gets it, not a loop.
+    # Its opening diagnosed, the new generation's remediation meets the
+    # cooldown: a human gets it, not a loop.
+    with clean_db.begin() as conn:
+        row = mark_diagnosed(conn, row_id)
     event = reply_of(deliver(live, row))
     assert event["type"] == FAILED and "cooldown" in event.data["remediation"]["reason"]
     assert len(cluster.calls("PATCH")) == 1
@@ -458,3 +460,35 @@ def test_an_action_over_the_blast_radius_is_blocked_and_recorded(live, cluster, 
     assert not cluster.calls("DELETE")
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT blocked_by FROM remediation_runs WHERE incident_id = :i"), {"i": row["id"]}).scalar() == "blast_radius"
+
+
+def test_a_run_a_person_reopened_the_incident_during_resolves_only_its_own_generation(live, cluster, clean_db):
+    """The playbook is scaling generation 0 when a person resolves the
+    incident by hand and reopens it (generation 1: they think the fix did
+    not hold). The run then succeeds: its outcome is generation 0's, and
+    the generation the person reopened stays theirs, investigating."""
+    import threading
+
+    from loopback.processes import wait_until
+
+    row = incident(clean_db, "KafkaConsumerLagHigh", namespace="production", severity="warning")
+    cluster.released.clear()
+    cluster.fail("PATCH", "/deployments/email-service/scale$", "hold")
+    answer = {}
+    running = threading.Thread(target=lambda: answer.setdefault("response", deliver(live, row)))
+    running.start()
+    try:
+        wait_until(lambda: cluster.calls("PATCH", "/scale"), 30, message="the scale under way")
+        with clean_db.begin() as conn:
+            svc.transition(conn, row["id"], "resolved", "test", "/test")
+            svc.transition(conn, row["id"], "investigating", "test", "/test")
+    finally:
+        cluster.released.set()
+        running.join(60)
+    event = reply_of(answer["response"])
+    assert event["type"] == REMEDIATED and event["id"] == f"{row['id']}.remediated.0"
+    with clean_db.connect() as conn:
+        now = svc.get_incident(conn, row["id"])
+        results = [t["details"]["generation"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_result"]
+    assert (now["generation"], now["status"], now["resolved_by"]) == (1, "investigating", None)
+    assert results == [0]

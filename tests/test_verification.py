@@ -6,6 +6,7 @@ are on the timeline, and remediation_failed says so)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -305,3 +306,24 @@ def test_a_prometheus_that_trickles_its_answer_is_a_failed_query_at_the_probe_ti
     assert ended, "the query outlived the probe timeout"
     assert took < 2.5
     assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked"), verdict
+
+
+def test_a_prometheus_url_no_request_can_be_made_to_is_one_of_requests_errors_and_inconclusive():
+    # urllib3 refused the label over 63 characters with LocationParseError,
+    # no requests error: a caller catching those (the topology's, the
+    # verifier's) was left to its broadest except, or none.
+    from shared import promapi
+    from shared.config import load_settings
+    from functions.remediation.verify import Verifier
+
+    url = "http://" + "p" * 64 + ".example:9090"
+    with pytest.raises(requests.exceptions.InvalidURL):
+        promapi.instant(url, "up", 1.0)
+    # Such a PROMETHEUS_URL fails the start (shared.config); the verifier
+    # still copes with one, whatever let it through.
+    config = dataclasses.replace(load_settings({"DATABASE_URL": "postgresql+pg8000://u@127.0.0.1/db",
+                                                "REMEDIATION_VERIFY_WINDOW_SECONDS": "0", "PROBE_TIMEOUT_SECONDS": "1"}),
+                                 prometheus_url=url)
+    (plain,) = pb.parse(_book(), "p.yaml")
+    verdict = Verifier(config).check({"alert_name": "A", "labels": {"namespace": "prod"}}, plain, {})
+    assert verdict.verified is None and verdict.reason.startswith("not verified: Prometheus could not be asked (Failed to parse"), verdict

@@ -68,15 +68,21 @@ class DiagnosticsHandler:
 
     def handle(self, event: CloudEvent) -> Response:
         incident_id = eventio.incident_id_of(event)
+        generation, root_generation = eventio.generation_of(event), eventio.root_generation_of(event)
         with db.transaction() as conn:
-            step = claims.begin_step(conn, "diagnostics", incident_id, self.config.diagnostics_deadline_seconds * 3)
+            step = claims.begin_step(conn, "diagnostics", incident_id, self.config.diagnostics_deadline_seconds * 3,
+                                     generation, root_generation)
+        if step.state == "stale":
+            # A late opening of a generation the incident has left: nothing to diagnose.
+            log.info("Diagnostics skipped: stale event", extra={"incident_id": incident_id, "reason": step.reason})
+            return eventio.ack()
         if step.state == "skip":
             status = step.incident["status"] if step.incident else "missing"
             log.info("Diagnostics skipped: incident is %s" % status, extra={"incident_id": incident_id})
             return eventio.ack()
         if step.state == "replay":
             log.info("Diagnostics already stored; replying again", extra={"incident_id": incident_id})
-            return self._reply(incident_id)
+            return self._reply(step.incident, step.incident.get("diagnostics") or {})
         incident, key = step.incident, step.key
 
         log.info("Running diagnostics", extra={"incident_id": incident_id, "alert_name": incident["alert_name"]})
@@ -108,15 +114,18 @@ class DiagnosticsHandler:
                 "incident_id": incident_id, "root_generation": diagnostics["root"]["root_generation"]})
             return eventio.ack()
         log.info("Diagnostics stored", extra={"incident_id": incident_id, "durations_ms": diagnostics["durations_ms"]})
-        return self._reply(incident_id)
+        return self._reply(incident, diagnostics)
 
-    def _reply(self, incident_id: str) -> Response:
+    def _reply(self, of: dict, diagnostics: dict) -> Response:
+        """The diagnosis of the step that ran (``of``: the incident as the
+        step read it), stamped with that step's generation and the root the
+        diagnosis is of, whatever the incident is at by now: a reply a
+        reopen overtook is stale to its consumers (nothing done), never a
+        pair of generation and root that did not exist together (400)."""
         with db.engine().connect() as conn:
-            incident = incidents.require_incident(conn, incident_id)
-        diagnostics = incident.get("diagnostics") or {}
-        # The reply is of the root the stored diagnosis is of (its id and
-        # root_generation), whatever root the incident has by now.
-        incident["root_generation"] = diagnosed_root_generation(diagnostics, incident)
+            incident = incidents.require_incident(conn, of["id"])
+        incident["generation"] = of["generation"]
+        incident["root_generation"] = diagnosed_root_generation(diagnostics, of)
         return eventio.reply(
             events.INCIDENT_DIAGNOSED,
             incident,

@@ -13,7 +13,10 @@ read. A ``2xx`` is not yet an acceptance: the channel judges the answer
 ``200`` with a page of its own, and Slack's Web API answers ``200`` with
 ``"ok": false``. An answer the channel does not recognise is retried like
 an error on their side; a refusal in the service's own words is not retried
-here (the handler answers ``502``, so the Broker's redelivery tries again).
+here (the handler answers ``502``, so the Broker's redelivery tries again),
+and neither is a URL no request can be made to (a host name label over 63
+characters, no scheme: :data:`shared.deadline.UNUSABLE_URL`), a setting to
+fix that fails at once, logged, and ends as a dead letter the same way.
 A judge that fails on an answer counts it as unrecognised. A ``2xx`` cut
 off after its status line (headers or body still coming at the bound, or
 the connection dropped before the body's end) is judged on what arrived: a
@@ -41,7 +44,7 @@ import requests
 import urllib3.exceptions
 
 from functions.escalation.answer import Answer, accept_any_2xx
-from shared.deadline import DeadlinePassed, request
+from shared.deadline import UNUSABLE_URL, DeadlinePassed, answer_text, request
 from shared.log import scrub
 
 log = logging.getLogger("delivery")
@@ -81,6 +84,12 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
     while (nxt := chain[-1].__cause__ or chain[-1].__context__ or _reason(chain[-1])) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         chain.append(nxt)
+    if isinstance(exc, requests.exceptions.InvalidProxyURL):
+        # The proxy's setting, not the channel's.
+        return f"{kind}: the proxy URL cannot be used (check HTTP_PROXY/HTTPS_PROXY)"
+    if isinstance(exc, UNUSABLE_URL):
+        # Its message quotes the URL (and a Slack URL is the secret).
+        return f"{kind}: the configured URL cannot be used (check the channel's setting)"
     passed = next((e for e in chain if isinstance(e, DeadlinePassed)), None)
     if passed is not None:
         # Its text is ours: "answer not complete within 5s".
@@ -149,7 +158,11 @@ def _attempt(http: requests.Session, url: str, payload: dict | bytes, headers: d
     # ``cut_short`` set: the channel judges it (send).
     response = request(http, "POST", url, timeout, ANSWER_MAX_BYTES, partial_2xx=True, headers=headers,
                        allow_redirects=False, **body)
-    return response, response.text
+    # answer_text: requests' .text raises on a charset that cannot be
+    # decoded with replacement (idna, punycode), after the receiver said
+    # 2xx: raised here, it escaped send, the handler released the claim and
+    # every redelivery posted the notification again.
+    return response, answer_text(response)
 
 
 def send(
@@ -177,6 +190,14 @@ def send(
         bound = max(min(timeout, deadline - time.monotonic()), 0.001)
         try:
             response, text = _attempt(http, url, payload, headers, bound)
+        except UNUSABLE_URL as exc:
+            # A setting to fix (a host name label over 63 characters, no
+            # scheme): no retry makes it better. Not accepted, so the handler
+            # answers 502 and the Broker dead-letters the event, to be
+            # redelivered once the setting is fixed.
+            error = describe_failure(exc, bound)
+            log.error("Notification not sent: the channel's URL cannot be used", extra={"channel": channel, "error": error})
+            return Delivery(False, None, attempt, error)
         except requests.RequestException as exc:
             last = Delivery(False, None, attempt, describe_failure(exc, bound))
             wait = delay

@@ -4,10 +4,19 @@ channel and transition.
 Every incident transition arrives (the Triggers in ``knative/`` filter on
 the type only); each channel of :mod:`functions.escalation.channels`
 decides from the settings what the transition means to it, and the
-database decides what happened. An event only names an incident and a transition:
-its generation, priority, status and remediation outcome are read from the
-database, so a forged or stale event can at most repeat a notification that
-is due, never add one (``notify:…`` keys carry the stored generation).
+database decides what happened. An event names an incident, a transition
+and the generation and root it is of: one of an earlier generation (the
+incident was reopened since) tells nothing, one the database never had is
+``400`` (shared.claims.judge_event). One exception keeps every acknowledged
+alert reaching a human: an opening of an earlier generation that a channel
+never told (its page dead-lettered, then the alert fired again and the
+intake reopened the incident, its new opening not told either) is told, while the incident is active, as the
+current generation's opening, unless a person reopened or acknowledged it
+(:meth:`EscalationHandler._untold_opening`).
+Priority, status and remediation
+outcome are read from the database, so a forged or stale event can at most
+repeat a notification that is due, never add one (``notify:…`` keys carry
+the stored generation).
 
 A notification is claimed before it is sent and recorded (with a unique key)
 in the same transaction as the claim completes, so a redelivered or
@@ -144,6 +153,38 @@ def sent_by(conn, channel: str, incident_id: str, stale_seconds: float = 0) -> t
     return actions([r.key for r in rows if r.done]), actions([r.key for r in rows if not r.done])
 
 
+def told_openings(conn, incident_id: str, generation: int) -> frozenset[str]:
+    """The channels that told an opening of the incident's ``generation``
+    or of any later one (its first, a raise to P0, a new root's, or this
+    opening told as a later generation's), from their completed claim keys
+    ``notify:{channel}:{action}:{incident}:{generation}:opened…``. A later
+    opening told means a human heard of the incident after this one, and an
+    opening told as a later generation's is recorded under that generation's
+    key: either way this one is not told again, in any generation."""
+    rows = conn.execute(
+        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE 'notify:%' AND completed_at IS NOT NULL"),
+        {"i": incident_id},
+    ).scalars()
+    parts = [key.split(":") for key in rows]
+    return frozenset(p[1] for p in parts
+                     if len(p) > 5 and p[4].isdigit() and int(p[4]) >= generation and p[5].split(".")[0] == "opened")
+
+
+def taken_by_a_person(conn, incident: dict) -> str | None:
+    """Why a person already has the incident's current generation: they
+    reopened it by hand (resolved -> investigating; the intake's reopen,
+    the alert firing again, goes to open), or acknowledged it since the
+    reopen. None when nobody did."""
+    entries = incidents.get_timeline(conn, incident["id"])
+    reopens = [i for i, t in enumerate(entries) if t["kind"] == "reopened"]
+    since = reopens[-1] if reopens else 0
+    if reopens and entries[since]["details"].get("to") != "open":
+        return f"{entries[since]['actor']} reopened generation {incident['generation']} by hand"
+    # Either timeline kind an acknowledgement has (shared.acknowledge).
+    who = acknowledge.acknowledged_by(conn, incident["id"])
+    return f"{who} acknowledged generation {incident['generation']}" if who else None
+
+
 @dataclass(frozen=True)
 class Round:
     """Which remediation outcome an event tells: the approved proposal it
@@ -169,7 +210,8 @@ class EscalationHandler:
         self.channels: list[Channel] = channels
         self.stale_seconds = claim_stale_seconds(config)
 
-    def _state(self, transition: str, incident_id: str, root_generation: int = 0) -> tuple[dict | None, str | None, str | None, Round]:
+    def _state(self, transition: str, incident_id: str, root_generation: int = 0,
+               generation: int = 0) -> tuple[dict | None, str | None, str | None, Round]:
         """The incident, the reason to tell (remediation's, or who
         acknowledged), why the event does not match the database (None when
         it does), and which remediation round this is."""
@@ -177,6 +219,14 @@ class EscalationHandler:
             incident = incidents.get_incident(conn, incident_id)
             if incident is None:
                 return None, None, "no such incident", NO_ROUND
+            # The event's generation and root are the database's or stale
+            # (shared.claims.judge_event; one it never had is a 400); a root
+            # change superseded by a later one is stale too.
+            stale = claims.judge_event(incident, generation, root_generation)
+            if not stale and transition == "opened" and 0 < root_generation < (incident.get("root_generation") or 0):
+                stale = f"the event is of root {root_generation}; the incident's root is {incident['root_generation']} since"
+            if stale:
+                return incident, None, stale, NO_ROUND
             # The page tells how many alerts the incident groups, and why.
             incident["correlation"] = members.page_summary(conn, incident_id)
             if root_generation and transition == "opened":
@@ -202,6 +252,37 @@ class EscalationHandler:
                 return incident, result.get("reason"), None, Round(result.get("approved_proposal"), pending)
         return incident, None, None, NO_ROUND
 
+    def _untold_opening(self, transition: str, incident: dict | None, generation: int) -> frozenset[str] | None:
+        """Every alert the intake acknowledged reaches a human. An opening
+        of a generation the incident has left (a dead letter or a parked
+        outbox row re-driven, a Broker retry still in flight) is stale; but
+        when the intake reopened the incident (the alert fired again) and a
+        channel that would tell the opening at the incident's priority told
+        no opening of that generation or any later one (PagerDuty was down,
+        the page dead-lettered, the new generation's opening not delivered
+        yet), nobody was paged: it is told now as the current generation's
+        opening, under the current generation's claims (told once, in any
+        generation). A generation a person reopened by hand or acknowledged
+        is theirs already: nothing is told. Returns the channels that say
+        nothing; None when it tells nothing."""
+        if (transition != "opened" or incident is None or incident["status"] not in ACTIVE_STATUSES
+                or generation >= (incident.get("generation") or 0)):
+            return None
+        with db.engine().connect() as conn:
+            told = told_openings(conn, incident["id"], generation)
+            sent = {c.name: sent_by(conn, c.name, incident["id"]) for c in self.channels if c.configured() and c.name not in told}
+            taken = taken_by_a_person(conn, incident)
+        # A channel that would not tell this opening anyway (PagerDuty pages
+        # no P1) was not owed it.
+        untold = [c.name for c in self.channels if c.name in sent and c.message(Note("opened", incident, None, sent[c.name])) is not None]
+        if not untold:
+            return None
+        if taken:
+            log.info("Escalation: an opening never told, of a generation the incident has left, stays untold: a person has the "
+                     "incident", extra={"incident_id": incident["id"], "generation": generation, "untold_by": untold, "reason": taken})
+            return None
+        return frozenset(c.name for c in self.channels if c.name not in untold)
+
     def handle(self, event: CloudEvent) -> Response:
         transition = events.transition_of(event["type"])
         incident_id = eventio.incident_id_of(event)
@@ -209,11 +290,20 @@ class EscalationHandler:
         # root's outcome redelivered after a take-over is not told again
         # as the new root's.
         root_generation = eventio.root_generation_of(event)
-        incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation)
+        incident, reason, mismatch, round_ = self._state(transition, incident_id, root_generation, eventio.generation_of(event))
+        told_before: frozenset[str] = frozenset()
         if mismatch:
-            log.warning("Escalation skipped: the event does not match the incident", extra={
-                "incident_id": incident_id, "transition": transition, "reason": mismatch})
-            return eventio.ack()
+            told_before = self._untold_opening(transition, incident, eventio.generation_of(event))
+            if told_before is None:
+                log.warning("Escalation skipped: the event does not match the incident", extra={
+                    "incident_id": incident_id, "transition": transition, "reason": mismatch})
+                return eventio.ack()
+            log.warning("Escalation: an opening never told, of a generation the incident has left, is told as the current "
+                        "generation's", extra={"incident_id": incident_id, "reason": mismatch, "told_by": sorted(told_before)})
+            root_generation = 0
+            incident, reason, mismatch, round_ = self._state(transition, incident_id, 0, incident["generation"])
+            if mismatch:
+                raise Conflict(f"the incident changed while the event was judged ({mismatch}); retry")
         generation = incident["generation"]
         # The outcome of an approved proposal is a second remediation outcome
         # of this generation: its own claim keys, so it is told too.
@@ -230,10 +320,12 @@ class EscalationHandler:
             if transition == "opened":
                 told = "root_changed"
                 reason = incident["root_change"]
-        # What the event is due for, judged again once a claim is held.
-        judge = lambda: self._state(transition, incident_id, root_generation)  # noqa: E731
+        # What the event is due for, judged again once a claim is held: its
+        # generation (a reopening since makes it stale, shared.claims.judge_event),
+        # the status its transition needs, who acknowledged, the outcome.
+        judge = lambda: self._state(transition, incident_id, root_generation, generation)  # noqa: E731
         failures, waiting = [], []
-        for channel in self.channels:
+        for channel in [c for c in self.channels if c.name not in told_before]:
             try:
                 outcome = self._notify(channel, told, generation, incident, reason, judge, occasion, round_.proposal_url)
             except NotYet as exc:
@@ -331,10 +423,11 @@ class EscalationHandler:
             if incident is None:
                 return
             due = "resolved" if incident["status"] in ("resolved", "closed") else "acknowledged"
-        incident, reason, mismatch, _ = self._state(due, incident_id)
+        generation = incident["generation"]
+        incident, reason, mismatch, _ = self._state(due, incident_id, 0, generation)
         if mismatch:
             return  # nobody acknowledged this generation, or it changed meanwhile
-        judge = lambda: self._state(due, incident_id)  # noqa: E731
+        judge = lambda: self._state(due, incident_id, 0, generation)  # noqa: E731
         for channel in channels:
             try:
                 outcome = self._notify(channel, due, incident["generation"], incident, reason, judge)

@@ -91,7 +91,8 @@ def parse_outbox_id(raw: str) -> str:
 
 
 def present_dead_letter(row: dict) -> dict:
-    attributes = {k: v for k, v in (row.get("attributes") or {}).items() if k != dead_letters.BASE64_MARK}
+    marks = (dead_letters.BASE64_MARK, dead_letters.CLEANED_MARK)
+    attributes = {k: v for k, v in (row.get("attributes") or {}).items() if k not in marks}
     return {
         "id": row["id"],
         "event_id": row["event_id"],
@@ -103,6 +104,7 @@ def present_dead_letter(row: dict) -> dict:
         "error": row["error_data"],
         "incident_id": row["incident_id"],
         "attributes": attributes,
+        "cleaned": (row.get("attributes") or {}).get(dead_letters.CLEANED_MARK) or [],
         "redelivered": row["redelivery_status"] == dead_letters.SENT,
         "redelivery_count": row["redelivery_count"],
         "redelivered_at": rfc3339(row["redelivered_at"]),

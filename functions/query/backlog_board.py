@@ -10,7 +10,7 @@ from flask import Request, Response
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import encode_cursor
-from functions.query.board import Board
+from functions.query.board import Board, next_page_url
 from functions.query.backlog_api import DEAD_LETTER_PARAMETERS, parse_dead_letter_filters, parse_dead_letter_id, parse_outbox_id
 from shared import backlog, db, dead_letters, incidents
 from shared.errors import ApiError, BadRequest
@@ -36,10 +36,11 @@ class BacklogBoard:
         if "redelivered" not in request.args:
             args["redelivered"] = "no"
         error = request.args.get("error")
+        refused = False
         try:
             flt, limit, after = parse_dead_letter_filters(args)
         except BadRequest as exc:
-            flt, limit, after, error = dead_letters.Filter(redelivered=False), 50, None, exc.message
+            flt, limit, after, error, refused = dead_letters.Filter(redelivered=False), 50, None, exc.message, True
         with db.engine().connect() as conn:
             letters, following = dead_letters.list_letters(conn, flt, limit, after)
             parked, _ = backlog.list_parked(conn, backlog.ParkedFilter(), PARKED_SHOWN)
@@ -48,8 +49,10 @@ class BacklogBoard:
             pending, oldest = backlog.pending(conn)
         next_url = None
         if following is not None:
-            params = [(k, v) for k, v in request.args.items(multi=True) if k in DEAD_LETTER_PARAMETERS and k != "cursor" and v != ""]
-            next_url = BACKLOG_PAGE + "?" + urlencode(params + [("cursor", encode_cursor(incidents.Cursor(following[0], str(following[1]))))])
+            # A refused query lists the default page: its next page is that
+            # one's (the refused query's, refused again, looped).
+            next_url = next_page_url(BACKLOG_PAGE, MultiDict() if refused else request.args,
+                                     encode_cursor(incidents.Cursor(following[0], str(following[1]))), DEAD_LETTER_PARAMETERS)
         return self.board._page("backlog.html", letters=letters, parked=parked, parked_total=parked_total,
                                 dead_total=total, dead_waiting=waiting, pending=pending, oldest=oldest, shown=shown,
                                 next_url=next_url, error=error, notice=request.args.get("notice"), now=datetime.utcnow(),

@@ -5,7 +5,8 @@ Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
 carries a session id; sign-out revokes that id (``shared.sessions``), so a
 copy of the cookie is refused afterwards; every
 form that changes state carries the session's CSRF token; Jinja2 escapes
-everything (labels come from alerts and may hold HTML); a strict
+everything (labels come from alerts and may hold HTML) and shows the
+characters that reorder or hide text as ``‹U+202E›`` (:func:`shown`); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
 
@@ -22,9 +23,10 @@ from urllib.parse import urlencode
 from flask import Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 from werkzeug.datastructures import MultiDict
 
-from functions.query.api import NOTE_MAX, encode_cursor, parse_filters, present
+from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
 from shared import acknowledge, db, diagnosis, filters, incidents, members, proposals, sessions
 from shared.config import Settings
 from shared.domain import ACTIVE_STATUSES
@@ -32,6 +34,7 @@ from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import parse_uuid, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
+from shared.visible import visible
 
 COOKIE = "ir_session"
 SESSION_SECONDS = 12 * 3600
@@ -104,6 +107,32 @@ def md_code(value) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def next_page_url(page: str, args: MultiDict, cursor: str, names: tuple[str, ...] | None = None) -> str:
+    """The board's link to its next page: the query as the API's ``Link``
+    repeats it (each parameter once, each value once: ``link_query``; the
+    filters the page read bounded it), without the filter form's empty
+    fields or any parameter but ``names``, and the next ``cursor``."""
+    kept = MultiDict([(k, v) for k, v in args.items(multi=True)
+                      if k != "cursor" and v != "" and (names is None or k in names)])
+    query = link_query(kept)
+    return f"{page}?{query}{'&' if query else ''}{urlencode([('cursor', cursor)])}"
+
+
+def shown(value):
+    """Every ``{{ … }}`` of the board's pages and report draft: text with the
+    characters that reorder or hide it shown as ``‹U+202E›``
+    (shared.visible), so an alert name cannot be reordered or hidden on the
+    board. Markup (a macro's output, ``tojson``, :func:`as_typed`) is ours
+    and left as it is."""
+    return visible(value) if isinstance(value, str) and not isinstance(value, Markup) else value
+
+
+def as_typed(value) -> Markup:
+    """A form field's value as the person typed it (escaped, not made
+    :func:`shown`): sent again, it must be what was sent."""
+    return escape("" if value is None else value)
+
+
 def iso(value: datetime | None) -> str:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
 
@@ -122,8 +151,9 @@ class Board:
         key = hmac.new((config.api_token.reveal() if config.api_token else secrets.token_hex(32)).encode(), b"board-session", hashlib.sha256).digest()
         self.signer = URLSafeTimedSerializer(key, salt="incident-board")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
-                                     trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor)
+                                     trim_blocks=True, lstrip_blocks=True, finalize=shown)
+        self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor,
+                                      as_typed=as_typed)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
                                      BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM, diagnosis_facts=diagnosis.facts,
                                      probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines)
@@ -155,6 +185,15 @@ class Board:
     def security_headers() -> dict:
         return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+    def query_too_long(self, request: Request, limit: int) -> Response:
+        """A board page asked with a query string past the query function's
+        bound: the board's own error page (a person reads it), not the
+        API's JSON. Nothing of the query is read, and no session looked up
+        (the page shows no sign-out form: it needs the database)."""
+        return self._page("error.html", status=400, csrf=None,
+                          message=f"This address is too long: its query string is {len(request.query_string)} bytes, "
+                                  f"at most {limit}. Name fewer or shorter filter values.")
 
     def _redirect(self, location: str) -> Response:
         return Response(status=303, headers={"Location": location, **self.security_headers()})
@@ -233,10 +272,11 @@ class Board:
             counts = members.alert_counts(conn, [r["id"] for r in rows])
             by_status = {r["status"]: r["count"] for r in incidents.count_by(conn, "status")}
             by_priority = {r["priority"]: r["count"] for r in incidents.count_by(conn, "priority") if r["priority"]}
-        next_url = None
-        if next_cursor is not None:
-            params = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor" and v != ""]
-            next_url = "/ui?" + urlencode(params + [("cursor", encode_cursor(next_cursor))])
+        # A refused query lists the first page unfiltered: its next page is
+        # that list's, not the refused query's (refused again, it showed the
+        # first page again, forever).
+        next_url = (next_page_url("/ui", MultiDict() if error else request.args, encode_cursor(next_cursor))
+                    if next_cursor is not None else None)
         return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
@@ -260,7 +300,7 @@ class Board:
         from functions.query.noise_board import incident_extras  # flapping, silences
 
         with db.engine().connect() as conn:
-            pending = [proposals.present(p) for p in proposals.of_incident(conn, row["id"])]
+            pending = [proposals.present(p, row["generation"]) for p in proposals.of_incident(conn, row["id"])]
             taken_by = acknowledge.acknowledged_by(conn, row["id"]) if row["status"] in ACTIVE_STATUSES else None
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), taken_by=taken_by, take=take_label(row["status"], taken_by),

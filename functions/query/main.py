@@ -188,4 +188,7 @@ def ROUTES() -> list[Route]:
 
 @functions_framework.http
 def query(request):
+    if len(request.query_string) > MAX_QUERY_STRING and (request.path == "/ui" or request.path.startswith("/ui/")):
+        # A person reads the board's answer: its error page, not the API's JSON 400.
+        return _board().query_too_long(request, MAX_QUERY_STRING)
     return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING)

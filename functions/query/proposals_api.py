@@ -53,19 +53,19 @@ class ProposalsApi:
         incident_id = parse_uuid(incident_id, "id")
         check_parameters(request.args, ())
         with db.engine().connect() as conn:
-            incidents.require_incident(conn, incident_id)
+            incident = incidents.require_incident(conn, incident_id)
             rows = proposals.of_incident(conn, incident_id)
-        return {"items": [proposals.present(r) for r in rows]}
+        return {"items": [proposals.present(r, incident["generation"]) for r in rows]}
 
     def get(self, request: Request, incident_id: str, proposal_id: str) -> dict:
         incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
         check_parameters(request.args, ())
         with db.engine().connect() as conn:
-            incidents.require_incident(conn, incident_id)
+            incident = incidents.require_incident(conn, incident_id)
             row = proposals.get(conn, incident_id, proposal_id)
         if row is None:
             raise NotFound(f"incident {incident_id} has no proposal {proposal_id}")
-        return proposals.present(row)
+        return proposals.present(row, incident["generation"])
 
     def approve(self, request: Request, incident_id: str, proposal_id: str) -> dict:
         return self._decide(request, incident_id, proposal_id, True)

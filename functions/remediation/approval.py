@@ -105,7 +105,7 @@ class ApprovalFlow:
                             playbook=proposal["playbook"], proposal=approved_summary(proposal))
             event_ids, root_generation = self._finish_approved(proposal, result)
         self.publisher.submit(event_ids)
-        return self._reply(incident_id, result, self._approved_event_id(proposal, result), root_generation)
+        return self._reply(incident_id, result, self._approved_event_id(proposal, result), root_generation, proposal["generation"])
 
     def _run_approved(self, proposal: dict) -> Result:
         with db.engine().connect() as conn:
@@ -140,17 +140,21 @@ class ApprovalFlow:
         return planned
 
     def _finish_approved(self, proposal: dict, result: Result) -> tuple[list[str], int]:
-        """The events to publish, and the root generation the outcome is of."""
+        """The events to publish, and the root generation the outcome is of.
+        The outcome is of the proposal's generation: one the incident has
+        left since (it was reopened) is recorded and replied as that
+        generation's, stale to escalation, not told as the current one's."""
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, proposal["incident_id"])
+        root_generation = (incident.get("root_generation") or 0) if incident["generation"] == proposal["generation"] else 0
         with db.transaction() as conn:
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, proposal["generation"])
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
             incidents.add_timeline(conn, incident["id"], "remediation_result", {
-                **result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,
+                **result.as_dict(), "generation": proposal["generation"], "root_generation": root_generation,
                 "approved_proposal": proposal["id"]}, "remediation")
-        return event_ids, incident.get("root_generation") or 0
+        return event_ids, root_generation
 
     def _approved_event_id(self, proposal: dict, result: Result) -> str:
         transition = "remediated" if result.outcome == "remediated" else "remediation_failed"
@@ -168,7 +172,8 @@ class ApprovalFlow:
             raise Conflict(f"proposal {proposal['id']} is {proposal['status']}; its result is not recorded yet; retry")
         d = entries[-1]["details"]
         result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"))
-        return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result), d.get("root_generation") or 0)
+        return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result), d.get("root_generation") or 0,
+                           proposal["generation"])
 
 
 def approved_summary(proposal: dict) -> dict:

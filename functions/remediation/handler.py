@@ -72,8 +72,23 @@ class RemediationHandler(ApprovalFlow):
         if event["type"] == events.INCIDENT_REMEDIATION_APPROVED:
             return self.handle_approved(event)
         incident_id = eventio.incident_id_of(event)
+        generation, root_generation = eventio.generation_of(event), eventio.root_generation_of(event)
         with db.transaction() as conn:
-            step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds)
+            step = claims.begin_step(conn, "remediation", incident_id, self.claim_stale_seconds, generation, root_generation)
+            # The playbook acts on this generation's diagnosis only: a
+            # generation reopened by a person is never diagnosed, and the
+            # diagnosis stored is the previous generation's.
+            undiagnosed = step.state == "run" and not claims.diagnosed(conn, step.incident)
+            if undiagnosed:
+                claims.release(conn, step.key)
+        if step.state == "stale":
+            # A late diagnosis of a generation the incident has left.
+            log.info("Remediation skipped: stale event", extra={"incident_id": incident_id, "reason": step.reason})
+            return eventio.ack()
+        if undiagnosed:
+            log.info("Remediation skipped: the incident's generation was not diagnosed", extra={
+                "incident_id": incident_id, "generation": step.incident["generation"]})
+            return eventio.ack()
         if step.state == "skip":
             # Remediating after the alert resolved is how peers deleted healthy pods.
             status = step.incident["status"] if step.incident else "missing"
@@ -103,7 +118,7 @@ class RemediationHandler(ApprovalFlow):
             raise
         self.publisher.submit(event_ids)
         log.info("Remediation finished", extra={"incident_id": incident_id, "outcome": result.outcome, "reason": result.reason})
-        return self._reply(incident_id, result, root_generation=incident.get("root_generation") or 0)
+        return self._reply(incident_id, result, root_generation=incident.get("root_generation") or 0, generation=incident["generation"])
 
     # ------------------------------------------------------------------ the run
 
@@ -246,7 +261,7 @@ class RemediationHandler(ApprovalFlow):
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         with db.transaction() as conn:
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source)
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"])
             incidents.add_timeline(
                 conn, incident["id"], "remediation_result",
                 {**result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,
@@ -267,15 +282,19 @@ class RemediationHandler(ApprovalFlow):
         d = entries[-1]["details"]
         log.info("Remediation already ran; replying again", extra={"incident_id": incident["id"]})
         return self._reply(incident["id"], Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"),
-                                                  d.get("proposal"), d.get("verification")), root_generation=d.get("root_generation") or 0)
+                                                  d.get("proposal"), d.get("verification")), root_generation=d.get("root_generation") or 0,
+                           generation=d["generation"])
 
-    def _reply(self, incident_id: str, result: Result, event_id: str | None = None, root_generation: int = 0) -> Response:
-        """The outcome of the root the run acted on (``root_generation``,
-        in the reply's id and data), whatever root the incident has by now:
-        escalation tells it under that root's claims."""
+    def _reply(self, incident_id: str, result: Result, event_id: str | None = None, root_generation: int = 0,
+               generation: int = 0) -> Response:
+        """The outcome of the generation and root the run acted on (in the
+        reply's id and data), whatever the incident is at by now: escalation
+        tells it under that root's claims, and a reply a reopen overtook is
+        stale to it (nothing told), never a pair of generation and root that
+        did not exist together (a 400 no re-drive could deliver)."""
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
-        incident["root_generation"] = root_generation
+        incident["generation"], incident["root_generation"] = generation, root_generation
         event_type = events.INCIDENT_REMEDIATED if result.outcome == "remediated" else events.INCIDENT_REMEDIATION_FAILED
         return eventio.reply(event_type, incident, self.config.event_source, {"remediation": result.as_dict()},
                              event_id or events.step_event_id(event_type, incident))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shared import incidents
@@ -32,10 +33,17 @@ class Result:
         return out
 
 
-def resolve_if_remediated(conn: Connection, incident_id: str, result: Result, event_source: str) -> list[str]:
+def resolve_if_remediated(conn: Connection, incident_id: str, result: Result, event_source: str, generation: int) -> list[str]:
     """A remediated incident is resolved by remediation, in the caller's
-    transaction; returns the events to publish."""
+    transaction, if it is still at the ``generation`` the run was for;
+    returns the events to publish. A generation reopened during the run
+    (a person thinks the fix did not hold, or the alert fired again) is
+    not the run's to resolve."""
     if result.outcome != "remediated":
+        return []
+    # Locked as the transition locks it: a reopen cannot slip in between.
+    current = conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i FOR UPDATE"), {"i": incident_id}).scalar()
+    if current != generation:
         return []
     try:
         _, event_ids = incidents.transition(conn, incident_id, "resolved", "remediation", event_source,

@@ -9,7 +9,8 @@ so the handler tells the incident's current state once the trigger is sent
 
 ``summary`` at most 1,024 characters and the whole event under the Events
 API's 512 KB, ``custom_details`` shrinking first. PagerDuty renders no
-markup: text goes as it is, only cut.
+markup: text goes as it is, only cut, and with its bidi controls and
+zero-width characters shown as ``‹U+202E›`` (:mod:`shared.visible`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from functions.escalation.channels.text import (
 )
 from shared.config import Settings
 from shared.timefmt import rfc3339
+from shared.visible import visible_deep
 
 PAGERDUTY_SUMMARY_MAX = 1024
 PAGERDUTY_FIELD_MAX = 255  # source, component, group, class; dedup_key's documented limit
@@ -99,7 +101,9 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
         "severity": config.pagerduty_severity.get(incident["priority"], "warning"),
         "timestamp": rfc3339(incident.get("created_at")),
         "class": plain(incident["alert_name"], PAGERDUTY_FIELD_MAX),
-        "custom_details": {
+        # PagerDuty shows these to the people paged: bidi controls and
+        # zero-width characters shown (shared.visible), as in the summary.
+        "custom_details": visible_deep({
             "incident_id": incident["id"],
             "priority": incident["priority"],
             "status": incident["status"],
@@ -112,7 +116,7 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
             "remediation_actions": incident.get("remediation_actions") or [],
             **({"reason": reason} if reason else {}),
             **_correlation(incident),
-        },
+        }),
     }
     if service:
         payload["component"] = plain(service, PAGERDUTY_FIELD_MAX)

@@ -6,7 +6,9 @@ Everything that comes from an alert (names, labels, annotations, probe
 output, action errors) is untrusted text of any length. Each channel escapes
 it for its own markup (Slack's entities, Teams' Markdown) through
 :func:`fit`, which cuts *before* it escapes, one cluster at a time, so no
-escape sequence, surrogate pair or combining sequence is ever cut in half.
+escape sequence, surrogate pair or combining sequence is ever cut in half,
+and shows the characters that reorder or hide text (a bidi override in an
+alert name) as ``‹U+202E›``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from shared.config import Settings
 from shared.domain import service_of as domain_service_of
+from shared.visible import visible_parts
 
 ELLIPSIS = "…"
 TRANSITION_TITLES = {
@@ -80,13 +83,19 @@ def _as_is(text: str) -> str:
 def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is) -> str:
     """Join ``pieces`` (data, or :class:`Raw` markup) into at most ``limit``
     UTF-16 units. Data is cut between clusters first and escaped after, one
-    cluster at a time, so an escape is whole or absent; a cut ends in ``…``."""
+    cluster at a time, so an escape is whole or absent; a cut ends in ``…``.
+    Its characters that reorder or hide text are shown as ``‹U+202E›``
+    (:mod:`shared.visible`): they could reorder or hide what a person reads."""
     units: list[str] = []
     for piece in pieces:
         if isinstance(piece, Raw):
             units.append(str(piece))
         else:
-            units.extend(escape(c) for c in clusters(piece))
+            # Characters that reorder or hide text shown (‹U+202E›), each
+            # as one unit: a cut never splits one. Judged on the whole piece
+            # (a ZWNJ between two Persian letters is kept: it needs both).
+            for part, shown in visible_parts(piece):
+                units.extend([escape(part)] if shown else (escape(c) for c in clusters(part)))
     lengths = [utf16_len(u) for u in units]
     if sum(lengths) <= limit:
         return "".join(units)
