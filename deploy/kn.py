@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from deploy.manifests import (BASE, CONFIG_FILES, COPIES, HEALTH_PATH, OPTIONAL_SECRETS, PROBES, PROCESS_MODEL, SECRET_MOUNTS,
-                              SECRETS, process_model)
+from deploy.manifests import (BASE, CONFIG_FILES, COPIES, HEALTH_PATH, OPTIONAL_SECRETS, PROBES, PROCESS_MODEL, PROXY_HOPS,
+                              SECRET_MOUNTS, STABLE_HOPS, SECRETS, process_model)
 from deploy.services import MAX_SCALE, SERVICES
 
 BROKER = "incidents"
@@ -64,6 +64,8 @@ def service_flags(name: str, image: str, namespace: str, production: bool, skip:
         env[variable] = f"{path}/{filename}"
         volumes.append((configmap, f"cm:{configmap}", path))
     env.update(row.env)
+    if name in PROXY_HOPS:
+        env["TRUSTED_PROXY_HOPS"] = PROXY_HOPS[name]
     for variable, value in env.items():
         flags += ["--env", f"{variable}={value}"]
     flags += ["--env-from", "cm:incident-response-config"]
@@ -74,6 +76,9 @@ def service_flags(name: str, image: str, namespace: str, production: bool, skip:
               "--timeout", str(row.timeout)]
     if row.public:
         flags += ["--no-cluster-local"]
+        if name in STABLE_HOPS:
+            # The activator out of the path but at scale from zero (deploy/manifests.py STABLE_HOPS).
+            flags += ["--annotation-revision", "autoscaling.knative.dev/target-burst-capacity=0"]
     else:
         # Keeps the activator in every request's path (see networkpolicy.yaml).
         flags += ["--cluster-local", "--annotation-revision", "autoscaling.knative.dev/target-burst-capacity=-1"]

@@ -25,6 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "knative" / "base"
 PRODUCTION = ROOT / "knative" / "overlays" / "production"
 SECRETS = "/var/run/secrets/incident-response"
+# The board's sign-in limit counts by the client's address, which the query
+# reads TRUSTED_PROXY_HOPS entries from the right of X-Forwarded-For. The
+# activator adds an entry when it is in the path, which with Knative's
+# default burst capacity (200 requests) it always is for a Service this
+# small, and then only sometimes as replicas are added: a burst capacity of
+# 0 keeps it out except at scale from zero, so the entries stay the same.
+STABLE_HOPS = {"query"}
+# And the number of X-Forwarded-For entries on that path, so the sign-in
+# limit counts by the client's address instead of the queue-proxy's (one
+# address for everybody, with the default 0): a Knative ingress gateway that
+# appends (Kourier, Istio), then the queue-proxy (docs/deploy.md says how to
+# check it; a load balancer in front that appends needs one more).
+PROXY_HOPS = {"query": "2"}
 
 
 # Secret name -> (key, env var of the *_FILE setting, who needs it).
@@ -91,6 +104,8 @@ def service(name: str) -> dict:
         mounts.append({"name": configmap, "mountPath": path, "readOnly": True})
         volumes.append({"name": configmap, "configMap": {"name": configmap}})
     env.extend({"name": variable, "value": value} for variable, value in row.env.items())
+    if name in PROXY_HOPS:
+        env.append({"name": "TRUSTED_PROXY_HOPS", "value": PROXY_HOPS[name]})
     labels = {"app.kubernetes.io/part-of": "incident-response", "app.kubernetes.io/component": name}
     if publishes:
         labels["incident-response/publishes-events"] = "true"
@@ -111,6 +126,7 @@ def service(name: str) -> dict:
                         # Keep the activator in every request's path, so the
                         # NetworkPolicy need not admit the shared ingress gateway.
                         **({} if public else {"autoscaling.knative.dev/target-burst-capacity": "-1"}),
+                        **({"autoscaling.knative.dev/target-burst-capacity": "0"} if name in STABLE_HOPS else {}),
                     },
                 },
                 "spec": {

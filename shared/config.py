@@ -13,6 +13,7 @@ A secret is declared once, on its field (``field(metadata=secret("NAME"))``):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import Field, dataclass, field, fields
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from shared.domain import PRIORITIES
+from shared.users import UsersSource, hash_token
 
 REMEDIATION_MODES = ("off", "dry-run", "approve", "live")
 
@@ -401,6 +403,15 @@ class Settings:
     heartbeat_alertnames: tuple[str, ...] = ("Watchdog",)
     heartbeat_timeout_seconds: int = 600
     alertmanager_url: str = ""
+    # Personal API tokens (shared/users.py): hashes only, so not a masked secret.
+    api_users: UsersSource = field(default_factory=UsersSource)
+    # Failed board sign-ins (shared/login_throttle.py).
+    login_max_failures: int = 5
+    login_max_failures_total: int = 50
+    login_failure_window_seconds: int = 300
+    trusted_proxy_hops: int = 0
+    # A personal board session unused this long ends (shared/board_sessions.py); 0: only the 12 h cap.
+    board_idle_timeout_minutes: int = 0
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
@@ -409,9 +420,10 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Settings] = Settings) -> Settings:
     """Read every setting; raise :class:`ConfigError` naming the first bad one."""
     env = os.environ if env is None else env
+    secrets = _secrets(env, settings_class)
     config = settings_class(
         database_url=_database_url(env),
-        **_secrets(env, settings_class),
+        **secrets,
         k_sink=_http_url(env, "K_SINK"),
         event_source=_get(env, "EVENT_SOURCE", "/incident-response") or "/incident-response",
         public_url=_http_url(env, "PUBLIC_URL", "http://localhost:8080"),
@@ -485,6 +497,12 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         heartbeat_alertnames=_csv(env, "HEARTBEAT_ALERTNAMES", "Watchdog"),
         heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
         alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
+        api_users=_api_users(env, secrets.get("api_token")),
+        login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
+        login_max_failures_total=_int(env, "LOGIN_MAX_FAILURES_TOTAL", 50, minimum=1, maximum=100000),
+        login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, minimum=1, maximum=86400),
+        trusted_proxy_hops=trusted_proxy_hops(env),
+        board_idle_timeout_minutes=_idle_minutes(env),
     )
     _check_paging(config)
     return config
@@ -554,6 +572,46 @@ def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret |
                 raise ConfigError(f"{name}: {why}")
         values[f.name] = value
     return values
+
+
+def trusted_proxy_hops(env: Mapping[str, str]) -> int:
+    """TRUSTED_PROXY_HOPS, read the one way both the settings and the server
+    (shared/serve.py, which reads it before any settings exist) read it."""
+    return _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
+
+
+def _idle_minutes(env: Mapping[str, str]) -> int:
+    """BOARD_IDLE_TIMEOUT_MINUTES: 0 (none), or 5 minutes to the session's 12
+    hours. The query ends idle sessions by it, and the intake's retention
+    sweep deletes their rows by it: one value for both, in the shared
+    ConfigMap. A wrong value stops the query (whose setting it is) and no
+    other function: elsewhere it is only the sweep's, which then deletes
+    expired sessions alone (warned), and paging goes on."""
+    from shared.board_sessions import IDLE_MINIMUM_MINUTES
+
+    try:
+        value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
+        if 0 < value < IDLE_MINIMUM_MINUTES:
+            raise ConfigError(f"BOARD_IDLE_TIMEOUT_MINUTES: 0 (none) or at least {IDLE_MINIMUM_MINUTES}, got {value}")
+    except ConfigError as exc:
+        if _get(env, "FUNCTION_TARGET") in ("", "query"):
+            raise
+        logging.getLogger("config").warning(
+            "BOARD_IDLE_TIMEOUT_MINUTES ignored here: the retention sweep deletes expired board sessions only",
+            extra={"error": str(exc)})
+        return 0
+    return value
+
+
+def _api_users(env: Mapping[str, str], api_token: Secret | None) -> UsersSource:
+    """INCIDENT_API_USERS or INCIDENT_API_USERS_FILE (shared/users.py), not
+    parsed here: only the query function reads the list (at its start), so a
+    mistake in it stops that function alone."""
+    text = env.get("INCIDENT_API_USERS", "")
+    path = env.get("INCIDENT_API_USERS_FILE", "").strip()
+    if text.strip() and path:
+        raise ConfigError("INCIDENT_API_USERS: set either INCIDENT_API_USERS or INCIDENT_API_USERS_FILE, not both")
+    return UsersSource(text=text, path=path or None, forbidden=hash_token(api_token.reveal()) if api_token else None)
 
 
 def _check_paging(config: Settings) -> None:

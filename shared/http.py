@@ -24,6 +24,7 @@ from flask import Request, Response
 
 from shared import content_coding
 from shared.config import Secret
+from shared.users import ApiUsers, UsersSource
 from shared.errors import (
     ApiError,
     BadRequest,
@@ -135,14 +136,51 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
     )
 
 
-def check_bearer(request: Request, token: Secret | None) -> None:
-    """Constant-time comparison; refuses everything when no token is set."""
+# Where check_bearer leaves the verified name of a personal token's owner.
+VERIFIED_USER = "incident_response.user"
+# Where request_users keeps the personal token list this request reads.
+REQUEST_USERS = "incident_response.users"
+
+
+def request_users(request: Request, users: ApiUsers | UsersSource | None) -> ApiUsers:
+    """The personal token list as this request sees it, taken once: the file
+    may be reloaded while the request runs (shared/users.py), and a sign-in
+    that identified a token with the old list must not stamp its session
+    from the new one (a rotated token's session would outlive the rotation)."""
+    if users is None or isinstance(users, ApiUsers):
+        return users or ApiUsers()
+    snapshot = request.environ.get(REQUEST_USERS)
+    if snapshot is None:
+        snapshot = request.environ[REQUEST_USERS] = users.current()
+    return snapshot
+
+
+def check_bearer(request: Request, token: Secret | None, users: ApiUsers | UsersSource | None = None) -> str | None:
+    """The shared token or, with ``users``, a person's own token (shared/users.py),
+    compared in constant time; refuses everything when neither is set. Returns
+    the verified name for a personal token (also left in the request's
+    environ, :func:`verified_user`), None for the shared token."""
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
-    if token is None or scheme.lower() != "bearer" or not presented:
+    presented = presented.strip()
+    users = request_users(request, users)
+    if scheme.lower() != "bearer" or not presented or (token is None and not users):
         raise Unauthorized("a valid bearer token is required")
-    if not hmac.compare_digest(presented.strip().encode(), token.reveal().encode()):
+    # Both comparisons run whatever the first found: the time says nothing about which.
+    person = users.identify(presented) if users else None
+    shared = token is not None and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), token.reveal().encode())
+    if person is not None:
+        request.environ[VERIFIED_USER] = person
+        return person
+    if not shared:
         raise Unauthorized("a valid bearer token is required")
+    return None
+
+
+def verified_user(request: Request) -> str | None:
+    """Whose personal token authenticated this request, or None (the shared
+    token: the caller's word about who it is, nothing more)."""
+    return request.environ.get(VERIFIED_USER)
 
 
 def read_body(request: Request, limit: int) -> bytes:
@@ -320,9 +358,10 @@ MAX_QUERY_STRING = 16 * 1024
 
 
 def dispatch(request: Request, routes: Routes, token: Secret | None, service: str,
-             max_query_string: int | None = None) -> Response:
+             max_query_string: int | None = None, users: ApiUsers | UsersSource | None = None) -> Response:
     """Route the request, enforce auth, and map every error to its status.
-    A query string longer than ``max_query_string`` bytes is refused first."""
+    A query string longer than ``max_query_string`` bytes is refused first.
+    ``users``: personal tokens are accepted too (the query function)."""
     started = time.perf_counter()
     path = request.path
     try:
@@ -342,7 +381,7 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
             if route.method != request.method and not (route.method == "GET" and request.method == "HEAD"):
                 continue
             if route.auth:
-                check_bearer(request, token)
+                check_bearer(request, token, users)
             result = route.handler(request, **params)
             return result if isinstance(result, Response) else json_response(result)
         if allowed_methods:

@@ -85,7 +85,12 @@ def transition(
             f"cannot reopen: incident {other} is already active for the same alert fingerprint",
             active_incident_id=other,
         ) from None
-    details = {"from": current, "to": to_status}
+    details: dict[str, Any] = {"from": current, "to": to_status}
+    if reopening:
+        # Only a person reopens through a transition (the API, the board):
+        # said here, as escalation must not guess it from the statuses (the
+        # flapping re-page writes a reopened entry too).
+        details["by_hand"] = True
     # A person taking an open incident is an acknowledgement: the channels
     # tell it (PagerDuty acknowledges its page). Diagnostics moves it with
     # mark_investigating, which is not one: a person taking it after that

@@ -38,23 +38,52 @@ def fingerprint(incident_id: str, actions: list[dict]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def lock_incident(conn: Connection, incident_id: str, for_update: bool = False) -> int | None:
+    """Lock the incident row and return its generation (None: no such
+    incident). Every transaction that writes proposals takes this first,
+    then the proposals: a reopen (shared.lifecycle.transition) locks the
+    incident, then its pending proposals, and a decision that locked its
+    proposal first then waited for the incident (each timeline entry's
+    foreign key takes a share lock on it) was a deadlock, lost by the
+    reopen. FOR NO KEY UPDATE waits for the transition's FOR UPDATE and for
+    every UPDATE of the incident (any reopen's new generation), but not for
+    the share locks of other writers' timeline entries. ``for_update``: a
+    transaction that may go on to lock the row FOR UPDATE (resolving it)
+    takes that mode at once, never raising its own lock later."""
+    mode = "FOR UPDATE" if for_update else "FOR NO KEY UPDATE"
+    return conn.execute(sa.text(f"SELECT generation FROM incidents WHERE id = :i {mode}"), {"i": incident_id}).scalar()
+
+
 def create(conn: Connection, incident: dict, playbook: str, actions: list[dict], preview: list[dict], ttl_seconds: int) -> dict:
-    """A pending proposal; an earlier pending one of the incident is superseded
-    (only the newest can be approved)."""
-    superseded = conn.execute(sa.text(
-        "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()) "
-        "WHERE incident_id = :i AND status = 'pending' RETURNING id"), {"i": incident["id"]}).scalars().all()
+    """A pending proposal for ``incident["generation"]``; an earlier pending
+    one of that generation or of an earlier one is superseded (only the
+    newest can be approved). One planned for a generation the incident has
+    left since (the incident read before a reopen) is stored superseded and
+    supersedes nothing: the current generation's proposal stays pending."""
+    current = lock_incident(conn, incident["id"])
+    generation = incident["generation"]
+    proposal_id = str(uuid.uuid4())
+    stale = current is not None and current > generation
+    superseded = [] if stale else conn.execute(sa.text(
+        "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()), "
+        "reason = CASE WHEN generation < :g THEN 'the incident was reopened (generation ' || CAST(:g AS text) "
+        "|| ') since it was proposed for generation ' || generation ELSE :newer END "
+        "WHERE incident_id = :i AND status = 'pending' AND generation <= :g RETURNING id"),
+        {"i": incident["id"], "g": generation, "newer": f"replaced by the newer proposal {proposal_id}"}).scalars().all()
     row = conn.execute(sa.text(
-        "INSERT INTO remediation_proposals (id, incident_id, generation, playbook, actions, preview, hash, expires_at) "
-        "VALUES (:id, :i, :g, :p, CAST(:a AS jsonb), CAST(:pv AS jsonb), :h, "
-        f"{UTC_NOW} + make_interval(secs => :ttl)) RETURNING {', '.join(COLUMNS)}"),
-        {"id": str(uuid.uuid4()), "i": incident["id"], "g": incident["generation"], "p": playbook,
+        "INSERT INTO remediation_proposals (id, incident_id, generation, playbook, actions, preview, hash, expires_at, status, "
+        "reason, finished_at) VALUES (:id, :i, :g, :p, CAST(:a AS jsonb), CAST(:pv AS jsonb), :h, "
+        f"{UTC_NOW} + make_interval(secs => :ttl), :s, :r, CASE WHEN CAST(:stale AS boolean) THEN {UTC_NOW} END) "
+        f"RETURNING {', '.join(COLUMNS)}"),
+        {"id": proposal_id, "i": incident["id"], "g": generation, "p": playbook,
          "a": json.dumps(actions, default=str), "pv": json.dumps(preview, default=str),
-         "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds}).mappings().one()
+         "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds, "s": "superseded" if stale else "pending", "stale": stale,
+         "r": superseded_reason(generation, current) if stale else None}).mappings().one()
     proposal = dict(row)
     add_timeline(conn, incident["id"], "remediation_proposed", {
         "proposal_id": proposal["id"], "playbook": playbook, "hash": proposal["hash"], "actions": actions,
-        "preview": preview, "expires_at": proposal["expires_at"], "superseded": superseded}, "remediation")
+        "preview": preview, "expires_at": proposal["expires_at"], "superseded": superseded,
+        **({"status": "superseded", "reason": proposal["reason"]} if stale else {})}, "remediation")
     return proposal
 
 
@@ -70,8 +99,27 @@ def of_incident(conn: Connection, incident_id: str) -> list[dict]:
 
 
 def bare_name(actor: str) -> str:
-    """``api:alice`` and ``board:alice`` are both alice to an approver list."""
+    """``user:alice`` (verified), ``api:alice`` and ``board:alice`` (claimed) all name alice."""
     return actor.split(":", 1)[1] if ":" in actor else ""
+
+
+def approver_refusal(actor: str, verified: bool, approvers: tuple[str, ...]) -> str | None:
+    """Why this actor may not decide (None: it may). With no approver list
+    anyone with a token decides, as before personal tokens. With one, only a
+    verified identity counts: a name in ACTOR_HEADER or the board's free text
+    field is the caller's word, and anyone holding the shared token could
+    write an approver's name there."""
+    if not approvers:
+        return None
+    name = bare_name(actor)
+    if not verified:
+        if name in approvers:
+            return (f"unverified: {name} is named by the caller, not proven; REMEDIATION_APPROVERS needs {name}'s "
+                    "personal token (INCIDENT_API_USERS) or a board session signed in with it")
+        return "unverified and not in REMEDIATION_APPROVERS"
+    if name not in approvers:
+        return "not in REMEDIATION_APPROVERS"
+    return None
 
 
 @dataclass
@@ -83,24 +131,30 @@ class Decision:
 
 
 def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, actor: str, approvers: tuple[str, ...],
-           expected_hash: str | None, source: str) -> Decision:
+           expected_hash: str | None, source: str, verified: bool = False) -> Decision:
     """Approve or reject a pending proposal, once. A refusal that must be
     remembered (an expiry found now, an approver not allowed) is written
-    here and committed by the caller before it answers."""
-    proposal = get(conn, incident_id, proposal_id, lock=True)
+    here and committed by the caller before it answers. ``verified``: the
+    actor's name was proven (a personal token), not just claimed.
+
+    The incident is locked before the proposal (lock_incident), and its
+    generation read under that lock: a reopen either committed before
+    (the proposal is superseded) or waits for this decision (an approval
+    of the generation it leaves, which remediation then does not execute)."""
+    generation = lock_incident(conn, incident_id)
+    proposal = get(conn, incident_id, proposal_id, lock=True) if generation is not None else None
     if proposal is None:
         return Decision(None, "not_found", f"incident {incident_id} has no proposal {proposal_id}")
     verb = "approve" if approve else "reject"
-    if approvers and bare_name(actor) not in approvers:
+    refusal = approver_refusal(actor, verified, approvers)
+    if refusal is not None:
         add_timeline(conn, incident_id, "remediation_approval_refused", {
-            "proposal_id": proposal_id, "decision": verb, "actor": actor,
-            "reason": "not in REMEDIATION_APPROVERS"}, actor)
-        return Decision(proposal, "forbidden", f"{actor} may not {verb} remediation proposals (REMEDIATION_APPROVERS)")
+            "proposal_id": proposal_id, "decision": verb, "actor": actor, "verified": verified, "reason": refusal}, actor)
+        return Decision(proposal, "forbidden", f"{actor} may not {verb} remediation proposals: {refusal}")
     if proposal["status"] == "pending" and _expired(conn, proposal):
         proposal = _set(conn, proposal_id, "expired", reason="approval TTL passed before a decision")
         add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
     if proposal["status"] == "pending":
-        generation = conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i"), {"i": incident_id}).scalar()
         if proposal["generation"] != generation:
             # Its actions were planned for a generation the incident has
             # left: approved, remediation would only record "not executed".

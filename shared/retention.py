@@ -30,6 +30,10 @@ The partial indexes of migrations 0014 and 0016 find each batch without a scan.
   ``__other__`` counts are never pruned. The fold gives way to the intake:
   a row lock held past its 200 ms lock_timeout leaves it to the next sweep.
 
+- Personal board sessions (shared/board_sessions.py) once expired, or idle
+  past ``BOARD_IDLE_TIMEOUT_MINUTES``: they are no session any more, so no
+  setting keeps them.
+
 0 keeps a kind forever. Incidents themselves are never pruned: they are the record.
 """
 
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import db, ignored_alerts
+from shared import board_sessions, db, ignored_alerts
 from shared.config import Settings
 from shared.db import sqlstate
 from shared.sqltext import UTC_NOW
@@ -105,16 +109,10 @@ def run(bind: Engine, config: Settings) -> Report:
     started = time.monotonic()
     pruned: dict[str, int] = {}
     for kind, age in ages(config).items():
-        if age <= 0:
-            continue
-        total = 0
-        for _ in range(config.retention_max_batches):
-            with bind.begin() as conn:
-                deleted = conn.execute(sa.text(PRUNE[kind]), {"age": age, "batch": config.retention_batch}).rowcount
-            total += deleted
-            if deleted < config.retention_batch:
-                break
-        pruned[kind] = total
+        if age > 0:
+            pruned[kind] = _batches(bind, config, PRUNE[kind], {"age": age})
+    pruned["board_sessions"] = _batches(bind, config, board_sessions.PURGE,
+                                        {"idle": config.board_idle_timeout_minutes * 60})
     folded = _fold_ignored(bind, config.ignored_alerts_max_names)
     if folded:
         pruned["ignored_past_bound"] = folded
@@ -122,6 +120,18 @@ def run(bind: Engine, config: Settings) -> Report:
     if any(pruned.values()):
         log.info("Retention pruned old rows", extra={"pruned": pruned, "seconds": round(report.seconds, 3)})
     return report
+
+
+def _batches(bind: Engine, config: Settings, statement: str, params: dict) -> int:
+    """Batches of one statement, each its own transaction, until one is short or the sweep's share is used."""
+    total = 0
+    for _ in range(config.retention_max_batches):
+        with bind.begin() as conn:
+            deleted = conn.execute(sa.text(statement), {**params, "batch": config.retention_batch}).rowcount
+        total += deleted
+        if deleted < config.retention_batch:
+            break
+    return total
 
 
 def _fold_ignored(bind: Engine, max_names: int) -> int:

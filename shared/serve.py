@@ -21,6 +21,7 @@ exits 2, instead of functions-framework's traceback.
 from __future__ import annotations
 
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ import time
 from collections.abc import Mapping
 
 REQUIRED = ("FUNCTION_SOURCE", "FUNCTION_TARGET")
+# The one proxy whose forwarded headers are read: Knative's queue-proxy, on loopback.
+TRUSTED_PROXY = "127.0.0.1"
 # How long a stopping instance keeps answering the requests it has. Knative
 # drains the pod before its SIGTERM, so this is a bound, not a wait: the
 # longest revision timeout of any function (knative/base/services.yaml).
@@ -77,9 +80,17 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     Broker's pool of them stopped new deliveries until waitress closed idle
     ones, two minutes later). Only the proxy in front on loopback
     (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
-    default let it, so the board's cookie stays Secure."""
+    default let it, so the board's cookie stays Secure. With
+    ``TRUSTED_PROXY_HOPS`` (validated by the function's start, which runs
+    first) it may also say who the client is: the X-Forwarded-For entry that
+    many places from the right becomes the request's remote address (what
+    the board's sign-in limit counts by, and what logs show); the entries
+    further left are the client's own word and are never read."""
     threads = int(env.get("THREADS", "8"))
     limit = server_limit(body_cap)
+    from shared.config import trusted_proxy_hops
+
+    hops = trusted_proxy_hops(env)
     return {
         "host": env.get("HOST", "0.0.0.0"),
         "port": int(env.get("PORT", "8080")),
@@ -88,11 +99,81 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
         "max_request_body_size": limit,
         "inbuf_overflow": limit,
         "outbuf_overflow": ANSWER_IN_MEMORY,
-        "trusted_proxy": "127.0.0.1",
-        "trusted_proxy_headers": "x-forwarded-proto",
+        "trusted_proxy": TRUSTED_PROXY,
+        "trusted_proxy_headers": "x-forwarded-proto x-forwarded-for" if hops else "x-forwarded-proto",
+        "trusted_proxy_count": max(hops, 1),
         "clear_untrusted_proxy_headers": True,
         "ident": "",
     }
+
+
+# The header's text in a warning: enough to recognise it, never a long one whole.
+FORWARDED_SHOWN = 120
+
+
+def _client_waitress_reads(environ, hops: int) -> str | None:
+    """The client address waitress's translation would make of this
+    request's X-Forwarded-For (its own code, on a copy), or None when it
+    would fail: refuse the request (quoting it cannot read, a 400) or raise
+    (``:.``: an IndexError, a 500)."""
+    from waitress.proxy_headers import parse_proxy_headers
+
+    probe = {"REMOTE_ADDR": environ.get("REMOTE_ADDR"), "HTTP_X_FORWARDED_FOR": environ["HTTP_X_FORWARDED_FOR"]}
+    try:
+        parse_proxy_headers(probe, trusted_proxy_count=hops, trusted_proxy_headers={"x-forwarded-for"})
+    except Exception:  # noqa: BLE001 - whatever waitress would fail with, the request is served without the header
+        return None
+    return probe["REMOTE_ADDR"]
+
+
+def _usable(client: str | None, connection: str | None) -> bool:
+    """An IP address, or the connection's own (an empty entry: waitress
+    keeps it). Anything else (``unknown``, ``[2001:db8::1]:443`` kept with
+    its brackets and port) is no address to count sign-ins by or to log."""
+    if client is None:
+        return False
+    if client == connection:
+        return True
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return True
+
+
+def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, budget=None):
+    """Wrapped around waitress's own proxy-header translation (which
+    create_server puts around the function), so it runs first. A request is
+    never refused for its X-Forwarded-For: the intake's caller is
+    AlertManager, which does not retry a 4xx, so a refusal is a lost page.
+    When the entry the translation would take as the client (``hops`` from
+    the right, from the trusted proxy only) makes no address, or would make
+    the translation fail (``:.`` raised an IndexError in it: a 500), the
+    header is dropped for this request, which is then served with the
+    connection's own address, and a warning says so (at most ten a minute).
+    Every value that makes an address is left to waitress as it is."""
+    if not hops:
+        return app
+    if budget is None:
+        from shared.login_throttle import LogBudget
+
+        budget = LogBudget()
+
+    def guarded(environ, start_response):
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+        connection = environ.get("REMOTE_ADDR")
+        if forwarded is not None and connection == trusted_proxy \
+                and not _usable(_client_waitress_reads(environ, hops), connection):
+            del environ["HTTP_X_FORWARDED_FOR"]
+            left_out = budget.take()
+            if left_out is not None:
+                shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
+                log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
+                            extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
+                                   "path": environ.get("PATH_INFO"), "left_out": left_out})
+        return app(environ, start_response)
+
+    return guarded
 
 
 def _in_hand(channel) -> bool:
@@ -167,6 +248,9 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     # BODY_CAP is set by the function's start (shared/bootstrap.py); an app
     # that has none gets the bound a function without settings would.
     server = create_server(app, **server_settings(env, app.config.get("BODY_CAP", http_layer.LARGEST_FIXED_BODY + 1)))
+    from shared.config import trusted_proxy_hops
+
+    server.application = checked_forwarded_for(server.application, trusted_proxy_hops(env))
     # One line per request that waits for a thread: Knative's
     # containerConcurrency already bounds an instance's requests, and the
     # intake's threads wait on the group commit, so it is routine, not news.

@@ -26,6 +26,15 @@ from tests.ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: CI
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 TEST_TOKEN = "test-token-" + "0123456789abcdef"
+# Personal tokens (shared/users.py) of the people the tests name.
+PERSONAL_TOKENS = {name: f"irp_{name}-" + "0123456789abcdef" * 2 for name in ("alice", "bob", "carol")}
+
+
+def api_users(*names: str) -> str:
+    """An INCIDENT_API_USERS value listing these people's token hashes."""
+    import hashlib
+
+    return ",".join(f"{name}:sha256:{hashlib.sha256(PERSONAL_TOKENS[name].encode()).hexdigest()}" for name in names)
 
 
 def _server_url() -> str:

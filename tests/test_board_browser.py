@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TEST_TOKEN
+from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
 from tests.factories import raw_alert, webhook
 from loopback.processes import FunctionProcess
 
@@ -111,7 +111,8 @@ def approving(base_env, kube, database_url):
     from tests.test_remediation import _env
 
     remediation = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="approve")).start()
-    query = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "REMEDIATION_APPROVERS": "alice"}).start()
+    query = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "REMEDIATION_APPROVERS": "alice",
+                                      "INCIDENT_API_USERS": api_users("alice")}).start()
     yield query, remediation
     query.stop()
     remediation.stop()
@@ -140,16 +141,19 @@ def test_approve_a_proposal_on_the_incident_page(browser, approving, kube, clean
     wait = WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,))
     browser.delete_all_cookies()
     browser.get(query.url + "/ui/login")
-    wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TEST_TOKEN)
+    # Alice signs in with her own token: an approver must be verified.
+    wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(PERSONAL_TOKENS["alice"])
     browser.find_element(By.ID, "sign-in").click()
     wait.until(ec.presence_of_element_located((By.ID, "filters")))
+    assert browser.find_element(By.ID, "signed-in-as").text == "Signed in as alice"
     # The link the Slack message and the page carry.
     browser.get(proposal["url"].replace("http://localhost:8080", query.url))
     wait.until(ec.presence_of_element_located((By.ID, f"proposal-{proposal['id']}")))
     card = browser.find_element(By.ID, f"proposal-{proposal['id']}").text
     assert "scale_deployment" in card and "production/email-service" in card and "1 → 6" in card
     screenshot(browser, "proposal.png")
-    browser.find_element(By.ID, f"actor-{proposal['id']}").send_keys("alice")
+    assert browser.find_element(By.ID, f"decider-{proposal['id']}").text.startswith("Deciding as alice")
+    assert not browser.find_elements(By.ID, f"actor-{proposal['id']}")
     browser.find_element(By.ID, f"approve-{proposal['id']}").click()
     wait.until(ec.presence_of_element_located((By.ID, "proposal-notice")))
     assert "approved" in browser.find_element(By.ID, "proposal-notice").text
@@ -162,6 +166,6 @@ def test_approve_a_proposal_on_the_incident_page(browser, approving, kube, clean
     assert [p.json() for p in kube.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]
     browser.refresh()
     wait.until(ec.text_to_be_present_in_element((By.ID, f"proposal-status-{proposal['id']}"), "executed"))
-    assert "approved by board:alice" not in card  # decided after the first render
-    assert "board:alice" in browser.find_element(By.ID, f"proposal-{proposal['id']}").text
+    assert "approved by user:alice" not in card  # decided after the first render
+    assert "user:alice" in browser.find_element(By.ID, f"proposal-{proposal['id']}").text
     assert not browser.find_elements(By.ID, f"approve-{proposal['id']}")

@@ -358,3 +358,24 @@ def test_a_webhook_is_written_while_another_transaction_waits_for_the_database(i
         holder.rollback()
     waiting.join(10)
     assert blocked["answer"].status_code == 200 and blocked["answer"].json()["counts"] == {"refreshed": 1}
+
+
+def test_behind_proxies_an_x_forwarded_for_that_names_no_client_address_never_costs_a_page(base_env, clean_db):
+    """With TRUSTED_PROXY_HOPS, the entry read as the client may be no
+    address (a proxy writing ``unknown``, a port, an empty entry, nothing at
+    all). AlertManager does not retry a 4xx: each webhook is stored, served
+    with the connection's own address, and the header is named in a warning."""
+    proc = FunctionProcess("intake", {**base_env, "TRUSTED_PROXY_HOPS": "2"}).start()
+    headers = ("unknown, 10.0.0.5", "[2001:db8::1]:443, 10.0.0.5", ", 10.0.0.5", "203.0.113.7:, 10.0.0.5", "",
+               ":., 10.0.0.5", '"unbalanced, 10.0.0.5')
+    try:
+        for n, forwarded in enumerate(headers):
+            answer = post(proc, webhook([raw_alert(f"ForwardedFor{n}", fingerprint=f"ff{n:014d}")]),
+                          headers={"X-Forwarded-For": forwarded})
+            assert answer.status_code == 200, (forwarded, answer.status_code, answer.text)
+        assert requests.get(proc.url + "/health", headers={"X-Forwarded-For": "unknown, 10.0.0.5"}, timeout=10).ok
+        logs = proc.logs()
+    finally:
+        proc.stop()
+    assert len(incidents_rows(clean_db)) == len(headers)
+    assert "X-Forwarded-For ignored" in logs and "Traceback" not in logs

@@ -154,6 +154,18 @@ def test_knative_services_scale_to_zero_with_known_annotations(base, production)
     assert warm == {"intake", "query"}
 
 
+def test_the_query_keeps_the_activator_out_of_the_path_so_its_proxy_hops_stay_the_same(base):
+    """TRUSTED_PROXY_HOPS counts X-Forwarded-For entries; the activator adds one when in the path."""
+    burst = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"].get("autoscaling.knative.dev/target-burst-capacity")
+             for d in base if ksvc(d)}
+    assert burst["query"] == "0" and burst["intake"] is None
+    # On that path, the ingress gateway's entry and the queue-proxy's: the
+    # default 0 would make every client the queue-proxy's loopback address.
+    hops = {d["metadata"]["name"]: {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            .get("TRUSTED_PROXY_HOPS") for d in base if ksvc(d)}
+    assert hops == {name: ("2" if name == "query" else None) for name in hops}
+
+
 def test_only_intake_and_query_are_reachable_from_outside_the_cluster(base):
     public = {d["metadata"]["name"] for d in base if ksvc(d)
               and d["metadata"]["labels"].get("networking.knative.dev/visibility") != "cluster-local"}

@@ -343,7 +343,7 @@ def test_claims_are_indexed_by_incident_and_the_downgrade_drops_it(scratch_url):
         migrate.upgrade(scratch_url, "0025")
         with engine.connect() as conn:
             assert "idx_work_claims_incident" in _indexes(conn, "work_claims")
-        migrate.downgrade(scratch_url, "0020")
+        migrate.downgrade(scratch_url, "0022")
         with engine.connect() as conn:
             assert "idx_work_claims_incident" not in _indexes(conn, "work_claims")
     finally:

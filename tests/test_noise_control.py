@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from functions.escalation.handler import taken_by_a_person
 from shared import clock, maintenance, noise
 from shared import incidents as svc
 from shared.config import load_settings
@@ -500,6 +501,19 @@ def test_an_alert_that_settles_firing_after_its_incident_was_reopened_silently_i
     assert timeline_kinds(clean_db, incident["id"])[-2:] == ["flapping_cleared", "reopened"]
     clock.advance(60)
     assert sweep(clean_db, config) == []
+
+
+def test_a_flapping_re_page_is_not_taken_for_a_person_reopening_the_incident(database_url, clean_db, at):
+    """The re-page writes a reopened entry (no status moves): escalation must
+    not read it as a reopen by hand and keep the new generation's untold
+    opening from paging, logging that a person has it."""
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    flips(clean_db, config, a, 4)
+    clock.advance(901)
+    (incident_id,) = [e.rsplit(".opened.", 1)[0] for e in sweep(clean_db, config)]
+    with clean_db.connect() as conn:
+        assert taken_by_a_person(conn, svc.get_incident(conn, incident_id)) is None
 
 
 def test_an_incident_that_stayed_open_while_flapping_is_not_paged_again_when_it_settles_firing(database_url, clean_db, at):

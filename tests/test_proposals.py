@@ -17,7 +17,7 @@ from loopback.kube import deployment
 from loopback.processes import FunctionProcess, wait_until
 from shared import claims, events, proposals
 from shared import incidents as svc
-from tests.conftest import TEST_TOKEN
+from tests.conftest import PERSONAL_TOKENS, TEST_TOKEN, api_users
 from tests.factories import alert
 from tests.test_remediation import _env, deliver, incident, reply_of
 
@@ -44,14 +44,26 @@ def remediation(base_env, kube, database_url):
 def query(base_env, remediation):
     # The outbox publishes straight to remediation, as the Broker's trigger would.
     proc = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "REMEDIATION_APPROVERS": "alice,bob",
+                                     "INCIDENT_API_USERS": api_users("alice", "bob", "carol"),
                                      "REMEDIATION_APPROVAL_TTL_SECONDS": "600"}).start()
     yield proc
     proc.stop()
 
 
 def post(query, path, actor="alice", json=None):
-    headers = {"Authorization": f"Bearer {TEST_TOKEN}", "X-Actor": actor}
-    return requests.post(query.url + path, headers=headers, json=json, timeout=30)
+    """As ``actor`` with their personal token; a name without one (or
+    ``claimed``) goes with the shared token, in X-Actor, as a script would."""
+    return requests.post(query.url + path, headers=as_person(actor), json=json, timeout=30)
+
+
+def as_person(actor):
+    if actor in PERSONAL_TOKENS:
+        return {"Authorization": f"Bearer {PERSONAL_TOKENS[actor]}"}
+    return claimed(actor)
+
+
+def claimed(actor):
+    return {"Authorization": f"Bearer {TEST_TOKEN}", "X-Actor": actor}
 
 
 def proposed(engine, remediation, name="KafkaConsumerLagHigh", **labels):
@@ -99,7 +111,7 @@ def test_approve_executes_once_through_the_event_and_resolves(remediation, query
     row, summary = proposed(clean_db, remediation)
     response = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", json={"hash": summary["hash"]})
     assert response.status_code == 200, response.text
-    assert response.json()["status"] == "approved" and response.json()["decided_by"] == "api:alice"
+    assert response.json()["status"] == "approved" and response.json()["decided_by"] == "user:alice"
     p = settled(clean_db, row["id"], summary["id"])
     assert p["status"] == "executed"
     (patch,) = cluster.calls("PATCH", "/scale")
@@ -108,7 +120,7 @@ def test_approve_executes_once_through_the_event_and_resolves(remediation, query
         assert svc.get_incident(conn, row["id"])["status"] == "resolved"
         timeline = svc.get_timeline(conn, row["id"])
     approved = next(t for t in timeline if t["kind"] == "remediation_approved")
-    assert approved["actor"] == "api:alice" and approved["details"]["proposal_id"] == summary["id"]
+    assert approved["actor"] == "user:alice" and approved["details"]["proposal_id"] == summary["id"]
     assert [k for k in (t["kind"] for t in timeline) if k.startswith("remediation_")][-3:] == [
         "remediation_approved", "remediation_action", "remediation_result"]
     # Approving again is refused, naming the state.
@@ -119,7 +131,7 @@ def test_approve_executes_once_through_the_event_and_resolves(remediation, query
 def test_reject_records_the_actor_and_a_later_approval_is_409_rejected(remediation, query, cluster, clean_db):
     row, summary = proposed(clean_db, remediation)
     rejected = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/reject", actor="bob")
-    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected" and rejected.json()["decided_by"] == "api:bob"
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected" and rejected.json()["decided_by"] == "user:bob"
     late = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
     assert late.status_code == 409 and late.json()["proposal_status"] == "rejected" and "rejected" in late.json()["message"]
     assert not cluster.calls("PATCH")
@@ -139,14 +151,53 @@ def test_an_expired_proposal_is_refused_with_409_expired(remediation, query, clu
 
 def test_an_approver_not_on_the_list_gets_403_and_an_audit_entry(remediation, query, cluster, clean_db):
     row, summary = proposed(clean_db, remediation)
-    for actor in ("mallory", ""):
+    for actor in ("mallory", "", "carol"):  # carol: a verified person, but not an approver
         refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve", actor=actor)
         assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
     with clean_db.connect() as conn:
         audit = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"]
-    assert [a["actor"] for a in audit] == ["api:mallory", "api"]
+    assert [(a["actor"], a["details"]["verified"]) for a in audit] == [("api:mallory", False), ("api", False), ("user:carol", True)]
+    assert audit[2]["details"]["reason"] == "not in REMEDIATION_APPROVERS"
     assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
     assert not cluster.calls("PATCH")
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_the_shared_token_naming_an_approver_is_refused_with_the_reason_on_the_timeline(remediation, query, cluster, clean_db, decision):
+    """Anyone with the shared token can write X-Actor: alice; with approvers
+    listed, only alice's own token decides."""
+    row, summary = proposed(clean_db, remediation)
+    path = f"/incidents/{row['id']}/proposals/{summary['id']}/{decision}"
+    forged = requests.post(query.url + path, headers=claimed("alice"), json={"hash": summary["hash"]}, timeout=30)
+    assert forged.status_code == 403 and forged.json()["error"] == "forbidden", forged.text
+    assert "personal token" in forged.json()["message"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    with clean_db.connect() as conn:
+        (audit,) = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"]
+    assert audit["actor"] == "api:alice" and audit["details"]["verified"] is False
+    assert audit["details"]["reason"].startswith("unverified: alice is named by the caller, not proven")
+    assert audit["details"]["decision"] == decision
+    # Alice's own token decides.
+    assert post(query, path, actor="alice", json={"hash": summary["hash"]}).status_code == 200
+    if decision == "approve":
+        settled(clean_db, row["id"], summary["id"])
+        assert [p.json() for p in cluster.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]
+    else:
+        assert not cluster.calls("PATCH")
+
+
+def test_a_personal_token_with_x_actor_naming_someone_else_is_400_and_decides_nothing(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    path = f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}/approve"
+    headers = {"Authorization": f"Bearer {PERSONAL_TOKENS['carol']}", "X-Actor": "alice"}
+    confused = requests.post(path, headers=headers, timeout=30)
+    assert confused.status_code == 400 and confused.json()["header"] == "X-Actor", confused.text
+    assert "carol's personal token" in confused.json()["message"]
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    # Naming oneself is allowed (a script that always sends X-Actor).
+    same = requests.post(path, headers={"Authorization": f"Bearer {PERSONAL_TOKENS['alice']}", "X-Actor": "alice"}, timeout=30)
+    assert same.status_code == 200 and same.json()["decided_by"] == "user:alice"
+    settled(clean_db, row["id"], summary["id"])
 
 
 def test_a_hash_that_is_not_the_proposals_is_409(remediation, query, cluster, clean_db):
@@ -224,16 +275,30 @@ def test_the_board_buttons_need_the_forms_csrf_token_and_a_listed_approver(remed
     page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
     csrf = _re.search(r'name="csrf" value="([^"]+)"', page).group(1)
     assert f'id="approve-{summary["id"]}"' in page and summary["hash"] in page
+    assert f'id="actor-{summary["id"]}"' in page  # a shared session types a name
     forged = browser.post(base + "/approve", data={"actor": "alice", "csrf": "forged"}, allow_redirects=False, timeout=10)
     assert forged.status_code == 403
-    stranger = browser.post(base + "/approve", data={"actor": "mallory", "csrf": csrf}, allow_redirects=False, timeout=10)
-    assert stranger.status_code == 303 and "error=" in stranger.headers["Location"]
+    for name in ("mallory", "bob"):  # a shared session naming an approver is not that approver
+        refused = browser.post(base + "/approve", data={"actor": name, "csrf": csrf}, allow_redirects=False, timeout=10)
+        assert refused.status_code == 303 and "error=" in refused.headers["Location"]
     assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
     with clean_db.connect() as conn:
-        assert [t["actor"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"] == ["board:mallory"]
-    rejected = browser.post(base + "/reject", data={"actor": "bob", "csrf": csrf, "hash": summary["hash"]}, allow_redirects=False, timeout=10)
+        refusals = [t for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_approval_refused"]
+    assert [t["actor"] for t in refusals] == ["board:mallory", "board:bob"]
+    assert refusals[1]["details"]["reason"].startswith("unverified: bob is named by the caller")
+    shown = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert _re.search(r"by board:bob\s+— approve refused: unverified: bob is named by the caller, not proven", shown), shown[-800:]
+    # Bob signs in with his own token: the page shows who he is instead of a name field.
+    bob = requests.Session()
+    assert bob.post(query.url + "/ui/login", data={"token": PERSONAL_TOKENS["bob"]}, allow_redirects=False, timeout=10).status_code == 303
+    page = bob.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert f'id="actor-{summary["id"]}"' not in page and "Deciding as <strong>bob</strong>" in page
+    assert 'id="signed-in-as">Signed in as <strong>bob</strong>' in page
+    csrf = _re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    # A name sent anyway is not read: the session says who decides.
+    rejected = bob.post(base + "/reject", data={"actor": "alice", "csrf": csrf, "hash": summary["hash"]}, allow_redirects=False, timeout=10)
     assert rejected.status_code == 303 and "notice=" in rejected.headers["Location"]
-    assert proposal_row(clean_db, row["id"], summary["id"])["decided_by"] == "board:bob"
+    assert proposal_row(clean_db, row["id"], summary["id"])["decided_by"] == "user:bob"
     assert not cluster.calls("PATCH")
 
 
@@ -347,6 +412,60 @@ def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_nev
     # A redelivery replies the recorded failure instead of 409 until the dead letter.
     assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
     assert len(cluster.calls("PATCH", "/scale")) == 1
+
+
+def forged_session(key_material: str, **claims) -> str:
+    """A board cookie signed as the board signs shared-token sessions, with what the forger wants in it."""
+    import hashlib
+    import hmac
+    import secrets
+    import time
+
+    from itsdangerous import URLSafeTimedSerializer
+
+    key = hmac.new(key_material.encode(), b"board-session", hashlib.sha256).digest()
+    return URLSafeTimedSerializer(key, salt="incident-board").dumps(
+        {"sid": secrets.token_urlsafe(24), "csrf": "c", "since": "x", "exp": int(time.time()) + 3600, **claims})
+
+
+def test_a_cookie_signed_with_the_shared_token_cannot_name_an_approver(remediation, query, cluster, clean_db):
+    """The shared token signs board cookies, and the list of token hashes is
+    no secret: a cookie that said who signed in would let any holder of the
+    shared token approve as alice. Only a session row made by alice's own
+    token names her."""
+    import hashlib
+
+    row, summary = proposed(clean_db, remediation)
+    alice_hash = api_users("alice").split(":")[2]
+    stamp = hashlib.sha256(b"board-session:" + alice_hash.encode()).hexdigest()[:32]
+    attacker = requests.Session()
+    attacker.cookies.set("ir_session", forged_session(TEST_TOKEN, user="alice", stamp=stamp), path="/ui")
+    approved = attacker.post(f"{query.url}/ui/incidents/{row['id']}/proposals/{summary['id']}/approve",
+                             data={"csrf": "c", "hash": summary["hash"]}, allow_redirects=False, timeout=30)
+    assert approved.status_code == 303 and approved.headers["Location"].startswith("/ui/login"), approved.headers
+    # A made-up personal session id is no session either.
+    attacker.cookies.set("ir_session", "p." + "A" * 43, path="/ui")
+    assert attacker.get(f"{query.url}/ui", allow_redirects=False, timeout=10).status_code == 303
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
+    assert not cluster.calls("PATCH")
+
+
+@pytest.fixture(scope="module")
+def open_query(base_env, remediation):
+    """No REMEDIATION_APPROVERS: who decides is the caller's word, as before personal tokens."""
+    proc = FunctionProcess("query", {**base_env, "K_SINK": remediation.url, "INCIDENT_API_USERS": api_users("alice")}).start()
+    yield proc
+    proc.stop()
+
+
+def test_without_an_approver_list_the_shared_token_and_x_actor_still_decide(remediation, open_query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    decided = requests.post(f"{open_query.url}/incidents/{row['id']}/proposals/{summary['id']}/approve",
+                            headers={"Authorization": f"Bearer {TEST_TOKEN}", "X-Actor": "ops-script"},
+                            json={"hash": summary["hash"]}, timeout=30)
+    assert decided.status_code == 200 and decided.json()["decided_by"] == "api:ops-script", decided.text
+    assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
+    assert [c.json() for c in cluster.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]
 
 
 def reopen(engine, incident_id):

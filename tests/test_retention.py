@@ -76,10 +76,10 @@ def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(cle
     config = dataclasses.replace(settings_obj, retention_batch=2, retention_max_batches=2)
     first = retention.run(clean_db, config)
     # Two batches of two at most per kind and sweep: one old published row is left.
-    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2, "suppressed": 2, "ignored": 0}
+    assert first.pruned == {"outbox": 4, "claims": 2, "timeline": 2, "suppressed": 2, "ignored": 0, "board_sessions": 0}
     assert len([i for i in remaining(clean_db)["outbox"] if i.startswith("old-published")]) == 1
     second = retention.run(clean_db, config)
-    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0, "suppressed": 0, "ignored": 0}
+    assert second.pruned == {"outbox": 1, "claims": 0, "timeline": 0, "suppressed": 0, "ignored": 0, "board_sessions": 0}
     assert remaining(clean_db) == {
         "outbox": ["old-parked", "old-pending", "recent-published"],
         "claims": ["done-old-open", "done-recent-resolved", "unfinished-old-resolved"],
@@ -93,9 +93,33 @@ def test_zero_keeps_a_kind_forever(clean_db, settings_obj):
     seed(clean_db)
     config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0,
                                  retention_suppressed_days=0, retention_ignored_days=0)
-    assert retention.run(clean_db, config).pruned == {}
+    assert retention.run(clean_db, config).pruned == {"board_sessions": 0}  # a session past its end is no record
     left = remaining(clean_db)
     assert len(left["outbox"]) == 8 and len(left["claims"]) == 5 and len(left["timeline"]) == 4 and len(left["suppressed"]) == 4
+
+
+def test_ended_board_sessions_go_in_bounded_batches_live_ones_stay(clean_db, settings_obj):
+    """A personal session is a row (shared/board_sessions.py); one that
+    expired, or sat idle past BOARD_IDLE_TIMEOUT_MINUTES, is deleted by the
+    sweep too, not only by the next sign-in."""
+    with clean_db.begin() as conn:
+        for n, (expires, seen) in enumerate([("- interval '1 minute'", "")] * 5 + [("+ interval '1 hour'", "- interval '2 hours'"),
+                                                                                   ("+ interval '1 hour'", "")]):
+            conn.execute(sa.text(
+                "INSERT INTO board_sessions (id_hash, user_name, token_stamp, created_at, expires_at, last_seen) VALUES "
+                f"(:id, 'alice', 's', now() - interval '12 hours', timezone('utc', now()) {expires}, timezone('utc', now()) {seen})"),
+                {"id": f"{n:064d}"})
+
+    def left():
+        with clean_db.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM board_sessions")).scalar()
+
+    config = dataclasses.replace(settings_obj, retention_batch=2, retention_max_batches=2)
+    assert retention.run(clean_db, config).pruned["board_sessions"] == 4 and left() == 3
+    assert retention.run(clean_db, config).pruned["board_sessions"] == 1 and left() == 2
+    # With an idle timeout of an hour, the one unused for two hours goes too.
+    idle = dataclasses.replace(config, board_idle_timeout_minutes=60)
+    assert retention.run(clean_db, idle).pruned["board_sessions"] == 1 and left() == 1
 
 
 def test_claims_may_not_be_pruned_before_reconciliation_is_done_with_them():

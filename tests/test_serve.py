@@ -39,17 +39,24 @@ def test_a_missing_function_variable_is_named_in_one_line(given, absent):
 SLOW = ROOT / "tests" / "fixtures" / "serve" / "main.py"
 
 
-@pytest.fixture
-def served():
-    from loopback.processes import free_port, terminate, wait_until
+def serve(**extra: str):
+    from loopback.processes import free_port, wait_until
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FUNCTION_SOURCE": str(SLOW), "FUNCTION_TARGET": "slow",
-           "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "2"}
+           "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "2", **extra}
     process = subprocess.Popen([sys.executable, "-m", "shared.serve"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.get(url + "/", timeout=1).ok, 30, message="the served function")
+    return process, url
+
+
+@pytest.fixture
+def served():
+    from loopback.processes import terminate
+
+    process, url = serve()
     yield process, url
     terminate(process)
 
@@ -87,6 +94,52 @@ def test_only_the_loopback_proxy_may_say_the_request_came_over_tls(served):
     assert requests.get(url + "/", timeout=10).json()["scheme"] == "http"
 
 
+def test_an_x_forwarded_for_whose_client_entry_is_no_address_is_served_as_the_connections():
+    """Never refused for its X-Forwarded-For (AlertManager does not retry a
+    4xx), and never a 500: waitress failed with an IndexError on ``:.``. An
+    entry read as the client that is no address is dropped, with a warning;
+    every entry that is one is waitress's as before."""
+    from loopback.processes import terminate
+
+    process, url = serve(TRUSTED_PROXY_HOPS="2")
+    try:
+        def remote(forwarded: str):
+            answer = requests.get(url + "/", headers={"X-Forwarded-For": forwarded}, timeout=10)
+            return answer.json().get("remote") if answer.ok else answer.status_code
+
+        assert remote(":., 203.0.113.7, 10.0.0.9") == "203.0.113.7"  # entries further left are never read
+        assert remote("[2001:db8::7], 10.0.0.9") == "2001:db8::7" and remote("203.0.113.7:5000, 10.0.0.9") == "203.0.113.7"
+        # waitress makes an address of these (the port it splits off is not read): left to it.
+        assert remote("203.0.113.7:, 10.0.0.9") == "203.0.113.7" and remote("1.2.3.4:x, 10.0.0.9") == "1.2.3.4"
+        assert remote(", 10.0.0.9") == "127.0.0.1"
+        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "[::1]:443, 10.0.0.9", "unknown, 10.0.0.9",
+                    '"unbalanced, 10.0.0.9', "", "u" * 5000 + ", 10.0.0.9"):
+            assert remote(bad) == "127.0.0.1", bad
+        assert remote("203.0.113.8, 10.0.0.9") == "203.0.113.8"
+    finally:
+        terminate(process)
+    logged = process.stderr.read()
+    assert "Traceback" not in logged and "X-Forwarded-For ignored" in logged
+    assert "u" * 200 not in logged  # a long header is not logged whole
+
+
+def test_warnings_of_ignored_x_forwarded_for_are_bounded():
+    from shared.login_throttle import LogBudget
+    from shared.serve import checked_forwarded_for
+
+    seen = []
+
+    def app(environ, start_response):
+        seen.append((environ["REMOTE_ADDR"], environ.get("HTTP_X_FORWARDED_FOR")))
+        return []
+
+    budget = LogBudget(per_window=2, window=60, clock=lambda: 0.0)
+    guarded = checked_forwarded_for(app, 2, budget=budget)
+    for _ in range(5):
+        guarded({"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "unknown, 10.0.0.9"}, None)
+    assert seen == [("127.0.0.1", None)] * 5 and budget.take() is None
+
+
 def test_threads_take_turns_every_millisecond_and_the_start_is_kept_out_of_collections(served):
     from shared.serve import SWITCH_INTERVAL_SECONDS
 
@@ -108,6 +161,25 @@ def test_only_loopback_is_trusted_and_bodies_and_answers_stay_in_memory():
     assert 2 * 1024 <= settings["max_request_body_size"] == settings["inbuf_overflow"] <= 128 * 1024
     # An answer is not spooled to the small in-memory /tmp.
     assert settings["outbuf_overflow"] >= 16 * 1024 * 1024
+
+
+def test_trusted_proxy_hops_let_the_loopback_proxy_name_the_client():
+    from shared.serve import server_settings
+
+    settings = server_settings({"THREADS": "4", "TRUSTED_PROXY_HOPS": "2"}, body_cap=1024)
+    assert settings["trusted_proxy"] == "127.0.0.1" and settings["trusted_proxy_count"] == 2
+    assert settings["trusted_proxy_headers"] == "x-forwarded-proto x-forwarded-for"
+
+
+@pytest.mark.parametrize("raw, hops", [("+1", 1), (" 3 ", 3), ("", 0), ("0", 0)])
+def test_the_server_reads_trusted_proxy_hops_as_the_settings_do(raw, hops):
+    from shared.config import load_settings
+    from shared.serve import server_settings
+
+    env = {"THREADS": "4", "TRUSTED_PROXY_HOPS": raw}
+    assert load_settings({"DATABASE_URL": "postgresql+pg8000://u@h/d", **env}).trusted_proxy_hops == hops
+    assert server_settings(env, body_cap=1024)["trusted_proxy_count"] == max(hops, 1)
+    assert ("x-forwarded-for" in server_settings(env, body_cap=1024)["trusted_proxy_headers"]) == bool(hops)
 
 
 def test_a_body_still_arriving_at_sigterm_is_read_and_answered(served):

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
+from functions.escalation.handler import taken_by_a_person
 from shared import events, lifecycle
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
@@ -343,6 +344,28 @@ def test_an_opening_never_told_stays_stale_when_a_person_has_the_generation(func
     assert sent(receivers) == ([], 0)
     assert "a person has the incident" in functions["escalation"].logs()[logged:]
     assert completed(clean_db, row["id"], "escalated:%:1:%") == []
+
+
+def test_a_reopen_by_hand_is_marked_so_and_one_recorded_before_the_mark_still_counts(clean_db):
+    """The transition marks a person's reopen ``by_hand``; an entry written
+    before the mark (resolved -> investigating, no mark) is a person's too,
+    while the intake's (to open) is not."""
+    row = open_incident(clean_db)
+    with clean_db.begin() as conn:
+        svc.transition(conn, row["id"], "resolved", "api:bob", "/t")
+        svc.transition(conn, row["id"], "investigating", "api:alice", "/t")
+    assert timeline(clean_db, row["id"], "reopened")[-1]["by_hand"] is True
+    assert taken_by_a_person_now(clean_db, row["id"]) == "api:alice reopened generation 1 by hand"
+    for details, taken in (({"from": "resolved", "to": "investigating"}, "api:carol reopened generation 1 by hand"),
+                           ({"from": "resolved", "to": "open"}, None)):
+        with clean_db.begin() as conn:
+            svc.add_timeline(conn, row["id"], "reopened", details, "api:carol" if taken else "alertmanager")
+        assert taken_by_a_person_now(clean_db, row["id"]) == taken
+
+
+def taken_by_a_person_now(engine, incident_id):
+    with engine.connect() as conn:
+        return taken_by_a_person(conn, svc.get_incident(conn, incident_id))
 
 
 def test_a_stale_opening_of_a_priority_pagerduty_does_not_page_tells_nothing_and_escalates_nothing(functions, receivers, clean_db):

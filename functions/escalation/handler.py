@@ -172,13 +172,18 @@ def told_openings(conn, incident_id: str, generation: int) -> frozenset[str]:
 
 def taken_by_a_person(conn, incident: dict) -> str | None:
     """Why a person already has the incident's current generation: they
-    reopened it by hand (resolved -> investigating; the intake's reopen,
-    the alert firing again, goes to open), or acknowledged it since the
-    reopen. None when nobody did."""
+    reopened it by hand (the transition marks its entry ``by_hand``; the
+    intake's and the flapping re-page's reopens are automation), or
+    acknowledged it since the reopen. None when nobody did. An entry from
+    before the mark counts as by hand when it went to investigating."""
     entries = incidents.get_timeline(conn, incident["id"])
     reopens = [i for i, t in enumerate(entries) if t["kind"] == "reopened"]
     since = reopens[-1] if reopens else 0
-    if reopens and entries[since]["details"].get("to") != "open":
+    details = entries[since]["details"] if reopens else {}
+    by_hand = details.get("by_hand")
+    if by_hand is None:  # written before the mark
+        by_hand = details.get("to") == "investigating"
+    if by_hand is True:
         return f"{entries[since]['actor']} reopened generation {incident['generation']} by hand"
     # Either timeline kind an acknowledgement has (shared.acknowledge).
     who = acknowledge.acknowledged_by(conn, incident["id"])

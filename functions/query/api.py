@@ -19,7 +19,7 @@ from shared import flapping as noise_flapping
 from shared.config import Settings
 from shared.errors import BadRequest
 from shared.filters import single as _single
-from shared.http import MAX_QUERY_STRING, json_response, parse_json_body, parse_uuid, storable_text
+from shared.http import MAX_QUERY_STRING, json_response, parse_json_body, parse_uuid, storable_text, verified_user
 from shared.models import STATUSES
 from shared.publisher import Publisher
 from shared.timefmt import rfc3339
@@ -190,6 +190,18 @@ class QueryApi:
         return present(row)
 
     def actor(self, request: Request) -> str:
-        named = request.headers.get(self.config.actor_header, "").strip()
-        return f"api:{storable_text(named, self.config.actor_header)[:150]}" if named else "api"
+        """Who acts: ``user:NAME`` for a personal token (verified), else
+        ``api:`` and what ACTOR_HEADER says (the caller's word). A personal
+        token whose request names someone else in ACTOR_HEADER is refused,
+        not silently re-attributed: the script or person sending it is
+        confused about whose token it holds."""
+        header = self.config.actor_header
+        named = request.headers.get(header, "").strip()
+        person = verified_user(request)
+        if person is not None:
+            if named and named != person:
+                raise BadRequest(f"{header} names {named[:100]!r} but the bearer token is {person}'s personal token; "
+                                 f"leave {header} out (the token says who you are) or send it as {person!r}", header=header)
+            return f"user:{person}"
+        return f"api:{storable_text(named, header)[:150]}" if named else "api"
 

@@ -2,10 +2,16 @@
 
 Sign-in exchanges the API token for a signed, expiring, ``HttpOnly``,
 ``SameSite=Strict`` session cookie (the token never goes into a URL) that
-carries a session id; sign-out revokes that id (``shared.sessions``), so a
-copy of the cookie is refused afterwards; every
-form that changes state carries the session's CSRF token; Jinja2 escapes
-everything (labels come from alerts and may hold HTML) and shows the
+carries a session id, and never a person: sign-out revokes that id
+(``shared.sessions``), so a copy of the cookie is refused afterwards. A
+person's own token (shared/users.py) gets a session kept in the database
+(``shared.board_sessions``): the cookie carries only its random id, the row
+says who (a verified identity, ended when that person's token is changed or
+removed, or at sign-out); failed sign-ins of the shared token are limited
+(``shared.login_throttle``, with a device cookie that keeps a browser that
+signed in before out of the overall limit; a personal token is never held);
+every form that changes state carries the session's CSRF token; Jinja2
+escapes everything (labels come from alerts and may hold HTML) and shows the
 characters that reorder or hide text as ``‹U+202E›`` (:func:`shown`); a strict
 Content-Security-Policy allows nothing but this origin's stylesheet.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from datetime import datetime, timezone
@@ -27,17 +34,29 @@ from markupsafe import Markup, escape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
-from shared import acknowledge, db, diagnosis, filters, incidents, members, proposals, sessions
+from shared import acknowledge, board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
+from shared import login_throttle as throttle
 from shared.config import Settings
 from shared.domain import ACTIVE_STATUSES
 from shared.errors import ApiError, BadRequest, NotFound
-from shared.http import parse_uuid, storable_text
+from shared.http import parse_uuid, request_users, storable_text
 from shared.models import PRIORITIES, STATUSES
 from shared.publisher import Publisher
+from shared.users import ApiUsers
 from shared.visible import visible
 
 COOKIE = "ir_session"
+# A personal session's cookie: this, then the session's id (shared/board_sessions.py).
+PERSONAL_PREFIX = "p."
 SESSION_SECONDS = 12 * 3600
+# A browser that signed in here before: counted apart by the sign-in limit.
+DEVICE_COOKIE = "ir_device"
+DEVICE_SECONDS = 90 * 86400
+# Where session() leaves the request's session, for form_actor and verified_user.
+SESSION_ENVIRON = "incident_response.board_session"
+log = logging.getLogger("http")
+# "Sign-in held back" lines, at most so many a minute per process.
+HELD_LOG = throttle.LogBudget()
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -148,8 +167,8 @@ class Board:
     def __init__(self, config: Settings, publisher: Publisher):
         self.config = config
         self.publisher = publisher
-        key = hmac.new((config.api_token.reveal() if config.api_token else secrets.token_hex(32)).encode(), b"board-session", hashlib.sha256).digest()
-        self.signer = URLSafeTimedSerializer(key, salt="incident-board")
+        self.signer = URLSafeTimedSerializer(session_key(config), salt="incident-board")
+        self.device_signer = URLSafeTimedSerializer(session_key(config), salt="incident-board-device")
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                      trim_blocks=True, lstrip_blocks=True, finalize=shown)
         self.templates.filters.update(ago=ago, iso=iso, md=md, md_block=md_block, md_code=md_code, fact_anchor=diagnosis.anchor,
@@ -162,20 +181,61 @@ class Board:
 
     def session(self, request: Request) -> dict | None:
         """The signed-in session, or None: unsigned, expired, from before
-        sessions had ids, or signed out (revoked_sessions)."""
+        sessions had ids, or signed out (revoked_sessions). A session of a
+        person's own token is a row of board_sessions (shared/board_sessions.py)
+        and is refused once that person's token is changed or removed."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
+        if raw.startswith(PERSONAL_PREFIX):
+            session = self._personal_session(request, raw[len(PERSONAL_PREFIX):])
+        else:
+            session = self._shared_session(raw)
+        if session is not None:
+            request.environ[SESSION_ENVIRON] = session
+        return session
+
+    def _shared_session(self, raw: str) -> dict | None:
         try:
             session = self.signer.loads(raw, max_age=SESSION_SECONDS)
         except (BadSignature, SignatureExpired):
             return None
         if not isinstance(session, dict) or not isinstance(session.get("sid"), str) or not isinstance(session.get("exp"), int):
             return None
+        if "user" in session:
+            # Whoever holds the shared token can sign a cookie: one never names a person.
+            return None
         with db.engine().connect() as conn:
             if sessions.is_revoked(conn, session["sid"]):
                 return None
         return session
+
+    def _personal_session(self, request: Request, session_id: str) -> dict | None:
+        if not 0 < len(session_id) <= 64:
+            return None
+        users = request_users(request, self.config.api_users)
+        with db.transaction() as conn:
+            found = board_sessions.find(conn, session_id, self._idle_seconds())
+            if found is None:
+                return None  # unknown, expired, idle too long, or signed out
+            if users.stamp(found.user) != found.token_stamp:
+                # Made with another token of theirs than this list has. If this
+                # list was read after the session was made, the token was
+                # changed or removed: ended for good, so putting the old line
+                # back does not bring it back. Otherwise this replica may be
+                # the one behind (the session made by a replica whose copy of
+                # the Secret is newer): refused here, not deleted.
+                if users.read_after(found.created_at):
+                    board_sessions.end(conn, session_id)
+                return None
+        return {"sid": session_id, "user": found.user, "personal": True, "csrf": personal_csrf(session_id),
+                "since": iso(found.created_at), "exp": int(found.expires_at.replace(tzinfo=timezone.utc).timestamp())}
+
+    @staticmethod
+    def verified_user(request: Request) -> str | None:
+        """Who signed this request's session in with a personal token, or None
+        (a session of the shared token: names typed in forms are claims)."""
+        return (request.environ.get(SESSION_ENVIRON) or {}).get("user")
 
     def _page(self, template: str, status: int = 200, **context) -> Response:
         html = self.templates.get_template(template).render(**context)
@@ -215,9 +275,15 @@ class Board:
                               csrf=session["csrf"])
         return session
 
-    @staticmethod
-    def form_actor(request: Request) -> str:
-        """Who a form says acted: the board, and the name typed, if any."""
+    @classmethod
+    def form_actor(cls, request: Request) -> str:
+        """Who acted through a form: ``user:NAME`` when the session was signed
+        in with NAME's personal token (the form shows no name field then, and
+        one sent anyway is not read); else the board and the name typed, if
+        any, which is the person's word."""
+        person = cls.verified_user(request)
+        if person is not None:
+            return f"user:{person}"
         named = storable_text(request.form.get("actor", "").strip(), "actor", 100)
         return f"board:{named}" if named else "board"
 
@@ -226,30 +292,97 @@ class Board:
     def login_form(self, request: Request) -> Response:
         return self._page("login.html", next=_safe_next(request.args.get("next")), error=None)
 
+    def _idle_seconds(self) -> int:
+        return self.config.board_idle_timeout_minutes * 60
+
     def login(self, request: Request) -> Response:
         token = request.form.get("token", "")
         next_url = _safe_next(request.form.get("next"))
-        expected = self.config.api_token.reveal() if self.config.api_token else None
-        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
-            import logging
-
-            logging.getLogger("http").warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr})
-            return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
-        now = datetime.utcnow()
-        session = {"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
-                   "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS}
+        # One list for the whole sign-in: the token is identified and its
+        # session stamped from the same one, even if the file is reloaded meanwhile.
+        users = request_users(request, self.config.api_users)
+        # A person's own token first: 256 random bits nobody guesses, so it
+        # signs in even while the sign-in limit holds this client back.
+        person = users.identify(token) if users and token else None
+        device = self._device(request, users)
+        address = throttle.client_address(request.remote_addr)
+        if person is None:
+            expected = self.config.api_token.reveal() if self.config.api_token else None
+            shared = bool(expected) and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode())
+            limits = throttle.Limits.of(self.config)
+            wait = throttle.judge(db.engine(), throttle.clients(address, device), limits, right=shared)
+            if wait is not None:
+                # Refused whatever the token: a right guess while held back says nothing.
+                left_out = HELD_LOG.take()
+                if left_out is not None:
+                    log.warning("Sign-in held back", extra={"path": request.path, "client": address, "device": bool(device),
+                                                            "retry_after": wait, "not_logged_before": left_out})
+                minutes = max(1, -(-wait // 60))
+                held = self._page("login.html", status=429, next=next_url, held=True,
+                                  error=f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.")
+                held.headers["Retry-After"] = str(wait)
+                return held
+            if not shared:
+                log.warning("Unauthorized", extra={"path": request.path, "remote": request.remote_addr, "client": address})
+                return self._page("login.html", status=401, next=next_url, error="That token is not valid.")
         response = self._redirect(next_url)
-        response.set_cookie(COOKIE, self.signer.dumps(session), max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
+        # The browser's earlier session, if any, ends: a sign-in replaces it.
+        earlier = request.cookies.get(COOKIE, "")
+        earlier_personal = earlier[len(PERSONAL_PREFIX):] if earlier.startswith(PERSONAL_PREFIX) else None
+        if person is not None:
+            with db.transaction() as conn:
+                session_id, _ = board_sessions.create(conn, person, users.stamp(person), SESSION_SECONDS,
+                                                      self._idle_seconds(), replaces=earlier_personal)
+            value = PERSONAL_PREFIX + session_id
+        else:
+            now = datetime.utcnow()
+            value = self.signer.dumps({"sid": secrets.token_urlsafe(24), "csrf": secrets.token_urlsafe(24), "since": iso(now),
+                                       "exp": int(now.replace(tzinfo=timezone.utc).timestamp()) + SESSION_SECONDS})
+            if earlier_personal:
+                with db.transaction() as conn:
+                    board_sessions.end(conn, earlier_personal)
+        # Who signed in and from where; never the token.
+        log.info("Signed in", extra={"path": request.path, "user": person, "token": "personal" if person else "shared",
+                                     "client": address})
+        response.set_cookie(COOKIE, value, max_age=SESSION_SECONDS, httponly=True, samesite="Strict",
                             secure=request.is_secure, path="/ui")
+        # Renewed at every sign-in; sent only to the sign-in form. Bound to
+        # the token it was earned with: a person's (by its stamp) stops
+        # counting once that token is changed or removed; the shared token's
+        # ends with it (the signing key comes from it).
+        earned = {"u": person, "s": users.stamp(person)} if person is not None else {"u": None}
+        response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps({"d": device or secrets.token_urlsafe(16), **earned}),
+                            max_age=DEVICE_SECONDS, httponly=True, samesite="Strict", secure=request.is_secure, path="/ui/login")
         return response
+
+    def _device(self, request: Request, users: ApiUsers) -> str | None:
+        """The id of this browser's device cookie, if it signed in here before
+        with the shared token, or with a personal token that is still listed."""
+        raw = request.cookies.get(DEVICE_COOKIE)
+        if not raw:
+            return None
+        try:
+            device = self.device_signer.loads(raw, max_age=DEVICE_SECONDS)
+        except (BadSignature, SignatureExpired):
+            return None
+        if not isinstance(device, dict) or "u" not in device:
+            return None
+        person = device["u"]
+        if person is not None and (not isinstance(person, str) or users.stamp(person) != device.get("s")):
+            return None  # earned with a token that is no longer listed
+        value = device.get("d")
+        return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
     def logout(self, request: Request) -> Response:
         session = self.session(request)
         if session is None or not same_csrf(request, session):
             return self._redirect("/ui/login")
         with db.transaction() as conn:
-            sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
-            sessions.purge_expired(conn)
+            if session.get("personal"):
+                board_sessions.end(conn, session["sid"])
+            else:
+                sessions.revoke(conn, session["sid"], datetime.fromtimestamp(session["exp"], timezone.utc).replace(tzinfo=None))
+                sessions.purge_expired(conn)
         response = self._redirect("/ui/login")
         response.delete_cookie(COOKIE, path="/ui")
         return response
@@ -277,7 +410,7 @@ class Board:
         # first page again, forever).
         next_url = (next_page_url("/ui", MultiDict() if error else request.args, encode_cursor(next_cursor))
                     if next_cursor is not None else None)
-        return self._page("index.html", incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
+        return self._page("index.html", me=session.get("user"), incidents=rows, alert_counts=counts, form=form, error=error, by_status=by_status, by_priority=by_priority,
                           next_url=next_url, now=datetime.utcnow(), csrf=session["csrf"], refresh_url=request.full_path.rstrip("?"))
 
     def _load(self, incident_id: str) -> tuple[dict, list[dict]]:
@@ -306,7 +439,7 @@ class Board:
                           noise=incident_extras(self.config, row), taken_by=taken_by, take=take_label(row["status"], taken_by),
                           # Moving to investigating is the Acknowledge button's (take_label), not a bare status change.
                           allowed=[s for s in incidents.TRANSITIONS[row["status"]] if s != "investigating"],
-                          csrf=session["csrf"], proposals=pending,
+                          csrf=session["csrf"], proposals=pending, me=session.get("user"),
                           error=request.args.get("error"), notice=request.args.get("notice"),
                           service=(row.get("labels") or {}).get("service"))
 
@@ -373,6 +506,22 @@ class Board:
     def stylesheet(self, request: Request) -> Response:
         return Response((HERE / "static" / "board.css").read_text(), mimetype="text/css",
                         headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+def session_key(config: Settings) -> bytes:
+    """The key shared-token session cookies (and device cookies) are signed
+    with: from the shared token, so that rotating it ends every such session.
+    Without a shared token there are no such sessions, and nothing public may
+    stand in for the key (the list of token hashes is no secret): a key of
+    this process alone. Personal sessions need no key: they are rows."""
+    material = config.api_token.reveal() if config.api_token else secrets.token_hex(32)
+    return hmac.new(material.encode(), b"board-session", hashlib.sha256).digest()
+
+
+def personal_csrf(session_id: str) -> str:
+    """A personal session's CSRF token: derived from its id (which only the
+    HttpOnly cookie carries), one-way, so the page that shows it shows no id."""
+    return hmac.new(session_id.encode(), b"board-csrf", hashlib.sha256).hexdigest()[:32]
 
 
 _UNSAFE_IN_NEXT = re.compile(r"[\x00-\x20\x7f\\]|^//")

@@ -4,6 +4,7 @@ metrics, OpenAPI).
     functions-framework --source functions/query/main.py --target query
 """
 
+import logging
 from pathlib import Path
 
 from functools import cache
@@ -11,13 +12,31 @@ from functools import cache
 import functions_framework
 from flask import Response
 
-from shared.bootstrap import start
+from shared.bootstrap import fail, start
 from shared.errors import ServiceUnavailable
+from shared.users import UsersError
 from shared.http import (MAX_QUERY_STRING, Route, built_on_first_request, install_json_errors, check_bearer, dispatch, health,
                          json_response)
 
 config = start("query")
+MIN_TOKEN_LENGTH = 32
 install_json_errors()
+try:
+    # Only this function reads the personal token list: a mistake in it stops the query alone.
+    _users = config.api_users.load()
+except UsersError as exc:
+    fail("query", str(exc))
+# An approver with no personal token can never decide (only verified people do): say so now, not at 3 a.m.
+_tokenless = [name for name in config.remediation_approvers if name not in _users.names]
+if _tokenless:
+    logging.getLogger("query").warning("REMEDIATION_APPROVERS names people without a personal token in INCIDENT_API_USERS: "
+                                       "they cannot approve or reject", extra={"approvers_without_token": _tokenless})
+# The API answers every wrong bearer token (no limit: callers are scripts and
+# AlertManager), so only the shared token's length keeps it from being guessed.
+if config.api_token and len(config.api_token.reveal()) < MIN_TOKEN_LENGTH:
+    logging.getLogger("query").warning(f"INCIDENT_API_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters: the API does not "
+                                       "limit wrong tokens, so a short one can be guessed; make a long random one "
+                                       "(python -m shared.users NAME prints one)")
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 # The board (Jinja2), the metrics registry (prometheus_client) and the
 # OpenAPI document (YAML) load on first use: a cold start serving the API or
@@ -93,7 +112,7 @@ def _proposals_ui(method: str):
 
 def _metrics(request):
     if not config.metrics_public:
-        check_bearer(request, config.api_token)
+        check_bearer(request, config.api_token, config.api_users)
     from functions.query import metrics
 
     if "registry" not in _lazy:
@@ -191,4 +210,4 @@ def query(request):
     if len(request.query_string) > MAX_QUERY_STRING and (request.path == "/ui" or request.path.startswith("/ui/")):
         # A person reads the board's answer: its error page, not the API's JSON 400.
         return _board().query_too_long(request, MAX_QUERY_STRING)
-    return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING)
+    return dispatch(request, ROUTES, config.api_token, "query", MAX_QUERY_STRING, users=config.api_users)

@@ -11,7 +11,7 @@ import math
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from shared import backlog, clock, db, dead_letters, ignored_alerts, members, reconcile, stats
+from shared import backlog, clock, db, dead_letters, ignored_alerts, login_throttle, members, reconcile, stats
 from shared.config import settings
 
 TIME_TO_RESOLVE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
@@ -29,6 +29,7 @@ class DatabaseCollector:
             yield from self._intake(conn)
             yield from self._correlation(conn)
             yield from self._noise(conn)
+            yield from self._sign_in(conn)
 
     def _incidents(self, conn):
         total = GaugeMetricFamily("incidents_total", "Incidents by priority and current status.", labels=["priority", "status"])
@@ -108,6 +109,15 @@ class DatabaseCollector:
         ratio = GaugeMetricFamily("alerts_per_incident", "alerts_received / incidents_opened (the noise reduction); NaN before any incident.")
         ratio.add_metric([], alerts / opened if opened else math.nan)
         yield ratio
+
+    def _sign_in(self, conn):
+        failures, held = login_throttle.summary(conn, login_throttle.Limits.of(settings()))
+        recent = GaugeMetricFamily("board_sign_in_failures", "Failed board sign-ins within the current limit windows (LOGIN_FAILURE_WINDOW_SECONDS).")
+        recent.add_metric([], failures)
+        yield recent
+        spent = GaugeMetricFamily("board_sign_in_limits_reached", "Sign-in budgets spent now (clients answered 429; 'all new browsers' counts as one).")
+        spent.add_metric([], held)
+        yield spent
 
     def _noise(self, conn):
         """What noise control keeps from a human right now, so a window left

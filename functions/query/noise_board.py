@@ -65,7 +65,7 @@ class NoiseBoard:
             held = maintenance.suppressed(conn)
         for w in windows:
             w["state"] = window_state(w, now)
-        return self.board._page("maintenance.html", windows=windows, held=held, now=now, csrf=session["csrf"],
+        return self.board._page("maintenance.html", windows=windows, held=held, now=now, csrf=session["csrf"], me=session.get("user"),
                                 error=request.args.get("error"), notice=request.args.get("notice"))
 
     def create_window(self, request: Request) -> Response:

@@ -1,5 +1,6 @@
 """Remediation proposals over the API: list them, approve or reject one
-(the actor recorded, an approver list applied, each decision taken once).
+(the actor recorded, an approver list applied to verified identities only,
+each decision taken once).
 
 The decision and its audit entries commit before the answer: a refused
 approver (403) and an expiry found by a late approval (409) stay on the
@@ -16,21 +17,22 @@ from functions.query.api import check_parameters
 from shared import db, incidents, proposals
 from shared.config import Settings
 from shared.errors import BadRequest, Conflict, Forbidden, NotFound
-from shared.http import has_body, parse_json_body, parse_uuid
+from shared.http import has_body, parse_json_body, parse_uuid, verified_user
 from shared.publisher import Publisher
 
 HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def decide(config: Settings, publisher: Publisher, incident_id: str, proposal_id: str, approve: bool,
-           actor: str, expected_hash: str | None) -> dict:
+           actor: str, expected_hash: str | None, verified: bool = False) -> dict:
     """Shared by the API and the board: raises the typed error of a refusal
-    after its audit entry is committed."""
+    after its audit entry is committed. ``verified``: the actor was proven by
+    a personal token (the API's bearer, or the board session's sign-in)."""
     with db.transaction() as conn:
         if incidents.get_incident(conn, incident_id) is None:
             raise NotFound(f"incident {incident_id} not found")
         decision = proposals.decide(conn, incident_id, proposal_id, approve, actor, config.remediation_approvers,
-                                    expected_hash, config.event_source)
+                                    expected_hash, config.event_source, verified)
     if decision.refusal == "not_found":
         raise NotFound(decision.message)
     if decision.refusal == "forbidden":
@@ -87,4 +89,5 @@ class ProposalsApi:
             expected = body.get("hash")
             if expected is not None and (not isinstance(expected, str) or not HASH.fullmatch(expected)):
                 raise BadRequest("hash: must be the proposal's 64 hex digit hash", field="hash")
-        return decide(self.config, self.publisher, incident_id, proposal_id, approve, self.actor(request), expected)
+        return decide(self.config, self.publisher, incident_id, proposal_id, approve, self.actor(request), expected,
+                      verified=verified_user(request) is not None)

@@ -1,7 +1,8 @@
 """The board's approve and reject buttons for a remediation proposal
 (CSRF-protected like every form of the board). The decision is the API's:
-same approver list, same single use, same hash binding (the form carries
-the hash the engineer saw)."""
+same approver list (a verified identity: a session signed in with a
+personal token), same single use, same hash binding (the form carries the
+hash the engineer saw)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class ProposalsBoard:
             expected = request.form.get("hash") or None
             if expected is not None and len(expected) != 64:
                 raise BadRequest("hash: must be the proposal's 64 hex digit hash")
-            proposal = decide(self.board.config, self.board.publisher, incident_id, proposal_id, approve, actor, expected)
+            proposal = decide(self.board.config, self.board.publisher, incident_id, proposal_id, approve, actor, expected,
+                              verified=self.board.verified_user(request) is not None)
         except ApiError as exc:
             if exc.status >= 500:
                 raise

@@ -72,9 +72,12 @@ class ApprovalFlow:
         url = proposal_url(self.config, incident["id"], proposal["id"])
         summary = "; ".join(f"{a['action']} {a['target']}" for a in planned)
         reason = f"awaiting approval: {summary}. Approve or reject proposal {proposal['id']} at {url}"
+        if proposal["status"] != "pending":
+            # Planned for a generation the incident left meanwhile.
+            reason = f"not proposed: {summary}; proposal {proposal['id']} is {proposal['status']} ({proposal['reason']})"
         log.info("Remediation proposed", extra={"incident_id": incident["id"], "proposal_id": proposal["id"], "playbook": playbook.name})
         return Result("failed", reason, [], playbook.name,
-                      proposal={"id": proposal["id"], "hash": proposal["hash"], "url": url, "status": "pending",
+                      proposal={"id": proposal["id"], "hash": proposal["hash"], "url": url, "status": proposal["status"],
                                 "expires_at": proposals.present(proposal)["expires_at"]})
 
     def handle_approved(self, event: CloudEvent) -> Response:
@@ -148,6 +151,10 @@ class ApprovalFlow:
             incident = incidents.require_incident(conn, proposal["incident_id"])
         root_generation = (incident.get("root_generation") or 0) if incident["generation"] == proposal["generation"] else 0
         with db.transaction() as conn:
+            # The incident before the proposal, as every writer of proposals
+            # locks them (shared.proposals.lock_incident), in the mode
+            # resolve_if_remediated takes right after.
+            proposals.lock_incident(conn, incident["id"], for_update=True)
             event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, proposal["generation"])
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)

@@ -20,13 +20,13 @@ IF NOT EXISTS would then skip, so it is left to the operator, who can see
 it through.
 
 Revision ID: 0025
-Revises: 0020
+Revises: 0022
 """
 
 from alembic import op
 
 revision = "0025"
-down_revision = "0020"
+down_revision = "0022"
 branch_labels = None
 depends_on = None
 
