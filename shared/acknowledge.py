@@ -13,10 +13,19 @@ same generation is harmless: nothing changes and nothing is sent. A reopened
 incident (a new generation) is unacknowledged until someone takes it again.
 
 An acknowledgement covers the pages of its generation that it could have
-answered: the opening's page, and any other page whose trigger was claimed
-(decided, being sent) before the acknowledgement. A page decided after it
-(remediation failed since: "a human must act") is new news and is not
-acknowledged on the person's behalf (:func:`covered_page_sql`).
+answered: a page whose trigger was claimed (decided, being sent) before the
+acknowledgement, or tried and refused before it and sent later. A page
+decided after it is new news and is not acknowledged on the person's behalf
+(:func:`covered_page_sql`): remediation failed since ("a human must act"),
+or a P1 nobody paged was raised to P0 by a new member.
+
+Not acknowledging a page does not make PagerDuty notify anyone for it. The
+system keeps one PagerDuty alert per incident (``dedup_key`` = the incident
+id), and PagerDuty adds a ``trigger`` for an alert that is already
+acknowledged to that alert's log, with no notification (unless the
+service's acknowledgement timeout runs out). So a failure page after an
+acknowledged P0 opening folds into the acknowledged alert; only the chat
+channels and the webhook carry it (docs/noise-control.md, "Acknowledge").
 """
 
 from __future__ import annotations
@@ -45,17 +54,34 @@ def _acknowledgement_sql(incident: str) -> str:
 def covered_page_sql(channel: str, incident: str, generation: str) -> str:
     """SQL condition: the incident's current generation is acknowledged,
     and the acknowledgement covers a page ``channel`` completed in that
-    generation: the opening's trigger, or one whose claim was taken before
-    the acknowledgement (it was in flight, or sent, when the person took
-    the incident). ``incident`` and ``generation`` are SQL expressions.
+    generation: one the person could have answered, because it was tried
+    before they took the incident. That is a trigger whose claim was taken
+    at or before the acknowledgement's time (it was in flight, or sent), or
+    one an attempt of which, for the same transition, had failed by then
+    (PagerDuty was down; the Broker's retry got it through later). The
+    opening's page is no exception: a P1 opening pages no one, so when a
+    member raises the incident to P0 after the acknowledgement, that page
+    (under the same ``…:opened`` key) is claimed after it and stays a page.
+    A claim that went stale and was taken again after the acknowledgement
+    counts from the new claim (``claimed_at`` is refreshed): it is after.
+    ``incident`` and ``generation`` are SQL expressions.
     Escalation (whether to send ``acknowledge``) and the reconciliation
     sweep (whether an ``acknowledge`` is missing) both read it, so the sweep
     re-emits only what the handler acts on. Claims are found through their
     incident (index of migration 0025), the key compared as text."""
     prefix = f"'notify:{channel}:trigger:' || {incident} || ':' || {generation} || ':'"
+    # The transition a claim key is of (``opened`` of ``…:opened.root1``),
+    # as a failed attempt's timeline entry names it.
+    transition = "split_part(split_part(page.key, ':', 6), '.', 1)"
+    tried_before = (f"EXISTS (SELECT 1 FROM incident_timeline try WHERE try.incident_id = {incident}"
+                    f" AND try.kind = 'notification' AND try.details->>'channel' = '{channel}'"
+                    f" AND try.details->>'action' = 'trigger' AND try.details->>'outcome' = 'failed'"
+                    f" AND try.details->>'transition' = {transition} AND try.at <= taken.at"
+                    f" AND try.id > COALESCE((SELECT max(reo.id) FROM incident_timeline reo WHERE reo.incident_id = {incident}"
+                    f" AND reo.kind = 'reopened'), 0))")
     return (f"EXISTS (SELECT 1 FROM work_claims page CROSS JOIN LATERAL ({_acknowledgement_sql(incident)}) taken"
             f" WHERE page.incident_id = {incident} AND starts_with(page.key, {prefix}) AND page.completed_at IS NOT NULL"
-            f" AND (page.key = {prefix} || 'opened' OR page.claimed_at <= taken.at))")
+            f" AND (page.claimed_at <= taken.at OR {tried_before}))")
 
 
 _ACKNOWLEDGED = sa.text(compact(_acknowledgement_sql(":id")))

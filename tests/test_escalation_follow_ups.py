@@ -210,6 +210,51 @@ def test_a_failure_page_decided_after_the_acknowledgement_is_not_acknowledged(es
     assert actions(pagerduty) == ["trigger"]
 
 
+def raise_to_p0(engine, incident_id):
+    """A P0 member joined: the incident's priority is raised
+    (shared.correlation.store.RAISE_PRIORITY) and announced as opened again."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET priority = 'P0' WHERE id = :i"), {"i": incident_id})
+        return svc.get_incident(conn, incident_id)
+
+
+def test_a_raise_to_p0_after_the_p1_was_acknowledged_is_a_page_that_stays_a_page(escalation, pagerduty, clean_db):
+    """A P1 opening pages no one; alice takes it; then a P0 member raises
+    it and PagerDuty is paged under the opening's key. Nobody was paged when
+    she took it: the page is new news, not acknowledged on her behalf, nor
+    by her acknowledgement's redelivery."""
+    row = open_incident(clean_db, "KafkaConsumerLagHigh", priority="P1")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    with clean_db.begin() as conn:
+        taken, _, took = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    assert took
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == []
+    raised = raise_to_p0(clean_db, row["id"])
+    assert deliver(escalation, events.INCIDENT_OPENED, raised, {"raised_to": "P0"}).status_code == 202
+    assert actions(pagerduty) == ["trigger"]
+    assert claim_done(clean_db, f"notify:pagerduty:trigger:{row['id']}:0:opened")
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger"]
+
+
+def test_a_failure_page_after_the_acknowledged_p0_opening_goes_to_the_same_pagerduty_alert(escalation, pagerduty, clean_db):
+    """The limit docs/noise-control.md states: the P0 opening paged, alice
+    took it, and remediation fails before her acknowledgement is delivered.
+    The failure's trigger is not acknowledged on her behalf, but PagerDuty
+    keeps one alert per incident (the same dedup_key), and the opening's
+    page, which she answered, is acknowledged: the failure folds into it."""
+    row = open_incident(clean_db, "EmailServiceDown", priority="P0")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    with clean_db.begin() as conn:
+        taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    assert deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, taken, failed_remediation(clean_db, taken)).status_code == 202
+    assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
+    assert {b["dedup_key"] for b in pagerduty.bodies()} == {row["id"]}
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
+
+
 def test_an_acknowledgement_that_races_a_failure_page_acknowledges_it(escalation, pagerduty, clean_db):
     """The failure page is in flight (its claim taken) when alice takes the
     incident: she answered that page, and it is acknowledged."""

@@ -218,6 +218,42 @@ def test_a_failure_page_decided_after_the_acknowledgement_is_not_followed_up(cle
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
 
 
+def test_a_raise_to_p0_paged_after_the_acknowledgement_is_not_followed_up(clean_db, config):
+    """A P1 opening pages no one; alice takes it; a P0 member raises it and
+    PagerDuty is paged under the opening's own key. The person answered no
+    page: no acknowledge is missing."""
+    incident_id = open_incident(clean_db, "RaisedAfterTheAcknowledgement", priority="P1")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    acknowledged(clean_db, incident_id, 1200)
+    paged(clean_db, incident_id, ago=600)
+    for _ in range(3):
+        assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_claimed_again_after_the_acknowledgement_counts_from_the_new_claim(clean_db, config):
+    """The opening's trigger was claimed before alice took the incident, its
+    holder died, and a redelivery claimed it again (stale) after her
+    acknowledgement and sent it: that page was decided again after she took
+    the incident, so her acknowledgement does not cover it."""
+    from shared import acknowledge, claims
+
+    incident_id = open_incident(clean_db, "ReclaimedAfterTheAcknowledgement", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    key = f"notify:pagerduty:trigger:{incident_id}:0:opened"
+    complete(clean_db, key, incident_id, ago=1800, done=False)  # claimed, its holder gone
+    acknowledged(clean_db, incident_id, 1200)
+    with clean_db.begin() as conn:
+        assert claims.claim(conn, key, incident_id, 60).acquired  # stale: taken again now
+        claims.complete(conn, key)
+    with clean_db.connect() as conn:
+        assert not acknowledge.covers_page(conn, incident_id, 0)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
 def test_a_page_of_an_earlier_generation_needs_no_follow_up_in_this_one(clean_db, config):
     """Generation 0 was paged and resolved; its claims were pruned (they are
     kept 168 h, the timeline a year), the incident reopened and resolved

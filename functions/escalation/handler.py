@@ -48,8 +48,8 @@ claim is held, by the event's whole judgement then (``_state``: generation,
 status, who acknowledged, remediation outcome): an opening whose incident
 was resolved meanwhile pages no one, and a resolve held up until the
 incident was reopened resolves nothing. A follow-up follows up only this
-generation's page, and an acknowledgement only a page it covers (the
-opening's, or one claimed before it: shared.acknowledge). A follow-up that finds the page's
+generation's page, and an acknowledgement only a page it covers (one
+claimed before it, the opening's too: shared.acknowledge). A follow-up that finds the page's
 trigger in flight answers ``409`` (the channel raises ``NotYet``) and the
 Broker retries it once the trigger is recorded. A follow-up that came before
 the trigger was claimed found nothing to follow up; after every other

@@ -41,9 +41,9 @@ class Note:
     fresh claim, not yet recorded as sent), in the same form as ``sent``.
     ``covered`` (``acknowledged`` only, for a channel that ``follows_up``):
     the person's acknowledgement of this generation covers a page this
-    channel sent: its opening's, or one claimed before the acknowledgement
-    (shared.acknowledge.covered_page_sql). A page decided after it is not
-    acknowledged on the person's behalf."""
+    channel sent that was tried before the acknowledgement: claimed before
+    it, the opening's too (shared.acknowledge.covered_page_sql). A page
+    decided after it is not acknowledged on the person's behalf."""
 
     transition: str
     incident: dict
