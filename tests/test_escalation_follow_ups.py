@@ -336,3 +336,31 @@ def test_a_follow_up_that_fails_after_the_page_does_not_fail_the_pages_event(esc
     assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202  # the sweep's re-emission
     assert actions(pagerduty) == ["trigger", "trigger", "acknowledge", "acknowledge"]
     assert claim_done(clean_db, f"notify:pagerduty:acknowledge:{row['id']}:0:acknowledged")
+
+
+def test_a_database_failure_in_the_catch_up_after_the_page_leaves_the_paging_event_done(base_env, pd, clean_db):
+    """The page is sent and recorded; then the catch-up follow-up cannot read
+    the incident (its member table is locked past the lock timeout). The
+    page went out: the event is done (its escalated claim recorded), and the
+    follow-up is left to its own delivery and the sweep."""
+    pd.reset()
+    row = open_incident(clean_db, "EmailServiceDown", priority="P0")
+    with clean_db.connect() as locker:
+        def accept_then_lock_the_members(_):
+            locker.begin()
+            locker.execute(sa.text("LOCK TABLE incident_members IN ACCESS EXCLUSIVE MODE"))
+            return 202, {"Content-Type": "application/json"}, b'{"status":"success","message":"Event processed"}'
+
+        pd.script.append(accept_then_lock_the_members)
+        proc = FunctionProcess("escalation", {
+            **base_env, "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+            "NOTIFY_MAX_ATTEMPTS": "1", "DB_LOCK_TIMEOUT_SECONDS": "0.5"}).start()
+        try:
+            assert deliver(proc, events.INCIDENT_OPENED, row).status_code == 202
+        finally:
+            locker.rollback()
+            proc.stop()
+    assert actions(pd) == ["trigger"]
+    assert claim_done(clean_db, f"notify:pagerduty:trigger:{row['id']}:0:opened")
+    assert claim_done(clean_db, f"escalated:{row['id']}:0:opened")
+

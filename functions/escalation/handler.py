@@ -417,19 +417,29 @@ class EscalationHandler:
         key is the follow-up's own, so it is sent once either way. An
         acknowledgement is sent only for a page it covers
         (shared.acknowledge.covered_page_sql): not for a page decided after
-        it. A follow-up that fails is logged and left to its own claim: the
-        event's own notifications went out, and the reconciliation sweep
-        re-emits the follow-up's event."""
+        it. A follow-up that fails, or whose state the database fails to
+        give, is logged and left to its own claim: the event's own
+        notifications went out, and the reconciliation sweep re-emits the
+        follow-up's event."""
         channels = [c for c in self.channels if getattr(c, "follows_up", False) and c.configured()]
         if not channels:
             return
-        with db.engine().connect() as conn:
-            incident = incidents.get_incident(conn, incident_id)
-            if incident is None:
-                return
-            due = "resolved" if incident["status"] in ("resolved", "closed") else "acknowledged"
-        generation = incident["generation"]
-        incident, reason, mismatch, _ = self._state(due, incident_id, 0, generation)
+        try:
+            with db.engine().connect() as conn:
+                incident = incidents.get_incident(conn, incident_id)
+                if incident is None:
+                    return
+                due = "resolved" if incident["status"] in ("resolved", "closed") else "acknowledged"
+            generation = incident["generation"]
+            incident, reason, mismatch, _ = self._state(due, incident_id, 0, generation)
+        except (ServiceUnavailable, SQLAlchemyError) as exc:
+            # The event's own notifications went out: reading what is due
+            # failing must not fail it (its retry would find them done and
+            # try this again anyway); the follow-up's delivery or the sweep
+            # tells it.
+            log.warning("Follow-up not judged after this event (database); left to its own delivery", extra={
+                "incident_id": incident_id, "reason": str(exc)[:200]})
+            return
         if mismatch:
             return  # nobody acknowledged this generation, or it changed meanwhile
         judge = lambda: self._state(due, incident_id, 0, generation)  # noqa: E731
