@@ -1,6 +1,7 @@
 """The incident board rendered through the query function's Flask app."""
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import functions_framework
@@ -125,6 +126,28 @@ def test_incident_page_offers_only_the_allowed_transitions(signed_in, clean_db, 
     assert "0.999" in html and "timed out" in html and 'dep-down">postgres: down' in html
     assert "scale_deployment" in html and "1 → 6" in html and "dry-run" in html
     assert "pagerduty trigger on opened: sent" in html
+
+
+def test_an_incident_flapping_reopened_silently_after_an_acknowledgement_can_be_taken_to_investigating(signed_in, clean_db):
+    """alice took it and it resolved; the alert flapped and the incident went
+    back to open silently (the same generation: her acknowledgement stands,
+    so no Acknowledge button). Moving it to investigating is still offered."""
+    from shared import flapping
+
+    incident_id = seed(clean_db, "FlappedBack", to=("investigating", "resolved"))
+    with clean_db.begin() as conn:
+        assert conn.execute(flapping._SILENT_REOPEN, {"id": incident_id, "now": datetime.utcnow()}).first()
+        svc.add_timeline(conn, incident_id, "notification", {
+            "channel": "pagerduty", "action": "resolve", "transition": "resolved", "outcome": "skipped",
+            "reason": "PagerDuty is off in the replica that handled it; left to one where it is on"}, "escalation")
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert 'id="acknowledged-by">Acknowledged by t<' in html
+    assert sorted(re.findall(r'id="(to-[a-z]+|acknowledge)"', html)) == ["to-investigating", "to-resolved"]
+    assert html.count("PagerDuty is off in the replica that handled it; left to one where it is on") == 2  # escalations and timeline
+    response = signed_in.post(f"/ui/incidents/{incident_id}/status", data={"status": "investigating", "csrf": csrf_of(html)})
+    assert response.status_code == 303
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, incident_id)["status"] == "investigating"
 
 
 def test_transition_needs_the_csrf_token(signed_in, clean_db):

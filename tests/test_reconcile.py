@@ -273,34 +273,79 @@ def test_a_page_of_an_earlier_generation_needs_no_follow_up_in_this_one(clean_db
         assert (report.reemitted, report.stuck) == ([], [])
 
 
-def test_a_page_followed_up_while_pagerduty_is_off_stops_being_reemitted(clean_db, config, database_url):
-    """Paged while PagerDuty was on; it is off when the resolution arrives.
-    The sweep (in the intake) cannot see that: it re-emits the resolution,
-    and escalation completes the resolve's claim with nothing sent, which
-    ends it: no more re-emissions, nothing stuck."""
-    from functions.escalation.handler import EscalationHandler
-    from shared.config import load_settings
+def resolved_event(row, event_id):
     from cloudevents.http import CloudEvent
 
-    incident_id = open_incident(clean_db, "PagedThenPagerDutyOff", priority="P0")
-    paged(clean_db, incident_id, ago=1200)
-    with clean_db.begin() as conn:
+    spec = events.incident_event(events.INCIDENT_RESOLVED, row, "/test")
+    return CloudEvent({"id": event_id, "type": spec["type"], "source": "/test", **spec["extensions"]}, spec["data"])
+
+
+def paged_then_resolved(engine, name):
+    incident_id = open_incident(engine, name, priority="P0")
+    paged(engine, incident_id, ago=1200)
+    with engine.begin() as conn:
         svc.transition(conn, incident_id, "resolved", "t", "/test")
         publish(conn, f"{incident_id}.resolved.0", 600)
         row = svc.get_incident(conn, incident_id)
-    complete(clean_db, f"escalated:{incident_id}:0:resolved", incident_id)
+    complete(engine, f"escalated:{incident_id}:0:resolved", incident_id)
+    return incident_id, row
+
+
+def resolve_entries(engine, incident_id):
+    with engine.connect() as conn:
+        return [(t["details"]["outcome"], t["details"].get("reason")) for t in svc.get_timeline(conn, incident_id)
+                if t["kind"] == "notification" and t["details"]["action"] == "resolve"]
+
+
+def test_a_resolve_skipped_by_a_replica_without_pagerduty_is_sent_by_one_with_it(clean_db, config, database_url):
+    """Paged while PagerDuty was on. During a rollout the re-emitted
+    resolution reaches a replica started without the PagerDuty Secret: it
+    cannot send the resolve and cannot know PagerDuty is off on purpose, so
+    it records the resolve skipped and leaves its claim open. The next
+    re-emission reaches a replica with PagerDuty on, which resolves the page;
+    then nothing is missing."""
+    from functions.escalation.handler import EscalationHandler
+    from loopback.servers import RecordingServer
+    from shared.config import load_settings
+
+    incident_id, row = paged_then_resolved(clean_db, "PagedThenPagerDutyOffHere")
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r1"]
-    handler = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
-    spec = events.incident_event(events.INCIDENT_RESOLVED, row, "/test")
-    event = CloudEvent({"id": f"{incident_id}.resolved.0.page.r1", "type": spec["type"], "source": "/test", **spec["extensions"]},
-                       spec["data"])
-    assert handler.handle(event).status_code == 202
+    without = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    assert without.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r1")).status_code == 202
+    assert resolve_entries(clean_db, incident_id) == [
+        ("skipped", "PagerDuty is off in the replica that handled it; left to one where it is on")]
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r2"]
+    pd = RecordingServer(lambda r: (202, {}, b'{"status":"success"}')).start()
+    try:
+        with_pd = EscalationHandler(load_settings({"DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
+                                                   "PAGERDUTY_ROUTING_KEY": "R" * 32}))
+        assert with_pd.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r2")).status_code == 202
+        assert [r.json()["event_action"] for r in pd.received()] == ["resolve"]
+    finally:
+        pd.stop()
+    assert [o for o, _ in resolve_entries(clean_db, incident_id)] == ["skipped", "sent"]
     for _ in range(3):
         report = reconcile.run(clean_db, config)
         assert (report.reemitted, report.stuck) == ([], [])
-    with clean_db.connect() as conn:
-        skipped = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "notification" and t["details"]["action"] == "resolve"]
-    assert [(d["outcome"], d["reason"]) for d in skipped] == [("skipped", "PagerDuty is off")]
+
+
+def test_a_resolve_pagerduty_is_off_for_everywhere_is_reported_stuck_once(clean_db, config, database_url):
+    """PagerDuty is off in every replica now, but it paged: the alert it
+    opened is still open there. The sweep re-emits the resolution its K
+    times, each recorded skipped once, then reports the step stuck: a person
+    resolves it in PagerDuty."""
+    from functions.escalation.handler import EscalationHandler
+    from shared.config import load_settings
+
+    incident_id, row = paged_then_resolved(clean_db, "PagedThenPagerDutyOff")
+    handler = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    for n in (1, 2):
+        assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r{n}"]
+        assert handler.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r{n}")).status_code == 202
+    report = reconcile.run(clean_db, config)
+    assert (report.reemitted, report.stuck) == ([], [("escalation:page_resolved", incident_id, 0)])
+    assert reconcile.run(clean_db, config).stuck == []
+    assert [o for o, _ in resolve_entries(clean_db, incident_id)] == ["skipped"]
 
 
 def test_what_is_not_stuck_is_left_alone(clean_db, config):

@@ -275,11 +275,14 @@ class EscalationHandler:
             return None
         with db.engine().connect() as conn:
             told = told_openings(conn, incident["id"], generation)
-            sent = {c.name: sent_by(conn, c.name, incident["id"]) for c in self.channels if c.configured() and c.name not in told}
+            # (sent, sending) per channel, as Note takes them.
+            sent = {c.name: sent_by(conn, c.name, incident["id"], self.stale_seconds) for c in self.channels
+                    if c.configured() and c.name not in told}
             taken = taken_by_a_person(conn, incident)
         # A channel that would not tell this opening anyway (PagerDuty pages
         # no P1) was not owed it.
-        untold = [c.name for c in self.channels if c.name in sent and c.message(Note("opened", incident, None, sent[c.name])) is not None]
+        untold = [c.name for c in self.channels if c.name in sent
+                  and c.message(Note("opened", incident, None, sent=sent[c.name][0], sending=sent[c.name][1])) is not None]
         if not untold:
             return None
         if taken:
@@ -457,23 +460,32 @@ class EscalationHandler:
                     "incident_id": incident_id, "channel": channel.name, "transition": due, "error": outcome.error})
 
     def _follow_up_off(self, channel: Channel, transition: str, generation: int, incident_id: str) -> None:
-        """A follow-up of a page for a channel that is off now (it paged
-        while it was on): nothing can be sent, so its claim is completed as
-        done-by-nothing, and the reconciliation sweep, which cannot see the
-        channel's settings, stops re-emitting it."""
+        """A follow-up of a page for a channel that is off in this replica
+        (it paged while it was on, here or in another replica). Nothing can
+        be sent from here, and nothing says the channel is off on purpose:
+        a replica started without the optional Secret during a rollout looks
+        the same. So the follow-up's claim is left open: the timeline says
+        once that it was skipped (``outcome: skipped``, ``reason``), a
+        warning is logged, and the reconciliation sweep keeps re-emitting it,
+        so a replica with the channel on sends it. If the channel is off
+        everywhere, the sweep reports it stuck after its re-emissions: the
+        alert the channel opened is still open there and needs a person."""
         action = (getattr(channel, "follow_up_actions", None) or {}).get(transition)
         if action is None:
             return
+        key = f"notify:{channel.name}:{action}:{incident_id}:{generation}:{transition}"
         with db.transaction() as conn:
             sent, _ = sent_by(conn, channel.name, incident_id)
-            if f"trigger:{generation}" not in sent:
+            if f"trigger:{generation}" not in sent or claims.is_completed(conn, key):
                 return
-            key = f"notify:{channel.name}:{action}:{incident_id}:{generation}:{transition}"
-            if claims.claim(conn, key, incident_id, self.stale_seconds).acquired:
-                incidents.add_timeline(conn, incident_id, "notification", {
-                    "channel": channel.name, "action": action, "transition": transition, "outcome": "skipped",
-                    "reason": f"{channel.title} is off"}, "escalation", dedup_key=key)
-                claims.complete(conn, key)
+            # Its own dedup key: the entry of the follow-up sent later keeps the claim's.
+            incidents.add_timeline(conn, incident_id, "notification", {
+                "channel": channel.name, "action": action, "transition": transition, "outcome": "skipped",
+                "reason": f"{channel.title} is off in the replica that handled it; left to one where it is on"},
+                "escalation", dedup_key=f"{key}:skipped")
+        log.warning(f"{channel.title} is off here, but it paged for this incident: its {action} is left to a replica where "
+                    "it is on (the reconciliation sweep re-emits it)", extra={
+                        "incident_id": incident_id, "channel": channel.name, "transition": transition, "generation": generation})
 
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,

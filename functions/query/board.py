@@ -60,7 +60,7 @@ HELD_LOG = throttle.LogBudget()
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
-ACTION_LABELS = {"resolved": "Resolve", "closed": "Close"}
+ACTION_LABELS = {"investigating": "Investigating", "resolved": "Resolve", "closed": "Close"}
 # The filter form shows the declared filters that have a widget (shared/filters.py).
 BOARD_FILTERS = filters.BOARD_FILTERS
 
@@ -73,6 +73,15 @@ def take_label(status: str, taken_by: str | None) -> str | None:
     if status in ACTIVE_STATUSES:
         return None if taken_by else "Acknowledge"
     return "Reopen and acknowledge" if status == "resolved" else None
+
+
+def allowed_transitions(status: str, taken_by: str | None) -> list[str]:
+    """The plain status changes offered beside the Acknowledge button.
+    Moving to investigating is that button's (take_label), except on an open
+    incident someone already took in this generation: flapping reopened it
+    silently (resolved -> open, no new generation), so the button is not
+    offered and the status change is, as before the button existed."""
+    return [s for s in incidents.TRANSITIONS[status] if s != "investigating" or (status == "open" and taken_by)]
 
 
 def ago(value: datetime | None, now: datetime | None = None) -> str:
@@ -437,8 +446,7 @@ class Board:
             taken_by = acknowledge.acknowledged_by(conn, row["id"]) if row["status"] in ACTIVE_STATUSES else None
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), taken_by=taken_by, take=take_label(row["status"], taken_by),
-                          # Moving to investigating is the Acknowledge button's (take_label), not a bare status change.
-                          allowed=[s for s in incidents.TRANSITIONS[row["status"]] if s != "investigating"],
+                          allowed=allowed_transitions(row["status"], taken_by),
                           csrf=session["csrf"], proposals=pending, me=session.get("user"),
                           error=request.args.get("error"), notice=request.args.get("notice"),
                           service=(row.get("labels") or {}).get("service"))

@@ -170,8 +170,8 @@ class PagerDuty:
     # handler tells them after a trigger too (EscalationHandler._follow_up).
     follows_up = True
     # The claim action of each follow-up (``notify:pagerduty:{action}:…``):
-    # completed with nothing sent when the channel is off now, so the sweep
-    # stops re-emitting a follow-up of a page sent while it was on.
+    # a replica where the channel is off records it skipped and leaves the
+    # claim open for one where it is on (EscalationHandler._follow_up_off).
     follow_up_actions = {"acknowledged": "acknowledge", "resolved": "resolve"}
 
     def __init__(self, config: Settings):
