@@ -13,8 +13,9 @@ same generation is harmless: nothing changes and nothing is sent. A reopened
 incident (a new generation) is unacknowledged until someone takes it again.
 
 An acknowledgement covers the pages of its generation that it could have
-answered: a page whose trigger was claimed (decided, being sent) before the
-acknowledgement, or tried and refused before it and sent later. A page
+answered: a page whose trigger's sender, with the claim held, saw no
+acknowledgement (it preceded or raced it), or tried and refused before it
+and sent later; a trigger still in flight is waited for. A page
 decided after it is new news and is not acknowledged on the person's behalf
 (:func:`covered_page_sql`): remediation failed since ("a human must act"),
 or a P1 nobody paged was raised to P0 by a new member.
@@ -51,37 +52,59 @@ def _acknowledgement_sql(incident: str) -> str:
             f" AND reo.kind = 'reopened'), 0) ORDER BY ack.id DESC LIMIT 1")
 
 
+def _reopened_after(incident: str, alias: str) -> str:
+    """SQL condition: timeline entry ``alias`` is of the current generation
+    (after the incident's latest reopening)."""
+    return (f"{alias}.id > COALESCE((SELECT max(reo.id) FROM incident_timeline reo WHERE reo.incident_id = {incident}"
+            f" AND reo.kind = 'reopened'), 0)")
+
+
+def _failed_trigger_sql(channel: str, incident: str, transition: str) -> str:
+    """SQL: the failed trigger attempts of ``channel`` for ``transition`` in
+    the current generation, as ``try`` (a condition on them follows)."""
+    return (f"SELECT 1 FROM incident_timeline try WHERE try.incident_id = {incident}"
+            f" AND try.kind = 'notification' AND try.details->>'channel' = '{channel}'"
+            f" AND try.details->>'action' = 'trigger' AND try.details->>'outcome' = 'failed'"
+            f" AND try.details->>'transition' = {transition} AND {_reopened_after(incident, 'try')}")
+
+
 def covered_page_sql(channel: str, incident: str, generation: str) -> str:
     """SQL condition: the incident's current generation is acknowledged,
     and the acknowledgement covers a page ``channel`` completed in that
-    generation: one the person could have answered, because it was tried
-    before they took the incident. That is a trigger whose claim was taken
-    at or before the acknowledgement's time (it was in flight, or sent), or
-    one an attempt of which, for the same transition, had failed by then
-    (PagerDuty was down; the Broker's retry got it through later). The
-    opening's page is no exception: a P1 opening pages no one, so when a
-    member raises the incident to P0 after the acknowledgement, that page
-    (under the same ``…:opened`` key) is claimed after it and stays a page.
-    A claim that went stale and was taken again after the acknowledgement
-    counts from the new claim (``claimed_at`` is refreshed): it is after.
+    generation: one the person could have answered. Not decided by clocks
+    (an acknowledgement's time is its transaction's start, which may have
+    waited on the incident's row while the page went out), but by what the
+    trigger's sender saw: its re-check, with the claim held, read whether
+    the generation was acknowledged, and the trigger's timeline entry says
+    ``decided_before_ack`` (:func:`trigger_decision`). True: it saw no
+    acknowledgement (it preceded or raced it), or an attempt of it had
+    failed before (PagerDuty was down; the Broker's retry got it through).
+    False: a page decided after the acknowledgement, e.g. a P1 raised to P0
+    by a new member (the opening's ``…:opened`` key) or a failure page; it
+    stays a page. A trigger still in flight is not covered yet: the
+    acknowledgement waits for it (NotYet, 409).
+    A trigger sent before the entry carried the field: the opening's is
+    covered, as it was then; another by its claim's time (at or before the
+    acknowledgement's, or an attempt failed by then). A claim without a sent
+    entry is judged by its time too.
     ``incident`` and ``generation`` are SQL expressions.
     Escalation (whether to send ``acknowledge``) and the reconciliation
     sweep (whether an ``acknowledge`` is missing) both read it, so the sweep
     re-emits only what the handler acts on. Claims are found through their
-    incident (index of migration 0025), the key compared as text."""
+    incident (index of migration 0025), the key compared as text; the
+    trigger's entry through its dedup key (the claim's key)."""
     prefix = f"'notify:{channel}:trigger:' || {incident} || ':' || {generation} || ':'"
     # The transition a claim key is of (``opened`` of ``…:opened.root1``),
     # as a failed attempt's timeline entry names it.
     transition = "split_part(split_part(page.key, ':', 6), '.', 1)"
-    tried_before = (f"EXISTS (SELECT 1 FROM incident_timeline try WHERE try.incident_id = {incident}"
-                    f" AND try.kind = 'notification' AND try.details->>'channel' = '{channel}'"
-                    f" AND try.details->>'action' = 'trigger' AND try.details->>'outcome' = 'failed'"
-                    f" AND try.details->>'transition' = {transition} AND try.at <= taken.at"
-                    f" AND try.id > COALESCE((SELECT max(reo.id) FROM incident_timeline reo WHERE reo.incident_id = {incident}"
-                    f" AND reo.kind = 'reopened'), 0))")
+    by_time = f"(page.claimed_at <= taken.at OR EXISTS ({_failed_trigger_sql(channel, incident, transition)} AND try.at <= taken.at))"
+    decided = "sent.details->>'decided_before_ack'"
     return (f"EXISTS (SELECT 1 FROM work_claims page CROSS JOIN LATERAL ({_acknowledgement_sql(incident)}) taken"
+            f" LEFT JOIN incident_timeline sent ON sent.dedup_key = page.key"
             f" WHERE page.incident_id = {incident} AND starts_with(page.key, {prefix}) AND page.completed_at IS NOT NULL"
-            f" AND (page.claimed_at <= taken.at OR {tried_before}))")
+            f" AND CASE WHEN {decided} IS NOT NULL THEN {decided} = 'true'"
+            f" WHEN sent.id IS NOT NULL AND page.key = {prefix} || 'opened' THEN true"
+            f" ELSE {by_time} END)")
 
 
 _ACKNOWLEDGED = sa.text(compact(_acknowledgement_sql(":id")))
@@ -105,6 +128,25 @@ def covers_page(conn: Connection, incident_id: str, generation: int, channel: st
     sent (:func:`covered_page_sql`)?"""
     query = _COVERED if channel == "pagerduty" else sa.text(compact("SELECT " + covered_page_sql(channel, ":id", "CAST(:gen AS text)")))
     return bool(conn.execute(query, {"id": incident_id, "gen": generation}).scalar())
+
+
+def _failed_before_sql(channel: str) -> str:
+    return (f"SELECT EXISTS ({_failed_trigger_sql(channel, ':id', ':transition')}"
+            " AND (try.details->>'decided_before_ack' = 'true' OR (try.details->>'decided_before_ack' IS NULL AND try.at <= :at)))")
+
+
+def trigger_decision(conn: Connection, incident_id: str, channel: str, transition: str) -> dict:
+    """What a trigger's sender saw, read with its claim held, for its
+    timeline entry (:func:`covered_page_sql`): ``acknowledged_seen``, whether
+    the current generation was acknowledged, and ``decided_before_ack``: it
+    was not, or an attempt of this trigger had failed before (one that says
+    so, or an older entry recorded by the acknowledgement's time)."""
+    taken = acknowledgement(conn, incident_id)
+    if taken is None:
+        return {"acknowledged_seen": False, "decided_before_ack": True}
+    query = sa.text(compact(_failed_before_sql(channel)))
+    failed_before = bool(conn.execute(query, {"id": incident_id, "transition": transition, "at": taken["at"]}).scalar())
+    return {"acknowledged_seen": True, "decided_before_ack": failed_before}
 
 
 def acknowledge(conn: Connection, incident_id: str, actor: str, event_source: str, note: str | None = None) -> tuple[dict, list[str], bool]:

@@ -277,6 +277,35 @@ def test_an_acknowledgement_that_races_a_failure_page_acknowledges_it(escalation
     assert actions(pagerduty) == ["trigger", "acknowledge"]
 
 
+def test_an_acknowledgement_that_waited_on_the_incident_while_the_page_went_out_acknowledges_it(escalation, pagerduty, clean_db):
+    """alice's acknowledgement began before the opening's page was claimed
+    and waited on the incident's row (held by a plain UPDATE: the intake
+    adding a member, diagnostics) while the page went out. Its timeline
+    time is its transaction's start, earlier than the page's claim; but the
+    page's sender saw no acknowledgement, so she took a page that was
+    sent: it is acknowledged, and the sweep's reading agrees."""
+    row = open_incident(clean_db, "AckWaitedWhileThePageWentOut", priority="P0")
+    with clean_db.connect() as locker:
+        locker.begin()
+        locker.execute(sa.text("SELECT id FROM incidents WHERE id = :i FOR NO KEY UPDATE"), {"i": row["id"]})
+
+        def take():
+            with clean_db.begin() as conn:
+                return acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+        acked = in_background(take)
+        waits_for(clean_db, locker, "the acknowledgement never waited on the incident")
+        # Nothing the opening's delivery does waits on that lock.
+        assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+        assert actions(pagerduty) == ["trigger"]
+        locker.rollback()
+    taken, _, took = acked()
+    assert took
+    with clean_db.connect() as conn:
+        assert acknowledge.covers_page(conn, row["id"], 0)
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger", "acknowledge"]
+
+
 def test_a_reopened_incidents_acknowledgement_leaves_the_earlier_generations_page_alone(escalation, pagerduty, clean_db):
     """Generation 0 was paged and its page resolved; after the reopening
     nothing paged yet, so bob taking it acknowledges nothing at PagerDuty,

@@ -136,13 +136,17 @@ def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(cle
     assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].data["status"] == "resolved"
 
 
-def paged(engine, incident_id, ago=600, generation=0, occasion="opened"):
+def paged(engine, incident_id, ago=600, generation=0, occasion="opened", saw_ack=None):
     """PagerDuty accepted the incident's trigger ``ago`` seconds ago: its
-    claim completed and its timeline entry, as escalation records them."""
+    claim completed and its timeline entry, as escalation records them:
+    ``saw_ack``, whether its sender saw the generation acknowledged (None:
+    an entry written before escalation recorded it)."""
     key = f"notify:pagerduty:trigger:{incident_id}:{generation}:{occasion}"
+    seen = {} if saw_ack is None else {"acknowledged_seen": saw_ack, "decided_before_ack": not saw_ack}
     with engine.begin() as conn:
         svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": occasion,
-                                                             "outcome": "sent", "status": 202, "attempts": 1}, "escalation", dedup_key=key)
+                                                             "outcome": "sent", "status": 202, "attempts": 1, **seen},
+                         "escalation", dedup_key=key)
         conn.execute(sa.text("UPDATE incident_timeline SET at = timezone('utc', now()) - make_interval(secs => :ago) WHERE dedup_key = :k"),
                      {"k": key, "ago": ago})
         conn.execute(sa.text(
@@ -211,10 +215,10 @@ def test_a_failure_page_decided_after_the_acknowledgement_is_not_followed_up(cle
     for step in ("diagnostics", "remediation"):
         complete(clean_db, f"{step}:{incident_id}:0", incident_id)
     acknowledged(clean_db, incident_id, 1200)
-    paged(clean_db, incident_id, ago=600, occasion="remediation_failed")
+    paged(clean_db, incident_id, ago=600, occasion="remediation_failed", saw_ack=True)
     assert reconcile.run(clean_db, config).reemitted == []
-    # One claimed before she took it (it was in flight) is hers: missing.
-    paged(clean_db, incident_id, ago=1800, occasion="remediation_failed.p-1")
+    # One whose sender saw no acknowledgement (it was in flight) is hers: missing.
+    paged(clean_db, incident_id, ago=1800, occasion="remediation_failed.p-1", saw_ack=False)
     assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
 
 
@@ -227,8 +231,26 @@ def test_a_raise_to_p0_paged_after_the_acknowledgement_is_not_followed_up(clean_
         complete(clean_db, f"{step}:{incident_id}:0", incident_id)
     complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
     acknowledged(clean_db, incident_id, 1200)
-    paged(clean_db, incident_id, ago=600)
+    paged(clean_db, incident_id, ago=600, saw_ack=True)
     for _ in range(3):
+        assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_whose_sender_saw_no_acknowledgement_is_followed_up_whatever_the_clocks_say(clean_db, config):
+    """alice's acknowledgement waited on the incident's row while the
+    opening's page was claimed and sent: its time (its transaction's start)
+    is before the page's claim, but the page's sender saw no acknowledgement.
+    She answered that page: its acknowledge is missing. An opening's page
+    recorded before senders said what they saw is hers too, as it was."""
+    for saw_ack in (False, None):
+        incident_id = open_incident(clean_db, f"AckWaitedOnTheIncident{saw_ack}", priority="P0")
+        for step in ("diagnostics", "remediation"):
+            complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+        complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+        acknowledged(clean_db, incident_id, 1200)
+        paged(clean_db, incident_id, ago=1100, saw_ack=saw_ack)
+        assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+        complete(clean_db, f"notify:pagerduty:acknowledge:{incident_id}:0:acknowledged", incident_id)
         assert reconcile.run(clean_db, config).reemitted == []
 
 

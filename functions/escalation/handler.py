@@ -48,8 +48,8 @@ claim is held, by the event's whole judgement then (``_state``: generation,
 status, who acknowledged, remediation outcome): an opening whose incident
 was resolved meanwhile pages no one, and a resolve held up until the
 incident was reopened resolves nothing. A follow-up follows up only this
-generation's page, and an acknowledgement only a page it covers (one
-claimed before it, the opening's too: shared.acknowledge). A follow-up that finds the page's
+generation's page, and an acknowledgement only a page it covers (one whose
+sender saw no acknowledgement, recorded with the trigger: shared.acknowledge). A follow-up that finds the page's
 trigger in flight answers ``409`` (the channel raises ``NotYet``) and the
 Broker retries it once the trigger is recorded. A follow-up that came before
 the trigger was claimed found nothing to follow up; after every other
@@ -385,11 +385,19 @@ class EscalationHandler:
             if outgoing is None:
                 self._release(key)
                 return None
+            seen = None
+            if follows_up and outgoing.action == "trigger":
+                # Whether this page is one an acknowledgement covers is what
+                # its sender saw, with the claim held (shared.acknowledge.
+                # covered_page_sql): an acknowledgement committed after this
+                # read finds the claim in flight and waits for it.
+                with db.engine().connect() as conn:
+                    seen = acknowledge.trigger_decision(conn, incident_id, channel.name, transition)
             result = self._send(channel, outgoing)
         except Exception:
             self._release(key)
             raise
-        self._record(channel.name, outgoing.action, transition, incident_id, key, result)
+        self._record(channel.name, outgoing.action, transition, incident_id, key, result, seen)
         return result
 
     def _still_due(self, channel: Channel, note: Note, outgoing: Outgoing, judge) -> Outgoing | None:
@@ -494,13 +502,16 @@ class EscalationHandler:
                     # A channel written without a judge of its own: the status decides.
                     accept=getattr(channel, "accept", accept_any_2xx))
 
-    def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
+    def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery,
+                seen: dict | None = None) -> None:
         """Timeline entry and claim in one transaction, retried through a
         database blip: a Slack message that was sent but not recorded is
         posted again by the next delivery (chat webhooks have no idempotency key),
-        so the window between the two is kept as short as the claim allows."""
+        so the window between the two is kept as short as the claim allows.
+        ``seen``: a trigger's ``acknowledged_seen`` and ``decided_before_ack``
+        (shared.acknowledge.trigger_decision)."""
         details = {"channel": channel, "action": what, "transition": transition, "outcome": "sent" if result.ok else "failed",
-                   "status": result.status, "attempts": result.attempts}
+                   "status": result.status, "attempts": result.attempts, **(seen or {})}
         if result.error:
             details["error"] = result.error  # built by delivery from the failure's kind, scrubbed
         deadline = time.monotonic() + self.config.db_timeout_seconds

@@ -41,8 +41,8 @@ class Note:
     fresh claim, not yet recorded as sent), in the same form as ``sent``.
     ``covered`` (``acknowledged`` only, for a channel that ``follows_up``):
     the person's acknowledgement of this generation covers a page this
-    channel sent that was tried before the acknowledgement: claimed before
-    it, the opening's too (shared.acknowledge.covered_page_sql). A page
+    channel sent that was decided before the acknowledgement: its sender
+    saw no acknowledgement (shared.acknowledge.covered_page_sql). A page
     decided after it is not acknowledged on the person's behalf."""
 
     transition: str
