@@ -93,7 +93,8 @@ def transition(
         details["by_hand"] = True
     # A person taking an open incident is an acknowledgement: the channels
     # tell it (PagerDuty acknowledges its page). Diagnostics moves it with
-    # mark_investigating, which is not one.
+    # mark_investigating, which is not one: a person taking it after that
+    # is acknowledged by shared/acknowledge.py without a status change.
     acknowledged = current == "open" and to_status == "investigating"
     if acknowledged:
         details["acknowledged"] = True

@@ -24,7 +24,33 @@ step                          missing when, after the grace period        re-emi
 failed``                      claim
 ``escalation:resolved``       resolved (its event published), no         ``resolved``
                               completed ``escalated:…:resolved`` claim
+``escalation:page_resolved``  resolved (its event published), PagerDuty   ``resolved``
+                              paged it in this generation (a completed    (``….page.r<n>``)
+                              ``notify:pagerduty:trigger:…:<gen>:…``
+                              claim), no completed
+                              ``notify:pagerduty:resolve:…`` claim of
+                              this generation
+``escalation:page_            acknowledged in this generation (its        ``acknowledged``
+acknowledged``                event published), active, PagerDuty sent    (``….page.r<n>``)
+                              a page of this generation the
+                              acknowledgement covers
+                              (shared.acknowledge.covered_page_sql), no
+                              completed ``notify:pagerduty:acknowledge:…``
+                              claim
 ============================  ==========================================  ==================
+
+The last two are the follow-ups of a page whose event came before its
+trigger was sent (the escalation handler tells them after the trigger,
+functions/escalation/handler.py, and this is what catches it when that did
+not get through). Their grace runs from the later of the event's
+publication and the trigger's completed claim. "Paged" is read where the
+handler reads it, from the trigger's claim (not the timeline, which is kept
+longer than claims): the sweep re-emits only a follow-up the handler acts
+on. The sweep cannot see whether PagerDuty is configured (it runs in the
+intake); when it is off the handler completes the follow-up's claim with
+nothing sent, which ends the re-emissions. Their re-emissions have ids of
+their own (``<id>.<transition>.<gen>.page.r<n>``), counted apart from the
+``escalation:resolved`` step's.
 
 After another alert took over as root (migration 0017), the diagnostics,
 remediation and outcome steps watched are the new root's (their claim keys
@@ -41,7 +67,9 @@ incident's timeline and logged at error level, for a person.
 
 Cheap by construction: active incidents (status index) and incidents
 resolved within ``RECONCILE_HORIZON_SECONDS``, joined to claims and outbox
-rows by primary key, and at most ``RECONCILE_BATCH`` re-emissions a run.
+rows by primary key, a page's claims through their incident (the
+``work_claims (incident_id)`` index of migration 0025), and at most
+``RECONCILE_BATCH`` re-emissions a run.
 """
 
 from __future__ import annotations
@@ -52,7 +80,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from shared import db, events, incidents, outbox
+from shared import acknowledge, db, events, incidents, outbox
 from shared.config import Settings
 
 log = logging.getLogger("reconcile")
@@ -64,9 +92,10 @@ EVENT_TYPES = {
     "remediated": events.INCIDENT_REMEDIATED,
     "remediation_failed": events.INCIDENT_REMEDIATION_FAILED,
     "resolved": events.INCIDENT_RESOLVED,
+    "acknowledged": events.INCIDENT_ACKNOWLEDGED,
 }
 STEPS = ("diagnostics", "remediation", "escalation:opened", "escalation:root_changed", "escalation:remediated",
-         "escalation:remediation_failed", "escalation:resolved")
+         "escalation:remediation_failed", "escalation:resolved", "escalation:page_resolved", "escalation:page_acknowledged")
 REASON_MAX = 1000
 # Steps done again for a new root (their claims end in ``.root<n>``); the
 # new root's opening is told as ``root_changed``.
@@ -82,28 +111,28 @@ WITH recent AS (
        OR (i.status = 'resolved' AND i.resolved_at > {UTC_NOW} - make_interval(secs => :horizon))
 ),
 missing AS (
-    SELECT 'diagnostics' AS step, 'opened' AS transition, r.id, r.gen, r.rs, o.published_at AS since,
+    SELECT 'diagnostics' AS step, 'opened' AS transition, r.id, r.gen, r.rs, '' AS tag, o.published_at AS since,
            'diagnostics:' || r.id || ':' || r.gen || r.rs AS claim_key
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen || r.rs
     WHERE r.status IN ('open', 'investigating') AND o.published_at IS NOT NULL
     UNION ALL
-    SELECT 'escalation:opened', 'opened', r.id, r.gen, '', o.published_at,
+    SELECT 'escalation:opened', 'opened', r.id, r.gen, '', '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'opened'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen
     WHERE r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
       AND o.published_at IS NOT NULL
     UNION ALL
-    SELECT 'escalation:root_changed', 'opened', r.id, r.gen, r.rs, o.published_at,
+    SELECT 'escalation:root_changed', 'opened', r.id, r.gen, r.rs, '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'opened' || r.rs
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.opened.' || r.gen || r.rs
     WHERE r.rs <> '' AND r.status IN ('open', 'investigating') AND r.priority::text = ANY(string_to_array(:page_on_open, ','))
       AND o.published_at IS NOT NULL
     UNION ALL
-    SELECT 'remediation', 'diagnosed', r.id, r.gen, r.rs, d.completed_at, 'remediation:' || r.id || ':' || r.gen || r.rs
+    SELECT 'remediation', 'diagnosed', r.id, r.gen, r.rs, '', d.completed_at, 'remediation:' || r.id || ':' || r.gen || r.rs
     FROM recent r JOIN work_claims d ON d.key = 'diagnostics:' || r.id || ':' || r.gen || r.rs
     WHERE r.status IN ('open', 'investigating') AND d.completed_at IS NOT NULL
     UNION ALL
-    SELECT 'escalation:' || x.transition, x.transition, r.id, r.gen, r.rs, m.completed_at,
+    SELECT 'escalation:' || x.transition, x.transition, r.id, r.gen, r.rs, '', m.completed_at,
            'escalated:' || r.id || ':' || r.gen || ':' || x.transition || r.rs
     FROM recent r JOIN work_claims m ON m.key = 'remediation:' || r.id || ':' || r.gen || r.rs
     CROSS JOIN LATERAL (
@@ -115,13 +144,28 @@ missing AS (
     ) x
     WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
     UNION ALL
-    SELECT 'escalation:resolved', 'resolved', r.id, r.gen, '', o.published_at,
+    SELECT 'escalation:resolved', 'resolved', r.id, r.gen, '', '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'resolved'
     FROM recent r JOIN event_outbox o ON o.id = r.id || '.resolved.' || r.gen
     WHERE r.status = 'resolved' AND o.published_at IS NOT NULL
+    UNION ALL
+    SELECT 'escalation:page_' || f.transition, f.transition, r.id, r.gen, '', '.page', GREATEST(o.published_at, p.at),
+           'notify:pagerduty:' || f.action || ':' || r.id || ':' || r.gen || ':' || f.transition
+    FROM recent r
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN r.status = 'resolved' THEN 'resolved' ELSE 'acknowledged' END AS transition,
+               CASE WHEN r.status = 'resolved' THEN 'resolve' ELSE 'acknowledge' END AS action
+    ) f
+    JOIN event_outbox o ON o.id = r.id || '.' || f.transition || '.' || r.gen
+    CROSS JOIN LATERAL (
+        SELECT max(c.completed_at) AS at FROM work_claims c
+        WHERE c.incident_id = r.id AND starts_with(c.key, 'notify:pagerduty:trigger:' || r.id || ':' || r.gen || ':')
+    ) p
+    WHERE o.published_at IS NOT NULL AND p.at IS NOT NULL
+      AND (f.transition = 'resolved' OR {acknowledge.covered_page_sql("pagerduty", "r.id", "CAST(r.gen AS text)")})
 ),
 assessed AS (
-    SELECT m.step, m.transition, m.id, m.gen, m.rs, m.since, re.n, re.last,
+    SELECT m.step, m.transition, m.id, m.gen, m.rs, m.tag, m.since, re.n, re.last,
            CASE WHEN re.n > 0 AND re.last >= {UTC_NOW} - make_interval(secs => :backoff * power(2, re.n - 1)) THEN 'waiting'
                 WHEN re.n >= :k THEN 'stuck'
                 ELSE 'due' END AS state
@@ -129,7 +173,7 @@ assessed AS (
     LEFT JOIN work_claims w ON w.key = m.claim_key
     CROSS JOIN LATERAL (
         SELECT count(*) AS n, max(e.created_at) AS last FROM event_outbox e
-        WHERE e.id IN (SELECT m.id || '.' || m.transition || '.' || m.gen || m.rs || '.r' || g FROM generate_series(1, :k) AS g)
+        WHERE e.id IN (SELECT m.id || '.' || m.transition || '.' || m.gen || m.rs || m.tag || '.r' || g FROM generate_series(1, :k) AS g)
     ) re
     WHERE m.since < {UTC_NOW} - make_interval(secs => :grace)
       AND w.completed_at IS NULL
@@ -139,7 +183,7 @@ assessed AS (
 
 # The last condition of `assessed`: a step running now (a fresh claim) is not missing.
 _WORK = sa.text(" ".join((_ASSESSED + """
-SELECT a.step, a.transition, a.id, a.gen, a.rs, a.n, a.state FROM assessed a
+SELECT a.step, a.transition, a.id, a.gen, a.rs, a.tag, a.n, a.state FROM assessed a
 WHERE a.state = 'due'
    OR (a.state = 'stuck' AND NOT EXISTS (
         SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen || a.rs))
@@ -187,7 +231,8 @@ def run(bind: Engine, config: Settings) -> Report:
             if row["state"] == "stuck":
                 _give_up(conn, row, report)
             else:
-                due.setdefault((row["id"], row["transition"], row["gen"], row["rs"]), []).append(dict(row))
+                # A page's follow-up (tag ``.page``) is re-emitted and counted apart.
+                due.setdefault((row["id"], row["transition"], row["gen"], row["rs"], row["tag"]), []).append(dict(row))
         new_events = [e for e in (_reemission(conn, config, key, steps) for key, steps in due.items()) if e]
         outbox.enqueue(conn, new_events)
     report.reemitted = [e["id"] for e in new_events]
@@ -202,8 +247,8 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     return db.for_the_sweep("Reconciliation", lambda: run(bind, config), log)
 
 
-def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, str], steps: list[dict]) -> dict | None:
-    incident_id, transition, generation, root = key
+def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, str, str], steps: list[dict]) -> dict | None:
+    incident_id, transition, generation, root, tag = key
     incident = incidents.get_incident(conn, incident_id)
     if incident is None or incident["generation"] != generation:
         return None  # reopened or gone meanwhile: the next pass sees the new generation
@@ -216,7 +261,7 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     extra = (_remediation_extra(conn, incident_id, generation, incident["root_generation"])
              if transition in ("remediated", "remediation_failed") else None)
     event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
-    event["id"] = f"{event['id']}{root}.r{steps[0]['n'] + 1}"
+    event["id"] = f"{event['id']}{root}{tag}.r{steps[0]['n'] + 1}"
     log.warning("Incident stuck between steps; re-emitting its event", extra={
         "incident_id": incident_id, "steps": [s["step"] for s in steps], "generation": generation,
         "event_id": event["id"], "reemission": steps[0]["n"] + 1, "max_reemits": config.reconcile_max_reemits})

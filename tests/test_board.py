@@ -1,6 +1,7 @@
 """The incident board rendered through the query function's Flask app."""
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import functions_framework
@@ -104,9 +105,9 @@ def test_list_pages_with_a_cursor(signed_in, clean_db):
 
 
 @pytest.mark.parametrize("path, buttons", [
-    ((), ["to-investigating", "to-resolved"]),
-    (("investigating",), ["to-resolved"]),
-    (("resolved",), ["to-investigating", "to-closed"]),
+    ((), ["acknowledge", "to-resolved"]),
+    (("investigating",), ["to-resolved"]),  # a person took it: acknowledged
+    (("resolved",), ["acknowledge", "to-closed"]),  # reopen and acknowledge
     (("resolved", "closed"), []),
 ])
 def test_incident_page_offers_only_the_allowed_transitions(signed_in, clean_db, path, buttons):
@@ -120,11 +121,33 @@ def test_incident_page_offers_only_the_allowed_transitions(signed_in, clean_db, 
                                                           "timestamp": "2026-11-27T10:01:00Z", "success": True, "dry_run": True, "error": None})
         svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": "opened", "outcome": "sent"})
     html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
-    assert sorted(re.findall(r'id="(to-[a-z]+)"', html)) == sorted(buttons)
+    assert sorted(re.findall(r'id="(to-[a-z]+|acknowledge)"', html)) == sorted(buttons)
     assert "1/3" in html and "CrashLoopBackOff" in html and "OOMKilled" in html
     assert "0.999" in html and "timed out" in html and 'dep-down">postgres: down' in html
     assert "scale_deployment" in html and "1 → 6" in html and "dry-run" in html
     assert "pagerduty trigger on opened: sent" in html
+
+
+def test_an_incident_flapping_reopened_silently_after_an_acknowledgement_can_be_taken_to_investigating(signed_in, clean_db):
+    """alice took it and it resolved; the alert flapped and the incident went
+    back to open silently (the same generation: her acknowledgement stands,
+    so no Acknowledge button). Moving it to investigating is still offered."""
+    from shared import flapping
+
+    incident_id = seed(clean_db, "FlappedBack", to=("investigating", "resolved"))
+    with clean_db.begin() as conn:
+        assert conn.execute(flapping._SILENT_REOPEN, {"id": incident_id, "now": datetime.utcnow()}).first()
+        svc.add_timeline(conn, incident_id, "notification", {
+            "channel": "pagerduty", "action": "resolve", "transition": "resolved", "outcome": "skipped",
+            "reason": "PagerDuty is off in the replica that handled it; left to one where it is on"}, "escalation")
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert 'id="acknowledged-by">Acknowledged by t<' in html
+    assert sorted(re.findall(r'id="(to-[a-z]+|acknowledge)"', html)) == ["to-investigating", "to-resolved"]
+    assert html.count("PagerDuty is off in the replica that handled it; left to one where it is on") == 2  # escalations and timeline
+    response = signed_in.post(f"/ui/incidents/{incident_id}/status", data={"status": "investigating", "csrf": csrf_of(html)})
+    assert response.status_code == 303
+    with clean_db.connect() as conn:
+        assert svc.get_incident(conn, incident_id)["status"] == "investigating"
 
 
 def test_transition_needs_the_csrf_token(signed_in, clean_db):
@@ -146,6 +169,52 @@ def test_resolving_with_a_note_goes_on_the_timeline(signed_in, clean_db):
     with clean_db.connect() as conn:
         assert svc.get_incident(conn, incident_id)["status"] == "resolved"
         assert conn.execute(sa.text("SELECT count(*) FROM event_outbox WHERE type LIKE '%resolved'")).scalar() == 1
+
+
+def acknowledged_events(engine, incident_id):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT id FROM event_outbox WHERE subject = :i AND type LIKE '%acknowledged' ORDER BY id"),
+                            {"i": incident_id}).scalars().all()
+
+
+def test_an_incident_diagnostics_moved_to_investigating_is_acknowledged_from_the_board(signed_in, clean_db):
+    """Diagnostics moved it to investigating, which is no acknowledgement:
+    the board still offers Acknowledge, which takes it as POST
+    /incidents/{id}/acknowledge does (the event that acknowledges the page),
+    and then names who instead."""
+    from shared import lifecycle
+
+    incident_id = seed(clean_db, "DiagnosedFirst")
+    with clean_db.begin() as conn:
+        lifecycle.mark_investigating(conn, incident_id, "diagnostics")
+    page = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert re.search(r'id="acknowledge">Acknowledge<', page)
+    response = signed_in.post(f"/ui/incidents/{incident_id}/acknowledge", data={"csrf": csrf_of(page), "note": "on it", "actor": "alice"})
+    assert response.status_code == 303
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert 'id="acknowledge"' not in html and "Acknowledged by board:alice" in html and "on it" in html
+    assert acknowledged_events(clean_db, incident_id) == [f"{incident_id}.acknowledged.0"]
+    # Once is enough: nothing is sent again.
+    assert signed_in.post(f"/ui/incidents/{incident_id}/acknowledge", data={"csrf": csrf_of(page)}).status_code == 303
+    assert acknowledged_events(clean_db, incident_id) == [f"{incident_id}.acknowledged.0"]
+
+
+def test_reopen_and_acknowledge_on_a_resolved_incident_does_both(signed_in, clean_db):
+    incident_id = seed(clean_db, "ReopenMe", to=("investigating", "resolved"))
+    page = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    assert re.search(r'id="acknowledge">Reopen and acknowledge<', page)
+    assert signed_in.post(f"/ui/incidents/{incident_id}/acknowledge", data={"csrf": csrf_of(page), "actor": "bob"}).status_code == 303
+    with clean_db.connect() as conn:
+        row = svc.get_incident(conn, incident_id)
+    assert (row["status"], row["generation"]) == ("investigating", 1)
+    assert acknowledged_events(clean_db, incident_id) == [f"{incident_id}.acknowledged.0", f"{incident_id}.acknowledged.1"]
+    assert "Acknowledged by board:bob" in signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+
+
+def test_acknowledge_needs_the_csrf_token(signed_in, clean_db):
+    incident_id = seed(clean_db, "AckCsrf")
+    assert signed_in.post(f"/ui/incidents/{incident_id}/acknowledge", data={"csrf": "forged"}).status_code == 403
+    assert acknowledged_events(clean_db, incident_id) == []
 
 
 def test_an_invalid_transition_shows_the_reason(signed_in, clean_db):

@@ -98,7 +98,7 @@ def test_sign_in_filter_open_resolve_and_see_the_timeline(browser, stack, clean_
     browser.find_element(By.ID, "to-resolved").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "timeline"), "rolled back the release"))
     assert "resolved" in browser.find_element(By.CSS_SELECTOR, "h1 .status").text
-    assert sorted(b.get_attribute("id") for b in browser.find_elements(By.CSS_SELECTOR, "#transition-form button")) == ["to-closed", "to-investigating"]
+    assert sorted(b.get_attribute("id") for b in browser.find_elements(By.CSS_SELECTOR, "#transition-form button")) == ["acknowledge", "to-closed"]
     screenshot(browser, "incident.png")
     logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
     assert not [entry for entry in logs if "Content Security Policy" in entry.get("message", "")]

@@ -82,9 +82,9 @@ def record_remediation(engine, row, outcome, reason):
             "outcome": outcome, "reason": reason, "actions": [], "playbook": None, "generation": row["generation"]}, "remediation")
 
 
-def plan(handler, transition, row, sent=frozenset()):
+def plan(handler, transition, row, sent=frozenset(), covered=False):
     """What each configured channel would send, in the handler's order."""
-    note = Note(transition, row, None, frozenset(sent))
+    note = Note(transition, row, None, frozenset(sent), covered=covered)
     return [(c.name, o.action) for c in handler.channels if c.configured() and (o := c.message(note)) is not None]
 
 
@@ -107,11 +107,15 @@ def test_the_plan_of_each_transition(handler, clean_db):
     assert plan(handler, "opened", {**p0, "status": "resolved"}) == [("slack", "message")]
     assert plan(handler, "remediation_failed", p1) == [("pagerduty", "trigger"), ("slack", "message")]
     assert plan(handler, "remediation_failed", p2) == [("slack", "message")]
-    # PagerDuty follows up only what it paged.
-    assert plan(handler, "resolved", p2, {"trigger"}) == [("pagerduty", "resolve"), ("slack", "message")]
+    # PagerDuty follows up only what it paged, in this generation.
+    assert plan(handler, "resolved", p2, {"trigger", "trigger:0"}) == [("pagerduty", "resolve"), ("slack", "message")]
     assert plan(handler, "resolved", p2) == [("slack", "message")]
-    assert plan(handler, "acknowledged", p1, {"trigger"}) == [("pagerduty", "acknowledge"), ("slack", "message")]
-    assert plan(handler, "acknowledged", {**p1, "status": "resolved"}, {"trigger"}) == [("slack", "message")]
+    assert plan(handler, "resolved", {**p2, "generation": 1}, {"trigger", "trigger:0"}) == [("slack", "message")]
+    # ... and acknowledges only a page the acknowledgement covers.
+    assert plan(handler, "acknowledged", p1, {"trigger", "trigger:0"}, covered=True) == [("pagerduty", "acknowledge"), ("slack", "message")]
+    assert plan(handler, "acknowledged", p1, {"trigger", "trigger:0"}) == [("slack", "message")]
+    assert plan(handler, "acknowledged", {**p1, "generation": 1}, {"trigger", "trigger:0"}, covered=True) == [("slack", "message")]
+    assert plan(handler, "acknowledged", {**p1, "status": "resolved"}, {"trigger", "trigger:0"}, covered=True) == [("slack", "message")]
     assert plan(handler, "remediated", p0) == [("slack", "message")]
     assert set(ACCEPTED) >= {events.INCIDENT_OPENED, events.INCIDENT_RESOLVED, events.INCIDENT_REMEDIATION_FAILED}
 

@@ -334,3 +334,17 @@ def test_a_migration_setting_out_of_range_stops_before_anything_runs_naming_it(s
             assert conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None
     finally:
         engine.dispose()
+
+
+def test_claims_are_indexed_by_incident_and_the_downgrade_drops_it(scratch_url):
+    """0025: escalation and the sweep look claims up by incident."""
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0025")
+        with engine.connect() as conn:
+            assert "idx_work_claims_incident" in _indexes(conn, "work_claims")
+        migrate.downgrade(scratch_url, "0022")
+        with engine.connect() as conn:
+            assert "idx_work_claims_incident" not in _indexes(conn, "work_claims")
+    finally:
+        engine.dispose()

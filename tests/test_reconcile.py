@@ -136,6 +136,240 @@ def test_resolved_whose_resolved_escalation_never_completed_reemits_resolved(cle
     assert reemitted(clean_db)[f"{incident_id}.resolved.0.r1"].data["status"] == "resolved"
 
 
+def paged(engine, incident_id, ago=600, generation=0, occasion="opened", saw_ack=None):
+    """PagerDuty accepted the incident's trigger ``ago`` seconds ago: its
+    claim completed and its timeline entry, as escalation records them:
+    ``saw_ack``, whether its sender saw the generation acknowledged (None:
+    an entry written before escalation recorded it)."""
+    key = f"notify:pagerduty:trigger:{incident_id}:{generation}:{occasion}"
+    seen = {} if saw_ack is None else {"acknowledged_seen": saw_ack, "decided_before_ack": not saw_ack}
+    with engine.begin() as conn:
+        svc.add_timeline(conn, incident_id, "notification", {"channel": "pagerduty", "action": "trigger", "transition": occasion,
+                                                             "outcome": "sent", "status": 202, "attempts": 1, **seen},
+                         "escalation", dedup_key=key)
+        conn.execute(sa.text("UPDATE incident_timeline SET at = timezone('utc', now()) - make_interval(secs => :ago) WHERE dedup_key = :k"),
+                     {"k": key, "ago": ago})
+        conn.execute(sa.text(
+            "INSERT INTO work_claims (key, incident_id, claimed_at, completed_at) VALUES (:k, :i, "
+            "timezone('utc', now()) - make_interval(secs => :ago), timezone('utc', now()) - make_interval(secs => :ago))"
+            " ON CONFLICT (key) DO UPDATE SET claimed_at = excluded.claimed_at, completed_at = excluded.completed_at"),
+            {"k": key, "i": incident_id, "ago": ago})
+
+
+def test_a_page_whose_resolution_came_before_its_trigger_reemits_resolved(clean_db, config):
+    """The resolution reached escalation before the page was sent: nothing
+    to resolve then, so its escalation completed; the page was sent after."""
+    incident_id = open_incident(clean_db, "PageLeftOpen", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+    complete(clean_db, f"escalated:{incident_id}:0:resolved", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []  # never paged: nothing to resolve
+    paged(clean_db, incident_id, ago=5)
+    assert reconcile.run(clean_db, config).reemitted == []  # paged just now: its own delivery resolves it
+    paged(clean_db, incident_id)
+    # Its own id: the escalation:resolved step's re-emissions are counted apart.
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.resolved.0.page.r1"].type == events.INCIDENT_RESOLVED
+    complete(clean_db, f"notify:pagerduty:resolve:{incident_id}:0:resolved", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_whose_acknowledgement_came_before_its_trigger_reemits_acknowledged(clean_db, config):
+    from shared import acknowledge
+
+    incident_id = open_incident(clean_db, "PageNeverAcknowledged", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    paged(clean_db, incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []  # nobody acknowledged it
+    with clean_db.begin() as conn:
+        acknowledge.acknowledge(conn, incident_id, "alice", "/test")
+        publish(conn, f"{incident_id}.acknowledged.0", 600)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+    assert reemitted(clean_db)[f"{incident_id}.acknowledged.0.page.r1"].type == events.INCIDENT_ACKNOWLEDGED
+    complete(clean_db, f"notify:pagerduty:acknowledge:{incident_id}:0:acknowledged", incident_id)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def acknowledged(engine, incident_id, ago):
+    """alice took the incident ``ago`` seconds ago, and its event was published."""
+    from shared import acknowledge
+
+    with engine.begin() as conn:
+        acknowledge.acknowledge(conn, incident_id, "alice", "/test")
+        conn.execute(sa.text("UPDATE incident_timeline SET at = timezone('utc', now()) - make_interval(secs => :ago)"
+                             " WHERE incident_id = :i AND details->>'acknowledged' = 'true'"), {"i": incident_id, "ago": ago})
+        publish(conn, f"{incident_id}.acknowledged.0", ago)
+
+
+def test_a_failure_page_decided_after_the_acknowledgement_is_not_followed_up(clean_db, config):
+    """A P1 is not paged when it opens; alice takes it; then remediation
+    fails and PagerDuty is paged. That page is not hers to acknowledge
+    (the escalation handler sends no acknowledge for it): nothing is missing."""
+    incident_id = open_incident(clean_db, "FailedAfterTheAcknowledgement", priority="P1")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    acknowledged(clean_db, incident_id, 1200)
+    paged(clean_db, incident_id, ago=600, occasion="remediation_failed", saw_ack=True)
+    assert reconcile.run(clean_db, config).reemitted == []
+    # One whose sender saw no acknowledgement (it was in flight) is hers: missing.
+    paged(clean_db, incident_id, ago=1800, occasion="remediation_failed.p-1", saw_ack=False)
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+
+
+def test_a_raise_to_p0_paged_after_the_acknowledgement_is_not_followed_up(clean_db, config):
+    """A P1 opening pages no one; alice takes it; a P0 member raises it and
+    PagerDuty is paged under the opening's own key. The person answered no
+    page: no acknowledge is missing."""
+    incident_id = open_incident(clean_db, "RaisedAfterTheAcknowledgement", priority="P1")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    acknowledged(clean_db, incident_id, 1200)
+    paged(clean_db, incident_id, ago=600, saw_ack=True)
+    for _ in range(3):
+        assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_whose_sender_saw_no_acknowledgement_is_followed_up_whatever_the_clocks_say(clean_db, config):
+    """alice's acknowledgement waited on the incident's row while the
+    opening's page was claimed and sent: its time (its transaction's start)
+    is before the page's claim, but the page's sender saw no acknowledgement.
+    She answered that page: its acknowledge is missing. An opening's page
+    recorded before senders said what they saw is hers too, as it was."""
+    for saw_ack in (False, None):
+        incident_id = open_incident(clean_db, f"AckWaitedOnTheIncident{saw_ack}", priority="P0")
+        for step in ("diagnostics", "remediation"):
+            complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+        complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+        acknowledged(clean_db, incident_id, 1200)
+        paged(clean_db, incident_id, ago=1100, saw_ack=saw_ack)
+        assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.acknowledged.0.page.r1"]
+        complete(clean_db, f"notify:pagerduty:acknowledge:{incident_id}:0:acknowledged", incident_id)
+        assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_claimed_again_after_the_acknowledgement_counts_from_the_new_claim(clean_db, config):
+    """The opening's trigger was claimed before alice took the incident, its
+    holder died, and a redelivery claimed it again (stale) after her
+    acknowledgement and sent it: that page was decided again after she took
+    the incident, so her acknowledgement does not cover it."""
+    from shared import acknowledge, claims
+
+    incident_id = open_incident(clean_db, "ReclaimedAfterTheAcknowledgement", priority="P0")
+    for step in ("diagnostics", "remediation"):
+        complete(clean_db, f"{step}:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    key = f"notify:pagerduty:trigger:{incident_id}:0:opened"
+    complete(clean_db, key, incident_id, ago=1800, done=False)  # claimed, its holder gone
+    acknowledged(clean_db, incident_id, 1200)
+    with clean_db.begin() as conn:
+        assert claims.claim(conn, key, incident_id, 60).acquired  # stale: taken again now
+        claims.complete(conn, key)
+    with clean_db.connect() as conn:
+        assert not acknowledge.covers_page(conn, incident_id, 0)
+    assert reconcile.run(clean_db, config).reemitted == []
+
+
+def test_a_page_of_an_earlier_generation_needs_no_follow_up_in_this_one(clean_db, config):
+    """Generation 0 was paged and resolved; its claims were pruned (they are
+    kept 168 h, the timeline a year), the incident reopened and resolved
+    again with no page. Nothing of generation 1 was paged: nothing to resolve,
+    nothing re-emitted, nothing stuck, however many passes."""
+    incident_id = open_incident(clean_db, "PagedLongAgo", priority="P0")
+    paged(clean_db, incident_id, ago=1200)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        conn.execute(sa.text("DELETE FROM work_claims WHERE incident_id = :i"), {"i": incident_id})  # retention
+        svc.transition(conn, incident_id, "investigating", "carol", "/test")  # reopened: generation 1
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.1", 600)
+    complete(clean_db, f"escalated:{incident_id}:1:resolved", incident_id)
+    for _ in range(4):
+        report = reconcile.run(clean_db, config)
+        assert (report.reemitted, report.stuck) == ([], [])
+
+
+def resolved_event(row, event_id):
+    from cloudevents.http import CloudEvent
+
+    spec = events.incident_event(events.INCIDENT_RESOLVED, row, "/test")
+    return CloudEvent({"id": event_id, "type": spec["type"], "source": "/test", **spec["extensions"]}, spec["data"])
+
+
+def paged_then_resolved(engine, name):
+    incident_id = open_incident(engine, name, priority="P0")
+    paged(engine, incident_id, ago=1200)
+    with engine.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "t", "/test")
+        publish(conn, f"{incident_id}.resolved.0", 600)
+        row = svc.get_incident(conn, incident_id)
+    complete(engine, f"escalated:{incident_id}:0:resolved", incident_id)
+    return incident_id, row
+
+
+def resolve_entries(engine, incident_id):
+    with engine.connect() as conn:
+        return [(t["details"]["outcome"], t["details"].get("reason")) for t in svc.get_timeline(conn, incident_id)
+                if t["kind"] == "notification" and t["details"]["action"] == "resolve"]
+
+
+def test_a_resolve_skipped_by_a_replica_without_pagerduty_is_sent_by_one_with_it(clean_db, config, database_url):
+    """Paged while PagerDuty was on. During a rollout the re-emitted
+    resolution reaches a replica started without the PagerDuty Secret: it
+    cannot send the resolve and cannot know PagerDuty is off on purpose, so
+    it records the resolve skipped and leaves its claim open. The next
+    re-emission reaches a replica with PagerDuty on, which resolves the page;
+    then nothing is missing."""
+    from functions.escalation.handler import EscalationHandler
+    from loopback.servers import RecordingServer
+    from shared.config import load_settings
+
+    incident_id, row = paged_then_resolved(clean_db, "PagedThenPagerDutyOffHere")
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r1"]
+    without = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    assert without.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r1")).status_code == 202
+    assert resolve_entries(clean_db, incident_id) == [
+        ("skipped", "PagerDuty is off in the replica that handled it; left to one where it is on")]
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r2"]
+    pd = RecordingServer(lambda r: (202, {}, b'{"status":"success"}')).start()
+    try:
+        with_pd = EscalationHandler(load_settings({"DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue",
+                                                   "PAGERDUTY_ROUTING_KEY": "R" * 32}))
+        assert with_pd.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r2")).status_code == 202
+        assert [r.json()["event_action"] for r in pd.received()] == ["resolve"]
+    finally:
+        pd.stop()
+    assert [o for o, _ in resolve_entries(clean_db, incident_id)] == ["skipped", "sent"]
+    for _ in range(3):
+        report = reconcile.run(clean_db, config)
+        assert (report.reemitted, report.stuck) == ([], [])
+
+
+def test_a_resolve_pagerduty_is_off_for_everywhere_is_reported_stuck_once(clean_db, config, database_url):
+    """PagerDuty is off in every replica now, but it paged: the alert it
+    opened is still open there. The sweep re-emits the resolution its K
+    times, each recorded skipped once, then reports the step stuck: a person
+    resolves it in PagerDuty."""
+    from functions.escalation.handler import EscalationHandler
+    from shared.config import load_settings
+
+    incident_id, row = paged_then_resolved(clean_db, "PagedThenPagerDutyOff")
+    handler = EscalationHandler(load_settings({"DATABASE_URL": database_url}))
+    for n in (1, 2):
+        assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.resolved.0.page.r{n}"]
+        assert handler.handle(resolved_event(row, f"{incident_id}.resolved.0.page.r{n}")).status_code == 202
+    report = reconcile.run(clean_db, config)
+    assert (report.reemitted, report.stuck) == ([], [("escalation:page_resolved", incident_id, 0)])
+    assert reconcile.run(clean_db, config).stuck == []
+    assert [o for o, _ in resolve_entries(clean_db, incident_id)] == ["skipped"]
+
+
 def test_what_is_not_stuck_is_left_alone(clean_db, config):
     recent = open_incident(clean_db, "WithinGrace", published_ago=5)
     running = open_incident(clean_db, "DiagnosticsRunning")
@@ -203,12 +437,29 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
                         "client_min_messages = notice", "enable_seqscan = off"):
             conn.exec_driver_sql(f"SET LOCAL {setting}")
 
+    from functions.escalation.handler import sent_by
+    from shared import acknowledge
+
     open_incident(clean_db, "Indexed")
+    # A page to acknowledge and one to resolve: the page steps read claims
+    # and the acknowledgement with data to read.
+    taken = open_incident(clean_db, "IndexedAcknowledged", priority="P0")
+    paged(clean_db, taken)
+    acknowledged(clean_db, taken, 300)
+    fixed = open_incident(clean_db, "IndexedResolved", priority="P0")
+    paged(clean_db, fixed)
+    with clean_db.begin() as conn:
+        svc.transition(conn, fixed, "resolved", "t", "/test")
+        publish(conn, f"{fixed}.resolved.0", 300)
     try:
-        reconcile.run(engine, config)  # the pool's one connection
+        assert reconcile.run(engine, config).reemitted  # the pool's one connection
         with engine.connect() as conn:
             with conn.begin():
                 reconcile.assess(conn, config)
+            with conn.begin():
+                # What escalation reads of a page: the same claims, by incident.
+                assert sent_by(conn, "pagerduty", taken)[0] >= {"trigger:0"}
+                assert acknowledge.covers_page(conn, taken, 0)
             # pg8000 keeps the server's notices as their raw fields; a plan
             # comes when its statement ends, the last one with the COMMIT.
             messages = [n.get(b"M", b"").decode() for n in conn.connection.dbapi_connection.notices]
@@ -217,6 +468,8 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
     plans = [json.loads(m.split("plan:", 1)[1]) for m in messages if "plan:" in m]
     passes = [p for p in plans if "FROM missing" in p["Query Text"]]
     assert len(passes) == 2, [p["Query Text"][:80] for p in plans]  # the pass and the counts
+    assert any("starts_with(key" in p["Query Text"] for p in plans) and any("EXISTS (SELECT 1 FROM work_claims page" in p["Query Text"]
+                                                                       and "FROM missing" not in p["Query Text"] for p in plans)
     for p in plans:
         assert _whole_scans(p["Plan"]) == [], p["Query Text"]
 

@@ -15,7 +15,7 @@ from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
 from functions.escalation.handler import taken_by_a_person
-from shared import events
+from shared import events, lifecycle
 from shared import incidents as svc
 from tests.conftest import TEST_TOKEN
 from tests.factories import alert
@@ -307,7 +307,7 @@ def test_an_opening_never_told_is_told_once_ever_when_re_driven_after_the_intake
     assert [b["event_action"] for b in pd.bodies()] == ["trigger", "resolve"]
 
 
-@pytest.mark.parametrize("taken", ["reopened by hand", "acknowledged"])
+@pytest.mark.parametrize("taken", ["reopened by hand", "acknowledged", "acknowledged after diagnostics moved it"])
 def test_an_opening_never_told_stays_stale_when_a_person_has_the_generation(functions, receivers, clean_db, taken):
     """The page of generation 0 dead-lettered; a person reopened the
     incident by hand (resolved -> investigating), or acknowledged the
@@ -323,6 +323,10 @@ def test_an_opening_never_told_stays_stale_when_a_person_has_the_generation(func
         patch(functions, row["id"], "resolved"), patch(functions, row["id"], "investigating")
     else:
         reopened_by_the_intake(clean_db, row)
+        if taken == "acknowledged after diagnostics moved it":
+            # Its acknowledgement changes no status: the timeline kind is acknowledged.
+            with clean_db.begin() as conn:
+                lifecycle.mark_investigating(conn, row["id"], "diagnostics")
         acknowledged = requests.post(f"{functions['query'].url}/incidents/{row['id']}/acknowledge",
                                      headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=30)
         assert acknowledged.status_code == 200, acknowledged.text

@@ -41,12 +41,29 @@ under claim keys of their own (``….root{n}``).
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
 the reconciliation sweep looks for incidents without it.
+
+A follow-up (``acknowledged``, ``resolved``) of a page is never lost to the
+order events arrive in. What a channel sends is decided again once its
+claim is held, by the event's whole judgement then (``_state``: generation,
+status, who acknowledged, remediation outcome): an opening whose incident
+was resolved meanwhile pages no one, and a resolve held up until the
+incident was reopened resolves nothing. A follow-up follows up only this
+generation's page, and an acknowledgement only a page it covers (one whose
+sender saw no acknowledgement, recorded with the trigger: shared.acknowledge). A follow-up that finds the page's
+trigger in flight answers ``409`` (the channel raises ``NotYet``) and the
+Broker retries it once the trigger is recorded. A follow-up that came before
+the trigger was claimed found nothing to follow up; after every other
+transition the handler tells the follow-up the incident's state is due for
+(``_follow_up``), under the follow-up's own claim key, so it is sent once
+whichever delivery gets there first; its failure does not fail the event
+that paged. The reconciliation sweep re-emits the follow-up of a page that
+is still not followed up (shared/reconcile.py), read from the same claims.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import time
 
 import requests
@@ -58,9 +75,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from functions.escalation.answer import accept_any_2xx
 from functions.escalation import channels as registry
 from functions.escalation.channels import Channel, Note, Outgoing
+from functions.escalation.channels.base import NotYet
 from shared.deadline import bounded
 from functions.escalation.delivery import Delivery, send, worst_case_seconds
-from shared import claims, db, events, eventio, incidents, members
+from shared import acknowledge, claims, db, events, eventio, incidents, members
 from shared.config import Settings
 from shared.domain import ACTIVE_STATUSES
 from shared.errors import BadGateway, Conflict, ServiceUnavailable
@@ -78,6 +96,9 @@ RECORD_RETRY_INTERVAL = 0.25
 # The transitions whose work is done again for a new root (diagnostics and
 # remediation claim per root generation): told again, once per root.
 ROOT_SCOPED = ("opened", "remediated", "remediation_failed")
+# The transitions that follow up what a channel sent before (PagerDuty's
+# acknowledge and resolve of its trigger).
+FOLLOW_UPS = ("acknowledged", "resolved")
 
 
 def claim_stale_seconds(config: Settings) -> float:
@@ -111,23 +132,25 @@ def root_change(conn, incident: dict) -> str | None:
     return entries[-1]["details"].get("reason", "") + (f" ({count} alerts in this incident)" if count else "")
 
 
-def acknowledgement(conn, incident: dict) -> dict | None:
-    """The latest time a person took the incident (its timeline entry)."""
-    entries = [t for t in incidents.get_timeline(conn, incident["id"])
-               if t["kind"] == "status_changed" and t["details"].get("acknowledged")]
-    return entries[-1] if entries else None
+# Through the index on work_claims.incident_id (migration 0025): the key is
+# compared as text, whatever the database's collation.
+_SENT_BY = sa.text(
+    "SELECT key, completed_at IS NOT NULL AS done FROM work_claims WHERE incident_id = :i AND starts_with(key, :p)"
+    " AND (completed_at IS NOT NULL OR claimed_at >= timezone('utc', now()) - make_interval(secs => :stale))")
 
 
-def sent_by(conn, channel: str, incident_id: str) -> frozenset[str]:
+def sent_by(conn, channel: str, incident_id: str, stale_seconds: float = 0) -> tuple[frozenset[str], frozenset[str]]:
     """The actions a channel completed for the incident, in any generation
     (``trigger``), and each with its generation (``trigger:1``), from the
-    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``."""
-    rows = conn.execute(
-        sa.text("SELECT key FROM work_claims WHERE incident_id = :i AND key LIKE :p AND completed_at IS NOT NULL"),
-        {"i": incident_id, "p": f"notify:{channel}:".replace("%", r"\%").replace("_", r"\_") + "%"},
-    ).scalars()
-    parts = [key.split(":") for key in rows]
-    return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
+    claim keys ``notify:{channel}:{action}:{incident}:{generation}:…``; and,
+    in the same form, the ones it is sending right now (claimed, not
+    completed, not yet stale after ``stale_seconds``: their holder is alive)."""
+    rows = conn.execute(_SENT_BY, {"i": incident_id, "p": f"notify:{channel}:", "stale": stale_seconds}).all()
+
+    def actions(keys: list[str]) -> frozenset[str]:
+        parts = [key.split(":") for key in keys]
+        return frozenset([p[2] for p in parts] + [f"{p[2]}:{p[4]}" for p in parts if len(p) > 4])
+    return actions([r.key for r in rows if r.done]), actions([r.key for r in rows if not r.done])
 
 
 def told_openings(conn, incident_id: str, generation: int) -> frozenset[str]:
@@ -162,10 +185,9 @@ def taken_by_a_person(conn, incident: dict) -> str | None:
         by_hand = details.get("to") == "investigating"
     if by_hand is True:
         return f"{entries[since]['actor']} reopened generation {incident['generation']} by hand"
-    for t in entries[since:]:
-        if t["kind"] == "status_changed" and t["details"].get("acknowledged"):
-            return f"{t['actor']} acknowledged generation {incident['generation']}"
-    return None
+    # Either timeline kind an acknowledgement has (shared.acknowledge).
+    who = acknowledge.acknowledged_by(conn, incident["id"])
+    return f"{who} acknowledged generation {incident['generation']}" if who else None
 
 
 @dataclass(frozen=True)
@@ -217,10 +239,13 @@ class EscalationHandler:
             if transition == "resolved" and incident["status"] not in ("resolved", "closed"):
                 return incident, None, f"the incident is {incident['status']}, not resolved", NO_ROUND
             if transition == "acknowledged":
-                entry = acknowledgement(conn, incident)
+                if incident["status"] not in ACTIVE_STATUSES:
+                    return incident, None, f"the incident is {incident['status']}: nothing to acknowledge", NO_ROUND
+                # Per generation: an acknowledgement before a reopening is not this generation's.
+                entry = acknowledge.acknowledgement(conn, incident_id)
                 if entry is None:
-                    return incident, None, "nobody acknowledged the incident", NO_ROUND
-                return incident, str(entry["actor"]), None, NO_ROUND
+                    return incident, None, f"nobody acknowledged generation {incident['generation']} of the incident", NO_ROUND
+                return incident, entry["actor"], None, NO_ROUND
             if transition in ("remediated", "remediation_failed"):
                 result = remediation_result(conn, incident, root_generation)
                 outcome = "remediated" if transition == "remediated" else "failed"
@@ -250,11 +275,14 @@ class EscalationHandler:
             return None
         with db.engine().connect() as conn:
             told = told_openings(conn, incident["id"], generation)
-            sent = {c.name: sent_by(conn, c.name, incident["id"]) for c in self.channels if c.configured() and c.name not in told}
+            # (sent, sending) per channel, as Note takes them.
+            sent = {c.name: sent_by(conn, c.name, incident["id"], self.stale_seconds) for c in self.channels
+                    if c.configured() and c.name not in told}
             taken = taken_by_a_person(conn, incident)
         # A channel that would not tell this opening anyway (PagerDuty pages
         # no P1) was not owed it.
-        untold = [c.name for c in self.channels if c.name in sent and c.message(Note("opened", incident, None, sent[c.name])) is not None]
+        untold = [c.name for c in self.channels if c.name in sent
+                  and c.message(Note("opened", incident, None, sent=sent[c.name][0], sending=sent[c.name][1])) is not None]
         if not untold:
             return None
         if taken:
@@ -300,13 +328,27 @@ class EscalationHandler:
             if transition == "opened":
                 told = "root_changed"
                 reason = incident["root_change"]
-        failures = []
+        # What the event is due for, judged again once a claim is held: its
+        # generation (a reopening since makes it stale, shared.claims.judge_event),
+        # the status its transition needs, who acknowledged, the outcome.
+        judge = lambda: self._state(transition, incident_id, root_generation, generation)  # noqa: E731
+        failures, waiting = [], []
         for channel in [c for c in self.channels if c.name not in told_before]:
-            outcome = self._notify(channel, told, generation, incident, reason, occasion, round_.proposal_url)
+            try:
+                outcome = self._notify(channel, told, generation, incident, reason, judge, occasion, round_.proposal_url)
+            except NotYet as exc:
+                waiting.append(exc)  # the other channels are told meanwhile
+                continue
             if outcome is not None and not outcome.ok:
                 failures.append(f"{channel.name}: {outcome.error}")
+        if transition not in FOLLOW_UPS:
+            # The follow-up has its own claim (and the sweep watches it): it
+            # failing does not undo what this event told.
+            self._follow_up(incident_id)
         if failures:
             raise BadGateway("notification not accepted: " + "; ".join(failures))
+        if waiting:
+            raise waiting[0]
         with db.transaction() as conn:
             # Reconciliation watches the plain key of the latest outcome.
             for key in dict.fromkeys((escalated_key(incident_id, generation, occasion), escalated_key(incident_id, generation, transition))):
@@ -315,14 +357,19 @@ class EscalationHandler:
         return eventio.ack()
 
     def _notify(self, channel: Channel, transition: str, generation: int, incident: dict, reason: str | None,
-                occasion: str | None = None, proposal_url: str | None = None) -> Delivery | None:
+                judge, occasion: str | None = None, proposal_url: str | None = None) -> Delivery | None:
+        """``judge``: reads the event's state again (``_state``), once the claim is held."""
         incident_id = incident["id"]
         if not channel.configured():
             log.info(f"{channel.title} is off; not notifying", extra={"incident_id": incident_id, "transition": transition})
+            self._follow_up_off(channel, transition, generation, incident_id)
             return None
+        follows_up = getattr(channel, "follows_up", False)
         with db.engine().connect() as conn:
-            sent = sent_by(conn, channel.name, incident_id)
-        outgoing = channel.message(Note(transition, incident, reason, sent, proposal_url))
+            sent, sending = sent_by(conn, channel.name, incident_id, self.stale_seconds)
+            covered = follows_up and transition == "acknowledged" and acknowledge.covers_page(conn, incident_id, generation, channel.name)
+        note = Note(transition, incident, reason, sent, proposal_url, sending, covered)
+        outgoing = channel.message(note)
         if outgoing is None:
             return None
         key = f"notify:{channel.name}:{outgoing.action}:{incident_id}:{generation}:{occasion or transition}"
@@ -334,12 +381,119 @@ class EscalationHandler:
                 return None
             raise Conflict(f"{channel.name} notification for this transition is being sent elsewhere; retry later")
         try:
+            outgoing = self._still_due(channel, note, outgoing, judge)
+            if outgoing is None:
+                self._release(key)
+                return None
+            seen = None
+            if follows_up and outgoing.action == "trigger":
+                # Whether this page is one an acknowledgement covers is what
+                # its sender saw, with the claim held (shared.acknowledge.
+                # covered_page_sql): an acknowledgement committed after this
+                # read finds the claim in flight and waits for it.
+                with db.engine().connect() as conn:
+                    seen = acknowledge.trigger_decision(conn, incident_id, channel.name, transition)
             result = self._send(channel, outgoing)
         except Exception:
             self._release(key)
             raise
-        self._record(channel.name, outgoing.action, transition, incident_id, key, result)
+        self._record(channel.name, outgoing.action, transition, incident_id, key, result, seen)
         return result
+
+    def _still_due(self, channel: Channel, note: Note, outgoing: Outgoing, judge) -> Outgoing | None:
+        """What the channel sends, decided again now that the claim is held,
+        by the event's whole judgement (``_state``: the generation, the
+        status its transition needs, who acknowledged, the remediation
+        outcome). A change made before this claim was visible is seen here:
+        a trigger for an incident resolved meanwhile is not sent, nor a
+        resolve held up until the incident was reopened (the page it would
+        resolve is the new generation's). A change made after waits for the
+        claim (NotYet). None: nothing is due any more."""
+        incident, _, mismatch, _ = judge()
+        if mismatch or incident is None or incident["generation"] != note.incident["generation"]:
+            log.info("Not notifying: the incident changed before the notification's claim was held", extra={
+                "incident_id": note.incident["id"], "channel": channel.name, "transition": note.transition,
+                "reason": mismatch or "reopened since"})
+            return None
+        if incident["status"] == note.incident["status"]:
+            return outgoing
+        again = channel.message(replace(note, incident={**note.incident, "status": incident["status"]}))
+        return again if again is not None and again.action == outgoing.action else None
+
+    def _follow_up(self, incident_id: str) -> None:
+        """Tell the follow-up the incident's state is due for (resolved, or
+        acknowledged by a person in this generation) on the channels whose
+        follow-ups depend on what they sent. Its delivery may have come
+        before the page was sent and found nothing to follow up; the claim
+        key is the follow-up's own, so it is sent once either way. An
+        acknowledgement is sent only for a page it covers
+        (shared.acknowledge.covered_page_sql): not for a page decided after
+        it. A follow-up that fails, or whose state the database fails to
+        give, is logged and left to its own claim: the event's own
+        notifications went out, and the reconciliation sweep re-emits the
+        follow-up's event."""
+        channels = [c for c in self.channels if getattr(c, "follows_up", False) and c.configured()]
+        if not channels:
+            return
+        try:
+            with db.engine().connect() as conn:
+                incident = incidents.get_incident(conn, incident_id)
+                if incident is None:
+                    return
+                due = "resolved" if incident["status"] in ("resolved", "closed") else "acknowledged"
+            generation = incident["generation"]
+            incident, reason, mismatch, _ = self._state(due, incident_id, 0, generation)
+        except (ServiceUnavailable, SQLAlchemyError) as exc:
+            # The event's own notifications went out: reading what is due
+            # failing must not fail it (its retry would find them done and
+            # try this again anyway); the follow-up's delivery or the sweep
+            # tells it.
+            log.warning("Follow-up not judged after this event (database); left to its own delivery", extra={
+                "incident_id": incident_id, "reason": str(exc)[:200]})
+            return
+        if mismatch:
+            return  # nobody acknowledged this generation, or it changed meanwhile
+        judge = lambda: self._state(due, incident_id, 0, generation)  # noqa: E731
+        for channel in channels:
+            try:
+                outcome = self._notify(channel, due, incident["generation"], incident, reason, judge)
+            except (Conflict, ServiceUnavailable, SQLAlchemyError) as exc:
+                # Its own delivery (or another trigger) holds it now, or the
+                # database failed it: that delivery, or the sweep, finishes it.
+                log.warning("Follow-up not told after this event; left to its own delivery", extra={
+                    "incident_id": incident_id, "channel": channel.name, "transition": due, "reason": str(exc)[:200]})
+                continue
+            if outcome is not None and not outcome.ok:
+                log.warning("Follow-up not accepted after this event; left to its own delivery", extra={
+                    "incident_id": incident_id, "channel": channel.name, "transition": due, "error": outcome.error})
+
+    def _follow_up_off(self, channel: Channel, transition: str, generation: int, incident_id: str) -> None:
+        """A follow-up of a page for a channel that is off in this replica
+        (it paged while it was on, here or in another replica). Nothing can
+        be sent from here, and nothing says the channel is off on purpose:
+        a replica started without the optional Secret during a rollout looks
+        the same. So the follow-up's claim is left open: the timeline says
+        once that it was skipped (``outcome: skipped``, ``reason``), a
+        warning is logged, and the reconciliation sweep keeps re-emitting it,
+        so a replica with the channel on sends it. If the channel is off
+        everywhere, the sweep reports it stuck after its re-emissions: the
+        alert the channel opened is still open there and needs a person."""
+        action = (getattr(channel, "follow_up_actions", None) or {}).get(transition)
+        if action is None:
+            return
+        key = f"notify:{channel.name}:{action}:{incident_id}:{generation}:{transition}"
+        with db.transaction() as conn:
+            sent, _ = sent_by(conn, channel.name, incident_id)
+            if f"trigger:{generation}" not in sent or claims.is_completed(conn, key):
+                return
+            # Its own dedup key: the entry of the follow-up sent later keeps the claim's.
+            incidents.add_timeline(conn, incident_id, "notification", {
+                "channel": channel.name, "action": action, "transition": transition, "outcome": "skipped",
+                "reason": f"{channel.title} is off in the replica that handled it; left to one where it is on"},
+                "escalation", dedup_key=f"{key}:skipped")
+        log.warning(f"{channel.title} is off here, but it paged for this incident: its {action} is left to a replica where "
+                    "it is on (the reconciliation sweep re-emits it)", extra={
+                        "incident_id": incident_id, "channel": channel.name, "transition": transition, "generation": generation})
 
     def _send(self, channel: Channel, outgoing: Outgoing) -> Delivery:
         return send(self.http, outgoing.url, outgoing.body, channel.name, self.config.notify_timeout_seconds,
@@ -348,13 +502,16 @@ class EscalationHandler:
                     # A channel written without a judge of its own: the status decides.
                     accept=getattr(channel, "accept", accept_any_2xx))
 
-    def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery) -> None:
+    def _record(self, channel: str, what: str, transition: str, incident_id: str, key: str, result: Delivery,
+                seen: dict | None = None) -> None:
         """Timeline entry and claim in one transaction, retried through a
         database blip: a Slack message that was sent but not recorded is
         posted again by the next delivery (chat webhooks have no idempotency key),
-        so the window between the two is kept as short as the claim allows."""
+        so the window between the two is kept as short as the claim allows.
+        ``seen``: a trigger's ``acknowledged_seen`` and ``decided_before_ack``
+        (shared.acknowledge.trigger_decision)."""
         details = {"channel": channel, "action": what, "transition": transition, "outcome": "sent" if result.ok else "failed",
-                   "status": result.status, "attempts": result.attempts}
+                   "status": result.status, "attempts": result.attempts, **(seen or {})}
         if result.error:
             details["error"] = result.error  # built by delivery from the failure's kind, scrubbed
         deadline = time.monotonic() + self.config.db_timeout_seconds

@@ -34,9 +34,10 @@ from markupsafe import Markup, escape
 from werkzeug.datastructures import MultiDict
 
 from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filters, present
-from shared import board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
+from shared import acknowledge, board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
 from shared import login_throttle as throttle
 from shared.config import Settings
+from shared.domain import ACTIVE_STATUSES
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import parse_uuid, request_users, storable_text
 from shared.models import PRIORITIES, STATUSES
@@ -59,9 +60,28 @@ HELD_LOG = throttle.LogBudget()
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
-ACTION_LABELS = {"investigating": "Acknowledge", "resolved": "Resolve", "closed": "Close"}
+ACTION_LABELS = {"investigating": "Investigating", "resolved": "Resolve", "closed": "Close"}
 # The filter form shows the declared filters that have a widget (shared/filters.py).
 BOARD_FILTERS = filters.BOARD_FILTERS
+
+
+def take_label(status: str, taken_by: str | None) -> str | None:
+    """The Acknowledge button's label, or None when it is not offered: an
+    active incident nobody has taken in this generation (diagnostics moving
+    it to investigating is no acknowledgement), or a resolved one, which it
+    reopens and takes. A closed incident is final."""
+    if status in ACTIVE_STATUSES:
+        return None if taken_by else "Acknowledge"
+    return "Reopen and acknowledge" if status == "resolved" else None
+
+
+def allowed_transitions(status: str, taken_by: str | None) -> list[str]:
+    """The plain status changes offered beside the Acknowledge button.
+    Moving to investigating is that button's (take_label), except on an open
+    incident someone already took in this generation: flapping reopened it
+    silently (resolved -> open, no new generation), so the button is not
+    offered and the status change is, as before the button existed."""
+    return [s for s in incidents.TRANSITIONS[status] if s != "investigating" or (status == "open" and taken_by)]
 
 
 def ago(value: datetime | None, now: datetime | None = None) -> str:
@@ -423,8 +443,10 @@ class Board:
 
         with db.engine().connect() as conn:
             pending = [proposals.present(p, row["generation"]) for p in proposals.of_incident(conn, row["id"])]
+            taken_by = acknowledge.acknowledged_by(conn, row["id"]) if row["status"] in ACTIVE_STATUSES else None
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
-                          noise=incident_extras(self.config, row), allowed=list(incidents.TRANSITIONS[row["status"]]),
+                          noise=incident_extras(self.config, row), taken_by=taken_by, take=take_label(row["status"], taken_by),
+                          allowed=allowed_transitions(row["status"], taken_by),
                           csrf=session["csrf"], proposals=pending, me=session.get("user"),
                           error=request.args.get("error"), notice=request.args.get("notice"),
                           service=(row.get("labels") or {}).get("service"))
@@ -443,6 +465,35 @@ class Board:
         try:
             with db.transaction() as conn:
                 _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
+        except ApiError as exc:
+            if exc.status >= 500:
+                raise
+            return self._redirect(f"/ui/incidents/{incident_id}?" + urlencode({"error": exc.message}))
+        self.publisher.submit(event_ids)
+        return self._redirect(f"/ui/incidents/{incident_id}")
+
+    def acknowledge(self, request: Request, incident_id: str) -> Response:
+        """The Acknowledge button: the person takes the incident, through the
+        same path as ``POST /incidents/{id}/acknowledge`` (shared.acknowledge:
+        the timeline names them, PagerDuty's page is acknowledged). On a
+        resolved incident it reopens it first, in the same transaction."""
+        session = self.form_session(request)
+        if isinstance(session, Response):
+            return session
+        incident_id = parse_uuid(incident_id, "id")
+        try:
+            note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None
+            actor = self.form_actor(request)
+        except BadRequest as exc:
+            return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
+        try:
+            with db.transaction() as conn:
+                event_ids: list[str] = []
+                if incidents.require_incident(conn, incident_id)["status"] == "resolved":
+                    # The lifecycle refuses it if someone else moved it meanwhile.
+                    _, event_ids = incidents.transition(conn, incident_id, "investigating", actor, self.config.event_source, note=note)
+                _, taken, _ = acknowledge.acknowledge(conn, incident_id, actor, self.config.event_source, note)
+                event_ids += taken
         except ApiError as exc:
             if exc.status >= 500:
                 raise

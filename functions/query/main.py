@@ -189,6 +189,7 @@ def ROUTES() -> list[Route]:
         Route("GET", "/ui/static/board.css", _ui("stylesheet"), auth=False),
         Route("GET", "/ui/incidents/{incident_id}", _ui("incident"), auth=False),
         Route("POST", "/ui/incidents/{incident_id}/status", _ui("transition"), auth=False),
+        Route("POST", "/ui/incidents/{incident_id}/acknowledge", _ui("acknowledge"), auth=False),
         Route("GET", "/ui/incidents/{incident_id}/report.md", _ui("report"), auth=False),
         Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/approve", _proposals_ui("approve"), auth=False),
         Route("POST", "/ui/incidents/{incident_id}/proposals/{proposal_id}/reject", _proposals_ui("reject"), auth=False),

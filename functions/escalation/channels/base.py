@@ -19,6 +19,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 from functions.escalation.answer import Answer, accept_any_2xx
 from shared.config import Settings
+from shared.errors import Conflict
 
 TRANSITIONS = ("opened", "root_changed", "acknowledged", "remediated", "remediation_failed", "resolved")
 # Told as an opening is: only for the priorities a channel announces or pages on.
@@ -35,7 +36,14 @@ class Note:
     "resolve only what I paged" itself, and in which generation
     (``trigger:1``: the action, a colon, the generation). ``reason`` is remediation's reason
     (remediated, remediation_failed), who acknowledged (acknowledged) or
-    why another alert took over as root (root_changed)."""
+    why another alert took over as root (root_changed). ``sending`` names
+    the actions this channel is sending for the incident right now (a
+    fresh claim, not yet recorded as sent), in the same form as ``sent``.
+    ``covered`` (``acknowledged`` only, for a channel that ``follows_up``):
+    the person's acknowledgement of this generation covers a page this
+    channel sent that was decided before the acknowledgement: its sender
+    saw no acknowledgement (shared.acknowledge.covered_page_sql). A page
+    decided after it is not acknowledged on the person's behalf."""
 
     transition: str
     incident: dict
@@ -43,6 +51,8 @@ class Note:
     sent: frozenset[str] = frozenset()
     # A remediation proposal waiting for approval: where to decide on it.
     proposal_url: str | None = None
+    sending: frozenset[str] = frozenset()
+    covered: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,13 @@ class Outgoing:
     url: str
     body: dict | bytes
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class NotYet(Conflict):
+    """Raised by ``message`` for a follow-up of a message still being sent
+    (PagerDuty's ``resolve`` while its ``trigger`` is in flight): whether
+    there is anything to follow up is not known yet. The handler answers
+    ``409``, and the Broker's retry finds the first message recorded."""
 
 
 def retry_by_default(status: int) -> bool:

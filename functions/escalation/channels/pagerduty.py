@@ -1,6 +1,12 @@
 """PagerDuty Events API v2: pages (``trigger``), and follows up only what it
 paged (``acknowledge``, ``resolve``).
 
+A follow-up that arrives while the page's ``trigger`` is being sent waits
+for it (:class:`~functions.escalation.channels.base.NotYet`, a ``409``);
+one that arrived before the trigger was claimed found nothing to follow up,
+so the handler tells the incident's current state once the trigger is sent
+(``follows_up``), and the reconciliation sweep watches the rest.
+
 ``summary`` at most 1,024 characters and the whole event under the Events
 API's 512 KB, ``custom_details`` shrinking first. PagerDuty renders no
 markup: text goes as it is, only cut, and with its bidi controls and
@@ -12,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from functions.escalation.channels.base import Note, Outgoing, retry_by_default
+from functions.escalation.channels.base import Note, NotYet, Outgoing, retry_by_default
 from functions.escalation.answer import Answer, judged_on_own_hosts
 from shared.domain import ACTIVE_STATUSES
 from functions.escalation.channels.text import (
@@ -160,6 +166,13 @@ class PagerDuty:
     name = "pagerduty"
     title = "PagerDuty"
     setting = "PAGERDUTY_ROUTING_KEY"
+    # Its acknowledge and resolve depend on the trigger it sent: the
+    # handler tells them after a trigger too (EscalationHandler._follow_up).
+    follows_up = True
+    # The claim action of each follow-up (``notify:pagerduty:{action}:…``):
+    # a replica where the channel is off records it skipped and leaves the
+    # claim open for one where it is on (EscalationHandler._follow_up_off).
+    follow_up_actions = {"acknowledged": "acknowledge", "resolved": "resolve"}
 
     def __init__(self, config: Settings):
         self.config = config
@@ -197,9 +210,16 @@ class PagerDuty:
             return "trigger"
         if transition == "remediation_failed" and active and priority in self.config.page_on_failure_priorities:
             return "trigger"
-        paged = "trigger" in note.sent
-        if transition == "acknowledged" and paged and active:
+        if transition in ("acknowledged", "resolved") and f"trigger:{incident.get('generation') or 0}" in note.sending:
+            # Not paged yet, or a trigger updating the page is on its way: a
+            # resolve that overtook it would leave the alert it opens open.
+            raise NotYet(f"the page is being sent; its {transition} follows once it is recorded (retry later)")
+        if transition == "acknowledged" and paged_now and note.covered and active:
+            # Only a page the person's acknowledgement covers: a failure
+            # page decided after it must still reach someone.
             return "acknowledge"
-        if transition == "resolved" and paged:
+        if transition == "resolved" and paged_now:
+            # This generation's page: an earlier one was resolved with its
+            # generation, and a reopened incident pages anew.
             return "resolve"
         return None
