@@ -113,11 +113,20 @@ def receive(request: Request, accepted_types: tuple[str, ...]) -> CloudEvent:
 
 
 def incident_id_of(event: CloudEvent) -> str:
+    """The incident an event is about: ``data.incident_id`` where the data
+    names one, else the subject. A data field of another type (0, false,
+    "") is refused rather than passed over for the subject, and a subject
+    naming another incident than the data is refused: which of the two to
+    act on is not this function's guess (our events name it in both)."""
     data = event.get_data()
     named = data.get("incident_id") if isinstance(data, dict) else None
-    if named:
-        return parse_uuid(named, "data.incident_id", detail="field")
-    return parse_uuid(event.get("subject"), "subject", detail="field")
+    subject = event.get("subject")
+    if named is None:
+        return parse_uuid(subject, "subject", detail="field")
+    incident_id = parse_uuid(named, "data.incident_id", detail="field")
+    if subject not in (None, "") and parse_uuid(subject, "subject", detail="field") != incident_id:
+        raise BadRequest("subject and data.incident_id name different incidents", field="subject")
+    return incident_id
 
 
 # Generations are PostgreSQL integers (incidents.generation, .root_generation).

@@ -109,7 +109,12 @@ def test_anything_else_is_a_bad_request_naming_the_field(raw):
 @pytest.mark.parametrize("data, subject, field", [
     ({"incident_id": "1_345678-1234-1234-1234-123456789abc"}, None, "data.incident_id"),
     ({"incident_id": 5}, None, "data.incident_id"),
+    # A falsy value of another type is refused, not passed over for the subject.
+    ({"incident_id": 0}, "12345678-1234-1234-1234-123456789abc", "data.incident_id"),
+    ({"incident_id": False}, "12345678-1234-1234-1234-123456789abc", "data.incident_id"),
+    ({"incident_id": ""}, "12345678-1234-1234-1234-123456789abc", "data.incident_id"),
     ({}, "not-a-uuid", "subject"),
+    ({"incident_id": "12345678-1234-1234-1234-123456789abc"}, "not-a-uuid", "subject"),
     (None, None, "subject"),
 ])
 def test_an_event_naming_no_incident_is_a_bad_request_naming_where_it_looked(data, subject, field):
@@ -121,6 +126,22 @@ def test_an_event_naming_no_incident_is_a_bad_request_naming_where_it_looked(dat
     with pytest.raises(BadRequest) as caught:
         eventio.incident_id_of(CloudEvent(attributes, data))
     assert caught.value.body()["field"] == field and caught.value.message.startswith(f"{field}: not a UUID")
+
+
+def test_a_subject_naming_another_incident_than_the_data_is_a_bad_request():
+    from cloudevents.http import CloudEvent
+
+    from shared import eventio
+
+    event = CloudEvent({"type": "x", "source": "/t", "subject": "12345678-1234-1234-1234-123456789abc"},
+                       {"incident_id": "87654321-4321-4321-4321-cba987654321"})
+    with pytest.raises(BadRequest) as caught:
+        eventio.incident_id_of(event)
+    assert caught.value.body()["field"] == "subject" and "different incidents" in caught.value.message
+    # The same incident in both, in either case, is that incident.
+    same = CloudEvent({"type": "x", "source": "/t", "subject": "12345678-1234-1234-1234-123456789ABC"},
+                      {"incident_id": "12345678-1234-1234-1234-123456789abc"})
+    assert eventio.incident_id_of(same) == "12345678-1234-1234-1234-123456789abc"
 
 
 def test_an_event_names_its_incident_in_either_case():
