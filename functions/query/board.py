@@ -452,31 +452,33 @@ class Board:
                           service=(row.get("labels") or {}).get("service"))
 
     def transition(self, request: Request, incident_id: str) -> Response:
-        session = self.form_session(request)
-        if isinstance(session, Response):
-            return session
-        incident_id = parse_uuid(incident_id, "id")
         status = request.form.get("status", "")
-        try:
-            note = storable_text((request.form.get("note") or "").strip(), "note", NOTE_MAX) or None
-            actor = self.form_actor(request)
-        except BadRequest as exc:
-            return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
-        try:
-            with db.transaction() as conn:
-                _, event_ids = incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)
-        except ApiError as exc:
-            if exc.status >= 500:
-                raise
-            return self._redirect(f"/ui/incidents/{incident_id}?" + urlencode({"error": exc.message}))
-        self.publisher.submit(event_ids)
-        return self._redirect(f"/ui/incidents/{incident_id}")
+
+        def move(conn, incident_id: str, actor: str, note: str | None) -> list[str]:
+            return incidents.transition(conn, incident_id, status, actor, self.config.event_source, note=note)[1]
+
+        return self._incident_form(request, incident_id, move)
 
     def acknowledge(self, request: Request, incident_id: str) -> Response:
         """The Acknowledge button: the person takes the incident, through the
         same path as ``POST /incidents/{id}/acknowledge`` (shared.acknowledge:
         the timeline names them, PagerDuty's page is acknowledged). On a
         resolved incident it reopens it first, in the same transaction."""
+        def take(conn, incident_id: str, actor: str, note: str | None) -> list[str]:
+            event_ids: list[str] = []
+            if incidents.require_incident(conn, incident_id)["status"] == "resolved":
+                # The lifecycle refuses it if someone else moved it meanwhile.
+                _, event_ids = incidents.transition(conn, incident_id, "investigating", actor, self.config.event_source, note=note)
+            _, taken, _ = acknowledge.acknowledge(conn, incident_id, actor, self.config.event_source, note)
+            return event_ids + taken
+
+        return self._incident_form(request, incident_id, take)
+
+    def _incident_form(self, request: Request, incident_id: str, act) -> Response:
+        """A form that changes an incident: the signed-in session and its
+        CSRF token, the person and an optional note, then ``act(conn,
+        incident_id, actor, note)`` in one transaction, whose events are
+        published after it commits; a refusal comes back on the page."""
         session = self.form_session(request)
         if isinstance(session, Response):
             return session
@@ -488,12 +490,7 @@ class Board:
             return self._page("error.html", status=exc.status, message=exc.message, csrf=session["csrf"])
         try:
             with db.transaction() as conn:
-                event_ids: list[str] = []
-                if incidents.require_incident(conn, incident_id)["status"] == "resolved":
-                    # The lifecycle refuses it if someone else moved it meanwhile.
-                    _, event_ids = incidents.transition(conn, incident_id, "investigating", actor, self.config.event_source, note=note)
-                _, taken, _ = acknowledge.acknowledge(conn, incident_id, actor, self.config.event_source, note)
-                event_ids += taken
+                event_ids = act(conn, incident_id, actor, note)
         except ApiError as exc:
             if exc.status >= 500:
                 raise
