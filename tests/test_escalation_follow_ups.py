@@ -123,11 +123,12 @@ def test_resolved_while_the_trigger_is_in_flight_waits_for_it_and_the_page_is_re
     assert claim_done(clean_db, f"escalated:{row['id']}:0:resolved")
 
 
-def test_acknowledged_while_the_trigger_is_in_flight_waits_for_it_and_the_page_is_acknowledged(escalation, pagerduty, clean_db):
-    row = open_incident(clean_db, "AcknowledgedWhilePaging")
+def acknowledged_while_paging(escalation, pagerduty, clean_db, row, page) -> None:
+    """alice acknowledges while ``page()``'s trigger is held at PagerDuty:
+    her event waits (409) for the page, then acknowledges it."""
     answer = HeldAnswer()
     pagerduty.script.append(answer)
-    opened = in_background(lambda: deliver(escalation, events.INCIDENT_OPENED, row))
+    paging = in_background(page)
     try:
         assert answer.held.wait(HOLD_LIMIT), "the trigger never reached PagerDuty"
         with clean_db.begin() as conn:
@@ -135,9 +136,14 @@ def test_acknowledged_while_the_trigger_is_in_flight_waits_for_it_and_the_page_i
         assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 409
     finally:
         answer.released.set()
-    assert opened().status_code == 202
+    assert paging().status_code == 202
     assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
     assert actions(pagerduty) == ["trigger", "acknowledge"]
+
+
+def test_acknowledged_while_the_trigger_is_in_flight_waits_for_it_and_the_page_is_acknowledged(escalation, pagerduty, clean_db):
+    row = open_incident(clean_db, "AcknowledgedWhilePaging")
+    acknowledged_while_paging(escalation, pagerduty, clean_db, row, lambda: deliver(escalation, events.INCIDENT_OPENED, row))
 
 
 def test_acknowledged_while_the_page_keeps_failing_is_sent_once_the_page_gets_through(escalation, pagerduty, clean_db):
@@ -262,19 +268,8 @@ def test_an_acknowledgement_that_races_a_failure_page_acknowledges_it(escalation
     with clean_db.begin() as conn:
         lifecycle.mark_investigating(conn, row["id"], "diagnostics")
         row = svc.get_incident(conn, row["id"])
-    answer = HeldAnswer()
-    pagerduty.script.append(answer)
-    failed = in_background(lambda: deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row, failed_remediation(clean_db, row)))
-    try:
-        assert answer.held.wait(HOLD_LIMIT), "the trigger never reached PagerDuty"
-        with clean_db.begin() as conn:
-            taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
-        assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 409
-    finally:
-        answer.released.set()
-    assert failed().status_code == 202
-    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
-    assert actions(pagerduty) == ["trigger", "acknowledge"]
+    acknowledged_while_paging(escalation, pagerduty, clean_db, row,
+                              lambda: deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row, failed_remediation(clean_db, row)))
 
 
 def test_an_acknowledgement_that_waited_on_the_incident_while_the_page_went_out_acknowledges_it(escalation, pagerduty, clean_db):
