@@ -26,7 +26,9 @@ the Knative MT channel-based Broker as far as the functions can tell:
 - no ordering is promised.
 
 ``duplicates`` delivers every event that many times, to prove handlers
-idempotent.
+idempotent. ``backoff_scale`` multiplies every retry's pause, so a test
+about something else than timing need not wait out a Trigger's real
+minutes of back-off; ``outstanding`` names the deliveries not finished.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -300,8 +303,9 @@ def reply_of(response: requests.Response) -> Event | None:
 
 class LocalBroker:
     def __init__(self, brokers: dict[tuple[str, str], BrokerSpec], port: int = 8090, host: str = "127.0.0.1",
-                 duplicates: int = 1, workers: int = 32):
+                 duplicates: int = 1, workers: int = 32, backoff_scale: float = 1.0):
         self.brokers = brokers
+        self.backoff_scale = backoff_scale
         self.port = port
         self.host = host
         self.duplicates = duplicates
@@ -312,6 +316,8 @@ class LocalBroker:
         self.delivered: list[tuple[str, str, int]] = []  # (trigger, event id, status)
         self._lock = threading.Lock()
         self._pending = 0
+        # What each unfinished delivery is doing, for a test that waits in vain.
+        self._outstanding: dict[int, str] = {}
         # Set by stop(): a delivery waiting to retry ends instead of keeping
         # the process alive (the interpreter joins the pool's threads at exit).
         self._stopped = threading.Event()
@@ -323,6 +329,21 @@ class LocalBroker:
         delivery ends, so 0 means the broker is idle. /health reports it."""
         with self._lock:
             return self._pending
+
+    @property
+    def outstanding(self) -> list[str]:
+        """One line per delivery not finished: its trigger, event and state."""
+        with self._lock:
+            return sorted(self._outstanding.values())
+
+    def wait_idle(self, timeout: float) -> None:
+        """Return once no delivery is pending; after ``timeout`` seconds
+        raise TimeoutError naming what each unfinished one is doing."""
+        end = time.monotonic() + timeout
+        while self.pending:
+            if time.monotonic() >= end:
+                raise TimeoutError(f"the broker still had {self.pending} deliveries after {timeout:g} s: " + "; ".join(self.outstanding))
+            time.sleep(0.05)
 
     @property
     def url(self) -> str:
@@ -351,14 +372,23 @@ class LocalBroker:
         finally:
             with self._lock:
                 self._pending -= 1
+                self._outstanding.pop(threading.get_ident(), None)
+
+    def _doing(self, trigger: Trigger, event: Event, state: str) -> None:
+        with self._lock:
+            self._outstanding[threading.get_ident()] = f"{trigger.name} {event.attributes.get('id')}: {state}"
 
     def _try_deliver(self, broker: BrokerSpec, trigger: Trigger, event: Event) -> None:
         delivery = trigger.delivery
         status, body, error = None, b"", ""
         for attempt in range(delivery.retry + 1):
-            if attempt and self._stopped.wait(delivery.delay(attempt)):
-                log.warning("Delivery abandoned: the broker stopped", extra={"trigger": trigger.name, "event_id": event.attributes.get("id")})
-                return
+            if attempt:
+                pause = delivery.delay(attempt) * self.backoff_scale
+                self._doing(trigger, event, f"retry {attempt} in {pause:g} s after {status or error}")
+                if self._stopped.wait(pause):
+                    log.warning("Delivery abandoned: the broker stopped", extra={"trigger": trigger.name, "event_id": event.attributes.get("id")})
+                    return
+            self._doing(trigger, event, f"attempt {attempt + 1} sent")
             headers, data = event.binary()
             headers["Prefer"] = "reply"
             try:
@@ -387,6 +417,7 @@ class LocalBroker:
             if status not in RETRYABLE and status < 500:
                 break
         log.error("Delivery failed", extra={"trigger": trigger.name, "event_id": event.attributes.get("id"), "status": status, "error": error})
+        self._doing(trigger, event, "being dead-lettered")
         self._dead_letter(trigger, event, status, body or error.encode())
 
     def _dead_letter(self, trigger: Trigger, event: Event, status: int | None, body: bytes) -> None:

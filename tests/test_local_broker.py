@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -58,9 +59,9 @@ def servers():
         s.stop()
 
 
-def start(tmp_path, servers, manifests, duplicates=1):
+def start(tmp_path, servers, manifests, duplicates=1, backoff_scale=1.0):
     brokers = load_brokers(write(tmp_path, manifests), {n: s.url for n, s in servers.items()})
-    broker = LocalBroker(brokers, port=0, duplicates=duplicates).start()
+    broker = LocalBroker(brokers, port=0, duplicates=duplicates, backoff_scale=backoff_scale).start()
     return broker
 
 
@@ -392,6 +393,33 @@ def test_stopping_ends_deliveries_waiting_to_retry_so_the_process_can_exit(tmp_p
     # and the interpreter joins it at exit.
     wait_until(lambda: broker.pending == 0, 5, message="the waiting delivery to end")
     assert len(servers["a"].requests) == 1 and servers["dls"].requests == []
+
+
+def test_backoff_scale_shortens_every_pause_and_outstanding_names_the_waiting_retry(tmp_path, servers):
+    answers = iter([(409, {}, b"busy"), (202, {}, b"")])
+    servers["a"].responder = lambda r: next(answers)
+    minute_retries = BROKER.format(policy="linear").replace("PT0.1S", "PT60S")
+    broker = start(tmp_path, servers, minute_retries + trigger("t", "a", "  filter: {attributes: {type: t.x}}"), backoff_scale=0.05)
+    try:
+        send(broker)
+        waiting = wait_until(lambda: [o for o in broker.outstanding if "retry" in o], 5, message="the retry to wait")
+        assert len(waiting) == 1 and re.fullmatch(r"t id-\d+: retry 1 in 3 s after 409", waiting[0])
+        broker.wait_idle(10)  # 60 s of back-off at a twentieth
+        assert [s for (_, _, s) in broker.delivered] == [409, 202] and broker.outstanding == []
+    finally:
+        broker.stop()
+
+
+def test_wait_idle_names_what_is_still_outstanding(tmp_path, servers):
+    servers["a"].responder = lambda r: (500, {}, b"no")
+    slow_retries = BROKER.format(policy="linear").replace("PT0.1S", "PT60S")
+    broker = start(tmp_path, servers, slow_retries + trigger("t", "a", "  filter: {attributes: {type: t.x}}"))
+    try:
+        send(broker)
+        with pytest.raises(TimeoutError, match=r"1 deliveries after 0.5 s: t id-\d+: retry 1 in 60 s after 500"):
+            broker.wait_idle(0.5)
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("start_of_answer", [STATUS_LINE, HEADERS_THEN_BODY], ids=["headers", "body"])
