@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from shared import addresses
+
 UTC_NOW = "timezone('utc', now())"
 OVERALL = "all"
 
@@ -88,17 +90,15 @@ class Limits:
 def client_address(remote_addr: str | None) -> str:
     """The address failures are counted by: the request's remote address,
     which the server takes from X-Forwarded-For behind ``TRUSTED_PROXY_HOPS``
-    proxies (shared/serve.py). IPv6 by its /64."""
-    address = remote_addr or "unknown"
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address[:80]
-    if parsed.version == 6:
-        if parsed.ipv4_mapped:  # ::ffff:192.0.2.1 is 192.0.2.1
-            return str(parsed.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
-    return str(parsed)
+    proxies (shared/serve.py), read as shared/addresses.py reads it (an
+    IPv4-mapped address is its IPv4 address, whether it came from the socket
+    or the header). IPv6 by its /64, its zone left out."""
+    address = addresses.parse(remote_addr)
+    if address is None:
+        return (remote_addr or "unknown")[:80]
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((int(address), 64), strict=False))
+    return str(address)
 
 
 def clients(address: str, device: str | None) -> list[str]:

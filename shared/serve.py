@@ -81,8 +81,9 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     ones, two minutes later). Only the proxy in front on loopback
     (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
     default let it, so the board's cookie stays Secure. With
-    ``TRUSTED_PROXY_HOPS`` (validated by the function's start, which runs
-    first) it may also say who the client is: the X-Forwarded-For entry that
+    ``TRUSTED_PROXY_HOPS`` (validated by the query's start, which runs
+    first; a wrong value is 0 for any other function, warned by its
+    settings: shared/config.py) it may also say who the client is: the X-Forwarded-For entry that
     many places from the right becomes the request's remote address (what
     the board's sign-in limit counts by, and what logs show); the entries
     further left are the client's own word and are never read."""
@@ -141,6 +142,28 @@ def _usable(client: str | None, connection: str | None) -> bool:
     return True
 
 
+def _client_entry_rewritten(forwarded: str, hops: int) -> str:
+    """``forwarded`` with the entry waitress takes as the client (``hops``
+    from the right, the leftmost when there are fewer) written so that
+    waitress reads back the address it names (shared/addresses.py): an
+    IPv4-mapped one as its IPv4 address, IPv6 in brackets, a port left out.
+    Unchanged when that entry names no address."""
+    from waitress.utilities import undquote
+
+    from shared import addresses
+
+    entries = forwarded.split(",")
+    at = max(0, len(entries) - hops)
+    try:
+        entry = addresses.forwarded_entry(undquote(entries[at].strip()))
+    except ValueError:  # quoting waitress cannot read: left to the check below
+        return forwarded
+    if entry is None:
+        return forwarded
+    entries[at] = f" {entry}" if at else entry
+    return ",".join(entries)
+
+
 def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, budget=None):
     """Wrapped around waitress's own proxy-header translation (which
     create_server puts around the function), so it runs first. A request is
@@ -151,7 +174,12 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
     the translation fail (``:.`` raised an IndexError in it: a 500), the
     header is dropped for this request, which is then served with the
     connection's own address, and a warning says so (at most ten a minute).
-    Every value that makes an address is left to waitress as it is."""
+    An entry that names an address is first written the way waitress reads
+    it right (:func:`_client_entry_rewritten`): waitress took
+    ``::ffff:192.0.2.1`` for the address ``::ffff`` and the port
+    ``192.0.2.1``, one address for every IPv4 client of a dual-stack proxy,
+    and ``[2001:db8::1]:443`` for no address. Anything else that makes an
+    address (``192.0.2.1:``, ``1.2.3.4:x``) is left to waitress as it is."""
     if not hops:
         return app
     if budget is None:
@@ -162,15 +190,16 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
     def guarded(environ, start_response):
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
         connection = environ.get("REMOTE_ADDR")
-        if forwarded is not None and connection == trusted_proxy \
-                and not _usable(_client_waitress_reads(environ, hops), connection):
-            del environ["HTTP_X_FORWARDED_FOR"]
-            left_out = budget.take()
-            if left_out is not None:
-                shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
-                log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
-                            extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
-                                   "path": environ.get("PATH_INFO"), "left_out": left_out})
+        if forwarded is not None and connection == trusted_proxy:
+            environ["HTTP_X_FORWARDED_FOR"] = _client_entry_rewritten(forwarded, hops)
+            if not _usable(_client_waitress_reads(environ, hops), connection):
+                del environ["HTTP_X_FORWARDED_FOR"]
+                left_out = budget.take()
+                if left_out is not None:
+                    shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
+                    log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
+                                extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
+                                       "path": environ.get("PATH_INFO"), "left_out": left_out})
         return app(environ, start_response)
 
     return guarded
