@@ -112,7 +112,12 @@ def test_an_x_forwarded_for_whose_client_entry_is_no_address_is_served_as_the_co
         # waitress makes an address of these (the port it splits off is not read): left to it.
         assert remote("203.0.113.7:, 10.0.0.9") == "203.0.113.7" and remote("1.2.3.4:x, 10.0.0.9") == "1.2.3.4"
         assert remote(", 10.0.0.9") == "127.0.0.1"
-        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "[::1]:443, 10.0.0.9", "unknown, 10.0.0.9",
+        # An address waitress alone misread: an IPv4 client of a dual-stack
+        # proxy was the client "::ffff", the same for every one; [IPv6]:port no address.
+        assert remote("::ffff:203.0.113.9, 10.0.0.9") == "203.0.113.9" and remote('"::ffff:203.0.113.9", 10.0.0.9') == "203.0.113.9"
+        assert remote("[2001:db8::7]:443, 10.0.0.9") == "2001:db8::7" and remote("fe80::7%eth0.5, 10.0.0.9") == "fe80::7%eth0.5"
+        assert remote("2001:db8::203.0.113.9, 10.0.0.9") == "2001:db8::cb00:7109"
+        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "[::1]:x, 10.0.0.9", "[::1]:99999, 10.0.0.9", "unknown, 10.0.0.9",
                     '"unbalanced, 10.0.0.9', "", "u" * 5000 + ", 10.0.0.9"):
             assert remote(bad) == "127.0.0.1", bad
         assert remote("203.0.113.8, 10.0.0.9") == "203.0.113.8"
