@@ -134,6 +134,20 @@ def test_the_address_failures_are_counted_by(written, counted):
     assert client_address(written) == counted
 
 
+def test_a_client_held_by_its_own_address_does_not_queue_on_the_budget_every_new_browser_shares(query, clean_db):
+    """A guesser held back and trying on at full speed is answered from its
+    own address's row: it takes no lock on the overall budget's row, which
+    every other new browser's sign-in needs (it waited on it, or for the
+    lock timeout and a 503, while another attempt held it)."""
+    for _ in range(PER_CLIENT):
+        assert sign_in(query, "guess", client="198.51.100.66").status_code == 401
+    with clean_db.connect() as other:
+        with other.begin():
+            other.execute(sa.text("SELECT 1 FROM login_failures WHERE client = 'all' FOR UPDATE"))
+            held = sign_in(query, "guess", client="198.51.100.66")
+    assert held.status_code == 429 and 0 < int(held.headers["Retry-After"]) <= WINDOW
+
+
 def test_concurrent_guesses_from_one_address_are_judged_no_more_than_the_limit(query, clean_db):
     from concurrent.futures import ThreadPoolExecutor
 
