@@ -129,8 +129,8 @@ def _client_waitress_reads(environ, hops: int) -> str | None:
 
 def _usable(client: str | None, connection: str | None) -> bool:
     """An IP address, or the connection's own (an empty entry: waitress
-    keeps it). Anything else (``unknown``, ``[2001:db8::1]:443`` kept with
-    its brackets and port) is no address to count sign-ins by or to log."""
+    keeps it). Anything else (``unknown``, ``[2001:db8::1]:x`` kept with
+    its brackets and what follows) is no address to count sign-ins by or to log."""
     if client is None:
         return False
     if client == connection:
