@@ -590,7 +590,8 @@ def _query_only(env: Mapping[str, str], name: str, read, default, ignored: str, 
         if _get(env, "FUNCTION_TARGET") in QUERY_ROLES:
             raise
         if warn:
-            logging.getLogger("config").warning(f"{name} ignored here: {ignored}", extra={"error": str(exc)})
+            # The error in the line itself: logging is configured after the settings are read.
+            logging.getLogger("config").warning(f"{name} ignored here: {ignored} ({exc})", extra={"error": str(exc)})
         return default
 
 
