@@ -22,8 +22,10 @@ def parse(text: str | None) -> Address | None:
     """The address ``text`` names, or None. Read: ``192.0.2.1``,
     ``192.0.2.1:443``, ``2001:db8::1``, ``[2001:db8::1]``,
     ``[2001:db8::1]:443``, an IPv6 address with a zone (``fe80::1%eth0``, the
-    zone kept); an IPv4-mapped IPv6 address is its IPv4 address. A port must
-    be a port number; anything else is no address."""
+    zone left out: it is no part of the host, and it is free text, as long
+    as the header may be, that would go wherever the address goes: log
+    lines); an IPv4-mapped IPv6 address is its IPv4 address. A port must be
+    a port number, at most five digits; anything else is no address."""
     text = (text or "").strip()
     if text.startswith("["):
         inside, closed, rest = text[1:].partition("]")
@@ -42,23 +44,29 @@ def parse(text: str | None) -> Address | None:
             address = ipaddress.ip_address(text)
         except ValueError:
             return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
     return address
 
 
 def _port(suffix: str) -> bool:
+    # Five digits at most before int(): a longer run is no port, and past
+    # 4,300 digits int() raises instead of answering.
     digits = suffix[1:]
-    return suffix.startswith(":") and digits.isascii() and digits.isdigit() and int(digits) <= 65535
+    return (suffix.startswith(":") and 0 < len(digits) <= 5 and digits.isascii() and digits.isdigit()
+            and int(digits) <= 65535)
 
 
 def forwarded_entry(text: str) -> str | None:
     """``text`` (an X-Forwarded-For entry, unquoted) as waitress reads back
     the address it names, or None when it names none: IPv4 bare, IPv6 in
-    brackets. waitress splits an unbracketed entry at its last colon when
-    it holds a dot, taking what follows for a port: ``::ffff:192.0.2.1``
-    became the client ``::ffff``, the same for every IPv4 client, and
-    ``2001:db8::192.0.2.1`` no address at all."""
+    brackets, a port and a zone left out. waitress splits an unbracketed
+    entry at its last colon when it holds a dot, taking what follows for a
+    port: ``::ffff:192.0.2.1`` became the client ``::ffff``, the same for
+    every IPv4 client, and ``2001:db8::192.0.2.1`` no address at all."""
     address = parse(text)
     if address is None:
         return None

@@ -128,9 +128,13 @@ def _client_waitress_reads(environ, hops: int) -> str | None:
 
 
 def _usable(client: str | None, connection: str | None) -> bool:
-    """An IP address, or the connection's own (an empty entry: waitress
-    keeps it). Anything else (``unknown``, ``[2001:db8::1]:x`` kept with
-    its brackets and what follows) is no address to count sign-ins by or to log."""
+    """An IP address with no zone, or the connection's own (an empty entry:
+    waitress keeps it). Anything else (``unknown``, ``[2001:db8::1]:x`` kept
+    with its brackets and what follows) is no address to count sign-ins by
+    or to log. A zone is free text: every entry that names an address has
+    it left out by the rewrite, so one still there came from an entry that
+    names none (``[fe80::1%zone.5]:x``, which waitress splits at its last
+    colon)."""
     if client is None:
         return False
     if client == connection:
@@ -139,29 +143,34 @@ def _usable(client: str | None, connection: str | None) -> bool:
         ipaddress.ip_address(client)
     except ValueError:
         return False
-    return True
+    return "%" not in client
 
 
-def _client_entry_rewritten(forwarded: str, hops: int) -> str:
-    """``forwarded`` with the entry waitress takes as the client (``hops``
-    from the right, the leftmost when there are fewer) written so that
-    waitress reads back the address it names (shared/addresses.py): an
-    IPv4-mapped one as its IPv4 address, IPv6 in brackets, a port left out.
-    Unchanged when that entry names no address."""
+def _proxies_entries(forwarded: str, hops: int) -> str:
+    """The entries of ``forwarded`` that the ``hops`` trusted proxies wrote
+    (the last ``hops``; every one when there are fewer), all waitress reads,
+    with the first, which it takes as the client, written so that waitress
+    reads back the address it names (shared/addresses.py): an IPv4-mapped
+    one as its IPv4 address, IPv6 in brackets, a port and a zone left out;
+    unchanged when it names no address. The entries further left are the
+    client's own word, and go: waitress unquotes every entry before it keeps
+    the last ``hops``, so an unbalanced quote the client wrote there (``"x``,
+    to which the proxy appends the client's address) failed the whole
+    header, and the request counted as the connection's: a guesser held by
+    its address's budget got a fresh one, and spent the one every request
+    without the header shares."""
     from waitress.utilities import undquote
 
     from shared import addresses
 
-    entries = forwarded.split(",")
-    at = max(0, len(entries) - hops)
+    entries = forwarded.split(",")[-hops:]
     try:
-        entry = addresses.forwarded_entry(undquote(entries[at].strip()))
+        entry = addresses.forwarded_entry(undquote(entries[0].strip()))
     except ValueError:  # quoting waitress cannot read: left to the check below
-        return forwarded
-    if entry is None:
-        return forwarded
-    entries[at] = f" {entry}" if at else entry
-    return ",".join(entries)
+        entry = None
+    if entry is not None:
+        entries[0] = entry
+    return ",".join(entries).strip()
 
 
 def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, budget=None):
@@ -169,17 +178,18 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
     create_server puts around the function), so it runs first. A request is
     never refused for its X-Forwarded-For: the intake's caller is
     AlertManager, which does not retry a 4xx, so a refusal is a lost page.
-    When the entry the translation would take as the client (``hops`` from
-    the right, from the trusted proxy only) makes no address, or would make
-    the translation fail (``:.`` raised an IndexError in it: a 500), the
-    header is dropped for this request, which is then served with the
-    connection's own address, and a warning says so (at most ten a minute).
-    An entry that names an address is first written the way waitress reads
-    it right (:func:`_client_entry_rewritten`): waitress took
-    ``::ffff:192.0.2.1`` for the address ``::ffff`` and the port
-    ``192.0.2.1``, one address for every IPv4 client of a dual-stack proxy,
-    and ``[2001:db8::1]:443`` for no address. Anything else that makes an
-    address (``192.0.2.1:``, ``1.2.3.4:x``) is left to waitress as it is."""
+    From the trusted proxy only, the header is first cut to the entries the
+    proxies wrote, and the client's entry among them (``hops`` from the
+    right) written the way waitress reads it right
+    (:func:`_proxies_entries`): waitress took ``::ffff:192.0.2.1`` for the
+    address ``::ffff`` and the port ``192.0.2.1``, one address for every
+    IPv4 client of a dual-stack proxy, and ``[2001:db8::1]:443`` for no
+    address. Anything else that makes an address (``192.0.2.1:``,
+    ``1.2.3.4:x``) is left to waitress as it is. When the client's entry
+    then makes no address, or would make the translation fail (``:.``
+    raised an IndexError in it: a 500), the header is dropped for this
+    request, which is then served with the connection's own address, and a
+    warning says so (at most ten a minute)."""
     if not hops:
         return app
     if budget is None:
@@ -191,7 +201,7 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
         connection = environ.get("REMOTE_ADDR")
         if forwarded is not None and connection == trusted_proxy:
-            environ["HTTP_X_FORWARDED_FOR"] = _client_entry_rewritten(forwarded, hops)
+            environ["HTTP_X_FORWARDED_FOR"] = _proxies_entries(forwarded, hops)
             if not _usable(_client_waitress_reads(environ, hops), connection):
                 del environ["HTTP_X_FORWARDED_FOR"]
                 left_out = budget.take()

@@ -134,6 +134,22 @@ def test_the_address_failures_are_counted_by(written, counted):
     assert client_address(written) == counted
 
 
+@pytest.mark.parametrize("written, read", [
+    ("192.0.2.1:65535", "192.0.2.1"),
+    ("192.0.2.1:00443", "192.0.2.1"),
+    ("192.0.2.1:065535", None),
+    ("192.0.2.1:65536", None),
+    ("192.0.2.1:" + "9" * 5000, None),  # past int()'s digit limit: no address, not a ValueError
+    ("[2001:db8::1]:" + "9" * 5000, None),
+    ("[2001:db8::1]:443", "2001:db8::1"),
+])
+def test_a_port_is_at_most_five_digits_and_a_longer_one_is_no_address(written, read):
+    from shared import addresses
+
+    parsed = addresses.parse(written)
+    assert (None if parsed is None else str(parsed)) == read
+
+
 def test_a_client_held_by_its_own_address_does_not_queue_on_the_budget_every_new_browser_shares(query, clean_db):
     """A guesser held back and trying on at full speed is answered from its
     own address's row: it takes no lock on the overall budget's row, which
@@ -232,6 +248,18 @@ def test_only_the_proxies_entry_names_the_client(query, clean_db):
     for n in range(PER_CLIENT):
         sign_in(query, "wrong-token", client=f"10.9.9.{n}, 192.0.2.50")
     assert sign_in(query, TEST_TOKEN, client="10.9.9.77, 192.0.2.50").status_code == 429
+
+
+def test_quoting_the_client_breaks_in_its_own_entries_moves_it_to_no_other_budget(query, clean_db):
+    """waitress unquotes every entry, the client's own too: an unbalanced
+    quote the client wrote left of the proxy's entry failed the whole
+    header, and the attempt counted as the queue-proxy's (a fresh budget for
+    a held guesser, and a spent one for every request without the header)."""
+    for _ in range(PER_CLIENT):
+        assert sign_in(query, "guess", client="192.0.2.50").status_code == 401
+    for client in ('"x, 192.0.2.50', 'x", 192.0.2.50', '"a\\", 192.0.2.50'):
+        assert sign_in(query, "guess", client=client).status_code == 429, client
+    assert budgets(clean_db) == {"address:192.0.2.50": PER_CLIENT, "all": PER_CLIENT}
 
 
 def test_concurrent_failures_over_expired_rows_all_get_answers_and_the_expired_rows_go(query, clean_db):
