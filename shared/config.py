@@ -498,10 +498,10 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         heartbeat_timeout_seconds=_int(env, "HEARTBEAT_TIMEOUT_SECONDS", 600, minimum=1),
         alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
         api_users=_api_users(env, secrets.get("api_token")),
-        login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
-        login_max_failures_total=_int(env, "LOGIN_MAX_FAILURES_TOTAL", 50, minimum=1, maximum=100000),
-        login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, minimum=1, maximum=86400),
-        trusted_proxy_hops=trusted_proxy_hops(env),
+        login_max_failures=_sign_in_limit(env, "LOGIN_MAX_FAILURES", 5, maximum=1000),
+        login_max_failures_total=_sign_in_limit(env, "LOGIN_MAX_FAILURES_TOTAL", 50, maximum=100000),
+        login_failure_window_seconds=_sign_in_limit(env, "LOGIN_FAILURE_WINDOW_SECONDS", 300, maximum=86400),
+        trusted_proxy_hops=trusted_proxy_hops(env, warn=True),
         board_idle_timeout_minutes=_idle_minutes(env),
     )
     _check_paging(config)
@@ -574,10 +574,41 @@ def _secrets(env: Mapping[str, str], settings_class: type) -> dict[str, Secret |
     return values
 
 
-def trusted_proxy_hops(env: Mapping[str, str]) -> int:
+# The roles that read the query's own settings: the query, and a process of
+# no function (a test, a tool), which reads every setting as strictly.
+QUERY_ROLES = ("", "query")
+
+
+def _query_only(env: Mapping[str, str], name: str, read, default, ignored: str, warn: bool = True):
+    """A setting only the query function uses, in the ConfigMap every
+    function shares: a wrong value stops the query (the error names the
+    variable), and elsewhere is warned (``ignored``: what that leaves) and
+    read as ``default``, so that a typo in it never stops paging."""
+    try:
+        return read()
+    except ConfigError as exc:
+        if _get(env, "FUNCTION_TARGET") in QUERY_ROLES:
+            raise
+        if warn:
+            # The error in the line itself: logging is configured after the settings are read.
+            logging.getLogger("config").warning(f"{name} ignored here: {ignored} ({exc})", extra={"error": str(exc)})
+        return default
+
+
+def _sign_in_limit(env: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+    """A limit of failed board sign-ins (shared/login_throttle.py): the query's alone."""
+    return _query_only(env, name, lambda: _int(env, name, default, minimum=1, maximum=maximum), default,
+                       "only the query's board sign-in reads it")
+
+
+def trusted_proxy_hops(env: Mapping[str, str], warn: bool = False) -> int:
     """TRUSTED_PROXY_HOPS, read the one way both the settings and the server
-    (shared/serve.py, which reads it before any settings exist) read it."""
-    return _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
+    (shared/serve.py, which reads it before any settings exist) read it. The
+    query counts sign-ins by the address it gives, so a wrong value stops the
+    query; any other function only logs that address and, warned by its
+    settings, is served with the connection's own (0)."""
+    return _query_only(env, "TRUSTED_PROXY_HOPS", lambda: _int(env, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10), 0,
+                       "requests are served and logged with the connection's own address", warn=warn)
 
 
 # The shortest idle timeout a board session may have (shared/board_sessions.py
@@ -592,18 +623,15 @@ def _idle_minutes(env: Mapping[str, str]) -> int:
     ConfigMap. A wrong value stops the query (whose setting it is) and no
     other function: elsewhere it is only the sweep's, which then deletes
     expired sessions alone (warned), and paging goes on."""
-    try:
+
+    def read() -> int:
         value = _int(env, "BOARD_IDLE_TIMEOUT_MINUTES", 0, minimum=0, maximum=12 * 60)
         if 0 < value < IDLE_MINIMUM_MINUTES:
             raise ConfigError(f"BOARD_IDLE_TIMEOUT_MINUTES: 0 (none) or at least {IDLE_MINIMUM_MINUTES}, got {value}")
-    except ConfigError as exc:
-        if _get(env, "FUNCTION_TARGET") in ("", "query"):
-            raise
-        logging.getLogger("config").warning(
-            "BOARD_IDLE_TIMEOUT_MINUTES ignored here: the retention sweep deletes expired board sessions only",
-            extra={"error": str(exc)})
-        return 0
-    return value
+        return value
+
+    return _query_only(env, "BOARD_IDLE_TIMEOUT_MINUTES", read, 0,
+                       "the retention sweep deletes expired board sessions only")
 
 
 def _api_users(env: Mapping[str, str], api_token: Secret | None) -> UsersSource:

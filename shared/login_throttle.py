@@ -34,7 +34,10 @@ a right guess.
 Exact under concurrency: an attempt locks its budgets' rows (in one order,
 so two attempts never wait for each other in a cycle), reads them, and
 records its failure before the locks go, so requests in flight together
-cannot pass a limit. Only a failure is committed: a held attempt and a
+cannot pass a limit. The address comes first in that order and an attempt
+stops at the first budget spent: a guesser held by its address's budget,
+trying on at full speed, never queues on the overall budget's row, which
+every new browser's sign-in locks. Only a failure is committed: a held attempt and a
 right one leave nothing behind, and rows exist only while their window
 lasts (each failure deletes a bounded batch of expired ones afterwards)."""
 
@@ -48,6 +51,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+from shared import addresses
 
 UTC_NOW = "timezone('utc', now())"
 OVERALL = "all"
@@ -88,35 +93,41 @@ class Limits:
 def client_address(remote_addr: str | None) -> str:
     """The address failures are counted by: the request's remote address,
     which the server takes from X-Forwarded-For behind ``TRUSTED_PROXY_HOPS``
-    proxies (shared/serve.py). IPv6 by its /64."""
-    address = remote_addr or "unknown"
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address[:80]
-    if parsed.version == 6:
-        if parsed.ipv4_mapped:  # ::ffff:192.0.2.1 is 192.0.2.1
-            return str(parsed.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
-    return str(parsed)
+    proxies (shared/serve.py), read as shared/addresses.py reads it (an
+    IPv4-mapped address is its IPv4 address, whether it came from the socket
+    or the header). IPv6 by its /64, its zone left out."""
+    address = addresses.parse(remote_addr)
+    if address is None:
+        return (remote_addr or "unknown")[:80]
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((int(address), 64), strict=False))
+    return str(address)
 
 
 def clients(address: str, device: str | None) -> list[str]:
-    """The budgets an attempt counts against, in the order they are locked."""
+    """The budgets an attempt counts against, in the order they are locked:
+    the address's first (``address:`` sorts before ``all`` and ``device:``)."""
     return sorted([f"address:{address}", f"device:{device}" if device else OVERALL])
 
 
 def judge(engine: Engine, keys: list[str], limits: Limits, right: bool) -> int | None:
     """Seconds until these clients may try again (the attempt is refused,
     whatever its token), or None: the attempt is judged, and counted as a
-    failure unless ``right``."""
+    failure unless ``right``. The first budget found spent, in the order
+    they are locked, says how long: another may be spent longer, and then
+    the retry is held again, for the rest of it."""
     with engine.connect() as conn:
         with conn.begin() as attempt:
             wait = None
             for key in keys:
                 row = conn.execute(_LOCK, {"client": key, "window": limits.window_seconds}).one()
                 if row.failures >= (limits.overall if key == OVERALL else limits.per_client):
-                    wait = max(wait or 0, max(1, math.ceil(float(row.remaining))))
+                    # Refused whatever the rest say: the budgets after it are
+                    # not locked, so a guesser held by its address's budget
+                    # (first in the order) takes no lock on the overall one,
+                    # which every new browser's sign-in needs.
+                    wait = max(1, math.ceil(float(row.remaining)))
+                    break
             if wait is not None or right:
                 attempt.rollback()
                 return wait

@@ -81,8 +81,9 @@ def server_settings(env: Mapping[str, str], body_cap: int) -> dict:
     ones, two minutes later). Only the proxy in front on loopback
     (Knative's queue-proxy) may say the request came over TLS, as gunicorn's
     default let it, so the board's cookie stays Secure. With
-    ``TRUSTED_PROXY_HOPS`` (validated by the function's start, which runs
-    first) it may also say who the client is: the X-Forwarded-For entry that
+    ``TRUSTED_PROXY_HOPS`` (validated by the query's start, which runs
+    first; a wrong value is 0 for any other function, warned by its
+    settings: shared/config.py) it may also say who the client is: the X-Forwarded-For entry that
     many places from the right becomes the request's remote address (what
     the board's sign-in limit counts by, and what logs show); the entries
     further left are the client's own word and are never read."""
@@ -127,9 +128,13 @@ def _client_waitress_reads(environ, hops: int) -> str | None:
 
 
 def _usable(client: str | None, connection: str | None) -> bool:
-    """An IP address, or the connection's own (an empty entry: waitress
-    keeps it). Anything else (``unknown``, ``[2001:db8::1]:443`` kept with
-    its brackets and port) is no address to count sign-ins by or to log."""
+    """An IP address with no zone, or the connection's own (an empty entry:
+    waitress keeps it). Anything else (``unknown``, ``[2001:db8::1]:x`` kept
+    with its brackets and what follows) is no address to count sign-ins by
+    or to log. A zone is free text: every entry that names an address has
+    it left out by the rewrite, so one still there came from an entry that
+    names none (``[fe80::1%zone.5]:x``, which waitress splits at its last
+    colon)."""
     if client is None:
         return False
     if client == connection:
@@ -138,7 +143,34 @@ def _usable(client: str | None, connection: str | None) -> bool:
         ipaddress.ip_address(client)
     except ValueError:
         return False
-    return True
+    return "%" not in client
+
+
+def _proxies_entries(forwarded: str, hops: int) -> str:
+    """The entries of ``forwarded`` that the ``hops`` trusted proxies wrote
+    (the last ``hops``; every one when there are fewer), all waitress reads,
+    with the first, which it takes as the client, written so that waitress
+    reads back the address it names (shared/addresses.py): an IPv4-mapped
+    one as its IPv4 address, IPv6 in brackets, a port and a zone left out;
+    unchanged when it names no address. The entries further left are the
+    client's own word, and go: waitress unquotes every entry before it keeps
+    the last ``hops``, so an unbalanced quote the client wrote there (``"x``,
+    to which the proxy appends the client's address) failed the whole
+    header, and the request counted as the connection's: a guesser held by
+    its address's budget got a fresh one, and spent the one every request
+    without the header shares."""
+    from waitress.utilities import undquote
+
+    from shared import addresses
+
+    entries = forwarded.split(",")[-hops:]
+    try:
+        entry = addresses.forwarded_entry(undquote(entries[0].strip()))
+    except ValueError:  # quoting waitress cannot read: left to the check below
+        entry = None
+    if entry is not None:
+        entries[0] = entry
+    return ",".join(entries).strip()
 
 
 def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, budget=None):
@@ -146,12 +178,18 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
     create_server puts around the function), so it runs first. A request is
     never refused for its X-Forwarded-For: the intake's caller is
     AlertManager, which does not retry a 4xx, so a refusal is a lost page.
-    When the entry the translation would take as the client (``hops`` from
-    the right, from the trusted proxy only) makes no address, or would make
-    the translation fail (``:.`` raised an IndexError in it: a 500), the
-    header is dropped for this request, which is then served with the
-    connection's own address, and a warning says so (at most ten a minute).
-    Every value that makes an address is left to waitress as it is."""
+    From the trusted proxy only, the header is first cut to the entries the
+    proxies wrote, and the client's entry among them (``hops`` from the
+    right) written the way waitress reads it right
+    (:func:`_proxies_entries`): waitress took ``::ffff:192.0.2.1`` for the
+    address ``::ffff`` and the port ``192.0.2.1``, one address for every
+    IPv4 client of a dual-stack proxy, and ``[2001:db8::1]:443`` for no
+    address. Anything else that makes an address (``192.0.2.1:``,
+    ``1.2.3.4:x``) is left to waitress as it is. When the client's entry
+    then makes no address, or would make the translation fail (``:.``
+    raised an IndexError in it: a 500), the header is dropped for this
+    request, which is then served with the connection's own address, and a
+    warning says so (at most ten a minute)."""
     if not hops:
         return app
     if budget is None:
@@ -162,15 +200,16 @@ def checked_forwarded_for(app, hops: int, trusted_proxy: str = TRUSTED_PROXY, bu
     def guarded(environ, start_response):
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
         connection = environ.get("REMOTE_ADDR")
-        if forwarded is not None and connection == trusted_proxy \
-                and not _usable(_client_waitress_reads(environ, hops), connection):
-            del environ["HTTP_X_FORWARDED_FOR"]
-            left_out = budget.take()
-            if left_out is not None:
-                shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
-                log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
-                            extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
-                                   "path": environ.get("PATH_INFO"), "left_out": left_out})
+        if forwarded is not None and connection == trusted_proxy:
+            environ["HTTP_X_FORWARDED_FOR"] = _proxies_entries(forwarded, hops)
+            if not _usable(_client_waitress_reads(environ, hops), connection):
+                del environ["HTTP_X_FORWARDED_FOR"]
+                left_out = budget.take()
+                if left_out is not None:
+                    shown = forwarded if len(forwarded) <= FORWARDED_SHOWN else forwarded[:FORWARDED_SHOWN] + "…"
+                    log.warning("X-Forwarded-For ignored: the client's entry is no address; served as the connection's",
+                                extra={"x_forwarded_for": shown, "length": len(forwarded), "hops": hops,
+                                       "path": environ.get("PATH_INFO"), "left_out": left_out})
         return app(environ, start_response)
 
     return guarded

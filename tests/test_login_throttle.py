@@ -88,6 +88,82 @@ def test_an_ipv6_host_is_one_address_for_all_of_its_slash_64(query, clean_db):
     assert sign_in(query, TEST_TOKEN, client="2001:db8:1:3::1").status_code == 303
 
 
+def budgets(clean_db) -> dict[str, int]:
+    with clean_db.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT client, failures FROM login_failures")).all())
+
+
+def test_ipv4_clients_named_by_a_dual_stack_proxy_are_each_their_own_address(query, clean_db):
+    """A dual-stack proxy writes an IPv4 client as ``::ffff:192.0.2.20``:
+    that is the client 192.0.2.20, not an IPv6 /64 every IPv4 client shares
+    (waitress read it as ``::ffff``: one guesser held back all of them)."""
+    assert [sign_in(query, "guess", client="::ffff:192.0.2.20").status_code for _ in range(PER_CLIENT)] == [401] * PER_CLIENT
+    assert sign_in(query, TEST_TOKEN, client="::ffff:192.0.2.21").status_code == 303
+    # The same client however it is written, from the header or the socket.
+    for written in ("::ffff:192.0.2.20", "192.0.2.20", "[::ffff:192.0.2.20]:443", "::ffff:c000:214"):
+        assert sign_in(query, TEST_TOKEN, client=written).status_code == 429, written
+    assert budgets(clean_db) == {"address:192.0.2.20": PER_CLIENT, "all": PER_CLIENT}
+
+
+def test_an_ipv6_address_with_a_zone_or_in_brackets_with_a_port_is_its_slash_64(query, clean_db):
+    """Neither fails the request nor escapes the limit: ``[2001:db8:7::1]:443``
+    was no address to waitress (the request counted as the proxy's), and a
+    zone (``%eth0``) is no part of the host."""
+    for client in ("[2001:db8:7::1]:443", "2001:db8:7::2%eth0", "[2001:db8:7::3%eth0.5]"):
+        assert sign_in(query, "guess", client=client).status_code == 401, client
+    assert sign_in(query, TEST_TOKEN, client="2001:db8:7::4").status_code == 429
+    assert budgets(clean_db) == {"address:2001:db8:7::/64": PER_CLIENT, "all": PER_CLIENT}
+
+
+@pytest.mark.parametrize("written, counted", [
+    ("192.0.2.1", "192.0.2.1"),
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("::FFFF:c000:201", "192.0.2.1"),
+    ("[::ffff:192.0.2.1]:8443", "192.0.2.1"),
+    ("192.0.2.1:8443", "192.0.2.1"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("[2001:db8:1:2::9]", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("2001:db8::192.0.2.1", "2001:db8::/64"),
+    (None, "unknown"),
+    ("u" * 200, "u" * 80),
+])
+def test_the_address_failures_are_counted_by(written, counted):
+    from shared.login_throttle import client_address
+
+    assert client_address(written) == counted
+
+
+@pytest.mark.parametrize("written, read", [
+    ("192.0.2.1:65535", "192.0.2.1"),
+    ("192.0.2.1:00443", "192.0.2.1"),
+    ("192.0.2.1:065535", None),
+    ("192.0.2.1:65536", None),
+    ("192.0.2.1:" + "9" * 5000, None),  # past int()'s digit limit: no address, not a ValueError
+    ("[2001:db8::1]:" + "9" * 5000, None),
+    ("[2001:db8::1]:443", "2001:db8::1"),
+])
+def test_a_port_is_at_most_five_digits_and_a_longer_one_is_no_address(written, read):
+    from shared import addresses
+
+    parsed = addresses.parse(written)
+    assert (None if parsed is None else str(parsed)) == read
+
+
+def test_a_client_held_by_its_own_address_does_not_queue_on_the_budget_every_new_browser_shares(query, clean_db):
+    """A guesser held back and trying on at full speed is answered from its
+    own address's row: it takes no lock on the overall budget's row, which
+    every other new browser's sign-in needs (it waited on it, or for the
+    lock timeout and a 503, while another attempt held it)."""
+    for _ in range(PER_CLIENT):
+        assert sign_in(query, "guess", client="198.51.100.66").status_code == 401
+    with clean_db.connect() as other:
+        with other.begin():
+            other.execute(sa.text("SELECT 1 FROM login_failures WHERE client = 'all' FOR UPDATE"))
+            held = sign_in(query, "guess", client="198.51.100.66")
+    assert held.status_code == 429 and 0 < int(held.headers["Retry-After"]) <= WINDOW
+
+
 def test_concurrent_guesses_from_one_address_are_judged_no_more_than_the_limit(query, clean_db):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -172,6 +248,18 @@ def test_only_the_proxies_entry_names_the_client(query, clean_db):
     for n in range(PER_CLIENT):
         sign_in(query, "wrong-token", client=f"10.9.9.{n}, 192.0.2.50")
     assert sign_in(query, TEST_TOKEN, client="10.9.9.77, 192.0.2.50").status_code == 429
+
+
+def test_quoting_the_client_breaks_in_its_own_entries_moves_it_to_no_other_budget(query, clean_db):
+    """waitress unquotes every entry, the client's own too: an unbalanced
+    quote the client wrote left of the proxy's entry failed the whole
+    header, and the attempt counted as the queue-proxy's (a fresh budget for
+    a held guesser, and a spent one for every request without the header)."""
+    for _ in range(PER_CLIENT):
+        assert sign_in(query, "guess", client="192.0.2.50").status_code == 401
+    for client in ('"x, 192.0.2.50', 'x", 192.0.2.50', '"a\\", 192.0.2.50'):
+        assert sign_in(query, "guess", client=client).status_code == 429, client
+    assert budgets(clean_db) == {"address:192.0.2.50": PER_CLIENT, "all": PER_CLIENT}
 
 
 def test_concurrent_failures_over_expired_rows_all_get_answers_and_the_expired_rows_go(query, clean_db):

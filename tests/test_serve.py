@@ -112,7 +112,19 @@ def test_an_x_forwarded_for_whose_client_entry_is_no_address_is_served_as_the_co
         # waitress makes an address of these (the port it splits off is not read): left to it.
         assert remote("203.0.113.7:, 10.0.0.9") == "203.0.113.7" and remote("1.2.3.4:x, 10.0.0.9") == "1.2.3.4"
         assert remote(", 10.0.0.9") == "127.0.0.1"
-        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "[::1]:443, 10.0.0.9", "unknown, 10.0.0.9",
+        # An address waitress alone misread: an IPv4 client of a dual-stack
+        # proxy was the client "::ffff", the same for every one; [IPv6]:port no address.
+        assert remote("::ffff:203.0.113.9, 10.0.0.9") == "203.0.113.9" and remote('"::ffff:203.0.113.9", 10.0.0.9') == "203.0.113.9"
+        assert remote("[2001:db8::7]:443, 10.0.0.9") == "2001:db8::7" and remote("fe80::7%eth0.5, 10.0.0.9") == "fe80::7"
+        assert remote("2001:db8::203.0.113.9, 10.0.0.9") == "2001:db8::cb00:7109"
+        # A zone is free text (up to the header's limit) and no part of the
+        # host: left out, so a log line's remote is never the client's prose.
+        assert remote("fe80::7%" + "z" * 5000 + ", 10.0.0.9") == "fe80::7"
+        assert remote("[fe80::7%" + "z" * 5000 + ".5]:x, 10.0.0.9") == "127.0.0.1"  # no address of ours; waitress kept the zone
+        # What the client writes left of the proxies' entries is not read, however it is quoted.
+        for own in ('"x', 'x"', '"a\\"', ":.", "u" * 5000):
+            assert remote(f"{own}, 203.0.113.7, 10.0.0.9") == "203.0.113.7", own
+        for bad in (":., 10.0.0.9", ":.", "x, 10.0.0.9", "[::1]:x, 10.0.0.9", "[::1]:99999, 10.0.0.9", "unknown, 10.0.0.9",
                     '"unbalanced, 10.0.0.9', "", "u" * 5000 + ", 10.0.0.9"):
             assert remote(bad) == "127.0.0.1", bad
         assert remote("203.0.113.8, 10.0.0.9") == "203.0.113.8"
