@@ -122,6 +122,12 @@ def test_alertmanager_payload_is_refused_with_the_right_route(intake, clean_db):
     assert response.status_code == 400 and "/webhook/alert" in response.json()["message"]
 
 
+def test_a_grafana_payload_posted_to_the_alertmanager_route_is_refused_naming_the_grafana_route(intake, clean_db):
+    response = requests.post(intake.url + "/webhook/alert", json=grafana("firing.json"), headers=AUTH, timeout=10)
+    assert response.status_code == 400 and "/webhook/grafana" in response.json()["message"]
+    assert rows(clean_db) == {}
+
+
 def test_missing_alertname_falls_back_to_the_groups_name(intake, clean_db):
     payload = grafana("resolved.json")
     payload["alerts"][0]["status"] = "firing"

@@ -46,7 +46,10 @@ def parse(payload: Any, config: Settings) -> Parsed:
         raise InvalidPayload("", "this is a legacy Grafana alerting notification (ruleName, state): post it to /webhook/grafana")
     version = version_text(payload.get("version"))
     if version is not None and version not in ACCEPTED_VERSIONS:
-        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}")
+        # Grafana-managed alerting sends version "1"; pointed here by mistake,
+        # its contact point shows this message, so it names the right route.
+        where = "; Grafana-managed alerting posts to /webhook/grafana" if version == "1" else ""
+        raise InvalidPayload("version", f"must be \"4\" (AlertManager webhook version 4; \"3\" is accepted too), got {version!r}{where}")
     items = parse_group(payload.get("alerts"), lambda raw, path: parse_alert(raw, path, config))
     return group_envelope(payload, items)
 
