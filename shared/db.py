@@ -101,7 +101,7 @@ def _execute_in_one_round_trip() -> None:
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
         _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self) + _deadline_ahead(self, statement)
+        ahead = _send_ahead(self, statement)
         _send_extended(self, statement, params, oids)
         core._flush(self._sock)
         _read_answers(self, ahead, context)
@@ -125,7 +125,7 @@ def _execute_in_one_round_trip() -> None:
                 self._deferred += ((statement, None, None),)
                 return context
             _settle_before_savepoint(self, statement)
-            ahead = _send_ahead(self) + _deadline_ahead(self, statement)
+            ahead = _send_ahead(self, statement)
             self.send_QUERY(statement)
             core._flush(self._sock)
             _read_answers(self, ahead, context)
@@ -139,6 +139,9 @@ def _execute_in_one_round_trip() -> None:
     core.CoreConnection.execute_simple = execute_simple
     core.CoreConnection._begin_pending = False
     core.CoreConnection._begin = BEGIN
+    # When the open transaction's BEGIN was sent (time.monotonic()): the
+    # server's now() is that moment, which deadline() measures from.
+    core.CoreConnection._begun_at = 0.0
     # The bounds of the engine that opened the connection (create_engine_for);
     # None: no bounds (the migrations' engine, a remediation target's).
     core.CoreConnection._bounds = None
@@ -211,10 +214,11 @@ _deadline: ContextVar[float | None] = ContextVar("db_deadline", default=None)
 @contextmanager
 def deadline(seconds: float) -> Iterator[None]:
     """The statements run inside the block, on an engine that has bounds,
-    end ``seconds`` from now at the latest, all of them together: each is
-    sent with ``SET LOCAL statement_timeout`` set to what is left (or to the
-    transaction's own statement bound, if that is shorter), in the same
-    message (no round trip of its own). For a reply that is many statements
+    end ``seconds`` from now at the latest, all of them together, those
+    :func:`later` put aside included: each is preceded, in the same write
+    (no round trip of its own), by a transaction-local ``statement_timeout``
+    set to what is left when it runs (or to the transaction's own statement
+    bound, if that is shorter; :func:`_deadline_ahead`). For a reply that is many statements
     and has a deadline of its own (``/metrics``: Prometheus's scrape
     timeout); PostgreSQL before 17 has no bound on a whole transaction.
     Running out is a statement_timeout (57014). ``0``: no deadline."""
@@ -226,9 +230,18 @@ def deadline(seconds: float) -> Iterator[None]:
 
 
 def _deadline_ahead(conn, statement: str) -> list:
-    """The ``SET LOCAL statement_timeout`` of :func:`deadline`, sent ahead of
+    """The ``statement_timeout`` of :func:`deadline`, sent ahead of
     ``statement``; nothing outside a bounded transaction, in a failed one (the
-    server would refuse it), or before what ends a transaction or a savepoint."""
+    server would refuse it), or before what ends a transaction or a savepoint.
+
+    What is left is reckoned by the server when the statement is about to
+    run, from the transaction's start (``now()``, the moment its BEGIN was
+    sent, give or take the way there): the statements :func:`later` put
+    aside travel in the same write as the next one, each run after the one
+    before it, and each may have only what the ones before it left (a value
+    reckoned here, when they are all sent, would give each of them the
+    whole of it). Still no round trip of its own: one more statement in
+    the same write, answered with the others."""
     import pg8000.core as core
 
     end = _deadline.get()
@@ -236,10 +249,10 @@ def _deadline_ahead(conn, statement: str) -> list:
         return []
     if statement.lstrip()[:9].lower().startswith(("commit", "rollback", "savepoint", "release", "end", "abort")):
         return []
-    left = max(1, round((end - time.monotonic()) * 1000))
+    left = f"round({(end - conn._begun_at) * 1000:.0f} - extract(epoch from clock_timestamp() - now()) * 1000)"
     if conn._in_effect.statement_timeout > 0:
-        left = min(left, max(1, round(conn._in_effect.statement_timeout * 1000)))
-    text = f"set local statement_timeout = '{left}ms'"
+        left = f"least({left}, {max(1, round(conn._in_effect.statement_timeout * 1000))})"
+    text = f"select set_config('statement_timeout', greatest(1, {left})::bigint || 'ms', true)"
     conn.send_QUERY(text)
     return [core.Context(text)]
 
@@ -266,26 +279,31 @@ def _send_extended(conn, statement, params, oids) -> None:
     core._write(conn._sock, core.SYNC_MSG)
 
 
-def _send_ahead(conn) -> list:
+def _send_ahead(conn, statement: str | None = None) -> list:
     """BEGIN is not a round trip of its own: it goes out in the same write
     as the transaction's first statement, and so do the statements
     :func:`later` put aside; their answers are read first, in order. (A
     BEGIN cannot fail on a working connection; on a broken one the
-    statement fails with it.)"""
+    statement fails with it.) Under a :func:`deadline` each of them, and
+    ``statement`` after them, is preceded by what is left of it."""
     import pg8000.core as core
 
     ahead = []
     if conn._begin_pending:
         conn._begin_pending = False
+        conn._begun_at = time.monotonic()
         conn.send_QUERY(conn._begin)
         ahead.append(core.Context(conn._begin))
     deferred, conn._deferred = conn._deferred, ()
-    for statement, params, oids in deferred:
+    for put_aside, params, oids in deferred:
+        ahead += _deadline_ahead(conn, put_aside)
         if params is None:
-            conn.send_QUERY(statement)
+            conn.send_QUERY(put_aside)
         else:
-            _send_extended(conn, statement, params, oids)
-        ahead.append(core.Context(statement))
+            _send_extended(conn, put_aside, params, oids)
+        ahead.append(core.Context(put_aside))
+    if statement is not None:
+        ahead += _deadline_ahead(conn, statement)
     return ahead
 
 

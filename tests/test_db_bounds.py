@@ -347,6 +347,27 @@ def test_a_deadline_bounds_the_statements_of_a_transaction_together(database_url
             engine.dispose()
 
 
+def test_a_deadline_bounds_the_statements_later_put_aside_too(database_url):
+    """Statements db.later() put aside travel ahead of the next statement (or
+    the COMMIT), in the same write: they end within the deadline as well,
+    together with the statements around them, not each with a bound of its
+    own (two statements of 0.6 s, one put aside, overrun a deadline of 1 s)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(1.0), pytest.raises(sa.exc.DBAPIError) as ahead_of_a_statement, engine.begin() as tx:
+            db.later(tx, sa.text("SELECT pg_sleep(0.6)"))
+            tx.execute(sa.text("SELECT pg_sleep(0.6)"))
+        assert (db.sqlstate(ahead_of_a_statement.value), db.bound_reached(ahead_of_a_statement.value)) == ("57014", db.STATEMENT_TIMEOUT)
+        with db.deadline(1.0), pytest.raises(sa.exc.DBAPIError) as ahead_of_the_commit, engine.begin() as tx:
+            tx.execute(sa.text("SELECT 1"))
+            db.later(tx, sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(ahead_of_the_commit.value), db.bound_reached(ahead_of_the_commit.value)) == ("57014", db.STATEMENT_TIMEOUT)
+        with engine.begin() as tx:  # the connection is in step and keeps its own bound
+            assert tx.execute(sa.text("SHOW statement_timeout")).scalar() == "5s"
+    finally:
+        engine.dispose()
+
+
 def test_metrics_answer_503_naming_the_bound_while_a_table_they_read_is_locked(base_env, clean_db):
     query = FunctionProcess("query", {**base_env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}, threads=2).start()
     assert requests.get(query.url + "/metrics", headers=AUTH, timeout=30).status_code == 200
