@@ -15,6 +15,7 @@ saves a round trip on every busy request (``pool_pre_ping`` pings always).
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -490,6 +491,7 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
     )
     _ping_idle_connections(engine)
     _discard_connections_out_of_step(engine)
+    _discard_dead_connections_in_one_line(engine)
     _connect_without_the_ca_bundle(engine)
     if bounds is not None:
         _bound_every_transaction(engine, bounds)
@@ -549,6 +551,74 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
         context.is_disconnect = True
         if not state or state == "25P03":
             context.invalidate_pool_on_disconnect = False
+
+
+def _discard_dead_connections_in_one_line(engine: Engine) -> None:
+    """A connection whose session the server ended (the idle bound's
+    25P03, a terminated backend, a restart) is discarded by SQLAlchemy,
+    which closes it: pg8000 says goodbye (Terminate) on a socket the server
+    has shut, the write fails, and the pool logged that at ERROR with the
+    whole traceback of the statement that found the session gone, under a
+    request already answered 503 naming it. That close failing is no error
+    (the socket is closed all the same), so it becomes one WARNING line
+    naming why the server ended the session, as the pool's ``invalidate``
+    event was told; a close that fails any other way is logged as before.
+    SQLAlchemy has no setting for it: a filter on the pool's logger, the
+    one it logs the close with."""
+
+    @sa.event.listens_for(engine, "invalidate")
+    def _invalidated(dbapi_connection, connection_record, exception):
+        dbapi_connection._ended_because = _why_ended(exception)
+
+    logger = engine.pool.logger
+    getattr(logger, "logger", logger).addFilter(_ONE_LINE_FOR_A_DEAD_CONNECTION)
+
+
+def _why_ended(exception: BaseException | None) -> str | None:
+    """'25P03 idle_in_transaction_session_timeout: terminating connection
+    ...' for a session the server ended, naming the bound if it is one."""
+    if exception is None:
+        return None
+    state = _sqlstate(exception)
+    if not state:
+        return f"{type(exception).__name__}: {str(exception).splitlines()[0] if str(exception) else ''}"
+    fields = exception.args[0] if exception.args and isinstance(exception.args[0], dict) else {}
+    bound = IDLE_TIMEOUT if state == "25P03" else None
+    return f"{state}{' ' + bound if bound else ''}: {fields.get('M', '')}"
+
+
+def _peer_gone(exc: BaseException | None) -> bool:
+    """pg8000's close met a socket the other end had already shut."""
+    import pg8000.core as core
+
+    for _ in range(3):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) or (isinstance(exc, core.InterfaceError) and exc.args
+                                        and exc.args[0] in ("network error", "connection is closed")):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+class _OneLineForADeadConnection(logging.Filter):
+    CLOSE_FAILED = ("Exception terminating connection", "Exception closing connection")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.CLOSE_FAILED) and record.exc_info):
+            return True
+        failure = record.exc_info[1]
+        if not _peer_gone(failure):
+            return True
+        connection = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        why = getattr(connection, "_ended_because", None) or _why_ended(failure.__cause__ or failure)
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg, record.args = "Discarded a database connection the server had already closed (%s)", (why,)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+_ONE_LINE_FOR_A_DEAD_CONNECTION = _OneLineForADeadConnection()
 
 
 IDLE_PING_SECONDS = 10.0

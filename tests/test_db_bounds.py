@@ -11,6 +11,7 @@ small through the function's environment; nothing sleeps but the bound."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -209,6 +210,59 @@ def test_a_transaction_left_idle_is_ended_by_the_server_named_and_only_its_conne
         assert pid not in now and now & (pooled - {pid}) == pooled - {pid}, (pooled, pid, now)
     finally:
         bounded_engine.dispose()
+
+
+def _discards_logged(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith(("sqlalchemy", "shared")) and r.levelno >= logging.WARNING]
+
+
+@needs_own_backend
+@pytest.mark.parametrize("ended_by", ["idle bound", "pg_terminate_backend"])
+def test_a_connection_the_server_ended_is_discarded_with_one_warning_line_not_a_traceback(database_url, engine, caplog, ended_by):
+    """The dead connection's close meets the socket the server shut
+    (SQLAlchemy logged that at ERROR with a full traceback, under a request
+    already answered 503): one WARNING line naming why the server ended it."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+    try:
+        with bounded_engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            if ended_by == "pg_terminate_backend":
+                with engine.connect() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+
+            def gone() -> bool:
+                with engine.connect() as look:
+                    return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+            wait_until(gone, 10, message="the server to end the session")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        with bounded_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert [(r.levelname, r.exc_info) for r in logged] == [("WARNING", None)], caplog.text
+    line = logged[0].getMessage()
+    assert "\n" not in line, line
+    expected = {"idle bound": "25P03 idle_in_transaction_session_timeout", "pg_terminate_backend": "57P01"}[ended_by]
+    assert "server had already closed" in line and expected in line, line
+
+
+def test_a_close_that_fails_any_other_way_is_still_an_error_with_its_traceback(database_url, caplog):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+    try:
+        pool_logger = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+        try:
+            raise RuntimeError("a close that went wrong here")
+        except RuntimeError:
+            pool_logger.error("Exception closing connection %r", object(), exc_info=True)
+    finally:
+        engine.dispose()
+    (record,) = [r for r in caplog.records if r.name == "sqlalchemy.pool.impl.QueuePool"]
+    assert record.levelname == "ERROR" and record.exc_info and record.exc_info[0] is RuntimeError
 
 
 def test_a_timeout_is_named_as_a_bound_only_when_the_transaction_had_that_bound(database_url):
