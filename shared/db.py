@@ -143,6 +143,11 @@ def _execute_in_one_round_trip() -> None:
     # When the open transaction's BEGIN was sent (time.monotonic()): the
     # server's now() is that moment, which deadline() measures from.
     core.CoreConnection._begun_at = 0.0
+    # When the last answers were read, and how long the open transaction
+    # then sat idle before the write being answered (0: none open on the
+    # server): what names a session PgBouncer reports lost (_session_bound).
+    core.CoreConnection._answered_at = 0.0
+    core.CoreConnection._idle_for = 0.0
     # The bounds of the engine that opened the connection (create_engine_for);
     # None: no bounds (the migrations' engine, a remediation target's).
     core.CoreConnection._bounds = None
@@ -290,6 +295,8 @@ def _send_ahead(conn, statement: str | None = None) -> list:
     import pg8000.core as core
 
     ahead = []
+    open_on_the_server = not conn._begin_pending and conn._transaction_status == core.IN_TRANSACTION
+    conn._idle_for = time.monotonic() - conn._answered_at if open_on_the_server else 0.0
     if conn._begin_pending:
         conn._begin_pending = False
         conn._begun_at = time.monotonic()
@@ -333,18 +340,21 @@ def _read_answers(conn, ahead, context) -> None:
     failure is raised (after a failed statement the server refuses the
     rest of the transaction, so later failures only repeat it)."""
     failure = None
-    for earlier in ahead:
-        try:
-            conn.handle_messages(earlier)
-        except Exception as exc:  # noqa: BLE001 - raised below, after every answer is read
-            failure = failure or exc
     try:
-        conn.handle_messages(context)
-    except Exception:
-        if failure is None:
-            raise
-    if failure is not None:
-        raise failure
+        for earlier in ahead:
+            try:
+                conn.handle_messages(earlier)
+            except Exception as exc:  # noqa: BLE001 - raised below, after every answer is read
+                failure = failure or exc
+        try:
+            conn.handle_messages(context)
+        except Exception:
+            if failure is None:
+                raise
+        if failure is not None:
+            raise failure
+    finally:
+        conn._answered_at = time.monotonic()
 
 
 def _ends_an_empty_transaction(conn, statement: str) -> bool:
@@ -417,7 +427,8 @@ def _keep_the_servers_last_word() -> None:
 
     Every error the server reports also carries the bounds of the
     transaction it ended (``bounds``), so :func:`bound_reached` names a bound
-    only when one was set."""
+    only when one was set, and how long the transaction had sat idle before
+    the statement that met it (``idle_for``, :func:`_session_bound`)."""
     import pg8000.core as core
 
     if getattr(core.CoreConnection.handle_messages, "keeps_the_last_word", False):
@@ -430,11 +441,11 @@ def _keep_the_servers_last_word() -> None:
         except core.InterfaceError as exc:
             error = context.error
             if isinstance(error, core.DatabaseError) and _severity(error) == "FATAL":
-                error.bounds = self._in_effect
+                error.bounds, error.idle_for = self._in_effect, self._idle_for
                 raise error from exc
             raise
         except core.DatabaseError as exc:
-            exc.bounds = self._in_effect
+            exc.bounds, exc.idle_for = self._in_effect, self._idle_for
             raise
 
     handle_messages.keeps_the_last_word = True
@@ -462,6 +473,16 @@ _TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58", "55P03", "25P03")
 
 # The SQLSTATEs of a Bounds that ran out, named as the setting that did it.
 LOCK_TIMEOUT, STATEMENT_TIMEOUT, IDLE_TIMEOUT = "lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"
+
+# PgBouncer's own bounds, named as its settings (pgbouncer.ini), by the fixed
+# text of the FATAL 08P01 with which it closes the client's connection when
+# one runs out (PgBouncer has no translations; tests/test_pgbouncer.py).
+PGBOUNCER_IDLE_TRANSACTION_TIMEOUT = "pgbouncer.idle_transaction_timeout"
+PGBOUNCER_QUERY_TIMEOUT = "pgbouncer.query_timeout"
+PGBOUNCER_QUERY_WAIT_TIMEOUT = "pgbouncer.query_wait_timeout"
+_PGBOUNCER_BOUNDS = {"idle transaction timeout": PGBOUNCER_IDLE_TRANSACTION_TIMEOUT,
+                     "query timeout": PGBOUNCER_QUERY_TIMEOUT,
+                     "query_wait_timeout": PGBOUNCER_QUERY_WAIT_TIMEOUT}
 
 
 def split_unix_sock(url: str) -> tuple[str, dict]:
@@ -545,11 +566,12 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
         if state and _severity(orig) != "FATAL":
             return
         # Out of step, or a session the server ended (FATAL: it has closed
-        # the socket). A session it ended for being idle in a transaction is
-        # this connection's alone; any other FATAL (a shutdown, a backend
-        # terminated) is taken, as before it was raised, for the database's.
+        # the socket). A session ended by a bound (the idle bound, one of
+        # PgBouncer's own) is this connection's alone; any other FATAL (a
+        # shutdown, a backend terminated) is taken, as before it was raised,
+        # for the database's.
         context.is_disconnect = True
-        if not state or state == "25P03":
+        if not state or _session_bound(orig) is not None:
             context.invalidate_pool_on_disconnect = False
 
 
@@ -582,9 +604,8 @@ def _why_ended(exception: BaseException | None) -> str | None:
     state = _sqlstate(exception)
     if not state:
         return f"{type(exception).__name__}: {str(exception).splitlines()[0] if str(exception) else ''}"
-    fields = exception.args[0] if exception.args and isinstance(exception.args[0], dict) else {}
-    bound = IDLE_TIMEOUT if state == "25P03" else None
-    return f"{state}{' ' + bound if bound else ''}: {fields.get('M', '')}"
+    bound = _session_bound(exception)
+    return f"{state}{' ' + bound if bound else ''}: {_message(exception)}"
 
 
 def _peer_gone(exc: BaseException | None) -> bool:
@@ -786,11 +807,15 @@ def bound_reached(exc: BaseException) -> str | None:
     when it had one (an operator's pg_cancel_backend in such a transaction
     is named so too); a 25P03 is only ever the idle bound. A bound the
     server has from elsewhere (``ALTER ROLE ... SET``) is not named: the
-    error is transient all the same."""
+    error is transient all the same. Behind PgBouncer, what ended the
+    session is judged as :func:`_session_bound` says."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    ended_by = _session_bound(exc.orig)
+    if ended_by is not None:
+        return ended_by
     state = sqlstate(exc)
-    if state == "25P03":
-        return IDLE_TIMEOUT
-    in_effect = _bounds_of(exc.orig) if isinstance(exc, DBAPIError) else None
+    in_effect = _bounds_of(exc.orig)
     if in_effect is None:
         return None
     if state == "55P03" and in_effect.lock_timeout > 0:
@@ -800,15 +825,49 @@ def bound_reached(exc: BaseException) -> str | None:
     return None
 
 
+def _session_bound(orig: BaseException | None) -> str | None:
+    """The bound that ended the session, if one did: the server's 25P03 is
+    the idle bound. Behind PgBouncer the client gets PgBouncer's FATAL 08P01
+    instead: its own bounds say which in a fixed text (_PGBOUNCER_BOUNDS),
+    and a server connection lost is ``server conn crashed?`` whatever ended
+    it; that is the idle bound when the transaction, which had one, sat
+    idle at least that long before the statement that found it lost (the
+    server's clock of it started earlier than this client's, so the server
+    ended the session by then, if nothing did before)."""
+    state = _sqlstate(orig)
+    if state == "25P03":
+        return IDLE_TIMEOUT
+    if state != "08P01" or _severity(orig) != "FATAL":
+        return None
+    pgbouncers = _PGBOUNCER_BOUNDS.get(_message(orig))
+    if pgbouncers is not None:
+        return pgbouncers
+    in_effect, idle_for = _bounds_of(orig), _tag_of(orig, "idle_for") or 0.0
+    if in_effect is not None and 0 < in_effect.idle_in_transaction <= idle_for:
+        return IDLE_TIMEOUT
+    return None
+
+
+def _message(orig: BaseException | None) -> str:
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return str(fields.get("M", ""))
+
+
 def _bounds_of(orig: BaseException | None) -> Bounds | None:
-    """The bounds the failed transaction had. pg8000's DB-API cursor raises
-    its own exception with the server's fields, in the handling of the one
-    the connection raised (which has them): the chain is followed."""
+    """The bounds the failed transaction had."""
+    return _tag_of(orig, "bounds")
+
+
+def _tag_of(orig: BaseException | None, name: str):
+    """What _keep_the_servers_last_word put on the error. pg8000's DB-API
+    cursor raises its own exception with the server's fields, in the
+    handling of the one the connection raised (which has them): the chain
+    is followed."""
     for _ in range(3):
         if orig is None:
             return None
-        if hasattr(orig, "bounds"):
-            return orig.bounds
+        if hasattr(orig, name):
+            return getattr(orig, name)
         orig = orig.__context__
     return None
 
