@@ -206,6 +206,26 @@ def test_pgbouncers_own_idle_transaction_timeout_is_named_as_its_bound(database_
         bouncer.stop()
 
 
+def test_pgbouncers_query_wait_timeout_is_named_as_its_bound(database_url):
+    """A client that waits longer than PgBouncer's query_wait_timeout for a
+    server connection (the only one is held by another transaction)."""
+    bouncer = PgBouncer(_server_url(), pool_size=1, settings={"query_wait_timeout": "1"}).start()
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    holder = db.create_engine_for(url, pool_size=1, max_overflow=0)
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 60))
+    try:
+        with holder.connect() as held:
+            held.execute(sa.text("SELECT 1"))
+            with pytest.raises(sa.exc.DBAPIError) as caught, engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            held.rollback()
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("08P01", db.PGBOUNCER_QUERY_WAIT_TIMEOUT)
+        assert db.is_transient(caught.value)
+    finally:
+        engine.dispose(), holder.dispose()
+        bouncer.stop()
+
+
 def test_pgbouncers_query_timeout_answers_503_naming_it(database_url, clean_db, base_env):
     """A request waiting on a lock longer than PgBouncer's query_timeout
     (and shorter than its own lock bound): PgBouncer ends it, and the
