@@ -577,30 +577,37 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
 
 def _discard_dead_connections_in_one_line(engine: Engine) -> None:
     """A connection whose session the server ended (the idle bound's
-    25P03, a terminated backend, a restart) is discarded by SQLAlchemy,
-    which closes it: pg8000 says goodbye (Terminate) on a socket the server
-    has shut, the write fails, and the pool logged that at ERROR with the
-    whole traceback of the statement that found the session gone, under a
-    request already answered 503 naming it. That close failing is no error
-    (the socket is closed all the same), so it becomes one WARNING line
-    naming why the server ended the session, as the pool's ``invalidate``
-    event was told; a close that fails any other way is logged as before.
-    SQLAlchemy has no setting for it: a filter on the pool's logger, the
-    one it logs the close with."""
+    25P03, a terminated backend, a restart; PgBouncer's FATAL) is discarded
+    by SQLAlchemy, which first tries a rollback if the connection was not
+    rolled back already and then closes it: pg8000 says goodbye (Terminate)
+    on a socket the server has shut, the write fails, and the pool logged
+    that at ERROR with the whole traceback of the statement that found the
+    session gone ("Exception terminating connection", "Exception during
+    reset or similar"), under a request already answered 503 naming it.
+
+    Instead the pool's ``invalidate`` event, which SQLAlchemy emits before
+    that close with the error that condemned the connection, logs one
+    WARNING line naming why the server ended the session; the pool's own
+    records of a rollback or close failing on such a connection are left
+    out (the socket is closed all the same). A rollback or close failing
+    any other way, on any connection, is logged as before. SQLAlchemy has
+    no setting for it: a filter on the pool's logger, the one it logs with."""
 
     @sa.event.listens_for(engine, "invalidate")
     def _invalidated(dbapi_connection, connection_record, exception):
-        dbapi_connection._ended_because = _why_ended(exception)
+        if _ended_by_the_other_end(exception):
+            _log.warning("Discarded a database connection the server had already closed (%s)", _why_ended(exception))
 
     logger = engine.pool.logger
-    getattr(logger, "logger", logger).addFilter(_ONE_LINE_FOR_A_DEAD_CONNECTION)
+    getattr(logger, "logger", logger).addFilter(_NOTHING_MORE_OF_A_DEAD_CONNECTION)
 
 
-def _why_ended(exception: BaseException | None) -> str | None:
+_log = logging.getLogger(__name__)
+
+
+def _why_ended(exception: BaseException) -> str:
     """'25P03 idle_in_transaction_session_timeout: terminating connection
     ...' for a session the server ended, naming the bound if it is one."""
-    if exception is None:
-        return None
     state = _sqlstate(exception)
     if not state:
         return f"{type(exception).__name__}: {str(exception).splitlines()[0] if str(exception) else ''}"
@@ -608,38 +615,35 @@ def _why_ended(exception: BaseException | None) -> str | None:
     return f"{state}{' ' + bound if bound else ''}: {_message(exception)}"
 
 
-def _peer_gone(exc: BaseException | None) -> bool:
-    """pg8000's close met a socket the other end had already shut."""
+def _ended_by_the_other_end(exc: BaseException | None) -> bool:
+    """The server (or PgBouncer) ended the session (its FATAL), or the
+    socket met its end shut (pg8000's network error, an OSError); not this
+    client's own read timeout (``DB_TIMEOUT_SECONDS``), which pg8000 reports
+    as a network error too."""
     import pg8000.core as core
 
-    for _ in range(3):
-        if exc is None:
-            return False
-        if isinstance(exc, OSError) or (isinstance(exc, core.InterfaceError) and exc.args
-                                        and exc.args[0] in ("network error", "connection is closed")):
-            return True
-        exc = exc.__cause__
-    return False
+    chain = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(_severity(e) == "FATAL" for e in chain):
+        return True
+    if any(isinstance(e, TimeoutError) for e in chain):
+        return False
+    return any(isinstance(e, OSError) or (isinstance(e, core.InterfaceError) and e.args
+                                          and e.args[0] in ("network error", "connection is closed")) for e in chain)
 
 
-class _OneLineForADeadConnection(logging.Filter):
-    CLOSE_FAILED = ("Exception terminating connection", "Exception closing connection")
+class _NothingMoreOfADeadConnection(logging.Filter):
+    FAILED = ("Exception terminating connection", "Exception closing connection", "Exception during reset or similar")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (isinstance(record.msg, str) and record.msg.startswith(self.CLOSE_FAILED) and record.exc_info):
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.FAILED) and record.exc_info):
             return True
-        failure = record.exc_info[1]
-        if not _peer_gone(failure):
-            return True
-        connection = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        why = getattr(connection, "_ended_because", None) or _why_ended(failure.__cause__ or failure)
-        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-        record.msg, record.args = "Discarded a database connection the server had already closed (%s)", (why,)
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
+        return not _ended_by_the_other_end(record.exc_info[1])
 
 
-_ONE_LINE_FOR_A_DEAD_CONNECTION = _OneLineForADeadConnection()
+_NOTHING_MORE_OF_A_DEAD_CONNECTION = _NothingMoreOfADeadConnection()
 
 
 IDLE_PING_SECONDS = 10.0

@@ -217,28 +217,39 @@ def _discards_logged(caplog) -> list[logging.LogRecord]:
 
 
 @needs_own_backend
-@pytest.mark.parametrize("ended_by", ["idle bound", "pg_terminate_backend"])
+@pytest.mark.parametrize("ended_by", ["idle bound", "pg_terminate_backend", "idle bound, found by the pool's rollback"])
 def test_a_connection_the_server_ended_is_discarded_with_one_warning_line_not_a_traceback(database_url, engine, caplog, ended_by):
-    """The dead connection's close meets the socket the server shut
-    (SQLAlchemy logged that at ERROR with a full traceback, under a request
-    already answered 503): one WARNING line naming why the server ended it."""
+    """Discarding the dead connection, SQLAlchemy's close (or rollback) meets
+    the socket the server shut and logged that at ERROR with a full
+    traceback, under a request already answered 503: one WARNING line
+    naming why the server ended the session instead."""
     caplog.set_level(logging.WARNING)
     bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+
+    def wait_for_the_end_of(pid: int) -> None:
+        def gone() -> bool:
+            with engine.connect() as look:
+                return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+        wait_until(gone, 10, message="the server to end the session")
+
     try:
-        with bounded_engine.connect() as conn:
-            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
-            if ended_by == "pg_terminate_backend":
-                with engine.connect() as other:
-                    other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-
-            def gone() -> bool:
-                with engine.connect() as look:
-                    return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
-
-            wait_until(gone, 10, message="the server to end the session")
-            with pytest.raises(sa.exc.DBAPIError) as caught:
-                conn.execute(sa.text("SELECT 1"))
-            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        if ended_by.endswith("rollback"):
+            raw = bounded_engine.raw_connection()  # returned to the pool unrolled back: its reset rolls back
+            cursor = raw.cursor()
+            cursor.execute("SELECT pg_backend_pid()")
+            wait_for_the_end_of(cursor.fetchone()[0])
+            raw.close()
+        else:
+            with bounded_engine.connect() as conn:
+                pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                if ended_by == "pg_terminate_backend":
+                    with engine.connect() as other:
+                        other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                wait_for_the_end_of(pid)
+                with pytest.raises(sa.exc.DBAPIError) as caught:
+                    conn.execute(sa.text("SELECT 1"))
+                assert db.is_transient(caught.value) and caught.value.connection_invalidated
         with bounded_engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar() == 1
     finally:
@@ -247,7 +258,7 @@ def test_a_connection_the_server_ended_is_discarded_with_one_warning_line_not_a_
     assert [(r.levelname, r.exc_info) for r in logged] == [("WARNING", None)], caplog.text
     line = logged[0].getMessage()
     assert "\n" not in line, line
-    expected = {"idle bound": "25P03 idle_in_transaction_session_timeout", "pg_terminate_backend": "57P01"}[ended_by]
+    expected = "57P01: terminating connection" if ended_by == "pg_terminate_backend" else "25P03 idle_in_transaction_session_timeout: "
     assert "server had already closed" in line and expected in line, line
 
 
