@@ -224,9 +224,10 @@ def deadline(seconds: float) -> Iterator[None]:
     :func:`later` put aside included: each is preceded, in the same write
     (no round trip of its own), by a transaction-local ``statement_timeout``
     set to what is left when it runs (or to the transaction's own statement
-    bound, if that is shorter; :func:`_deadline_ahead`). For a reply that is many statements
-    and has a deadline of its own (``/metrics``: Prometheus's scrape
-    timeout); PostgreSQL before 17 has no bound on a whole transaction.
+    bound, if that is shorter; :func:`_deadline_ahead`). For a reply that
+    is many statements and has a deadline of its own (``/metrics``:
+    Prometheus's scrape timeout); PostgreSQL before 17 has no bound on a
+    whole transaction.
     Running out is a statement_timeout (57014). ``0``: no deadline."""
     token = _deadline.set(time.monotonic() + seconds if seconds > 0 else None)
     try:
