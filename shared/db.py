@@ -242,13 +242,20 @@ def _deadline_ahead(conn, statement: str) -> list:
     server would refuse it), or before what ends a transaction or a savepoint.
 
     What is left is reckoned by the server when the statement is about to
-    run, from the transaction's start (``now()``, the moment its BEGIN was
-    sent, give or take the way there): the statements :func:`later` put
-    aside travel in the same write as the next one, each run after the one
-    before it, and each may have only what the ones before it left (a value
-    reckoned here, when they are all sent, would give each of them the
-    whole of it). Still no round trip of its own: one more statement in
-    the same write, answered with the others."""
+    run, from the transaction's start (``now()``, the moment its BEGIN ran):
+    the statements :func:`later` put aside travel in the same write as the
+    next one, each run after the one before it, and each may have only what
+    the ones before it left (a value reckoned here, when they are all sent,
+    would give each of them the whole of it). It is at most what is left
+    when the write is sent, reckoned here: behind PgBouncer the BEGIN may
+    wait in its queue for a server connection, and the server's ``now()``
+    starts only after that wait. (A wait in the queue before the
+    transaction's first write is answered is not counted for the statements
+    of that write, which the server cannot see and this client reckoned
+    before it; it is for every later write: PgBouncer's
+    ``query_wait_timeout`` bounds that wait.) Spent, it is 1 ms, never 0,
+    which would be no bound at all. Still no round trip of its own: one
+    more statement in the same write, answered with the others."""
     import pg8000.core as core
 
     end = _deadline.get()
@@ -256,7 +263,10 @@ def _deadline_ahead(conn, statement: str) -> list:
         return []
     if statement.lstrip()[:9].lower().startswith(("commit", "rollback", "savepoint", "release", "end", "abort")):
         return []
-    left = f"round({(end - conn._begun_at) * 1000:.0f} - extract(epoch from clock_timestamp() - now()) * 1000)"
+    # What is left now, by this client's clock; and when the statement runs, by
+    # the server's, which does not count a wait in PgBouncer's queue before BEGIN.
+    left = (f"least({round((end - time.monotonic()) * 1000)}, "
+            f"round({(end - conn._begun_at) * 1000:.0f} - extract(epoch from clock_timestamp() - now()) * 1000))")
     if conn._in_effect.statement_timeout > 0:
         left = f"least({left}, {max(1, round(conn._in_effect.statement_timeout * 1000))})"
     text = f"select set_config('statement_timeout', greatest(1, {left})::bigint || 'ms', true)"

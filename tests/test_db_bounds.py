@@ -433,6 +433,34 @@ def test_a_deadline_bounds_the_statements_later_put_aside_too(database_url):
         engine.dispose()
 
 
+def test_a_deadline_bounds_a_statement_put_aside_that_is_the_transactions_only_one(database_url):
+    """Put aside and never followed by a statement, it travels with the
+    COMMIT (and the BEGIN): under the deadline still, not the transaction's
+    own statement bound (5 s, which would let it run its 3 s)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(0.5), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            db.later(tx, sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose()
+
+
+def test_a_deadline_spent_is_a_statement_timeout_never_no_timeout(database_url):
+    """What is left of a spent deadline is nothing: the next statement gets
+    the smallest bound there is (a statement_timeout of 0 would be none)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(0.2), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            tx.execute(sa.text("SELECT 1"))
+            spent_at = time.monotonic() + 0.2
+            wait_until(lambda: time.monotonic() > spent_at, 5, message="the deadline to be spent")
+            tx.execute(sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose()
+
+
 def test_metrics_answer_503_naming_the_bound_while_a_table_they_read_is_locked(base_env, clean_db):
     query = FunctionProcess("query", {**base_env, "DB_LOCK_TIMEOUT_SECONDS": str(LOCK_TIMEOUT)}, threads=2).start()
     assert requests.get(query.url + "/metrics", headers=AUTH, timeout=30).status_code == 200

@@ -9,7 +9,10 @@ behind on a server connection that someone else gets next."""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -179,6 +182,41 @@ def test_a_connection_lost_behind_pgbouncer_before_the_idle_bound_is_not_named_a
             assert db.is_transient(caught.value)
     finally:
         engine.dispose(), direct.dispose()
+
+
+def test_a_deadline_counts_the_wait_in_pgbouncers_queue(database_url):
+    """A transaction's BEGIN may wait in PgBouncer's queue for a server
+    connection; the server's clock of the transaction (now()) starts only
+    after it. The deadline counts the wait all the same: of 3 s, after
+    about 2 s in the queue, the next statement has what is left, not the
+    3 s the server reckons from its start (which would let its 2.5 s run)."""
+    bouncer = PgBouncer(_server_url(), pool_size=1).start()
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    holder = db.create_engine_for(url, pool_size=1, max_overflow=0)
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 30))
+    try:
+        with engine.connect() as conn:  # its client connection made before the wait
+            conn.execute(sa.text("SELECT 1"))
+        with holder.connect() as held:
+            held.execute(sa.text("SELECT 1"))  # the only server connection, until it rolls back
+            queued_at = time.monotonic()
+
+            def release() -> None:
+                wait_until(lambda: time.monotonic() - queued_at >= 2.0, 10, message="2 s in PgBouncer's queue")
+                held.rollback()
+
+            releaser = threading.Thread(target=release)
+            releaser.start()
+            try:
+                with db.deadline(3.0), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+                    tx.execute(sa.text("SELECT 1"))  # waits in the queue
+                    tx.execute(sa.text("SELECT pg_sleep(2.5)"))
+            finally:
+                releaser.join(30)
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose(), holder.dispose()
+        bouncer.stop()
 
 
 def _own_timeout_bouncer(**settings) -> PgBouncer:
