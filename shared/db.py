@@ -628,21 +628,26 @@ def _why_ended(exception: BaseException) -> str:
 
 def _ended_by_the_other_end(exc: BaseException | None) -> bool:
     """The server (or PgBouncer) ended the session (its FATAL), or the
-    socket met its end shut (pg8000's network error, an OSError); not this
-    client's own read timeout (``DB_TIMEOUT_SECONDS``), which pg8000 reports
-    as a network error too."""
+    socket met its end shut: pg8000's InterfaceError("network error") of a
+    read that found the end (no cause), or raised from a ConnectionError
+    (reset, broken pipe). Only what ``exc`` is counts, its ``__cause__``
+    chain, not what was being handled when it was raised (``__context__``:
+    a reset failing on a healthy connection while another connection's
+    FATAL propagates is a failure of its own). Not this client's own read
+    timeout (``DB_TIMEOUT_SECONDS``, a TimeoutError, which pg8000 reports as
+    a network error too), nor any other OSError (a file of ours missing),
+    nor pg8000's "connection is closed" (this client closed it already:
+    using it again is a bug here, not the server's doing)."""
     import pg8000.core as core
 
     chain = []
     while exc is not None and len(chain) < 5:
         chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     if any(_severity(e) == "FATAL" for e in chain):
         return True
-    if any(isinstance(e, TimeoutError) for e in chain):
-        return False
-    return any(isinstance(e, OSError) or (isinstance(e, core.InterfaceError) and e.args
-                                          and e.args[0] in ("network error", "connection is closed")) for e in chain)
+    root = chain[-1] if chain else None
+    return isinstance(root, ConnectionError) or (isinstance(root, core.InterfaceError) and root.args == ("network error",))
 
 
 class _NothingMoreOfADeadConnection(logging.Filter):

@@ -212,6 +212,11 @@ def test_a_transaction_left_idle_is_ended_by_the_server_named_and_only_its_conne
         bounded_engine.dispose()
 
 
+def _ended(engine, pid: int) -> bool:
+    with engine.connect() as look:
+        return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+
 def _discards_logged(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name.startswith(("sqlalchemy", "shared")) and r.levelno >= logging.WARNING]
 
@@ -274,6 +279,81 @@ def test_a_close_that_fails_any_other_way_is_still_an_error_with_its_traceback(d
         engine.dispose()
     (record,) = [r for r in caplog.records if r.name == "sqlalchemy.pool.impl.QueuePool"]
     assert record.levelname == "ERROR" and record.exc_info and record.exc_info[0] is RuntimeError
+
+
+@needs_own_backend
+def test_a_reset_failing_on_a_healthy_connection_while_another_ones_end_propagates_is_logged_in_full(database_url, engine, caplog):
+    """Connection B's reset fails for a reason of its own (a bug, here a
+    reset listener that raises) while the FATAL that ended connection A's
+    session propagates through B's block: B's failure is no session the
+    server ended, and is logged with its traceback; A's discard is the one
+    WARNING line."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0, bounds=db.Bounds(0, 0, 0))
+
+    @sa.event.listens_for(bounded_engine, "reset")
+    def a_bug_in_the_reset(dbapi_connection, record, state):
+        if getattr(dbapi_connection, "healthy_b", False):
+            raise RuntimeError("a bug in the reset of a healthy connection")
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, bounded_engine.connect() as b:
+            b.execute(sa.text("SELECT 1"))
+            b.connection.dbapi_connection.healthy_b = True
+            with bounded_engine.connect() as a:
+                pid = a.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                with engine.connect() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                wait_until(lambda: _ended(engine, pid), 10, message="the server to end A's session")
+                a.execute(sa.text("SELECT 1"))
+        assert db.sqlstate(caught.value) == "57P01"
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert [r.getMessage() for r in logged if "server had already closed" in r.getMessage()] == [
+        "Discarded a database connection the server had already closed (57P01: terminating connection due to administrator command)"
+    ], caplog.text
+    (reset,) = [r for r in logged if r.exc_info and r.exc_info[0] is RuntimeError]
+    assert reset.levelname == "ERROR" and reset.getMessage().startswith("Exception during reset"), caplog.text
+
+
+def test_a_reset_failing_with_an_oserror_of_its_own_is_logged_in_full(database_url, caplog):
+    """An OSError is not the other end's doing unless it is the connection's
+    (a reset, a close): a file of ours missing is a bug, logged in full."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 0))
+
+    @sa.event.listens_for(bounded_engine, "reset")
+    def a_bug_in_the_reset(dbapi_connection, record, state):
+        open("/nonexistent/a-file-of-ours")
+
+    try:
+        with bounded_engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert not [r for r in logged if "server had already closed" in r.getMessage()], caplog.text
+    (reset,) = [r for r in logged if r.exc_info and r.exc_info[0] is FileNotFoundError]
+    assert reset.levelname == "ERROR" and reset.getMessage().startswith("Exception during reset"), caplog.text
+
+
+def test_a_client_read_timeout_is_not_taken_for_a_session_the_server_ended(database_url, caplog):
+    """DB_TIMEOUT_SECONDS, this client's socket timeout, ends a read that
+    waited too long: pg8000 reports it as the same network error as a
+    socket the server shut, but the server ended nothing (it may still be
+    running the statement). The connection is discarded, transient (a 503),
+    without the line that says the server closed it."""
+    caplog.set_level(logging.WARNING)
+    timed = db.create_engine_for(database_url, pool_size=1, max_overflow=0, timeout=0.3, bounds=db.Bounds(0, 0, 0))
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, timed.connect() as conn:
+            conn.execute(sa.text("SELECT pg_sleep(3)"))
+        assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        assert isinstance(caught.value.orig.__cause__, TimeoutError)
+    finally:
+        timed.dispose()
+    assert not [r for r in _discards_logged(caplog) if "server had already closed" in r.getMessage()], caplog.text
 
 
 def test_a_timeout_is_named_as_a_bound_only_when_the_transaction_had_that_bound(database_url):
