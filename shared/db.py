@@ -618,10 +618,18 @@ _log = logging.getLogger(__name__)
 
 def _why_ended(exception: BaseException) -> str:
     """'25P03 idle_in_transaction_session_timeout: terminating connection
-    ...' for a session the server ended, naming the bound if it is one."""
+    ...' for a session the server ended, naming the bound if it is one;
+    '08P01 server conn crashed? after 1.5 s idle in transaction (idle bound
+    1 s): presumed idle_in_transaction_session_timeout' for the idle bound
+    presumed behind PgBouncer (_idle_presumed)."""
     state = _sqlstate(exception)
     if not state:
         return f"{type(exception).__name__}: {str(exception).splitlines()[0] if str(exception) else ''}"
+    presumed = _idle_presumed(exception)
+    if presumed is not None:
+        idle_for, idle_bound = presumed
+        return (f"{state} {_message(exception)} after {idle_for:.1f} s idle in transaction (idle bound {idle_bound:g} s): "
+                f"presumed {IDLE_TIMEOUT}")
     bound = _session_bound(exception)
     return f"{state}{' ' + bound if bound else ''}: {_message(exception)}"
 
@@ -775,7 +783,7 @@ def for_the_sweep(part: str, work, logger):
     except Exception as exc:  # logged; the next sweep tries again
         bound = bound_reached(exc)
         if bound is not None:
-            logger.warning(f"{part} stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+            logger.warning(f"{part} stopped at its database {bound_described(exc)}; the next sweep retries", extra={"bound": bound})
         else:
             logger.exception(f"{part} failed; the next sweep retries")
         return None
@@ -850,10 +858,11 @@ def _session_bound(orig: BaseException | None) -> str | None:
     the idle bound. Behind PgBouncer the client gets PgBouncer's FATAL 08P01
     instead: its own bounds say which in a fixed text (_PGBOUNCER_BOUNDS),
     and a server connection lost is ``server conn crashed?`` whatever ended
-    it; that is the idle bound when the transaction, which had one, sat
-    idle at least that long before the statement that found it lost (the
-    server's clock of it started earlier than this client's, so the server
-    ended the session by then, if nothing did before)."""
+    it; it is presumed to be the idle bound when the transaction, which had
+    one, sat idle at least that long before the statement that found it
+    lost (the server's clock of it started earlier than this client's, so
+    the server ended the session by then, if nothing did before: an
+    inference, which :func:`bound_described` and the log line say)."""
     state = _sqlstate(orig)
     if state == "25P03":
         return IDLE_TIMEOUT
@@ -862,10 +871,36 @@ def _session_bound(orig: BaseException | None) -> str | None:
     pgbouncers = _PGBOUNCER_BOUNDS.get(_message(orig))
     if pgbouncers is not None:
         return pgbouncers
+    return IDLE_TIMEOUT if _idle_presumed(orig) is not None else None
+
+
+def _idle_presumed(orig: BaseException | None) -> tuple[float, float] | None:
+    """How long the transaction had sat idle and its idle bound, in seconds,
+    when the idle bound is presumed to have ended the session behind
+    PgBouncer (_session_bound): an inference, not the server's word. A
+    server connection lost another way (a crash, a failover, a terminated
+    backend) after the idle bound's time is named so too, which is why the
+    log line and the 503 say "presumed" and give the idle time measured."""
+    if _sqlstate(orig) != "08P01" or _severity(orig) != "FATAL" or _message(orig) in _PGBOUNCER_BOUNDS:
+        return None
     in_effect, idle_for = _bounds_of(orig), _tag_of(orig, "idle_for") or 0.0
     if in_effect is not None and 0 < in_effect.idle_in_transaction <= idle_for:
-        return IDLE_TIMEOUT
+        return idle_for, in_effect.idle_in_transaction
     return None
+
+
+def bound_described(exc: BaseException) -> str | None:
+    """:func:`bound_reached`, for a log line or a 503's message: its name,
+    or for the idle bound presumed behind PgBouncer what it was presumed
+    from, ``idle_in_transaction_session_timeout (presumed: 08P01 server conn
+    crashed? after 1.5 s idle in transaction, idle bound 1 s)``."""
+    bound = bound_reached(exc)
+    presumed = _idle_presumed(exc.orig) if bound == IDLE_TIMEOUT else None
+    if presumed is None:
+        return bound
+    idle_for, idle_bound = presumed
+    return (f"{bound} (presumed: {_sqlstate(exc.orig)} {_message(exc.orig)} after {idle_for:.1f} s idle in transaction, "
+            f"idle bound {idle_bound:g} s)")
 
 
 def _message(orig: BaseException | None) -> str:

@@ -137,13 +137,15 @@ def test_the_bounds_hold_through_pgbouncer_and_no_server_connection_keeps_them(c
     assert "ERROR" not in bouncer.log(), bouncer.log()[-2000:]
 
 
-def test_a_transaction_left_idle_behind_pgbouncer_is_named_as_the_idle_bound_and_only_its_connection_replaced(database_url, bouncer):
+def test_a_transaction_left_idle_behind_pgbouncer_is_named_as_the_idle_bound_and_only_its_connection_replaced(database_url, bouncer, caplog):
     """The server ends the idle session; PgBouncer then closes its client
     with a FATAL of its own (08P01, "server conn crashed?"), not the
     server's 25P03, and says the same of any server connection lost. The
-    transaction sat idle at least its idle bound, so the server ended it for
-    that: named so (a 503 naming the bound), and only that connection is
-    replaced."""
+    transaction sat idle at least its idle bound, so the server presumably
+    ended it for that: named so (a 503 naming the bound), and only that
+    connection is replaced. It is an inference, and the log line and the
+    503's message say so, with the idle time measured."""
+    caplog.set_level(logging.WARNING)
     url = bouncer.url(urlsplit(database_url).path.strip("/"))
     engine = db.create_engine_for(url, pool_size=2, max_overflow=0, bounds=db.Bounds(0, 0, 0.3))
     try:
@@ -156,12 +158,17 @@ def test_a_transaction_left_idle_behind_pgbouncer_is_named_as_the_idle_bound_and
                 idle.execute(sa.text("SELECT 1"))
             assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("08P01", db.IDLE_TIMEOUT)
             assert db.is_transient(caught.value) and caught.value.connection_invalidated
+            assert re.fullmatch(r"idle_in_transaction_session_timeout \(presumed: 08P01 server conn crashed\? "
+                                r"after \d+\.\d s idle in transaction, idle bound 0\.3 s\)", db.bound_described(caught.value))
             kept = other.connection.dbapi_connection
         with engine.connect() as one, engine.connect() as two:
             assert one.execute(sa.text("SELECT 1")).scalar() == two.execute(sa.text("SELECT 1")).scalar() == 1
             assert kept in (one.connection.dbapi_connection, two.connection.dbapi_connection)  # not the whole pool
     finally:
         engine.dispose()
+    (line,) = [r.getMessage() for r in caplog.records if "server had already closed" in r.getMessage()]
+    assert re.search(r"\(08P01 server conn crashed\? after \d+\.\d s idle in transaction \(idle bound 0\.3 s\): "
+                     r"presumed idle_in_transaction_session_timeout\)$", line), line
 
 
 def test_a_connection_lost_behind_pgbouncer_before_the_idle_bound_is_not_named_as_it(database_url, bouncer):
