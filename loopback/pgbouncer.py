@@ -38,8 +38,11 @@ def _server_of(url: str) -> tuple[str, int, str, str | None]:
 
 
 class PgBouncer:
-    def __init__(self, server_url: str, pool_size: int = 4, max_client_conn: int = 400, mode: str = "transaction"):
+    def __init__(self, server_url: str, pool_size: int = 4, max_client_conn: int = 400, mode: str = "transaction",
+                 settings: dict[str, str] | None = None):
+        """``settings``: more of the ``[pgbouncer]`` section (its own timeouts)."""
         self.server_url = server_url
+        self.settings = dict(settings or {})
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
         self.mode = mode
@@ -80,6 +83,7 @@ class PgBouncer:
             "server_reset_query =\n"
             f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
             "admin_users = pgbouncer\nstats_users = pgbouncer\n"
+            + "".join(f"{name} = {value}\n" for name, value in self.settings.items())
         )
         command = [exe, str(self.dir / "pgbouncer.ini")]
         if os.geteuid() == 0:

@@ -15,6 +15,7 @@ saves a round trip on every busy request (``pool_pre_ping`` pings always).
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -101,7 +102,7 @@ def _execute_in_one_round_trip() -> None:
         if self._sock is None:
             raise core.InterfaceError("connection is closed")
         _settle_before_savepoint(self, statement)
-        ahead = _send_ahead(self) + _deadline_ahead(self, statement)
+        ahead = _send_ahead(self, statement)
         _send_extended(self, statement, params, oids)
         core._flush(self._sock)
         _read_answers(self, ahead, context)
@@ -125,7 +126,7 @@ def _execute_in_one_round_trip() -> None:
                 self._deferred += ((statement, None, None),)
                 return context
             _settle_before_savepoint(self, statement)
-            ahead = _send_ahead(self) + _deadline_ahead(self, statement)
+            ahead = _send_ahead(self, statement)
             self.send_QUERY(statement)
             core._flush(self._sock)
             _read_answers(self, ahead, context)
@@ -139,6 +140,14 @@ def _execute_in_one_round_trip() -> None:
     core.CoreConnection.execute_simple = execute_simple
     core.CoreConnection._begin_pending = False
     core.CoreConnection._begin = BEGIN
+    # When the open transaction's BEGIN was sent (time.monotonic()): the
+    # server's now() is that moment, which deadline() measures from.
+    core.CoreConnection._begun_at = 0.0
+    # When the last answers were read, and how long the open transaction
+    # then sat idle before the write being answered (0: none open on the
+    # server): what names a session PgBouncer reports lost (_session_bound).
+    core.CoreConnection._answered_at = 0.0
+    core.CoreConnection._idle_for = 0.0
     # The bounds of the engine that opened the connection (create_engine_for);
     # None: no bounds (the migrations' engine, a remediation target's).
     core.CoreConnection._bounds = None
@@ -211,12 +220,14 @@ _deadline: ContextVar[float | None] = ContextVar("db_deadline", default=None)
 @contextmanager
 def deadline(seconds: float) -> Iterator[None]:
     """The statements run inside the block, on an engine that has bounds,
-    end ``seconds`` from now at the latest, all of them together: each is
-    sent with ``SET LOCAL statement_timeout`` set to what is left (or to the
-    transaction's own statement bound, if that is shorter), in the same
-    message (no round trip of its own). For a reply that is many statements
-    and has a deadline of its own (``/metrics``: Prometheus's scrape
-    timeout); PostgreSQL before 17 has no bound on a whole transaction.
+    end ``seconds`` from now at the latest, all of them together, those
+    :func:`later` put aside included: each is preceded, in the same write
+    (no round trip of its own), by a transaction-local ``statement_timeout``
+    set to what is left when it runs (or to the transaction's own statement
+    bound, if that is shorter; :func:`_deadline_ahead`). For a reply that
+    is many statements and has a deadline of its own (``/metrics``:
+    Prometheus's scrape timeout); PostgreSQL before 17 has no bound on a
+    whole transaction.
     Running out is a statement_timeout (57014). ``0``: no deadline."""
     token = _deadline.set(time.monotonic() + seconds if seconds > 0 else None)
     try:
@@ -226,9 +237,25 @@ def deadline(seconds: float) -> Iterator[None]:
 
 
 def _deadline_ahead(conn, statement: str) -> list:
-    """The ``SET LOCAL statement_timeout`` of :func:`deadline`, sent ahead of
+    """The ``statement_timeout`` of :func:`deadline`, sent ahead of
     ``statement``; nothing outside a bounded transaction, in a failed one (the
-    server would refuse it), or before what ends a transaction or a savepoint."""
+    server would refuse it), or before what ends a transaction or a savepoint.
+
+    What is left is reckoned by the server when the statement is about to
+    run, from the transaction's start (``now()``, the moment its BEGIN ran):
+    the statements :func:`later` put aside travel in the same write as the
+    next one, each run after the one before it, and each may have only what
+    the ones before it left (a value reckoned here, when they are all sent,
+    would give each of them the whole of it). It is at most what is left
+    when the write is sent, reckoned here: behind PgBouncer the BEGIN may
+    wait in its queue for a server connection, and the server's ``now()``
+    starts only after that wait. (A wait in the queue before the
+    transaction's first write is answered is not counted for the statements
+    of that write, which the server cannot see and this client reckoned
+    before it; it is for every later write: PgBouncer's
+    ``query_wait_timeout`` bounds that wait.) Spent, it is 1 ms, never 0,
+    which would be no bound at all. Still no round trip of its own: one
+    more statement in the same write, answered with the others."""
     import pg8000.core as core
 
     end = _deadline.get()
@@ -236,10 +263,13 @@ def _deadline_ahead(conn, statement: str) -> list:
         return []
     if statement.lstrip()[:9].lower().startswith(("commit", "rollback", "savepoint", "release", "end", "abort")):
         return []
-    left = max(1, round((end - time.monotonic()) * 1000))
+    # What is left now, by this client's clock; and when the statement runs, by
+    # the server's, which does not count a wait in PgBouncer's queue before BEGIN.
+    left = (f"least({round((end - time.monotonic()) * 1000)}, "
+            f"round({(end - conn._begun_at) * 1000:.0f} - extract(epoch from clock_timestamp() - now()) * 1000))")
     if conn._in_effect.statement_timeout > 0:
-        left = min(left, max(1, round(conn._in_effect.statement_timeout * 1000)))
-    text = f"set local statement_timeout = '{left}ms'"
+        left = f"least({left}, {max(1, round(conn._in_effect.statement_timeout * 1000))})"
+    text = f"select set_config('statement_timeout', greatest(1, {left})::bigint || 'ms', true)"
     conn.send_QUERY(text)
     return [core.Context(text)]
 
@@ -266,26 +296,33 @@ def _send_extended(conn, statement, params, oids) -> None:
     core._write(conn._sock, core.SYNC_MSG)
 
 
-def _send_ahead(conn) -> list:
+def _send_ahead(conn, statement: str | None = None) -> list:
     """BEGIN is not a round trip of its own: it goes out in the same write
     as the transaction's first statement, and so do the statements
     :func:`later` put aside; their answers are read first, in order. (A
     BEGIN cannot fail on a working connection; on a broken one the
-    statement fails with it.)"""
+    statement fails with it.) Under a :func:`deadline` each of them, and
+    ``statement`` after them, is preceded by what is left of it."""
     import pg8000.core as core
 
     ahead = []
+    open_on_the_server = not conn._begin_pending and conn._transaction_status == core.IN_TRANSACTION
+    conn._idle_for = time.monotonic() - conn._answered_at if open_on_the_server else 0.0
     if conn._begin_pending:
         conn._begin_pending = False
+        conn._begun_at = time.monotonic()
         conn.send_QUERY(conn._begin)
         ahead.append(core.Context(conn._begin))
     deferred, conn._deferred = conn._deferred, ()
-    for statement, params, oids in deferred:
+    for put_aside, params, oids in deferred:
+        ahead += _deadline_ahead(conn, put_aside)
         if params is None:
-            conn.send_QUERY(statement)
+            conn.send_QUERY(put_aside)
         else:
-            _send_extended(conn, statement, params, oids)
-        ahead.append(core.Context(statement))
+            _send_extended(conn, put_aside, params, oids)
+        ahead.append(core.Context(put_aside))
+    if statement is not None:
+        ahead += _deadline_ahead(conn, statement)
     return ahead
 
 
@@ -314,18 +351,21 @@ def _read_answers(conn, ahead, context) -> None:
     failure is raised (after a failed statement the server refuses the
     rest of the transaction, so later failures only repeat it)."""
     failure = None
-    for earlier in ahead:
-        try:
-            conn.handle_messages(earlier)
-        except Exception as exc:  # noqa: BLE001 - raised below, after every answer is read
-            failure = failure or exc
     try:
-        conn.handle_messages(context)
-    except Exception:
-        if failure is None:
-            raise
-    if failure is not None:
-        raise failure
+        for earlier in ahead:
+            try:
+                conn.handle_messages(earlier)
+            except Exception as exc:  # noqa: BLE001 - raised below, after every answer is read
+                failure = failure or exc
+        try:
+            conn.handle_messages(context)
+        except Exception:
+            if failure is None:
+                raise
+        if failure is not None:
+            raise failure
+    finally:
+        conn._answered_at = time.monotonic()
 
 
 def _ends_an_empty_transaction(conn, statement: str) -> bool:
@@ -398,7 +438,8 @@ def _keep_the_servers_last_word() -> None:
 
     Every error the server reports also carries the bounds of the
     transaction it ended (``bounds``), so :func:`bound_reached` names a bound
-    only when one was set."""
+    only when one was set, and how long the transaction had sat idle before
+    the statement that met it (``idle_for``, :func:`_session_bound`)."""
     import pg8000.core as core
 
     if getattr(core.CoreConnection.handle_messages, "keeps_the_last_word", False):
@@ -411,11 +452,11 @@ def _keep_the_servers_last_word() -> None:
         except core.InterfaceError as exc:
             error = context.error
             if isinstance(error, core.DatabaseError) and _severity(error) == "FATAL":
-                error.bounds = self._in_effect
+                error.bounds, error.idle_for = self._in_effect, self._idle_for
                 raise error from exc
             raise
         except core.DatabaseError as exc:
-            exc.bounds = self._in_effect
+            exc.bounds, exc.idle_for = self._in_effect, self._idle_for
             raise
 
     handle_messages.keeps_the_last_word = True
@@ -443,6 +484,16 @@ _TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57", "58", "55P03", "25P03")
 
 # The SQLSTATEs of a Bounds that ran out, named as the setting that did it.
 LOCK_TIMEOUT, STATEMENT_TIMEOUT, IDLE_TIMEOUT = "lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"
+
+# PgBouncer's own bounds, named as its settings (pgbouncer.ini), by the fixed
+# text of the FATAL 08P01 with which it closes the client's connection when
+# one runs out (PgBouncer has no translations; tests/test_pgbouncer.py).
+PGBOUNCER_IDLE_TRANSACTION_TIMEOUT = "pgbouncer.idle_transaction_timeout"
+PGBOUNCER_QUERY_TIMEOUT = "pgbouncer.query_timeout"
+PGBOUNCER_QUERY_WAIT_TIMEOUT = "pgbouncer.query_wait_timeout"
+_PGBOUNCER_BOUNDS = {"idle transaction timeout": PGBOUNCER_IDLE_TRANSACTION_TIMEOUT,
+                     "query timeout": PGBOUNCER_QUERY_TIMEOUT,
+                     "query_wait_timeout": PGBOUNCER_QUERY_WAIT_TIMEOUT}
 
 
 def split_unix_sock(url: str) -> tuple[str, dict]:
@@ -472,6 +523,7 @@ def create_engine_for(url: str, pool_size: int = 2, max_overflow: int = 3, timeo
     )
     _ping_idle_connections(engine)
     _discard_connections_out_of_step(engine)
+    _discard_dead_connections_in_one_line(engine)
     _connect_without_the_ca_bundle(engine)
     if bounds is not None:
         _bound_every_transaction(engine, bounds)
@@ -525,12 +577,97 @@ def _discard_connections_out_of_step(engine: Engine) -> None:
         if state and _severity(orig) != "FATAL":
             return
         # Out of step, or a session the server ended (FATAL: it has closed
-        # the socket). A session it ended for being idle in a transaction is
-        # this connection's alone; any other FATAL (a shutdown, a backend
-        # terminated) is taken, as before it was raised, for the database's.
+        # the socket). A session ended by a bound (the idle bound, one of
+        # PgBouncer's own) is this connection's alone; any other FATAL (a
+        # shutdown, a backend terminated) is taken, as before it was raised,
+        # for the database's.
         context.is_disconnect = True
-        if not state or state == "25P03":
+        if not state or _session_bound(orig) is not None:
             context.invalidate_pool_on_disconnect = False
+
+
+def _discard_dead_connections_in_one_line(engine: Engine) -> None:
+    """A connection whose session the server ended (the idle bound's
+    25P03, a terminated backend, a restart; PgBouncer's FATAL) is discarded
+    by SQLAlchemy, which first tries a rollback if the connection was not
+    rolled back already and then closes it: pg8000 says goodbye (Terminate)
+    on a socket the server has shut, the write fails, and the pool logged
+    that at ERROR with the whole traceback of the statement that found the
+    session gone ("Exception terminating connection", "Exception during
+    reset or similar"), under a request already answered 503 naming it.
+
+    Instead the pool's ``invalidate`` event, which SQLAlchemy emits before
+    that close with the error that condemned the connection, logs one
+    WARNING line naming why the server ended the session; the pool's own
+    records of a rollback or close failing on such a connection are left
+    out (the socket is closed all the same). A rollback or close failing
+    any other way, on any connection, is logged as before. SQLAlchemy has
+    no setting for it: a filter on the pool's logger, the one it logs with."""
+
+    @sa.event.listens_for(engine, "invalidate")
+    def _invalidated(dbapi_connection, connection_record, exception):
+        if _ended_by_the_other_end(exception):
+            _log.warning("Discarded a database connection the server had already closed (%s)", _why_ended(exception))
+
+    logger = engine.pool.logger
+    getattr(logger, "logger", logger).addFilter(_NOTHING_MORE_OF_A_DEAD_CONNECTION)
+
+
+_log = logging.getLogger(__name__)
+
+
+def _why_ended(exception: BaseException) -> str:
+    """'25P03 idle_in_transaction_session_timeout: terminating connection
+    ...' for a session the server ended, naming the bound if it is one;
+    '08P01 server conn crashed? after 1.5 s idle in transaction (idle bound
+    1 s): presumed idle_in_transaction_session_timeout' for the idle bound
+    presumed behind PgBouncer (_idle_presumed)."""
+    state = _sqlstate(exception)
+    if not state:
+        return f"{type(exception).__name__}: {str(exception).splitlines()[0] if str(exception) else ''}"
+    presumed = _idle_presumed(exception)
+    if presumed is not None:
+        idle_for, idle_bound = presumed
+        return (f"{state} {_message(exception)} after {idle_for:.1f} s idle in transaction (idle bound {idle_bound:g} s): "
+                f"presumed {IDLE_TIMEOUT}")
+    bound = _session_bound(exception)
+    return f"{state}{' ' + bound if bound else ''}: {_message(exception)}"
+
+
+def _ended_by_the_other_end(exc: BaseException | None) -> bool:
+    """The server (or PgBouncer) ended the session (its FATAL), or the
+    socket met its end shut: pg8000's InterfaceError("network error") of a
+    read that found the end (no cause), or raised from a ConnectionError
+    (reset, broken pipe). Only what ``exc`` is counts, its ``__cause__``
+    chain, not what was being handled when it was raised (``__context__``:
+    a reset failing on a healthy connection while another connection's
+    FATAL propagates is a failure of its own). Not this client's own read
+    timeout (``DB_TIMEOUT_SECONDS``, a TimeoutError, which pg8000 reports as
+    a network error too), nor any other OSError (a file of ours missing),
+    nor pg8000's "connection is closed" (this client closed it already:
+    using it again is a bug here, not the server's doing)."""
+    import pg8000.core as core
+
+    chain = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__
+    if any(_severity(e) == "FATAL" for e in chain):
+        return True
+    root = chain[-1] if chain else None
+    return isinstance(root, ConnectionError) or (isinstance(root, core.InterfaceError) and root.args == ("network error",))
+
+
+class _NothingMoreOfADeadConnection(logging.Filter):
+    FAILED = ("Exception terminating connection", "Exception closing connection", "Exception during reset or similar")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.FAILED) and record.exc_info):
+            return True
+        return not _ended_by_the_other_end(record.exc_info[1])
+
+
+_NOTHING_MORE_OF_A_DEAD_CONNECTION = _NothingMoreOfADeadConnection()
 
 
 IDLE_PING_SECONDS = 10.0
@@ -646,7 +783,7 @@ def for_the_sweep(part: str, work, logger):
     except Exception as exc:  # logged; the next sweep tries again
         bound = bound_reached(exc)
         if bound is not None:
-            logger.warning(f"{part} stopped at its database {bound}; the next sweep retries", extra={"bound": bound})
+            logger.warning(f"{part} stopped at its database {bound_described(exc)}; the next sweep retries", extra={"bound": bound})
         else:
             logger.exception(f"{part} failed; the next sweep retries")
         return None
@@ -698,11 +835,15 @@ def bound_reached(exc: BaseException) -> str | None:
     when it had one (an operator's pg_cancel_backend in such a transaction
     is named so too); a 25P03 is only ever the idle bound. A bound the
     server has from elsewhere (``ALTER ROLE ... SET``) is not named: the
-    error is transient all the same."""
+    error is transient all the same. Behind PgBouncer, what ended the
+    session is judged as :func:`_session_bound` says."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    ended_by = _session_bound(exc.orig)
+    if ended_by is not None:
+        return ended_by
     state = sqlstate(exc)
-    if state == "25P03":
-        return IDLE_TIMEOUT
-    in_effect = _bounds_of(exc.orig) if isinstance(exc, DBAPIError) else None
+    in_effect = _bounds_of(exc.orig)
     if in_effect is None:
         return None
     if state == "55P03" and in_effect.lock_timeout > 0:
@@ -712,15 +853,76 @@ def bound_reached(exc: BaseException) -> str | None:
     return None
 
 
+def _session_bound(orig: BaseException | None) -> str | None:
+    """The bound that ended the session, if one did: the server's 25P03 is
+    the idle bound. Behind PgBouncer the client gets PgBouncer's FATAL 08P01
+    instead: its own bounds say which in a fixed text (_PGBOUNCER_BOUNDS),
+    and a server connection lost is ``server conn crashed?`` whatever ended
+    it; it is presumed to be the idle bound when the transaction, which had
+    one, sat idle at least that long before the statement that found it
+    lost (the server's clock of it started earlier than this client's, so
+    the server ended the session by then, if nothing did before: an
+    inference, which :func:`bound_described` and the log line say)."""
+    state = _sqlstate(orig)
+    if state == "25P03":
+        return IDLE_TIMEOUT
+    if state != "08P01" or _severity(orig) != "FATAL":
+        return None
+    pgbouncers = _PGBOUNCER_BOUNDS.get(_message(orig))
+    if pgbouncers is not None:
+        return pgbouncers
+    return IDLE_TIMEOUT if _idle_presumed(orig) is not None else None
+
+
+def _idle_presumed(orig: BaseException | None) -> tuple[float, float] | None:
+    """How long the transaction had sat idle and its idle bound, in seconds,
+    when the idle bound is presumed to have ended the session behind
+    PgBouncer (_session_bound): an inference, not the server's word. A
+    server connection lost another way (a crash, a failover, a terminated
+    backend) after the idle bound's time is named so too, which is why the
+    log line and the 503 say "presumed" and give the idle time measured."""
+    if _sqlstate(orig) != "08P01" or _severity(orig) != "FATAL" or _message(orig) in _PGBOUNCER_BOUNDS:
+        return None
+    in_effect, idle_for = _bounds_of(orig), _tag_of(orig, "idle_for") or 0.0
+    if in_effect is not None and 0 < in_effect.idle_in_transaction <= idle_for:
+        return idle_for, in_effect.idle_in_transaction
+    return None
+
+
+def bound_described(exc: BaseException) -> str | None:
+    """:func:`bound_reached`, for a log line or a 503's message: its name,
+    or for the idle bound presumed behind PgBouncer what it was presumed
+    from, ``idle_in_transaction_session_timeout (presumed: 08P01 server conn
+    crashed? after 1.5 s idle in transaction, idle bound 1 s)``."""
+    bound = bound_reached(exc)
+    presumed = _idle_presumed(exc.orig) if bound == IDLE_TIMEOUT else None
+    if presumed is None:
+        return bound
+    idle_for, idle_bound = presumed
+    return (f"{bound} (presumed: {_sqlstate(exc.orig)} {_message(exc.orig)} after {idle_for:.1f} s idle in transaction, "
+            f"idle bound {idle_bound:g} s)")
+
+
+def _message(orig: BaseException | None) -> str:
+    fields = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], dict) else {}
+    return str(fields.get("M", ""))
+
+
 def _bounds_of(orig: BaseException | None) -> Bounds | None:
-    """The bounds the failed transaction had. pg8000's DB-API cursor raises
-    its own exception with the server's fields, in the handling of the one
-    the connection raised (which has them): the chain is followed."""
+    """The bounds the failed transaction had."""
+    return _tag_of(orig, "bounds")
+
+
+def _tag_of(orig: BaseException | None, name: str):
+    """What _keep_the_servers_last_word put on the error. pg8000's DB-API
+    cursor raises its own exception with the server's fields, in the
+    handling of the one the connection raised (which has them): the chain
+    is followed."""
     for _ in range(3):
         if orig is None:
             return None
-        if hasattr(orig, "bounds"):
-            return orig.bounds
+        if hasattr(orig, name):
+            return getattr(orig, name)
         orig = orig.__context__
     return None
 

@@ -410,18 +410,18 @@ def dispatch(request: Request, routes: Routes, token: Secret | None, service: st
         from shared import db
 
         reason = db.retry_reason(exc)
-        bound = db.bound_reached(exc)
+        bound, described = db.bound_reached(exc), db.bound_described(exc)
         log.error(
             # A bound of the request's transaction (shared/db.py Bounds) that ran out is named: a lock
             # held elsewhere (a migration, another replica) or a runaway statement, rolled back.
-            f"Database {bound} reached; rolled back, answered 503" if bound else "Database error",
+            f"Database {described} reached; rolled back, answered 503" if bound else "Database error",
             extra={"path": path, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None,
                    **({"bound": bound} if bound else {})},
         )
         if reason == db.SCHEMA_BEHIND:
             err = SchemaBehind()
         elif bound is not None:
-            err = ServiceUnavailable(f"the database did not answer within this request's {bound}, retry later", bound=bound)
+            err = ServiceUnavailable(f"the database did not answer within this request's {described}, retry later", bound=bound)
         elif reason is not None:
             err = ServiceUnavailable("the database is unavailable, retry later")
         else:

@@ -109,7 +109,7 @@ def sweep(bind: Engine, config: Settings, record) -> list[str]:
                 # request or a migration holds, a long statement. The database
                 # is there; the other parts may well not need what this one
                 # waited for.
-                log.warning(f"Noise-control sweep part stopped at its database {bound}; the next sweep retries",
+                log.warning(f"Noise-control sweep part stopped at its database {db.bound_described(exc)}; the next sweep retries",
                             extra={"part": name, "bound": bound})
                 continue
             if db.is_transient(exc):

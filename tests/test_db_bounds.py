@@ -11,6 +11,7 @@ small through the function's environment; nothing sleeps but the bound."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -211,6 +212,150 @@ def test_a_transaction_left_idle_is_ended_by_the_server_named_and_only_its_conne
         bounded_engine.dispose()
 
 
+def _ended(engine, pid: int) -> bool:
+    with engine.connect() as look:
+        return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+
+def _discards_logged(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith(("sqlalchemy", "shared")) and r.levelno >= logging.WARNING]
+
+
+@needs_own_backend
+@pytest.mark.parametrize("ended_by", ["idle bound", "pg_terminate_backend", "idle bound, found by the pool's rollback"])
+def test_a_connection_the_server_ended_is_discarded_with_one_warning_line_not_a_traceback(database_url, engine, caplog, ended_by):
+    """Discarding the dead connection, SQLAlchemy's close (or rollback) meets
+    the socket the server shut and logged that at ERROR with a full
+    traceback, under a request already answered 503: one WARNING line
+    naming why the server ended the session instead."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+
+    def wait_for_the_end_of(pid: int) -> None:
+        def gone() -> bool:
+            with engine.connect() as look:
+                return not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+
+        wait_until(gone, 10, message="the server to end the session")
+
+    try:
+        if ended_by.endswith("rollback"):
+            raw = bounded_engine.raw_connection()  # returned to the pool unrolled back: its reset rolls back
+            cursor = raw.cursor()
+            cursor.execute("SELECT pg_backend_pid()")
+            wait_for_the_end_of(cursor.fetchone()[0])
+            raw.close()
+        else:
+            with bounded_engine.connect() as conn:
+                pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                if ended_by == "pg_terminate_backend":
+                    with engine.connect() as other:
+                        other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                wait_for_the_end_of(pid)
+                with pytest.raises(sa.exc.DBAPIError) as caught:
+                    conn.execute(sa.text("SELECT 1"))
+                assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        with bounded_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert [(r.levelname, r.exc_info) for r in logged] == [("WARNING", None)], caplog.text
+    line = logged[0].getMessage()
+    assert "\n" not in line, line
+    expected = "57P01: terminating connection" if ended_by == "pg_terminate_backend" else "25P03 idle_in_transaction_session_timeout: "
+    assert "server had already closed" in line and expected in line, line
+
+
+def test_a_close_that_fails_any_other_way_is_still_an_error_with_its_traceback(database_url, caplog):
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, LOCK_TIMEOUT))
+    try:
+        pool_logger = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+        try:
+            raise RuntimeError("a close that went wrong here")
+        except RuntimeError:
+            pool_logger.error("Exception closing connection %r", object(), exc_info=True)
+    finally:
+        engine.dispose()
+    (record,) = [r for r in caplog.records if r.name == "sqlalchemy.pool.impl.QueuePool"]
+    assert record.levelname == "ERROR" and record.exc_info and record.exc_info[0] is RuntimeError
+
+
+@needs_own_backend
+def test_a_reset_failing_on_a_healthy_connection_while_another_ones_end_propagates_is_logged_in_full(database_url, engine, caplog):
+    """Connection B's reset fails for a reason of its own (a bug, here a
+    reset listener that raises) while the FATAL that ended connection A's
+    session propagates through B's block: B's failure is no session the
+    server ended, and is logged with its traceback; A's discard is the one
+    WARNING line."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=2, max_overflow=0, bounds=db.Bounds(0, 0, 0))
+
+    @sa.event.listens_for(bounded_engine, "reset")
+    def a_bug_in_the_reset(dbapi_connection, record, state):
+        if getattr(dbapi_connection, "healthy_b", False):
+            raise RuntimeError("a bug in the reset of a healthy connection")
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, bounded_engine.connect() as b:
+            b.execute(sa.text("SELECT 1"))
+            b.connection.dbapi_connection.healthy_b = True
+            with bounded_engine.connect() as a:
+                pid = a.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                with engine.connect() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                wait_until(lambda: _ended(engine, pid), 10, message="the server to end A's session")
+                a.execute(sa.text("SELECT 1"))
+        assert db.sqlstate(caught.value) == "57P01"
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert [r.getMessage() for r in logged if "server had already closed" in r.getMessage()] == [
+        "Discarded a database connection the server had already closed (57P01: terminating connection due to administrator command)"
+    ], caplog.text
+    (reset,) = [r for r in logged if r.exc_info and r.exc_info[0] is RuntimeError]
+    assert reset.levelname == "ERROR" and reset.getMessage().startswith("Exception during reset"), caplog.text
+
+
+def test_a_reset_failing_with_an_oserror_of_its_own_is_logged_in_full(database_url, caplog):
+    """An OSError is not the other end's doing unless it is the connection's
+    (a reset, a close): a file of ours missing is a bug, logged in full."""
+    caplog.set_level(logging.WARNING)
+    bounded_engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 0))
+
+    @sa.event.listens_for(bounded_engine, "reset")
+    def a_bug_in_the_reset(dbapi_connection, record, state):
+        open("/nonexistent/a-file-of-ours")
+
+    try:
+        with bounded_engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        bounded_engine.dispose()
+    logged = _discards_logged(caplog)
+    assert not [r for r in logged if "server had already closed" in r.getMessage()], caplog.text
+    (reset,) = [r for r in logged if r.exc_info and r.exc_info[0] is FileNotFoundError]
+    assert reset.levelname == "ERROR" and reset.getMessage().startswith("Exception during reset"), caplog.text
+
+
+def test_a_client_read_timeout_is_not_taken_for_a_session_the_server_ended(database_url, caplog):
+    """DB_TIMEOUT_SECONDS, this client's socket timeout, ends a read that
+    waited too long: pg8000 reports it as the same network error as a
+    socket the server shut, but the server ended nothing (it may still be
+    running the statement). The connection is discarded, transient (a 503),
+    without the line that says the server closed it."""
+    caplog.set_level(logging.WARNING)
+    timed = db.create_engine_for(database_url, pool_size=1, max_overflow=0, timeout=0.3, bounds=db.Bounds(0, 0, 0))
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, timed.connect() as conn:
+            conn.execute(sa.text("SELECT pg_sleep(3)"))
+        assert db.is_transient(caught.value) and caught.value.connection_invalidated
+        assert isinstance(caught.value.orig.__cause__, TimeoutError)
+    finally:
+        timed.dispose()
+    assert not [r for r in _discards_logged(caplog) if "server had already closed" in r.getMessage()], caplog.text
+
+
 def test_a_timeout_is_named_as_a_bound_only_when_the_transaction_had_that_bound(database_url):
     """By SQLSTATE and the bounds the transaction began with, not by the
     server's (translatable) message."""
@@ -345,6 +490,55 @@ def test_a_deadline_bounds_the_statements_of_a_transaction_together(database_url
                 assert tx.execute(sa.text("SHOW statement_timeout")).scalar() == "5s"
         finally:
             engine.dispose()
+
+
+def test_a_deadline_bounds_the_statements_later_put_aside_too(database_url):
+    """Statements db.later() put aside travel ahead of the next statement (or
+    the COMMIT), in the same write: they end within the deadline as well,
+    together with the statements around them, not each with a bound of its
+    own (two statements of 0.6 s, one put aside, overrun a deadline of 1 s)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(1.0), pytest.raises(sa.exc.DBAPIError) as ahead_of_a_statement, engine.begin() as tx:
+            db.later(tx, sa.text("SELECT pg_sleep(0.6)"))
+            tx.execute(sa.text("SELECT pg_sleep(0.6)"))
+        assert (db.sqlstate(ahead_of_a_statement.value), db.bound_reached(ahead_of_a_statement.value)) == ("57014", db.STATEMENT_TIMEOUT)
+        with db.deadline(1.0), pytest.raises(sa.exc.DBAPIError) as ahead_of_the_commit, engine.begin() as tx:
+            tx.execute(sa.text("SELECT 1"))
+            db.later(tx, sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(ahead_of_the_commit.value), db.bound_reached(ahead_of_the_commit.value)) == ("57014", db.STATEMENT_TIMEOUT)
+        with engine.begin() as tx:  # the connection is in step and keeps its own bound
+            assert tx.execute(sa.text("SHOW statement_timeout")).scalar() == "5s"
+    finally:
+        engine.dispose()
+
+
+def test_a_deadline_bounds_a_statement_put_aside_that_is_the_transactions_only_one(database_url):
+    """Put aside and never followed by a statement, it travels with the
+    COMMIT (and the BEGIN): under the deadline still, not the transaction's
+    own statement bound (5 s, which would let it run its 3 s)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(0.5), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            db.later(tx, sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose()
+
+
+def test_a_deadline_spent_is_a_statement_timeout_never_no_timeout(database_url):
+    """What is left of a spent deadline is nothing: the next statement gets
+    the smallest bound there is (a statement_timeout of 0 would be none)."""
+    engine = db.create_engine_for(database_url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 5.0))
+    try:
+        with db.deadline(0.2), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+            tx.execute(sa.text("SELECT 1"))
+            spent_at = time.monotonic() + 0.2
+            wait_until(lambda: time.monotonic() > spent_at, 5, message="the deadline to be spent")
+            tx.execute(sa.text("SELECT pg_sleep(3)"))
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose()
 
 
 def test_metrics_answer_503_naming_the_bound_while_a_table_they_read_is_locked(base_env, clean_db):

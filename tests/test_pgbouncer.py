@@ -9,7 +9,10 @@ behind on a server connection that someone else gets next."""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -134,22 +137,158 @@ def test_the_bounds_hold_through_pgbouncer_and_no_server_connection_keeps_them(c
     assert "ERROR" not in bouncer.log(), bouncer.log()[-2000:]
 
 
-def test_a_transaction_left_idle_behind_pgbouncer_is_a_transient_error_and_its_connection_replaced(database_url, bouncer):
+def test_a_transaction_left_idle_behind_pgbouncer_is_named_as_the_idle_bound_and_only_its_connection_replaced(database_url, bouncer, caplog):
     """The server ends the idle session; PgBouncer then closes its client
     with a FATAL of its own (08P01, "server conn crashed?"), not the
-    server's 25P03: transient (a 503), the bound not named (docs/deploy.md),
-    and the next transaction is served."""
+    server's 25P03, and says the same of any server connection lost. The
+    transaction sat idle at least its idle bound, so the server presumably
+    ended it for that: named so (a 503 naming the bound), and only that
+    connection is replaced. It is an inference, and the log line and the
+    503's message say so, with the idle time measured."""
+    caplog.set_level(logging.WARNING)
     url = bouncer.url(urlsplit(database_url).path.strip("/"))
-    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 0.3))
+    engine = db.create_engine_for(url, pool_size=2, max_overflow=0, bounds=db.Bounds(0, 0, 0.3))
+    try:
+        with engine.connect() as idle, engine.connect() as other:
+            idle.execute(sa.text("SELECT 1"))
+            other.execute(sa.text("SELECT 1"))
+            other.commit()
+            wait_until(lambda: "server conn crashed" in bouncer.log(), 10, message="the server to end the idle session")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                idle.execute(sa.text("SELECT 1"))
+            assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("08P01", db.IDLE_TIMEOUT)
+            assert db.is_transient(caught.value) and caught.value.connection_invalidated
+            assert re.fullmatch(r"idle_in_transaction_session_timeout \(presumed: 08P01 server conn crashed\? "
+                                r"after \d+\.\d s idle in transaction, idle bound 0\.3 s\)", db.bound_described(caught.value))
+            kept = other.connection.dbapi_connection
+        with engine.connect() as one, engine.connect() as two:
+            assert one.execute(sa.text("SELECT 1")).scalar() == two.execute(sa.text("SELECT 1")).scalar() == 1
+            assert kept in (one.connection.dbapi_connection, two.connection.dbapi_connection)  # not the whole pool
+    finally:
+        engine.dispose()
+    (line,) = [r.getMessage() for r in caplog.records if "server had already closed" in r.getMessage()]
+    assert re.search(r"\(08P01 server conn crashed\? after \d+\.\d s idle in transaction \(idle bound 0\.3 s\): "
+                     r"presumed idle_in_transaction_session_timeout\)$", line), line
+
+
+def test_a_connection_lost_behind_pgbouncer_before_the_idle_bound_is_not_named_as_it(database_url, bouncer):
+    """The same FATAL for a server connection terminated while the
+    transaction had sat idle less than its bound: transient, not named."""
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 60))
+    direct = db.create_engine_for(database_url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            with direct.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            wait_until(lambda: "server conn crashed" in bouncer.log(), 10, message="PgBouncer to lose the server connection")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.execute(sa.text("SELECT 1"))
+            assert db.sqlstate(caught.value) == "08P01" and db.bound_reached(caught.value) is None
+            assert db.is_transient(caught.value)
+    finally:
+        engine.dispose(), direct.dispose()
+
+
+def test_a_deadline_counts_the_wait_in_pgbouncers_queue(database_url):
+    """A transaction's BEGIN may wait in PgBouncer's queue for a server
+    connection; the server's clock of the transaction (now()) starts only
+    after it. The deadline counts the wait all the same: of 3 s, after
+    about 2 s in the queue, the next statement has what is left, not the
+    3 s the server reckons from its start (which would let its 2.5 s run)."""
+    bouncer = PgBouncer(_server_url(), pool_size=1).start()
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    holder = db.create_engine_for(url, pool_size=1, max_overflow=0)
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 30))
+    try:
+        with engine.connect() as conn:  # its client connection made before the wait
+            conn.execute(sa.text("SELECT 1"))
+        with holder.connect() as held:
+            held.execute(sa.text("SELECT 1"))  # the only server connection, until it rolls back
+            queued_at = time.monotonic()
+
+            def release() -> None:
+                wait_until(lambda: time.monotonic() - queued_at >= 2.0, 10, message="2 s in PgBouncer's queue")
+                held.rollback()
+
+            releaser = threading.Thread(target=release)
+            releaser.start()
+            try:
+                with db.deadline(3.0), pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as tx:
+                    tx.execute(sa.text("SELECT 1"))  # waits in the queue
+                    tx.execute(sa.text("SELECT pg_sleep(2.5)"))
+            finally:
+                releaser.join(30)
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("57014", db.STATEMENT_TIMEOUT)
+    finally:
+        engine.dispose(), holder.dispose()
+        bouncer.stop()
+
+
+def _own_timeout_bouncer(**settings) -> PgBouncer:
+    return PgBouncer(_server_url(), pool_size=2, settings={name: str(value) for name, value in settings.items()}).start()
+
+
+def test_pgbouncers_own_idle_transaction_timeout_is_named_as_its_bound(database_url):
+    """PgBouncer's own bounds end the client's connection with a FATAL
+    08P01 whose fixed text names which (PgBouncer has no translations)."""
+    bouncer = _own_timeout_bouncer(idle_transaction_timeout=1)
+    engine = db.create_engine_for(bouncer.url(urlsplit(database_url).path.strip("/")), pool_size=1, max_overflow=0,
+                                  bounds=db.Bounds(0, 0, 60))
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-            wait_until(lambda: "server conn crashed" in bouncer.log(), 10, message="the server to end the idle session")
+            wait_until(lambda: "idle transaction timeout" in bouncer.log(), 10, message="PgBouncer's idle_transaction_timeout")
             with pytest.raises(sa.exc.DBAPIError) as caught:
                 conn.execute(sa.text("SELECT 1"))
-            assert db.is_transient(caught.value) and caught.value.connection_invalidated
-            assert db.bound_reached(caught.value) is None
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("08P01", db.PGBOUNCER_IDLE_TRANSACTION_TIMEOUT)
+        assert db.is_transient(caught.value) and caught.value.connection_invalidated
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar() == 1
     finally:
         engine.dispose()
+        bouncer.stop()
+
+
+def test_pgbouncers_query_wait_timeout_is_named_as_its_bound(database_url):
+    """A client that waits longer than PgBouncer's query_wait_timeout for a
+    server connection (the only one is held by another transaction)."""
+    bouncer = PgBouncer(_server_url(), pool_size=1, settings={"query_wait_timeout": "1"}).start()
+    url = bouncer.url(urlsplit(database_url).path.strip("/"))
+    holder = db.create_engine_for(url, pool_size=1, max_overflow=0)
+    engine = db.create_engine_for(url, pool_size=1, max_overflow=0, bounds=db.Bounds(0, 0, 60))
+    try:
+        with holder.connect() as held:
+            held.execute(sa.text("SELECT 1"))
+            with pytest.raises(sa.exc.DBAPIError) as caught, engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            held.rollback()
+        assert (db.sqlstate(caught.value), db.bound_reached(caught.value)) == ("08P01", db.PGBOUNCER_QUERY_WAIT_TIMEOUT)
+        assert db.is_transient(caught.value)
+    finally:
+        engine.dispose(), holder.dispose()
+        bouncer.stop()
+
+
+def test_pgbouncers_query_timeout_answers_503_naming_it(database_url, clean_db, base_env):
+    """A request waiting on a lock longer than PgBouncer's query_timeout
+    (and shorter than its own lock bound): PgBouncer ends it, and the
+    function answers 503 naming PgBouncer's bound, not 500."""
+    bouncer = _own_timeout_bouncer(query_timeout=1)
+    query = None
+    try:
+        url = bouncer.url(urlsplit(database_url).path.strip("/"))
+        query = FunctionProcess("query", {**base_env, "DATABASE_URL": url, "DB_LOCK_TIMEOUT_SECONDS": "5"}, threads=2).start()
+        assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+        with incidents_locked(clean_db):
+            response = requests.get(query.url + "/incidents", headers=AUTH, timeout=60)
+        assert response.status_code == 503 and response.headers.get("Retry-After") == "5", response.text
+        assert response.json()["bound"] == db.PGBOUNCER_QUERY_TIMEOUT, response.text
+        assert requests.get(query.url + "/incidents", headers=AUTH, timeout=30).status_code == 200
+        assert "Traceback" not in query.logs(), query.logs()[-3000:]
+        assert f"Database {db.PGBOUNCER_QUERY_TIMEOUT} reached; rolled back, answered 503" in query.logs()
+    finally:
+        if query is not None:
+            query.stop()
+        bouncer.stop()

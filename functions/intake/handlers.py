@@ -105,7 +105,7 @@ class Intake:
             # batch gets it (batching.py: a transient error is not retried request by request).
             bound = db.bound_reached(exc)
             log.error(
-                f"Error creating incident: database {bound} reached, rolled back" if bound else "Error creating incident",
+                f"Error creating incident: database {db.bound_described(exc)} reached, rolled back" if bound else "Error creating incident",
                 extra={**context, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "transient": reason is not None,
                        **({"bound": bound} if bound else {})},
             )
@@ -113,7 +113,7 @@ class Intake:
                 raise SchemaBehind("the database schema is older than this code: run the migrations; "
                                    "the alerts were not stored, retry") from None
             if bound is not None:
-                raise ServiceUnavailable(f"the database did not answer within this request's {bound}; "
+                raise ServiceUnavailable(f"the database did not answer within this request's {db.bound_described(exc)}; "
                                          "the alerts were not stored, retry", bound=bound) from None
             if reason is not None:
                 raise ServiceUnavailable("the database is unavailable; the alerts were not stored, retry") from None

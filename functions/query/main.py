@@ -129,7 +129,7 @@ def _metrics(request):
     except SQLAlchemyError as exc:
         bound = db.bound_reached(exc)
         if bound is not None:
-            raise ServiceUnavailable(f"the database did not answer within this request's {bound}; "
+            raise ServiceUnavailable(f"the database did not answer within this request's {db.bound_described(exc)}; "
                                      "metrics cannot be computed, retry later", bound=bound) from None
         if db.is_transient(exc):
             raise ServiceUnavailable("the database is unavailable; metrics cannot be computed") from None
