@@ -240,8 +240,15 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
 
     The letter is claimed in one short transaction and sent outside any, so
     no database transaction waits on the Broker; two operators pressing the
-    button at once send it once (the second is told it is under way).
+    button at once send it once (the second is told it is under way). A
+    claim whose sender is gone (older than dead_letters.claim_stale_seconds)
+    is released and taken over. Whatever happens after the claim, the
+    letter does not stay ``sending``: an error in the send is recorded as a
+    failure (and raised), and a recording the database failed is tried
+    again, the outcome alone; only when that fails too does the claim wait
+    to go stale.
     """
+    stale = dead_letters.claim_stale_seconds(timeout)
     with bind.begin() as conn:
         row = dead_letters.get(conn, letter_id, for_update=True)
         if row is None:
@@ -252,23 +259,113 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
         if not sink:
             raise Conflict("this function has no Broker to send to (K_SINK is not set)")
         body = structured(row)  # a 409 before the claim when there is nothing the Broker would take
-        # Two tries of the send, each bounded by the timeout, and a margin.
-        if not dead_letters.claim_redelivery(conn, letter_id, actor, stale_seconds=2 * timeout + 10):
+        row.pop("data", None)  # up to the sink's 2 MiB: not kept while the Broker answers
+        told_released(conn, dead_letters.release_stale(conn, stale, letter_id))
+        claimed_at = dead_letters.claim_redelivery(conn, letter_id, actor, stale)
+        if claimed_at is None:
             raise Conflict(f"a redelivery of dead letter {letter_id} is under way; look again in a moment")
-    if http is None:
-        import requests
+    try:
+        if http is None:
+            import requests
 
-        from shared.deadline import bounded
+            from shared.deadline import bounded
 
-        http = bounded(requests.Session())
-    error = send(http, sink, body, timeout)
-    with bind.begin() as conn:
-        record = dead_letters.mark_redelivered(conn, letter_id, actor, error)
-        if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
-            incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered",
-                                   {"dead_letter_id": letter_id, "event_type": clip(row["event_type"], 120),
-                                    "outcome": record["redelivery_status"], "error": error}, clip(actor, 200))
+            http = bounded(requests.Session())
+        error = send(http, sink, body, timeout)
+    except BaseException as exc:
+        # Not the Broker's answer (send says those): a bug, a setting the
+        # bound refuses (a SOCKS proxy in HTTP_PROXY), the worker stopped.
+        # Recorded as the failure it is, so the letter does not show
+        # "sending" until its claim goes stale; raised, so it is a 500 with
+        # its traceback in the log.
+        _record_crash(bind, row, actor, claimed_at, exc)
+        raise
+    record = _record(bind, row, actor, claimed_at, error)
     level = logging.WARNING if error else logging.INFO
     log.log(level, "Dead letter redelivered" if not error else "Dead letter redelivery failed",
             extra={"dead_letter_id": letter_id, "event_type": clip(row["event_type"], 120), "actor": actor, "error": error})
     return record, True, error
+
+
+def _record(bind: Engine, row: dict, actor: str, claimed_at: datetime, error: str | None) -> dict:
+    """Record the outcome under the claim, and tell the incident. When the
+    database fails that, the outcome alone in a transaction of its own: a
+    timeline entry lost is better than a letter shown "sending" that is not."""
+    letter_id = row["id"]
+    try:
+        with bind.begin() as conn:
+            record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
+            _tell(conn, row, actor, record["redelivery_status"] if record else (dead_letters.FAILED if error else dead_letters.SENT),
+                  error, taken_over=record is None)
+            if record is None:
+                record = _taken_over(conn, letter_id, actor)
+        return record
+    except Exception as exc:  # noqa: BLE001 - any failure: the outcome alone, then raised
+        log.warning("Recording a dead letter's redelivery failed; recording its outcome alone",
+                    extra={"dead_letter_id": letter_id, "actor": actor, "error": type(exc).__name__})
+        try:
+            with bind.begin() as conn:
+                record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
+                return record if record is not None else _taken_over(conn, letter_id, actor)
+        except Exception:  # noqa: BLE001 - the first failure is the one raised
+            # The claim stays until it goes stale (claim_of shows it so);
+            # the sweep or the next redelivery releases it.
+            raise exc from None
+
+
+def _record_crash(bind: Engine, row: dict, actor: str, claimed_at: datetime, exc: BaseException) -> None:
+    error = (f"{type(exc).__name__}: the redelivery failed before the Broker's answer was read; whether the Broker "
+             "got the event is not known (the query function's log has the error)")
+    try:
+        with bind.begin() as conn:
+            if dead_letters.mark_redelivered(conn, row["id"], actor, error, claimed_at) is not None:
+                _tell(conn, row, actor, dead_letters.FAILED, error)
+    except Exception:  # the send's error is the one raised; the claim goes stale
+        log.exception("Recording a crashed dead-letter redelivery failed; its claim stays until it is stale",
+                      extra={"dead_letter_id": row["id"], "actor": actor})
+
+
+def _taken_over(conn: Connection, letter_id: int, actor: str) -> dict:
+    log.warning("A dead-letter redelivery outlived its claim, which another took over; its outcome is on the "
+                "timeline only", extra={"dead_letter_id": letter_id, "actor": actor})
+    current = dead_letters.get(conn, letter_id)
+    current.pop("data", None)
+    return current
+
+
+def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, taken_over: bool = False) -> None:
+    if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
+        details = {"dead_letter_id": row["id"], "event_type": clip(row["event_type"], 120), "outcome": outcome, "error": error}
+        if taken_over:
+            details["claim"] = "taken over by a later redelivery before this one ended"
+        incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered", details, clip(actor, 200))
+
+
+def told_released(conn: Connection, released: list[dict]) -> None:
+    """Claims released as stale (dead_letters.release_stale): each on its
+    incident's timeline, under the actor who claimed it, and logged."""
+    for letter in released:
+        _tell(conn, letter, letter["redelivered_by"] or "unknown", letter["redelivery_status"], letter["redelivery_error"])
+        log.warning("Released a dead-letter redelivery claim whose sender is gone",
+                    extra={"dead_letter_id": letter["id"], "claimed_by": letter["redelivered_by"],
+                           "outcome": letter["redelivery_status"]})
+
+
+RELEASE_BATCH = 100
+RELEASE_MAX_BATCHES = 10
+
+
+def release_stale_claims(bind: Engine, publish_timeout: float) -> int:
+    """For the sweep: release every redelivery claim whose sender is gone
+    (a batch at a time, at most ``RELEASE_MAX_BATCHES``; rows a
+    redelivery holds are left to the next sweep)."""
+    stale = dead_letters.claim_stale_seconds(publish_timeout)
+    total = 0
+    for _ in range(RELEASE_MAX_BATCHES):
+        with bind.begin() as conn:
+            released = dead_letters.release_stale(conn, stale, batch=RELEASE_BATCH)
+            told_released(conn, released)
+        total += len(released)
+        if len(released) < RELEASE_BATCH:
+            break
+    return total
