@@ -1074,9 +1074,9 @@ def test_the_sweep_releases_claims_whose_senders_are_gone_and_only_those(world, 
 
     letters = {d["event_id"]: d for d in api(query, "GET", "/dead-letters").json()}
     gone, back, sending = letters["ev-gone"], letters["ev-gone-came-back"], letters["ev-alive"]
-    assert (gone["redelivery_status"], gone["redelivery_count"], gone["redelivery_claim"]) == ("failed", 1, None)
+    assert (gone["redelivery_status"], gone["redelivery_count"]) == ("failed", 1) and gone["redelivery_claim"] is None
     assert "its sender is gone" in gone["redelivery_error"] and "whether the Broker got the event is not known" in gone["redelivery_error"]
-    assert (back["redelivery_status"], back["code"], back["redelivery_claim"]) == ("dead_again", "400", None)
+    assert (back["redelivery_status"], back["code"]) == ("dead_again", "400") and back["redelivery_claim"] is None
     assert sending["redelivery_status"] == "sending" and sending["redelivery_claim"]["stale"] is False
     with clean_db.connect() as conn:
         assert sum(t["kind"] == "dead_letter_redelivered" for t in svc.get_timeline(conn, incident_id)) == 2
@@ -1105,7 +1105,7 @@ def test_a_redelivery_that_crashes_after_its_claim_records_a_failure_instead_of_
     monkeypatch.delenv("HTTP_PROXY")
 
     (after,) = api(query, "GET", "/dead-letters").json()
-    assert (after["redelivery_status"], after["redelivery_count"], after["redelivery_claim"]) == ("failed", 1, None)
+    assert (after["redelivery_status"], after["redelivery_count"]) == ("failed", 1) and after["redelivery_claim"] is None
     assert after["redelivery_error"].startswith("TypeError: the redelivery failed before the Broker's answer was read")
     assert broker.received() == []
     assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").json()["redelivery_status"] == "sent"
