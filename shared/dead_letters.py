@@ -491,8 +491,9 @@ def claim_of(row: dict, stale_seconds: float) -> dict | None:
 def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> datetime | None:
     """Mark the letter as being sent by ``actor``: the claim's moment, which
     the sender hands back to mark_redelivered (its token), or None while
-    another redelivery holds a claim younger than ``stale_seconds``. A stale
-    one is released first (release_stale), so its attempt is counted.
+    another redelivery holds a claim younger than ``stale_seconds`` (the
+    caller releases a stale one first, release_stale, so its attempt is
+    counted and told; were it not, this takes it over all the same).
 
     redelivered_at is the claim's own moment (clock_timestamp, the row
     locked), not its transaction's start: a repeat recorded before it has
