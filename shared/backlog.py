@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from shared import dead_letters, incidents
 from shared.dead_letters import clip
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, NotRecorded
+from shared.timefmt import rfc3339
 
 if TYPE_CHECKING:  # sent by a redelivery only: the query's other requests never load requests
     import requests
@@ -288,29 +289,41 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
 
 
 def _record(bind: Engine, row: dict, actor: str, claimed_at: datetime, error: str | None) -> dict:
-    """Record the outcome under the claim, and tell the incident. When the
-    database fails that, the outcome alone in a transaction of its own: a
-    timeline entry lost is better than a letter shown "sending" that is not."""
+    """Record the outcome under the claim, and tell the incident. When that
+    fails, the outcome alone in a transaction of its own: a timeline entry
+    lost is better than a letter shown "sending" that is not. When that
+    fails too, :class:`NotRecorded` (a 500 saying what the Broker did: a
+    503 would invite a retry, which would send the event again once the
+    claim is stale)."""
     letter_id = row["id"]
     try:
         with bind.begin() as conn:
             record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
-            _tell(conn, row, actor, record["redelivery_status"] if record else (dead_letters.FAILED if error else dead_letters.SENT),
-                  error, taken_over=record is None)
+            outcome = record["redelivery_status"] if record else (dead_letters.FAILED if error else dead_letters.SENT)
+            _tell(conn, row, actor, outcome, error, taken_over=record is None,
+                  replaces_release_of=claimed_at if record and not record["was_sending"] else None)
             if record is None:
                 record = _taken_over(conn, letter_id, actor)
         return record
-    except Exception as exc:  # noqa: BLE001 - any failure: the outcome alone, then raised
-        log.warning("Recording a dead letter's redelivery failed; recording its outcome alone",
-                    extra={"dead_letter_id": letter_id, "actor": actor, "error": type(exc).__name__})
-        try:
-            with bind.begin() as conn:
-                record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
-                return record if record is not None else _taken_over(conn, letter_id, actor)
-        except Exception:  # noqa: BLE001 - the first failure is the one raised
-            # The claim stays until it goes stale (claim_of shows it so);
-            # the sweep or the next redelivery releases it.
-            raise exc from None
+    except Exception:  # any failure, a bug in _tell too: the outcome alone
+        log.warning("Recording a dead letter's redelivery failed; recording its outcome alone", exc_info=True,
+                    extra={"dead_letter_id": letter_id, "actor": actor, "broker_error": error})
+    try:
+        with bind.begin() as conn:
+            record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
+            return record if record is not None else _taken_over(conn, letter_id, actor)
+    except Exception as exc:  # said below, with what the Broker did
+        accepted = error is None
+        what = (f"the Broker accepted dead letter {letter_id} and recording that failed: it has the event, a redelivery would send it again"
+                if accepted else f"the Broker did not accept dead letter {letter_id} and recording that failed")
+        # The claim stays until it goes stale (claim_of shows it so); the
+        # sweep or the next redelivery then releases it as "failed", sender
+        # gone: this line is the only place that says the Broker had it.
+        log.error(what[0].upper() + what[1:], exc_info=True,
+                  extra={"dead_letter_id": letter_id, "actor": actor, "event_type": clip(row["event_type"], 120),
+                         "broker_accepted": accepted, "broker_error": error})
+        raise NotRecorded(f"{what} ({type(exc).__name__}); its claim is released as stale later",
+                          dead_letter_id=letter_id, broker_accepted=accepted, broker_error=error) from exc
 
 
 def _record_crash(bind: Engine, row: dict, actor: str, claimed_at: datetime, exc: BaseException) -> None:
@@ -318,8 +331,10 @@ def _record_crash(bind: Engine, row: dict, actor: str, claimed_at: datetime, exc
              "got the event is not known (the query function's log has the error)")
     try:
         with bind.begin() as conn:
-            if dead_letters.mark_redelivered(conn, row["id"], actor, error, claimed_at) is not None:
-                _tell(conn, row, actor, dead_letters.FAILED, error)
+            record = dead_letters.mark_redelivered(conn, row["id"], actor, error, claimed_at)
+            if record is not None:
+                _tell(conn, row, actor, dead_letters.FAILED, error,
+                      replaces_release_of=None if record["was_sending"] else claimed_at)
     except Exception:  # the send's error is the one raised; the claim goes stale
         log.exception("Recording a crashed dead-letter redelivery failed; its claim stays until it is stale",
                       extra={"dead_letter_id": row["id"], "actor": actor})
@@ -333,11 +348,26 @@ def _taken_over(conn: Connection, letter_id: int, actor: str) -> dict:
     return current
 
 
-def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, taken_over: bool = False) -> None:
+# What a redelivery's entry says when the sweep had released its claim
+# (told_released's entry, same claimed_at): that entry was a guess.
+REPLACES_RELEASE = ("replaces the earlier entry of this claim (claimed_at), released as its sender gone: the sender was "
+                    "only slow, this is its real outcome, counted once")
+
+
+def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, taken_over: bool = False,
+          claimed_at: datetime | None = None, replaces_release_of: datetime | None = None) -> None:
+    """The redelivery on its incident's timeline. ``claimed_at`` names the
+    claim (a release says which one it ended); ``replaces_release_of`` is
+    the claim whose release this outcome replaces."""
     if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
         details = {"dead_letter_id": row["id"], "event_type": clip(row["event_type"], 120), "outcome": outcome, "error": error}
         if taken_over:
             details["claim"] = "taken over by a later redelivery before this one ended"
+        if replaces_release_of is not None:
+            details["claimed_at"] = rfc3339(replaces_release_of)
+            details["replaces"] = REPLACES_RELEASE
+        elif claimed_at is not None:
+            details["claimed_at"] = rfc3339(claimed_at)
         incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered", details, clip(actor, 200))
 
 
@@ -345,7 +375,8 @@ def told_released(conn: Connection, released: list[dict]) -> None:
     """Claims released as stale (dead_letters.release_stale): each on its
     incident's timeline, under the actor who claimed it, and logged."""
     for letter in released:
-        _tell(conn, letter, letter["redelivered_by"] or "unknown", letter["redelivery_status"], letter["redelivery_error"])
+        _tell(conn, letter, letter["redelivered_by"] or "unknown", letter["redelivery_status"], letter["redelivery_error"],
+              claimed_at=letter["redelivered_at"])
         log.warning("Released a dead-letter redelivery claim whose sender is gone",
                     extra={"dead_letter_id": letter["id"], "claimed_by": letter["redelivered_by"],
                            "outcome": letter["redelivery_status"]})

@@ -532,7 +532,20 @@ def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | 
     runs. That repeat moved received_at past the claim's moment, and a
     previous release's sink may have set dead_again meanwhile: either way
     the letter failed again, so it stays for a person instead of showing as
-    delivered."""
+    delivered.
+
+    The record carries ``was_sending``: False when the sweep had released
+    the claim (its outcome a guess, which this one replaces), so the
+    incident's timeline can say the later entry replaces the earlier."""
+    # The row's status before this write, read under its lock (the write
+    # takes the same lock in the same transaction): RETURNING gives only the
+    # new one, and the sweep's release may commit in between otherwise.
+    before = conn.execute(
+        sa.text("SELECT redelivery_status FROM dead_letters WHERE id = :id AND redelivered_at = :claimed_at FOR UPDATE"),
+        {"id": letter_id, "claimed_at": claimed_at},
+    ).first()
+    if before is None:
+        return None
     row = conn.execute(
         sa.text(
             "UPDATE dead_letters SET redelivery_count = redelivery_count "
@@ -544,7 +557,7 @@ def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | 
         {"id": letter_id, "actor": clip(actor, 200), "status": FAILED if error else SENT, "error": clip(error, MAX_ERROR),
          "claimed_at": claimed_at},
     ).mappings().first()
-    return dict(row) if row is not None else None
+    return {**row, "was_sending": before.redelivery_status == SENDING} if row is not None else None
 
 
 def release_stale(conn: Connection, stale_seconds: float, letter_id: int | None = None, batch: int = 100) -> list[dict]:

@@ -1176,3 +1176,175 @@ def test_a_redelivery_that_outlived_its_claim_does_not_end_the_one_that_took_it_
     (after,) = api(query, "GET", "/dead-letters").json()
     # Alice's attempt is counted once (released when Bob took over), Bob's once.
     assert (after["redelivery_status"], after["redelivery_count"], after["redelivered_by"]) == ("sent", 2, "api:bob")
+
+
+def refuse_recording_outcomes(engine, actor="api:alice"):
+    """The database refuses ``actor``'s outcome (disk full, SQLSTATE 53100):
+    a trigger on the letter's update out of ``sending``. Dropped by the
+    returned function."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE FUNCTION refuse_outcome() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF OLD.redelivery_status = 'sending' AND NEW.redelivery_status <> 'sending' "
+            f"AND NEW.redelivered_by = '{actor}' THEN RAISE EXCEPTION 'disk full' USING ERRCODE = '53100'; END IF; "
+            "RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER refuse_outcome BEFORE UPDATE ON dead_letters "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_outcome()"))
+
+    def drop():
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER refuse_outcome ON dead_letters"))
+            conn.execute(sa.text("DROP FUNCTION refuse_outcome()"))
+    return drop
+
+
+def test_a_redelivery_the_broker_accepted_but_the_database_would_not_record_is_a_500_that_says_so(world, broker, clean_db):
+    """Both recordings failed after the Broker took the event: the answer
+    was a 503 with Retry-After (a retry sends it again once the claim is
+    stale, and the sweep's release then says "whether the Broker got the
+    event is not known"), and no log line said the Broker had it."""
+    deadletter, query = world
+    dead_letter(deadletter, "ev-accepted-unrecorded")
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    drop = refuse_recording_outcomes(clean_db)
+    try:
+        response = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})
+    finally:
+        drop()
+    assert response.status_code == 500 and "Retry-After" not in response.headers, response.text
+    body = response.json()
+    assert (body["error"], body["dead_letter_id"], body["broker_accepted"], body["broker_error"]) == (
+        "not_recorded", letter["id"], True, None)
+    assert body["message"].startswith(f"the Broker accepted dead letter {letter['id']} and recording that failed")
+    assert [r.json()["id"] for r in broker.received()] == ["ev-accepted-unrecorded"]
+    said = [json.loads(line) for line in query.logs().splitlines()
+            if f"The Broker accepted dead letter {letter['id']} and recording that failed" in line]
+    assert said and said[0]["level"] == "ERROR" and said[0]["broker_accepted"] is True, said
+    assert "disk full" in said[0]["exception"]
+    (after,) = api(query, "GET", "/dead-letters").json()
+    assert after["redelivery_status"] == "sending" and after["redelivery_claim"]["claimed_by"] == "api:alice"
+
+
+def test_a_bug_while_recording_a_redelivery_and_the_failure_after_it_are_both_logged_with_their_tracebacks(
+        world, broker, clean_db, monkeypatch, caplog):
+    """Telling the incident raised (a bug, no database error): the warning
+    named only the exception's type, and when recording the outcome alone
+    failed too, that failure was not logged at all."""
+    import logging
+
+    from shared import backlog
+    from shared.errors import NotRecorded
+
+    def broken_tell(*args, **kwargs):
+        raise KeyError("a bug in telling the incident")
+
+    deadletter, query = world
+    dead_letter(deadletter, "ev-bug")
+    dead_letter(deadletter, "ev-bug-unrecorded")
+    ids = {d["event_id"]: d["id"] for d in api(query, "GET", "/dead-letters").json()}
+    sink = broker.url + "/default/incidents"
+    monkeypatch.setattr(backlog, "_tell", broken_tell)
+    caplog.set_level(logging.INFO, logger="shared.backlog")
+
+    record, sent, error = backlog.redeliver(clean_db, sink, ids["ev-bug"], "api:alice", timeout=2.0)
+    assert (record["redelivery_status"], sent, error) == ("sent", True, None)  # the outcome alone
+    (first,) = [r for r in caplog.records if r.message.startswith("Recording a dead letter's redelivery failed")]
+    assert first.exc_info and isinstance(first.exc_info[1], KeyError)
+
+    caplog.clear()
+    monkeypatch.undo()  # now the database refuses both recordings
+    drop = refuse_recording_outcomes(clean_db)
+    try:
+        with pytest.raises(NotRecorded) as raised:
+            backlog.redeliver(clean_db, sink, ids["ev-bug-unrecorded"], "api:alice", timeout=2.0)
+    finally:
+        drop()
+    assert raised.value.details["broker_accepted"] is True
+    first, second = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert first.exc_info and isinstance(first.exc_info[1], sa.exc.DBAPIError)
+    assert second.levelno == logging.ERROR and second.exc_info and isinstance(second.exc_info[1], sa.exc.DBAPIError)
+    assert "53100" in str(second.exc_info[1]) or "disk full" in str(second.exc_info[1])
+    assert second.message.startswith(f"The Broker accepted dead letter {ids['ev-bug-unrecorded']}")
+
+
+def test_a_sender_the_sweep_thought_gone_says_its_outcome_replaces_the_release(world, broker, clean_db):
+    """The sweep released a claim whose sender was only slow (an intake
+    with a shorter PUBLISH_TIMEOUT_SECONDS, a send at the edge): the
+    timeline showed "failed, sender gone" then "sent", unlinked, as if
+    there had been two redeliveries."""
+    import threading
+
+    from shared import backlog, dead_letters
+
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-slow", subject=incident_id)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    release = threading.Event()
+    broker.responder = lambda r: (release.wait(10), (202, {}, b""))[1]
+    alice = {}
+    sender = threading.Thread(target=lambda: alice.update(r=api(
+        query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})))
+    sender.start()
+    try:
+        wait_until(lambda: broker.requests, 10, message="Alice's redelivery to reach the Broker")
+        with clean_db.begin() as conn:  # a sweep that judges every claim stale
+            backlog.told_released(conn, dead_letters.release_stale(conn, 0.0))
+    finally:
+        release.set()
+        sender.join(15)
+    assert alice["r"].status_code == 200, alice["r"].text
+    assert (alice["r"].json()["redelivery_status"], alice["r"].json()["redelivery_count"]) == ("sent", 1)
+    with clean_db.connect() as conn:
+        released, outcome = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter_redelivered"]
+    assert released["outcome"] == "failed" and "its sender is gone" in released["error"] and "replaces" not in released
+    assert outcome["outcome"] == "sent" and outcome["claimed_at"] == released["claimed_at"]
+    assert outcome["replaces"].startswith("replaces the earlier entry of this claim")
+
+
+def test_recording_says_whether_the_claim_was_still_held(world, clean_db):
+    from shared import dead_letters
+
+    deadletter, _ = world
+    dead_letter(deadletter, "ev-held")
+    dead_letter(deadletter, "ev-released")
+    with clean_db.connect() as conn:
+        ids = dict(conn.execute(sa.text("SELECT event_id, id FROM dead_letters")).all())
+    held = claim_and_die(clean_db, ids["ev-held"])
+    claim_and_die(clean_db, ids["ev-released"])
+    (released,) = time_passes(clean_db, [ids["ev-released"]])
+    with clean_db.begin() as conn:
+        assert [r["id"] for r in dead_letters.release_stale(conn, STALE_AFTER)] == [ids["ev-released"]]
+        assert dead_letters.mark_redelivered(conn, ids["ev-held"], "api:alice", None, held)["was_sending"] is True
+        late = dead_letters.mark_redelivered(conn, ids["ev-released"], "api:alice", None, released)
+    assert (late["was_sending"], late["redelivery_status"], late["redelivery_count"]) == (False, "sent", 1)
+
+
+def test_the_sweeps_release_of_stale_claims_reads_only_the_letters_being_sent(clean_db):
+    """Migration 0027: without its partial index the release, every
+    minute, read the whole table (dead letters are never deleted) for the
+    few letters a redelivery holds."""
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO dead_letters (event_id, event_source, event_type, redelivery_status, redelivered_at, "
+            "redelivery_count) SELECT 'ev-' || g, 's', 't', 'sent', timezone('utc', now()) - interval '1 hour', 1 "
+            "FROM generate_series(1, 5000) g"))
+        conn.execute(sa.text(
+            "INSERT INTO dead_letters (event_id, event_source, event_type, redelivery_status, redelivered_at) "
+            "VALUES ('claimed', 's', 't', 'sending', timezone('utc', now()) - interval '1 minute')"))
+    with clean_db.connect() as conn:
+        conn.execute(sa.text("ANALYZE dead_letters"))
+        conn.commit()
+    with clean_db.connect() as conn, conn.begin() as transaction:
+        conn.exec_driver_sql("LOAD 'auto_explain'")
+        for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_level = notice", "client_min_messages = notice"):
+            conn.exec_driver_sql(f"SET LOCAL {setting}")
+        notices = conn.connection.dbapi_connection.notices
+        notices.clear()
+        assert [r["event_type"] for r in dead_letters.release_stale(conn, STALE_AFTER)] == ["t"]
+        conn.exec_driver_sql("SELECT 1")  # a plan reaches the client with the next exchange
+        plan = "\n".join(n.get(b"M", b"").decode() for n in notices)
+        transaction.rollback()
+    assert "idx_dead_letters_sending" in plan and "Seq Scan on dead_letters" not in plan, plan
