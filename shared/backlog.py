@@ -300,8 +300,8 @@ def _record(bind: Engine, row: dict, actor: str, claimed_at: datetime, error: st
         with bind.begin() as conn:
             record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
             outcome = record["redelivery_status"] if record else (dead_letters.FAILED if error else dead_letters.SENT)
-            _tell(conn, row, actor, outcome, error, taken_over=record is None,
-                  replaces_release_of=claimed_at if record and not record["was_sending"] else None)
+            _tell(conn, row, actor, outcome, error, claimed_at, taken_over=record is None,
+                  replaces_release=record is not None and not record["was_sending"])
             if record is None:
                 record = _taken_over(conn, letter_id, actor)
         return record
@@ -333,8 +333,7 @@ def _record_crash(bind: Engine, row: dict, actor: str, claimed_at: datetime, exc
         with bind.begin() as conn:
             record = dead_letters.mark_redelivered(conn, row["id"], actor, error, claimed_at)
             if record is not None:
-                _tell(conn, row, actor, dead_letters.FAILED, error,
-                      replaces_release_of=None if record["was_sending"] else claimed_at)
+                _tell(conn, row, actor, dead_letters.FAILED, error, claimed_at, replaces_release=not record["was_sending"])
     except Exception:  # the send's error is the one raised; the claim goes stale
         log.exception("Recording a crashed dead-letter redelivery failed; its claim stays until it is stale",
                       extra={"dead_letter_id": row["id"], "actor": actor})
@@ -354,20 +353,19 @@ REPLACES_RELEASE = ("replaces the earlier entry of this claim (claimed_at), rele
                     "only slow, this is its real outcome, counted once")
 
 
-def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, taken_over: bool = False,
-          claimed_at: datetime | None = None, replaces_release_of: datetime | None = None) -> None:
-    """The redelivery on its incident's timeline. ``claimed_at`` names the
-    claim (a release says which one it ended); ``replaces_release_of`` is
-    the claim whose release this outcome replaces."""
+def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, claimed_at: datetime,
+          taken_over: bool = False, replaces_release: bool = False) -> None:
+    """The redelivery on its incident's timeline, with the claim it was
+    made under (``claimed_at``: a release's entry and the outcome of the
+    same claim carry the same); ``replaces_release``: the sweep had
+    released that claim, and this outcome replaces its entry."""
     if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
         details = {"dead_letter_id": row["id"], "event_type": clip(row["event_type"], 120), "outcome": outcome, "error": error}
         if taken_over:
             details["claim"] = "taken over by a later redelivery before this one ended"
-        if replaces_release_of is not None:
-            details["claimed_at"] = rfc3339(replaces_release_of)
+        details["claimed_at"] = rfc3339(claimed_at)
+        if replaces_release:
             details["replaces"] = REPLACES_RELEASE
-        elif claimed_at is not None:
-            details["claimed_at"] = rfc3339(claimed_at)
         incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered", details, clip(actor, 200))
 
 
@@ -376,7 +374,7 @@ def told_released(conn: Connection, released: list[dict]) -> None:
     incident's timeline, under the actor who claimed it, and logged."""
     for letter in released:
         _tell(conn, letter, letter["redelivered_by"] or "unknown", letter["redelivery_status"], letter["redelivery_error"],
-              claimed_at=letter["redelivered_at"])
+              letter["redelivered_at"])
         log.warning("Released a dead-letter redelivery claim whose sender is gone",
                     extra={"dead_letter_id": letter["id"], "claimed_by": letter["redelivered_by"],
                            "outcome": letter["redelivery_status"]})
