@@ -247,7 +247,8 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
     letter does not stay ``sending``: an error in the send is recorded as a
     failure (and raised), and a recording the database failed is tried
     again, the outcome alone; only when that fails too does the claim wait
-    to go stale.
+    to go stale, and the caller gets :class:`NotRecorded` (a 500 saying
+    what the Broker did, logged at error level).
     """
     stale = dead_letters.claim_stale_seconds(timeout)
     with bind.begin() as conn:
