@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from shared import dead_letters, incidents
 from shared.dead_letters import clip
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, NotRecorded
+from shared.timefmt import rfc3339
 
 if TYPE_CHECKING:  # sent by a redelivery only: the query's other requests never load requests
     import requests
@@ -240,8 +241,16 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
 
     The letter is claimed in one short transaction and sent outside any, so
     no database transaction waits on the Broker; two operators pressing the
-    button at once send it once (the second is told it is under way).
+    button at once send it once (the second is told it is under way). A
+    claim whose sender is gone (older than dead_letters.claim_stale_seconds)
+    is released and taken over. Whatever happens after the claim, the
+    letter does not stay ``sending``: an error in the send is recorded as a
+    failure (and raised), and a recording the database failed is tried
+    again, the outcome alone; only when that fails too does the claim wait
+    to go stale, and the caller gets :class:`NotRecorded` (a 500 saying
+    what the Broker did, logged at error level).
     """
+    stale = dead_letters.claim_stale_seconds(timeout)
     with bind.begin() as conn:
         row = dead_letters.get(conn, letter_id, for_update=True)
         if row is None:
@@ -252,23 +261,141 @@ def redeliver(bind: Engine, sink: str, letter_id: int, actor: str, force: bool =
         if not sink:
             raise Conflict("this function has no Broker to send to (K_SINK is not set)")
         body = structured(row)  # a 409 before the claim when there is nothing the Broker would take
-        # Two tries of the send, each bounded by the timeout, and a margin.
-        if not dead_letters.claim_redelivery(conn, letter_id, actor, stale_seconds=2 * timeout + 10):
+        row.pop("data", None)  # up to the sink's 2 MiB: not kept while the Broker answers
+        told_released(conn, dead_letters.release_stale(conn, stale, letter_id))
+        claimed_at = dead_letters.claim_redelivery(conn, letter_id, actor, stale)
+        if claimed_at is None:
             raise Conflict(f"a redelivery of dead letter {letter_id} is under way; look again in a moment")
-    if http is None:
-        import requests
+    try:
+        if http is None:
+            import requests
 
-        from shared.deadline import bounded
+            from shared.deadline import bounded
 
-        http = bounded(requests.Session())
-    error = send(http, sink, body, timeout)
-    with bind.begin() as conn:
-        record = dead_letters.mark_redelivered(conn, letter_id, actor, error)
-        if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
-            incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered",
-                                   {"dead_letter_id": letter_id, "event_type": clip(row["event_type"], 120),
-                                    "outcome": record["redelivery_status"], "error": error}, clip(actor, 200))
+            http = bounded(requests.Session())
+        error = send(http, sink, body, timeout)
+    except BaseException as exc:
+        # Not the Broker's answer (send says those): a bug, a setting the
+        # bound refuses (a SOCKS proxy in HTTP_PROXY), the worker stopped.
+        # Recorded as the failure it is, so the letter does not show
+        # "sending" until its claim goes stale; raised, so it is a 500 with
+        # its traceback in the log.
+        _record_crash(bind, row, actor, claimed_at, exc)
+        raise
+    record = _record(bind, row, actor, claimed_at, error)
     level = logging.WARNING if error else logging.INFO
     log.log(level, "Dead letter redelivered" if not error else "Dead letter redelivery failed",
             extra={"dead_letter_id": letter_id, "event_type": clip(row["event_type"], 120), "actor": actor, "error": error})
     return record, True, error
+
+
+def _record(bind: Engine, row: dict, actor: str, claimed_at: datetime, error: str | None) -> dict:
+    """Record the outcome under the claim, and tell the incident. When that
+    fails, the outcome alone in a transaction of its own: a timeline entry
+    lost is better than a letter shown "sending" that is not. When that
+    fails too, :class:`NotRecorded` (a 500 saying what the Broker did: a
+    503 would invite a retry, which would send the event again once the
+    claim is stale)."""
+    letter_id = row["id"]
+    try:
+        with bind.begin() as conn:
+            record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
+            outcome = record["redelivery_status"] if record else (dead_letters.FAILED if error else dead_letters.SENT)
+            _tell(conn, row, actor, outcome, error, claimed_at, taken_over=record is None,
+                  replaces_release=record is not None and not record["was_sending"])
+            if record is None:
+                record = _taken_over(conn, letter_id, actor)
+        return record
+    except Exception:  # any failure, a bug in _tell too: the outcome alone
+        log.warning("Recording a dead letter's redelivery failed; recording its outcome alone", exc_info=True,
+                    extra={"dead_letter_id": letter_id, "actor": actor, "broker_error": error})
+    try:
+        with bind.begin() as conn:
+            record = dead_letters.mark_redelivered(conn, letter_id, actor, error, claimed_at)
+            return record if record is not None else _taken_over(conn, letter_id, actor)
+    except Exception as exc:  # said below, with what the Broker did
+        accepted = error is None
+        what = (f"the Broker accepted dead letter {letter_id} and recording that failed: it has the event, a redelivery would send it again"
+                if accepted else f"the Broker did not accept dead letter {letter_id} and recording that failed")
+        # The claim stays until it goes stale (claim_of shows it so); the
+        # sweep or the next redelivery then releases it as "failed", sender
+        # gone: this line is the only place that says the Broker had it.
+        log.error(what[0].upper() + what[1:], exc_info=True,
+                  extra={"dead_letter_id": letter_id, "actor": actor, "event_type": clip(row["event_type"], 120),
+                         "broker_accepted": accepted, "broker_error": error})
+        raise NotRecorded(f"{what} ({type(exc).__name__}); its claim is released as stale later",
+                          dead_letter_id=letter_id, broker_accepted=accepted, broker_error=error) from exc
+
+
+def _record_crash(bind: Engine, row: dict, actor: str, claimed_at: datetime, exc: BaseException) -> None:
+    error = (f"{type(exc).__name__}: the redelivery failed before the Broker's answer was read; whether the Broker "
+             "got the event is not known (the query function's log has the error)")
+    try:
+        with bind.begin() as conn:
+            record = dead_letters.mark_redelivered(conn, row["id"], actor, error, claimed_at)
+            if record is not None:
+                _tell(conn, row, actor, dead_letters.FAILED, error, claimed_at, replaces_release=not record["was_sending"])
+    except Exception:  # the send's error is the one raised; the claim goes stale
+        log.exception("Recording a crashed dead-letter redelivery failed; its claim stays until it is stale",
+                      extra={"dead_letter_id": row["id"], "actor": actor})
+
+
+def _taken_over(conn: Connection, letter_id: int, actor: str) -> dict:
+    log.warning("A dead-letter redelivery outlived its claim, which another took over; its outcome is on the "
+                "timeline only", extra={"dead_letter_id": letter_id, "actor": actor})
+    current = dead_letters.get(conn, letter_id)
+    current.pop("data", None)
+    return current
+
+
+# What a redelivery's entry says when the sweep had released its claim
+# (told_released's entry, same claimed_at): that entry was a guess.
+REPLACES_RELEASE = ("replaces the earlier entry of this claim (claimed_at), released as its sender gone: the sender was "
+                    "only slow, this is its real outcome, counted once")
+
+
+def _tell(conn: Connection, row: dict, actor: str, outcome: str, error: str | None, claimed_at: datetime,
+          taken_over: bool = False, replaces_release: bool = False) -> None:
+    """The redelivery on its incident's timeline, with the claim it was
+    made under (``claimed_at``: a release's entry and the outcome of the
+    same claim carry the same); ``replaces_release``: the sweep had
+    released that claim, and this outcome replaces its entry."""
+    if row.get("incident_id") and incidents.get_incident(conn, row["incident_id"]) is not None:
+        details = {"dead_letter_id": row["id"], "event_type": clip(row["event_type"], 120), "outcome": outcome, "error": error}
+        if taken_over:
+            details["claim"] = "taken over by a later redelivery before this one ended"
+        details["claimed_at"] = rfc3339(claimed_at)
+        if replaces_release:
+            details["replaces"] = REPLACES_RELEASE
+        incidents.add_timeline(conn, row["incident_id"], "dead_letter_redelivered", details, clip(actor, 200))
+
+
+def told_released(conn: Connection, released: list[dict]) -> None:
+    """Claims released as stale (dead_letters.release_stale): each on its
+    incident's timeline, under the actor who claimed it, and logged."""
+    for letter in released:
+        _tell(conn, letter, letter["redelivered_by"] or "unknown", letter["redelivery_status"], letter["redelivery_error"],
+              letter["redelivered_at"])
+        log.warning("Released a dead-letter redelivery claim whose sender is gone",
+                    extra={"dead_letter_id": letter["id"], "claimed_by": letter["redelivered_by"],
+                           "outcome": letter["redelivery_status"]})
+
+
+RELEASE_BATCH = 100
+RELEASE_MAX_BATCHES = 10
+
+
+def release_stale_claims(bind: Engine, publish_timeout: float) -> int:
+    """For the sweep: release every redelivery claim whose sender is gone
+    (a batch at a time, at most ``RELEASE_MAX_BATCHES``; rows a
+    redelivery holds are left to the next sweep)."""
+    stale = dead_letters.claim_stale_seconds(publish_timeout)
+    total = 0
+    for _ in range(RELEASE_MAX_BATCHES):
+        with bind.begin() as conn:
+            released = dead_letters.release_stale(conn, stale, batch=RELEASE_BATCH)
+            told_released(conn, released)
+        total += len(released)
+        if len(released) < RELEASE_BATCH:
+            break
+    return total

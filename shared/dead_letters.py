@@ -50,6 +50,11 @@ SENDING = "sending"
 COLUMNS = ("id", "event_id", "event_source", "event_type", "received_at", "error_destination", "error_code",
            "error_data", "attributes", "incident_id", "redelivery_count", "redelivered_at", "redelivered_by",
            "redelivery_status", "redelivery_error")
+# How long ago the redelivery claim was taken (meaningful while ``sending``),
+# by the database's clock: the one that judges the claim stale.
+CLAIM_AGE = ("CAST(EXTRACT(EPOCH FROM (timezone('utc', now()) - redelivered_at)) AS double precision) "
+             "AS claim_age_seconds")
+SELECTED = ", ".join(COLUMNS) + ", " + CLAIM_AGE
 
 
 def clean(text: str | None) -> str | None:
@@ -433,7 +438,7 @@ def list_letters(conn: Connection, flt: Filter, limit: int, after: tuple[datetim
     if after is not None:
         clauses.append("(received_at, id) < (:after_at, :after_id)")
         params.update(after_at=after[0], after_id=after[1])
-    columns = ", ".join(COLUMNS + (("data",) if with_data else ()))
+    columns = SELECTED + (", data" if with_data else "")
     where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
     rows = conn.execute(
         sa.text(f"SELECT {columns} FROM dead_letters{where} ORDER BY received_at DESC, id DESC LIMIT :limit"),
@@ -449,51 +454,138 @@ def list_letters(conn: Connection, flt: Filter, limit: int, after: tuple[datetim
 def get(conn: Connection, letter_id: int, for_update: bool = False) -> dict | None:
     lock = " FOR UPDATE" if for_update else ""
     row = conn.execute(
-        sa.text(f"SELECT {', '.join(COLUMNS)}, data FROM dead_letters WHERE id = :id{lock}"), {"id": letter_id}
+        sa.text(f"SELECT {SELECTED}, data FROM dead_letters WHERE id = :id{lock}"), {"id": letter_id}
     ).mappings().first()
     return dict(row) if row else None
 
 
-def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> bool:
-    """Mark the letter as being sent by ``actor``; False while another
-    redelivery holds a claim younger than ``stale_seconds`` (one that died
-    mid-send is taken over after that).
+# A redelivery's claim: status ``sending``, redelivered_at the claim's
+# moment, redelivered_by its sender. The send is bounded (two tries, each
+# within PUBLISH_TIMEOUT_SECONDS as a whole, shared.deadline), so a sender
+# still alive records its outcome well within claim_stale_seconds; a claim
+# older than that was left by a sender that is gone (its process stopped,
+# or its request failed before recording and could not release it). Such a
+# claim is shown stale (claim_of), released by the sweep, and taken over by
+# the next redelivery, which releases it first (release_stale).
+CLAIM_MARGIN_SECONDS = 10
+
+
+def claim_stale_seconds(publish_timeout: float) -> float:
+    """How long a redelivery may hold its claim: two tries of the send and
+    a margin for recording the outcome."""
+    return 2 * publish_timeout + CLAIM_MARGIN_SECONDS
+
+
+def claim_of(row: dict, stale_seconds: float) -> dict | None:
+    """The claim a ``sending`` letter shows: who took it and when, how long
+    ago (the database's clock), when it goes stale and whether it has: its
+    sender is gone, the sweep or the next redelivery releases it. None when
+    no redelivery holds the letter."""
+    if row.get("redelivery_status") != SENDING:
+        return None
+    age = max(float(row.get("claim_age_seconds") or 0.0), 0.0)
+    return {"claimed_by": row.get("redelivered_by"), "claimed_at": row.get("redelivered_at"),
+            "age_seconds": round(age, 1), "stale_after_seconds": stale_seconds, "stale": age > stale_seconds}
+
+
+def claim_redelivery(conn: Connection, letter_id: int, actor: str, stale_seconds: float) -> datetime | None:
+    """Mark the letter as being sent by ``actor``: the claim's moment, which
+    the sender hands back to mark_redelivered (its token), or None while
+    another redelivery holds a claim younger than ``stale_seconds`` (the
+    caller releases a stale one first, release_stale, so its attempt is
+    counted and told; were it not, this takes it over all the same).
 
     redelivered_at is the claim's own moment (clock_timestamp, the row
     locked), not its transaction's start: a repeat recorded before it has
     an earlier received_at, and one caused by this send, recorded once the
-    Broker took it, a later one (see mark_redelivered)."""
+    Broker took it, a later one (see mark_redelivered). Claims of one row
+    are taken one after another under its lock, so each has a later moment
+    than the one before: the moment names the claim."""
     return conn.execute(
         sa.text(
             f"UPDATE dead_letters SET redelivery_status = '{SENDING}', "
             "redelivered_at = timezone('utc', clock_timestamp()), "
             "redelivered_by = :actor WHERE id = :id AND (redelivery_status IS DISTINCT FROM :sending "
-            "OR redelivered_at < timezone('utc', now()) - make_interval(secs => :stale)) RETURNING id"
+            "OR redelivered_at < timezone('utc', now()) - make_interval(secs => :stale)) RETURNING redelivered_at"
         ),
         {"id": letter_id, "actor": clip(actor, 200), "sending": SENDING, "stale": stale_seconds},
-    ).first() is not None
+    ).scalar()
 
 
-def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | None) -> dict:
-    """Record one redelivery attempt (who, when, how it went).
+# A repeat recorded after the claim means the redelivered event failed again.
+_OUTCOME_AFTER_REPEAT = (f"CASE WHEN CAST(:status AS text) = '{SENT}' AND (redelivery_status = '{DEAD_AGAIN}' "
+                         f"OR received_at >= redelivered_at) THEN '{DEAD_AGAIN}' ELSE :status END")
+
+
+def mark_redelivered(conn: Connection, letter_id: int, actor: str, error: str | None,
+                     claimed_at: datetime) -> dict | None:
+    """Record one redelivery attempt (who, when, how it went), made under
+    the claim taken at ``claimed_at``; None, nothing written, when the
+    letter no longer carries that claim: a redelivery that outlived its
+    claim was taken over, and writing its outcome would end the claim of
+    the one sending now (a third could then send it alongside). A claim the
+    sweep released (``failed``, its sender thought gone) still carries its
+    moment: the real outcome replaces the guess, counted once.
 
     The Broker's yes is not the subscriber's: a subscriber that refuses the
     event for good has it dead-lettered again at once, often before this
-    runs. That repeat moved received_at past the claim's start (claim
-    sets redelivered_at), and a previous release's sink may have set
-    dead_again meanwhile: either way the letter failed again, so it stays
-    for a person instead of showing as delivered."""
+    runs. That repeat moved received_at past the claim's moment, and a
+    previous release's sink may have set dead_again meanwhile: either way
+    the letter failed again, so it stays for a person instead of showing as
+    delivered.
+
+    The record carries ``was_sending``: False when the sweep had released
+    the claim (its outcome a guess, which this one replaces), so the
+    incident's timeline can say the later entry replaces the earlier."""
+    # The row's status before this write, read under its lock (the write
+    # takes the same lock in the same transaction): RETURNING gives only the
+    # new one, and the sweep's release may commit in between otherwise.
+    before = conn.execute(
+        sa.text("SELECT redelivery_status FROM dead_letters WHERE id = :id AND redelivered_at = :claimed_at FOR UPDATE"),
+        {"id": letter_id, "claimed_at": claimed_at},
+    ).first()
+    if before is None:
+        return None
     row = conn.execute(
         sa.text(
-            "UPDATE dead_letters SET redelivery_count = redelivery_count + 1, "
+            "UPDATE dead_letters SET redelivery_count = redelivery_count "
+            f"+ CASE WHEN redelivery_status = '{SENDING}' THEN 1 ELSE 0 END, "
             "redelivered_at = timezone('utc', now()), redelivered_by = :actor, "
-            f"redelivery_status = CASE WHEN CAST(:status AS text) = '{SENT}' AND (redelivery_status = '{DEAD_AGAIN}' "
-            f"OR received_at >= redelivered_at) THEN '{DEAD_AGAIN}' ELSE :status END, redelivery_error = :error "
-            f"WHERE id = :id RETURNING {', '.join(COLUMNS)}"
+            f"redelivery_status = {_OUTCOME_AFTER_REPEAT}, redelivery_error = :error "
+            f"WHERE id = :id AND redelivered_at = :claimed_at RETURNING {SELECTED}"
         ),
-        {"id": letter_id, "actor": clip(actor, 200), "status": FAILED if error else SENT, "error": clip(error, MAX_ERROR)},
-    ).mappings().one()
-    return dict(row)
+        {"id": letter_id, "actor": clip(actor, 200), "status": FAILED if error else SENT, "error": clip(error, MAX_ERROR),
+         "claimed_at": claimed_at},
+    ).mappings().first()
+    return {**row, "was_sending": before.redelivery_status == SENDING} if row is not None else None
+
+
+def release_stale(conn: Connection, stale_seconds: float, letter_id: int | None = None, batch: int = 100) -> list[dict]:
+    """End claims older than ``stale_seconds`` (their senders are gone): the
+    attempt counted, ``failed`` with a redelivery_error saying so, or
+    ``dead_again`` when the letter came back after the claim; the letters
+    released (id, incident, type, who claimed, outcome, error). Only
+    ``letter_id``'s when given (the next redelivery, which holds its row),
+    else at most ``batch`` (the sweep; rows a redelivery holds are skipped).
+    Whether the Broker got the event is not known: the letter stays for a
+    person, and sending it again is safe (the consumers' claims)."""
+    only = "AND id = :letter " if letter_id is not None else ""
+    rows = conn.execute(
+        sa.text(
+            "UPDATE dead_letters SET redelivery_count = redelivery_count + 1, "
+            f"redelivery_status = CASE WHEN received_at >= redelivered_at THEN '{DEAD_AGAIN}' ELSE '{FAILED}' END, "
+            "redelivery_error = :error "
+            "WHERE id IN (SELECT id FROM dead_letters "
+            f"WHERE redelivery_status = '{SENDING}' AND redelivered_at < timezone('utc', now()) - make_interval(secs => :stale) "
+            f"{only}ORDER BY redelivered_at LIMIT :batch FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, incident_id, event_type, redelivered_by, redelivered_at, redelivery_status, redelivery_error"
+        ),
+        {"stale": stale_seconds, "letter": letter_id, "batch": batch,
+         "error": clip(f"no outcome was recorded within {stale_seconds:g}s of the claim: its sender is gone (its "
+                       "process stopped, or its request failed before recording); whether the Broker got the event "
+                       "is not known", MAX_ERROR)},
+    ).mappings().all()
+    return [dict(r) for r in rows]
 
 
 def counts(conn: Connection) -> tuple[int, int]:

@@ -92,6 +92,15 @@ class SchemaBehind(ServiceUnavailable):
         super().__init__(message, **details)
 
 
+class NotRecorded(ApiError):
+    """The work was done but recording it failed (the database refused the
+    write twice): a dead letter the Broker accepted whose redelivery is not
+    recorded. Not a 503: a retry would do the work again. Not a 2xx: nothing
+    is committed. The body says what was done."""
+
+    code = "not_recorded"
+
+
 class BadGateway(ApiError):
     """A service we depend on did not accept the work; the Broker retries."""
 

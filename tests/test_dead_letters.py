@@ -982,3 +982,369 @@ def test_a_redelivery_says_what_the_broker_answered_whatever_broke_in_its_answer
         error = backlog.send(deadline.bounded(requests.Session()), broker.url + "/default/incidents", b"{}", 2.0)
         assert broker.requests == 1
     assert error == said, error
+
+
+# --------------------------------------------------------------------------- a redelivery's claim
+# The query's PUBLISH_TIMEOUT_SECONDS is the default 5: two tries and 10 s.
+STALE_AFTER = 20
+
+
+def claim_and_die(engine, letter_id, actor="api:alice"):
+    """What a redelivery writes before it sends, and nothing after: the
+    query process killed between its claim and its outcome. The claim's
+    moment, which its sender would have kept."""
+    from shared import dead_letters
+
+    with engine.begin() as conn:
+        claimed_at = dead_letters.claim_redelivery(conn, letter_id, actor, STALE_AFTER)
+    assert claimed_at is not None
+    return claimed_at
+
+
+def time_passes(engine, ids, interval="1 minute"):
+    """As if ``interval`` had passed since these letters were stored and
+    claimed: their moments move back that far."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE dead_letters SET received_at = received_at - interval '{interval}', "
+                             f"redelivered_at = redelivered_at - interval '{interval}' WHERE id = ANY(:ids)"), {"ids": list(ids)})
+        return conn.execute(sa.text("SELECT redelivered_at FROM dead_letters WHERE id = ANY(:ids) ORDER BY id"),
+                            {"ids": list(ids)}).scalars().all()
+
+
+def board_page(query, path="/ui/backlog"):
+    session = requests.Session()
+    assert session.post(query.url + "/ui/login", data={"token": TEST_TOKEN, "next": "/ui"}, timeout=10).ok
+    return session.get(query.url + path, timeout=10).text
+
+
+def test_a_claim_whose_sender_was_killed_shows_so_and_the_next_redelivery_releases_and_takes_it_over(world, broker, clean_db):
+    """The query process was killed between the claim and the outcome: the
+    letter showed "sending" as if it were being sent, on the API and the
+    board (which showed nothing at all for a first redelivery)."""
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-killed", subject=incident_id)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    claim_and_die(clean_db, letter["id"])
+
+    (sending,) = api(query, "GET", "/dead-letters").json()
+    claim = sending["redelivery_claim"]
+    assert sending["redelivery_status"] == "sending" and claim["claimed_by"] == "api:alice"
+    assert (claim["stale"], claim["stale_after_seconds"]) == (False, STALE_AFTER) and 0 <= claim["age_seconds"] < STALE_AFTER
+    assert 'id="claim-{}">being sent now'.format(letter["id"]) in board_page(query)
+    refused = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "bob"})
+    assert refused.status_code == 409 and "under way" in refused.json()["message"]
+
+    time_passes(clean_db, [letter["id"]])  # and no outcome ever comes
+    (gone,) = api(query, "GET", "/dead-letters", params={"redelivered": "no"}).json()
+    assert gone["redelivery_status"] == "sending" and gone["redelivery_claim"]["stale"] is True
+    assert gone["redelivery_claim"]["age_seconds"] >= 60
+    page = board_page(query)
+    assert 'id="claim-{}">sender gone'.format(letter["id"]) in page and "claimed by api:alice" in page
+
+    taken = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "bob"})
+    assert taken.status_code == 200, taken.text
+    body = taken.json()
+    assert (body["sent"], body["redelivery_status"], body["redelivered_by"], body["redelivery_claim"]) == (
+        True, "sent", "api:bob", None)
+    assert body["redelivery_count"] == 2  # alice's attempt, whatever became of it, and bob's
+    assert [r.json()["id"] for r in broker.received()] == ["ev-killed"]
+    with clean_db.connect() as conn:
+        told = [(t["actor"], t["details"]["outcome"], t["details"]["error"]) for t in svc.get_timeline(conn, incident_id)
+                if t["kind"] == "dead_letter_redelivered"]
+    assert told[0][:2] == ("api:alice", "failed") and "its sender is gone" in told[0][2]
+    assert told[1] == ("api:bob", "sent", None)
+
+
+def test_the_sweep_releases_claims_whose_senders_are_gone_and_only_those(world, broker, clean_db, base_env):
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    for event_id in ("ev-gone", "ev-gone-came-back", "ev-alive"):
+        dead_letter(deadletter, event_id, subject=incident_id)
+    ids = {d["event_id"]: d["id"] for d in api(query, "GET", "/dead-letters").json()}
+    claim_and_die(clean_db, ids["ev-gone"])
+    claim_and_die(clean_db, ids["ev-gone-came-back"])
+    gone_claim, _ = time_passes(clean_db, [ids["ev-gone"], ids["ev-gone-came-back"]])
+    alive = claim_and_die(clean_db, ids["ev-alive"], actor="api:carol")
+    # The subscriber refused the event the gone sender had sent: it came back.
+    dead_letter(deadletter, "ev-gone-came-back", subject=incident_id, code="400", error=b"unknown field")
+
+    intake = FunctionProcess("intake", {**base_env, "K_SINK": broker.url + "/default/incidents"}).start()
+    assert requests.post(intake.url + "/outbox/sweep", headers=AUTH, timeout=30).status_code == 200
+
+    letters = {d["event_id"]: d for d in api(query, "GET", "/dead-letters").json()}
+    gone, back, sending = letters["ev-gone"], letters["ev-gone-came-back"], letters["ev-alive"]
+    assert (gone["redelivery_status"], gone["redelivery_count"]) == ("failed", 1) and gone["redelivery_claim"] is None
+    assert "its sender is gone" in gone["redelivery_error"] and "whether the Broker got the event is not known" in gone["redelivery_error"]
+    assert (back["redelivery_status"], back["code"]) == ("dead_again", "400") and back["redelivery_claim"] is None
+    assert sending["redelivery_status"] == "sending" and sending["redelivery_claim"]["stale"] is False
+    with clean_db.connect() as conn:
+        assert sum(t["kind"] == "dead_letter_redelivered" for t in svc.get_timeline(conn, incident_id)) == 2
+    # The sender that was alive records its outcome under its claim; one
+    # thought gone that was only slow replaces the guess, counted once.
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        assert dead_letters.mark_redelivered(conn, ids["ev-alive"], "api:carol", None, alive)["redelivery_status"] == "sent"
+        late = dead_letters.mark_redelivered(conn, ids["ev-gone"], "api:alice", None, gone_claim)
+    assert (late["redelivery_status"], late["redelivery_count"], late["redelivery_error"]) == ("sent", 1, None)
+
+
+def test_a_redelivery_that_crashes_after_its_claim_records_a_failure_instead_of_sending(world, broker, clean_db, monkeypatch):
+    """A SOCKS proxy in HTTP_PROXY: the bound refuses its connection with a
+    TypeError, no requests error, which escaped the redelivery after its
+    claim (a 500 and a letter "sending" until the claim went stale)."""
+    from shared import backlog
+
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-crash", subject=incident_id)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:9")
+    with pytest.raises(TypeError):
+        backlog.redeliver(clean_db, broker.url + "/default/incidents", letter["id"], "api:alice", timeout=2.0)
+    monkeypatch.delenv("HTTP_PROXY")
+
+    (after,) = api(query, "GET", "/dead-letters").json()
+    assert (after["redelivery_status"], after["redelivery_count"]) == ("failed", 1) and after["redelivery_claim"] is None
+    assert after["redelivery_error"].startswith("TypeError: the redelivery failed before the Broker's answer was read")
+    assert broker.received() == []
+    assert api(query, "POST", f"/dead-letters/{letter['id']}/redeliver").json()["redelivery_status"] == "sent"
+
+
+def test_a_redelivery_whose_recording_the_database_fails_still_records_its_outcome(world, broker, clean_db):
+    """The outcome and the timeline entry are one transaction: the database
+    failing it (here a trigger refusing the entry) left the letter
+    "sending", its event sent, until the claim went stale."""
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-unrecorded", subject=incident_id)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE FUNCTION refuse_redelivered() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.kind = 'dead_letter_redelivered' THEN RAISE EXCEPTION 'disk full' USING ERRCODE = '53100'; END IF; "
+            "RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER refuse_redelivered BEFORE INSERT ON incident_timeline "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_redelivered()"))
+    try:
+        response = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver")
+    finally:
+        with clean_db.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER refuse_redelivered ON incident_timeline"))
+            conn.execute(sa.text("DROP FUNCTION refuse_redelivered()"))
+    assert response.status_code == 200, response.text
+    assert (response.json()["redelivery_status"], response.json()["redelivery_count"]) == ("sent", 1)
+    assert [r.json()["id"] for r in broker.received()] == ["ev-unrecorded"]
+    (after,) = api(query, "GET", "/dead-letters").json()
+    assert (after["redelivery_status"], after["redelivery_claim"]) == ("sent", None)
+
+
+def test_a_redelivery_that_outlived_its_claim_does_not_end_the_one_that_took_it_over(world, broker, clean_db):
+    """Alice's redelivery held its claim past stale (it was slow to record);
+    Bob took it over and is sending. Alice's outcome, written when she
+    finally got to it, ended Bob's claim: the letter showed "sent" while
+    Bob's send was under way, and Carol could send it alongside him."""
+    import threading
+
+    from shared import dead_letters
+
+    deadletter, query = world
+    dead_letter(deadletter, "ev-overtaken")
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    claim_and_die(clean_db, letter["id"])
+    (alice,) = time_passes(clean_db, [letter["id"]])  # her claim's moment, a minute ago
+    release = threading.Event()
+    broker.responder = lambda r: (release.wait(10), (202, {}, b""))[1]
+    bob = {}
+    sender = threading.Thread(target=lambda: bob.update(r=api(
+        query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "bob"})))
+    sender.start()
+    try:
+        wait_until(lambda: broker.requests, 10, message="Bob's redelivery to reach the Broker")
+        with clean_db.begin() as conn:  # Alice's send ends: the Broker took it
+            assert dead_letters.mark_redelivered(conn, letter["id"], "api:alice", None, alice) is None
+        carol = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver?force=true", headers={"X-Actor": "carol"})
+        assert carol.status_code == 409 and "under way" in carol.json()["message"], carol.text
+    finally:
+        release.set()
+        sender.join(15)
+    assert bob["r"].status_code == 200 and bob["r"].json()["redelivered_by"] == "api:bob"
+    assert len(broker.requests) == 1
+    (after,) = api(query, "GET", "/dead-letters").json()
+    # Alice's attempt is counted once (released when Bob took over), Bob's once.
+    assert (after["redelivery_status"], after["redelivery_count"], after["redelivered_by"]) == ("sent", 2, "api:bob")
+
+
+def refuse_recording_outcomes(engine, actor="api:alice"):
+    """The database refuses ``actor``'s outcome (disk full, SQLSTATE 53100):
+    a trigger on the letter's update out of ``sending``. Dropped by the
+    returned function."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE FUNCTION refuse_outcome() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF OLD.redelivery_status = 'sending' AND NEW.redelivery_status <> 'sending' "
+            f"AND NEW.redelivered_by = '{actor}' THEN RAISE EXCEPTION 'disk full' USING ERRCODE = '53100'; END IF; "
+            "RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER refuse_outcome BEFORE UPDATE ON dead_letters "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_outcome()"))
+
+    def drop():
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER refuse_outcome ON dead_letters"))
+            conn.execute(sa.text("DROP FUNCTION refuse_outcome()"))
+    return drop
+
+
+def test_a_redelivery_the_broker_accepted_but_the_database_would_not_record_is_a_500_that_says_so(world, broker, clean_db):
+    """Both recordings failed after the Broker took the event: the answer
+    was a 503 with Retry-After (a retry sends it again once the claim is
+    stale, and the sweep's release then says "whether the Broker got the
+    event is not known"), and no log line said the Broker had it."""
+    deadletter, query = world
+    dead_letter(deadletter, "ev-accepted-unrecorded")
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    drop = refuse_recording_outcomes(clean_db)
+    try:
+        response = api(query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})
+    finally:
+        drop()
+    assert response.status_code == 500 and "Retry-After" not in response.headers, response.text
+    body = response.json()
+    assert (body["error"], body["dead_letter_id"], body["broker_accepted"], body["broker_error"]) == (
+        "not_recorded", letter["id"], True, None)
+    assert body["message"].startswith(f"the Broker accepted dead letter {letter['id']} and recording that failed")
+    assert [r.json()["id"] for r in broker.received()] == ["ev-accepted-unrecorded"]
+    said = [json.loads(line) for line in query.logs().splitlines()
+            if f"The Broker accepted dead letter {letter['id']} and recording that failed" in line]
+    assert said and said[0]["level"] == "ERROR" and said[0]["broker_accepted"] is True, said
+    assert "disk full" in said[0]["exception"]
+    (after,) = api(query, "GET", "/dead-letters").json()
+    assert after["redelivery_status"] == "sending" and after["redelivery_claim"]["claimed_by"] == "api:alice"
+
+
+def test_a_bug_while_recording_a_redelivery_and_the_failure_after_it_are_both_logged_with_their_tracebacks(
+        world, broker, clean_db, monkeypatch, caplog):
+    """Telling the incident raised (a bug, no database error): the warning
+    named only the exception's type, and when recording the outcome alone
+    failed too, that failure was not logged at all."""
+    import logging
+
+    from shared import backlog
+    from shared.errors import NotRecorded
+
+    def broken_tell(*args, **kwargs):
+        raise KeyError("a bug in telling the incident")
+
+    deadletter, query = world
+    dead_letter(deadletter, "ev-bug")
+    dead_letter(deadletter, "ev-bug-unrecorded")
+    ids = {d["event_id"]: d["id"] for d in api(query, "GET", "/dead-letters").json()}
+    sink = broker.url + "/default/incidents"
+    monkeypatch.setattr(backlog, "_tell", broken_tell)
+    caplog.set_level(logging.WARNING)
+
+    record, sent, error = backlog.redeliver(clean_db, sink, ids["ev-bug"], "api:alice", timeout=2.0)
+    assert (record["redelivery_status"], sent, error) == ("sent", True, None)  # the outcome alone
+    (first,) = [r for r in caplog.records if r.message.startswith("Recording a dead letter's redelivery failed")]
+    assert first.exc_info and isinstance(first.exc_info[1], KeyError)
+
+    caplog.clear()
+    monkeypatch.undo()  # now the database refuses both recordings
+    drop = refuse_recording_outcomes(clean_db)
+    try:
+        with pytest.raises(NotRecorded) as raised:
+            backlog.redeliver(clean_db, sink, ids["ev-bug-unrecorded"], "api:alice", timeout=2.0)
+    finally:
+        drop()
+    assert raised.value.details["broker_accepted"] is True
+    first, second = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert first.exc_info and isinstance(first.exc_info[1], sa.exc.DBAPIError)
+    assert second.levelno == logging.ERROR and second.exc_info and isinstance(second.exc_info[1], sa.exc.DBAPIError)
+    assert "53100" in str(second.exc_info[1]) or "disk full" in str(second.exc_info[1])
+    assert second.message.startswith(f"The Broker accepted dead letter {ids['ev-bug-unrecorded']}")
+
+
+def test_a_sender_the_sweep_thought_gone_says_its_outcome_replaces_the_release(world, broker, clean_db):
+    """The sweep released a claim whose sender was only slow (an intake
+    with a shorter PUBLISH_TIMEOUT_SECONDS, a send at the edge): the
+    timeline showed "failed, sender gone" then "sent", unlinked, as if
+    there had been two redeliveries."""
+    import threading
+
+    from shared import backlog, dead_letters
+
+    deadletter, query = world
+    incident_id = seed(clean_db)
+    dead_letter(deadletter, "ev-slow", subject=incident_id)
+    (letter,) = api(query, "GET", "/dead-letters").json()
+    release = threading.Event()
+    broker.responder = lambda r: (release.wait(10), (202, {}, b""))[1]
+    alice = {}
+    sender = threading.Thread(target=lambda: alice.update(r=api(
+        query, "POST", f"/dead-letters/{letter['id']}/redeliver", headers={"X-Actor": "alice"})))
+    sender.start()
+    try:
+        wait_until(lambda: broker.requests, 10, message="Alice's redelivery to reach the Broker")
+        with clean_db.begin() as conn:  # a sweep that judges every claim stale
+            backlog.told_released(conn, dead_letters.release_stale(conn, 0.0))
+    finally:
+        release.set()
+        sender.join(15)
+    assert alice["r"].status_code == 200, alice["r"].text
+    assert (alice["r"].json()["redelivery_status"], alice["r"].json()["redelivery_count"]) == ("sent", 1)
+    with clean_db.connect() as conn:
+        released, outcome = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "dead_letter_redelivered"]
+    assert released["outcome"] == "failed" and "its sender is gone" in released["error"] and "replaces" not in released
+    assert outcome["outcome"] == "sent" and outcome["claimed_at"] == released["claimed_at"]
+    assert outcome["replaces"].startswith("replaces the earlier entry of this claim")
+
+
+def test_recording_says_whether_the_claim_was_still_held(world, clean_db):
+    from shared import dead_letters
+
+    deadletter, _ = world
+    dead_letter(deadletter, "ev-held")
+    dead_letter(deadletter, "ev-released")
+    with clean_db.connect() as conn:
+        ids = dict(conn.execute(sa.text("SELECT event_id, id FROM dead_letters")).all())
+    held = claim_and_die(clean_db, ids["ev-held"])
+    claim_and_die(clean_db, ids["ev-released"])
+    (released,) = time_passes(clean_db, [ids["ev-released"]])
+    with clean_db.begin() as conn:
+        assert [r["id"] for r in dead_letters.release_stale(conn, STALE_AFTER)] == [ids["ev-released"]]
+        assert dead_letters.mark_redelivered(conn, ids["ev-held"], "api:alice", None, held)["was_sending"] is True
+        late = dead_letters.mark_redelivered(conn, ids["ev-released"], "api:alice", None, released)
+    assert (late["was_sending"], late["redelivery_status"], late["redelivery_count"]) == (False, "sent", 1)
+
+
+def test_the_sweeps_release_of_stale_claims_reads_only_the_letters_being_sent(clean_db):
+    """Migration 0027: without its partial index the release, every
+    minute, read the whole table (dead letters are never deleted) for the
+    few letters a redelivery holds."""
+    from shared import dead_letters
+
+    with clean_db.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO dead_letters (event_id, event_source, event_type, redelivery_status, redelivered_at, "
+            "redelivery_count) SELECT 'ev-' || g, 's', 't', 'sent', timezone('utc', now()) - interval '1 hour', 1 "
+            "FROM generate_series(1, 5000) g"))
+        conn.execute(sa.text(
+            "INSERT INTO dead_letters (event_id, event_source, event_type, redelivery_status, redelivered_at) "
+            "VALUES ('claimed', 's', 't', 'sending', timezone('utc', now()) - interval '1 minute')"))
+    with clean_db.connect() as conn:
+        conn.execute(sa.text("ANALYZE dead_letters"))
+        conn.commit()
+    with clean_db.connect() as conn, conn.begin() as transaction:
+        conn.exec_driver_sql("LOAD 'auto_explain'")
+        for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_level = notice", "client_min_messages = notice"):
+            conn.exec_driver_sql(f"SET LOCAL {setting}")
+        notices = conn.connection.dbapi_connection.notices
+        notices.clear()
+        assert [r["event_type"] for r in dead_letters.release_stale(conn, STALE_AFTER)] == ["t"]
+        conn.exec_driver_sql("SELECT 1")  # a plan reaches the client with the next exchange
+        plan = "\n".join(n.get(b"M", b"").decode() for n in notices)
+        transaction.rollback()
+    assert "idx_dead_letters_sending" in plan and "Seq Scan on dead_letters" not in plan, plan

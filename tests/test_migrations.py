@@ -348,3 +348,19 @@ def test_claims_are_indexed_by_incident_and_the_downgrade_drops_it(scratch_url):
             assert "idx_work_claims_incident" not in _indexes(conn, "work_claims")
     finally:
         engine.dispose()
+
+
+def test_letters_being_redelivered_are_indexed_by_their_claim_and_the_downgrade_drops_it(scratch_url):
+    """0027: the sweep's release of stale redelivery claims reads the
+    letters ``sending`` alone, oldest claim first."""
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0027")
+        with engine.connect() as conn:
+            definition = _indexes(conn, "dead_letters")["idx_dead_letters_sending"]
+        assert "(redelivered_at) WHERE" in definition and "'sending'" in definition, definition
+        migrate.downgrade(scratch_url, "0025")
+        with engine.connect() as conn:
+            assert "idx_dead_letters_sending" not in _indexes(conn, "dead_letters")
+    finally:
+        engine.dispose()

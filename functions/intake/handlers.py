@@ -11,7 +11,7 @@ from flask import Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from functions.intake.batching import GroupCommit
-from shared import content_coding, db, eventio, events, incidents, noise, reconcile, retention
+from shared import backlog, content_coding, db, eventio, events, incidents, noise, reconcile, retention
 from functions.intake.sources import CLOUDEVENT, REGISTRY, Source
 from shared.alerts import Alert, InvalidPayload, Parsed, Rejected
 from shared.config import Settings
@@ -195,6 +195,9 @@ class Intake:
             report = self.publisher.sweep()
             # After publishing, so what was just sent is not waiting behind a delete.
             retention.run_safely(db.engine(), self.config)
+            # Dead letters whose redelivery's sender is gone stop showing "sending".
+            db.for_the_sweep("Releasing stale dead-letter claims", lambda: backlog.release_stale_claims(
+                db.engine(), self.config.publish_timeout_seconds), log)
         summary = {"published": len(report.published), "failed": len(report.failed), "parked": len(report.parked),
                    "pending": report.pending_left}
         log.info("Outbox sweep", extra=summary)

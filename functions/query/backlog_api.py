@@ -90,7 +90,14 @@ def parse_outbox_id(raw: str) -> str:
     return dead_letters.clean(raw)
 
 
-def present_dead_letter(row: dict) -> dict:
+def present_claim(row: dict, stale_seconds: float) -> dict | None:
+    """The redelivery claim of a ``sending`` letter: being sent now, or
+    stale (its sender is gone; the sweep or the next redelivery releases it)."""
+    claim = dead_letters.claim_of(row, stale_seconds)
+    return claim and {**claim, "claimed_at": rfc3339(claim["claimed_at"])}
+
+
+def present_dead_letter(row: dict, stale_seconds: float) -> dict:
     marks = (dead_letters.BASE64_MARK, dead_letters.CLEANED_MARK)
     attributes = {k: v for k, v in (row.get("attributes") or {}).items() if k not in marks}
     return {
@@ -111,6 +118,7 @@ def present_dead_letter(row: dict) -> dict:
         "redelivered_by": row["redelivered_by"],
         "redelivery_status": row["redelivery_status"],
         "redelivery_error": row["redelivery_error"],
+        "redelivery_claim": present_claim(row, stale_seconds),
     }
 
 
@@ -135,7 +143,8 @@ class BacklogApi:
         headers = {}
         if following is not None:
             headers["Link"] = next_link(request, encode_cursor(incidents.Cursor(following[0], str(following[1]))))
-        return json_response([present_dead_letter(r) for r in rows], headers=headers)
+        stale = dead_letters.claim_stale_seconds(self.config.publish_timeout_seconds)
+        return json_response([present_dead_letter(r, stale) for r in rows], headers=headers)
 
     def redeliver_dead_letter(self, request: Request, letter_id: str) -> Response:
         check_parameters(request.args, ("force",))
@@ -143,7 +152,7 @@ class BacklogApi:
         force = bool(parse_flag(request.args, "force", "true", "false"))
         record, sent, error = backlog.redeliver(db.engine(), self.config.k_sink, letter_id_int, self.actor(request),
                                                 force, self.config.publish_timeout_seconds)
-        body = present_dead_letter(record)
+        body = present_dead_letter(record, dead_letters.claim_stale_seconds(self.config.publish_timeout_seconds))
         if error:
             raise BadGateway(f"the Broker did not accept the event: {error}", dead_letter=body)
         return json_response({**body, "sent": sent})

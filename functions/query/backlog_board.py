@@ -41,8 +41,11 @@ class BacklogBoard:
             flt, limit, after = parse_dead_letter_filters(args)
         except BadRequest as exc:
             flt, limit, after, error, refused = dead_letters.Filter(redelivered=False), 50, None, exc.message, True
+        stale = dead_letters.claim_stale_seconds(self.board.config.publish_timeout_seconds)
         with db.engine().connect() as conn:
             letters, following = dead_letters.list_letters(conn, flt, limit, after)
+            for letter in letters:
+                letter["claim"] = dead_letters.claim_of(letter, stale)
             parked, _ = backlog.list_parked(conn, backlog.ParkedFilter(), PARKED_SHOWN)
             total, waiting = dead_letters.counts(conn)
             parked_total = backlog.parked_count(conn)
