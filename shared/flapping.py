@@ -27,7 +27,7 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import db
+from shared import db, proposals
 from shared.alerts import Alert
 from shared.timeline import add_timeline
 
@@ -191,6 +191,8 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
             if incident is not None:
                 add_timeline(conn, incident["id"], "reopened", {"generation": incident["generation"],
                              "reason": "still firing after it stopped flapping"}, ACTOR)
+                # A new generation: the pending proposals of the last one end (incident locked first, by _REPAGE).
+                proposals.supersede_on_reopen(conn, incident["id"], incident["generation"])
                 repaged.append(dict(incident))
         if row["last_status"] == "resolved":
             resolutions.append(Alert(fingerprint=row["fingerprint"], status="resolved", alert_name="", priority="P2",

@@ -16,7 +16,7 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events, ignored_alerts, noise, outbox
+from shared import events, ignored_alerts, noise, outbox, proposals
 from shared.alerts import Alert
 from shared.config import Settings, settings
 from shared.correlation import store as correlation_store
@@ -342,6 +342,8 @@ def record_alerts(
             if row["id"] in reopened:
                 outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "reopened", row["id"])
                 timeline.append(timeline_row(row["id"], "reopened", actor, {"from": "resolved", "to": "open", "generation": row["generation"], "reason": "the alert fired again soon after remediation resolved it"}))
+                # Locked by AFTER_REMEDIATION's update: its proposals next.
+                proposals.supersede_on_reopen(conn, row["id"], row["generation"], timeline)
                 new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
                 continue
             outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])

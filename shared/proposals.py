@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from shared import events, outbox
 from shared.incident_queries import get_incident
-from shared.timeline import add_timeline
+from shared.timeline import add_timeline, timeline_row
 
 UTC_NOW = "timezone('utc', now())"
 INCIDENT_REMEDIATION_APPROVED = events.INCIDENT_REMEDIATION_APPROVED
@@ -50,8 +50,15 @@ def lock_incident(conn: Connection, incident_id: str, for_update: bool = False) 
     the share locks of other writers' timeline entries. ``for_update``: a
     transaction that may go on to lock the row FOR UPDATE (resolving it)
     takes that mode at once, never raising its own lock later."""
+    position = _lock(conn, incident_id, for_update)
+    return position[0] if position else None
+
+
+def _lock(conn: Connection, incident_id: str, for_update: bool = False) -> tuple[int, int] | None:
+    """lock_incident, returning (generation, root_generation)."""
     mode = "FOR UPDATE" if for_update else "FOR NO KEY UPDATE"
-    return conn.execute(sa.text(f"SELECT generation FROM incidents WHERE id = :i {mode}"), {"i": incident_id}).scalar()
+    row = conn.execute(sa.text(f"SELECT generation, root_generation FROM incidents WHERE id = :i {mode}"), {"i": incident_id}).first()
+    return (row[0], row[1] or 0) if row else None
 
 
 def create(conn: Connection, incident: dict, playbook: str, actions: list[dict], preview: list[dict], ttl_seconds: int) -> dict:
@@ -59,11 +66,19 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
     one of that generation or of an earlier one is superseded (only the
     newest can be approved). One planned for a generation the incident has
     left since (the incident read before a reopen) is stored superseded and
-    supersedes nothing: the current generation's proposal stays pending."""
-    current = lock_incident(conn, incident["id"])
-    generation = incident["generation"]
+    supersedes nothing: the current generation's proposal stays pending.
+    So is one planned on a root another alert has taken over from since
+    (the incident read before the take-over): the take-over superseded the
+    pending proposals of the roots before it (:func:`supersede_on_root_change`)."""
+    position = _lock(conn, incident["id"])
+    current, current_root = position if position else (None, 0)
+    generation, root = incident["generation"], incident.get("root_generation") or 0
     proposal_id = str(uuid.uuid4())
-    stale = current is not None and current > generation
+    stale = current is not None and (current > generation or (current == generation and current_root > root))
+    stale_reason = None
+    if stale:
+        stale_reason = (superseded_reason(generation, current) if current > generation
+                        else root_changed_reason(current_root, root))
     superseded = [] if stale else conn.execute(sa.text(
         "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()), "
         "reason = CASE WHEN generation < :g THEN 'the incident was reopened (generation ' || CAST(:g AS text) "
@@ -78,7 +93,7 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
         {"id": proposal_id, "i": incident["id"], "g": generation, "p": playbook,
          "a": json.dumps(actions, default=str), "pv": json.dumps(preview, default=str),
          "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds, "s": "superseded" if stale else "pending", "stale": stale,
-         "r": superseded_reason(generation, current) if stale else None}).mappings().one()
+         "r": stale_reason}).mappings().one()
     proposal = dict(row)
     add_timeline(conn, incident["id"], "remediation_proposed", {
         "proposal_id": proposal["id"], "playbook": playbook, "hash": proposal["hash"], "actions": actions,
@@ -186,17 +201,53 @@ def superseded_reason(proposed_at: int, generation: int) -> str:
     return f"the incident was reopened (generation {generation}) since it was proposed for generation {proposed_at}"
 
 
-def supersede_on_reopen(conn: Connection, incident_id: str, generation: int) -> list[str]:
+def root_changed_reason(root_generation: int, proposed_at: int) -> str:
+    return (f"another alert took over as the incident's root (root generation {root_generation}) "
+            f"since it was proposed for root generation {proposed_at}")
+
+
+def supersede_on_reopen(conn: Connection, incident_id: str, generation: int, timeline: list[dict] | None = None) -> list[str]:
     """A reopen (the incident's ``generation`` is new) ends the pending
-    proposals of the generations before it: the board stops offering them."""
+    proposals of the generations before it, in the reopen's transaction:
+    the board stops offering them and nobody approves an action planned
+    for the generation just left. Every reopen calls it (a person's, the
+    intake's after a fix that did not hold, the flapping re-page), after
+    its UPDATE of the incident: the incident is locked before the
+    proposals, as every writer of proposals locks them (lock_incident).
+    ``timeline``: a batch's entries (shared.ingest), appended to instead
+    of written one by one, so they follow its ``reopened`` entry."""
     pending = conn.execute(sa.text(
         "SELECT id, generation FROM remediation_proposals WHERE incident_id = :i AND status = 'pending' AND generation < :g "
         "ORDER BY id FOR UPDATE"), {"i": incident_id, "g": generation}).all()
-    for proposal_id, proposed_at in pending:
-        reason = superseded_reason(proposed_at, generation)
+    return _supersede(conn, incident_id, [(p, superseded_reason(at, generation)) for p, at in pending], timeline)
+
+
+def supersede_on_root_change(conn: Connection, incident_id: str, generation: int, root_generation: int,
+                             timeline: list[dict] | None = None) -> list[str]:
+    """A take-over (another alert became the root: ``root_generation`` is
+    new) ends the pending proposals of the generation: each was planned on
+    an earlier root's diagnosis (a proposal is made only from a diagnosis
+    of the root the incident had then), and remediation acts only on the
+    current root's (docs/correlation.md). The new root's diagnosis brings
+    its own proposal if its playbook asks for one. Called in the
+    take-over's transaction, after its UPDATE of the incident (incident
+    first, then the proposals). ``timeline`` as in supersede_on_reopen."""
+    pending = conn.execute(sa.text(
+        "SELECT id FROM remediation_proposals WHERE incident_id = :i AND status = 'pending' AND generation <= :g "
+        "ORDER BY id FOR UPDATE"), {"i": incident_id, "g": generation}).scalars().all()
+    return _supersede(conn, incident_id, [(p, root_changed_reason(root_generation, root_generation - 1)) for p in pending],
+                      timeline)
+
+
+def _supersede(conn: Connection, incident_id: str, ended: list[tuple[str, str]], timeline: list[dict] | None) -> list[str]:
+    for proposal_id, reason in ended:
         _set(conn, proposal_id, "superseded", reason=reason)
-        add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
-    return [proposal_id for proposal_id, _ in pending]
+        details = {"proposal_id": proposal_id, "reason": reason}
+        if timeline is None:
+            add_timeline(conn, incident_id, "remediation_proposal_superseded", details, "system")
+        else:
+            timeline.append(timeline_row(incident_id, "remediation_proposal_superseded", "system", details))
+    return [proposal_id for proposal_id, _ in ended]
 
 
 def _expired(conn: Connection, proposal: dict) -> bool:

@@ -261,7 +261,8 @@ class RemediationHandler(ApprovalFlow):
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         with db.transaction() as conn:
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"])
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"],
+                                              incident.get("root_generation") or 0)
             incidents.add_timeline(
                 conn, incident["id"], "remediation_result",
                 {**result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,

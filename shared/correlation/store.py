@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import db, events
+from shared import db, events, proposals
 from shared.alerts import Alert
 from shared.correlation.plan import Links, subject
 from shared.sqltext import UTC_NOW, compact
@@ -391,6 +391,8 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
             change = {"from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
                       "alert_name": alert.alert_name, "reason": reason, "root_generation": done["root_generation"]}
             timeline.append(timeline_row(incident_id, "root_changed", actor, change))
+            # Proposals planned on the old root's diagnosis end with it (the incident is locked by TAKE_OVER).
+            proposals.supersede_on_root_change(conn, incident_id, done["generation"], done["root_generation"], timeline)
             new_events.append(root_changed_event(dict(done), event_source, change))
     touched_incidents = set(joined.values())
     for old, (target, reason) in sorted(decision.merges.items()):

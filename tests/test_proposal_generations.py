@@ -1,0 +1,210 @@
+"""A proposal is of its incident's generation and root: every reopen (a
+person's, the intake's after a fix that did not hold, the flapping re-page)
+and every take-over by a new root supersedes the pending proposals it
+leaves behind, in its own transaction, so nobody is offered an action
+planned for what the incident no longer is. A run or an approval of the
+old root acts on nothing and resolves nothing. Real PostgreSQL; the
+remediation handler in process (its Kubernetes client is not configured,
+and nothing here reaches it)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sqlalchemy as sa
+
+from functions.remediation import playbooks as pb
+from functions.remediation.handler import RemediationHandler
+from functions.remediation.result import Result
+from shared import claims, outbox, proposals
+from shared import incidents as svc
+from shared.correlation.plan import Correlator
+from shared.correlation.rules import parse
+from shared.publisher import Publisher
+from tests.factories import alert
+from tests.storms import kp
+from tests.test_correlation_pipeline import SAME_SERVICE
+from tests.test_noise_control import at, flips, settings, sweep  # noqa: F401 (at: the injected clock)
+
+ACTIONS = [{"action": "restart_deployment", "target": "production/email-service", "params": {}}]
+
+
+def propose(engine, incident_id: str, incident: dict | None = None) -> dict:
+    """A proposal planned on ``incident`` as remediation read it (now, unless given)."""
+    with engine.begin() as conn:
+        return proposals.create(conn, incident or svc.get_incident(conn, incident_id), "restart", ACTIONS, [], 600)
+
+
+def stored(engine, incident_id: str, proposal_id: str) -> tuple[str, str | None]:
+    with engine.connect() as conn:
+        p = proposals.get(conn, incident_id, proposal_id)
+    return p["status"], p["reason"]
+
+
+def kinds(engine, incident_id: str) -> list[str]:
+    with engine.connect() as conn:
+        return [t["kind"] for t in svc.get_timeline(conn, incident_id)]
+
+
+def incident(engine, incident_id: str) -> dict:
+    with engine.connect() as conn:
+        return svc.get_incident(conn, incident_id)
+
+
+# ------------------------------------------------------------------ reopens
+
+
+def test_the_intake_reopening_the_incident_supersedes_its_pending_proposals_at_once(clean_db):
+    """The alert fires again after remediation resolved the incident: the
+    intake's reopen (generation 1) ends generation 0's pending proposal in
+    the same transaction, stored and on the timeline after the reopen, not
+    only when someone next tries to decide on it."""
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", namespace="production")], "/t",
+                                        "alertmanager").outcomes[0].incident_id
+    proposal = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "remediation", "/t", resolved_by="remediation")
+        again = svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", namespace="production")], "/t", "alertmanager",
+                                  reopen_window_seconds=1800)
+    assert again.outcomes[0].action == "reopened" and incident(clean_db, incident_id)["generation"] == 1
+    assert stored(clean_db, incident_id, proposal["id"]) == (
+        "superseded", "the incident was reopened (generation 1) since it was proposed for generation 0")
+    assert kinds(clean_db, incident_id)[-2:] == ["reopened", "remediation_proposal_superseded"]
+
+
+def test_a_flapping_re_page_supersedes_the_pending_proposals_of_the_generation_it_leaves(database_url, clean_db, at):  # noqa: F811
+    """Reopened silently while it flapped, still firing once it settled:
+    the sweep pages it again as generation 1, and generation 0's pending
+    proposal ends with that reopen."""
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy")
+    incident_id = flips(clean_db, config, a, 4)[0].incident_id
+    proposal = propose(clean_db, incident_id)
+    assert incident(clean_db, incident_id)["generation"] == 0
+    at.advance(901)
+    assert [e.rsplit(".opened.", 1)[0] for e in sweep(clean_db, config)] == [incident_id]
+    assert incident(clean_db, incident_id)["generation"] == 1
+    assert stored(clean_db, incident_id, proposal["id"]) == (
+        "superseded", "the incident was reopened (generation 1) since it was proposed for generation 0")
+    assert kinds(clean_db, incident_id)[-1] == "remediation_proposal_superseded"
+
+
+# ------------------------------------------------------------------ take-overs
+
+
+def take_over(engine):
+    """KubeHpaMaxedOut opens the incident; TargetDown of the same service
+    joins it and takes over as root (root generation 1) when ``then`` is
+    called. Returns the incident id, the incident as it stood under the
+    first root, and ``then``."""
+    corr = Correlator(parse("rules:" + SAME_SERVICE, "test"))
+    hpa = kp("KubeHpaMaxedOut", "s", namespace="props", horizontalpodautoscaler="svc", service="svc").alert()
+    target = kp("TargetDown", "s", namespace="props", job="svc-metrics", service="svc").alert()
+    with engine.begin() as conn:
+        (first,) = svc.record_alerts(conn, [hpa], "/t", "alertmanager", plan=corr.plan([hpa])).outcomes
+        old_root = svc.get_incident(conn, first.incident_id)
+
+    def then():
+        with engine.begin() as conn:
+            svc.record_alerts(conn, [target], "/t", "alertmanager", plan=corr.plan([target]))
+        assert incident(engine, first.incident_id)["root_generation"] == 1
+
+    return first.incident_id, old_root, then
+
+
+def test_a_take_over_supersedes_the_proposals_planned_on_the_old_root(clean_db):
+    """Proposed on KubeHpaMaxedOut's diagnosis; TargetDown takes over. The
+    proposal is superseded in the take-over's transaction, after its
+    root_changed entry: the board and the API no longer offer it, and a
+    decision on it is refused as superseded."""
+    incident_id, _, then = take_over(clean_db)
+    proposal = propose(clean_db, incident_id)
+    then()
+    reason = "another alert took over as the incident's root (root generation 1) since it was proposed for root generation 0"
+    assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", reason)
+    assert kinds(clean_db, incident_id)[-2:] == ["root_changed", "remediation_proposal_superseded"]
+    with clean_db.begin() as conn:
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+        shown = proposals.present(proposals.get(conn, incident_id, proposal["id"]), svc.get_incident(conn, incident_id)["generation"])
+    assert decision.refusal == "conflict" and not decision.event_ids and "superseded" in decision.message
+    assert shown["status"] == "superseded"
+
+
+def test_a_proposal_planned_on_a_root_taken_over_since_is_stored_superseded(clean_db):
+    """Remediation read the incident under the first root and planned
+    slowly; meanwhile TargetDown took over. The late proposal is stored
+    superseded at once and offered to nobody."""
+    incident_id, old_root, then = take_over(clean_db)
+    then()
+    late = propose(clean_db, incident_id, old_root)
+    assert (late["status"], late["reason"]) == (
+        "superseded", "another alert took over as the incident's root (root generation 1) since it was proposed for root generation 0")
+    current = propose(clean_db, incident_id)
+    assert current["status"] == "pending"
+
+
+# ------------------------------------------------------------------ runs and approvals of the old root
+
+
+def handler(settings_obj) -> RemediationHandler:
+    config = replace(settings_obj, remediation_mode="live", k_sink=None)  # events stay in the outbox
+    return RemediationHandler(config, pb.load(), Publisher(config))
+
+
+def test_a_run_on_the_old_roots_diagnosis_finishing_after_a_take_over_does_not_resolve_the_incident(clean_db, settings_obj):
+    """The run began under KubeHpaMaxedOut (root 0) and succeeded after
+    TargetDown took over: it acted on the old root's diagnosis, so the
+    incident is not its to resolve. Its result is recorded as root 0's."""
+    incident_id, old_root, then = take_over(clean_db)
+    then()
+    remediation = handler(settings_obj)
+    remediation._finish(old_root, claims.step_key("remediation", old_root), Result("remediated", "scaled out"))
+    after = incident(clean_db, incident_id)
+    assert after["status"] in ("open", "investigating") and after["resolved_by"] is None
+    with clean_db.connect() as conn:
+        (result,) = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "remediation_result"]
+    assert (result["generation"], result["root_generation"], result["root"]) == (0, 0, "KubeHpaMaxedOut")
+
+
+def test_a_run_on_the_current_roots_diagnosis_still_resolves(clean_db, settings_obj):
+    incident_id, _, then = take_over(clean_db)
+    then()
+    handler(settings_obj)._finish(incident(clean_db, incident_id), "remediation:test", Result("remediated", "scaled out"))
+    assert incident(clean_db, incident_id)["resolved_by"] == "remediation"
+
+
+def approval_event(engine, event_id: str):
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM event_outbox WHERE id = :id"), {"id": event_id}).mappings().one()
+    return outbox.to_cloudevent(row)
+
+
+def test_an_approval_given_under_the_old_root_is_not_executed_after_a_take_over(clean_db, settings_obj):
+    """Approved under KubeHpaMaxedOut (root 0), its event arriving after
+    TargetDown took over: nothing runs (it was planned on the old root's
+    diagnosis), the outcome is recorded and replied as root 0's, and the
+    incident is left to the new root's diagnosis and remediation."""
+    incident_id, old_root, then = take_over(clean_db)
+    remediation = handler(settings_obj)
+    # A playbook that renders the same actions under either root (the
+    # service's namespace): the hash alone would let it run.
+    (playbook,) = [p for p in remediation.playbooks if p.name == "email-service-down-restart"]
+    planned = remediation._planned(old_root, playbook)
+    with clean_db.begin() as conn:
+        proposal = proposals.create(conn, old_root, playbook.name, planned, [], 600)
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+    assert decision.refusal is None
+    then()
+    assert remediation._planned(incident(clean_db, incident_id), playbook) == planned
+    reply = remediation.handle(approval_event(clean_db, decision.event_ids[0]))
+    assert reply.status_code == 200 and reply.headers["ce-id"] == f"{incident_id}.remediation_failed.0.{proposal['id']}"
+    with clean_db.connect() as conn:
+        p = proposals.get(conn, incident_id, proposal["id"])
+        (result,) = [t["details"] for t in svc.get_timeline(conn, incident_id) if t["kind"] == "remediation_result"]
+        actions = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "remediation_action"]
+    assert p["status"] == "failed" and p["reason"] == (
+        "not executed: another alert took over as the incident's root (root generation 1) since the approval (root generation 0)")
+    assert not actions
+    assert (result["generation"], result["root_generation"]) == (0, 0)
+    assert incident(clean_db, incident_id)["status"] in ("open", "investigating")
