@@ -5,18 +5,23 @@ leaves behind, in its own transaction, so nobody is offered an action
 planned for what the incident no longer is. A run or an approval of the
 old root acts on nothing and resolves nothing. Real PostgreSQL; the
 remediation handler in process (its Kubernetes client is not configured,
-and nothing here reaches it)."""
+and nothing there reaches it), and a remediation process with the loopback
+Kubernetes API for a run interrupted between its steps."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import pytest
 import sqlalchemy as sa
 
 from functions.remediation import playbooks as pb
 from functions.remediation.handler import RemediationHandler
 from functions.remediation.result import Result
-from shared import claims, outbox, proposals
+from loopback.kube import deployment
+from loopback.processes import FunctionProcess, wait_until
+from shared import claims, events, outbox, proposals
 from shared import incidents as svc
 from shared.correlation.plan import Correlator
 from shared.correlation.rules import parse
@@ -24,6 +29,8 @@ from shared.publisher import Publisher
 from tests.factories import alert
 from tests.storms import kp
 from tests.test_correlation_pipeline import SAME_SERVICE
+from tests.test_remediation import _env, deliver, reply_of
+from tests.test_remediation import incident as remediation_incident
 from tests.test_noise_control import at, flips, settings, sweep  # noqa: F401 (at: the injected clock)
 
 ACTIONS = [{"action": "restart_deployment", "target": "production/email-service", "params": {}}]
@@ -208,3 +215,60 @@ def test_an_approval_given_under_the_old_root_is_not_executed_after_a_take_over(
     assert not actions
     assert (result["generation"], result["root_generation"]) == (0, 0)
     assert incident(clean_db, incident_id)["status"] in ("open", "investigating")
+
+
+# ------------------------------------------------------------------ a run between its steps
+
+TWO_STEPS = """
+playbooks:
+  - name: restart-then-scale
+    match:
+      alertname: TwoSteps
+    actions:
+      - action: rollout_restart
+        params: {namespace: "{{ namespace }}", name: email-service}
+      - action: scale_deployment
+        params: {namespace: "{{ namespace }}", name: email-service, replicas: 3}
+"""
+
+
+@pytest.fixture
+def held_cluster(kube):
+    """The first step's PATCH is held at the API server until released."""
+    kube.deployments.clear(), kube.pods.clear(), kube.failures.clear(), kube.requests.clear(), kube.replicasets.clear()
+    kube.rollout_delay = 0.0
+    kube.released.clear()
+    kube.add_deployment(deployment("email-service", 1))
+    kube.failures.append(("PATCH", r"/deployments/email-service$", "hold"))
+    yield kube
+    kube.released.set()
+    kube.failures.clear()
+
+
+@pytest.fixture(scope="module")
+def two_steps(base_env, kube, database_url, tmp_path_factory):
+    path = tmp_path_factory.mktemp("playbooks") / "playbooks.yaml"
+    path.write_text(TWO_STEPS)
+    proc = FunctionProcess("remediation", _env(base_env, kube, database_url, REMEDIATION_MODE="live",
+                                               PLAYBOOKS_FILE=str(path))).start()
+    yield proc
+    proc.stop()
+
+
+def test_a_run_takes_no_further_step_once_the_incident_is_resolved_under_it(two_steps, held_cluster, clean_db):
+    """The first step's rollout is under way when a person resolves the
+    incident (the alert stopped). The run was judged on an active incident
+    when it began; the second step is not taken on a resolved one."""
+    row = remediation_incident(clean_db, "TwoSteps", namespace="production")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(deliver, two_steps, row)
+        wait_until(lambda: held_cluster.calls("PATCH", "/deployments/email-service"), 30, message="the first step's PATCH arrived")
+        with clean_db.begin() as conn:
+            svc.transition(conn, row["id"], "resolved", "api:alice", "/t")
+        held_cluster.released.set()
+        reply = reply_of(running.result(timeout=60))
+    assert reply["type"] == events.INCIDENT_REMEDIATION_FAILED
+    assert reply.data["remediation"]["reason"] == (
+        "stopped before scale_deployment: the incident is resolved since the run began; the actions before it are on the timeline")
+    assert not held_cluster.calls("PATCH", "/scale")
+    assert [a["action"] for a in reply.data["remediation"]["actions"]] == ["rollout_restart"]
