@@ -170,7 +170,8 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     the incidents to open again as a new generation (the caller queues their
     ``opened`` events): still firing after a flapping episode during which
     their incident was reopened silently, so the page PagerDuty holds was
-    resolved. They are paged now, once, and run the pipeline again."""
+    resolved. They are paged now, once, and run the pipeline again; the
+    pending proposals of the generation they leave are superseded here."""
     cutoff = now - timedelta(seconds=quiet_seconds)
     quiet = conn.execute(_QUIET, {"cutoff": cutoff}).scalars().all()
     if not quiet:

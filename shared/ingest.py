@@ -142,7 +142,9 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 #   repeat_interval) is noted on that incident, and nothing opens;
 # - a new firing (the fix did not hold) reopens that incident as a new
 #   generation, which runs the pipeline again; the remediation cooldown then
-#   hands it to a human instead of looping. The new generation starts from
+#   hands it to a human instead of looping. The previous generation's
+#   pending proposals are superseded in the same transaction (record_alerts,
+#   shared.proposals.supersede_on_reopen). The new generation starts from
 #   its first root (root_generation 0): its claims and events are the plain
 #   ones reconciliation and escalation expect of an opening.
 # One statement for both; `continuing` tells them apart.
