@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
+from cloudevents.http import CloudEvent
 import sqlalchemy as sa
 
 from functions.remediation import playbooks as pb
@@ -24,6 +25,7 @@ from loopback.processes import FunctionProcess, wait_until
 from shared import claims, events, outbox, proposals
 from shared import incidents as svc
 from shared.correlation.plan import Correlator
+from shared.errors import BadRequest
 from shared.correlation.rules import parse
 from shared.publisher import Publisher
 from tests.factories import alert
@@ -272,3 +274,18 @@ def test_a_run_takes_no_further_step_once_the_incident_is_resolved_under_it(two_
         "stopped before scale_deployment: the incident is resolved since the run began; the actions before it are on the timeline")
     assert not held_cluster.calls("PATCH", "/scale")
     assert [a["action"] for a in reply.data["remediation"]["actions"]] == ["rollout_restart"]
+
+
+def test_an_approval_event_naming_a_root_the_incident_never_had_is_400_and_leaves_the_approval(clean_db, settings_obj):
+    """Forged, or from another database: refused for good before the
+    proposal is claimed, so it cannot end a real approval as not executed."""
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("Forged")], "/t", "alertmanager").outcomes[0].incident_id
+    proposal = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+    event = approval_event(clean_db, decision.event_ids[0])
+    forged = CloudEvent(dict(event.get_attributes()), {**event.get_data(), "root_generation": 3})
+    with pytest.raises(BadRequest, match="data.root_generation 3 is above the incident's root generation 0"):
+        handler(settings_obj).handle(forged)  # shared.http answers it 400
+    assert stored(clean_db, incident_id, proposal["id"])[0] == "approved"

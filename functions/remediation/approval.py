@@ -17,7 +17,7 @@ from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
 from functions.remediation.result import Result, now_rfc3339, proposal_url, resolve_if_remediated, template_context
-from shared import db, eventio, incidents, proposals
+from shared import claims, db, eventio, incidents, proposals
 from shared.errors import Conflict
 from shared.http import parse_uuid
 from shared.templating import TemplateError
@@ -90,6 +90,13 @@ class ApprovalFlow:
         # supersedes the pending ones: shared.proposals.supersede_on_root_change).
         approved_root = eventio.root_generation_of(event)
         with db.transaction() as conn:
+            incident = incidents.get_incident(conn, incident_id)
+            if incident is not None:
+                # A generation or root the incident never had (forged, or
+                # from another database) is 400 before the proposal is
+                # claimed: it must not end a real approval as "not executed".
+                # An earlier one is judged below, as the proposal's outcome.
+                claims.judge_event(incident, eventio.generation_of(event), approved_root)
             proposal = proposals.claim_execution(conn, incident_id, proposal_id, self.claim_stale_seconds)
             current = proposal or proposals.get(conn, incident_id, proposal_id)
         if current is None:
