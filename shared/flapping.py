@@ -193,7 +193,7 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
                 add_timeline(conn, incident["id"], "reopened", {"generation": incident["generation"],
                              "reason": "still firing after it stopped flapping"}, ACTOR)
                 # A new generation: the pending proposals of the last one end (incident locked first, by _REPAGE).
-                proposals.supersede_on_reopen(conn, incident["id"], incident["generation"])
+                proposals.supersede_on_reopen(conn, incident["id"])
                 repaged.append(dict(incident))
         if row["last_status"] == "resolved":
             resolutions.append(Alert(fingerprint=row["fingerprint"], status="resolved", alert_name="", priority="P2",

@@ -143,8 +143,8 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 # - a new firing (the fix did not hold) reopens that incident as a new
 #   generation, which runs the pipeline again; the remediation cooldown then
 #   hands it to a human instead of looping. The previous generation's
-#   pending proposals are superseded in the same transaction (record_alerts,
-#   shared.proposals.supersede_on_reopen). The new generation starts from
+#   pending proposals are superseded in the same transaction, in one
+#   statement for the batch (record_alerts, shared.proposals.supersede_on_reopen). The new generation starts from
 #   its first root (root_generation 0): its claims and events are the plain
 #   ones reconciliation and escalation expect of an opening.
 # One statement for both; `continuing` tells them apart.
@@ -344,13 +344,14 @@ def record_alerts(
             if row["id"] in reopened:
                 outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "reopened", row["id"])
                 timeline.append(timeline_row(row["id"], "reopened", actor, {"from": "resolved", "to": "open", "generation": row["generation"], "reason": "the alert fired again soon after remediation resolved it"}))
-                # Locked by AFTER_REMEDIATION's update: its proposals next.
-                proposals.supersede_on_reopen(conn, row["id"], row["generation"], timeline)
                 new_events.append(events.incident_event(events.INCIDENT_OPENED, row, event_source))
                 continue
             outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])
             if row["created"]:
                 published.append(f"{row['id']}.opened.0")
+        if reopened:
+            # Locked by AFTER_REMEDIATION's update: their proposals next, in one statement for the batch.
+            proposals.supersede_on_reopen(conn, sorted(reopened), timeline)
         if decision is not None and (decision.joins or decision.merges):
             opened = {fp: o.incident_id for fp, o in outcome_of.items() if o.incident_id}
             applied = correlation_store.apply(conn, decision, firing, plan, opened, actor, event_source)
@@ -374,6 +375,8 @@ def record_alerts(
         for row in done:
             timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
             new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
+        # Resolved (and locked) by RESOLVE_WHEN_ALL_RESOLVED: their pending proposals end with them.
+        proposals.supersede_on_resolve(conn, sorted(finished), timeline)
         for hit in hits:
             if hit["incident_id"] not in finished:
                 timeline.append(timeline_row(hit["incident_id"], "alert_resolved", actor,

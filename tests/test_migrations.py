@@ -348,3 +348,19 @@ def test_claims_are_indexed_by_incident_and_the_downgrade_drops_it(scratch_url):
             assert "idx_work_claims_incident" not in _indexes(conn, "work_claims")
     finally:
         engine.dispose()
+
+
+def test_proposals_name_their_root_nullable_for_the_previous_release_and_the_downgrade_drops_it(scratch_url):
+    """0026: a proposal names the root it was planned on; the previous
+    release, inserting without the column during a rollout, leaves it NULL."""
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0026")
+        with engine.connect() as conn:
+            column = _columns(conn, "remediation_proposals")["root_generation"]
+            assert column["data_type"] == "integer" and column["is_nullable"] == "YES"
+        migrate.downgrade(scratch_url, "0025")
+        with engine.connect() as conn:
+            assert "root_generation" not in _columns(conn, "remediation_proposals")
+    finally:
+        engine.dispose()

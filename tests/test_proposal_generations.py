@@ -74,6 +74,10 @@ def test_the_intake_reopening_the_incident_supersedes_its_pending_proposals_at_o
     proposal = propose(clean_db, incident_id)
     with clean_db.begin() as conn:
         svc.transition(conn, incident_id, "resolved", "remediation", "/t", resolved_by="remediation")
+        # Still pending across the resolve, as the previous release (which
+        # superseded nothing at a resolve) left proposals.
+        conn.execute(sa.text("UPDATE remediation_proposals SET status = 'pending', reason = NULL, finished_at = NULL "
+                             "WHERE id = :id"), {"id": proposal["id"]})
         again = svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", namespace="production")], "/t", "alertmanager",
                                   reopen_window_seconds=1800)
     assert again.outcomes[0].action == "reopened" and incident(clean_db, incident_id)["generation"] == 1

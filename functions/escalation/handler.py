@@ -230,6 +230,16 @@ class EscalationHandler:
             stale = claims.judge_event(incident, generation, root_generation)
             if not stale and transition == "opened" and 0 < root_generation < (incident.get("root_generation") or 0):
                 stale = f"the event is of root {root_generation}; the incident's root is {incident['root_generation']} since"
+            if not stale and transition in ("remediated", "remediation_failed") and root_generation < (incident.get("root_generation") or 0):
+                # A run or an approval of a root another alert took over
+                # from: it acted (or stopped, or was not executed) on the old
+                # root's diagnosis and resolved nothing; the new root's own
+                # remediation outcome is the one told. Acknowledged with
+                # nothing sent, as remediation acknowledges the old root's
+                # late diagnosis: not "remediated automatically", and no page
+                # for a failure that was only a stop.
+                stale = (f"the event is of root {root_generation}'s remediation; the incident's root is "
+                         f"{incident['root_generation']} since")
             if stale:
                 return incident, None, stale, NO_ROUND
             # The page tells how many alerts the incident groups, and why.

@@ -135,6 +135,12 @@ class ApprovalFlow:
             return Result("failed", f"not executed: another alert took over as the incident's root (root generation "
                                     f"{incident.get('root_generation') or 0}) since the approval (root generation {approved_root})",
                           playbook=proposal["playbook"], proposal=approved)
+        stale = proposals.stale_reason(proposal, incident["generation"], incident.get("root_generation") or 0)
+        if stale:
+            # Approved by a replica of the previous release, which judged no
+            # root: a proposal of another root (or of none, after a
+            # take-over) is not run under this one.
+            return Result("failed", f"not executed: {stale}", playbook=proposal["playbook"], proposal=approved)
         playbook = next((p for p in self.playbooks if p.name == proposal["playbook"]), None)
         if playbook is None:
             return Result("failed", f"not executed: playbook {proposal['playbook']} is no longer loaded", proposal=approved)

@@ -16,6 +16,7 @@ import logging
 from cloudevents.http import CloudEvent
 from flask import Response
 from pydantic import ValidationError
+import sqlalchemy as sa
 
 from functions.remediation import actions as act
 from functions.remediation import playbooks as pb
@@ -171,7 +172,8 @@ class RemediationHandler(ApprovalFlow):
         (None: it may): the incident is no longer active, or no longer at
         the generation and root the run is for."""
         with db.engine().connect() as conn:
-            now = incidents.get_incident(conn, incident["id"])
+            now = conn.execute(sa.text("SELECT CAST(status AS text) AS status, generation, root_generation FROM incidents "
+                                       "WHERE id = :i"), {"i": incident["id"]}).mappings().first()
         if now is None:
             return "the incident is gone"
         if now["status"] not in ("open", "investigating"):
