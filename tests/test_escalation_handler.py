@@ -698,3 +698,24 @@ def test_a_channel_without_accept_is_judged_by_the_status_not_a_500(receivers, d
     assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
     assert len(pd.server.received()) == 1
     assert [(n["channel"], n["outcome"], n["status"]) for n in notifications(clean_db, row["id"])] == [("pager", "sent", 202)]
+
+
+@pytest.mark.parametrize("outcome, event_type", [("remediated", events.INCIDENT_REMEDIATED),
+                                                 ("failed", events.INCIDENT_REMEDIATION_FAILED)])
+def test_an_old_roots_remediation_outcome_arriving_after_a_take_over_is_stale_and_tells_nothing(
+        handler, receivers, clean_db, caplog, outcome, event_type):
+    """A run (or an approval) of FirstRoot finishes after TargetDown took
+    over: remediation records and replies its outcome as root 0's and
+    resolves nothing. Told, it would say "remediated automatically" of an
+    incident that stays open, or page a P0 for a run that only stopped at
+    the take-over; it is stale, as remediation treats the old root's late
+    diagnosis: acknowledged, nothing sent, logged."""
+    row = incident(clean_db, name="FirstRoot")
+    take_over(clean_db, row)
+    record_remediation(clean_db, row, outcome, "stopped before scale_deployment: another alert took over as the incident's root")
+    with caplog.at_level("WARNING", logger="escalation"):
+        assert handler.handle(event(event_type, row)).status_code == 202
+    assert sent(receivers) == ([], 0)
+    assert not notifications(clean_db, row["id"])
+    assert [r.reason for r in caplog.records if r.getMessage().startswith("Escalation skipped")] == [
+        "the event is of root 0's remediation; the incident's root is 1 since"]

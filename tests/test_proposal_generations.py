@@ -293,3 +293,150 @@ def test_an_approval_event_naming_a_root_the_incident_never_had_is_400_and_leave
     with pytest.raises(BadRequest, match="data.root_generation 3 is above the incident's root generation 0"):
         handler(settings_obj).handle(forged)  # shared.http answers it 400
     assert stored(clean_db, incident_id, proposal["id"])[0] == "approved"
+
+
+# ------------------------------------------------------------------ one statement per batch
+
+
+@pytest.fixture
+def statements(clean_db):
+    """The statements sent to the database while the block runs."""
+    sent: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        sent.append(statement)
+
+    sa.event.listen(clean_db, "before_cursor_execute", seen)
+    yield sent
+    sa.event.remove(clean_db, "before_cursor_execute", seen)
+
+
+def left_pending(conn, proposal_id: str) -> None:
+    """Still pending across a resolve, as the previous release (which
+    superseded nothing at a resolve) left proposals."""
+    conn.execute(sa.text("UPDATE remediation_proposals SET status = 'pending', reason = NULL, finished_at = NULL WHERE id = :id"),
+                 {"id": proposal_id})
+
+
+def test_a_batch_of_reopens_supersedes_their_proposals_in_one_statement(clean_db, statements):
+    """Twenty alerts fire again after remediation resolved their incidents:
+    one statement ends the pending proposals of every incident the batch
+    reopened, not one lookup per reopened incident (the intake's hot path)."""
+    firing = [alert(f"Batch{n}", namespace="production") for n in range(20)]
+    with clean_db.begin() as conn:
+        ids = [o.incident_id for o in svc.record_alerts(conn, firing, "/t", "alertmanager").outcomes]
+    proposal = propose(clean_db, ids[3])
+    with clean_db.begin() as conn:
+        for incident_id in ids:
+            svc.transition(conn, incident_id, "resolved", "remediation", "/t", resolved_by="remediation")
+        left_pending(conn, proposal["id"])
+    statements.clear()
+    with clean_db.begin() as conn:
+        again = svc.record_alerts(conn, firing, "/t", "alertmanager", reopen_window_seconds=1800)
+    assert {o.action for o in again.outcomes} == {"reopened"}
+    assert sum("remediation_proposals" in s for s in statements) == 1
+    assert stored(clean_db, ids[3], proposal["id"]) == (
+        "superseded", "the incident was reopened (generation 1) since it was proposed for generation 0")
+    assert kinds(clean_db, ids[3])[-2:] == ["reopened", "remediation_proposal_superseded"]
+
+
+# ------------------------------------------------------------------ resolves
+
+
+def test_a_batch_of_resolutions_supersedes_the_pending_proposals_of_the_incidents_it_resolves_in_one_statement(
+        clean_db, statements):
+    """The alerts stopped: the intake's resolve ends the incidents' pending
+    proposals in its transaction, one statement for the batch, the entry
+    after the resolve's."""
+    firing = [alert(f"Stops{n}", namespace="production") for n in range(5)]
+    with clean_db.begin() as conn:
+        ids = [o.incident_id for o in svc.record_alerts(conn, firing, "/t", "alertmanager").outcomes]
+    waiting = [propose(clean_db, incident_id) for incident_id in ids[:2]]
+    statements.clear()
+    with clean_db.begin() as conn:
+        outcomes = svc.record_alerts(conn, [replace(a, status="resolved") for a in firing], "/t", "alertmanager").outcomes
+    assert {o.action for o in outcomes} == {"resolved"}
+    assert sum("remediation_proposals" in s for s in statements) == 1
+    for incident_id, proposal in zip(ids, waiting, strict=False):
+        assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", "the incident resolved before anyone approved")
+        assert kinds(clean_db, incident_id)[-2:] == ["resolved", "remediation_proposal_superseded"]
+
+
+def test_a_resolve_by_hand_supersedes_the_pending_proposal(clean_db):
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("ByHand")], "/t", "alertmanager").outcomes[0].incident_id
+    proposal = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "api:alice", "/t")
+    assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", "the incident resolved before anyone approved")
+    assert kinds(clean_db, incident_id)[-2:] == ["status_changed", "remediation_proposal_superseded"]
+    with clean_db.begin() as conn:
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+    assert decision.refusal == "conflict" and not decision.event_ids
+
+
+def test_a_merge_into_another_incident_supersedes_the_pending_proposals_of_the_one_it_resolves(clean_db, kube):
+    """Two pods' incidents, then their node's alert: the pods' incidents are
+    merged into the node's and resolved, their proposals with them."""
+    from tests.test_correlation import Cluster, correlator, record
+
+    c = Cluster(kube, "mrg")
+    node = c.node("ip-10-0-31-1")
+    pods = c.deployment("orders", [node, node])
+    corr = correlator(kube)
+    early = [record(clean_db, corr, [kp("KubePodNotReady", "n", namespace="mrg", pod=p)]).outcomes[0] for p in pods]
+    waiting = propose(clean_db, early[0].incident_id)
+    root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node)]).outcomes[0]
+    merged = incident(clean_db, early[0].incident_id)
+    assert (merged["status"], merged["merged_into"]) == ("resolved", root.incident_id)
+    assert stored(clean_db, early[0].incident_id, waiting["id"]) == ("superseded", "the incident resolved before anyone approved")
+    assert kinds(clean_db, early[0].incident_id)[-2:] == ["merged", "remediation_proposal_superseded"]
+
+
+# ------------------------------------------------------------------ the proposal's root
+
+
+def test_a_proposal_records_its_root_and_a_decision_refuses_one_of_another_root(clean_db):
+    """A replica of the previous release decided nothing about roots, and a
+    proposal may have been left pending from before take-overs superseded
+    them: a decision judges the proposal's own root against the
+    incident's, under the incident's lock."""
+    incident_id, _, then = take_over(clean_db)
+    then()
+    proposal = propose(clean_db, incident_id)
+    assert proposal["root_generation"] == 1
+    with clean_db.begin() as conn:  # as if planned on the first root and never superseded
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = 0 WHERE id = :id"), {"id": proposal["id"]})
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+    assert decision.refusal == "conflict" and not decision.event_ids
+    assert stored(clean_db, incident_id, proposal["id"]) == (
+        "superseded", "another alert took over as the incident's root (root generation 1) since it was proposed for root generation 0")
+
+
+def test_a_proposal_naming_no_root_is_refused_once_the_incident_was_taken_over(clean_db):
+    """NULL: made before migration 0026, or by the previous release during
+    a rollout. Under the generation's first root it can only be that
+    root's; after a take-over it may be of any root: refused."""
+    incident_id, _, then = take_over(clean_db)
+    first = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": first["id"]})
+        assert proposals.decide(conn, incident_id, first["id"], False, "api:alice", (), None, "/t").refusal is None
+    then()
+    second = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": second["id"]})
+        decision = proposals.decide(conn, incident_id, second["id"], True, "api:alice", (), None, "/t")
+    assert decision.refusal == "conflict" and not decision.event_ids
+    assert stored(clean_db, incident_id, second["id"]) == ("superseded", proposals.unknown_root_reason(1))
+
+
+def test_a_take_over_names_each_proposals_own_root(clean_db):
+    """A proposal naming no root (the previous release's) superseded by a
+    take-over says so, not that it was the root just before."""
+    incident_id, _, then = take_over(clean_db)
+    proposal = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": proposal["id"]})
+    then()
+    assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", proposals.unknown_root_reason(1))
