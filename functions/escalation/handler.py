@@ -36,7 +36,10 @@ it opened, its summary and details now the new root's; chat channels post a
 follow-up naming the new root, why and the member count; the outgoing
 webhook sends ``incident.root_changed``. An opening not told yet is told
 once, with the new root. Remediation outcomes of the new root are told
-under claim keys of their own (``….root{n}``).
+under claim keys of their own (``….root{n}``); an outcome of a root the
+incident has left (a run or an approval of the old root, finishing,
+stopping or not executed after the take-over) is stale, acknowledged with
+nothing sent: it resolved nothing and failed nothing of the current root.
 
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
