@@ -440,3 +440,38 @@ def test_a_take_over_names_each_proposals_own_root(clean_db):
         conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": proposal["id"]})
     then()
     assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", proposals.unknown_root_reason(1))
+
+
+def test_a_proposal_planned_on_an_incident_resolved_since_is_stored_superseded(clean_db):
+    """Remediation read the incident while it fired and planned slowly;
+    meanwhile the alert resolved it. The late proposal is offered to nobody."""
+    with clean_db.begin() as conn:
+        incident_id = svc.record_alerts(conn, [alert("LatePlan")], "/t", "alertmanager").outcomes[0].incident_id
+    firing = incident(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        svc.transition(conn, incident_id, "resolved", "api:alice", "/t")
+    late = propose(clean_db, incident_id, firing)
+    assert (late["status"], late["reason"]) == ("superseded", "the incident resolved before anyone approved")
+
+
+def test_an_approval_of_a_proposal_naming_no_root_is_not_executed_after_a_take_over(clean_db, settings_obj):
+    """Approved by a replica of the previous release, which judged no root,
+    on a row that names none: remediation does not run it under the root
+    the incident has now."""
+    incident_id, _, then = take_over(clean_db)
+    then()
+    remediation = handler(settings_obj)
+    (playbook,) = [p for p in remediation.playbooks if p.name == "email-service-down-restart"]
+    current = incident(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        proposal = proposals.create(conn, current, playbook.name, remediation._planned(current, playbook), [], 600)
+        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": proposal["id"]})
+    assert decision.refusal is None
+    reply = remediation.handle(approval_event(clean_db, decision.event_ids[0]))
+    assert reply.status_code == 200
+    with clean_db.connect() as conn:
+        p = proposals.get(conn, incident_id, proposal["id"])
+        actions = [t for t in svc.get_timeline(conn, incident_id) if t["kind"] == "remediation_action"]
+    assert not actions and p["status"] == "failed"
+    assert p["reason"] == "not executed: " + proposals.unknown_root_reason(1)
