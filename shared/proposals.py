@@ -72,16 +72,19 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
     supersedes nothing: the current generation's proposal stays pending.
     So is one planned on a root another alert has taken over from since
     (the incident read before the take-over): the take-over superseded the
-    pending proposals of the roots before it (:func:`supersede_on_root_change`)."""
+    pending proposals of the roots before it (:func:`supersede_on_root_change`).
+    And so is one planned on an incident resolved since (the resolve
+    superseded the pending ones: :func:`supersede_on_resolve`)."""
     position = _lock(conn, incident["id"])
-    current, current_root, _ = position if position else (None, 0, None)
+    current, current_root, status = position if position else (None, 0, None)
     generation, root = incident["generation"], incident.get("root_generation") or 0
     proposal_id = str(uuid.uuid4())
-    stale = current is not None and (current > generation or (current == generation and current_root > root))
-    stale_reason = None
+    stale = current is not None and (current > generation or (current == generation and current_root > root)
+                                     or status not in ACTIVE_STATUSES)
+    why = None
     if stale:
-        stale_reason = (superseded_reason(generation, current) if current > generation
-                        else root_changed_reason(current_root, root))
+        why = (superseded_reason(generation, current) if current > generation
+               else root_changed_reason(current_root, root) if current_root > root else RESOLVED_REASON)
     superseded = [] if stale else conn.execute(sa.text(
         "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()), "
         "reason = CASE WHEN generation < :g THEN 'the incident was reopened (generation ' || CAST(:g AS text) "
@@ -96,7 +99,7 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
         {"id": proposal_id, "i": incident["id"], "g": generation, "rg": root, "p": playbook,
          "a": json.dumps(actions, default=str), "pv": json.dumps(preview, default=str),
          "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds, "s": "superseded" if stale else "pending", "stale": stale,
-         "r": stale_reason}).mappings().one()
+         "r": why}).mappings().one()
     proposal = dict(row)
     add_timeline(conn, incident["id"], "remediation_proposed", {
         "proposal_id": proposal["id"], "playbook": playbook, "hash": proposal["hash"], "actions": actions,
