@@ -144,9 +144,10 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 #   generation, which runs the pipeline again; the remediation cooldown then
 #   hands it to a human instead of looping. The previous generation's
 #   pending proposals are superseded in the same transaction, in one
-#   statement for the batch (record_alerts, shared.proposals.supersede_on_reopen). The new generation starts from
-#   its first root (root_generation 0): its claims and events are the plain
-#   ones reconciliation and escalation expect of an opening.
+#   statement for the batch (record_alerts, shared.proposals.supersede_on_reopen).
+#   The new generation starts from its first root (root_generation 0): its
+#   claims and events are the plain ones reconciliation and escalation
+#   expect of an opening.
 # One statement for both; `continuing` tells them apart.
 AFTER_REMEDIATION = sa.text(compact(
     f"""
