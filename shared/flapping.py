@@ -27,7 +27,7 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import db
+from shared import db, proposals
 from shared.alerts import Alert
 from shared.timeline import add_timeline
 
@@ -170,7 +170,8 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     the incidents to open again as a new generation (the caller queues their
     ``opened`` events): still firing after a flapping episode during which
     their incident was reopened silently, so the page PagerDuty holds was
-    resolved. They are paged now, once, and run the pipeline again."""
+    resolved. They are paged now, once, and run the pipeline again; the
+    pending proposals of the generation they leave are superseded here."""
     cutoff = now - timedelta(seconds=quiet_seconds)
     quiet = conn.execute(_QUIET, {"cutoff": cutoff}).scalars().all()
     if not quiet:
@@ -191,6 +192,8 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
             if incident is not None:
                 add_timeline(conn, incident["id"], "reopened", {"generation": incident["generation"],
                              "reason": "still firing after it stopped flapping"}, ACTOR)
+                # A new generation: the pending proposals of the last one end (incident locked first, by _REPAGE).
+                proposals.supersede_on_reopen(conn, incident["id"])
                 repaged.append(dict(incident))
         if row["last_status"] == "resolved":
             resolutions.append(Alert(fingerprint=row["fingerprint"], status="resolved", alert_name="", priority="P2",

@@ -16,7 +16,7 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events, ignored_alerts, noise, outbox
+from shared import events, ignored_alerts, noise, outbox, proposals
 from shared.alerts import Alert
 from shared.config import Settings, settings
 from shared.correlation import store as correlation_store
@@ -142,9 +142,12 @@ def _upsert(conn: Connection, alerts: list[Alert], window: int, actor: str, even
 #   repeat_interval) is noted on that incident, and nothing opens;
 # - a new firing (the fix did not hold) reopens that incident as a new
 #   generation, which runs the pipeline again; the remediation cooldown then
-#   hands it to a human instead of looping. The new generation starts from
-#   its first root (root_generation 0): its claims and events are the plain
-#   ones reconciliation and escalation expect of an opening.
+#   hands it to a human instead of looping. The previous generation's
+#   pending proposals are superseded in the same transaction, in one
+#   statement for the batch (record_alerts, shared.proposals.supersede_on_reopen).
+#   The new generation starts from its first root (root_generation 0): its
+#   claims and events are the plain ones reconciliation and escalation
+#   expect of an opening.
 # One statement for both; `continuing` tells them apart.
 AFTER_REMEDIATION = sa.text(compact(
     f"""
@@ -347,6 +350,9 @@ def record_alerts(
             outcome_of[row["fingerprint"]] = Outcome(row["fingerprint"], "created" if row["created"] else "refreshed", row["id"])
             if row["created"]:
                 published.append(f"{row['id']}.opened.0")
+        if reopened:
+            # Locked by AFTER_REMEDIATION's update: their proposals next, in one statement for the batch.
+            proposals.supersede_on_reopen(conn, sorted(reopened), timeline)
         if decision is not None and (decision.joins or decision.merges):
             opened = {fp: o.incident_id for fp, o in outcome_of.items() if o.incident_id}
             applied = correlation_store.apply(conn, decision, firing, plan, opened, actor, event_source)
@@ -370,6 +376,8 @@ def record_alerts(
         for row in done:
             timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
             new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
+        # Resolved (and locked) by RESOLVE_WHEN_ALL_RESOLVED: their pending proposals end with them.
+        proposals.supersede_on_resolve(conn, sorted(finished), timeline)
         for hit in hits:
             if hit["incident_id"] not in finished:
                 timeline.append(timeline_row(hit["incident_id"], "alert_resolved", actor,

@@ -19,12 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shared import events, outbox
+from shared.domain import ACTIVE_STATUSES
 from shared.incident_queries import get_incident
-from shared.timeline import add_timeline
+from shared.sqltext import compact
+from shared.timeline import add_timeline, insert_timeline_and_events, timeline_row
 
 UTC_NOW = "timezone('utc', now())"
 INCIDENT_REMEDIATION_APPROVED = events.INCIDENT_REMEDIATION_APPROVED
-COLUMNS = ("id", "incident_id", "generation", "playbook", "actions", "preview", "hash", "status",
+COLUMNS = ("id", "incident_id", "generation", "root_generation", "playbook", "actions", "preview", "hash", "status",
            "created_at", "expires_at", "decided_by", "decided_at", "started_at", "finished_at", "reason")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM remediation_proposals"
 
@@ -50,8 +52,16 @@ def lock_incident(conn: Connection, incident_id: str, for_update: bool = False) 
     the share locks of other writers' timeline entries. ``for_update``: a
     transaction that may go on to lock the row FOR UPDATE (resolving it)
     takes that mode at once, never raising its own lock later."""
+    position = _lock(conn, incident_id, for_update)
+    return position[0] if position else None
+
+
+def _lock(conn: Connection, incident_id: str, for_update: bool = False) -> tuple[int, int, str] | None:
+    """lock_incident, returning (generation, root_generation, status)."""
     mode = "FOR UPDATE" if for_update else "FOR NO KEY UPDATE"
-    return conn.execute(sa.text(f"SELECT generation FROM incidents WHERE id = :i {mode}"), {"i": incident_id}).scalar()
+    row = conn.execute(sa.text(f"SELECT generation, root_generation, CAST(status AS text) FROM incidents WHERE id = :i {mode}"),
+                       {"i": incident_id}).first()
+    return (row[0], row[1] or 0, row[2]) if row else None
 
 
 def create(conn: Connection, incident: dict, playbook: str, actions: list[dict], preview: list[dict], ttl_seconds: int) -> dict:
@@ -59,11 +69,22 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
     one of that generation or of an earlier one is superseded (only the
     newest can be approved). One planned for a generation the incident has
     left since (the incident read before a reopen) is stored superseded and
-    supersedes nothing: the current generation's proposal stays pending."""
-    current = lock_incident(conn, incident["id"])
-    generation = incident["generation"]
+    supersedes nothing: the current generation's proposal stays pending.
+    So is one planned on a root another alert has taken over from since
+    (the incident read before the take-over): the take-over superseded the
+    pending proposals of the roots before it (:func:`supersede_on_root_change`).
+    And so is one planned on an incident resolved since (the resolve
+    superseded the pending ones: :func:`supersede_on_resolve`)."""
+    position = _lock(conn, incident["id"])
+    current, current_root, status = position if position else (None, 0, None)
+    generation, root = incident["generation"], incident.get("root_generation") or 0
     proposal_id = str(uuid.uuid4())
-    stale = current is not None and current > generation
+    stale = current is not None and (current > generation or (current == generation and current_root > root)
+                                     or status not in ACTIVE_STATUSES)
+    why = None
+    if stale:
+        why = (superseded_reason(generation, current) if current > generation
+               else root_changed_reason(current_root, root) if current_root > root else RESOLVED_REASON)
     superseded = [] if stale else conn.execute(sa.text(
         "UPDATE remediation_proposals SET status = 'superseded', finished_at = timezone('utc', now()), "
         "reason = CASE WHEN generation < :g THEN 'the incident was reopened (generation ' || CAST(:g AS text) "
@@ -71,14 +92,14 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
         "WHERE incident_id = :i AND status = 'pending' AND generation <= :g RETURNING id"),
         {"i": incident["id"], "g": generation, "newer": f"replaced by the newer proposal {proposal_id}"}).scalars().all()
     row = conn.execute(sa.text(
-        "INSERT INTO remediation_proposals (id, incident_id, generation, playbook, actions, preview, hash, expires_at, status, "
-        "reason, finished_at) VALUES (:id, :i, :g, :p, CAST(:a AS jsonb), CAST(:pv AS jsonb), :h, "
+        "INSERT INTO remediation_proposals (id, incident_id, generation, root_generation, playbook, actions, preview, hash, "
+        "expires_at, status, reason, finished_at) VALUES (:id, :i, :g, :rg, :p, CAST(:a AS jsonb), CAST(:pv AS jsonb), :h, "
         f"{UTC_NOW} + make_interval(secs => :ttl), :s, :r, CASE WHEN CAST(:stale AS boolean) THEN {UTC_NOW} END) "
         f"RETURNING {', '.join(COLUMNS)}"),
-        {"id": proposal_id, "i": incident["id"], "g": generation, "p": playbook,
+        {"id": proposal_id, "i": incident["id"], "g": generation, "rg": root, "p": playbook,
          "a": json.dumps(actions, default=str), "pv": json.dumps(preview, default=str),
          "h": fingerprint(incident["id"], actions), "ttl": ttl_seconds, "s": "superseded" if stale else "pending", "stale": stale,
-         "r": superseded_reason(generation, current) if stale else None}).mappings().one()
+         "r": why}).mappings().one()
     proposal = dict(row)
     add_timeline(conn, incident["id"], "remediation_proposed", {
         "proposal_id": proposal["id"], "playbook": playbook, "hash": proposal["hash"], "actions": actions,
@@ -138,11 +159,17 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
     actor's name was proven (a personal token), not just claimed.
 
     The incident is locked before the proposal (lock_incident), and its
-    generation read under that lock: a reopen either committed before
-    (the proposal is superseded) or waits for this decision (an approval
-    of the generation it leaves, which remediation then does not execute)."""
-    generation = lock_incident(conn, incident_id)
-    proposal = get(conn, incident_id, proposal_id, lock=True) if generation is not None else None
+    generation, root and status read under that lock: a reopen, a take-over
+    or a resolve either committed before (the proposal is superseded) or
+    waits for this decision (an approval of the generation or root it
+    leaves, which remediation then does not execute). A pending proposal
+    that is not of the incident's current generation and root, or of an
+    incident no longer active, is superseded here (:func:`stale_reason`):
+    one left pending from before take-overs and resolves superseded
+    proposals, or made by a replica of the previous release during a
+    rollout."""
+    position = _lock(conn, incident_id)
+    proposal = get(conn, incident_id, proposal_id, lock=True) if position is not None else None
     if proposal is None:
         return Decision(None, "not_found", f"incident {incident_id} has no proposal {proposal_id}")
     verb = "approve" if approve else "reject"
@@ -155,10 +182,11 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
         proposal = _set(conn, proposal_id, "expired", reason="approval TTL passed before a decision")
         add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
     if proposal["status"] == "pending":
-        if proposal["generation"] != generation:
-            # Its actions were planned for a generation the incident has
-            # left: approved, remediation would only record "not executed".
-            reason = superseded_reason(proposal["generation"], generation)
+        reason = stale_reason(proposal, *position)
+        if reason:
+            # Its actions were planned for a generation or a root the
+            # incident has left, or it resolved: approved, remediation would
+            # only record "not executed".
             proposal = _set(conn, proposal_id, "superseded", reason=reason)
             add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
             return Decision(proposal, "conflict", f"proposal {proposal_id} is superseded: {reason}; it cannot be {verb}d")
@@ -182,21 +210,121 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
     return Decision(proposal, event_ids=(event["id"],))
 
 
+RESOLVED_REASON = "the incident resolved before anyone approved"
+
+
 def superseded_reason(proposed_at: int, generation: int) -> str:
     return f"the incident was reopened (generation {generation}) since it was proposed for generation {proposed_at}"
 
 
-def supersede_on_reopen(conn: Connection, incident_id: str, generation: int) -> list[str]:
-    """A reopen (the incident's ``generation`` is new) ends the pending
-    proposals of the generations before it: the board stops offering them."""
-    pending = conn.execute(sa.text(
-        "SELECT id, generation FROM remediation_proposals WHERE incident_id = :i AND status = 'pending' AND generation < :g "
-        "ORDER BY id FOR UPDATE"), {"i": incident_id, "g": generation}).all()
-    for proposal_id, proposed_at in pending:
-        reason = superseded_reason(proposed_at, generation)
-        _set(conn, proposal_id, "superseded", reason=reason)
-        add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
-    return [proposal_id for proposal_id, _ in pending]
+def root_changed_reason(root_generation: int, proposed_at: int | None) -> str:
+    if proposed_at is None:
+        return unknown_root_reason(root_generation)
+    return (f"another alert took over as the incident's root (root generation {root_generation}) "
+            f"since it was proposed for root generation {proposed_at}")
+
+
+_UNKNOWN_ROOT = ("it names no root (proposed before proposals recorded theirs, or by the previous release) and another alert "
+                 "took over as the incident's root (root generation {}): it may be of a root the incident has left")
+
+
+# The reason above around the incident's root generation, for the SQL that writes it.
+_UNKNOWN_ROOT_PARTS = dict(zip(("unknown_head", "unknown_tail"), _UNKNOWN_ROOT.split("{}"), strict=True))
+
+
+def unknown_root_reason(root_generation: int) -> str:
+    return _UNKNOWN_ROOT.format(root_generation)
+
+
+def stale_reason(proposal: dict, generation: int, root_generation: int, status: str | None = None) -> str | None:
+    """Why a pending ``proposal`` may no longer be approved, judged against
+    the incident's ``generation``, ``root_generation`` and ``status`` (None:
+    it may). A proposal is planned on one generation's diagnosis of one
+    root. One with no root (a NULL ``root_generation``: made before
+    migration 0028, or by the previous release during a rollout) is of the
+    generation's first root while the incident has had no other; once
+    another alert took over it may be of any root the generation had, so it
+    is stale: approving it could run the old root's actions under the new
+    one, and the new root's own proposal costs only a diagnosis."""
+    if proposal["generation"] != generation:
+        return superseded_reason(proposal["generation"], generation)
+    proposed_root = proposal.get("root_generation")
+    if (proposed_root is None and root_generation > 0) or (proposed_root is not None and proposed_root != root_generation):
+        return root_changed_reason(root_generation, proposed_root)
+    if status is not None and status not in ACTIVE_STATUSES:
+        return RESOLVED_REASON
+    return None
+
+
+# Each ends the pending proposals of a batch of incidents in one statement,
+# the reason written per proposal from the row it joins; the caller holds
+# the incidents' locks (its UPDATE of them came first), so the proposals
+# are locked after the incident, as every writer of proposals locks them
+# (lock_incident). Incident ids as a JSON array, as the intake passes them.
+_ENDED = "RETURNING p.id, p.incident_id, p.reason"
+_SUPERSEDE_FROM = (f"UPDATE remediation_proposals p SET status = 'superseded', finished_at = {UTC_NOW}, reason = {{reason}} "
+                   "FROM incidents i WHERE p.incident_id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))) "
+                   "AND i.id = p.incident_id AND p.status = 'pending' AND {which} " + _ENDED)
+_SUPERSEDE_REOPENED = sa.text(compact(_SUPERSEDE_FROM.format(
+    reason="'the incident was reopened (generation ' || i.generation || ') since it was proposed for generation ' || p.generation",
+    which="p.generation < i.generation")))
+_SUPERSEDE_ROOT_CHANGED = sa.text(compact(_SUPERSEDE_FROM.format(
+    reason=("CASE WHEN p.root_generation IS NULL THEN :unknown_head || i.root_generation || :unknown_tail "
+            "ELSE 'another alert took over as the incident''s root (root generation ' || i.root_generation "
+            "|| ') since it was proposed for root generation ' || p.root_generation END"),
+    which="p.generation <= i.generation")))
+_SUPERSEDE_RESOLVED = sa.text(compact(_SUPERSEDE_FROM.format(
+    reason=":reason", which="CAST(i.status AS text) NOT IN ('open', 'investigating')")))
+
+
+def supersede_on_reopen(conn: Connection, incident_ids: str | list[str], timeline: list[dict] | None = None) -> list[str]:
+    """A reopen (the incident's generation is new) ends the pending
+    proposals of the generations before it, in the reopen's transaction:
+    the board stops offering them and nobody approves an action planned
+    for the generation just left. Every reopen calls it (a person's, the
+    intake's after a fix that did not hold, the flapping re-page), after
+    its UPDATE of the incident (``incident_ids``: one, or a batch's).
+    ``timeline``: a batch's entries (shared.ingest), appended to instead
+    of written here, so they follow its ``reopened`` entries."""
+    return _supersede(conn, _SUPERSEDE_REOPENED, incident_ids, {}, timeline)
+
+
+def supersede_on_root_change(conn: Connection, incident_ids: str | list[str], timeline: list[dict] | None = None) -> list[str]:
+    """A take-over (another alert became the root: the incident's
+    root_generation is new) ends the pending proposals of the generation:
+    each was planned on an earlier root's diagnosis (a proposal is made only
+    from a diagnosis of the root the incident had then), and remediation
+    acts only on the current root's (docs/correlation.md). The new root's
+    diagnosis brings its own proposal if its playbook asks for one. Called
+    in the take-over's transaction, after its UPDATE of the incident; each
+    reason names the root the proposal was planned on. ``timeline`` as in
+    supersede_on_reopen."""
+    return _supersede(conn, _SUPERSEDE_ROOT_CHANGED, incident_ids, _UNKNOWN_ROOT_PARTS,
+                      timeline)
+
+
+def supersede_on_resolve(conn: Connection, incident_ids: str | list[str], timeline: list[dict] | None = None) -> list[str]:
+    """A resolve (by its alert, by a merge into another incident, by hand,
+    by remediation) ends the incident's pending proposals in its
+    transaction: nothing is left to approve once the alert stopped (never
+    act on a resolved alert). Called after the UPDATE that resolved them;
+    an incident the call names that is active again is left alone.
+    ``timeline`` as in supersede_on_reopen."""
+    return _supersede(conn, _SUPERSEDE_RESOLVED, incident_ids, {"reason": RESOLVED_REASON}, timeline)
+
+
+def _supersede(conn: Connection, statement, incident_ids: str | list[str], params: dict, timeline: list[dict] | None) -> list[str]:
+    ids = [incident_ids] if isinstance(incident_ids, str) else sorted(set(incident_ids))
+    if not ids:
+        return []
+    ended = sorted(conn.execute(statement, {"ids": json.dumps(ids), **params}).all(), key=lambda r: (r.incident_id, r.id))
+    rows = [timeline_row(r.incident_id, "remediation_proposal_superseded", "system", {"proposal_id": r.id, "reason": r.reason})
+            for r in ended]
+    if timeline is None:
+        insert_timeline_and_events(conn, rows, [])
+    else:
+        timeline.extend(rows)
+    return [r.id for r in ended]
 
 
 def _expired(conn: Connection, proposal: dict) -> bool:
@@ -230,12 +358,16 @@ def finish(conn: Connection, proposal_id: str, executed: bool, reason: str) -> d
     return _set(conn, proposal_id, "executed" if executed else "failed", reason=reason)
 
 
-def present(proposal: dict, generation: int | None = None) -> dict:
-    """``generation``: the incident's; a pending proposal of an earlier one
-    shows as superseded (as a decision would find it)."""
+def present(proposal: dict, generation: int | None = None, root_generation: int | None = None) -> dict:
+    """``generation`` and ``root_generation``: the incident's; a pending
+    proposal of an earlier one shows as superseded (as a decision would
+    find it)."""
     out = {k: proposal[k] for k in COLUMNS}
-    if out["status"] == "pending" and generation is not None and out["generation"] != generation:
-        out["status"], out["reason"] = "superseded", superseded_reason(out["generation"], generation)
+    if out["status"] == "pending" and generation is not None:
+        reason = stale_reason(out, generation, root_generation if root_generation is not None else (
+            out["root_generation"] if out["root_generation"] is not None else 0))
+        if reason:
+            out["status"], out["reason"] = "superseded", reason
     # A pending proposal past its TTL can no longer be approved: show it as
     # what it is (the stored status follows at the first decision attempt).
     expires = out["expires_at"]

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 
-HEAD_REVISION = "0027"
+HEAD_REVISION = "0028"
 # What a statement meets when the object it names is not there yet.
 MISSING_OBJECT_SQLSTATES = frozenset({"42883", "42P01", "42703"})  # undefined function, table, column
 REVISION_SQL = "SELECT max(version_num) FROM alembic_version"

@@ -364,3 +364,19 @@ def test_letters_being_redelivered_are_indexed_by_their_claim_and_the_downgrade_
             assert "idx_dead_letters_sending" not in _indexes(conn, "dead_letters")
     finally:
         engine.dispose()
+
+
+def test_proposals_name_their_root_nullable_for_the_previous_release_and_the_downgrade_drops_it(scratch_url):
+    """0028: a proposal names the root it was planned on; the previous
+    release, inserting without the column during a rollout, leaves it NULL."""
+    engine = db.create_engine_for(scratch_url, pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(scratch_url, "0028")
+        with engine.connect() as conn:
+            column = _columns(conn, "remediation_proposals")["root_generation"]
+            assert column["data_type"] == "integer" and column["is_nullable"] == "YES"
+        migrate.downgrade(scratch_url, "0027")
+        with engine.connect() as conn:
+            assert "root_generation" not in _columns(conn, "remediation_proposals")
+    finally:
+        engine.dispose()

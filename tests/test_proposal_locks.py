@@ -23,10 +23,14 @@ ACTIONS = [{"action": "restart_deployment", "target": "production/email-service"
 
 
 def resolved_incident_with_a_proposal(engine) -> tuple[str, dict]:
+    """A resolved incident whose proposal is still pending, as the previous
+    release (which superseded nothing at a resolve) left them."""
     with engine.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert("Locks")], "/t", "alertmanager").outcomes[0].incident_id
         proposal = proposals.create(conn, svc.get_incident(conn, incident_id), "restart", ACTIONS, [], 600)
         svc.transition(conn, incident_id, "resolved", "api:bob", "/t")
+        conn.execute(sa.text("UPDATE remediation_proposals SET status = 'pending', reason = NULL, finished_at = NULL WHERE id = :id"),
+                     {"id": proposal["id"]})
     return incident_id, proposal
 
 
@@ -107,19 +111,21 @@ def state(engine, incident_id, proposal_id) -> tuple[tuple, tuple]:
     return tuple(proposal), tuple(incident)
 
 
-def test_an_approval_that_locked_first_is_approved_at_its_generation_and_the_reopen_waits_for_it(clean_db):
+def test_an_approval_that_locked_first_is_judged_at_its_generation_and_the_reopen_waits_for_it(clean_db):
     """The approval holds its first lock when a person reopens. The reopen
-    waits for the approval, then goes through: the proposal is approved at
-    generation 0, which remediation does not execute on generation 1
-    (``not executed``, tests/test_proposals.py). Had the approval locked the
-    proposal first, the reopen would lock the incident and wait for the
-    proposal while the approval's timeline entry waited for the incident."""
+    waits for the approval, then goes through; the approval was judged on
+    the incident as it stood under its lock, resolved at generation 0: the
+    proposal is superseded (the incident resolved before anyone approved),
+    nothing is approved. Had the approval locked the proposal first, the
+    reopen would lock the incident and wait for the proposal while the
+    approval's timeline entry waited for the incident."""
     incident_id, proposal = resolved_incident_with_a_proposal(clean_db)
     with Sides(clean_db, held="approval") as sides:
         sides.run(approve(incident_id, proposal["id"]), "reopen", reopen(incident_id))
     assert sides.errors == {}
-    assert sides.results["approval"].refusal is None
-    assert state(clean_db, incident_id, proposal["id"]) == (("approved", 0), ("investigating", 1))
+    decision = sides.results["approval"]
+    assert decision.refusal == "conflict" and "the incident resolved before anyone approved" in decision.message, decision
+    assert state(clean_db, incident_id, proposal["id"]) == (("superseded", 0), ("investigating", 1))
 
 
 def test_an_approval_that_comes_while_a_reopen_holds_the_incident_is_refused_as_superseded(clean_db):

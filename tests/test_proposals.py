@@ -315,11 +315,28 @@ def test_a_proposal_past_its_ttl_shows_as_expired_before_anyone_decides(remediat
     assert f'id="proposal-status-{summary["id"]}">expired<' in page and f'id="approve-{summary["id"]}"' not in page
 
 
-def test_an_incident_resolved_before_the_approval_runs_is_not_remediated(remediation, query, cluster, clean_db):
+def test_an_incident_resolved_before_anyone_approved_supersedes_the_proposal_and_a_decision_is_409(
+        remediation, query, cluster, clean_db):
+    """Resolved by hand while the proposal waited: the resolve supersedes it
+    in its transaction (nothing is left to approve once the alert stopped)."""
     row, summary = proposed(clean_db, remediation)
     with clean_db.begin() as conn:
         svc.transition(conn, row["id"], "resolved", "test", "/test")
-    assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
+    p = proposal_row(clean_db, row["id"], summary["id"])
+    assert (p["status"], p["reason"]) == ("superseded", "the incident resolved before anyone approved")
+    assert kinds(clean_db, row["id"])[-2:] == ["status_changed", "remediation_proposal_superseded"]
+    refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
+    assert refused.status_code == 409 and refused.json()["proposal_status"] == "superseded", refused.text
+    assert not cluster.calls("PATCH")
+
+
+def test_an_incident_resolved_before_the_approval_runs_is_not_remediated(remediation, query, cluster, clean_db):
+    row, summary = proposed(clean_db, remediation)
+    with clean_db.begin() as conn:  # approved; its event not delivered yet
+        conn.execute(sa.text("UPDATE remediation_proposals SET status = 'approved', decided_by = 'api:alice' WHERE id = :id"),
+                     {"id": summary["id"]})
+        svc.transition(conn, row["id"], "resolved", "test", "/test")
+    assert deliver_approval(remediation, row, summary["id"]).status_code == 200
     p = settled(clean_db, row["id"], summary["id"])
     assert p["status"] == "failed" and p["reason"].startswith("not executed: the incident is resolved")
     assert not cluster.calls("PATCH")
@@ -468,13 +485,22 @@ def test_without_an_approver_list_the_shared_token_and_x_actor_still_decide(reme
     assert [c.json() for c in cluster.calls("PATCH", "/scale")] == [{"spec": {"replicas": 6}}]
 
 
-def reopen(engine, incident_id):
-    """A person reopens the incident: generation 1, first root."""
+def reopen(engine, incident_id, left_pending: str | None = None):
+    """A person reopens the incident: generation 1, first root.
+    ``left_pending``: a proposal still pending across the resolve, as the
+    previous release (which superseded nothing at a resolve) left them."""
     with engine.begin() as conn:
         if svc.get_incident(conn, incident_id)["status"] != "resolved":
             svc.transition(conn, incident_id, "resolved", "test", "/test")
+        if left_pending:
+            still_pending(conn, left_pending)
         svc.transition(conn, incident_id, "investigating", "test", "/test")
         return svc.get_incident(conn, incident_id)
+
+
+def still_pending(conn, proposal_id):
+    conn.execute(sa.text("UPDATE remediation_proposals SET status = 'pending', reason = NULL, finished_at = NULL WHERE id = :id"),
+                 {"id": proposal_id})
 
 
 def test_a_proposal_of_a_generation_a_person_reopened_since_is_superseded_and_refused_with_409(remediation, query, cluster, clean_db):
@@ -483,7 +509,7 @@ def test_a_proposal_of_a_generation_a_person_reopened_since_is_superseded_and_re
     has left: the reopen supersedes it, the board no longer offers it, and
     an approval or a rejection is 409 naming why. Nothing runs."""
     row, summary = proposed(clean_db, remediation)
-    assert reopen(clean_db, row["id"])["generation"] == 1
+    assert reopen(clean_db, row["id"], left_pending=summary["id"])["generation"] == 1
     for verb in ("approve", "reject"):
         refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/{verb}")
         assert refused.status_code == 409, refused.text
@@ -505,6 +531,7 @@ def test_a_pending_proposal_of_a_generation_the_intake_reopened_since_is_refused
     row, summary = proposed(clean_db, remediation)
     with clean_db.begin() as conn:
         svc.transition(conn, row["id"], "resolved", "remediation", "/test", resolved_by="remediation")
+        still_pending(conn, summary["id"])  # as the previous release left it across the resolve
         again = svc.record_alerts(conn, [alert("KafkaConsumerLagHigh", namespace="production")], "/test", "test",
                                   reopen_window_seconds=1800)
         assert again.outcomes[0].action == "reopened"
@@ -554,6 +581,7 @@ def test_an_approved_outcome_redelivered_after_a_reopen_is_stale_not_forged(reme
     row, summary = proposed(clean_db, remediation)
     with clean_db.begin() as conn:
         conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :id"), {"id": row["id"]})
+        conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = 1 WHERE id = :id"), {"id": summary["id"]})
     assert post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve").status_code == 200
     assert settled(clean_db, row["id"], summary["id"])["status"] == "executed"
     current = reopen(clean_db, row["id"])

@@ -36,7 +36,10 @@ it opened, its summary and details now the new root's; chat channels post a
 follow-up naming the new root, why and the member count; the outgoing
 webhook sends ``incident.root_changed``. An opening not told yet is told
 once, with the new root. Remediation outcomes of the new root are told
-under claim keys of their own (``….root{n}``).
+under claim keys of their own (``….root{n}``); an outcome of a root the
+incident has left (a run or an approval of the old root, finishing,
+stopping or not executed after the take-over) is stale, acknowledged with
+nothing sent: it resolved nothing and failed nothing of the current root.
 
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
@@ -230,6 +233,16 @@ class EscalationHandler:
             stale = claims.judge_event(incident, generation, root_generation)
             if not stale and transition == "opened" and 0 < root_generation < (incident.get("root_generation") or 0):
                 stale = f"the event is of root {root_generation}; the incident's root is {incident['root_generation']} since"
+            if not stale and transition in ("remediated", "remediation_failed") and root_generation < (incident.get("root_generation") or 0):
+                # A run or an approval of a root another alert took over
+                # from: it acted (or stopped, or was not executed) on the old
+                # root's diagnosis and resolved nothing; the new root's own
+                # remediation outcome is the one told. Acknowledged with
+                # nothing sent, as remediation acknowledges the old root's
+                # late diagnosis: not "remediated automatically", and no page
+                # for a failure that was only a stop.
+                stale = (f"the event is of root {root_generation}'s remediation; the incident's root is "
+                         f"{incident['root_generation']} since")
             if stale:
                 return incident, None, stale, NO_ROUND
             # The page tells how many alerts the incident groups, and why.

@@ -17,7 +17,7 @@ from functions.remediation import playbooks as pb
 from functions.remediation import rails
 from functions.remediation.actions import REGISTRY, ActionContext, ActionFailed, BlastRadiusExceeded, NotConfigured
 from functions.remediation.result import Result, now_rfc3339, proposal_url, resolve_if_remediated, template_context
-from shared import db, eventio, incidents, proposals
+from shared import claims, db, eventio, incidents, proposals
 from shared.errors import Conflict
 from shared.http import parse_uuid
 from shared.templating import TemplateError
@@ -84,7 +84,19 @@ class ApprovalFlow:
         incident_id = eventio.incident_id_of(event)
         data = event.get_data() if isinstance(event.get_data(), dict) else {}
         proposal_id = parse_uuid(data.get("proposal_id"), "data.proposal_id", detail="field")
+        # The root the approval was given at: the event is made in the
+        # decision's transaction, under the incident's lock, and a pending
+        # proposal is always of the incident's root then (a take-over
+        # supersedes the pending ones: shared.proposals.supersede_on_root_change).
+        approved_root = eventio.root_generation_of(event)
         with db.transaction() as conn:
+            incident = incidents.get_incident(conn, incident_id)
+            if incident is not None:
+                # A generation or root the incident never had (forged, or
+                # from another database) is 400 before the proposal is
+                # claimed: it must not end a real approval as "not executed".
+                # An earlier one is judged below, as the proposal's outcome.
+                claims.judge_event(incident, eventio.generation_of(event), approved_root)
             proposal = proposals.claim_execution(conn, incident_id, proposal_id, self.claim_stale_seconds)
             current = proposal or proposals.get(conn, incident_id, proposal_id)
         if current is None:
@@ -94,8 +106,8 @@ class ApprovalFlow:
             return self._replay_approved(current)
         log.info("Executing approved remediation", extra={"incident_id": incident_id, "proposal_id": proposal_id})
         try:
-            result = self._run_approved(proposal)
-            event_ids, root_generation = self._finish_approved(proposal, result)
+            result = self._run_approved(proposal, approved_root)
+            event_ids, root_generation = self._finish_approved(proposal, result, approved_root)
         except Exception as exc:
             # Some actions may have run: executing again could act twice. The
             # run becomes a recorded failure, which escalation pages on and a
@@ -106,17 +118,29 @@ class ApprovalFlow:
             result = Result("failed", f"remediation crashed while executing ({type(exc).__name__}); the actions it ran are on the "
                                       "timeline; a human must check the target",
                             playbook=proposal["playbook"], proposal=approved_summary(proposal))
-            event_ids, root_generation = self._finish_approved(proposal, result)
+            event_ids, root_generation = self._finish_approved(proposal, result, approved_root)
         self.publisher.submit(event_ids)
         return self._reply(incident_id, result, self._approved_event_id(proposal, result), root_generation, proposal["generation"])
 
-    def _run_approved(self, proposal: dict) -> Result:
+    def _run_approved(self, proposal: dict, approved_root: int) -> Result:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, proposal["incident_id"])
         approved = approved_summary(proposal)
         if incident["status"] not in ("open", "investigating") or incident["generation"] != proposal["generation"]:
             return Result("failed", f"not executed: the incident is {incident['status']} (generation {incident['generation']}) "
                                     f"since the proposal (generation {proposal['generation']})", playbook=proposal["playbook"], proposal=approved)
+        if (incident.get("root_generation") or 0) != approved_root:
+            # Planned on the old root's diagnosis; remediation acts only on
+            # the current root's, which brings its own proposal or run.
+            return Result("failed", f"not executed: another alert took over as the incident's root (root generation "
+                                    f"{incident.get('root_generation') or 0}) since the approval (root generation {approved_root})",
+                          playbook=proposal["playbook"], proposal=approved)
+        stale = proposals.stale_reason(proposal, incident["generation"], incident.get("root_generation") or 0)
+        if stale:
+            # Approved by a replica of the previous release, which judged no
+            # root: a proposal of another root (or of none, after a
+            # take-over) is not run under this one.
+            return Result("failed", f"not executed: {stale}", playbook=proposal["playbook"], proposal=approved)
         playbook = next((p for p in self.playbooks if p.name == proposal["playbook"]), None)
         if playbook is None:
             return Result("failed", f"not executed: playbook {proposal['playbook']} is no longer loaded", proposal=approved)
@@ -142,23 +166,24 @@ class ApprovalFlow:
             planned.append({"action": step.action, "target": str(spec.target(params)), "params": params.model_dump(mode="json")})
         return planned
 
-    def _finish_approved(self, proposal: dict, result: Result) -> tuple[list[str], int]:
+    def _finish_approved(self, proposal: dict, result: Result, approved_root: int) -> tuple[list[str], int]:
         """The events to publish, and the root generation the outcome is of.
-        The outcome is of the proposal's generation: one the incident has
-        left since (it was reopened) is recorded and replied as that
-        generation's, stale to escalation, not told as the current one's."""
-        with db.engine().connect() as conn:
-            incident = incidents.require_incident(conn, proposal["incident_id"])
-        root_generation = (incident.get("root_generation") or 0) if incident["generation"] == proposal["generation"] else 0
+        The outcome is of the proposal's generation and of the root the
+        approval was given at: one the incident has left since (it was
+        reopened) is recorded and replied as that generation's, stale to
+        escalation, not told as the current one's; a root another alert
+        took over from is told under that root's claims, not the new one's."""
+        root_generation = approved_root
         with db.transaction() as conn:
             # The incident before the proposal, as every writer of proposals
             # locks them (shared.proposals.lock_incident), in the mode
             # resolve_if_remediated takes right after.
-            proposals.lock_incident(conn, incident["id"], for_update=True)
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, proposal["generation"])
+            proposals.lock_incident(conn, proposal["incident_id"], for_update=True)
+            event_ids = resolve_if_remediated(conn, proposal["incident_id"], result, self.config.event_source, proposal["generation"],
+                                              root_generation)
             executed = bool(result.actions) and all(r["success"] for r in result.actions if not r.get("revert"))
             proposals.finish(conn, proposal["id"], executed and result.outcome == "remediated", result.reason)
-            incidents.add_timeline(conn, incident["id"], "remediation_result", {
+            incidents.add_timeline(conn, proposal["incident_id"], "remediation_result", {
                 **result.as_dict(), "generation": proposal["generation"], "root_generation": root_generation,
                 "approved_proposal": proposal["id"]}, "remediation")
         return event_ids, root_generation

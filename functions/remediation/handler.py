@@ -16,6 +16,7 @@ import logging
 from cloudevents.http import CloudEvent
 from flask import Response
 from pydantic import ValidationError
+import sqlalchemy as sa
 
 from functions.remediation import actions as act
 from functions.remediation import playbooks as pb
@@ -138,6 +139,17 @@ class RemediationHandler(ApprovalFlow):
         result = Result("remediated", "", playbook=playbook.name)
         escalation = None
         for step in playbook.steps:
+            gone = self._left_behind(incident)
+            if gone:
+                # Judged once when the run began; a step's rollout can take
+                # minutes, and the incident may be resolved, reopened or
+                # taken over by another root meanwhile: the steps left are
+                # not this run's to take (never act on a resolved alert).
+                result.outcome = "failed"
+                result.reason = f"stopped before {step.action}: {gone}" + (
+                    "; the actions before it are on the timeline" if result.actions else "")
+                log.info("Remediation stopped between steps", extra={"incident_id": incident["id"], "reason": gone})
+                return result
             record = self._step(incident, step, context, dry_run)
             result.actions.append(record)
             if record.get("escalate"):
@@ -154,6 +166,24 @@ class RemediationHandler(ApprovalFlow):
             result.reason = "every action succeeded and was verified"
             self._verify(incident, playbook, context, result)
         return result
+
+    def _left_behind(self, incident: dict) -> str | None:
+        """Why the run, begun on ``incident``, may take no further step
+        (None: it may): the incident is no longer active, or no longer at
+        the generation and root the run is for."""
+        with db.engine().connect() as conn:
+            now = conn.execute(sa.text("SELECT CAST(status AS text) AS status, generation, root_generation FROM incidents "
+                                       "WHERE id = :i"), {"i": incident["id"]}).mappings().first()
+        if now is None:
+            return "the incident is gone"
+        if now["status"] not in ("open", "investigating"):
+            return f"the incident is {now['status']} since the run began"
+        if now["generation"] != incident["generation"]:
+            return f"the incident was reopened (generation {now['generation']}) since the run began at generation {incident['generation']}"
+        if (now.get("root_generation") or 0) != (incident.get("root_generation") or 0):
+            return (f"another alert took over as the incident's root (root generation {now.get('root_generation') or 0}) "
+                    f"since the run began at root generation {incident.get('root_generation') or 0}")
+        return None
 
     # ------------------------------------------------------------------ verification and revert
 
@@ -261,7 +291,8 @@ class RemediationHandler(ApprovalFlow):
 
     def _finish(self, incident: dict, key: str, result: Result) -> list[str]:
         with db.transaction() as conn:
-            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"])
+            event_ids = resolve_if_remediated(conn, incident["id"], result, self.config.event_source, incident["generation"],
+                                              incident.get("root_generation") or 0)
             incidents.add_timeline(
                 conn, incident["id"], "remediation_result",
                 {**result.as_dict(), "generation": incident["generation"], "root_generation": incident.get("root_generation") or 0,

@@ -33,17 +33,22 @@ class Result:
         return out
 
 
-def resolve_if_remediated(conn: Connection, incident_id: str, result: Result, event_source: str, generation: int) -> list[str]:
+def resolve_if_remediated(conn: Connection, incident_id: str, result: Result, event_source: str, generation: int,
+                          root_generation: int) -> list[str]:
     """A remediated incident is resolved by remediation, in the caller's
-    transaction, if it is still at the ``generation`` the run was for;
-    returns the events to publish. A generation reopened during the run
-    (a person thinks the fix did not hold, or the alert fired again) is
-    not the run's to resolve."""
+    transaction, if it is still at the ``generation`` and the
+    ``root_generation`` the run was for; returns the events to publish. A
+    generation reopened during the run (a person thinks the fix did not
+    hold, or the alert fired again) is not the run's to resolve, and
+    neither is a root another alert took over as during the run: the run
+    acted on the old root's diagnosis, and the new root's own diagnosis
+    and remediation decide about the incident now."""
     if result.outcome != "remediated":
         return []
-    # Locked as the transition locks it: a reopen cannot slip in between.
-    current = conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i FOR UPDATE"), {"i": incident_id}).scalar()
-    if current != generation:
+    # Locked as the transition locks it: a reopen or a take-over cannot slip in between.
+    current = conn.execute(sa.text("SELECT generation, root_generation FROM incidents WHERE id = :i FOR UPDATE"),
+                           {"i": incident_id}).first()
+    if current is None or (current[0], current[1] or 0) != (generation, root_generation):
         return []
     try:
         _, event_ids = incidents.transition(conn, incident_id, "resolved", "remediation", event_source,
