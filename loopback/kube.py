@@ -173,6 +173,42 @@ def _selected(obj: dict, query: dict) -> bool:
     return True
 
 
+def write_kubeconfig(server_url: str, directory: Path, proxy_url: str | None = None) -> Path:
+    """A kubeconfig in ``directory`` for the API server at ``server_url``
+    (reached through ``proxy_url`` when given), with a bearer token (what
+    the service account's would be)."""
+    path = directory / "kubeconfig"
+    proxy = f", proxy-url: '{proxy_url}'" if proxy_url else ""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{server_url}'{proxy}}}}}]\n"
+        "users: [{name: incident-response, user: {token: fake-service-account-token}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: incident-response}}]\n"
+        "current-context: fake\n"
+    )
+    return path
+
+
+@contextmanager
+def cluster_at(server_url: str, directory: Path, server=None, proxy_url: str | None = None):
+    """This process's Kubernetes client (shared.kube) talks to the API
+    server at ``server_url`` (a FakeKubernetes, or a peer that misbehaves:
+    loopback.trickle) until the block ends; KUBECONFIG is then as it was."""
+    from shared import kube as kube_client
+
+    saved = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(write_kubeconfig(server_url, directory, proxy_url))
+    kube_client.reset()
+    try:
+        yield server
+    finally:
+        if saved is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = saved
+        kube_client.reset()
+
+
 class FakeKubernetes:
     def __init__(self):
         self.deployments: dict[tuple[str, str], dict] = {}
@@ -204,33 +240,12 @@ class FakeKubernetes:
         self.server.stop()
 
     def kubeconfig(self, directory: Path) -> Path:
-        path = directory / "kubeconfig"
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters: [{{name: fake, cluster: {{server: '{self.server.url}'}}}}]\n"
-            "users: [{name: incident-response, user: {token: fake-service-account-token}}]\n"
-            "contexts: [{name: fake, context: {cluster: fake, user: incident-response}}]\n"
-            "current-context: fake\n"
-        )
-        return path
+        return write_kubeconfig(self.server.url, directory)
 
-    @contextmanager
     def as_cluster(self, directory: Path):
         """This process's Kubernetes client (shared.kube) talks to this
         server until the block ends; KUBECONFIG is then as it was."""
-        from shared import kube as kube_client
-
-        saved = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(self.kubeconfig(directory))
-        kube_client.reset()
-        try:
-            yield self
-        finally:
-            if saved is None:
-                os.environ.pop("KUBECONFIG", None)
-            else:
-                os.environ["KUBECONFIG"] = saved
-            kube_client.reset()
+        return cluster_at(self.server.url, directory, self)
 
     def add_deployment(self, obj):
         self.deployments[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj

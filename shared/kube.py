@@ -81,11 +81,15 @@ _state = {"checked": False, "configured": False, "reason": ""}
 def _configure():
     from kubernetes import client
 
+    # Every request of the client bounded as a whole exchange, within its
+    # _request_timeout (shared/kubebound.py).
+    from shared.kubebound import api_client as bounded_api_client
+
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         from kubernetes.config.incluster_config import load_incluster_config
 
         load_incluster_config()
-        return client.ApiClient(), "in-cluster service account"
+        return bounded_api_client(), "in-cluster service account"
     path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(path).exists():
         return None, f"no in-cluster config and no kubeconfig at {path}"
@@ -93,11 +97,13 @@ def _configure():
 
     configuration = client.Configuration()
     load_kube_config(config_file=path, client_configuration=configuration)
-    return client.ApiClient(configuration), f"kubeconfig {path}"
+    return bounded_api_client(configuration), f"kubeconfig {path}"
 
 
 def api_client():
-    """The shared ApiClient, or None when Kubernetes is not configured."""
+    """The shared ApiClient, or None when Kubernetes is not configured.
+    Each of its requests ends within its ``_request_timeout`` as a whole
+    (shared/kubebound.py); one without a timeout is refused."""
     global _client
     with _lock:
         if not _state["checked"]:
