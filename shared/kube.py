@@ -81,15 +81,11 @@ _state = {"checked": False, "configured": False, "reason": ""}
 def _configure():
     from kubernetes import client
 
-    # Every request of the client bounded as a whole exchange, within its
-    # _request_timeout (shared/kubebound.py).
-    from shared.kubebound import api_client as bounded_api_client
-
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         from kubernetes.config.incluster_config import load_incluster_config
 
         load_incluster_config()
-        return bounded_api_client(), "in-cluster service account"
+        return _bounded_api_client(None), "in-cluster service account"
     path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(path).exists():
         return None, f"no in-cluster config and no kubeconfig at {path}"
@@ -97,7 +93,17 @@ def _configure():
 
     configuration = client.Configuration()
     load_kube_config(config_file=path, client_configuration=configuration)
-    return bounded_api_client(configuration), f"kubeconfig {path}"
+    return _bounded_api_client(configuration), f"kubeconfig {path}"
+
+
+def _bounded_api_client(configuration):
+    """The ApiClient, every request of it bounded as a whole exchange within
+    its ``_request_timeout`` (shared/kubebound.py). Imported once a
+    configuration is loaded: it brings the client's REST module, which a
+    configuration that fails to load never needs."""
+    from shared.kubebound import api_client
+
+    return api_client(configuration)
 
 
 def api_client():

@@ -9,9 +9,9 @@ makes runs inside shared.deadline_core's bound of its ``_request_timeout``:
 the connect, each send and each read of the answer, its body too (read
 after the call returns, with ``_preload_content=False`` or by the generated
 method), end within it; a bound spent is urllib3's timeout error
-(``ReadTimeoutError``, ``ConnectTimeoutError``, or ``MaxRetryError`` over
-one for a GET, whose retries ask nothing more once the bound is spent), the
-failure every caller already handles as a timeout.
+(``ReadTimeoutError``, ``ConnectTimeoutError``: a GET is not retried once
+the bound is spent), the failure every caller already handles as a
+timeout.
 
 What urllib3 waits for between attempts is not a socket wait, and no socket
 timeout shortens it: an answer ``429`` or ``503`` with ``Retry-After`` (up to
@@ -50,6 +50,14 @@ class _BoundedRetry(Retry):
             return False  # what a Retry-After asks for is the caller's to judge: the answer goes back
         return super().is_retry(method, status_code, has_retry_after)
 
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        bound = _bound.get()
+        if bound is not None and error is not None and time.monotonic() >= bound.at:
+            # The bound is spent: another attempt would fail at its connect
+            # and name that as the cause. The timeout that spent it is the error.
+            raise error.with_traceback(_stacktrace)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
     def sleep_for_retry(self, response) -> bool:
         self._within_bound(self.get_retry_after(response) or 0, answered=True)
         return super().sleep_for_retry(response)
@@ -75,7 +83,8 @@ def _bounded_retries(retries) -> Retry:
 
 @functools.cache
 def _bounded_pool(pool_class: type) -> type:
-    return type(f"Bounded{pool_class.__name__}", (pool_class,), {"ConnectionCls": bounded_class(pool_class.ConnectionCls)})
+    # Its own name: urllib3's errors name the pool, and what they say stays the same.
+    return type(pool_class.__name__, (pool_class,), {"ConnectionCls": bounded_class(pool_class.ConnectionCls)})
 
 
 def _seconds(timeout) -> float:
