@@ -221,7 +221,9 @@ class FakeKubernetes:
         self.jobs: list[dict] = []
         self.replicasets: list[dict] = []
         self.statefulsets: dict[tuple[str, str], dict] = {}
-        # (method, path regex, status, "hang", or "hold": answered normally once ``released`` is set)
+        # (method, path regex, status, "hang", "trickle": a 200 whose body
+        # comes a byte every 0.2 s, or "hold": answered normally once
+        # ``released`` is set)
         self.failures: list[tuple[str, str, int | str]] = []
         self.released = threading.Event()
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
@@ -315,6 +317,8 @@ class FakeKubernetes:
                 if status == "hang":
                     time.sleep(30)
                     return _status(504, "Timeout", "hung")
+                if status == "trickle":
+                    return 200, {"Content-Type": "application/json", "Content-Length": "100000"}, self._trickle
                 return _status(status, {403: "Forbidden", 409: "Conflict", 404: "NotFound"}.get(status, "InternalError"), f"injected {status}")
         body = json.loads(req.body) if req.body else None
         if req.method == "PATCH" and req.headers.get("content-type") == "application/json-patch+json" and not isinstance(body, list):
@@ -363,6 +367,18 @@ class FakeKubernetes:
                 node["spec"].update((body or {}).get("spec", {}))
             return 200, {"Content-Type": "application/json"}, json.dumps(node).encode()
         return _status(404, "NotFound", f"{path} not found")
+
+    def _trickle(self, out) -> None:
+        """A body that never ends: a byte every 0.2 s, until the client
+        goes, the server stops (a minute at most)."""
+        for _ in range(300):
+            try:
+                out.write(b" ")
+                out.flush()
+            except OSError:
+                return
+            if self.released.wait(0.2):
+                return
 
     def _read(self, kind, ns, name, query, accept):
         # ReplicaSets live in one list: rollbacks rewrite their revisions.

@@ -21,9 +21,11 @@ back-off that would pass the bound raises :class:`DeadlinePassed` instead of
 sleeping.
 
 A request without a timeout is refused (``TypeError``): it would have no
-bound. So is a kubeconfig whose proxy is SOCKS, when the client is built
-(shared.kube turns the integration off and says why): its connection
-connects in its own way, which the bound cannot keep.
+bound. So are, when the client is built (shared.kube then turns the
+integration off and says why), a kubeconfig whose proxy is SOCKS (its
+connection connects in its own way, which the bound cannot keep) and a
+configuration with the client's ``client_go_retries`` (they sleep between
+attempts outside urllib3; off by default, never set here).
 
 Imported by shared.kube when it builds the client, never at a function's
 start: it imports the client's REST module (already loaded by then) and
@@ -102,6 +104,8 @@ class BoundedRESTClient(rest.RESTClientObject):
     and each request made within its own timeout."""
 
     def __init__(self, configuration) -> None:
+        if getattr(configuration, "client_go_retries", False):
+            raise TypeError("client_go_retries sleep between attempts past any bound: leave them off")
         super().__init__(configuration)
         manager = self.pool_manager
         # A new mapping: urllib3's is shared by every PoolManager. A redirect

@@ -21,7 +21,10 @@ from typing import Any
 def request(api, method: str, path: str, path_params: dict | None = None, query: dict | None = None, body: Any = None,
             content_type: str | None = None, accept: str = "application/json", timeout: float | None = None) -> bytes:
     """The answer's body; ``path`` has ``{name}`` placeholders that
-    ``path_params`` fill (quoted as the generated methods quote them)."""
+    ``path_params`` fill (quoted as the generated methods quote them).
+    ``timeout`` bounds the whole exchange, the body included, on the
+    client shared.kube builds (shared/kubebound.py), which refuses a call
+    without one."""
     from kubernetes.client.exceptions import ApiException
 
     headers = {"Accept": accept}
