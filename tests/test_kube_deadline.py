@@ -173,3 +173,15 @@ def test_the_loopback_cluster_still_answers_through_the_bounded_client(tmp_path)
         server.stop()
     assert first["spec"]["replicas"] == second["spec"]["replicas"] == 2
 
+
+
+def test_the_clients_own_client_go_retries_are_refused():
+    # They sleep between attempts in the client, outside urllib3, past any bound.
+    from kubernetes import client
+
+    from shared.kubebound import api_client
+
+    configuration = client.Configuration()
+    configuration.client_go_retries = True
+    with pytest.raises(TypeError, match="client_go_retries"):
+        api_client(configuration)
