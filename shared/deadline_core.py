@@ -115,8 +115,11 @@ class DeadlinePassed(TimeoutError):
 def within(seconds: float) -> Iterator[None]:
     """Every exchange of a :func:`bounded` session inside the block ends
     within ``seconds`` of entering it: name lookup, connect, TLS handshake,
-    send and the whole answer."""
-    token = _bound.set(_Bound(time.monotonic() + seconds, seconds))
+    send and the whole answer. Inside another block, the one that ends
+    first bounds them: a call's own timeout never outlasts what its caller
+    was given."""
+    mine, outer = _Bound(time.monotonic() + seconds, seconds), _bound.get()
+    token = _bound.set(outer if outer is not None and outer.at <= mine.at else mine)
     try:
         yield
     finally:

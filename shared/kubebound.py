@@ -15,10 +15,14 @@ timeout.
 
 What urllib3 waits for between attempts is not a socket wait, and no socket
 timeout shortens it: an answer ``429`` or ``503`` with ``Retry-After`` (up to
-six hours, three times over). Within a bound it is not waited for: the
-answer is the answer (the client's ``ApiException`` with its status); a
-back-off that would pass the bound raises :class:`DeadlinePassed` instead of
-sleeping.
+six hours, three times over). urllib3 retries such an answer only for the
+methods it deems idempotent (``GET``, ``PUT``, ``DELETE``…; never ``POST``
+or ``PATCH``). Within a bound the wait is made when it ends inside the
+bound (kube-apiserver's priority and fairness answers ``429`` with
+``Retry-After: 1`` under load), and the request asked again; a wait that
+would pass the bound is not begun: that answer is the answer (the client's
+``ApiException`` with its status). A back-off that would pass the bound
+raises :class:`DeadlinePassed` instead of sleeping.
 
 A request without a timeout is refused (``TypeError``): it would have no
 bound. So are, when the client is built (shared.kube then turns the
@@ -39,6 +43,7 @@ import functools
 import time
 
 from kubernetes.client import rest
+from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from shared.deadline_core import DeadlinePassed, _bound, bounded_class, within
@@ -47,17 +52,20 @@ from shared.deadline_core import DeadlinePassed, _bound, bounded_class, within
 class _BoundedRetry(Retry):
     """urllib3's retries, never waiting past the bound of the exchange."""
 
-    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        if _bound.get() is not None and has_retry_after and not (self.status_forcelist and status_code in self.status_forcelist):
-            return False  # what a Retry-After asks for is the caller's to judge: the answer goes back
-        return super().is_retry(method, status_code, has_retry_after)
-
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
         bound = _bound.get()
         if bound is not None and error is not None and time.monotonic() >= bound.at:
             # The bound is spent: another attempt would fail at its connect
             # and name that as the cause. The timeout that spent it is the error.
             raise error.with_traceback(_stacktrace)
+        if bound is not None and response is not None and response.status in self.RETRY_AFTER_STATUS_CODES:
+            wait = self.get_retry_after(response) if self.respect_retry_after_header else None
+            if wait is not None and time.monotonic() + wait >= bound.at:
+                # A wait the bound has no room for is not begun: with
+                # raise_on_status off, urlopen hands back this answer (the
+                # 429 or 503 itself, for the caller to judge).
+                cause = ResponseError.SPECIFIC_ERROR.format(status_code=response.status)
+                raise MaxRetryError(_pool, url, ResponseError(cause))
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def sleep_for_retry(self, response) -> bool:
@@ -70,6 +78,8 @@ class _BoundedRetry(Retry):
 
     @staticmethod
     def _within_bound(seconds: float, answered: bool) -> None:
+        # What increment left through (a back-off; a Retry-After that fit
+        # when it was read) and the bound no longer has room for.
         bound = _bound.get()
         if bound is not None and seconds > 0 and time.monotonic() + seconds >= bound.at:
             raise DeadlinePassed(bound.seconds, answered)
@@ -77,9 +87,13 @@ class _BoundedRetry(Retry):
 
 def _bounded_retries(retries) -> Retry:
     """``retries`` as the client would use them (None: urllib3's default,
-    an int: that many), as a :class:`_BoundedRetry` with the same settings."""
+    an int: that many), as a :class:`_BoundedRetry` with the same settings,
+    except that an answer retries were given up on is handed back rather
+    than raised (``raise_on_status``): the caller's ``ApiException`` with
+    its status, as without retries."""
     bounded = copy.copy(Retry.from_int(retries))
     bounded.__class__ = _BoundedRetry
+    bounded.raise_on_status = False
     return bounded
 
 

@@ -23,9 +23,10 @@ from functions.diagnostics.facts import Reader
 from functions.remediation import actions as act
 from functions.remediation.actions import ActionContext, ActionFailed
 from loopback.kube import cluster_at
-from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, OneAnswer, Trickler, run_bounded
+from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Answers, OneAnswer, Trickler, run_bounded
 from shared import kube
 from shared.config import load_settings
+from shared.deadline_core import within
 from tests.diagnosis_cases import PROBES, load_cases
 
 TIMEOUT = 0.5
@@ -126,6 +127,57 @@ def test_an_answer_asking_to_retry_later_is_the_answer_not_a_wait_past_the_timeo
     assert ended and ended_action, "a call slept on the server's Retry-After"
     assert getattr(read, "status", None) == 429, read
     assert isinstance(scaled, ActionFailed) and str(scaled).startswith("Kubernetes API 429"), scaled
+
+
+def answer(status: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+
+
+NODE = answer("200 OK", {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node-1"}})
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_read_asked_to_retry_later_within_its_timeout_is_asked_again(tmp_path, status):
+    # kube-apiserver's priority and fairness answers 429 with Retry-After: 1
+    # under load, when diagnostics probe: a wait that fits the timeout is made.
+    with Answers(retry_later(status, 1), NODE) as server, cluster_at(server.url, tmp_path):
+        ended, node, _ = run_bounded(lambda: Reader(kube.api_client(), 3.0).node("node-1"), WAIT)
+        asked = server.requests
+    assert ended, f"a read asked to retry after 1 s still going after {WAIT} s"
+    assert node == {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node-1"}}, node
+    assert asked == 2, asked
+
+
+@pytest.mark.parametrize("method", ["PATCH", "POST"])
+def test_a_write_asked_to_retry_later_is_not_sent_again(tmp_path, method):
+    # A PATCH or POST may have been applied: urllib3 retries only the methods
+    # it deems idempotent, and the bounded client keeps that.
+    from shared import kuberaw
+
+    def write():
+        return kuberaw.request(kube.api_client(), method, "/apis/apps/v1/namespaces/production/deployments",
+                               body={"spec": {"replicas": 3}}, content_type="application/merge-patch+json", timeout=3.0)
+
+    with Answers(retry_later(429, 1), NODE) as server, cluster_at(server.url, tmp_path):
+        ended, written, _ = run_bounded(write, WAIT)
+        asked = server.requests
+        retries = kube.api_client().rest_client.pool_manager.connection_pool_kw["retries"]
+    assert ended and getattr(written, "status", None) == 429, written
+    assert asked == 1, asked
+    assert method not in retries.allowed_methods, retries.allowed_methods
+
+
+def test_a_calls_own_timeout_does_not_outlast_the_bound_it_is_made_within(tmp_path):
+    # A caller within(0.5 s) whose call names 30 s: the call ends with the caller's bound.
+    def read():
+        with within(TIMEOUT):
+            return Reader(kube.api_client(), 30.0).deployment("production", "checkout")
+
+    with Trickler(HEADERS_THEN_BODY) as server, cluster_at(server.url, tmp_path):
+        ended, outcome, _ = run_bounded(read, WAIT)
+    assert ended, f"a call within a {TIMEOUT} s bound still reading after {WAIT} s"
+    assert isinstance(outcome, Exception) and "timed out" in str(outcome), outcome
 
 
 def test_a_call_without_a_timeout_is_refused(tmp_path):
