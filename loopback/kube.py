@@ -161,6 +161,17 @@ def _label_term(labels: dict, term: str) -> bool:
     return term[1:].strip() not in labels if term.startswith("!") else term in labels
 
 
+def _page(items: list, query: dict) -> tuple[list, dict]:
+    """The page a list's ``limit`` and ``continue`` ask for, and the list's
+    metadata: ``continue`` (here, the offset of the next page) while items
+    are left, as an API server pages a list."""
+    offset = int(query.get("continue", ["0"])[0] or 0)
+    limit = int(query.get("limit", ["0"])[0] or 0)
+    end = offset + limit if limit else len(items)
+    more = end < len(items)
+    return items[offset:end], ({"continue": str(end), "remainingItemCount": len(items) - end} if more else {})
+
+
 def _selected(obj: dict, query: dict) -> bool:
     labels = obj.get("metadata", {}).get("labels") or {}
     for part in filter(None, re.split(r",(?![^()]*\))", query.get("labelSelector", [""])[0])):
@@ -393,9 +404,9 @@ class FakeKubernetes:
                 return _json(200, {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
             return _json(200, obj)
         items = [o for (namespace, _), o in sorted(table.items()) if (ns is None or namespace == ns) and _selected(o, query)]
-        limit = int(query.get("limit", ["0"])[0] or 0)
+        items, metadata = _page(items, query)
         api_version = "v1" if READ_ONLY_KINDS[kind][0] == "/api/v1" else READ_ONLY_KINDS[kind][0][len("/apis/"):]
-        return _json(200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items[:limit] if limit else items})
+        return _json(200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": metadata, "items": items})
 
     def _log(self, ns, name, query):
         if not any(p["metadata"]["namespace"] == ns and p["metadata"]["name"] == name for p in self.pods):
@@ -488,4 +499,5 @@ class FakeKubernetes:
             return _status(404, "NotFound", f'pods "{name}" not found')
         selector = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if "=" in part)
         items = [p for p in self.pods if p["metadata"]["namespace"] == ns and all(p["metadata"]["labels"].get(k) == v for k, v in selector.items())]
-        return 200, {"Content-Type": "application/json"}, json.dumps({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}).encode()
+        items, metadata = _page(items, query)
+        return _json(200, {"apiVersion": "v1", "kind": "PodList", "metadata": metadata, "items": items})

@@ -237,3 +237,59 @@ def test_the_clients_own_client_go_retries_are_refused():
     configuration.client_go_retries = True
     with pytest.raises(TypeError, match="client_go_retries"):
         api_client(configuration)
+
+
+# --------------------------------------------------------------------------- lists read in pages
+# A timeout bounds one answer: a namespace's pods (megabytes every hundred)
+# are read a page at a time, each page within its own timeout, so a large
+# list flowing steadily is read rather than timed out whole.
+
+
+@pytest.fixture
+def paged_cluster(tmp_path, monkeypatch):
+    """A loopback API server whose namespace holds five checkout pods (the
+    fourth crash-looping), read in pages of two."""
+    from loopback.kube import FakeKubernetes, pod
+    from shared import kuberaw
+
+    monkeypatch.setattr(kuberaw, "LIST_PAGE_SIZE", 2)
+    server = FakeKubernetes().start()
+    for i in range(5):
+        server.add(pod(f"checkout-{i}", {"app": "checkout"}, **({"ready": False, "restarts": 4, "waiting": "CrashLoopBackOff"} if i == 3 else {})))
+    try:
+        with server.as_cluster(tmp_path):
+            yield server
+    finally:
+        server.stop()
+
+
+def pod_lists(server) -> list[str]:
+    return [r.path for r in server.calls("GET", "/namespaces/production/pods")]
+
+
+def test_a_diagnosis_reads_a_namespaces_pods_a_page_at_a_time(paged_cluster):
+    pods = Reader(kube.api_client(), TIMEOUT).pods("production", "app=checkout")
+    assert [p["metadata"]["name"] for p in pods] == [f"checkout-{i}" for i in range(5)]
+    lists = pod_lists(paged_cluster)
+    assert len(lists) == 3 and all("limit=2" in path for path in lists), lists
+    assert "continue=2" in lists[1] and "continue=4" in lists[2], lists
+
+
+def test_delete_pods_judges_the_whole_population_read_a_page_at_a_time(paged_cluster):
+    outcome = delete_pods()
+    assert outcome.details == {"pods": ["checkout-3"]}, outcome
+    assert len(pod_lists(paged_cluster)) == 3
+    assert [r.path for r in paged_cluster.calls("DELETE")] == ["/api/v1/namespaces/production/pods/checkout-3"]
+
+
+def test_a_list_longer_than_its_pages_allow_is_refused_not_cut(paged_cluster, monkeypatch):
+    # A ready count or a workload's share deleted judged on part of the pods would be wrong.
+    from shared import kuberaw
+
+    monkeypatch.setattr(kuberaw, "LIST_MAX_PAGES", 2)
+    with pytest.raises(kuberaw.ListTooLong, match="more than 4 pods in production match app=checkout"):
+        Reader(kube.api_client(), TIMEOUT).pods("production", "app=checkout")
+    with pytest.raises(ActionFailed, match="more than 4 pods"):
+        delete_pods()
+    assert not paged_cluster.calls("DELETE")
+    assert len(pod_lists(paged_cluster)) == 4  # two pages each, no more
