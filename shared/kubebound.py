@@ -11,7 +11,8 @@ after the call returns, with ``_preload_content=False`` or by the generated
 method), end within it; a bound spent is urllib3's timeout error
 (``ReadTimeoutError``, ``ConnectTimeoutError``: a GET is not retried once
 the bound is spent), the failure every caller already handles as a
-timeout.
+timeout. A request made inside an enclosing ``within()`` (a caller's own
+bound) ends within whichever of the two ends first.
 
 What urllib3 waits for between attempts is not a socket wait, and no socket
 timeout shortens it: an answer ``429`` or ``503`` with ``Retry-After`` (up to
