@@ -161,6 +161,17 @@ def _label_term(labels: dict, term: str) -> bool:
     return term[1:].strip() not in labels if term.startswith("!") else term in labels
 
 
+def _page(items: list, query: dict) -> tuple[list, dict]:
+    """The page a list's ``limit`` and ``continue`` ask for, and the list's
+    metadata: ``continue`` (here, the offset of the next page) while items
+    are left, as an API server pages a list."""
+    offset = int(query.get("continue", ["0"])[0] or 0)
+    limit = int(query.get("limit", ["0"])[0] or 0)
+    end = offset + limit if limit else len(items)
+    more = end < len(items)
+    return items[offset:end], ({"continue": str(end), "remainingItemCount": len(items) - end} if more else {})
+
+
 def _selected(obj: dict, query: dict) -> bool:
     labels = obj.get("metadata", {}).get("labels") or {}
     for part in filter(None, re.split(r",(?![^()]*\))", query.get("labelSelector", [""])[0])):
@@ -171,6 +182,42 @@ def _selected(obj: dict, query: dict) -> bool:
         if _field(obj, key) != value:
             return False
     return True
+
+
+def write_kubeconfig(server_url: str, directory: Path, proxy_url: str | None = None) -> Path:
+    """A kubeconfig in ``directory`` for the API server at ``server_url``
+    (reached through ``proxy_url`` when given), with a bearer token (what
+    the service account's would be)."""
+    path = directory / "kubeconfig"
+    proxy = f", proxy-url: '{proxy_url}'" if proxy_url else ""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{server_url}'{proxy}}}}}]\n"
+        "users: [{name: incident-response, user: {token: fake-service-account-token}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: incident-response}}]\n"
+        "current-context: fake\n"
+    )
+    return path
+
+
+@contextmanager
+def cluster_at(server_url: str, directory: Path, server=None, proxy_url: str | None = None):
+    """This process's Kubernetes client (shared.kube) talks to the API
+    server at ``server_url`` (a FakeKubernetes, or a peer that misbehaves:
+    loopback.trickle) until the block ends; KUBECONFIG is then as it was."""
+    from shared import kube as kube_client
+
+    saved = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(write_kubeconfig(server_url, directory, proxy_url))
+    kube_client.reset()
+    try:
+        yield server
+    finally:
+        if saved is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = saved
+        kube_client.reset()
 
 
 class FakeKubernetes:
@@ -185,7 +232,9 @@ class FakeKubernetes:
         self.jobs: list[dict] = []
         self.replicasets: list[dict] = []
         self.statefulsets: dict[tuple[str, str], dict] = {}
-        # (method, path regex, status, "hang", or "hold": answered normally once ``released`` is set)
+        # (method, path regex, status, "hang", "trickle": a 200 whose body
+        # comes a byte every 0.2 s, or "hold": answered normally once
+        # ``released`` is set)
         self.failures: list[tuple[str, str, int | str]] = []
         self.released = threading.Event()
         self.rollout_delay = 0.0  # seconds before a scaled deployment reports ready
@@ -204,33 +253,12 @@ class FakeKubernetes:
         self.server.stop()
 
     def kubeconfig(self, directory: Path) -> Path:
-        path = directory / "kubeconfig"
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters: [{{name: fake, cluster: {{server: '{self.server.url}'}}}}]\n"
-            "users: [{name: incident-response, user: {token: fake-service-account-token}}]\n"
-            "contexts: [{name: fake, context: {cluster: fake, user: incident-response}}]\n"
-            "current-context: fake\n"
-        )
-        return path
+        return write_kubeconfig(self.server.url, directory)
 
-    @contextmanager
     def as_cluster(self, directory: Path):
         """This process's Kubernetes client (shared.kube) talks to this
         server until the block ends; KUBECONFIG is then as it was."""
-        from shared import kube as kube_client
-
-        saved = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(self.kubeconfig(directory))
-        kube_client.reset()
-        try:
-            yield self
-        finally:
-            if saved is None:
-                os.environ.pop("KUBECONFIG", None)
-            else:
-                os.environ["KUBECONFIG"] = saved
-            kube_client.reset()
+        return cluster_at(self.server.url, directory, self)
 
     def add_deployment(self, obj):
         self.deployments[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
@@ -300,6 +328,8 @@ class FakeKubernetes:
                 if status == "hang":
                     time.sleep(30)
                     return _status(504, "Timeout", "hung")
+                if status == "trickle":
+                    return 200, {"Content-Type": "application/json", "Content-Length": "100000"}, self._trickle
                 return _status(status, {403: "Forbidden", 409: "Conflict", 404: "NotFound"}.get(status, "InternalError"), f"injected {status}")
         body = json.loads(req.body) if req.body else None
         if req.method == "PATCH" and req.headers.get("content-type") == "application/json-patch+json" and not isinstance(body, list):
@@ -349,6 +379,18 @@ class FakeKubernetes:
             return 200, {"Content-Type": "application/json"}, json.dumps(node).encode()
         return _status(404, "NotFound", f"{path} not found")
 
+    def _trickle(self, out) -> None:
+        """A body that never ends: a byte every 0.2 s, until the client
+        goes, the server stops (a minute at most)."""
+        for _ in range(300):
+            try:
+                out.write(b" ")
+                out.flush()
+            except OSError:
+                return
+            if self.released.wait(0.2):
+                return
+
     def _read(self, kind, ns, name, query, accept):
         # ReplicaSets live in one list: rollbacks rewrite their revisions.
         table = ({(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in self.replicasets}
@@ -362,9 +404,9 @@ class FakeKubernetes:
                 return _json(200, {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
             return _json(200, obj)
         items = [o for (namespace, _), o in sorted(table.items()) if (ns is None or namespace == ns) and _selected(o, query)]
-        limit = int(query.get("limit", ["0"])[0] or 0)
+        items, metadata = _page(items, query)
         api_version = "v1" if READ_ONLY_KINDS[kind][0] == "/api/v1" else READ_ONLY_KINDS[kind][0][len("/apis/"):]
-        return _json(200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items[:limit] if limit else items})
+        return _json(200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": metadata, "items": items})
 
     def _log(self, ns, name, query):
         if not any(p["metadata"]["namespace"] == ns and p["metadata"]["name"] == name for p in self.pods):
@@ -457,4 +499,5 @@ class FakeKubernetes:
             return _status(404, "NotFound", f'pods "{name}" not found')
         selector = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if "=" in part)
         items = [p for p in self.pods if p["metadata"]["namespace"] == ns and all(p["metadata"]["labels"].get(k) == v for k, v in selector.items())]
-        return 200, {"Content-Type": "application/json"}, json.dumps({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}).encode()
+        items, metadata = _page(items, query)
+        return _json(200, {"apiVersion": "v1", "kind": "PodList", "metadata": metadata, "items": items})

@@ -26,6 +26,9 @@ class Recorded:
         return json.loads(self.body)
 
 
+# The payload may be a callable instead of bytes: it writes the body itself
+# to the connection's file (after the headers, which then say its length if
+# anything does), a peer that trickles its answer.
 Responder = Callable[[Recorded], tuple[int, dict, bytes]]
 
 
@@ -77,6 +80,12 @@ class RecordingServer:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
+                if callable(payload):
+                    self.end_headers()
+                    self.wfile.flush()
+                    payload(self.wfile)
+                    self.close_connection = True
+                    return
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if payload and self.command != "HEAD":

@@ -102,6 +102,20 @@ class OneAnswer(Trickler):
                 return
 
 
+class Answers(OneAnswer):
+    """The first request is answered the first of ``answers``, the next one
+    the next, and so on; the last answers every request after it (a
+    ``429`` asking to retry later, then the answer)."""
+
+    def __init__(self, *answers: bytes):
+        super().__init__(answers[0])
+        self.answers = answers
+
+    def _answer(self, conn: socket.socket) -> None:
+        self.start = self.answers[min(self.requests, len(self.answers) - 1)]
+        super()._answer(conn)
+
+
 def run_bounded(call: Callable[[], Any], wait: float) -> tuple[bool, Any, float]:
     """``call()`` in a thread, waited for at most ``wait`` seconds:
     (whether it ended, what it returned or raised, seconds taken)."""

@@ -85,7 +85,7 @@ def _configure():
         from kubernetes.config.incluster_config import load_incluster_config
 
         load_incluster_config()
-        return client.ApiClient(), "in-cluster service account"
+        return _bounded_api_client(None), "in-cluster service account"
     path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(path).exists():
         return None, f"no in-cluster config and no kubeconfig at {path}"
@@ -93,11 +93,23 @@ def _configure():
 
     configuration = client.Configuration()
     load_kube_config(config_file=path, client_configuration=configuration)
-    return client.ApiClient(configuration), f"kubeconfig {path}"
+    return _bounded_api_client(configuration), f"kubeconfig {path}"
+
+
+def _bounded_api_client(configuration):
+    """The ApiClient, every request of it bounded as a whole exchange within
+    its ``_request_timeout`` (shared/kubebound.py). Imported once a
+    configuration is loaded: it brings the client's REST module, which a
+    configuration that fails to load never needs."""
+    from shared.kubebound import api_client
+
+    return api_client(configuration)
 
 
 def api_client():
-    """The shared ApiClient, or None when Kubernetes is not configured."""
+    """The shared ApiClient, or None when Kubernetes is not configured.
+    Each of its requests ends within its ``_request_timeout`` as a whole
+    (shared/kubebound.py); one without a timeout is refused."""
     global _client
     with _lock:
         if not _state["checked"]:

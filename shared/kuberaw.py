@@ -15,13 +15,28 @@ generated classes.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
+
+# A list that can be large (a namespace's pods) is read in pages of this
+# many items, each page its own request within its own timeout: a timeout
+# bounds one answer, and thousands of pods (megabytes each hundred) would
+# not come in one within it, however steadily they flowed. A list that
+# fits in one page is one request, as before.
+LIST_PAGE_SIZE = 500
+# At most this many pages are read (LIST_PAGE_SIZE times this many items):
+# a larger list is refused (ListTooLong), not cut, since its readers judge
+# the whole (how many pods are ready, a workload's share deleted); and the
+# pages' timeouts add up to at most this many timeouts.
+LIST_MAX_PAGES = 4
 
 
 def request(api, method: str, path: str, path_params: dict | None = None, query: dict | None = None, body: Any = None,
             content_type: str | None = None, accept: str = "application/json", timeout: float | None = None) -> bytes:
     """The answer's body; ``path`` has ``{name}`` placeholders that
-    ``path_params`` fill (quoted as the generated methods quote them)."""
+    ``path_params`` fill (quoted as the generated methods quote them).
+    ``timeout`` bounds the whole exchange, the body included, on the
+    client shared.kube builds (shared/kubebound.py), which refuses a call
+    without one."""
     from kubernetes.client.exceptions import ApiException
 
     headers = {"Accept": accept}
@@ -41,3 +56,35 @@ def request(api, method: str, path: str, path_params: dict | None = None, query:
 def call(api, method: str, path: str, path_params: dict | None = None, **options) -> dict:
     """:func:`request`, the answer parsed as JSON."""
     return json.loads(request(api, method, path, path_params, **options))
+
+
+class ListTooLong(Exception):
+    """A list with more than ``LIST_PAGE_SIZE * LIST_MAX_PAGES`` items."""
+
+    def __init__(self, what: str):
+        super().__init__(f"more than {LIST_PAGE_SIZE * LIST_MAX_PAGES} {what}: too many to read in "
+                         f"{LIST_MAX_PAGES} pages of {LIST_PAGE_SIZE}")
+
+
+def paged(read_page: Callable[[int, str | None], tuple[list, str | None]], what: str) -> list:
+    """Every item of a list, read a page at a time: ``read_page(limit,
+    token)`` is one request (``limit``, and ``continue`` when ``token`` is
+    not None) answering (its items, the next page's token or None). The API
+    server serves the pages from one snapshot of the list (a token it no
+    longer keeps is its ``410 Gone``)."""
+    items: list = []
+    token = None
+    for _ in range(LIST_MAX_PAGES):
+        page, token = read_page(LIST_PAGE_SIZE, token)
+        items.extend(page or [])
+        if not token:
+            return items
+    raise ListTooLong(what)
+
+
+def items(api, path: str, path_params: dict | None = None, query: dict | None = None, *, what: str, **options) -> list:
+    """The items of a list :func:`call` reads, a page at a time (:func:`paged`)."""
+    def read_page(limit: int, token: str | None) -> tuple[list, str | None]:
+        answer = call(api, "GET", path, path_params, query={**(query or {}), "limit": limit, "continue": token}, **options)
+        return answer.get("items") or [], (answer.get("metadata") or {}).get("continue") or None
+    return paged(read_page, what)

@@ -356,9 +356,11 @@ def kube_client_factory(kubeconfig: Path):
     def factory():
         from kubernetes import client, config
 
+        from shared.kubebound import api_client
+
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        return client.ApiClient(configuration)
+        return api_client(configuration)
 
     return factory
 

@@ -141,8 +141,16 @@ class Reader:
     def pod(self, namespace: str, name: str) -> dict:
         return self._json("/api/v1/namespaces/{namespace}/pods/{name}", {"name": name, "namespace": namespace})
 
+    def _items(self, path: str, path_params: dict, query: dict, what: str) -> list[dict]:
+        # A page at a time, each within the timeout (kuberaw.LIST_PAGE_SIZE):
+        # a namespace of thousands of pods is read, not timed out whole.
+        from shared import kuberaw
+
+        return kuberaw.items(self.api, path, path_params, query, what=what, timeout=self.timeout)
+
     def pods(self, namespace: str, selector: str) -> list[dict]:
-        return self._json("/api/v1/namespaces/{namespace}/pods", {"namespace": namespace}, {"labelSelector": selector})["items"]
+        return self._items("/api/v1/namespaces/{namespace}/pods", {"namespace": namespace}, {"labelSelector": selector},
+                           f"pods in {namespace} match {selector or 'everything'}")
 
     def events(self, namespace: str, limit: int) -> list[dict]:
         return self._json("/api/v1/namespaces/{namespace}/events", {"namespace": namespace}, {"limit": limit})["items"]
@@ -152,8 +160,8 @@ class Reader:
         return self._json("/api/v1/events", {}, {"fieldSelector": selector, "limit": limit})["items"]
 
     def replicasets(self, namespace: str, selector: str) -> list[dict]:
-        return self._json("/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
-                          {"labelSelector": selector})["items"]
+        return self._items("/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
+                           {"labelSelector": selector}, f"ReplicaSets in {namespace} match {selector or 'everything'}")
 
     def hpas(self, namespace: str) -> list[dict]:
         return self._json("/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers", {"namespace": namespace})["items"]

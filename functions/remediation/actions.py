@@ -210,8 +210,10 @@ class _Deployments:
                    body={"spec": {"replicas": replicas}}, content_type=MERGE_PATCH)
 
     def replica_sets(self, namespace: str, selector: str) -> list[dict]:
-        return self._call("GET", "/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
-                          query={"labelSelector": selector})["items"]
+        from shared import kuberaw
+
+        return _call(kuberaw.items, self.api, "/apis/apps/v1/namespaces/{namespace}/replicasets", {"namespace": namespace},
+                     {"labelSelector": selector}, what=f"ReplicaSets in {namespace} match {selector}", timeout=self.timeout)
 
 
 def _apps(ctx: ActionContext) -> _Deployments:
@@ -518,6 +520,20 @@ def _pod_matches(pod, reasons: list[str]) -> bool:
     return bool(found & set(reasons))
 
 
+def _list_pods(core, namespace: str, selector: str, timeout: float) -> list:
+    """Every pod the selector matches, a page at a time, each page within
+    the timeout (shared.kuberaw.paged): the blast radius is judged on the
+    whole population, so a namespace too large to read whole is a failed
+    action, never a judgement on part of it."""
+    from shared import kuberaw
+
+    def read_page(limit: int, token: str | None) -> tuple[list, str | None]:
+        page = core.list_namespaced_pod(namespace, label_selector=selector, limit=limit, _continue=token,
+                                        _request_timeout=timeout)
+        return page.items, page.metadata._continue if page.metadata else None
+    return kuberaw.paged(read_page, f"pods in {namespace} match {selector or 'everything'}")
+
+
 @action("delete_pods", DeletePodsParams, _pods_target)
 def delete_pods(ctx: ActionContext, p: DeletePodsParams) -> Outcome:
     """Delete crash-looping, evicted or failed pods; their controller replaces them."""
@@ -526,7 +542,7 @@ def delete_pods(ctx: ActionContext, p: DeletePodsParams) -> Outcome:
     core = client.CoreV1Api(ctx.kube())
     timeout = ctx.config.probe_timeout_seconds
     selector = p.selector or ""
-    pods = _call(core.list_namespaced_pod, p.namespace, label_selector=selector, _request_timeout=timeout).items
+    pods = _call(_list_pods, core, p.namespace, selector, timeout)
     population = pods
     if p.pod:
         pods = [x for x in pods if x.metadata.name == p.pod]
