@@ -376,8 +376,6 @@ def record_alerts(
         for row in done:
             timeline.append(timeline_row(row["id"], "resolved", actor, {"from": "alert", "resolved_at": row["resolved_at"]}))
             new_events.append(events.incident_event(events.INCIDENT_RESOLVED, row, event_source))
-        # Resolved (and locked) by RESOLVE_WHEN_ALL_RESOLVED: their pending proposals end with them.
-        proposals.supersede_on_resolve(conn, sorted(finished), timeline)
         for hit in hits:
             if hit["incident_id"] not in finished:
                 timeline.append(timeline_row(hit["incident_id"], "alert_resolved", actor,

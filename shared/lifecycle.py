@@ -104,9 +104,6 @@ def transition(
     if reopening:
         # A proposal planned for the generation just left can no longer be approved.
         proposals.supersede_on_reopen(conn, incident_id)
-    elif to_status == "resolved":
-        # Nothing is left to approve once it resolved (the incident row is locked above).
-        proposals.supersede_on_resolve(conn, incident_id)
     event_ids: list[str] = []
     announced = {"resolved": events.INCIDENT_RESOLVED}.get(to_status) or (events.INCIDENT_ACKNOWLEDGED if acknowledged else None)
     if announced:

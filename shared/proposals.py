@@ -73,8 +73,8 @@ def create(conn: Connection, incident: dict, playbook: str, actions: list[dict],
     So is one planned on a root another alert has taken over from since
     (the incident read before the take-over): the take-over superseded the
     pending proposals of the roots before it (:func:`supersede_on_root_change`).
-    And so is one planned on an incident resolved since (the resolve
-    superseded the pending ones: :func:`supersede_on_resolve`)."""
+    And so is one planned on an incident resolved since: it is offered to
+    nobody (a resolve itself stores nothing: :func:`stale_reason`)."""
     position = _lock(conn, incident["id"])
     current, current_root, status = position if position else (None, 0, None)
     generation, root = incident["generation"], incident.get("root_generation") or 0
@@ -160,14 +160,17 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
 
     The incident is locked before the proposal (lock_incident), and its
     generation, root and status read under that lock: a reopen, a take-over
-    or a resolve either committed before (the proposal is superseded) or
+    or a resolve either committed before (the proposal is refused) or
     waits for this decision (an approval of the generation or root it
-    leaves, which remediation then does not execute). A pending proposal
-    that is not of the incident's current generation and root, or of an
-    incident no longer active, is superseded here (:func:`stale_reason`):
-    one left pending from before take-overs and resolves superseded
-    proposals, or made by a replica of the previous release during a
-    rollout."""
+    leaves, or of an incident resolved since, which remediation then does
+    not execute). A pending proposal that is not of the incident's current
+    generation and root is superseded here (:func:`stale_reason`): one left
+    pending from before take-overs superseded proposals, or made by a
+    replica of the previous release during a rollout. One of an incident
+    no longer active is refused as superseded but stays pending: a resolve
+    is not final (a flapping alert resolves and fires again, and its
+    incident goes on silently at the same generation and root), so the
+    proposal is offered again if the incident does."""
     position = _lock(conn, incident_id)
     proposal = get(conn, incident_id, proposal_id, lock=True) if position is not None else None
     if proposal is None:
@@ -183,10 +186,15 @@ def decide(conn: Connection, incident_id: str, proposal_id: str, approve: bool, 
         add_timeline(conn, incident_id, "remediation_proposal_expired", {"proposal_id": proposal_id}, "system")
     if proposal["status"] == "pending":
         reason = stale_reason(proposal, *position)
+        if reason == RESOLVED_REASON:
+            # Shown superseded while the incident is resolved, as readers
+            # show it (present); nothing is stored.
+            return Decision({**proposal, "status": "superseded", "reason": reason}, "conflict",
+                            f"proposal {proposal_id} is superseded: {reason}; it cannot be {verb}d")
         if reason:
             # Its actions were planned for a generation or a root the
-            # incident has left, or it resolved: approved, remediation would
-            # only record "not executed".
+            # incident has left: approved, remediation would only record
+            # "not executed".
             proposal = _set(conn, proposal_id, "superseded", reason=reason)
             add_timeline(conn, incident_id, "remediation_proposal_superseded", {"proposal_id": proposal_id, "reason": reason}, "system")
             return Decision(proposal, "conflict", f"proposal {proposal_id} is superseded: {reason}; it cannot be {verb}d")
@@ -245,7 +253,11 @@ def stale_reason(proposal: dict, generation: int, root_generation: int, status: 
     generation's first root while the incident has had no other; once
     another alert took over it may be of any root the generation had, so it
     is stale: approving it could run the old root's actions under the new
-    one, and the new root's own proposal costs only a diagnosis."""
+    one, and the new root's own proposal costs only a diagnosis. One of an
+    incident no longer active is stale while it is: a resolve stores no
+    supersede (the flapping alert's resolve is undone silently, at the same
+    generation and root, when it fires again), so every reader (a
+    decision, the approved run, :func:`present`) judges the status."""
     if proposal["generation"] != generation:
         return superseded_reason(proposal["generation"], generation)
     proposed_root = proposal.get("root_generation")
@@ -265,16 +277,16 @@ _ENDED = "RETURNING p.id, p.incident_id, p.reason"
 _SUPERSEDE_FROM = (f"UPDATE remediation_proposals p SET status = 'superseded', finished_at = {UTC_NOW}, reason = {{reason}} "
                    "FROM incidents i WHERE p.incident_id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))) "
                    "AND i.id = p.incident_id AND p.status = 'pending' AND {which} " + _ENDED)
-_SUPERSEDE_REOPENED = sa.text(compact(_SUPERSEDE_FROM.format(
-    reason="'the incident was reopened (generation ' || i.generation || ') since it was proposed for generation ' || p.generation",
-    which="p.generation < i.generation")))
+_REOPENED_REASON = "'the incident was reopened (generation ' || i.generation || ') since it was proposed for generation ' || p.generation"
+_SUPERSEDE_REOPENED = sa.text(compact(_SUPERSEDE_FROM.format(reason=_REOPENED_REASON, which="p.generation < i.generation")))
+# Judged in stale_reason's order: one of an earlier generation (left pending
+# by the previous release's reopen) was reopened past, whatever its root.
 _SUPERSEDE_ROOT_CHANGED = sa.text(compact(_SUPERSEDE_FROM.format(
-    reason=("CASE WHEN p.root_generation IS NULL THEN :unknown_head || i.root_generation || :unknown_tail "
+    reason=(f"CASE WHEN p.generation < i.generation THEN {_REOPENED_REASON} "
+            "WHEN p.root_generation IS NULL THEN :unknown_head || i.root_generation || :unknown_tail "
             "ELSE 'another alert took over as the incident''s root (root generation ' || i.root_generation "
             "|| ') since it was proposed for root generation ' || p.root_generation END"),
     which="p.generation <= i.generation")))
-_SUPERSEDE_RESOLVED = sa.text(compact(_SUPERSEDE_FROM.format(
-    reason=":reason", which="CAST(i.status AS text) NOT IN ('open', 'investigating')")))
 
 
 def supersede_on_reopen(conn: Connection, incident_ids: str | list[str], timeline: list[dict] | None = None) -> list[str]:
@@ -301,16 +313,6 @@ def supersede_on_root_change(conn: Connection, incident_ids: str | list[str], ti
     supersede_on_reopen."""
     return _supersede(conn, _SUPERSEDE_ROOT_CHANGED, incident_ids, _UNKNOWN_ROOT_PARTS,
                       timeline)
-
-
-def supersede_on_resolve(conn: Connection, incident_ids: str | list[str], timeline: list[dict] | None = None) -> list[str]:
-    """A resolve (by its alert, by a merge into another incident, by hand,
-    by remediation) ends the incident's pending proposals in its
-    transaction: nothing is left to approve once the alert stopped (never
-    act on a resolved alert). Called after the UPDATE that resolved them;
-    an incident the call names that is active again is left alone.
-    ``timeline`` as in supersede_on_reopen."""
-    return _supersede(conn, _SUPERSEDE_RESOLVED, incident_ids, {"reason": RESOLVED_REASON}, timeline)
 
 
 def _supersede(conn: Connection, statement, incident_ids: str | list[str], params: dict, timeline: list[dict] | None) -> list[str]:
@@ -358,14 +360,16 @@ def finish(conn: Connection, proposal_id: str, executed: bool, reason: str) -> d
     return _set(conn, proposal_id, "executed" if executed else "failed", reason=reason)
 
 
-def present(proposal: dict, generation: int | None = None, root_generation: int | None = None) -> dict:
-    """``generation`` and ``root_generation``: the incident's; a pending
-    proposal of an earlier one shows as superseded (as a decision would
-    find it)."""
+def present(proposal: dict, generation: int | None = None, root_generation: int | None = None,
+            status: str | None = None) -> dict:
+    """``generation``, ``root_generation`` and ``status``: the incident's; a
+    pending proposal of an earlier generation or root, or of an incident no
+    longer active (a resolve stores nothing), shows as superseded, as a
+    decision would find it."""
     out = {k: proposal[k] for k in COLUMNS}
     if out["status"] == "pending" and generation is not None:
         reason = stale_reason(out, generation, root_generation if root_generation is not None else (
-            out["root_generation"] if out["root_generation"] is not None else 0))
+            out["root_generation"] if out["root_generation"] is not None else 0), status)
         if reason:
             out["status"], out["reason"] = "superseded", reason
     # A pending proposal past its TTL can no longer be approved: show it as

@@ -720,3 +720,74 @@ def test_an_old_roots_remediation_outcome_arriving_after_a_take_over_is_stale_an
     assert not notifications(clean_db, row["id"])
     assert [r.reason for r in caplog.records if r.getMessage().startswith("Escalation skipped")] == [
         "the event is of root 0's remediation; the incident's root is 1 since"]
+
+
+def record_old_root(engine, row, outcome, reason, actions, **extra):
+    """A result of root 0, as remediation records it after a take-over."""
+    with engine.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result", {
+            "outcome": outcome, "reason": reason, "actions": actions, "playbook": "scale", "generation": row["generation"],
+            "root_generation": 0, **extra}, "remediation")
+
+
+LIVE_SCALE = {"action": "scale_deployment", "target": "email", "namespace": "production", "from": 2, "to": 4,
+              "success": True, "dry_run": False, "error": None}
+ACTED = {
+    "an approved run that crashed": (
+        "remediation crashed while executing (ApiException); the actions it ran are on the timeline; a human must check the target",
+        [], {"crashed": True, "approved_proposal": "5f0c2b1e-0000-4000-8000-000000000001"}),
+    "a run stopped after its first step": (
+        "stopped before rollout_restart: another alert took over as the incident's root (root generation 1) since the run "
+        "began at root generation 0; the actions before it are on the timeline", [LIVE_SCALE], {}),
+    "a verify that failed and reverted": (
+        "the error rate stayed above 5%; reverted scale_deployment on email",
+        [LIVE_SCALE, {**LIVE_SCALE, "revert": True, "from": 4, "to": 2}], {}),
+}
+
+
+@pytest.mark.parametrize("case", list(ACTED))
+def test_an_old_roots_failed_run_that_acted_is_told_naming_the_previous_root(handler, receivers, clean_db, case):
+    """FirstRoot's run changed the target, then failed, after TargetDown
+    took over: a human must check what it changed. Paged and posted once,
+    saying it is the previous root's remediation."""
+    pd, slack = receivers
+    row = incident(clean_db, name="FirstRootActed")
+    take_over(clean_db, row)
+    reason, actions, extra = ACTED[case]
+    record_old_root(clean_db, row, "failed", reason, actions, **extra)
+    for _ in range(2):  # the Broker redelivers it
+        assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row)).status_code == 202
+    assert sent(receivers) == (["trigger"], 1)
+    told = str(slack.bodies()[-1])
+    assert "remediation of the previous root (root generation 0)" in told and reason.split(";")[0] in told
+    assert "previous root" in pd.bodies()[-1]["payload"]["custom_details"]["reason"]
+
+
+NOTHING_RAN = {
+    "an approval not executed": ("not executed: another alert took over as the incident's root (root generation 1) since "
+                                 "the approval (root generation 0)", []),
+    "a run stopped before its first step": ("stopped before scale_deployment: another alert took over as the incident's root", []),
+    "a dry run": ("dry-run: nothing was changed, a human must act", [{**LIVE_SCALE, "dry_run": True}]),
+    "a step blocked by a rail": ("blocked by cooldown: scale_deployment ran 2m ago",
+                                 [{**LIVE_SCALE, "success": False, "blocked_by": "cooldown", "error": "blocked"}]),
+}
+
+
+@pytest.mark.parametrize("case", list(NOTHING_RAN))
+def test_an_old_roots_failure_that_ran_nothing_tells_nothing(handler, receivers, clean_db, case):
+    row = incident(clean_db, name="FirstRootIdle")
+    take_over(clean_db, row)
+    reason, actions = NOTHING_RAN[case]
+    record_old_root(clean_db, row, "failed", reason, actions)
+    assert handler.handle(event(events.INCIDENT_REMEDIATION_FAILED, row)).status_code == 202
+    assert sent(receivers) == ([], 0)
+    assert not notifications(clean_db, row["id"])
+
+
+def test_an_old_roots_run_that_acted_and_remediated_tells_nothing(handler, receivers, clean_db):
+    """It resolved nothing of the new root: not "remediated automatically"."""
+    row = incident(clean_db, name="FirstRootFixed")
+    take_over(clean_db, row)
+    record_old_root(clean_db, row, "remediated", "every action succeeded and was verified", [LIVE_SCALE])
+    assert handler.handle(event(events.INCIDENT_REMEDIATED, row)).status_code == 202
+    assert sent(receivers) == ([], 0)

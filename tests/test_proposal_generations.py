@@ -343,11 +343,28 @@ def test_a_batch_of_reopens_supersedes_their_proposals_in_one_statement(clean_db
 # ------------------------------------------------------------------ resolves
 
 
-def test_a_batch_of_resolutions_supersedes_the_pending_proposals_of_the_incidents_it_resolves_in_one_statement(
-        clean_db, statements):
-    """The alerts stopped: the intake's resolve ends the incidents' pending
-    proposals in its transaction, one statement for the batch, the entry
-    after the resolve's."""
+def shown(engine, incident_id: str, proposal_id: str) -> tuple[str, str | None]:
+    """The proposal as the API and the board show it, judged against the incident."""
+    with engine.connect() as conn:
+        now = svc.get_incident(conn, incident_id)
+        p = proposals.present(proposals.get(conn, incident_id, proposal_id), now["generation"], now["root_generation"] or 0,
+                              now["status"])
+    return p["status"], p["reason"]
+
+
+def approve(engine, incident_id: str, proposal_id: str) -> proposals.Decision:
+    with engine.begin() as conn:
+        return proposals.decide(conn, incident_id, proposal_id, True, "api:alice", (), None, "/t")
+
+
+RESOLVED = ("superseded", "the incident resolved before anyone approved")
+
+
+def test_a_batch_of_resolutions_stores_no_supersede_and_its_proposals_are_offered_to_nobody(clean_db, statements):
+    """The alerts stopped: the intake's resolve writes nothing about the
+    incidents' proposals (a resolve is not final: a flapping alert fires
+    again at the same generation). Every reader judges the status: shown
+    superseded, an approval refused, nothing approved or stored."""
     firing = [alert(f"Stops{n}", namespace="production") for n in range(5)]
     with clean_db.begin() as conn:
         ids = [o.incident_id for o in svc.record_alerts(conn, firing, "/t", "alertmanager").outcomes]
@@ -356,28 +373,57 @@ def test_a_batch_of_resolutions_supersedes_the_pending_proposals_of_the_incident
     with clean_db.begin() as conn:
         outcomes = svc.record_alerts(conn, [replace(a, status="resolved") for a in firing], "/t", "alertmanager").outcomes
     assert {o.action for o in outcomes} == {"resolved"}
-    assert sum("remediation_proposals" in s for s in statements) == 1
+    assert not any("remediation_proposals" in s for s in statements)
     for incident_id, proposal in zip(ids, waiting, strict=False):
-        assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", "the incident resolved before anyone approved")
-        assert kinds(clean_db, incident_id)[-2:] == ["resolved", "remediation_proposal_superseded"]
+        assert stored(clean_db, incident_id, proposal["id"]) == ("pending", None)
+        assert shown(clean_db, incident_id, proposal["id"]) == RESOLVED
+        decision = approve(clean_db, incident_id, proposal["id"])
+        assert decision.refusal == "conflict" and not decision.event_ids and RESOLVED[1] in decision.message
+        assert decision.proposal["status"] == "superseded"
+        assert stored(clean_db, incident_id, proposal["id"]) == ("pending", None)
+        assert kinds(clean_db, incident_id)[-1] == "resolved"
 
 
-def test_a_resolve_by_hand_supersedes_the_pending_proposal(clean_db):
+def test_a_resolve_by_hand_leaves_the_proposal_refused_while_the_incident_stays_resolved(clean_db):
     with clean_db.begin() as conn:
         incident_id = svc.record_alerts(conn, [alert("ByHand")], "/t", "alertmanager").outcomes[0].incident_id
     proposal = propose(clean_db, incident_id)
     with clean_db.begin() as conn:
         svc.transition(conn, incident_id, "resolved", "api:alice", "/t")
-    assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", "the incident resolved before anyone approved")
-    assert kinds(clean_db, incident_id)[-2:] == ["status_changed", "remediation_proposal_superseded"]
-    with clean_db.begin() as conn:
-        decision = proposals.decide(conn, incident_id, proposal["id"], True, "api:alice", (), None, "/t")
+    assert stored(clean_db, incident_id, proposal["id"]) == ("pending", None)
+    assert kinds(clean_db, incident_id)[-1] == "status_changed"
+    assert shown(clean_db, incident_id, proposal["id"]) == RESOLVED
+    decision = approve(clean_db, incident_id, proposal["id"])
     assert decision.refusal == "conflict" and not decision.event_ids
 
 
-def test_a_merge_into_another_incident_supersedes_the_pending_proposals_of_the_one_it_resolves(clean_db, kube):
+def test_a_flapping_incident_resolved_and_reopened_silently_offers_its_proposal_again(database_url, clean_db, at):  # noqa: F811
+    """The alert flaps: its resolve and its firing again reopen the incident
+    silently at the same generation and root. The proposal planned before
+    is still the one to approve: refused while resolved, approvable again."""
+    config = settings(database_url, FLAP_THRESHOLD="2", FLAP_QUIET_SECONDS="900")
+    a = alert("Flappy2")
+    incident_id = flips(clean_db, config, a, 0)[0].incident_id
+    proposal = propose(clean_db, incident_id)
+    flips(clean_db, config, a, 1)  # the same firing, then resolved
+    assert incident(clean_db, incident_id)["status"] == "resolved"
+    assert shown(clean_db, incident_id, proposal["id"]) == RESOLVED
+    assert approve(clean_db, incident_id, proposal["id"]).refusal == "conflict"
+    at.advance(60)
+    flips(clean_db, config, a, 0)  # firing again while it flaps: reopened silently
+    now = incident(clean_db, incident_id)
+    assert now["status"] in ("open", "investigating") and (now["generation"], now["root_generation"] or 0) == (0, 0)
+    assert stored(clean_db, incident_id, proposal["id"]) == ("pending", None)
+    assert shown(clean_db, incident_id, proposal["id"]) == ("pending", None)
+    decision = approve(clean_db, incident_id, proposal["id"])
+    assert decision.refusal is None and decision.event_ids
+    assert stored(clean_db, incident_id, proposal["id"])[0] == "approved"
+
+
+def test_a_merge_into_another_incident_leaves_the_proposals_of_the_one_it_resolves_offered_to_nobody(clean_db, kube):
     """Two pods' incidents, then their node's alert: the pods' incidents are
-    merged into the node's and resolved, their proposals with them."""
+    merged into the node's and resolved; their proposals are shown
+    superseded (nothing stored by the merge) and refused."""
     from tests.test_correlation import Cluster, correlator, record
 
     c = Cluster(kube, "mrg")
@@ -389,8 +435,9 @@ def test_a_merge_into_another_incident_supersedes_the_pending_proposals_of_the_o
     root = record(clean_db, corr, [kp("KubeNodeNotReady", "n", node=node)]).outcomes[0]
     merged = incident(clean_db, early[0].incident_id)
     assert (merged["status"], merged["merged_into"]) == ("resolved", root.incident_id)
-    assert stored(clean_db, early[0].incident_id, waiting["id"]) == ("superseded", "the incident resolved before anyone approved")
-    assert kinds(clean_db, early[0].incident_id)[-2:] == ["merged", "remediation_proposal_superseded"]
+    assert stored(clean_db, early[0].incident_id, waiting["id"]) == ("pending", None)
+    assert shown(clean_db, early[0].incident_id, waiting["id"]) == RESOLVED
+    assert approve(clean_db, early[0].incident_id, waiting["id"]).refusal == "conflict"
 
 
 # ------------------------------------------------------------------ the proposal's root
@@ -440,6 +487,41 @@ def test_a_take_over_names_each_proposals_own_root(clean_db):
         conn.execute(sa.text("UPDATE remediation_proposals SET root_generation = NULL WHERE id = :id"), {"id": proposal["id"]})
     then()
     assert stored(clean_db, incident_id, proposal["id"]) == ("superseded", proposals.unknown_root_reason(1))
+
+
+def test_a_take_over_names_a_reopen_for_a_proposal_of_an_earlier_generation(clean_db):
+    """A proposal of generation 0 left pending by the previous release's
+    reopen (generation 1) is superseded by a take-over for the reason a
+    decision gives first: the reopen, not the root."""
+    incident_id, _, then = take_over(clean_db)
+    proposal = propose(clean_db, incident_id)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET generation = 1 WHERE id = :id"), {"id": incident_id})
+    then()
+    assert stored(clean_db, incident_id, proposal["id"]) == (
+        "superseded", "the incident was reopened (generation 1) since it was proposed for generation 0")
+    assert stored(clean_db, incident_id, proposal["id"])[1] == proposals.stale_reason(proposal, 1, 1)
+
+
+def test_a_batch_of_take_overs_supersedes_their_proposals_in_one_statement(clean_db, statements):
+    """Three services' TargetDown take over their incidents in one batch:
+    one statement ends the old roots' pending proposals of all of them."""
+    corr = Correlator(parse("rules:" + SAME_SERVICE, "test"))
+    services = [f"svc{n}" for n in range(3)]
+    hpas = [kp("KubeHpaMaxedOut", "s", namespace="props", horizontalpodautoscaler=s, service=s).alert() for s in services]
+    targets = [kp("TargetDown", "s", namespace="props", job=f"{s}-metrics", service=s).alert() for s in services]
+    with clean_db.begin() as conn:
+        ids = [o.incident_id for o in svc.record_alerts(conn, hpas, "/t", "alertmanager", plan=corr.plan(hpas)).outcomes]
+    waiting = [propose(clean_db, incident_id) for incident_id in ids]
+    statements.clear()
+    with clean_db.begin() as conn:
+        svc.record_alerts(conn, targets, "/t", "alertmanager", plan=corr.plan(targets))
+    assert [incident(clean_db, i)["root_generation"] for i in ids] == [1, 1, 1]
+    assert sum("remediation_proposals" in s for s in statements) == 1
+    for incident_id, proposal in zip(ids, waiting, strict=True):
+        assert stored(clean_db, incident_id, proposal["id"]) == (
+            "superseded", "another alert took over as the incident's root (root generation 1) since it was proposed for root generation 0")
+        assert kinds(clean_db, incident_id)[-2:] == ["root_changed", "remediation_proposal_superseded"]
 
 
 def test_a_proposal_planned_on_an_incident_resolved_since_is_stored_superseded(clean_db):

@@ -114,9 +114,9 @@ def state(engine, incident_id, proposal_id) -> tuple[tuple, tuple]:
 def test_an_approval_that_locked_first_is_judged_at_its_generation_and_the_reopen_waits_for_it(clean_db):
     """The approval holds its first lock when a person reopens. The reopen
     waits for the approval, then goes through; the approval was judged on
-    the incident as it stood under its lock, resolved at generation 0: the
-    proposal is superseded (the incident resolved before anyone approved),
-    nothing is approved. Had the approval locked the proposal first, the
+    the incident as it stood under its lock, resolved at generation 0: it
+    is refused (the incident resolved before anyone approved), nothing is
+    approved, and the reopen then supersedes the proposal. Had the approval locked the proposal first, the
     reopen would lock the incident and wait for the proposal while the
     approval's timeline entry waited for the incident."""
     incident_id, proposal = resolved_incident_with_a_proposal(clean_db)

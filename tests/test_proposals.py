@@ -315,18 +315,30 @@ def test_a_proposal_past_its_ttl_shows_as_expired_before_anyone_decides(remediat
     assert f'id="proposal-status-{summary["id"]}">expired<' in page and f'id="approve-{summary["id"]}"' not in page
 
 
-def test_an_incident_resolved_before_anyone_approved_supersedes_the_proposal_and_a_decision_is_409(
+def test_an_incident_resolved_before_anyone_approved_shows_the_proposal_superseded_and_a_decision_is_409(
         remediation, query, cluster, clean_db):
-    """Resolved by hand while the proposal waited: the resolve supersedes it
-    in its transaction (nothing is left to approve once the alert stopped)."""
+    """Resolved by hand while the proposal waited: the resolve stores
+    nothing (a flapping alert's incident may go on at the same generation),
+    but nothing is left to approve while it is resolved: the list, the
+    proposal and the board show it superseded, and an approval is 409."""
     row, summary = proposed(clean_db, remediation)
     with clean_db.begin() as conn:
         svc.transition(conn, row["id"], "resolved", "test", "/test")
     p = proposal_row(clean_db, row["id"], summary["id"])
-    assert (p["status"], p["reason"]) == ("superseded", "the incident resolved before anyone approved")
-    assert kinds(clean_db, row["id"])[-2:] == ["status_changed", "remediation_proposal_superseded"]
+    assert (p["status"], p["reason"]) == ("pending", None)
+    assert kinds(clean_db, row["id"])[-1] == "status_changed"
+    auth = {"Authorization": f"Bearer {TEST_TOKEN}"}
+    listed = requests.get(f"{query.url}/incidents/{row['id']}/proposals", headers=auth, timeout=10).json()["items"]
+    one = requests.get(f"{query.url}/incidents/{row['id']}/proposals/{summary['id']}", headers=auth, timeout=10).json()
+    for shown in ([item for item in listed if item["id"] == summary["id"]][0], one):
+        assert (shown["status"], shown["reason"]) == ("superseded", "the incident resolved before anyone approved")
+    browser = requests.Session()
+    browser.post(query.url + "/ui/login", data={"token": TEST_TOKEN}, timeout=10)
+    page = browser.get(f"{query.url}/ui/incidents/{row['id']}", timeout=10).text
+    assert f'id="proposal-status-{summary["id"]}">superseded<' in page and f'id="approve-{summary["id"]}"' not in page
     refused = post(query, f"/incidents/{row['id']}/proposals/{summary['id']}/approve")
     assert refused.status_code == 409 and refused.json()["proposal_status"] == "superseded", refused.text
+    assert proposal_row(clean_db, row["id"], summary["id"])["status"] == "pending"
     assert not cluster.calls("PATCH")
 
 
@@ -423,11 +435,19 @@ def test_a_crash_after_acting_is_a_recorded_failure_that_reaches_a_human_and_nev
     assert crashed.status_code == 200, crashed.text
     assert crashed.headers["ce-type"] == FAILED
     assert "crashed" in reply_of(crashed).data["remediation"]["reason"]
+    # Marked so (what it ran is on the timeline, not in the result): an old
+    # root's crashed run is told by escalation, as one that acted.
+    assert reply_of(crashed).data["remediation"]["crashed"] is True
+    with clean_db.connect() as conn:
+        (result,) = [t["details"] for t in svc.get_timeline(conn, row["id"])
+                     if t["kind"] == "remediation_result" and t["details"].get("approved_proposal") == summary["id"]]
+    assert result["crashed"] is True
     assert len(cluster.calls("PATCH", "/scale")) == 1
     p = proposal_row(clean_db, row["id"], summary["id"])
     assert p["status"] == "failed" and "crashed" in p["reason"]
     # A redelivery replies the recorded failure instead of 409 until the dead letter.
     assert again.status_code == 200 and again.headers["ce-id"] == crashed.headers["ce-id"]
+    assert reply_of(again).data["remediation"]["crashed"] is True
     assert len(cluster.calls("PATCH", "/scale")) == 1
 
 

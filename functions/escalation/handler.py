@@ -38,8 +38,12 @@ webhook sends ``incident.root_changed``. An opening not told yet is told
 once, with the new root. Remediation outcomes of the new root are told
 under claim keys of their own (``….root{n}``); an outcome of a root the
 incident has left (a run or an approval of the old root, finishing,
-stopping or not executed after the take-over) is stale, acknowledged with
-nothing sent: it resolved nothing and failed nothing of the current root.
+stopping or not executed after the take-over) resolved nothing of the
+current root: its ``remediated`` is stale, acknowledged with nothing sent,
+and so is a failure that ran nothing. A failure of a run that acted (a
+step ran, the run crashed while executing, a verify failed) is told, under
+that root's claims, naming the previous root: a human must check what it
+changed.
 
 When every channel is done (sent, already sent, or off), the handler records
 the completed claim ``escalated:{incident_id}:{generation}:{transition}``;
@@ -123,6 +127,21 @@ def remediation_result(conn, incident: dict, root_generation: int = 0) -> dict |
                if t["kind"] == "remediation_result" and t["details"].get("generation") == incident["generation"]
                and (t["details"].get("root_generation") or 0) == root_generation]
     return results[-1] if results else None
+
+
+def acted(result: dict) -> bool:
+    """Whether a remediation run may have changed something: a live action
+    was attempted (one that failed may have changed its target before it
+    failed; a revert is one too), or the run crashed while executing (what
+    it ran is on the timeline, not in its result). Nothing ran when every
+    record is a dry run, blocked by a rail, never reached a target (its
+    parameters did not render) or only hands the incident to a human, as
+    in a result that says "not executed" or a run stopped before its first
+    step."""
+    if result.get("crashed") or (result.get("reason") or "").startswith("remediation crashed"):
+        return True
+    return any(not record.get("dry_run") and not record.get("blocked_by") and record.get("target") is not None
+               and record.get("action") != "escalate" for record in result.get("actions") or [])
 
 
 def root_change(conn, incident: dict) -> str | None:
@@ -233,16 +252,22 @@ class EscalationHandler:
             stale = claims.judge_event(incident, generation, root_generation)
             if not stale and transition == "opened" and 0 < root_generation < (incident.get("root_generation") or 0):
                 stale = f"the event is of root {root_generation}; the incident's root is {incident['root_generation']} since"
-            if not stale and transition in ("remediated", "remediation_failed") and root_generation < (incident.get("root_generation") or 0):
+            previous_root = (transition in ("remediated", "remediation_failed")
+                             and root_generation < (incident.get("root_generation") or 0))
+            if not stale and previous_root:
                 # A run or an approval of a root another alert took over
-                # from: it acted (or stopped, or was not executed) on the old
-                # root's diagnosis and resolved nothing; the new root's own
-                # remediation outcome is the one told. Acknowledged with
+                # from resolved nothing: the new root's own remediation
+                # outcome is the one told, not "remediated automatically".
+                # A failure is told only if the run acted on the old root's
+                # diagnosis (a step ran, the run crashed, a verify failed
+                # and it reverted): a human must check what it changed. One
+                # that only stopped or was not executed is acknowledged with
                 # nothing sent, as remediation acknowledges the old root's
-                # late diagnosis: not "remediated automatically", and no page
-                # for a failure that was only a stop.
-                stale = (f"the event is of root {root_generation}'s remediation; the incident's root is "
-                         f"{incident['root_generation']} since")
+                # late diagnosis.
+                result = remediation_result(conn, incident, root_generation) if transition == "remediation_failed" else None
+                if result is None or result.get("outcome") != "failed" or not acted(result):
+                    stale = (f"the event is of root {root_generation}'s remediation; the incident's root is "
+                             f"{incident['root_generation']} since")
             if stale:
                 return incident, None, stale, NO_ROUND
             # The page tells how many alerts the incident groups, and why.
@@ -267,7 +292,12 @@ class EscalationHandler:
                                             f" (root {root_generation})"), NO_ROUND
                 proposal = result.get("proposal") or {}
                 pending = proposal.get("url") if proposal.get("status") == "pending" else None
-                return incident, result.get("reason"), None, Round(result.get("approved_proposal"), pending)
+                reason = result.get("reason")
+                if previous_root:
+                    reason = (f"remediation of the previous root (root generation {root_generation}), before another alert "
+                              f"took over as the incident's root (root generation {incident['root_generation']}), acted and "
+                              f"failed: {reason}")
+                return incident, reason, None, Round(result.get("approved_proposal"), pending)
         return incident, None, None, NO_ROUND
 
     def _untold_opening(self, transition: str, incident: dict | None, generation: int) -> frozenset[str] | None:

@@ -442,7 +442,8 @@ class Board:
         from functions.query.noise_board import incident_extras  # flapping, silences
 
         with db.engine().connect() as conn:
-            pending = [proposals.present(p, row["generation"], row.get("root_generation") or 0) for p in proposals.of_incident(conn, row["id"])]
+            pending = [proposals.present(p, row["generation"], row.get("root_generation") or 0, row["status"])
+                       for p in proposals.of_incident(conn, row["id"])]
             taken_by = acknowledge.acknowledged_by(conn, row["id"]) if row["status"] in ACTIVE_STATUSES else None
         return self._page("incident.html", i=row, timeline=timeline, notifications=notifications, now=datetime.utcnow(),
                           noise=incident_extras(self.config, row), taken_by=taken_by, take=take_label(row["status"], taken_by),

@@ -57,7 +57,8 @@ class ProposalsApi:
         with db.engine().connect() as conn:
             incident = incidents.require_incident(conn, incident_id)
             rows = proposals.of_incident(conn, incident_id)
-        return {"items": [proposals.present(r, incident["generation"], incident.get("root_generation") or 0) for r in rows]}
+        return {"items": [proposals.present(r, incident["generation"], incident.get("root_generation") or 0, incident["status"])
+                          for r in rows]}
 
     def get(self, request: Request, incident_id: str, proposal_id: str) -> dict:
         incident_id, proposal_id = parse_uuid(incident_id, "id"), parse_uuid(proposal_id, "proposal_id")
@@ -67,7 +68,7 @@ class ProposalsApi:
             row = proposals.get(conn, incident_id, proposal_id)
         if row is None:
             raise NotFound(f"incident {incident_id} has no proposal {proposal_id}")
-        return proposals.present(row, incident["generation"], incident.get("root_generation") or 0)
+        return proposals.present(row, incident["generation"], incident.get("root_generation") or 0, incident["status"])
 
     def approve(self, request: Request, incident_id: str, proposal_id: str) -> dict:
         return self._decide(request, incident_id, proposal_id, True)

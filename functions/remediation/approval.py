@@ -117,7 +117,7 @@ class ApprovalFlow:
             log.exception("Approved remediation crashed", extra={"incident_id": incident_id, "proposal_id": proposal_id})
             result = Result("failed", f"remediation crashed while executing ({type(exc).__name__}); the actions it ran are on the "
                                       "timeline; a human must check the target",
-                            playbook=proposal["playbook"], proposal=approved_summary(proposal))
+                            playbook=proposal["playbook"], proposal=approved_summary(proposal), crashed=True)
             event_ids, root_generation = self._finish_approved(proposal, result, approved_root)
         self.publisher.submit(event_ids)
         return self._reply(incident_id, result, self._approved_event_id(proposal, result), root_generation, proposal["generation"])
@@ -203,7 +203,8 @@ class ApprovalFlow:
         if not entries:
             raise Conflict(f"proposal {proposal['id']} is {proposal['status']}; its result is not recorded yet; retry")
         d = entries[-1]["details"]
-        result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"))
+        result = Result(d["outcome"], d["reason"], d["actions"], d.get("playbook"), d.get("proposal"), d.get("verification"),
+                        crashed=bool(d.get("crashed")))
         return self._reply(proposal["incident_id"], result, self._approved_event_id(proposal, result), d.get("root_generation") or 0,
                            proposal["generation"])
 

@@ -23,6 +23,9 @@ class Result:
     playbook: str | None = None
     proposal: dict | None = None  # awaiting approval, or the approved one that ran
     verification: dict | None = None
+    # The run crashed while executing: what it ran is on the timeline, not
+    # in ``actions`` (escalation tells an old root's crashed run: it acted).
+    crashed: bool = False
 
     def as_dict(self) -> dict:
         out = {"outcome": self.outcome, "reason": self.reason, "actions": self.actions, "playbook": self.playbook}
@@ -30,6 +33,8 @@ class Result:
             out["proposal"] = self.proposal
         if self.verification:
             out["verification"] = self.verification
+        if self.crashed:
+            out["crashed"] = True
         return out
 
 

@@ -379,6 +379,7 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
                                      {"fingerprint": fp, "alert_name": alert.alert_name, "reason": reason}))
     if rows:
         conn.execute(INSERT_MEMBERS, {"rows": json.dumps(rows)})
+    taken_over: list[str] = []
     for incident_id, (fp, reason) in sorted(decision.takeovers.items()):
         if resolve(incident_id) != incident_id or joined.get(fp) != incident_id:
             continue  # merged away in this batch: the survivor's root stands
@@ -391,11 +392,12 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
             change = {"from": done["old_fingerprint"], "from_alert_name": done["old_alert_name"], "to": fp,
                       "alert_name": alert.alert_name, "reason": reason, "root_generation": done["root_generation"]}
             timeline.append(timeline_row(incident_id, "root_changed", actor, change))
-            # Proposals planned on the old root's diagnosis end with it (the incident is locked by TAKE_OVER).
-            proposals.supersede_on_root_change(conn, incident_id, timeline)
+            taken_over.append(incident_id)
             new_events.append(root_changed_event(dict(done), event_source, change))
+    # Proposals planned on the old roots' diagnoses end with them (the
+    # incidents are locked by TAKE_OVER), in one statement for the batch.
+    proposals.supersede_on_root_change(conn, taken_over, timeline)
     touched_incidents = set(joined.values())
-    resolved: list[str] = []
     for old, (target, reason) in sorted(decision.merges.items()):
         into = resolve(target)
         if into is None or into == old:
@@ -407,11 +409,8 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
             timeline.append(timeline_row(into, "alert_joined", actor, {
                 "fingerprint": member["fingerprint"], "alert_name": member["alert_name"], "reason": reason, "merged_from": old}))
         if merged is not None:
-            resolved.append(old)
             timeline.append(timeline_row(old, "merged", actor, {"into": into, "reason": reason, "members": len(moved)}))
             new_events.append(events.incident_event(events.INCIDENT_RESOLVED, merged, event_source, {"merged_into": into}))
-    # Resolved (and locked) by RESOLVE_MERGED: their pending proposals end with them.
-    proposals.supersede_on_resolve(conn, resolved, timeline)
     if touched_incidents:
         for row in conn.execute(RAISE_PRIORITY, {"ids": json.dumps(sorted(touched_incidents))}).mappings():
             timeline.append(timeline_row(row["id"], "priority_raised", actor, {"to": row["priority"], "reason": "a member's priority"}))
