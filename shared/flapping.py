@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -56,6 +56,14 @@ _AFTER_A_FIX = sa.text("SELECT resolved_by = 'remediation' FROM incidents i WHER
                        "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = :f "
                        "AND a.status IN ('open', 'investigating')) "
                        "ORDER BY created_at DESC LIMIT 1")
+# The incidents a batch's flapping alerts touch, locked in id order before
+# any is touched (observe() says why): the fingerprints' active incidents and
+# the flagged ones (a resolved one included: a silent reopen updates it).
+_HOLD = sa.text("SELECT count(*) FROM (SELECT id FROM incidents "
+                "WHERE (fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
+                "AND status IN ('open', 'investigating')) "
+                "OR id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))) "
+                "ORDER BY id FOR UPDATE) AS held")
 # A merged incident lives on in its survivor and is never reopened.
 _LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' AND merged_into IS NULL "
                            "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
@@ -67,14 +75,25 @@ _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NU
 
 
 def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int,
-            stored: dict[str, dict] | None = None) -> dict[str, str]:
+            stored: dict[str, dict] | None = None, hold: Callable[[list[str]], None] | None = None) -> dict[str, str]:
     """Count the flips of this batch (one alert per fingerprint); returns the
     fingerprints whose resolution is withheld because they flap, with the
     id of the flagged incident. ``stored``: the batch's rows, already locked
     (shared/noise.py reads them with the maintenance windows). Every row is
     locked before it is read, a new fingerprint's included (the lock step
     writes its first sighting), so the save updates what was read and no
-    concurrent batch's flip is overwritten."""
+    concurrent batch's flip is overwritten.
+
+    ``hold(incident_ids)`` takes the batch's incident locks (the intake's:
+    its advisory locks, then its incidents in id order, these ones
+    included; shared/ingest.py) before any incident row is touched here.
+    Touched first, one fingerprint at a time (the flag's timeline entry
+    takes a key-share lock on its incident, a silent reopen updates it), an
+    incident was locked out of the one global order: a batch holding it
+    then waited for a correlation key or a lower incident that a writer
+    waiting for it held, a deadlock (40P01) answered 503 for every webhook
+    of the group commit. Without ``hold`` the incidents are locked in id
+    order on their own."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
@@ -83,6 +102,9 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"alerts": json.dumps(locking)}).mappings()}
     cutoff = now - timedelta(seconds=window_seconds)
     rows, withheld = [], {}
+    # First what each row becomes, reading incidents without locking them;
+    # the incidents are touched only once they are held.
+    touching: list[tuple[dict, bool, bool]] = []  # (the row to save, flagged now, flipped)
     for fp in sorted(by_fp):
         alert = by_fp[fp]
         row = stored.get(fp)
@@ -97,17 +119,29 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         if flipped:
             flips.append(now.isoformat())
         since, incident_id = row["flapping_since"], row["incident_id"]
-        if since is None and len(flips) >= threshold and not (
-                alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar()):
+        flagged = since is None and len(flips) >= threshold and not (
+            alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar())
+        if flagged:
             since = now
-            incident_id = _flag(conn, fp, alert, len(flips), window_seconds, now)
+            incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
+        saved = {"fingerprint": fp, "last_status": alert.status, "flips": flips,
+                 "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
+                 "flapping_since": since.isoformat() if since else None, "incident_id": incident_id}
+        rows.append(saved)
         if since is not None:
-            incident_id = _keep_active(conn, fp, incident_id, alert, now, flipped) or incident_id
-            if alert.status == "resolved" and incident_id:
-                withheld[fp] = incident_id
-        rows.append({"fingerprint": fp, "last_status": alert.status, "flips": flips,
-                     "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
-                     "flapping_since": since.isoformat() if since else None, "incident_id": incident_id})
+            touching.append((saved, flagged, flipped))
+    if touching:
+        ids = sorted({saved["incident_id"] for saved, _, _ in touching if saved["incident_id"]})
+        (hold or (lambda held: conn.execute(_HOLD, {"f": json.dumps(sorted(by_fp)), "ids": json.dumps(held)})))(ids)
+    for saved, flagged, flipped in touching:
+        fp, alert, incident_id = saved["fingerprint"], by_fp[saved["fingerprint"]], saved["incident_id"]
+        if flagged and incident_id:
+            add_timeline(conn, incident_id, "flapping", {"flips": len(saved["flips"]), "window_seconds": window_seconds,
+                                                          "note": "paging and remediation paused until the alert settles"},
+                         ACTOR)
+        incident_id = saved["incident_id"] = _keep_active(conn, fp, incident_id, alert, now, flipped) or incident_id
+        if alert.status == "resolved" and incident_id:
+            withheld[fp] = incident_id
     if rows:
         # Nothing here waits for the save: it travels with the batch's next statement.
         db.later(conn, _SAVE, {"rows": json.dumps(rows)})
@@ -116,14 +150,6 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
 
 def _iso(value) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _flag(conn: Connection, fp: str, alert: Alert, flips: int, window_seconds: int, now: datetime) -> str | None:
-    incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
-    if incident_id:
-        add_timeline(conn, incident_id, "flapping", {"flips": flips, "window_seconds": window_seconds,
-                                                      "note": "paging and remediation paused until the alert settles"}, ACTOR)
-    return incident_id
 
 
 def _keep_active(conn: Connection, fp: str, incident_id: str | None, alert: Alert, now: datetime, flipped: bool) -> str | None:

@@ -268,7 +268,11 @@ def record_alerts(
         latest.pop(alert.fingerprint, None)
         latest[alert.fingerprint] = alert
     # Noise control (shared/noise.py): heartbeats, maintenance windows, flapping.
-    screened = noise.screen(conn, list(latest.values()), config or settings())
+    # A flapping alert's incident is touched there, before the upsert: the
+    # batch then takes every incident lock first, in the global order
+    # (noise control's rows, the advisory locks, the incidents in id order).
+    screened = noise.screen(conn, list(latest.values()), config or settings(),
+                            hold=lambda ids: correlation_store.hold(conn, list(latest.values()), plan or {}, ids))
     outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
     for extra in screened.extra:
         latest.setdefault(extra.fingerprint, extra)

@@ -80,7 +80,9 @@ CANDIDATES = sa.text(compact(
 # not one, so a batch holding a root that locked a node incident, then
 # waited for its lone incident of a lower id, deadlocked against a resolve
 # of both (which locks in id order). Found as CANDIDATES finds them: members
-# first, then each incident by primary key.
+# first, then each incident by primary key. ``ids``: incidents to lock with
+# them whatever their status (a flapping alert's, which may be resolved and
+# reopened silently: :func:`hold`).
 HOLD = sa.text(compact(
     """
     SELECT count(*) FROM (
@@ -92,8 +94,11 @@ HOLD = sa.text(compact(
                  OR (seeks <> '{}' AND seeks && ARRAY(SELECT jsonb_array_elements_text(CAST(:provides AS jsonb))))
               UNION
               SELECT a.id FROM incidents a WHERE a.fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:fps AS jsonb))))
-                AND CAST(a.status AS text) IN ('open', 'investigating')))
-          AND CAST(i.status AS text) IN ('open', 'investigating')
+                AND CAST(a.status AS text) IN ('open', 'investigating')
+              UNION
+              SELECT jsonb_array_elements_text(CAST(:ids AS jsonb))))
+          AND (CAST(i.status AS text) IN ('open', 'investigating')
+               OR i.id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))))
         ORDER BY i.id
         FOR UPDATE
     ) AS held
@@ -272,6 +277,22 @@ def lock(conn: Connection, alerts: list[Alert], plan: dict[str, Links]) -> None:
         db.later(conn, LOCK_KEYS, {"keys": sorted(ids)})
 
 
+def hold(conn: Connection, alerts: Sequence[Alert], plan: dict[str, Links], incident_ids: Sequence[str] = ()) -> None:
+    """Every lock the batch's later statements take, taken now in the one
+    global order: the advisory locks (:func:`lock`), then in one id-ordered
+    statement every incident the ingest upsert, the decision and the resolve
+    statement would lock for ``alerts`` (HOLD), with ``incident_ids``. For a
+    batch that must touch incidents before those statements run (noise
+    control's flapping, shared/flapping.py): their own locks then find the
+    incidents already held, and wait for nothing."""
+    keyed = [a for a in alerts if a.fingerprint in plan]
+    lock(conn, keyed, plan)
+    conn.execute(HOLD, {"fps": json.dumps(sorted({a.fingerprint for a in alerts})),
+                        "seeks": json.dumps(sorted({k for a in keyed for k in plan[a.fingerprint].seeks})),
+                        "provides": json.dumps(sorted({k for a in keyed for k in plan[a.fingerprint].provides})),
+                        "ids": json.dumps(sorted(set(incident_ids)))})
+
+
 def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links], lock_also: Sequence[str] = ()) -> Decision:
     """``lock_also``: fingerprints the batch resolves, whose incidents are
     locked with the others (HOLD) before any candidate is read."""
@@ -284,7 +305,7 @@ def decide(conn: Connection, alerts: list[Alert], plan: dict[str, Links], lock_a
     fps = sorted(a.fingerprint for a in keyed)
     lock(conn, keyed, plan)
     db.later(conn, HOLD, {"fps": json.dumps(sorted({a.fingerprint for a in alerts} | set(lock_also))), "seeks": json.dumps(seeks),
-                          "provides": json.dumps(provides)})
+                          "provides": json.dumps(provides), "ids": "[]"})
     found = conn.execute(CANDIDATES, {"fps": json.dumps(fps), "seeks": json.dumps(seeks),
                                       "provides": json.dumps(provides)}).mappings().all()
     rows = [r for r in found if not r["lone_root"]]
