@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shared import db, proposals
+from shared.correlation import store as correlation_store
 from shared.alerts import Alert
 from shared.timeline import add_timeline
 
@@ -56,14 +57,6 @@ _AFTER_A_FIX = sa.text("SELECT resolved_by = 'remediation' FROM incidents i WHER
                        "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = :f "
                        "AND a.status IN ('open', 'investigating')) "
                        "ORDER BY created_at DESC LIMIT 1")
-# The incidents a batch's flapping alerts touch, locked in id order before
-# any is touched (observe() says why): the fingerprints' active incidents and
-# the flagged ones (a resolved one included: a silent reopen updates it).
-_HOLD = sa.text("SELECT count(*) FROM (SELECT id FROM incidents "
-                "WHERE (fingerprint = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:f AS jsonb)))) "
-                "AND status IN ('open', 'investigating')) "
-                "OR id = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))) "
-                "ORDER BY id FOR UPDATE) AS held")
 # A merged incident lives on in its survivor and is never reopened.
 _LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' AND merged_into IS NULL "
                            "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
@@ -132,7 +125,10 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
             touching.append((saved, flagged, flipped))
     if touching:
         ids = sorted({saved["incident_id"] for saved, _, _ in touching if saved["incident_id"]})
-        (hold or (lambda held: conn.execute(_HOLD, {"f": json.dumps(sorted(by_fp)), "ids": json.dumps(held)})))(ids)
+        if hold is not None:
+            hold(ids)
+        else:
+            _hold(conn, sorted(by_fp), ids)
     for saved, flagged, flipped in touching:
         fp, alert, incident_id = saved["fingerprint"], by_fp[saved["fingerprint"]], saved["incident_id"]
         if flagged and incident_id:
@@ -146,6 +142,15 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         # Nothing here waits for the save: it travels with the batch's next statement.
         db.later(conn, _SAVE, {"rows": json.dumps(rows)})
     return withheld
+
+
+def _hold(conn: Connection, fingerprints: list[str], incident_ids: list[str]) -> None:
+    """The incidents of these fingerprints (theirs and those they are members
+    of, as the resolve statement finds them) and ``incident_ids`` (a resolved
+    one included: a silent reopen updates it), locked in one id-ordered
+    statement before any of them is touched."""
+    conn.execute(correlation_store.HOLD, {"fps": json.dumps(fingerprints), "seeks": "[]", "provides": "[]",
+                                          "ids": json.dumps(incident_ids)})
 
 
 def _iso(value) -> str | None:
@@ -203,10 +208,16 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     if not quiet:
         return [], []
     # The intake's lock order: held alerts, then flapping rows, each by
-    # fingerprint. The resolutions recorded below lock the held alerts; taken
+    # fingerprint, then incidents in id order (no correlation key: the
+    # resolutions carry none). The resolutions recorded below lock the held alerts; taken
     # after the flapping rows, an intake resolving the same alert deadlocked.
     conn.execute(_LOCK_HELD, {"f": json.dumps(quiet)})
     rows = conn.execute(_CLEAR, {"f": json.dumps(quiet), "cutoff": cutoff}).mappings().all()
+    # Then the incidents, in one id-ordered statement, before the timeline
+    # entries below lock them (a foreign key) one by one: those of the
+    # resolutions recorded below too, which the resolve statement locks again.
+    if rows:
+        _hold(conn, sorted(r["fingerprint"] for r in rows), sorted({r["incident_id"] for r in rows if r["incident_id"]}))
     resolutions, repaged = [], []
     for row in sorted(rows, key=lambda r: r["fingerprint"]):
         if row["incident_id"]:
