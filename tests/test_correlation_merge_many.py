@@ -124,3 +124,44 @@ def test_a_merge_sends_as_many_statements_for_six_incidents_as_for_two(clean_db,
     moves = [s for s in sent if s.lstrip().startswith("UPDATE incident_members") and "was" in s]
     resolves = [s for s in sent if "resolved_by = 'merged'" in s]
     assert (len(moves), len(resolves)) == (1, 1), sent
+
+
+def test_merged_incidents_of_several_members_each_move_every_member_with_its_own_history(clean_db, kube):
+    """A workload's incident (its root and two pods) and two lone pod
+    incidents of another workload merge into the node's late root at once:
+    every member of each moves, its reason naming its alert and the
+    incident it came from; each merged incident's ``merged`` entry counts
+    its own members, and the survivor notes one ``alert_joined`` per member
+    with the incident it came from."""
+    corr = correlator(kube)
+    c = Cluster(kube, "several")
+    node = c.node("ip-10-0-80-1")
+    web, api = c.deployment("web", [node, node]), c.deployment("api", [node, node])
+    workload = record(clean_db, corr, [kp("KubeDeploymentReplicasMismatch", "m", namespace="several", deployment="web")])
+    joined = record(clean_db, corr, [kp("KubePodNotReady", "m", namespace="several", pod=p) for p in web]).outcomes
+    lone = [record(clean_db, corr, [kp("KubePodNotReady", "m", namespace="several", pod=p)]).outcomes[0] for p in api]
+    assert {o.incident_id for o in joined} == {workload.outcomes[0].incident_id}
+    assert [o.action for o in lone] == ["created"] * 2
+    with clean_db.connect() as conn:
+        before = conn.execute(sa.text("SELECT incident_id, fingerprint, alert_name FROM incident_members")).mappings().all()
+    olds = sorted({m["incident_id"] for m in before})
+    survivor = record(clean_db, corr, [kp("KubeNodeNotReady", "m", node=node)]).outcomes[0].incident_id
+    with clean_db.connect() as conn:
+        after = {m["fingerprint"]: m for m in conn.execute(sa.text(
+            "SELECT incident_id, fingerprint, is_root, correlation_reason FROM incident_members")).mappings()}
+        merged = {t["incident_id"]: t["details"] for t in conn.execute(sa.text(
+            "SELECT incident_id, details FROM incident_timeline WHERE kind = 'merged'")).mappings()}
+        moves = conn.execute(sa.text(
+            "SELECT details FROM incident_timeline WHERE incident_id = :s AND kind = 'alert_joined'"), {"s": survivor}).scalars().all()
+        resolved = conn.execute(sa.text(
+            "SELECT subject, data->>'merged_into' FROM event_outbox WHERE type LIKE '%.resolved' ORDER BY subject")).all()
+    assert sorted(merged) == olds
+    for m in before:
+        moved, reason = after[m["fingerprint"]], merged[m["incident_id"]]["reason"]
+        assert (moved["incident_id"], moved["is_root"]) == (survivor, False)
+        assert moved["correlation_reason"] == f"{reason} (was {m['alert_name']} of incident {m['incident_id']})"
+    assert {i: d["members"] for i, d in merged.items()} == {i: sum(m["incident_id"] == i for m in before) for i in olds}
+    assert all(d["into"] == survivor for d in merged.values())
+    assert sorted((d["fingerprint"], d["alert_name"], d["merged_from"], d["reason"]) for d in moves) == sorted(
+        (m["fingerprint"], m["alert_name"], m["incident_id"], merged[m["incident_id"]]["reason"]) for m in before)
+    assert [tuple(r) for r in resolved] == [(i, survivor) for i in olds]
