@@ -1,7 +1,9 @@
 """Concurrent batches and the flapping rows (alert_flaps), against the real
 PostgreSQL: each batch locks its rows, new fingerprints' included, in one
 step and in fingerprint order before it reads them, and saves what it read
-under those locks.
+under those locks; and the incidents a flapping alert touches (its
+timeline entries, a silent reopen) only once the batch, or the sweep, holds
+its correlation keys and its incidents in id order.
 
 The interleavings are made certain, not likely: one batch is held between
 reading its flapping rows and its next statement (the one that carries its
@@ -347,6 +349,15 @@ class Peer:
 INCIDENT_ROW = "SELECT id FROM incidents WHERE id = :i FOR UPDATE"
 
 
+def open_incident(engine, incident_id: str, fingerprint: str) -> None:
+    """An open incident of a chosen id (so that the test knows the id order)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions, "
+            "fingerprint, labels, annotations, source) VALUES (:i, 'Ordered', 'P0', 'open', 's', 'd', '{}'::json, '[]'::json, "
+            ":f, '{}'::jsonb, '{}'::jsonb, 'alertmanager')"), {"i": incident_id, "f": fingerprint})
+
+
 def flaps_noted(engine, incident_id: str) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE incident_id = :i AND kind = 'flap'"),
@@ -410,11 +421,7 @@ def test_a_flapping_alert_s_batch_locks_its_incidents_in_id_order_before_its_tim
     high_id = flap_until_flagged(clean_db, config, high)
     low, low_id = alert("Ordered", fingerprint="fp-low"), "00000000-0000-4000-8000-000000000000"
     assert low_id < high_id
-    with clean_db.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions, "
-            "fingerprint, labels, annotations, source) VALUES (:i, 'Ordered', 'P0', 'open', 's', 'd', '{}'::json, '[]'::json, "
-            ":f, '{}'::jsonb, '{}'::jsonb, 'alertmanager')"), {"i": low_id, "f": low.fingerprint})
+    open_incident(clean_db, low_id, low.fingerprint)
     noted = flaps_noted(clean_db, high_id)
     batches = Batches(clean_db, config)
     peer = Peer(clean_db)
@@ -428,3 +435,37 @@ def test_a_flapping_alert_s_batch_locks_its_incidents_in_id_order_before_its_tim
     batches.join()
     assert batches.errors == {}
     assert flaps_noted(clean_db, high_id) == noted + 1
+
+
+def test_the_sweep_lowering_flags_locks_the_incidents_it_notes_on_in_id_order(database_url, clean_db, at):
+    """Two flapping alerts fall quiet: A (sorts first) whose incident has the
+    higher id, B whose incident has the lower. The sweep notes
+    ``flapping_cleared`` on each, a timeline entry whose foreign key locks
+    its incident. A peer holds B's incident (an id-ordered lock step that
+    took it first), then locks A's. Noting in fingerprint order, the sweep
+    would hold A and wait for B: a deadlock. It locks both in id order
+    first, so while it waits for B it holds nothing."""
+    from shared import flapping
+
+    config = settings(database_url)
+    high_id, low_id = "ffffffff-0000-4000-8000-000000000000", "00000000-0000-4000-8000-000000000000"
+    open_incident(clean_db, high_id, "fp-a")
+    open_incident(clean_db, low_id, "fp-b")
+    quiet_since = T0 - timedelta(seconds=config.flap_quiet_seconds + 60)
+    with clean_db.begin() as conn:
+        for fp, incident_id in (("fp-a", high_id), ("fp-b", low_id)):
+            conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status, last_flip_at, flapping_since, incident_id) "
+                                 "VALUES (:f, 'firing', :t, :t, :i)"), {"f": fp, "t": quiet_since, "i": incident_id})
+    batches = Batches(clean_db, config)
+    peer = Peer(clean_db)
+    try:
+        peer.take(INCIDENT_ROW, i=low_id)
+        batches.run("sweep", lambda conn: flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds))
+        wait_until(lambda: batches.waiting("sweep"), 20, message="the sweep waiting for the lower incident")
+        peer.take(INCIDENT_ROW, i=high_id)
+    finally:
+        peer.release()
+    batches.join()
+    assert batches.errors == {}
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE kind = 'flapping_cleared'")).scalar() == 2
