@@ -87,6 +87,8 @@ def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -
     # Lock order: held alerts (suppressed_alerts) before flapping rows
     # (alert_flaps), as the sweep's release does (it locks the held rows,
     # then replays them through here); the other order deadlocks the two.
+    # Correlation keys and incidents come after both (``hold``: taken
+    # before flapping touches an incident; shared/ingest.py).
     held = maintenance.hold(conn, firing, now, resolving)
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
