@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shared import db, proposals
+from shared.correlation import store as correlation_store
 from shared.alerts import Alert
 from shared.timeline import add_timeline
 
@@ -67,14 +68,25 @@ _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NU
 
 
 def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold: int, window_seconds: int,
-            stored: dict[str, dict] | None = None) -> dict[str, str]:
+            stored: dict[str, dict] | None = None, hold: Callable[[list[str]], None] | None = None) -> dict[str, str]:
     """Count the flips of this batch (one alert per fingerprint); returns the
     fingerprints whose resolution is withheld because they flap, with the
     id of the flagged incident. ``stored``: the batch's rows, already locked
     (shared/noise.py reads them with the maintenance windows). Every row is
     locked before it is read, a new fingerprint's included (the lock step
     writes its first sighting), so the save updates what was read and no
-    concurrent batch's flip is overwritten."""
+    concurrent batch's flip is overwritten.
+
+    ``hold(incident_ids)`` takes the batch's incident locks (the intake's:
+    its advisory locks, then its incidents in id order, these ones
+    included; shared/ingest.py) before any incident row is touched here.
+    Touched first, one fingerprint at a time (the flag's timeline entry
+    takes a key-share lock on its incident, a silent reopen updates it), an
+    incident was locked out of the one global order: a batch holding it
+    then waited for a correlation key or a lower incident that a writer
+    waiting for it held, a deadlock (40P01) answered 503 for every webhook
+    of the group commit. Without ``hold`` the incidents are locked in id
+    order on their own."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
@@ -83,6 +95,9 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         stored = {r["fingerprint"]: dict(r) for r in conn.execute(_LOCK, {"alerts": json.dumps(locking)}).mappings()}
     cutoff = now - timedelta(seconds=window_seconds)
     rows, withheld = [], {}
+    # First what each row becomes, reading incidents without locking them;
+    # the incidents are touched only once they are held.
+    touching: list[tuple[dict, bool, bool]] = []  # (the row to save, flagged now, flipped)
     for fp in sorted(by_fp):
         alert = by_fp[fp]
         row = stored.get(fp)
@@ -97,33 +112,49 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         if flipped:
             flips.append(now.isoformat())
         since, incident_id = row["flapping_since"], row["incident_id"]
-        if since is None and len(flips) >= threshold and not (
-                alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar()):
+        flagged = since is None and len(flips) >= threshold and not (
+            alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar())
+        if flagged:
             since = now
-            incident_id = _flag(conn, fp, alert, len(flips), window_seconds, now)
+            incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
+        saved = {"fingerprint": fp, "last_status": alert.status, "flips": flips,
+                 "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
+                 "flapping_since": since.isoformat() if since else None, "incident_id": incident_id}
+        rows.append(saved)
         if since is not None:
-            incident_id = _keep_active(conn, fp, incident_id, alert, now, flipped) or incident_id
-            if alert.status == "resolved" and incident_id:
-                withheld[fp] = incident_id
-        rows.append({"fingerprint": fp, "last_status": alert.status, "flips": flips,
-                     "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
-                     "flapping_since": since.isoformat() if since else None, "incident_id": incident_id})
+            touching.append((saved, flagged, flipped))
+    if touching:
+        ids = sorted({saved["incident_id"] for saved, _, _ in touching if saved["incident_id"]})
+        if hold is not None:
+            hold(ids)
+        else:
+            _hold(conn, sorted(by_fp), ids)
+    for saved, flagged, flipped in touching:
+        fp, alert, incident_id = saved["fingerprint"], by_fp[saved["fingerprint"]], saved["incident_id"]
+        if flagged and incident_id:
+            add_timeline(conn, incident_id, "flapping", {"flips": len(saved["flips"]), "window_seconds": window_seconds,
+                                                          "note": "paging and remediation paused until the alert settles"},
+                         ACTOR)
+        incident_id = saved["incident_id"] = _keep_active(conn, fp, incident_id, alert, now, flipped) or incident_id
+        if alert.status == "resolved" and incident_id:
+            withheld[fp] = incident_id
     if rows:
         # Nothing here waits for the save: it travels with the batch's next statement.
         db.later(conn, _SAVE, {"rows": json.dumps(rows)})
     return withheld
 
 
+def _hold(conn: Connection, fingerprints: list[str], incident_ids: list[str]) -> None:
+    """The incidents of these fingerprints (theirs and those they are members
+    of, as the resolve statement finds them) and ``incident_ids`` (a resolved
+    one included: a silent reopen updates it), locked in one id-ordered
+    statement before any of them is touched."""
+    conn.execute(correlation_store.HOLD, {"fps": json.dumps(fingerprints), "seeks": "[]", "provides": "[]",
+                                          "ids": json.dumps(incident_ids)})
+
+
 def _iso(value) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _flag(conn: Connection, fp: str, alert: Alert, flips: int, window_seconds: int, now: datetime) -> str | None:
-    incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
-    if incident_id:
-        add_timeline(conn, incident_id, "flapping", {"flips": flips, "window_seconds": window_seconds,
-                                                      "note": "paging and remediation paused until the alert settles"}, ACTOR)
-    return incident_id
 
 
 def _keep_active(conn: Connection, fp: str, incident_id: str | None, alert: Alert, now: datetime, flipped: bool) -> str | None:
@@ -177,10 +208,16 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     if not quiet:
         return [], []
     # The intake's lock order: held alerts, then flapping rows, each by
-    # fingerprint. The resolutions recorded below lock the held alerts; taken
+    # fingerprint, then incidents in id order (no correlation key: the
+    # resolutions carry none). The resolutions recorded below lock the held alerts; taken
     # after the flapping rows, an intake resolving the same alert deadlocked.
     conn.execute(_LOCK_HELD, {"f": json.dumps(quiet)})
     rows = conn.execute(_CLEAR, {"f": json.dumps(quiet), "cutoff": cutoff}).mappings().all()
+    # Then the incidents, in one id-ordered statement, before the timeline
+    # entries below lock them (a foreign key) one by one: those of the
+    # resolutions recorded below too, which the resolve statement locks again.
+    if rows:
+        _hold(conn, sorted(r["fingerprint"] for r in rows), sorted({r["incident_id"] for r in rows if r["incident_id"]}))
     resolutions, repaged = [], []
     for row in sorted(rows, key=lambda r: r["fingerprint"]):
         if row["incident_id"]:

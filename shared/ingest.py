@@ -256,10 +256,16 @@ def record_alerts(
     One statement per kind of change whatever the batch size. Within a batch
     the last alert of a fingerprint wins (AlertManager never sends two, a
     hand-written payload might; a firing its own resolution follows in the
-    same batch is answered with the resolution's outcome). Rows are touched
-    in fingerprint order, and a batch's incidents are locked in id order by
-    its first statement that locks any, so that two concurrent batches lock
-    in the same order and cannot deadlock. ``plan``
+    same batch is answered with the resolution's outcome). Every writer
+    takes its locks in one global order: noise control's rows (held alerts,
+    then flapping rows, each by fingerprint), then the correlation advisory
+    keys (sorted), then the incidents, in id order and in one statement,
+    before any incident row is written or referenced (a timeline entry's
+    foreign key locks its incident too). Normally the batch's first
+    statement that locks incidents takes them all; a batch whose flapping
+    alert must touch its incident during noise control takes them all
+    before that (correlation_store.hold), so two concurrent batches, a
+    replica's or the group commit's other writer, cannot deadlock. ``plan``
     (shared.correlation.plan, made before the transaction) names what the
     correlation rules relate; alerts outside it take the common path, whose
     only addition is the indexed membership lookup.
@@ -269,7 +275,11 @@ def record_alerts(
         latest.pop(alert.fingerprint, None)
         latest[alert.fingerprint] = alert
     # Noise control (shared/noise.py): heartbeats, maintenance windows, flapping.
-    screened = noise.screen(conn, list(latest.values()), config or settings())
+    # A flapping alert's incident is touched there, before the upsert: the
+    # batch then takes every incident lock first, in the global order
+    # (noise control's rows, the advisory locks, the incidents in id order).
+    screened = noise.screen(conn, list(latest.values()), config or settings(),
+                            hold=lambda ids: correlation_store.hold(conn, list(latest.values()), plan or {}, ids))
     outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
     for extra in screened.extra:
         latest.setdefault(extra.fingerprint, extra)

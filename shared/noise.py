@@ -64,8 +64,11 @@ def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[s
             for r in rows}
 
 
-def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
-    """``latest``: one alert per fingerprint, the batch's last word on it."""
+def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -> Screened:
+    """``latest``: one alert per fingerprint, the batch's last word on it.
+    ``hold(incident_ids)``: takes the batch's incident locks (in the global
+    order: after this step's rows, shared/ingest.py) before flapping touches
+    an incident (shared/flapping.py, observe)."""
     now = clock.now()
     result = Screened()
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
@@ -76,18 +79,21 @@ def screen(conn: Connection, latest: list[Alert], config: Settings) -> Screened:
         # flapping rows, so only an all-firing batch takes this way.
         stored = _flaps_unless_windowed(conn, firing, now)
         if stored is not None:
-            withheld = flapping.observe(conn, firing, now, config.flap_threshold, config.flap_window_seconds, stored)
+            withheld = flapping.observe(conn, firing, now, config.flap_threshold, config.flap_window_seconds, stored,
+                                        hold)
             for fp, incident_id in withheld.items():
                 result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
             return result
     # Lock order: held alerts (suppressed_alerts) before flapping rows
     # (alert_flaps), as the sweep's release does (it locks the held rows,
     # then replays them through here); the other order deadlocks the two.
+    # Correlation keys and incidents come after both (``hold``: taken
+    # before flapping touches an incident; shared/ingest.py).
     held = maintenance.hold(conn, firing, now, resolving)
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
     observed = [a for a in firing if a.fingerprint not in held] + resolving
-    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds)
+    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds, hold=hold)
     for fp, incident_id in withheld.items():
         result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
     return result

@@ -445,7 +445,8 @@ def test_offers_are_checked_by_primary_key_whatever_the_statistics(long_history)
                                                           "sought": json.dumps(["node:n8"]), "lock_also": json.dumps(["sfp7"])})
     candidates = explain(long_history, store.CANDIDATES, {"fps": json.dumps(["zz"]), "seeks": json.dumps(["node:n8"]),
                                                           "provides": "[]"})
-    held = explain(long_history, store.HOLD, {"fps": json.dumps(["zz", "sfp7"]), "seeks": json.dumps(["node:n8"]), "provides": "[]"})
+    held = explain(long_history, store.HOLD, {"fps": json.dumps(["zz", "sfp7"]), "seeks": json.dumps(["node:n8"]), "provides": "[]",
+                                              "ids": json.dumps(["h7"])})  # a flapping alert's resolved incident
     resolve = explain(long_history, ingest.RESOLVE_MEMBERS, {"rows": json.dumps([{"fingerprint": "zz", "ends_at": None}])})
     for plan in (upsert, candidates, held, resolve):
         assert "incidents_pkey" in plan, plan

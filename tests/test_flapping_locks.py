@@ -1,7 +1,9 @@
 """Concurrent batches and the flapping rows (alert_flaps), against the real
 PostgreSQL: each batch locks its rows, new fingerprints' included, in one
 step and in fingerprint order before it reads them, and saves what it read
-under those locks.
+under those locks; and the incidents a flapping alert touches (its
+timeline entries, a silent reopen) only once the batch, or the sweep, holds
+its correlation keys and its incidents in id order.
 
 The interleavings are made certain, not likely: one batch is held between
 reading its flapping rows and its next statement (the one that carries its
@@ -325,3 +327,145 @@ def test_during_a_window_a_batch_locks_its_flapping_rows_only_after_its_held_ale
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count FROM suppressed_alerts WHERE fingerprint = :f"),
                             {"f": held.fingerprint}).scalar() == 2
+
+
+class Peer:
+    """A session of the test's own standing in for another writer that takes
+    its locks in the global order (a correlation key, then incidents), one
+    statement at a time."""
+
+    def __init__(self, engine):
+        self.conn = engine.connect()
+        self.conn.begin()
+
+    def take(self, statement: str, **params) -> None:
+        self.conn.execute(sa.text(statement), params)
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+INCIDENT_ROW = "SELECT id FROM incidents WHERE id = :i FOR UPDATE"
+
+
+def open_incident(engine, incident_id: str, fingerprint: str) -> None:
+    """An open incident of a chosen id (so that the test knows the id order)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions, "
+            "fingerprint, labels, annotations, source) VALUES (:i, 'Ordered', 'P0', 'open', 's', 'd', '{}'::json, '[]'::json, "
+            ":f, '{}'::jsonb, '{}'::jsonb, 'alertmanager')"), {"i": incident_id, "f": fingerprint})
+
+
+def flaps_noted(engine, incident_id: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE incident_id = :i AND kind = 'flap'"),
+                            {"i": incident_id}).scalar()
+
+
+def flap_until_flagged(engine, config, firing, plan=None) -> str:
+    """firing, resolved, firing, resolved (FLAP_THRESHOLD=3): the last is
+    withheld, the alert flaps and its incident stays open. Its id."""
+    for status in ("firing", "resolved", "firing", "resolved"):
+        with engine.begin() as conn:
+            (outcome,) = svc.record_alerts(conn, [replace(firing, status=status)], "/t", "alertmanager", 0, config=config,
+                                           plan=plan).outcomes
+        clock.advance(10)
+    assert outcome.action == "flapping"
+    return outcome.incident_id
+
+
+def test_a_flapping_pod_alert_takes_its_correlation_key_before_it_touches_its_incident(database_url, clean_db, at):
+    """A pod alert that flaps fires again: its incident gets a ``flap`` entry
+    on the timeline, whose foreign key locks the incident. A peer holds the
+    key of the pod's node (as a node root's batch does) and then locks the
+    incident (as its candidate statement does). Touched before the batch
+    waited for the key, the incident closed a cycle: a deadlock (40P01), a
+    503 for every webhook of the group commit. The batch now waits for the
+    key before it touches any incident, so the peer goes first."""
+    from shared.correlation.plan import Correlator
+    from shared.correlation.rules import load
+    from shared.correlation.store import lock_id
+
+    config = settings(database_url, FLAP_THRESHOLD="3")
+    pod = alert("KubePodCrashLooping", namespace="ns", pod="p-1", node="dn-1", severity="critical")
+    plan = Correlator(load(), None).plan([pod], fetch=False)
+    assert plan, "the node rule concerns a pod alert with a node label"
+    incident_id = flap_until_flagged(clean_db, config, pod, plan)
+    noted = flaps_noted(clean_db, incident_id)
+    batches = Batches(clean_db, config)
+    peer = Peer(clean_db)
+    try:
+        peer.take("SELECT pg_advisory_xact_lock(:k)", k=lock_id("key:node:dn-1"))
+        batches.run("intake", lambda conn: svc.record_alerts(conn, [pod], "/t", "alertmanager", 0, config=config, plan=plan))
+        wait_until(lambda: batches.waiting("intake"), 20, message="the batch waiting for the node's key")
+        peer.take(INCIDENT_ROW, i=incident_id)
+    finally:
+        peer.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flaps_noted(clean_db, incident_id) == noted + 1
+
+
+def test_a_flapping_alert_s_batch_locks_its_incidents_in_id_order_before_its_timeline_entry(database_url, clean_db, at):
+    """A batch fires L and H (incident ids in that order); H flaps, so its
+    incident gets a ``flap`` entry, whose foreign key locks it. A peer holds
+    L's incident (as a batch's id-ordered lock step that took it first) and
+    then locks H's. Had the entry been written before the batch's own
+    id-ordered lock step, the batch would hold H and wait for L, the peer
+    hold L and wait for H: a deadlock. The batch now locks both in id order
+    first, so it holds nothing while it waits for L."""
+    config = settings(database_url, FLAP_THRESHOLD="3")
+    high = alert("Ordered", fingerprint="fp-high")
+    high_id = flap_until_flagged(clean_db, config, high)
+    low, low_id = alert("Ordered", fingerprint="fp-low"), "00000000-0000-4000-8000-000000000000"
+    assert low_id < high_id
+    open_incident(clean_db, low_id, low.fingerprint)
+    noted = flaps_noted(clean_db, high_id)
+    batches = Batches(clean_db, config)
+    peer = Peer(clean_db)
+    try:
+        peer.take(INCIDENT_ROW, i=low_id)
+        batches.start("intake", high, low)
+        wait_until(lambda: batches.waiting("intake"), 20, message="the batch waiting for the lower incident")
+        peer.take(INCIDENT_ROW, i=high_id)
+    finally:
+        peer.release()
+    batches.join()
+    assert batches.errors == {}
+    assert flaps_noted(clean_db, high_id) == noted + 1
+
+
+def test_the_sweep_lowering_flags_locks_the_incidents_it_notes_on_in_id_order(database_url, clean_db, at):
+    """Two flapping alerts fall quiet: A (sorts first) whose incident has the
+    higher id, B whose incident has the lower. The sweep notes
+    ``flapping_cleared`` on each, a timeline entry whose foreign key locks
+    its incident. A peer holds B's incident (an id-ordered lock step that
+    took it first), then locks A's. Noting in fingerprint order, the sweep
+    would hold A and wait for B: a deadlock. It locks both in id order
+    first, so while it waits for B it holds nothing."""
+    from shared import flapping
+
+    config = settings(database_url)
+    high_id, low_id = "ffffffff-0000-4000-8000-000000000000", "00000000-0000-4000-8000-000000000000"
+    open_incident(clean_db, high_id, "fp-a")
+    open_incident(clean_db, low_id, "fp-b")
+    quiet_since = T0 - timedelta(seconds=config.flap_quiet_seconds + 60)
+    with clean_db.begin() as conn:
+        for fp, incident_id in (("fp-a", high_id), ("fp-b", low_id)):
+            conn.execute(sa.text("INSERT INTO alert_flaps (fingerprint, last_status, last_flip_at, flapping_since, incident_id) "
+                                 "VALUES (:f, 'firing', :t, :t, :i)"), {"f": fp, "t": quiet_since, "i": incident_id})
+    batches = Batches(clean_db, config)
+    peer = Peer(clean_db)
+    try:
+        peer.take(INCIDENT_ROW, i=low_id)
+        batches.run("sweep", lambda conn: flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds))
+        wait_until(lambda: batches.waiting("sweep"), 20, message="the sweep waiting for the lower incident")
+        peer.take(INCIDENT_ROW, i=high_id)
+    finally:
+        peer.release()
+    batches.join()
+    assert batches.errors == {}
+    with clean_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE kind = 'flapping_cleared'")).scalar() == 2

@@ -35,8 +35,12 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 # the same run (4 rounds of 6 s): at 8 connections p99 27.5 ms instead of
 # 43 ms at 0.92x the throughput; at 32 connections 633 webhooks a second
 # instead of 450 and p99 72 ms instead of 187 ms. Three writers were no
-# better than two and cost more CPU. Two batches never deadlock: each locks
-# its incidents in one order (shared/ingest.py), as replicas' batches do.
+# better than two and cost more CPU. Two batches never deadlock: every
+# writer takes its locks in one global order (noise control's rows by
+# fingerprint, then the correlation keys, then incidents in id order, in one
+# statement, before any incident is written; docs/correlation.md, "Lock
+# order"), as replicas' batches do. A flapping alert's incident touched
+# before the keys broke it (tests/test_flapping_locks.py).
 WRITE_CONCURRENCY = 2
 
 
