@@ -239,6 +239,10 @@ class Event:
         return headers, self.data
 
 
+class BrokerStopped(RuntimeError):
+    """An event offered once the broker began to stop."""
+
+
 class BadEvent(ValueError):
     pass
 
@@ -358,13 +362,30 @@ class LocalBroker:
         return self.http.session
 
     def accept(self, namespace: str, broker_name: str, event: Event) -> None:
+        """Queue the event's deliveries. Raises :class:`BrokerStopped` once
+        :meth:`stop` began (the ingress answers 503, so the sender keeps
+        the event and retries): nothing is counted that will not run."""
         broker = self.brokers[(namespace, broker_name)]
         for trigger in broker.triggers:
             if trigger.matches(event.attributes):
                 for _ in range(self.duplicates):
                     with self._lock:
+                        if self._stopped.is_set():
+                            raise BrokerStopped("the broker is stopping")
                         self._pending += 1
-                    self.executor.submit(self._deliver, broker, trigger, event)
+                    try:
+                        future = self.executor.submit(self._deliver, broker, trigger, event)
+                    except RuntimeError:  # shut down between the check and the submit
+                        with self._lock:
+                            self._pending -= 1
+                        raise BrokerStopped("the broker is stopping") from None
+                    # A delivery cancelled by stop() never runs _deliver's finally.
+                    future.add_done_callback(self._uncount_if_cancelled)
+
+    def _uncount_if_cancelled(self, future) -> None:
+        if future.cancelled():
+            with self._lock:
+                self._pending -= 1
 
     def _deliver(self, broker: BrokerSpec, trigger: Trigger, event: Event) -> None:
         try:
@@ -479,7 +500,10 @@ class LocalBroker:
                     event = parse_event(dict(self.headers), body)
                 except BadEvent as exc:
                     return self._answer(400, {"error": str(exc)})
-                outer.accept(parts[0], parts[1], event)
+                try:
+                    outer.accept(parts[0], parts[1], event)
+                except BrokerStopped as exc:
+                    return self._answer(503, {"error": str(exc)})
                 return self._answer(202)
 
         ThreadingHTTPServer.allow_reuse_address = True
@@ -490,7 +514,8 @@ class LocalBroker:
         return self
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._lock:
+            self._stopped.set()
         if self.server:
             self.server.shutdown()
             self.server.server_close()

@@ -12,7 +12,7 @@ import requests
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from local.broker import LocalBroker, ManifestError, load_brokers, parse_duration
+from local.broker import BrokerStopped, LocalBroker, ManifestError, load_brokers, parse_duration, parse_event
 from loopback.servers import RecordingServer
 from loopback.processes import stays, wait_until
 from loopback.trickle import HEADERS_THEN_BODY, STATUS_LINE, Trickler
@@ -393,6 +393,34 @@ def test_stopping_ends_deliveries_waiting_to_retry_so_the_process_can_exit(tmp_p
     # and the interpreter joins it at exit.
     wait_until(lambda: broker.pending == 0, 5, message="the waiting delivery to end")
     assert len(servers["a"].requests) == 1 and servers["dls"].requests == []
+
+
+def test_a_stopped_broker_takes_no_event_and_deliveries_it_cancelled_are_not_left_pending(tmp_path, servers):
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_request):
+        held.set()
+        release.wait(10)
+        return 202, {}, b""
+
+    servers["a"].responder = hold
+    brokers = load_brokers(write(tmp_path, BROKER.format(policy="linear") + trigger("t", "a", "  filter: {attributes: {type: t.x}}")),
+                           {n: s.url for n, s in servers.items()})
+    broker = LocalBroker(brokers, port=0, workers=1).start()
+    try:
+        for _ in range(3):
+            assert send(broker).status_code == 202
+        assert held.wait(5), "the first delivery never reached the subscriber"
+        assert broker.pending == 3  # one being sent, two queued behind it
+    finally:
+        broker.stop()
+        release.set()
+    # The two queued deliveries were cancelled; the one being sent ends.
+    broker.wait_idle(5)
+    event = parse_event({"ce-specversion": "1.0", "ce-type": "t.x", "ce-source": "/test", "ce-id": "late"}, b"{}")
+    with pytest.raises(BrokerStopped):
+        broker.accept("default", "incidents", event)
+    assert broker.pending == 0
 
 
 def test_backoff_scale_shortens_every_pause_and_outstanding_names_the_waiting_retry(tmp_path, servers):
