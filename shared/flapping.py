@@ -101,7 +101,9 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
     then waited for a correlation key or a lower incident that a writer
     waiting for it held, a deadlock (40P01) answered 503 for every webhook
     of the group commit. Without ``hold`` the incidents are locked in id
-    order on their own."""
+    order on their own. Neither is taken when no incident is to be written
+    (a flapping alert repeating what it said last while its incident is
+    active): the batch's own statements then lock what they lock, in order."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
@@ -146,12 +148,14 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         rows.append(saved)
         if since is None:
             continue
-        if flagged or flipped or (active is None and incident_id):
-            # A timeline entry to write, or a silent reopen to try.
+        # Written once held: the flag's or a flip's timeline entry on the
+        # active incident, or a silent reopen to try on the resolved one.
+        if (flagged or flipped) if active else incident_id is not None:
             touching.append((saved, flagged, flipped))
             continue
-        # A repeat of a flapping alert whose incident is active: nothing to
-        # write, so nothing to lock (its own statements lock it in order).
+        # A repeat of a flapping alert whose incident is active (or that has
+        # none): nothing to write, so nothing is locked here (the upsert
+        # locks it in order).
         saved["incident_id"] = active or incident_id
         if alert.status == "resolved" and saved["incident_id"]:
             withheld[fp] = saved["incident_id"]

@@ -69,9 +69,10 @@ def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -
     ``hold(alerts, incident_ids)``: takes the batch's incident locks (in the
     global order: after this step's rows, shared/ingest.py) before flapping
     touches an incident (shared/flapping.py, observe), for the alerts the
-    batch goes on to record: a window's held alerts and the ignored ones
-    record nothing, and their incidents (a node root's: most of a storm's)
-    are left unlocked."""
+    batch goes on to record (and the heartbeats' resolutions): a window's
+    held alerts and the ignored ones record nothing, so their keys and
+    incidents (a held node alert's: every pod incident it would merge) are
+    left unlocked."""
     now = clock.now()
     result = Screened()
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
