@@ -57,9 +57,24 @@ _AFTER_A_FIX = sa.text("SELECT resolved_by = 'remediation' FROM incidents i WHER
                        "AND NOT EXISTS (SELECT 1 FROM incidents a WHERE a.fingerprint = :f "
                        "AND a.status IN ('open', 'investigating')) "
                        "ORDER BY created_at DESC LIMIT 1")
+# The incidents flapping may touch for a fingerprint, read without locking
+# them. A flapping row names the incident of its fingerprint when the flag
+# went up; a take-over since moved that incident to its new root's
+# fingerprint (the flapping alert is now one of its members). Touched
+# through the old fingerprint, it was locked by a batch that did not hold
+# the new root's flapping row, against one that did (its after-fix reopen,
+# shared/ingest.py): a deadlock. And it would be reopened silently by an
+# alert that is no longer its root. So an incident is used only while it
+# has the fingerprint: every writer of it then holds that flapping row first.
 # A merged incident lives on in its survivor and is never reopened.
-_LATEST_RESOLVED = sa.text("SELECT id FROM incidents WHERE fingerprint = :f AND status = 'resolved' AND merged_into IS NULL "
-                           "ORDER BY resolved_at DESC NULLS LAST LIMIT 1")
+_OWNED = sa.text(
+    "SELECT r.fingerprint, "
+    "(SELECT a.id FROM incidents a WHERE a.fingerprint = r.fingerprint AND a.status IN ('open', 'investigating') "
+    " LIMIT 1) AS active, "
+    "(SELECT n.id FROM incidents n WHERE n.id = r.named AND n.fingerprint = r.fingerprint) AS named, "
+    "(SELECT b.id FROM incidents b WHERE b.fingerprint = r.fingerprint AND b.status = 'resolved' "
+    " AND b.merged_into IS NULL ORDER BY b.resolved_at DESC NULLS LAST LIMIT 1) AS resolved "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(fingerprint text, named text)")
 # Back to open without a new generation or an event: nobody is paged again.
 _SILENT_REOPEN = sa.text("UPDATE incidents SET status = 'open', resolved_at = NULL, resolved_by = NULL, "
                          "updated_at = :now WHERE id = :id AND status = 'resolved' AND merged_into IS NULL "
@@ -86,7 +101,9 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
     then waited for a correlation key or a lower incident that a writer
     waiting for it held, a deadlock (40P01) answered 503 for every webhook
     of the group commit. Without ``hold`` the incidents are locked in id
-    order on their own."""
+    order on their own. Neither is taken when no incident is to be written
+    (a flapping alert repeating what it said last while its incident is
+    active): the batch's own statements then lock what they lock, in order."""
     if not alerts:
         return {}
     by_fp = {a.fingerprint: a for a in alerts}
@@ -97,7 +114,7 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
     rows, withheld = [], {}
     # First what each row becomes, reading incidents without locking them;
     # the incidents are touched only once they are held.
-    touching: list[tuple[dict, bool, bool]] = []  # (the row to save, flagged now, flipped)
+    flagging: list[tuple[dict, list[str], bool, bool]] = []  # (the stored row, its flips, flagged now, flipped)
     for fp in sorted(by_fp):
         alert = by_fp[fp]
         row = stored.get(fp)
@@ -111,18 +128,37 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
         flipped = row["last_status"] != alert.status
         if flipped:
             flips.append(now.isoformat())
-        since, incident_id = row["flapping_since"], row["incident_id"]
-        flagged = since is None and len(flips) >= threshold and not (
+        flagged = row["flapping_since"] is None and len(flips) >= threshold and not (
             alert.status == "firing" and conn.execute(_AFTER_A_FIX, {"f": fp}).scalar())
-        if flagged:
-            since = now
-            incident_id = conn.execute(_ACTIVE, {"f": fp}).scalar() or conn.execute(_LATEST_RESOLVED, {"f": fp}).scalar()
+        flagging.append((row, flips, flagged, flipped))
+    # A flag just raised names the fingerprint's incident of now, not one of an earlier episode.
+    owned = _owned(conn, [(row["fingerprint"], None if flagged else row["incident_id"]) for row, _, flagged, _ in flagging
+                          if flagged or row["flapping_since"] is not None])
+    touching: list[tuple[dict, bool, bool]] = []  # (the row to save, flagged now, flipped): written once held
+    for row, flips, flagged, flipped in flagging:
+        fp, alert = row["fingerprint"], by_fp[row["fingerprint"]]
+        since, incident_id = row["flapping_since"], row["incident_id"]
+        active = None
+        if flagged or since is not None:
+            active, incident_id = owned[fp]
+            since = since or now
         saved = {"fingerprint": fp, "last_status": alert.status, "flips": flips,
                  "last_flip_at": now.isoformat() if flipped else _iso(row.get("last_flip_at")),
                  "flapping_since": since.isoformat() if since else None, "incident_id": incident_id}
         rows.append(saved)
-        if since is not None:
+        if since is None:
+            continue
+        # Written once held: the flag's or a flip's timeline entry on the
+        # active incident, or a silent reopen to try on the resolved one.
+        if (flagged or flipped) if active else incident_id is not None:
             touching.append((saved, flagged, flipped))
+            continue
+        # A repeat of a flapping alert whose incident is active (or that has
+        # none): nothing to write, so nothing is locked here (the upsert
+        # locks it in order).
+        saved["incident_id"] = active or incident_id
+        if alert.status == "resolved" and saved["incident_id"]:
+            withheld[fp] = saved["incident_id"]
     if touching:
         ids = sorted({saved["incident_id"] for saved, _, _ in touching if saved["incident_id"]})
         if hold is not None:
@@ -140,7 +176,7 @@ def observe(conn: Connection, alerts: Sequence[Alert], now: datetime, threshold:
             withheld[fp] = incident_id
     if rows:
         # Nothing here waits for the save: it travels with the batch's next statement.
-        db.later(conn, _SAVE, {"rows": json.dumps(rows)})
+        db.later(conn, _SAVE, {"rows": json.dumps(sorted(rows, key=lambda r: r["fingerprint"]))})
     return withheld
 
 
@@ -151,6 +187,17 @@ def _hold(conn: Connection, fingerprints: list[str], incident_ids: list[str]) ->
     statement before any of them is touched."""
     conn.execute(correlation_store.HOLD, {"fps": json.dumps(fingerprints), "seeks": "[]", "provides": "[]",
                                           "ids": json.dumps(incident_ids)})
+
+
+def _owned(conn: Connection, named: list[tuple[str, str | None]]) -> dict[str, tuple[str | None, str | None]]:
+    """For each (fingerprint, incident its flapping row names): the
+    fingerprint's active incident, and the incident flapping acts on: the
+    named one while it still has this fingerprint, else the active one, else
+    the latest resolved one (OWNED). One statement for the batch."""
+    if not named:
+        return {}
+    rows = conn.execute(_OWNED, {"rows": json.dumps([{"fingerprint": fp, "named": i} for fp, i in named])}).mappings()
+    return {r["fingerprint"]: (r["active"], r["named"] or r["active"] or r["resolved"]) for r in rows}
 
 
 def _iso(value) -> str | None:
@@ -212,7 +259,11 @@ def clear_quiet(conn: Connection, now: datetime, quiet_seconds: int) -> tuple[li
     # resolutions carry none). The resolutions recorded below lock the held alerts; taken
     # after the flapping rows, an intake resolving the same alert deadlocked.
     conn.execute(_LOCK_HELD, {"f": json.dumps(quiet)})
-    rows = conn.execute(_CLEAR, {"f": json.dumps(quiet), "cutoff": cutoff}).mappings().all()
+    rows = [dict(r) for r in conn.execute(_CLEAR, {"f": json.dumps(quiet), "cutoff": cutoff}).mappings()]
+    # Each row's incident while it still has the row's fingerprint (OWNED says why).
+    owned = _owned(conn, [(r["fingerprint"], r["incident_id"]) for r in rows])
+    for r in rows:
+        r["incident_id"] = owned[r["fingerprint"]][1]
     # Then the incidents, in one id-ordered statement, before the timeline
     # entries below lock them (a foreign key) one by one: those of the
     # resolutions recorded below too, which the resolve statement locks again.

@@ -279,7 +279,7 @@ def record_alerts(
     # batch then takes every incident lock first, in the global order
     # (noise control's rows, the advisory locks, the incidents in id order).
     screened = noise.screen(conn, list(latest.values()), config or settings(),
-                            hold=lambda ids: correlation_store.hold(conn, list(latest.values()), plan or {}, ids))
+                            hold=lambda screened, ids: correlation_store.hold(conn, screened, plan or {}, ids))
     outcome_of: dict[str, Outcome] = {fp: Outcome(fp, *settled) for fp, settled in screened.settled.items()}
     for extra in screened.extra:
         latest.setdefault(extra.fingerprint, extra)

@@ -66,9 +66,13 @@ def _flaps_unless_windowed(conn: Connection, firing: list[Alert], now) -> dict[s
 
 def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -> Screened:
     """``latest``: one alert per fingerprint, the batch's last word on it.
-    ``hold(incident_ids)``: takes the batch's incident locks (in the global
-    order: after this step's rows, shared/ingest.py) before flapping touches
-    an incident (shared/flapping.py, observe)."""
+    ``hold(alerts, incident_ids)``: takes the batch's incident locks (in the
+    global order: after this step's rows, shared/ingest.py) before flapping
+    touches an incident (shared/flapping.py, observe), for the alerts the
+    batch goes on to record (and the heartbeats' resolutions): a window's
+    held alerts and the ignored ones record nothing, so their keys and
+    incidents (a held node alert's: every pod incident it would merge) are
+    left unlocked."""
     now = clock.now()
     result = Screened()
     result.extra = heartbeat.seen(conn, [a for a in latest if heartbeat.is_heartbeat(a, config.heartbeat_alertnames)], now)
@@ -80,7 +84,7 @@ def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -
         stored = _flaps_unless_windowed(conn, firing, now)
         if stored is not None:
             withheld = flapping.observe(conn, firing, now, config.flap_threshold, config.flap_window_seconds, stored,
-                                        hold)
+                                        _holding(hold, firing + result.extra))
             for fp, incident_id in withheld.items():
                 result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
             return result
@@ -93,10 +97,16 @@ def screen(conn: Connection, latest: list[Alert], config: Settings, hold=None) -
     for fp, window_ids in held.items():
         result.settled[fp] = ("suppressed", None, "held by maintenance window " + ", ".join(window_ids))
     observed = [a for a in firing if a.fingerprint not in held] + resolving
-    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds, hold=hold)
+    withheld = flapping.observe(conn, observed, now, config.flap_threshold, config.flap_window_seconds,
+                                hold=_holding(hold, observed + result.extra))
     for fp, incident_id in withheld.items():
         result.settled[fp] = ("flapping", incident_id, "the alert is flapping; its incident stays open until it settles")
     return result
+
+
+def _holding(hold, alerts: list[Alert]):
+    """``hold`` for these alerts, as flapping calls it (with the incident ids alone)."""
+    return None if hold is None else (lambda incident_ids: hold(alerts, incident_ids))
 
 
 def sweep(bind: Engine, config: Settings, record) -> list[str]:

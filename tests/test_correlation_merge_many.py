@@ -165,3 +165,40 @@ def test_merged_incidents_of_several_members_each_move_every_member_with_its_own
     assert sorted((d["fingerprint"], d["alert_name"], d["merged_from"], d["reason"]) for d in moves) == sorted(
         (m["fingerprint"], m["alert_name"], m["incident_id"], merged[m["incident_id"]]["reason"]) for m in before)
     assert [tuple(r) for r in resolved] == [(i, survivor) for i in olds]
+
+
+def _incident(conn, incident_id: str, fingerprint: str, members: list[str]) -> None:
+    """An open incident whose member rows are written in the order given."""
+    conn.execute(sa.text(
+        "INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, remediation_actions, "
+        "fingerprint, labels, annotations, source) VALUES (:i, 'N', 'P2', 'open', 's', 'd', '{}'::json, '[]'::json, :f, "
+        "'{}'::jsonb, '{}'::jsonb, 'alertmanager')"), {"i": incident_id, "f": fingerprint})
+    for m in members:
+        conn.execute(sa.text(
+            "INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, last_seen_at, "
+            "joined_at, is_root, rank, correlation_reason) VALUES (:i, :f, :n, '{}'::jsonb, 'P2', 'firing', now(), now(), "
+            ":r, 0, 'x')"), {"i": incident_id, "f": m, "n": "alert-" + m, "r": m == fingerprint})
+
+
+def test_a_merged_incident_s_members_are_told_joined_in_fingerprint_order(clean_db):
+    """The one statement moving every merged incident's members returns them
+    in the table's order, not the fingerprints': each merged incident's
+    ``alert_joined`` entries on the survivor still come in fingerprint
+    order, as they did when each incident was merged on its own. A chain
+    (A into B, B into the incident the batch's root opens, C) ends in C."""
+    from shared.correlation import store
+
+    a, b, c = ("a0000000-0000-4000-8000-000000000000", "b0000000-0000-4000-8000-000000000000",
+               "c0000000-0000-4000-8000-000000000000")
+    with clean_db.begin() as conn:
+        _incident(conn, a, "fa", ["fa", "fa2", "fa1"])
+        _incident(conn, b, "fb", ["fb"])
+        _incident(conn, c, "fc", ["fc"])
+        decision = store.Decision(merges={a: (b, "ra"), b: ("new:fc", "rb")})
+        applied = store.apply(conn, decision, [], {}, {"fc": c}, "t", SOURCE)
+        homes = conn.execute(sa.text("SELECT DISTINCT incident_id FROM incident_members")).scalars().all()
+    joined = [(t["details"]["merged_from"], t["details"]["fingerprint"]) for t in applied.timeline
+              if t["kind"] == "alert_joined"]
+    assert homes == [c]
+    assert all(t["incident_id"] == c for t in applied.timeline if t["kind"] == "alert_joined")
+    assert joined == [(a, "fa"), (a, "fa1"), (a, "fa2"), (b, "fb")]

@@ -469,3 +469,179 @@ def test_the_sweep_lowering_flags_locks_the_incidents_it_notes_on_in_id_order(da
     assert batches.errors == {}
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE kind = 'flapping_cleared'")).scalar() == 2
+
+
+LOW, HIGH = "00000000-0000-4000-8000-000000000000", "ffffffff-0000-4000-8000-000000000000"
+
+
+def taken_over_and_fixed(engine, flapping_status: str, flapping_since: datetime, last_flip_at: datetime) -> None:
+    """Incident LOW, opened by fp-x (a pod), taken over by its root fp-y
+    (fp-x now one of its members), resolved by remediation a moment ago;
+    fp-x's flapping row still names LOW. Incident HIGH, open, has fp-w as a
+    member."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO incidents (id, alert_name, priority, status, summary, description, diagnostics, "
+            "remediation_actions, fingerprint, labels, annotations, source, resolved_at, resolved_by) VALUES "
+            "(:i, 'Y', 'P1', 'resolved', 's', 'd', '{}'::json, '[]'::json, 'fp-y', '{}'::jsonb, '{}'::jsonb, "
+            "'alertmanager', timezone('utc', now()), 'remediation')"), {"i": LOW})
+        open_incident(engine, HIGH, "fp-z")
+        for incident_id, fp, root in ((LOW, "fp-y", True), (LOW, "fp-x", False), (HIGH, "fp-w", False)):
+            conn.execute(sa.text(
+                "INSERT INTO incident_members (incident_id, fingerprint, alert_name, labels, priority, status, "
+                "last_seen_at, joined_at, is_root, rank, correlation_reason) VALUES (:i, :f, 'M', '{}'::jsonb, 'P1', "
+                "'firing', timezone('utc', now()), timezone('utc', now()), :r, 0, 'r')"), {"i": incident_id, "f": fp, "r": root})
+        conn.execute(sa.text(
+            "INSERT INTO alert_flaps (fingerprint, last_status, flips, last_flip_at, flapping_since, incident_id) "
+            "VALUES ('fp-x', :s, '[]'::jsonb, :flip, :since, :i)"),
+            {"s": flapping_status, "flip": last_flip_at, "since": flapping_since, "i": LOW})
+
+
+def test_a_flapping_alert_whose_incident_a_new_root_took_over_leaves_that_incident_alone(database_url, clean_db, at):
+    """fp-x flaps; its incident LOW has since been taken over by root fp-y
+    and resolved by remediation. Batch 1 fires fp-y (remediation's fix did
+    not hold: an after-fix reopen of LOW) and fp-w (HIGH's member): it
+    locks HIGH, then LOW. Batch 2 resolves fp-x and fires fp-z (HIGH's
+    root). Its flapping row named LOW, so batch 2 locked LOW before HIGH,
+    while batch 1 held HIGH and waited for LOW: a deadlock (40P01). A
+    flapping row's incident is now used only while it has the row's
+    fingerprint: batch 2 leaves LOW alone (fp-x no longer reopens an
+    incident whose root is fp-y) and waits for HIGH holding nothing."""
+    config = settings(database_url, FLAP_THRESHOLD="3")
+    taken_over_and_fixed(clean_db, "firing", T0, T0)
+    reached, go = threading.Event(), threading.Event()
+
+    def before_the_after_fix_reopen(conn, cursor, statement, *args):
+        if threading.current_thread().name == "b1" and statement.lstrip().startswith("UPDATE incidents") \
+                and "resolved_by = 'remediation'" in statement and not reached.is_set():
+            reached.set()
+            go.wait(HOLD_LIMIT)
+
+    sa.event.listen(clean_db, "before_cursor_execute", before_the_after_fix_reopen)
+    batches = Batches(clean_db, config)
+    outcomes = {}
+    try:
+        batches.run("b1", lambda conn: svc.record_alerts(
+            conn, [alert("Y", fingerprint="fp-y"), alert("W", fingerprint="fp-w")], "/t", "alertmanager", 600, config=config))
+        wait_until(reached.is_set, 20, message="batch 1 holding HIGH, before its after-fix reopen of LOW")
+        batches.run("b2", lambda conn: outcomes.update({o.fingerprint: o for o in svc.record_alerts(
+            conn, [alert("X", fingerprint="fp-x", status="resolved"), alert("Z", fingerprint="fp-z")], "/t",
+            "alertmanager", 600, config=config).outcomes}))
+        wait_until(lambda: batches.waiting("b2"), 20, message="batch 2 waiting for HIGH")
+    finally:
+        go.set()
+        batches.join()
+        sa.event.remove(clean_db, "before_cursor_execute", before_the_after_fix_reopen)
+    assert batches.errors == {}
+    assert (outcomes["fp-z"].action, outcomes["fp-z"].incident_id) == ("refreshed", HIGH)
+    # fp-x's resolution is its membership's in LOW (reopened by batch 1), not withheld by flapping.
+    assert (outcomes["fp-x"].action, outcomes["fp-x"].incident_id) == ("resolved", LOW)
+    with clean_db.connect() as conn:
+        low = conn.execute(sa.text("SELECT status, generation FROM incidents WHERE id = :i"), {"i": LOW}).one()
+        kinds = conn.execute(sa.text("SELECT kind FROM incident_timeline WHERE incident_id = :i AND actor = 'flapping'"),
+                             {"i": LOW}).scalars().all()
+    assert tuple(low) == ("open", 1), "batch 1's after-fix reopen, a new generation"
+    assert kinds == []
+
+
+def test_the_sweep_does_not_repage_an_incident_a_new_root_took_over_from_a_flapping_alert(database_url, clean_db, at):
+    """fp-x fell quiet, firing, after an episode during which LOW (its
+    incident then) was reopened silently; a take-over since made LOW fp-y's
+    and remediation resolved it, so fp-x is now one of its members. The
+    sweep lowers fp-x's flag: LOW is no longer fp-x's, so nothing is noted
+    on it and it is not paged again (nor locked, out of fp-y's lock order)."""
+    from shared import flapping
+
+    config = settings(database_url)
+    quiet_since = T0 - timedelta(seconds=config.flap_quiet_seconds + 60)
+    taken_over_and_fixed(clean_db, "firing", quiet_since, quiet_since)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET status = 'open', resolved_at = NULL, resolved_by = NULL WHERE id = :i"),
+                     {"i": LOW})
+        conn.execute(sa.text("INSERT INTO incident_timeline (incident_id, kind, details, actor, at) "
+                             "VALUES (:i, 'flap', '{\"reopened\": true}'::jsonb, 'flapping', :t)"), {"i": LOW, "t": quiet_since})
+    with clean_db.begin() as conn:
+        resolutions, repaged = flapping.clear_quiet(conn, clock.now(), config.flap_quiet_seconds)
+    assert (resolutions, repaged) == ([], [])
+    with clean_db.connect() as conn:
+        generation = conn.execute(sa.text("SELECT generation FROM incidents WHERE id = :i"), {"i": LOW}).scalar()
+        cleared = conn.execute(sa.text("SELECT count(*) FROM incident_timeline WHERE kind = 'flapping_cleared'")).scalar()
+    assert (generation, cleared) == (0, 0)
+    assert flap_row(clean_db, "fp-x")["flapping_since"] is None
+
+
+HOLD_STATEMENT = ") AS held"
+
+
+def test_a_flapping_alert_s_batch_locks_no_incident_of_an_alert_a_window_holds(database_url, clean_db, at, kube):
+    """A batch carries a node's alert, which a maintenance window holds, and
+    a flapping alert that fires again. The flapping alert's incident must be
+    locked before its ``flap`` entry; the node's alert records nothing, so
+    neither its correlation key nor the incidents of the six pods it would
+    merge are locked: one incident of eight, not seven."""
+    from tests.test_correlation_merge_many import correlator, pods_then_node
+    from tests.test_correlation_merge_many import record as record_items
+
+    config = settings(database_url, FLAP_THRESHOLD="3")
+    corr = correlator(kube)
+    items, node = pods_then_node(kube, "overlock", 6)
+    for item in items:
+        record_items(clean_db, corr, [item])
+    flappy = alert("Flappy", fingerprint="fp-flap")
+    flapping_id = flap_until_flagged(clean_db, config, flappy)
+    with clean_db.begin() as conn:
+        maintenance.create(conn, ['alertname="KubeNodeNotReady"'], T0, T0 + timedelta(hours=1), "drain", "api:alice")
+    locked = []
+
+    def count_held(conn, cursor, statement, *args):
+        if HOLD_STATEMENT in statement:
+            with clean_db.connect() as other:
+                free = other.execute(sa.text("SELECT id FROM incidents FOR UPDATE SKIP LOCKED")).scalars().all()
+                everyone = other.execute(sa.text("SELECT id FROM incidents")).scalars().all()
+                other.rollback()
+            locked.append(set(everyone) - set(free))
+
+    alerts = [node.alert(), flappy]
+    sa.event.listen(clean_db, "after_cursor_execute", count_held)
+    try:
+        with clean_db.begin() as conn:
+            outcomes = svc.record_alerts(conn, alerts, "/t", "alertmanager", 0, config=config, plan=corr.plan(alerts)).outcomes
+    finally:
+        sa.event.remove(clean_db, "after_cursor_execute", count_held)
+    assert [(o.action, o.incident_id) for o in outcomes] == [("suppressed", None), ("refreshed", flapping_id)]
+    assert locked == [{flapping_id}]
+
+
+def test_a_flapping_alert_firing_again_without_a_flip_takes_no_extra_locks(database_url, clean_db, at):
+    """A flapping alert fires again, as it did last (no flip): its incident
+    is active, so nothing is written on it and nothing is locked ahead of
+    the upsert. The batch sends one statement more than a plain repeat (the
+    read of its incident), not the lock step of the advisory keys and
+    incidents that a flip's ``flap`` entry needs first."""
+    config = settings(database_url, FLAP_THRESHOLD="3")
+    plain, flappy = alert("Plain", fingerprint="fp-plain"), alert("Flappy", fingerprint="fp-flap")
+    record(clean_db, config, plain)
+    incident_id = flap_until_flagged(clean_db, config, flappy)
+    record(clean_db, config, flappy)  # the flip back to firing
+    noted = flaps_noted(clean_db, incident_id)
+
+    def sent_by(*alerts):
+        sent = []
+
+        def seen(conn, cursor, statement, *args):
+            if "CALL flaps_save(" not in statement:  # no round trip: it travels with the next statement (db.later)
+                sent.append(statement)
+
+        sa.event.listen(clean_db, "before_cursor_execute", seen)
+        try:
+            outcomes = record(clean_db, config, *alerts).outcomes
+        finally:
+            sa.event.remove(clean_db, "before_cursor_execute", seen)
+        return sent, outcomes
+
+    plain_sent, _ = sent_by(plain)
+    flappy_sent, outcomes = sent_by(flappy)
+    assert [(o.action, o.incident_id) for o in outcomes] == [("refreshed", incident_id)]
+    assert not [s for s in flappy_sent if HOLD_STATEMENT in s]
+    assert len(flappy_sent) == len(plain_sent) + 1, "\n".join(s[:90] for s in flappy_sent)
+    assert flaps_noted(clean_db, incident_id) == noted

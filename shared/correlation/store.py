@@ -438,6 +438,9 @@ def apply(conn: Connection, decision: Decision, alerts: list[Alert], plan: dict[
         moved: dict[str, list] = {}
         for member in conn.execute(MOVE_MEMBERS, {"rows": rows}).mappings():
             moved.setdefault(member["old"], []).append(member)
+        # The update returns them in the table's order: each incident's by fingerprint, as they were told one by one.
+        for members in moved.values():
+            members.sort(key=lambda m: m["fingerprint"])
         merged = {row["id"]: row for row in conn.execute(RESOLVE_MERGED, {"rows": rows}).mappings()}
         for merge in merging:
             old, into, reason = merge["old"], merge["survivor"], merge["reason"]
