@@ -6,7 +6,7 @@ Also the blast-radius limits, judged on the state read before acting."""
 from __future__ import annotations
 
 import copy
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from pydantic import ValidationError
@@ -15,6 +15,7 @@ from functions.remediation import actions as act
 from functions.remediation.actions import ActionContext, ActionFailed, BlastRadiusExceeded
 from loopback.kube import FakeKubernetes, deployment, pod, replicaset
 from shared.config import load_settings
+from shared.kuberaw import LIST_PAGE_SIZE
 
 
 def ctx(dry_run=False, verify_timeout=3.0, **env):
@@ -57,7 +58,10 @@ def test_undo_sends_what_kubectl_sends_and_restores_the_previous_template(k8s):
     assert outcome.details["images"] == {"from": ["registry.local/app:3"], "to": ["registry.local/app:2"]}
     gets = [r.path for r in k8s.calls("GET")]
     assert gets[0] == "/apis/apps/v1/namespaces/production/deployments/checkout"
-    assert gets[1] == "/apis/apps/v1/namespaces/production/replicasets?labelSelector=app%3Dcheckout"
+    # As kubectl lists them, a page at a time (shared/kuberaw.py paged).
+    listing = urlsplit(gets[1])
+    assert listing.path == "/apis/apps/v1/namespaces/production/replicasets"
+    assert parse_qs(listing.query) == {"labelSelector": ["app=checkout"], "limit": [str(LIST_PAGE_SIZE)]}
     (patch,) = k8s.calls("PATCH")
     assert patch.path == "/apis/apps/v1/namespaces/production/deployments/checkout"
     assert patch.headers["content-type"] == "application/json-patch+json"
@@ -208,8 +212,8 @@ def test_the_replicasets_are_listed_by_the_deployments_whole_selector(k8s):
     outcome = act.rollback_deployment(ctx(dry_run=True), act.RollbackParams(namespace="production", name="checkout"))
     assert (outcome.before, outcome.after) == (3, 2)
     (listing,) = [r for r in k8s.calls("GET") if "/replicasets" in r.path]
-    assert unquote_plus(listing.path.split("labelSelector=", 1)[1]) == \
-        "app=checkout,tier in (web,api),track notin (canary),release,!legacy"
+    assert parse_qs(urlsplit(listing.path).query)["labelSelector"] == \
+        ["app=checkout,tier in (web,api),track notin (canary),release,!legacy"]
 
 
 @pytest.mark.parametrize("order", [(3, 1, 2), (3, 2, 1), (1, 3, 2)])
