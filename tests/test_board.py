@@ -164,6 +164,9 @@ def test_incident_page_keeps_every_generations_actions_and_marks_the_current_one
     rows = re.findall(r"<tr(?: class=\"muted\")?><td>(\d+) (current|earlier)</td>\s*<td>(\w+)", html)
     assert rows == [("0", "earlier", "scale_deployment"), ("1", "current", "restart_pods")]
     assert '<tr class="muted"><td>0 earlier' in html
+    report = signed_in.get(f"/ui/incidents/{incident_id}/report.md").get_data(as_text=True)
+    assert "succeeded at 2026\\-11\\-27T10:01:00Z, generation 0\n" in report
+    assert "failed: forbidden at 2026\\-11\\-27T10:01:00Z, generation 1\n" in report
 
 
 def test_transition_needs_the_csrf_token(signed_in, clean_db):
