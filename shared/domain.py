@@ -38,3 +38,26 @@ def service_sql(labels_column: sa.ColumnElement) -> sa.ColumnElement:
 
     whens = [(sa.func.btrim(labels_column[name].astext) != "", labels_column[name].astext) for name in SERVICE_LABELS]
     return sa.case(*whens, else_=None)
+
+
+def action_scope(record: Mapping) -> tuple[int, int]:
+    """The (generation, root generation) a remediation action record was
+    taken under. Records written before they were stamped count as (0, 0)."""
+    scope = []
+    for key in ("generation", "root_generation"):
+        value = record.get(key)
+        scope.append(value if isinstance(value, int) and not isinstance(value, bool) else 0)
+    return scope[0], scope[1]
+
+
+def current_actions(incident: Mapping) -> tuple[list[dict], int]:
+    """The incident's remediation action records of its current generation
+    and root, newest first, and how many earlier records (of previous
+    generations or roots) the stored history holds besides. A reopened
+    incident keeps its history; the person paged needs this round's actions,
+    the failure among them, not the last round's successes."""
+    stored = incident.get("remediation_actions")
+    records = [a for a in stored if isinstance(a, dict)] if isinstance(stored, list) else []
+    now = (incident.get("generation") or 0, incident.get("root_generation") or 0)
+    current = [a for a in records if action_scope(a) == now]
+    return current[::-1], len(records) - len(current)

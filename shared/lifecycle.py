@@ -144,11 +144,18 @@ def store_diagnostics(conn: Connection, incident_id: str, diagnostics: dict, of:
 
 
 def append_remediation_action(conn: Connection, incident_id: str, action: dict) -> None:
-    """Append one action record (the seed's shape) to ``remediation_actions``."""
+    """Append one action record (the seed's shape) to ``remediation_actions``,
+    the history of every generation: never cleared, as the board shows it
+    all. A record without ``generation`` and ``root_generation`` is stamped
+    with the incident's current ones; remediation stamps its own with those
+    it read, the ones the action was taken under (messages show only the
+    current generation's and root's, :func:`shared.domain.current_actions`)."""
     conn.execute(
         sa.text(
             "UPDATE incidents SET remediation_actions = "
-            "CAST(COALESCE(CAST(remediation_actions AS jsonb), '[]'::jsonb) || jsonb_build_array(CAST(:a AS jsonb)) AS json), "
+            "CAST(COALESCE(CAST(remediation_actions AS jsonb), '[]'::jsonb) || jsonb_build_array("
+            "jsonb_build_object('generation', COALESCE(generation, 0), 'root_generation', COALESCE(root_generation, 0)) "
+            "|| CAST(:a AS jsonb)) AS json), "
             f"updated_at = {UTC_NOW} WHERE id = :id"
         ),
         {"a": json.dumps(action, default=json_default), "id": incident_id},

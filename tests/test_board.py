@@ -1,5 +1,6 @@
 """The incident board rendered through the query function's Flask app."""
 
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -148,6 +149,24 @@ def test_an_incident_flapping_reopened_silently_after_an_acknowledgement_can_be_
     assert response.status_code == 303
     with clean_db.connect() as conn:
         assert svc.get_incident(conn, incident_id)["status"] == "investigating"
+
+
+def test_incident_page_keeps_every_generations_actions_and_marks_the_current_ones(signed_in, clean_db):
+    incident_id = seed(clean_db, "Reopened")
+    scaled = {"action": "scale_deployment", "target": "email-service", "from": 1, "to": 3, "timestamp": "2026-11-27T10:01:00Z",
+              "success": True, "dry_run": False, "error": None}
+    with clean_db.begin() as conn:
+        # Written by the release before stamping: read as generation 0.
+        conn.execute(sa.text("UPDATE incidents SET remediation_actions = CAST(:a AS json), generation = 1 WHERE id = :id"),
+                     {"a": json.dumps([scaled]), "id": incident_id})
+        svc.append_remediation_action(conn, incident_id, {**scaled, "action": "restart_pods", "success": False, "error": "forbidden"})
+    html = signed_in.get(f"/ui/incidents/{incident_id}").get_data(as_text=True)
+    rows = re.findall(r"<tr(?: class=\"muted\")?><td>(\d+) (current|earlier)</td>\s*<td>(\w+)", html)
+    assert rows == [("0", "earlier", "scale_deployment"), ("1", "current", "restart_pods")]
+    assert '<tr class="muted"><td>0 earlier' in html
+    report = signed_in.get(f"/ui/incidents/{incident_id}/report.md").get_data(as_text=True)
+    assert "succeeded at 2026\\-11\\-27T10:01:00Z, generation 0\n" in report
+    assert "failed: forbidden at 2026\\-11\\-27T10:01:00Z, generation 1\n" in report
 
 
 def test_transition_needs_the_csrf_token(signed_in, clean_db):

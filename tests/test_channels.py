@@ -360,3 +360,89 @@ def test_a_new_root_updates_what_each_channel_sent_once_and_never_pages_again(es
         r"\[P0\] KubeHpaMaxedOut opened", r"\[P0\] TargetDown is now the root of the incident"]
     assert [(b["type"], b["id"]) for b in outgoing.bodies()] == [
         ("incident.opened", f"{row['id']}.opened.0"), ("incident.root_changed", f"{row['id']}.root_changed.0.root1")]
+
+
+# --------------------------------------------------------------------------- remediation actions: this round's, newest first
+
+
+SCALED = {"action": "scale_deployment", "target": "email-service", "namespace": "production", "from": 1, "to": 3,
+          "success": True, "dry_run": False, "error": None, "timestamp": "2026-11-29T10:00:00Z"}
+FORBIDDEN = {**SCALED, "action": "restart_pods", "from": None, "to": None, "success": False,
+             "error": "CURRENT GENERATION FAILURE: forbidden", "timestamp": "2026-11-29T11:00:00Z"}
+
+
+def flappy_reopened(engine):
+    """Generation 0 scaled 36 times (records the release before this one
+    wrote, without a generation); remediation resolved it; the alert fired
+    again and reopened it as generation 1, whose one action failed."""
+    a = alert("Flappy", priority="P0", service="email", namespace="production")
+    with engine.begin() as conn:
+        row_id = svc.record_alerts(conn, [a], "/test", "test").outcomes[0].incident_id
+        conn.execute(sa.text("UPDATE incidents SET remediation_actions = CAST(:a AS json) WHERE id = :id"),
+                     {"a": json.dumps([SCALED] * 36), "id": row_id})
+        svc.transition(conn, row_id, "resolved", "remediation", "/test", resolved_by="remediation")
+        again = svc.record_alerts(conn, [a], "/test", "test", reopen_window_seconds=1800)
+        assert again.outcomes[0].action == "reopened"
+        svc.append_remediation_action(conn, row_id, FORBIDDEN)
+        row = svc.get_incident(conn, row_id)
+    assert row["generation"] == 1 and len(row["remediation_actions"]) == 37
+    return row
+
+
+def test_a_reopened_incident_shows_its_own_failure_not_the_last_generations_successes(escalation, hooks, clean_db):
+    pd, slack, teams_hook, outgoing = hooks
+    row = flappy_reopened(clean_db)
+    record_remediation(clean_db, row, "failed", "restart_pods failed")
+    deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, row, {"remediation": {"outcome": "failed", "reason": "restart_pods failed"}})
+    (page,) = pd.bodies()
+    details = page["payload"]["custom_details"]
+    assert [a["action"] for a in details["remediation_actions"]] == ["restart_pods"]
+    assert details["earlier_remediation_actions"] == "36 of previous generations, on the incident page"
+    (message,) = slack.bodies()
+    (section,) = [b["text"]["text"] for b in message["blocks"] if b.get("text", {}).get("text", "").startswith("*Remediation*")]
+    assert section == ("*Remediation*\n:x: `restart_pods` email-service — CURRENT GENERATION FAILURE: forbidden\n"
+                       "and 36 earlier actions of previous generations, on the incident page")
+    (card,) = teams_hook.bodies()
+    body = card["attachments"][0]["content"]["body"]
+    shown = body[[b.get("text") for b in body].index("Remediation") + 1]["text"]
+    assert shown == ("failed\\: restart\\_pods email\\-service — CURRENT GENERATION FAILURE\\: forbidden\n\n"
+                     "and 36 earlier actions of previous generations, on the incident page")
+    with clean_db.connect() as conn:
+        assert len(svc.get_incident(conn, row["id"])["remediation_actions"]) == 37  # the history is kept
+
+
+def test_when_the_actions_do_not_fit_the_oldest_go_and_the_newest_stays():
+    from functions.escalation.channels import pagerduty, slack as slack_channel, teams as teams_channel
+
+    config = load_settings({"DATABASE_URL": "postgresql://u@h/d", "PUBLIC_URL": "http://x:8080"})
+    current = [{**FORBIDDEN, "error": f"attempt {n}: " + "x" * 3000, "generation": 1, "root_generation": 0} for n in range(300)]
+    incident = {"id": "00000000-0000-4000-8000-000000000000", "alert_name": "Flappy", "priority": "P0", "status": "open",
+                "summary": "s", "labels": {"service": "email"}, "generation": 1, "root_generation": 0,
+                "remediation_actions": [SCALED] * 36 + current}
+    message = json.dumps(slack_channel.slack_message(config, incident, "remediation_failed", "why"))
+    assert "attempt 299:" in message and "attempt 0:" not in message and "scale_deployment" not in message
+    assert "older actions, and 36 earlier actions of previous generations, on the incident page" in message
+    card = json.dumps(teams_channel.teams_message(config, incident, "remediation_failed", "why"))
+    assert "attempt 299\\\\:" in card and "attempt 0\\\\:" not in card
+    assert "36 earlier actions of previous generations, on the incident page" in card
+    # PagerDuty shrinks the list to its first items when the event is too large: the newest.
+    event = pagerduty.trigger_event(config, incident, ROUTING_KEY, "remediation_failed", "why")
+    kept = event["payload"]["custom_details"]["remediation_actions"]
+    assert kept[0]["error"].startswith("attempt 299:") and not any(str(a).startswith("attempt 0:") for a in kept)
+    assert kept[-1].endswith(" more") and len(json.dumps(event)) <= pagerduty.PAGERDUTY_EVENT_MAX_BYTES
+
+
+def test_a_new_roots_message_lists_only_that_roots_actions():
+    from functions.escalation.channels import slack as slack_channel
+
+    config = load_settings({"DATABASE_URL": "postgresql://u@h/d", "PUBLIC_URL": "http://x:8080"})
+    incident = {"id": "00000000-0000-4000-8000-000000000000", "alert_name": "Flappy", "priority": "P0", "status": "open",
+                "summary": "s", "labels": {"service": "email"}, "generation": 2, "root_generation": 1,
+                "remediation_actions": [{**SCALED, "generation": 2, "root_generation": 0},
+                                        {**FORBIDDEN, "generation": 2, "root_generation": 1}]}
+    text = json.dumps(slack_channel.slack_message(config, incident, "remediation_failed", "why"))
+    assert "restart_pods" in text and "scale_deployment" not in text
+    assert "and 1 earlier action of previous generations or roots, on the incident page" in text
+    incident["root_generation"] = 2
+    assert "none in this generation\\nand 2 earlier actions of previous generations or roots" in json.dumps(
+        slack_channel.slack_message(config, incident, "remediation_failed", "why"))

@@ -278,6 +278,10 @@ def test_a_fix_that_does_not_hold_reopens_the_incident_and_ends_with_a_human(liv
     assert len(cluster.calls("PATCH")) == 1
     with clean_db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM incidents")).scalar() == 1
+        kept = svc.get_incident(conn, row_id)["remediation_actions"]
+    # The history is kept, each record stamped with the generation it was taken under.
+    assert [(a["action"], a["success"], a["generation"], a["root_generation"]) for a in kept] == [
+        ("rollout_restart", True, 0, 0), ("rollout_restart", False, 1, 0)]
 
 
 def test_redelivery_after_completion_replies_the_same_without_acting(live, cluster, clean_db):
@@ -497,3 +501,5 @@ def test_a_run_a_person_reopened_the_incident_during_resolves_only_its_own_gener
         results = [t["details"]["generation"] for t in svc.get_timeline(conn, row["id"]) if t["kind"] == "remediation_result"]
     assert (now["generation"], now["status"], now["resolved_by"]) == (1, "investigating", None)
     assert results == [0]
+    # The scale was taken under generation 0: a message about generation 1 does not list it.
+    assert [(a["action"], a["generation"], a["root_generation"]) for a in now["remediation_actions"]] == [("scale_deployment", 0, 0)]

@@ -37,7 +37,7 @@ from functions.query.api import NOTE_MAX, encode_cursor, link_query, parse_filte
 from shared import acknowledge, board_sessions, db, diagnosis, filters, incidents, members, proposals, sessions
 from shared import login_throttle as throttle
 from shared.config import Settings
-from shared.domain import ACTIVE_STATUSES
+from shared.domain import ACTIVE_STATUSES, action_scope
 from shared.errors import ApiError, BadRequest, NotFound
 from shared.http import parse_uuid, request_users, storable_text
 from shared.models import PRIORITIES, STATUSES
@@ -184,7 +184,8 @@ class Board:
                                       as_typed=as_typed)
         self.templates.globals.update(duration=duration, PRIORITIES=PRIORITIES, STATUSES=STATUSES, ACTION_LABELS=ACTION_LABELS,
                                      BOARD_FILTERS=BOARD_FILTERS, ENUM=filters.Kind.ENUM, diagnosis_facts=diagnosis.facts,
-                                     probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines)
+                                     probable_causes=diagnosis.probable_causes, log_lines=diagnosis.log_lines,
+                                     action_scope=action_scope)
 
     # ------------------------------------------------------------------ session
 

@@ -231,7 +231,7 @@ class RemediationHandler(ApprovalFlow):
             log.exception("Remediation revert crashed", extra={"incident_id": incident["id"], "action": record["action"]})
             out["error"] = f"{type(exc).__name__}: {exc}"[:300]
         out["timestamp"] = now_rfc3339()
-        self._record(incident["id"], out, run_id)
+        self._record(incident, out, run_id)
         return out
 
     def _step(self, incident: dict, step: pb.Step, context: dict, dry_run: bool) -> dict:
@@ -243,7 +243,7 @@ class RemediationHandler(ApprovalFlow):
         except (TemplateError, ValidationError) as exc:
             message = str(exc) if isinstance(exc, TemplateError) else exc.errors()[0]["msg"]
             record["error"] = f"parameters: {message}"
-            self._record(incident["id"], record, None)
+            self._record(incident, record, None)
             return record
         target = spec.target(params)
         # The seed's shape names the workload ("email-service"); the namespace
@@ -255,7 +255,7 @@ class RemediationHandler(ApprovalFlow):
             verdict, run_id = rails.judge_and_record(conn, self.config, incident["id"], step.action, target, dry_run)
         if verdict.blocked_by:
             record.update(error=f"blocked by {verdict.blocked_by}: {verdict.reason}", blocked_by=verdict.blocked_by)
-            self._record(incident["id"], record, None)
+            self._record(incident, record, None)
             log.warning("Remediation action blocked", extra={"incident_id": incident["id"], "action": step.action, "target": str(target), "rail": verdict.blocked_by})
             return record
         ctx = ActionContext(self.config, incident, dry_run, self.config.remediation_verify_timeout_seconds)
@@ -279,10 +279,15 @@ class RemediationHandler(ApprovalFlow):
             log.exception("Remediation action crashed", extra={"incident_id": incident["id"], "action": step.action})
             record["error"] = f"{type(exc).__name__}: {exc}"[:300]
         record["timestamp"] = now_rfc3339()
-        self._record(incident["id"], record, run_id)
+        self._record(incident, record, run_id)
         return record
 
-    def _record(self, incident_id: str, record: dict, run_id: int | None) -> None:
+    def _record(self, incident: dict, record: dict, run_id: int | None) -> None:
+        # Stamped with the generation and root the action was taken under
+        # (the incident as this run read it): a message about a later round
+        # shows that round's actions, not this one's.
+        record.update(generation=incident["generation"], root_generation=incident.get("root_generation") or 0)
+        incident_id = incident["id"]
         with db.transaction() as conn:
             incidents.append_remediation_action(conn, incident_id, record)
             incidents.add_timeline(conn, incident_id, "remediation_action", record, "remediation")

@@ -20,7 +20,7 @@ from typing import Any
 
 from functions.escalation.channels.base import Note, NotYet, Outgoing, retry_by_default
 from functions.escalation.answer import Answer, judged_on_own_hosts
-from shared.domain import ACTIVE_STATUSES
+from shared.domain import ACTIVE_STATUSES, current_actions
 from functions.escalation.channels.text import (
     ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
 )
@@ -53,7 +53,7 @@ def _clip(value: Any, max_str: int, max_items: int, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         out_list = [_clip(v, max_str, max_items, depth + 1) for v in value[:max_items]]
         if len(value) > max_items:
-            out_list.append(f"{len(value) - max_items} more")
+            out_list.append(f"{len(value) - max_items} more")  # the later items: lists go newest first
         return out_list
     return value
 
@@ -95,6 +95,7 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
     if runbook:
         links.append({"href": runbook, "text": "Runbook"})
     service = service_of(incident)
+    actions, earlier = current_actions(incident)
     payload = {
         "summary": summary_line(incident),
         "source": plain(service or config.cluster_name, PAGERDUTY_FIELD_MAX),
@@ -113,7 +114,10 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
             "labels": labels,
             "diagnostics": diagnostics_summary(incident.get("diagnostics")),
             "probable_causes": probable_causes_brief(incident.get("diagnostics")),
-            "remediation_actions": incident.get("remediation_actions") or [],
+            # This generation's and root's, newest first: when the event
+            # shrinks, _clip keeps a list's first items, the newest.
+            "remediation_actions": actions,
+            **({"earlier_remediation_actions": f"{earlier} of previous generations, on the incident page"} if earlier else {}),
             **({"reason": reason} if reason else {}),
             **_correlation(incident),
         }),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from functions.escalation.channels.actions import newest_first
 from functions.escalation.channels.base import ChatChannel
 from functions.escalation.answer import Answer, judged_on_own_hosts
 from functions.escalation.channels.text import (
@@ -49,22 +50,21 @@ def fit(pieces: Iterable[str], limit: int) -> str:
     return _fit(pieces, limit, escape)
 
 
-def _fmt_actions(actions: Any) -> list[str]:
-    pieces: list[str] = []
-    for a in actions if isinstance(actions, list) else []:
-        if not isinstance(a, dict):
-            continue
-        if pieces:
-            pieces.append(Raw("\n"))
-        pieces += [Raw(":white_check_mark: " if a.get("success") else ":x: "), Raw("`"), str(a.get("action")), Raw("` "),
-                   str(a.get("target") or "")]
-        if a.get("from") is not None or a.get("to") is not None:
-            pieces.append(f" {a.get('from')} → {a.get('to')}")
-        if a.get("dry_run"):
-            pieces.append(Raw(" (dry-run)"))
-        if a.get("error"):
-            pieces += [Raw(" — "), str(a["error"])]
-    return pieces or [Raw("none")]
+def _fmt_action(a: dict, limit: int) -> str:
+    pieces = [Raw(":white_check_mark: " if a.get("success") else ":x: "), Raw("`"), str(a.get("action")), Raw("` "),
+              str(a.get("target") or "")]
+    if a.get("from") is not None or a.get("to") is not None:
+        pieces.append(f" {a.get('from')} → {a.get('to')}")
+    if a.get("dry_run"):
+        pieces.append(Raw(" (dry-run)"))
+    if a.get("error"):
+        pieces += [Raw(" — "), str(a["error"])]
+    return fit(pieces, limit)
+
+
+def _fmt_actions(incident: dict, limit: int) -> list[str]:
+    """This generation's and root's actions, newest first (channels.actions)."""
+    return [Raw(newest_first(incident, limit, _fmt_action, "\n"))]
 
 
 def _fmt_diagnostics(diagnostics: Any) -> list[str]:
@@ -133,7 +133,7 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
         {"type": "section", "fields": fields},
         *([_section([Raw("*Probable cause*\n"), *_fmt_causes(causes)], DETAIL_SECTION_MAX)] if causes else []),
         _section([Raw("*Diagnostics*\n"), *_fmt_diagnostics(incident.get("diagnostics"))], DETAIL_SECTION_MAX),
-        _section([Raw("*Remediation*\n"), *_fmt_actions(incident.get("remediation_actions"))], DETAIL_SECTION_MAX),
+        _section([Raw("*Remediation*\n"), *_fmt_actions(incident, DETAIL_SECTION_MAX - len("*Remediation*\n"))], DETAIL_SECTION_MAX),
     ]
     grouped = incident.get("correlation") or {}
     if grouped.get("alert_count", 0) > 1:

@@ -23,6 +23,7 @@ import json
 import re
 from typing import Any, Iterable
 
+from functions.escalation.channels.actions import newest_first
 from functions.escalation.channels.base import ChatChannel
 from functions.escalation.channels.text import (
     TRANSITION_TITLES, Raw, description_of, diagnostics_lines, fit, incident_url, runbook_url, service_of, summary_of,
@@ -54,22 +55,20 @@ def _block(text: str, **style: Any) -> dict:
     return {"type": "TextBlock", "text": text, "wrap": True, **style}
 
 
-def _actions_text(actions: Any) -> list[str]:
-    pieces: list[str] = []
-    for a in actions if isinstance(actions, list) else []:
-        if not isinstance(a, dict):
-            continue
-        if pieces:
-            pieces.append(NEWLINE)
-        line = f"{'ok' if a.get('success') else 'failed'}: {a.get('action')} {a.get('target') or ''}"
-        if a.get("from") is not None or a.get("to") is not None:
-            line += f" {a.get('from')} → {a.get('to')}"
-        if a.get("dry_run"):
-            line += " (dry-run)"
-        if a.get("error"):
-            line += f" — {a['error']}"
-        pieces.append(line)
-    return pieces or ["none"]
+def _action_text(a: dict, limit: int) -> str:
+    line = f"{'ok' if a.get('success') else 'failed'}: {a.get('action')} {a.get('target') or ''}"
+    if a.get("from") is not None or a.get("to") is not None:
+        line += f" {a.get('from')} → {a.get('to')}"
+    if a.get("dry_run"):
+        line += " (dry-run)"
+    if a.get("error"):
+        line += f" — {a['error']}"
+    return _text([line], limit)
+
+
+def _actions_text(incident: dict, limit: int) -> list[str]:
+    """This generation's and root's actions, newest first (channels.actions)."""
+    return [Raw(newest_first(incident, limit, _action_text, NEWLINE))]
 
 
 def _diagnostics_text(diagnostics: Any) -> list[str]:
@@ -98,7 +97,7 @@ def card(config: Settings, incident: dict, transition: str, reason: str | None, 
         _block("Diagnostics", weight="Bolder", spacing="Medium"),
         _block(_text(_diagnostics_text(incident.get("diagnostics")), details_max), isSubtle=True),
         _block("Remediation", weight="Bolder", spacing="Medium"),
-        _block(_text(_actions_text(incident.get("remediation_actions")), details_max), isSubtle=True),
+        _block(_text(_actions_text(incident, details_max), details_max), isSubtle=True),
     ]
     grouped = incident.get("correlation") or {}
     if grouped.get("alert_count", 0) > 1:
