@@ -63,7 +63,20 @@ Broker and the consumers see a new delivery; the consumers' claims make a
 re-emission that was not needed change nothing. At most
 ``RECONCILE_MAX_REEMITS`` per event, each waiting twice as long as the one
 before; then the step is *stuck*: counted in ``/metrics``, noted once on the
-incident's timeline and logged at error level, for a person.
+incident's timeline and logged at error level, for a person. It is not
+dropped there ("never lose a page"): in the same transaction the event the
+sweep would have re-sent next (``….r<K+1>``) becomes a dead letter
+(shared/dead_letters.py; destination ``reconcile:<step>``, code ``stuck``),
+listed and re-driven like those the sink records, which matters when the
+sink was down as the Broker gave up. And a stuck escalation of an incident
+still active that no person has acknowledged (the steps of
+``RESENT_WHILE_ACTIVE``) keeps being re-sent, at most once per
+``RECONCILE_STUCK_RESEND_SECONDS`` (by default the longest backoff), until
+it is told or the incident is acknowledged or resolved: the same event as
+the re-emissions, so the same claims, and nothing pages twice. The page
+follow-ups are not among them: a person resolved or took the incident.
+Their ids, ``<event id>.s<n>``, number the window of that many seconds of
+the clock they were sent in, so two sweeps at once enqueue one.
 
 Cheap by construction: active incidents (status index) and incidents
 resolved within ``RECONCILE_HORIZON_SECONDS``, joined to claims and outbox
