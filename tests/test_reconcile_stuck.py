@@ -130,7 +130,7 @@ def test_a_stuck_escalation_is_resent_at_the_capped_interval_until_a_person_take
     assert second.startswith(f"{incident_id}.opened.0.s")
     with clean_db.connect() as conn:
         resent = conn.execute(sa.text("SELECT type, data FROM event_outbox WHERE id = :id"), {"id": second}).one()
-        assert reconcile.assess(conn, config) == {("escalation:opened", "stuck"): 1}  # IncidentsStuck still fires
+        assert reconcile.assess(conn, config) == {("escalation:opened", "stuck"): 1}  # IncidentEscalationStuck still fires
     # The same event as every re-emission: the same claim keys, so nothing pages twice.
     assert resent.type == events.INCIDENT_OPENED and resent.data["incident_id"] == incident_id
     assert resent.data["generation"] == 0 and resent.data.get("root_generation", 0) == 0
