@@ -107,6 +107,12 @@ def covered_page_sql(channel: str, incident: str, generation: str) -> str:
             f" ELSE {by_time} END)")
 
 
+def acknowledged_sql(incident: str) -> str:
+    """SQL condition: a person took the incident in its current generation
+    (``incident`` a SQL expression; the sweep nests it in its statement)."""
+    return f"EXISTS ({_acknowledgement_sql(incident)})"
+
+
 _ACKNOWLEDGED = sa.text(compact(_acknowledgement_sql(":id")))
 _COVERED = sa.text(compact("SELECT " + covered_page_sql("pagerduty", ":id", "CAST(:gen AS text)")))
 

@@ -383,6 +383,9 @@ class Settings:
     reconcile_backoff_seconds: float = 300.0
     reconcile_horizon_seconds: float = 86400.0
     reconcile_batch: int = 100
+    # How often a stuck escalation step of an active, unacknowledged incident
+    # is re-sent after its re-emissions are spent; None: the longest backoff.
+    reconcile_stuck_resend_seconds: float | None = None
     # Retention of what grows with every event (shared/retention.py); 0 keeps forever.
     retention_outbox_hours: float = 168.0
     retention_claims_hours: float = 168.0
@@ -415,6 +418,13 @@ class Settings:
 
     def priority_opens_incident(self, priority: str) -> bool:
         return PRIORITIES.index(priority) <= PRIORITIES.index(self.min_incident_priority)
+
+    def stuck_resend_seconds(self) -> float:
+        """``RECONCILE_STUCK_RESEND_SECONDS``, or else the longest backoff
+        (the wait after the last re-emission), at least a second."""
+        if self.reconcile_stuck_resend_seconds is not None:
+            return self.reconcile_stuck_resend_seconds
+        return max(1.0, self.reconcile_backoff_seconds * 2 ** max(self.reconcile_max_reemits - 1, 0))
 
 
 def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Settings] = Settings) -> Settings:
@@ -480,6 +490,7 @@ def load_settings(env: Mapping[str, str] | None = None, settings_class: type[Set
         reconcile_backoff_seconds=_float(env, "RECONCILE_BACKOFF_SECONDS", 300.0, minimum=0.0),
         reconcile_horizon_seconds=_float(env, "RECONCILE_HORIZON_SECONDS", 86400.0, minimum=60.0),
         reconcile_batch=_int(env, "RECONCILE_BATCH", 100, minimum=1, maximum=10000),
+        reconcile_stuck_resend_seconds=_float(env, "RECONCILE_STUCK_RESEND_SECONDS", None, minimum=1.0),
         # Retention (shared/retention.py, run by the sweep; docs/configuration.md).
         retention_outbox_hours=_float(env, "RETENTION_OUTBOX_HOURS", 168.0, minimum=0.0),
         retention_claims_hours=_float(env, "RETENTION_CLAIMS_HOURS", 168.0, minimum=0.0),

@@ -63,7 +63,20 @@ Broker and the consumers see a new delivery; the consumers' claims make a
 re-emission that was not needed change nothing. At most
 ``RECONCILE_MAX_REEMITS`` per event, each waiting twice as long as the one
 before; then the step is *stuck*: counted in ``/metrics``, noted once on the
-incident's timeline and logged at error level, for a person.
+incident's timeline and logged at error level, for a person. It is not
+dropped there ("never lose a page"): in the same transaction the event the
+sweep would have re-sent next (``….r<K+1>``) becomes a dead letter
+(shared/dead_letters.py; destination ``reconcile:<step>``, code ``stuck``),
+listed and re-driven like those the sink records, which matters when the
+sink was down as the Broker gave up. And a stuck escalation of an incident
+still active that no person has acknowledged (the steps of
+``RESENT_WHILE_ACTIVE``) keeps being re-sent, at most once per
+``RECONCILE_STUCK_RESEND_SECONDS`` (by default the longest backoff), until
+it is told or the incident is acknowledged or resolved: the same event as
+the re-emissions, so the same claims, and nothing pages twice. The page
+follow-ups are not among them: a person resolved or took the incident.
+Their ids, ``<event id>.s<n>``, number the window of that many seconds of
+the clock they were sent in, so two sweeps at once enqueue one.
 
 Cheap by construction: active incidents (status index) and incidents
 resolved within ``RECONCILE_HORIZON_SECONDS``, joined to claims and outbox
@@ -74,13 +87,15 @@ rows by primary key, a page's claims through their incident (the
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from shared import acknowledge, db, events, incidents, outbox
+from shared import acknowledge, db, dead_letters, events, incidents, outbox
 from shared.config import Settings
 
 log = logging.getLogger("reconcile")
@@ -101,6 +116,14 @@ REASON_MAX = 1000
 # new root's opening is told as ``root_changed``.
 ROOT_SCOPED_STEPS = ("diagnostics", "remediation", "escalation:root_changed", "escalation:remediated",
                      "escalation:remediation_failed")
+# Escalations of an active incident: once stuck, still re-sent while nobody
+# has acknowledged it. The others apply to an incident resolved (resolved,
+# page_resolved) or acknowledged (page_acknowledged), where the person knows.
+RESENT_WHILE_ACTIVE = ("escalation:opened", "escalation:root_changed", "escalation:remediated",
+                       "escalation:remediation_failed")
+# A stuck step's dead letter: its destination names the step, its code says why.
+DESTINATION_PREFIX = "reconcile:"
+STUCK_CODE = "stuck"
 
 _ASSESSED = f"""
 WITH recent AS (
@@ -165,7 +188,7 @@ missing AS (
       AND (f.transition = 'resolved' OR {acknowledge.covered_page_sql("pagerduty", "r.id", "CAST(r.gen AS text)")})
 ),
 assessed AS (
-    SELECT m.step, m.transition, m.id, m.gen, m.rs, m.tag, m.since, re.n, re.last,
+    SELECT m.step, m.transition, m.id, m.gen, m.rs, m.tag, m.since, m.claim_key, re.n, re.last,
            CASE WHEN re.n > 0 AND re.last >= {UTC_NOW} - make_interval(secs => :backoff * power(2, re.n - 1)) THEN 'waiting'
                 WHEN re.n >= :k THEN 'stuck'
                 ELSE 'due' END AS state
@@ -182,11 +205,26 @@ assessed AS (
 """
 
 # The last condition of `assessed`: a step running now (a fresh claim) is not missing.
-_WORK = sa.text(" ".join((_ASSESSED + """
-SELECT a.step, a.transition, a.id, a.gen, a.rs, a.tag, a.n, a.state FROM assessed a
+# A stuck step not yet given up on (no stuck entry) is given up on; a stuck
+# escalation step of an incident still active and taken by nobody is re-sent
+# every :resend seconds, counted from the stuck entry: one re-send per window
+# of :resend seconds of the clock (``.s<n>``, the window's number, so two sweeps at once
+# enqueue one), none while the previous window's is younger than :resend.
+_WORK = sa.text(" ".join((_ASSESSED + f"""
+SELECT a.step, a.transition, a.id, a.gen, a.rs, a.tag, a.n, a.state, a.since, a.claim_key,
+       s.id IS NOT NULL AS marked, x.slot
+FROM assessed a
+CROSS JOIN LATERAL (SELECT CAST(floor(extract(epoch FROM {UTC_NOW}) / :resend) AS bigint) AS slot,
+                           a.id || '.' || a.transition || '.' || a.gen || a.rs || a.tag || '.s' AS prefix) x
+LEFT JOIN incident_timeline s ON s.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen || a.rs
 WHERE a.state = 'due'
-   OR (a.state = 'stuck' AND NOT EXISTS (
-        SELECT 1 FROM incident_timeline t WHERE t.dedup_key = 'reconcile-stuck:' || a.step || ':' || a.id || ':' || a.gen || a.rs))
+   OR (a.state = 'stuck' AND s.id IS NULL)
+   OR (a.state = 'stuck' AND a.step = ANY(CAST(:resent AS text[])) AND s.at < {UTC_NOW} - make_interval(secs => :resend)
+       AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = a.id AND i.status IN ('open', 'investigating'))
+       AND NOT {acknowledge.acknowledged_sql("a.id")}
+       AND NOT EXISTS (SELECT 1 FROM event_outbox e WHERE e.id = x.prefix || x.slot)
+       AND NOT EXISTS (SELECT 1 FROM event_outbox e WHERE e.id = x.prefix || (x.slot - 1)
+                       AND e.created_at > {UTC_NOW} - make_interval(secs => :resend)))
 ORDER BY a.since, a.id LIMIT :batch
 """).split()))
 
@@ -208,11 +246,12 @@ def _params(config: Settings) -> dict:
 
 @dataclass
 class Report:
-    reemitted: list[str] = field(default_factory=list)
+    reemitted: list[str] = field(default_factory=list)  # re-emissions and re-sends of stuck escalations alike
     stuck: list[tuple[str, str, int]] = field(default_factory=list)  # (step, incident id, generation)
+    dead_letters: list[int] = field(default_factory=list)  # the rows written for the steps given up on
 
     def as_dict(self) -> dict:
-        return {"reemitted": len(self.reemitted), "stuck": len(self.stuck)}
+        return {"reemitted": len(self.reemitted), "stuck": len(self.stuck), "dead_lettered": len(self.dead_letters)}
 
 
 def assess(conn: Connection, config: Settings) -> dict[tuple[str, str], int]:
@@ -225,15 +264,24 @@ def run(bind: Engine, config: Settings) -> Report:
     """One reconciliation pass; returns what it re-emitted and what it gave up on."""
     report = Report()
     with bind.begin() as conn:
-        rows = conn.execute(_WORK, {**_params(config), "batch": config.reconcile_batch}).mappings().all()
-        due: dict[tuple[str, str, int], list[dict]] = {}
+        rows = conn.execute(_WORK, {**_params(config), "batch": config.reconcile_batch,
+                                    "resend": config.stuck_resend_seconds(), "resent": list(RESENT_WHILE_ACTIVE)}
+                            ).mappings().all()
+        due: dict[tuple, list[dict]] = {}
         for row in rows:
-            if row["state"] == "stuck":
-                _give_up(conn, row, report)
-            else:
-                # A page's follow-up (tag ``.page``) is re-emitted and counted apart.
-                due.setdefault((row["id"], row["transition"], row["gen"], row["rs"], row["tag"]), []).append(dict(row))
-        new_events = [e for e in (_reemission(conn, config, key, steps) for key, steps in due.items()) if e]
+            if row["state"] == "stuck" and not row["marked"]:
+                _give_up(conn, config, row, report)
+                continue
+            # A page's follow-up (tag ``.page``) is re-emitted and counted
+            # apart; a stuck escalation is re-sent under its window's number.
+            suffix = f".s{row['slot']}" if row["state"] == "stuck" else f".r{row['n'] + 1}"
+            due.setdefault((row["id"], row["transition"], row["gen"], row["rs"], row["tag"], suffix), []).append(dict(row))
+        new_events = []
+        for key, steps in due.items():
+            event = _event(conn, config, key[:5], steps, key[5])
+            if event is not None:
+                new_events.append(event)
+                _log_reemission(config, event, key, steps)
         outbox.enqueue(conn, new_events)
     report.reemitted = [e["id"] for e in new_events]
     if report.reemitted:
@@ -247,7 +295,10 @@ def run_safely(bind: Engine, config: Settings) -> Report | None:
     return db.for_the_sweep("Reconciliation", lambda: run(bind, config), log)
 
 
-def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, str, str], steps: list[dict]) -> dict | None:
+def _event(conn: Connection, config: Settings, key: tuple[str, str, int, str, str], steps: list[dict],
+           suffix: str) -> dict | None:
+    """The event that drives ``steps`` again, its id ending in ``suffix``;
+    None when the incident moved on meanwhile (the next pass sees it as it is now)."""
     incident_id, transition, generation, root, tag = key
     incident = incidents.get_incident(conn, incident_id)
     if incident is None or incident["generation"] != generation:
@@ -261,11 +312,18 @@ def _reemission(conn: Connection, config: Settings, key: tuple[str, str, int, st
     extra = (_remediation_extra(conn, incident_id, generation, incident["root_generation"])
              if transition in ("remediated", "remediation_failed") else None)
     event = events.incident_event(EVENT_TYPES[transition], incident, config.event_source, extra)
-    event["id"] = f"{event['id']}{root}{tag}.r{steps[0]['n'] + 1}"
-    log.warning("Incident stuck between steps; re-emitting its event", extra={
-        "incident_id": incident_id, "steps": [s["step"] for s in steps], "generation": generation,
-        "event_id": event["id"], "reemission": steps[0]["n"] + 1, "max_reemits": config.reconcile_max_reemits})
+    event["id"] = f"{event['id']}{root}{tag}{suffix}"
     return event
+
+
+def _log_reemission(config: Settings, event: dict, key: tuple, steps: list[dict]) -> None:
+    facts = {"incident_id": key[0], "steps": [s["step"] for s in steps], "generation": key[2], "event_id": event["id"]}
+    if steps[0]["state"] == "stuck":
+        log.error("Escalation still stuck and nobody has taken the incident; re-sending its event",
+                  extra={**facts, "every_seconds": config.stuck_resend_seconds()})
+    else:
+        log.warning("Incident stuck between steps; re-emitting its event",
+                    extra={**facts, "reemission": steps[0]["n"] + 1, "max_reemits": config.reconcile_max_reemits})
 
 
 def _remediation_extra(conn: Connection, incident_id: str, generation: int, root_generation: int) -> dict:
@@ -275,14 +333,47 @@ def _remediation_extra(conn: Connection, incident_id: str, generation: int, root
                             "playbook": details.get("playbook")}}
 
 
-def _give_up(conn: Connection, row, report: Report) -> None:
-    """Noted once on the timeline (the dedup key), logged once at error level."""
+def _give_up(conn: Connection, config: Settings, row, report: Report) -> None:
+    """Noted once on the timeline (the dedup key), logged once at error
+    level, and the event the sweep would have re-sent kept as a dead letter
+    (shared/dead_letters.py), in the same transaction: re-drivable from
+    ``/dead-letters`` like any the Broker gave up on, and counted in
+    ``dead_letters_not_redriven``."""
+    key = (row["id"], row["transition"], row["gen"], row["rs"], row["tag"])
+    event = _event(conn, config, key, [row], f".r{row['n'] + 1}")
+    if event is None:
+        return  # the incident moved on meanwhile: the next pass sees it as it is now
     # One report per step, generation and root (a new root's step can be stuck too).
-    key = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}{row['rs']}"
+    dedup = f"reconcile-stuck:{row['step']}:{row['id']}:{row['gen']}{row['rs']}"
+    resent = row["step"] in RESENT_WHILE_ACTIVE
     details = {"step": row["step"], "generation": row["gen"], "root_generation": int(row["rs"].removeprefix(".root") or 0),
-               "reemissions": row["n"],
-               "note": "re-emitting its event did not complete this step; a person must look"}
-    if incidents.add_timeline(conn, row["id"], "stuck", details, "reconcile", dedup_key=key):
-        report.stuck.append((row["step"], row["id"], row["gen"]))
-        log.error("Incident stuck between steps: re-emissions exhausted", extra={
-            "incident_id": row["id"], "step": row["step"], "generation": row["gen"], "reemissions": row["n"]})
+               "reemissions": row["n"], "dead_letter_event_id": event["id"],
+               "note": ("re-emitting its event did not complete this step; it is kept as a dead letter to redeliver"
+                        + (", and re-sent while the incident is active and nobody has acknowledged it" if resent else "")
+                        + "; a person must look")}
+    if not incidents.add_timeline(conn, row["id"], "stuck", details, "reconcile", dedup_key=dedup):
+        return  # another sweep gave up on it first
+    letter_id, _, _ = dead_letters.record(conn, _letter(row, event))
+    report.stuck.append((row["step"], row["id"], row["gen"]))
+    report.dead_letters.append(letter_id)
+    log.error("Incident stuck between steps: re-emissions exhausted; its event kept as a dead letter", extra={
+        "incident_id": row["id"], "step": row["step"], "generation": row["gen"], "reemissions": row["n"],
+        "dead_letter_id": letter_id, "event_id": event["id"]})
+
+
+def _letter(row, event: dict) -> dead_letters.Letter:
+    """The event as the Broker would have handed it to the dead-letter sink
+    (binary-mode attributes, JSON data), the error saying why the sweep gave up."""
+    attributes = {"specversion": "1.0", "id": event["id"], "type": event["type"], "source": event["source"],
+                  "subject": event["subject"], "time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                  "datacontenttype": "application/json", **event["extensions"]}
+    error = (f"the sweep gave up after {row['n']} re-sends of this event: the {row['step']} step of incident {row['id']} "
+             f"(generation {row['gen']}{', root ' + row['rs'].removeprefix('.root') if row['rs'] else ''}) is judged stuck, "
+             f"as no re-send completed it: still no completed claim {row['claim_key']} since "
+             f"{row['since'].isoformat()}Z (the event's publication), past RECONCILE_GRACE_SECONDS and the last "
+             "re-send's backoff. Redeliver once what it reaches works again: the consumers' claims make a "
+             "redelivery that is not needed change nothing.")
+    return dead_letters.Letter(event_id=event["id"], source=event["source"], event_type=event["type"],
+                               destination=f"{DESTINATION_PREFIX}{row['step']}", code=STUCK_CODE, error=error,
+                               attributes=attributes, body=json.dumps(event["data"], default=str).encode(),
+                               incident_id=row["id"])

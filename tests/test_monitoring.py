@@ -167,3 +167,29 @@ def test_the_stuck_outbox_alert_says_where_the_reason_is_and_that_it_needs_a_sec
     description = rule["annotations"]["description"]
     for words in ("K_SINK", "last_error", "second receiver"):
         assert words in description, words
+
+
+def test_a_stuck_escalation_is_a_critical_alert_of_its_own_that_says_it_needs_a_second_route():
+    # A stuck page was a warning after 5 minutes, routed through the very
+    # escalation path that had failed: nobody was told a P0 went unpaged.
+    by_name = {rule["alert"]: rule for rule in rules()}
+    escalation, others = by_name["IncidentEscalationStuck"], by_name["IncidentsStuck"]
+    assert escalation["labels"]["severity"] == "critical" and others["labels"]["severity"] == "warning"
+    assert 'step=~"escalation:.*"' in escalation["expr"] and 'step!~"escalation:.*"' in others["expr"]
+    for words in ("second receiver", "/dead-letters", "RECONCILE_STUCK_RESEND_SECONDS"):
+        assert words in escalation["annotations"]["description"], words
+
+
+def test_the_deploy_guide_routes_every_own_alert_to_a_receiver_outside_the_system():
+    # The second receiver is where IncidentEscalationStuck is heard at all.
+    guide = (monitoring.ROOT / "docs" / "deploy.md").read_text()
+    snippet = yaml.safe_load(re.search(r"```yaml\n(route:\n  routes:\n    - receiver: incident-response-own.*?)```", guide, re.S)[1])
+    own, back = snippet["route"]["routes"]
+    assert own["receiver"] == "incident-response-own" and own["continue"] is True and back["receiver"] == "incident-webhook"
+    (matcher,) = own["matchers"]
+    names = re.fullmatch(r'alertname =~ "(.*)"', matcher)[1]
+    assert back["matchers"] == [matcher]
+    for rule in rules():
+        assert re.fullmatch(names, rule["alert"]), rule["alert"]
+    (receiver,) = snippet["receivers"]
+    assert "webhook_configs" not in receiver

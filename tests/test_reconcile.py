@@ -455,8 +455,18 @@ def test_the_query_uses_indexes(clean_db, config, database_url):
     with clean_db.begin() as conn:
         svc.transition(conn, fixed, "resolved", "t", "/test")
         publish(conn, f"{fixed}.resolved.0", 300)
+    # A P0 whose opening was given up on a while ago: its re-send is weighed.
+    untold = open_incident(clean_db, "IndexedStuck", priority="P0")
+    complete(clean_db, f"diagnostics:{untold}:0", untold)
+    remediation_result(clean_db, untold, "failed")
+    complete(clean_db, f"escalated:{untold}:0:remediation_failed", untold)
+    for _ in range(config.reconcile_max_reemits + 1):
+        reconcile.run(clean_db, config)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incident_timeline SET at = at - interval '1 hour' WHERE incident_id = :i AND kind = 'stuck'"),
+                     {"i": untold})
     try:
-        assert reconcile.run(engine, config).reemitted  # the pool's one connection
+        assert f"{untold}.opened.0.s" in " ".join(reconcile.run(engine, config).reemitted)  # the pool's one connection
         with engine.connect() as conn:
             with conn.begin():
                 reconcile.assess(conn, config)
