@@ -11,9 +11,18 @@ U+061C), which reorder the text around them, and the interlinear annotation
 controls U+FFF9–U+FFFB, which hide what they enclose, they spoof an alert
 name ("trojan source": a ``DiskFull`` that reads as something else, a
 ``DiskFull`` followed by tag characters spelling "prod" that no one sees).
-The stored record keeps them as they came; every rendering for a person
-(the board and its report draft, Slack, PagerDuty, Teams) shows each as
-``‹U+202E›`` through :func:`visible`.
+The control characters are shown too: the C0 controls U+0000–U+001F (an
+ANSI escape ``\x1b[31m`` that recolours a terminal or a log viewer, a
+bell, a backspace that overwrites what came before) and the line and
+paragraph separators U+2028/U+2029 (a line break a one-line field was
+never meant to hold). A tab, a line feed and a carriage return before a
+line feed are text where a field holds lines (a description, an error);
+a field of one line (a header, a summary line, PagerDuty's summary,
+source, class and group) shows them too (``lines=False``).
+
+The stored record keeps them all as they came (the JSON API returns them
+as stored); every rendering for a person (the board and its report draft,
+Slack, PagerDuty, Teams) shows each as ``‹U+202E›`` through :func:`visible`.
 
 Kept, because they are how visible text is written and change how it is
 drawn, never what it says:
@@ -60,13 +69,17 @@ DEFAULT_IGNORABLE = (
 # they do; and the interlinear annotation controls, which are not.
 BIDI_CONTROLS = ((0x061C, 0x061C), (0x200E, 0x200F), (0x202A, 0x202E), (0x2066, 0x2069))
 ANNOTATION_CONTROLS = ((0xFFF9, 0xFFFB),)
+# The C0 controls and the line and paragraph separators (Zl, Zp).
+CONTROLS = ((0x0000, 0x001F), (0x2028, 0x2029))
+# Text where a field holds lines.
+_LINE_CONTROLS = frozenset("\t\n")
 
 
 def _class(ranges) -> str:
     return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
 
 
-HIDDEN = re.compile(f"[{_class(DEFAULT_IGNORABLE + BIDI_CONTROLS + ANNOTATION_CONTROLS)}]")
+HIDDEN = re.compile(f"[{_class(DEFAULT_IGNORABLE + BIDI_CONTROLS + ANNOTATION_CONTROLS + CONTROLS)}]")
 
 # Extended_Pictographic, as emoji-data.txt lists it (reserved blocks
 # included); checked against the regex package's property by the tests.
@@ -138,10 +151,12 @@ def _letter_or_mark(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LM"
 
 
-def _kept(text: str, at: int) -> bool:
+def _kept(text: str, at: int, lines: bool) -> bool:
     ch = text[at]
     before = text[at - 1] if at > 0 else ""
     after = text[at + 1] if at + 1 < len(text) else ""
+    if ch < " ":
+        return lines and (ch in _LINE_CONTROLS or (ch == "\r" and after == "\n"))
     if ch == _VS16:
         return bool(before) and (_pictographic(before) or (before in _KEYCAP_BASES and after == _KEYCAP))
     if ch not in (_ZWJ, _ZWNJ) or not before or not after:
@@ -161,14 +176,14 @@ def _mark(ch: str) -> str:
     return f"‹U+{ord(ch):04X}›"
 
 
-def visible_parts(text: str) -> Iterator[tuple[str, bool]]:
+def visible_parts(text: str, lines: bool = True) -> Iterator[tuple[str, bool]]:
     """``text`` as (part, shown) pairs: runs of it as they are, and each
     character :func:`visible` shows, as its ``‹U+XXXX›`` alone (for a caller
     that must never cut one in half)."""
     start = 0
     for match in HIDDEN.finditer(text):
         at = match.start()
-        if _kept(text, at):
+        if _kept(text, at, lines):
             continue
         if at > start:
             yield text[start:at], False
@@ -178,20 +193,22 @@ def visible_parts(text: str) -> Iterator[tuple[str, bool]]:
         yield text[start:], False
 
 
-def visible(text: str) -> str:
+def visible(text: str, lines: bool = True) -> str:
     """``text`` with every character that reorders or hides text written as
-    ``‹U+XXXX›`` (the module says which are kept); anything else as it is."""
+    ``‹U+XXXX›`` (the module says which are kept); anything else as it is.
+    ``lines=False`` for a field of one line: its tabs and line breaks shown too."""
     if not HIDDEN.search(text):
         return text
-    return "".join(part for part, _ in visible_parts(text))
+    return "".join(part for part, _ in visible_parts(text, lines))
 
 
 def visible_deep(value):
-    """:func:`visible` on every string (and key) of a JSON-like value."""
+    """:func:`visible` on every string (and key) of a JSON-like value: a
+    value may hold lines, a key is one line."""
     if isinstance(value, str):
         return visible(value)
     if isinstance(value, dict):
-        return {visible(k) if isinstance(k, str) else k: visible_deep(v) for k, v in value.items()}
+        return {visible(k, lines=False) if isinstance(k, str) else k: visible_deep(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [visible_deep(v) for v in value]
     return value

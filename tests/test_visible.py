@@ -38,7 +38,8 @@ def test_the_extended_pictographic_table_is_unicodes():
 
 
 def test_every_default_ignorable_bidi_control_and_annotation_control_is_hidden():
-    wanted = code_points(DEFAULT_IGNORABLE) | having(r"\p{Bidi_Control}") | {0xFFF9, 0xFFFA, 0xFFFB}
+    wanted = (code_points(DEFAULT_IGNORABLE) | having(r"\p{Bidi_Control}") | {0xFFF9, 0xFFFA, 0xFFFB}
+              | set(range(0x20)) | {0x2028, 0x2029})
     assert {ord(c) for c in HIDDEN.findall(EVERY_CHARACTER)} == wanted
 
 
@@ -123,6 +124,22 @@ def test_a_joiner_between_letters_of_a_script_that_writes_words_with_it_is_kept(
 ])
 def test_a_joiner_elsewhere_and_the_bidi_marks_are_shown(text, shown):
     assert visible(text) == shown
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("Disk\x1b[31mFull\x1b[0m", "Disk‹U+001B›[31mFull‹U+001B›[0m"),  # an ANSI colour
+    ("bell\x07 back\x08\x08 soh\x01 nul\x00", "bell‹U+0007› back‹U+0008›‹U+0008› soh‹U+0001› nul‹U+0000›"),
+    ("line\u2028para\u2029", "line‹U+2028›para‹U+2029›"),
+    ("cr\ronly", "cr‹U+000D›only"),
+])
+def test_control_characters_and_the_unicode_separators_are_shown(text, shown):
+    assert visible(text) == shown
+    assert visible(text, lines=False) == shown
+
+
+def test_tabs_and_line_breaks_are_text_where_a_field_holds_lines_and_shown_in_one_line():
+    assert visible("one\ttwo\nthree\r\nfour") == "one\ttwo\nthree\r\nfour"
+    assert visible("one\ttwo\nthree\r\nfour", lines=False) == "one‹U+0009›two‹U+000A›three‹U+000D›‹U+000A›four"
 
 
 def test_a_persian_word_reaches_slack_as_written_and_a_hidden_word_does_not():

@@ -22,7 +22,8 @@ from functions.escalation.channels.base import Note, NotYet, Outgoing, retry_by_
 from functions.escalation.answer import Answer, judged_on_own_hosts
 from shared.domain import ACTIVE_STATUSES, current_actions
 from functions.escalation.channels.text import (
-    ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, probable_causes_brief, runbook_url, service_of, summary_of,
+    ELLIPSIS, description_of, diagnostics_summary, incident_url, plain, prefix, probable_causes_brief, runbook_url, service_of,
+    summary_of,
 )
 from shared.config import Settings
 from shared.timefmt import rfc3339
@@ -35,7 +36,7 @@ PAGERDUTY_EVENT_MAX_BYTES = 512 * 1024
 
 def summary_line(incident: dict) -> str:
     """The seed's Test 5 title: ``EmailServiceDown - Service completely down``."""
-    return plain(f"{incident['alert_name']} - {summary_of(incident)}", PAGERDUTY_SUMMARY_MAX)
+    return plain(f"{incident['alert_name']} - {summary_of(incident)}", PAGERDUTY_SUMMARY_MAX, lines=False)
 
 
 def _clip(value: Any, max_str: int, max_items: int, depth: int = 0) -> Any:
@@ -63,11 +64,48 @@ def _size(event: dict) -> int:
     return len(json.dumps(event, default=str).encode())
 
 
-def _bounded(event: dict) -> dict:
-    """Shrink custom_details until the event is under PagerDuty's 512 KB."""
+# (longest string, most items) of custom_details, step by step.
+CLIP_STEPS = ((65536, 200), (8192, 50), (1024, 20), (256, 10), (64, 5))
+
+
+def _chars(value: Any) -> int:
+    """Characters in the strings (and keys) of a JSON-like value: at least
+    one byte each on the wire."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(k) + _chars(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def _prefixed(value: Any, limit: int) -> Any:
+    """Every string value cut to the :func:`prefix` a cut to ``limit`` reads."""
+    if isinstance(value, str):
+        return prefix(value, limit)
+    if isinstance(value, dict):
+        return {k: _prefixed(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_prefixed(v, limit) for v in value]
+    return value
+
+
+def _details(details: dict) -> tuple[dict, bool]:
+    """custom_details for people (shared.visible), and whether they are
+    surely over PagerDuty's limit. Then every string is cut anyway (to
+    CLIP_STEPS' longest): only what that cut can show is read, so the work
+    is bounded by the limit, not by the megabytes an action's error stored."""
+    over = _chars(details) > PAGERDUTY_EVENT_MAX_BYTES
+    return visible_deep(_prefixed(details, CLIP_STEPS[0][0]) if over else details), over
+
+
+def _bounded(event: dict, over: bool = False) -> dict:
+    """Shrink custom_details until the event is under PagerDuty's 512 KB
+    (``over``: it is known to be over as it is)."""
     details = event["payload"]["custom_details"]
-    for max_str, max_items in ((65536, 200), (8192, 50), (1024, 20), (256, 10), (64, 5)):
-        if _size(event) <= PAGERDUTY_EVENT_MAX_BYTES:
+    for step, (max_str, max_items) in enumerate(CLIP_STEPS):
+        if not (over and step == 0) and _size(event) <= PAGERDUTY_EVENT_MAX_BYTES:
             return event
         event["payload"]["custom_details"] = _clip(details, max_str, max_items)
     if _size(event) > PAGERDUTY_EVENT_MAX_BYTES:
@@ -96,39 +134,40 @@ def trigger_event(config: Settings, incident: dict, routing_key: str, transition
         links.append({"href": runbook, "text": "Runbook"})
     service = service_of(incident)
     actions, earlier = current_actions(incident)
+    # PagerDuty shows these to the people paged: bidi controls and
+    # zero-width characters shown (shared.visible), as in the summary.
+    details, over = _details({
+        "incident_id": incident["id"],
+        "priority": incident["priority"],
+        "status": incident["status"],
+        "transition": transition,
+        "summary": summary_of(incident),
+        "description": description_of(incident),
+        "labels": labels,
+        "diagnostics": diagnostics_summary(incident.get("diagnostics")),
+        "probable_causes": probable_causes_brief(incident.get("diagnostics")),
+        # This generation's and root's, newest first: when the event
+        # shrinks, _clip keeps a list's first items, the newest.
+        "remediation_actions": actions,
+        **({"earlier_remediation_actions": f"{earlier} of previous generations, on the incident page"} if earlier else {}),
+        **({"reason": reason} if reason else {}),
+        **_correlation(incident),
+    })
     payload = {
         "summary": summary_line(incident),
-        "source": plain(service or config.cluster_name, PAGERDUTY_FIELD_MAX),
+        "source": plain(service or config.cluster_name, PAGERDUTY_FIELD_MAX, lines=False),
         "severity": config.pagerduty_severity.get(incident["priority"], "warning"),
         "timestamp": rfc3339(incident.get("created_at")),
-        "class": plain(incident["alert_name"], PAGERDUTY_FIELD_MAX),
-        # PagerDuty shows these to the people paged: bidi controls and
-        # zero-width characters shown (shared.visible), as in the summary.
-        "custom_details": visible_deep({
-            "incident_id": incident["id"],
-            "priority": incident["priority"],
-            "status": incident["status"],
-            "transition": transition,
-            "summary": summary_of(incident),
-            "description": description_of(incident),
-            "labels": labels,
-            "diagnostics": diagnostics_summary(incident.get("diagnostics")),
-            "probable_causes": probable_causes_brief(incident.get("diagnostics")),
-            # This generation's and root's, newest first: when the event
-            # shrinks, _clip keeps a list's first items, the newest.
-            "remediation_actions": actions,
-            **({"earlier_remediation_actions": f"{earlier} of previous generations, on the incident page"} if earlier else {}),
-            **({"reason": reason} if reason else {}),
-            **_correlation(incident),
-        }),
+        "class": plain(incident["alert_name"], PAGERDUTY_FIELD_MAX, lines=False),
+        "custom_details": details,
     }
     if service:
-        payload["component"] = plain(service, PAGERDUTY_FIELD_MAX)
+        payload["component"] = plain(service, PAGERDUTY_FIELD_MAX, lines=False)
     if labels.get("namespace"):
-        payload["group"] = plain(labels["namespace"], PAGERDUTY_FIELD_MAX)
+        payload["group"] = plain(labels["namespace"], PAGERDUTY_FIELD_MAX, lines=False)
     if payload["timestamp"] is None:
         del payload["timestamp"]
-    return _bounded({
+    return _bounded(over=over, event={
         "routing_key": routing_key,
         "event_action": "trigger",
         "dedup_key": incident["id"],

@@ -4,7 +4,8 @@ opening only for the priorities in ``ANNOUNCE_ON_OPEN_PRIORITIES``).
 Alert text is escaped per "Formatting text for app surfaces" (``&`` ``<``
 ``>`` become entities, in every text field, the fallback ``text`` included)
 and bounded to Block Kit's limits; lengths are counted in UTF-16 code units,
-never fewer than Slack counts. The webhook URL is the secret.
+never fewer than Slack counts. Every mrkdwn text object is ``verbatim``:
+Slack links no URL or channel name and parses no mention in alert text. The webhook URL is the secret.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def fit(pieces: Iterable[str], limit: int) -> str:
-    return _fit(pieces, limit, escape)
+def fit(pieces: Iterable[str], limit: int, lines: bool = True) -> str:
+    return _fit(pieces, limit, escape, lines)
 
 
 def _fmt_action(a: dict, limit: int) -> str:
@@ -102,12 +103,21 @@ def _fmt_causes(causes: list[dict]) -> list[str]:
     return pieces
 
 
+def _mrkdwn(text: str) -> dict:
+    """A mrkdwn text object that carries alert text: ``verbatim`` so that
+    Slack leaves its plain text alone (a URL, a channel name or a mention in
+    an alert is not linked or parsed) while our markup and our one link
+    (``<url|…>``, a manual parsing string) still work (Block Kit's text
+    object reference)."""
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
+
+
 def _section(pieces: list[str], limit: int = SLACK_SECTION_MAX) -> dict:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": fit(pieces, min(limit, SLACK_SECTION_MAX))}}
+    return {"type": "section", "text": _mrkdwn(fit(pieces, min(limit, SLACK_SECTION_MAX)))}
 
 
 def _field(label: str, value: list[str]) -> dict:
-    return {"type": "mrkdwn", "text": fit([Raw(f"*{label}*\n"), *value], min(FIELD_VALUE_MAX + len(label) + 3, SLACK_FIELD_MAX))}
+    return _mrkdwn(fit([Raw(f"*{label}*\n"), *value], min(FIELD_VALUE_MAX + len(label) + 3, SLACK_FIELD_MAX), lines=False))
 
 
 def slack_message(config: Settings, incident: dict, transition: str, reason: str | None) -> dict:
@@ -117,7 +127,7 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
     summary = summary_of(incident)
     description = description_of(incident)
     causes = probable_causes_brief(incident.get("diagnostics"))
-    text = fit([Raw(f"[{priority}] "), name, Raw(f" {title}: "), summary, Raw(" ("), url, Raw(")")], SLACK_FALLBACK_MAX)
+    text = fit([Raw(f"[{priority}] "), name, Raw(f" {title}: "), summary, Raw(" ("), url, Raw(")")], SLACK_FALLBACK_MAX, lines=False)
     body: list[str] = [summary]
     if description and description != summary:
         body += [Raw("\n"), description]
@@ -128,7 +138,8 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
         _field("Service", [service_of(incident) or "unknown"]),
     ][:SLACK_FIELDS_MAX]
     blocks = [
-        {"type": "header", "text": {"type": "plain_text", "text": fit([Raw(f"[{priority}] "), name, Raw(f" {title}")], SLACK_HEADER_MAX)}},
+        {"type": "header", "text": {"type": "plain_text", "text": fit([Raw(f"[{priority}] "), name, Raw(f" {title}")], SLACK_HEADER_MAX,
+                                                                    lines=False)}},
         _section(body),
         {"type": "section", "fields": fields},
         *([_section([Raw("*Probable cause*\n"), *_fmt_causes(causes)], DETAIL_SECTION_MAX)] if causes else []),
@@ -144,7 +155,7 @@ def slack_message(config: Settings, incident: dict, transition: str, reason: str
         blocks.append(_section([Raw("*Acknowledged by*\n" if transition == "acknowledged" else "*Why*\n"), reason], REASON_MAX))
     # The one control sequence we send: a link to our own board.
     link = Raw(f"<{escape(url)}|Open incident {incident['id']}>")
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": fit([link], SLACK_SECTION_MAX)}]})
+    blocks.append({"type": "context", "elements": [_mrkdwn(fit([link], SLACK_SECTION_MAX))]})
     return {"text": text, "blocks": blocks[:SLACK_BLOCKS_MAX]}
 
 

@@ -9,7 +9,9 @@ Teams"). A TextBlock renders a Markdown subset, so every piece of alert text
 has its ASCII punctuation backslash-escaped (CommonMark lets any ASCII
 punctuation be escaped that way): an alert cannot make a link, a heading or
 a list. The whole request stays under Teams' 28 KB message limit, measured
-as the bytes sent (JSON with ``\\uXXXX`` escapes); text shrinks until it fits.
+as the bytes sent (JSON with ``\\uXXXX`` escapes); text shrinks until it fits,
+and a runbook link too long to fit is left out (whole: a cut URL is another
+URL), the card saying so.
 The URL carries the workflow's signature: it is the secret.
 
 Success is the status: a workflow answers ``202 Accepted`` with no body and
@@ -38,6 +40,7 @@ CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 TEAMS_MESSAGE_MAX_BYTES = 26 * 1024
 # (header, body, fact value, details, reason) in UTF-16 units, largest first.
 SHARES = ((200, 3000, 300, 2000, 1000), (200, 1500, 200, 1000, 500), (150, 600, 120, 400, 300), (100, 200, 60, 150, 150))
+RUNBOOK_LEFT_OUT = "Runbook link left out: too long for a Teams message."
 NEWLINE = Raw("\n\n")  # a single newline does not break a TextBlock line
 _MARKDOWN = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
 
@@ -47,8 +50,8 @@ def escape(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", text)
 
 
-def _text(pieces: Iterable[str], limit: int) -> str:
-    return fit(pieces, limit, escape)
+def _text(pieces: Iterable[str], limit: int, lines: bool = True) -> str:
+    return fit(pieces, limit, escape, lines)
 
 
 def _block(text: str, **style: Any) -> dict:
@@ -80,7 +83,8 @@ def _diagnostics_text(diagnostics: Any) -> list[str]:
     return pieces or ["not collected yet" if not diagnostics else "nothing found"]
 
 
-def card(config: Settings, incident: dict, transition: str, reason: str | None, shares: tuple[int, ...]) -> dict:
+def card(config: Settings, incident: dict, transition: str, reason: str | None, shares: tuple[int, ...],
+         with_runbook: bool = True) -> dict:
     header, body_max, fact_max, details_max, reason_max = shares
     name, priority = incident["alert_name"], str(incident["priority"])
     summary, description = summary_of(incident), description_of(incident)
@@ -88,10 +92,10 @@ def card(config: Settings, incident: dict, transition: str, reason: str | None, 
     if description and description != summary:
         body_pieces += [NEWLINE, description]
     body = [
-        _block(_text([f"[{priority}] ", name, f" {TRANSITION_TITLES.get(transition, transition)}"], header),
+        _block(_text([f"[{priority}] ", name, f" {TRANSITION_TITLES.get(transition, transition)}"], header, lines=False),
                weight="Bolder", size="Medium"),
         _block(_text(body_pieces, body_max)),
-        {"type": "FactSet", "facts": [{"title": title, "value": _text([value], fact_max)} for title, value in (
+        {"type": "FactSet", "facts": [{"title": title, "value": _text([value], fact_max, lines=False)} for title, value in (
             ("Priority", priority), ("Status", str(incident["status"])), ("Alert", name),
             ("Service", service_of(incident) or "unknown"))]},
         _block("Diagnostics", weight="Bolder", spacing="Medium"),
@@ -109,8 +113,11 @@ def card(config: Settings, incident: dict, transition: str, reason: str | None, 
                  _block(_text([reason], reason_max))]
     actions = [{"type": "Action.OpenUrl", "title": "Open incident", "url": incident_url(config, incident["id"])}]
     runbook = runbook_url(incident)
-    if runbook:
+    if runbook and with_runbook:
         actions.append({"type": "Action.OpenUrl", "title": "Runbook", "url": runbook})
+    elif runbook:
+        # A link is whole or absent: a cut URL leads somewhere else.
+        body.append(_block(RUNBOOK_LEFT_OUT, isSubtle=True, spacing="Medium"))
     return {"$schema": CARD_SCHEMA, "type": "AdaptiveCard", "version": CARD_VERSION, "msteams": {"width": "Full"},
             "body": body, "actions": actions}
 
@@ -121,13 +128,24 @@ def size_of(message: dict) -> int:
 
 
 def teams_message(config: Settings, incident: dict, transition: str, reason: str | None) -> dict:
-    """The largest card of :data:`SHARES` that fits the size limit."""
-    for shares in SHARES:
-        message = {"type": "message", "attachments": [
-            {"contentType": CARD_CONTENT_TYPE, "contentUrl": None, "content": card(config, incident, transition, reason, shares)}]}
-        if size_of(message) <= TEAMS_MESSAGE_MAX_BYTES:
-            break
-    return message
+    """The largest card of :data:`SHARES` that fits the size limit, with
+    the runbook link; else the largest without it. The alert's runbook URL
+    is up to 2,048 characters, and each emoji in it is 12 bytes of JSON
+    escapes: 24 KB alone. Without it the smallest card's alert text is
+    about 1,200 UTF-16 units, at most 6 bytes each on the wire: it fits."""
+    for with_runbook in (True, False):
+        for shares in SHARES:
+            message = _message(card(config, incident, transition, reason, shares, with_runbook))
+            if size_of(message) <= TEAMS_MESSAGE_MAX_BYTES:
+                return message
+    # Not reached with our shares; should they grow, the header and the link still go.
+    content = card(config, incident, transition, None, SHARES[-1], with_runbook=False)
+    content["body"] = content["body"][:1]
+    return _message(content)
+
+
+def _message(content: dict) -> dict:
+    return {"type": "message", "attachments": [{"contentType": CARD_CONTENT_TYPE, "contentUrl": None, "content": content}]}
 
 
 class Teams(ChatChannel):

@@ -80,12 +80,25 @@ def _as_is(text: str) -> str:
     return text
 
 
-def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is) -> str:
+def prefix(text: str, limit: int) -> str:
+    """As much of ``text`` as a cut to ``limit`` UTF-16 units can show, so
+    that the work of cutting is bounded by the limit, not by what was stored
+    (a megabyte of an action's error). Every character takes at least one
+    unit, shown or escaped, so none past ``limit`` is ever shown; the margin
+    keeps the characters :mod:`shared.visible` judges by their neighbours
+    (a joiner, a selector) judged as in the whole text. A cluster the cut
+    splits lies past the limit: it is dropped whole, as it would have been."""
+    return text[:2 * limit + 8]
+
+
+def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is, lines: bool = True) -> str:
     """Join ``pieces`` (data, or :class:`Raw` markup) into at most ``limit``
     UTF-16 units. Data is cut between clusters first and escaped after, one
     cluster at a time, so an escape is whole or absent; a cut ends in ``…``.
     Its characters that reorder or hide text are shown as ``‹U+202E›``
-    (:mod:`shared.visible`): they could reorder or hide what a person reads."""
+    (:mod:`shared.visible`): they could reorder or hide what a person reads;
+    with ``lines=False`` (a header, a one-line field) its tabs and line
+    breaks too. Only the :func:`prefix` of each piece is read."""
     units: list[str] = []
     for piece in pieces:
         if isinstance(piece, Raw):
@@ -94,7 +107,7 @@ def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is
             # Characters that reorder or hide text shown (‹U+202E›), each
             # as one unit: a cut never splits one. Judged on the whole piece
             # (a ZWNJ between two Persian letters is kept: it needs both).
-            for part, shown in visible_parts(piece):
+            for part, shown in visible_parts(prefix(piece, limit), lines):
                 units.extend([escape(part)] if shown else (escape(c) for c in clusters(part)))
     lengths = [utf16_len(u) for u in units]
     if sum(lengths) <= limit:
@@ -108,9 +121,23 @@ def fit(pieces: Iterable[str], limit: int, escape: Callable[[str], str] = _as_is
     return "".join(kept) + ELLIPSIS
 
 
-def plain(text: str, limit: int) -> str:
+def cut(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut between clusters and ending in
+    ``…``, nothing shown or escaped: text for a program to read."""
+    if len(text) <= limit:
+        return text
+    kept, used = [], 0
+    for cluster in clusters(prefix(text, limit)):
+        if used + len(cluster) > limit - len(ELLIPSIS):
+            break
+        kept.append(cluster)
+        used += len(cluster)
+    return "".join(kept) + ELLIPSIS
+
+
+def plain(text: str, limit: int, lines: bool = True) -> str:
     """Cut, unescaped, between clusters."""
-    return fit([text], limit)
+    return fit([text], limit, lines=lines)
 
 
 # --------------------------------------------------------------------------- incident facts

@@ -10,6 +10,15 @@ Body (compact JSON, UTF-8, ASCII-escaped)::
                   "links": {"incident": "...", "runbook": "..."}},
      "reason": "..." (remediation's reason, who acknowledged, or why the root changed)}
 
+The body is at most ``WEBHOOK_BODY_MAX_BYTES`` (64 KiB, what the reference
+receiver in loopback/notify.py accepts), measured as sent. The incident is
+the bounded projection of the event catalogue; when that is still too large
+(emoji are 12 bytes each in ASCII-escaped JSON: 32 labels of emoji alone
+are over 130 KB), its text shrinks, a step at a time (:data:`SHRINK`): the
+label values and the service, the summary, the reason, the alert name and
+the label keys cut between user-perceived characters and ending in ``…``;
+at the last step the runbook link is left out (a cut URL is another URL).
+
 Headers: ``X-Incident-Signature: t=<unix seconds>,v1=<hex>`` where ``v1`` is
 HMAC-SHA256 keyed with ``OUTGOING_WEBHOOK_SECRET`` over ``<t>.<raw body>``
 (Stripe's scheme), and ``X-Incident-Delivery: <id>``, the same for every
@@ -29,7 +38,7 @@ from datetime import datetime, timezone
 
 from functions.escalation.channels.base import Note, Outgoing, retry_by_default
 from functions.escalation.answer import Answer, accept_any_2xx
-from functions.escalation.channels.text import incident_url, runbook_url, service_of, summary_of
+from functions.escalation.channels.text import cut, incident_url, runbook_url, service_of, summary_of
 from shared import events
 from shared.config import Settings
 from shared.timefmt import rfc3339
@@ -38,6 +47,13 @@ SIGNATURE_HEADER = "X-Incident-Signature"
 DELIVERY_HEADER = "X-Incident-Delivery"
 TOLERANCE_SECONDS = 300
 REASON_MAX_CHARS = 1000
+# As the reference receiver (loopback/notify.py WEBHOOK_MAX_BYTES).
+WEBHOOK_BODY_MAX_BYTES = 64 * 1024
+# Characters kept when the body is too large: (label value and service,
+# summary, reason, alert name, label key), step by step. At the last,
+# 32 labels, the summary, the reason and the name of 12-byte emoji are
+# about 24 KB: it fits.
+SHRINK = ((64, 256, 256, 200, 100), (16, 64, 64, 64, 32))
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -101,6 +117,40 @@ def payload(config: Settings, note: Note) -> dict:
     return body
 
 
+def _shrunk(body: dict, limits: tuple[int, ...], with_runbook: bool) -> dict:
+    value_max, summary_max, reason_max, name_max, key_max = limits
+    incident = dict(body["incident"])
+    labels: dict[str, str] = {}
+    for key, value in incident["labels"].items():
+        # Two keys cut to the same text would merge: keep the first.
+        labels.setdefault(cut(key, key_max), cut(value, value_max))
+    incident.update(labels=labels, summary=cut(incident["summary"], summary_max),
+                    alert_name=cut(incident["alert_name"], name_max),
+                    service=None if incident["service"] is None else cut(incident["service"], value_max))
+    if not with_runbook:
+        incident["links"] = {k: v for k, v in incident["links"].items() if k != "runbook"}
+    out = {**body, "incident": incident}
+    if "reason" in out:
+        out["reason"] = cut(out["reason"], reason_max)
+    return out
+
+
+def encoded(body: dict) -> bytes:
+    """The body as sent: compact JSON, ASCII-escaped."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def fitted(body: dict) -> bytes:
+    """``body`` encoded within :data:`WEBHOOK_BODY_MAX_BYTES`, shrunk by :data:`SHRINK` when it must be."""
+    raw = encoded(body)
+    steps = [(limits, True) for limits in SHRINK] + [(SHRINK[-1], False)]
+    for limits, with_runbook in steps:
+        if len(raw) <= WEBHOOK_BODY_MAX_BYTES:
+            break
+        raw = encoded(_shrunk(body, limits, with_runbook))
+    return raw
+
+
 class Webhook:
     name = "webhook"
     title = "The outgoing webhook"
@@ -124,7 +174,7 @@ class Webhook:
 
     def message(self, note: Note) -> Outgoing | None:
         body = payload(self.config, note)
-        raw = json.dumps(body, separators=(",", ":")).encode()
+        raw = fitted(body)
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(self.secret.reveal(), int(time.time()), raw),
