@@ -55,9 +55,15 @@ def current_actions(incident: Mapping) -> tuple[list[dict], int]:
     and root, newest first, and how many earlier records (of previous
     generations or roots) the stored history holds besides. A reopened
     incident keeps its history; the person paged needs this round's actions,
-    the failure among them, not the last round's successes."""
+    the failure among them, not the last round's successes. Records the
+    previous release wrote carry no stamp: while no record is stamped (a
+    history that began before the upgrade, of an incident perhaps reopened
+    already) they all count as current, since this round's failure may be
+    among them; once one is, those before it count as (0, 0)."""
     stored = incident.get("remediation_actions")
     records = [a for a in stored if isinstance(a, dict)] if isinstance(stored, list) else []
     now = (incident.get("generation") or 0, incident.get("root_generation") or 0)
+    if not any("generation" in a for a in records):
+        return records[::-1], 0
     current = [a for a in records if action_scope(a) == now]
     return current[::-1], len(records) - len(current)

@@ -13,7 +13,8 @@ name ("trojan source": a ``DiskFull`` that reads as something else, a
 ``DiskFull`` followed by tag characters spelling "prod" that no one sees).
 The control characters are shown too: the C0 controls U+0000–U+001F (an
 ANSI escape ``\x1b[31m`` that recolours a terminal or a log viewer, a
-bell, a backspace that overwrites what came before) and the line and
+bell, a backspace that overwrites what came before), DEL and the C1
+controls U+007F–U+009F (NEL, a line break; CSI, an escape) and the line and
 paragraph separators U+2028/U+2029 (a line break a one-line field was
 never meant to hold). A tab, a line feed and a carriage return before a
 line feed are text where a field holds lines (a description, an error);
@@ -69,8 +70,10 @@ DEFAULT_IGNORABLE = (
 # they do; and the interlinear annotation controls, which are not.
 BIDI_CONTROLS = ((0x061C, 0x061C), (0x200E, 0x200F), (0x202A, 0x202E), (0x2066, 0x2069))
 ANNOTATION_CONTROLS = ((0xFFF9, 0xFFFB),)
-# The C0 controls and the line and paragraph separators (Zl, Zp).
-CONTROLS = ((0x0000, 0x001F), (0x2028, 0x2029))
+# The C0 controls, DEL and the C1 controls (U+0085 NEL ends a line, U+009B
+# is the 8-bit CSI of a terminal escape), and the line and paragraph
+# separators (Zl, Zp).
+CONTROLS = ((0x0000, 0x001F), (0x007F, 0x009F), (0x2028, 0x2029))
 # Text where a field holds lines.
 _LINE_CONTROLS = frozenset("\t\n")
 

@@ -39,7 +39,7 @@ def test_the_extended_pictographic_table_is_unicodes():
 
 def test_every_default_ignorable_bidi_control_and_annotation_control_is_hidden():
     wanted = (code_points(DEFAULT_IGNORABLE) | having(r"\p{Bidi_Control}") | {0xFFF9, 0xFFFA, 0xFFFB}
-              | set(range(0x20)) | {0x2028, 0x2029})
+              | set(range(0x20)) | set(range(0x7F, 0xA0)) | {0x2028, 0x2029})
     assert {ord(c) for c in HIDDEN.findall(EVERY_CHARACTER)} == wanted
 
 
@@ -131,6 +131,8 @@ def test_a_joiner_elsewhere_and_the_bidi_marks_are_shown(text, shown):
     ("bell\x07 back\x08\x08 soh\x01 nul\x00", "bell‹U+0007› back‹U+0008›‹U+0008› soh‹U+0001› nul‹U+0000›"),
     ("line\u2028para\u2029", "line‹U+2028›para‹U+2029›"),
     ("cr\ronly", "cr‹U+000D›only"),
+    ("next\x85line", "next‹U+0085›line"),  # NEL, a line break to splitlines()
+    ("Disk\x9b31mFull\x7f", "Disk‹U+009B›31mFull‹U+007F›"),  # the 8-bit CSI, DEL
 ])
 def test_control_characters_and_the_unicode_separators_are_shown(text, shown):
     assert visible(text) == shown
