@@ -76,7 +76,10 @@ it is told or the incident is acknowledged or resolved: the same event as
 the re-emissions, so the same claims, and nothing pages twice. The page
 follow-ups are not among them: a person resolved or took the incident.
 Their ids, ``<event id>.s<n>``, number the window of that many seconds of
-the clock they were sent in, so two sweeps at once enqueue one.
+the clock they were sent in, so two sweeps at once enqueue one. A batch takes
+them last, after the due re-emissions and give-ups. Each one the Broker gives
+up on is a dead letter of its own (3 an hour per stuck step by default), and
+dead letters are kept: redelivering one of an incident's is enough.
 
 Cheap by construction: active incidents (status index) and incidents
 resolved within ``RECONCILE_HORIZON_SECONDS`` (a remediation outcome of an

@@ -320,22 +320,6 @@ def test_an_acknowledgement_is_told_with_who_took_the_incident(handler, receiver
     assert "alice@example.org" in str(receivers[1].bodies()[-1])
 
 
-def test_an_opening_arriving_after_a_person_acknowledged_pages_nobody(handler, receivers, clean_db):
-    # Its page never went out (PagerDuty down, a stuck escalation re-sent, its
-    # dead letter redelivered) and the on-call took the incident meanwhile: a
-    # page now would ring for what they are working on, and nothing would
-    # acknowledge it. The chat channel still tells it; the step is done.
-    row = incident(clean_db)
-    acknowledge(clean_db, row, "alice@example.org")
-    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
-    assert sent(receivers) == ([], 1)
-    with clean_db.connect() as conn:
-        assert conn.execute(sa.text("SELECT completed_at IS NOT NULL FROM work_claims WHERE key = :k"),
-                            {"k": f"escalated:{row['id']}:0:opened"}).scalar()
-    assert handler.handle(event(events.INCIDENT_OPENED, row)).status_code == 202
-    assert sent(receivers) == ([], 1)
-
-
 def test_the_latest_remediation_result_of_the_generation_decides(handler, receivers, clean_db):
     row = incident(clean_db, "P1")
     record_remediation(clean_db, row, "failed", "blocked by cooldown")

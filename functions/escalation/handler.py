@@ -429,20 +429,6 @@ class EscalationHandler:
                 self._release(key)
                 return None
             seen = None
-            if follows_up and outgoing.action == "trigger" and transition in ("opened", "root_changed"):
-                # An opening that arrives after a person acknowledged this
-                # generation (a late delivery, a stuck escalation's re-send or
-                # dead letter) would page for what they are working on, and
-                # nothing would acknowledge that page: it stays untold, as an
-                # opening of a generation the incident has left does.
-                with db.engine().connect() as conn:
-                    who = acknowledge.acknowledged_by(conn, incident_id)
-                if who:
-                    log.info("Escalation: an opening arriving after a person acknowledged the incident is not paged",
-                             extra={"incident_id": incident_id, "channel": channel.name, "transition": transition,
-                                    "acknowledged_by": who})
-                    self._release(key)
-                    return None
             if follows_up and outgoing.action == "trigger":
                 # Whether this page is one an acknowledgement covers is what
                 # its sender saw, with the claim held (shared.acknowledge.
