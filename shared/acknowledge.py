@@ -15,7 +15,9 @@ incident (a new generation) is unacknowledged until someone takes it again.
 An acknowledgement covers the pages of its generation that it could have
 answered: a page whose trigger's sender, with the claim held, saw no
 acknowledgement (it preceded or raced it), or tried and refused before it
-and sent later; a trigger still in flight is waited for. A page
+and sent later, or reported stuck by the reconciliation sweep before it and
+delivered later (a re-send, a dead letter redelivered); a trigger still in
+flight is waited for. A page
 decided after it is new news and is not acknowledged on the person's behalf
 (:func:`covered_page_sql`): remediation failed since ("a human must act"),
 or a P1 nobody paged was raised to P0 by a new member.
@@ -138,7 +140,13 @@ def covers_page(conn: Connection, incident_id: str, generation: int, channel: st
 
 def _failed_before_sql(channel: str) -> str:
     return (f"SELECT EXISTS ({_failed_trigger_sql(channel, ':id', ':transition')}"
-            " AND (try.details->>'decided_before_ack' = 'true' OR (try.details->>'decided_before_ack' IS NULL AND try.at <= :at)))")
+            " AND (try.details->>'decided_before_ack' = 'true' OR (try.details->>'decided_before_ack' IS NULL AND try.at <= :at)))"
+            # The sweep found this page due and not sent (the escalation step
+            # stuck) before the person acknowledged: its re-send or dead
+            # letter delivers a page decided before the acknowledgement.
+            " OR EXISTS (SELECT 1 FROM incident_timeline stuck WHERE stuck.incident_id = :id AND stuck.kind = 'stuck'"
+            " AND stuck.details->>'step' = 'escalation:' || :transition AND stuck.at <= :at"
+            f" AND {_reopened_after(':id', 'stuck')})")
 
 
 def trigger_decision(conn: Connection, incident_id: str, channel: str, transition: str) -> dict:
@@ -146,7 +154,9 @@ def trigger_decision(conn: Connection, incident_id: str, channel: str, transitio
     timeline entry (:func:`covered_page_sql`): ``acknowledged_seen``, whether
     the current generation was acknowledged, and ``decided_before_ack``: it
     was not, or an attempt of this trigger had failed before (one that says
-    so, or an older entry recorded by the acknowledgement's time)."""
+    so, or an older entry recorded by the acknowledgement's time), or the
+    reconciliation sweep had reported its escalation step stuck by then (a
+    re-send or the step's dead letter delivers it late: shared/reconcile.py)."""
     taken = acknowledgement(conn, incident_id)
     if taken is None:
         return {"acknowledged_seen": False, "decided_before_ack": True}

@@ -76,10 +76,16 @@ it is told or the incident is acknowledged or resolved: the same event as
 the re-emissions, so the same claims, and nothing pages twice. The page
 follow-ups are not among them: a person resolved or took the incident.
 Their ids, ``<event id>.s<n>``, number the window of that many seconds of
-the clock they were sent in, so two sweeps at once enqueue one.
+the clock they were sent in, so two sweeps at once enqueue one. A batch takes
+them last, after the due re-emissions and give-ups. Each one the Broker gives
+up on is a dead letter of its own (3 an hour per stuck step by default), and
+dead letters are kept: redelivering one of an incident's is enough.
 
 Cheap by construction: active incidents (status index) and incidents
-resolved within ``RECONCILE_HORIZON_SECONDS``, joined to claims and outbox
+resolved within ``RECONCILE_HORIZON_SECONDS`` (a remediation outcome of an
+active incident is watched however long ago remediation finished: the
+incident being active bounds it; retention keeps the opening's outbox row
+of an active incident, shared/retention.py), joined to claims and outbox
 rows by primary key, a page's claims through their incident (the
 ``work_claims (incident_id)`` index of migration 0025), and at most
 ``RECONCILE_BATCH`` re-emissions a run.
@@ -165,7 +171,8 @@ missing AS (
           AND COALESCE(t.details->>'root_generation', '0') = CAST(r.rg AS text)
         ORDER BY t.at DESC, t.id DESC LIMIT 1
     ) x
-    WHERE m.completed_at IS NOT NULL AND m.completed_at > {UTC_NOW} - make_interval(secs => :horizon)
+    WHERE m.completed_at IS NOT NULL
+      AND (r.status IN ('open', 'investigating') OR m.completed_at > {UTC_NOW} - make_interval(secs => :horizon))
     UNION ALL
     SELECT 'escalation:resolved', 'resolved', r.id, r.gen, '', '', o.published_at,
            'escalated:' || r.id || ':' || r.gen || ':' || 'resolved'
@@ -210,6 +217,8 @@ assessed AS (
 # every :resend seconds, counted from the stuck entry: one re-send per window
 # of :resend seconds of the clock (``.s<n>``, the window's number, so two sweeps at once
 # enqueue one), none while the previous window's is younger than :resend.
+# Re-sends come after the due re-emissions and the give-ups: however many
+# incidents stay stuck, they never hold up newer work in a batch.
 _WORK = sa.text(" ".join((_ASSESSED + f"""
 SELECT a.step, a.transition, a.id, a.gen, a.rs, a.tag, a.n, a.state, a.since, a.claim_key,
        s.id IS NOT NULL AS marked, x.slot
@@ -225,7 +234,7 @@ WHERE a.state = 'due'
        AND NOT EXISTS (SELECT 1 FROM event_outbox e WHERE e.id = x.prefix || x.slot)
        AND NOT EXISTS (SELECT 1 FROM event_outbox e WHERE e.id = x.prefix || (x.slot - 1)
                        AND e.created_at > {UTC_NOW} - make_interval(secs => :resend)))
-ORDER BY a.since, a.id LIMIT :batch
+ORDER BY a.state = 'stuck' AND s.id IS NOT NULL, a.since, a.id LIMIT :batch
 """).split()))
 
 _COUNTS = sa.text(" ".join((_ASSESSED + "SELECT step, state, count(*) AS n FROM assessed GROUP BY 1, 2").split()))

@@ -9,7 +9,10 @@ The partial indexes of migrations 0014 and 0016 find each batch without a scan.
 
 - Published outbox rows, ``RETENTION_OUTBOX_HOURS`` (168) after publishing.
   Unpublished and parked rows are never pruned: they are work to do or for
-  an operator to look at.
+  an operator to look at. Nor is the opening of an active incident's
+  generation (and of its current root): reconciliation watches the steps
+  after it from that row, and keeps re-sending a stuck escalation while the
+  incident is active (shared/reconcile.py), however long that is.
 - Completed work claims, ``RETENTION_CLAIMS_HOURS`` (168) after completion,
   and only of incidents that are no longer active: a claim is how a
   redelivered event finds its step already done and how reconciliation
@@ -60,9 +63,12 @@ LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 PRUNE = {
     "outbox": f"""
         DELETE FROM event_outbox WHERE id IN (
-            SELECT id FROM event_outbox
-            WHERE published_at IS NOT NULL AND published_at < {UTC_NOW} - make_interval(secs => :age)
-            ORDER BY published_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+            SELECT o.id FROM event_outbox o
+            WHERE o.published_at IS NOT NULL AND o.published_at < {UTC_NOW} - make_interval(secs => :age)
+              AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.id = o.subject AND i.status IN ('open', 'investigating')
+                              AND o.id IN (i.id || '.opened.' || i.generation,
+                                           i.id || '.opened.' || i.generation || '.root' || i.root_generation))
+            ORDER BY o.published_at LIMIT :batch FOR UPDATE OF o SKIP LOCKED)
         """,
     "claims": f"""
         DELETE FROM work_claims WHERE key IN (

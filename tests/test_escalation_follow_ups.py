@@ -3,15 +3,17 @@ the events reach escalation in: over real HTTP to the served function, with
 a loopback PagerDuty that holds the trigger's answer until the test lets it
 go, so the follow-up certainly arrives while the page is in flight."""
 
+import dataclasses
 import threading
 
 import pytest
 import sqlalchemy as sa
 
-from shared import acknowledge, events, lifecycle
+from shared import acknowledge, events, lifecycle, reconcile
 from shared import incidents as svc
 from loopback.processes import FunctionProcess, wait_until
 from tests.test_escalation import ROUTING_KEY, SLACK_PATH, deliver, open_incident, record_remediation
+from tests.test_reconcile import publish
 
 HOLD_LIMIT = 30.0
 PD_DOWN = (503, {"Content-Type": "application/json"}, b'{"status":"error"}')
@@ -162,6 +164,32 @@ def test_acknowledged_while_the_page_keeps_failing_is_sent_once_the_page_gets_th
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
     assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
     assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
+
+
+def test_an_opening_the_sweep_reported_stuck_before_the_acknowledgement_is_acknowledged_once_it_pages(
+        escalation, pagerduty, clean_db, settings_obj):
+    """The opening never reached escalation (its service down); the sweep
+    gave up on it and keeps re-sending it; alice takes the incident; then a
+    re-send (or the step's dead letter, redelivered) gets through. The page
+    was due before she took it: it is acknowledged with it, as a page
+    PagerDuty refused before her acknowledgement is, and the sweep finds
+    no acknowledge missing."""
+    row = open_incident(clean_db, "NeverReachedEscalation")
+    with clean_db.begin() as conn:
+        publish(conn, f"{row['id']}.opened.0", 600)
+    config = dataclasses.replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0,
+                                 reconcile_max_reemits=2, event_source="/test")
+    stuck = [s for _ in range(3) for s in reconcile.run(clean_db, config).stuck]
+    assert ("escalation:opened", row["id"], 0) in stuck
+    with clean_db.begin() as conn:
+        taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202  # the re-send, late
+    assert actions(pagerduty) == ["trigger", "acknowledge"]
+    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
+    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    assert actions(pagerduty) == ["trigger", "acknowledge"]
+    with clean_db.connect() as conn:  # what the sweep reads too: it re-emits no acknowledge
+        assert acknowledge.covers_page(conn, row["id"], 0)
 
 
 def test_resolved_before_a_page_that_never_got_through_pages_no_one(escalation, pagerduty, clean_db):

@@ -15,7 +15,7 @@ import requests
 import sqlalchemy as sa
 
 from loopback.processes import FunctionProcess, wait_until
-from shared import acknowledge, events, reconcile
+from shared import acknowledge, events, reconcile, retention
 from shared import incidents as svc
 from shared.config import ConfigError, load_settings
 from tests.conftest import TEST_TOKEN
@@ -156,6 +156,69 @@ def test_a_stuck_escalation_is_no_longer_resent_once_told_or_resolved(clean_db, 
         svc.transition(conn, fixed, "resolved", "t", "/test")
     assert reconcile.run(clean_db, config).reemitted == []
     assert len(resends(clean_db, told)) == len(resends(clean_db, fixed)) == 1
+
+
+def test_a_resend_waits_a_whole_interval_after_the_previous_windows_one(clean_db, config):
+    incident_id = p0_whose_opening_is_never_told(clean_db, "ResentLateInItsWindow")
+    until_stuck(clean_db, config)
+    stuck_a_while_ago(clean_db, incident_id)
+    (first,) = reconcile.run(clean_db, config).reemitted
+    # Sent just now, but in the window before this one (late in it): the new
+    # window alone is no reason to send again.
+    prefix, window = first.rsplit(".s", 1)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET id = :earlier WHERE id = :id"),
+                     {"id": first, "earlier": f"{prefix}.s{int(window) - 1}"})
+    assert reconcile.run(clean_db, config).reemitted == []
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET created_at = created_at - make_interval(secs => :ago) WHERE id = :id"),
+                     {"id": f"{prefix}.s{int(window) - 1}", "ago": HOUR + 1})
+    assert reconcile.run(clean_db, config).reemitted == [first]
+
+
+def test_a_stuck_remediation_outcome_is_resent_however_long_ago_remediation_finished(clean_db, config):
+    incident_id = open_incident(clean_db, "FailedNeverTold", priority="P0")
+    complete(clean_db, f"diagnostics:{incident_id}:0", incident_id)
+    complete(clean_db, f"escalated:{incident_id}:0:opened", incident_id)
+    remediation_result(clean_db, incident_id, "failed")
+    assert until_stuck(clean_db, config).stuck == [("escalation:remediation_failed", incident_id, 0)]
+    stuck_a_while_ago(clean_db, incident_id)
+    with clean_db.begin() as conn:  # past RECONCILE_HORIZON_SECONDS: the incident is still active
+        conn.execute(sa.text("UPDATE work_claims SET completed_at = completed_at - make_interval(secs => :ago) WHERE key = :k"),
+                     {"k": f"remediation:{incident_id}:0", "ago": config.reconcile_horizon_seconds + HOUR})
+    (resent,) = reconcile.run(clean_db, config).reemitted
+    assert resent.startswith(f"{incident_id}.remediation_failed.0.s")
+
+
+def test_a_stuck_opening_is_resent_after_retention_pruned_the_other_events(clean_db, config):
+    incident_id = p0_whose_opening_is_never_told(clean_db, "UntoldForAWeek")
+    gone = open_incident(clean_db, "ResolvedLongAgo")
+    with clean_db.begin() as conn:
+        svc.transition(conn, gone, "resolved", "t", "/test")
+    until_stuck(clean_db, config)
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE event_outbox SET published_at = timezone('utc', now()) - interval '10 days'"))
+    retention.run(clean_db, config)
+    with clean_db.connect() as conn:
+        left = conn.execute(sa.text("SELECT id FROM event_outbox WHERE published_at IS NOT NULL")).scalars().all()
+    assert left == [f"{incident_id}.opened.0"]  # the active incident's opening alone
+    stuck_a_while_ago(clean_db, incident_id)
+    # Still driven: its re-emissions pruned too, they count again from the first.
+    assert reconcile.run(clean_db, config).reemitted == [f"{incident_id}.opened.0.r1"]
+
+
+def test_stuck_resends_do_not_hold_up_newer_work(clean_db, config):
+    stuck = [p0_whose_opening_is_never_told(clean_db, f"StuckLongAgo{n}") for n in range(2)]
+    until_stuck(clean_db, config)
+    for incident_id in stuck:
+        stuck_a_while_ago(clean_db, incident_id)
+    fresh = open_incident(clean_db, "NewSinceThen")  # its diagnostics is due
+    one_a_pass = replace(config, reconcile_batch=1)
+    assert reconcile.run(clean_db, one_a_pass).reemitted == [f"{fresh}.opened.0.r1"]
+    with clean_db.begin() as conn:
+        svc.transition(conn, fresh, "resolved", "t", "/test")
+    # Then the re-sends, the longest stuck first.
+    assert [e.rsplit(".s", 1)[0] for e in reconcile.run(clean_db, one_a_pass).reemitted] == [f"{stuck[0]}.opened.0"]
 
 
 def test_stuck_page_follow_ups_become_dead_letters_and_are_not_resent(clean_db, config):

@@ -89,6 +89,24 @@ def test_old_rows_go_in_bounded_batches_and_work_active_and_recent_rows_stay(cle
     }
 
 
+def test_the_opening_of_an_active_incidents_generation_and_root_stays(clean_db, settings_obj):
+    # Reconciliation watches the steps after it, and re-sends a stuck
+    # escalation, however long the incident stays active.
+    with clean_db.begin() as conn:
+        result = svc.record_alerts(conn, [alert("Active", instance="a"), alert("Ended", instance="b")], "/t", "test")
+        active, ended = (o.incident_id for o in result.outcomes)
+        _aged(conn, "UPDATE incidents SET generation = 1, root_generation = 2 WHERE id = :i", i=active)
+        _aged(conn, "UPDATE incidents SET status = 'resolved', resolved_at = now() WHERE id = :i", i=ended)
+        conn.execute(sa.text("DELETE FROM event_outbox"))
+        for incident, suffix in ((active, "opened.1"), (active, "opened.1.root2"), (active, "opened.1.root1"),
+                                 (active, "opened.0"), (active, "opened.1.r1"), (active, "diagnosed.1.root2"),
+                                 (ended, "opened.0")):
+            _aged(conn, "INSERT INTO event_outbox (id, type, source, subject, published_at) "
+                        "VALUES (:id, 't', '/s', :i, now() - 10 * interval '1 day')", id=f"{incident}.{suffix}", i=incident)
+    assert retention.run(clean_db, settings_obj).pruned["outbox"] == 5
+    assert remaining(clean_db)["outbox"] == sorted([f"{active}.opened.1", f"{active}.opened.1.root2"])
+
+
 def test_zero_keeps_a_kind_forever(clean_db, settings_obj):
     seed(clean_db)
     config = dataclasses.replace(settings_obj, retention_outbox_hours=0, retention_claims_hours=0, retention_timeline_days=0,
