@@ -145,11 +145,15 @@ def _failed_before_sql(channel: str) -> str:
             # stuck) before the person acknowledged: its re-send or dead
             # letter delivers a page decided before the acknowledgement.
             " OR EXISTS (SELECT 1 FROM incident_timeline stuck WHERE stuck.incident_id = :id AND stuck.kind = 'stuck'"
+            " AND :transition IN ('opened', 'root_changed')"
             " AND stuck.details->>'step' = 'escalation:' || :transition AND stuck.at <= :at"
+            " AND stuck.details->>'generation' = CAST(:gen AS text)"
+            " AND COALESCE(stuck.details->>'root_generation', '0') = CAST(:root AS text)"
             f" AND {_reopened_after(':id', 'stuck')})")
 
 
-def trigger_decision(conn: Connection, incident_id: str, channel: str, transition: str) -> dict:
+def trigger_decision(conn: Connection, incident_id: str, channel: str, transition: str,
+                     generation: int = 0, root_generation: int = 0) -> dict:
     """What a trigger's sender saw, read with its claim held, for its
     timeline entry (:func:`covered_page_sql`): ``acknowledged_seen``, whether
     the current generation was acknowledged, and ``decided_before_ack``: it
@@ -161,7 +165,8 @@ def trigger_decision(conn: Connection, incident_id: str, channel: str, transitio
     if taken is None:
         return {"acknowledged_seen": False, "decided_before_ack": True}
     query = sa.text(compact(_failed_before_sql(channel)))
-    failed_before = bool(conn.execute(query, {"id": incident_id, "transition": transition, "at": taken["at"]}).scalar())
+    failed_before = bool(conn.execute(query, {"id": incident_id, "transition": transition, "at": taken["at"],
+                                                "gen": generation, "root": root_generation if transition == "root_changed" else 0}).scalar())
     return {"acknowledged_seen": True, "decided_before_ack": failed_before}
 
 

@@ -13,7 +13,7 @@ from shared import acknowledge, events, lifecycle, reconcile
 from shared import incidents as svc
 from loopback.processes import FunctionProcess, wait_until
 from tests.test_escalation import ROUTING_KEY, SLACK_PATH, deliver, open_incident, record_remediation
-from tests.test_reconcile import publish
+from tests.test_reconcile import complete, publish
 
 HOLD_LIMIT = 30.0
 PD_DOWN = (503, {"Content-Type": "application/json"}, b'{"status":"error"}')
@@ -416,3 +416,35 @@ def test_a_database_failure_in_the_catch_up_after_the_page_leaves_the_paging_eve
     assert claim_done(clean_db, f"notify:pagerduty:trigger:{row['id']}:0:opened")
     assert claim_done(clean_db, f"escalated:{row['id']}:0:opened")
 
+
+
+def _remediation_failed(engine, row, root):
+    with engine.begin() as conn:
+        svc.add_timeline(conn, row["id"], "remediation_result",
+                         {"outcome": "failed", "reason": "a human must act", "actions": [], "playbook": "p",
+                          "generation": 0, "root_generation": root}, "remediation")
+    complete(engine, f"remediation:{row['id']}:0.root{root}", row["id"])
+
+
+def test_a_failure_of_a_new_root_after_the_acknowledgement_still_pages_though_an_older_one_was_stuck(
+        escalation, pagerduty, clean_db, settings_obj):
+    """Only a page the sweep found stuck before the acknowledgement (an
+    opening, a root's opening, of this generation and root) counts as
+    decided before it: a later root's failure is news, and stays a page."""
+    row = open_incident(clean_db, "P1FailsTwice", priority="P1")
+    with clean_db.begin() as conn:
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :i"), {"i": row["id"]})
+    _remediation_failed(clean_db, row, 1)  # root 1's failure never reaches escalation (PagerDuty down, say)
+    config = dataclasses.replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0,
+                                 reconcile_max_reemits=2, event_source="/test")
+    stuck = [s for _ in range(3) for s in reconcile.run(clean_db, config).stuck]
+    assert ("escalation:remediation_failed", row["id"], 0) in stuck
+    with clean_db.begin() as conn:
+        acknowledge.acknowledge(conn, row["id"], "alice", "/test")
+    with clean_db.begin() as conn:  # then another alert takes over as root, and its remediation fails
+        conn.execute(sa.text("UPDATE incidents SET root_generation = 2 WHERE id = :i"), {"i": row["id"]})
+        now = svc.get_incident(conn, row["id"])
+    _remediation_failed(clean_db, now, 2)
+    assert deliver(escalation, events.INCIDENT_REMEDIATION_FAILED, now,
+                   {"remediation": {"outcome": "failed", "reason": "a human must act", "playbook": "p"}}).status_code == 202
+    assert actions(pagerduty) == ["trigger"]  # not acknowledged on alice's behalf

@@ -435,7 +435,8 @@ class EscalationHandler:
                 # covered_page_sql): an acknowledgement committed after this
                 # read finds the claim in flight and waits for it.
                 with db.engine().connect() as conn:
-                    seen = acknowledge.trigger_decision(conn, incident_id, channel.name, transition)
+                    seen = acknowledge.trigger_decision(conn, incident_id, channel.name, transition, generation,
+                                                        incident.get("root_generation") or 0)
             result = self._send(channel, outgoing)
         except Exception:
             self._release(key)
