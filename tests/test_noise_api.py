@@ -56,7 +56,11 @@ def open_incident(engine, name="EmailServiceDown", **labels):
 # ------------------------------------------------------------------ acknowledge
 
 
-def test_acknowledge_twice_sends_exactly_one_pagerduty_acknowledge_and_names_the_actor(query, database_url, clean_db):
+@pytest.fixture
+def paged(database_url, clean_db):
+    """An incident paged through escalation (its handler in process) to
+    loopback PagerDuty and Slack: (pd, slack, incident, deliver), deliver
+    handing the handler an event of the incident by id and type."""
     pd, slack = RecordingServer(lambda r: (202, {}, b'{"status":"success"}')).start(), RecordingServer(lambda r: (200, {}, b"ok")).start()
     try:
         handler = EscalationHandler(load_settings({
@@ -66,67 +70,63 @@ def test_acknowledge_twice_sends_exactly_one_pagerduty_acknowledge_and_names_the
         deliver = lambda event_id, event_type: handler.handle(CloudEvent(  # noqa: E731
             {"id": event_id, "type": event_type, "source": "/test", "subject": row["id"], "incidentid": row["id"]}, {"incident_id": row["id"]}))
         assert deliver(f"{row['id']}.opened.0", events.INCIDENT_OPENED).status_code == 202
-        first = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "alice"}, json={"note": "on it"})
-        again = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "bob"})
-        assert (first.status_code, again.status_code) == (200, 200), (first.text, again.text)
-        assert (first.json()["acknowledged"], first.json()["status"]) == (True, "investigating")
-        assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
-        with clean_db.connect() as conn:
-            acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
-            timeline = svc.get_timeline(conn, row["id"])
-        entries = [t for t in timeline if t["details"].get("acknowledged")]
-        assert acks == [f"{row['id']}.acknowledged.0"]
-        assert [(e["actor"], e["details"]["note"]) for e in entries] == [("api:alice", "on it")]
-        for _ in range(2):  # the Broker redelivers: still one acknowledge
-            assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
-        bodies = [r.json() for r in pd.received()]
-        assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]
-        assert bodies[1] == {"routing_key": ROUTING_KEY, "event_action": "acknowledge", "dedup_key": row["id"]}
-        notes = [r.json() for r in slack.received()]
-        assert len(notes) == 2 and "api:alice" in str(notes[1])
+        yield pd, slack, row, deliver
     finally:
         pd.stop(), slack.stop()
 
 
-def test_a_person_taking_an_incident_diagnostics_already_moved_acknowledges_its_page(query, base_env, database_url, clean_db):
+def acknowledged_twice(query, engine, row) -> tuple[list[str], list[dict]]:
+    """Alice takes the incident with a note, then Bob: only Alice's
+    acknowledges it. (the acknowledged event ids, the timeline's entries of it)"""
+    first = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "alice"}, json={"note": "on it"})
+    again = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "bob"})
+    assert (first.status_code, again.status_code) == (200, 200), (first.text, again.text)
+    assert (first.json()["acknowledged"], first.json()["status"]) == (True, "investigating")
+    assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
+    with engine.connect() as conn:
+        acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
+        timeline = svc.get_timeline(conn, row["id"])
+    assert acks == [f"{row['id']}.acknowledged.0"]
+    return acks, timeline
+
+
+def test_acknowledge_twice_sends_exactly_one_pagerduty_acknowledge_and_names_the_actor(query, paged, clean_db):
+    pd, slack, row, deliver = paged
+    acks, timeline = acknowledged_twice(query, clean_db, row)
+    entries = [t for t in timeline if t["details"].get("acknowledged")]
+    assert [(e["actor"], e["details"]["note"]) for e in entries] == [("api:alice", "on it")]
+    for _ in range(2):  # the Broker redelivers: still one acknowledge
+        assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
+    bodies = [r.json() for r in pd.received()]
+    assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]
+    assert bodies[1] == {"routing_key": ROUTING_KEY, "event_action": "acknowledge", "dedup_key": row["id"]}
+    notes = [r.json() for r in slack.received()]
+    assert len(notes) == 2 and "api:alice" in str(notes[1])
+
+
+def test_a_person_taking_an_incident_diagnostics_already_moved_acknowledges_its_page(query, base_env, paged, clean_db):
     """The normal pipeline: diagnostics moves the incident to investigating
     before anyone looks. That is no acknowledgement, so the first person to
     take it still acknowledges it: PagerDuty's page is acknowledged and the
     timeline names who."""
-    pd, slack = RecordingServer(lambda r: (202, {}, b'{"status":"success"}')).start(), RecordingServer(lambda r: (200, {}, b"ok")).start()
+    pd, slack, row, deliver = paged
     diagnostics = FunctionProcess("diagnostics", {**base_env, "KUBECONFIG": "/nonexistent/kubeconfig"}).start()
     try:
-        handler = EscalationHandler(load_settings({
-            "DATABASE_URL": database_url, "PAGERDUTY_EVENTS_URL": pd.url + "/v2/enqueue", "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
-            "SLACK_WEBHOOK_URL": slack.url + "/services/T/B/X", "NOTIFY_TIMEOUT_SECONDS": "2", "NOTIFY_MAX_ATTEMPTS": "1"}))
-        row = open_incident(clean_db)
-        deliver = lambda event_id, event_type: handler.handle(CloudEvent(  # noqa: E731
-            {"id": event_id, "type": event_type, "source": "/test", "subject": row["id"], "incidentid": row["id"]}, {"incident_id": row["id"]}))
-        assert deliver(f"{row['id']}.opened.0", events.INCIDENT_OPENED).status_code == 202
         spec = events.incident_event(events.INCIDENT_OPENED, row, "/test")
         headers, body = to_binary(CloudEvent({"id": spec["id"], "type": spec["type"], "source": "/test", **spec["extensions"]}, spec["data"]))
         assert requests.post(diagnostics.url + "/", data=body, headers=headers, timeout=60).status_code == 200
-        assert call(query, "GET", f"/incidents/{row['id']}").json()["status"] == "investigating"
-
-        first = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "alice"}, json={"note": "on it"})
-        again = call(query, "POST", f"/incidents/{row['id']}/acknowledge", headers={"X-Actor": "bob"})
-        assert (first.status_code, again.status_code) == (200, 200), (first.text, again.text)
-        assert (first.json()["acknowledged"], first.json()["status"]) == (True, "investigating")
-        assert (again.json()["acknowledged"], again.json()["status"]) == (False, "investigating")
-        with clean_db.connect() as conn:
-            acks = conn.execute(sa.text("SELECT id FROM event_outbox WHERE type = :t"), {"t": events.INCIDENT_ACKNOWLEDGED}).scalars().all()
-            timeline = svc.get_timeline(conn, row["id"])
-        entries = [t for t in timeline if t["details"].get("acknowledged")]
-        assert acks == [f"{row['id']}.acknowledged.0"]
-        assert [(e["kind"], e["actor"], e["details"]["note"]) for e in entries] == [("acknowledged", "api:alice", "on it")]
-        # No status changed: no investigating -> investigating on the timeline.
-        assert [t["details"] for t in timeline if t["kind"] == "status_changed" and t["details"].get("from") == t["details"].get("to")] == []
-        assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
-        bodies = [r.json() for r in pd.received()]
-        assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]
-        assert "api:alice" in str(slack.received()[-1].json())
     finally:
-        diagnostics.stop(), pd.stop(), slack.stop()
+        diagnostics.stop()
+    assert call(query, "GET", f"/incidents/{row['id']}").json()["status"] == "investigating"
+    acks, timeline = acknowledged_twice(query, clean_db, row)
+    entries = [t for t in timeline if t["details"].get("acknowledged")]
+    assert [(e["kind"], e["actor"], e["details"]["note"]) for e in entries] == [("acknowledged", "api:alice", "on it")]
+    # No status changed: no investigating -> investigating on the timeline.
+    assert [t["details"] for t in timeline if t["kind"] == "status_changed" and t["details"].get("from") == t["details"].get("to")] == []
+    assert deliver(acks[0], events.INCIDENT_ACKNOWLEDGED).status_code == 202
+    bodies = [r.json() for r in pd.received()]
+    assert [b["event_action"] for b in bodies] == ["trigger", "acknowledge"]
+    assert "api:alice" in str(slack.received()[-1].json())
 
 
 def test_a_reopened_incident_is_acknowledged_anew(query, clean_db):
