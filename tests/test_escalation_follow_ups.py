@@ -148,16 +148,31 @@ def test_acknowledged_while_the_trigger_is_in_flight_waits_for_it_and_the_page_i
     acknowledged_while_paging(escalation, pagerduty, clean_db, row, lambda: deliver(escalation, events.INCIDENT_OPENED, row))
 
 
-def test_acknowledged_while_the_page_keeps_failing_is_sent_once_the_page_gets_through(escalation, pagerduty, clean_db):
-    """PagerDuty is down when the incident opens (the Broker will retry the
-    opening); a person acknowledges meanwhile, and that event finds nothing
-    paged. When the opening gets through, the page is acknowledged too."""
-    row = open_incident(clean_db, "AcknowledgedWhilePagerDutyDown")
+def acknowledged_while_the_page_is_refused(escalation, pagerduty, clean_db, row) -> dict:
+    """PagerDuty refuses the opening's page (the Broker will retry it);
+    alice acknowledges meanwhile, and her event finds nothing paged yet.
+    The incident as she left it."""
     pagerduty.script.append(PD_DOWN)
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 502
     with clean_db.begin() as conn:
         taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
     assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    return taken
+
+
+def stuck_steps(clean_db, settings_obj) -> list:
+    """The steps the sweep gives up on within three passes (two re-sends, no waiting)."""
+    config = dataclasses.replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0,
+                                 reconcile_max_reemits=2, event_source="/test")
+    return [s for _ in range(3) for s in reconcile.run(clean_db, config).stuck]
+
+
+def test_acknowledged_while_the_page_keeps_failing_is_sent_once_the_page_gets_through(escalation, pagerduty, clean_db):
+    """PagerDuty is down when the incident opens (the Broker will retry the
+    opening); a person acknowledges meanwhile, and that event finds nothing
+    paged. When the opening gets through, the page is acknowledged too."""
+    row = open_incident(clean_db, "AcknowledgedWhilePagerDutyDown")
+    taken = acknowledged_while_the_page_is_refused(escalation, pagerduty, clean_db, row)
     assert actions(pagerduty) == ["trigger"]  # the one refused
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202  # the Broker's retry
     assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
@@ -177,10 +192,7 @@ def test_an_opening_the_sweep_reported_stuck_before_the_acknowledgement_is_ackno
     row = open_incident(clean_db, "NeverReachedEscalation")
     with clean_db.begin() as conn:
         publish(conn, f"{row['id']}.opened.0", 600)
-    config = dataclasses.replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0,
-                                 reconcile_max_reemits=2, event_source="/test")
-    stuck = [s for _ in range(3) for s in reconcile.run(clean_db, config).stuck]
-    assert ("escalation:opened", row["id"], 0) in stuck
+    assert ("escalation:opened", row["id"], 0) in stuck_steps(clean_db, settings_obj)
     with clean_db.begin() as conn:
         taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202  # the re-send, late
@@ -375,11 +387,7 @@ def test_a_follow_up_that_fails_after_the_page_does_not_fail_the_pages_event(esc
     page went out, so the opening is done (202); the acknowledge is left to
     its own delivery, which sends it."""
     row = open_incident(clean_db, "AcknowledgeRefusedAfterThePage")
-    pagerduty.script.append(PD_DOWN)
-    assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 502
-    with clean_db.begin() as conn:
-        taken, _, _ = acknowledge.acknowledge(conn, row["id"], "alice", "/test")
-    assert deliver(escalation, events.INCIDENT_ACKNOWLEDGED, taken).status_code == 202
+    taken = acknowledged_while_the_page_is_refused(escalation, pagerduty, clean_db, row)
     pagerduty.script.extend([(202, {"Content-Type": "application/json"}, b'{"status":"success"}'), PD_DOWN])
     assert deliver(escalation, events.INCIDENT_OPENED, row).status_code == 202
     assert actions(pagerduty) == ["trigger", "trigger", "acknowledge"]
@@ -435,10 +443,7 @@ def test_a_failure_of_a_new_root_after_the_acknowledgement_still_pages_though_an
     with clean_db.begin() as conn:
         conn.execute(sa.text("UPDATE incidents SET root_generation = 1 WHERE id = :i"), {"i": row["id"]})
     _remediation_failed(clean_db, row, 1)  # root 1's failure never reaches escalation (PagerDuty down, say)
-    config = dataclasses.replace(settings_obj, reconcile_grace_seconds=60, reconcile_backoff_seconds=0,
-                                 reconcile_max_reemits=2, event_source="/test")
-    stuck = [s for _ in range(3) for s in reconcile.run(clean_db, config).stuck]
-    assert ("escalation:remediation_failed", row["id"], 0) in stuck
+    assert ("escalation:remediation_failed", row["id"], 0) in stuck_steps(clean_db, settings_obj)
     with clean_db.begin() as conn:
         acknowledge.acknowledge(conn, row["id"], "alice", "/test")
     with clean_db.begin() as conn:  # then another alert takes over as root, and its remediation fails
