@@ -112,12 +112,10 @@ class DatabaseCollector:
 
     def _sign_in(self, conn):
         failures, held = login_throttle.summary(conn, login_throttle.Limits.of(settings()))
-        recent = GaugeMetricFamily("board_sign_in_failures", "Failed board sign-ins within the current limit windows (LOGIN_FAILURE_WINDOW_SECONDS).")
-        recent.add_metric([], failures)
-        yield recent
-        spent = GaugeMetricFamily("board_sign_in_limits_reached", "Sign-in budgets spent now (clients answered 429; 'all new browsers' counts as one).")
-        spent.add_metric([], held)
-        yield spent
+        yield GaugeMetricFamily("board_sign_in_failures", "Failed board sign-ins within the current limit windows (LOGIN_FAILURE_WINDOW_SECONDS).",
+                                value=failures)
+        yield GaugeMetricFamily("board_sign_in_limits_reached", "Sign-in budgets spent now (clients answered 429; 'all new browsers' counts as one).",
+                                value=held)
 
     def _noise(self, conn):
         """What noise control keeps from a human right now, so a window left
